@@ -1,0 +1,92 @@
+"""Small I/O helpers shared by the store and the kernel: atomic writes, checksums."""
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = ["PartInfo", "Location", "write_parquet"]
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """A file a worker wrote: where, how big, its sha256, and how many groups/rows it holds."""
+
+    path: str  # relative to the location's root
+    bytes: int
+    sha256: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder, local or any fsspec URL; picklable, so workers can write to it."""
+
+    url: str
+    storage_options: tuple = ()
+
+    @classmethod
+    def of(cls, url: str, storage_options: dict | None = None) -> "Location":
+        url = str(url)
+        if "://" not in url:
+            import os
+
+            url = os.path.abspath(url)
+        return cls(url.rstrip("/"), tuple(sorted((storage_options or {}).items())))
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.url, **dict(self.storage_options))[0]
+
+    @property
+    def root(self) -> str:
+        return fsspec.core.url_to_fs(self.url, **dict(self.storage_options))[1]
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` at ``rel`` so that readers see all of it or nothing.
+
+        Local folders: write a temporary file and rename it.  Object stores: a
+        single PUT is already atomic.
+        """
+        fs, path = self.fs, self.path(rel)
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        if _is_local(fs):
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)
+        else:
+            fs.pipe_file(path, data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=64 * 1024)
+    return buf.getvalue()
+
+
+def write_parquet(loc: Location, rel: str, table: pa.Table) -> PartInfo:
+    """Write ``table`` as zstd Parquet at ``rel`` atomically; return its :class:`PartInfo`."""
+    data = parquet_bytes(table)
+    loc.write_bytes(rel, data)
+    return PartInfo(rel, len(data), hashlib.sha256(data).hexdigest(), table.num_rows)

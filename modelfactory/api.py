@@ -1,0 +1,482 @@
+"""The public functions: :func:`train`, :func:`apply` and :func:`map_keys`.
+
+Each composes the pieces in one direction: discover the dataset and check the
+columns (on the client, before anything is written), open the cluster, plan
+units, run the kernel on the workers, commit.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import time as _time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from . import kernel
+from ._io import Location
+from ._schema import parse_schema
+from .dataset import DatasetInfo, check_columns, discover
+from .exceptions import ModelError, ModelFactoryError, PlanError, StoreError
+from .kernel import JobSpec, ModelSpec, UnitResult
+from .models import get as get_model
+from .models import registry, unknown_model
+from .models.base import Model
+from .plan import Plan, plan
+from .run import Progress, execute, execute_delayed, open_client, worker_count
+from .store import ModelStore, new_run_id
+
+__all__ = ["train", "apply", "map_keys", "Run"]
+
+log = logging.getLogger(__name__)
+
+_INPUTS = ("pandas", "arrow", "numpy")
+
+
+@dataclass
+class Run:
+    """The result of a job: ``summary`` (counts by status, wall time) and ``groups``.
+
+    For :func:`apply` and :func:`map_keys`, :meth:`to_pandas` / :meth:`to_arrow`
+    give the rows the function returned.
+    """
+
+    id: str
+    kind: str
+    summary: dict[str, Any]
+    store: ModelStore | None = None
+    _groups: pa.Table | None = None
+    _result: Any = None
+    _out: Location | None = None
+    errors: list = field(default_factory=list)
+
+    @property
+    def groups(self) -> pd.DataFrame:
+        """One row per group: keys, status, error, rows, seconds."""
+        if self._groups is not None:
+            return self._groups.to_pandas()
+        if self.store is not None:
+            return self.store.groups(self.id)
+        import pyarrow.dataset as ds
+
+        return ds.dataset(self._out.path("_groups"), filesystem=self._out.fs,
+                          format="parquet").to_table().to_pandas()
+
+    def to_arrow(self) -> pa.Table:
+        if isinstance(self._result, pa.Table):
+            return self._result
+        if self._out is not None:
+            import pyarrow.dataset as ds
+
+            return ds.dataset(self._out.root, filesystem=self._out.fs, format="parquet",
+                              ignore_prefixes=[".", "_"]).to_table()
+        raise ModelFactoryError("This run has no tabular result (no schema was given).")
+
+    def to_pandas(self) -> pd.DataFrame:
+        return self.to_arrow().to_pandas()
+
+    @property
+    def results(self) -> dict:
+        """For :func:`map_keys` without a schema: ``{key: return value}`` of the ok keys."""
+        if not isinstance(self._result, dict):
+            raise ModelFactoryError("results is only for map_keys without a schema; use to_pandas().")
+        return self._result
+
+    def __repr__(self) -> str:
+        c = self.summary["counts"]
+        return (f"<Run {self.id} {self.kind}: {self.summary['groups']:,} groups "
+                f"(ok {c['ok']:,}, failed {c['failed']:,}, skipped {c['skipped']:,}) "
+                f"in {self.summary['wall_seconds']:.1f}s>")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def _as_tuple(x, what: str) -> tuple[str, ...]:
+    if x is None:
+        return ()
+    if isinstance(x, str):
+        x = [p.strip() for p in x.split(",") if p.strip()]
+    out = tuple(x)
+    if not all(isinstance(v, str) for v in out):
+        raise ModelFactoryError(f"{what} must be column names; got {list(out)!r}.")
+    return out
+
+
+def resolve_model(model, params: Mapping | None = None) -> ModelSpec:
+    """A built-in name, a :class:`Model` class or instance, or a scikit-learn style estimator."""
+    params = dict(params or {})
+    if isinstance(model, str):
+        if model not in registry:
+            raise unknown_model(model)
+        proto = get_model(model, **params)
+        proto.validate_params()
+        return ModelSpec(model, type(proto), proto.get_params())
+    if isinstance(model, type) and issubclass(model, Model):
+        proto = model(**params)
+        proto.validate_params()
+        return ModelSpec(getattr(model, "name", model.__name__), model, proto.get_params(), _serializer(model))
+    if isinstance(model, Model):
+        if params:
+            raise ModelError("Pass parameters either on the model instance or as params=, not both.")
+        model.validate_params()
+        return ModelSpec(model.name, type(model), model.get_params(), _serializer(type(model)))
+    raise ModelError(f"model must be a built-in name ({', '.join(registry)}), a modelfactory Model class "
+                     f"or instance; got {type(model).__name__}.")
+
+
+def _serializer(cls: type) -> str:
+    from .models import _BUILTIN
+
+    return "native" if cls.name in _BUILTIN and registry[cls.name] is cls else "pickle"
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _summarise(kind: str, results: list[UnitResult], plan_: Plan | None, wall: float) -> dict:
+    counts = {s: sum(r.counts[s] for r in results) for s in kernel.STATUS}
+    return {
+        "kind": kind,
+        "groups": sum(r.groups for r in results),
+        "counts": counts,
+        "rows": sum(r.rows for r in results),
+        "units": len(results),
+        "mode": plan_.mode if plan_ else "keys",
+        "unit_rows": plan_.target_rows if plan_ else None,
+        "wall_seconds": round(wall, 3),
+        "unit_seconds": round(sum(r.seconds for r in results), 3),
+    }
+
+
+def _run_units(client, spec: JobSpec, info: DatasetInfo, plan_: Plan, progress: Progress) -> list[UnitResult]:
+    if plan_.mode == "files":
+        return execute(client, functools.partial(kernel.run_unit, spec), plan_.units,
+                       keys=[f"mf-{u.id}-{spec.kind}-{id(spec):x}" for u in plan_.units], progress=progress)
+    return _run_shuffled(client, spec, info, plan_, progress)
+
+
+def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:
+    from .dataset import read_files
+
+    return read_files(spec.source, paths, list(spec.columns), spec.filter).to_pandas()
+
+
+def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame) -> UnitResult:
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    return kernel.run_table(spec, unit_id, table)
+
+
+def _run_shuffled(client, spec, info, plan_, progress) -> list[UnitResult]:
+    """Groups spread over many files: co-locate them with Dask's own (p2p) shuffle."""
+    import dask
+    import dask.dataframe as dd
+
+    files = sorted(info.files, key=lambda f: f.path)
+    chunks, cur, rows = [], [], 0
+    for f in files:
+        cur.append(f.path)
+        rows += f.rows
+        if rows >= plan_.target_rows:
+            chunks.append(tuple(cur))
+            cur, rows = [], 0
+    if cur:
+        chunks.append(tuple(cur))
+    meta = info.schema.empty_table().select(list(spec.columns)).to_pandas()
+    ddf = dd.from_map(functools.partial(_read_chunk, spec), chunks, meta=meta, enforce_metadata=False)
+    method = "p2p" if client is not None else "tasks"
+    shuffled = ddf.shuffle(on=list(spec.by), npartitions=len(plan_.units), shuffle_method=method)
+    parts = shuffled.to_delayed()
+    run = dask.delayed(_run_partition, pure=False)
+    tasks = [run(spec, u.id, p) for u, p in zip(plan_.units, parts)]
+    return execute_delayed(client, tasks, progress=progress)
+
+
+def _raise_unit_failure(run_id: str, err: BaseException) -> None:
+    raise ModelFactoryError(
+        f"Run {run_id} stopped: a work unit failed outside any group ({kernel.describe_error(err)}). "
+        "Nothing was committed; fix the cause and run again."
+    ) from err
+
+
+# ---------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------
+def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seasonal",
+          time: str | None = None, target: str | None = None, features: Sequence[str] | str = (),
+          params: Mapping | None = None, cluster: Any = None, workers: int | None = None,
+          unit_rows: int | None = None, filter: Any = None, storage_options: dict | None = None,
+          progress: bool = False) -> Run:
+    """Fit one model per group of ``data`` and commit them to ``store`` as one run.
+
+    Parameters
+    ----------
+    data : str
+        A Parquet file or folder (Hive-partitioned or not), local or ``s3://``.
+    by : list of str
+        The group keys: partition keys, ordinary columns, or both.
+    store : str
+        The model store folder or URL.
+    model : str, Model class or instance
+        A built-in model name (see ``modelfactory.models.registry``) or your own.
+    time, target, features
+        The time column (a timestamp), the numeric target, and feature columns.
+    params : dict, optional
+        Model parameters, when ``model`` is a name or a class.
+    cluster : None, "local", "inline", address, Client or cluster
+        Where to run (see :mod:`modelfactory.run`).  Default: a LocalCluster.
+    workers : int, optional
+        Workers of the LocalCluster (default: one per core).
+    unit_rows : int, optional
+        Rows per work unit (default: chosen from the Parquet row counts).
+    filter : pyarrow.dataset.Expression, optional
+        Rows to keep, pushed down to the Parquet reader.
+
+    Returns
+    -------
+    Run
+        ``.summary`` and ``.groups``; the models are in ``ModelStore(store)``.
+
+    Examples
+    --------
+    >>> import modelfactory, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> _ = modelfactory.demo.write_dataset(f"{d}/data", series=20, days=3)
+    >>> run = modelfactory.train(f"{d}/data", by=["app", "site"], time="ts", target="value",
+    ...                          store=f"{d}/store", cluster="inline")
+    >>> run.summary["counts"]
+    {'ok': 20, 'failed': 0, 'skipped': 0}
+    """
+    by_ = _as_tuple(by, "by")
+    feats = _as_tuple(features, "features")
+    mspec = resolve_model(model, params)
+    if mspec.cls.needs_time and time is None:
+        raise ModelError(f"Model {mspec.name!r} needs a time column: pass time='...'.")
+    if target is None:
+        raise ModelError("train needs a target column: pass target='...'.")
+    if mspec.cls.needs_features and not feats:
+        raise ModelError(f"Model {mspec.name!r} needs feature columns: pass features=[...].")
+    info = discover(data, storage_options=storage_options, null_check=by_)
+    check_columns(info, by=by_, time=time, target=target, features=feats)
+    st = ModelStore(store, storage_options=storage_options)
+    if unit_rows is not None and unit_rows < 1:
+        raise PlanError(f"unit_rows must be a positive number of rows; got {unit_rows}.")
+    columns = tuple(dict.fromkeys([*by_, *([time] if time else []), target, *feats]))
+    digest = _digest(info.fingerprint(), by_, time, target, feats, mspec.name, sorted(mspec.params.items()))
+    run_id = new_run_id(digest)
+    spec = JobSpec("train", by_, info.source, columns, time, target, feats, filter, mspec,
+                   sink=st.location, groups_prefix=f"runs/{run_id}/parts/")
+    t0 = _time.perf_counter()
+    with open_client(cluster, workers=workers) as client:
+        plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
+        bar = Progress(len(plan_.units), f"train {mspec.name}", progress, client)
+        try:
+            results = _run_units(client, spec, info, plan_, bar)
+        except ModelFactoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a unit failed: nothing is committed
+            _raise_unit_failure(run_id, err)
+        finally:
+            bar.close()
+    summary = _summarise("train", results, plan_, _time.perf_counter() - t0)
+    manifest = {
+        "kind": "train",
+        "spec": {"by": list(by_), "time": time, "target": target, "features": list(feats),
+                 "model": mspec.name, "params": mspec.params, "serializer": mspec.serializer,
+                 "filter": None if filter is None else str(filter)},
+        "input": {"url": info.source.url, "fingerprint": info.fingerprint(), "rows": info.rows,
+                  "files": len(info.files), "partition_keys": list(info.source.partition_keys)},
+        "summary": summary,
+        "units": [{"id": r.unit_id, "groups": r.groups, "seconds": round(r.seconds, 4)} for r in results],
+    }
+    st.commit(run_id, manifest, [p for r in results for p in r.parts])
+    return Run(run_id, "train", summary, store=st, errors=[e for r in results for e in r.errors])
+
+
+# ---------------------------------------------------------------------------
+# apply
+# ---------------------------------------------------------------------------
+def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
+          input: str = "pandas", out: str | None = None, time: str | None = None,
+          columns: Sequence[str] | None = None, cluster: Any = None, workers: int | None = None,
+          unit_rows: int | None = None, filter: Any = None, storage_options: dict | None = None,
+          overwrite: bool = False, progress: bool = False) -> Run:
+    """Grouped map: run ``func`` on every group and collect the rows it returns.
+
+    This is Spark's ``groupBy(...).applyInPandas(func, schema)`` without a JVM.
+
+    Parameters
+    ----------
+    func : callable
+        Gets one group and returns rows matching ``schema`` (a pandas
+        DataFrame, a dict of columns, or a pyarrow Table).  With
+        ``input="pandas"`` (default) it gets a pandas DataFrame; with
+        ``"arrow"`` a pyarrow Table slice; with ``"numpy"`` a dict of
+        column name to numpy array (views, no copies).
+    schema : pyarrow.Schema, mapping or DDL string
+        The output columns, e.g. ``"app string, m double"``.
+    out : str, optional
+        Write results as Parquet to this folder (``part-*.parquet``, the
+        group table under ``_groups/``, ``_manifest.json`` last).  Without
+        it, results come back to the client: keep them small.
+    time : str, optional
+        Sort each group by this column.
+    columns : list of str, optional
+        Columns to read (default: all).
+
+    Examples
+    --------
+    >>> import modelfactory, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> _ = modelfactory.demo.write_dataset(f"{d}/data", series=6, days=1)
+    >>> def mean(df):
+    ...     return pd.DataFrame({"app": [df.app.iloc[0]], "site": [df.site.iloc[0]],
+    ...                          "m": [df.value.mean()]})
+    >>> run = modelfactory.apply(f"{d}/data", by=["app", "site"], func=mean,
+    ...                          schema="app string, site string, m double", cluster="inline")
+    >>> len(run.to_pandas())
+    6
+    """
+    by_ = _as_tuple(by, "by")
+    if not callable(func):
+        raise ModelFactoryError(f"func must be callable; got {type(func).__name__}.")
+    if input not in _INPUTS:
+        raise ModelFactoryError(f"input must be one of {_INPUTS}; got {input!r}.")
+    out_schema = parse_schema(schema)
+    info = discover(data, storage_options=storage_options, null_check=by_)
+    check_columns(info, by=by_, time=time)
+    cols = tuple(columns) if columns is not None else tuple(info.schema.names)
+    missing = [c for c in (*by_, *([time] if time else ())) if c not in cols]
+    cols = tuple(dict.fromkeys([*by_, *([time] if time else []), *cols]))
+    for c in cols:
+        if c not in info.schema.names:
+            check_columns(info, by=(c,))  # raises the standard "not in the dataset" error
+    del missing
+    sink = None
+    if out is not None:
+        sink = Location.of(out, storage_options)
+        fs = sink.fs
+        if fs.exists(sink.root) and fs.ls(sink.root) and not overwrite:
+            raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
+        if overwrite and fs.exists(sink.root):
+            fs.rm(sink.root, recursive=True)
+    run_id = new_run_id(_digest(info.fingerprint(), by_, repr(func), str(out_schema)))
+    spec = JobSpec("apply", by_, info.source, cols, time, filter=filter, func=func, input=input,
+                   out_schema=out_schema, sink=sink, groups_prefix="_groups/", data_prefix="part-")
+    t0 = _time.perf_counter()
+    with open_client(cluster, workers=workers) as client:
+        plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
+        bar = Progress(len(plan_.units), "apply", progress, client)
+        try:
+            results = _run_units(client, spec, info, plan_, bar)
+        except ModelFactoryError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            _raise_unit_failure(run_id, err)
+        finally:
+            bar.close()
+    summary = _summarise("apply", results, plan_, _time.perf_counter() - t0)
+    return _finish_table_run(run_id, "apply", summary, results, sink, out_schema)
+
+
+def _finish_table_run(run_id, kind, summary, results, sink, out_schema) -> Run:
+    errors = [e for r in results for e in r.errors]
+    if sink is not None:
+        import json
+
+        parts = [p.__dict__ for r in results for p in r.parts]
+        sink.write_bytes("_manifest.json", json.dumps(
+            {"run_id": run_id, "kind": kind, "summary": summary, "schema": str(out_schema),
+             "parts": parts}, indent=1, default=str).encode())
+        return Run(run_id, kind, summary, _out=sink, errors=errors)
+    groups = pa.concat_tables([r.group_table for r in results]) if results else None
+    if out_schema is not None:
+        result = pa.concat_tables([r.table for r in results]) if results else out_schema.empty_table()
+    else:
+        result = {}
+        for r in results:
+            keys = r.group_table.select(list(r.group_table.column_names[:-4])).to_pylist()
+            st = r.group_table["status"].to_pylist()
+            for k, s, v in zip(keys, st, r.table):
+                if s == "ok":
+                    vals = tuple(k.values())
+                    result[vals[0] if len(vals) == 1 else vals] = v
+    return Run(run_id, kind, summary, _groups=groups, _result=result, errors=errors)
+
+
+# ---------------------------------------------------------------------------
+# map_keys
+# ---------------------------------------------------------------------------
+def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None = None,
+             schema: Any = None, out: str | None = None, cluster: Any = None,
+             workers: int | None = None, keys_per_unit: int | None = None,
+             storage_options: dict | None = None, progress: bool = False) -> Run:
+    """Run ``func(key)`` once per key on the cluster; the function loads its own data.
+
+    ``keys`` are scalars, tuples, or dicts (then ``by`` defaults to the dict's
+    names).  With ``schema``, each call returns rows (like :func:`apply`) and
+    ``run.to_pandas()`` gives them all; without, ``run.results`` maps each ok
+    key to what ``func`` returned (keep those small).
+
+    Examples
+    --------
+    >>> run = map_keys(["a", "b", "c"], func=str.upper, cluster="inline")
+    >>> run.results
+    {'a': 'A', 'b': 'B', 'c': 'C'}
+    """
+    if not callable(func):
+        raise ModelFactoryError(f"func must be callable; got {type(func).__name__}.")
+    keys = list(keys)
+    if not keys:
+        raise ModelFactoryError("map_keys got no keys.")
+    if isinstance(keys[0], dict):
+        names = tuple(keys[0])
+        rows = [tuple(k[n] for n in names) for k in keys]
+    else:
+        rows = [k if isinstance(k, tuple) else (k,) for k in keys]
+        names = None
+    width = len(rows[0])
+    if any(len(r) != width for r in rows):
+        raise ModelFactoryError("All keys must have the same number of parts.")
+    by_ = _as_tuple(by, "by") or names or tuple(f"key{i}" if width > 1 else "key" for i in range(width))
+    if len(by_) != width:
+        raise ModelFactoryError(f"by names {len(by_)} column(s) but the keys have {width} part(s).")
+    key_types = tuple(pa.array([r[i] for r in rows]).type for i in range(width))
+    out_schema = parse_schema(schema) if schema is not None else None
+    sink = Location.of(out, storage_options) if out is not None else None
+    if sink is not None and out_schema is None:
+        raise ModelFactoryError("out= needs schema= (the rows func returns are written as Parquet).")
+    run_id = new_run_id(_digest(rows[:1000], repr(func)))
+    spec = JobSpec("map_keys", by_, func=func, out_schema=out_schema, sink=sink,
+                   groups_prefix="_groups/", data_prefix="part-", key_types=key_types)
+    t0 = _time.perf_counter()
+    with open_client(cluster, workers=workers) as client:
+        n_workers = worker_count(client)
+        per = keys_per_unit or max(1, min(1000, math.ceil(len(rows) / (n_workers * 8))))
+        chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
+        ids = [f"k{i:05d}-{_digest(c)[:12]}" for i, c in enumerate(chunks)]
+        bar = Progress(len(chunks), "map_keys", progress, client)
+        try:
+            results = execute(client, _KeysTask(spec), list(zip(ids, chunks)),
+                              keys=[f"mf-{i}-{id(spec):x}" for i in ids], progress=bar)
+        except Exception as err:  # noqa: BLE001
+            _raise_unit_failure(run_id, err)
+        finally:
+            bar.close()
+    summary = _summarise("map_keys", results, None, _time.perf_counter() - t0)
+    return _finish_table_run(run_id, "map_keys", summary, results, sink, out_schema)
+
+
+@dataclass(frozen=True)
+class _KeysTask:
+    spec: JobSpec
+
+    def __call__(self, item) -> UnitResult:
+        uid, keys = item
+        return kernel.run_keys(self.spec, uid, keys)

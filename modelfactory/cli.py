@@ -1,0 +1,147 @@
+"""The command line: ``python -m modelfactory COMMAND ...``.
+
+Thin by design: each command is one call into the public API.  Library errors
+become one ``error: ...`` line and exit status 2; no traceback unless ``-v``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .exceptions import ModelFactoryError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("modelfactory")
+
+
+def _param(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        return k.strip(), json.loads(v)
+    except json.JSONDecodeError:
+        return k.strip(), v
+
+
+def _common_run(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--scheduler", "--cluster", dest="cluster", metavar="ADDRESS",
+                   help="a Dask scheduler address (tcp://host:8786), 'local' (default) or 'inline'")
+    g.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
+    g.add_argument("--unit-rows", type=int, help="rows per work unit (default: automatic)")
+    o = p.add_argument_group("output")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    o.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m modelfactory",
+                                description="One model per group, for millions of groups, on Dask.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("train", help="fit one model per group and commit them to a store",
+                       description="Fit one model per group of a Parquet dataset and commit them to a store.")
+    t.add_argument("data", metavar="DATA", help="Parquet file or folder (local or s3://)")
+    t.add_argument("--by", required=True, help="group keys, comma-separated (e.g. app,site)")
+    t.add_argument("--time", help="time column (a timestamp)")
+    t.add_argument("--target", required=True, help="numeric target column")
+    t.add_argument("--features", default="", help="feature columns, comma-separated")
+    t.add_argument("--model", default="seasonal", help="built-in model name (default: seasonal)")
+    t.add_argument("--param", "-p", action="append", type=_param, default=[], metavar="NAME=VALUE",
+                   help="model parameter, repeatable (e.g. -p season_length=168)")
+    t.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
+    _common_run(t)
+    t.set_defaults(func=_cmd_train)
+
+    d = sub.add_parser("demo", help="write a synthetic metrics dataset and train on it",
+                       description="Write a deterministic synthetic metrics dataset (hourly, "
+                                   "Hive-partitioned by app) and train a seasonal model per series.")
+    d.add_argument("--out", default="modelfactory-demo", help="folder for data/ and store/ (default: %(default)s)")
+    d.add_argument("--series", type=int, default=10_000, help="number of series (default: %(default)s)")
+    d.add_argument("--days", type=int, default=14, help="days of hourly points (default: %(default)s)")
+    d.add_argument("--model", default="seasonal", help="built-in model name (default: seasonal)")
+    _common_run(d)
+    d.set_defaults(func=_cmd_demo)
+
+    try:
+        from .ingest import _cli as ingest_cli
+    except ImportError:  # pragma: no cover - the ingest package is optional at import time
+        ingest_cli = None
+    if ingest_cli is not None:
+        ingest_cli.add_parser(sub)
+    return p
+
+
+def _print_summary(run, args, where: str) -> None:
+    if args.json:
+        print(json.dumps({"run": run.id, **run.summary, "where": where}, default=str))
+        return
+    s, c = run.summary, run.summary["counts"]
+    print(f"run {run.id} ({s['kind']}): {s['groups']:,} groups, ok {c['ok']:,}, "
+          f"failed {c['failed']:,}, skipped {c['skipped']:,}")
+    print(f"{s['rows']:,} rows in {s['units']} units ({s['mode']}); {s['wall_seconds']:.1f} s wall")
+    for key, err in run.errors[:5]:
+        print(f"  failed {key}: {err}")
+    print(f"written to {where}")
+
+
+def _cmd_train(args) -> int:
+    from .api import train
+
+    run = train(args.data, by=args.by, time=args.time, target=args.target, features=args.features,
+                model=args.model, params=dict(args.param), store=args.store, cluster=args.cluster,
+                workers=args.workers, unit_rows=args.unit_rows, progress=not (args.quiet or args.json))
+    _print_summary(run, args, args.store)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    import os
+
+    from .api import train
+    from .demo import write_dataset
+
+    data, store = os.path.join(args.out, "data"), os.path.join(args.out, "store")
+    if args.series < 1 or args.days < 1:
+        raise ModelFactoryError("--series and --days must be at least 1.")
+    if not args.quiet and not args.json:
+        print(f"writing {args.series:,} hourly series x {args.days} days to {data}")
+    write_dataset(data, args.series, days=args.days)
+    run = train(data, by=["app", "site"], time="ts", target="value", model=args.model, store=store,
+                cluster=args.cluster, workers=args.workers, unit_rows=args.unit_rows,
+                progress=not (args.quiet or args.json))
+    _print_summary(run, args, store)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit status (0 ok, 2 bad input or library error, 1 internal error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    for name in ("distributed", "bokeh", "tornado"):
+        # distributed logs through its own handler at INFO; keep it off our stream unless -v.
+        logging.getLogger(name).propagate = bool(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ModelFactoryError as err:
+        if args.verbose:
+            log.exception("details")
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was committed for the unfinished run", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line, not a traceback
+        if args.verbose:
+            log.exception("details")
+        print(f"error: internal error: {type(err).__name__}: {err} (run with -v for the traceback)",
+              file=sys.stderr)
+        return 1

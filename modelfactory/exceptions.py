@@ -1,0 +1,66 @@
+"""The exceptions modelfactory raises.
+
+One small hierarchy: every error the library raises on purpose derives from
+:class:`ModelFactoryError`, so a caller (and the CLI) can tell "your input is
+wrong, here is how to fix it" apart from a bug.  Messages say what was wrong,
+the value received, and what to do.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "ModelFactoryError",
+    "DatasetError",
+    "SchemaError",
+    "PlanError",
+    "ModelError",
+    "ParameterError",
+    "NotFittedError",
+    "StoreError",
+    "IntegrityError",
+    "ClusterError",
+    "IngestError",
+]
+
+
+class ModelFactoryError(Exception):
+    """Base class of every error modelfactory raises on purpose."""
+
+
+class DatasetError(ModelFactoryError):
+    """The input dataset cannot be found, opened or read."""
+
+
+class SchemaError(ModelFactoryError):
+    """A column is missing, has the wrong type, or holds values we refuse."""
+
+
+class PlanError(ModelFactoryError):
+    """The job cannot be planned (for example a bad unit size)."""
+
+
+class ModelError(ModelFactoryError):
+    """A model name, class or definition is unusable."""
+
+
+class ParameterError(ModelError, ValueError):
+    """A model parameter is unknown or out of range."""
+
+
+class NotFittedError(ModelError, AttributeError):
+    """A model was used for scoring before it was fitted."""
+
+
+class StoreError(ModelFactoryError):
+    """The model store is missing, unreadable or inconsistent."""
+
+
+class IntegrityError(StoreError):
+    """A stored file failed its checksum or signature check."""
+
+
+class ClusterError(ModelFactoryError):
+    """A Dask cluster could not be created, reached or used."""
+
+
+class IngestError(ModelFactoryError):
+    """Ingesting data from an external source failed."""

@@ -1,0 +1,404 @@
+"""What one work unit does on a worker: read, split into groups, run each group, write.
+
+Plain functions with no Dask in them: the same code runs in-process (tests,
+``cluster="inline"``), on a LocalCluster, on a remote scheduler, on Kubernetes.
+Everything a unit needs arrives in one frozen :class:`JobSpec`.
+
+Every group of the unit gets one row in the group table: its keys, ``status``
+(``ok`` / ``failed`` / ``skipped``), ``error``, ``rows`` and ``seconds``.  A
+group that raises is ``failed``; it never fails the unit.
+"""
+from __future__ import annotations
+
+import time as _time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from threadpoolctl import threadpool_limits
+
+from ._io import Location, PartInfo, write_parquet
+from .dataset import Source, read_files
+from .models.base import Model, SeriesBatch, SkipGroup
+from .plan import WorkUnit
+
+__all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
+           "run_keys", "describe_error", "STATUS"]
+
+STATUS = ("ok", "failed", "skipped")
+_UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to fit per group: its registry name (or a label), class and parameters."""
+
+    name: str
+    cls: type
+    params: dict
+    serializer: str = "native"  # "native" (Model.to_bytes) or "pickle" (user models)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a work unit needs, passed down the chain instead of a dozen arguments."""
+
+    kind: str  # "train", "apply" or "map_keys"
+    by: tuple[str, ...]
+    source: Source | None = None
+    columns: tuple[str, ...] = ()
+    time: str | None = None
+    target: str | None = None
+    features: tuple[str, ...] = ()
+    filter: Any = None  # a pyarrow.dataset.Expression pushed down to the reader
+    model: ModelSpec | None = None
+    func: Callable | None = None
+    input: str = "pandas"  # how apply/map_keys functions receive a group
+    out_schema: pa.Schema | None = None
+    sink: Location | None = None  # where parts go; None returns them to the client
+    groups_prefix: str = "groups/"  # where group tables go under the sink
+    data_prefix: str = "data/"  # where result rows go under the sink
+    key_types: tuple = ()  # arrow types of the keys (for map_keys)
+
+
+@dataclass
+class UnitResult:
+    """The small summary a unit sends back to the client."""
+
+    unit_id: str
+    groups: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUS, 0))
+    rows: int = 0
+    seconds: float = 0.0
+    parts: list[PartInfo] = field(default_factory=list)
+    errors: list[tuple[tuple, str]] = field(default_factory=list)  # a few failed groups
+    table: pa.Table | None = None  # apply results, when there is no sink
+    group_table: pa.Table | None = None  # group table, when there is no sink
+
+
+def describe_error(err: BaseException) -> str:
+    """``TypeName: message (at file:line in function)`` for the innermost frame."""
+    text = f"{type(err).__name__}: {err}"
+    tb = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
+    if tb:
+        fr = tb[-1]
+        text += f" (at {fr.filename.rsplit('/', 1)[-1]}:{fr.lineno} in {fr.name})"
+    return text
+
+
+@dataclass
+class Groups:
+    """A table sorted by keys (and time) with each group's ``[start, end)`` row range."""
+
+    table: pa.Table
+    starts: np.ndarray
+    ends: np.ndarray
+    keys: pa.Table  # one row per group: its key values
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def key_tuples(self) -> list[tuple]:
+        cols = [c.to_pylist() for c in self.keys.columns]
+        return list(zip(*cols)) if cols else []
+
+
+def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) -> Groups:
+    """Sort ``table`` by keys and time once, then find group boundaries; groups are zero-copy slices."""
+    sort_keys = [(k, "ascending", "at_end") for k in by] + ([(time, "ascending", "at_end")] if time else [])
+    if table.num_rows > 1:
+        table = table.take(pc.sort_indices(table, sort_keys=sort_keys))
+    table = table.combine_chunks()
+    n = table.num_rows
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return Groups(table, empty, empty, table.select(list(by)).slice(0, 0))
+    change = np.zeros(n - 1, dtype=bool)
+    for k in by:
+        col = table[k].chunk(0) if table[k].num_chunks else pa.array([], table[k].type)
+        a, b = col.slice(1), col.slice(0, n - 1)
+        ne = pc.fill_null(pc.not_equal(a, b), False)
+        nulls = pc.xor(pc.is_null(a), pc.is_null(b))
+        change |= pc.or_(ne, nulls).to_numpy(zero_copy_only=False)
+    starts = np.concatenate(([0], np.flatnonzero(change) + 1)).astype(np.int64)
+    ends = np.concatenate((starts[1:], [n])).astype(np.int64)
+    return Groups(table, starts, ends, table.select(list(by)).take(pa.array(starts)))
+
+
+def _seconds(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    unit = col.type.unit
+    raw = pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
+    return raw // _UNIT_SECONDS[unit] if unit != "s" else raw
+
+
+def _floats(col) -> np.ndarray:
+    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+# ---------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------
+def run_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
+    """Read the unit's files on this worker and run it."""
+    t0 = _time.perf_counter()
+    table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter)
+    return run_table(spec, unit.id, table, t0=t0)
+
+
+def run_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | None = None) -> UnitResult:
+    """Run a unit whose rows are already in memory (a shuffle partition, or a test)."""
+    t0 = _time.perf_counter() if t0 is None else t0
+    with threadpool_limits(1):
+        groups = split_groups(table, spec.by, spec.time)
+        if spec.kind == "train":
+            rows, extra = _train(spec, groups), None
+        elif spec.kind == "apply":
+            rows, extra = _apply(spec, groups)
+        else:
+            raise ValueError(f"unknown job kind {spec.kind!r}")
+    return _finish(spec, unit_id, groups.keys, rows, extra, groups.ends - groups.starts, t0)
+
+
+def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
+    """Run ``spec.func`` once per key; the function loads its own data."""
+    t0 = _time.perf_counter()
+    status, errors, secs, outs = [], [], [], []
+    with threadpool_limits(1):
+        for key in keys:
+            s = _time.perf_counter()
+            try:
+                arg = key[0] if len(key) == 1 else key
+                outs.append(spec.func(arg))
+                status.append("ok")
+                errors.append(None)
+            except SkipGroup as err:
+                status.append("skipped"), errors.append(str(err)), outs.append(None)
+            except Exception as err:  # noqa: BLE001 - recorded per key
+                status.append("failed"), errors.append(describe_error(err)), outs.append(None)
+            secs.append(_time.perf_counter() - s)
+    key_table = pa.table({k: pa.array([key[i] for key in keys], type=spec.key_types[i])
+                          for i, k in enumerate(spec.by)})
+    extra = None
+    if spec.out_schema is not None:
+        parts = [_to_table(o, spec.out_schema) if st == "ok" and o is not None else None
+                 for o, st in zip(outs, status)]
+        for i, p in enumerate(parts):
+            if isinstance(p, Exception):
+                status[i], errors[i], parts[i] = "failed", describe_error(p), None
+        good = [p for p in parts if p is not None]
+        extra = pa.concat_tables(good) if good else spec.out_schema.empty_table()
+    else:
+        extra = outs
+    rows = {"status": status, "error": errors, "seconds": secs}
+    return _finish(spec, unit_id, key_table, rows, extra, np.zeros(len(keys), np.int64), t0)
+
+
+def _finish(spec, unit_id, key_table, rows, extra, nrows, t0) -> UnitResult:
+    gt = key_table
+    gt = gt.append_column("status", pa.array(rows["status"], pa.string()))
+    gt = gt.append_column("error", pa.array(rows["error"], pa.string()))
+    gt = gt.append_column("rows", pa.array(np.asarray(nrows, dtype=np.int64)))
+    gt = gt.append_column("seconds", pa.array(np.asarray(rows["seconds"], dtype=np.float64)))
+    for name, values in rows.get("extra_columns", {}).items():
+        gt = gt.append_column(name, values)
+    res = UnitResult(unit_id, groups=gt.num_rows, rows=int(np.sum(nrows)))
+    st = np.asarray(rows["status"], dtype=object)
+    for s in STATUS:
+        res.counts[s] = int(np.count_nonzero(st == s))
+    bad = np.flatnonzero(st == "failed")[:5]
+    if len(bad):
+        keys = key_table.take(pa.array(bad)).to_pylist()
+        res.errors = [(tuple(k.values()), rows["error"][i]) for k, i in zip(keys, bad)]
+    if spec.sink is not None:
+        res.parts.append(write_parquet(spec.sink, f"{spec.groups_prefix}{unit_id}.parquet", gt))
+        if isinstance(extra, pa.Table):
+            res.parts.append(write_parquet(spec.sink, f"{spec.data_prefix}{unit_id}.parquet", extra))
+    else:
+        res.group_table = gt
+        res.table = extra
+    res.seconds = _time.perf_counter() - t0
+    return res
+
+
+# ---------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------
+def _is_batch_model(cls: type) -> bool:
+    return issubclass(cls, Model) and cls.fit_batch.__func__ is not Model.fit_batch.__func__
+
+
+def _serialize(model, serializer: str) -> bytes:
+    if serializer == "native":
+        return model.to_bytes()
+    import cloudpickle
+
+    return cloudpickle.dumps(model)
+
+
+def _train(spec: JobSpec, groups: Groups) -> dict:
+    m = spec.model
+    tbl, n = groups.table, len(groups)
+    y = _floats(tbl[spec.target]) if spec.target else np.zeros(tbl.num_rows)
+    t = _seconds(tbl[spec.time]) if spec.time else None
+    X = (np.column_stack([_floats(tbl[f]) for f in spec.features])
+         if spec.features else None)
+    offsets = np.concatenate((groups.starts, [tbl.num_rows]))
+    batch = SeriesBatch(y, offsets, t, X)
+    lengths = (groups.ends - groups.starts).astype(np.float64)
+    seconds = np.zeros(n)
+    if _is_batch_model(m.cls):
+        s = _time.perf_counter()
+        try:
+            fitted = m.cls.fit_batch(m.params, batch)
+        except Exception as err:  # noqa: BLE001 - a failed batch fails its groups, not the run
+            fitted = [err] * n
+        total = _time.perf_counter() - s
+        seconds = total * lengths / max(1.0, lengths.sum())  # apportioned by rows
+    else:
+        proto = m.cls(**m.params)
+        fitted = []
+        for i in range(n):
+            s = _time.perf_counter()
+            yi, ti, Xi = batch.series(i)
+            try:
+                fitted.append(proto.clone().fit(yi, t=ti, X=Xi))
+            except Exception as err:  # noqa: BLE001 - recorded per group
+                fitted.append(err)
+            seconds[i] = _time.perf_counter() - s
+    status, errors, blobs = [], [], []
+    for f in fitted:
+        if isinstance(f, SkipGroup):
+            status.append("skipped"), errors.append(str(f)), blobs.append(None)
+            continue
+        if isinstance(f, Exception):
+            status.append("failed"), errors.append(describe_error(f)), blobs.append(None)
+            continue
+        try:
+            blobs.append(_serialize(f, m.serializer))
+            status.append("ok"), errors.append(None)
+        except Exception as err:  # noqa: BLE001
+            status.append("failed"), errors.append("cannot serialise: " + describe_error(err))
+            blobs.append(None)
+    return {"status": status, "error": errors, "seconds": seconds,
+            "extra_columns": {"model": pa.array(blobs, pa.binary())}}
+
+
+# ---------------------------------------------------------------------------
+# apply (grouped map)
+# ---------------------------------------------------------------------------
+def _to_table(out, schema: pa.Schema):
+    """Turn one group's return value into a table of ``schema``; an Exception if it cannot."""
+    try:
+        if isinstance(out, pa.RecordBatch):
+            out = pa.Table.from_batches([out])
+        if isinstance(out, pa.Table):
+            got = out.column_names
+            if sorted(got) != sorted(schema.names):
+                raise _columns_error(got, schema)
+            return out.select(schema.names).cast(schema)
+        if isinstance(out, dict):
+            got = list(out)
+            if sorted(got) != sorted(schema.names):
+                raise _columns_error(got, schema)
+            arrays = [np.atleast_1d(out[c]) for c in schema.names]
+            return pa.table([pa.array(a, type=f.type) for a, f in zip(arrays, schema)], schema=schema)
+        import pandas as pd
+
+        if isinstance(out, pd.DataFrame):
+            got = [str(c) for c in out.columns]
+            if sorted(got) != sorted(schema.names):
+                raise _columns_error(got, schema)
+            return pa.Table.from_pandas(out[schema.names], schema=schema, preserve_index=False)
+        raise TypeError(f"the function returned {type(out).__name__}; return a pandas DataFrame, "
+                        "a dict of columns or a pyarrow Table")
+    except Exception as err:  # noqa: BLE001
+        return err
+
+
+def _columns_error(got, schema) -> ValueError:
+    missing = [c for c in schema.names if c not in got]
+    extra = [c for c in got if c not in schema.names]
+    return ValueError(f"returned columns {got} do not match the schema {schema.names}"
+                      + (f"; missing {missing}" if missing else "")
+                      + (f"; unexpected {extra}" if extra else ""))
+
+
+def _group_inputs(spec: JobSpec, groups: Groups):
+    """Yield what the user function gets for each group, as cheaply as the input mode allows."""
+    tbl = groups.table
+    if spec.input == "pandas":
+        df = tbl.to_pandas()
+        for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
+            yield df.iloc[s:e]
+    elif spec.input == "arrow":
+        for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
+            yield tbl.slice(s, e - s)
+    else:  # numpy: a dict of column arrays (views, no copy where the type allows)
+        cols = {}
+        for name in tbl.column_names:
+            col = tbl[name]
+            cols[name] = (col.to_numpy(zero_copy_only=False) if col.num_chunks != 1
+                          else col.chunk(0).to_numpy(zero_copy_only=False))
+        names = list(cols)
+        arrays = [cols[c] for c in names]
+        for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
+            yield {c: a[s:e] for c, a in zip(names, arrays)}
+
+
+def _apply(spec: JobSpec, groups: Groups):
+    schema, func = spec.out_schema, spec.func
+    names = schema.names
+    status, errors = [], []
+    seconds = np.zeros(len(groups))
+    collected: list[list] = [[] for _ in names]
+    owners: list[int] = []  # group index of each collected chunk
+    slow: dict[int, Any] = {}  # group index -> raw output that needs the careful path
+    perf = _time.perf_counter
+    for i, arg in enumerate(_group_inputs(spec, groups)):
+        s = perf()
+        try:
+            out = func(arg)
+        except SkipGroup as err:
+            status.append("skipped"), errors.append(str(err))
+            seconds[i] = perf() - s
+            continue
+        except Exception as err:  # noqa: BLE001 - recorded per group
+            status.append("failed"), errors.append(describe_error(err))
+            seconds[i] = perf() - s
+            continue
+        seconds[i] = perf() - s
+        status.append("ok"), errors.append(None)
+        # Fast path: a dict or DataFrame with exactly the schema's columns is
+        # collected column by column and converted once at the end.
+        if isinstance(out, dict) and len(out) == len(names) and all(c in out for c in names):
+            cols = [np.atleast_1d(out[c]) for c in names]
+        elif hasattr(out, "columns") and hasattr(out, "iloc") and list(out.columns) == names:
+            cols = [out[c].to_numpy() for c in names]
+        else:
+            slow[i] = out
+            continue
+        if len({len(c) for c in cols}) != 1:
+            slow[i] = out
+            continue
+        for j, c in enumerate(cols):
+            collected[j].append(c)
+        owners.append(i)
+    tables = []
+    if owners:
+        try:
+            tables.append(pa.table([pa.array(np.concatenate(c), type=f.type)
+                                    for c, f in zip(collected, schema)], schema=schema))
+        except Exception:  # noqa: BLE001 - some group returned bad types: find it, group by group
+            for k, i in enumerate(owners):
+                slow[i] = {c: collected[j][k] for j, c in enumerate(names)}
+    for i in sorted(slow):
+        t = _to_table(slow[i], schema)
+        if isinstance(t, Exception):
+            status[i], errors[i] = "failed", describe_error(t)
+        else:
+            tables.append(t)
+    result = pa.concat_tables(tables) if tables else schema.empty_table()
+    return {"status": status, "error": errors, "seconds": seconds}, result

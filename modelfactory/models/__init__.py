@@ -1,0 +1,89 @@
+"""The model registry (after fsspec's): built-in models by name, user models by registration.
+
+Built-ins are listed in one table of import paths; nothing heavy is imported
+until a name is used.
+
+>>> from modelfactory import models
+>>> models.get("seasonal", season_length=24)
+SeasonalProfile()
+>>> "seasonal" in models.registry
+True
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ..exceptions import ModelError
+from .base import Model, Param, SeriesBatch, SkipGroup
+
+__all__ = ["registry", "get", "register_model", "Model", "Param", "SeriesBatch", "SkipGroup"]
+
+#: name -> (import path, hint shown when an optional dependency is missing)
+_BUILTIN: dict[str, tuple[str, str]] = {
+    "seasonal": ("modelfactory.models.seasonal:SeasonalProfile", ""),
+}
+_USER: dict[str, type] = {}
+
+
+def _load(name: str) -> type:
+    if name in _USER:
+        return _USER[name]
+    path, hint = _BUILTIN[name]
+    mod, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except ImportError as err:
+        raise ModelError(f"Model {name!r} needs a package that is not installed ({err.name}). {hint}") from err
+
+
+class _Registry(Mapping):
+    """A read-only mapping from model name to model class."""
+
+    def __getitem__(self, name: str) -> type:
+        if name not in _BUILTIN and name not in _USER:
+            raise KeyError(name)
+        return _load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted({*_BUILTIN, *_USER}))
+
+    def __len__(self) -> int:
+        return len({*_BUILTIN, *_USER})
+
+    def __repr__(self) -> str:
+        return f"<model registry: {', '.join(self)}>"
+
+
+registry: Mapping[str, type] = _Registry()
+
+
+def unknown_model(name: str) -> ModelError:
+    close = difflib.get_close_matches(name, list(registry), n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ModelError(f"Unknown model {name!r}.{hint} Known models: {', '.join(registry)}.")
+
+
+def get(name: str, **params: Any) -> Model:
+    """Make the model registered as ``name`` with ``params``."""
+    if name not in registry:
+        raise unknown_model(name)
+    return registry[name](**params)
+
+
+def register_model(name: str, cls: type, *, overwrite: bool = False) -> None:
+    """Register a user model class under ``name`` so it can be used by name.
+
+    The class should follow :class:`Model`'s protocol (or be a scikit-learn
+    style estimator).  Built-in names cannot be replaced.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ModelError(f"A model name must be an identifier like 'my_model'; got {name!r}.")
+    if name in _BUILTIN or (name in _USER and not overwrite):
+        raise ModelError(f"A model named {name!r} is already registered; pick another name"
+                         + ("" if name in _BUILTIN else " or pass overwrite=True") + ".")
+    if not isinstance(cls, type):
+        raise ModelError(f"register_model needs a class; got {type(cls).__name__}.")
+    _USER[name] = cls

@@ -1,0 +1,284 @@
+"""The model protocol every built-in model follows, and user models may.
+
+After scikit-learn: ``__init__(self, *, ...)`` only stores hyperparameters,
+``fit`` returns ``self``, learned state lives in attributes ending with ``_``,
+and ``clone()`` gives a fresh unfitted copy.  Parameters are validated
+declaratively when ``fit`` runs.
+
+After statsforecast: a model may fit a whole *batch* of series at once from a
+ragged layout (:class:`SeriesBatch`: one values array plus offsets, straight
+from Arrow).  The runner uses :meth:`Model.fit_batch`; the default loops over
+:meth:`fit`, so a model only overrides it when it can do better.
+
+Scoring contract (anomaly models): :meth:`Model.score` returns ``expected``,
+``lower``, ``upper``, ``score`` (in [0, 1], higher is more anomalous) and
+``is_anomaly``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from scipy.special import erf
+
+from ..exceptions import ModelError, NotFittedError, ParameterError
+
+__all__ = ["Param", "Model", "SeriesBatch", "SkipGroup", "robust_score"]
+
+_MAGIC = b"MFM1"
+
+
+class SkipGroup(Exception):
+    """Raised by a model when a group's data does not suit it; the group is ``skipped``."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared hyperparameter: its default and the rule it must follow."""
+
+    default: Any
+    kind: type | tuple = object
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+    doc: str = ""
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        words = " or ".join(k.__name__ for k in kinds if k is not type(None))
+        if type(None) in kinds:
+            words += " or None"
+        if self.low is not None and self.high is not None:
+            return f"{words} in [{self.low}, {self.high}]"
+        if self.low is not None:
+            return f"{words} >= {self.low}"
+        if self.high is not None:
+            return f"{words} <= {self.high}"
+        return words
+
+    def check(self, owner: str, name: str, value: Any) -> None:
+        ok = True
+        if self.choices is not None:
+            ok = value in self.choices
+        else:
+            kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+            if float in kinds and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                pass
+            elif not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                ok = False
+            if ok and value is not None and not isinstance(value, (str, bool)):
+                if self.low is not None and value < self.low:
+                    ok = False
+                if self.high is not None and value > self.high:
+                    ok = False
+        if not ok:
+            raise ParameterError(
+                f"The {name!r} parameter of {owner} must be {self.describe()}. Got {value!r} instead."
+            )
+
+
+@dataclass
+class SeriesBatch:
+    """Many series in one ragged layout: series ``i`` is ``values[offsets[i]:offsets[i+1]]``.
+
+    ``times`` are int64 seconds since the epoch (or None); ``features`` is a
+    2-d float array with one row per value (or None).
+    """
+
+    values: np.ndarray
+    offsets: np.ndarray
+    times: np.ndarray | None = None
+    features: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def series(self, i: int):
+        s, e = self.offsets[i], self.offsets[i + 1]
+        t = None if self.times is None else self.times[s:e]
+        x = None if self.features is None else self.features[s:e]
+        return self.values[s:e], t, x
+
+
+def robust_score(z: np.ndarray) -> np.ndarray:
+    """Map an absolute standardised deviation to [0, 1]: ``erf(|z| / sqrt 2)``,
+    the two-sided normal probability mass within ``|z|``.  3 sigma gives 0.9973."""
+    return erf(np.abs(z) / math.sqrt(2.0))
+
+
+class Model:
+    """Base class for modelfactory models.
+
+    Subclasses declare ``params: ClassVar[dict[str, Param]]`` and implement
+    :meth:`_fit` (one series) or override :meth:`fit_batch`, plus
+    :meth:`_score`.  State is saved by :meth:`get_state` (a dict of numpy
+    arrays and scalars) and restored by :meth:`set_state`, which serialise
+    without pickle.
+    """
+
+    name: ClassVar[str] = "model"
+    params: ClassVar[dict[str, Param]] = {}
+    min_rows: ClassVar[int] = 1
+    needs_time: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
+    #: Attribute names (ending in ``_``) that make up the fitted state.
+    state_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = set(kwargs) - set(self.params)
+        if unknown:
+            import difflib
+
+            name = sorted(unknown)[0]
+            close = difflib.get_close_matches(name, list(self.params), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ParameterError(
+                f"{type(self).__name__} has no parameter {name!r}.{hint} "
+                f"Parameters: {', '.join(self.params) or '(none)'}."
+            )
+        for k, p in self.params.items():
+            setattr(self, k, kwargs.get(k, p.default))
+
+    # -- parameters -------------------------------------------------------
+    def required_rows(self) -> int:
+        """The fewest non-missing values a series needs (groups with fewer are skipped)."""
+        return self.min_rows
+
+    def get_params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.params}
+
+    def validate_params(self) -> None:
+        """Check every parameter against its declaration; raise :class:`ParameterError`."""
+        for k, p in self.params.items():
+            p.check(type(self).__name__, k, getattr(self, k))
+
+    def clone(self) -> "Model":
+        """A fresh, unfitted copy with the same parameters."""
+        return type(self)(**self.get_params())
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.get_params().items() if v != self.params[k].default}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+    # -- fitting ----------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.state_attrs) and all(hasattr(self, a) for a in self.state_attrs)
+
+    def check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(f"This {type(self).__name__} is not fitted yet: call fit() first.")
+
+    def fit(self, y, *, t=None, X=None) -> "Model":
+        """Fit one series (``y`` values, ``t`` int64 seconds, ``X`` features)."""
+        self.validate_params()
+        y = np.asarray(y, dtype=np.float64)
+        t = None if t is None else _as_seconds(t)
+        X = None if X is None else np.asarray(X, dtype=np.float64)
+        self._check_data(y, t, X)
+        self._fit(y, t, X)
+        return self
+
+    def _check_data(self, y, t, X) -> None:
+        n = int(np.count_nonzero(np.isfinite(y)))
+        if n < self.required_rows():
+            raise SkipGroup(f"{self.name} needs at least {self.required_rows()} non-missing values; got {n}")
+        if self.needs_time and t is None:
+            raise ModelError(f"{self.name} needs a time column: pass time=.")
+        if self.needs_features and (X is None or X.shape[1] == 0):
+            raise ModelError(f"{self.name} needs feature columns: pass features=[...].")
+
+    def _fit(self, y, t, X) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def fit_batch(cls, params: dict, batch: SeriesBatch) -> list:
+        """Fit every series of ``batch``; return one fitted model or exception per series.
+
+        The default fits one series at a time; batch models override this.
+        """
+        out: list = []
+        proto = cls(**params)
+        proto.validate_params()
+        for i in range(len(batch)):
+            y, t, X = batch.series(i)
+            try:
+                out.append(proto.clone().fit(y, t=t, X=X))
+            except Exception as err:  # noqa: BLE001 - one group's failure is recorded, never fatal
+                out.append(err)
+        return out
+
+    # -- scoring ----------------------------------------------------------
+    def score(self, y, *, t=None, X=None) -> dict[str, np.ndarray]:
+        """Score new rows: ``expected``, ``lower``, ``upper``, ``score``, ``is_anomaly``."""
+        self.check_fitted()
+        y = np.asarray(y, dtype=np.float64)
+        t = None if t is None else _as_seconds(t)
+        X = None if X is None else np.asarray(X, dtype=np.float64)
+        return self._score(y, t, X)
+
+    def _score(self, y, t, X) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- state and serialisation -----------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        self.check_fitted()
+        return {a: getattr(self, a) for a in self.state_attrs}
+
+    def set_state(self, state: dict[str, Any]) -> "Model":
+        for a in self.state_attrs:
+            setattr(self, a, state[a])
+        return self
+
+    def to_bytes(self) -> bytes:
+        """Serialise parameters and fitted state without pickle."""
+        return dumps(self.name, self.get_params(), self.get_state())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Model":
+        name, params, state = loads(data)
+        if name != cls.name:
+            raise ModelError(f"These bytes hold a {name!r} model, not {cls.name!r}.")
+        return cls(**params).set_state(state)
+
+
+def _as_seconds(t) -> np.ndarray:
+    t = np.asarray(t)
+    if np.issubdtype(t.dtype, np.datetime64):
+        return t.astype("datetime64[s]").astype(np.int64)
+    return t.astype(np.int64)
+
+
+def dumps(name: str, params: dict, state: dict) -> bytes:
+    """Compact, pickle-free serialisation: a JSON header and raw array bytes."""
+    arrays, scalars, buf = [], {}, io.BytesIO()
+    for k, v in state.items():
+        if isinstance(v, np.ndarray):
+            a = np.ascontiguousarray(v)
+            arrays.append([k, a.dtype.str, list(a.shape)])
+            buf.write(a.tobytes())
+        else:
+            scalars[k] = v.item() if isinstance(v, np.generic) else v
+    header = json.dumps({"m": name, "p": params, "a": arrays, "s": scalars},
+                        separators=(",", ":")).encode()
+    return _MAGIC + len(header).to_bytes(4, "little") + header + buf.getvalue()
+
+
+def loads(data: bytes) -> tuple[str, dict, dict]:
+    if data[:4] != _MAGIC:
+        raise ModelError("Not a modelfactory model (bad magic bytes).")
+    n = int.from_bytes(data[4:8], "little")
+    header = json.loads(data[8:8 + n])
+    pos, state = 8 + n, dict(header["s"])
+    for k, dt, shape in header["a"]:
+        dtype = np.dtype(dt)
+        count = int(np.prod(shape)) if shape else 1
+        state[k] = np.frombuffer(data, dtype=dtype, count=count, offset=pos).reshape(shape)
+        pos += count * dtype.itemsize
+    return header["m"], header["p"], state

@@ -1,0 +1,153 @@
+"""Turn groups into work units.
+
+A *work unit* is what one Dask task does: read some files, split them into
+groups, run every group, write one part.  Many small groups share a unit (one
+task per group would drown the scheduler at a million groups); a group too big
+for the target size gets a unit of its own.
+
+Two ways to plan:
+
+``files``
+    Some group keys are Hive partition keys.  Then all rows of a group lie in
+    the files of one partition folder (a *leaf*), so a unit simply names its
+    files: no shuffle, each worker reads its own.  Leaves are packed in key
+    order into units of about ``target_rows`` rows, using row counts from the
+    Parquet footers.
+``shuffle``
+    No group key is a partition key (e.g. data partitioned by day), so a group
+    may span many files.  Groups are co-located by Dask's own p2p shuffle into
+    ``n_units`` partitions; each partition is a unit.
+
+Unit ids are a digest of what the unit reads, so the same input plans to the
+same ids and a rerun can resume.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from itertools import groupby
+
+from .dataset import DatasetInfo
+from .exceptions import PlanError
+
+__all__ = ["WorkUnit", "Plan", "Leaf", "plan", "pack", "auto_target_rows"]
+
+MIN_UNIT_ROWS = 50_000
+MAX_UNIT_ROWS = 2_000_000
+UNITS_PER_WORKER = 4
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One task's worth of work: the files it reads (or the shuffle partition it gets)."""
+
+    id: str
+    paths: tuple[str, ...]
+    rows: int
+    leaves: int = 0
+    partition: int | None = None  # shuffle partition number, for the ``shuffle`` mode
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """Files that together hold every row of some groups (a Hive partition folder)."""
+
+    key: tuple
+    paths: tuple[str, ...]
+    rows: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # "files" or "shuffle"
+    units: tuple[WorkUnit, ...]
+    target_rows: int
+    rows: int
+
+
+def auto_target_rows(total_rows: int, workers: int) -> int:
+    """Rows per unit: at least ``UNITS_PER_WORKER`` units per worker, for balance and
+    so an adaptive cluster sees enough pending work to scale up, but never below
+    ``MIN_UNIT_ROWS`` (per-task overhead, file reads) nor above ``MAX_UNIT_ROWS``
+    (worker memory)."""
+    per = math.ceil(total_rows / max(1, workers * UNITS_PER_WORKER))
+    return max(MIN_UNIT_ROWS, min(MAX_UNIT_ROWS, per))
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def _sort_key(key: tuple) -> tuple:
+    return tuple((v is None, "" if v is None else str(v)) for v in key)
+
+
+def pack(leaves: list[Leaf], target_rows: int) -> list[WorkUnit]:
+    """Pack leaves, in key order, into units of at most ``target_rows`` rows.
+
+    A leaf larger than ``target_rows`` becomes a unit of its own.  Every leaf
+    lands in exactly one unit.
+    """
+    if target_rows < 1:
+        raise PlanError(f"The unit size must be at least 1 row; got {target_rows}.")
+    units: list[WorkUnit] = []
+    cur: list[Leaf] = []
+    cur_rows = 0
+
+    def flush():
+        nonlocal cur, cur_rows
+        if cur:
+            paths = tuple(p for leaf in cur for p in leaf.paths)
+            uid = f"u{len(units):05d}-{_digest(paths)}"
+            units.append(WorkUnit(uid, paths, cur_rows, len(cur)))
+        cur, cur_rows = [], 0
+
+    for leaf in sorted(leaves, key=lambda lf: _sort_key(lf.key)):
+        if cur and cur_rows + leaf.rows > target_rows:
+            flush()
+        cur.append(leaf)
+        cur_rows += leaf.rows
+    flush()
+    return units
+
+
+def leaves_of(info: DatasetInfo, by: tuple[str, ...]) -> list[Leaf]:
+    """Group the dataset's files by the values of the partition keys that are also group keys."""
+    keys = info.source.partition_keys
+    idx = [i for i, k in enumerate(keys) if k in by]
+    if not idx:
+        return []
+
+    def leaf_key(f):
+        return tuple(f.partition[i] for i in idx)
+
+    files = sorted(info.files, key=lambda f: (_sort_key(leaf_key(f)), f.path))
+    return [
+        Leaf(k, tuple(f.path for f in fs), sum(f.rows for f in fs))
+        for k, fs in ((k, list(g)) for k, g in groupby(files, key=leaf_key))
+    ]
+
+
+def plan(info: DatasetInfo, by: tuple[str, ...], *, workers: int,
+         target_rows: int | None = None) -> Plan:
+    """Plan the work units for grouping ``info`` by ``by`` on ``workers`` workers."""
+    total = info.rows
+    target = target_rows if target_rows is not None else auto_target_rows(total, workers)
+    if target < 1:
+        raise PlanError(f"unit_rows must be a positive number of rows; got {target}.")
+    leaves = leaves_of(info, by)
+    if leaves:
+        return Plan("files", tuple(pack(leaves, target)), target, total)
+    all_paths = tuple(sorted(f.path for f in info.files))
+    if total <= target:
+        # Everything fits in one unit: one task reads it all, no shuffle needed.
+        return Plan("files", (WorkUnit(f"u00000-{_digest(all_paths)}", all_paths, total, 1),), target, total)
+    n = math.ceil(total / target)
+    base = _digest(all_paths, by, n)
+    units = tuple(WorkUnit(f"s{i:05d}-{base}", (), math.ceil(total / n), 0, i) for i in range(n))
+    return Plan("shuffle", units, target, total)

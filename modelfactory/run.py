@@ -1,0 +1,155 @@
+"""Open or attach to a Dask cluster, submit work units to the kernel, gather summaries.
+
+``cluster`` may be:
+
+- ``None`` or ``"local"``: a LocalCluster made for the job (one single-threaded
+  worker process per core) and closed after it;
+- ``"inline"``: no Dask at all, units run one after another in this process
+  (tests, debugging with pdb);
+- a scheduler address (``"tcp://host:8786"``), a :class:`distributed.Client`,
+  or a cluster object (anything with ``scheduler_address``): attached to,
+  never closed.
+
+Only what the library created is closed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+from .exceptions import ClusterError
+from .kernel import UnitResult
+
+__all__ = ["open_client", "execute", "worker_count", "Progress"]
+
+log = logging.getLogger(__name__)
+
+#: Environment every worker process starts with: one BLAS/OpenMP thread.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def open_client(cluster=None, *, workers: int | None = None) -> Iterator:
+    """Yield a :class:`distributed.Client` (or None for ``"inline"``) for the job."""
+    if cluster == "inline":
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if cluster is None or cluster == "local":
+        n = workers or os.cpu_count() or 1
+        try:
+            lc = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                              dashboard_address=":0", silence_logs=logging.ERROR, env=WORKER_ENV)
+        except Exception as err:  # noqa: BLE001 - surfaced with context
+            raise ClusterError(f"Could not start a local Dask cluster with {n} workers: {err}") from err
+        with lc, Client(lc) as client:
+            yield client
+        return
+    if isinstance(cluster, Client):
+        yield cluster
+        return
+    if isinstance(cluster, str):
+        if "://" not in cluster and ":" not in cluster:
+            raise ClusterError(f"cluster={cluster!r} is not 'local', 'inline' or a scheduler address "
+                               "like 'tcp://10.0.0.5:8786'.")
+        try:
+            client = Client(cluster, timeout="20s")
+        except (OSError, TimeoutError) as err:
+            raise ClusterError(f"Cannot reach the Dask scheduler at {cluster!r}: {err}. "
+                               "Check the address and that the scheduler is running.") from err
+        with client:
+            yield client
+        return
+    if hasattr(cluster, "scheduler_address"):
+        with Client(cluster) as client:
+            yield client
+        return
+    raise ClusterError(f"cluster must be None, 'local', 'inline', an address, a Client or a cluster "
+                       f"object; got {type(cluster).__name__}.")
+
+
+def worker_count(client) -> int:
+    """Workers to plan for: the live workers (at least one)."""
+    if client is None:
+        return 1
+    return max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+
+
+class Progress:
+    """A progress bar over units that also counts groups (tqdm; the notebook variant in Jupyter)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, client=None) -> None:
+        self.groups = self.failed = 0
+        self.bar = None
+        if enabled:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            if client is not None:
+                print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+
+            self.bar = tqdm(total=total, desc=desc, unit="unit", dynamic_ncols=True, leave=True)
+
+    def update(self, res: UnitResult) -> None:
+        self.groups += res.groups
+        self.failed += res.counts.get("failed", 0)
+        if self.bar is not None:
+            self.bar.set_postfix(groups=f"{self.groups:,}", failed=self.failed, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progress: Progress,
+            retries: int = 2) -> list[UnitResult]:
+    """Run ``fn(item)`` for every item on the cluster (or inline); results in item order.
+
+    Units that fail (an I/O error, a lost worker after ``retries``) raise here:
+    per-group errors never do, the kernel records them.
+    """
+    results: list = [None] * len(items)
+    if client is None:
+        for i, item in enumerate(items):
+            results[i] = fn(item)
+            progress.update(results[i])
+        return results
+    from distributed import as_completed
+
+    futures = client.map(fn, items, key=list(keys), retries=retries, pure=False)
+    index = {f.key: i for i, f in enumerate(futures)}
+    try:
+        for fut in as_completed(futures):
+            res = fut.result()
+            results[index[fut.key]] = res
+            progress.update(res)
+    finally:
+        for f in futures:
+            f.release()
+    return results
+
+
+def execute_delayed(client, tasks: list, *, progress: Progress) -> list[UnitResult]:
+    """Compute a list of dask Delayed objects (the shuffle path) with progress."""
+    if client is None:
+        import dask
+
+        results = dask.compute(*tasks, scheduler="sync")
+        for r in results:
+            progress.update(r)
+        return list(results)
+    from distributed import as_completed
+
+    futures = client.compute(tasks)
+    index = {f.key: i for i, f in enumerate(futures)}
+    results: list = [None] * len(futures)
+    for fut in as_completed(futures):
+        res = fut.result()
+        results[index[fut.key]] = res
+        progress.update(res)
+    return results

@@ -1,0 +1,170 @@
+"""The model store: versioned training runs, committed manifest-last.
+
+Layout under the store's root (a folder or any fsspec URL)::
+
+    runs/<run_id>/parts/<unit_id>.parquet   one file per work unit: keys, status,
+                                            error, rows, seconds, model bytes
+    runs/<run_id>/manifest.json             written last: the commit point
+    LATEST                                  the id of the newest committed run
+
+Workers write the part files; the client writes the manifest only after every
+unit has succeeded, then moves ``LATEST``.  A run without a manifest is
+invisible (and removable), so a crash never leaves a half-visible run.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from dataclasses import asdict
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._io import Location, PartInfo
+from .exceptions import IntegrityError, StoreError
+
+__all__ = ["ModelStore", "new_run_id"]
+
+MANIFEST_VERSION = 1
+_META_COLUMNS = ("status", "error", "rows", "seconds", "model")
+
+
+def new_run_id(spec_digest: str) -> str:
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-{spec_digest[:6]}"
+
+
+def versions() -> dict[str, str]:
+    import dask
+    import numpy
+    import sklearn
+    import statsmodels
+
+    from . import __version__
+
+    return {"modelfactory": __version__, "python": platform.python_version(), "pyarrow": pa.__version__,
+            "numpy": numpy.__version__, "pandas": pd.__version__, "dask": dask.__version__,
+            "scikit-learn": sklearn.__version__, "statsmodels": statsmodels.__version__}
+
+
+class ModelStore:
+    """A model store at ``path`` (a folder or an ``s3://`` prefix).
+
+    >>> store = ModelStore("/tmp/no-such-store")   # opening never writes
+    >>> store.runs()
+    []
+    """
+
+    def __init__(self, path: str, *, storage_options: dict | None = None) -> None:
+        self.location = Location.of(path, storage_options)
+
+    def __repr__(self) -> str:
+        return f"ModelStore({self.location.url!r})"
+
+    # -- runs -------------------------------------------------------------
+    def runs(self) -> list[str]:
+        """Ids of the committed runs, oldest first."""
+        fs = self.location.fs
+        base = self.location.path("runs")
+        try:
+            found = fs.glob(f"{base}/*/manifest.json")
+        except FileNotFoundError:
+            return []
+        return sorted(p.rstrip("/").split("/")[-2] for p in found)
+
+    def latest(self) -> str | None:
+        """The id of the newest committed run, or None for an empty store."""
+        if not self.location.exists("LATEST"):
+            return None
+        return self.location.read_bytes("LATEST").decode().strip()
+
+    def resolve(self, run: str | None = "latest") -> str:
+        if run in (None, "latest"):
+            rid = self.latest()
+            if rid is None:
+                raise StoreError(f"The store at {self.location.url!r} has no committed run yet. "
+                                 "Train first: modelfactory.train(..., store=...).")
+            return rid
+        if not self.location.exists(f"runs/{run}/manifest.json"):
+            known = ", ".join(self.runs()[-5:]) or "none"
+            raise StoreError(f"No committed run {run!r} in {self.location.url!r}. Recent runs: {known}.")
+        return run
+
+    def manifest(self, run: str | None = "latest") -> dict[str, Any]:
+        """The committed manifest of ``run`` (a dict)."""
+        rid = self.resolve(run)
+        raw = self.location.read_bytes(f"runs/{rid}/manifest.json")
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise IntegrityError(f"The manifest of run {rid!r} in {self.location.url!r} is not valid JSON: {err}") from err
+
+    # -- reading ----------------------------------------------------------
+    def _read_part(self, part: dict, columns: list[str] | None = None) -> pa.Table:
+        data = self.location.read_bytes(part["path"])
+        if len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
+            raise IntegrityError(
+                f"Part {part['path']!r} in {self.location.url!r} does not match its checksum in the "
+                "manifest (changed or truncated). Retrain, or restore the file from a backup."
+            )
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+
+    def table(self, run: str | None = "latest", *, columns: list[str] | None = None) -> pa.Table:
+        """All group rows of ``run`` as an Arrow table (checksums verified)."""
+        man = self.manifest(run)
+        parts = [self._read_part(p, columns) for p in man["parts"]]
+        if not parts:
+            return pa.table({})
+        return pa.concat_tables(parts)
+
+    def groups(self, run: str | None = "latest") -> pd.DataFrame:
+        """The group table of ``run``: keys, status, error, rows, seconds (no model bytes)."""
+        man = self.manifest(run)
+        cols = list(man["spec"]["by"]) + ["status", "error", "rows", "seconds"]
+        return self.table(run, columns=cols).to_pandas()
+
+    def load(self, key: dict | tuple | str, run: str | None = "latest"):
+        """Load the fitted model of one group, e.g. ``load({"app": "a", "site": "s1"})``."""
+        from .models import registry
+
+        man = self.manifest(run)
+        by = man["spec"]["by"]
+        if isinstance(key, dict):
+            missing = [k for k in by if k not in key]
+            if missing:
+                raise StoreError(f"The key needs values for {by}; missing {missing}.")
+            want = tuple(key[k] for k in by)
+        else:
+            want = (key,) if not isinstance(key, tuple) else key
+        tbl = self.table(run, columns=list(by) + ["status", "error", "model"])
+        mask = None
+        import pyarrow.compute as pc
+
+        for k, v in zip(by, want):
+            m = pc.equal(tbl[k], pa.scalar(v, tbl.schema.field(k).type))
+            mask = m if mask is None else pc.and_(mask, m)
+        hit = tbl.filter(mask)
+        if hit.num_rows == 0:
+            raise StoreError(f"No group {dict(zip(by, want))} in run {man['run_id']!r}.")
+        row = hit.slice(0, 1).to_pylist()[0]
+        if row["status"] != "ok":
+            raise StoreError(f"Group {dict(zip(by, want))} has no model: {row['status']} ({row['error']}).")
+        name = man["spec"]["model"]
+        if man["spec"].get("serializer", "native") != "native":
+            raise StoreError(f"Run {man['run_id']!r} holds pickled user models; loading them is not supported yet.")
+        return registry[name].from_bytes(row["model"])
+
+    # -- writing (the client commits) ------------------------------------
+    def commit(self, run_id: str, manifest: dict[str, Any], parts: list[PartInfo]) -> None:
+        """Write the manifest of ``run_id`` (listing ``parts``), then point ``LATEST`` at it."""
+        body = dict(manifest)
+        body.update(format_version=MANIFEST_VERSION, run_id=run_id,
+                    committed=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+                    versions=versions(), parts=[asdict(p) for p in parts])
+        data = json.dumps(body, indent=1, sort_keys=True, default=str).encode()
+        self.location.write_bytes(f"runs/{run_id}/manifest.json", data)
+        self.location.write_bytes("LATEST", run_id.encode())
