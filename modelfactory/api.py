@@ -169,7 +169,8 @@ def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame) -> UnitResult:
-    table = pa.Table.from_pandas(df, preserve_index=False)
+    schema = pa.schema([spec.source.schema.field(c) for c in spec.columns])
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     return kernel.run_table(spec, unit_id, table)
 
 

@@ -94,8 +94,11 @@ class DatasetInfo:
 
 
 def _hive_keys(dataset: ds.FileSystemDataset) -> tuple[str, ...]:
-    part = dataset.partitioning
-    return tuple(part.schema.names) if part is not None else ()
+    """The Hive partition keys, in folder order, from the fragments' partition expressions."""
+    keys: dict[str, None] = {}
+    for frag in dataset.get_fragments():
+        keys.update(dict.fromkeys(ds.get_partition_keys(frag.partition_expression)))
+    return tuple(keys)
 
 
 def discover(url: str, *, storage_options: dict | None = None,

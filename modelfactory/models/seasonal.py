@@ -109,13 +109,19 @@ class SeasonalProfile(Model):
         med = np.where(np.isnan(med), series_med[:, None], med)
         resid = np.abs(v_f - med.reshape(-1)[seg])
         mad, _ = segment_median(resid, seg, n * S)
-        series_mad, _ = segment_median(resid, sid_f, n)
+        # Residuals about a slot median of k points are biased low (for odd k one
+        # of them is exactly 0): pool the non-zero ones per series and correct by
+        # sqrt(k / (k - 1)).  That series-level scale is the floor of every slot.
+        nz = resid > 0
+        series_mad, _ = segment_median(resid[nz], sid_f[nz], n)
+        series_mad = np.nan_to_num(series_mad, nan=0.0)
+        k = finite / S
+        corr = np.sqrt(np.where(k > 1.5, k / np.maximum(k - 1, 1e-9), 2.0))
         mad = mad.reshape(n, S)
         mad = np.where(np.isnan(mad), series_mad[:, None], mad)
-        # Floors: half the series' residual MAD (slots hold few points), and a
-        # tiny absolute floor so a constant series does not divide by zero.
-        floor = np.maximum(0.5 * series_mad, 1e-9 * (1.0 + np.abs(series_med)))
-        scale = _MAD_TO_SIGMA * np.maximum(mad, floor[:, None])
+        # A tiny absolute floor so a constant series does not divide by zero.
+        floor = np.maximum(series_mad, 1e-9 * (1.0 + np.abs(series_med)))
+        scale = _MAD_TO_SIGMA * corr[:, None] * np.maximum(mad, floor[:, None])
         need = proto.required_rows()
         out: list = []
         for i in range(n):

@@ -1,0 +1,125 @@
+"""apply and map_keys on a real LocalCluster, against a pandas groupby-apply reference."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+from _data import metrics_table, write
+
+import modelfactory
+from modelfactory.exceptions import SchemaError, StoreError
+
+SCHEMA = "app string, site string, n bigint, mean double, first_ts timestamp"
+
+
+def stats(df: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"app": [df["app"].iloc[0]], "site": [df["site"].iloc[0]], "n": [len(df)],
+                         "mean": [df["value"].mean()], "first_ts": [df["ts"].min()]})
+
+
+def reference(path: str) -> pd.DataFrame:
+    df = ds.dataset(path, format="parquet", partitioning="hive").to_table().to_pandas()
+    df["app"] = df["app"].astype(str)
+    rows = [stats(g) for _, g in df.groupby(["app", "site"])]
+    return pd.concat(rows, ignore_index=True)
+
+
+def canon(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.sort_values(["app", "site"]).reset_index(drop=True)
+    out["first_ts"] = pd.to_datetime(out["first_ts"], utc=True)
+    out["app"] = out["app"].astype(str)
+    out["site"] = out["site"].astype(str)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["by_app", "by_day"])
+def test_apply_matches_pandas_groupby_apply(layout, request, client):
+    path = request.getfixturevalue(layout)
+    run = modelfactory.apply(path, by=["app", "site"], func=stats, schema=SCHEMA, cluster=client,
+                             unit_rows=200)
+    got, want = canon(run.to_pandas()), canon(reference(path))
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)
+    assert run.summary["counts"] == {"ok": 12, "failed": 0, "skipped": 0}
+    assert run.summary["mode"] == ("files" if layout == "by_app" else "shuffle")
+    assert len(run.groups) == 12 and set(run.groups["rows"]) == {72}
+
+
+def test_apply_numpy_input_gets_column_arrays(by_app, client):
+    def mean(g):
+        assert isinstance(g["value"], np.ndarray)
+        return {"app": g["app"][:1], "site": g["site"][:1], "mean": np.array([g["value"].mean()])}
+
+    run = modelfactory.apply(by_app, by=["app", "site"], func=mean, input="numpy",
+                             schema={"app": "string", "site": "string", "mean": pa.float64()}, cluster=client)
+    want = canon(reference(by_app))
+    got = run.to_pandas().sort_values(["app", "site"]).reset_index(drop=True)
+    np.testing.assert_allclose(got["mean"], want["mean"])
+
+
+def test_apply_arrow_input_and_several_rows_per_group(by_app):
+    def head2(t: pa.Table) -> pa.Table:
+        return t.select(["app", "site", "value"]).slice(0, 2)
+
+    run = modelfactory.apply(by_app, by=["app", "site"], func=head2, input="arrow",
+                             schema="app string, site string, value double", cluster="inline")
+    assert run.to_arrow().num_rows == 24
+
+
+def test_apply_writes_parquet_and_accounts_for_every_group(by_app, tmp_path, client):
+    def sometimes_bad(df):
+        site = df["site"].iloc[0]
+        if site == "s001":
+            raise ValueError("bad site s001")
+        if site == "s002":
+            return pd.DataFrame({"app": ["x"], "wrong": [1.0]})
+        if site == "s003":
+            return pd.DataFrame({"app": ["x"], "site": ["y"], "mean": ["not a number"]})
+        return stats(df)[["app", "site", "mean"]]
+
+    out = tmp_path / "out"
+    run = modelfactory.apply(by_app, by=["app", "site"], func=sometimes_bad, out=str(out),
+                             schema="app string, site string, mean double", cluster=client)
+    assert run.summary["counts"] == {"ok": 9, "failed": 3, "skipped": 0}
+    g = run.groups.set_index("site")
+    assert "ValueError: bad site s001" in g.loc["s001", "error"]
+    assert "missing ['site', 'mean']" in g.loc["s002", "error"] and "unexpected ['wrong']" in g.loc["s002", "error"]
+    assert g.loc["s003", "status"] == "failed" and "not a number" in g.loc["s003", "error"]
+    assert (out / "_manifest.json").exists()
+    assert len(pd.read_parquet(out)) == 9  # readers skip _groups/ and _manifest.json
+    with pytest.raises(StoreError, match="not empty"):
+        modelfactory.apply(by_app, by=["app", "site"], func=stats, out=str(out), schema=SCHEMA, cluster="inline")
+
+
+def test_apply_refuses_a_bad_schema(by_app):
+    with pytest.raises(SchemaError, match="Unknown type 'dubble' for column 'm'"):
+        modelfactory.apply(by_app, by=["app"], func=stats, schema="m dubble", cluster="inline")
+
+
+def test_map_keys_runs_once_per_key(client):
+    def load(key):
+        if key == "boom":
+            raise RuntimeError("cannot load boom")
+        return pd.DataFrame({"key": [key], "n": [len(key)]})
+
+    run = modelfactory.map_keys(["a", "bb", "boom", "ccc"], func=load, schema="key string, n bigint",
+                                cluster=client)
+    assert sorted(run.to_pandas()["n"]) == [1, 2, 3]
+    assert run.summary["counts"] == {"ok": 3, "failed": 1, "skipped": 0}
+    g = run.groups.set_index("key")
+    assert "RuntimeError: cannot load boom" in g.loc["boom", "error"]
+
+
+def test_map_keys_with_dict_keys_returns_objects():
+    run = modelfactory.map_keys([{"app": "a", "site": 1}, {"app": "b", "site": 2}],
+                                func=lambda k: k[1] * 10, cluster="inline")
+    assert run.results == {("a", 1): 10, ("b", 2): 20}
+    assert list(run.groups.columns[:2]) == ["app", "site"]
+
+
+def test_many_small_groups_share_units(tmp_path, client):
+    path = write(metrics_table(series=300, hours=24, apps=5), tmp_path / "d", ["app"])
+    run = modelfactory.apply(path, by=["app", "site"], func=stats, schema=SCHEMA, cluster=client)
+    assert run.summary["groups"] == 300
+    assert run.summary["units"] <= 5

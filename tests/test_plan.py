@@ -1,0 +1,86 @@
+"""The planner: every group in exactly one unit, size limits, deterministic ids."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelfactory.dataset import discover
+from modelfactory.exceptions import PlanError
+from modelfactory.plan import (MAX_UNIT_ROWS, MIN_UNIT_ROWS, Leaf, auto_target_rows, pack, plan)
+
+from _data import metrics_table, write
+
+key_values = st.one_of(st.none(), st.text(min_size=0, max_size=6))
+leaves = st.lists(
+    st.tuples(st.tuples(key_values, key_values), st.integers(min_value=0, max_value=5_000)),
+    min_size=0, max_size=60, unique_by=lambda t: t[0],
+).map(lambda items: [Leaf(k, (f"f{i}.parquet", f"g{i}.parquet"), rows) for i, (k, rows) in enumerate(items)])
+
+
+@given(leaves, st.integers(min_value=1, max_value=20_000))
+@settings(max_examples=200, deadline=None)
+def test_every_leaf_lands_in_exactly_one_unit(lvs, target):
+    units = pack(lvs, target)
+    seen = Counter(p for u in units for p in u.paths)
+    assert seen == Counter(p for lf in lvs for p in lf.paths)
+    assert all(n == 1 for n in seen.values())
+    assert sum(u.rows for u in units) == sum(lf.rows for lf in lvs)
+    assert sum(u.leaves for u in units) == len(lvs)
+
+
+@given(leaves, st.integers(min_value=1, max_value=20_000))
+@settings(max_examples=200, deadline=None)
+def test_size_limit_holds_except_for_single_big_leaves(lvs, target):
+    for u in pack(lvs, target):
+        assert u.rows <= target or u.leaves == 1
+
+
+@given(leaves, st.integers(min_value=1, max_value=20_000))
+@settings(max_examples=100, deadline=None)
+def test_ids_are_deterministic_and_unique(lvs, target):
+    a = [u.id for u in pack(lvs, target)]
+    b = [u.id for u in pack(list(reversed(lvs)), target)]
+    assert a == b
+    assert len(set(a)) == len(a)
+
+
+@given(st.integers(min_value=0, max_value=10**10), st.integers(min_value=1, max_value=1000))
+def test_auto_target_rows_is_bounded(total, workers):
+    t = auto_target_rows(total, workers)
+    assert MIN_UNIT_ROWS <= t <= MAX_UNIT_ROWS
+
+
+def test_pack_refuses_a_nonpositive_size():
+    with pytest.raises(PlanError, match="at least 1 row"):
+        pack([Leaf(("a",), ("f",), 3)], 0)
+
+
+def test_keys_in_partition_path_plan_by_files(tmp_path):
+    info = discover(write(metrics_table(series=9, apps=3), tmp_path / "d", ["app"]))
+    p = plan(info, ("app", "site"), workers=2, target_rows=72 * 3)
+    assert p.mode == "files"
+    assert len(p.units) == 3  # one app folder (3 series x 72 rows) per unit
+    assert sorted(x for u in p.units for x in u.paths) == sorted(f.path for f in info.files)
+
+
+def test_a_leaf_bigger_than_the_target_gets_its_own_unit(tmp_path):
+    info = discover(write(metrics_table(series=9, apps=3), tmp_path / "d", ["app"]))
+    p = plan(info, ("app", "site"), workers=2, target_rows=10)
+    assert len(p.units) == 3 and all(u.leaves == 1 for u in p.units)
+
+
+def test_groups_spread_over_files_plan_a_shuffle(tmp_path):
+    info = discover(write(metrics_table(series=9, hours=72), tmp_path / "d", ["day"]))
+    p = plan(info, ("app", "site"), workers=2, target_rows=100)
+    assert p.mode == "shuffle"
+    assert len(p.units) == -(-info.rows // 100)
+    assert p == plan(info, ("app", "site"), workers=2, target_rows=100)  # deterministic
+
+
+def test_small_spread_dataset_needs_no_shuffle(tmp_path):
+    info = discover(write(metrics_table(series=3, hours=48), tmp_path / "d", ["day"]))
+    p = plan(info, ("site",), workers=2)
+    assert p.mode == "files" and len(p.units) == 1

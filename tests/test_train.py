@@ -1,0 +1,174 @@
+"""train end to end on a real LocalCluster, the store it commits, and every bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from _data import metrics_table, write
+
+import modelfactory
+from modelfactory.exceptions import DatasetError, ModelError, ParameterError, SchemaError, StoreError
+from modelfactory.models.base import Model, Param, SkipGroup
+
+ARGS = dict(by=["app", "site"], time="ts", target="value")
+
+
+def test_train_commits_one_model_per_group(by_app, tmp_path, client):
+    store = str(tmp_path / "store")
+    run = modelfactory.train(by_app, store=store, cluster=client, **ARGS)
+    assert run.summary["counts"] == {"ok": 12, "failed": 0, "skipped": 0}
+    assert run.summary["rows"] == 12 * 72
+    groups = run.groups
+    assert len(groups) == 12 and set(groups["status"]) == {"ok"} and (groups["rows"] == 72).all()
+    st = modelfactory.ModelStore(store)
+    assert st.latest() == run.id and st.runs() == [run.id]
+    assert len(st.groups()) == 12
+    man = st.manifest()
+    assert man["spec"]["model"] == "seasonal" and man["summary"]["counts"]["ok"] == 12
+    assert man["input"]["rows"] == 12 * 72 and len(man["parts"]) == run.summary["units"]
+    model = st.load({"app": "app1", "site": "s004"})
+    t = np.arange(48) * 3600 + np.datetime64("2026-03-05T00:00:00", "s").astype(np.int64)
+    y = 104 + 10 * np.sin(2 * np.pi * (np.arange(48) % 24) / 24) + np.random.default_rng(1).normal(0, 1, 48)
+    y[10] += 50
+    scored = model.score(y, t=t)
+    assert scored["is_anomaly"][10] and np.argmax(scored["score"]) == 10
+    assert 0.0 <= scored["score"].min() and scored["score"].max() <= 1.0
+
+
+def test_shuffled_and_partitioned_layouts_give_the_same_models(by_app, by_day, tmp_path, client):
+    a = modelfactory.train(by_app, store=str(tmp_path / "a"), cluster=client, **ARGS)
+    b = modelfactory.train(by_day, store=str(tmp_path / "b"), cluster=client, unit_rows=300, **ARGS)
+    assert b.summary["mode"] == "shuffle" and b.summary["units"] == 3
+    ta = modelfactory.ModelStore(str(tmp_path / "a")).table().sort_by([("app", "ascending"), ("site", "ascending")])
+    tb = modelfactory.ModelStore(str(tmp_path / "b")).table().sort_by([("app", "ascending"), ("site", "ascending")])
+    assert ta.select(["app", "site", "status", "rows", "model"]).equals(tb.select(["app", "site", "status", "rows", "model"]))
+
+
+class Flaky(Model):
+    """A user model that fails on huge values, skips short series, and learns the mean otherwise."""
+
+    name = "flaky"
+    params = {"limit": Param(1000.0, float)}
+    state_attrs = ("mean_",)
+
+    def _fit(self, y, t, X):
+        if np.mean(y) > self.limit:
+            raise RuntimeError("values above the limit")
+        if len(y) < 48:
+            raise SkipGroup("too short for flaky")
+        self.mean_ = float(np.mean(y))
+
+
+def test_one_failing_group_never_fails_the_run(tmp_path):
+    df = metrics_table(series=4, hours=72, apps=1).to_pandas()
+    df.loc[df.site == "s001", "value"] += 10_000
+    df = df[(df.site != "s002") | (df.ts < df.ts.min() + pd.Timedelta(hours=24))]
+    path = write(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "d", ["app"])
+    run = modelfactory.train(path, store=str(tmp_path / "s"), model=Flaky, cluster="inline", **ARGS)
+    g = run.groups.set_index("site")
+    assert run.summary["counts"] == {"ok": 2, "failed": 1, "skipped": 1}
+    assert g.loc["s001", "status"] == "failed"
+    assert g.loc["s001", "error"].startswith("RuntimeError: values above the limit (at test_train.py:")
+    assert g.loc["s002", "status"] == "skipped" and g.loc["s002", "error"] == "too short for flaky"
+    assert g.loc["s002", "rows"] == 24
+    st = modelfactory.ModelStore(str(tmp_path / "s"))
+    assert st.manifest()["spec"]["serializer"] == "pickle"
+    assert st.groups().set_index("site").loc["s001", "status"] == "failed"
+
+
+def test_a_group_with_too_few_rows_is_skipped_with_the_reason(tmp_path):
+    t = metrics_table(series=3, hours=72, apps=1)
+    df = t.to_pandas()
+    df = df[(df.site != "s001") | (df.ts < df.ts.min() + pd.Timedelta(hours=20))]
+    path = write(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "d", ["app"])
+    run = modelfactory.train(path, store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    g = run.groups.set_index("site")
+    assert g.loc["s001", "status"] == "skipped"
+    assert g.loc["s001", "error"] == "seasonal needs at least 48 non-missing values (2 x season_length 24); got 20"
+    assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 1}
+
+
+# ---------------------------------------------------------------------------
+# bad input: a clear error, and nothing written to the store
+# ---------------------------------------------------------------------------
+def _refused(tmp_path, data, exc, match, **kw):
+    store = tmp_path / "refused-store"
+    args = {**ARGS, **kw}
+    with pytest.raises(exc, match=match):
+        modelfactory.train(data, store=str(store), cluster="inline", **args)
+    assert not store.exists()
+
+
+def test_missing_path(tmp_path):
+    _refused(tmp_path, str(tmp_path / "nope"), DatasetError, r"No file or folder at '.*nope'")
+
+
+def test_folder_without_parquet(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    _refused(tmp_path, str(tmp_path / "empty"), DatasetError, r"(No Parquet files under|Cannot open the Parquet dataset at) '.*empty'")
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "d").mkdir()
+    pq.write_table(metrics_table().slice(0, 0), tmp_path / "d" / "part-0.parquet")
+    path = str(tmp_path / "d")
+    _refused(tmp_path, path, DatasetError, "has 1 Parquet file.* but no rows")
+
+
+def test_missing_columns_list_the_columns_that_exist(by_app, tmp_path):
+    _refused(tmp_path, by_app, SchemaError, r"key column 'host' is not in .*Columns: site, day, ts, value, x1, app",
+             by=["app", "host"])
+    _refused(tmp_path, by_app, SchemaError, "time column 'when' is not in", time="when")
+    _refused(tmp_path, by_app, SchemaError, "target column 'latency' is not in", target="latency")
+    _refused(tmp_path, by_app, SchemaError, "feature column 'x9' is not in", features=["x1", "x9"])
+
+
+def test_non_numeric_target_and_non_timestamp_time(by_app, tmp_path):
+    _refused(tmp_path, by_app, SchemaError, "target column 'site' has type string; it must be numeric", target="site")
+    _refused(tmp_path, by_app, SchemaError, "time column 'day' has type string, not a timestamp", time="day")
+
+
+def test_null_keys_are_refused_with_their_count(tmp_path):
+    t = metrics_table(series=4, hours=24, apps=2)
+    site = pc.if_else(pc.equal(t["site"], "s002"), pa.scalar(None, pa.string()), t["site"])
+    path = write(t.set_column(t.schema.get_field_index("site"), "site", site), tmp_path / "d", ["app"])
+    _refused(tmp_path, path, SchemaError, r"24 null value\(s\) in 'site'.*fill them")
+
+
+def test_null_partition_keys_are_refused(tmp_path):
+    t = metrics_table(series=4, hours=24, apps=2)
+    app = pc.if_else(pc.equal(t["site"], "s001"), pa.scalar(None, pa.string()), t["app"])
+    path = write(t.set_column(0, "app", app), tmp_path / "d", ["app"])
+    _refused(tmp_path, path, SchemaError, r"24 null value\(s\) in 'app'")
+
+
+def test_unknown_model_suggests_the_closest(by_app, tmp_path):
+    _refused(tmp_path, by_app, ModelError, "Unknown model 'seasonl'. Did you mean 'seasonal'?", model="seasonl")
+
+
+def test_bad_model_parameter(by_app, tmp_path):
+    _refused(tmp_path, by_app, ParameterError, "no parameter 'season_lenght'. Did you mean 'season_length'",
+             params={"season_lenght": 24})
+    _refused(tmp_path, by_app, ParameterError, r"'season_length' parameter of SeasonalProfile must be int >= 1. Got 0",
+             params={"season_length": 0})
+
+
+def test_store_without_runs_says_so(tmp_path):
+    with pytest.raises(StoreError, match="has no committed run yet"):
+        modelfactory.ModelStore(str(tmp_path / "s")).groups()
+
+
+def test_a_second_run_moves_latest_and_keeps_the_first(by_app, tmp_path):
+    store = str(tmp_path / "s")
+    a = modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    b = modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": 12}, **ARGS)
+    st = modelfactory.ModelStore(store)
+    assert st.runs() == sorted([a.id, b.id]) and st.latest() == b.id
+    assert st.manifest(a.id)["spec"]["params"]["season_length"] == 24
+    assert json.loads((tmp_path / "s" / "runs" / b.id / "manifest.json").read_text())["run_id"] == b.id
