@@ -9,10 +9,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import demo, models  # noqa: E402
-from .api import Run, apply, map_keys, train  # noqa: E402
+from .api import Run, apply, map_keys, score, train  # noqa: E402
 from .exceptions import ModelFactoryError  # noqa: E402
 from .models import register_model  # noqa: E402
 from .store import ModelStore  # noqa: E402
 
-__all__ = ["train", "apply", "map_keys", "Run", "ModelStore", "register_model", "models", "demo",
+__all__ = ["train", "score", "apply", "map_keys", "Run", "ModelStore", "register_model", "models", "demo",
            "ModelFactoryError", "__version__"]

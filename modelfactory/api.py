@@ -31,7 +31,7 @@ from .plan import Plan, plan
 from .run import Progress, execute, execute_delayed, open_client, worker_count
 from .store import ModelStore, new_run_id
 
-__all__ = ["train", "apply", "map_keys", "Run"]
+__all__ = ["train", "apply", "map_keys", "score", "Run"]
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,13 @@ def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:
     return read_files(spec.source, paths, list(spec.columns), spec.filter).to_pandas()
 
 
-def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame) -> UnitResult:
+def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.run_table) -> UnitResult:
     schema = pa.schema([spec.source.schema.field(c) for c in spec.columns])
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
-    return kernel.run_table(spec, unit_id, table)
+    return runner(spec, unit_id, table)
 
 
-def _run_shuffled(client, spec, info, plan_, progress) -> list[UnitResult]:
+def _run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -> list[UnitResult]:
     """Groups spread over many files: co-locate them with Dask's own (p2p) shuffle."""
     import dask
     import dask.dataframe as dd
@@ -195,7 +195,7 @@ def _run_shuffled(client, spec, info, plan_, progress) -> list[UnitResult]:
     shuffled = ddf.shuffle(on=list(spec.by), npartitions=len(plan_.units), shuffle_method=method)
     parts = shuffled.to_delayed()
     run = dask.delayed(_run_partition, pure=False)
-    tasks = [run(spec, u.id, p) for u, p in zip(plan_.units, parts)]
+    tasks = [run(spec, u.id, p, runner) for u, p in zip(plan_.units, parts)]
     return execute_delayed(client, tasks, progress=progress)
 
 
@@ -263,7 +263,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         raise ModelError("train needs a target column: pass target='...'.")
     if mspec.cls.needs_features and not feats:
         raise ModelError(f"Model {mspec.name!r} needs feature columns: pass features=[...].")
-    info = discover(data, storage_options=storage_options, null_check=by_)
+    info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time, target=target, features=feats)
     st = ModelStore(store, storage_options=storage_options)
     if unit_rows is not None and unit_rows < 1:
@@ -271,8 +271,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     columns = tuple(dict.fromkeys([*by_, *([time] if time else []), target, *feats]))
     digest = _digest(info.fingerprint(), by_, time, target, feats, mspec.name, sorted(mspec.params.items()))
     run_id = new_run_id(digest)
+    leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
     spec = JobSpec("train", by_, info.source, columns, time, target, feats, filter, mspec,
-                   sink=st.location, groups_prefix=f"runs/{run_id}/parts/")
+                   sink=st.location, groups_prefix=f"runs/{run_id}/parts/", leaf_keys=leaf_keys)
     t0 = _time.perf_counter()
     with open_client(cluster, workers=workers) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
@@ -295,6 +296,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                   "files": len(info.files), "partition_keys": list(info.source.partition_keys)},
         "summary": summary,
         "units": [{"id": r.unit_id, "groups": r.groups, "seconds": round(r.seconds, 4)} for r in results],
+        # Which part holds which leaf (values of the partition keys that are group keys), so a
+        # lookup or a scoring unit reads only the parts it needs.
+        "index": {"keys": list(leaf_keys), "parts": [[list(k) for k in r.leaves] for r in results]},
     }
     st.commit(run_id, manifest, [p for r in results for p in r.parts])
     return Run(run_id, "train", summary, store=st, errors=[e for r in results for e in r.errors])
@@ -350,7 +354,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     if input not in _INPUTS:
         raise ModelFactoryError(f"input must be one of {_INPUTS}; got {input!r}.")
     out_schema = parse_schema(schema)
-    info = discover(data, storage_options=storage_options, null_check=by_)
+    info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time)
     cols = tuple(columns) if columns is not None else tuple(info.schema.names)
     missing = [c for c in (*by_, *([time] if time else ())) if c not in cols]
@@ -481,3 +485,90 @@ class _KeysTask:
     def __call__(self, item) -> UnitResult:
         uid, keys = item
         return kernel.run_keys(self.spec, uid, keys)
+
+
+# ---------------------------------------------------------------------------
+# score
+# ---------------------------------------------------------------------------
+def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any = None,
+          workers: int | None = None, unit_rows: int | None = None, filter: Any = None,
+          storage_options: dict | None = None, overwrite: bool = False, trust: bool = False,
+          progress: bool = False) -> Run:
+    """Score new rows of ``data`` with the models of one committed run of ``store``.
+
+    Data and models meet on the workers: each unit reads its slice of the data
+    and only the store parts that hold its groups.  Scored rows (keys, time,
+    target, ``expected``, ``lower``, ``upper``, ``score``, ``is_anomaly``) are
+    written under ``out`` as Parquet partitioned like the input; the group
+    table (with ``anomalies`` and ``max_score`` per group) under
+    ``out/_groups/``; ``out/_manifest.json`` last.  Groups without a model are
+    ``skipped`` with the reason.
+
+    Examples
+    --------
+    >>> import modelfactory, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> _ = modelfactory.demo.write_dataset(f"{d}/data", series=10, days=3)
+    >>> _ = modelfactory.train(f"{d}/data", by=["app", "site"], time="ts", target="value",
+    ...                        store=f"{d}/store", cluster="inline")
+    >>> run = modelfactory.score(f"{d}/data", store=f"{d}/store", out=f"{d}/scores", cluster="inline")
+    >>> run.summary["counts"]
+    {'ok': 10, 'failed': 0, 'skipped': 0}
+    """
+    from .scoring import ModelSource, score_table, score_unit
+
+    st = ModelStore(store, storage_options=storage_options)
+    man = st.manifest(run)
+    sp = man["spec"]
+    by_ = tuple(sp["by"])
+    feats = tuple(sp["features"])
+    if sp.get("serializer", "native") != "native" and not trust:
+        raise StoreError(f"Run {man['run_id']!r} holds pickled user models: loading them runs code from the "
+                         "store. Pass trust=True (CLI: --trust) only if you trust who wrote it.")
+    info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
+    check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
+    sink = Location.of(out, storage_options)
+    fs = sink.fs
+    if fs.exists(sink.root) and fs.ls(sink.root):
+        if not overwrite:
+            raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
+        fs.rm(sink.root, recursive=True)
+    index = man.get("index", {"keys": [], "parts": []})
+    leaf_keys = tuple(index["keys"])
+    lookup: dict = {}
+    if leaf_keys and all(k in info.source.partition_keys or k in info.schema.names for k in leaf_keys):
+        for i, leaves in enumerate(index["parts"]):
+            for leaf in leaves:
+                lookup.setdefault(tuple(leaf), []).append(i)
+    src = ModelSource(st.location, man["run_id"], sp["model"], sp.get("serializer", "native"),
+                      tuple(man["parts"]), lookup, leaf_keys, trust)
+    extra = [k for k in info.source.partition_keys if k not in by_]
+    columns = tuple(c for c in dict.fromkeys([*by_, *extra, sp["time"], sp["target"], *feats]) if c)
+    run_id = new_run_id(_digest(info.fingerprint(), man["run_id"]))
+    spec = JobSpec("score", by_, info.source, columns, sp["time"], sp["target"], feats, filter,
+                   sink=sink, models=src)
+    t0 = _time.perf_counter()
+    with open_client(cluster, workers=workers) as client:
+        plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
+        bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
+        try:
+            if plan_.mode == "files":
+                results = execute(client, functools.partial(score_unit, spec), plan_.units,
+                                  keys=[f"mf-{u.id}-score-{id(spec):x}" for u in plan_.units], progress=bar)
+            else:
+                results = _run_shuffled(client, spec, info, plan_, bar, runner=score_table)
+        except ModelFactoryError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            _raise_unit_failure(run_id, err)
+        finally:
+            bar.close()
+    summary = _summarise("score", results, plan_, _time.perf_counter() - t0)
+    summary["model_run"] = man["run_id"]
+    summary["anomalies"] = 0
+    run_ = _finish_table_run(run_id, "score", summary, results, sink, None)
+    groups = run_.groups
+    summary["anomalies"] = int(groups["anomalies"].sum()) if len(groups) else 0
+    top = groups[groups["anomalies"] > 0].sort_values(["anomalies", "max_score"], ascending=False).head(20)
+    sink.write_bytes("_anomalies.json", top.to_json(orient="records", indent=1).encode())
+    return run_

@@ -102,12 +102,13 @@ def _hive_keys(dataset: ds.FileSystemDataset) -> tuple[str, ...]:
 
 
 def discover(url: str, *, storage_options: dict | None = None,
-             null_check: tuple[str, ...] = ()) -> DatasetInfo:
+             null_check: tuple[str, ...] = (), filter: ds.Expression | None = None) -> DatasetInfo:
     """Discover the Parquet dataset at ``url``.
 
     Partition keys are read as strings (``app=007`` stays ``"007"``).  For the
     columns in ``null_check`` the Parquet statistics are used to count nulls,
-    so a null group key is found without reading data.
+    so a null group key is found without reading data.  A ``filter`` on
+    partition keys prunes whole files here (other filters apply when reading).
 
     Raises
     ------
@@ -129,7 +130,9 @@ def discover(url: str, *, storage_options: dict | None = None,
                              ignore_prefixes=_IGNORE_PREFIXES)
     except (pa.ArrowInvalid, OSError) as err:
         raise DatasetError(f"Cannot open the Parquet dataset at {url!r}: {err}") from err
-    fragments = list(dataset.get_fragments())
+    fragments = list(dataset.get_fragments(filter=filter) if filter is not None else dataset.get_fragments())
+    if not fragments and filter is not None:
+        raise DatasetError(f"No files under {url!r} match filter {filter}.")
     if not fragments:
         raise DatasetError(
             f"No Parquet files under {url!r}. Point at a folder of .parquet files "

@@ -62,6 +62,8 @@ class JobSpec:
     groups_prefix: str = "groups/"  # where group tables go under the sink
     data_prefix: str = "data/"  # where result rows go under the sink
     key_types: tuple = ()  # arrow types of the keys (for map_keys)
+    leaf_keys: tuple[str, ...] = ()  # partition keys that are also group keys (the store's index)
+    models: Any = None  # a scoring.ModelSource, for scoring
 
 
 @dataclass
@@ -77,6 +79,7 @@ class UnitResult:
     errors: list[tuple[tuple, str]] = field(default_factory=list)  # a few failed groups
     table: pa.Table | None = None  # apply results, when there is no sink
     group_table: pa.Table | None = None  # group table, when there is no sink
+    leaves: list[tuple] = field(default_factory=list)  # values of JobSpec.leaf_keys in this unit
 
 
 def describe_error(err: BaseException) -> str:
@@ -212,6 +215,9 @@ def _finish(spec, unit_id, key_table, rows, extra, nrows, t0) -> UnitResult:
     if len(bad):
         keys = key_table.take(pa.array(bad)).to_pylist()
         res.errors = [(tuple(k.values()), rows["error"][i]) for k, i in zip(keys, bad)]
+    if spec.leaf_keys:
+        res.leaves = sorted(set(zip(*[gt[k].to_pylist() for k in spec.leaf_keys])),
+                            key=lambda k: tuple(str(v) for v in k))
     if spec.sink is not None:
         res.parts.append(write_parquet(spec.sink, f"{spec.groups_prefix}{unit_id}.parquet", gt))
         if isinstance(extra, pa.Table):

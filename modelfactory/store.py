@@ -51,6 +51,21 @@ def versions() -> dict[str, str]:
             "scikit-learn": sklearn.__version__, "statsmodels": statsmodels.__version__}
 
 
+def read_part(loc: Location, part: dict, columns: list[str] | None = None) -> pa.Table:
+    """Read one part file listed in a manifest, refusing it if its checksum does not match."""
+    try:
+        data = loc.read_bytes(part["path"])
+    except FileNotFoundError as err:
+        raise IntegrityError(f"Part {part['path']!r} listed in the manifest is missing from "
+                             f"{loc.url!r}. Retrain, or restore the file from a backup.") from err
+    if len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
+        raise IntegrityError(
+            f"Part {part['path']!r} in {loc.url!r} does not match its checksum in the "
+            "manifest (changed or truncated). Retrain, or restore the file from a backup."
+        )
+    return pq.read_table(pa.BufferReader(data), columns=columns)
+
+
 class ModelStore:
     """A model store at ``path`` (a folder or an ``s3://`` prefix).
 
@@ -105,13 +120,7 @@ class ModelStore:
 
     # -- reading ----------------------------------------------------------
     def _read_part(self, part: dict, columns: list[str] | None = None) -> pa.Table:
-        data = self.location.read_bytes(part["path"])
-        if len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
-            raise IntegrityError(
-                f"Part {part['path']!r} in {self.location.url!r} does not match its checksum in the "
-                "manifest (changed or truncated). Retrain, or restore the file from a backup."
-            )
-        return pq.read_table(pa.BufferReader(data), columns=columns)
+        return read_part(self.location, part, columns)
 
     def table(self, run: str | None = "latest", *, columns: list[str] | None = None) -> pa.Table:
         """All group rows of ``run`` as an Arrow table (checksums verified)."""

@@ -1,0 +1,178 @@
+"""The scoring kernel: what one work unit does to score new rows with stored models.
+
+Like :mod:`modelfactory.kernel`, plain functions with no Dask in them.  A unit
+reads its slice of the new data, finds the store parts that hold models for
+its groups (through the run's leaf index, so it never reads the whole store),
+verifies their checksums, and scores every group.  Groups without a usable
+model are reported as ``skipped`` with the reason, never dropped.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import time as _time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+from threadpoolctl import threadpool_limits
+
+from ._io import Location, PartInfo, parquet_bytes
+from .dataset import read_files
+from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _seconds, describe_error,
+                     split_groups)
+from .plan import WorkUnit
+
+__all__ = ["ModelSource", "score_unit", "score_table", "SCORE_COLUMNS"]
+
+SCORE_COLUMNS = ("expected", "lower", "upper", "score", "is_anomaly")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a scoring unit finds its models: one committed run of a store."""
+
+    store: Location
+    run_id: str
+    model: str
+    serializer: str
+    parts: tuple  # manifest part dicts
+    index: dict  # leaf key (tuple) -> indices into parts; empty: every part may hold any group
+    leaf_keys: tuple[str, ...]  # the key columns that the index is keyed by
+    trust: bool = False
+
+
+def _load_models(src: ModelSource, groups: Groups, by: tuple[str, ...]) -> dict[tuple, dict]:
+    """Read the model rows for the unit's groups: {key tuple: {"status", "error", "model"}}."""
+    from .store import read_part
+
+    if src.index and src.leaf_keys:
+        pos = [by.index(k) for k in src.leaf_keys]
+        leaves = {tuple(k[i] for i in pos) for k in groups.key_tuples()}
+        wanted = sorted({i for leaf in leaves for i in src.index.get(leaf, ())})
+    else:
+        wanted = list(range(len(src.parts)))
+    out: dict[tuple, dict] = {}
+    keys_table = groups.keys
+    for i in wanted:
+        t = read_part(src.store, src.parts[i], columns=[*by, "status", "error", "model"])
+        # keep only this unit's groups
+        mask = None
+        for k in by:
+            m = pc.is_in(t[k], value_set=keys_table[k].combine_chunks().cast(t.schema.field(k).type))
+            mask = m if mask is None else pc.and_(mask, m)
+        t = t.filter(mask)
+        cols = [t[k].to_pylist() for k in by]
+        st, err, model = t["status"].to_pylist(), t["error"].to_pylist(), t["model"].to_pylist()
+        for j, key in enumerate(zip(*cols)):
+            out[key] = {"status": st[j], "error": err[j], "model": model[j]}
+    return out
+
+
+def _decode(src: ModelSource, blob: bytes):
+    if src.serializer == "native":
+        from .models import registry
+
+        return registry[src.model].from_bytes(blob)
+    import cloudpickle
+
+    return cloudpickle.loads(blob)
+
+
+def score_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
+    t0 = _time.perf_counter()
+    table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter)
+    return score_table(spec, unit.id, table, t0=t0)
+
+
+def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | None = None) -> UnitResult:
+    t0 = _time.perf_counter() if t0 is None else t0
+    src: ModelSource = spec.models
+    with threadpool_limits(1):
+        groups = split_groups(table, spec.by, spec.time)
+        models = _load_models(src, groups, spec.by)
+        tbl = groups.table
+        y = _floats(tbl[spec.target])
+        t = _seconds(tbl[spec.time]) if spec.time else None
+        X = np.column_stack([_floats(tbl[f]) for f in spec.features]) if spec.features else None
+        n = tbl.num_rows
+        cols = {c: np.full(n, np.nan) for c in SCORE_COLUMNS[:4]}
+        cols["is_anomaly"] = np.zeros(n, dtype=bool)
+        scored = np.zeros(n, dtype=bool)
+        status, errors, seconds, anomalies, max_score = [], [], [], [], []
+        for i, key in enumerate(groups.key_tuples()):
+            s, e = int(groups.starts[i]), int(groups.ends[i])
+            t1 = _time.perf_counter()
+            row = models.get(key)
+            if row is None:
+                status.append("skipped"), errors.append(f"no model for this group in run {src.run_id}")
+            elif row["status"] != "ok":
+                status.append("skipped")
+                errors.append(f"no model: training {row['status']} in run {src.run_id} ({row['error']})")
+            else:
+                try:
+                    model = _decode(src, row["model"])
+                    out = model.score(y[s:e], t=None if t is None else t[s:e],
+                                      X=None if X is None else X[s:e])
+                    for c in SCORE_COLUMNS:
+                        cols[c][s:e] = out[c]
+                    scored[s:e] = True
+                    status.append("ok"), errors.append(None)
+                except Exception as err:  # noqa: BLE001 - recorded per group
+                    status.append("failed"), errors.append(describe_error(err))
+            seconds.append(_time.perf_counter() - t1)
+            anomalies.append(int(cols["is_anomaly"][s:e].sum()))
+            max_score.append(float(np.nanmax(cols["score"][s:e])) if scored[s:e].any() else None)
+    res = UnitResult(unit_id, groups=len(groups), rows=n)
+    for st in STATUS:
+        res.counts[st] = status.count(st)
+    gt = groups.keys.append_column("status", pa.array(status, pa.string()))
+    gt = gt.append_column("error", pa.array(errors, pa.string()))
+    gt = gt.append_column("rows", pa.array((groups.ends - groups.starts).astype(np.int64)))
+    gt = gt.append_column("seconds", pa.array(np.asarray(seconds, dtype=np.float64)))
+    gt = gt.append_column("anomalies", pa.array(anomalies, pa.int64()))
+    gt = gt.append_column("max_score", pa.array(max_score, pa.float64()))
+    bad = [i for i, s_ in enumerate(status) if s_ == "failed"][:5]
+    res.errors = [(tuple(groups.keys.slice(i, 1).to_pylist()[0].values()), errors[i]) for i in bad]
+    out = tbl.filter(pa.array(scored))
+    idx = np.flatnonzero(scored)
+    for c in SCORE_COLUMNS:
+        out = out.append_column(c, pa.array(cols[c][idx]))
+    res.parts = _write_scores(spec, unit_id, out, gt)
+    res.seconds = _time.perf_counter() - t0
+    return res
+
+
+def _write_scores(spec: JobSpec, unit_id: str, scores: pa.Table, groups: pa.Table) -> list[PartInfo]:
+    """Scored rows partitioned like the input (Hive folders), plus the unit's group table."""
+    from ._io import write_parquet
+
+    sink: Location = spec.sink
+    parts = [write_parquet(sink, f"_groups/{unit_id}.parquet", groups)]
+    keys = [k for k in spec.source.partition_keys if k in scores.column_names]
+    if scores.num_rows == 0:
+        return parts
+    if not keys:
+        parts.append(write_parquet(sink, f"part-{unit_id}.parquet", scores))
+        return parts
+    # One file per partition folder, named after the unit so a rerun overwrites it.
+    part = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
+    for key, sub in _by_partition(scores, keys):
+        expr = functools.reduce(lambda a, b: a & b, [pc.field(k) == pa.scalar(v, pa.string())
+                                                     for k, v in zip(keys, key)])
+        folder = part.format(expr)[0]
+        data = parquet_bytes(sub.drop_columns(keys))
+        rel = f"{folder}/part-{unit_id}.parquet"
+        sink.write_bytes(rel, data)
+        parts.append(PartInfo(rel, len(data), hashlib.sha256(data).hexdigest(), sub.num_rows))
+    return parts
+
+
+def _by_partition(table: pa.Table, keys: list[str]):
+    g = split_groups(table.select(keys).append_column("__row", pa.array(np.arange(table.num_rows))), tuple(keys))
+    rows = g.table["__row"]
+    for i, key in enumerate(g.key_tuples()):
+        s, e = int(g.starts[i]), int(g.ends[i])
+        yield key, table.take(rows.slice(s, e - s))

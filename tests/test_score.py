@@ -1,0 +1,83 @@
+"""Train -> score -> anomalies on a real LocalCluster; models and data meet on the workers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from _data import write
+
+import modelfactory
+from modelfactory.demo import make_table
+from modelfactory.exceptions import IntegrityError, StoreError
+
+CUT = pa.scalar(pd.Timestamp("2026-01-19T00:00:00", tz="UTC"), pa.timestamp("s", tz="UTC"))
+
+
+@pytest.fixture
+def history_and_new(tmp_path):
+    """14 days to train on, 2 more days to score, with a spike injected into two series."""
+    t = make_table(60, days=16, apps=4, spikes=0)
+    old = t.filter(pc.less(t["ts"], CUT))
+    new = t.filter(pc.greater_equal(t["ts"], CUT)).to_pandas()
+    for site in ("site-00007", "site-00042"):
+        i = new.index[new.site == site][5]
+        new.loc[i, "value"] += 20 * new.loc[new.site == site, "value"].std()
+    extra = new[new.site == "site-00001"].assign(site="site-99999")  # a group with no model
+    new = pd.concat([new, extra], ignore_index=True)
+    return (write(old, tmp_path / "old", ["app"]),
+            write(pa.Table.from_pandas(new, preserve_index=False), tmp_path / "new", ["app"]))
+
+
+def test_train_then_score_finds_the_spikes(history_and_new, tmp_path, client):
+    old, new = history_and_new
+    store, out = str(tmp_path / "store"), tmp_path / "scores"
+    modelfactory.train(old, by=["app", "site"], time="ts", target="value", store=store, cluster=client,
+                       params={"season_length": 24})
+    run = modelfactory.score(new, store=store, out=str(out), cluster=client)
+    assert run.summary["counts"] == {"ok": 60, "failed": 0, "skipped": 1}
+    g = run.groups.set_index("site")
+    assert g.loc["site-99999", "status"] == "skipped"
+    assert g.loc["site-99999", "error"].startswith("no model for this group in run ")
+    scores = pd.read_parquet(out)
+    assert len(scores) == 60 * 48
+    assert {"expected", "lower", "upper", "score", "is_anomaly", "app", "site", "ts", "value"} <= set(scores.columns)
+    assert sorted(p.name for p in out.glob("app=*")) == [f"app=app-0{i}" for i in range(4)]
+    flagged = scores[scores.is_anomaly]
+    assert {"site-00007", "site-00042"} <= set(flagged.site)
+    assert len(flagged) < 0.02 * len(scores)  # few false alarms on clean data
+    top = json.loads((out / "_anomalies.json").read_text())
+    assert {r["site"] for r in top[:2]} == {"site-00007", "site-00042"}
+    assert ((scores.lower <= scores.expected) & (scores.expected <= scores.upper)).all()
+
+
+def test_scoring_reads_only_the_parts_it_needs(history_and_new, tmp_path):
+    old, new = history_and_new
+    store = str(tmp_path / "store")
+    modelfactory.train(old, by=["app", "site"], time="ts", target="value", store=store, cluster="inline",
+                       unit_rows=15 * 336)  # one app per unit, one part per app
+    man = modelfactory.ModelStore(store).manifest()
+    assert man["index"]["keys"] == ["app"] and len(man["parts"]) == 4
+    assert man["index"]["parts"] == [[["app-00"]], [["app-01"]], [["app-02"]], [["app-03"]]]
+    # Damage the part of app-03: scoring app-00 alone never reads it ...
+    part = tmp_path / "store" / man["parts"][3]["path"]
+    part.write_bytes(part.read_bytes()[:-10])
+    run = modelfactory.score(new, store=store, out=str(tmp_path / "s0"), cluster="inline",
+                             filter=pc.field("app") == "app-00")
+    assert run.summary["counts"]["ok"] == 15
+    # ... while scoring everything refuses the damaged part by name.
+    with pytest.raises(IntegrityError, match=f"Part '{man['parts'][3]['path']}' .* does not match its checksum"):
+        modelfactory.score(new, store=store, out=str(tmp_path / "s1"), cluster="inline")
+
+
+def test_score_refuses_a_non_empty_output(history_and_new, tmp_path):
+    old, new = history_and_new
+    store = str(tmp_path / "store")
+    modelfactory.train(old, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(StoreError, match="is not empty"):
+        modelfactory.score(new, store=store, out=str(tmp_path / "busy"), cluster="inline")
