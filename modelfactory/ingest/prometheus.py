@@ -1,0 +1,668 @@
+"""Download Prometheus range-query history into a Hive-partitioned Parquet dataset.
+
+Data flow: :func:`prometheus` validates its arguments into one frozen
+:class:`PrometheusSpec`, cuts the time range into :class:`Chunk` objects on a
+fixed grid, maps :func:`fetch_chunk` over them with a bounded thread pool, then
+commits the staged files.  :func:`fetch_chunk` is a plain top-level function of
+picklable arguments, so it can be mapped on any executor.
+
+Chunk grid.  Evaluation timestamps are multiples of ``step`` since the epoch,
+and chunk ``k`` holds the evaluation steps ``[k * CHUNK_POINTS, (k + 1) * CHUNK_POINTS)``.
+Each (chunk, partition) becomes one file whose name derives from
+``(query, step, chunk start)``.  Re-running a range, or extending it, rewrites
+that file with old rows outside the fetched window plus the fresh rows:
+never a duplicate.  Files are staged under a hidden temporary name and renamed
+only after every chunk succeeded, so a failed run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.client import HTTPException
+from typing import Any, Union
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..exceptions import IngestError
+
+__all__ = ["prometheus", "fetch_chunk", "plan_chunks", "PrometheusSpec", "Chunk",
+           "ChunkResult", "IngestSummary", "MAX_POINTS", "CHUNK_POINTS"]
+
+log = logging.getLogger(__name__)
+
+#: Prometheus refuses a query_range whose series would hold more than this many points.
+MAX_POINTS = 11_000
+#: Evaluation steps per chunk (and per file): this fixes the chunk grid, never change it.
+CHUNK_POINTS = 11_000
+TOKEN_ENV = "MODELFACTORY_PROM_TOKEN"
+PASSWORD_ENV = "MODELFACTORY_PROM_PASSWORD"
+_BACKOFF_S = 0.5  # first retry delay, doubled per attempt
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
+_UNIT_MS = (365 * 86_400_000, 7 * 86_400_000, 86_400_000, 3_600_000, 60_000, 1_000, 1)
+_SECRET_HEADER = re.compile(r"auth|token|key|secret|passw|cookie", re.I)
+
+TimeLike = Union[datetime, str, int, float]
+StepLike = Union[str, int, float, timedelta]
+
+
+@dataclass(frozen=True)
+class PrometheusSpec:
+    """Everything :func:`fetch_chunk` needs: validated, picklable, secrets kept out of ``repr``."""
+
+    api_url: str            #: ``.../api/v1/query_range``, without user info
+    display_url: str        #: the server as shown in messages (no user info, no query string)
+    query: str
+    step_ms: int
+    by: tuple[str, ...]     #: partition columns, in directory order
+    out: str
+    max_points: int = MAX_POINTS
+    timeout_s: float = 120.0
+    retries: int = 3
+    verify_tls: bool = True
+    ca_file: str | None = None
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One grid cell: evaluation timestamps ``first_ms, first_ms + step, ..., last_ms``."""
+
+    start_ms: int  #: grid start (names the file)
+    first_ms: int
+    last_ms: int
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What :func:`fetch_chunk` did; ``staged`` holds (temporary, final) paths to commit."""
+
+    series: frozenset
+    rows: int
+    requests: int
+    staged: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    """Outcome of :func:`prometheus`; ``rows`` counts points fetched in this run."""
+
+    series: int
+    rows: int
+    files: int
+    chunks: int
+    requests: int
+    seconds: float
+    out: str
+
+    def __str__(self) -> str:
+        n = lambda count, word: f"{count} {word}{'' if count == 1 else 's'}"  # noqa: E731
+        return (f"Ingested {self.series} series, {n(self.rows, 'row')} into {n(self.files, 'file')} "
+                f"under {self.out} ({n(self.chunks, 'chunk')}, {n(self.requests, 'request')}, "
+                f"{self.seconds:.1f} s).")
+
+
+def prometheus(
+    url: str, query: str, start: TimeLike, end: TimeLike, step: StepLike, *,
+    by: Sequence[str] | str, out: str,
+    headers: Mapping[str, str] | None = None,
+    bearer_token: str | None = None, bearer_token_file: str | None = None,
+    basic_auth_user: str | None = None, basic_auth_password: str | None = None,
+    basic_auth_password_file: str | None = None,
+    verify_tls: bool = True, ca_file: str | None = None,
+    concurrency: int = 4, max_points: int = MAX_POINTS,
+    timeout: float = 120.0, retries: int = 3,
+    storage_options: dict | None = None,
+) -> IngestSummary:
+    """Run a PromQL range query and write the result as Hive-partitioned Parquet.
+
+    Parameters
+    ----------
+    url : str
+        Root of the Prometheus HTTP API, e.g. ``http://prometheus:9090`` or
+        ``https://mimir.example/prometheus``.  ``user:password@`` in the URL is basic auth.
+    query : str
+        PromQL expression evaluated with ``/api/v1/query_range``.
+    start, end : datetime, str, int or float
+        Inclusive range: a datetime (naive means UTC), ISO-8601 text, unix
+        seconds, or ``"now"`` / ``"now-3d"``.  Evaluation timestamps are the
+        multiples of ``step`` since the epoch inside the range.
+    step : str, int, float or timedelta
+        Resolution: seconds or a Prometheus duration (``"30s"``, ``"5m"``, ``"1h"``).
+    by : sequence of str
+        Labels that become partition directories (``app=.../site=.../``);
+        every series must carry them.  ``__name__`` is spelled ``metric``.
+    out : str
+        Dataset root, local path or any fsspec URL (``s3://bucket/prom``).
+    headers : mapping, optional
+        Extra HTTP headers, e.g. ``{"X-Scope-OrgID": "tenant-1"}``.
+    bearer_token, bearer_token_file : str, optional
+        Bearer token, or a file holding it.  Default: ``$MODELFACTORY_PROM_TOKEN``.
+    basic_auth_user, basic_auth_password, basic_auth_password_file : str, optional
+        Basic auth; the password defaults to ``$MODELFACTORY_PROM_PASSWORD``.
+    verify_tls : bool
+        Verify the server certificate (default).  ``ca_file`` adds a CA bundle.
+    concurrency : int
+        Chunks fetched at once (threads, one request in flight each).
+    max_points : int
+        Points per series per request, at most 11,000 (Prometheus' cap).
+    timeout, retries : float, int
+        Seconds per request; retries of connection errors and HTTP 429/5xx.
+    storage_options : dict, optional
+        Passed to ``fsspec.core.url_to_fs`` for ``out``.
+
+    Returns
+    -------
+    IngestSummary
+
+    Raises
+    ------
+    IngestError
+        Bad arguments, unreachable server, HTTP or PromQL errors, no series,
+        missing ``by`` labels, non-matrix results.  No file is committed then.
+
+    Examples
+    --------
+    Needs a server, so not run as a doctest::
+
+        prometheus("http://prometheus:9090", "sum by (app, site) (up)", "now-3d", "now", "5m",
+                   by=["app", "site"], out="data/up")
+    """
+    started = time.monotonic()
+    spec = _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_file,
+                      basic_auth_user, basic_auth_password, basic_auth_password_file,
+                      verify_tls, ca_file, max_points, timeout, retries, storage_options)
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise IngestError(f"concurrency must be an int >= 1. Got {concurrency!r} instead.")
+    now = datetime.now(timezone.utc)
+    chunks = plan_chunks(_parse_time(start, "start", now), _parse_time(end, "end", now), spec.step_ms)
+    log.info("ingesting %s from %s in %d chunks", spec.query, spec.display_url, len(chunks))
+    results = _run_chunks(spec, chunks, concurrency)
+    series = frozenset().union(*(r.series for r in results))
+    if not series:
+        raise IngestError(
+            f"The query {spec.query!r} returned no series between {_iso(chunks[0].first_ms)} and "
+            f"{_iso(chunks[-1].last_ms)} from {spec.display_url}. Check the metric name and label "
+            "matchers (try it in the Prometheus UI) and that the range holds data.")
+    staged = [s for r in results for s in r.staged]
+    _commit(spec, staged)
+    return IngestSummary(series=len(series), rows=sum(r.rows for r in results), files=len(staged),
+                         chunks=len(chunks), requests=sum(r.requests for r in results),
+                         seconds=time.monotonic() - started, out=spec.out)
+
+
+def plan_chunks(start_ms: int, end_ms: int, step_ms: int) -> list[Chunk]:
+    """Cut ``[start_ms, end_ms]`` into chunks of the fixed grid (see the module doc).
+
+    >>> [(c.first_ms, c.last_ms) for c in plan_chunks(10_500, 30_000, 1)][:2]
+    [(10500, 10999), (11000, 21999)]
+    """
+    first = -(-start_ms // step_ms) * step_ms
+    last = end_ms // step_ms * step_ms
+    if first > last:
+        raise IngestError(
+            f"No evaluation step between start={_iso(start_ms)} and end={_iso(end_ms)} with "
+            f"step={_seconds(step_ms)}s: end must be after start; widen the range or lower step.")
+    span = CHUNK_POINTS * step_ms
+    return [Chunk(k * span, max(first, k * span), min(last, (k + 1) * span - step_ms))
+            for k in range(first // span, last // span + 1)]
+
+
+def fetch_chunk(spec: PrometheusSpec, chunk: Chunk) -> ChunkResult:
+    """Fetch one chunk (in requests of at most ``spec.max_points`` points) and stage its files.
+
+    Staged files carry hidden temporary names (ignored by Parquet readers) until
+    the caller renames each ``(tmp, final)`` pair in ``ChunkResult.staged``.
+    """
+    opener = _opener(spec)
+    series: dict[tuple, tuple[list[int], list[float]]] = {}
+    requests, a = 0, chunk.first_ms
+    while a <= chunk.last_ms:
+        b = min(chunk.last_ms, a + (spec.max_points - 1) * spec.step_ms)
+        for item in _query_range(spec, opener, a, b):
+            key = tuple(sorted((item.get("metric") or {}).items()))
+            if "values" not in item:
+                raise IngestError(f"Series {_fmt(key)} has no float samples (native histograms are "
+                                  "not supported): wrap the query, e.g. histogram_quantile(0.9, ...).")
+            ts, vals = series.setdefault(key, ([], []))
+            try:
+                for t, v in item["values"]:
+                    ts.append(round(float(t) * 1000))
+                    vals.append(float(v))
+            except (TypeError, ValueError) as err:
+                raise IngestError(f"Series {_fmt(key)} from {spec.display_url} holds a malformed "
+                                  f"sample ({err}): is url a Prometheus-compatible API?") from err
+        requests, a = requests + 1, b + spec.step_ms
+    _check_labels(spec, series)
+    groups: dict[tuple[str, ...], list[tuple]] = {}
+    for key in series:
+        labels = {_col(k): v for k, v in key}
+        groups.setdefault(tuple(labels[c] for c in spec.by), []).append(key)
+    fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+    staged: list[tuple[str, str]] = []
+    try:
+        for values, keys in sorted(groups.items()):
+            staged.append(_stage(spec, fs, root, chunk, values, _table(spec, sorted(keys), series)))
+    except BaseException:
+        _discard(fs, staged)
+        raise
+    return ChunkResult(frozenset(series), sum(len(t) for t, _ in series.values()), requests,
+                       tuple(staged))
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+def _run_chunks(spec: PrometheusSpec, chunks: list[Chunk], concurrency: int) -> list[ChunkResult]:
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(chunks))) as pool:
+        futures = [pool.submit(fetch_chunk, spec, c) for c in chunks]
+        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in pending:
+            f.cancel()
+        wait(futures)
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
+    if errors:
+        done = [f.result() for f in futures if not f.cancelled() and not f.exception()]
+        fs, _ = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+        _discard(fs, [s for r in done for s in r.staged])
+        raise errors[0]
+    return [f.result() for f in futures]
+
+
+def _commit(spec: PrometheusSpec, staged: list[tuple[str, str]]) -> None:
+    fs, _ = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+    for i, (tmp, final) in enumerate(staged):
+        try:
+            fs.mv(tmp, final)
+        except OSError as err:
+            _discard(fs, staged[i:])
+            raise IngestError(f"Could not rename {tmp} to {final}: {err}. {i} of {len(staged)} files "
+                              "were committed, each complete; rerun the same range to finish.") from err
+
+
+def _discard(fs: Any, staged: Sequence[tuple[str, str]]) -> None:
+    for tmp, _ in staged:
+        try:
+            fs.rm(tmp)
+        except FileNotFoundError:
+            pass
+
+
+# -- HTTP ----------------------------------------------------------------------------------
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow redirects: credentials must not travel to another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
+        return None
+
+
+def _opener(spec: PrometheusSpec) -> urllib.request.OpenerDirector:
+    if spec.verify_tls:
+        ctx = ssl.create_default_context(cafile=spec.ca_file)
+    else:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _NoRedirect())
+
+
+def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> list:
+    body = urllib.parse.urlencode({"query": spec.query, "start": f"{a_ms / 1000:.3f}",
+                                   "end": f"{b_ms / 1000:.3f}", "step": _seconds(spec.step_ms)})
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json",
+               "User-Agent": "modelfactory-ingest", **dict(spec.headers)}
+    for attempt in range(spec.retries + 1):
+        last = attempt == spec.retries
+        request = urllib.request.Request(spec.api_url, data=body.encode(), headers=headers)
+        try:
+            with opener.open(request, timeout=spec.timeout_s) as resp:
+                raw, status, ctype = resp.read(), resp.status, resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as err:
+            raw, status = err.read(), err.code
+            location = err.headers.get("Location", "")
+            err.close()
+            if status in _RETRY_STATUS and not last:
+                _sleep(attempt)
+                continue
+            raise _http_error(spec, status, raw, location, attempt) from err
+        except (OSError, HTTPException) as err:
+            reason = getattr(err, "reason", err)
+            if isinstance(reason, ssl.SSLError):
+                raise IngestError(_redact(spec, (
+                    f"TLS error talking to {spec.display_url}: {reason}. Pass ca_file / --ca-file "
+                    "with your CA bundle, or verify_tls=False / --no-verify-tls on a trusted network."
+                ))) from err
+            if not last:
+                _sleep(attempt)
+                continue
+            raise IngestError(_redact(spec, (
+                f"Could not reach Prometheus at {spec.display_url} ({_retried(attempt)}): {reason}. "
+                "Check the URL and port, that the server is running, and network access.")
+            )) from err
+        return _parse(spec, raw, status, ctype)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _sleep(attempt: int) -> None:
+    time.sleep(_BACKOFF_S * 2 ** attempt)
+
+
+def _retried(attempt: int) -> str:
+    return f"after {attempt + 1} attempts" if attempt else "1 attempt"
+
+
+def _http_error(spec: PrometheusSpec, status: int, raw: bytes, location: str,
+                attempt: int) -> IngestError:
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and payload.get("error"):
+        kind = payload.get("errorType", "error")
+        hint = {"bad_data": "Fix the PromQL (or the step/range).",
+                "execution": "Narrow the query, or lower max_points / --max-points.",
+                "timeout": "Narrow the query, or lower max_points / --max-points."}.get(
+            kind, "Check the query and the server logs.")
+        msg = (f"Prometheus rejected the query {spec.query!r} (HTTP {status}, {kind}): "
+               f"{payload['error']}. {hint}")
+    elif 300 <= status < 400:
+        msg = (f"{spec.display_url} answered HTTP {status}, a redirect to {location!r}. Pass the "
+               "final URL as url / --url (redirects are not followed, to keep credentials safe).")
+    elif status in (401, 403):
+        msg = (f"{spec.display_url} refused the request with HTTP {status}: check the bearer token, "
+               "basic auth or tenant header (X-Scope-OrgID) you configured.")
+    elif status == 404:
+        msg = (f"HTTP 404 for {spec.api_url.split('?')[0]}: url must be the root of the Prometheus "
+               "API (e.g. http://host:9090, or https://host/prometheus for Mimir/Cortex).")
+    else:
+        text = _redact(spec, raw.decode("utf-8", "replace")).strip()[:300]
+        msg = (f"{spec.display_url} answered HTTP {status} ({_retried(attempt)}): {text!r}. "
+               "Retry later or check the server logs.")
+    return IngestError(_redact(spec, msg))
+
+
+def _parse(spec: PrometheusSpec, raw: bytes, status: int, ctype: str) -> list:
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict) or "status" not in payload:
+        start = _redact(spec, raw.decode("utf-8", "replace"))[:80]
+        raise IngestError(_redact(spec, (
+            f"{spec.display_url} did not answer with Prometheus API JSON (HTTP {status}, "
+            f"{ctype or 'no content type'}, starting {start!r}). url must be the root of the "
+            "Prometheus HTTP API, e.g. http://host:9090.")))
+    if payload["status"] != "success":
+        raise _http_error(spec, status, raw, "", 0)
+    for warning in payload.get("warnings") or ():
+        log.warning("Prometheus warning for %r: %s", spec.query, _redact(spec, str(warning)))
+    data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+    kind = data.get("resultType")
+    if kind != "matrix" or not isinstance(data.get("result"), list):
+        raise IngestError(
+            f"The query {spec.query!r} returned a {kind!r} result from {spec.display_url}, expected "
+            "a 'matrix' (series over time). url must point at a Prometheus-compatible API whose "
+            "/api/v1/query_range returns matrices.")
+    return data["result"]
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def _col(label: str) -> str:
+    return "metric" if label == "__name__" else label
+
+
+def _fmt(key: tuple) -> str:
+    labels = dict(key)
+    name = labels.pop("__name__", "")
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+
+def _check_labels(spec: PrometheusSpec, series: Mapping[tuple, Any]) -> None:
+    lacking = {}
+    for key in series:
+        names = [_col(k) for k, _ in key]
+        cols = set(names)
+        if len(cols) != len(names) or cols & {"ts", "value"}:
+            raise IngestError(f"Series {_fmt(key)} has a label that clashes with the output columns "
+                              "ts, value or metric: rename it in the query with label_replace().")
+        missing = [c for c in spec.by if c not in cols]
+        if missing:
+            lacking[key] = missing
+    if lacking:
+        missing = sorted({c for m in lacking.values() for c in m})
+        examples = "; ".join(_fmt(k) for k in sorted(lacking)[:3])
+        raise IngestError(
+            f"{len(lacking)} of {len(series)} series lack the label(s) {', '.join(missing)} given in "
+            f"by={list(spec.by)}, e.g. {examples}. Every series needs every `by` label: add it in the "
+            "query (sum by (...), label_replace), filter such series out, or drop it from by / --by.")
+
+
+def _table(spec: PrometheusSpec, keys: list[tuple], series: Mapping) -> pa.Table:
+    names = sorted({_col(k) for key in keys for k, _ in key} - set(spec.by))
+    names.sort(key=lambda c: c != "metric")
+    columns: dict[str, list] = {c: [] for c in names}
+    ts: list[int] = []
+    vals: list[float] = []
+    for key in keys:
+        labels = {_col(k): v for k, v in key}
+        t, v = series[key]
+        for c in names:
+            columns[c].extend([labels.get(c)] * len(t))
+        ts.extend(t)
+        vals.extend(v)
+    arrays = [pa.array(columns[c], pa.string()) for c in names]
+    arrays += [pa.array(ts, pa.int64()).cast(pa.timestamp("ms", tz="UTC")), pa.array(vals, pa.float64())]
+    return pa.table(arrays, names=names + ["ts", "value"])
+
+
+def _file_name(spec: PrometheusSpec, chunk: Chunk) -> str:
+    digest = hashlib.sha256(f"{spec.query}\0{spec.step_ms}\0{chunk.start_ms}".encode()).hexdigest()
+    stamp = datetime.fromtimestamp(chunk.start_ms / 1000, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{digest[:16]}.parquet"
+
+
+def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple[str, ...],
+           table: pa.Table) -> tuple[str, str]:
+    """Write ``table`` (merged with rows of the existing file outside this chunk's window)."""
+    parts = [f"{c}={urllib.parse.quote(v, safe='')}" for c, v in zip(spec.by, values)]
+    directory = "/".join([root.rstrip("/"), *parts])
+    name = _file_name(spec, chunk)
+    final, tmp = f"{directory}/{name}", f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        fs.makedirs(directory, exist_ok=True)
+        if fs.exists(final):
+            with fs.open(final, "rb") as f:
+                old = pq.read_table(f)
+            t = old["ts"].cast(pa.int64())
+            old = old.filter(pc.or_(pc.less(t, chunk.first_ms), pc.greater(t, chunk.last_ms)))
+            if old.num_rows:
+                names = [c for c in table.column_names + old.column_names if c not in ("ts", "value")]
+                names = sorted(set(names), key=lambda c: (c != "metric", c))
+                table = pa.concat_tables([old, table], promote_options="default")
+                table = table.select(names + ["ts", "value"])
+                table = table.sort_by([(c, "ascending") for c in names + ["ts"]])
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+    except OSError as err:
+        _discard(fs, [(tmp, final)])
+        raise IngestError(f"Could not write {final}: {err}. Check that out / --out is writable "
+                          "(and storage_options for remote stores).") from err
+    return tmp, final
+
+
+# -- arguments -----------------------------------------------------------------------------
+
+
+def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_file,
+               basic_auth_user, basic_auth_password, basic_auth_password_file,
+               verify_tls, ca_file, max_points, timeout, retries, storage_options) -> PrometheusSpec:
+    if not isinstance(query, str) or not query.strip():
+        raise IngestError(f"query must be a non-empty PromQL string. Got {query!r} instead.")
+    if not isinstance(out, str) or not out:
+        raise IngestError(f"out must be a path or URL string. Got {out!r} instead.")
+    if not isinstance(max_points, int) or not 1 <= max_points <= MAX_POINTS:
+        raise IngestError(f"max_points must be an int between 1 and {MAX_POINTS}. Got {max_points!r} instead.")
+    if not isinstance(retries, int) or retries < 0:
+        raise IngestError(f"retries must be an int >= 0. Got {retries!r} instead.")
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise IngestError(f"timeout must be a number of seconds > 0. Got {timeout!r} instead.")
+    api_url, display, user, password = _split_url(url)
+    if verify_tls and ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as err:
+            raise IngestError(f"Could not load ca_file {ca_file!r}: {err}. Pass a PEM CA bundle.") from err
+    cols = [c.strip() for c in by.split(",") if c.strip()] if isinstance(by, str) else list(by)
+    bad = [c for c in cols if not isinstance(c, str) or not _LABEL.match(c)]
+    if bad or len(set(map(_col, cols))) != len(cols):
+        raise IngestError(f"by must list distinct Prometheus label names, e.g. ['app', 'site']. "
+                          f"Got {cols!r} instead.")
+    hdrs = {str(k).strip(): str(v).strip() for k, v in (headers or {}).items()}
+    secrets = [v for k, v in hdrs.items() if _SECRET_HEADER.search(k)]
+    token = bearer_token or _read_secret(bearer_token_file, "bearer_token_file")
+    if basic_auth_user is None and user is not None:
+        basic_auth_user, basic_auth_password = user, password
+    if basic_auth_user is not None:
+        password = (basic_auth_password or _read_secret(basic_auth_password_file, "basic_auth_password_file")
+                    or os.environ.get(PASSWORD_ENV))
+        if not password:
+            raise IngestError(f"basic_auth_user={basic_auth_user!r} needs a password: set ${PASSWORD_ENV} "
+                              "or pass basic_auth_password_file / --basic-auth-password-file.")
+        if token:
+            raise IngestError("Both a bearer token and basic auth were given: use one of them.")
+        creds = base64.b64encode(f"{basic_auth_user}:{password}".encode()).decode()
+        auth, secrets = f"Basic {creds}", [*secrets, password, creds]
+    else:
+        token = token or os.environ.get(TOKEN_ENV)
+        auth = f"Bearer {token}" if token else None
+        secrets = [*secrets, token] if token else secrets
+    if auth:
+        if any(k.lower() == "authorization" for k in hdrs):
+            raise IngestError("An Authorization header was given together with a bearer token or "
+                              "basic auth: use one of them.")
+        hdrs["Authorization"] = auth
+    return PrometheusSpec(
+        api_url=api_url, display_url=display, query=query, step_ms=_parse_step(step),
+        by=tuple(_col(c) for c in cols), out=out, max_points=max_points, timeout_s=float(timeout),
+        retries=retries, verify_tls=bool(verify_tls), ca_file=ca_file, headers=tuple(hdrs.items()),
+        secrets=tuple(s for s in secrets if s), storage_options=dict(storage_options or {}))
+
+
+def _split_url(url: str) -> tuple[str, str, str | None, str | None]:
+    parts = urllib.parse.urlsplit(url if isinstance(url, str) else "")
+    host = parts.netloc.rpartition("@")[2]
+    path = parts.path.rstrip("/")
+    for suffix in ("/api/v1/query_range", "/api/v1"):
+        path = path[: -len(suffix)] if path.endswith(suffix) else path
+    display = urllib.parse.urlunsplit((parts.scheme, host, path, "", ""))
+    if parts.scheme not in ("http", "https") or not host:
+        shown = re.sub(r"//[^/@]*@", "//***@", url) if isinstance(url, str) else url
+        raise IngestError(f"url must look like http(s)://host:port[/prefix]. Got {shown!r} instead.")
+    api = urllib.parse.urlunsplit((parts.scheme, host, path + "/api/v1/query_range", parts.query, ""))
+    unquote = urllib.parse.unquote
+    user = unquote(parts.username) if parts.username is not None else None
+    return api, display, user, unquote(parts.password) if parts.password is not None else None
+
+
+def _read_secret(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as err:
+        raise IngestError(f"Could not read {what} {path!r}: {err.strerror}.") from err
+
+
+def _redact(spec: PrometheusSpec, text: str) -> str:
+    for secret in spec.secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _parse_step(step: StepLike) -> int:
+    ms = None
+    if isinstance(step, timedelta):
+        ms = step / timedelta(milliseconds=1)
+    elif isinstance(step, (int, float)) and not isinstance(step, bool):
+        ms = step * 1000
+    elif isinstance(step, str):
+        ms = _number(step) * 1000 if _number(step) is not None else _duration_ms(step.strip())
+    if ms is None or ms != ms or ms < 1:
+        raise IngestError(f"step must be seconds or a Prometheus duration like '30s', '5m', '1h' "
+                          f"(at least 1ms). Got {step!r} instead.")
+    return round(ms)
+
+
+def _parse_time(value: TimeLike, name: str, now: datetime) -> int:
+    ms = None
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        ms = round(dt.timestamp() * 1000)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        ms = round(value * 1000)
+    elif isinstance(value, str):
+        text = value.strip()
+        m = re.match(r"^now(?:([+-])(\w+))?$", text)
+        if _number(text) is not None:
+            ms = round(_number(text) * 1000)
+        elif m:
+            delta = _duration_ms(m.group(2)) if m.group(2) else 0
+            if delta is not None:
+                ms = round(now.timestamp() * 1000) + (-delta if m.group(1) == "-" else delta)
+        else:
+            try:
+                return _parse_time(datetime.fromisoformat(text), name, now)
+            except ValueError:
+                pass
+    if ms is None:
+        raise IngestError(f"{name} must be a datetime, ISO-8601 text (2024-03-01T00:00:00Z), unix "
+                          f"seconds or 'now-3d'. Got {value!r} instead.")
+    return ms
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _duration_ms(text: str) -> int | None:
+    m = _DURATION.match(text)
+    if not text or not m:
+        return None
+    return sum(int(g) * unit for g, unit in zip(m.groups(), _UNIT_MS) if g)
+
+
+def _seconds(ms: int) -> str:
+    return str(ms // 1000) if ms % 1000 == 0 else f"{ms / 1000:.3f}"
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat().replace("+00:00", "Z")

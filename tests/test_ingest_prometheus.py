@@ -1,0 +1,365 @@
+"""modelfactory.ingest.prometheus against a real Prometheus (Debian's package) with
+backfilled history, plus a recording HTTP server for headers, odd answers and TLS."""
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib
+import logging
+import shutil
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from modelfactory.exceptions import IngestError
+from modelfactory.ingest import prometheus
+from modelfactory.ingest._cli import add_parser
+
+try:
+    from . import _prometheus_server as ps
+except ImportError:
+    import _prometheus_server as ps
+
+promod = sys.modules["modelfactory.ingest.prometheus"]
+T0, LAST = ps.T0, ps.LAST
+H = 3600
+
+
+@pytest.fixture(scope="module")
+def prom(tmp_path_factory):
+    if not ps.have_prometheus():
+        pytest.skip("prometheus/promtool binaries not installed (apt-get install prometheus)")
+    server = ps.start_prometheus(tmp_path_factory.mktemp("prometheus"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(promod, "_BACKOFF_S", 0.01)
+
+
+def read(out, by=("app", "site")) -> pa.Table:
+    part = ds.partitioning(pa.schema([(c, pa.string()) for c in by]), flavor="hive")
+    return ds.dataset(str(out), format="parquet", partitioning=part).to_table()
+
+
+def rows(out) -> list[tuple]:
+    t = read(out)
+    cols = [t[c].to_pylist() for c in ("app", "site", "instance", "metric")]
+    return sorted(zip(*cols, t["ts"].cast(pa.int64()).to_pylist(), t["value"].to_pylist()))
+
+
+def files(out) -> set[str]:
+    return {str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()}
+
+
+def ingest(url, out, first, last, step, **kw):
+    return prometheus(url, "mf_load", first, last, step, by=["app", "site"], out=str(out), **kw)
+
+
+# -- a real Prometheus ---------------------------------------------------------------------
+
+
+def test_roundtrip_matches_history_exactly(prom, tmp_path):
+    s = ingest(prom, tmp_path, "2024-03-01T00:00:00Z", LAST, "1m")
+    chunks = len(promod.plan_chunks(T0 * 1000, LAST * 1000, 60_000))
+    assert (s.series, s.rows, s.chunks, s.files) == (4, 4 * ps.SAMPLES, chunks, 3 * chunks)
+    assert f"Ingested 4 series, 11520 rows into {3 * chunks} files under {tmp_path}" in str(s)
+    assert rows(tmp_path) == sorted(ps.expected(T0, LAST, 60))
+    assert {p.split("/")[0] + "/" + p.split("/")[1] for p in files(tmp_path)} == {
+        "app=shop/site=eu", "app=shop/site=us", "app=search/site=eu%2Fwest%201"}
+    schema = ds.dataset(str(tmp_path / "app=shop" / "site=eu"), format="parquet").schema
+    assert schema == pa.schema([("metric", pa.string()), ("instance", pa.string()),
+                                ("ts", pa.timestamp("ms", tz="UTC")), ("value", pa.float64())])
+
+
+def test_long_range_is_split_at_the_point_cap(prom, tmp_path):
+    first, last = T0 + H, T0 + 17 * H       # 11,521 points per series at 5 s: over the cap
+    s = ingest(prom, tmp_path, first, last, 5)
+    assert s.chunks >= 2 and s.requests == s.chunks and s.rows == 4 * 11_521
+    assert rows(tmp_path) == sorted(ps.expected(first, last, 5))
+    assert len(list((tmp_path / "app=shop" / "site=us").iterdir())) == s.chunks
+
+
+def test_max_points_splits_requests_with_same_result(prom, tmp_path):
+    first, last = T0 + 2 * H, T0 + 4 * H
+    s = ingest(prom, tmp_path / "a", first, last, "5s", max_points=500, concurrency=2)
+    assert s.requests >= 3
+    ingest(prom, tmp_path / "b", first, last, "5s")
+    assert rows(tmp_path / "a") == rows(tmp_path / "b") == sorted(ps.expected(first, last, 5))
+
+
+def test_rerun_is_idempotent(prom, tmp_path):
+    first, last = T0 + 3 * H, T0 + 20 * H
+    ingest(prom, tmp_path, first, last, "5s")
+    before, names = rows(tmp_path), files(tmp_path)
+    ingest(prom, tmp_path, first, last, "5s")
+    assert files(tmp_path) == names
+    assert rows(tmp_path) == before == sorted(ps.expected(first, last, 5))
+
+
+def test_append_adds_files_without_duplicates(prom, tmp_path):
+    ingest(prom, tmp_path, T0, T0 + 14 * H, "5s")
+    old = files(tmp_path)
+    ingest(prom, tmp_path, T0 + 12 * H, T0 + 40 * H, "5s")   # overlaps, then reaches further
+    assert old < files(tmp_path)
+    got = rows(tmp_path)
+    assert len(got) == len(set(got))
+    assert got == sorted(ps.expected(T0, T0 + 40 * H, 5))
+
+
+def test_labels_with_slashes_and_spaces_round_trip(prom, tmp_path):
+    prometheus(prom, 'mf_load{app="search"}', T0, T0 + H, "1m", by=["site", "instance"],
+               out=str(tmp_path))
+    t = read(tmp_path, by=("site", "instance"))
+    assert set(t["site"].to_pylist()) == {"eu/west 1"} and t.num_rows == 61
+
+
+@pytest.mark.parametrize("query, match", [
+    ("rate(mf_load[5m]", r"rejected the query .*HTTP 400, bad_data.*parse error: unclosed left parenthesis"),
+    ('"text"', r'invalid expression type \\?"string\\?" for range query'),
+    ("mf_does_not_exist", r"returned no series between 2024-03-01T00:00:00Z and .*Check the metric"),
+    ('{__name__=~"mf_load|mf_nosite"}',
+     r'1 of 5 series lack the label\(s\) site given in by=\[\'app\', \'site\'\], e\.g\. '
+     r'mf_nosite\{app="shop",instance="a"\}'),
+])
+def test_query_errors(prom, tmp_path, query, match):
+    with pytest.raises(IngestError, match=match):
+        prometheus(prom, query, T0, T0 + H, 60, by=["app", "site"], out=str(tmp_path))
+    assert files(tmp_path) == set()
+
+
+def test_http_404_and_unreachable(prom, tmp_path):
+    with pytest.raises(IngestError, match=r"HTTP 404 for http://127\.0\.0\.1:\d+/nope/api/v1/query_range"):
+        ingest(prom + "/nope", tmp_path, T0, T0 + H, 60)
+    url = f"http://127.0.0.1:{ps.free_port()}"
+    with pytest.raises(IngestError, match=rf"Could not reach Prometheus at {url} \(1 attempt\).*refused"):
+        ingest(url, tmp_path, T0, T0 + H, 60, retries=0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"start": "yesterday"}, r"start must be .*Got 'yesterday' instead"),
+    ({"end": T0 - 60}, r"No evaluation step between start=2024-03-01T00:00:00Z and end="),
+    ({"step": "5 minutes"}, r"step must be .*Got '5 minutes' instead"),
+    ({"max_points": 20_000}, r"max_points must be an int between 1 and 11000\. Got 20000"),
+    ({"by": ["app", "site-name"]}, r"by must list distinct Prometheus label names"),
+    ({"url": "prometheus:9090"}, r"url must look like http\(s\)://host:port"),
+])
+def test_argument_errors(tmp_path, kw, match):
+    args = {"url": "http://127.0.0.1:1", "query": "up", "start": T0, "end": T0 + H, "step": 60,
+            "by": ["app", "site"], "out": str(tmp_path), **kw}
+    with pytest.raises(IngestError, match=match):
+        prometheus(**args)
+
+
+def test_cli(prom, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="modelfactory")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["ingest", "prometheus", "--url", prom, "--query", "mf_load",
+                              "--start", "2024-03-01T00:00:00Z", "--end", str(T0 + H), "--step", "5m",
+                              "--by", "app,site", "--out", str(tmp_path), "--concurrency", "2"])
+    assert args.func(args) == 0
+    assert "Ingested 4 series, 52 rows" in capsys.readouterr().out
+    assert rows(tmp_path) == sorted(ps.expected(T0, T0 + H, 300))
+    for argv in (["ingest", "--help"], ["ingest", "prometheus", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        assert exit_.value.code == 0
+    assert "--bearer-token-file" in capsys.readouterr().out
+
+
+def test_train_on_the_result(prom, tmp_path):
+    try:
+        train = getattr(importlib.import_module("modelfactory"), "train", None)
+    except ImportError:
+        train = None
+    if train is None:
+        pytest.skip("core not available")
+    out = tmp_path / "data"
+    prometheus(prom, "sum by (app, site) (mf_load)", T0, LAST, "5m", by=["app", "site"], out=str(out))
+    train(str(out), by=["app", "site"], time="ts", target="value", model="seasonal",
+          store=str(tmp_path / "store"), cluster="inline")
+    assert any(p.is_file() for p in (tmp_path / "store").rglob("*"))
+
+
+# -- a recording HTTP server: headers, secrets, odd answers, TLS ----------------------------
+
+
+def test_bearer_and_custom_headers_are_sent(tmp_path):
+    (tmp_path / "token").write_text("file-token\n")
+    with ps.FakeServer() as srv:
+        s = prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path / "o1"),
+                       bearer_token="arg-token", headers={"X-Scope-OrgID": "tenant-1"})
+        prometheus(srv.url + "/api/v1/", "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path / "o2"),
+                   bearer_token_file=str(tmp_path / "token"))
+    assert s.rows == 11 and [r.path for r in srv.requests] == ["/api/v1/query_range"] * 2
+    assert srv.requests[0].headers["Authorization"] == "Bearer arg-token"
+    assert srv.requests[0].headers["X-Scope-OrgID"] == "tenant-1"
+    assert srv.requests[0].form == {"query": "up", "start": f"{T0}.000", "end": f"{T0 + 600}.000",
+                                    "step": "60"}
+    assert srv.requests[1].headers["Authorization"] == "Bearer file-token"
+
+
+def test_credentials_from_environment_and_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELFACTORY_PROM_TOKEN", "env-token")
+    monkeypatch.setenv("MODELFACTORY_PROM_PASSWORD", "env-pass")
+    with ps.FakeServer() as srv:
+        prometheus(srv.url, "up", T0, T0 + 60, 60, by=[], out=str(tmp_path / "1"))
+        prometheus(srv.url, "up", T0, T0 + 60, 60, by=[], out=str(tmp_path / "2"), basic_auth_user="ann")
+        url = srv.url.replace("://", "://bob:p%40ss@")
+        prometheus(url, "up", T0, T0 + 60, 60, by=[], out=str(tmp_path / "3"))
+    basic = lambda up: "Basic " + base64.b64encode(up.encode()).decode()  # noqa: E731
+    assert [r.headers["Authorization"] for r in srv.requests] == [
+        "Bearer env-token", basic("ann:env-pass"), basic("bob:p@ss")]
+
+
+def test_cli_reads_secrets_from_env_and_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MODELFACTORY_PROM_TOKEN", "env-token")
+    (tmp_path / "pw").write_text("file-pass\n")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    common = ["--query", "up", "--start", str(T0), "--end", str(T0 + 60), "--step", "60", "--by", "app"]
+    with ps.FakeServer() as srv:
+        for extra in (["--header", "X-Scope-OrgID: t1", "--header", "X-Other:v"],
+                      ["--basic-auth-user", "ann", "--basic-auth-password-file", str(tmp_path / "pw")]):
+            args = parser.parse_args(["ingest", "prometheus", "--url", srv.url, *common,
+                                      "--out", str(tmp_path / str(len(srv.requests))), *extra])
+            assert args.func(args) == 0
+    first, second = (r.headers for r in srv.requests)
+    assert (first["Authorization"], first["X-Scope-OrgID"], first["X-Other"]) == ("Bearer env-token", "t1", "v")
+    assert second["Authorization"] == "Basic " + base64.b64encode(b"ann:file-pass").decode()
+    args = parser.parse_args(["ingest", "prometheus", "--url", srv.url, *common, "--out", str(tmp_path),
+                              "--header", "X-Api-Key secret-value"])
+    with pytest.raises(IngestError, match=r"--header number 1 must look like 'Name: value'") as err:
+        args.func(args)
+    assert "secret-value" not in str(err.value)
+
+
+def test_secrets_never_in_errors_logs_or_files(tmp_path, caplog, fast_retries):
+    secrets = ["tok-SECRET", "pw-SECRET", base64.b64encode(b"ann:pw-SECRET").decode(), "key-SECRET"]
+
+    def leaky(req):
+        if req.form["start"] == f"{T0}.000":   # a warning quoting the credentials, data still good
+            return ps.matrix([{"metric": {"app": "x"}, "values": [[T0, "1"]]}],
+                             warnings=[f"seen {req.headers}"])
+        sent = (req.headers.get("Authorization"), req.headers.get("X-Api-Key"))
+        return 500, {}, f"boom, you sent {sent}".encode()
+
+    caplog.set_level(logging.DEBUG)
+    with ps.FakeServer(leaky) as srv:
+        prometheus(srv.url, "up", T0, T0, 60, by=["app"], out=str(tmp_path / "ok"),
+                   bearer_token="tok-SECRET", headers={"X-Api-Key": "key-SECRET"})
+        for auth in ({"bearer_token": "tok-SECRET"}, {"basic_auth_user": "ann", "basic_auth_password": "pw-SECRET"}):
+            with pytest.raises(IngestError, match=r"answered HTTP 500 \(after 2 attempts\): \"boom") as err:
+                prometheus(srv.url, "up", T0 + 60, T0 + 120, 60, by=["app"], out=str(tmp_path / "bad"),
+                           retries=1, headers={"X-Api-Key": "key-SECRET"}, **auth)
+            text = "".join(traceback.format_exception(err.value))
+            assert "***" in text and not any(s in text for s in secrets)
+        with pytest.raises(IngestError, match="Both a bearer token and basic auth") as err:
+            prometheus(srv.url, "up", T0, T0, 60, by=["app"], out=str(tmp_path), bearer_token="tok-SECRET",
+                       basic_auth_user="ann", basic_auth_password="pw-SECRET")
+        assert not any(s in str(err.value) for s in secrets)
+    assert "seen" in caplog.text and not any(s in caplog.text for s in secrets)
+    written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert not any(s.encode() in written for s in secrets)
+
+
+@pytest.mark.parametrize("answer, match", [
+    ((200, {"Content-Type": "application/json"},
+      b'{"status":"success","data":{"resultType":"vector","result":[]}}'),
+     r"returned a 'vector' result from http://127\.0\.0\.1:\d+, expected a 'matrix'"),
+    ((200, {"Content-Type": "text/html"}, b"<html>Grafana</html>"),
+     r"did not answer with Prometheus API JSON \(HTTP 200, text/html, starting '<html>Grafana"),
+    ((302, {"Location": "https://elsewhere/login"}, b""),
+     r"answered HTTP 302, a redirect to 'https://elsewhere/login'"),
+    ((401, {}, b"unauthorized"), r"refused the request with HTTP 401: check the bearer token"),
+    ((422, {}, b'{"status":"error","errorType":"execution","error":"query processing would load too many samples"}'),
+     r"HTTP 422, execution\): query processing would load too many samples\. Narrow the query"),
+])
+def test_bad_answers(tmp_path, answer, match):
+    with ps.FakeServer(lambda req: answer) as srv:
+        with pytest.raises(IngestError, match=match):
+            prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path), retries=0)
+    assert files(tmp_path) == set()
+
+
+def test_transient_errors_are_retried(tmp_path, fast_retries):
+    answers = iter([(503, {}, b"busy"), (502, {}, b"bad gateway")])
+    with ps.FakeServer(lambda req: next(answers, None) or ps.echo_matrix(req)) as srv:
+        s = prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path), retries=2)
+    assert s.rows == 11 and len(srv.requests) == 3
+
+
+def test_failed_chunk_leaves_nothing_behind(tmp_path, fast_retries):
+    bad_start = f"{(T0 // 660 + 2) * 660:.3f}"   # the third chunk at step 60 ms (grid of 660 s)
+
+    def respond(req):
+        return (500, {}, b"disk full") if req.form["start"] == bad_start else ps.echo_matrix(req)
+
+    with ps.FakeServer(respond) as srv:
+        with pytest.raises(IngestError, match="answered HTTP 500"):
+            prometheus(srv.url, "up", T0, T0 + 3000, 0.06, by=["app"], out=str(tmp_path),
+                       retries=0, concurrency=1, max_points=11_000)
+    assert files(tmp_path) == set()
+
+
+def test_chunks_run_in_parallel_within_the_concurrency_bound(tmp_path):
+    lock, state = threading.Lock(), {"now": 0, "max": 0}
+
+    def slow(req):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.05)
+        with lock:
+            state["now"] -= 1
+        return ps.echo_matrix(req)
+
+    with ps.FakeServer(slow) as srv:
+        s = prometheus(srv.url, "up", T0, T0 + 50, "1ms", by=["app"], out=str(tmp_path), concurrency=2)
+    assert s.chunks == s.requests >= 5 and state["max"] == 2    # chunks of 11 s at 1 ms
+
+
+def test_tls_is_verified_by_default(tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl binary not installed (needed to make a test certificate)")
+    server_pem, ca = ps.self_signed_cert(tmp_path)
+    with ps.FakeServer(certfile=server_pem) as srv:
+        with pytest.raises(IngestError, match=r"TLS error talking to https://127\.0\.0\.1:\d+: .*CERTIFICATE_VERIFY_FAILED"):
+            prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path / "a"))
+        assert prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path / "b"),
+                          ca_file=str(ca)).rows == 2
+        assert prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path / "c"),
+                          verify_tls=False).rows == 2
+
+
+def test_writes_to_s3_through_fsspec(prom, tmp_path, monkeypatch):
+    server = pytest.importorskip("moto.server", reason="moto[server] not installed")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    srv = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    try:
+        host, port = srv.get_host_and_port()
+        opts = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
+        fs = fsspec.filesystem("s3", **opts)
+        fs.mkdir("prom-bucket")
+        for _ in range(2):   # the second run overwrites the same objects
+            s = ingest(prom, "s3://prom-bucket/data", T0, T0 + 6 * H, "1m", storage_options=opts)
+        fs.invalidate_cache()
+        keys = fs.find("prom-bucket/data")
+        assert len(keys) == s.files and all(k.endswith(".parquet") for k in keys)
+        part = ds.partitioning(pa.schema([("app", pa.string()), ("site", pa.string())]), flavor="hive")
+        t = ds.dataset("prom-bucket/data", filesystem=fs, format="parquet", partitioning=part).to_table()
+        assert t.num_rows == len(ps.expected(T0, T0 + 6 * H, 60)) == s.rows
+    finally:
+        srv.stop()
