@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import time as _time
@@ -199,6 +200,47 @@ def _run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) 
     return execute_delayed(client, tasks, progress=progress)
 
 
+def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
+    """Where units find the models of a committed run (through its leaf index)."""
+    from .scoring import ModelSource
+
+    index = man.get("index", {"keys": [], "parts": []})
+    leaf_keys = tuple(index["keys"])
+    lookup: dict = {}
+    if leaf_keys and all(k in info.source.partition_keys or k in info.schema.names for k in leaf_keys):
+        for i, leaves in enumerate(index["parts"]):
+            for leaf in leaves:
+                lookup.setdefault(tuple(leaf), []).append(i)
+    sp = man["spec"]
+    return ModelSource(st.location, man["run_id"], sp["model"], sp.get("serializer", "native"),
+                       tuple(man["parts"]), lookup, leaf_keys, trust)
+
+
+def _begin_run(st: ModelStore, digest: str, resume, unit_rows):
+    """The run id (new, or the interrupted run to resume) and its unit size."""
+    if resume is False or resume is None:
+        return new_run_id(digest), unit_rows
+    pending = st.pending()
+    if resume is True:
+        same = [p for p in pending if p.get("digest") == digest]
+        if not same:
+            log.info("nothing to resume for this job; starting a new run")
+            return new_run_id(digest), unit_rows
+        p = same[-1]
+    else:
+        match = [p for p in pending if p["run_id"] == resume]
+        if not match:
+            if resume in st.runs():
+                raise StoreError(f"Run {resume!r} is already committed; there is nothing to resume.")
+            raise StoreError(f"No interrupted run {resume!r} in {st.location.url!r}. "
+                             f"Interrupted runs: {', '.join(p['run_id'] for p in pending) or 'none'}.")
+        p = match[0]
+        if p.get("digest") != digest:
+            raise StoreError(f"Run {resume!r} was started for another job or input (its data, columns, "
+                             "model or parameters differ); it cannot be resumed with these arguments.")
+    return p["run_id"], p["unit_rows"]
+
+
 def _raise_unit_failure(run_id: str, err: BaseException) -> None:
     raise ModelFactoryError(
         f"Run {run_id} stopped: a work unit failed outside any group ({kernel.describe_error(err)}). "
@@ -213,6 +255,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
           time: str | None = None, target: str | None = None, features: Sequence[str] | str = (),
           params: Mapping | None = None, cluster: Any = None, workers: int | None = None,
           unit_rows: int | None = None, filter: Any = None, storage_options: dict | None = None,
+          resume: bool | str = False, retrain: str | None = None, base: str = "latest",
           progress: bool = False) -> Run:
     """Fit one model per group of ``data`` and commit them to ``store`` as one run.
 
@@ -238,6 +281,14 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         Rows per work unit (default: chosen from the Parquet row counts).
     filter : pyarrow.dataset.Expression, optional
         Rows to keep, pushed down to the Parquet reader.
+    resume : bool or str
+        A run id (or True for the newest one of the same job) that was
+        interrupted: units it already wrote are reused, not recomputed.
+    retrain : "failed" or "changed", optional
+        Refit only the groups that failed or were skipped in ``base``, or whose
+        input changed since it; the other models are carried over.
+    base : str
+        The run that ``retrain`` starts from (default: the latest).
 
     Returns
     -------
@@ -269,14 +320,33 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     if unit_rows is not None and unit_rows < 1:
         raise PlanError(f"unit_rows must be a positive number of rows; got {unit_rows}.")
     columns = tuple(dict.fromkeys([*by_, *([time] if time else []), target, *feats]))
-    digest = _digest(info.fingerprint(), by_, time, target, feats, mspec.name, sorted(mspec.params.items()))
-    run_id = new_run_id(digest)
+    job = {"by": list(by_), "time": time, "target": target, "features": list(feats),
+           "model": mspec.name, "params": mspec.params, "serializer": mspec.serializer,
+           "filter": None if filter is None else str(filter)}
+    base_src, base_id = None, None
+    if retrain is not None:
+        if retrain not in ("failed", "changed"):
+            raise ModelFactoryError(f"retrain must be 'failed' or 'changed'; got {retrain!r}.")
+        base_man = st.manifest(base)
+        base_id = base_man["run_id"]
+        diff = [k for k in ("by", "time", "target", "features", "model", "params")
+                if base_man["spec"].get(k) != job[k]]
+        if diff:
+            raise ModelFactoryError(
+                f"Cannot retrain only the {retrain} groups of run {base_id}: it differs in {diff} "
+                f"(was {[base_man['spec'].get(k) for k in diff]}). Train a full run instead.")
+        base_src = model_source(st, base_man, info, trust=True)
+    digest = _digest(info.fingerprint(), job, retrain, base_id, mspec.cls.__module__, mspec.cls.__qualname__)
+    run_id, unit_rows = _begin_run(st, digest, resume, unit_rows)
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
     spec = JobSpec("train", by_, info.source, columns, time, target, feats, filter, mspec,
-                   sink=st.location, groups_prefix=f"runs/{run_id}/parts/", leaf_keys=leaf_keys)
+                   sink=st.location, groups_prefix=f"runs/{run_id}/parts/", leaf_keys=leaf_keys,
+                   models=base_src, resume=resume is not False, retrain=retrain, run_id=run_id)
     t0 = _time.perf_counter()
     with open_client(cluster, workers=workers) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
+        st.location.write_bytes(f"runs/{run_id}/pending.json", json.dumps(
+            {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "spec": job}).encode())
         bar = Progress(len(plan_.units), f"train {mspec.name}", progress, client)
         try:
             results = _run_units(client, spec, info, plan_, bar)
@@ -287,11 +357,14 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         finally:
             bar.close()
     summary = _summarise("train", results, plan_, _time.perf_counter() - t0)
+    carried: dict[str, int] = {}
+    for r in results:
+        for k, v in r.carried.items():
+            carried[k] = carried.get(k, 0) + v
     manifest = {
         "kind": "train",
-        "spec": {"by": list(by_), "time": time, "target": target, "features": list(feats),
-                 "model": mspec.name, "params": mspec.params, "serializer": mspec.serializer,
-                 "filter": None if filter is None else str(filter)},
+        "spec": job,
+        "lineage": {"retrain": retrain, "base_run": base_id, "carried_over": carried},
         "input": {"url": info.source.url, "fingerprint": info.fingerprint(), "rows": info.rows,
                   "files": len(info.files), "partition_keys": list(info.source.partition_keys)},
         "summary": summary,
@@ -515,7 +588,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     >>> run.summary["counts"]
     {'ok': 10, 'failed': 0, 'skipped': 0}
     """
-    from .scoring import ModelSource, score_table, score_unit
+    from .scoring import score_table, score_unit
 
     st = ModelStore(store, storage_options=storage_options)
     man = st.manifest(run)
@@ -533,15 +606,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         if not overwrite:
             raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
         fs.rm(sink.root, recursive=True)
-    index = man.get("index", {"keys": [], "parts": []})
-    leaf_keys = tuple(index["keys"])
-    lookup: dict = {}
-    if leaf_keys and all(k in info.source.partition_keys or k in info.schema.names for k in leaf_keys):
-        for i, leaves in enumerate(index["parts"]):
-            for leaf in leaves:
-                lookup.setdefault(tuple(leaf), []).append(i)
-    src = ModelSource(st.location, man["run_id"], sp["model"], sp.get("serializer", "native"),
-                      tuple(man["parts"]), lookup, leaf_keys, trust)
+    src = model_source(st, man, info, trust)
     extra = [k for k in info.source.partition_keys if k not in by_]
     columns = tuple(c for c in dict.fromkeys([*by_, *extra, sp["time"], sp["target"], *feats]) if c)
     run_id = new_run_id(_digest(info.fingerprint(), man["run_id"]))

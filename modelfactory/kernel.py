@@ -63,7 +63,10 @@ class JobSpec:
     data_prefix: str = "data/"  # where result rows go under the sink
     key_types: tuple = ()  # arrow types of the keys (for map_keys)
     leaf_keys: tuple[str, ...] = ()  # partition keys that are also group keys (the store's index)
-    models: Any = None  # a scoring.ModelSource, for scoring
+    models: Any = None  # a scoring.ModelSource: the models to score with, or to carry over
+    resume: bool = False  # reuse parts an interrupted attempt of the same run already wrote
+    retrain: str | None = None  # with models: refit only "failed" or "changed" groups
+    run_id: str = ""
 
 
 @dataclass
@@ -80,6 +83,7 @@ class UnitResult:
     table: pa.Table | None = None  # apply results, when there is no sink
     group_table: pa.Table | None = None  # group table, when there is no sink
     leaves: list[tuple] = field(default_factory=list)  # values of JobSpec.leaf_keys in this unit
+    carried: dict[str, int] = field(default_factory=dict)  # models carried over, by the run that fitted them
 
 
 def describe_error(err: BaseException) -> str:
@@ -147,6 +151,8 @@ def _floats(col) -> np.ndarray:
 def run_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
     """Read the unit's files on this worker and run it."""
     t0 = _time.perf_counter()
+    if spec.resume and (done := recover(spec, unit.id)) is not None:
+        return done
     table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter)
     return run_table(spec, unit.id, table, t0=t0)
 
@@ -154,6 +160,8 @@ def run_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
 def run_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | None = None) -> UnitResult:
     """Run a unit whose rows are already in memory (a shuffle partition, or a test)."""
     t0 = _time.perf_counter() if t0 is None else t0
+    if spec.resume and (done := recover(spec, unit_id)) is not None:
+        return done
     with threadpool_limits(1):
         groups = split_groups(table, spec.by, spec.time)
         if spec.kind == "train":
@@ -207,25 +215,56 @@ def _finish(spec, unit_id, key_table, rows, extra, nrows, t0) -> UnitResult:
     gt = gt.append_column("seconds", pa.array(np.asarray(rows["seconds"], dtype=np.float64)))
     for name, values in rows.get("extra_columns", {}).items():
         gt = gt.append_column(name, values)
-    res = UnitResult(unit_id, groups=gt.num_rows, rows=int(np.sum(nrows)))
-    st = np.asarray(rows["status"], dtype=object)
-    for s in STATUS:
-        res.counts[s] = int(np.count_nonzero(st == s))
-    bad = np.flatnonzero(st == "failed")[:5]
-    if len(bad):
-        keys = key_table.take(pa.array(bad)).to_pylist()
-        res.errors = [(tuple(k.values()), rows["error"][i]) for k, i in zip(keys, bad)]
-    if spec.leaf_keys:
-        res.leaves = sorted(set(zip(*[gt[k].to_pylist() for k in spec.leaf_keys])),
-                            key=lambda k: tuple(str(v) for v in k))
+    res = summarize(spec, unit_id, gt)
     if spec.sink is not None:
-        res.parts.append(write_parquet(spec.sink, f"{spec.groups_prefix}{unit_id}.parquet", gt))
+        res.parts.append(write_parquet(spec.sink, part_path(spec, unit_id), gt))
         if isinstance(extra, pa.Table):
             res.parts.append(write_parquet(spec.sink, f"{spec.data_prefix}{unit_id}.parquet", extra))
     else:
         res.group_table = gt
         res.table = extra
     res.seconds = _time.perf_counter() - t0
+    return res
+
+
+def part_path(spec: JobSpec, unit_id: str) -> str:
+    return f"{spec.groups_prefix}{unit_id}.parquet"
+
+
+def summarize(spec: JobSpec, unit_id: str, gt: pa.Table) -> UnitResult:
+    """The :class:`UnitResult` of a unit from its group table (counts, a few errors, leaves)."""
+    res = UnitResult(unit_id, groups=gt.num_rows, rows=int(pc.sum(gt["rows"]).as_py() or 0))
+    for item in pc.value_counts(gt["status"]).to_pylist():
+        res.counts[item["values"]] = item["counts"]
+    failed = gt.filter(pc.equal(gt["status"], "failed")).slice(0, 5)
+    names = list(spec.by)
+    res.errors = [(tuple(r[k] for k in names), r["error"]) for r in failed.select([*names, "error"]).to_pylist()]
+    if "fitted_in" in gt.column_names:
+        for item in pc.value_counts(gt["fitted_in"]).to_pylist():
+            if item["values"] not in (None, spec.run_id):
+                res.carried[item["values"]] = item["counts"]
+    if spec.leaf_keys:
+        res.leaves = sorted(set(zip(*[gt[k].to_pylist() for k in spec.leaf_keys])),
+                            key=lambda k: tuple(str(v) for v in k))
+    return res
+
+
+def recover(spec: JobSpec, unit_id: str) -> UnitResult | None:
+    """The result of a unit whose part an earlier, interrupted attempt already wrote (or None)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    rel = part_path(spec, unit_id)
+    if spec.sink is None or not spec.sink.exists(rel):
+        return None
+    data = spec.sink.read_bytes(rel)
+    try:
+        gt = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError):
+        return None  # a damaged leftover: recompute it
+    res = summarize(spec, unit_id, gt)
+    res.parts.append(PartInfo(rel, len(data), hashlib.sha256(data).hexdigest(), gt.num_rows))
     return res
 
 
@@ -244,16 +283,33 @@ def _serialize(model, serializer: str) -> bytes:
     return cloudpickle.dumps(model)
 
 
-def _train(spec: JobSpec, groups: Groups) -> dict:
-    m = spec.model
-    tbl, n = groups.table, len(groups)
-    y = _floats(tbl[spec.target]) if spec.target else np.zeros(tbl.num_rows)
-    t = _seconds(tbl[spec.time]) if spec.time else None
-    X = (np.column_stack([_floats(tbl[f]) for f in spec.features])
-         if spec.features else None)
-    offsets = np.concatenate((groups.starts, [tbl.num_rows]))
-    batch = SeriesBatch(y, offsets, t, X)
-    lengths = (groups.ends - groups.starts).astype(np.float64)
+def fingerprints(batch: SeriesBatch) -> list[bytes]:
+    """An 8-byte digest of each series' values, times and features (to find changed groups)."""
+    import hashlib
+
+    out = []
+    for i in range(len(batch)):
+        h = hashlib.blake2b(digest_size=8)
+        for a in batch.series(i):
+            if a is not None:
+                h.update(np.ascontiguousarray(a).tobytes())
+        out.append(h.digest())
+    return out
+
+
+def _subset(batch: SeriesBatch, idx: np.ndarray) -> SeriesBatch:
+    """The series ``idx`` of ``batch`` as a new, smaller ragged batch."""
+    starts, ends = batch.offsets[idx], batch.offsets[idx + 1]
+    take = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(idx) else np.zeros(0, np.int64)
+    offsets = np.concatenate(([0], np.cumsum(ends - starts)))
+    return SeriesBatch(batch.values[take], offsets,
+                       None if batch.times is None else batch.times[take],
+                       None if batch.features is None else batch.features[take])
+
+
+def _fit(m: ModelSpec, batch: SeriesBatch) -> tuple[list, np.ndarray]:
+    """Fit every series of ``batch``: (fitted model or exception per series, seconds per series)."""
+    n = len(batch)
     seconds = np.zeros(n)
     if _is_batch_model(m.cls):
         s = _time.perf_counter()
@@ -261,35 +317,67 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
             fitted = m.cls.fit_batch(m.params, batch)
         except Exception as err:  # noqa: BLE001 - a failed batch fails its groups, not the run
             fitted = [err] * n
-        total = _time.perf_counter() - s
-        seconds = total * lengths / max(1.0, lengths.sum())  # apportioned by rows
-    else:
-        proto = m.cls(**m.params)
-        fitted = []
-        for i in range(n):
-            s = _time.perf_counter()
-            yi, ti, Xi = batch.series(i)
-            try:
-                fitted.append(proto.clone().fit(yi, t=ti, X=Xi))
-            except Exception as err:  # noqa: BLE001 - recorded per group
-                fitted.append(err)
-            seconds[i] = _time.perf_counter() - s
-    status, errors, blobs = [], [], []
-    for f in fitted:
-        if isinstance(f, SkipGroup):
-            status.append("skipped"), errors.append(str(f)), blobs.append(None)
-            continue
-        if isinstance(f, Exception):
-            status.append("failed"), errors.append(describe_error(f)), blobs.append(None)
-            continue
+        lengths = np.diff(batch.offsets).astype(np.float64)
+        seconds = (_time.perf_counter() - s) * lengths / max(1.0, lengths.sum())  # apportioned by rows
+        return fitted, seconds
+    proto = m.cls(**m.params)
+    fitted = []
+    for i in range(n):
+        s = _time.perf_counter()
+        yi, ti, Xi = batch.series(i)
         try:
-            blobs.append(_serialize(f, m.serializer))
-            status.append("ok"), errors.append(None)
-        except Exception as err:  # noqa: BLE001
-            status.append("failed"), errors.append("cannot serialise: " + describe_error(err))
-            blobs.append(None)
+            fitted.append(proto.clone().fit(yi, t=ti, X=Xi))
+        except Exception as err:  # noqa: BLE001 - recorded per group
+            fitted.append(err)
+        seconds[i] = _time.perf_counter() - s
+    return fitted, seconds
+
+
+def _train(spec: JobSpec, groups: Groups) -> dict:
+    m = spec.model
+    tbl, n = groups.table, len(groups)
+    y = _floats(tbl[spec.target]) if spec.target else np.zeros(tbl.num_rows)
+    t = _seconds(tbl[spec.time]) if spec.time else None
+    X = (np.column_stack([_floats(tbl[f]) for f in spec.features])
+         if spec.features else None)
+    batch = SeriesBatch(y, np.concatenate((groups.starts, [tbl.num_rows])), t, X)
+    prints = fingerprints(batch)
+    status: list = [None] * n
+    errors: list = [None] * n
+    blobs: list = [None] * n
+    fitted_in = [spec.run_id] * n
+    seconds = np.zeros(n)
+    todo = np.arange(n)
+    if spec.retrain and spec.models is not None:
+        from .scoring import load_model_rows
+
+        base = load_model_rows(spec.models, groups, spec.by, extra=("rows", "seconds", "fingerprint", "fitted_in"))
+        keep = []
+        for i, key in enumerate(groups.key_tuples()):
+            row = base.get(key)
+            if row is None or (row["status"] != "ok" if spec.retrain == "failed"
+                               else row["fingerprint"] != prints[i]):
+                keep.append(i)
+                continue
+            status[i], errors[i], blobs[i] = row["status"], row["error"], row["model"]
+            seconds[i], fitted_in[i] = row["seconds"], row["fitted_in"] or spec.models.run_id
+        todo = np.asarray(keep, dtype=np.int64)
+    fitted, secs = _fit(m, _subset(batch, todo) if len(todo) < n else batch)
+    seconds[todo] = secs
+    for i, f in zip(todo.tolist(), fitted):
+        if isinstance(f, SkipGroup):
+            status[i], errors[i] = "skipped", str(f)
+        elif isinstance(f, Exception):
+            status[i], errors[i] = "failed", describe_error(f)
+        else:
+            try:
+                blobs[i], status[i] = _serialize(f, m.serializer), "ok"
+            except Exception as err:  # noqa: BLE001
+                status[i], errors[i] = "failed", "cannot serialise: " + describe_error(err)
     return {"status": status, "error": errors, "seconds": seconds,
-            "extra_columns": {"model": pa.array(blobs, pa.binary())}}
+            "extra_columns": {"model": pa.array(blobs, pa.binary()),
+                              "fingerprint": pa.array(prints, pa.binary(8)),
+                              "fitted_in": pa.array(fitted_in, pa.string())}}
 
 
 # ---------------------------------------------------------------------------

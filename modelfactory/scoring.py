@@ -44,8 +44,13 @@ class ModelSource:
     trust: bool = False
 
 
-def _load_models(src: ModelSource, groups: Groups, by: tuple[str, ...]) -> dict[tuple, dict]:
-    """Read the model rows for the unit's groups: {key tuple: {"status", "error", "model"}}."""
+def load_model_rows(src: ModelSource, groups: Groups, by: tuple[str, ...],
+                    extra: tuple[str, ...] = ()) -> dict[tuple, dict]:
+    """Read the stored rows for the unit's groups: {key tuple: {"status", "error", "model", *extra}}.
+
+    Only the parts that the run's leaf index names for these groups are read,
+    each checked against its checksum.
+    """
     from .store import read_part
 
     if src.index and src.leaf_keys:
@@ -54,20 +59,21 @@ def _load_models(src: ModelSource, groups: Groups, by: tuple[str, ...]) -> dict[
         wanted = sorted({i for leaf in leaves for i in src.index.get(leaf, ())})
     else:
         wanted = list(range(len(src.parts)))
+    names = ["status", "error", "model", *extra]
     out: dict[tuple, dict] = {}
     keys_table = groups.keys
     for i in wanted:
-        t = read_part(src.store, src.parts[i], columns=[*by, "status", "error", "model"])
-        # keep only this unit's groups
+        t = read_part(src.store, src.parts[i])
+        t = t.select([*by, *[c for c in names if c in t.column_names]])
         mask = None
-        for k in by:
+        for k in by:  # keep only this unit's groups
             m = pc.is_in(t[k], value_set=keys_table[k].combine_chunks().cast(t.schema.field(k).type))
             mask = m if mask is None else pc.and_(mask, m)
         t = t.filter(mask)
         cols = [t[k].to_pylist() for k in by]
-        st, err, model = t["status"].to_pylist(), t["error"].to_pylist(), t["model"].to_pylist()
+        values = {c: (t[c].to_pylist() if c in t.column_names else [None] * t.num_rows) for c in names}
         for j, key in enumerate(zip(*cols)):
-            out[key] = {"status": st[j], "error": err[j], "model": model[j]}
+            out[key] = {c: values[c][j] for c in names}
     return out
 
 
@@ -92,7 +98,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
     src: ModelSource = spec.models
     with threadpool_limits(1):
         groups = split_groups(table, spec.by, spec.time)
-        models = _load_models(src, groups, spec.by)
+        models = load_model_rows(src, groups, spec.by)
         tbl = groups.table
         y = _floats(tbl[spec.target])
         t = _seconds(tbl[spec.time]) if spec.time else None

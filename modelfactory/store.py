@@ -91,6 +91,21 @@ class ModelStore:
             return []
         return sorted(p.rstrip("/").split("/")[-2] for p in found)
 
+    def pending(self) -> list[dict]:
+        """Runs that were started but never committed (interrupted), oldest first."""
+        fs = self.location.fs
+        try:
+            found = fs.glob(f"{self.location.path('runs')}/*/pending.json")
+        except FileNotFoundError:
+            return []
+        done = set(self.runs())
+        out = []
+        for p in sorted(found):
+            rid = p.rstrip("/").split("/")[-2]
+            if rid not in done:
+                out.append(json.loads(fs.cat_file(p)))
+        return out
+
     def latest(self) -> str | None:
         """The id of the newest committed run, or None for an empty store."""
         if not self.location.exists("LATEST"):

@@ -1,0 +1,137 @@
+"""Resume after the client is killed, and retraining only failed or changed groups."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from _data import metrics_table, write
+from _slow_model import SlowSeasonal
+
+import modelfactory
+from modelfactory.exceptions import ModelFactoryError, StoreError
+from modelfactory.models.base import Model, Param
+
+ARGS = dict(by=["app", "site"], time="ts", target="value")
+HERE = Path(__file__).parent
+
+
+def _table(store):
+    t = modelfactory.ModelStore(store).table().sort_by([("app", "ascending"), ("site", "ascending")])
+    return t.select(["app", "site", "status", "rows", "fingerprint", "model"])
+
+
+@pytest.mark.timeout(180)
+def test_resume_after_killing_the_client_equals_an_uninterrupted_run(tmp_path):
+    data = write(metrics_table(series=24, hours=72, apps=24), tmp_path / "d", ["app"])
+    store = tmp_path / "store"
+    script = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from _slow_model import SlowSeasonal; "
+              f"import modelfactory; modelfactory.train({data!r}, by=['app', 'site'], time='ts', target='value', "
+              f"model=SlowSeasonal, store={str(store)!r}, cluster='local', workers=2, unit_rows=72)")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "MF_SLOW": "0.5"},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(store.glob("runs/*/parts/*.parquet"))) < 4:
+            assert proc.poll() is None, "the training process ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    st = modelfactory.ModelStore(str(store))
+    assert st.runs() == [] and st.latest() is None  # nothing visible
+    (pending,) = st.pending()
+    written = {p: p.stat().st_mtime_ns for p in store.glob("runs/*/parts/*.parquet")}
+    assert 4 <= len(written) < 24
+
+    run = modelfactory.train(data, model=SlowSeasonal, store=str(store), cluster="inline", resume=pending["run_id"], **ARGS)
+    assert run.id == pending["run_id"] and st.latest() == run.id
+    assert run.summary["counts"] == {"ok": 24, "failed": 0, "skipped": 0}
+    assert all(p.stat().st_mtime_ns == m for p, m in written.items())  # not recomputed
+    fresh = modelfactory.train(data, model=SlowSeasonal, store=str(tmp_path / "fresh"), cluster="inline", unit_rows=72, **ARGS)
+    assert fresh.summary["counts"] == run.summary["counts"]
+    a, b = _table(str(store)), _table(str(tmp_path / "fresh"))
+    assert a.drop_columns(["model"]).equals(b.drop_columns(["model"]))
+    for x, y in zip(a["model"].to_pylist(), b["model"].to_pylist()):
+        import cloudpickle
+
+        np.testing.assert_array_equal(cloudpickle.loads(x).median_, cloudpickle.loads(y).median_)
+
+
+def test_resume_refuses_another_job(by_app, tmp_path):
+    store = tmp_path / "s"
+    store.mkdir()
+    with pytest.raises(StoreError, match="No interrupted run 'nope'"):
+        modelfactory.train(by_app, store=str(store), cluster="inline", resume="nope", **ARGS)
+    run = modelfactory.train(by_app, store=str(store), cluster="inline", **ARGS)
+    with pytest.raises(StoreError, match="already committed"):
+        modelfactory.train(by_app, store=str(store), cluster="inline", resume=run.id, **ARGS)
+
+
+class Moody(Model):
+    """Fails on large values while ``broken`` is set; counts its fits."""
+
+    name = "moody"
+    params = {"limit": Param(1000.0, float)}
+    state_attrs = ("mean_",)
+    broken = True
+    fits = 0
+
+    def _fit(self, y, t, X):
+        type(self).fits += 1
+        if type(self).broken and np.mean(y) > self.limit:
+            raise RuntimeError("too big today")
+        self.mean_ = float(np.mean(y))
+
+
+def test_only_failed_retrains_exactly_the_failed_groups(tmp_path):
+    df = metrics_table(series=5, hours=48, apps=1).to_pandas()
+    df.loc[df.site.isin(["s001", "s003"]), "value"] += 5000
+    data = write(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    Moody.broken, Moody.fits = True, 0
+    first = modelfactory.train(data, model=Moody, store=store, cluster="inline", **ARGS)
+    assert first.summary["counts"] == {"ok": 3, "failed": 2, "skipped": 0}
+    Moody.broken, Moody.fits = False, 0
+    second = modelfactory.train(data, model=Moody, store=store, cluster="inline", retrain="failed", **ARGS)
+    assert Moody.fits == 2
+    assert second.summary["counts"] == {"ok": 5, "failed": 0, "skipped": 0}
+    t = modelfactory.ModelStore(store).table().to_pandas().set_index("site")
+    assert set(t.index[t.fitted_in == second.id]) == {"s001", "s003"}
+    assert set(t.index[t.fitted_in == first.id]) == {"s000", "s002", "s004"}
+    lineage = modelfactory.ModelStore(store).manifest()["lineage"]
+    assert lineage == {"retrain": "failed", "base_run": first.id, "carried_over": {first.id: 3}}
+
+
+def test_only_changed_retrains_the_groups_whose_data_changed(tmp_path):
+    t = metrics_table(series=4, hours=72, apps=1)
+    data = write(t, tmp_path / "d", ["site"])
+    store = str(tmp_path / "s")
+    first = modelfactory.train(data, store=store, cluster="inline", **ARGS)
+    df = t.to_pandas()
+    df.loc[df.site == "s002", "value"] *= 2
+    changed = df[df.site == "s002"].drop(columns="site")
+    (part,) = list((tmp_path / "d" / "site=s002").glob("*.parquet"))
+    changed.to_parquet(part, index=False)
+    second = modelfactory.train(data, store=store, cluster="inline", retrain="changed", **ARGS)
+    tab = modelfactory.ModelStore(store).table().to_pandas().set_index("site")
+    assert list(tab.index[tab.fitted_in == second.id]) == ["s002"]
+    assert modelfactory.ModelStore(store).manifest()["lineage"]["carried_over"] == {first.id: 3}
+    old = modelfactory.ModelStore(store).load({"app": "app0", "site": "s002"}, run=first.id)
+    new = modelfactory.ModelStore(store).load({"app": "app0", "site": "s002"})
+    np.testing.assert_allclose(new.median_, 2 * old.median_)
+
+
+def test_retrain_refuses_a_different_model(by_app, tmp_path):
+    store = str(tmp_path / "s")
+    modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    with pytest.raises(ModelFactoryError, match=r"it differs in \['params'\]"):
+        modelfactory.train(by_app, store=store, cluster="inline", retrain="failed",
+                           params={"season_length": 12}, **ARGS)
