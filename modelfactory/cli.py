@@ -56,8 +56,51 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--param", "-p", action="append", type=_param, default=[], metavar="NAME=VALUE",
                    help="model parameter, repeatable (e.g. -p season_length=168)")
     t.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
+    r = t.add_argument_group("lifecycle")
+    r.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="resume an interrupted run (its id, or the newest one of this job)")
+    x = r.add_mutually_exclusive_group()
+    x.add_argument("--only-failed", dest="retrain", action="store_const", const="failed",
+                   help="refit only the groups that failed or were skipped in --base")
+    x.add_argument("--only-changed", dest="retrain", action="store_const", const="changed",
+                   help="refit only the groups whose input changed since --base")
+    r.add_argument("--base", default="latest", help="the run --only-* starts from (default: latest)")
     _common_run(t)
     t.set_defaults(func=_cmd_train)
+
+    sc = sub.add_parser("score", help="score new data with the models of a run",
+                        description="Score new rows with the stored models of one run; write scored "
+                                    "rows partitioned like the input, and an anomalies summary.")
+    sc.add_argument("data", metavar="DATA", help="Parquet file or folder of new rows")
+    sc.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
+    sc.add_argument("--out", required=True, help="folder for the scored rows (must be new or empty)")
+    sc.add_argument("--run", default="latest", help="run id to score with (default: latest)")
+    sc.add_argument("--overwrite", action="store_true", help="replace what is in --out")
+    sc.add_argument("--trust", action="store_true", help="allow loading pickled user models")
+    _common_run(sc)
+    sc.set_defaults(func=_cmd_score)
+
+    m = sub.add_parser("models", help="list, inspect and clean up the runs of a store",
+                       description="List, inspect and clean up the runs of a model store.")
+    msub = m.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    ml = msub.add_parser("list", help="committed and interrupted runs", description="List the runs of a store.")
+    ml.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
+    ml.add_argument("--json", action="store_true", help="machine-readable output")
+    ml.set_defaults(func=_cmd_models_list)
+    ms = msub.add_parser("show", help="one run: counts and failures; or one group's model",
+                         description="Show one run (counts, failures with their errors) or, with --key, one model.")
+    ms.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
+    ms.add_argument("--run", default="latest", help="run id (default: latest)")
+    ms.add_argument("--key", help="one group, e.g. app=a,site=b: show its model")
+    ms.add_argument("--trust", action="store_true", help="allow loading pickled user models")
+    ms.add_argument("--json", action="store_true", help="machine-readable output")
+    ms.set_defaults(func=_cmd_models_show)
+    mg = msub.add_parser("gc", help="remove old runs", description="Remove all but the newest runs of a store.")
+    mg.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
+    mg.add_argument("--keep", type=int, default=3, help="committed runs to keep (default: %(default)s)")
+    mg.add_argument("--pending", action="store_true", help="also remove interrupted runs")
+    mg.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    mg.set_defaults(func=_cmd_models_gc)
 
     d = sub.add_parser("demo", help="write a synthetic metrics dataset and train on it",
                        description="Write a deterministic synthetic metrics dataset (hourly, "
@@ -96,8 +139,88 @@ def _cmd_train(args) -> int:
 
     run = train(args.data, by=args.by, time=args.time, target=args.target, features=args.features,
                 model=args.model, params=dict(args.param), store=args.store, cluster=args.cluster,
-                workers=args.workers, unit_rows=args.unit_rows, progress=not (args.quiet or args.json))
+                workers=args.workers, unit_rows=args.unit_rows, resume=args.resume,
+                retrain=args.retrain, base=args.base, progress=not (args.quiet or args.json))
     _print_summary(run, args, args.store)
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from .api import score
+
+    run = score(args.data, store=args.store, out=args.out, run=args.run, cluster=args.cluster,
+                workers=args.workers, unit_rows=args.unit_rows, overwrite=args.overwrite, trust=args.trust,
+                progress=not (args.quiet or args.json))
+    _print_summary(run, args, args.out)
+    if not args.json:
+        print(f"{run.summary['anomalies']:,} anomalous points; top groups in {args.out}/_anomalies.json")
+    return 0
+
+
+def _cmd_models_list(args) -> int:
+    from .store import ModelStore
+
+    st = ModelStore(args.store)
+    latest = st.latest()
+    rows = []
+    for rid in st.runs():
+        man = st.manifest(rid)
+        rows.append({"run": rid, "latest": rid == latest, "model": man["spec"]["model"],
+                     **man["summary"]["counts"], "groups": man["summary"]["groups"],
+                     "committed": man["committed"]})
+    pending = [p["run_id"] for p in st.pending()]
+    if args.json:
+        print(json.dumps({"runs": rows, "interrupted": pending}))
+        return 0
+    if not rows and not pending:
+        print(f"no runs in {args.store}")
+    for r in rows:
+        mark = "*" if r["latest"] else " "
+        print(f"{mark} {r['run']}  {r['model']:<14} {r['groups']:>10,} groups  ok {r['ok']:,}  "
+              f"failed {r['failed']:,}  skipped {r['skipped']:,}")
+    for rid in pending:
+        print(f"  {rid}  (interrupted: resume with train --resume {rid})")
+    return 0
+
+
+def _cmd_models_show(args) -> int:
+    from .store import ModelStore, parse_key
+
+    st = ModelStore(args.store)
+    if args.key:
+        model = st.load(parse_key(args.key), run=args.run, trust=args.trust)
+        info = {"model": type(model).__name__, "params": model.get_params() if hasattr(model, "get_params") else {}}
+        if hasattr(model, "get_state"):
+            info["state"] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in model.get_state().items()}
+        print(json.dumps(info, default=str) if args.json else json.dumps(info, indent=1, default=str))
+        return 0
+    man = st.manifest(args.run)
+    groups = st.groups(man["run_id"])
+    failed = groups[groups.status != "ok"].head(20)
+    if args.json:
+        print(json.dumps({"manifest": man, "not_ok": failed.to_dict(orient="records")}, default=str))
+        return 0
+    s = man["summary"]
+    print(f"run {man['run_id']}: {man['spec']['model']} {man['spec']['params']}")
+    print(f"input {man['input']['url']} ({man['input']['rows']:,} rows, {man['input']['files']} files)")
+    print(f"{s['groups']:,} groups: ok {s['counts']['ok']:,}, failed {s['counts']['failed']:,}, "
+          f"skipped {s['counts']['skipped']:,}; {s['wall_seconds']:.1f} s wall")
+    if man.get("lineage", {}).get("retrain"):
+        print(f"retrained {man['lineage']['retrain']} groups of {man['lineage']['base_run']}; "
+              f"carried over {man['lineage']['carried_over']}")
+    by = man["spec"]["by"]
+    for row in failed.to_dict(orient="records"):
+        key = ",".join(f"{k}={row[k]}" for k in by)
+        print(f"  {row['status']:<8} {key}: {row['error']}")
+    return 0
+
+
+def _cmd_models_gc(args) -> int:
+    from .store import ModelStore
+
+    removed = ModelStore(args.store).gc(keep=args.keep, pending=args.pending, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removed)} run(s)" + (": " + ", ".join(removed) if removed else ""))
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import hmac
 import json
 import platform
 from dataclasses import asdict
@@ -125,13 +126,29 @@ class ModelStore:
         return run
 
     def manifest(self, run: str | None = "latest") -> dict[str, Any]:
-        """The committed manifest of ``run`` (a dict)."""
+        """The committed manifest of ``run`` (a dict), its checksum and signature verified."""
         rid = self.resolve(run)
         raw = self.location.read_bytes(f"runs/{rid}/manifest.json")
+        where = f"run {rid!r} in {self.location.url!r}"
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise IntegrityError(f"The manifest of run {rid!r} in {self.location.url!r} is not valid JSON: {err}") from err
+            raise IntegrityError(f"The manifest of {where} is not valid JSON ({err}): it was changed or truncated.") from err
+        claimed = body.pop("checksum", None)
+        if claimed != _digest_of(body):
+            raise IntegrityError(f"The manifest of {where} does not match its checksum: it was changed "
+                                 "after it was committed. Retrain, or restore it from a backup.")
+        key = signing_key()
+        if key is not None:
+            sig_path = f"runs/{rid}/manifest.sig"
+            if not self.location.exists(sig_path):
+                raise IntegrityError(f"The manifest of {where} is not signed, and {SIGNING_ENV} is set: "
+                                     "refusing to load it. Unset the key only if you trust this store.")
+            sig = self.location.read_bytes(sig_path).decode().strip()
+            if not hmac.compare_digest(sig, _sign(key, raw)):
+                raise IntegrityError(f"The signature of the manifest of {where} does not match: it was "
+                                     f"changed, or signed with another key than {SIGNING_ENV}.")
+        return body
 
     # -- reading ----------------------------------------------------------
     def _read_part(self, part: dict, columns: list[str] | None = None) -> pa.Table:
@@ -151,12 +168,20 @@ class ModelStore:
         cols = list(man["spec"]["by"]) + ["status", "error", "rows", "seconds"]
         return self.table(run, columns=cols).to_pandas()
 
-    def load(self, key: dict | tuple | str, run: str | None = "latest"):
-        """Load the fitted model of one group, e.g. ``load({"app": "a", "site": "s1"})``."""
+    def load(self, key: dict | tuple | str, run: str | None = "latest", *, trust: bool = False):
+        """Load the fitted model of one group, e.g. ``load({"app": "a", "site": "s1"})``.
+
+        Reads only the parts that the run's index names for the key.  Pickled
+        user models are loaded only with ``trust=True``.
+        """
+        import pyarrow.compute as pc
+
         from .models import registry
 
         man = self.manifest(run)
         by = man["spec"]["by"]
+        if isinstance(key, str) and "=" in key:
+            key = parse_key(key)
         if isinstance(key, dict):
             missing = [k for k in by if k not in key]
             if missing:
@@ -164,31 +189,106 @@ class ModelStore:
             want = tuple(key[k] for k in by)
         else:
             want = (key,) if not isinstance(key, tuple) else key
-        tbl = self.table(run, columns=list(by) + ["status", "error", "model"])
-        mask = None
-        import pyarrow.compute as pc
-
-        for k, v in zip(by, want):
-            m = pc.equal(tbl[k], pa.scalar(v, tbl.schema.field(k).type))
-            mask = m if mask is None else pc.and_(mask, m)
-        hit = tbl.filter(mask)
-        if hit.num_rows == 0:
+        serializer = man["spec"].get("serializer", "native")
+        if serializer != "native" and not trust:
+            raise StoreError(f"Run {man['run_id']!r} holds pickled user models: loading one runs code from "
+                             "the store. Pass trust=True (CLI: --trust) only if you trust who wrote it.")
+        index = man.get("index") or {}
+        parts = man["parts"]
+        if index.get("keys"):
+            leaf = [str(want[by.index(k)]) for k in index["keys"]]
+            parts = [p for p, leaves in zip(parts, index["parts"]) if leaf in [[str(v) for v in lf] for lf in leaves]]
+        hit = None
+        for part in parts:
+            tbl = read_part(self.location, part, columns=list(by) + ["status", "error", "model"])
+            mask = None
+            for k, v in zip(by, want):
+                m = pc.equal(tbl[k], pa.scalar(v, tbl.schema.field(k).type))
+                mask = m if mask is None else pc.and_(mask, m)
+            tbl = tbl.filter(mask)
+            if tbl.num_rows:
+                hit = tbl.slice(0, 1).to_pylist()[0]
+                break
+        if hit is None:
             raise StoreError(f"No group {dict(zip(by, want))} in run {man['run_id']!r}.")
-        row = hit.slice(0, 1).to_pylist()[0]
-        if row["status"] != "ok":
-            raise StoreError(f"Group {dict(zip(by, want))} has no model: {row['status']} ({row['error']}).")
-        name = man["spec"]["model"]
-        if man["spec"].get("serializer", "native") != "native":
-            raise StoreError(f"Run {man['run_id']!r} holds pickled user models; loading them is not supported yet.")
-        return registry[name].from_bytes(row["model"])
+        if hit["status"] != "ok":
+            raise StoreError(f"Group {dict(zip(by, want))} has no model: {hit['status']} ({hit['error']}).")
+        if serializer != "native":
+            import cloudpickle
+
+            return cloudpickle.loads(hit["model"])
+        return registry[man["spec"]["model"]].from_bytes(hit["model"])
 
     # -- writing (the client commits) ------------------------------------
     def commit(self, run_id: str, manifest: dict[str, Any], parts: list[PartInfo]) -> None:
-        """Write the manifest of ``run_id`` (listing ``parts``), then point ``LATEST`` at it."""
+        """Write the manifest of ``run_id`` (listing ``parts``), then point ``LATEST`` at it.
+
+        The manifest carries a checksum of itself; with ``MODELFACTORY_SIGNING_KEY``
+        set it is also signed (HMAC-SHA256, ``manifest.sig``, written first).
+        """
         body = dict(manifest)
         body.update(format_version=MANIFEST_VERSION, run_id=run_id,
                     committed=_dt.datetime.now(_dt.timezone.utc).isoformat(),
                     versions=versions(), parts=[asdict(p) for p in parts])
-        data = json.dumps(body, indent=1, sort_keys=True, default=str).encode()
+        body = json.loads(json.dumps(body, default=str))
+        body["checksum"] = _digest_of(body)
+        data = json.dumps(body, indent=1, sort_keys=True).encode()
+        key = signing_key()
+        if key is not None:
+            self.location.write_bytes(f"runs/{run_id}/manifest.sig", _sign(key, data).encode())
         self.location.write_bytes(f"runs/{run_id}/manifest.json", data)
         self.location.write_bytes("LATEST", run_id.encode())
+        if self.location.exists(f"runs/{run_id}/pending.json"):
+            self.location.fs.rm(self.location.path(f"runs/{run_id}/pending.json"))
+
+    def gc(self, *, keep: int = 3, pending: bool = False, dry_run: bool = False) -> list[str]:
+        """Remove all but the newest ``keep`` committed runs (never ``LATEST``).
+
+        With ``pending=True`` also remove interrupted runs (only when no job is
+        still writing them!).  Returns the ids removed (or that would be).
+        """
+        if keep < 1:
+            raise StoreError(f"keep must be at least 1; got {keep}.")
+        runs, latest = self.runs(), self.latest()
+        drop = [r for r in runs[:-keep] if r != latest]
+        if pending:
+            drop += [p["run_id"] for p in self.pending()]
+        if not dry_run:
+            fs = self.location.fs
+            for rid in drop:
+                # the manifest goes first, so a half-removed run is never visible
+                man = self.location.path(f"runs/{rid}/manifest.json")
+                if fs.exists(man):
+                    fs.rm(man)
+                fs.rm(self.location.path(f"runs/{rid}"), recursive=True)
+        return drop
+
+
+SIGNING_ENV = "MODELFACTORY_SIGNING_KEY"
+
+
+def signing_key() -> bytes | None:
+    """The HMAC key for manifests, from ``MODELFACTORY_SIGNING_KEY`` (None when unset)."""
+    import os
+
+    value = os.environ.get(SIGNING_ENV)
+    return value.encode() if value else None
+
+
+def _sign(key: bytes, data: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def _digest_of(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def parse_key(text: str) -> dict[str, str]:
+    """``"app=a,site=b"`` -> ``{"app": "a", "site": "b"}``."""
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise StoreError(f"Cannot read the key {text!r}: write it as name=value pairs, e.g. app=a,site=b.")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
