@@ -159,8 +159,34 @@ def _summarise(kind: str, results: list[UnitResult], plan_: Plan | None, wall: f
 def _run_units(client, spec: JobSpec, info: DatasetInfo, plan_: Plan, progress: Progress) -> list[UnitResult]:
     if plan_.mode == "files":
         return execute(client, functools.partial(kernel.run_unit, spec), plan_.units,
-                       keys=[f"mf-{u.id}-{spec.kind}-{id(spec):x}" for u in plan_.units], progress=progress)
+                       keys=[f"mf-{u.id}-{spec.kind}-{id(spec):x}" for u in plan_.units], progress=progress,
+                       on_killed=functools.partial(_isolate, spec))
     return _run_shuffled(client, spec, info, plan_, progress)
+
+
+def _isolate(spec: JobSpec, client, unit) -> UnitResult:
+    """A unit kept killing its worker: run each of its groups as its own task, so only the
+    group(s) that crash the process fail (with the reason) and the others complete."""
+    from distributed import KilledWorker, wait
+
+    keys = client.submit(kernel.unit_keys, spec, unit, pure=False).result()
+    rows = keys.to_pylist()
+    subs = [f"{unit.id}-g{i:05d}" for i in range(len(rows))]
+    futures = client.map(kernel.run_group, [spec] * len(rows), [unit] * len(rows), rows, subs,
+                         key=[f"mf-{s}-{id(spec):x}" for s in subs], pure=False)
+    wait(futures)
+    parts, dead = [], []
+    for i, fut in enumerate(futures):
+        if fut.status == "error" and isinstance(fut.exception(), KilledWorker):
+            dead.append(i)
+        else:
+            parts.append(fut.result())
+        fut.release()
+    if dead:
+        reason = ("the worker process died while running this group (killed by the OS, out of "
+                  "memory, or a crash in native code); it was tried on several workers")
+        parts.append(kernel.failed_rows(spec, f"{unit.id}-killed", keys.take(pa.array(dead)), reason))
+    return kernel.merge_results(unit.id, parts)
 
 
 def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from .models.base import Model, SeriesBatch, SkipGroup
 from .plan import WorkUnit
 
 __all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
-           "run_keys", "describe_error", "STATUS"]
+           "run_keys", "unit_keys", "run_group", "failed_rows", "merge_results", "describe_error", "STATUS"]
 
 STATUS = ("ok", "failed", "skipped")
 _UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
@@ -155,6 +155,39 @@ def run_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
         return done
     table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter)
     return run_table(spec, unit.id, table, t0=t0)
+
+
+def unit_keys(spec: JobSpec, unit: WorkUnit) -> pa.Table:
+    """The distinct group keys of a unit (reads the key columns only)."""
+    table = read_files(spec.source, unit.paths, list(spec.by), spec.filter)
+    return split_groups(table, spec.by).keys
+
+
+def run_group(spec: JobSpec, unit: WorkUnit, key: dict, sub_id: str) -> UnitResult:
+    """Run one group of a unit on its own (to isolate a group that kills its worker)."""
+    import functools
+
+    import pyarrow.dataset as ds
+
+    cond = functools.reduce(lambda a, b: a & b, [ds.field(k) == v for k, v in key.items()])
+    if spec.filter is not None:
+        cond = cond & spec.filter
+    t0 = _time.perf_counter()
+    if spec.resume and (done := recover(spec, sub_id)) is not None:
+        return done
+    table = read_files(spec.source, unit.paths, list(spec.columns), cond)
+    return run_table(spec, sub_id, table, t0=t0)
+
+
+def failed_rows(spec: JobSpec, unit_id: str, keys: pa.Table, error: str) -> UnitResult:
+    """A unit result (and part) for groups that could not run at all: all ``failed`` with ``error``."""
+    n = keys.num_rows
+    rows = {"status": ["failed"] * n, "error": [error] * n, "seconds": np.zeros(n)}
+    if spec.kind == "train":
+        rows["extra_columns"] = {"model": pa.nulls(n, pa.binary()), "fingerprint": pa.nulls(n, pa.binary(8)),
+                                 "fitted_in": pa.array([spec.run_id] * n, pa.string())}
+    extra = spec.out_schema.empty_table() if spec.kind == "apply" else None
+    return _finish(spec, unit_id, keys, rows, extra, np.zeros(n, np.int64), _time.perf_counter())
 
 
 def run_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | None = None) -> UnitResult:
@@ -496,3 +529,27 @@ def _apply(spec: JobSpec, groups: Groups):
             tables.append(t)
     result = pa.concat_tables(tables) if tables else schema.empty_table()
     return {"status": status, "error": errors, "seconds": seconds}, result
+
+
+def merge_results(unit_id: str, results: list[UnitResult]) -> UnitResult:
+    """One result for a unit that ran as several pieces (isolated groups)."""
+    out = UnitResult(unit_id)
+    for r in results:
+        out.groups += r.groups
+        out.rows += r.rows
+        out.seconds += r.seconds
+        for k, v in r.counts.items():
+            out.counts[k] = out.counts.get(k, 0) + v
+        for k, v in r.carried.items():
+            out.carried[k] = out.carried.get(k, 0) + v
+        out.parts += r.parts
+        out.errors += r.errors
+        out.leaves = sorted(set(out.leaves) | set(r.leaves), key=lambda k: tuple(str(v) for v in k))
+    tables = [r.group_table for r in results if r.group_table is not None]
+    if tables:
+        out.group_table = pa.concat_tables(tables, promote_options="permissive")
+    data = [r.table for r in results if isinstance(r.table, pa.Table)]
+    if data:
+        out.table = pa.concat_tables(data)
+    out.errors = out.errors[:5]
+    return out

@@ -107,11 +107,13 @@ class Progress:
 
 
 def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progress: Progress,
-            retries: int = 2) -> list[UnitResult]:
+            retries: int = 2, on_killed: Callable | None = None) -> list[UnitResult]:
     """Run ``fn(item)`` for every item on the cluster (or inline); results in item order.
 
-    Units that fail (an I/O error, a lost worker after ``retries``) raise here:
-    per-group errors never do, the kernel records them.
+    Units that fail (an I/O error) raise here: per-group errors never do, the
+    kernel records them.  A unit that kept killing its worker process
+    (:class:`distributed.KilledWorker`) is handed to ``on_killed(client, item)``,
+    which isolates the group responsible, when given.
     """
     results: list = [None] * len(items)
     if client is None:
@@ -119,14 +121,19 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
             results[i] = fn(item)
             progress.update(results[i])
         return results
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
 
     futures = client.map(fn, items, key=list(keys), retries=retries, pure=False)
     index = {f.key: i for i, f in enumerate(futures)}
     try:
         for fut in as_completed(futures):
-            res = fut.result()
-            results[index[fut.key]] = res
+            i = index[fut.key]
+            if fut.status == "error" and on_killed is not None and isinstance(fut.exception(), KilledWorker):
+                log.warning("unit %s keeps killing its worker; running its groups one by one", keys[i])
+                res = on_killed(client, items[i])
+            else:
+                res = fut.result()
+            results[i] = res
             progress.update(res)
     finally:
         for f in futures:
