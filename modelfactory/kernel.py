@@ -113,24 +113,48 @@ class Groups:
         return list(zip(*cols)) if cols else []
 
 
+def _boundaries(table: pa.Table, by: tuple[str, ...]) -> np.ndarray:
+    """Row positions where the key changes from the row before (nulls compare equal)."""
+    n = table.num_rows
+    change = np.zeros(max(n - 1, 0), dtype=bool)
+    for k in by:
+        col = table[k].chunk(0) if table[k].num_chunks else pa.array([], table[k].type)
+        a, b = col.slice(1), col.slice(0, n - 1)
+        ne = pc.fill_null(pc.not_equal(a, b), False)
+        if col.null_count:
+            ne = pc.or_(ne, pc.xor(pc.is_null(a), pc.is_null(b)))
+        change |= ne.to_numpy(zero_copy_only=False)
+    return np.flatnonzero(change) + 1
+
+
+def _grouped_already(table: pa.Table, by: tuple[str, ...], time: str | None, cuts: np.ndarray) -> bool:
+    """True when every group is one contiguous run of rows, in time order (then no sort is needed)."""
+    if len(cuts) + 1 != table.select(list(by)).group_by(list(by)).aggregate([]).num_rows:
+        return False
+    if time is None or table.num_rows < 2:
+        return True
+    t = pc.cast(table[time], pa.int64()).to_numpy(zero_copy_only=False)
+    back = np.flatnonzero(np.diff(t) < 0) + 1  # rows whose time goes backwards ...
+    return bool(np.isin(back, cuts).all())  # ... only where a new group starts
+
+
 def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) -> Groups:
-    """Sort ``table`` by keys and time once, then find group boundaries; groups are zero-copy slices."""
-    sort_keys = [(k, "ascending", "at_end") for k in by] + ([(time, "ascending", "at_end")] if time else [])
-    if table.num_rows > 1:
-        table = table.take(pc.sort_indices(table, sort_keys=sort_keys))
+    """Find each group's contiguous row range; groups are zero-copy slices.
+
+    Data written group by group in time order (the usual case) is used as it
+    is; otherwise the table is sorted once by keys and time.
+    """
     table = table.combine_chunks()
     n = table.num_rows
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Groups(table, empty, empty, table.select(list(by)).slice(0, 0))
-    change = np.zeros(n - 1, dtype=bool)
-    for k in by:
-        col = table[k].chunk(0) if table[k].num_chunks else pa.array([], table[k].type)
-        a, b = col.slice(1), col.slice(0, n - 1)
-        ne = pc.fill_null(pc.not_equal(a, b), False)
-        nulls = pc.xor(pc.is_null(a), pc.is_null(b))
-        change |= pc.or_(ne, nulls).to_numpy(zero_copy_only=False)
-    starts = np.concatenate(([0], np.flatnonzero(change) + 1)).astype(np.int64)
+    cuts = _boundaries(table, by)
+    if not _grouped_already(table, by, time, cuts):
+        sort_keys = [(k, "ascending", "at_end") for k in by] + ([(time, "ascending", "at_end")] if time else [])
+        table = table.take(pc.sort_indices(table, sort_keys=sort_keys)).combine_chunks()
+        cuts = _boundaries(table, by)
+    starts = np.concatenate(([0], cuts)).astype(np.int64)
     ends = np.concatenate((starts[1:], [n])).astype(np.int64)
     return Groups(table, starts, ends, table.select(list(by)).take(pa.array(starts)))
 

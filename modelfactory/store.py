@@ -40,16 +40,17 @@ def new_run_id(spec_digest: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    import dask
-    import numpy
-    import sklearn
-    import statsmodels
+    """Versions of the libraries a run used (from package metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
-
-    return {"modelfactory": __version__, "python": platform.python_version(), "pyarrow": pa.__version__,
-            "numpy": numpy.__version__, "pandas": pd.__version__, "dask": dask.__version__,
-            "scikit-learn": sklearn.__version__, "statsmodels": statsmodels.__version__}
+    out = {"python": platform.python_version()}
+    for name in ("modelfactory", "pyarrow", "numpy", "pandas", "dask", "distributed", "scikit-learn",
+                 "statsmodels"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def read_part(loc: Location, part: dict, columns: list[str] | None = None) -> pa.Table:

@@ -155,7 +155,7 @@ def test_unknown_model_suggests_the_closest(by_app, tmp_path):
 def test_bad_model_parameter(by_app, tmp_path):
     _refused(tmp_path, by_app, ParameterError, "no parameter 'season_lenght'. Did you mean 'season_length'",
              params={"season_lenght": 24})
-    _refused(tmp_path, by_app, ParameterError, r"'season_length' parameter of SeasonalProfile must be int >= 1. Got 0",
+    _refused(tmp_path, by_app, ParameterError, r"'season_length' parameter of SeasonalProfile must be an int >= 1. Got 0",
              params={"season_length": 0})
 
 
