@@ -40,11 +40,12 @@ def make_table(series: int = 10_000, *, days: int = 14, apps: int | None = None,
         for k in range(spikes):
             at = rng.integers(n // 2, n, series)
             value[np.arange(series) * n + at] += (8 + 4 * k) * noise * rng.choice([-1, 1], series)
-    app = np.array([f"app-{i:02d}" for i in range(apps)])[np.arange(series) % apps]
-    site = np.array([f"site-{i:05d}" for i in range(series)])
+    app_of = (np.arange(series) % apps).astype(np.int32)
+    apps_names = pa.array([f"app-{i:02d}" for i in range(apps)])
+    sites = pa.array([f"site-{i:05d}" for i in range(series)])
     return pa.table({
-        "app": pa.array(app[sid]),
-        "site": pa.array(site[sid]),
+        "app": pa.DictionaryArray.from_arrays(pa.array(app_of[sid]), apps_names).cast(pa.string()),
+        "site": pa.DictionaryArray.from_arrays(pa.array(sid.astype(np.int32)), sites).cast(pa.string()),
         "ts": pa.array(start + hour.astype("timedelta64[h]"), pa.timestamp("s", tz="UTC")),
         "value": pa.array(value),
     })
@@ -60,5 +61,6 @@ def write_dataset(path: str, series: int = 10_000, *, days: int = 14, apps: int 
     part = ds.partitioning(pa.schema([("app", pa.string())]), flavor="hive")
     ds.write_dataset(table, loc.root, filesystem=fs, format="parquet", partitioning=part,
                      existing_data_behavior="delete_matching",
+                     min_rows_per_group=128 * 1024, max_rows_per_group=1024 * 1024,
                      file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"))
     return path
