@@ -22,6 +22,7 @@ import pyarrow as pa
 from . import kernel
 from ._io import Location
 from ._schema import parse_schema
+from .config import job_settings
 from .dataset import DatasetInfo, check_columns, discover
 from .exceptions import ModelError, ModelFactoryError, PlanError, StoreError
 from .kernel import JobSpec, ModelSpec, UnitResult
@@ -282,7 +283,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
           params: Mapping | None = None, cluster: Any = None, workers: int | None = None,
           unit_rows: int | None = None, filter: Any = None, storage_options: dict | None = None,
           resume: bool | str = False, retrain: str | None = None, base: str = "latest",
-          progress: bool = False) -> Run:
+          config: str | None = None, progress: bool = False) -> Run:
     """Fit one model per group of ``data`` and commit them to ``store`` as one run.
 
     Parameters
@@ -331,6 +332,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     >>> run.summary["counts"]
     {'ok': 20, 'failed': 0, 'skipped': 0}
     """
+    conf = job_settings(cluster, workers=workers, unit_rows=unit_rows, storage_options=storage_options,
+                        config=config)
+    storage_options, unit_rows = conf.storage_options or None, conf.unit_rows
     by_ = _as_tuple(by, "by")
     feats = _as_tuple(features, "features")
     mspec = resolve_model(model, params)
@@ -369,7 +373,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                    sink=st.location, groups_prefix=f"runs/{run_id}/parts/", leaf_keys=leaf_keys,
                    models=base_src, resume=resume is not False, retrain=retrain, run_id=run_id)
     t0 = _time.perf_counter()
-    with open_client(cluster, workers=workers) as client:
+    with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
         st.location.write_bytes(f"runs/{run_id}/pending.json", json.dumps(
             {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "spec": job}).encode())
@@ -410,7 +414,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
           input: str = "pandas", out: str | None = None, time: str | None = None,
           columns: Sequence[str] | None = None, cluster: Any = None, workers: int | None = None,
           unit_rows: int | None = None, filter: Any = None, storage_options: dict | None = None,
-          overwrite: bool = False, progress: bool = False) -> Run:
+          overwrite: bool = False, config: str | None = None, progress: bool = False) -> Run:
     """Grouped map: run ``func`` on every group and collect the rows it returns.
 
     This is Spark's ``groupBy(...).applyInPandas(func, schema)`` without a JVM.
@@ -447,6 +451,9 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     >>> len(run.to_pandas())
     6
     """
+    conf = job_settings(cluster, workers=workers, unit_rows=unit_rows, storage_options=storage_options,
+                        config=config)
+    storage_options, unit_rows = conf.storage_options or None, conf.unit_rows
     by_ = _as_tuple(by, "by")
     if not callable(func):
         raise ModelFactoryError(f"func must be callable; got {type(func).__name__}.")
@@ -474,7 +481,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     spec = JobSpec("apply", by_, info.source, cols, time, filter=filter, func=func, input=input,
                    out_schema=out_schema, sink=sink, groups_prefix="_groups/", data_prefix="part-")
     t0 = _time.perf_counter()
-    with open_client(cluster, workers=workers) as client:
+    with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
         bar = Progress(len(plan_.units), "apply", progress, client)
         try:
@@ -520,7 +527,7 @@ def _finish_table_run(run_id, kind, summary, results, sink, out_schema) -> Run:
 def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None = None,
              schema: Any = None, out: str | None = None, cluster: Any = None,
              workers: int | None = None, keys_per_unit: int | None = None,
-             storage_options: dict | None = None, progress: bool = False) -> Run:
+             storage_options: dict | None = None, config: str | None = None, progress: bool = False) -> Run:
     """Run ``func(key)`` once per key on the cluster; the function loads its own data.
 
     ``keys`` are scalars, tuples, or dicts (then ``by`` defaults to the dict's
@@ -534,6 +541,8 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     >>> run.results
     {'a': 'A', 'b': 'B', 'c': 'C'}
     """
+    conf = job_settings(cluster, workers=workers, storage_options=storage_options, config=config)
+    storage_options = conf.storage_options or None
     if not callable(func):
         raise ModelFactoryError(f"func must be callable; got {type(func).__name__}.")
     keys = list(keys)
@@ -560,7 +569,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     spec = JobSpec("map_keys", by_, func=func, out_schema=out_schema, sink=sink,
                    groups_prefix="_groups/", data_prefix="part-", key_types=key_types)
     t0 = _time.perf_counter()
-    with open_client(cluster, workers=workers) as client:
+    with open_client(cluster, settings=conf) as client:
         n_workers = worker_count(client)
         per = keys_per_unit or max(1, min(1000, math.ceil(len(rows) / (n_workers * 8))))
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
@@ -592,7 +601,7 @@ class _KeysTask:
 def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any = None,
           workers: int | None = None, unit_rows: int | None = None, filter: Any = None,
           storage_options: dict | None = None, overwrite: bool = False, trust: bool = False,
-          progress: bool = False) -> Run:
+          config: str | None = None, progress: bool = False) -> Run:
     """Score new rows of ``data`` with the models of one committed run of ``store``.
 
     Data and models meet on the workers: each unit reads its slice of the data
@@ -614,6 +623,9 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     >>> run.summary["counts"]
     {'ok': 10, 'failed': 0, 'skipped': 0}
     """
+    conf = job_settings(cluster, workers=workers, unit_rows=unit_rows, storage_options=storage_options,
+                        config=config)
+    storage_options, unit_rows = conf.storage_options or None, conf.unit_rows
     from .scoring import score_table, score_unit
 
     st = ModelStore(store, storage_options=storage_options)
@@ -639,7 +651,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     spec = JobSpec("score", by_, info.source, columns, sp["time"], sp["target"], feats, filter,
                    sink=sink, models=src)
     t0 = _time.perf_counter()
-    with open_client(cluster, workers=workers) as client:
+    with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
         try:

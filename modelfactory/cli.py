@@ -31,7 +31,9 @@ def _param(text: str) -> tuple[str, object]:
 def _common_run(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--scheduler", "--cluster", dest="cluster", metavar="ADDRESS",
-                   help="a Dask scheduler address (tcp://host:8786), 'local' (default) or 'inline'")
+                   help="'local' (default), 'inline', 'kube' or a Dask scheduler address (tcp://host:8786)")
+    g.add_argument("--config", metavar="FILE", help="TOML settings file (default: $MODELFACTORY_CONFIG); "
+                                                    "see docs/kubernetes.md")
     g.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
     g.add_argument("--unit-rows", type=int, help="rows per work unit (default: automatic)")
     o = p.add_argument_group("output")
@@ -112,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common_run(d)
     d.set_defaults(func=_cmd_demo)
 
+    cs = sub.add_parser("cluster-spec", help="print the DaskCluster manifest a cluster='kube' job would create",
+                        description="Print the DaskCluster (and, when adaptive, DaskAutoscaler) manifest that "
+                                    "a cluster='kube' job would create, for review or `kubectl apply -f -`.")
+    cs.add_argument("--config", metavar="FILE", help="TOML settings file (default: $MODELFACTORY_CONFIG)")
+    cs.add_argument("--workers", type=int, help="worker pods of a fixed-size cluster")
+    cs.add_argument("--format", choices=("yaml", "json"), help="default: yaml (json without PyYAML)")
+    cs.set_defaults(func=_cmd_cluster_spec)
+
     try:
         from .ingest import _cli as ingest_cli
     except ImportError:  # pragma: no cover - the ingest package is optional at import time
@@ -140,7 +150,8 @@ def _cmd_train(args) -> int:
     run = train(args.data, by=args.by, time=args.time, target=args.target, features=args.features,
                 model=args.model, params=dict(args.param), store=args.store, cluster=args.cluster,
                 workers=args.workers, unit_rows=args.unit_rows, resume=args.resume,
-                retrain=args.retrain, base=args.base, progress=not (args.quiet or args.json))
+                retrain=args.retrain, base=args.base, config=args.config,
+                progress=not (args.quiet or args.json))
     _print_summary(run, args, args.store)
     return 0
 
@@ -150,7 +161,7 @@ def _cmd_score(args) -> int:
 
     run = score(args.data, store=args.store, out=args.out, run=args.run, cluster=args.cluster,
                 workers=args.workers, unit_rows=args.unit_rows, overwrite=args.overwrite, trust=args.trust,
-                progress=not (args.quiet or args.json))
+                config=args.config, progress=not (args.quiet or args.json))
     _print_summary(run, args, args.out)
     if not args.json:
         print(f"{run.summary['anomalies']:,} anomalous points; top groups in {args.out}/_anomalies.json")
@@ -215,6 +226,13 @@ def _cmd_models_show(args) -> int:
     return 0
 
 
+def _cmd_cluster_spec(args) -> int:
+    from .kube import cluster_spec
+
+    sys.stdout.write(cluster_spec(args.config, workers=args.workers, fmt=args.format))
+    return 0
+
+
 def _cmd_models_gc(args) -> int:
     from .store import ModelStore
 
@@ -237,7 +255,7 @@ def _cmd_demo(args) -> int:
         print(f"writing {args.series:,} hourly series x {args.days} days to {data}")
     write_dataset(data, args.series, days=args.days)
     run = train(data, by=["app", "site"], time="ts", target="value", model=args.model, store=store,
-                cluster=args.cluster, workers=args.workers, unit_rows=args.unit_rows,
+                cluster=args.cluster, workers=args.workers, unit_rows=args.unit_rows, config=args.config,
                 progress=not (args.quiet or args.json))
     _print_summary(run, args, store)
     return 0

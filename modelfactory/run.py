@@ -6,6 +6,8 @@
   worker process per core) and closed after it;
 - ``"inline"``: no Dask at all, units run one after another in this process
   (tests, debugging with pdb);
+- ``"kube"``: an (adaptive) dask-kubernetes KubeCluster made for the job from the
+  settings (:mod:`modelfactory.config`, :mod:`modelfactory.kube`), closed after it;
 - a scheduler address (``"tcp://host:8786"``), a :class:`distributed.Client`,
   or a cluster object (anything with ``scheduler_address``): attached to,
   never closed.
@@ -31,8 +33,18 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 
 
 @contextlib.contextmanager
-def open_client(cluster=None, *, workers: int | None = None) -> Iterator:
-    """Yield a :class:`distributed.Client` (or None for ``"inline"``) for the job."""
+def open_client(cluster=None, *, workers: int | None = None, settings=None) -> Iterator:
+    """Yield a :class:`distributed.Client` (or None for ``"inline"``) for the job.
+
+    ``cluster`` left as None (or a name) falls back to the layered settings
+    (argument > ``MODELFACTORY_*`` environment > config file > defaults).
+    """
+    if cluster is None or isinstance(cluster, str):
+        from .config import load_settings
+
+        if settings is None:
+            settings = load_settings({"cluster": cluster, "workers": workers})
+        cluster, workers = settings.cluster, settings.workers
     if cluster == "inline":
         yield None
         return
@@ -46,6 +58,12 @@ def open_client(cluster=None, *, workers: int | None = None) -> Iterator:
         except Exception as err:  # noqa: BLE001 - surfaced with context
             raise ClusterError(f"Could not start a local Dask cluster with {n} workers: {err}") from err
         with lc, Client(lc) as client:
+            yield client
+        return
+    if cluster == "kube":
+        from .kube import kube_cluster
+
+        with kube_cluster(settings) as kc, Client(kc) as client:
             yield client
         return
     if isinstance(cluster, Client):
@@ -75,7 +93,8 @@ def worker_count(client) -> int:
     """Workers to plan for: the live workers (at least one)."""
     if client is None:
         return 1
-    return max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+    planned = getattr(getattr(client, "cluster", None), "plan_workers", None) or 0
+    return max(1, planned, len(client.scheduler_info(n_workers=-1).get("workers", {})))
 
 
 class Progress:

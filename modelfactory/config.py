@@ -1,0 +1,437 @@
+"""Layered settings for where and how a job runs.
+
+Every setting has one name (``workers``, ``kube.image`` ...) and is looked up
+in four layers, the first that sets it wins:
+
+1. explicit arguments (``load_settings({"workers": 8})``, CLI flags); None means "not set";
+2. environment variables: ``MODELFACTORY_<NAME>`` for top-level settings and
+   ``MODELFACTORY_KUBE_<NAME>`` for ``kube.<name>`` (upper case; tables such as
+   ``kube.env`` are given as JSON objects);
+3. a TOML file: ``config_file=``, else ``$MODELFACTORY_CONFIG`` (top-level keys
+   and a ``[kube]`` table, see ``examples/job.toml``);
+4. the packaged defaults (the field defaults below).
+
+A setting is replaced whole by the layer that sets it: a ``[kube.env]`` table
+in the file replaces the default (empty) table, and ``MODELFACTORY_KUBE_ENV``
+replaces the file's.  An unknown key, an unknown ``MODELFACTORY_KUBE_*``
+variable or a ``MODELFACTORY_*`` variable that looks like a misspelt setting
+is an error naming where it was found, with a "did you mean" hint; so is a
+value of the wrong type.
+
+>>> s = load_settings({"workers": 4}, env={"MODELFACTORY_CLUSTER": "kube",
+...                                        "MODELFACTORY_KUBE_IMAGE": "example/mf:1"})
+>>> s.cluster, s.workers, s.kube.image, s.sources["kube.image"]
+('kube', 4, 'example/mf:1', 'MODELFACTORY_KUBE_IMAGE')
+>>> load_settings({"kube.imgae": "x"}, env={})
+Traceback (most recent call last):
+...
+modelfactory.exceptions.ClusterError: Unknown setting 'kube.imgae' in the arguments; did you mean 'kube.image'?
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exceptions import ClusterError
+
+__all__ = ["Settings", "KubeSettings", "load_settings", "job_settings", "env_var", "setting_names",
+           "OTHER_ENV_VARS", "CONFIG_ENV"]
+
+#: The variable that names a config file when ``config_file`` is not given.
+CONFIG_ENV = "MODELFACTORY_CONFIG"
+#: ``MODELFACTORY_*`` variables read by other parts of modelfactory, not settings.
+OTHER_ENV_VARS = frozenset({CONFIG_ENV, "MODELFACTORY_PROM_TOKEN", "MODELFACTORY_PROM_PASSWORD",
+                            "MODELFACTORY_SIGNING_KEY"})
+_PREFIX = "MODELFACTORY_"
+
+CLUSTER_WORDS = ("local", "inline", "kube")
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkKMGTPE]i?|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+def _opt(kind: str, doc: str, default: Any = None, factory: Any = None) -> Any:
+    meta = {"kind": kind, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class KubeSettings:
+    """How a ``cluster="kube"`` job's Dask cluster is made (dask-kubernetes operator)."""
+
+    image: str | None = _opt("str", "container image with modelfactory and your model code installed")
+    namespace: str | None = _opt("str", "Kubernetes namespace (default: the kubeconfig's current one)")
+    name: str = _opt("str", "name of the DaskCluster to create; {uuid} is replaced by 8 random hex digits",
+                     "modelfactory-{uuid}")
+    attach: str | None = _opt("str", "name of an existing DaskCluster to use instead of creating one "
+                                     "(never scaled nor deleted)")
+    minimum: int = _opt("int>=0", "adaptive: fewest workers (with maximum)", 0)
+    maximum: int | None = _opt("int>=1", "adaptive: most workers; set it to make the cluster adaptive")
+    threads: int = _opt("int>=1", "threads per worker pod (BLAS/OpenMP stay at one thread)", 1)
+    resources: dict = _opt("resources", "worker container requests/limits (cpu, memory)",
+                           factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"},
+                                            "limits": {"memory": "2Gi"}})
+    scheduler_resources: dict = _opt("resources", "scheduler container requests/limits",
+                                     factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"},
+                                                      "limits": {"memory": "2Gi"}})
+    env: dict = _opt("str_map", "extra environment variables of the scheduler and workers", factory=dict)
+    labels: dict = _opt("str_map", "extra labels on the DaskCluster and its pods", factory=dict)
+    idle_timeout: int = _opt("duration", "the operator deletes a cluster idle this long (seconds or "
+                                         "'15m'); 0 = never", 900)
+    resource_timeout: int = _opt("duration", "seconds for the operator to act on a new DaskCluster", 60)
+    startup_timeout: int = _opt("duration", "seconds until the scheduler answers (image pull included)", 600)
+    scheduler_service_type: str = _opt("service_type", "scheduler Service type: " + ", ".join(SERVICE_TYPES),
+                                       "ClusterIP")
+    custom_spec: str | None = _opt("path", "YAML file overlaid on the generated DaskCluster "
+                                           "(tolerations, nodeSelector, volumes ...)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where a job runs: the result of :func:`load_settings`."""
+
+    cluster: str = _opt("cluster", "'local', 'inline', 'kube' or a scheduler address (tcp://host:8786)",
+                        "local")
+    workers: int | None = _opt("int>=1", "workers: local processes (default one per core) or kube pods "
+                                         "of a fixed-size cluster (default 2)")
+    unit_rows: int | None = _opt("int>=1", "rows per work unit (default: planned from the data)")
+    storage_options: dict = _opt("dict", "fsspec options for s3:// and other remote paths", factory=dict)
+    kube: KubeSettings = field(default_factory=KubeSettings)
+    #: where each value came from: "default", a file path, an environment variable or "argument"
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def adaptive(self) -> bool:
+        """True when the job creates a Kubernetes cluster that scales with ``adapt``."""
+        return self.cluster == "kube" and self.kube.attach is None and self.kube.maximum is not None
+
+    @property
+    def kube_workers(self) -> int:
+        """Worker pods the DaskCluster starts with (``replicas``)."""
+        if self.workers is not None:
+            return self.workers
+        return self.kube.minimum if self.adaptive else 2
+
+    @property
+    def plan_workers(self) -> int | None:
+        """Workers the planner should size units for, before they exist.
+
+        An adaptive cluster is planned for its maximum (so there is enough pending
+        work to scale up); a fixed Kubernetes cluster for its size (pods start
+        slowly, counting live workers would undersize).  None: count live workers.
+        """
+        if self.cluster != "kube" or self.kube.attach is not None:
+            return None
+        return self.kube.maximum if self.adaptive else self.kube_workers
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if "kind" in f.metadata}
+
+
+_TOP = _fields(Settings)
+_KUBE = _fields(KubeSettings)
+
+
+def setting_names() -> list[str]:
+    """All setting names, ``kube.*`` included.
+
+    >>> setting_names()[:4]
+    ['cluster', 'workers', 'unit_rows', 'storage_options']
+    """
+    return [*_TOP, *(f"kube.{k}" for k in _KUBE)]
+
+
+def env_var(name: str) -> str:
+    """The environment variable of a setting: ``env_var("kube.image") == "MODELFACTORY_KUBE_IMAGE"``."""
+    return _PREFIX + name.replace(".", "_").upper()
+
+
+_ENV_TO_NAME = {env_var(n): n for n in setting_names()}
+
+
+def _field(name: str) -> dataclasses.Field:
+    if name.startswith("kube."):
+        return _KUBE[name[5:]]
+    return _TOP[name]
+
+
+def _hint(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# ---------------------------------------------------------------------------
+# value checks, one per kind
+# ---------------------------------------------------------------------------
+def _type_error(name: str, where: str, expected: str, value: Any) -> ClusterError:
+    return ClusterError(f"Setting {name!r} {where} must be {expected}; "
+                        f"got {value!r} ({type(value).__name__}).")
+
+
+def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) -> Any:
+    """Check (and normalise) one value; ``value`` may be a string from the environment."""
+    from_env = where.startswith("from " + _PREFIX)
+    if kind in ("str", "path", "cluster", "service_type"):
+        if not isinstance(value, str) or not value:
+            raise _type_error(name, where, "a non-empty string", value)
+        if kind == "path" and base_dir and not os.path.isabs(value) and "://" not in value:
+            value = os.path.normpath(os.path.join(base_dir, value))
+        if kind == "cluster":
+            _check_cluster(value, name, where)
+        if kind == "service_type" and value not in SERVICE_TYPES:
+            raise ClusterError(f"Setting {name!r} {where} must be one of {', '.join(SERVICE_TYPES)}; "
+                               f"got {value!r}{_hint(value, SERVICE_TYPES)}")
+        return value
+    if kind.startswith("int>="):
+        low = int(kind[5:])
+        if from_env and isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise _type_error(name, where, f"an integer >= {low}", value) from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _type_error(name, where, f"an integer >= {low}", value)
+        return value
+    if kind == "duration":
+        return _duration(name, value, where)
+    if from_env and isinstance(value, str) and kind in ("dict", "str_map", "resources"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ClusterError(f"Setting {name!r} {where} must be a JSON object "
+                               f"(e.g. '{{\"KEY\": \"value\"}}'); it is not valid JSON: {err}.") from None
+    if not isinstance(value, Mapping):
+        raise _type_error(name, where, "a table (a TOML [section] or a JSON object)", value)
+    if kind == "str_map":
+        return {str(k): _env_string(name, k, v, where) for k, v in value.items()}
+    if kind == "resources":
+        return _resources(name, value, where)
+    return dict(value)
+
+
+def _check_cluster(value: str, name: str, where: str) -> None:
+    if value in CLUSTER_WORDS or "://" in value or re.fullmatch(r"[\w.\-\[\]:]+:\d+", value):
+        return
+    alias = {"kubernetes": "kube", "k8s": "kube", "localcluster": "local"}.get(value.lower())
+    hint = f"; did you mean {alias!r}?" if alias else _hint(value, CLUSTER_WORDS)
+    raise ClusterError(f"Setting {name!r} {where} must be 'local', 'inline', 'kube' or a scheduler "
+                       f"address like 'tcp://10.0.0.5:8786'; got {value!r}{hint}")
+
+
+def _env_string(name: str, key: Any, value: Any, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ClusterError(f"Setting '{name}.{key}' {where} must be a string (quote it); "
+                           f"got {value!r} ({type(value).__name__}).")
+    return str(value)
+
+
+def _resources(name: str, value: Mapping, where: str) -> dict:
+    out: dict = {}
+    for part, table in value.items():
+        if part not in ("requests", "limits"):
+            raise ClusterError(f"Unknown key '{name}.{part}' {where}: resources take 'requests' and "
+                               f"'limits'{_hint(part, ('requests', 'limits'))}")
+        if not isinstance(table, Mapping):
+            raise _type_error(f"{name}.{part}", where, "a table like {cpu = \"1\", memory = \"2Gi\"}", table)
+        out[part] = {}
+        for res, qty in table.items():
+            q = _env_string(f"{name}.{part}", res, qty, where)
+            if not _QUANTITY.match(q):
+                raise ClusterError(f"Setting '{name}.{part}.{res}' {where} must be a Kubernetes quantity "
+                                   f"such as \"500m\", \"2\", \"4Gi\"; got {qty!r}.")
+            out[part][str(res)] = q
+    return out
+
+
+def _duration(name: str, value: Any, where: str) -> int:
+    expected = "a duration in seconds (an integer) or a string like '15m' or '1h'"
+    if isinstance(value, bool):
+        raise _type_error(name, where, expected, value)
+    if isinstance(value, str):
+        from dask.utils import parse_timedelta
+
+        try:
+            value = parse_timedelta(value.strip(), default="seconds")
+        except (ValueError, KeyError, TypeError):
+            raise _type_error(name, where, expected, value) from None
+    if not isinstance(value, (int, float)) or value < 0:
+        raise _type_error(name, where, expected, value)
+    return int(round(value))
+
+
+# ---------------------------------------------------------------------------
+# the layers
+# ---------------------------------------------------------------------------
+def _flatten(data: Mapping, where: str) -> dict[str, Any]:
+    """``{"kube": {"image": ...}}`` or ``{"kube.image": ...}`` -> ``{"kube.image": ...}``; unknown keys raise."""
+    items: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if key == "kube":
+            if isinstance(value, KubeSettings):
+                value = {f: getattr(value, f) for f in _KUBE}
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise _type_error("kube", where, "a table of kube settings", value)
+            items.extend((f"kube.{sub}", v) for sub, v in value.items())
+        else:
+            items.append((key, value))
+    known = setting_names()
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if key not in known:
+            hint = _hint(str(key), known) or f". Known settings: {', '.join(known)}."
+            raise ClusterError(f"Unknown setting {key!r} {where}{hint}")
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _where(origin: str) -> str:
+    if origin == "argument":
+        return "in the arguments"
+    if origin.startswith(_PREFIX):
+        return f"from {origin}"
+    return f"in {origin}"
+
+
+def _env_guess(var: str) -> str | None:
+    """The setting variable ``var`` is probably a misspelling of, if any."""
+    suffix = var[len(_PREFIX):]
+    # Compare without the common prefix (it would make every name look close), and let
+    # MODELFACTORY_IMAGE find MODELFACTORY_KUBE_IMAGE.
+    candidates = {v[len(_PREFIX):]: v for v in _ENV_TO_NAME}
+    candidates.update({v[len(_PREFIX) + 5:]: v for v in _ENV_TO_NAME if v.startswith(_PREFIX + "KUBE_")})
+    close = difflib.get_close_matches(suffix, list(candidates), n=1, cutoff=0.75)
+    return candidates[close[0]] if close else None
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """Settings from ``MODELFACTORY_*`` variables.  Unknown ``MODELFACTORY_KUBE_*`` variables and
+    near-misses of a setting's variable raise; other ``MODELFACTORY_*`` variables belong to other
+    parts of modelfactory (``OTHER_ENV_VARS``, store signing, ...) and are left alone."""
+    out: dict[str, tuple[Any, str]] = {}
+    for var, value in env.items():
+        if not var.startswith(_PREFIX) or var in OTHER_ENV_VARS:
+            continue
+        if var not in _ENV_TO_NAME:
+            guess = _env_guess(var)
+            if guess is None and not var.startswith(_PREFIX + "KUBE_"):
+                continue
+            hint = f"; did you mean {guess}?" if guess else ""
+            raise ClusterError(f"Unknown environment variable {var}{hint} (setting variables are "
+                               f"{_PREFIX}<NAME> and {_PREFIX}KUBE_<NAME>, see docs/kubernetes.md; "
+                               "unset it or fix the name).")
+        if value.strip() == "":
+            continue  # an empty variable counts as unset
+        out[_ENV_TO_NAME[var]] = (value, var)
+    return out
+
+
+def _read_toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise ClusterError("Reading a TOML config file on Python 3.10 needs tomli: pip install tomli"
+                               ) from None
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ClusterError(f"Config file {path!r} not found (from --config, config_file= or "
+                           f"${CONFIG_ENV}).") from None
+    except IsADirectoryError:
+        raise ClusterError(f"Config file {path!r} is a folder; give the path of a .toml file.") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ClusterError(f"Config file {path!r} is not valid TOML: {err}.") from err
+
+
+def load_settings(args: Mapping[str, Any] | None = None, *, config_file: str | os.PathLike | None = None,
+                  env: Mapping[str, str] | None = None) -> Settings:
+    """Resolve the settings: ``args`` > environment > config file > defaults.
+
+    Parameters
+    ----------
+    args : mapping, optional
+        Explicit values; None values are ignored.  Keys are setting names
+        (``"workers"``, ``"kube.image"``) or ``"kube"`` with a mapping.
+    config_file : path, optional
+        A TOML file; default ``$MODELFACTORY_CONFIG`` if set.
+    env : mapping, optional
+        The environment to read (default ``os.environ``).
+
+    Raises
+    ------
+    ClusterError
+        An unknown setting or variable, a value of the wrong type, an unreadable file.
+    """
+    env = os.environ if env is None else env
+    layers: list[tuple[dict[str, Any], dict[str, str], str | None]] = []  # (values, origin per key, base dir)
+
+    path = os.fspath(config_file) if config_file is not None else (env.get(CONFIG_ENV) or None)
+    if path:
+        data = _read_toml(path)
+        values = _flatten(data, f"in {path}")
+        layers.append((values, {k: path for k in values}, os.path.dirname(os.path.abspath(path))))
+    from_env = _from_env(env)
+    layers.append(({k: v for k, (v, _) in from_env.items()}, {k: var for k, (_, var) in from_env.items()}, None))
+    arg_values = _flatten(dict(args or {}), "in the arguments")
+    layers.append((arg_values, {k: "argument" for k in arg_values}, None))
+
+    top: dict[str, Any] = {}
+    kube: dict[str, Any] = {}
+    sources = {name: "default" for name in setting_names()}
+    for values, origins, base_dir in layers:
+        for name, value in values.items():
+            origin = origins[name]
+            v = _coerce(name, _field(name).metadata["kind"], value, _where(origin), base_dir)
+            (kube if name.startswith("kube.") else top)[name.removeprefix("kube.")] = v
+            sources[name] = origin
+    settings = Settings(**top, kube=KubeSettings(**kube), sources=sources)
+    _check_consistency(settings)
+    return settings
+
+
+def job_settings(cluster: Any = None, *, workers: int | None = None, unit_rows: int | None = None,
+                 storage_options: dict | None = None, config: str | os.PathLike | None = None,
+                 env: Mapping[str, str] | None = None) -> Settings:
+    """Settings for one job, from the arguments of ``train``/``apply``/... and the layers below.
+
+    A Client or cluster object given as ``cluster`` is not a setting: it is
+    used as it is, and ``Settings.cluster`` comes from the other layers.
+
+    >>> job_settings("inline", workers=2, env={}).cluster
+    'inline'
+    """
+    named = cluster is None or isinstance(cluster, str)
+    return load_settings({"cluster": cluster if named else None, "workers": workers, "unit_rows": unit_rows,
+                          "storage_options": storage_options}, config_file=config, env=env)
+
+
+def _check_consistency(s: Settings) -> None:
+    k = s.kube
+
+    def src(name: str) -> str:
+        return s.sources.get(name, "default")
+
+    if k.maximum is not None and k.minimum > k.maximum:
+        raise ClusterError(f"kube.minimum ({k.minimum}, from {src('kube.minimum')}) is larger than "
+                           f"kube.maximum ({k.maximum}, from {src('kube.maximum')}).")
+    if s.adaptive and s.workers is not None and s.workers > k.maximum:
+        raise ClusterError(f"workers ({s.workers}, from {src('workers')}) is more than kube.maximum "
+                           f"({k.maximum}, from {src('kube.maximum')}): an adaptive cluster starts with "
+                           "`workers` pods and scales between kube.minimum and kube.maximum.")
+    if s.cluster == "kube" and k.attach is not None and k.maximum is not None:
+        raise ClusterError(f"kube.attach ({k.attach!r}) and kube.maximum are both set: an attached cluster "
+                           "keeps its own scaling; drop kube.maximum or kube.attach.")

@@ -1,0 +1,247 @@
+"""Layered settings: arguments > MODELFACTORY_* environment > TOML file > packaged defaults."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from modelfactory.config import KubeSettings, Settings, env_var, job_settings, load_settings, setting_names
+from modelfactory.exceptions import ClusterError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def toml(tmp_path):
+    def write(text: str, name: str = "job.toml") -> str:
+        path = tmp_path / name
+        path.write_text(text)
+        return str(path)
+    return write
+
+
+def test_defaults_without_any_layer():
+    s = load_settings(env={})
+    assert s == Settings()
+    assert (s.cluster, s.workers, s.unit_rows, s.storage_options) == ("local", None, None, {})
+    assert s.kube == KubeSettings()
+    assert s.kube.image is None and s.kube.name == "modelfactory-{uuid}" and s.kube.idle_timeout == 900
+    assert s.kube.resources == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+    assert set(s.sources.values()) == {"default"}
+    assert not s.adaptive and s.plan_workers is None
+
+
+def test_each_layer_overrides_the_one_below(toml):
+    path = toml('cluster = "kube"\nworkers = 3\nunit_rows = 1000\n'
+                '[kube]\nimage = "file/image:1"\nnamespace = "from-file"\nmaximum = 9\n')
+    env = {"MODELFACTORY_WORKERS": "5", "MODELFACTORY_KUBE_NAMESPACE": "from-env"}
+    s = load_settings({"workers": 7, "unit_rows": None, "kube": {"maximum": None}}, config_file=path, env=env)
+    assert s.cluster == "kube" and s.sources["cluster"] == path
+    assert s.workers == 7 and s.sources["workers"] == "argument"
+    assert s.unit_rows == 1000  # None in the arguments means "not set"
+    assert s.kube.image == "file/image:1" and s.sources["kube.image"] == path
+    assert s.kube.namespace == "from-env" and s.sources["kube.namespace"] == "MODELFACTORY_KUBE_NAMESPACE"
+    assert s.kube.maximum == 9 and s.sources["kube.maximum"] == path
+    assert s.kube.threads == 1 and s.sources["kube.threads"] == "default"
+
+
+def test_tables_are_replaced_whole_by_the_layer_that_sets_them(toml):
+    path = toml('[kube.env]\nA = "1"\nB = "2"\n[kube.resources.requests]\ncpu = "2"\n')
+    s = load_settings(config_file=path, env={"MODELFACTORY_KUBE_ENV": '{"C": "3"}'})
+    assert s.kube.env == {"C": "3"}
+    assert s.kube.resources == {"requests": {"cpu": "2"}}  # no default limits mixed in
+
+
+def test_config_file_from_the_environment(toml):
+    path = toml('workers = 4\n')
+    assert load_settings(env={"MODELFACTORY_CONFIG": path}).workers == 4
+    other = toml('workers = 6\n', "other.toml")
+    assert load_settings(config_file=other, env={"MODELFACTORY_CONFIG": path}).workers == 6
+
+
+def test_default_environment_is_os_environ(monkeypatch):
+    monkeypatch.setenv("MODELFACTORY_UNIT_ROWS", "12345")
+    assert load_settings().unit_rows == 12345
+
+
+def test_environment_values_are_parsed():
+    env = {
+        "MODELFACTORY_CLUSTER": "kube",
+        "MODELFACTORY_KUBE_MINIMUM": "1",
+        "MODELFACTORY_KUBE_MAXIMUM": " 20 ",
+        "MODELFACTORY_KUBE_IDLE_TIMEOUT": "1h",
+        "MODELFACTORY_KUBE_LABELS": '{"team": "ml", "tier": 2}',
+        "MODELFACTORY_KUBE_RESOURCES": '{"requests": {"cpu": 0.5, "memory": "1Gi"}}',
+        "MODELFACTORY_STORAGE_OPTIONS": '{"anon": true}',
+        "MODELFACTORY_WORKERS": "",  # empty counts as unset
+        "MODELFACTORY_PROM_TOKEN": "not a setting, read by the ingest module",
+    }
+    s = load_settings(env=env)
+    assert (s.kube.minimum, s.kube.maximum, s.kube.idle_timeout) == (1, 20, 3600)
+    assert s.kube.labels == {"team": "ml", "tier": "2"}
+    assert s.kube.resources == {"requests": {"cpu": "0.5", "memory": "1Gi"}}
+    assert s.storage_options == {"anon": True} and s.workers is None
+    assert s.adaptive and s.plan_workers == 20 and s.kube_workers == 1
+
+
+def test_env_var_names_follow_the_setting_names():
+    assert env_var("workers") == "MODELFACTORY_WORKERS"
+    assert env_var("kube.scheduler_service_type") == "MODELFACTORY_KUBE_SCHEDULER_SERVICE_TYPE"
+    assert len(setting_names()) == len({env_var(n) for n in setting_names()})
+
+
+def test_unknown_key_in_the_file_names_it_the_file_and_a_suggestion(toml):
+    path = toml('[kube]\nimgae = "x"\n')
+    with pytest.raises(ClusterError, match=rf"Unknown setting 'kube.imgae' in {path}; did you mean 'kube.image'"):
+        load_settings(config_file=path, env={})
+    path = toml('wrokers = 2\n')
+    with pytest.raises(ClusterError, match=rf"Unknown setting 'wrokers' in {path}; did you mean 'workers'\?"):
+        load_settings(config_file=path, env={})
+    path = toml('[gpu]\nkind = "a100"\n')
+    with pytest.raises(ClusterError, match=r"Unknown setting 'gpu' in .*\. Known settings: cluster, workers"):
+        load_settings(config_file=path, env={})
+
+
+def test_unknown_resources_key_is_an_error(toml):
+    path = toml('[kube.resources.limitz]\nmemory = "1Gi"\n')
+    with pytest.raises(ClusterError, match=r"Unknown key 'kube.resources.limitz' in .*did you mean 'limits'\?"):
+        load_settings(config_file=path, env={})
+
+
+def test_unknown_environment_variable_is_an_error_with_a_hint():
+    with pytest.raises(ClusterError, match=r"Unknown environment variable MODELFACTORY_KUBE_IMAGES; "
+                                           r"did you mean MODELFACTORY_KUBE_IMAGE\?"):
+        load_settings(env={"MODELFACTORY_KUBE_IMAGES": "x"})
+    with pytest.raises(ClusterError, match=r"MODELFACTORY_WROKERS; did you mean MODELFACTORY_WORKERS\?"):
+        load_settings(env={"MODELFACTORY_WROKERS": "2"})
+    with pytest.raises(ClusterError, match=r"MODELFACTORY_IMAGE; did you mean MODELFACTORY_KUBE_IMAGE\?"):
+        load_settings(env={"MODELFACTORY_IMAGE": "x"})
+    with pytest.raises(ClusterError, match=r"Unknown environment variable MODELFACTORY_KUBE_GPU \(setting "):
+        load_settings(env={"MODELFACTORY_KUBE_GPU": "1"})
+
+
+def test_other_modelfactory_variables_are_left_alone():
+    env = {"OTHER_WORKERS": "x", "MODELFACTORY_PROM_PASSWORD": "p", "MODELFACTORY_SIGNING_KEY": "k",
+           "MODELFACTORY_SOMETHING_NEW": "belongs to another module"}
+    assert load_settings(env=env) == Settings()
+
+
+def test_unknown_argument_is_an_error():
+    with pytest.raises(ClusterError, match=r"Unknown setting 'unit_row' in the arguments; did you mean 'unit_r"):
+        load_settings({"unit_row": 5}, env={})
+    with pytest.raises(ClusterError, match=r"Unknown setting 'kube.maximun' in the arguments; did you mean 'kube.m"):
+        load_settings({"kube": {"maximun": 5}}, env={})
+
+
+@pytest.mark.parametrize("text, message", [
+    ('workers = "eight"', r"Setting 'workers' in .* must be an integer >= 1; got 'eight' \(str\)\."),
+    ('workers = 0', r"Setting 'workers' in .* must be an integer >= 1; got 0 \(int\)\."),
+    ('workers = true', r"Setting 'workers' in .* must be an integer >= 1; got True \(bool\)\."),
+    ('cluster = 3', r"Setting 'cluster' in .* must be a non-empty string; got 3 \(int\)\."),
+    ('storage_options = "anon"', r"Setting 'storage_options' in .* must be a table"),
+    ('kube = 1', r"Setting 'kube' in .* must be a table of kube settings; got 1"),
+    ('[kube]\nenv = {A = true}', r"Setting 'kube.env.A' in .* must be a string \(quote it\); got True"),
+    ('[kube]\nidle_timeout = -5', r"Setting 'kube.idle_timeout' in .* must be a duration in seconds"),
+    ('[kube]\nidle_timeout = "whenever"', r"Setting 'kube.idle_timeout' in .* must be a duration"),
+    ('[kube]\nscheduler_service_type = "Loadbalancer"',
+     r"must be one of ClusterIP, NodePort, LoadBalancer; got 'Loadbalancer'; did you mean 'LoadBalancer'\?"),
+    ('[kube.resources.requests]\nmemory = "lots"',
+     r"Setting 'kube.resources.requests.memory' in .* must be a Kubernetes quantity"),
+    ('[kube]\nresources = {requests = "1"}', r"Setting 'kube.resources.requests' in .* must be a table"),
+])
+def test_wrong_types_name_the_key_and_the_expected_type(toml, text, message):
+    with pytest.raises(ClusterError, match=message):
+        load_settings(config_file=toml(text + "\n"), env={})
+
+
+def test_wrong_type_from_the_environment_names_the_variable():
+    with pytest.raises(ClusterError, match=r"Setting 'kube.maximum' from MODELFACTORY_KUBE_MAXIMUM must be an "
+                                           r"integer >= 1; got 'many' \(str\)\."):
+        load_settings(env={"MODELFACTORY_KUBE_MAXIMUM": "many"})
+    with pytest.raises(ClusterError, match=r"'kube.env' from MODELFACTORY_KUBE_ENV must be a JSON object"):
+        load_settings(env={"MODELFACTORY_KUBE_ENV": "A=1"})
+
+
+@pytest.mark.parametrize("value", ["local", "inline", "kube", "tcp://10.0.0.5:8786", "tls://sched:8786",
+                                   "scheduler.internal:8786", "[::1]:8786"])
+def test_cluster_values_accepted(value):
+    assert load_settings({"cluster": value}, env={}).cluster == value
+
+
+@pytest.mark.parametrize("value, hint", [("kubernetes", "kube"), ("k8s", "kube"), ("locl", "local"),
+                                         ("inlne", "inline")])
+def test_cluster_typos_get_a_hint(value, hint):
+    with pytest.raises(ClusterError, match=rf"must be 'local', 'inline', 'kube' or a scheduler address.*"
+                                           rf"got '{value}'; did you mean '{hint}'\?"):
+        load_settings(env={"MODELFACTORY_CLUSTER": value})
+
+
+def test_relative_custom_spec_is_relative_to_the_config_file(toml, tmp_path):
+    path = toml('[kube]\ncustom_spec = "specs/overlay.yaml"\n')
+    assert load_settings(config_file=path, env={}).kube.custom_spec == str(tmp_path / "specs" / "overlay.yaml")
+    s = load_settings({"kube.custom_spec": "overlay.yaml"}, env={})
+    assert s.kube.custom_spec == "overlay.yaml"  # arguments stay as given (relative to the working folder)
+
+
+def test_bad_files_are_explained(toml, tmp_path):
+    with pytest.raises(ClusterError, match=r"Config file '.*nope.toml' not found \(from --config"):
+        load_settings(config_file=str(tmp_path / "nope.toml"), env={})
+    with pytest.raises(ClusterError, match=r"Config file '.*' is a folder"):
+        load_settings(config_file=str(tmp_path), env={})
+    with pytest.raises(ClusterError, match=r"Config file '.*bad.toml' is not valid TOML: .*line 1"):
+        load_settings(config_file=toml("workers = = 2\n", "bad.toml"), env={})
+
+
+def test_adaptive_bounds_are_checked():
+    with pytest.raises(ClusterError, match=r"kube.minimum \(5, from argument\) is larger than kube.maximum "
+                                           r"\(2, from MODELFACTORY_KUBE_MAXIMUM\)"):
+        load_settings({"kube": {"minimum": 5}}, env={"MODELFACTORY_KUBE_MAXIMUM": "2"})
+    with pytest.raises(ClusterError, match=r"kube.attach \('shared'\) and kube.maximum are both set"):
+        load_settings({"cluster": "kube", "kube": {"attach": "shared", "maximum": 3}}, env={})
+
+
+def test_planning_workers():
+    fixed = load_settings({"cluster": "kube", "workers": 6}, env={})
+    assert (fixed.adaptive, fixed.kube_workers, fixed.plan_workers) == (False, 6, 6)
+    assert load_settings({"cluster": "kube"}, env={}).plan_workers == 2
+    adaptive = load_settings({"cluster": "kube", "kube": {"maximum": 30}}, env={})
+    assert (adaptive.adaptive, adaptive.kube_workers, adaptive.plan_workers) == (True, 0, 30)
+    attached = load_settings({"cluster": "kube", "kube": {"attach": "shared"}}, env={})
+    assert attached.plan_workers is None  # count the live workers of someone else's cluster
+    assert load_settings({"cluster": "local", "workers": 3}, env={}).plan_workers is None
+
+
+def test_settings_are_frozen():
+    s = load_settings(env={})
+    with pytest.raises(AttributeError):
+        s.workers = 3  # type: ignore[misc]
+
+
+def test_example_config_loads_cleanly():
+    s = load_settings(config_file=os.path.join(ROOT, "examples", "job.toml"), env={})
+    assert s.cluster == "kube" and s.kube.image and s.kube.maximum == 50
+    assert s.kube.idle_timeout == 900 and s.kube.startup_timeout == 600
+    assert s.kube.resources["requests"] == {"cpu": "1", "memory": "3Gi"}
+
+
+def test_adaptive_start_size_must_fit_the_maximum():
+    with pytest.raises(ClusterError, match=r"workers \(9, from argument\) is more than kube.maximum \(4, from"):
+        load_settings({"cluster": "kube", "workers": 9, "kube": {"maximum": 4}}, env={})
+    assert load_settings({"cluster": "local", "workers": 9, "kube": {"maximum": 4}}, env={}).workers == 9
+
+
+def test_job_settings_from_function_arguments(toml):
+    path = toml('cluster = "kube"\nunit_rows = 100000\n[storage_options]\nanon = true\n')
+    s = job_settings(None, workers=None, unit_rows=None, storage_options=None, config=path, env={})
+    assert (s.cluster, s.unit_rows, s.storage_options) == ("kube", 100000, {"anon": True})
+    s = job_settings("inline", unit_rows=5, storage_options={"key": "k"}, config=path, env={})
+    assert (s.cluster, s.unit_rows, s.storage_options) == ("inline", 5, {"key": "k"})
+    client_like = object()  # a Client or cluster object is used as is, not a setting
+    assert job_settings(client_like, config=path, env={}).cluster == "kube"
+
+
+def test_the_docs_list_every_setting_and_its_variable():
+    with open(os.path.join(ROOT, "docs", "kubernetes.md"), encoding="utf-8") as f:
+        doc = f.read()
+    missing = [n for n in setting_names() if f"| `{n}` | `{env_var(n)}` |" not in doc]
+    assert missing == [], f"docs/kubernetes.md's settings table lacks {missing}"
