@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from . import kernel
 from ._io import Location
@@ -668,10 +669,12 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
             bar.close()
     summary = _summarise("score", results, plan_, _time.perf_counter() - t0)
     summary["model_run"] = man["run_id"]
-    summary["anomalies"] = 0
-    run_ = _finish_table_run(run_id, "score", summary, results, sink, None)
-    groups = run_.groups
-    summary["anomalies"] = int(groups["anomalies"].sum()) if len(groups) else 0
-    top = groups[groups["anomalies"] > 0].sort_values(["anomalies", "max_score"], ascending=False).head(20)
-    sink.write_bytes("_anomalies.json", top.to_json(orient="records", indent=1).encode())
-    return run_
+    summary["anomalies"] = sum(r.anomalies for r in results)
+    summary["spec"] = {k: sp[k] for k in ("by", "time", "target", "features", "model")}
+    import pyarrow.dataset as pds
+
+    groups = pds.dataset(sink.path("_groups"), filesystem=sink.fs, format="parquet").to_table()
+    top = groups.filter(pa.compute.greater(groups["anomalies"], 0)).sort_by(
+        [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)
+    sink.write_bytes("_anomalies.json", json.dumps(top.to_pylist(), indent=1, default=str).encode())
+    return _finish_table_run(run_id, "score", summary, results, sink, None)

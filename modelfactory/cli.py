@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         ingest_cli = None
     if ingest_cli is not None:
         ingest_cli.add_parser(sub)
+    from .plot import add_parser as add_plot_parser
+    from .report import add_parser as add_report_parser
+
+    add_plot_parser(sub)
+    add_report_parser(sub)
     return p
 
 

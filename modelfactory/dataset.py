@@ -115,6 +115,11 @@ def discover(url: str, *, storage_options: dict | None = None,
     DatasetError
         The path does not exist, holds no Parquet files, or cannot be read.
     """
+    import os
+
+    url = os.fspath(url)
+    if "://" not in url:
+        url = os.path.abspath(url)  # the manifest must name the input wherever it is read from
     fs, path = filesystem(url, storage_options)
     info = fs.get_file_info(path) if isinstance(fs, pafs.FileSystem) else None
     exists = info.type != pafs.FileType.NotFound if info is not None else fs.exists(path)

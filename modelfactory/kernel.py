@@ -84,6 +84,7 @@ class UnitResult:
     group_table: pa.Table | None = None  # group table, when there is no sink
     leaves: list[tuple] = field(default_factory=list)  # values of JobSpec.leaf_keys in this unit
     carried: dict[str, int] = field(default_factory=dict)  # models carried over, by the run that fitted them
+    anomalies: int = 0  # anomalous points (scoring)
 
 
 def describe_error(err: BaseException) -> str:

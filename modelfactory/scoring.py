@@ -131,7 +131,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
             seconds.append(_time.perf_counter() - t1)
             anomalies.append(int(cols["is_anomaly"][s:e].sum()))
             max_score.append(float(np.nanmax(cols["score"][s:e])) if scored[s:e].any() else None)
-    res = UnitResult(unit_id, groups=len(groups), rows=n)
+    res = UnitResult(unit_id, groups=len(groups), rows=n, anomalies=int(sum(anomalies)))
     for st in STATUS:
         res.counts[st] = status.count(st)
     gt = groups.keys.append_column("status", pa.array(status, pa.string()))
