@@ -42,11 +42,29 @@ class Location:
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.core.url_to_fs(self.url, **dict(self.storage_options))[0]
+        return url_to_fs(self.url, dict(self.storage_options))[0]
 
     @property
     def root(self) -> str:
-        return fsspec.core.url_to_fs(self.url, **dict(self.storage_options))[1]
+        return url_to_fs(self.url, dict(self.storage_options))[1]
+
+    @property
+    def is_local(self) -> bool:
+        return _is_local(self.fs)
+
+    def check_bucket(self, error: type[Exception]) -> None:
+        """On an object store, refuse a bucket that does not exist (writing would create it)."""
+        if self.is_local:
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            found = self.fs.exists(bucket)
+        except PermissionError as err:
+            raise error(f"Access to {self.url!r} was denied ({err}): check the credentials "
+                        "(AWS_* environment, ~/.aws, or storage_options).") from err
+        if not found:
+            raise error(f"The bucket {bucket!r} of {self.url!r} does not exist. Create it first "
+                        "(modelfactory does not create buckets, so a typo cannot make a new one).")
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
@@ -58,8 +76,8 @@ class Location:
         single PUT is already atomic.
         """
         fs, path = self.fs, self.path(rel)
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
         if _is_local(fs):
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             with fs.open(tmp, "wb") as f:
                 f.write(data)
@@ -72,6 +90,15 @@ class Location:
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
+
+
+def url_to_fs(url: str, storage_options: dict | None = None):
+    """fsspec's ``url_to_fs``, without the listings cache on object stores: another process may
+    commit a run at any time, and a cached listing would hide it."""
+    options = dict(storage_options or {})
+    if fsspec.utils.get_protocol(url) not in ("file", "local"):
+        options.setdefault("use_listings_cache", False)
+    return fsspec.core.url_to_fs(url, **options)
 
 
 def _is_local(fs) -> bool:

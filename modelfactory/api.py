@@ -348,6 +348,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time, target=target, features=feats)
     st = ModelStore(store, storage_options=storage_options)
+    st.location.check_bucket(StoreError)
     if unit_rows is not None and unit_rows < 1:
         raise PlanError(f"unit_rows must be a positive number of rows; got {unit_rows}.")
     columns = tuple(dict.fromkeys([*by_, *([time] if time else []), target, *feats]))
@@ -473,6 +474,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     sink = None
     if out is not None:
         sink = Location.of(out, storage_options)
+        sink.check_bucket(StoreError)
         fs = sink.fs
         if fs.exists(sink.root) and fs.ls(sink.root) and not overwrite:
             raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
@@ -640,6 +642,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
     sink = Location.of(out, storage_options)
+    sink.check_bucket(StoreError)
     fs = sink.fs
     if fs.exists(sink.root) and fs.ls(sink.root):
         if not overwrite:

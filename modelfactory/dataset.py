@@ -35,7 +35,9 @@ def filesystem(url: str, storage_options: dict | None = None):
     Local paths use pyarrow's native filesystem (fastest); anything else goes
     through fsspec (``s3://`` through s3fs), which pyarrow wraps as needed.
     """
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    from ._io import url_to_fs
+
+    fs, path = url_to_fs(url, storage_options)
     if getattr(fs, "protocol", None) in ("file", ("file", "local")) or fs.__class__.__name__ == "LocalFileSystem":
         return pafs.LocalFileSystem(), path
     return fs, path
@@ -120,6 +122,14 @@ def discover(url: str, *, storage_options: dict | None = None,
     url = os.fspath(url)
     if "://" not in url:
         url = os.path.abspath(url)  # the manifest must name the input wherever it is read from
+    try:
+        return _discover(url, storage_options, null_check, filter)
+    except PermissionError as err:
+        raise DatasetError(f"Access to {url!r} was denied ({err}): check the credentials "
+                           "(AWS_* environment, ~/.aws, or storage_options).") from err
+
+
+def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
     fs, path = filesystem(url, storage_options)
     info = fs.get_file_info(path) if isinstance(fs, pafs.FileSystem) else None
     exists = info.type != pafs.FileType.NotFound if info is not None else fs.exists(path)
@@ -185,10 +195,22 @@ def discover(url: str, *, storage_options: dict | None = None,
 def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
                filter: ds.Expression | None = None) -> pa.Table:
     """Read ``columns`` of the given files (a work unit), with ``filter`` pushed down."""
-    dataset = ds.dataset(list(paths), schema=source.schema, format="parquet",
-                         filesystem=source.filesystem(), partitioning=source.partitioning(),
-                         partition_base_dir=source.base)
-    return dataset.to_table(columns=columns, filter=filter)
+    fs = source.filesystem()
+    try:
+        dataset = ds.dataset(list(paths), schema=source.schema, format="parquet", filesystem=fs,
+                             partitioning=source.partitioning(), partition_base_dir=source.base)
+        return dataset.to_table(columns=columns, filter=filter)
+    except FileNotFoundError as err:
+        # pyarrow's fsspec wrapper reports any failure (an unreachable endpoint, a denied
+        # request) as a missing file: ask the filesystem itself for the real cause.
+        cause: BaseException = err
+        if not isinstance(fs, pafs.FileSystem):
+            try:
+                fs.info(paths[0])
+            except Exception as real:  # noqa: BLE001 - reported with its own type and message
+                cause = real
+        raise DatasetError(f"Cannot read {paths[0]!r} of {source.url!r}: {type(cause).__name__}: {cause}. "
+                           "If the storage is unreachable, fix that and resume the run.") from cause
 
 
 def _is_numeric(t: pa.DataType) -> bool:

@@ -41,6 +41,28 @@ class ModelSpec:
     params: dict
     serializer: str = "native"  # "native" (Model.to_bytes) or "pickle" (user models)
 
+    def __reduce__(self):
+        # User classes travel with cloudpickle: by value when defined in a notebook or script
+        # (or registered with cloudpickle.register_pickle_by_value), by reference otherwise.
+        import cloudpickle
+
+        return _model_spec, (self.name, cloudpickle.dumps(self.cls), self.params, self.serializer)
+
+
+def _model_spec(name: str, cls_bytes: bytes, params: dict, serializer: str) -> ModelSpec:
+    import cloudpickle
+
+    try:
+        cls = cloudpickle.loads(cls_bytes)
+    except ImportError as err:
+        from .exceptions import ModelError
+
+        raise ModelError(
+            f"The model class of {name!r} cannot be imported on this worker ({err}). Install its package "
+            "on every worker (e.g. in the image), or call cloudpickle.register_pickle_by_value(module) "
+            "before training so the class travels with the job.") from err
+    return ModelSpec(name, cls, params, serializer)
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -176,7 +198,7 @@ def _floats(col) -> np.ndarray:
 def run_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
     """Read the unit's files on this worker and run it."""
     t0 = _time.perf_counter()
-    if spec.resume and (done := recover(spec, unit.id)) is not None:
+    if (done := recover(spec, unit.id)) is not None:
         return done
     table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter)
     return run_table(spec, unit.id, table, t0=t0)
@@ -198,7 +220,7 @@ def run_group(spec: JobSpec, unit: WorkUnit, key: dict, sub_id: str) -> UnitResu
     if spec.filter is not None:
         cond = cond & spec.filter
     t0 = _time.perf_counter()
-    if spec.resume and (done := recover(spec, sub_id)) is not None:
+    if (done := recover(spec, sub_id)) is not None:
         return done
     table = read_files(spec.source, unit.paths, list(spec.columns), cond)
     return run_table(spec, sub_id, table, t0=t0)
@@ -218,7 +240,7 @@ def failed_rows(spec: JobSpec, unit_id: str, keys: pa.Table, error: str) -> Unit
 def run_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | None = None) -> UnitResult:
     """Run a unit whose rows are already in memory (a shuffle partition, or a test)."""
     t0 = _time.perf_counter() if t0 is None else t0
-    if spec.resume and (done := recover(spec, unit_id)) is not None:
+    if (done := recover(spec, unit_id)) is not None:
         return done
     with threadpool_limits(1):
         groups = split_groups(table, spec.by, spec.time)
@@ -313,8 +335,11 @@ def recover(spec: JobSpec, unit_id: str) -> UnitResult | None:
 
     import pyarrow.parquet as pq
 
+    # A training part is written once per run: a unit recomputed later (its worker died after
+    # the result was taken, a resumed run, leftover tasks of a failed attempt) reuses it, so the
+    # part never changes under the checksum the manifest records.
     rel = part_path(spec, unit_id)
-    if spec.sink is None or not spec.sink.exists(rel):
+    if spec.kind != "train" or spec.sink is None or not spec.sink.exists(rel):
         return None
     data = spec.sink.read_bytes(rel)
     try:

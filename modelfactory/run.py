@@ -152,6 +152,7 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
                 res = on_killed(client, items[i])
             else:
                 res = fut.result()
+            fut.release()  # taken: a worker lost from now on must not recompute it
             results[i] = res
             progress.update(res)
     finally:

@@ -14,6 +14,7 @@ invisible (and removable), so a crash never leaves a half-visible run.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import hmac
 import json
@@ -68,6 +69,20 @@ def read_part(loc: Location, part: dict, columns: list[str] | None = None) -> pa
     return pq.read_table(pa.BufferReader(data), columns=columns)
 
 
+def _denied_is_a_store_error(method):
+    """Turn an object store's "access denied" into a StoreError that names the store."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except PermissionError as err:
+            raise StoreError(f"Access to the store {self.location.url!r} was denied ({err}): check the "
+                             "credentials (AWS_* environment, ~/.aws, or storage_options).") from err
+
+    return guarded
+
+
 class ModelStore:
     """A model store at ``path`` (a folder or an ``s3://`` prefix).
 
@@ -83,6 +98,7 @@ class ModelStore:
         return f"ModelStore({self.location.url!r})"
 
     # -- runs -------------------------------------------------------------
+    @_denied_is_a_store_error
     def runs(self) -> list[str]:
         """Ids of the committed runs, oldest first."""
         fs = self.location.fs
@@ -93,6 +109,7 @@ class ModelStore:
             return []
         return sorted(p.rstrip("/").split("/")[-2] for p in found)
 
+    @_denied_is_a_store_error
     def pending(self) -> list[dict]:
         """Runs that were started but never committed (interrupted), oldest first."""
         fs = self.location.fs
@@ -108,12 +125,14 @@ class ModelStore:
                 out.append(json.loads(fs.cat_file(p)))
         return out
 
+    @_denied_is_a_store_error
     def latest(self) -> str | None:
         """The id of the newest committed run, or None for an empty store."""
         if not self.location.exists("LATEST"):
             return None
         return self.location.read_bytes("LATEST").decode().strip()
 
+    @_denied_is_a_store_error
     def resolve(self, run: str | None = "latest") -> str:
         if run in (None, "latest"):
             rid = self.latest()
@@ -126,6 +145,7 @@ class ModelStore:
             raise StoreError(f"No committed run {run!r} in {self.location.url!r}. Recent runs: {known}.")
         return run
 
+    @_denied_is_a_store_error
     def manifest(self, run: str | None = "latest") -> dict[str, Any]:
         """The committed manifest of ``run`` (a dict), its checksum and signature verified."""
         rid = self.resolve(run)
@@ -155,6 +175,7 @@ class ModelStore:
     def _read_part(self, part: dict, columns: list[str] | None = None) -> pa.Table:
         return read_part(self.location, part, columns)
 
+    @_denied_is_a_store_error
     def table(self, run: str | None = "latest", *, columns: list[str] | None = None) -> pa.Table:
         """All group rows of ``run`` as an Arrow table (checksums verified)."""
         man = self.manifest(run)
@@ -163,12 +184,14 @@ class ModelStore:
             return pa.table({})
         return pa.concat_tables(parts)
 
+    @_denied_is_a_store_error
     def groups(self, run: str | None = "latest") -> pd.DataFrame:
         """The group table of ``run``: keys, status, error, rows, seconds (no model bytes)."""
         man = self.manifest(run)
         cols = list(man["spec"]["by"]) + ["status", "error", "rows", "seconds"]
         return self.table(run, columns=cols).to_pandas()
 
+    @_denied_is_a_store_error
     def load(self, key: dict | tuple | str, run: str | None = "latest", *, trust: bool = False):
         """Load the fitted model of one group, e.g. ``load({"app": "a", "site": "s1"})``.
 
@@ -221,6 +244,7 @@ class ModelStore:
         return registry[man["spec"]["model"]].from_bytes(hit["model"])
 
     # -- writing (the client commits) ------------------------------------
+    @_denied_is_a_store_error
     def commit(self, run_id: str, manifest: dict[str, Any], parts: list[PartInfo]) -> None:
         """Write the manifest of ``run_id`` (listing ``parts``), then point ``LATEST`` at it.
 
@@ -242,6 +266,7 @@ class ModelStore:
         if self.location.exists(f"runs/{run_id}/pending.json"):
             self.location.fs.rm(self.location.path(f"runs/{run_id}/pending.json"))
 
+    @_denied_is_a_store_error
     def gc(self, *, keep: int = 3, pending: bool = False, dry_run: bool = False) -> list[str]:
         """Remove all but the newest ``keep`` committed runs (never ``LATEST``).
 

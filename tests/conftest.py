@@ -10,7 +10,7 @@ def client():
     """A real two-worker LocalCluster (processes over TCP on 127.0.0.1), shared by the session."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       host="127.0.0.1") as cluster, Client(cluster) as c:
         yield c
 

@@ -1,0 +1,354 @@
+"""A real cluster, and faults: `dask scheduler` + two `dask worker` processes on 127.0.0.1, reached
+through their address; a worker killed mid-run, the object store going away mid-run, and a task
+that kills its own worker.
+
+The user models live in tests/_servers.py; the Dask processes import them by name (tests/ is on
+their PYTHONPATH), so model bytes are the same from run to run and can be compared.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+from _data import write
+from _servers import (DUMMY_AWS_ENV, MARKER, TESTS_DIR, CrashOnMarker, DaskProcesses, MotoS3, SlowerMean,
+                      SlowMean, alive, executing_units, finished_units, kill_if_mid_unit, wait_for)
+
+import modelfactory
+from modelfactory import ModelStore
+from modelfactory.demo import make_table
+from modelfactory.exceptions import ModelFactoryError
+
+SERIES = 40
+OUTAGE_SERIES = 20  # on S3: fewer, each unit pays for its S3 requests
+HOURS = 48
+UNIT_ROWS = 2 * HOURS  # two groups per unit: 20 units
+KEYS = ["app", "site"]
+TRAIN = dict(by=KEYS, time="ts", target="value", unit_rows=UNIT_ROWS)
+
+
+@pytest.fixture(scope="module")
+def aws_env():
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in DUMMY_AWS_ENV.items():
+            mp.setenv(k, v)
+        yield
+
+
+@pytest.fixture(scope="module")
+def procs(tmp_path_factory, aws_env):
+    """`dask scheduler` and two `dask worker` processes (nanny + child each), killed by PID at the end."""
+    env = {"PYTHONPATH": TESTS_DIR, **DUMMY_AWS_ENV}
+    # A task may be on a worker that dies once (the kill tests); the second death makes it a
+    # KilledWorker (default 3: the crash test would take twice as long).
+    sched = {**env, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
+    p = DaskProcesses(tmp_path_factory.mktemp("dask"), workers=2, env=env, scheduler_env=sched).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def dclient(procs):
+    with procs.client() as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _two_workers(request):
+    """Every test starts with both workers up (a previous test may have killed one)."""
+    if "procs" in request.fixturenames:
+        c = request.getfixturevalue("dclient")
+        c.wait_for_workers(2, timeout=60)
+
+
+def _table(series: int = SERIES) -> pa.Table:
+    return make_table(series, days=HOURS // 24, apps=4, spikes=0)
+
+
+@pytest.fixture(scope="module")
+def leaves(tmp_path_factory) -> str:
+    """One Hive folder per group (app=…/site=…/): many small units without a shuffle."""
+    return write(_table(), tmp_path_factory.mktemp("leaves") / "data", KEYS)
+
+
+def committed(store: str, run: str = "latest", storage_options: dict | None = None) -> pd.DataFrame:
+    """What a run decided per group (keys, status, error, rows, model bytes), sorted by key."""
+    t = ModelStore(store, storage_options=storage_options).table(run).to_pandas()
+    assert not t.duplicated(KEYS).any(), "a group is in the store twice"
+    return t[[*KEYS, "status", "error", "rows", "model"]].sort_values(KEYS).reset_index(drop=True)
+
+
+def in_background(fn):
+    """Run ``fn`` in a thread; ``.result()`` joins it and re-raises what it raised."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            box["error"] = err
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+
+    class _Handle:
+        @staticmethod
+        def result(timeout: float = 30):
+            th.join(timeout)
+            assert not th.is_alive(), "background helper did not finish"
+            if "error" in box:
+                raise box["error"]
+            return box.get("value")
+
+    return _Handle()
+
+
+# ---------------------------------------------------------------------------
+# through a scheduler address
+# ---------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_train_and_score_through_a_scheduler_address(procs, leaves, tmp_path):
+    store = str(tmp_path / "store")
+    run = modelfactory.train(leaves, store=store, cluster=procs.address, params={"season_length": 24}, **TRAIN)
+    assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+    assert run.summary["units"] == SERIES * HOURS // UNIT_ROWS
+    # The same job in-process gives the same models, byte for byte.
+    modelfactory.train(leaves, store=str(tmp_path / "inline"), cluster="inline", params={"season_length": 24},
+                       **TRAIN)
+    pd.testing.assert_frame_equal(committed(store), committed(str(tmp_path / "inline")))
+
+    scored = modelfactory.score(leaves, store=store, out=str(tmp_path / "scores"), cluster=procs.address,
+                                unit_rows=UNIT_ROWS)
+    assert scored.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+    assert len(pd.read_parquet(tmp_path / "scores")) == SERIES * HOURS
+
+
+@pytest.fixture(scope="module")
+def calm(procs, leaves, tmp_path_factory) -> str:
+    """An uninterrupted run of the slow user model through the address: the store's folder."""
+    store = str(tmp_path_factory.mktemp("calm") / "store")
+    run = modelfactory.train(leaves, store=store, model=SlowMean, cluster=procs.address, **TRAIN)
+    assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+    return store
+
+
+@pytest.mark.timeout(60)
+def test_a_user_model_scores_on_the_cluster_with_trust(procs, leaves, calm, tmp_path):
+    store = calm
+    assert ModelStore(store).manifest()["spec"]["serializer"] == "pickle"
+    scored = modelfactory.score(leaves, store=store, out=str(tmp_path / "scores"), cluster=procs.address,
+                                trust=True, unit_rows=UNIT_ROWS)
+    assert scored.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+    s = pd.read_parquet(tmp_path / "scores")
+    g = s.groupby("site")["value"].mean()
+    np.testing.assert_allclose(s.groupby("site")["expected"].first(), g, rtol=1e-9)
+
+
+USER_MODULE = """
+import numpy as np
+from modelfactory.models.base import Model
+
+
+class ByValueMean(Model):
+    name = "by_value_mean"
+    state_attrs = ("mean_",)
+
+    def _fit(self, y, t, X):
+        self.mean_ = float(np.nanmean(y))
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module of user models importable here only (not by the scheduler or the workers)."""
+    import importlib
+
+    name = f"mf_user_models_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(name)
+    yield mod
+    sys.modules.pop(name, None)
+
+
+@pytest.mark.timeout(60)
+def test_a_model_class_registered_by_value_trains_on_a_cluster_without_its_module(procs, leaves, tmp_path,
+                                                                                   user_module):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(user_module)
+    try:
+        run = modelfactory.train(leaves, store=str(tmp_path / "store"), cluster=procs.address,
+                                 model=user_module.ByValueMean, **TRAIN)
+    finally:
+        cloudpickle.unregister_pickle_by_value(user_module)
+    assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+
+
+# ---------------------------------------------------------------------------
+# a worker killed mid-run
+# ---------------------------------------------------------------------------
+def _train_while(kill, procs, leaves, tmp_path):
+    """The run of ``calm`` again (into tmp_path/store), with ``kill`` going on in a thread."""
+    killer = in_background(kill)
+    run = modelfactory.train(leaves, store=str(tmp_path / "store"), model=SlowMean, cluster=procs.address,
+                             **TRAIN)
+    killer.result()
+    return run
+
+
+def _accounted_for_exactly_once(run, tmp_path, calm: str) -> None:
+    units = SERIES * HOURS // UNIT_ROWS
+    assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+    man = ModelStore(str(tmp_path / "store")).manifest()
+    assert sorted(u["id"] for u in man["units"]) == sorted({u["id"] for u in man["units"]})
+    assert len(man["units"]) == units
+    # Every group exactly once, with the same status and model bytes as the uninterrupted run
+    # (reading the table also verifies every part against its checksum in the manifest).
+    pd.testing.assert_frame_equal(committed(str(tmp_path / "store")), committed(calm))
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_killed_in_the_middle_of_a_unit_loses_and_duplicates_nothing(procs, dclient, leaves, calm,
+                                                                               tmp_path):
+    addr, victim = next(iter(procs.worker_pids(dclient).items()))
+
+    def kill_mid_unit() -> None:
+        def killed() -> bool:
+            # The worker answers unless it killed itself; never ask a dead worker again (the
+            # scheduler would keep trying to connect to it for distributed.comm.timeouts.connect).
+            return addr not in dclient.run(kill_if_mid_unit, workers=[addr], on_error="ignore")
+        wait_for(killed, 30, "the worker to be busy with its first unit", every=0.005)
+        wait_for(lambda: not alive(victim), 10, "the worker process to be gone")
+
+    run = _train_while(kill_mid_unit, procs, leaves, tmp_path)
+    assert not alive(victim)
+    _accounted_for_exactly_once(run, tmp_path, calm)
+    dclient.wait_for_workers(2, timeout=60)  # the nanny brought a new worker process up
+    assert victim not in procs.worker_pids(dclient).values()
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_killed_after_the_client_took_its_results_loses_and_duplicates_nothing(
+        procs, dclient, leaves, calm, tmp_path):
+    addr, victim = next(iter(procs.worker_pids(dclient).items()))
+
+    def kill_after_a_unit() -> None:
+        wait_for(lambda: dclient.run(finished_units, workers=[addr])[addr], 30, "a finished unit", every=0.005)
+        time.sleep(0.3)  # the client has collected it by now (it keeps the future until the end)
+        os.kill(victim, signal.SIGKILL)  # the worker child, not its nanny: like an OOM kill
+
+    run = _train_while(kill_after_a_unit, procs, leaves, tmp_path)
+    assert not alive(victim)
+    _accounted_for_exactly_once(run, tmp_path, calm)
+
+
+# ---------------------------------------------------------------------------
+# the object store goes away mid-run
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def s3(aws_env):
+    srv = MotoS3().start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def outage(procs, dclient, s3):
+    """A committed run in an S3 store, then a second run during which the S3 server stops.
+
+    Returns what the tests check: the error, the committed run, the store URL and options.
+    The server is back (same port, same objects) when this returns.
+    """
+    # No botocore retries: an unreachable endpoint fails a unit at once instead of after a minute.
+    so = s3.storage_options(config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}})
+    s3.make_bucket("outage")
+    fs = s3.fs()
+    ds.write_dataset(_table(OUTAGE_SERIES), "outage/data", filesystem=fs, format="parquet",
+                     partitioning=ds.partitioning(pa.schema([(k, pa.string()) for k in KEYS]), flavor="hive"))
+    data, store = "s3://outage/data", "s3://outage/store"
+    kw = dict(model=SlowerMean, cluster=procs.address, storage_options=so, **TRAIN)
+    calm = modelfactory.train(data, store=store, **kw)
+
+    def new_parts():
+        fs.invalidate_cache()
+        return [p for p in fs.glob("outage/store/runs/*/parts/*.parquet") if f"/{calm.id}/" not in p]
+
+    def stop_after_the_first_part() -> None:
+        wait_for(new_parts, 30, "the first part file of the second run", every=0.02)
+        s3.stop()
+
+    stopper = in_background(stop_after_the_first_part)
+    try:
+        with pytest.raises(ModelFactoryError) as info:
+            modelfactory.train(data, store=store, **kw)
+        stopper.result()
+    finally:
+        s3.stop()
+        s3.start()
+    # Units of the failed run that were still executing finish on their own (Dask does not stop a
+    # released task) and write their parts now that S3 is back: let them, before anyone resumes.
+    wait_for(lambda: not sum(dclient.run(executing_units).values()), 30, "the workers to be idle", every=0.05)
+    return {"error": info.value, "calm": calm, "store": store, "data": data, "so": so, "kw": kw}
+
+
+@pytest.mark.timeout(90)
+def test_losing_the_object_store_mid_run_fails_clearly_and_commits_nothing(outage, s3, procs):
+    err, calm = outage["error"], outage["calm"]
+    msg = str(err)
+    m = re.match(r"Run (\S+) stopped: a work unit failed outside any group \((.*)\)\. Nothing was committed",
+                 msg, re.S)
+    assert m, msg
+    assert m.group(1) != calm.id
+    # It names what could not be reached: the endpoint, or (a read through pyarrow, see
+    # test_s3.py::test_a_read_from_an_unreachable_endpoint_names_the_endpoint) the file.
+    assert re.search(r"(?i)could not connect to the endpoint|outage/", m.group(2)), msg
+    assert s3.secret not in msg and s3.key not in msg
+    st = ModelStore(outage["store"], storage_options=outage["so"])
+    assert st.runs() == [calm.id]
+    assert st.latest() == calm.id
+    assert not st.location.exists(f"runs/{m.group(1)}/manifest.json")
+    assert [p["run_id"] for p in st.pending()] == [m.group(1)]  # left for resume (or gc)
+    logs = procs.logs()
+    assert s3.secret not in logs and s3.key not in logs
+
+
+@pytest.mark.timeout(90)
+def test_resuming_after_the_outage_commits_what_an_uninterrupted_run_would(outage, s3):
+    run = modelfactory.train(outage["data"], store=outage["store"], resume=True, **outage["kw"])
+    assert run.summary["counts"] == {"ok": OUTAGE_SERIES, "failed": 0, "skipped": 0}
+    st = ModelStore(outage["store"], storage_options=outage["so"])
+    assert st.latest() == run.id
+    assert st.runs() == sorted([outage["calm"].id, run.id])
+    pd.testing.assert_frame_equal(committed(outage["store"], run.id, outage["so"]),
+                                  committed(outage["store"], outage["calm"].id, outage["so"]))
+
+
+# ---------------------------------------------------------------------------
+# a group whose task kills its worker, every time
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def with_crasher(tmp_path_factory) -> str:
+    t = _table().to_pandas()
+    t.loc[(t.site == "site-00007") & (t.index % HOURS == 5), "value"] = MARKER
+    return write(pa.Table.from_pandas(t, preserve_index=False), tmp_path_factory.mktemp("crash") / "data", KEYS)
+
+
+@pytest.mark.timeout(120)
+def test_a_group_that_kills_its_worker_fails_alone(procs, with_crasher, tmp_path):
+    run = modelfactory.train(with_crasher, store=str(tmp_path / "store"), model=CrashOnMarker,
+                             cluster=procs.address, **TRAIN)
+    assert run.summary["counts"] == {"ok": SERIES - 1, "failed": 1, "skipped": 0}
+    g = committed(str(tmp_path / "store")).set_index("site")
+    assert g.loc["site-00007", "status"] == "failed"
+    assert re.search(r"(?i)worker.*(died|killed|crashed|lost)", g.loc["site-00007", "error"])
+    assert (g.drop(index="site-00007").status == "ok").all()
