@@ -6,8 +6,26 @@ until a name is used.
 >>> from modelfactory import models
 >>> models.get("seasonal", season_length=24)
 SeasonalProfile()
->>> "seasonal" in models.registry
+>>> "holt_winters" in models.registry
 True
+>>> models.get("holt_winter")
+Traceback (most recent call last):
+...
+modelfactory.exceptions.ModelError: Unknown model 'holt_winter'. Did you mean 'holt_winters'? ...
+
+Built-in models:
+
+=================  =====================================================  ==========
+name               what                                                   fits
+=================  =====================================================  ==========
+seasonal           median and MAD per season slot                         batch
+holt_winters       additive Holt-Winters, grid-searched for a whole batch batch
+ets                statsmodels ETSModel (additive), exact likelihood      per series
+sarimax            statsmodels SARIMAX                                    per series
+isolation_forest   scikit-learn IsolationForest on feature rows           per series
+random_forest      scikit-learn RandomForestRegressor, features -> target per series
+autoencoder        scikit-learn MLPRegressor reconstructing windows       per series
+=================  =====================================================  ==========
 """
 from __future__ import annotations
 
@@ -17,13 +35,22 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..exceptions import ModelError
-from .base import Model, Param, SeriesBatch, SkipGroup
+from .base import Model, Param, SeriesBatch, SkipGroup, debounce, robust_score
 
-__all__ = ["registry", "get", "register_model", "Model", "Param", "SeriesBatch", "SkipGroup"]
+__all__ = ["registry", "get", "register_model", "unknown_model", "Model", "Param", "SeriesBatch",
+           "SkipGroup", "debounce", "robust_score"]
 
 #: name -> (import path, hint shown when an optional dependency is missing)
+_SM = "It needs statsmodels: pip install statsmodels"
+_SK = "It needs scikit-learn: pip install scikit-learn"
 _BUILTIN: dict[str, tuple[str, str]] = {
     "seasonal": ("modelfactory.models.seasonal:SeasonalProfile", ""),
+    "holt_winters": ("modelfactory.models.holt_winters:HoltWinters", ""),
+    "ets": ("modelfactory.models.statespace:ETS", _SM),
+    "sarimax": ("modelfactory.models.statespace:SARIMAX", _SM),
+    "isolation_forest": ("modelfactory.models.forests:IsolationForest", _SK),
+    "random_forest": ("modelfactory.models.forests:RandomForest", _SK),
+    "autoencoder": ("modelfactory.models.autoencoder:Autoencoder", _SK),
 }
 _USER: dict[str, type] = {}
 
@@ -67,7 +94,12 @@ def unknown_model(name: str) -> ModelError:
 
 
 def get(name: str, **params: Any) -> Model:
-    """Make the model registered as ``name`` with ``params``."""
+    """Make the model registered as ``name`` with ``params``.
+
+    Unknown names raise :class:`~modelfactory.exceptions.ModelError` with a
+    "did you mean" hint; unknown parameters raise
+    :class:`~modelfactory.exceptions.ParameterError` naming the closest one.
+    """
     if name not in registry:
         raise unknown_model(name)
     return registry[name](**params)

@@ -11,8 +11,11 @@ from Arrow).  The runner uses :meth:`Model.fit_batch`; the default loops over
 :meth:`fit`, so a model only overrides it when it can do better.
 
 Scoring contract (anomaly models): :meth:`Model.score` returns ``expected``,
-``lower``, ``upper``, ``score`` (in [0, 1], higher is more anomalous) and
-``is_anomaly``.
+``lower``, ``upper``, ``score`` (in [0, 1], higher is more anomalous,
+comparable across models: ``robust_score`` of a standardised deviation) and
+``is_anomaly``.  Thresholds are model parameters; the ``debounce`` and
+``quiet`` parameters (see :func:`debounce`) are applied by :meth:`Model.score`
+for every model, so an on-call team gets one alert per anomalous episode.
 """
 from __future__ import annotations
 
@@ -27,9 +30,13 @@ from scipy.special import erf
 
 from ..exceptions import ModelError, NotFittedError, ParameterError
 
-__all__ = ["Param", "Model", "SeriesBatch", "SkipGroup", "robust_score"]
+__all__ = ["Param", "Model", "SeriesBatch", "SkipGroup", "robust_score", "debounce", "SCORE_KEYS",
+           "SCORING_PARAMS", "dumps", "loads"]
 
 _MAGIC = b"MFM1"
+#: The keys every :meth:`Model.score` result has (one array each, one value per row).
+SCORE_KEYS = ("expected", "lower", "upper", "score", "is_anomaly")
+DEBOUNCE_MODES = ("none", "first")
 
 
 class SkipGroup(Exception):
@@ -48,12 +55,15 @@ class Param:
     doc: str = ""
 
     def describe(self) -> str:
+        """What the value must be, e.g. ``an int >= 2`` or ``one of 'ets', 'flat'``."""
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
-        words = " or ".join(k.__name__ for k in kinds if k is not type(None))
-        if type(None) in kinds:
-            words += " or None"
+        names = [k.__name__ for k in kinds if k is not type(None)]
+        words = " or ".join(names) if names else "None"
+        words = ("an " if words[:1] in "aeiou" else "a ") + words
+        if type(None) in kinds and names:
+            words += " (or None)"
         if self.low is not None and self.high is not None:
             return f"{words} in [{self.low}, {self.high}]"
         if self.low is not None:
@@ -108,8 +118,57 @@ class SeriesBatch:
 
 def robust_score(z: np.ndarray) -> np.ndarray:
     """Map an absolute standardised deviation to [0, 1]: ``erf(|z| / sqrt 2)``,
-    the two-sided normal probability mass within ``|z|``.  3 sigma gives 0.9973."""
-    return erf(np.abs(z) / math.sqrt(2.0))
+    the two-sided normal probability mass within ``|z|``.  3 sigma gives 0.9973.
+
+    NaN maps to 0 (a missing value is never anomalous).
+
+    >>> robust_score(np.array([0.0, 3.0, np.nan])).round(4).tolist()
+    [0.0, 0.9973, 0.0]
+    """
+    z = np.abs(np.asarray(z, dtype=np.float64))
+    return np.where(np.isnan(z), 0.0, erf(np.nan_to_num(z, nan=0.0) / math.sqrt(2.0)))
+
+
+def debounce(is_anomaly, mode: str = "first", quiet: int = 1) -> np.ndarray:
+    """Turn per-point anomaly flags into alerts.
+
+    ``mode="none"`` returns the flags unchanged.  ``mode="first"`` keeps only
+    the first point of each anomalous episode, where an episode ends after
+    ``quiet`` consecutive non-anomalous points (``quiet=1``: every run of
+    consecutive anomalies is one episode; ``quiet=K``: anomalies separated by
+    fewer than ``K`` quiet points belong to the same episode and alert once).
+    Points before the first one count as quiet.
+
+    >>> a = np.array([0, 1, 1, 0, 1, 0, 0, 1], dtype=bool)
+    >>> debounce(a, "first").astype(int).tolist()
+    [0, 1, 0, 0, 1, 0, 0, 1]
+    >>> debounce(a, "first", quiet=2).astype(int).tolist()
+    [0, 1, 0, 0, 0, 0, 0, 1]
+    """
+    flags = np.asarray(is_anomaly, dtype=bool)
+    if mode not in DEBOUNCE_MODES:
+        raise ParameterError(f"debounce mode must be one of {DEBOUNCE_MODES}; got {mode!r}.")
+    if isinstance(quiet, bool) or not isinstance(quiet, (int, np.integer)) or quiet < 1:
+        raise ParameterError(f"The 'quiet' parameter of debounce must be an int >= 1. Got {quiet!r} instead.")
+    if mode == "none" or flags.size == 0:
+        return flags.copy()
+    idx = np.flatnonzero(flags)
+    out = np.zeros_like(flags)
+    if idx.size:
+        gap = np.diff(idx) - 1  # quiet points between consecutive anomalies
+        keep = np.concatenate(([True], gap >= quiet))
+        out[idx[keep]] = True
+    return out
+
+
+_debounce = debounce  # Model.score has a parameter of the same name
+
+#: Parameters every built-in anomaly model has; :meth:`Model.score` applies them.
+SCORING_PARAMS: dict[str, Param] = {
+    "debounce": Param("none", choices=DEBOUNCE_MODES,
+                      doc="'first' alerts only on the first point of an anomalous episode"),
+    "quiet": Param(1, int, low=1, doc="quiet points that end an episode (with debounce='first')"),
+}
 
 
 class Model:
@@ -180,19 +239,25 @@ class Model:
         self.validate_params()
         y = np.asarray(y, dtype=np.float64)
         t = None if t is None else _as_seconds(t)
-        X = None if X is None else np.asarray(X, dtype=np.float64)
+        X = None if X is None else _as_2d(X)
         self._check_data(y, t, X)
         self._fit(y, t, X)
         return self
 
     def _check_data(self, y, t, X) -> None:
-        n = int(np.count_nonzero(np.isfinite(y)))
-        if n < self.required_rows():
-            raise SkipGroup(f"{self.name} needs at least {self.required_rows()} non-missing values; got {n}")
+        if y.ndim != 1:
+            raise ModelError(f"{self.name} fits one series: y must be 1-d; got shape {y.shape}.")
         if self.needs_time and t is None:
             raise ModelError(f"{self.name} needs a time column: pass time=.")
         if self.needs_features and (X is None or X.shape[1] == 0):
             raise ModelError(f"{self.name} needs feature columns: pass features=[...].")
+        if t is not None and len(t) != len(y):
+            raise ModelError(f"{self.name} got {len(y)} values but {len(t)} times.")
+        if X is not None and len(X) != len(y):
+            raise ModelError(f"{self.name} got {len(y)} values but {len(X)} feature rows.")
+        n = int(np.count_nonzero(np.isfinite(y)))
+        if n < self.required_rows():
+            raise SkipGroup(f"{self.name} needs at least {self.required_rows()} non-missing values; got {n}")
 
     def _fit(self, y, t, X) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -215,16 +280,73 @@ class Model:
         return out
 
     # -- scoring ----------------------------------------------------------
-    def score(self, y, *, t=None, X=None) -> dict[str, np.ndarray]:
-        """Score new rows: ``expected``, ``lower``, ``upper``, ``score``, ``is_anomaly``."""
+    def score(self, y, *, t=None, X=None, debounce: str | None = None,
+              quiet: int | None = None) -> dict[str, np.ndarray]:
+        """Score new rows of the group this model was fitted on.
+
+        Parameters
+        ----------
+        y : array-like of float
+            The new values (NaN is allowed: it scores 0 and is never anomalous).
+        t : array-like of int64 seconds or datetime64, optional
+            Their times (needed by models with ``needs_time``).
+        X : 2-d array-like, optional
+            Their features (needed by models with ``needs_features``).
+        debounce, quiet : optional
+            Override the model's ``debounce`` / ``quiet`` parameters.
+
+        Returns
+        -------
+        dict of numpy arrays, one value per row
+            ``expected``, ``lower``, ``upper``, ``score`` (in [0, 1], higher
+            is more anomalous) and ``is_anomaly`` (bool, after debouncing).
+        """
         self.check_fitted()
-        y = np.asarray(y, dtype=np.float64)
-        t = None if t is None else _as_seconds(t)
-        X = None if X is None else np.asarray(X, dtype=np.float64)
-        return self._score(y, t, X)
+        y = np.asarray(y, dtype=np.float64).reshape(-1)
+        t = None if t is None else _as_seconds(t).reshape(-1)
+        X = None if X is None else _as_2d(X)
+        if t is not None and len(t) != len(y):
+            raise ModelError(f"score got {len(y)} values but {len(t)} times.")
+        if X is not None and len(X) != len(y):
+            raise ModelError(f"score got {len(y)} values but {len(X)} feature rows.")
+        if self.needs_time and t is None:
+            raise ModelError(f"{self.name} needs the time of each point to score it: pass t=.")
+        if self.needs_features and X is None:
+            raise ModelError(f"{self.name} needs the features of each point to score it: pass X=.")
+        out = self._score(y, t, X)
+        score = np.nan_to_num(np.asarray(out["score"], dtype=np.float64), nan=0.0)
+        out["score"] = np.clip(score, 0.0, 1.0)
+        flags = np.asarray(out["is_anomaly"], dtype=bool) & np.isfinite(y)
+        mode = getattr(self, "debounce", "none") if debounce is None else debounce
+        k = getattr(self, "quiet", 1) if quiet is None else quiet
+        out["is_anomaly"] = _debounce(flags, mode, k)
+        return out
 
     def _score(self, y, t, X) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def score_batch(cls, models: list, batch: SeriesBatch, **kwargs: Any) -> dict[str, np.ndarray]:
+        """Score every series of ``batch`` with its model (``models[i]``, or None).
+
+        Returns the :data:`SCORE_KEYS` arrays for all rows of the batch, in
+        batch order.  Rows of a series without a model get NaN ``expected``,
+        ``lower`` and ``upper``, score 0 and no anomaly.  The default loops
+        over :meth:`score`; models may override it with a vectorised version.
+        """
+        n = len(batch.values)
+        out = {k: np.full(n, np.nan) for k in SCORE_KEYS[:3]}
+        out["score"] = np.zeros(n)
+        out["is_anomaly"] = np.zeros(n, dtype=bool)
+        for i, model in enumerate(models):
+            if model is None:
+                continue
+            s, e = int(batch.offsets[i]), int(batch.offsets[i + 1])
+            y, t, X = batch.series(i)
+            res = model.score(y, t=t, X=X, **kwargs)
+            for key in SCORE_KEYS:
+                out[key][s:e] = res[key]
+        return out
 
     # -- state and serialisation -----------------------------------------
     def get_state(self) -> dict[str, Any]:
@@ -246,6 +368,11 @@ class Model:
         if name != cls.name:
             raise ModelError(f"These bytes hold a {name!r} model, not {cls.name!r}.")
         return cls(**params).set_state(state)
+
+
+def _as_2d(X) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    return X.reshape(-1, 1) if X.ndim == 1 else X
 
 
 def _as_seconds(t) -> np.ndarray:

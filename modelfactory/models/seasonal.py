@@ -19,7 +19,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import Model, Param, SeriesBatch, SkipGroup, robust_score
+from ..exceptions import ModelError, ParameterError
+from .base import SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score
 
 __all__ = ["SeasonalProfile", "segment_median"]
 
@@ -56,6 +57,19 @@ class SeasonalProfile(Model):
         Robust z-score beyond which a point is anomalous.
     min_seasons : int, default 2
         Whole seasons of data needed to fit; shorter series are skipped.
+    debounce : {"none", "first"}, default "none"
+        Alert on every anomalous point, or only on the first of an episode.
+    quiet : int, default 1
+        Quiet points that end an episode (with ``debounce="first"``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = np.arange(72) * 3600
+    >>> y = np.tile(np.arange(24.0), 3)
+    >>> m = SeasonalProfile().fit(y, t=t)
+    >>> m.score([5.0, 50.0], t=[5 * 3600, 6 * 3600])["is_anomaly"].tolist()
+    [False, True]
     """
 
     name = "seasonal"
@@ -65,6 +79,7 @@ class SeasonalProfile(Model):
         "step": Param(None, (int, type(None)), low=1, doc="seconds between points"),
         "threshold": Param(3.5, float, low=0.0, doc="robust z beyond which a point is anomalous"),
         "min_seasons": Param(2, int, low=1, doc="whole seasons needed to fit"),
+        **SCORING_PARAMS,
     }
     state_attrs = ("step_", "median_", "scale_")
 
@@ -82,11 +97,14 @@ class SeasonalProfile(Model):
         proto = cls(**params)
         proto.validate_params()
         if batch.times is None:
-            from ..exceptions import ModelError
-
             raise ModelError("seasonal needs a time column: pass time=.")
         S, n = proto.season_length, len(batch)
         lengths = np.diff(batch.offsets)
+        if n and 0 < lengths.max() < S:
+            raise ParameterError(
+                f"The 'season_length' parameter of SeasonalProfile ({S}) is longer than every series in "
+                f"the batch (the longest has {int(lengths.max())} rows); use a shorter season_length "
+                "or more history.")
         sid = np.repeat(np.arange(n), lengths)
         t, v = batch.times, batch.values
         # Step per series: the median spacing (or the given step).
@@ -135,10 +153,6 @@ class SeasonalProfile(Model):
         return out
 
     def _score(self, y, t, X) -> dict[str, np.ndarray]:
-        if t is None:
-            from ..exceptions import ModelError
-
-            raise ModelError("seasonal needs the time of each point to score it.")
         slot = (t // self.step_) % self.season_length
         expected = self.median_[slot]
         scale = self.scale_[slot]

@@ -1,0 +1,117 @@
+"""Putting series on a regular time grid (private helpers shared by the time-series models).
+
+A series arrives as values with int64 epoch-second times, possibly with gaps
+(missing timestamps), NaNs and duplicates.  The models that need regular steps
+place it on the grid ``t_last - k * step``: the step is the given one or the
+median spacing of the series; a missing step becomes NaN; of two values on
+the same grid point the later row wins.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import SeriesBatch
+
+__all__ = ["infer_steps", "batch_to_grid", "series_to_grid", "seasonal_fill"]
+
+
+def infer_steps(batch: SeriesBatch, step: int | None) -> np.ndarray:
+    """The time step of every series of ``batch`` in seconds (>= 1).
+
+    ``step`` if given, else the (lower) median positive spacing of each series' times
+    (1 when there are no times or fewer than two distinct ones).
+    """
+    n = len(batch)
+    if step is not None:
+        return np.full(n, int(step), dtype=np.int64)
+    if batch.times is None:
+        return np.ones(n, dtype=np.int64)
+    out = np.ones(n, dtype=np.int64)
+    t = batch.times
+    for i in range(n):
+        s, e = int(batch.offsets[i]), int(batch.offsets[i + 1])
+        d = np.diff(t[s:e])
+        d = d[d > 0]
+        if d.size:  # the lower median: robust to a few gaps, never between two spacings
+            out[i] = max(1, int(np.partition(d, (d.size - 1) // 2)[(d.size - 1) // 2]))
+    return out
+
+
+def batch_to_grid(batch: SeriesBatch, steps: np.ndarray, *, max_len: int | None = None):
+    """Place every series of ``batch`` on its own regular grid, right-aligned.
+
+    Returns ``(Y, t_last, length)``: ``Y`` has shape ``(n_series, width)``;
+    series ``i`` fills its last ``length[i]`` columns (its grid from its first
+    to its last timed point), NaN where a step is missing, and NaN padding on
+    the left.  ``t_last[i]`` is the time of its last point.  Series longer than
+    ``max_len`` grid points keep only their last ``max_len`` points.
+    Without times, row order is the grid.
+    """
+    n = len(batch)
+    lengths = np.diff(batch.offsets).astype(np.int64)
+    sid = np.repeat(np.arange(n), lengths)
+    v = np.asarray(batch.values, dtype=np.float64)
+    if batch.times is None:
+        pos_from_end = (batch.offsets[1:][sid] - 1 - np.arange(len(v))).astype(np.int64)
+        t_last = (lengths - 1).astype(np.int64)
+    else:
+        t = batch.times.astype(np.int64)
+        t_last = np.zeros(n, dtype=np.int64)
+        nonempty = lengths > 0
+        if nonempty.any():  # the latest time of each series (rows need not be sorted)
+            t_last[nonempty] = np.maximum.reduceat(t, batch.offsets[:-1][nonempty])
+        pos_from_end = np.rint((t_last[sid] - t) / steps[sid]).astype(np.int64)
+    glen = np.zeros(n, dtype=np.int64)
+    if len(v):
+        np.maximum.at(glen, sid, pos_from_end + 1)
+    if max_len is not None:
+        glen = np.minimum(glen, max_len)
+    width = int(glen.max()) if n and len(v) else 0
+    Y = np.full((n, width), np.nan)
+    keep = (pos_from_end >= 0) & (pos_from_end < glen[sid])
+    Y[sid[keep], width - 1 - pos_from_end[keep]] = v[keep]
+    return Y, t_last.astype(np.int64), glen
+
+
+def series_to_grid(y: np.ndarray, t: np.ndarray | None, step: int | None):
+    """One series on its regular grid: ``(values, t_first, step)`` (NaN where missing)."""
+    b = SeriesBatch(np.asarray(y, dtype=np.float64), np.array([0, len(y)]),
+                    None if t is None else np.asarray(t, dtype=np.int64))
+    steps = infer_steps(b, step)
+    Y, t_last, glen = batch_to_grid(b, steps)
+    L = int(glen[0])
+    vals = Y[0, Y.shape[1] - L:]
+    return vals, int(t_last[0]) - (L - 1) * int(steps[0]), int(steps[0])
+
+
+def seasonal_fill(Y: np.ndarray, m: int) -> np.ndarray:
+    """Fill interior NaNs of each row from the same season slot nearby, then linearly.
+
+    Leading NaNs (before a row's first value) stay NaN.  Used where a model's
+    maths needs complete rows (a grid search); the exact fit handles gaps.
+    """
+    Y = Y.copy()
+    first = np.argmax(np.isfinite(Y), axis=1)
+    lead = np.arange(Y.shape[1])[None, :] < first[:, None]
+    hole = np.isnan(Y) & ~lead
+    if not hole.any():
+        return Y
+    if m > 1 and Y.shape[1] > m:
+        for _ in range(3):  # look up to three seasons back and forth
+            prev = np.full_like(Y, np.nan)
+            prev[:, m:] = Y[:, :-m]
+            nxt = np.full_like(Y, np.nan)
+            nxt[:, :-m] = Y[:, m:]
+            cand = np.where(np.isnan(prev), nxt, np.where(np.isnan(nxt), prev, 0.5 * (prev + nxt)))
+            fill = np.isnan(Y) & ~lead & np.isfinite(cand)
+            Y[fill] = cand[fill]
+            if not (np.isnan(Y) & ~lead).any():
+                return Y
+    idx = np.arange(Y.shape[1])
+    for i in np.flatnonzero((np.isnan(Y) & ~lead).any(axis=1)):
+        ok = np.isfinite(Y[i])
+        if ok.sum() == 0:
+            continue
+        gaps = np.isnan(Y[i]) & ~lead[i]
+        Y[i, gaps] = np.interp(idx[gaps], idx[ok], Y[i, ok])
+    return Y

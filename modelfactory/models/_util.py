@@ -1,0 +1,40 @@
+"""Small helpers shared by the built-in models (private)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+__all__ = ["fit_quietly", "center_scale", "MAD_TO_SIGMA"]
+
+MAD_TO_SIGMA = 1.4826
+
+
+def fit_quietly(fit):
+    """Run ``fit()`` recording its warnings as short notes instead of raising or printing them.
+
+    Returns ``(result, notes)``; ``notes`` holds at most five distinct
+    ``"Category: first line of the message"`` strings.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = fit()
+    notes: list[str] = []
+    for w in caught:
+        text = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
+        if text not in notes:
+            notes.append(text)
+    return res, notes[:5]
+
+
+def center_scale(r: np.ndarray, floor: float = 1e-9) -> tuple[float, float]:
+    """Median and robust sigma (1.4826 x MAD, at least a quarter of the RMS about the median,
+    at least ``floor``) of the finite values of ``r``; (0, floor) when there are none."""
+    r = np.asarray(r, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    if r.size == 0:
+        return 0.0, floor
+    med = float(np.median(r))
+    dev = np.abs(r - med)
+    sig = max(MAD_TO_SIGMA * float(np.median(dev)), 0.25 * float(np.sqrt(np.mean(dev * dev))), floor)
+    return med, sig

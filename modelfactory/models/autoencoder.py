@@ -1,0 +1,231 @@
+"""``autoencoder``: a small scikit-learn ``MLPRegressor`` that reconstructs its input.
+
+Two inputs:
+
+* ``input="window"`` (default): sliding windows of ``window`` consecutive steps
+  of the series (on its regular time grid, robustly standardised).  Each
+  point's reconstruction is the average over the windows that contain it; its
+  residual is scored against the training residuals.  Scoring new points uses
+  the last ``window - 1`` training values as context, so it works from the
+  first new point on.
+* ``input="features"``: each row's feature vector plus the target,
+  standardised per column; the target's reconstruction is ``expected``.
+
+The network is fitted by scikit-learn (fixed ``random_state``, convergence
+warnings recorded in ``notes_``); only ``coefs_`` and ``intercepts_`` are kept,
+as arrays, and prediction is re-implemented in numpy.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from ..exceptions import ModelError
+from ._timegrid import series_to_grid
+from ._util import MAD_TO_SIGMA, center_scale, fit_quietly
+from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
+
+__all__ = ["Autoencoder", "mlp_forward"]
+
+_ACT = {
+    "relu": lambda a: np.maximum(a, 0.0),
+    "tanh": np.tanh,
+    "logistic": lambda a: 1.0 / (1.0 + np.exp(-a)),
+    "identity": lambda a: a,
+}
+_MAX_STEPS = 1_000_000
+
+
+def mlp_forward(X: np.ndarray, coefs: list, intercepts: list, activation: str) -> np.ndarray:
+    """``MLPRegressor.predict`` in numpy: hidden layers with ``activation``, identity output."""
+    a = np.asarray(X, dtype=np.float64)
+    for i, (W, b) in enumerate(zip(coefs, intercepts)):
+        a = a @ W + b
+        if i < len(coefs) - 1:
+            a = _ACT[activation](a)
+    return a
+
+
+def _windows(z: np.ndarray, w: int) -> np.ndarray:
+    return np.lib.stride_tricks.sliding_window_view(z, w)
+
+
+def _fill(z: np.ndarray) -> np.ndarray:
+    """Linear interpolation of NaNs (nearest value at the ends)."""
+    ok = np.isfinite(z)
+    if ok.all() or not ok.any():
+        return z
+    idx = np.arange(z.size)
+    out = z.copy()
+    out[~ok] = np.interp(idx[~ok], idx[ok], z[ok])
+    return out
+
+
+def _average_reconstruction(R: np.ndarray, n: int) -> np.ndarray:
+    """Mean over the windows covering each of ``n`` points (window ``i`` covers ``i..i+w-1``)."""
+    nw, w = R.shape
+    acc = np.zeros(n)
+    cnt = np.zeros(n)
+    for j in range(w):
+        acc[j:j + nw] += R[:, j]
+        cnt[j:j + nw] += 1
+    return acc / np.maximum(cnt, 1)
+
+
+class Autoencoder(Model):
+    """A small MLP autoencoder on sliding windows of the series (or on feature vectors).
+
+    Parameters
+    ----------
+    input : {"window", "features"}, default "window"
+    window : int, default 24
+        Steps per window (``input="window"``).
+    hidden : int, default 6
+        Units of the single hidden (bottleneck) layer.
+    activation : {"tanh", "relu", "logistic"}, default "tanh"
+    l2 : float, default 1e-3
+        L2 penalty (scikit-learn's ``alpha``).
+    max_iter : int, default 300
+    step : int or None, default None
+        Seconds between points (``input="window"``); None infers it.
+    threshold : float, default 3.5
+        Robust z-score of a reconstruction residual beyond which a point is anomalous.
+    max_missing : float, default 0.2
+        Largest fraction of missing steps (filled by interpolation); more are skipped.
+    min_values : int, default 48
+        Fewest non-missing values to fit (and at least ``2 * window``).
+    random_state : int, default 0
+    debounce, quiet
+        See :func:`modelfactory.models.base.debounce`.
+
+    A constant series is standardised to zeros, fits exactly and gets a tiny
+    floor scale, so any change from the constant is anomalous.
+    """
+
+    name = "autoencoder"
+    params: ClassVar = {
+        "input": Param("window", choices=("window", "features"), doc="what to reconstruct"),
+        "window": Param(24, int, low=2, high=10_000, doc="steps per window"),
+        "hidden": Param(6, int, low=1, high=1_000, doc="bottleneck units"),
+        "activation": Param("tanh", choices=("tanh", "relu", "logistic"), doc="hidden activation"),
+        "l2": Param(1e-3, float, low=0.0, doc="L2 penalty"),
+        "max_iter": Param(300, int, low=1, doc="training iterations"),
+        "step": Param(None, (int, type(None)), low=1, doc="seconds between points"),
+        "threshold": Param(3.5, float, low=0.0, doc="robust z of the residual"),
+        "max_missing": Param(0.2, float, low=0.0, high=0.9, doc="largest fraction of missing steps"),
+        "min_values": Param(48, int, low=4, doc="fewest values to fit"),
+        "random_state": Param(0, int, low=0, doc="seed"),
+        **SCORING_PARAMS,
+    }
+    state_attrs: ClassVar = ("loc_", "scale_", "coef0_", "coef1_", "bias0_", "bias1_", "center_",
+                             "rscale_", "tail_", "step_", "t_last_", "notes_")
+
+    # Which data it needs depends on ``input``: checked per instance (see _check_data).
+    needs_time = False
+    needs_features = False
+
+    def _check_data(self, y, t, X) -> None:
+        if self.input == "window" and t is None:
+            raise ModelError("autoencoder with input='window' needs a time column: pass time=.")
+        if self.input == "features" and (X is None or X.shape[1] == 0):
+            raise ModelError("autoencoder with input='features' needs feature columns: pass features=[...].")
+        super()._check_data(y, t, X)
+
+    def required_rows(self) -> int:
+        return max(self.min_values, 2 * self.window if self.input == "window" else 0)
+
+    def _network(self, A: np.ndarray):
+        from sklearn.neural_network import MLPRegressor
+
+        est = MLPRegressor(hidden_layer_sizes=(self.hidden,), activation=self.activation, alpha=self.l2,
+                           max_iter=self.max_iter, random_state=self.random_state, tol=1e-5)
+        est, self.notes_ = fit_quietly(lambda: est.fit(A, A))
+        self.coef0_, self.coef1_ = (np.asarray(c, dtype=np.float64) for c in est.coefs_)
+        self.bias0_, self.bias1_ = (np.asarray(b, dtype=np.float64) for b in est.intercepts_)
+
+    def reconstruct(self, A: np.ndarray) -> np.ndarray:
+        """The network's output for standardised inputs ``A`` (``MLPRegressor.predict`` in numpy)."""
+        return mlp_forward(A, [self.coef0_, self.coef1_], [self.bias0_, self.bias1_], self.activation)
+
+    def _fit(self, y, t, X) -> None:
+        if self.input == "window":
+            self._fit_window(y, t)
+        else:
+            self._fit_features(y, X)
+
+    # -- windows ----------------------------------------------------------
+    def _fit_window(self, y, t) -> None:
+        vals, t0, self.step_ = series_to_grid(y, t, self.step)
+        missing = float(np.mean(~np.isfinite(vals)))
+        if missing > self.max_missing:
+            raise SkipGroup(f"autoencoder: {missing:.0%} of the time steps are missing (NaN or absent), "
+                            f"more than max_missing={self.max_missing}")
+        self.t_last_ = int(t0 + (vals.size - 1) * self.step_)
+        med = float(np.nanmedian(vals))
+        sig = MAD_TO_SIGMA * float(np.nanmedian(np.abs(vals - med)))
+        sd = float(np.nanstd(vals))
+        self.loc_, self.scale_ = med, max(sig, 0.25 * sd, 1e-9 * (1 + abs(med)))
+        z = _fill((vals - self.loc_) / self.scale_)
+        self._network(_windows(z, self.window))
+        if sig == 0 and sd == 0:  # a constant series: reconstruct it exactly
+            self.coef1_[:] = 0.0
+            self.bias1_[:] = 0.0
+        recon = _average_reconstruction(self.reconstruct(_windows(z, self.window)), z.size)
+        r = np.where(np.isfinite(vals), z - recon, np.nan)
+        self.center_, self.rscale_ = center_scale(r, floor=1e-6)
+        self.tail_ = z[z.size - (self.window - 1):].copy()
+
+    def _score_window(self, y, t):
+        h = np.rint((t - self.t_last_) / self.step_).astype(np.int64)
+        expected = np.full(y.shape, np.nan)
+        ok = (h >= 1) & (h <= _MAX_STEPS)
+        if ok.any():
+            H = int(h[ok].max())
+            z = np.full(H, np.nan)
+            z[h[ok] - 1] = (y[ok] - self.loc_) / self.scale_
+            known = np.isfinite(z)
+            ctx = _fill(np.concatenate([self.tail_, z]))
+            if not known.any():  # no new finite value: forecast-free, reconstruct the context
+                ctx = np.concatenate([self.tail_, np.full(H, self.tail_[-1])])
+            recon = _average_reconstruction(self.reconstruct(_windows(ctx, self.window)), ctx.size)
+            expected[ok] = self.loc_ + self.scale_ * (recon[len(self.tail_):][h[ok] - 1] + self.center_)
+        return expected
+
+    # -- features ---------------------------------------------------------
+    def _fit_features(self, y, X) -> None:
+        ok = np.isfinite(y)
+        A = np.column_stack([X[ok], y[ok]])
+        A = np.where(np.isfinite(A), A, np.nanmedian(np.where(np.isfinite(A), A, np.nan), axis=0))
+        if not np.isfinite(A).all():
+            raise SkipGroup("autoencoder: a feature column has no finite value in this group")
+        self.loc_ = np.median(A, axis=0)
+        dev = MAD_TO_SIGMA * np.median(np.abs(A - self.loc_), axis=0)
+        self.scale_ = np.maximum(np.maximum(dev, 0.25 * A.std(axis=0)), 1e-9 * (1 + np.abs(self.loc_)))
+        Z = (A - self.loc_) / self.scale_
+        self._network(Z)
+        r = Z[:, -1] - self.reconstruct(Z)[:, -1]
+        self.center_, self.rscale_ = center_scale(r, floor=1e-6)
+        self.tail_, self.step_, self.t_last_ = np.zeros(0), 0, 0
+
+    def _score_features(self, y, X):
+        if X.shape[1] != len(self.loc_) - 1:
+            raise ModelError(f"autoencoder was fitted on {len(self.loc_) - 1} feature columns; got {X.shape[1]}.")
+        A = np.column_stack([X, np.where(np.isfinite(y), y, self.loc_[-1])])
+        A = np.where(np.isfinite(A), A, self.loc_)
+        rec = self.reconstruct((A - self.loc_) / self.scale_)[:, -1]
+        return self.loc_[-1] + self.scale_[-1] * (rec + self.center_)
+
+    def _score(self, y, t, X) -> dict[str, np.ndarray]:
+        expected = self._score_window(y, t) if self.input == "window" else self._score_features(y, X)
+        unit = self.rscale_ * (self.scale_ if np.ndim(self.scale_) == 0 else self.scale_[-1])
+        z = (y - expected) / unit
+        finite = np.isfinite(z)
+        zz = np.where(finite, z, 0.0)
+        return {
+            "expected": expected,
+            "lower": expected - self.threshold * unit,
+            "upper": expected + self.threshold * unit,
+            "score": robust_score(zz),
+            "is_anomaly": finite & (np.abs(zz) > self.threshold),
+        }

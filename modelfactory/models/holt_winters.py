@@ -1,0 +1,395 @@
+"""``holt_winters``: additive-trend, additive-season exponential smoothing for a whole batch.
+
+The model is ETS(A,A,A) in error-correction form, with one-step error
+``e_t = y_t - (l + b + s_{t-m})`` and updates ``l += b + alpha e``,
+``b += alpha beta e``, ``s_{t} = s_{t-m} + gamma e`` (the parametrisation of
+statsmodels' ``ExponentialSmoothing(trend="add", seasonal="add")``).
+
+How a batch is fitted, all series together as 2-d numpy arrays:
+
+1. Every series is put on its regular time grid (right-aligned, so all series
+   end in the last column) and standardised.
+2. Grid search: all series x all grid points of ``(alpha, beta, gamma)`` run
+   the recursion together from a zero initial state.  The one-step errors are
+   linear in the initial state (level, trend, ``m`` seasonals), so for every
+   grid point the *best* initial state is a least-squares problem whose design
+   matrix does not depend on the data: one QR per grid point, shared by all
+   series, gives each series' SSE with optimal initial states exactly.
+3. Refinement: a parabola through the SSE of the best grid point and its
+   neighbours, per axis, proposes a better point.
+4. Final fit: the grid winner and the refined point are run exactly (with
+   gaps and NaNs skipped: a missing step makes no update), the initial state is
+   solved by least squares, and the better of the two is kept.
+
+Scoring forecasts from the end of the training series: a new point ``h``
+steps after the last one (from its timestamp and the fitted step) is expected
+at ``level + h * trend + season[(h - 1) mod m]``; its interval is
+``expected +- threshold * sigma * sqrt(v_h)`` with ``sigma`` a robust scale
+of the in-sample residuals (corrected for the ``m + 4`` fitted values) and ``v_h = 1 + sum_{j<h} (alpha + alpha beta j +
+gamma [j mod m = 0])^2`` the ETS(A,A,A) variance growth (``interval="flat"``:
+``v_h = 1``).  Points at or before the end of training use ``v_h = 1``.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from ..exceptions import ParameterError
+from ._timegrid import batch_to_grid, infer_steps, seasonal_fill
+from .base import SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score
+
+__all__ = ["HoltWinters", "hw_recursion"]
+
+_MAD_TO_SIGMA = 1.4826
+# The grid: alpha, beta as a fraction of alpha's slope gain, gamma as a fraction of 1 - alpha.
+_ALPHA = np.array([0.01, 0.04, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9, 0.99])
+_BETA = np.array([0.0, 0.01, 0.04, 0.15, 0.5])
+_GAMMA = np.array([0.0, 0.05, 0.15, 0.4, 0.8])
+_CHUNK = 256  # at most this many series per block
+_BLOCK = 4_000_000  # floats per working array (32 MB): bounds memory for long series and seasons
+
+
+def _seasonal_basis(m: int) -> np.ndarray:
+    """Initial state ``(l, b, s_0..s_{m-1})`` from ``m + 1`` free values, seasonals summing to 0."""
+    B = np.zeros((m + 2, m + 1))
+    B[0, 0] = B[1, 1] = 1.0
+    B[2:m + 1, 2:] = np.eye(m - 1)
+    B[m + 1, 2:] = -1.0
+    return B
+
+
+def _impulse(alpha, bstar, gamma, m: int, n: int) -> np.ndarray:
+    """One-step errors caused by each unit initial state with zero data: shape ``(G, n, m + 2)``."""
+    G, k = len(alpha), m + 2
+    lvl, tr = np.zeros((G, k)), np.zeros((G, k))
+    lvl[:, 0] = 1.0
+    tr[:, 1] = 1.0
+    s = np.zeros((m, G, k))
+    for j in range(m):
+        s[j, :, 2 + j] = 1.0
+    D = np.empty((G, n, k))
+    a, bb, g = alpha[:, None], bstar[:, None], gamma[:, None]
+    for t in range(n):
+        sj = s[t % m]
+        e = -(lvl + tr + sj)
+        D[:, t] = e
+        lvl += tr + a * e
+        tr += bb * e
+        sj += g * e
+    return D
+
+
+def _grid_sse(Y, alpha, bstar, gamma, m: int, Q) -> np.ndarray:
+    """SSE with optimal initial states of complete rows ``Y`` (S, n) at every grid point: (S, G)."""
+    S, n = Y.shape
+    G = len(alpha)
+    lvl, tr, s = np.zeros((S, G)), np.zeros((S, G)), np.zeros((m, S, G))
+    E = np.empty((G, S, n))
+    for t in range(n):
+        sj = s[t % m]
+        e = Y[:, t:t + 1] - lvl - tr - sj
+        E[:, :, t] = e.T
+        lvl += tr
+        lvl += alpha * e
+        tr += bstar * e
+        sj += gamma * e
+    proj = np.matmul(E, Q)
+    return np.einsum("gsn,gsn->sg", E, E) - np.einsum("gsk,gsk->sg", proj, proj)
+
+
+def hw_recursion(Y, alpha, bstar, gamma, m: int):
+    """Fit each row of ``Y`` exactly at its own parameters, with least-squares initial states.
+
+    ``Y`` is (S, n) with NaN for missing steps (no update there); ``alpha``,
+    ``bstar`` (= alpha * beta) and ``gamma`` are (S,).  Returns
+    ``(resid, level, trend, season_ring, sse)`` where ``season_ring[j]`` is the
+    seasonal used at a column ``t`` with ``t % m == j``.
+    """
+    S, n = Y.shape
+    k = m + 2
+    c = k + 1  # channel 0: the data from a zero state; channels 1..k: unit initial states
+    obs = np.isfinite(Y)
+    Yz = np.where(obs, Y, 0.0)
+    lvl, tr, s = np.zeros((S, c)), np.zeros((S, c)), np.zeros((m, S, c))
+    lvl[:, 1] = 1.0
+    tr[:, 2] = 1.0
+    for j in range(m):
+        s[j, :, 3 + j] = 1.0
+    E = np.empty((S, n, c))
+    a, bb, g = alpha[:, None], bstar[:, None], gamma[:, None]
+    for t in range(n):
+        sj = s[t % m]
+        e = -(lvl + tr + sj)
+        e[:, 0] += Yz[:, t]
+        e *= obs[:, t:t + 1]
+        E[:, t] = e
+        lvl += tr + a * e
+        tr += bb * e
+        sj += g * e
+    B = _seasonal_basis(m)
+    D = E[:, :, 1:] @ B  # (S, n, m + 1)
+    DtD = np.matmul(D.transpose(0, 2, 1), D)
+    Dte = np.matmul(D.transpose(0, 2, 1), E[:, :, :1])
+    ridge = 1e-10 * np.trace(DtD, axis1=1, axis2=2)[:, None, None] * np.eye(m + 1) + 1e-300
+    x = -np.linalg.solve(DtD + ridge, Dte)[:, :, 0]  # least-squares initial state
+    x0 = np.concatenate([np.ones((S, 1)), x @ B.T], axis=1)  # weights of the channels
+    resid = np.matmul(E, x0[:, :, None])[:, :, 0]
+    resid[~obs] = np.nan
+    level = np.einsum("sc,sc->s", lvl, x0)
+    trend = np.einsum("sc,sc->s", tr, x0)
+    ring = np.einsum("msc,sc->ms", s, x0)
+    sse = np.nansum(resid * resid, axis=1)
+    return resid, level, trend, ring, sse
+
+
+def _refine(sse: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Best grid index per series and a parabola-refined fractional index: (S, 3) each."""
+    S = sse.shape[0]
+    cube = sse.reshape(S, *shape)
+    best = np.array(np.unravel_index(np.argmin(sse, axis=1), shape)).T  # (S, 3)
+    frac = best.astype(np.float64)
+    rows = np.arange(S)
+    for ax in range(3):
+        lo, hi = best.copy(), best.copy()
+        lo[:, ax] -= 1
+        hi[:, ax] += 1
+        inner = (lo[:, ax] >= 0) & (hi[:, ax] < shape[ax])
+        lo[:, ax] = lo[:, ax].clip(0)
+        hi[:, ax] = hi[:, ax].clip(max=shape[ax] - 1)
+        f0 = cube[rows, best[:, 0], best[:, 1], best[:, 2]]
+        fm = cube[rows, lo[:, 0], lo[:, 1], lo[:, 2]]
+        fp = cube[rows, hi[:, 0], hi[:, 1], hi[:, 2]]
+        curv = fm - 2 * f0 + fp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.where(inner & (curv > 0), 0.5 * (fm - fp) / curv, 0.0)
+        frac[:, ax] += np.clip(np.nan_to_num(d), -0.5, 0.5)
+    return best, frac
+
+
+def _robust_sigma(resid: np.ndarray, m: int, rel_loc: np.ndarray) -> np.ndarray:
+    """Per row: 1.4826 x MAD of the residuals after the first season, at least a quarter of
+    their RMS, and a tiny floor (so a constant series gets a finite, very small scale)."""
+    r = resid.copy()
+    cnt = np.cumsum(np.isfinite(r), axis=1)
+    r[(cnt <= m) & (cnt[:, -1:] > 2 * m)] = np.nan  # the first season is fitted by the initial state
+    with np.errstate(all="ignore"):
+        med = np.nanmedian(r, axis=1)
+        mad = _MAD_TO_SIGMA * np.nanmedian(np.abs(r - med[:, None]), axis=1)
+        rms = np.sqrt(np.nanmean(r * r, axis=1))
+    return np.nanmax(np.column_stack([np.nan_to_num(mad), 0.25 * np.nan_to_num(rms),
+                                      1e-9 * (1.0 + np.abs(rel_loc))]), axis=1)
+
+
+def _at(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Grid values at fractional indices (linear between neighbours)."""
+    return np.interp(idx, np.arange(len(values)), values)
+
+
+def _smoothing(ia, ib, ig):
+    alpha = _at(_ALPHA, ia)
+    return alpha, alpha * _at(_BETA, ib), _at(_GAMMA, ig) * (1 - alpha)
+
+
+class HoltWinters(Model):
+    """Additive Holt-Winters (ETS(A,A,A)), fitted for a whole batch of series at once.
+
+    Parameters
+    ----------
+    season_length : int, default 24
+        Steps per season (24 = a daily cycle on hourly data, 168 = weekly).
+    step : int or None, default None
+        Seconds between points; None infers it per series (median spacing).
+    threshold : float, default 3.5
+        Standardised forecast error beyond which a point is anomalous.
+    min_seasons : int, default 2
+        Whole seasons of data needed to fit; shorter series are skipped.
+    max_missing : float, default 0.2
+        Largest fraction of missing steps (NaN or absent) a series may have
+        within its time range; more and the series is skipped.
+    max_length : int or None, default None
+        Use only the last ``max_length`` steps of each series (bounds time
+        and memory for long histories).
+    interval : {"ets", "flat"}, default "ets"
+        How the interval grows with the horizon: the ETS(A,A,A) variance
+        formula, or not at all.
+    debounce : {"none", "first"}, default "none"
+        Alert on every anomalous point, or only on the first of an episode.
+    quiet : int, default 1
+        Quiet points that end an episode (with ``debounce="first"``).
+
+    Data it needs: a time column with (mostly) regular steps and at least
+    ``min_seasons * season_length`` non-missing values.  Gaps and NaNs are
+    skipped by the recursion (no update); a constant series fits exactly and
+    gets a tiny floor scale, so any change from the constant is anomalous.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = np.arange(96) * 3600
+    >>> y = 10 + np.sin(2 * np.pi * np.arange(96) / 24)
+    >>> m = HoltWinters(season_length=24).fit(y, t=t)
+    >>> bool(m.score(y[:3] + [0, 0, 5], t=t[-1] + 3600 * np.arange(1, 4))["is_anomaly"][2])
+    True
+    """
+
+    name = "holt_winters"
+    needs_time = True
+    params: ClassVar = {
+        "season_length": Param(24, int, low=2, doc="steps per season"),
+        "step": Param(None, (int, type(None)), low=1, doc="seconds between points"),
+        "threshold": Param(3.5, float, low=0.0, doc="standardised error beyond which a point is anomalous"),
+        "min_seasons": Param(2, int, low=2, doc="whole seasons needed to fit"),
+        "max_missing": Param(0.2, float, low=0.0, high=0.9, doc="largest fraction of missing steps"),
+        "max_length": Param(None, (int, type(None)), low=4, doc="use only the last max_length steps"),
+        "interval": Param("ets", choices=("ets", "flat"), doc="interval growth with the horizon"),
+        **SCORING_PARAMS,
+    }
+    state_attrs = ("step_", "t_last_", "level_", "trend_", "season_", "alpha_", "beta_", "gamma_",
+                   "sigma_", "sse_", "nobs_")
+
+    def required_rows(self) -> int:
+        return self.season_length * self.min_seasons
+
+    def _fit(self, y, t, X) -> None:
+        fitted = type(self).fit_batch(self.get_params(), SeriesBatch(y, np.array([0, len(y)]), t))[0]
+        if isinstance(fitted, Exception):
+            raise fitted
+        self.set_state(fitted.get_state())
+
+    @classmethod
+    def fit_batch(cls, params: dict, batch: SeriesBatch) -> list:
+        proto = cls(**params)
+        proto.validate_params()
+        m, n = proto.season_length, len(batch)
+        if n == 0:
+            return []
+        steps = infer_steps(batch, proto.step)
+        Y, t_last, glen = batch_to_grid(batch, steps, max_len=proto.max_length)
+        if proto.max_length is not None and proto.max_length < proto.required_rows():
+            raise ParameterError(
+                f"The 'max_length' parameter of HoltWinters ({proto.max_length}) must be at least "
+                f"min_seasons x season_length = {proto.required_rows()}.")
+        if 0 < glen.max() < m:
+            raise ParameterError(
+                f"The 'season_length' parameter of HoltWinters ({m}) is longer than every series in "
+                f"the batch (the longest has {int(glen.max())} steps); use a shorter season_length "
+                "or more history.")
+        nobs = np.isfinite(Y).sum(axis=1)
+        need = proto.required_rows()
+        miss = 1.0 - nobs / np.maximum(glen, 1)
+        why: dict[int, str] = {}
+        for i in range(n):
+            if nobs[i] < need:
+                why[i] = (f"holt_winters needs at least {need} non-missing values (min_seasons "
+                          f"{proto.min_seasons} x season_length {m}); got {int(nobs[i])}")
+            elif miss[i] > proto.max_missing:
+                why[i] = (f"holt_winters: {miss[i]:.0%} of the time steps are missing (NaN or absent), "
+                          f"more than max_missing={proto.max_missing}")
+        good = np.array([i for i in range(n) if i not in why], dtype=np.int64)
+        out: list = [SkipGroup(why[i]) if i in why else None for i in range(n)]
+        if good.size:
+            for i, model in zip(good, cls._fit_rows(proto, Y[good], glen[good], nobs[good])):
+                model.step_, model.t_last_ = int(steps[i]), int(t_last[i])
+                out[i] = model
+        return out
+
+    @classmethod
+    def _fit_rows(cls, proto: "HoltWinters", Y: np.ndarray, glen: np.ndarray, nobs: np.ndarray) -> list:
+        m = proto.season_length
+        S, width = Y.shape
+        first = width - glen
+        # Standardise each row (the smoothing parameters are scale-free).
+        loc = np.nanmedian(Y, axis=1)
+        scale = np.nanstd(Y, axis=1)
+        scale = np.where(scale > 0, scale, 1.0)
+        Z = (Y - loc[:, None]) / scale[:, None]
+        Zf = seasonal_fill(Z, m)
+        A, Bg, Gg = np.meshgrid(_ALPHA, _BETA, _GAMMA, indexing="ij")
+        ga, gb, gg = A.ravel(), (A * Bg).ravel(), (Gg * (1 - A)).ravel()
+        shape = A.shape
+        basis = _seasonal_basis(m)
+        nmax = int(glen.max())
+        sse = np.empty((S, ga.size))
+        # Blocks of grid points (the impulse responses) and of series (the errors) bound memory.
+        gstep = int(max(1, min(ga.size, _BLOCK // (nmax * (m + 2)))))
+        sstep = int(max(1, min(_CHUNK, _BLOCK // (nmax * gstep))))
+        for g0 in range(0, ga.size, gstep):
+            gs = slice(g0, g0 + gstep)
+            D = _impulse(ga[gs], gb[gs], gg[gs], m, nmax) @ basis
+            for L in np.unique(glen):
+                rows = np.flatnonzero(glen == L)
+                Q = np.linalg.qr(D[:, :L])[0]
+                for c in range(0, rows.size, sstep):
+                    r = rows[c:c + sstep]
+                    sse[r, gs] = _grid_sse(Zf[r, width - L:], ga[gs], gb[gs], gg[gs], m, Q)
+        best, frac = _refine(sse, shape)
+        grid_best = sse[np.arange(S), np.argmin(sse, axis=1)]
+        models = []
+        fstep = int(max(1, min(_CHUNK, _BLOCK // (nmax * (m + 3)))))
+        for c in range(0, S, fstep):
+            r = slice(c, c + fstep)
+            start = int(first[r].min())  # drop the columns that are padding for every row
+            a, bs, g = _smoothing(*frac[r].T)
+            resid, level, trend, ring, sse_c = hw_recursion(Z[r, start:], a, bs, g, m)
+            # Keep the grid winner where the parabola's proposal did worse.
+            back = np.flatnonzero(sse_c > grid_best[r] * (1 + 1e-9))
+            if back.size:
+                a0, b0, g0 = _smoothing(*best[r][back].T.astype(np.float64))
+                alt = hw_recursion(Z[r, start:][back], a0, b0, g0, m)
+                better = back[alt[4] < sse_c[back]]
+                pick = alt[4] < sse_c[back]
+                a[better], bs[better], g[better] = a0[pick], b0[pick], g0[pick]
+                for arr, new in zip((resid, level, trend, sse_c), (alt[0], alt[1], alt[2], alt[4])):
+                    arr[better] = new[pick]
+                ring[:, better] = alt[3][:, pick]
+            nxt = (width - start) % m  # ring slot of the first step after the end
+            season = ring[(nxt + np.arange(m)) % m].T  # (rows, m): horizons 1..m
+            # degrees of freedom: the m + 1 initial states and 3 smoothing parameters were fitted
+            nfit = np.isfinite(resid).sum(axis=1)
+            dof = np.sqrt(nfit / np.maximum(nfit - (m + 4), 1))
+            sigma = dof * _robust_sigma(resid, m, loc[r] / scale[r])
+            for row in range(season.shape[0]):
+                i = c + row
+                mdl = cls(**proto.get_params())
+                mdl.level_ = float(loc[i] + scale[i] * level[row])
+                mdl.trend_ = float(scale[i] * trend[row])
+                mdl.season_ = scale[i] * season[row]
+                mdl.alpha_, mdl.beta_, mdl.gamma_ = float(a[row]), float(bs[row] / a[row]), float(g[row])
+                mdl.sigma_ = float(scale[i] * sigma[row])
+                mdl.sse_ = float(scale[i] ** 2 * sse_c[row])
+                mdl.nobs_ = int(nobs[i])
+                models.append(mdl)
+        return models
+
+    # -- scoring ----------------------------------------------------------
+    def horizons(self, t: np.ndarray) -> np.ndarray:
+        """Steps ahead of the end of training of each time ``t`` (<= 0: inside the training range)."""
+        return np.rint((np.asarray(t, dtype=np.int64) - self.t_last_) / self.step_).astype(np.int64)
+
+    def forecast(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Expected value and standard deviation ``h`` steps after the end of training."""
+        h = np.asarray(h, dtype=np.int64)
+        m = self.season_length
+        expected = self.level_ + h * self.trend_ + self.season_[(h - 1) % m]
+        var = np.ones(h.shape)
+        if self.interval == "ets" and h.size and h.max() > 1:
+            hmax = int(min(h.max(), 10_000_000))
+            j = np.arange(1, hmax)
+            c = self.alpha_ + self.alpha_ * self.beta_ * j + self.gamma_ * (j % m == 0)
+            cum = np.concatenate(([1.0, 1.0], 1.0 + np.cumsum(c * c)))  # v_0, v_1, v_2, ...
+            var = np.where(h >= 1, cum[np.clip(h, 0, hmax)], 1.0)
+        return expected, self.sigma_ * np.sqrt(var)
+
+    def _score(self, y, t, X) -> dict[str, np.ndarray]:
+        expected, sd = self.forecast(self.horizons(t))
+        z = (y - expected) / sd
+        finite = np.isfinite(z)
+        zz = np.where(finite, z, 0.0)
+        return {
+            "expected": expected,
+            "lower": expected - self.threshold * sd,
+            "upper": expected + self.threshold * sd,
+            "score": robust_score(zz),
+            "is_anomaly": finite & (np.abs(zz) > self.threshold),
+        }

@@ -1,0 +1,302 @@
+"""The model protocol, the registry, parameter errors, debounce and the conformance check."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from modelfactory import models
+from modelfactory.exceptions import ModelError, NotFittedError, ParameterError
+from modelfactory.models import base, get, register_model, registry
+from modelfactory.models.base import Model, Param, SeriesBatch, SkipGroup, debounce, dumps, loads, robust_score
+from modelfactory.testing import ConformanceError, check_model, make_series
+
+BUILTINS = ["autoencoder", "ets", "holt_winters", "isolation_forest", "random_forest", "sarimax", "seasonal"]
+
+# Parameters that keep the statsmodels fits quick; the defaults are exercised elsewhere.
+FAST = {
+    "ets": {"season_length": 4},
+    "sarimax": {"season_length": 4, "seasonal_d": 0, "seasonal_q": 0, "maxiter": 50},
+    "autoencoder": {"max_iter": 100},
+    "isolation_forest": {"n_estimators": 20},
+    "random_forest": {"n_estimators": 20},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with threadpool_limits(1):
+        yield
+
+
+@pytest.fixture
+def user_models():
+    yield
+    models._USER.clear()
+
+
+class Mean(Model):
+    """A minimal user model: the mean and standard deviation of the series."""
+
+    name = "mean_model"
+    params: ClassVar = {"threshold": Param(3.0, float, low=0.0), **base.SCORING_PARAMS}
+    state_attrs = ("mean_", "sd_")
+
+    def _fit(self, y, t, X):
+        fin = y[np.isfinite(y)]
+        self.mean_, self.sd_ = float(fin.mean()), max(float(fin.std()), 1e-9)
+
+    def _score(self, y, t, X):
+        z = (y - self.mean_) / self.sd_
+        e = np.full(y.shape, self.mean_)
+        return {"expected": e, "lower": e - self.threshold * self.sd_, "upper": e + self.threshold * self.sd_,
+                "score": robust_score(z), "is_anomaly": np.abs(np.nan_to_num(z)) > self.threshold}
+
+
+# -- registry --------------------------------------------------------------
+def test_registry_lists_builtins_and_is_read_only():
+    assert isinstance(registry, Mapping)
+    assert sorted(registry) == BUILTINS
+    assert registry["holt_winters"].name == "holt_winters"
+    with pytest.raises(TypeError):
+        registry["x"] = Mean  # type: ignore[index]
+    assert "holt_winters" in repr(registry)
+
+
+def test_every_builtin_is_known_by_its_own_name():
+    for name in BUILTINS:
+        assert registry[name].name == name
+        assert get(name).get_params() == {k: p.default for k, p in registry[name].params.items()}
+
+
+def test_unknown_model_suggests_the_closest_name():
+    with pytest.raises(ModelError, match=r"Unknown model 'holt_winter'\. Did you mean 'holt_winters'\?"):
+        get("holt_winter")
+    with pytest.raises(ModelError, match="Known models: autoencoder, ets"):
+        get("zzz")
+
+
+def test_register_model_and_use_it_by_name(user_models):
+    register_model("mean_model", Mean)
+    assert registry["mean_model"] is Mean and "mean_model" in list(registry)
+    assert get("mean_model", threshold=2.0).threshold == 2.0
+    with pytest.raises(ModelError, match="already registered; pick another name or pass overwrite=True"):
+        register_model("mean_model", Mean)
+    register_model("mean_model", Mean, overwrite=True)
+    with pytest.raises(ModelError, match="'seasonal' is already registered; pick another name\\."):
+        register_model("seasonal", Mean)
+    with pytest.raises(ModelError, match="must be an identifier"):
+        register_model("my model", Mean)
+    with pytest.raises(ModelError, match="needs a class; got Mean"):
+        register_model("other", Mean())
+
+
+def test_a_user_model_passes_check_model():
+    report = check_model(Mean())
+    assert report["checks"][-1] == "debounce" and report["bytes"] < 500
+
+
+def test_check_model_names_the_broken_check():
+    class NoSelf(Mean):
+        def fit(self, y, *, t=None, X=None):
+            super().fit(y, t=t, X=X)
+            return None
+
+    with pytest.raises(ConformanceError, match=r"check_model\[fit\] NoSelf: fit must return the model itself"):
+        check_model(NoSelf())
+
+    class Flaky(Mean):
+        def _fit(self, y, t, X):
+            super()._fit(y, t, X)
+            self.mean_ += np.random.default_rng().normal()
+
+    with pytest.raises(ConformanceError, match=r"check_model\[serialisation\]|check_model\[determinism\]"):
+        check_model(Flaky())
+
+    class Crashes(Mean):
+        def _fit(self, y, t, X):
+            if len(y) < 5:
+                raise IndexError("boom")
+            super()._fit(y, t, X)
+
+    with pytest.raises(ConformanceError, match=r"check_model\[short\].*IndexError: boom"):
+        check_model(Crashes())
+    assert issubclass(ConformanceError, AssertionError)
+
+
+# -- parameters --------------------------------------------------------------
+def test_unknown_parameter_names_the_closest_valid_one():
+    with pytest.raises(ParameterError, match=r"HoltWinters has no parameter 'season_lenght'\. "
+                                              r"Did you mean 'season_length'\?"):
+        get("holt_winters", season_lenght=24)
+    with pytest.raises(ParameterError, match=r"RandomForest has no parameter 'n_trees'"):
+        get("random_forest", n_trees=3)
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("holt_winters", {"season_length": 1},
+     r"The 'season_length' parameter of HoltWinters must be an int >= 2\. Got 1 instead\."),
+    ("holt_winters", {"max_missing": 2.0},
+     r"The 'max_missing' parameter of HoltWinters must be a float in \[0\.0, 0\.9\]\. Got 2\.0 instead\."),
+    ("holt_winters", {"interval": "wide"},
+     r"The 'interval' parameter of HoltWinters must be one of 'ets', 'flat'\. Got 'wide' instead\."),
+    ("seasonal", {"step": 0}, r"The 'step' parameter of SeasonalProfile must be an int \(or None\) >= 1"),
+    ("seasonal", {"debounce": "last"}, r"The 'debounce' parameter of SeasonalProfile must be one of 'none', 'first'"),
+    ("ets", {"trend": "mul"}, r"The 'trend' parameter of ETS must be one of 'add', None\. Got 'mul'"),
+    ("sarimax", {"d": 3}, r"The 'd' parameter of SARIMAX must be an int in \[0, 2\]\. Got 3 instead\."),
+    ("isolation_forest", {"n_estimators": 0}, r"'n_estimators' parameter of IsolationForest must be an int in"),
+    ("random_forest", {"max_features": 1.5}, r"'max_features' parameter of RandomForest must be a float in"),
+    ("autoencoder", {"window": True}, r"'window' parameter of Autoencoder must be an int in \[2, 10000\]\. Got True"),
+])
+def test_out_of_range_parameters_say_what_is_allowed(name, params, message):
+    model = get(name, **params)
+    with pytest.raises(ParameterError, match=message):
+        model.validate_params()
+    y, t, X = make_series(200)
+    with pytest.raises(ParameterError, match=message):  # before any fitting starts
+        model.fit(y, t=t, X=X)
+
+
+def test_season_longer_than_every_series_is_a_parameter_error():
+    y, t, _ = make_series(30)
+    batch = SeriesBatch(np.concatenate([y, y[:20]]), np.array([0, 30, 50]), np.concatenate([t, t[:20]]))
+    for cls in (registry["holt_winters"], registry["seasonal"]):
+        with pytest.raises(ParameterError, match=r"'season_length' parameter of \w+ \(48\) is longer than "
+                                                 r"every series in the batch \(the longest has 30"):
+            cls.fit_batch({"season_length": 48}, batch)
+    # one short series among long ones is skipped, with its reason
+    y2, t2, _ = make_series(200)
+    batch = SeriesBatch(np.concatenate([y2, y[:20]]), np.array([0, 200, 220]), np.concatenate([t2, t2[:20]]))
+    out = registry["holt_winters"].fit_batch({"season_length": 48}, batch)
+    assert isinstance(out[0], Model)
+    assert isinstance(out[1], SkipGroup) and "needs at least 96 non-missing values" in str(out[1])
+
+
+def test_missing_features_and_time_are_model_errors():
+    y, t, X = make_series(100)
+    with pytest.raises(ModelError, match="random_forest needs feature columns: pass features=\\[...\\]"):
+        get("random_forest").fit(y, t=t)
+    with pytest.raises(ModelError, match="holt_winters needs a time column: pass time="):
+        get("holt_winters").fit(y)
+    with pytest.raises(ModelError, match="autoencoder with input='features' needs feature columns"):
+        get("autoencoder", input="features").fit(y, t=t)
+    m = get("random_forest", n_estimators=5).fit(y, X=X)
+    with pytest.raises(ModelError, match="random_forest needs the features of each point to score it"):
+        m.score(y)
+    with pytest.raises(ModelError, match="fitted on 2 feature columns; got 3"):
+        m.score(y[:5], X=np.ones((5, 3)))
+
+
+def test_scoring_before_fitting_raises_not_fitted():
+    with pytest.raises(NotFittedError, match="This HoltWinters is not fitted yet: call fit\\(\\) first"):
+        get("holt_winters").score([1.0], t=[0])
+
+
+# -- per-group data problems -------------------------------------------------
+@pytest.mark.parametrize("name, params, y, reason", [
+    ("holt_winters", {}, np.full(100, np.nan), "needs at least 48 non-missing values"),
+    ("seasonal", {}, np.arange(10.0), "needs at least 48 non-missing values"),
+    ("ets", {"season_length": 4}, np.full(60, 3.0), "the series is constant"),
+    ("sarimax", {"season_length": 4}, np.full(60, 3.0), "the series is constant"),
+    ("autoencoder", {}, np.arange(20.0), "needs at least 48 non-missing values"),
+    ("isolation_forest", {}, np.arange(10.0), "needs at least 32 non-missing values"),
+])
+def test_data_problems_skip_the_group_with_a_reason(name, params, y, reason):
+    t = np.arange(len(y)) * 3600
+    with pytest.raises(SkipGroup, match=reason):
+        get(name, **params).fit(y, t=t, X=np.ones((len(y), 2)))
+
+
+def test_too_many_missing_steps_skip():
+    y, t, _ = make_series(200)
+    keep = np.arange(200) % 6 < 2  # two thirds of the hourly steps absent
+    with pytest.raises(SkipGroup, match=r"66% of the time steps are missing .* more than max_missing=0\.2"):
+        get("holt_winters").fit(y[keep], t=t[keep])
+
+
+def test_constant_series_give_sane_models():
+    t = np.arange(120) * 3600
+    for name in ("seasonal", "holt_winters"):
+        m = get(name).fit(np.full(120, 7.0), t=t)
+        r = m.score([7.0, 7.5], t=[t[-1] + 3600, t[-1] + 7200])
+        assert np.allclose(r["expected"], 7.0) and r["is_anomaly"].tolist() == [False, True]
+
+
+# -- scoring contract ----------------------------------------------------------
+def test_robust_score_is_a_probability_of_the_deviation():
+    s = robust_score(np.array([0.0, 1.0, -3.0, np.inf, np.nan]))
+    assert np.allclose(s, [0.0, 0.682689, 0.9973, 1.0, 0.0], atol=1e-4)
+
+
+def test_debounce_modes():
+    a = np.array([0, 1, 1, 1, 0, 0, 1, 0, 1, 1], dtype=bool)
+    assert debounce(a, "none").tolist() == a.tolist()
+    assert np.flatnonzero(debounce(a, "first")).tolist() == [1, 6, 8]
+    assert np.flatnonzero(debounce(a, "first", quiet=2)).tolist() == [1, 6]
+    assert np.flatnonzero(debounce(a, "first", quiet=3)).tolist() == [1]
+    assert debounce(np.zeros(0, bool)).shape == (0,)
+    with pytest.raises(ParameterError, match="debounce mode must be one of"):
+        debounce(a, "last")
+    with pytest.raises(ParameterError, match="'quiet' parameter of debounce must be an int >= 1"):
+        debounce(a, "first", quiet=0)
+
+
+def test_debounce_parameter_is_applied_by_score():
+    y, t, _ = make_series(24 * 7)
+    new_t = t[-1] + 3600 * np.arange(1, 13)
+    new_y = y[-24:-12] + np.r_[0, 0, 50, 50, 50, 0, 0, 50, 0, 0, 0, 0]
+    for name in ("seasonal", "holt_winters"):
+        raw = get(name).fit(y, t=t).score(new_y, t=new_t)["is_anomaly"]
+        assert np.flatnonzero(raw).tolist() == [2, 3, 4, 7]
+        first = get(name, debounce="first").fit(y, t=t).score(new_y, t=new_t)["is_anomaly"]
+        assert np.flatnonzero(first).tolist() == [2, 7]
+        quiet = get(name, debounce="first", quiet=3).fit(y, t=t)
+        assert np.flatnonzero(quiet.score(new_y, t=new_t)["is_anomaly"]).tolist() == [2]
+        assert np.flatnonzero(quiet.score(new_y, t=new_t, debounce="none")["is_anomaly"]).tolist() == [2, 3, 4, 7]
+
+
+def test_score_batch_matches_score():
+    y, t, _ = make_series(24 * 7)
+    y2, _, _ = make_series(24 * 7, seed=3)
+    fitted = registry["holt_winters"].fit_batch({}, SeriesBatch(np.r_[y, y2], np.array([0, 168, 336]), np.r_[t, t]))
+    nt = t[-1] + 3600 * np.arange(1, 6)
+    batch = SeriesBatch(np.r_[y[:5], y2[:5], y[:5]], np.array([0, 5, 10, 15]), np.r_[nt, nt, nt])
+    out = registry["holt_winters"].score_batch([fitted[0], fitted[1], None], batch)
+    assert np.allclose(out["expected"][:5], fitted[0].score(y[:5], t=nt)["expected"])
+    assert np.isnan(out["expected"][10:]).all() and not out["is_anomaly"][10:].any()
+
+
+# -- serialisation -------------------------------------------------------------
+def test_serialised_bytes_are_checked():
+    m = get("seasonal").fit(*make_series(100)[:1], t=make_series(100)[1])
+    data = m.to_bytes()
+    assert data[:4] == b"MFM1"
+    with pytest.raises(ModelError, match="bad magic bytes"):
+        loads(b"PK\x03\x04" + data[4:])
+    with pytest.raises(ModelError, match="These bytes hold a 'seasonal' model, not 'holt_winters'"):
+        registry["holt_winters"].from_bytes(data)
+    name, params, state = loads(dumps("x", {"a": 1}, {"v": np.arange(3, dtype=np.int16), "s": 2.5}))
+    assert name == "x" and params == {"a": 1} and state["v"].dtype == np.int16 and state["s"] == 2.5
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_every_builtin_passes_check_model(name):
+    report = check_model(get(name, **FAST.get(name, {})))
+    assert report["checks"] == ["params", "unfitted", "fit", "score", "spike", "serialisation", "determinism",
+                                "constant", "short", "gaps", "all_nan", "batch", "debounce"]
+
+
+def test_feature_autoencoder_passes_check_model():
+    check_model(get("autoencoder", input="features", max_iter=100))
+
+
+def test_bytes_per_model_are_small():
+    y, t, X = make_series(24 * 14)
+    limits = {"seasonal": 1_000, "holt_winters": 1_000, "ets": 1_000, "autoencoder": 5_000,
+              "isolation_forest": 120_000, "random_forest": 150_000}
+    for name, limit in limits.items():
+        size = len(get(name, **({"season_length": 24} if name == "ets" else {})).fit(y, t=t, X=X).to_bytes())
+        assert size < limit, (name, size)

@@ -1,0 +1,89 @@
+"""Every built-in model through the real runner, in-process: train, store, load, score."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pytest
+
+import modelfactory
+from modelfactory import demo
+from modelfactory.exceptions import ModelError
+
+SERIES, DAYS = 3, 7
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("e2e") / "data")
+    return demo.write_dataset(path, series=SERIES, days=DAYS)
+
+
+@pytest.fixture(scope="module")
+def feature_data(tmp_path_factory) -> str:
+    """The demo data plus two feature columns (hour of day as sine and cosine)."""
+    table = demo.make_table(SERIES, days=DAYS)
+    hours = pc.cast(table["ts"], pa.int64()).to_numpy() // 3600 % 24
+    table = table.append_column("hsin", pa.array(np.sin(2 * np.pi * hours / 24)))
+    table = table.append_column("hcos", pa.array(np.cos(2 * np.pi * hours / 24)))
+    path = str(tmp_path_factory.mktemp("e2e_features") / "data")
+    ds.write_dataset(table, path, format="parquet", partitioning=ds.partitioning(
+        pa.schema([("app", pa.string())]), flavor="hive"))
+    return path
+
+
+CASES = [
+    ("seasonal", {}, False),
+    ("holt_winters", {}, False),
+    ("ets", {"season_length": 24, "maxiter": 50}, False),
+    ("sarimax", {"season_length": 24, "seasonal_d": 0, "seasonal_q": 0, "maxiter": 50}, False),
+    ("autoencoder", {"max_iter": 100}, False),
+    ("isolation_forest", {"n_estimators": 20}, True),
+    ("random_forest", {"n_estimators": 20}, True),
+]
+
+
+@pytest.mark.parametrize("name, params, features", CASES, ids=[c[0] for c in CASES])
+def test_train_load_and_score(name, params, features, data, feature_data, tmp_path):
+    store = str(tmp_path / "store")
+    run = modelfactory.train(feature_data if features else data, by=["app", "site"], time="ts", target="value",
+                             features=["hsin", "hcos"] if features else (), model=name, params=params,
+                             store=store, cluster="inline")
+    assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}, run.groups
+    model = modelfactory.ModelStore(store).load({"app": "app-00", "site": "site-00000"})
+    assert type(model) is modelfactory.models.registry[name] and model.is_fitted
+    t_end = np.datetime64("2026-01-05T00:00:00", "s") + np.timedelta64(DAYS * 24, "h")
+    t = t_end + np.arange(6).astype("timedelta64[h]")
+    hours = np.arange(6) % 24
+    X = np.column_stack([np.sin(2 * np.pi * hours / 24), np.cos(2 * np.pi * hours / 24)])
+    y = np.asarray(model.score(np.zeros(6), t=t, X=X)["expected"])  # typical values
+    res = model.score(np.r_[y[:5], y[5] + 1e4], t=t, X=X)
+    assert np.isfinite(res["expected"]).all()
+    if name == "isolation_forest":  # isolation is bounded by the training extremes: no magnitude
+        assert res["score"][5] >= res["score"][:5].max()
+    else:
+        assert res["is_anomaly"][5] and res["score"][5] > 0.99
+
+
+def test_feature_model_without_features_fails_before_fitting(data, tmp_path):
+    with pytest.raises(ModelError, match="needs feature columns"):
+        modelfactory.train(data, by=["app", "site"], time="ts", target="value", model="random_forest",
+                           store=str(tmp_path / "s"), cluster="inline")
+
+
+def test_too_long_season_fails_every_group_with_a_clear_error(data, tmp_path):
+    run = modelfactory.train(data, by=["app", "site"], time="ts", target="value", model="holt_winters",
+                             params={"season_length": 24 * 30}, store=str(tmp_path / "s"), cluster="inline")
+    groups = run.groups
+    assert (groups.status == "failed").all()
+    assert groups.error.str.contains("'season_length' parameter of HoltWinters \\(720\\) is longer").all()
+
+
+def test_short_groups_are_skipped_with_the_reason(data, tmp_path):
+    run = modelfactory.train(data, by=["app", "site"], time="ts", target="value", model="holt_winters",
+                             params={"season_length": 24, "min_seasons": 8}, store=str(tmp_path / "s"),
+                             cluster="inline")
+    g = run.groups
+    assert (g.status == "skipped").all()
+    assert g.error.str.contains("needs at least 192 non-missing values").all()

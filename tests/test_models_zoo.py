@@ -1,0 +1,182 @@
+"""The built-in models against the libraries they stand for: same fits, same predictions."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from threadpoolctl import threadpool_limits
+
+from modelfactory.models import get, registry
+from modelfactory.models.base import SeriesBatch
+from modelfactory.testing import make_series
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with threadpool_limits(1):
+        yield
+
+
+def _hw_series(S: int, n: int, m: int, seed: int = 0) -> np.ndarray:
+    """Seasonal series with trends, drifting levels and different noise levels."""
+    rng = np.random.default_rng(seed)
+    i = np.arange(n)
+    amp = rng.uniform(2, 15, (S, 1))
+    return (100 + rng.uniform(-0.3, 0.3, (S, 1)) * i + amp * np.sin(2 * np.pi * i / m + rng.uniform(0, 6, (S, 1)))
+            + rng.uniform(0.5, 3, (S, 1)) * rng.standard_normal((S, n))
+            + np.cumsum(rng.normal(0, rng.uniform(0.05, 1, (S, 1)), (S, n)), axis=1))
+
+
+def test_holt_winters_sse_is_close_to_statsmodels():
+    from statsmodels.tsa.holtwinters import ExponentialSmoothing
+
+    S, n, m = 30, 72, 12
+    Y = _hw_series(S, n, m)
+    t = np.arange(n, dtype=np.int64) * 3600
+    fitted = registry["holt_winters"].fit_batch(
+        {"season_length": m}, SeriesBatch(Y.ravel(), np.arange(S + 1) * n, np.tile(t, S)))
+    ratio = []
+    for i in range(S):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = ExponentialSmoothing(Y[i], trend="add", seasonal="add", seasonal_periods=m).fit()
+        ratio.append(fitted[i].sse_ / ref.sse)
+    assert np.median(ratio) <= 1.05, np.round(ratio, 3)
+    assert np.max(ratio) < 1.5, np.round(ratio, 3)
+
+
+def test_holt_winters_forecasts_like_the_recursion_says():
+    n, m = 24 * 6, 24
+    i = np.arange(n + 48)
+    y = 50 + 0.1 * i + 5 * np.sin(2 * np.pi * i / m)  # noiseless: level, trend, season
+    t = i.astype(np.int64) * 600  # 10-minute steps
+    model = get("holt_winters").fit(y[:n], t=t[:n])
+    exp, sd = model.forecast(np.arange(1, 49))
+    assert np.allclose(exp, y[n:], atol=1e-6)
+    r = model.score(y[n:], t=t[n:])
+    assert not r["is_anomaly"].any()
+    assert model.horizons(t[n:n + 3]).tolist() == [1, 2, 3] and model.step_ == 600
+
+
+def test_holt_winters_interval_grows_with_the_horizon():
+    y, t, _ = make_series(24 * 8, seed=1)
+    ets = get("holt_winters").fit(y, t=t)
+    flat = get("holt_winters", interval="flat").fit(y, t=t)
+    _, sd = ets.forecast(np.array([1, 2, 24, 100]))
+    assert np.all(np.diff(sd) >= 0) and sd[0] == pytest.approx(ets.sigma_)
+    _, sd_flat = flat.forecast(np.array([1, 100]))
+    assert sd_flat[0] == sd_flat[1] == flat.sigma_
+
+
+def test_holt_winters_handles_gaps_nans_and_ragged_batches():
+    y, t, _ = make_series(24 * 8, seed=2)
+    full = get("holt_winters").fit(y, t=t)
+    keep = np.ones(len(y), bool)
+    keep[50:55] = False  # absent timestamps
+    yn = y.copy()
+    yn[[10, 100, 150]] = np.nan
+    gappy = get("holt_winters").fit(yn[keep], t=t[keep])
+    nt = t[-1] + 3600 * np.arange(1, 25)
+    assert np.allclose(gappy.forecast(np.arange(1, 25))[0], full.forecast(np.arange(1, 25))[0], atol=2.0)
+    # a ragged batch: series of different lengths and ends
+    batch = SeriesBatch(np.r_[y, y[:100], yn[keep]], np.cumsum([0, len(y), 100, keep.sum()]),
+                        np.r_[t, t[:100], t[keep]])
+    out = registry["holt_winters"].fit_batch({}, batch)
+    assert out[0].score(y[:24], t=nt)["expected"] == pytest.approx(full.score(y[:24], t=nt)["expected"])
+    assert out[1].t_last_ == t[99] and out[2].nobs_ == keep.sum() - 3
+
+
+def test_isolation_forest_numpy_scores_equal_sklearn():
+    from sklearn.ensemble import IsolationForest
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 3))
+    y = X[:, 0] + rng.normal(0, 0.1, 400)
+    m = get("isolation_forest", n_estimators=30).fit(y, X=X)
+    ref = IsolationForest(n_estimators=30, max_samples=256, random_state=0, n_jobs=1).fit(np.column_stack([X, y]))
+    Xt = np.column_stack([rng.normal(size=(300, 3)) * 3, rng.normal(size=300) * 3])
+    assert np.array_equal(m.score_samples(Xt), ref.score_samples(Xt))
+    back = registry["isolation_forest"].from_bytes(m.to_bytes())
+    assert np.array_equal(back.score_samples(Xt), ref.score_samples(Xt))
+    assert m.offset_ == ref.offset_
+
+
+def test_random_forest_numpy_predictions_equal_sklearn():
+    from sklearn.ensemble import RandomForestRegressor
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 4))
+    y = 3 * X[:, 0] + np.sin(X[:, 1]) + rng.normal(0, 0.2, 300)
+    m = get("random_forest", n_estimators=25, max_features=0.5).fit(y, X=X)
+    ref = RandomForestRegressor(n_estimators=25, min_samples_leaf=3, max_features=0.5, oob_score=True,
+                                random_state=0, n_jobs=1).fit(X, y)
+    Xt = rng.normal(size=(200, 4)) * 2
+    assert np.array_equal(m.predict(Xt), ref.predict(Xt))
+    back = registry["random_forest"].from_bytes(m.to_bytes())
+    assert np.array_equal(back.predict(Xt), ref.predict(Xt))
+    # the anomaly scale comes from the out-of-bag residuals
+    oob = y - ref.oob_prediction_
+    assert m.center_ == pytest.approx(np.median(oob))
+
+
+def test_autoencoder_numpy_reconstruction_equals_sklearn():
+    from sklearn.neural_network import MLPRegressor
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(200, 3))
+    y = X.sum(axis=1)
+    m = get("autoencoder", input="features", hidden=3, max_iter=50).fit(y, X=X)
+    A = np.column_stack([X, y])
+    Z = (A - m.loc_) / m.scale_
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = MLPRegressor(hidden_layer_sizes=(3,), activation="tanh", alpha=1e-3, max_iter=50,
+                           random_state=0, tol=1e-5).fit(Z, Z)
+    Zt = rng.normal(size=(50, 4))
+    assert np.allclose(m.reconstruct(Zt), ref.predict(Zt), rtol=1e-12, atol=1e-12)
+    assert any("ConvergenceWarning" in note for note in m.notes_)  # recorded, not raised
+
+
+def test_autoencoder_windows_flag_a_spike_and_a_dip():
+    y, t, _ = make_series(24 * 10, seed=4)
+    m = get("autoencoder").fit(y[:-24], t=t[:-24])
+    new = y[-24:].copy()
+    new[5] += 15
+    new[15] -= 15
+    assert np.flatnonzero(m.score(new, t=t[-24:])["is_anomaly"]).tolist() == [5, 15]
+
+
+def test_ets_rebuilt_from_bytes_forecasts_like_statsmodels():
+    from statsmodels.tsa.exponential_smoothing.ets import ETSModel
+
+    y, t, _ = make_series(72, period=12, seed=5)
+    m = get("ets", season_length=12).fit(y, t=t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = ETSModel(pd.Series(y), error="add", trend="add", seasonal="add", seasonal_periods=12).fit(disp=False)
+    pred = ref.get_prediction(start=72, end=77)
+    back = registry["ets"].from_bytes(m.to_bytes())
+    r = back.score(y[:6], t=t[-1] + 3600 * np.arange(1, 7))
+    assert np.allclose(r["expected"], np.asarray(pred.predicted_mean), rtol=1e-6)
+    sd = np.sqrt(np.asarray(pred.var_pred_mean))
+    assert np.allclose((r["upper"] - r["expected"]) / back.threshold, sd, rtol=1e-6)
+
+
+def test_sarimax_rebuilt_from_bytes_forecasts_like_statsmodels():
+    from statsmodels.tsa.statespace.sarimax import SARIMAX
+
+    y, t, _ = make_series(60, period=4, seed=6)
+    y[[7, 30]] = np.nan  # the Kalman filter skips missing values
+    m = get("sarimax", season_length=4).fit(y, t=t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = SARIMAX(y, order=(1, 0, 1), seasonal_order=(0, 1, 1, 4)).fit(disp=False)
+    fc = ref.get_forecast(5)
+    back = registry["sarimax"].from_bytes(m.to_bytes())
+    r = back.score(y[:5], t=t[-1] + 3600 * np.arange(1, 6))
+    assert np.allclose(r["expected"], fc.predicted_mean, rtol=1e-6)
+    assert np.allclose((r["upper"] - r["expected"]) / back.threshold, np.sqrt(fc.var_pred_mean), rtol=1e-6)
+    # points inside the training range are not scored
+    assert back.score([1.0], t=[t[10]])["score"][0] == 0.0
