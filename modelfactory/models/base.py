@@ -376,7 +376,17 @@ def _as_2d(X) -> np.ndarray:
 
 
 def _as_seconds(t) -> np.ndarray:
+    """Epoch seconds from numbers, numpy datetimes, or pandas times (tz-aware included)."""
+    if hasattr(t, "dt") or (hasattr(t, "dtype") and str(getattr(t, "dtype", "")).startswith("datetime64[")) \
+            and not isinstance(t, np.ndarray):
+        import pandas as pd
+
+        return pd.to_datetime(t, utc=True).to_numpy("datetime64[s]").astype(np.int64)
     t = np.asarray(t)
+    if t.dtype == object and t.size and hasattr(t.flat[0], "timestamp"):
+        import pandas as pd
+
+        return pd.to_datetime(t, utc=True).to_numpy("datetime64[s]").astype(np.int64)
     if np.issubdtype(t.dtype, np.datetime64):
         return t.astype("datetime64[s]").astype(np.int64)
     return t.astype(np.int64)
