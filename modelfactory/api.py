@@ -160,8 +160,10 @@ def _summarise(kind: str, results: list[UnitResult], plan_: Plan | None, wall: f
 
 def _run_units(client, spec: JobSpec, info: DatasetInfo, plan_: Plan, progress: Progress) -> list[UnitResult]:
     if plan_.mode == "files":
-        return execute(client, functools.partial(kernel.run_unit, spec), plan_.units,
-                       keys=[f"mf-{u.id}-{spec.kind}-{id(spec):x}" for u in plan_.units], progress=progress,
+        # Largest units first (LPT): a huge group starts at once instead of holding the run's end.
+        units = sorted(plan_.units, key=lambda u: -u.rows)
+        return execute(client, functools.partial(kernel.run_unit, spec), units,
+                       keys=[f"mf-{u.id}-{spec.kind}-{id(spec):x}" for u in units], progress=progress,
                        on_killed=functools.partial(_isolate, spec))
     return _run_shuffled(client, spec, info, plan_, progress)
 
@@ -660,8 +662,9 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
         try:
             if plan_.mode == "files":
-                results = execute(client, functools.partial(score_unit, spec), plan_.units,
-                                  keys=[f"mf-{u.id}-score-{id(spec):x}" for u in plan_.units], progress=bar)
+                units = sorted(plan_.units, key=lambda u: -u.rows)
+                results = execute(client, functools.partial(score_unit, spec), units,
+                                  keys=[f"mf-{u.id}-score-{id(spec):x}" for u in units], progress=bar)
             else:
                 results = _run_shuffled(client, spec, info, plan_, bar, runner=score_table)
         except ModelFactoryError:
