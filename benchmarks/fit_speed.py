@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{S} series x {args.length} points, season {args.season}, one thread, "
           f"best of {args.repeat} interleaved rounds\n")
     print(f"| model | series | ms per series | x holt_winters | median SSE / statsmodels (first {k}) |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|")
     for name, n, secs, sse in rows:
         per = secs / n
         acc = np.nanmedian(sse[:k] / sm_sse[:k]) if np.isfinite(sse[:k]).any() else np.nan

@@ -13,10 +13,8 @@ import logging
 import math
 import time as _time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
@@ -31,7 +29,8 @@ from .models import get as get_model
 from .models import registry, unknown_model
 from .models.base import Model
 from .plan import Plan, plan
-from .run import Progress, execute, execute_delayed, open_client, worker_count
+from .result import Run, table_run
+from .run import Progress, execute, open_client, run_shuffled, run_units, worker_count
 from .store import ModelStore, new_run_id
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
@@ -39,62 +38,6 @@ __all__ = ["train", "apply", "map_keys", "score", "Run"]
 log = logging.getLogger(__name__)
 
 _INPUTS = ("pandas", "arrow", "numpy")
-
-
-@dataclass
-class Run:
-    """The result of a job: ``summary`` (counts by status, wall time) and ``groups``.
-
-    For :func:`apply` and :func:`map_keys`, :meth:`to_pandas` / :meth:`to_arrow`
-    give the rows the function returned.
-    """
-
-    id: str
-    kind: str
-    summary: dict[str, Any]
-    store: ModelStore | None = None
-    _groups: pa.Table | None = None
-    _result: Any = None
-    _out: Location | None = None
-    errors: list = field(default_factory=list)
-
-    @property
-    def groups(self) -> pd.DataFrame:
-        """One row per group: keys, status, error, rows, seconds."""
-        if self._groups is not None:
-            return self._groups.to_pandas()
-        if self.store is not None:
-            return self.store.groups(self.id)
-        import pyarrow.dataset as ds
-
-        return ds.dataset(self._out.path("_groups"), filesystem=self._out.fs,
-                          format="parquet").to_table().to_pandas()
-
-    def to_arrow(self) -> pa.Table:
-        if isinstance(self._result, pa.Table):
-            return self._result
-        if self._out is not None:
-            import pyarrow.dataset as ds
-
-            return ds.dataset(self._out.root, filesystem=self._out.fs, format="parquet",
-                              ignore_prefixes=[".", "_"]).to_table()
-        raise ModelFactoryError("This run has no tabular result (no schema was given).")
-
-    def to_pandas(self) -> pd.DataFrame:
-        return self.to_arrow().to_pandas()
-
-    @property
-    def results(self) -> dict:
-        """For :func:`map_keys` without a schema: ``{key: return value}`` of the ok keys."""
-        if not isinstance(self._result, dict):
-            raise ModelFactoryError("results is only for map_keys without a schema; use to_pandas().")
-        return self._result
-
-    def __repr__(self) -> str:
-        c = self.summary["counts"]
-        return (f"<Run {self.id} {self.kind}: {self.summary['groups']:,} groups "
-                f"(ok {c['ok']:,}, failed {c['failed']:,}, skipped {c['skipped']:,}) "
-                f"in {self.summary['wall_seconds']:.1f}s>")
 
 
 # ---------------------------------------------------------------------------
@@ -158,78 +101,6 @@ def _summarise(kind: str, results: list[UnitResult], plan_: Plan | None, wall: f
     }
 
 
-def _run_units(client, spec: JobSpec, info: DatasetInfo, plan_: Plan, progress: Progress) -> list[UnitResult]:
-    if plan_.mode == "files":
-        # Largest units first (LPT): a huge group starts at once instead of holding the run's end.
-        units = sorted(plan_.units, key=lambda u: -u.rows)
-        return execute(client, functools.partial(kernel.run_unit, spec), units,
-                       keys=[f"mf-{u.id}-{spec.kind}-{id(spec):x}" for u in units], progress=progress,
-                       on_killed=functools.partial(_isolate, spec))
-    return _run_shuffled(client, spec, info, plan_, progress)
-
-
-def _isolate(spec: JobSpec, client, unit) -> UnitResult:
-    """A unit kept killing its worker: run each of its groups as its own task, so only the
-    group(s) that crash the process fail (with the reason) and the others complete."""
-    from distributed import KilledWorker, wait
-
-    keys = client.submit(kernel.unit_keys, spec, unit, pure=False).result()
-    rows = keys.to_pylist()
-    subs = [f"{unit.id}-g{i:05d}" for i in range(len(rows))]
-    futures = client.map(kernel.run_group, [spec] * len(rows), [unit] * len(rows), rows, subs,
-                         key=[f"mf-{s}-{id(spec):x}" for s in subs], pure=False)
-    wait(futures)
-    parts, dead = [], []
-    for i, fut in enumerate(futures):
-        if fut.status == "error" and isinstance(fut.exception(), KilledWorker):
-            dead.append(i)
-        else:
-            parts.append(fut.result())
-        fut.release()
-    if dead:
-        reason = ("the worker process died while running this group (killed by the OS, out of "
-                  "memory, or a crash in native code); it was tried on several workers")
-        parts.append(kernel.failed_rows(spec, f"{unit.id}-killed", keys.take(pa.array(dead)), reason))
-    return kernel.merge_results(unit.id, parts)
-
-
-def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:
-    from .dataset import read_files
-
-    return read_files(spec.source, paths, list(spec.columns), spec.filter).to_pandas()
-
-
-def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.run_table) -> UnitResult:
-    schema = pa.schema([spec.source.schema.field(c) for c in spec.columns])
-    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
-    return runner(spec, unit_id, table)
-
-
-def _run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -> list[UnitResult]:
-    """Groups spread over many files: co-locate them with Dask's own (p2p) shuffle."""
-    import dask
-    import dask.dataframe as dd
-
-    files = sorted(info.files, key=lambda f: f.path)
-    chunks, cur, rows = [], [], 0
-    for f in files:
-        cur.append(f.path)
-        rows += f.rows
-        if rows >= plan_.target_rows:
-            chunks.append(tuple(cur))
-            cur, rows = [], 0
-    if cur:
-        chunks.append(tuple(cur))
-    meta = info.schema.empty_table().select(list(spec.columns)).to_pandas()
-    ddf = dd.from_map(functools.partial(_read_chunk, spec), chunks, meta=meta, enforce_metadata=False)
-    method = "p2p" if client is not None else "tasks"
-    shuffled = ddf.shuffle(on=list(spec.by), npartitions=len(plan_.units), shuffle_method=method)
-    parts = shuffled.to_delayed()
-    run = dask.delayed(_run_partition, pure=False)
-    tasks = [run(spec, u.id, p, runner) for u, p in zip(plan_.units, parts)]
-    return execute_delayed(client, tasks, progress=progress)
-
-
 def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
     """Where units find the models of a committed run (through its leaf index)."""
     from .scoring import ModelSource
@@ -269,6 +140,18 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows):
             raise StoreError(f"Run {resume!r} was started for another job or input (its data, columns, "
                              "model or parameters differ); it cannot be resumed with these arguments.")
     return p["run_id"], p["unit_rows"]
+
+
+def _output(out: str, storage_options: dict | None, overwrite: bool) -> Location:
+    """The folder a job writes its rows to: new or empty, or emptied with ``overwrite``."""
+    sink = Location.of(out, storage_options)
+    sink.check_bucket(StoreError)
+    fs = sink.fs
+    if fs.exists(sink.root) and fs.ls(sink.root):
+        if not overwrite:
+            raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
+        fs.rm(sink.root, recursive=True)
+    return sink
 
 
 def _raise_unit_failure(run_id: str, err: BaseException) -> None:
@@ -383,7 +266,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
             {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "spec": job}).encode())
         bar = Progress(len(plan_.units), f"train {mspec.name}", progress, client)
         try:
-            results = _run_units(client, spec, info, plan_, bar)
+            results = run_units(client, spec, info, plan_, bar)
         except ModelFactoryError:
             raise
         except Exception as err:  # noqa: BLE001 - a unit failed: nothing is committed
@@ -447,6 +330,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     >>> import modelfactory, tempfile
     >>> d = tempfile.mkdtemp()
     >>> _ = modelfactory.demo.write_dataset(f"{d}/data", series=6, days=1)
+    >>> import pandas as pd
     >>> def mean(df):
     ...     return pd.DataFrame({"app": [df.app.iloc[0]], "site": [df.site.iloc[0]],
     ...                          "m": [df.value.mean()]})
@@ -465,23 +349,10 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         raise ModelFactoryError(f"input must be one of {_INPUTS}; got {input!r}.")
     out_schema = parse_schema(schema)
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
-    check_columns(info, by=by_, time=time)
-    cols = tuple(columns) if columns is not None else tuple(info.schema.names)
-    missing = [c for c in (*by_, *([time] if time else ())) if c not in cols]
-    cols = tuple(dict.fromkeys([*by_, *([time] if time else []), *cols]))
-    for c in cols:
-        if c not in info.schema.names:
-            check_columns(info, by=(c,))  # raises the standard "not in the dataset" error
-    del missing
-    sink = None
-    if out is not None:
-        sink = Location.of(out, storage_options)
-        sink.check_bucket(StoreError)
-        fs = sink.fs
-        if fs.exists(sink.root) and fs.ls(sink.root) and not overwrite:
-            raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
-        if overwrite and fs.exists(sink.root):
-            fs.rm(sink.root, recursive=True)
+    wanted = tuple(columns) if columns is not None else tuple(info.schema.names)
+    check_columns(info, by=by_, time=time, columns=wanted)
+    cols = tuple(dict.fromkeys([*by_, *([time] if time else []), *wanted]))
+    sink = _output(out, storage_options, overwrite) if out is not None else None
     run_id = new_run_id(_digest(info.fingerprint(), by_, repr(func), str(out_schema)))
     spec = JobSpec("apply", by_, info.source, cols, time, filter=filter, func=func, input=input,
                    out_schema=out_schema, sink=sink, groups_prefix="_groups/", data_prefix="part-")
@@ -490,7 +361,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
         bar = Progress(len(plan_.units), "apply", progress, client)
         try:
-            results = _run_units(client, spec, info, plan_, bar)
+            results = run_units(client, spec, info, plan_, bar)
         except ModelFactoryError:
             raise
         except Exception as err:  # noqa: BLE001
@@ -498,32 +369,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         finally:
             bar.close()
     summary = _summarise("apply", results, plan_, _time.perf_counter() - t0)
-    return _finish_table_run(run_id, "apply", summary, results, sink, out_schema)
-
-
-def _finish_table_run(run_id, kind, summary, results, sink, out_schema) -> Run:
-    errors = [e for r in results for e in r.errors]
-    if sink is not None:
-        import json
-
-        parts = [p.__dict__ for r in results for p in r.parts]
-        sink.write_bytes("_manifest.json", json.dumps(
-            {"run_id": run_id, "kind": kind, "summary": summary, "schema": str(out_schema),
-             "parts": parts}, indent=1, default=str).encode())
-        return Run(run_id, kind, summary, _out=sink, errors=errors)
-    groups = pa.concat_tables([r.group_table for r in results]) if results else None
-    if out_schema is not None:
-        result = pa.concat_tables([r.table for r in results]) if results else out_schema.empty_table()
-    else:
-        result = {}
-        for r in results:
-            keys = r.group_table.select(list(r.group_table.column_names[:-4])).to_pylist()
-            st = r.group_table["status"].to_pylist()
-            for k, s, v in zip(keys, st, r.table):
-                if s == "ok":
-                    vals = tuple(k.values())
-                    result[vals[0] if len(vals) == 1 else vals] = v
-    return Run(run_id, kind, summary, _groups=groups, _result=result, errors=errors)
+    return table_run(run_id, "apply", summary, results, sink, out_schema)
 
 
 # ---------------------------------------------------------------------------
@@ -581,23 +427,14 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
         ids = [f"k{i:05d}-{_digest(c)[:12]}" for i, c in enumerate(chunks)]
         bar = Progress(len(chunks), "map_keys", progress, client)
         try:
-            results = execute(client, _KeysTask(spec), list(zip(ids, chunks)),
+            results = execute(client, functools.partial(_run_keys, spec), list(zip(ids, chunks)),
                               keys=[f"mf-{i}-{id(spec):x}" for i in ids], progress=bar)
         except Exception as err:  # noqa: BLE001
             _raise_unit_failure(run_id, err)
         finally:
             bar.close()
     summary = _summarise("map_keys", results, None, _time.perf_counter() - t0)
-    return _finish_table_run(run_id, "map_keys", summary, results, sink, out_schema)
-
-
-@dataclass(frozen=True)
-class _KeysTask:
-    spec: JobSpec
-
-    def __call__(self, item) -> UnitResult:
-        uid, keys = item
-        return kernel.run_keys(self.spec, uid, keys)
+    return table_run(run_id, "map_keys", summary, results, sink, out_schema)
 
 
 # ---------------------------------------------------------------------------
@@ -643,13 +480,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                          "store. Pass trust=True (CLI: --trust) only if you trust who wrote it.")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
-    sink = Location.of(out, storage_options)
-    sink.check_bucket(StoreError)
-    fs = sink.fs
-    if fs.exists(sink.root) and fs.ls(sink.root):
-        if not overwrite:
-            raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
-        fs.rm(sink.root, recursive=True)
+    sink = _output(out, storage_options, overwrite)
     src = model_source(st, man, info, trust)
     extra = [k for k in info.source.partition_keys if k not in by_]
     columns = tuple(c for c in dict.fromkeys([*by_, *extra, sp["time"], sp["target"], *feats]) if c)
@@ -666,7 +497,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                 results = execute(client, functools.partial(score_unit, spec), units,
                                   keys=[f"mf-{u.id}-score-{id(spec):x}" for u in units], progress=bar)
             else:
-                results = _run_shuffled(client, spec, info, plan_, bar, runner=score_table)
+                results = run_shuffled(client, spec, info, plan_, bar, runner=score_table)
         except ModelFactoryError:
             raise
         except Exception as err:  # noqa: BLE001
@@ -683,4 +514,9 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     top = groups.filter(pa.compute.greater(groups["anomalies"], 0)).sort_by(
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)
     sink.write_bytes("_anomalies.json", json.dumps(top.to_pylist(), indent=1, default=str).encode())
-    return _finish_table_run(run_id, "score", summary, results, sink, None)
+    return table_run(run_id, "score", summary, results, sink, None)
+
+
+def _run_keys(spec: JobSpec, item) -> UnitResult:
+    uid, keys = item
+    return kernel.run_keys(spec, uid, keys)

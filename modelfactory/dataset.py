@@ -15,7 +15,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import fsspec
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
@@ -219,7 +218,7 @@ def _is_numeric(t: pa.DataType) -> bool:
 
 def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = None,
                   target: str | None = None, features: tuple[str, ...] = (),
-                  allow_null_keys: bool = False) -> None:
+                  columns: tuple[str, ...] = (), allow_null_keys: bool = False) -> None:
     """Check up front that the named columns exist with usable types.
 
     Raises :class:`SchemaError` naming the column, its type, the columns that
@@ -257,6 +256,8 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
         t = need(f, "feature")
         if not (_is_numeric(t) or pa.types.is_boolean(t)):
             raise SchemaError(f"The feature column {f!r} has type {t}; features must be numeric or boolean.")
+    for c in columns:
+        need(c, "requested")
     if not allow_null_keys:
         bad = {k: n for k, n in info.null_counts.items() if k in by and n}
         if bad:

@@ -21,10 +21,19 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 
-from .exceptions import ClusterError
-from .kernel import UnitResult
+import functools
 
-__all__ = ["open_client", "execute", "worker_count", "Progress"]
+import pandas as pd
+import pyarrow as pa
+
+from . import kernel
+from .dataset import DatasetInfo
+from .exceptions import ClusterError
+from .kernel import JobSpec, UnitResult
+from .plan import Plan
+
+__all__ = ["open_client", "execute", "execute_delayed", "worker_count", "Progress", "run_units", "run_shuffled",
+           "isolate"]
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +189,80 @@ def execute_delayed(client, tasks: list, *, progress: Progress) -> list[UnitResu
         results[index[fut.key]] = res
         progress.update(res)
     return results
+
+
+# ---------------------------------------------------------------------------
+# submitting a job's units
+# ---------------------------------------------------------------------------
+def run_units(client, spec: JobSpec, info: DatasetInfo, plan_: Plan, progress: Progress) -> list[UnitResult]:
+    if plan_.mode == "files":
+        # Largest units first (LPT): a huge group starts at once instead of holding the run's end.
+        units = sorted(plan_.units, key=lambda u: -u.rows)
+        return execute(client, functools.partial(kernel.run_unit, spec), units,
+                       keys=[f"mf-{u.id}-{spec.kind}-{id(spec):x}" for u in units], progress=progress,
+                       on_killed=functools.partial(isolate, spec))
+    return run_shuffled(client, spec, info, plan_, progress)
+
+
+def isolate(spec: JobSpec, client, unit) -> UnitResult:
+    """A unit kept killing its worker: run each of its groups as its own task, so only the
+    group(s) that crash the process fail (with the reason) and the others complete."""
+    from distributed import KilledWorker, wait
+
+    keys = client.submit(kernel.unit_keys, spec, unit, pure=False).result()
+    rows = keys.to_pylist()
+    subs = [f"{unit.id}-g{i:05d}" for i in range(len(rows))]
+    futures = client.map(kernel.run_group, [spec] * len(rows), [unit] * len(rows), rows, subs,
+                         key=[f"mf-{s}-{id(spec):x}" for s in subs], pure=False)
+    wait(futures)
+    parts, dead = [], []
+    for i, fut in enumerate(futures):
+        if fut.status == "error" and isinstance(fut.exception(), KilledWorker):
+            dead.append(i)
+        else:
+            parts.append(fut.result())
+        fut.release()
+    if dead:
+        reason = ("the worker process died while running this group (killed by the OS, out of "
+                  "memory, or a crash in native code); it was tried on several workers")
+        parts.append(kernel.failed_rows(spec, f"{unit.id}-killed", keys.take(pa.array(dead)), reason))
+    return kernel.merge_results(unit.id, parts)
+
+
+def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:
+    from .dataset import read_files
+
+    return read_files(spec.source, paths, list(spec.columns), spec.filter).to_pandas()
+
+
+def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.run_table) -> UnitResult:
+    schema = pa.schema([spec.source.schema.field(c) for c in spec.columns])
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    return runner(spec, unit_id, table)
+
+
+def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -> list[UnitResult]:
+    """Groups spread over many files: co-locate them with Dask's own (p2p) shuffle."""
+    import dask
+    import dask.dataframe as dd
+
+    files = sorted(info.files, key=lambda f: f.path)
+    chunks, cur, rows = [], [], 0
+    for f in files:
+        cur.append(f.path)
+        rows += f.rows
+        if rows >= plan_.target_rows:
+            chunks.append(tuple(cur))
+            cur, rows = [], 0
+    if cur:
+        chunks.append(tuple(cur))
+    meta = info.schema.empty_table().select(list(spec.columns)).to_pandas()
+    ddf = dd.from_map(functools.partial(_read_chunk, spec), chunks, meta=meta, enforce_metadata=False)
+    method = "p2p" if client is not None else "tasks"
+    shuffled = ddf.shuffle(on=list(spec.by), npartitions=len(plan_.units), shuffle_method=method)
+    parts = shuffled.to_delayed()
+    run = dask.delayed(_run_partition, pure=False)
+    tasks = [run(spec, u.id, p, runner) for u, p in zip(plan_.units, parts)]
+    return execute_delayed(client, tasks, progress=progress)
+
+

@@ -123,3 +123,9 @@ def test_many_small_groups_share_units(tmp_path, client):
     run = modelfactory.apply(path, by=["app", "site"], func=stats, schema=SCHEMA, cluster=client)
     assert run.summary["groups"] == 300
     assert run.summary["units"] <= 5
+
+
+def test_apply_names_a_missing_requested_column(by_app):
+    with pytest.raises(SchemaError, match=r"The requested column 'nope' is not in .*Columns: site, day, ts"):
+        modelfactory.apply(by_app, by=["app"], func=stats, schema=SCHEMA, columns=["value", "nope"],
+                           cluster="inline")

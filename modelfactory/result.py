@@ -1,0 +1,101 @@
+"""What a job returns: :class:`Run`, with its summary, its group table and its rows."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from ._io import Location
+from .exceptions import ModelFactoryError
+from .kernel import UnitResult
+from .store import ModelStore
+
+__all__ = ["Run", "table_run"]
+
+
+@dataclass
+class Run:
+    """The result of a job: ``summary`` (counts by status, wall time) and ``groups``.
+
+    For :func:`apply` and :func:`map_keys`, :meth:`to_pandas` / :meth:`to_arrow`
+    give the rows the function returned.
+    """
+
+    id: str
+    kind: str
+    summary: dict[str, Any]
+    store: ModelStore | None = None
+    _groups: pa.Table | None = None
+    _result: Any = None
+    _out: Location | None = None
+    errors: list = field(default_factory=list)
+
+    @property
+    def groups(self) -> pd.DataFrame:
+        """One row per group: keys, status, error, rows, seconds."""
+        if self._groups is not None:
+            return self._groups.to_pandas()
+        if self.store is not None:
+            return self.store.groups(self.id)
+        import pyarrow.dataset as ds
+
+        return ds.dataset(self._out.path("_groups"), filesystem=self._out.fs,
+                          format="parquet").to_table().to_pandas()
+
+    def to_arrow(self) -> pa.Table:
+        if isinstance(self._result, pa.Table):
+            return self._result
+        if self._out is not None:
+            import pyarrow.dataset as ds
+
+            return ds.dataset(self._out.root, filesystem=self._out.fs, format="parquet",
+                              ignore_prefixes=[".", "_"]).to_table()
+        raise ModelFactoryError("This run has no tabular result (no schema was given).")
+
+    def to_pandas(self) -> pd.DataFrame:
+        return self.to_arrow().to_pandas()
+
+    @property
+    def results(self) -> dict:
+        """For :func:`map_keys` without a schema: ``{key: return value}`` of the ok keys."""
+        if not isinstance(self._result, dict):
+            raise ModelFactoryError("results is only for map_keys without a schema; use to_pandas().")
+        return self._result
+
+    def __repr__(self) -> str:
+        c = self.summary["counts"]
+        return (f"<Run {self.id} {self.kind}: {self.summary['groups']:,} groups "
+                f"(ok {c['ok']:,}, failed {c['failed']:,}, skipped {c['skipped']:,}) "
+                f"in {self.summary['wall_seconds']:.1f}s>")
+
+
+
+
+def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], sink: Location | None,
+              out_schema: pa.Schema | None) -> Run:
+    """The :class:`Run` of an apply, map_keys or score job: its manifest written when it has a sink."""
+    errors = [e for r in results for e in r.errors]
+    if sink is not None:
+        parts = [p.__dict__ for r in results for p in r.parts]
+        sink.write_bytes("_manifest.json", json.dumps(
+            {"run_id": run_id, "kind": kind, "summary": summary, "schema": str(out_schema),
+             "parts": parts}, indent=1, default=str).encode())
+        return Run(run_id, kind, summary, _out=sink, errors=errors)
+    groups = pa.concat_tables([r.group_table for r in results]) if results else None
+    if out_schema is not None:
+        result = pa.concat_tables([r.table for r in results]) if results else out_schema.empty_table()
+    else:
+        result = {}
+        for r in results:
+            keys = r.group_table.select(list(r.group_table.column_names[:-4])).to_pylist()
+            st = r.group_table["status"].to_pylist()
+            for k, s, v in zip(keys, st, r.table):
+                if s == "ok":
+                    vals = tuple(k.values())
+                    result[vals[0] if len(vals) == 1 else vals] = v
+    return Run(run_id, kind, summary, _groups=groups, _result=result, errors=errors)
+
+
