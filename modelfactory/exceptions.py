@@ -7,6 +7,8 @@ the value received, and what to do.
 """
 from __future__ import annotations
 
+import traceback
+
 __all__ = [
     "ModelFactoryError",
     "DatasetError",
@@ -19,6 +21,7 @@ __all__ = [
     "IntegrityError",
     "ClusterError",
     "IngestError",
+    "describe_error",
 ]
 
 
@@ -64,3 +67,16 @@ class ClusterError(ModelFactoryError):
 
 class IngestError(ModelFactoryError):
     """Ingesting data from an external source failed."""
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for an error raised by user code.
+
+    ``TypeName: message (at file:line in function)``, for the innermost frame.
+    """
+    text = f"{type(err).__name__}: {err}"
+    tb = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
+    if tb:
+        fr = tb[-1]
+        text += f" (at {fr.filename.rsplit('/', 1)[-1]}:{fr.lineno} in {fr.name})"
+    return text
