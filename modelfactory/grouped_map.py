@@ -67,15 +67,22 @@ def _group_inputs(spec, groups):
         for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
             yield tbl.slice(s, e - s)
     else:  # numpy: a dict of column arrays (views, no copy where the type allows)
-        cols = {}
-        for name in tbl.column_names:
-            col = tbl[name]
-            cols[name] = (col.to_numpy(zero_copy_only=False) if col.num_chunks != 1
-                          else col.chunk(0).to_numpy(zero_copy_only=False))
-        names = list(cols)
-        arrays = [cols[c] for c in names]
+        names = tbl.column_names
+        arrays = [_numpy_column(tbl[c]) for c in names]
         for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
-            yield {c: a[s:e] for c, a in zip(names, arrays)}
+            yield dict(zip(names, [a[s:e] for a in arrays]))
+
+
+def _numpy_column(col: pa.ChunkedArray) -> np.ndarray:
+    """A column as one numpy array: zero-copy for numbers; strings through their dictionary,
+    so each distinct value becomes one Python object, shared by every row that holds it."""
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
+        enc = arr.dictionary_encode()
+        values = np.asarray(enc.dictionary.to_pylist() + [None], dtype=object)
+        idx = enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)
+        return values[idx]
+    return arr.to_numpy(zero_copy_only=False)
 
 
 def apply_groups(spec, groups):
@@ -103,18 +110,20 @@ def apply_groups(spec, groups):
         status.append("ok"), errors.append(None)
         # Fast path: a dict or DataFrame with exactly the schema's columns is
         # collected column by column and converted once at the end.
-        if isinstance(out, dict) and len(out) == len(names) and all(c in out for c in names):
-            cols = [np.atleast_1d(out[c]) for c in names]
+        if type(out) is dict and len(out) == len(names) and all(c in out for c in names):
+            cols = [v if type(v) is np.ndarray and v.ndim == 1 else np.atleast_1d(v)
+                    for v in map(out.__getitem__, names)]
         elif hasattr(out, "columns") and hasattr(out, "iloc") and list(out.columns) == names:
             cols = [out[c].to_numpy() for c in names]
         else:
             slow[i] = out
             continue
-        if len({len(c) for c in cols}) != 1:
+        n0 = len(cols[0])
+        if any(len(c) != n0 for c in cols):
             slow[i] = out
             continue
-        for j, c in enumerate(cols):
-            collected[j].append(c)
+        for bucket, c in zip(collected, cols):
+            bucket.append(c)
         owners.append(i)
     tables = []
     if owners:
