@@ -23,6 +23,7 @@ from ._io import Location, PartInfo, parquet_bytes
 from .dataset import read_files
 from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _seconds, describe_error,
                      split_groups)
+from .models.base import SeriesBatch
 from .plan import WorkUnit
 
 __all__ = ["ModelSource", "score_unit", "score_table", "SCORE_COLUMNS"]
@@ -87,6 +88,41 @@ def _decode(src: ModelSource, blob: bytes):
     return cloudpickle.loads(blob)
 
 
+def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, errors: list,
+               seconds: np.ndarray) -> None:
+    """Score every group that has a model, in one batch per model class when the class can;
+    a batch that raises is scored again group by group, so only the bad groups fail."""
+    by_class: dict[type, list[int]] = {}
+    for i, m in enumerate(fitted):
+        if m is not None:
+            by_class.setdefault(type(m), []).append(i)
+    for cls, idx in by_class.items():
+        t0 = _time.perf_counter()
+        mine = set(idx)
+        try:
+            out = cls.score_batch([m if i in mine else None for i, m in enumerate(fitted)], batch)
+            for i in idx:
+                s, e = int(batch.offsets[i]), int(batch.offsets[i + 1])
+                for c in SCORE_COLUMNS:
+                    cols[c][s:e] = out[c][s:e]
+                status[i] = "ok"
+            lengths = np.diff(batch.offsets)[idx].astype(np.float64)
+            seconds[idx] = (_time.perf_counter() - t0) * lengths / max(1.0, lengths.sum())
+        except Exception:  # noqa: BLE001 - find the group(s) responsible
+            for i in idx:
+                t1 = _time.perf_counter()
+                y, t, X = batch.series(i)
+                try:
+                    out = fitted[i].score(y, t=t, X=X)
+                    s, e = int(batch.offsets[i]), int(batch.offsets[i + 1])
+                    for c in SCORE_COLUMNS:
+                        cols[c][s:e] = out[c]
+                    status[i] = "ok"
+                except Exception as err:  # noqa: BLE001 - recorded per group
+                    status[i], errors[i] = "failed", describe_error(err)
+                seconds[i] = _time.perf_counter() - t1
+
+
 def score_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
     t0 = _time.perf_counter()
     table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter)
@@ -106,39 +142,38 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         n = tbl.num_rows
         cols = {c: np.full(n, np.nan) for c in SCORE_COLUMNS[:4]}
         cols["is_anomaly"] = np.zeros(n, dtype=bool)
-        scored = np.zeros(n, dtype=bool)
-        status, errors, seconds, anomalies, max_score = [], [], [], [], []
+        ng = len(groups)
+        status: list = [None] * ng
+        errors: list = [None] * ng
+        seconds = np.zeros(ng)
+        fitted: list = [None] * ng
         for i, key in enumerate(groups.key_tuples()):
-            s, e = int(groups.starts[i]), int(groups.ends[i])
-            t1 = _time.perf_counter()
             row = models.get(key)
             if row is None:
-                status.append("skipped"), errors.append(f"no model for this group in run {src.run_id}")
+                status[i], errors[i] = "skipped", f"no model for this group in run {src.run_id}"
             elif row["status"] != "ok":
-                status.append("skipped")
-                errors.append(f"no model: training {row['status']} in run {src.run_id} ({row['error']})")
+                status[i] = "skipped"
+                errors[i] = f"no model: training {row['status']} in run {src.run_id} ({row['error']})"
             else:
                 try:
-                    model = _decode(src, row["model"])
-                    out = model.score(y[s:e], t=None if t is None else t[s:e],
-                                      X=None if X is None else X[s:e])
-                    for c in SCORE_COLUMNS:
-                        cols[c][s:e] = out[c]
-                    scored[s:e] = True
-                    status.append("ok"), errors.append(None)
+                    fitted[i] = _decode(src, row["model"])
                 except Exception as err:  # noqa: BLE001 - recorded per group
-                    status.append("failed"), errors.append(describe_error(err))
-            seconds.append(_time.perf_counter() - t1)
-            anomalies.append(int(cols["is_anomaly"][s:e].sum()))
-            max_score.append(float(np.nanmax(cols["score"][s:e])) if scored[s:e].any() else None)
-    res = UnitResult(unit_id, groups=len(groups), rows=n, anomalies=int(sum(anomalies)))
+                    status[i], errors[i] = "failed", describe_error(err)
+        batch = SeriesBatch(y, np.concatenate((groups.starts, [n])), t, X)
+        _score_all(fitted, batch, cols, status, errors, seconds)
+        scored = np.repeat(np.array([st == "ok" for st in status], dtype=bool), groups.ends - groups.starts)
+        flags = cols["is_anomaly"] & scored
+        anomalies = np.add.reduceat(flags, groups.starts).astype(np.int64) if n else np.zeros(0, np.int64)
+        top = np.maximum.reduceat(np.where(scored, cols["score"], -1.0), groups.starts) if n else np.zeros(0)
+        max_score = [float(v) if v >= 0 else None for v in top.tolist()]
+    res = UnitResult(unit_id, groups=len(groups), rows=n, anomalies=int(anomalies.sum()))
     for st in STATUS:
         res.counts[st] = status.count(st)
     gt = groups.keys.append_column("status", pa.array(status, pa.string()))
     gt = gt.append_column("error", pa.array(errors, pa.string()))
     gt = gt.append_column("rows", pa.array((groups.ends - groups.starts).astype(np.int64)))
     gt = gt.append_column("seconds", pa.array(np.asarray(seconds, dtype=np.float64)))
-    gt = gt.append_column("anomalies", pa.array(anomalies, pa.int64()))
+    gt = gt.append_column("anomalies", pa.array(anomalies))
     gt = gt.append_column("max_score", pa.array(max_score, pa.float64()))
     bad = [i for i, s_ in enumerate(status) if s_ == "failed"][:5]
     res.errors = [(tuple(groups.keys.slice(i, 1).to_pylist()[0].values()), errors[i]) for i in bad]
