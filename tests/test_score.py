@@ -10,6 +10,8 @@ import pytest
 from _data import write
 
 import modelfactory
+import modelfactory.models.base
+import modelfactory.models.seasonal
 from modelfactory.demo import make_table
 from modelfactory.exceptions import IntegrityError, StoreError
 
@@ -80,3 +82,21 @@ def test_score_refuses_a_non_empty_output(history_and_new, tmp_path):
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(StoreError, match="is not empty"):
         modelfactory.score(new, store=store, out=str(tmp_path / "busy"), cluster="inline")
+
+
+class OneByOne(modelfactory.models.seasonal.SeasonalProfile):
+    """seasonal without its vectorised score_batch: scored one group at a time."""
+
+    score_batch = classmethod(modelfactory.models.base.Model.score_batch.__func__)
+
+
+def test_batch_scoring_equals_scoring_group_by_group(history_and_new, tmp_path):
+    old, new = history_and_new
+    out = {}
+    for name, model in (("batch", "seasonal"), ("loop", OneByOne)):
+        store = str(tmp_path / f"store-{name}")
+        modelfactory.train(old, by=["app", "site"], time="ts", target="value", store=store, model=model,
+                           cluster="inline")
+        modelfactory.score(new, store=store, out=str(tmp_path / name), cluster="inline", trust=True)
+        out[name] = pd.read_parquet(tmp_path / name).sort_values(["app", "site", "ts"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(out["batch"], out["loop"])
