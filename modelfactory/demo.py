@@ -53,7 +53,13 @@ def make_table(series: int = 10_000, *, days: int = 14, apps: int | None = None,
 
 def write_dataset(path: str, series: int = 10_000, *, days: int = 14, apps: int | None = None,
                   seed: int = 0, storage_options: dict | None = None, **kwargs) -> str:
-    """Write the demo dataset at ``path``, Hive-partitioned by ``app``; return the path."""
+    """Write the demo dataset at ``path``, Hive-partitioned by ``app``; return the path.
+
+    >>> import tempfile, pyarrow.dataset as ds
+    >>> path = write_dataset(tempfile.mkdtemp() + "/data", series=30, days=2, apps=3)
+    >>> ds.dataset(path, partitioning="hive").count_rows()
+    1440
+    """
     table = make_table(series, days=days, apps=apps, seed=seed, **kwargs)
     loc = Location.of(path, storage_options)
     fs = loc.fs

@@ -197,6 +197,18 @@ class ModelStore:
 
         Reads only the parts that the run's index names for the key.  Pickled
         user models are loaded only with ``trust=True``.
+
+        Examples
+        --------
+        >>> import modelfactory, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = modelfactory.demo.write_dataset(f"{d}/data", series=4, days=3)
+        >>> _ = modelfactory.train(f"{d}/data", by="app,site", time="ts", target="value",
+        ...                        store=f"{d}/store", cluster="inline")
+        >>> store = ModelStore(f"{d}/store")
+        >>> model = store.load({"app": "app-00", "site": "site-00000"})
+        >>> model.is_fitted, list(store.groups().status)
+        (True, ['ok', 'ok', 'ok', 'ok'])
         """
         import pyarrow.compute as pc
 

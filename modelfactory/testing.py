@@ -133,6 +133,13 @@ def check_model(model: Model, *, seed: int = 0) -> dict[str, Any]:
     Returns a small report: ``{"checks": [...passed...], "bytes": size of the
     serialised model}``.  Raises :class:`ConformanceError` naming the first
     failed check.
+
+    Examples
+    --------
+    >>> from modelfactory.models import get
+    >>> report = check_model(get("seasonal"))
+    >>> "serialisation" in " ".join(report["checks"]) and report["bytes"] < 2000
+    True
     """
     if not isinstance(model, Model):
         raise ConformanceError(f"check_model[type] needs a modelfactory Model instance; got {type(model).__name__}")

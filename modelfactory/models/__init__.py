@@ -108,8 +108,17 @@ def get(name: str, **params: Any) -> Model:
 def register_model(name: str, cls: type, *, overwrite: bool = False) -> None:
     """Register a user model class under ``name`` so it can be used by name.
 
-    The class should follow :class:`Model`'s protocol (or be a scikit-learn
-    style estimator).  Built-in names cannot be replaced.
+    The class should follow :class:`Model`'s protocol.  Built-in names cannot
+    be replaced.
+
+    Examples
+    --------
+    >>> from modelfactory.models.seasonal import SeasonalProfile
+    >>> class Weekly(SeasonalProfile):
+    ...     pass
+    >>> register_model("weekly_doc_example", Weekly)
+    >>> get("weekly_doc_example", season_length=168).season_length
+    168
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ModelError(f"A model name must be an identifier like 'my_model'; got {name!r}.")
