@@ -99,6 +99,13 @@ def get(name: str, **params: Any) -> Model:
     Unknown names raise :class:`~modelfactory.exceptions.ModelError` with a
     "did you mean" hint; unknown parameters raise
     :class:`~modelfactory.exceptions.ParameterError` naming the closest one.
+
+    >>> get("holt_winters", season_length=24).season_length
+    24
+    >>> get("seasonl")
+    Traceback (most recent call last):
+    ...
+    modelfactory.exceptions.ModelError: Unknown model 'seasonl'. Did you mean 'seasonal'? ...
     """
     if name not in registry:
         raise unknown_model(name)
