@@ -152,22 +152,63 @@ def _grouped_already(table: pa.Table, by: tuple[str, ...], time: str | None, cut
     return bool(np.isin(back, cuts).all())  # ... only where a new group starts
 
 
+def _key_codes(table: pa.Table, by: tuple[str, ...]) -> np.ndarray | None:
+    """One int64 per row that orders like the key tuple (nulls last), or None if it cannot.
+
+    Each key is dictionary-encoded and its (small) dictionary ranked, so the codes sort
+    like the values; the codes of several keys are combined positionally.
+    """
+    n = table.num_rows
+    codes = np.zeros(n, dtype=np.int64)
+    span = 1
+    for k in by:
+        col = table[k].chunk(0) if table[k].num_chunks else pa.array([], table[k].type)
+        try:
+            enc = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
+            m = len(enc.dictionary)
+            rank = np.empty(m + 1, dtype=np.int64)
+            rank[pc.sort_indices(enc.dictionary).to_numpy()] = np.arange(m)
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+            return None
+        rank[m] = m  # null keys: one group, last
+        if span * (m + 1) >= 2**62:
+            return None
+        idx = enc.indices.fill_null(m).to_numpy(zero_copy_only=False).astype(np.int64)
+        codes = codes * (m + 1) + rank[idx]
+        span *= m + 1
+    return codes
+
+
 def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) -> Groups:
     """Find each group's contiguous row range; groups are zero-copy slices.
 
-    Data written group by group in time order (the usual case) is used as it
-    is; otherwise the table is sorted once by keys and time.
+    Data written in key and time order (the usual case) is used as it is;
+    otherwise the table is sorted once by keys and time.
     """
     table = table.combine_chunks()
     n = table.num_rows
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Groups(table, empty, empty, table.select(list(by)).slice(0, 0))
-    cuts = _boundaries(table, by)
-    if not _grouped_already(table, by, time, cuts):
-        sort_keys = [(k, "ascending", "at_end") for k in by] + ([(time, "ascending", "at_end")] if time else [])
-        table = table.take(pc.sort_indices(table, sort_keys=sort_keys)).combine_chunks()
+    codes = _key_codes(table, by)
+    if codes is None:  # a key type that cannot be dictionary-encoded: compare values instead
         cuts = _boundaries(table, by)
+        if not _grouped_already(table, by, time, cuts):
+            sort_keys = [(k, "ascending", "at_end") for k in by] + ([(time, "ascending", "at_end")] if time else [])
+            table = table.take(pc.sort_indices(table, sort_keys=sort_keys)).combine_chunks()
+            cuts = _boundaries(table, by)
+    else:
+        t = pc.cast(table[time], pa.int64()).to_numpy(zero_copy_only=False) if time else None
+        step = np.diff(codes)
+        in_order = bool((step >= 0).all())
+        if in_order and t is not None:
+            back = np.diff(t) < 0
+            in_order = not bool((back & (step == 0)).any())  # time goes back only at a new group
+        if not in_order:
+            order = np.lexsort((t, codes)) if t is not None else np.argsort(codes, kind="stable")
+            table = table.take(pa.array(order)).combine_chunks()
+            codes = codes[order]
+        cuts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
     starts = np.concatenate(([0], cuts)).astype(np.int64)
     ends = np.concatenate((starts[1:], [n])).astype(np.int64)
     return Groups(table, starts, ends, table.select(list(by)).take(pa.array(starts)))
