@@ -259,8 +259,14 @@ class Model:
         if n < self.required_rows():
             raise SkipGroup(f"{self.name} needs at least {self.required_rows()} non-missing values; got {n}")
 
-    def _fit(self, y, t, X) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _fit(self, y, t, X) -> None:
+        """Fit one series; a batch model does it as a batch of one."""
+        if type(self).fit_batch.__func__ is Model.fit_batch.__func__:
+            raise NotImplementedError(f"{type(self).__name__} implements neither _fit nor fit_batch.")
+        fitted = type(self).fit_batch(self.get_params(), SeriesBatch(y, np.array([0, len(y)]), t, X))[0]
+        if isinstance(fitted, Exception):
+            raise fitted
+        self.set_state(fitted.get_state())
 
     @classmethod
     def fit_batch(cls, params: dict, batch: SeriesBatch) -> list:

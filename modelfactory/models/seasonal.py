@@ -104,12 +104,6 @@ class SeasonalProfile(Model):
     def required_rows(self) -> int:
         return self.season_length * self.min_seasons
 
-    def _fit(self, y, t, X) -> None:
-        fitted = type(self).fit_batch(self.get_params(), SeriesBatch(y, np.array([0, len(y)]), t))[0]
-        if isinstance(fitted, Exception):
-            raise fitted
-        self.set_state(fitted.get_state())
-
     @classmethod
     def fit_batch(cls, params: dict, batch: SeriesBatch) -> list:
         proto = cls(**params)
