@@ -92,8 +92,6 @@ def apply_groups(spec, groups):
     seconds = np.zeros(len(groups))
     collected: list[list] = [[] for _ in names]
     owners: list[int] = []  # group index of each collected chunk
-    frames: list = []  # DataFrames returned with exactly the schema's columns
-    frame_owners: list[int] = []
     slow: dict[int, Any] = {}  # group index -> raw output that needs the careful path
     perf = _time.perf_counter
     for i, arg in enumerate(_group_inputs(spec, groups)):
@@ -116,9 +114,7 @@ def apply_groups(spec, groups):
             cols = [v if type(v) is np.ndarray and v.ndim == 1 else np.atleast_1d(v)
                     for v in map(out.__getitem__, names)]
         elif hasattr(out, "columns") and hasattr(out, "iloc") and list(out.columns) == names:
-            frames.append(out)  # concatenated once per unit below
-            frame_owners.append(i)
-            continue
+            cols = [out[c].to_numpy() for c in names]
         else:
             slow[i] = out
             continue
@@ -137,14 +133,6 @@ def apply_groups(spec, groups):
         except Exception:  # noqa: BLE001 - some group returned bad types: find it, group by group
             for k, i in enumerate(owners):
                 slow[i] = {c: collected[j][k] for j, c in enumerate(names)}
-    if frames:
-        import pandas as pd
-
-        try:
-            both = pd.concat(frames, ignore_index=True)
-            tables.append(pa.Table.from_pandas(both, schema=schema, preserve_index=False))
-        except Exception:  # noqa: BLE001 - some group returned bad types: find it, group by group
-            slow.update(zip(frame_owners, frames))
     for i in sorted(slow):
         t = to_table(slow[i], schema)
         if isinstance(t, Exception):
