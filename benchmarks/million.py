@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import modelfactory
+from _bench import PeakRSS  # benchmarks/_bench.py: peak RSS of the whole process tree
 from modelfactory.demo import make_table
 
 PER_APP = 5_000
@@ -52,34 +52,6 @@ def generate(root: Path, series: int) -> tuple[str, str]:
             pq.write_table(part, dest / f"app={app}" / "part-0.parquet", compression="zstd")
     (root / f"done-{series}").touch()
     return str(train), str(new)
-
-
-class PeakRSS:
-    """Peak resident memory of this process and all its children, sampled in a thread."""
-
-    def __init__(self, every: float = 0.1) -> None:
-        self.peak, self.every, self._stop = 0, every, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def du(path: str) -> int:
