@@ -104,10 +104,24 @@ def print_machine(title: str, argv: Sequence[str], packages: Sequence[str],
     print(f"- python {platform.python_version()}; " + ", ".join(f"{p} {_version(p)}" for p in packages))
     for k, v in (extra or {}).items():
         print(f"- {k}: {v}")
+    print(f"- modelfactory code: {_code_version()}")
     print(f"- load average at start: {load}")
     script = "benchmarks/" + os.path.basename(sys.argv[0])
     print(f"- command: python {' '.join([script, *argv])}")
     print(flush=True)
+
+
+def _code_version() -> str:
+    """The commit of the work tree, and whether modelfactory/ differs from it (read-only git)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = ["git", "--no-optional-locks", "-C", root]
+    try:
+        head = subprocess.run([*git, "log", "-1", "--format=%h %s"], capture_output=True, text=True,
+                              check=False).stdout.strip()
+        dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "modelfactory"], check=False).returncode
+    except OSError:
+        return "unknown (no git)"
+    return f"commit {head[:70]}" + (" + uncommitted changes in modelfactory/" if dirty else "")
 
 
 def busy_cpu_seconds() -> float:

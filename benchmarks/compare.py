@@ -451,9 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="systems: mf-pandas, mf-array, mf-hw, mf-es, spark, dask, sf (n_jobs=2), sf1 (n_jobs=1)")
     p.add_argument("--statsforecast-python", default=os.environ.get("MF_STATSFORECAST_PYTHON", "/tmp/sfvenv/bin/python"),
                    help="python of an environment with statsforecast (default %(default)s)")
-    p.add_argument("--quiet", type=float, default=0.3, metavar="CORES",
+    p.add_argument("--quiet", type=float, default=None, metavar="CORES",
                    help="before each timing, also wait (up to --quiet-timeout s) until processes outside "
-                        "this one use fewer than CORES cores (default 0.3; -1 to skip)")
+                        "this one use fewer than CORES cores (default 0.3; with --quick -1: skip)")
     p.add_argument("--quiet-timeout", type=float, default=60.0)
     p.add_argument("--profile", default=None, metavar="SYSTEM",
                    help="only profile mf-pandas or mf-array on the no-op data with cluster='inline' (cProfile)")
@@ -466,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     global TURN
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.quiet is None:
+        args.quiet = -1.0 if args.quick else 0.3
     if args.quick:
         args.groups, args.series = 10_000, 100
     TURN = functools.partial(take_turn, quiet=None if args.quiet < 0 else args.quiet,

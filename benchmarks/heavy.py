@@ -243,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the kernel in one process (cluster='inline') and the hardware's ceiling "
                         "(independent processes, each looping over its share of the folders)")
     p.add_argument("--no-builtin", action="store_true", help="skip the built-in random_forest row")
-    p.add_argument("--quiet", type=float, default=0.3, metavar="CORES",
+    p.add_argument("--quiet", type=float, default=None, metavar="CORES",
                    help="before each timing, also wait (up to --quiet-timeout s) until processes outside "
-                        "this one use fewer than CORES cores (default 0.3; -1 to skip)")
+                        "this one use fewer than CORES cores (default 0.3; with --quick -1: skip)")
     p.add_argument("--quiet-timeout", type=float, default=60.0)
     p.add_argument("--tmp", default=None, help="folder for the generated data (default: system temp)")
     return p
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.quiet is None:
+        args.quiet = -1.0 if args.quick else 0.3
     if args.quick:
         args.rf_groups, args.ets_series = 200, 100
     global TURN

@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--big-rows", type=int, default=5_000_000)
     p.add_argument("--groups", type=int, default=100_000, help="small groups of 48 rows")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--quiet", type=float, default=0.3, metavar="CORES",
+    p.add_argument("--quiet", type=float, default=None, metavar="CORES",
                    help="before each timing, also wait (up to --quiet-timeout s) until processes outside "
-                        "this one use fewer than CORES cores (default 0.3; -1 to skip)")
+                        "this one use fewer than CORES cores (default 0.3; with --quick -1: skip)")
     p.add_argument("--quiet-timeout", type=float, default=60.0)
     p.add_argument("--tmp", default=None)
     return p
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.quiet is None:
+        args.quiet = -1.0 if args.quick else 0.3
     if args.quick:
         args.big_rows, args.groups = 500_000, 10_000
     turn = functools.partial(take_turn, quiet=None if args.quiet < 0 else args.quiet,
