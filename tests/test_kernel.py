@@ -31,3 +31,60 @@ def test_split_groups_partitions_the_rows(data, presort):
         assert set(zip(part["k"].to_pylist(), part["j"].to_pylist())) == {key}
         ts = part["t"].cast(pa.int64()).to_pylist()
         assert ts == sorted(ts)
+
+
+# ---------------------------------------------------------------------------
+# apply_groups: what a user function returns, collected on the fast path or
+# pinned on the group that returned it
+# ---------------------------------------------------------------------------
+def _apply(func, input="pandas", schema="k string, n bigint, m double"):
+    from types import SimpleNamespace
+
+    from modelfactory.grouped_map import apply_groups
+    from modelfactory._schema import parse_schema
+
+    table = pa.table({"k": ["a", "a", "b", "c", "c", "c", "d"], "v": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]})
+    spec = SimpleNamespace(out_schema=parse_schema(schema), func=func, input=input)
+    rows, result = apply_groups(spec, split_groups(table, ("k",)))
+    return rows, result.to_pydict()
+
+
+def test_apply_groups_collects_frames_and_dicts_and_pins_bad_returns():
+    import pandas as pd
+
+    class Frame(pd.DataFrame):
+        pass
+
+    def func(df):
+        k = df["k"].iloc[0]
+        if k == "a":  # the usual fast path
+            return pd.DataFrame({"k": [k], "n": [len(df)], "m": [df["v"].mean()]})
+        if k == "b":  # columns in another order, and a subclass: the careful path, still ok
+            return Frame({"m": [df["v"].mean()], "n": [len(df)], "k": [k]})
+        if k == "c":  # a dict with columns of different lengths
+            return {"k": [k, k], "n": [1], "m": [1.0, 2.0]}
+        return {"k": np.array([k]), "n": np.array([1]), "m": np.array([7.0]), "extra": np.array([0])}
+
+    rows, out = _apply(func)
+    assert rows["status"] == ["ok", "ok", "failed", "failed"]
+    assert rows["error"][0] is None and rows["error"][1] is None
+    assert "named n expected length 2 but got length 1" in rows["error"][2]
+    assert "unexpected ['extra']" in rows["error"][3]
+    assert sorted(zip(out["k"], out["n"], out["m"])) == [("a", 2, 1.5), ("b", 1, 3.0)]
+    assert len(rows["seconds"]) == 4 and (np.asarray(rows["seconds"]) >= 0).all()
+
+
+def test_apply_groups_numpy_input_skips_and_failures_keep_their_rows():
+    from modelfactory.models.base import SkipGroup
+
+    def func(g):
+        if g["k"][0] == "b":
+            raise SkipGroup("one row is not enough")
+        if g["k"][0] == "d":
+            raise RuntimeError("boom")
+        return {"k": g["k"][:1], "n": np.array([len(g["v"])]), "m": np.array([g["v"].mean()])}
+
+    rows, out = _apply(func, input="numpy")
+    assert rows["status"] == ["ok", "skipped", "ok", "failed"]
+    assert rows["error"][1] == "one row is not enough" and "RuntimeError: boom" in rows["error"][3]
+    assert out == {"k": ["a", "c"], "n": [2, 3], "m": [1.5, 5.0]}
