@@ -68,21 +68,9 @@ def _group_inputs(spec, groups):
             yield tbl.slice(s, e - s)
     else:  # numpy: a dict of column arrays (views, no copy where the type allows)
         names = tbl.column_names
-        arrays = [_numpy_column(tbl[c]) for c in names]
+        arrays = [groups.numpy_column(c) for c in names]
         for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
             yield dict(zip(names, [a[s:e] for a in arrays]))
-
-
-def _numpy_column(col: pa.ChunkedArray) -> np.ndarray:
-    """A column as one numpy array: zero-copy for numbers; strings through their dictionary,
-    so each distinct value becomes one Python object, shared by every row that holds it."""
-    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
-        enc = arr.dictionary_encode()
-        values = np.asarray(enc.dictionary.to_pylist() + [None], dtype=object)
-        idx = enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)
-        return values[idx]
-    return arr.to_numpy(zero_copy_only=False)
 
 
 def _frame_columns(out, names) -> list:

@@ -118,6 +118,10 @@ class Groups:
     starts: np.ndarray
     ends: np.ndarray
     keys: pa.Table  # one row per group: its key values
+    # String key columns as (distinct values, per-row index in table order), kept
+    # from the dictionary encoding that found the groups: numpy views of them are
+    # then one gather instead of a second encoding.
+    encoded: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -125,6 +129,26 @@ class Groups:
     def key_tuples(self) -> list[tuple]:
         cols = [c.to_pylist() for c in self.keys.columns]
         return list(zip(*cols)) if cols else []
+
+    def numpy_column(self, name: str) -> np.ndarray:
+        """Column ``name`` as one numpy array in row order (zero-copy for numbers; strings
+        as Python objects, one object per distinct value, shared by every row holding it)."""
+        if name in self.encoded:
+            values, idx = self.encoded[name]
+            return values[idx]
+        return numpy_column(self.table[name])
+
+
+def numpy_column(col: pa.ChunkedArray) -> np.ndarray:
+    """A column as one numpy array: zero-copy for numbers; strings through their dictionary,
+    so each distinct value becomes one Python object, shared by every row that holds it."""
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
+        enc = arr.dictionary_encode()
+        values = np.asarray(enc.dictionary.to_pylist() + [None], dtype=object)
+        idx = enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)
+        return values[idx]
+    return arr.to_numpy(zero_copy_only=False)
 
 
 def _boundaries(table: pa.Table, by: tuple[str, ...]) -> np.ndarray:
@@ -152,11 +176,13 @@ def _grouped_already(table: pa.Table, by: tuple[str, ...], time: str | None, cut
     return bool(np.isin(back, cuts).all())  # ... only where a new group starts
 
 
-def _key_codes(table: pa.Table, by: tuple[str, ...]) -> np.ndarray | None:
+def _key_codes(table: pa.Table, by: tuple[str, ...],
+               encoded: dict | None = None) -> np.ndarray | None:
     """One int64 per row that orders like the key tuple (nulls last), or None if it cannot.
 
     Each key is dictionary-encoded and its (small) dictionary ranked, so the codes sort
-    like the values; the codes of several keys are combined positionally.
+    like the values; the codes of several keys are combined positionally.  String keys'
+    encodings are stored in ``encoded`` (name -> (values as objects, per-row index)).
     """
     n = table.num_rows
     codes = np.zeros(n, dtype=np.int64)
@@ -173,9 +199,11 @@ def _key_codes(table: pa.Table, by: tuple[str, ...]) -> np.ndarray | None:
         rank[m] = m  # null keys: one group, last
         if span * (m + 1) >= 2**62:
             return None
-        idx = enc.indices.fill_null(m).to_numpy(zero_copy_only=False).astype(np.int64)
+        idx = enc.indices.fill_null(m).to_numpy(zero_copy_only=False)
         codes = codes * (m + 1) + rank[idx]
         span *= m + 1
+        if encoded is not None and pa.types.is_string(col.type):
+            encoded[k] = (np.asarray(enc.dictionary.to_pylist() + [None], dtype=object), idx)
     return codes
 
 
@@ -190,7 +218,8 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Groups(table, empty, empty, table.select(list(by)).slice(0, 0))
-    codes = _key_codes(table, by)
+    encoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    codes = _key_codes(table, by, encoded)
     if codes is None:  # a key type that cannot be dictionary-encoded: compare values instead
         cuts = _boundaries(table, by)
         if not _grouped_already(table, by, time, cuts):
@@ -208,10 +237,11 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
             order = np.lexsort((t, codes)) if t is not None else np.argsort(codes, kind="stable")
             table = table.take(pa.array(order)).combine_chunks()
             codes = codes[order]
+            encoded = {k: (values, idx[order]) for k, (values, idx) in encoded.items()}
         cuts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
     starts = np.concatenate(([0], cuts)).astype(np.int64)
     ends = np.concatenate((starts[1:], [n])).astype(np.int64)
-    return Groups(table, starts, ends, table.select(list(by)).take(pa.array(starts)))
+    return Groups(table, starts, ends, table.select(list(by)).take(pa.array(starts)), encoded)
 
 
 def _seconds(col: pa.ChunkedArray | pa.Array) -> np.ndarray:

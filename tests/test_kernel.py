@@ -24,6 +24,8 @@ def test_split_groups_partitions_the_rows(data, presort):
     g = split_groups(table, ("k", "j"), "t")
     assert g.table.num_rows == len(data)
     assert sorted(g.table["i"].to_pylist()) == list(range(len(data)))  # nothing lost or repeated
+    for name in ("k", "j", "i"):  # numpy views (string keys from the split's own encoding) match the table
+        assert list(g.numpy_column(name)) == g.table[name].to_pylist()
     keys = g.key_tuples()
     assert len(set(keys)) == len(keys) == len({(r[0], r[1]) for r in data})
     for (s, e), key in zip(zip(g.starts, g.ends), keys):
