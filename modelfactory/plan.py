@@ -12,11 +12,14 @@ Two ways to plan:
     the files of one partition folder (a *leaf*), so a unit simply names its
     files: no shuffle, each worker reads its own.  Leaves are packed in key
     order into units of about ``target_rows`` rows, using row counts from the
-    Parquet footers.
+    Parquet footers, cut where the shares come out most even.
 ``shuffle``
     No group key is a partition key (e.g. data partitioned by day), so a group
     may span many files.  Groups are co-located by Dask's own p2p shuffle into
     ``n_units`` partitions; each partition is a unit.
+
+Either way the number of units is a multiple of the number of workers, so no
+worker idles through a last wave of a single unit.
 
 Unit ids are a digest of what the unit reads, so the same input plans to the
 same ids and a rerun can resume.
@@ -26,12 +29,13 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from itertools import groupby
+from bisect import bisect_left
+from itertools import accumulate, groupby
 
 from .dataset import DatasetInfo
 from .exceptions import PlanError
 
-__all__ = ["WorkUnit", "Plan", "Leaf", "plan", "pack", "auto_target_rows"]
+__all__ = ["WorkUnit", "Plan", "Leaf", "plan", "pack", "auto_target_rows", "unit_count"]
 
 MIN_UNIT_ROWS = 50_000
 MAX_UNIT_ROWS = 2_000_000
@@ -87,32 +91,63 @@ def _sort_key(key: tuple) -> tuple:
     return tuple((v is None, "" if v is None else str(v)) for v in key)
 
 
-def pack(leaves: list[Leaf], target_rows: int) -> list[WorkUnit]:
-    """Pack leaves, in key order, into units of at most ``target_rows`` rows.
+def unit_count(total_rows: int, target_rows: int, multiple: int = 1) -> int:
+    """How many units of about ``target_rows`` rows: rounded up to a multiple of
+    ``multiple`` (the workers), so every worker gets as many units and none sits
+    idle through the last wave."""
+    n = max(1, math.ceil(total_rows / target_rows))
+    if n > 1 and multiple > 1:
+        n = math.ceil(n / multiple) * multiple
+    return n
 
-    A leaf larger than ``target_rows`` becomes a unit of its own.  Every leaf
-    lands in exactly one unit.
+
+def pack(leaves: list[Leaf], target_rows: int, *, multiple: int = 1,
+         limit: int | None = None) -> list[WorkUnit]:
+    """Pack leaves, in key order, into balanced units of about ``target_rows`` rows.
+
+    There are :func:`unit_count` units (when there are enough leaves); each cut goes
+    at the leaf boundary nearest to an equal share of the rows, so units differ by
+    about one leaf at most.  No unit of several leaves holds more than ``limit``
+    rows (default ``target_rows``): a leaf larger than that gets a unit of its own.
+    Every leaf lands in exactly one unit.
     """
     if target_rows < 1:
         raise PlanError(f"The unit size must be at least 1 row; got {target_rows}.")
+    limit = target_rows if limit is None else max(limit, target_rows)
+    ordered = sorted(leaves, key=lambda lf: _sort_key(lf.key))
+    if not ordered:
+        return []
+    rows = [lf.rows for lf in ordered]
+    total = sum(rows)
+    n = min(unit_count(total, target_rows, multiple), len(ordered))
+    cum = list(accumulate(rows))
+    bounds, prev = [], 0
+    for k in range(1, n):
+        ideal = total * k / n
+        j = bisect_left(cum, ideal)  # the first leaf whose end reaches the ideal cut
+        end = j if j > 0 and ideal - cum[j - 1] <= cum[j] - ideal else j + 1
+        end = min(max(end, prev + 1), len(ordered) - (n - k))  # no empty unit, before or after
+        bounds.append(end)
+        prev = end
+    chunks = [ordered[s:e] for s, e in zip([0, *bounds], [*bounds, len(ordered)])]
+
     units: list[WorkUnit] = []
-    cur: list[Leaf] = []
-    cur_rows = 0
 
-    def flush():
-        nonlocal cur, cur_rows
+    def flush(cur: list[Leaf]) -> None:
+        paths = tuple(p for leaf in cur for p in leaf.paths)
+        units.append(WorkUnit(f"u{len(units):05d}-{_digest(paths)}", paths, sum(lf.rows for lf in cur), len(cur)))
+
+    for chunk in chunks:
+        cur: list[Leaf] = []
+        cur_rows = 0
+        for leaf in chunk:  # a chunk over the limit (very uneven leaves) is split further
+            if cur and cur_rows + leaf.rows > limit:
+                flush(cur)
+                cur, cur_rows = [], 0
+            cur.append(leaf)
+            cur_rows += leaf.rows
         if cur:
-            paths = tuple(p for leaf in cur for p in leaf.paths)
-            uid = f"u{len(units):05d}-{_digest(paths)}"
-            units.append(WorkUnit(uid, paths, cur_rows, len(cur)))
-        cur, cur_rows = [], 0
-
-    for leaf in sorted(leaves, key=lambda lf: _sort_key(lf.key)):
-        if cur and cur_rows + leaf.rows > target_rows:
-            flush()
-        cur.append(leaf)
-        cur_rows += leaf.rows
-    flush()
+            flush(cur)
     return units
 
 
@@ -137,17 +172,21 @@ def plan(info: DatasetInfo, by: tuple[str, ...], *, workers: int,
          target_rows: int | None = None) -> Plan:
     """Plan the work units for grouping ``info`` by ``by`` on ``workers`` workers."""
     total = info.rows
-    target = target_rows if target_rows is not None else auto_target_rows(total, workers)
+    auto = target_rows is None
+    target = auto_target_rows(total, workers) if auto else target_rows
     if target < 1:
         raise PlanError(f"unit_rows must be a positive number of rows; got {target}.")
     leaves = leaves_of(info, by)
     if leaves:
-        return Plan("files", tuple(pack(leaves, target)), target, total)
+        # An automatic size is a goal, not a bound: a unit may pass it by part of a
+        # leaf to keep units even, up to twice the goal (within MAX_UNIT_ROWS).
+        limit = max(target, min(2 * target, MAX_UNIT_ROWS)) if auto else target
+        return Plan("files", tuple(pack(leaves, target, multiple=workers, limit=limit)), target, total)
     all_paths = tuple(sorted(f.path for f in info.files))
     if total <= target:
         # Everything fits in one unit: one task reads it all, no shuffle needed.
         return Plan("files", (WorkUnit(f"u00000-{_digest(all_paths)}", all_paths, total, 1),), target, total)
-    n = math.ceil(total / target)
+    n = unit_count(total, target, workers)
     base = _digest(all_paths, by, n)
     units = tuple(WorkUnit(f"s{i:05d}-{base}", (), math.ceil(total / n), 0, i) for i in range(n))
     return Plan("shuffle", units, target, total)

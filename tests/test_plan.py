@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from modelfactory.dataset import discover
 from modelfactory.exceptions import PlanError
-from modelfactory.plan import (MAX_UNIT_ROWS, MIN_UNIT_ROWS, Leaf, auto_target_rows, pack, plan)
+from modelfactory.plan import (MAX_UNIT_ROWS, MIN_UNIT_ROWS, Leaf, auto_target_rows, pack, plan,
+                               unit_count)
 
 from _data import metrics_table, write
 
@@ -36,6 +37,40 @@ def test_every_leaf_lands_in_exactly_one_unit(lvs, target):
 def test_size_limit_holds_except_for_single_big_leaves(lvs, target):
     for u in pack(lvs, target):
         assert u.rows <= target or u.leaves == 1
+
+
+@given(leaves, st.integers(min_value=1, max_value=20_000), st.integers(min_value=1, max_value=8),
+       st.integers(min_value=0, max_value=40_000))
+@settings(max_examples=300, deadline=None)
+def test_balanced_packing_keeps_every_leaf_and_the_limit(lvs, target, workers, slack):
+    units = pack(lvs, target, multiple=workers, limit=target + slack)
+    assert Counter(p for u in units for p in u.paths) == Counter(p for lf in lvs for p in lf.paths)
+    assert all(u.rows <= target + slack or u.leaves == 1 for u in units)
+    order = [p for u in units for p in u.paths]  # units keep the leaves' key order
+    assert order == [p for lf in sorted(lvs, key=lambda lf: [(v is None, v or "") for v in lf.key]) for p in lf.paths]
+
+
+@given(st.integers(min_value=1, max_value=300), st.integers(min_value=1, max_value=5_000),
+       st.integers(min_value=1, max_value=8), st.integers(min_value=1, max_value=10**6))
+@settings(max_examples=300, deadline=None)
+def test_equal_leaves_pack_into_even_units_a_multiple_of_the_workers(count, rows, workers, target):
+    lvs = [Leaf((f"k{i:04d}",), (f"f{i}",), rows) for i in range(count)]
+    units = pack(lvs, target, multiple=workers, limit=10**9)
+    n = unit_count(count * rows, target, workers)
+    assert len(units) == min(n, count)
+    if n <= count and n > 1:
+        assert len(units) % workers == 0
+    sizes = [u.leaves for u in units]
+    assert max(sizes) - min(sizes) <= 1  # even to within one leaf
+
+
+def test_uneven_leaves_are_cut_near_equal_shares():
+    # 10 folders, three of them big, 2 workers.  Filling units up to 30 rows in turn gives
+    # 30/30/30/10: one worker gets 60 rows, the other 40.  Cutting at the leaf boundaries
+    # nearest to 25, 50 and 75 rows gives 25/30/15/30: 55 and 45 (largest unit first).
+    lvs = [Leaf((f"k{i}",), (f"f{i}",), r) for i, r in enumerate([20, 5, 5, 5, 20, 5, 5, 5, 20, 10])]
+    assert [u.rows for u in pack(lvs, 30, multiple=2, limit=60)] == [25, 30, 15, 30]
+    assert [u.rows for u in pack(lvs, 30)] == [25, 30, 15, 30]  # the same without the limit's slack
 
 
 @given(leaves, st.integers(min_value=1, max_value=20_000))
@@ -76,7 +111,7 @@ def test_groups_spread_over_files_plan_a_shuffle(tmp_path):
     info = discover(write(metrics_table(series=9, hours=72), tmp_path / "d", ["day"]))
     p = plan(info, ("app", "site"), workers=2, target_rows=100)
     assert p.mode == "shuffle"
-    assert len(p.units) == -(-info.rows // 100)
+    assert len(p.units) == 8  # ceil(648 / 100) = 7 units, rounded up to a multiple of the 2 workers
     assert p == plan(info, ("app", "site"), workers=2, target_rows=100)  # deterministic
 
 
