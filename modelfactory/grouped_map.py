@@ -58,16 +58,16 @@ def _columns_error(got, schema) -> ValueError:
 
 def _group_inputs(spec, groups):
     """Yield what the user function gets for each group, as cheaply as the input mode allows."""
-    tbl = groups.table
     if spec.input == "pandas":
-        df = tbl.to_pandas()
+        df = groups.table.to_pandas()
         for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
             yield df.iloc[s:e]
     elif spec.input == "arrow":
+        tbl = groups.table
         for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
             yield tbl.slice(s, e - s)
     else:  # numpy: a dict of column arrays (views, no copy where the type allows)
-        names = tbl.column_names
+        names = groups.column_names
         arrays = [groups.numpy_column(c) for c in names]
         for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
             yield dict(zip(names, [a[s:e] for a in arrays]))

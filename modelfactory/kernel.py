@@ -110,18 +110,35 @@ class UnitResult:
     anomalies: int = 0  # anomalous points (scoring)
 
 
-@dataclass
 class Groups:
-    """A table sorted by keys (and time) with each group's ``[start, end)`` row range."""
+    """A unit's rows in key (and time) order, with each group's ``[start, end)`` row range.
 
-    table: pa.Table
-    starts: np.ndarray
-    ends: np.ndarray
-    keys: pa.Table  # one row per group: its key values
-    # String key columns as (distinct values, per-row index in table order), kept
-    # from the dictionary encoding that found the groups: numpy views of them are
-    # then one gather instead of a second encoding.
-    encoded: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    When the rows had to be reordered, the reordered table is only built when
+    something asks for :attr:`table`: numpy inputs gather just the columns they
+    use, with numpy, and skip reordering strings.
+    """
+
+    def __init__(self, table: pa.Table, starts: np.ndarray, ends: np.ndarray, keys: pa.Table,
+                 encoded: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 order: np.ndarray | None = None) -> None:
+        self.starts, self.ends = starts, ends
+        self.keys = keys  # one row per group: its key values
+        # String key columns as (distinct values, per-row index in group order), kept
+        # from the dictionary encoding that found the groups: a numpy view of them is
+        # one gather instead of a second encoding.
+        self.encoded = encoded or {}
+        self._source, self._order = table, order  # rows as read, and the order that groups them
+        self._table = table if order is None else None
+
+    @property
+    def table(self) -> pa.Table:
+        if self._table is None:
+            self._table = self._source.take(pa.array(self._order)).combine_chunks()
+        return self._table
+
+    @property
+    def column_names(self) -> list[str]:
+        return self._source.column_names
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -131,12 +148,14 @@ class Groups:
         return list(zip(*cols)) if cols else []
 
     def numpy_column(self, name: str) -> np.ndarray:
-        """Column ``name`` as one numpy array in row order (zero-copy for numbers; strings
-        as Python objects, one object per distinct value, shared by every row holding it)."""
+        """Column ``name`` as one numpy array in group order (zero-copy for numbers when no
+        reordering was needed; strings as Python objects, one per distinct value)."""
         if name in self.encoded:
             values, idx = self.encoded[name]
             return values[idx]
-        return numpy_column(self.table[name])
+        if self._table is None:
+            return numpy_column(self._source[name])[self._order]
+        return numpy_column(self._table[name])
 
 
 def numpy_column(col: pa.ChunkedArray) -> np.ndarray:
@@ -235,13 +254,20 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
             in_order = not bool((back & (step == 0)).any())  # time goes back only at a new group
         if not in_order:
             order = np.lexsort((t, codes)) if t is not None else np.argsort(codes, kind="stable")
-            table = table.take(pa.array(order)).combine_chunks()
             codes = codes[order]
             encoded = {k: (values, idx[order]) for k, (values, idx) in encoded.items()}
+            cuts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+            starts, ends = _ranges(cuts, n)
+            keys = table.select(list(by)).take(pa.array(order[starts]))
+            return Groups(table, starts, ends, keys, encoded, order)
         cuts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
-    starts = np.concatenate(([0], cuts)).astype(np.int64)
-    ends = np.concatenate((starts[1:], [n])).astype(np.int64)
+    starts, ends = _ranges(cuts, n)
     return Groups(table, starts, ends, table.select(list(by)).take(pa.array(starts)), encoded)
+
+
+def _ranges(cuts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    starts = np.concatenate(([0], cuts)).astype(np.int64)
+    return starts, np.concatenate((starts[1:], [n])).astype(np.int64)
 
 
 def _seconds(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
