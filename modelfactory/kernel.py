@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from ._io import Location, PartInfo, write_parquet
 from .dataset import Source, read_files
@@ -27,7 +27,8 @@ from .models.base import Model, SeriesBatch, SkipGroup
 from .plan import WorkUnit
 
 __all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
-           "run_keys", "unit_keys", "run_group", "failed_rows", "merge_results", "describe_error", "STATUS"]
+           "run_keys", "unit_keys", "run_group", "failed_rows", "merge_results", "describe_error", "STATUS",
+           "one_thread"]
 
 STATUS = ("ok", "failed", "skipped")
 _UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
@@ -226,6 +227,24 @@ def _key_codes(table: pa.Table, by: tuple[str, ...],
     return codes
 
 
+_controller: tuple[int, ThreadpoolController] | None = None
+
+
+def one_thread():
+    """Limit BLAS/OpenMP pools to one thread for a unit: each worker process is one core.
+
+    Finding the loaded pools takes milliseconds, so the controller is kept and made
+    again only when modules have been imported since (a user function's first
+    import can load a new pool).
+    """
+    import sys
+
+    global _controller
+    if _controller is None or _controller[0] != len(sys.modules):
+        _controller = (len(sys.modules), ThreadpoolController())
+    return _controller[1].limit(limits=1)
+
+
 def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) -> Groups:
     """Find each group's contiguous row range; groups are zero-copy slices.
 
@@ -330,7 +349,7 @@ def run_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | None 
     t0 = _time.perf_counter() if t0 is None else t0
     if (done := recover(spec, unit_id)) is not None:
         return done
-    with threadpool_limits(1):
+    with one_thread():
         groups = split_groups(table, spec.by, spec.time)
         if spec.kind == "train":
             rows, extra = _train(spec, groups), None
@@ -345,7 +364,7 @@ def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
     """Run ``spec.func`` once per key; the function loads its own data."""
     t0 = _time.perf_counter()
     status, errors, secs, outs = [], [], [], []
-    with threadpool_limits(1):
+    with one_thread():
         for key in keys:
             s = _time.perf_counter()
             try:

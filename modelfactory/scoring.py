@@ -17,11 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-from threadpoolctl import threadpool_limits
 
 from ._io import Location, PartInfo, parquet_bytes
 from .dataset import read_files
-from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _seconds, describe_error,
+from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _seconds, describe_error, one_thread,
                      split_groups)
 from .models.base import SeriesBatch
 from .plan import WorkUnit
@@ -132,7 +131,7 @@ def score_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
 def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | None = None) -> UnitResult:
     t0 = _time.perf_counter() if t0 is None else t0
     src: ModelSource = spec.models
-    with threadpool_limits(1):
+    with one_thread():
         groups = split_groups(table, spec.by, spec.time)
         models = load_model_rows(src, groups, spec.by)
         tbl = groups.table

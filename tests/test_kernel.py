@@ -90,3 +90,16 @@ def test_apply_groups_numpy_input_skips_and_failures_keep_their_rows():
     assert rows["status"] == ["ok", "skipped", "ok", "failed"]
     assert rows["error"][1] == "one row is not enough" and "RuntimeError: boom" in rows["error"][3]
     assert out == {"k": ["a", "c"], "n": [2, 3], "m": [1.5, 5.0]}
+
+
+def test_a_unit_runs_with_one_blas_thread_and_restores_the_pools():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from modelfactory.kernel import one_thread
+
+    with threadpool_limits(2):
+        assert threadpool_info() and all(p["num_threads"] == 2 for p in threadpool_info())
+        for _ in range(2):  # the second time through the kept controller
+            with one_thread():
+                assert all(p["num_threads"] == 1 for p in threadpool_info())
+            assert all(p["num_threads"] == 2 for p in threadpool_info())
