@@ -8,7 +8,7 @@ path that pins a bad return value on the group that produced it.
 from __future__ import annotations
 
 import time as _time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -59,9 +59,9 @@ def _columns_error(got, schema) -> ValueError:
 def _group_inputs(spec, groups):
     """Yield what the user function gets for each group, as cheaply as the input mode allows."""
     if spec.input == "pandas":
-        df = groups.table.to_pandas()
+        cut = frame_slicer(groups.table.to_pandas())
         for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
-            yield df.iloc[s:e]
+            yield cut(s, e)
     elif spec.input == "arrow":
         tbl = groups.table
         for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
@@ -71,6 +71,26 @@ def _group_inputs(spec, groups):
         arrays = [groups.numpy_column(c) for c in names]
         for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
             yield dict(zip(names, [a[s:e] for a in arrays]))
+
+
+def frame_slicer(df) -> Callable[[int, int], Any]:
+    """``cut(s, e)``: rows ``s:e`` of ``df`` as a DataFrame, made the way pandas' own
+    groupby makes its group frames (a BlockManager slice: about 6 µs a group cheaper
+    than ``df.iloc[s:e]``).  Falls back to ``iloc`` if this pandas does it differently."""
+    try:
+        mgr, make = df._mgr, df._constructor_from_mgr
+        m = mgr.get_slice(slice(0, 1), axis=1)
+        probe = make(m, axes=m.axes)
+        if type(probe) is not type(df) or list(probe.columns) != list(df.columns) or len(probe) != min(1, len(df)):
+            raise TypeError("unexpected slice")
+    except Exception:  # noqa: BLE001 - internals moved: the public way
+        return lambda s, e: df.iloc[s:e]
+
+    def cut(s: int, e: int):
+        m = mgr.get_slice(slice(s, e), axis=1)
+        return make(m, axes=m.axes)
+
+    return cut
 
 
 def _frame_columns(out, names) -> list:

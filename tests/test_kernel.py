@@ -103,3 +103,17 @@ def test_a_unit_runs_with_one_blas_thread_and_restores_the_pools():
             with one_thread():
                 assert all(p["num_threads"] == 1 for p in threadpool_info())
             assert all(p["num_threads"] == 2 for p in threadpool_info())
+
+
+def test_group_frames_equal_iloc_slices():
+    import pandas as pd
+
+    from modelfactory.grouped_map import frame_slicer
+
+    df = pa.table({"k": ["a", "a", "b", None], "t": pa.array([1, 2, 3, 4], pa.timestamp("ms", "UTC")),
+                   "v": [1.0, None, 3.0, 4.0], "n": pa.array([1, 2, None, 4], pa.int64())}).to_pandas()
+    cut = frame_slicer(df)
+    for s, e in [(0, 2), (2, 3), (3, 4), (0, 4), (2, 2)]:
+        got = cut(s, e)
+        assert type(got) is pd.DataFrame
+        pd.testing.assert_frame_equal(got, df.iloc[s:e])
