@@ -303,6 +303,14 @@ def _warm_up(fn, path) -> None:
         _WARMING = False
 
 
+def _default_sf_python() -> str:
+    """This interpreter when it has statsforecast (``pip install -e ".[bench]"``, which brings
+    pandas<3 with it), else a separate environment kept for it."""
+    import importlib.util
+
+    return sys.executable if importlib.util.find_spec("statsforecast") else "/tmp/sfvenv/bin/python"
+
+
 def ets_workload(args, tmp, client, spark, only) -> list[Result]:
     path, warm = os.path.join(tmp, "ets"), os.path.join(tmp, "ets-warm")
     write_series_dataset(path, series_values(args.series, 168, SEASON), args.ets_apps)
@@ -449,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", default="noop,ets")
     p.add_argument("--only", default="mf-pandas,mf-array,mf-hw,mf-es,spark,dask,sf,sf1",
                    help="systems: mf-pandas, mf-array, mf-hw, mf-es, spark, dask, sf (n_jobs=2), sf1 (n_jobs=1)")
-    p.add_argument("--statsforecast-python", default=os.environ.get("MF_STATSFORECAST_PYTHON", "/tmp/sfvenv/bin/python"),
+    p.add_argument("--statsforecast-python", default=os.environ.get("MF_STATSFORECAST_PYTHON", _default_sf_python()),
                    help="python of an environment with statsforecast (default %(default)s)")
     p.add_argument("--quiet", type=float, default=None, metavar="CORES",
                    help="before each timing, also wait (up to --quiet-timeout s) until processes outside "
