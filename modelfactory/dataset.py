@@ -55,11 +55,14 @@ class Source:
     def filesystem(self):
         return filesystem(self.url, dict(self.storage_options))[0]
 
-    def partitioning(self):
+    def partitioning(self, dictionaries: dict[str, pa.Array] | None = None):
+        """Hive partitioning with string keys; the keys in ``dictionaries`` dictionary-encoded."""
         if not self.partition_keys:
             return None
-        fields = [pa.field(k, pa.string()) for k in self.partition_keys]
-        return ds.partitioning(pa.schema(fields), flavor="hive")
+        dictionaries = dictionaries or {}
+        fields = [pa.field(k, ENCODED, metadata=DECODE) if k in dictionaries else pa.field(k, pa.string())
+                  for k in self.partition_keys]
+        return ds.partitioning(pa.schema(fields), flavor="hive", dictionaries=dictionaries or None)
 
 
 @dataclass(frozen=True)
@@ -191,14 +194,37 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
     return info
 
 
+# A string column read dictionary-encoded for the kernel's own use, marked so the
+# kernel turns it back into strings before anyone else sees it.
+ENCODED = pa.dictionary(pa.int32(), pa.string())
+DECODE = {b"modelfactory": b"decode"}
+
+
 def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
-               filter: ds.Expression | None = None) -> pa.Table:
-    """Read ``columns`` of the given files (a work unit), with ``filter`` pushed down."""
+               filter: ds.Expression | None = None, *, encode: tuple[str, ...] = ()) -> pa.Table:
+    """Read ``columns`` of the given files (a work unit), with ``filter`` pushed down.
+
+    The string columns named in ``encode`` (group keys) come dictionary-encoded,
+    marked with :data:`DECODE`: from the Parquet dictionary pages, and for partition
+    keys from the folder names, so finding the groups needs no hashing of strings.
+    """
     fs = source.filesystem()
+    schema, partitioning, fmt = source.schema, source.partitioning(), "parquet"
+    encode = tuple(c for c in encode if c in columns and c in schema.names and schema.field(c).type == pa.string())
+    if encode:
+        for c in encode:
+            schema = schema.set(schema.get_field_index(c), schema.field(c).with_type(ENCODED).with_metadata(DECODE))
+        in_files = [c for c in encode if c not in source.partition_keys]
+        if in_files:
+            fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=in_files))
+        in_paths = [c for c in encode if c in source.partition_keys]
+        if in_paths:
+            partitioning = source.partitioning(_partition_values(source, paths, in_paths))
     try:
-        dataset = ds.dataset(list(paths), schema=source.schema, format="parquet", filesystem=fs,
-                             partitioning=source.partitioning(), partition_base_dir=source.base)
-        return dataset.to_table(columns=columns, filter=filter)
+        dataset = ds.dataset(list(paths), schema=schema, format=fmt, filesystem=fs,
+                             partitioning=partitioning, partition_base_dir=source.base)
+        table = dataset.to_table(columns=columns, filter=filter)
+        return table.unify_dictionaries() if encode else table
     except FileNotFoundError as err:
         # pyarrow's fsspec wrapper reports any failure (an unreachable endpoint, a denied
         # request) as a missing file: ask the filesystem itself for the real cause.
@@ -210,6 +236,18 @@ def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
                 cause = real
         raise DatasetError(f"Cannot read {paths[0]!r} of {source.url!r}: {type(cause).__name__}: {cause}. "
                            "If the storage is unreachable, fix that and resume the run.") from cause
+
+
+def _partition_values(source: Source, paths: tuple[str, ...], keys: list[str]) -> dict[str, pa.Array]:
+    """The values the partition ``keys`` take in ``paths``, decoded by pyarrow's own Hive parser."""
+    part, base = source.partitioning(), source.base.rstrip("/") + "/"
+    values: dict[str, set] = {k: set() for k in keys}
+    for p in paths:
+        found = ds.get_partition_keys(part.parse(p[len(base):] if p.startswith(base) else p))
+        for k in keys:
+            if found.get(k) is not None:
+                values[k].add(found[k])
+    return {k: pa.array(sorted(v), pa.string()) for k, v in values.items()}
 
 
 def _is_numeric(t: pa.DataType) -> bool:

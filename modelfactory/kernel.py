@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from threadpoolctl import ThreadpoolController
 
 from ._io import Location, PartInfo, write_parquet
-from .dataset import Source, read_files
+from .dataset import DECODE, Source, read_files
 from .exceptions import describe_error
 from .grouped_map import apply_groups, to_table
 from .models.base import Model, SeriesBatch, SkipGroup
@@ -121,7 +121,7 @@ class Groups:
 
     def __init__(self, table: pa.Table, starts: np.ndarray, ends: np.ndarray, keys: pa.Table,
                  encoded: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                 order: np.ndarray | None = None) -> None:
+                 order: np.ndarray | None = None, decode: tuple[str, ...] = ()) -> None:
         self.starts, self.ends = starts, ends
         self.keys = keys  # one row per group: its key values
         # String key columns as (distinct values, per-row index in group order), kept
@@ -129,12 +129,15 @@ class Groups:
         # one gather instead of a second encoding.
         self.encoded = encoded or {}
         self._source, self._order = table, order  # rows as read, and the order that groups them
-        self._table = table if order is None else None
+        self._decode = decode  # columns read dictionary-encoded that users see as strings
+        self._table = table if order is None and not decode else None
 
     @property
     def table(self) -> pa.Table:
+        """The rows in group order, every column with the dataset's own type."""
         if self._table is None:
-            self._table = self._source.take(pa.array(self._order)).combine_chunks()
+            t = self._source if self._order is None else self._source.take(pa.array(self._order)).combine_chunks()
+            self._table = _decoded(t, self._decode)
         return self._table
 
     @property
@@ -154,9 +157,10 @@ class Groups:
         if name in self.encoded:
             values, idx = self.encoded[name]
             return values[idx]
-        if self._table is None:
-            return numpy_column(self._source[name])[self._order]
-        return numpy_column(self._table[name])
+        if self._table is None and name not in self._decode:
+            col = numpy_column(self._source[name])
+            return col if self._order is None else col[self._order]
+        return numpy_column(self.table[name])
 
 
 def numpy_column(col: pa.ChunkedArray) -> np.ndarray:
@@ -222,7 +226,7 @@ def _key_codes(table: pa.Table, by: tuple[str, ...],
         idx = enc.indices.fill_null(m).to_numpy(zero_copy_only=False)
         codes = codes * (m + 1) + rank[idx]
         span *= m + 1
-        if encoded is not None and pa.types.is_string(col.type):
+        if encoded is not None and pa.types.is_string(enc.dictionary.type):
             encoded[k] = (np.asarray(enc.dictionary.to_pylist() + [None], dtype=object), idx)
     return codes
 
@@ -253,12 +257,15 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
     """
     table = table.combine_chunks()
     n = table.num_rows
+    decode = tuple(f.name for f in table.schema if f.metadata == DECODE)
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
+        table = _decoded(table, decode)
         return Groups(table, empty, empty, table.select(list(by)).slice(0, 0))
     encoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     codes = _key_codes(table, by, encoded)
     if codes is None:  # a key type that cannot be dictionary-encoded: compare values instead
+        table = _decoded(table, decode)
         cuts = _boundaries(table, by)
         if not _grouped_already(table, by, time, cuts):
             sort_keys = [(k, "ascending", "at_end") for k in by] + ([(time, "ascending", "at_end")] if time else [])
@@ -277,11 +284,22 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
             encoded = {k: (values, idx[order]) for k, (values, idx) in encoded.items()}
             cuts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
             starts, ends = _ranges(cuts, n)
-            keys = table.select(list(by)).take(pa.array(order[starts]))
-            return Groups(table, starts, ends, keys, encoded, order)
+            keys = _decoded(table.select(list(by)).take(pa.array(order[starts])), decode)
+            return Groups(table, starts, ends, keys, encoded, order, decode)
         cuts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
     starts, ends = _ranges(cuts, n)
-    return Groups(table, starts, ends, table.select(list(by)).take(pa.array(starts)), encoded)
+    keys = _decoded(table.select(list(by)).take(pa.array(starts)), decode)
+    return Groups(table, starts, ends, keys, encoded, None, decode)
+
+
+def _decoded(table: pa.Table, names: tuple[str, ...]) -> pa.Table:
+    """``table`` with the columns ``names`` (read dictionary-encoded) back as plain strings."""
+    for name in names:
+        if name in table.column_names:
+            i = table.schema.get_field_index(name)
+            field = table.schema.field(i).with_type(pa.string()).remove_metadata()
+            table = table.set_column(i, field, pc.cast(table[name], pa.string()))
+    return table
 
 
 def _ranges(cuts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -307,13 +325,13 @@ def run_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
     t0 = _time.perf_counter()
     if (done := recover(spec, unit.id)) is not None:
         return done
-    table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter)
+    table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter, encode=spec.by)
     return run_table(spec, unit.id, table, t0=t0)
 
 
 def unit_keys(spec: JobSpec, unit: WorkUnit) -> pa.Table:
     """The distinct group keys of a unit (reads the key columns only)."""
-    table = read_files(spec.source, unit.paths, list(spec.by), spec.filter)
+    table = read_files(spec.source, unit.paths, list(spec.by), spec.filter, encode=spec.by)
     return split_groups(table, spec.by).keys
 
 
@@ -329,7 +347,7 @@ def run_group(spec: JobSpec, unit: WorkUnit, key: dict, sub_id: str) -> UnitResu
     t0 = _time.perf_counter()
     if (done := recover(spec, sub_id)) is not None:
         return done
-    table = read_files(spec.source, unit.paths, list(spec.columns), cond)
+    table = read_files(spec.source, unit.paths, list(spec.columns), cond, encode=spec.by)
     return run_table(spec, sub_id, table, t0=t0)
 
 

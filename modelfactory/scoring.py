@@ -124,7 +124,7 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
 
 def score_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
     t0 = _time.perf_counter()
-    table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter)
+    table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter, encode=spec.by)
     return score_table(spec, unit.id, table, t0=t0)
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 from _data import metrics_table, write
 
@@ -129,3 +130,30 @@ def test_apply_names_a_missing_requested_column(by_app):
     with pytest.raises(SchemaError, match=r"The requested column 'nope' is not in .*Columns: site, day, ts"):
         modelfactory.apply(by_app, by=["app"], func=stats, schema=SCHEMA, columns=["value", "nope"],
                            cluster="inline")
+
+
+@pytest.mark.parametrize("input", ["pandas", "arrow", "numpy"])
+def test_string_keys_read_encoded_reach_users_as_plain_strings(by_app, input, tmp_path):
+    # The kernel reads group keys dictionary-encoded (partition key "app" from the folder
+    # names, "site" from the Parquet dictionary pages); functions and outputs see strings.
+    def look(g):
+        if input == "pandas":
+            assert not isinstance(g["app"].dtype, pd.CategoricalDtype), g.dtypes
+            assert not isinstance(g["site"].dtype, pd.CategoricalDtype), g.dtypes
+            return pd.DataFrame({"app": [g["app"].iloc[0]], "site": [g["site"].iloc[0]], "n": [len(g)]})
+        if input == "arrow":
+            assert g.schema.field("app").type == pa.string() and g.schema.field("site").type == pa.string()
+            return pa.table({"app": g["app"].slice(0, 1), "site": g["site"].slice(0, 1), "n": [g.num_rows]})
+        assert isinstance(g["app"][0], str) and isinstance(g["site"][0], str)
+        return {"app": g["app"][:1], "site": g["site"][:1], "n": np.array([len(g["site"])])}
+
+    flt = (ds.field("app") == "app1") & (ds.field("site") != "s004")
+    out = tmp_path / f"out-{input}"
+    run = modelfactory.apply(by_app, by=["app", "site"], func=look, input=input, schema="app string, site string, n bigint",
+                             cluster="inline", filter=flt, out=str(out))
+    assert run.summary["counts"]["ok"] == len(run.groups) > 0, run.groups
+    assert set(run.groups["app"]) == {"app1"} and "s004" not in set(run.groups["site"])
+    written = pq.read_table(out, partitioning=None, ignore_prefixes=["_"])
+    assert written.schema.field("app").type == pa.string() and written.schema.field("site").type == pa.string()
+    groups = pq.read_table(out / "_groups")
+    assert groups.schema.field("app").type == pa.string() and groups.schema.field("site").type == pa.string()

@@ -6,26 +6,32 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from modelfactory.dataset import DECODE, ENCODED
 from modelfactory.kernel import split_groups
 
 rows = st.lists(st.tuples(st.sampled_from(["a", "b", "c", None]), st.integers(0, 3), st.integers(0, 50)),
                 min_size=0, max_size=80)
 
 
-@given(rows, st.booleans())
-@settings(max_examples=200, deadline=None)
-def test_split_groups_partitions_the_rows(data, presort):
+@given(rows, st.booleans(), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_split_groups_partitions_the_rows(data, presort, encoded):
     if presort:
         data = sorted(data, key=lambda r: (r[0] is None, r[0] or "", r[1], r[2]))
-    table = pa.table({"k": pa.array([r[0] for r in data], pa.string()),
-                      "j": pa.array([r[1] for r in data], pa.int64()),
-                      "t": pa.array([r[2] for r in data], pa.timestamp("s")),
-                      "i": pa.array(np.arange(len(data)))})
+    k = pa.array([r[0] for r in data], pa.string())
+    k_field = pa.field("k", pa.string())
+    if encoded:  # as read_files(encode=...) gives it: dictionary-encoded, marked for decoding
+        k, k_field = k.dictionary_encode(), pa.field("k", ENCODED, metadata=DECODE)
+    table = pa.table([k, pa.array([r[1] for r in data], pa.int64()), pa.array([r[2] for r in data], pa.timestamp("s")),
+                      pa.array(np.arange(len(data)))],
+                     schema=pa.schema([k_field, ("j", pa.int64()), ("t", pa.timestamp("s")), ("i", pa.int64())]))
     g = split_groups(table, ("k", "j"), "t")
+    views = {name: list(g.numpy_column(name)) for name in ("k", "j", "i")}  # before .table is built
+    assert g.table.schema.field("k").type == pa.string() and g.keys.schema.field("k").type == pa.string()
     assert g.table.num_rows == len(data)
     assert sorted(g.table["i"].to_pylist()) == list(range(len(data)))  # nothing lost or repeated
     for name in ("k", "j", "i"):  # numpy views (string keys from the split's own encoding) match the table
-        assert list(g.numpy_column(name)) == g.table[name].to_pylist()
+        assert views[name] == list(g.numpy_column(name)) == g.table[name].to_pylist()
     keys = g.key_tuples()
     assert len(set(keys)) == len(keys) == len({(r[0], r[1]) for r in data})
     for (s, e), key in zip(zip(g.starts, g.ends), keys):
