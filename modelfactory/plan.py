@@ -105,9 +105,10 @@ def pack(leaves: list[Leaf], target_rows: int, *, multiple: int = 1,
          limit: int | None = None) -> list[WorkUnit]:
     """Pack leaves, in key order, into balanced units of about ``target_rows`` rows.
 
-    There are :func:`unit_count` units (when there are enough leaves); each cut goes
-    at the leaf boundary nearest to an equal share of the rows, so units differ by
-    about one leaf at most.  No unit of several leaves holds more than ``limit``
+    There are :func:`unit_count` units (when there are enough leaves).  A leaf larger
+    than an equal share of the rows is a unit by itself; the other leaves are cut
+    at the boundaries nearest to equal shares of theirs, so those units differ by
+    about one leaf.  No unit of several leaves holds more than ``limit``
     rows (default ``target_rows``): a leaf larger than that gets a unit of its own.
     Every leaf lands in exactly one unit.
     """
@@ -117,19 +118,38 @@ def pack(leaves: list[Leaf], target_rows: int, *, multiple: int = 1,
     ordered = sorted(leaves, key=lambda lf: _sort_key(lf.key))
     if not ordered:
         return []
-    rows = [lf.rows for lf in ordered]
-    total = sum(rows)
+    total = sum(lf.rows for lf in ordered)
     n = min(unit_count(total, target_rows, multiple), len(ordered))
-    cum = list(accumulate(rows))
-    bounds, prev = [], 0
-    for k in range(1, n):
-        ideal = total * k / n
+    # A leaf bigger than an equal share is a unit by itself; the other leaves share
+    # the remaining units, cut at the boundaries nearest to equal shares of their rows.
+    share = total / n
+    big = {i for i, lf in enumerate(ordered) if lf.rows > share}
+    small = [lf.rows for i, lf in enumerate(ordered) if i not in big]
+    n_small = min(max(1, n - len(big)), len(small))
+    cum = list(accumulate(small))
+    small_total = cum[-1] if cum else 0
+    ends, prev = set(), 0  # cut after this many small leaves
+    for k in range(1, n_small):
+        ideal = small_total * k / n_small
         j = bisect_left(cum, ideal)  # the first leaf whose end reaches the ideal cut
         end = j if j > 0 and ideal - cum[j - 1] <= cum[j] - ideal else j + 1
-        end = min(max(end, prev + 1), len(ordered) - (n - k))  # no empty unit, before or after
-        bounds.append(end)
+        end = min(max(end, prev + 1), len(small) - (n_small - k))  # no empty unit, before or after
+        ends.add(end)
         prev = end
-    chunks = [ordered[s:e] for s, e in zip([0, *bounds], [*bounds, len(ordered)])]
+    chunks: list[list[Leaf]] = []
+    run: list[Leaf] = []
+    seen = 0
+    for i, leaf in enumerate(ordered):
+        if i in big:  # its own unit; the run of small leaves goes on past it
+            chunks.append([leaf])
+            continue
+        run.append(leaf)
+        seen += 1
+        if seen in ends:
+            chunks.append(run)
+            run = []
+    if run:
+        chunks.append(run)
 
     units: list[WorkUnit] = []
 

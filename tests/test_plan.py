@@ -46,8 +46,10 @@ def test_balanced_packing_keeps_every_leaf_and_the_limit(lvs, target, workers, s
     units = pack(lvs, target, multiple=workers, limit=target + slack)
     assert Counter(p for u in units for p in u.paths) == Counter(p for lf in lvs for p in lf.paths)
     assert all(u.rows <= target + slack or u.leaves == 1 for u in units)
-    order = [p for u in units for p in u.paths]  # units keep the leaves' key order
-    assert order == [p for lf in sorted(lvs, key=lambda lf: [(v is None, v or "") for v in lf.key]) for p in lf.paths]
+    rank = {p: i for i, lf in enumerate(sorted(lvs, key=lambda lf: [(v is None, v or "") for v in lf.key]))
+            for p in lf.paths}
+    for u in units:  # each unit's leaves in key order
+        assert [rank[p] for p in u.paths] == sorted(rank[p] for p in u.paths)
 
 
 @given(st.integers(min_value=1, max_value=300), st.integers(min_value=1, max_value=5_000),
@@ -71,6 +73,17 @@ def test_uneven_leaves_are_cut_near_equal_shares():
     lvs = [Leaf((f"k{i}",), (f"f{i}",), r) for i, r in enumerate([20, 5, 5, 5, 20, 5, 5, 5, 20, 10])]
     assert [u.rows for u in pack(lvs, 30, multiple=2, limit=60)] == [25, 30, 15, 30]
     assert [u.rows for u in pack(lvs, 30)] == [25, 30, 15, 30]  # the same without the limit's slack
+
+
+def test_a_huge_leaf_is_a_unit_and_the_rest_share_the_other_units_evenly():
+    # one folder of 1,000 rows among 20 of 10 (the skew benchmark's shape), units of about 150:
+    # 8 units for 2 workers; the huge folder alone, the 20 small ones in the other 7
+    lvs = [Leaf((f"k{i:02d}",), (f"f{i}",), 1000 if i == 7 else 10) for i in range(21)]
+    units = pack(lvs, 150, multiple=2, limit=300)
+    assert len(units) == 8
+    assert [u.rows for u in units if u.leaves == 1 and u.rows == 1000] == [1000]
+    sizes = [u.leaves for u in units if u.rows != 1000]
+    assert len(sizes) == 7 and sum(sizes) == 20 and max(sizes) - min(sizes) <= 1
 
 
 @given(leaves, st.integers(min_value=1, max_value=20_000))
