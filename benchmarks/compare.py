@@ -536,9 +536,9 @@ def main(argv: list[str] | None = None) -> int:
           "(started once, before everything). Each system ran once on a small warm-up dataset first.")
     print("- modelfactory and dask share one LocalCluster: 2 worker processes x 1 thread. PySpark: local[2], "
           "spark.sql.execution.arrow.pyspark.enabled=true, default shuffle partitions and AQE, driver "
-          "memory 4g; its Python workers run this interpreter. statsforecast runs in another environment "
-          "(it pins pandas<3) in a subprocess that times itself; OMP_NUM_THREADS=1 there, as Dask and "
-          "Spark give their workers.")
+          "memory 4g; its Python workers run this interpreter. statsforecast runs in a subprocess that "
+          "times itself (the interpreter named above: it pins pandas<3); OMP_NUM_THREADS=1 there, as "
+          "Dask and Spark give their workers.")
     print("- vs PySpark = PySpark seconds / this system's seconds (for ETS: PySpark running statsmodels). "
           "other load = cores used by processes outside this benchmark during the timing (/proc/stat).")
     print("- ETS accuracy: median over series of in-sample SSE / statsmodels ExponentialSmoothing's SSE "
