@@ -144,6 +144,19 @@ class Groups:
     def column_names(self) -> list[str]:
         return self._source.column_names
 
+    @property
+    def num_rows(self) -> int:
+        return self._source.num_rows
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column in group order, without building the whole reordered table."""
+        if self._table is not None:
+            return self._table[name]
+        col = self._source[name]
+        if self._order is not None:
+            col = col.take(pa.array(self._order))
+        return pc.cast(col, pa.string()) if name in self._decode else col
+
     def __len__(self) -> int:
         return len(self.starts)
 
@@ -543,12 +556,12 @@ def _fit(m: ModelSpec, batch: SeriesBatch) -> tuple[list, np.ndarray]:
 
 def _train(spec: JobSpec, groups: Groups) -> dict:
     m = spec.model
-    tbl, n = groups.table, len(groups)
-    y = _floats(tbl[spec.target]) if spec.target else np.zeros(tbl.num_rows)
-    t = _seconds(tbl[spec.time]) if spec.time else None
-    X = (np.column_stack([_floats(tbl[f]) for f in spec.features])
+    n, rows = len(groups), groups.num_rows
+    y = _floats(groups.column(spec.target)) if spec.target else np.zeros(rows)
+    t = _seconds(groups.column(spec.time)) if spec.time else None
+    X = (np.column_stack([_floats(groups.column(f)) for f in spec.features])
          if spec.features else None)
-    batch = SeriesBatch(y, np.concatenate((groups.starts, [tbl.num_rows])), t, X)
+    batch = SeriesBatch(y, np.concatenate((groups.starts, [rows])), t, X)
     prints = fingerprints(batch)
     status: list = [None] * n
     errors: list = [None] * n

@@ -27,11 +27,14 @@ def test_split_groups_partitions_the_rows(data, presort, encoded):
                      schema=pa.schema([k_field, ("j", pa.int64()), ("t", pa.timestamp("s")), ("i", pa.int64())]))
     g = split_groups(table, ("k", "j"), "t")
     views = {name: list(g.numpy_column(name)) for name in ("k", "j", "i")}  # before .table is built
+    columns = {name: g.column(name).to_pylist() for name in ("k", "j", "t", "i")}
     assert g.table.schema.field("k").type == pa.string() and g.keys.schema.field("k").type == pa.string()
     assert g.table.num_rows == len(data)
     assert sorted(g.table["i"].to_pylist()) == list(range(len(data)))  # nothing lost or repeated
     for name in ("k", "j", "i"):  # numpy views (string keys from the split's own encoding) match the table
         assert views[name] == list(g.numpy_column(name)) == g.table[name].to_pylist()
+    for name, values in columns.items():
+        assert values == g.table[name].to_pylist() == g.column(name).to_pylist()
     keys = g.key_tuples()
     assert len(set(keys)) == len(keys) == len({(r[0], r[1]) for r in data})
     for (s, e), key in zip(zip(g.starts, g.ends), keys):
