@@ -117,16 +117,17 @@ def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
                        tuple(man["parts"]), lookup, leaf_keys, trust)
 
 
-def _begin_run(st: ModelStore, digest: str, resume, unit_rows):
-    """The run id (new, or the interrupted run to resume) and its unit size."""
+def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dict]:
+    """The run id (new, or the interrupted run to resume) and the planner's settings: a
+    resumed run is planned as it first was, so its units (and their parts) are the same."""
     if resume is False or resume is None:
-        return new_run_id(digest), unit_rows
+        return new_run_id(digest), {"target_rows": unit_rows}
     pending = st.pending()
     if resume is True:
         same = [p for p in pending if p.get("digest") == digest]
         if not same:
             log.info("nothing to resume for this job; starting a new run")
-            return new_run_id(digest), unit_rows
+            return new_run_id(digest), {"target_rows": unit_rows}
         p = same[-1]
     else:
         match = [p for p in pending if p["run_id"] == resume]
@@ -139,7 +140,8 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows):
         if p.get("digest") != digest:
             raise StoreError(f"Run {resume!r} was started for another job or input (its data, columns, "
                              "model or parameters differ); it cannot be resumed with these arguments.")
-    return p["run_id"], p["unit_rows"]
+    return p["run_id"], {"target_rows": p["unit_rows"], "limit": p.get("unit_limit"),
+                         "multiple": p.get("unit_multiple")}
 
 
 def _output(out: str, storage_options: dict | None, overwrite: bool) -> Location:
@@ -254,16 +256,17 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                 f"(was {[base_man['spec'].get(k) for k in diff]}). Train a full run instead.")
         base_src = model_source(st, base_man, info, trust=True)
     digest = _digest(info.fingerprint(), job, retrain, base_id, mspec.cls.__module__, mspec.cls.__qualname__)
-    run_id, unit_rows = _begin_run(st, digest, resume, unit_rows)
+    run_id, planning = _begin_run(st, digest, resume, unit_rows)
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
     spec = JobSpec("train", by_, info.source, columns, time, target, feats, filter, mspec,
                    sink=st.location, groups_prefix=f"runs/{run_id}/parts/", leaf_keys=leaf_keys,
                    models=base_src, resume=resume is not False, retrain=retrain, run_id=run_id)
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
-        plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
+        plan_ = plan(info, by_, workers=worker_count(client), **planning)
         st.location.write_bytes(f"runs/{run_id}/pending.json", json.dumps(
-            {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "spec": job}).encode())
+            {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "unit_limit": plan_.limit,
+             "unit_multiple": plan_.multiple, "spec": job}).encode())
         bar = Progress(len(plan_.units), f"train {mspec.name}", progress, client)
         try:
             results = run_units(client, spec, info, plan_, bar)

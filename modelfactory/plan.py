@@ -68,6 +68,8 @@ class Plan:
     units: tuple[WorkUnit, ...]
     target_rows: int
     rows: int
+    limit: int = 0  # no unit of several leaves above this many rows
+    multiple: int = 1  # the unit count is a multiple of this (the workers it was planned for)
 
 
 def auto_target_rows(total_rows: int, workers: int) -> int:
@@ -189,24 +191,33 @@ def leaves_of(info: DatasetInfo, by: tuple[str, ...]) -> list[Leaf]:
 
 
 def plan(info: DatasetInfo, by: tuple[str, ...], *, workers: int,
-         target_rows: int | None = None) -> Plan:
-    """Plan the work units for grouping ``info`` by ``by`` on ``workers`` workers."""
+         target_rows: int | None = None, limit: int | None = None, multiple: int | None = None) -> Plan:
+    """Plan the work units for grouping ``info`` by ``by`` on ``workers`` workers.
+
+    ``limit`` and ``multiple`` default from ``target_rows`` and ``workers``; a resumed
+    run passes the values it was first planned with, so it gets the same units (and
+    reuses their parts) on any number of workers.
+    """
     total = info.rows
     auto = target_rows is None
     target = auto_target_rows(total, workers) if auto else target_rows
     if target < 1:
         raise PlanError(f"unit_rows must be a positive number of rows; got {target}.")
-    leaves = leaves_of(info, by)
-    if leaves:
+    multiple = max(1, workers if multiple is None else multiple)
+    if limit is None:
         # An automatic size is a goal, not a bound: a unit may pass it by part of a
         # leaf to keep units even, up to twice the goal (within MAX_UNIT_ROWS).
         limit = max(target, min(2 * target, MAX_UNIT_ROWS)) if auto else target
-        return Plan("files", tuple(pack(leaves, target, multiple=workers, limit=limit)), target, total)
+    leaves = leaves_of(info, by)
+    if leaves:
+        units = tuple(pack(leaves, target, multiple=multiple, limit=limit))
+        return Plan("files", units, target, total, limit, multiple)
     all_paths = tuple(sorted(f.path for f in info.files))
     if total <= target:
         # Everything fits in one unit: one task reads it all, no shuffle needed.
-        return Plan("files", (WorkUnit(f"u00000-{_digest(all_paths)}", all_paths, total, 1),), target, total)
-    n = unit_count(total, target, workers)
+        unit = WorkUnit(f"u00000-{_digest(all_paths)}", all_paths, total, 1)
+        return Plan("files", (unit,), target, total, limit, multiple)
+    n = unit_count(total, target, multiple)
     base = _digest(all_paths, by, n)
     units = tuple(WorkUnit(f"s{i:05d}-{base}", (), math.ceil(total / n), 0, i) for i in range(n))
-    return Plan("shuffle", units, target, total)
+    return Plan("shuffle", units, target, total, limit, multiple)

@@ -48,6 +48,8 @@ def test_resume_after_killing_the_client_equals_an_uninterrupted_run(tmp_path):
     st = modelfactory.ModelStore(str(store))
     assert st.runs() == [] and st.latest() is None  # nothing visible
     (pending,) = st.pending()
+    # the resume below runs inline (1 worker): it must plan the units as they were planned for 2
+    assert (pending["unit_rows"], pending["unit_limit"], pending["unit_multiple"]) == (72, 72, 2)
     written = {p: p.stat().st_mtime_ns for p in store.glob("runs/*/parts/*.parquet")}
     assert 4 <= len(written) < 24
 

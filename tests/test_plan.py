@@ -132,3 +132,17 @@ def test_small_spread_dataset_needs_no_shuffle(tmp_path):
     info = discover(write(metrics_table(series=3, hours=48), tmp_path / "d", ["day"]))
     p = plan(info, ("site",), workers=2)
     assert p.mode == "files" and len(p.units) == 1
+
+
+@pytest.mark.parametrize("workers_then", [1, 3, 8])
+def test_a_resumed_run_plans_the_same_units_on_any_number_of_workers(tmp_path, workers_then):
+    # 24 folders of uneven size planned automatically for 2 workers, then planned again as a
+    # resumed run does (the settings from pending.json) on another number of workers
+    info = discover(write(metrics_table(series=24, hours=72, apps=24), tmp_path / "d", ["app"]))
+    first = plan(info, ("app", "site"), workers=2, target_rows=100)
+    again = plan(info, ("app", "site"), workers=workers_then, target_rows=first.target_rows,
+                 limit=first.limit, multiple=first.multiple)
+    assert [u.id for u in again.units] == [u.id for u in first.units]
+    auto = plan(info, ("app", "site"), workers=2)
+    assert plan(info, ("app", "site"), workers=workers_then, target_rows=auto.target_rows, limit=auto.limit,
+                multiple=auto.multiple).units == auto.units
