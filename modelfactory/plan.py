@@ -18,8 +18,8 @@ Two ways to plan:
     may span many files.  Groups are co-located by Dask's own p2p shuffle into
     ``n_units`` partitions; each partition is a unit.
 
-Either way the number of units is a multiple of the number of workers, so no
-worker idles through a last wave of a single unit.
+Either way the number of units is rounded up to a multiple of the number of
+workers, so no worker idles through a last wave of a single unit.
 
 Unit ids are a digest of what the unit reads, so the same input plans to the
 same ids and a rerun can resume.
