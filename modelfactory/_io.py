@@ -91,6 +91,15 @@ class Location:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    def glob(self, pattern: str) -> list[str]:
+        """The paths (relative to this location) that match ``pattern``, sorted."""
+        try:
+            found = self.fs.glob(self.path(pattern))
+        except FileNotFoundError:
+            return []
+        root = self.root.strip("/") + "/"
+        return sorted(p.strip("/").split(root, 1)[-1] for p in found)
+
 
 def url_to_fs(url: str, storage_options: dict | None = None):
     """fsspec's ``url_to_fs``, without the listings cache on object stores: another process may

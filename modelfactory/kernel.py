@@ -446,6 +446,14 @@ def _finish(spec, unit_id, key_table, rows, extra, nrows, t0) -> UnitResult:
 
 
 def part_path(spec: JobSpec, unit_id: str) -> str:
+    """Where a unit writes its group table.  A training part gets a name of its own per
+    attempt (``<unit>.<random>.parquet``): if two attempts of a unit run at once (a worker
+    presumed dead that is still writing), the late one writes a file nothing points to,
+    and never the bytes under a checksum the run's result already holds."""
+    if spec.kind == "train":
+        import secrets
+
+        return f"{spec.groups_prefix}{unit_id}.{secrets.token_hex(4)}.parquet"
     return f"{spec.groups_prefix}{unit_id}.parquet"
 
 
@@ -474,19 +482,20 @@ def recover(spec: JobSpec, unit_id: str) -> UnitResult | None:
     import pyarrow.parquet as pq
 
     # A training part is written once per run: a unit recomputed later (its worker died after
-    # the result was taken, a resumed run, leftover tasks of a failed attempt) reuses it, so the
-    # part never changes under the checksum the manifest records.
-    rel = part_path(spec, unit_id)
-    if spec.kind != "train" or spec.sink is None or not spec.sink.exists(rel):
+    # the result was taken, a resumed run, leftover tasks of a failed attempt) reuses the first
+    # complete part an attempt wrote, so parts never change under the checksums of a result.
+    if spec.kind != "train" or spec.sink is None:
         return None
-    data = spec.sink.read_bytes(rel)
-    try:
-        gt = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowInvalid, OSError):
-        return None  # a damaged leftover: recompute it
-    res = summarize(spec, unit_id, gt)
-    res.parts.append(PartInfo(rel, len(data), hashlib.sha256(data).hexdigest(), gt.num_rows))
-    return res
+    for rel in spec.sink.glob(f"{spec.groups_prefix}{unit_id}.*.parquet"):
+        data = spec.sink.read_bytes(rel)
+        try:
+            gt = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowInvalid, OSError):
+            continue  # a damaged leftover: try the next, or recompute
+        res = summarize(spec, unit_id, gt)
+        res.parts.append(PartInfo(rel, len(data), hashlib.sha256(data).hexdigest(), gt.num_rows))
+        return res
+    return None
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Layout under the store's root (a folder or any fsspec URL)::
 
-    runs/<run_id>/parts/<unit_id>.parquet   one file per work unit: keys, status,
+    runs/<run_id>/parts/<unit_id>.<attempt>.parquet
+                                            one file per work unit: keys, status,
                                             error, rows, seconds, model bytes
     runs/<run_id>/manifest.json             written last: the commit point
     LATEST                                  the id of the newest committed run

@@ -137,3 +137,39 @@ def test_retrain_refuses_a_different_model(by_app, tmp_path):
     with pytest.raises(ModelFactoryError, match=r"it differs in \['params'\]"):
         modelfactory.train(by_app, store=store, cluster="inline", retrain="failed",
                            params={"season_length": 12}, **ARGS)
+
+
+def test_two_attempts_of_a_unit_at_once_never_overwrite_each_others_part(tmp_path, monkeypatch):
+    # A worker presumed dead can still be writing when its unit runs again elsewhere. Both
+    # attempts pass the "already written?" check before either writes (the model sleeps),
+    # so both write: each to its own file, and each file keeps the checksum its result holds.
+    import hashlib
+    import threading
+
+    from modelfactory._io import Location
+    from modelfactory.api import resolve_model
+    from modelfactory.dataset import discover
+    from modelfactory.kernel import JobSpec, recover, run_unit
+    from modelfactory.plan import plan
+
+    monkeypatch.setenv("MF_SLOW", "0.5")
+    data = write(metrics_table(series=4, hours=72, apps=2), tmp_path / "d", ["app"])
+    info = discover(data)
+    sink = Location.of(str(tmp_path / "store"))
+    spec = JobSpec("train", ("app", "site"), info.source, ("app", "site", "ts", "value"), "ts", "value",
+                   model=resolve_model(SlowSeasonal), sink=sink, groups_prefix="runs/r1/parts/", run_id="r1",
+                   resume=True)
+    (unit,) = plan(info, ("app", "site"), workers=1, target_rows=10**6).units
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(run_unit(spec, unit))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    paths = [r.parts[0].path for r in results]
+    assert len(set(paths)) == 2 and all(p.startswith(f"runs/r1/parts/{unit.id}.") for p in paths)
+    for r in results:  # every result's checksum still matches the bytes on disk
+        assert hashlib.sha256(sink.read_bytes(r.parts[0].path)).hexdigest() == r.parts[0].sha256
+        assert r.counts == {"ok": 4, "failed": 0, "skipped": 0}
+    again = recover(spec, unit.id)  # a later attempt reuses one of them, whole
+    assert again is not None and again.parts[0].path == sorted(paths)[0]
