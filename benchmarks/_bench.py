@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from importlib import metadata
 
 import numpy as np
 import psutil
@@ -23,32 +22,14 @@ import pyarrow.parquet as pq
 __all__ = ["OTHER_BENCHMARKS", "wait_turn", "wait_quiet", "take_turn", "tree_cpu_seconds", "print_machine", "Measure", "PeakRSS", "local_cluster",
            "markdown_table", "fmt_s", "fmt_n", "ratio", "write_series_dataset", "series_values"]
 
-#: what counts as "another benchmark running" (the machine etiquette); our own scripts too
-OTHER_BENCHMARKS = r"benchmarks/(overhead|million|quality|fit_speed|heavy|compare|skew)"
+# the machine and the etiquette helpers are _common.py's (overhead.py uses them too)
+from _common import OTHER_BENCHMARKS, _cpu_model, _family, _version, busy_cpu_seconds  # noqa: E402
+from _common import other_benchmarks as others_running  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
-# the machine, and taking turns on it
+# taking turns on the machine
 # ---------------------------------------------------------------------------
-def _family() -> set[int]:
-    """This process, its ancestors and its descendants (never "another benchmark")."""
-    me = psutil.Process()
-    pids = {me.pid, *(p.pid for p in me.parents()), *(p.pid for p in me.children(recursive=True))}
-    return pids
-
-
-def others_running(pattern: str = OTHER_BENCHMARKS) -> list[str]:
-    """Command lines of other benchmark processes (``pgrep -f``), ours excluded."""
-    out = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True, check=False).stdout
-    mine = _family()
-    found = []
-    for line in out.splitlines():
-        pid, _, cmd = line.partition(" ")
-        if pid.isdigit() and int(pid) not in mine and "pgrep" not in cmd:
-            found.append(line)
-    return found
-
-
 def wait_turn(what: str = "", *, poll: float = 15.0, timeout: float = 1200.0) -> float:
     """Wait until no other benchmark runs (poll every 15 s, at most 20 min); seconds waited.
 
@@ -72,24 +53,6 @@ def wait_turn(what: str = "", *, poll: float = 15.0, timeout: float = 1200.0) ->
     if warned:
         print(f"[wait] {what}: waited {waited:.0f}s", file=sys.stderr, flush=True)
     return waited
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def print_machine(title: str, argv: Sequence[str], packages: Sequence[str],
@@ -122,17 +85,6 @@ def _code_version() -> str:
     except OSError:
         return "unknown (no git)"
     return f"commit {head[:70]}" + (" + uncommitted changes in modelfactory/" if dirty else "")
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds spent by everything on the machine since boot (/proc/stat)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()[1:]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_seconds() -> float:

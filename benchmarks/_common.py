@@ -122,21 +122,31 @@ def busy_cpu_seconds() -> float:
 OTHER_BENCHMARKS = r"benchmarks/(overhead|million|quality|fit_speed|heavy|compare|skew)\b"
 
 
-def _ancestors() -> set[int]:
-    pids, pid = set(), os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return pids
+def _family() -> set[int]:
+    """This process, its ancestors and its descendants (from /proc): never "another benchmark"."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    mine, pid = set(), os.getpid()
+    while pid > 1 and pid not in mine:  # ancestors
+        mine.add(pid)
+        pid = parent.get(pid, 0)
+    grew = True
+    while grew:  # descendants
+        new = {p for p, pp in parent.items() if pp in mine and p not in mine}
+        mine |= new
+        grew = bool(new)
+    return mine
 
 
 def other_benchmarks(pattern: str = OTHER_BENCHMARKS) -> list[str]:
-    """Command lines of other running benchmark processes (this process and its ancestors excluded)."""
-    mine, found, rx = _ancestors(), [], re.compile(pattern)
+    """Command lines of other running benchmark processes (this one, its ancestors and children excluded)."""
+    mine, found, rx = _family(), [], re.compile(pattern)
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if not entry.isdigit() or int(entry) in mine:
             continue
