@@ -105,7 +105,9 @@ def _frame_columns(out, names) -> list:
     cols = []
     for j in range(len(names)):
         a = get(j)
-        cols.append(a if type(a) is np.ndarray else a.to_numpy())
+        # extension arrays (nullable ints, pandas 3's strings): missing values as None, which
+        # Arrow reads as null (their own NA markers, pd.NA or NaN, would not convert)
+        cols.append(a if type(a) is np.ndarray else a.to_numpy(dtype=object, na_value=None))
     return cols
 
 
