@@ -128,12 +128,12 @@ def test_group_frames_equal_iloc_slices():
         pd.testing.assert_frame_equal(got, df.iloc[s:e])
 
 
-def test_apply_groups_joins_pandas_extension_arrays_and_mixed_chunks():
+def test_apply_groups_collects_extension_columns_and_their_missing_values():
     import pandas as pd
 
     def func(df):
         k = df["k"].iloc[0]
-        if k == "c":  # plain numpy columns in one group, extension arrays in the others
+        if k == "c":  # plain numpy columns in one group, pandas extension arrays in the others
             return pd.DataFrame({"k": np.array([k], dtype=object), "n": np.array([len(df)]), "m": [df["v"].mean()]})
         return pd.DataFrame({"k": pd.array([k], dtype="string"), "n": pd.array([len(df)], dtype="Int64"),
                              "m": pd.array([df["v"].mean()], dtype="Float64")})
@@ -142,10 +142,11 @@ def test_apply_groups_joins_pandas_extension_arrays_and_mixed_chunks():
     assert rows["status"] == ["ok"] * 4
     assert out == {"k": ["a", "b", "c", "d"], "n": [2, 1, 3, 1], "m": [1.5, 3.0, 5.0, 7.0]}
 
-    def same_class(df):  # every group an extension array of one class: joined in one call
+    def with_missing(df):  # nullable Int64 holding <NA>: collected as null, not a failed group
         return pd.DataFrame({"k": pd.array([df["k"].iloc[0]], dtype="string"),
                              "n": pd.array([None if len(df) == 1 else len(df)], dtype="Int64"),
                              "m": [float(len(df))]})
 
-    rows, out = _apply(same_class)
+    rows, out = _apply(with_missing)
+    assert rows["status"] == ["ok"] * 4
     assert out == {"k": ["a", "b", "c", "d"], "n": [2, None, 3, None], "m": [2.0, 1.0, 3.0, 1.0]}
