@@ -115,8 +115,8 @@ class Groups:
     """A unit's rows in key (and time) order, with each group's ``[start, end)`` row range.
 
     When the rows had to be reordered, the reordered table is only built when
-    something asks for :attr:`table`: numpy inputs gather just the columns they
-    use, with numpy, and skip reordering strings.
+    something asks for :attr:`table`: numpy inputs and model fitting gather just
+    the columns they use (:meth:`column`), and string keys come from their encoding.
     """
 
     def __init__(self, table: pa.Table, starts: np.ndarray, ends: np.ndarray, keys: pa.Table,
@@ -124,8 +124,8 @@ class Groups:
                  order: np.ndarray | None = None, decode: tuple[str, ...] = ()) -> None:
         self.starts, self.ends = starts, ends
         self.keys = keys  # one row per group: its key values
-        # String key columns as (distinct values, per-row index in group order), kept
-        # from the dictionary encoding that found the groups: a numpy view of them is
+        # String key columns as (distinct values, per-row index in the rows' order as read),
+        # kept from the dictionary encoding that found the groups: a numpy view of them is
         # one gather instead of a second encoding.
         self.encoded = encoded or {}
         self._source, self._order = table, order  # rows as read, and the order that groups them
@@ -169,11 +169,8 @@ class Groups:
         reordering was needed; strings as Python objects, one per distinct value)."""
         if name in self.encoded:
             values, idx = self.encoded[name]
-            return values[idx]
-        if self._table is None and name not in self._decode:
-            col = numpy_column(self._source[name])
-            return col if self._order is None else col[self._order]
-        return numpy_column(self.table[name])
+            return values[idx if self._order is None else idx[self._order]]
+        return numpy_column(self.column(name))
 
 
 def numpy_column(col: pa.ChunkedArray) -> np.ndarray:
@@ -182,10 +179,13 @@ def numpy_column(col: pa.ChunkedArray) -> np.ndarray:
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
         enc = arr.dictionary_encode()
-        values = np.asarray(enc.dictionary.to_pylist() + [None], dtype=object)
-        idx = enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)
-        return values[idx]
+        return _objects(enc.dictionary)[enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)]
     return arr.to_numpy(zero_copy_only=False)
+
+
+def _objects(dictionary: pa.Array) -> np.ndarray:
+    """A dictionary's values as Python objects, then None (the index that nulls are filled with)."""
+    return np.asarray(dictionary.to_pylist() + [None], dtype=object)
 
 
 def _boundaries(table: pa.Table, by: tuple[str, ...]) -> np.ndarray:
@@ -240,7 +240,7 @@ def _key_codes(table: pa.Table, by: tuple[str, ...],
         codes = codes * (m + 1) + rank[idx]
         span *= m + 1
         if encoded is not None and pa.types.is_string(enc.dictionary.type):
-            encoded[k] = (np.asarray(enc.dictionary.to_pylist() + [None], dtype=object), idx)
+            encoded[k] = (_objects(enc.dictionary), idx)
     return codes
 
 
@@ -278,7 +278,7 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
     encoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     codes = _key_codes(table, by, encoded)
     if codes is None:  # a key type that cannot be dictionary-encoded: compare values instead
-        table = _decoded(table, decode)
+        table, decode = _decoded(table, decode), ()
         cuts = _boundaries(table, by)
         if not _grouped_already(table, by, time, cuts):
             sort_keys = [(k, "ascending", "at_end") for k in by] + ([(time, "ascending", "at_end")] if time else [])
@@ -294,7 +294,6 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
         if not in_order:
             order = np.lexsort((t, codes)) if t is not None else np.argsort(codes, kind="stable")
             codes = codes[order]
-            encoded = {k: (values, idx[order]) for k, (values, idx) in encoded.items()}
             cuts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
             starts, ends = _ranges(cuts, n)
             keys = _decoded(table.select(list(by)).take(pa.array(order[starts])), decode)
