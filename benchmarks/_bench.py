@@ -6,6 +6,7 @@ benchmark scripts themselves (so Dask and Spark pickle them by value).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import platform
 import subprocess
@@ -19,7 +20,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["OTHER_BENCHMARKS", "wait_turn", "wait_quiet", "take_turn", "tree_cpu_seconds", "print_machine", "Measure", "PeakRSS", "local_cluster",
+__all__ = ["OTHER_BENCHMARKS", "wait_turn", "wait_quiet", "take_turn", "tree_cpu_seconds", "print_machine", "Measure", "PeakRSS", "local_cluster", "turn_taker",
            "markdown_table", "fmt_s", "fmt_n", "ratio", "write_series_dataset", "series_values"]
 
 # the machine and the etiquette helpers are _common.py's (overhead.py uses them too)
@@ -161,6 +162,15 @@ def take_turn(what: str, quiet: float | None = 0.3, quiet_timeout: float = 120.0
                   f"{quiet_timeout:.0f}s; timing anyway", file=sys.stderr, flush=True)
 
 
+def turn_taker(args) -> functools.partial:
+    """``take_turn`` with a script's ``--quiet`` / ``--quiet-timeout`` settings (``--quiet``
+    defaults to 0.3 cores, or to -1, no waiting for quiet, with ``--quick``); sets ``args.quiet``."""
+    if args.quiet is None:
+        args.quiet = -1.0 if args.quick else 0.3
+    return functools.partial(take_turn, quiet=None if args.quiet < 0 else args.quiet,
+                             quiet_timeout=args.quiet_timeout)
+
+
 class PeakRSS:
     """Peak resident memory of this process and all its children, sampled in a thread."""
 
@@ -234,7 +244,7 @@ def ratio(x: float) -> str:
 def series_values(n_series: int, length: int, season: int, seed: int = 0) -> np.ndarray:
     """Hourly-like series (level, trend, a daily cycle, a random walk, noise), shape (n, length).
 
-    The same generator as benchmarks/fit_speed.py, so the ETS numbers are comparable.
+    fit_speed.py, heavy.py and compare.py all use it, so their ETS numbers are comparable.
     """
     rng = np.random.default_rng(seed)
     i = np.arange(length)

@@ -28,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import (Measure, fmt_n, fmt_s, local_cluster, markdown_table, print_machine,  # noqa: E402
-                    ratio, series_values, take_turn, write_series_dataset)
+                    ratio, series_values, take_turn, turn_taker, write_series_dataset)
 from _common import write_grouped_dataset  # noqa: E402  (the same no-op data as overhead.py)
 
 BY = ["app", "site"]
@@ -474,12 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     global TURN
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.quiet is None:
-        args.quiet = -1.0 if args.quick else 0.3
     if args.quick:
         args.groups, args.series = 10_000, 100
-    TURN = functools.partial(take_turn, quiet=None if args.quiet < 0 else args.quiet,
-                             quiet_timeout=args.quiet_timeout)
+    TURN = turn_taker(args)
     if args.profile:
         if args.profile not in ("mf-pandas", "mf-array"):
             print("error: --profile takes mf-pandas or mf-array", file=sys.stderr)

@@ -39,6 +39,9 @@ import warnings
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench import series_values  # noqa: E402  (the same series as compare.py and heavy.py)
+
 _SF_SCRIPT = r"""
 import json, sys, time, numpy as np
 from statsforecast.models import AutoETS
@@ -50,19 +53,6 @@ for y in Y:
     sse.append(float(np.sum(np.asarray(fit.model_["residuals"]) ** 2)))
 print(json.dumps({"seconds": time.perf_counter() - t0, "sse": sse}))
 """
-
-
-def make_series(n_series: int, length: int, season: int, seed: int = 0) -> np.ndarray:
-    """Hourly-like series: level, trend, a daily cycle, a random walk and noise."""
-    rng = np.random.default_rng(seed)
-    i = np.arange(length)
-    level = rng.uniform(50, 500, (n_series, 1))
-    amp = rng.uniform(0.05, 0.4, (n_series, 1)) * level
-    noise = rng.uniform(0.01, 0.06, (n_series, 1)) * level
-    return (level + rng.uniform(-0.002, 0.002, (n_series, 1)) * level * i
-            + amp * np.sin(2 * np.pi * i / season + rng.uniform(0, 2 * np.pi, (n_series, 1)))
-            + noise * rng.standard_normal((n_series, length))
-            + np.cumsum(rng.normal(0, 1, (n_series, length)) * 0.3 * noise, axis=1))
 
 
 def time_modelfactory(name: str, Y: np.ndarray, season: int):
@@ -126,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="100 series")
     args = ap.parse_args(argv)
     S = 100 if args.quick else args.series
-    Y = make_series(S, args.length, args.season)
+    Y = series_values(S, args.length, args.season)
     best: dict[str, tuple[float, np.ndarray]] = {}
 
     def keep(key, res):

@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import shutil
 import sys
@@ -41,7 +40,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import (Measure, fmt_n, fmt_s, local_cluster, markdown_table, print_machine,  # noqa: E402
-                    series_values, take_turn, write_series_dataset)
+                    series_values, take_turn, turn_taker, write_series_dataset)
 
 BY = ["app", "site"]
 RF_PARAMS = {"n_estimators": 10, "max_depth": 6}
@@ -254,13 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.quiet is None:
-        args.quiet = -1.0 if args.quick else 0.3
     if args.quick:
         args.rf_groups, args.ets_series = 200, 100
     global TURN
-    TURN = functools.partial(take_turn, quiet=None if args.quiet < 0 else args.quiet,
-                             quiet_timeout=args.quiet_timeout)
+    TURN = turn_taker(args)
     work = [w.strip() for w in args.only.split(",") if w.strip()]
     print_machine("modelfactory: heavy per-group models", argv, PACKAGES)
     rows: list[Row] = []
@@ -284,24 +280,19 @@ def main(argv: list[str] | None = None) -> int:
             modelfactory.train(warm_rf, by=BY, target="y", features=["x1", "x2"], model="random_forest",
                                params=builtin_rf_params(), store=os.path.join(tmp, "warm-store"),
                                cluster=client, unit_rows=args.rf_rows)
-            if "rf" in work:
-                loop = run_loop("rf", rf_path, fit_rf)
-                mf = run_apply("rf", rf_path, fit_rf, "app string, site string, r2 double", client)
-                checks.append("rf apply: " + check_same("rf apply", mf.out, loop.out, "r2", 1e-12))
+            # workload: its data, per-group function, output schema, checked column and tolerance
+            workloads = {"rf": (rf_path, fit_rf, "app string, site string, r2 double", "r2", 1e-12),
+                         "ets": (es_path, fit_es, "app string, site string, sse double", "sse", 1e-9)}
+            for name in (w for w in workloads if w in work):
+                path, fn, schema, col, tol = workloads[name]
+                loop = run_loop(name, path, fn)
+                mf = run_apply(name, path, fn, schema, client)
+                checks.append(f"{name} apply: " + check_same(f"{name} apply", mf.out, loop.out, col, tol))
                 rows += [loop, mf]
                 if args.diagnose:
-                    rows += [run_inline("rf", rf_path, fit_rf, "app string, site string, r2 double"),
-                             run_two_loops("rf", rf_path, fit_rf, args.workers)]
-                if not args.no_builtin:
+                    rows += [run_inline(name, path, fn, schema), run_two_loops(name, path, fn, args.workers)]
+                if name == "rf" and not args.no_builtin:
                     rows.append(run_train_rf(rf_path, os.path.join(tmp, "store-rf"), client))
-            if "ets" in work:
-                loop = run_loop("ets", es_path, fit_es)
-                mf = run_apply("ets", es_path, fit_es, "app string, site string, sse double", client)
-                checks.append("ets apply: " + check_same("ets apply", mf.out, loop.out, "sse", 1e-9))
-                rows += [loop, mf]
-                if args.diagnose:
-                    rows += [run_inline("ets", es_path, fit_es, "app string, site string, sse double"),
-                             run_two_loops("ets", es_path, fit_es, args.workers)]
         finally:
             client.close()
             lc.close()

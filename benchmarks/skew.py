@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import shutil
 import sys
@@ -35,7 +34,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import (Measure, PeakRSS, fmt_s, local_cluster, markdown_table, print_machine,  # noqa: E402
-                    take_turn)
+                    turn_taker)
 from _common import write_grouped_dataset  # noqa: E402
 
 BY = ["app", "site"]
@@ -89,12 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.quiet is None:
-        args.quiet = -1.0 if args.quick else 0.3
     if args.quick:
         args.big_rows, args.groups = 500_000, 10_000
-    turn = functools.partial(take_turn, quiet=None if args.quiet < 0 else args.quiet,
-                             quiet_timeout=args.quiet_timeout)
+    turn = turn_taker(args)
     print_machine("modelfactory: one huge group among many small ones", argv, PACKAGES)
     with tempfile.TemporaryDirectory(prefix="mf-skew-", dir=args.tmp) as tmp:
         data = os.path.join(tmp, "data")
