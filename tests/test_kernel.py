@@ -150,3 +150,30 @@ def test_apply_groups_collects_extension_columns_and_their_missing_values():
     rows, out = _apply(with_missing)
     assert rows["status"] == ["ok"] * 4
     assert out == {"k": ["a", "b", "c", "d"], "n": [2, None, 3, None], "m": [2.0, 1.0, 3.0, 1.0]}
+
+
+def test_returned_frames_columns_read_off_their_blocks_equal_the_public_columns():
+    import pandas as pd
+
+    from modelfactory.grouped_map import _block_columns, _frame_columns
+
+    base = pd.DataFrame({"a": ["x", "y"], "b": [1.5, None], "c": ["u", "v"], "d": [1, 2],
+                         "t": pd.to_datetime(["2026-01-01", "2026-01-02"]).tz_localize("UTC"),
+                         "e": pd.array([1, None], dtype="Int64"), "f": pd.Categorical(["p", "q"])})
+    unconsolidated = pd.DataFrame({"a": ["x", "y"]})
+    for name, values in [("b", [1.0, 2.0]), ("c", ["u", "v"]), ("d", [3.0, 4.0])]:
+        unconsolidated[name] = values  # one block per column added, not merged
+    frames = [base, base[["f", "d", "a", "t", "b", "e", "c"]], base.iloc[1:], unconsolidated,
+              pd.DataFrame({"k": ["a"], "n": [1], "m": [0.5]})]
+    assert len(unconsolidated._mgr.blocks) > 2  # the case the block walk must order correctly
+    for frame in frames:
+        names = frame.columns.tolist()
+        assert _block_columns(frame, len(names)) is not None
+        got = _frame_columns(frame, names)
+        for col, name in zip(got, names):
+            public = frame[name].array  # what the column is, through the public API
+            want = public.to_numpy() if isinstance(public, pd.arrays.NumpyExtensionArray) \
+                else public.to_numpy(dtype=object, na_value=None)
+            assert type(col) is np.ndarray and col.dtype == want.dtype, name
+            assert pd.isna(col).tolist() == pd.isna(want).tolist(), name
+            assert col[~pd.isna(col)].tolist() == want[~pd.isna(want)].tolist(), name
