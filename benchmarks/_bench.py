@@ -200,16 +200,19 @@ class PeakRSS:
 
 
 def local_cluster(workers: int = 2):
-    """A LocalCluster of ``workers`` single-threaded processes and its Client (quiet logs)."""
+    """The LocalCluster modelfactory makes for a job (``modelfactory.run.local_cluster``:
+    single-threaded workers, one BLAS thread, Dask's worker profiler off), with ``workers``
+    workers and quiet logs, and its Client.  Every Dask system of a benchmark shares it."""
     import logging
     import warnings
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from modelfactory.run import local_cluster as mf_local_cluster
 
     warnings.filterwarnings("ignore", category=UserWarning, module="distributed")
     logging.getLogger("distributed").setLevel(logging.ERROR)
-    lc = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR)
+    lc = mf_local_cluster(workers, dashboard_address=None)
     return lc, Client(lc)
 
 

@@ -530,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     print("- Every timing includes reading the Parquet and returning the results to this process (pandas); "
           "modelfactory.train instead commits the models to a store. Spark session start-up is NOT timed "
           "(started once, before everything). Each system ran once on a small warm-up dataset first.")
-    print("- modelfactory and dask share one LocalCluster: 2 worker processes x 1 thread. PySpark: local[2], "
+    print("- modelfactory and dask share one LocalCluster, the one a modelfactory job makes by default: 2 worker "
+          "processes x 1 thread, Dask's worker profiler off. PySpark: local[2], "
           "spark.sql.execution.arrow.pyspark.enabled=true, default shuffle partitions and AQE, driver "
           "memory 4g; its Python workers run this interpreter. statsforecast runs in a subprocess that "
           "times itself (the interpreter named above: it pins pandas<3); OMP_NUM_THREADS=1 there, as "

@@ -70,7 +70,9 @@ def main() -> None:
     sizes = [int(s) for s in args.series.split(",")]
     models = args.models.split(",")
     params = {"seasonal": {"season_length": 24}, "holt_winters": {"season_length": 24}}
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from modelfactory.run import local_cluster
 
     rows = []
     print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
@@ -81,7 +83,7 @@ def main() -> None:
         paths[n] = generate(root, n)
         print(f"{n:,} series: data ready in {time.perf_counter() - t:.0f} s")
     warm = generate(root, 1000)
-    lc = LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None)
+    lc = local_cluster(args.workers, dashboard_address=None)  # the cluster a job makes by default
     client = Client(lc)
     for model in models:  # warm-up: imports and first-call caches on every worker, not timed
         shutil.rmtree(root / "warm", ignore_errors=True)

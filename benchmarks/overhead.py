@@ -15,9 +15,12 @@ mf-pandas-floor  pandas input, a function that returns constants: the
             framework's own cost on the pandas path (output not checked)
 ========== ================================================================
 
-Every Dask-based system runs on one ``LocalCluster`` (``--workers`` processes,
-one thread each) made once; its workers are restarted and warmed up on a small
-dataset before each system (``--no-restart`` keeps them).  Every output is
+Every system hands the function the same columns (``app``, ``site``, ``value``:
+pandas and dask select them after the groupby, modelfactory reads them with
+``columns=``).  Every Dask-based system runs on one ``LocalCluster`` made
+once, the one a modelfactory job makes by default (``modelfactory.run.local_cluster``:
+``--workers`` processes, one thread each, Dask's worker profiler off); its
+workers are restarted and warmed up on a small dataset before each system (``--no-restart`` keeps them).  Every output is
 checked against means computed with numpy when the data was written; a
 mismatch exits with status 1.
 
@@ -80,6 +83,9 @@ from _common import (  # after the sys.path line, on purpose
 )
 
 BY = ["app", "site"]
+# What every system hands the function: pandas and dask select these after the groupby,
+# modelfactory reads just these (``columns=``); the data's ``ts`` column is left out by all.
+COLUMNS = [*BY, "value"]
 SCHEMA = "app string, site string, mean double"
 TOLERANCE = 1e-9
 
@@ -108,7 +114,7 @@ def floor_value(df):
 def read_group_and_apply(root: str, key: tuple[str, str]) -> pd.DataFrame:
     """One task per group: read the group from its partition folder with a filter, then apply."""
     app, site = key
-    table = pq.read_table(os.path.join(root, f"app={app}"), columns=["site", "ts", "value"],
+    table = pq.read_table(os.path.join(root, f"app={app}"), columns=["site", "value"],
                           filters=[("site", "==", site)])
     df = table.to_pandas()
     df.insert(0, "app", app)
@@ -248,8 +254,8 @@ def run_pandas(ctx: Context) -> list[Result]:
     """Apply only (frame already in memory), and read + apply (the read timed separately)."""
     d = ctx.data
     with Measure() as tr:
-        df = pd.read_parquet(d.path)
-    gb_cols = [*BY, "value"]
+        df = pd.read_parquet(d.path, columns=COLUMNS)
+    gb_cols = COLUMNS
 
     def once():
         with Measure() as t:
@@ -278,7 +284,7 @@ def run_dask(ctx: Context) -> list[Result]:
     def once():
         with Measure(ctx.client) as t:
             ddf = dd.read_parquet(d.path)
-            out = ddf.groupby(BY, observed=True)[[*BY, "value"]].apply(mean_value, meta=meta).compute()
+            out = ddf.groupby(BY, observed=True)[COLUMNS].apply(mean_value, meta=meta).compute()
         return t, out
 
     m, out = _best(ctx.repeat, once)
@@ -323,7 +329,7 @@ def _mf(ctx: Context, system: str, func, input: str, out: bool, check: bool = Tr
     def once():
         target = tempfile.mkdtemp(prefix=f"{system}-", dir=ctx.tmp) if out else None
         with Measure(ctx.client) as t:
-            run = modelfactory.apply(d.path, by=BY, func=func, schema=SCHEMA, input=input,
+            run = modelfactory.apply(d.path, by=BY, func=func, schema=SCHEMA, input=input, columns=COLUMNS,
                                      cluster=ctx.client, out=target, overwrite=out)
             res = None if out else run.to_pandas()
         return t, (run, res)
@@ -469,7 +475,8 @@ def profile_inline(data: GroupedDataset, system: str, top: int) -> str:
     prof = cProfile.Profile()
     with Timer() as t:
         prof.enable()
-        run = modelfactory.apply(data.path, by=BY, func=func, schema=SCHEMA, input=input, cluster="inline")
+        run = modelfactory.apply(data.path, by=BY, func=func, schema=SCHEMA, input=input, columns=COLUMNS,
+                                 cluster="inline")
         res = run.to_pandas()
         prof.disable()
     verify(f"{system} (inline)", res, data.expected)
@@ -556,10 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mf-overhead-", dir=args.tmp) as tmp:
         client = cluster = None
         if need_cluster:
-            from distributed import Client, LocalCluster
+            from distributed import Client
 
-            cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=":0", silence_logs=logging.CRITICAL)
+            from modelfactory.run import local_cluster
+
+            cluster = local_cluster(args.workers, silence_logs=logging.CRITICAL)
             client = Client(cluster)
             here = _modelfactory_file()
             there = set(client.run(_modelfactory_file).values())

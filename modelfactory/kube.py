@@ -82,13 +82,14 @@ def make_spec(settings: Settings) -> dict:
 
     Built with ``dask_kubernetes.operator.make_cluster_spec``, then: workers run
     ``dask worker --nthreads <kube.threads>`` with one BLAS/OpenMP thread
-    (``OMP_NUM_THREADS=1`` ...) plus ``kube.env``; the worker and scheduler
+    (``OMP_NUM_THREADS=1`` ...) and Dask's worker profiler off (as in a local
+    cluster, ``run.WORKER_DASK_CONFIG``), plus ``kube.env``; the worker and scheduler
     resources, the labels and ``spec.idleTimeout`` come from the settings; the
     ``kube.custom_spec`` YAML, if any, is overlaid last (mappings merge, lists
     of named items such as containers or env merge by name, other values and
     lists replace, ``null`` removes a key).
     """
-    from .run import WORKER_ENV
+    from .run import WORKER_DASK_CONFIG, WORKER_ENV, dask_config_env
 
     k = settings.kube
     src = settings.sources.get
@@ -98,7 +99,7 @@ def make_spec(settings: Settings) -> dict:
                            "\"...\") or as MODELFACTORY_KUBE_IMAGE.")
     op = _operator()
     name = _cluster_name(k.name, src("kube.name", "default"))
-    env = {**WORKER_ENV, **k.env}
+    env = {**WORKER_ENV, **dask_config_env(WORKER_DASK_CONFIG), **k.env}
     for var, value in WORKER_ENV.items():
         if env[var] != value:
             log.warning("kube.env sets %s=%s: BLAS/OpenMP will use more than one thread per worker",

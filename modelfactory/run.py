@@ -32,13 +32,42 @@ from .exceptions import ClusterError
 from .kernel import JobSpec, UnitResult
 from .plan import Plan
 
-__all__ = ["open_client", "execute", "execute_delayed", "worker_count", "Progress", "run_units", "run_shuffled",
+__all__ = ["open_client", "local_cluster", "execute", "execute_delayed", "worker_count", "Progress", "run_units", "run_shuffled",
            "isolate"]
 
 log = logging.getLogger(__name__)
 
 #: Environment every worker process starts with: one BLAS/OpenMP thread.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+#: Dask settings of the workers of a cluster modelfactory makes.  Dask's statistical
+#: profiler interrupts the running task every 10 ms to walk its stack; a unit is one
+#: long task running thousands of groups, so the picture says little (the group table's
+#: seconds say more) and it costs 1-3 % of a pandas-function run.  Pass your own cluster
+#: to keep Dask's defaults.
+WORKER_DASK_CONFIG = {"distributed.worker.profile.enabled": False}
+
+
+def dask_config_env(config: dict) -> dict[str, str]:
+    """``config`` as the ``DASK_*`` environment variables Dask reads at start-up (for pods).
+
+    >>> dask_config_env({"distributed.worker.profile.enabled": False})
+    {'DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED': 'False'}
+    """
+    return {"DASK_" + k.upper().replace(".", "__").replace("-", "_"): repr(v) for k, v in config.items()}
+
+
+def local_cluster(workers: int | None = None, **kwargs):
+    """The LocalCluster a job makes when it is given none: ``workers`` single-threaded
+    worker processes (default one per core), one BLAS/OpenMP thread each, Dask's worker
+    profiler off (:data:`WORKER_DASK_CONFIG`), dashboard on a free port, quiet logs."""
+    import dask
+    from distributed import LocalCluster
+
+    n = workers or os.cpu_count() or 1
+    kwargs = {"dashboard_address": ":0", "silence_logs": logging.ERROR, **kwargs}
+    with dask.config.set(WORKER_DASK_CONFIG):  # the nannies hand this config to their workers
+        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, env=WORKER_ENV, **kwargs)
 
 
 @contextlib.contextmanager
@@ -57,14 +86,13 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
     if cluster == "inline":
         yield None
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if cluster is None or cluster == "local":
-        n = workers or os.cpu_count() or 1
         try:
-            lc = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                              dashboard_address=":0", silence_logs=logging.ERROR, env=WORKER_ENV)
+            lc = local_cluster(workers)
         except Exception as err:  # noqa: BLE001 - surfaced with context
+            n = workers or os.cpu_count() or 1
             raise ClusterError(f"Could not start a local Dask cluster with {n} workers: {err}") from err
         with lc, Client(lc) as client:
             yield client

@@ -157,3 +157,21 @@ def test_string_keys_read_encoded_reach_users_as_plain_strings(by_app, input, tm
     assert written.schema.field("app").type == pa.string() and written.schema.field("site").type == pa.string()
     groups = pq.read_table(out / "_groups")
     assert groups.schema.field("app").type == pa.string() and groups.schema.field("site").type == pa.string()
+
+
+def worker_setup(key):
+    """What a worker of the job's own cluster runs with (read inside the worker)."""
+    import os
+
+    from distributed import get_worker
+
+    w = get_worker()
+    return {"profiler": "profile" in w.periodic_callbacks, "threads": w.state.nthreads,
+            "omp": os.environ.get("OMP_NUM_THREADS")}
+
+
+def test_the_cluster_a_job_makes_has_one_thread_per_worker_and_no_stack_profiler():
+    # cluster left unset: the job makes its own LocalCluster (and closes it)
+    run = modelfactory.map_keys(["a", "b"], func=worker_setup, workers=1)
+    assert run.summary["counts"]["ok"] == 2
+    assert set(map(str, run.results.values())) == {str({"profiler": False, "threads": 1, "omp": "1"})}

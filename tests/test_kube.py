@@ -63,7 +63,7 @@ def test_make_spec_sets_threads_env_resources_labels_and_idle_timeout():
     assert w["args"][:4] == ["dask", "worker", "--nthreads", "2"]
     assert container(spec, "scheduler")["args"][:4] == ["dask", "scheduler", "--host", "0.0.0.0"]
     assert env_of(spec) == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                            "AWS_REGION": "eu-west-1"}
+                            "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False", "AWS_REGION": "eu-west-1"}
     assert w["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
     assert container(spec, "scheduler")["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}
     assert spec["spec"]["worker"]["replicas"] == 5
