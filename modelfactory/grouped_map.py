@@ -19,8 +19,10 @@ from .models.base import SkipGroup
 __all__ = ["apply_groups", "to_table"]
 
 
-def to_table(out, schema: pa.Schema):
-    """Turn one group's return value into a table of ``schema``; an Exception if it cannot."""
+def to_table(out, schema: pa.Schema, from_pandas: bool = False):
+    """Turn one group's return value into a table of ``schema``; an Exception if it cannot.
+
+    ``from_pandas``: a dict holds a DataFrame's columns, whose NaN and None are missing."""
     try:
         if isinstance(out, pa.RecordBatch):
             out = pa.Table.from_batches([out])
@@ -34,7 +36,8 @@ def to_table(out, schema: pa.Schema):
             if sorted(got) != sorted(schema.names):
                 raise _columns_error(got, schema)
             arrays = [np.atleast_1d(out[c]) for c in schema.names]
-            return pa.table([pa.array(a, type=f.type) for a, f in zip(arrays, schema)], schema=schema)
+            return pa.table([pa.array(a, type=f.type, from_pandas=from_pandas) for a, f in zip(arrays, schema)],
+                            schema=schema)
         import pandas as pd
 
         if isinstance(out, pd.DataFrame):
@@ -139,6 +142,8 @@ def apply_groups(spec, groups):
     seconds = np.zeros(n)
     collected: list[list] = [[] for _ in names]
     owners: list[int] = []  # group index of each collected chunk
+    framed: list[bool] = []  # whether that chunk came from a DataFrame (pandas' missing values)
+    from_frame: set[int] = set()  # groups whose columns, now in a dict, came from a DataFrame
     slow: dict[int, Any] = {}  # group index -> raw output that needs the careful path
     perf = _time.perf_counter
     frame_type = None  # the pandas DataFrame class, once a group has returned one
@@ -164,7 +169,9 @@ def apply_groups(spec, groups):
         if kind is dict and out.keys() == key_set:
             cols = [v if type(v) is np.ndarray and v.ndim == 1 else np.atleast_1d(v)
                     for v in map(out.__getitem__, names)]
+            is_frame = False
         elif kind is frame_type or (frame_type is None and _is_frame(out)):
+            is_frame = True
             frame_type = kind
             if out.columns.tolist() != names:
                 slow[i] = out
@@ -179,22 +186,45 @@ def apply_groups(spec, groups):
         for bucket, c in zip(collected, cols):
             bucket.append(c)
         owners.append(i)
+        framed.append(is_frame)
     tables = []
     if owners:
         try:
-            tables.append(pa.table([pa.array(np.concatenate(c), type=f.type)
-                                    for c, f in zip(collected, schema)], schema=schema))
+            tables.append(_collected_table(collected, framed, schema))
         except Exception:  # noqa: BLE001 - some group returned bad types: find it, group by group
             for k, i in enumerate(owners):
                 slow[i] = {c: collected[j][k] for j, c in enumerate(names)}
+                if framed[k]:
+                    from_frame.add(i)
     for i in sorted(slow):
-        t = to_table(slow[i], schema)
+        t = to_table(slow[i], schema, from_pandas=i in from_frame)
         if isinstance(t, Exception):
             status[i], errors[i] = "failed", describe_error(t)
         else:
             tables.append(t)
     result = pa.concat_tables(tables) if tables else schema.empty_table()
     return {"status": status, "error": errors, "seconds": seconds}, result
+
+
+def _collected_table(collected: list[list], framed: list[bool], schema: pa.Schema) -> pa.Table:
+    """The fast path's chunks as one table.  Missing values follow the kind of return value,
+    as on the careful path (``Table.from_pandas`` / ``pa.array``) and in Spark's applyInPandas:
+    in a DataFrame's columns NaN and None are missing (null); in a dict of arrays a float
+    NaN is a value."""
+    every, some = all(framed), any(framed)
+    rows_framed = None
+    if some and not every:
+        rows_framed = np.repeat(np.asarray(framed), [len(c) for c in collected[0]])
+    arrays = []
+    for chunks, field in zip(collected, schema):
+        values = np.concatenate(chunks)
+        if every:
+            arrays.append(pa.array(values, type=field.type, from_pandas=True))
+        elif some and values.dtype.kind == "f":
+            arrays.append(pa.array(values, type=field.type, mask=np.isnan(values) & rows_framed))
+        else:
+            arrays.append(pa.array(values, type=field.type))
+    return pa.table(arrays, schema=schema)
 
 
 def _is_frame(out) -> bool:

@@ -177,3 +177,40 @@ def test_returned_frames_columns_read_off_their_blocks_equal_the_public_columns(
             assert type(col) is np.ndarray and col.dtype == want.dtype, name
             assert pd.isna(col).tolist() == pd.isna(want).tolist(), name
             assert col[~pd.isna(col)].tolist() == want[~pd.isna(want)].tolist(), name
+
+
+def test_missing_values_follow_the_kind_of_value_returned_on_every_path():
+    """A DataFrame's NaN and None are missing (null), as in Table.from_pandas and Spark's
+    applyInPandas; a float NaN in a dict of arrays is a value.  Whichever path a group takes."""
+    import math
+
+    import pandas as pd
+
+    def frames(df):
+        k = df["k"].iloc[0]
+        out = pd.DataFrame({"k": [None if k == "b" else k], "n": [float("nan") if k == "c" else len(df)],
+                            "m": [float("nan")]})
+        return out[["m", "n", "k"]] if k == "d" else out  # d: other column order, the careful path
+
+    rows, out = _apply(frames)
+    assert rows["status"] == ["ok"] * 4
+    assert out == {"k": ["a", None, "c", "d"], "n": [2, 1, None, 1], "m": [None] * 4}
+
+    def mixed(df):
+        k = df["k"].iloc[0]
+        if k in ("a", "c"):
+            return pd.DataFrame({"k": [k], "n": [len(df)], "m": [float("nan")]})
+        return {"k": np.array([k], dtype=object), "n": np.array([len(df)]), "m": np.array([float("nan")])}
+
+    rows, out = _apply(mixed)
+    assert rows["status"] == ["ok"] * 4 and out["k"] == ["a", "b", "c", "d"]
+    assert out["m"][0] is None and out["m"][2] is None  # from frames
+    assert math.isnan(out["m"][1]) and math.isnan(out["m"][3])  # from dicts
+
+    def one_bad(df):  # b returns text for a double: the fast path falls back group by group
+        k = df["k"].iloc[0]
+        return pd.DataFrame({"k": [k], "n": [len(df)], "m": ["oops" if k == "b" else float("nan")]})
+
+    rows, out = _apply(one_bad)
+    assert rows["status"] == ["ok", "failed", "ok", "ok"]
+    assert out == {"k": ["a", "c", "d"], "n": [2, 3, 1], "m": [None] * 3}
