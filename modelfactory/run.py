@@ -32,8 +32,8 @@ from .exceptions import ClusterError
 from .kernel import JobSpec, UnitResult
 from .plan import Plan
 
-__all__ = ["open_client", "local_cluster", "execute", "execute_delayed", "worker_count", "Progress", "run_units", "run_shuffled",
-           "isolate"]
+__all__ = ["open_client", "local_cluster", "execute", "execute_delayed", "worker_count", "Progress", "run_units",
+           "run_shuffled", "isolate", "isolate_partitions"]
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,14 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
     return results
 
 
-def execute_delayed(client, tasks: list, *, progress: Progress) -> list[UnitResult]:
-    """Compute a list of dask Delayed objects (the shuffle path) with progress."""
+def execute_delayed(client, tasks: list, *, progress: Progress,
+                    on_killed: Callable | None = None) -> list[UnitResult]:
+    """Compute a list of dask Delayed objects (the shuffle path) with progress.
+
+    ``on_killed(client, killed, done)``, if given, runs once all tasks have ended, with the
+    indices of those that kept killing their workers (a ``KilledWorker``: the culprit, and
+    any task lost with it too often) and the results of the others; it returns one result
+    for all the killed tasks' groups."""
     if client is None:
         import dask
 
@@ -207,15 +213,37 @@ def execute_delayed(client, tasks: list, *, progress: Progress) -> list[UnitResu
         for r in results:
             progress.update(r)
         return list(results)
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
 
     futures = client.compute(tasks)
     index = {f.key: i for i, f in enumerate(futures)}
     results: list = [None] * len(futures)
-    for fut in as_completed(futures):
-        res = fut.result()
-        results[index[fut.key]] = res
-        progress.update(res)
+    killed: list[int] = []
+    try:
+        for fut in as_completed(futures):
+            i = index[fut.key]
+            if fut.status == "error" and on_killed is not None and isinstance(fut.exception(), KilledWorker):
+                killed.append(i)
+                continue
+            results[i] = fut.result()
+            progress.update(results[i])
+    finally:
+        for f in futures:
+            f.release()
+    if killed:
+        log.warning("%d shuffle partition(s) kept killing their workers; running their groups one by one",
+                    len(killed))
+        killed.sort()
+        merged = on_killed(client, killed, [r for r in results if r is not None])
+        for i in killed[1:]:  # the other killed units: their groups are in the merged result
+            results[i] = empty = UnitResult(f"{merged.unit_id}-none")
+            if merged.group_table is not None:
+                empty.group_table = merged.group_table.slice(0, 0)
+            if isinstance(merged.table, pa.Table):
+                empty.table = merged.table.slice(0, 0)
+        results[killed[0]] = merged
+        for i in killed:
+            progress.update(results[i])
     return results
 
 
@@ -235,26 +263,80 @@ def run_units(client, spec: JobSpec, info: DatasetInfo, plan_: Plan, progress: P
 def isolate(spec: JobSpec, client, unit) -> UnitResult:
     """A unit kept killing its worker: run each of its groups as its own task, so only the
     group(s) that crash the process fail (with the reason) and the others complete."""
-    from distributed import KilledWorker, wait
-
     keys = client.submit(kernel.unit_keys, spec, unit, pure=False).result()
     rows = keys.to_pylist()
-    subs = [f"{unit.id}-g{i:05d}" for i in range(len(rows))]
-    futures = client.map(kernel.run_group, [spec] * len(rows), [unit] * len(rows), rows, subs,
-                         key=[f"mf-{s}-{id(spec):x}" for s in subs], pure=False)
-    wait(futures)
-    parts, dead = [], []
-    for i, fut in enumerate(futures):
-        if fut.status == "error" and isinstance(fut.exception(), KilledWorker):
-            dead.append(i)
-        else:
-            parts.append(fut.result())
-        fut.release()
+
+    def run_one(i, sub_id, key):
+        return client.submit(kernel.run_group, spec, unit, rows[i], sub_id, key=key, pure=False)
+
+    return _isolated(spec, client, unit.id, keys, run_one)
+
+
+def isolate_partitions(spec: JobSpec, client, unit_id: str, paths: tuple[str, ...],
+                       done: list[UnitResult]) -> UnitResult:
+    """Shuffle partitions kept killing their workers: :func:`isolate` for rows that have no
+    files of their own.  Their groups are the dataset's groups that no other partition
+    ran (``done``); one task reads those groups' rows again from ``paths`` and keeps them on
+    the cluster, and each group runs as its own task on its own rows.  Nothing here goes
+    through the shuffle again: once a worker is lost its outputs may be gone for good."""
+    tables = [r.group_table.select(list(spec.by)) for r in done if r.group_table is not None]
+    parts = [p.path for r in done for p in r.parts if p.path.startswith(spec.groups_prefix)]
+    keys = client.submit(_remaining_keys, spec, paths, tables, parts, pure=False).result()
+    data = client.submit(_read_groups, spec, paths, keys, pure=False)
+    rows = keys.to_pylist()
+
+    def run_one(i, sub_id, key):
+        return client.submit(_run_one_group, spec, sub_id, data, rows[i], key=key, pure=False)
+
+    try:
+        return _isolated(spec, client, unit_id, keys, run_one)
+    finally:
+        data.release()
+
+
+def _isolated(spec: JobSpec, client, unit_id: str, keys: pa.Table, run_one: Callable) -> UnitResult:
+    """Run each group of ``keys`` as its own task (``run_one(i, sub_id, task_key)`` submits
+    group ``i``'s), no more at once than the cluster has threads: a task waiting on a worker
+    that dies counts as a suspect too.  A task that kept killing its worker is run once more
+    alone: one lost only because it shared the dying worker completes then; a group that
+    kills its worker alone too is ``failed`` with the reason."""
+    from distributed import KilledWorker, as_completed
+
+    subs = [f"{unit_id}-g{i:05d}" for i in range(keys.num_rows)]
+
+    def attempt(indices, n: int, at_once: int):
+        todo, running, done, dead = iter(indices), {}, [], []
+        pending = as_completed()
+
+        def submit_next() -> None:
+            i = next(todo, None)
+            if i is not None:
+                fut = run_one(i, subs[i], f"mf-{subs[i]}-a{n}-{id(spec):x}")
+                running[fut.key] = i
+                pending.add(fut)
+
+        for _ in range(at_once):
+            submit_next()
+        for fut in pending:
+            i = running.pop(fut.key)
+            if fut.status == "error" and isinstance(fut.exception(), KilledWorker):
+                dead.append(i)
+            else:
+                done.append(fut.result())
+            fut.release()
+            submit_next()
+        return done, dead
+
+    threads = max(1, sum(client.nthreads().values()))
+    parts, dead = attempt(range(keys.num_rows), 1, threads)
+    if dead:  # which of them kills the worker? each alone, one after the other
+        parts2, dead = attempt(dead, 2, 1)
+        parts += parts2
     if dead:
         reason = ("the worker process died while running this group (killed by the OS, out of "
                   "memory, or a crash in native code); it was tried on several workers")
-        parts.append(kernel.failed_rows(spec, f"{unit.id}-killed", keys.take(pa.array(dead)), reason))
-    return kernel.merge_results(unit.id, parts)
+        parts.append(kernel.failed_rows(spec, f"{unit_id}-killed", keys.take(pa.array(dead)), reason))
+    return kernel.merge_results(unit_id, parts)
 
 
 def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:
@@ -263,10 +345,57 @@ def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:
     return read_files(spec.source, paths, list(spec.columns), spec.filter).to_pandas()
 
 
-def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.run_table) -> UnitResult:
+def _partition_table(spec: JobSpec, df: pd.DataFrame) -> pa.Table:
     schema = pa.schema([spec.source.schema.field(c) for c in spec.columns])
-    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
-    return runner(spec, unit_id, table)
+    return pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+
+
+def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.run_table) -> UnitResult:
+    return runner(spec, unit_id, _partition_table(spec, df))
+
+
+def _remaining_keys(spec: JobSpec, paths: tuple[str, ...], tables: list[pa.Table], parts: list[str]) -> pa.Table:
+    """The group keys in ``paths`` that are in none of the group tables ``tables`` and ``parts``
+    (files under the job's sink)."""
+    import pyarrow.parquet as pq
+
+    from .dataset import read_files
+
+    by = list(spec.by)
+    every = kernel.split_groups(read_files(spec.source, paths, by, spec.filter), spec.by).keys
+    done = tables + [pq.read_table(pa.BufferReader(spec.sink.read_bytes(p)), columns=by) for p in parts]
+    if not done:
+        return every
+    done_keys = pa.concat_tables([t.select(by).cast(every.schema) for t in done])
+    return every.join(done_keys, keys=by, join_type="left anti").combine_chunks()
+
+
+def _read_groups(spec: JobSpec, paths: tuple[str, ...], keys: pa.Table) -> pa.Table:
+    """The rows of the groups ``keys`` names, read from ``paths``."""
+    import functools
+
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from .dataset import read_files
+
+    # each key column within its values (pushed down), then exactly the key tuples
+    cond = functools.reduce(lambda a, b: a & b, [ds.field(k).isin(pc.unique(keys[k])) for k in spec.by])
+    if spec.filter is not None:
+        cond = cond & spec.filter
+    table = read_files(spec.source, paths, list(spec.columns), cond)
+    return table.join(keys, keys=list(spec.by), join_type="left semi").combine_chunks()
+
+
+def _run_one_group(spec: JobSpec, sub_id: str, table: pa.Table, key: dict) -> UnitResult:
+    """Run the group ``key`` of ``table`` on its own."""
+    import pyarrow.compute as pc
+
+    mask = None
+    for k, v in key.items():
+        eq = pc.equal(table[k], pa.scalar(v, table.schema.field(k).type))
+        mask = eq if mask is None else pc.and_(mask, eq)
+    return kernel.run_table(spec, sub_id, table.filter(mask))
 
 
 def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -> list[UnitResult]:
@@ -291,6 +420,11 @@ def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -
     parts = shuffled.to_delayed()
     run = dask.delayed(_run_partition, pure=False)
     tasks = [run(spec, u.id, p, runner) for u, p in zip(plan_.units, parts)]
-    return execute_delayed(client, tasks, progress=progress)
+    paths = tuple(f.path for f in files)
 
+    def isolate_killed(client, killed, done):
+        return isolate_partitions(spec, client, plan_.units[killed[0]].id, paths, done)
 
+    # train and apply; scoring has no per-group isolation, on either path
+    return execute_delayed(client, tasks, progress=progress,
+                           on_killed=isolate_killed if runner is kernel.run_table else None)

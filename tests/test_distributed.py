@@ -343,12 +343,43 @@ def with_crasher(tmp_path_factory) -> str:
     return write(pa.Table.from_pandas(t, preserve_index=False), tmp_path_factory.mktemp("crash") / "data", KEYS)
 
 
+@pytest.fixture(scope="module")
+def with_crasher_by_day(tmp_path_factory) -> str:
+    """The same rows partitioned by day: every group spans two folders (the shuffle path)."""
+    t = _table().to_pandas()
+    t.loc[(t.site == "site-00007") & (t.index % HOURS == 5), "value"] = MARKER
+    t["day"] = t["ts"].dt.strftime("%Y-%m-%d")
+    return write(pa.Table.from_pandas(t, preserve_index=False), tmp_path_factory.mktemp("crash") / "by_day",
+                 ["day"])
+
+
 @pytest.mark.timeout(120)
-def test_a_group_that_kills_its_worker_fails_alone(procs, with_crasher, tmp_path):
-    run = modelfactory.train(with_crasher, store=str(tmp_path / "store"), model=CrashOnMarker,
+@pytest.mark.parametrize("layout", ["by_key", "by_day"])
+def test_a_group_that_kills_its_worker_fails_alone(procs, layout, request, tmp_path):
+    data = request.getfixturevalue("with_crasher" if layout == "by_key" else "with_crasher_by_day")
+    run = modelfactory.train(data, store=str(tmp_path / "store"), model=CrashOnMarker,
                              cluster=procs.address, **TRAIN)
+    assert run.summary["mode"] == ("files" if layout == "by_key" else "shuffle")
     assert run.summary["counts"] == {"ok": SERIES - 1, "failed": 1, "skipped": 0}
     g = committed(str(tmp_path / "store")).set_index("site")
     assert g.loc["site-00007", "status"] == "failed"
     assert re.search(r"(?i)worker.*(died|killed|crashed|lost)", g.loc["site-00007", "error"])
     assert (g.drop(index="site-00007").status == "ok").all()
+
+
+def crash_on_marker(df: pd.DataFrame) -> pd.DataFrame:
+    if (df["value"] == MARKER).any():
+        os._exit(1)
+    return pd.DataFrame({"app": [df["app"].iloc[0]], "site": [df["site"].iloc[0]], "n": [len(df)]})
+
+
+@pytest.mark.timeout(120)
+def test_an_applied_function_that_kills_its_worker_fails_its_group_alone_after_a_shuffle(procs, with_crasher_by_day):
+    run = modelfactory.apply(with_crasher_by_day, by=KEYS, func=crash_on_marker, schema="app string, site string, n bigint",
+                             cluster=procs.address, unit_rows=UNIT_ROWS)
+    assert run.summary["mode"] == "shuffle"
+    assert run.summary["counts"] == {"ok": SERIES - 1, "failed": 1, "skipped": 0}
+    g = run.groups.set_index("site")
+    assert len(g) == SERIES and re.search(r"(?i)worker.*died", g.loc["site-00007", "error"])
+    out = run.to_pandas()
+    assert sorted(out["site"]) == sorted(set(g.index) - {"site-00007"}) and set(out["n"]) == {HOURS}
