@@ -214,3 +214,22 @@ def test_missing_values_follow_the_kind_of_value_returned_on_every_path():
     rows, out = _apply(one_bad)
     assert rows["status"] == ["ok", "failed", "ok", "ok"]
     assert out == {"k": ["a", "c", "d"], "n": [2, 3, 1], "m": [None] * 3}
+
+
+def test_column_labels_and_string_columns_are_read_alike_from_every_kind_of_index_and_array():
+    import pandas as pd
+
+    from modelfactory.grouped_map import _objects, labels_check
+
+    same = labels_check(["k", "n", "m"])
+    for dtype in (object, "string[pyarrow]", "string[python]", "str"):
+        assert same(pd.Index(["k", "n", "m"], dtype=dtype)), dtype
+        assert not same(pd.Index(["k", "m", "n"], dtype=dtype)), dtype
+        assert not same(pd.Index(["k", "n"], dtype=dtype)), dtype
+        assert not same(pd.Index(["k", "n", "m", "x"], dtype=dtype)), dtype
+    assert not same(pd.Index([0, 1, 2]))
+    pandas3 = int(pd.__version__.split(".")[0]) >= 3  # "str" is pandas 3's string dtype (numpy's before)
+    for dtype in ("string[pyarrow]", "string[python]", "Int64", *(["str"] if pandas3 else [])):
+        values = ["a", None, "c"] if dtype != "Int64" else [1, None, 3]
+        got = _objects(pd.array(values, dtype=dtype))
+        assert type(got) is np.ndarray and got.dtype == object and got.tolist() == values, dtype
