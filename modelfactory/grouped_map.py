@@ -118,14 +118,14 @@ def _objects(a) -> np.ndarray:
     as None, which Arrow reads as null (their own NA markers, pd.NA or NaN, would not convert).
     Arrow-backed strings go through their Arrow array: half the cost of ``to_numpy``."""
     arrow = getattr(a, "_pa_array", None)
-    if isinstance(arrow, pa.ChunkedArray) and arrow.type in _STRINGS:
+    if isinstance(arrow, pa.ChunkedArray) and arrow.type.id in _STRING_IDS:
         out = np.empty(len(arrow), dtype=object)
         out[:] = arrow.to_pylist()
         return out
     return a.to_numpy(dtype=object, na_value=None)
 
 
-_STRINGS = (pa.string(), pa.large_string(), pa.string_view())
+_STRING_IDS = frozenset(t.id for t in (pa.string(), pa.large_string(), pa.string_view()))
 
 
 def labels_check(names: list[str]) -> Callable[[Any], bool]:
@@ -134,15 +134,15 @@ def labels_check(names: list[str]) -> Callable[[Any], bool]:
     pandas 3 keeps string labels in an Arrow-backed Index, and listing one costs ~5 µs;
     comparing its Arrow array with the names' costs ~1 µs.  Other Indexes are listed.
     """
-    refs: dict[pa.DataType, pa.ChunkedArray] = {}
+    ref: list = []  # the names as an Arrow array of the first Arrow-backed labels' string type
 
     def same(columns) -> bool:
         arrow = getattr(getattr(columns, "_data", None), "_pa_array", None)
-        if isinstance(arrow, pa.ChunkedArray) and arrow.type in _STRINGS:
-            ref = refs.get(arrow.type)
-            if ref is None:
-                ref = refs[arrow.type] = pa.chunked_array([pa.array(names, type=arrow.type)])
-            return arrow.equals(ref)
+        if isinstance(arrow, pa.ChunkedArray):
+            if not ref and arrow.type.id in _STRING_IDS:
+                ref.append(pa.chunked_array([pa.array(names, type=arrow.type)]))
+            if ref and arrow.equals(ref[0]):  # another type or other labels: listed below
+                return True
         return columns.tolist() == names
 
     return same
