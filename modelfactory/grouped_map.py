@@ -246,15 +246,24 @@ def _collected_table(collected: list[list], framed: list[bool], schema: pa.Schem
     in a DataFrame's columns NaN and None are missing (null); in a dict of arrays a float
     NaN is a value."""
     every, some = all(framed), any(framed)
+    mixed = some and not every
     rows_framed = None
-    if some and not every:
-        rows_framed = np.repeat(np.asarray(framed), [len(c) for c in collected[0]])
     arrays = []
     for chunks, field in zip(collected, schema):
+        dtypes = {c.dtype for c in chunks}
+        kind = next(iter(dtypes)).kind if len(dtypes) == 1 else None
+        if kind is None or (mixed and kind == "O"):
+            # chunks of other dtypes (numpy would round int64 with float64, or int64 with
+            # uint64, to float64), or objects from frames among objects from dicts: one by one
+            arrays.append(pa.concat_arrays([pa.array(c, type=field.type, from_pandas=f)
+                                            for c, f in zip(chunks, framed)]))
+            continue
         values = np.concatenate(chunks)
         if every:
             arrays.append(pa.array(values, type=field.type, from_pandas=True))
-        elif some and values.dtype.kind == "f":
+        elif mixed and kind == "f":
+            if rows_framed is None:
+                rows_framed = np.repeat(np.asarray(framed), [len(c) for c in chunks])
             arrays.append(pa.array(values, type=field.type, mask=np.isnan(values) & rows_framed))
         else:
             arrays.append(pa.array(values, type=field.type))

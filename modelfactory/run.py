@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import functools
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -276,33 +277,40 @@ def isolate_partitions(spec: JobSpec, client, unit_id: str, paths: tuple[str, ..
                        done: list[UnitResult]) -> UnitResult:
     """Shuffle partitions kept killing their workers: :func:`isolate` for rows that have no
     files of their own.  Their groups are the dataset's groups that no other partition
-    ran (``done``); one task reads those groups' rows again from ``paths`` and keeps them on
-    the cluster, and each group runs as its own task on its own rows.  Nothing here goes
-    through the shuffle again: once a worker is lost its outputs may be gone for good."""
+    ran (``done``); one task reads those groups' rows again from ``paths``, in group order,
+    and keeps them on the cluster; each group then runs as its own task on its own slice.
+    Nothing here goes through the shuffle again: once a worker is lost its outputs may be
+    gone for good.  ``unit_id`` prefixes the groups' ids: it must be the same in every
+    attempt of a run, since which partitions are killed may differ from one to the next."""
     tables = [r.group_table.select(list(spec.by)) for r in done if r.group_table is not None]
     parts = [p.path for r in done for p in r.parts if p.path.startswith(spec.groups_prefix)]
-    keys = client.submit(_remaining_keys, spec, paths, tables, parts, pure=False).result()
-    data = client.submit(_read_groups, spec, paths, keys, pure=False)
-    rows = keys.to_pylist()
-
-    def run_one(i, sub_id, key):
-        return client.submit(_run_one_group, spec, sub_id, data, rows[i], key=key, pure=False)
-
+    remaining = client.submit(_remaining_keys, spec, paths, tables, parts, pure=False)
+    data = client.submit(_read_groups, spec, paths, remaining, pure=False)
     try:
+        keys = client.submit(_group_keys, data, pure=False).result()  # in the order of data's groups
+
+        def run_one(i, sub_id, key):
+            return client.submit(_run_group_slice, spec, sub_id, data, i, key=key, pure=False)
+
         return _isolated(spec, client, unit_id, keys, run_one)
     finally:
         data.release()
+        remaining.release()
 
 
-def _isolated(spec: JobSpec, client, unit_id: str, keys: pa.Table, run_one: Callable) -> UnitResult:
+def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Callable) -> UnitResult:
     """Run each group of ``keys`` as its own task (``run_one(i, sub_id, task_key)`` submits
     group ``i``'s), no more at once than the cluster has threads: a task waiting on a worker
     that dies counts as a suspect too.  A task that kept killing its worker is run once more
     alone: one lost only because it shared the dying worker completes then; a group that
-    kills its worker alone too is ``failed`` with the reason."""
+    kills its worker alone too is ``failed`` with the reason.
+
+    A group's sub-unit id is ``<prefix>-g<digest of its key>``: the same group gets the same
+    id, and so finds its own part, in a resumed run, whatever else was isolated with it.
+    """
     from distributed import KilledWorker, as_completed
 
-    subs = [f"{unit_id}-g{i:05d}" for i in range(keys.num_rows)]
+    subs = [f"{prefix}-g{_key_digest(k)}" for k in keys.to_pylist()]
 
     def attempt(indices, n: int, at_once: int):
         todo, running, done, dead = iter(indices), {}, [], []
@@ -312,19 +320,23 @@ def _isolated(spec: JobSpec, client, unit_id: str, keys: pa.Table, run_one: Call
             i = next(todo, None)
             if i is not None:
                 fut = run_one(i, subs[i], f"mf-{subs[i]}-a{n}-{id(spec):x}")
-                running[fut.key] = i
+                running[fut.key] = (i, fut)
                 pending.add(fut)
 
-        for _ in range(at_once):
-            submit_next()
-        for fut in pending:
-            i = running.pop(fut.key)
-            if fut.status == "error" and isinstance(fut.exception(), KilledWorker):
-                dead.append(i)
-            else:
-                done.append(fut.result())
-            fut.release()
-            submit_next()
+        try:
+            for _ in range(at_once):
+                submit_next()
+            for fut in pending:
+                i, _ = running.pop(fut.key)
+                if fut.status == "error" and isinstance(fut.exception(), KilledWorker):
+                    dead.append(i)
+                else:
+                    done.append(fut.result())
+                fut.release()
+                submit_next()
+        finally:
+            for _, fut in running.values():  # left running by an error: not ours to wait for
+                fut.release()
         return done, dead
 
     threads = max(1, sum(client.nthreads().values()))
@@ -332,11 +344,17 @@ def _isolated(spec: JobSpec, client, unit_id: str, keys: pa.Table, run_one: Call
     if dead:  # which of them kills the worker? each alone, one after the other
         parts2, dead = attempt(dead, 2, 1)
         parts += parts2
-    if dead:
+    if dead or not parts:
         reason = ("the worker process died while running this group (killed by the OS, out of "
                   "memory, or a crash in native code); it was tried on several workers")
-        parts.append(kernel.failed_rows(spec, f"{unit_id}-killed", keys.take(pa.array(dead)), reason))
-    return kernel.merge_results(unit_id, parts)
+        parts.append(kernel.failed_rows(spec, f"{prefix}-killed", keys.take(pa.array(dead, pa.int64())), reason))
+    return kernel.merge_results(prefix, parts)
+
+
+def _key_digest(key: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]
 
 
 def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:
@@ -370,8 +388,8 @@ def _remaining_keys(spec: JobSpec, paths: tuple[str, ...], tables: list[pa.Table
     return every.join(done_keys, keys=by, join_type="left anti").combine_chunks()
 
 
-def _read_groups(spec: JobSpec, paths: tuple[str, ...], keys: pa.Table) -> pa.Table:
-    """The rows of the groups ``keys`` names, read from ``paths``."""
+def _read_groups(spec: JobSpec, paths: tuple[str, ...], keys: pa.Table) -> kernel.Groups:
+    """The rows of the groups ``keys`` names, read from ``paths`` and split into groups."""
     import functools
 
     import pyarrow.compute as pc
@@ -379,23 +397,26 @@ def _read_groups(spec: JobSpec, paths: tuple[str, ...], keys: pa.Table) -> pa.Ta
 
     from .dataset import read_files
 
-    # each key column within its values (pushed down), then exactly the key tuples
-    cond = functools.reduce(lambda a, b: a & b, [ds.field(k).isin(pc.unique(keys[k])) for k in spec.by])
+    by = list(spec.by)
+    # each key column within its values (pushed down), then exactly the key tuples: joined on
+    # the keys and a row number only (a join cannot carry nested columns), rows kept in order
+    cond = functools.reduce(lambda a, b: a & b, [ds.field(k).isin(pc.unique(keys[k])) for k in by])
     if spec.filter is not None:
         cond = cond & spec.filter
     table = read_files(spec.source, paths, list(spec.columns), cond)
-    return table.join(keys, keys=list(spec.by), join_type="left semi").combine_chunks()
+    probe = table.select(by).append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    rows = probe.join(keys, keys=by, join_type="left semi")["__row"].to_numpy()
+    return kernel.split_groups(table.take(pa.array(np.sort(rows))), spec.by, spec.time)
 
 
-def _run_one_group(spec: JobSpec, sub_id: str, table: pa.Table, key: dict) -> UnitResult:
-    """Run the group ``key`` of ``table`` on its own."""
-    import pyarrow.compute as pc
+def _group_keys(groups: kernel.Groups) -> pa.Table:
+    return groups.keys
 
-    mask = None
-    for k, v in key.items():
-        eq = pc.equal(table[k], pa.scalar(v, table.schema.field(k).type))
-        mask = eq if mask is None else pc.and_(mask, eq)
-    return kernel.run_table(spec, sub_id, table.filter(mask))
+
+def _run_group_slice(spec: JobSpec, sub_id: str, groups: kernel.Groups, i: int) -> UnitResult:
+    """Run group ``i`` of ``groups`` on its own."""
+    s, e = int(groups.starts[i]), int(groups.ends[i])
+    return kernel.run_table(spec, sub_id, groups.table.slice(s, e - s))
 
 
 def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -> list[UnitResult]:
@@ -414,16 +435,19 @@ def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -
     if cur:
         chunks.append(tuple(cur))
     meta = info.schema.empty_table().select(list(spec.columns)).to_pandas()
-    ddf = dd.from_map(functools.partial(_read_chunk, spec), chunks, meta=meta, enforce_metadata=False)
     method = "p2p" if client is not None else "tasks"
-    shuffled = ddf.shuffle(on=list(spec.by), npartitions=len(plan_.units), shuffle_method=method)
-    parts = shuffled.to_delayed()
+    # dask turns object columns into Arrow strings by default, which breaks nested (list,
+    # struct) columns; the partitions go back to Arrow with the dataset's own schema anyway
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_map(functools.partial(_read_chunk, spec), chunks, meta=meta, enforce_metadata=False)
+        shuffled = ddf.shuffle(on=list(spec.by), npartitions=len(plan_.units), shuffle_method=method)
+        parts = shuffled.to_delayed()
     run = dask.delayed(_run_partition, pure=False)
     tasks = [run(spec, u.id, p, runner) for u, p in zip(plan_.units, parts)]
     paths = tuple(f.path for f in files)
 
     def isolate_killed(client, killed, done):
-        return isolate_partitions(spec, client, plan_.units[killed[0]].id, paths, done)
+        return isolate_partitions(spec, client, "shuffled", paths, done)
 
     # train and apply; scoring has no per-group isolation, on either path
     return execute_delayed(client, tasks, progress=progress,

@@ -349,6 +349,7 @@ def with_crasher_by_day(tmp_path_factory) -> str:
     t = _table().to_pandas()
     t.loc[(t.site == "site-00007") & (t.index % HOURS == 5), "value"] = MARKER
     t["day"] = t["ts"].dt.strftime("%Y-%m-%d")
+    t["tags"] = [[float(i % 3)] * (i % 2) for i in range(len(t))]  # a nested column: apply reads it too
     return write(pa.Table.from_pandas(t, preserve_index=False), tmp_path_factory.mktemp("crash") / "by_day",
                  ["day"])
 
@@ -370,6 +371,8 @@ def test_a_group_that_kills_its_worker_fails_alone(procs, layout, request, tmp_p
 def crash_on_marker(df: pd.DataFrame) -> pd.DataFrame:
     if (df["value"] == MARKER).any():
         os._exit(1)
+    if any(isinstance(t, str) for t in df["tags"]):  # the nested column must arrive as lists
+        raise TypeError(f"tags arrived as text: {df['tags'].iloc[0]!r}")
     return pd.DataFrame({"app": [df["app"].iloc[0]], "site": [df["site"].iloc[0]], "n": [len(df)]})
 
 

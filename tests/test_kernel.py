@@ -233,3 +233,33 @@ def test_column_labels_and_string_columns_are_read_alike_from_every_kind_of_inde
         values = ["a", None, "c"] if dtype != "Int64" else [1, None, 3]
         got = _objects(pd.array(values, dtype=dtype))
         assert type(got) is np.ndarray and got.dtype == object and got.tolist() == values, dtype
+
+
+def test_chunks_of_other_dtypes_are_converted_exactly_and_keep_their_missing_values():
+    import pandas as pd
+
+    big = 2**53 + 1  # not a float64
+
+    def ints(df):  # int64 in most groups, a float NaN in one: numpy alone would round big
+        k = df["k"].iloc[0]
+        return pd.DataFrame({"k": [k], "n": [float("nan")] if k == "b" else [big], "m": [1.0]})
+
+    rows, out = _apply(ints)
+    assert rows["status"] == ["ok"] * 4 and out["n"] == [big, None, big, big]
+
+    def signs(df):  # uint64 and int64 chunks side by side
+        k = df["k"].iloc[0]
+        n = np.array([2**62 + 1], np.uint64) if k in ("a", "c") else np.array([2**62 + 3], np.int64)
+        return {"k": np.array([k], dtype=object), "n": n, "m": np.array([1.0])}
+
+    rows, out = _apply(signs)
+    assert out["n"] == [2**62 + 1, 2**62 + 3, 2**62 + 1, 2**62 + 3]
+
+    def objects(df):  # a frame's object column holding NaN, among dicts: null, as pandas means it
+        k = df["k"].iloc[0]
+        if k == "a":
+            return pd.DataFrame({"k": [k], "n": [1], "m": pd.Series([float("nan")], dtype=object)})
+        return {"k": np.array([k], dtype=object), "n": np.array([1]), "m": np.array([1.0], dtype=object)}
+
+    rows, out = _apply(objects)
+    assert rows["status"] == ["ok"] * 4 and out["m"] == [None, 1.0, 1.0, 1.0]
