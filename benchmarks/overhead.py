@@ -20,9 +20,9 @@ pandas and dask select them after the groupby, modelfactory reads them with
 ``columns=``).  Every Dask-based system runs on one ``LocalCluster`` made
 once, the one a modelfactory job makes by default (``modelfactory.run.local_cluster``:
 ``--workers`` processes, one thread each, Dask's worker profiler off); its
-workers are restarted and warmed up on a small dataset before each system (``--no-restart`` keeps them).  Every output is
-checked against means computed with numpy when the data was written; a
-mismatch exits with status 1.
+workers are restarted and warmed up on a small dataset before each system
+(``--no-restart`` keeps them).  Every output is checked against means
+computed with numpy when the data was written; a mismatch exits with status 1.
 
 Besides wall time, each row shows the CPU seconds used (this process and the
 workers) and how many cores *other* processes used meanwhile: on a shared
