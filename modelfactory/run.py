@@ -34,7 +34,7 @@ from .kernel import JobSpec, UnitResult
 from .plan import Plan
 
 __all__ = ["open_client", "local_cluster", "execute", "execute_delayed", "worker_count", "Progress", "run_units",
-           "run_shuffled", "isolate", "isolate_partitions"]
+           "run_shuffled", "isolate", "isolate_partitions", "drop_unit_files"]
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,7 @@ def run_units(client, spec: JobSpec, info: DatasetInfo, plan_: Plan, progress: P
 def isolate(spec: JobSpec, client, unit) -> UnitResult:
     """A unit kept killing its worker: run each of its groups as its own task, so only the
     group(s) that crash the process fail (with the reason) and the others complete."""
+    drop_unit_files(spec, [unit.id])
     keys = client.submit(kernel.unit_keys, spec, unit, pure=False).result()
     rows = keys.to_pylist()
 
@@ -372,6 +373,24 @@ def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.
     return runner(spec, unit_id, _partition_table(spec, df))
 
 
+def drop_unit_files(spec: JobSpec, unit_ids: list[str]) -> list[str]:
+    """Remove what earlier attempts of these units wrote under the job's ``out=`` folder.
+
+    A unit whose worker was lost after it wrote its files, and which then kept killing
+    workers, has its groups run one by one under other names: its own files, which
+    readers of the folder would also see, must go.  (Training parts are read only through
+    the manifest, so they need nothing.)  Returns the paths removed."""
+    if spec.sink is None or spec.kind == "train":
+        return []
+    gone = []
+    for uid in unit_ids:
+        for rel in (f"{spec.data_prefix}{uid}.parquet", f"{spec.groups_prefix}{uid}.parquet"):
+            if spec.sink.exists(rel):
+                spec.sink.fs.rm(spec.sink.path(rel))
+                gone.append(rel)
+    return gone
+
+
 def _remaining_keys(spec: JobSpec, paths: tuple[str, ...], tables: list[pa.Table], parts: list[str]) -> pa.Table:
     """The group keys in ``paths`` that are in none of the group tables ``tables`` and ``parts``
     (files under the job's sink)."""
@@ -447,6 +466,7 @@ def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -
     paths = tuple(f.path for f in files)
 
     def isolate_killed(client, killed, done):
+        drop_unit_files(spec, [plan_.units[i].id for i in killed])
         return isolate_partitions(spec, client, "shuffled", paths, done)
 
     # train and apply; scoring has no per-group isolation, on either path

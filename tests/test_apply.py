@@ -175,3 +175,21 @@ def test_the_cluster_a_job_makes_has_one_thread_per_worker_and_no_stack_profiler
     run = modelfactory.map_keys(["a", "b"], func=worker_setup, workers=1)
     assert run.summary["counts"]["ok"] == 2
     assert set(map(str, run.results.values())) == {str({"profiler": False, "threads": 1, "omp": "1"})}
+
+
+def test_a_unit_run_group_by_group_leaves_no_files_of_its_own_attempts(tmp_path):
+    """What an earlier attempt of an isolated unit wrote under out= goes (its groups get other
+    names), and nothing else; training parts are read through the manifest and stay."""
+    from types import SimpleNamespace
+
+    from modelfactory._io import Location
+    from modelfactory.run import drop_unit_files
+
+    sink = Location.of(str(tmp_path))
+    for rel in ("part-u1.parquet", "_groups/u1.parquet", "part-u2.parquet", "_groups/u2.parquet"):
+        sink.write_bytes(rel, b"x")
+    spec = SimpleNamespace(sink=sink, kind="apply", data_prefix="part-", groups_prefix="_groups/")
+    assert drop_unit_files(spec, ["u1", "u3"]) == ["part-u1.parquet", "_groups/u1.parquet"]
+    assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == ["part-u2.parquet", "u2.parquet"]
+    assert drop_unit_files(SimpleNamespace(**{**vars(spec), "kind": "train"}), ["u2"]) == []
+    assert drop_unit_files(SimpleNamespace(**{**vars(spec), "sink": None}), ["u2"]) == []

@@ -377,11 +377,12 @@ def crash_on_marker(df: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("written", [False, True], ids=["returned", "out"])
 def test_an_applied_function_that_kills_its_worker_fails_its_group_alone_after_a_shuffle(
-        procs, with_crasher_by_day):
+        procs, with_crasher_by_day, written, tmp_path):
     run = modelfactory.apply(with_crasher_by_day, by=KEYS, func=crash_on_marker,
                              schema="app string, site string, n bigint", cluster=procs.address,
-                             unit_rows=UNIT_ROWS)
+                             unit_rows=UNIT_ROWS, out=str(tmp_path / "out") if written else None)
     assert run.summary["mode"] == "shuffle"
     assert run.summary["counts"] == {"ok": SERIES - 1, "failed": 1, "skipped": 0}
     g = run.groups.set_index("site")
