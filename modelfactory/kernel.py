@@ -276,6 +276,7 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
         table = _decoded(table, decode)
         return Groups(table, empty, empty, table.select(list(by)).slice(0, 0))
     encoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    order = None  # the row order that groups the rows, when they are not grouped as read
     codes = _key_codes(table, by, encoded)
     if codes is None:  # a key type that cannot be dictionary-encoded: compare values instead
         table, decode = _decoded(table, decode), ()
@@ -294,14 +295,11 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
         if not in_order:
             order = np.lexsort((t, codes)) if t is not None else np.argsort(codes, kind="stable")
             codes = codes[order]
-            cuts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
-            starts, ends = _ranges(cuts, n)
-            keys = _decoded(table.select(list(by)).take(pa.array(order[starts])), decode)
-            return Groups(table, starts, ends, keys, encoded, order, decode)
         cuts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
     starts, ends = _ranges(cuts, n)
-    keys = _decoded(table.select(list(by)).take(pa.array(starts)), decode)
-    return Groups(table, starts, ends, keys, encoded, None, decode)
+    first = starts if order is None else order[starts]  # each group's first row, as read
+    keys = _decoded(table.select(list(by)).take(pa.array(first)), decode)
+    return Groups(table, starts, ends, keys, encoded, order, decode)
 
 
 def _decoded(table: pa.Table, names: tuple[str, ...]) -> pa.Table:

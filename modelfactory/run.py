@@ -364,13 +364,10 @@ def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:
     return read_files(spec.source, paths, list(spec.columns), spec.filter).to_pandas()
 
 
-def _partition_table(spec: JobSpec, df: pd.DataFrame) -> pa.Table:
-    schema = pa.schema([spec.source.schema.field(c) for c in spec.columns])
-    return pa.Table.from_pandas(df, schema=schema, preserve_index=False)
-
-
 def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.run_table) -> UnitResult:
-    return runner(spec, unit_id, _partition_table(spec, df))
+    schema = pa.schema([spec.source.schema.field(c) for c in spec.columns])
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    return runner(spec, unit_id, table)
 
 
 def drop_unit_files(spec: JobSpec, unit_ids: list[str]) -> list[str]:
@@ -409,8 +406,6 @@ def _remaining_keys(spec: JobSpec, paths: tuple[str, ...], tables: list[pa.Table
 
 def _read_groups(spec: JobSpec, paths: tuple[str, ...], keys: pa.Table) -> kernel.Groups:
     """The rows of the groups ``keys`` names, read from ``paths`` and split into groups."""
-    import functools
-
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
