@@ -24,6 +24,7 @@ Usage::
     python benchmarks/compare.py                      # 100,000 no-op groups; 1,000 ETS series
     python benchmarks/compare.py --quick              # 10,000 groups; 100 series
     python benchmarks/compare.py --statsforecast-python /tmp/sfvenv/bin/python
+    python benchmarks/compare.py --workloads noop --columns used   # each system reads app, site, value only
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from _common import write_grouped_dataset  # noqa: E402  (the same no-op data as
 
 BY = ["app", "site"]
 NOOP_SCHEMA = "app string, site string, mean double"
+NOOP_COLUMNS = ["app", "site", "value"]  # what the no-op function uses (--columns used)
 ES_SCHEMA = "app string, site string, sse double"
 SEASON = 24
 TOLERANCE = 1e-9
@@ -125,12 +127,13 @@ def compare_frames(got: pd.DataFrame, ref: pd.DataFrame, col: str, tol: float, r
 # ---------------------------------------------------------------------------
 # systems
 # ---------------------------------------------------------------------------
-def run_mf_apply(workload, path, func, schema, client, input="pandas", label="") -> Result:
+def run_mf_apply(workload, path, func, schema, client, input="pandas", label="", columns=None) -> Result:
     import modelfactory
 
     _turn(label)
     with Measure() as m:
-        run = modelfactory.apply(path, by=BY, func=func, schema=schema, input=input, cluster=client)
+        run = modelfactory.apply(path, by=BY, func=func, schema=schema, input=input, cluster=client,
+                                 columns=columns)
         out = run.to_pandas()
     s = run.summary
     return Result(workload, label, m.seconds, len(out), m.others, out=out,
@@ -156,21 +159,23 @@ def spark_session(workers: int):
     return spark
 
 
-def run_spark(workload, spark, path, func, schema, label) -> Result:
+def run_spark(workload, spark, path, func, schema, label, columns=None) -> Result:
     _turn(label)
     with Measure() as m:
         sdf = spark.read.parquet(path)
+        if columns:
+            sdf = sdf.select(*columns)
         out = sdf.groupBy(*BY).applyInPandas(func, schema=schema).toPandas()
     return Result(workload, label, m.seconds, len(out), m.others, out=out,
                   note="spark.read.parquet + groupBy.applyInPandas + toPandas; session start-up not timed")
 
 
-def run_dask(workload, client, path, func, meta, label) -> Result:
+def run_dask(workload, client, path, func, meta, label, columns=None) -> Result:
     import dask.dataframe as dd
 
     _turn(label)
     with Measure() as m:
-        ddf = dd.read_parquet(path)
+        ddf = dd.read_parquet(path, columns=columns)
         out = ddf.groupby(BY, observed=True)[[*BY, *[c for c in ("ts", "value") if c in ddf.columns]]].apply(
             func, meta=meta).compute()
     return Result(workload, label, m.seconds, len(out), m.others, out=out,
@@ -266,14 +271,16 @@ def noop_workload(args, tmp, client, spark, only) -> list[Result]:
     expected = data.expected
     meta = pd.DataFrame({"app": pd.Series(dtype=object), "site": pd.Series(dtype=object),
                          "mean": pd.Series(dtype="float64")})
+    cols = NOOP_COLUMNS if args.columns == "used" else None
     systems = {
-        "mf-pandas": lambda p: run_mf_apply("noop", p, mean_value, NOOP_SCHEMA, client,
+        "mf-pandas": lambda p: run_mf_apply("noop", p, mean_value, NOOP_SCHEMA, client, columns=cols,
                                             label="modelfactory.apply, pandas function"),
         "mf-array": lambda p: run_mf_apply("noop", p, mean_value_arrays, NOOP_SCHEMA, client, input="numpy",
-                                           label="modelfactory.apply(input='numpy'), numpy function"),
+                                           columns=cols, label="modelfactory.apply(input='numpy'), numpy function"),
         "spark": lambda p: run_spark("noop", spark, p, mean_value, NOOP_SCHEMA,
-                                     "PySpark groupBy().applyInPandas, local[2], Arrow"),
-        "dask": lambda p: run_dask("noop", client, p, mean_value, meta, "dask.dataframe groupby().apply"),
+                                     "PySpark groupBy().applyInPandas, local[2], Arrow", columns=cols),
+        "dask": lambda p: run_dask("noop", client, p, mean_value, meta, "dask.dataframe groupby().apply",
+                                   columns=cols),
     }
     results = []
     for name, fn in systems.items():
@@ -453,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", type=int, default=1000, help="ETS series (default 1,000)")
     p.add_argument("--ets-apps", type=int, default=20, help="app folders of the ETS data (default 20)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--columns", choices=("all", "used"), default="all",
+                   help="no-op workload: every system reads every column (default, as spark.read.parquet and "
+                        "modelfactory.apply do unless told), or only the three the function uses, each "
+                        "the way its users would (select / columns=), as benchmarks/overhead.py does")
     p.add_argument("--workloads", default="noop,ets")
     p.add_argument("--only", default="mf-pandas,mf-array,mf-hw,mf-es,spark,dask,sf,sf1",
                    help="systems: mf-pandas, mf-array, mf-hw, mf-es, spark, dask, sf (n_jobs=2), sf1 (n_jobs=1)")
