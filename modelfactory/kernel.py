@@ -27,7 +27,7 @@ from .models.base import Model, SeriesBatch, SkipGroup
 from .plan import WorkUnit
 
 __all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
-           "run_keys", "unit_keys", "run_group", "failed_rows", "merge_results", "describe_error", "STATUS",
+           "run_keys", "unit_keys", "run_group", "keys_condition", "failed_rows", "merge_results", "describe_error", "STATUS",
            "one_thread"]
 
 STATUS = ("ok", "failed", "skipped")
@@ -345,20 +345,38 @@ def unit_keys(spec: JobSpec, unit: WorkUnit) -> pa.Table:
     return split_groups(table, spec.by).keys
 
 
-def run_group(spec: JobSpec, unit: WorkUnit, key: dict, sub_id: str) -> UnitResult:
-    """Run one group of a unit on its own (to isolate a group that kills its worker)."""
+def run_group(spec: JobSpec, unit: WorkUnit, key: pa.Table, sub_id: str) -> UnitResult:
+    """Run one group of a unit on its own (to isolate a group that kills its worker);
+    ``key`` is its one-row key table."""
+    t0 = _time.perf_counter()
+    if (done := recover(spec, sub_id)) is not None:
+        return done
+    table = read_files(spec.source, unit.paths, list(spec.columns), keys_condition(key, spec.filter),
+                       encode=spec.by)
+    return run_table(spec, sub_id, table.filter(keys_condition(key, stored=False)), t0=t0)
+
+
+def keys_condition(keys: pa.Table, also=None, *, stored: bool = True):
+    """A filter for the rows of the groups ``keys`` names: each key column within its values
+    (exactly those groups for one key row; for more, a superset to semi-join), and ``also``.
+
+    The values stay Arrow values: a Python one would lose a nanosecond timestamp's last
+    digits, and ``==`` never matches a NaN key.  A condition for the Parquet reader
+    (``stored``) leaves out a float key whose values include NaN: the reader skips row
+    groups by their min/max statistics, which leave NaN out, so it would find no NaN rows
+    (even with ``is_nan``); the caller matches such keys again in memory.
+    """
     import functools
 
     import pyarrow.dataset as ds
 
-    cond = functools.reduce(lambda a, b: a & b, [ds.field(k) == v for k, v in key.items()])
-    if spec.filter is not None:
-        cond = cond & spec.filter
-    t0 = _time.perf_counter()
-    if (done := recover(spec, sub_id)) is not None:
-        return done
-    table = read_files(spec.source, unit.paths, list(spec.columns), cond, encode=spec.by)
-    return run_table(spec, sub_id, table, t0=t0)
+    conds = [] if also is None else [also]
+    for k in keys.column_names:
+        values = pc.unique(keys[k])
+        if stored and pa.types.is_floating(values.type) and pc.any(pc.is_nan(values)).as_py():
+            continue
+        conds.append(ds.field(k).isin(values))
+    return functools.reduce(lambda a, b: a & b, conds) if conds else None
 
 
 def failed_rows(spec: JobSpec, unit_id: str, keys: pa.Table, error: str) -> UnitResult:

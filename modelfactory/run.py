@@ -266,10 +266,9 @@ def isolate(spec: JobSpec, client, unit) -> UnitResult:
     group(s) that crash the process fail (with the reason) and the others complete."""
     drop_unit_files(spec, [unit.id])
     keys = client.submit(kernel.unit_keys, spec, unit, pure=False).result()
-    rows = keys.to_pylist()
 
     def run_one(i, sub_id, key):
-        return client.submit(kernel.run_group, spec, unit, rows[i], sub_id, key=key, pure=False)
+        return client.submit(kernel.run_group, spec, unit, keys.slice(i, 1), sub_id, key=key, pure=False)
 
     return _isolated(spec, client, unit.id, keys, run_one)
 
@@ -406,18 +405,12 @@ def _remaining_keys(spec: JobSpec, paths: tuple[str, ...], tables: list[pa.Table
 
 def _read_groups(spec: JobSpec, paths: tuple[str, ...], keys: pa.Table) -> kernel.Groups:
     """The rows of the groups ``keys`` names, read from ``paths`` and split into groups."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-
     from .dataset import read_files
 
     by = list(spec.by)
     # each key column within its values (pushed down), then exactly the key tuples: joined on
     # the keys and a row number only (a join cannot carry nested columns), rows kept in order
-    cond = functools.reduce(lambda a, b: a & b, [ds.field(k).isin(pc.unique(keys[k])) for k in by])
-    if spec.filter is not None:
-        cond = cond & spec.filter
-    table = read_files(spec.source, paths, list(spec.columns), cond)
+    table = read_files(spec.source, paths, list(spec.columns), kernel.keys_condition(keys.select(by), spec.filter))
     probe = table.select(by).append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     rows = probe.join(keys, keys=by, join_type="left semi")["__row"].to_numpy()
     return kernel.split_groups(table.take(pa.array(np.sort(rows))), spec.by, spec.time)

@@ -193,3 +193,36 @@ def test_a_unit_run_group_by_group_leaves_no_files_of_its_own_attempts(tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == ["part-u2.parquet", "u2.parquet"]
     assert drop_unit_files(SimpleNamespace(**{**vars(spec), "kind": "train"}), ["u2"]) == []
     assert drop_unit_files(SimpleNamespace(**{**vars(spec), "sink": None}), ["u2"]) == []
+
+
+def test_a_group_run_alone_gets_exactly_its_rows_whatever_the_type_of_its_keys(tmp_path):
+    """How a group that killed its worker is run again on its own: its key becomes a pushed-down
+    filter.  Keys a Python value would not match (a nanosecond timestamp, a NaN) still find
+    their rows, and only theirs."""
+    from modelfactory._schema import parse_schema
+    from modelfactory.dataset import discover
+    from modelfactory.kernel import JobSpec, keys_condition, run_group, unit_keys
+    from modelfactory.plan import plan
+
+    n = 60
+    t = pa.table({"app": ["a"] * n,
+                  "start": pa.array([10**18 + i % 3 for i in range(n)], pa.timestamp("ns")),  # 1 ns apart
+                  "level": pa.array([[1.5, float("nan")][i % 2] for i in range(n)], pa.float64()),
+                  "value": np.arange(n, dtype=np.float64)})
+    data = write(t, tmp_path / "d", ["app"])
+    by = ("app", "start", "level")
+    schema = parse_schema("n bigint, total double")
+    spec = JobSpec("apply", by, discover(data, null_check=by).source, ("app", "start", "level", "value"),
+                   func=lambda df: {"n": [len(df)], "total": [df["value"].sum()]}, out_schema=schema)
+    (unit,) = plan(discover(data), by, workers=1, target_rows=10**6).units
+    keys = unit_keys(spec, unit)
+    assert keys.num_rows == 6
+    ref = t.group_by(list(by)).aggregate([("value", "count"), ("value", "sum")])
+    for i in range(keys.num_rows):
+        key = keys.slice(i, 1)
+        assert "is_in" in str(keys_condition(key))
+        res = run_group(spec, unit, key, f"g{i}")
+        assert res.counts == {"ok": 1, "failed": 0, "skipped": 0}
+        match = ref.join(key.cast(ref.select(list(by)).schema), keys=list(by), join_type="inner")
+        assert match.num_rows == 1 and match["value_count"][0].as_py() == 10
+        assert res.table.to_pylist() == [{"n": 10, "total": match["value_sum"][0].as_py()}]
