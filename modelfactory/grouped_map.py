@@ -70,10 +70,9 @@ def _group_inputs(spec, groups):
         for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
             yield tbl.slice(s, e - s)
     else:  # numpy: a dict of column arrays (views, no copy where the type allows)
-        names = groups.column_names
-        arrays = [groups.numpy_column(c) for c in names]
+        columns = [(c, groups.numpy_column(c)) for c in groups.column_names]
         for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
-            yield dict(zip(names, [a[s:e] for a in arrays]))
+            yield {c: a[s:e] for c, a in columns}  # a comprehension: 0.4 µs; dict(zip(...)): 0.7
 
 
 def frame_slicer(df) -> Callable[[int, int], Any]:
@@ -173,17 +172,16 @@ def apply_groups(spec, groups):
     same_labels = labels_check(names)
     n = len(groups)
     status, errors = ["ok"] * n, [None] * n  # overwritten for the groups that are not ok
-    seconds = np.zeros(n)
-    collected: list[list] = [[] for _ in names]
-    owners: list[int] = []  # group index of each collected chunk
-    framed: list[bool] = []  # whether that chunk came from a DataFrame (pandas' missing values)
-    from_frame: set[int] = set()  # groups whose columns, now in a dict, came from a DataFrame
+    outs: list = []  # per collected group: the dict it returned, or its DataFrame's columns
+    owners: list[int] = []  # group index of each of outs
+    framed: list[bool] = []  # whether that one came from a DataFrame (pandas' missing values)
     slow: dict[int, Any] = {}  # group index -> raw output that needs the careful path
-    perf = _time.perf_counter
     frame_type = None  # the pandas DataFrame class, once a group has returned one
     # One clock reading per group: a group's seconds run from the end of the group
     # before it, so they include building its input (a slice: about a microsecond).
-    last = perf()
+    perf = _time.perf_counter
+    stamps = [perf()]
+    stamp = stamps.append
     for i, arg in enumerate(_group_inputs(spec, groups)):
         try:
             out = func(arg)
@@ -194,37 +192,37 @@ def apply_groups(spec, groups):
             status[i], errors[i] = "failed", describe_error(err)
             continue
         finally:
-            now = perf()
-            seconds[i] = now - last
-            last = now
-        # Fast path: a dict or DataFrame with exactly the schema's columns is
-        # collected column by column and converted once at the end.
+            stamp(perf())
+        # Fast path: a dict or DataFrame with exactly the schema's columns is collected as
+        # it is (a dict's values are checked all at once at the end) and converted once.
         kind = type(out)
         if kind is dict and out.keys() == key_set:
-            cols = [v if type(v) is np.ndarray and v.ndim == 1 else np.atleast_1d(v)
-                    for v in map(out.__getitem__, names)]
-            is_frame = False
+            outs.append(out)
+            framed.append(False)
         elif kind is frame_type or (frame_type is None and _is_frame(out)):
-            is_frame = True
             frame_type = kind
             if not same_labels(out.columns):
                 slow[i] = out
                 continue
-            cols = _frame_columns(out, names)
+            outs.append(tuple(_frame_columns(out, names)))  # a tuple of arrays: no work for the GC
+            framed.append(True)
         else:
             slow[i] = out
             continue
-        if len(set(map(len, cols))) != 1:
-            slow[i] = out
-            continue
-        for bucket, c in zip(collected, cols):
-            bucket.append(c)
         owners.append(i)
-        framed.append(is_frame)
-    tables = []
+    tables, from_frame = [], set()  # from_frame: groups whose columns, now in a dict, came from a frame
     if owners:
+        collected, uneven = _chunks(outs, framed, names)
+        for k in uneven:  # a dict whose columns differ in length: pinned on its group below
+            slow[owners[k]] = outs[k]
+        if len(uneven):
+            keep = np.ones(len(owners), dtype=bool)
+            keep[uneven] = False
+            owners, framed = _kept(owners, keep), _kept(framed, keep)
+            collected = [_kept(c, keep) for c in collected]
         try:
-            tables.append(_collected_table(collected, framed, schema))
+            if owners:
+                tables.append(_collected_table(collected, framed, schema))
         except Exception:  # noqa: BLE001 - some group returned bad types: find it, group by group
             for k, i in enumerate(owners):
                 slow[i] = {c: collected[j][k] for j, c in enumerate(names)}
@@ -237,7 +235,35 @@ def apply_groups(spec, groups):
         else:
             tables.append(t)
     result = pa.concat_tables(tables) if tables else schema.empty_table()
-    return {"status": status, "error": errors, "seconds": seconds}, result
+    return {"status": status, "error": errors, "seconds": np.diff(stamps)}, result
+
+
+def _chunks(outs: list, framed: list[bool], names: list[str]) -> tuple[list[list], np.ndarray]:
+    """The collected outputs as one list of 1-d arrays per column, and the positions of
+    the dicts whose columns differ in length.  A dict's values are checked in bulk (type,
+    dimensions, length: a C loop each) rather than one by one; anything but a 1-d ndarray
+    (a scalar, a list, a Series) becomes an array as ``np.atleast_1d`` makes it."""
+    from operator import attrgetter, itemgetter
+
+    frames = any(framed)
+    collected, lengths = [], []
+    for j, name in enumerate(names):
+        if not frames:
+            values = list(map(itemgetter(name), outs))
+        else:
+            values = [o[j] if f else o[name] for o, f in zip(outs, framed)]
+        if set(map(type, values)) != {np.ndarray} or set(map(attrgetter("ndim"), values)) != {1}:
+            values = [v if type(v) is np.ndarray and v.ndim == 1 else np.atleast_1d(v) for v in values]
+        collected.append(values)
+        lengths.append(np.fromiter(map(len, values), dtype=np.int64, count=len(values)))
+    uneven = np.zeros(len(outs), dtype=bool)
+    for ln in lengths[1:]:
+        uneven |= ln != lengths[0]
+    return collected, np.flatnonzero(uneven)
+
+
+def _kept(items: list, keep: np.ndarray) -> list:
+    return [x for x, k in zip(items, keep.tolist()) if k]
 
 
 def _collected_table(collected: list[list], framed: list[bool], schema: pa.Schema) -> pa.Table:

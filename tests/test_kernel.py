@@ -101,6 +101,30 @@ def test_apply_groups_numpy_input_skips_and_failures_keep_their_rows():
     assert out == {"k": ["a", "c"], "n": [2, 3], "m": [1.5, 5.0]}
 
 
+def test_dict_values_of_every_kind_are_checked_together_and_a_bad_one_fails_only_its_group():
+    """A dict's values are checked all at once after the unit's groups ran: scalars, lists and
+    Series beside arrays are taken as ``np.atleast_1d`` makes them, and the group whose value
+    cannot be a column (2-d), or whose columns differ in length, fails alone."""
+    import pandas as pd
+
+    def func(g):
+        k = g["k"][0]
+        m = float(np.mean(g["v"]))
+        return {"a": {"k": k, "n": 2, "m": m},  # scalars
+                "b": {"k": [k], "n": [1], "m": pd.Series([m])},  # a list and a Series
+                "c": {"k": np.array([k, k]), "n": np.array([3, 3]), "m": np.array([[m, m]])},  # 2-d
+                "d": {"k": np.array([k]), "n": np.array([1, 1]), "m": np.array([m])}}[k]  # uneven
+
+    rows, out = _apply(func, input="numpy")
+    assert rows["status"] == ["ok", "ok", "failed", "failed"], rows["error"]
+    assert "expected length 1 but got length 2" in rows["error"][3]
+    assert out == {"k": ["a", "b"], "n": [2, 1], "m": [1.5, 3.0]}
+    # the same value kinds mixed with DataFrames, which take the other branch of the check
+    rows, out = _apply(lambda g: pd.DataFrame(func(g)) if g["k"][0] == "b" else func(g), input="numpy")
+    assert rows["status"] == ["ok", "ok", "failed", "failed"]
+    assert out == {"k": ["a", "b"], "n": [2, 1], "m": [1.5, 3.0]}
+
+
 def test_a_unit_runs_with_one_blas_thread_and_restores_the_pools():
     from threadpoolctl import threadpool_info, threadpool_limits
 
