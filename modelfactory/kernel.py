@@ -27,8 +27,8 @@ from .models.base import Model, SeriesBatch, SkipGroup
 from .plan import WorkUnit
 
 __all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
-           "run_keys", "unit_keys", "run_group", "keys_condition", "failed_rows", "merge_results", "describe_error", "STATUS",
-           "one_thread"]
+           "run_keys", "unit_keys", "run_group", "keys_condition", "failed_rows", "merge_results",
+           "describe_error", "STATUS", "one_thread"]
 
 STATUS = ("ok", "failed", "skipped")
 _UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}

@@ -410,7 +410,8 @@ def _read_groups(spec: JobSpec, paths: tuple[str, ...], keys: pa.Table) -> kerne
     by = list(spec.by)
     # each key column within its values (pushed down), then exactly the key tuples: joined on
     # the keys and a row number only (a join cannot carry nested columns), rows kept in order
-    table = read_files(spec.source, paths, list(spec.columns), kernel.keys_condition(keys.select(by), spec.filter))
+    cond = kernel.keys_condition(keys.select(by), spec.filter)
+    table = read_files(spec.source, paths, list(spec.columns), cond)
     probe = table.select(by).append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     rows = probe.join(keys, keys=by, join_type="left semi")["__row"].to_numpy()
     return kernel.split_groups(table.take(pa.array(np.sort(rows))), spec.by, spec.time)
