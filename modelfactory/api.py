@@ -30,7 +30,7 @@ from .models import registry, unknown_model
 from .models.base import Model
 from .plan import Plan, plan
 from .result import Run, table_run
-from .run import Progress, execute, open_client, run_shuffled, run_units, worker_count
+from .run import Progress, execute, isolate, open_client, run_shuffled, run_units, worker_count
 from .store import ModelStore, new_run_id
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
@@ -489,7 +489,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     columns = tuple(c for c in dict.fromkeys([*by_, *extra, sp["time"], sp["target"], *feats]) if c)
     run_id = new_run_id(_digest(info.fingerprint(), man["run_id"]))
     spec = JobSpec("score", by_, info.source, columns, sp["time"], sp["target"], feats, filter,
-                   sink=sink, models=src)
+                   sink=sink, models=src, groups_prefix="_groups/", data_prefix="part-")
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
@@ -498,7 +498,8 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
             if plan_.mode == "files":
                 units = sorted(plan_.units, key=lambda u: -u.rows)
                 results = execute(client, functools.partial(score_unit, spec), units,
-                                  keys=[f"mf-{u.id}-score-{id(spec):x}" for u in units], progress=bar)
+                                  keys=[f"mf-{u.id}-score-{id(spec):x}" for u in units], progress=bar,
+                                  on_killed=functools.partial(isolate, spec, runner=score_table))
             else:
                 results = run_shuffled(client, spec, info, plan_, bar, runner=score_table)
         except ModelFactoryError:

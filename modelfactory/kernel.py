@@ -70,7 +70,7 @@ def _model_spec(name: str, cls_bytes: bytes, params: dict, serializer: str) -> M
 class JobSpec:
     """Everything a work unit needs, passed down the chain instead of a dozen arguments."""
 
-    kind: str  # "train", "apply" or "map_keys"
+    kind: str  # "train", "apply", "score" or "map_keys"
     by: tuple[str, ...]
     source: Source | None = None
     columns: tuple[str, ...] = ()
@@ -345,15 +345,16 @@ def unit_keys(spec: JobSpec, unit: WorkUnit) -> pa.Table:
     return split_groups(table, spec.by).keys
 
 
-def run_group(spec: JobSpec, unit: WorkUnit, key: pa.Table, sub_id: str) -> UnitResult:
+def run_group(spec: JobSpec, unit: WorkUnit, key: pa.Table, sub_id: str, runner=None) -> UnitResult:
     """Run one group of a unit on its own (to isolate a group that kills its worker);
-    ``key`` is its one-row key table."""
+    ``key`` is its one-row key table, ``runner`` what runs a unit's rows (default
+    :func:`run_table`; scoring passes its own)."""
     t0 = _time.perf_counter()
     if (done := recover(spec, sub_id)) is not None:
         return done
     table = read_files(spec.source, unit.paths, list(spec.columns), keys_condition(key, spec.filter),
                        encode=spec.by)
-    return run_table(spec, sub_id, table.filter(keys_condition(key, stored=False)), t0=t0)
+    return (runner or run_table)(spec, sub_id, table.filter(keys_condition(key, stored=False)), t0=t0)
 
 
 def keys_condition(keys: pa.Table, also=None, *, stored: bool = True):
@@ -386,6 +387,8 @@ def failed_rows(spec: JobSpec, unit_id: str, keys: pa.Table, error: str) -> Unit
     if spec.kind == "train":
         rows["extra_columns"] = {"model": pa.nulls(n, pa.binary()), "fingerprint": pa.nulls(n, pa.binary(8)),
                                  "fitted_in": pa.array([spec.run_id] * n, pa.string())}
+    elif spec.kind == "score":  # the columns of scoring's group table (scoring.score_table)
+        rows["extra_columns"] = {"anomalies": pa.array(np.zeros(n, np.int64)), "max_score": pa.nulls(n, pa.float64())}
     extra = spec.out_schema.empty_table() if spec.kind == "apply" else None
     return _finish(spec, unit_id, keys, rows, extra, np.zeros(n, np.int64), _time.perf_counter())
 
@@ -636,6 +639,7 @@ def merge_results(unit_id: str, results: list[UnitResult]) -> UnitResult:
             out.counts[k] = out.counts.get(k, 0) + v
         for k, v in r.carried.items():
             out.carried[k] = out.carried.get(k, 0) + v
+        out.anomalies += r.anomalies
         out.parts += r.parts
         out.errors += r.errors
         out.leaves = sorted(set(out.leaves) | set(r.leaves), key=lambda k: tuple(str(v) for v in k))

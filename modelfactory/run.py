@@ -261,20 +261,22 @@ def run_units(client, spec: JobSpec, info: DatasetInfo, plan_: Plan, progress: P
     return run_shuffled(client, spec, info, plan_, progress)
 
 
-def isolate(spec: JobSpec, client, unit) -> UnitResult:
+def isolate(spec: JobSpec, client, unit, runner=kernel.run_table) -> UnitResult:
     """A unit kept killing its worker: run each of its groups as its own task, so only the
-    group(s) that crash the process fail (with the reason) and the others complete."""
+    group(s) that crash the process fail (with the reason) and the others complete.
+    ``runner`` runs a unit's rows (scoring passes ``scoring.score_table``)."""
     drop_unit_files(spec, [unit.id])
     keys = client.submit(kernel.unit_keys, spec, unit, pure=False).result()
 
     def run_one(i, sub_id, key):
-        return client.submit(kernel.run_group, spec, unit, keys.slice(i, 1), sub_id, key=key, pure=False)
+        return client.submit(kernel.run_group, spec, unit, keys.slice(i, 1), sub_id, runner, key=key,
+                             pure=False)
 
     return _isolated(spec, client, unit.id, keys, run_one)
 
 
 def isolate_partitions(spec: JobSpec, client, unit_id: str, paths: tuple[str, ...],
-                       done: list[UnitResult]) -> UnitResult:
+                       done: list[UnitResult], runner=kernel.run_table) -> UnitResult:
     """Shuffle partitions kept killing their workers: :func:`isolate` for rows that have no
     files of their own.  Their groups are the dataset's groups that no other partition
     ran (``done``); one task reads those groups' rows again from ``paths``, in group order,
@@ -290,7 +292,7 @@ def isolate_partitions(spec: JobSpec, client, unit_id: str, paths: tuple[str, ..
         keys = client.submit(_group_keys, data, pure=False).result()  # in the order of data's groups
 
         def run_one(i, sub_id, key):
-            return client.submit(_run_group_slice, spec, sub_id, data, i, key=key, pure=False)
+            return client.submit(_run_group_slice, spec, sub_id, data, i, runner, key=key, pure=False)
 
         return _isolated(spec, client, unit_id, keys, run_one)
     finally:
@@ -380,7 +382,10 @@ def drop_unit_files(spec: JobSpec, unit_ids: list[str]) -> list[str]:
         return []
     gone = []
     for uid in unit_ids:
-        for rel in (f"{spec.data_prefix}{uid}.parquet", f"{spec.groups_prefix}{uid}.parquet"):
+        rels = [f"{spec.data_prefix}{uid}.parquet", f"{spec.groups_prefix}{uid}.parquet"]
+        if spec.kind == "score":  # scored rows go under the input's partition folders too
+            rels += spec.sink.glob(f"**/{spec.data_prefix}{uid}.parquet")
+        for rel in dict.fromkeys(rels):
             if spec.sink.exists(rel):
                 spec.sink.fs.rm(spec.sink.path(rel))
                 gone.append(rel)
@@ -421,10 +426,10 @@ def _group_keys(groups: kernel.Groups) -> pa.Table:
     return groups.keys
 
 
-def _run_group_slice(spec: JobSpec, sub_id: str, groups: kernel.Groups, i: int) -> UnitResult:
+def _run_group_slice(spec: JobSpec, sub_id: str, groups: kernel.Groups, i: int, runner) -> UnitResult:
     """Run group ``i`` of ``groups`` on its own."""
     s, e = int(groups.starts[i]), int(groups.ends[i])
-    return kernel.run_table(spec, sub_id, groups.table.slice(s, e - s))
+    return runner(spec, sub_id, groups.table.slice(s, e - s))
 
 
 def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -> list[UnitResult]:
@@ -456,8 +461,6 @@ def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -
 
     def isolate_killed(client, killed, done):
         drop_unit_files(spec, [plan_.units[i].id for i in killed])
-        return isolate_partitions(spec, client, "shuffled", paths, done)
+        return isolate_partitions(spec, client, "shuffled", paths, done, runner)
 
-    # train and apply; scoring has no per-group isolation, on either path
-    return execute_delayed(client, tasks, progress=progress,
-                           on_killed=isolate_killed if runner is kernel.run_table else None)
+    return execute_delayed(client, tasks, progress=progress, on_killed=isolate_killed)

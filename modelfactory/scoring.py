@@ -190,12 +190,12 @@ def _write_scores(spec: JobSpec, unit_id: str, scores: pa.Table, groups: pa.Tabl
     from ._io import write_parquet
 
     sink: Location = spec.sink
-    parts = [write_parquet(sink, f"_groups/{unit_id}.parquet", groups)]
+    parts = [write_parquet(sink, f"{spec.groups_prefix}{unit_id}.parquet", groups)]
     keys = [k for k in spec.source.partition_keys if k in scores.column_names]
     if scores.num_rows == 0:
         return parts
     if not keys:
-        parts.append(write_parquet(sink, f"part-{unit_id}.parquet", scores))
+        parts.append(write_parquet(sink, f"{spec.data_prefix}{unit_id}.parquet", scores))
         return parts
     # One file per partition folder, named after the unit so a rerun overwrites it.
     part = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
@@ -204,7 +204,7 @@ def _write_scores(spec: JobSpec, unit_id: str, scores: pa.Table, groups: pa.Tabl
                                                      for k, v in zip(keys, key)])
         folder = part.format(expr)[0]
         data = parquet_bytes(sub.drop_columns(keys))
-        rel = f"{folder}/part-{unit_id}.parquet"
+        rel = f"{folder}/{spec.data_prefix}{unit_id}.parquet"
         sink.write_bytes(rel, data)
         parts.append(PartInfo(rel, len(data), hashlib.sha256(data).hexdigest(), sub.num_rows))
     return parts

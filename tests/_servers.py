@@ -300,3 +300,15 @@ class CrashOnMarker(SlowMean):
         if np.any(y == MARKER):
             os._exit(1)
         super()._fit(y, t, X)
+
+
+class CrashOnMarkerAtScore(SlowMean):
+    """Fits like SlowMean; the worker process dies (``os._exit``) scoring a series holding ``MARKER``."""
+
+    name = "crash_on_marker_at_score"
+    delay = 0.0
+
+    def _score(self, y, t, X) -> dict:
+        if np.any(y == MARKER):
+            os._exit(1)
+        return super()._score(y, t, X)

@@ -193,6 +193,15 @@ def test_a_unit_run_group_by_group_leaves_no_files_of_its_own_attempts(tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == ["part-u2.parquet", "u2.parquet"]
     assert drop_unit_files(SimpleNamespace(**{**vars(spec), "kind": "train"}), ["u2"]) == []
     assert drop_unit_files(SimpleNamespace(**{**vars(spec), "sink": None}), ["u2"]) == []
+    # scoring writes its rows under the input's partition folders, at any depth
+    for rel in ("app=a/part-u3.parquet", "app=b/site=c/part-u3.parquet", "_groups/u3.parquet",
+                "app=a/part-u4.parquet", "app=a/part-u33.parquet"):
+        sink.write_bytes(rel, b"x")
+    score = SimpleNamespace(**{**vars(spec), "kind": "score"})
+    assert sorted(drop_unit_files(score, ["u3"])) == ["_groups/u3.parquet", "app=a/part-u3.parquet",
+                                                      "app=b/site=c/part-u3.parquet"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*u[34]*.parquet")) == [
+        "app=a/part-u33.parquet", "app=a/part-u4.parquet"]
 
 
 def test_a_group_run_alone_gets_exactly_its_rows_whatever_the_type_of_its_keys(tmp_path):

@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 from _data import write
-from _servers import (DUMMY_AWS_ENV, MARKER, TESTS_DIR, CrashOnMarker, DaskProcesses, MotoS3, SlowerMean,
-                      SlowMean, alive, executing_units, finished_units, kill_if_mid_unit, wait_for)
+from _servers import (DUMMY_AWS_ENV, MARKER, TESTS_DIR, CrashOnMarker, CrashOnMarkerAtScore, DaskProcesses,
+                      MotoS3, SlowerMean, SlowMean, alive, executing_units, finished_units, kill_if_mid_unit, wait_for)
 
 import modelfactory
 from modelfactory import ModelStore
@@ -366,6 +367,31 @@ def test_a_group_that_kills_its_worker_fails_alone(procs, layout, request, tmp_p
     assert g.loc["site-00007", "status"] == "failed"
     assert re.search(r"(?i)worker.*(died|killed|crashed|lost)", g.loc["site-00007", "error"])
     assert (g.drop(index="site-00007").status == "ok").all()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("layout", ["by_key", "by_day"])
+def test_a_group_that_kills_its_worker_while_scored_fails_alone(procs, with_crasher, layout, request, tmp_path):
+    store = str(tmp_path / "store")
+    fitted = modelfactory.train(with_crasher, store=store, model=CrashOnMarkerAtScore, cluster=procs.address,
+                                **TRAIN)
+    assert fitted.summary["counts"]["ok"] == SERIES
+    data = with_crasher if layout == "by_key" else request.getfixturevalue("with_crasher_by_day")
+    out = tmp_path / "scores"
+    run = modelfactory.score(data, store=store, out=str(out), cluster=procs.address, unit_rows=UNIT_ROWS,
+                             trust=True)
+    assert run.summary["mode"] == ("files" if layout == "by_key" else "shuffle")
+    assert run.summary["counts"] == {"ok": SERIES - 1, "failed": 1, "skipped": 0}
+    g = run.groups.set_index("site")
+    assert len(g) == SERIES and re.search(r"(?i)worker.*died", g.loc["site-00007", "error"])
+    assert g.loc["site-00007", "anomalies"] == 0 and pd.isna(g.loc["site-00007", "max_score"])
+    # every other group's rows are scored once, in the input's partition folders
+    scored = ds.dataset(str(out), format="parquet", partitioning="hive", exclude_invalid_files=False,
+                        ignore_prefixes=["_", "."]).to_table().to_pandas()
+    assert sorted(set(scored["site"])) == sorted(set(g.index) - {"site-00007"})
+    assert scored.groupby(["app", "site"], observed=True).size().eq(HOURS).all()
+    on_disk = pq.read_table(out / "_groups").to_pandas()
+    assert len(on_disk) == SERIES and not on_disk.duplicated(KEYS).any()
 
 
 def crash_on_marker(df: pd.DataFrame) -> pd.DataFrame:
