@@ -41,27 +41,40 @@ log = logging.getLogger(__name__)
 #: Environment every worker process starts with: one BLAS/OpenMP thread.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-#: Dask settings of the workers of a cluster modelfactory makes.  Dask's statistical
-#: profiler interrupts the running task every 10 ms to walk its stack; a unit is one
-#: long task running thousands of groups, so the picture says little (the group table's
-#: seconds say more) and it costs 1-3 % of a pandas-function run.  Pass your own cluster
-#: to keep Dask's defaults.
-WORKER_DASK_CONFIG = {"distributed.worker.profile.enabled": False}
+#: Dask settings of the workers of a cluster modelfactory makes.  A unit is one long
+#: task running thousands of groups in Python, and anything else a worker does
+#: meanwhile takes the GIL from it:
+#:
+#: * Dask's statistical profiler interrupts the task every 10 ms to walk its stack; the
+#:   picture says little (the group table's seconds say more); off: 1-3 % of a
+#:   pandas-function run.
+#: * The event loop wakes 50 times a second to time itself (``tick``: it warns when
+#:   blocked for 3 s, which a 1 s tick still sees) and 10 times to read the process's
+#:   memory; each wake-up makes the task hand over the GIL.  Once a second each: another
+#:   3-5 % (interleaved A/B on fresh clusters, 3 rounds).  Memory limits are still
+#:   enforced, checked every second instead of every 0.1 s.
+#:
+#: Pass your own cluster to keep Dask's defaults.
+WORKER_DASK_CONFIG = {"distributed.worker.profile.enabled": False,
+                      "distributed.admin.tick.interval": "1s",
+                      "distributed.worker.memory.monitor-interval": "1s"}
 
 
 def dask_config_env(config: dict) -> dict[str, str]:
     """``config`` as the ``DASK_*`` environment variables Dask reads at start-up (for pods).
 
-    >>> dask_config_env({"distributed.worker.profile.enabled": False})
-    {'DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED': 'False'}
+    >>> dask_config_env({"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"})
+    {'DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED': 'False', 'DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL': '1s'}
     """
-    return {"DASK_" + k.upper().replace(".", "__").replace("-", "_"): repr(v) for k, v in config.items()}
+    return {"DASK_" + k.upper().replace(".", "__").replace("-", "_"): v if isinstance(v, str) else repr(v)
+            for k, v in config.items()}
 
 
 def local_cluster(workers: int | None = None, **kwargs):
     """The LocalCluster a job makes when it is given none: ``workers`` single-threaded
     worker processes (default one per core), one BLAS/OpenMP thread each, Dask's worker
-    profiler off (:data:`WORKER_DASK_CONFIG`), dashboard on a free port, quiet logs."""
+    profiler off and its event loop quieter (:data:`WORKER_DASK_CONFIG`), dashboard on a
+    free port, quiet logs."""
     import dask
     from distributed import LocalCluster
 

@@ -166,15 +166,17 @@ def worker_setup(key):
     from distributed import get_worker
 
     w = get_worker()
-    return {"profiler": "profile" in w.periodic_callbacks, "threads": w.state.nthreads,
-            "omp": os.environ.get("OMP_NUM_THREADS")}
+    every = {k: v.callback_time for k, v in w.periodic_callbacks.items()}  # milliseconds
+    return {"profiler": "profile" in every, "threads": w.state.nthreads, "omp": os.environ.get("OMP_NUM_THREADS"),
+            "tick": every.get("tick"), "memory": every.get("memory_monitor")}
 
 
-def test_the_cluster_a_job_makes_has_one_thread_per_worker_and_no_stack_profiler():
+def test_the_cluster_a_job_makes_has_one_thread_per_worker_no_stack_profiler_and_a_quiet_event_loop():
     # cluster left unset: the job makes its own LocalCluster (and closes it)
     run = modelfactory.map_keys(["a", "b"], func=worker_setup, workers=1)
     assert run.summary["counts"]["ok"] == 2
-    assert set(map(str, run.results.values())) == {str({"profiler": False, "threads": 1, "omp": "1"})}
+    want = {"profiler": False, "threads": 1, "omp": "1", "tick": 1000, "memory": 1000}
+    assert set(map(str, run.results.values())) == {str(want)}
 
 
 def test_a_unit_run_group_by_group_leaves_no_files_of_its_own_attempts(tmp_path):

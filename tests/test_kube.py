@@ -62,8 +62,18 @@ def test_make_spec_sets_threads_env_resources_labels_and_idle_timeout():
     assert w["image"] == IMAGE and container(spec, "scheduler")["image"] == IMAGE
     assert w["args"][:4] == ["dask", "worker", "--nthreads", "2"]
     assert container(spec, "scheduler")["args"][:4] == ["dask", "scheduler", "--host", "0.0.0.0"]
-    assert env_of(spec) == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                            "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False", "AWS_REGION": "eu-west-1"}
+    env = env_of(spec)
+    assert env == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                   "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
+                   "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",
+                   "DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL": "1s", "AWS_REGION": "eu-west-1"}
+    # what a pod's Dask makes of them: the settings of the clusters modelfactory makes
+    import dask.config
+
+    from modelfactory.run import WORKER_DASK_CONFIG
+
+    got = dask.config.collect_env({k: v for k, v in env.items() if k.startswith("DASK_")})
+    assert {key: dask.config.get(key, config=got) for key in WORKER_DASK_CONFIG} == WORKER_DASK_CONFIG
     assert w["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
     assert container(spec, "scheduler")["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}
     assert spec["spec"]["worker"]["replicas"] == 5
