@@ -75,13 +75,21 @@ def local_cluster(workers: int | None = None, **kwargs):
     worker processes (default one per core), one BLAS/OpenMP thread each, Dask's worker
     profiler off and its event loop quieter (:data:`WORKER_DASK_CONFIG`), dashboard on a
     free port, quiet logs."""
+    import copy
+
     import dask
     from distributed import LocalCluster
 
     n = workers or os.cpu_count() or 1
     kwargs = {"dashboard_address": ":0", "silence_logs": logging.ERROR, **kwargs}
-    with dask.config.set(WORKER_DASK_CONFIG):  # the nannies hand this config to their workers
-        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, env=WORKER_ENV, **kwargs)
+    with dask.config.set(WORKER_DASK_CONFIG):
+        # Each nanny hands its config to every worker it starts, restarts too.  It keeps a
+        # shallow copy of the global config, whose nested dicts ``config.set`` restores in
+        # place on leaving this block: without a deep copy of its own, a restarted worker
+        # (after a crash, or Client.restart) would run with Dask's defaults again.
+        config = copy.deepcopy(dask.config.config)
+        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, env=WORKER_ENV,
+                            config=config, **kwargs)
 
 
 @contextlib.contextmanager

@@ -179,6 +179,20 @@ def test_the_cluster_a_job_makes_has_one_thread_per_worker_no_stack_profiler_and
     assert set(map(str, run.results.values())) == {str(want)}
 
 
+def test_a_restarted_worker_of_the_cluster_a_job_makes_keeps_its_settings():
+    """A nanny starts a new worker after a crash (or Client.restart) with the config it holds:
+    the job's settings, not Dask's defaults."""
+    from distributed import Client
+
+    from modelfactory.run import local_cluster
+
+    want = {"profiler": False, "threads": 1, "omp": "1", "tick": 1000, "memory": 1000}
+    with local_cluster(1) as lc, Client(lc) as client:
+        assert client.submit(worker_setup, "a", pure=False).result() == want
+        client.restart()
+        assert client.submit(worker_setup, "b", pure=False).result() == want
+
+
 def test_a_unit_run_group_by_group_leaves_no_files_of_its_own_attempts(tmp_path):
     """What an earlier attempt of an isolated unit wrote under out= goes (its groups get other
     names), and nothing else; training parts are read through the manifest and stay."""
