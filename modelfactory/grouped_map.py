@@ -35,9 +35,7 @@ def to_table(out, schema: pa.Schema, from_pandas: bool = False):
             got = list(out)
             if sorted(got) != sorted(schema.names):
                 raise _columns_error(got, schema)
-            arrays = [np.atleast_1d(out[c]) for c in schema.names]
-            return pa.table([pa.array(a, type=f.type, from_pandas=from_pandas) for a, f in zip(arrays, schema)],
-                            schema=schema)
+            return pa.table([_dict_column(out[f.name], f, from_pandas) for f in schema], schema=schema)
         import pandas as pd
 
         if isinstance(out, pd.DataFrame):
@@ -49,6 +47,15 @@ def to_table(out, schema: pa.Schema, from_pandas: bool = False):
                         "a dict of columns or a pyarrow Table")
     except Exception as err:  # noqa: BLE001
         return err
+
+
+def _dict_column(value, field: pa.Field, from_pandas: bool) -> pa.Array:
+    """One column of a returned dict, or an error that names it."""
+    try:
+        a = np.atleast_1d(value)
+        return pa.array(a, type=field.type, from_pandas=from_pandas) if len(a) else pa.array([], field.type)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"column {field.name!r} ({field.type}): {err}") from err
 
 
 def _columns_error(got, schema) -> ValueError:
@@ -172,7 +179,7 @@ def apply_groups(spec, groups):
     same_labels = labels_check(names)
     n = len(groups)
     status, errors = ["ok"] * n, [None] * n  # overwritten for the groups that are not ok
-    outs: list = []  # per collected group: the dict it returned, or its DataFrame's columns
+    outs: list[tuple] = []  # per collected group: its columns' values, in the schema's order
     owners: list[int] = []  # group index of each of outs
     framed: list[bool] = []  # whether that one came from a DataFrame (pandas' missing values)
     slow: dict[int, Any] = {}  # group index -> raw output that needs the careful path
@@ -194,10 +201,12 @@ def apply_groups(spec, groups):
         finally:
             stamp(perf())
         # Fast path: a dict or DataFrame with exactly the schema's columns is collected as
-        # it is (a dict's values are checked all at once at the end) and converted once.
+        # a tuple of its values (a dict's are checked all at once at the end; the tuple,
+        # not the dict, so that a function may fill and return the same dict every time)
+        # and converted once.
         kind = type(out)
         if kind is dict and out.keys() == key_set:
-            outs.append(out)
+            outs.append(tuple(map(out.__getitem__, names)))
             framed.append(False)
         elif kind is frame_type or (frame_type is None and _is_frame(out)):
             frame_type = kind
@@ -212,20 +221,19 @@ def apply_groups(spec, groups):
         owners.append(i)
     tables, from_frame = [], set()  # from_frame: groups whose columns, now in a dict, came from a frame
     if owners:
-        collected, uneven = _chunks(outs, framed, names)
-        for k in uneven:  # a dict whose columns differ in length: pinned on its group below
-            slow[owners[k]] = outs[k]
-        if len(uneven):
-            keep = np.ones(len(owners), dtype=bool)
-            keep[uneven] = False
-            owners, framed = _kept(owners, keep), _kept(framed, keep)
+        collected, bad, empty = _chunks(outs, names)
+        for k in np.flatnonzero(bad):  # columns of other lengths, or a value that is no column:
+            slow[owners[k]] = dict(zip(names, outs[k]))  # pinned on its group below
+        if bad.any() or empty.any():  # no rows (an empty list is float64 to numpy): nothing to add
+            keep = ~(bad | empty)
+            owners, framed, outs = _kept(owners, keep), _kept(framed, keep), _kept(outs, keep)
             collected = [_kept(c, keep) for c in collected]
         try:
             if owners:
                 tables.append(_collected_table(collected, framed, schema))
         except Exception:  # noqa: BLE001 - some group returned bad types: find it, group by group
             for k, i in enumerate(owners):
-                slow[i] = {c: collected[j][k] for j, c in enumerate(names)}
+                slow[i] = dict(zip(names, outs[k]))  # as returned: the careful path converts them itself
                 if framed[k]:
                     from_frame.add(i)
     for i in sorted(slow):
@@ -238,28 +246,37 @@ def apply_groups(spec, groups):
     return {"status": status, "error": errors, "seconds": np.diff(stamps)}, result
 
 
-def _chunks(outs: list, framed: list[bool], names: list[str]) -> tuple[list[list], np.ndarray]:
-    """The collected outputs as one list of 1-d arrays per column, and the positions of
-    the dicts whose columns differ in length.  A dict's values are checked in bulk (type,
-    dimensions, length: a C loop each) rather than one by one; anything but a 1-d ndarray
-    (a scalar, a list, a Series) becomes an array as ``np.atleast_1d`` makes it."""
+def _chunks(outs: list[tuple], names: list[str]) -> tuple[list[list], np.ndarray, np.ndarray]:
+    """The collected outputs as one list of 1-d arrays per column, a mask of the outputs
+    that cannot join them (columns of different lengths, or a value that is no column: a
+    ragged list), and a mask of those with no rows.  The values are checked in bulk (type, dimensions, length: a C
+    loop each) rather than one by one; anything but a 1-d ndarray (a scalar, a list, a
+    Series) becomes an array as ``np.atleast_1d`` makes it."""
     from operator import attrgetter, itemgetter
 
-    frames = any(framed)
+    bad = np.zeros(len(outs), dtype=bool)
     collected, lengths = [], []
-    for j, name in enumerate(names):
-        if not frames:
-            values = list(map(itemgetter(name), outs))
-        else:
-            values = [o[j] if f else o[name] for o, f in zip(outs, framed)]
+    for j in range(len(names)):
+        values = list(map(itemgetter(j), outs))
         if set(map(type, values)) != {np.ndarray} or set(map(attrgetter("ndim"), values)) != {1}:
-            values = [v if type(v) is np.ndarray and v.ndim == 1 else np.atleast_1d(v) for v in values]
+            values = [v if type(v) is np.ndarray and v.ndim == 1 else _as_column(v) for v in values]
+            for k in [k for k, v in enumerate(values) if v is None]:
+                bad[k], values[k] = True, _NO_COLUMN
         collected.append(values)
         lengths.append(np.fromiter(map(len, values), dtype=np.int64, count=len(values)))
-    uneven = np.zeros(len(outs), dtype=bool)
     for ln in lengths[1:]:
-        uneven |= ln != lengths[0]
-    return collected, np.flatnonzero(uneven)
+        bad |= ln != lengths[0]
+    return collected, bad, (lengths[0] == 0) & ~bad
+
+
+_NO_COLUMN = np.zeros(0)
+
+
+def _as_column(v) -> np.ndarray | None:
+    try:
+        return np.atleast_1d(v)
+    except Exception:  # noqa: BLE001 - e.g. a ragged list: its group takes the careful path
+        return None
 
 
 def _kept(items: list, keep: np.ndarray) -> list:

@@ -361,8 +361,8 @@ def keys_condition(keys: pa.Table, also=None, *, stored: bool = True):
     """A filter for the rows of the groups ``keys`` names: each key column within its values
     (exactly those groups for one key row; for more, a superset to semi-join), and ``also``.
 
-    The values stay Arrow values: a Python one would lose a nanosecond timestamp's last
-    digits, and ``==`` never matches a NaN key.  A condition for the Parquet reader
+    The values stay Arrow values (plain ones: ``is_in`` takes no dictionary): a Python one
+    would lose a nanosecond timestamp's last digits, and ``==`` never matches a NaN key.  A condition for the Parquet reader
     (``stored``) leaves out a float key whose values include NaN: the reader skips row
     groups by their min/max statistics, which leave NaN out, so it would find no NaN rows
     (even with ``is_nan``); the caller matches such keys again in memory.
@@ -374,6 +374,8 @@ def keys_condition(keys: pa.Table, also=None, *, stored: bool = True):
     conds = [] if also is None else [also]
     for k in keys.column_names:
         values = pc.unique(keys[k])
+        if pa.types.is_dictionary(values.type):  # a key stored dictionary-encoded (a categorical)
+            values = values.dictionary_decode()
         if stored and pa.types.is_floating(values.type) and pc.any(pc.is_nan(values)).as_py():
             continue
         conds.append(ds.field(k).isin(values))

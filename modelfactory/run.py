@@ -64,10 +64,9 @@ def dask_config_env(config: dict) -> dict[str, str]:
     """``config`` as the ``DASK_*`` environment variables Dask reads at start-up (for pods).
 
     >>> dask_config_env({"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"})
-    {'DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED': 'False', 'DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL': '1s'}
+    {'DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED': 'False', 'DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL': "'1s'"}
     """
-    return {"DASK_" + k.upper().replace(".", "__").replace("-", "_"): v if isinstance(v, str) else repr(v)
-            for k, v in config.items()}
+    return {"DASK_" + k.upper().replace(".", "__").replace("-", "_"): repr(v) for k, v in config.items()}
 
 
 def local_cluster(workers: int | None = None, **kwargs):
@@ -82,7 +81,7 @@ def local_cluster(workers: int | None = None, **kwargs):
 
     n = workers or os.cpu_count() or 1
     kwargs = {"dashboard_address": ":0", "silence_logs": logging.ERROR, **kwargs}
-    with dask.config.set(WORKER_DASK_CONFIG):
+    with dask.config.set(WORKER_DASK_CONFIG), dask.config.set(kwargs.pop("config", None) or {}):
         # Each nanny hands its config to every worker it starts, restarts too.  It keeps a
         # shallow copy of the global config, whose nested dicts ``config.set`` restores in
         # place on leaving this block: without a deep copy of its own, a restarted worker
@@ -290,7 +289,8 @@ def isolate(spec: JobSpec, client, unit, runner=kernel.run_table) -> UnitResult:
     keys = client.submit(kernel.unit_keys, spec, unit, pure=False).result()
 
     def run_one(i, sub_id, key):
-        return client.submit(kernel.run_group, spec, unit, keys.slice(i, 1), sub_id, runner, key=key,
+        # take, not slice: a slice pickles the whole table's buffers, for every group
+        return client.submit(kernel.run_group, spec, unit, keys.take([i]), sub_id, runner, key=key,
                              pure=False)
 
     return _isolated(spec, client, unit.id, keys, run_one)

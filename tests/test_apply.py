@@ -191,6 +191,10 @@ def test_a_restarted_worker_of_the_cluster_a_job_makes_keeps_its_settings():
         assert client.submit(worker_setup, "a", pure=False).result() == want
         client.restart()
         assert client.submit(worker_setup, "b", pure=False).result() == want
+    # settings of the caller's own go on top
+    with local_cluster(1, config={"distributed.admin.tick.interval": "2s"}) as lc, Client(lc) as client:
+        client.restart()
+        assert client.submit(worker_setup, "c", pure=False).result() == {**want, "tick": 2000}
 
 
 def test_a_unit_run_group_by_group_leaves_no_files_of_its_own_attempts(tmp_path):
@@ -233,21 +237,25 @@ def test_a_group_run_alone_gets_exactly_its_rows_whatever_the_type_of_its_keys(t
     t = pa.table({"app": ["a"] * n,
                   "start": pa.array([10**18 + i % 3 for i in range(n)], pa.timestamp("ns")),  # 1 ns apart
                   "level": pa.array([[1.5, float("nan")][i % 2] for i in range(n)], pa.float64()),
+                  "kind": pa.array([["x", "y", "z"][i % 3] for i in range(n)]).dictionary_encode(),  # categorical
                   "value": np.arange(n, dtype=np.float64)})
     data = write(t, tmp_path / "d", ["app"])
-    by = ("app", "start", "level")
+    by = ("app", "start", "level", "kind")
     schema = parse_schema("n bigint, total double")
-    spec = JobSpec("apply", by, discover(data, null_check=by).source, ("app", "start", "level", "value"),
+    assert pa.types.is_dictionary(discover(data).schema.field("kind").type)
+    spec = JobSpec("apply", by, discover(data, null_check=by).source, ("app", "start", "level", "kind", "value"),
                    func=lambda df: {"n": [len(df)], "total": [df["value"].sum()]}, out_schema=schema)
     (unit,) = plan(discover(data), by, workers=1, target_rows=10**6).units
     keys = unit_keys(spec, unit)
     assert keys.num_rows == 6
-    ref = t.group_by(list(by)).aggregate([("value", "count"), ("value", "sum")])
+    ref = t.set_column(3, "kind", t["kind"].cast(pa.string())).group_by(list(by)).aggregate(
+        [("value", "count"), ("value", "sum")])
     for i in range(keys.num_rows):
         key = keys.slice(i, 1)
         assert "is_in" in str(keys_condition(key))
         res = run_group(spec, unit, key, f"g{i}")
         assert res.counts == {"ok": 1, "failed": 0, "skipped": 0}
         match = ref.join(key.cast(ref.select(list(by)).schema), keys=list(by), join_type="inner")
+        assert keys_condition(key) is not None  # every key pushed down or matched in memory
         assert match.num_rows == 1 and match["value_count"][0].as_py() == 10
         assert res.table.to_pylist() == [{"n": 10, "total": match["value_sum"][0].as_py()}]

@@ -125,6 +125,41 @@ def test_dict_values_of_every_kind_are_checked_together_and_a_bad_one_fails_only
     assert out == {"k": ["a", "b"], "n": [2, 1], "m": [1.5, 3.0]}
 
 
+def test_a_dict_filled_again_for_every_group_a_ragged_value_and_no_rows_are_each_collected_right():
+    """Values are read when the unit's groups have run: a function that fills and returns the
+    same dict every time still gets each group's own row; a ragged list fails only its group;
+    a group that returns no rows (empty lists, float64 to numpy) is ok and adds none."""
+    same: dict = {}
+
+    def refill(g):
+        same.update(k=g["k"][:1], n=np.array([len(g["v"])]), m=np.array([g["v"].mean()]))
+        return same
+
+    rows, out = _apply(refill, input="numpy")
+    assert rows["status"] == ["ok"] * 4
+    assert out == {"k": ["a", "b", "c", "d"], "n": [2, 1, 3, 1], "m": [1.5, 3.0, 5.0, 7.0]}
+
+    def odd(g):
+        k = g["k"][0]
+        if k == "b":
+            return {"k": [[k], [k, k]], "n": [1, 2], "m": [1.0, 2.0]}  # ragged: no column
+        if k == "c":
+            return {"k": [], "n": [], "m": []}
+        return {"k": [k], "n": [len(g["v"])], "m": [float(g["v"].mean())]}
+
+    rows, out = _apply(odd, input="numpy")
+    assert rows["status"] == ["ok", "failed", "ok", "ok"], rows["error"]
+    assert rows["error"][1].startswith("ValueError: column 'k' (string): ")
+    assert out == {"k": ["a", "d"], "n": [2, 1], "m": [1.5, 7.0]}
+    # the careful path (one group's value at a time) takes no rows alike, and names a bad column
+    from modelfactory._schema import parse_schema
+    from modelfactory.grouped_map import to_table
+
+    schema = parse_schema("k string, n bigint, m double")
+    assert to_table({"k": [], "n": [], "m": []}, schema).num_rows == 0
+    assert str(to_table({"k": ["a"], "n": ["x"], "m": [1.0]}, schema)).startswith("column 'n' (int64): ")
+
+
 def test_a_unit_runs_with_one_blas_thread_and_restores_the_pools():
     from threadpoolctl import threadpool_info, threadpool_limits
 

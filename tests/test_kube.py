@@ -65,8 +65,8 @@ def test_make_spec_sets_threads_env_resources_labels_and_idle_timeout():
     env = env_of(spec)
     assert env == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
-                   "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",
-                   "DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL": "1s", "AWS_REGION": "eu-west-1"}
+                   "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "'1s'",
+                   "DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL": "'1s'", "AWS_REGION": "eu-west-1"}
     # what a pod's Dask makes of them: the settings of the clusters modelfactory makes
     import dask.config
 
