@@ -249,9 +249,9 @@ def apply_groups(spec, groups):
 def _chunks(outs: list[tuple], names: list[str]) -> tuple[list[list], np.ndarray, np.ndarray]:
     """The collected outputs as one list of 1-d arrays per column, a mask of the outputs
     that cannot join them (columns of different lengths, or a value that is no column: a
-    ragged list), and a mask of those with no rows.  The values are checked in bulk (type, dimensions, length: a C
-    loop each) rather than one by one; anything but a 1-d ndarray (a scalar, a list, a
-    Series) becomes an array as ``np.atleast_1d`` makes it."""
+    ragged list), and a mask of those with no rows.  The values are checked in bulk (type,
+    dimensions, length: a C loop each) rather than one by one; anything but a 1-d ndarray
+    (a scalar, a list, a Series) becomes an array as ``np.atleast_1d`` makes it."""
     from operator import attrgetter, itemgetter
 
     bad = np.zeros(len(outs), dtype=bool)

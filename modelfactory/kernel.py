@@ -362,10 +362,11 @@ def keys_condition(keys: pa.Table, also=None, *, stored: bool = True):
     (exactly those groups for one key row; for more, a superset to semi-join), and ``also``.
 
     The values stay Arrow values (plain ones: ``is_in`` takes no dictionary): a Python one
-    would lose a nanosecond timestamp's last digits, and ``==`` never matches a NaN key.  A condition for the Parquet reader
-    (``stored``) leaves out a float key whose values include NaN: the reader skips row
-    groups by their min/max statistics, which leave NaN out, so it would find no NaN rows
-    (even with ``is_nan``); the caller matches such keys again in memory.
+    would lose a nanosecond timestamp's last digits, and ``==`` never matches a NaN key.
+    A condition for the Parquet reader (``stored``) leaves out a float key whose values
+    include NaN: the reader skips row groups by their min/max statistics, which leave NaN
+    out, so it would find no NaN rows (even with ``is_nan``); the caller matches such keys
+    again in memory.
     """
     import functools
 
@@ -390,7 +391,8 @@ def failed_rows(spec: JobSpec, unit_id: str, keys: pa.Table, error: str) -> Unit
         rows["extra_columns"] = {"model": pa.nulls(n, pa.binary()), "fingerprint": pa.nulls(n, pa.binary(8)),
                                  "fitted_in": pa.array([spec.run_id] * n, pa.string())}
     elif spec.kind == "score":  # the columns of scoring's group table (scoring.score_table)
-        rows["extra_columns"] = {"anomalies": pa.array(np.zeros(n, np.int64)), "max_score": pa.nulls(n, pa.float64())}
+        rows["extra_columns"] = {"anomalies": pa.array(np.zeros(n, np.int64)),
+                                 "max_score": pa.nulls(n, pa.float64())}
     extra = spec.out_schema.empty_table() if spec.kind == "apply" else None
     return _finish(spec, unit_id, keys, rows, extra, np.zeros(n, np.int64), _time.perf_counter())
 
