@@ -339,9 +339,9 @@ def run_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
     return run_table(spec, unit.id, table, t0=t0)
 
 
-def unit_keys(spec: JobSpec, unit: WorkUnit) -> pa.Table:
-    """The distinct group keys of a unit (reads the key columns only)."""
-    table = read_files(spec.source, unit.paths, list(spec.by), spec.filter, encode=spec.by)
+def unit_keys(spec: JobSpec, paths: tuple[str, ...]) -> pa.Table:
+    """The distinct group keys in the files ``paths`` (a unit's; reads the key columns only)."""
+    table = read_files(spec.source, paths, list(spec.by), spec.filter, encode=spec.by)
     return split_groups(table, spec.by).keys
 
 

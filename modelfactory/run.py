@@ -286,7 +286,7 @@ def isolate(spec: JobSpec, client, unit, runner=kernel.run_table) -> UnitResult:
     group(s) that crash the process fail (with the reason) and the others complete.
     ``runner`` runs a unit's rows (scoring passes ``scoring.score_table``)."""
     drop_unit_files(spec, [unit.id])
-    keys = client.submit(kernel.unit_keys, spec, unit, pure=False).result()
+    keys = client.submit(kernel.unit_keys, spec, unit.paths, pure=False).result()
 
     def run_one(i, sub_id, key):
         # take, not slice: a slice pickles the whole table's buffers, for every group
@@ -418,10 +418,8 @@ def _remaining_keys(spec: JobSpec, paths: tuple[str, ...], tables: list[pa.Table
     (files under the job's sink)."""
     import pyarrow.parquet as pq
 
-    from .dataset import read_files
-
     by = list(spec.by)
-    every = kernel.split_groups(read_files(spec.source, paths, by, spec.filter), spec.by).keys
+    every = kernel.unit_keys(spec, paths)
     done = tables + [pq.read_table(pa.BufferReader(spec.sink.read_bytes(p)), columns=by) for p in parts]
     if not done:
         return every

@@ -246,7 +246,7 @@ def test_a_group_run_alone_gets_exactly_its_rows_whatever_the_type_of_its_keys(t
     spec = JobSpec("apply", by, discover(data, null_check=by).source, ("app", "start", "level", "kind", "value"),
                    func=lambda df: {"n": [len(df)], "total": [df["value"].sum()]}, out_schema=schema)
     (unit,) = plan(discover(data), by, workers=1, target_rows=10**6).units
-    keys = unit_keys(spec, unit)
+    keys = unit_keys(spec, unit.paths)
     assert keys.num_rows == 6
     ref = t.set_column(3, "kind", t["kind"].cast(pa.string())).group_by(list(by)).aggregate(
         [("value", "count"), ("value", "sum")])
