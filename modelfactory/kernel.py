@@ -179,11 +179,11 @@ def numpy_column(col: pa.ChunkedArray) -> np.ndarray:
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
         enc = arr.dictionary_encode()
-        return _objects(enc.dictionary)[enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)]
+        return _dictionary_objects(enc.dictionary)[enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)]
     return arr.to_numpy(zero_copy_only=False)
 
 
-def _objects(dictionary: pa.Array) -> np.ndarray:
+def _dictionary_objects(dictionary: pa.Array) -> np.ndarray:
     """A dictionary's values as Python objects, then None (the index that nulls are filled with)."""
     return np.asarray(dictionary.to_pylist() + [None], dtype=object)
 
@@ -240,7 +240,7 @@ def _key_codes(table: pa.Table, by: tuple[str, ...],
         codes = codes * (m + 1) + rank[idx]
         span *= m + 1
         if encoded is not None and pa.types.is_string(enc.dictionary.type):
-            encoded[k] = (_objects(enc.dictionary), idx)
+            encoded[k] = (_dictionary_objects(enc.dictionary), idx)
     return codes
 
 
