@@ -179,7 +179,8 @@ def numpy_column(col: pa.ChunkedArray) -> np.ndarray:
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
         enc = arr.dictionary_encode()
-        return _dictionary_objects(enc.dictionary)[enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)]
+        idx = enc.indices.fill_null(len(enc.dictionary)).to_numpy(zero_copy_only=False)
+        return _dictionary_objects(enc.dictionary)[idx]
     return arr.to_numpy(zero_copy_only=False)
 
 
