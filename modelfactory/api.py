@@ -31,7 +31,7 @@ from .models.base import Model
 from .plan import Plan, plan
 from .result import Run, table_run
 from .run import Progress, execute, isolate, open_client, run_shuffled, run_units, worker_count
-from .store import ModelStore, new_run_id
+from .store import ModelStore, leaf_index, new_run_id
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
 
@@ -105,7 +105,7 @@ def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
     """Where units find the models of a committed run (through its leaf index)."""
     from .scoring import ModelSource
 
-    index = man.get("index", {"keys": [], "parts": []})
+    index = leaf_index(man)
     leaf_keys = tuple(index["keys"])
     lookup: dict = {}
     if leaf_keys and all(k in info.source.partition_keys or k in info.schema.names for k in leaf_keys):
@@ -290,8 +290,10 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         "summary": summary,
         "units": [{"id": r.unit_id, "groups": r.groups, "seconds": round(r.seconds, 4)} for r in results],
         # Which part holds which leaf (values of the partition keys that are group keys), so a
-        # lookup or a scoring unit reads only the parts it needs.
-        "index": {"keys": list(leaf_keys), "parts": [[list(k) for k in r.leaves] for r in results]},
+        # lookup or a scoring unit reads only the parts it needs: one entry per part, in the order
+        # of the parts (a unit whose groups ran one by one wrote several parts; each gets the
+        # unit's leaves).
+        "index": {"keys": list(leaf_keys), "parts": [[list(k) for k in r.leaves] for r in results for _ in r.parts]},
     }
     st.commit(run_id, manifest, [p for r in results for p in r.parts])
     return Run(run_id, "train", summary, store=st, errors=[e for r in results for e in r.errors])

@@ -70,6 +70,16 @@ def read_part(loc: Location, part: dict, columns: list[str] | None = None) -> pa
     return pq.read_table(pa.BufferReader(data), columns=columns)
 
 
+def leaf_index(man: dict) -> dict:
+    """A committed run's leaf index (``keys``, and per part the leaves it holds), or an empty
+    one (read every part) when it does not line up with the run's parts: earlier versions
+    listed one entry per unit even when a unit had written several parts."""
+    index = man.get("index") or {}
+    if not index.get("keys") or len(index.get("parts", ())) != len(man["parts"]):
+        return {"keys": [], "parts": []}
+    return index
+
+
 def _denied_is_a_store_error(method):
     """Turn an object store's "access denied" into a StoreError that names the store."""
 
@@ -230,9 +240,9 @@ class ModelStore:
         if serializer != "native" and not trust:
             raise StoreError(f"Run {man['run_id']!r} holds pickled user models: loading one runs code from "
                              "the store. Pass trust=True (CLI: --trust) only if you trust who wrote it.")
-        index = man.get("index") or {}
+        index = leaf_index(man)
         parts = man["parts"]
-        if index.get("keys"):
+        if index["keys"]:
             leaf = [str(want[by.index(k)]) for k in index["keys"]]
             parts = [p for p, leaves in zip(parts, index["parts"]) if leaf in [[str(v) for v in lf] for lf in leaves]]
         hit = None

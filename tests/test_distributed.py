@@ -367,6 +367,16 @@ def test_a_group_that_kills_its_worker_fails_alone(procs, layout, request, tmp_p
     assert g.loc["site-00007", "status"] == "failed"
     assert re.search(r"(?i)worker.*(died|killed|crashed|lost)", g.loc["site-00007", "error"])
     assert (g.drop(index="site-00007").status == "ok").all()
+    # The crashed unit's groups were written one part each: every other group's model is still
+    # found by key (through the run's leaf index, which names the parts that hold each folder),
+    # and scored.
+    st = ModelStore(str(tmp_path / "store"))
+    for app, site in g.drop(index="site-00007").reset_index()[KEYS].itertuples(index=False):
+        assert st.load({"app": app, "site": site}, trust=True).is_fitted
+    scored = modelfactory.score(data, store=str(tmp_path / "store"), out=str(tmp_path / "scores"),
+                                cluster=procs.address, trust=True)
+    assert scored.summary["counts"] == {"ok": SERIES - 1, "failed": 0, "skipped": 1}
+    assert "failed" in scored.groups.set_index("site").loc["site-00007", "error"]
 
 
 @pytest.mark.timeout(150)

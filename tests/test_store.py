@@ -123,3 +123,14 @@ def test_models_list_and_show(by_app, tmp_path, capsys):
     assert shown["model"] == "SeasonalProfile" and len(shown["state"]["median_"]) == 24
     assert main(["models", "show", "--store", store, "--key", "app=app1,site=nope"]) == 2
     assert "error: No group {'app': 'app1', 'site': 'nope'}" in capsys.readouterr().err
+
+
+def test_an_index_that_does_not_line_up_with_the_parts_is_not_used():
+    from modelfactory.store import leaf_index
+
+    parts = [{"path": "a"}, {"path": "b"}, {"path": "c"}]
+    good = {"keys": ["app"], "parts": [[["x"]], [["x"]], [["y"]]]}
+    assert leaf_index({"parts": parts, "index": good}) is good
+    # earlier versions: one entry per unit, though the unit of "x" wrote two parts
+    assert leaf_index({"parts": parts, "index": {"keys": ["app"], "parts": [[["x"]], [["y"]]]}})["keys"] == []
+    assert leaf_index({"parts": parts})["keys"] == []
