@@ -144,9 +144,13 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dic
                          "multiple": p.get("unit_multiple")}
 
 
-def _output(out: str, storage_options: dict | None, overwrite: bool) -> Location:
-    """The folder a job writes its rows to: new or empty, or emptied with ``overwrite``."""
+def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: str) -> Location:
+    """The folder a job writes its rows to: new or empty, or emptied with ``overwrite``;
+    never one that holds, or lies inside, a folder of ``apart`` (what -> path: the input
+    data, the model store), which emptying it would delete or writing to it would mix into."""
     sink = Location.of(out, storage_options)
+    for what, path in apart.items():
+        _keep_apart(sink, "output folder", Location.of(path, storage_options), what.replace("_", " "))
     sink.check_bucket(StoreError)
     fs = sink.fs
     if fs.exists(sink.root) and fs.ls(sink.root):
@@ -154,6 +158,31 @@ def _output(out: str, storage_options: dict | None, overwrite: bool) -> Location
             raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
         fs.rm(sink.root, recursive=True)
     return sink
+
+
+def _keep_apart(a: Location, a_name: str, b: Location, b_name: str, *, may_hold: bool = False) -> None:
+    """Refuse ``a`` if it is ``b``, lies inside it, or (unless ``may_hold``) holds it
+    (on the same file system)."""
+    if _protocol(a) != _protocol(b):
+        return
+    ra, rb = (_real(x) for x in (a, b))
+    how = ("is" if ra == rb else "is inside" if ra.startswith(rb + "/")
+           else "holds" if rb.startswith(ra + "/") and not may_hold else None)
+    if how:
+        raise ModelFactoryError(f"The {a_name} {a.url!r} {how} {b_name} {b.url!r}; pick a {a_name} "
+                                f"apart from it (nothing was written).")
+
+
+def _protocol(loc: Location) -> str:
+    p = loc.fs.protocol
+    return p if isinstance(p, str) else p[0]
+
+
+def _real(loc: Location) -> str:
+    import os
+
+    root = loc.root.rstrip("/")
+    return os.path.realpath(root) if loc.is_local else root
 
 
 def _raise_unit_failure(run_id: str, err: BaseException) -> None:
@@ -235,6 +264,8 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time, target=target, features=feats)
     st = ModelStore(store, storage_options=storage_options)
+    # a store inside the data would be read as data by the next run
+    _keep_apart(st.location, "model store", Location.of(data, storage_options), "the input data", may_hold=True)
     st.location.check_bucket(StoreError)
     if unit_rows is not None and unit_rows < 1:
         raise PlanError(f"unit_rows must be a positive number of rows; got {unit_rows}.")
@@ -357,7 +388,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     wanted = tuple(columns) if columns is not None else tuple(info.schema.names)
     check_columns(info, by=by_, time=time, columns=wanted)
     cols = tuple(dict.fromkeys([*by_, *([time] if time else []), *wanted]))
-    sink = _output(out, storage_options, overwrite) if out is not None else None
+    sink = _output(out, storage_options, overwrite, the_input_data=data) if out is not None else None
     run_id = new_run_id(_digest(info.fingerprint(), by_, repr(func), str(out_schema)))
     spec = JobSpec("apply", by_, info.source, cols, time, filter=filter, func=func, input=input,
                    out_schema=out_schema, sink=sink, groups_prefix="_groups/", data_prefix="part-")
@@ -485,7 +516,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                          "store. Pass trust=True (CLI: --trust) only if you trust who wrote it.")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
-    sink = _output(out, storage_options, overwrite)
+    sink = _output(out, storage_options, overwrite, the_input_data=data, the_model_store=store)
     src = model_source(st, man, info, trust)
     extra = [k for k in info.source.partition_keys if k not in by_]
     columns = tuple(c for c in dict.fromkeys([*by_, *extra, sp["time"], sp["target"], *feats]) if c)

@@ -100,3 +100,24 @@ def test_batch_scoring_equals_scoring_group_by_group(history_and_new, tmp_path):
         modelfactory.score(new, store=store, out=str(tmp_path / name), cluster="inline", trust=True)
         out[name] = pd.read_parquet(tmp_path / name).sort_values(["app", "site", "ts"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(out["batch"], out["loop"])
+
+
+def test_an_output_folder_that_overlaps_the_store_or_the_data_is_refused_and_nothing_is_deleted(
+        history_and_new, tmp_path):
+    old, new = history_and_new
+    store = str(tmp_path / "store")
+    run = modelfactory.train(old, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    refused = {store: "is the model store", new: "is the input data", str(tmp_path): "holds the input data",
+               f"{new}/app=app0": "is inside the input data", f"{store}/scores": "is inside the model store"}
+    for out, how in refused.items():
+        with pytest.raises(modelfactory.ModelFactoryError, match=f"output folder '{out}' {how}"):
+            modelfactory.score(new, store=store, out=out, overwrite=True, cluster="inline")
+    with pytest.raises(modelfactory.ModelFactoryError, match=f"output folder '{new}' is the input data"):
+        modelfactory.apply(new, by=["app", "site"], func=len, schema="n bigint", out=new, overwrite=True,
+                           cluster="inline")
+    with pytest.raises(modelfactory.ModelFactoryError, match="model store '.*/new/store' is inside the input data"):
+        modelfactory.train(new, by=["app", "site"], time="ts", target="value", store=f"{new}/store",
+                           cluster="inline")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert modelfactory.ModelStore(store).latest() == run.id
