@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .exceptions import describe_error
 from .models.base import SkipGroup
@@ -30,23 +31,36 @@ def to_table(out, schema: pa.Schema, from_pandas: bool = False):
             got = out.column_names
             if sorted(got) != sorted(schema.names):
                 raise _columns_error(got, schema)
-            return out.select(schema.names).cast(schema)
+            return _checked(out.select(schema.names).cast(schema), schema)
         if isinstance(out, dict):
             got = list(out)
             if sorted(got) != sorted(schema.names):
                 raise _columns_error(got, schema)
-            return pa.table([_dict_column(out[f.name], f, from_pandas) for f in schema], schema=schema)
+            return _checked(pa.table([_dict_column(out[f.name], f, from_pandas) for f in schema], schema=schema),
+                            schema)
         import pandas as pd
 
         if isinstance(out, pd.DataFrame):
             got = [str(c) for c in out.columns]
             if sorted(got) != sorted(schema.names):
                 raise _columns_error(got, schema)
-            return pa.Table.from_pandas(out[schema.names], schema=schema, preserve_index=False)
+            return _checked(pa.Table.from_pandas(out[schema.names], schema=schema, preserve_index=False), schema)
         raise TypeError(f"the function returned {type(out).__name__}; return a pandas DataFrame, "
                         "a dict of columns or a pyarrow Table")
     except Exception as err:  # noqa: BLE001
         return err
+
+
+def _checked(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with the schema's metadata (not pandas' of the returned frame, which would
+    bring back the frame's dtypes in ``to_pandas``), after checking that no column the schema
+    says is not nullable holds a null (Arrow does not check; the Parquet writer would fail
+    the whole unit)."""
+    for f, col in zip(schema, table.columns):
+        if not f.nullable and col.null_count:
+            raise ValueError(f"column {f.name!r} is not nullable in the schema, but {col.null_count} "
+                             f"value{'s are' if col.null_count > 1 else ' is'} missing")
+    return table.replace_schema_metadata(schema.metadata)
 
 
 def _dict_column(value, field: pa.Field, from_pandas: bool) -> pa.Array:
@@ -67,67 +81,157 @@ def _columns_error(got, schema) -> ValueError:
 
 
 def _group_inputs(spec, groups):
-    """Yield what the user function gets for each group, as cheaply as the input mode allows."""
-    if spec.input == "pandas":
-        cut = frame_slicer(groups.table.to_pandas())
-        for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
-            yield cut(s, e)
-    elif spec.input == "arrow":
+    """Yield what the user function gets for each group, as cheaply as the input mode allows.
+
+    A group gets the types it would get on its own (as in Spark's applyInPandas, which
+    converts each group by itself): an integer or boolean column is float64 or objects in
+    pandas and numpy only in the groups that hold a null in it, not in every group of a
+    unit where some group does.  pandas: a unit with such nulls is converted once per
+    combination of columns with and without nulls (up to ``_MAX_VARIANTS``; past that, the
+    group alone); numpy: each such column is converted twice, with and without its nulls.
+    """
+    starts, ends = groups.starts.tolist(), groups.ends.tolist()
+    if spec.input == "arrow":
         tbl = groups.table
-        for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
+        for s, e in zip(starts, ends):
             yield tbl.slice(s, e - s)
-    else:  # numpy: a dict of column arrays (views, no copy where the type allows)
-        columns = [(c, groups.numpy_column(c)) for c in groups.column_names]
-        for s, e in zip(groups.starts.tolist(), groups.ends.tolist()):
+        return
+    risky, codes = _nulls_by_group(groups)
+    if spec.input == "pandas":
+        tbl = groups.table
+        if not risky:
+            cut = frame_slicer(tbl.to_pandas())
+            for s, e in zip(starts, ends):
+                yield cut(s, e)
+            return
+        cuts: dict[int, Any] = {}
+        for s, e, code in zip(starts, ends, codes.tolist()):
+            cut = cuts.get(code)
+            if cut is None and len(cuts) < _MAX_VARIANTS:
+                cut = cuts[code] = frame_slicer(_filled(tbl, risky, code).to_pandas())
+            yield cut(s, e) if cut is not None else tbl.slice(s, e - s).to_pandas()
+        return
+    # numpy: a dict of column arrays (views, no copy where the type allows)
+    columns = [(c, _writable(groups.numpy_column(c))) for c in groups.column_names]
+    if not risky:
+        for s, e in zip(starts, ends):
             yield {c: a[s:e] for c, a in columns}  # a comprehension: 0.4 µs; dict(zip(...)): 0.7
+        return
+    from .kernel import numpy_column
+
+    filled = {c: _writable(numpy_column(_fill(groups.column(c)))) for c in risky}
+    bits = {c: j for j, c in enumerate(risky)}
+    made: dict[int, list] = {}
+    for s, e, code in zip(starts, ends, codes.tolist()):
+        cols = made.get(code)
+        if cols is None:
+            cols = made[code] = [(c, filled[c] if c in bits and not code >> bits[c] & 1 else a) for c, a in columns]
+        yield {c: a[s:e] for c, a in cols}
+
+
+_MAX_VARIANTS = 8
+
+
+def _nulls_by_group(groups) -> tuple[list[str], np.ndarray | None]:
+    """The columns whose pandas and numpy type depends on nulls (integers and booleans) that
+    hold nulls in this unit, and per group a code: bit ``j`` set if it has a null in column ``j``."""
+    risky = [f.name for f in groups.schema if (pa.types.is_integer(f.type) or pa.types.is_boolean(f.type))
+             and groups.null_count(f.name)]
+    if not risky:
+        return [], None
+    codes = np.zeros(len(groups), dtype=np.int64)
+    for j, c in enumerate(risky):
+        nulls = np.concatenate(([0], np.cumsum(pc.is_null(groups.column(c)).to_numpy(zero_copy_only=False))))
+        codes |= ((nulls[groups.ends] - nulls[groups.starts]) > 0).astype(np.int64) << j
+    return risky, codes
+
+
+def _fill(col):
+    """A column with its nulls replaced (by zero or False): for groups that have none."""
+    return pc.fill_null(col, pa.scalar(False if pa.types.is_boolean(col.type) else 0, col.type))
+
+
+def _filled(tbl: pa.Table, risky: list[str], code: int) -> pa.Table:
+    """``tbl`` with the columns of ``risky`` that have no nulls in groups of ``code`` filled."""
+    for j, c in enumerate(risky):
+        if not code >> j & 1:
+            tbl = tbl.set_column(tbl.schema.get_field_index(c), tbl.schema.field(c), _fill(tbl[c]))
+    return tbl
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    """A numpy input a function may change in place (a zero-copy view of Arrow memory is read-only)."""
+    return a if a.flags.writeable else a.copy()
 
 
 def frame_slicer(df) -> Callable[[int, int], Any]:
-    """``cut(s, e)``: rows ``s:e`` of ``df`` as a DataFrame, made the way pandas' own
-    groupby makes its group frames (a BlockManager slice: about 6 µs a group cheaper
-    than ``df.iloc[s:e]``).  Falls back to ``iloc`` if this pandas does it differently."""
+    """``cut(s, e)``: rows ``s:e`` of ``df`` as a DataFrame indexed ``0 .. e-s-1`` (as Spark's
+    applyInPandas gives a group: its position in a unit means nothing), made the way pandas'
+    own groupby makes its group frames (a BlockManager slice: about 6 µs a group cheaper than
+    ``df.iloc[s:e]``).  Falls back to ``iloc`` if this pandas does it differently."""
+    import pandas as pd
+
     try:
-        mgr, make = df._mgr, df._constructor_from_mgr
+        mgr, make, index = df._mgr, df._constructor_from_mgr, pd.RangeIndex._simple_new
         m = mgr.get_slice(slice(0, 1), axis=1)
+        m.axes[1] = index(range(len(m.axes[1])))
         probe = make(m, axes=m.axes)
-        if type(probe) is not type(df) or list(probe.columns) != list(df.columns) or len(probe) != min(1, len(df)):
+        if (type(probe) is not type(df) or list(probe.columns) != list(df.columns)
+                or not probe.index.equals(pd.RangeIndex(min(1, len(df))))):
             raise TypeError("unexpected slice")
     except Exception:  # noqa: BLE001 - internals moved: the public way
-        return lambda s, e: df.iloc[s:e]
+        return lambda s, e: df.iloc[s:e].reset_index(drop=True)
 
     def cut(s: int, e: int):
         m = mgr.get_slice(slice(s, e), axis=1)
+        m.axes[1] = index(range(e - s))  # a new one per group: a user may rename it in place
         return make(m, axes=m.axes)
 
     return cut
 
 
-def _frame_columns(out, names) -> list:
-    """The columns of a returned DataFrame as arrays, without building a Series per column.
+def _frame_columns(out, names, text: frozenset) -> list | None:
+    """The columns of a returned DataFrame as arrays, without building a Series per column;
+    None if one must be converted by ``Table.from_pandas`` to be converted the same way on
+    every path (text into a column of another type: Arrow casts it, ``pa.array`` would not).
 
     The arrays are read off the frame's blocks (each block holds one or more columns:
     row ``k`` of its values is column ``mgr_locs[k]``), which is what
     ``DataFrame._get_column_array`` does column by column, minus the column-to-block map
     it builds on a fresh frame (about 3 µs of the 5 µs a one-row frame costs that way).
     Boxing each column as a Series would cost ~10 µs.  Falls back to the public way if
-    this pandas keeps its columns otherwise.
+    this pandas keeps its columns otherwise.  ``text``: the positions of the schema's
+    string columns.
     """
     cols = _block_columns(out, len(names))
     if cols is None:  # internals moved: the public way
         get = getattr(out, "_get_column_array", None)
         cols = [out[c].to_numpy() for c in names] if get is None else [get(j) for j in range(len(names))]
-    return [a if type(a) is np.ndarray else _objects(a) for a in cols]
+    for j, a in enumerate(cols):
+        if type(a) is not np.ndarray:
+            a = cols[j] = _plain(a, j in text)
+            if a is None:
+                return None
+    return cols
 
 
-def _objects(a) -> np.ndarray:
-    """An extension array (nullable ints, pandas 3's strings) as Python objects, missing values
-    as None, which Arrow reads as null (their own NA markers, pd.NA or NaN, would not convert).
-    Arrow-backed strings go through their Arrow array: half the cost of ``to_numpy``."""
+def _plain(a, text: bool) -> np.ndarray | None:
+    """An extension array as numpy: datetimes and durations as datetime64/timedelta64 (UTC
+    for a time zone), which Arrow casts safely, as ``Table.from_pandas`` would (Python
+    objects would lose a nanosecond timestamp's digits without a word); others (nullable
+    ints, pandas 3's strings) as Python objects, missing values as None, which Arrow reads
+    as null (their own NA markers, pd.NA or NaN, would not convert).  Arrow-backed strings
+    go through their Arrow array (half the cost of ``to_numpy``); into a column that is not
+    text: None."""
     arrow = getattr(a, "_pa_array", None)
     if isinstance(arrow, pa.ChunkedArray) and arrow.type.id in _STRING_IDS:
+        if not text:
+            return None
         out = np.empty(len(arrow), dtype=object)
         out[:] = arrow.to_pylist()
         return out
+    if a.dtype.kind in "mM":
+        return np.asarray(a._ndarray) if hasattr(a, "_ndarray") else np.asarray(a, dtype=f"{a.dtype.kind}8[ns]")
     return a.to_numpy(dtype=object, na_value=None)
 
 
@@ -182,7 +286,11 @@ def apply_groups(spec, groups):
     outs: list[tuple] = []  # per collected group: its columns' values, in the schema's order
     owners: list[int] = []  # group index of each of outs
     framed: list[bool] = []  # whether that one came from a DataFrame (pandas' missing values)
-    slow: dict[int, Any] = {}  # group index -> raw output that needs the careful path
+    text = frozenset(j for j, f in enumerate(schema) if f.type.id in _STRING_IDS)
+    # group index -> its rows (or the error) from the careful path: converted as soon as it
+    # returns, so a function that refills and returns one object gives every group its own
+    careful: dict[int, Any] = {}
+    slow: dict[int, Any] = {}  # group index -> collected values that the careful path converts
     frame_type = None  # the pandas DataFrame class, once a group has returned one
     # One clock reading per group: a group's seconds run from the end of the group
     # before it, so they include building its input (a slice: about a microsecond).
@@ -210,13 +318,14 @@ def apply_groups(spec, groups):
             framed.append(False)
         elif kind is frame_type or (frame_type is None and _is_frame(out)):
             frame_type = kind
-            if not same_labels(out.columns):
-                slow[i] = out
+            cols = _frame_columns(out, names, text) if same_labels(out.columns) else None
+            if cols is None:
+                careful[i] = to_table(out, schema)
                 continue
-            outs.append(tuple(_frame_columns(out, names)))  # a tuple of arrays: no work for the GC
+            outs.append(tuple(cols))  # a tuple of arrays: no work for the GC
             framed.append(True)
         else:
-            slow[i] = out
+            careful[i] = to_table(out, schema)
             continue
         owners.append(i)
     tables, from_frame = [], set()  # from_frame: groups whose columns, now in a dict, came from a frame
@@ -237,7 +346,9 @@ def apply_groups(spec, groups):
                 if framed[k]:
                     from_frame.add(i)
     for i in sorted(slow):
-        t = to_table(slow[i], schema, from_pandas=i in from_frame)
+        careful[i] = to_table(slow[i], schema, from_pandas=i in from_frame)
+    for i in sorted(careful):
+        t = careful[i]
         if isinstance(t, Exception):
             status[i], errors[i] = "failed", describe_error(t)
         else:
@@ -310,7 +421,7 @@ def _collected_table(collected: list[list], framed: list[bool], schema: pa.Schem
             arrays.append(pa.array(values, type=field.type, mask=np.isnan(values) & rows_framed))
         else:
             arrays.append(pa.array(values, type=field.type))
-    return pa.table(arrays, schema=schema)
+    return _checked(pa.table(arrays, schema=schema), schema)
 
 
 def _is_frame(out) -> bool:

@@ -145,6 +145,14 @@ class Groups:
         return self._source.column_names
 
     @property
+    def schema(self) -> pa.Schema:
+        """The rows' schema as read (columns read dictionary-encoded are still encoded)."""
+        return self._source.schema
+
+    def null_count(self, name: str) -> int:
+        return self._source[name].null_count
+
+    @property
     def num_rows(self) -> int:
         return self._source.num_rows
 

@@ -259,3 +259,121 @@ def test_a_group_run_alone_gets_exactly_its_rows_whatever_the_type_of_its_keys(t
         assert keys_condition(key) is not None  # every key pushed down or matched in memory
         assert match.num_rows == 1 and match["value_count"][0].as_py() == 10
         assert res.table.to_pylist() == [{"n": 10, "total": match["value_sum"][0].as_py()}]
+
+
+# ---------------------------------------------------------------------------
+# what a group gets does not depend on the groups packed with it (as in Spark's applyInPandas)
+# ---------------------------------------------------------------------------
+def _write(tmp_path, table: pa.Table) -> str:
+    path = tmp_path / "data.parquet"
+    pq.write_table(table, path)
+    return str(path)
+
+
+def test_a_group_frame_is_indexed_from_zero_whatever_unit_it_is_in(tmp_path):
+    path = _write(tmp_path, pa.table({"app": [f"a{i // 3}" for i in range(9)], "x": [float(i) for i in range(9)]}))
+
+    def scaled(pdf):  # Spark users' idiom: a Series of model output assigned to the frame
+        pdf = pdf.copy()
+        pdf["y"] = pd.Series(pdf["x"].to_numpy() * 10)
+        return pdf.assign(first=pdf.loc[0, "x"])
+
+    run = modelfactory.apply(path, by="app", func=scaled, schema="app string, x double, y double, first double",
+                             cluster="inline")
+    assert run.summary["units"] == 1 and run.summary["counts"]["ok"] == 3
+    got = run.to_pandas().sort_values("x").reset_index(drop=True)
+    assert got["y"].tolist() == [10.0 * i for i in range(9)]
+    assert got["first"].tolist() == [0.0] * 3 + [3.0] * 3 + [6.0] * 3
+
+
+@pytest.mark.parametrize("input", ["pandas", "numpy"])
+def test_a_groups_input_types_depend_on_its_own_nulls_not_on_its_neighbours(tmp_path, input):
+    table = pa.table({"app": ["a", "a", "b", "b", "c", "c"],
+                      "n": pa.array([1, 2, 3, None, 5, 6], pa.int64()),
+                      "flag": pa.array([True, False, True, True, None, True], pa.bool_()),
+                      "small": pa.array([1, 2, None, 4, 5, 6], pa.int32())})
+    path = _write(tmp_path, table)
+
+    def types(g):
+        return {"app": np.asarray(g["app"])[:1],
+                "types": np.array([f"{g['n'].dtype}/{g['flag'].dtype}/{g['small'].dtype}"], dtype=object),
+                "first": np.array([str(g["n"][0])], dtype=object)}
+
+    def each(**kw):
+        run = modelfactory.apply(path, by="app", func=types, schema="app string, types string, first string",
+                                 input=input, cluster="inline", **kw)
+        assert run.summary["counts"]["ok"] == 3
+        return run.to_pandas().sort_values("app").values.tolist()
+
+    together, alone = each(), each(unit_rows=2)
+    assert together == alone == [["a", "int64/bool/int32", "1"], ["b", "float64/bool/float64", "3.0"],
+                                 ["c", "int64/object/int32", "5"]]
+
+
+def test_numpy_inputs_can_be_changed_in_place_and_only_change_their_own_group(tmp_path):
+    path = _write(tmp_path, pa.table({"app": ["a", "a", "b", "b"], "x": [1.0, 3.0, 10.0, 30.0]}))
+
+    def centred(g):
+        x = g["x"]
+        x -= x.mean()  # in place
+        return {"app": g["app"], "x": x}
+
+    run = modelfactory.apply(path, by="app", func=centred, schema="app string, x double", input="numpy",
+                             cluster="inline")
+    assert run.summary["counts"]["ok"] == 2
+    assert sorted(run.to_pandas()["x"]) == [-10.0, -1.0, 1.0, 10.0]
+
+
+def test_a_container_refilled_and_returned_by_every_group_gives_each_its_own_rows(tmp_path):
+    from collections import OrderedDict
+
+    path = _write(tmp_path, pa.table({"app": [f"a{i // 2}" for i in range(8)], "x": [float(i) for i in range(8)]}))
+    box: OrderedDict = OrderedDict()  # not a plain dict: the careful path
+
+    def refill(pdf):
+        box.clear()
+        box["app"], box["s"] = pdf["app"].iloc[0], pdf["x"].sum()
+        if box["app"] == "a0":
+            box["debug"] = 1  # this group's columns are wrong: it alone fails
+        return box
+
+    run = modelfactory.apply(path, by="app", func=refill, schema="app string, s double", cluster="inline")
+    g = run.groups.set_index("app")
+    assert g.loc["a0", "status"] == "failed" and "unexpected ['debug']" in g.loc["a0", "error"]
+    assert sorted(run.to_pandas().values.tolist()) == [["a1", 5.0], ["a2", 9.0], ["a3", 13.0]]
+
+
+@pytest.mark.parametrize("order", [["app", "mid"], ["mid", "app"]], ids=["schema order", "other order"])
+def test_returned_values_convert_alike_whatever_their_column_order(tmp_path, order):
+    path = _write(tmp_path, pa.table({"app": ["a", "b"], "x": [1.0, 2.0]}))
+
+    def mid(pdf):  # a nanosecond timestamp into a microsecond column: refused, never cut short
+        app = pdf["app"].iloc[0]
+        ts = pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(nanoseconds=1 if app == "a" else 1000)
+        return pd.DataFrame({"app": [app], "mid": [ts], "code": [str(len(app) * 42)]})[[*order, "code"]]
+
+    run = modelfactory.apply(path, by="app", func=mid, schema="app string, mid timestamp, code bigint",
+                             cluster="inline")
+    g = run.groups.set_index("app")
+    assert g.loc["a", "status"] == "failed" and "would lose data" in g.loc["a", "error"]
+    assert g.loc["b", "status"] == "ok"
+    got = run.to_pandas()
+    assert got["mid"].tolist() == [pd.Timestamp("2026-01-01 00:00:00.000001", tz="UTC")]
+    assert got["code"].tolist() == [42]  # text into a bigint column: cast as Arrow (and Spark) cast it
+    assert str(got["code"].dtype) == "int64"  # the schema's type, not the returned frame's
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["returned", "out"])
+def test_a_null_in_a_column_the_schema_says_is_not_nullable_fails_its_group_alone(tmp_path, written):
+    path = _write(tmp_path, pa.table({"app": ["a", "b", "c"], "x": [1.0, 2.0, 3.0]}))
+    schema = pa.schema([pa.field("app", pa.string(), nullable=False), pa.field("m", pa.float64(), nullable=False)])
+
+    def f(pdf):
+        return pd.DataFrame({"app": [pdf["app"].iloc[0]], "m": [None if pdf["app"].iloc[0] == "b" else 1.0]})
+
+    run = modelfactory.apply(path, by="app", func=f, schema=schema, cluster="inline",
+                             out=str(tmp_path / "out") if written else None)
+    g = run.groups.set_index("app")
+    assert g["status"].to_dict() == {"a": "ok", "b": "failed", "c": "ok"}
+    assert "column 'm' is not nullable in the schema, but 1 value is missing" in g.loc["b", "error"]
+    assert sorted(run.to_pandas()["app"]) == ["a", "c"]
