@@ -88,13 +88,24 @@ class Location:
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
 
+    def rm(self, rel: str = "", *, recursive: bool = False) -> None:
+        """Remove ``rel`` (the whole location for ``""``).  fsspec's object stores (and
+        memory://) read the path given to ``rm`` as a glob pattern, local folders do not: a
+        root like "models[prod]" is escaped for them."""
+        import glob
+
+        path = self.path(rel) if rel else self.root
+        self.fs.rm(path if self.is_local else glob.escape(path), recursive=recursive)
+
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
     def glob(self, pattern: str) -> list[str]:
         """The paths (relative to this location) that match ``pattern``, sorted."""
-        try:
-            found = self.fs.glob(self.path(pattern))
+        import glob
+
+        try:  # the root is a path, not a pattern: "models[prod]" must match itself
+            found = self.fs.glob(posixpath.join(glob.escape(self.root), pattern))
         except FileNotFoundError:
             return []
         root = self.root.strip("/") + "/"

@@ -23,7 +23,7 @@ from ._io import Location
 from ._schema import parse_schema
 from .config import job_settings
 from .dataset import DatasetInfo, check_columns, discover
-from .exceptions import ModelError, ModelFactoryError, PlanError, StoreError
+from .exceptions import DatasetError, ModelError, ModelFactoryError, PlanError, StoreError
 from .kernel import JobSpec, ModelSpec, UnitResult
 from .models import get as get_model
 from .models import registry, unknown_model
@@ -156,7 +156,7 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
     if fs.exists(sink.root) and fs.ls(sink.root):
         if not overwrite:
             raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
-        fs.rm(sink.root, recursive=True)
+        sink.rm(recursive=True)
     return sink
 
 
@@ -286,6 +286,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                 f"Cannot retrain only the {retrain} groups of run {base_id}: it differs in {diff} "
                 f"(was {[base_man['spec'].get(k) for k in diff]}). Train a full run instead.")
         base_src = model_source(st, base_man, info, trust=True)
+        from .scoring import check_key_types
+
+        check_key_types(base_src, by_, info.schema)
     digest = _digest(info.fingerprint(), job, retrain, base_id, mspec.cls.__module__, mspec.cls.__qualname__)
     run_id, planning = _begin_run(st, digest, resume, unit_rows)
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
@@ -308,6 +311,11 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         finally:
             bar.close()
     summary = _summarise("train", results, plan_, _time.perf_counter() - t0)
+    if summary["groups"] == 0:  # an empty run must not become LATEST: remove it, commit nothing
+        st.location.rm(f"runs/{run_id}", recursive=True)
+        what = f"The filter {filter} leaves no rows" if filter is not None else "There are no rows"
+        raise DatasetError(f"{what} of {info.source.url!r}: there is no group to train, so nothing was "
+                           f"committed (LATEST still names {st.latest() or 'no run'}). Check the filter.")
     carried: dict[str, int] = {}
     for r in results:
         for k, v in r.carried.items():
@@ -504,7 +512,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     conf = job_settings(cluster, workers=workers, unit_rows=unit_rows, storage_options=storage_options,
                         config=config)
     storage_options, unit_rows = conf.storage_options or None, conf.unit_rows
-    from .scoring import score_table, score_unit
+    from .scoring import check_key_types, score_table, score_unit
 
     st = ModelStore(store, storage_options=storage_options)
     man = st.manifest(run)
@@ -516,8 +524,9 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                          "store. Pass trust=True (CLI: --trust) only if you trust who wrote it.")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
-    sink = _output(out, storage_options, overwrite, the_input_data=data, the_model_store=store)
     src = model_source(st, man, info, trust)
+    check_key_types(src, by_, info.schema)
+    sink = _output(out, storage_options, overwrite, the_input_data=data, the_model_store=store)
     extra = [k for k in info.source.partition_keys if k not in by_]
     columns = tuple(c for c in dict.fromkeys([*by_, *extra, sp["time"], sp["target"], *feats]) if c)
     run_id = new_run_id(_digest(info.fingerprint(), man["run_id"]))

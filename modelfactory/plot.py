@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,23 +53,9 @@ def parse_key(key: Mapping[str, Any] | str) -> dict[str, str]:
     >>> parse_key(r"label=a\\,b")
     {'label': 'a,b'}
     """
-    if isinstance(key, Mapping):
-        out = {str(k): str(v) for k, v in key.items()}
-    elif isinstance(key, str):
-        out = {}
-        for item in re.split(r"(?<!\\),", key):
-            if not item.strip():
-                continue
-            name, sep, value = item.partition("=")
-            if not sep or not name.strip():
-                raise SchemaError(f"A key looks like 'app=checkout,site=eu-1' (NAME=VALUE pairs joined by "
-                                  f"commas); got {key!r}.")
-            out[name.strip()] = re.sub(r"\\(.)", r"\1", value.strip())
-    else:
-        raise SchemaError(f"key must be a dict or a string like 'app=a,site=b'; got {type(key).__name__}.")
-    if not out:
-        raise SchemaError("The key is empty: name the group, e.g. key='app=checkout,site=eu-1'.")
-    return out
+    from .store import parse_key as parse  # one parser for the CLI, the store and plots
+
+    return parse(key, error=SchemaError)
 
 
 def format_key(key: Mapping[str, Any]) -> str:

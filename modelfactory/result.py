@@ -51,8 +51,16 @@ class Run:
         if self._out is not None:
             import pyarrow.dataset as ds
 
-            return ds.dataset(self._out.root, filesystem=self._out.fs, format="parquet",
-                              ignore_prefixes=[".", "_"]).to_table()
+            # scored rows are written in Hive folders like their input (app=a/part-….parquet): the
+            # folder names are key columns, and (like the input's) they are read back as strings
+            dataset = ds.dataset(self._out.root, filesystem=self._out.fs, format="parquet",
+                                 partitioning=ds.HivePartitioning.discover(infer_dictionary=True),
+                                 ignore_prefixes=[".", "_"])
+            table = dataset.to_table()
+            for name in dataset.partitioning.schema.names:
+                i = table.schema.get_field_index(name)
+                table = table.set_column(i, pa.field(name, pa.string()), table[name].cast(pa.string()))
+            return table
         raise ModelFactoryError("This run has no tabular result (no schema was given).")
 
     def to_pandas(self) -> pd.DataFrame:

@@ -408,7 +408,7 @@ def drop_unit_files(spec: JobSpec, unit_ids: list[str]) -> list[str]:
             rels += spec.sink.glob(f"**/{spec.data_prefix}{uid}.parquet")
         for rel in dict.fromkeys(rels):
             if spec.sink.exists(rel):
-                spec.sink.fs.rm(spec.sink.path(rel))
+                spec.sink.rm(rel)
                 gone.append(rel)
     return gone
 

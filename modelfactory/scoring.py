@@ -49,32 +49,149 @@ def load_model_rows(src: ModelSource, groups: Groups, by: tuple[str, ...],
     """Read the stored rows for the unit's groups: {key tuple: {"status", "error", "model", *extra}}.
 
     Only the parts that the run's leaf index names for these groups are read,
-    each checked against its checksum.
+    each checked against its checksum.  The unit's keys are matched as the
+    stored key types (see :func:`stored_keys`), but the dict is keyed by the
+    unit's own key tuples (:meth:`Groups.key_tuples`).
     """
     from .store import read_part
 
+    mine = groups.key_tuples()
     if src.index and src.leaf_keys:
+        # The index holds the values of the training data's Hive folders, which are text:
+        # a leaf of an int64 column (7) is looked up as its text ("7").
         pos = [by.index(k) for k in src.leaf_keys]
-        leaves = {tuple(k[i] for i in pos) for k in groups.key_tuples()}
-        wanted = sorted({i for leaf in leaves for i in src.index.get(leaf, ())})
+        index: dict[tuple, list] = {}
+        for leaf, at in src.index.items():
+            index.setdefault(tuple(str(v) for v in leaf), []).extend(at)
+        leaves = {tuple(str(k[i]) for i in pos) for k in mine}
+        wanted = sorted({i for leaf in leaves for i in index.get(leaf, ())})
     else:
         wanted = list(range(len(src.parts)))
     names = ["status", "error", "model", *extra]
     out: dict[tuple, dict] = {}
-    keys_table = groups.keys
+    as_stored: dict[tuple, tuple] = {}  # stored key types -> (value set per key, stored tuple -> unit's tuple)
     for i in wanted:
         t = read_part(src.store, src.parts[i])
-        t = t.select([*by, *[c for c in names if c in t.column_names]])
+        t = _plain(t.select([*by, *[c for c in names if c in t.column_names]]), by)
+        types = tuple(t.schema.field(k).type for k in by)
+        if types not in as_stored:
+            as_stored[types] = stored_keys(groups.keys, by, types, src.run_id)
+        value_sets, unit_key = as_stored[types]
         mask = None
         for k in by:  # keep only this unit's groups
-            m = pc.is_in(t[k], value_set=keys_table[k].combine_chunks().cast(t.schema.field(k).type))
+            m = pc.is_in(t[k], value_set=value_sets[k])
             mask = m if mask is None else pc.and_(mask, m)
         t = t.filter(mask)
         cols = [t[k].to_pylist() for k in by]
         values = {c: (t[c].to_pylist() if c in t.column_names else [None] * t.num_rows) for c in names}
         for j, key in enumerate(zip(*cols)):
-            out[key] = {c: values[c][j] for c in names}
+            if key in unit_key:
+                out[unit_key[key]] = {c: values[c][j] for c in names}
     return out
+
+
+def _plain(table: pa.Table, by) -> pa.Table:
+    """``table`` with its dictionary-encoded (categorical) key columns as their values:
+    ``is_in`` takes no dictionary (as in :func:`modelfactory.kernel.keys_condition`)."""
+    for k in by:
+        i = table.schema.get_field_index(k)
+        if pa.types.is_dictionary(table.schema.field(i).type):
+            col = table[k]
+            table = table.set_column(i, pa.field(k, col.type.value_type), col.cast(col.type.value_type))
+    return table
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_date(t):
+        return "date"
+    return str(t)
+
+
+# Key types that differ between the data and a store but whose values convert exactly, so a key
+# is matched as the stored type: 7 and "7" (a Hive folder), timestamps in any unit or time zone
+# (a naive one read as UTC, as Arrow does), dates and their ISO text.
+_CONVERTIBLE = {frozenset(p) for p in (("integer",), ("string",), ("timestamp",), ("date",),
+                                        ("integer", "string"), ("date", "string"))}
+
+
+def check_key_type(name: str, data: pa.DataType, stored: pa.DataType, run_id: str) -> None:
+    """Refuse a key column whose type in the data cannot be matched with its type in the store."""
+    if frozenset((_kind(data), _kind(stored))) not in _CONVERTIBLE:
+        from .exceptions import SchemaError
+
+        raise SchemaError(
+            f"The key column {name!r} is {data} in the data but {stored} in run {run_id} of the store: "
+            f"its values cannot be matched with the stored keys. Cast {name!r} to {stored} (or train "
+            "again on data like this).")
+
+
+def stored_keys(keys: pa.Table, by: tuple[str, ...], types: tuple, run_id: str) -> tuple[dict, dict]:
+    """The unit's keys (one row per group) as the stored key types: per key column the values to
+    look for, and {stored key tuple: the unit's key tuple}.  A value that has no exact equivalent
+    of the stored type (``"07"`` or ``"x"`` for an int64 key, a timestamp with nanoseconds for a
+    microsecond one) matches no stored key."""
+    cast = []
+    for k, to in zip(by, types):
+        col = keys[k].combine_chunks()
+        if pa.types.is_dictionary(col.type):
+            col = col.dictionary_decode()
+        if col.type != to:
+            check_key_type(k, col.type, to, run_id)
+            col = _exactly(col, to)
+        cast.append(col)
+    unit_key = {}
+    for stored, key in zip(zip(*[c.to_pylist() for c in cast]), zip(*[keys[k].to_pylist() for k in by])):
+        if None not in stored:
+            unit_key[stored] = key
+    return {k: pc.unique(c.drop_null()) for k, c in zip(by, cast)}, unit_key
+
+
+def _exactly(col: pa.Array, to: pa.DataType) -> pa.Array:
+    """``col`` cast to ``to``, null where a value does not convert there and back unchanged."""
+    try:
+        out = pc.cast(col, to)
+    except pa.ArrowInvalid:  # some values do not convert: cast them one by one
+        pieces = []
+        for j in range(len(col)):
+            try:
+                pieces.append(pc.cast(col.slice(j, 1), to))
+            except pa.ArrowInvalid:
+                pieces.append(pa.nulls(1, to))
+        out = pa.concat_arrays(pieces) if pieces else pa.array([], to)
+    try:
+        same = pc.fill_null(pc.equal(pc.cast(out, col.type), col), False)
+    except pa.ArrowInvalid:
+        return pa.nulls(len(col), to)
+    return pc.if_else(same, out, pa.nulls(len(out), to))
+
+
+def stored_key_types(src: ModelSource, by: tuple[str, ...]) -> dict[str, pa.DataType]:
+    """The key types of a committed run, from the footer of its first part (nothing else is read)."""
+    import pyarrow.parquet as pq
+
+    if not src.parts:
+        return {}
+    try:
+        with src.store.fs.open(src.store.path(src.parts[0]["path"]), "rb") as f:
+            schema = pq.read_schema(f)
+    except (OSError, pa.ArrowInvalid):  # missing or damaged: the units' checked reads will say so
+        return {}
+    return {k: schema.field(k).type for k in by if k in schema.names}
+
+
+def check_key_types(src: ModelSource, by: tuple[str, ...], schema: pa.Schema) -> None:
+    """Refuse, before any unit runs, data whose key types cannot be matched with the store's."""
+    for k, stored in stored_key_types(src, by).items():
+        if k in schema.names and schema.field(k).type != stored:
+            check_key_type(k, schema.field(k).type, stored, src.run_id)
 
 
 def _decode(src: ModelSource, blob: bytes):

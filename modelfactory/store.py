@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import glob as _glob
 import hashlib
 import hmac
 import json
@@ -113,7 +114,7 @@ class ModelStore:
     def runs(self) -> list[str]:
         """Ids of the committed runs, oldest first."""
         fs = self.location.fs
-        base = self.location.path("runs")
+        base = _glob.escape(self.location.path("runs"))  # a root like "models[prod]" is no pattern
         try:
             found = fs.glob(f"{base}/*/manifest.json")
         except FileNotFoundError:
@@ -125,7 +126,7 @@ class ModelStore:
         """Runs that were started but never committed (interrupted), oldest first."""
         fs = self.location.fs
         try:
-            found = fs.glob(f"{self.location.path('runs')}/*/pending.json")
+            found = fs.glob(f"{_glob.escape(self.location.path('runs'))}/*/pending.json")
         except FileNotFoundError:
             return []
         done = set(self.runs())
@@ -150,6 +151,14 @@ class ModelStore:
             if rid is None:
                 raise StoreError(f"The store at {self.location.url!r} has no committed run yet. "
                                  "Train first: modelfactory.train(..., store=...).")
+            if not self.location.exists(f"runs/{rid}/manifest.json"):
+                runs = self.runs()
+                known = (", ".join(runs[-5:]) + (f" (and {len(runs) - 5} older)" if len(runs) > 5 else "")
+                         if runs else "none")
+                raise StoreError(f"LATEST in {self.location.url!r} names run {rid!r}, whose manifest "
+                                 f"(runs/{rid}/manifest.json) is missing: the run was removed or not copied. "
+                                 f"Committed runs: {known}. Pass one as run= (CLI: --run), or train again "
+                                 "(a commit moves LATEST).")
             return rid
         if not self.location.exists(f"runs/{run}/manifest.json"):
             known = ", ".join(self.runs()[-5:]) or "none"
@@ -229,13 +238,7 @@ class ModelStore:
         by = man["spec"]["by"]
         if isinstance(key, str) and "=" in key:
             key = parse_key(key)
-        if isinstance(key, dict):
-            missing = [k for k in by if k not in key]
-            if missing:
-                raise StoreError(f"The key needs values for {by}; missing {missing}.")
-            want = tuple(key[k] for k in by)
-        else:
-            want = (key,) if not isinstance(key, tuple) else key
+        want = key_values(key, by, f"run {man['run_id']!r}")
         serializer = man["spec"].get("serializer", "native")
         if serializer != "native" and not trust:
             raise StoreError(f"Run {man['run_id']!r} holds pickled user models: loading one runs code from "
@@ -250,7 +253,10 @@ class ModelStore:
             tbl = read_part(self.location, part, columns=list(by) + ["status", "error", "model"])
             mask = None
             for k, v in zip(by, want):
-                m = pc.equal(tbl[k], pa.scalar(v, tbl.schema.field(k).type))
+                col = tbl[k]
+                if pa.types.is_dictionary(col.type):  # a categorical key: compare its values
+                    col = col.cast(col.type.value_type)
+                m = pc.equal(col, typed_key_value(k, v, col.type, f"run {man['run_id']!r}"))
                 mask = m if mask is None else pc.and_(mask, m)
             tbl = tbl.filter(mask)
             if tbl.num_rows:
@@ -287,7 +293,7 @@ class ModelStore:
         self.location.write_bytes(f"runs/{run_id}/manifest.json", data)
         self.location.write_bytes("LATEST", run_id.encode())
         if self.location.exists(f"runs/{run_id}/pending.json"):
-            self.location.fs.rm(self.location.path(f"runs/{run_id}/pending.json"))
+            self.location.rm(f"runs/{run_id}/pending.json")
 
     @_denied_is_a_store_error
     def gc(self, *, keep: int = 3, pending: bool = False, dry_run: bool = False) -> list[str]:
@@ -303,13 +309,11 @@ class ModelStore:
         if pending:
             drop += [p["run_id"] for p in self.pending()]
         if not dry_run:
-            fs = self.location.fs
             for rid in drop:
                 # the manifest goes first, so a half-removed run is never visible
-                man = self.location.path(f"runs/{rid}/manifest.json")
-                if fs.exists(man):
-                    fs.rm(man)
-                fs.rm(self.location.path(f"runs/{rid}"), recursive=True)
+                if self.location.exists(f"runs/{rid}/manifest.json"):
+                    self.location.rm(f"runs/{rid}/manifest.json")
+                self.location.rm(f"runs/{rid}", recursive=True)
         return drop
 
 
@@ -332,12 +336,69 @@ def _digest_of(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def parse_key(text: str) -> dict[str, str]:
-    """``"app=a,site=b"`` -> ``{"app": "a", "site": "b"}``."""
-    out = {}
-    for item in text.split(","):
-        if "=" not in item:
-            raise StoreError(f"Cannot read the key {text!r}: write it as name=value pairs, e.g. app=a,site=b.")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+def parse_key(key: Any, *, error: type[Exception] = StoreError) -> dict[str, str]:
+    """A group key as a dict of strings, from a dict or from ``"app=a,site=b"``.
+
+    A comma or backslash inside a value is written ``\\,`` or ``\\\\`` (the form
+    :func:`modelfactory.plot.format_key` writes).  Values stay text: :meth:`ModelStore.load`
+    converts them to the type of their key column.
+
+    >>> parse_key("app=checkout, site=eu-west-1")
+    {'app': 'checkout', 'site': 'eu-west-1'}
+    >>> parse_key(r"label=a\\,b\\\\,c=d")
+    {'label': 'a,b\\\\', 'c': 'd'}
+    """
+    import re
+    from collections.abc import Mapping
+
+    if isinstance(key, Mapping):
+        out = {str(k): str(v) for k, v in key.items()}
+    elif isinstance(key, str):
+        out = {}
+        # NAME=VALUE items split at the commas that are not escaped (``\\`` is an escaped backslash)
+        for item in re.findall(r"(?:[^,\\]|\\.|\\$)+", key):
+            if not item.strip():
+                continue
+            name, sep, value = item.partition("=")
+            if not sep or not name.strip():
+                raise error(f"A key looks like 'app=checkout,site=eu-1' (NAME=VALUE pairs joined by "
+                            f"commas; a comma inside a value is written \\,); got {key!r}.")
+            out[name.strip()] = re.sub(r"\\(.)", r"\1", value.strip())
+    else:
+        raise error(f"key must be a dict or a string like 'app=a,site=b'; got {type(key).__name__}.")
+    if not out:
+        raise error("The key is empty: name the group, e.g. key='app=checkout,site=eu-1'.")
     return out
+
+
+def key_values(key: Any, by: list[str], where: str) -> tuple:
+    """The values of a group key (a dict, a tuple, or one value when ``by`` has one column), in
+    the order of ``by``; refused unless it gives exactly one value for each ``by`` column."""
+    need = (f"The key needs a value for each of the `by` columns of {where} "
+            f"({', '.join(by)}), e.g. {dict.fromkeys(by, '...')}")
+    if isinstance(key, dict):
+        missing = [k for k in by if k not in key]
+        unknown = [k for k in key if k not in by]
+        if missing or unknown:
+            problems = ([f"missing {missing}"] if missing else []) + [f"{k!r} is not a `by` column" for k in unknown]
+            raise StoreError(f"{need}; {'; '.join(problems)}.")
+        return tuple(key[k] for k in by)
+    want = key if isinstance(key, tuple) else (key,)
+    if len(want) != len(by):
+        raise StoreError(f"{need}; got {len(want)} value(s): {key!r}.")
+    return want
+
+
+def typed_key_value(name: str, value: Any, type_: pa.DataType, where: str) -> pa.Scalar:
+    """``value`` as a scalar of its key column's type: ``"7"`` for an int64 key, ``7`` for a
+    string key (a Hive folder), ``"2026-01-01 00:00:00+00:00"`` for a timestamp key."""
+    try:
+        return pa.scalar(value, type_)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        pass
+    try:
+        return pa.scalar(value).cast(type_)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError,
+            OverflowError) as err:
+        raise StoreError(f"The key value {value!r} for {name!r} does not convert to {type_}, the type of "
+                         f"{name!r} in {where} ({err}). Give a value of that type.") from err

@@ -121,3 +121,90 @@ def test_an_output_folder_that_overlaps_the_store_or_the_data_is_refused_and_not
                            cluster="inline")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert modelfactory.ModelStore(store).latest() == run.id
+
+
+def _two_shards(shard_type: str = "int64") -> pd.DataFrame:
+    t = make_table(2, days=3, apps=1, spikes=0).to_pandas()
+    t["shard"] = (t["site"].str[-1].astype("int64") + 1).astype(shard_type)  # 1, 2
+    t["day"] = pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(t["shard"].astype("int64"), unit="D")
+    return t
+
+
+def test_score_matches_key_columns_whose_type_differs_from_training(tmp_path):
+    t = _two_shards()
+    t.to_parquet(tmp_path / "flat.parquet")  # shard: int64
+    t.to_parquet(tmp_path / "hive", partition_cols=["shard"])  # shard: a Hive folder, read as a string
+    for train_on in ("flat.parquet", "hive"):
+        store = str(tmp_path / f"store-{train_on}")
+        modelfactory.train(str(tmp_path / train_on), by=["shard"], time="ts", target="value", store=store,
+                           cluster="inline")
+        for score_on in ("flat.parquet", "hive"):
+            out = str(tmp_path / f"scores-{train_on}-{score_on}")
+            s = modelfactory.score(str(tmp_path / score_on), store=store, out=out, cluster="inline")
+            assert s.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}, (train_on, score_on)
+    store = str(tmp_path / "store-day")
+    modelfactory.train(str(tmp_path / "flat.parquet"), by=["day"], time="ts", target="value", store=store,
+                       cluster="inline")  # day: timestamp[us, tz=UTC]
+    for name, conv in [("ns", lambda s: s.astype("datetime64[ns, UTC]")),
+                       ("ms-paris", lambda s: s.dt.tz_convert("Europe/Paris").astype("datetime64[ms, Europe/Paris]")),
+                       ("naive", lambda s: s.dt.tz_localize(None))]:
+        t.assign(day=conv(t["day"])).to_parquet(tmp_path / f"{name}.parquet")
+        s = modelfactory.score(str(tmp_path / f"{name}.parquet"), store=store, out=str(tmp_path / f"o-{name}"),
+                               cluster="inline")
+        assert s.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}, name
+
+
+def test_score_refuses_a_key_column_whose_type_cannot_be_matched(tmp_path):
+    from modelfactory.exceptions import SchemaError
+
+    t = _two_shards()
+    t.to_parquet(tmp_path / "flat.parquet")
+    store = str(tmp_path / "store")
+    modelfactory.train(str(tmp_path / "flat.parquet"), by=["day"], time="ts", target="value", store=store,
+                       cluster="inline")
+    t.assign(day=t["day"].dt.strftime("%Y-%m-%d")).to_parquet(tmp_path / "text.parquet")
+    with pytest.raises(SchemaError, match=r"The key column 'day' is (large_)?string in the data but "
+                                          r"timestamp\[us, tz=UTC\] in run .* of the store.*Cast 'day' to"):
+        modelfactory.score(str(tmp_path / "text.parquet"), store=store, out=str(tmp_path / "o"), cluster="inline")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_string_key_that_is_not_an_exact_int_matches_no_model(tmp_path):
+    t = _two_shards()
+    t.to_parquet(tmp_path / "flat.parquet")
+    store = str(tmp_path / "store")
+    modelfactory.train(str(tmp_path / "flat.parquet"), by=["shard"], time="ts", target="value", store=store,
+                       cluster="inline")
+    t.assign(shard=t["shard"].map({1: "01", 2: "2"})).to_parquet(tmp_path / "text.parquet")
+    s = modelfactory.score(str(tmp_path / "text.parquet"), store=store, out=str(tmp_path / "o"), cluster="inline")
+    g = s.groups.set_index("shard")
+    assert g.loc["2", "status"] == "ok" and g.loc["01", "status"] == "skipped"
+    assert g.loc["01", "error"].startswith("no model for this group")
+
+
+def test_a_categorical_key_scores_and_retrains(tmp_path):
+    t = _two_shards()
+    t["cat"] = t["site"].astype("category")  # a Parquet dictionary column
+    t.to_parquet(tmp_path / "d.parquet")
+    data, store = str(tmp_path / "d.parquet"), str(tmp_path / "store")
+    for by in (["cat"], ["cat", "day"]):
+        modelfactory.train(data, by=by, time="ts", target="value", store=store, cluster="inline")
+        s = modelfactory.score(data, store=store, out=str(tmp_path / "o"), overwrite=True, cluster="inline")
+        assert s.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
+        r = modelfactory.train(data, by=by, time="ts", target="value", store=store, cluster="inline",
+                               retrain="failed")
+        assert r.summary["counts"]["ok"] == 2
+        assert sum(modelfactory.ModelStore(store).manifest()["lineage"]["carried_over"].values()) == 2
+
+
+def test_a_score_run_over_hive_folders_gives_back_its_partition_keys(tmp_path):
+    t = make_table(4, days=3, apps=2, spikes=0).to_pandas()
+    t["app"] = t["app"].map({"app-00": "a,b c", "app-01": "07"})  # text to escape; digits stay text
+    data = write(pa.Table.from_pandas(t, preserve_index=False), tmp_path / "data", ["app"])
+    store = str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    s = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline")
+    got = s.to_pandas()
+    assert len(got) == len(t) and got["app"].map(type).eq(str).all()
+    assert sorted(got.groupby(["app", "site"]).size().index) == sorted(t.groupby(["app", "site"]).size().index)
+    assert set(got.columns) >= {"app", "site", "ts", "value", "expected", "score", "is_anomaly"}

@@ -134,3 +134,122 @@ def test_an_index_that_does_not_line_up_with_the_parts_is_not_used():
     # earlier versions: one entry per unit, though the unit of "x" wrote two parts
     assert leaf_index({"parts": parts, "index": {"keys": ["app"], "parts": [[["x"]], [["y"]]]}})["keys"] == []
     assert leaf_index({"parts": parts})["keys"] == []
+
+
+def test_load_refuses_a_key_without_one_value_for_each_by_column(trained):
+    store, _ = trained
+    st = modelfactory.ModelStore(str(store))
+    need = r"The key needs a value for each of the `by` columns of run .* \(app, site\)"
+    for key in ["app0", ("app0",), ("app0", "s000", "extra"), ("s000",)]:
+        with pytest.raises(StoreError, match=need + r".*got \d value\(s\)"):
+            st.load(key)
+    with pytest.raises(StoreError, match=need + r".*missing \['site'\]"):
+        st.load({"app": "app0"})
+    with pytest.raises(StoreError, match=need + r".*'sight' is not a `by` column"):
+        st.load({"app": "app0", "site": "s000", "sight": "s001"})
+    assert st.load(("app0", "s000")).to_bytes() == st.load({"app": "app0", "site": "s000"}).to_bytes()
+
+
+def test_a_short_key_is_refused_before_the_leaf_index_is_used(tmp_path):
+    # partitioned by the second `by` column: the index lookup reads want[1]
+    data = write(metrics_table(), tmp_path / "by_site", ["site"])
+    store = str(tmp_path / "store")
+    modelfactory.train(data, store=store, cluster="inline", **ARGS)
+    with pytest.raises(StoreError, match="needs a value for each of the `by` columns"):
+        modelfactory.ModelStore(store).load(("app0",))
+
+
+def test_key_text_is_parsed_once_with_escapes_and_converted_to_the_key_type(tmp_path, capsys):
+    from modelfactory.exceptions import SchemaError
+    from modelfactory.plot import format_key
+    from modelfactory.plot import parse_key as plot_parse_key
+    from modelfactory.store import parse_key
+
+    assert parse_key(r"app=a\,b, site=x") == {"app": "a,b", "site": "x"}
+    assert parse_key(r"app=a\\,site=x=y") == {"app": "a\\", "site": "x=y"}
+    key = {"app": "a,b\\", "site": "c=d"}
+    assert parse_key(format_key(key)) == plot_parse_key(format_key(key)) == key
+    with pytest.raises(StoreError, match="A key looks like 'app=checkout,site=eu-1'"):
+        parse_key("app")
+    with pytest.raises(SchemaError, match="A key looks like 'app=checkout,site=eu-1'"):
+        plot_parse_key("app")
+
+    t = metrics_table(series=3, hours=48, apps=3).to_pandas()
+    t["shard"] = t["app"].str[-1].astype("int64") + 7  # 7, 8, 9
+    t["hour"] = pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(t["shard"], unit="h")
+    t["label"] = t["app"] + ",x"  # "app0,x": a comma inside a value
+    data = str(tmp_path / "d.parquet")
+    t.to_parquet(data)
+    for by, text in [(["shard"], "shard=8"), (["hour"], "hour=2026-01-01 08:00:00+00:00"),
+                     (["label", "site"], r"label=app1\,x,site=s001")]:
+        store = str(tmp_path / f"store-{by[0]}")
+        modelfactory.train(data, by=by, time="ts", target="value", store=store, cluster="inline")
+        assert modelfactory.ModelStore(store).load(text).is_fitted
+        assert main(["models", "show", "--store", store, "--key", text, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["model"] == "SeasonalProfile"
+    store = str(tmp_path / "store-shard")
+    assert main(["models", "show", "--store", store, "--key", "shard=x"]) == 2
+    assert "The key value 'x' for 'shard' does not convert to int64" in capsys.readouterr().err
+    with pytest.raises(StoreError, match="No group {'shard': '10'}"):
+        modelfactory.ModelStore(store).load("shard=10")
+    with pytest.raises(StoreError, match=r"The key value '2026-01-01' for 'hour' does not convert to "
+                                         r"timestamp\[us, tz=UTC\].*expected a zone offset"):
+        modelfactory.ModelStore(str(tmp_path / "store-hour")).load({"hour": "2026-01-01"})
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_store_path_with_glob_characters_lists_its_runs(by_app, tmp_path, where):
+    store = str(tmp_path / "models[prod]") if where == "local" else f"memory://{tmp_path.name}/models[prod]*?"
+    twin = str(tmp_path / "modelsp") if where == "local" else f"memory://{tmp_path.name}/modelsp*?"
+    modelfactory.train(by_app, store=twin, cluster="inline", **ARGS)  # what the unescaped pattern matches
+    ids = [modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": n}, **ARGS).id
+           for n in (6, 8)]
+    st = modelfactory.ModelStore(store)
+    assert st.runs() == ids and st.latest() == ids[1] and st.pending() == []
+    st.location.write_bytes("runs/20200101T000000000Z-abcdef/pending.json",
+                            json.dumps({"run_id": "20200101T000000000Z-abcdef"}).encode())
+    assert [p["run_id"] for p in st.pending()] == ["20200101T000000000Z-abcdef"]
+    assert st.location.glob("runs/*/pending.json") == ["runs/20200101T000000000Z-abcdef/pending.json"]
+    assert st.gc(keep=1, pending=True) == [ids[0], "20200101T000000000Z-abcdef"]
+    assert st.runs() == ids[1:] and st.pending() == []
+    assert not st.location.exists(f"runs/{ids[0]}")
+    assert len(modelfactory.ModelStore(twin).runs()) == 1
+
+
+def test_a_latest_that_names_a_missing_run_is_a_store_error(by_app, tmp_path, capsys):
+    import shutil
+
+    store = str(tmp_path / "s")
+    first, second = (modelfactory.train(by_app, store=store, cluster="inline", **ARGS).id for _ in range(2))
+    shutil.rmtree(tmp_path / "s" / "runs" / second)
+    msg = (f"LATEST in .* names run '{second}', whose manifest .* is missing.*Committed runs: {first}. "
+           "Pass one as run=")
+    with pytest.raises(StoreError, match=msg):
+        modelfactory.ModelStore(store).manifest()
+    assert modelfactory.ModelStore(store).load({"app": "app0", "site": "s000"}, run=first).is_fitted
+    assert main(["models", "show", "--store", store]) == 2
+    assert f"names run '{second}'" in capsys.readouterr().err
+    with pytest.raises(StoreError, match=msg):
+        modelfactory.score(by_app, store=store, out=str(tmp_path / "o"), cluster="inline")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_train_whose_filter_leaves_no_rows_commits_nothing(by_app, tmp_path):
+    import pyarrow.dataset as pds
+
+    from modelfactory.exceptions import DatasetError
+
+    store = str(tmp_path / "s")
+    good = modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    late = pds.field("ts") > pd.Timestamp("2030-01-01", tz="UTC")
+    with pytest.raises(DatasetError, match=r"The filter .*ts > 2030-01-01.* leaves no rows of .*by_app.*: "
+                                           f"there is no group to train, so nothing was committed "
+                                           rf"\(LATEST still names {good.id}\)"):
+        modelfactory.train(by_app, store=store, cluster="inline", filter=late, **ARGS)
+    st = modelfactory.ModelStore(store)
+    assert st.runs() == [good.id] and st.latest() == good.id and st.pending() == []
+    assert [p.name for p in (tmp_path / "s" / "runs").iterdir()] == [good.id]
+    # scoring with such a filter scores nothing and leaves the store alone
+    s = modelfactory.score(by_app, store=store, out=str(tmp_path / "o"), cluster="inline", filter=late)
+    assert s.summary["groups"] == 0 and len(s.to_pandas()) == 0
+    assert st.runs() == [good.id] and st.latest() == good.id
