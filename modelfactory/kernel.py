@@ -326,6 +326,37 @@ def _ranges(cuts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.concatenate((starts[1:], [n])).astype(np.int64)
 
 
+def _times(spec: JobSpec, groups: Groups) -> tuple[np.ndarray, dict[int, str]]:
+    """The time column as int64 seconds, and the groups whose times cannot be used, with why:
+    missing times (any model), or, in training, a timestamp repeated within the group (models
+    of one series in time, ``needs_time``: most often a key missing from ``by``)."""
+    col = groups.column(spec.time)
+    unusable: dict[int, str] = {}
+    if col.null_count:
+        missing = _per_group(pc.is_null(col).to_numpy(zero_copy_only=False), groups)
+        for i in np.flatnonzero(missing).tolist():
+            unusable[i] = (f"the time column {spec.time!r} has {missing[i]} missing value(s) in this group: "
+                           "fill them, or leave those rows out (filter=)")
+        col = pc.fill_null(col, pa.scalar(0, col.type))
+    raw = pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
+    if spec.model is not None and spec.model.cls.needs_time and len(raw) > 1:  # training
+        again = np.concatenate(([False], raw[1:] == raw[:-1]))
+        again[groups.starts] = False  # rows are in time order within each group
+        repeated = _per_group(again, groups)
+        for i in np.flatnonzero(repeated).tolist():
+            unusable.setdefault(i, f"{repeated[i]} row(s) repeat a timestamp of this group, and "
+                                   f"{spec.model.name!r} models one value per time: is a key missing from "
+                                   "by=, or do the rows need aggregating first?")
+    unit = col.type.unit
+    return (raw // _UNIT_SECONDS[unit] if unit != "s" else raw), unusable
+
+
+def _per_group(rows: np.ndarray, groups: Groups) -> np.ndarray:
+    """How many of each group's rows are set in the boolean ``rows``."""
+    total = np.concatenate(([0], np.cumsum(rows, dtype=np.int64)))
+    return total[groups.ends] - total[groups.starts]
+
+
 def _seconds(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     unit = col.type.unit
     raw = pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
@@ -598,7 +629,7 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
     m = spec.model
     n, rows = len(groups), groups.num_rows
     y = _floats(groups.column(spec.target)) if spec.target else np.zeros(rows)
-    t = _seconds(groups.column(spec.time)) if spec.time else None
+    t, unusable = _times(spec, groups) if spec.time else (None, {})
     X = (np.column_stack([_floats(groups.column(f)) for f in spec.features])
          if spec.features else None)
     batch = SeriesBatch(y, np.concatenate((groups.starts, [rows])), t, X)
@@ -623,6 +654,10 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
             status[i], errors[i], blobs[i] = row["status"], row["error"], row["model"]
             seconds[i], fitted_in[i] = row["seconds"], row["fitted_in"] or spec.models.run_id
         todo = np.asarray(keep, dtype=np.int64)
+    if unusable:  # groups whose times no series model can use fail alone, not with their batch
+        for i in unusable:
+            status[i], errors[i] = "failed", unusable[i]
+        todo = np.asarray([i for i in todo.tolist() if i not in unusable], dtype=np.int64)
     fitted, secs = _fit(m, _subset(batch, todo) if len(todo) < n else batch)
     seconds[todo] = secs
     for i, f in zip(todo.tolist(), fitted):

@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 
 from ._io import Location, PartInfo, parquet_bytes
 from .dataset import read_files
-from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _seconds, describe_error, one_thread,
+from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _times, describe_error, one_thread,
                      split_groups)
 from .models.base import SeriesBatch
 from .plan import WorkUnit
@@ -253,7 +253,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         models = load_model_rows(src, groups, spec.by)
         tbl = groups.table
         y = _floats(tbl[spec.target])
-        t = _seconds(tbl[spec.time]) if spec.time else None
+        t, unusable = _times(spec, groups) if spec.time else (None, {})
         X = np.column_stack([_floats(tbl[f]) for f in spec.features]) if spec.features else None
         n = tbl.num_rows
         cols = {c: np.full(n, np.nan) for c in SCORE_COLUMNS[:4]}
@@ -270,6 +270,8 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
             elif row["status"] != "ok":
                 status[i] = "skipped"
                 errors[i] = f"no model: training {row['status']} in run {src.run_id} ({row['error']})"
+            elif i in unusable:  # a missing time: the group fails alone, as in training
+                status[i], errors[i] = "failed", unusable[i]
             else:
                 try:
                     fitted[i] = _decode(src, row["model"])

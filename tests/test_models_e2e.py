@@ -87,3 +87,48 @@ def test_short_groups_are_skipped_with_the_reason(data, tmp_path):
     g = run.groups
     assert (g.status == "skipped").all()
     assert g.error.str.contains("needs at least 192 non-missing values").all()
+
+
+@pytest.mark.parametrize("model", ["seasonal", "holt_winters"])
+def test_a_group_whose_times_cannot_be_used_fails_alone_not_with_its_batch(model, tmp_path):
+    import pandas as pd
+
+    table = demo.make_table(4, days=DAYS).to_pandas()
+    sites = sorted(table["site"].unique())
+    table.loc[table.index[table.site == sites[1]][5:9], "ts"] = pd.NaT  # 4 missing times
+    repeated = table[table.site == sites[2]].copy()  # the same series twice: a key missing from by
+    table = pd.concat([table, repeated.assign(value=repeated["value"] + 1)], ignore_index=True)
+    path = tmp_path / "data.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), path)
+    run = modelfactory.train(str(path), by=["app", "site"], time="ts", target="value", model=model,
+                             store=str(tmp_path / "store"), cluster="inline", unit_rows=10**6)
+    assert run.summary["units"] == 1  # every group in one batch
+    g = run.groups.set_index("site")
+    assert g.loc[sites[1], "status"] == "failed"
+    assert "the time column 'ts' has 4 missing value(s) in this group" in g.loc[sites[1], "error"]
+    assert g.loc[sites[2], "status"] == "failed"
+    assert f"row(s) repeat a timestamp of this group, and {model!r} models one value per time" \
+        in g.loc[sites[2], "error"]
+    assert (g.drop(index=[sites[1], sites[2]])["status"] == "ok").all()
+
+
+def test_a_group_scored_with_missing_times_fails_alone(data, tmp_path):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    store = str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    table = ds.dataset(data, partitioning="hive").to_table().to_pandas()
+    table["app"] = table["app"].astype(str)
+    site = sorted(table["site"].unique())[1]
+    table.loc[table.index[table.site == site][3:5], "ts"] = pd.NaT
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp_path / "new.parquet")
+    run = modelfactory.score(str(tmp_path / "new.parquet"), store=store, out=str(tmp_path / "scores"),
+                             cluster="inline")
+    g = run.groups.set_index("site")
+    assert g.loc[site, "status"] == "failed"
+    assert "the time column 'ts' has 2 missing value(s) in this group" in g.loc[site, "error"]
+    assert (g.drop(index=site)["status"] == "ok").all()
+    assert site not in set(run.to_pandas()["site"])
