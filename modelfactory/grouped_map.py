@@ -64,8 +64,12 @@ def _checked(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def _dict_column(value, field: pa.Field, from_pandas: bool) -> pa.Array:
-    """One column of a returned dict, or an error that names it."""
+    """One column of a returned dict, or an error that names it.  A nested column (a list,
+    struct or map per row) is a sequence of its rows, which numpy would make one 2-d array."""
     try:
+        if pa.types.is_nested(field.type) and not isinstance(value, (pa.Array, pa.ChunkedArray)):
+            rows = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+            return pa.array(rows, type=field.type, from_pandas=from_pandas)
         a = np.atleast_1d(value)
         return pa.array(a, type=field.type, from_pandas=from_pandas) if len(a) else pa.array([], field.type)
     except Exception as err:  # noqa: BLE001

@@ -383,3 +383,16 @@ def test_a_null_in_a_column_the_schema_says_is_not_nullable_fails_its_group_alon
     assert g["status"].to_dict() == {"a": "ok", "b": "failed", "c": "ok"}
     assert "column 'm' is not nullable in the schema, but 1 value is missing" in g.loc["b", "error"]
     assert sorted(run.to_pandas()["app"]) == ["a", "c"]
+
+
+def test_a_dict_may_return_a_list_per_row_for_a_nested_column(tmp_path):
+    path = _write(tmp_path, pa.table({"app": ["a", "a", "b"], "x": [1.0, 2.0, 3.0]}))
+
+    def spread(g):
+        return {"app": g["app"][:1], "xs": [g["x"].tolist()]}  # one row: the group's values as a list
+
+    run = modelfactory.apply(path, by="app", func=spread, schema="app string, xs array<double>", input="numpy",
+                             cluster="inline")
+    assert run.summary["counts"]["ok"] == 2
+    assert sorted(run.to_arrow().to_pylist(), key=lambda r: r["app"]) == [{"app": "a", "xs": [1.0, 2.0]},
+                                                                          {"app": "b", "xs": [3.0]}]
