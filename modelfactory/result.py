@@ -57,7 +57,9 @@ class Run:
                                  partitioning=ds.HivePartitioning.discover(infer_dictionary=True),
                                  ignore_prefixes=[".", "_"])
             table = dataset.to_table()
-            for name in dataset.partitioning.schema.names:
+            first = next(iter(dataset.get_fragments()), None)
+            inside = set(first.physical_schema.names) if first is not None else set(table.column_names)
+            for name in [n for n in table.column_names if n not in inside]:  # the folder names' keys
                 i = table.schema.get_field_index(name)
                 table = table.set_column(i, pa.field(name, pa.string()), table[name].cast(pa.string()))
             return table

@@ -382,7 +382,8 @@ def test_a_null_in_a_column_the_schema_says_is_not_nullable_fails_its_group_alon
     g = run.groups.set_index("app")
     assert g["status"].to_dict() == {"a": "ok", "b": "failed", "c": "ok"}
     assert "column 'm' is not nullable in the schema, but 1 value is missing" in g.loc["b", "error"]
-    assert sorted(run.to_pandas()["app"]) == ["a", "c"]
+    got = run.to_pandas()
+    assert sorted(got["app"]) == ["a", "c"] and str(got["m"].dtype) == "float64"  # read back as written
 
 
 def test_a_dict_may_return_a_list_per_row_for_a_nested_column(tmp_path):
