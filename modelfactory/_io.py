@@ -77,7 +77,18 @@ class Location:
         """
         fs, path = self.fs, self.path(rel)
         if _is_local(fs):
-            fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            try:
+                fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            except (NotADirectoryError, FileExistsError) as err:
+                import os
+
+                from .exceptions import StoreError
+
+                blocker = posixpath.dirname(path)  # the file that stands where a folder must be
+                while blocker != posixpath.dirname(blocker) and not os.path.isfile(blocker):
+                    blocker = posixpath.dirname(blocker)
+                raise StoreError(f"Cannot write to {self.url!r}: {blocker!r} is a file, not a folder. "
+                                 "Pick a folder (new or existing) instead.") from err
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             with fs.open(tmp, "wb") as f:
                 f.write(data)
@@ -112,13 +123,39 @@ class Location:
         return sorted(p.strip("/").split(root, 1)[-1] for p in found)
 
 
-def url_to_fs(url: str, storage_options: dict | None = None):
+def url_to_fs(url: str, storage_options: dict | None = None, *, error: type[Exception] | None = None):
     """fsspec's ``url_to_fs``, without the listings cache on object stores: another process may
-    commit a run at any time, and a cached listing would hide it."""
+    commit a run at any time, and a cached listing would hide it.
+
+    An unknown protocol (``s4://``), or one whose package is not installed (``gs://``
+    without gcsfs), raises ``error`` (default :class:`StoreError`) naming the URL and
+    what to do, instead of fsspec's ValueError or ImportError.
+    """
     options = dict(storage_options or {})
     if fsspec.utils.get_protocol(url) not in ("file", "local"):
         options.setdefault("use_listings_cache", False)
-    return fsspec.core.url_to_fs(url, **options)
+    try:
+        return fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError) as err:
+        import importlib.util
+
+        from fsspec.registry import known_implementations
+
+        from .exceptions import StoreError
+
+        error = error or StoreError
+        if isinstance(err, ValueError):
+            if not str(err).startswith("Protocol not known"):
+                raise
+            protocol = str(err).split(":", 1)[-1].strip()
+            raise error(f"Unknown storage protocol {protocol + '://'!r} in {url!r}. Use a local path or a "
+                        "URL fsspec knows (s3://, gs://, az://, ...); check for a typo.") from err
+        packages = [known_implementations.get(fsspec.utils.get_protocol(u), {}).get("class", "").split(".")[0]
+                    for u in url.split("::")]  # a chained URL (simplecache::gs://...) names several
+        missing = [p for p in packages if p and importlib.util.find_spec(p) is None]
+        package = missing[0] if missing else getattr(err, "name", None) or "the package it names"
+        raise error(f"{url!r} needs the package {package!r}, which is not installed ({err}). "
+                    f"Install it (pip install {package}) and run again.") from err
 
 
 def _is_local(fs) -> bool:

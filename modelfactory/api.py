@@ -51,6 +51,10 @@ def _as_tuple(x, what: str) -> tuple[str, ...]:
     out = tuple(x)
     if not all(isinstance(v, str) for v in out):
         raise ModelFactoryError(f"{what} must be column names; got {list(out)!r}.")
+    dup = list(dict.fromkeys(v for v in out if out.count(v) > 1))
+    if dup:
+        raise ModelFactoryError(f"{what} names {', '.join(map(repr, dup))} more than once ({', '.join(out)}); "
+                                "name each column once.")
     return out
 
 

@@ -28,15 +28,16 @@ log = logging.getLogger(__name__)
 _IGNORE_PREFIXES = [".", "_"]
 
 
-def filesystem(url: str, storage_options: dict | None = None):
+def filesystem(url: str, storage_options: dict | None = None, *, error: type[Exception] = DatasetError):
     """Return ``(filesystem, path)`` for a local path or an fsspec URL.
 
     Local paths use pyarrow's native filesystem (fastest); anything else goes
-    through fsspec (``s3://`` through s3fs), which pyarrow wraps as needed.
+    through fsspec (``s3://`` through s3fs), which pyarrow wraps as needed.  An
+    unknown protocol, or one whose package is not installed, raises ``error``.
     """
     from ._io import url_to_fs
 
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = url_to_fs(url, storage_options, error=error)
     if getattr(fs, "protocol", None) in ("file", ("file", "local")) or fs.__class__.__name__ == "LocalFileSystem":
         return pafs.LocalFileSystem(), path
     return fs, path
@@ -80,6 +81,11 @@ class DatasetInfo:
     source: Source
     files: list[FileInfo]
     null_counts: dict[str, int] = field(default_factory=dict)
+    #: columns whose types differ between files in a way that does not widen safely:
+    #: name -> (a type, an example file of it, the type it conflicts with, an example file of that)
+    conflicts: dict[str, tuple[pa.DataType, str, pa.DataType, str]] = field(default_factory=dict)
+    #: columns missing from some of the files (they read as null there): name -> (files without it, one of them)
+    missing: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     @property
     def schema(self) -> pa.Schema:
@@ -97,27 +103,37 @@ class DatasetInfo:
         return h.hexdigest()
 
 
-def _hive_keys(dataset: ds.FileSystemDataset) -> tuple[str, ...]:
-    """The Hive partition keys, in folder order, from the fragments' partition expressions."""
-    keys: dict[str, None] = {}
-    for frag in dataset.get_fragments():
-        keys.update(dict.fromkeys(ds.get_partition_keys(frag.partition_expression)))
-    return tuple(keys)
-
-
 def discover(url: str, *, storage_options: dict | None = None,
              null_check: tuple[str, ...] = (), filter: ds.Expression | None = None) -> DatasetInfo:
     """Discover the Parquet dataset at ``url``.
 
     Partition keys are read as strings (``app=007`` stays ``"007"``).  For the
     columns in ``null_check`` the Parquet statistics are used to count nulls,
-    so a null group key is found without reading data.  A ``filter`` on
-    partition keys prunes whole files here (other filters apply when reading).
+    so a null group key is found without reading data (a file written without
+    statistics has just those key columns read).  A ``filter`` on partition
+    keys prunes whole files here (other filters apply when reading).
+
+    The schema is that of all the files, from their footers: where a column's
+    type differs between files but widens safely (null to any type, a narrower
+    integer to a wider one, integers to float64, timestamp units, string to
+    large_string, dictionary to its values), the wider type is used and every
+    file is cast to it when read.  A column whose types conflict (int64 in one
+    file, string in another) is recorded in :attr:`DatasetInfo.conflicts`; a
+    column missing from some files in :attr:`DatasetInfo.missing` and reads as
+    null there (as Spark's ``mergeSchema`` does).  :func:`check_columns`
+    refuses either for the columns a job uses.
+
+    A Hive partition key (``app=…/`` folders) must not also be a column inside
+    the files: that is refused, whatever the values (which one would win is
+    not obvious, so neither does).
 
     Raises
     ------
     DatasetError
         The path does not exist, holds no Parquet files, or cannot be read.
+    SchemaError
+        A partition key is also a column inside the files, or ``filter`` does not
+        fit the dataset's columns.
     """
     import os
 
@@ -131,67 +147,235 @@ def discover(url: str, *, storage_options: dict | None = None,
                            "(AWS_* environment, ~/.aws, or storage_options).") from err
 
 
+def _listing(fs, path: str, is_file: bool) -> tuple[ds.FileSystemDataset, tuple[str, ...]]:
+    """The files under ``path`` with their Hive partition keys (strings), in folder order.
+
+    No file is opened: the keys come from the folder names only (``inspect(fragments=0)``),
+    and the dataset is given an explicit schema of just those keys, so pyarrow does not
+    infer the schema from the first file nor try to merge it with the keys' types.
+    """
+    if is_file:
+        return ds.dataset(path, filesystem=fs, format="parquet", schema=pa.schema([])), ()
+    pfs = fs if isinstance(fs, pafs.FileSystem) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    opts = ds.FileSystemFactoryOptions(selector_ignore_prefixes=_IGNORE_PREFIXES)
+    opts.partitioning_factory = ds.HivePartitioning.discover(infer_dictionary=False)
+    factory = ds.FileSystemDatasetFactory(pfs, pafs.FileSelector(path, recursive=True),
+                                          ds.ParquetFileFormat(), opts)
+    keys = tuple(factory.inspect(fragments=0).names)
+    return factory.finish(pa.schema([pa.field(k, pa.string()) for k in keys])), keys
+
+
 def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
-    fs, path = filesystem(url, storage_options)
+    fs, path = filesystem(url, storage_options, error=DatasetError)
     info = fs.get_file_info(path) if isinstance(fs, pafs.FileSystem) else None
     exists = info.type != pafs.FileType.NotFound if info is not None else fs.exists(path)
     if not exists:
         raise DatasetError(f"No file or folder at {url!r}. Check the path (and credentials for s3://).")
     is_file = info.type == pafs.FileType.File if info is not None else fs.isfile(path)
     try:
-        probe = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive",
-                           ignore_prefixes=_IGNORE_PREFIXES)
-        keys = () if is_file else _hive_keys(probe)
-        part = Source(url, path, pa.schema([]), keys).partitioning()
-        dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning=part,
-                             ignore_prefixes=_IGNORE_PREFIXES)
-    except (pa.ArrowInvalid, OSError) as err:
+        listing, keys = _listing(fs, path, is_file)
+        fragments = list(listing.get_fragments())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as err:
         raise DatasetError(f"Cannot open the Parquet dataset at {url!r}: {err}") from err
-    fragments = list(dataset.get_fragments(filter=filter) if filter is not None else dataset.get_fragments())
-    if not fragments and filter is not None:
-        raise DatasetError(f"No files under {url!r} match filter {filter}.")
     if not fragments:
         raise DatasetError(
             f"No Parquet files under {url!r}. Point at a folder of .parquet files "
             "(optionally Hive-partitioned, e.g. app=…/site=…/part-0.parquet)."
         )
-    schema = dataset.schema
-    dup = [k for k in keys if schema.get_all_field_indices(k).__len__() > 1]
-    if dup:
-        raise SchemaError(f"Columns {dup} appear both as partition folders and inside the files under {url!r}.")
-    source = Source(url, path, schema, keys, tuple(sorted((storage_options or {}).items())))
+    part_fields = [pa.field(k, pa.string()) for k in keys]
+    deferred = False  # the filter needs the columns of all the files (pruning after the footers)
+    if filter is not None:
+        try:  # bind it as pyarrow would: the first file's columns and the partition keys
+            first = fragments[0].physical_schema
+            bind = pa.schema([f for f in first if f.name not in keys] + part_fields)
+            kept = {f.path for f in listing.replace_schema(bind).get_fragments(filter=filter)}
+            fragments = [f for f in fragments if f.path in kept]
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError):
+            deferred = True
+        if not fragments:
+            raise DatasetError(f"No files under {url!r} match filter {filter}.")
 
     check = [c for c in null_check if c not in keys]
 
     def facts(frag):
         try:
             md = frag.metadata
+            physical = frag.physical_schema  # from the footer just read: no more I/O
         except (pa.ArrowInvalid, OSError) as err:
-            raise DatasetError(f"Cannot read the Parquet footer of {frag.path!r}: {err}") from err
+            raise DatasetError(f"Cannot open the Parquet dataset at {url!r}: cannot read the Parquet footer "
+                               f"of {frag.path!r} ({err}). Move files that are not Parquet out of the "
+                               "folder (or start their names with '_' or '.').") from err
         nulls = dict.fromkeys(check, 0)
+        unknown: dict[str, list[int]] = {}  # key column -> row groups without a null count
         if check:
-            names = md.schema.names
-            for i in range(md.num_row_groups):
-                rg = md.row_group(i)
-                for c in check:
-                    if c in names:
-                        st = rg.column(names.index(c)).statistics
-                        if st is not None and st.has_null_count:
-                            nulls[c] += st.null_count
+            index = {md.schema.column(i).path: i for i in range(md.num_columns)}  # leaf columns
+            for c in check:
+                if c not in physical.names:  # not in this file: every row reads as null
+                    nulls[c] += md.num_rows
+                    continue
+                for i in range(md.num_row_groups):
+                    rg = md.row_group(i)
+                    st = rg.column(index[c]).statistics if c in index else None  # None: nested
+                    if st is not None and st.has_null_count:
+                        nulls[c] += st.null_count
+                    elif rg.num_rows:
+                        unknown.setdefault(c, []).append(i)
+        for c, groups in unknown.items():
+            # Written without statistics: read just this key column of just these row groups
+            # to count its nulls (a small read, and only for such files), so that a null key
+            # is still refused up front instead of becoming a group.
+            try:
+                column = frag.subset(row_group_ids=groups).to_table(columns=[c]).column(c)
+            except (pa.ArrowInvalid, OSError) as err:
+                raise DatasetError(f"Cannot read the key column {c!r} of {frag.path!r} "
+                                   f"to count its nulls: {err}") from err
+            nulls[c] += column.null_count
         pk = ds.get_partition_keys(frag.partition_expression)
         size = getattr(md, "serialized_size", 0)
-        return FileInfo(frag.path, md.num_rows, size, tuple(pk.get(k) for k in keys)), nulls
+        return FileInfo(frag.path, md.num_rows, size, tuple(pk.get(k) for k in keys)), nulls, physical
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(facts, fragments))
+    both = {}
+    for r in results:
+        for k in keys:
+            if k in r[2].names:
+                both.setdefault(k, r[0].path)
+    if both:
+        where = "; ".join(f"{k!r} (e.g. in {p!r})" for k, p in both.items())
+        raise SchemaError(
+            f"Columns {list(both)} appear both as partition folders and inside the files under {url!r}: "
+            f"{where}. Drop the column from the files (the folder names already hold it) or rename it, "
+            "so each value comes from one place.")
+    schema, conflicts, missing = _unify([(r[0].path, r[2]) for r in results], part_fields)
+    if deferred:
+        try:
+            kept = {f.path for f in listing.replace_schema(schema).get_fragments(filter=filter)}
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+            hint = (f" (the partition keys {', '.join(keys)} are strings: compare them with strings, "
+                    f"e.g. ds.field({keys[0]!r}) == '7')" if keys else "")
+            raise SchemaError(
+                f"The filter {filter} does not fit the dataset at {url!r}: {str(err).splitlines()[0]}. "
+                f"Columns: {', '.join(schema.names)}{hint}.") from err
+        results = [r for r in results if r[0].path in kept]
+        if not results:
+            raise DatasetError(f"No files under {url!r} match filter {filter}.")
+        full = schema  # the filter was bound to it: keep its columns, null where no kept file has them
+        schema, conflicts, missing = _unify([(r[0].path, r[2]) for r in results], part_fields)
+        extra = [f.with_nullable(True) for f in full if f.name not in schema.names]
+        if extra:
+            missing.update({f.name: (len(results), results[0][0].path) for f in extra})
+            schema = pa.schema([f for f in schema if f.name not in keys] + extra + part_fields,
+                               metadata=schema.metadata)
+    source = Source(url, path, schema, keys, tuple(sorted((storage_options or {}).items())))
     files = [r[0] for r in results]
     null_counts = {c: sum(r[1][c] for r in results) for c in check}
     for i, k in enumerate(keys):
         null_counts[k] = sum(f.rows for f in files if f.partition[i] is None)
-    info = DatasetInfo(source, files, null_counts)
+    info = DatasetInfo(source, files, null_counts, conflicts, missing)
     if info.rows == 0:
         raise DatasetError(f"The dataset at {url!r} has {len(files)} Parquet file(s) but no rows.")
     return info
+
+
+def _unify(schemas: list[tuple[str, pa.Schema]], part_fields: list[pa.Field]):
+    """One schema for files whose schemas differ, from their footers.
+
+    Returns ``(schema, conflicts, missing)``: each column with the widest type of its
+    files (see :func:`_widen`), in order of first appearance, then the partition
+    keys; the columns whose types conflict (kept with the first file's type); the
+    columns some files lack.
+    """
+    first: dict[str, pa.Field] = {}
+    seen: dict[str, dict[pa.DataType, str]] = {}  # column -> type -> first file of that type
+    count: dict[str, int] = {}
+    for path, sch in schemas:
+        for f in sch:
+            first.setdefault(f.name, f)
+            seen.setdefault(f.name, {}).setdefault(f.type, path)
+            count[f.name] = count.get(f.name, 0) + 1
+    fields, conflicts, missing = [], {}, {}
+    for name, types in seen.items():
+        items = list(types.items())
+        t = items[0][0]
+        for t2, p2 in items[1:]:
+            w = _widen(t, t2)
+            if w is None:  # name a type (and its file) that t2 itself conflicts with
+                t1, p1 = next(((s, p) for s, p in items if _widen(s, t2) is None), items[0])
+                conflicts[name] = (t1, p1, t2, p2)
+                break
+            t = w
+        f = first[name] if name in conflicts else first[name].with_type(t)
+        if count[name] < len(schemas):
+            missing[name] = (len(schemas) - count[name], next(p for p, s in schemas if name not in s.names))
+            f = f.with_nullable(True)
+        fields.append(f)
+    return pa.schema(fields + part_fields, metadata=schemas[0][1].metadata), conflicts, missing
+
+
+def _kind(t: pa.DataType) -> str:
+    if _is_numeric(t):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+            or pa.types.is_fixed_size_binary(t)):
+        return "binary"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return "list"
+    for kind in ("timestamp", "date", "time", "duration", "boolean", "struct", "map"):
+        if getattr(pa.types, f"is_{kind}")(t):
+            return kind
+    return str(t)
+
+
+_INT_DIGITS = {8: 3, 16: 5, 32: 10, 64: 19}
+
+
+def _widen(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type both ``a`` and ``b`` cast to without losing their meaning, or None.
+
+    Safe: null to anything, integers to a wider integer or to float64, float32 to float64,
+    integers into a decimal wide enough, timestamp units (same time zone), date32 to date64,
+    string to large_string, a dictionary to its value type.  Everything else conflicts:
+    numbers vs strings, uint64 vs signed integers (no common integer type), timestamps
+    with different time zones or none, booleans vs numbers...
+    """
+    if a == b:
+        return a
+    if pa.types.is_null(a) or pa.types.is_null(b):
+        return b if pa.types.is_null(a) else a
+    if pa.types.is_dictionary(a) or pa.types.is_dictionary(b):  # read decoded
+        return _widen(a.value_type if pa.types.is_dictionary(a) else a,
+                      b.value_type if pa.types.is_dictionary(b) else b)
+    if _kind(a) != _kind(b):
+        return None
+    if pa.types.is_integer(a) and pa.types.is_integer(b):
+        if pa.types.is_signed_integer(a) != pa.types.is_signed_integer(b) and 64 in (
+                a.bit_width if pa.types.is_unsigned_integer(a) else 0,
+                b.bit_width if pa.types.is_unsigned_integer(b) else 0):
+            return None  # uint64 and a signed integer: no integer type holds both
+    elif pa.types.is_decimal(a) or pa.types.is_decimal(b):
+        dec, other = (a, b) if pa.types.is_decimal(a) else (b, a)
+        if pa.types.is_floating(other):
+            return pa.float64()
+        if pa.types.is_integer(other):
+            digits = _INT_DIGITS[other.bit_width] + (1 if other.bit_width == 64 and
+                                                     pa.types.is_unsigned_integer(other) else 0)
+            precision = max(dec.precision, digits + dec.scale)
+            if precision <= 38:
+                return pa.decimal128(precision, dec.scale)
+            return pa.decimal256(precision, dec.scale) if precision <= 76 else None
+    elif pa.types.is_timestamp(a) and a.tz != b.tz:
+        return None  # naive vs zoned, or two zones: which one is meant is for the user to say
+    try:
+        w = pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])],
+                             promote_options="permissive").field("x").type
+        for t in (a, b):  # the scanner must be able to cast each file's type to it
+            pa.array([], t).cast(w)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+    return w
 
 
 # A string column read dictionary-encoded for the kernel's own use, marked so the
@@ -271,6 +455,20 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
                 f"The {role} column {col!r} is not in the dataset at {url!r}. "
                 f"Columns: {', '.join(names)}."
             )
+        if col in info.conflicts:
+            ta, fa, tb, fb = info.conflicts[col]
+            raise SchemaError(
+                f"The {role} column {col!r} has conflicting types in the files of {url!r}: {ta} in {fa!r} "
+                f"but {tb} in {fb!r}, and neither converts safely to the other. Rewrite the files so "
+                f"{col!r} has one type in all of them (e.g. cast it before writing).")
+        if col in info.missing:
+            n, example = info.missing[col]
+            where = f"{n} of the {len(info.files)} files of {url!r} (e.g. {example!r})"
+            if role == "key" and not allow_null_keys:
+                raise SchemaError(
+                    f"The key column {col!r} is missing from {where}: their rows would have a null key. "
+                    f"Write {col!r} into every file, or point at the files that have it.")
+            log.warning("The %s column %r is missing from %s: it reads as null there.", role, col, where)
         return schema.field(col).type
 
     if not by:
@@ -288,6 +486,9 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
             )
     if target is not None:
         t = need(target, "target")
+        if pa.types.is_null(t):
+            raise SchemaError(f"The target column {target!r} holds only nulls in every file of {url!r} "
+                              "(Parquet type null); it must hold numbers.")
         if not _is_numeric(t):
             raise SchemaError(f"The target column {target!r} has type {t}; it must be numeric (int, float or decimal).")
     for f in features:

@@ -1,0 +1,264 @@
+"""Bad or uneven input data: files whose schemas differ, keys both in folders and files,
+null keys without statistics, a key named twice, and paths that cannot be opened.
+
+Each is refused up front with a clear error (nothing written to the store), or read
+the one well-defined way (safe type widening, missing columns as null)."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from _data import metrics_table
+
+import modelfactory
+from modelfactory.cli import main
+from modelfactory.dataset import check_columns, discover, read_files
+from modelfactory.exceptions import (
+    DatasetError,
+    ModelFactoryError,
+    SchemaError,
+    StoreError,
+)
+
+ARGS = {"by": ["app", "site"], "time": "ts", "target": "value"}
+
+
+def _site(site: str, hours: int = 72) -> pa.Table:
+    """One (app, site) series of 72 hourly rows, written with pyarrow (string keys)."""
+    t = metrics_table(series=1, hours=hours, apps=1).drop_columns(["day"])
+    return t.set_column(t.schema.get_field_index("site"), "site", pa.array([site] * t.num_rows))
+
+
+def _with(t: pa.Table, name: str, arr) -> pa.Table:
+    arr = arr if isinstance(arr, (pa.Array, pa.ChunkedArray)) else pa.array(arr)
+    i = t.schema.get_field_index(name)
+    return t.set_column(i, name, arr) if i >= 0 else t.append_column(name, arr)
+
+
+def _files(folder, *tables, **kw) -> str:
+    folder.mkdir(parents=True)
+    for i, t in enumerate(tables):
+        pq.write_table(t, folder / f"part-{i}.parquet", **kw)
+    return str(folder)
+
+
+def _refused(tmp_path, data, exc, match, **kw):
+    store = tmp_path / "refused-store"
+    with pytest.raises(exc, match=match):
+        modelfactory.train(data, store=str(store), cluster="inline", **{**ARGS, **kw})
+    assert not store.exists()
+
+
+# ---------------------------------------------------------------------------
+# 1. files whose schemas differ: unified from all the footers, not the first file's
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("order", ["narrow-first", "wide-first"])
+@pytest.mark.parametrize("column, narrow, wide", [
+    ("value", lambda a: a.cast(pa.int64()), pa.float64()),
+    ("value", lambda a: pa.nulls(len(a), pa.null()), pa.float64()),  # an all-null target: type null
+    ("value", lambda a: a.cast(pa.int64()).cast(pa.int32()), pa.float64()),
+    ("ts", lambda a: a.cast(pa.timestamp("us", tz="UTC")), pa.timestamp("us", tz="UTC")),  # the others: ms
+])
+def test_types_that_widen_safely_are_unified_in_any_file_order(tmp_path, order, column, narrow, wide):
+    a, b = _site("s1"), _site("s2")
+    if column == "value":
+        a = _with(a, "value", pa.array([float(i) for i in range(a.num_rows)]))  # whole numbers: cast exactly
+    a = _with(a, column, narrow(a[column].combine_chunks()))
+    tables = (a, b) if order == "narrow-first" else (b, a)
+    path = _files(tmp_path / "d", *tables)
+    info = discover(path)
+    got = info.schema.field(column).type
+    assert got == wide, got
+    assert not info.conflicts
+    for f in info.files:  # each file reads, cast to the one schema
+        t = read_files(info.source, (f.path,), ["site", column])
+        assert t.schema.field(column).type == got and t.num_rows == 72
+    run = modelfactory.train(path, store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    assert run.summary["rows"] == 144 and run.summary["counts"]["failed"] == 0
+    assert not modelfactory.ModelStore(str(tmp_path / "s")).pending()
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_key_types_that_conflict_are_refused_naming_both_types_and_files(tmp_path, order):
+    a = _with(_site("s1"), "site", pa.array([1] * 72))
+    tables = (a, _site("s2")) if order == 0 else (_site("s2"), a)
+    path = _files(tmp_path / "d", *tables)
+    ia, ib = (0, 1) if order == 0 else (1, 0)
+    first, second = ("int64", "string") if order == 0 else ("string", "int64")
+    _refused(tmp_path, path, SchemaError,
+             rf"key column 'site' has conflicting types in the files of '.*': {first} in '.*part-{min(ia, ib)}"
+             rf"\.parquet' but {second} in '.*part-{max(ia, ib)}\.parquet'.*Rewrite the files")
+
+
+def test_a_target_int_in_one_file_and_string_in_another_is_refused(tmp_path):
+    a = _with(_site("s1"), "value", pa.array(["x"] * 72))
+    path = _files(tmp_path / "d", _site("s2"), a)
+    _refused(tmp_path, path, SchemaError, r"target column 'value' has conflicting types .*: double in .* but string in")
+
+
+def test_naive_and_zoned_timestamps_conflict(tmp_path):
+    a = _site("s1")
+    a = _with(a, "ts", a["ts"].cast(pa.timestamp("s")))
+    path = _files(tmp_path / "d", a, _site("s2"))
+    _refused(tmp_path, path, SchemaError, r"time column 'ts' has conflicting types .*timestamp\[ms\] in .*part-0.parquet' "
+             r"but timestamp\[ms, tz=UTC\] in .*part-1.parquet'")
+
+
+def test_a_conflict_in_a_column_the_job_does_not_use_is_ignored(tmp_path):
+    a = _with(_site("s1"), "x1", pa.array(["text"] * 72))
+    path = _files(tmp_path / "d", a, _site("s2"))
+    run = modelfactory.train(path, store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    assert run.summary["counts"]["ok"] == 2
+    with pytest.raises(SchemaError, match="requested column 'x1' has conflicting types"):  # apply reads all
+        modelfactory.apply(path, by=["site"], func=lambda d: d[["site"]].head(1), schema="site string",
+                           cluster="inline")
+
+
+def test_a_column_missing_from_some_files_reads_as_null(tmp_path, caplog):
+    """The choice (as Spark's mergeSchema): the column is in the dataset, null in the files without it."""
+    path = _files(tmp_path / "d", _site("s1").drop_columns(["x1"]), _site("s2"))
+    info = discover(path)
+    assert "x1" in info.schema.names and info.missing["x1"][0] == 1 and info.missing["x1"][1].endswith("part-0.parquet")
+    with caplog.at_level(logging.WARNING, logger="modelfactory.dataset"):
+        check_columns(info, by=("app", "site"), time="ts", target="value", features=("x1",))
+    assert "feature column 'x1' is missing from 1 of the 2 files" in caplog.text
+    t = read_files(info.source, tuple(f.path for f in info.files), ["site", "x1"])
+    nulls = pc.is_null(t["x1"]).to_pylist()
+    assert [s for s, n in zip(t["site"].to_pylist(), nulls) if n] == ["s1"] * 72 and nulls.count(False) == 72
+    run = modelfactory.train(path, store=str(tmp_path / "s"), model="isolation_forest", features=["x1"],
+                             cluster="inline", **ARGS)
+    assert run.summary["counts"]["failed"] == 0
+
+
+def test_a_key_missing_from_some_files_is_refused(tmp_path):
+    path = _files(tmp_path / "d", _site("s1").drop_columns(["app"]), _site("s2"))
+    _refused(tmp_path, path, SchemaError, r"key column 'app' is missing from 1 of the 2 files of .*part-0\.parquet")
+
+
+# ---------------------------------------------------------------------------
+# 2. a key both as a partition folder and inside the files
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("values, typ", [(["a", "b"], pa.large_string()), (["1", "2"], pa.string()),
+                                         (["1", "2"], pa.int64()), (["a", "b"], pa.string())])
+def test_a_key_both_in_folders_and_files_is_refused(tmp_path, values, typ):
+    for v in values:
+        (tmp_path / "d" / f"app={v}").mkdir(parents=True)
+        col = pa.array([int(v)] * 72, typ) if typ == pa.int64() else pa.array([v] * 72, typ)
+        pq.write_table(_with(_site("s1"), "app", col), tmp_path / "d" / f"app={v}" / "part-0.parquet")
+    _refused(tmp_path, str(tmp_path / "d"), SchemaError,
+             r"Columns \['app'\] appear both as partition folders and inside the files under .*app=.*part-0\.parquet"
+             r".*Drop the column from the files")
+
+
+# ---------------------------------------------------------------------------
+# 3. null keys in files written without statistics
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("stats", [False, ["app", "value"]], ids=["no-statistics", "no-site-statistics"])
+def test_null_keys_without_statistics_are_still_refused(tmp_path, stats):
+    t = pa.concat_tables([_site("s1"), _site("s2"), _with(_site("x"), "site", pa.nulls(72, pa.string()))])
+    path = _files(tmp_path / "d", t, write_statistics=stats, row_group_size=100)
+    assert pq.ParquetFile(f"{path}/part-0.parquet").metadata.row_group(0).column(1).statistics is None
+    _refused(tmp_path, path, SchemaError, r"has 72 null value\(s\) in 'site'. Group keys must not be null")
+    with pytest.raises(SchemaError, match=r"72 null value\(s\) in 'site'"):
+        modelfactory.apply(path, by=["site"], func=lambda d: d[["site"]].head(1), schema="site string",
+                           cluster="inline")
+
+
+# ---------------------------------------------------------------------------
+# 4. a column named twice
+# ---------------------------------------------------------------------------
+def test_a_key_named_twice_is_refused_up_front(tmp_path):
+    path = _files(tmp_path / "d", _site("s1"))
+    _refused(tmp_path, path, ModelFactoryError, r"by names 'app' more than once \(app, app, site\)",
+             by=["app", "app", "site"])
+    _refused(tmp_path, path, ModelFactoryError, r"by names 'site' more than once", by="site,app,site")
+    _refused(tmp_path, path, ModelFactoryError, r"features names 'x1' more than once", model="isolation_forest",
+             features=["x1", "x1"])
+    with pytest.raises(ModelFactoryError, match="by names 'site' more than once"):
+        modelfactory.apply(path, by=["site", "site"], func=lambda d: d[["site"]].head(1), schema="site string",
+                           cluster="inline")
+
+
+# ---------------------------------------------------------------------------
+# 5. paths that cannot be opened: one error line, exit 2, nothing written
+# ---------------------------------------------------------------------------
+def _cli(tmp_path, capsys, data, store):
+    code = main(["train", data, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "--scheduler", "inline", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_an_unknown_protocol_is_a_clear_error(tmp_path, capsys):
+    err = _cli(tmp_path, capsys, "s4://bucket/data", str(tmp_path / "s"))
+    assert "Unknown storage protocol 's4://' in 's4://bucket/data'" in err and "typo" in err
+    assert not (tmp_path / "s").exists()
+    path = _files(tmp_path / "d", _site("s1"))
+    err = _cli(tmp_path, capsys, path, "s4://bucket/store")
+    assert "Unknown storage protocol 's4://' in 's4://bucket/store'" in err
+    with pytest.raises(DatasetError, match="Unknown storage protocol"):
+        discover("s4://bucket/data")
+    with pytest.raises(StoreError, match="Unknown storage protocol"):
+        modelfactory.ModelStore("s4://bucket/store").runs()
+
+
+def test_a_protocol_whose_package_is_missing_names_the_package(tmp_path, capsys, monkeypatch):
+    from fsspec.registry import known_implementations
+
+    monkeypatch.setitem(known_implementations, "mfnope",
+                        {"class": "mf_no_such_package.FS", "err": "Please install mf_no_such_package"})
+    err = _cli(tmp_path, capsys, "mfnope://bucket/data", str(tmp_path / "s"))
+    assert "'mfnope://bucket/data' needs the package 'mf_no_such_package', which is not installed" in err
+    assert "pip install mf_no_such_package" in err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
+def test_gs_without_gcsfs(tmp_path, capsys):
+    err = _cli(tmp_path, capsys, "gs://bucket/data", str(tmp_path / "s"))
+    assert "'gs://bucket/data' needs the package 'gcsfs'" in err and "pip install gcsfs" in err
+
+
+@pytest.mark.parametrize("where", ["store", "parent"])
+def test_a_store_that_is_a_file_is_a_clear_error(tmp_path, capsys, where):
+    path = _files(tmp_path / "d", _site("s1"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    store = blocker if where == "store" else blocker / "store"
+    err = _cli(tmp_path, capsys, path, str(store))
+    assert f"'{blocker}' is a file, not a folder. Pick a folder" in err
+    assert blocker.read_text() == "keep me"
+    with pytest.raises(StoreError, match="is a file, not a folder"):
+        modelfactory.train(path, store=str(store), cluster="inline", **ARGS)
+
+
+def test_pandas_written_files_mixing_int_and_float_values_train(tmp_path):
+    """The reviewer's case as pandas 3 writes it (large_string keys, pandas metadata)."""
+    rng = pd.date_range("2026-01-05", periods=72, freq="h", tz="UTC")
+    a = pd.DataFrame({"app": "a", "site": "s1", "ts": rng, "value": range(72)})
+    b = pd.DataFrame({"app": "a", "site": "s2", "ts": rng, "value": [100.5] * 72})
+    (tmp_path / "d").mkdir()
+    a.to_parquet(tmp_path / "d" / "part-0.parquet", index=False)
+    b.to_parquet(tmp_path / "d" / "part-1.parquet", index=False)
+    run = modelfactory.train(str(tmp_path / "d"), store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
+
+
+def test_a_filter_on_a_column_only_some_files_have(tmp_path):
+    """The filter is bound to the columns of all the files, not the first one's."""
+    import pyarrow.dataset as ds
+
+    path = _files(tmp_path / "d", _site("s1").drop_columns(["x1"]), _site("s2"))
+    info = discover(path, filter=ds.field("x1") > -100)
+    assert len(info.files) == 2 and info.missing["x1"][0] == 1
+    run = modelfactory.apply(path, by=["site"], func=lambda d: d[["site"]].head(1), schema="site string",
+                             filter=ds.field("x1") > -100, cluster="inline")
+    assert run.to_pandas().site.tolist() == ["s2"]
+    with pytest.raises(SchemaError, match=r"The filter \(nope == 1\) does not fit the dataset at .*Columns: app, "):
+        discover(path, filter=ds.field("nope") == 1)
