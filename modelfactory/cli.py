@@ -6,10 +6,12 @@ become one ``error: ...`` line and exit status 2; no traceback unless ``-v``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from .exceptions import ModelFactoryError
 
@@ -266,15 +268,56 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+#: Loggers of Dask and the web stack under it, whose lines the CLI shows only with -v.
+DASK_LOGGERS = ("distributed", "bokeh", "tornado")
+
+
+@contextlib.contextmanager
+def _dask_logs(verbose: int) -> Iterator[None]:
+    """Dask's own log lines reach stderr only with ``-v``: those of this process (the
+    client, and the scheduler and nannies of a local cluster) and, through
+    :func:`modelfactory.run.dask_log_level`, those of the worker processes of a cluster made
+    here.  Without ``-v`` the user sees modelfactory's messages (a unit that failed, one
+    that kept killing its worker...) and the one ``error:`` line; with ``-v`` Dask's INFO
+    lines too, all through the root handler.  What is changed is restored on leaving."""
+    from .run import dask_log_level
+
+    undo: list = []
+    for name in DASK_LOGGERS:
+        logger = logging.getLogger(name)
+        undo.append(functools.partial(setattr, logger, "propagate", logger.propagate))
+        logger.propagate = bool(verbose)
+        if not verbose:
+            # distributed adds no handler of its own when the root logger has one already; a
+            # logger with no handler on its way would fall back to logging.lastResort (stderr)
+            quiet = logging.NullHandler()
+            logger.addHandler(quiet)
+            undo.append(functools.partial(logger.removeHandler, quiet))
+    if not verbose:  # the handlers distributed added when imported before logging was set up
+        loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+                   if n.split(".")[0] in DASK_LOGGERS]
+        for handler in {h for lg in loggers for h in lg.handlers if type(h) is not logging.NullHandler}:
+            undo.append(functools.partial(handler.setLevel, handler.level))
+            handler.setLevel(logging.CRITICAL + 1)
+    try:
+        with dask_log_level([logging.CRITICAL, logging.INFO, logging.DEBUG][min(verbose, 2)]):
+            yield
+    finally:
+        for step in reversed(undo):
+            step()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status (0 ok, 2 bad input or library error, 1 internal error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
-    for name in ("distributed", "bokeh", "tornado"):
-        # distributed logs through its own handler at INFO; keep it off our stream unless -v.
-        logging.getLogger(name).propagate = bool(args.verbose)
+    with _dask_logs(args.verbose):
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except ModelFactoryError as err:

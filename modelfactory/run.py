@@ -33,8 +33,8 @@ from .exceptions import ClusterError
 from .kernel import JobSpec, UnitResult
 from .plan import Plan
 
-__all__ = ["open_client", "local_cluster", "execute", "execute_delayed", "worker_count", "Progress", "run_units",
-           "run_shuffled", "isolate", "isolate_partitions", "drop_unit_files"]
+__all__ = ["open_client", "local_cluster", "check_scheduler", "dask_log_level", "execute", "execute_delayed",
+           "worker_count", "Progress", "run_units", "run_shuffled", "isolate", "isolate_partitions", "drop_unit_files"]
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +69,38 @@ def dask_config_env(config: dict) -> dict[str, str]:
     return {"DASK_" + k.upper().replace(".", "__").replace("-", "_"): repr(v) for k, v in config.items()}
 
 
+#: Level below which the log lines of Dask itself are kept off the console in the processes
+#: of a cluster modelfactory makes (LocalCluster's ``silence_logs``); see :func:`dask_log_level`.
+#: ERROR for the library: no INFO ("Start worker", ...) or WARNING lines, but Dask's own
+#: errors still show (a task's, "Compute Failed", is also raised by the job itself).
+_dask_log_level = logging.ERROR
+
+
+@contextlib.contextmanager
+def dask_log_level(level: int) -> Iterator[None]:
+    """Within this block, the clusters modelfactory makes (:func:`local_cluster`) show Dask's
+    own log lines from ``level`` up only (``logging.CRITICAL``: practically none; the CLI's
+    choice without ``-v``).  Dask's log lines of this process follow its logging set-up."""
+    global _dask_log_level
+    old, _dask_log_level = _dask_log_level, level
+    try:
+        yield
+    finally:
+        _dask_log_level = old
+
+
 def local_cluster(workers: int | None = None, **kwargs):
     """The LocalCluster a job makes when it is given none: ``workers`` single-threaded
     worker processes (default one per core), one BLAS/OpenMP thread each, Dask's worker
     profiler off and its event loop quieter (:data:`WORKER_DASK_CONFIG`), dashboard on a
-    free port, quiet logs."""
+    free port, quiet logs (ERROR and up: :func:`dask_log_level`)."""
     import copy
 
     import dask
     from distributed import LocalCluster
 
     n = workers or os.cpu_count() or 1
-    kwargs = {"dashboard_address": ":0", "silence_logs": logging.ERROR, **kwargs}
+    kwargs = {"dashboard_address": ":0", "silence_logs": _dask_log_level, **kwargs}
     with dask.config.set(WORKER_DASK_CONFIG), dask.config.set(kwargs.pop("config", None) or {}):
         # Each nanny hands its config to every worker it starts, restarts too.  It keeps a
         # shallow copy of the global config, whose nested dicts ``config.set`` restores in
@@ -131,8 +151,9 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
         if "://" not in cluster and ":" not in cluster:
             raise ClusterError(f"cluster={cluster!r} is not 'local', 'inline' or a scheduler address "
                                "like 'tcp://10.0.0.5:8786'.")
+        check_scheduler(cluster)
         try:
-            client = Client(cluster, timeout="20s")
+            client = Client(cluster, timeout=f"{CONNECT_TIMEOUT}s")
         except (OSError, TimeoutError) as err:
             raise ClusterError(f"Cannot reach the Dask scheduler at {cluster!r}: {err}. "
                                "Check the address and that the scheduler is running.") from err
@@ -145,6 +166,104 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
         return
     raise ClusterError(f"cluster must be None, 'local', 'inline', an address, a Client or a cluster "
                        f"object; got {type(cluster).__name__}.")
+
+
+#: Seconds to reach a scheduler given by its address (and to get its first answer).
+CONNECT_TIMEOUT = 20
+
+_CHECK_ADDRESS = ("Check that it is the address of a Dask scheduler, such as tcp://host:8786 "
+                  "(the one `dask scheduler` prints), not that of its dashboard or another service.")
+
+
+def check_scheduler(address: str, timeout: float | None = None) -> None:
+    """Raise :class:`ClusterError` unless a Dask scheduler answers at ``address`` within
+    about ``timeout`` seconds (default :data:`CONNECT_TIMEOUT`).
+
+    ``distributed.Client`` waits for ever for a server that accepts the connection but
+    never answers, and fails with odd errors (a MemoryError) against one that answers in
+    another protocol (a dashboard's HTTP port).  This connects with distributed's own
+    comms, bounded: the handshake and one ``identity`` round trip, in a short-lived thread
+    with its own event loop (the caller's thread may run one already: a notebook).
+    Refused connections are retried until ``timeout``, as the Client does.
+    """
+    import asyncio
+    import threading
+
+    from distributed.comm import connect
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.core import CommClosedError, FatalCommClosedError
+    from distributed.comm.registry import get_backend
+    from distributed.security import Security
+
+    scheme, loc = parse_address(address)
+    try:
+        get_backend(scheme)
+    except ValueError as err:
+        from distributed.comm.registry import backends
+
+        known = ", ".join(f"{k}://" for k in sorted(backends))
+        raise ClusterError(f"{address!r} is not a Dask scheduler address: Dask has no {scheme}:// comms "
+                           f"(it has {known}). {_CHECK_ADDRESS}") from err
+    if scheme not in ("tcp", "tls", "ws", "wss"):
+        return  # in-process and other comms: left to the Client
+    try:
+        parse_host_port(loc)
+    except ValueError as err:
+        raise ClusterError(f"{address!r} is not a valid Dask scheduler address ({err}). {_CHECK_ADDRESS}") from err
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
+    args = Security().get_connection_args("client")  # as the Client's own
+    stage = ["connect"]
+
+    async def probe() -> dict:
+        comm = await connect(address, timeout=timeout, **args)  # TCP (retried), then handshake
+        stage[0] = "identity"
+        try:
+            await comm.write({"op": "identity", "reply": True, "close": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    async def bounded() -> dict:
+        # connect() gives up on unreachable addresses after ``timeout`` by itself (with its
+        # reason); the margin lets it, so that a time-out here means "connected, no answer"
+        return await asyncio.wait_for(probe(), timeout + 1)
+
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["identity"] = asyncio.run(bounded())
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name=f"modelfactory-check-scheduler-{address}", daemon=True)
+    thread.start()
+    thread.join(timeout + 10)
+    if thread.is_alive():  # cannot happen (the loop is bounded); never hang the caller anyway
+        raise ClusterError(f"No answer from {address!r} within {timeout:g} s. {_CHECK_ADDRESS}")
+    err = outcome.get("error")
+    if isinstance(err, TimeoutError):  # asyncio's too
+        what = "sent no Dask handshake" if stage[0] == "connect" else "did not answer Dask's identity request"
+        raise ClusterError(f"The server at {address!r} accepted the connection but {what} within {timeout:g} s. "
+                           f"{_CHECK_ADDRESS}") from err
+    if isinstance(err, FatalCommClosedError) or (isinstance(err, OSError) and not isinstance(err, CommClosedError)):
+        raise ClusterError(f"Cannot reach the Dask scheduler at {address!r}: {err}. "
+                           "Check the address and that the scheduler is running.") from err
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        raise err
+    if err is not None:  # closed on us, or bytes that are not Dask's protocol (an HTTP reply...)
+        what = ("it closed the connection without one" if isinstance(err, CommClosedError)
+                else "its reply is not in Dask's protocol; an HTTP server, such as the dashboard, answers so")
+        raise ClusterError(f"The server at {address!r} did not answer with a Dask handshake ({what}). "
+                           f"{_CHECK_ADDRESS}") from err
+    identity = outcome.get("identity")
+    kind = identity.get("type") if isinstance(identity, dict) else None
+    if kind in ("Worker", "Nanny"):
+        raise ClusterError(f"{address!r} is the address of a Dask {kind.lower()}, not of the scheduler. "
+                           f"{_CHECK_ADDRESS}")
+    if not isinstance(identity, dict):
+        raise ClusterError(f"The server at {address!r} did not answer as a Dask scheduler does "
+                           f"(identity: {identity!r:.80}). {_CHECK_ADDRESS}")
 
 
 def worker_count(client) -> int:

@@ -69,3 +69,111 @@ def test_demo_runs_end_to_end_on_a_local_cluster(tmp_path):
     assert "200 groups, ok 200, failed 0, skipped 0" in proc.stdout
     assert (tmp_path / "store" / "LATEST").exists()
     assert "Dask dashboard: http://" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster trouble is one error line too; Dask's own log lines only with -v
+# ---------------------------------------------------------------------------------------------
+def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modelfactory", *argv], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _server(kind: str):
+    """A TCP server on 127.0.0.1 that accepts and never answers ("silent"), or answers with an
+    HTTP 400 and closes ("http400", as a dashboard does); returns (port, close)."""
+    import socket
+    import threading
+
+    sock, conns = socket.create_server(("127.0.0.1", 0)), []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            if kind == "http400":
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+                except OSError:
+                    pass
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def close() -> None:
+        sock.close()
+        for c in conns:
+            c.close()
+
+    return sock.getsockname()[1], close
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind, scheme", [("silent", "tcp"), ("http400", "tcp"), ("http400", "http")])
+def test_an_address_that_is_not_a_dask_schedulers_is_one_error_line(by_app, tmp_path, kind, scheme):
+    import time
+
+    port, close = _server(kind)
+    address = f"{scheme}://127.0.0.1:{port}"
+    start = time.monotonic()
+    try:
+        proc = _cli("train", by_app, "--by", "app,site", "--time", "ts", "--target", "value",
+                    "--store", str(tmp_path / "s"), "--scheduler", address, "-q", timeout=60)
+    finally:
+        close()
+    assert time.monotonic() - start < 20 + 15  # the silent server: the connect time-out (20 s), not for ever
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert repr(address) in lines[0] and "tcp://host:8786" in lines[0]
+
+
+@pytest.fixture
+def corrupt_values(tmp_path) -> str:
+    """One Parquet file whose footer and key columns read, but whose value column's gzip data is
+    garbled: the unit fails on its worker, outside any group, when it reads its rows."""
+    import pyarrow.parquet as pq
+    from _data import metrics_table
+
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    path = folder / "part-0.parquet"
+    table = metrics_table()
+    pq.write_table(table, path, compression="gzip", use_dictionary=False)
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(table.schema.get_field_index("value"))
+    with open(path, "r+b") as f:
+        f.seek(chunk.data_page_offset + chunk.total_compressed_size // 2)
+        f.write(b"\xff" * 300)
+    assert pq.read_table(path, columns=["app", "site", "ts"]).num_rows == table.num_rows
+    with pytest.raises(OSError, match="GZip"):
+        pq.read_table(path)
+    return str(folder)
+
+
+_TRAIN = ["train", "--by", "app,site", "--time", "ts", "--target", "value", "--workers", "1", "-q"]
+
+
+@pytest.mark.timeout(120)
+def test_a_unit_failing_on_a_local_worker_is_the_error_line_alone(corrupt_values, tmp_path):
+    """Not also the worker's own "Compute Failed" log lines, with their traceback."""
+    proc = _cli(*_TRAIN, corrupt_values, "--store", str(tmp_path / "s"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "GZip" in lines[0], proc.stderr
+
+
+@pytest.mark.timeout(180)
+def test_dask_log_lines_stay_off_stderr_unless_verbose(by_day, tmp_path):
+    # a shuffle: nothing at all on stderr (the scheduler's "Shuffle ... initialized" lines are Dask's)
+    quiet = _cli(*_TRAIN, by_day, "--unit-rows", "300", "--store", str(tmp_path / "s1"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert "(shuffle)" in quiet.stdout
+    assert quiet.stderr == ""
+    # -v shows them
+    verbose = _cli("-v", *_TRAIN, by_day, "--unit-rows", "300", "--store", str(tmp_path / "s2"))
+    assert verbose.returncode == 0, verbose.stderr
+    assert "distributed.scheduler" in verbose.stderr and "Shuffle" in verbose.stderr

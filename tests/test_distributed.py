@@ -425,3 +425,88 @@ def test_an_applied_function_that_kills_its_worker_fails_its_group_alone_after_a
     assert len(g) == SERIES and re.search(r"(?i)worker.*died", g.loc["site-00007", "error"])
     out = run.to_pandas()
     assert sorted(out["site"]) == sorted(set(g.index) - {"site-00007"}) and set(out["n"]) == {HOURS}
+
+
+# ---------------------------------------------------------------------------------------------
+# An address that is not a Dask scheduler's: a clear ClusterError, in bounded time
+# ---------------------------------------------------------------------------------------------
+class _NotAScheduler:
+    """A TCP server on 127.0.0.1 that accepts connections and then never answers ("silent"),
+    or answers with an HTTP 400 and closes ("http400", as a dashboard's port does)."""
+
+    def __init__(self, kind: str) -> None:
+        import socket
+
+        self.kind, self.conns = kind, []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.conns.append(conn)
+            if self.kind == "http400":
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+                except OSError:
+                    pass
+                conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.fixture(params=["silent", "http400"])
+def not_a_scheduler(request):
+    server = _NotAScheduler(request.param)
+    yield server
+    server.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_address_that_is_not_a_dask_schedulers_fails_clearly_in_bounded_time(not_a_scheduler, by_app, tmp_path,
+                                                                              monkeypatch):
+    from modelfactory import run as run_module
+    from modelfactory.exceptions import ClusterError
+
+    monkeypatch.setattr(run_module, "CONNECT_TIMEOUT", 3, raising=False)  # the silent server takes it all
+    start = time.monotonic()
+    with pytest.raises(ClusterError) as info:
+        modelfactory.train(by_app, by=KEYS, time="ts", target="value", store=str(tmp_path / "s"),
+                           cluster=not_a_scheduler.address)
+    assert time.monotonic() - start < 3 + 8
+    message = str(info.value)
+    assert repr(not_a_scheduler.address) in message and "tcp://host:8786" in message and "dashboard" in message
+    assert not (tmp_path / "s" / "LATEST").exists()
+
+
+@pytest.mark.timeout(60)
+def test_the_scheduler_check_works_where_an_event_loop_runs_already(not_a_scheduler, procs):
+    """As in a notebook: no asyncio.run in the caller's thread, whose loop is running."""
+    import asyncio
+
+    from modelfactory.exceptions import ClusterError
+    from modelfactory.run import check_scheduler
+
+    async def in_a_loop():
+        check_scheduler(procs.address, timeout=3)  # the real scheduler passes
+        with pytest.raises(ClusterError, match=re.escape(repr(not_a_scheduler.address))):
+            check_scheduler(not_a_scheduler.address, timeout=3)
+
+    asyncio.run(in_a_loop())
+
+
+@pytest.mark.timeout(60)
+def test_a_workers_address_is_not_taken_for_the_schedulers(procs, dclient, by_app, tmp_path):
+    from modelfactory.exceptions import ClusterError
+
+    worker = next(iter(dclient.scheduler_info(n_workers=-1)["workers"]))
+    with pytest.raises(ClusterError, match="is the address of a Dask worker, not of the scheduler"):
+        modelfactory.train(by_app, by=KEYS, time="ts", target="value", store=str(tmp_path / "s"), cluster=worker)
