@@ -74,7 +74,8 @@ def describe_error(err: BaseException) -> str:
 
     ``TypeName: message (at file:line in function)``, for the innermost frame.
     """
-    text = f"{type(err).__name__}: {err}"
+    message = "; ".join(part.strip() for part in str(err).splitlines() if part.strip())  # one line
+    text = f"{type(err).__name__}: {message}"
     tb = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
     if tb:
         fr = tb[-1]

@@ -346,3 +346,14 @@ def test_chunks_of_other_dtypes_are_converted_exactly_and_keep_their_missing_val
 
     rows, out = _apply(objects)
     assert rows["status"] == ["ok"] * 4 and out["m"] == [None, 1.0, 1.0, 1.0]
+
+
+def test_an_error_is_described_on_one_line():
+    from modelfactory.exceptions import describe_error
+
+    try:
+        raise OSError("Couldn't deserialize thrift: x\nDeserializing page header failed.\n")
+    except OSError as err:
+        text = describe_error(err)
+    assert "\n" not in text
+    assert text.startswith("OSError: Couldn't deserialize thrift: x; Deserializing page header failed. (at ")
