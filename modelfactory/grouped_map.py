@@ -100,7 +100,7 @@ def _group_inputs(spec, groups):
         for s, e in zip(starts, ends):
             yield tbl.slice(s, e - s)
         return
-    risky, codes = _nulls_by_group(groups)
+    risky, codes, patterns = _nulls_by_group(groups)
     if spec.input == "pandas":
         tbl = groups.table
         if not risky:
@@ -112,7 +112,7 @@ def _group_inputs(spec, groups):
         for s, e, code in zip(starts, ends, codes.tolist()):
             cut = cuts.get(code)
             if cut is None and len(cuts) < _MAX_VARIANTS:
-                cut = cuts[code] = frame_slicer(_filled(tbl, risky, code).to_pandas())
+                cut = cuts[code] = frame_slicer(_filled(tbl, risky, patterns[code]).to_pandas())
             yield cut(s, e) if cut is not None else tbl.slice(s, e - s).to_pandas()
         return
     # numpy: a dict of column arrays (views, no copy where the type allows)
@@ -124,30 +124,32 @@ def _group_inputs(spec, groups):
     from .kernel import numpy_column
 
     filled = {c: _writable(numpy_column(_fill(groups.column(c)))) for c in risky}
-    bits = {c: j for j, c in enumerate(risky)}
     made: dict[int, list] = {}
     for s, e, code in zip(starts, ends, codes.tolist()):
         cols = made.get(code)
         if cols is None:
-            cols = made[code] = [(c, filled[c] if c in bits and not code >> bits[c] & 1 else a) for c, a in columns]
+            clean = {c for c, has in zip(risky, patterns[code]) if not has}
+            cols = made[code] = [(c, filled[c] if c in clean else a) for c, a in columns]
         yield {c: a[s:e] for c, a in cols}
 
 
 _MAX_VARIANTS = 8
 
 
-def _nulls_by_group(groups) -> tuple[list[str], np.ndarray | None]:
+def _nulls_by_group(groups) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
     """The columns whose pandas and numpy type depends on nulls (integers and booleans) that
-    hold nulls in this unit, and per group a code: bit ``j`` set if it has a null in column ``j``."""
+    hold nulls in this unit; per group a code; per code a pattern: whether groups of that
+    code have a null in each of those columns."""
     risky = [f.name for f in groups.schema if (pa.types.is_integer(f.type) or pa.types.is_boolean(f.type))
              and groups.null_count(f.name)]
     if not risky:
-        return [], None
-    codes = np.zeros(len(groups), dtype=np.int64)
+        return [], None, None
+    has = np.empty((len(groups), len(risky)), dtype=bool)
     for j, c in enumerate(risky):
         nulls = np.concatenate(([0], np.cumsum(pc.is_null(groups.column(c)).to_numpy(zero_copy_only=False))))
-        codes |= ((nulls[groups.ends] - nulls[groups.starts]) > 0).astype(np.int64) << j
-    return risky, codes
+        has[:, j] = (nulls[groups.ends] - nulls[groups.starts]) > 0
+    patterns, codes = np.unique(has, axis=0, return_inverse=True)
+    return risky, codes.reshape(-1), patterns
 
 
 def _fill(col):
@@ -155,10 +157,10 @@ def _fill(col):
     return pc.fill_null(col, pa.scalar(False if pa.types.is_boolean(col.type) else 0, col.type))
 
 
-def _filled(tbl: pa.Table, risky: list[str], code: int) -> pa.Table:
-    """``tbl`` with the columns of ``risky`` that have no nulls in groups of ``code`` filled."""
-    for j, c in enumerate(risky):
-        if not code >> j & 1:
+def _filled(tbl: pa.Table, risky: list[str], pattern: np.ndarray) -> pa.Table:
+    """``tbl`` with the columns of ``risky`` that ``pattern`` says have no nulls filled."""
+    for c, has in zip(risky, pattern.tolist()):
+        if not has:
             tbl = tbl.set_column(tbl.schema.get_field_index(c), tbl.schema.field(c), _fill(tbl[c]))
     return tbl
 

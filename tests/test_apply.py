@@ -397,3 +397,15 @@ def test_a_dict_may_return_a_list_per_row_for_a_nested_column(tmp_path):
     assert run.summary["counts"]["ok"] == 2
     assert sorted(run.to_arrow().to_pylist(), key=lambda r: r["app"]) == [{"app": "a", "xs": [1.0, 2.0]},
                                                                           {"app": "b", "xs": [3.0]}]
+
+
+def test_per_group_types_hold_with_more_nullable_columns_than_bits_in_a_word(tmp_path):
+    cols = {f"n{j}": pa.array([1, 2, None if j % 2 else 3, 4], pa.int64()) for j in range(70)}
+    path = _write(tmp_path, pa.table({"app": ["a", "a", "b", "b"], **cols}))
+
+    def kinds(pdf):
+        return {"app": [pdf["app"].iloc[0]], "kinds": ["".join(pdf[c].dtype.kind for c in cols)]}
+
+    run = modelfactory.apply(path, by="app", func=kinds, schema="app string, kinds string", cluster="inline")
+    got = dict(run.to_pandas().values.tolist())
+    assert got == {"a": "i" * 70, "b": "if" * 35}
