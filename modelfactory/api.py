@@ -114,8 +114,8 @@ def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
     lookup: dict = {}
     if leaf_keys and all(k in info.source.partition_keys or k in info.schema.names for k in leaf_keys):
         for i, leaves in enumerate(index["parts"]):
-            for leaf in leaves:
-                lookup.setdefault(tuple(leaf), []).append(i)
+            for leaf in leaves:  # as text: Hive folder values, whatever type the data's keys have
+                lookup.setdefault(tuple(str(v) for v in leaf), []).append(i)
     sp = man["spec"]
     return ModelSource(st.location, man["run_id"], sp["model"], sp.get("serializer", "native"),
                        tuple(man["parts"]), lookup, leaf_keys, trust)
@@ -173,8 +173,8 @@ def _keep_apart(a: Location, a_name: str, b: Location, b_name: str, *, may_hold:
     how = ("is" if ra == rb else "is inside" if ra.startswith(rb + "/")
            else "holds" if rb.startswith(ra + "/") and not may_hold else None)
     if how:
-        raise ModelFactoryError(f"The {a_name} {a.url!r} {how} {b_name} {b.url!r}; pick a {a_name} "
-                                f"apart from it (nothing was written).")
+        raise ModelFactoryError(f"The {a_name} {a.url!r} {how} {b_name} {b.url!r}; pick another "
+                                "folder, apart from it (nothing was written).")
 
 
 def _protocol(loc: Location) -> str:

@@ -295,6 +295,8 @@ def _unify(schemas: list[tuple[str, pa.Schema]], part_fields: list[pa.Field]):
             seen.setdefault(f.name, {}).setdefault(f.type, path)
             count[f.name] = count.get(f.name, 0) + 1
     fields, conflicts, missing = [], {}, {}
+    named = [(path, set(sch.names)) for path, sch in schemas] if any(
+        c < len(schemas) for c in count.values()) else []
     for name, types in seen.items():
         items = list(types.items())
         t = items[0][0]
@@ -307,7 +309,7 @@ def _unify(schemas: list[tuple[str, pa.Schema]], part_fields: list[pa.Field]):
             t = w
         f = first[name] if name in conflicts else first[name].with_type(t)
         if count[name] < len(schemas):
-            missing[name] = (len(schemas) - count[name], next(p for p, s in schemas if name not in s.names))
+            missing[name] = (len(schemas) - count[name], next(p for p, names in named if name not in names))
             f = f.with_nullable(True)
         fields.append(f)
     return pa.schema(fields + part_fields, metadata=schemas[0][1].metadata), conflicts, missing

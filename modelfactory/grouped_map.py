@@ -90,9 +90,9 @@ def _group_inputs(spec, groups):
     A group gets the types it would get on its own (as in Spark's applyInPandas, which
     converts each group by itself): an integer or boolean column is float64 or objects in
     pandas and numpy only in the groups that hold a null in it, not in every group of a
-    unit where some group does.  pandas: a unit with such nulls is converted once per
-    combination of columns with and without nulls (up to ``_MAX_VARIANTS``; past that, the
-    group alone); numpy: each such column is converted twice, with and without its nulls.
+    unit where some group does.  pandas: the groups of each combination of columns with and
+    without nulls are converted together; numpy: each such column is converted twice, with
+    and without its nulls.
     """
     starts, ends = groups.starts.tolist(), groups.ends.tolist()
     if spec.input == "arrow":
@@ -108,12 +108,19 @@ def _group_inputs(spec, groups):
             for s, e in zip(starts, ends):
                 yield cut(s, e)
             return
-        cuts: dict[int, Any] = {}
-        for s, e, code in zip(starts, ends, codes.tolist()):
-            cut = cuts.get(code)
-            if cut is None and len(cuts) < _MAX_VARIANTS:
-                cut = cuts[code] = frame_slicer(_filled(tbl, risky, patterns[code]).to_pandas())
-            yield cut(s, e) if cut is not None else tbl.slice(s, e - s).to_pandas()
+        # The groups of each pattern are gathered and converted together: every row is converted
+        # once, however many patterns there are.
+        lengths = groups.ends - groups.starts
+        at = np.empty(len(lengths), dtype=np.int64)  # where each group starts in its pattern's frame
+        cuts = []
+        for code in range(len(patterns)):
+            mine = np.flatnonzero(codes == code)
+            first = np.concatenate(([0], np.cumsum(lengths[mine])))
+            at[mine] = first[:-1]
+            rows = np.arange(first[-1]) + np.repeat(groups.starts[mine] - first[:-1], lengths[mine])
+            cuts.append(frame_slicer(_filled(tbl.take(pa.array(rows)), risky, patterns[code]).to_pandas()))
+        for code, a, n in zip(codes.tolist(), at.tolist(), lengths.tolist()):
+            yield cuts[code](a, a + n)
         return
     # numpy: a dict of column arrays (views, no copy where the type allows)
     columns = [(c, _writable(groups.numpy_column(c))) for c in groups.column_names]
@@ -131,9 +138,6 @@ def _group_inputs(spec, groups):
             clean = {c for c, has in zip(risky, patterns[code]) if not has}
             cols = made[code] = [(c, filled[c] if c in clean else a) for c, a in columns]
         yield {c: a[s:e] for c, a in cols}
-
-
-_MAX_VARIANTS = 8
 
 
 def _nulls_by_group(groups) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:

@@ -654,6 +654,8 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
             status[i], errors[i], blobs[i] = row["status"], row["error"], row["model"]
             seconds[i], fitted_in[i] = row["seconds"], row["fitted_in"] or spec.models.run_id
         todo = np.asarray(keep, dtype=np.int64)
+    fitting = set(todo.tolist())
+    unusable = {i: why for i, why in unusable.items() if i in fitting}  # not the ones carried over
     if unusable:  # groups whose times no series model can use fail alone, not with their batch
         for i in unusable:
             status[i], errors[i] = "failed", unusable[i]

@@ -60,11 +60,8 @@ def load_model_rows(src: ModelSource, groups: Groups, by: tuple[str, ...],
         # The index holds the values of the training data's Hive folders, which are text:
         # a leaf of an int64 column (7) is looked up as its text ("7").
         pos = [by.index(k) for k in src.leaf_keys]
-        index: dict[tuple, list] = {}
-        for leaf, at in src.index.items():
-            index.setdefault(tuple(str(v) for v in leaf), []).extend(at)
-        leaves = {tuple(str(k[i]) for i in pos) for k in mine}
-        wanted = sorted({i for leaf in leaves for i in index.get(leaf, ())})
+        leaves = {tuple(str(k[i]) for i in pos) for k in mine}  # the index is keyed by text
+        wanted = sorted({i for leaf in leaves for i in src.index.get(leaf, ())})
     else:
         wanted = list(range(len(src.parts)))
     names = ["status", "error", "model", *extra]

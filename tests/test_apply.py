@@ -409,3 +409,24 @@ def test_per_group_types_hold_with_more_nullable_columns_than_bits_in_a_word(tmp
     run = modelfactory.apply(path, by="app", func=kinds, schema="app string, kinds string", cluster="inline")
     got = dict(run.to_pandas().values.tolist())
     assert got == {"a": "i" * 70, "b": "if" * 35}
+
+
+def test_every_null_pattern_gets_its_own_types_and_rows(tmp_path):
+    groups = 16  # every combination of nulls in 4 int columns, one group each, in one unit
+    app = [f"g{g:02d}" for g in range(groups) for _ in range(3)]
+    cols = {f"n{j}": pa.array([None if (g >> j & 1 and r == 1) else 10 * g + r for g in range(groups)
+                               for r in range(3)], pa.int64()) for j in range(4)}
+    path = _write(tmp_path, pa.table({"app": app, **cols}))
+
+    def kinds(pdf):
+        return {"app": [pdf["app"].iloc[0]], "kinds": ["".join(pdf[c].dtype.kind for c in cols)],
+                "total": [float(sum(pdf[c].sum() for c in cols))]}
+
+    run = modelfactory.apply(path, by="app", func=kinds, schema="app string, kinds string, total double",
+                             cluster="inline")
+    assert run.summary["units"] == 1
+    got = {a: (k, t) for a, k, t in run.to_pandas().values.tolist()}
+    for g in range(groups):
+        want_kinds = "".join("f" if g >> j & 1 else "i" for j in range(4))
+        want_total = sum(10 * g + r for j in range(4) for r in range(3) if not (g >> j & 1 and r == 1))
+        assert got[f"g{g:02d}"] == (want_kinds, float(want_total)), g

@@ -132,3 +132,22 @@ def test_a_group_scored_with_missing_times_fails_alone(data, tmp_path):
     assert "the time column 'ts' has 2 missing value(s) in this group" in g.loc[site, "error"]
     assert (g.drop(index=site)["status"] == "ok").all()
     assert site not in set(run.to_pandas()["site"])
+
+
+def test_a_group_carried_over_by_a_retrain_is_not_failed_for_its_new_times(data, tmp_path):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    store = str(tmp_path / "store")
+    base = modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    table = ds.dataset(data, partitioning="hive").to_table().to_pandas()
+    table["app"] = table["app"].astype(str)
+    site = sorted(table["site"].unique())[0]
+    table.loc[table.index[table.site == site][3], "ts"] = pd.NaT
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp_path / "new.parquet")
+    run = modelfactory.train(str(tmp_path / "new.parquet"), by=["app", "site"], time="ts", target="value",
+                             store=store, cluster="inline", retrain="failed")
+    assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+    st = modelfactory.ModelStore(store)
+    assert st.manifest(run.id)["lineage"]["carried_over"] == {base.id: SERIES}  # all carried, none refitted
+    assert st.load({"app": table.loc[table.site == site, "app"].iloc[0], "site": site}).is_fitted
