@@ -43,9 +43,38 @@ def _common_run(p: argparse.ArgumentParser) -> None:
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``error:`` line (with the closest option for a
+    misspelled one) and exit status 2, like every other error of the CLI."""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            known = sorted({o for parser in _parsers(self) for a in parser._actions for o in a.option_strings})
+            close = [difflib.get_close_matches(w.split("=", 1)[0], known, n=1)
+                     for w in message.split(":", 1)[1].split() if w.startswith("-")]
+            hint = "".join(f" (did you mean {c[0]}?)" for c in close if c)
+        elif (m := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)):
+            close = difflib.get_close_matches(m[1], re.findall(r"'([^']*)'", m[2]), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        sys.stderr.write(f"error: {message}{hint}; see {self.prog} --help\n")
+        raise SystemExit(2)
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    """``parser`` and all its subcommands' parsers."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m modelfactory",
-                                description="One model per group, for millions of groups, on Dask.")
+    p = _Parser(prog="python -m modelfactory", description="One model per group, for millions of groups, on Dask.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -177,3 +177,17 @@ def test_dask_log_lines_stay_off_stderr_unless_verbose(by_day, tmp_path):
     verbose = _cli("-v", *_TRAIN, by_day, "--unit-rows", "300", "--store", str(tmp_path / "s2"))
     assert verbose.returncode == 0, verbose.stderr
     assert "distributed.scheduler" in verbose.stderr and "Shuffle" in verbose.stderr
+
+
+def test_a_usage_mistake_is_one_error_line_with_the_closest_name(capsys):
+    cases = [(["train", "d", "--by", "a", "--tme", "ts", "--target", "v", "--store", "s"],
+              "error: unrecognized arguments: --tme ts (did you mean --time?); see python -m modelfactory --help"),
+             (["trian", "d"], "(did you mean train?); see python -m modelfactory --help"),
+             (["models", "sho"], "(did you mean show?); see python -m modelfactory models --help"),
+             (["train", "d"], "error: the following arguments are required: --by, --target, --store; "
+                              "see python -m modelfactory train --help")]
+    for argv, want in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and want in err, err
