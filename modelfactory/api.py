@@ -157,6 +157,8 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
         _keep_apart(sink, "output folder", Location.of(path, storage_options), what.replace("_", " "))
     sink.check_bucket(StoreError)
     fs = sink.fs
+    if fs.isfile(sink.root):  # never removed, even with overwrite: it is not an output folder
+        raise StoreError(f"The output folder {out!r} is a file; pick a folder (new or empty).")
     if fs.exists(sink.root) and fs.ls(sink.root):
         if not overwrite:
             raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")

@@ -71,6 +71,10 @@ def _dict_column(value, field: pa.Field, from_pandas: bool) -> pa.Array:
             rows = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
             return pa.array(rows, type=field.type, from_pandas=from_pandas)
         a = np.atleast_1d(value)
+        if a.dtype == object and not from_pandas:  # pandas' NA marker is never a value: missing
+            import pandas as pd
+
+            a = np.where(np.frompyfunc(lambda v: v is pd.NA or v is pd.NaT, 1, 1)(a).astype(bool), None, a)
         return pa.array(a, type=field.type, from_pandas=from_pandas) if len(a) else pa.array([], field.type)
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"column {field.name!r} ({field.type}): {err}") from err

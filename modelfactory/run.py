@@ -244,7 +244,7 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
     err = outcome.get("error")
     if isinstance(err, TimeoutError):  # asyncio's too
         what = "sent no Dask handshake" if stage[0] == "connect" else "did not answer Dask's identity request"
-        raise ClusterError(f"The server at {address!r} accepted the connection but {what} within {timeout:g} s. "
+        raise ClusterError(f"The server at {address!r} accepted the connection but {what} within {timeout + 1:g} s. "
                            f"{_CHECK_ADDRESS}") from err
     if isinstance(err, FatalCommClosedError) or (isinstance(err, OSError) and not isinstance(err, CommClosedError)):
         raise ClusterError(f"Cannot reach the Dask scheduler at {address!r}: {err}. "

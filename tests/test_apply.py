@@ -430,3 +430,25 @@ def test_every_null_pattern_gets_its_own_types_and_rows(tmp_path):
         want_kinds = "".join("f" if g >> j & 1 else "i" for j in range(4))
         want_total = sum(10 * g + r for j in range(4) for r in range(3) if not (g >> j & 1 and r == 1))
         assert got[f"g{g:02d}"] == (want_kinds, float(want_total)), g
+
+
+def test_pandas_missing_markers_in_a_returned_dict_are_null(tmp_path):
+    path = _write(tmp_path, pa.table({"app": ["a", "b"], "x": [1.0, 2.0]}))
+
+    def f(g):
+        return {"app": g["app"][:1], "n": np.array([pd.NA if g["app"][0] == "a" else 3], dtype=object)}
+
+    run = modelfactory.apply(path, by="app", func=f, schema="app string, n bigint", input="numpy",
+                             cluster="inline")
+    assert run.summary["counts"]["ok"] == 2
+    assert sorted(run.to_arrow().to_pylist(), key=lambda r: r["app"]) == [{"app": "a", "n": None},
+                                                                          {"app": "b", "n": 3}]
+
+
+def test_an_output_folder_that_is_a_file_is_refused_and_kept(tmp_path):
+    path = _write(tmp_path, pa.table({"app": ["a"], "x": [1.0]}))
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(StoreError, match="is a file; pick a folder"):
+        modelfactory.apply(path, by="app", func=len, schema="n bigint", cluster="inline",
+                           out=str(tmp_path / "afile"), overwrite=True)
+    assert (tmp_path / "afile").read_text() == "keep me"
