@@ -184,8 +184,8 @@ def test_a_usage_mistake_is_one_error_line_with_the_closest_name(capsys):
               "error: unrecognized arguments: --tme ts (did you mean --time?); see python -m modelfactory --help"),
              (["trian", "d"], "(did you mean train?); see python -m modelfactory --help"),
              (["models", "sho"], "(did you mean show?); see python -m modelfactory models --help"),
-             (["train", "d"], "error: the following arguments are required: --by, --target, --store; "
-                              "see python -m modelfactory train --help")]
+             (["train", "d"], ("error: the following arguments are required: --by, --target, --store; "
+                               "see python -m modelfactory train --help"))]
     for argv, want in cases:
         with pytest.raises(SystemExit) as exit_:
             main(argv)

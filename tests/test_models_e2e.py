@@ -142,7 +142,7 @@ def test_a_group_carried_over_by_a_retrain_is_not_failed_for_its_new_times(data,
     base = modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
     table = ds.dataset(data, partitioning="hive").to_table().to_pandas()
     table["app"] = table["app"].astype(str)
-    site = sorted(table["site"].unique())[0]
+    site = min(table["site"].unique())
     table.loc[table.index[table.site == site][3], "ts"] = pd.NaT
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp_path / "new.parquet")
     run = modelfactory.train(str(tmp_path / "new.parquet"), by=["app", "site"], time="ts", target="value",
