@@ -316,3 +316,37 @@ class CrashOnMarkerAtScore(SlowMean):
     def _score(self, y, t, X) -> dict:
         die_on_marker(y)
         return super()._score(y, t, X)
+
+
+class NotAScheduler:
+    """A TCP server on 127.0.0.1 that accepts connections and then never answers ("silent"),
+    or answers with an HTTP 400 and closes ("http400", as a dashboard's port does)."""
+
+    def __init__(self, kind: str) -> None:
+        import socket
+        import threading
+
+        self.kind, self.conns = kind, []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.conns.append(conn)
+            if self.kind == "http400":
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+                except OSError:
+                    pass
+                conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()

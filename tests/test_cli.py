@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from _servers import NotAScheduler
 
 from modelfactory.cli import build_parser, main
 
@@ -79,52 +80,19 @@ def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, check=False)
 
 
-def _server(kind: str):
-    """A TCP server on 127.0.0.1 that accepts and never answers ("silent"), or answers with an
-    HTTP 400 and closes ("http400", as a dashboard does); returns (port, close)."""
-    import socket
-    import threading
-
-    sock, conns = socket.create_server(("127.0.0.1", 0)), []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            conns.append(conn)
-            if kind == "http400":
-                try:
-                    conn.recv(65536)
-                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
-                except OSError:
-                    pass
-                conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-
-    def close() -> None:
-        sock.close()
-        for c in conns:
-            c.close()
-
-    return sock.getsockname()[1], close
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("kind, scheme", [("silent", "tcp"), ("http400", "tcp"), ("http400", "http")])
 def test_an_address_that_is_not_a_dask_schedulers_is_one_error_line(by_app, tmp_path, kind, scheme):
     import time
 
-    port, close = _server(kind)
-    address = f"{scheme}://127.0.0.1:{port}"
+    server = NotAScheduler(kind)
+    address = server.address.replace("tcp://", f"{scheme}://")
     start = time.monotonic()
     try:
         proc = _cli("train", by_app, "--by", "app,site", "--time", "ts", "--target", "value",
                     "--store", str(tmp_path / "s"), "--scheduler", address, "-q", timeout=60)
     finally:
-        close()
+        server.close()
     assert time.monotonic() - start < 20 + 15  # the silent server: the connect time-out (20 s), not for ever
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()

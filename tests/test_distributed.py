@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from _data import write
 from _servers import (DUMMY_AWS_ENV, MARKER, TESTS_DIR, CrashOnMarker, CrashOnMarkerAtScore, DaskProcesses,
-                      MotoS3, SlowerMean, SlowMean, alive, executing_units, finished_units, kill_if_mid_unit, wait_for)
+                      MotoS3, NotAScheduler, SlowerMean, SlowMean, alive, executing_units, finished_units,
+                      kill_if_mid_unit, wait_for)
 
 import modelfactory
 from modelfactory import ModelStore
@@ -430,42 +431,9 @@ def test_an_applied_function_that_kills_its_worker_fails_its_group_alone_after_a
 # ---------------------------------------------------------------------------------------------
 # An address that is not a Dask scheduler's: a clear ClusterError, in bounded time
 # ---------------------------------------------------------------------------------------------
-class _NotAScheduler:
-    """A TCP server on 127.0.0.1 that accepts connections and then never answers ("silent"),
-    or answers with an HTTP 400 and closes ("http400", as a dashboard's port does)."""
-
-    def __init__(self, kind: str) -> None:
-        import socket
-
-        self.kind, self.conns = kind, []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.address = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # closed
-                return
-            self.conns.append(conn)
-            if self.kind == "http400":
-                try:
-                    conn.recv(65536)
-                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
-                except OSError:
-                    pass
-                conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-        for c in self.conns:
-            c.close()
-
-
 @pytest.fixture(params=["silent", "http400"])
 def not_a_scheduler(request):
-    server = _NotAScheduler(request.param)
+    server = NotAScheduler(request.param)
     yield server
     server.close()
 

@@ -130,6 +130,16 @@ def _two_shards(shard_type: str = "int64") -> pd.DataFrame:
     return t
 
 
+def _trained_on_flat(tmp_path, key: str) -> tuple[pd.DataFrame, str]:
+    """The two shards written as one flat file, and a store trained on it by ``key``."""
+    t = _two_shards()
+    t.to_parquet(tmp_path / "flat.parquet")
+    store = str(tmp_path / "store")
+    modelfactory.train(str(tmp_path / "flat.parquet"), by=[key], time="ts", target="value", store=store,
+                       cluster="inline")
+    return t, store
+
+
 def test_score_matches_key_columns_whose_type_differs_from_training(tmp_path):
     t = _two_shards()
     t.to_parquet(tmp_path / "flat.parquet")  # shard: int64
@@ -157,11 +167,7 @@ def test_score_matches_key_columns_whose_type_differs_from_training(tmp_path):
 def test_score_refuses_a_key_column_whose_type_cannot_be_matched(tmp_path):
     from modelfactory.exceptions import SchemaError
 
-    t = _two_shards()
-    t.to_parquet(tmp_path / "flat.parquet")
-    store = str(tmp_path / "store")
-    modelfactory.train(str(tmp_path / "flat.parquet"), by=["day"], time="ts", target="value", store=store,
-                       cluster="inline")
+    t, store = _trained_on_flat(tmp_path, "day")
     t.assign(day=t["day"].dt.strftime("%Y-%m-%d")).to_parquet(tmp_path / "text.parquet")
     with pytest.raises(SchemaError, match=r"The key column 'day' is (large_)?string in the data but "
                                           r"timestamp\[[nu]s, tz=UTC\] in run .* of the store.*Cast 'day' to"):
@@ -170,11 +176,7 @@ def test_score_refuses_a_key_column_whose_type_cannot_be_matched(tmp_path):
 
 
 def test_a_string_key_that_is_not_an_exact_int_matches_no_model(tmp_path):
-    t = _two_shards()
-    t.to_parquet(tmp_path / "flat.parquet")
-    store = str(tmp_path / "store")
-    modelfactory.train(str(tmp_path / "flat.parquet"), by=["shard"], time="ts", target="value", store=store,
-                       cluster="inline")
+    t, store = _trained_on_flat(tmp_path, "shard")
     t.assign(shard=t["shard"].map({1: "01", 2: "2"})).to_parquet(tmp_path / "text.parquet")
     s = modelfactory.score(str(tmp_path / "text.parquet"), store=store, out=str(tmp_path / "o"), cluster="inline")
     g = s.groups.set_index("shard")
