@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import glob as _glob
 import hashlib
 import hmac
 import json
@@ -113,29 +112,14 @@ class ModelStore:
     @_denied_is_a_store_error
     def runs(self) -> list[str]:
         """Ids of the committed runs, oldest first."""
-        fs = self.location.fs
-        base = _glob.escape(self.location.path("runs"))  # a root like "models[prod]" is no pattern
-        try:
-            found = fs.glob(f"{base}/*/manifest.json")
-        except FileNotFoundError:
-            return []
-        return sorted(p.rstrip("/").split("/")[-2] for p in found)
+        return sorted(rel.split("/")[-2] for rel in self.location.glob("runs/*/manifest.json"))
 
     @_denied_is_a_store_error
     def pending(self) -> list[dict]:
         """Runs that were started but never committed (interrupted), oldest first."""
-        fs = self.location.fs
-        try:
-            found = fs.glob(f"{_glob.escape(self.location.path('runs'))}/*/pending.json")
-        except FileNotFoundError:
-            return []
         done = set(self.runs())
-        out = []
-        for p in sorted(found):
-            rid = p.rstrip("/").split("/")[-2]
-            if rid not in done:
-                out.append(json.loads(fs.cat_file(p)))
-        return out
+        return [json.loads(self.location.read_bytes(rel)) for rel in self.location.glob("runs/*/pending.json")
+                if rel.split("/")[-2] not in done]
 
     @_denied_is_a_store_error
     def latest(self) -> str | None:
