@@ -52,6 +52,10 @@ class Location:
     def is_local(self) -> bool:
         return _is_local(self.fs)
 
+    @property
+    def protocol(self) -> str:
+        return _protocol(self.fs)
+
     def check_bucket(self, error: type[Exception]) -> None:
         """On an object store, refuse a bucket that does not exist (writing would create it)."""
         if self.is_local:
@@ -158,9 +162,13 @@ def url_to_fs(url: str, storage_options: dict | None = None, *, error: type[Exce
                     f"Install it (pip install {package}) and run again.") from err
 
 
+def _protocol(fs) -> str:
+    """A file system's protocol ("file", "s3", ...): fsspec gives a string or a tuple of aliases."""
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
 def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+    return _protocol(fs) in ("file", "local")
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

@@ -169,7 +169,7 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
 def _keep_apart(a: Location, a_name: str, b: Location, b_name: str, *, may_hold: bool = False) -> None:
     """Refuse ``a`` if it is ``b``, lies inside it, or (unless ``may_hold``) holds it
     (on the same file system)."""
-    if _protocol(a) != _protocol(b):
+    if a.protocol != b.protocol:
         return
     ra, rb = (_real(x) for x in (a, b))
     how = ("is" if ra == rb else "is inside" if ra.startswith(rb + "/")
@@ -177,11 +177,6 @@ def _keep_apart(a: Location, a_name: str, b: Location, b_name: str, *, may_hold:
     if how:
         raise ModelFactoryError(f"The {a_name} {a.url!r} {how} {b_name} {b.url!r}; pick another "
                                 "folder, apart from it (nothing was written).")
-
-
-def _protocol(loc: Location) -> str:
-    p = loc.fs.protocol
-    return p if isinstance(p, str) else p[0]
 
 
 def _real(loc: Location) -> str:
