@@ -72,7 +72,7 @@ def load_model_rows(src: ModelSource, groups: Groups, by: tuple[str, ...],
         t = _plain(t.select([*by, *[c for c in names if c in t.column_names]]), by)
         types = tuple(t.schema.field(k).type for k in by)
         if types not in as_stored:
-            as_stored[types] = stored_keys(groups.keys, by, types, src.run_id)
+            as_stored[types] = stored_keys(groups.keys, mine, by, types, src.run_id)
         value_sets, unit_key = as_stored[types]
         mask = None
         for k in by:  # keep only this unit's groups
@@ -130,24 +130,23 @@ def check_key_type(name: str, data: pa.DataType, stored: pa.DataType, run_id: st
             "again on data like this).")
 
 
-def stored_keys(keys: pa.Table, by: tuple[str, ...], types: tuple, run_id: str) -> tuple[dict, dict]:
-    """The unit's keys (one row per group) as the stored key types: per key column the values to
-    look for, and {stored key tuple: the unit's key tuple}.  A value that has no exact equivalent
-    of the stored type (``"07"`` or ``"x"`` for an int64 key, a timestamp with nanoseconds for a
-    microsecond one) matches no stored key."""
-    cast = []
+def stored_keys(keys: pa.Table, tuples: list[tuple], by: tuple[str, ...], types: tuple,
+                run_id: str) -> tuple[dict, dict]:
+    """The unit's keys (one row per group; ``tuples``: the same as Python tuples) as the stored
+    key types: per key column the values to look for, and {stored key tuple: the unit's key
+    tuple}.  A value that has no exact equivalent of the stored type (``"07"`` or ``"x"`` for
+    an int64 key, a timestamp with nanoseconds for a microsecond one) matches no stored key."""
+    cast, changed = [], False
     for k, to in zip(by, types):
         col = keys[k].combine_chunks()
         if pa.types.is_dictionary(col.type):
             col = col.dictionary_decode()
         if col.type != to:
             check_key_type(k, col.type, to, run_id)
-            col = _exactly(col, to)
+            col, changed = _exactly(col, to), True
         cast.append(col)
-    unit_key = {}
-    for stored, key in zip(zip(*[c.to_pylist() for c in cast]), zip(*[keys[k].to_pylist() for k in by])):
-        if None not in stored:
-            unit_key[stored] = key
+    stored = zip(*[c.to_pylist() for c in cast]) if changed else tuples  # the same values, unless cast
+    unit_key = {s: key for s, key in zip(stored, tuples) if None not in s}
     return {k: pc.unique(c.drop_null()) for k, c in zip(by, cast)}, unit_key
 
 
