@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import functools
@@ -34,7 +35,7 @@ from .kernel import JobSpec, UnitResult
 from .plan import Plan
 
 __all__ = ["open_client", "local_cluster", "check_scheduler", "dask_log_level", "execute", "execute_delayed",
-           "worker_count", "Progress", "run_units", "run_shuffled", "isolate", "isolate_partitions", "drop_unit_files"]
+           "worker_count", "watch_workers", "Progress", "run_units", "run_shuffled", "isolate", "isolate_partitions", "drop_unit_files"]
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +303,42 @@ class Progress:
             self.bar.close()
 
 
+#: Seconds a run waits with no worker connected before it says so (and between reminders).
+NO_WORKER_WARNING_SECONDS = 30.0
+
+
+@contextlib.contextmanager
+def watch_workers(client, every: float | None = None) -> Iterator[None]:
+    """Warn every ``every`` seconds while the scheduler has no worker.
+
+    A run waits for workers rather than failing (an adaptive cluster starts them once work is
+    queued, and a worker may join late), as Spark waits for executors; but a scheduler that
+    nobody started workers for would otherwise look like a hang.
+    """
+    every = NO_WORKER_WARNING_SECONDS if every is None else every
+    stop = threading.Event()
+    address = getattr(getattr(client, "scheduler", None), "address", None) or "?"
+
+    def watch() -> None:
+        waited = 0.0
+        while not stop.wait(every):
+            waited += every
+            try:
+                workers = client.scheduler_info(n_workers=1).get("workers", {})  # one is enough
+            except Exception:  # noqa: BLE001 - the run itself reports a lost scheduler
+                return
+            if not workers and not stop.is_set():
+                log.warning("no Dask worker has joined the scheduler at %s for %.0f s; the run is waiting "
+                            "for one (start workers with `dask worker %s`)", address, waited, address)
+
+    thread = threading.Thread(target=watch, name="modelfactory-watch-workers", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progress: Progress,
             retries: int = 2, on_killed: Callable | None = None) -> list[UnitResult]:
     """Run ``fn(item)`` for every item on the cluster (or inline); results in item order.
@@ -322,16 +359,18 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
     futures = client.map(fn, items, key=list(keys), retries=retries, pure=False)
     index = {f.key: i for i, f in enumerate(futures)}
     try:
-        for fut in as_completed(futures):
-            i = index[fut.key]
-            if fut.status == "error" and on_killed is not None and isinstance(fut.exception(), KilledWorker):
-                log.warning("unit %s keeps killing its worker; running its groups one by one", keys[i])
-                res = on_killed(client, items[i])
-            else:
-                res = fut.result()
-            fut.release()  # taken: a worker lost from now on must not recompute it
-            results[i] = res
-            progress.update(res)
+        with watch_workers(client):
+            for fut in as_completed(futures):
+                i = index[fut.key]
+                if (fut.status == "error" and on_killed is not None
+                        and isinstance(fut.exception(), KilledWorker)):
+                    log.warning("unit %s keeps killing its worker; running its groups one by one", keys[i])
+                    res = on_killed(client, items[i])
+                else:
+                    res = fut.result()
+                fut.release()  # taken: a worker lost from now on must not recompute it
+                results[i] = res
+                progress.update(res)
     finally:
         for f in futures:
             f.release()
@@ -360,13 +399,15 @@ def execute_delayed(client, tasks: list, *, progress: Progress,
     results: list = [None] * len(futures)
     killed: list[int] = []
     try:
-        for fut in as_completed(futures):
-            i = index[fut.key]
-            if fut.status == "error" and on_killed is not None and isinstance(fut.exception(), KilledWorker):
-                killed.append(i)
-                continue
-            results[i] = fut.result()
-            progress.update(results[i])
+        with watch_workers(client):
+            for fut in as_completed(futures):
+                i = index[fut.key]
+                if (fut.status == "error" and on_killed is not None
+                        and isinstance(fut.exception(), KilledWorker)):
+                    killed.append(i)
+                    continue
+                results[i] = fut.result()
+                progress.update(results[i])
     finally:
         for f in futures:
             f.release()

@@ -153,14 +153,18 @@ class DaskProcesses:
             wait_for(lambda: sched_file.exists() and sched_file.stat().st_size > 0, timeout, "the scheduler")
             self.address = json.loads(sched_file.read_text())["address"]
             for i in range(self.n):
-                self._spawn(f"w{i}", ["worker", self.address, "--host", "127.0.0.1", "--nthreads", "1",
-                                      "--memory-limit", "2GiB", "--no-dashboard", "--name", f"w{i}"], self.env)
+                self.add_worker(f"w{i}")
             with self.client() as c:
-                c.wait_for_workers(self.n, timeout=timeout)
+                if self.n:
+                    c.wait_for_workers(self.n, timeout=timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def add_worker(self, name: str) -> subprocess.Popen:
+        return self._spawn(name, ["worker", self.address, "--host", "127.0.0.1", "--nthreads", "1",
+                                  "--memory-limit", "2GiB", "--no-dashboard", "--name", name], self.env)
 
     def client(self):
         from distributed import Client

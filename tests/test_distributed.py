@@ -134,6 +134,32 @@ def test_train_and_score_through_a_scheduler_address(procs, leaves, tmp_path):
     assert len(pd.read_parquet(tmp_path / "scores")) == SERIES * HOURS
 
 
+@pytest.mark.timeout(90)
+def test_a_scheduler_without_workers_makes_the_run_say_so_and_wait_for_one(tmp_path, leaves, aws_env, caplog,
+                                                                           monkeypatch):
+    """No worker has joined the scheduler yet: the run says so every few seconds (not a silent
+    hang), then finishes once a worker joins."""
+    import modelfactory.run
+
+    monkeypatch.setattr(modelfactory.run, "NO_WORKER_WARNING_SECONDS", 0.5)
+    bare = DaskProcesses(tmp_path / "dask", workers=0, env={"PYTHONPATH": TESTS_DIR, **DUMMY_AWS_ENV}).start()
+    try:
+        caplog.set_level("WARNING", logger="modelfactory")
+        job = in_background(lambda: modelfactory.train(leaves, store=str(tmp_path / "store"), cluster=bare.address,
+                                                       params={"season_length": 24}, **TRAIN))
+        waiting = f"no Dask worker has joined the scheduler at {bare.address}"
+        wait_for(lambda: sum(waiting in r.getMessage() for r in caplog.records) >= 2, 30, "two warnings")
+        assert f"`dask worker {bare.address}`" in caplog.text
+        bare.add_worker("late")
+        run = job.result(timeout=60)
+        assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+        heard = sum(waiting in r.getMessage() for r in caplog.records)
+        time.sleep(1.5)  # the watch stopped with the run: no warning after it
+        assert sum(waiting in r.getMessage() for r in caplog.records) == heard
+    finally:
+        bare.stop()
+
+
 @pytest.fixture(scope="module")
 def calm(procs, leaves, tmp_path_factory) -> str:
     """An uninterrupted run of the slow user model through the address: the store's folder."""
