@@ -21,7 +21,7 @@ from threadpoolctl import ThreadpoolController
 
 from ._io import Location, PartInfo, write_parquet
 from .dataset import DECODE, Source, read_files
-from .exceptions import describe_error
+from .exceptions import ModelError, describe_error
 from .grouped_map import apply_groups, to_table
 from .models.base import Model, SeriesBatch, SkipGroup
 from .plan import WorkUnit
@@ -653,6 +653,8 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
                 continue
             status[i], errors[i], blobs[i] = row["status"], row["error"], row["model"]
             seconds[i], fitted_in[i] = row["seconds"], row["fitted_in"] or spec.models.run_id
+            if row["fingerprint"] is not None:  # the data the carried model was fitted on, not today's
+                prints[i] = row["fingerprint"]
         todo = np.asarray(keep, dtype=np.int64)
     fitting = set(todo.tolist())
     unusable = {i: why for i, why in unusable.items() if i in fitting}  # not the ones carried over
@@ -661,12 +663,18 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
             status[i], errors[i] = "failed", unusable[i]
         todo = np.asarray([i for i in todo.tolist() if i not in unusable], dtype=np.int64)
     fitted, secs = _fit(m, _subset(batch, todo) if len(todo) < n else batch)
+    if len(fitted) != len(todo):
+        fitted = [ModelError(f"{m.cls.__name__}.fit_batch returned {len(fitted)} results for {len(todo)} "
+                             "series; it must return one fitted model or exception per series")] * len(todo)
     seconds[todo] = secs
     for i, f in zip(todo.tolist(), fitted):
         if isinstance(f, SkipGroup):
             status[i], errors[i] = "skipped", str(f)
         elif isinstance(f, Exception):
             status[i], errors[i] = "failed", describe_error(f)
+        elif not isinstance(f, Model):
+            status[i], errors[i] = "failed", (f"{m.cls.__name__}.fit returned {type(f).__name__}, not the fitted "
+                                              "model: end fit() with `return self`")
         else:
             try:
                 blobs[i], status[i] = _serialize(f, m.serializer), "ok"

@@ -213,6 +213,8 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
         mine = set(idx)
         try:
             out = cls.score_batch([m if i in mine else None for i, m in enumerate(fitted)], batch)
+            if any(np.shape(out[c]) != batch.values.shape for c in SCORE_COLUMNS):
+                raise ValueError("score_batch returned arrays of another length")  # group by group below
             for i in idx:
                 s, e = int(batch.offsets[i]), int(batch.offsets[i + 1])
                 for c in SCORE_COLUMNS:
@@ -275,6 +277,8 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
                     status[i], errors[i] = "failed", describe_error(err)
         batch = SeriesBatch(y, np.concatenate((groups.starts, [n])), t, X)
         _score_all(fitted, batch, cols, status, errors, seconds)
+        for i in [i for i, st in enumerate(status) if st is None]:  # stored bytes that hold no model
+            status[i], errors[i] = "failed", "the stored model bytes decode to no model (None)"
         scored = np.repeat(np.array([st == "ok" for st in status], dtype=bool), groups.ends - groups.starts)
         flags = cols["is_anomaly"] & scored
         anomalies = np.add.reduceat(flags, groups.starts).astype(np.int64) if n else np.zeros(0, np.int64)

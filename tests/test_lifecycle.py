@@ -173,3 +173,65 @@ def test_two_attempts_of_a_unit_at_once_never_overwrite_each_others_part(tmp_pat
         assert r.counts == {"ok": 4, "failed": 0, "skipped": 0}
     again = recover(spec, unit.id)  # a later attempt reuses one of them, whole
     assert again is not None and again.parts[0].path == sorted(paths)[0]
+
+
+class ForgetsReturnSelf(Model):
+    """A user model whose fit() fits in place but returns None (it forgot `return self`)."""
+
+    name = "forgets_return_self"
+    state_attrs = ("mean_",)
+
+    def fit(self, y, *, t=None, X=None):
+        self.mean_ = float(np.nanmean(y))
+
+
+class OneValueScore(Model):
+    """A user model whose _score returns one value for every row."""
+
+    name = "one_value_score"
+    state_attrs = ("mean_",)
+
+    def _fit(self, y, t, X):
+        self.mean_ = float(np.nanmean(y))
+
+    def _score(self, y, t, X):
+        one = np.array([self.mean_])
+        return {"expected": one, "lower": one - 1, "upper": one + 1, "score": np.zeros(1),
+                "is_anomaly": np.zeros(len(y), dtype=bool)}
+
+
+def test_a_fit_that_returns_none_fails_its_groups_with_the_reason(tmp_path):
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    run = modelfactory.train(data, model=ForgetsReturnSelf, store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    assert run.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
+    assert set(run.groups.error) == {"ForgetsReturnSelf.fit returned NoneType, not the fitted model: "
+                                     "end fit() with `return self`"}
+
+
+def test_scores_of_the_wrong_length_fail_their_groups_instead_of_being_broadcast(tmp_path):
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    assert modelfactory.train(data, model=OneValueScore, store=store, cluster="inline",
+                              **ARGS).summary["counts"]["ok"] == 3
+    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+    assert scored.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
+    assert scored.groups.error.str.contains("OneValueScore._score returned 'expected' of shape (1,) for 48 rows; "
+                                            "it must return one value per row", regex=False).all()
+
+
+def test_only_failed_on_new_data_keeps_the_carried_models_fingerprints_so_only_changed_refits_them(tmp_path):
+    t = metrics_table(series=3, hours=48, apps=1)
+    data = write(t, tmp_path / "d", ["site"])
+    store = str(tmp_path / "s")
+    first = modelfactory.train(data, store=store, cluster="inline", **ARGS)
+    df = t.to_pandas()
+    df.loc[df.site == "s001", "value"] += 1000  # new data for one group
+    (part,) = list((tmp_path / "d" / "site=s001").glob("*.parquet"))
+    df[df.site == "s001"].drop(columns="site").to_parquet(part, index=False)
+    # nothing failed: every model is carried over, fitted on the old data
+    second = modelfactory.train(data, store=store, cluster="inline", retrain="failed", **ARGS)
+    assert modelfactory.ModelStore(store).manifest()["lineage"]["carried_over"] == {first.id: 3}
+    third = modelfactory.train(data, store=store, cluster="inline", retrain="changed", **ARGS)
+    tab = modelfactory.ModelStore(store).table().to_pandas().set_index("site")
+    assert list(tab.index[tab.fitted_in == third.id]) == ["s001"]
+    assert second.id != third.id

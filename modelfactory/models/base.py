@@ -320,6 +320,13 @@ class Model:
         if self.needs_features and X is None:
             raise ModelError(f"{self.name} needs the features of each point to score it: pass X=.")
         out = self._score(y, t, X)
+        for key in SCORE_KEYS:  # numpy would broadcast a single value over every row without a word
+            if key not in out:
+                raise ModelError(f"{type(self).__name__}._score returned no {key!r}; it must return "
+                                 f"{', '.join(SCORE_KEYS)}, one value per row.")
+            if np.shape(out[key]) != y.shape:
+                raise ModelError(f"{type(self).__name__}._score returned {key!r} of shape {np.shape(out[key])} "
+                                 f"for {len(y)} rows; it must return one value per row.")
         score = np.nan_to_num(np.asarray(out["score"], dtype=np.float64), nan=0.0)
         out["score"] = np.clip(score, 0.0, 1.0)
         flags = np.asarray(out["is_anomaly"], dtype=bool) & np.isfinite(y)
