@@ -47,6 +47,39 @@ def test_holt_winters_sse_is_close_to_statsmodels():
     assert np.max(ratio) < 1.5, np.round(ratio, 3)
 
 
+
+def test_holt_winters_stays_close_to_statsmodels_on_long_histories():
+    """Past ~1,000 steps some grid points' filters are unstable; their grid SSE, a difference of
+    two huge sums, used to come out tiny and win, giving exploded models reported ok."""
+    from statsmodels.tsa.holtwinters import ExponentialSmoothing
+
+    rng = np.random.default_rng(1)
+    n, m = 2000, 24
+    i = np.arange(n)
+    Y = np.stack([100 + 10 * np.sin(2 * np.pi * i / m) + rng.normal(0, 3, n),
+                  _hw_series(1, n, m, seed=3)[0]])
+    t = i.astype(np.int64) * 3600
+    fitted = registry["holt_winters"].fit_batch(
+        {"season_length": m}, SeriesBatch(Y.ravel(), np.array([0, n, 2 * n]), np.tile(t, 2)))
+    for k in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = ExponentialSmoothing(Y[k], trend="add", seasonal="add", seasonal_periods=m).fit()
+        assert fitted[k].sse_ / ref.sse < 1.1, (k, fitted[k].sse_, ref.sse)
+        ahead = fitted[k].forecast(np.arange(1, 25))[0]
+        assert np.abs(ahead - ref.forecast(24)).max() < 5 * np.std(Y[k] - ref.fittedvalues)
+
+
+def test_a_diverged_holt_winters_fit_fails_its_group(monkeypatch):
+    import modelfactory.models.holt_winters as hw
+
+    monkeypatch.setattr(hw, "_UNSTABLE", np.inf)  # the grid may pick an exploding filter again
+    rng = np.random.default_rng(1)
+    n = 2000
+    y = 100 + 10 * np.sin(2 * np.pi * np.arange(n) / 24) + rng.normal(0, 3, n)
+    (out,) = registry["holt_winters"].fit_batch({}, SeriesBatch(y, np.array([0, n]), np.arange(n) * 3600))
+    assert isinstance(out, Exception) and "holt_winters diverged" in str(out)
+
 def test_holt_winters_forecasts_like_the_recursion_says():
     n, m = 24 * 6, 24
     i = np.arange(n + 48)

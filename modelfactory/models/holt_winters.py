@@ -35,7 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..exceptions import ParameterError
+from ..exceptions import ModelError, ParameterError
 from ._timegrid import batch_to_grid, infer_steps, seasonal_fill
 from .base import SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score
 
@@ -46,6 +46,13 @@ _MAD_TO_SIGMA = 1.4826
 _ALPHA = np.array([0.01, 0.04, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9, 0.99])
 _BETA = np.array([0.0, 0.01, 0.04, 0.15, 0.5])
 _GAMMA = np.array([0.0, 0.05, 0.15, 0.4, 0.8])
+#: A grid point whose one-step errors from a unit initial state grow beyond this over a series is
+#: unstable there (a stable filter keeps them within about 1 / alpha = 100): its errors grow
+#: geometrically with the length, and the grid's SSE, a difference of two huge sums, is noise.
+_UNSTABLE = 1e3
+#: A fit whose in-sample squared error per point exceeds this many times the series' variance
+#: failed (predicting the median scores about 1): the group fails rather than keep a wild model.
+_DIVERGED = 100.0
 _CHUNK = 256  # at most this many series per block
 _BLOCK = 4_000_000  # floats per working array (32 MB): bounds memory for long series and seasons
 
@@ -284,7 +291,8 @@ class HoltWinters(Model):
         out: list = [SkipGroup(why[i]) if i in why else None for i in range(n)]
         if good.size:
             for i, model in zip(good, cls._fit_rows(proto, Y[good], glen[good], nobs[good])):
-                model.step_, model.t_last_ = int(steps[i]), int(t_last[i])
+                if not isinstance(model, Exception):
+                    model.step_, model.t_last_ = int(steps[i]), int(t_last[i])
                 out[i] = model
         return out
 
@@ -311,12 +319,16 @@ class HoltWinters(Model):
         for g0 in range(0, ga.size, gstep):
             gs = slice(g0, g0 + gstep)
             D = _impulse(ga[gs], gb[gs], gg[gs], m, nmax) @ basis
+            growth = np.maximum.accumulate(np.abs(D).max(axis=2), axis=1)  # (grid points, steps)
             for L in np.unique(glen):
                 rows = np.flatnonzero(glen == L)
                 Q = np.linalg.qr(D[:, :L])[0]
+                unstable = np.flatnonzero(growth[:, L - 1] > _UNSTABLE)
                 for c in range(0, rows.size, sstep):
                     r = rows[c:c + sstep]
-                    sse[r, gs] = _grid_sse(Zf[r, width - L:], ga[gs], gb[gs], gg[gs], m, Q)
+                    block = _grid_sse(Zf[r, width - L:], ga[gs], gb[gs], gg[gs], m, Q)
+                    block[:, unstable] = np.inf  # never the winner; the refinement steps away from it
+                    sse[r, gs] = block
         best, frac = _refine(sse, shape)
         grid_best = sse[np.arange(S), np.argmin(sse, axis=1)]
         models = []
@@ -345,6 +357,12 @@ class HoltWinters(Model):
             sigma = dof * _robust_sigma(resid, m, loc[r] / scale[r])
             for row in range(season.shape[0]):
                 i = c + row
+                if not sse_c[row] <= _DIVERGED * max(1, nfit[row]):  # NaN too
+                    models.append(ModelError(
+                        f"holt_winters diverged: its in-sample squared error is {sse_c[row] / max(1, nfit[row]):.3g} "
+                        "times the series' variance per point; try max_length= (fewer, recent steps) or "
+                        "another model"))
+                    continue
                 mdl = cls(**proto.get_params())
                 mdl.level_ = float(loc[i] + scale[i] * level[row])
                 mdl.trend_ = float(scale[i] * trend[row])
