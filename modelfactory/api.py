@@ -59,14 +59,16 @@ def _as_tuple(x, what: str) -> tuple[str, ...]:
 
 
 def resolve_model(model, params: Mapping | None = None) -> ModelSpec:
-    """A built-in name, a :class:`Model` class or instance, or a scikit-learn style estimator."""
+    """A registered name (built-in or :func:`register_model`), or a :class:`Model` class or instance."""
     params = dict(params or {})
     if isinstance(model, str):
         if model not in registry:
             raise unknown_model(model)
         proto = get_model(model, **params)
         proto.validate_params()
-        return ModelSpec(model, type(proto), proto.get_params())
+        # a class registered by the user is pickled like any user class: a process that has
+        # not registered it (a worker, a later `score`) could not rebuild it from its name
+        return ModelSpec(model, type(proto), proto.get_params(), _serializer(type(proto)))
     if isinstance(model, type) and issubclass(model, Model):
         proto = model(**params)
         proto.validate_params()

@@ -192,9 +192,9 @@ def check_key_types(src: ModelSource, by: tuple[str, ...], schema: pa.Schema) ->
 
 def _decode(src: ModelSource, blob: bytes):
     if src.serializer == "native":
-        from .models import registry
+        from .models import stored_class
 
-        return registry[src.model].from_bytes(blob)
+        return stored_class(src.model).from_bytes(blob)
     import cloudpickle
 
     return cloudpickle.loads(blob)

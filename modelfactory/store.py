@@ -216,7 +216,7 @@ class ModelStore:
         """
         import pyarrow.compute as pc
 
-        from .models import registry
+        from .models import stored_class
 
         man = self.manifest(run)
         by = man["spec"]["by"]
@@ -254,7 +254,7 @@ class ModelStore:
             import cloudpickle
 
             return cloudpickle.loads(hit["model"])
-        return registry[man["spec"]["model"]].from_bytes(hit["model"])
+        return stored_class(man["spec"]["model"]).from_bytes(hit["model"])
 
     # -- writing (the client commits) ------------------------------------
     @_denied_is_a_store_error

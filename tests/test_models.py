@@ -300,3 +300,12 @@ def test_bytes_per_model_are_small():
     for name, limit in limits.items():
         size = len(get(name, **({"season_length": 24} if name == "ets" else {})).fit(y, t=t, X=X).to_bytes())
         assert size < limit, (name, size)
+
+
+def test_a_stored_model_name_nobody_registered_is_a_clear_error():
+    from modelfactory.models import stored_class
+
+    assert stored_class("seasonal") is registry["seasonal"]
+    with pytest.raises(ModelError, match=r"no model of that name is registered in this process: call "
+                                         r"modelfactory.register_model\('tukey_reg', TheClass\) first"):
+        stored_class("tukey_reg")

@@ -151,3 +151,26 @@ def test_a_group_carried_over_by_a_retrain_is_not_failed_for_its_new_times(data,
     st = modelfactory.ModelStore(store)
     assert st.manifest(run.id)["lineage"]["carried_over"] == {base.id: SERIES}  # all carried, none refitted
     assert st.load({"app": table.loc[table.site == site, "app"].iloc[0], "site": site}).is_fitted
+
+
+def test_a_model_registered_by_name_is_stored_so_a_process_without_the_registration_loads_it(data, tmp_path):
+    from modelfactory.models import _USER, register_model
+    from modelfactory.models.seasonal import SeasonalProfile
+
+    class Registered(SeasonalProfile):
+        pass
+
+    register_model("registered_for_e2e", Registered)
+    try:
+        store = str(tmp_path / "s")
+        run = modelfactory.train(data, by=["app", "site"], time="ts", target="value", model="registered_for_e2e",
+                                 store=store, cluster="inline")
+        assert run.summary["counts"]["ok"] == SERIES
+        key = run.groups.iloc[0][["app", "site"]].to_dict()
+    finally:
+        _USER.pop("registered_for_e2e")  # as in a later process, or a worker, that never registered it
+    st = modelfactory.ModelStore(store)
+    assert st.manifest()["spec"]["serializer"] == "pickle"
+    assert type(st.load(key, trust=True)).__name__ == "Registered"
+    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+    assert scored.summary["counts"]["ok"] == SERIES

@@ -93,6 +93,14 @@ def unknown_model(name: str) -> ModelError:
     return ModelError(f"Unknown model {name!r}.{hint} Known models: {', '.join(registry)}.")
 
 
+def stored_class(name: str) -> type:
+    """The class of models stored natively under ``name`` (a clear error if none is registered)."""
+    if name not in registry:
+        raise ModelError(f"The stored models are {name!r} models, and no model of that name is registered in "
+                         f"this process: call modelfactory.register_model({name!r}, TheClass) first.")
+    return registry[name]
+
+
 def get(name: str, **params: Any) -> Model:
     """Make the model registered as ``name`` with ``params``.
 
