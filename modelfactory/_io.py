@@ -110,7 +110,13 @@ class Location:
         import glob
 
         path = self.path(rel) if rel else self.root
+        if not self.is_local and self.is_bucket(path):  # s3fs would delete the bucket itself
+            raise ValueError(f"refusing to remove the whole bucket {path.strip('/')!r}")
         self.fs.rm(path if self.is_local else glob.escape(path), recursive=recursive)
+
+    def is_bucket(self, path: str | None = None) -> bool:
+        """Whether ``path`` (default: this location's root) is an object store's bucket root."""
+        return not self.is_local and "/" not in (self.root if path is None else path).strip("/")
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))

@@ -164,6 +164,10 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
     if fs.exists(sink.root) and fs.ls(sink.root):
         if not overwrite:
             raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
+        if sink.is_bucket():
+            raise StoreError(f"The output {out!r} is a whole bucket, and it is not empty: overwrite would delete "
+                             "everything in it. Write to a folder inside it, such as "
+                             f"{out.rstrip('/') + '/scores'!r}.")
         sink.rm(recursive=True)
     return sink
 

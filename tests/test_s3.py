@@ -236,6 +236,26 @@ def test_a_store_in_a_missing_bucket_is_refused_not_created(s3, data):
     assert not created
 
 
+@pytest.mark.timeout(60)
+def test_overwrite_never_deletes_a_whole_bucket(s3, data, prefix):
+    """out= a bucket's root with overwrite=True used to delete the bucket and all in it."""
+    so = s3.storage_options()
+    store = f"{prefix}/store"
+    modelfactory.train(data, store=store, cluster="inline", storage_options=so, **TRAIN)
+    bucket = s3.make_bucket("mf-shared-bucket")
+    fs = s3.fs()
+    fs.pipe_file(f"{bucket}/other/precious.txt", b"keep me")
+    with pytest.raises(StoreError, match=r"is a whole bucket, and it is not empty: overwrite would delete "
+                                         r"everything in it\. Write to a folder inside it, such as "
+                                         r"'s3://mf-shared-bucket/scores'"):
+        modelfactory.score(data, store=store, out=f"s3://{bucket}", cluster="inline", storage_options=so,
+                           overwrite=True)
+    assert fs.cat_file(f"{bucket}/other/precious.txt") == b"keep me"
+    modelfactory.score(data, store=store, out=f"s3://{bucket}/scores", cluster="inline", storage_options=so,
+                       overwrite=True)
+    assert fs.cat_file(f"{bucket}/other/precious.txt") == b"keep me"
+
+
 @pytest.mark.timeout(30)
 def test_a_read_from_an_unreachable_endpoint_names_the_endpoint(s3, data):
     """What a work unit sees when the object store goes away: today 'FileNotFoundError: <path>'."""
