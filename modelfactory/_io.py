@@ -66,9 +66,20 @@ class Location:
         except PermissionError as err:
             raise error(f"Access to {self.url!r} was denied ({err}): check the credentials "
                         "(AWS_* environment, ~/.aws, or storage_options).") from err
-        if not found:
-            raise error(f"The bucket {bucket!r} of {self.url!r} does not exist. Create it first "
-                        "(modelfactory does not create buckets, so a typo cannot make a new one).")
+        if found:
+            return
+        try:  # s3fs's exists() also says False when the endpoint cannot be reached: ask again, loudly
+            self.fs.info(bucket)
+            return
+        except FileNotFoundError:
+            pass
+        except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+            from .exceptions import describe_error
+
+            raise error(f"Cannot reach the object store for {self.url!r}: {describe_error(err)}. Check the "
+                        "endpoint (endpoint_url in storage_options, AWS_ENDPOINT_URL) and the network.") from err
+        raise error(f"The bucket {bucket!r} of {self.url!r} does not exist. Create it first "
+                    "(modelfactory does not create buckets, so a typo cannot make a new one).")
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel)

@@ -151,6 +151,8 @@ def test_http_404_and_unreachable(prom, tmp_path):
     ({"step": "5 minutes"}, r"step must be .*Got '5 minutes' instead"),
     ({"max_points": 20_000}, r"max_points must be an int between 1 and 11000\. Got 20000"),
     ({"by": ["app", "site-name"]}, r"by must list distinct Prometheus label names"),
+    ({"by": ["_shard"]}, r"The by label '_shard' starts with '_': its folders \(_shard=\.\.\.\) would be hidden "
+                         r"from every Parquet reader.*label_replace\(<query>, 'shard', \"\$1\", '_shard', \"\(\.\*\)\"\)"),
     ({"url": "prometheus:9090"}, r"url must look like http\(s\)://host:port"),
 ])
 def test_argument_errors(tmp_path, kw, match):
@@ -363,3 +365,82 @@ def test_writes_to_s3_through_fsspec(prom, tmp_path, monkeypatch):
         assert t.num_rows == len(ps.expected(T0, T0 + 6 * H, 60)) == s.rows
     finally:
         srv.stop()
+
+
+def test_a_body_that_trickles_in_is_bounded_by_the_timeout(tmp_path):
+    """The socket timeout bounds each read; a server that sends a byte a second must still fail
+    after about `timeout` seconds, not hang."""
+    import socket
+
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        while not stop.wait(0.3):
+            try:
+                conn.sendall(b" ")
+            except OSError:
+                break
+        conn.close()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(IngestError, match=r"Could not reach Prometheus .*did not arrive in full within the timeout"):
+            prometheus(f"http://127.0.0.1:{listener.getsockname()[1]}", "up", T0, T0 + 60, 60, by=["app"],
+                       out=str(tmp_path), timeout=1.5, retries=0)
+    finally:
+        stop.set()
+        listener.close()
+    assert time.monotonic() - t0 < 10
+    assert files(tmp_path) == set()
+
+
+@pytest.fixture
+def moto(monkeypatch):
+    server = pytest.importorskip("moto.server", reason="moto[server] not installed")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    srv = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    yield {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
+    srv.stop()
+
+
+def test_s3_outputs_with_glob_characters_are_readable_and_a_missing_bucket_is_not_created(tmp_path, moto):
+    fs = fsspec.filesystem("s3", **moto)
+    fs.mkdir("prom-glob-bucket")  # moto keeps one state per process: a bucket of its own
+    part = ds.partitioning(pa.schema([("app", pa.string())]), flavor="hive")
+    with ps.FakeServer(ps.echo_matrix) as srv:
+        for name in ("prom*", "prom [x]", "prom?"):
+            s = prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=f"s3://prom-glob-bucket/{name}",
+                           storage_options=moto)
+            fs.invalidate_cache()
+            keys = fs.find(f"prom-glob-bucket/{name}")
+            assert all(k.endswith(".parquet") and "/." not in k for k in keys) and len(keys) == s.files, keys
+            t = ds.dataset([k for k in keys], filesystem=fs, format="parquet", partitioning=part).to_table()
+            assert t.num_rows == s.rows == 11
+        with pytest.raises(IngestError, match=r"The bucket 'prom-typo' of 's3://prom-typo/data' does not exist"):
+            prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out="s3://prom-typo/data",
+                       storage_options=moto)
+        assert len(srv.requests) == 3  # refused before asking
+    fs.invalidate_cache()
+    assert not fs.exists("prom-typo")
+
+
+def test_an_unreachable_object_store_is_an_ingest_error(tmp_path):
+    opts = {"key": "testing", "secret": "testing", "endpoint_url": f"http://127.0.0.1:{ps.free_port()}",
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    with ps.FakeServer(ps.echo_matrix) as srv:
+        with pytest.raises(IngestError, match=r"Cannot reach the object store for 's3://prom-bucket/data': "
+                                              r"EndpointConnectionError: .*Check the endpoint"):
+            prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out="s3://prom-bucket/data",
+                       storage_options=opts)

@@ -40,7 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..exceptions import IngestError
+from .._io import Location, _is_local
+from ..exceptions import IngestError, describe_error
 
 __all__ = ["prometheus", "fetch_chunk", "plan_chunks", "PrometheusSpec", "Chunk",
            "ChunkResult", "IngestSummary", "MAX_POINTS", "CHUNK_POINTS"]
@@ -194,6 +195,13 @@ def prometheus(
                       verify_tls, ca_file, max_points, timeout, retries, storage_options)
     if not isinstance(concurrency, int) or concurrency < 1:
         raise IngestError(f"concurrency must be an int >= 1. Got {concurrency!r} instead.")
+    try:
+        Location.of(spec.out, spec.storage_options).check_bucket(IngestError)  # a typo must not make a bucket
+    except IngestError:
+        raise
+    except Exception as err:  # noqa: BLE001 - an unknown protocol, a missing package, no endpoint
+        raise IngestError(f"Cannot write to out={spec.out!r}: {describe_error(err)}. Check the path, the "
+                          "endpoint and the credentials (storage_options).") from err
     now = datetime.now(timezone.utc)
     chunks = plan_chunks(_parse_time(start, "start", now), _parse_time(end, "end", now), spec.step_ms)
     log.info("ingesting %s from %s in %d chunks", spec.query, spec.display_url, len(chunks))
@@ -291,21 +299,30 @@ def _run_chunks(spec: PrometheusSpec, chunks: list[Chunk], concurrency: int) -> 
 
 def _commit(spec: PrometheusSpec, staged: list[tuple[str, str]]) -> None:
     fs, _ = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+    local = _is_local(fs)
     for i, (tmp, final) in enumerate(staged):
         try:
-            fs.mv(tmp, final)
-        except OSError as err:
+            if local:
+                fs.mv(tmp, final)  # a rename
+            else:  # one object at a time: mv and rm read their paths as glob patterns there
+                fs.cp_file(tmp, final)
+                fs.rm_file(tmp)
+        except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
             _discard(fs, staged[i:])
-            raise IngestError(f"Could not rename {tmp} to {final}: {err}. {i} of {len(staged)} files "
-                              "were committed, each complete; rerun the same range to finish.") from err
+            raise IngestError(f"Could not rename {tmp} to {final}: {describe_error(err)}. {i} of "
+                              f"{len(staged)} files were committed, each complete; rerun the same range "
+                              "to finish.") from err
 
 
 def _discard(fs: Any, staged: Sequence[tuple[str, str]]) -> None:
+    """Remove staged files, best effort: the error that led here is the one to report."""
     for tmp, _ in staged:
         try:
-            fs.rm(tmp)
+            fs.rm_file(tmp)
         except FileNotFoundError:
             pass
+        except Exception as err:  # noqa: BLE001
+            log.warning("could not remove the staged file %s: %s", tmp, describe_error(err))
 
 
 # -- HTTP ----------------------------------------------------------------------------------
@@ -337,8 +354,9 @@ def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> lis
         last = attempt == spec.retries
         request = urllib.request.Request(spec.api_url, data=body.encode(), headers=headers)
         try:
+            deadline = time.monotonic() + spec.timeout_s
             with opener.open(request, timeout=spec.timeout_s) as resp:
-                raw, status, ctype = resp.read(), resp.status, resp.headers.get("Content-Type", "")
+                raw, status, ctype = _read_by(resp, deadline), resp.status, resp.headers.get("Content-Type", "")
         except urllib.error.HTTPError as err:
             raw, status = err.read(), err.code
             location = err.headers.get("Location", "")
@@ -363,6 +381,19 @@ def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> lis
             )) from err
         return _parse(spec, raw, status, ctype)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _read_by(resp: Any, deadline: float) -> bytes:
+    """The whole body, or TimeoutError once ``deadline`` passes: the socket's timeout bounds
+    each read, not a body that trickles in (a slow proxy, an overloaded Thanos)."""
+    parts = []
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the response did not arrive in full within the timeout")
+        block = resp.read1(1 << 16)
+        if not block:
+            return b"".join(parts)
+        parts.append(block)
 
 
 def _sleep(attempt: int) -> None:
@@ -493,7 +524,8 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
     name = _file_name(spec, chunk)
     final, tmp = f"{directory}/{name}", f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
     try:
-        fs.makedirs(directory, exist_ok=True)
+        if _is_local(fs):  # object stores have no folders (and makedirs would create a bucket)
+            fs.makedirs(directory, exist_ok=True)
         if fs.exists(final):
             with fs.open(final, "rb") as f:
                 old = pq.read_table(f)
@@ -507,10 +539,10 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
                 table = table.sort_by([(c, "ascending") for c in names + ["ts"]])
         with fs.open(tmp, "wb") as f:
             pq.write_table(table, f)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
         _discard(fs, [(tmp, final)])
-        raise IngestError(f"Could not write {final}: {err}. Check that out / --out is writable "
-                          "(and storage_options for remote stores).") from err
+        raise IngestError(f"Could not write {final}: {describe_error(err)}. Check that out / --out is "
+                          "writable (and storage_options for remote stores).") from err
     return tmp, final
 
 
@@ -541,6 +573,13 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
     if bad or len(set(map(_col, cols))) != len(cols):
         raise IngestError(f"by must list distinct Prometheus label names, e.g. ['app', 'site']. "
                           f"Got {cols!r} instead.")
+    hidden = [c for c in cols if c.startswith("_") and c != "__name__"]
+    if hidden:
+        c = hidden[0]
+        raise IngestError(
+            f"The by label {c!r} starts with '_': its folders ({c}=...) would be hidden from every Parquet "
+            f"reader, which skips names starting with '_' or '.'. Rename it in the query, e.g. "
+            f"label_replace(<query>, {c.lstrip('_')!r}, \"$1\", {c!r}, \"(.*)\"), and pass that name.")
     hdrs = {str(k).strip(): str(v).strip() for k, v in (headers or {}).items()}
     secrets = [v for k, v in hdrs.items() if _SECRET_HEADER.search(k)]
     token = bearer_token or _read_secret(bearer_token_file, "bearer_token_file")
