@@ -309,3 +309,18 @@ def test_a_stored_model_name_nobody_registered_is_a_clear_error():
     with pytest.raises(ModelError, match=r"no model of that name is registered in this process: call "
                                          r"modelfactory.register_model\('tukey_reg', TheClass\) first"):
         stored_class("tukey_reg")
+
+
+def test_nan_parameters_are_refused_and_numpy_scalars_are_plain_values():
+    """NaN passed every bound (NaN < low is False): threshold=NaN trained a model that never alerts."""
+    with pytest.raises(ParameterError, match=r"The 'threshold' parameter of SeasonalProfile must be a float >= 0\.0\. "
+                                             r"Got nan instead\."):
+        get("seasonal", threshold=float("nan")).validate_params()
+    with pytest.raises(ParameterError, match=r"Got inf instead"):
+        get("seasonal", threshold=np.inf).validate_params()
+    m = get("seasonal", threshold=np.float32(4), season_length=np.int64(12))
+    m.validate_params()
+    assert type(m.threshold) is float and type(m.season_length) is int
+    import json
+
+    assert json.loads(json.dumps(m.get_params()))["season_length"] == 12

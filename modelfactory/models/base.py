@@ -61,6 +61,8 @@ class Param:
         kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
         names = [k.__name__ for k in kinds if k is not type(None)]
         words = " or ".join(names) if names else "None"
+        if float in kinds and self.low is None and self.high is None:
+            words = "finite " + words  # bounds say it already
         words = ("an " if words[:1] in "aeiou" else "a ") + words
         if type(None) in kinds and names:
             words += " (or None)"
@@ -82,6 +84,8 @@ class Param:
                 pass
             elif not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 ok = False
+            if ok and isinstance(value, float) and not math.isfinite(value):
+                ok = False  # NaN passes every comparison below; neither fits in a JSON manifest
             if ok and value is not None and not isinstance(value, (str, bool)):
                 if self.low is not None and value < self.low:
                     ok = False
@@ -202,7 +206,9 @@ class Model:
                 f"Parameters: {', '.join(self.params) or '(none)'}."
             )
         for k, p in self.params.items():
-            setattr(self, k, kwargs.get(k, p.default))
+            v = kwargs.get(k, p.default)
+            # numpy scalars as Python values: checked alike, and stored in JSON manifests
+            setattr(self, k, v.item() if isinstance(v, np.generic) else v)
 
     # -- parameters -------------------------------------------------------
     def required_rows(self) -> int:
