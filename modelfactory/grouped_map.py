@@ -317,7 +317,7 @@ def apply_groups(spec, groups):
         except SkipGroup as err:
             status[i], errors[i] = "skipped", str(err)
             continue
-        except Exception as err:  # noqa: BLE001 - recorded per group
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded per group (sys.exit too)
             status[i], errors[i] = "failed", describe_error(err)
             continue
         finally:

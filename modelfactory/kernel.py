@@ -607,7 +607,7 @@ def _fit(m: ModelSpec, batch: SeriesBatch) -> tuple[list, np.ndarray]:
         s = _time.perf_counter()
         try:
             fitted = m.cls.fit_batch(m.params, batch)
-        except Exception as err:  # noqa: BLE001 - a failed batch fails its groups, not the run
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - a failed batch fails its groups, not the run
             fitted = [err] * n
         lengths = np.diff(batch.offsets).astype(np.float64)
         seconds = (_time.perf_counter() - s) * lengths / max(1.0, lengths.sum())  # apportioned by rows
@@ -619,7 +619,7 @@ def _fit(m: ModelSpec, batch: SeriesBatch) -> tuple[list, np.ndarray]:
         yi, ti, Xi = batch.series(i)
         try:
             fitted.append(proto.clone().fit(yi, t=ti, X=Xi))
-        except Exception as err:  # noqa: BLE001 - recorded per group
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded per group (sys.exit too)
             fitted.append(err)
         seconds[i] = _time.perf_counter() - s
     return fitted, seconds
@@ -670,7 +670,7 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
     for i, f in zip(todo.tolist(), fitted):
         if isinstance(f, SkipGroup):
             status[i], errors[i] = "skipped", str(f)
-        elif isinstance(f, Exception):
+        elif isinstance(f, BaseException):
             status[i], errors[i] = "failed", describe_error(f)
         elif not isinstance(f, Model):
             status[i], errors[i] = "failed", (f"{m.cls.__name__}.fit returned {type(f).__name__}, not the fitted "

@@ -222,7 +222,7 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
                 status[i] = "ok"
             lengths = np.diff(batch.offsets)[idx].astype(np.float64)
             seconds[idx] = (_time.perf_counter() - t0) * lengths / max(1.0, lengths.sum())
-        except Exception:  # noqa: BLE001 - find the group(s) responsible
+        except (Exception, SystemExit):  # noqa: BLE001 - find the group(s) responsible
             for i in idx:
                 t1 = _time.perf_counter()
                 y, t, X = batch.series(i)
@@ -232,7 +232,7 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
                     for c in SCORE_COLUMNS:
                         cols[c][s:e] = out[c]
                     status[i] = "ok"
-                except Exception as err:  # noqa: BLE001 - recorded per group
+                except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded per group (sys.exit too)
                     status[i], errors[i] = "failed", describe_error(err)
                 seconds[i] = _time.perf_counter() - t1
 

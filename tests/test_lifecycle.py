@@ -235,3 +235,45 @@ def test_only_failed_on_new_data_keeps_the_carried_models_fingerprints_so_only_c
     tab = modelfactory.ModelStore(store).table().to_pandas().set_index("site")
     assert list(tab.index[tab.fitted_in == third.id]) == ["s001"]
     assert second.id != third.id
+
+
+class ExitsOnBigValues(Model):
+    """A user model that calls sys.exit() in one group: when fitting, and when scoring."""
+
+    name = "exits_on_big_values"
+    state_attrs = ("mean_",)
+
+    def _fit(self, y, t, X):
+        if np.nanmean(y) > 1000:
+            sys.exit("bad series")
+        self.mean_ = float(np.nanmean(y))
+
+    def _score(self, y, t, X):
+        if self.mean_ > 20:
+            sys.exit(3)
+        e = np.full(y.shape, self.mean_)
+        return {"expected": e, "lower": e - 1, "upper": e + 1, "score": np.zeros(y.shape),
+                "is_anomaly": np.zeros(y.shape, dtype=bool)}
+
+
+def test_sys_exit_in_user_code_fails_its_group_not_the_process(tmp_path):
+    df = metrics_table(series=4, hours=48, apps=1).to_pandas()
+    df.loc[df.site == "s001", "value"] += 5000
+    data = write(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    run = modelfactory.train(data, model=ExitsOnBigValues, store=store, cluster="inline", **ARGS)
+    g = run.groups.set_index("site")
+    assert run.summary["counts"] == {"ok": 3, "failed": 1, "skipped": 0}
+    assert g.loc["s001", "error"].startswith("SystemExit: bad series")
+    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+    assert sum(scored.summary["counts"].values()) == 4  # every group accounted for, whatever its mean
+
+    def stop(df):
+        if df["site"].iloc[0] == "s002":
+            sys.exit(1)
+        return df[["app", "site"]].head(1)
+
+    applied = modelfactory.apply(data, by=["app", "site"], func=stop, schema="app string, site string",
+                                 cluster="inline")
+    assert applied.summary["counts"] == {"ok": 3, "failed": 1, "skipped": 0}
+    assert applied.groups.set_index("site").loc["s002", "error"].startswith("SystemExit: 1")

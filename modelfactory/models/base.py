@@ -270,7 +270,7 @@ class Model:
         if type(self).fit_batch.__func__ is Model.fit_batch.__func__:
             raise NotImplementedError(f"{type(self).__name__} implements neither _fit nor fit_batch.")
         fitted = type(self).fit_batch(self.get_params(), SeriesBatch(y, np.array([0, len(y)]), t, X))[0]
-        if isinstance(fitted, Exception):
+        if isinstance(fitted, BaseException):
             raise fitted
         self.set_state(fitted.get_state())
 
@@ -287,7 +287,7 @@ class Model:
             y, t, X = batch.series(i)
             try:
                 out.append(proto.clone().fit(y, t=t, X=X))
-            except Exception as err:  # noqa: BLE001 - one group's failure is recorded, never fatal
+            except (Exception, SystemExit) as err:  # noqa: BLE001 - one group's failure is recorded, never fatal
                 out.append(err)
         return out
 
