@@ -160,19 +160,20 @@ def test_out_of_range_parameters_say_what_is_allowed(name, params, message):
         model.fit(y, t=t, X=X)
 
 
-def test_season_longer_than_every_series_is_a_parameter_error():
+def test_a_series_shorter_than_its_seasons_is_skipped_whatever_shares_its_batch():
+    """A group gets what it would get on its own: too short is `skipped` with the reason, in a
+    batch of short series (it used to fail them all with a ParameterError) as among long ones."""
     y, t, _ = make_series(30)
-    batch = SeriesBatch(np.concatenate([y, y[:20]]), np.array([0, 30, 50]), np.concatenate([t, t[:20]]))
-    for cls in (registry["holt_winters"], registry["seasonal"]):
-        with pytest.raises(ParameterError, match=r"'season_length' parameter of \w+ \(48\) is longer than "
-                                                 r"every series in the batch \(the longest has 30"):
-            cls.fit_batch({"season_length": 48}, batch)
-    # one short series among long ones is skipped, with its reason
     y2, t2, _ = make_series(200)
-    batch = SeriesBatch(np.concatenate([y2, y[:20]]), np.array([0, 200, 220]), np.concatenate([t2, t2[:20]]))
-    out = registry["holt_winters"].fit_batch({"season_length": 48}, batch)
-    assert isinstance(out[0], Model)
-    assert isinstance(out[1], SkipGroup) and "needs at least 96 non-missing values" in str(out[1])
+    alone = SeriesBatch(np.concatenate([y, y[:20]]), np.array([0, 30, 50]), np.concatenate([t, t[:20]]))
+    mixed = SeriesBatch(np.concatenate([y2, y[:20]]), np.array([0, 200, 220]), np.concatenate([t2, t2[:20]]))
+    for cls, what in ((registry["holt_winters"], "holt_winters"), (registry["seasonal"], "seasonal")):
+        out = cls.fit_batch({"season_length": 48}, alone)
+        assert all(isinstance(o, SkipGroup) for o in out), out
+        assert f"{what} needs at least 96 non-missing values" in str(out[1])
+        out = cls.fit_batch({"season_length": 48}, mixed)
+        assert isinstance(out[0], Model)
+        assert isinstance(out[1], SkipGroup) and f"{what} needs at least 96 non-missing values" in str(out[1])
 
 
 def test_missing_features_and_time_are_model_errors():

@@ -72,12 +72,12 @@ def test_feature_model_without_features_fails_before_fitting(data, tmp_path):
                            store=str(tmp_path / "s"), cluster="inline")
 
 
-def test_too_long_season_fails_every_group_with_a_clear_error(data, tmp_path):
+def test_too_long_season_skips_every_group_with_the_reason(data, tmp_path):
     run = modelfactory.train(data, by=["app", "site"], time="ts", target="value", model="holt_winters",
                              params={"season_length": 24 * 30}, store=str(tmp_path / "s"), cluster="inline")
     groups = run.groups
-    assert (groups.status == "failed").all()
-    assert groups.error.str.contains("'season_length' parameter of HoltWinters \\(720\\) is longer").all()
+    assert (groups.status == "skipped").all()
+    assert groups.error.str.contains("holt_winters needs at least 1440 non-missing values").all()
 
 
 def test_short_groups_are_skipped_with_the_reason(data, tmp_path):

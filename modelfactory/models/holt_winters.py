@@ -271,11 +271,6 @@ class HoltWinters(Model):
             raise ParameterError(
                 f"The 'max_length' parameter of HoltWinters ({proto.max_length}) must be at least "
                 f"min_seasons x season_length = {proto.required_rows()}.")
-        if 0 < glen.max() < m:
-            raise ParameterError(
-                f"The 'season_length' parameter of HoltWinters ({m}) is longer than every series in "
-                f"the batch (the longest has {int(glen.max())} steps); use a shorter season_length "
-                "or more history.")
         nobs = np.isfinite(Y).sum(axis=1)
         need = proto.required_rows()
         miss = 1.0 - nobs / np.maximum(glen, 1)

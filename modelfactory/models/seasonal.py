@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..exceptions import ModelError, ParameterError
+from ..exceptions import ModelError
 from .base import SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score
 
 __all__ = ["SeasonalProfile", "segment_median"]
@@ -112,11 +112,6 @@ class SeasonalProfile(Model):
             raise ModelError("seasonal needs a time column: pass time=.")
         S, n = proto.season_length, len(batch)
         lengths = np.diff(batch.offsets)
-        if n and 0 < lengths.max() < S:
-            raise ParameterError(
-                f"The 'season_length' parameter of SeasonalProfile ({S}) is longer than every series in "
-                f"the batch (the longest has {int(lengths.max())} rows); use a shorter season_length "
-                "or more history.")
         sid = np.repeat(np.arange(n), lengths)
         t, v = batch.times, batch.values
         # Step per series: the median spacing (or the given step).
