@@ -341,7 +341,14 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         # unit's leaves).
         "index": {"keys": list(leaf_keys), "parts": [[list(k) for k in r.leaves] for r in results for _ in r.parts]},
     }
-    st.commit(run_id, manifest, [p for r in results for p in r.parts])
+    fitted_any = summary["counts"]["ok"] > 0
+    if not fitted_any:  # kept for inspection; scoring with it would score nothing, without a word
+        errors = [e for r in results for e in r.errors]
+        first = f"; first error: {errors[0][1]}" if errors else ""
+        log.warning("run %s fitted no model (%d failed, %d skipped%s): it is committed for inspection, but "
+                    "LATEST still names %s", run_id, summary["counts"]["failed"], summary["counts"]["skipped"],
+                    first, st.latest() or "no run")
+    st.commit(run_id, manifest, [p for r in results for p in r.parts], latest=fitted_any)
     return Run(run_id, "train", summary, store=st, errors=[e for r in results for e in r.errors])
 
 

@@ -189,6 +189,11 @@ def _cmd_train(args) -> int:
                 retrain=args.retrain, base=args.base, config=args.config,
                 progress=not (args.quiet or args.json))
     _print_summary(run, args, args.store)
+    if not run.summary["counts"]["ok"]:
+        print(f"error: run {run.id} fitted no model: every group failed or was skipped (see above); it is kept "
+              f"for inspection (models show --store {args.store} --run {run.id}), and LATEST was not moved",
+              file=sys.stderr)
+        return 2
     return 0
 
 

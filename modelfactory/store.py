@@ -258,8 +258,9 @@ class ModelStore:
 
     # -- writing (the client commits) ------------------------------------
     @_denied_is_a_store_error
-    def commit(self, run_id: str, manifest: dict[str, Any], parts: list[PartInfo]) -> None:
-        """Write the manifest of ``run_id`` (listing ``parts``), then point ``LATEST`` at it.
+    def commit(self, run_id: str, manifest: dict[str, Any], parts: list[PartInfo], *, latest: bool = True) -> None:
+        """Write the manifest of ``run_id`` (listing ``parts``), then point ``LATEST`` at it
+        (unless ``latest`` is false: a run kept for inspection only).
 
         The manifest carries a checksum of itself; with ``MODELFACTORY_SIGNING_KEY``
         set it is also signed (HMAC-SHA256, ``manifest.sig``, written first).
@@ -275,7 +276,8 @@ class ModelStore:
         if key is not None:
             self.location.write_bytes(f"runs/{run_id}/manifest.sig", _sign(key, data).encode())
         self.location.write_bytes(f"runs/{run_id}/manifest.json", data)
-        self.location.write_bytes("LATEST", run_id.encode())
+        if latest:
+            self.location.write_bytes("LATEST", run_id.encode())
         if self.location.exists(f"runs/{run_id}/pending.json"):
             self.location.rm(f"runs/{run_id}/pending.json")
 

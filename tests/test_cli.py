@@ -27,6 +27,28 @@ def test_json_summary(by_app, tmp_path, capsys):
     assert summary["counts"] == {"ok": 12, "failed": 0, "skipped": 0} and summary["kind"] == "train"
 
 
+def test_a_run_that_fits_no_model_is_kept_but_never_becomes_latest(by_app, tmp_path, capsys):
+    store = str(tmp_path / "s")
+    argv = ["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+            "--scheduler", "inline", "--quiet"]
+    assert main([*argv, "-p", "season_length=12"]) == 0
+    import modelfactory
+
+    st = modelfactory.ModelStore(store)
+    good = st.latest()
+    capsys.readouterr()
+    assert main([*argv, "-p", "season_length=500"]) == 2  # longer than every series: all skipped
+    out, err = capsys.readouterr()
+    assert "12 groups, ok 0, failed 0, skipped 12" in out
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    bad = [r for r in st.runs() if r != good][0]
+    assert line.startswith(f"error: run {bad} fitted no model: every group failed or was skipped")
+    assert st.latest() == good and st.runs() == sorted([good, bad])
+    # scoring goes on with the models of the run that has them
+    scored = modelfactory.score(by_app, store=store, out=str(tmp_path / "o"), cluster="inline")
+    assert scored.summary["counts"]["ok"] == 12
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--target", "latency"], "error: The target column 'latency' is not in the dataset"),
     (["--target", "value", "--model", "seasonl"], "error: Unknown model 'seasonl'. Did you mean 'seasonal'?"),
