@@ -262,11 +262,12 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     by_ = _as_tuple(by, "by")
     feats = _as_tuple(features, "features")
     mspec = resolve_model(model, params)
-    if mspec.cls.needs_time and time is None:
+    needs_time, needs_features = mspec.cls(**mspec.params).data_needs()  # may depend on the parameters
+    if needs_time and time is None:
         raise ModelError(f"Model {mspec.name!r} needs a time column: pass time='...'.")
     if target is None:
         raise ModelError("train needs a target column: pass target='...'.")
-    if mspec.cls.needs_features and not feats:
+    if needs_features and not feats:
         raise ModelError(f"Model {mspec.name!r} needs feature columns: pass features=[...].")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time, target=target, features=feats)

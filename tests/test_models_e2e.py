@@ -70,6 +70,14 @@ def test_feature_model_without_features_fails_before_fitting(data, tmp_path):
     with pytest.raises(ModelError, match="needs feature columns"):
         modelfactory.train(data, by=["app", "site"], time="ts", target="value", model="random_forest",
                            store=str(tmp_path / "s"), cluster="inline")
+    # the autoencoder's needs depend on its input parameter: checked before anything runs too
+    with pytest.raises(ModelError, match="Model 'autoencoder' needs a time column"):
+        modelfactory.train(data, by=["app", "site"], target="value", model="autoencoder",
+                           store=str(tmp_path / "s2"), cluster="inline")
+    with pytest.raises(ModelError, match="Model 'autoencoder' needs feature columns"):
+        modelfactory.train(data, by=["app", "site"], time="ts", target="value", model="autoencoder",
+                           params={"input": "features"}, store=str(tmp_path / "s3"), cluster="inline")
+    assert not (tmp_path / "s2").exists() or not list((tmp_path / "s2").rglob("manifest.json"))
 
 
 def test_too_long_season_skips_every_group_with_the_reason(data, tmp_path):

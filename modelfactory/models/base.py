@@ -211,6 +211,11 @@ class Model:
             setattr(self, k, v.item() if isinstance(v, np.generic) else v)
 
     # -- parameters -------------------------------------------------------
+    def data_needs(self) -> tuple[bool, bool]:
+        """Whether this model, with its parameters, needs (a time column, feature columns):
+        checked before a job runs.  The class's ``needs_time`` / ``needs_features`` by default."""
+        return self.needs_time, self.needs_features
+
     def required_rows(self) -> int:
         """The fewest non-missing values a series needs (groups with fewer are skipped)."""
         return self.min_rows
