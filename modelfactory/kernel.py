@@ -591,12 +591,7 @@ def fingerprints(batch: SeriesBatch) -> list[bytes]:
 
 def _subset(batch: SeriesBatch, idx: np.ndarray) -> SeriesBatch:
     """The series ``idx`` of ``batch`` as a new, smaller ragged batch."""
-    starts, ends = batch.offsets[idx], batch.offsets[idx + 1]
-    take = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(idx) else np.zeros(0, np.int64)
-    offsets = np.concatenate(([0], np.cumsum(ends - starts)))
-    return SeriesBatch(batch.values[take], offsets,
-                       None if batch.times is None else batch.times[take],
-                       None if batch.features is None else batch.features[take])
+    return batch.subset(idx)
 
 
 def _fit(m: ModelSpec, batch: SeriesBatch) -> tuple[list, np.ndarray]:

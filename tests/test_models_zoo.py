@@ -213,3 +213,29 @@ def test_sarimax_rebuilt_from_bytes_forecasts_like_statsmodels():
     assert np.allclose((r["upper"] - r["expected"]) / back.threshold, np.sqrt(fc.var_pred_mean), rtol=1e-6)
     # points inside the training range are not scored
     assert back.score([1.0], t=[t[10]])["score"][0] == 0.0
+
+
+def test_one_stray_timestamp_skips_its_series_and_never_widens_the_batch_grid(monkeypatch):
+    """A row at 1970-01-01 (a null filled with 0) made the series span 491,000 hourly steps, and
+    the whole batch was put on a grid that wide: ~4 MB per series of the batch."""
+    import modelfactory.models.holt_winters as hw
+
+    widths = []
+    real = hw.batch_to_grid
+
+    def spy(batch, steps, **kw):
+        Y, t_last, glen = real(batch, steps, **kw)
+        widths.append(Y.shape[1])
+        return Y, t_last, glen
+
+    monkeypatch.setattr(hw, "batch_to_grid", spy)
+    S, n, m = 4, 336, 24
+    Y = _hw_series(S, n, m)
+    t = np.tile(1_768_000_000 + np.arange(n, dtype=np.int64) * 3600, S)
+    t[0] = 0  # series 0's first row is at the epoch
+    out = registry["holt_winters"].fit_batch({"season_length": m}, SeriesBatch(Y.ravel(), np.arange(S + 1) * n, t))
+    assert widths == [n]
+    assert str(out[0]).startswith("holt_winters: 100% of the time steps are missing (NaN or absent), more than "
+                                  "max_missing=0.2: its 336 values span 491,")
+    assert "from 1970-01-01T00:00:00 to 2026-01-" in str(out[0])
+    assert all(o.nobs_ == n for o in out[1:])

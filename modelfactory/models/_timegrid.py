@@ -12,7 +12,7 @@ import numpy as np
 
 from .base import SeriesBatch
 
-__all__ = ["infer_steps", "batch_to_grid", "series_to_grid", "seasonal_fill"]
+__all__ = ["infer_steps", "batch_to_grid", "grid_spans", "series_to_grid", "seasonal_fill"]
 
 
 def infer_steps(batch: SeriesBatch, step: int | None) -> np.ndarray:
@@ -48,6 +48,30 @@ def batch_to_grid(batch: SeriesBatch, steps: np.ndarray, *, max_len: int | None 
     Without times, row order is the grid.
     """
     n = len(batch)
+    sid, v, pos_from_end, t_last, glen = _positions(batch, steps)
+    if max_len is not None:
+        glen = np.minimum(glen, max_len)
+    width = int(glen.max()) if n and len(v) else 0
+    Y = np.full((n, width), np.nan)
+    keep = (pos_from_end >= 0) & (pos_from_end < glen[sid])
+    Y[sid[keep], width - 1 - pos_from_end[keep]] = v[keep]
+    return Y, t_last.astype(np.int64), glen
+
+
+def grid_spans(batch: SeriesBatch, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per series, without building the grid: the grid points from its first to its last timed
+    point, its finite values, and the time of its last point.  One stray timestamp years
+    away makes a series span millions of points: check before :func:`batch_to_grid` puts a
+    whole batch on a grid that wide."""
+    sid, v, _, t_last, glen = _positions(batch, steps)
+    finite = np.bincount(sid[np.isfinite(v)], minlength=len(batch)).astype(np.int64)
+    return glen, finite, t_last
+
+
+def _positions(batch: SeriesBatch, steps: np.ndarray):
+    """``(series of each row, values, grid position counted back from the series' last point,
+    each series' last time, each series' grid length)``."""
+    n = len(batch)
     lengths = np.diff(batch.offsets).astype(np.int64)
     sid = np.repeat(np.arange(n), lengths)
     v = np.asarray(batch.values, dtype=np.float64)
@@ -64,13 +88,7 @@ def batch_to_grid(batch: SeriesBatch, steps: np.ndarray, *, max_len: int | None 
     glen = np.zeros(n, dtype=np.int64)
     if len(v):
         np.maximum.at(glen, sid, pos_from_end + 1)
-    if max_len is not None:
-        glen = np.minimum(glen, max_len)
-    width = int(glen.max()) if n and len(v) else 0
-    Y = np.full((n, width), np.nan)
-    keep = (pos_from_end >= 0) & (pos_from_end < glen[sid])
-    Y[sid[keep], width - 1 - pos_from_end[keep]] = v[keep]
-    return Y, t_last.astype(np.int64), glen
+    return sid, v, pos_from_end, t_last, glen
 
 
 def series_to_grid(y: np.ndarray, t: np.ndarray | None, step: int | None):

@@ -119,6 +119,16 @@ class SeriesBatch:
         x = None if self.features is None else self.features[s:e]
         return self.values[s:e], t, x
 
+    def subset(self, idx: np.ndarray) -> "SeriesBatch":
+        """The series ``idx`` as a new, smaller batch."""
+        idx = np.asarray(idx, dtype=np.int64)
+        starts, ends = self.offsets[idx], self.offsets[idx + 1]
+        take = (np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(idx)
+                else np.zeros(0, np.int64))
+        offsets = np.concatenate(([0], np.cumsum(ends - starts)))
+        return SeriesBatch(self.values[take], offsets, None if self.times is None else self.times[take],
+                           None if self.features is None else self.features[take])
+
 
 def robust_score(z: np.ndarray) -> np.ndarray:
     """Map an absolute standardised deviation to [0, 1]: ``erf(|z| / sqrt 2)``,

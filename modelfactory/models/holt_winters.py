@@ -36,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..exceptions import ModelError, ParameterError
-from ._timegrid import batch_to_grid, infer_steps, seasonal_fill
+from ._timegrid import batch_to_grid, grid_spans, infer_steps, seasonal_fill
 from .base import SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score
 
 __all__ = ["HoltWinters", "hw_recursion"]
@@ -55,6 +55,10 @@ _UNSTABLE = 1e3
 _DIVERGED = 100.0
 _CHUNK = 256  # at most this many series per block
 _BLOCK = 4_000_000  # floats per working array (32 MB): bounds memory for long series and seasons
+
+
+def _stamp(seconds: int) -> str:
+    return np.datetime64(int(seconds), "s").astype(str)
 
 
 def _seasonal_basis(m: int) -> np.ndarray:
@@ -265,17 +269,35 @@ class HoltWinters(Model):
         m, n = proto.season_length, len(batch)
         if n == 0:
             return []
-        steps = infer_steps(batch, proto.step)
-        Y, t_last, glen = batch_to_grid(batch, steps, max_len=proto.max_length)
         if proto.max_length is not None and proto.max_length < proto.required_rows():
             raise ParameterError(
                 f"The 'max_length' parameter of HoltWinters ({proto.max_length}) must be at least "
                 f"min_seasons x season_length = {proto.required_rows()}.")
+        steps = infer_steps(batch, proto.step)
+        # Series too sparse for any window of them to pass (one stray timestamp years back) stay off
+        # the batch's grid: its width is the widest series', for every series of the batch.
+        span, finite, last = grid_spans(batch, steps)
+        window = span if proto.max_length is None else np.minimum(span, proto.max_length)
+        sparse = finite < (1.0 - proto.max_missing) * window
+        why: dict[int, str] = {}
+        for i in np.flatnonzero(sparse).tolist():
+            first = int(batch.times[batch.offsets[i]:batch.offsets[i + 1]].min())
+            why[i] = (f"holt_winters: {1 - finite[i] / window[i]:.0%} of the time steps are missing (NaN or "
+                      f"absent), more than max_missing={proto.max_missing}: its {finite[i]} values span "
+                      f"{int(span[i]):,} steps of {int(steps[i])} s, from {_stamp(first)} to {_stamp(int(last[i]))}")
+        placed = np.flatnonzero(~sparse)
+        part = batch if placed.size == n else batch.subset(placed)
+        Yp, tp, gp = batch_to_grid(part, steps[placed], max_len=proto.max_length)
+        Y = np.full((n, Yp.shape[1]), np.nan)
+        Y[placed] = Yp
+        t_last, glen = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        t_last[placed], glen[placed] = tp, gp
         nobs = np.isfinite(Y).sum(axis=1)
         need = proto.required_rows()
         miss = 1.0 - nobs / np.maximum(glen, 1)
-        why: dict[int, str] = {}
         for i in range(n):
+            if i in why:
+                continue
             if nobs[i] < need:
                 why[i] = (f"holt_winters needs at least {need} non-missing values (min_seasons "
                           f"{proto.min_seasons} x season_length {m}); got {int(nobs[i])}")
