@@ -1,0 +1,70 @@
+"""map_keys: the keys func gets, keys refused up front."""
+from __future__ import annotations
+
+import pytest
+
+import modelfactory
+from modelfactory.exceptions import ModelFactoryError
+
+
+# --- 1. the key func gets ---------------------------------------------------------------------
+def test_dict_keys_reach_func_as_the_dicts_passed():
+    seen = []
+
+    def f(key):
+        seen.append(key)
+        return key["app"] + key["site"]
+
+    keys = [{"app": "a", "site": "s1"}, {"site": "s2", "app": "b"}]
+    run = modelfactory.map_keys(keys, func=f, cluster="inline")
+    assert seen == keys and all(type(k) is dict for k in seen)
+    assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
+    assert run.results == {("a", "s1"): "as1", ("b", "s2"): "bs2"}  # results: the values, in `by` order
+    assert list(run.groups.columns[:2]) == ["app", "site"]
+
+
+def test_one_name_dict_keys_reach_func_as_dicts():
+    run = modelfactory.map_keys([{"app": "a"}, {"app": "b"}], func=lambda k: sorted(k.items()), cluster="inline")
+    assert run.results == {"a": [("app", "a")], "b": [("app", "b")]}
+
+
+def test_dict_keys_with_by_still_reach_func_as_dicts():
+    run = modelfactory.map_keys([{"app": "a", "site": 1}], by=["application", "site_id"],
+                                func=lambda k: k["site"], cluster="inline")
+    assert run.results == {("a", 1): 1}
+    assert list(run.groups.columns[:2]) == ["application", "site_id"]
+
+
+def test_scalar_and_tuple_keys_reach_func_unchanged():
+    assert modelfactory.map_keys([("a", 1)], func=lambda k: k, cluster="inline").results == {("a", 1): ("a", 1)}
+    assert modelfactory.map_keys([1, 2], func=lambda k: k * 10, cluster="inline").results == {1: 10, 2: 20}
+
+
+@pytest.mark.parametrize("keys, match", [
+    ([{"app": "a", "site": "s1"}, {"app": "b"}],
+     r"key #1 \{'app': 'b'\} has the names app; every dict key must have the names of the first: app, site"),
+    ([{"app": "a"}, {"app": "b", "site": "x"}],
+     (r"key #1 \{'app': 'b', 'site': 'x'\} has the names app, site; every dict key must have the names of the "
+      r"first: app")),
+    ([{"app": "a"}, "b"], r"key #1 'b' is a str, but key #0 is a dict"),
+    (["b", {"app": "a"}], r"key #1 \{'app': 'a'\} is a dict, but key #0 is a scalar"),
+    ([("a", 1), "b"], r"key #1 'b' is a str, but key #0 is a tuple"),
+    ([("a", 1), ("b",)], r"key #1 \('b',\) has 1 part\(s\); key #0 has 2"),
+    ([1, "a", 2.5], r"key #1 'a': its value 'a' \(str\) does not go with the earlier keys' \(int64\)"),
+    ([("a", 1), ("b", "x")], (r"key #1 \('b', 'x'\): its 'key1' value 'x' \(str\) does not go with the "
+                              r"earlier keys' \(int64\)")),
+    ([{"app": "a", "n": 1}, {"app": "b", "n": "2"}], r"key #1 \{'app': 'b', 'n': '2'\}: its 'n' value '2'"),
+    ([{}], r"key #0 \{\} has no parts"),
+    ([()], r"key #0 \(\) has no parts"),
+    ([{1: "a"}], r"key #0 \{1: 'a'\}: dict keys name their parts with strings"),
+    ([[1, 2]], r"key #0 \[1, 2\] is a list; keys are scalars, tuples or dicts \(pass a tuple\)"),
+])
+def test_bad_keys_are_refused_up_front_naming_the_key(keys, match):
+    called = []
+    with pytest.raises(ModelFactoryError, match=match):
+        modelfactory.map_keys(keys, func=called.append, cluster="inline")
+    assert called == []
+
+
+def test_ints_and_floats_mix_as_floats():
+    assert modelfactory.map_keys([1, 2.5], func=str, cluster="inline").results == {1.0: "1", 2.5: "2.5"}
