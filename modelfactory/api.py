@@ -437,7 +437,9 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     it was given (a dict key as a dict).  The values of each part of the keys
     make one column of the group table, so they must be of one type (ints and
     floats mix as floats).  Keys that do not fit are refused before anything
-    runs, naming the first such key.
+    runs, naming the first such key.  So are keys given more than once (a
+    dict key with its names in another order is the same key): each key runs
+    once and has one result.
 
     With ``schema``, each call returns rows (like :func:`apply`) and
     ``run.to_pandas()`` gives them all; without, ``run.results`` maps each ok
@@ -463,6 +465,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     if len(by_) != width:
         raise ModelFactoryError(f"by names {len(by_)} column(s) but the keys have {width} part(s).")
     key_types = _key_types(keys, rows, by_)
+    _refuse_duplicates(keys, rows)
     out_schema = parse_schema(schema) if schema is not None else None
     sink = Location.of(out, storage_options) if out is not None else None
     if sink is not None and out_schema is None:
@@ -565,6 +568,29 @@ def _key_types(keys: list, rows: list[tuple], by: tuple[str, ...]) -> tuple:
             f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value {_short(v)} ({type(v).__name__}) does not go "
             f"with the earlier keys' ({before or 'values'}); give each part of the keys values of one type.")
     return tuple(types)
+
+
+def _refuse_duplicates(keys: list, rows: list[tuple]) -> None:
+    """Refuse keys given more than once (each key runs once and has one result), naming a few."""
+    seen: dict[tuple, list] = {}
+    for i, r in enumerate(rows):
+        try:
+            hit = seen.get(r)
+        except TypeError:
+            raise ModelFactoryError(f"map_keys: key #{i} {_short(keys[i])} holds a value that cannot be hashed; "
+                                    "keys are scalars, tuples or dicts of plain values.") from None
+        if hit is None:
+            seen[r] = [i, 1]
+        else:
+            hit[1] += 1
+    dups = [(i, n) for i, n in seen.values() if n > 1]
+    if dups:
+        shown = ", ".join(f"{_short(keys[i])} ({n} times)" for i, n in dups[:3])
+        more = f" and {len(dups) - 3} more" if len(dups) > 3 else ""
+        raise ModelFactoryError(
+            f"map_keys got {len(dups)} key{'s' if len(dups) > 1 else ''} more than once: {shown}{more} "
+            f"({len(keys)} keys, {len(seen)} distinct). Each key runs once and has one result: pass each key "
+            "once (for scalars and tuples, list(dict.fromkeys(keys)) drops repeats and keeps the order).")
 
 
 def _short(value, n: int = 120) -> str:

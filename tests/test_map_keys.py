@@ -1,4 +1,4 @@
-"""map_keys: the keys func gets, keys refused up front."""
+"""map_keys: the keys func gets, keys refused up front, duplicates."""
 from __future__ import annotations
 
 import pytest
@@ -68,3 +68,23 @@ def test_bad_keys_are_refused_up_front_naming_the_key(keys, match):
 
 def test_ints_and_floats_mix_as_floats():
     assert modelfactory.map_keys([1, 2.5], func=str, cluster="inline").results == {1.0: "1", 2.5: "2.5"}
+
+
+# --- 2. duplicates ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("keys, match", [
+    (["a", "a", "b", "a"], r"map_keys got 1 key more than once: 'a' \(3 times\)"),
+    ([("a", 1), ("b", 2), ("a", 1), ("b", 2)], (r"map_keys got 2 keys more than once: \('a', 1\) \(2 times\), "
+                                                r"\('b', 2\) \(2 times\)")),
+    ([{"app": "a", "site": "s"}, {"site": "s", "app": "a"}],
+     r"map_keys got 1 key more than once: \{'app': 'a', 'site': 's'\} \(2 times\)"),
+])
+def test_duplicate_keys_are_refused_naming_one_and_its_count(keys, match):
+    called = []
+    with pytest.raises(ModelFactoryError, match=match + r".*each key once"):
+        modelfactory.map_keys(keys, func=called.append, cluster="inline")
+    assert called == []
+
+
+def test_a_key_holding_an_unhashable_value_is_refused():
+    with pytest.raises(ModelFactoryError, match=r"key #0 \('a', \[1\]\) holds a value that cannot be hashed"):
+        modelfactory.map_keys([("a", [1]), ("b", [2])], func=str, cluster="inline")
