@@ -429,7 +429,8 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
 def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None = None,
              schema: Any = None, out: str | None = None, cluster: Any = None,
              workers: int | None = None, keys_per_unit: int | None = None,
-             storage_options: dict | None = None, config: str | None = None, progress: bool = False) -> Run:
+             storage_options: dict | None = None, overwrite: bool = False, config: str | None = None,
+             progress: bool = False) -> Run:
     """Run ``func(key)`` once per key on the cluster; the function loads its own data.
 
     ``keys`` are all scalars, all tuples of one length, or all dicts with the
@@ -445,6 +446,9 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     ``run.to_pandas()`` gives them all; without, ``run.results`` maps each ok
     key to what ``func`` returned (keep those small); a tuple or dict key is
     a tuple of its values there (in ``by`` order), a one-part key its value.
+    ``out`` (with ``schema``) writes the rows as Parquet under that folder
+    instead, with the group table under ``out/_groups/``; like :func:`apply`,
+    the folder must be new or empty, or ``overwrite=True`` empties it first.
 
     Examples
     --------
@@ -467,9 +471,9 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     key_types = _key_types(keys, rows, by_)
     _refuse_duplicates(keys, rows)
     out_schema = parse_schema(schema) if schema is not None else None
-    sink = Location.of(out, storage_options) if out is not None else None
-    if sink is not None and out_schema is None:
+    if out is not None and out_schema is None:
         raise ModelFactoryError("out= needs schema= (the rows func returns are written as Parquet).")
+    sink = _output(out, storage_options, overwrite) if out is not None else None
     run_id = new_run_id(_digest(rows[:1000], repr(func)))
     call = functools.partial(_call_with_dict, func, names) if names else func  # dict keys reach func as dicts
     spec = JobSpec("map_keys", by_, func=call, out_schema=out_schema, sink=sink,

@@ -1,10 +1,11 @@
-"""map_keys: the keys func gets, keys refused up front, duplicates."""
+"""map_keys: the keys func gets, keys refused up front, duplicates, the output folder."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 import modelfactory
-from modelfactory.exceptions import ModelFactoryError
+from modelfactory.exceptions import ModelFactoryError, StoreError
 
 
 # --- 1. the key func gets ---------------------------------------------------------------------
@@ -88,3 +89,39 @@ def test_duplicate_keys_are_refused_naming_one_and_its_count(keys, match):
 def test_a_key_holding_an_unhashable_value_is_refused():
     with pytest.raises(ModelFactoryError, match=r"key #0 \('a', \[1\]\) holds a value that cannot be hashed"):
         modelfactory.map_keys([("a", [1]), ("b", [2])], func=str, cluster="inline")
+
+
+# --- 3. the output folder ------------------------------------------------------------------------------
+def _rows(key):
+    return pd.DataFrame({"v": [key * 10]})
+
+
+def test_out_must_be_new_or_empty_and_overwrite_replaces_it(tmp_path):
+    out = str(tmp_path / "out")
+    first = modelfactory.map_keys(range(5), func=_rows, schema={"v": "int64"}, out=out, cluster="inline",
+                                  keys_per_unit=1)
+    assert sorted(first.to_pandas()["v"]) == [0, 10, 20, 30, 40]
+    with pytest.raises(StoreError, match="is not empty; pick a new folder or pass overwrite=True"):
+        modelfactory.map_keys([100, 200], func=_rows, schema={"v": "int64"}, out=out, cluster="inline")
+    assert sorted(first.to_pandas()["v"]) == [0, 10, 20, 30, 40]  # the refused run left it alone
+    second = modelfactory.map_keys([100, 200], func=_rows, schema={"v": "int64"}, out=out, cluster="inline",
+                                   overwrite=True, keys_per_unit=1)
+    assert sorted(second.to_pandas()["v"]) == [1000, 2000]
+    assert sorted(second.groups["key"]) == [100, 200]
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        modelfactory.map_keys([1], func=_rows, schema={"v": "int64"}, out=str(f), cluster="inline", overwrite=True)
+    assert f.read_text() == "x"
+
+
+def test_out_without_schema_leaves_the_folder_alone(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(ModelFactoryError, match="out= needs schema="):
+        modelfactory.map_keys([1], func=_rows, out=str(out), cluster="inline", overwrite=True)
+    assert (out / "keep").read_text() == "x"
