@@ -440,7 +440,9 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     floats mix as floats).  Keys that do not fit are refused before anything
     runs, naming the first such key.  So are keys given more than once (a
     dict key with its names in another order is the same key): each key runs
-    once and has one result.
+    once and has one result.  An exception ``func`` raises for a key (even
+    ``SystemExit``, from ``sys.exit()``) fails that key only, with its message
+    in ``run.groups``; ``SkipGroup`` skips it.
 
     With ``schema``, each call returns rows (like :func:`apply`) and
     ``run.to_pandas()`` gives them all; without, ``run.results`` maps each ok

@@ -1,5 +1,7 @@
-"""map_keys: the keys func gets, keys refused up front, duplicates, the output folder."""
+"""map_keys: the keys func gets, keys refused up front, duplicates, the output folder, SystemExit."""
 from __future__ import annotations
+
+import sys
 
 import pandas as pd
 import pytest
@@ -125,3 +127,41 @@ def test_out_without_schema_leaves_the_folder_alone(tmp_path):
     with pytest.raises(ModelFactoryError, match="out= needs schema="):
         modelfactory.map_keys([1], func=_rows, out=str(out), cluster="inline", overwrite=True)
     assert (out / "keep").read_text() == "x"
+
+
+# --- 4. SystemExit ---------------------------------------------------------------------------------------
+def _exits(key):
+    if key == "a":
+        sys.exit(1)
+    if key == "b":
+        raise SystemExit("no data for b")
+    return key.upper()
+
+
+def _exits_rows(key):
+    return pd.DataFrame({"k": [_exits(key)]})
+
+
+def test_system_exit_fails_its_key_only_inline():
+    run = modelfactory.map_keys(["a", "b", "c"], func=_exits, cluster="inline")
+    assert run.summary["counts"] == {"ok": 1, "failed": 2, "skipped": 0}
+    assert run.results == {"c": "C"}
+    err = run.groups.set_index("key")["error"]
+    assert err["a"].startswith("SystemExit: 1") and err["b"].startswith("SystemExit: no data for b")
+
+
+def test_system_exit_fails_its_key_only_on_a_cluster(client):
+    run = modelfactory.map_keys(["a", "b", "c"], func=_exits_rows, schema="k string", cluster=client,
+                                keys_per_unit=1)
+    assert run.summary["counts"] == {"ok": 1, "failed": 2, "skipped": 0}
+    assert run.to_pandas()["k"].tolist() == ["C"]
+    err = run.groups.set_index("key")["error"]
+    assert err["a"].startswith("SystemExit: 1") and err["b"].startswith("SystemExit: no data for b")
+
+
+def test_keyboard_interrupt_is_not_swallowed():
+    def f(key):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        modelfactory.map_keys(["a"], func=f, cluster="inline")
