@@ -477,7 +477,9 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
         raise ModelFactoryError("out= needs schema= (the rows func returns are written as Parquet).")
     sink = _output(out, storage_options, overwrite) if out is not None else None
     run_id = new_run_id(_digest(rows[:1000], repr(func)))
-    call = functools.partial(_call_with_dict, func, names) if names else func  # dict keys reach func as dicts
+    # func gets each key as it was given: a dict as a dict, a one-part tuple as a tuple
+    call = (functools.partial(_call_with_dict, func, names) if names
+            else functools.partial(_call_with_tuple, func) if width == 1 and isinstance(keys[0], tuple) else func)
     spec = JobSpec("map_keys", by_, func=call, out_schema=out_schema, sink=sink,
                    groups_prefix="_groups/", data_prefix="part-", key_types=key_types)
     t0 = _time.perf_counter()
@@ -597,6 +599,11 @@ def _refuse_duplicates(keys: list, rows: list[tuple]) -> None:
             f"map_keys got {len(dups)} key{'s' if len(dups) > 1 else ''} more than once: {shown}{more} "
             f"({len(keys)} keys, {len(seen)} distinct). Each key runs once and has one result: pass each key "
             "once (for scalars and tuples, list(dict.fromkeys(keys)) drops repeats and keeps the order).")
+
+
+def _call_with_tuple(func: Callable, key):
+    """Call ``func`` with a one-part tuple key (the unit holds its value)."""
+    return func((key,))
 
 
 def _short(value, n: int = 120) -> str:

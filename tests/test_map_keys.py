@@ -43,6 +43,11 @@ def test_scalar_and_tuple_keys_reach_func_unchanged():
     assert modelfactory.map_keys([1, 2], func=lambda k: k * 10, cluster="inline").results == {1: 10, 2: 20}
 
 
+def test_one_part_tuple_keys_reach_func_as_tuples():
+    run = modelfactory.map_keys([("a",), ("b",)], func=lambda k: k, cluster="inline")
+    assert run.results == {"a": ("a",), "b": ("b",)}
+
+
 @pytest.mark.parametrize("keys, match", [
     ([{"app": "a", "site": "s1"}, {"app": "b"}],
      r"key #1 \{'app': 'b'\} has the names app; every dict key must have the names of the first: app, site"),
