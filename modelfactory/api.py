@@ -437,13 +437,28 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
 def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None = None,
              schema: Any = None, out: str | None = None, cluster: Any = None,
              workers: int | None = None, keys_per_unit: int | None = None,
-             storage_options: dict | None = None, config: str | None = None, progress: bool = False) -> Run:
+             storage_options: dict | None = None, overwrite: bool = False, config: str | None = None,
+             progress: bool = False) -> Run:
     """Run ``func(key)`` once per key on the cluster; the function loads its own data.
 
-    ``keys`` are scalars, tuples, or dicts (then ``by`` defaults to the dict's
-    names).  With ``schema``, each call returns rows (like :func:`apply`) and
+    ``keys`` are all scalars, all tuples of one length, or all dicts with the
+    same names (then ``by`` defaults to those names); ``func`` gets each key as
+    it was given (a dict key as a dict).  The values of each part of the keys
+    make one column of the group table, so they must be of one type (ints and
+    floats mix as floats).  Keys that do not fit are refused before anything
+    runs, naming the first such key.  So are keys given more than once (a
+    dict key with its names in another order is the same key): each key runs
+    once and has one result.  An exception ``func`` raises for a key (even
+    ``SystemExit``, from ``sys.exit()``) fails that key only, with its message
+    in ``run.groups``; ``SkipGroup`` skips it.
+
+    With ``schema``, each call returns rows (like :func:`apply`) and
     ``run.to_pandas()`` gives them all; without, ``run.results`` maps each ok
-    key to what ``func`` returned (keep those small).
+    key to what ``func`` returned (keep those small); a tuple or dict key is
+    a tuple of its values there (in ``by`` order), a one-part key its value.
+    ``out`` (with ``schema``) writes the rows as Parquet under that folder
+    instead, with the group table under ``out/_groups/``; like :func:`apply`,
+    the folder must be new or empty, or ``overwrite=True`` empties it first.
 
     Examples
     --------
@@ -458,25 +473,22 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     keys = list(keys)
     if not keys:
         raise ModelFactoryError("map_keys got no keys.")
-    if isinstance(keys[0], dict):
-        names = tuple(keys[0])
-        rows = [tuple(k[n] for n in names) for k in keys]
-    else:
-        rows = [k if isinstance(k, tuple) else (k,) for k in keys]
-        names = None
+    rows, names = _key_rows(keys)
     width = len(rows[0])
-    if any(len(r) != width for r in rows):
-        raise ModelFactoryError("All keys must have the same number of parts.")
     by_ = _as_tuple(by, "by") or names or tuple(f"key{i}" if width > 1 else "key" for i in range(width))
     if len(by_) != width:
         raise ModelFactoryError(f"by names {len(by_)} column(s) but the keys have {width} part(s).")
-    key_types = tuple(pa.array([r[i] for r in rows]).type for i in range(width))
+    key_types = _key_types(keys, rows, by_)
+    _refuse_duplicates(keys, rows)
     out_schema = parse_schema(schema) if schema is not None else None
-    sink = Location.of(out, storage_options) if out is not None else None
-    if sink is not None and out_schema is None:
+    if out is not None and out_schema is None:
         raise ModelFactoryError("out= needs schema= (the rows func returns are written as Parquet).")
+    sink = _output(out, storage_options, overwrite) if out is not None else None
     run_id = new_run_id(_digest(rows[:1000], repr(func)))
-    spec = JobSpec("map_keys", by_, func=func, out_schema=out_schema, sink=sink,
+    # func gets each key as it was given: a dict as a dict, a one-part tuple as a tuple
+    call = (functools.partial(_call_with_dict, func, names) if names
+            else functools.partial(_call_with_tuple, func) if width == 1 and isinstance(keys[0], tuple) else func)
+    spec = JobSpec("map_keys", by_, func=call, out_schema=out_schema, sink=sink,
                    groups_prefix="_groups/", data_prefix="part-", key_types=key_types)
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
@@ -494,6 +506,122 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
             bar.close()
     summary = _summarise("map_keys", results, None, _time.perf_counter() - t0)
     return table_run(run_id, "map_keys", summary, results, sink, out_schema)
+
+
+def _key_rows(keys: list) -> tuple[list[tuple], tuple[str, ...] | None]:
+    """The keys as tuples of values, and the names of dict keys (None for scalars and tuples).
+
+    Every key is of one kind (all dicts with the same names, all tuples of one length, or all
+    scalars); anything else is refused here, naming the first key that does not fit."""
+    def kind(k):
+        return "dict" if isinstance(k, dict) else "tuple" if isinstance(k, tuple) else "scalar"
+
+    for i, k in enumerate(keys):
+        if isinstance(k, (list, set, frozenset)):
+            raise ModelFactoryError(f"map_keys: key #{i} {_short(k)} is a {type(k).__name__}; keys are scalars, "
+                                    "tuples or dicts (pass a tuple).")
+    first = keys[0]
+    k0 = kind(first)
+    for i, k in enumerate(keys):
+        if kind(k) != k0:
+            what = type(k).__name__ if kind(k) == "scalar" else kind(k)
+            raise ModelFactoryError(f"map_keys: key #{i} {_short(k)} is a {what}, but key #0 is a {k0}: "
+                                    "give every key as the same kind (all scalars, all tuples or all dicts).")
+    if k0 == "dict":
+        names = tuple(first)
+        if not names:
+            raise ModelFactoryError("map_keys: key #0 {} has no parts.")
+        if not all(isinstance(n, str) for n in names):
+            raise ModelFactoryError(f"map_keys: key #0 {_short(first)}: dict keys name their parts with strings "
+                                    "(the column names of the key).")
+        want = set(names)
+        rows = []
+        for i, k in enumerate(keys):
+            if k.keys() != want:
+                raise ModelFactoryError(
+                    f"map_keys: key #{i} {_short(k)} has the names {', '.join(map(str, k))}; every dict key "
+                    f"must have the names of the first: {', '.join(names)}.")
+            rows.append(tuple(k[n] for n in names))
+        return rows, names
+    if k0 == "tuple":
+        width = len(first)
+        if not width:
+            raise ModelFactoryError("map_keys: key #0 () has no parts.")
+        for i, k in enumerate(keys):
+            if len(k) != width:
+                raise ModelFactoryError(f"map_keys: key #{i} {_short(k)} has {len(k)} part(s); key #0 has {width}: "
+                                        "all keys must have the same number of parts.")
+        return keys, None
+    return [(k,) for k in keys], None
+
+
+def _key_types(keys: list, rows: list[tuple], by: tuple[str, ...]) -> tuple:
+    """The arrow type of each part of the keys; a part whose values do not make one column
+    (``1`` and ``"a"``) is refused, naming the first key that does not fit."""
+    types = []
+    for i, name in enumerate(by):
+        values = [r[i] for r in rows]
+        try:
+            types.append(pa.array(values).type)
+            continue
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            pass
+        lo, hi = 1, len(values)  # the shortest failing prefix: values[:hi] fails, values[:lo] converts
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                pa.array(values[:mid])
+                lo = mid
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                hi = mid
+        bad, v = hi - 1, values[hi - 1]
+        try:
+            before = str(pa.array(values[:bad]).type) if bad else None
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            before = None
+        part = "" if len(by) == 1 and not isinstance(keys[0], (dict, tuple)) else f"{name!r} "
+        raise ModelFactoryError(
+            f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value {_short(v)} ({type(v).__name__}) does not go "
+            f"with the earlier keys' ({before or 'values'}); give each part of the keys values of one type.")
+    return tuple(types)
+
+
+def _refuse_duplicates(keys: list, rows: list[tuple]) -> None:
+    """Refuse keys given more than once (each key runs once and has one result), naming a few."""
+    seen: dict[tuple, list] = {}
+    for i, r in enumerate(rows):
+        try:
+            hit = seen.get(r)
+        except TypeError:
+            raise ModelFactoryError(f"map_keys: key #{i} {_short(keys[i])} holds a value that cannot be hashed; "
+                                    "keys are scalars, tuples or dicts of plain values.") from None
+        if hit is None:
+            seen[r] = [i, 1]
+        else:
+            hit[1] += 1
+    dups = [(i, n) for i, n in seen.values() if n > 1]
+    if dups:
+        shown = ", ".join(f"{_short(keys[i])} ({n} times)" for i, n in dups[:3])
+        more = f" and {len(dups) - 3} more" if len(dups) > 3 else ""
+        raise ModelFactoryError(
+            f"map_keys got {len(dups)} key{'s' if len(dups) > 1 else ''} more than once: {shown}{more} "
+            f"({len(keys)} keys, {len(seen)} distinct). Each key runs once and has one result: pass each key "
+            "once (for scalars and tuples, list(dict.fromkeys(keys)) drops repeats and keeps the order).")
+
+
+def _call_with_tuple(func: Callable, key):
+    """Call ``func`` with a one-part tuple key (the unit holds its value)."""
+    return func((key,))
+
+
+def _short(value, n: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _call_with_dict(func: Callable, names: tuple[str, ...], key):
+    """Call ``func`` with a dict key, rebuilt from the values the unit holds."""
+    return func(dict(zip(names, key if len(names) > 1 else (key,))))
 
 
 # ---------------------------------------------------------------------------

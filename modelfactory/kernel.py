@@ -467,7 +467,7 @@ def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
                 errors.append(None)
             except SkipGroup as err:
                 status.append("skipped"), errors.append(str(err)), outs.append(None)
-            except Exception as err:  # noqa: BLE001 - recorded per key
+            except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded per key (sys.exit too)
                 status.append("failed"), errors.append(describe_error(err)), outs.append(None)
             secs.append(_time.perf_counter() - s)
     key_table = pa.table({k: pa.array([key[i] for key in keys], type=spec.key_types[i])

@@ -114,7 +114,7 @@ def test_map_keys_runs_once_per_key(client):
 
 def test_map_keys_with_dict_keys_returns_objects():
     run = modelfactory.map_keys([{"app": "a", "site": 1}, {"app": "b", "site": 2}],
-                                func=lambda k: k[1] * 10, cluster="inline")
+                                func=lambda k: k["site"] * 10, cluster="inline")
     assert run.results == {("a", 1): 10, ("b", 2): 20}
     assert list(run.groups.columns[:2]) == ["app", "site"]
 

@@ -1,0 +1,172 @@
+"""map_keys: the keys func gets, keys refused up front, duplicates, the output folder, SystemExit."""
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+import pytest
+
+import modelfactory
+from modelfactory.exceptions import ModelFactoryError, StoreError
+
+
+# --- 1. the key func gets ---------------------------------------------------------------------
+def test_dict_keys_reach_func_as_the_dicts_passed():
+    seen = []
+
+    def f(key):
+        seen.append(key)
+        return key["app"] + key["site"]
+
+    keys = [{"app": "a", "site": "s1"}, {"site": "s2", "app": "b"}]
+    run = modelfactory.map_keys(keys, func=f, cluster="inline")
+    assert seen == keys and all(type(k) is dict for k in seen)
+    assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
+    assert run.results == {("a", "s1"): "as1", ("b", "s2"): "bs2"}  # results: the values, in `by` order
+    assert list(run.groups.columns[:2]) == ["app", "site"]
+
+
+def test_one_name_dict_keys_reach_func_as_dicts():
+    run = modelfactory.map_keys([{"app": "a"}, {"app": "b"}], func=lambda k: sorted(k.items()), cluster="inline")
+    assert run.results == {"a": [("app", "a")], "b": [("app", "b")]}
+
+
+def test_dict_keys_with_by_still_reach_func_as_dicts():
+    run = modelfactory.map_keys([{"app": "a", "site": 1}], by=["application", "site_id"],
+                                func=lambda k: k["site"], cluster="inline")
+    assert run.results == {("a", 1): 1}
+    assert list(run.groups.columns[:2]) == ["application", "site_id"]
+
+
+def test_scalar_and_tuple_keys_reach_func_unchanged():
+    assert modelfactory.map_keys([("a", 1)], func=lambda k: k, cluster="inline").results == {("a", 1): ("a", 1)}
+    assert modelfactory.map_keys([1, 2], func=lambda k: k * 10, cluster="inline").results == {1: 10, 2: 20}
+
+
+def test_one_part_tuple_keys_reach_func_as_tuples():
+    run = modelfactory.map_keys([("a",), ("b",)], func=lambda k: k, cluster="inline")
+    assert run.results == {"a": ("a",), "b": ("b",)}
+
+
+@pytest.mark.parametrize("keys, match", [
+    ([{"app": "a", "site": "s1"}, {"app": "b"}],
+     r"key #1 \{'app': 'b'\} has the names app; every dict key must have the names of the first: app, site"),
+    ([{"app": "a"}, {"app": "b", "site": "x"}],
+     (r"key #1 \{'app': 'b', 'site': 'x'\} has the names app, site; every dict key must have the names of the "
+      r"first: app")),
+    ([{"app": "a"}, "b"], r"key #1 'b' is a str, but key #0 is a dict"),
+    (["b", {"app": "a"}], r"key #1 \{'app': 'a'\} is a dict, but key #0 is a scalar"),
+    ([("a", 1), "b"], r"key #1 'b' is a str, but key #0 is a tuple"),
+    ([("a", 1), ("b",)], r"key #1 \('b',\) has 1 part\(s\); key #0 has 2"),
+    ([1, "a", 2.5], r"key #1 'a': its value 'a' \(str\) does not go with the earlier keys' \(int64\)"),
+    ([("a", 1), ("b", "x")], (r"key #1 \('b', 'x'\): its 'key1' value 'x' \(str\) does not go with the "
+                              r"earlier keys' \(int64\)")),
+    ([{"app": "a", "n": 1}, {"app": "b", "n": "2"}], r"key #1 \{'app': 'b', 'n': '2'\}: its 'n' value '2'"),
+    ([{}], r"key #0 \{\} has no parts"),
+    ([()], r"key #0 \(\) has no parts"),
+    ([{1: "a"}], r"key #0 \{1: 'a'\}: dict keys name their parts with strings"),
+    ([[1, 2]], r"key #0 \[1, 2\] is a list; keys are scalars, tuples or dicts \(pass a tuple\)"),
+])
+def test_bad_keys_are_refused_up_front_naming_the_key(keys, match):
+    called = []
+    with pytest.raises(ModelFactoryError, match=match):
+        modelfactory.map_keys(keys, func=called.append, cluster="inline")
+    assert called == []
+
+
+def test_ints_and_floats_mix_as_floats():
+    assert modelfactory.map_keys([1, 2.5], func=str, cluster="inline").results == {1.0: "1", 2.5: "2.5"}
+
+
+# --- 2. duplicates ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("keys, match", [
+    (["a", "a", "b", "a"], r"map_keys got 1 key more than once: 'a' \(3 times\)"),
+    ([("a", 1), ("b", 2), ("a", 1), ("b", 2)], (r"map_keys got 2 keys more than once: \('a', 1\) \(2 times\), "
+                                                r"\('b', 2\) \(2 times\)")),
+    ([{"app": "a", "site": "s"}, {"site": "s", "app": "a"}],
+     r"map_keys got 1 key more than once: \{'app': 'a', 'site': 's'\} \(2 times\)"),
+])
+def test_duplicate_keys_are_refused_naming_one_and_its_count(keys, match):
+    called = []
+    with pytest.raises(ModelFactoryError, match=match + r".*each key once"):
+        modelfactory.map_keys(keys, func=called.append, cluster="inline")
+    assert called == []
+
+
+def test_a_key_holding_an_unhashable_value_is_refused():
+    with pytest.raises(ModelFactoryError, match=r"key #0 \('a', \[1\]\) holds a value that cannot be hashed"):
+        modelfactory.map_keys([("a", [1]), ("b", [2])], func=str, cluster="inline")
+
+
+# --- 3. the output folder ------------------------------------------------------------------------------
+def _rows(key):
+    return pd.DataFrame({"v": [key * 10]})
+
+
+def test_out_must_be_new_or_empty_and_overwrite_replaces_it(tmp_path):
+    out = str(tmp_path / "out")
+    first = modelfactory.map_keys(range(5), func=_rows, schema={"v": "int64"}, out=out, cluster="inline",
+                                  keys_per_unit=1)
+    assert sorted(first.to_pandas()["v"]) == [0, 10, 20, 30, 40]
+    with pytest.raises(StoreError, match="is not empty; pick a new folder or pass overwrite=True"):
+        modelfactory.map_keys([100, 200], func=_rows, schema={"v": "int64"}, out=out, cluster="inline")
+    assert sorted(first.to_pandas()["v"]) == [0, 10, 20, 30, 40]  # the refused run left it alone
+    second = modelfactory.map_keys([100, 200], func=_rows, schema={"v": "int64"}, out=out, cluster="inline",
+                                   overwrite=True, keys_per_unit=1)
+    assert sorted(second.to_pandas()["v"]) == [1000, 2000]
+    assert sorted(second.groups["key"]) == [100, 200]
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        modelfactory.map_keys([1], func=_rows, schema={"v": "int64"}, out=str(f), cluster="inline", overwrite=True)
+    assert f.read_text() == "x"
+
+
+def test_out_without_schema_leaves_the_folder_alone(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(ModelFactoryError, match="out= needs schema="):
+        modelfactory.map_keys([1], func=_rows, out=str(out), cluster="inline", overwrite=True)
+    assert (out / "keep").read_text() == "x"
+
+
+# --- 4. SystemExit ---------------------------------------------------------------------------------------
+def _exits(key):
+    if key == "a":
+        sys.exit(1)
+    if key == "b":
+        raise SystemExit("no data for b")
+    return key.upper()
+
+
+def _exits_rows(key):
+    return pd.DataFrame({"k": [_exits(key)]})
+
+
+def test_system_exit_fails_its_key_only_inline():
+    run = modelfactory.map_keys(["a", "b", "c"], func=_exits, cluster="inline")
+    assert run.summary["counts"] == {"ok": 1, "failed": 2, "skipped": 0}
+    assert run.results == {"c": "C"}
+    err = run.groups.set_index("key")["error"]
+    assert err["a"].startswith("SystemExit: 1") and err["b"].startswith("SystemExit: no data for b")
+
+
+def test_system_exit_fails_its_key_only_on_a_cluster(client):
+    run = modelfactory.map_keys(["a", "b", "c"], func=_exits_rows, schema="k string", cluster=client,
+                                keys_per_unit=1)
+    assert run.summary["counts"] == {"ok": 1, "failed": 2, "skipped": 0}
+    assert run.to_pandas()["k"].tolist() == ["C"]
+    err = run.groups.set_index("key")["error"]
+    assert err["a"].startswith("SystemExit: 1") and err["b"].startswith("SystemExit: no data for b")
+
+
+def test_keyboard_interrupt_is_not_swallowed():
+    def f(key):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        modelfactory.map_keys(["a"], func=f, cluster="inline")
