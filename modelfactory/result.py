@@ -46,6 +46,20 @@ class Run:
                           format="parquet").to_table().to_pandas()
 
     def to_arrow(self) -> pa.Table:
+        """The rows the job produced, as a pyarrow Table.
+
+        For :func:`apply` and :func:`map_keys` with a ``schema``, the rows the function
+        returned; for a job with ``out=`` (such as :func:`score`), the rows written there
+        (key columns from folder names are strings).  A run without rows, such as a
+        :func:`train` run, raises :class:`ModelFactoryError`.
+
+        >>> import pandas as pd
+        >>> from modelfactory import map_keys
+        >>> run = map_keys(["a", "bb"], func=lambda k: pd.DataFrame({"key": [k], "n": [len(k)]}),
+        ...                schema="key string, n bigint", cluster="inline")
+        >>> run.to_arrow().column_names
+        ['key', 'n']
+        """
         if isinstance(self._result, pa.Table):
             return self._result
         if self._out is not None:
@@ -66,6 +80,17 @@ class Run:
         raise ModelFactoryError("This run has no tabular result (no schema was given).")
 
     def to_pandas(self) -> pd.DataFrame:
+        """The rows of :meth:`to_arrow`, as a pandas DataFrame.
+
+        >>> import pandas as pd
+        >>> from modelfactory import map_keys
+        >>> run = map_keys(["a", "bb"], func=lambda k: pd.DataFrame({"key": [k], "n": [len(k)]}),
+        ...                schema="key string, n bigint", cluster="inline")
+        >>> run.to_pandas()
+          key  n
+        0   a  1
+        1  bb  2
+        """
         return self.to_arrow().to_pandas()
 
     @property

@@ -135,7 +135,9 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
             lc = local_cluster(workers)
         except Exception as err:  # noqa: BLE001 - surfaced with context
             n = workers or os.cpu_count() or 1
-            raise ClusterError(f"Could not start a local Dask cluster with {n} workers: {err}") from err
+            raise ClusterError(f"Could not start a local Dask cluster with {n} workers: {str(err).rstrip('.')}. "
+                               "If this runs from a script, put the code under `if __name__ == \"__main__\":` "
+                               "(Dask starts its worker processes by re-importing the script).") from err
         with lc, Client(lc) as client:
             yield client
         return

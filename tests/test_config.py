@@ -245,3 +245,16 @@ def test_the_docs_list_every_setting_and_its_variable():
         doc = f.read()
     missing = [n for n in setting_names() if f"| `{n}` | `{env_var(n)}` |" not in doc]
     assert missing == [], f"docs/kubernetes.md's settings table lacks {missing}"
+
+
+def test_a_local_cluster_that_fails_to_start_hints_at_the_main_guard(monkeypatch):
+    import modelfactory.run as run
+
+    def fail(workers):
+        raise RuntimeError("Nanny failed to start.")
+
+    monkeypatch.setattr(run, "local_cluster", fail)
+    with pytest.raises(ClusterError, match=r"with 2 workers: Nanny failed to start\. If this runs from a "
+                                           r"script, put the code under `if __name__ == \"__main__\":`"):
+        with run.open_client(settings=load_settings({"workers": 2}, env={})):
+            pass

@@ -283,6 +283,13 @@ def test_secrets_never_in_errors_logs_or_files(tmp_path, caplog, fast_retries):
     ((302, {"Location": "https://elsewhere/login"}, b""),
      r"answered HTTP 302, a redirect to 'https://elsewhere/login'"),
     ((401, {}, b"unauthorized"), r"refused the request with HTTP 401: check the bearer token"),
+    # a Prometheus JSON body (Mimir, a proxy) keeps the status's hint and adds the server's words
+    ((401, {"Content-Type": "application/json"}, b'{"status":"error","error":"bad token"}'),
+     r"refused the request with HTTP 401: check the bearer token.*: bad token"),
+    ((403, {"Content-Type": "application/json"}, b'{"status":"error","errorType":"forbidden","error":"no access"}'),
+     r"refused the request with HTTP 403: check the bearer token.*: no access"),
+    ((404, {"Content-Type": "application/json"}, b'{"status":"error","error":"not found"}'),
+     r"HTTP 404 for http://127\.0\.0\.1:\d+/api/v1/query_range: url must be the root.*: not found"),
     ((422, {}, b'{"status":"error","errorType":"execution","error":"query processing would load too many samples"}'),
      r"HTTP 422, execution\): query processing would load too many samples\. Narrow the query"),
 ])

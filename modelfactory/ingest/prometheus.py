@@ -410,23 +410,27 @@ def _http_error(spec: PrometheusSpec, status: int, raw: bytes, location: str,
         payload = json.loads(raw)
     except ValueError:
         payload = None
-    if isinstance(payload, dict) and payload.get("error"):
+    # the status decides the hint (a 401 whose body is Prometheus JSON is still about credentials);
+    # the server's own message, when it sent one, follows it
+    said = str(payload["error"]) if isinstance(payload, dict) and payload.get("error") else ""
+    server_said = f" The server said: {said[:300]}" if said else ""
+    if status in (401, 403):
+        msg = (f"{spec.display_url} refused the request with HTTP {status}: check the bearer token, "
+               "basic auth or tenant header (X-Scope-OrgID) you configured." + server_said)
+    elif status == 404:
+        msg = (f"HTTP 404 for {spec.api_url.split('?')[0]}: url must be the root of the Prometheus "
+               "API (e.g. http://host:9090, or https://host/prometheus for Mimir/Cortex)." + server_said)
+    elif said:
         kind = payload.get("errorType", "error")
         hint = {"bad_data": "Fix the PromQL (or the step/range).",
                 "execution": "Narrow the query, or lower max_points / --max-points.",
                 "timeout": "Narrow the query, or lower max_points / --max-points."}.get(
             kind, "Check the query and the server logs.")
         msg = (f"Prometheus rejected the query {spec.query!r} (HTTP {status}, {kind}): "
-               f"{payload['error']}. {hint}")
+               f"{said}. {hint}")
     elif 300 <= status < 400:
         msg = (f"{spec.display_url} answered HTTP {status}, a redirect to {location!r}. Pass the "
                "final URL as url / --url (redirects are not followed, to keep credentials safe).")
-    elif status in (401, 403):
-        msg = (f"{spec.display_url} refused the request with HTTP {status}: check the bearer token, "
-               "basic auth or tenant header (X-Scope-OrgID) you configured.")
-    elif status == 404:
-        msg = (f"HTTP 404 for {spec.api_url.split('?')[0]}: url must be the root of the Prometheus "
-               "API (e.g. http://host:9090, or https://host/prometheus for Mimir/Cortex).")
     else:
         text = _redact(spec, raw.decode("utf-8", "replace")).strip()[:300]
         msg = (f"{spec.display_url} answered HTTP {status} ({_retried(attempt)}): {text!r}. "
