@@ -192,10 +192,16 @@ def _real(loc: Location) -> str:
     return os.path.realpath(root) if loc.is_local else root
 
 
-def _raise_unit_failure(run_id: str, err: BaseException) -> None:
+def _raise_unit_failure(run_id: str, err: BaseException, *, resumable: bool = False) -> None:
+    again = (f"run again with resume={run_id!r} (--resume {run_id}): the units already done are kept"
+             if resumable else "run again")
+    if "scheduler-connection-lost" in str(err) or type(err).__name__ == "FutureCancelledError":
+        raise ModelFactoryError(
+            f"Run {run_id} stopped: the connection to the Dask scheduler was lost ({kernel.describe_error(err)}). "
+            f"Nothing was committed; once the scheduler and its workers are back, {again}.") from err
     raise ModelFactoryError(
         f"Run {run_id} stopped: a work unit failed outside any group ({kernel.describe_error(err)}). "
-        "Nothing was committed; fix the cause and run again."
+        f"Nothing was committed; fix the cause and {again}."
     ) from err
 
 
@@ -315,7 +321,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         except ModelFactoryError:
             raise
         except Exception as err:  # noqa: BLE001 - a unit failed: nothing is committed
-            _raise_unit_failure(run_id, err)
+            _raise_unit_failure(run_id, err, resumable=True)
         finally:
             bar.close()
     summary = _summarise("train", results, plan_, _time.perf_counter() - t0)

@@ -160,6 +160,33 @@ def test_a_scheduler_without_workers_makes_the_run_say_so_and_wait_for_one(tmp_p
         bare.stop()
 
 
+@pytest.mark.timeout(120)
+def test_losing_the_scheduler_mid_run_says_so_and_how_to_resume(tmp_path, leaves, aws_env):
+    from _servers import _signal_group
+
+    env = {"PYTHONPATH": TESTS_DIR, **DUMMY_AWS_ENV}
+    lone = DaskProcesses(tmp_path / "dask", workers=1, env=env, scheduler_env=env).start()
+    store = tmp_path / "store"
+    try:
+        def kill_the_scheduler_after_a_part():
+            wait_for(lambda: list(store.glob("runs/*/parts/*.parquet")), 60, "a first part")
+            _signal_group(lone.procs["scheduler"].pid, signal.SIGKILL)
+
+        killer = in_background(kill_the_scheduler_after_a_part)
+        with pytest.raises(ModelFactoryError) as caught:
+            modelfactory.train(leaves, store=str(store), model=SlowMean, cluster=lone.address, **TRAIN)
+        killer.result()
+    finally:
+        lone.stop()
+    st = ModelStore(str(store))
+    (pending,) = st.pending()
+    assert st.runs() == []
+    message = str(caught.value)
+    assert message.startswith(f"Run {pending['run_id']} stopped: the connection to the Dask scheduler was lost")
+    assert message.endswith(f"run again with resume={pending['run_id']!r} (--resume {pending['run_id']}): "
+                            "the units already done are kept.")
+
+
 @pytest.fixture(scope="module")
 def calm(procs, leaves, tmp_path_factory) -> str:
     """An uninterrupted run of the slow user model through the address: the store's folder."""
