@@ -45,23 +45,61 @@ def _common_run(p: argparse.ArgumentParser) -> None:
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one ``error:`` line (with the closest option for a
-    misspelled one) and exit status 2, like every other error of the CLI."""
+    misspelled one) and exit status 2, like every other error of the CLI.
+
+    Unrecognized arguments are reported by the command that was given (``train``, ``models
+    show``), with hints from that command's own options only."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            _Parser._unrecognized(_chosen(self, ns), extras, root=self)
+        return ns
+
+    def _unrecognized(self, extras: list[str], root: argparse.ArgumentParser) -> None:
+        import difflib
+
+        own = sorted({o for a in self._actions for o in a.option_strings})
+        elsewhere = {o for parser in _parsers(root) for a in parser._actions for o in a.option_strings}
+        top = {o for a in root._actions for o in a.option_strings}
+        command = self.prog.removeprefix(root.prog).strip()
+        hints = []
+        for word in extras:
+            if not word.startswith("-") or word == "-":
+                continue
+            name = word.split("=", 1)[0]
+            if self is not root and name in top:
+                hints.append(f"{name} goes before the command: {root.prog} {name} {command} ...")
+            elif self is not root and name in elsewhere:
+                hints.append(f"{name} is not an option of `{command}`")
+            elif close := difflib.get_close_matches(name, own, n=1):
+                hints.append(f"did you mean {close[0]}?")
+        hint = "".join(f" ({h})" for h in hints)
+        _Parser._fail(self, f"unrecognized arguments: {' '.join(extras)}{hint}")
 
     def error(self, message: str):
         import difflib
         import re
 
         hint = ""
-        if message.startswith("unrecognized arguments:"):
-            known = sorted({o for parser in _parsers(self) for a in parser._actions for o in a.option_strings})
-            close = [difflib.get_close_matches(w.split("=", 1)[0], known, n=1)
-                     for w in message.split(":", 1)[1].split() if w.startswith("-")]
-            hint = "".join(f" (did you mean {c[0]}?)" for c in close if c)
-        elif (m := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)):
+        if (m := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)):
             close = difflib.get_close_matches(m[1], re.findall(r"'([^']*)'", m[2]), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-        sys.stderr.write(f"error: {message}{hint}; see {self.prog} --help\n")
+        self._fail(f"{message}{hint}")
+
+    def _fail(self, message: str):
+        sys.stderr.write(f"error: {message}; see {self.prog} --help\n")
         raise SystemExit(2)
+
+
+def _chosen(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that ``ns`` was parsed by: ``models show`` for ``models show ...``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices.get(getattr(ns, action.dest, None) or "")
+            if sub is not None:
+                return _chosen(sub, ns)
+    return parser
 
 
 def _parsers(parser: argparse.ArgumentParser):
