@@ -318,13 +318,14 @@ def unpickle_model(blob: bytes, run_id: str):
 def _unimportable_global(blob: bytes, err: BaseException) -> str | None:
     """``module.Name`` of the first class (or function) that the pickle ``blob`` refers to and
     this process cannot import; None when there is none (``err`` came from the model's own code)."""
+    import contextlib
     import importlib
     import pickletools
 
     refs: list[tuple] = []
     memo: dict = {}
     pushed: list = []  # what each op (but the memo ops) left on top of the stack, when it is a name
-    try:
+    with contextlib.suppress(Exception):  # a pickle we cannot read through: the names found so far
         for op, arg, _ in pickletools.genops(blob):
             if op.name == "MEMOIZE":
                 memo[len(memo)] = pushed[-1] if pushed else None
@@ -342,8 +343,6 @@ def _unimportable_global(blob: bytes, err: BaseException) -> str | None:
                 pushed.append(None)
             else:
                 pushed.append(None)
-    except Exception:  # noqa: BLE001 - not a pickle we can read through: no name to give
-        pass
     missing = err.name if isinstance(err, ModuleNotFoundError) else None
     for module, name in refs:
         if not (isinstance(module, str) and isinstance(name, str)):

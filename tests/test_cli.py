@@ -164,15 +164,15 @@ def test_a_usage_mistake_is_one_error_line_with_the_closest_name(capsys):
 @pytest.mark.parametrize("argv, want", [
     # an option of another command: say so, and point at this command's help
     (["train", "d", "--by", "a", "--target", "v", "--store", "s", "--out", "x"],
-     "error: unrecognized arguments: --out x (--out is not an option of `train`); "
-     "see python -m modelfactory train --help"),
+     ("error: unrecognized arguments: --out x (--out is not an option of `train`); "
+      "see python -m modelfactory train --help")),
     (["models", "show", "--store", "s", "--quiet"],
-     "error: unrecognized arguments: --quiet (--quiet is not an option of `models show`); "
-     "see python -m modelfactory models show --help"),
+     ("error: unrecognized arguments: --quiet (--quiet is not an option of `models show`); "
+      "see python -m modelfactory models show --help")),
     # a misspelling: the hint comes from this command's own options only
     (["models", "show", "--store", "s", "--trsut"],
-     "error: unrecognized arguments: --trsut (did you mean --trust?); "
-     "see python -m modelfactory models show --help"),
+     ("error: unrecognized arguments: --trsut (did you mean --trust?); "
+      "see python -m modelfactory models show --help")),
     (["models", "list", "--store", "s", "--quite"],
      "error: unrecognized arguments: --quite; see python -m modelfactory models list --help"),
 ])

@@ -14,7 +14,7 @@ import modelfactory
 from modelfactory.cli import main
 
 BUCKET = "mf-cli"
-TRAIN = dict(by=["app", "site"], time="ts", target="value", params={"season_length": 24})
+TRAIN = {"by": ["app", "site"], "time": "ts", "target": "value", "params": {"season_length": 24}}
 
 
 @pytest.fixture(scope="module")
