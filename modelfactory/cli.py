@@ -24,6 +24,8 @@ def _param(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     k, v = text.split("=", 1)
+    if v.strip() in ("None", "none", "null"):  # Python's spelling too: -p trend=None
+        return k.strip(), None
     try:
         return k.strip(), json.loads(v)
     except json.JSONDecodeError:
@@ -45,23 +47,61 @@ def _common_run(p: argparse.ArgumentParser) -> None:
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one ``error:`` line (with the closest option for a
-    misspelled one) and exit status 2, like every other error of the CLI."""
+    misspelled one) and exit status 2, like every other error of the CLI.
+
+    Unrecognized arguments are reported by the command that was given (``train``, ``models
+    show``), with hints from that command's own options only."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            _Parser._unrecognized(_chosen(self, ns), extras, root=self)
+        return ns
+
+    def _unrecognized(self, extras: list[str], root: argparse.ArgumentParser) -> None:
+        import difflib
+
+        own = sorted({o for a in self._actions for o in a.option_strings})
+        elsewhere = {o for parser in _parsers(root) for a in parser._actions for o in a.option_strings}
+        top = {o for a in root._actions for o in a.option_strings}
+        command = self.prog.removeprefix(root.prog).strip()
+        hints = []
+        for word in extras:
+            if not word.startswith("-") or word == "-":
+                continue
+            name = word.split("=", 1)[0]
+            if self is not root and name in top:
+                hints.append(f"{name} goes before the command: {root.prog} {name} {command} ...")
+            elif self is not root and name in elsewhere:
+                hints.append(f"{name} is not an option of `{command}`")
+            elif close := difflib.get_close_matches(name, own, n=1):
+                hints.append(f"did you mean {close[0]}?")
+        hint = "".join(f" ({h})" for h in hints)
+        _Parser._fail(self, f"unrecognized arguments: {' '.join(extras)}{hint}")
 
     def error(self, message: str):
         import difflib
         import re
 
         hint = ""
-        if message.startswith("unrecognized arguments:"):
-            known = sorted({o for parser in _parsers(self) for a in parser._actions for o in a.option_strings})
-            close = [difflib.get_close_matches(w.split("=", 1)[0], known, n=1)
-                     for w in message.split(":", 1)[1].split() if w.startswith("-")]
-            hint = "".join(f" (did you mean {c[0]}?)" for c in close if c)
-        elif (m := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)):
+        if (m := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)):
             close = difflib.get_close_matches(m[1], re.findall(r"'([^']*)'", m[2]), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-        sys.stderr.write(f"error: {message}{hint}; see {self.prog} --help\n")
+        self._fail(f"{message}{hint}")
+
+    def _fail(self, message: str):
+        sys.stderr.write(f"error: {message}; see {self.prog} --help\n")
         raise SystemExit(2)
+
+
+def _chosen(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that ``ns`` was parsed by: ``models show`` for ``models show ...``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices.get(getattr(ns, action.dest, None) or "")
+            if sub is not None:
+                return _chosen(sub, ns)
+    return parser
 
 
 def _parsers(parser: argparse.ArgumentParser):
@@ -87,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--features", default="", help="feature columns, comma-separated")
     t.add_argument("--model", default="seasonal", help="built-in model name (default: seasonal)")
     t.add_argument("--param", "-p", action="append", type=_param, default=[], metavar="NAME=VALUE",
-                   help="model parameter, repeatable (e.g. -p season_length=168)")
+                   help="model parameter, repeatable (e.g. -p season_length=168); a JSON value, "
+                        "None (or none, null) or text")
     t.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
     r = t.add_argument_group("lifecycle")
     r.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
@@ -119,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ml = msub.add_parser("list", help="committed and interrupted runs", description="List the runs of a store.")
     ml.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
     ml.add_argument("--json", action="store_true", help="machine-readable output")
+    _config_option(ml)
     ml.set_defaults(func=_cmd_models_list)
     ms = msub.add_parser("show", help="one run: counts and failures; or one group's model",
                          description="Show one run (counts, failures with their errors) or, with --key, one model.")
@@ -127,12 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--key", help="one group, e.g. app=a,site=b: show its model")
     ms.add_argument("--trust", action="store_true", help="allow loading pickled user models")
     ms.add_argument("--json", action="store_true", help="machine-readable output")
+    _config_option(ms)
     ms.set_defaults(func=_cmd_models_show)
     mg = msub.add_parser("gc", help="remove old runs", description="Remove all but the newest runs of a store.")
     mg.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
     mg.add_argument("--keep", type=int, default=3, help="committed runs to keep (default: %(default)s)")
     mg.add_argument("--pending", action="store_true", help="also remove interrupted runs")
     mg.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    _config_option(mg)
     mg.set_defaults(func=_cmd_models_gc)
 
     d = sub.add_parser("demo", help="write a synthetic metrics dataset and train on it",
@@ -162,9 +206,51 @@ def build_parser() -> argparse.ArgumentParser:
     from .plot import add_parser as add_plot_parser
     from .report import add_parser as add_report_parser
 
-    add_plot_parser(sub)
-    add_report_parser(sub)
+    pp = add_plot_parser(sub)
+    _config_option(pp)
+    pp.set_defaults(func=_cmd_plot)
+    rp = add_report_parser(sub)
+    _config_option(rp)
+    rp.set_defaults(func=_cmd_report)
     return p
+
+
+def _config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML settings file (default: $MODELFACTORY_CONFIG): "
+                                                    "its [storage_options] reach an s3:// store")
+
+
+def _storage_options(args) -> dict | None:
+    """The ``storage_options`` setting, read as ``train`` and ``score`` read it (``--config`` or
+    ``$MODELFACTORY_CONFIG``, then the environment)."""
+    from .config import job_settings
+
+    return job_settings(config=args.config).storage_options or None
+
+
+@contextlib.contextmanager
+def _store_errors(url: str, what: str = "the store") -> Iterator[None]:
+    """An error of the storage under ``url`` (fsspec's, botocore's, an OSError) as a StoreError
+    that names it: one ``error:`` line and exit status 2, not an internal error."""
+    from .exceptions import StoreError
+
+    try:
+        yield
+    except ModelFactoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - botocore's and aiohttp's errors are not OSErrors
+        origin = type(err).__module__.split(".")[0]
+        if not isinstance(err, OSError) and origin not in _STORAGE_LIBRARIES:
+            raise
+        text = " ".join(str(err).split()) or "no details"
+        raise StoreError(f"Cannot access {what} {url!r}: {type(err).__name__}: {text}. Check the endpoint "
+                         "([storage_options] in --config or $MODELFACTORY_CONFIG, AWS_ENDPOINT_URL), "
+                         "the credentials and the network.") from err
+
+
+#: Libraries whose errors are storage errors (besides OSErrors).
+_STORAGE_LIBRARIES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs",
+                                "azure", "google", "urllib3", "requests"})
 
 
 def _print_summary(run, args, where: str) -> None:
@@ -212,15 +298,16 @@ def _cmd_score(args) -> int:
 def _cmd_models_list(args) -> int:
     from .store import ModelStore
 
-    st = ModelStore(args.store)
-    latest = st.latest()
-    rows = []
-    for rid in st.runs():
-        man = st.manifest(rid)
-        rows.append({"run": rid, "latest": rid == latest, "model": man["spec"]["model"],
-                     **man["summary"]["counts"], "groups": man["summary"]["groups"],
-                     "committed": man["committed"]})
-    pending = [p["run_id"] for p in st.pending()]
+    st = ModelStore(args.store, storage_options=_storage_options(args))
+    with _store_errors(args.store):
+        latest = st.latest()
+        rows = []
+        for rid in st.runs():
+            man = st.manifest(rid)
+            rows.append({"run": rid, "latest": rid == latest, "model": man["spec"]["model"],
+                         **man["summary"]["counts"], "groups": man["summary"]["groups"],
+                         "committed": man["committed"]})
+        pending = [p["run_id"] for p in st.pending()]
     if args.json:
         print(json.dumps({"runs": rows, "interrupted": pending}))
         return 0
@@ -238,7 +325,12 @@ def _cmd_models_list(args) -> int:
 def _cmd_models_show(args) -> int:
     from .store import ModelStore, parse_key
 
-    st = ModelStore(args.store)
+    st = ModelStore(args.store, storage_options=_storage_options(args))
+    with _store_errors(args.store):
+        return _show(st, args, parse_key)
+
+
+def _show(st, args, parse_key) -> int:
     if args.key:
         model = st.load(parse_key(args.key), run=args.run, trust=args.trust)
         info = {"model": type(model).__name__, "params": model.get_params() if hasattr(model, "get_params") else {}}
@@ -267,6 +359,34 @@ def _cmd_models_show(args) -> int:
     return 0
 
 
+def _cmd_plot(args) -> int:
+    """``plot`` (:func:`modelfactory.plot.run_command`), with the storage options of ``--config``."""
+    from .plot import _plot, format_key, load_series
+
+    source = args.scores if args.scores is not None else args.store
+    with _store_errors(source, "the scores folder" if args.scores is not None else "the store"):
+        series = load_series(source, args.key, run=args.run, data=args.data, time=args.time,
+                             target=args.target, start=args.start, end=args.end, trust=args.trust,
+                             storage_options=_storage_options(args))
+    _plot(series, None, args.out)
+    print(f"wrote {args.out}: {format_key(series.key)}, {len(series.frame):,} points, "
+          f"{series.anomalies:,} anomalies")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    """``report`` (:func:`modelfactory.report.run_command`), with the storage options of ``--config``."""
+    import os
+
+    from .report import write_report
+
+    with _store_errors(args.store):
+        path = write_report(args.out, args.store, args.run, scores=args.scores, top=args.top,
+                            storage_options=_storage_options(args))
+    print(f"wrote {path} ({os.path.getsize(path) / 1024:,.0f} KiB)")
+    return 0
+
+
 def _cmd_cluster_spec(args) -> int:
     from .kube import cluster_spec
 
@@ -277,7 +397,9 @@ def _cmd_cluster_spec(args) -> int:
 def _cmd_models_gc(args) -> int:
     from .store import ModelStore
 
-    removed = ModelStore(args.store).gc(keep=args.keep, pending=args.pending, dry_run=args.dry_run)
+    st = ModelStore(args.store, storage_options=_storage_options(args))
+    with _store_errors(args.store):
+        removed = st.gc(keep=args.keep, pending=args.pending, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(removed)} run(s)" + (": " + ", ".join(removed) if removed else ""))
     return 0

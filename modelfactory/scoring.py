@@ -195,9 +195,9 @@ def _decode(src: ModelSource, blob: bytes):
         from .models import stored_class
 
         return stored_class(src.model).from_bytes(blob)
-    import cloudpickle
+    from .store import unpickle_model
 
-    return cloudpickle.loads(blob)
+    return unpickle_model(blob, src.run_id)
 
 
 def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, errors: list,

@@ -251,9 +251,7 @@ class ModelStore:
         if hit["status"] != "ok":
             raise StoreError(f"Group {dict(zip(by, want))} has no model: {hit['status']} ({hit['error']}).")
         if serializer != "native":
-            import cloudpickle
-
-            return cloudpickle.loads(hit["model"])
+            return unpickle_model(hit["model"], man["run_id"])
         return stored_class(man["spec"]["model"]).from_bytes(hit["model"])
 
     # -- writing (the client commits) ------------------------------------
@@ -301,6 +299,67 @@ class ModelStore:
                     self.location.rm(f"runs/{rid}/manifest.json")
                 self.location.rm(f"runs/{rid}", recursive=True)
         return drop
+
+
+def unpickle_model(blob: bytes, run_id: str):
+    """A pickled user model; StoreError naming its class when this process cannot import it
+    (its module is not installed here, or has no such class)."""
+    import cloudpickle
+
+    try:
+        return cloudpickle.loads(blob)
+    except (ModuleNotFoundError, AttributeError) as err:
+        cls = _unimportable_global(blob, err)
+        if cls is None:
+            raise
+        raise StoreError(f"The models of run {run_id!r} are instances of {cls}, which this process cannot "
+                         f"import ({type(err).__name__}: {err}): make that module importable here "
+                         "(install it or put it on PYTHONPATH).") from err
+
+
+def _unimportable_global(blob: bytes, err: BaseException) -> str | None:
+    """``module.Name`` of the first class (or function) that the pickle ``blob`` refers to and
+    this process cannot import; None when there is none (``err`` came from the model's own code)."""
+    import contextlib
+    import importlib
+    import pickletools
+
+    refs: list[tuple] = []
+    memo: dict = {}
+    pushed: list = []  # what each op (but the memo ops) left on top of the stack, when it is a name
+    with contextlib.suppress(Exception):  # a pickle we cannot read through: the names found so far
+        for op, arg, _ in pickletools.genops(blob):
+            if op.name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = pushed[-1] if pushed else None
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed.append(memo.get(arg))
+            elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                pushed.append(arg)
+            elif op.name == "STACK_GLOBAL" and len(pushed) >= 2:
+                refs.append((pushed[-2], pushed[-1]))
+                pushed.append(None)
+            elif op.name == "GLOBAL":
+                refs.append(tuple(arg.split(" ", 1)))
+                pushed.append(None)
+            else:
+                pushed.append(None)
+    missing = err.name if isinstance(err, ModuleNotFoundError) else None
+    for module, name in refs:
+        if not (isinstance(module, str) and isinstance(name, str)):
+            continue
+        if missing:
+            if module == missing or module.startswith(missing + "."):
+                return f"{module}.{name}"
+            continue
+        try:
+            obj = importlib.import_module(module)
+            for part in name.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            return f"{module}.{name}"
+    return None
 
 
 SIGNING_ENV = "MODELFACTORY_SIGNING_KEY"

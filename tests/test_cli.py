@@ -171,7 +171,7 @@ def test_dask_log_lines_stay_off_stderr_unless_verbose(by_day, tmp_path):
 
 def test_a_usage_mistake_is_one_error_line_with_the_closest_name(capsys):
     cases = [(["train", "d", "--by", "a", "--tme", "ts", "--target", "v", "--store", "s"],
-              "error: unrecognized arguments: --tme ts (did you mean --time?); see python -m modelfactory --help"),
+              "error: unrecognized arguments: --tme ts (did you mean --time?); see python -m modelfactory train --help"),
              (["trian", "d"], "(did you mean train?); see python -m modelfactory --help"),
              (["models", "sho"], "(did you mean show?); see python -m modelfactory models --help"),
              (["train", "d"], ("error: the following arguments are required: --by, --target, --store; "
@@ -181,3 +181,32 @@ def test_a_usage_mistake_is_one_error_line_with_the_closest_name(capsys):
             main(argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and want in err, err
+
+
+@pytest.mark.parametrize("argv, want", [
+    # an option of another command: say so, and point at this command's help
+    (["train", "d", "--by", "a", "--target", "v", "--store", "s", "--out", "x"],
+     ("error: unrecognized arguments: --out x (--out is not an option of `train`); "
+      "see python -m modelfactory train --help")),
+    (["models", "show", "--store", "s", "--quiet"],
+     ("error: unrecognized arguments: --quiet (--quiet is not an option of `models show`); "
+      "see python -m modelfactory models show --help")),
+    # a misspelling: the hint comes from this command's own options only
+    (["models", "show", "--store", "s", "--trsut"],
+     ("error: unrecognized arguments: --trsut (did you mean --trust?); "
+      "see python -m modelfactory models show --help")),
+    (["models", "list", "--store", "s", "--quite"],
+     "error: unrecognized arguments: --quite; see python -m modelfactory models list --help"),
+])
+def test_a_usage_hint_names_only_the_failing_commands_own_options(capsys, argv, want):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err == want + "\n", err
+
+
+@pytest.mark.parametrize("text, value", [("trend=None", None), ("trend=none", None), ("trend=null", None),
+                                         ("trend=add", "add"), ("n=3", 3), ("name=Nonesuch", "Nonesuch")])
+def test_a_param_of_none_is_read_as_none(text, value):
+    args = build_parser().parse_args(["train", "d", "--by", "a", "--target", "v", "--store", "s", "-p", text])
+    assert args.param == [(text.split("=")[0], value)]
