@@ -360,31 +360,20 @@ def _show(st, args, parse_key) -> int:
 
 
 def _cmd_plot(args) -> int:
-    """``plot`` (:func:`modelfactory.plot.run_command`), with the storage options of ``--config``."""
-    from .plot import _plot, format_key, load_series
+    """``plot``, with the storage options of ``--config``."""
+    from .plot import draw_command, load_command
 
-    source = args.scores if args.scores is not None else args.store
-    with _store_errors(source, "the scores folder" if args.scores is not None else "the store"):
-        series = load_series(source, args.key, run=args.run, data=args.data, time=args.time,
-                             target=args.target, start=args.start, end=args.end, trust=args.trust,
-                             storage_options=_storage_options(args))
-    _plot(series, None, args.out)
-    print(f"wrote {args.out}: {format_key(series.key)}, {len(series.frame):,} points, "
-          f"{series.anomalies:,} anomalies")
-    return 0
+    with _store_errors(*((args.scores, "the scores folder") if args.scores is not None else (args.store,))):
+        series = load_command(args, _storage_options(args))
+    return draw_command(args, series)  # outside: a local file error is not the store's
 
 
 def _cmd_report(args) -> int:
-    """``report`` (:func:`modelfactory.report.run_command`), with the storage options of ``--config``."""
-    import os
-
-    from .report import write_report
+    """``report``, with the storage options of ``--config``."""
+    from .report import run_command
 
     with _store_errors(args.store):
-        path = write_report(args.out, args.store, args.run, scores=args.scores, top=args.top,
-                            storage_options=_storage_options(args))
-    print(f"wrote {path} ({os.path.getsize(path) / 1024:,.0f} KiB)")
-    return 0
+        return run_command(args, _storage_options(args))
 
 
 def _cmd_cluster_spec(args) -> int:

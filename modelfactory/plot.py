@@ -620,11 +620,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, storage_options: dict | None = None) -> int:
     """Run ``plot`` from parsed ``args``: write the picture, print one line, return 0."""
+    return draw_command(args, load_command(args, storage_options))
+
+
+def load_command(args: argparse.Namespace, storage_options: dict | None = None) -> "Series":
+    """The series ``plot``'s ``args`` name (all the reading a ``plot`` does)."""
     source = args.scores if args.scores is not None else args.store
-    series = load_series(source, args.key, run=args.run, data=args.data, time=args.time, target=args.target,
-                         start=args.start, end=args.end, trust=args.trust)
+    return load_series(source, args.key, run=args.run, data=args.data, time=args.time, target=args.target,
+                       start=args.start, end=args.end, trust=args.trust, storage_options=storage_options)
+
+
+def draw_command(args: argparse.Namespace, series: "Series") -> int:
+    """Draw ``series`` into ``args.out``; print one line; return 0."""
     _plot(series, None, args.out)
     print(f"wrote {args.out}: {format_key(series.key)}, {len(series.frame):,} points, "
           f"{series.anomalies:,} anomalies")

@@ -464,8 +464,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, storage_options: dict | None = None) -> int:
     """Run ``report`` from parsed ``args``: write the file, print one line, return 0."""
-    path = write_report(args.out, args.store, args.run, scores=args.scores, top=args.top)
+    path = write_report(args.out, args.store, args.run, scores=args.scores, top=args.top,
+                        storage_options=storage_options)
     print(f"wrote {path} ({os.path.getsize(path) / 1024:,.0f} KiB)")
     return 0
