@@ -31,7 +31,7 @@ from .models.base import Model
 from .plan import Plan, plan
 from .result import Run, table_run
 from .run import Progress, execute, isolate, open_client, run_shuffled, run_units, worker_count
-from .store import ModelStore, leaf_index, new_run_id
+from .store import ModelStore, leaf_index, new_run_id, read_part
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
 
@@ -192,6 +192,20 @@ def _real(loc: Location) -> str:
     return os.path.realpath(root) if loc.is_local else root
 
 
+def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], parts: list) -> int:
+    """How many groups of run ``base_id`` the new run's ``parts`` (not committed yet) lack:
+    keys only are read."""
+    from dataclasses import asdict
+
+    cols = list(by)
+    base = st.table(base_id, columns=cols)
+    new = [read_part(st.location, asdict(p), cols) for p in parts]
+    if not new:
+        return base.num_rows
+    new_keys = pa.concat_tables(new).group_by(cols).aggregate([])
+    return base.join(new_keys.cast(base.select(cols).schema), cols, join_type="left anti").num_rows
+
+
 def _raise_unit_failure(run_id: str, err: BaseException, *, resumable: bool = False) -> None:
     again = (f"run again with resume={run_id!r} (--resume {run_id}): the units already done are kept"
              if resumable else "run again")
@@ -334,10 +348,17 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     for r in results:
         for k, v in r.carried.items():
             carried[k] = carried.get(k, 0) + v
+    lineage = {"retrain": retrain, "base_run": base_id, "carried_over": carried}
+    if retrain is not None:
+        lineage["not_in_input"] = _base_groups_left_out(st, base_id, by_, [p for r in results for p in r.parts])
+        if lineage["not_in_input"]:
+            log.warning("%d group(s) of run %s are not in this input, so run %s has no model for them: a retrain's "
+                        "groups are those of its input (score them with run=%r)", lineage["not_in_input"], base_id,
+                        run_id, base_id)
     manifest = {
         "kind": "train",
         "spec": job,
-        "lineage": {"retrain": retrain, "base_run": base_id, "carried_over": carried},
+        "lineage": lineage,
         "input": {"url": info.source.url, "fingerprint": info.fingerprint(), "rows": info.rows,
                   "files": len(info.files), "partition_keys": list(info.source.partition_keys)},
         "summary": summary,

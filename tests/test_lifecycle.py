@@ -109,7 +109,7 @@ def test_only_failed_retrains_exactly_the_failed_groups(tmp_path):
     assert set(t.index[t.fitted_in == second.id]) == {"s001", "s003"}
     assert set(t.index[t.fitted_in == first.id]) == {"s000", "s002", "s004"}
     lineage = modelfactory.ModelStore(store).manifest()["lineage"]
-    assert lineage == {"retrain": "failed", "base_run": first.id, "carried_over": {first.id: 3}}
+    assert lineage == {"retrain": "failed", "base_run": first.id, "carried_over": {first.id: 3}, "not_in_input": 0}
 
 
 def test_only_changed_retrains_the_groups_whose_data_changed(tmp_path):
@@ -277,3 +277,21 @@ def test_sys_exit_in_user_code_fails_its_group_not_the_process(tmp_path):
                                  cluster="inline")
     assert applied.summary["counts"] == {"ok": 3, "failed": 1, "skipped": 0}
     assert applied.groups.set_index("site").loc["s002", "error"].startswith("SystemExit: 1")
+
+
+def test_a_retrain_says_how_many_groups_of_its_base_its_input_lacks(tmp_path, caplog):
+    """A retrain's groups are those of its input: a base group missing from it is left out,
+    counted in the lineage and said in a warning, not dropped without a word."""
+    t = metrics_table(series=4, hours=48, apps=1)
+    data = write(t, tmp_path / "d", ["site"])
+    store = str(tmp_path / "s")
+    first = modelfactory.train(data, store=store, cluster="inline", **ARGS)
+    import shutil
+
+    shutil.rmtree(tmp_path / "d" / "site=s003")
+    caplog.set_level("WARNING", logger="modelfactory")
+    second = modelfactory.train(data, store=store, cluster="inline", retrain="changed", **ARGS)
+    lineage = modelfactory.ModelStore(store).manifest()["lineage"]
+    assert lineage["not_in_input"] == 1 and lineage["carried_over"] == {first.id: 3}
+    assert (f"1 group(s) of run {first.id} are not in this input, so run {second.id} has no model for them"
+            in caplog.text)
