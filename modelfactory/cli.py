@@ -24,7 +24,7 @@ def _param(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     k, v = text.split("=", 1)
-    if v.strip() in ("None", "none", "null"):  # Python's spelling too: -p trend=None
+    if v.strip() == "None":  # Python's spelling of JSON's null (not "none": debounce=none is text)
         return k.strip(), None
     try:
         return k.strip(), json.loads(v)
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="seasonal", help="built-in model name (default: seasonal)")
     t.add_argument("--param", "-p", action="append", type=_param, default=[], metavar="NAME=VALUE",
                    help="model parameter, repeatable (e.g. -p season_length=168); a JSON value, "
-                        "None (or none, null) or text")
+                        "None (or null) or text")
     t.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
     r = t.add_argument_group("lifecycle")
     r.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",

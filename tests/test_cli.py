@@ -205,7 +205,7 @@ def test_a_usage_hint_names_only_the_failing_commands_own_options(capsys, argv, 
     assert exit_.value.code == 2 and err == want + "\n", err
 
 
-@pytest.mark.parametrize("text, value", [("trend=None", None), ("trend=none", None), ("trend=null", None),
+@pytest.mark.parametrize("text, value", [("trend=None", None), ("trend=null", None), ("debounce=none", "none"),
                                          ("trend=add", "add"), ("n=3", 3), ("name=Nonesuch", "Nonesuch")])
 def test_a_param_of_none_is_read_as_none(text, value):
     args = build_parser().parse_args(["train", "d", "--by", "a", "--target", "v", "--store", "s", "-p", text])
