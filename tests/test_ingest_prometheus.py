@@ -451,3 +451,16 @@ def test_an_unreachable_object_store_is_an_ingest_error(tmp_path):
                                               r"EndpointConnectionError: .*Check the endpoint"):
             prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out="s3://prom-bucket/data",
                        storage_options=opts)
+
+
+def test_a_label_value_parquet_reads_as_null_is_refused(tmp_path):
+    def answer(req):
+        values = [[float(req.form["start"]), "1"]]
+        return ps.matrix([{"metric": {"app": "x", "site": "__HIVE_DEFAULT_PARTITION__"}, "values": values},
+                          {"metric": {"app": "x", "site": "ok"}, "values": values}])
+
+    with ps.FakeServer(answer) as srv:
+        with pytest.raises(IngestError, match=r"has site='__HIVE_DEFAULT_PARTITION__', the folder name Hive and "
+                                              r"Arrow read as a missing value: rename that value"):
+            prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app", "site"], out=str(tmp_path))
+    assert files(tmp_path) == set()

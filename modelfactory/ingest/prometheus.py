@@ -476,6 +476,9 @@ def _fmt(key: tuple) -> str:
     return name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
 
 
+_HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+
+
 def _check_labels(spec: PrometheusSpec, series: Mapping[tuple, Any]) -> None:
     lacking = {}
     for key in series:
@@ -487,6 +490,11 @@ def _check_labels(spec: PrometheusSpec, series: Mapping[tuple, Any]) -> None:
         missing = [c for c in spec.by if c not in cols]
         if missing:
             lacking[key] = missing
+        labels = {_col(k): v for k, v in key}
+        hive_null = [c for c in spec.by if labels.get(c) == _HIVE_NULL]
+        if hive_null:  # Parquet readers read that folder name as a null key, whatever its escaping
+            raise IngestError(f"Series {_fmt(key)} has {hive_null[0]}={_HIVE_NULL!r}, the folder name Hive and "
+                              "Arrow read as a missing value: rename that value in the query with label_replace().")
     if lacking:
         missing = sorted({c for m in lacking.values() for c in m})
         examples = "; ".join(_fmt(k) for k in sorted(lacking)[:3])
