@@ -73,6 +73,9 @@ class Location:
             return
         except FileNotFoundError:
             pass
+        except PermissionError as err:  # exists() says False for a 403 too
+            raise error(f"Access to {self.url!r} was denied ({err}): check the credentials "
+                        "(AWS_* environment, ~/.aws, or storage_options).") from err
         except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
             from .exceptions import describe_error
 
@@ -127,7 +130,7 @@ class Location:
 
     def is_bucket(self, path: str | None = None) -> bool:
         """Whether ``path`` (default: this location's root) is an object store's bucket root."""
-        return not self.is_local and "/" not in (self.root if path is None else path).strip("/")
+        return self.protocol in _BUCKET_PROTOCOLS and "/" not in (self.root if path is None else path).strip("/")
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
@@ -142,6 +145,10 @@ class Location:
             return []
         root = self.root.strip("/") + "/"
         return sorted(p.strip("/").split(root, 1)[-1] for p in found)
+
+
+#: fsspec protocols whose first path segment is a bucket (or container).
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
 
 
 def url_to_fs(url: str, storage_options: dict | None = None, *, error: type[Exception] | None = None):

@@ -192,18 +192,37 @@ def _real(loc: Location) -> str:
     return os.path.realpath(root) if loc.is_local else root
 
 
-def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], parts: list) -> int:
+def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], parts: list) -> int | None:
     """How many groups of run ``base_id`` the new run's ``parts`` (not committed yet) lack:
-    keys only are read."""
+    keys only are read, matched as scoring matches them (a key value that does not convert
+    exactly to the stored type matches nothing).  None if they cannot be counted: a count
+    never stops a commit."""
     from dataclasses import asdict
 
+    from .scoring import _exactly
+
     cols = list(by)
-    base = st.table(base_id, columns=cols)
-    new = [read_part(st.location, asdict(p), cols) for p in parts]
-    if not new:
-        return base.num_rows
-    new_keys = pa.concat_tables(new).group_by(cols).aggregate([])
-    return base.join(new_keys.cast(base.select(cols).schema), cols, join_type="left anti").num_rows
+    try:
+        base = st.table(base_id, columns=cols)
+        new = [read_part(st.location, asdict(p), cols) for p in parts]
+        if not new:
+            return base.num_rows
+        keys = pa.concat_tables(new, promote_options="permissive").combine_chunks()
+        arrays = []
+        for c in cols:
+            col = keys[c].chunk(0) if keys[c].num_chunks else pa.array([], keys[c].type)
+            if pa.types.is_dictionary(col.type):
+                col = col.dictionary_decode()
+            want = base.schema.field(c).type
+            want = want.value_type if pa.types.is_dictionary(want) else want
+            arrays.append(col if col.type == want else _exactly(col, want))
+        base = base.select(cols).cast(pa.schema([(c, arrays[i].type) for i, c in enumerate(cols)]))
+        new_keys = pa.table(arrays, names=cols).group_by(cols).aggregate([])
+        return base.join(new_keys, cols, join_type="left anti").num_rows
+    except Exception as err:  # noqa: BLE001 - a count for the manifest, not worth a failed commit
+        log.warning("could not count the groups of run %s missing from this input: %s", base_id,
+                    kernel.describe_error(err))
+        return None
 
 
 def _raise_unit_failure(run_id: str, err: BaseException, *, resumable: bool = False) -> None:

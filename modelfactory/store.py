@@ -7,9 +7,10 @@ Layout under the store's root (a folder or any fsspec URL)::
                                             error, rows, seconds, model bytes
     runs/<run_id>/manifest.json             written last: the commit point
     LATEST                                  the id of the newest committed run
+                                            that fitted a model
 
 Workers write the part files; the client writes the manifest only after every
-unit has succeeded, then moves ``LATEST``.  A run without a manifest is
+unit has succeeded, then moves ``LATEST`` (unless the run fitted no model).  A run without a manifest is
 invisible (and removable), so a crash never leaves a half-visible run.
 """
 from __future__ import annotations
@@ -123,7 +124,8 @@ class ModelStore:
 
     @_denied_is_a_store_error
     def latest(self) -> str | None:
-        """The id of the newest committed run, or None for an empty store."""
+        """The id of the newest committed run that fitted a model (runs that fitted none never
+        become LATEST), or None."""
         if not self.location.exists("LATEST"):
             return None
         return self.location.read_bytes("LATEST").decode().strip()
@@ -133,6 +135,13 @@ class ModelStore:
         if run in (None, "latest"):
             rid = self.latest()
             if rid is None:
+                runs = self.runs()
+                if runs:  # only runs that fitted no model, which never become LATEST
+                    raise StoreError(
+                        f"No run of the store at {self.location.url!r} has fitted a model yet: its runs "
+                        f"({', '.join(runs[-3:])}) fitted none, so none is LATEST. Read their errors with "
+                        f"run={runs[-1]!r} (--run), retrain them with base={runs[-1]!r} (--base) and "
+                        "retrain='failed' (--only-failed), or train again.")
                 raise StoreError(f"The store at {self.location.url!r} has no committed run yet. "
                                  "Train first: modelfactory.train(..., store=...).")
             if not self.location.exists(f"runs/{rid}/manifest.json"):

@@ -452,3 +452,17 @@ def test_an_output_folder_that_is_a_file_is_refused_and_kept(tmp_path):
         modelfactory.apply(path, by="app", func=len, schema="n bigint", cluster="inline",
                            out=str(tmp_path / "afile"), overwrite=True)
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_overwrite_empties_a_top_level_folder_of_a_store_without_buckets(by_app):
+    """Only object stores' first path segment is a bucket: memory://scores is a folder."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/mf-top-level-out/old.parquet", b"old")
+    run = modelfactory.apply(by_app, by=["app", "site"], func=lambda df: df[["app", "site"]].head(1),
+                             schema="app string, site string", out="memory://mf-top-level-out", overwrite=True,
+                             cluster="inline")
+    assert run.summary["counts"]["ok"] == 12
+    assert not fs.exists("/mf-top-level-out/old.parquet")
+    fs.rm("/mf-top-level-out", recursive=True)

@@ -47,6 +47,14 @@ def test_a_run_that_fits_no_model_is_kept_but_never_becomes_latest(by_app, tmp_p
     # scoring goes on with the models of the run that has them
     scored = modelfactory.score(by_app, store=store, out=str(tmp_path / "o"), cluster="inline")
     assert scored.summary["counts"]["ok"] == 12
+    # a store whose only run fitted nothing says so, and what to do
+    lone = str(tmp_path / "lone")
+    assert main([*argv[:-5], "--store", lone, "--scheduler", "inline", "--quiet", "-p", "season_length=500"]) == 2
+    (only,) = modelfactory.ModelStore(lone).runs()
+    with pytest.raises(modelfactory.exceptions.StoreError,
+                       match=rf"No run of the store at .* has fitted a model yet: its runs \({only}\) fitted none.*"
+                             rf"retrain them with base='{only}' \(--base\) and retrain='failed'"):
+        modelfactory.score(by_app, store=lone, out=str(tmp_path / "o2"), cluster="inline")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -295,3 +295,23 @@ def test_a_retrain_says_how_many_groups_of_its_base_its_input_lacks(tmp_path, ca
     assert lineage["not_in_input"] == 1 and lineage["carried_over"] == {first.id: 3}
     assert (f"1 group(s) of run {first.id} are not in this input, so run {second.id} has no model for them"
             in caplog.text)
+
+
+def test_a_retrain_counts_left_out_groups_across_key_types_the_store_accepts(tmp_path):
+    """Base keys int64 (a flat file), new keys text with a value that is no int: the count of
+    left-out groups matches as scoring does, instead of a raw ArrowInvalid after every unit ran."""
+    import pyarrow.parquet as pq
+
+    t = metrics_table(series=4, hours=48, apps=1)
+    ints = t.set_column(t.schema.get_field_index("site"), "site",
+                        pa.array([int(s[1:]) for s in t["site"].to_pylist()], pa.int64()))
+    texts = t.set_column(t.schema.get_field_index("site"), "site",
+                         pa.array([s[1:].lstrip("0") or "0" if s != "s003" else "x" for s in t["site"].to_pylist()]))
+    for name, table in (("d1", ints), ("d2", texts)):
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "a.parquet")
+    store = str(tmp_path / "s")
+    first = modelfactory.train(str(tmp_path / "d1"), store=store, cluster="inline", **ARGS)
+    modelfactory.train(str(tmp_path / "d2"), store=store, cluster="inline", retrain="changed", **ARGS)
+    lineage = modelfactory.ModelStore(store).manifest()["lineage"]
+    assert lineage["carried_over"] == {first.id: 3} and lineage["not_in_input"] == 1  # site 3 became "x"

@@ -217,6 +217,13 @@ def test_wrong_credentials_are_a_clear_error_naming_the_data(s3, data, prefix, a
 
 
 @pytest.mark.timeout(30)
+def test_wrong_credentials_for_a_new_output_are_a_credentials_error_not_a_network_one(s3, data, prefix, auth_on):
+    from modelfactory._io import Location
+
+    with pytest.raises(StoreError, match=rf"Access to '{prefix}/out' was denied .*: check the credentials"):
+        Location.of(f"{prefix}/out", _wrong(s3)).check_bucket(StoreError)
+
+
 def test_wrong_credentials_are_a_clear_error_naming_the_store(s3, data, prefix, auth_on):
     bad = _wrong(s3)
     with pytest.raises(StoreError, match=f"(?s)'{prefix}/store'.*(credential|denied|forbidden|permission)"):
