@@ -427,9 +427,12 @@ def write_report(out: str | os.PathLike, store: Any, run: str = "latest", *, sco
         raise ModelFactoryError(f"Cannot write {path!r}: the folder {parent!r} does not exist.")
     text = build_report(store, run, scores=scores, top=top, storage_options=storage_options)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as err:  # the report's own file, not the store: say so
+        raise ModelFactoryError(f"Cannot write {path!r}: {err.strerror or err}.") from err
     return path
 
 

@@ -322,16 +322,16 @@ def watch_workers(client, every: float | None = None) -> Iterator[None]:
     address = getattr(getattr(client, "scheduler", None), "address", None) or "?"
 
     def watch() -> None:
-        waited = 0.0
+        waited = 0.0  # since the last time a worker was seen
         while not stop.wait(every):
-            waited += every
             try:
                 workers = client.scheduler_info(n_workers=1).get("workers", {})  # one is enough
             except Exception:  # noqa: BLE001 - the run itself reports a lost scheduler
                 return
+            waited = 0.0 if workers else waited + every
             if not workers and not stop.is_set():
-                log.warning("no Dask worker has joined the scheduler at %s for %.0f s; the run is waiting "
-                            "for one (start workers with `dask worker %s`)", address, waited, address)
+                log.warning("the scheduler at %s has had no Dask worker for %.0f s; the run is waiting for one "
+                            "(start workers with `dask worker %s`)", address, waited, address)
 
     thread = threading.Thread(target=watch, name="modelfactory-watch-workers", daemon=True)
     thread.start()

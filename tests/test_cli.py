@@ -60,7 +60,7 @@ def test_a_run_that_fits_no_model_is_kept_but_never_becomes_latest(by_app, tmp_p
 @pytest.mark.parametrize("argv, message", [
     (["--target", "latency"], "error: The target column 'latency' is not in the dataset"),
     (["--target", "value", "--model", "seasonl"], "error: Unknown model 'seasonl'. Did you mean 'seasonal'?"),
-    (["--target", "value", "-p", "threshold=-1"], "error: The 'threshold' parameter of SeasonalProfile must be a float >= 0.0. Got -1 instead."),
+    (["--target", "value", "-p", "threshold=-1"], "error: The 'threshold' parameter of SeasonalProfile must be a finite float >= 0.0. Got -1 instead."),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(by_app, tmp_path, capsys, argv, message):
     store = tmp_path / "s"

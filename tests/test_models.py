@@ -140,7 +140,7 @@ def test_unknown_parameter_names_the_closest_valid_one():
     ("holt_winters", {"season_length": 1},
      r"The 'season_length' parameter of HoltWinters must be an int >= 2\. Got 1 instead\."),
     ("holt_winters", {"max_missing": 2.0},
-     r"The 'max_missing' parameter of HoltWinters must be a float in \[0\.0, 0\.9\]\. Got 2\.0 instead\."),
+     r"The 'max_missing' parameter of HoltWinters must be a finite float in \[0\.0, 0\.9\]\. Got 2\.0 instead\."),
     ("holt_winters", {"interval": "wide"},
      r"The 'interval' parameter of HoltWinters must be one of 'ets', 'flat'\. Got 'wide' instead\."),
     ("seasonal", {"step": 0}, r"The 'step' parameter of SeasonalProfile must be an int \(or None\) >= 1"),
@@ -148,7 +148,7 @@ def test_unknown_parameter_names_the_closest_valid_one():
     ("ets", {"trend": "mul"}, r"The 'trend' parameter of ETS must be one of 'add', None\. Got 'mul'"),
     ("sarimax", {"d": 3}, r"The 'd' parameter of SARIMAX must be an int in \[0, 2\]\. Got 3 instead\."),
     ("isolation_forest", {"n_estimators": 0}, r"'n_estimators' parameter of IsolationForest must be an int in"),
-    ("random_forest", {"max_features": 1.5}, r"'max_features' parameter of RandomForest must be a float in"),
+    ("random_forest", {"max_features": 1.5}, r"'max_features' parameter of RandomForest must be a finite float in"),
     ("autoencoder", {"window": True}, r"'window' parameter of Autoencoder must be an int in \[2, 10000\]\. Got True"),
 ])
 def test_out_of_range_parameters_say_what_is_allowed(name, params, message):
@@ -314,11 +314,12 @@ def test_a_stored_model_name_nobody_registered_is_a_clear_error():
 
 def test_nan_parameters_are_refused_and_numpy_scalars_are_plain_values():
     """NaN passed every bound (NaN < low is False): threshold=NaN trained a model that never alerts."""
-    with pytest.raises(ParameterError, match=r"The 'threshold' parameter of SeasonalProfile must be a float >= 0\.0\. "
-                                             r"Got nan instead\."):
-        get("seasonal", threshold=float("nan")).validate_params()
-    with pytest.raises(ParameterError, match=r"Got inf instead"):
-        get("seasonal", threshold=np.inf).validate_params()
+    for bad in ("nan", "inf"):
+        with pytest.raises(ParameterError, match=rf"The 'threshold' parameter of SeasonalProfile must be a finite float "
+                                                 rf">= 0\.0\. Got {bad} instead\."):
+            get("seasonal", threshold=float(bad)).validate_params()
+    # a parameter of any kind (a user's Param(..., object)) takes what it is given
+    base.Param(None).check("User", "anything", float("nan"))
     m = get("seasonal", threshold=np.float32(4), season_length=np.int64(12))
     m.validate_params()
     assert type(m.threshold) is float and type(m.season_length) is int

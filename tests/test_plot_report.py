@@ -325,11 +325,15 @@ def test_report_command_and_errors(runs, tmp_path, capsys, monkeypatch):
                   "--out", str(out)], monkeypatch) == 0
     assert capsys.readouterr().out.startswith(f"wrote {out} (")
     check_report_html(out.read_text(encoding="utf-8"))
+    taken = tmp_path / "taken.html"
+    taken.mkdir()
     for argv, message in [
         (["--store", str(tmp_path / "nostore")], f"error: No model store at '{tmp_path / 'nostore'}'"),
         (["--store", runs["store_seasonal"], "--run", "nope"], "error: No committed run 'nope'"),
         (["--store", runs["store_seasonal"], "--scores", str(tmp_path / "x")], "error: No scores folder at"),
         (["--store", runs["store_seasonal"], "--out", str(tmp_path / "no" / "r.html")], "error: Cannot write"),
+        # the report's own file cannot be written (a folder of that name): not the store's error
+        (["--store", runs["store_seasonal"], "--out", str(taken)], f"error: Cannot write '{taken}': Is a directory"),
     ]:
         assert _main(["report", *argv], monkeypatch) == 2
         err = capsys.readouterr().err

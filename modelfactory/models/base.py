@@ -61,8 +61,8 @@ class Param:
         kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
         names = [k.__name__ for k in kinds if k is not type(None)]
         words = " or ".join(names) if names else "None"
-        if float in kinds and self.low is None and self.high is None:
-            words = "finite " + words  # bounds say it already
+        if float in kinds:
+            words = "finite " + words
         words = ("an " if words[:1] in "aeiou" else "a ") + words
         if type(None) in kinds and names:
             words += " (or None)"
@@ -84,8 +84,8 @@ class Param:
                 pass
             elif not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 ok = False
-            if ok and isinstance(value, float) and not math.isfinite(value):
-                ok = False  # NaN passes every comparison below; neither fits in a JSON manifest
+            if ok and float in kinds and isinstance(value, float) and not math.isfinite(value):
+                ok = False  # NaN passes every comparison below; a model with it never alerts
             if ok and value is not None and not isinstance(value, (str, bool)):
                 if self.low is not None and value < self.low:
                     ok = False

@@ -282,9 +282,11 @@ class HoltWinters(Model):
         why: dict[int, str] = {}
         for i in np.flatnonzero(sparse).tolist():
             first = int(batch.times[batch.offsets[i]:batch.offsets[i + 1]].min())
-            why[i] = (f"holt_winters: {1 - finite[i] / window[i]:.0%} of the time steps are missing (NaN or "
-                      f"absent), more than max_missing={proto.max_missing}: its {finite[i]} values span "
-                      f"{int(span[i]):,} steps of {int(steps[i])} s, from {_stamp(first)} to {_stamp(int(last[i]))}")
+            gone = 1 - finite[i] / window[i]
+            why[i] = (f"holt_winters: {gone:.0%}" if gone < 0.995 else f"holt_winters: {gone:.3%}") + (
+                f" of the time steps are missing (NaN or absent), more than max_missing={proto.max_missing}: "
+                f"its {finite[i]} values span {int(span[i]):,} steps of {int(steps[i])} s, from {_stamp(first)} "
+                f"to {_stamp(int(last[i]))}")
         placed = np.flatnonzero(~sparse)
         part = batch if placed.size == n else batch.subset(placed)
         Yp, tp, gp = batch_to_grid(part, steps[placed], max_len=proto.max_length)
