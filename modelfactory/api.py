@@ -489,7 +489,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
 
     ``keys`` are all scalars, all tuples of one length, or all dicts with the
     same names (then ``by`` defaults to those names); ``func`` gets each key as
-    it was given (a dict key as a dict).  The values of each part of the keys
+    it was given (a dict key as a dict, its names in ``by`` order).  The values of each part of the keys
     make one column of the group table, so they must be of one type (ints and
     floats mix as floats).  Keys that do not fit are refused before anything
     runs, naming the first such key.  So are keys given more than once (a
@@ -525,7 +525,9 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     if len(by_) != width:
         raise ModelFactoryError(f"by names {len(by_)} column(s) but the keys have {width} part(s).")
     key_types = _key_types(keys, rows, by_)
-    _refuse_duplicates(keys, rows)
+    # duplicates as the group table will hold them ("a" and b"a" are one binary value there)
+    as_stored = list(zip(*[pa.array([r[i] for r in rows], type=t).to_pylist() for i, t in enumerate(key_types)]))
+    _refuse_duplicates(keys, as_stored)
     out_schema = parse_schema(schema) if schema is not None else None
     if out is not None and out_schema is None:
         raise ModelFactoryError("out= needs schema= (the rows func returns are written as Parquet).")
@@ -621,6 +623,10 @@ def _key_types(keys: list, rows: list[tuple], by: tuple[str, ...]) -> tuple:
             except (pa.ArrowException, TypeError, ValueError, OverflowError):
                 hi = mid
         bad, v = hi - 1, values[hi - 1]
+        if isinstance(v, int) and not isinstance(v, bool) and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in values[:bad]):
+            raise ModelFactoryError(f"map_keys: key #{bad} {_short(keys[bad])}: its value {_short(v)} does not fit "
+                                    "in a 64-bit integer, the type of a key column; pass it as text.")
         try:
             before = str(pa.array(values[:bad]).type) if bad else None
         except (pa.ArrowException, TypeError, ValueError, OverflowError):

@@ -21,6 +21,8 @@ def test_dict_keys_reach_func_as_the_dicts_passed():
     keys = [{"app": "a", "site": "s1"}, {"site": "s2", "app": "b"}]
     run = modelfactory.map_keys(keys, func=f, cluster="inline")
     assert seen == keys and all(type(k) is dict for k in seen)
+    # dicts compare without order: the names reach func in the order of `by` (the first key's)
+    assert [list(k) for k in seen] == [["app", "site"], ["app", "site"]]
     assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
     assert run.results == {("a", "s1"): "as1", ("b", "s2"): "bs2"}  # results: the values, in `by` order
     assert list(run.groups.columns[:2]) == ["app", "site"]
@@ -170,3 +172,11 @@ def test_keyboard_interrupt_is_not_swallowed():
 
     with pytest.raises(KeyboardInterrupt):
         modelfactory.map_keys(["a"], func=f, cluster="inline")
+
+
+def test_keys_that_are_one_key_once_stored_and_ints_too_big_are_refused():
+    with pytest.raises(ModelFactoryError, match=r"map_keys got 1 key more than once: 'a' \(2 times\)"):
+        modelfactory.map_keys(["a", b"a"], func=lambda k: 1, cluster="inline")  # one binary value once stored
+    with pytest.raises(ModelFactoryError, match=r"key #1 1180591620717411303424: its value .* does not fit in a "
+                                                r"64-bit integer, the type of a key column; pass it as text"):
+        modelfactory.map_keys([1, 2**70], func=lambda k: 1, cluster="inline")
