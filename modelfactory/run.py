@@ -545,13 +545,27 @@ def _key_digest(key: dict) -> str:
 def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:
     from .dataset import read_files
 
-    return read_files(spec.source, paths, list(spec.columns), spec.filter).to_pandas()
+    return _exact_pandas(read_files(spec.source, paths, list(spec.columns), spec.filter))
+
+
+def _exact_pandas(table: pa.Table) -> pd.DataFrame:
+    """``table`` as pandas for Dask's shuffle, every value kept: integer and boolean columns as
+    pandas' nullable types (to_pandas' default makes an integer column with a null float64, which
+    rounds values above 2**53, and the shuffle's chunks would get other types than the units')."""
+    return table.to_pandas(types_mapper=_NULLABLE.get)
+
+
+_NULLABLE = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+             pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+             pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(), pa.bool_(): pd.BooleanDtype()}
 
 
 def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.run_table) -> UnitResult:
     schema = pa.schema([spec.source.schema.field(c) for c in spec.columns])
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
-    return runner(spec, unit_id, table)
+    # the metadata a unit read from the files has (not that of the shuffle's pandas frames), so a
+    # group's pandas types are the same on both paths
+    return runner(spec, unit_id, table.replace_schema_metadata(spec.source.schema.metadata))
 
 
 def drop_unit_files(spec: JobSpec, unit_ids: list[str]) -> list[str]:
@@ -628,7 +642,7 @@ def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -
             cur, rows = [], 0
     if cur:
         chunks.append(tuple(cur))
-    meta = info.schema.empty_table().select(list(spec.columns)).to_pandas()
+    meta = _exact_pandas(info.schema.empty_table().select(list(spec.columns)))
     method = "p2p" if client is not None else "tasks"
     # dask turns object columns into Arrow strings by default, which breaks nested (list,
     # struct) columns; the partitions go back to Arrow with the dataset's own schema anyway
