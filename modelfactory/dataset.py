@@ -232,7 +232,8 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
             nulls[c] += column.null_count
         pk = ds.get_partition_keys(frag.partition_expression)
         size = getattr(md, "serialized_size", 0)
-        return FileInfo(frag.path, md.num_rows, size, tuple(pk.get(k) for k in keys)), nulls, physical
+        return (FileInfo(frag.path, md.num_rows, size, tuple(pk.get(k) for k in keys)), nulls, physical,
+                _beyond_ns(md, physical))
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(facts, fragments))
@@ -267,6 +268,8 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
             missing.update({f.name: (len(results), results[0][0].path) for f in extra})
             schema = pa.schema([f for f in schema if f.name not in keys] + extra + part_fields,
                                metadata=schema.metadata)
+    for name, (coarse, p1, p2) in _unsafe_ns(results, schema).items():  # before anything runs, not mid-run
+        conflicts.setdefault(name, (coarse, p1, schema.field(name).type, p2))
     source = Source(url, path, schema, keys, tuple(sorted((storage_options or {}).items())))
     files = [r[0] for r in results]
     null_counts = {c: sum(r[1][c] for r in results) for c in check}
@@ -276,6 +279,49 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
     if info.rows == 0:
         raise DatasetError(f"The dataset at {url!r} has {len(files)} Parquet file(s) but no rows.")
     return info
+
+
+# What a nanosecond timestamp holds: 1677-09-21T00:12:43 to 2262-04-11T23:47:16 (UTC).
+_NS_RANGE = (-(2**63) + 1, 2**63 - 1)
+
+
+def _beyond_ns(md, physical: pa.Schema) -> set[str]:
+    """The timestamp columns of a file, in a unit coarser than nanoseconds, whose footer
+    statistics hold a value a nanosecond timestamp cannot (a 9999-12-31 "never" sentinel):
+    read as nanoseconds, as when other files have that unit, the cast would fail mid-run."""
+    coarse = {f.name: f.type for f in physical if pa.types.is_timestamp(f.type) and f.type.unit != "ns"}
+    if not coarse:
+        return set()
+    per_ns = {"s": 10**9, "ms": 10**6, "us": 10**3}
+    index = {md.schema.column(i).path: i for i in range(md.num_columns)}
+    out = set()
+    for name, t in coarse.items():
+        if name not in index:
+            continue
+        for g in range(md.num_row_groups):
+            st = md.row_group(g).column(index[name]).statistics
+            if st is None or not st.has_min_max:
+                continue
+            lo, hi = (pa.scalar(v, t).cast(pa.int64()).as_py() for v in (st.min, st.max))
+            if not (_NS_RANGE[0] <= lo * per_ns[t.unit] and hi * per_ns[t.unit] <= _NS_RANGE[1]):
+                out.add(name)
+                break
+    return out
+
+
+def _unsafe_ns(results: list, schema: pa.Schema) -> dict[str, tuple[pa.DataType, str, str]]:
+    """Columns unified to nanosecond timestamps that some file's values do not fit:
+    name -> (that file's type, that file, a file with nanoseconds)."""
+    out = {}
+    for r in results:
+        for name in r[3]:
+            if name in schema.names and pa.types.is_timestamp(schema.field(name).type) \
+                    and schema.field(name).type.unit == "ns" and name not in out:
+                ns_file = next((q[0].path for q in results if name in q[2].names
+                                and q[2].field(name).type.unit == "ns"), None)
+                if ns_file is not None:
+                    out[name] = (r[2].field(name).type, r[0].path, ns_file)
+    return out
 
 
 def _unify(schemas: list[tuple[str, pa.Schema]], part_fields: list[pa.Field]):

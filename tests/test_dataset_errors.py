@@ -262,3 +262,30 @@ def test_a_filter_on_a_column_only_some_files_have(tmp_path):
     assert run.to_pandas().site.tolist() == ["s2"]
     with pytest.raises(SchemaError, match=r"The filter \(nope == 1\) does not fit the dataset at .*Columns: app, "):
         discover(path, filter=ds.field("nope") == 1)
+
+
+def test_timestamps_a_nanosecond_column_cannot_hold_are_refused_before_anything_runs(tmp_path):
+    """One file in microseconds with a year-2300 value, another in nanoseconds: the unified
+    nanosecond type cannot hold it, and the cast used to fail mid-run."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    import modelfactory
+    from modelfactory.exceptions import SchemaError
+
+    far = pa.table({"app": ["x"] * 3, "ts": pa.array([dt.datetime(2300, 1, 1, h) for h in range(3)], pa.timestamp("us")),
+                    "value": [1.0, 2, 3]})
+    near = pa.table({"app": ["y"] * 3, "ts": pa.array([1, 2, 3], pa.timestamp("ns")), "value": [1.0, 2, 3]})
+    pq.write_table(far, tmp_path / "a.parquet")
+    pq.write_table(near, tmp_path / "b.parquet")
+    with pytest.raises(SchemaError, match=rf"The time column 'ts' has conflicting types .*: timestamp\[us\] in "
+                                          rf"'{tmp_path / 'a.parquet'}' but timestamp\[ns\] in '{tmp_path / 'b.parquet'}'"):
+        modelfactory.apply(str(tmp_path), by="app", func=lambda df: df.head(1), schema="app string, value double",
+                           time="ts", cluster="inline")
+    # within the range, units still widen
+    pq.write_table(far.set_column(1, "ts", pa.array([dt.datetime(2200, 1, 1, h) for h in range(3)], pa.timestamp("us"))),
+                   tmp_path / "a.parquet")
+    run = modelfactory.apply(str(tmp_path), by="app", func=lambda df: df[["app", "value"]].head(1),
+                             schema="app string, value double", time="ts", cluster="inline")
+    assert run.summary["counts"]["ok"] == 2
