@@ -318,7 +318,7 @@ def _unsafe_ns(results: list, schema: pa.Schema) -> dict[str, tuple[pa.DataType,
             if name in schema.names and pa.types.is_timestamp(schema.field(name).type) \
                     and schema.field(name).type.unit == "ns" and name not in out:
                 ns_file = next((q[0].path for q in results if name in q[2].names
-                                and q[2].field(name).type.unit == "ns"), None)
+                                and q[2].field(name).type == schema.field(name).type), None)
                 if ns_file is not None:
                     out[name] = (r[2].field(name).type, r[0].path, ns_file)
     return out
