@@ -61,13 +61,23 @@ def parse_key(key: Mapping[str, Any] | str) -> dict[str, str]:
 def format_key(key: Mapping[str, Any]) -> str:
     """The ``"app=a,site=b"`` form of a key (the inverse of :func:`parse_key`).
 
+    A comma or backslash in a value is written ``\\,`` or ``\\\\``, a space that starts or
+    ends it ``\\ ``.
+
     >>> format_key({"app": "a", "site": "x,y"})
     'app=a,site=x\\\\,y'
     >>> parse_key(format_key({"app": "a", "site": "x,y"}))
     {'app': 'a', 'site': 'x,y'}
+    >>> format_key({"app": " spaced ", "site": "s0"})
+    'app=\\\\ spaced\\\\ ,site=s0'
     """
     def esc(v: Any) -> str:
-        return str(v).replace("\\", "\\\\").replace(",", "\\,")
+        s = str(v).replace("\\", "\\\\").replace(",", "\\,")
+        core = s.strip()  # whitespace that starts or ends a value is escaped, or parse_key would drop it
+        if not core:
+            return "".join("\\" + c for c in s)
+        head, tail = s[: s.index(core)], s[s.index(core) + len(core):]
+        return "".join("\\" + c for c in head) + core + "".join("\\" + c for c in tail)
 
     return ",".join(f"{k}={esc(v)}" for k, v in key.items())
 

@@ -463,3 +463,36 @@ def test_a_series_that_cannot_be_drawn_does_not_lose_the_report(runs, monkeypatc
     assert "Most anomalies (top 2 of 2 series with any)" in words
     assert [a["alt"] for t, a in p.tags if t == "img"] == ["histogram of fit seconds per group"]
 
+
+def test_keys_with_leading_or_trailing_spaces_round_trip():
+    from modelfactory.plot import format_key
+    from modelfactory.plot import parse_key as plot_parse_key
+    from modelfactory.store import parse_key
+
+    key = {"app": " spaced ", "site": "s0"}
+    assert format_key(key) == r"app=\ spaced\ ,site=s0"
+    for value in (" spaced ", "  two  ", "\tt\t", " ", "a\\ ", "a,b ", " a\\,b\\\\ ", "in side", "x"):
+        k = {"app": value, "site": " s "}
+        assert parse_key(format_key(k)) == plot_parse_key(format_key(k)) == k, (value, format_key(k))
+    # unescaped spaces around names and values are still not part of them
+    assert parse_key(r"app = a b , site= \ x\  ") == {"app": "a b", "site": " x "}
+    assert parse_key("app=a\\\\ ,site=x") == {"app": "a\\", "site": "x"}  # an escaped backslash, then a space
+
+
+def test_the_suggested_key_can_be_typed_back(odd_keys, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s.png"
+    code = _main(["plot", "--scores", odd_keys["scores"], "--key", "site=nope", "--out", str(out)], monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2
+    shown = err.split("Some that exist: ", 1)[1].rstrip(".\n").split("; ")
+    spaced = [k for k in shown if "spaced" in k]
+    assert spaced == [rf"app={odd_keys['app']},site=\ spaced\ "], shown
+    assert _main(["plot", "--scores", odd_keys["scores"], "--key", spaced[0], "--out", str(out)], monkeypatch) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out}: ")
+    assert _main(["plot", "--store", odd_keys["store"], "--trust", "--key", spaced[0], "--out", str(out)],
+                 monkeypatch) == 0
+    from modelfactory.plot import format_key
+
+    for site in (MATH_BAD, MATH_OK):  # was: "Use .png, .svg or .pdf" for the first
+        assert _main(["plot", "--scores", odd_keys["scores"], "--key", format_key({"site": site}), "--out",
+                      str(out)], monkeypatch) == 0, capsys.readouterr().err
