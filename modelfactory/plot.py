@@ -61,13 +61,23 @@ def parse_key(key: Mapping[str, Any] | str) -> dict[str, str]:
 def format_key(key: Mapping[str, Any]) -> str:
     """The ``"app=a,site=b"`` form of a key (the inverse of :func:`parse_key`).
 
+    A comma or backslash in a value is written ``\\,`` or ``\\\\``, a space that starts or
+    ends it ``\\ ``.
+
     >>> format_key({"app": "a", "site": "x,y"})
     'app=a,site=x\\\\,y'
     >>> parse_key(format_key({"app": "a", "site": "x,y"}))
     {'app': 'a', 'site': 'x,y'}
+    >>> format_key({"app": " spaced ", "site": "s0"})
+    'app=\\\\ spaced\\\\ ,site=s0'
     """
     def esc(v: Any) -> str:
-        return str(v).replace("\\", "\\\\").replace(",", "\\,")
+        s = str(v).replace("\\", "\\\\").replace(",", "\\,")
+        core = s.strip()  # whitespace that starts or ends a value is escaped, or parse_key would drop it
+        if not core:
+            return "".join("\\" + c for c in s)
+        head, tail = s[: s.index(core)], s[s.index(core) + len(core):]
+        return "".join("\\" + c for c in head) + core + "".join("\\" + c for c in tail)
 
     return ",".join(f"{k}={esc(v)}" for k, v in key.items())
 
@@ -449,7 +459,7 @@ def draw(series: Series, ax, *, title: str | None = None):
     df = series.frame
     if series.time:
         x = pd.to_datetime(df[series.time], utc=True).dt.tz_localize(None).to_numpy()
-        ax.set_xlabel(f"{series.time} (UTC)")
+        ax.set_xlabel(f"{series.time} (UTC)", parse_math=False)
     else:
         x = np.arange(len(df))
         ax.set_xlabel("row")
@@ -460,11 +470,16 @@ def draw(series: Series, ax, *, title: str | None = None):
     ax.plot(x, df["expected"].to_numpy(dtype=float), color="C0", linewidth=1.0, linestyle="--", label="expected")
     ax.plot(x, y, color="0.15", linewidth=0.9, label=series.target)
     ax.scatter(x[flags], y[flags], color="C3", s=28, zorder=3, label=f"anomaly ({int(flags.sum())})")
-    ax.set_ylabel(series.target)
-    ax.set_title(title if title is not None else f"{format_key(series.key)}: {int(flags.sum())} anomalies",
-                 fontsize="medium", loc="left")
-    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize="small", ncols=4, frameon=False,
-              borderaxespad=0.1, handlelength=1.5, columnspacing=1.0)
+    ax.set_ylabel(series.target, parse_math=False)
+    if title is None:  # text from data ('$' in a key or column) is drawn as typed, never as mathtext
+        ax.set_title(f"{format_key(series.key)}: {int(flags.sum())} anomalies", fontsize="medium", loc="left",
+                     parse_math=False)
+    else:
+        ax.set_title(title, fontsize="medium", loc="left")
+    legend = ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize="small", ncols=4, frameon=False,
+                       borderaxespad=0.1, handlelength=1.5, columnspacing=1.0)
+    for text in legend.get_texts():  # the target's name is a label
+        text.set_parse_math(False)
     ax.grid(True, linewidth=0.4, alpha=0.5)
     if series.time:
         import matplotlib.dates as mdates
@@ -570,10 +585,14 @@ def _plot(series: Series, ax, out, *, title: str | None = None, figsize=(10.0, 3
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise ModelFactoryError(f"Cannot write {path!r}: the folder {parent!r} does not exist.")
+        ext = os.path.splitext(path)[1][1:].lower()
+        if ext and ext not in ax.figure.canvas.get_supported_filetypes():
+            raise ModelFactoryError(f"Cannot write {path!r}: matplotlib cannot write .{ext} files. "
+                                    "Use .png, .svg or .pdf.")
         try:
             ax.figure.savefig(path)
-        except ValueError as err:  # an extension matplotlib does not know
-            raise ModelFactoryError(f"Cannot write {path!r}: {err}. Use .png, .svg or .pdf.") from err
+        except ValueError as err:  # the extension is known: something in the picture could not be drawn
+            raise ModelFactoryError(f"Cannot draw {format_key(series.key)} into {path!r}: {err}") from err
     return ax
 
 

@@ -346,7 +346,7 @@ def _scores(f: _Facts) -> str:
         try:
             s = sc.series(key)
             pic = _img(png_bytes(s), f"series {format_key(key)}")
-        except ModelFactoryError as err:  # one unreadable series does not lose the report
+        except (ModelFactoryError, ValueError) as err:  # one series unreadable or undrawable: report goes on
             pic = f"<p class='note'>Cannot draw {esc(format_key(key))}: {esc(err)}</p>"
         out.append(f"<figure>{pic}<figcaption>{esc(format_key(key))}: {int(r['anomalies']):,} anomalies "
                    f"in {int(r['rows']):,} points.</figcaption></figure>")

@@ -393,31 +393,53 @@ def _digest_of(body: dict) -> str:
 def parse_key(key: Any, *, error: type[Exception] = StoreError) -> dict[str, str]:
     """A group key as a dict of strings, from a dict or from ``"app=a,site=b"``.
 
-    A comma or backslash inside a value is written ``\\,`` or ``\\\\`` (the form
-    :func:`modelfactory.plot.format_key` writes).  Values stay text: :meth:`ModelStore.load`
+    A comma or backslash inside a value is written ``\\,`` or ``\\\\``, a space that
+    starts or ends a value ``\\ `` (the form :func:`modelfactory.plot.format_key` writes):
+    unescaped spaces around names and values are dropped.  Values stay text: :meth:`ModelStore.load`
     converts them to the type of their key column.
 
     >>> parse_key("app=checkout, site=eu-west-1")
     {'app': 'checkout', 'site': 'eu-west-1'}
     >>> parse_key(r"label=a\\,b\\\\,c=d")
     {'label': 'a,b\\\\', 'c': 'd'}
+    >>> parse_key(r"app=\\ spaced\\ , site= s0 ")
+    {'app': ' spaced ', 'site': 's0'}
     """
     import re
     from collections.abc import Mapping
+
+    def _unescape(value: str) -> str:
+        """A key value as written in a key string: unescaped whitespace at either end dropped, then
+        each ``\\x`` read as ``x`` (so ``\\ `` keeps a leading or trailing space)."""
+        chars: list[tuple[str, bool]] = []  # (character, escaped)
+        i = 0
+        while i < len(value):
+            if value[i] == "\\" and i + 1 < len(value):
+                chars.append((value[i + 1], True))
+                i += 2
+            else:
+                chars.append((value[i], False))
+                i += 1
+        lo, hi = 0, len(chars)
+        while lo < hi and not chars[lo][1] and chars[lo][0].isspace():
+            lo += 1
+        while hi > lo and not chars[hi - 1][1] and chars[hi - 1][0].isspace():
+            hi -= 1
+        return "".join(c for c, _ in chars[lo:hi])
 
     if isinstance(key, Mapping):
         out = {str(k): str(v) for k, v in key.items()}
     elif isinstance(key, str):
         out = {}
         # NAME=VALUE items split at the commas that are not escaped (``\\`` is an escaped backslash)
-        for item in re.findall(r"(?:[^,\\]|\\.|\\$)+", key):
+        for item in re.findall(r"(?:[^,\\]|\\.|\\$)+", key, flags=re.DOTALL):
             if not item.strip():
                 continue
             name, sep, value = item.partition("=")
             if not sep or not name.strip():
                 raise error(f"A key looks like 'app=checkout,site=eu-1' (NAME=VALUE pairs joined by "
                             f"commas; a comma inside a value is written \\,); got {key!r}.")
-            out[name.strip()] = re.sub(r"\\(.)", r"\1", value.strip())
+            out[name.strip()] = _unescape(value)
     else:
         raise error(f"key must be a dict or a string like 'app=a,site=b'; got {type(key).__name__}.")
     if not out:

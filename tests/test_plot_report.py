@@ -383,3 +383,116 @@ def test_report_in_headless_chromium(runs, tmp_path):
         w, h = map(int, size.split("x"))
         assert complete == "true" and w > 100 and h > 100, found
     assert os.path.getsize(page) < 2_000_000
+
+
+# ---------------------------------------------------------------------------
+# keys that look like mathtext or end in spaces
+# ---------------------------------------------------------------------------
+MATH_BAD = "price $\\notacommand$"  # matplotlib's mathtext cannot parse this
+MATH_OK = "$x_1$ and $y^2$"  # parses, but must not be drawn as x with subscript 1
+SPACED = " spaced "
+
+
+@pytest.fixture(scope="module")
+def odd_keys(tmp_path_factory):
+    """A small Fussy store and its scores, keyed by sites with '$' and with leading/trailing spaces."""
+    d = tmp_path_factory.mktemp("oddkeys")
+    df = make_table(3, days=3, apps=1, spikes=0).to_pandas()
+    df["app"] = df["app"].astype(str)
+    df["site"] = df["site"].map(dict(zip(sorted(df["site"].unique()), [MATH_BAD, MATH_OK, SPACED])))
+    cut = df["ts"].min() + pd.Timedelta(hours=48)
+    hist, new = df[df.ts < cut], df[df.ts >= cut].copy()
+    for site in (MATH_BAD, MATH_OK, SPACED):  # one incident each, so every series is drawn in the report
+        idx = new.index[new.site == site][5]
+        new.loc[idx, "value"] += 30 * new.loc[new.site == site, "value"].std()
+    hist.to_parquet(d / "hist.parquet")
+    new.to_parquet(d / "new.parquet")
+    store, scores = str(d / "store"), str(d / "scores")
+    modelfactory.train(str(d / "hist.parquet"), by="app,site", time="ts", target="value", model=Fussy,
+                       store=store, cluster="inline")
+    modelfactory.score(str(d / "new.parquet"), store=store, out=scores, cluster="inline", trust=True)
+    return {"dir": d, "store": store, "scores": scores, "app": df["app"].iloc[0]}
+
+
+def _data_texts(ax):
+    return [ax.title, ax._left_title, ax.xaxis.label, ax.yaxis.label, *ax.get_legend().get_texts()]
+
+
+def test_dollar_signs_in_keys_and_columns_are_drawn_literally(tmp_path):
+    from modelfactory.plot import format_key
+
+    rows = pd.DataFrame({"site": MATH_BAD, "t $a$": pd.date_range("2026-01-05", periods=3, freq="h", tz="UTC"),
+                         "v$x_1$": [1.0, 5.0, 1.2], "expected": 1.0, "lower": 0.0, "upper": 2.0,
+                         "score": [0.1, 0.99, 0.2], "is_anomaly": [False, True, False]})
+    for site in (MATH_BAD, MATH_OK, "cost $5 to $6"):
+        rows["site"] = site
+        ax = plot_series(rows, {"site": site}, out=tmp_path / "m.png")  # was: "Use .png, .svg or .pdf"
+        assert _is_png((tmp_path / "m.png").read_bytes())
+        assert ax.get_title(loc="left") == f"{format_key({'site': site})}: 1 anomalies"
+        assert ax.get_ylabel() == "v$x_1$" and ax.get_xlabel() == "t $a$ (UTC)"
+        assert "v$x_1$" in [t.get_text() for t in ax.get_legend().get_texts()]
+        for text in _data_texts(ax):  # drawn as typed, never as mathtext
+            assert not text._preprocess_math(text.get_text())[1], text.get_text()
+
+
+def test_report_draws_keys_with_dollar_signs(odd_keys, tmp_path):
+    text = build_report(odd_keys["store"], scores=odd_keys["scores"])  # was: ValueError (ParseException)
+    p = check_report_html(text)
+    alts = [a["alt"] for t, a in p.tags if t == "img"]
+    assert len(alts) == 4 and "Cannot draw" not in text, alts  # the histogram and all three series
+    out = tmp_path / "p.png"
+    from modelfactory.plot import format_key
+
+    for site in (MATH_BAD, MATH_OK):
+        key = format_key({"app": odd_keys["app"], "site": site})
+        plot_series(odd_keys["scores"], key, out=out)
+        assert _is_png(out.read_bytes())
+
+
+def test_a_series_that_cannot_be_drawn_does_not_lose_the_report(runs, monkeypatch):
+    plot_module = importlib.import_module("modelfactory.plot")  # modelfactory.plot may be the function
+
+    def broken(series, **kw):
+        raise ValueError("matplotlib could not draw <this>")
+
+    monkeypatch.setattr(plot_module, "png_bytes", broken)
+    text = build_report(runs["store_fussy"], scores=runs["scores_fussy"], top=3)
+    p = check_report_html(text)
+    words = " ".join(p.text)
+    assert "Cannot draw app=app-00,site=site-00002: matplotlib could not draw <this>" in words
+    assert "Most anomalies (top 2 of 2 series with any)" in words
+    assert [a["alt"] for t, a in p.tags if t == "img"] == ["histogram of fit seconds per group"]
+
+
+def test_keys_with_leading_or_trailing_spaces_round_trip():
+    from modelfactory.plot import format_key
+    from modelfactory.plot import parse_key as plot_parse_key
+    from modelfactory.store import parse_key
+
+    key = {"app": " spaced ", "site": "s0"}
+    assert format_key(key) == r"app=\ spaced\ ,site=s0"
+    for value in (" spaced ", "  two  ", "\tt\t", " ", "a\\ ", "a,b ", " a\\,b\\\\ ", "in side", "x"):
+        k = {"app": value, "site": " s "}
+        assert parse_key(format_key(k)) == plot_parse_key(format_key(k)) == k, (value, format_key(k))
+    # unescaped spaces around names and values are still not part of them
+    assert parse_key(r"app = a b , site= \ x\  ") == {"app": "a b", "site": " x "}
+    assert parse_key("app=a\\\\ ,site=x") == {"app": "a\\", "site": "x"}  # an escaped backslash, then a space
+
+
+def test_the_suggested_key_can_be_typed_back(odd_keys, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s.png"
+    code = _main(["plot", "--scores", odd_keys["scores"], "--key", "site=nope", "--out", str(out)], monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2
+    shown = err.split("Some that exist: ", 1)[1].rstrip(".\n").split("; ")
+    spaced = [k for k in shown if "spaced" in k]
+    assert spaced == [rf"app={odd_keys['app']},site=\ spaced\ "], shown
+    assert _main(["plot", "--scores", odd_keys["scores"], "--key", spaced[0], "--out", str(out)], monkeypatch) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out}: ")
+    assert _main(["plot", "--store", odd_keys["store"], "--trust", "--key", spaced[0], "--out", str(out)],
+                 monkeypatch) == 0
+    from modelfactory.plot import format_key
+
+    for site in (MATH_BAD, MATH_OK):  # was: "Use .png, .svg or .pdf" for the first
+        assert _main(["plot", "--scores", odd_keys["scores"], "--key", format_key({"site": site}), "--out",
+                      str(out)], monkeypatch) == 0, capsys.readouterr().err
