@@ -62,7 +62,25 @@ def _opt(kind: str, doc: str, default: Any = None, factory: Any = None) -> Any:
     return field(default=default, metadata=meta)
 
 
-@dataclass(frozen=True)
+#: Settings whose values may hold credentials: masked in reprs, never echoed in errors.
+SECRET_SETTINGS = frozenset({"storage_options", "kube.env"})
+
+
+def _masked(table: Mapping) -> dict:
+    return {k: "***" for k in table}
+
+
+def _masking_repr(obj, secret: set[str]) -> str:
+    parts = []
+    for f in dataclasses.fields(obj):
+        if not f.repr:
+            continue
+        value = getattr(obj, f.name)
+        parts.append(f"{f.name}={_masked(value) if f.name in secret and isinstance(value, Mapping) else value!r}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
+
+
+@dataclass(frozen=True, repr=False)
 class KubeSettings:
     """How a ``cluster="kube"`` job's Dask cluster is made (dask-kubernetes operator)."""
 
@@ -92,8 +110,11 @@ class KubeSettings:
     custom_spec: str | None = _opt("path", "YAML file overlaid on the generated DaskCluster "
                                            "(tolerations, nodeSelector, volumes ...)")
 
+    def __repr__(self) -> str:  # kube.env values may be credentials
+        return _masking_repr(self, {"env"})
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class Settings:
     """Where a job runs: the result of :func:`load_settings`."""
 
@@ -106,6 +127,9 @@ class Settings:
     kube: KubeSettings = field(default_factory=KubeSettings)
     #: where each value came from: "default", a file path, an environment variable or "argument"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __repr__(self) -> str:  # storage_options may hold keys and secrets
+        return _masking_repr(self, {"storage_options"})
 
     @property
     def adaptive(self) -> bool:
@@ -171,9 +195,14 @@ def _hint(word: str, choices) -> str:
 # ---------------------------------------------------------------------------
 # value checks, one per kind
 # ---------------------------------------------------------------------------
+def _is_secret(name: str) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in SECRET_SETTINGS)
+
+
 def _type_error(name: str, where: str, expected: str, value: Any) -> ClusterError:
-    return ClusterError(f"Setting {name!r} {where} must be {expected}; "
-                        f"got {value!r} ({type(value).__name__}).")
+    shown = f"a {type(value).__name__} (value not shown)" if _is_secret(name) else \
+        f"{value!r} ({type(value).__name__})"
+    return ClusterError(f"Setting {name!r} {where} must be {expected}; got {shown}.")
 
 
 def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) -> Any:
@@ -228,8 +257,7 @@ def _check_cluster(value: str, name: str, where: str) -> None:
 
 def _env_string(name: str, key: Any, value: Any, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ClusterError(f"Setting '{name}.{key}' {where} must be a string (quote it); "
-                           f"got {value!r} ({type(value).__name__}).")
+        raise _type_error(f"{name}.{key}", where, "a string (quote it)", value)
     return str(value)
 
 

@@ -140,7 +140,9 @@ def test_unknown_argument_is_an_error():
     ('cluster = 3', r"Setting 'cluster' in .* must be a non-empty string; got 3 \(int\)\."),
     ('storage_options = "anon"', r"Setting 'storage_options' in .* must be a table"),
     ('kube = 1', r"Setting 'kube' in .* must be a table of kube settings; got 1"),
-    ('[kube]\nenv = {A = true}', r"Setting 'kube.env.A' in .* must be a string \(quote it\); got True"),
+    ('[kube]\nenv = {A = true}', r"Setting 'kube.env.A' in .* must be a string \(quote it\); got a bool \("
+                                 r"value not shown\)"),
+    ('[kube.labels]\nteam = true', r"Setting 'kube.labels.team' in .* must be a string \(quote it\); got True"),
     ('[kube]\nidle_timeout = -5', r"Setting 'kube.idle_timeout' in .* must be a duration in seconds"),
     ('[kube]\nidle_timeout = "whenever"', r"Setting 'kube.idle_timeout' in .* must be a duration"),
     ('[kube]\nscheduler_service_type = "Loadbalancer"',
@@ -258,3 +260,22 @@ def test_a_local_cluster_that_fails_to_start_hints_at_the_main_guard(monkeypatch
                                            r"script, put the code under `if __name__ == \"__main__\":`"):
         with run.open_client(settings=load_settings({"workers": 2}, env={})):
             pass
+
+
+def test_secrets_are_masked_in_the_repr_and_not_echoed_in_errors(toml):
+    path = toml('cluster = "kube"\n[kube]\nimage = "x/y:1"\n[kube.env]\nAWS_SECRET_ACCESS_KEY = "ENVSECRET"\n'
+                '[storage_options]\nsecret = "SUPERSECRET123"\nkey = "AKIAXXXX"\n')
+    s = load_settings(config_file=path, env={})
+    assert s.storage_options["secret"] == "SUPERSECRET123"
+    for text in (repr(s), str(s), repr(s.kube)):
+        assert "SUPERSECRET" not in text and "AKIA" not in text and "ENVSECRET" not in text
+    assert "'secret': '***'" in repr(s) and "'AWS_SECRET_ACCESS_KEY': '***'" in repr(s)
+    assert "image='x/y:1'" in repr(s)
+    for args, env in [({"storage_options": "key=AKIA secret=SUPERSECRET"}, {}),
+                      ({}, {"MODELFACTORY_STORAGE_OPTIONS": '["key=AKIA secret=SUPERSECRET"]'}),
+                      ({"kube": {"env": "SECRET=SUPERSECRET"}}, {}),
+                      ({"kube": {"env": {"K": ["SUPERSECRET"]}}}, {})]:
+        with pytest.raises(ClusterError) as info:
+            load_settings(args, env=env)
+        assert "SUPERSECRET" not in str(info.value) and "AKIA" not in str(info.value)
+        assert "value not shown" in str(info.value)
