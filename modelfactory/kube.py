@@ -86,8 +86,9 @@ def make_spec(settings: Settings) -> dict:
     cluster, ``run.WORKER_DASK_CONFIG``), plus ``kube.env``; the worker and scheduler
     resources, the labels and ``spec.idleTimeout`` come from the settings; the
     ``kube.custom_spec`` YAML, if any, is overlaid last (mappings merge, lists
-    of named items such as containers or env merge by name, other values and
-    lists replace, ``null`` removes a key).
+    of named items such as containers merge by name, an ``env`` item replaces
+    the item of the same name whole, other values and lists replace, ``null``
+    removes a key).
     """
     from .run import WORKER_DASK_CONFIG, WORKER_ENV, dask_config_env
 
@@ -195,16 +196,23 @@ def _named(items: list) -> bool:
     return bool(items) and all(isinstance(i, dict) and "name" in i for i in items)
 
 
-def _overlay(base: Any, over: Any) -> Any:
+#: Lists whose named items are replaced whole, not merged: an env variable has either
+#: ``value`` or ``valueFrom``, and an API server rejects an item with both.
+_REPLACE_ITEMS = frozenset({"env"})
+
+
+def _overlay(base: Any, over: Any, key: str | None = None) -> Any:
     """Merge ``over`` into ``base`` (see :func:`make_spec`); returns a new object."""
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
-        for key, value in over.items():
-            out[key] = _overlay(base[key], value) if key in base else copy.deepcopy(value)
+        for k, value in over.items():
+            out[k] = _overlay(base[k], value, k) if k in base else copy.deepcopy(value)
         return out
     if isinstance(base, list) and isinstance(over, list) and _named(base) and _named(over):
         extra = {i["name"]: i for i in over}
-        merged = [_overlay(i, extra.pop(i["name"])) if i["name"] in extra else i for i in base]
+        whole = key in _REPLACE_ITEMS
+        merged = [(copy.deepcopy(extra.pop(i["name"])) if whole else _overlay(i, extra.pop(i["name"])))
+                  if i["name"] in extra else i for i in base]
         return merged + [copy.deepcopy(i) for i in over if i["name"] in extra]
     return copy.deepcopy(over)
 

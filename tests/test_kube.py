@@ -189,6 +189,21 @@ def test_custom_spec_overlays_by_name_and_removes_nulls(tmp_path):
     assert "livenessProbe" not in container(spec, "scheduler")
 
 
+def test_custom_spec_env_item_replaces_the_whole_variable(tmp_path):
+    custom = tmp_path / "valuefrom.yaml"
+    custom.write_text(
+        "spec:\n  worker:\n    spec:\n      containers:\n        - name: worker\n          env:\n"
+        "            - name: AWS_DEFAULT_REGION\n              valueFrom: {configMapKeyRef: {name: cm, key: region}}\n"
+        "            - name: OMP_NUM_THREADS\n              valueFrom: {configMapKeyRef: {name: cm, key: omp}}\n")
+    spec = kube.make_spec(settings(custom_spec=str(custom), env={"AWS_DEFAULT_REGION": "eu-west-1"}))
+    items = {e["name"]: e for e in container(spec)["env"]}
+    assert items["AWS_DEFAULT_REGION"] == {"name": "AWS_DEFAULT_REGION",
+                                           "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "region"}}}
+    assert "value" not in items["OMP_NUM_THREADS"] and items["MKL_NUM_THREADS"]["value"] == "1"
+    assert container(spec)["image"] == IMAGE  # containers still merge by name
+    assert all(("value" in e) != ("valueFrom" in e) for e in container(spec, "scheduler")["env"])
+
+
 def test_custom_spec_typo_is_caught_and_bad_files_are_explained(tmp_path):
     custom = tmp_path / "typo.yaml"
     custom.write_text("spec:\n  worker:\n    spec:\n      tolerationz: []\n")
