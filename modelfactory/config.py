@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -103,8 +104,8 @@ class KubeSettings:
     labels: dict = _opt("str_map", "extra labels on the DaskCluster and its pods", factory=dict)
     idle_timeout: int = _opt("duration", "the operator deletes a cluster idle this long (seconds or "
                                          "'15m'); 0 = never", 900)
-    resource_timeout: int = _opt("duration", "seconds for the operator to act on a new DaskCluster", 60)
-    startup_timeout: int = _opt("duration", "seconds until the scheduler answers (image pull included)", 600)
+    resource_timeout: int = _opt("duration>=1", "seconds for the operator to act on a new DaskCluster", 60)
+    startup_timeout: int = _opt("duration>=1", "seconds until the scheduler answers (image pull included)", 600)
     scheduler_service_type: str = _opt("service_type", "scheduler Service type: " + ", ".join(SERVICE_TYPES),
                                        "ClusterIP")
     custom_spec: str | None = _opt("path", "YAML file overlaid on the generated DaskCluster "
@@ -229,8 +230,8 @@ def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) 
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise _type_error(name, where, f"an integer >= {low}", value)
         return value
-    if kind == "duration":
-        return _duration(name, value, where)
+    if kind.startswith("duration"):
+        return _duration(name, value, where, int(kind[10:] or 0))
     if from_env and isinstance(value, str) and kind in ("dict", "str_map", "resources"):
         try:
             value = json.loads(value)
@@ -279,8 +280,11 @@ def _resources(name: str, value: Mapping, where: str) -> dict:
     return out
 
 
-def _duration(name: str, value: Any, where: str) -> int:
+def _duration(name: str, value: Any, where: str, low: int = 0) -> int:
+    """Whole seconds, rounded up (``"500ms"`` is 1 s, not 0, which may mean "never")."""
     expected = "a duration in seconds (an integer) or a string like '15m' or '1h'"
+    if low:
+        expected += f", at least {low} s"
     if isinstance(value, bool):
         raise _type_error(name, where, expected, value)
     if isinstance(value, str):
@@ -290,9 +294,9 @@ def _duration(name: str, value: Any, where: str) -> int:
             value = parse_timedelta(value.strip(), default="seconds")
         except (ValueError, KeyError, TypeError):
             raise _type_error(name, where, expected, value) from None
-    if not isinstance(value, (int, float)) or value < 0:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or math.ceil(value) < low:
         raise _type_error(name, where, expected, value)
-    return int(round(value))
+    return math.ceil(value)
 
 
 # ---------------------------------------------------------------------------

@@ -279,3 +279,17 @@ def test_secrets_are_masked_in_the_repr_and_not_echoed_in_errors(toml):
             load_settings(args, env=env)
         assert "SUPERSECRET" not in str(info.value) and "AKIA" not in str(info.value)
         assert "value not shown" in str(info.value)
+
+
+@pytest.mark.parametrize("value, seconds", [('"500ms"', 1), ("0.2", 1), ("1.5", 2), ('"15m"', 900), ("0", 0)])
+def test_durations_round_up_so_a_short_idle_timeout_is_not_never(toml, value, seconds):
+    s = load_settings(config_file=toml(f"[kube]\nidle_timeout = {value}\n"), env={})
+    assert s.kube.idle_timeout == seconds
+    assert load_settings(env={"MODELFACTORY_KUBE_STARTUP_TIMEOUT": "1500ms"}).kube.startup_timeout == 2
+
+
+@pytest.mark.parametrize("name", ["startup_timeout", "resource_timeout"])
+@pytest.mark.parametrize("value", ["0", '"0s"', "nan"])
+def test_start_up_timeouts_must_be_at_least_a_second(toml, name, value):
+    with pytest.raises(ClusterError, match=rf"Setting 'kube.{name}' in .* must be a duration .*at least 1 s"):
+        load_settings(config_file=toml(f"[kube]\n{name} = {value}\n"), env={})
