@@ -387,6 +387,11 @@ def _read_toml(path: str) -> dict:
         raise ClusterError(f"Config file {path!r} is a folder; give the path of a .toml file.") from None
     except tomllib.TOMLDecodeError as err:
         raise ClusterError(f"Config file {path!r} is not valid TOML: {err}.") from err
+    except UnicodeDecodeError as err:
+        raise ClusterError(f"Config file {path!r} is not valid UTF-8 TOML (byte {err.start}: "
+                           f"{err.object[err.start:err.start + 1]!r}); save it as UTF-8.") from None
+    except OSError as err:
+        raise ClusterError(f"Config file {path!r} cannot be read: {err.strerror or err}.") from None
 
 
 def load_settings(args: Mapping[str, Any] | None = None, *, config_file: str | os.PathLike | None = None,

@@ -178,10 +178,18 @@ def _load_custom(path: str, source: str) -> dict:
     import yaml
 
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ClusterError(f"kube.custom_spec file {path!r} (from {source}) not found.") from None
+    except IsADirectoryError:
+        raise ClusterError(f"kube.custom_spec {path!r} (from {source}) is a folder; give the path of a YAML "
+                           "file.") from None
+    except UnicodeDecodeError:
+        raise ClusterError(f"kube.custom_spec file {path!r} (from {source}) is not valid UTF-8 YAML.") from None
+    except OSError as err:
+        raise ClusterError(f"kube.custom_spec file {path!r} (from {source}) cannot be read: "
+                           f"{err.strerror or err}.") from None
     except yaml.YAMLError as err:
         raise ClusterError(f"kube.custom_spec file {path!r} is not valid YAML: {err}") from err
     if not isinstance(data, dict):

@@ -192,6 +192,20 @@ def test_bad_files_are_explained(toml, tmp_path):
         load_settings(config_file=str(tmp_path), env={})
     with pytest.raises(ClusterError, match=r"Config file '.*bad.toml' is not valid TOML: .*line 1"):
         load_settings(config_file=toml("workers = = 2\n", "bad.toml"), env={})
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'cluster = "inl\xffine"\n')
+    with pytest.raises(ClusterError, match=r"Config file '.*latin1.toml' is not valid UTF-8 TOML"):
+        load_settings(config_file=str(latin1), env={})
+
+
+def test_a_non_utf8_config_file_is_a_usage_error_on_the_command_line(tmp_path, capsys):
+    from modelfactory.cli import main
+
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[kube]\nimage = "caf\xe9"\n')
+    assert main(["cluster-spec", "--config", str(latin1)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid UTF-8 TOML" in err and "internal error" not in err
 
 
 def test_adaptive_bounds_are_checked():

@@ -217,6 +217,11 @@ def test_custom_spec_typo_is_caught_and_bad_files_are_explained(tmp_path):
         kube.make_spec(settings(custom_spec=str(tmp_path / "pod.yaml")))
     with pytest.raises(ClusterError, match="custom_spec file .*missing.yaml.* not found"):
         kube.make_spec(settings(custom_spec=str(tmp_path / "missing.yaml")))
+    with pytest.raises(ClusterError, match=r"kube.custom_spec '.*' \(from argument\) is a folder; give the path"):
+        kube.make_spec(settings(custom_spec=str(tmp_path)))
+    (tmp_path / "latin1.yaml").write_bytes(b"spec:\n  idleTimeout: 5 # caf\xe9\n")
+    with pytest.raises(ClusterError, match=r"kube.custom_spec file .*latin1.yaml.* is not valid UTF-8 YAML"):
+        kube.make_spec(settings(custom_spec=str(tmp_path / "latin1.yaml")))
 
 
 def test_example_job_toml_gives_a_valid_manifest():
