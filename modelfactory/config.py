@@ -189,8 +189,12 @@ def _field(name: str) -> dataclasses.Field:
 
 
 def _hint(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """A "did you mean" for ``word``: the choice equal to it but for case, else the closest one."""
+    lower = {str(c).lower(): c for c in choices}
+    if word.lower() in lower:
+        return f"; did you mean {lower[word.lower()]!r}?"
+    close = difflib.get_close_matches(word.lower(), list(lower), n=1, cutoff=0.6)
+    return f"; did you mean {lower[close[0]]!r}?" if close else ""
 
 
 # ---------------------------------------------------------------------------
@@ -320,7 +324,8 @@ def _flatten(data: Mapping, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in items:
         if key not in known:
-            hint = _hint(str(key), known) or f". Known settings: {', '.join(known)}."
+            # "kube" is a section, not a setting, but [kueb] or [Kube] should point to it.
+            hint = _hint(str(key), [*known, "kube"]) or f". Known settings: {', '.join(known)}."
             raise ClusterError(f"Unknown setting {key!r} {where}{hint}")
         if value is not None:
             out[key] = value

@@ -307,3 +307,11 @@ def test_durations_round_up_so_a_short_idle_timeout_is_not_never(toml, value, se
 def test_start_up_timeouts_must_be_at_least_a_second(toml, name, value):
     with pytest.raises(ClusterError, match=rf"Setting 'kube.{name}' in .* must be a duration .*at least 1 s"):
         load_settings(config_file=toml(f"[kube]\n{name} = {value}\n"), env={})
+
+
+@pytest.mark.parametrize("text, hint", [('[kueb]\nimage = "x"', "kube"), ('[Kube]\nimage = "x"', "kube"),
+                                        ('[KUBE]\nimage = "x"', "kube"), ('[kub]\nimage = "x"', "kube"),
+                                        ("Workers = 3", "workers"), ('[kube]\nImage = "x"', "kube.image")])
+def test_misspelt_sections_and_case_get_a_hint(toml, text, hint):
+    with pytest.raises(ClusterError, match=rf"Unknown setting .* in .*job.toml; did you mean '{hint}'\?"):
+        load_settings(config_file=toml(text + "\n"), env={})
