@@ -53,7 +53,12 @@ _PREFIX = "MODELFACTORY_"
 
 CLUSTER_WORDS = ("local", "inline", "kube")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
-_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkKMGTPE]i?|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+# Kubernetes' resource.Quantity: a number, then a binary suffix, a decimal exponent or a decimal suffix.
+_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[eE][+-]?[0-9]+|[numkMGTPE])?$")
+# Label names and values (at most 63 characters), DNS-1123 subdomains (label key prefixes) and labels (namespaces).
+_LABEL_NAME = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_DNS_LABEL = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def _opt(kind: str, doc: str, default: Any = None, factory: Any = None) -> Any:
@@ -86,7 +91,7 @@ class KubeSettings:
     """How a ``cluster="kube"`` job's Dask cluster is made (dask-kubernetes operator)."""
 
     image: str | None = _opt("str", "container image with modelfactory and your model code installed")
-    namespace: str | None = _opt("str", "Kubernetes namespace (default: the kubeconfig's current one)")
+    namespace: str | None = _opt("namespace", "Kubernetes namespace (default: the kubeconfig's current one)")
     name: str = _opt("str", "name of the DaskCluster to create; {uuid} is replaced by 8 random hex digits",
                      "modelfactory-{uuid}")
     attach: str | None = _opt("str", "name of an existing DaskCluster to use instead of creating one "
@@ -101,7 +106,7 @@ class KubeSettings:
                                      factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"},
                                                       "limits": {"memory": "2Gi"}})
     env: dict = _opt("str_map", "extra environment variables of the scheduler and workers", factory=dict)
-    labels: dict = _opt("str_map", "extra labels on the DaskCluster and its pods", factory=dict)
+    labels: dict = _opt("labels", "extra labels on the DaskCluster and its pods", factory=dict)
     idle_timeout: int = _opt("duration", "the operator deletes a cluster idle this long (seconds or "
                                          "'15m'); 0 = never", 900)
     resource_timeout: int = _opt("duration>=1", "seconds for the operator to act on a new DaskCluster", 60)
@@ -213,13 +218,17 @@ def _type_error(name: str, where: str, expected: str, value: Any) -> ClusterErro
 def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) -> Any:
     """Check (and normalise) one value; ``value`` may be a string from the environment."""
     from_env = where.startswith("from " + _PREFIX)
-    if kind in ("str", "path", "cluster", "service_type"):
+    if kind in ("str", "path", "cluster", "service_type", "namespace"):
         if not isinstance(value, str) or not value:
             raise _type_error(name, where, "a non-empty string", value)
         if kind == "path" and base_dir and not os.path.isabs(value) and "://" not in value:
             value = os.path.normpath(os.path.join(base_dir, value))
         if kind == "cluster":
             _check_cluster(value, name, where)
+        if kind == "namespace" and not _DNS_LABEL.match(value):
+            raise ClusterError(f"Setting {name!r} {where} must be a Kubernetes namespace name: lower-case "
+                               "letters, digits and '-', starting and ending with a letter or digit, at most "
+                               f"63 characters; got {value!r}.")
         if kind == "service_type" and value not in SERVICE_TYPES:
             raise ClusterError(f"Setting {name!r} {where} must be one of {', '.join(SERVICE_TYPES)}; "
                                f"got {value!r}{_hint(value, SERVICE_TYPES)}")
@@ -236,7 +245,7 @@ def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) 
         return value
     if kind.startswith("duration"):
         return _duration(name, value, where, int(kind[10:] or 0))
-    if from_env and isinstance(value, str) and kind in ("dict", "str_map", "resources"):
+    if from_env and isinstance(value, str) and kind in ("dict", "str_map", "resources", "labels"):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
@@ -246,6 +255,8 @@ def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) 
         raise _type_error(name, where, "a table (a TOML [section] or a JSON object)", value)
     if kind == "str_map":
         return {str(k): _env_string(name, k, v, where) for k, v in value.items()}
+    if kind == "labels":
+        return {str(k): _label(name, str(k), _env_string(name, k, v, where), where) for k, v in value.items()}
     if kind == "resources":
         return _resources(name, value, where)
     return dict(value)
@@ -266,6 +277,22 @@ def _env_string(name: str, key: Any, value: Any, where: str) -> str:
     return str(value)
 
 
+_LABEL_RULE = ("at most 63 characters of letters, digits, '-', '_' and '.', starting and ending with a "
+               "letter or digit")
+
+
+def _label(name: str, key: str, value: str, where: str) -> str:
+    """Check a label against Kubernetes' rules (an API server refuses the whole DaskCluster otherwise)."""
+    prefix, _, key_name = key.rpartition("/")
+    if not _LABEL_NAME.match(key_name) or ("/" in key and not _DNS_SUBDOMAIN.match(prefix)):
+        raise ClusterError(f"Label key {key!r} ({name}) {where} is not a valid Kubernetes label key: "
+                           f"{_LABEL_RULE}, optionally after a DNS prefix and '/' (example.com/team).")
+    if value and not _LABEL_NAME.match(value):
+        raise ClusterError(f"Setting '{name}.{key}' {where} is not a valid Kubernetes label value: "
+                           f"{_LABEL_RULE} (or empty); got {value!r}.")
+    return value
+
+
 def _resources(name: str, value: Mapping, where: str) -> dict:
     out: dict = {}
     for part, table in value.items():
@@ -279,7 +306,8 @@ def _resources(name: str, value: Mapping, where: str) -> dict:
             q = _env_string(f"{name}.{part}", res, qty, where)
             if not _QUANTITY.match(q):
                 raise ClusterError(f"Setting '{name}.{part}.{res}' {where} must be a Kubernetes quantity "
-                                   f"such as \"500m\", \"2\", \"4Gi\"; got {qty!r}.")
+                                   f"such as \"500m\", \"2\", \"4Gi\", \"1.5G\" (suffixes m, k, M, G, T, P, E, "
+                                   f"Ki, Mi, Gi, Ti, Pi, Ei or an exponent like 1e9); got {qty!r}.")
             out[part][str(res)] = q
     return out
 

@@ -315,3 +315,49 @@ def test_start_up_timeouts_must_be_at_least_a_second(toml, name, value):
 def test_misspelt_sections_and_case_get_a_hint(toml, text, hint):
     with pytest.raises(ClusterError, match=rf"Unknown setting .* in .*job.toml; did you mean '{hint}'\?"):
         load_settings(config_file=toml(text + "\n"), env={})
+
+
+@pytest.mark.parametrize("qty", ["2", "500m", "0.5", ".5", "1.5G", "4Gi", "2Mi", "100k", "1e9", "2E3", "1E",
+                                 "3Ti", "250u", "+1"])
+def test_kubernetes_quantities_are_accepted(qty):
+    s = load_settings({"kube": {"resources": {"limits": {"memory": qty}}}}, env={})
+    assert s.kube.resources["limits"]["memory"] == qty
+
+
+@pytest.mark.parametrize("qty", ["2mi", "2GB", "2K", "2ki", "2gi", "2 Gi", "-1", "1e", "Gi", "2Gib"])
+def test_quantities_an_api_server_rejects_are_refused(qty):
+    with pytest.raises(ClusterError, match=r"'kube.resources.limits.memory' in the arguments must be a "
+                                           r"Kubernetes quantity"):
+        load_settings({"kube": {"resources": {"limits": {"memory": qty}}}}, env={})
+
+
+@pytest.mark.parametrize("labels", [{"team": "forecasting"}, {"team": ""}, {"app.kubernetes.io/team": "a.b_c-1"},
+                                    {"example.com/cost-center": "X9"}, {"t": "a" * 63}])
+def test_valid_labels_are_accepted(labels):
+    assert load_settings({"kube": {"labels": labels}}, env={}).kube.labels == labels
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"team": "Forecasting Team"}, r"'kube.labels.team' in .* is not a valid Kubernetes label value"),
+    ({"team": "a" * 80}, r"'kube.labels.team' in .* is not a valid Kubernetes label value"),
+    ({"team": "-x"}, r"not a valid Kubernetes label value"),
+    ({"team name": "x"}, r"Label key 'team name' \(kube.labels\) in .* is not a valid Kubernetes label key"),
+    ({"k" * 64: "x"}, r"is not a valid Kubernetes label key"),
+    ({"Example.com/team": "x"}, r"is not a valid Kubernetes label key"),
+    ({"/team": "x"}, r"is not a valid Kubernetes label key"),
+])
+def test_labels_an_api_server_rejects_are_refused(labels, message):
+    with pytest.raises(ClusterError, match=message):
+        load_settings({"kube": {"labels": labels}}, env={})
+    with pytest.raises(ClusterError, match=message.replace("in .*", "from MODELFACTORY_KUBE_LABELS")
+                       if "in .*" in message else message):
+        import json
+        load_settings(env={"MODELFACTORY_KUBE_LABELS": json.dumps(labels)})
+
+
+@pytest.mark.parametrize("ns", ["ML_Jobs", "ml-jobs-", "Ml", "a" * 64, "ml.jobs"])
+def test_namespaces_must_be_dns_labels(ns):
+    with pytest.raises(ClusterError, match=r"Setting 'kube.namespace' in the arguments must be a Kubernetes "
+                                           r"namespace name"):
+        load_settings({"kube": {"namespace": ns}}, env={})
+    assert load_settings({"kube": {"namespace": "ml-jobs-2"}}, env={}).kube.namespace == "ml-jobs-2"
