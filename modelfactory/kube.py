@@ -111,6 +111,8 @@ def make_spec(settings: Settings) -> dict:
         scheduler_service_type=k.scheduler_service_type, idle_timeout=k.idle_timeout)
     labels = {**PART_OF, **k.labels}
     spec["metadata"]["labels"] = dict(labels)
+    if k.namespace:
+        spec["metadata"]["namespace"] = k.namespace
     for role in ("worker", "scheduler"):
         spec["spec"][role] = {"metadata": {"labels": dict(labels)}, **spec["spec"][role]}
     scheduler = spec["spec"]["scheduler"]["spec"]["containers"][0]
@@ -124,10 +126,12 @@ def make_spec(settings: Settings) -> dict:
     return spec
 
 
-def make_autoscaler_spec(name: str, minimum: int, maximum: int, labels: Mapping[str, str] | None = None) -> dict:
+def make_autoscaler_spec(name: str, minimum: int, maximum: int, labels: Mapping[str, str] | None = None,
+                         namespace: str | None = None) -> dict:
     """The ``DaskAutoscaler`` that ``KubeCluster.adapt(minimum=, maximum=)`` creates."""
-    return {"apiVersion": API_VERSION, "kind": "DaskAutoscaler",
-            "metadata": {"name": name, "labels": {**PART_OF, **(labels or {})}},
+    metadata: dict = {"name": name, **({"namespace": namespace} if namespace else {}),
+                      "labels": {**PART_OF, **(labels or {})}}
+    return {"apiVersion": API_VERSION, "kind": "DaskAutoscaler", "metadata": metadata,
             "spec": {"cluster": name, "minimum": minimum, "maximum": maximum}}
 
 
@@ -140,7 +144,7 @@ def manifests(settings: Settings) -> list[dict]:
     docs = [spec]
     if settings.adaptive:
         auto = make_autoscaler_spec(spec["metadata"]["name"], settings.kube.minimum, settings.kube.maximum,
-                                    settings.kube.labels)
+                                    settings.kube.labels, spec["metadata"].get("namespace"))
         validate_spec(auto)
         docs.append(auto)
     return docs

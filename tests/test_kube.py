@@ -228,8 +228,22 @@ def test_example_job_toml_gives_a_valid_manifest():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     s = load_settings(config_file=os.path.join(root, "examples", "job.toml"), env={})
     assert s.cluster == "kube" and s.adaptive
+    # requests = limits for memory, on the workers and the scheduler (docs/kubernetes.md, Costs)
+    for res in (s.kube.resources, s.kube.scheduler_resources):
+        assert res["limits"]["memory"] == res["requests"]["memory"]
     docs = kube.manifests(s)
     assert [d["kind"] for d in docs] == ["DaskCluster", "DaskAutoscaler"]
+    spec, auto = docs
+    assert container(spec, "scheduler")["resources"]["limits"]["memory"] == "2Gi"
+    assert spec["metadata"]["namespace"] == auto["metadata"]["namespace"] == s.kube.namespace == "ml-jobs"
+
+
+def test_the_manifest_carries_the_namespace_only_when_set():
+    assert "namespace" not in kube.make_spec(settings(name="no-ns"))["metadata"]
+    spec = kube.make_spec(settings(name="ns", namespace="team-a"))
+    assert spec["metadata"]["namespace"] == "team-a"
+    assert "namespace: team-a" in kube.cluster_spec(env={"MODELFACTORY_KUBE_IMAGE": IMAGE,
+                                                         "MODELFACTORY_KUBE_NAMESPACE": "team-a"})
 
 
 def test_missing_dask_kubernetes_gives_the_install_hint(monkeypatch):
