@@ -429,14 +429,29 @@ def _abort_start(cluster, wait: float = 30.0) -> None:
         cluster._mf_done.wait(wait)
 
 
+def _bad_kubeconfig(err: BaseException) -> bool:
+    """kr8s reads a kubeconfig without a current context (an empty file, ``clusters: []``) as far
+    as a KeyError ('current-context'), a TypeError or an IndexError, raised while it loads the kubeconfig."""
+    import traceback
+
+    if not isinstance(err, (KeyError, TypeError, AttributeError, IndexError)):
+        return False
+    if isinstance(err, KeyError) and err.args and err.args[0] in ("current-context", "contexts"):
+        return True
+    return any(frame.f_code.co_name in ("_load_kubeconfig", "current_context")
+               and "kr8s" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(err.__traceback__))
+
+
 def _translate(err: BaseException, settings: Settings, name: str | None) -> ClusterError:
     k = settings.kube
     ns = k.namespace or "the current namespace"
     text = str(err)
-    if isinstance(err, ValueError) and "valid credentials" in text:
-        return ClusterError("no Kubernetes credentials found: set KUBECONFIG (or create ~/.kube/config) or run "
-                            "inside a cluster with a service account; `kubectl get daskclusters` should work "
-                            "from this shell.")
+    no_context = _bad_kubeconfig(err)
+    if (isinstance(err, ValueError) and "valid credentials" in text) or no_context:
+        why = " (the kubeconfig has no current-context)" if no_context else ""
+        return ClusterError(f"no Kubernetes credentials found{why}: set KUBECONFIG (or create ~/.kube/config) "
+                            "or run inside a cluster with a service account; `kubectl get daskclusters` should "
+                            "work from this shell.")
     if isinstance(err, ValueError) and "already exists" in text:
         return ClusterError(f"A DaskCluster named {name!r} already exists in {ns}: set kube.attach = {name!r} "
                             "to run on it, or choose another kube.name (the default 'modelfactory-{uuid}' is "

@@ -598,6 +598,20 @@ def test_no_credentials_is_a_clear_error(monkeypatch, tmp_path):
             pass
 
 
+@pytest.mark.parametrize("text", ["apiVersion: v1\nkind: Config\nclusters: []\n", "",
+                                  "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\n"
+                                  "current-context: ''\n"])
+def test_a_kubeconfig_without_a_context_is_the_no_credentials_error(monkeypatch, tmp_path, text):
+    (tmp_path / "kc.yaml").write_text(text)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kc.yaml"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ClusterError, match=r"^no Kubernetes credentials found \(the kubeconfig has no "
+                                           r"current-context\): set KUBECONFIG"):
+        with kube.kube_cluster(settings(namespace="default")):
+            pass
+
+
 # ---------------------------------------------------------------------------
 # a real cluster, when there is one
 # ---------------------------------------------------------------------------
