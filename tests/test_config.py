@@ -140,8 +140,8 @@ def test_unknown_argument_is_an_error():
     ('cluster = 3', r"Setting 'cluster' in .* must be a non-empty string; got 3 \(int\)\."),
     ('storage_options = "anon"', r"Setting 'storage_options' in .* must be a table"),
     ('kube = 1', r"Setting 'kube' in .* must be a table of kube settings; got 1"),
-    ('[kube]\nenv = {A = true}', r"Setting 'kube.env.A' in .* must be a string \(quote it\); got a bool \("
-                                 r"value not shown\)"),
+    ('[kube]\nenv = {A = true}', (r"Setting 'kube.env.A' in .* must be a string \(quote it\); got a bool "
+                                  r"\(value not shown\)")),
     ('[kube.labels]\nteam = true', r"Setting 'kube.labels.team' in .* must be a string \(quote it\); got True"),
     ('[kube]\nidle_timeout = -5', r"Setting 'kube.idle_timeout' in .* must be a duration in seconds"),
     ('[kube]\nidle_timeout = "whenever"', r"Setting 'kube.idle_timeout' in .* must be a duration"),

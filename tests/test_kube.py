@@ -599,8 +599,8 @@ def test_no_credentials_is_a_clear_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("text", ["apiVersion: v1\nkind: Config\nclusters: []\n", "",
-                                  "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\n"
-                                  "current-context: ''\n"])
+                                  ("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\n"
+                                   "current-context: ''\n")])
 def test_a_kubeconfig_without_a_context_is_the_no_credentials_error(monkeypatch, tmp_path, text):
     (tmp_path / "kc.yaml").write_text(text)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kc.yaml"))
