@@ -95,7 +95,8 @@ class KubeSettings:
     name: str = _opt("str", "name of the DaskCluster to create; {uuid} is replaced by 8 random hex digits",
                      "modelfactory-{uuid}")
     attach: str | None = _opt("str", "name of an existing DaskCluster to use instead of creating one "
-                                     "(never scaled nor deleted)")
+                                     "(never scaled nor deleted; implies cluster='kube' unless cluster is "
+                                     "set, and kube.maximum is then ignored)")
     minimum: int = _opt("int>=0", "adaptive: fewest workers (with maximum)", 0)
     maximum: int | None = _opt("int>=1", "adaptive: most workers; set it to make the cluster adaptive")
     threads: int = _opt("int>=1", "threads per worker pod (BLAS/OpenMP stay at one thread)", 1)
@@ -468,6 +469,10 @@ def load_settings(args: Mapping[str, Any] | None = None, *, config_file: str | o
             v = _coerce(name, _field(name).metadata["kind"], value, _where(origin), base_dir)
             (kube if name.startswith("kube.") else top)[name.removeprefix("kube.")] = v
             sources[name] = origin
+    if kube.get("attach") is not None and sources["cluster"] == "default":
+        # Attaching only makes sense on Kubernetes: kube.attach alone means cluster = "kube".
+        top["cluster"] = "kube"
+        sources["cluster"] = sources["kube.attach"]
     settings = Settings(**top, kube=KubeSettings(**kube), sources=sources)
     _check_consistency(settings)
     return settings
@@ -502,6 +507,5 @@ def _check_consistency(s: Settings) -> None:
         raise ClusterError(f"workers ({s.workers}, from {src('workers')}) is more than kube.maximum "
                            f"({k.maximum}, from {src('kube.maximum')}): an adaptive cluster starts with "
                            "`workers` pods and scales between kube.minimum and kube.maximum.")
-    if s.cluster == "kube" and k.attach is not None and k.maximum is not None:
-        raise ClusterError(f"kube.attach ({k.attach!r}) and kube.maximum are both set: an attached cluster "
-                           "keeps its own scaling; drop kube.maximum or kube.attach.")
+    # kube.attach with kube.maximum: the attached cluster keeps its own scaling and kube.maximum
+    # is ignored (``adaptive`` is False), so one config file serves both kinds of job.

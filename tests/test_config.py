@@ -212,8 +212,6 @@ def test_adaptive_bounds_are_checked():
     with pytest.raises(ClusterError, match=r"kube.minimum \(5, from argument\) is larger than kube.maximum "
                                            r"\(2, from MODELFACTORY_KUBE_MAXIMUM\)"):
         load_settings({"kube": {"minimum": 5}}, env={"MODELFACTORY_KUBE_MAXIMUM": "2"})
-    with pytest.raises(ClusterError, match=r"kube.attach \('shared'\) and kube.maximum are both set"):
-        load_settings({"cluster": "kube", "kube": {"attach": "shared", "maximum": 3}}, env={})
 
 
 def test_planning_workers():
@@ -361,3 +359,20 @@ def test_namespaces_must_be_dns_labels(ns):
                                            r"namespace name"):
         load_settings({"kube": {"namespace": ns}}, env={})
     assert load_settings({"kube": {"namespace": "ml-jobs-2"}}, env={}).kube.namespace == "ml-jobs-2"
+
+
+def test_attach_implies_kube_and_overrides_maximum(toml):
+    s = load_settings(env={"MODELFACTORY_KUBE_ATTACH": "shared"})
+    assert s.cluster == "kube" and s.sources["cluster"] == "MODELFACTORY_KUBE_ATTACH"
+    assert s.kube.attach == "shared" and s.plan_workers is None
+    # the example config (adaptive, maximum = 50) with an attach from the environment: attached, not adaptive
+    example = os.path.join(ROOT, "examples", "job.toml")
+    s = load_settings(config_file=example, env={"MODELFACTORY_KUBE_ATTACH": "shared"})
+    assert s.cluster == "kube" and s.kube.maximum == 50 and not s.adaptive and s.plan_workers is None
+    s = load_settings({"cluster": "kube", "kube": {"attach": "shared", "maximum": 3}}, env={})
+    assert not s.adaptive and s.kube.attach == "shared"
+    # an explicitly chosen cluster still wins
+    s = load_settings({"cluster": "inline"}, env={"MODELFACTORY_KUBE_ATTACH": "shared"})
+    assert s.cluster == "inline" and s.sources["cluster"] == "argument"
+    path = toml('[kube]\nattach = "shared"\n')
+    assert load_settings(config_file=path, env={}).sources["cluster"] == path
