@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -52,7 +53,12 @@ _PREFIX = "MODELFACTORY_"
 
 CLUSTER_WORDS = ("local", "inline", "kube")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
-_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkKMGTPE]i?|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+# Kubernetes' resource.Quantity: a number, then a binary suffix, a decimal exponent or a decimal suffix.
+_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[eE][+-]?[0-9]+|[numkMGTPE])?$")
+# Label names and values (at most 63 characters), DNS-1123 subdomains (label key prefixes) and labels (namespaces).
+_LABEL_NAME = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_DNS_LABEL = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 def _opt(kind: str, doc: str, default: Any = None, factory: Any = None) -> Any:
@@ -62,16 +68,35 @@ def _opt(kind: str, doc: str, default: Any = None, factory: Any = None) -> Any:
     return field(default=default, metadata=meta)
 
 
-@dataclass(frozen=True)
+#: Settings whose values may hold credentials: masked in reprs, never echoed in errors.
+SECRET_SETTINGS = frozenset({"storage_options", "kube.env"})
+
+
+def _masked(table: Mapping) -> dict:
+    return {k: "***" for k in table}
+
+
+def _masking_repr(obj, secret: set[str]) -> str:
+    parts = []
+    for f in dataclasses.fields(obj):
+        if not f.repr:
+            continue
+        value = getattr(obj, f.name)
+        parts.append(f"{f.name}={_masked(value) if f.name in secret and isinstance(value, Mapping) else value!r}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
+
+
+@dataclass(frozen=True, repr=False)
 class KubeSettings:
     """How a ``cluster="kube"`` job's Dask cluster is made (dask-kubernetes operator)."""
 
     image: str | None = _opt("str", "container image with modelfactory and your model code installed")
-    namespace: str | None = _opt("str", "Kubernetes namespace (default: the kubeconfig's current one)")
+    namespace: str | None = _opt("namespace", "Kubernetes namespace (default: the kubeconfig's current one)")
     name: str = _opt("str", "name of the DaskCluster to create; {uuid} is replaced by 8 random hex digits",
                      "modelfactory-{uuid}")
     attach: str | None = _opt("str", "name of an existing DaskCluster to use instead of creating one "
-                                     "(never scaled nor deleted)")
+                                     "(never scaled nor deleted; implies cluster='kube' unless cluster is "
+                                     "set, and kube.maximum is then ignored)")
     minimum: int = _opt("int>=0", "adaptive: fewest workers (with maximum)", 0)
     maximum: int | None = _opt("int>=1", "adaptive: most workers; set it to make the cluster adaptive")
     threads: int = _opt("int>=1", "threads per worker pod (BLAS/OpenMP stay at one thread)", 1)
@@ -82,18 +107,21 @@ class KubeSettings:
                                      factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"},
                                                       "limits": {"memory": "2Gi"}})
     env: dict = _opt("str_map", "extra environment variables of the scheduler and workers", factory=dict)
-    labels: dict = _opt("str_map", "extra labels on the DaskCluster and its pods", factory=dict)
+    labels: dict = _opt("labels", "extra labels on the DaskCluster and its pods", factory=dict)
     idle_timeout: int = _opt("duration", "the operator deletes a cluster idle this long (seconds or "
                                          "'15m'); 0 = never", 900)
-    resource_timeout: int = _opt("duration", "seconds for the operator to act on a new DaskCluster", 60)
-    startup_timeout: int = _opt("duration", "seconds until the scheduler answers (image pull included)", 600)
+    resource_timeout: int = _opt("duration>=1", "seconds for the operator to act on a new DaskCluster", 60)
+    startup_timeout: int = _opt("duration>=1", "seconds until the scheduler answers (image pull included)", 600)
     scheduler_service_type: str = _opt("service_type", "scheduler Service type: " + ", ".join(SERVICE_TYPES),
                                        "ClusterIP")
     custom_spec: str | None = _opt("path", "YAML file overlaid on the generated DaskCluster "
                                            "(tolerations, nodeSelector, volumes ...)")
 
+    def __repr__(self) -> str:  # kube.env values may be credentials
+        return _masking_repr(self, {"env"})
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class Settings:
     """Where a job runs: the result of :func:`load_settings`."""
 
@@ -106,6 +134,9 @@ class Settings:
     kube: KubeSettings = field(default_factory=KubeSettings)
     #: where each value came from: "default", a file path, an environment variable or "argument"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __repr__(self) -> str:  # storage_options may hold keys and secrets
+        return _masking_repr(self, {"storage_options"})
 
     @property
     def adaptive(self) -> bool:
@@ -164,28 +195,41 @@ def _field(name: str) -> dataclasses.Field:
 
 
 def _hint(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """A "did you mean" for ``word``: the choice equal to it but for case, else the closest one."""
+    lower = {str(c).lower(): c for c in choices}
+    if word.lower() in lower:
+        return f"; did you mean {lower[word.lower()]!r}?"
+    close = difflib.get_close_matches(word.lower(), list(lower), n=1, cutoff=0.6)
+    return f"; did you mean {lower[close[0]]!r}?" if close else ""
 
 
 # ---------------------------------------------------------------------------
 # value checks, one per kind
 # ---------------------------------------------------------------------------
+def _is_secret(name: str) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in SECRET_SETTINGS)
+
+
 def _type_error(name: str, where: str, expected: str, value: Any) -> ClusterError:
-    return ClusterError(f"Setting {name!r} {where} must be {expected}; "
-                        f"got {value!r} ({type(value).__name__}).")
+    shown = f"a {type(value).__name__} (value not shown)" if _is_secret(name) else \
+        f"{value!r} ({type(value).__name__})"
+    return ClusterError(f"Setting {name!r} {where} must be {expected}; got {shown}.")
 
 
 def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) -> Any:
     """Check (and normalise) one value; ``value`` may be a string from the environment."""
     from_env = where.startswith("from " + _PREFIX)
-    if kind in ("str", "path", "cluster", "service_type"):
+    if kind in ("str", "path", "cluster", "service_type", "namespace"):
         if not isinstance(value, str) or not value:
             raise _type_error(name, where, "a non-empty string", value)
         if kind == "path" and base_dir and not os.path.isabs(value) and "://" not in value:
             value = os.path.normpath(os.path.join(base_dir, value))
         if kind == "cluster":
             _check_cluster(value, name, where)
+        if kind == "namespace" and not _DNS_LABEL.match(value):
+            raise ClusterError(f"Setting {name!r} {where} must be a Kubernetes namespace name: lower-case "
+                               "letters, digits and '-', starting and ending with a letter or digit, at most "
+                               f"63 characters; got {value!r}.")
         if kind == "service_type" and value not in SERVICE_TYPES:
             raise ClusterError(f"Setting {name!r} {where} must be one of {', '.join(SERVICE_TYPES)}; "
                                f"got {value!r}{_hint(value, SERVICE_TYPES)}")
@@ -200,9 +244,9 @@ def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) 
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise _type_error(name, where, f"an integer >= {low}", value)
         return value
-    if kind == "duration":
-        return _duration(name, value, where)
-    if from_env and isinstance(value, str) and kind in ("dict", "str_map", "resources"):
+    if kind.startswith("duration"):
+        return _duration(name, value, where, int(kind[10:] or 0))
+    if from_env and isinstance(value, str) and kind in ("dict", "str_map", "resources", "labels"):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
@@ -212,6 +256,8 @@ def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) 
         raise _type_error(name, where, "a table (a TOML [section] or a JSON object)", value)
     if kind == "str_map":
         return {str(k): _env_string(name, k, v, where) for k, v in value.items()}
+    if kind == "labels":
+        return {str(k): _label(name, str(k), _env_string(name, k, v, where), where) for k, v in value.items()}
     if kind == "resources":
         return _resources(name, value, where)
     return dict(value)
@@ -228,9 +274,24 @@ def _check_cluster(value: str, name: str, where: str) -> None:
 
 def _env_string(name: str, key: Any, value: Any, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ClusterError(f"Setting '{name}.{key}' {where} must be a string (quote it); "
-                           f"got {value!r} ({type(value).__name__}).")
+        raise _type_error(f"{name}.{key}", where, "a string (quote it)", value)
     return str(value)
+
+
+_LABEL_RULE = ("at most 63 characters of letters, digits, '-', '_' and '.', starting and ending with a "
+               "letter or digit")
+
+
+def _label(name: str, key: str, value: str, where: str) -> str:
+    """Check a label against Kubernetes' rules (an API server refuses the whole DaskCluster otherwise)."""
+    prefix, _, key_name = key.rpartition("/")
+    if not _LABEL_NAME.match(key_name) or ("/" in key and not _DNS_SUBDOMAIN.match(prefix)):
+        raise ClusterError(f"Label key {key!r} ({name}) {where} is not a valid Kubernetes label key: "
+                           f"{_LABEL_RULE}, optionally after a DNS prefix and '/' (example.com/team).")
+    if value and not _LABEL_NAME.match(value):
+        raise ClusterError(f"Setting '{name}.{key}' {where} is not a valid Kubernetes label value: "
+                           f"{_LABEL_RULE} (or empty); got {value!r}.")
+    return value
 
 
 def _resources(name: str, value: Mapping, where: str) -> dict:
@@ -246,13 +307,17 @@ def _resources(name: str, value: Mapping, where: str) -> dict:
             q = _env_string(f"{name}.{part}", res, qty, where)
             if not _QUANTITY.match(q):
                 raise ClusterError(f"Setting '{name}.{part}.{res}' {where} must be a Kubernetes quantity "
-                                   f"such as \"500m\", \"2\", \"4Gi\"; got {qty!r}.")
+                                   f"such as \"500m\", \"2\", \"4Gi\", \"1.5G\" (suffixes m, k, M, G, T, P, E, "
+                                   f"Ki, Mi, Gi, Ti, Pi, Ei or an exponent like 1e9); got {qty!r}.")
             out[part][str(res)] = q
     return out
 
 
-def _duration(name: str, value: Any, where: str) -> int:
+def _duration(name: str, value: Any, where: str, low: int = 0) -> int:
+    """Whole seconds, rounded up (``"500ms"`` is 1 s, not 0, which may mean "never")."""
     expected = "a duration in seconds (an integer) or a string like '15m' or '1h'"
+    if low:
+        expected += f", at least {low} s"
     if isinstance(value, bool):
         raise _type_error(name, where, expected, value)
     if isinstance(value, str):
@@ -262,9 +327,9 @@ def _duration(name: str, value: Any, where: str) -> int:
             value = parse_timedelta(value.strip(), default="seconds")
         except (ValueError, KeyError, TypeError):
             raise _type_error(name, where, expected, value) from None
-    if not isinstance(value, (int, float)) or value < 0:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or math.ceil(value) < low:
         raise _type_error(name, where, expected, value)
-    return int(round(value))
+    return math.ceil(value)
 
 
 # ---------------------------------------------------------------------------
@@ -288,7 +353,8 @@ def _flatten(data: Mapping, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in items:
         if key not in known:
-            hint = _hint(str(key), known) or f". Known settings: {', '.join(known)}."
+            # "kube" is a section, not a setting, but [kueb] or [Kube] should point to it.
+            hint = _hint(str(key), [*known, "kube"]) or f". Known settings: {', '.join(known)}."
             raise ClusterError(f"Unknown setting {key!r} {where}{hint}")
         if value is not None:
             out[key] = value
@@ -355,6 +421,11 @@ def _read_toml(path: str) -> dict:
         raise ClusterError(f"Config file {path!r} is a folder; give the path of a .toml file.") from None
     except tomllib.TOMLDecodeError as err:
         raise ClusterError(f"Config file {path!r} is not valid TOML: {err}.") from err
+    except UnicodeDecodeError as err:
+        raise ClusterError(f"Config file {path!r} is not valid UTF-8 TOML (byte {err.start}: "
+                           f"{err.object[err.start:err.start + 1]!r}); save it as UTF-8.") from None
+    except OSError as err:
+        raise ClusterError(f"Config file {path!r} cannot be read: {err.strerror or err}.") from None
 
 
 def load_settings(args: Mapping[str, Any] | None = None, *, config_file: str | os.PathLike | None = None,
@@ -398,6 +469,10 @@ def load_settings(args: Mapping[str, Any] | None = None, *, config_file: str | o
             v = _coerce(name, _field(name).metadata["kind"], value, _where(origin), base_dir)
             (kube if name.startswith("kube.") else top)[name.removeprefix("kube.")] = v
             sources[name] = origin
+    if kube.get("attach") is not None and sources["cluster"] == "default":
+        # Attaching only makes sense on Kubernetes: kube.attach alone means cluster = "kube".
+        top["cluster"] = "kube"
+        sources["cluster"] = sources["kube.attach"]
     settings = Settings(**top, kube=KubeSettings(**kube), sources=sources)
     _check_consistency(settings)
     return settings
@@ -432,6 +507,5 @@ def _check_consistency(s: Settings) -> None:
         raise ClusterError(f"workers ({s.workers}, from {src('workers')}) is more than kube.maximum "
                            f"({k.maximum}, from {src('kube.maximum')}): an adaptive cluster starts with "
                            "`workers` pods and scales between kube.minimum and kube.maximum.")
-    if s.cluster == "kube" and k.attach is not None and k.maximum is not None:
-        raise ClusterError(f"kube.attach ({k.attach!r}) and kube.maximum are both set: an attached cluster "
-                           "keeps its own scaling; drop kube.maximum or kube.attach.")
+    # kube.attach with kube.maximum: the attached cluster keeps its own scaling and kube.maximum
+    # is ignored (``adaptive`` is False), so one config file serves both kinds of job.

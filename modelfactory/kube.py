@@ -86,8 +86,9 @@ def make_spec(settings: Settings) -> dict:
     cluster, ``run.WORKER_DASK_CONFIG``), plus ``kube.env``; the worker and scheduler
     resources, the labels and ``spec.idleTimeout`` come from the settings; the
     ``kube.custom_spec`` YAML, if any, is overlaid last (mappings merge, lists
-    of named items such as containers or env merge by name, other values and
-    lists replace, ``null`` removes a key).
+    of named items such as containers merge by name, an ``env`` item replaces
+    the item of the same name whole, other values and lists replace, ``null``
+    removes a key).
     """
     from .run import WORKER_DASK_CONFIG, WORKER_ENV, dask_config_env
 
@@ -110,6 +111,8 @@ def make_spec(settings: Settings) -> dict:
         scheduler_service_type=k.scheduler_service_type, idle_timeout=k.idle_timeout)
     labels = {**PART_OF, **k.labels}
     spec["metadata"]["labels"] = dict(labels)
+    if k.namespace:
+        spec["metadata"]["namespace"] = k.namespace
     for role in ("worker", "scheduler"):
         spec["spec"][role] = {"metadata": {"labels": dict(labels)}, **spec["spec"][role]}
     scheduler = spec["spec"]["scheduler"]["spec"]["containers"][0]
@@ -123,10 +126,12 @@ def make_spec(settings: Settings) -> dict:
     return spec
 
 
-def make_autoscaler_spec(name: str, minimum: int, maximum: int, labels: Mapping[str, str] | None = None) -> dict:
+def make_autoscaler_spec(name: str, minimum: int, maximum: int, labels: Mapping[str, str] | None = None,
+                         namespace: str | None = None) -> dict:
     """The ``DaskAutoscaler`` that ``KubeCluster.adapt(minimum=, maximum=)`` creates."""
-    return {"apiVersion": API_VERSION, "kind": "DaskAutoscaler",
-            "metadata": {"name": name, "labels": {**PART_OF, **(labels or {})}},
+    metadata: dict = {"name": name, **({"namespace": namespace} if namespace else {}),
+                      "labels": {**PART_OF, **(labels or {})}}
+    return {"apiVersion": API_VERSION, "kind": "DaskAutoscaler", "metadata": metadata,
             "spec": {"cluster": name, "minimum": minimum, "maximum": maximum}}
 
 
@@ -139,7 +144,7 @@ def manifests(settings: Settings) -> list[dict]:
     docs = [spec]
     if settings.adaptive:
         auto = make_autoscaler_spec(spec["metadata"]["name"], settings.kube.minimum, settings.kube.maximum,
-                                    settings.kube.labels)
+                                    settings.kube.labels, spec["metadata"].get("namespace"))
         validate_spec(auto)
         docs.append(auto)
     return docs
@@ -177,10 +182,18 @@ def _load_custom(path: str, source: str) -> dict:
     import yaml
 
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ClusterError(f"kube.custom_spec file {path!r} (from {source}) not found.") from None
+    except IsADirectoryError:
+        raise ClusterError(f"kube.custom_spec {path!r} (from {source}) is a folder; give the path of a YAML "
+                           "file.") from None
+    except UnicodeDecodeError:
+        raise ClusterError(f"kube.custom_spec file {path!r} (from {source}) is not valid UTF-8 YAML.") from None
+    except OSError as err:
+        raise ClusterError(f"kube.custom_spec file {path!r} (from {source}) cannot be read: "
+                           f"{err.strerror or err}.") from None
     except yaml.YAMLError as err:
         raise ClusterError(f"kube.custom_spec file {path!r} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -195,16 +208,23 @@ def _named(items: list) -> bool:
     return bool(items) and all(isinstance(i, dict) and "name" in i for i in items)
 
 
-def _overlay(base: Any, over: Any) -> Any:
+#: Lists whose named items are replaced whole, not merged: an env variable has either
+#: ``value`` or ``valueFrom``, and an API server rejects an item with both.
+_REPLACE_ITEMS = frozenset({"env"})
+
+
+def _overlay(base: Any, over: Any, key: str | None = None) -> Any:
     """Merge ``over`` into ``base`` (see :func:`make_spec`); returns a new object."""
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
-        for key, value in over.items():
-            out[key] = _overlay(base[key], value) if key in base else copy.deepcopy(value)
+        for k, value in over.items():
+            out[k] = _overlay(base[k], value, k) if k in base else copy.deepcopy(value)
         return out
     if isinstance(base, list) and isinstance(over, list) and _named(base) and _named(over):
         extra = {i["name"]: i for i in over}
-        merged = [_overlay(i, extra.pop(i["name"])) if i["name"] in extra else i for i in base]
+        whole = key in _REPLACE_ITEMS
+        merged = [(copy.deepcopy(extra.pop(i["name"])) if whole else _overlay(i, extra.pop(i["name"])))
+                  if i["name"] in extra else i for i in base]
         return merged + [copy.deepcopy(i) for i in over if i["name"] in extra]
     return copy.deepcopy(over)
 
@@ -409,14 +429,29 @@ def _abort_start(cluster, wait: float = 30.0) -> None:
         cluster._mf_done.wait(wait)
 
 
+def _bad_kubeconfig(err: BaseException) -> bool:
+    """kr8s reads a kubeconfig without a current context (an empty file, ``clusters: []``) as far
+    as a KeyError ('current-context'), a TypeError or an IndexError, raised while it loads the kubeconfig."""
+    import traceback
+
+    if not isinstance(err, (KeyError, TypeError, AttributeError, IndexError)):
+        return False
+    if isinstance(err, KeyError) and err.args and err.args[0] in ("current-context", "contexts"):
+        return True
+    return any(frame.f_code.co_name in ("_load_kubeconfig", "current_context")
+               and "kr8s" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(err.__traceback__))
+
+
 def _translate(err: BaseException, settings: Settings, name: str | None) -> ClusterError:
     k = settings.kube
     ns = k.namespace or "the current namespace"
     text = str(err)
-    if isinstance(err, ValueError) and "valid credentials" in text:
-        return ClusterError("no Kubernetes credentials found: set KUBECONFIG (or create ~/.kube/config) or run "
-                            "inside a cluster with a service account; `kubectl get daskclusters` should work "
-                            "from this shell.")
+    no_context = _bad_kubeconfig(err)
+    if (isinstance(err, ValueError) and "valid credentials" in text) or no_context:
+        why = " (the kubeconfig has no current-context)" if no_context else ""
+        return ClusterError(f"no Kubernetes credentials found{why}: set KUBECONFIG (or create ~/.kube/config) "
+                            "or run inside a cluster with a service account; `kubectl get daskclusters` should "
+                            "work from this shell.")
     if isinstance(err, ValueError) and "already exists" in text:
         return ClusterError(f"A DaskCluster named {name!r} already exists in {ns}: set kube.attach = {name!r} "
                             "to run on it, or choose another kube.name (the default 'modelfactory-{uuid}' is "

@@ -140,7 +140,9 @@ def test_unknown_argument_is_an_error():
     ('cluster = 3', r"Setting 'cluster' in .* must be a non-empty string; got 3 \(int\)\."),
     ('storage_options = "anon"', r"Setting 'storage_options' in .* must be a table"),
     ('kube = 1', r"Setting 'kube' in .* must be a table of kube settings; got 1"),
-    ('[kube]\nenv = {A = true}', r"Setting 'kube.env.A' in .* must be a string \(quote it\); got True"),
+    ('[kube]\nenv = {A = true}', (r"Setting 'kube.env.A' in .* must be a string \(quote it\); got a bool "
+                                  r"\(value not shown\)")),
+    ('[kube.labels]\nteam = true', r"Setting 'kube.labels.team' in .* must be a string \(quote it\); got True"),
     ('[kube]\nidle_timeout = -5', r"Setting 'kube.idle_timeout' in .* must be a duration in seconds"),
     ('[kube]\nidle_timeout = "whenever"', r"Setting 'kube.idle_timeout' in .* must be a duration"),
     ('[kube]\nscheduler_service_type = "Loadbalancer"',
@@ -190,14 +192,26 @@ def test_bad_files_are_explained(toml, tmp_path):
         load_settings(config_file=str(tmp_path), env={})
     with pytest.raises(ClusterError, match=r"Config file '.*bad.toml' is not valid TOML: .*line 1"):
         load_settings(config_file=toml("workers = = 2\n", "bad.toml"), env={})
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'cluster = "inl\xffine"\n')
+    with pytest.raises(ClusterError, match=r"Config file '.*latin1.toml' is not valid UTF-8 TOML"):
+        load_settings(config_file=str(latin1), env={})
+
+
+def test_a_non_utf8_config_file_is_a_usage_error_on_the_command_line(tmp_path, capsys):
+    from modelfactory.cli import main
+
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[kube]\nimage = "caf\xe9"\n')
+    assert main(["cluster-spec", "--config", str(latin1)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid UTF-8 TOML" in err and "internal error" not in err
 
 
 def test_adaptive_bounds_are_checked():
     with pytest.raises(ClusterError, match=r"kube.minimum \(5, from argument\) is larger than kube.maximum "
                                            r"\(2, from MODELFACTORY_KUBE_MAXIMUM\)"):
         load_settings({"kube": {"minimum": 5}}, env={"MODELFACTORY_KUBE_MAXIMUM": "2"})
-    with pytest.raises(ClusterError, match=r"kube.attach \('shared'\) and kube.maximum are both set"):
-        load_settings({"cluster": "kube", "kube": {"attach": "shared", "maximum": 3}}, env={})
 
 
 def test_planning_workers():
@@ -258,3 +272,107 @@ def test_a_local_cluster_that_fails_to_start_hints_at_the_main_guard(monkeypatch
                                            r"script, put the code under `if __name__ == \"__main__\":`"):
         with run.open_client(settings=load_settings({"workers": 2}, env={})):
             pass
+
+
+def test_secrets_are_masked_in_the_repr_and_not_echoed_in_errors(toml):
+    path = toml('cluster = "kube"\n[kube]\nimage = "x/y:1"\n[kube.env]\nAWS_SECRET_ACCESS_KEY = "ENVSECRET"\n'
+                '[storage_options]\nsecret = "SUPERSECRET123"\nkey = "AKIAXXXX"\n')
+    s = load_settings(config_file=path, env={})
+    assert s.storage_options["secret"] == "SUPERSECRET123"
+    for text in (repr(s), str(s), repr(s.kube)):
+        assert "SUPERSECRET" not in text and "AKIA" not in text and "ENVSECRET" not in text
+    assert "'secret': '***'" in repr(s) and "'AWS_SECRET_ACCESS_KEY': '***'" in repr(s)
+    assert "image='x/y:1'" in repr(s)
+    for args, env in [({"storage_options": "key=AKIA secret=SUPERSECRET"}, {}),
+                      ({}, {"MODELFACTORY_STORAGE_OPTIONS": '["key=AKIA secret=SUPERSECRET"]'}),
+                      ({"kube": {"env": "SECRET=SUPERSECRET"}}, {}),
+                      ({"kube": {"env": {"K": ["SUPERSECRET"]}}}, {})]:
+        with pytest.raises(ClusterError) as info:
+            load_settings(args, env=env)
+        assert "SUPERSECRET" not in str(info.value) and "AKIA" not in str(info.value)
+        assert "value not shown" in str(info.value)
+
+
+@pytest.mark.parametrize("value, seconds", [('"500ms"', 1), ("0.2", 1), ("1.5", 2), ('"15m"', 900), ("0", 0)])
+def test_durations_round_up_so_a_short_idle_timeout_is_not_never(toml, value, seconds):
+    s = load_settings(config_file=toml(f"[kube]\nidle_timeout = {value}\n"), env={})
+    assert s.kube.idle_timeout == seconds
+    assert load_settings(env={"MODELFACTORY_KUBE_STARTUP_TIMEOUT": "1500ms"}).kube.startup_timeout == 2
+
+
+@pytest.mark.parametrize("name", ["startup_timeout", "resource_timeout"])
+@pytest.mark.parametrize("value", ["0", '"0s"', "nan"])
+def test_start_up_timeouts_must_be_at_least_a_second(toml, name, value):
+    with pytest.raises(ClusterError, match=rf"Setting 'kube.{name}' in .* must be a duration .*at least 1 s"):
+        load_settings(config_file=toml(f"[kube]\n{name} = {value}\n"), env={})
+
+
+@pytest.mark.parametrize("text, hint", [('[kueb]\nimage = "x"', "kube"), ('[Kube]\nimage = "x"', "kube"),
+                                        ('[KUBE]\nimage = "x"', "kube"), ('[kub]\nimage = "x"', "kube"),
+                                        ("Workers = 3", "workers"), ('[kube]\nImage = "x"', "kube.image")])
+def test_misspelt_sections_and_case_get_a_hint(toml, text, hint):
+    with pytest.raises(ClusterError, match=rf"Unknown setting .* in .*job.toml; did you mean '{hint}'\?"):
+        load_settings(config_file=toml(text + "\n"), env={})
+
+
+@pytest.mark.parametrize("qty", ["2", "500m", "0.5", ".5", "1.5G", "4Gi", "2Mi", "100k", "1e9", "2E3", "1E",
+                                 "3Ti", "250u", "+1"])
+def test_kubernetes_quantities_are_accepted(qty):
+    s = load_settings({"kube": {"resources": {"limits": {"memory": qty}}}}, env={})
+    assert s.kube.resources["limits"]["memory"] == qty
+
+
+@pytest.mark.parametrize("qty", ["2mi", "2GB", "2K", "2ki", "2gi", "2 Gi", "-1", "1e", "Gi", "2Gib"])
+def test_quantities_an_api_server_rejects_are_refused(qty):
+    with pytest.raises(ClusterError, match=r"'kube.resources.limits.memory' in the arguments must be a "
+                                           r"Kubernetes quantity"):
+        load_settings({"kube": {"resources": {"limits": {"memory": qty}}}}, env={})
+
+
+@pytest.mark.parametrize("labels", [{"team": "forecasting"}, {"team": ""}, {"app.kubernetes.io/team": "a.b_c-1"},
+                                    {"example.com/cost-center": "X9"}, {"t": "a" * 63}])
+def test_valid_labels_are_accepted(labels):
+    assert load_settings({"kube": {"labels": labels}}, env={}).kube.labels == labels
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"team": "Forecasting Team"}, r"'kube.labels.team' in .* is not a valid Kubernetes label value"),
+    ({"team": "a" * 80}, r"'kube.labels.team' in .* is not a valid Kubernetes label value"),
+    ({"team": "-x"}, r"not a valid Kubernetes label value"),
+    ({"team name": "x"}, r"Label key 'team name' \(kube.labels\) in .* is not a valid Kubernetes label key"),
+    ({"k" * 64: "x"}, r"is not a valid Kubernetes label key"),
+    ({"Example.com/team": "x"}, r"is not a valid Kubernetes label key"),
+    ({"/team": "x"}, r"is not a valid Kubernetes label key"),
+])
+def test_labels_an_api_server_rejects_are_refused(labels, message):
+    with pytest.raises(ClusterError, match=message):
+        load_settings({"kube": {"labels": labels}}, env={})
+    with pytest.raises(ClusterError, match=message.replace("in .*", "from MODELFACTORY_KUBE_LABELS")
+                       if "in .*" in message else message):
+        import json
+        load_settings(env={"MODELFACTORY_KUBE_LABELS": json.dumps(labels)})
+
+
+@pytest.mark.parametrize("ns", ["ML_Jobs", "ml-jobs-", "Ml", "a" * 64, "ml.jobs"])
+def test_namespaces_must_be_dns_labels(ns):
+    with pytest.raises(ClusterError, match=r"Setting 'kube.namespace' in the arguments must be a Kubernetes "
+                                           r"namespace name"):
+        load_settings({"kube": {"namespace": ns}}, env={})
+    assert load_settings({"kube": {"namespace": "ml-jobs-2"}}, env={}).kube.namespace == "ml-jobs-2"
+
+
+def test_attach_implies_kube_and_overrides_maximum(toml):
+    s = load_settings(env={"MODELFACTORY_KUBE_ATTACH": "shared"})
+    assert s.cluster == "kube" and s.sources["cluster"] == "MODELFACTORY_KUBE_ATTACH"
+    assert s.kube.attach == "shared" and s.plan_workers is None
+    # the example config (adaptive, maximum = 50) with an attach from the environment: attached, not adaptive
+    example = os.path.join(ROOT, "examples", "job.toml")
+    s = load_settings(config_file=example, env={"MODELFACTORY_KUBE_ATTACH": "shared"})
+    assert s.cluster == "kube" and s.kube.maximum == 50 and not s.adaptive and s.plan_workers is None
+    s = load_settings({"cluster": "kube", "kube": {"attach": "shared", "maximum": 3}}, env={})
+    assert not s.adaptive and s.kube.attach == "shared"
+    # an explicitly chosen cluster still wins
+    s = load_settings({"cluster": "inline"}, env={"MODELFACTORY_KUBE_ATTACH": "shared"})
+    assert s.cluster == "inline" and s.sources["cluster"] == "argument"
+    path = toml('[kube]\nattach = "shared"\n')
+    assert load_settings(config_file=path, env={}).sources["cluster"] == path

@@ -189,6 +189,21 @@ def test_custom_spec_overlays_by_name_and_removes_nulls(tmp_path):
     assert "livenessProbe" not in container(spec, "scheduler")
 
 
+def test_custom_spec_env_item_replaces_the_whole_variable(tmp_path):
+    custom = tmp_path / "valuefrom.yaml"
+    custom.write_text(
+        "spec:\n  worker:\n    spec:\n      containers:\n        - name: worker\n          env:\n"
+        "            - name: AWS_DEFAULT_REGION\n              valueFrom: {configMapKeyRef: {name: cm, key: region}}\n"
+        "            - name: OMP_NUM_THREADS\n              valueFrom: {configMapKeyRef: {name: cm, key: omp}}\n")
+    spec = kube.make_spec(settings(custom_spec=str(custom), env={"AWS_DEFAULT_REGION": "eu-west-1"}))
+    items = {e["name"]: e for e in container(spec)["env"]}
+    assert items["AWS_DEFAULT_REGION"] == {"name": "AWS_DEFAULT_REGION",
+                                           "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "region"}}}
+    assert "value" not in items["OMP_NUM_THREADS"] and items["MKL_NUM_THREADS"]["value"] == "1"
+    assert container(spec)["image"] == IMAGE  # containers still merge by name
+    assert all(("value" in e) != ("valueFrom" in e) for e in container(spec, "scheduler")["env"])
+
+
 def test_custom_spec_typo_is_caught_and_bad_files_are_explained(tmp_path):
     custom = tmp_path / "typo.yaml"
     custom.write_text("spec:\n  worker:\n    spec:\n      tolerationz: []\n")
@@ -202,14 +217,33 @@ def test_custom_spec_typo_is_caught_and_bad_files_are_explained(tmp_path):
         kube.make_spec(settings(custom_spec=str(tmp_path / "pod.yaml")))
     with pytest.raises(ClusterError, match="custom_spec file .*missing.yaml.* not found"):
         kube.make_spec(settings(custom_spec=str(tmp_path / "missing.yaml")))
+    with pytest.raises(ClusterError, match=r"kube.custom_spec '.*' \(from argument\) is a folder; give the path"):
+        kube.make_spec(settings(custom_spec=str(tmp_path)))
+    (tmp_path / "latin1.yaml").write_bytes(b"spec:\n  idleTimeout: 5 # caf\xe9\n")
+    with pytest.raises(ClusterError, match=r"kube.custom_spec file .*latin1.yaml.* is not valid UTF-8 YAML"):
+        kube.make_spec(settings(custom_spec=str(tmp_path / "latin1.yaml")))
 
 
 def test_example_job_toml_gives_a_valid_manifest():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     s = load_settings(config_file=os.path.join(root, "examples", "job.toml"), env={})
     assert s.cluster == "kube" and s.adaptive
+    # requests = limits for memory, on the workers and the scheduler (docs/kubernetes.md, Costs)
+    for res in (s.kube.resources, s.kube.scheduler_resources):
+        assert res["limits"]["memory"] == res["requests"]["memory"]
     docs = kube.manifests(s)
     assert [d["kind"] for d in docs] == ["DaskCluster", "DaskAutoscaler"]
+    spec, auto = docs
+    assert container(spec, "scheduler")["resources"]["limits"]["memory"] == "2Gi"
+    assert spec["metadata"]["namespace"] == auto["metadata"]["namespace"] == s.kube.namespace == "ml-jobs"
+
+
+def test_the_manifest_carries_the_namespace_only_when_set():
+    assert "namespace" not in kube.make_spec(settings(name="no-ns"))["metadata"]
+    spec = kube.make_spec(settings(name="ns", namespace="team-a"))
+    assert spec["metadata"]["namespace"] == "team-a"
+    assert "namespace: team-a" in kube.cluster_spec(env={"MODELFACTORY_KUBE_IMAGE": IMAGE,
+                                                         "MODELFACTORY_KUBE_NAMESPACE": "team-a"})
 
 
 def test_missing_dask_kubernetes_gives_the_install_hint(monkeypatch):
@@ -560,6 +594,20 @@ def test_no_credentials_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(ClusterError, match=r"^no Kubernetes credentials found: set KUBECONFIG"):
+        with kube.kube_cluster(settings(namespace="default")):
+            pass
+
+
+@pytest.mark.parametrize("text", ["apiVersion: v1\nkind: Config\nclusters: []\n", "",
+                                  ("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\n"
+                                   "current-context: ''\n")])
+def test_a_kubeconfig_without_a_context_is_the_no_credentials_error(monkeypatch, tmp_path, text):
+    (tmp_path / "kc.yaml").write_text(text)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kc.yaml"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ClusterError, match=r"^no Kubernetes credentials found \(the kubeconfig has no "
+                                           r"current-context\): set KUBECONFIG"):
         with kube.kube_cluster(settings(namespace="default")):
             pass
 
