@@ -420,7 +420,10 @@ def _read_toml(path: str) -> dict:
     except IsADirectoryError:
         raise ClusterError(f"Config file {path!r} is a folder; give the path of a .toml file.") from None
     except tomllib.TOMLDecodeError as err:
-        raise ClusterError(f"Config file {path!r} is not valid TOML: {err}.") from err
+        with open(path, "rb") as f:
+            bom = f.read(3) == b"\xef\xbb\xbf"
+        hint = " It starts with a byte-order mark (BOM), which TOML does not allow: save it as UTF-8 without BOM." if bom else ""
+        raise ClusterError(f"Config file {path!r} is not valid TOML: {err}.{hint}") from err
     except UnicodeDecodeError as err:
         raise ClusterError(f"Config file {path!r} is not valid UTF-8 TOML (byte {err.start}: "
                            f"{err.object[err.start:err.start + 1]!r}); save it as UTF-8.") from None

@@ -196,6 +196,10 @@ def test_bad_files_are_explained(toml, tmp_path):
     latin1.write_bytes(b'cluster = "inl\xffine"\n')
     with pytest.raises(ClusterError, match=r"Config file '.*latin1.toml' is not valid UTF-8 TOML"):
         load_settings(config_file=str(latin1), env={})
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbfworkers = 2\n")  # as some Windows editors save
+    with pytest.raises(ClusterError, match=r"starts with a byte-order mark \(BOM\), which TOML does not allow"):
+        load_settings(config_file=str(bom), env={})
 
 
 def test_a_non_utf8_config_file_is_a_usage_error_on_the_command_line(tmp_path, capsys):
