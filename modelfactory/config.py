@@ -226,7 +226,7 @@ def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) 
             value = os.path.normpath(os.path.join(base_dir, value))
         if kind == "cluster":
             _check_cluster(value, name, where)
-        if kind == "namespace" and not _DNS_LABEL.match(value):
+        if kind == "namespace" and not _DNS_LABEL.fullmatch(value):
             raise ClusterError(f"Setting {name!r} {where} must be a Kubernetes namespace name: lower-case "
                                "letters, digits and '-', starting and ending with a letter or digit, at most "
                                f"63 characters; got {value!r}.")
@@ -285,10 +285,10 @@ _LABEL_RULE = ("at most 63 characters of letters, digits, '-', '_' and '.', star
 def _label(name: str, key: str, value: str, where: str) -> str:
     """Check a label against Kubernetes' rules (an API server refuses the whole DaskCluster otherwise)."""
     prefix, _, key_name = key.rpartition("/")
-    if not _LABEL_NAME.match(key_name) or ("/" in key and not _DNS_SUBDOMAIN.match(prefix)):
+    if not _LABEL_NAME.fullmatch(key_name) or ("/" in key and not _DNS_SUBDOMAIN.fullmatch(prefix)):
         raise ClusterError(f"Label key {key!r} ({name}) {where} is not a valid Kubernetes label key: "
                            f"{_LABEL_RULE}, optionally after a DNS prefix and '/' (example.com/team).")
-    if value and not _LABEL_NAME.match(value):
+    if value and not _LABEL_NAME.fullmatch(value):
         raise ClusterError(f"Setting '{name}.{key}' {where} is not a valid Kubernetes label value: "
                            f"{_LABEL_RULE} (or empty); got {value!r}.")
     return value
@@ -305,7 +305,7 @@ def _resources(name: str, value: Mapping, where: str) -> dict:
         out[part] = {}
         for res, qty in table.items():
             q = _env_string(f"{name}.{part}", res, qty, where)
-            if not _QUANTITY.match(q):
+            if not _QUANTITY.fullmatch(q):
                 raise ClusterError(f"Setting '{name}.{part}.{res}' {where} must be a Kubernetes quantity "
                                    f"such as \"500m\", \"2\", \"4Gi\", \"1.5G\" (suffixes m, k, M, G, T, P, E, "
                                    f"Ki, Mi, Gi, Ti, Pi, Ei or an exponent like 1e9); got {qty!r}.")
@@ -503,7 +503,7 @@ def _check_consistency(s: Settings) -> None:
     def src(name: str) -> str:
         return s.sources.get(name, "default")
 
-    if k.maximum is not None and k.minimum > k.maximum:
+    if k.attach is None and k.maximum is not None and k.minimum > k.maximum:  # attach ignores maximum
         raise ClusterError(f"kube.minimum ({k.minimum}, from {src('kube.minimum')}) is larger than "
                            f"kube.maximum ({k.maximum}, from {src('kube.maximum')}).")
     if s.adaptive and s.workers is not None and s.workers > k.maximum:

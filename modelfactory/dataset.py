@@ -302,7 +302,11 @@ def _beyond_ns(md, physical: pa.Schema) -> set[str]:
             st = md.row_group(g).column(index[name]).statistics
             if st is None or not st.has_min_max:
                 continue
-            lo, hi = (pa.scalar(v, t).cast(pa.int64()).as_py() for v in (st.min, st.max))
+            try:
+                lo, hi = (pa.scalar(v, t).cast(pa.int64()).as_py() for v in (st.min, st.max))
+            except (OverflowError, ValueError):  # beyond what Python's datetime holds (year 9999)
+                out.add(name)
+                break
             if not (_NS_RANGE[0] <= lo * per_ns[t.unit] and hi * per_ns[t.unit] <= _NS_RANGE[1]):
                 out.add(name)
                 break

@@ -552,7 +552,8 @@ def _exact_pandas(table: pa.Table) -> pd.DataFrame:
     """``table`` as pandas for Dask's shuffle, every value kept: integer and boolean columns as
     pandas' nullable types (to_pandas' default makes an integer column with a null float64, which
     rounds values above 2**53, and the shuffle's chunks would get other types than the units')."""
-    return table.to_pandas(types_mapper=_NULLABLE.get)
+    # ignore_metadata: a stored pandas index (__index_level_0__) stays a column, as the units read it
+    return table.to_pandas(types_mapper=_NULLABLE.get, ignore_metadata=True)
 
 
 _NULLABLE = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),

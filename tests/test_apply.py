@@ -468,7 +468,8 @@ def test_overwrite_empties_a_top_level_folder_of_a_store_without_buckets(by_app)
     fs.rm("/mf-top-level-out", recursive=True)
 
 
-def test_groups_spread_over_files_keep_every_integer_exactly(tmp_path):
+@pytest.mark.parametrize("where", ["inline", "cluster"])  # Dask's tasks shuffle; its p2p shuffle on workers
+def test_groups_spread_over_files_keep_every_integer_exactly(tmp_path, where, request):
     """The shuffle went through pandas' default conversion: a null anywhere in a file's chunk made
     its int64 column float64, rounding values above 2**53 in every group, null-free ones too."""
     import pyarrow.parquet as pq
@@ -486,7 +487,8 @@ def test_groups_spread_over_files_keep_every_integer_exactly(tmp_path):
 
     got = {}
     for unit_rows in (None, 4):  # one unit of the files; then groups spread over units: the shuffle
-        run = modelfactory.apply(str(tmp_path / "d"), by="app", func=exact, cluster="inline", unit_rows=unit_rows,
+        run = modelfactory.apply(str(tmp_path / "d"), by="app", func=exact, unit_rows=unit_rows,
+                                 cluster="inline" if where == "inline" else request.getfixturevalue("client"),
                                  schema="app string, dtype string, total string")
         got[run.summary["mode"]] = run.to_pandas().sort_values("app").reset_index(drop=True)
     assert set(got) == {"files", "shuffle"}

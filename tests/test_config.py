@@ -380,3 +380,16 @@ def test_attach_implies_kube_and_overrides_maximum(toml):
     assert s.cluster == "inline" and s.sources["cluster"] == "argument"
     path = toml('[kube]\nattach = "shared"\n')
     assert load_settings(config_file=path, env={}).sources["cluster"] == path
+
+
+def test_a_trailing_newline_is_not_a_valid_kubernetes_name_or_quantity():
+    """Python's $ matches before a final newline: the checks must match the whole value."""
+    for settings in ({"kube.namespace": "team\n"}, {"kube.labels": {"team": "a\n"}},
+                     {"kube.worker_resources": {"requests": {"memory": "2Gi\n"}}}):
+        with pytest.raises(ClusterError):
+            load_settings({"cluster": "kube", **settings}, env={})
+
+
+def test_attach_ignores_maximum_for_the_minimum_check_too():
+    s = load_settings({"cluster": "kube", "kube.attach": "dc", "kube.maximum": 2, "kube.minimum": 3}, env={})
+    assert s.kube.attach == "dc"

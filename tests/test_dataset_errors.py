@@ -289,3 +289,32 @@ def test_timestamps_a_nanosecond_column_cannot_hold_are_refused_before_anything_
     run = modelfactory.apply(str(tmp_path), by="app", func=lambda df: df[["app", "value"]].head(1),
                              schema="app string, value double", time="ts", cluster="inline")
     assert run.summary["counts"]["ok"] == 2
+
+
+def test_timestamps_beyond_year_9999_in_a_coarse_unit_do_not_break_discovery(tmp_path):
+    """Footer statistics past year 9999 cannot become Python datetimes: the check must not crash."""
+    import pyarrow.parquet as pq
+
+    from modelfactory.dataset import discover
+
+    pq.write_table(pa.table({"app": ["a", "b"], "ts": pa.array([0, 20000 * 365 * 86400 * 1000], pa.timestamp("ms")),
+                             "value": [1.0, 2.0]}), tmp_path / "a.parquet")
+    assert discover(str(tmp_path)).schema.field("ts").type == pa.timestamp("ms")
+
+
+def test_a_pandas_index_stored_in_the_files_stays_a_column_on_the_shuffle_path(tmp_path):
+    import modelfactory
+
+    for d in range(2):
+        (tmp_path / f"day={d}").mkdir()
+        df = pd.DataFrame({"app": [f"a{k % 2}" for k in range(4)], "value": [1.0, 2, 3, 4]},
+                          index=pd.Index([f"r{d}{k}" for k in range(4)], name="row"))
+        df.to_parquet(tmp_path / f"day={d}" / "p.parquet")  # the index is stored as the column "row"
+    got = {}
+    for unit_rows in (None, 2):
+        run = modelfactory.apply(str(tmp_path), by="app", func=lambda g: g[["app"]].head(1).assign(n=len(g)),
+                                 schema="app string, n bigint", cluster="inline", unit_rows=unit_rows)
+        assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}, run.groups
+        got[run.summary["mode"]] = run.to_pandas().sort_values("app").reset_index(drop=True)
+    assert set(got) == {"files", "shuffle"}
+    pd.testing.assert_frame_equal(got["files"], got["shuffle"])
