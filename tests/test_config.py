@@ -297,7 +297,7 @@ def test_secrets_are_masked_in_the_repr_and_not_echoed_in_errors(toml):
         assert "value not shown" in str(info.value)
 
 
-@pytest.mark.parametrize("value, seconds", [('"500ms"', 1), ("0.2", 1), ("1.5", 2), ('"15m"', 900), ("0", 0)])
+@pytest.mark.parametrize("value, seconds", [('"500ms"', 1), ("0.2", 1), ("1.2", 2), ('"15m"', 900), ("0", 0)])
 def test_durations_round_up_so_a_short_idle_timeout_is_not_never(toml, value, seconds):
     s = load_settings(config_file=toml(f"[kube]\nidle_timeout = {value}\n"), env={})
     assert s.kube.idle_timeout == seconds
