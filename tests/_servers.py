@@ -4,6 +4,7 @@ everything started here is stopped by its PID (or its own process group) in ``st
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -44,6 +45,23 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str, every: float
 # ---------------------------------------------------------------------------
 # S3: moto's ThreadedMotoServer (a real HTTP S3 API, state in this process's memory)
 # ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def moto_with_bucket(bucket: str) -> Iterator["MotoS3"]:
+    """A started :class:`MotoS3` with ``bucket`` made, dummy AWS credentials in this process's
+    environment meanwhile; stopped after."""
+    import pytest  # here: the Dask processes import this module for its models, pytest or not
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in DUMMY_AWS_ENV.items():
+            mp.setenv(k, v)
+        srv = MotoS3().start()
+        try:
+            srv.make_bucket(bucket)
+            yield srv
+        finally:
+            srv.stop()
+
+
 class MotoS3:
     """A moto S3 server on 127.0.0.1.
 

@@ -8,7 +8,7 @@ import socket
 import uuid
 
 import pytest
-from _servers import DUMMY_AWS_ENV, MotoS3
+from _servers import MotoS3, moto_with_bucket
 
 import modelfactory
 from modelfactory.cli import main
@@ -19,15 +19,8 @@ TRAIN = {"by": ["app", "site"], "time": "ts", "target": "value", "params": {"sea
 
 @pytest.fixture(scope="module")
 def s3():
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in DUMMY_AWS_ENV.items():
-            mp.setenv(k, v)
-        srv = MotoS3().start()
-        try:
-            srv.make_bucket(BUCKET)
-            yield srv
-        finally:
-            srv.stop()
+    with moto_with_bucket(BUCKET) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

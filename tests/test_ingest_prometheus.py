@@ -26,6 +26,7 @@ try:
     from . import _prometheus_server as ps
 except ImportError:
     import _prometheus_server as ps
+from _servers import moto_with_bucket
 
 promod = sys.modules["modelfactory.ingest.prometheus"]
 T0, LAST = ps.T0, ps.LAST
@@ -350,28 +351,24 @@ def test_tls_is_verified_by_default(tmp_path):
                           verify_tls=False).rows == 2
 
 
-def test_writes_to_s3_through_fsspec(prom, tmp_path, monkeypatch):
-    server = pytest.importorskip("moto.server", reason="moto[server] not installed")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    srv = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    try:
-        host, port = srv.get_host_and_port()
-        opts = {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
-        fs = fsspec.filesystem("s3", **opts)
-        fs.mkdir("prom-bucket")
-        for _ in range(2):   # the second run overwrites the same objects
-            s = ingest(prom, "s3://prom-bucket/data", T0, T0 + 6 * H, "1m", storage_options=opts)
-        fs.invalidate_cache()
-        keys = fs.find("prom-bucket/data")
-        assert len(keys) == s.files and all(k.endswith(".parquet") for k in keys)
-        part = ds.partitioning(pa.schema([("app", pa.string()), ("site", pa.string())]), flavor="hive")
-        t = ds.dataset("prom-bucket/data", filesystem=fs, format="parquet", partitioning=part).to_table()
-        assert t.num_rows == len(ps.expected(T0, T0 + 6 * H, 60)) == s.rows
-    finally:
-        srv.stop()
+@pytest.fixture(scope="module")
+def moto():
+    """A moto S3 server with the bucket prom-bucket: its storage_options."""
+    pytest.importorskip("moto.server", reason="moto[server] not installed")
+    with moto_with_bucket("prom-bucket") as srv:
+        yield srv.storage_options()
+
+
+def test_writes_to_s3_through_fsspec(prom, tmp_path, moto):
+    fs = fsspec.filesystem("s3", **moto)
+    for _ in range(2):   # the second run overwrites the same objects
+        s = ingest(prom, "s3://prom-bucket/data", T0, T0 + 6 * H, "1m", storage_options=moto)
+    fs.invalidate_cache()
+    keys = fs.find("prom-bucket/data")
+    assert len(keys) == s.files and all(k.endswith(".parquet") for k in keys)
+    part = ds.partitioning(pa.schema([("app", pa.string()), ("site", pa.string())]), flavor="hive")
+    t = ds.dataset("prom-bucket/data", filesystem=fs, format="parquet", partitioning=part).to_table()
+    assert t.num_rows == len(ps.expected(T0, T0 + 6 * H, 60)) == s.rows
 
 
 def test_a_body_that_trickles_in_is_bounded_by_the_timeout(tmp_path):
@@ -410,22 +407,9 @@ def test_a_body_that_trickles_in_is_bounded_by_the_timeout(tmp_path):
     assert files(tmp_path) == set()
 
 
-@pytest.fixture
-def moto(monkeypatch):
-    server = pytest.importorskip("moto.server", reason="moto[server] not installed")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    srv = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    yield {"key": "testing", "secret": "testing", "endpoint_url": f"http://{host}:{port}"}
-    srv.stop()
-
-
 def test_s3_outputs_with_glob_characters_are_readable_and_a_missing_bucket_is_not_created(tmp_path, moto):
     fs = fsspec.filesystem("s3", **moto)
-    fs.mkdir("prom-glob-bucket")  # moto keeps one state per process: a bucket of its own
+    fs.mkdir("prom-glob-bucket")
     part = ds.partitioning(pa.schema([("app", pa.string())]), flavor="hive")
     with ps.FakeServer(ps.echo_matrix) as srv:
         for name in ("prom*", "prom [x]", "prom?"):

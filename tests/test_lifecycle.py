@@ -112,16 +112,21 @@ def test_only_failed_retrains_exactly_the_failed_groups(tmp_path):
     assert lineage == {"retrain": "failed", "base_run": first.id, "carried_over": {first.id: 3}, "not_in_input": 0}
 
 
+def _rewrite_site(table: pa.Table, root: Path, site: str, change) -> None:
+    """Rewrite the Hive folder ``site=<site>`` under ``root`` with ``change`` applied to its values."""
+    df = table.to_pandas()
+    rows = df[df.site == site].drop(columns="site")
+    rows["value"] = change(rows["value"])
+    (part,) = list((root / f"site={site}").glob("*.parquet"))
+    rows.to_parquet(part, index=False)
+
+
 def test_only_changed_retrains_the_groups_whose_data_changed(tmp_path):
     t = metrics_table(series=4, hours=72, apps=1)
     data = write(t, tmp_path / "d", ["site"])
     store = str(tmp_path / "s")
     first = modelfactory.train(data, store=store, cluster="inline", **ARGS)
-    df = t.to_pandas()
-    df.loc[df.site == "s002", "value"] *= 2
-    changed = df[df.site == "s002"].drop(columns="site")
-    (part,) = list((tmp_path / "d" / "site=s002").glob("*.parquet"))
-    changed.to_parquet(part, index=False)
+    _rewrite_site(t, tmp_path / "d", "s002", lambda v: v * 2)
     second = modelfactory.train(data, store=store, cluster="inline", retrain="changed", **ARGS)
     tab = modelfactory.ModelStore(store).table().to_pandas().set_index("site")
     assert list(tab.index[tab.fitted_in == second.id]) == ["s002"]
@@ -224,10 +229,7 @@ def test_only_failed_on_new_data_keeps_the_carried_models_fingerprints_so_only_c
     data = write(t, tmp_path / "d", ["site"])
     store = str(tmp_path / "s")
     first = modelfactory.train(data, store=store, cluster="inline", **ARGS)
-    df = t.to_pandas()
-    df.loc[df.site == "s001", "value"] += 1000  # new data for one group
-    (part,) = list((tmp_path / "d" / "site=s001").glob("*.parquet"))
-    df[df.site == "s001"].drop(columns="site").to_parquet(part, index=False)
+    _rewrite_site(t, tmp_path / "d", "s001", lambda v: v + 1000)  # new data for one group
     # nothing failed: every model is carried over, fitted on the old data
     second = modelfactory.train(data, store=store, cluster="inline", retrain="failed", **ARGS)
     assert modelfactory.ModelStore(store).manifest()["lineage"]["carried_over"] == {first.id: 3}

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _servers import DUMMY_AWS_ENV, DaskProcesses, MotoS3, SlowMean, wait_for
+from _servers import DaskProcesses, MotoS3, SlowMean, moto_with_bucket, wait_for
 
 import modelfactory
 from modelfactory import ModelStore
@@ -30,15 +30,8 @@ TRAIN = dict(by=["app", "site"], time="ts", target="value", params={"season_leng
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on 127.0.0.1 with one bucket; dummy AWS credentials in this process's env."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in DUMMY_AWS_ENV.items():
-            mp.setenv(k, v)
-        srv = MotoS3().start()
-        try:
-            srv.make_bucket(BUCKET)
-            yield srv
-        finally:
-            srv.stop()
+    with moto_with_bucket(BUCKET) as srv:
+        yield srv
 
 
 @pytest.fixture
