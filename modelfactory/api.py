@@ -199,7 +199,7 @@ def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], par
     never stops a commit."""
     from dataclasses import asdict
 
-    from .scoring import _exactly
+    from .scoring import keys_as_stored
 
     cols = list(by)
     try:
@@ -207,15 +207,8 @@ def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], par
         new = [read_part(st.location, asdict(p), cols) for p in parts]
         if not new:
             return base.num_rows
-        keys = pa.concat_tables(new, promote_options="permissive").combine_chunks()
-        arrays = []
-        for c in cols:
-            col = keys[c].chunk(0) if keys[c].num_chunks else pa.array([], keys[c].type)
-            if pa.types.is_dictionary(col.type):
-                col = col.dictionary_decode()
-            want = base.schema.field(c).type
-            want = want.value_type if pa.types.is_dictionary(want) else want
-            arrays.append(col if col.type == want else _exactly(col, want))
+        stored = [t.value_type if pa.types.is_dictionary(t) else t for t in base.schema.types]
+        arrays, _ = keys_as_stored(pa.concat_tables(new, promote_options="permissive"), by, stored, base_id)
         base = base.select(cols).cast(pa.schema([(c, arrays[i].type) for i, c in enumerate(cols)]))
         new_keys = pa.table(arrays, names=cols).group_by(cols).aggregate([])
         return base.join(new_keys, cols, join_type="left anti").num_rows

@@ -136,6 +136,16 @@ def stored_keys(keys: pa.Table, tuples: list[tuple], by: tuple[str, ...], types:
     key types: per key column the values to look for, and {stored key tuple: the unit's key
     tuple}.  A value that has no exact equivalent of the stored type (``"07"`` or ``"x"`` for
     an int64 key, a timestamp with nanoseconds for a microsecond one) matches no stored key."""
+    cast, changed = keys_as_stored(keys, by, types, run_id)
+    stored = zip(*[c.to_pylist() for c in cast]) if changed else tuples  # the same values, unless cast
+    unit_key = {s: key for s, key in zip(stored, tuples) if None not in s}
+    return {k: pc.unique(c.drop_null()) for k, c in zip(by, cast)}, unit_key
+
+
+def keys_as_stored(keys: pa.Table, by: tuple[str, ...], types, run_id: str) -> tuple[list[pa.Array], bool]:
+    """Each key column of ``keys``, decoded, as its stored type in ``types``: null where a value
+    has no exact equivalent there.  Returns the columns and whether any had to be cast.  Pairs of
+    types that can never match are refused (:func:`check_key_type`)."""
     cast, changed = [], False
     for k, to in zip(by, types):
         col = keys[k].combine_chunks()
@@ -145,9 +155,7 @@ def stored_keys(keys: pa.Table, tuples: list[tuple], by: tuple[str, ...], types:
             check_key_type(k, col.type, to, run_id)
             col, changed = _exactly(col, to), True
         cast.append(col)
-    stored = zip(*[c.to_pylist() for c in cast]) if changed else tuples  # the same values, unless cast
-    unit_key = {s: key for s, key in zip(stored, tuples) if None not in s}
-    return {k: pc.unique(c.drop_null()) for k, c in zip(by, cast)}, unit_key
+    return cast, changed
 
 
 def _exactly(col: pa.Array, to: pa.DataType) -> pa.Array:
