@@ -37,18 +37,22 @@ def infer_steps(batch: SeriesBatch, step: int | None) -> np.ndarray:
     return out
 
 
-def batch_to_grid(batch: SeriesBatch, steps: np.ndarray, *, max_len: int | None = None):
+def batch_to_grid(batch: SeriesBatch, steps: np.ndarray, *, max_len: int | None = None,
+                  skip: np.ndarray | None = None):
     """Place every series of ``batch`` on its own regular grid, right-aligned.
 
     Returns ``(Y, t_last, length)``: ``Y`` has shape ``(n_series, width)``;
     series ``i`` fills its last ``length[i]`` columns (its grid from its first
     to its last timed point), NaN where a step is missing, and NaN padding on
     the left.  ``t_last[i]`` is the time of its last point.  Series longer than
-    ``max_len`` grid points keep only their last ``max_len`` points.
+    ``max_len`` grid points keep only their last ``max_len`` points.  Series where ``skip``
+    (a boolean mask) is set get length 0 and an empty row, and never widen the grid.
     Without times, row order is the grid.
     """
     n = len(batch)
     sid, v, pos_from_end, t_last, glen = _positions(batch, steps)
+    if skip is not None:
+        glen = np.where(skip, 0, glen)
     if max_len is not None:
         glen = np.minimum(glen, max_len)
     width = int(glen.max()) if n and len(v) else 0

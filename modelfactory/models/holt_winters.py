@@ -287,13 +287,7 @@ class HoltWinters(Model):
                 f" of the time steps are missing (NaN or absent), more than max_missing={proto.max_missing}: "
                 f"its {finite[i]} values span {int(span[i]):,} steps of {int(steps[i])} s, from {_stamp(first)} "
                 f"to {_stamp(int(last[i]))}")
-        placed = np.flatnonzero(~sparse)
-        part = batch if placed.size == n else batch.subset(placed)
-        Yp, tp, gp = batch_to_grid(part, steps[placed], max_len=proto.max_length)
-        Y = np.full((n, Yp.shape[1]), np.nan)
-        Y[placed] = Yp
-        t_last, glen = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-        t_last[placed], glen[placed] = tp, gp
+        Y, t_last, glen = batch_to_grid(batch, steps, max_len=proto.max_length, skip=sparse)
         nobs = np.isfinite(Y).sum(axis=1)
         need = proto.required_rows()
         miss = 1.0 - nobs / np.maximum(glen, 1)
