@@ -517,10 +517,10 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     by_ = _as_tuple(by, "by") or names or tuple(f"key{i}" if width > 1 else "key" for i in range(width))
     if len(by_) != width:
         raise ModelFactoryError(f"by names {len(by_)} column(s) but the keys have {width} part(s).")
-    key_types = _key_types(keys, rows, by_)
+    key_columns = _key_columns(keys, rows, by_)
+    key_types = tuple(c.type for c in key_columns)
     # duplicates as the group table will hold them ("a" and b"a" are one binary value there)
-    as_stored = list(zip(*[pa.array([r[i] for r in rows], type=t).to_pylist() for i, t in enumerate(key_types)]))
-    _refuse_duplicates(keys, as_stored)
+    _refuse_duplicates(keys, list(zip(*[c.to_pylist() for c in key_columns])))
     out_schema = parse_schema(schema) if schema is not None else None
     if out is not None and out_schema is None:
         raise ModelFactoryError("out= needs schema= (the rows func returns are written as Parquet).")
@@ -596,14 +596,14 @@ def _key_rows(keys: list) -> tuple[list[tuple], tuple[str, ...] | None]:
     return [(k,) for k in keys], None
 
 
-def _key_types(keys: list, rows: list[tuple], by: tuple[str, ...]) -> tuple:
-    """The arrow type of each part of the keys; a part whose values do not make one column
+def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.Array]:
+    """Each part of the keys as an Arrow column; a part whose values do not make one column
     (``1`` and ``"a"``) is refused, naming the first key that does not fit."""
-    types = []
+    columns = []
     for i, name in enumerate(by):
         values = [r[i] for r in rows]
         try:
-            types.append(pa.array(values).type)
+            columns.append(pa.array(values))
             continue
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
             pass
@@ -628,7 +628,7 @@ def _key_types(keys: list, rows: list[tuple], by: tuple[str, ...]) -> tuple:
         raise ModelFactoryError(
             f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value {_short(v)} ({type(v).__name__}) does not go "
             f"with the earlier keys' ({before or 'values'}); give each part of the keys values of one type.")
-    return tuple(types)
+    return columns
 
 
 def _refuse_duplicates(keys: list, rows: list[tuple]) -> None:
