@@ -69,6 +69,12 @@ class IngestError(ModelFactoryError):
     """Ingesting data from an external source failed."""
 
 
+#: What user code (a function, a model) may raise that fails its group or key, not the run:
+#: any exception, and ``SystemExit`` (``sys.exit()`` in a function).  ``KeyboardInterrupt``
+#: still stops the run.
+GROUP_ERRORS = (Exception, SystemExit)
+
+
 def describe_error(err: BaseException) -> str:
     """One line for an error raised by user code.
 

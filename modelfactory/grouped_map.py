@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .exceptions import describe_error
+from .exceptions import GROUP_ERRORS, describe_error
 from .models.base import SkipGroup
 
 __all__ = ["apply_groups", "to_table"]
@@ -317,7 +317,7 @@ def apply_groups(spec, groups):
         except SkipGroup as err:
             status[i], errors[i] = "skipped", str(err)
             continue
-        except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded per group (sys.exit too)
+        except GROUP_ERRORS as err:  # noqa: BLE001 - recorded per group
             status[i], errors[i] = "failed", describe_error(err)
             continue
         finally:

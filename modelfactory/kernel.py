@@ -21,7 +21,7 @@ from threadpoolctl import ThreadpoolController
 
 from ._io import Location, PartInfo, write_parquet
 from .dataset import DECODE, Source, read_files
-from .exceptions import ModelError, describe_error
+from .exceptions import GROUP_ERRORS, ModelError, describe_error
 from .grouped_map import apply_groups, to_table
 from .models.base import Model, SeriesBatch, SkipGroup
 from .plan import WorkUnit
@@ -467,7 +467,7 @@ def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
                 errors.append(None)
             except SkipGroup as err:
                 status.append("skipped"), errors.append(str(err)), outs.append(None)
-            except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded per key (sys.exit too)
+            except GROUP_ERRORS as err:  # noqa: BLE001 - recorded per key
                 status.append("failed"), errors.append(describe_error(err)), outs.append(None)
             secs.append(_time.perf_counter() - s)
     key_table = pa.table({k: pa.array([key[i] for key in keys], type=spec.key_types[i])
@@ -602,7 +602,7 @@ def _fit(m: ModelSpec, batch: SeriesBatch) -> tuple[list, np.ndarray]:
         s = _time.perf_counter()
         try:
             fitted = m.cls.fit_batch(m.params, batch)
-        except (Exception, SystemExit) as err:  # noqa: BLE001 - a failed batch fails its groups, not the run
+        except GROUP_ERRORS as err:  # noqa: BLE001 - a failed batch fails its groups, not the run
             fitted = [err] * n
         lengths = np.diff(batch.offsets).astype(np.float64)
         seconds = (_time.perf_counter() - s) * lengths / max(1.0, lengths.sum())  # apportioned by rows
@@ -614,7 +614,7 @@ def _fit(m: ModelSpec, batch: SeriesBatch) -> tuple[list, np.ndarray]:
         yi, ti, Xi = batch.series(i)
         try:
             fitted.append(proto.clone().fit(yi, t=ti, X=Xi))
-        except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded per group (sys.exit too)
+        except GROUP_ERRORS as err:  # noqa: BLE001 - recorded per group
             fitted.append(err)
         seconds[i] = _time.perf_counter() - s
     return fitted, seconds

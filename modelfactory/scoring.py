@@ -20,6 +20,7 @@ import pyarrow.dataset as ds
 
 from ._io import Location, PartInfo, parquet_bytes
 from .dataset import read_files
+from .exceptions import GROUP_ERRORS
 from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _times, describe_error, one_thread,
                      split_groups)
 from .models.base import SeriesBatch
@@ -230,7 +231,7 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
                 status[i] = "ok"
             lengths = np.diff(batch.offsets)[idx].astype(np.float64)
             seconds[idx] = (_time.perf_counter() - t0) * lengths / max(1.0, lengths.sum())
-        except (Exception, SystemExit):  # noqa: BLE001 - find the group(s) responsible
+        except GROUP_ERRORS:  # noqa: BLE001 - find the group(s) responsible
             for i in idx:
                 t1 = _time.perf_counter()
                 y, t, X = batch.series(i)
@@ -240,7 +241,7 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
                     for c in SCORE_COLUMNS:
                         cols[c][s:e] = out[c]
                     status[i] = "ok"
-                except (Exception, SystemExit) as err:  # noqa: BLE001 - recorded per group (sys.exit too)
+                except GROUP_ERRORS as err:  # noqa: BLE001 - recorded per group
                     status[i], errors[i] = "failed", describe_error(err)
                 seconds[i] = _time.perf_counter() - t1
 

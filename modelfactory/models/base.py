@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy.special import erf
 
-from ..exceptions import ModelError, NotFittedError, ParameterError
+from ..exceptions import GROUP_ERRORS, ModelError, NotFittedError, ParameterError
 
 __all__ = ["Param", "Model", "SeriesBatch", "SkipGroup", "robust_score", "debounce", "SCORE_KEYS",
            "SCORING_PARAMS", "dumps", "loads"]
@@ -302,7 +302,7 @@ class Model:
             y, t, X = batch.series(i)
             try:
                 out.append(proto.clone().fit(y, t=t, X=X))
-            except (Exception, SystemExit) as err:  # noqa: BLE001 - one group's failure is recorded, never fatal
+            except GROUP_ERRORS as err:  # noqa: BLE001 - one group's failure is recorded, never fatal
                 out.append(err)
         return out
 
