@@ -186,14 +186,16 @@ def test_ets_rebuilt_from_bytes_forecasts_like_statsmodels():
 
     y, t, _ = make_series(72, period=12, seed=5)
     m = get("ets", season_length=12).fit(y, t=t)
+    loc, s = np.median(y), np.std(y)  # ets fits the standardised series (scale-free), in its units
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = ETSModel(pd.Series(y), error="add", trend="add", seasonal="add", seasonal_periods=12).fit(disp=False)
+        ref = ETSModel(pd.Series((y - loc) / s), error="add", trend="add", seasonal="add",
+                       seasonal_periods=12).fit(disp=False)
     pred = ref.get_prediction(start=72, end=77)
     back = registry["ets"].from_bytes(m.to_bytes())
     r = back.score(y[:6], t=t[-1] + 3600 * np.arange(1, 7))
-    assert np.allclose(r["expected"], np.asarray(pred.predicted_mean), rtol=1e-6)
-    sd = np.sqrt(np.asarray(pred.var_pred_mean))
+    assert np.allclose(r["expected"], loc + s * np.asarray(pred.predicted_mean), rtol=1e-6)
+    sd = s * np.sqrt(np.asarray(pred.var_pred_mean))
     assert np.allclose((r["upper"] - r["expected"]) / back.threshold, sd, rtol=1e-6)
 
 
@@ -203,16 +205,50 @@ def test_sarimax_rebuilt_from_bytes_forecasts_like_statsmodels():
     y, t, _ = make_series(60, period=4, seed=6)
     y[[7, 30]] = np.nan  # the Kalman filter skips missing values
     m = get("sarimax", season_length=4).fit(y, t=t)
+    s = np.nanstd(y)  # sarimax fits the series divided by its standard deviation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = SARIMAX(y, order=(1, 0, 1), seasonal_order=(0, 1, 1, 4)).fit(disp=False)
+        ref = SARIMAX(y / s, order=(1, 0, 1), seasonal_order=(0, 1, 1, 4)).fit(disp=False)
     fc = ref.get_forecast(5)
     back = registry["sarimax"].from_bytes(m.to_bytes())
     r = back.score(y[:5], t=t[-1] + 3600 * np.arange(1, 6))
-    assert np.allclose(r["expected"], fc.predicted_mean, rtol=1e-6)
-    assert np.allclose((r["upper"] - r["expected"]) / back.threshold, np.sqrt(fc.var_pred_mean), rtol=1e-6)
+    assert np.allclose(r["expected"], s * fc.predicted_mean, rtol=1e-6)
+    assert np.allclose((r["upper"] - r["expected"]) / back.threshold, s * np.sqrt(fc.var_pred_mean), rtol=1e-6)
     # points inside the training range are not scored
     assert back.score([1.0], t=[t[10]])["score"][0] == 0.0
+
+
+@pytest.mark.parametrize("name", ["ets", "sarimax"])
+def test_statsmodels_fits_do_not_depend_on_the_units(name):
+    """The same series in other units (a latency in seconds, ~5e-3, or a rate in the thousands)
+    got another model from statsmodels' fit: sarimax flagged 45 of 48 ordinary points at the
+    1e-4 scale (its noise variance fitted to 0), and ets's band was 5 times wider at 1e3."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y, t, _ = make_series(336, period=24, seed=0)
+        new = make_series(384, period=24, seed=0)[0][336:]
+        new[10] += 20
+        tn = t[-1] + 3600 * np.arange(1, 49)
+        ref = None
+        for unit in (1e-4, 1.0, 1e3):
+            r = get(name).fit(y * unit, t=t).score(new * unit, t=tn)
+            z = (r["upper"] - r["expected"]) / unit
+            if ref is None:
+                ref = r, z
+            assert r["is_anomaly"].tolist() == ref[0]["is_anomaly"].tolist(), unit
+            assert np.flatnonzero(r["is_anomaly"]).tolist() == [10]
+            assert np.allclose(z, ref[1], rtol=0.05), unit
+
+
+@pytest.mark.parametrize("name", ["ets", "sarimax"])
+def test_statsmodels_fits_take_inf_as_missing(name):
+    """+-inf in the target (a rate divided by zero) failed the group with statsmodels' own error
+    ("shapes (2,10) and (0,1) not aligned", "Schur decomposition solver error")."""
+    y, t, _ = make_series(336, period=24, seed=0)
+    y[::17], y[5::23] = np.inf, -np.inf
+    m = get(name, maxiter=50).fit(y, t=t)
+    r = m.score(np.full(24, 100.0), t=t[-1] + 3600 * np.arange(1, 25))
+    assert np.isfinite(r["expected"]).all() and np.isfinite(r["upper"]).all()
 
 
 def test_one_stray_timestamp_skips_its_series_and_never_widens_the_batch_grid(monkeypatch):

@@ -10,8 +10,14 @@ tail, all as arrays.  On load the model is rebuilt from that state and run
 over the tail (``ETSModel.smooth`` / ``SARIMAX.filter``), which gives exactly
 the original forecasts and intervals.
 
-Both need a time column; the series is put on a regular grid (median step).
-statsmodels' convergence warnings are recorded in ``notes_``, not raised.
+Both need a time column; the series is put on a regular grid (median step);
+``inf`` values count as missing, like NaN.  Both are fitted to the series divided
+by its standard deviation (``ets`` also centred on its median) and keep their
+state in those units (``yloc_``, ``yscale_``): statsmodels' optimisers and
+diffuse initialisation work in absolute units, so the same series in
+milliseconds and in seconds, or in bytes and in gigabytes, would otherwise get
+different models.  statsmodels' convergence warnings are recorded in ``notes_``,
+not raised.
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ class _StateSpaceModel(Model):
     """Shared plumbing: regular grid, skip rules, tail storage, scoring by horizon."""
 
     needs_time = True
-    state_attrs: ClassVar = ("step_", "t_last_", "params_", "tail_", "notes_")
+    state_attrs: ClassVar = ("step_", "t_last_", "params_", "tail_", "notes_", "yloc_", "yscale_")
+    _centre: ClassVar[bool] = False  # subtract the median too (only where a level absorbs it)
 
     def required_rows(self) -> int:
         m = self.season_length if self._seasonal() else 1
@@ -45,6 +52,7 @@ class _StateSpaceModel(Model):
 
     def _grid(self, y, t):
         vals, t0, step = series_to_grid(y, t, self.step)
+        vals = np.where(np.isfinite(vals), vals, np.nan)  # +-inf is missing too: statsmodels cannot use it
         if self.max_length is not None and vals.size > self.max_length:
             t0 += (vals.size - self.max_length) * step
             vals = vals[vals.size - self.max_length:]
@@ -60,7 +68,12 @@ class _StateSpaceModel(Model):
         if self._seasonal() and vals.size < 2 * m:
             raise SkipGroup(f"{self.name}: season_length {m} needs at least two seasons "
                             f"({2 * m} steps); the series spans {vals.size}")
-        return vals, t0 + (vals.size - 1) * step, step
+        self.yloc_ = float(np.median(fin)) if self._centre else 0.0
+        self.yscale_ = float(np.std(fin))
+        if not (np.isfinite(self.yloc_) and np.isfinite(self.yscale_) and self.yscale_ > 0):
+            raise SkipGroup(f"{self.name}: the values are too large to model in float64 (their spread "
+                            f"overflows; largest {np.abs(fin).max():g}): rescale the target")
+        return (vals - self.yloc_) / self.yscale_, t0 + (vals.size - 1) * step, step
 
     def _tail_len(self, n: int) -> int:
         m = self.season_length if self._seasonal() else 1
@@ -75,10 +88,10 @@ class _StateSpaceModel(Model):
         expected = np.full(y.shape, np.nan)
         sd = np.full(y.shape, np.nan)
         ok = (h >= 1) & (h <= _MAX_HORIZON)
-        if ok.any():
+        if ok.any():  # the model works in standardised units (see the module docstring)
             mean, var = self._forecast(int(h[ok].max()))
-            expected[ok] = mean[h[ok] - 1]
-            sd[ok] = np.sqrt(np.maximum(var[h[ok] - 1], 0.0))
+            expected[ok] = self.yloc_ + self.yscale_ * mean[h[ok] - 1]
+            sd[ok] = self.yscale_ * np.sqrt(np.maximum(var[h[ok] - 1], 0.0))
         z = (y - expected) / sd
         finite = np.isfinite(z)
         zz = np.where(finite, z, 0.0)
@@ -94,6 +107,8 @@ class _StateSpaceModel(Model):
         raise NotImplementedError
 
     def set_state(self, state):
+        # models stored before the standardisation worked in the data's units
+        state = {"yloc_": 0.0, "yscale_": 1.0, **state}
         super().set_state(state)
         self.notes_ = list(state["notes_"])
         self._rebuilt = None
@@ -145,6 +160,7 @@ class ETS(_StateSpaceModel):
     """
 
     name = "ets"
+    _centre = True
     params: ClassVar = {
         "trend": Param("add", choices=("add", None), doc="trend component"),
         "damped_trend": Param(False, bool, doc="damp the trend"),
