@@ -218,6 +218,21 @@ def test_sarimax_rebuilt_from_bytes_forecasts_like_statsmodels():
     assert back.score([1.0], t=[t[10]])["score"][0] == 0.0
 
 
+@pytest.mark.parametrize("name", ["seasonal", "autoencoder"])
+def test_tiny_values_are_scored_like_any_others(name):
+    """A series of tiny values (here around 1e-11) never alerted (seasonal) or alerted on the
+    wrong points (autoencoder): the scale's floor was an absolute 1e-9, wider than the series'
+    whole spread.  The floor is now relative to the values."""
+    y, t, _ = make_series(384, period=24, seed=3)
+    y[336 + 10] += 20
+    flags = {}
+    for unit in (1.0, 1e-13):
+        m = get(name).fit(y[:336] * unit, t=t[:336])
+        r = m.score(y[336:] * unit, t=t[336:])
+        flags[unit] = np.flatnonzero(r["is_anomaly"]).tolist()
+    assert flags[1e-13] == flags[1.0] == [10]
+
+
 @pytest.mark.parametrize("name", ["ets", "sarimax"])
 def test_statsmodels_fits_do_not_depend_on_the_units(name):
     """The same series in other units (a latency in seconds, ~5e-3, or a rate in the thousands)

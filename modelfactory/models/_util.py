@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["fit_quietly", "center_scale", "MAD_TO_SIGMA"]
+__all__ = ["fit_quietly", "center_scale", "scale_floor", "MAD_TO_SIGMA"]
 
 MAD_TO_SIGMA = 1.4826
 
@@ -25,6 +25,21 @@ def fit_quietly(fit):
         if text not in notes:
             notes.append(text)
     return res, notes[:5]
+
+
+def scale_floor(magnitude):
+    """The smallest scale a model may use for values of this ``magnitude`` (their largest absolute
+    value): ``1e-9`` of it, so a constant series gets a tiny scale (any change is anomalous), and
+    ``1e-9`` for an all-zero one.  Relative, not absolute: an absolute floor of 1e-9 was wider than
+    the whole spread of a series of values around 1e-8 (a latency in seconds of tens of
+    nanoseconds) and made it unable to alert.
+
+    >>> scale_floor(0.0), scale_floor(2.0), scale_floor(np.array([4e-9, 0.0])).tolist()
+    (1e-09, 2e-09, [4e-18, 1e-09])
+    """
+    m = np.abs(np.asarray(magnitude, dtype=np.float64))
+    out = np.where(m > 0, 1e-9 * m, 1e-9)
+    return float(out) if out.ndim == 0 else out
 
 
 def center_scale(r: np.ndarray, floor: float = 1e-9) -> tuple[float, float]:

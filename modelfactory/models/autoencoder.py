@@ -23,7 +23,7 @@ import numpy as np
 
 from ..exceptions import ModelError
 from ._timegrid import series_to_grid
-from ._util import MAD_TO_SIGMA, center_scale, fit_quietly
+from ._util import MAD_TO_SIGMA, center_scale, fit_quietly, scale_floor
 from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
 
 __all__ = ["Autoencoder", "mlp_forward"]
@@ -168,7 +168,7 @@ class Autoencoder(Model):
         med = float(np.nanmedian(vals))
         sig = MAD_TO_SIGMA * float(np.nanmedian(np.abs(vals - med)))
         sd = float(np.nanstd(vals))
-        self.loc_, self.scale_ = med, max(sig, 0.25 * sd, 1e-9 * (1 + abs(med)))
+        self.loc_, self.scale_ = med, max(sig, 0.25 * sd, scale_floor(np.nanmax(np.abs(vals))))
         z = _fill((vals - self.loc_) / self.scale_)
         self._network(_windows(z, self.window))
         if sig == 0 and sd == 0:  # a constant series: reconstruct it exactly
@@ -204,7 +204,7 @@ class Autoencoder(Model):
             raise SkipGroup("autoencoder: a feature column has no finite value in this group")
         self.loc_ = np.median(A, axis=0)
         dev = MAD_TO_SIGMA * np.median(np.abs(A - self.loc_), axis=0)
-        self.scale_ = np.maximum(np.maximum(dev, 0.25 * A.std(axis=0)), 1e-9 * (1 + np.abs(self.loc_)))
+        self.scale_ = np.maximum(np.maximum(dev, 0.25 * A.std(axis=0)), scale_floor(np.abs(A).max(axis=0)))
         Z = (A - self.loc_) / self.scale_
         self._network(Z)
         r = Z[:, -1] - self.reconstruct(Z)[:, -1]

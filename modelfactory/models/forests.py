@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 
 from ._trees import apply_trees, pack_trees
-from ._util import center_scale, fit_quietly
+from ._util import center_scale, fit_quietly, scale_floor
 from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
 
 __all__ = ["IsolationForest", "RandomForest", "average_path_length"]
@@ -145,7 +145,7 @@ class IsolationForest(_Forest):
         self.offset_ = float(est.offset_)
         s = -self.score_samples(M, prepared=True)
         self.center_, self.scale_ = center_scale(s, floor=1e-3)
-        self.y_center_, self.y_scale_ = center_scale(y, floor=1e-9 * (1 + float(np.nanmax(np.abs(y)))))
+        self.y_center_, self.y_scale_ = center_scale(y, floor=scale_floor(np.nanmax(np.abs(y))))
 
     def score_samples(self, X, *, prepared: bool = False, y=None) -> np.ndarray:
         """scikit-learn's ``IsolationForest.score_samples`` (the opposite of the anomaly score), in numpy.
@@ -235,7 +235,7 @@ class RandomForest(_Forest):
         est, self.notes_ = fit_quietly(lambda: est.fit(M, y[ok]))
         self._store_trees(pack_trees([e.tree_ for e in est.estimators_], lambda tr: tr.value[:, 0, 0]))
         oob = np.asarray(est.oob_prediction_, dtype=np.float64).reshape(-1)
-        floor = 1e-9 * (1.0 + float(np.max(np.abs(y[ok]))))
+        floor = scale_floor(np.max(np.abs(y[ok])))
         self.center_, self.scale_ = center_scale(y[ok] - oob, floor=floor)
 
     def predict(self, X) -> np.ndarray:

@@ -20,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..exceptions import ModelError
+from ._util import scale_floor
 from .base import SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score
 
 __all__ = ["SeasonalProfile", "segment_median"]
@@ -144,8 +145,10 @@ class SeasonalProfile(Model):
         corr = np.sqrt(np.where(k > 1.5, k / np.maximum(k - 1, 1e-9), 2.0))
         mad = mad.reshape(n, S)
         mad = np.where(np.isnan(mad), series_mad[:, None], mad)
-        # A tiny absolute floor so a constant series does not divide by zero.
-        floor = np.maximum(series_mad, 1e-9 * (1.0 + np.abs(series_med)))
+        # A tiny floor (relative to the values) so a constant series does not divide by zero.
+        biggest = np.zeros(n)
+        np.maximum.at(biggest, sid_f, np.abs(v_f))
+        floor = np.maximum(series_mad, scale_floor(biggest))
         scale = _MAD_TO_SIGMA * corr[:, None] * np.maximum(mad, floor[:, None])
         need = proto.required_rows()
         out: list = []
