@@ -218,6 +218,22 @@ def test_sarimax_rebuilt_from_bytes_forecasts_like_statsmodels():
     assert back.score([1.0], t=[t[10]])["score"][0] == 0.0
 
 
+@pytest.mark.parametrize("name,unit", [("holt_winters", 1e160), ("autoencoder", 1e160),
+                                       ("random_forest", 1e160), ("isolation_forest", 1e40)])
+def test_values_too_large_for_float64_skip_their_group(name, unit):
+    """Values near 1e160 gave ok models whose expected values were NaN or whose band was
+    infinite (every score 0): squares overflow float64.  isolation_forest broke from 3.4e38
+    (its trees are float32).  Now the group is skipped with what to do."""
+    from modelfactory.models.base import SkipGroup
+
+    y, t, X = make_series(336, period=24, seed=0)
+    with pytest.raises(SkipGroup, match=r"as large as .* rescale"):
+        get(name).fit(y * unit, t=t, X=X)
+    m = get(name).fit(y * 1e30, t=t, X=X)  # large, but fine
+    r = m.score(y[:24] * 1e30, t=t[-1] + 3600 * np.arange(1, 25), X=X[:24])
+    assert np.isfinite(r["expected"]).all() and np.isfinite(r["upper"] - r["lower"]).all()
+
+
 @pytest.mark.parametrize("name", ["seasonal", "autoencoder"])
 def test_tiny_values_are_scored_like_any_others(name):
     """A series of tiny values (here around 1e-11) never alerted (seasonal) or alerted on the

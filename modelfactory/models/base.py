@@ -37,6 +37,19 @@ _MAGIC = b"MFM1"
 #: The keys every :meth:`Model.score` result has (one array each, one value per row).
 SCORE_KEYS = ("expected", "lower", "upper", "score", "is_anomaly")
 DEBOUNCE_MODES = ("none", "first")
+#: Values beyond this magnitude skip their group: the squares that scales and least squares
+#: are made of overflow float64 from about 1.3e154, and the models came out NaN yet "ok".
+MAX_ABS_VALUE = 1e150
+
+
+def too_large(name: str, y: np.ndarray) -> str | None:
+    """Why the values ``y`` are too large to model (None when they are not)."""
+    fin = np.abs(y[np.isfinite(y)])
+    big = float(fin.max()) if fin.size else 0.0
+    if big <= MAX_ABS_VALUE:
+        return None
+    return (f"{name}: values as large as {big:.3g} are beyond what float64 arithmetic can model "
+            f"(squares overflow past 1e154): rescale the target below {MAX_ABS_VALUE:g}")
 
 
 class SkipGroup(Exception):
@@ -276,6 +289,8 @@ class Model:
             raise ModelError(f"{self.name} got {len(y)} values but {len(t)} times.")
         if X is not None and len(X) != len(y):
             raise ModelError(f"{self.name} got {len(y)} values but {len(X)} feature rows.")
+        if (why := too_large(self.name, y)) is not None:
+            raise SkipGroup(why)
         n = int(np.count_nonzero(np.isfinite(y)))
         if n < self.required_rows():
             raise SkipGroup(f"{self.name} needs at least {self.required_rows()} non-missing values; got {n}")

@@ -49,6 +49,11 @@ class _Forest(Model):
         if M.ndim == 1:
             M = M.reshape(-1, 1)
         if fitting:
+            big = np.abs(np.where(np.isfinite(M), M, 0.0)).max(initial=0.0)
+            if big > np.finfo(np.float32).max:  # scikit-learn's trees split float32 copies: inf beyond it
+                raise SkipGroup(f"{self.name}: a value as large as {big:.3g} in the features"
+                                f"{' or target' if self._uses_target() else ''} does not fit scikit-learn's "
+                                "float32 trees (at most 3.4e38): rescale that column")
             if not np.isfinite(M).any(axis=0).all():
                 bad = int(np.flatnonzero(~np.isfinite(M).any(axis=0))[0])
                 raise SkipGroup(f"{self.name}: feature column {bad} has no finite value in this group")

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..exceptions import ModelError, ParameterError
 from ._timegrid import batch_to_grid, grid_spans, infer_steps, seasonal_fill
-from .base import SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score
+from .base import SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score, too_large
 
 __all__ = ["HoltWinters", "hw_recursion"]
 
@@ -294,7 +294,9 @@ class HoltWinters(Model):
         for i in range(n):
             if i in why:
                 continue
-            if nobs[i] < need:
+            if (big := too_large(proto.name, Y[i])) is not None:
+                why[i] = big
+            elif nobs[i] < need:
                 why[i] = (f"holt_winters needs at least {need} non-missing values (min_seasons "
                           f"{proto.min_seasons} x season_length {m}); got {int(nobs[i])}")
             elif miss[i] > proto.max_missing:

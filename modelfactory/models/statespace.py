@@ -69,10 +69,7 @@ class _StateSpaceModel(Model):
             raise SkipGroup(f"{self.name}: season_length {m} needs at least two seasons "
                             f"({2 * m} steps); the series spans {vals.size}")
         self.yloc_ = float(np.median(fin)) if self._centre else 0.0
-        self.yscale_ = float(np.std(fin))
-        if not (np.isfinite(self.yloc_) and np.isfinite(self.yscale_) and self.yscale_ > 0):
-            raise SkipGroup(f"{self.name}: the values are too large to model in float64 (their spread "
-                            f"overflows; largest {np.abs(fin).max():g}): rescale the target")
+        self.yscale_ = float(np.std(fin))  # > 0 and finite: not constant, and at most MAX_ABS_VALUE
         return (vals - self.yloc_) / self.yscale_, t0 + (vals.size - 1) * step, step
 
     def _tail_len(self, n: int) -> int:
