@@ -339,16 +339,29 @@ def _times(spec: JobSpec, groups: Groups) -> tuple[np.ndarray, dict[int, str]]:
                            "fill them, or leave those rows out (filter=)")
         col = pc.fill_null(col, pa.scalar(0, col.type))
     raw = pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
-    if spec.model is not None and spec.model.cls.needs_time and len(raw) > 1:  # training
-        again = np.concatenate(([False], raw[1:] == raw[:-1]))
+    unit = col.type.unit
+    seconds = raw // _UNIT_SECONDS[unit] if unit != "s" else raw
+    if spec.model is not None and _needs_time(spec.model) and len(raw) > 1:  # training
+        # in seconds, as the models see them: two rows 500 ms apart are one time to them
+        again = np.concatenate(([False], seconds[1:] == seconds[:-1]))
         again[groups.starts] = False  # rows are in time order within each group
         repeated = _per_group(again, groups)
+        exact = _per_group(again & np.concatenate(([False], raw[1:] == raw[:-1])), groups)
         for i in np.flatnonzero(repeated).tolist():
-            unusable.setdefault(i, f"{repeated[i]} row(s) repeat a timestamp of this group, and "
-                                   f"{spec.model.name!r} models one value per time: is a key missing from "
-                                   "by=, or do the rows need aggregating first?")
-    unit = col.type.unit
-    return (raw // _UNIT_SECONDS[unit] if unit != "s" else raw), unusable
+            unusable.setdefault(i, f"{repeated[i]} row(s) repeat a timestamp of this group"
+                                   + (" to the second (models see whole seconds)" if exact[i] < repeated[i] else "")
+                                   + f", and {spec.model.name!r} models one value per time: is a key missing "
+                                   "from by=, or do the rows need aggregating first?")
+    return seconds, unusable
+
+
+def _needs_time(m: ModelSpec) -> bool:
+    """Whether the model, with its parameters, models one series in time (``autoencoder``
+    does with ``input="window"``, not with ``"features"``)."""
+    try:
+        return bool(m.cls(**m.params).data_needs()[0])
+    except GROUP_ERRORS:  # noqa: BLE001 - a class that cannot say: its class attribute
+        return bool(getattr(m.cls, "needs_time", False))
 
 
 def _per_group(rows: np.ndarray, groups: Groups) -> np.ndarray:

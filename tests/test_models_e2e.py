@@ -122,6 +122,39 @@ def test_a_group_whose_times_cannot_be_used_fails_alone_not_with_its_batch(model
     assert (g.drop(index=[sites[1], sites[2]])["status"] == "ok").all()
 
 
+@pytest.mark.parametrize("model,params,unit,expect", [
+    ("autoencoder", {"min_values": 24, "window": 12}, "s", "repeat a timestamp of this group, and 'autoencoder'"),
+    ("holt_winters", {}, "ms", "repeat a timestamp of this group to the second (models see whole seconds)"),
+])
+def test_repeated_times_fail_the_group_for_every_model_of_a_series_in_time(model, params, unit, expect, tmp_path):
+    """autoencoder (input="window") models one value per time too, but a group with repeated
+    timestamps trained ok: the check asked the class (needs_time is False: it depends on the
+    input) and one of each pair was silently dropped.  Millisecond times 500 ms apart passed
+    the check, and the models, which see whole seconds, silently kept one row per second."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    table = demo.make_table(2, days=DAYS).to_pandas()
+    sites = sorted(table["site"].unique())
+    bad = table[table.site == sites[0]]
+    if unit == "s":
+        table = pd.concat([table, bad.iloc[10:13]], ignore_index=True)
+    else:  # a second row half a second after three of the rows
+        table = pd.concat([table, bad.iloc[10:13].assign(ts=bad.ts.iloc[10:13] + pd.Timedelta("500ms"))],
+                          ignore_index=True)
+    path = tmp_path / "data.parquet"
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = arrow.set_column(arrow.schema.get_field_index("ts"), "ts", arrow["ts"].cast(pa.timestamp(unit, "UTC")))
+    pq.write_table(arrow, path)
+    run = modelfactory.train(str(path), by=["app", "site"], time="ts", target="value", model=model, params=params,
+                             store=str(tmp_path / "store"), cluster="inline")
+    g = run.groups.set_index("site")
+    assert g.loc[sites[0], "status"] == "failed"
+    assert g.loc[sites[0], "error"].startswith("3 row(s) " + expect.split(" ", 1)[0])
+    assert expect in g.loc[sites[0], "error"]
+    assert g.loc[sites[1], "status"] == "ok"
+
+
 def test_a_group_scored_with_missing_times_fails_alone(data, tmp_path):
     import pandas as pd
     import pyarrow.parquet as pq
