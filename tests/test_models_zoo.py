@@ -218,6 +218,21 @@ def test_sarimax_rebuilt_from_bytes_forecasts_like_statsmodels():
     assert back.score([1.0], t=[t[10]])["score"][0] == 0.0
 
 
+@pytest.mark.parametrize("name", ["random_forest", "isolation_forest"])
+def test_forest_rows_without_any_feature_are_not_scored(name):
+    """Scoring a day whose features all went missing (a broken feature pipeline) flagged most
+    of its rows (random_forest: 33 of 48): every row was predicted from the training medians."""
+    y, t, X = make_series(384, period=24, seed=0)
+    m = get(name).fit(y[:336], t=t[:336], X=X[:336])
+    Xn = X[336:].copy()
+    Xn[:24] = np.nan  # the first day: no feature at all
+    Xn[24:, 1] = np.nan  # the second: one feature of two
+    r = m.score(y[336:], t=t[336:], X=Xn)
+    assert not r["is_anomaly"][:24].any() and (r["score"][:24] == 0).all()
+    assert np.isnan(r["expected"][:24]).all()
+    assert np.isfinite(r["expected"][24:]).all()  # still scored from the feature it has
+
+
 @pytest.mark.parametrize("name,unit", [("holt_winters", 1e160), ("autoencoder", 1e160),
                                        ("random_forest", 1e160), ("isolation_forest", 1e40)])
 def test_values_too_large_for_float64_skip_their_group(name, unit):

@@ -6,7 +6,9 @@ needs no pickle, and scoring re-implements ``score_samples`` / ``predict`` in
 numpy, with the same results as scikit-learn.
 
 Missing feature values (NaN) are replaced by the feature's training median,
-both when fitting and when scoring.
+both when fitting and when scoring; a row to score whose features are all missing
+is not scored (``expected`` NaN, score 0): a forest fed only medians predicts one
+value for every row, and flagged most rows of a group whose features went missing.
 """
 from __future__ import annotations
 
@@ -67,6 +69,21 @@ class _Forest(Model):
 
     def _uses_target(self) -> bool:
         return False
+
+    @staticmethod
+    def _unscored(X) -> np.ndarray:
+        """Rows whose features are all missing: nothing to predict or isolate them from."""
+        X = np.asarray(X, dtype=np.float64)
+        return ~np.isfinite(X.reshape(len(X), -1)).any(axis=1) if X.size else np.zeros(len(X), bool)
+
+    @staticmethod
+    def _drop(out: dict, rows: np.ndarray) -> dict:
+        if rows.any():
+            for k in ("expected", "lower", "upper"):
+                out[k] = np.where(rows, np.nan, out[k])
+            out["score"] = np.where(rows, 0.0, out["score"])
+            out["is_anomaly"] = out["is_anomaly"] & ~rows
+        return out
 
     def _trees(self) -> dict:
         return {k: getattr(self, k + "_") for k in _TREE_KEYS} | (
@@ -181,13 +198,13 @@ class IsolationForest(_Forest):
                                 prepared=True)
         z = np.maximum((s - self.center_) / self.scale_, 0.0)  # only "easier to isolate" is anomalous
         expected = np.full(y.shape, self.y_center_)
-        return {
+        return self._drop({
             "expected": expected,
             "lower": expected - self.threshold * self.y_scale_,
             "upper": expected + self.threshold * self.y_scale_,
             "score": robust_score(z),
             "is_anomaly": z > self.threshold,
-        }
+        }, self._unscored(X))
 
 
 class RandomForest(_Forest):
@@ -259,10 +276,10 @@ class RandomForest(_Forest):
         z = (y - expected - self.center_) / self.scale_
         finite = np.isfinite(z)
         zz = np.where(finite, z, 0.0)
-        return {
+        return self._drop({
             "expected": expected,
             "lower": expected + self.center_ - self.threshold * self.scale_,
             "upper": expected + self.center_ + self.threshold * self.scale_,
             "score": robust_score(zz),
             "is_anomaly": finite & (np.abs(zz) > self.threshold),
-        }
+        }, self._unscored(X))
