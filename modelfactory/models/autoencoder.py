@@ -100,7 +100,9 @@ class Autoencoder(Model):
         See :func:`modelfactory.models.base.debounce`.
 
     A constant series is standardised to zeros, fits exactly and gets a tiny
-    floor scale, so any change from the constant is anomalous.
+    floor scale, so any change from the constant is anomalous.  With
+    ``input="window"``, points at or before the end of training are not scored
+    (``expected`` NaN, score 0).
     """
 
     name = "autoencoder"
