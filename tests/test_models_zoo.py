@@ -218,6 +218,19 @@ def test_sarimax_rebuilt_from_bytes_forecasts_like_statsmodels():
     assert back.score([1.0], t=[t[10]])["score"][0] == 0.0
 
 
+def test_seasonal_infers_a_step_the_series_has():
+    """Eight days every 2 h then four days hourly (as many gaps of each) gave step_ = 5400 s,
+    a spacing no two points have, and hour-of-day slots 36 hours long.  The step is now the
+    lower median of the positive spacings, as holt_winters, ets, sarimax and autoencoder infer it."""
+    from modelfactory.models._timegrid import infer_steps
+
+    t = np.concatenate([np.arange(0, 8 * 86400, 7200), 8 * 86400 + np.arange(0, 4 * 86400 + 3600, 3600)])
+    t = t.astype(np.int64) + 1_767_571_200
+    y = 100 + 10 * np.sin(2 * np.pi * (t // 3600 % 24) / 24)
+    m = get("seasonal").fit(y, t=t)
+    assert m.step_ == 3600 == infer_steps(SeriesBatch(y, np.array([0, len(y)]), t), None)[0]
+
+
 @pytest.mark.parametrize("name", ["random_forest", "isolation_forest"])
 def test_forest_rows_without_any_feature_are_not_scored(name):
     """Scoring a day whose features all went missing (a broken feature pipeline) flagged most

@@ -28,8 +28,12 @@ __all__ = ["SeasonalProfile", "segment_median"]
 _MAD_TO_SIGMA = 1.4826
 
 
-def segment_median(values: np.ndarray, seg: np.ndarray, nseg: int) -> tuple[np.ndarray, np.ndarray]:
+def segment_median(values: np.ndarray, seg: np.ndarray, nseg: int, *,
+                   lower: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Median of ``values`` within each segment id in ``[0, nseg)``, vectorised.
+
+    ``lower=True`` takes the lower of the two middle values of an even count (a value
+    that occurs, never one between two).
 
     Returns ``(median, count)``; the median of an empty segment is NaN.  Segments are
     gathered with a stable integer sort (radix, O(N)), laid out as the rows of a dense
@@ -53,13 +57,13 @@ def segment_median(values: np.ndarray, seg: np.ndarray, nseg: int) -> tuple[np.n
         c = count[has]
         rows = dense[has]
         idx = np.arange(len(c))
-        med[has] = (rows[idx, (c - 1) // 2] + rows[idx, c // 2]) / 2.0
+        med[has] = rows[idx, (c - 1) // 2] if lower else (rows[idx, (c - 1) // 2] + rows[idx, c // 2]) / 2.0
         return med, count
     order = np.lexsort((values, seg))
     vs = values[order]
     lo = start[has] + (count[has] - 1) // 2
     hi = start[has] + count[has] // 2
-    med[has] = (vs[lo] + vs[hi]) / 2.0
+    med[has] = vs[lo] if lower else (vs[lo] + vs[hi]) / 2.0
     return med, count
 
 
@@ -115,13 +119,14 @@ class SeasonalProfile(Model):
         lengths = np.diff(batch.offsets)
         sid = np.repeat(np.arange(n), lengths)
         t, v = batch.times, batch.values
-        # Step per series: the median spacing (or the given step).
+        # Step per series: the (lower) median positive spacing, as the other time-series models
+        # infer it (a spacing that occurs: with as many 2 h as 1 h gaps, 1 h, never 1.5 h).
         if proto.step is not None:
             step = np.full(n, proto.step, dtype=np.int64)
         else:
             d = np.diff(t).astype(np.float64)
-            same = sid[1:] == sid[:-1]
-            med, cnt = segment_median(d[same], sid[1:][same], n)
+            same = (sid[1:] == sid[:-1]) & (d > 0)
+            med, cnt = segment_median(d[same], sid[1:][same], n, lower=True)
             step = np.where(cnt > 0, med, 1).astype(np.int64)
         step = np.maximum(step, 1)
         ok = np.isfinite(v)
