@@ -218,6 +218,20 @@ def test_sarimax_rebuilt_from_bytes_forecasts_like_statsmodels():
     assert back.score([1.0], t=[t[10]])["score"][0] == 0.0
 
 
+def test_holt_winters_does_not_score_its_own_training_range():
+    """Scoring the data a holt_winters model was trained on (train data/, score data/) flagged
+    297 of 336 points of a random-walk series: points before the end of training were
+    'expected' at the final level run backwards.  They are not scored now, as for ets."""
+    rng = np.random.default_rng(7)
+    t = 1_767_571_200 + 3600 * np.arange(336)
+    y = np.cumsum(rng.normal(0, 1, 336)) + 10 * np.sin(2 * np.pi * np.arange(336) / 24)
+    m = get("holt_winters").fit(y, t=t)
+    r = m.score(y, t=t)
+    assert not r["is_anomaly"].any() and (r["score"] == 0).all() and np.isnan(r["expected"]).all()
+    later = m.score(y[-24:] - y[-24] + y[-1], t=t[-1] + 3600 * np.arange(1, 25))
+    assert np.isfinite(later["expected"]).all()
+
+
 def test_seasonal_infers_a_step_the_series_has():
     """Eight days every 2 h then four days hourly (as many gaps of each) gave step_ = 5400 s,
     a spacing no two points have, and hour-of-day slots 36 hours long.  The step is now the

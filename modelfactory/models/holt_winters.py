@@ -27,7 +27,8 @@ at ``level + h * trend + season[(h - 1) mod m]``; its interval is
 ``expected +- threshold * sigma * sqrt(v_h)`` with ``sigma`` a robust scale
 of the in-sample residuals (corrected for the ``m + 4`` fitted values) and ``v_h = 1 + sum_{j<h} (alpha + alpha beta j +
 gamma [j mod m = 0])^2`` the ETS(A,A,A) variance growth (``interval="flat"``:
-``v_h = 1``).  Points at or before the end of training use ``v_h = 1``.
+``v_h = 1``).  Points at or before the end of training are not scored (``expected`` NaN,
+score 0), as for ``ets`` and ``sarimax``.
 """
 from __future__ import annotations
 
@@ -409,7 +410,13 @@ class HoltWinters(Model):
         return expected, self.sigma_ * np.sqrt(var)
 
     def _score(self, y, t, X) -> dict[str, np.ndarray]:
-        expected, sd = self.forecast(self.horizons(t))
+        h = self.horizons(t)
+        expected, sd = self.forecast(h)
+        # At or before the end of training there is no forecast: the final state run backwards
+        # (level + h x trend) is not what the model expected there, and with an adaptive level
+        # it flagged most of its own training data.  Not scored, as for ets and sarimax.
+        past = h < 1
+        expected, sd = np.where(past, np.nan, expected), np.where(past, np.nan, sd)
         z = (y - expected) / sd
         finite = np.isfinite(z)
         zz = np.where(finite, z, 0.0)
