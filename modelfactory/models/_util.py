@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["fit_quietly", "center_scale", "scale_floor", "MAD_TO_SIGMA"]
+__all__ = ["fit_quietly", "center_scale", "scale_floor", "max_abs", "MAD_TO_SIGMA"]
 
 MAD_TO_SIGMA = 1.4826
 
@@ -38,8 +38,15 @@ def scale_floor(magnitude):
     (1e-09, 2e-09, [4e-18, 1e-09])
     """
     m = np.abs(np.asarray(magnitude, dtype=np.float64))
-    out = np.where(m > 0, 1e-9 * m, 1e-9)
+    out = np.where((m > 0) & np.isfinite(m), 1e-9 * m, 1e-9)
     return float(out) if out.ndim == 0 else out
+
+
+def max_abs(values) -> float:
+    """The largest absolute finite value (0 when there is none): the magnitude for :func:`scale_floor`."""
+    a = np.abs(np.asarray(values, dtype=np.float64))
+    a = a[np.isfinite(a)]
+    return float(a.max()) if a.size else 0.0
 
 
 def center_scale(r: np.ndarray, floor: float = 1e-9) -> tuple[float, float]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..exceptions import ModelError
 from ._timegrid import series_to_grid
-from ._util import MAD_TO_SIGMA, center_scale, fit_quietly, scale_floor
+from ._util import MAD_TO_SIGMA, center_scale, fit_quietly, max_abs, scale_floor
 from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
 
 __all__ = ["Autoencoder", "mlp_forward"]
@@ -162,6 +162,7 @@ class Autoencoder(Model):
     # -- windows ----------------------------------------------------------
     def _fit_window(self, y, t) -> None:
         vals, t0, self.step_ = series_to_grid(y, t, self.step)
+        vals = np.where(np.isfinite(vals), vals, np.nan)  # +-inf is missing too
         missing = float(np.mean(~np.isfinite(vals)))
         if missing > self.max_missing:
             raise SkipGroup(f"autoencoder: {missing:.0%} of the time steps are missing (NaN or absent), "
@@ -170,7 +171,7 @@ class Autoencoder(Model):
         med = float(np.nanmedian(vals))
         sig = MAD_TO_SIGMA * float(np.nanmedian(np.abs(vals - med)))
         sd = float(np.nanstd(vals))
-        self.loc_, self.scale_ = med, max(sig, 0.25 * sd, scale_floor(np.nanmax(np.abs(vals))))
+        self.loc_, self.scale_ = med, max(sig, 0.25 * sd, scale_floor(max_abs(vals)))
         z = _fill((vals - self.loc_) / self.scale_)
         self._network(_windows(z, self.window))
         if sig == 0 and sd == 0:  # a constant series: reconstruct it exactly

@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from ._trees import apply_trees, pack_trees
-from ._util import center_scale, fit_quietly, scale_floor
+from ._util import center_scale, fit_quietly, max_abs, scale_floor
 from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
 
 __all__ = ["IsolationForest", "RandomForest", "average_path_length"]
@@ -167,7 +167,7 @@ class IsolationForest(_Forest):
         self.offset_ = float(est.offset_)
         s = -self.score_samples(M, prepared=True)
         self.center_, self.scale_ = center_scale(s, floor=1e-3)
-        self.y_center_, self.y_scale_ = center_scale(y, floor=scale_floor(np.nanmax(np.abs(y))))
+        self.y_center_, self.y_scale_ = center_scale(y, floor=scale_floor(max_abs(y)))
 
     def score_samples(self, X, *, prepared: bool = False, y=None) -> np.ndarray:
         """scikit-learn's ``IsolationForest.score_samples`` (the opposite of the anomaly score), in numpy.
