@@ -215,3 +215,43 @@ def test_a_model_registered_by_name_is_stored_so_a_process_without_the_registrat
     assert type(st.load(key, trust=True)).__name__ == "Registered"
     scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
     assert scored.summary["counts"]["ok"] == SERIES
+
+
+def _local_cycle(start: str, hours: int):
+    """Hourly traffic whose daily cycle follows Berlin's wall clock, noise 1, amplitude 30."""
+    import pandas as pd
+
+    ts = pd.date_range(start, periods=hours, freq="h", tz="Europe/Berlin")
+    rng = np.random.default_rng(0)
+    value = 100 + 30 * np.sin(2 * np.pi * ts.hour.to_numpy() / 24) + rng.normal(0, 1, hours)
+    return pa.table({"app": ["web"] * hours, "ts": pa.array(ts, pa.timestamp("us", tz="Europe/Berlin")),
+                     "value": value})
+
+
+def test_seasonal_tz_keeps_a_local_daily_cycle_in_its_slots_across_dst(tmp_path):
+    """Traffic that follows local time, trained the two weeks before the spring clock change and
+    scored the two days after it: with slots in UTC, seasonal flagged about 30 of 48 ordinary hours
+    (every hour sat one slot off); with tz='Europe/Berlin' the slots follow the wall clock."""
+    import pyarrow.parquet as pq
+
+    for name, table in (("train", _local_cycle("2024-03-17", 14 * 24)),
+                        ("new", _local_cycle("2024-03-31", 48))):
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "part.parquet")
+    flagged = {}
+    for tz in (None, "Europe/Berlin"):
+        store = str(tmp_path / f"store-{tz is None}")
+        run = modelfactory.train(str(tmp_path / "train"), by=["app"], time="ts", target="value",
+                                 model="seasonal", params={"tz": tz}, store=store, cluster="inline")
+        assert run.summary["counts"]["ok"] == 1, run.groups
+        scores = modelfactory.score(str(tmp_path / "new"), store=store, out=store + "-scores",
+                                    cluster="inline").to_pandas()
+        assert len(scores) == 48
+        flagged[tz] = int(scores["is_anomaly"].sum())
+    assert flagged[None] >= 20 and flagged["Europe/Berlin"] <= 1, flagged
+
+
+def test_seasonal_tz_must_be_a_zone_name(tmp_path):
+    with pytest.raises(ModelError, match="IANA time zone name such as 'Europe/Berlin'.*'Europe/Berln'"):
+        modelfactory.train(str(tmp_path), by=["app"], time="ts", target="value", model="seasonal",
+                           params={"tz": "Europe/Berln"}, store=str(tmp_path / "s"), cluster="inline")

@@ -6,7 +6,9 @@ median absolute deviation (MAD) of the values in that slot.  A new point is
 expected at its slot's median; its robust z-score is the deviation divided by
 ``1.4826 * MAD``.  The slot of a point comes from its timestamp
 (``floor(t / step) mod season_length``), so gaps, missing points and scoring
-days later all line up without an origin.
+days later all line up without an origin.  Times are UTC unless ``tz`` names a
+time zone: then slots follow its wall-clock time, so a daily cycle that people
+make (traffic in local time) stays in its slots across daylight-saving changes.
 
 Data it needs: a time column; at least ``min_seasons * season_length`` finite
 values.  NaNs are ignored; a slot with no values falls back to the series'
@@ -19,13 +21,44 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..exceptions import ModelError
+from ..exceptions import ModelError, ParameterError
 from ._util import scale_floor
 from .base import SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score
 
 __all__ = ["SeasonalProfile", "segment_median"]
 
 _MAD_TO_SIGMA = 1.4826
+
+
+def _zone(name: str):
+    """The time zone named ``name``, or a ParameterError saying what names look like."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as err:
+        raise ParameterError(
+            f"The 'tz' parameter of seasonal must be an IANA time zone name such as 'Europe/Berlin' "
+            f"or 'America/New_York'; got {name!r} ({err})."
+        ) from None
+
+
+def wall_clock(t: np.ndarray, tz: str | None) -> np.ndarray:
+    """UTC seconds ``t`` as the wall-clock seconds of time zone ``tz`` (``t`` itself for None).
+
+    >>> t = np.array([1711846800, 1711850400])  # 2024-03-31 01:00 and 02:00 UTC
+    >>> (wall_clock(t, "Europe/Berlin") - t).tolist()  # CET, then CEST from 01:00 UTC
+    [7200, 7200]
+    >>> (wall_clock(t - 3600, "Europe/Berlin") - (t - 3600)).tolist()
+    [3600, 7200]
+    """
+    if tz is None or len(t) == 0:
+        return t
+    import pandas as pd
+
+    utc = pd.DatetimeIndex(np.asarray(t, dtype=np.int64).astype("datetime64[s]"), tz="UTC")
+    local = utc.tz_convert(_zone(tz)).tz_localize(None)
+    return local.asi8 // {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[local.unit]
 
 
 def segment_median(values: np.ndarray, seg: np.ndarray, nseg: int, *,
@@ -102,12 +135,19 @@ class SeasonalProfile(Model):
         "step": Param(None, (int, type(None)), low=1, doc="seconds between points"),
         "threshold": Param(3.5, float, low=0.0, doc="robust z beyond which a point is anomalous"),
         "min_seasons": Param(2, int, low=1, doc="whole seasons needed to fit"),
+        "tz": Param(None, (str, type(None)),
+                    doc="time zone whose wall-clock time the slots follow (e.g. 'Europe/Berlin'); None: UTC"),
         **SCORING_PARAMS,
     }
     state_attrs = ("step_", "median_", "scale_")
 
     def required_rows(self) -> int:
         return self.season_length * self.min_seasons
+
+    def validate_params(self) -> None:
+        super().validate_params()
+        if self.tz is not None:
+            _zone(self.tz)
 
     @classmethod
     def fit_batch(cls, params: dict, batch: SeriesBatch) -> list:
@@ -132,7 +172,7 @@ class SeasonalProfile(Model):
         ok = np.isfinite(v)
         sid_f, v_f = sid[ok], v[ok]
         finite = np.bincount(sid_f, minlength=n)
-        slot = (t[ok] // step[sid_f]) % S
+        slot = (wall_clock(t[ok], proto.tz) // step[sid_f]) % S
         seg = sid_f * S + slot
         med, _ = segment_median(v_f, seg, n * S)
         series_med, _ = segment_median(v_f, sid_f, n)
@@ -168,7 +208,7 @@ class SeasonalProfile(Model):
         return out
 
     def _score(self, y, t, X) -> dict[str, np.ndarray]:
-        slot = (t // self.step_) % self.season_length
+        slot = (wall_clock(t, self.tz) // self.step_) % self.season_length
         expected = self.median_[slot]
         scale = self.scale_[slot]
         z = (y - expected) / scale
@@ -192,9 +232,9 @@ class SeasonalProfile(Model):
         live = [m for m in models if m is not None]
         if (not live or kwargs or batch.times is None
                 or any(m.debounce != "none" for m in live)
-                or len({(m.season_length, m.threshold) for m in live}) != 1):
+                or len({(m.season_length, m.threshold, m.tz) for m in live}) != 1):
             return super().score_batch(models, batch, **kwargs)
-        S, thr = live[0].season_length, live[0].threshold
+        S, thr, tz = live[0].season_length, live[0].threshold, live[0].tz
         n = len(models)
         have = np.array([m is not None for m in models])
         med = np.full((n, S), np.nan)
@@ -206,7 +246,7 @@ class SeasonalProfile(Model):
                 med[i], scale[i], step[i] = m.median_, m.scale_, m.step_
         lengths = np.diff(batch.offsets)
         sid = np.repeat(np.arange(n), lengths)
-        t = batch.times.astype(np.int64)
+        t = wall_clock(batch.times.astype(np.int64), tz)
         slot = (t // step[sid]) % S
         expected = med[sid, slot]
         sc = scale[sid, slot]
