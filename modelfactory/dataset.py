@@ -341,6 +341,7 @@ def _unify(schemas: list[tuple[str, pa.Schema]], part_fields: list[pa.Field]):
     count: dict[str, int] = {}
     for path, sch in schemas:
         for f in sch:
+            f = f.with_type(_plain(f.type))
             first.setdefault(f.name, f)
             seen.setdefault(f.name, {}).setdefault(f.type, path)
             count[f.name] = count.get(f.name, 0) + 1
@@ -363,6 +364,20 @@ def _unify(schemas: list[tuple[str, pa.Schema]], part_fields: list[pa.Field]):
             f = f.with_nullable(True)
         fields.append(f)
     return pa.schema(fields + part_fields, metadata=schemas[0][1].metadata), conflicts, missing
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    """``t`` with the view types read as their plain kind: string_view as string, binary_view
+    as binary (Polars 1.38 writes string_view into the Arrow schema of its Parquet files).
+    pyarrow's compute functions (take, filter, comparisons) have no kernels for views; the
+    scanner casts each file's values to the plain type as it reads."""
+    if pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_binary_view(t):
+        return pa.binary()
+    if pa.types.is_dictionary(t) and (pa.types.is_string_view(t.value_type) or pa.types.is_binary_view(t.value_type)):
+        return pa.dictionary(t.index_type, _plain(t.value_type), t.ordered)
+    return t
 
 
 def _kind(t: pa.DataType) -> str:
@@ -459,7 +474,16 @@ def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
     try:
         dataset = ds.dataset(list(paths), schema=schema, format=fmt, filesystem=fs,
                              partitioning=partitioning, partition_base_dir=source.base)
-        table = dataset.to_table(columns=columns, filter=filter)
+        try:
+            table = dataset.to_table(columns=columns, filter=filter)
+        except pa.ArrowNotImplementedError:
+            if filter is None:
+                raise
+            # A file whose column is a view type (string_view, as Polars writes it): pyarrow
+            # cannot compare its Parquet statistics with the filter's values ("no kernel
+            # matching input types (string, string_view)"), though its values read fine as
+            # strings.  Filter after reading instead.
+            table = ds.dataset(dataset.to_table()).to_table(columns=columns, filter=filter)
         return table.unify_dictionaries() if encode else table
     except FileNotFoundError as err:
         # pyarrow's fsspec wrapper reports any failure (an unreachable endpoint, a denied
