@@ -171,7 +171,9 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
     exists = info.type != pafs.FileType.NotFound if info is not None else fs.exists(path)
     if not exists:
         raise DatasetError(f"No file or folder at {url!r}. Check the path (and credentials for s3://).")
-    is_file = info.type == pafs.FileType.File if info is not None else fs.isfile(path)
+    # s3fs calls a prefix with a folder marker object (``data/``, as the S3 console's "Create
+    # folder" makes) a file too: a folder is a folder, whatever else it is.
+    is_file = info.type == pafs.FileType.File if info is not None else fs.isfile(path) and not fs.isdir(path)
     try:
         listing, keys = _listing(fs, path, is_file)
         fragments = list(listing.get_fragments())
@@ -196,12 +198,19 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
             raise DatasetError(f"No files under {url!r} match filter {filter}.")
 
     check = [c for c in null_check if c not in keys]
+    local = isinstance(fs, pafs.LocalFileSystem)
 
     def facts(frag):
         try:
             md = frag.metadata
             physical = frag.physical_schema  # from the footer just read: no more I/O
         except (pa.ArrowInvalid, OSError) as err:
+            if not local and _empty_object(fs, frag.path):
+                # An empty object on an object store holds no rows: a folder marker (``sub/``
+                # from the S3 console or Hadoop's S3A, ``x_$folder$`` from EMR), listed as a
+                # file.  (A local empty file may be one being written: that is refused.)
+                log.debug("Skipping the empty object %r (a folder marker)", frag.path)
+                return None
             raise DatasetError(f"Cannot open the Parquet dataset at {url!r}: cannot read the Parquet footer "
                                f"of {frag.path!r} ({err}). Move files that are not Parquet out of the "
                                "folder (or start their names with '_' or '.').") from err
@@ -236,7 +245,10 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
                 _beyond_ns(md, physical))
 
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(facts, fragments))
+        results = [r for r in pool.map(facts, fragments) if r is not None]
+    if not results:
+        raise DatasetError(f"No Parquet files under {url!r}, only empty objects (folder markers). Point at "
+                           "a folder of .parquet files (optionally Hive-partitioned, e.g. app=…/site=…/part-0.parquet).")
     both = {}
     for r in results:
         for k in keys:
@@ -279,6 +291,14 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
     if info.rows == 0:
         raise DatasetError(f"The dataset at {url!r} has {len(files)} Parquet file(s) but no rows.")
     return info
+
+
+def _empty_object(fs, path: str) -> bool:
+    """Whether ``path`` on the fsspec filesystem ``fs`` is an object of 0 bytes."""
+    try:
+        return fs.size(path) == 0
+    except (OSError, ValueError):
+        return False
 
 
 # What a nanosecond timestamp holds: 1677-09-21T00:12:43 to 2262-04-11T23:47:16 (UTC).
