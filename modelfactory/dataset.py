@@ -139,7 +139,7 @@ def discover(url: str, *, storage_options: dict | None = None,
 
     url = os.fspath(url)
     if "://" not in url:
-        url = os.path.abspath(url)  # the manifest must name the input wherever it is read from
+        url = os.path.abspath(os.path.expanduser(url))  # the manifest must name the input wherever it is read from
     try:
         return _discover(url, storage_options, null_check, filter)
     except PermissionError as err:

@@ -51,3 +51,20 @@ def test_string_view_columns_as_polars_writes_them_train_score_and_apply(tmp_pat
                              filter=ds.field("day") != "2026-03-02", cluster="inline").to_pandas()
     assert sorted(out.site) == sorted(s for _, s in keys)
     assert set(out.day) == {"2026-03-03"} and set(out.n) == {48}
+
+
+def test_paths_under_the_home_folder_are_expanded(tmp_path, monkeypatch):
+    """``store="~/models"`` wrote a folder named ``~`` in the working directory (and ``data="~/data"``
+    was "No file or folder at '<cwd>/~/data'"); pandas and fsspec expand the ``~``."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    modelfactory.demo.write_dataset(str(home / "data"), series=4, days=3)
+    run = modelfactory.train("~/data", by=["app", "site"], store="~/models", **TRAIN)
+    assert run.summary["counts"]["ok"] == 4
+    scores = modelfactory.score("~/data/", store="~/models", out="~/scores", cluster="inline")
+    assert scores.summary["counts"]["ok"] == 4
+    assert (home / "models" / "LATEST").exists() and (home / "scores" / "_manifest.json").exists()
+    assert list(work.iterdir()) == []
+    assert modelfactory.ModelStore("~/models").latest() == run.id
