@@ -137,6 +137,11 @@ def discover(url: str, *, storage_options: dict | None = None,
     """
     import os
 
+    if not isinstance(url, (str, os.PathLike)):
+        shown = repr(url) if len(repr(url)) <= 120 else repr(url)[:117] + "..."
+        raise DatasetError(f"The data must be one path or URL (a Parquet file, or a folder of them); got "
+                           f"{type(url).__name__} {shown}. To read several files, put them in one folder "
+                           "and pass the folder (filter= can leave out what is not wanted).")
     url = os.fspath(url)
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))  # the manifest must name the input wherever it is read from

@@ -5,9 +5,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 from _data import metrics_table
 
 import modelfactory
+from modelfactory.exceptions import DatasetError
 
 TRAIN = dict(time="ts", target="value", model="seasonal", cluster="inline")
 
@@ -68,3 +70,14 @@ def test_paths_under_the_home_folder_are_expanded(tmp_path, monkeypatch):
     assert (home / "models" / "LATEST").exists() and (home / "scores" / "_manifest.json").exists()
     assert list(work.iterdir()) == []
     assert modelfactory.ModelStore("~/models").latest() == run.id
+
+
+def test_a_list_of_files_is_refused_with_what_to_do(tmp_path):
+    """A list of files (as pandas and pyarrow take them) was a bare TypeError from os.fspath."""
+    data = modelfactory.demo.write_dataset(str(tmp_path / "data"), series=4, days=3)
+    files = [str(p) for p in sorted((tmp_path / "data").rglob("*.parquet"))]
+    with pytest.raises(DatasetError, match=r"The data must be one path or URL .*got list \['.*put them in one folder"):
+        modelfactory.train(files, by=["app", "site"], store=str(tmp_path / "store"), **TRAIN)
+    with pytest.raises(DatasetError, match="got list"):
+        modelfactory.apply(files, by="app", func=len, schema="n int64", cluster="inline")
+    assert not (tmp_path / "store").exists() and data
