@@ -292,6 +292,16 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
     null_counts = {c: sum(r[1][c] for r in results) for c in check}
     for i, k in enumerate(keys):
         null_counts[k] = sum(f.rows for f in files if f.partition[i] is None)
+    recount = [c for c in null_check if null_counts.get(c) and c not in conflicts]
+    if filter is not None and recount:
+        # The footers count the nulls of every row; the filter may leave them out (as the
+        # refusal suggests): count the nulls of the rows it keeps, reading just those keys.
+        try:
+            kept = read_files(source, tuple(f.path for f in files), recount, filter)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            pass  # keep the footers' counts: the refusal names them
+        else:
+            null_counts.update({c: kept.column(c).null_count for c in recount})
     info = DatasetInfo(source, files, null_counts, conflicts, missing)
     if info.rows == 0:
         raise DatasetError(f"The dataset at {url!r} has {len(files)} Parquet file(s) but no rows.")
@@ -601,8 +611,29 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
     if not allow_null_keys:
         bad = {k: n for k, n in info.null_counts.items() if k in by and n}
         if bad:
-            what = ", ".join(f"{n:,} null value(s) in {k!r}" for k, n in bad.items())
+            what = ", ".join(f"{n:,} null value(s) in {k!r}{_null_folders(info, k)}" for k, n in bad.items())
+            k = next(iter(bad))
             raise SchemaError(
                 f"The dataset at {url!r} has {what}. Group keys must not be null: fill them "
-                "(e.g. with 'unknown') or leave those rows out with filter=."
+                f"(e.g. with 'unknown') or leave those rows out with filter= (e.g. ds.field({k!r}).is_valid())."
             )
+
+
+def _null_folders(info: DatasetInfo, key: str) -> str:
+    """Where a partition key's nulls come from: files in ``key=__HIVE_DEFAULT_PARTITION__``
+    folders (Spark's and pyarrow's folder for a null value, Spark's for an empty string too),
+    or in no ``key=`` folder at all.  Empty for a key that is a column in the files."""
+    keys = info.source.partition_keys
+    if key not in keys:
+        return ""
+    i = keys.index(key)
+    files = [f.path for f in info.files if f.partition[i] is None]
+    marked = [p for p in files if f"{key}=__HIVE_DEFAULT_PARTITION__" in p.replace("\\", "/").split("/")]
+    seen = set(marked)
+    stray = [p for p in files if p not in seen]
+    where = []
+    if marked:
+        where.append(f"{len(marked):,} file(s) in {key}=__HIVE_DEFAULT_PARTITION__ folders, e.g. {marked[0]!r}")
+    if stray:
+        where.append(f"{len(stray):,} file(s) in no {key}=… folder, e.g. {stray[0]!r}")
+    return f" ({'; '.join(where)})" if where else ""

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from _data import metrics_table
 
 import modelfactory
-from modelfactory.exceptions import DatasetError
+from modelfactory.exceptions import DatasetError, SchemaError
 
 TRAIN = dict(time="ts", target="value", model="seasonal", cluster="inline")
 
@@ -81,3 +82,40 @@ def test_a_list_of_files_is_refused_with_what_to_do(tmp_path):
     with pytest.raises(DatasetError, match="got list"):
         modelfactory.apply(files, by="app", func=len, schema="n int64", cluster="inline")
     assert not (tmp_path / "store").exists() and data
+
+
+@pytest.mark.parametrize("where, said", [("app=__HIVE_DEFAULT_PARTITION__", "in app=__HIVE_DEFAULT_PARTITION__ folders"),
+                                         (".", "in no app=… folder")])
+def test_null_partition_keys_name_their_files_and_a_filter_leaves_them_out(tmp_path, where, said):
+    """Spark writes null (and empty) values to key=__HIVE_DEFAULT_PARTITION__ folders; a stray file
+    beside the key folders has no key either.  The refusal said only "72 null value(s) in 'app'",
+    and the filter it suggested did not help for a stray file (its rows were still counted)."""
+    data = modelfactory.demo.write_dataset(str(tmp_path / "data"), series=4, days=3)
+    stray = tmp_path / "data" / where / "stray.parquet"
+    stray.parent.mkdir(exist_ok=True)
+    t = pq.read_table(next((tmp_path / "data").glob("app=*/*.parquet")))
+    pq.write_table(t, stray)
+    with pytest.raises(SchemaError, match=rf"{t.num_rows} null value\(s\) in 'app' \(1 file\(s\) {said}, "
+                                          rf"e\.g\. '{stray}'\).*filter= \(e\.g\. ds\.field\('app'\)\.is_valid\(\)\)"):
+        modelfactory.train(data, by=["app", "site"], store=str(tmp_path / "store"), **TRAIN)
+    run = modelfactory.train(data, by=["app", "site"], store=str(tmp_path / "store"),
+                             filter=ds.field("app").is_valid(), **TRAIN)
+    assert run.summary["counts"] == {"ok": 4, "failed": 0, "skipped": 0}
+
+
+def test_null_keys_in_the_files_can_be_left_out_with_a_filter_as_the_refusal_says(tmp_path):
+    """The footers count every null; a filter that leaves the null rows out was refused all the same."""
+    t = metrics_table(series=4, apps=2)
+    site = pc.if_else(pc.equal(t["site"], "s002"), pa.scalar(None, pa.string()), t["site"])
+    (tmp_path / "data").mkdir()
+    pq.write_table(t.set_column(t.schema.get_field_index("site"), "site", site), tmp_path / "data" / "p.parquet")
+    with pytest.raises(SchemaError, match=r"72 null value\(s\) in 'site'\. .*ds\.field\('site'\)\.is_valid\(\)"):
+        modelfactory.train(str(tmp_path / "data"), by=["app", "site"], store=str(tmp_path / "store"), **TRAIN)
+    for keep in (ds.field("site").is_valid(), ds.field("site") != "s002", ~ds.field("site").is_null()):
+        run = modelfactory.train(str(tmp_path / "data"), by=["app", "site"], store=str(tmp_path / "store"),
+                                 filter=keep, **TRAIN)
+        assert sorted(run.groups.site) == ["s000", "s001", "s003"] and set(run.groups.status) == {"ok"}
+    # a filter that keeps some of them is still refused, with the count it keeps
+    with pytest.raises(SchemaError, match=r"24 null value\(s\) in 'site'"):
+        modelfactory.train(str(tmp_path / "data"), by=["app", "site"], store=str(tmp_path / "store"),
+                           filter=ds.field("ts") < pa.scalar(t["ts"][24].as_py(), t["ts"].type), **TRAIN)
