@@ -25,9 +25,6 @@ __all__ = ["Source", "FileInfo", "DatasetInfo", "discover", "read_files", "files
 
 log = logging.getLogger(__name__)
 
-_IGNORE_PREFIXES = [".", "_"]
-
-
 def filesystem(url: str, storage_options: dict | None = None, *, error: type[Exception] = DatasetError):
     """Return ``(filesystem, path)`` for a local path or an fsspec URL.
 
@@ -152,20 +149,36 @@ def discover(url: str, *, storage_options: dict | None = None,
                            "(AWS_* environment, ~/.aws, or storage_options).") from err
 
 
+def _hidden(rel: str) -> bool:
+    """Whether the file at ``rel`` (relative to the dataset's folder) is not data, by Spark's rule:
+    a part of its path starts with ``.`` (``.part-0.crc``, ``.spark-staging-1/``), or with ``_``
+    and holds no ``=`` (``_SUCCESS``, ``_temporary/``, ``_committed_…``, ``_metadata``; a
+    ``_tenant=acme/`` partition folder is data), or it is still being copied (``…._COPYING_``)."""
+    return rel.endswith("._COPYING_") or any(
+        p.startswith(".") or (p.startswith("_") and "=" not in p) for p in rel.split("/"))
+
+
 def _listing(fs, path: str, is_file: bool) -> tuple[ds.FileSystemDataset, tuple[str, ...]]:
     """The files under ``path`` with their Hive partition keys (strings), in folder order.
 
     No file is opened: the keys come from the folder names only (``inspect(fragments=0)``),
     and the dataset is given an explicit schema of just those keys, so pyarrow does not
-    infer the schema from the first file nor try to merge it with the keys' types.
+    infer the schema from the first file nor try to merge it with the keys' types.  Files
+    that are not data (:func:`_hidden`) are left out.
     """
     if is_file:
         return ds.dataset(path, filesystem=fs, format="parquet", schema=pa.schema([])), ()
     pfs = fs if isinstance(fs, pafs.FileSystem) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    opts = ds.FileSystemFactoryOptions(selector_ignore_prefixes=_IGNORE_PREFIXES)
+    base = path.rstrip("/")
+    # pyarrow's own selector_ignore_prefixes=["_"] would also drop "_tenant=acme/" folders,
+    # and the groups in them with no word: list, then leave out what Spark leaves out.
+    listed = pfs.get_file_info(pafs.FileSelector(base, recursive=True))
+    files = sorted((i for i in listed if i.type == pafs.FileType.File
+                    and not _hidden(i.path[len(base) + 1:] if i.path.startswith(base + "/") else i.path)),
+                   key=lambda i: i.path)
+    opts = ds.FileSystemFactoryOptions(partition_base_dir=base)
     opts.partitioning_factory = ds.HivePartitioning.discover(infer_dictionary=False)
-    factory = ds.FileSystemDatasetFactory(pfs, pafs.FileSelector(path, recursive=True),
-                                          ds.ParquetFileFormat(), opts)
+    factory = ds.FileSystemDatasetFactory(pfs, files, ds.ParquetFileFormat(), opts)
     keys = tuple(factory.inspect(fragments=0).names)
     return factory.finish(pa.schema([pa.field(k, pa.string()) for k in keys])), keys
 

@@ -119,3 +119,34 @@ def test_null_keys_in_the_files_can_be_left_out_with_a_filter_as_the_refusal_say
     with pytest.raises(SchemaError, match=r"24 null value\(s\) in 'site'"):
         modelfactory.train(str(tmp_path / "data"), by=["app", "site"], store=str(tmp_path / "store"),
                            filter=ds.field("ts") < pa.scalar(t["ts"][24].as_py(), t["ts"].type), **TRAIN)
+
+
+def test_partition_folders_whose_key_starts_with_an_underscore_are_data(tmp_path):
+    """``_tenant=acme/`` folders were skipped as hidden (pyarrow's ignore prefix "_"), and their
+    groups were missing from every output with no word; Spark reads them (a name with "=" is a
+    partition) and skips only ``_SUCCESS``, ``_temporary/``, ``_metadata``, dot files and
+    ``._COPYING_`` files."""
+    t = metrics_table(series=4, apps=2)
+    data = tmp_path / "data"
+    for app, sub in (("app0", "_dt=2026-03-02"), ("app1", ".")):  # app0's groups were left out
+        rows = t.filter(pc.equal(t["app"], app)).drop_columns(["app"])
+        (data / f"app={app}" / sub).mkdir(parents=True, exist_ok=True)
+        pq.write_table(rows, data / f"app={app}" / sub / "part-00000.snappy.parquet")
+    pq.write_table(t.drop_columns(["app"]).slice(0, 72), data / "app=app0" / "_dt=2026-03-02" / "p._COPYING_")
+    (data / "_SUCCESS").write_bytes(b"")
+    (data / "_temporary" / "0").mkdir(parents=True)
+    (data / "_temporary" / "0" / "part-00009.parquet").write_bytes(b"PAR1 half written")
+    (data / "app=app1" / ".part-00000.snappy.parquet.crc").write_bytes(b"crc")
+    pq.write_metadata(t.drop_columns(["app"]).schema, data / "_common_metadata")
+    keys = sorted(set(zip(t.column("app").to_pylist(), t.column("site").to_pylist())))
+
+    run = modelfactory.train(str(data), by=["app", "site"], store=str(tmp_path / "store"), **TRAIN)
+    assert sorted(zip(run.groups.app, run.groups.site)) == keys and set(run.groups.status) == {"ok"}
+    assert run.summary["rows"] == t.num_rows
+    out = modelfactory.apply(str(data), by=["app", "site"], func=lambda df: pd.DataFrame({"n": [len(df)]}),
+                             schema="n int64", cluster="inline")
+    assert sorted(zip(out.groups.app, out.groups.site)) == keys and out.to_pandas()["n"].sum() == t.num_rows
+    assert modelfactory.dataset.discover(str(data)).source.partition_keys == ("app", "_dt")
+    scores = modelfactory.score(str(data), store=str(tmp_path / "store"), out=str(tmp_path / "scores"),
+                                cluster="inline")
+    assert sorted(zip(scores.groups.app, scores.groups.site)) == keys and set(scores.groups.status) == {"ok"}
