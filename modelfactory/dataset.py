@@ -188,7 +188,9 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
     info = fs.get_file_info(path) if isinstance(fs, pafs.FileSystem) else None
     exists = info.type != pafs.FileType.NotFound if info is not None else fs.exists(path)
     if not exists:
-        raise DatasetError(f"No file or folder at {url!r}. Check the path (and credentials for s3://).")
+        glob = (" Wildcards are not expanded: point at the folder that holds the files, and leave out what is "
+                "not wanted with filter= (e.g. ds.field('app') == 'checkout')." if any(c in url for c in "*?[") else "")
+        raise DatasetError(f"No file or folder at {url!r}. Check the path (and credentials for s3://).{glob}")
     # s3fs calls a prefix with a folder marker object (``data/``, as the S3 console's "Create
     # folder" makes) a file too: a folder is a folder, whatever else it is.
     is_file = info.type == pafs.FileType.File if info is not None else fs.isfile(path) and not fs.isdir(path)

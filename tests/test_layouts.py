@@ -150,3 +150,13 @@ def test_partition_folders_whose_key_starts_with_an_underscore_are_data(tmp_path
     scores = modelfactory.score(str(data), store=str(tmp_path / "store"), out=str(tmp_path / "scores"),
                                 cluster="inline")
     assert sorted(zip(scores.groups.app, scores.groups.site)) == keys and set(scores.groups.status) == {"ok"}
+
+
+def test_a_wildcard_path_says_wildcards_are_not_expanded(tmp_path):
+    data = modelfactory.demo.write_dataset(str(tmp_path / "data"), series=4, days=3)
+    with pytest.raises(DatasetError, match=r"No file or folder at '.*/app=\*/part-0\.parquet'\. .*Wildcards are "
+                                           r"not expanded: point at the folder .*filter="):
+        modelfactory.train(f"{data}/app=*/part-0.parquet", by=["app", "site"], store=str(tmp_path / "st"), **TRAIN)
+    with pytest.raises(DatasetError) as err:
+        modelfactory.train(f"{data}/nothing-here", by=["app", "site"], store=str(tmp_path / "st"), **TRAIN)
+    assert "Wildcards" not in str(err.value)
