@@ -166,7 +166,7 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
     if fs.isfile(root) and not (remote and fs.size(root) == 0):
         # never removed, even with overwrite: it is not an output folder
         raise StoreError(f"The output folder {out!r} is a file; pick a folder (new or empty).")
-    if fs.exists(root) and [p for p in fs.ls(root) if not (remote and p.rstrip("/") == root)]:
+    if fs.exists(root) and [p for p in fs.ls(root, detail=False) if not (remote and p.rstrip("/") == root)]:
         if not overwrite:
             raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
         if sink.is_bucket():
