@@ -453,7 +453,8 @@ def _widen(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     """The type both ``a`` and ``b`` cast to without losing their meaning, or None.
 
     Safe: null to anything, integers to a wider integer or to float64, float32 to float64,
-    integers into a decimal wide enough, timestamp units (same time zone), date32 to date64,
+    integers into a decimal wide enough, timestamp units (same time zone; UTC under any of its
+    names, "UTC", "+00:00", "Etc/UTC", is one zone), date32 to date64,
     string to large_string, a dictionary to its value type.  Everything else conflicts:
     numbers vs strings, uint64 vs signed integers (no common integer type), timestamps
     with different time zones or none, booleans vs numbers...
@@ -484,7 +485,17 @@ def _widen(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
                 return pa.decimal128(precision, dec.scale)
             return pa.decimal256(precision, dec.scale) if precision <= 76 else None
     elif pa.types.is_timestamp(a) and a.tz != b.tz:
-        return None  # naive vs zoned, or two zones: which one is meant is for the user to say
+        if not (_is_utc(a.tz) and _is_utc(b.tz)):
+            return None  # naive vs zoned, or two zones: which one is meant is for the user to say
+        # one zone under two names (pyarrow writes datetime.timezone.utc as "+00:00", pandas,
+        # Polars and Spark's readers say "UTC"): the first file's name, the finer unit
+        w = pa.timestamp(max(a.unit, b.unit, key=["s", "ms", "us", "ns"].index), a.tz)
+        try:
+            for t in (a, b):
+                pa.array([], t).cast(w)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return None
+        return w
     try:
         w = pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])],
                              promote_options="permissive").field("x").type
@@ -493,6 +504,16 @@ def _widen(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         return None
     return w
+
+
+_UTC_NAMES = frozenset({"utc", "etc/utc", "uct", "etc/uct", "z", "zulu", "etc/zulu", "universal", "etc/universal",
+                        "gmt", "etc/gmt", "gmt0", "etc/gmt0", "greenwich", "etc/greenwich",
+                        "+00:00", "-00:00", "+0000", "-0000", "+00"})
+
+
+def _is_utc(tz: str | None) -> bool:
+    """Whether the time zone name ``tz`` is UTC (``UTC``, ``+00:00``, ``Etc/UTC``...)."""
+    return tz is not None and tz.strip().lower() in _UTC_NAMES
 
 
 # A string column read dictionary-encoded for the kernel's own use, marked so the

@@ -109,6 +109,32 @@ def test_naive_and_zoned_timestamps_conflict(tmp_path):
              r"but timestamp\[ms, tz=UTC\] in .*part-1.parquet'")
 
 
+@pytest.mark.parametrize("names", [("UTC", "+00:00"), ("+00:00", "Etc/UTC"), ("Etc/UTC", "UTC")])
+def test_utc_under_two_names_is_one_zone(tmp_path, names):
+    """pyarrow writes datetime.timezone.utc as "+00:00", pandas, Polars and Spark's readers say "UTC": files
+    of both were refused as "conflicting types ... neither converts safely to the other"."""
+    a, b = _site("s1"), _site("s2")
+    a = _with(a, "ts", a["ts"].cast(pa.timestamp("ms", tz=names[0])))
+    b = _with(b, "ts", b["ts"].cast(pa.timestamp("us", tz=names[1])))
+    path = _files(tmp_path / "d", a, b)
+    info = discover(path)
+    assert not info.conflicts and info.schema.field("ts").type == pa.timestamp("us", tz=names[0])
+    run = modelfactory.train(path, store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
+    scored = modelfactory.score(path, store=str(tmp_path / "s"), out=str(tmp_path / "o"), cluster="inline")
+    assert scored.summary["counts"]["ok"] == 2
+    got = pa.concat_tables(pq.read_table(f) for f in sorted((tmp_path / "o").glob("part-*.parquet"))).sort_by([("site", "ascending"), ("ts", "ascending")])
+    want = [t["ts"].cast(pa.timestamp("us", "UTC")).cast(pa.int64()).to_pylist() for t in (a, b)]  # sorted by site
+    assert got["ts"].cast(pa.timestamp("us", "UTC")).cast(pa.int64()).to_pylist() == want[0] + want[1]
+
+
+def test_two_different_zones_still_conflict(tmp_path):
+    a, b = _site("s1"), _site("s2")
+    a = _with(a, "ts", a["ts"].cast(pa.timestamp("ms", tz="Europe/Paris")))
+    path = _files(tmp_path / "d", a, b)
+    _refused(tmp_path, path, SchemaError, r"time column 'ts' has conflicting types .*Europe/Paris")
+
+
 def test_a_conflict_in_a_column_the_job_does_not_use_is_ignored(tmp_path):
     a = _with(_site("s1"), "x1", pa.array(["text"] * 72))
     path = _files(tmp_path / "d", a, _site("s2"))
