@@ -300,8 +300,8 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
             missing.update({f.name: (len(results), results[0][0].path) for f in extra})
             schema = pa.schema([f for f in schema if f.name not in keys] + extra + part_fields,
                                metadata=schema.metadata)
-    for name, (coarse, p1, p2) in _unsafe_ns(results, schema).items():  # before anything runs, not mid-run
-        conflicts.setdefault(name, (coarse, p1, schema.field(name).type, p2))
+    for name, found in _unsafe_ns(results, schema).items():  # before anything runs, not mid-run
+        conflicts.setdefault(name, found)
     source = Source(url, path, schema, keys, tuple(sorted((storage_options or {}).items())))
     files = [r[0] for r in results]
     null_counts = {c: sum(r[1][c] for r in results) for c in check}
@@ -363,18 +363,19 @@ def _beyond_ns(md, physical: pa.Schema) -> set[str]:
     return out
 
 
-def _unsafe_ns(results: list, schema: pa.Schema) -> dict[str, tuple[pa.DataType, str, str]]:
+def _unsafe_ns(results: list, schema: pa.Schema) -> dict[str, tuple[pa.DataType, str, pa.DataType, str]]:
     """Columns unified to nanosecond timestamps that some file's values do not fit:
-    name -> (that file's type, that file, a file with nanoseconds)."""
+    name -> (that file's type, that file, the type of a file with nanoseconds, that file)."""
     out = {}
     for r in results:
         for name in r[3]:
             if name in schema.names and pa.types.is_timestamp(schema.field(name).type) \
                     and schema.field(name).type.unit == "ns" and name not in out:
-                ns_file = next((q[0].path for q in results if name in q[2].names
-                                and q[2].field(name).type == schema.field(name).type), None)
+                ns_file = next((q for q in results if name in q[2].names  # its zone may be another name of UTC
+                                and pa.types.is_timestamp(q[2].field(name).type)
+                                and q[2].field(name).type.unit == "ns"), None)
                 if ns_file is not None:
-                    out[name] = (r[2].field(name).type, r[0].path, ns_file)
+                    out[name] = (r[2].field(name).type, r[0].path, ns_file[2].field(name).type, ns_file[0].path)
     return out
 
 
