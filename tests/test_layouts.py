@@ -160,3 +160,27 @@ def test_a_wildcard_path_says_wildcards_are_not_expanded(tmp_path):
     with pytest.raises(DatasetError) as err:
         modelfactory.train(f"{data}/nothing-here", by=["app", "site"], store=str(tmp_path / "st"), **TRAIN)
     assert "Wildcards" not in str(err.value)
+
+
+def test_scores_go_to_folders_named_as_spark_names_them(tmp_path):
+    """A value of 30 Chinese characters is a 95-byte folder name as Spark writes it; pyarrow's encoding
+    of the scores' folder made it 275 bytes, past the 255 a file name may have, and the whole score
+    run stopped ("File name too long").  Folder names now escape what Spark escapes, nothing more."""
+    values = ["服务" * 15, "a b", "x/y", "k=v", "50%", "#1", "tab\there", "ünï", "", "a+b", ".."]
+    t = metrics_table(series=len(values), apps=1)
+    site = pa.array([values[int(s[1:])] for s in t["site"].to_pylist()])
+    t = t.set_column(t.schema.get_field_index("site"), "site", site)
+    data = tmp_path / "data"
+    for v in values:  # Spark's layout: its own escaping
+        folder = data / ("site=" + "".join(f"%{ord(c):02X}" if c in '/=%#\t' else c for c in v))
+        folder.mkdir(parents=True)
+        pq.write_table(t.filter(pc.equal(t["site"], v)).drop_columns(["site"]), folder / "part-00000.snappy.parquet")
+    assert len(f"site={values[0]}".encode()) < 255 < len(("site=" + "%E6%9C%8D%E5%8A%A1" * 15).encode())
+    run = modelfactory.train(str(data), by=["app", "site"], store=str(tmp_path / "store"), **TRAIN)
+    assert run.summary["counts"] == {"ok": len(values), "failed": 0, "skipped": 0}
+    scores = modelfactory.score(str(data), store=str(tmp_path / "store"), out=str(tmp_path / "scores"),
+                                cluster="inline")
+    assert sorted(scores.groups.site) == sorted(values) and set(scores.groups.status) == {"ok"}
+    back = ds.dataset(str(tmp_path / "scores"), format="parquet", partitioning="hive").to_table()
+    assert sorted(set(back["site"].to_pylist())) == sorted(values) and back.num_rows == t.num_rows
+    assert (tmp_path / "scores" / "site=a b").is_dir() and (tmp_path / "scores" / "site=x%2Fy").is_dir()
