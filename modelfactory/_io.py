@@ -37,7 +37,7 @@ class Location:
         if "://" not in url:
             import os
 
-            url = os.path.abspath(url)
+            url = os.path.abspath(os.path.expanduser(url))  # "~/store" is the home's, as in pandas
         return cls(url.rstrip("/"), tuple(sorted((storage_options or {}).items())))
 
     @property

@@ -159,9 +159,14 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
         _keep_apart(sink, "output folder", Location.of(path, storage_options), what.replace("_", " "))
     sink.check_bucket(StoreError)
     fs = sink.fs
-    if fs.isfile(sink.root):  # never removed, even with overwrite: it is not an output folder
+    # An empty object named like the folder, on an object store, is a folder marker (the S3
+    # console's "Create folder" makes ``scores/``): s3fs may call it a file, or list it as the
+    # folder's one entry, but the folder is empty.
+    root, remote = sink.root, not sink.is_local
+    if fs.isfile(root) and not (remote and fs.size(root) == 0):
+        # never removed, even with overwrite: it is not an output folder
         raise StoreError(f"The output folder {out!r} is a file; pick a folder (new or empty).")
-    if fs.exists(sink.root) and fs.ls(sink.root):
+    if fs.exists(root) and [p for p in fs.ls(root, detail=False) if not (remote and p.rstrip("/") == root)]:
         if not overwrite:
             raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
         if sink.is_bucket():

@@ -25,9 +25,6 @@ __all__ = ["Source", "FileInfo", "DatasetInfo", "discover", "read_files", "files
 
 log = logging.getLogger(__name__)
 
-_IGNORE_PREFIXES = [".", "_"]
-
-
 def filesystem(url: str, storage_options: dict | None = None, *, error: type[Exception] = DatasetError):
     """Return ``(filesystem, path)`` for a local path or an fsspec URL.
 
@@ -137,9 +134,14 @@ def discover(url: str, *, storage_options: dict | None = None,
     """
     import os
 
+    if not isinstance(url, (str, os.PathLike)):
+        shown = repr(url) if len(repr(url)) <= 120 else repr(url)[:117] + "..."
+        raise DatasetError(f"The data must be one path or URL (a Parquet file, or a folder of them); got "
+                           f"{type(url).__name__} {shown}. To read several files, put them in one folder "
+                           "and pass the folder (filter= can leave out what is not wanted).")
     url = os.fspath(url)
     if "://" not in url:
-        url = os.path.abspath(url)  # the manifest must name the input wherever it is read from
+        url = os.path.abspath(os.path.expanduser(url))  # the manifest must name the input wherever it is read from
     try:
         return _discover(url, storage_options, null_check, filter)
     except PermissionError as err:
@@ -147,20 +149,36 @@ def discover(url: str, *, storage_options: dict | None = None,
                            "(AWS_* environment, ~/.aws, or storage_options).") from err
 
 
+def _hidden(rel: str) -> bool:
+    """Whether the file at ``rel`` (relative to the dataset's folder) is not data, by Spark's rule:
+    a part of its path starts with ``.`` (``.part-0.crc``, ``.spark-staging-1/``), or with ``_``
+    and holds no ``=`` (``_SUCCESS``, ``_temporary/``, ``_committed_…``, ``_metadata``; a
+    ``_tenant=acme/`` partition folder is data), or it is still being copied (``…._COPYING_``)."""
+    return rel.endswith("._COPYING_") or any(
+        p.startswith(".") or (p.startswith("_") and "=" not in p) for p in rel.split("/"))
+
+
 def _listing(fs, path: str, is_file: bool) -> tuple[ds.FileSystemDataset, tuple[str, ...]]:
     """The files under ``path`` with their Hive partition keys (strings), in folder order.
 
     No file is opened: the keys come from the folder names only (``inspect(fragments=0)``),
     and the dataset is given an explicit schema of just those keys, so pyarrow does not
-    infer the schema from the first file nor try to merge it with the keys' types.
+    infer the schema from the first file nor try to merge it with the keys' types.  Files
+    that are not data (:func:`_hidden`) are left out.
     """
     if is_file:
         return ds.dataset(path, filesystem=fs, format="parquet", schema=pa.schema([])), ()
     pfs = fs if isinstance(fs, pafs.FileSystem) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    opts = ds.FileSystemFactoryOptions(selector_ignore_prefixes=_IGNORE_PREFIXES)
+    base = path.rstrip("/")
+    # pyarrow's own selector_ignore_prefixes=["_"] would also drop "_tenant=acme/" folders,
+    # and the groups in them with no word: list, then leave out what Spark leaves out.
+    listed = pfs.get_file_info(pafs.FileSelector(base, recursive=True))
+    files = sorted((i for i in listed if i.type == pafs.FileType.File
+                    and not _hidden(i.path[len(base) + 1:] if i.path.startswith(base + "/") else i.path)),
+                   key=lambda i: i.path)
+    opts = ds.FileSystemFactoryOptions(partition_base_dir=base)
     opts.partitioning_factory = ds.HivePartitioning.discover(infer_dictionary=False)
-    factory = ds.FileSystemDatasetFactory(pfs, pafs.FileSelector(path, recursive=True),
-                                          ds.ParquetFileFormat(), opts)
+    factory = ds.FileSystemDatasetFactory(pfs, files, ds.ParquetFileFormat(), opts)
     keys = tuple(factory.inspect(fragments=0).names)
     return factory.finish(pa.schema([pa.field(k, pa.string()) for k in keys])), keys
 
@@ -170,8 +188,12 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
     info = fs.get_file_info(path) if isinstance(fs, pafs.FileSystem) else None
     exists = info.type != pafs.FileType.NotFound if info is not None else fs.exists(path)
     if not exists:
-        raise DatasetError(f"No file or folder at {url!r}. Check the path (and credentials for s3://).")
-    is_file = info.type == pafs.FileType.File if info is not None else fs.isfile(path)
+        glob = (" Wildcards are not expanded: point at the folder that holds the files, and leave out what is "
+                "not wanted with filter= (e.g. ds.field('app') == 'checkout')." if any(c in url for c in "*?[") else "")
+        raise DatasetError(f"No file or folder at {url!r}. Check the path (and credentials for s3://).{glob}")
+    # s3fs calls a prefix with a folder marker object (``data/``, as the S3 console's "Create
+    # folder" makes) a file too: a folder is a folder, whatever else it is.
+    is_file = info.type == pafs.FileType.File if info is not None else fs.isfile(path) and not fs.isdir(path)
     try:
         listing, keys = _listing(fs, path, is_file)
         fragments = list(listing.get_fragments())
@@ -196,12 +218,19 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
             raise DatasetError(f"No files under {url!r} match filter {filter}.")
 
     check = [c for c in null_check if c not in keys]
+    local = isinstance(fs, pafs.LocalFileSystem)
 
     def facts(frag):
         try:
             md = frag.metadata
             physical = frag.physical_schema  # from the footer just read: no more I/O
         except (pa.ArrowInvalid, OSError) as err:
+            if not local and _empty_object(fs, frag.path):
+                # An empty object on an object store holds no rows: a folder marker (``sub/``
+                # from the S3 console or Hadoop's S3A, ``x_$folder$`` from EMR), listed as a
+                # file.  (A local empty file may be one being written: that is refused.)
+                log.debug("Skipping the empty object %r (a folder marker)", frag.path)
+                return None
             raise DatasetError(f"Cannot open the Parquet dataset at {url!r}: cannot read the Parquet footer "
                                f"of {frag.path!r} ({err}). Move files that are not Parquet out of the "
                                "folder (or start their names with '_' or '.').") from err
@@ -236,7 +265,10 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
                 _beyond_ns(md, physical))
 
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(facts, fragments))
+        results = [r for r in pool.map(facts, fragments) if r is not None]
+    if not results:
+        raise DatasetError(f"No Parquet files under {url!r}, only empty objects (folder markers). Point at "
+                           "a folder of .parquet files (optionally Hive-partitioned, e.g. app=…/site=…/part-0.parquet).")
     both = {}
     for r in results:
         for k in keys:
@@ -268,17 +300,35 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
             missing.update({f.name: (len(results), results[0][0].path) for f in extra})
             schema = pa.schema([f for f in schema if f.name not in keys] + extra + part_fields,
                                metadata=schema.metadata)
-    for name, (coarse, p1, p2) in _unsafe_ns(results, schema).items():  # before anything runs, not mid-run
-        conflicts.setdefault(name, (coarse, p1, schema.field(name).type, p2))
+    for name, found in _unsafe_ns(results, schema).items():  # before anything runs, not mid-run
+        conflicts.setdefault(name, found)
     source = Source(url, path, schema, keys, tuple(sorted((storage_options or {}).items())))
     files = [r[0] for r in results]
     null_counts = {c: sum(r[1][c] for r in results) for c in check}
     for i, k in enumerate(keys):
         null_counts[k] = sum(f.rows for f in files if f.partition[i] is None)
+    recount = [c for c in null_check if null_counts.get(c) and c not in conflicts]
+    if filter is not None and recount:
+        # The footers count the nulls of every row; the filter may leave them out (as the
+        # refusal suggests): count the nulls of the rows it keeps, reading just those keys.
+        try:
+            kept = read_files(source, tuple(f.path for f in files), recount, filter)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            pass  # keep the footers' counts: the refusal names them
+        else:
+            null_counts.update({c: kept.column(c).null_count for c in recount})
     info = DatasetInfo(source, files, null_counts, conflicts, missing)
     if info.rows == 0:
         raise DatasetError(f"The dataset at {url!r} has {len(files)} Parquet file(s) but no rows.")
     return info
+
+
+def _empty_object(fs, path: str) -> bool:
+    """Whether ``path`` on the fsspec filesystem ``fs`` is an object of 0 bytes."""
+    try:
+        return fs.size(path) == 0
+    except (OSError, ValueError):
+        return False
 
 
 # What a nanosecond timestamp holds: 1677-09-21T00:12:43 to 2262-04-11T23:47:16 (UTC).
@@ -313,18 +363,19 @@ def _beyond_ns(md, physical: pa.Schema) -> set[str]:
     return out
 
 
-def _unsafe_ns(results: list, schema: pa.Schema) -> dict[str, tuple[pa.DataType, str, str]]:
+def _unsafe_ns(results: list, schema: pa.Schema) -> dict[str, tuple[pa.DataType, str, pa.DataType, str]]:
     """Columns unified to nanosecond timestamps that some file's values do not fit:
-    name -> (that file's type, that file, a file with nanoseconds)."""
+    name -> (that file's type, that file, the type of a file with nanoseconds, that file)."""
     out = {}
     for r in results:
         for name in r[3]:
             if name in schema.names and pa.types.is_timestamp(schema.field(name).type) \
                     and schema.field(name).type.unit == "ns" and name not in out:
-                ns_file = next((q[0].path for q in results if name in q[2].names
-                                and q[2].field(name).type == schema.field(name).type), None)
+                ns_file = next((q for q in results if name in q[2].names  # its zone may be another name of UTC
+                                and pa.types.is_timestamp(q[2].field(name).type)
+                                and q[2].field(name).type.unit == "ns"), None)
                 if ns_file is not None:
-                    out[name] = (r[2].field(name).type, r[0].path, ns_file)
+                    out[name] = (r[2].field(name).type, r[0].path, ns_file[2].field(name).type, ns_file[0].path)
     return out
 
 
@@ -341,6 +392,7 @@ def _unify(schemas: list[tuple[str, pa.Schema]], part_fields: list[pa.Field]):
     count: dict[str, int] = {}
     for path, sch in schemas:
         for f in sch:
+            f = f.with_type(_plain(f.type))
             first.setdefault(f.name, f)
             seen.setdefault(f.name, {}).setdefault(f.type, path)
             count[f.name] = count.get(f.name, 0) + 1
@@ -363,6 +415,20 @@ def _unify(schemas: list[tuple[str, pa.Schema]], part_fields: list[pa.Field]):
             f = f.with_nullable(True)
         fields.append(f)
     return pa.schema(fields + part_fields, metadata=schemas[0][1].metadata), conflicts, missing
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    """``t`` with the view types read as their plain kind: string_view as string, binary_view
+    as binary (Polars 1.38 writes string_view into the Arrow schema of its Parquet files).
+    pyarrow's compute functions (take, filter, comparisons) have no kernels for views; the
+    scanner casts each file's values to the plain type as it reads."""
+    if pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_binary_view(t):
+        return pa.binary()
+    if pa.types.is_dictionary(t) and (pa.types.is_string_view(t.value_type) or pa.types.is_binary_view(t.value_type)):
+        return pa.dictionary(t.index_type, _plain(t.value_type), t.ordered)
+    return t
 
 
 def _kind(t: pa.DataType) -> str:
@@ -388,7 +454,8 @@ def _widen(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     """The type both ``a`` and ``b`` cast to without losing their meaning, or None.
 
     Safe: null to anything, integers to a wider integer or to float64, float32 to float64,
-    integers into a decimal wide enough, timestamp units (same time zone), date32 to date64,
+    integers into a decimal wide enough, timestamp units (same time zone; UTC under any of its
+    names, "UTC", "+00:00", "Etc/UTC", is one zone), date32 to date64,
     string to large_string, a dictionary to its value type.  Everything else conflicts:
     numbers vs strings, uint64 vs signed integers (no common integer type), timestamps
     with different time zones or none, booleans vs numbers...
@@ -419,7 +486,17 @@ def _widen(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
                 return pa.decimal128(precision, dec.scale)
             return pa.decimal256(precision, dec.scale) if precision <= 76 else None
     elif pa.types.is_timestamp(a) and a.tz != b.tz:
-        return None  # naive vs zoned, or two zones: which one is meant is for the user to say
+        if not (_is_utc(a.tz) and _is_utc(b.tz)):
+            return None  # naive vs zoned, or two zones: which one is meant is for the user to say
+        # one zone under two names (pyarrow writes datetime.timezone.utc as "+00:00", pandas,
+        # Polars and Spark's readers say "UTC"): the first file's name, the finer unit
+        w = pa.timestamp(max(a.unit, b.unit, key=["s", "ms", "us", "ns"].index), a.tz)
+        try:
+            for t in (a, b):
+                pa.array([], t).cast(w)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return None
+        return w
     try:
         w = pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])],
                              promote_options="permissive").field("x").type
@@ -428,6 +505,16 @@ def _widen(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         return None
     return w
+
+
+_UTC_NAMES = frozenset({"utc", "etc/utc", "uct", "etc/uct", "z", "zulu", "etc/zulu", "universal", "etc/universal",
+                        "gmt", "etc/gmt", "gmt0", "etc/gmt0", "greenwich", "etc/greenwich",
+                        "+00:00", "-00:00", "+0000", "-0000", "+00"})
+
+
+def _is_utc(tz: str | None) -> bool:
+    """Whether the time zone name ``tz`` is UTC (``UTC``, ``+00:00``, ``Etc/UTC``...)."""
+    return tz is not None and tz.strip().lower() in _UTC_NAMES
 
 
 # A string column read dictionary-encoded for the kernel's own use, marked so the
@@ -459,7 +546,16 @@ def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
     try:
         dataset = ds.dataset(list(paths), schema=schema, format=fmt, filesystem=fs,
                              partitioning=partitioning, partition_base_dir=source.base)
-        table = dataset.to_table(columns=columns, filter=filter)
+        try:
+            table = dataset.to_table(columns=columns, filter=filter)
+        except pa.ArrowNotImplementedError:
+            if filter is None:
+                raise
+            # A file whose column is a view type (string_view, as Polars writes it): pyarrow
+            # cannot compare its Parquet statistics with the filter's values ("no kernel
+            # matching input types (string, string_view)"), though its values read fine as
+            # strings.  Filter after reading instead.
+            table = ds.dataset(dataset.to_table()).to_table(columns=columns, filter=filter)
         return table.unify_dictionaries() if encode else table
     except FileNotFoundError as err:
         # pyarrow's fsspec wrapper reports any failure (an unreachable endpoint, a denied
@@ -552,8 +648,29 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
     if not allow_null_keys:
         bad = {k: n for k, n in info.null_counts.items() if k in by and n}
         if bad:
-            what = ", ".join(f"{n:,} null value(s) in {k!r}" for k, n in bad.items())
+            what = ", ".join(f"{n:,} null value(s) in {k!r}{_null_folders(info, k)}" for k, n in bad.items())
+            k = next(iter(bad))
             raise SchemaError(
                 f"The dataset at {url!r} has {what}. Group keys must not be null: fill them "
-                "(e.g. with 'unknown') or leave those rows out with filter=."
+                f"(e.g. with 'unknown') or leave those rows out with filter= (e.g. ds.field({k!r}).is_valid())."
             )
+
+
+def _null_folders(info: DatasetInfo, key: str) -> str:
+    """Where a partition key's nulls come from: files in ``key=__HIVE_DEFAULT_PARTITION__``
+    folders (Spark's and pyarrow's folder for a null value, Spark's for an empty string too),
+    or in no ``key=`` folder at all.  Empty for a key that is a column in the files."""
+    keys = info.source.partition_keys
+    if key not in keys:
+        return ""
+    i = keys.index(key)
+    files = [f.path for f in info.files if f.partition[i] is None]
+    marked = [p for p in files if f"{key}=__HIVE_DEFAULT_PARTITION__" in p.replace("\\", "/").split("/")]
+    seen = set(marked)
+    stray = [p for p in files if p not in seen]
+    where = []
+    if marked:
+        where.append(f"{len(marked):,} file(s) in {key}=__HIVE_DEFAULT_PARTITION__ folders, e.g. {marked[0]!r}")
+    if stray:
+        where.append(f"{len(stray):,} file(s) in no {key}=… folder, e.g. {stray[0]!r}")
+    return f" ({'; '.join(where)})" if where else ""

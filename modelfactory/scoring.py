@@ -8,7 +8,6 @@ model are reported as ``skipped`` with the reason, never dropped.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import time as _time
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from ._io import Location, PartInfo, parquet_bytes
 from .dataset import read_files
@@ -326,16 +324,32 @@ def _write_scores(spec: JobSpec, unit_id: str, scores: pa.Table, groups: pa.Tabl
         parts.append(write_parquet(sink, f"{spec.data_prefix}{unit_id}.parquet", scores))
         return parts
     # One file per partition folder, named after the unit so a rerun overwrites it.
-    part = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
     for key, sub in _by_partition(scores, keys):
-        expr = functools.reduce(lambda a, b: a & b, [pc.field(k) == pa.scalar(v, pa.string())
-                                                     for k, v in zip(keys, key)])
-        folder = part.format(expr)[0]
+        folder = hive_folder(keys, key)
         data = parquet_bytes(sub.drop_columns(keys))
         rel = f"{folder}/{spec.data_prefix}{unit_id}.parquet"
         sink.write_bytes(rel, data)
         parts.append(PartInfo(rel, len(data), hashlib.sha256(data).hexdigest(), sub.num_rows))
     return parts
+
+
+# What Spark escapes in a Hive folder name (ExternalCatalogUtils.escapePathName, on POSIX).
+_ESCAPED = frozenset(map(chr, range(0x20))) | frozenset('"#%\'*/:=?\\\x7f{[]^')
+
+
+def _escape(text: str) -> str:
+    return "".join(f"%{ord(c):02X}" if c in _ESCAPED else c for c in text)
+
+
+def hive_folder(keys, values) -> str:
+    """The Hive folder of partition ``values``, escaped as Spark escapes it: ``/``, ``=``, ``%``,
+    ``#``... and control characters as ``%XX``, anything else as is (``a b``, ``ünï``).  pyarrow's
+    own encoding also writes every byte of a non-ASCII character as ``%XX``: a value of 30 Chinese
+    characters, a 95-byte folder name in the input, became a 275-byte one, past the 255 bytes a
+    file name may have, and the whole run stopped.  Readers (pyarrow, Spark, DuckDB, pandas)
+    decode either.  A null value is ``__HIVE_DEFAULT_PARTITION__``, as both write it."""
+    return "/".join(f"{_escape(k)}=" + ("__HIVE_DEFAULT_PARTITION__" if v is None else _escape(v))
+                    for k, v in zip(keys, values))
 
 
 def _by_partition(table: pa.Table, keys: list[str]):

@@ -109,6 +109,50 @@ def test_naive_and_zoned_timestamps_conflict(tmp_path):
              r"but timestamp\[ms, tz=UTC\] in .*part-1.parquet'")
 
 
+@pytest.mark.parametrize("names", [("UTC", "+00:00"), ("+00:00", "Etc/UTC"), ("Etc/UTC", "UTC")])
+def test_utc_under_two_names_is_one_zone(tmp_path, names):
+    """pyarrow writes datetime.timezone.utc as "+00:00", pandas, Polars and Spark's readers say "UTC": files
+    of both were refused as "conflicting types ... neither converts safely to the other"."""
+    a, b = _site("s1"), _site("s2")
+    a = _with(a, "ts", a["ts"].cast(pa.timestamp("ms", tz=names[0])))
+    b = _with(b, "ts", b["ts"].cast(pa.timestamp("us", tz=names[1])))
+    path = _files(tmp_path / "d", a, b)
+    info = discover(path)
+    assert not info.conflicts and info.schema.field("ts").type == pa.timestamp("us", tz=names[0])
+    run = modelfactory.train(path, store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
+    scored = modelfactory.score(path, store=str(tmp_path / "s"), out=str(tmp_path / "o"), cluster="inline")
+    assert scored.summary["counts"]["ok"] == 2
+    got = pa.concat_tables(pq.read_table(f) for f in sorted((tmp_path / "o").glob("part-*.parquet"))).sort_by([("site", "ascending"), ("ts", "ascending")])
+    want = [t["ts"].cast(pa.timestamp("us", "UTC")).cast(pa.int64()).to_pylist() for t in (a, b)]  # sorted by site
+    assert got["ts"].cast(pa.timestamp("us", "UTC")).cast(pa.int64()).to_pylist() == want[0] + want[1]
+
+
+def test_a_year_2300_beside_nanoseconds_in_another_name_of_utc_is_refused_before_anything_runs(tmp_path):
+    """Microseconds tz=UTC holding 2300-01-01 beside nanoseconds tz=+00:00: the unified nanosecond
+    type cannot hold it; the check looked for a file of exactly the unified type, found none, and the
+    cast failed mid-run ("a work unit failed outside any group")."""
+    import datetime as dt
+
+    far = pa.table({"app": ["x"] * 3, "ts": pa.array([dt.datetime(2300, 1, 1, h) for h in range(3)],
+                                                      pa.timestamp("us", tz="UTC")), "value": [1.0, 2, 3]})
+    near = pa.table({"app": ["y"] * 3, "ts": pa.array([1, 2, 3], pa.timestamp("ns", tz="+00:00")), "value": [1.0, 2, 3]})
+    pq.write_table(far, tmp_path / "a.parquet")
+    pq.write_table(near, tmp_path / "b.parquet")
+    with pytest.raises(SchemaError, match=rf"time column 'ts' has conflicting types .*: timestamp\[us, tz=UTC\] in "
+                                          rf"'{tmp_path / 'a.parquet'}' but timestamp\[ns, tz=\+00:00\] in "
+                                          rf"'{tmp_path / 'b.parquet'}'"):
+        modelfactory.apply(str(tmp_path), by="app", func=lambda df: df.head(1), schema="app string, value double",
+                           time="ts", cluster="inline")
+
+
+def test_two_different_zones_still_conflict(tmp_path):
+    a, b = _site("s1"), _site("s2")
+    a = _with(a, "ts", a["ts"].cast(pa.timestamp("ms", tz="Europe/Paris")))
+    path = _files(tmp_path / "d", a, b)
+    _refused(tmp_path, path, SchemaError, r"time column 'ts' has conflicting types .*Europe/Paris")
+
+
 def test_a_conflict_in_a_column_the_job_does_not_use_is_ignored(tmp_path):
     a = _with(_site("s1"), "x1", pa.array(["text"] * 72))
     path = _files(tmp_path / "d", a, _site("s2"))

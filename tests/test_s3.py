@@ -326,3 +326,38 @@ def test_gc_never_takes_a_run_committed_by_another_client_for_an_interrupted_one
     th.join(30)  # ... and the other client commits it
     assert "run" in done
     assert reader.gc(keep=1, pending=True, dry_run=True) == []  # the committed run is LATEST: keep it
+
+
+@pytest.mark.timeout(120)
+def test_folder_markers_are_folders_not_files(s3, data, prefix):
+    """Empty objects named like folders (``data/`` and ``scores/`` from the S3 console's "Create
+    folder", an empty ``sub/`` from Hadoop's S3A, ``x_$folder$`` from EMR): s3fs lists them as files.
+    The dataset was refused ("cannot read the Parquet footer of 'bucket/…/data'", naming the folder
+    itself) and so was the output folder ("is a file")."""
+    so, fs = s3.storage_options(), s3.fs()
+    base = prefix.removeprefix("s3://")
+    before = discover(data, storage_options=so)
+    for marker in ("data/", "data/app=app-00/tmp/", "data/app=app-01_$folder$", "data_$folder$", "scores/",
+                   "out/"):
+        fs.pipe_file(f"{base}/{marker}", b"")
+    fs.invalidate_cache()
+    for url in (data, data + "/"):
+        info = discover(url, storage_options=so)
+        assert sorted(f.path for f in info.files) == sorted(f.path for f in before.files)
+    run = modelfactory.train(data + "/", store=f"{prefix}/store", cluster="inline", storage_options=so, **TRAIN)
+    assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+    scores = modelfactory.score(data, store=f"{prefix}/store", out=f"{prefix}/scores", cluster="inline",
+                                storage_options=so)
+    assert scores.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+    assert sorted(zip(scores.groups.app, scores.groups.site)) == sorted(zip(run.groups.app, run.groups.site))
+
+    def count(df):
+        return pd.DataFrame({"app": [df.app.iloc[0]], "site": [df.site.iloc[0]], "n": [len(df)]})
+
+    out = modelfactory.apply(data, by=["app", "site"], func=count, schema="app string, site string, n int64",
+                             out=f"{prefix}/out", cluster="inline", storage_options=so)
+    assert out.summary["counts"]["ok"] == SERIES and out.to_pandas()["n"].sum() == before.rows
+    # a real file where the output folder should be is still refused
+    fs.pipe_file(f"{base}/taken", b"not a folder")
+    with pytest.raises(StoreError, match="is a file"):
+        modelfactory.score(data, store=f"{prefix}/store", out=f"{prefix}/taken", cluster="inline", storage_options=so)
