@@ -310,9 +310,14 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
     recount = [c for c in null_check if null_counts.get(c) and c not in conflicts]
     if filter is not None and recount:
         # The footers count the nulls of every row; the filter may leave them out (as the
-        # refusal suggests): count the nulls of the rows it keeps, reading just those keys.
+        # refusal suggests): count the nulls of the rows it keeps, reading just those keys of
+        # just the files that have nulls (the client reads no more than it must).
+        null_cols = [c for c in recount if c not in keys]
+        null_parts = [keys.index(c) for c in recount if c in keys]
+        with_nulls = tuple(f.path for f, r in zip(files, results)
+                           if any(r[1][c] for c in null_cols) or any(f.partition[i] is None for i in null_parts))
         try:
-            kept = read_files(source, tuple(f.path for f in files), recount, filter)
+            kept = read_files(source, with_nulls, recount, filter)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             pass  # keep the footers' counts: the refusal names them
         else:
