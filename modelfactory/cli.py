@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -30,6 +31,118 @@ def _param(text: str) -> tuple[str, object]:
         return k.strip(), json.loads(v)
     except json.JSONDecodeError:
         return k.strip(), v
+
+
+_WHERE_TOKEN = re.compile(r"""\s*(?:(?P<q>'(?:[^']|'')*'|"(?:[^"]|"")*")|(?P<op><=|>=|!=|<>|==|=|<|>|\(|\)|,)|(?P<w>[^\s=!<>(),'"]+))""")
+_WHERE_OPS = {"=": "equal", "==": "equal", "!=": "not_equal", "<>": "not_equal", "<": "less",
+              "<=": "less_equal", ">": "greater", ">=": "greater_equal"}
+
+
+def _where(clauses: Sequence[str]):
+    """``--where`` clauses as one pyarrow filter (all must hold), or None for none.
+
+    Each clause is ``COLUMN OP VALUE`` (OP one of ``= != < <= > >=``), ``COLUMN [not] in
+    (V1, V2, ...)`` or ``COLUMN is [not] null``; ``and`` joins several in one clause.  A
+    quoted value (``'007'``) is text; unquoted, a number is a number, ``true``/``false`` a
+    boolean, anything else text.  Hive partition keys are text: quote number-like ones.
+
+    >>> str(_where(["app = checkout and site != '007'", "value >= 1.5", "host is not null"]))
+    '((((app == "checkout") and (site != "007")) and (value >= 1.5)) and is_valid(host))'
+    """
+    import pyarrow.compute as pc
+
+    expr = None
+    for clause in clauses:
+        tokens, pos = [], 0
+        text = clause.strip()
+        while pos < len(text):
+            m = _WHERE_TOKEN.match(text, pos)
+            if not m or m.end() == pos:
+                raise _WhereError(clause, f"cannot read it from {text[pos:]!r}")
+            pos = m.end()
+            if m.group("q") is not None:
+                q = m.group("q")
+                tokens.append(("str", q[1:-1].replace(q[0] * 2, q[0])))
+            elif m.group("op") is not None:
+                tokens.append(("op", m.group("op")))
+            elif m.group("w") is not None:
+                tokens.append(("word", m.group("w")))
+        for part in _split_and(tokens, clause):
+            e = _where_one(part, clause, pc)
+            expr = e if expr is None else expr & e
+    return expr
+
+
+class _WhereError(ModelFactoryError):
+    def __init__(self, clause: str, why: str):
+        super().__init__(f"--where {clause!r}: {why}. Write COLUMN = VALUE (or != < <= > >=), COLUMN in (A, B), "
+                         "COLUMN is [not] null, joined by 'and'; quote text that looks like a number ('007').")
+
+
+def _split_and(tokens: list, clause: str) -> list[list]:
+    parts, cur = [], []
+    for kind, v in tokens:
+        if kind == "word" and v.lower() == "and":
+            if not cur:
+                raise _WhereError(clause, "'and' needs a condition on each side")
+            parts.append(cur)
+            cur = []
+        else:
+            cur.append((kind, v))
+    if not cur:
+        raise _WhereError(clause, "it is empty" if not parts else "'and' needs a condition on each side")
+    return [*parts, cur]
+
+
+def _literal(tok, clause: str):
+    kind, v = tok
+    if kind == "str":
+        return v
+    if kind != "word":
+        raise _WhereError(clause, f"expected a value, got {v!r}")
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "null":
+        raise _WhereError(clause, "compare with null as 'COLUMN is null' or 'COLUMN is not null'")
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _where_one(toks: list, clause: str, pc):
+    if not toks or toks[0][0] not in ("word", "str"):
+        raise _WhereError(clause, "each condition starts with a column name")
+    col = pc.field(toks[0][1])
+    rest = toks[1:]
+    words = [v.lower() if k == "word" else None for k, v in rest]
+    if words in (["is", "null"], ["is", "not", "null"]):
+        return col.is_null() if len(words) == 2 else col.is_valid()
+    if len(rest) == 2 and rest[0][0] == "op" and rest[0][1] in _WHERE_OPS:
+        value = _literal(rest[1], clause)
+        return getattr(pc, _WHERE_OPS[rest[0][1]])(col, pc.scalar(value))
+    negate = words[:1] == ["not"]
+    body = rest[1:] if negate else rest
+    if (len(body) >= 3 and body[0][0] == "word" and body[0][1].lower() == "in" and body[1] == ("op", "(")
+            and body[-1] == ("op", ")")):
+        items = body[2:-1]
+        values = [_literal(t, clause) for t in items[0::2]]
+        if not values or any(t != ("op", ",") for t in items[1::2]) or len(items) % 2 == 0:
+            raise _WhereError(clause, "write a list as (A, B, C)")
+        if len({type(v) for v in values}) > 1:
+            raise _WhereError(clause, f"the values {values!r} mix types: quote them all to compare text")
+        e = col.isin(values)
+        return ~e if negate else e
+    raise _WhereError(clause, f"cannot read the condition {' '.join(str(v) for _, v in toks)!r}")
+
+
+def _where_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--where", action="append", default=[], metavar="CONDITION",
+                   help="read only the rows where CONDITION holds, e.g. \"app = checkout\", \"site is not null\", "
+                        "\"site in ('007', '008')\" (repeatable: all must hold; quote number-like text)")
 
 
 def _common_run(p: argparse.ArgumentParser) -> None:
@@ -140,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refit only the groups whose input changed since --base")
     r.add_argument("--base", default="latest", help="the run --only-* starts from (default: latest)")
     _common_run(t)
+    _where_option(t)
     t.set_defaults(func=_cmd_train)
 
     sc = sub.add_parser("score", help="score new data with the models of a run",
@@ -152,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--overwrite", action="store_true", help="replace what is in --out")
     sc.add_argument("--trust", action="store_true", help="allow loading pickled user models")
     _common_run(sc)
+    _where_option(sc)
     sc.set_defaults(func=_cmd_score)
 
     m = sub.add_parser("models", help="list, inspect and clean up the runs of a store",
@@ -272,7 +387,7 @@ def _cmd_train(args) -> int:
     run = train(args.data, by=args.by, time=args.time, target=args.target, features=args.features,
                 model=args.model, params=dict(args.param), store=args.store, cluster=args.cluster,
                 workers=args.workers, unit_rows=args.unit_rows, resume=args.resume,
-                retrain=args.retrain, base=args.base, config=args.config,
+                retrain=args.retrain, base=args.base, config=args.config, filter=_where(args.where),
                 progress=not (args.quiet or args.json))
     _print_summary(run, args, args.store)
     if not run.summary["counts"]["ok"]:
@@ -288,7 +403,7 @@ def _cmd_score(args) -> int:
 
     run = score(args.data, store=args.store, out=args.out, run=args.run, cluster=args.cluster,
                 workers=args.workers, unit_rows=args.unit_rows, overwrite=args.overwrite, trust=args.trust,
-                config=args.config, progress=not (args.quiet or args.json))
+                config=args.config, filter=_where(args.where), progress=not (args.quiet or args.json))
     _print_summary(run, args, args.out)
     if not args.json:
         print(f"{run.summary['anomalies']:,} anomalous points; top groups in {args.out}/_anomalies.json")

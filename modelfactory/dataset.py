@@ -657,7 +657,8 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
             k = next(iter(bad))
             raise SchemaError(
                 f"The dataset at {url!r} has {what}. Group keys must not be null: fill them "
-                f"(e.g. with 'unknown') or leave those rows out with filter= (e.g. ds.field({k!r}).is_valid())."
+                f"(e.g. with 'unknown') or leave those rows out with filter= (e.g. ds.field({k!r}).is_valid(); "
+                f"on the command line --where \"{k} is not null\")."
             )
 
 

@@ -57,6 +57,48 @@ def test_a_run_that_fits_no_model_is_kept_but_never_becomes_latest(by_app, tmp_p
         modelfactory.score(by_app, store=lone, out=str(tmp_path / "o2"), cluster="inline")
 
 
+def test_where_reads_only_the_rows_it_names_for_train_and_score(by_app, tmp_path, capsys):
+    """The null-key refusal says to leave rows out with a filter: the CLI had none.  --where
+    takes conditions on partition keys and columns, joined by 'and' (repeatable)."""
+    import modelfactory
+
+    store, base = str(tmp_path / "s"), ["--scheduler", "inline", "--quiet", "-p", "season_length=12"]
+    assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "--where", "app in (app0, 'app1') and site != s003", "--where", "value > -1e9", *base]) == 0
+    import pyarrow.dataset as ds
+
+    data = ds.dataset(by_app, format="parquet", partitioning="hive").to_table(columns=["app", "site"])
+    pairs = set(zip(data["app"].to_pylist(), data["site"].to_pylist()))
+    want = {(a, s) for a, s in pairs if a in ("app0", "app1") and s != "s003"}
+    assert 0 < len(want) < len(pairs)
+    groups = modelfactory.ModelStore(store).groups()
+    assert set(zip(groups["app"], groups["site"])) == want and len(groups) == len(want)
+    assert main(["score", by_app, "--store", store, "--out", str(tmp_path / "o"), "--scheduler", "inline",
+                 "--quiet", "--where", "app = app2 or_not"]) == 2
+    assert "error: --where 'app = app2 or_not': cannot read the condition" in capsys.readouterr().err
+    assert main(["score", by_app, "--store", store, "--out", str(tmp_path / "o"), "--scheduler", "inline",
+                 "--quiet", "--where", "app = app0", "--where", "site is not null"]) == 0
+    scored = ds.dataset(str(tmp_path / "o"), format="parquet", partitioning="hive",
+                        exclude_invalid_files=True).to_table(columns=["app", "site"])
+    assert set(zip(scored["app"].to_pylist(), scored["site"].to_pylist())) == {p for p in want if p[0] == "app0"}
+
+
+@pytest.mark.parametrize("where, why", [
+    ("app", "cannot read the condition 'app'"),
+    ("app = null", "compare with null as 'COLUMN is null'"),
+    ("and app = x", "'and' needs a condition on each side"),
+    ("site in ('007', 7)", "mix types: quote them all"),
+    ("site in 'a', 'b'", "cannot read the condition"),
+    ("app = 'unclosed", "cannot read it from"),
+])
+def test_where_mistakes_are_one_error_line(by_app, tmp_path, capsys, where, why):
+    code = main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store",
+                 str(tmp_path / "s"), "--scheduler", "inline", "--where", where])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: --where {where!r}: ") and why in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--target", "latency"], "error: The target column 'latency' is not in the dataset"),
     (["--target", "value", "--model", "seasonl"], "error: Unknown model 'seasonl'. Did you mean 'seasonal'?"),
@@ -218,3 +260,20 @@ def test_a_usage_hint_names_only_the_failing_commands_own_options(capsys, argv, 
 def test_a_param_of_none_is_read_as_none(text, value):
     args = build_parser().parse_args(["train", "d", "--by", "a", "--target", "v", "--store", "s", "-p", text])
     assert args.param == [(text.split("=")[0], value)]
+
+
+def test_null_keys_refusal_names_the_where_that_the_cli_then_takes(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from _data import metrics_table
+
+    t = metrics_table()
+    site = pc.if_else(pc.equal(t["site"], "s002"), pa.scalar(None, pa.string()), t["site"])
+    (tmp_path / "data").mkdir()
+    pq.write_table(t.set_column(t.schema.get_field_index("site"), "site", site), tmp_path / "data" / "p.parquet")
+    argv = ["train", str(tmp_path / "data"), "--by", "app,site", "--time", "ts", "--target", "value",
+            "--store", str(tmp_path / "s"), "--scheduler", "inline", "--quiet", "-p", "season_length=12"]
+    assert main(argv) == 2
+    assert 'on the command line --where "site is not null"' in capsys.readouterr().err
+    assert main([*argv, "--where", "site is not null"]) == 0

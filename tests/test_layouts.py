@@ -96,7 +96,7 @@ def test_null_partition_keys_name_their_files_and_a_filter_leaves_them_out(tmp_p
     t = pq.read_table(next((tmp_path / "data").glob("app=*/*.parquet")))
     pq.write_table(t, stray)
     with pytest.raises(SchemaError, match=rf"{t.num_rows} null value\(s\) in 'app' \(1 file\(s\) {said}, "
-                                          rf"e\.g\. '{stray}'\).*filter= \(e\.g\. ds\.field\('app'\)\.is_valid\(\)\)"):
+                                          rf"e\.g\. '{stray}'\).*filter= \(e\.g\. ds\.field\('app'\)\.is_valid\(\); on the command line --where \"app is not null\"\)"):
         modelfactory.train(data, by=["app", "site"], store=str(tmp_path / "store"), **TRAIN)
     run = modelfactory.train(data, by=["app", "site"], store=str(tmp_path / "store"),
                              filter=ds.field("app").is_valid(), **TRAIN)
