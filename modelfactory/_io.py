@@ -11,7 +11,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["PartInfo", "Location", "write_parquet"]
+__all__ = ["PartInfo", "Location", "write_parquet", "hive_folder"]
 
 
 @dataclass(frozen=True)
@@ -206,3 +206,22 @@ def write_parquet(loc: Location, rel: str, table: pa.Table) -> PartInfo:
     data = parquet_bytes(table)
     loc.write_bytes(rel, data)
     return PartInfo(rel, len(data), hashlib.sha256(data).hexdigest(), table.num_rows)
+
+
+# What Spark escapes in a Hive folder name (ExternalCatalogUtils.escapePathName, on POSIX).
+_ESCAPED = frozenset(map(chr, range(0x20))) | frozenset('"#%\'*/:=?\\\x7f{[]^')
+
+
+def _escape(text: str) -> str:
+    return "".join(f"%{ord(c):02X}" if c in _ESCAPED else c for c in text)
+
+
+def hive_folder(keys, values) -> str:
+    """The Hive folder of partition ``values``, escaped as Spark escapes it: ``/``, ``=``, ``%``,
+    ``#``... and control characters as ``%XX``, anything else as is (``a b``, ``ünï``).  pyarrow's
+    own encoding also writes every byte of a non-ASCII character as ``%XX``: a value of 30 Chinese
+    characters, a 95-byte folder name in the input, became a 275-byte one, past the 255 bytes a
+    file name may have, and the whole run stopped.  Readers (pyarrow, Spark, DuckDB, pandas)
+    decode either.  A null value is ``__HIVE_DEFAULT_PARTITION__``, as both write it."""
+    return "/".join(f"{_escape(k)}=" + ("__HIVE_DEFAULT_PARTITION__" if v is None else _escape(v))
+                    for k, v in zip(keys, values))

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ._io import Location, PartInfo, parquet_bytes
+from ._io import Location, PartInfo, hive_folder, parquet_bytes
 from .dataset import read_files
 from .exceptions import GROUP_ERRORS
 from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _times, describe_error, one_thread,
@@ -331,25 +331,6 @@ def _write_scores(spec: JobSpec, unit_id: str, scores: pa.Table, groups: pa.Tabl
         sink.write_bytes(rel, data)
         parts.append(PartInfo(rel, len(data), hashlib.sha256(data).hexdigest(), sub.num_rows))
     return parts
-
-
-# What Spark escapes in a Hive folder name (ExternalCatalogUtils.escapePathName, on POSIX).
-_ESCAPED = frozenset(map(chr, range(0x20))) | frozenset('"#%\'*/:=?\\\x7f{[]^')
-
-
-def _escape(text: str) -> str:
-    return "".join(f"%{ord(c):02X}" if c in _ESCAPED else c for c in text)
-
-
-def hive_folder(keys, values) -> str:
-    """The Hive folder of partition ``values``, escaped as Spark escapes it: ``/``, ``=``, ``%``,
-    ``#``... and control characters as ``%XX``, anything else as is (``a b``, ``ünï``).  pyarrow's
-    own encoding also writes every byte of a non-ASCII character as ``%XX``: a value of 30 Chinese
-    characters, a 95-byte folder name in the input, became a 275-byte one, past the 255 bytes a
-    file name may have, and the whole run stopped.  Readers (pyarrow, Spark, DuckDB, pandas)
-    decode either.  A null value is ``__HIVE_DEFAULT_PARTITION__``, as both write it."""
-    return "/".join(f"{_escape(k)}=" + ("__HIVE_DEFAULT_PARTITION__" if v is None else _escape(v))
-                    for k, v in zip(keys, values))
 
 
 def _by_partition(table: pa.Table, keys: list[str]):

@@ -76,7 +76,7 @@ def test_roundtrip_matches_history_exactly(prom, tmp_path):
     assert f"Ingested 4 series, 11520 rows into {3 * chunks} files under {tmp_path}" in str(s)
     assert rows(tmp_path) == sorted(ps.expected(T0, LAST, 60))
     assert {p.split("/")[0] + "/" + p.split("/")[1] for p in files(tmp_path)} == {
-        "app=shop/site=eu", "app=shop/site=us", "app=search/site=eu%2Fwest%201"}
+        "app=shop/site=eu", "app=shop/site=us", "app=search/site=eu%2Fwest 1"}
     schema = ds.dataset(str(tmp_path / "app=shop" / "site=eu"), format="parquet").schema
     assert schema == pa.schema([("metric", pa.string()), ("instance", pa.string()),
                                 ("ts", pa.timestamp("ms", tz="UTC")), ("value", pa.float64())])
@@ -449,3 +449,21 @@ def test_a_label_value_parquet_reads_as_null_is_refused(tmp_path):
                                               r"Arrow read as a missing value: rename that value"):
             prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app", "site"], out=str(tmp_path))
     assert files(tmp_path) == set()
+
+
+def test_long_non_ascii_label_values_fit_in_a_folder_name(tmp_path):
+    """pyarrow-style escaping wrote every byte of a non-ASCII character as %XX: a label value of
+    30 Chinese characters (90 bytes) made a 275-byte folder name, past the 255 bytes a file name
+    may have, and the ingest failed.  Folders are now named as Spark names them."""
+    long = "服务" * 15 + " a/b"
+
+    def answer(req):
+        values = [[float(req.form["start"]), "1"]]
+        return ps.matrix([{"metric": {"app": long, "site": "s1"}, "values": values}])
+
+    with ps.FakeServer(answer) as srv:
+        prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app", "site"], out=str(tmp_path))
+    t = read(tmp_path)
+    assert t["app"].to_pylist() == [long] and t["site"].to_pylist() == ["s1"]
+    (folder,) = {Path(f).parts[0] for f in files(tmp_path)}
+    assert folder == "app=" + "服务" * 15 + " a%2Fb"

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .._io import Location, _is_local
+from .._io import Location, _is_local, hive_folder
 from ..exceptions import IngestError, describe_error
 
 __all__ = ["prometheus", "fetch_chunk", "plan_chunks", "PrometheusSpec", "Chunk",
@@ -536,8 +536,7 @@ def _file_name(spec: PrometheusSpec, chunk: Chunk) -> str:
 def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple[str, ...],
            table: pa.Table) -> tuple[str, str]:
     """Write ``table`` (merged with rows of the existing file outside this chunk's window)."""
-    parts = [f"{c}={urllib.parse.quote(v, safe='')}" for c, v in zip(spec.by, values)]
-    directory = "/".join([root.rstrip("/"), *parts])
+    directory = f"{root.rstrip('/')}/{hive_folder(spec.by, values)}"  # escaped as Spark escapes it
     name = _file_name(spec, chunk)
     final, tmp = f"{directory}/{name}", f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
     try:
