@@ -338,9 +338,10 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), **planning)
-        st.location.write_bytes(f"runs/{run_id}/pending.json", json.dumps(
+        st.write(f"runs/{run_id}/pending.json", json.dumps(
             {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "unit_limit": plan_.limit,
-             "unit_multiple": plan_.multiple, "spec": job}).encode())
+             "unit_multiple": plan_.multiple, "spec": job}).encode(),
+            "Nothing was trained: make room, or pick a store you can write to.")
         bar = Progress(len(plan_.units), f"train {mspec.name}", progress, client)
         try:
             results = run_units(client, spec, info, plan_, bar)

@@ -280,13 +280,27 @@ class ModelStore:
         body["checksum"] = _digest_of(body)
         data = json.dumps(body, indent=1, sort_keys=True).encode()
         key = signing_key()
+        again = (f"Nothing was committed; make room (or make the store writable) and run again with "
+                 f"resume={run_id!r} (--resume {run_id}): the units already done are kept.")
         if key is not None:
-            self.location.write_bytes(f"runs/{run_id}/manifest.sig", _sign(key, data).encode())
-        self.location.write_bytes(f"runs/{run_id}/manifest.json", data)
+            self.write(f"runs/{run_id}/manifest.sig", _sign(key, data).encode(), again)
+        self.write(f"runs/{run_id}/manifest.json", data, again)
         if latest:
-            self.location.write_bytes("LATEST", run_id.encode())
+            before = self.latest()
+            self.write("LATEST", run_id.encode(),
+                       f"Run {run_id} is committed, but LATEST still names {before or 'no run'}: use the run by "
+                       f"its id (run={run_id!r}, --run {run_id}) or train again once the store is writable.")
         if self.location.exists(f"runs/{run_id}/pending.json"):
             self.location.rm(f"runs/{run_id}/pending.json")
+
+    def write(self, rel: str, data: bytes, then: str = "") -> None:
+        """Write ``data`` at ``rel`` (atomically); a storage error (a full disk, a read-only
+        folder, denied access) is a :class:`StoreError` naming the file, followed by ``then``."""
+        try:
+            self.location.write_bytes(rel, data)
+        except OSError as err:
+            raise StoreError(f"Cannot write {rel!r} in the store {self.location.url!r} "
+                             f"({type(err).__name__}: {err}). {then}".rstrip()) from err
 
     @_denied_is_a_store_error
     def gc(self, *, keep: int = 3, pending: bool = False, dry_run: bool = False) -> list[str]:

@@ -327,3 +327,38 @@ def test_a_write_that_fails_leaves_no_partial_file(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "27", done.stderr  # EFBIG: the write failed
     assert list(out.iterdir()) == []
+
+
+_LIMITED_CLI = ("import resource, sys\n"
+                "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))\n"
+                "from modelfactory.cli import main\n"
+                "sys.exit(main(sys.argv[2:]))\n")
+
+
+@pytest.mark.timeout(120)
+def test_a_commit_that_cannot_be_written_is_one_error_line_and_the_run_resumes(tmp_path):
+    # The store's disk fills up as the run commits (here a file size limit: the parts, a few KB
+    # each, fit; the manifest, which lists 200 of them, does not): one `error:` line naming the
+    # file and saying how to resume, status 2, the committed run untouched. It was an
+    # "internal error: OSError: [Errno 27] File too large", status 1.
+    import subprocess
+    import sys
+
+    data = write(metrics_table(series=200, hours=48, apps=200), tmp_path / "d", ["app", "site"])
+    store = str(tmp_path / "store")
+    args = ["train", data, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+            "--scheduler", "inline", "--unit-rows", "48", "-q"]
+    assert main(args) == 0
+    st = modelfactory.ModelStore(store)
+    (before,) = st.runs()
+    done = subprocess.run([sys.executable, "-c", _LIMITED_CLI, "30000", *args], capture_output=True, text=True,
+                          timeout=100)
+    (pending,) = st.pending()
+    rid = pending["run_id"]
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+    assert f"runs/{rid}/manifest.json" in done.stderr and f"--resume {rid}" in done.stderr
+    assert st.runs() == [before] and st.latest() == before
+    assert len(st.groups(before)) == 200
+    assert main([*args, "--resume", rid]) == 0
+    assert st.latest() == rid and st.pending() == []
