@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg = msub.add_parser("gc", help="remove old runs", description="Remove all but the newest runs of a store.")
     mg.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
     mg.add_argument("--keep", type=int, default=3, help="committed runs to keep (default: %(default)s)")
-    mg.add_argument("--pending", action="store_true", help="also remove interrupted runs")
+    mg.add_argument("--pending", action="store_true", help="also remove interrupted runs; a run still training looks interrupted too: use it only when no job is training into this store")
     mg.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     _config_option(mg)
     mg.set_defaults(func=_cmd_models_gc)

@@ -279,6 +279,7 @@ class ModelStore:
         body = json.loads(json.dumps(body, default=str))
         body["checksum"] = _digest_of(body)
         data = json.dumps(body, indent=1, sort_keys=True).encode()
+        self._check_parts(run_id, parts)
         key = signing_key()
         again = (f"Nothing was committed; make room (or make the store writable) and run again with "
                  f"resume={run_id!r} (--resume {run_id}): the units already done are kept.")
@@ -292,6 +293,23 @@ class ModelStore:
                        f"its id (run={run_id!r}, --run {run_id}) or train again once the store is writable.")
         if self.location.exists(f"runs/{run_id}/pending.json"):
             self.location.rm(f"runs/{run_id}/pending.json")
+
+    def _check_parts(self, run_id: str, parts: list[PartInfo]) -> None:
+        """Refuse to commit ``run_id`` unless every part it lists is in the store, whole: ``gc``
+        with ``pending`` while the run was writing (it looks interrupted) removes them, and the
+        manifest would make LATEST a run whose models cannot be read."""
+        root = self.location.root.strip("/")
+        try:
+            found = self.location.fs.find(self.location.path(f"runs/{run_id}/parts"), detail=True)
+        except FileNotFoundError:
+            found = {}
+        have = {path.strip("/")[len(root) + 1:]: info.get("size") for path, info in found.items()}
+        gone = [p.path for p in parts if have.get(p.path) != p.bytes]
+        if gone:
+            raise StoreError(
+                f"{len(gone)} of the {len(parts)} part files of run {run_id} are missing from {self.location.url!r} "
+                f"(e.g. {gone[0]!r}): they were removed while the run was writing (`models gc --pending` removes "
+                "the runs that look interrupted, this one too). Nothing was committed; train again.")
 
     def write(self, rel: str, data: bytes, then: str = "") -> None:
         """Write ``data`` at ``rel`` (atomically); a storage error (a full disk, a read-only
