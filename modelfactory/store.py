@@ -311,6 +311,13 @@ class ModelStore:
                 f"(e.g. {gone[0]!r}): they were removed while the run was writing (`models gc --pending` removes "
                 "the runs that look interrupted, this one too). Nothing was committed; train again.")
 
+    def _orphans(self, known: set[str]) -> list[str]:
+        """Folders under ``runs/`` with neither a manifest nor a pending.json, oldest first."""
+        found = {rel.split("/")[1] for rel in self.location.glob("runs/*")}
+        marked = {rel.split("/")[1] for rel in self.location.glob("runs/*/manifest.json")}
+        marked |= {rel.split("/")[1] for rel in self.location.glob("runs/*/pending.json")}
+        return sorted(found - marked - known)
+
     def write(self, rel: str, data: bytes, then: str = "") -> None:
         """Write ``data`` at ``rel`` (atomically); a storage error (a full disk, a read-only
         folder, denied access) is a :class:`StoreError` naming the file, followed by ``then``."""
@@ -325,7 +332,9 @@ class ModelStore:
         """Remove all but the newest ``keep`` committed runs (never ``LATEST``).
 
         With ``pending=True`` also remove interrupted runs (only when no job is
-        still writing them!).  Returns the ids removed (or that would be).
+        still writing them!), and run folders that are neither committed nor
+        pending (left by an interrupted gc, for one).  Returns the ids removed
+        (or that would be).
         """
         if keep < 1:
             raise StoreError(f"keep must be at least 1; got {keep}.")
@@ -333,6 +342,10 @@ class ModelStore:
         drop = [r for r in runs[:-keep] if r != latest]
         if pending:
             drop += [p["run_id"] for p in self.pending()]
+            # and folders that are neither committed nor pending: a gc stopped between a run's
+            # manifest and its files, a run whose pending.json could not be written (a full
+            # disk), parts written after a gc removed their run: invisible, they would stay
+            drop += self._orphans(set(runs) | set(drop))
         if not dry_run:
             for rid in drop:
                 # the manifest goes first, so a half-removed run is never visible

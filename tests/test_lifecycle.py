@@ -352,3 +352,9 @@ def test_gc_of_pending_runs_while_a_run_trains_makes_it_refuse_to_commit(tmp_pat
     assert "run" not in box, f"committed a run whose parts were removed; LATEST is {st.latest()}"
     assert "part files of run" in str(box["error"]) and "Nothing was committed" in str(box["error"])
     assert st.runs() == [] and st.latest() is None
+    # what the run wrote after gc (parts, without the pending.json gc removed) is neither committed
+    # nor pending: gc --pending removes it too, or nothing ever would
+    leftover = [p.parent.parent.name for p in store.glob("runs/*/parts/*.parquet")]
+    assert leftover and st.pending() == []
+    assert main(["models", "gc", "--store", str(store), "--pending"]) == 0
+    assert list((store / "runs").iterdir()) == []
