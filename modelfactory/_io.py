@@ -159,6 +159,17 @@ class Location:
         return sorted(p.strip("/").split(root, 1)[-1] for p in found)
 
 
+#: Libraries whose errors are storage errors (besides OSErrors): botocore's connection errors,
+#: for one, are not OSErrors.
+STORAGE_LIBRARIES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs",
+                               "azure", "google", "urllib3", "requests"})
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from the storage (an OSError, or an error of a storage library)."""
+    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in STORAGE_LIBRARIES
+
+
 #: fsspec protocols whose first path segment is a bucket (or container).
 _BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2"})
 

@@ -239,18 +239,14 @@ def _store_errors(url: str, what: str = "the store") -> Iterator[None]:
     except ModelFactoryError:
         raise
     except Exception as err:  # noqa: BLE001 - botocore's and aiohttp's errors are not OSErrors
-        origin = type(err).__module__.split(".")[0]
-        if not isinstance(err, OSError) and origin not in _STORAGE_LIBRARIES:
+        from ._io import is_storage_error
+
+        if not is_storage_error(err):
             raise
         text = " ".join(str(err).split()) or "no details"
         raise StoreError(f"Cannot access {what} {url!r}: {type(err).__name__}: {text}. Check the endpoint "
                          "([storage_options] in --config or $MODELFACTORY_CONFIG, AWS_ENDPOINT_URL), "
                          "the credentials and the network.") from err
-
-
-#: Libraries whose errors are storage errors (besides OSErrors).
-_STORAGE_LIBRARIES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs",
-                                "azure", "google", "urllib3", "requests"})
 
 
 def _print_summary(run, args, where: str) -> None:

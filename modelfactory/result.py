@@ -13,7 +13,7 @@ from .exceptions import ModelFactoryError
 from .kernel import UnitResult
 from .store import ModelStore
 
-__all__ = ["Run", "table_run", "check_output"]
+__all__ = ["Run", "check_output", "table_run"]
 
 
 @dataclass

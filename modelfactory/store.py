@@ -298,11 +298,19 @@ class ModelStore:
         """Refuse to commit ``run_id`` unless every part it lists is in the store, whole: ``gc``
         with ``pending`` while the run was writing (it looks interrupted) removes them, and the
         manifest would make LATEST a run whose models cannot be read."""
+        from ._io import is_storage_error
+
         root = self.location.root.strip("/")
         try:
             found = self.location.fs.find(self.location.path(f"runs/{run_id}/parts"), detail=True)
         except FileNotFoundError:
             found = {}
+        except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+            if not is_storage_error(err):
+                raise
+            raise StoreError(f"Cannot list the parts of run {run_id} in the store {self.location.url!r} "
+                             f"({type(err).__name__}: {err}). Nothing was committed; once the store can be "
+                             f"reached, run again with resume={run_id!r} (--resume {run_id}).") from err
         have = {path.strip("/")[len(root) + 1:]: info.get("size") for path, info in found.items()}
         gone = [p.path for p in parts if have.get(p.path) != p.bytes]
         if gone:
@@ -321,9 +329,13 @@ class ModelStore:
     def write(self, rel: str, data: bytes, then: str = "") -> None:
         """Write ``data`` at ``rel`` (atomically); a storage error (a full disk, a read-only
         folder, denied access) is a :class:`StoreError` naming the file, followed by ``then``."""
+        from ._io import is_storage_error
+
         try:
             self.location.write_bytes(rel, data)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+            if not is_storage_error(err):
+                raise
             raise StoreError(f"Cannot write {rel!r} in the store {self.location.url!r} "
                              f"({type(err).__name__}: {err}). {then}".rstrip()) from err
 

@@ -326,3 +326,30 @@ def test_gc_never_takes_a_run_committed_by_another_client_for_an_interrupted_one
     th.join(30)  # ... and the other client commits it
     assert "run" in done
     assert reader.gc(keep=1, pending=True, dry_run=True) == []  # the committed run is LATEST: keep it
+
+
+@pytest.mark.timeout(120)
+def test_the_object_store_going_away_at_the_commit_is_a_store_error_and_nothing_changes(s3, data, prefix):
+    # The run's units are done and the client commits as S3 goes away: botocore's connection
+    # error (not an OSError) came out as it was, so the CLI printed an "internal error" with
+    # status 1. It is a StoreError naming the store and the way back (resume).
+    from dataclasses import fields
+
+    from modelfactory._io import PartInfo
+
+    so = s3.storage_options(config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}})
+    store = f"{prefix}/store"
+    run = modelfactory.train(data, store=store, cluster="inline", storage_options=so, **TRAIN)
+    st = ModelStore(store, storage_options=so)
+    man = st.manifest(run.id)
+    parts = [PartInfo(**{f.name: p[f.name] for f in fields(PartInfo)}) for p in man["parts"]]
+    s3.stop()
+    try:
+        with pytest.raises(StoreError, match=rf"Cannot list the parts of run {run.id} in the store '{store}'.*"
+                                             rf"Nothing was committed.*--resume {run.id}"):
+            st.commit(run.id, {k: v for k, v in man.items() if k != "parts"}, parts)
+        with pytest.raises(StoreError, match=rf"Cannot write 'LATEST' in the store '{store}'"):
+            st.write("LATEST", b"x")
+    finally:
+        s3.start()
+    assert st.latest() == run.id and st.manifest(run.id) == man
