@@ -107,10 +107,22 @@ class Location:
                     blocker = posixpath.dirname(blocker)
                 raise StoreError(f"Cannot write to {self.url!r}: {blocker!r} is a file, not a folder. "
                                  "Pick a folder (new or existing) instead.") from err
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with fs.open(tmp, "wb") as f:
-                f.write(data)
-            fs.mv(tmp, path)
+            # A hidden name (".part-….tmp-…"): Parquet readers of the folder (pyarrow, pandas,
+            # Spark, DuckDB) skip it, so a writer killed before the rename leaves no file that
+            # they read: neither a truncated one nor a whole copy of rows that a retry writes
+            # again under the real name.
+            folder, name = posixpath.split(path)
+            tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+            try:
+                with fs.open(tmp, "wb") as f:
+                    f.write(data)
+                fs.mv(tmp, path)
+            except BaseException:
+                try:  # a full disk or a read-only folder: leave no partial file behind
+                    fs.rm_file(tmp)
+                except OSError:
+                    pass
+                raise
         else:
             fs.pipe_file(path, data)
 
@@ -145,6 +157,17 @@ class Location:
             return []
         root = self.root.strip("/") + "/"
         return sorted(p.strip("/").split(root, 1)[-1] for p in found)
+
+
+#: Libraries whose errors are storage errors (besides OSErrors): botocore's connection errors,
+#: for one, are not OSErrors.
+STORAGE_LIBRARIES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs",
+                               "azure", "google", "urllib3", "requests"})
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from the storage (an OSError, or an error of a storage library)."""
+    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in STORAGE_LIBRARIES
 
 
 #: fsspec protocols whose first path segment is a bucket (or container).

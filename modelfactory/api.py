@@ -173,7 +173,11 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
             raise StoreError(f"The output {out!r} is a whole bucket, and it is not empty: overwrite would delete "
                              "everything in it. Write to a folder inside it, such as "
                              f"{out.rstrip('/') + '/scores'!r}.")
-        sink.rm(recursive=True)
+        try:
+            sink.rm(recursive=True)
+        except OSError as err:  # "Directory not empty": a file appeared while it was emptied
+            raise StoreError(f"Could not empty the output folder {out!r} ({type(err).__name__}: {err}): another "
+                             "job may be writing to it. Give each job a folder of its own.") from err
     return sink
 
 
@@ -343,9 +347,10 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), **planning)
-        st.location.write_bytes(f"runs/{run_id}/pending.json", json.dumps(
+        st.write(f"runs/{run_id}/pending.json", json.dumps(
             {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "unit_limit": plan_.limit,
-             "unit_multiple": plan_.multiple, "spec": job}).encode())
+             "unit_multiple": plan_.multiple, "spec": job}).encode(),
+            "Nothing was trained: make room, or pick a store you can write to.")
         bar = Progress(len(plan_.units), f"train {mspec.name}", progress, client)
         try:
             results = run_units(client, spec, info, plan_, bar)
@@ -749,6 +754,9 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     summary["spec"] = {k: sp[k] for k in ("by", "time", "target", "features", "model")}
     import pyarrow.dataset as pds
 
+    from .result import check_output
+
+    check_output(sink, run_id, results)  # before reading _groups/: it holds this job's files only
     groups = pds.dataset(sink.path("_groups"), filesystem=sink.fs, format="parquet").to_table()
     top = groups.filter(pa.compute.greater(groups["anomalies"], 0)).sort_by(
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)

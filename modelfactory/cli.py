@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg = msub.add_parser("gc", help="remove old runs", description="Remove all but the newest runs of a store.")
     mg.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
     mg.add_argument("--keep", type=int, default=3, help="committed runs to keep (default: %(default)s)")
-    mg.add_argument("--pending", action="store_true", help="also remove interrupted runs")
+    mg.add_argument("--pending", action="store_true", help="also remove interrupted runs; a run still training looks interrupted too: use it only when no job is training into this store")
     mg.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     _config_option(mg)
     mg.set_defaults(func=_cmd_models_gc)
@@ -354,18 +354,14 @@ def _store_errors(url: str, what: str = "the store") -> Iterator[None]:
     except ModelFactoryError:
         raise
     except Exception as err:  # noqa: BLE001 - botocore's and aiohttp's errors are not OSErrors
-        origin = type(err).__module__.split(".")[0]
-        if not isinstance(err, OSError) and origin not in _STORAGE_LIBRARIES:
+        from ._io import is_storage_error
+
+        if not is_storage_error(err):
             raise
         text = " ".join(str(err).split()) or "no details"
         raise StoreError(f"Cannot access {what} {url!r}: {type(err).__name__}: {text}. Check the endpoint "
                          "([storage_options] in --config or $MODELFACTORY_CONFIG, AWS_ENDPOINT_URL), "
                          "the credentials and the network.") from err
-
-
-#: Libraries whose errors are storage errors (besides OSErrors).
-_STORAGE_LIBRARIES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs",
-                                "azure", "google", "urllib3", "requests"})
 
 
 def _print_summary(run, args, where: str) -> None:

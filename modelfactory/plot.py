@@ -285,6 +285,10 @@ class ScoresFolder:
         if not self.location.exists("_groups"):
             raise DatasetError(f"The scores folder {self.url!r} has no _groups/ table: it is not the output "
                                "of modelfactory.score, or the scoring run did not finish.")
+        if not self.location.exists("_manifest.json"):  # written last: the run did not end
+            raise DatasetError(f"The scores folder {self.url!r} has no _manifest.json: its scoring run did not "
+                               "finish (it was stopped, is still running, or refused to commit), so it may hold "
+                               "only part of the groups. Score again into it with overwrite=True (--overwrite).")
         self._groups: pd.DataFrame | None = None
         self._info = None
 

@@ -13,7 +13,7 @@ from .exceptions import ModelFactoryError
 from .kernel import UnitResult
 from .store import ModelStore
 
-__all__ = ["Run", "table_run"]
+__all__ = ["Run", "check_output", "table_run"]
 
 
 @dataclass
@@ -114,6 +114,7 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
     """The :class:`Run` of an apply, map_keys or score job: its manifest written when it has a sink."""
     errors = [e for r in results for e in r.errors]
     if sink is not None:
+        check_output(sink, run_id, results)
         parts = [p.__dict__ for r in results for p in r.parts]
         sink.write_bytes("_manifest.json", json.dumps(
             {"run_id": run_id, "kind": kind, "summary": summary, "schema": str(out_schema),
@@ -134,3 +135,48 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
     return Run(run_id, kind, summary, _groups=groups, _result=result, errors=errors)
 
 
+
+
+#: Files a job writes under its ``out=`` folder besides its parts.
+_OUTPUT_EXTRAS = frozenset({"_manifest.json", "_anomalies.json"})
+
+
+def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None:
+    """Refuse to commit an ``out=`` folder that does not hold exactly the files this job wrote.
+
+    Another job writing to the same folder at the same time (a second ``score --overwrite``
+    of a scheduled job that started before this one ended) deletes this job's files, or adds
+    its own: readers of the folder would get part of this job's rows, or two jobs' rows mixed,
+    under a ``_manifest.json`` that claims all of this job's.  Hidden files (a write's
+    temporary file) are not read, and not counted.
+    """
+    from .exceptions import StoreError
+
+    root = sink.root.strip("/")
+    try:
+        found = sink.fs.find(sink.root, detail=True)
+    except FileNotFoundError:
+        found = {}
+    have = {}
+    remote = not sink.is_local
+    for path, info in found.items():
+        rel = path.strip("/")[len(root) + 1:]
+        if info.get("type") == "directory" or rel in _OUTPUT_EXTRAS or any(
+                seg.startswith(".") for seg in rel.split("/")):
+            continue
+        if remote and info.get("size") == 0:  # a folder marker (``scores/`` from the S3 console): no file
+            continue
+        have[rel] = info.get("size")
+    # names only: a unit recomputed after its result was taken (a shuffle partition whose
+    # worker died) rewrites its files under the same names, with other seconds in them
+    ours = {p.path for r in results for p in r.parts}
+    gone = sorted(ours - set(have))
+    other = sorted(set(have) - set(ours))
+    if gone or other:
+        what = "; ".join(x for x in (
+            f"{len(gone)} of the {len(ours)} files it wrote are gone (e.g. {gone[0]!r})" if gone else "",
+            f"{len(other)} files it did not write appeared (e.g. {other[0]!r})" if other else "") if x)
+        raise StoreError(f"The output folder {sink.url!r} changed while run {run_id} wrote to it: {what}. Another "
+                         "job writing to the same folder at the same time (with overwrite) does this. Run "
+                         f"{run_id} was not committed (no _manifest.json): give each job a folder of its own, "
+                         "and run it again.")

@@ -279,21 +279,74 @@ class ModelStore:
         body = json.loads(json.dumps(body, default=str))
         body["checksum"] = _digest_of(body)
         data = json.dumps(body, indent=1, sort_keys=True).encode()
+        self._check_parts(run_id, parts)
         key = signing_key()
+        again = (f"Nothing was committed; make room (or make the store writable) and run again with "
+                 f"resume={run_id!r} (--resume {run_id}): the units already done are kept.")
         if key is not None:
-            self.location.write_bytes(f"runs/{run_id}/manifest.sig", _sign(key, data).encode())
-        self.location.write_bytes(f"runs/{run_id}/manifest.json", data)
+            self.write(f"runs/{run_id}/manifest.sig", _sign(key, data).encode(), again)
+        self.write(f"runs/{run_id}/manifest.json", data, again)
         if latest:
-            self.location.write_bytes("LATEST", run_id.encode())
+            before = self.latest()
+            self.write("LATEST", run_id.encode(),
+                       f"Run {run_id} is committed, but LATEST still names {before or 'no run'}: use the run by "
+                       f"its id (run={run_id!r}, --run {run_id}) or train again once the store is writable.")
         if self.location.exists(f"runs/{run_id}/pending.json"):
             self.location.rm(f"runs/{run_id}/pending.json")
+
+    def _check_parts(self, run_id: str, parts: list[PartInfo]) -> None:
+        """Refuse to commit ``run_id`` unless every part it lists is in the store, whole: ``gc``
+        with ``pending`` while the run was writing (it looks interrupted) removes them, and the
+        manifest would make LATEST a run whose models cannot be read."""
+        from ._io import is_storage_error
+
+        root = self.location.root.strip("/")
+        try:
+            found = self.location.fs.find(self.location.path(f"runs/{run_id}/parts"), detail=True)
+        except FileNotFoundError:
+            found = {}
+        except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+            if not is_storage_error(err):
+                raise
+            raise StoreError(f"Cannot list the parts of run {run_id} in the store {self.location.url!r} "
+                             f"({type(err).__name__}: {err}). Nothing was committed; once the store can be "
+                             f"reached, run again with resume={run_id!r} (--resume {run_id}).") from err
+        have = {path.strip("/")[len(root) + 1:]: info.get("size") for path, info in found.items()}
+        gone = [p.path for p in parts if have.get(p.path) != p.bytes]
+        if gone:
+            raise StoreError(
+                f"{len(gone)} of the {len(parts)} part files of run {run_id} are missing from {self.location.url!r} "
+                f"(e.g. {gone[0]!r}): they were removed while the run was writing (`models gc --pending` removes "
+                "the runs that look interrupted, this one too). Nothing was committed; train again.")
+
+    def _orphans(self, known: set[str]) -> list[str]:
+        """Folders under ``runs/`` with neither a manifest nor a pending.json, oldest first."""
+        found = {rel.split("/")[1] for rel in self.location.glob("runs/*")}
+        marked = {rel.split("/")[1] for rel in self.location.glob("runs/*/manifest.json")}
+        marked |= {rel.split("/")[1] for rel in self.location.glob("runs/*/pending.json")}
+        return sorted(found - marked - known)
+
+    def write(self, rel: str, data: bytes, then: str = "") -> None:
+        """Write ``data`` at ``rel`` (atomically); a storage error (a full disk, a read-only
+        folder, denied access) is a :class:`StoreError` naming the file, followed by ``then``."""
+        from ._io import is_storage_error
+
+        try:
+            self.location.write_bytes(rel, data)
+        except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+            if not is_storage_error(err):
+                raise
+            raise StoreError(f"Cannot write {rel!r} in the store {self.location.url!r} "
+                             f"({type(err).__name__}: {err}). {then}".rstrip()) from err
 
     @_denied_is_a_store_error
     def gc(self, *, keep: int = 3, pending: bool = False, dry_run: bool = False) -> list[str]:
         """Remove all but the newest ``keep`` committed runs (never ``LATEST``).
 
         With ``pending=True`` also remove interrupted runs (only when no job is
-        still writing them!).  Returns the ids removed (or that would be).
+        still writing them!), and run folders that are neither committed nor
+        pending (left by an interrupted gc, for one).  Returns the ids removed
+        (or that would be).
         """
         if keep < 1:
             raise StoreError(f"keep must be at least 1; got {keep}.")
@@ -301,6 +354,10 @@ class ModelStore:
         drop = [r for r in runs[:-keep] if r != latest]
         if pending:
             drop += [p["run_id"] for p in self.pending()]
+            # and folders that are neither committed nor pending: a gc stopped between a run's
+            # manifest and its files, a run whose pending.json could not be written (a full
+            # disk), parts written after a gc removed their run: invisible, they would stay
+            drop += self._orphans(set(runs) | set(drop))
         if not dry_run:
             for rid in drop:
                 # the manifest goes first, so a half-removed run is never visible

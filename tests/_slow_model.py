@@ -12,3 +12,8 @@ class SlowSeasonal(SeasonalProfile):
     def fit_batch(cls, params, batch):
         time.sleep(float(os.environ.get("MF_SLOW", "0")))
         return super().fit_batch(params, batch)
+
+    @classmethod
+    def score_batch(cls, models, batch, **kwargs):
+        time.sleep(float(os.environ.get("MF_SLOW_SCORE", "0")))
+        return super().score_batch(models, batch, **kwargs)

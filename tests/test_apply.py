@@ -497,3 +497,47 @@ def test_groups_spread_over_files_keep_every_integer_exactly(tmp_path, where, re
     assert (clean.dtype == "int64").all()
     want = {f"a{j}": str(sum(2**60 + 2 * k + 1 + d for d in range(2) for k in range(8) if k % 4 == j)) for j in range(1, 4)}
     assert dict(zip(clean.app, clean.total)) == want
+
+
+def _slow_first_row(df):
+    import time
+
+    time.sleep(0.1)
+    return df[["app", "site"]].head(1)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_job_writing_the_same_output_folder_meanwhile_makes_the_first_refuse_to_commit(tmp_path):
+    # A scheduled job runs again (with overwrite) into the folder an earlier run of it is still
+    # writing: the second empties the folder and writes its own files, the first goes on
+    # writing. The first reported success with a _manifest.json claiming all its rows while the
+    # folder held a part of them, mixed with the second's; now it refuses to commit, by name.
+    import threading
+    import time
+
+    first_data = write(metrics_table(series=12, hours=24, apps=12), tmp_path / "a", ["app"])
+    second_data = write(metrics_table(series=4, hours=24, apps=4, seed=1), tmp_path / "b", ["app"])
+    out = tmp_path / "out"
+    kw = dict(by=["app", "site"], schema="app string, site string", cluster="inline", unit_rows=24)
+    box: dict = {}
+
+    def first_job():
+        try:
+            box["run"] = modelfactory.apply(first_data, func=_slow_first_row, out=str(out), **kw)
+        except StoreError as err:
+            box["error"] = err
+
+    th = threading.Thread(target=first_job)
+    th.start()
+    deadline = time.monotonic() + 60
+    while not list(out.glob("part-*.parquet")):  # the first job has written a part
+        assert th.is_alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+    try:  # the second may refuse too (files of the first appear while it runs), never mix silently
+        modelfactory.apply(second_data, func=lambda df: df[["app", "site"]].head(1), out=str(out),
+                           overwrite=True, **kw)
+    except StoreError as err:
+        assert "changed while run" in str(err) or "Could not empty" in str(err)
+    th.join(60)
+    assert "run" not in box, "the first job committed an output folder that another job had emptied"
+    assert "changed while run" in str(box["error"]) and "was not committed" in str(box["error"])

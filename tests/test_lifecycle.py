@@ -317,3 +317,44 @@ def test_a_retrain_counts_left_out_groups_across_key_types_the_store_accepts(tmp
     modelfactory.train(str(tmp_path / "d2"), store=store, cluster="inline", retrain="changed", **ARGS)
     lineage = modelfactory.ModelStore(store).manifest()["lineage"]
     assert lineage["carried_over"] == {first.id: 3} and lineage["not_in_input"] == 1  # site 3 became "x"
+
+
+@pytest.mark.timeout(120)
+def test_gc_of_pending_runs_while_a_run_trains_makes_it_refuse_to_commit(tmp_path, monkeypatch):
+    # `models gc --pending` while a training runs removes its parts (the run looks interrupted).
+    # The run then committed a manifest listing the removed parts and moved LATEST to it: it
+    # reported success, and every score or load of it failed ("Part ... is missing").
+    import threading
+
+    from modelfactory.cli import main
+
+    monkeypatch.setenv("MF_SLOW", "0.3")
+    data = write(metrics_table(series=12, hours=48, apps=12), tmp_path / "d", ["app"])
+    store = tmp_path / "store"
+    box: dict = {}
+
+    def training():
+        try:
+            box["run"] = modelfactory.train(data, model=SlowSeasonal, store=str(store), cluster="inline",
+                                            unit_rows=48, **ARGS)
+        except StoreError as err:
+            box["error"] = err
+
+    th = threading.Thread(target=training)
+    th.start()
+    deadline = time.monotonic() + 60
+    while not list(store.glob("runs/*/parts/*.parquet")):
+        assert th.is_alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+    assert main(["models", "gc", "--store", str(store), "--pending"]) == 0
+    th.join(90)
+    st = modelfactory.ModelStore(str(store))
+    assert "run" not in box, f"committed a run whose parts were removed; LATEST is {st.latest()}"
+    assert "part files of run" in str(box["error"]) and "Nothing was committed" in str(box["error"])
+    assert st.runs() == [] and st.latest() is None
+    # what the run wrote after gc (parts, without the pending.json gc removed) is neither committed
+    # nor pending: gc --pending removes it too, or nothing ever would
+    leftover = [p.parent.parent.name for p in store.glob("runs/*/parts/*.parquet")]
+    assert leftover and st.pending() == []
+    assert main(["models", "gc", "--store", str(store), "--pending"]) == 0
+    assert list((store / "runs").iterdir()) == []

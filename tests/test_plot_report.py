@@ -496,3 +496,43 @@ def test_the_suggested_key_can_be_typed_back(odd_keys, tmp_path, capsys, monkeyp
     for site in (MATH_BAD, MATH_OK):  # was: "Use .png, .svg or .pdf" for the first
         assert _main(["plot", "--scores", odd_keys["scores"], "--key", format_key({"site": site}), "--out",
                       str(out)], monkeypatch) == 0, capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_the_scores_of_a_killed_score_run_are_refused_by_plot_and_report(tmp_path):
+    # A score process killed mid-run leaves some units' files and no _manifest.json. The report
+    # showed them as a finished scoring ("Scored: ok 10,000, failed 0, skipped 0" of 20,000
+    # groups), plot drew from them: half of a run, visible. Both now refuse, saying why.
+    import signal
+    import sys
+    import time
+    from pathlib import Path
+
+    from _data import metrics_table, write
+
+    tests = str(Path(__file__).parent)
+    data = write(metrics_table(series=8, hours=72, apps=8), tmp_path / "d", ["app"])
+    store, out = str(tmp_path / "store"), tmp_path / "scores"
+    script = (f"import sys; sys.path.insert(0, {tests!r}); from _slow_model import SlowSeasonal; import modelfactory; "
+              f"modelfactory.train({data!r}, by=['app', 'site'], time='ts', target='value', model=SlowSeasonal, "
+              f"store={store!r}, cluster='inline'); "
+              f"modelfactory.score({data!r}, store={store!r}, out={str(out)!r}, cluster='inline', unit_rows=72, "
+              "trust=True)")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "MF_SLOW_SCORE": "0.5"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "_groups").exists() or not list((out / "_groups").glob("*.parquet")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "_manifest.json").exists() and len(list((out / "_groups").glob("*.parquet"))) < 8
+    for argv in (["report", "--store", store, "--scores", str(out), "--out", str(tmp_path / "r.html")],
+                 ["plot", "--scores", str(out), "--key", "app=app0,site=s000", "--out", str(tmp_path / "p.png")]):
+        done = subprocess.run([sys.executable, "-m", "modelfactory", *argv], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  [tests, os.environ.get("PYTHONPATH", "")])})
+        assert done.returncode == 2, (argv[0], done.stdout, done.stderr)
+        assert "has no _manifest.json: its scoring run did not finish" in done.stderr, done.stderr

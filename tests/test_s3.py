@@ -361,3 +361,29 @@ def test_folder_markers_are_folders_not_files(s3, data, prefix):
     fs.pipe_file(f"{base}/taken", b"not a folder")
     with pytest.raises(StoreError, match="is a file"):
         modelfactory.score(data, store=f"{prefix}/store", out=f"{prefix}/taken", cluster="inline", storage_options=so)
+
+
+def test_the_object_store_going_away_at_the_commit_is_a_store_error_and_nothing_changes(s3, data, prefix):
+    # The run's units are done and the client commits as S3 goes away: botocore's connection
+    # error (not an OSError) came out as it was, so the CLI printed an "internal error" with
+    # status 1. It is a StoreError naming the store and the way back (resume).
+    from dataclasses import fields
+
+    from modelfactory._io import PartInfo
+
+    so = s3.storage_options(config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}})
+    store = f"{prefix}/store"
+    run = modelfactory.train(data, store=store, cluster="inline", storage_options=so, **TRAIN)
+    st = ModelStore(store, storage_options=so)
+    man = st.manifest(run.id)
+    parts = [PartInfo(**{f.name: p[f.name] for f in fields(PartInfo)}) for p in man["parts"]]
+    s3.stop()
+    try:
+        with pytest.raises(StoreError, match=rf"Cannot list the parts of run {run.id} in the store '{store}'.*"
+                                             rf"Nothing was committed.*--resume {run.id}"):
+            st.commit(run.id, {k: v for k, v in man.items() if k != "parts"}, parts)
+        with pytest.raises(StoreError, match=rf"Cannot write 'LATEST' in the store '{store}'"):
+            st.write("LATEST", b"x")
+    finally:
+        s3.start()
+    assert st.latest() == run.id and st.manifest(run.id) == man

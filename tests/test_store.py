@@ -253,3 +253,112 @@ def test_a_train_whose_filter_leaves_no_rows_commits_nothing(by_app, tmp_path):
     s = modelfactory.score(by_app, store=store, out=str(tmp_path / "o"), cluster="inline", filter=late)
     assert s.summary["groups"] == 0 and len(s.to_pandas()) == 0
     assert st.runs() == [good.id] and st.latest() == good.id
+
+
+# ---------------------------------------------------------------------------
+# a writer that dies or fails before its rename
+# ---------------------------------------------------------------------------
+_WRITER = """
+import sys, numpy as np, pyarrow as pa
+from modelfactory._io import Location, write_parquet
+loc = Location.of(sys.argv[1])
+big = pa.table({"x": np.random.default_rng(0).random(1_500_000)})  # ~12 MB: a write takes a while
+while True:  # the same part again and again, as a retried unit writes it; killed from outside
+    write_parquet(loc, "app=a/part-u00001.parquet", big)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_writer_killed_before_its_rename_leaves_no_file_that_readers_of_the_folder_see(tmp_path):
+    # A worker killed (OOM, kill -9) while it writes a part of a score or apply output: the
+    # unit is retried and the job reports success, and readers of the folder (Run.to_arrow,
+    # pandas, Spark) must see each row once; a temporary file named part-….parquet.tmp-… was
+    # read by them: truncated (an error), or whole (its rows twice).
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    import pyarrow.dataset as ds
+
+    from modelfactory._io import Location, write_parquet
+
+    out = tmp_path / "out"
+    write_parquet(Location.of(str(out)), "app=b/part-u00002.parquet", pa.table({"x": np.arange(10.0)}))
+    survivors: list = []
+    for _ in range(20):  # until a kill lands between the temporary file's creation and its rename
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(out)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not (out / "app=a").exists() or not any("tmp-" in n for n in os.listdir(out / "app=a")):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.0005)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        survivors = [n for n in os.listdir(out / "app=a") if "tmp-" in n]
+        if survivors:
+            break
+    assert survivors, "no kill landed before a rename in 20 tries"
+    table = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    whole = 1_500_000 if (out / "app=a" / "part-u00001.parquet").exists() else 0
+    assert table.num_rows == 10 + whole
+    assert len(pd.read_parquet(out)) == 10 + whole
+
+
+def test_a_write_that_fails_leaves_no_partial_file(tmp_path):
+    # A full disk (here: a file size limit, which makes write() fail with EFBIG as ENOSPC
+    # would) fails the write, and the partial temporary file goes with it.
+    import subprocess
+    import sys
+
+    script = ("import resource, sys, numpy as np, pyarrow as pa\n"
+              "from modelfactory._io import Location, write_parquet\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+              "try:\n"
+              "    write_parquet(Location.of(sys.argv[1]), 'part-0.parquet',"
+              " pa.table({'x': np.random.default_rng(0).random(100_000)}))\n"
+              "except OSError as err:\n"
+              "    print(err.errno)\n")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "27", done.stderr  # EFBIG: the write failed
+    assert list(out.iterdir()) == []
+
+
+_LIMITED_CLI = ("import resource, sys\n"
+                "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))\n"
+                "from modelfactory.cli import main\n"
+                "sys.exit(main(sys.argv[2:]))\n")
+
+
+@pytest.mark.timeout(120)
+def test_a_commit_that_cannot_be_written_is_one_error_line_and_the_run_resumes(tmp_path):
+    # The store's disk fills up as the run commits (here a file size limit: the parts, a few KB
+    # each, fit; the manifest, which lists 200 of them, does not): one `error:` line naming the
+    # file and saying how to resume, status 2, the committed run untouched. It was an
+    # "internal error: OSError: [Errno 27] File too large", status 1.
+    import subprocess
+    import sys
+
+    data = write(metrics_table(series=200, hours=48, apps=200), tmp_path / "d", ["app", "site"])
+    store = str(tmp_path / "store")
+    args = ["train", data, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+            "--scheduler", "inline", "--unit-rows", "48", "-q"]
+    assert main(args) == 0
+    st = modelfactory.ModelStore(store)
+    (before,) = st.runs()
+    done = subprocess.run([sys.executable, "-c", _LIMITED_CLI, "30000", *args], capture_output=True, text=True,
+                          timeout=100)
+    (pending,) = st.pending()
+    rid = pending["run_id"]
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+    assert f"runs/{rid}/manifest.json" in done.stderr and f"--resume {rid}" in done.stderr
+    assert st.runs() == [before] and st.latest() == before
+    assert len(st.groups(before)) == 200
+    assert main([*args, "--resume", rid]) == 0
+    assert st.latest() == rid and st.pending() == []
