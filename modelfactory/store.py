@@ -200,9 +200,10 @@ class ModelStore:
     @_denied_is_a_store_error
     def groups(self, run: str | None = "latest") -> pd.DataFrame:
         """The group table of ``run``: keys, status, error, rows, seconds (no model bytes)."""
-        man = self.manifest(run)
+        rid = self.resolve(run)  # once: a run committed meanwhile moves "latest" between two reads
+        man = self.manifest(rid)
         cols = list(man["spec"]["by"]) + ["status", "error", "rows", "seconds"]
-        return self.table(run, columns=cols).to_pandas()
+        return self.table(rid, columns=cols).to_pandas()
 
     @_denied_is_a_store_error
     def load(self, key: dict | tuple | str, run: str | None = "latest", *, trust: bool = False):

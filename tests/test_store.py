@@ -362,3 +362,29 @@ def test_a_commit_that_cannot_be_written_is_one_error_line_and_the_run_resumes(t
     assert len(st.groups(before)) == 200
     assert main([*args, "--resume", rid]) == 0
     assert st.latest() == rid and st.pending() == []
+
+
+def test_groups_reads_one_run_when_another_commits_meanwhile(by_app, tmp_path, monkeypatch):
+    """groups() resolved "latest" twice: once for the manifest, once for the parts.  A run
+    committed between the two (a nightly train while a dashboard reads) mixed two runs: the
+    manifest of one, the parts of the other (here: the groups of the new run, one app only)."""
+    import pyarrow.dataset as ds
+
+    store = str(tmp_path / "s")
+    kw = dict(time="ts", target="value", store=store, cluster="inline", params={"season_length": 12})
+    first = modelfactory.train(by_app, by=["app", "site"], **kw)
+    st = modelfactory.ModelStore(store)
+    real, calls = modelfactory.ModelStore.manifest, []
+
+    def manifest_then_commit(self, run="latest"):
+        out = real(self, run)
+        if not calls:  # a real run commits right after groups() read its manifest
+            calls.append(None)
+            calls[0] = modelfactory.train(by_app, by=["app", "site"], filter=ds.field("app") == "app0", **kw).id
+        return out
+
+    monkeypatch.setattr(modelfactory.ModelStore, "manifest", manifest_then_commit)
+    groups = st.groups()
+    assert calls and st.latest() == calls[0] != first.id
+    assert len(modelfactory.ModelStore(store).groups()) < len(first.groups)  # the new run: app0 only
+    pd.testing.assert_frame_equal(groups.drop(columns="seconds"), first.groups.drop(columns="seconds"))
