@@ -11,7 +11,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["PartInfo", "Location", "write_parquet", "hive_folder"]
+__all__ = ["PartInfo", "Location", "write_parquet", "hive_folder", "normal_url"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,28 @@ class PartInfo:
     rows: int
 
 
+def normal_url(url: str) -> str:
+    """A local path as an absolute one (``~`` expanded, as pandas does: ``~/store`` is the
+    home's), a ``file:`` URL as the local path it names (percent-decoded, as
+    ``Path.as_uri()`` encodes it: ``file:///data/my%20metrics``), any other URL as it is.
+
+    >>> normal_url("file:///data/my%20metrics"), normal_url("s3://b/x%20y")
+    ('/data/my metrics', 's3://b/x%20y')
+    """
+    import os
+
+    if url[:7].lower() == "file://":
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            return url  # file://host/share: left to fsspec
+        url = unquote(parts.path)
+    if "://" not in url:
+        url = os.path.abspath(os.path.expanduser(url))
+    return url
+
+
 @dataclass(frozen=True)
 class Location:
     """A folder, local or any fsspec URL; picklable, so workers can write to it."""
@@ -33,12 +55,7 @@ class Location:
 
     @classmethod
     def of(cls, url: str, storage_options: dict | None = None) -> "Location":
-        url = str(url)
-        if "://" not in url:
-            import os
-
-            url = os.path.abspath(os.path.expanduser(url))  # "~/store" is the home's, as in pandas
-        return cls(url.rstrip("/"), tuple(sorted((storage_options or {}).items())))
+        return cls(normal_url(str(url)).rstrip("/"), tuple(sorted((storage_options or {}).items())))
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:

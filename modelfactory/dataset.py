@@ -139,9 +139,9 @@ def discover(url: str, *, storage_options: dict | None = None,
         raise DatasetError(f"The data must be one path or URL (a Parquet file, or a folder of them); got "
                            f"{type(url).__name__} {shown}. To read several files, put them in one folder "
                            "and pass the folder (filter= can leave out what is not wanted).")
-    url = os.fspath(url)
-    if "://" not in url:
-        url = os.path.abspath(os.path.expanduser(url))  # the manifest must name the input wherever it is read from
+    from ._io import normal_url
+
+    url = normal_url(os.fspath(url))  # absolute: the manifest must name the input wherever it is read from
     try:
         return _discover(url, storage_options, null_check, filter)
     except PermissionError as err:

@@ -73,6 +73,21 @@ def test_paths_under_the_home_folder_are_expanded(tmp_path, monkeypatch):
     assert modelfactory.ModelStore("~/models").latest() == run.id
 
 
+def test_file_urls_as_pathlib_writes_them_are_decoded(tmp_path):
+    """``Path.as_uri()`` percent-encodes: ``file:///…/my%20metrics`` was "No file or folder", and a
+    store at such a URL was written under a folder literally named ``my%20models``."""
+    base = tmp_path / "a b"
+    modelfactory.demo.write_dataset(str(base / "my metrics"), series=4, days=3)
+    run = modelfactory.train((base / "my metrics").as_uri(), by=["app", "site"],
+                             store=(base / "my models").as_uri(), **TRAIN)
+    assert run.summary["counts"]["ok"] == 4
+    scores = modelfactory.score((base / "my metrics").as_uri(), store=(base / "my models").as_uri(),
+                                out=(base / "my scores").as_uri(), cluster="inline")
+    assert scores.summary["counts"]["ok"] == 4
+    assert sorted(p.name for p in base.iterdir()) == ["my metrics", "my models", "my scores"]
+    assert modelfactory.ModelStore(str(base / "my models")).latest() == run.id
+
+
 def test_a_list_of_files_is_refused_with_what_to_do(tmp_path):
     """A list of files (as pandas and pyarrow take them) was a bare TypeError from os.fspath."""
     data = modelfactory.demo.write_dataset(str(tmp_path / "data"), series=4, days=3)
