@@ -38,7 +38,7 @@ import numpy as np
 
 from ..exceptions import ModelError, ParameterError
 from ._timegrid import batch_to_grid, grid_spans, infer_steps, seasonal_fill
-from .base import SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score, too_large
+from .base import MAX_ABS_VALUE, SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score, too_large
 
 __all__ = ["HoltWinters", "hw_recursion"]
 
@@ -292,10 +292,11 @@ class HoltWinters(Model):
         nobs = np.isfinite(Y).sum(axis=1)
         need = proto.required_rows()
         miss = 1.0 - nobs / np.maximum(glen, 1)
+        huge = (np.abs(np.where(np.isfinite(Y), Y, 0.0)) > MAX_ABS_VALUE).any(axis=1)  # one pass, not one per series
         for i in range(n):
             if i in why:
                 continue
-            if (big := too_large(proto.name, Y[i])) is not None:
+            if huge[i] and (big := too_large(proto.name, Y[i])) is not None:
                 why[i] = big
             elif nobs[i] < need:
                 why[i] = (f"holt_winters needs at least {need} non-missing values (min_seasons "
