@@ -197,6 +197,16 @@ def _real(loc: Location) -> str:
     return os.path.realpath(root) if loc.is_local else root
 
 
+def _with_defaults(cls: type, params):
+    """The parameters of a stored run as this version of its model class reads them: a parameter
+    the class gained since the run was stored (seasonal's ``tz``) takes its default, as it does
+    when the run's models are loaded, so the run still matches a job that leaves it at its default."""
+    declared = getattr(cls, "params", None)
+    if not isinstance(params, dict) or not isinstance(declared, dict):
+        return params
+    return {**{k: p.default for k, p in declared.items() if k not in params and hasattr(p, "default")}, **params}
+
+
 def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], parts: list) -> int | None:
     """How many groups of run ``base_id`` the new run's ``parts`` (not committed yet) lack:
     keys only are read, matched as scoring matches them (a key value that does not convert
@@ -324,12 +334,12 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
             raise ModelFactoryError(f"retrain must be 'failed' or 'changed'; got {retrain!r}.")
         base_man = st.manifest(base)
         base_id = base_man["run_id"]
-        diff = [k for k in ("by", "time", "target", "features", "model", "params")
-                if base_man["spec"].get(k) != job[k]]
+        was = dict(base_man["spec"], params=_with_defaults(mspec.cls, base_man["spec"].get("params")))
+        diff = [k for k in ("by", "time", "target", "features", "model", "params") if was.get(k) != job[k]]
         if diff:
             raise ModelFactoryError(
                 f"Cannot retrain only the {retrain} groups of run {base_id}: it differs in {diff} "
-                f"(was {[base_man['spec'].get(k) for k in diff]}). Train a full run instead.")
+                f"(was {[was.get(k) for k in diff]}, now {[job[k] for k in diff]}). Train a full run instead.")
         base_src = model_source(st, base_man, info, trust=True)
         from .scoring import check_key_types
 
