@@ -725,7 +725,8 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     if sp.get("serializer", "native") != "native" and not trust:
         raise StoreError(f"Run {man['run_id']!r} holds pickled user models: loading them runs code from the "
                          "store. Pass trust=True (CLI: --trust) only if you trust who wrote it.")
-    info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
+    info = discover(data, storage_options=storage_options, null_check=by_, filter=filter,
+                    allow_empty=True)
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
     src = model_source(st, man, info, trust)
     check_key_types(src, by_, info.schema)

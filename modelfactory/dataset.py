@@ -101,7 +101,8 @@ class DatasetInfo:
 
 
 def discover(url: str, *, storage_options: dict | None = None,
-             null_check: tuple[str, ...] = (), filter: ds.Expression | None = None) -> DatasetInfo:
+             null_check: tuple[str, ...] = (), filter: ds.Expression | None = None,
+             allow_empty: bool = False) -> DatasetInfo:
     """Discover the Parquet dataset at ``url``.
 
     Partition keys are read as strings (``app=007`` stays ``"007"``).  For the
@@ -127,7 +128,8 @@ def discover(url: str, *, storage_options: dict | None = None,
     Raises
     ------
     DatasetError
-        The path does not exist, holds no Parquet files, or cannot be read.
+        The path does not exist, holds no Parquet files, or cannot be read; or its files
+        hold no rows, unless ``allow_empty`` (scoring: an empty window scores nothing).
     SchemaError
         A partition key is also a column inside the files, or ``filter`` does not
         fit the dataset's columns.
@@ -143,7 +145,7 @@ def discover(url: str, *, storage_options: dict | None = None,
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))  # the manifest must name the input wherever it is read from
     try:
-        return _discover(url, storage_options, null_check, filter)
+        return _discover(url, storage_options, null_check, filter, allow_empty)
     except PermissionError as err:
         raise DatasetError(f"Access to {url!r} was denied ({err}): check the credentials "
                            "(AWS_* environment, ~/.aws, or storage_options).") from err
@@ -183,7 +185,7 @@ def _listing(fs, path: str, is_file: bool) -> tuple[ds.FileSystemDataset, tuple[
     return factory.finish(pa.schema([pa.field(k, pa.string()) for k in keys])), keys
 
 
-def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
+def _discover(url, storage_options, null_check, filter, allow_empty=False) -> DatasetInfo:
     fs, path = filesystem(url, storage_options, error=DatasetError)
     info = fs.get_file_info(path) if isinstance(fs, pafs.FileSystem) else None
     exists = info.type != pafs.FileType.NotFound if info is not None else fs.exists(path)
@@ -323,7 +325,7 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
         else:
             null_counts.update({c: kept.column(c).null_count for c in recount})
     info = DatasetInfo(source, files, null_counts, conflicts, missing)
-    if info.rows == 0:
+    if info.rows == 0 and not allow_empty:
         raise DatasetError(f"The dataset at {url!r} has {len(files)} Parquet file(s) but no rows.")
     return info
 

@@ -84,6 +84,28 @@ def test_score_refuses_a_non_empty_output(history_and_new, tmp_path):
         modelfactory.score(new, store=store, out=str(tmp_path / "busy"), cluster="inline")
 
 
+def test_scoring_an_empty_window_scores_nothing_and_succeeds(history_and_new, tmp_path):
+    # Scheduled scoring: the window written since the last run may hold no rows (Spark writes an
+    # empty part file). It was "has 1 Parquet file(s) but no rows", exit 2, paging whoever is on
+    # call, while a --where that kept no rows scored 0 groups and succeeded.
+    import pyarrow.parquet as pq
+
+    from modelfactory.cli import main
+
+    old, new = history_and_new
+    store = str(tmp_path / "store")
+    modelfactory.train(old, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    window = tmp_path / "window" / "app=app-00"
+    window.mkdir(parents=True)
+    empty = pq.read_table(next((tmp_path / "new").glob("app=*/*.parquet"))).slice(0, 0)
+    pq.write_table(empty, window / "part-0.parquet")
+    run = modelfactory.score(str(tmp_path / "window"), store=store, out=str(tmp_path / "s1"), cluster="inline")
+    assert run.summary["groups"] == 0 and run.summary["rows"] == 0 and len(run.groups) == 0
+    assert json.loads((tmp_path / "s1" / "_manifest.json").read_text())["summary"]["groups"] == 0
+    assert main(["score", str(tmp_path / "window"), "--store", store, "--out", str(tmp_path / "s2"),
+                 "--scheduler", "inline", "--quiet"]) == 0
+
+
 class OneByOne(modelfactory.models.seasonal.SeasonalProfile):
     """seasonal without its vectorised score_batch: scored one group at a time."""
 
