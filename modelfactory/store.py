@@ -184,8 +184,17 @@ class ModelStore:
     @_denied_is_a_store_error
     def manifest(self, run: str | None = "latest") -> dict[str, Any]:
         """The committed manifest of ``run`` (a dict), its checksum and signature verified."""
-        rid = self.resolve(run)
-        raw = self.location.read_bytes(f"runs/{rid}/manifest.json")
+        # Read straight away (resolve() would first ask whether the manifest exists: a request
+        # more per run, which `models list` pays for every run of the store); resolve() only
+        # when the read finds nothing, for an error that says what is missing.
+        rid = self.latest() if run in (None, "latest") else run
+        if rid is None:
+            rid = self.resolve(run)  # raises: no run has fitted a model yet
+        try:
+            raw = self.location.read_bytes(f"runs/{rid}/manifest.json")
+        except FileNotFoundError:
+            self.resolve(run)  # raises the StoreError naming the run (and LATEST) that is missing
+            raise
         where = f"run {rid!r} in {self.location.url!r}"
         try:
             body = json.loads(raw)

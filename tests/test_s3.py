@@ -396,3 +396,23 @@ def test_listing_runs_and_reporting_cost_no_request_per_run(s3, data, prefix):
         counts[n] = (listed, len(calls) - listed)
     assert counts[2] == counts[6], counts
     assert counts[6][1] == 0, "the report needs no listing of a store that has a LATEST"
+
+
+def test_reading_a_runs_manifest_is_one_request(s3, data, prefix):
+    # `models list` reads the manifest of every run: each read first asked whether the manifest
+    # exists (a HEAD), doubling the requests per run.
+    so = s3.storage_options()
+    store = f"{prefix}/store"
+    ids = [modelfactory.train(data, store=store, cluster="inline", storage_options=so, **TRAIN).id for _ in range(3)]
+    st = ModelStore(store, storage_options=so)
+    calls: list = []
+    st.location.fs.s3.meta.events.register("before-call.s3", lambda event_name, **kw: calls.append(event_name))
+    assert [st.manifest(rid)["run_id"] for rid in ids] == ids
+    assert calls.count("before-call.s3.GetObject") == 3, calls
+    # s3fs's cat_file asks for the size first (a HEAD of its own); no other request
+    assert calls.count("before-call.s3.HeadObject") <= 3 and len(calls) <= 6, calls
+    with pytest.raises(StoreError, match=r"No committed run .nope. .*Recent runs: .*" + ids[-1]):
+        st.manifest("nope")
+    st.location.rm(f"runs/{ids[-1]}/manifest.json")
+    with pytest.raises(StoreError, match=rf"LATEST .* names run '{ids[-1]}', whose manifest .* is missing"):
+        st.manifest()
