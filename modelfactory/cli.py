@@ -411,29 +411,43 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_models_list(args) -> int:
+    from .exceptions import IntegrityError
     from .store import ModelStore
 
     st = ModelStore(args.store, storage_options=_storage_options(args))
+    unreadable: list[tuple[str, str]] = []
     with _store_errors(args.store):
         latest = st.latest()
         rows = []
         for rid in st.runs():
-            man = st.manifest(rid)
+            try:  # one damaged run must not hide the others (nor keep gc from being chosen)
+                man = st.manifest(rid)
+            except IntegrityError as err:
+                unreadable.append((rid, str(err)))
+                rows.append({"run": rid, "latest": rid == latest, "error": str(err)})
+                continue
             rows.append({"run": rid, "latest": rid == latest, "model": man["spec"]["model"],
                          **man["summary"]["counts"], "groups": man["summary"]["groups"],
                          "committed": man["committed"]})
         pending = [p["run_id"] for p in st.pending()]
     if args.json:
         print(json.dumps({"runs": rows, "interrupted": pending}))
-        return 0
-    if not rows and not pending:
-        print(f"no runs in {args.store}")
-    for r in rows:
-        mark = "*" if r["latest"] else " "
-        print(f"{mark} {r['run']}  {r['model']:<14} {r['groups']:>10,} groups  ok {r['ok']:,}  "
-              f"failed {r['failed']:,}  skipped {r['skipped']:,}")
-    for rid in pending:
-        print(f"  {rid}  (interrupted: resume with train --resume {rid})")
+    else:
+        if not rows and not pending:
+            print(f"no runs in {args.store}")
+        for r in rows:
+            mark = "*" if r["latest"] else " "
+            if "error" in r:
+                print(f"{mark} {r['run']}  (cannot be read: see below)")
+                continue
+            print(f"{mark} {r['run']}  {r['model']:<14} {r['groups']:>10,} groups  ok {r['ok']:,}  "
+                  f"failed {r['failed']:,}  skipped {r['skipped']:,}")
+        for rid in pending:
+            print(f"  {rid}  (interrupted: resume with train --resume {rid})")
+    if unreadable:
+        rid, why = unreadable[0]
+        more = f" {len(unreadable) - 1} more run(s) cannot be read either." if len(unreadable) > 1 else ""
+        raise ModelFactoryError(f"{why}{more}")
     return 0
 
 
