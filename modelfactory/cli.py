@@ -351,7 +351,7 @@ def _store_errors(url: str, what: str = "the store") -> Iterator[None]:
 
     try:
         yield
-    except ModelFactoryError:
+    except (ModelFactoryError, BrokenPipeError):  # a broken pipe is stdout's (see _run), not the store's
         raise
     except Exception as err:  # noqa: BLE001 - botocore's and aiohttp's errors are not OSErrors
         origin = type(err).__module__.split(".")[0]
@@ -591,6 +591,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit does not fail again."""
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
@@ -602,6 +615,11 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was committed for the unfinished run", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # whoever read the output stopped reading (`models list | head -1`): stop quietly, as
+        # `git log | head` does, instead of an "internal error" (or a store error) about stdout
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
     except Exception as err:  # noqa: BLE001 - one line, not a traceback
         if args.verbose:
             log.exception("details")
