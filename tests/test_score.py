@@ -106,6 +106,40 @@ def test_scoring_an_empty_window_scores_nothing_and_succeeds(history_and_new, tm
                  "--scheduler", "inline", "--quiet"]) == 0
 
 
+def test_times_without_a_zone_are_not_scored_with_models_trained_on_times_with_one(tmp_path):
+    # A new writer stores the window's times as naive local wall-clock times: they were read as UTC,
+    # every point fell in another season slot, and 20 series scored 479 anomalies instead of 13, all
+    # "ok" (discover refuses naive and zoned files mixed in one dataset, for the same reason).
+    import pyarrow.parquet as pq
+
+    from modelfactory.exceptions import SchemaError
+
+    df = make_table(20, days=12, apps=2).to_pandas()
+    train, new = df[df.ts < "2026-01-15"], df[df.ts >= "2026-01-15"]
+    paths = {}
+    for name, frame in [("train", train), ("utc", new), ("berlin", new.assign(ts=new.ts.dt.tz_convert("Europe/Berlin"))),
+                        ("naive_local", new.assign(ts=new.ts.dt.tz_convert("America/New_York").dt.tz_localize(None)))]:
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / name / "x.parquet")
+        paths[name] = str(tmp_path / name)
+    store = str(tmp_path / "store")
+    modelfactory.train(paths["train"], by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    runs = {w: modelfactory.score(paths[w], store=store, out=str(tmp_path / f"o-{w}"), cluster="inline")
+            for w in ("utc", "berlin")}
+    assert runs["utc"].summary["anomalies"] == runs["berlin"].summary["anomalies"]  # a zone is a zone
+    with pytest.raises(SchemaError, match=r"The time column 'ts' of .*naive_local' has no time zone \(timestamp\[.*\]\), "
+                                          r"but run .* was trained on times with one \(timestamp\[.*, tz=UTC\]\).*"
+                                          r"tz_localize\('UTC'\)"):
+        modelfactory.score(paths["naive_local"], store=store, out=str(tmp_path / "o-naive"), cluster="inline")
+    assert not (tmp_path / "o-naive").exists()
+    # the reverse: trained on times without a zone, scored on times with one
+    naive_store = str(tmp_path / "naive-store")
+    modelfactory.train(paths["naive_local"], by=["app", "site"], time="ts", target="value", store=naive_store,
+                       cluster="inline")
+    with pytest.raises(SchemaError, match=r"has time zone UTC .* trained on times without one"):
+        modelfactory.score(paths["utc"], store=naive_store, out=str(tmp_path / "o-rev"), cluster="inline")
+
+
 class OneByOne(modelfactory.models.seasonal.SeasonalProfile):
     """seasonal without its vectorised score_batch: scored one group at a time."""
 
