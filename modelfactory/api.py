@@ -22,7 +22,7 @@ from . import kernel
 from ._io import Location
 from ._schema import parse_schema
 from .config import job_settings
-from .dataset import DatasetInfo, check_columns, discover
+from .dataset import DatasetInfo, check_columns, check_time_zone, discover
 from .exceptions import DatasetError, ModelError, ModelFactoryError, PlanError, StoreError
 from .kernel import JobSpec, ModelSpec, UnitResult
 from .models import get as get_model
@@ -729,7 +729,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter,
                     allow_empty=True)
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
-    _check_time_zone(man, info, sp["time"])
+    check_time_zone(info, sp["time"], man)
     src = model_source(st, man, info, trust)
     check_key_types(src, by_, info.schema)
     sink = _output(out, storage_options, overwrite, the_input_data=data, the_model_store=store)
@@ -767,35 +767,6 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)
     sink.write_bytes("_anomalies.json", json.dumps(top.to_pylist(), indent=1, default=str).encode())
     return table_run(run_id, "score", summary, results, sink, None)
-
-
-def _check_time_zone(man: dict, info: DatasetInfo, time: str | None) -> None:
-    """Refuse to score times without a time zone with models trained on times with one, or
-    the reverse: the same reading would be taken for another instant (naive local times read as
-    UTC shift every season slot), as :func:`modelfactory.dataset.discover` refuses such a mix
-    within one dataset.  Runs stored before the time type was recorded are not checked."""
-    stored = (man.get("input") or {}).get("time_type")
-    if not time or not stored or not stored.startswith("timestamp") or time not in info.schema.names:
-        return
-    now = info.schema.field(time).type
-    if not pa.types.is_timestamp(now):
-        return
-    had_zone = "tz=" in stored
-    if had_zone == (now.tz is not None):
-        return  # both without a zone, or both with one (any zones: the same instants)
-    from .exceptions import SchemaError
-
-    where = f"The time column {time!r} of {info.source.url!r}"
-    if had_zone:
-        raise SchemaError(
-            f"{where} has no time zone ({now}), but run {man['run_id']!r} was trained on times with one "
-            f"({stored}): which instants these times mean is not known (local wall-clock times read as UTC "
-            "would put every point in another season slot). If they are UTC, write them with the zone "
-            "(pandas: ts.dt.tz_localize('UTC')); if local, with theirs (ts.dt.tz_localize('Europe/Berlin')).")
-    raise SchemaError(
-        f"{where} has time zone {now.tz} ({now}), but run {man['run_id']!r} was trained on times without one "
-        f"({stored}): which instants those meant is not known. If they were UTC, write these in UTC without "
-        "a zone (pandas: ts.dt.tz_convert('UTC').dt.tz_localize(None)); or train again on data like this.")
 
 
 def _run_keys(spec: JobSpec, item) -> UnitResult:

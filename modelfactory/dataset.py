@@ -664,6 +664,33 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
             )
 
 
+def check_time_zone(info: DatasetInfo, time: str | None, man: dict) -> None:
+    """Refuse to score times without a time zone with models trained on times with one, or
+    the reverse: the same reading would be taken for another instant (naive local times read as
+    UTC shift every season slot), as :func:`modelfactory.dataset.discover` refuses such a mix
+    within one dataset (``man``: the training run's manifest).  Runs stored before the time type was recorded are not checked."""
+    stored = (man.get("input") or {}).get("time_type")
+    if not time or not stored or not stored.startswith("timestamp") or time not in info.schema.names:
+        return
+    now = info.schema.field(time).type
+    if not pa.types.is_timestamp(now):
+        return
+    had_zone = "tz=" in stored
+    if had_zone == (now.tz is not None):
+        return  # both without a zone, or both with one (any zones: the same instants)
+    where = f"The time column {time!r} of {info.source.url!r}"
+    if had_zone:
+        raise SchemaError(
+            f"{where} has no time zone ({now}), but run {man['run_id']!r} was trained on times with one "
+            f"({stored}): which instants these times mean is not known (local wall-clock times read as UTC "
+            "would put every point in another season slot). If they are UTC, write them with the zone "
+            "(pandas: ts.dt.tz_localize('UTC')); if local, with theirs (ts.dt.tz_localize('Europe/Berlin')).")
+    raise SchemaError(
+        f"{where} has time zone {now.tz} ({now}), but run {man['run_id']!r} was trained on times without one "
+        f"({stored}): which instants those meant is not known. If they were UTC, write these in UTC without "
+        "a zone (pandas: ts.dt.tz_convert('UTC').dt.tz_localize(None)); or train again on data like this.")
+
+
 def _null_folders(info: DatasetInfo, key: str) -> str:
     """Where a partition key's nulls come from: files in ``key=__HIVE_DEFAULT_PARTITION__``
     folders (Spark's and pyarrow's folder for a null value, Spark's for an empty string too),

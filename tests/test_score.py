@@ -132,6 +132,13 @@ def test_times_without_a_zone_are_not_scored_with_models_trained_on_times_with_o
                                           r"tz_localize\('UTC'\)"):
         modelfactory.score(paths["naive_local"], store=store, out=str(tmp_path / "o-naive"), cluster="inline")
     assert not (tmp_path / "o-naive").exists()
+    # plot scores a group of given data with the store's model: the same refusal
+    from modelfactory.plot import load_series
+
+    key = {"app": "app-00", "site": "site-00000"}
+    assert len(load_series(store, key, data=paths["berlin"]).frame) == 48
+    with pytest.raises(SchemaError, match=r"naive_local' has no time zone"):
+        load_series(store, key, data=paths["naive_local"])
     # the reverse: trained on times without a zone, scored on times with one
     naive_store = str(tmp_path / "naive-store")
     modelfactory.train(paths["naive_local"], by=["app", "site"], time="ts", target="value", store=naive_store,
