@@ -22,7 +22,7 @@ from . import kernel
 from ._io import Location
 from ._schema import parse_schema
 from .config import job_settings
-from .dataset import DatasetInfo, check_columns, discover
+from .dataset import DatasetInfo, check_columns, check_time_zone, discover
 from .exceptions import DatasetError, ModelError, ModelFactoryError, PlanError, StoreError
 from .kernel import JobSpec, ModelSpec, UnitResult
 from .models import get as get_model
@@ -201,6 +201,16 @@ def _real(loc: Location) -> str:
     return os.path.realpath(root) if loc.is_local else root
 
 
+def _with_defaults(cls: type, params):
+    """The parameters of a stored run as this version of its model class reads them: a parameter
+    the class gained since the run was stored (seasonal's ``tz``) takes its default, as it does
+    when the run's models are loaded, so the run still matches a job that leaves it at its default."""
+    declared = getattr(cls, "params", None)
+    if not isinstance(params, dict) or not isinstance(declared, dict):
+        return params
+    return {**{k: p.default for k, p in declared.items() if k not in params and hasattr(p, "default")}, **params}
+
+
 def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], parts: list) -> int | None:
     """How many groups of run ``base_id`` the new run's ``parts`` (not committed yet) lack:
     keys only are read, matched as scoring matches them (a key value that does not convert
@@ -328,12 +338,12 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
             raise ModelFactoryError(f"retrain must be 'failed' or 'changed'; got {retrain!r}.")
         base_man = st.manifest(base)
         base_id = base_man["run_id"]
-        diff = [k for k in ("by", "time", "target", "features", "model", "params")
-                if base_man["spec"].get(k) != job[k]]
+        was = dict(base_man["spec"], params=_with_defaults(mspec.cls, base_man["spec"].get("params")))
+        diff = [k for k in ("by", "time", "target", "features", "model", "params") if was.get(k) != job[k]]
         if diff:
             raise ModelFactoryError(
                 f"Cannot retrain only the {retrain} groups of run {base_id}: it differs in {diff} "
-                f"(was {[base_man['spec'].get(k) for k in diff]}). Train a full run instead.")
+                f"(was {[was.get(k) for k in diff]}, now {[job[k] for k in diff]}). Train a full run instead.")
         base_src = model_source(st, base_man, info, trust=True)
         from .scoring import check_key_types
 
@@ -382,7 +392,8 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         "spec": job,
         "lineage": lineage,
         "input": {"url": info.source.url, "fingerprint": info.fingerprint(), "rows": info.rows,
-                  "files": len(info.files), "partition_keys": list(info.source.partition_keys)},
+                  "files": len(info.files), "partition_keys": list(info.source.partition_keys),
+                  **({"time_type": str(info.schema.field(time).type)} if time else {})},
         "summary": summary,
         "units": [{"id": r.unit_id, "groups": r.groups, "seconds": round(r.seconds, 4)} for r in results],
         # Which part holds which leaf (values of the partition keys that are group keys), so a
@@ -720,8 +731,10 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     if sp.get("serializer", "native") != "native" and not trust:
         raise StoreError(f"Run {man['run_id']!r} holds pickled user models: loading them runs code from the "
                          "store. Pass trust=True (CLI: --trust) only if you trust who wrote it.")
-    info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
+    info = discover(data, storage_options=storage_options, null_check=by_, filter=filter,
+                    allow_empty=True)
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
+    check_time_zone(info, sp["time"], man)
     src = model_source(st, man, info, trust)
     check_key_types(src, by_, info.schema)
     sink = _output(out, storage_options, overwrite, the_input_data=data, the_model_store=store)

@@ -351,7 +351,7 @@ def _store_errors(url: str, what: str = "the store") -> Iterator[None]:
 
     try:
         yield
-    except ModelFactoryError:
+    except (ModelFactoryError, BrokenPipeError):  # a broken pipe is stdout's (see _run), not the store's
         raise
     except Exception as err:  # noqa: BLE001 - botocore's and aiohttp's errors are not OSErrors
         from ._io import is_storage_error
@@ -407,29 +407,43 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_models_list(args) -> int:
+    from .exceptions import IntegrityError
     from .store import ModelStore
 
     st = ModelStore(args.store, storage_options=_storage_options(args))
+    unreadable: list[tuple[str, str]] = []
     with _store_errors(args.store):
         latest = st.latest()
         rows = []
         for rid in st.runs():
-            man = st.manifest(rid)
+            try:  # one damaged run must not hide the others (nor keep gc from being chosen)
+                man = st.manifest(rid)
+            except IntegrityError as err:
+                unreadable.append((rid, str(err)))
+                rows.append({"run": rid, "latest": rid == latest, "error": str(err)})
+                continue
             rows.append({"run": rid, "latest": rid == latest, "model": man["spec"]["model"],
                          **man["summary"]["counts"], "groups": man["summary"]["groups"],
                          "committed": man["committed"]})
         pending = [p["run_id"] for p in st.pending()]
     if args.json:
         print(json.dumps({"runs": rows, "interrupted": pending}))
-        return 0
-    if not rows and not pending:
-        print(f"no runs in {args.store}")
-    for r in rows:
-        mark = "*" if r["latest"] else " "
-        print(f"{mark} {r['run']}  {r['model']:<14} {r['groups']:>10,} groups  ok {r['ok']:,}  "
-              f"failed {r['failed']:,}  skipped {r['skipped']:,}")
-    for rid in pending:
-        print(f"  {rid}  (interrupted: resume with train --resume {rid})")
+    else:
+        if not rows and not pending:
+            print(f"no runs in {args.store}")
+        for r in rows:
+            mark = "*" if r["latest"] else " "
+            if "error" in r:
+                print(f"{mark} {r['run']}  (cannot be read: see below)")
+                continue
+            print(f"{mark} {r['run']}  {r['model']:<14} {r['groups']:>10,} groups  ok {r['ok']:,}  "
+                  f"failed {r['failed']:,}  skipped {r['skipped']:,}")
+        for rid in pending:
+            print(f"  {rid}  (interrupted: resume with train --resume {rid})")
+    if unreadable:
+        rid, why = unreadable[0]
+        more = f" {len(unreadable) - 1} more run(s) cannot be read either." if len(unreadable) > 1 else ""
+        raise ModelFactoryError(f"{why}{more}")
     return 0
 
 
@@ -573,6 +587,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit does not fail again."""
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
@@ -584,6 +611,11 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was committed for the unfinished run", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # whoever read the output stopped reading (`models list | head -1`): stop quietly, as
+        # `git log | head` does, instead of an "internal error" (or a store error) about stdout
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
     except Exception as err:  # noqa: BLE001 - one line, not a traceback
         if args.verbose:
             log.exception("details")

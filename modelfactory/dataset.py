@@ -101,7 +101,8 @@ class DatasetInfo:
 
 
 def discover(url: str, *, storage_options: dict | None = None,
-             null_check: tuple[str, ...] = (), filter: ds.Expression | None = None) -> DatasetInfo:
+             null_check: tuple[str, ...] = (), filter: ds.Expression | None = None,
+             allow_empty: bool = False) -> DatasetInfo:
     """Discover the Parquet dataset at ``url``.
 
     Partition keys are read as strings (``app=007`` stays ``"007"``).  For the
@@ -127,7 +128,8 @@ def discover(url: str, *, storage_options: dict | None = None,
     Raises
     ------
     DatasetError
-        The path does not exist, holds no Parquet files, or cannot be read.
+        The path does not exist, holds no Parquet files, or cannot be read; or its files
+        hold no rows, unless ``allow_empty`` (scoring: an empty window scores nothing).
     SchemaError
         A partition key is also a column inside the files, or ``filter`` does not
         fit the dataset's columns.
@@ -143,7 +145,7 @@ def discover(url: str, *, storage_options: dict | None = None,
 
     url = normal_url(os.fspath(url))  # absolute: the manifest must name the input wherever it is read from
     try:
-        return _discover(url, storage_options, null_check, filter)
+        return _discover(url, storage_options, null_check, filter, allow_empty)
     except PermissionError as err:
         raise DatasetError(f"Access to {url!r} was denied ({err}): check the credentials "
                            "(AWS_* environment, ~/.aws, or storage_options).") from err
@@ -183,7 +185,7 @@ def _listing(fs, path: str, is_file: bool) -> tuple[ds.FileSystemDataset, tuple[
     return factory.finish(pa.schema([pa.field(k, pa.string()) for k in keys])), keys
 
 
-def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
+def _discover(url, storage_options, null_check, filter, allow_empty=False) -> DatasetInfo:
     fs, path = filesystem(url, storage_options, error=DatasetError)
     info = fs.get_file_info(path) if isinstance(fs, pafs.FileSystem) else None
     exists = info.type != pafs.FileType.NotFound if info is not None else fs.exists(path)
@@ -323,7 +325,7 @@ def _discover(url, storage_options, null_check, filter) -> DatasetInfo:
         else:
             null_counts.update({c: kept.column(c).null_count for c in recount})
     info = DatasetInfo(source, files, null_counts, conflicts, missing)
-    if info.rows == 0:
+    if info.rows == 0 and not allow_empty:
         raise DatasetError(f"The dataset at {url!r} has {len(files)} Parquet file(s) but no rows.")
     return info
 
@@ -660,6 +662,33 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
                 f"(e.g. with 'unknown') or leave those rows out with filter= (e.g. ds.field({k!r}).is_valid(); "
                 f"on the command line --where \"{k} is not null\")."
             )
+
+
+def check_time_zone(info: DatasetInfo, time: str | None, man: dict) -> None:
+    """Refuse to score times without a time zone with models trained on times with one, or
+    the reverse: the same reading would be taken for another instant (naive local times read as
+    UTC shift every season slot), as :func:`modelfactory.dataset.discover` refuses such a mix
+    within one dataset (``man``: the training run's manifest).  Runs stored before the time type was recorded are not checked."""
+    stored = (man.get("input") or {}).get("time_type")
+    if not time or not stored or not stored.startswith("timestamp") or time not in info.schema.names:
+        return
+    now = info.schema.field(time).type
+    if not pa.types.is_timestamp(now):
+        return
+    had_zone = "tz=" in stored
+    if had_zone == (now.tz is not None):
+        return  # both without a zone, or both with one (any zones: the same instants)
+    where = f"The time column {time!r} of {info.source.url!r}"
+    if had_zone:
+        raise SchemaError(
+            f"{where} has no time zone ({now}), but run {man['run_id']!r} was trained on times with one "
+            f"({stored}): which instants these times mean is not known (local wall-clock times read as UTC "
+            "would put every point in another season slot). If they are UTC, write them with the zone "
+            "(pandas: ts.dt.tz_localize('UTC')); if local, with theirs (ts.dt.tz_localize('Europe/Berlin')).")
+    raise SchemaError(
+        f"{where} has time zone {now.tz} ({now}), but run {man['run_id']!r} was trained on times without one "
+        f"({stored}): which instants those meant is not known. If they were UTC, write these in UTC without "
+        "a zone (pandas: ts.dt.tz_convert('UTC').dt.tz_localize(None)); or train again on data like this.")
 
 
 def _null_folders(info: DatasetInfo, key: str) -> str:

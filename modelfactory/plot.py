@@ -357,7 +357,7 @@ def _from_store(store, run: str, want: dict[str, str], data: str | None, trust: 
                 storage_options: dict | None) -> Series:
     import pyarrow.compute as pc
 
-    from .dataset import check_columns, discover, read_files
+    from .dataset import check_columns, check_time_zone, discover, read_files
 
     man = store.manifest(run)
     sp = man["spec"]
@@ -385,6 +385,7 @@ def _from_store(store, run: str, want: dict[str, str], data: str | None, trust: 
                            "instead: data=... (CLI: --data DATA).") from err
     feats = tuple(sp.get("features") or ())
     check_columns(info, by=tuple(by), time=sp["time"], target=sp["target"], features=feats)
+    check_time_zone(info, sp["time"], man)
     expr = None
     for k, v in key.items():
         t = info.schema.field(k).type

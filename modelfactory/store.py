@@ -113,14 +113,37 @@ class ModelStore:
     @_denied_is_a_store_error
     def runs(self) -> list[str]:
         """Ids of the committed runs, oldest first."""
-        return sorted(rel.split("/")[-2] for rel in self.location.glob("runs/*/manifest.json"))
+        return self._runs_holding("manifest.json")
+
+    def _runs_holding(self, name: str) -> list[str]:
+        """Ids of the runs whose folder holds the file ``name``, sorted.
+
+        A glob of ``runs/*/NAME`` on an object store lists every run's folder, one request per
+        run (1.5 s for 300 runs on a local S3 server; tens of seconds on a remote one), so
+        there one flat listing of ``runs/`` is read instead: 1,000 keys a request."""
+        loc = self.location
+        if loc.is_local:
+            return sorted(rel.split("/")[-2] for rel in loc.glob(f"runs/*/{name}"))
+        top = loc.root.strip("/") + "/runs/"
+        try:
+            found = loc.fs.find(top)
+        except FileNotFoundError:
+            return []
+        ids = []
+        for path in found:
+            rel = path.strip("/")
+            if rel.startswith(top):
+                parts = rel[len(top):].split("/")
+                if len(parts) == 2 and parts[1] == name:
+                    ids.append(parts[0])
+        return sorted(ids)
 
     @_denied_is_a_store_error
     def pending(self) -> list[dict]:
         """Runs that were started but never committed (interrupted), oldest first."""
         done = set(self.runs())
-        return [json.loads(self.location.read_bytes(rel)) for rel in self.location.glob("runs/*/pending.json")
-                if rel.split("/")[-2] not in done]
+        return [json.loads(self.location.read_bytes(f"runs/{rid}/pending.json"))
+                for rid in self._runs_holding("pending.json") if rid not in done]
 
     @_denied_is_a_store_error
     def latest(self) -> str | None:
@@ -161,8 +184,17 @@ class ModelStore:
     @_denied_is_a_store_error
     def manifest(self, run: str | None = "latest") -> dict[str, Any]:
         """The committed manifest of ``run`` (a dict), its checksum and signature verified."""
-        rid = self.resolve(run)
-        raw = self.location.read_bytes(f"runs/{rid}/manifest.json")
+        # Read straight away (resolve() would first ask whether the manifest exists: a request
+        # more per run, which `models list` pays for every run of the store); resolve() only
+        # when the read finds nothing, for an error that says what is missing.
+        rid = self.latest() if run in (None, "latest") else run
+        if rid is None:
+            rid = self.resolve(run)  # raises: no run has fitted a model yet
+        try:
+            raw = self.location.read_bytes(f"runs/{rid}/manifest.json")
+        except FileNotFoundError:
+            self.resolve(run)  # raises the StoreError naming the run (and LATEST) that is missing
+            raise
         where = f"run {rid!r} in {self.location.url!r}"
         try:
             body = json.loads(raw)

@@ -57,6 +57,48 @@ def test_a_run_that_fits_no_model_is_kept_but_never_becomes_latest(by_app, tmp_p
         modelfactory.score(by_app, store=lone, out=str(tmp_path / "o2"), cluster="inline")
 
 
+def test_models_list_shows_every_run_when_one_cannot_be_read(by_app, tmp_path, capsys):
+    # One damaged manifest among a store's runs made `models list` print only the error line:
+    # the other runs (and LATEST) were hidden until someone found and removed the bad one by hand.
+    store = str(tmp_path / "s")
+    argv = ["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+            "--scheduler", "inline", "--quiet", "-p", "season_length=12"]
+    assert main(argv) == 0 and main(argv) == 0 and main(argv) == 0
+    import modelfactory
+
+    old, middle, latest = modelfactory.ModelStore(store).runs()
+    (tmp_path / "s" / "runs" / middle / "manifest.json").write_text('{"truncated": ')
+    capsys.readouterr()
+    assert main(["models", "list", "--store", store]) == 2
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith(f"  {old}  seasonal") and lines[2].startswith(f"* {latest}  seasonal")
+    assert lines[1] == f"  {middle}  (cannot be read: see below)"
+    (line,) = err.splitlines()
+    assert line.startswith(f"error: The manifest of run '{middle}'") and "is not valid JSON" in line
+    assert main(["models", "list", "--store", store, "--json"]) == 2
+    rows = json.loads(capsys.readouterr().out)["runs"]
+    assert [r["run"] for r in rows] == [old, middle, latest] and "not valid JSON" in rows[1]["error"]
+
+
+@pytest.mark.parametrize("argv", [["models", "list"], ["models", "show", "--json"],
+                                  ["models", "show", "--key", "app=app0,site=s000"]])
+def test_output_read_by_a_reader_that_stops_early_ends_quietly(by_app, tmp_path, argv):
+    # `models list | head -1` in a script: the reader goes away, and the command said "error: internal
+    # error: BrokenPipeError" (exit 1), or, inside a store operation, "Cannot access the store".
+    import os
+
+    store = str(tmp_path / "s")
+    assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "--scheduler", "inline", "--quiet", "-p", "season_length=12"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "modelfactory", *argv, "--store", store],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # every print is a write
+    proc.stdout.close()  # the reader is gone before the first line (the command is still importing)
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and err == ""
+
+
 def test_where_reads_only_the_rows_it_names_for_train_and_score(by_app, tmp_path, capsys):
     """The null-key refusal says to leave rows out with a filter: the CLI had none.  --where
     takes conditions on partition keys and columns, joined by 'and' (repeatable)."""

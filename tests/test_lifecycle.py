@@ -144,6 +144,31 @@ def test_retrain_refuses_a_different_model(by_app, tmp_path):
                            params={"season_length": 12}, **ARGS)
 
 
+def test_retrain_accepts_a_run_stored_before_a_parameter_was_added(by_app, tmp_path):
+    # A store written before seasonal had `tz` lists no tz in its manifest: the nightly
+    # --only-changed must still retrain from it (tz=None is what its models load with), not
+    # refuse it for "differing in params" until someone runs a full retrain.
+    import json
+
+    from modelfactory.store import _digest_of
+
+    store = str(tmp_path / "s")
+    first = modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    path = tmp_path / "s" / "runs" / first.id / "manifest.json"
+    man = json.loads(path.read_text())
+    del man["spec"]["params"]["tz"], man["checksum"]
+    man["checksum"] = _digest_of(man)
+    path.write_text(json.dumps(man))
+    assert "tz" not in modelfactory.ModelStore(store).manifest()["spec"]["params"]
+    second = modelfactory.train(by_app, store=store, cluster="inline", retrain="changed", **ARGS)
+    assert second.summary["counts"]["ok"] == first.summary["counts"]["ok"]
+    assert modelfactory.ModelStore(store).manifest()["lineage"]["carried_over"] == {first.id: first.summary["groups"]}
+    # a parameter set to another value than its default is still a different model
+    with pytest.raises(ModelFactoryError, match=r"it differs in \['params'\].*'tz': 'Europe/Berlin'"):
+        modelfactory.train(by_app, store=store, cluster="inline", retrain="changed",
+                           params={"tz": "Europe/Berlin"}, **ARGS)
+
+
 def test_two_attempts_of_a_unit_at_once_never_overwrite_each_others_part(tmp_path, monkeypatch):
     # A worker presumed dead can still be writing when its unit runs again elsewhere. Both
     # attempts pass the "already written?" check before either writes (the model sleeps),

@@ -387,3 +387,58 @@ def test_the_object_store_going_away_at_the_commit_is_a_store_error_and_nothing_
     finally:
         s3.start()
     assert st.latest() == run.id and st.manifest(run.id) == man
+
+
+def _list_requests(store: ModelStore) -> list:
+    """Record the LIST requests that ``store``'s own S3 client sends from now on (botocore's
+    event hooks on the real client: the requests still go to the server)."""
+    calls: list = []
+    store.location.fs.s3.meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: calls.append(kw))
+    return calls
+
+
+
+@pytest.mark.timeout(120)
+def test_listing_runs_and_reporting_cost_no_request_per_run(s3, data, prefix):
+    # A nightly store gathers hundreds of runs. runs() globbed runs/*/manifest.json, which s3fs
+    # does with one LIST per run folder (1.5 s for 300 runs on moto, tens of seconds on S3), and
+    # report listed all runs only to learn that the store is not empty.
+    from modelfactory.report import build_report
+
+    so = s3.storage_options()
+    counts = {}
+    for n in (2, 6):
+        store = f"{prefix}/store{n}"
+        ids = [modelfactory.train(data, store=store, cluster="inline", storage_options=so, **TRAIN).id
+               for _ in range(n)]
+        st = ModelStore(store, storage_options=so)
+        st.location.write_bytes("runs/zz-interrupted/pending.json", json.dumps({"run_id": "zz-interrupted"}).encode())
+        assert ModelStore(store, storage_options=so).location.fs is st.location.fs  # the report's client too
+        calls = _list_requests(st)
+        assert st.runs() == ids
+        assert [p["run_id"] for p in st.pending()] == ["zz-interrupted"]
+        listed = len(calls)
+        assert "<html" in build_report(store, storage_options=so)
+        counts[n] = (listed, len(calls) - listed)
+    assert counts[2] == counts[6], counts
+    assert counts[6][1] == 0, "the report needs no listing of a store that has a LATEST"
+
+
+def test_reading_a_runs_manifest_is_one_request(s3, data, prefix):
+    # `models list` reads the manifest of every run: each read first asked whether the manifest
+    # exists (a HEAD), doubling the requests per run.
+    so = s3.storage_options()
+    store = f"{prefix}/store"
+    ids = [modelfactory.train(data, store=store, cluster="inline", storage_options=so, **TRAIN).id for _ in range(3)]
+    st = ModelStore(store, storage_options=so)
+    calls: list = []
+    st.location.fs.s3.meta.events.register("before-call.s3", lambda event_name, **kw: calls.append(event_name))
+    assert [st.manifest(rid)["run_id"] for rid in ids] == ids
+    assert calls.count("before-call.s3.GetObject") == 3, calls
+    # s3fs's cat_file asks for the size first (a HEAD of its own); no other request
+    assert calls.count("before-call.s3.HeadObject") <= 3 and len(calls) <= 6, calls
+    with pytest.raises(StoreError, match=r"No committed run .nope. .*Recent runs: .*" + ids[-1]):
+        st.manifest("nope")
+    st.location.rm(f"runs/{ids[-1]}/manifest.json")
+    with pytest.raises(StoreError, match=rf"LATEST .* names run '{ids[-1]}', whose manifest .* is missing"):
+        st.manifest()

@@ -84,6 +84,69 @@ def test_score_refuses_a_non_empty_output(history_and_new, tmp_path):
         modelfactory.score(new, store=store, out=str(tmp_path / "busy"), cluster="inline")
 
 
+def test_scoring_an_empty_window_scores_nothing_and_succeeds(history_and_new, tmp_path):
+    # Scheduled scoring: the window written since the last run may hold no rows (Spark writes an
+    # empty part file). It was "has 1 Parquet file(s) but no rows", exit 2, paging whoever is on
+    # call, while a --where that kept no rows scored 0 groups and succeeded.
+    import pyarrow.parquet as pq
+
+    from modelfactory.cli import main
+
+    old, new = history_and_new
+    store = str(tmp_path / "store")
+    modelfactory.train(old, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    window = tmp_path / "window" / "app=app-00"
+    window.mkdir(parents=True)
+    empty = pq.read_table(next((tmp_path / "new").glob("app=*/*.parquet"))).slice(0, 0)
+    pq.write_table(empty, window / "part-0.parquet")
+    run = modelfactory.score(str(tmp_path / "window"), store=store, out=str(tmp_path / "s1"), cluster="inline")
+    assert run.summary["groups"] == 0 and run.summary["rows"] == 0 and len(run.groups) == 0
+    assert json.loads((tmp_path / "s1" / "_manifest.json").read_text())["summary"]["groups"] == 0
+    assert main(["score", str(tmp_path / "window"), "--store", store, "--out", str(tmp_path / "s2"),
+                 "--scheduler", "inline", "--quiet"]) == 0
+
+
+def test_times_without_a_zone_are_not_scored_with_models_trained_on_times_with_one(tmp_path):
+    # A new writer stores the window's times as naive local wall-clock times: they were read as UTC,
+    # every point fell in another season slot, and 20 series scored 479 anomalies instead of 13, all
+    # "ok" (discover refuses naive and zoned files mixed in one dataset, for the same reason).
+    import pyarrow.parquet as pq
+
+    from modelfactory.exceptions import SchemaError
+
+    df = make_table(20, days=12, apps=2).to_pandas()
+    train, new = df[df.ts < "2026-01-15"], df[df.ts >= "2026-01-15"]
+    paths = {}
+    for name, frame in [("train", train), ("utc", new), ("berlin", new.assign(ts=new.ts.dt.tz_convert("Europe/Berlin"))),
+                        ("naive_local", new.assign(ts=new.ts.dt.tz_convert("America/New_York").dt.tz_localize(None)))]:
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / name / "x.parquet")
+        paths[name] = str(tmp_path / name)
+    store = str(tmp_path / "store")
+    modelfactory.train(paths["train"], by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    runs = {w: modelfactory.score(paths[w], store=store, out=str(tmp_path / f"o-{w}"), cluster="inline")
+            for w in ("utc", "berlin")}
+    assert runs["utc"].summary["anomalies"] == runs["berlin"].summary["anomalies"]  # a zone is a zone
+    with pytest.raises(SchemaError, match=r"The time column 'ts' of .*naive_local' has no time zone \(timestamp\[.*\]\), "
+                                          r"but run .* was trained on times with one \(timestamp\[.*, tz=UTC\]\).*"
+                                          r"tz_localize\('UTC'\)"):
+        modelfactory.score(paths["naive_local"], store=store, out=str(tmp_path / "o-naive"), cluster="inline")
+    assert not (tmp_path / "o-naive").exists()
+    # plot scores a group of given data with the store's model: the same refusal
+    from modelfactory.plot import load_series
+
+    key = {"app": "app-00", "site": "site-00000"}
+    assert len(load_series(store, key, data=paths["berlin"]).frame) == 48
+    with pytest.raises(SchemaError, match=r"naive_local' has no time zone"):
+        load_series(store, key, data=paths["naive_local"])
+    # the reverse: trained on times without a zone, scored on times with one
+    naive_store = str(tmp_path / "naive-store")
+    modelfactory.train(paths["naive_local"], by=["app", "site"], time="ts", target="value", store=naive_store,
+                       cluster="inline")
+    with pytest.raises(SchemaError, match=r"has time zone UTC .* trained on times without one"):
+        modelfactory.score(paths["utc"], store=naive_store, out=str(tmp_path / "o-rev"), cluster="inline")
+
+
 class OneByOne(modelfactory.models.seasonal.SeasonalProfile):
     """seasonal without its vectorised score_batch: scored one group at a time."""
 
