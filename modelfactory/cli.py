@@ -38,13 +38,15 @@ _WHERE_OPS = {"=": "equal", "==": "equal", "!=": "not_equal", "<>": "not_equal",
               "<=": "less_equal", ">": "greater", ">=": "greater_equal"}
 
 
-def _where(clauses: Sequence[str]):
+def _where(clauses: Sequence[str], types: dict | None = None):
     """``--where`` clauses as one pyarrow filter (all must hold), or None for none.
 
     Each clause is ``COLUMN OP VALUE`` (OP one of ``= != < <= > >=``), ``COLUMN [not] in
     (V1, V2, ...)`` or ``COLUMN is [not] null``; ``and`` joins several in one clause.  A
     quoted value (``'007'``) is text; unquoted, a number is a number, ``true``/``false`` a
     boolean, anything else text.  Hive partition keys are text: quote number-like ones.
+    ``types`` (column name -> Arrow type) turns text compared with a timestamp or date column
+    into one of its type (``ts >= '2026-01-12'``; a time without a zone is in the column's).
 
     >>> str(_where(["app = checkout and site != '007'", "value >= 1.5", "host is not null"]))
     '((((app == "checkout") and (site != "007")) and (value >= 1.5)) and is_valid(host))'
@@ -68,7 +70,7 @@ def _where(clauses: Sequence[str]):
             elif m.group("w") is not None:
                 tokens.append(("word", m.group("w")))
         for part in _split_and(tokens, clause):
-            e = _where_one(part, clause, pc)
+            e = _where_one(part, clause, pc, types or {})
             expr = e if expr is None else expr & e
     return expr
 
@@ -113,7 +115,31 @@ def _literal(tok, clause: str):
     return v
 
 
-def _where_one(toks: list, clause: str, pc):
+def _typed(value, column: str, types: dict, clause: str):
+    """``value`` as a scalar of ``column``'s type when that is a timestamp or a date and the
+    value is text: Arrow compares timestamps only with timestamps of the same zone."""
+    import pyarrow as pa
+
+    t = types.get(column)
+    if t is None or not isinstance(value, str) or not (pa.types.is_timestamp(t) or pa.types.is_date(t)):
+        return value
+    import pandas as pd
+
+    try:
+        stamp = pd.Timestamp(value)
+    except (ValueError, TypeError):
+        raise _WhereError(clause, f"{value!r} is not a time for the {t} column {column!r} (write e.g. "
+                                  "'2026-01-12' or '2026-01-12T06:00:00Z')") from None
+    if pa.types.is_date(t):
+        return pa.scalar(stamp.date(), t)
+    if t.tz is not None:
+        stamp = stamp.tz_localize(t.tz) if stamp.tzinfo is None else stamp.tz_convert(t.tz)
+    elif stamp.tzinfo is not None:
+        stamp = stamp.tz_convert("UTC").tz_localize(None)
+    return pa.scalar(stamp, pa.timestamp("ns", t.tz)).cast(t)
+
+
+def _where_one(toks: list, clause: str, pc, types: dict):
     if not toks or toks[0][0] not in ("word", "str"):
         raise _WhereError(clause, "each condition starts with a column name")
     col = pc.field(toks[0][1])
@@ -122,21 +148,34 @@ def _where_one(toks: list, clause: str, pc):
     if words in (["is", "null"], ["is", "not", "null"]):
         return col.is_null() if len(words) == 2 else col.is_valid()
     if len(rest) == 2 and rest[0][0] == "op" and rest[0][1] in _WHERE_OPS:
-        value = _literal(rest[1], clause)
+        value = _typed(_literal(rest[1], clause), toks[0][1], types, clause)
         return getattr(pc, _WHERE_OPS[rest[0][1]])(col, pc.scalar(value))
     negate = words[:1] == ["not"]
     body = rest[1:] if negate else rest
     if (len(body) >= 3 and body[0][0] == "word" and body[0][1].lower() == "in" and body[1] == ("op", "(")
             and body[-1] == ("op", ")")):
         items = body[2:-1]
-        values = [_literal(t, clause) for t in items[0::2]]
+        values = [_typed(_literal(t, clause), toks[0][1], types, clause) for t in items[0::2]]
         if not values or any(t != ("op", ",") for t in items[1::2]) or len(items) % 2 == 0:
             raise _WhereError(clause, "write a list as (A, B, C)")
-        if len({type(v) for v in values}) > 1:
+        if len({type(v) for v in values}) > 1:  # (typed scalars are all of one type)
             raise _WhereError(clause, f"the values {values!r} mix types: quote them all to compare text")
-        e = col.isin(values)
+        import pyarrow as pa
+
+        e = col.isin(pa.array([v.as_py() if isinstance(v, pa.Scalar) else v for v in values],
+                              values[0].type if isinstance(values[0], pa.Scalar) else None))
         return ~e if negate else e
     raise _WhereError(clause, f"cannot read the condition {' '.join(str(v) for _, v in toks)!r}")
+
+
+def _filter(args):
+    """The ``--where`` conditions of a train or score command as one pyarrow filter (or None),
+    their time literals typed as the data's columns."""
+    if not args.where:
+        return None
+    from .dataset import column_types
+
+    return _where(args.where, column_types(args.data, _storage_options(args)))
 
 
 def _where_option(p: argparse.ArgumentParser) -> None:
@@ -383,7 +422,7 @@ def _cmd_train(args) -> int:
     run = train(args.data, by=args.by, time=args.time, target=args.target, features=args.features,
                 model=args.model, params=dict(args.param), store=args.store, cluster=args.cluster,
                 workers=args.workers, unit_rows=args.unit_rows, resume=args.resume,
-                retrain=args.retrain, base=args.base, config=args.config, filter=_where(args.where),
+                retrain=args.retrain, base=args.base, config=args.config, filter=_filter(args),
                 progress=not (args.quiet or args.json))
     _print_summary(run, args, args.store)
     if not run.summary["counts"]["ok"]:
@@ -399,7 +438,7 @@ def _cmd_score(args) -> int:
 
     run = score(args.data, store=args.store, out=args.out, run=args.run, cluster=args.cluster,
                 workers=args.workers, unit_rows=args.unit_rows, overwrite=args.overwrite, trust=args.trust,
-                config=args.config, filter=_where(args.where), progress=not (args.quiet or args.json))
+                config=args.config, filter=_filter(args), progress=not (args.quiet or args.json))
     _print_summary(run, args, args.out)
     if not args.json:
         print(f"{run.summary['anomalies']:,} anomalous points; top groups in {args.out}/_anomalies.json")

@@ -40,6 +40,25 @@ def filesystem(url: str, storage_options: dict | None = None, *, error: type[Exc
     return fs, path
 
 
+def column_types(url: str, storage_options: dict | None = None) -> dict[str, pa.DataType]:
+    """The column types of the dataset at ``url`` as its first file and its folders give them
+    (Hive keys as strings), without reading every footer: enough to type the literals of a
+    filter written as text (``--where "ts >= '2026-01-12'"``).  Empty when they cannot be read
+    (``discover`` then says why)."""
+    import os
+
+    from ._io import normal_url
+
+    try:
+        fs, path = filesystem(normal_url(os.fspath(url)), storage_options)
+        pfs = fs if isinstance(fs, pafs.FileSystem) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+        part = ds.HivePartitioning.discover(infer_dictionary=False)
+        schema = ds.dataset(path, filesystem=pfs, format="parquet", partitioning=part).schema
+    except Exception:  # noqa: BLE001 - only a convenience: discover() reports the real problem
+        return {}
+    return {f.name: _plain(f.type) for f in schema}
+
+
 @dataclass(frozen=True)
 class Source:
     """Everything a worker needs to read part of the dataset.  Small and picklable."""

@@ -319,3 +319,38 @@ def test_null_keys_refusal_names_the_where_that_the_cli_then_takes(tmp_path, cap
     assert main(argv) == 2
     assert 'on the command line --where "site is not null"' in capsys.readouterr().err
     assert main([*argv, "--where", "site is not null"]) == 0
+
+
+@pytest.mark.parametrize("naive", [False, True])
+def test_where_on_the_time_column_scores_one_window(tmp_path, capsys, naive):
+    """A scheduled scorer reads one window: --where "ts >= '2026-03-04'" failed with pyarrow's
+    "no kernel matching input types (timestamp[s, tz=UTC], string)".  Text compared with a time
+    column is now a time of its type (a time without a zone is in the column's)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+    from _data import metrics_table
+
+    t = metrics_table()
+    if naive:
+        t = t.set_column(t.schema.get_field_index("ts"), "ts", t["ts"].cast(pa.timestamp("s")))
+    (tmp_path / "data").mkdir()
+    pq.write_table(t, tmp_path / "data" / "p.parquet")
+    data, store = str(tmp_path / "data"), str(tmp_path / "s")
+    assert main(["train", data, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "--scheduler", "inline", "--quiet", "-p", "season_length=12",
+                 "--where", "ts < '2026-03-04'"]) == 0
+    out = str(tmp_path / "o")
+    assert main(["score", data, "--store", store, "--out", out, "--scheduler", "inline", "--quiet",
+                 "--where", "ts >= '2026-03-04T00:00:00Z' and ts < '2026-03-04 06:00'",
+                 "--where", "app in (app0, app1)"]) == 0
+    scored = ds.dataset(out, format="parquet", partitioning="hive", exclude_invalid_files=True).to_table()
+    times = pc.cast(pc.cast(scored["ts"], pa.timestamp("s", scored["ts"].type.tz)), pa.int64()).to_numpy()
+    day = 1772582400  # 2026-03-04T00:00:00Z
+    assert scored.num_rows > 0 and times.min() == day and times.max() == day + 5 * 3600
+    assert set(scored["app"].to_pylist()) == {"app0", "app1"}
+    capsys.readouterr()
+    assert main(["score", data, "--store", store, "--out", str(tmp_path / "o2"), "--scheduler", "inline",
+                 "--where", "ts >= yesterday"]) == 2
+    assert "error: --where 'ts >= yesterday': 'yesterday' is not a time for the timestamp[" in capsys.readouterr().err
