@@ -6,7 +6,7 @@ Layout under the store's root (a folder or any fsspec URL)::
                                             one file per work unit: keys, status,
                                             error, rows, seconds, model bytes
     runs/<run_id>/manifest.json             written last: the commit point
-    LATEST                                  the id of the newest committed run
+    LATEST                                  the id of the run committed last (that fitted a model)
                                             that fitted a model
 
 Workers write the part files; the client writes the manifest only after every
@@ -147,8 +147,8 @@ class ModelStore:
 
     @_denied_is_a_store_error
     def latest(self) -> str | None:
-        """The id of the newest committed run that fitted a model (runs that fitted none never
-        become LATEST), or None."""
+        """The id of the run that committed last among those that fitted a model (runs that
+        fitted none never become LATEST; a resumed older run does once it commits), or None."""
         if not self.location.exists("LATEST"):
             return None
         return self.location.read_bytes("LATEST").decode().strip()
