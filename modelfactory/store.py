@@ -6,8 +6,8 @@ Layout under the store's root (a folder or any fsspec URL)::
                                             one file per work unit: keys, status,
                                             error, rows, seconds, model bytes
     runs/<run_id>/manifest.json             written last: the commit point
-    LATEST                                  the id of the run committed last (that fitted a model)
-                                            that fitted a model
+    LATEST                                  the id of the run committed last among
+                                            those that fitted a model
 
 Workers write the part files; the client writes the manifest only after every
 unit has succeeded, then moves ``LATEST`` (unless the run fitted no model).  A run without a manifest is
