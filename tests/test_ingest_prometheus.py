@@ -82,6 +82,21 @@ def test_roundtrip_matches_history_exactly(prom, tmp_path):
                                 ("ts", pa.timestamp("ms", tz="UTC")), ("value", pa.float64())])
 
 
+def test_rerun_into_a_dataset_written_before_spark_escaping_keeps_its_folders(prom, tmp_path):
+    """Ingests before Spark-style folder names wrote 'site=eu%2Fwest%201' (the space escaped too).
+    A rerun of the same range (documented as idempotent) wrote a second folder for the series,
+    'site=eu%2Fwest 1': its rows were read twice and training failed on repeated timestamps."""
+    first, last = T0 + 3 * H, T0 + 6 * H
+    ingest(prom, tmp_path, first, last, "1m")
+    (tmp_path / "app=search" / "site=eu%2Fwest 1").rename(tmp_path / "app=search" / "site=eu%2Fwest%201")
+    names = files(tmp_path)
+    ingest(prom, tmp_path, first, last, "1m")  # a rerun
+    assert files(tmp_path) == names
+    ingest(prom, tmp_path, first, last + H, "1m")  # an append
+    assert not (tmp_path / "app=search" / "site=eu%2Fwest 1").exists()
+    assert rows(tmp_path) == sorted(ps.expected(first, last + H, 60))
+
+
 def test_long_range_is_split_at_the_point_cap(prom, tmp_path):
     first, last = T0 + H, T0 + 17 * H       # 11,521 points per series at 5 s: over the cap
     s = ingest(prom, tmp_path, first, last, 5)

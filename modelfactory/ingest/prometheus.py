@@ -533,11 +533,31 @@ def _file_name(spec: PrometheusSpec, chunk: Chunk) -> str:
     return f"{stamp}-{digest[:16]}.parquet"
 
 
+def _earlier_folder(fs: Any, root: str, by: Sequence[str], values: tuple[str, ...]) -> str | None:
+    """The partition folder of ``values`` as ingests before Spark-style escaping named it (every
+    character but letters, digits and ``_.-~`` as ``%XX``: ``site=eu%20west``), if it differs from
+    today's name and exists.  Rerunning or appending into a dataset written then keeps to its folder:
+    a second folder for the same series would hold its rows twice ("idempotent" reruns doubled
+    them, and training failed on the repeated timestamps)."""
+    if any(v is None for v in values):
+        return None
+    legacy = "/".join(f"{c}={urllib.parse.quote(v, safe='')}" for c, v in zip(by, values))
+    if legacy == hive_folder(by, values):
+        return None
+    path = f"{root.rstrip('/')}/{legacy}"
+    return path if fs.exists(path) else None
+
+
 def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple[str, ...],
            table: pa.Table) -> tuple[str, str]:
     """Write ``table`` (merged with rows of the existing file outside this chunk's window)."""
     directory = f"{root.rstrip('/')}/{hive_folder(spec.by, values)}"  # escaped as Spark escapes it
     name = _file_name(spec, chunk)
+    try:
+        directory = _earlier_folder(fs, root, spec.by, values) or directory
+    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+        raise IngestError(f"Could not read {directory}: {describe_error(err)}. Check that out / --out is "
+                          "readable (and storage_options for remote stores).") from err
     final, tmp = f"{directory}/{name}", f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
     try:
         if _is_local(fs):  # object stores have no folders (and makedirs would create a bucket)
