@@ -126,6 +126,8 @@ def _typed(value, column: str, types: dict, clause: str):
     import pandas as pd
 
     try:
+        if value.strip().lower() in ("now", "today"):  # pandas reads them as this machine's local clock
+            raise ValueError(value)
         stamp = pd.Timestamp(value)
     except (ValueError, TypeError):
         raise _WhereError(clause, f"{value!r} is not a time for the {t} column {column!r} (write e.g. "
@@ -136,7 +138,11 @@ def _typed(value, column: str, types: dict, clause: str):
         stamp = stamp.tz_localize(t.tz) if stamp.tzinfo is None else stamp.tz_convert(t.tz)
     elif stamp.tzinfo is not None:
         stamp = stamp.tz_convert("UTC").tz_localize(None)
-    return pa.scalar(stamp, pa.timestamp("ns", t.tz)).cast(t)
+    exact = pa.scalar(stamp, pa.timestamp("ns", t.tz))
+    try:
+        return exact.cast(t)
+    except pa.ArrowInvalid:  # finer than the column's unit ('...00.0005' for milliseconds): compare exactly
+        return exact
 
 
 def _where_one(toks: list, clause: str, pc, types: dict):
@@ -158,10 +164,14 @@ def _where_one(toks: list, clause: str, pc, types: dict):
         values = [_typed(_literal(t, clause), toks[0][1], types, clause) for t in items[0::2]]
         if not values or any(t != ("op", ",") for t in items[1::2]) or len(items) % 2 == 0:
             raise _WhereError(clause, "write a list as (A, B, C)")
-        if len({type(v) for v in values}) > 1:  # (typed scalars are all of one type)
-            raise _WhereError(clause, f"the values {values!r} mix types: quote them all to compare text")
         import pyarrow as pa
 
+        if any(isinstance(v, pa.Scalar) and v.type != types.get(toks[0][1]) for v in values):
+            raise _WhereError(clause, f"a time in the list is finer than the {types.get(toks[0][1])} column "
+                                      f"{toks[0][1]!r} holds, so it matches no row: drop the extra digits")
+        kinds = {float if type(v) is int else (v.type if isinstance(v, pa.Scalar) else type(v)) for v in values}
+        if len(kinds) > 1:  # (1 and 2.5 are both numbers)
+            raise _WhereError(clause, f"the values {values!r} mix types: quote them all to compare text")
         e = col.isin(pa.array([v.as_py() if isinstance(v, pa.Scalar) else v for v in values],
                               values[0].type if isinstance(values[0], pa.Scalar) else None))
         return ~e if negate else e

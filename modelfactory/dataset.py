@@ -307,7 +307,7 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
             kept = {f.path for f in listing.replace_schema(schema).get_fragments(filter=filter)}
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
             hint = (f" (the partition keys {', '.join(keys)} are strings: compare them with strings, "
-                    f"e.g. ds.field({keys[0]!r}) == '7')" if keys else "")
+                    f"e.g. ds.field({keys[0]!r}) == '7'; on the command line --where \"{keys[0]} = '7'\")" if keys else "")
             raise SchemaError(
                 f"The filter {filter} does not fit the dataset at {url!r}: {str(err).splitlines()[0]}. "
                 f"Columns: {', '.join(schema.names)}{hint}.") from err

@@ -321,6 +321,39 @@ def test_null_keys_refusal_names_the_where_that_the_cli_then_takes(tmp_path, cap
     assert main([*argv, "--where", "site is not null"]) == 0
 
 
+def test_where_times_finer_than_the_column_numbers_of_two_kinds_and_now(tmp_path, capsys):
+    """--where "ts >= '2026-03-04T00:00:00.0005'" on a millisecond column was an internal error
+    (ArrowInvalid: casting would lose data); "value in (1, 2.5)" was refused as mixing types (with
+    advice to quote the numbers); "ts >= today" was this machine's local time, read as UTC."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+    from _data import metrics_table
+
+    from modelfactory.cli import _where
+    from modelfactory.exceptions import ModelFactoryError
+
+    t = metrics_table(series=3, hours=72)
+    (tmp_path / "data").mkdir()
+    pq.write_table(t, tmp_path / "data" / "p.parquet")  # ts: timestamp[ms, tz=UTC] in the file
+    data, store = str(tmp_path / "data"), str(tmp_path / "s")
+    common = ["--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+              "--scheduler", "inline", "--quiet", "-p", "season_length=12"]
+    assert main(["train", data, *common, "--where", "ts < '2026-03-04T00:00:00.0005'"]) == 0
+    assert main(["score", data, "--store", store, "--out", str(tmp_path / "o"), "--scheduler", "inline",
+                 "--quiet", "--where", "ts >= '2026-03-04T00:00:00.0005'"]) == 0
+    scored = ds.dataset(str(tmp_path / "o"), format="parquet", partitioning="hive",
+                        exclude_invalid_files=True).to_table()
+    assert scored.num_rows == 3 * 23  # 01:00 to 23:00 of the last day: 00:00 is before the literal
+    e = _where(["value in (1, 2.5, -3)"])
+    assert "1" in str(e) and "2.5" in str(e)
+    for bad, why in [("ts in ('2026-03-04T00:00:00.0005')", "finer than"), ("ts >= today", "not a time"),
+                     ("ts >= now", "not a time")]:
+        with pytest.raises(ModelFactoryError, match=why):
+            _where([bad], {"ts": pa.timestamp("ms", "UTC")})
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("naive", [False, True])
 def test_where_on_the_time_column_scores_one_window(tmp_path, capsys, naive):
     """A scheduled scorer reads one window: --where "ts >= '2026-03-04'" failed with pyarrow's
