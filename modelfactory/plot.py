@@ -405,6 +405,14 @@ def _from_store(store, run: str, want: dict[str, str], data: str | None, trust: 
     t = _seconds(sorted_tbl[sp["time"]]) if sp["time"] else None
     X = np.column_stack([_floats(sorted_tbl[f]) for f in feats]) if feats else None
     out = model.score(_floats(sorted_tbl[sp["target"]]), t=t, X=X)
+    if not np.isfinite(np.asarray(out["expected"], dtype=float)).any():
+        # an empty band titled "0 anomalies" looked like a clean series
+        raise DatasetError(
+            f"The {sp['model']} model of group {format_key(key)} scores none of its {len(df):,} rows in {url!r}"
+            + (": forecasting models (holt_winters, ets, sarimax, autoencoder with input='window') do not "
+               "score points at or before the end of their training. Pass newer rows to score: data=... "
+               "(CLI: --data DATA), or draw the scores folder of a score run." if data is None else
+               " (all at or before the end of its training for a forecasting model, or without features)."))
     for c in SCORE_COLUMNS:
         df[c] = out[c]
     s = _series(key, df, sp["time"], sp["target"], f"model run {man['run_id']} on {url}")

@@ -100,6 +100,23 @@ def test_plot_from_a_scores_folder_writes_a_png(runs, tmp_path):
     assert matplotlib.image.imread(png).shape == (360, 1000, 4)
 
 
+def test_plot_from_a_forecasting_store_says_its_training_rows_are_not_scored(tmp_path):
+    """holt_winters stopped scoring points at or before the end of training (as ets and sarimax):
+    plot --store on its training data then drew no band at all, titled '0 anomalies'."""
+    from _data import metrics_table
+
+    table = metrics_table(series=2, hours=96, apps=1)
+    data = write(table, tmp_path / "d")
+    store = str(tmp_path / "s")
+    first_days = pa.concat_tables([table.slice(0, 72), table.slice(96, 72)])  # each series' first 3 days
+    modelfactory.train(write(first_days, tmp_path / "t"), by=["app", "site"], time="ts", target="value",
+                       model="holt_winters", params={"season_length": 24}, store=store, cluster="inline")
+    with pytest.raises(DatasetError, match="do not score points at or before the end of their training"):
+        plot_series(store, "app=app0,site=s000", out=str(tmp_path / "p.png"))
+    s = load_series(store, "app=app0,site=s000", data=data)  # newer rows too: scored from 2026-03-05
+    assert np.isfinite(s.frame["expected"]).sum() == 24
+
+
 def test_every_kind_of_source_gives_the_same_rows(runs):
     key = {"site": "site-00002"}  # a subset of the keys that names one group
     from_folder = load_series(runs["scores_seasonal"], key)
