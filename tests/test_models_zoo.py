@@ -9,7 +9,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from modelfactory.models import get, registry
-from modelfactory.models.base import SeriesBatch
+from modelfactory.models.base import SeriesBatch, SkipGroup
 from modelfactory.testing import make_series
 
 
@@ -243,6 +243,23 @@ def test_seasonal_infers_a_step_the_series_has():
     y = 100 + 10 * np.sin(2 * np.pi * (t // 3600 % 24) / 24)
     m = get("seasonal").fit(y, t=t)
     assert m.step_ == 3600 == infer_steps(SeriesBatch(y, np.array([0, len(y)]), t), None)[0]
+
+
+@pytest.mark.parametrize("name", ["ets", "sarimax"])
+@pytest.mark.parametrize("unit", [1e-12, 1e-300])
+def test_statespace_models_of_tiny_values_are_not_called_constant(name, unit):
+    """ets and sarimax are fitted standardised, yet kept an absolute test for a constant series
+    (spread under 1e-12): a daily cycle of values around 2e-12 (a rate in other units) was skipped
+    as 'the series is constant', which seasonal and holt_winters model (their floors are relative)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(400) * 3600
+    y = unit * (2 + 0.3 * np.sin(2 * np.pi * np.arange(400) / 24) + 0.05 * rng.standard_normal(400))
+    y[380] += 2 * unit
+    m = type(get(name))(season_length=24).fit(y[:336], t=t[:336])
+    r = m.score(y[336:], t=t[336:])
+    assert r["is_anomaly"][380 - 336] and r["is_anomaly"].sum() <= 2
+    with pytest.raises(SkipGroup, match="constant"):
+        type(get(name))(season_length=24).fit(np.full(400, unit), t=t)
 
 
 @pytest.mark.parametrize("name", ["random_forest", "isolation_forest"])

@@ -61,7 +61,13 @@ class _StateSpaceModel(Model):
             raise SkipGroup(f"{self.name}: {missing:.0%} of the time steps are missing (NaN or absent), "
                             f"more than max_missing={self.max_missing}")
         fin = vals[np.isfinite(vals)]
-        if fin.size and np.ptp(fin) <= 1e-12 * max(1.0, float(np.abs(fin).max())):
+        big = float(np.abs(fin).max()) if fin.size else 0.0
+        sd = float(np.std(fin)) if fin.size else 0.0
+        if fin.size and not sd > 0 and big > 0:  # squares below float64's reach (values near 1e-160)
+            sd = float(np.std(fin / big)) * big
+        # relative to the values: the model is fitted standardised, so a series of values around
+        # 1e-12 with a clear cycle is no more constant than the same series in other units
+        if fin.size and (np.ptp(fin) <= 1e-12 * big or not sd > 0):
             raise SkipGroup(f"{self.name}: the series is constant ({fin[0]:g}); there is no variance to "
                             "model (use 'seasonal' or 'holt_winters', which handle constant series)")
         m = self.season_length if self._seasonal() else 1
@@ -69,7 +75,7 @@ class _StateSpaceModel(Model):
             raise SkipGroup(f"{self.name}: season_length {m} needs at least two seasons "
                             f"({2 * m} steps); the series spans {vals.size}")
         self.yloc_ = float(np.median(fin)) if self._centre else 0.0
-        self.yscale_ = float(np.std(fin))  # > 0 and finite: not constant, and at most MAX_ABS_VALUE
+        self.yscale_ = sd  # > 0 and finite: not constant, and at most MAX_ABS_VALUE
         return (vals - self.yloc_) / self.yscale_, t0 + (vals.size - 1) * step, step
 
     def _tail_len(self, n: int) -> int:
