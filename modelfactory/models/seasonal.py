@@ -191,8 +191,10 @@ class SeasonalProfile(Model):
         mad = mad.reshape(n, S)
         mad = np.where(np.isnan(mad), series_mad[:, None], mad)
         # A tiny floor (relative to the values) so a constant series does not divide by zero.
-        biggest = np.zeros(n)
-        np.maximum.at(biggest, sid_f, np.abs(v_f))
+        # the largest |value| per series: rows are grouped by series, so one reduceat (np.maximum.at
+        # took 0.36 s for 100,000 series of 168 points, reduceat 0.04 s)
+        starts = np.concatenate(([0], np.cumsum(finite)[:-1])).astype(np.intp)
+        biggest = np.where(finite > 0, np.maximum.reduceat(np.append(np.abs(v_f), 0.0), starts), 0.0)
         floor = np.maximum(series_mad, scale_floor(biggest))
         scale = _MAD_TO_SIGMA * corr[:, None] * np.maximum(mad, floor[:, None])
         need = proto.required_rows()
