@@ -165,6 +165,9 @@ def test_partition_folders_whose_key_starts_with_an_underscore_are_data(tmp_path
     scores = modelfactory.score(str(data), store=str(tmp_path / "store"), out=str(tmp_path / "scores"),
                                 cluster="inline")
     assert sorted(zip(scores.groups.app, scores.groups.site)) == keys and set(scores.groups.status) == {"ok"}
+    # the scored rows of "_dt=…" folders read back too (Run.to_arrow skipped "_" folders: 0 rows of app0)
+    assert scores.to_pandas().groupby("app").size().to_dict() == {a: int(pc.sum(pc.equal(t["app"], a)).as_py())
+                                                                 for a in ("app0", "app1")}
 
 
 def test_a_wildcard_path_says_wildcards_are_not_expanded(tmp_path):
