@@ -348,6 +348,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         from .scoring import check_key_types
 
         check_key_types(base_src, by_, info.schema)
+        # the models carried over were fitted on the base run's times: a run of them recorded with
+        # times of the other kind (naive vs zoned) would let scoring take such data as theirs
+        check_time_zone(info, time, base_man)
     digest = _digest(info.fingerprint(), job, retrain, base_id, mspec.cls.__module__, mspec.cls.__qualname__)
     run_id, planning = _begin_run(st, digest, resume, unit_rows)
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)

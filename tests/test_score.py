@@ -147,6 +147,28 @@ def test_times_without_a_zone_are_not_scored_with_models_trained_on_times_with_o
         modelfactory.score(paths["utc"], store=naive_store, out=str(tmp_path / "o-rev"), cluster="inline")
 
 
+def test_a_retrain_on_times_of_the_other_kind_is_refused(tmp_path):
+    # retrain carried the base run's models (fitted on times with a zone) into a run recorded as
+    # trained on naive times: scoring naive local times, refused with the base run, was then
+    # accepted by the new run's models, "ok", every point in another season slot
+    import pyarrow.parquet as pq
+
+    from modelfactory.exceptions import SchemaError
+
+    df = make_table(4, days=6, apps=1).to_pandas()
+    for name, frame in [("zoned", df), ("naive", df.assign(ts=df.ts.dt.tz_convert("America/New_York")
+                                                                 .dt.tz_localize(None)))]:
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / name / "x.parquet")
+    args = dict(by=["app", "site"], time="ts", target="value", store=str(tmp_path / "store"), cluster="inline")
+    base = modelfactory.train(str(tmp_path / "zoned"), **args)
+    for retrain in ("failed", "changed"):
+        with pytest.raises(SchemaError, match=r"'ts' of .*naive' has no time zone .* but run .* was trained on "
+                                              r"times with one"):
+            modelfactory.train(str(tmp_path / "naive"), base=base.id, retrain=retrain, **args)
+    assert modelfactory.ModelStore(args["store"]).runs() == [base.id]
+
+
 class OneByOne(modelfactory.models.seasonal.SeasonalProfile):
     """seasonal without its vectorised score_batch: scored one group at a time."""
 
