@@ -770,13 +770,15 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     summary["spec"] = {k: sp[k] for k in ("by", "time", "target", "features", "model")}
     import pyarrow.dataset as pds
 
-    from .result import check_output
+    from .result import check_output, output_errors
 
     check_output(sink, run_id, results)  # before reading _groups/: it holds this job's files only
-    groups = pds.dataset(sink.path("_groups"), filesystem=sink.fs, format="parquet").to_table()
+    with output_errors(sink, run_id):
+        groups = pds.dataset(sink.path("_groups"), filesystem=sink.fs, format="parquet").to_table()
     top = groups.filter(pa.compute.greater(groups["anomalies"], 0)).sort_by(
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)
-    sink.write_bytes("_anomalies.json", json.dumps(top.to_pylist(), indent=1, default=str).encode())
+    with output_errors(sink, run_id, "_anomalies.json"):
+        sink.write_bytes("_anomalies.json", json.dumps(top.to_pylist(), indent=1, default=str).encode())
     return table_run(run_id, "score", summary, results, sink, None)
 
 

@@ -1,9 +1,10 @@
 """What a job returns: :class:`Run`, with its summary, its group table and its rows."""
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -130,9 +131,10 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
     if sink is not None:
         check_output(sink, run_id, results)
         parts = [p.__dict__ for r in results for p in r.parts]
-        sink.write_bytes("_manifest.json", json.dumps(
-            {"run_id": run_id, "kind": kind, "summary": summary, "schema": str(out_schema),
-             "parts": parts}, indent=1, default=str).encode())
+        with output_errors(sink, run_id, "_manifest.json"):
+            sink.write_bytes("_manifest.json", json.dumps(
+                {"run_id": run_id, "kind": kind, "summary": summary, "schema": str(out_schema),
+                 "parts": parts}, indent=1, default=str).encode())
         return Run(run_id, kind, summary, _out=sink, errors=errors)
     groups = pa.concat_tables([r.group_table for r in results]) if results else None
     if out_schema is not None:
@@ -149,6 +151,28 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
     return Run(run_id, kind, summary, _groups=groups, _result=result, errors=errors)
 
 
+
+@contextlib.contextmanager
+def output_errors(sink: Location, run_id: str, name: str | None = None) -> Iterator[None]:
+    """A storage error (a full disk, a read-only folder, an object store gone) while a job
+    commits its ``out=`` folder as a :class:`StoreError` naming the folder (and ``name``, the
+    file), instead of an internal error.  FileNotFoundError passes: the callers handle it."""
+    from ._io import is_storage_error
+    from .exceptions import StoreError
+
+    try:
+        yield
+    except (ModelFactoryError, FileNotFoundError):
+        raise
+    except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+        if not is_storage_error(err):
+            raise
+        what = f"write {name!r} in" if name else "read"
+        text = " ".join(str(err).split()) or "no details"
+        raise StoreError(f"Cannot {what} the output folder {sink.url!r} ({type(err).__name__}: {text}). Run "
+                         f"{run_id} was not committed (no _manifest.json): make room (or make the folder "
+                         "writable, or reach the object store), then run the job again with overwrite=True "
+                         "(--overwrite).") from err
 
 
 #: Files a job writes under its ``out=`` folder besides its parts.
@@ -168,7 +192,8 @@ def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None
 
     root = sink.root.strip("/")
     try:
-        found = sink.fs.find(sink.root, detail=True)
+        with output_errors(sink, run_id):
+            found = sink.fs.find(sink.root, detail=True)
     except FileNotFoundError:
         found = {}
     have = {}

@@ -176,6 +176,35 @@ def test_a_retrain_on_times_of_the_other_kind_is_refused(tmp_path):
     assert modelfactory.ModelStore(args["store"]).runs() == [base.id]
 
 
+@pytest.mark.timeout(120)
+def test_an_out_folder_that_cannot_be_written_at_the_commit_is_one_error_line(tmp_path):
+    # The disk of out= fills up as the score commits (here a file size limit: the parts fit, the
+    # _manifest.json listing 400 of them does not): it was "error: internal error: OSError: [Errno
+    # 27] File too large", status 1, naming no file; it is a StoreError naming the file, status 2.
+    import subprocess
+    import sys
+
+    from _data import metrics_table
+
+    from modelfactory.cli import main
+
+    data = write(metrics_table(series=200, hours=48, apps=200), tmp_path / "d", ["app", "site"])
+    store, out = str(tmp_path / "store"), str(tmp_path / "scores")
+    assert main(["train", data, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "--scheduler", "inline", "-q"]) == 0
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (30000, 30000))\n"
+              "from modelfactory.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", script, "score", data, "--store", store, "--out", out,
+                           "--scheduler", "inline", "--unit-rows", "48", "-q"],
+                          capture_output=True, text=True, timeout=100)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: Cannot write '_manifest.json' in the output folder '{out}' (OSError: ")
+    assert "was not committed (no _manifest.json)" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "scores" / "_manifest.json").exists()
+
+
 class OneByOne(modelfactory.models.seasonal.SeasonalProfile):
     """seasonal without its vectorised score_batch: scored one group at a time."""
 
