@@ -10,9 +10,11 @@ pushed down to Parquet.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
+import operator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -350,8 +352,12 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
         null_parts = [keys.index(c) for c in recount if c in keys]
         with_nulls = tuple(f.path for f, r in zip(files, results)
                            if any(r[1][c] for c in null_cols) or any(f.partition[i] is None for i in null_parts))
+        # only the rows whose keys are null come back (row groups without nulls are skipped by
+        # their statistics): reading every kept row's keys held them all in the client's memory,
+        # gigabytes for a large dataset with a few null keys per file and --where "site is not null"
+        any_null = functools.reduce(operator.or_, [ds.field(c).is_null() for c in recount])
         try:
-            kept = read_files(source, with_nulls, recount, filter)
+            kept = read_files(source, with_nulls, recount, filter & any_null)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             pass  # keep the footers' counts: the refusal names them
         else:
