@@ -599,8 +599,12 @@ def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
             # A file whose column is a view type (string_view, as Polars writes it): pyarrow
             # cannot compare its Parquet statistics with the filter's values ("no kernel
             # matching input types (string, string_view)"), though its values read fine as
-            # strings.  Filter after reading instead.
-            table = ds.dataset(dataset.to_table()).to_table(columns=columns, filter=filter)
+            # strings.  Filter after reading instead, batch by batch: the whole of the files'
+            # columns at once would be all the rows of a null-key recount on the client.
+            kept = [ds.dataset(pa.Table.from_batches([b])).to_table(columns=columns, filter=filter)
+                    for b in dataset.scanner(batch_readahead=2, fragment_readahead=1).to_batches()]
+            table = (pa.concat_tables(kept) if kept
+                     else ds.dataset(schema.empty_table()).to_table(columns=columns, filter=filter))
         return table.unify_dictionaries() if encode else table
     except FileNotFoundError as err:
         # pyarrow's fsspec wrapper reports any failure (an unreachable endpoint, a denied
