@@ -348,6 +348,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         from .scoring import check_key_types
 
         check_key_types(base_src, by_, info.schema)
+        # the models carried over were fitted on the base run's times: a run of them recorded with
+        # times of the other kind (naive vs zoned) would let scoring take such data as theirs
+        check_time_zone(info, time, base_man)
     digest = _digest(info.fingerprint(), job, retrain, base_id, mspec.cls.__module__, mspec.cls.__qualname__)
     run_id, planning = _begin_run(st, digest, resume, unit_rows)
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
@@ -767,13 +770,15 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     summary["spec"] = {k: sp[k] for k in ("by", "time", "target", "features", "model")}
     import pyarrow.dataset as pds
 
-    from .result import check_output
+    from .result import check_output, output_errors
 
     check_output(sink, run_id, results)  # before reading _groups/: it holds this job's files only
-    groups = pds.dataset(sink.path("_groups"), filesystem=sink.fs, format="parquet").to_table()
+    with output_errors(sink, run_id):
+        groups = pds.dataset(sink.path("_groups"), filesystem=sink.fs, format="parquet").to_table()
     top = groups.filter(pa.compute.greater(groups["anomalies"], 0)).sort_by(
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)
-    sink.write_bytes("_anomalies.json", json.dumps(top.to_pylist(), indent=1, default=str).encode())
+    with output_errors(sink, run_id, "_anomalies.json"):
+        sink.write_bytes("_anomalies.json", json.dumps(top.to_pylist(), indent=1, default=str).encode())
     return table_run(run_id, "score", summary, results, sink, None)
 
 

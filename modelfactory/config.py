@@ -455,6 +455,7 @@ def load_settings(args: Mapping[str, Any] | None = None, *, config_file: str | o
 
     path = os.fspath(config_file) if config_file is not None else (env.get(CONFIG_ENV) or None)
     if path:
+        path = os.path.expanduser(path)  # "--config=~/mf.toml", or a systemd or Docker ENV: no shell expands it
         data = _read_toml(path)
         values = _flatten(data, f"in {path}")
         layers.append((values, {k: path for k in values}, os.path.dirname(os.path.abspath(path))))

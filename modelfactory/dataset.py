@@ -10,8 +10,11 @@ pushed down to Parquet.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import logging
+import operator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -51,12 +54,24 @@ def column_types(url: str, storage_options: dict | None = None) -> dict[str, pa.
 
     try:
         fs, path = filesystem(normal_url(os.fspath(url)), storage_options)
-        pfs = fs if isinstance(fs, pafs.FileSystem) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-        part = ds.HivePartitioning.discover(infer_dictionary=False)
-        schema = ds.dataset(path, filesystem=pfs, format="parquet", partitioning=part).schema
+        if isinstance(fs, pafs.FileSystem):
+            is_file = fs.get_file_info(path).type == pafs.FileType.File
+        else:
+            is_file = fs.isfile(path) and not fs.isdir(path)
+        # the files discover() reads (pyarrow's own discovery skips "_tenant=acme/" folders: data
+        # held only in such folders gave no types, and a time literal was compared as text)
+        listing, keys = _listing(fs, path, is_file)
+        for frag in itertools.islice(listing.get_fragments(), 5):
+            try:
+                first = frag.physical_schema
+                break
+            except (pa.ArrowInvalid, OSError):  # an empty object (a folder marker): the next
+                continue
+        else:
+            return {}
     except Exception:  # noqa: BLE001 - only a convenience: discover() reports the real problem
         return {}
-    return {f.name: _plain(f.type) for f in schema}
+    return {**{f.name: _plain(f.type) for f in first}, **{k: pa.string() for k in keys}}
 
 
 @dataclass(frozen=True)
@@ -337,8 +352,12 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
         null_parts = [keys.index(c) for c in recount if c in keys]
         with_nulls = tuple(f.path for f, r in zip(files, results)
                            if any(r[1][c] for c in null_cols) or any(f.partition[i] is None for i in null_parts))
+        # only the rows whose keys are null come back (row groups without nulls are skipped by
+        # their statistics): reading every kept row's keys held them all in the client's memory,
+        # gigabytes for a large dataset with a few null keys per file and --where "site is not null"
+        any_null = functools.reduce(operator.or_, [ds.field(c).is_null() for c in recount])
         try:
-            kept = read_files(source, with_nulls, recount, filter)
+            kept = read_files(source, with_nulls, recount, filter & any_null)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             pass  # keep the footers' counts: the refusal names them
         else:
@@ -580,8 +599,12 @@ def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
             # A file whose column is a view type (string_view, as Polars writes it): pyarrow
             # cannot compare its Parquet statistics with the filter's values ("no kernel
             # matching input types (string, string_view)"), though its values read fine as
-            # strings.  Filter after reading instead.
-            table = ds.dataset(dataset.to_table()).to_table(columns=columns, filter=filter)
+            # strings.  Filter after reading instead, batch by batch: the whole of the files'
+            # columns at once would be all the rows of a null-key recount on the client.
+            kept = [ds.dataset(pa.Table.from_batches([b])).to_table(columns=columns, filter=filter)
+                    for b in dataset.scanner(batch_readahead=2, fragment_readahead=1).to_batches()]
+            table = (pa.concat_tables(kept) if kept
+                     else ds.dataset(schema.empty_table()).to_table(columns=columns, filter=filter))
         return table.unify_dictionaries() if encode else table
     except FileNotFoundError as err:
         # pyarrow's fsspec wrapper reports any failure (an unreachable endpoint, a denied

@@ -594,7 +594,7 @@ def _plot(series: Series, ax, out, *, title: str | None = None, figsize=(10.0, 3
             _, ax = plt.subplots(figsize=figsize, dpi=dpi, layout="constrained")
     draw(series, ax, title=title)
     if out is not None:
-        path = os.fspath(out)
+        path = os.path.expanduser(os.fspath(out))  # "--out=~/p.png": no shell expands that ~
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise ModelFactoryError(f"Cannot write {path!r}: the folder {parent!r} does not exist.")

@@ -422,7 +422,7 @@ def write_report(out: str | os.PathLike, store: Any, run: str = "latest", *, sco
     ...
     modelfactory.exceptions.ModelFactoryError: Cannot write '/no/such/folder/report.html': the folder ... not exist.
     """
-    path = os.fspath(out)
+    path = os.path.expanduser(os.fspath(out))  # "--out=~/r.html": no shell expands that ~
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ModelFactoryError(f"Cannot write {path!r}: the folder {parent!r} does not exist.")

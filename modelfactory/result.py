@@ -1,9 +1,10 @@
 """What a job returns: :class:`Run`, with its summary, its group table and its rows."""
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -64,12 +65,26 @@ class Run:
             return self._result
         if self._out is not None:
             import pyarrow.dataset as ds
+            import pyarrow.fs as pafs
+
+            from .dataset import _hidden, filesystem
 
             # scored rows are written in Hive folders like their input (app=a/part-….parquet): the
-            # folder names are key columns, and (like the input's) they are read back as strings
-            dataset = ds.dataset(self._out.root, filesystem=self._out.fs, format="parquet",
-                                 partitioning=ds.HivePartitioning.discover(infer_dictionary=True),
-                                 ignore_prefixes=[".", "_"])
+            # folder names are key columns, and (like the input's) they are read back as strings;
+            # the files the input's rule reads (a "_tenant=acme/" key folder is data; "_groups/",
+            # "_manifest.json" and hidden temporary files are not): pyarrow's ignore_prefixes=["_"]
+            # dropped the rows under "_tenant=…" folders, and to_pandas() was empty with no word
+            fs, root = filesystem(self._out.url, dict(self._out.storage_options))
+            pfs = fs if isinstance(fs, pafs.FileSystem) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+            base = root.rstrip("/")
+            try:
+                listed = pfs.get_file_info(pafs.FileSelector(base, recursive=True))
+            except FileNotFoundError:
+                listed = []
+            files = sorted(i.path for i in listed if i.type == pafs.FileType.File and i.size
+                           and not _hidden(i.path[len(base) + 1:] if i.path.startswith(base + "/") else i.path))
+            dataset = ds.dataset(files, filesystem=pfs, format="parquet", partition_base_dir=base,
+                                 partitioning=ds.HivePartitioning.discover(infer_dictionary=True))
             table = dataset.to_table()
             first = next(iter(dataset.get_fragments()), None)
             inside = set(first.physical_schema.names) if first is not None else set(table.column_names)
@@ -116,9 +131,10 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
     if sink is not None:
         check_output(sink, run_id, results)
         parts = [p.__dict__ for r in results for p in r.parts]
-        sink.write_bytes("_manifest.json", json.dumps(
-            {"run_id": run_id, "kind": kind, "summary": summary, "schema": str(out_schema),
-             "parts": parts}, indent=1, default=str).encode())
+        with output_errors(sink, run_id, "_manifest.json"):
+            sink.write_bytes("_manifest.json", json.dumps(
+                {"run_id": run_id, "kind": kind, "summary": summary, "schema": str(out_schema),
+                 "parts": parts}, indent=1, default=str).encode())
         return Run(run_id, kind, summary, _out=sink, errors=errors)
     groups = pa.concat_tables([r.group_table for r in results]) if results else None
     if out_schema is not None:
@@ -135,6 +151,28 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
     return Run(run_id, kind, summary, _groups=groups, _result=result, errors=errors)
 
 
+
+@contextlib.contextmanager
+def output_errors(sink: Location, run_id: str, name: str | None = None) -> Iterator[None]:
+    """A storage error (a full disk, a read-only folder, an object store gone) while a job
+    commits its ``out=`` folder as a :class:`StoreError` naming the folder (and ``name``, the
+    file), instead of an internal error.  FileNotFoundError passes: the callers handle it."""
+    from ._io import is_storage_error
+    from .exceptions import StoreError
+
+    try:
+        yield
+    except (ModelFactoryError, FileNotFoundError):
+        raise
+    except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+        if not is_storage_error(err):
+            raise
+        what = f"write {name!r} in" if name else "read"
+        text = " ".join(str(err).split()) or "no details"
+        raise StoreError(f"Cannot {what} the output folder {sink.url!r} ({type(err).__name__}: {text}). Run "
+                         f"{run_id} was not committed (no _manifest.json): make room (or make the folder "
+                         "writable, or reach the object store), then run the job again with overwrite=True "
+                         "(--overwrite).") from err
 
 
 #: Files a job writes under its ``out=`` folder besides its parts.
@@ -154,7 +192,8 @@ def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None
 
     root = sink.root.strip("/")
     try:
-        found = sink.fs.find(sink.root, detail=True)
+        with output_errors(sink, run_id):
+            found = sink.fs.find(sink.root, detail=True)
     except FileNotFoundError:
         found = {}
     have = {}

@@ -119,7 +119,11 @@ _CONVERTIBLE = {frozenset(p) for p in (("integer",), ("string",), ("timestamp",)
 
 
 def check_key_type(name: str, data: pa.DataType, stored: pa.DataType, run_id: str) -> None:
-    """Refuse a key column whose type in the data cannot be matched with its type in the store."""
+    """Refuse a key column whose type in the data cannot be matched with its type in the store.
+    A column of type null (pandas writes an empty text column so: an empty scoring window) holds
+    no value to match, and null keys are refused where rows have them."""
+    if pa.types.is_null(data):
+        return
     if frozenset((_kind(data), _kind(stored))) not in _CONVERTIBLE:
         from .exceptions import SchemaError
 

@@ -353,10 +353,14 @@ class ModelStore:
                 "the runs that look interrupted, this one too). Nothing was committed; train again.")
 
     def _orphans(self, known: set[str]) -> list[str]:
-        """Folders under ``runs/`` with neither a manifest nor a pending.json, oldest first."""
-        found = {rel.split("/")[1] for rel in self.location.glob("runs/*")}
-        marked = {rel.split("/")[1] for rel in self.location.glob("runs/*/manifest.json")}
-        marked |= {rel.split("/")[1] for rel in self.location.glob("runs/*/pending.json")}
+        """Folders under ``runs/`` with neither a manifest nor a pending.json, oldest first.
+        Files there (``.DS_Store``, a README) are no runs: they are left alone."""
+        try:
+            entries = self.location.fs.ls(self.location.path("runs"), detail=True)
+        except FileNotFoundError:
+            return []
+        found = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"}
+        marked = set(self._runs_holding("manifest.json")) | set(self._runs_holding("pending.json"))
         return sorted(found - marked - known)
 
     def write(self, rel: str, data: bytes, then: str = "") -> None:

@@ -387,3 +387,21 @@ def test_where_on_the_time_column_scores_one_window(tmp_path, capsys, naive):
     assert main(["score", data, "--store", store, "--out", str(tmp_path / "o2"), "--scheduler", "inline",
                  "--where", "ts >= yesterday"]) == 2
     assert "error: --where 'ts >= yesterday': 'yesterday' is not a time for the timestamp[" in capsys.readouterr().err
+
+
+def test_where_on_the_time_column_of_data_in_underscore_key_folders(tmp_path, capsys):
+    """The column types that type a time literal came from pyarrow's own discovery, which skips
+    "_tenant=acme/" folders (data to discover()): with all the files in such folders there were no
+    types, and --where "ts < '2026-03-04'" was refused as text compared with a timestamp."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from _data import metrics_table
+
+    t = metrics_table(apps=2)
+    for app in ("app0", "app1"):
+        (tmp_path / "data" / f"_tenant={app}").mkdir(parents=True)
+        pq.write_table(t.filter(pc.equal(t["app"], app)).drop_columns(["app"]),
+                       tmp_path / "data" / f"_tenant={app}" / "part-0.parquet")
+    assert main(["train", str(tmp_path / "data"), "--by", "_tenant,site", "--time", "ts", "--target", "value",
+                 "--store", str(tmp_path / "s"), "--scheduler", "inline", "--quiet", "-p", "season_length=12",
+                 "--where", "ts < '2026-03-04'"]) == 0, capsys.readouterr().err

@@ -59,6 +59,15 @@ def test_config_file_from_the_environment(toml):
     assert load_settings(config_file=other, env={"MODELFACTORY_CONFIG": path}).workers == 6
 
 
+def test_a_config_file_in_the_home_folder(toml, tmp_path, monkeypatch):
+    # "--config=~/mf.toml" (no shell expands a ~ after "="), MODELFACTORY_CONFIG=~/mf.toml from a
+    # systemd unit or a Dockerfile: "Config file '~/mf.toml' not found"
+    toml('workers = 4\n', "mf.toml")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_settings(config_file="~/mf.toml", env={}).workers == 4
+    assert load_settings(env={"MODELFACTORY_CONFIG": "~/mf.toml"}).workers == 4
+
+
 def test_default_environment_is_os_environ(monkeypatch):
     monkeypatch.setenv("MODELFACTORY_UNIT_ROWS", "12345")
     assert load_settings().unit_rows == 12345

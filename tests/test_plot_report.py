@@ -245,6 +245,17 @@ def test_plot_command(runs, tmp_path, capsys, monkeypatch):
     assert code == 2 and err.startswith("error: No group site=nope in the scores at ") and "Some that exist" in err
 
 
+def test_plot_and_report_write_to_a_home_relative_out(runs, tmp_path, capsys, monkeypatch):
+    # `--out=~/report.html`: no shell expands a ~ after "=", and the store's ~ is expanded since
+    # today; the report's and the plot's own files were "Cannot write '~/r.html': the folder
+    # '<cwd>/~' does not exist"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _main(["report", "--store", runs["store_seasonal"], "--out=~/r.html"], monkeypatch) == 0
+    assert _main(["plot", "--scores", runs["scores_fussy"], "--key", "app=app-00,site=site-00002",
+                  "--out=~/p.png"], monkeypatch) == 0
+    assert (tmp_path / "r.html").exists() and _is_png((tmp_path / "p.png").read_bytes())
+
+
 def test_plot_and_report_have_help(capsys, monkeypatch):
     for name in ("plot", "report"):
         with pytest.raises(SystemExit) as exit_:

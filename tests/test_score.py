@@ -104,6 +104,13 @@ def test_scoring_an_empty_window_scores_nothing_and_succeeds(history_and_new, tm
     assert json.loads((tmp_path / "s1" / "_manifest.json").read_text())["summary"]["groups"] == 0
     assert main(["score", str(tmp_path / "window"), "--store", store, "--out", str(tmp_path / "s2"),
                  "--scheduler", "inline", "--quiet"]) == 0
+    # pandas writes an empty frame's text columns as type null: "The key column 'site' is null in the
+    # data but string in run ...", exit 2, for the same empty window
+    pq.write_table(pa.Table.from_pandas(empty.to_pandas().astype({"site": object}).iloc[0:0],
+                                        preserve_index=False), window / "part-0.parquet")
+    assert pq.read_schema(window / "part-0.parquet").field("site").type == pa.null()
+    run = modelfactory.score(str(tmp_path / "window"), store=store, out=str(tmp_path / "s3"), cluster="inline")
+    assert run.summary["groups"] == 0 and run.summary["rows"] == 0
 
 
 def test_times_without_a_zone_are_not_scored_with_models_trained_on_times_with_one(tmp_path):
@@ -145,6 +152,57 @@ def test_times_without_a_zone_are_not_scored_with_models_trained_on_times_with_o
                        cluster="inline")
     with pytest.raises(SchemaError, match=r"has time zone UTC .* trained on times without one"):
         modelfactory.score(paths["utc"], store=naive_store, out=str(tmp_path / "o-rev"), cluster="inline")
+
+
+def test_a_retrain_on_times_of_the_other_kind_is_refused(tmp_path):
+    # retrain carried the base run's models (fitted on times with a zone) into a run recorded as
+    # trained on naive times: scoring naive local times, refused with the base run, was then
+    # accepted by the new run's models, "ok", every point in another season slot
+    import pyarrow.parquet as pq
+
+    from modelfactory.exceptions import SchemaError
+
+    df = make_table(4, days=6, apps=1).to_pandas()
+    for name, frame in [("zoned", df), ("naive", df.assign(ts=df.ts.dt.tz_convert("America/New_York")
+                                                                 .dt.tz_localize(None)))]:
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / name / "x.parquet")
+    args = dict(by=["app", "site"], time="ts", target="value", store=str(tmp_path / "store"), cluster="inline")
+    base = modelfactory.train(str(tmp_path / "zoned"), **args)
+    for retrain in ("failed", "changed"):
+        with pytest.raises(SchemaError, match=r"'ts' of .*naive' has no time zone .* but run .* was trained on "
+                                              r"times with one"):
+            modelfactory.train(str(tmp_path / "naive"), base=base.id, retrain=retrain, **args)
+    assert modelfactory.ModelStore(args["store"]).runs() == [base.id]
+
+
+@pytest.mark.timeout(120)
+def test_an_out_folder_that_cannot_be_written_at_the_commit_is_one_error_line(tmp_path):
+    # The disk of out= fills up as the score commits (here a file size limit: the parts fit, the
+    # _manifest.json listing 400 of them does not): it was "error: internal error: OSError: [Errno
+    # 27] File too large", status 1, naming no file; it is a StoreError naming the file, status 2.
+    import subprocess
+    import sys
+
+    from _data import metrics_table
+
+    from modelfactory.cli import main
+
+    data = write(metrics_table(series=200, hours=48, apps=200), tmp_path / "d", ["app", "site"])
+    store, out = str(tmp_path / "store"), str(tmp_path / "scores")
+    assert main(["train", data, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "--scheduler", "inline", "-q"]) == 0
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (30000, 30000))\n"
+              "from modelfactory.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", script, "score", data, "--store", store, "--out", out,
+                           "--scheduler", "inline", "--unit-rows", "48", "-q"],
+                          capture_output=True, text=True, timeout=100)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: Cannot write '_manifest.json' in the output folder '{out}' (OSError: ")
+    assert "was not committed (no _manifest.json)" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "scores" / "_manifest.json").exists()
 
 
 class OneByOne(modelfactory.models.seasonal.SeasonalProfile):

@@ -216,6 +216,21 @@ def test_a_store_path_with_glob_characters_lists_its_runs(by_app, tmp_path, wher
     assert len(modelfactory.ModelStore(twin).runs()) == 1
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_gc_pending_removes_orphan_run_folders_but_not_files_beside_them(by_app, tmp_path, where):
+    """gc --pending took every entry of runs/ without a manifest or pending.json for an orphan
+    run: a Finder's .DS_Store or a README there was reported (and removed) as a run."""
+    store = str(tmp_path / "models[prod]") if where == "local" else f"memory://{tmp_path.name}/orphans[x]"
+    rid = modelfactory.train(by_app, store=store, cluster="inline", **ARGS).id
+    st = modelfactory.ModelStore(store)
+    for rel in ("runs/.DS_Store", "runs/README.txt", "runs/20200101T000000000Z-abcdef/parts/u0.0.parquet"):
+        st.location.write_bytes(rel, b"x")
+    assert st.gc(keep=1, pending=True, dry_run=True) == ["20200101T000000000Z-abcdef"]
+    assert st.gc(keep=1, pending=True) == ["20200101T000000000Z-abcdef"]
+    assert st.runs() == [rid] and st.location.exists("runs/.DS_Store") and st.location.exists("runs/README.txt")
+    assert not st.location.exists("runs/20200101T000000000Z-abcdef")
+
+
 def test_a_latest_that_names_a_missing_run_is_a_store_error(by_app, tmp_path, capsys):
     import shutil
 
