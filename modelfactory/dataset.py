@@ -83,6 +83,7 @@ class Source:
     schema: pa.Schema
     partition_keys: tuple[str, ...]
     storage_options: tuple = ()
+    views: bool = False  # some file keeps a column as a view type (string_view: Polars)
 
     def filesystem(self):
         return filesystem(self.url, dict(self.storage_options))[0]
@@ -338,7 +339,8 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
                                metadata=schema.metadata)
     for name, found in _unsafe_ns(results, schema).items():  # before anything runs, not mid-run
         conflicts.setdefault(name, found)
-    source = Source(url, path, schema, keys, tuple(sorted((storage_options or {}).items())))
+    views = any(_plain(f.type) != f.type for r in results for f in r[2])
+    source = Source(url, path, schema, keys, tuple(sorted((storage_options or {}).items())), views)
     files = [r[0] for r in results]
     null_counts = {c: sum(r[1][c] for r in results) for c in check}
     for i, k in enumerate(keys):
@@ -591,16 +593,15 @@ def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
     try:
         dataset = ds.dataset(list(paths), schema=schema, format=fmt, filesystem=fs,
                              partitioning=partitioning, partition_base_dir=source.base)
-        try:
+        if filter is None or not source.views:
             table = dataset.to_table(columns=columns, filter=filter)
-        except pa.ArrowNotImplementedError:
-            if filter is None:
-                raise
-            # A file whose column is a view type (string_view, as Polars writes it): pyarrow
+        else:
+            # A file keeps a column as a view type (string_view, as Polars writes it): pyarrow
             # cannot compare its Parquet statistics with the filter's values ("no kernel
             # matching input types (string, string_view)"), though its values read fine as
             # strings.  Filter after reading instead, batch by batch: the whole of the files'
-            # columns at once would be all the rows of a null-key recount on the client.
+            # columns at once would be all the rows of a null-key recount on the client.  (Known
+            # from discovery, not from a failed first try: that one read ahead by up to 64 batches.)
             kept = [ds.dataset(pa.Table.from_batches([b])).to_table(columns=columns, filter=filter)
                     for b in dataset.scanner(batch_readahead=2, fragment_readahead=1).to_batches()]
             table = (pa.concat_tables(kept) if kept
