@@ -602,8 +602,12 @@ def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
             # strings.  Filter after reading instead, batch by batch: the whole of the files'
             # columns at once would be all the rows of a null-key recount on the client.  (Known
             # from discovery, not from a failed first try: that one read ahead by up to 64 batches.)
+            # (one thread, no pre-buffering: the memory is that of a batch or two, whatever the
+            # timing; this path is only for such files with a filter, and workers have one core)
+            opts = ds.ParquetFragmentScanOptions(pre_buffer=False)
             kept = [ds.dataset(pa.Table.from_batches([b])).to_table(columns=columns, filter=filter)
-                    for b in dataset.scanner(batch_readahead=2, fragment_readahead=1).to_batches()]
+                    for b in dataset.scanner(batch_readahead=1, fragment_readahead=1, use_threads=False,
+                                             fragment_scan_options=opts).to_batches()]
             table = (pa.concat_tables(kept) if kept
                      else ds.dataset(schema.empty_table()).to_table(columns=columns, filter=filter))
         return table.unify_dictionaries() if encode else table

@@ -153,7 +153,7 @@ def test_the_null_key_recount_under_a_filter_does_not_hold_the_keys_in_memory(tm
     site = pc.if_else(pa.array(np.arange(n) % 250_000 == 0), pa.scalar(None, pa.string()), site)
     t = pa.table({"site": site.cast(pa.string_view()) if view else site, "value": np.arange(n, dtype=np.float64)})
     for i in range(4):
-        pq.write_table(t, tmp_path / f"p{i}.parquet", row_group_size=65536)
+        pq.write_table(t, tmp_path / f"p{i}.parquet", row_group_size=16384)
     script = ("import sys, pyarrow as pa, pyarrow.dataset as ds\n"
               "from modelfactory.dataset import discover\n"
               "info = discover(sys.argv[1], null_check=('site',), filter=ds.field('site') != 'none')\n"
