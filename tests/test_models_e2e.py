@@ -64,6 +64,28 @@ def test_train_load_and_score(name, params, features, data, feature_data, tmp_pa
         assert res["score"][5] >= res["score"][:5].max()
     else:
         assert res["is_anomaly"][5] and res["score"][5] > 0.99
+    # +-inf (a broken rate upstream) scored 0 and was never flagged; NaN (missing) still is not
+    res = model.score(np.r_[y[:3], np.inf, -np.inf, np.nan], t=t, X=X)
+    assert res["is_anomaly"].tolist() == [False] * 3 + [True, True, False], res
+    assert res["score"][3:5].tolist() == [1.0, 1.0]
+    if name != "isolation_forest":  # which scores a row by its features, whatever its target
+        assert res["score"][5] == 0.0
+
+
+def test_seasonal_batch_scoring_flags_infinite_values_as_one_series_does():
+    from modelfactory.models.base import SeriesBatch
+
+    cls = modelfactory.models.registry["seasonal"]
+    t = 1_767_571_200 + 3600 * np.arange(72)
+    y = 10 + np.sin(2 * np.pi * np.arange(72) / 24)
+    models = cls.fit_batch({}, SeriesBatch(np.r_[y, y], np.array([0, 72, 144]), np.r_[t, t]))
+    new_t = t[-1] + 3600 * np.arange(1, 5)
+    new = np.array([10.0, np.inf, np.nan, -np.inf])
+    batch = SeriesBatch(np.r_[new, new], np.array([0, 4, 8]), np.r_[new_t, new_t])
+    fast = cls.score_batch([models[0], None], batch)
+    one = models[0].score(new, t=new_t)
+    assert fast["is_anomaly"].tolist() == one["is_anomaly"].tolist() + [False] * 4 == [False, True, False, True] + [False] * 4
+    assert fast["score"][:4].tolist() == one["score"].tolist() and fast["score"][[1, 3]].tolist() == [1.0, 1.0]
 
 
 def test_feature_model_without_features_fails_before_fitting(data, tmp_path):

@@ -329,7 +329,8 @@ class Model:
         Parameters
         ----------
         y : array-like of float
-            The new values (NaN is allowed: it scores 0 and is never anomalous).
+            The new values (NaN is allowed: it scores 0 and is never anomalous; +-inf, where
+            the model expects a value, scores 1 and is anomalous).
         t : array-like of int64 seconds or datetime64, optional
             Their times (needed by models with ``needs_time``).
         X : 2-d array-like, optional
@@ -364,8 +365,11 @@ class Model:
                 raise ModelError(f"{type(self).__name__}._score returned {key!r} of shape {np.shape(out[key])} "
                                  f"for {len(y)} rows; it must return one value per row.")
         score = np.nan_to_num(np.asarray(out["score"], dtype=np.float64), nan=0.0)
-        out["score"] = np.clip(score, 0.0, 1.0)
-        flags = np.asarray(out["is_anomaly"], dtype=bool) & np.isfinite(y)
+        # +-inf where the model expects a finite value (a broken rate, a division by zero upstream)
+        # is as far off as a value can be: it scored 0 and was never flagged, an outage unseen
+        broken = np.isinf(y) & np.isfinite(np.asarray(out["expected"], dtype=np.float64))
+        out["score"] = np.where(broken, 1.0, np.clip(score, 0.0, 1.0))
+        flags = (np.asarray(out["is_anomaly"], dtype=bool) & np.isfinite(y)) | broken
         mode = getattr(self, "debounce", "none") if debounce is None else debounce
         k = getattr(self, "quiet", 1) if quiet is None else quiet
         out["is_anomaly"] = _debounce(flags, mode, k)

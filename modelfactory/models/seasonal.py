@@ -256,10 +256,11 @@ class SeasonalProfile(Model):
         z = (y - expected) / sc
         finite = np.isfinite(z) & have[sid]
         zf = np.where(finite, z, 0.0)
+        broken = np.isinf(y) & np.isfinite(expected) & have[sid]  # as Model.score: +-inf is anomalous
         return {
             "expected": expected,
             "lower": expected - thr * sc,
             "upper": expected + thr * sc,
-            "score": np.clip(np.where(finite, robust_score(zf), 0.0), 0.0, 1.0),
-            "is_anomaly": finite & (np.abs(zf) > thr) & np.isfinite(y),
+            "score": np.where(broken, 1.0, np.clip(np.where(finite, robust_score(zf), 0.0), 0.0, 1.0)),
+            "is_anomaly": (finite & (np.abs(zf) > thr) & np.isfinite(y)) | broken,
         }
