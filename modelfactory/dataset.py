@@ -195,6 +195,21 @@ def _hidden(rel: str) -> bool:
         p.startswith(".") or (p.startswith("_") and "=" not in p) for p in rel.split("/"))
 
 
+def arrow_fs(fs) -> pafs.FileSystem:
+    """``fs`` as a pyarrow filesystem (an fsspec one wrapped)."""
+    return fs if isinstance(fs, pafs.FileSystem) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def data_files(pfs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
+    """The files under the folder ``base`` that are data, by :func:`_hidden` (Spark's rule),
+    sorted by path.  pyarrow's own ``selector_ignore_prefixes=["_"]`` would also drop
+    ``_tenant=acme/`` folders, and the groups in them with no word."""
+    listed = pfs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted((i for i in listed if i.type == pafs.FileType.File
+                   and not _hidden(i.path[len(base) + 1:] if i.path.startswith(base + "/") else i.path)),
+                  key=lambda i: i.path)
+
+
 def _listing(fs, path: str, is_file: bool) -> tuple[ds.FileSystemDataset, tuple[str, ...]]:
     """The files under ``path`` with their Hive partition keys (strings), in folder order.
 
@@ -205,14 +220,8 @@ def _listing(fs, path: str, is_file: bool) -> tuple[ds.FileSystemDataset, tuple[
     """
     if is_file:
         return ds.dataset(path, filesystem=fs, format="parquet", schema=pa.schema([])), ()
-    pfs = fs if isinstance(fs, pafs.FileSystem) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-    base = path.rstrip("/")
-    # pyarrow's own selector_ignore_prefixes=["_"] would also drop "_tenant=acme/" folders,
-    # and the groups in them with no word: list, then leave out what Spark leaves out.
-    listed = pfs.get_file_info(pafs.FileSelector(base, recursive=True))
-    files = sorted((i for i in listed if i.type == pafs.FileType.File
-                    and not _hidden(i.path[len(base) + 1:] if i.path.startswith(base + "/") else i.path)),
-                   key=lambda i: i.path)
+    pfs, base = arrow_fs(fs), path.rstrip("/")
+    files = data_files(pfs, base)
     opts = ds.FileSystemFactoryOptions(partition_base_dir=base)
     opts.partitioning_factory = ds.HivePartitioning.discover(infer_dictionary=False)
     factory = ds.FileSystemDatasetFactory(pfs, files, ds.ParquetFileFormat(), opts)

@@ -65,9 +65,8 @@ class Run:
             return self._result
         if self._out is not None:
             import pyarrow.dataset as ds
-            import pyarrow.fs as pafs
 
-            from .dataset import _hidden, filesystem
+            from .dataset import arrow_fs, data_files, filesystem
 
             # scored rows are written in Hive folders like their input (app=a/part-….parquet): the
             # folder names are key columns, and (like the input's) they are read back as strings;
@@ -75,14 +74,11 @@ class Run:
             # "_manifest.json" and hidden temporary files are not): pyarrow's ignore_prefixes=["_"]
             # dropped the rows under "_tenant=…" folders, and to_pandas() was empty with no word
             fs, root = filesystem(self._out.url, dict(self._out.storage_options))
-            pfs = fs if isinstance(fs, pafs.FileSystem) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-            base = root.rstrip("/")
+            pfs, base = arrow_fs(fs), root.rstrip("/")
             try:
-                listed = pfs.get_file_info(pafs.FileSelector(base, recursive=True))
+                files = [i.path for i in data_files(pfs, base) if i.size]
             except FileNotFoundError:
-                listed = []
-            files = sorted(i.path for i in listed if i.type == pafs.FileType.File and i.size
-                           and not _hidden(i.path[len(base) + 1:] if i.path.startswith(base + "/") else i.path))
+                files = []
             dataset = ds.dataset(files, filesystem=pfs, format="parquet", partition_base_dir=base,
                                  partitioning=ds.HivePartitioning.discover(infer_dictionary=True))
             table = dataset.to_table()
