@@ -164,6 +164,17 @@ class Location:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    def sizes(self, rel: str = "") -> dict[str, int]:
+        """The files under ``rel`` (the whole location for ``""``) with their sizes, keyed by
+        their paths relative to this location; empty when there is no such folder."""
+        try:
+            found = self.fs.find(self.path(rel) if rel else self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        root = self.root.strip("/")
+        return {path.strip("/")[len(root) + 1:]: info.get("size") for path, info in found.items()
+                if info.get("type") != "directory"}
+
     def glob(self, pattern: str) -> list[str]:
         """The paths (relative to this location) that match ``pattern``, sorted."""
         import glob

@@ -186,22 +186,16 @@ def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None
     """
     from .exceptions import StoreError
 
-    root = sink.root.strip("/")
-    try:
-        with output_errors(sink, run_id):
-            found = sink.fs.find(sink.root, detail=True)
-    except FileNotFoundError:
-        found = {}
+    with output_errors(sink, run_id):
+        found = sink.sizes()
     have = {}
     remote = not sink.is_local
-    for path, info in found.items():
-        rel = path.strip("/")[len(root) + 1:]
-        if info.get("type") == "directory" or rel in _OUTPUT_EXTRAS or any(
-                seg.startswith(".") for seg in rel.split("/")):
+    for rel, size in found.items():
+        if rel in _OUTPUT_EXTRAS or any(seg.startswith(".") for seg in rel.split("/")):
             continue
-        if remote and info.get("size") == 0:  # a folder marker (``scores/`` from the S3 console): no file
+        if remote and size == 0:  # a folder marker (``scores/`` from the S3 console): no file
             continue
-        have[rel] = info.get("size")
+        have[rel] = size
     # names only: a unit recomputed after its result was taken (a shuffle partition whose
     # worker died) rewrites its files under the same names, with other seconds in them
     ours = {p.path for r in results for p in r.parts}

@@ -334,18 +334,14 @@ class ModelStore:
         manifest would make LATEST a run whose models cannot be read."""
         from ._io import is_storage_error
 
-        root = self.location.root.strip("/")
         try:
-            found = self.location.fs.find(self.location.path(f"runs/{run_id}/parts"), detail=True)
-        except FileNotFoundError:
-            found = {}
+            have = self.location.sizes(f"runs/{run_id}/parts")
         except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
             if not is_storage_error(err):
                 raise
             raise StoreError(f"Cannot list the parts of run {run_id} in the store {self.location.url!r} "
                              f"({type(err).__name__}: {err}). Nothing was committed; once the store can be "
                              f"reached, run again with resume={run_id!r} (--resume {run_id}).") from err
-        have = {path.strip("/")[len(root) + 1:]: info.get("size") for path, info in found.items()}
         gone = [p.path for p in parts if have.get(p.path) != p.bytes]
         if gone:
             raise StoreError(
