@@ -313,7 +313,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     by_ = _as_tuple(by, "by")
     feats = _as_tuple(features, "features")
     mspec = resolve_model(model, params)
-    needs_time, needs_features = mspec.cls(**mspec.params).data_needs()  # may depend on the parameters
+    needs_time, needs_features = mspec.data_needs()  # may depend on the parameters
     if needs_time and time is None:
         raise ModelError(f"Model {mspec.name!r} needs a time column: pass time='...'.")
     if target is None:

@@ -43,6 +43,11 @@ class ModelSpec:
     params: dict
     serializer: str = "native"  # "native" (Model.to_bytes) or "pickle" (user models)
 
+    def data_needs(self) -> tuple[bool, bool]:
+        """(needs a time column, needs features) for these parameters, not only the class's
+        (``autoencoder`` needs a time with ``input="window"``, features with ``"features"``)."""
+        return self.cls(**self.params).data_needs()
+
     def __reduce__(self):
         # User classes travel with cloudpickle: by value when defined in a notebook or script
         # (or registered with cloudpickle.register_pickle_by_value), by reference otherwise.
@@ -359,7 +364,7 @@ def _needs_time(m: ModelSpec) -> bool:
     """Whether the model, with its parameters, models one series in time (``autoencoder``
     does with ``input="window"``, not with ``"features"``)."""
     try:
-        return bool(m.cls(**m.params).data_needs()[0])
+        return bool(m.data_needs()[0])
     except GROUP_ERRORS:  # noqa: BLE001 - a class that cannot say: its class attribute
         return bool(getattr(m.cls, "needs_time", False))
 
