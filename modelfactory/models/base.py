@@ -29,6 +29,7 @@ import numpy as np
 from scipy.special import erf
 
 from ..exceptions import GROUP_ERRORS, ModelError, NotFittedError, ParameterError
+from ._util import max_abs
 
 __all__ = ["Param", "Model", "SeriesBatch", "SkipGroup", "robust_score", "debounce", "SCORE_KEYS",
            "SCORING_PARAMS", "dumps", "loads"]
@@ -44,8 +45,7 @@ MAX_ABS_VALUE = 1e150
 
 def too_large(name: str, y: np.ndarray) -> str | None:
     """Why the values ``y`` are too large to model (None when they are not)."""
-    fin = np.abs(y[np.isfinite(y)])
-    big = float(fin.max()) if fin.size else 0.0
+    big = max_abs(y)
     if big <= MAX_ABS_VALUE:
         return None
     return (f"{name}: values as large as {big:.3g} are beyond what float64 arithmetic can model "
