@@ -192,6 +192,106 @@ def test_group_frames_equal_iloc_slices_indexed_from_zero():
     assert b.index.name is None and cut(0, 2).index.name is None
 
 
+def _caches_columns() -> bool:
+    """Whether this pandas caches a frame's column Series (pandas 2 without copy-on-write)."""
+    import pandas._config as pd_config
+
+    if not hasattr(pd_config, "using_copy_on_write"):  # pandas 3: always copy-on-write
+        return False
+    return not (pd_config.using_copy_on_write() or getattr(pd_config, "warn_copy_on_write", lambda: False)())
+
+
+def _unit_frame(groups: int):
+    return pa.table({"k": [f"g{i // 2}" for i in range(2 * groups)],
+                     "t": pa.array(range(2 * groups), pa.timestamp("ms", "UTC")),
+                     "v": [float(i) for i in range(2 * groups)],
+                     "n": pa.array([i if i % 3 else None for i in range(2 * groups)], pa.int64()),
+                     "c": pa.array(["x", "y"] * groups).dictionary_encode()}).to_pandas()
+
+
+def test_group_frames_behave_the_same_with_the_columns_the_function_read_cached(monkeypatch):
+    """Reads, in-place writes through a column, ``.loc`` writes and new columns give the same
+    results, the same warnings and the same unit frame with and without the cached columns."""
+    import warnings
+
+    import pandas as pd
+
+    import modelfactory.grouped_map as gm
+
+    def func(df):
+        df["n"].fillna(-9.0, inplace=True)  # chained, on a cached column: pandas 2 writes through the cache
+        total = df["v"].sum()
+        df["v"] *= 2  # through the (cached) Series
+        col = df["n"]
+        col.iloc[0] = -5.0  # chained: pandas 2 writes through and warns
+        df.loc[df.index[-1], "v"] = -1.0
+        df["w"] = df.v + df["t"].dt.hour
+        return total, df["k"].iloc[0], df["c"].tolist(), df["v"].tolist(), df["n"].tolist(), df["w"].tolist()
+
+    def run(cached: bool):
+        unit = _unit_frame(80)
+        if not cached:
+            monkeypatch.setattr(gm, "_column_cacher", lambda df, frame: None)
+        cut = gm.frame_slicer(unit)
+        monkeypatch.undo()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = [func(cut(2 * i, 2 * i + 2)) for i in range(80)]
+        return out, [(w.category.__name__, str(w.message), w.lineno) for w in seen], unit
+
+    got, got_warnings, got_unit = run(cached=True)
+    want, want_warnings, want_unit = run(cached=False)
+    assert repr(got) == repr(want)  # NaN == NaN
+    assert got_warnings == want_warnings
+    pd.testing.assert_frame_equal(got_unit, want_unit)
+    assert want[0][3] == [0.0, -1.0] and want[5][0] == 21.0
+
+
+def test_group_frames_cache_what_the_function_read_from_recent_groups():
+    import pytest
+
+    import modelfactory.grouped_map as gm
+
+    unit = _unit_frame(gm._RELEARN + 3)
+    cut = gm.frame_slicer(unit)
+    if not _caches_columns():  # pandas 3: every frame's column is a new Series; nothing to cache
+        assert gm._column_cacher(unit, cut) is None
+        pytest.skip("this pandas keeps no column cache (copy-on-write)")
+    first = cut(0, 2)
+    assert not first._item_cache  # nothing read yet: nothing cached
+    first["v"], first.k  # noqa: B018 - reads, as a function would
+    for i in range(1, gm._RELEARN):
+        f = cut(2 * i, 2 * i + 2)
+        assert list(f._item_cache) == ["v", "k"]  # cached before the function runs
+        assert f["v"].tolist() == [2.0 * i, 2.0 * i + 1] and f.k.name == "k"
+        assert f["v"] is f._item_cache["v"]
+    # every RELEARN-th group starts empty again, so a column the function stopped reading is dropped
+    again = cut(2 * gm._RELEARN, 2 * gm._RELEARN + 2)
+    assert not again._item_cache
+    again["v"]  # noqa: B018
+    assert list(cut(2 * gm._RELEARN + 2, 2 * gm._RELEARN + 4)._item_cache) == ["v"]
+
+
+def test_group_frames_leave_the_column_cache_to_pandas_where_it_would_differ():
+    import pandas as pd
+
+    import modelfactory.grouped_map as gm
+
+    def frames(df):
+        return lambda s, e: df.iloc[s:e]
+
+    unit = _unit_frame(3)
+    assert (gm._column_cacher(unit, frames(unit)) is not None) == _caches_columns()
+    if _caches_columns():
+        with pd.option_context("mode.copy_on_write", True):
+            assert gm._column_cacher(unit, frames(unit)) is None
+    twice = pd.DataFrame([[1.0, 2.0]], columns=["a", "a"])  # pandas reads no cache for these
+    assert gm._column_cacher(twice, frames(twice)) is None
+    labelled = _unit_frame(3)
+    labelled.attrs["source"] = "x"  # a column would carry these (``__finalize__``)
+    assert gm._column_cacher(labelled, frames(labelled)) is None
+
+
 def test_apply_groups_collects_extension_columns_and_their_missing_values():
     import pandas as pd
 
