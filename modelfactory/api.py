@@ -727,6 +727,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     from .scoring import check_key_types, score_table, score_unit
 
     st = ModelStore(store, storage_options=storage_options)
+    st.location.check_bucket(StoreError)  # an unreachable store: an error naming it, not botocore's
     man = st.manifest(run)
     sp = man["spec"]
     by_ = tuple(sp["by"])

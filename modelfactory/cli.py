@@ -579,7 +579,8 @@ def _cmd_demo(args) -> int:
         raise ModelFactoryError("--series and --days must be at least 1.")
     if not args.quiet and not args.json:
         print(f"writing {args.series:,} hourly series x {args.days} days to {data}")
-    write_dataset(data, args.series, days=args.days)
+    with _store_errors(data, "the demo dataset folder"):
+        write_dataset(data, args.series, days=args.days, storage_options=_storage_options(args))
     run = train(data, by=["app", "site"], time="ts", target="value", model=args.model, store=store,
                 cluster=args.cluster, workers=args.workers, unit_rows=args.unit_rows, config=args.config,
                 progress=not (args.quiet or args.json))

@@ -83,3 +83,35 @@ def test_an_unreachable_endpoint_is_one_error_line_naming_the_store(s3, trained,
         assert code == 2, (argv, err)
         assert err.startswith("error: ") and err.count("\n") == 1 and store in err, (argv, err)
         assert "internal error" not in err and s3.secret not in err and s3.key not in err, (argv, err)
+
+
+@pytest.mark.timeout(120)
+def test_demo_writes_its_dataset_to_the_endpoint_of_the_config(s3, config, capsys):
+    # `demo --out s3://... --config FILE` wrote the dataset with no storage options (to AWS: an
+    # internal error), while it trained with them
+    out = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}"
+    code = main(["demo", "--out", out, "--series", "4", "--days", "3", "--scheduler", "inline", "-q",
+                 "--config", config])
+    assert code == 0, capsys.readouterr().err
+    assert modelfactory.ModelStore(f"{out}/store", storage_options=s3.storage_options()).groups().shape[0] == 4
+
+
+@pytest.mark.timeout(120)
+def test_train_score_and_demo_on_an_unreachable_endpoint_are_one_error_line(s3, trained, tmp_path, capsys):
+    store, _ = trained
+    data = store.rsplit("/", 1)[0] + "/data"
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    bad = _toml(tmp_path / "bad.toml", s3, endpoint=closed)
+    local = modelfactory.demo.write_dataset(str(tmp_path / "data"), series=4, days=3)
+    cases = {data: ["train", data, "--by", "app,site", "--time", "ts", "--target", "value",
+                    "--store", str(tmp_path / "store")],
+             store: ["score", local, "--store", store, "--out", str(tmp_path / "scores")],
+             f"s3://{BUCKET}/demo": ["demo", "--out", f"s3://{BUCKET}/demo", "--series", "4", "--days", "3"]}
+    for url, argv in cases.items():
+        code = main([*argv, "--scheduler", "inline", "-q", "--config", bad])
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and url in err, (argv, err)
+        assert "internal error" not in err and s3.secret not in err, (argv, err)
