@@ -168,7 +168,7 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
         raise StoreError(f"The output folder {out!r} is a file; pick a folder (new or empty).")
     if fs.exists(root) and [p for p in fs.ls(root, detail=False) if not (remote and p.rstrip("/") == root)]:
         if not overwrite:
-            raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True.")
+            raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True (--overwrite).")
         if sink.is_bucket():
             raise StoreError(f"The output {out!r} is a whole bucket, and it is not empty: overwrite would delete "
                              "everything in it. Write to a folder inside it, such as "

@@ -451,7 +451,7 @@ def _cmd_score(args) -> int:
                 config=args.config, filter=_filter(args), progress=not (args.quiet or args.json))
     _print_summary(run, args, args.out)
     if not args.json:
-        print(f"{run.summary['anomalies']:,} anomalous points; top groups in {args.out}/_anomalies.json")
+        print(f"{run.summary['anomalies']:,} anomalous points; top groups in {args.out.rstrip('/')}/_anomalies.json")
     return 0
 
 

@@ -405,3 +405,18 @@ def test_where_on_the_time_column_of_data_in_underscore_key_folders(tmp_path, ca
     assert main(["train", str(tmp_path / "data"), "--by", "_tenant,site", "--time", "ts", "--target", "value",
                  "--store", str(tmp_path / "s"), "--scheduler", "inline", "--quiet", "-p", "season_length=12",
                  "--where", "ts < '2026-03-04'"]) == 0, capsys.readouterr().err
+
+
+def test_score_into_a_folder_given_with_a_slash_as_the_guide_shows(by_app, tmp_path, capsys, monkeypatch):
+    """`score ... --out scores/` printed 'top groups in scores//_anomalies.json', and a second run
+    into it said 'pass overwrite=True', a Python argument, to a shell user."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--scheduler", "inline", "--quiet"]
+    assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", "models/",
+                 "-p", "season_length=12", *base]) == 0
+    assert main(["score", by_app, "--store", "models/", "--out", "scores/", *base]) == 0
+    out = capsys.readouterr().out
+    assert "top groups in scores/_anomalies.json" in out, out
+    assert main(["score", by_app, "--store", "models/", "--out", "scores/", *base]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: The output folder 'scores/' is not empty") and "--overwrite" in err, err
