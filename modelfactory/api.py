@@ -315,11 +315,11 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     mspec = resolve_model(model, params)
     needs_time, needs_features = mspec.data_needs()  # may depend on the parameters
     if needs_time and time is None:
-        raise ModelError(f"Model {mspec.name!r} needs a time column: pass time='...'.")
+        raise ModelError(f"Model {mspec.name!r} needs a time column: pass time='...' (--time).")
     if target is None:
-        raise ModelError("train needs a target column: pass target='...'.")
+        raise ModelError("train needs a target column: pass target='...' (--target).")
     if needs_features and not feats:
-        raise ModelError(f"Model {mspec.name!r} needs feature columns: pass features=[...].")
+        raise ModelError(f"Model {mspec.name!r} needs feature columns: pass features=[...] (--features).")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time, target=target, features=feats)
     st = ModelStore(store, storage_options=storage_options)

@@ -167,7 +167,7 @@ class ModelStore:
                         f"run={runs[-1]!r} (--run), retrain them with base={runs[-1]!r} (--base) and "
                         "retrain='failed' (--only-failed), or train again.")
                 raise StoreError(f"The store at {self.location.url!r} has no committed run yet. "
-                                 "Train first: modelfactory.train(..., store=...).")
+                                 "Train first: modelfactory.train(..., store=...) (python -m modelfactory train ... --store).")
             if not self.location.exists(f"runs/{rid}/manifest.json"):
                 runs = self.runs()
                 known = (", ".join(runs[-5:]) + (f" (and {len(runs) - 5} older)" if len(runs) > 5 else "")
@@ -542,7 +542,7 @@ def key_values(key: Any, by: list[str], where: str) -> tuple:
     """The values of a group key (a dict, a tuple, or one value when ``by`` has one column), in
     the order of ``by``; refused unless it gives exactly one value for each ``by`` column."""
     need = (f"The key needs a value for each of the `by` columns of {where} "
-            f"({', '.join(by)}), e.g. {dict.fromkeys(by, '...')}")
+            f"({', '.join(by)}), e.g. {dict.fromkeys(by, '...')} (--key {','.join(k + '=...' for k in by)})")
     if isinstance(key, dict):
         missing = [k for k in by if k not in key]
         unknown = [k for k in key if k not in by]

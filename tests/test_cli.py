@@ -420,3 +420,20 @@ def test_score_into_a_folder_given_with_a_slash_as_the_guide_shows(by_app, tmp_p
     assert main(["score", by_app, "--store", "models/", "--out", "scores/", *base]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: The output folder 'scores/' is not empty") and "--overwrite" in err, err
+
+
+def test_errors_the_cli_shows_name_its_options(by_app, tmp_path, capsys):
+    """A shell user was told to 'pass time=...', to 'Train first: modelfactory.train(..., store=...)'
+    and to give a key like {'app': '...', 'site': '...'}: Python they cannot type here."""
+    store = str(tmp_path / "s")
+    assert main(["train", by_app, "--by", "app,site", "--target", "value", "--store", store,
+                 "--scheduler", "inline", "-q"]) == 2
+    assert "(--time)" in capsys.readouterr().err
+    assert main(["models", "show", "--store", store]) == 2
+    assert "python -m modelfactory train ... --store" in capsys.readouterr().err
+    assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "--scheduler", "inline", "-q", "-p", "season_length=12"]) == 0
+    capsys.readouterr()
+    assert main(["models", "show", "--store", store, "--key", "app=app0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "(--key app=...,site=...)" in err and err.count("\n") == 1, err
