@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--days", type=int, default=200, help="days of sales per group (default: %(default)s)")
     p.add_argument("--cluster", help="'inline', a scheduler address, or leave out for a LocalCluster")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default: %(default)s)")
-    p.add_argument("--out", help="write the per-group results as Parquet here instead of returning them")
+    p.add_argument("--out", help="write the per-group results as Parquet into this new or empty folder instead of "
+                                          "returning them")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="mf-forest-") as tmp:
