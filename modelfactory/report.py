@@ -455,8 +455,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """
     p = subparsers.add_parser(
         "report", help="write a self-contained HTML report of a run (and its scores)",
-        description="Write one self-contained HTML file about a training run: counts by status and "
-                    "dimension, failed and slowest groups, fit times; with --scores, the series with "
+        description="Write one self-contained HTML file about a training run: counts by status and\n"
+                    "dimension, failed and slowest groups, fit times; with --scores, the series with\n"
                     "the most anomalies, drawn.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
