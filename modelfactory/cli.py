@@ -436,7 +436,11 @@ def _cmd_train(args) -> int:
                 progress=not (args.quiet or args.json))
     _print_summary(run, args, args.store)
     if not run.summary["counts"]["ok"]:
-        print(f"error: run {run.id} fitted no model: every group failed or was skipped (see above); it is kept "
+        g = run.groups
+        top = g.loc[g["status"] != "ok"].groupby(["status", "error"], dropna=False).size().sort_values(
+            ascending=False, kind="stable")
+        why = f" (most often, {top.iloc[0]:,} {top.index[0][0]}: {top.index[0][1]})" if len(top) else ""
+        print(f"error: run {run.id} fitted no model: every group failed or was skipped{why}; it is kept "
               f"for inspection (models show --store {args.store} --run {run.id}), and LATEST was not moved",
               file=sys.stderr)
         return 2

@@ -437,3 +437,12 @@ def test_errors_the_cli_shows_name_its_options(by_app, tmp_path, capsys):
     assert main(["models", "show", "--store", store, "--key", "app=app0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "(--key app=...,site=...)" in err and err.count("\n") == 1, err
+
+
+def test_a_run_that_fits_no_model_says_why_in_its_error_line(by_app, tmp_path, capsys):
+    """Every group skipped said 'every group failed or was skipped (see above)', and above was
+    only the counts: the reason (season longer than every series) took `models show --run`."""
+    assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store",
+                 str(tmp_path / "s"), "--scheduler", "inline", "--quiet", "-p", "season_length=500"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "every group failed or was skipped (most often, 12 skipped: seasonal needs at least 1000 " in line, line
