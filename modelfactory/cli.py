@@ -436,15 +436,19 @@ def _cmd_train(args) -> int:
                 progress=not (args.quiet or args.json))
     _print_summary(run, args, args.store)
     if not run.summary["counts"]["ok"]:
-        g = run.groups
-        top = g.loc[g["status"] != "ok"].groupby(["status", "error"], dropna=False).size().sort_values(
-            ascending=False, kind="stable")
-        why = f" (most often, {top.iloc[0]:,} {top.index[0][0]}: {top.index[0][1]})" if len(top) else ""
-        print(f"error: run {run.id} fitted no model: every group failed or was skipped{why}; it is kept "
+        print(f"error: run {run.id} fitted no model: every group failed or was skipped{_why_none(run)}; it is kept "
               f"for inspection (models show --store {args.store} --run {run.id}), and LATEST was not moved",
               file=sys.stderr)
         return 2
     return 0
+
+
+def _why_none(run) -> str:
+    """The commonest reason the groups of a run that did nothing failed or were skipped."""
+    g = run.groups
+    top = g.loc[g["status"] != "ok"].groupby(["status", "error"], dropna=False).size().sort_values(
+        ascending=False, kind="stable")
+    return f" (most often, {top.iloc[0]:,} {top.index[0][0]}: {top.index[0][1]})" if len(top) else ""
 
 
 def _cmd_score(args) -> int:
@@ -456,6 +460,10 @@ def _cmd_score(args) -> int:
     _print_summary(run, args, args.out)
     if not args.json:
         print(f"{run.summary['anomalies']:,} anomalous points; top groups in {args.out.rstrip('/')}/_anomalies.json")
+    if run.summary["groups"] and not run.summary["counts"]["ok"]:  # a scheduled job must not pass silently
+        print(f"error: run {run.id} scored no group: every group failed or was skipped{_why_none(run)}",
+              file=sys.stderr)
+        return 2
     return 0
 
 

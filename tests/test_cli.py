@@ -446,3 +446,20 @@ def test_a_run_that_fits_no_model_says_why_in_its_error_line(by_app, tmp_path, c
                  str(tmp_path / "s"), "--scheduler", "inline", "--quiet", "-p", "season_length=500"]) == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert "every group failed or was skipped (most often, 12 skipped: seasonal needs at least 1000 " in line, line
+
+
+def test_score_that_scores_no_group_fails_like_train_that_fits_none(by_app, tmp_path, capsys):
+    """Scoring with models none of the data's groups has (or that all fail to load) printed
+    'ok 0, failed 0, skipped 12' and exited 0: a scheduled job never noticed it scored nothing."""
+    store, base = str(tmp_path / "s"), ["--scheduler", "inline", "--quiet"]
+    assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "-p", "season_length=12", "--where", "app = app0", *base]) == 0
+    capsys.readouterr()
+    assert main(["score", by_app, "--store", store, "--out", str(tmp_path / "o"), "--where", "app != app0",
+                 *base]) == 2
+    out, err = capsys.readouterr()
+    assert "ok 0, failed 0, skipped " in out
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: run ") and "scored no group: every group failed or was skipped (most often, " in line
+    # some groups scored: a success, the others skipped with their reason
+    assert main(["score", by_app, "--store", store, "--out", str(tmp_path / "o2"), *base]) == 0
