@@ -290,7 +290,12 @@ class ModelStore:
                 hit = tbl.slice(0, 1).to_pylist()[0]
                 break
         if hit is None:
-            raise StoreError(f"No group {dict(zip(by, want))} in run {man['run_id']!r}.")
+            from .plot import format_key
+
+            some = self.groups(man["run_id"])[list(by)].head(5)
+            shown = "; ".join(format_key(dict(zip(by, row))) for row in some.itertuples(index=False))
+            raise StoreError(f"No group {dict(zip(by, want))} in run {man['run_id']!r}. "
+                             f"Some that exist: {shown or 'none'}.")
         if hit["status"] != "ok":
             raise StoreError(f"Group {dict(zip(by, want))} has no model: {hit['status']} ({hit['error']}).")
         if serializer != "native":

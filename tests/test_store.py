@@ -403,3 +403,15 @@ def test_groups_reads_one_run_when_another_commits_meanwhile(by_app, tmp_path, m
     assert calls and st.latest() == calls[0] != first.id
     assert len(modelfactory.ModelStore(store).groups()) < len(first.groups)  # the new run: app0 only
     pd.testing.assert_frame_equal(groups.drop(columns="seconds"), first.groups.drop(columns="seconds"))
+
+
+def test_an_unknown_key_names_some_that_exist(by_app, tmp_path, capsys):
+    """`models show --key` (and ModelStore.load) with a key the run lacks said only 'No group
+    {...} in run ...', while `plot --store` for the same key lists some that exist."""
+    store = str(tmp_path / "s")
+    modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    assert main(["models", "show", "--store", store, "--key", "app=checkout,site=eu-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Some that exist: app=app0,site=s" in err, err
+    with pytest.raises(StoreError, match=r"Some that exist: app=app\d,site=s\d+; "):
+        modelfactory.ModelStore(store).load({"app": "checkout", "site": "eu-1"})
