@@ -210,24 +210,36 @@ def frame_slicer(df) -> Callable[[int, int], Any]:
     if cache is None:
         return frame
     wanted: list = []  # the labels to put in each frame's cache
-    last = None  # the frame handed out last, and whether its cache was left to the function
+    last = None  # the frame handed out last, and its part in learning (0: none; 1, 2: first, second)
     count = 0
+    off = False
 
     def cut(s: int, e: int):
-        nonlocal wanted, last, count
+        nonlocal wanted, last, count, off
+        if off:
+            return frame(s, e)
         if last is not None:  # what the function read from the last group: pandas cached it
-            seen, learning = last[0]._item_cache, last[1]
-            if learning or len(seen) > len(wanted):
-                wanted = [c for c in seen if c in cache.columns] if learning else \
-                    wanted + [c for c in seen if c not in wanted and c in cache.columns]
+            f, step = last
+            if f._attrs or not f._flags.allows_duplicate_labels:
+                # The function labels its frames: a column it reads after that carries the labels
+                # (pandas' __finalize__), one cached before would not.  pandas makes them from here.
+                off, last, wanted = True, None, []
+                return frame(s, e)
+            if step == 1:
+                wanted = [c for c in f._item_cache if c in cache.columns]
+            elif step == 2:  # only what both learning frames read: not a column read now and then
+                wanted = [c for c in wanted if c in f._item_cache]
         f = frame(s, e)
-        # The first group, and one in every RELEARN, starts with an empty cache: so the labels
-        # follow the function when it stops reading a column.
-        learning = count % _RELEARN == 0
+        # The first two groups, and two in every RELEARN, start with an empty cache: so the labels
+        # follow the function when it stops reading a column, and a column read in one group
+        # (its own column of a wide table, or all of them in a ``df.items()``) is not built for
+        # the groups after it.
+        step = count % _RELEARN
         count += 1
-        if wanted and not learning:
+        step = step + 1 if step < 2 else 0
+        if wanted and not step:
             cache(f, wanted)
-        last = (f, learning)
+        last = (f, step)
         return f
 
     return cut

@@ -259,8 +259,11 @@ def test_group_frames_cache_what_the_function_read_from_recent_groups():
         pytest.skip("this pandas keeps no column cache (copy-on-write)")
     first = cut(0, 2)
     assert not first._item_cache  # nothing read yet: nothing cached
-    first["v"], first.k  # noqa: B018 - reads, as a function would
-    for i in range(1, gm._RELEARN):
+    first["v"], first.k, first["n"]  # noqa: B018 - reads, as a function would
+    second = cut(2, 4)
+    assert not second._item_cache  # the second group learns too
+    second["v"], second.k  # noqa: B018 - not "n": it is not cached for the groups after
+    for i in range(2, gm._RELEARN):
         f = cut(2 * i, 2 * i + 2)
         assert list(f._item_cache) == ["v", "k"]  # cached before the function runs
         assert f["v"].tolist() == [2.0 * i, 2.0 * i + 1] and f.k.name == "k"
@@ -269,7 +272,61 @@ def test_group_frames_cache_what_the_function_read_from_recent_groups():
     again = cut(2 * gm._RELEARN, 2 * gm._RELEARN + 2)
     assert not again._item_cache
     again["v"]  # noqa: B018
-    assert list(cut(2 * gm._RELEARN + 2, 2 * gm._RELEARN + 4)._item_cache) == ["v"]
+    again = cut(2 * gm._RELEARN + 2, 2 * gm._RELEARN + 4)
+    assert not again._item_cache
+    again["v"]  # noqa: B018
+    assert list(cut(2 * gm._RELEARN + 4, 2 * gm._RELEARN + 6)._item_cache) == ["v"]
+
+
+def test_group_frames_give_a_column_the_labels_the_function_put_on_its_frame(monkeypatch):
+    """pandas copies a frame's ``attrs`` and ``flags`` into a column Series when it first makes
+    it: a function that labels its frame and then reads a column sees the labels on it, with
+    or without the cache."""
+    import modelfactory.grouped_map as gm
+
+    def func(df):
+        df.attrs["unit"] = "kg"
+        if len(df.attrs) == 1:
+            df.flags.allows_duplicate_labels = False
+        v = df["v"]
+        return v.attrs, v.flags.allows_duplicate_labels, (v * 2).attrs, df["k"].attrs
+
+    def run(cached: bool):
+        if not cached:
+            monkeypatch.setattr(gm, "_column_cacher", lambda df, frame: None)
+        cut = gm.frame_slicer(_unit_frame(gm._RELEARN + 5))
+        monkeypatch.undo()
+        return [func(cut(2 * i, 2 * i + 2)) for i in range(gm._RELEARN + 5)]
+
+    want = run(cached=False)
+    assert want[3] == ({"unit": "kg"}, False, {"unit": "kg"}, {"unit": "kg"})
+    assert run(cached=True) == want
+
+
+def test_group_frames_cache_only_the_columns_the_function_keeps_reading():
+    """A column read in one group is not built for every group after it: a function that reads
+    its own column in each group (a wide table), or all of them now and then (``df.items()``,
+    ``to_dict``), would otherwise pay for up to 64 columns a group it does not read."""
+    import pytest
+
+    import modelfactory.grouped_map as gm
+
+    if not _caches_columns():
+        pytest.skip("this pandas keeps no column cache (copy-on-write)")
+    groups = 2 * gm._RELEARN
+    unit = _unit_frame(groups)
+    for j in range(40):
+        unit[f"x{j}"] = float(j)
+    cut = gm.frame_slicer(unit)
+    handed = []
+    for i in range(groups):
+        f = cut(2 * i, 2 * i + 2)
+        handed.append(list(f._item_cache))
+        f["v"], f[f"x{i % 40}"]  # noqa: B018 - the column and a column of its own
+        if i % 10 == 3:
+            f.to_dict("list")  # every column, now and then
+    assert max(map(len, handed)) <= 2, max(handed, key=len)
+    assert sum("v" in h for h in handed) >= groups // 4  # still cached where it helps
 
 
 def test_group_frames_leave_the_column_cache_to_pandas_where_it_would_differ():
