@@ -329,6 +329,56 @@ def test_group_frames_cache_only_the_columns_the_function_keeps_reading():
     assert sum("v" in h for h in handed) >= groups // 4  # still cached where it helps
 
 
+def test_group_frames_name_a_column_by_its_label_whatever_key_read_it(monkeypatch):
+    """``df[np.str_("v")]`` (a name from a numpy array) reads column "v": pandas names the
+    Series by the frame's label, a ``str``, and so does the cache."""
+    import modelfactory.grouped_map as gm
+
+    def func(df):
+        return [(type(df[c].name), repr(df[c].name), repr(df[c].to_frame().columns[0]))
+                for c in np.array(["v", "k"])] + [repr(df["v"].name)]
+
+    def run(cached: bool):
+        if not cached:
+            monkeypatch.setattr(gm, "_column_cacher", lambda df, frame: None)
+        cut = gm.frame_slicer(_unit_frame(8))
+        monkeypatch.undo()
+        return [func(cut(2 * i, 2 * i + 2)) for i in range(8)]
+
+    want = run(cached=False)
+    assert want[5] == [(str, "'v'", "'v'"), (str, "'k'", "'k'"), "'v'"]
+    assert run(cached=True) == want
+
+
+def test_group_frames_probe_only_the_columns_the_function_reads(monkeypatch):
+    """The check that a cached column is what pandas makes runs for the columns the function
+    reads, when they are first cached: not for all 300 columns of a wide unit, nor at all
+    for a slicer that hands out two groups (one per pattern of nulls may)."""
+    import pandas as pd
+    import pytest
+
+    import modelfactory.grouped_map as gm
+
+    if not _caches_columns():
+        pytest.skip("this pandas keeps no column cache (copy-on-write)")
+    probed = []
+    compare = pd.testing.assert_series_equal
+    monkeypatch.setattr(pd.testing, "assert_series_equal", lambda a, b, **kw: (probed.append(a.name), compare(a, b, **kw)))
+    wide = pa.Table.from_pandas(_unit_frame(10), preserve_index=False)
+    for j in range(300):
+        wide = wide.append_column(f"x{j}", pa.array(np.full(20, float(j))))
+    unit = wide.to_pandas()
+    cut = gm.frame_slicer(unit)
+    for i in range(2):
+        cut(2 * i, 2 * i + 2)["v"]  # noqa: B018
+    assert probed == []
+    for i in range(2, 10):
+        f = cut(2 * i, 2 * i + 2)
+        assert f["v"].tolist() == [2.0 * i, 2.0 * i + 1]
+    assert probed == ["v"]
+    assert list(f._item_cache) == ["v"]  # cached all the same
+
+
 def test_group_frames_leave_the_column_cache_to_pandas_where_it_would_differ():
     import pandas as pd
 
