@@ -210,7 +210,7 @@ def frame_slicer(df) -> Callable[[int, int], Any]:
     if cache is None:
         return frame
     wanted: list = []  # the labels to put in each frame's cache
-    last = None  # the frame handed out last, and its part in learning (0: none; 1, 2: first, second)
+    last = None  # the frame handed out last, its part in learning (0: none; 1, 2: first, second), its rows
     count = 0
     off = False
 
@@ -219,16 +219,19 @@ def frame_slicer(df) -> Callable[[int, int], Any]:
         if off:
             return frame(s, e)
         if last is not None:  # what the function read from the last group: pandas cached it
-            f, step = last
-            if f._attrs or not f._flags.allows_duplicate_labels:
+            f, step, rows = last
+            seen = f._item_cache
+            if f._attrs or not f._flags.allows_duplicate_labels or (_UNCLEARED in seen and f._mgr.axes[1] is not rows):
                 # The function labels its frames: a column it reads after that carries the labels
-                # (pandas' __finalize__), one cached before would not.  pandas makes them from here.
+                # (pandas' __finalize__), one cached before would not.  Or it changed the rows and
+                # pandas left the cache as it was (rows added with .loc under a copy-on-write
+                # option_context): a column cached before would not have them.  pandas makes
+                # the columns from here.
                 off, last, wanted = True, None, []
                 return frame(s, e)
             if step == 1:
-                wanted = list(f._item_cache)
+                wanted = [c for c in seen if c is not _UNCLEARED]
             elif step == 2:  # only what both learning frames read: not a column read now and then
-                seen = f._item_cache
                 wanted = cache.usable([c for c in wanted if c in seen])
         f = frame(s, e)
         # The first two groups, and two in every RELEARN, start with an empty cache: so the labels
@@ -240,13 +243,16 @@ def frame_slicer(df) -> Callable[[int, int], Any]:
         step = step + 1 if step < 2 else 0
         if wanted and not step:
             cache(f, wanted)
-        last = (f, step)
+        # a key no label equals and no read returns: gone if pandas clears the frame's cache
+        f._item_cache[_UNCLEARED] = None
+        last = (f, step, f._mgr.axes[1])
         return f
 
     return cut
 
 
 _RELEARN = 64
+_UNCLEARED = object()
 
 
 def _column_cacher(df, frame) -> Callable[[Any, list], None] | None:
