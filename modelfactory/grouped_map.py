@@ -210,30 +210,49 @@ def frame_slicer(df) -> Callable[[int, int], Any]:
     if cache is None:
         return frame
     wanted: list = []  # the labels to put in each frame's cache
-    last = None  # the frame handed out last, and whether its cache was left to the function
+    last = None  # the frame handed out last, its part in learning (0: none; 1, 2: first, second), its rows
     count = 0
+    off = False
 
     def cut(s: int, e: int):
-        nonlocal wanted, last, count
+        nonlocal wanted, last, count, off
+        if off:
+            return frame(s, e)
         if last is not None:  # what the function read from the last group: pandas cached it
-            seen, learning = last[0]._item_cache, last[1]
-            if learning or len(seen) > len(wanted):
-                wanted = [c for c in seen if c in cache.columns] if learning else \
-                    wanted + [c for c in seen if c not in wanted and c in cache.columns]
+            f, step, rows = last
+            seen = f._item_cache
+            if f._attrs or not f._flags.allows_duplicate_labels or (_UNCLEARED in seen and f._mgr.axes[1] is not rows):
+                # The function labels its frames: a column it reads after that carries the labels
+                # (pandas' __finalize__), one cached before would not.  Or it changed the rows and
+                # pandas left the cache as it was (rows added with .loc under a copy-on-write
+                # option_context): a column cached before would not have them.  pandas makes
+                # the columns from here.
+                off, last, wanted = True, None, []
+                return frame(s, e)
+            if step == 1:
+                wanted = [c for c in seen if c is not _UNCLEARED]
+            elif step == 2:  # only what both learning frames read: not a column read now and then
+                wanted = cache.usable([c for c in wanted if c in seen])
         f = frame(s, e)
-        # The first group, and one in every RELEARN, starts with an empty cache: so the labels
-        # follow the function when it stops reading a column.
-        learning = count % _RELEARN == 0
+        # The first two groups, and two in every RELEARN, start with an empty cache: so the labels
+        # follow the function when it stops reading a column, and a column read in one group
+        # (its own column of a wide table, or all of them in a ``df.items()``) is not built for
+        # the groups after it.
+        step = count % _RELEARN
         count += 1
-        if wanted and not learning:
+        step = step + 1 if step < 2 else 0
+        if wanted and not step:
             cache(f, wanted)
-        last = (f, learning)
+        # a key no label equals and no read returns: gone if pandas clears the frame's cache
+        f._item_cache[_UNCLEARED] = None
+        last = (f, step, f._mgr.axes[1])
         return f
 
     return cut
 
 
 _RELEARN = 64
+_UNCLEARED = object()
 
 
 def _column_cacher(df, frame) -> Callable[[Any, list], None] | None:
@@ -246,9 +265,13 @@ def _column_cacher(df, frame) -> Callable[[Any, list], None] | None:
     would on its second read; one that never reads it costs the 3–4 µs, which is why
     :func:`frame_slicer` caches only the columns the function read from recent groups.
 
-    ``cache.columns``: the labels it can cache.  None where pandas keeps no such cache
-    (copy-on-write, pandas 3), where the labels are not unique (pandas reads no cache
-    then), or where the Series made here would differ from pandas' own on a probe frame.
+    ``cache.usable(keys)``: those of ``keys`` (what the function read a column by) it can
+    cache: a label of ``df`` whose Series made here is what pandas makes itself on a probe
+    frame.  A column is probed the first time it is asked about, so a unit pays for the
+    columns its function reads, not for every column of a wide table (nor a slicer that hands
+    out two groups, as one of each pattern of nulls in :func:`_group_inputs` may).  None where
+    pandas keeps no such cache (copy-on-write, pandas 3), where the labels are not unique
+    (pandas reads no cache then) or the frame has ``attrs`` (a column would carry them).
     """
     import pandas as pd
 
@@ -263,48 +286,71 @@ def _column_cacher(df, frame) -> Callable[[Any, list], None] | None:
         labels = df.columns
         if not labels.is_unique or len(df) == 0 or df.attrs or not df.flags.allows_duplicate_labels:
             return None
-        mgr = df._mgr
-        where = {c: (int(mgr.blknos[j]), int(mgr.blklocs[j]), j) for j, c in enumerate(labels)}
+        blknos, blklocs = df._mgr.blknos, df._mgr.blklocs
     except Exception:  # noqa: BLE001 - this pandas keeps its columns otherwise
         return None
 
     set_attr, from_mgr, ref = object.__setattr__, type(df)._constructor_sliced._from_mgr, weakref.ref
+    where: dict = {}  # key -> (block number, place in the block, label), or None: left to pandas
+    probes: list = []  # two frames of df to compare a cached Series with pandas' own, made once
 
     def cache(f, wanted: list) -> None:
         m = f._mgr
         blocks, items, store, is_copy, back = m.blocks, m.axes[1], f._item_cache, f._is_copy, ref(f)
         places = BlockPlacement(slice(0, len(items)))
         for c in wanted:
-            b, loc, _ = where[c]
+            b, loc, label = where[c]
             blk = blocks[b]
             col = SingleBlockManager(type(blk)(blk.iget(loc), placement=places, ndim=1, refs=blk.refs), items)
             ser = from_mgr(col, col.axes)
             # what DataFrame._box_col_values, Series._set_as_cached and DataFrame._get_item_cache
-            # set (NDFrame.__setattr__ sets these internal names with object.__setattr__);
+            # set (NDFrame.__setattr__ sets these internal names with object.__setattr__): the
+            # name is the frame's label, not the key it was read by (np.str_("v") reads "v");
             # __finalize__ copies nothing from a frame without attrs or flags, checked above
-            set_attr(ser, "_name", c)
-            set_attr(ser, "_cacher", (c, back))
+            set_attr(ser, "_name", label)
+            set_attr(ser, "_cacher", (label, back))
             set_attr(ser, "_is_copy", is_copy)
-            store[c] = ser
+            store[label] = ser
 
-    cache.columns = where  # type: ignore[attr-defined]
-    try:  # the probe: a cached Series must be what pandas makes itself
-        n = min(2, len(df))
-        ours, theirs = frame(0, n), frame(0, n)
-        cache(ours, list(labels))
-        for c in labels:
+    def probed(c):
+        """``where[c]`` if a Series cached for ``c`` is what pandas makes itself, else None."""
+        try:
+            j = labels.get_loc(c)
+            if type(j) is not int:
+                return None
+            label = labels[j]
+            where[c] = (int(blknos[j]), int(blklocs[j]), label)
+            if not probes:
+                n = min(2, len(df))
+                probes.extend((frame(0, n), frame(0, n)))
+            ours, theirs = probes
+            cache(ours, [c])
             a, b = ours[c], theirs[c]
             pd.testing.assert_series_equal(a, b)
             held_a, held_b = ours._mgr.blocks[where[c][0]], theirs._mgr.blocks[where[c][0]]
             if (type(a) is not type(b) or type(a._mgr._block) is not type(b._mgr._block)
+                    or type(a.name) is not type(b.name) or a.name != b.name
                     or (a.index is ours.index) != (b.index is theirs.index)
                     or a._cacher[0] != b._cacher[0] or a._cacher[1]() is not ours
                     or a._is_copy is not b._is_copy
                     or (a._mgr._block.refs is held_a.refs) != (b._mgr._block.refs is held_b.refs)
                     or np.shares_memory(a._values, held_a.values) != np.shares_memory(b._values, held_b.values)):
                 return None
-    except Exception:  # noqa: BLE001 - not as pandas makes them: leave the caching to pandas
-        return None
+        except Exception:  # noqa: BLE001 - not as pandas makes them: leave the caching to pandas
+            return None
+        return where[c]
+
+    def usable(keys) -> list:
+        out = []
+        for c in keys:
+            w = where.get(c, False)
+            if w is False:
+                w = where[c] = probed(c)
+            if w is not None:
+                out.append(c)
+        return out
+
+    cache.usable = usable  # type: ignore[attr-defined]
     return cache
 
 

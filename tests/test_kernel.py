@@ -201,6 +201,13 @@ def _caches_columns() -> bool:
     return not (pd_config.using_copy_on_write() or getattr(pd_config, "warn_copy_on_write", lambda: False)())
 
 
+def _cached(frame) -> list:
+    """The labels of the columns in ``frame``'s column cache (not the slicer's marker)."""
+    import modelfactory.grouped_map as gm
+
+    return [c for c in frame._item_cache if c is not getattr(gm, "_UNCLEARED", None)]
+
+
 def _unit_frame(groups: int):
     return pa.table({"k": [f"g{i // 2}" for i in range(2 * groups)],
                      "t": pa.array(range(2 * groups), pa.timestamp("ms", "UTC")),
@@ -258,18 +265,150 @@ def test_group_frames_cache_what_the_function_read_from_recent_groups():
         assert gm._column_cacher(unit, cut) is None
         pytest.skip("this pandas keeps no column cache (copy-on-write)")
     first = cut(0, 2)
-    assert not first._item_cache  # nothing read yet: nothing cached
-    first["v"], first.k  # noqa: B018 - reads, as a function would
-    for i in range(1, gm._RELEARN):
+    assert not _cached(first)  # nothing read yet: nothing cached
+    first["v"], first.k, first["n"]  # noqa: B018 - reads, as a function would
+    second = cut(2, 4)
+    assert not _cached(second)  # the second group learns too
+    second["v"], second.k  # noqa: B018 - not "n": it is not cached for the groups after
+    for i in range(2, gm._RELEARN):
         f = cut(2 * i, 2 * i + 2)
-        assert list(f._item_cache) == ["v", "k"]  # cached before the function runs
+        assert _cached(f) == ["v", "k"]  # cached before the function runs
         assert f["v"].tolist() == [2.0 * i, 2.0 * i + 1] and f.k.name == "k"
         assert f["v"] is f._item_cache["v"]
     # every RELEARN-th group starts empty again, so a column the function stopped reading is dropped
     again = cut(2 * gm._RELEARN, 2 * gm._RELEARN + 2)
-    assert not again._item_cache
+    assert not _cached(again)
     again["v"]  # noqa: B018
-    assert list(cut(2 * gm._RELEARN + 2, 2 * gm._RELEARN + 4)._item_cache) == ["v"]
+    again = cut(2 * gm._RELEARN + 2, 2 * gm._RELEARN + 4)
+    assert not _cached(again)
+    again["v"]  # noqa: B018
+    assert _cached(cut(2 * gm._RELEARN + 4, 2 * gm._RELEARN + 6)) == ["v"]
+
+
+def test_group_frames_give_a_column_the_labels_the_function_put_on_its_frame(monkeypatch):
+    """pandas copies a frame's ``attrs`` and ``flags`` into a column Series when it first makes
+    it: a function that labels its frame and then reads a column sees the labels on it, with
+    or without the cache."""
+    import modelfactory.grouped_map as gm
+
+    def func(df):
+        df.attrs["unit"] = "kg"
+        if len(df.attrs) == 1:
+            df.flags.allows_duplicate_labels = False
+        v = df["v"]
+        return v.attrs, v.flags.allows_duplicate_labels, (v * 2).attrs, df["k"].attrs
+
+    def run(cached: bool):
+        if not cached:
+            monkeypatch.setattr(gm, "_column_cacher", lambda df, frame: None)
+        cut = gm.frame_slicer(_unit_frame(gm._RELEARN + 5))
+        monkeypatch.undo()
+        return [func(cut(2 * i, 2 * i + 2)) for i in range(gm._RELEARN + 5)]
+
+    want = run(cached=False)
+    assert want[3] == ({"unit": "kg"}, False, {"unit": "kg"}, {"unit": "kg"})
+    assert run(cached=True) == want
+
+
+def test_group_frames_cache_only_the_columns_the_function_keeps_reading():
+    """A column read in one group is not built for every group after it: a function that reads
+    its own column in each group (a wide table), or all of them now and then (``df.items()``,
+    ``to_dict``), would otherwise pay for up to 64 columns a group it does not read."""
+    import pytest
+
+    import modelfactory.grouped_map as gm
+
+    if not _caches_columns():
+        pytest.skip("this pandas keeps no column cache (copy-on-write)")
+    groups = 2 * gm._RELEARN
+    unit = _unit_frame(groups)
+    for j in range(40):
+        unit[f"x{j}"] = float(j)
+    cut = gm.frame_slicer(unit)
+    handed = []
+    for i in range(groups):
+        f = cut(2 * i, 2 * i + 2)
+        handed.append(_cached(f))
+        f["v"], f[f"x{i % 40}"]  # noqa: B018 - the column and a column of its own
+        if i % 10 == 3:
+            f.to_dict("list")  # every column, now and then
+    assert max(map(len, handed)) <= 2, max(handed, key=len)
+    assert sum("v" in h for h in handed) >= groups // 4  # still cached where it helps
+
+
+def test_group_frames_give_the_rows_added_under_a_copy_on_write_context(monkeypatch):
+    """Under copy-on-write pandas adds a row with ``.loc`` without clearing the frame's column
+    cache: a column cached before would not have the row.  A function that does it (every
+    group, as functions do) gets its columns made by pandas, with the row, as without the cache."""
+    import pandas as pd
+
+    import modelfactory.grouped_map as gm
+
+    def func(df):
+        with pd.option_context("mode.copy_on_write", True):
+            df.loc[len(df)] = df.iloc[0]
+        return len(df), df["v"].tolist(), df["k"].tolist()
+
+    def run(cached: bool):
+        if not cached:
+            monkeypatch.setattr(gm, "_column_cacher", lambda df, frame: None)
+        cut = gm.frame_slicer(_unit_frame(8))
+        monkeypatch.undo()
+        return [func(cut(2 * i, 2 * i + 2)) for i in range(8)]
+
+    want = run(cached=False)
+    assert want[4] == (3, [8.0, 9.0, 8.0], ["g4", "g4", "g4"])
+    assert run(cached=True) == want
+
+
+def test_group_frames_name_a_column_by_its_label_whatever_key_read_it(monkeypatch):
+    """``df[np.str_("v")]`` (a name from a numpy array) reads column "v": pandas names the
+    Series by the frame's label, a ``str``, and so does the cache."""
+    import modelfactory.grouped_map as gm
+
+    def func(df):
+        return [(type(df[c].name), repr(df[c].name), repr(df[c].to_frame().columns[0]))
+                for c in np.array(["v", "k"])] + [repr(df["v"].name)]
+
+    def run(cached: bool):
+        if not cached:
+            monkeypatch.setattr(gm, "_column_cacher", lambda df, frame: None)
+        cut = gm.frame_slicer(_unit_frame(8))
+        monkeypatch.undo()
+        return [func(cut(2 * i, 2 * i + 2)) for i in range(8)]
+
+    want = run(cached=False)
+    assert want[5] == [(str, "'v'", "'v'"), (str, "'k'", "'k'"), "'v'"]
+    assert run(cached=True) == want
+
+
+def test_group_frames_probe_only_the_columns_the_function_reads(monkeypatch):
+    """The check that a cached column is what pandas makes runs for the columns the function
+    reads, when they are first cached: not for all 300 columns of a wide unit, nor at all
+    for a slicer that hands out two groups (one per pattern of nulls may)."""
+    import pandas as pd
+    import pytest
+
+    import modelfactory.grouped_map as gm
+
+    if not _caches_columns():
+        pytest.skip("this pandas keeps no column cache (copy-on-write)")
+    probed = []
+    compare = pd.testing.assert_series_equal
+    monkeypatch.setattr(pd.testing, "assert_series_equal", lambda a, b, **kw: (probed.append(a.name), compare(a, b, **kw)))
+    wide = pa.Table.from_pandas(_unit_frame(10), preserve_index=False)
+    for j in range(300):
+        wide = wide.append_column(f"x{j}", pa.array(np.full(20, float(j))))
+    unit = wide.to_pandas()
+    cut = gm.frame_slicer(unit)
+    for i in range(2):
+        cut(2 * i, 2 * i + 2)["v"]  # noqa: B018
+    assert probed == []
+    for i in range(2, 10):
+        f = cut(2 * i, 2 * i + 2)
+        assert f["v"].tolist() == [2.0 * i, 2.0 * i + 1]
+    assert probed == ["v"]
+    assert _cached(f) == ["v"]  # cached all the same
 
 
 def test_group_frames_leave_the_column_cache_to_pandas_where_it_would_differ():
