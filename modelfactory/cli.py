@@ -420,9 +420,11 @@ def _print_summary(run, args, where: str) -> None:
     s, c = run.summary, run.summary["counts"]
     print(f"run {run.id} ({s['kind']}): {s['groups']:,} groups, ok {c['ok']:,}, "
           f"failed {c['failed']:,}, skipped {c['skipped']:,}")
-    print(f"{s['rows']:,} rows in {s['units']} units ({s['mode']}); {s['wall_seconds']:.1f} s wall")
+    print(f"{s['rows']:,} rows in {s['units']} unit{'' if s['units'] == 1 else 's'} ({s['mode']}); "
+          f"{s['wall_seconds']:.1f} s wall")
+    by = getattr(args, "by", None) or s.get("spec", {}).get("by")  # train's --by; score's from its models
     for key, err in run.errors[:5]:
-        print(f"  failed {key}: {err}")
+        print(f"  failed {_key_text(key, by)}: {err}")
     print(f"written to {where}")
 
 
@@ -441,6 +443,17 @@ def _cmd_train(args) -> int:
               file=sys.stderr)
         return 2
     return 0
+
+
+def _key_text(key, by) -> str:
+    """A failed group's key as ``--key`` takes it (``app=a,site=b``) when its columns are known."""
+    from .api import _as_tuple
+    from .plot import format_key
+
+    by = _as_tuple(by, "by") if by else ()
+    if by and isinstance(key, tuple) and len(key) == len(by):
+        return format_key(dict(zip(by, key)))
+    return str(key)
 
 
 def _why_none(run) -> str:

@@ -58,6 +58,11 @@ def parse_key(key: Mapping[str, Any] | str) -> dict[str, str]:
     return parse(key, error=SchemaError)
 
 
+def _count(n: int, one: str, many: str) -> str:
+    """``"1 anomaly"``, ``"2 anomalies"``, ``"1,000 anomalies"``."""
+    return f"{n:,} {one if n == 1 else many}"
+
+
 def format_key(key: Mapping[str, Any]) -> str:
     """The ``"app=a,site=b"`` form of a key (the inverse of :func:`parse_key`).
 
@@ -134,7 +139,7 @@ class Series:
         return int(self.frame["is_anomaly"].sum())
 
     def __repr__(self) -> str:
-        return (f"<Series {format_key(self.key)}: {len(self.frame):,} rows, {self.anomalies:,} anomalies, "
+        return (f"<Series {format_key(self.key)}: {len(self.frame):,} rows, {_count(self.anomalies, 'anomaly', 'anomalies')}, "
                 f"from {self.source}>")
 
 
@@ -485,7 +490,7 @@ def draw(series: Series, ax, *, title: str | None = None):
     ax.scatter(x[flags], y[flags], color="C3", s=28, zorder=3, label=f"anomaly ({int(flags.sum())})")
     ax.set_ylabel(series.target, parse_math=False)
     if title is None:  # text from data ('$' in a key or column) is drawn as typed, never as mathtext
-        ax.set_title(f"{format_key(series.key)}: {int(flags.sum())} anomalies", fontsize="medium", loc="left",
+        ax.set_title(f"{format_key(series.key)}: {_count(int(flags.sum()), 'anomaly', 'anomalies')}", fontsize="medium", loc="left",
                      parse_math=False)
     else:
         ax.set_title(title, fontsize="medium", loc="left")
@@ -668,5 +673,5 @@ def draw_command(args: argparse.Namespace, series: "Series") -> int:
     """Draw ``series`` into ``args.out``; print one line; return 0."""
     _plot(series, None, args.out)
     print(f"wrote {args.out}: {format_key(series.key)}, {len(series.frame):,} points, "
-          f"{series.anomalies:,} anomalies")
+          f"{_count(series.anomalies, 'anomaly', 'anomalies')}")
     return 0

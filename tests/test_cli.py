@@ -463,3 +463,22 @@ def test_score_that_scores_no_group_fails_like_train_that_fits_none(by_app, tmp_
     assert line.startswith("error: run ") and "scored no group: every group failed or was skipped (most often, " in line
     # some groups scored: a success, the others skipped with their reason
     assert main(["score", by_app, "--store", store, "--out", str(tmp_path / "o2"), *base]) == 0
+
+
+def test_the_summary_names_failed_groups_as_key_takes_them(tmp_path, capsys):
+    """A failed group was shown as a tuple, ('a', 's2'), which no option takes; it is shown as
+    --key takes it (app=a,site=s2).  Also '1 units' read as a slip."""
+    import numpy as np
+    import pandas as pd
+
+    ts = pd.date_range("2026-01-05", periods=48, freq="h", tz="UTC")
+    rows = [pd.DataFrame({"site": site, "ts": t, "value": np.arange(48.0) % 12})
+            for site, t in (("s1", ts), ("s2", ts.insert(5, ts[5])[:48]))]  # s2 repeats a time: it fails
+    (tmp_path / "d" / "app=a").mkdir(parents=True)
+    pd.concat(rows).to_parquet(tmp_path / "d" / "app=a" / "part-0.parquet")
+    assert main(["train", str(tmp_path / "d"), "--by", "app,site", "--time", "ts", "--target", "value",
+                 "--store", str(tmp_path / "s"), "--scheduler", "inline", "--quiet", "-p", "season_length=12"]) == 0
+    out = capsys.readouterr().out
+    assert "ok 1, failed 1, skipped 0" in out and "1 unit (files)" in out
+    (line,) = [x for x in out.splitlines() if x.startswith("  failed ")]
+    assert line.startswith("  failed app=a,site=s2: "), line

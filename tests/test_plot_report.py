@@ -456,7 +456,7 @@ def test_dollar_signs_in_keys_and_columns_are_drawn_literally(tmp_path):
         rows["site"] = site
         ax = plot_series(rows, {"site": site}, out=tmp_path / "m.png")  # was: "Use .png, .svg or .pdf"
         assert _is_png((tmp_path / "m.png").read_bytes())
-        assert ax.get_title(loc="left") == f"{format_key({'site': site})}: 1 anomalies"
+        assert ax.get_title(loc="left") == f"{format_key({'site': site})}: 1 anomaly"
         assert ax.get_ylabel() == "v$x_1$" and ax.get_xlabel() == "t $a$ (UTC)"
         assert "v$x_1$" in [t.get_text() for t in ax.get_legend().get_texts()]
         for text in _data_texts(ax):  # drawn as typed, never as mathtext
