@@ -331,3 +331,31 @@ def test_a_score_run_over_hive_folders_gives_back_its_partition_keys(tmp_path):
     assert len(got) == len(t) and got["app"].map(type).eq(str).all()
     assert sorted(got.groupby(["app", "site"]).size().index) == sorted(t.groupby(["app", "site"]).size().index)
     assert set(got.columns) >= {"app", "site", "ts", "value", "expected", "score", "is_anomaly"}
+
+
+def test_outputs_do_not_carry_the_inputs_footer_schema(tmp_path):
+    """Spark writes its row schema into each file's footer (``org.apache.spark.sql.parquet.row.
+    metadata``) and reads a file's columns from it.  The store's parts, the scores, and the group
+    tables of ``score`` and ``apply`` used to carry the input's footer metadata: Spark then read
+    ``_groups/`` as the input's columns (app, ts, value: all null; no status, no error) and the
+    scores without ``expected``, ``score`` or ``is_anomaly``.  pandas' metadata was carried too."""
+    import glob
+    import json
+
+    import pyarrow.parquet as pq
+
+    t = make_table(4, days=3, apps=2, spikes=0)
+    spark = json.dumps({"type": "struct", "fields": [
+        {"name": n, "type": "string", "nullable": True, "metadata": {}} for n in ("site", "ts", "value", "h")]})
+    t = t.replace_schema_metadata({**(t.schema.metadata or {}), "org.apache.spark.version": "4.0.0",
+                                   "org.apache.spark.sql.parquet.row.metadata": spark})
+    data = write(t, tmp_path / "data", ["app"])
+    store, scores, applied = (str(tmp_path / n) for n in ("store", "scores", "applied"))
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    modelfactory.score(data, store=store, out=scores, cluster="inline")
+    modelfactory.apply(data, by=["app", "site"], func=lambda df: df[["app", "site"]].head(1),
+                       schema="app string, site string", out=applied, cluster="inline")
+    files = [f for d in (store, scores, applied) for f in glob.glob(f"{d}/**/*.parquet", recursive=True)]
+    assert len(files) == 1 + 3 + 2  # store part; 2 score folders + _groups; apply part + _groups
+    carried = {f: sorted(k.decode() for k in pq.read_schema(f).metadata or {}) for f in files}
+    assert not {f: keys for f, keys in carried.items() if keys}, carried
