@@ -359,3 +359,19 @@ def test_outputs_do_not_carry_the_inputs_footer_schema(tmp_path):
     assert len(files) == 1 + 3 + 2  # store part; 2 score folders + _groups; apply part + _groups
     carried = {f: sorted(k.decode() for k in pq.read_schema(f).metadata or {}) for f in files}
     assert not {f: keys for f, keys in carried.items() if keys}, carried
+
+
+def test_to_pandas_gives_number_like_folder_keys_back_as_written(tmp_path):
+    """Folder keys that all look like numbers (``app=007``, ``app=12``) were inferred as integers
+    by pyarrow and turned back into text: ``Run.to_pandas()`` said ``"7"`` for the group that
+    ``run.groups``, the store and the input call ``"007"``, so no join on the keys matched."""
+    t = make_table(4, days=3, apps=2, spikes=0).to_pandas()
+    t["app"] = t["app"].map({"app-00": "007", "app-01": "12"})
+    data = write(pa.Table.from_pandas(t, preserve_index=False), tmp_path / "data", ["app"])
+    store = str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    s = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline")
+    got = s.to_arrow()
+    assert got.schema.field("app").type == pa.string()
+    assert sorted(set(got["app"].to_pylist())) == ["007", "12"] == sorted(set(s.groups["app"]))
+    assert len(s.to_pandas().merge(s.groups, on=["app", "site"])) == len(t)
