@@ -375,3 +375,22 @@ def test_to_pandas_gives_number_like_folder_keys_back_as_written(tmp_path):
     assert got.schema.field("app").type == pa.string()
     assert sorted(set(got["app"].to_pylist())) == ["007", "12"] == sorted(set(s.groups["app"]))
     assert len(s.to_pandas().merge(s.groups, on=["app", "site"])) == len(t)
+
+
+def test_group_tables_keep_their_keys_as_columns_when_pandas_wrote_them_as_an_index(tmp_path):
+    """``df.set_index(["app", "site"]).to_parquet(...)`` marks the key columns as pandas' index in
+    the footer.  The group tables carried that footer: ``run.groups``, ``ModelStore.groups()`` and
+    ``pd.read_parquet("scores/_groups")`` gave the keys as the index, not as columns, and
+    ``plot --scores`` said the groups were "keyed by " nothing."""
+    from modelfactory.plot import load_series
+
+    df = make_table(4, days=3, apps=2, spikes=0).to_pandas()
+    (tmp_path / "data").mkdir()
+    df.set_index(["app", "site"]).to_parquet(tmp_path / "data" / "part-0.parquet")
+    data, store, out = str(tmp_path / "data"), str(tmp_path / "store"), str(tmp_path / "o")
+    run = modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    s = modelfactory.score(data, store=store, out=out, cluster="inline")
+    for groups in (run.groups, modelfactory.ModelStore(store).groups(), s.groups, pd.read_parquet(f"{out}/_groups")):
+        assert list(groups.columns[:3]) == ["app", "site", "status"] and len(groups) == 4
+    key = {"app": df.app.iloc[0], "site": df.site.iloc[0]}
+    assert len(load_series(out, key).frame) == (df.site == key["site"]).sum()
