@@ -128,7 +128,7 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
         parts = [p.__dict__ for r in results for p in r.parts]
         with output_errors(sink, run_id, "_manifest.json"):
             sink.write_bytes("_manifest.json", json.dumps(
-                {"run_id": run_id, "kind": kind, "summary": summary, "schema": str(out_schema),
+                {"run_id": run_id, "kind": kind, "summary": summary, "schema": None if out_schema is None else str(out_schema),
                  "parts": parts}, indent=1, default=str).encode())
         return Run(run_id, kind, summary, _out=sink, errors=errors)
     groups = pa.concat_tables([r.group_table for r in results]) if results else None

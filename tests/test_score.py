@@ -101,7 +101,9 @@ def test_scoring_an_empty_window_scores_nothing_and_succeeds(history_and_new, tm
     pq.write_table(empty, window / "part-0.parquet")
     run = modelfactory.score(str(tmp_path / "window"), store=store, out=str(tmp_path / "s1"), cluster="inline")
     assert run.summary["groups"] == 0 and run.summary["rows"] == 0 and len(run.groups) == 0
-    assert json.loads((tmp_path / "s1" / "_manifest.json").read_text())["summary"]["groups"] == 0
+    manifest = json.loads((tmp_path / "s1" / "_manifest.json").read_text())
+    assert manifest["summary"]["groups"] == 0
+    assert manifest["schema"] is None  # a score run has no output schema: JSON null, not the text "None"
     assert main(["score", str(tmp_path / "window"), "--store", store, "--out", str(tmp_path / "s2"),
                  "--scheduler", "inline", "--quiet"]) == 0
     # pandas writes an empty frame's text columns as type null: "The key column 'site' is null in the
