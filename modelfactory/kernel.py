@@ -506,7 +506,9 @@ def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
 
 
 def _finish(spec, unit_id, key_table, rows, extra, nrows, t0) -> UnitResult:
-    gt = key_table
+    # the input's schema metadata (Spark's row schema, pandas' columns) describes the input, not
+    # this table: Spark reads its columns from that metadata when present
+    gt = key_table.replace_schema_metadata(None)
     gt = gt.append_column("status", pa.array(rows["status"], pa.string()))
     gt = gt.append_column("error", pa.array(rows["error"], pa.string()))
     gt = gt.append_column("rows", pa.array(np.asarray(nrows, dtype=np.int64)))

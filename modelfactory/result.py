@@ -79,15 +79,14 @@ class Run:
                 files = [i.path for i in data_files(pfs, base) if i.size]
             except FileNotFoundError:
                 files = []
-            dataset = ds.dataset(files, filesystem=pfs, format="parquet", partition_base_dir=base,
-                                 partitioning=ds.HivePartitioning.discover(infer_dictionary=True))
-            table = dataset.to_table()
-            first = next(iter(dataset.get_fragments()), None)
-            inside = set(first.physical_schema.names) if first is not None else set(table.column_names)
-            for name in [n for n in table.column_names if n not in inside]:  # the folder names' keys
-                i = table.schema.get_field_index(name)
-                table = table.set_column(i, pa.field(name, pa.string()), table[name].cast(pa.string()))
-            return table
+            # the folder keys' names from the paths, then read as text: inferred, "site=007" was the
+            # integer 7 and came back as "7", a key the group table (and the model) call "007"
+            opts = ds.FileSystemFactoryOptions(partition_base_dir=base)
+            opts.partitioning_factory = ds.HivePartitioning.discover(infer_dictionary=False)
+            names = ds.FileSystemDatasetFactory(pfs, files, ds.ParquetFileFormat(), opts).inspect(fragments=0).names
+            strings = ds.partitioning(pa.schema([(n, pa.string()) for n in names]), flavor="hive") if names else None
+            return ds.dataset(files, filesystem=pfs, format="parquet", partition_base_dir=base,
+                              partitioning=strings).to_table()
         raise ModelFactoryError("This run has no tabular result (no schema was given).")
 
     def to_pandas(self) -> pd.DataFrame:
@@ -129,7 +128,7 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
         parts = [p.__dict__ for r in results for p in r.parts]
         with output_errors(sink, run_id, "_manifest.json"):
             sink.write_bytes("_manifest.json", json.dumps(
-                {"run_id": run_id, "kind": kind, "summary": summary, "schema": str(out_schema),
+                {"run_id": run_id, "kind": kind, "summary": summary, "schema": None if out_schema is None else str(out_schema),
                  "parts": parts}, indent=1, default=str).encode())
         return Run(run_id, kind, summary, _out=sink, errors=errors)
     groups = pa.concat_tables([r.group_table for r in results]) if results else None

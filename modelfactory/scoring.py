@@ -320,6 +320,9 @@ def _write_scores(spec: JobSpec, unit_id: str, scores: pa.Table, groups: pa.Tabl
     from ._io import write_parquet
 
     sink: Location = spec.sink
+    # without the input's schema metadata: Spark takes a file's columns from the row schema it
+    # wrote there, which lists the input's columns, so it would not see the scores at all
+    scores, groups = scores.replace_schema_metadata(None), groups.replace_schema_metadata(None)
     parts = [write_parquet(sink, f"{spec.groups_prefix}{unit_id}.parquet", groups)]
     keys = [k for k in spec.source.partition_keys if k in scores.column_names]
     if scores.num_rows == 0:

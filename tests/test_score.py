@@ -101,7 +101,9 @@ def test_scoring_an_empty_window_scores_nothing_and_succeeds(history_and_new, tm
     pq.write_table(empty, window / "part-0.parquet")
     run = modelfactory.score(str(tmp_path / "window"), store=store, out=str(tmp_path / "s1"), cluster="inline")
     assert run.summary["groups"] == 0 and run.summary["rows"] == 0 and len(run.groups) == 0
-    assert json.loads((tmp_path / "s1" / "_manifest.json").read_text())["summary"]["groups"] == 0
+    manifest = json.loads((tmp_path / "s1" / "_manifest.json").read_text())
+    assert manifest["summary"]["groups"] == 0
+    assert manifest["schema"] is None  # a score run has no output schema: JSON null, not the text "None"
     assert main(["score", str(tmp_path / "window"), "--store", store, "--out", str(tmp_path / "s2"),
                  "--scheduler", "inline", "--quiet"]) == 0
     # pandas writes an empty frame's text columns as type null: "The key column 'site' is null in the
@@ -331,3 +333,66 @@ def test_a_score_run_over_hive_folders_gives_back_its_partition_keys(tmp_path):
     assert len(got) == len(t) and got["app"].map(type).eq(str).all()
     assert sorted(got.groupby(["app", "site"]).size().index) == sorted(t.groupby(["app", "site"]).size().index)
     assert set(got.columns) >= {"app", "site", "ts", "value", "expected", "score", "is_anomaly"}
+
+
+def test_outputs_do_not_carry_the_inputs_footer_schema(tmp_path):
+    """Spark writes its row schema into each file's footer (``org.apache.spark.sql.parquet.row.
+    metadata``) and reads a file's columns from it.  The store's parts, the scores, and the group
+    tables of ``score`` and ``apply`` used to carry the input's footer metadata: Spark then read
+    ``_groups/`` as the input's columns (app, ts, value: all null; no status, no error) and the
+    scores without ``expected``, ``score`` or ``is_anomaly``.  pandas' metadata was carried too."""
+    import glob
+    import json
+
+    import pyarrow.parquet as pq
+
+    t = make_table(4, days=3, apps=2, spikes=0)
+    spark = json.dumps({"type": "struct", "fields": [
+        {"name": n, "type": "string", "nullable": True, "metadata": {}} for n in ("site", "ts", "value", "h")]})
+    t = t.replace_schema_metadata({**(t.schema.metadata or {}), "org.apache.spark.version": "4.0.0",
+                                   "org.apache.spark.sql.parquet.row.metadata": spark})
+    data = write(t, tmp_path / "data", ["app"])
+    store, scores, applied = (str(tmp_path / n) for n in ("store", "scores", "applied"))
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    modelfactory.score(data, store=store, out=scores, cluster="inline")
+    modelfactory.apply(data, by=["app", "site"], func=lambda df: df[["app", "site"]].head(1),
+                       schema="app string, site string", out=applied, cluster="inline")
+    files = [f for d in (store, scores, applied) for f in glob.glob(f"{d}/**/*.parquet", recursive=True)]
+    assert len(files) == 1 + 3 + 2  # store part; 2 score folders + _groups; apply part + _groups
+    carried = {f: sorted(k.decode() for k in pq.read_schema(f).metadata or {}) for f in files}
+    assert not {f: keys for f, keys in carried.items() if keys}, carried
+
+
+def test_to_pandas_gives_number_like_folder_keys_back_as_written(tmp_path):
+    """Folder keys that all look like numbers (``app=007``, ``app=12``) were inferred as integers
+    by pyarrow and turned back into text: ``Run.to_pandas()`` said ``"7"`` for the group that
+    ``run.groups``, the store and the input call ``"007"``, so no join on the keys matched."""
+    t = make_table(4, days=3, apps=2, spikes=0).to_pandas()
+    t["app"] = t["app"].map({"app-00": "007", "app-01": "12"})
+    data = write(pa.Table.from_pandas(t, preserve_index=False), tmp_path / "data", ["app"])
+    store = str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    s = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline")
+    got = s.to_arrow()
+    assert got.schema.field("app").type == pa.string()
+    assert sorted(set(got["app"].to_pylist())) == ["007", "12"] == sorted(set(s.groups["app"]))
+    assert len(s.to_pandas().merge(s.groups, on=["app", "site"])) == len(t)
+
+
+def test_group_tables_keep_their_keys_as_columns_when_pandas_wrote_them_as_an_index(tmp_path):
+    """``df.set_index(["app", "site"]).to_parquet(...)`` marks the key columns as pandas' index in
+    the footer.  The group tables carried that footer: ``run.groups``, ``ModelStore.groups()`` and
+    ``pd.read_parquet("scores/_groups")`` gave the keys as the index, not as columns, and
+    ``plot --scores`` said the groups were "keyed by " nothing."""
+    from modelfactory.plot import load_series
+
+    df = make_table(4, days=3, apps=2, spikes=0).to_pandas()
+    (tmp_path / "data").mkdir()
+    df.set_index(["app", "site"]).to_parquet(tmp_path / "data" / "part-0.parquet")
+    data, store, out = str(tmp_path / "data"), str(tmp_path / "store"), str(tmp_path / "o")
+    run = modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    s = modelfactory.score(data, store=store, out=out, cluster="inline")
+    for groups in (run.groups, modelfactory.ModelStore(store).groups(), s.groups, pd.read_parquet(f"{out}/_groups")):
+        assert list(groups.columns[:3]) == ["app", "site", "status"] and len(groups) == 4
+    key = {"app": df.app.iloc[0], "site": df.site.iloc[0]}
+    assert len(load_series(out, key).frame) == (df.site == key["site"]).sum()
