@@ -518,7 +518,7 @@ def png_bytes(series: Series, *, figsize: tuple[float, float] = (10.0, 3.6), dpi
     ...                      "score": [0.1, 0.99, 0.2], "is_anomaly": [False, True, False]})
     >>> s = load_series(rows, "site=a")    # scored rows in a DataFrame work too
     >>> s
-    <Series site=a: 3 rows, 1 anomalies, from a DataFrame>
+    <Series site=a: 3 rows, 1 anomaly, from a DataFrame>
     >>> png_bytes(s)[:4]
     b'\\x89PNG'
     """
