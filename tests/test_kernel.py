@@ -216,14 +216,25 @@ def _unit_frame(groups: int):
                      "c": pa.array(["x", "y"] * groups).dictionary_encode()}).to_pandas()
 
 
+def _each_group(monkeypatch, func, groups: int, *, cached: bool, unit=None) -> list:
+    """``func`` on each of ``groups`` two-row group frames of ``unit`` (default
+    ``_unit_frame(groups)``), with the column cache or with it off (pandas' own caching)."""
+    import modelfactory.grouped_map as gm
+
+    unit = _unit_frame(groups) if unit is None else unit
+    if not cached:
+        monkeypatch.setattr(gm, "_column_cacher", lambda df, frame: None)
+    cut = gm.frame_slicer(unit)
+    monkeypatch.undo()
+    return [func(cut(2 * i, 2 * i + 2)) for i in range(groups)]
+
+
 def test_group_frames_behave_the_same_with_the_columns_the_function_read_cached(monkeypatch):
     """Reads, in-place writes through a column, ``.loc`` writes and new columns give the same
     results, the same warnings and the same unit frame with and without the cached columns."""
     import warnings
 
     import pandas as pd
-
-    import modelfactory.grouped_map as gm
 
     def func(df):
         df["n"].fillna(-9.0, inplace=True)  # chained, on a cached column: pandas 2 writes through the cache
@@ -237,13 +248,9 @@ def test_group_frames_behave_the_same_with_the_columns_the_function_read_cached(
 
     def run(cached: bool):
         unit = _unit_frame(80)
-        if not cached:
-            monkeypatch.setattr(gm, "_column_cacher", lambda df, frame: None)
-        cut = gm.frame_slicer(unit)
-        monkeypatch.undo()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            out = [func(cut(2 * i, 2 * i + 2)) for i in range(80)]
+            out = _each_group(monkeypatch, func, 80, cached=cached, unit=unit)
         return out, [(w.category.__name__, str(w.message), w.lineno) for w in seen], unit
 
     got, got_warnings, got_unit = run(cached=True)
@@ -298,16 +305,9 @@ def test_group_frames_give_a_column_the_labels_the_function_put_on_its_frame(mon
         v = df["v"]
         return v.attrs, v.flags.allows_duplicate_labels, (v * 2).attrs, df["k"].attrs
 
-    def run(cached: bool):
-        if not cached:
-            monkeypatch.setattr(gm, "_column_cacher", lambda df, frame: None)
-        cut = gm.frame_slicer(_unit_frame(gm._RELEARN + 5))
-        monkeypatch.undo()
-        return [func(cut(2 * i, 2 * i + 2)) for i in range(gm._RELEARN + 5)]
-
-    want = run(cached=False)
+    want = _each_group(monkeypatch, func, gm._RELEARN + 5, cached=False)
     assert want[3] == ({"unit": "kg"}, False, {"unit": "kg"}, {"unit": "kg"})
-    assert run(cached=True) == want
+    assert _each_group(monkeypatch, func, gm._RELEARN + 5, cached=True) == want
 
 
 def test_group_frames_cache_only_the_columns_the_function_keeps_reading():
@@ -342,44 +342,27 @@ def test_group_frames_give_the_rows_added_under_a_copy_on_write_context(monkeypa
     group, as functions do) gets its columns made by pandas, with the row, as without the cache."""
     import pandas as pd
 
-    import modelfactory.grouped_map as gm
-
     def func(df):
         with pd.option_context("mode.copy_on_write", True):
             df.loc[len(df)] = df.iloc[0]
         return len(df), df["v"].tolist(), df["k"].tolist()
 
-    def run(cached: bool):
-        if not cached:
-            monkeypatch.setattr(gm, "_column_cacher", lambda df, frame: None)
-        cut = gm.frame_slicer(_unit_frame(8))
-        monkeypatch.undo()
-        return [func(cut(2 * i, 2 * i + 2)) for i in range(8)]
-
-    want = run(cached=False)
+    want = _each_group(monkeypatch, func, 8, cached=False)
     assert want[4] == (3, [8.0, 9.0, 8.0], ["g4", "g4", "g4"])
-    assert run(cached=True) == want
+    assert _each_group(monkeypatch, func, 8, cached=True) == want
 
 
 def test_group_frames_name_a_column_by_its_label_whatever_key_read_it(monkeypatch):
     """``df[np.str_("v")]`` (a name from a numpy array) reads column "v": pandas names the
     Series by the frame's label, a ``str``, and so does the cache."""
-    import modelfactory.grouped_map as gm
 
     def func(df):
         return [(type(df[c].name), repr(df[c].name), repr(df[c].to_frame().columns[0]))
                 for c in np.array(["v", "k"])] + [repr(df["v"].name)]
 
-    def run(cached: bool):
-        if not cached:
-            monkeypatch.setattr(gm, "_column_cacher", lambda df, frame: None)
-        cut = gm.frame_slicer(_unit_frame(8))
-        monkeypatch.undo()
-        return [func(cut(2 * i, 2 * i + 2)) for i in range(8)]
-
-    want = run(cached=False)
+    want = _each_group(monkeypatch, func, 8, cached=False)
     assert want[5] == [(str, "'v'", "'v'"), (str, "'k'", "'k'"), "'v'"]
-    assert run(cached=True) == want
+    assert _each_group(monkeypatch, func, 8, cached=True) == want
 
 
 def test_group_frames_probe_only_the_columns_the_function_reads(monkeypatch):
