@@ -1,10 +1,12 @@
 """Small I/O helpers shared by the store and the kernel: atomic writes, checksums."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import posixpath
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -196,6 +198,28 @@ STORAGE_LIBRARIES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "fs
 def is_storage_error(err: BaseException) -> bool:
     """Whether ``err`` comes from the storage (an OSError, or an error of a storage library)."""
     return isinstance(err, OSError) or type(err).__module__.split(".")[0] in STORAGE_LIBRARIES
+
+
+@contextlib.contextmanager
+def storage_errors(error: type[Exception], message: Callable[[BaseException], str],
+                   passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Inside, an error of the storage (:func:`is_storage_error`: a full disk, a read-only
+    folder, denied access, an object store out of reach; botocore's and aiohttp's errors are
+    not OSErrors) is raised as ``error(message(err))``, chained to it.  ``passthrough`` and
+    every other error propagate as they are."""
+    try:
+        yield
+    except passthrough:
+        raise
+    except Exception as err:  # noqa: BLE001 - told apart by is_storage_error
+        if not is_storage_error(err):
+            raise
+        raise error(message(err)) from err
+
+
+def error_text(err: BaseException) -> str:
+    """``"TypeName: its message"`` on one line, for an error message that quotes it."""
+    return f"{type(err).__name__}: {' '.join(str(err).split()) or 'no details'}"
 
 
 #: fsspec protocols whose first path segment is a bucket (or container).

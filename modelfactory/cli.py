@@ -392,25 +392,17 @@ def _storage_options(args) -> dict | None:
     return job_settings(config=args.config).storage_options or None
 
 
-@contextlib.contextmanager
-def _store_errors(url: str, what: str = "the store") -> Iterator[None]:
+def _store_errors(url: str, what: str = "the store") -> contextlib.AbstractContextManager[None]:
     """An error of the storage under ``url`` (fsspec's, botocore's, an OSError) as a StoreError
     that names it: one ``error:`` line and exit status 2, not an internal error."""
+    from ._io import error_text, storage_errors
     from .exceptions import StoreError
 
-    try:
-        yield
-    except (ModelFactoryError, BrokenPipeError):  # a broken pipe is stdout's (see _run), not the store's
-        raise
-    except Exception as err:  # noqa: BLE001 - botocore's and aiohttp's errors are not OSErrors
-        from ._io import is_storage_error
-
-        if not is_storage_error(err):
-            raise
-        text = " ".join(str(err).split()) or "no details"
-        raise StoreError(f"Cannot access {what} {url!r}: {type(err).__name__}: {text}. Check the endpoint "
-                         "([storage_options] in --config or $MODELFACTORY_CONFIG, AWS_ENDPOINT_URL), "
-                         "the credentials and the network.") from err
+    return storage_errors(
+        StoreError, lambda err: f"Cannot access {what} {url!r}: {error_text(err)}. Check the endpoint "
+                                "([storage_options] in --config or $MODELFACTORY_CONFIG, AWS_ENDPOINT_URL), "
+                                "the credentials and the network.",
+        passthrough=(ModelFactoryError, BrokenPipeError))  # a broken pipe is stdout's (see _run), not the store's
 
 
 def _print_summary(run, args, where: str) -> None:

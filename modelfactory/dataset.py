@@ -179,22 +179,17 @@ def discover(url: str, *, storage_options: dict | None = None,
     from ._io import normal_url
 
     url = normal_url(os.fspath(url))  # absolute: the manifest must name the input wherever it is read from
+    from ._io import error_text, storage_errors
+
     try:
-        return _discover(url, storage_options, null_check, filter, allow_empty)
+        with storage_errors(DatasetError, lambda err: f"Cannot read the data at {url!r}: {error_text(err)}. Check "
+                            "the path, the endpoint (storage_options, [storage_options] in --config, "
+                            "AWS_ENDPOINT_URL), the credentials and the network.",
+                            passthrough=(DatasetError, PermissionError)):
+            return _discover(url, storage_options, null_check, filter, allow_empty)
     except PermissionError as err:
         raise DatasetError(f"Access to {url!r} was denied ({err}): check the credentials "
                            "(AWS_* environment, ~/.aws, or storage_options).") from err
-    except DatasetError:
-        raise
-    except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
-        from ._io import is_storage_error
-
-        if not is_storage_error(err):
-            raise
-        text = " ".join(str(err).split()) or "no details"
-        raise DatasetError(f"Cannot read the data at {url!r}: {type(err).__name__}: {text}. Check the path, the "
-                           "endpoint (storage_options, [storage_options] in --config, AWS_ENDPOINT_URL), the "
-                           "credentials and the network.") from err
 
 
 def _hidden(rel: str) -> bool:

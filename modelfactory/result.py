@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -147,27 +147,20 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
 
 
 
-@contextlib.contextmanager
-def output_errors(sink: Location, run_id: str, name: str | None = None) -> Iterator[None]:
+def output_errors(sink: Location, run_id: str, name: str | None = None) -> contextlib.AbstractContextManager[None]:
     """A storage error (a full disk, a read-only folder, an object store gone) while a job
     commits its ``out=`` folder as a :class:`StoreError` naming the folder (and ``name``, the
     file), instead of an internal error.  FileNotFoundError passes: the callers handle it."""
-    from ._io import is_storage_error
+    from ._io import error_text, storage_errors
     from .exceptions import StoreError
 
-    try:
-        yield
-    except (ModelFactoryError, FileNotFoundError):
-        raise
-    except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
-        if not is_storage_error(err):
-            raise
-        what = f"write {name!r} in" if name else "read"
-        text = " ".join(str(err).split()) or "no details"
-        raise StoreError(f"Cannot {what} the output folder {sink.url!r} ({type(err).__name__}: {text}). Run "
-                         f"{run_id} was not committed (no _manifest.json): make room (or make the folder "
-                         "writable, or reach the object store), then run the job again with overwrite=True "
-                         "(--overwrite).") from err
+    what = f"write {name!r} in" if name else "read"
+    return storage_errors(
+        StoreError, lambda err: f"Cannot {what} the output folder {sink.url!r} ({error_text(err)}). Run "
+                                f"{run_id} was not committed (no _manifest.json): make room (or make the folder "
+                                "writable, or reach the object store), then run the job again with overwrite=True "
+                                "(--overwrite).",
+        passthrough=(ModelFactoryError, FileNotFoundError))
 
 
 #: Files a job writes under its ``out=`` folder besides its parts.

@@ -337,16 +337,12 @@ class ModelStore:
         """Refuse to commit ``run_id`` unless every part it lists is in the store, whole: ``gc``
         with ``pending`` while the run was writing (it looks interrupted) removes them, and the
         manifest would make LATEST a run whose models cannot be read."""
-        from ._io import is_storage_error
+        from ._io import storage_errors
 
-        try:
+        with storage_errors(StoreError, lambda err: f"Cannot list the parts of run {run_id} in the store "
+                            f"{self.location.url!r} ({type(err).__name__}: {err}). Nothing was committed; once "
+                            f"the store can be reached, run again with resume={run_id!r} (--resume {run_id})."):
             have = self.location.sizes(f"runs/{run_id}/parts")
-        except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
-            if not is_storage_error(err):
-                raise
-            raise StoreError(f"Cannot list the parts of run {run_id} in the store {self.location.url!r} "
-                             f"({type(err).__name__}: {err}). Nothing was committed; once the store can be "
-                             f"reached, run again with resume={run_id!r} (--resume {run_id}).") from err
         gone = [p.path for p in parts if have.get(p.path) != p.bytes]
         if gone:
             raise StoreError(
@@ -368,15 +364,11 @@ class ModelStore:
     def write(self, rel: str, data: bytes, then: str = "") -> None:
         """Write ``data`` at ``rel`` (atomically); a storage error (a full disk, a read-only
         folder, denied access) is a :class:`StoreError` naming the file, followed by ``then``."""
-        from ._io import is_storage_error
+        from ._io import storage_errors
 
-        try:
+        with storage_errors(StoreError, lambda err: f"Cannot write {rel!r} in the store {self.location.url!r} "
+                                                    f"({type(err).__name__}: {err}). {then}".rstrip()):
             self.location.write_bytes(rel, data)
-        except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
-            if not is_storage_error(err):
-                raise
-            raise StoreError(f"Cannot write {rel!r} in the store {self.location.url!r} "
-                             f"({type(err).__name__}: {err}). {then}".rstrip()) from err
 
     @_denied_is_a_store_error
     def gc(self, *, keep: int = 3, pending: bool = False, dry_run: bool = False) -> list[str]:
