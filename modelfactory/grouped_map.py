@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time as _time
 import weakref
+from operator import attrgetter, itemgetter
 from typing import Any, Callable
 
 import numpy as np
@@ -443,7 +444,9 @@ def _block_columns(out, n: int) -> list | None:
 def apply_groups(spec, groups):
     schema, func = spec.out_schema, spec.func
     names = schema.names
-    key_set = frozenset(names)
+    width = len(names)
+    # a dict's values in the schema's order, as a tuple (C-level; KeyError if one is missing)
+    row_of = itemgetter(*names) if width > 1 else (lambda d: (d[names[0]],))
     same_labels = labels_check(names)
     n = len(groups)
     status, errors = ["ok"] * n, [None] * n  # overwritten for the groups that are not ok
@@ -477,8 +480,12 @@ def apply_groups(spec, groups):
         # not the dict, so that a function may fill and return the same dict every time)
         # and converted once.
         kind = type(out)
-        if kind is dict and out.keys() == key_set:
-            outs.append(tuple(map(out.__getitem__, names)))
+        if kind is dict and len(out) == width:  # with every name found below: exactly the schema's
+            try:
+                outs.append(row_of(out))
+            except KeyError:
+                careful[i] = to_table(out, schema)
+                continue
             framed.append(False)
         elif kind is frame_type or (frame_type is None and _is_frame(out)):
             frame_type = kind
@@ -527,13 +534,15 @@ def _chunks(outs: list[tuple], names: list[str]) -> tuple[list[list], np.ndarray
     ragged list), and a mask of those with no rows.  The values are checked in bulk (type,
     dimensions, length: a C loop each) rather than one by one; anything but a 1-d ndarray
     (a scalar, a list, a Series) becomes an array as ``np.atleast_1d`` makes it."""
-    from operator import attrgetter, itemgetter
-
     bad = np.zeros(len(outs), dtype=bool)
     collected, lengths = [], []
     for j in range(len(names)):
         values = list(map(itemgetter(j), outs))
-        if set(map(type, values)) != {np.ndarray} or set(map(attrgetter("ndim"), values)) != {1}:
+        kinds = set(map(type, values))
+        if len(kinds) == 1 and kinds <= _SCALARS:  # one row a group (a dict of scalars): in bulk
+            column = np.array(values, dtype=object if issubclass(next(iter(kinds)), str) else None)
+            values, kinds = list(column.reshape(-1, 1)), {np.ndarray}
+        if kinds != {np.ndarray} or set(map(attrgetter("ndim"), values)) != {1}:
             values = [v if type(v) is np.ndarray and v.ndim == 1 else _as_column(v) for v in values]
             for k in [k for k, v in enumerate(values) if v is None]:
                 bad[k], values[k] = True, _NO_COLUMN
@@ -545,6 +554,8 @@ def _chunks(outs: list[tuple], names: list[str]) -> tuple[list[list], np.ndarray
 
 
 _NO_COLUMN = np.zeros(0)
+# the types of a value that is one row, converted together as numpy converts each alone
+_SCALARS = frozenset({float, int, bool, str, np.float64, np.float32, np.int64, np.int32, np.bool_, np.str_})
 
 
 def _as_column(v) -> np.ndarray | None:

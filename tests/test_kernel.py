@@ -125,6 +125,37 @@ def test_dict_values_of_every_kind_are_checked_together_and_a_bad_one_fails_only
     assert out == {"k": ["a", "b"], "n": [2, 1], "m": [1.5, 3.0]}
 
 
+def test_dicts_of_scalars_are_one_row_a_group_converted_together_as_each_alone_would_be():
+    """When every group returns one value of one scalar type per column (the natural one-row
+    return of a numpy function), the column is converted in one go, with the types numpy gives
+    each value alone; a value the schema cannot hold fails only its group, and a dict with as
+    many names as the schema but another name is pinned on its group with the names."""
+    def func(g):
+        k = g["k"][0]
+        return {"k": k, "n": len(g["v"]), "m": g["v"].mean()}  # str, int, np.float64
+
+    rows, out = _apply(func, input="numpy")
+    assert rows["status"] == ["ok"] * 4
+    assert out == {"k": ["a", "b", "c", "d"], "n": [2, 1, 3, 1], "m": [1.5, 3.0, 5.0, 7.0]}
+
+    def odd(g):
+        k = g["k"][0]
+        if k == "b":
+            return {"k": k, "n": 2**70, "m": 1.0}  # too big for the bigint column
+        if k == "c":
+            return {"k": k, "n": 3, "x": 1.0}  # as many names, one of them not the schema's
+        return {"k": np.str_(k), "n": np.int32(len(g["v"])), "m": np.float32(0.5)}
+
+    rows, out = _apply(odd, input="numpy")
+    assert rows["status"] == ["ok", "failed", "failed", "ok"], rows["error"]
+    assert "int64" in rows["error"][1] and "'n'" in rows["error"][1]
+    assert "unexpected ['x']" in rows["error"][2] and "missing ['m']" in rows["error"][2]
+    assert out == {"k": ["a", "d"], "n": [2, 1], "m": [0.5, 0.5]}
+
+    flags = _apply(lambda g: {"k": g["k"][0], "n": 1, "m": bool(g["v"][0] > 2)}, input="numpy")[1]
+    assert flags["m"] == [0.0, 1.0, 1.0, 1.0]  # booleans into a double column, as numpy casts them
+
+
 def test_a_dict_filled_again_for_every_group_a_ragged_value_and_no_rows_are_each_collected_right():
     """Values are read when the unit's groups have run: a function that fills and returns the
     same dict every time still gets each group's own row; a ragged list fails only its group;
