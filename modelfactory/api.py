@@ -406,14 +406,13 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         "index": {"keys": list(leaf_keys), "parts": [[list(k) for k in r.leaves] for r in results for _ in r.parts]},
     }
     fitted_any = summary["counts"]["ok"] > 0
-    if not fitted_any:  # kept for inspection; scoring with it would score nothing, without a word
-        errors = [e for r in results for e in r.errors]
-        first = f"; first error: {errors[0][1]}" if errors else ""
-        log.warning("run %s fitted no model (%d failed, %d skipped%s): it is committed for inspection, but "
-                    "LATEST still names %s", run_id, summary["counts"]["failed"], summary["counts"]["skipped"],
-                    first, st.latest() or "no run")
     st.commit(run_id, manifest, [p for r in results for p in r.parts], latest=fitted_any)
-    return Run(run_id, "train", summary, store=st, errors=[e for r in results for e in r.errors])
+    run = Run(run_id, "train", summary, store=st, errors=[e for r in results for e in r.errors])
+    if not fitted_any and summary["groups"]:  # kept for inspection; scoring with it would score nothing
+        log.warning("run %s fitted no model (%d failed, %d skipped; %s): it is committed for inspection, but "
+                    "LATEST still names %s", run_id, summary["counts"]["failed"], summary["counts"]["skipped"],
+                    run.commonest_problem(), st.latest() or "no run")
+    return run
 
 
 # ---------------------------------------------------------------------------

@@ -450,10 +450,8 @@ def _key_text(key, by) -> str:
 
 def _why_none(run) -> str:
     """The commonest reason the groups of a run that did nothing failed or were skipped."""
-    g = run.groups
-    top = g.loc[g["status"] != "ok"].groupby(["status", "error"], dropna=False).size().sort_values(
-        ascending=False, kind="stable")
-    return f" (most often, {top.iloc[0]:,} {top.index[0][0]}: {top.index[0][1]})" if len(top) else ""
+    why = run.commonest_problem()
+    return f" ({why})" if why else ""
 
 
 def _cmd_score(args) -> int:

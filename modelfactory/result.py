@@ -110,6 +110,14 @@ class Run:
             raise ModelFactoryError("results is only for map_keys without a schema; use to_pandas().")
         return self._result
 
+    def commonest_problem(self) -> str:
+        """The commonest status and error of the groups that are not ok, as
+        ``"most often, 12 skipped: <reason>"`` (empty when every group is ok)."""
+        g = self.groups
+        top = g.loc[g["status"] != "ok"].groupby(["status", "error"], dropna=False).size().sort_values(
+            ascending=False, kind="stable")
+        return f"most often, {top.iloc[0]:,} {top.index[0][0]}: {top.index[0][1]}" if len(top) else ""
+
     def __repr__(self) -> str:
         c = self.summary["counts"]
         return (f"<Run {self.id} {self.kind}: {self.summary['groups']:,} groups "

@@ -172,3 +172,17 @@ def test_a_second_run_moves_latest_and_keeps_the_first(by_app, tmp_path):
     assert st.runs() == sorted([a.id, b.id]) and st.latest() == b.id
     assert st.manifest(a.id)["spec"]["params"]["season_length"] == 24
     assert json.loads((tmp_path / "s" / "runs" / b.id / "manifest.json").read_text())["run_id"] == b.id
+
+
+def test_a_train_run_that_fits_no_model_warns_with_the_commonest_reason(by_app, tmp_path, caplog):
+    """In Python as on the command line, a run whose every group was skipped says why."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="modelfactory"):
+        run = modelfactory.train(by_app, by=["app", "site"], time="ts", target="value", store=str(tmp_path / "s"),
+                                 params={"season_length": 500}, cluster="inline")
+    assert run.summary["counts"]["skipped"] == 12
+    (reason,) = set(run.groups["error"])
+    assert "season_length" in reason
+    (msg,) = [r.getMessage() for r in caplog.records if "fitted no model" in r.getMessage()]
+    assert f"(0 failed, 12 skipped; most often, 12 skipped: {reason})" in msg
