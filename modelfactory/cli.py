@@ -34,6 +34,7 @@ def _param(text: str) -> tuple[str, object]:
 
 
 _WHERE_TOKEN = re.compile(r"""\s*(?:(?P<q>'(?:[^']|'')*'|"(?:[^"]|"")*")|(?P<op><=|>=|!=|<>|==|=|<|>|\(|\)|,)|(?P<w>[^\s=!<>(),'"]+))""")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _WHERE_OPS = {"=": "equal", "==": "equal", "!=": "not_equal", "<>": "not_equal", "<": "less",
               "<=": "less_equal", ">": "greater", ">=": "greater_equal"}
 
@@ -43,8 +44,8 @@ def _where(clauses: Sequence[str], types: dict | None = None):
 
     Each clause is ``COLUMN OP VALUE`` (OP one of ``= != < <= > >=``), ``COLUMN [not] in
     (V1, V2, ...)`` or ``COLUMN is [not] null``; ``and`` joins several in one clause.  A
-    quoted value (``'007'``) is text; unquoted, a number is a number, ``true``/``false`` a
-    boolean, anything else text.  Hive partition keys are text: quote number-like ones.
+    quoted value (``'007'``) is text; unquoted, a number written in digits (``12``, ``-1.5``,
+    ``2e3``) is a number, ``true``/``false`` a boolean, anything else text (``nan``, ``1_000``).  Hive partition keys are text: quote number-like ones.
     ``types`` (column name -> Arrow type) turns text compared with a timestamp or date column
     into one of its type (``ts >= '2026-01-12'``; a time without a zone is in the column's).
 
@@ -107,11 +108,8 @@ def _literal(tok, clause: str):
         return low == "true"
     if low == "null":
         raise _WhereError(clause, "compare with null as 'COLUMN is null' or 'COLUMN is not null'")
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
+    if _NUMBER.fullmatch(v):  # digits as written: Python's int() and float() also take 1_000, nan, inf
+        return float(v) if any(c in v for c in ".eE") else int(v)
     return v
 
 

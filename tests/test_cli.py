@@ -354,6 +354,27 @@ def test_where_times_finer_than_the_column_numbers_of_two_kinds_and_now(tmp_path
     capsys.readouterr()
 
 
+def test_where_reads_only_digits_as_numbers(tmp_path, capsys):
+    """Unquoted, 1_000, nan, inf and Unicode digits were numbers (Python's int() and float() take
+    them): --where "site = 1_000" then matched no row of a site=1_000 folder, and no group ran."""
+    import pyarrow as pa
+    from _data import metrics_table, write
+
+    from modelfactory.cli import _literal
+
+    assert [_literal(("word", v), "c") for v in ("12", "-1.5", "2e3", ".5", "007")] == [12, -1.5, 2000.0, 0.5, 7]
+    assert [_literal(("word", v), "c") for v in ("1_000", "nan", "inf", "Infinity", "\u0661\u0662", "0x10")] == [
+        "1_000", "nan", "inf", "Infinity", "\u0661\u0662", "0x10"]
+    t = metrics_table(series=3, hours=48)
+    t = t.set_column(t.schema.get_field_index("site"), "site",
+                     pa.array([{"s000": "1_000", "s001": "nan"}.get(s, s) for s in t["site"].to_pylist()]))
+    data = write(t, tmp_path / "d", ["site"])
+    assert main(["train", data, "--by", "app,site", "--time", "ts", "--target", "value", "--store",
+                 str(tmp_path / "s"), "--scheduler", "inline", "--json", "-p", "season_length=12",
+                 "--where", "site in (1_000, nan)"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["ok"] == 2
+
+
 @pytest.mark.parametrize("naive", [False, True])
 def test_where_on_the_time_column_scores_one_window(tmp_path, capsys, naive):
     """A scheduled scorer reads one window: --where "ts >= '2026-03-04'" failed with pyarrow's
