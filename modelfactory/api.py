@@ -431,7 +431,8 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     ----------
     func : callable
         Gets one group and returns rows matching ``schema`` (a pandas
-        DataFrame, a dict of columns, or a pyarrow Table).  With
+        DataFrame, a dict of columns or of scalars for one row, or a
+        pyarrow Table).  With
         ``input="pandas"`` (default) it gets a pandas DataFrame; with
         ``"arrow"`` a pyarrow Table slice; with ``"numpy"`` a dict of
         column name to numpy array (views, no copies).
