@@ -38,8 +38,13 @@ def to_table(out, schema: pa.Schema, from_pandas: bool = False):
             got = list(out)
             if sorted(got) != sorted(schema.names):
                 raise _columns_error(got, schema)
-            return _checked(pa.table([_dict_column(out[f.name], f, from_pandas) for f in schema], schema=schema),
-                            schema)
+            columns = [_dict_column(out[f.name], f, from_pandas) for f in schema]
+            sizes = {len(c) for c, f in zip(columns, schema) if not _is_one_value(out[f.name])}
+            if len(sizes) == 1:  # a scalar beside columns of one length is repeated, as pandas does
+                n = sizes.pop()
+                columns = [pa.repeat(c[0], n) if len(c) == 1 and n != 1 and _is_one_value(out[f.name]) else c
+                           for c, f in zip(columns, schema)]
+            return _checked(pa.table(columns, schema=schema), schema)
         import pandas as pd
 
         if isinstance(out, pd.DataFrame):
@@ -533,24 +538,61 @@ def _chunks(outs: list[tuple], names: list[str]) -> tuple[list[list], np.ndarray
     that cannot join them (columns of different lengths, or a value that is no column: a
     ragged list), and a mask of those with no rows.  The values are checked in bulk (type,
     dimensions, length: a C loop each) rather than one by one; anything but a 1-d ndarray
-    (a scalar, a list, a Series) becomes an array as ``np.atleast_1d`` makes it."""
+    (a scalar, a list, a Series) becomes an array as ``np.atleast_1d`` makes it, and a
+    scalar beside columns of one length is repeated to that length, as pandas'
+    ``DataFrame`` repeats it."""
     bad = np.zeros(len(outs), dtype=bool)
-    collected, lengths = [], []
+    collected, lengths, scalars = [], [], []  # scalars: per column, which values were one value
     for j in range(len(names)):
         values = list(map(itemgetter(j), outs))
         kinds = set(map(type, values))
+        one = None
         if len(kinds) == 1 and kinds <= _SCALARS:  # one row a group (a dict of scalars): in bulk
             column = np.array(values, dtype=object if issubclass(next(iter(kinds)), str) else None)
-            values, kinds = list(column.reshape(-1, 1)), {np.ndarray}
+            values, kinds, one = list(column.reshape(-1, 1)), {np.ndarray}, True
         if kinds != {np.ndarray} or set(map(attrgetter("ndim"), values)) != {1}:
+            one = np.fromiter(map(_is_one_value, values), dtype=bool, count=len(values))
             values = [v if type(v) is np.ndarray and v.ndim == 1 else _as_column(v) for v in values]
             for k in [k for k, v in enumerate(values) if v is None]:
                 bad[k], values[k] = True, _NO_COLUMN
         collected.append(values)
+        scalars.append(one)
         lengths.append(np.fromiter(map(len, values), dtype=np.int64, count=len(values)))
+    uneven = np.zeros(len(outs), dtype=bool)
     for ln in lengths[1:]:
-        bad |= ln != lengths[0]
+        uneven |= ln != lengths[0]
+    if uneven.any() and any(one is not None for one in scalars):
+        _repeat_scalars(np.flatnonzero(uneven & ~bad), collected, lengths, scalars, uneven)
+    bad |= uneven
     return collected, bad, (lengths[0] == 0) & ~bad
+
+
+def _is_one_value(v) -> bool:
+    """Whether a returned value is one value (a scalar, a 0-d array) rather than a column."""
+    if isinstance(v, (str, bytes)):
+        return True
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return getattr(v, "ndim", 1) == 0
+    try:
+        return np.ndim(v) == 0
+    except Exception:  # noqa: BLE001 - e.g. a ragged sequence: no value
+        return False
+
+
+def _repeat_scalars(rows, collected, lengths, scalars, uneven) -> None:
+    """In the outputs ``rows`` (whose columns differ in length), repeat each single value to
+    the one length that all their other columns have, and clear their mark in ``uneven``."""
+    for k in rows.tolist():
+        one = [s is True or (s is not None and bool(s[k])) for s in scalars]
+        others = {int(ln[k]) for ln, o in zip(lengths, one) if not o}
+        if len(others) != 1:
+            continue  # columns of different lengths, or only scalars: as before
+        n = others.pop()
+        for j, o in enumerate(one):
+            if o and lengths[j][k] == 1:
+                collected[j][k] = np.repeat(collected[j][k], n)
+                lengths[j][k] = n
+        uneven[k] = any(int(ln[k]) != n for ln in lengths)
 
 
 _NO_COLUMN = np.zeros(0)

@@ -156,6 +156,49 @@ def test_dicts_of_scalars_are_one_row_a_group_converted_together_as_each_alone_w
     assert flags["m"] == [0.0, 1.0, 1.0, 1.0]  # booleans into a double column, as numpy casts them
 
 
+def test_a_scalar_beside_columns_is_repeated_to_their_length_as_pandas_repeats_it():
+    """{"k": key, "n": count, "m": values} failed every group ("expected length 1 but got length 2"),
+    where pd.DataFrame of the same dict repeats the scalars: now they are repeated on the fast path
+    and the careful one alike.  Only single values are: a one-element array beside longer columns,
+    columns of two lengths, or a value that is no column still fail their group."""
+    import pandas as pd
+
+    from modelfactory._schema import parse_schema
+    from modelfactory.grouped_map import to_table
+
+    def func(g):
+        k = g["k"][0]
+        if k == "c":
+            return {"k": np.array([k]), "n": 3, "m": g["v"]}  # a one-element array is a column
+        if k == "d":
+            return {"k": k, "n": 1, "m": g["v"][:0]}  # no rows
+        return {"k": k, "n": len(g["v"]), "m": g["v"]}
+
+    rows, out = _apply(func, input="numpy")
+    assert rows["status"] == ["ok", "ok", "failed", "ok"], rows["error"]
+    assert "expected length 1 but got length 3" in rows["error"][2]
+    expected = {"k": ["a", "a", "b"], "n": [2, 2, 1], "m": [1.0, 2.0, 3.0]}
+    assert out == expected
+    assert pd.DataFrame(func({"k": np.array(["a", "a"]), "v": np.array([1.0, 2.0])})).to_dict("list") == {
+        k: v[:2] for k, v in expected.items()}  # what pandas makes of the same dict
+
+    def broken(g):
+        k = g["k"][0]
+        if k == "a":
+            return {"k": k, "n": [[1], [1, 2]], "m": g["v"]}  # ragged: no column
+        if k == "b":
+            return {"k": k, "n": np.array([1, 2]), "m": np.array([1.0, 2.0, 3.0])}  # two lengths
+        return {"k": k, "n": 7, "m": g["v"]}
+
+    rows, out = _apply(broken, input="numpy")
+    assert rows["status"] == ["failed", "failed", "ok", "ok"], rows["error"]
+    assert out == {"k": ["c", "c", "c", "d"], "n": [7, 7, 7, 7], "m": [4.0, 5.0, 6.0, 7.0]}
+    schema = parse_schema("k string, n bigint, m double")
+    assert to_table({"k": "a", "n": 2, "m": [1.0, 2.0]}, schema).to_pydict() == {
+        "k": ["a", "a"], "n": [2, 2], "m": [1.0, 2.0]}
+    assert isinstance(to_table({"k": ["a"], "n": 2, "m": [1.0, 2.0]}, schema), Exception)
+
+
 def test_a_dict_filled_again_for_every_group_a_ragged_value_and_no_rows_are_each_collected_right():
     """Values are read when the unit's groups have run: a function that fills and returns the
     same dict every time still gets each group's own row; a ragged list fails only its group;
