@@ -45,7 +45,8 @@ def _where(clauses: Sequence[str], types: dict | None = None):
     Each clause is ``COLUMN OP VALUE`` (OP one of ``= != < <= > >=``), ``COLUMN [not] in
     (V1, V2, ...)`` or ``COLUMN is [not] null``; ``and`` joins several in one clause.  A
     quoted value (``'007'``) is text; unquoted, a number written in digits (``12``, ``-1.5``,
-    ``2e3``) is a number, ``true``/``false`` a boolean, anything else text (``nan``, ``1_000``).  Hive partition keys are text: quote number-like ones.
+    ``2e3``) is a number, ``true``/``false`` a boolean, anything else text (``nan``, ``1_000``).
+    Hive partition keys are text: quote number-like ones.
     ``types`` (column name -> Arrow type) turns text compared with a timestamp or date column
     into one of its type (``ts >= '2026-01-12'``; a time without a zone is in the column's).
 
