@@ -540,8 +540,12 @@ def _chunks(outs: list[tuple], names: list[str]) -> tuple[list[list], np.ndarray
         values = list(map(itemgetter(j), outs))
         kinds = set(map(type, values))
         if len(kinds) == 1 and kinds <= _SCALARS:  # one row a group (a dict of scalars): in bulk
-            column = np.array(values, dtype=object if issubclass(next(iter(kinds)), str) else None)
-            values, kinds = list(column.reshape(-1, 1)), {np.ndarray}
+            kind = next(iter(kinds))
+            column = np.array(values, dtype=object if issubclass(kind, str) else None)
+            # Python ints past int64's range (uint64's) among ones in it come out as float64,
+            # rounded: those are converted one by one, each as int64, uint64 or objects
+            if not (kind is int and column.dtype.kind == "f"):
+                values, kinds = list(column.reshape(-1, 1)), {np.ndarray}
         if kinds != {np.ndarray} or set(map(attrgetter("ndim"), values)) != {1}:
             values = [v if type(v) is np.ndarray and v.ndim == 1 else _as_column(v) for v in values]
             for k in [k for k, v in enumerate(values) if v is None]:

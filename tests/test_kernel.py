@@ -156,6 +156,24 @@ def test_dicts_of_scalars_are_one_row_a_group_converted_together_as_each_alone_w
     assert flags["m"] == [0.0, 1.0, 1.0, 1.0]  # booleans into a double column, as numpy casts them
 
 
+def test_python_ints_past_int64_among_small_ones_are_not_rounded_on_the_way_through_floats():
+    """numpy makes [1, 2**63 + 1] one float64 array (rounding the big one to 2**63), where each
+    alone is an int64 and a uint64 array: in a uint64 column every value arrives exact, and in
+    a double column the one a double cannot hold fails its group, as it does when it is alone."""
+    from modelfactory._schema import parse_schema
+
+    big = {"a": 1, "b": 2**63 + 1, "c": 3, "d": 2**64 - 1}
+    func = lambda g: {"k": g["k"][0], "n": big[g["k"][0]]}  # noqa: E731
+    rows, out = _apply(func, input="numpy", schema=parse_schema({"k": "string", "n": pa.uint64()}))
+    assert rows["status"] == ["ok"] * 4
+    assert out["n"] == [1, 2**63 + 1, 3, 2**64 - 1]
+
+    rows, out = _apply(func, input="numpy", schema="k string, n double")
+    assert rows["status"] == ["ok", "failed", "ok", "failed"], rows["error"]
+    assert "9223372036854775809" in rows["error"][1]
+    assert out["n"] == [1.0, 3.0]
+
+
 def test_a_dict_filled_again_for_every_group_a_ragged_value_and_no_rows_are_each_collected_right():
     """Values are read when the unit's groups have run: a function that fills and returns the
     same dict every time still gets each group's own row; a ragged list fails only its group;
