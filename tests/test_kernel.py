@@ -174,6 +174,30 @@ def test_python_ints_past_int64_among_small_ones_are_not_rounded_on_the_way_thro
     assert out["n"] == [1.0, 3.0]
 
 
+def test_text_returned_as_strs_reaches_binary_and_string_columns_whole_on_every_path():
+    """numpy makes strs fixed-width text (``<U``), which Arrow read into a binary column as
+    b"a" for "ab" (the UCS-4 bytes up to the first zero) and into a string column cut at a
+    NUL: a list of strs, a str in one group and an np.str_ in another, and a dict subclass
+    (the careful path) all arrive whole, as the Python strs they were."""
+    from modelfactory._schema import parse_schema
+
+    schema = parse_schema({"k": "string", "b": "binary", "s": "string"})
+
+    def func(g):
+        k = str(g["k"][0])
+        text = {"a": "ab", "b": "é", "c": "x\x00y", "d": "long text"}[k]
+        if k == "a":
+            return {"k": [k, k], "b": [text, "cd"], "s": [text, "cd"]}  # lists of strs: two rows
+        if k == "d":
+            return type("Row", (dict,), {})(k=k, b=text, s=text)  # a dict subclass: the careful path
+        return {"k": k, "b": np.str_(text) if k == "b" else text, "s": text}
+
+    rows, out = _apply(func, input="numpy", schema=schema)
+    assert rows["status"] == ["ok"] * 4, rows["error"]
+    assert out["b"] == [b"ab", b"cd", "é".encode(), b"x\x00y", b"long text"]
+    assert out["s"] == ["ab", "cd", "é", "x\x00y", "long text"]
+
+
 def test_a_dict_filled_again_for_every_group_a_ragged_value_and_no_rows_are_each_collected_right():
     """Values are read when the unit's groups have run: a function that fills and returns the
     same dict every time still gets each group's own row; a ragged list fails only its group;
