@@ -44,6 +44,18 @@ def test_split_groups_partitions_the_rows(data, presort, encoded):
         assert ts == sorted(ts)
 
 
+def test_string_keys_stay_with_their_rows_when_so_many_keys_that_the_rows_are_sorted_by_value():
+    """Eleven keys of 80 values each span more than one int64 code can number: the split sorts
+    by value instead, and a string key's numpy view is each row's own value (before bf7022e the
+    view kept the encoding from before the sort: 79 of 80 groups got another group's key)."""
+    p = np.random.default_rng(0).permutation(np.repeat(np.arange(80), 2))  # each key twice, apart
+    cols = {"k": [f"s{i:03d}" for i in p], **{f"j{j}": p for j in range(10)}}
+    table = pa.table(cols)
+    g = split_groups(table, tuple(cols))
+    assert len(g) == 80
+    assert list(g.numpy_column("k")) == g.table["k"].to_pylist() == [f"s{i:03d}" for i in g.numpy_column("j0")]
+
+
 # ---------------------------------------------------------------------------
 # apply_groups: what a user function returns, collected on the fast path or
 # pinned on the group that returned it
