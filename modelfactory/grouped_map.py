@@ -77,7 +77,7 @@ def _dict_column(value, field: pa.Field, from_pandas: bool) -> pa.Array:
         if pa.types.is_nested(field.type) and not isinstance(value, (pa.Array, pa.ChunkedArray)):
             rows = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
             return pa.array(rows, type=field.type, from_pandas=from_pandas)
-        a = np.atleast_1d(value)
+        a = _no_fixed_text(np.atleast_1d(value))
         if a.dtype == object and not from_pandas:  # pandas' NA marker is never a value: missing
             import pandas as pd
 
@@ -548,8 +548,12 @@ def _chunks(outs: list[tuple], names: list[str]) -> tuple[list[list], np.ndarray
         kinds = set(map(type, values))
         one = None
         if len(kinds) == 1 and kinds <= _SCALARS:  # one row a group (a dict of scalars): in bulk
-            column = np.array(values, dtype=object if issubclass(next(iter(kinds)), str) else None)
-            values, kinds, one = list(column.reshape(-1, 1)), {np.ndarray}, True
+            kind = next(iter(kinds))
+            column = np.array(values, dtype=object if issubclass(kind, str) else None)
+            # Python ints past int64's range (uint64's) among ones in it come out as float64,
+            # rounded: those are converted one by one, each as int64, uint64 or objects
+            if not (kind is int and column.dtype.kind == "f"):
+                values, kinds, one = list(column.reshape(-1, 1)), {np.ndarray}, True
         if kinds != {np.ndarray} or set(map(attrgetter("ndim"), values)) != {1}:
             one = np.fromiter(map(_is_one_value, values), dtype=bool, count=len(values))
             values = [v if type(v) is np.ndarray and v.ndim == 1 else _as_column(v) for v in values]
@@ -607,6 +611,13 @@ def _as_column(v) -> np.ndarray | None:
         return None
 
 
+def _no_fixed_text(a: np.ndarray) -> np.ndarray:
+    """numpy's fixed-width text (``<U``: what ``np.array`` makes of strs) as Python strs.
+    Arrow reads such an array up to a NUL character, and into a binary column takes each
+    value's UCS-4 bytes up to the first zero byte ("ab" became b"a")."""
+    return a.astype(object) if a.dtype.kind == "U" else a
+
+
 def _kept(items: list, keep: np.ndarray) -> list:
     return [x for x, k in zip(items, keep.tolist()) if k]
 
@@ -622,6 +633,9 @@ def _collected_table(collected: list[list], framed: list[bool], schema: pa.Schem
     arrays = []
     for chunks, field in zip(collected, schema):
         dtypes = {c.dtype for c in chunks}
+        if any(d.kind == "U" for d in dtypes):
+            chunks = [_no_fixed_text(c) for c in chunks]
+            dtypes = {c.dtype for c in chunks}
         kind = next(iter(dtypes)).kind if len(dtypes) == 1 else None
         if kind is None or (mixed and kind == "O"):
             # chunks of other dtypes (numpy would round int64 with float64, or int64 with

@@ -44,6 +44,18 @@ def test_split_groups_partitions_the_rows(data, presort, encoded):
         assert ts == sorted(ts)
 
 
+def test_string_keys_stay_with_their_rows_when_so_many_keys_that_the_rows_are_sorted_by_value():
+    """Eleven keys of 80 values each span more than one int64 code can number: the split sorts
+    by value instead, and a string key's numpy view is each row's own value (before bf7022e the
+    view kept the encoding from before the sort: 79 of 80 groups got another group's key)."""
+    p = np.random.default_rng(0).permutation(np.repeat(np.arange(80), 2))  # each key twice, apart
+    cols = {"k": [f"s{i:03d}" for i in p], **{f"j{j}": p for j in range(10)}}
+    table = pa.table(cols)
+    g = split_groups(table, tuple(cols))
+    assert len(g) == 80
+    assert list(g.numpy_column("k")) == g.table["k"].to_pylist() == [f"s{i:03d}" for i in g.numpy_column("j0")]
+
+
 # ---------------------------------------------------------------------------
 # apply_groups: what a user function returns, collected on the fast path or
 # pinned on the group that returned it
@@ -197,6 +209,48 @@ def test_a_scalar_beside_columns_is_repeated_to_their_length_as_pandas_repeats_i
     assert to_table({"k": "a", "n": 2, "m": [1.0, 2.0]}, schema).to_pydict() == {
         "k": ["a", "a"], "n": [2, 2], "m": [1.0, 2.0]}
     assert isinstance(to_table({"k": ["a"], "n": 2, "m": [1.0, 2.0]}, schema), Exception)
+
+
+def test_python_ints_past_int64_among_small_ones_are_not_rounded_on_the_way_through_floats():
+    """numpy makes [1, 2**63 + 1] one float64 array (rounding the big one to 2**63), where each
+    alone is an int64 and a uint64 array: in a uint64 column every value arrives exact, and in
+    a double column the one a double cannot hold fails its group, as it does when it is alone."""
+    from modelfactory._schema import parse_schema
+
+    big = {"a": 1, "b": 2**63 + 1, "c": 3, "d": 2**64 - 1}
+    func = lambda g: {"k": g["k"][0], "n": big[g["k"][0]]}  # noqa: E731
+    rows, out = _apply(func, input="numpy", schema=parse_schema({"k": "string", "n": pa.uint64()}))
+    assert rows["status"] == ["ok"] * 4
+    assert out["n"] == [1, 2**63 + 1, 3, 2**64 - 1]
+
+    rows, out = _apply(func, input="numpy", schema="k string, n double")
+    assert rows["status"] == ["ok", "failed", "ok", "failed"], rows["error"]
+    assert "9223372036854775809" in rows["error"][1]
+    assert out["n"] == [1.0, 3.0]
+
+
+def test_text_returned_as_strs_reaches_binary_and_string_columns_whole_on_every_path():
+    """numpy makes strs fixed-width text (``<U``), which Arrow read into a binary column as
+    b"a" for "ab" (the UCS-4 bytes up to the first zero) and into a string column cut at a
+    NUL: a list of strs, a str in one group and an np.str_ in another, and a dict subclass
+    (the careful path) all arrive whole, as the Python strs they were."""
+    from modelfactory._schema import parse_schema
+
+    schema = parse_schema({"k": "string", "b": "binary", "s": "string"})
+
+    def func(g):
+        k = str(g["k"][0])
+        text = {"a": "ab", "b": "é", "c": "x\x00y", "d": "long text"}[k]
+        if k == "a":
+            return {"k": [k, k], "b": [text, "cd"], "s": [text, "cd"]}  # lists of strs: two rows
+        if k == "d":
+            return type("Row", (dict,), {})(k=k, b=text, s=text)  # a dict subclass: the careful path
+        return {"k": k, "b": np.str_(text) if k == "b" else text, "s": text}
+
+    rows, out = _apply(func, input="numpy", schema=schema)
+    assert rows["status"] == ["ok"] * 4, rows["error"]
+    assert out["b"] == [b"ab", b"cd", "é".encode(), b"x\x00y", b"long text"]
+    assert out["s"] == ["ab", "cd", "é", "x\x00y", "long text"]
 
 
 def test_a_dict_filled_again_for_every_group_a_ragged_value_and_no_rows_are_each_collected_right():
