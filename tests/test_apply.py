@@ -1,6 +1,8 @@
 """apply and map_keys on a real LocalCluster, against a pandas groupby-apply reference."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -168,14 +170,31 @@ def worker_setup(key):
     w = get_worker()
     every = {k: v.callback_time for k, v in w.periodic_callbacks.items()}  # milliseconds
     return {"profiler": "profile" in every, "threads": w.state.nthreads, "omp": os.environ.get("OMP_NUM_THREADS"),
-            "tick": every.get("tick"), "memory": every.get("memory_monitor")}
+            "tick": every.get("tick"), "memory": every.get("memory_monitor"), "faults": _array_faults()}
+
+
+def _array_faults() -> str:
+    """Whether a 4 MiB array made and dropped 20 times faults its pages in afresh each time
+    (glibc handing the memory back at once, as with Dask's MALLOC_TRIM_THRESHOLD_=65536) or is
+    reused from the heap (``run.WORKER_MALLOC_ENV``)."""
+    import resource
+
+    import numpy as np
+
+    a = np.ones(1 << 19)
+    del a
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        a = np.ones(1 << 19)
+        del a
+    return "afresh" if resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before > 5000 else "reused"
 
 
 def test_the_cluster_a_job_makes_has_one_thread_per_worker_no_stack_profiler_and_a_quiet_event_loop():
     # cluster left unset: the job makes its own LocalCluster (and closes it)
     run = modelfactory.map_keys(["a", "b"], func=worker_setup, workers=1)
     assert run.summary["counts"]["ok"] == 2
-    want = {"profiler": False, "threads": 1, "omp": "1", "tick": 1000, "memory": 1000}
+    want = {"profiler": False, "threads": 1, "omp": "1", "tick": 1000, "memory": 1000, "faults": "reused"}
     assert set(map(str, run.results.values())) == {str(want)}
 
 
@@ -186,8 +205,10 @@ def test_a_restarted_worker_of_the_cluster_a_job_makes_keeps_its_settings():
 
     from modelfactory.run import local_cluster
 
-    want = {"profiler": False, "threads": 1, "omp": "1", "tick": 1000, "memory": 1000}
+    want = {"profiler": False, "threads": 1, "omp": "1", "tick": 1000, "memory": 1000, "faults": "reused"}
+    environ = dict(os.environ)
     with local_cluster(1) as lc, Client(lc) as client:
+        assert dict(os.environ) == environ  # the workers' start-up variables stay out of this process
         assert client.submit(worker_setup, "a", pure=False).result() == want
         client.restart()
         assert client.submit(worker_setup, "b", pure=False).result() == want
