@@ -115,8 +115,12 @@ def local_cluster(workers: int | None = None, **kwargs):
     n = workers or os.cpu_count() or 1
     kwargs = {"dashboard_address": ":0", "silence_logs": _dask_log_level, **kwargs}
     spawn = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {})
-    if str(spawn.get("MALLOC_TRIM_THRESHOLD_", "65536")) == "65536":  # Dask's own: not the user's
-        spawn.update(WORKER_MALLOC_ENV)
+    # A nanny takes these from this process's environment first: Dask's value, from its
+    # config or left in the environment by an earlier nanny, is replaced; a user's is kept.
+    trim = os.environ.get("MALLOC_TRIM_THRESHOLD_", spawn.get("MALLOC_TRIM_THRESHOLD_", "65536"))
+    malloc = ({k: v for k, v in WORKER_MALLOC_ENV.items() if k == "MALLOC_TRIM_THRESHOLD_" or k not in os.environ}
+              if str(trim) == "65536" else {})
+    spawn.update(malloc)
     with dask.config.set(WORKER_DASK_CONFIG), dask.config.set({"distributed.nanny.pre-spawn-environ": spawn}), \
             dask.config.set(kwargs.pop("config", None) or {}):
         # Each nanny hands its config to every worker it starts, restarts too.  It keeps a
@@ -127,7 +131,8 @@ def local_cluster(workers: int | None = None, **kwargs):
         # A nanny sets its workers' start-up variables in this process's environment before
         # starting them; put it back after, so that what this process starts later (a Spark
         # session, a subprocess) starts as it would have.
-        saved = {k: os.environ.get(k) for k in dask.config.get("distributed.nanny.pre-spawn-environ")}
+        saved = {k: os.environ.get(k) for k in {*dask.config.get("distributed.nanny.pre-spawn-environ"), *malloc}}
+        os.environ.update(malloc)
         try:
             return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, env=WORKER_ENV,
                                 config=config, **kwargs)

@@ -218,6 +218,24 @@ def test_a_restarted_worker_of_the_cluster_a_job_makes_keeps_its_settings():
         assert client.submit(worker_setup, "c", pure=False).result() == {**want, "tick": 2000}
 
 
+def test_a_malloc_setting_of_the_users_own_is_kept_for_the_workers(monkeypatch):
+    """The job's cluster replaces only Dask's own MALLOC_TRIM_THRESHOLD_ (from its config, or left
+    in the environment by an earlier Dask cluster); one the user exported stays, alone."""
+    from distributed import Client
+
+    from modelfactory.run import local_cluster
+
+    def malloc():
+        return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_")
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    for exported, want in [("65536", ("134217728", "33554432")), ("1000000", ("1000000", None))]:
+        monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", exported)
+        with local_cluster(1) as lc, Client(lc) as client:
+            assert list(client.run(malloc).values()) == [want]
+        assert malloc() == (exported, None)
+
+
 def test_a_unit_run_group_by_group_leaves_no_files_of_its_own_attempts(tmp_path):
     """What an earlier attempt of an isolated unit wrote under out= goes (its groups get other
     names), and nothing else; training parts are read through the manifest and stay."""
