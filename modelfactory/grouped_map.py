@@ -51,6 +51,11 @@ def to_table(out, schema: pa.Schema, from_pandas: bool = False):
             got = [str(c) for c in out.columns]
             if sorted(got) != sorted(schema.names):
                 raise _columns_error(got, schema)
+            for f in schema:
+                try:
+                    _no_text_rows(out[f.name].to_numpy(), f)
+                except ValueError as err:
+                    raise ValueError(f"column {f.name!r} ({f.type}): {err}") from None
             return _checked(pa.Table.from_pandas(out[schema.names], schema=schema, preserve_index=False), schema)
         raise TypeError(f"the function returned {type(out).__name__}; return a pandas DataFrame, "
                         "a dict of columns or a pyarrow Table")
@@ -76,6 +81,7 @@ def _dict_column(value, field: pa.Field, from_pandas: bool) -> pa.Array:
     try:
         if pa.types.is_nested(field.type) and not isinstance(value, (pa.Array, pa.ChunkedArray)):
             rows = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+            _no_text_rows(rows, field)
             return pa.array(rows, type=field.type, from_pandas=from_pandas)
         a = _no_fixed_text(np.atleast_1d(value))
         if a.dtype == object and not from_pandas:  # pandas' NA marker is never a value: missing
@@ -85,6 +91,23 @@ def _dict_column(value, field: pa.Field, from_pandas: bool) -> pa.Array:
         return pa.array(a, type=field.type, from_pandas=from_pandas) if len(a) else pa.array([], field.type)
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"column {field.name!r} ({field.type}): {err}") from err
+
+
+#: Arrow types whose value is a list: Arrow reads a str (or bytes) given for one as a list
+#: of its characters (byte values).
+_LIST_IDS = frozenset(t.id for t in (pa.list_(pa.null()), pa.large_list(pa.null()), pa.list_(pa.null(), 1),
+                                     pa.list_view(pa.null()), pa.large_list_view(pa.null())))
+
+
+def _no_text_rows(rows, field: pa.Field) -> None:
+    """Refuse a str or bytes given as a row of a list column (``field``): Arrow would make
+    ``'red'`` the list ``['r', 'e', 'd']`` and ``b'ab'`` the list ``[97, 98]``."""
+    if field.type.id not in _LIST_IDS or (isinstance(rows, np.ndarray) and rows.dtype.kind not in "OUS"):
+        return
+    for i, v in enumerate(rows):
+        if isinstance(v, (str, bytes)):
+            raise ValueError(f"row {i} is the {type(v).__name__} {v!r}, not a list: a list column takes a "
+                             f"list for each row ([{v!r}] for a row holding {v!r} alone)")
 
 
 def _columns_error(got, schema) -> ValueError:
@@ -632,6 +655,8 @@ def _collected_table(collected: list[list], framed: list[bool], schema: pa.Schem
     rows_framed = None
     arrays = []
     for chunks, field in zip(collected, schema):
+        for c in chunks:
+            _no_text_rows(c, field)  # the careful path names the group
         dtypes = {c.dtype for c in chunks}
         if any(d.kind == "U" for d in dtypes):
             chunks = [_no_fixed_text(c) for c in chunks]

@@ -253,6 +253,46 @@ def test_text_returned_as_strs_reaches_binary_and_string_columns_whole_on_every_
     assert out["s"] == ["ab", "cd", "é", "x\x00y", "long text"]
 
 
+def test_a_text_value_where_a_list_column_takes_a_list_fails_its_group_not_split_into_characters():
+    """Arrow reads a str where a list column takes a list as the list of its characters (and
+    bytes as their codes): {"k": key, "tags": ["red", "blue"]}, which failed its group before
+    scalars were repeated, became two rows tagged ['r', 'e', 'd'] and ['b', 'l', 'u', 'e'],
+    marked ok; so did a one-row ["red"], from a dict or a DataFrame.  Such a group now fails,
+    naming the column and the value; a list of lists is rows of lists, as before."""
+    import pandas as pd
+
+    from modelfactory._schema import parse_schema
+    from modelfactory.grouped_map import to_table
+
+    class Frame(pd.DataFrame):
+        pass
+
+    def func(g, text):
+        k = g["k"][0]
+        if k == "a":
+            return {"k": k, "tags": text}
+        if k == "b":
+            return {"k": k, "tags": [["red", "blue"]]}  # one row
+        if k == "c":
+            return pd.DataFrame({"k": [k], "tags": ["red"]})
+        return Frame({"k": [k], "tags": ["red"]})  # the careful path
+
+    for input, text in [("numpy", ["red", "blue"]), ("pandas", np.array(["red", "blue"]))]:
+        g = (lambda df: {"k": df["k"].to_numpy()}) if input == "pandas" else (lambda d: d)
+        rows, out = _apply(lambda x: func(g(x), text), input=input, schema="k string, tags array<string>")
+        assert rows["status"] == ["failed", "ok", "failed", "failed"], rows["error"]
+        assert "column 'tags'" in rows["error"][0] and "'red'" in rows["error"][0]
+        assert out == {"k": ["b"], "tags": [["red", "blue"]]}
+    rows, out = _apply(lambda d: {"k": d["k"][0], "tags": np.array(["red", "blue"])}, input="numpy",
+                       schema="k string, tags array<string>")  # every group: numpy's fixed-width text
+    assert rows["status"] == ["failed"] * 4 and out == {"k": [], "tags": []}
+    schema = parse_schema("k string, tags array<string>, codes array<bigint>")
+    assert isinstance(to_table({"k": "a", "tags": [["x"]], "codes": [b"xy"]}, schema), ValueError)
+    assert isinstance(to_table({"k": ["a"], "tags": ["xy"], "codes": [[1, 2]]}, schema), ValueError)
+    assert to_table({"k": "a", "tags": [["xy"]], "codes": [[1, 2]]}, schema).to_pydict() == {
+        "k": ["a"], "tags": [["xy"]], "codes": [[1, 2]]}
+
+
 def test_a_dict_filled_again_for_every_group_a_ragged_value_and_no_rows_are_each_collected_right():
     """Values are read when the unit's groups have run: a function that fills and returns the
     same dict every time still gets each group's own row; a ragged list fails only its group;
