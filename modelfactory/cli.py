@@ -110,7 +110,12 @@ def _literal(tok, clause: str):
     if low == "null":
         raise _WhereError(clause, "compare with null as 'COLUMN is null' or 'COLUMN is not null'")
     if _NUMBER.fullmatch(v):  # digits as written: Python's int() and float() also take 1_000, nan, inf
-        return float(v) if any(c in v for c in ".eE") else int(v)
+        number = float(v) if any(c in v for c in ".eE") else int(v)
+        if isinstance(number, int) and not -2**63 <= number < 2**63:  # Arrow's scalar: an internal error
+            raise _WhereError(clause, f"{v} is beyond a 64-bit integer; quote it to compare text")
+        if number in (float("inf"), float("-inf")):  # 1e400: every row is less
+            raise _WhereError(clause, f"{v} is beyond a double")
+        return number
     return v
 
 

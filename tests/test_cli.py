@@ -132,6 +132,9 @@ def test_where_reads_only_the_rows_it_names_for_train_and_score(by_app, tmp_path
     ("site in ('007', 7)", "mix types: quote them all"),
     ("site in 'a', 'b'", "cannot read the condition"),
     ("app = 'unclosed", "cannot read it from"),
+    ("value = 99999999999999999999", "99999999999999999999 is beyond a 64-bit integer"),
+    ("value in (1, -9223372036854775809)", "-9223372036854775809 is beyond a 64-bit integer"),
+    ("value < 1e400", "1e400 is beyond a double"),
 ])
 def test_where_mistakes_are_one_error_line(by_app, tmp_path, capsys, where, why):
     code = main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store",
