@@ -51,7 +51,7 @@ def to_table(out, schema: pa.Schema, from_pandas: bool = False):
             got = [str(c) for c in out.columns]
             if sorted(got) != sorted(schema.names):
                 raise _columns_error(got, schema)
-            for f in schema:
+            for f in (f for f in schema if f.type.id in _LIST_IDS):
                 try:
                     _no_text_rows(out[f.name].to_numpy(), f)
                 except ValueError as err:
@@ -655,8 +655,9 @@ def _collected_table(collected: list[list], framed: list[bool], schema: pa.Schem
     rows_framed = None
     arrays = []
     for chunks, field in zip(collected, schema):
-        for c in chunks:
-            _no_text_rows(c, field)  # the careful path names the group
+        if field.type.id in _LIST_IDS:
+            for c in chunks:
+                _no_text_rows(c, field)  # the careful path names the group
         dtypes = {c.dtype for c in chunks}
         if any(d.kind == "U" for d in dtypes):
             chunks = [_no_fixed_text(c) for c in chunks]
