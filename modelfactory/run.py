@@ -29,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 
 from . import kernel
+from ._memory import FLAG, unit_memory
 from .dataset import DatasetInfo
 from .exceptions import ClusterError
 from .kernel import JobSpec, UnitResult
@@ -59,18 +60,6 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 WORKER_DASK_CONFIG = {"distributed.worker.profile.enabled": False,
                       "distributed.admin.tick.interval": "1s",
                       "distributed.worker.memory.monitor-interval": "1s"}
-
-#: glibc's malloc settings for the worker processes of a LocalCluster modelfactory makes
-#: (they must be in the environment when a process starts).  Dask's default,
-#: ``MALLOC_TRIM_THRESHOLD_=65536``, hands freed memory back to the system at once and so
-#: turns off glibc's adaptive threshold: every array over 128 KiB is then mapped afresh
-#: and its pages fault in again, though a unit makes and drops arrays of its size column
-#: after column, unit after unit (about 30,000 page faults a worker for 100,000 groups).
-#: Here arrays up to 32 MiB are reused from the heap, and a worker keeps up to 128 MiB of
-#: freed memory: a few hundred faults, and the array path 10-15 % faster
-#: (docs/benchmarks.md).  Kubernetes pods keep Dask's setting: their memory limit counts
-#: what a worker keeps.
-WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": "134217728", "MALLOC_MMAP_THRESHOLD_": "33554432"}
 
 
 def dask_config_env(config: dict) -> dict[str, str]:
@@ -105,7 +94,8 @@ def dask_log_level(level: int) -> Iterator[None]:
 def local_cluster(workers: int | None = None, **kwargs):
     """The LocalCluster a job makes when it is given none: ``workers`` single-threaded
     worker processes (default one per core), one BLAS/OpenMP thread each, Dask's worker
-    profiler off and its event loop quieter (:data:`WORKER_DASK_CONFIG`), dashboard on a
+    profiler off and its event loop quieter (:data:`WORKER_DASK_CONFIG`), glibc keeping
+    freed memory for reuse while a unit runs (:mod:`modelfactory._memory`), dashboard on a
     free port, quiet logs (ERROR and up: :func:`dask_log_level`)."""
     import copy
 
@@ -114,34 +104,24 @@ def local_cluster(workers: int | None = None, **kwargs):
 
     n = workers or os.cpu_count() or 1
     kwargs = {"dashboard_address": ":0", "silence_logs": _dask_log_level, **kwargs}
-    spawn = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {})
-    # A nanny takes these from this process's environment first: Dask's value, from its
-    # config or left in the environment by an earlier nanny, is replaced; a user's is kept.
-    trim = os.environ.get("MALLOC_TRIM_THRESHOLD_", spawn.get("MALLOC_TRIM_THRESHOLD_", "65536"))
-    malloc = ({k: v for k, v in WORKER_MALLOC_ENV.items() if k == "MALLOC_TRIM_THRESHOLD_" or k not in os.environ}
-              if str(trim) == "65536" else {})
-    spawn.update(malloc)
-    with dask.config.set(WORKER_DASK_CONFIG), dask.config.set({"distributed.nanny.pre-spawn-environ": spawn}), \
-            dask.config.set(kwargs.pop("config", None) or {}):
+    with dask.config.set(WORKER_DASK_CONFIG), dask.config.set(kwargs.pop("config", None) or {}):
         # Each nanny hands its config to every worker it starts, restarts too.  It keeps a
         # shallow copy of the global config, whose nested dicts ``config.set`` restores in
         # place on leaving this block: without a deep copy of its own, a restarted worker
         # (after a crash, or Client.restart) would run with Dask's defaults again.
         config = copy.deepcopy(dask.config.config)
-        # A nanny sets its workers' start-up variables in this process's environment before
-        # starting them; put it back after, so that what this process starts later (a Spark
-        # session, a subprocess) starts as it would have.
-        saved = {k: os.environ.get(k) for k in {*dask.config.get("distributed.nanny.pre-spawn-environ"), *malloc}}
-        os.environ.update(malloc)
+        # A nanny sets its workers' start-up variables (MALLOC_TRIM_THRESHOLD_, PYTHONHASHSEED,
+        # one of its own) in this process's environment before starting them; put it back
+        # after, so that what this process starts later (a Spark session, a subprocess, another
+        # Dask cluster) starts as it would have.
+        saved = dict(os.environ)
         try:
-            return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, env=WORKER_ENV,
-                                config=config, **kwargs)
+            return LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                env={**WORKER_ENV, FLAG: "1"}, config=config, **kwargs)
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            for k in set(os.environ) - set(saved):
+                del os.environ[k]
+            os.environ.update({k: v for k, v in saved.items() if os.environ.get(k) != v})
 
 
 @contextlib.contextmanager
@@ -390,7 +370,7 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
         return results
     from distributed import KilledWorker, as_completed
 
-    futures = client.map(fn, items, key=list(keys), retries=retries, pure=False)
+    futures = client.map(functools.partial(_unit_task, fn), items, key=list(keys), retries=retries, pure=False)
     index = {f.key: i for i, f in enumerate(futures)}
     try:
         with watch_workers(client):
@@ -409,6 +389,18 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
         for f in futures:
             f.release()
     return results
+
+
+def _unit_task(fn: Callable, item):
+    """One unit on a worker: ``fn(item)``, with malloc tuned for it on the job's own cluster."""
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):  # not on a worker
+        limit = None
+    with unit_memory(limit):
+        return fn(item)
 
 
 def execute_delayed(client, tasks: list, *, progress: Progress,

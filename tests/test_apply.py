@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -174,20 +175,28 @@ def worker_setup(key):
 
 
 def _array_faults() -> str:
-    """Whether a 4 MiB array made and dropped 20 times faults its pages in afresh each time
-    (glibc handing the memory back at once, as with Dask's MALLOC_TRIM_THRESHOLD_=65536) or is
-    reused from the heap (``run.WORKER_MALLOC_ENV``)."""
+    """Whether a 1.5 MiB array made and dropped 40 times faults its pages in afresh each time
+    (glibc handing the memory back at once, as with Dask's MALLOC_TRIM_THRESHOLD_=65536: 384 page
+    faults each) or is reused from the heap (``modelfactory._memory``, while a unit runs).  Under
+    4 MiB and 2 MiB, so that no transparent huge page (numpy asks for them from 4 MiB) hides faults."""
     import resource
 
     import numpy as np
 
-    a = np.ones(1 << 19)
+    a = np.ones(3 << 16)
     del a
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
-        a = np.ones(1 << 19)
+    for _ in range(40):
+        a = np.ones(3 << 16)
         del a
     return "afresh" if resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before > 5000 else "reused"
+
+
+def unit_setup(key):
+    """:func:`worker_setup` inside a unit, as the job's tasks run (``run._unit_task``)."""
+    from modelfactory.run import _unit_task
+
+    return _unit_task(worker_setup, key)
 
 
 def test_the_cluster_a_job_makes_has_one_thread_per_worker_no_stack_profiler_and_a_quiet_event_loop():
@@ -198,42 +207,85 @@ def test_the_cluster_a_job_makes_has_one_thread_per_worker_no_stack_profiler_and
     assert set(map(str, run.results.values())) == {str(want)}
 
 
-def test_a_restarted_worker_of_the_cluster_a_job_makes_keeps_its_settings():
+def test_a_restarted_worker_of_the_cluster_a_job_makes_keeps_its_settings(monkeypatch):
     """A nanny starts a new worker after a crash (or Client.restart) with the config it holds:
-    the job's settings, not Dask's defaults."""
+    the job's settings, not Dask's defaults.  Between units a worker has Dask's malloc setting;
+    what the nannies put in this process's environment to start the workers is taken out again."""
     from distributed import Client
 
     from modelfactory.run import local_cluster
 
+    for k in ("MALLOC_TRIM_THRESHOLD_", "PYTHONHASHSEED", "__DASK_PARENT_PID"):  # left by earlier clusters
+        monkeypatch.delenv(k, raising=False)
     want = {"profiler": False, "threads": 1, "omp": "1", "tick": 1000, "memory": 1000, "faults": "reused"}
     environ = dict(os.environ)
     with local_cluster(1) as lc, Client(lc) as client:
-        assert dict(os.environ) == environ  # the workers' start-up variables stay out of this process
-        assert client.submit(worker_setup, "a", pure=False).result() == want
+        assert dict(os.environ) == environ
+        assert client.submit(unit_setup, "a", pure=False).result() == want
+        assert client.submit(worker_setup, "a", pure=False).result() == {**want, "faults": "afresh"}
         client.restart()
-        assert client.submit(worker_setup, "b", pure=False).result() == want
+        assert client.submit(unit_setup, "b", pure=False).result() == want
     # settings of the caller's own go on top
     with local_cluster(1, config={"distributed.admin.tick.interval": "2s"}) as lc, Client(lc) as client:
         client.restart()
-        assert client.submit(worker_setup, "c", pure=False).result() == {**want, "tick": 2000}
+        assert client.submit(unit_setup, "c", pure=False).result() == {**want, "tick": 2000}
 
 
-def test_a_malloc_setting_of_the_users_own_is_kept_for_the_workers(monkeypatch):
-    """The job's cluster replaces only Dask's own MALLOC_TRIM_THRESHOLD_ (from its config, or left
-    in the environment by an earlier Dask cluster); one the user exported stays, alone."""
+def test_a_malloc_setting_of_the_users_own_is_left_alone(monkeypatch):
+    """Units tune malloc only where Dask's own MALLOC_TRIM_THRESHOLD_ is in force (from its
+    config, or left in the environment by an earlier Dask cluster): not where the user exported
+    one, or named one in the cluster's config, nor on a cluster the user made."""
+    from distributed import Client, LocalCluster
+
+    from modelfactory.run import local_cluster
+
+    spawn = "distributed.nanny.pre-spawn-environ"
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    for exported, config, want in [("65536", None, "reused"), ("1000000", None, "afresh"),
+                                   ("65536", {spawn + ".MALLOC_MMAP_THRESHOLD_": "1048576"}, "afresh")]:
+        monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", exported)
+        with local_cluster(1, config=config) as lc, Client(lc) as client:
+            assert client.submit(unit_setup, "a", pure=False).result()["faults"] == want, (exported, config)
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as lc, Client(lc) as client:
+        assert client.submit(unit_setup, "a", pure=False).result()["faults"] == "afresh"
+
+
+_KEPT: list = []
+
+
+def _memory_burst(mib: int) -> int:
+    """Make and drop ``mib`` 1 MiB arrays, keeping a little between them (as results and caches
+    are), so that what is freed cannot go back to the system by itself."""
+    arrays = []
+    for i in range(mib):
+        arrays.append(np.ones(1 << 17))
+        if i % 10 == 0:
+            _KEPT.append(np.ones(100))
+    del arrays
+    return mib
+
+
+def _rss_mib(dask_worker) -> tuple[int, str]:
+    import psutil
+
+    return psutil.Process().memory_info().rss >> 20, dask_worker.status.name
+
+
+def test_a_unit_hands_back_what_it_freed_so_a_worker_paused_for_memory_resumes():
+    """Memory kept for reuse within a unit is handed back when it ends: a worker that went over
+    Dask's pause threshold during a large unit stayed over it after the unit when glibc kept
+    what it freed, paused for good, and the next unit never ran."""
     from distributed import Client
 
     from modelfactory.run import local_cluster
 
-    def malloc():
-        return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_")
-
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    for exported, want in [("65536", ("134217728", "33554432")), ("1000000", ("1000000", None))]:
-        monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", exported)
-        with local_cluster(1) as lc, Client(lc) as client:
-            assert list(client.run(malloc).values()) == [want]
-        assert malloc() == (exported, None)
+    with local_cluster(1, memory_limit="1GiB") as lc, Client(lc) as client:
+        run = modelfactory.map_keys([760], func=_memory_burst, cluster=client)  # about 88 % at its peak
+        assert run.results == {760: 760}
+        time.sleep(2.5)  # Dask reads the worker's memory once a second (WORKER_DASK_CONFIG)
+        ((rss, status),) = client.run(_rss_mib).values()
+        assert rss < 500 and status == "running", (rss, status)
+        assert modelfactory.map_keys([1], func=_memory_burst, cluster=client).results == {1: 1}
 
 
 def test_a_unit_run_group_by_group_leaves_no_files_of_its_own_attempts(tmp_path):
