@@ -79,11 +79,16 @@ def _dict_column(value, field: pa.Field, from_pandas: bool) -> pa.Array:
     """One column of a returned dict, or an error that names it.  A nested column (a list,
     struct or map per row) is a sequence of its rows, which numpy would make one 2-d array."""
     try:
+        value = _no_arrow_scalars(value, field)
         if pa.types.is_nested(field.type) and not isinstance(value, (pa.Array, pa.ChunkedArray)):
             rows = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
             _no_text_rows(rows, field)
             return pa.array(rows, type=field.type, from_pandas=from_pandas)
         a = _no_fixed_text(np.atleast_1d(value))
+        if pa.types.is_decimal(field.type) and a.dtype.kind in "iuf":  # numpy's numbers have no decimal path
+            import decimal
+
+            a = np.array([decimal.Decimal(str(x)) for x in a.tolist()], dtype=object)
         if a.dtype == object and not from_pandas:  # pandas' NA marker is never a value: missing
             import pandas as pd
 
@@ -627,9 +632,20 @@ _NO_COLUMN = np.zeros(0)
 _SCALARS = frozenset({float, int, bool, str, np.float64, np.float32, np.int64, np.int32, np.bool_, np.str_})
 
 
+def _no_arrow_scalars(value, field: pa.Field | None = None):
+    """Arrow scalars (what indexing an Arrow input or ``pc.mean`` gives) as Python values, alone
+    or in a list: numpy would keep them as objects Arrow cannot read back.  One for a nested
+    ``field`` is one row of it."""
+    if isinstance(value, pa.Scalar):
+        return [value.as_py()] if field is not None and pa.types.is_nested(field.type) else value.as_py()
+    if isinstance(value, (list, tuple)) and any(isinstance(v, pa.Scalar) for v in value):
+        return [v.as_py() if isinstance(v, pa.Scalar) else v for v in value]
+    return value
+
+
 def _as_column(v) -> np.ndarray | None:
     try:
-        return np.atleast_1d(v)
+        return np.atleast_1d(v.as_py() if isinstance(v, pa.Scalar) and not pa.types.is_nested(v.type) else v)
     except Exception:  # noqa: BLE001 - e.g. a ragged list: its group takes the careful path
         return None
 

@@ -747,3 +747,39 @@ def test_an_error_is_described_on_one_line():
         text = describe_error(err)
     assert "\n" not in text
     assert text.startswith("OSError: Couldn't deserialize thrift: x; Deserializing page header failed. (at ")
+
+
+def test_arrow_scalars_returned_from_an_arrow_input_are_their_values():
+    """With input="arrow", t["k"][0] and pc.mean(t["v"]) are Arrow scalars: numpy kept them as
+    objects and every group failed ("Expected a string or bytes dtype"); they are now their
+    values, alone, in a list, or as one row of a list column."""
+    import pyarrow.compute as pc
+
+    from modelfactory._schema import parse_schema
+    from modelfactory.grouped_map import to_table
+
+    def func(t):
+        return {"k": t["k"][0], "n": pa.scalar(t.num_rows), "m": pc.mean(t["v"])}
+
+    rows, out = _apply(func, input="arrow")
+    assert rows["status"] == ["ok"] * 4, rows["error"]
+    assert out == {"k": ["a", "b", "c", "d"], "n": [2, 1, 3, 1], "m": [1.5, 3.0, 5.0, 7.0]}
+    schema = parse_schema("k string, tags array<string>")
+    assert to_table({"k": [pa.scalar("a")], "tags": pa.scalar(["x", "y"])}, schema).to_pydict() == {
+        "k": ["a"], "tags": [["x", "y"]]}
+
+
+def test_numbers_into_a_decimal_column_are_exact_or_fail_their_group():
+    """A Python or numpy int or float returned into a decimal column failed with Arrow's "Got
+    bytestring of length 8 (expected 16)"; it is now the decimal it reads as, and one that the
+    column's scale cannot hold fails its group saying so."""
+    import decimal
+
+    from modelfactory._schema import parse_schema
+
+    schema = parse_schema("k string, n bigint, m decimal(10,2)")
+    values = {"a": 1.5, "b": 2, "c": np.float64(0.1), "d": 1.555}
+    rows, out = _apply(lambda g: {"k": g["k"][0], "n": 1, "m": values[g["k"][0]]}, input="numpy", schema=schema)
+    assert rows["status"] == ["ok", "ok", "ok", "failed"], rows["error"]
+    assert "data loss" in rows["error"][3]
+    assert out["m"] == [decimal.Decimal("1.50"), decimal.Decimal("2.00"), decimal.Decimal("0.10")]
