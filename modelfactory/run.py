@@ -29,7 +29,6 @@ import pandas as pd
 import pyarrow as pa
 
 from . import kernel
-from ._memory import FLAG, unit_memory
 from .dataset import DatasetInfo
 from .exceptions import ClusterError
 from .kernel import JobSpec, UnitResult
@@ -94,8 +93,7 @@ def dask_log_level(level: int) -> Iterator[None]:
 def local_cluster(workers: int | None = None, **kwargs):
     """The LocalCluster a job makes when it is given none: ``workers`` single-threaded
     worker processes (default one per core), one BLAS/OpenMP thread each, Dask's worker
-    profiler off and its event loop quieter (:data:`WORKER_DASK_CONFIG`), glibc keeping
-    freed memory for reuse while a unit runs (:mod:`modelfactory._memory`), dashboard on a
+    profiler off and its event loop quieter (:data:`WORKER_DASK_CONFIG`), dashboard on a
     free port, quiet logs (ERROR and up: :func:`dask_log_level`)."""
     import copy
 
@@ -116,8 +114,8 @@ def local_cluster(workers: int | None = None, **kwargs):
         # Dask cluster) starts as it would have.
         saved = dict(os.environ)
         try:
-            return LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                env={**WORKER_ENV, FLAG: "1"}, config=config, **kwargs)
+            return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, env=WORKER_ENV,
+                                config=config, **kwargs)
         finally:
             for k in set(os.environ) - set(saved):
                 del os.environ[k]
@@ -370,7 +368,7 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
         return results
     from distributed import KilledWorker, as_completed
 
-    futures = client.map(functools.partial(_unit_task, fn), items, key=list(keys), retries=retries, pure=False)
+    futures = client.map(fn, items, key=list(keys), retries=retries, pure=False)
     index = {f.key: i for i, f in enumerate(futures)}
     try:
         with watch_workers(client):
@@ -389,18 +387,6 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
         for f in futures:
             f.release()
     return results
-
-
-def _unit_task(fn: Callable, item):
-    """One unit on a worker: ``fn(item)``, with malloc tuned for it on the job's own cluster."""
-    try:
-        from distributed import get_worker
-
-        limit = get_worker().memory_manager.memory_limit
-    except (ImportError, ValueError, AttributeError):  # not on a worker
-        limit = None
-    with unit_memory(limit):
-        return fn(item)
 
 
 def execute_delayed(client, tasks: list, *, progress: Progress,

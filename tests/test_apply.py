@@ -171,83 +171,39 @@ def worker_setup(key):
     w = get_worker()
     every = {k: v.callback_time for k, v in w.periodic_callbacks.items()}  # milliseconds
     return {"profiler": "profile" in every, "threads": w.state.nthreads, "omp": os.environ.get("OMP_NUM_THREADS"),
-            "tick": every.get("tick"), "memory": every.get("memory_monitor"), "faults": _array_faults()}
-
-
-def _array_faults() -> str:
-    """Whether a 1.5 MiB array made and dropped 40 times faults its pages in afresh each time
-    (glibc handing the memory back at once, as with Dask's MALLOC_TRIM_THRESHOLD_=65536: 384 page
-    faults each) or is reused from the heap (``modelfactory._memory``, while a unit runs).  Under
-    4 MiB and 2 MiB, so that no transparent huge page (numpy asks for them from 4 MiB) hides faults."""
-    import resource
-
-    import numpy as np
-
-    a = np.ones(3 << 16)
-    del a
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(40):
-        a = np.ones(3 << 16)
-        del a
-    return "afresh" if resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before > 5000 else "reused"
-
-
-def unit_setup(key):
-    """:func:`worker_setup` inside a unit, as the job's tasks run (``run._unit_task``)."""
-    from modelfactory.run import _unit_task
-
-    return _unit_task(worker_setup, key)
+            "tick": every.get("tick"), "memory": every.get("memory_monitor")}
 
 
 def test_the_cluster_a_job_makes_has_one_thread_per_worker_no_stack_profiler_and_a_quiet_event_loop():
     # cluster left unset: the job makes its own LocalCluster (and closes it)
     run = modelfactory.map_keys(["a", "b"], func=worker_setup, workers=1)
     assert run.summary["counts"]["ok"] == 2
-    want = {"profiler": False, "threads": 1, "omp": "1", "tick": 1000, "memory": 1000, "faults": "reused"}
+    want = {"profiler": False, "threads": 1, "omp": "1", "tick": 1000, "memory": 1000}
     assert set(map(str, run.results.values())) == {str(want)}
 
 
 def test_a_restarted_worker_of_the_cluster_a_job_makes_keeps_its_settings(monkeypatch):
     """A nanny starts a new worker after a crash (or Client.restart) with the config it holds:
-    the job's settings, not Dask's defaults.  Between units a worker has Dask's malloc setting;
-    what the nannies put in this process's environment to start the workers is taken out again."""
+    the job's settings, not Dask's defaults.  What the nannies put in this process's
+    environment to start the workers (PYTHONHASHSEED, Dask's malloc setting) is taken out again,
+    so that a Spark session or subprocess started later starts as it would have."""
     from distributed import Client
 
     from modelfactory.run import local_cluster
 
     for k in ("MALLOC_TRIM_THRESHOLD_", "PYTHONHASHSEED", "__DASK_PARENT_PID"):  # left by earlier clusters
         monkeypatch.delenv(k, raising=False)
-    want = {"profiler": False, "threads": 1, "omp": "1", "tick": 1000, "memory": 1000, "faults": "reused"}
+    want = {"profiler": False, "threads": 1, "omp": "1", "tick": 1000, "memory": 1000}
     environ = dict(os.environ)
     with local_cluster(1) as lc, Client(lc) as client:
         assert dict(os.environ) == environ
-        assert client.submit(unit_setup, "a", pure=False).result() == want
-        assert client.submit(worker_setup, "a", pure=False).result() == {**want, "faults": "afresh"}
+        assert client.submit(worker_setup, "a", pure=False).result() == want
         client.restart()
-        assert client.submit(unit_setup, "b", pure=False).result() == want
+        assert client.submit(worker_setup, "b", pure=False).result() == want
     # settings of the caller's own go on top
     with local_cluster(1, config={"distributed.admin.tick.interval": "2s"}) as lc, Client(lc) as client:
         client.restart()
-        assert client.submit(unit_setup, "c", pure=False).result() == {**want, "tick": 2000}
-
-
-def test_a_malloc_setting_of_the_users_own_is_left_alone(monkeypatch):
-    """Units tune malloc only where Dask's own MALLOC_TRIM_THRESHOLD_ is in force (from its
-    config, or left in the environment by an earlier Dask cluster): not where the user exported
-    one, or named one in the cluster's config, nor on a cluster the user made."""
-    from distributed import Client, LocalCluster
-
-    from modelfactory.run import local_cluster
-
-    spawn = "distributed.nanny.pre-spawn-environ"
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    for exported, config, want in [("65536", None, "reused"), ("1000000", None, "afresh"),
-                                   ("65536", {spawn + ".MALLOC_MMAP_THRESHOLD_": "1048576"}, "afresh")]:
-        monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", exported)
-        with local_cluster(1, config=config) as lc, Client(lc) as client:
-            assert client.submit(unit_setup, "a", pure=False).result()["faults"] == want, (exported, config)
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as lc, Client(lc) as client:
-        assert client.submit(unit_setup, "a", pure=False).result()["faults"] == "afresh"
+        assert client.submit(worker_setup, "c", pure=False).result() == {**want, "tick": 2000}
 
 
 _KEPT: list = []
@@ -255,7 +211,7 @@ _KEPT: list = []
 
 def _memory_burst(mib: int) -> int:
     """Make and drop ``mib`` 1 MiB arrays, keeping a little between them (as results and caches
-    are), so that what is freed cannot go back to the system by itself."""
+    are), so that memory kept on the heap could not go back to the system by itself."""
     arrays = []
     for i in range(mib):
         arrays.append(np.ones(1 << 17))
@@ -271,10 +227,10 @@ def _rss_mib(dask_worker) -> tuple[int, str]:
     return psutil.Process().memory_info().rss >> 20, dask_worker.status.name
 
 
-def test_a_unit_hands_back_what_it_freed_so_a_worker_paused_for_memory_resumes():
-    """Memory kept for reuse within a unit is handed back when it ends: a worker that went over
-    Dask's pause threshold during a large unit stayed over it after the unit when glibc kept
-    what it freed, paused for good, and the next unit never ran."""
+def test_a_worker_paused_for_memory_by_a_large_unit_resumes_after_it():
+    """A worker that goes over Dask's pause threshold during a unit is back under it once the
+    unit has freed its memory, and the next unit runs.  (A version that kept freed memory on the
+    workers' heaps for speed left such a worker paused for good, and the job waiting for it.)"""
     from distributed import Client
 
     from modelfactory.run import local_cluster
