@@ -240,7 +240,10 @@ def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], par
 def _raise_unit_failure(run_id: str, err: BaseException, *, resumable: bool = False) -> None:
     again = (f"run again with resume={run_id!r} (--resume {run_id}): the units already done are kept"
              if resumable else "run again")
-    if "scheduler-connection-lost" in str(err) or type(err).__name__ == "FutureCancelledError":
+    # the scheduler gone: futures cancelled, or (when it went while a result was being fetched)
+    # the client's own connection closed under it
+    if ("scheduler-connection-lost" in str(err)
+            or type(err).__name__ in ("FutureCancelledError", "CommClosedError")):
         raise ModelFactoryError(
             f"Run {run_id} stopped: the connection to the Dask scheduler was lost ({kernel.describe_error(err)}). "
             f"Nothing was committed; once the scheduler and its workers are back, {again}.") from err

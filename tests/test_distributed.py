@@ -187,6 +187,22 @@ def test_losing_the_scheduler_mid_run_says_so_and_how_to_resume(tmp_path, leaves
                             "the units already done are kept.")
 
 
+def test_a_connection_closed_while_a_result_is_fetched_is_the_scheduler_lost():
+    """When the scheduler goes while the client fetches a unit's result, the error is the
+    client's CommClosedError, not a cancelled future: the run said "a work unit failed outside
+    any group" (the test above, now and then).  Both are the scheduler lost."""
+    from distributed.comm.core import CommClosedError
+
+    from modelfactory.api import _raise_unit_failure
+
+    for err in (CommClosedError("in <TCP (closed) ConnectionPool.gather local=tcp://127.0.0.1:1 "
+                                "remote=tcp://127.0.0.1:2>: Stream is closed"), OSError("disk full")):
+        with pytest.raises(ModelFactoryError) as caught:
+            _raise_unit_failure("r1", err, resumable=True)
+        lost = str(caught.value).startswith("Run r1 stopped: the connection to the Dask scheduler was lost")
+        assert lost == isinstance(err, CommClosedError), str(caught.value)
+
+
 @pytest.fixture(scope="module")
 def calm(procs, leaves, tmp_path_factory) -> str:
     """An uninterrupted run of the slow user model through the address: the store's folder."""
