@@ -114,8 +114,9 @@ def local_cluster(workers: int | None = None, **kwargs):
         # Dask cluster) starts as it would have.
         saved = dict(os.environ)
         try:
-            return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, env=WORKER_ENV,
-                                config=config, **kwargs)
+            # the caller's own keywords go on top (threads_per_worker=2 was a TypeError)
+            return LocalCluster(**{"n_workers": n, "threads_per_worker": 1, "processes": True, "env": WORKER_ENV,
+                                   "config": config, **kwargs})
         finally:
             for k in set(os.environ) - set(saved):
                 del os.environ[k]

@@ -200,10 +200,11 @@ def test_a_restarted_worker_of_the_cluster_a_job_makes_keeps_its_settings(monkey
         assert client.submit(worker_setup, "a", pure=False).result() == want
         client.restart()
         assert client.submit(worker_setup, "b", pure=False).result() == want
-    # settings of the caller's own go on top
-    with local_cluster(1, config={"distributed.admin.tick.interval": "2s"}) as lc, Client(lc) as client:
+    # settings of the caller's own go on top, keywords too
+    with local_cluster(1, config={"distributed.admin.tick.interval": "2s"}, threads_per_worker=2) as lc, \
+            Client(lc) as client:
         client.restart()
-        assert client.submit(worker_setup, "c", pure=False).result() == {**want, "tick": 2000}
+        assert client.submit(worker_setup, "c", pure=False).result() == {**want, "tick": 2000, "threads": 2}
 
 
 _KEPT: list = []
