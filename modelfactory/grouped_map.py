@@ -39,11 +39,12 @@ def to_table(out, schema: pa.Schema, from_pandas: bool = False):
             if sorted(got) != sorted(schema.names):
                 raise _columns_error(got, schema)
             columns = [_dict_column(out[f.name], f, from_pandas) for f in schema]
-            sizes = {len(c) for c, f in zip(columns, schema) if not _is_one_value(out[f.name])}
+            ones = [_is_one_value(out[f.name]) for f in schema]
+            sizes = {len(c) for c, one in zip(columns, ones) if not one}
             if len(sizes) == 1:  # a scalar beside columns of one length is repeated, as pandas does
                 n = sizes.pop()
-                columns = [pa.repeat(c[0], n) if len(c) == 1 and n != 1 and _is_one_value(out[f.name]) else c
-                           for c, f in zip(columns, schema)]
+                columns = [pa.repeat(c[0], n) if len(c) == 1 and n != 1 and one else c
+                           for c, one in zip(columns, ones)]
             return _checked(pa.table(columns, schema=schema), schema)
         import pandas as pd
 
@@ -635,17 +636,22 @@ _SCALARS = frozenset({float, int, bool, str, np.float64, np.float32, np.int64, n
 def _no_arrow_scalars(value, field: pa.Field | None = None):
     """Arrow scalars (what indexing an Arrow input or ``pc.mean`` gives) as Python values, alone
     or in a list: numpy would keep them as objects Arrow cannot read back.  One for a nested
-    ``field`` is one row of it."""
+    ``field`` is one row of it; with no field to say so, a nested one stays as it is."""
+    def plain(v):
+        if isinstance(v, pa.Scalar) and (field is not None or not pa.types.is_nested(v.type)):
+            return v.as_py()
+        return v
+
     if isinstance(value, pa.Scalar):
-        return [value.as_py()] if field is not None and pa.types.is_nested(field.type) else value.as_py()
+        return [value.as_py()] if field is not None and pa.types.is_nested(field.type) else plain(value)
     if isinstance(value, (list, tuple)) and any(isinstance(v, pa.Scalar) for v in value):
-        return [v.as_py() if isinstance(v, pa.Scalar) else v for v in value]
+        return [plain(v) for v in value]
     return value
 
 
 def _as_column(v) -> np.ndarray | None:
     try:
-        return np.atleast_1d(v.as_py() if isinstance(v, pa.Scalar) and not pa.types.is_nested(v.type) else v)
+        return np.atleast_1d(_no_arrow_scalars(v))
     except Exception:  # noqa: BLE001 - e.g. a ragged list: its group takes the careful path
         return None
 
