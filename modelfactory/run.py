@@ -90,6 +90,15 @@ def dask_log_level(level: int) -> Iterator[None]:
         _dask_log_level = old
 
 
+def _with_quiet_close() -> list[str]:
+    """The worker preloads configured, plus the one that keeps a shutdown race of Dask's
+    heartbeat (logged with two tracebacks after a job that went well) off the console."""
+    import dask
+
+    preload = dask.config.get("distributed.worker.preload", None) or []
+    return [*([preload] if isinstance(preload, str) else preload), "modelfactory._quiet_close"]
+
+
 def local_cluster(workers: int | None = None, **kwargs):
     """The LocalCluster a job makes when it is given none: ``workers`` single-threaded
     worker processes (default one per core), one BLAS/OpenMP thread each, Dask's worker
@@ -102,7 +111,8 @@ def local_cluster(workers: int | None = None, **kwargs):
 
     n = workers or os.cpu_count() or 1
     kwargs = {"dashboard_address": ":0", "silence_logs": _dask_log_level, **kwargs}
-    with dask.config.set(WORKER_DASK_CONFIG), dask.config.set(kwargs.pop("config", None) or {}):
+    with dask.config.set(WORKER_DASK_CONFIG), dask.config.set(kwargs.pop("config", None) or {}), \
+            dask.config.set({"distributed.worker.preload": _with_quiet_close()}):
         # Each nanny hands its config to every worker it starts, restarts too.  It keeps a
         # shallow copy of the global config, whose nested dicts ``config.set`` restores in
         # place on leaving this block: without a deep copy of its own, a restarted worker
