@@ -85,7 +85,7 @@ def _dict_column(value, field: pa.Field, from_pandas: bool) -> pa.Array:
             rows = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
             _no_text_rows(rows, field)
             return pa.array(rows, type=field.type, from_pandas=from_pandas)
-        a = _no_fixed_text(np.atleast_1d(value))
+        a = _no_fixed_text(_as_1d(value))
         if pa.types.is_decimal(field.type) and a.dtype.kind in "iuf":  # numpy's numbers have no decimal path
             import decimal
 
@@ -578,7 +578,7 @@ def _chunks(outs: list[tuple], names: list[str]) -> tuple[list[list], np.ndarray
         one = None
         if len(kinds) == 1 and kinds <= _SCALARS:  # one row a group (a dict of scalars): in bulk
             kind = next(iter(kinds))
-            column = np.array(values, dtype=object if issubclass(kind, str) else None)
+            column = np.array(values, dtype=object if issubclass(kind, (str, bytes)) else None)
             # Python ints past int64's range (uint64's) among ones in it come out as float64,
             # rounded: those are converted one by one, each as int64, uint64 or objects
             if not (kind is int and column.dtype.kind == "f"):
@@ -651,9 +651,21 @@ def _no_arrow_scalars(value, field: pa.Field | None = None):
 
 def _as_column(v) -> np.ndarray | None:
     try:
-        return np.atleast_1d(_no_arrow_scalars(v))
+        return _as_1d(_no_arrow_scalars(v))
     except Exception:  # noqa: BLE001 - e.g. a ragged list: its group takes the careful path
         return None
+
+
+def _as_1d(v) -> np.ndarray:
+    """``np.atleast_1d(v)``, but a str or bytes, or a list or tuple of them only, becomes
+    an array of Python objects: numpy's fixed-width text drops trailing NUL characters
+    ("a\\x00" became "a", b"x\\x00" b"x")."""
+    if isinstance(v, (str, bytes)):
+        return np.array([v], dtype=object)
+    if type(v) in (list, tuple) and v and isinstance(v[0], (str, bytes)) \
+            and all(isinstance(x, (str, bytes)) for x in v):
+        return np.array(v, dtype=object)
+    return np.atleast_1d(v)
 
 
 def _no_fixed_text(a: np.ndarray) -> np.ndarray:

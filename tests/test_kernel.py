@@ -253,6 +253,35 @@ def test_text_returned_as_strs_reaches_binary_and_string_columns_whole_on_every_
     assert out["s"] == ["ab", "cd", "é", "x\x00y", "long text"]
 
 
+def test_text_ending_in_nul_characters_reaches_arrow_whole_on_every_path():
+    """numpy's fixed-width text drops trailing NULs: "a\\x00" became "a" and b"x\\x00" b"x",
+    marked ok, given as a scalar (bytes even on the fast path), in a list, in a tuple, repeated
+    beside a column, or from a dict subclass (the careful path)."""
+    from modelfactory._schema import parse_schema
+
+    schema = parse_schema({"k": "string", "b": "binary", "s": "string"})
+
+    def func(g):
+        k = str(g["k"][0])
+        if k == "a":
+            return {"k": k, "b": b"x\x00", "s": "a\x00"}
+        if k == "b":
+            return {"k": [k], "b": [b"x\x00"], "s": ["a\x00"]}
+        if k == "c":
+            return {"k": (k, k), "b": (b"x\x00", b"y"), "s": ("a\x00", "b")}
+        if k == "d":
+            return {"k": [k, k], "b": b"x\x00", "s": "a\x00"}  # repeated beside the key column
+        return type("Row", (dict,), {})(k=[k], b=[b"x\x00"], s="a\x00")  # the careful path
+
+    rows, out = _apply(func, input="numpy", schema=schema)
+    assert rows["status"] == ["ok"] * 4, rows["error"]
+    assert out["k"] == ["a", "b", "c", "c", "d", "d"]
+    assert out["b"] == [b"x\x00", b"x\x00", b"x\x00", b"y", b"x\x00", b"x\x00"]
+    assert out["s"] == ["a\x00", "a\x00", "a\x00", "b", "a\x00", "a\x00"]
+    rows, out = _apply(lambda g: func({"k": ["e"]}), input="numpy", schema=schema)
+    assert rows["status"] == ["ok"] * 4 and out["b"] == [b"x\x00"] * 4 and out["s"] == ["a\x00"] * 4
+
+
 def test_a_text_value_where_a_list_column_takes_a_list_fails_its_group_not_split_into_characters():
     """Arrow reads a str where a list column takes a list as the list of its characters (and
     bytes as their codes): {"k": key, "tags": ["red", "blue"]}, which failed its group before
