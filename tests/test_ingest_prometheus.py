@@ -482,3 +482,26 @@ def test_long_non_ascii_label_values_fit_in_a_folder_name(tmp_path):
     assert t["app"].to_pylist() == [long] and t["site"].to_pylist() == ["s1"]
     (folder,) = {Path(f).parts[0] for f in files(tmp_path)}
     assert folder == "app=" + "服务" * 15 + " a%2Fb"
+
+
+def test_a_rerun_keeps_points_prometheus_no_longer_holds(tmp_path):
+    """Parquet is where history outlives Prometheus' retention: rerunning a range after the server
+    dropped its oldest samples (retention, a deletion, Thanos pruning raw data) must not delete the
+    rows already committed for them.  Rows the server still holds are replaced by the fresh ones."""
+    state = {"from": T0, "shift": 0.0}
+
+    def respond(req):  # like echo_matrix, but holding data only from state["from"] on
+        start, end, step = (float(req.form[k]) for k in ("start", "end", "step"))
+        times = [start + i * step for i in range(int((end - start) / step) + 1)]
+        values = [[t, str(t + state["shift"])] for t in times if t >= state["from"]]
+        return ps.matrix([{"metric": {"__name__": "up", "app": "x", "site": "y"}, "values": values}] if values else [])
+
+    with ps.FakeServer(respond) as srv:
+        prometheus(srv.url, "up", T0, T0 + 3600, 60, by=["app"], out=str(tmp_path))
+        state.update({"from": T0 + 1800, "shift": 0.5})     # older half gone, newer values revised
+        s = prometheus(srv.url, "up", T0, T0 + 3600, 60, by=["app"], out=str(tmp_path))
+    assert s.rows == 31
+    t = ds.dataset(str(tmp_path), format="parquet", partitioning="hive").to_table().sort_by("ts")
+    got = list(zip((v // 1000 for v in t["ts"].cast(pa.int64()).to_pylist()), t["value"].to_pylist()))
+    assert got == [(x, float(x) + (0.5 if x >= T0 + 1800 else 0)) for x in range(T0, T0 + 3601, 60)]
+    assert set(t["site"].to_pylist()) == {"y"} and set(t["metric"].to_pylist()) == {"up"}

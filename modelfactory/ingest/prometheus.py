@@ -548,9 +548,20 @@ def _earlier_folder(fs: Any, root: str, by: Sequence[str], values: tuple[str, ..
     return path if fs.exists(path) else None
 
 
+def _point_keys(table: pa.Table, labels: Sequence[str]) -> pa.Array:
+    """One string per row naming its point: the ``labels`` columns (null, or absent from
+    ``table``, kept apart from "") and ts."""
+    parts = [pc.fill_null(pc.binary_join_element_wise(f"{c}=", table[c], "\x00"), "")
+             if c in table.column_names else pa.nulls(table.num_rows, pa.string()).fill_null("")
+             for c in labels]
+    return pc.binary_join_element_wise(*parts, pc.cast(table["ts"].cast(pa.int64()), pa.string()), "\x01")
+
+
 def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple[str, ...],
            table: pa.Table) -> tuple[str, str]:
-    """Write ``table`` (merged with rows of the existing file outside this chunk's window)."""
+    """Write ``table`` merged with the rows of the existing file it does not replace: a fresh
+    row replaces the earlier row of the same series at the same time; earlier rows the server no
+    longer returns (retention moved on, data deleted) are kept, as an archive must."""
     directory = f"{root.rstrip('/')}/{hive_folder(spec.by, values)}"  # escaped as Spark escapes it
     name = _file_name(spec, chunk)
     try:
@@ -565,8 +576,9 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
         if fs.exists(final):
             with fs.open(final, "rb") as f:
                 old = pq.read_table(f)
-            t = old["ts"].cast(pa.int64())
-            old = old.filter(pc.or_(pc.less(t, chunk.first_ms), pc.greater(t, chunk.last_ms)))
+            labels = sorted({c for c in old.column_names + table.column_names} - {"ts", "value"})
+            fresh = _point_keys(table, labels)
+            old = old.filter(pc.invert(pc.is_in(_point_keys(old, labels), value_set=fresh)))
             if old.num_rows:
                 names = [c for c in table.column_names + old.column_names if c not in ("ts", "value")]
                 names = sorted(set(names), key=lambda c: (c != "metric", c))
