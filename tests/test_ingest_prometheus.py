@@ -505,3 +505,18 @@ def test_a_rerun_keeps_points_prometheus_no_longer_holds(tmp_path):
     got = list(zip((v // 1000 for v in t["ts"].cast(pa.int64()).to_pylist()), t["value"].to_pylist()))
     assert got == [(x, float(x) + (0.5 if x >= T0 + 1800 else 0)) for x in range(T0, T0 + 3601, 60)]
     assert set(t["site"].to_pylist()) == {"y"} and set(t["metric"].to_pylist()) == {"up"}
+
+
+def test_a_server_that_answers_too_slowly_is_not_called_unreachable(tmp_path):
+    """A heavy query that Prometheus is still evaluating when the timeout passes is a timeout to
+    raise or a query to narrow, not a server to look for: the message must say so."""
+    def respond(req):
+        time.sleep(2)
+        return ps.echo_matrix(req)
+
+    with ps.FakeServer(respond) as srv:
+        with pytest.raises(IngestError, match=r"did not answer within 0\.5 s \(1 attempt\)\. Narrow the query"
+                                              r".*raise timeout / --timeout") as err:
+            prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path), timeout=0.5, retries=0)
+    assert "Could not reach" not in str(err.value)
+    assert files(tmp_path) == set()

@@ -375,9 +375,11 @@ def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> lis
             if not last:
                 _sleep(attempt)
                 continue
-            if isinstance(err, TimeoutError) and "in full" in str(err):  # it answered, too slowly
+            if isinstance(err, TimeoutError):  # connected, then no (whole) answer in time; a
+                # connect timeout arrives wrapped in a URLError and is reported as unreachable below
+                what = "send its whole answer" if "in full" in str(err) else "answer"
                 raise IngestError(_redact(spec, (
-                    f"Prometheus at {spec.display_url} did not send its whole answer within {spec.timeout_s:g} s "
+                    f"Prometheus at {spec.display_url} did not {what} within {spec.timeout_s:g} s "
                     f"({_retried(attempt)}). Narrow the query, lower max_points / --max-points, or raise "
                     "timeout / --timeout."))) from err
             raise IngestError(_redact(spec, (
