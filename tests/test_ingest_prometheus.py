@@ -520,3 +520,21 @@ def test_a_server_that_answers_too_slowly_is_not_called_unreachable(tmp_path):
             prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path), timeout=0.5, retries=0)
     assert "Could not reach" not in str(err.value)
     assert files(tmp_path) == set()
+
+
+@pytest.mark.parametrize("label", ["value", "ts", "metric"])
+def test_a_label_named_like_an_output_column_is_named_and_the_suggested_query_works(prom, tmp_path, label):
+    """A label called value or ts (or metric, next to __name__) would collide with a column of the
+    output. The error names the label and gives a query that renames it; running that query works
+    (label_replace alone copies a label and keeps the original, so 'use label_replace()' did not)."""
+    query = f'label_replace(mf_load, "{label}", "$1", "instance", "(.*)")'
+    with pytest.raises(IngestError, match=f"the label {label!r}, which would clash with the output column") as err:
+        prometheus(prom, query, T0, T0 + H, 60, by=["app", "site"], out=str(tmp_path))
+    assert files(tmp_path) == set()
+    suggested = str(err.value).split("Rename it in the query: ")[1].rstrip(".").replace("<query>", query)
+    prometheus(prom, suggested, T0, T0 + H, 60, by=["app", "site"], out=str(tmp_path))
+    t = read(tmp_path)
+    assert sorted(t.column_names) == sorted(["app", "site", "instance", "metric", "ts", "value", f"{label}_label"])
+    assert set(t["metric"].to_pylist()) == {"mf_load"}
+    assert sorted(set(t[f"{label}_label"].to_pylist())) == ["a", "b"]
+    assert len(t) == len(ps.expected(T0, T0 + H, 60))

@@ -492,8 +492,13 @@ def _check_labels(spec: PrometheusSpec, series: Mapping[tuple, Any]) -> None:
         names = [_col(k) for k, _ in key]
         cols = set(names)
         if len(cols) != len(names) or cols & {"ts", "value"}:
-            raise IngestError(f"Series {_fmt(key)} has a label that clashes with the output columns "
-                              "ts, value or metric: rename it in the query with label_replace().")
+            c = min(k for k, _ in key if k in ("ts", "value") or (k == "metric" and "__name__" in dict(key)))
+            why = "the metric name (__name__)" if c == "metric" else "the sample " + ("time" if c == "ts" else c)
+            # label_replace only copies a label; setting the original to "" then removes it
+            raise IngestError(
+                f"Series {_fmt(key)} has the label {c!r}, which would clash with the output column {c} "
+                f"that holds {why}. Rename it in the query: label_replace(label_replace(<query>, "
+                f'"{c}_label", "$1", "{c}", "(.+)"), "{c}", "", "", "").')
         missing = [c for c in spec.by if c not in cols]
         if missing:
             lacking[key] = missing
