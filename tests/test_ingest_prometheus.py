@@ -538,3 +538,16 @@ def test_a_label_named_like_an_output_column_is_named_and_the_suggested_query_wo
     assert set(t["metric"].to_pylist()) == {"mf_load"}
     assert sorted(set(t[f"{label}_label"].to_pylist())) == ["a", "b"]
     assert len(t) == len(ps.expected(T0, T0 + H, 60))
+
+
+def test_a_by_value_too_long_for_a_folder_name_is_named(prom, tmp_path, caplog):
+    """Label values can be any length; a folder name cannot pass 255 bytes on local disks. The
+    error names the label and the series, not 'check that --out is writable'."""
+    long = "x" * 300
+    query = f'label_replace(mf_load, "site", "{long}$1", "site", "(.*)")'
+    with pytest.raises(IngestError, match=r"The by label 'site' has a value of 30\d characters \('xxx.*in series "
+                                          r"mf_load\{app=.*over the 255 bytes a folder name may have.*--by") as err:
+        prometheus(prom, query, T0, T0 + H, 60, by=["app", "site"], out=str(tmp_path))
+    assert "writable" not in str(err.value) and long not in str(err.value)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert files(tmp_path) == set()

@@ -267,6 +267,8 @@ def fetch_chunk(spec: PrometheusSpec, chunk: Chunk) -> ChunkResult:
         labels = {_col(k): v for k, v in key}
         groups.setdefault(tuple(labels[c] for c in spec.by), []).append(key)
     fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+    if _is_local(fs):
+        _check_folder_names(spec, groups)
     staged: list[tuple[str, str]] = []
     try:
         for values, keys in sorted(groups.items()):
@@ -514,6 +516,22 @@ def _check_labels(spec: PrometheusSpec, series: Mapping[tuple, Any]) -> None:
             f"{len(lacking)} of {len(series)} series lack the label(s) {', '.join(missing)} given in "
             f"by={list(spec.by)}, e.g. {examples}. Every series needs every `by` label: add it in the "
             "query (sum by (...), label_replace), filter such series out, or drop it from by / --by.")
+
+
+_NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows file systems
+
+
+def _check_folder_names(spec: PrometheusSpec, groups: Mapping[tuple[str, ...], list[tuple]]) -> None:
+    """Refuse a ``by`` value whose folder name a local file system cannot hold (object stores can)."""
+    for values, keys in groups.items():
+        for c, v in zip(spec.by, values):
+            size = len(hive_folder([c], [v]).encode())
+            if size > _NAME_MAX:
+                raise IngestError(
+                    f"The by label {c!r} has a value of {len(v)} characters ({v[:30]!r}...) in series "
+                    f"{_fmt(keys[0])[:200]}: its folder name ({c}=...) would be {size} bytes, over the "
+                    f"{_NAME_MAX} bytes a folder name may have. Partition by other labels (drop {c!r} from "
+                    "by / --by; it stays a column), or write to an object store (s3://...).")
 
 
 def _table(spec: PrometheusSpec, keys: list[tuple], series: Mapping) -> pa.Table:
