@@ -6,6 +6,7 @@ import argparse
 import base64
 import importlib
 import logging
+import re
 import shutil
 import sys
 import threading
@@ -551,3 +552,31 @@ def test_a_by_value_too_long_for_a_folder_name_is_named(prom, tmp_path, caplog):
     assert "writable" not in str(err.value) and long not in str(err.value)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert files(tmp_path) == set()
+
+
+@pytest.mark.parametrize("before, after", [(["app", "site"], ["app"]), (["app"], ["app", "site"]),
+                                           ([], ["app"]), (["app", "site"], ["site", "app"])])
+def test_another_by_into_the_same_dataset_is_refused(prom, tmp_path, before, after):
+    """An ingest with another --by into the same --out wrote every point a second time in a
+    second folder layout (app=x/ next to app=x/site=y/), reported success, and the dataset could
+    no longer be read by train."""
+    prometheus(prom, "mf_load", T0, T0 + H, 60, by=before, out=str(tmp_path))
+    names = files(tmp_path)
+    with pytest.raises(IngestError, match=rf"already holds a dataset partitioned by {re.escape(repr(before))}.*"
+                                          rf"this ingest partitions by {re.escape(repr(after))}.*same by / --by"):
+        prometheus(prom, "mf_load", T0, T0 + 2 * H, 60, by=after, out=str(tmp_path))
+    assert files(tmp_path) == names
+    prometheus(prom, "mf_load", T0, T0 + 2 * H, 60, by=before, out=str(tmp_path))  # the same by still appends
+
+
+def test_another_by_into_an_s3_dataset_is_refused(prom, tmp_path, moto):
+    out = "s3://prom-bucket/ds"
+    prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app", "site"], out=out, storage_options=moto)
+    with pytest.raises(IngestError, match=r"already holds a dataset partitioned by \['app', 'site'\]"):
+        prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app"], out=out, storage_options=moto)
+
+
+def test_empty_folders_left_by_a_failed_run_do_not_fix_the_layout(prom, tmp_path):
+    (tmp_path / "app=shop" / "site=eu").mkdir(parents=True)
+    s = prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app"], out=str(tmp_path))
+    assert s.rows == len(ps.expected(T0, T0 + H, 60))

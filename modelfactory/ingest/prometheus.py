@@ -202,6 +202,7 @@ def prometheus(
     except Exception as err:  # noqa: BLE001 - an unknown protocol, a missing package, no endpoint
         raise IngestError(f"Cannot write to out={spec.out!r}: {describe_error(err)}. Check the path, the "
                           "endpoint and the credentials (storage_options).") from err
+    _check_layout(spec)
     now = datetime.now(timezone.utc)
     chunks = plan_chunks(_parse_time(start, "start", now), _parse_time(end, "end", now), spec.step_ms)
     log.info("ingesting %s from %s in %d chunks", spec.query, spec.display_url, len(chunks))
@@ -297,6 +298,35 @@ def _run_chunks(spec: PrometheusSpec, chunks: list[Chunk], concurrency: int) -> 
         _discard(fs, [s for r in done for s in r.staged])
         raise errors[0]
     return [f.result() for f in futures]
+
+
+def _check_layout(spec: PrometheusSpec) -> None:
+    """Refuse to write into a dataset partitioned by other labels than ``spec.by``: its points
+    would be stored twice, in two folder layouts that no reader accepts together."""
+    try:
+        fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+        keys, path, example, data_files = [], root.rstrip("/"), None, False
+        while fs.isdir(path):
+            entries = fs.ls(path, detail=True)
+            names = [(e["name"].rstrip("/"), e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"]) for e in entries]
+            folders = sorted(n for n, base, kind in names
+                             if kind == "directory" and "=" in base and base[0] not in "._")
+            if not folders:
+                data_files = any(kind == "file" and base.endswith(".parquet") and base[0] not in "._"
+                                 for _, base, kind in names)
+                break
+            path = example = folders[0]
+            keys.append(path.rsplit("/", 1)[-1].split("=", 1)[0])
+    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+        raise IngestError(f"Could not list out={spec.out!r}: {describe_error(err)}. Check that out / --out "
+                          "is readable (and storage_options for remote stores).") from err
+    if data_files and keys != list(spec.by):  # folders alone may be left from a failed run
+        shown = f" (e.g. {example})" if example else ""
+        raise IngestError(
+            f"out={spec.out!r} already holds a dataset partitioned by {keys!r}{shown}, but this ingest "
+            f"partitions by {list(spec.by)!r}: every point would be stored a second time in another folder "
+            "layout, and readers refuse mixed layouts. Use the same by / --by as before, or another "
+            "out / --out.")
 
 
 def _commit(spec: PrometheusSpec, staged: list[tuple[str, str]]) -> None:
