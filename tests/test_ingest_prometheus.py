@@ -580,3 +580,14 @@ def test_empty_folders_left_by_a_failed_run_do_not_fix_the_layout(prom, tmp_path
     (tmp_path / "app=shop" / "site=eu").mkdir(parents=True)
     s = prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app"], out=str(tmp_path))
     assert s.rows == len(ps.expected(T0, T0 + H, 60))
+
+
+@pytest.mark.parametrize("query", ['label_replace(mf_load, "site", "x", "", "")',
+                                   'mf_load + on(app) mf_load'])
+def test_series_that_collide_get_a_hint_about_labels_not_about_size(prom, tmp_path, query):
+    """Prometheus answers 422 'execution' both for a query too big to evaluate and for one whose
+    series collide; the second is not fixed by narrowing the query or lowering --max-points."""
+    with pytest.raises(IngestError, match=r"\(HTTP 422, execution\): .*(same labelset|many-to-many).*"
+                                          r"Two or more series end up with the same labels") as err:
+        prometheus(prom, query, T0, T0 + H, 60, by=["app"], out=str(tmp_path))
+    assert "max-points" not in str(err.value)

@@ -465,6 +465,9 @@ def _http_error(spec: PrometheusSpec, status: int, raw: bytes, location: str,
                 "execution": "Narrow the query, or lower max_points / --max-points.",
                 "timeout": "Narrow the query, or lower max_points / --max-points."}.get(
             kind, "Check the query and the server logs.")
+        if re.search(r"same labelset|many-to-many|duplicate series", said):
+            hint = ("Two or more series end up with the same labels: keep a label that tells them apart "
+                    "(by (...), on (...), ignoring (...)), or aggregate them, e.g. sum by (...) (...).")
         msg = (f"Prometheus rejected the query {spec.query!r} (HTTP {status}, {kind}): "
                f"{said}. {hint}")
     elif 300 <= status < 400:
