@@ -171,6 +171,13 @@ def test_http_404_and_unreachable(prom, tmp_path):
     ({"by": ["_shard"]}, r"The by label '_shard' starts with '_': its folders \(_shard=\.\.\.\) would be hidden "
                          r"from every Parquet reader.*label_replace\(<query>, 'shard', \"\$1\", '_shard', \"\(\.\*\)\"\)"),
     ({"url": "prometheus:9090"}, r"url must look like http\(s\)://host:port"),
+    # Grafana's from= / to= are milliseconds: year 56134 once ended in 'internal error: ValueError'
+    ({"start": T0 * 1000, "end": (T0 + H) * 1000},
+     rf"start={T0 * 1000} is in the year 56134: it looks like milliseconds \(as in Grafana URLs\); pass unix "
+     rf"seconds \({T0}\)"),
+    ({"end": str((T0 + H) * 1000)}, r"end='1709254800000' is in the year 56134: it looks like milliseconds"),
+    ({"start": "now+9000y"}, r"start='now\+9000y' is in the year 110\d\d: times must lie between 1970 and 9999"),
+    ({"start": -60}, r"start=-60 is in the year 1969: times must lie between 1970 and 9999"),
 ])
 def test_argument_errors(tmp_path, kw, match):
     args = {"url": "http://127.0.0.1:1", "query": "up", "start": T0, "end": T0 + H, "step": 60,

@@ -59,6 +59,7 @@ _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
 _UNIT_MS = (365 * 86_400_000, 7 * 86_400_000, 86_400_000, 3_600_000, 60_000, 1_000, 1)
+_YEAR_10000_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
 _SECRET_HEADER = re.compile(r"auth|token|key|secret|passw|cookie", re.I)
 
 TimeLike = Union[datetime, str, int, float]
@@ -787,6 +788,13 @@ def _parse_time(value: TimeLike, name: str, now: datetime) -> int:
     if ms is None:
         raise IngestError(f"{name} must be a datetime, ISO-8601 text (2024-03-01T00:00:00Z), unix "
                           f"seconds or 'now-3d'. Got {value!r} instead.")
+    if not 0 <= ms < _YEAR_10000_MS:
+        year = 1970 + ms // 31_556_952_000  # the mean Gregorian year
+        if _YEAR_10000_MS <= ms and 0 <= ms // 1000 < _YEAR_10000_MS and not isinstance(value, datetime) \
+                and _number(str(value)) is not None:
+            raise IngestError(f"{name}={value!r} is in the year {year}: it looks like milliseconds (as in "
+                              f"Grafana URLs); pass unix seconds ({round(ms / 1_000_000)}).")
+        raise IngestError(f"{name}={value!r} is in the year {year}: times must lie between 1970 and 9999.")
     return ms
 
 
