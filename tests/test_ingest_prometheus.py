@@ -598,3 +598,20 @@ def test_series_that_collide_get_a_hint_about_labels_not_about_size(prom, tmp_pa
                                           r"Two or more series end up with the same labels") as err:
         prometheus(prom, query, T0, T0 + H, 60, by=["app"], out=str(tmp_path))
     assert "max-points" not in str(err.value)
+
+
+def test_a_query_prometheus_timed_out_is_not_retried(tmp_path, fast_retries):
+    """Prometheus answers HTTP 503 with errorType 'timeout' when a query runs past its
+    --query.timeout (2 minutes by default). Sending the same query again only repeated the wait
+    and the load: 4 attempts, 8 minutes, before the error that says to narrow the query."""
+    if not ps.have_prometheus():
+        pytest.skip("prometheus/promtool binaries not installed (apt-get install prometheus)")
+    (tmp_path / "server").mkdir()
+    server = ps.start_prometheus(tmp_path / "server", "--query.timeout=1ms")
+    try:
+        with pytest.raises(IngestError, match=r"\(HTTP 503, timeout\): query timed out.*Narrow the query"):
+            prometheus(server.url, "quantile_over_time(0.5, mf_load[1d])", T0, T0 + 24 * H, 60, by=["app"],
+                       out=str(tmp_path / "out"), retries=3, concurrency=1)
+        assert ps.query_range_requests(server.url) == 1
+    finally:
+        server.stop()

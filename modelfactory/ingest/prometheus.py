@@ -394,7 +394,7 @@ def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> lis
             raw, status = err.read(), err.code
             location = err.headers.get("Location", "")
             err.close()
-            if status in _RETRY_STATUS and not last:
+            if status in _RETRY_STATUS and not last and not _query_timed_out(raw):
                 _sleep(attempt)
                 continue
             raise _http_error(spec, status, raw, location, attempt) from err
@@ -434,6 +434,16 @@ def _read_by(resp: Any, deadline: float) -> bytes:
         if not block:
             return b"".join(parts)
         parts.append(block)
+
+
+def _query_timed_out(raw: bytes) -> bool:
+    """Prometheus' own 503 for a query that ran past its --query.timeout: the same query would
+    time out again, so it is not retried (that only repeats the wait and the load)."""
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("errorType") == "timeout"
 
 
 def _sleep(attempt: int) -> None:
