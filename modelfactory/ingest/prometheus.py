@@ -10,8 +10,9 @@ Chunk grid.  Evaluation timestamps are multiples of ``step`` since the epoch,
 and chunk ``k`` holds the evaluation steps ``[k * CHUNK_POINTS, (k + 1) * CHUNK_POINTS)``.
 Each (chunk, partition) becomes one file whose name derives from
 ``(query, step, chunk start)``.  Re-running a range, or extending it, rewrites
-that file with old rows outside the fetched window plus the fresh rows:
-never a duplicate.  Files are staged under a hidden temporary name and renamed
+that file with the fresh rows plus the old rows they do not replace (same series,
+same time): never a duplicate, and never a loss of rows the server no longer
+holds.  Files are staged under a hidden temporary name and renamed
 only after every chunk succeeded, so a failed run leaves nothing behind.
 """
 from __future__ import annotations
