@@ -71,8 +71,9 @@ class Prometheus:
         self.proc.wait(timeout=10)
 
 
-def start_prometheus(root: Path) -> Prometheus:
-    """Backfill the history into ``root/data`` and start Prometheus on a free port."""
+def start_prometheus(root: Path, *flags: str) -> Prometheus:
+    """Backfill the history into ``root/data`` and start Prometheus on a free port (``flags``
+    are added to its command line, e.g. ``--query.timeout=5ms``)."""
     write_history(root / "history.om")
     subprocess.run(["promtool", "tsdb", "create-blocks-from", "openmetrics",
                     str(root / "history.om"), str(root / "data")],
@@ -82,7 +83,7 @@ def start_prometheus(root: Path) -> Prometheus:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             ["prometheus", f"--config.file={root / 'prom.yml'}", f"--storage.tsdb.path={root / 'data'}",
-             "--storage.tsdb.retention.time=100y", f"--web.listen-address=127.0.0.1:{port}"],
+             "--storage.tsdb.retention.time=100y", f"--web.listen-address=127.0.0.1:{port}", *flags],
             stdout=out, stderr=subprocess.STDOUT, cwd=root)
     server = Prometheus(f"http://127.0.0.1:{port}", proc, log)
     deadline = time.monotonic() + 60
@@ -97,6 +98,14 @@ def start_prometheus(root: Path) -> Prometheus:
             time.sleep(0.05)
     server.stop()
     raise RuntimeError(f"prometheus not ready after 60 s: {log.read_text()[-2000:]}")
+
+
+def query_range_requests(url: str) -> int:
+    """How many /api/v1/query_range requests the Prometheus at ``url`` has answered (its own metric)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query_range"' in line)
 
 
 def matrix(result: list, **extra) -> tuple[int, dict, bytes]:

@@ -6,6 +6,7 @@ import argparse
 import base64
 import importlib
 import logging
+import re
 import shutil
 import sys
 import threading
@@ -170,6 +171,13 @@ def test_http_404_and_unreachable(prom, tmp_path):
     ({"by": ["_shard"]}, r"The by label '_shard' starts with '_': its folders \(_shard=\.\.\.\) would be hidden "
                          r"from every Parquet reader.*label_replace\(<query>, 'shard', \"\$1\", '_shard', \"\(\.\*\)\"\)"),
     ({"url": "prometheus:9090"}, r"url must look like http\(s\)://host:port"),
+    # Grafana's from= / to= are milliseconds: year 56134 once ended in 'internal error: ValueError'
+    ({"start": T0 * 1000, "end": (T0 + H) * 1000},
+     rf"start={T0 * 1000} is in the year 56134: it looks like milliseconds \(as in Grafana URLs\); pass unix "
+     rf"seconds \({T0}\)"),
+    ({"end": str((T0 + H) * 1000)}, r"end='1709254800000' is in the year 56134: it looks like milliseconds"),
+    ({"start": "now+9000y"}, r"start='now\+9000y' is in the year 110\d\d: times must lie between 1970 and 9999"),
+    ({"start": -60}, r"start=-60 is in the year 1969: times must lie between 1970 and 9999"),
 ])
 def test_argument_errors(tmp_path, kw, match):
     args = {"url": "http://127.0.0.1:1", "query": "up", "start": T0, "end": T0 + H, "step": 60,
@@ -482,3 +490,128 @@ def test_long_non_ascii_label_values_fit_in_a_folder_name(tmp_path):
     assert t["app"].to_pylist() == [long] and t["site"].to_pylist() == ["s1"]
     (folder,) = {Path(f).parts[0] for f in files(tmp_path)}
     assert folder == "app=" + "服务" * 15 + " a%2Fb"
+
+
+def test_a_rerun_keeps_points_prometheus_no_longer_holds(tmp_path):
+    """Parquet is where history outlives Prometheus' retention: rerunning a range after the server
+    dropped its oldest samples (retention, a deletion, Thanos pruning raw data) must not delete the
+    rows already committed for them.  Rows the server still holds are replaced by the fresh ones."""
+    state = {"from": T0, "shift": 0.0}
+
+    def respond(req):  # like echo_matrix, but holding data only from state["from"] on
+        start, end, step = (float(req.form[k]) for k in ("start", "end", "step"))
+        times = [start + i * step for i in range(int((end - start) / step) + 1)]
+        values = [[t, str(t + state["shift"])] for t in times if t >= state["from"]]
+        return ps.matrix([{"metric": {"__name__": "up", "app": "x", "site": "y"}, "values": values}] if values else [])
+
+    with ps.FakeServer(respond) as srv:
+        prometheus(srv.url, "up", T0, T0 + 3600, 60, by=["app"], out=str(tmp_path))
+        state.update({"from": T0 + 1800, "shift": 0.5})     # older half gone, newer values revised
+        s = prometheus(srv.url, "up", T0, T0 + 3600, 60, by=["app"], out=str(tmp_path))
+    assert s.rows == 31
+    t = ds.dataset(str(tmp_path), format="parquet", partitioning="hive").to_table().sort_by("ts")
+    got = list(zip((v // 1000 for v in t["ts"].cast(pa.int64()).to_pylist()), t["value"].to_pylist()))
+    assert got == [(x, float(x) + (0.5 if x >= T0 + 1800 else 0)) for x in range(T0, T0 + 3601, 60)]
+    assert set(t["site"].to_pylist()) == {"y"} and set(t["metric"].to_pylist()) == {"up"}
+
+
+def test_a_server_that_answers_too_slowly_is_not_called_unreachable(tmp_path):
+    """A heavy query that Prometheus is still evaluating when the timeout passes is a timeout to
+    raise or a query to narrow, not a server to look for: the message must say so."""
+    def respond(req):
+        time.sleep(2)
+        return ps.echo_matrix(req)
+
+    with ps.FakeServer(respond) as srv:
+        with pytest.raises(IngestError, match=r"did not answer within 0\.5 s \(1 attempt\)\. Narrow the query"
+                                              r".*raise timeout / --timeout") as err:
+            prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path), timeout=0.5, retries=0)
+    assert "Could not reach" not in str(err.value)
+    assert files(tmp_path) == set()
+
+
+@pytest.mark.parametrize("label", ["value", "ts", "metric"])
+def test_a_label_named_like_an_output_column_is_named_and_the_suggested_query_works(prom, tmp_path, label):
+    """A label called value or ts (or metric, next to __name__) would collide with a column of the
+    output. The error names the label and gives a query that renames it; running that query works
+    (label_replace alone copies a label and keeps the original, so 'use label_replace()' did not)."""
+    query = f'label_replace(mf_load, "{label}", "$1", "instance", "(.*)")'
+    with pytest.raises(IngestError, match=f"the label {label!r}, which would clash with the output column") as err:
+        prometheus(prom, query, T0, T0 + H, 60, by=["app", "site"], out=str(tmp_path))
+    assert files(tmp_path) == set()
+    suggested = str(err.value).split("Rename it in the query: ")[1].rstrip(".").replace("<query>", query)
+    prometheus(prom, suggested, T0, T0 + H, 60, by=["app", "site"], out=str(tmp_path))
+    t = read(tmp_path)
+    assert sorted(t.column_names) == sorted(["app", "site", "instance", "metric", "ts", "value", f"{label}_label"])
+    assert set(t["metric"].to_pylist()) == {"mf_load"}
+    assert sorted(set(t[f"{label}_label"].to_pylist())) == ["a", "b"]
+    assert len(t) == len(ps.expected(T0, T0 + H, 60))
+
+
+def test_a_by_value_too_long_for_a_folder_name_is_named(prom, tmp_path, caplog):
+    """Label values can be any length; a folder name cannot pass 255 bytes on local disks. The
+    error names the label and the series, not 'check that --out is writable'."""
+    long = "x" * 300
+    query = f'label_replace(mf_load, "site", "{long}$1", "site", "(.*)")'
+    with pytest.raises(IngestError, match=r"The by label 'site' has a value of 30\d characters \('xxx.*in series "
+                                          r"mf_load\{app=.*over the 255 bytes a folder name may have.*--by") as err:
+        prometheus(prom, query, T0, T0 + H, 60, by=["app", "site"], out=str(tmp_path))
+    assert "writable" not in str(err.value) and long not in str(err.value)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert files(tmp_path) == set()
+
+
+@pytest.mark.parametrize("before, after", [(["app", "site"], ["app"]), (["app"], ["app", "site"]),
+                                           ([], ["app"]), (["app", "site"], ["site", "app"])])
+def test_another_by_into_the_same_dataset_is_refused(prom, tmp_path, before, after):
+    """An ingest with another --by into the same --out wrote every point a second time in a
+    second folder layout (app=x/ next to app=x/site=y/), reported success, and the dataset could
+    no longer be read by train."""
+    prometheus(prom, "mf_load", T0, T0 + H, 60, by=before, out=str(tmp_path))
+    names = files(tmp_path)
+    with pytest.raises(IngestError, match=rf"already holds a dataset partitioned by {re.escape(repr(before))}.*"
+                                          rf"this ingest partitions by {re.escape(repr(after))}.*same by / --by"):
+        prometheus(prom, "mf_load", T0, T0 + 2 * H, 60, by=after, out=str(tmp_path))
+    assert files(tmp_path) == names
+    prometheus(prom, "mf_load", T0, T0 + 2 * H, 60, by=before, out=str(tmp_path))  # the same by still appends
+
+
+def test_another_by_into_an_s3_dataset_is_refused(prom, tmp_path, moto):
+    out = "s3://prom-bucket/ds"
+    prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app", "site"], out=out, storage_options=moto)
+    with pytest.raises(IngestError, match=r"already holds a dataset partitioned by \['app', 'site'\]"):
+        prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app"], out=out, storage_options=moto)
+
+
+def test_empty_folders_left_by_a_failed_run_do_not_fix_the_layout(prom, tmp_path):
+    (tmp_path / "app=shop" / "site=eu").mkdir(parents=True)
+    s = prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app"], out=str(tmp_path))
+    assert s.rows == len(ps.expected(T0, T0 + H, 60))
+
+
+@pytest.mark.parametrize("query", ['label_replace(mf_load, "site", "x", "", "")',
+                                   'mf_load + on(app) mf_load'])
+def test_series_that_collide_get_a_hint_about_labels_not_about_size(prom, tmp_path, query):
+    """Prometheus answers 422 'execution' both for a query too big to evaluate and for one whose
+    series collide; the second is not fixed by narrowing the query or lowering --max-points."""
+    with pytest.raises(IngestError, match=r"\(HTTP 422, execution\): .*(same labelset|many-to-many).*"
+                                          r"Two or more series end up with the same labels") as err:
+        prometheus(prom, query, T0, T0 + H, 60, by=["app"], out=str(tmp_path))
+    assert "max-points" not in str(err.value)
+
+
+def test_a_query_prometheus_timed_out_is_not_retried(tmp_path, fast_retries):
+    """Prometheus answers HTTP 503 with errorType 'timeout' when a query runs past its
+    --query.timeout (2 minutes by default). Sending the same query again only repeated the wait
+    and the load: 4 attempts, 8 minutes, before the error that says to narrow the query."""
+    if not ps.have_prometheus():
+        pytest.skip("prometheus/promtool binaries not installed (apt-get install prometheus)")
+    (tmp_path / "server").mkdir()
+    server = ps.start_prometheus(tmp_path / "server", "--query.timeout=1ms")
+    try:
+        with pytest.raises(IngestError, match=r"\(HTTP 503, timeout\): query timed out.*Narrow the query"):
+            prometheus(server.url, "quantile_over_time(0.5, mf_load[1d])", T0, T0 + 24 * H, 60, by=["app"],
+                       out=str(tmp_path / "out"), retries=3, concurrency=1)
+        assert ps.query_range_requests(server.url) == 1
+    finally:
+        server.stop()

@@ -24,7 +24,8 @@ examples:
   MODELFACTORY_PROM_TOKEN=... python -m modelfactory ingest prometheus \\
       --url https://mimir.example/prometheus --header 'X-Scope-OrgID: team-a' ...
 
-Rerunning a range, or extending it later, never duplicates points.
+Rerunning a range, or extending it later, never duplicates points, and keeps points
+Prometheus no longer holds (past its retention).
 """
 
 

@@ -10,8 +10,9 @@ Chunk grid.  Evaluation timestamps are multiples of ``step`` since the epoch,
 and chunk ``k`` holds the evaluation steps ``[k * CHUNK_POINTS, (k + 1) * CHUNK_POINTS)``.
 Each (chunk, partition) becomes one file whose name derives from
 ``(query, step, chunk start)``.  Re-running a range, or extending it, rewrites
-that file with old rows outside the fetched window plus the fresh rows:
-never a duplicate.  Files are staged under a hidden temporary name and renamed
+that file with the fresh rows plus the old rows they do not replace (same series,
+same time): never a duplicate, and never a loss of rows the server no longer
+holds.  Files are staged under a hidden temporary name and renamed
 only after every chunk succeeded, so a failed run leaves nothing behind.
 """
 from __future__ import annotations
@@ -59,6 +60,7 @@ _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
 _UNIT_MS = (365 * 86_400_000, 7 * 86_400_000, 86_400_000, 3_600_000, 60_000, 1_000, 1)
+_YEAR_10000_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
 _SECRET_HEADER = re.compile(r"auth|token|key|secret|passw|cookie", re.I)
 
 TimeLike = Union[datetime, str, int, float]
@@ -202,6 +204,7 @@ def prometheus(
     except Exception as err:  # noqa: BLE001 - an unknown protocol, a missing package, no endpoint
         raise IngestError(f"Cannot write to out={spec.out!r}: {describe_error(err)}. Check the path, the "
                           "endpoint and the credentials (storage_options).") from err
+    _check_layout(spec)
     now = datetime.now(timezone.utc)
     chunks = plan_chunks(_parse_time(start, "start", now), _parse_time(end, "end", now), spec.step_ms)
     log.info("ingesting %s from %s in %d chunks", spec.query, spec.display_url, len(chunks))
@@ -267,6 +270,8 @@ def fetch_chunk(spec: PrometheusSpec, chunk: Chunk) -> ChunkResult:
         labels = {_col(k): v for k, v in key}
         groups.setdefault(tuple(labels[c] for c in spec.by), []).append(key)
     fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+    if _is_local(fs):
+        _check_folder_names(spec, groups)
     staged: list[tuple[str, str]] = []
     try:
         for values, keys in sorted(groups.items()):
@@ -295,6 +300,35 @@ def _run_chunks(spec: PrometheusSpec, chunks: list[Chunk], concurrency: int) -> 
         _discard(fs, [s for r in done for s in r.staged])
         raise errors[0]
     return [f.result() for f in futures]
+
+
+def _check_layout(spec: PrometheusSpec) -> None:
+    """Refuse to write into a dataset partitioned by other labels than ``spec.by``: its points
+    would be stored twice, in two folder layouts that no reader accepts together."""
+    try:
+        fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+        keys, path, example, data_files = [], root.rstrip("/"), None, False
+        while fs.isdir(path):
+            entries = fs.ls(path, detail=True)
+            names = [(e["name"].rstrip("/"), e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"]) for e in entries]
+            folders = sorted(n for n, base, kind in names
+                             if kind == "directory" and "=" in base and base[0] not in "._")
+            if not folders:
+                data_files = any(kind == "file" and base.endswith(".parquet") and base[0] not in "._"
+                                 for _, base, kind in names)
+                break
+            path = example = folders[0]
+            keys.append(path.rsplit("/", 1)[-1].split("=", 1)[0])
+    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+        raise IngestError(f"Could not list out={spec.out!r}: {describe_error(err)}. Check that out / --out "
+                          "is readable (and storage_options for remote stores).") from err
+    if data_files and keys != list(spec.by):  # folders alone may be left from a failed run
+        shown = f" (e.g. {example})" if example else ""
+        raise IngestError(
+            f"out={spec.out!r} already holds a dataset partitioned by {keys!r}{shown}, but this ingest "
+            f"partitions by {list(spec.by)!r}: every point would be stored a second time in another folder "
+            "layout, and readers refuse mixed layouts. Use the same by / --by as before, or another "
+            "out / --out.")
 
 
 def _commit(spec: PrometheusSpec, staged: list[tuple[str, str]]) -> None:
@@ -361,7 +395,7 @@ def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> lis
             raw, status = err.read(), err.code
             location = err.headers.get("Location", "")
             err.close()
-            if status in _RETRY_STATUS and not last:
+            if status in _RETRY_STATUS and not last and not _query_timed_out(raw):
                 _sleep(attempt)
                 continue
             raise _http_error(spec, status, raw, location, attempt) from err
@@ -375,9 +409,11 @@ def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> lis
             if not last:
                 _sleep(attempt)
                 continue
-            if isinstance(err, TimeoutError) and "in full" in str(err):  # it answered, too slowly
+            if isinstance(err, TimeoutError):  # connected, then no (whole) answer in time; a
+                # connect timeout arrives wrapped in a URLError and is reported as unreachable below
+                what = "send its whole answer" if "in full" in str(err) else "answer"
                 raise IngestError(_redact(spec, (
-                    f"Prometheus at {spec.display_url} did not send its whole answer within {spec.timeout_s:g} s "
+                    f"Prometheus at {spec.display_url} did not {what} within {spec.timeout_s:g} s "
                     f"({_retried(attempt)}). Narrow the query, lower max_points / --max-points, or raise "
                     "timeout / --timeout."))) from err
             raise IngestError(_redact(spec, (
@@ -399,6 +435,16 @@ def _read_by(resp: Any, deadline: float) -> bytes:
         if not block:
             return b"".join(parts)
         parts.append(block)
+
+
+def _query_timed_out(raw: bytes) -> bool:
+    """Prometheus' own 503 for a query that ran past its --query.timeout: the same query would
+    time out again, so it is not retried (that only repeats the wait and the load)."""
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("errorType") == "timeout"
 
 
 def _sleep(attempt: int) -> None:
@@ -431,6 +477,9 @@ def _http_error(spec: PrometheusSpec, status: int, raw: bytes, location: str,
                 "execution": "Narrow the query, or lower max_points / --max-points.",
                 "timeout": "Narrow the query, or lower max_points / --max-points."}.get(
             kind, "Check the query and the server logs.")
+        if re.search(r"same labelset|many-to-many|duplicate series", said):
+            hint = ("Two or more series end up with the same labels: keep a label that tells them apart "
+                    "(by (...), on (...), ignoring (...)), or aggregate them, e.g. sum by (...) (...).")
         msg = (f"Prometheus rejected the query {spec.query!r} (HTTP {status}, {kind}): "
                f"{said}. {hint}")
     elif 300 <= status < 400:
@@ -490,8 +539,13 @@ def _check_labels(spec: PrometheusSpec, series: Mapping[tuple, Any]) -> None:
         names = [_col(k) for k, _ in key]
         cols = set(names)
         if len(cols) != len(names) or cols & {"ts", "value"}:
-            raise IngestError(f"Series {_fmt(key)} has a label that clashes with the output columns "
-                              "ts, value or metric: rename it in the query with label_replace().")
+            c = min(k for k, _ in key if k in ("ts", "value") or (k == "metric" and "__name__" in dict(key)))
+            why = "the metric name (__name__)" if c == "metric" else "the sample " + ("time" if c == "ts" else c)
+            # label_replace only copies a label; setting the original to "" then removes it
+            raise IngestError(
+                f"Series {_fmt(key)} has the label {c!r}, which would clash with the output column {c} "
+                f"that holds {why}. Rename it in the query: label_replace(label_replace(<query>, "
+                f'"{c}_label", "$1", "{c}", "(.+)"), "{c}", "", "", "").')
         missing = [c for c in spec.by if c not in cols]
         if missing:
             lacking[key] = missing
@@ -507,6 +561,22 @@ def _check_labels(spec: PrometheusSpec, series: Mapping[tuple, Any]) -> None:
             f"{len(lacking)} of {len(series)} series lack the label(s) {', '.join(missing)} given in "
             f"by={list(spec.by)}, e.g. {examples}. Every series needs every `by` label: add it in the "
             "query (sum by (...), label_replace), filter such series out, or drop it from by / --by.")
+
+
+_NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows file systems
+
+
+def _check_folder_names(spec: PrometheusSpec, groups: Mapping[tuple[str, ...], list[tuple]]) -> None:
+    """Refuse a ``by`` value whose folder name a local file system cannot hold (object stores can)."""
+    for values, keys in groups.items():
+        for c, v in zip(spec.by, values):
+            size = len(hive_folder([c], [v]).encode())
+            if size > _NAME_MAX:
+                raise IngestError(
+                    f"The by label {c!r} has a value of {len(v)} characters ({v[:30]!r}...) in series "
+                    f"{_fmt(keys[0])[:200]}: its folder name ({c}=...) would be {size} bytes, over the "
+                    f"{_NAME_MAX} bytes a folder name may have. Partition by other labels (drop {c!r} from "
+                    "by / --by; it stays a column), or write to an object store (s3://...).")
 
 
 def _table(spec: PrometheusSpec, keys: list[tuple], series: Mapping) -> pa.Table:
@@ -548,9 +618,20 @@ def _earlier_folder(fs: Any, root: str, by: Sequence[str], values: tuple[str, ..
     return path if fs.exists(path) else None
 
 
+def _point_keys(table: pa.Table, labels: Sequence[str]) -> pa.Array:
+    """One string per row naming its point: the ``labels`` columns (null, or absent from
+    ``table``, kept apart from "") and ts."""
+    parts = [pc.fill_null(pc.binary_join_element_wise(f"{c}=", table[c], "\x00"), "")
+             if c in table.column_names else pa.nulls(table.num_rows, pa.string()).fill_null("")
+             for c in labels]
+    return pc.binary_join_element_wise(*parts, pc.cast(table["ts"].cast(pa.int64()), pa.string()), "\x01")
+
+
 def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple[str, ...],
            table: pa.Table) -> tuple[str, str]:
-    """Write ``table`` (merged with rows of the existing file outside this chunk's window)."""
+    """Write ``table`` merged with the rows of the existing file it does not replace: a fresh
+    row replaces the earlier row of the same series at the same time; earlier rows the server no
+    longer returns (retention moved on, data deleted) are kept, as an archive must."""
     directory = f"{root.rstrip('/')}/{hive_folder(spec.by, values)}"  # escaped as Spark escapes it
     name = _file_name(spec, chunk)
     try:
@@ -565,8 +646,9 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
         if fs.exists(final):
             with fs.open(final, "rb") as f:
                 old = pq.read_table(f)
-            t = old["ts"].cast(pa.int64())
-            old = old.filter(pc.or_(pc.less(t, chunk.first_ms), pc.greater(t, chunk.last_ms)))
+            labels = sorted({c for c in old.column_names + table.column_names} - {"ts", "value"})
+            fresh = _point_keys(table, labels)
+            old = old.filter(pc.invert(pc.is_in(_point_keys(old, labels), value_set=fresh)))
             if old.num_rows:
                 names = [c for c in table.column_names + old.column_names if c not in ("ts", "value")]
                 names = sorted(set(names), key=lambda c: (c != "metric", c))
@@ -717,6 +799,13 @@ def _parse_time(value: TimeLike, name: str, now: datetime) -> int:
     if ms is None:
         raise IngestError(f"{name} must be a datetime, ISO-8601 text (2024-03-01T00:00:00Z), unix "
                           f"seconds or 'now-3d'. Got {value!r} instead.")
+    if not 0 <= ms < _YEAR_10000_MS:
+        year = 1970 + ms // 31_556_952_000  # the mean Gregorian year
+        if _YEAR_10000_MS <= ms and 0 <= ms // 1000 < _YEAR_10000_MS and not isinstance(value, datetime) \
+                and _number(str(value)) is not None:
+            raise IngestError(f"{name}={value!r} is in the year {year}: it looks like milliseconds (as in "
+                              f"Grafana URLs); pass unix seconds ({round(ms / 1_000_000)}).")
+        raise IngestError(f"{name}={value!r} is in the year {year}: times must lie between 1970 and 9999.")
     return ms
 
 
