@@ -263,11 +263,9 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
             first = fragments[0].physical_schema
             bind = pa.schema([f for f in first if f.name not in keys] + part_fields)
             kept = {f.path for f in listing.replace_schema(bind).get_fragments(filter=filter)}
-            fragments = [f for f in fragments if f.path in kept]
+            fragments = [f for f in fragments if f.path in kept] or _none_kept(fragments, url, filter, allow_empty)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError):
             deferred = True
-        if not fragments:
-            raise DatasetError(f"No files under {url!r} match filter {filter}.")
 
     check = [c for c in null_check if c not in keys]
     local = isinstance(fs, pafs.LocalFileSystem)
@@ -342,9 +340,7 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
             raise SchemaError(
                 f"The filter {filter} does not fit the dataset at {url!r}: {str(err).splitlines()[0]}. "
                 f"Columns: {', '.join(schema.names)}{hint}.") from err
-        results = [r for r in results if r[0].path in kept]
-        if not results:
-            raise DatasetError(f"No files under {url!r} match filter {filter}.")
+        results = [r for r in results if r[0].path in kept] or _none_kept(results, url, filter, allow_empty)
         full = schema  # the filter was bound to it: keep its columns, null where no kept file has them
         schema, conflicts, missing = _unify([(r[0].path, r[2]) for r in results], part_fields)
         extra = [f.with_nullable(True) for f in full if f.name not in schema.names]
@@ -383,6 +379,16 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
     if info.rows == 0 and not allow_empty:
         raise DatasetError(f"The dataset at {url!r} has {len(files)} Parquet file(s) but no rows.")
     return info
+
+
+def _none_kept(found: list, url: str, filter, allow_empty: bool) -> list:
+    """What is left when ``filter`` prunes every file: nothing to train on (an error), but for
+    scoring (``allow_empty``) an empty window, as when the filter keeps no row of the files it
+    keeps (``--where "day = '2026-03-04'"`` before that day's folder is written): the first file
+    only, for its columns; the reader's filter leaves none of its rows."""
+    if not allow_empty:
+        raise DatasetError(f"No files under {url!r} match filter {filter}.")
+    return found[:1]
 
 
 def _empty_object(fs, path: str) -> bool:
