@@ -149,6 +149,29 @@ def _typed(value, column: str, types: dict, clause: str):
         return exact
 
 
+def _check_kind(tok, column: str, types: dict, clause: str) -> None:
+    """Refuse a value written as one kind for a column of another, with the fix in the user's own
+    words: ``shard = 07`` on a text partition key (Arrow: "no kernel matching (string, int8)", and
+    the hint then said ``--where "shard = '7'"``, which matches no ``shard=07`` folder), or an
+    unquoted word such as ``1_000`` for a number column."""
+    import pyarrow as pa
+
+    t, (kind, v) = types.get(column), tok
+    if t is None or kind not in ("word", "str"):
+        return
+    number = kind == "word" and _NUMBER.fullmatch(v) is not None
+    boolean = kind == "word" and v.lower() in ("true", "false")
+    if (pa.types.is_string(t) or pa.types.is_large_string(t)) and (number or boolean):
+        raise _WhereError(clause, f"the column {column!r} is text ({t}), and "
+                                  f"{v} unquoted is a {'number' if number else 'boolean'}: quote it to compare "
+                                  f"text, as in --where \"{column} = '{v}'\"")
+    if (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)) and not number:
+        shown = f"'{v}'" if kind == "str" else v
+        what = "a boolean" if boolean else "text (quoted)" if kind == "str" else "text"
+        raise _WhereError(clause, f"the column {column!r} is a number ({t}), and {shown} is {what}: write a "
+                                  "number unquoted, in digits (12, -1.5, 2e3)")
+
+
 def _where_one(toks: list, clause: str, pc, types: dict):
     if not toks or toks[0][0] not in ("word", "str"):
         raise _WhereError(clause, "each condition starts with a column name")
@@ -158,6 +181,7 @@ def _where_one(toks: list, clause: str, pc, types: dict):
     if words in (["is", "null"], ["is", "not", "null"]):
         return col.is_null() if len(words) == 2 else col.is_valid()
     if len(rest) == 2 and rest[0][0] == "op" and rest[0][1] in _WHERE_OPS:
+        _check_kind(rest[1], toks[0][1], types, clause)
         value = _typed(_literal(rest[1], clause), toks[0][1], types, clause)
         return getattr(pc, _WHERE_OPS[rest[0][1]])(col, pc.scalar(value))
     negate = words[:1] == ["not"]
@@ -176,6 +200,8 @@ def _where_one(toks: list, clause: str, pc, types: dict):
         kinds = {float if type(v) is int else (v.type if isinstance(v, pa.Scalar) else type(v)) for v in values}
         if len(kinds) > 1:  # (1 and 2.5 are both numbers)
             raise _WhereError(clause, f"the values {values!r} mix types: quote them all to compare text")
+        for t in items[0::2]:
+            _check_kind(t, toks[0][1], types, clause)
         e = col.isin(pa.array([v.as_py() if isinstance(v, pa.Scalar) else v for v in values],
                               values[0].type if isinstance(values[0], pa.Scalar) else None))
         return ~e if negate else e

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import logging
 import operator
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -335,8 +336,7 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
         try:
             kept = {f.path for f in listing.replace_schema(schema).get_fragments(filter=filter)}
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
-            hint = (f" (the partition keys {', '.join(keys)} are strings: compare them with strings, "
-                    f"e.g. ds.field({keys[0]!r}) == '7'; on the command line --where \"{keys[0]} = '7'\")" if keys else "")
+            hint = _filter_hint(str(err), filter, keys, schema.names)
             raise SchemaError(
                 f"The filter {filter} does not fit the dataset at {url!r}: {str(err).splitlines()[0]}. "
                 f"Columns: {', '.join(schema.names)}{hint}.") from err
@@ -379,6 +379,23 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
     if info.rows == 0 and not allow_empty:
         raise DatasetError(f"The dataset at {url!r} has {len(files)} Parquet file(s) but no rows.")
     return info
+
+
+def _filter_hint(err: str, filter, keys: list[str], names: list[str]) -> str:
+    """What to do about a filter that does not fit the columns: a column it names that does not
+    exist, or a partition key (always text) compared with something else. Only the hint that
+    fits: the partition keys' was given for a misspelt column and for a number column too."""
+    import difflib
+
+    missing = re.search(r"No match for FieldRef\.Name\((.*?)\)", err)
+    if missing:
+        close = difflib.get_close_matches(missing[1], names, n=1)
+        return f" (there is no column {missing[1]!r}" + (f"; did you mean {close[0]!r}?)" if close else ")")
+    used = [k for k in keys if re.search(rf"(?<![\w\"]){re.escape(k)}(?![\w\"])", str(filter))]
+    if used and "no kernel matching" in err:
+        return (f" (the partition keys {', '.join(used)} are strings: compare them with strings, "
+                f"e.g. ds.field({used[0]!r}) == '7'; on the command line --where \"{used[0]} = '7'\")")
+    return ""
 
 
 def _none_kept(found: list, url: str, filter, allow_empty: bool) -> list:

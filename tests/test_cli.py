@@ -357,6 +357,53 @@ def test_where_times_finer_than_the_column_numbers_of_two_kinds_and_now(tmp_path
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("where, why", [
+    # "shard = 07" was Arrow's "no kernel matching input types (string, int8)" and the hint
+    # --where "shard = '7'", which matches no shard=07 folder
+    ("shard = 07", "the column 'shard' is text (string), and 07 unquoted is a number: quote it to compare "
+                   "text, as in --where \"shard = '07'\""),
+    ("shard in (07, 08)", "as in --where \"shard = '07'\""),
+    ("shard = true", "true unquoted is a boolean"),
+    # a number column compared with text was given the partition keys' hint, about another column
+    ("value > 1_000", "the column 'value' is a number (double), and 1_000 is text: write a number unquoted"),
+    ("value < '5'", "and '5' is text (quoted)"),
+])
+def test_where_a_value_of_the_wrong_kind_gets_the_fix_in_the_users_own_words(tmp_path, capsys, where, why):
+    import pyarrow as pa
+    from _data import metrics_table, write
+
+    t = metrics_table(series=2, hours=48)
+    t = t.append_column("shard", pa.array(["07"] * len(t)))
+    data = write(t, tmp_path / "d", ["shard"])
+    argv = ["train", data, "--by", "app,site", "--time", "ts", "--target", "value", "--store",
+            str(tmp_path / "s"), "--scheduler", "inline", "--quiet", "-p", "season_length=12"]
+    assert main([*argv, "--where", where]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --where {where!r}: ") and why in err and err.count("\n") == 1, err
+    if "as in --where" in why:  # the fix it gives works
+        assert main([*argv, "--where", "shard = '07'"]) == 0
+
+
+def test_a_filter_on_a_column_that_does_not_exist_says_so(tmp_path):
+    """The error said the partition keys are strings (compare with '7'), whatever the mistake."""
+    import pyarrow.compute as pc
+    from _data import metrics_table, write
+
+    import modelfactory
+    from modelfactory.exceptions import SchemaError
+
+    data = write(metrics_table(series=2, hours=48), tmp_path / "d", ["app"])
+    args = dict(by=["app", "site"], time="ts", target="value", store=str(tmp_path / "s"), cluster="inline")
+    with pytest.raises(SchemaError, match=r"there is no column 'ap'; did you mean 'app'\?") as err:
+        modelfactory.train(data, filter=pc.field("ap") == "app0", **args)
+    assert "are strings" not in str(err.value)
+    with pytest.raises(SchemaError, match=r"no kernel matching") as err:
+        modelfactory.train(data, filter=pc.field("value") > "1", **args)
+    assert "are strings" not in str(err.value)
+    with pytest.raises(SchemaError, match=r"the partition keys app are strings"):
+        modelfactory.train(data, filter=pc.field("app") == 7, **args)
+
+
 def test_where_reads_only_digits_as_numbers(tmp_path, capsys):
     """Unquoted, 1_000, nan, inf and Unicode digits were numbers (Python's int() and float() take
     them): --where "site = 1_000" then matched no row of a site=1_000 folder, and no group ran."""
