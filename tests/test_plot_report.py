@@ -245,6 +245,19 @@ def test_plot_command(runs, tmp_path, capsys, monkeypatch):
     assert code == 2 and err.startswith("error: No group site=nope in the scores at ") and "Some that exist" in err
 
 
+def test_without_matplotlib_the_hint_installs_the_extra_from_the_checkout(runs, tmp_path, capsys, monkeypatch):
+    # The hint was pip install 'modelfactory[plot]': the 'modelfactory' on PyPI is another project
+    # (the README, index.md and the quickstart say so), so following it installed that one.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code = _main(["plot", "--scores", runs["scores_fussy"], "--key", "app=app-00,site=site-00002",
+                  "--out", str(tmp_path / "x.png")], monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: Plotting needs matplotlib") and err.count("\n") == 1, err
+    assert "pip install -e '.[plot]'" in err and "modelfactory[plot]" not in err
+
+
 def test_plot_and_report_write_to_a_home_relative_out(runs, tmp_path, capsys, monkeypatch):
     # `--out=~/report.html`: no shell expands a ~ after "=", and the store's ~ is expanded since
     # today; the report's and the plot's own files were "Cannot write '~/r.html': the folder
