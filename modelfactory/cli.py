@@ -459,9 +459,14 @@ def _cmd_train(args) -> int:
                 retrain=args.retrain, base=args.base, config=args.config, filter=_filter(args),
                 progress=not (args.quiet or args.json))
     _print_summary(run, args, args.store)
+    return _fitted_some(run, args.store)
+
+
+def _fitted_some(run, store: str) -> int:
+    """0, or 2 with an ``error:`` line when the training run ``run`` fitted no model."""
     if not run.summary["counts"]["ok"]:
         print(f"error: run {run.id} fitted no model: every group failed or was skipped{_why_none(run)}; it is kept "
-              f"for inspection (models show --store {args.store} --run {run.id}), and LATEST was not moved",
+              f"for inspection (models show --store {store} --run {run.id}), and LATEST was not moved",
               file=sys.stderr)
         return 2
     return 0
@@ -616,12 +621,13 @@ def _cmd_models_gc(args) -> int:
 def _cmd_demo(args) -> int:
     import os
 
-    from .api import train
+    from .api import resolve_model, train
     from .demo import write_dataset
 
     data, store = os.path.join(args.out, "data"), os.path.join(args.out, "store")
     if args.series < 1 or args.days < 1:
         raise ModelFactoryError("--series and --days must be at least 1.")
+    resolve_model(args.model)  # an unknown model is refused before the dataset is written
     if not args.quiet and not args.json:
         print(f"writing {args.series:,} hourly series x {args.days} days to {data}")
     with _store_errors(data, "the demo dataset folder"):
@@ -630,7 +636,7 @@ def _cmd_demo(args) -> int:
                 cluster=args.cluster, workers=args.workers, unit_rows=args.unit_rows, config=args.config,
                 progress=not (args.quiet or args.json))
     _print_summary(run, args, store)
-    return 0
+    return _fitted_some(run, store)
 
 
 #: Loggers of Dask and the web stack under it, whose lines the CLI shows only with -v.

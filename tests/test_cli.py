@@ -189,6 +189,23 @@ def test_demo_runs_end_to_end_on_a_local_cluster(tmp_path):
     assert "Dask dashboard: http://" in proc.stderr
 
 
+def test_demo_refuses_a_bad_model_before_writing_and_a_run_with_no_model_is_exit_2(tmp_path, capsys):
+    # The guide: bad input (an unknown model) "is found before anything runs", and a training run
+    # that fitted no model prints an error: line and exits 2. demo --model nope wrote the whole
+    # dataset first; demo --days 1 (too short for a daily season) exited 0 with a WARNING.
+    out = tmp_path / "d1"
+    assert main(["demo", "--out", str(out), "--series", "4", "--days", "3", "--model", "nope",
+                 "--scheduler", "inline", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: Unknown model 'nope'.") and not out.exists()
+    out = tmp_path / "d2"
+    assert main(["demo", "--out", str(out), "--series", "4", "--days", "1", "--scheduler", "inline",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error: run " in err and "fitted no model" in err and "seasonal needs at least 48" in err
+    assert main(["demo", "--out", str(out), "--series", "4", "--days", "2", "--scheduler", "inline",
+                 "--quiet"]) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Cluster trouble is one error line too; Dask's own log lines only with -v
 # ---------------------------------------------------------------------------------------------
