@@ -101,6 +101,23 @@ def test_a_train_run_asked_for_rows_says_where_its_models_are(tmp_path):
     assert keys.results == {"a": "A", "b": "B"}
 
 
+def test_the_target_given_as_a_feature_too_is_refused(tmp_path):
+    # random_forest trained with features=["value", ...] and target="value" copied each value:
+    # it "expected" a dip to the daily low at noon (and a peak at midnight), flagged neither,
+    # and alerted on ordinary points within its 0.3-wide band; every group was ok.
+    df = metrics_table(series=2, hours=72, apps=1).to_pandas()
+    df["hour"] = df.ts.dt.hour
+    path = write(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "d", ["app"])
+    with pytest.raises(SchemaError, match=r"The target column 'value' is also one of the features "
+                                          r"\['hour', 'value'\].*Drop 'value' from features"):
+        modelfactory.train(path, store=str(tmp_path / "s"), model="random_forest", features=["hour", "value"],
+                           cluster="inline", **ARGS)
+    assert not (tmp_path / "s").exists()
+    run = modelfactory.train(path, store=str(tmp_path / "s"), model="random_forest", features=["hour"],
+                             cluster="inline", **ARGS)
+    assert run.summary["counts"]["ok"] == 2
+
+
 def test_a_group_with_too_few_rows_is_skipped_with_the_reason(tmp_path):
     t = metrics_table(series=3, hours=72, apps=1)
     df = t.to_pandas()
