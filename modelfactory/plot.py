@@ -446,7 +446,10 @@ def _window(series: Series, start: Any, end: Any) -> Series:
     if end is not None:
         mask &= (ts <= utc(end)).to_numpy()
     if not mask.any():
-        raise DatasetError(f"No rows of {format_key(series.key)} between {start} and {end}.")
+        window = (f"between {start} and {end}" if start is not None and end is not None
+                  else f"from {start} on" if start is not None else f"up to {end}")
+        held = f": its rows run from {ts.min():%Y-%m-%d %H:%M} to {ts.max():%Y-%m-%d %H:%M} UTC" if len(ts) else ""
+        raise DatasetError(f"No rows of {format_key(series.key)} {window}{held}.")
     series.frame = series.frame[mask].reset_index(drop=True)
     return series
 
