@@ -525,6 +525,12 @@ def _cmd_models_list(args) -> int:
                          **man["summary"]["counts"], "groups": man["summary"]["groups"],
                          "committed": man["committed"]})
         pending = [p["run_id"] for p in st.pending()]
+        if not rows and not pending and not st.location.fs.exists(st.location.root):
+            # a misspelt --store printed "no runs in stroe" and exit 0, as for a store yet to train
+            from .exceptions import StoreError
+
+            raise StoreError(f"No model store at {st.location.url!r}: there is nothing at that path. Pass the "
+                             "--store of python -m modelfactory train.")
     if args.json:
         print(json.dumps({"runs": rows, "interrupted": pending}))
     else:

@@ -81,6 +81,20 @@ def test_models_list_shows_every_run_when_one_cannot_be_read(by_app, tmp_path, c
     assert [r["run"] for r in rows] == [old, middle, latest] and "not valid JSON" in rows[1]["error"]
 
 
+def test_models_list_of_a_path_with_nothing_there_is_an_error_not_an_empty_store(tmp_path, capsys):
+    # `models list --store modles/` (a typo) printed "no runs in modles/" and exit 0, while
+    # `models show` and `report` said there is no store; a folder that exists but holds no run yet
+    # is still an empty store.
+    assert main(["models", "list", "--store", str(tmp_path / "modles")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"error: No model store at '{tmp_path / 'modles'}': there is nothing at that path. Pass "
+                    "the --store of python -m modelfactory train.")
+    assert not (tmp_path / "modles").exists()
+    (tmp_path / "new").mkdir()
+    assert main(["models", "list", "--store", str(tmp_path / "new")]) == 0
+    assert capsys.readouterr().out == f"no runs in {tmp_path / 'new'}\n"
+
+
 @pytest.mark.parametrize("argv", [["models", "list"], ["models", "show", "--json"],
                                   ["models", "show", "--key", "app=app0,site=s000"]])
 def test_output_read_by_a_reader_that_stops_early_ends_quietly(by_app, tmp_path, argv):
