@@ -23,7 +23,7 @@ from ._io import Location
 from ._schema import parse_schema
 from .config import job_settings
 from .dataset import DatasetInfo, check_columns, check_time_zone, discover
-from .exceptions import DatasetError, ModelError, ModelFactoryError, PlanError, StoreError
+from .exceptions import DatasetError, ModelError, ModelFactoryError, PlanError, SchemaError, StoreError
 from .kernel import JobSpec, ModelSpec, UnitResult
 from .models import get as get_model
 from .models import registry, unknown_model
@@ -323,6 +323,10 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         raise ModelError("train needs a target column: pass target='...' (--target).")
     if needs_features and not feats:
         raise ModelError(f"Model {mspec.name!r} needs feature columns: pass features=[...] (--features).")
+    if target in feats:  # random_forest then copies each value: its dips and peaks are "expected"
+        raise SchemaError(f"The target column {target!r} is also one of the features {list(feats)}: a model "
+                          "given the value it is to predict learns to copy it and expects each anomaly as it "
+                          f"comes. Drop {target!r} from features (--features).")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time, target=target, features=feats)
     st = ModelStore(store, storage_options=storage_options)

@@ -149,6 +149,29 @@ def _typed(value, column: str, types: dict, clause: str):
         return exact
 
 
+def _check_kind(tok, column: str, types: dict, clause: str) -> None:
+    """Refuse a value written as one kind for a column of another, with the fix in the user's own
+    words: ``shard = 07`` on a text partition key (Arrow: "no kernel matching (string, int8)", and
+    the hint then said ``--where "shard = '7'"``, which matches no ``shard=07`` folder), or an
+    unquoted word such as ``1_000`` for a number column."""
+    import pyarrow as pa
+
+    t, (kind, v) = types.get(column), tok
+    if t is None or kind not in ("word", "str"):
+        return
+    number = kind == "word" and _NUMBER.fullmatch(v) is not None
+    boolean = kind == "word" and v.lower() in ("true", "false")
+    if (pa.types.is_string(t) or pa.types.is_large_string(t)) and (number or boolean):
+        raise _WhereError(clause, f"the column {column!r} is text ({t}), and "
+                                  f"{v} unquoted is a {'number' if number else 'boolean'}: quote it to compare "
+                                  f"text, as in --where \"{column} = '{v}'\"")
+    if (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)) and not number:
+        shown = f"'{v}'" if kind == "str" else v
+        what = "a boolean" if boolean else "text (quoted)" if kind == "str" else "text"
+        raise _WhereError(clause, f"the column {column!r} is a number ({t}), and {shown} is {what}: write a "
+                                  "number unquoted, in digits (12, -1.5, 2e3)")
+
+
 def _where_one(toks: list, clause: str, pc, types: dict):
     if not toks or toks[0][0] not in ("word", "str"):
         raise _WhereError(clause, "each condition starts with a column name")
@@ -158,6 +181,7 @@ def _where_one(toks: list, clause: str, pc, types: dict):
     if words in (["is", "null"], ["is", "not", "null"]):
         return col.is_null() if len(words) == 2 else col.is_valid()
     if len(rest) == 2 and rest[0][0] == "op" and rest[0][1] in _WHERE_OPS:
+        _check_kind(rest[1], toks[0][1], types, clause)
         value = _typed(_literal(rest[1], clause), toks[0][1], types, clause)
         return getattr(pc, _WHERE_OPS[rest[0][1]])(col, pc.scalar(value))
     negate = words[:1] == ["not"]
@@ -176,6 +200,8 @@ def _where_one(toks: list, clause: str, pc, types: dict):
         kinds = {float if type(v) is int else (v.type if isinstance(v, pa.Scalar) else type(v)) for v in values}
         if len(kinds) > 1:  # (1 and 2.5 are both numbers)
             raise _WhereError(clause, f"the values {values!r} mix types: quote them all to compare text")
+        for t in items[0::2]:
+            _check_kind(t, toks[0][1], types, clause)
         e = col.isin(pa.array([v.as_py() if isinstance(v, pa.Scalar) else v for v in values],
                               values[0].type if isinstance(values[0], pa.Scalar) else None))
         return ~e if negate else e
@@ -433,9 +459,14 @@ def _cmd_train(args) -> int:
                 retrain=args.retrain, base=args.base, config=args.config, filter=_filter(args),
                 progress=not (args.quiet or args.json))
     _print_summary(run, args, args.store)
+    return _fitted_some(run, args.store)
+
+
+def _fitted_some(run, store: str) -> int:
+    """0, or 2 with an ``error:`` line when the training run ``run`` fitted no model."""
     if not run.summary["counts"]["ok"]:
         print(f"error: run {run.id} fitted no model: every group failed or was skipped{_why_none(run)}; it is kept "
-              f"for inspection (models show --store {args.store} --run {run.id}), and LATEST was not moved",
+              f"for inspection (models show --store {store} --run {run.id}), and LATEST was not moved",
               file=sys.stderr)
         return 2
     return 0
@@ -494,6 +525,12 @@ def _cmd_models_list(args) -> int:
                          **man["summary"]["counts"], "groups": man["summary"]["groups"],
                          "committed": man["committed"]})
         pending = [p["run_id"] for p in st.pending()]
+        if not rows and not pending and not st.location.fs.exists(st.location.root):
+            # a misspelt --store printed "no runs in stroe" and exit 0, as for a store yet to train
+            from .exceptions import StoreError
+
+            raise StoreError(f"No model store at {st.location.url!r}: there is nothing at that path. Pass the "
+                             "--store of python -m modelfactory train.")
     if args.json:
         print(json.dumps({"runs": rows, "interrupted": pending}))
     else:
@@ -590,12 +627,13 @@ def _cmd_models_gc(args) -> int:
 def _cmd_demo(args) -> int:
     import os
 
-    from .api import train
+    from .api import resolve_model, train
     from .demo import write_dataset
 
     data, store = os.path.join(args.out, "data"), os.path.join(args.out, "store")
     if args.series < 1 or args.days < 1:
         raise ModelFactoryError("--series and --days must be at least 1.")
+    resolve_model(args.model)  # an unknown model is refused before the dataset is written
     if not args.quiet and not args.json:
         print(f"writing {args.series:,} hourly series x {args.days} days to {data}")
     with _store_errors(data, "the demo dataset folder"):
@@ -604,7 +642,7 @@ def _cmd_demo(args) -> int:
                 cluster=args.cluster, workers=args.workers, unit_rows=args.unit_rows, config=args.config,
                 progress=not (args.quiet or args.json))
     _print_summary(run, args, store)
-    return 0
+    return _fitted_some(run, store)
 
 
 #: Loggers of Dask and the web stack under it, whose lines the CLI shows only with -v.

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import logging
 import operator
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -263,11 +264,9 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
             first = fragments[0].physical_schema
             bind = pa.schema([f for f in first if f.name not in keys] + part_fields)
             kept = {f.path for f in listing.replace_schema(bind).get_fragments(filter=filter)}
-            fragments = [f for f in fragments if f.path in kept]
+            fragments = [f for f in fragments if f.path in kept] or _none_kept(fragments, url, filter, allow_empty)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError):
             deferred = True
-        if not fragments:
-            raise DatasetError(f"No files under {url!r} match filter {filter}.")
 
     check = [c for c in null_check if c not in keys]
     local = isinstance(fs, pafs.LocalFileSystem)
@@ -337,14 +336,11 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
         try:
             kept = {f.path for f in listing.replace_schema(schema).get_fragments(filter=filter)}
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
-            hint = (f" (the partition keys {', '.join(keys)} are strings: compare them with strings, "
-                    f"e.g. ds.field({keys[0]!r}) == '7'; on the command line --where \"{keys[0]} = '7'\")" if keys else "")
+            hint = _filter_hint(str(err), filter, keys, schema.names)
             raise SchemaError(
                 f"The filter {filter} does not fit the dataset at {url!r}: {str(err).splitlines()[0]}. "
                 f"Columns: {', '.join(schema.names)}{hint}.") from err
-        results = [r for r in results if r[0].path in kept]
-        if not results:
-            raise DatasetError(f"No files under {url!r} match filter {filter}.")
+        results = [r for r in results if r[0].path in kept] or _none_kept(results, url, filter, allow_empty)
         full = schema  # the filter was bound to it: keep its columns, null where no kept file has them
         schema, conflicts, missing = _unify([(r[0].path, r[2]) for r in results], part_fields)
         extra = [f.with_nullable(True) for f in full if f.name not in schema.names]
@@ -383,6 +379,33 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
     if info.rows == 0 and not allow_empty:
         raise DatasetError(f"The dataset at {url!r} has {len(files)} Parquet file(s) but no rows.")
     return info
+
+
+def _filter_hint(err: str, filter, keys: list[str], names: list[str]) -> str:
+    """What to do about a filter that does not fit the columns: a column it names that does not
+    exist, or a partition key (always text) compared with something else. Only the hint that
+    fits: the partition keys' was given for a misspelt column and for a number column too."""
+    import difflib
+
+    missing = re.search(r"No match for FieldRef\.Name\((.*?)\)", err)
+    if missing:
+        close = difflib.get_close_matches(missing[1], names, n=1)
+        return f" (there is no column {missing[1]!r}" + (f"; did you mean {close[0]!r}?)" if close else ")")
+    used = [k for k in keys if re.search(rf"(?<![\w\"]){re.escape(k)}(?![\w\"])", str(filter))]
+    if used and "no kernel matching" in err:
+        return (f" (the partition keys {', '.join(used)} are strings: compare them with strings, "
+                f"e.g. ds.field({used[0]!r}) == '7'; on the command line --where \"{used[0]} = '7'\")")
+    return ""
+
+
+def _none_kept(found: list, url: str, filter, allow_empty: bool) -> list:
+    """What is left when ``filter`` prunes every file: nothing to train on (an error), but for
+    scoring (``allow_empty``) an empty window, as when the filter keeps no row of the files it
+    keeps (``--where "day = '2026-03-04'"`` before that day's folder is written): the first file
+    only, for its columns; the reader's filter leaves none of its rows."""
+    if not allow_empty:
+        raise DatasetError(f"No files under {url!r} match filter {filter}.")
+    return found[:1]
 
 
 def _empty_object(fs, path: str) -> bool:

@@ -14,7 +14,7 @@ printed by ``python -m modelfactory cluster-spec``.
 ('demo', ['dask', 'worker', '--nthreads', '1'])
 
 dask-kubernetes is imported only when used; without it the error says
-``pip install 'modelfactory[kube]'``.
+``pip install -e '.[kube]'`` in a checkout.
 """
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ __all__ = ["make_spec", "make_autoscaler_spec", "manifests", "validate_spec", "c
 
 log = logging.getLogger(__name__)
 
-KUBE_HINT = "pip install 'modelfactory[kube]'"
+#: Not ``pip install 'modelfactory[kube]'``: the ``modelfactory`` on PyPI is another project.
+KUBE_HINT = ("install the kube extra from your modelfactory checkout, pip install -e '.[kube]' (or your "
+             "modelfactory wheel with [kube]; the 'modelfactory' on PyPI is another project)")
 API_VERSION = "kubernetes.dask.org/v1"
 #: Annotation with a random token: a DaskCluster is deleted only if it carries ours.
 OWNER_ANNOTATION = "modelfactory.dev/owner-token"

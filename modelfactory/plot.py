@@ -10,7 +10,7 @@
 - a pandas DataFrame of scored rows.
 
 :func:`load_series` returns the same rows as a DataFrame without drawing.
-matplotlib is imported only to draw (``pip install 'modelfactory[plot]'``);
+matplotlib is imported only to draw (``pip install -e '.[plot]'`` in a checkout);
 with ``out=`` the figure is drawn off-screen (no pyplot, no display needed).
 
 ``python -m modelfactory plot`` is the command-line front end (:func:`add_parser`).
@@ -34,7 +34,9 @@ __all__ = ["plot_series", "load_series", "Series", "parse_key", "format_key", "a
 #: Columns of a scores group table (``out/_groups/``) that are not group keys.
 GROUP_META = ("status", "error", "rows", "seconds", "anomalies", "max_score")
 SCORE_COLUMNS = ("expected", "lower", "upper", "score", "is_anomaly")
-PLOT_HINT = "pip install 'modelfactory[plot]'"
+#: Not ``pip install 'modelfactory[plot]'``: the ``modelfactory`` on PyPI is another project.
+PLOT_HINT = ("install the plot extra from your modelfactory checkout, pip install -e '.[plot]' (or "
+             "pip install matplotlib; the 'modelfactory' on PyPI is another project)")
 _EXAMPLES_SHOWN = 5
 
 
@@ -444,7 +446,10 @@ def _window(series: Series, start: Any, end: Any) -> Series:
     if end is not None:
         mask &= (ts <= utc(end)).to_numpy()
     if not mask.any():
-        raise DatasetError(f"No rows of {format_key(series.key)} between {start} and {end}.")
+        window = (f"between {start} and {end}" if start is not None and end is not None
+                  else f"from {start} on" if start is not None else f"up to {end}")
+        held = f": its rows run from {ts.min():%Y-%m-%d %H:%M} to {ts.max():%Y-%m-%d %H:%M} UTC" if len(ts) else ""
+        raise DatasetError(f"No rows of {format_key(series.key)} {window}{held}.")
     series.frame = series.frame[mask].reset_index(drop=True)
     return series
 

@@ -87,7 +87,18 @@ class Run:
             strings = ds.partitioning(pa.schema([(n, pa.string()) for n in names]), flavor="hive") if names else None
             return ds.dataset(files, filesystem=pfs, format="parquet", partition_base_dir=base,
                               partitioning=strings).to_table()
-        raise ModelFactoryError("This run has no tabular result (no schema was given).")
+        raise ModelFactoryError(self._no_rows())
+
+    def _no_rows(self) -> str:
+        """Why this run has no rows to return, and where what it made is."""
+        if self.kind == "train":
+            return (f"A train run has no rows to return: it made models, committed to its store. The group "
+                    f"table is run.groups; one model is run.store.load(key) (ModelStore(store).load(key, "
+                    f"run={self.id!r})); all of them, run.store.table({self.id!r}).")
+        if isinstance(self._result, dict):
+            return (f"This {self.kind} run has no rows (no schema was given): run.results maps each ok key "
+                    "to what the function returned; pass schema= for rows.")
+        return f"This {self.kind} run has no tabular result (no schema was given)."
 
     def to_pandas(self) -> pd.DataFrame:
         """The rows of :meth:`to_arrow`, as a pandas DataFrame.
@@ -107,7 +118,8 @@ class Run:
     def results(self) -> dict:
         """For :func:`map_keys` without a schema: ``{key: return value}`` of the ok keys."""
         if not isinstance(self._result, dict):
-            raise ModelFactoryError("results is only for map_keys without a schema; use to_pandas().")
+            raise ModelFactoryError("results is only for map_keys without a schema"
+                                    + ("; use to_pandas()." if self.kind != "train" else ". " + self._no_rows()))
         return self._result
 
     def commonest_problem(self) -> str:

@@ -81,6 +81,20 @@ def test_models_list_shows_every_run_when_one_cannot_be_read(by_app, tmp_path, c
     assert [r["run"] for r in rows] == [old, middle, latest] and "not valid JSON" in rows[1]["error"]
 
 
+def test_models_list_of_a_path_with_nothing_there_is_an_error_not_an_empty_store(tmp_path, capsys):
+    # `models list --store modles/` (a typo) printed "no runs in modles/" and exit 0, while
+    # `models show` and `report` said there is no store; a folder that exists but holds no run yet
+    # is still an empty store.
+    assert main(["models", "list", "--store", str(tmp_path / "modles")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"error: No model store at '{tmp_path / 'modles'}': there is nothing at that path. Pass "
+                    "the --store of python -m modelfactory train.")
+    assert not (tmp_path / "modles").exists()
+    (tmp_path / "new").mkdir()
+    assert main(["models", "list", "--store", str(tmp_path / "new")]) == 0
+    assert capsys.readouterr().out == f"no runs in {tmp_path / 'new'}\n"
+
+
 @pytest.mark.parametrize("argv", [["models", "list"], ["models", "show", "--json"],
                                   ["models", "show", "--key", "app=app0,site=s000"]])
 def test_output_read_by_a_reader_that_stops_early_ends_quietly(by_app, tmp_path, argv):
@@ -187,6 +201,23 @@ def test_demo_runs_end_to_end_on_a_local_cluster(tmp_path):
     assert "200 groups, ok 200, failed 0, skipped 0" in proc.stdout
     assert (tmp_path / "store" / "LATEST").exists()
     assert "Dask dashboard: http://" in proc.stderr
+
+
+def test_demo_refuses_a_bad_model_before_writing_and_a_run_with_no_model_is_exit_2(tmp_path, capsys):
+    # The guide: bad input (an unknown model) "is found before anything runs", and a training run
+    # that fitted no model prints an error: line and exits 2. demo --model nope wrote the whole
+    # dataset first; demo --days 1 (too short for a daily season) exited 0 with a WARNING.
+    out = tmp_path / "d1"
+    assert main(["demo", "--out", str(out), "--series", "4", "--days", "3", "--model", "nope",
+                 "--scheduler", "inline", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: Unknown model 'nope'.") and not out.exists()
+    out = tmp_path / "d2"
+    assert main(["demo", "--out", str(out), "--series", "4", "--days", "1", "--scheduler", "inline",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error: run " in err and "fitted no model" in err and "seasonal needs at least 48" in err
+    assert main(["demo", "--out", str(out), "--series", "4", "--days", "2", "--scheduler", "inline",
+                 "--quiet"]) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +386,53 @@ def test_where_times_finer_than_the_column_numbers_of_two_kinds_and_now(tmp_path
         with pytest.raises(ModelFactoryError, match=why):
             _where([bad], {"ts": pa.timestamp("ms", "UTC")})
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("where, why", [
+    # "shard = 07" was Arrow's "no kernel matching input types (string, int8)" and the hint
+    # --where "shard = '7'", which matches no shard=07 folder
+    ("shard = 07", "the column 'shard' is text (string), and 07 unquoted is a number: quote it to compare "
+                   "text, as in --where \"shard = '07'\""),
+    ("shard in (07, 08)", "as in --where \"shard = '07'\""),
+    ("shard = true", "true unquoted is a boolean"),
+    # a number column compared with text was given the partition keys' hint, about another column
+    ("value > 1_000", "the column 'value' is a number (double), and 1_000 is text: write a number unquoted"),
+    ("value < '5'", "and '5' is text (quoted)"),
+])
+def test_where_a_value_of_the_wrong_kind_gets_the_fix_in_the_users_own_words(tmp_path, capsys, where, why):
+    import pyarrow as pa
+    from _data import metrics_table, write
+
+    t = metrics_table(series=2, hours=48)
+    t = t.append_column("shard", pa.array(["07"] * len(t)))
+    data = write(t, tmp_path / "d", ["shard"])
+    argv = ["train", data, "--by", "app,site", "--time", "ts", "--target", "value", "--store",
+            str(tmp_path / "s"), "--scheduler", "inline", "--quiet", "-p", "season_length=12"]
+    assert main([*argv, "--where", where]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --where {where!r}: ") and why in err and err.count("\n") == 1, err
+    if "as in --where" in why:  # the fix it gives works
+        assert main([*argv, "--where", "shard = '07'"]) == 0
+
+
+def test_a_filter_on_a_column_that_does_not_exist_says_so(tmp_path):
+    """The error said the partition keys are strings (compare with '7'), whatever the mistake."""
+    import pyarrow.compute as pc
+    from _data import metrics_table, write
+
+    import modelfactory
+    from modelfactory.exceptions import SchemaError
+
+    data = write(metrics_table(series=2, hours=48), tmp_path / "d", ["app"])
+    args = dict(by=["app", "site"], time="ts", target="value", store=str(tmp_path / "s"), cluster="inline")
+    with pytest.raises(SchemaError, match=r"there is no column 'ap'; did you mean 'app'\?") as err:
+        modelfactory.train(data, filter=pc.field("ap") == "app0", **args)
+    assert "are strings" not in str(err.value)
+    with pytest.raises(SchemaError, match=r"no kernel matching") as err:
+        modelfactory.train(data, filter=pc.field("value") > "1", **args)
+    assert "are strings" not in str(err.value)
+    with pytest.raises(SchemaError, match=r"the partition keys app are strings"):
+        modelfactory.train(data, filter=pc.field("app") == 7, **args)
 
 
 def test_where_reads_only_digits_as_numbers(tmp_path, capsys):

@@ -168,3 +168,31 @@ def test_every_command_is_in_the_guide_with_the_flags_it_mentions():
         known = _options(commands[name])
         for flag in set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", body)):
             assert flag in known or flag == "--help", f"guide.md, section {title!r}: no option {flag}"
+
+
+def test_every_modelfactory_name_the_docs_give_exists():
+    """kubernetes.md said errors are `modelfactory.ClusterError`: there is no such name (it is
+    modelfactory.exceptions.ClusterError), so `except modelfactory.ClusterError` raised
+    AttributeError in the handler. Every dotted modelfactory name in backticks must resolve."""
+    import importlib
+
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    names = {(doc.name, m) for doc in docs
+             for span in re.findall(r"`([^`\n]+)`", doc.read_text())
+             for m in re.findall(r"(?<![\w./])modelfactory(?:\.[A-Za-z_]\w*)+(?![\w/])", span)}
+    assert len(names) > 15
+    missing = []
+    for doc, name in sorted(names):
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[i:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                missing.append(f"{doc}: {name}")
+            break
+    assert not missing, missing

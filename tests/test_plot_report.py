@@ -140,12 +140,21 @@ def test_every_kind_of_source_gives_the_same_rows(runs):
 def test_time_window_and_other_formats(runs, tmp_path):
     s = load_series(runs["scores_seasonal"], "site=site-00002", start="2026-01-09T10:00", end="2026-01-09T13:00")
     assert len(s.frame) == 4 and s.frame["ts"].iloc[0] == pd.Timestamp("2026-01-09T10:00", tz="UTC")
-    with pytest.raises(DatasetError, match="No rows of app=app-00,site=site-00002 between 2027-01-01 and None"):
+    with pytest.raises(DatasetError, match="No rows of app=app-00,site=site-00002 from 2027-01-01 on: its rows run from "):
         load_series(runs["scores_seasonal"], "site=site-00002", start="2027-01-01")
     plot_series(runs["scores_seasonal"], "site=site-00002", out=tmp_path / "s.svg")
     assert (tmp_path / "s.svg").read_text().lstrip().startswith("<?xml")
     with pytest.raises(ModelFactoryError, match=r"Cannot write .*x\.docx.*Use \.png, \.svg or \.pdf"):
         plot_series(runs["scores_seasonal"], "site=site-00002", out=tmp_path / "x.docx")
+
+
+def test_a_window_with_no_rows_says_which_window_and_where_the_rows_are(runs):
+    # --start alone said "No rows of ... between 2030-01-01 and None."
+    with pytest.raises(DatasetError, match=r"No rows of app=app-00,site=site-00002 from 2030-01-01 on: its rows "
+                                           r"run from 2026-01-09 00:00 to 2026-01-09 23:00 UTC\.$"):
+        load_series(runs["scores_seasonal"], "app=app-00,site=site-00002", start="2030-01-01")
+    with pytest.raises(DatasetError, match=r"site-00002 up to 2020-01-01: its rows run from 2026-"):
+        load_series(runs["scores_seasonal"], "app=app-00,site=site-00002", end="2020-01-01")
 
 
 def test_plot_draws_on_a_given_axes(runs):
@@ -243,6 +252,19 @@ def test_plot_command(runs, tmp_path, capsys, monkeypatch):
     code = _main(["plot", "--scores", runs["scores_seasonal"], "--key", "site=nope"], monkeypatch)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: No group site=nope in the scores at ") and "Some that exist" in err
+
+
+def test_without_matplotlib_the_hint_installs_the_extra_from_the_checkout(runs, tmp_path, capsys, monkeypatch):
+    # The hint was pip install 'modelfactory[plot]': the 'modelfactory' on PyPI is another project
+    # (the README, index.md and the quickstart say so), so following it installed that one.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code = _main(["plot", "--scores", runs["scores_fussy"], "--key", "app=app-00,site=site-00002",
+                  "--out", str(tmp_path / "x.png")], monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: Plotting needs matplotlib") and err.count("\n") == 1, err
+    assert "pip install -e '.[plot]'" in err and "modelfactory[plot]" not in err
 
 
 def test_plot_and_report_write_to_a_home_relative_out(runs, tmp_path, capsys, monkeypatch):

@@ -115,6 +115,29 @@ def test_scoring_an_empty_window_scores_nothing_and_succeeds(history_and_new, tm
     assert run.summary["groups"] == 0 and run.summary["rows"] == 0
 
 
+def test_a_where_on_a_partition_key_that_keeps_no_folder_is_an_empty_window_too(history_and_new, tmp_path):
+    # The guide: "A window with no rows (its files hold none, or --where keeps none) scores nothing
+    # and succeeds". A --where on a time column did; one on a partition folder key (a scheduled job's
+    # `--where "day = '2026-03-04'"` before that day's folder is written) was "error: No files under
+    # ... match filter", exit 2. Training on nothing is still refused.
+    from modelfactory.cli import main
+    from modelfactory.exceptions import DatasetError
+
+    old, new = history_and_new
+    store = str(tmp_path / "store")
+    modelfactory.train(old, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    run = modelfactory.score(new, store=store, out=str(tmp_path / "s1"), cluster="inline",
+                             filter=pc.field("app") == "app-09")
+    assert run.summary["groups"] == 0 and run.summary["rows"] == 0 and len(run.groups) == 0
+    assert not list((tmp_path / "s1").glob("app=*"))
+    assert main(["score", new, "--store", store, "--out", str(tmp_path / "s2"), "--scheduler", "inline",
+                 "--quiet", "--where", "app in (app-08, app-09)"]) == 0
+    assert json.loads((tmp_path / "s2" / "_manifest.json").read_text())["summary"]["groups"] == 0
+    with pytest.raises(DatasetError, match="match filter"):
+        modelfactory.train(new, by=["app", "site"], time="ts", target="value", store=store, cluster="inline",
+                           filter=pc.field("app") == "app-09")
+
+
 def test_times_without_a_zone_are_not_scored_with_models_trained_on_times_with_one(tmp_path):
     # A new writer stores the window's times as naive local wall-clock times: they were read as UTC,
     # every point fell in another season slot, and 20 series scored 479 anomalies instead of 13, all

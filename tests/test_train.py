@@ -81,6 +81,43 @@ def test_one_failing_group_never_fails_the_run(tmp_path):
     assert st.groups().set_index("site").loc["s001", "status"] == "failed"
 
 
+def test_a_train_run_asked_for_rows_says_where_its_models_are(tmp_path):
+    # run.to_pandas() on a train run said "This run has no tabular result (no schema was given)":
+    # train takes no schema, so the hint pointed at nothing; run.results said "use to_pandas()",
+    # which then failed. Both now say where the models are, and what they name exists.
+    from modelfactory.exceptions import ModelFactoryError
+
+    path = write(metrics_table(series=2, hours=72, apps=1), tmp_path / "d", ["app"])
+    run = modelfactory.train(path, store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    for get in (run.to_pandas, run.to_arrow, lambda: run.results):
+        with pytest.raises(ModelFactoryError, match=r"train run has no rows.*run\.groups.*run\.store\.load\(key\)") as err:
+            get()
+        assert "no schema was given" not in str(err.value) and "use to_pandas" not in str(err.value)
+    key = run.groups.iloc[0][["app", "site"]].to_dict()
+    assert run.store.load(key, run=run.id) is not None and run.store.table(run.id).num_rows == 2
+    keys = modelfactory.map_keys(["a", "b"], func=str.upper, cluster="inline")
+    with pytest.raises(ModelFactoryError, match=r"no schema was given.*run\.results"):
+        keys.to_pandas()
+    assert keys.results == {"a": "A", "b": "B"}
+
+
+def test_the_target_given_as_a_feature_too_is_refused(tmp_path):
+    # random_forest trained with features=["value", ...] and target="value" copied each value:
+    # it "expected" a dip to the daily low at noon (and a peak at midnight), flagged neither,
+    # and alerted on ordinary points within its 0.3-wide band; every group was ok.
+    df = metrics_table(series=2, hours=72, apps=1).to_pandas()
+    df["hour"] = df.ts.dt.hour
+    path = write(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "d", ["app"])
+    with pytest.raises(SchemaError, match=r"The target column 'value' is also one of the features "
+                                          r"\['hour', 'value'\].*Drop 'value' from features"):
+        modelfactory.train(path, store=str(tmp_path / "s"), model="random_forest", features=["hour", "value"],
+                           cluster="inline", **ARGS)
+    assert not (tmp_path / "s").exists()
+    run = modelfactory.train(path, store=str(tmp_path / "s"), model="random_forest", features=["hour"],
+                             cluster="inline", **ARGS)
+    assert run.summary["counts"]["ok"] == 2
+
+
 def test_a_group_with_too_few_rows_is_skipped_with_the_reason(tmp_path):
     t = metrics_table(series=3, hours=72, apps=1)
     df = t.to_pandas()

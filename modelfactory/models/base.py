@@ -213,6 +213,9 @@ class Model:
     min_rows: ClassVar[int] = 1
     needs_time: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
+    #: Whether values beyond :data:`MAX_ABS_VALUE` skip the group (False for a model that
+    #: squares nothing, such as ``seasonal``'s medians and MADs).
+    skips_huge_values: ClassVar[bool] = True
     #: Attribute names (ending in ``_``) that make up the fitted state.
     state_attrs: ClassVar[tuple[str, ...]] = ()
 
@@ -289,7 +292,7 @@ class Model:
             raise ModelError(f"{self.name} got {len(y)} values but {len(t)} times.")
         if X is not None and len(X) != len(y):
             raise ModelError(f"{self.name} got {len(y)} values but {len(X)} feature rows.")
-        if (why := too_large(self.name, y)) is not None:
+        if self.skips_huge_values and (why := too_large(self.name, y)) is not None:
             raise SkipGroup(why)
         n = int(np.count_nonzero(np.isfinite(y)))
         if n < self.required_rows():

@@ -130,6 +130,7 @@ class SeasonalProfile(Model):
 
     name = "seasonal"
     needs_time = True
+    skips_huge_values = False  # medians and MADs: no squares to overflow, as fit_batch (a run) fits them
     params: ClassVar = {
         "season_length": Param(24, int, low=1, doc="slots per season"),
         "step": Param(None, (int, type(None)), low=1, doc="seconds between points"),
