@@ -151,9 +151,11 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dic
 
 
 def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: str) -> Location:
-    """The folder a job writes its rows to: new or empty, or emptied with ``overwrite``;
-    never one that holds, or lies inside, a folder of ``apart`` (what -> path: the input
-    data, the model store), which emptying it would delete or writing to it would mix into."""
+    """The folder a job writes its rows to: new or empty, or (with ``overwrite``) to be emptied
+    by :func:`_empty_output` once the job's cluster is up; never one that holds, or lies inside,
+    a folder of ``apart`` (what -> path: the input data, the model store), which emptying it
+    would delete or writing to it would mix into.  Nothing is removed here: a job that stops
+    before it runs (its scheduler cannot be reached) leaves the scores it would replace."""
     sink = Location.of(out, storage_options)
     for what, path in apart.items():
         _keep_apart(sink, "output folder", Location.of(path, storage_options), what.replace("_", " "))
@@ -166,19 +168,37 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
     if fs.isfile(root) and not (remote and fs.size(root) == 0):
         # never removed, even with overwrite: it is not an output folder
         raise StoreError(f"The output folder {out!r} is a file; pick a folder (new or empty).")
-    if fs.exists(root) and [p for p in fs.ls(root, detail=False) if not (remote and p.rstrip("/") == root)]:
+    if _holds_files(sink):
         if not overwrite:
             raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True (--overwrite).")
         if sink.is_bucket():
             raise StoreError(f"The output {out!r} is a whole bucket, and it is not empty: overwrite would delete "
                              "everything in it. Write to a folder inside it, such as "
                              f"{out.rstrip('/') + '/scores'!r}.")
-        try:
-            sink.rm(recursive=True)
-        except OSError as err:  # "Directory not empty": a file appeared while it was emptied
-            raise StoreError(f"Could not empty the output folder {out!r} ({type(err).__name__}: {err}): another "
-                             "job may be writing to it. Give each job a folder of its own.") from err
     return sink
+
+
+def _holds_files(sink: Location) -> bool:
+    root, fs = sink.root, sink.fs
+    return bool(fs.exists(root) and [p for p in fs.ls(root, detail=False)
+                                     if not (not sink.is_local and p.rstrip("/") == root)])
+
+
+def _empty_output(sink: Location | None) -> None:
+    """Empty the ``out=`` folder that :func:`_output` accepted (with ``overwrite``), right
+    before the job's units run."""
+    from .exceptions import StoreError
+
+    if sink is None:
+        return
+    sink.fs.invalidate_cache()
+    if not _holds_files(sink):
+        return
+    try:
+        sink.rm(recursive=True)
+    except OSError as err:  # "Directory not empty": a file appeared while it was emptied
+        raise StoreError(f"Could not empty the output folder {sink.url!r} ({type(err).__name__}: {err}): another "
+                         "job may be writing to it. Give each job a folder of its own.") from err
 
 
 def _keep_apart(a: Location, a_name: str, b: Location, b_name: str, *, may_hold: bool = False) -> None:
@@ -484,6 +504,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
+        _empty_output(sink)
         bar = Progress(len(plan_.units), "apply", progress, client)
         try:
             results = run_units(client, spec, info, plan_, bar)
@@ -564,6 +585,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
         per = keys_per_unit or max(1, min(1000, math.ceil(len(rows) / (n_workers * 8))))
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
         ids = [f"k{i:05d}-{_digest(c)[:12]}" for i, c in enumerate(chunks)]
+        _empty_output(sink)
         bar = Progress(len(chunks), "map_keys", progress, client)
         try:
             results = execute(client, functools.partial(_run_keys, spec), list(zip(ids, chunks)),
@@ -753,6 +775,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
+        _empty_output(sink)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
         try:
             if plan_.mode == "files":

@@ -396,3 +396,29 @@ def test_group_tables_keep_their_keys_as_columns_when_pandas_wrote_them_as_an_in
         assert list(groups.columns[:3]) == ["app", "site", "status"] and len(groups) == 4
     key = {"app": df.app.iloc[0], "site": df.site.iloc[0]}
     assert len(load_series(out, key).frame) == (df.site == key["site"]).sum()
+
+
+@pytest.mark.timeout(60)
+def test_an_overwrite_that_cannot_reach_its_cluster_leaves_the_scores_it_would_replace(by_app, tmp_path):
+    """A scheduled `score --overwrite` whose scheduler is down must not delete the last good
+    scores before it finds out: nothing ran, so nothing already committed may be damaged."""
+    from _servers import NotAScheduler
+
+    from modelfactory.exceptions import ClusterError
+
+    store, out = str(tmp_path / "store"), tmp_path / "scores"
+    modelfactory.train(by_app, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    modelfactory.score(by_app, store=store, out=str(out), cluster="inline")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    server = NotAScheduler("http400")
+    try:
+        for job in (lambda: modelfactory.score(by_app, store=store, out=str(out), overwrite=True, cluster=server.address),
+                    lambda: modelfactory.apply(by_app, by=["app", "site"], func=len, schema="n bigint", out=str(out),
+                                               overwrite=True, cluster=server.address),
+                    lambda: modelfactory.map_keys(["a", "b"], func=len, schema="n bigint", out=str(out),
+                                                  overwrite=True, cluster=server.address)):
+            with pytest.raises(ClusterError, match="did not answer with a Dask handshake"):
+                job()
+            assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    finally:
+        server.close()
