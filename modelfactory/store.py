@@ -179,6 +179,11 @@ class ModelStore:
             return rid
         if not self.location.exists(f"runs/{run}/manifest.json"):
             known = ", ".join(self.runs()[-5:]) or "none"
+            if isinstance(run, str) and "/" not in run and self.location.exists(f"runs/{run}/pending.json"):
+                raise StoreError(f"Run {run!r} in {self.location.url!r} was interrupted and never committed, so it "
+                                 f"has no models to read: finish it with train(..., resume={run!r}) (train --resume "
+                                 f"{run}) and the arguments it started with, or pass a committed run. "
+                                 f"Recent runs: {known}.")
             raise StoreError(f"No committed run {run!r} in {self.location.url!r}. Recent runs: {known}.")
         return run
 
