@@ -184,21 +184,22 @@ def _holds_files(sink: Location) -> bool:
                                      if not (not sink.is_local and p.rstrip("/") == root)])
 
 
-def _empty_output(sink: Location | None) -> None:
+def _empty_output(sink: Location | None, run_id: str) -> None:
     """Empty the ``out=`` folder that :func:`_output` accepted (with ``overwrite``), right
-    before the job's units run."""
+    before the job's units run, and mark it as this run's (:func:`result.claim_output`)."""
     from .exceptions import StoreError
+    from .result import claim_output
 
     if sink is None:
         return
     sink.fs.invalidate_cache()
-    if not _holds_files(sink):
-        return
-    try:
-        sink.rm(recursive=True)
-    except OSError as err:  # "Directory not empty": a file appeared while it was emptied
-        raise StoreError(f"Could not empty the output folder {sink.url!r} ({type(err).__name__}: {err}): another "
-                         "job may be writing to it. Give each job a folder of its own.") from err
+    if _holds_files(sink):
+        try:
+            sink.rm(recursive=True)
+        except OSError as err:  # "Directory not empty": a file appeared while it was emptied
+            raise StoreError(f"Could not empty the output folder {sink.url!r} ({type(err).__name__}: {err}): another "
+                             "job may be writing to it. Give each job a folder of its own.") from err
+    claim_output(sink, run_id)
 
 
 def _keep_apart(a: Location, a_name: str, b: Location, b_name: str, *, may_hold: bool = False) -> None:
@@ -504,7 +505,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
-        _empty_output(sink)
+        _empty_output(sink, run_id)
         bar = Progress(len(plan_.units), "apply", progress, client)
         try:
             results = run_units(client, spec, info, plan_, bar)
@@ -585,7 +586,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
         per = keys_per_unit or max(1, min(1000, math.ceil(len(rows) / (n_workers * 8))))
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
         ids = [f"k{i:05d}-{_digest(c)[:12]}" for i, c in enumerate(chunks)]
-        _empty_output(sink)
+        _empty_output(sink, run_id)
         bar = Progress(len(chunks), "map_keys", progress, client)
         try:
             results = execute(client, functools.partial(_run_keys, spec), list(zip(ids, chunks)),
@@ -775,7 +776,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
-        _empty_output(sink)
+        _empty_output(sink, run_id)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
         try:
             if plan_.mode == "files":
