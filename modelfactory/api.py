@@ -144,7 +144,7 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dic
                              f"Interrupted runs: {', '.join(p['run_id'] for p in pending) or 'none'}.")
         p = match[0]
         if p.get("digest") != digest:
-            raise StoreError(f"Run {resume!r} was started for another job or input (its data, columns, "
+            raise StoreError(f"Run {resume!r} was started for another job or input (its data, columns, base run, "
                              "model or parameters differ); it cannot be resumed with these arguments.")
     return p["run_id"], {"target_rows": p["unit_rows"], "limit": p.get("unit_limit"),
                          "multiple": p.get("unit_multiple")}
@@ -314,7 +314,8 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         Refit only the groups that failed or were skipped in ``base``, or whose
         input changed since it; the other models are carried over.
     base : str
-        The run that ``retrain`` starts from (default: the latest).
+        The run that ``retrain`` starts from (default: the latest; when resuming a
+        retrain by its run id, the run it started from).
 
     Returns
     -------
@@ -360,6 +361,12 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     if retrain is not None:
         if retrain not in ("failed", "changed"):
             raise ModelFactoryError(f"retrain must be 'failed' or 'changed'; got {retrain!r}.")
+        if isinstance(resume, str) and base in (None, "latest"):
+            # the run being resumed retrains from the base it started from, whichever run is
+            # LATEST now (another run may have committed since it was interrupted)
+            started = [p for p in st.pending() if p.get("run_id") == resume and p.get("base_run")]
+            if started:
+                base = started[0]["base_run"]
         base_man = st.manifest(base)
         base_id = base_man["run_id"]
         was = dict(base_man["spec"], params=_with_defaults(mspec.cls, base_man["spec"].get("params")))
@@ -386,7 +393,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         plan_ = plan(info, by_, workers=worker_count(client), **planning)
         st.write(f"runs/{run_id}/pending.json", json.dumps(
             {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "unit_limit": plan_.limit,
-             "unit_multiple": plan_.multiple, "spec": job}).encode(),
+             "unit_multiple": plan_.multiple, "spec": job, "retrain": retrain, "base_run": base_id}).encode(),
             "Nothing was trained: make room, or pick a store you can write to.")
         bar = Progress(len(plan_.units), f"train {mspec.name}", progress, client)
         try:
