@@ -400,6 +400,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
             results = run_units(client, spec, info, plan_, bar)
         except ModelFactoryError:
             raise
+        except KeyboardInterrupt:  # Ctrl-C: say which run to resume (`models list` shows it too)
+            raise KeyboardInterrupt(f"run {run_id} was not committed; resume it with resume={run_id!r} "
+                                    f"(train --resume {run_id}): the units already done are kept") from None
         except Exception as err:  # noqa: BLE001 - a unit failed: nothing is committed
             _raise_unit_failure(run_id, err, resumable=True)
         finally:
