@@ -433,7 +433,7 @@ class _SlowInThreadA(modelfactory.models.seasonal.SeasonalProfile):
         import time
 
         if threading.current_thread().name == "A":
-            time.sleep(0.3)
+            time.sleep(0.5)
         return super().score_batch(models, batch, **kwargs)
 
 
