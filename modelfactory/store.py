@@ -61,6 +61,12 @@ def read_part(loc: Location, part: dict, columns: list[str] | None = None) -> pa
     try:
         data = loc.read_bytes(part["path"])
     except FileNotFoundError as err:
+        segs = part["path"].split("/")
+        if len(segs) > 2 and segs[0] == "runs" and not loc.exists(f"runs/{segs[1]}/manifest.json"):
+            # the whole run went (gc removes the manifest first) while this job read its models
+            raise StoreError(f"Run {segs[1]!r} was removed from {loc.url!r} while this job was reading its models "
+                             "(`models gc` ran meanwhile?). Run the job again: it uses the run that is LATEST "
+                             "then (or pass one that is kept as run=, --run).") from err
         raise IntegrityError(f"Part {part['path']!r} listed in the manifest is missing from "
                              f"{loc.url!r}. Retrain, or restore the file from a backup.") from err
     if len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:

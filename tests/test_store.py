@@ -446,3 +446,25 @@ def test_reading_an_interrupted_run_says_it_was_interrupted_and_how_to_finish_it
     assert err.count("error:") == 1 and "was interrupted" in err and f"--resume {rid}" in err
     with pytest.raises(StoreError, match="No committed run 'no-such-run'"):
         st.groups("no-such-run")
+
+
+def test_a_run_removed_by_gc_while_a_job_reads_it_is_named_as_removed_not_as_damaged(by_app, tmp_path):
+    # A score every few minutes reads the models of the run that was LATEST when it started; the
+    # nightly train commits and `models gc --keep 1` removes that run meanwhile. The job said
+    # "Part ... listed in the manifest is missing ... Retrain, or restore the file from a backup",
+    # as for a damaged store, which it is not.
+    from modelfactory.store import read_part
+
+    store = str(tmp_path / "store")
+    first = modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    st = modelfactory.ModelStore(store)
+    man = st.manifest(first.id)  # what a job that started now holds
+    modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    assert st.gc(keep=1) == [first.id]
+    with pytest.raises(StoreError, match=f"Run '{first.id}' was removed from .* while this job was reading"):
+        read_part(st.location, man["parts"][0])
+    # a part missing from a run that is still there is damage, as before
+    second = st.manifest()
+    st.location.rm(second["parts"][0]["path"])
+    with pytest.raises(IntegrityError, match="is missing from .* restore the file from a backup"):
+        read_part(st.location, second["parts"][0])
