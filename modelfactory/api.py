@@ -144,16 +144,18 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dic
                              f"Interrupted runs: {', '.join(p['run_id'] for p in pending) or 'none'}.")
         p = match[0]
         if p.get("digest") != digest:
-            raise StoreError(f"Run {resume!r} was started for another job or input (its data, columns, "
+            raise StoreError(f"Run {resume!r} was started for another job or input (its data, columns, base run, "
                              "model or parameters differ); it cannot be resumed with these arguments.")
     return p["run_id"], {"target_rows": p["unit_rows"], "limit": p.get("unit_limit"),
                          "multiple": p.get("unit_multiple")}
 
 
 def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: str) -> Location:
-    """The folder a job writes its rows to: new or empty, or emptied with ``overwrite``;
-    never one that holds, or lies inside, a folder of ``apart`` (what -> path: the input
-    data, the model store), which emptying it would delete or writing to it would mix into."""
+    """The folder a job writes its rows to: new or empty, or (with ``overwrite``) to be emptied
+    by :func:`_empty_output` once the job's cluster is up; never one that holds, or lies inside,
+    a folder of ``apart`` (what -> path: the input data, the model store), which emptying it
+    would delete or writing to it would mix into.  Nothing is removed here: a job that stops
+    before it runs (its scheduler cannot be reached) leaves the scores it would replace."""
     sink = Location.of(out, storage_options)
     for what, path in apart.items():
         _keep_apart(sink, "output folder", Location.of(path, storage_options), what.replace("_", " "))
@@ -166,19 +168,38 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
     if fs.isfile(root) and not (remote and fs.size(root) == 0):
         # never removed, even with overwrite: it is not an output folder
         raise StoreError(f"The output folder {out!r} is a file; pick a folder (new or empty).")
-    if fs.exists(root) and [p for p in fs.ls(root, detail=False) if not (remote and p.rstrip("/") == root)]:
+    if _holds_files(sink):
         if not overwrite:
             raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True (--overwrite).")
         if sink.is_bucket():
             raise StoreError(f"The output {out!r} is a whole bucket, and it is not empty: overwrite would delete "
                              "everything in it. Write to a folder inside it, such as "
                              f"{out.rstrip('/') + '/scores'!r}.")
+    return sink
+
+
+def _holds_files(sink: Location) -> bool:
+    root, fs = sink.root, sink.fs
+    return bool(fs.exists(root) and [p for p in fs.ls(root, detail=False)
+                                     if not (not sink.is_local and p.rstrip("/") == root)])
+
+
+def _empty_output(sink: Location | None, run_id: str) -> None:
+    """Empty the ``out=`` folder that :func:`_output` accepted (with ``overwrite``), right
+    before the job's units run, and mark it as this run's (:func:`result.claim_output`)."""
+    from .exceptions import StoreError
+    from .result import claim_output
+
+    if sink is None:
+        return
+    sink.fs.invalidate_cache()
+    if _holds_files(sink):
         try:
             sink.rm(recursive=True)
         except OSError as err:  # "Directory not empty": a file appeared while it was emptied
-            raise StoreError(f"Could not empty the output folder {out!r} ({type(err).__name__}: {err}): another "
+            raise StoreError(f"Could not empty the output folder {sink.url!r} ({type(err).__name__}: {err}): another "
                              "job may be writing to it. Give each job a folder of its own.") from err
-    return sink
+    claim_output(sink, run_id)
 
 
 def _keep_apart(a: Location, a_name: str, b: Location, b_name: str, *, may_hold: bool = False) -> None:
@@ -293,7 +314,8 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         Refit only the groups that failed or were skipped in ``base``, or whose
         input changed since it; the other models are carried over.
     base : str
-        The run that ``retrain`` starts from (default: the latest).
+        The run that ``retrain`` starts from (default: the latest; when resuming a
+        retrain by its run id, the run it started from).
 
     Returns
     -------
@@ -343,6 +365,12 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     if retrain is not None:
         if retrain not in ("failed", "changed"):
             raise ModelFactoryError(f"retrain must be 'failed' or 'changed'; got {retrain!r}.")
+        if isinstance(resume, str) and base in (None, "latest"):
+            # the run being resumed retrains from the base it started from, whichever run is
+            # LATEST now (another run may have committed since it was interrupted)
+            started = [p for p in st.pending() if p.get("run_id") == resume and p.get("base_run")]
+            if started:
+                base = started[0]["base_run"]
         base_man = st.manifest(base)
         base_id = base_man["run_id"]
         was = dict(base_man["spec"], params=_with_defaults(mspec.cls, base_man["spec"].get("params")))
@@ -369,13 +397,16 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         plan_ = plan(info, by_, workers=worker_count(client), **planning)
         st.write(f"runs/{run_id}/pending.json", json.dumps(
             {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "unit_limit": plan_.limit,
-             "unit_multiple": plan_.multiple, "spec": job}).encode(),
+             "unit_multiple": plan_.multiple, "spec": job, "retrain": retrain, "base_run": base_id}).encode(),
             "Nothing was trained: make room, or pick a store you can write to.")
         bar = Progress(len(plan_.units), f"train {mspec.name}", progress, client)
         try:
             results = run_units(client, spec, info, plan_, bar)
         except ModelFactoryError:
             raise
+        except KeyboardInterrupt:  # Ctrl-C: say which run to resume (`models list` shows it too)
+            raise KeyboardInterrupt(f"run {run_id} was not committed; resume it with resume={run_id!r} "
+                                    f"(train --resume {run_id}): the units already done are kept") from None
         except Exception as err:  # noqa: BLE001 - a unit failed: nothing is committed
             _raise_unit_failure(run_id, err, resumable=True)
         finally:
@@ -488,6 +519,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
+        _empty_output(sink, run_id)
         bar = Progress(len(plan_.units), "apply", progress, client)
         try:
             results = run_units(client, spec, info, plan_, bar)
@@ -568,6 +600,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
         per = keys_per_unit or max(1, min(1000, math.ceil(len(rows) / (n_workers * 8))))
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
         ids = [f"k{i:05d}-{_digest(c)[:12]}" for i, c in enumerate(chunks)]
+        _empty_output(sink, run_id)
         bar = Progress(len(chunks), "map_keys", progress, client)
         try:
             results = execute(client, functools.partial(_run_keys, spec), list(zip(ids, chunks)),
@@ -757,6 +790,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
+        _empty_output(sink, run_id)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
         try:
             if plan_.mode == "files":

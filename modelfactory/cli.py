@@ -715,8 +715,8 @@ def _run(args) -> int:
             log.exception("details")
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was committed for the unfinished run", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"error: interrupted; {str(err) or 'nothing was committed for the unfinished run'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # whoever read the output stopped reading (`models list | head -1`): stop quietly, as

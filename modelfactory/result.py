@@ -183,8 +183,50 @@ def output_errors(sink: Location, run_id: str, name: str | None = None) -> conte
         passthrough=(ModelFactoryError, FileNotFoundError))
 
 
+
+
+#: A file in an ``out=`` folder naming the run that emptied it last and writes to it: readers
+#: of the folder skip it as they skip ``_manifest.json`` (a name starting with "_", no "=").
+_CLAIM = "_run_id"
+
 #: Files a job writes under its ``out=`` folder besides its parts.
-_OUTPUT_EXTRAS = frozenset({"_manifest.json", "_anomalies.json"})
+_OUTPUT_EXTRAS = frozenset({"_manifest.json", "_anomalies.json", _CLAIM})
+
+
+def claim_output(sink: Location, run_id: str) -> None:
+    """Mark ``sink`` as the folder ``run_id`` writes to (once emptied, before any unit runs)."""
+    with output_errors(sink, run_id, _CLAIM):
+        sink.write_bytes(_CLAIM, run_id.encode())
+
+
+def _claimed_by(sink: Location) -> str | None:
+    try:
+        return sink.read_bytes(_CLAIM).decode().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _release_a_contested_folder(sink: Location, run_id: str, claimant: str | None) -> None:
+    """Another job emptied ``sink`` while ``run_id`` wrote to it (the folder names
+    ``claimant``, or nobody): what ``run_id`` wrote since may have replaced or joined that
+    job's files, which it cannot tell apart by name (the same input gives the same names).
+    So neither may commit the folder: the other job's claim goes (it then refuses in turn), and
+    its ``_manifest.json`` too if it committed meanwhile (the files no longer are all its own).
+    Readers then refuse the folder as unfinished until a job writes it again."""
+    if claimant is not None:
+        try:
+            sink.rm(_CLAIM)
+        except FileNotFoundError:
+            pass
+    try:
+        committed = json.loads(sink.read_bytes("_manifest.json")).get("run_id")
+    except (FileNotFoundError, ValueError):
+        return
+    if committed != run_id:
+        try:
+            sink.rm("_manifest.json")
+        except FileNotFoundError:
+            pass
 
 
 def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None:
@@ -199,6 +241,17 @@ def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None
     from .exceptions import StoreError
 
     with output_errors(sink, run_id):
+        sink.fs.invalidate_cache()
+        claimant = _claimed_by(sink)
+        if claimant != run_id:
+            # emptied by another job since this one emptied it: files of the same name may be
+            # that job's now, and this job's later files may have replaced that job's
+            _release_a_contested_folder(sink, run_id, claimant)
+            who = f"run {claimant}" if claimant else "another job"
+            raise StoreError(f"The output folder {sink.url!r} changed while run {run_id} wrote to it: {who} emptied "
+                             "it meanwhile and wrote to it (with overwrite), so its files are not all this run's. "
+                             f"Run {run_id} was not committed (no _manifest.json), nor is the folder left committed "
+                             "by the other: give each job a folder of its own, and run it again.")
         found = sink.sizes()
     have = {}
     remote = not sink.is_local

@@ -61,6 +61,12 @@ def read_part(loc: Location, part: dict, columns: list[str] | None = None) -> pa
     try:
         data = loc.read_bytes(part["path"])
     except FileNotFoundError as err:
+        segs = part["path"].split("/")
+        if len(segs) > 2 and segs[0] == "runs" and not loc.exists(f"runs/{segs[1]}/manifest.json"):
+            # the whole run went (gc removes the manifest first) while this job read its models
+            raise StoreError(f"Run {segs[1]!r} was removed from {loc.url!r} while this job was reading its models "
+                             "(`models gc` ran meanwhile?). Run the job again: it uses the run that is LATEST "
+                             "then (or pass one that is kept as run=, --run).") from err
         raise IntegrityError(f"Part {part['path']!r} listed in the manifest is missing from "
                              f"{loc.url!r}. Retrain, or restore the file from a backup.") from err
     if len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
@@ -179,6 +185,11 @@ class ModelStore:
             return rid
         if not self.location.exists(f"runs/{run}/manifest.json"):
             known = ", ".join(self.runs()[-5:]) or "none"
+            if isinstance(run, str) and "/" not in run and self.location.exists(f"runs/{run}/pending.json"):
+                raise StoreError(f"Run {run!r} in {self.location.url!r} was interrupted and never committed, so it "
+                                 f"has no models to read: finish it with train(..., resume={run!r}) (train --resume "
+                                 f"{run}) and the arguments it started with, or pass a committed run. "
+                                 f"Recent runs: {known}.")
             raise StoreError(f"No committed run {run!r} in {self.location.url!r}. Recent runs: {known}.")
         return run
 

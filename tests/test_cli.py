@@ -584,3 +584,35 @@ def test_the_summary_names_failed_groups_as_key_takes_them(tmp_path, capsys):
     assert "ok 1, failed 1, skipped 0" in out and "1 unit (files)" in out
     (line,) = [x for x in out.splitlines() if x.startswith("  failed ")]
     assert line.startswith("  failed app=a,site=s2: "), line
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_during_train_names_the_run_to_resume(tmp_path):
+    # Ctrl-C said "error: interrupted; nothing was committed for the unfinished run": which run,
+    # and that it can be resumed, took `models list`.
+    import signal
+    import time
+
+    from _data import metrics_table, write
+
+    import modelfactory
+
+    data = write(metrics_table(series=60, hours=168, apps=20), tmp_path / "d", ["app"])
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "modelfactory", "train", data, "--by", "app,site", "--time", "ts",
+                             "--target", "value", "--model", "ets", "--store", str(store), "--scheduler", "inline",
+                             "--unit-rows", "500", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(store.glob("runs/*/parts/*.parquet"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (pending,) = modelfactory.ModelStore(str(store)).pending()
+    assert proc.returncode == 130, err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert f"--resume {pending['run_id']}" in err and "interrupted" in err

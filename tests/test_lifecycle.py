@@ -383,3 +383,39 @@ def test_gc_of_pending_runs_while_a_run_trains_makes_it_refuse_to_commit(tmp_pat
     assert leftover and st.pending() == []
     assert main(["models", "gc", "--store", str(store), "--pending"]) == 0
     assert list((store / "runs").iterdir()) == []
+
+
+@pytest.mark.timeout(180)
+def test_resuming_a_retrain_by_id_uses_the_base_it_started_from_after_another_run_committed(tmp_path):
+    # The nightly `train --only-changed` is killed; a manual run commits before anyone resumes it.
+    # `--resume ID` then took the new LATEST as the base, and refused the run as "started for
+    # another job or input" (same data, model and parameters): it could not be resumed at all
+    # without knowing to pass --base with the id of a run it had resolved by itself.
+    week1 = write(metrics_table(series=24, hours=72, apps=24), tmp_path / "w1", ["app"])
+    week2 = write(metrics_table(series=24, hours=72, apps=24, seed=1), tmp_path / "w2", ["app"])
+    store = tmp_path / "store"
+    first = modelfactory.train(week1, model=SlowSeasonal, store=str(store), cluster="inline", **ARGS)
+    script = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from _slow_model import SlowSeasonal; "
+              f"import modelfactory; modelfactory.train({week2!r}, by=['app', 'site'], time='ts', target='value', "
+              f"model=SlowSeasonal, store={str(store)!r}, cluster='inline', unit_rows=72, retrain='changed')")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "MF_SLOW": "0.3"},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(store.glob("runs/*/parts/*.parquet"))) < 1 + 3:  # the first run's part, then 3
+            assert proc.poll() is None, "the retrain ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    st = modelfactory.ModelStore(str(store))
+    (pending,) = st.pending()
+    manual = modelfactory.train(week1, model=SlowSeasonal, store=str(store), cluster="inline", **ARGS)
+    assert st.latest() == manual.id != first.id
+
+    run = modelfactory.train(week2, model=SlowSeasonal, store=str(store), cluster="inline", unit_rows=72,
+                             retrain="changed", resume=pending["run_id"], **ARGS)
+    assert run.id == pending["run_id"] and st.pending() == []
+    assert run.summary["counts"] == {"ok": 24, "failed": 0, "skipped": 0}
+    assert st.manifest(run.id)["lineage"]["base_run"] == first.id

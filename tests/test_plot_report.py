@@ -586,3 +586,13 @@ def test_the_scores_of_a_killed_score_run_are_refused_by_plot_and_report(tmp_pat
                                   [tests, os.environ.get("PYTHONPATH", "")])})
         assert done.returncode == 2, (argv[0], done.stdout, done.stderr)
         assert "has no _manifest.json: its scoring run did not finish" in done.stderr, done.stderr
+
+
+def test_the_reasons_groups_were_not_scored_keep_the_run_id_they_name(runs):
+    # The scoring summary groups the reasons with their numbers blanked; the run id in "no model
+    # for this group in run 20260119T060000123Z-1a2b3c" came out as "run NTNZ-aNbNcN", an id that
+    # names nothing to look up.
+    rid = modelfactory.ModelStore(runs["store_fussy"]).latest()
+    words = " ".join(check_report_html(build_report(runs["store_fussy"], scores=runs["scores_fussy"])).text)
+    assert f"in run {rid}" in words
+    assert "NTNZ" not in words

@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from _data import write
+from _data import metrics_table, write
 
 import modelfactory
 import modelfactory.models.base
@@ -419,3 +419,90 @@ def test_group_tables_keep_their_keys_as_columns_when_pandas_wrote_them_as_an_in
         assert list(groups.columns[:3]) == ["app", "site", "status"] and len(groups) == 4
     key = {"app": df.app.iloc[0], "site": df.site.iloc[0]}
     assert len(load_series(out, key).frame) == (df.site == key["site"]).sum()
+
+
+@pytest.mark.timeout(60)
+def test_an_overwrite_that_cannot_reach_its_cluster_leaves_the_scores_it_would_replace(by_app, tmp_path):
+    """A scheduled `score --overwrite` whose scheduler is down must not delete the last good
+    scores before it finds out: nothing ran, so nothing already committed may be damaged."""
+    from _servers import NotAScheduler
+
+    from modelfactory.exceptions import ClusterError
+
+    store, out = str(tmp_path / "store"), tmp_path / "scores"
+    modelfactory.train(by_app, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    modelfactory.score(by_app, store=store, out=str(out), cluster="inline")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    server = NotAScheduler("http400")
+    try:
+        for job in (lambda: modelfactory.score(by_app, store=store, out=str(out), overwrite=True, cluster=server.address),
+                    lambda: modelfactory.apply(by_app, by=["app", "site"], func=len, schema="n bigint", out=str(out),
+                                               overwrite=True, cluster=server.address),
+                    lambda: modelfactory.map_keys(["a", "b"], func=len, schema="n bigint", out=str(out),
+                                                  overwrite=True, cluster=server.address)):
+            with pytest.raises(ClusterError, match="did not answer with a Dask handshake"):
+                job()
+            assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    finally:
+        server.close()
+
+
+class _SlowInThreadA(modelfactory.models.seasonal.SeasonalProfile):
+    """Seasonal, but scoring sleeps in the thread named "A" (the slow job of the test below)."""
+
+    @classmethod
+    def score_batch(cls, models, batch, **kwargs):
+        import threading
+        import time
+
+        if threading.current_thread().name == "A":
+            time.sleep(0.5)
+        return super().score_batch(models, batch, **kwargs)
+
+
+@pytest.mark.timeout(120)
+def test_two_overwrites_of_one_folder_at_once_never_commit_rows_that_are_not_all_the_manifests(tmp_path):
+    # A scheduled `score --overwrite` starts again (another window of the same files) while the
+    # one before is still writing into the same folder. Same input, so the same file names: the
+    # names-only check saw every file it wrote, and the slow job committed its _manifest.json
+    # (its rows, its checksums) over files that were partly the other job's rows, exit 0.
+    import hashlib
+    import threading
+    import time
+
+    data = write(metrics_table(series=12, hours=72, apps=6), tmp_path / "d", ["app"])
+    store, out = str(tmp_path / "store"), tmp_path / "out"
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", model=_SlowInThreadA, store=store,
+                       cluster="inline")
+    kw = dict(store=store, out=str(out), overwrite=True, cluster="inline", unit_rows=144, trust=True)
+    box: dict = {}
+
+    def slow_job():
+        try:
+            box["run"] = modelfactory.score(data, **kw)
+        except StoreError as err:
+            box["error"] = err
+
+    th = threading.Thread(target=slow_job, name="A")
+    th.start()
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("_groups/*.parquet"))) < 2:  # the slow job is under way
+        assert th.is_alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+    try:  # the later job may refuse too; it must never commit a mix either
+        modelfactory.score(data, filter=pc.field("ts") >= CUT_72, **kw)
+    except StoreError as err:
+        assert "changed while run" in str(err)
+    th.join(60)
+    assert "run" not in box, "the slow job committed a folder that another job had emptied and written to"
+    assert "changed while run" in str(box["error"]) and "was not committed" in str(box["error"])
+    # whatever _manifest.json the folder holds describes exactly its files
+    if (out / "_manifest.json").exists():
+        man = json.loads((out / "_manifest.json").read_text())
+        files = {str(p.relative_to(out)) for p in out.rglob("*.parquet") if not p.name.startswith(".")}
+        assert files == {p["path"] for p in man["parts"]}
+        for p in man["parts"]:
+            assert hashlib.sha256((out / p["path"]).read_bytes()).hexdigest() == p["sha256"], p["path"]
+
+
+CUT_72 = pa.scalar(pd.Timestamp("2026-03-04T00:00:00", tz="UTC"), pa.timestamp("s", tz="UTC"))

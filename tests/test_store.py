@@ -415,3 +415,56 @@ def test_an_unknown_key_names_some_that_exist(by_app, tmp_path, capsys):
     assert err.count("\n") == 1 and "Some that exist: app=app0,site=s" in err, err
     with pytest.raises(StoreError, match=r"Some that exist: app=app\d,site=s\d+; "):
         modelfactory.ModelStore(store).load({"app": "checkout", "site": "eu-1"})
+
+
+def test_reading_an_interrupted_run_says_it_was_interrupted_and_how_to_finish_it(tmp_path, capsys):
+    # A run stopped by a unit failing outside any group (here a file whose values cannot be
+    # decoded) leaves its pending.json: `models show --run` or `score --run` with its id (the id
+    # `models list` prints) said "No committed run", as for a typo.
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    path = folder / "part-0.parquet"
+    table = metrics_table()
+    pq.write_table(table, path, compression="gzip", use_dictionary=False)
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(table.schema.get_field_index("value"))
+    with open(path, "r+b") as f:
+        f.seek(chunk.data_page_offset + chunk.total_compressed_size // 2)
+        f.write(b"\xff" * 300)
+    store = str(tmp_path / "store")
+    with pytest.raises(modelfactory.ModelFactoryError, match="failed outside any group"):
+        modelfactory.train(str(folder), store=store, cluster="inline", **ARGS)
+    st = modelfactory.ModelStore(store)
+    (pending,) = st.pending()
+    rid = pending["run_id"]
+    with pytest.raises(StoreError, match=f"Run '{rid}' .* was interrupted and never committed.*--resume {rid}"):
+        st.groups(rid)
+    capsys.readouterr()
+    assert main(["models", "show", "--store", store, "--run", rid]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "was interrupted" in err and f"--resume {rid}" in err
+    with pytest.raises(StoreError, match="No committed run 'no-such-run'"):
+        st.groups("no-such-run")
+
+
+def test_a_run_removed_by_gc_while_a_job_reads_it_is_named_as_removed_not_as_damaged(by_app, tmp_path):
+    # A score every few minutes reads the models of the run that was LATEST when it started; the
+    # nightly train commits and `models gc --keep 1` removes that run meanwhile. The job said
+    # "Part ... listed in the manifest is missing ... Retrain, or restore the file from a backup",
+    # as for a damaged store, which it is not.
+    from modelfactory.store import read_part
+
+    store = str(tmp_path / "store")
+    first = modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    st = modelfactory.ModelStore(store)
+    man = st.manifest(first.id)  # what a job that started now holds
+    modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    assert st.gc(keep=1) == [first.id]
+    with pytest.raises(StoreError, match=f"Run '{first.id}' was removed from .* while this job was reading"):
+        read_part(st.location, man["parts"][0])
+    # a part missing from a run that is still there is damage, as before
+    second = st.manifest()
+    st.location.rm(second["parts"][0]["path"])
+    with pytest.raises(IntegrityError, match="is missing from .* restore the file from a backup"):
+        read_part(st.location, second["parts"][0])
