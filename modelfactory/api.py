@@ -346,9 +346,10 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     if needs_features and not feats:
         raise ModelError(f"Model {mspec.name!r} needs feature columns: pass features=[...] (--features).")
     if target in feats:  # random_forest then copies each value: its dips and peaks are "expected"
-        raise SchemaError(f"The target column {target!r} is also one of the features {list(feats)}: a model "
+        raise SchemaError(f"The target column {target!r} is also one of the features {list(feats)}: a regressor "
                           "given the value it is to predict learns to copy it and expects each anomaly as it "
-                          f"comes. Drop {target!r} from features (--features).")
+                          "comes (isolation_forest uses the target already: include_target). Drop "
+                          f"{target!r} from features (--features).")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time, target=target, features=feats)
     st = ModelStore(store, storage_options=storage_options)
