@@ -143,6 +143,10 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dic
             raise StoreError(f"No interrupted run {resume!r} in {st.location.url!r}. "
                              f"Interrupted runs: {', '.join(p['run_id'] for p in pending) or 'none'}.")
         p = match[0]
+        if "unreadable" in p:
+            raise StoreError(f"Run {resume!r} cannot be resumed: its record runs/{resume}/pending.json in "
+                             f"{st.location.url!r} cannot be read ({p['unreadable']}). Start a new run, and remove "
+                             "this one with `models gc --pending`.")
         if p.get("digest") != digest:
             raise StoreError(f"Run {resume!r} was started for another job or input (its data, columns, base run, "
                              "model or parameters differ); it cannot be resumed with these arguments.")

@@ -149,8 +149,17 @@ class ModelStore:
         """Runs that were started but never committed (interrupted), oldest first."""
         held = self._runs_holding("manifest.json", "pending.json")
         done = set(held["manifest.json"])
-        return [json.loads(self.location.read_bytes(f"runs/{rid}/pending.json"))
-                for rid in held["pending.json"] if rid not in done]
+        return [self._pending(rid) for rid in held["pending.json"] if rid not in done]
+
+    def _pending(self, rid: str) -> dict:
+        """A run's pending.json; one that cannot be read (damaged outside modelfactory: its
+        writes are atomic) is still listed, by its folder's name, so that `models list` shows
+        it and `models gc --pending` can remove it; it cannot be resumed (no digest)."""
+        try:
+            p = json.loads(self.location.read_bytes(f"runs/{rid}/pending.json"))
+        except (ValueError, UnicodeDecodeError) as err:
+            return {"run_id": rid, "unreadable": f"{type(err).__name__}: {err}"}
+        return p if isinstance(p, dict) and p.get("run_id") == rid else {"run_id": rid, "unreadable": "not a run record"}
 
     @_denied_is_a_store_error
     def latest(self) -> str | None:

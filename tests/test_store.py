@@ -231,6 +231,25 @@ def test_gc_pending_removes_orphan_run_folders_but_not_files_beside_them(by_app,
     assert not st.location.exists("runs/20200101T000000000Z-abcdef")
 
 
+def test_an_unreadable_pending_record_is_listed_and_removed_by_gc_not_an_internal_error(by_app, tmp_path, capsys):
+    """A run's pending.json damaged outside modelfactory made `models list`, `--resume` and
+    `models gc --pending` fail with an internal error: the one command that cleans up could not."""
+    store = str(tmp_path / "s")
+    rid = modelfactory.train(by_app, store=store, cluster="inline", **ARGS).id
+    st = modelfactory.ModelStore(store)
+    bad = "20200101T000000000Z-abcdef"
+    st.location.write_bytes(f"runs/{bad}/pending.json", b'{"run_id": "2020')  # cut short
+    assert [p["run_id"] for p in st.pending()] == [bad] and "unreadable" in st.pending()[0]
+    assert main(["models", "list", "--store", store]) == 0
+    assert bad in capsys.readouterr().out
+    with pytest.raises(StoreError, match=rf"Run '{bad}' cannot be resumed: its record runs/{bad}/pending.json .*"
+                                         r"cannot be read .*models gc --pending"):
+        modelfactory.train(by_app, store=store, cluster="inline", resume=bad, **ARGS)
+    assert modelfactory.train(by_app, store=store, cluster="inline", resume=True, **ARGS).id not in (rid, bad)
+    assert main(["models", "gc", "--store", store, "--pending"]) == 0
+    assert st.pending() == [] and not st.location.exists(f"runs/{bad}")
+
+
 def test_a_latest_that_names_a_missing_run_is_a_store_error(by_app, tmp_path, capsys):
     import shutil
 
