@@ -1,4 +1,5 @@
-"""Shared fixtures: a real LocalCluster, and small partitioned Parquet datasets in tmp_path."""
+"""Shared fixtures: a real LocalCluster, small partitioned Parquet datasets in tmp_path, and a
+file whose values cannot be decoded."""
 from __future__ import annotations
 
 import pytest
@@ -25,3 +26,24 @@ def by_app(tmp_path):
 def by_day(tmp_path):
     """Partitioned by day: every group is spread over several folders (needs a shuffle)."""
     return write(metrics_table(), tmp_path / "by_day", ["day"])
+
+
+@pytest.fixture
+def corrupt_values(tmp_path) -> str:
+    """One Parquet file whose footer and key columns read, but whose value column's gzip data is
+    garbled: the unit fails on its worker, outside any group, when it reads its rows."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    path = folder / "part-0.parquet"
+    table = metrics_table()
+    pq.write_table(table, path, compression="gzip", use_dictionary=False)
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(table.schema.get_field_index("value"))
+    with open(path, "r+b") as f:
+        f.seek(chunk.data_page_offset + chunk.total_compressed_size // 2)
+        f.write(b"\xff" * 300)
+    assert pq.read_table(path, columns=["app", "site", "ts"]).num_rows == table.num_rows
+    with pytest.raises(OSError, match="GZip"):
+        pq.read_table(path)
+    return str(folder)

@@ -248,28 +248,6 @@ def test_an_address_that_is_not_a_dask_schedulers_is_one_error_line(by_app, tmp_
     assert repr(address) in lines[0] and "tcp://host:8786" in lines[0]
 
 
-@pytest.fixture
-def corrupt_values(tmp_path) -> str:
-    """One Parquet file whose footer and key columns read, but whose value column's gzip data is
-    garbled: the unit fails on its worker, outside any group, when it reads its rows."""
-    import pyarrow.parquet as pq
-    from _data import metrics_table
-
-    folder = tmp_path / "corrupt"
-    folder.mkdir()
-    path = folder / "part-0.parquet"
-    table = metrics_table()
-    pq.write_table(table, path, compression="gzip", use_dictionary=False)
-    chunk = pq.ParquetFile(path).metadata.row_group(0).column(table.schema.get_field_index("value"))
-    with open(path, "r+b") as f:
-        f.seek(chunk.data_page_offset + chunk.total_compressed_size // 2)
-        f.write(b"\xff" * 300)
-    assert pq.read_table(path, columns=["app", "site", "ts"]).num_rows == table.num_rows
-    with pytest.raises(OSError, match="GZip"):
-        pq.read_table(path)
-    return str(folder)
-
-
 _TRAIN = ["train", "--by", "app,site", "--time", "ts", "--target", "value", "--workers", "1", "-q"]
 
 

@@ -436,24 +436,14 @@ def test_an_unknown_key_names_some_that_exist(by_app, tmp_path, capsys):
         modelfactory.ModelStore(store).load({"app": "checkout", "site": "eu-1"})
 
 
-def test_reading_an_interrupted_run_says_it_was_interrupted_and_how_to_finish_it(tmp_path, capsys):
+def test_reading_an_interrupted_run_says_it_was_interrupted_and_how_to_finish_it(corrupt_values, tmp_path, capsys):
     # A run stopped by a unit failing outside any group (here a file whose values cannot be
     # decoded) leaves its pending.json: `models show --run` or `score --run` with its id (the id
     # `models list` prints) said "No committed run", as for a typo.
-    import pyarrow.parquet as pq
-
-    folder = tmp_path / "d"
-    folder.mkdir()
-    path = folder / "part-0.parquet"
-    table = metrics_table()
-    pq.write_table(table, path, compression="gzip", use_dictionary=False)
-    chunk = pq.ParquetFile(path).metadata.row_group(0).column(table.schema.get_field_index("value"))
-    with open(path, "r+b") as f:
-        f.seek(chunk.data_page_offset + chunk.total_compressed_size // 2)
-        f.write(b"\xff" * 300)
+    folder = corrupt_values
     store = str(tmp_path / "store")
     with pytest.raises(modelfactory.ModelFactoryError, match="failed outside any group"):
-        modelfactory.train(str(folder), store=store, cluster="inline", **ARGS)
+        modelfactory.train(folder, store=store, cluster="inline", **ARGS)
     st = modelfactory.ModelStore(store)
     (pending,) = st.pending()
     rid = pending["run_id"]
