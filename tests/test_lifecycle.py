@@ -27,6 +27,22 @@ def _table(store):
     return t.select(["app", "site", "status", "rows", "fingerprint", "model"])
 
 
+def _kill_once_written(script: str, store, *, parts: int, slow: str) -> None:
+    """Run ``script`` (a training, its model slowed by ``slow`` seconds a unit) in a process of
+    its own, and kill it (and its workers) with SIGKILL once ``store`` holds ``parts`` part files."""
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "MF_SLOW": slow},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(store.glob("runs/*/parts/*.parquet"))) < parts:
+            assert proc.poll() is None, "the training process ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.mark.timeout(180)
 def test_resume_after_killing_the_client_equals_an_uninterrupted_run(tmp_path):
     data = write(metrics_table(series=24, hours=72, apps=24), tmp_path / "d", ["app"])
@@ -34,17 +50,7 @@ def test_resume_after_killing_the_client_equals_an_uninterrupted_run(tmp_path):
     script = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from _slow_model import SlowSeasonal; "
               f"import modelfactory; modelfactory.train({data!r}, by=['app', 'site'], time='ts', target='value', "
               f"model=SlowSeasonal, store={str(store)!r}, cluster='local', workers=2, unit_rows=72)")
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "MF_SLOW": "0.5"},
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(store.glob("runs/*/parts/*.parquet"))) < 4:
-            assert proc.poll() is None, "the training process ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _kill_once_written(script, store, parts=4, slow="0.5")
     st = modelfactory.ModelStore(str(store))
     assert st.runs() == [] and st.latest() is None  # nothing visible
     (pending,) = st.pending()
@@ -398,17 +404,7 @@ def test_resuming_a_retrain_by_id_uses_the_base_it_started_from_after_another_ru
     script = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from _slow_model import SlowSeasonal; "
               f"import modelfactory; modelfactory.train({week2!r}, by=['app', 'site'], time='ts', target='value', "
               f"model=SlowSeasonal, store={str(store)!r}, cluster='inline', unit_rows=72, retrain='changed')")
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "MF_SLOW": "0.3"},
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(store.glob("runs/*/parts/*.parquet"))) < 1 + 3:  # the first run's part, then 3
-            assert proc.poll() is None, "the retrain ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _kill_once_written(script, store, parts=1 + 3, slow="0.3")  # the first run's part, then 3
     st = modelfactory.ModelStore(str(store))
     (pending,) = st.pending()
     manual = modelfactory.train(week1, model=SlowSeasonal, store=str(store), cluster="inline", **ARGS)
