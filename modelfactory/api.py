@@ -188,9 +188,11 @@ def _holds_files(sink: Location) -> bool:
                                      if not (not sink.is_local and p.rstrip("/") == root)])
 
 
-def _empty_output(sink: Location | None, run_id: str) -> None:
+def _empty_output(sink: Location | None, run_id: str, overwrite: bool) -> None:
     """Empty the ``out=`` folder that :func:`_output` accepted (with ``overwrite``), right
-    before the job's units run, and mark it as this run's (:func:`result.claim_output`)."""
+    before the job's units run, and mark it as this run's (:func:`result.claim_output`).
+    Without ``overwrite`` nothing is removed: files that appeared since :func:`_output` found
+    the folder empty (another job's, committed while this one's cluster started) are refused."""
     from .exceptions import StoreError
     from .result import claim_output
 
@@ -198,6 +200,14 @@ def _empty_output(sink: Location | None, run_id: str) -> None:
         return
     sink.fs.invalidate_cache()
     if _holds_files(sink):
+        if not overwrite:
+            raise StoreError(f"The output folder {sink.url!r} is not empty any more: it was empty when this job "
+                             "started, and another job wrote to it while this one's cluster started. Nothing was "
+                             "removed nor run: pick a new folder, or pass overwrite=True (--overwrite) to replace "
+                             "what it holds.")
+        if sink.is_bucket():
+            raise StoreError(f"The output {sink.url!r} is a whole bucket, and it is not empty any more: overwrite "
+                             "would delete everything in it. Write to a folder inside it.")
         try:
             sink.rm(recursive=True)
         except OSError as err:  # "Directory not empty": a file appeared while it was emptied
@@ -524,7 +534,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
-        _empty_output(sink, run_id)
+        _empty_output(sink, run_id, overwrite)
         bar = Progress(len(plan_.units), "apply", progress, client)
         try:
             results = run_units(client, spec, info, plan_, bar)
@@ -605,7 +615,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
         per = keys_per_unit or max(1, min(1000, math.ceil(len(rows) / (n_workers * 8))))
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
         ids = [f"k{i:05d}-{_digest(c)[:12]}" for i, c in enumerate(chunks)]
-        _empty_output(sink, run_id)
+        _empty_output(sink, run_id, overwrite)
         bar = Progress(len(chunks), "map_keys", progress, client)
         try:
             results = execute(client, functools.partial(_run_keys, spec), list(zip(ids, chunks)),
@@ -795,7 +805,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
-        _empty_output(sink, run_id)
+        _empty_output(sink, run_id, overwrite)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
         try:
             if plan_.mode == "files":

@@ -629,11 +629,23 @@ def _cmd_demo(args) -> int:
 
     from .api import resolve_model, train
     from .demo import write_dataset
+    from .models import registry
 
     data, store = os.path.join(args.out, "data"), os.path.join(args.out, "store")
     if args.series < 1 or args.days < 1:
         raise ModelFactoryError("--series and --days must be at least 1.")
-    resolve_model(args.model)  # an unknown model is refused before the dataset is written
+    mspec = resolve_model(args.model)  # an unknown model is refused before the dataset is written
+    if mspec.data_needs()[1]:  # the demo's dataset has no feature columns, and demo no --features
+        def fits(name: str) -> bool:
+            try:
+                return not resolve_model(name).data_needs()[1]
+            except Exception:  # noqa: BLE001 - a registered model that needs parameters: not for demo
+                return False
+
+        demo_ok = ", ".join(n for n in sorted(registry) if fits(n))
+        raise ModelFactoryError(f"Model {args.model!r} needs feature columns, and the demo dataset has none (only "
+                                f"app, site, ts, value). Pick one of {demo_ok} for demo, or train {args.model} on "
+                                "your own data with train --features.")
     if not args.quiet and not args.json:
         print(f"writing {args.series:,} hourly series x {args.days} days to {data}")
     with _store_errors(data, "the demo dataset folder"):

@@ -90,13 +90,23 @@ def dask_log_level(level: int) -> Iterator[None]:
         _dask_log_level = old
 
 
-def _with_quiet_close() -> list[str]:
+def _with_quiet_close() -> dict:
     """The worker preloads configured, plus the one that keeps a shutdown race of Dask's
-    heartbeat (logged with two tracebacks after a job that went well) off the console."""
+    heartbeat (logged with two tracebacks after a job that went well) off the console; and
+    the preloads' arguments, one list per preload (ours takes none): Dask refuses a
+    ``preload-argv`` list of lists that does not pair up with ``preload`` (the nannies did not
+    start when the configured preloads had arguments of their own)."""
     import dask
 
     preload = dask.config.get("distributed.worker.preload", None) or []
-    return [*([preload] if isinstance(preload, str) else preload), "modelfactory._quiet_close"]
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    argv = dask.config.get("distributed.worker.preload-argv", None) or []
+    if argv and isinstance(argv[0], str):  # one argument list for every preload, as Dask reads it
+        argv = [list(argv)] * len(preload)
+    elif not argv:
+        argv = [[]] * len(preload)
+    return {"distributed.worker.preload": [*preload, "modelfactory._quiet_close"],
+            "distributed.worker.preload-argv": [*argv, []]}
 
 
 def local_cluster(workers: int | None = None, **kwargs):
@@ -112,7 +122,7 @@ def local_cluster(workers: int | None = None, **kwargs):
     n = workers or os.cpu_count() or 1
     kwargs = {"dashboard_address": ":0", "silence_logs": _dask_log_level, **kwargs}
     with dask.config.set(WORKER_DASK_CONFIG), dask.config.set(kwargs.pop("config", None) or {}), \
-            dask.config.set({"distributed.worker.preload": _with_quiet_close()}):
+            dask.config.set(_with_quiet_close()):
         # Each nanny hands its config to every worker it starts, restarts too.  It keeps a
         # shallow copy of the global config, whose nested dicts ``config.set`` restores in
         # place on leaving this block: without a deep copy of its own, a restarted worker

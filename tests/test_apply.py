@@ -258,6 +258,39 @@ def test_a_heartbeat_failing_on_a_running_worker_is_still_logged():
     assert not quiet.filter(record) and quiet.filter(other)
 
 
+_TAGGING_PRELOAD = """
+import click
+
+
+@click.command()
+@click.option("--tag", default="none")
+def dask_setup(worker, tag):
+    worker.mf_test_tag = tag
+"""
+
+
+def _worker_tag(key):
+    from distributed import get_worker
+
+    return f"{key}:{get_worker().mf_test_tag}"
+
+
+@pytest.mark.timeout(120)
+def test_worker_preloads_configured_with_arguments_of_their_own_still_start(tmp_path):
+    """A Dask config with worker preloads and one argument list per preload (``preload-argv`` as
+    a list of lists, as Dask documents it): adding modelfactory's own preload to the list, and
+    none to the arguments, made Dask refuse the pair ("mismatched lengths 2 != 1"), so every job
+    on a local cluster failed with "Could not start a local Dask cluster ... Nanny failed"."""
+    import dask
+
+    preload = tmp_path / "tagging_preload.py"
+    preload.write_text(_TAGGING_PRELOAD)
+    with dask.config.set({"distributed.worker.preload": [str(preload)],
+                          "distributed.worker.preload-argv": [["--tag", "prod"]]}):
+        run = modelfactory.map_keys(["a", "b"], func=_worker_tag, cluster="local", workers=1)
+    assert run.results == {"a": "a:prod", "b": "b:prod"}
+
+
 _KEPT: list = []
 
 

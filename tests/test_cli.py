@@ -211,6 +211,15 @@ def test_demo_refuses_a_bad_model_before_writing_and_a_run_with_no_model_is_exit
     assert main(["demo", "--out", str(out), "--series", "4", "--days", "3", "--model", "nope",
                  "--scheduler", "inline", "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("error: Unknown model 'nope'.") and not out.exists()
+    # a model that needs features: demo has no --features and its dataset no feature columns, yet
+    # it wrote the dataset, then said "pass features=[...] (--features)", an option demo refuses
+    for model in ("random_forest", "isolation_forest"):
+        out = tmp_path / model
+        assert main(["demo", "--out", str(out), "--series", "4", "--days", "3", "--model", model,
+                     "--scheduler", "inline", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: Model {model!r} needs feature columns, and the demo dataset has none")
+        assert "seasonal" in err and "--features" in err and not out.exists()
     out = tmp_path / "d2"
     assert main(["demo", "--out", str(out), "--series", "4", "--days", "1", "--scheduler", "inline",
                  "--quiet"]) == 2

@@ -447,6 +447,61 @@ def test_an_overwrite_that_cannot_reach_its_cluster_leaves_the_scores_it_would_r
         server.close()
 
 
+def _in_call(thread, name: str) -> bool:
+    """Whether ``thread`` is inside a call of a function named ``name`` right now."""
+    import sys
+
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.timeout(120)
+def test_a_job_without_overwrite_never_empties_a_folder_another_job_committed_while_its_cluster_started(
+        by_app, tmp_path):
+    # Two scheduled jobs given the same new folder, no --overwrite: B checks that the folder is
+    # empty, then waits for its scheduler; A scores into the folder and commits meanwhile. B then
+    # emptied the folder anyway (A's committed scores gone, exit 0), though only --overwrite may.
+    import socket
+    import threading
+    import time
+
+    from distributed import LocalCluster
+
+    store, out = str(tmp_path / "store"), tmp_path / "scores"
+    modelfactory.train(by_app, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    box: dict = {}
+
+    def job_b():
+        try:
+            box["run"] = modelfactory.score(by_app, store=store, out=str(out), cluster=f"tcp://127.0.0.1:{port}")
+        except StoreError as err:
+            box["error"] = err
+
+    th = threading.Thread(target=job_b)
+    th.start()
+    deadline = time.monotonic() + 30
+    while not _in_call(th, "check_scheduler"):  # B found the folder empty, and waits for its scheduler
+        assert th.is_alive() and time.monotonic() < deadline, box
+        time.sleep(0.01)
+    a = modelfactory.score(by_app, store=store, out=str(out), cluster="inline",
+                           filter=pc.field("app") == "app-00")  # A: another window of the input
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, scheduler_port=port,
+                      dashboard_address=":0"):
+        th.join(60)
+    assert "run" not in box, "a job without overwrite replaced the scores another job had committed"
+    assert "not empty any more" in str(box["error"]) and "Nothing was removed" in str(box["error"])
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert json.loads((out / "_manifest.json").read_text())["run_id"] == a.id
+
+
 class _SlowInThreadA(modelfactory.models.seasonal.SeasonalProfile):
     """Seasonal, but scoring sleeps in the thread named "A" (the slow job of the test below)."""
 
