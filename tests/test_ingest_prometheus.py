@@ -515,6 +515,27 @@ def test_a_rerun_keeps_points_prometheus_no_longer_holds(tmp_path):
     assert set(t["site"].to_pylist()) == {"y"} and set(t["metric"].to_pylist()) == {"up"}
 
 
+def test_a_rerun_after_a_series_gained_a_label_does_not_store_it_twice(tmp_path):
+    """Querying through Thanos or Mimir (external labels), or after a relabelling, returns the same
+    series with one more label: the rerun kept every earlier row beside its fresh copy (2 rows a
+    time), and train then skipped every group for its repeated timestamps."""
+    state = {"labels": {"__name__": "up", "app": "x", "site": "y"}}
+
+    def respond(req):
+        start, end, step = (float(req.form[k]) for k in ("start", "end", "step"))
+        values = [[start + i * step, "1"] for i in range(int((end - start) / step) + 1)]
+        return ps.matrix([{"metric": dict(state["labels"]), "values": values}])
+
+    with ps.FakeServer(respond) as srv:
+        prometheus(srv.url, "up", T0, T0 + 3600, 60, by=["app"], out=str(tmp_path))
+        state["labels"]["replica"] = "a"
+        s = prometheus(srv.url, "up", T0, T0 + 3600, 60, by=["app"], out=str(tmp_path))
+    assert s.rows == 61
+    t = ds.dataset(str(tmp_path), format="parquet", partitioning="hive").to_table()
+    assert t.num_rows == 61 and set(t["replica"].to_pylist()) == {"a"}
+    assert len(set(t["ts"].to_pylist())) == 61
+
+
 def test_a_server_that_answers_too_slowly_is_not_called_unreachable(tmp_path):
     """A heavy query that Prometheus is still evaluating when the timeout passes is a timeout to
     raise or a query to narrow, not a server to look for: the message must say so."""

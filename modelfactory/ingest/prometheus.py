@@ -10,10 +10,10 @@ Chunk grid.  Evaluation timestamps are multiples of ``step`` since the epoch,
 and chunk ``k`` holds the evaluation steps ``[k * CHUNK_POINTS, (k + 1) * CHUNK_POINTS)``.
 Each (chunk, partition) becomes one file whose name derives from
 ``(query, step, chunk start)``.  Re-running a range, or extending it, rewrites
-that file with the fresh rows plus the old rows they do not replace (same series,
-same time): never a duplicate, and never a loss of rows the server no longer
-holds.  Files are staged under a hidden temporary name and renamed
-only after every chunk succeeded, so a failed run leaves nothing behind.
+that file with the fresh rows plus the old rows at times they do not cover:
+never a duplicate, and never a loss of rows the server no longer holds.  Files
+are staged under a hidden temporary name and renamed only after every chunk
+succeeded, so a failed run leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -618,20 +618,13 @@ def _earlier_folder(fs: Any, root: str, by: Sequence[str], values: tuple[str, ..
     return path if fs.exists(path) else None
 
 
-def _point_keys(table: pa.Table, labels: Sequence[str]) -> pa.Array:
-    """One string per row naming its point: the ``labels`` columns (null, or absent from
-    ``table``, kept apart from "") and ts."""
-    parts = [pc.fill_null(pc.binary_join_element_wise(f"{c}=", table[c], "\x00"), "")
-             if c in table.column_names else pa.nulls(table.num_rows, pa.string()).fill_null("")
-             for c in labels]
-    return pc.binary_join_element_wise(*parts, pc.cast(table["ts"].cast(pa.int64()), pa.string()), "\x01")
-
-
 def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple[str, ...],
            table: pa.Table) -> tuple[str, str]:
-    """Write ``table`` merged with the rows of the existing file it does not replace: a fresh
-    row replaces the earlier row of the same series at the same time; earlier rows the server no
-    longer returns (retention moved on, data deleted) are kept, as an archive must."""
+    """Write ``table`` merged with the rows of the existing file it does not replace: the fresh
+    rows replace every earlier row of this file (one partition) at the times they cover, whatever
+    its labels (a series that gained or lost a label, say Thanos' external labels, is not kept
+    twice); earlier rows at times the server no longer returns (retention moved on, data
+    deleted) are kept, as an archive must."""
     directory = f"{root.rstrip('/')}/{hive_folder(spec.by, values)}"  # escaped as Spark escapes it
     name = _file_name(spec, chunk)
     try:
@@ -646,9 +639,8 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
         if fs.exists(final):
             with fs.open(final, "rb") as f:
                 old = pq.read_table(f)
-            labels = sorted({c for c in old.column_names + table.column_names} - {"ts", "value"})
-            fresh = _point_keys(table, labels)
-            old = old.filter(pc.invert(pc.is_in(_point_keys(old, labels), value_set=fresh)))
+            fresh = pc.unique(table["ts"].cast(pa.int64()))
+            old = old.filter(pc.invert(pc.is_in(old["ts"].cast(pa.int64()), value_set=fresh)))
             if old.num_rows:
                 names = [c for c in table.column_names + old.column_names if c not in ("ts", "value")]
                 names = sorted(set(names), key=lambda c: (c != "metric", c))
