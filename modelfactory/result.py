@@ -150,6 +150,9 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
             sink.write_bytes("_manifest.json", json.dumps(
                 {"run_id": run_id, "kind": kind, "summary": summary, "schema": None if out_schema is None else str(out_schema),
                  "parts": parts}, indent=1, default=str).encode())
+            # a job that emptied the folder between the check and this write: the manifest would
+            # stand over that job's files; it goes again (_release_a_contested_folder)
+            check_claim(sink, run_id)
         return Run(run_id, kind, summary, _out=sink, errors=errors)
     groups = pa.concat_tables([r.group_table for r in results]) if results else None
     if out_schema is not None:
@@ -211,22 +214,31 @@ def _release_a_contested_folder(sink: Location, run_id: str, claimant: str | Non
     ``claimant``, or nobody): what ``run_id`` wrote since may have replaced or joined that
     job's files, which it cannot tell apart by name (the same input gives the same names).
     So neither may commit the folder: the other job's claim goes (it then refuses in turn), and
-    its ``_manifest.json`` too if it committed meanwhile (the files no longer are all its own).
-    Readers then refuse the folder as unfinished until a job writes it again."""
-    if claimant is not None:
+    any ``_manifest.json``, the other's if it committed meanwhile or this job's own if the folder
+    was emptied just as it committed (the files are not all of either job's).  Readers then
+    refuse the folder as unfinished until a job writes it again."""
+    for name in ([_CLAIM] if claimant is not None else []) + ["_manifest.json"]:
         try:
-            sink.rm(_CLAIM)
+            sink.rm(name)
         except FileNotFoundError:
             pass
-    try:
-        committed = json.loads(sink.read_bytes("_manifest.json")).get("run_id")
-    except (FileNotFoundError, ValueError):
-        return
-    if committed != run_id:
-        try:
-            sink.rm("_manifest.json")
-        except FileNotFoundError:
-            pass
+
+
+def check_claim(sink: Location, run_id: str) -> None:
+    """Refuse (and leave the folder uncommitted) unless ``sink`` is still claimed by ``run_id``:
+    another job emptied it since this one did, so files of the same name may be that job's now,
+    and this job's later files may have replaced that job's."""
+    from .exceptions import StoreError
+
+    sink.fs.invalidate_cache()
+    claimant = _claimed_by(sink)
+    if claimant != run_id:
+        _release_a_contested_folder(sink, run_id, claimant)
+        who = f"run {claimant}" if claimant else "another job"
+        raise StoreError(f"The output folder {sink.url!r} changed while run {run_id} wrote to it: {who} emptied "
+                         "it meanwhile and wrote to it (with overwrite), so its files are not all this run's. "
+                         f"Run {run_id} was not committed (no _manifest.json), nor is the folder left committed "
+                         "by the other: give each job a folder of its own, and run it again.")
 
 
 def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None:
@@ -241,17 +253,7 @@ def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None
     from .exceptions import StoreError
 
     with output_errors(sink, run_id):
-        sink.fs.invalidate_cache()
-        claimant = _claimed_by(sink)
-        if claimant != run_id:
-            # emptied by another job since this one emptied it: files of the same name may be
-            # that job's now, and this job's later files may have replaced that job's
-            _release_a_contested_folder(sink, run_id, claimant)
-            who = f"run {claimant}" if claimant else "another job"
-            raise StoreError(f"The output folder {sink.url!r} changed while run {run_id} wrote to it: {who} emptied "
-                             "it meanwhile and wrote to it (with overwrite), so its files are not all this run's. "
-                             f"Run {run_id} was not committed (no _manifest.json), nor is the folder left committed "
-                             "by the other: give each job a folder of its own, and run it again.")
+        check_claim(sink, run_id)
         found = sink.sizes()
     have = {}
     remote = not sink.is_local

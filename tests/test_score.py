@@ -560,4 +560,28 @@ def test_two_overwrites_of_one_folder_at_once_never_commit_rows_that_are_not_all
             assert hashlib.sha256((out / p["path"]).read_bytes()).hexdigest() == p["sha256"], p["path"]
 
 
+def test_a_folder_claimed_by_another_job_as_this_one_commits_is_left_uncommitted(by_app, tmp_path, monkeypatch):
+    # The overlapping job empties and claims the folder in the moment between this job's last
+    # check of the folder and its _manifest.json: the manifest stood over the other job's files
+    # for good (if that job then died). The other job's claim is made there, at that moment.
+    from modelfactory import result
+
+    out = tmp_path / "out"
+    kw = dict(by=["app", "site"], func=lambda df: df.head(1)[["app", "site", "value"]],
+              schema="app string, site string, value double", out=str(out), overwrite=True, cluster="inline")
+    checked = result.check_output
+
+    def then_claimed(sink, run_id, results):
+        checked(sink, run_id, results)
+        result.claim_output(sink, "20260101T000000000Z-0other")
+
+    monkeypatch.setattr(result, "check_output", then_claimed)
+    with pytest.raises(StoreError, match=r"changed while run .*run 20260101T000000000Z-0other emptied it"):
+        modelfactory.apply(by_app, **kw)
+    assert not (out / "_manifest.json").exists() and not (out / "_run_id").exists()
+    monkeypatch.undo()
+    run = modelfactory.apply(by_app, **kw)
+    assert (out / "_manifest.json").exists() and run.summary["counts"]["ok"] == 12
+
+
 CUT_72 = pa.scalar(pd.Timestamp("2026-03-04T00:00:00", tz="UTC"), pa.timestamp("s", tz="UTC"))
