@@ -186,8 +186,6 @@ def output_errors(sink: Location, run_id: str, name: str | None = None) -> conte
         passthrough=(ModelFactoryError, FileNotFoundError))
 
 
-
-
 #: A file in an ``out=`` folder naming the run that emptied it last and writes to it: readers
 #: of the folder skip it as they skip ``_manifest.json`` (a name starting with "_", no "=").
 _CLAIM = "_run_id"
