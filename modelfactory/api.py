@@ -520,7 +520,8 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     sink = _output(out, storage_options, overwrite, the_input_data=data) if out is not None else None
     run_id = new_run_id(_digest(info.fingerprint(), by_, repr(func), str(out_schema)))
     spec = JobSpec("apply", by_, info.source, cols, time, filter=filter, func=func, input=input,
-                   out_schema=out_schema, sink=sink, groups_prefix="_groups/", data_prefix="part-")
+                   out_schema=out_schema, sink=sink, groups_prefix="_groups/", data_prefix="part-",
+                   claim=run_id if sink is not None else "")
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
@@ -598,7 +599,8 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     call = (functools.partial(_call_with_dict, func, names) if names
             else functools.partial(_call_with_tuple, func) if width == 1 and isinstance(keys[0], tuple) else func)
     spec = JobSpec("map_keys", by_, func=call, out_schema=out_schema, sink=sink,
-                   groups_prefix="_groups/", data_prefix="part-", key_types=key_types)
+                   groups_prefix="_groups/", data_prefix="part-", key_types=key_types,
+                   claim=run_id if sink is not None else "")
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         n_workers = worker_count(client)
@@ -791,7 +793,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     columns = tuple(c for c in dict.fromkeys([*by_, *extra, sp["time"], sp["target"], *feats]) if c)
     run_id = new_run_id(_digest(info.fingerprint(), man["run_id"]))
     spec = JobSpec("score", by_, info.source, columns, sp["time"], sp["target"], feats, filter,
-                   sink=sink, models=src, groups_prefix="_groups/", data_prefix="part-")
+                   sink=sink, models=src, groups_prefix="_groups/", data_prefix="part-", claim=run_id)
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)

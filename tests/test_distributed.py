@@ -7,6 +7,8 @@ their PYTHONPATH), so model bytes are the same from run to run and can be compar
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import signal
@@ -547,3 +549,47 @@ def test_a_workers_address_is_not_taken_for_the_schedulers(procs, dclient, by_ap
     worker = next(iter(dclient.scheduler_info(n_workers=-1)["workers"]))
     with pytest.raises(ClusterError, match="is the address of a Dask worker, not of the scheduler"):
         modelfactory.train(by_app, by=KEYS, time="ts", target="value", store=str(tmp_path / "s"), cluster=worker)
+
+
+# ---------------------------------------------------------------------------
+# a job interrupted (Ctrl-C) while its units run
+# ---------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_a_unit_still_running_after_ctrl_c_writes_nothing_into_the_next_jobs_output(procs, dclient, leaves,
+                                                                                    tmp_path):
+    """Ctrl-C stops the client, but Dask cannot stop a task that is running: the interrupted
+    job's unit finishes on its worker later.  A user who fixed the function and ran the job
+    again (overwrite) had that unit's old rows written over the new job's files of the same
+    name, inside a folder committed as the new job's (all `ok`)."""
+    import _thread
+    import functools
+
+    from _servers import tagged_mean
+
+    gate, out = tmp_path / "gate", str(tmp_path / "out")
+    gate.mkdir()
+    job = dict(by=KEYS, schema="app string, site string, m double, tag string", out=out, unit_rows=UNIT_ROWS)
+
+    def interrupt_once_the_unit_waits():
+        wait_for(lambda: (gate / "started").exists(), 60, "the gated group to start")
+        _thread.interrupt_main()  # what Ctrl-C does
+
+    interrupter = in_background(interrupt_once_the_unit_waits)
+    with pytest.raises(KeyboardInterrupt):
+        modelfactory.apply(leaves, func=functools.partial(tagged_mean, "old", str(gate)), cluster=procs.address,
+                           **job)
+    interrupter.result()
+    # the other units end (they run in no time); the gated one runs on
+    wait_for(lambda: sum(dclient.run(executing_units).values()) == 1, 30, "only the gated unit to run")
+
+    run = modelfactory.apply(leaves, func=functools.partial(tagged_mean, "new", None), cluster="inline",
+                             overwrite=True, **job)
+    assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+    (gate / "open").touch()  # the interrupted job's unit ends now
+    wait_for(lambda: sum(dclient.run(executing_units).values()) == 0, 60, "the interrupted unit to end")
+
+    rows = pd.read_parquet(out)
+    assert len(rows) == SERIES and set(rows.tag) == {"new"}
+    man = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    for part in man["parts"]:  # every file is still the one the committed run wrote
+        assert hashlib.sha256((tmp_path / "out" / part["path"]).read_bytes()).hexdigest() == part["sha256"]
