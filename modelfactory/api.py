@@ -30,7 +30,7 @@ from .models import registry, unknown_model
 from .models.base import Model
 from .plan import Plan, plan
 from .result import Run, table_run
-from .run import Progress, execute, isolate, open_client, run_shuffled, run_units, worker_count
+from .run import Progress, check_code, execute, isolate, open_client, run_shuffled, run_units, worker_count
 from .store import ModelStore, leaf_index, new_run_id, read_part
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
@@ -399,6 +399,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                    models=base_src, resume=resume is not False, retrain=retrain, run_id=run_id)
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
+        check_code(client, spec)
         plan_ = plan(info, by_, workers=worker_count(client), **planning)
         st.write(f"runs/{run_id}/pending.json", json.dumps(
             {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "unit_limit": plan_.limit,
@@ -524,6 +525,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
                    claim=run_id if sink is not None else "")
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
+        check_code(client, spec)
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
         _empty_output(sink, run_id)
         bar = Progress(len(plan_.units), "apply", progress, client)
@@ -603,6 +605,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
                    claim=run_id if sink is not None else "")
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
+        check_code(client, spec)
         n_workers = worker_count(client)
         per = keys_per_unit or max(1, min(1000, math.ceil(len(rows) / (n_workers * 8))))
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
@@ -796,6 +799,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                    sink=sink, models=src, groups_prefix="_groups/", data_prefix="part-", claim=run_id)
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
+        check_code(client, spec)
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
         _empty_output(sink, run_id)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)

@@ -290,6 +290,49 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
                            f"(identity: {identity!r:.80}). {_CHECK_ADDRESS}")
 
 
+def _load_error(blob: bytes) -> str | None:
+    """Run on the scheduler and on each worker: why ``blob`` (a pickled job spec) cannot be
+    loaded there, or None."""
+    import pickle
+
+    try:
+        pickle.loads(blob)
+    except Exception as err:  # noqa: BLE001 - reported to the client, by name
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def check_code(client, spec: JobSpec) -> None:
+    """Raise :class:`ClusterError` unless the scheduler and every worker can load ``spec``.
+
+    A user function or model class travels by reference to its module (cloudpickle, as Dask
+    sends it), so that module must be importable there.  Without this check, a scheduler
+    lacking it failed the run with Dask's "Error during deserialization of the task graph"
+    (the module named only in the scheduler's log), and a worker lacking it was shut down by
+    Dask on receiving a unit (every worker in turn), the run then waiting for ever for one.
+    """
+    if client is None:
+        return
+    import cloudpickle
+
+    blob = cloudpickle.dumps(spec)
+    problems = {}
+    got = client.run_on_scheduler(_load_error, blob)
+    if got:
+        problems["the scheduler"] = got
+    for address, got in sorted(client.run(_load_error, blob, on_error="ignore").items()):
+        if got:
+            problems[f"the worker at {address}"] = got
+    if problems:
+        where, why = next(iter(problems.items()))
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ClusterError(
+            f"{where[0].upper()}{where[1:]}{more} cannot load this job's code: {why}. A function or model class "
+            "goes to the Dask scheduler and workers by the name of its module: install that module (and what it "
+            "imports) where they run, or put it on their PYTHONPATH, and restart them after changing it; or send "
+            "it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
+
+
 def worker_count(client) -> int:
     """Workers to plan for: the live workers (at least one)."""
     if client is None:

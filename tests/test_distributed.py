@@ -7,6 +7,7 @@ their PYTHONPATH), so model bytes are the same from run to run and can be compar
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,12 +26,12 @@ import pytest
 from _data import write
 from _servers import (DUMMY_AWS_ENV, MARKER, TESTS_DIR, CrashOnMarker, CrashOnMarkerAtScore, DaskProcesses,
                       MotoS3, NotAScheduler, SlowerMean, SlowMean, alive, executing_units, finished_units,
-                      kill_if_mid_unit, wait_for)
+                      kill_if_mid_unit, tagged_mean, wait_for)
 
 import modelfactory
 from modelfactory import ModelStore
 from modelfactory.demo import make_table
-from modelfactory.exceptions import ModelFactoryError
+from modelfactory.exceptions import ClusterError, ModelFactoryError
 
 SERIES = 40
 OUTAGE_SERIES = 20  # on S3: fewer, each unit pays for its S3 requests
@@ -562,9 +563,6 @@ def test_a_unit_still_running_after_ctrl_c_writes_nothing_into_the_next_jobs_out
     again (overwrite) had that unit's old rows written over the new job's files of the same
     name, inside a folder committed as the new job's (all `ok`)."""
     import _thread
-    import functools
-
-    from _servers import tagged_mean
 
     gate, out = tmp_path / "gate", str(tmp_path / "out")
     gate.mkdir()
@@ -593,3 +591,30 @@ def test_a_unit_still_running_after_ctrl_c_writes_nothing_into_the_next_jobs_out
     man = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     for part in man["parts"]:  # every file is still the one the committed run wrote
         assert hashlib.sha256((tmp_path / "out" / part["path"]).read_bytes()).hexdigest() == part["sha256"]
+
+
+# ---------------------------------------------------------------------------
+# user code the cluster cannot import
+# ---------------------------------------------------------------------------
+@pytest.mark.timeout(90)
+def test_a_function_whose_module_the_cluster_lacks_is_a_clear_error_and_the_workers_stay(procs, dclient, leaves,
+                                                                                       tmp_path, monkeypatch):
+    """A function from a module only the client has (a file beside the user's notebook): the
+    run failed with Dask's "Error during deserialization of the task graph" and nothing named
+    the module (only the scheduler's log did)."""
+    (tmp_path / "only_here_fns.py").write_text(
+        "import pandas as pd\n"
+        "def first(df):\n"
+        "    return pd.DataFrame({'app': [df.app.iloc[0]], 'site': [df.site.iloc[0]]})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_here_fns
+
+    with pytest.raises(ClusterError, match=r"(?s)The scheduler.*cannot load this job's code: ModuleNotFoundError: "
+                                           r"No module named 'only_here_fns'.*PYTHONPATH.*register_pickle_by_value"):
+        modelfactory.apply(leaves, by=KEYS, func=only_here_fns.first, schema="app string, site string",
+                           out=str(tmp_path / "out"), cluster=procs.address)
+    assert not (tmp_path / "out").exists()
+    assert len(dclient.scheduler_info()["workers"]) == 2  # and the next job runs at once
+    run = modelfactory.apply(leaves, by=KEYS, func=functools.partial(tagged_mean, "ok", None),
+                             schema="app string, site string, m double, tag string", cluster=procs.address)
+    assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
