@@ -290,18 +290,6 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
                            f"(identity: {identity!r:.80}). {_CHECK_ADDRESS}")
 
 
-def _load_error(blob: bytes) -> str | None:
-    """Run on the scheduler and on each worker: why ``blob`` (a pickled job spec) cannot be
-    loaded there, or None."""
-    import pickle
-
-    try:
-        pickle.loads(blob)
-    except Exception as err:  # noqa: BLE001 - reported to the client, by name
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
 def check_code(client, spec: JobSpec) -> None:
     """Raise :class:`ClusterError` unless the scheduler and every worker can load ``spec``.
 
@@ -315,22 +303,48 @@ def check_code(client, spec: JobSpec) -> None:
         return
     import cloudpickle
 
+    from . import __version__
+
+    def probe(blob: bytes) -> tuple:
+        # defined here, so it travels by value: it runs on a cluster whose modelfactory
+        # differs from this one (or that has none), to say so
+        import pickle
+
+        try:
+            import modelfactory
+            version = modelfactory.__version__
+        except Exception:  # noqa: BLE001
+            version = None
+        try:
+            pickle.loads(blob)
+        except Exception as err:  # noqa: BLE001 - reported to the client, by name
+            return version, f"{type(err).__name__}: {err}"
+        return version, None
+
     blob = cloudpickle.dumps(spec)
-    problems = {}
-    got = client.run_on_scheduler(_load_error, blob)
-    if got:
-        problems["the scheduler"] = got
-    for address, got in sorted(client.run(_load_error, blob, on_error="ignore").items()):
-        if got:
-            problems[f"the worker at {address}"] = got
-    if problems:
-        where, why = next(iter(problems.items()))
+    answers = {"the scheduler": client.run_on_scheduler(probe, blob)}
+    for address, got in sorted(client.run(probe, blob, on_error="ignore").items()):
+        answers[f"the worker at {address}"] = got
+
+    def first(problems: dict) -> str:
+        where = next(iter(problems))
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return f"{where[0].upper()}{where[1:]}{more}"
+
+    other = {w: v for w, (v, _) in answers.items() if v != __version__}
+    if other:
+        version = next(iter(other.values()))
         raise ClusterError(
-            f"{where[0].upper()}{where[1:]}{more} cannot load this job's code: {why}. A function or model class "
-            "goes to the Dask scheduler and workers by the name of its module: install that module (and what it "
-            "imports) where they run, or put it on their PYTHONPATH, and restart them after changing it; or send "
-            "it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
+            f"{first(other)} runs {'modelfactory ' + version if version else 'no modelfactory'}, this client "
+            f"modelfactory {__version__}: install the same version on the client, the Dask scheduler and every "
+            "worker (units are written and read by both sides). Nothing ran.")
+    problems = {w: why for w, (_, why) in answers.items() if why}
+    if problems:
+        raise ClusterError(
+            f"{first(problems)} cannot load this job's code: {next(iter(problems.values()))}. A function or model "
+            "class goes to the Dask scheduler and workers by the name of its module: install that module (and "
+            "what it imports) where they run, or put it on their PYTHONPATH, and restart them after changing "
+            "it; or send it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
 
 
 def worker_count(client) -> int:

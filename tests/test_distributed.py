@@ -618,3 +618,14 @@ def test_a_function_whose_module_the_cluster_lacks_is_a_clear_error_and_the_work
     run = modelfactory.apply(leaves, by=KEYS, func=functools.partial(tagged_mean, "ok", None),
                              schema="app string, site string, m double, tag string", cluster=procs.address)
     assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+
+
+@pytest.mark.timeout(60)
+def test_a_cluster_running_another_modelfactory_version_is_a_clear_error(procs, leaves, tmp_path, monkeypatch):
+    """A client upgraded before the cluster (or the other way round) ran its units with the
+    other side's code, without a word."""
+    monkeypatch.setattr(modelfactory, "__version__", "99.0.0")
+    with pytest.raises(ClusterError, match=r"The scheduler \(and 2 more\) runs modelfactory 0\.\d+\.\d+, this client "
+                                           r"modelfactory 99\.0\.0: install the same version"):
+        modelfactory.train(leaves, store=str(tmp_path / "store"), model="seasonal", cluster=procs.address, **TRAIN)
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.parquet"))
