@@ -272,10 +272,22 @@ def _raise_unit_failure(run_id: str, err: BaseException, *, resumable: bool = Fa
         raise ModelFactoryError(
             f"Run {run_id} stopped: the connection to the Dask scheduler was lost ({kernel.describe_error(err)}). "
             f"Nothing was committed; once the scheduler and its workers are back, {again}.") from err
+    what = kernel.describe_error(err)
+    # the client reached the data (discovery) with its credentials; a unit on a worker did not
+    access = ("" if not any(name in what for name in _WORKER_ACCESS_ERRORS) else
+              " This process reached the data before the run started, but the Dask workers read and write with "
+              "their own credentials and endpoint (their environment, ~/.aws, an instance role): give them the "
+              "same AWS_* settings, or pass them in storage_options (--config), which travel with the job.")
     raise ModelFactoryError(
-        f"Run {run_id} stopped: a work unit failed outside any group ({kernel.describe_error(err)}). "
+        f"Run {run_id} stopped: a work unit failed outside any group ({what}).{access} "
         f"Nothing was committed; fix the cause and {again}."
     ) from err
+
+
+#: Errors of a unit reaching S3 that mean the worker lacks what this process has.
+#: (Not a refused connection: the endpoint going away mid-run gives that too.)
+_WORKER_ACCESS_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "InvalidAccessKeyId",
+                         "SignatureDoesNotMatch")
 
 
 # ---------------------------------------------------------------------------

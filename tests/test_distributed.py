@@ -629,3 +629,34 @@ def test_a_cluster_running_another_modelfactory_version_is_a_clear_error(procs, 
                                            r"modelfactory 99\.0\.0: install the same version"):
         modelfactory.train(leaves, store=str(tmp_path / "store"), model="seasonal", cluster=procs.address, **TRAIN)
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.parquet"))
+
+
+# ---------------------------------------------------------------------------
+# workers without the client's S3 credentials
+# ---------------------------------------------------------------------------
+@pytest.mark.timeout(90)
+def test_workers_without_the_clients_s3_credentials_fail_naming_the_workers_and_the_fix(s3, tmp_path, monkeypatch):
+    """The client's shell has AWS_* set, the workers (started by a platform team, elsewhere)
+    have none: the run stopped with "NoCredentialsError: Unable to locate credentials", though
+    this process had just read the same data, and nothing said whose credentials were missing."""
+    s3.make_bucket("nocreds")
+    ds.write_dataset(_table(OUTAGE_SERIES), "nocreds/data", filesystem=s3.fs(), format="parquet",
+                     partitioning=ds.partitioning(pa.schema([(k, pa.string()) for k in KEYS]), flavor="hive"))
+    with monkeypatch.context() as mp:
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            mp.delenv(k, raising=False)
+        bare = DaskProcesses(tmp_path / "dask", workers=1).start()
+    try:
+        for k, v in s3.env().items():  # this process has them
+            monkeypatch.setenv(k, v)
+        with pytest.raises(ModelFactoryError, match=r"(?s)NoCredentialsError.*the Dask workers read and write with "
+                                                    r"their own credentials.*storage_options") as info:
+            modelfactory.train("s3://nocreds/data", store="s3://nocreds/store", model="seasonal",
+                               cluster=bare.address, **TRAIN)
+        assert s3.secret not in str(info.value)
+        # what the message says works: the credentials in storage_options travel with the job
+        run = modelfactory.train("s3://nocreds/data", store="s3://nocreds/store", model="seasonal",
+                                 cluster=bare.address, storage_options=s3.storage_options(), **TRAIN)
+        assert run.summary["counts"] == {"ok": OUTAGE_SERIES, "failed": 0, "skipped": 0}
+    finally:
+        bare.stop()
