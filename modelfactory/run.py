@@ -305,6 +305,48 @@ def check_code(client, spec: JobSpec) -> None:
 
     from . import __version__
 
+    def user_code(spec) -> dict:
+        # {module.name: digest of its code} for the user's function or model class as loaded
+        # here: one that travels by reference runs as the module a process imported first
+        import functools
+        import hashlib
+        import types
+
+        found: dict = {}
+
+        def const(k):
+            if isinstance(k, types.CodeType):
+                return code(k)
+            if isinstance(k, (tuple, frozenset)):  # a set's order varies with PYTHONHASHSEED
+                items = [const(x) for x in k]
+                return repr(sorted(items) if isinstance(k, frozenset) else items)
+            return repr(k)
+
+        def code(c) -> str:
+            parts = [c.co_code.hex(), repr(c.co_names)] + [const(k) for k in c.co_consts]
+            return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+        def walk(o, depth: int = 0) -> None:
+            if depth > 3 or o is None:
+                return
+            if isinstance(o, functools.partial):
+                for x in (o.func, *o.args):
+                    walk(x, depth + 1)
+            elif isinstance(o, types.FunctionType) and not o.__module__.startswith("modelfactory"):
+                found[f"{o.__module__}.{o.__qualname__}"] = code(o.__code__)
+            elif isinstance(o, type):
+                for cls in o.__mro__:
+                    if cls.__module__.startswith(("modelfactory", "builtins", "abc")):
+                        continue
+                    for name, v in sorted(vars(cls).items()):
+                        f = getattr(v, "__func__", v)
+                        if isinstance(f, types.FunctionType):
+                            found[f"{cls.__module__}.{cls.__qualname__}.{name}"] = code(f.__code__)
+
+        walk(spec.func)
+        walk(getattr(spec.model, "cls", None))
+        return found
+
     def probe(blob: bytes) -> tuple:
         # defined here, so it travels by value: it runs on a cluster whose modelfactory
         # differs from this one (or that has none), to say so
@@ -316,10 +358,13 @@ def check_code(client, spec: JobSpec) -> None:
         except Exception:  # noqa: BLE001
             version = None
         try:
-            pickle.loads(blob)
+            loaded = pickle.loads(blob)
         except Exception as err:  # noqa: BLE001 - reported to the client, by name
-            return version, f"{type(err).__name__}: {err}"
-        return version, None
+            return version, f"{type(err).__name__}: {err}", {}
+        try:
+            return version, None, user_code(loaded)
+        except Exception:  # noqa: BLE001 - a check, never a reason to fail
+            return version, None, {}
 
     blob = cloudpickle.dumps(spec)
     answers = {"the scheduler": client.run_on_scheduler(probe, blob)}
@@ -331,14 +376,14 @@ def check_code(client, spec: JobSpec) -> None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         return f"{where[0].upper()}{where[1:]}{more}"
 
-    other = {w: v for w, (v, _) in answers.items() if v != __version__}
+    other = {w: v for w, (v, _, _) in answers.items() if v != __version__}
     if other:
         version = next(iter(other.values()))
         raise ClusterError(
             f"{first(other)} runs {'modelfactory ' + version if version else 'no modelfactory'}, this client "
             f"modelfactory {__version__}: install the same version on the client, the Dask scheduler and every "
             "worker (units are written and read by both sides). Nothing ran.")
-    problems = {w: why for w, (_, why) in answers.items() if why}
+    problems = {w: why for w, (_, why, _) in answers.items() if why}
     if problems:
         raise ClusterError(
             f"{first(problems)} cannot load this job's code: {next(iter(problems.values()))}. A function or model "
@@ -346,6 +391,20 @@ def check_code(client, spec: JobSpec) -> None:
             "what it imports) where they run, or put it on their PYTHONPATH, and restart them after changing "
             "it; or send it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
 
+    try:
+        mine = user_code(spec)
+    except Exception:  # noqa: BLE001
+        mine = {}
+    stale = {w: name for w, (_, _, theirs) in answers.items() if w != "the scheduler"  # it runs no unit
+             for name in sorted(mine) if name in theirs and theirs[name] != mine[name]}
+    if stale:
+        name = next(iter(stale.values()))
+        raise ClusterError(
+            f"{first(stale)} runs another version of {name} (its module {name.rsplit('.', 1)[0]!r} was imported "
+            "there before it changed): its code differs from this client's, and Dask would run the old one. "
+            "Restart the workers (Client.restart(), or start `dask worker` again) so they import the module "
+            "afresh, or send it by value with cloudpickle.register_pickle_by_value(module). "
+            "Nothing ran.")
 
 def worker_count(client) -> int:
     """Workers to plan for: the live workers (at least one)."""

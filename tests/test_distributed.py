@@ -660,3 +660,38 @@ def test_workers_without_the_clients_s3_credentials_fail_naming_the_workers_and_
         assert run.summary["counts"] == {"ok": OUTAGE_SERIES, "failed": 0, "skipped": 0}
     finally:
         bare.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_function_edited_since_the_workers_imported_it_is_refused_not_run_as_it_was(procs, leaves, tmp_path,
+                                                                                      monkeypatch):
+    """A user edits the module beside their notebook and runs the job again on the same cluster:
+    the workers had imported the module for the first job and kept it, so the second job ran
+    the old code, every group `ok` with the old function's rows."""
+    import importlib
+
+    mod = tmp_path / "edited_fns.py"
+    body = ("import pandas as pd\n"
+            "def tag(df):\n"
+            "    return pd.DataFrame({{'app': [df.app.iloc[0]], 'site': [df.site.iloc[0]], 'tag': [{!r}]}})\n")
+    mod.write_text(body.format("first"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import edited_fns
+
+    job = dict(by=KEYS, schema="app string, site string, tag string", cluster=procs.address)
+    # the workers import it from the same folder (a shared home, or the same machine)
+    procs_env_path = [str(tmp_path)]
+    dclient = procs.client()
+    try:
+        dclient.run(lambda: sys.path.extend(p for p in procs_env_path if p not in sys.path))
+        dclient.run_on_scheduler(lambda: sys.path.extend(p for p in procs_env_path if p not in sys.path))
+        first = modelfactory.apply(leaves, func=edited_fns.tag, **job)
+        assert set(first.to_pandas().tag) == {"first"}
+        mod.write_text(body.format("second"))
+        importlib.reload(edited_fns)
+        with pytest.raises(ClusterError, match=r"(?s)edited_fns.*differs from this client's.*restart"):
+            modelfactory.apply(leaves, func=edited_fns.tag, **job)
+    finally:
+        dclient.run(lambda: [sys.modules.pop("edited_fns", None), sys.path.remove(procs_env_path[0])])
+        dclient.run_on_scheduler(lambda: [sys.modules.pop("edited_fns", None), sys.path.remove(procs_env_path[0])])
+        dclient.close()
