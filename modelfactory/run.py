@@ -400,11 +400,11 @@ def check_code(client, spec: JobSpec) -> None:
     if stale:
         name = next(iter(stale.values()))
         raise ClusterError(
-            f"{first(stale)} runs another version of {name} (its module {name.rsplit('.', 1)[0]!r} was imported "
-            "there before it changed): its code differs from this client's, and Dask would run the old one. "
-            "Restart the workers (Client.restart(), or start `dask worker` again) so they import the module "
-            "afresh, or send it by value with cloudpickle.register_pickle_by_value(module). "
-            "Nothing ran.")
+            f"{first(stale)} has another version of {name} than this client: its module "
+            f"{name.rsplit('.', 1)[0]!r} was imported on one side before it changed (or is installed in another "
+            "version there), and Dask would run the workers' copy. Restart the workers (Client.restart(), or start "
+            "`dask worker` again) so they import it afresh, reload it here (importlib.reload) if this process has "
+            "the old one, or send it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
 
 def worker_count(client) -> int:
     """Workers to plan for: the live workers (at least one)."""

@@ -689,7 +689,8 @@ def test_a_function_edited_since_the_workers_imported_it_is_refused_not_run_as_i
         assert set(first.to_pandas().tag) == {"first"}
         mod.write_text(body.format("second"))
         importlib.reload(edited_fns)
-        with pytest.raises(ClusterError, match=r"(?s)edited_fns.*differs from this client's.*restart"):
+        with pytest.raises(ClusterError, match=r"(?s)another version of edited_fns\.tag than this client.*"
+                                               r"Restart the workers"):
             modelfactory.apply(leaves, func=edited_fns.tag, **job)
     finally:
         dclient.run(lambda: [sys.modules.pop("edited_fns", None), sys.path.remove(procs_env_path[0])])
