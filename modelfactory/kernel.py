@@ -28,7 +28,7 @@ from .plan import WorkUnit
 
 __all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
            "run_keys", "unit_keys", "run_group", "keys_condition", "failed_rows", "merge_results",
-           "describe_error", "STATUS", "one_thread"]
+           "describe_error", "STATUS", "one_thread", "check_claim", "OUTPUT_CLAIM"]
 
 STATUS = ("ok", "failed", "skipped")
 _UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}

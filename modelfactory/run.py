@@ -34,7 +34,7 @@ from .exceptions import ClusterError
 from .kernel import JobSpec, UnitResult
 from .plan import Plan
 
-__all__ = ["open_client", "local_cluster", "check_scheduler", "dask_log_level", "execute", "execute_delayed",
+__all__ = ["open_client", "local_cluster", "check_scheduler", "check_code", "dask_log_level", "execute", "execute_delayed",
            "worker_count", "watch_workers", "Progress", "run_units", "run_shuffled", "isolate", "isolate_partitions", "drop_unit_files"]
 
 log = logging.getLogger(__name__)
