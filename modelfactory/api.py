@@ -30,7 +30,7 @@ from .models import registry, unknown_model
 from .models.base import Model
 from .plan import Plan, plan
 from .result import Run, table_run
-from .run import Progress, execute, isolate, open_client, run_shuffled, run_units, worker_count
+from .run import Progress, check_code, execute, isolate, open_client, run_shuffled, run_units, worker_count
 from .store import ModelStore, leaf_index, new_run_id, read_part
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
@@ -282,10 +282,22 @@ def _raise_unit_failure(run_id: str, err: BaseException, *, resumable: bool = Fa
         raise ModelFactoryError(
             f"Run {run_id} stopped: the connection to the Dask scheduler was lost ({kernel.describe_error(err)}). "
             f"Nothing was committed; once the scheduler and its workers are back, {again}.") from err
+    what = kernel.describe_error(err)
+    # the client reached the data (discovery) with its credentials; a unit on a worker did not
+    access = ("" if not any(name in what for name in _WORKER_ACCESS_ERRORS) else
+              " This process reached the data before the run started, but the Dask workers read and write with "
+              "their own credentials and endpoint (their environment, ~/.aws, an instance role): give them the "
+              "same AWS_* settings, or pass them in storage_options (--config), which travel with the job.")
     raise ModelFactoryError(
-        f"Run {run_id} stopped: a work unit failed outside any group ({kernel.describe_error(err)}). "
+        f"Run {run_id} stopped: a work unit failed outside any group ({what}).{access} "
         f"Nothing was committed; fix the cause and {again}."
     ) from err
+
+
+#: Errors of a unit reaching S3 that mean the worker lacks what this process has.
+#: (Not a refused connection: the endpoint going away mid-run gives that too.)
+_WORKER_ACCESS_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "InvalidAccessKeyId",
+                         "SignatureDoesNotMatch")
 
 
 # ---------------------------------------------------------------------------
@@ -409,6 +421,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                    models=base_src, resume=resume is not False, retrain=retrain, run_id=run_id)
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
+        check_code(client, spec)
         plan_ = plan(info, by_, workers=worker_count(client), **planning)
         st.write(f"runs/{run_id}/pending.json", json.dumps(
             {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "unit_limit": plan_.limit,
@@ -530,9 +543,11 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     sink = _output(out, storage_options, overwrite, the_input_data=data) if out is not None else None
     run_id = new_run_id(_digest(info.fingerprint(), by_, repr(func), str(out_schema)))
     spec = JobSpec("apply", by_, info.source, cols, time, filter=filter, func=func, input=input,
-                   out_schema=out_schema, sink=sink, groups_prefix="_groups/", data_prefix="part-")
+                   out_schema=out_schema, sink=sink, groups_prefix="_groups/", data_prefix="part-",
+                   claim=run_id if sink is not None else "")
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
+        check_code(client, spec)
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
         _empty_output(sink, run_id, overwrite)
         bar = Progress(len(plan_.units), "apply", progress, client)
@@ -608,9 +623,11 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     call = (functools.partial(_call_with_dict, func, names) if names
             else functools.partial(_call_with_tuple, func) if width == 1 and isinstance(keys[0], tuple) else func)
     spec = JobSpec("map_keys", by_, func=call, out_schema=out_schema, sink=sink,
-                   groups_prefix="_groups/", data_prefix="part-", key_types=key_types)
+                   groups_prefix="_groups/", data_prefix="part-", key_types=key_types,
+                   claim=run_id if sink is not None else "")
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
+        check_code(client, spec)
         n_workers = worker_count(client)
         per = keys_per_unit or max(1, min(1000, math.ceil(len(rows) / (n_workers * 8))))
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
@@ -801,9 +818,10 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     columns = tuple(c for c in dict.fromkeys([*by_, *extra, sp["time"], sp["target"], *feats]) if c)
     run_id = new_run_id(_digest(info.fingerprint(), man["run_id"]))
     spec = JobSpec("score", by_, info.source, columns, sp["time"], sp["target"], feats, filter,
-                   sink=sink, models=src, groups_prefix="_groups/", data_prefix="part-")
+                   sink=sink, models=src, groups_prefix="_groups/", data_prefix="part-", claim=run_id)
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
+        check_code(client, spec)
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
         _empty_output(sink, run_id, overwrite)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)

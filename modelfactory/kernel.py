@@ -28,7 +28,7 @@ from .plan import WorkUnit
 
 __all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
            "run_keys", "unit_keys", "run_group", "keys_condition", "failed_rows", "merge_results",
-           "describe_error", "STATUS", "one_thread"]
+           "describe_error", "STATUS", "one_thread", "check_claim", "OUTPUT_CLAIM"]
 
 STATUS = ("ok", "failed", "skipped")
 _UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
@@ -96,6 +96,36 @@ class JobSpec:
     resume: bool = False  # reuse parts an interrupted attempt of the same run already wrote
     retrain: str | None = None  # with models: refit only "failed" or "changed" groups
     run_id: str = ""
+    claim: str = ""  # an out= folder's run: the id its claim file must name when a unit writes
+
+
+#: The file in an ``out=`` folder naming the run that emptied it and writes to it.
+OUTPUT_CLAIM = "_run_id"
+
+
+def check_claim(spec: JobSpec, unit_id: str) -> None:
+    """Refuse to write a unit's files into an ``out=`` folder that is no longer its run's.
+
+    Ctrl-C (or a lost client) releases a job's tasks, but Dask cannot stop one that is running:
+    it ends on its worker later and writes its files.  If a job was started again meanwhile
+    (the function fixed, ``overwrite``), those files have the new job's names and would
+    replace its files, even after it committed.  The new job's claim tells them apart.
+    """
+    from .exceptions import StoreError
+
+    if not spec.claim or spec.sink is None:
+        return
+    try:
+        owner = spec.sink.read_bytes(OUTPUT_CLAIM).decode().strip()
+    except FileNotFoundError:
+        owner = None
+    if owner != spec.claim:
+        who = f"run {owner}" if owner else "another job"
+        raise StoreError(f"The output folder {spec.sink.url!r} changed while run {spec.claim} wrote to it: {who} "
+                         "emptied it meanwhile (with overwrite), or this run was interrupted and its unit "
+                         f"{unit_id} outlived it on a Dask worker. The unit wrote nothing there; run {spec.claim} "
+                         "was not committed (no _manifest.json): give each job a folder of its own, and run it "
+                         "again.")
 
 
 @dataclass
@@ -533,6 +563,7 @@ def _finish(spec, unit_id, key_table, rows, extra, nrows, t0) -> UnitResult:
         gt = gt.append_column(name, values)
     res = summarize(spec, unit_id, gt)
     if spec.sink is not None:
+        check_claim(spec, unit_id)
         res.parts.append(write_parquet(spec.sink, part_path(spec, unit_id), gt))
         if isinstance(extra, pa.Table):
             res.parts.append(write_parquet(spec.sink, f"{spec.data_prefix}{unit_id}.parquet", extra))

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from ._io import Location
 from .exceptions import ModelFactoryError
-from .kernel import UnitResult
+from .kernel import OUTPUT_CLAIM, UnitResult
 from .store import ModelStore
 
 __all__ = ["Run", "check_output", "table_run"]
@@ -188,7 +188,7 @@ def output_errors(sink: Location, run_id: str, name: str | None = None) -> conte
 
 #: A file in an ``out=`` folder naming the run that emptied it last and writes to it: readers
 #: of the folder skip it as they skip ``_manifest.json`` (a name starting with "_", no "=").
-_CLAIM = "_run_id"
+_CLAIM = OUTPUT_CLAIM
 
 #: Files a job writes under its ``out=`` folder besides its parts.
 _OUTPUT_EXTRAS = frozenset({"_manifest.json", "_anomalies.json", _CLAIM})

@@ -34,7 +34,7 @@ from .exceptions import ClusterError
 from .kernel import JobSpec, UnitResult
 from .plan import Plan
 
-__all__ = ["open_client", "local_cluster", "check_scheduler", "dask_log_level", "execute", "execute_delayed",
+__all__ = ["open_client", "local_cluster", "check_scheduler", "check_code", "dask_log_level", "execute", "execute_delayed",
            "worker_count", "watch_workers", "Progress", "run_units", "run_shuffled", "isolate", "isolate_partitions", "drop_unit_files"]
 
 log = logging.getLogger(__name__)
@@ -299,6 +299,122 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
         raise ClusterError(f"The server at {address!r} did not answer as a Dask scheduler does "
                            f"(identity: {identity!r:.80}). {_CHECK_ADDRESS}")
 
+
+def check_code(client, spec: JobSpec) -> None:
+    """Raise :class:`ClusterError` unless the scheduler and every worker can load ``spec``.
+
+    A user function or model class travels by reference to its module (cloudpickle, as Dask
+    sends it), so that module must be importable there.  Without this check, a scheduler
+    lacking it failed the run with Dask's "Error during deserialization of the task graph"
+    (the module named only in the scheduler's log), and a worker lacking it was shut down by
+    Dask on receiving a unit (every worker in turn), the run then waiting for ever for one.
+    """
+    if client is None:
+        return
+    import cloudpickle
+
+    from . import __version__
+
+    def user_code(spec) -> dict:
+        # {module.name: digest of its code} for the user's function or model class as loaded
+        # here: one that travels by reference runs as the module a process imported first
+        import functools
+        import hashlib
+        import types
+
+        found: dict = {}
+
+        def const(k):
+            if isinstance(k, types.CodeType):
+                return code(k)
+            if isinstance(k, (tuple, frozenset)):  # a set's order varies with PYTHONHASHSEED
+                items = [const(x) for x in k]
+                return repr(sorted(items) if isinstance(k, frozenset) else items)
+            return repr(k)
+
+        def code(c) -> str:
+            parts = [c.co_code.hex(), repr(c.co_names)] + [const(k) for k in c.co_consts]
+            return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+        def walk(o, depth: int = 0) -> None:
+            if depth > 3 or o is None:
+                return
+            if isinstance(o, functools.partial):
+                for x in (o.func, *o.args):
+                    walk(x, depth + 1)
+            elif isinstance(o, types.FunctionType) and not o.__module__.startswith("modelfactory"):
+                found[f"{o.__module__}.{o.__qualname__}"] = code(o.__code__)
+            elif isinstance(o, type):
+                for cls in o.__mro__:
+                    if cls.__module__.startswith(("modelfactory", "builtins", "abc")):
+                        continue
+                    for name, v in sorted(vars(cls).items()):
+                        f = getattr(v, "__func__", v)
+                        if isinstance(f, types.FunctionType):
+                            found[f"{cls.__module__}.{cls.__qualname__}.{name}"] = code(f.__code__)
+
+        walk(spec.func)
+        walk(getattr(spec.model, "cls", None))
+        return found
+
+    def probe(blob: bytes) -> tuple:
+        # defined here, so it travels by value: it runs on a cluster whose modelfactory
+        # differs from this one (or that has none), to say so
+        import pickle
+
+        try:
+            import modelfactory
+            version = modelfactory.__version__
+        except Exception:  # noqa: BLE001
+            version = None
+        try:
+            loaded = pickle.loads(blob)
+        except Exception as err:  # noqa: BLE001 - reported to the client, by name
+            return version, f"{type(err).__name__}: {err}", {}
+        try:
+            return version, None, user_code(loaded)
+        except Exception:  # noqa: BLE001 - a check, never a reason to fail
+            return version, None, {}
+
+    blob = cloudpickle.dumps(spec)
+    answers = {"the scheduler": client.run_on_scheduler(probe, blob)}
+    for address, got in sorted(client.run(probe, blob, on_error="ignore").items()):
+        answers[f"the worker at {address}"] = got
+
+    def first(problems: dict) -> str:
+        where = next(iter(problems))
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return f"{where[0].upper()}{where[1:]}{more}"
+
+    other = {w: v for w, (v, _, _) in answers.items() if v != __version__}
+    if other:
+        version = next(iter(other.values()))
+        raise ClusterError(
+            f"{first(other)} runs {'modelfactory ' + version if version else 'no modelfactory'}, this client "
+            f"modelfactory {__version__}: install the same version on the client, the Dask scheduler and every "
+            "worker (units are written and read by both sides). Nothing ran.")
+    problems = {w: why for w, (_, why, _) in answers.items() if why}
+    if problems:
+        raise ClusterError(
+            f"{first(problems)} cannot load this job's code: {next(iter(problems.values()))}. A function or model "
+            "class goes to the Dask scheduler and workers by the name of its module: install that module (and "
+            "what it imports) where they run, or put it on their PYTHONPATH, and restart them after changing "
+            "it; or send it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
+
+    try:
+        mine = user_code(spec)
+    except Exception:  # noqa: BLE001
+        mine = {}
+    stale = {w: name for w, (_, _, theirs) in answers.items() if w != "the scheduler"  # it runs no unit
+             for name in sorted(mine) if name in theirs and theirs[name] != mine[name]}
+    if stale:
+        name = next(iter(stale.values()))
+        raise ClusterError(
+            f"{first(stale)} has another version of {name} than this client: its module "
+            f"{name.rsplit('.', 1)[0]!r} was imported on one side before it changed (or is installed in another "
+            "version there), and Dask would run the workers' copy. Restart the workers (Client.restart(), or start "
+            "`dask worker` again) so they import it afresh, reload it here (importlib.reload) if this process has "
+            "the old one, or send it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
 
 def worker_count(client) -> int:
     """Workers to plan for: the live workers (at least one)."""

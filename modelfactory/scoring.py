@@ -318,7 +318,9 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
 def _write_scores(spec: JobSpec, unit_id: str, scores: pa.Table, groups: pa.Table) -> list[PartInfo]:
     """Scored rows partitioned like the input (Hive folders), plus the unit's group table."""
     from ._io import write_parquet
+    from .kernel import check_claim
 
+    check_claim(spec, unit_id)
     sink: Location = spec.sink
     # without the input's schema metadata: Spark takes a file's columns from the row schema it
     # wrote there, which lists the input's columns, so it would not see the scores at all

@@ -23,6 +23,8 @@ from modelfactory.models.base import Model
 
 #: This folder: the Dask processes get it as PYTHONPATH so they can import the models below.
 TESTS_DIR = str(Path(__file__).resolve().parent)
+#: The checkout these tests belong to: the Dask processes import its modelfactory.
+REPO_DIR = str(Path(__file__).resolve().parent.parent)
 
 #: Environment that keeps botocore away from any real credential chain (COMPONENTS.md).
 DUMMY_AWS_ENV = {"AWS_ACCESS_KEY_ID": "dummy-key-id", "AWS_SECRET_ACCESS_KEY": "dummy-secret",
@@ -156,6 +158,8 @@ class DaskProcesses:
         log = open(self.folder / f"{name}.log", "wb")
         full = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         full.update(env)
+        # the code under test (this checkout), not an installed copy of it (another worktree's)
+        full["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), REPO_DIR) if p)
         # tests/ is NOT on the workers' path: classes defined in test modules travel by value.
         p = subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log, stderr=subprocess.STDOUT,
                              env=full, cwd="/", start_new_session=True)
@@ -372,3 +376,17 @@ class NotAScheduler:
         self.sock.close()
         for c in self.conns:
             c.close()
+
+
+def tagged_mean(tag: str, gate: str | None, df):
+    """One row per group (``app, site, m, tag``).  With ``gate`` (a folder every process sees),
+    the group of site-00000 writes ``gate/started`` and then waits (60 s at most) for
+    ``gate/open``: its unit stays running on its worker while the test interrupts the job."""
+    import pandas as pd
+
+    if gate is not None and df.site.iloc[0] == "site-00000":
+        Path(gate, "started").touch()
+        end = time.monotonic() + 60
+        while not Path(gate, "open").exists() and time.monotonic() < end:
+            time.sleep(0.05)
+    return pd.DataFrame({"app": [df.app.iloc[0]], "site": [df.site.iloc[0]], "m": [df.value.mean()], "tag": [tag]})

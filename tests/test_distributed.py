@@ -7,6 +7,9 @@ their PYTHONPATH), so model bytes are the same from run to run and can be compar
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import re
 import signal
@@ -23,12 +26,12 @@ import pytest
 from _data import write
 from _servers import (DUMMY_AWS_ENV, MARKER, TESTS_DIR, CrashOnMarker, CrashOnMarkerAtScore, DaskProcesses,
                       MotoS3, NotAScheduler, SlowerMean, SlowMean, alive, executing_units, finished_units,
-                      kill_if_mid_unit, wait_for)
+                      kill_if_mid_unit, tagged_mean, wait_for)
 
 import modelfactory
 from modelfactory import ModelStore
 from modelfactory.demo import make_table
-from modelfactory.exceptions import ModelFactoryError
+from modelfactory.exceptions import ClusterError, ModelFactoryError
 
 SERIES = 40
 OUTAGE_SERIES = 20  # on S3: fewer, each unit pays for its S3 requests
@@ -547,3 +550,149 @@ def test_a_workers_address_is_not_taken_for_the_schedulers(procs, dclient, by_ap
     worker = next(iter(dclient.scheduler_info(n_workers=-1)["workers"]))
     with pytest.raises(ClusterError, match="is the address of a Dask worker, not of the scheduler"):
         modelfactory.train(by_app, by=KEYS, time="ts", target="value", store=str(tmp_path / "s"), cluster=worker)
+
+
+# ---------------------------------------------------------------------------
+# a job interrupted (Ctrl-C) while its units run
+# ---------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_a_unit_still_running_after_ctrl_c_writes_nothing_into_the_next_jobs_output(procs, dclient, leaves,
+                                                                                    tmp_path):
+    """Ctrl-C stops the client, but Dask cannot stop a task that is running: the interrupted
+    job's unit finishes on its worker later.  A user who fixed the function and ran the job
+    again (overwrite) had that unit's old rows written over the new job's files of the same
+    name, inside a folder committed as the new job's (all `ok`)."""
+    import _thread
+
+    gate, out = tmp_path / "gate", str(tmp_path / "out")
+    gate.mkdir()
+    job = dict(by=KEYS, schema="app string, site string, m double, tag string", out=out, unit_rows=UNIT_ROWS)
+
+    def interrupt_once_the_unit_waits():
+        wait_for(lambda: (gate / "started").exists(), 60, "the gated group to start")
+        _thread.interrupt_main()  # what Ctrl-C does
+
+    interrupter = in_background(interrupt_once_the_unit_waits)
+    with pytest.raises(KeyboardInterrupt):
+        modelfactory.apply(leaves, func=functools.partial(tagged_mean, "old", str(gate)), cluster=procs.address,
+                           **job)
+    interrupter.result()
+    # the other units end (they run in no time); the gated one runs on
+    wait_for(lambda: sum(dclient.run(executing_units).values()) == 1, 30, "only the gated unit to run")
+
+    run = modelfactory.apply(leaves, func=functools.partial(tagged_mean, "new", None), cluster="inline",
+                             overwrite=True, **job)
+    assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+    (gate / "open").touch()  # the interrupted job's unit ends now
+    wait_for(lambda: sum(dclient.run(executing_units).values()) == 0, 60, "the interrupted unit to end")
+
+    rows = pd.read_parquet(out)
+    assert len(rows) == SERIES and set(rows.tag) == {"new"}
+    man = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    for part in man["parts"]:  # every file is still the one the committed run wrote
+        assert hashlib.sha256((tmp_path / "out" / part["path"]).read_bytes()).hexdigest() == part["sha256"]
+
+
+# ---------------------------------------------------------------------------
+# user code the cluster cannot import
+# ---------------------------------------------------------------------------
+@pytest.mark.timeout(90)
+def test_a_function_whose_module_the_cluster_lacks_is_a_clear_error_and_the_workers_stay(procs, dclient, leaves,
+                                                                                       tmp_path, monkeypatch):
+    """A function from a module only the client has (a file beside the user's notebook): the
+    run failed with Dask's "Error during deserialization of the task graph" and nothing named
+    the module (only the scheduler's log did)."""
+    (tmp_path / "only_here_fns.py").write_text(
+        "import pandas as pd\n"
+        "def first(df):\n"
+        "    return pd.DataFrame({'app': [df.app.iloc[0]], 'site': [df.site.iloc[0]]})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_here_fns
+
+    with pytest.raises(ClusterError, match=r"(?s)The scheduler.*cannot load this job's code: ModuleNotFoundError: "
+                                           r"No module named 'only_here_fns'.*PYTHONPATH.*register_pickle_by_value"):
+        modelfactory.apply(leaves, by=KEYS, func=only_here_fns.first, schema="app string, site string",
+                           out=str(tmp_path / "out"), cluster=procs.address)
+    assert not (tmp_path / "out").exists()
+    assert len(dclient.scheduler_info()["workers"]) == 2  # and the next job runs at once
+    run = modelfactory.apply(leaves, by=KEYS, func=functools.partial(tagged_mean, "ok", None),
+                             schema="app string, site string, m double, tag string", cluster=procs.address)
+    assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+
+
+@pytest.mark.timeout(60)
+def test_a_cluster_running_another_modelfactory_version_is_a_clear_error(procs, leaves, tmp_path, monkeypatch):
+    """A client upgraded before the cluster (or the other way round) ran its units with the
+    other side's code, without a word."""
+    monkeypatch.setattr(modelfactory, "__version__", "99.0.0")
+    with pytest.raises(ClusterError, match=r"The scheduler \(and 2 more\) runs modelfactory 0\.\d+\.\d+, this client "
+                                           r"modelfactory 99\.0\.0: install the same version"):
+        modelfactory.train(leaves, store=str(tmp_path / "store"), model="seasonal", cluster=procs.address, **TRAIN)
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.parquet"))
+
+
+# ---------------------------------------------------------------------------
+# workers without the client's S3 credentials
+# ---------------------------------------------------------------------------
+@pytest.mark.timeout(90)
+def test_workers_without_the_clients_s3_credentials_fail_naming_the_workers_and_the_fix(s3, tmp_path, monkeypatch):
+    """The client's shell has AWS_* set, the workers (started by a platform team, elsewhere)
+    have none: the run stopped with "NoCredentialsError: Unable to locate credentials", though
+    this process had just read the same data, and nothing said whose credentials were missing."""
+    s3.make_bucket("nocreds")
+    ds.write_dataset(_table(OUTAGE_SERIES), "nocreds/data", filesystem=s3.fs(), format="parquet",
+                     partitioning=ds.partitioning(pa.schema([(k, pa.string()) for k in KEYS]), flavor="hive"))
+    with monkeypatch.context() as mp:
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            mp.delenv(k, raising=False)
+        bare = DaskProcesses(tmp_path / "dask", workers=1).start()
+    try:
+        for k, v in s3.env().items():  # this process has them
+            monkeypatch.setenv(k, v)
+        with pytest.raises(ModelFactoryError, match=r"(?s)NoCredentialsError.*the Dask workers read and write with "
+                                                    r"their own credentials.*storage_options") as info:
+            modelfactory.train("s3://nocreds/data", store="s3://nocreds/store", model="seasonal",
+                               cluster=bare.address, **TRAIN)
+        assert s3.secret not in str(info.value)
+        # what the message says works: the credentials in storage_options travel with the job
+        run = modelfactory.train("s3://nocreds/data", store="s3://nocreds/store", model="seasonal",
+                                 cluster=bare.address, storage_options=s3.storage_options(), **TRAIN)
+        assert run.summary["counts"] == {"ok": OUTAGE_SERIES, "failed": 0, "skipped": 0}
+    finally:
+        bare.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_function_edited_since_the_workers_imported_it_is_refused_not_run_as_it_was(procs, leaves, tmp_path,
+                                                                                      monkeypatch):
+    """A user edits the module beside their notebook and runs the job again on the same cluster:
+    the workers had imported the module for the first job and kept it, so the second job ran
+    the old code, every group `ok` with the old function's rows."""
+    import importlib
+
+    mod = tmp_path / "edited_fns.py"
+    body = ("import pandas as pd\n"
+            "def tag(df):\n"
+            "    return pd.DataFrame({{'app': [df.app.iloc[0]], 'site': [df.site.iloc[0]], 'tag': [{!r}]}})\n")
+    mod.write_text(body.format("first"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import edited_fns
+
+    job = dict(by=KEYS, schema="app string, site string, tag string", cluster=procs.address)
+    # the workers import it from the same folder (a shared home, or the same machine)
+    procs_env_path = [str(tmp_path)]
+    dclient = procs.client()
+    try:
+        dclient.run(lambda: sys.path.extend(p for p in procs_env_path if p not in sys.path))
+        dclient.run_on_scheduler(lambda: sys.path.extend(p for p in procs_env_path if p not in sys.path))
+        first = modelfactory.apply(leaves, func=edited_fns.tag, **job)
+        assert set(first.to_pandas().tag) == {"first"}
+        mod.write_text(body.format("second"))
+        importlib.reload(edited_fns)
+        with pytest.raises(ClusterError, match=r"(?s)another version of edited_fns\.tag than this client.*"
+                                               r"Restart the workers"):
+            modelfactory.apply(leaves, func=edited_fns.tag, **job)
+    finally:
+        dclient.run(lambda: [sys.modules.pop("edited_fns", None), sys.path.remove(procs_env_path[0])])
+        dclient.run_on_scheduler(lambda: [sys.modules.pop("edited_fns", None), sys.path.remove(procs_env_path[0])])
+        dclient.close()
