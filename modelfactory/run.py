@@ -301,7 +301,9 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
 
 
 def check_code(client, spec: JobSpec) -> None:
-    """Raise :class:`ClusterError` unless the scheduler and every worker can load ``spec``.
+    """Raise :class:`ClusterError` unless the scheduler and every worker can load the code of
+    ``spec`` (its function, its model class), run this modelfactory, and hold the same version
+    of that code.
 
     A user function or model class travels by reference to its module (cloudpickle, as Dask
     sends it), so that module must be importable there.  Without this check, a scheduler
@@ -315,7 +317,7 @@ def check_code(client, spec: JobSpec) -> None:
 
     from . import __version__
 
-    def user_code(spec) -> dict:
+    def user_code(code_of) -> dict:
         # {module.name: digest of its code} for the user's function or model class as loaded
         # here: one that travels by reference runs as the module a process imported first
         import functools
@@ -353,8 +355,9 @@ def check_code(client, spec: JobSpec) -> None:
                         if isinstance(f, types.FunctionType):
                             found[f"{cls.__module__}.{cls.__qualname__}.{name}"] = code(f.__code__)
 
-        walk(spec.func)
-        walk(getattr(spec.model, "cls", None))
+        func, model = code_of
+        walk(func)
+        walk(getattr(model, "cls", None))
         return found
 
     def probe(blob: bytes) -> tuple:
@@ -376,7 +379,10 @@ def check_code(client, spec: JobSpec) -> None:
         except Exception:  # noqa: BLE001 - a check, never a reason to fail
             return version, None, {}
 
-    blob = cloudpickle.dumps(spec)
+    # the job's own code only (its function, its model): not the whole spec, whose dataset and
+    # model index grow with the input (a score of a million groups)
+    code_of = (spec.func, spec.model)
+    blob = cloudpickle.dumps(code_of)
     answers = {"the scheduler": client.run_on_scheduler(probe, blob)}
     for address, got in sorted(client.run(probe, blob, on_error="ignore").items()):
         answers[f"the worker at {address}"] = got
@@ -402,7 +408,7 @@ def check_code(client, spec: JobSpec) -> None:
             "it; or send it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
 
     try:
-        mine = user_code(spec)
+        mine = user_code(code_of)
     except Exception:  # noqa: BLE001
         mine = {}
     stale = {w: name for w, (_, _, theirs) in answers.items() if w != "the scheduler"  # it runs no unit
