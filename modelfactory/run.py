@@ -324,7 +324,10 @@ def check_code(client, spec: JobSpec) -> None:
         import hashlib
         import types
 
-        found: dict = {}
+        import sys
+
+        # bytecode differs between Python versions: digests compare within one only
+        found: dict = {"<python>": "%d.%d" % sys.version_info[:2]}
 
         def const(k):
             if isinstance(k, types.CodeType):
@@ -411,8 +414,7 @@ def check_code(client, spec: JobSpec) -> None:
         mine = user_code(code_of)
     except Exception:  # noqa: BLE001
         mine = {}
-    stale = {w: name for w, (_, _, theirs) in answers.items() if w != "the scheduler"  # it runs no unit
-             for name in sorted(mine) if name in theirs and theirs[name] != mine[name]}
+    stale = _stale_code(answers, mine)
     if stale:
         name = next(iter(stale.values()))
         raise ClusterError(
@@ -421,6 +423,16 @@ def check_code(client, spec: JobSpec) -> None:
             "version there), and Dask would run the workers' copy. Restart the workers (Client.restart(), or start "
             "`dask worker` again) so they import it afresh, reload it here (importlib.reload) if this process has "
             "the old one, or send it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
+
+
+def _stale_code(answers: dict, mine: dict) -> dict:
+    """``{worker: name}`` of the workers whose copy of the user's code ``name`` differs from this
+    client's (``answers``: where -> (version, error, digests); the scheduler runs no unit).  Digests
+    of bytecode compare only between processes of one Python version (``"<python>"``)."""
+    return {w: name for w, (_, _, theirs) in answers.items()
+            if w != "the scheduler" and theirs.get("<python>") == mine.get("<python>")
+            for name in sorted(mine) if name != "<python>" and name in theirs and theirs[name] != mine[name]}
+
 
 def worker_count(client) -> int:
     """Workers to plan for: the live workers (at least one)."""

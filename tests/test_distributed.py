@@ -696,3 +696,17 @@ def test_a_function_edited_since_the_workers_imported_it_is_refused_not_run_as_i
         dclient.run(lambda: [sys.modules.pop("edited_fns", None), sys.path.remove(procs_env_path[0])])
         dclient.run_on_scheduler(lambda: [sys.modules.pop("edited_fns", None), sys.path.remove(procs_env_path[0])])
         dclient.close()
+
+
+def test_code_digests_compare_only_between_processes_of_one_python_version():
+    """Bytecode differs between Python versions: a worker on another Python holds the same source
+    under another digest, which is no edit (nor is the scheduler's copy: it runs no unit)."""
+    from modelfactory.run import _stale_code
+
+    mine = {"<python>": "3.11", "m.f": "aaa"}
+    answers = {"the scheduler": ("0.1.0", None, {"<python>": "3.11", "m.f": "old"}),
+               "the worker at tcp://a": ("0.1.0", None, {"<python>": "3.12", "m.f": "bbb"}),
+               "the worker at tcp://b": ("0.1.0", None, {"<python>": "3.11", "m.f": "aaa"})}
+    assert _stale_code(answers, mine) == {}
+    answers["the worker at tcp://b"] = ("0.1.0", None, {"<python>": "3.11", "m.f": "old"})
+    assert _stale_code(answers, mine) == {"the worker at tcp://b": "m.f"}
