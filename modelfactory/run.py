@@ -326,8 +326,9 @@ def check_code(client, spec: JobSpec) -> None:
 
         import sys
 
-        # bytecode differs between Python versions: digests compare within one only
-        found: dict = {"<python>": "%d.%d" % sys.version_info[:2]}
+        # bytecode differs between Python versions, and with -O (asserts) or -OO (docstrings,
+        # PYTHONOPTIMIZE in a worker's image): digests compare between processes of one only
+        found: dict = {"<python>": "%d.%d -O%d" % (*sys.version_info[:2], sys.flags.optimize)}
 
         def const(k):
             if isinstance(k, types.CodeType):
@@ -428,7 +429,7 @@ def check_code(client, spec: JobSpec) -> None:
 def _stale_code(answers: dict, mine: dict) -> dict:
     """``{worker: name}`` of the workers whose copy of the user's code ``name`` differs from this
     client's (``answers``: where -> (version, error, digests); the scheduler runs no unit).  Digests
-    of bytecode compare only between processes of one Python version (``"<python>"``)."""
+    of bytecode compare only between processes of one Python version and -O level (``"<python>"``)."""
     return {w: name for w, (_, _, theirs) in answers.items()
             if w != "the scheduler" and theirs.get("<python>") == mine.get("<python>")
             for name in sorted(mine) if name != "<python>" and name in theirs and theirs[name] != mine[name]}

@@ -698,6 +698,33 @@ def test_a_function_edited_since_the_workers_imported_it_is_refused_not_run_as_i
         dclient.close()
 
 
+@pytest.mark.timeout(90)
+def test_a_worker_running_python_with_O_runs_an_unchanged_function_with_an_assert(tmp_path):
+    """Workers started with PYTHONOPTIMIZE (or ``python -O``, as some images do) compile the user's
+    module without its asserts (and -OO without its docstrings): the same file, another bytecode.
+    The job was refused as "another version of fns.check than this client ... Restart the
+    workers", which restarting did not change."""
+    (tmp_path / "o_fns.py").write_text(
+        "def check(key):\n"
+        "    \"A docstring.\"\n"
+        "    assert key is not None, 'no key'\n"
+        "    return {'v': float(key)}\n")
+    sys.path.insert(0, str(tmp_path))
+    env = {"PYTHONPATH": str(tmp_path)}
+    cluster = DaskProcesses(tmp_path / "dask", workers=1, env={**env, "PYTHONOPTIMIZE": "2"},
+                            scheduler_env=env).start()
+    try:
+        import o_fns
+
+        run = modelfactory.map_keys([1, 2], func=o_fns.check, schema="v double", cluster=cluster.address)
+        assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
+        assert sorted(run.to_pandas().v) == [1.0, 2.0]
+    finally:
+        cluster.stop()
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("o_fns", None)
+
+
 def test_code_digests_compare_only_between_processes_of_one_python_version():
     """Bytecode differs between Python versions: a worker on another Python holds the same source
     under another digest, which is no edit (nor is the scheduler's copy: it runs no unit)."""
