@@ -342,6 +342,24 @@ def check_code(client, spec: JobSpec) -> None:
             parts = [c.co_code.hex(), repr(c.co_names)] + [const(k) for k in c.co_consts]
             return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
+        def default(v, depth: int = 0) -> str:
+            # a default argument's value when it is a constant: editing it edits the function
+            # (the workers' copy would run the old value), and its repr is the same in every
+            # process; of any other value only its type: a dict used as a cache fills in one
+            # process only, an object's repr holds its address
+            if isinstance(v, (str, bytes, int, float, complex, type(None))):  # bool is an int
+                return repr(v)
+            if isinstance(v, (tuple, frozenset)) and depth < 3:
+                items = [default(x, depth + 1) for x in v]
+                return f"{type(v).__name__}({sorted(items) if isinstance(v, frozenset) else items})"
+            return f"<{type(v).__module__}.{type(v).__qualname__}>"
+
+        def function(f) -> str:
+            kw = sorted((f.__kwdefaults__ or {}).items())
+            parts = [code(f.__code__), *(default(v) for v in f.__defaults__ or ()),
+                     *(f"{k}={default(v)}" for k, v in kw)]
+            return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
         def walk(o, depth: int = 0) -> None:
             if depth > 3 or o is None:
                 return
@@ -349,7 +367,7 @@ def check_code(client, spec: JobSpec) -> None:
                 for x in (o.func, *o.args):
                     walk(x, depth + 1)
             elif isinstance(o, types.FunctionType) and not o.__module__.startswith("modelfactory"):
-                found[f"{o.__module__}.{o.__qualname__}"] = code(o.__code__)
+                found[f"{o.__module__}.{o.__qualname__}"] = function(o)
             elif isinstance(o, type):
                 for cls in o.__mro__:
                     if cls.__module__.startswith(("modelfactory", "builtins", "abc")):
@@ -357,7 +375,7 @@ def check_code(client, spec: JobSpec) -> None:
                     for name, v in sorted(vars(cls).items()):
                         f = getattr(v, "__func__", v)
                         if isinstance(f, types.FunctionType):
-                            found[f"{cls.__module__}.{cls.__qualname__}.{name}"] = code(f.__code__)
+                            found[f"{cls.__module__}.{cls.__qualname__}.{name}"] = function(f)
 
         func, model = code_of
         walk(func)

@@ -699,6 +699,44 @@ def test_a_function_edited_since_the_workers_imported_it_is_refused_not_run_as_i
 
 
 @pytest.mark.timeout(90)
+def test_a_default_argument_edited_since_the_workers_imported_it_is_refused_not_run_as_it_was(procs, tmp_path,
+                                                                                               monkeypatch):
+    """The user changes only a default (``factor=2`` to ``factor=10``) in the module beside their
+    notebook, reloads it and runs the job again on the same cluster: the check compared the
+    function's bytecode only, which a default is not part of, and the workers ran the old
+    default, every key `ok` with the old values.  A mutable default (a dict used as a cache,
+    filled on the client only) is no edit."""
+    import importlib
+
+    mod = tmp_path / "default_fns.py"
+    body = ("def scale(key, factor={}, *, offset=0.0, _seen={{}}):\n"
+            "    _seen[key] = True\n"
+            "    return {{'v': float(key) * factor + offset}}\n")
+    mod.write_text(body.format(2))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import default_fns
+
+    job = dict(schema="v double", cluster=procs.address)
+    here = [str(tmp_path)]
+    dclient = procs.client()
+    try:
+        dclient.run(lambda: sys.path.extend(p for p in here if p not in sys.path))
+        dclient.run_on_scheduler(lambda: sys.path.extend(p for p in here if p not in sys.path))
+        assert sorted(modelfactory.map_keys([1, 2], func=default_fns.scale, **job).to_pandas().v) == [2.0, 4.0]
+        default_fns.scale(7)  # the client's cache differs from the workers' now: no edit
+        assert sorted(modelfactory.map_keys([1, 2], func=default_fns.scale, **job).to_pandas().v) == [2.0, 4.0]
+        mod.write_text(body.format(10))
+        importlib.reload(default_fns)
+        with pytest.raises(ClusterError, match=r"(?s)another version of default_fns\.scale than this client.*"
+                                               r"Restart the workers"):
+            modelfactory.map_keys([1, 2], func=default_fns.scale, **job)
+    finally:
+        dclient.run(lambda: [sys.modules.pop("default_fns", None), sys.path.remove(here[0])])
+        dclient.run_on_scheduler(lambda: [sys.modules.pop("default_fns", None), sys.path.remove(here[0])])
+        dclient.close()
+
+
+@pytest.mark.timeout(90)
 def test_a_worker_running_python_with_O_runs_an_unchanged_function_with_an_assert(tmp_path):
     """Workers started with PYTHONOPTIMIZE (or ``python -O``, as some images do) compile the user's
     module without its asserts (and -OO without its docstrings): the same file, another bytecode.
