@@ -736,6 +736,23 @@ def test_a_default_argument_edited_since_the_workers_imported_it_is_refused_not_
         dclient.close()
 
 
+def _checked_double(key):
+    assert key >= 0, "keys are counts"
+    return {"v": 2.0 * key}
+
+
+@pytest.mark.timeout(60)
+def test_a_function_of_a_test_module_with_an_assert_runs_on_a_cluster_that_imports_it(procs):
+    """A user tests their job with pytest and a real cluster, its function in the test module:
+    pytest rewrote the function's assert on the client, the workers import the same file without
+    rewriting it, and the job was refused as "another version of test_...._checked_double than
+    this client ... Restart the workers", which nothing the user could do changed."""
+    assert "@pytest_ar" in _checked_double.__code__.co_names  # rewritten here; the workers import tests/
+    run = modelfactory.map_keys([1, 2], func=_checked_double, schema="v double", cluster=procs.address)
+    assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
+    assert sorted(run.to_pandas().v) == [2.0, 4.0]
+
+
 @pytest.mark.timeout(90)
 def test_a_worker_running_python_with_O_runs_an_unchanged_function_with_an_assert(tmp_path):
     """Workers started with PYTHONOPTIMIZE (or ``python -O``, as some images do) compile the user's
