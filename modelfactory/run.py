@@ -313,6 +313,7 @@ def check_code(client, spec: JobSpec) -> None:
     """
     if client is None:
         return
+    _check_in_process_storage(client, spec)
     import cloudpickle
 
     from . import __version__
@@ -455,6 +456,25 @@ def check_code(client, spec: JobSpec) -> None:
             "version there), and Dask would run the workers' copy. Restart the workers (Client.restart(), or start "
             "`dask worker` again) so they import it afresh, reload it here (importlib.reload) if this process has "
             "the old one, or send it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
+
+
+def _check_in_process_storage(client, spec: JobSpec) -> None:
+    """Raise :class:`ClusterError` if the job reads or writes ``memory://``, which lives in this
+    process only, on Dask workers that are other processes (a LocalCluster's, by default): they
+    found no input ("FileNotFoundError"), or wrote their output into their own memory, the run then
+    refused as if another job had emptied its ``out=`` folder."""
+    from fsspec.core import split_protocol
+
+    models = getattr(spec.models, "store", None)
+    urls = [getattr(spec.source, "url", None), getattr(spec.sink, "url", None), getattr(models, "url", None)]
+    memory = [u for u in urls if isinstance(u, str) and split_protocol(u)[0] == "memory"]
+    if not memory:
+        return
+    pids = set(client.run(os.getpid).values()) or {client.run_on_scheduler(os.getpid)}
+    if pids != {os.getpid()}:
+        raise ClusterError(f"{memory[0]!r} is in this Python process's memory (memory://), which the Dask workers, "
+                           "other processes, do not share: they would not see it. Use cluster='inline' (or a "
+                           "Client(processes=False)), or a folder on disk or in an object store. Nothing ran.")
 
 
 def _stale_code(answers: dict, mine: dict) -> dict:

@@ -736,6 +736,33 @@ def test_a_default_argument_edited_since_the_workers_imported_it_is_refused_not_
         dclient.close()
 
 
+@pytest.mark.timeout(60)
+def test_memory_storage_with_workers_in_other_processes_is_a_clear_error(procs, leaves, tmp_path):
+    """memory:// lives in the client's process: the workers found no input (a FileNotFoundError
+    read as storage that is unreachable), or wrote the output into their own memory, the run then
+    refused as if "another job emptied it meanwhile (with overwrite)"."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for f in pq.ParquetDataset(leaves).files[:2]:
+        fs.pipe(f"/mem-in/data/{f[len(leaves) + 1:]}", open(f, "rb").read())
+    with pytest.raises(ClusterError, match=r"'memory://mem-in/data' is in this Python process's memory.*"
+                                           r"cluster='inline'.*Nothing ran"):
+        modelfactory.train("memory://mem-in/data", store=str(tmp_path / "store"), model="seasonal",
+                           cluster=procs.address, **TRAIN)
+    with pytest.raises(ClusterError, match=r"'memory://mem-out/out' is in this Python process's memory"):
+        modelfactory.apply(leaves, by=KEYS, func=functools.partial(tagged_mean, "ok", None),
+                           schema="app string, site string, m double, tag string", out="memory://mem-out/out",
+                           cluster=procs.address)
+    assert not fs.exists("/mem-out/out")
+    run = modelfactory.apply("memory://mem-in/data", by=KEYS, func=functools.partial(tagged_mean, "ok", None),
+                             schema="app string, site string, m double, tag string", out="memory://mem-out/out",
+                             cluster="inline")
+    assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
+    fs.rm("/mem-in", recursive=True)
+    fs.rm("/mem-out", recursive=True)
+
+
 def _checked_double(key):
     assert key >= 0, "keys are counts"
     return {"v": 2.0 * key}
