@@ -119,8 +119,18 @@ def check_claim(spec: JobSpec, unit_id: str) -> None:
         owner = spec.sink.read_bytes(OUTPUT_CLAIM).decode().strip()
     except FileNotFoundError:
         owner = None
+    if owner is None:  # a job that empties the folder claims it at once: most likely not the same folder
+        import socket
+
+        raise StoreError(f"The output folder {spec.sink.url!r} changed while run {spec.claim} wrote to it, or is "
+                         f"not the same folder on the worker on host {socket.gethostname()!r} that ran unit "
+                         f"{unit_id}: that worker finds no {OUTPUT_CLAIM} file there, which the run wrote before "
+                         "its units started. A local path with a cluster on other machines does this: use an "
+                         "object store, or a file system shared by the client and every worker. Or another job "
+                         "emptied it meanwhile (with overwrite): give each job a folder of its own. The unit wrote "
+                         f"nothing there; run {spec.claim} was not committed (no _manifest.json).")
     if owner != spec.claim:
-        who = f"run {owner}" if owner else "another job"
+        who = f"run {owner}"
         raise StoreError(f"The output folder {spec.sink.url!r} changed while run {spec.claim} wrote to it: {who} "
                          "emptied it meanwhile (with overwrite), or this run was interrupted and its unit "
                          f"{unit_id} outlived it on a Dask worker. The unit wrote nothing there; run {spec.claim} "

@@ -638,6 +638,26 @@ def _slow_first_row(df):
     return df[["app", "site"]].head(1)
 
 
+def test_a_worker_that_does_not_see_the_output_folder_says_so_not_that_another_job_emptied_it(tmp_path):
+    """A local out= path with a cluster on other machines: the worker finds no claim file in its
+    own (empty) folder of that name, and the run was refused as "another job emptied it
+    meanwhile (with overwrite), or this run was interrupted", neither of which happened."""
+    from modelfactory._io import Location
+    from modelfactory.kernel import JobSpec, check_claim
+
+    out = tmp_path / "out"  # what the worker sees: the client wrote _run_id in its own folder of that name
+    spec = JobSpec("apply", ("app",), sink=Location.of(str(out)), claim="20260101T000000000Z-abcdef")
+    with pytest.raises(StoreError, match=r"(?s)changed while run 20260101T000000000Z-abcdef wrote to it, or is not "
+                                         r"the same folder on the worker on host '[^']+' that ran unit u00000-x: "
+                                         r"that worker finds no _run_id file there.*shared by the client and every "
+                                         r"worker.*was not committed"):
+        check_claim(spec, "u00000-x")
+    assert not out.exists()
+    out.mkdir()
+    (out / "_run_id").write_text("20260101T000000000Z-abcdef")
+    check_claim(spec, "u00000-x")  # its own folder: no error
+
+
 @pytest.mark.timeout(120)
 def test_a_second_job_writing_the_same_output_folder_meanwhile_makes_the_first_refuse_to_commit(tmp_path):
     # A scheduled job runs again (with overwrite) into the folder an earlier run of it is still
