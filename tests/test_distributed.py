@@ -716,7 +716,7 @@ def test_a_default_argument_edited_since_the_workers_imported_it_is_refused_not_
     monkeypatch.syspath_prepend(str(tmp_path))
     import default_fns
 
-    job = dict(schema="v double", cluster=procs.address)
+    job = {"schema": "v double", "cluster": procs.address}
     here = [str(tmp_path)]
     dclient = procs.client()
     try:
@@ -741,11 +741,13 @@ def test_memory_storage_with_workers_in_other_processes_is_a_clear_error(procs, 
     """memory:// lives in the client's process: the workers found no input (a FileNotFoundError
     read as storage that is unreachable), or wrote the output into their own memory, the run then
     refused as if "another job emptied it meanwhile (with overwrite)"."""
+    from pathlib import Path
+
     import fsspec
 
     fs = fsspec.filesystem("memory")
     for f in pq.ParquetDataset(leaves).files[:2]:
-        fs.pipe(f"/mem-in/data/{f[len(leaves) + 1:]}", open(f, "rb").read())
+        fs.pipe(f"/mem-in/data/{f[len(leaves) + 1:]}", Path(f).read_bytes())
     with pytest.raises(ClusterError, match=r"'memory://mem-in/data' is in this Python process's memory.*"
                                            r"cluster='inline'.*Nothing ran"):
         modelfactory.train("memory://mem-in/data", store=str(tmp_path / "store"), model="seasonal",
