@@ -28,7 +28,7 @@ from .plan import WorkUnit
 
 __all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
            "run_keys", "unit_keys", "run_group", "keys_condition", "failed_rows", "merge_results",
-           "describe_error", "STATUS", "one_thread", "check_claim", "OUTPUT_CLAIM"]
+           "describe_error", "STATUS", "one_thread", "check_claim", "claimed_by", "OUTPUT_CLAIM"]
 
 STATUS = ("ok", "failed", "skipped")
 _UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
@@ -99,8 +99,18 @@ class JobSpec:
     claim: str = ""  # an out= folder's run: the id its claim file must name when a unit writes
 
 
-#: The file in an ``out=`` folder naming the run that emptied it and writes to it.
+#: The file in an ``out=`` folder naming the run that emptied it last and writes to it:
+#: readers of the folder skip it as they skip ``_manifest.json`` (a name starting with "_",
+#: no "=").
 OUTPUT_CLAIM = "_run_id"
+
+
+def claimed_by(sink) -> str | None:
+    """The run an ``out=`` folder's claim names, or None when it has none."""
+    try:
+        return sink.read_bytes(OUTPUT_CLAIM).decode().strip()
+    except FileNotFoundError:
+        return None
 
 
 def check_claim(spec: JobSpec, unit_id: str) -> None:
@@ -115,10 +125,7 @@ def check_claim(spec: JobSpec, unit_id: str) -> None:
 
     if not spec.claim or spec.sink is None:
         return
-    try:
-        owner = spec.sink.read_bytes(OUTPUT_CLAIM).decode().strip()
-    except FileNotFoundError:
-        owner = None
+    owner = claimed_by(spec.sink)
     if owner is None:  # a job that empties the folder claims it at once: most likely not the same folder
         import socket
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from ._io import Location
 from .exceptions import ModelFactoryError
-from .kernel import OUTPUT_CLAIM, UnitResult
+from .kernel import OUTPUT_CLAIM, UnitResult, claimed_by
 from .store import ModelStore
 
 __all__ = ["Run", "check_output", "table_run"]
@@ -152,7 +152,7 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
                  "parts": parts}, indent=1, default=str).encode())
             # a job that emptied the folder between the check and this write: the manifest would
             # stand over that job's files; it goes again (_release_a_contested_folder)
-            check_claim(sink, run_id)
+            check_output_claim(sink, run_id)
         return Run(run_id, kind, summary, _out=sink, errors=errors)
     groups = pa.concat_tables([r.group_table for r in results]) if results else None
     if out_schema is not None:
@@ -186,25 +186,14 @@ def output_errors(sink: Location, run_id: str, name: str | None = None) -> conte
         passthrough=(ModelFactoryError, FileNotFoundError))
 
 
-#: A file in an ``out=`` folder naming the run that emptied it last and writes to it: readers
-#: of the folder skip it as they skip ``_manifest.json`` (a name starting with "_", no "=").
-_CLAIM = OUTPUT_CLAIM
-
 #: Files a job writes under its ``out=`` folder besides its parts.
-_OUTPUT_EXTRAS = frozenset({"_manifest.json", "_anomalies.json", _CLAIM})
+_OUTPUT_EXTRAS = frozenset({"_manifest.json", "_anomalies.json", OUTPUT_CLAIM})
 
 
 def claim_output(sink: Location, run_id: str) -> None:
     """Mark ``sink`` as the folder ``run_id`` writes to (once emptied, before any unit runs)."""
-    with output_errors(sink, run_id, _CLAIM):
-        sink.write_bytes(_CLAIM, run_id.encode())
-
-
-def _claimed_by(sink: Location) -> str | None:
-    try:
-        return sink.read_bytes(_CLAIM).decode().strip()
-    except FileNotFoundError:
-        return None
+    with output_errors(sink, run_id, OUTPUT_CLAIM):
+        sink.write_bytes(OUTPUT_CLAIM, run_id.encode())
 
 
 def _release_a_contested_folder(sink: Location, run_id: str, claimant: str | None) -> None:
@@ -215,21 +204,21 @@ def _release_a_contested_folder(sink: Location, run_id: str, claimant: str | Non
     any ``_manifest.json``, the other's if it committed meanwhile or this job's own if the folder
     was emptied just as it committed (the files are not all of either job's).  Readers then
     refuse the folder as unfinished until a job writes it again."""
-    for name in ([_CLAIM] if claimant is not None else []) + ["_manifest.json"]:
+    for name in ([OUTPUT_CLAIM] if claimant is not None else []) + ["_manifest.json"]:
         try:
             sink.rm(name)
         except FileNotFoundError:
             pass
 
 
-def check_claim(sink: Location, run_id: str) -> None:
+def check_output_claim(sink: Location, run_id: str) -> None:
     """Refuse (and leave the folder uncommitted) unless ``sink`` is still claimed by ``run_id``:
     another job emptied it since this one did, so files of the same name may be that job's now,
     and this job's later files may have replaced that job's."""
     from .exceptions import StoreError
 
     sink.fs.invalidate_cache()
-    claimant = _claimed_by(sink)
+    claimant = claimed_by(sink)
     if claimant != run_id:
         _release_a_contested_folder(sink, run_id, claimant)
         who = f"run {claimant}" if claimant else "another job"
@@ -251,7 +240,7 @@ def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None
     from .exceptions import StoreError
 
     with output_errors(sink, run_id):
-        check_claim(sink, run_id)
+        check_output_claim(sink, run_id)
         found = sink.sizes()
     have = {}
     remote = not sink.is_local

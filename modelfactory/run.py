@@ -310,6 +310,8 @@ def check_code(client, spec: JobSpec) -> None:
     lacking it failed the run with Dask's "Error during deserialization of the task graph"
     (the module named only in the scheduler's log), and a worker lacking it was shut down by
     Dask on receiving a unit (every worker in turn), the run then waiting for ever for one.
+    A job on ``memory://`` storage with workers in other processes is refused first
+    (:func:`_check_in_process_storage`).
     """
     if client is None:
         return
@@ -323,9 +325,8 @@ def check_code(client, spec: JobSpec) -> None:
         # here: one that travels by reference runs as the module a process imported first
         import functools
         import hashlib
-        import types
-
         import sys
+        import types
 
         # bytecode differs between Python versions, and with -O (asserts) or -OO (docstrings,
         # PYTHONOPTIMIZE in a worker's image): digests compare between processes of one only
