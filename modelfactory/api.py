@@ -174,12 +174,25 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
         raise StoreError(f"The output folder {out!r} is a file; pick a folder (new or empty).")
     if _holds_files(sink):
         if not overwrite:
-            raise StoreError(f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True (--overwrite).")
+            raise StoreError(_not_empty(sink, out))
         if sink.is_bucket():
             raise StoreError(f"The output {out!r} is a whole bucket, and it is not empty: overwrite would delete "
                              "everything in it. Write to a folder inside it, such as "
                              f"{out.rstrip('/') + '/scores'!r}.")
     return sink
+
+
+def _not_empty(sink: Location, out: str) -> str:
+    """Why a job without ``overwrite`` refuses ``out``: an interrupted job's folder (its claim
+    and no manifest) is named as one, since running the same command again is what one tries."""
+    from .kernel import claimed_by
+
+    owner = None if sink.exists("_manifest.json") else claimed_by(sink)
+    if owner:
+        return (f"The output folder {out!r} holds the unfinished output of run {owner} (it has no _manifest.json: "
+                "that job stopped before it committed, or is still running). Pass overwrite=True (--overwrite) "
+                "to replace it, or pick a new folder.")
+    return f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True (--overwrite)."
 
 
 def _holds_files(sink: Location) -> bool:

@@ -99,6 +99,35 @@ def test_apply_writes_parquet_and_accounts_for_every_group(by_app, tmp_path, cli
         modelfactory.apply(by_app, by=["app", "site"], func=stats, out=str(out), schema=SCHEMA, cluster="inline")
 
 
+def test_a_job_stopped_before_its_commit_is_named_when_its_folder_is_used_again(tmp_path):
+    """Running the same command again after a job was stopped (Ctrl-C, a killed cron job) said
+    only 'is not empty', as if the folder held someone's files; it holds that job's unfinished
+    output, which only --overwrite replaces."""
+    data = write(metrics_table(series=12, hours=24, apps=12), tmp_path / "d", ["app"])
+    out = tmp_path / "out"
+
+    def stop_at_app5(g):
+        if g["app"][0] == "app5":
+            raise KeyboardInterrupt  # Ctrl-C while app5's unit runs
+        return {"app": g["app"][:1], "mean": np.array([g["value"].mean()])}
+
+    kw = dict(by=["app"], schema="app string, mean double", input="numpy", cluster="inline", unit_rows=24)
+    with pytest.raises(KeyboardInterrupt):
+        modelfactory.apply(data, func=stop_at_app5, out=str(out), **kw)
+    parts = sorted(out.glob("*.parquet"))
+    assert 0 < len(parts) < 12 and not (out / "_manifest.json").exists()
+    run_id = (out / "_run_id").read_text()
+    with pytest.raises(StoreError) as err:
+        modelfactory.apply(data, func=stop_at_app5, out=str(out), **kw)
+    assert f"holds the unfinished output of run {run_id} (it has no _manifest.json" in str(err.value)
+    assert "(--overwrite)" in str(err.value) and sorted(out.glob("*.parquet")) == parts  # nothing removed
+    run = modelfactory.apply(data, func=lambda g: {"app": g["app"][:1], "mean": np.array([g["value"].mean()])},
+                             out=str(out), overwrite=True, **kw)
+    assert run.summary["counts"]["ok"] == 12 and len(pd.read_parquet(out)) == 12
+    with pytest.raises(StoreError, match="is not empty; pick a new folder"):  # committed: no run to name
+        modelfactory.apply(data, func=stop_at_app5, out=str(out), **kw)
+
+
 def test_apply_refuses_a_bad_schema(by_app):
     with pytest.raises(SchemaError, match="Unknown type 'dubble' for column 'm'"):
         modelfactory.apply(by_app, by=["app"], func=stats, schema="m dubble", cluster="inline")
