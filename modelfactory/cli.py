@@ -568,11 +568,19 @@ def _show(st, args, parse_key) -> int:
             info["state"] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in model.get_state().items()}
         print(json.dumps(info, default=str) if args.json else json.dumps(info, indent=1, default=str))
         return 0
+    import pandas as pd
+
+    from .plot import format_key
+
     man = st.manifest(args.run)
     groups = st.groups(man["run_id"])
-    failed = groups[groups.status != "ok"].head(20)
+    # the failed groups first: a run with many groups too short to fit (skipped) must not push
+    # its failures and their errors out of the first 20
+    not_ok = pd.concat([groups[groups.status == "failed"], groups[~groups.status.isin(["ok", "failed"])]])
+    failed = not_ok.head(20)
     if args.json:
-        print(json.dumps({"manifest": man, "not_ok": failed.to_dict(orient="records")}, default=str))
+        print(json.dumps({"manifest": man, "not_ok": failed.to_dict(orient="records"),
+                          "not_ok_count": len(not_ok)}, default=str))
         return 0
     s = man["summary"]
     print(f"run {man['run_id']}: {man['spec']['model']} {man['spec']['params']}")
@@ -584,8 +592,11 @@ def _show(st, args, parse_key) -> int:
               f"carried over {man['lineage']['carried_over']}")
     by = man["spec"]["by"]
     for row in failed.to_dict(orient="records"):
-        key = ",".join(f"{k}={row[k]}" for k in by)
+        key = format_key({k: row[k] for k in by})  # as --key takes it back (a comma in a value: \,)
         print(f"  {row['status']:<8} {key}: {row['error']}")
+    if len(not_ok) > len(failed):
+        print(f"  ... {len(not_ok) - len(failed):,} more groups not ok: all are in ModelStore(...).groups() "
+              f"and in `report --store {args.store}`")
     return 0
 
 

@@ -477,3 +477,28 @@ def test_a_run_removed_by_gc_while_a_job_reads_it_is_named_as_removed_not_as_dam
     st.location.rm(second["parts"][0]["path"])
     with pytest.raises(IntegrityError, match="is missing from .* restore the file from a backup"):
         read_part(st.location, second["parts"][0])
+
+
+def test_models_show_lists_failed_groups_before_skipped_ones_as_keys_it_takes_back(tmp_path, capsys):
+    # 22 groups too short (skipped) sort before the one that failed: `show` printed the first 20
+    # not-ok groups in key order, so the failure and its error were not shown at all, nor how
+    # many were left out; and a key with a comma was printed so that --key could not take it back
+    t = metrics_table(series=24, hours=72, apps=1).to_pandas()
+    t = t[(t.site >= "s022") | (t.ts.dt.hour < 3)]
+    t["site"] = t.site.replace({"s023": "z,23"})
+    t = pd.concat([t, t[t.site == "z,23"]])  # every time twice: the group fails
+    data = str(tmp_path / "d.parquet")
+    t.to_parquet(data)
+    store = str(tmp_path / "store")
+    run = modelfactory.train(data, store=store, cluster="inline", params={"season_length": 24}, **ARGS)
+    assert run.summary["counts"] == {"ok": 1, "failed": 1, "skipped": 22}
+    assert main(["models", "show", "--store", store]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].startswith(r"  failed   app=app0,site=z\,23: 72 row(s) repeat a timestamp")
+    assert sum(line.startswith("  skipped ") for line in lines) == 19
+    assert "3 more groups not ok" in lines[-1]
+    assert main(["models", "show", "--store", store, "--key", r"app=app0,site=z\,23"]) == 2
+    assert "Group {'app': 'app0', 'site': 'z,23'} has no model: failed" in capsys.readouterr().err
+    assert main(["models", "show", "--store", store, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["not_ok"][0]["status"] == "failed" and shown["not_ok_count"] == 23
