@@ -123,6 +123,30 @@ def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
                        tuple(man["parts"]), lookup, leaf_keys, trust)
 
 
+#: The columns a job's group table holds beside the keys (train's parts, score's ``_groups/``).
+_GROUP_TABLE = {"train": ("status", "error", "rows", "seconds", "model", "fingerprint", "fitted_in"),
+                "score": ("status", "error", "rows", "seconds", "anomalies", "max_score")}
+
+
+def _refuse_reserved_names(kind: str, *, keys: tuple[str, ...] = (), scored: Mapping[str, str] | None = None,
+                           of: str = "", fix: str) -> None:
+    """Refuse, before anything is written, a key column named as a column of the job's group table,
+    and (score) a column of the scored rows (``scored``: name -> role) named as a score column:
+    the files would hold two columns of one name.  ``of`` follows the column's name in the
+    message (" of run X"), ``fix`` says what to do."""
+    from .scoring import SCORE_COLUMNS
+
+    for k in keys:
+        if k in _GROUP_TABLE[kind]:
+            raise SchemaError(f"The key column {k!r}{of} has the name of a column of the group table that {kind} "
+                              f"writes beside the keys ({', '.join(_GROUP_TABLE[kind])}): {fix}")
+    for col, role in (scored or {}).items():
+        if col in SCORE_COLUMNS:
+            raise SchemaError(f"The {role} column {col!r}{of} has the name of a column that score writes beside "
+                              f"it ({', '.join(SCORE_COLUMNS)}), so the scored rows would hold two columns {col!r}: "
+                              f"{fix}")
+
+
 def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dict]:
     """The run id (new, or the interrupted run to resume) and the planner's settings: a
     resumed run is planned as it first was, so its units (and their parts) are the same."""
@@ -376,6 +400,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                           "given the value it is to predict learns to copy it and expects each anomaly as it "
                           "comes (isolation_forest uses the target already: include_target). Drop "
                           f"{target!r} from features (--features).")
+    _refuse_reserved_names("train", keys=by_, fix="rename it in the data (e.g. http_status) and pass that to by=.")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time, target=target, features=feats)
     st = ModelStore(store, storage_options=storage_options)
@@ -810,6 +835,13 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter,
                     allow_empty=True)
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
+    # the run's names: a clash is fixed by training again on renamed columns
+    again = "rename it in the data and train again (a run scores the columns it was trained on)."
+    _refuse_reserved_names("score", keys=by_, of=f" of run {man['run_id']}", fix=again,
+                           scored={c: role for c, role in [(sp["time"], "time"), (sp["target"], "target"),
+                                                           *((f, "feature") for f in feats)] if c})
+    _refuse_reserved_names("score", scored={k: "partition" for k in info.source.partition_keys if k not in by_},
+                           of=f" of {data!r}", fix="rename those folders (or score a folder below them).")
     check_time_zone(info, sp["time"], man)
     src = model_source(st, man, info, trust)
     check_key_types(src, by_, info.schema)

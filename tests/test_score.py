@@ -585,3 +585,24 @@ def test_a_folder_claimed_by_another_job_as_this_one_commits_is_left_uncommitted
 
 
 CUT_72 = pa.scalar(pd.Timestamp("2026-03-04T00:00:00", tz="UTC"), pa.timestamp("s", tz="UTC"))
+
+
+def test_columns_named_as_a_column_score_writes_are_refused_before_anything_is_written(tmp_path):
+    # a target named `score` (or a feature `upper`, a key `anomalies`) was scored "ok", into files
+    # with two columns of that name: the model's score beside the value, which pandas, to_pandas
+    # and the report then could not read (Can't unify schema with duplicate field names)
+    from modelfactory.exceptions import SchemaError
+
+    for rename, args, what in [
+            ({"value": "score"}, dict(by=["app", "site"], target="score"), "The target column 'score'"),
+            ({"x1": "upper"}, dict(by=["app", "site"], target="value", features=["upper"], model="random_forest"),
+             "The feature column 'upper'"),
+            ({"site": "anomalies"}, dict(by=["app", "anomalies"], target="value"), "The key column 'anomalies'")]:
+        folder = tmp_path / next(iter(rename.values()))
+        folder.mkdir()
+        metrics_table(series=3).to_pandas().rename(columns=rename).to_parquet(folder / "a.parquet")
+        store, out = str(folder / "store"), folder / "scores"
+        modelfactory.train(str(folder / "a.parquet"), time="ts", store=store, cluster="inline", **args)
+        with pytest.raises(SchemaError, match=f"{what} of run .* has the name of a column (of the group table )?that score writes"):
+            modelfactory.score(str(folder / "a.parquet"), store=store, out=str(out), cluster="inline")
+        assert not out.exists()
