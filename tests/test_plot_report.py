@@ -618,6 +618,9 @@ def test_the_report_of_a_retrain_says_which_groups_it_fitted_and_which_it_carrie
     assert f"Retrain changed groups of run {base.id}: 1 fitted in this run, 5 carried over" in text
     assert "1 groups fitted in" in text and "5 groups carried over from run " + base.id in text
     slowest = text[text.index("Slowest groups"):]
+    by_app = text[text.index("By dimension"):text.index("Fit time")]
+    assert "app0 2 2 0 0 144 0 µs" in by_app and "app2 2 2 0 0 144 0 µs" in by_app  # s004 is app1's
+    assert "app1 2 2 0 0 144 0 µs" not in by_app
     assert "s004" in slowest and "s000" not in slowest
     # a run that is no retrain says nothing of it
     assert "Retrain" not in " ".join(build_report(store, base.id).split())
