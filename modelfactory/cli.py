@@ -525,12 +525,9 @@ def _cmd_models_list(args) -> int:
                          **man["summary"]["counts"], "groups": man["summary"]["groups"],
                          "committed": man["committed"]})
         pending = [p["run_id"] for p in st.pending()]
-        if not rows and not pending and not st.location.fs.exists(st.location.root):
+        if not rows and not pending:
             # a misspelt --store printed "no runs in stroe" and exit 0, as for a store yet to train
-            from .exceptions import StoreError
-
-            raise StoreError(f"No model store at {st.location.url!r}: there is nothing at that path. Pass the "
-                             "--store of python -m modelfactory train.")
+            _refuse_no_store(st)
     if args.json:
         print(json.dumps({"runs": rows, "interrupted": pending}))
     else:
@@ -550,6 +547,15 @@ def _cmd_models_list(args) -> int:
         more = f" {len(unreadable) - 1} more run(s) cannot be read either." if len(unreadable) > 1 else ""
         raise ModelFactoryError(f"{why}{more}")
     return 0
+
+
+def _refuse_no_store(st) -> None:
+    """A StoreError when there is nothing at all at the store's path (a misspelt --store)."""
+    if not st.location.fs.exists(st.location.root):
+        from .exceptions import StoreError
+
+        raise StoreError(f"No model store at {st.location.url!r}: there is nothing at that path. Pass the "
+                         "--store of python -m modelfactory train.")
 
 
 def _cmd_models_show(args) -> int:
@@ -630,6 +636,8 @@ def _cmd_models_gc(args) -> int:
     st = ModelStore(args.store, storage_options=_storage_options(args))
     with _store_errors(args.store):
         removed = st.gc(keep=args.keep, pending=args.pending, dry_run=args.dry_run)
+        if not removed:  # a misspelt --store (a clean-up job from cron) removed nothing, every time
+            _refuse_no_store(st)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(removed)} run(s)" + (": " + ", ".join(removed) if removed else ""))
     return 0

@@ -502,3 +502,13 @@ def test_models_show_lists_failed_groups_before_skipped_ones_as_keys_it_takes_ba
     assert main(["models", "show", "--store", store, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["not_ok"][0]["status"] == "failed" and shown["not_ok_count"] == 23
+
+
+def test_models_gc_of_a_store_that_is_not_there_is_an_error(trained, capsys):
+    # a misspelt --store (a cron clean-up job) printed "removed 0 run(s)" and exit 0, every time
+    store, run = trained
+    typo = str(store) + "e"
+    assert main(["models", "gc", "--store", typo, "--keep", "1"]) == 2
+    assert f"error: No model store at '{typo}': there is nothing at that path" in capsys.readouterr().err
+    assert main(["models", "gc", "--store", str(store), "--keep", "1"]) == 0
+    assert "removed 0 run(s)" in capsys.readouterr().out
