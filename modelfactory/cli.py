@@ -596,6 +596,11 @@ def _show(st, args, parse_key) -> int:
     if man.get("lineage", {}).get("retrain"):
         print(f"retrained {man['lineage']['retrain']} groups of {man['lineage']['base_run']}; "
               f"carried over {man['lineage']['carried_over']}")
+        if man["lineage"].get("not_in_input"):  # scoring with this run skips them: "no model for this group"
+            from .store import left_out_text
+
+            print(f"{left_out_text(man['lineage'])}: score {'it' if man['lineage']['not_in_input'] == 1 else 'them'} "
+                  f"with --run {man['lineage']['base_run']}")
     by = man["spec"]["by"]
     for row in failed.to_dict(orient="records"):
         key = format_key({k: row[k] for k in by})  # as --key takes it back (a comma in a value: \,)

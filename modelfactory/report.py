@@ -190,8 +190,13 @@ def _header(f: _Facts) -> str:
     lineage = m.get("lineage") or {}
     if lineage.get("retrain"):
         carried = int(_carried(f).sum())
+        left_out = ""
+        if lineage.get("not_in_input"):
+            from .store import left_out_text
+
+            left_out = f"; {left_out_text(lineage)}"
         rows.append(("Retrain", f"{lineage['retrain']} groups of run {lineage.get('base_run')}: "
-                                f"{len(f.groups) - carried:,} fitted in this run, {carried:,} carried over"))
+                                f"{len(f.groups) - carried:,} fitted in this run, {carried:,} carried over{left_out}"))
     versions = m.get("versions") or {}
     if versions:
         rows.append(("Versions", ", ".join(f"{k} {v}" for k, v in versions.items())))

@@ -87,6 +87,13 @@ def leaf_index(man: dict) -> dict:
     return index
 
 
+def left_out_text(lineage: dict) -> str:
+    """How many groups of a retrain's base its input lacked, so the run has no model for them."""
+    n, base = lineage["not_in_input"], lineage["base_run"]
+    return (f"1 group of run {base} is not in this run (its input lacked it)" if n == 1 else
+            f"{n:,} groups of run {base} are not in this run (its input lacked them)")
+
+
 def _denied_is_a_store_error(method):
     """Turn an object store's "access denied" into a StoreError that names the store."""
 

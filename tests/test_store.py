@@ -512,3 +512,25 @@ def test_models_gc_of_a_store_that_is_not_there_is_an_error(trained, capsys):
     assert f"error: No model store at '{typo}': there is nothing at that path" in capsys.readouterr().err
     assert main(["models", "gc", "--store", str(store), "--keep", "1"]) == 0
     assert "removed 0 run(s)" in capsys.readouterr().out
+
+
+def test_models_show_and_the_report_of_a_retrain_say_which_base_groups_it_has_no_model_for(tmp_path, capsys):
+    # the input of an --only-changed run lacked a group of its base: only a warning at train time
+    # said so; `models show` and the report of the run (now LATEST, so `score` skips that group:
+    # "no model for this group") were silent
+    import re
+    import shutil
+
+    from modelfactory.report import build_report
+
+    t = metrics_table(series=4, hours=48, apps=1)
+    data = write(t, tmp_path / "d", ["site"])
+    store = str(tmp_path / "s")
+    first = modelfactory.train(data, store=store, cluster="inline", params={"season_length": 24}, **ARGS)
+    shutil.rmtree(tmp_path / "d" / "site=s003")
+    modelfactory.train(data, store=store, cluster="inline", params={"season_length": 24}, retrain="changed", **ARGS)
+    assert main(["models", "show", "--store", store]) == 0
+    said = f"1 group of run {first.id} is not in this run (its input lacked it): score it with --run {first.id}"
+    assert said in capsys.readouterr().out
+    text = " ".join(re.sub("<[^>]+>", " ", build_report(store)).split())
+    assert f"1 group of run {first.id} is not in this run (its input lacked it)" in text
