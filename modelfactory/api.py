@@ -147,6 +147,11 @@ def _refuse_reserved_names(kind: str, *, keys: tuple[str, ...] = (), scored: Map
                               f"{fix}")
 
 
+def scored_columns(time: str | None, target: str | None, features: Sequence[str]) -> dict[str, str]:
+    """The columns of a run that scored rows hold beside the scores: name -> role."""
+    return {c: role for c, role in [(time, "time"), (target, "target"), *((f, "feature") for f in features)] if c}
+
+
 def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dict]:
     """The run id (new, or the interrupted run to resume) and the planner's settings: a
     resumed run is planned as it first was, so its units (and their parts) are the same."""
@@ -401,6 +406,8 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                           "comes (isolation_forest uses the target already: include_target). Drop "
                           f"{target!r} from features (--features).")
     _refuse_reserved_names("train", keys=by_, fix="rename it in the data (e.g. http_status) and pass that to by=.")
+    _refuse_reserved_names("train", scored=scored_columns(time, target, feats),
+                           fix="rename it in the data; a run with it could never be scored.")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time, target=target, features=feats)
     st = ModelStore(store, storage_options=storage_options)
@@ -838,8 +845,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     # the run's names: a clash is fixed by training again on renamed columns
     again = "rename it in the data and train again (a run scores the columns it was trained on)."
     _refuse_reserved_names("score", keys=by_, of=f" of run {man['run_id']}", fix=again,
-                           scored={c: role for c, role in [(sp["time"], "time"), (sp["target"], "target"),
-                                                           *((f, "feature") for f in feats)] if c})
+                           scored=scored_columns(sp["time"], sp["target"], feats))
     _refuse_reserved_names("score", scored={k: "partition" for k in info.source.partition_keys if k not in by_},
                            of=f" of {data!r}", fix="rename those folders (or score a folder below them).")
     check_time_zone(info, sp["time"], man)

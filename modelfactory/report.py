@@ -195,8 +195,9 @@ def _header(f: _Facts) -> str:
             from .store import left_out_text
 
             left_out = f"; {left_out_text(lineage)}"
-        rows.append(("Retrain", f"{lineage['retrain']} groups of run {lineage.get('base_run')}: "
-                                f"{len(f.groups) - carried:,} fitted in this run, {carried:,} carried over{left_out}"))
+        rows.append(("Retrain", (f"{lineage['retrain']} groups of run {lineage.get('base_run')}: "
+                                 f"{len(f.groups) - carried:,} fitted in this run, {carried:,} carried over"
+                                 f"{left_out}")))
     versions = m.get("versions") or {}
     if versions:
         rows.append(("Versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
