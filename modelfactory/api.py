@@ -125,7 +125,8 @@ def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
 
 #: The columns a job's group table holds beside the keys (train's parts, score's ``_groups/``).
 _GROUP_TABLE = {"train": ("status", "error", "rows", "seconds", "model", "fingerprint", "fitted_in"),
-                "score": ("status", "error", "rows", "seconds", "anomalies", "max_score")}
+                "score": ("status", "error", "rows", "seconds", "anomalies", "max_score"),
+                "apply": ("status", "error", "rows", "seconds"), "map_keys": ("status", "error", "rows", "seconds")}
 
 
 def _refuse_reserved_names(kind: str, *, keys: tuple[str, ...] = (), scored: Mapping[str, str] | None = None,
@@ -568,6 +569,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     if input not in _INPUTS:
         raise ModelFactoryError(f"input must be one of {_INPUTS}; got {input!r}.")
     out_schema = parse_schema(schema)
+    _refuse_reserved_names("apply", keys=by_, fix="rename it in the data (e.g. http_status) and pass that to by=.")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     wanted = tuple(columns) if columns is not None else tuple(info.schema.names)
     check_columns(info, by=by_, time=time, columns=wanted)
@@ -642,6 +644,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     by_ = _as_tuple(by, "by") or names or tuple(f"key{i}" if width > 1 else "key" for i in range(width))
     if len(by_) != width:
         raise ModelFactoryError(f"by names {len(by_)} column(s) but the keys have {width} part(s).")
+    _refuse_reserved_names("map_keys", keys=by_, fix="name the key otherwise (by=..., or the keys' dict names).")
     key_columns = _key_columns(keys, rows, by_)
     key_types = tuple(c.type for c in key_columns)
     # duplicates as the group table will hold them ("a" and b"a" are one binary value there)
