@@ -534,3 +534,15 @@ def test_models_show_and_the_report_of_a_retrain_say_which_base_groups_it_has_no
     assert said in capsys.readouterr().out
     text = " ".join(re.sub("<[^>]+>", " ", build_report(store)).split())
     assert f"1 group of run {first.id} is not in this run (its input lacked it)" in text
+
+
+def test_the_run_that_train_returns_is_taken_as_run(trained, tmp_path, by_app):
+    # score(run=train(...)) and load(key, run=run) said "No committed run <Run ...>"
+    store, run = trained
+    modelfactory.train(by_app, store=str(store), cluster="inline", params={"season_length": 12}, **ARGS)
+    st = modelfactory.ModelStore(str(store))
+    assert st.latest() != run.id
+    assert st.manifest(run)["run_id"] == run.id and len(st.groups(run)) == 12
+    assert st.load({"app": "app0", "site": "s000"}, run=run).season_length == 24
+    scores = modelfactory.score(by_app, store=str(store), out=str(tmp_path / "o"), run=run, cluster="inline")
+    assert scores.summary["model_run"] == run.id
