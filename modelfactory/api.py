@@ -123,6 +123,36 @@ def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
                        tuple(man["parts"]), lookup, leaf_keys, trust)
 
 
+#: The columns a job's group table holds beside the keys (train's parts, score's ``_groups/``).
+_GROUP_TABLE = {"train": ("status", "error", "rows", "seconds", "model", "fingerprint", "fitted_in"),
+                "score": ("status", "error", "rows", "seconds", "anomalies", "max_score"),
+                "apply": ("status", "error", "rows", "seconds"), "map_keys": ("status", "error", "rows", "seconds")}
+
+
+def _refuse_reserved_names(kind: str, *, keys: tuple[str, ...] = (), scored: Mapping[str, str] | None = None,
+                           of: str = "", fix: str) -> None:
+    """Refuse, before anything is written, a key column named as a column of the job's group table,
+    and (score) a column of the scored rows (``scored``: name -> role) named as a score column:
+    the files would hold two columns of one name.  ``of`` follows the column's name in the
+    message (" of run X"), ``fix`` says what to do."""
+    from .scoring import SCORE_COLUMNS
+
+    for k in keys:
+        if k in _GROUP_TABLE[kind]:
+            raise SchemaError(f"The key column {k!r}{of} has the name of a column of the group table that {kind} "
+                              f"writes beside the keys ({', '.join(_GROUP_TABLE[kind])}): {fix}")
+    for col, role in (scored or {}).items():
+        if col in SCORE_COLUMNS:
+            raise SchemaError(f"The {role} column {col!r}{of} has the name of a column that score writes beside "
+                              f"it ({', '.join(SCORE_COLUMNS)}), so the scored rows would hold two columns {col!r}: "
+                              f"{fix}")
+
+
+def scored_columns(time: str | None, target: str | None, features: Sequence[str]) -> dict[str, str]:
+    """The columns of a run that scored rows hold beside the scores: name -> role."""
+    return {c: role for c, role in [(time, "time"), (target, "target"), *((f, "feature") for f in features)] if c}
+
+
 def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dict]:
     """The run id (new, or the interrupted run to resume) and the planner's settings: a
     resumed run is planned as it first was, so its units (and their parts) are the same."""
@@ -389,6 +419,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                           "given the value it is to predict learns to copy it and expects each anomaly as it "
                           "comes (isolation_forest uses the target already: include_target). Drop "
                           f"{target!r} from features (--features).")
+    _refuse_reserved_names("train", keys=by_, fix="rename it in the data (e.g. http_status) and pass that to by=.")
+    _refuse_reserved_names("train", scored=scored_columns(time, target, feats),
+                           fix="rename it in the data; a run with it could never be scored.")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time, target=target, features=feats)
     st = ModelStore(store, storage_options=storage_options)
@@ -549,6 +582,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     if input not in _INPUTS:
         raise ModelFactoryError(f"input must be one of {_INPUTS}; got {input!r}.")
     out_schema = parse_schema(schema)
+    _refuse_reserved_names("apply", keys=by_, fix="rename it in the data (e.g. http_status) and pass that to by=.")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     wanted = tuple(columns) if columns is not None else tuple(info.schema.names)
     check_columns(info, by=by_, time=time, columns=wanted)
@@ -623,6 +657,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     by_ = _as_tuple(by, "by") or names or tuple(f"key{i}" if width > 1 else "key" for i in range(width))
     if len(by_) != width:
         raise ModelFactoryError(f"by names {len(by_)} column(s) but the keys have {width} part(s).")
+    _refuse_reserved_names("map_keys", keys=by_, fix="name the key otherwise (by=..., or the keys' dict names).")
     key_columns = _key_columns(keys, rows, by_)
     key_types = tuple(c.type for c in key_columns)
     # duplicates as the group table will hold them ("a" and b"a" are one binary value there)
@@ -823,6 +858,12 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter,
                     allow_empty=True)
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
+    # the run's names: a clash is fixed by training again on renamed columns
+    again = "rename it in the data and train again (a run scores the columns it was trained on)."
+    _refuse_reserved_names("score", keys=by_, of=f" of run {man['run_id']}", fix=again,
+                           scored=scored_columns(sp["time"], sp["target"], feats))
+    _refuse_reserved_names("score", scored={k: "partition" for k in info.source.partition_keys if k not in by_},
+                           of=f" of {data!r}", fix="rename those folders (or score a folder below them).")
     check_time_zone(info, sp["time"], man)
     src = model_source(st, man, info, trust)
     check_key_types(src, by_, info.schema)

@@ -525,12 +525,9 @@ def _cmd_models_list(args) -> int:
                          **man["summary"]["counts"], "groups": man["summary"]["groups"],
                          "committed": man["committed"]})
         pending = [p["run_id"] for p in st.pending()]
-        if not rows and not pending and not st.location.fs.exists(st.location.root):
+        if not rows and not pending:
             # a misspelt --store printed "no runs in stroe" and exit 0, as for a store yet to train
-            from .exceptions import StoreError
-
-            raise StoreError(f"No model store at {st.location.url!r}: there is nothing at that path. Pass the "
-                             "--store of python -m modelfactory train.")
+            _refuse_no_store(st)
     if args.json:
         print(json.dumps({"runs": rows, "interrupted": pending}))
     else:
@@ -552,6 +549,15 @@ def _cmd_models_list(args) -> int:
     return 0
 
 
+def _refuse_no_store(st) -> None:
+    """A StoreError when there is nothing at all at the store's path (a misspelt --store)."""
+    if not st.location.fs.exists(st.location.root):
+        from .exceptions import StoreError
+
+        raise StoreError(f"No model store at {st.location.url!r}: there is nothing at that path. Pass the "
+                         "--store of python -m modelfactory train.")
+
+
 def _cmd_models_show(args) -> int:
     from .store import ModelStore, parse_key
 
@@ -568,11 +574,19 @@ def _show(st, args, parse_key) -> int:
             info["state"] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in model.get_state().items()}
         print(json.dumps(info, default=str) if args.json else json.dumps(info, indent=1, default=str))
         return 0
+    import pandas as pd
+
+    from .plot import format_key
+
     man = st.manifest(args.run)
     groups = st.groups(man["run_id"])
-    failed = groups[groups.status != "ok"].head(20)
+    # the failed groups first: a run with many groups too short to fit (skipped) must not push
+    # its failures and their errors out of the first 20
+    not_ok = pd.concat([groups[groups.status == "failed"], groups[~groups.status.isin(["ok", "failed"])]])
+    failed = not_ok.head(20)
     if args.json:
-        print(json.dumps({"manifest": man, "not_ok": failed.to_dict(orient="records")}, default=str))
+        print(json.dumps({"manifest": man, "not_ok": failed.to_dict(orient="records"),
+                          "not_ok_count": len(not_ok)}, default=str))
         return 0
     s = man["summary"]
     print(f"run {man['run_id']}: {man['spec']['model']} {man['spec']['params']}")
@@ -582,10 +596,18 @@ def _show(st, args, parse_key) -> int:
     if man.get("lineage", {}).get("retrain"):
         print(f"retrained {man['lineage']['retrain']} groups of {man['lineage']['base_run']}; "
               f"carried over {man['lineage']['carried_over']}")
+        if man["lineage"].get("not_in_input"):  # scoring with this run skips them: "no model for this group"
+            from .store import left_out_text
+
+            print(f"{left_out_text(man['lineage'])}: score {'it' if man['lineage']['not_in_input'] == 1 else 'them'} "
+                  f"with --run {man['lineage']['base_run']}")
     by = man["spec"]["by"]
     for row in failed.to_dict(orient="records"):
-        key = ",".join(f"{k}={row[k]}" for k in by)
+        key = format_key({k: row[k] for k in by})  # as --key takes it back (a comma in a value: \,)
         print(f"  {row['status']:<8} {key}: {row['error']}")
+    if len(not_ok) > len(failed):
+        print(f"  ... {len(not_ok) - len(failed):,} more groups not ok: all are in ModelStore(...).groups() "
+              f"and in `report --store {args.store}`")
     return 0
 
 
@@ -619,6 +641,8 @@ def _cmd_models_gc(args) -> int:
     st = ModelStore(args.store, storage_options=_storage_options(args))
     with _store_errors(args.store):
         removed = st.gc(keep=args.keep, pending=args.pending, dry_run=args.dry_run)
+        if not removed:  # a misspelt --store (a clean-up job from cron) removed nothing, every time
+            _refuse_no_store(st)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(removed)} run(s)" + (": " + ", ".join(removed) if removed else ""))
     return 0

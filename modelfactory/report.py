@@ -151,7 +151,11 @@ def _collect(store: Any, run: str, scores: Any, top: int, storage_options: dict 
         raise StoreError(f"No model store at {st.location.url!r} (no committed run there). Pass the store= "
                          "folder of modelfactory.train (python -m modelfactory train ... --store STORE).")
     man = st.manifest(run)
-    groups = st.groups(man["run_id"])
+    if (man.get("lineage") or {}).get("carried_over"):  # a retrain: which run fitted each group
+        cols = [*man["spec"]["by"], "status", "error", "rows", "seconds", "fitted_in"]
+        groups = st.table(man["run_id"], columns=cols).to_pandas()
+    else:
+        groups = st.groups(man["run_id"])
     facts = _Facts(st.location.url, man, groups, list(man["spec"]["by"]), top=top)
     if scores is not None:
         url = scores._out.url if hasattr(scores, "_out") and scores._out is not None else os.fspath(scores)
@@ -183,6 +187,17 @@ def _header(f: _Facts) -> str:
     ]
     if sp.get("filter"):
         rows.append(("Filter", sp["filter"]))
+    lineage = m.get("lineage") or {}
+    if lineage.get("retrain"):
+        carried = int(_carried(f).sum())
+        left_out = ""
+        if lineage.get("not_in_input"):
+            from .store import left_out_text
+
+            left_out = f"; {left_out_text(lineage)}"
+        rows.append(("Retrain", (f"{lineage['retrain']} groups of run {lineage.get('base_run')}: "
+                                 f"{len(f.groups) - carried:,} fitted in this run, {carried:,} carried over"
+                                 f"{left_out}")))
     versions = m.get("versions") or {}
     if versions:
         rows.append(("Versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
@@ -204,6 +219,7 @@ def _status(f: _Facts) -> str:
 
 def _dimensions(f: _Facts) -> str:
     g = f.groups
+    carried = _carried(f)
     out = ["<h2>By dimension</h2>"]
     skipped = []
     for k in f.by:
@@ -215,7 +231,8 @@ def _dimensions(f: _Facts) -> str:
         t = pd.crosstab(values, g["status"]).reindex(columns=list(_STATUS), fill_value=0)
         t["groups"] = t.sum(axis=1)
         t["rows"] = g.groupby(values, observed=True)["rows"].sum()
-        t["seconds"] = g.groupby(values, observed=True)["seconds"].sum()
+        # fit time in this run: a retrain's carried-over groups were fitted (and timed) in another
+        t["seconds"] = g["seconds"].where(~carried, 0.0).groupby(values, observed=True).sum()
         t = t.sort_values(["failed", "skipped", "groups"], ascending=False, kind="stable")
         shown = t.head(_MAX_DIMENSION_ROWS)
         out.append(f"<h3>{esc(k)}</h3>")
@@ -252,14 +269,28 @@ def _problems(f: _Facts, status: str, title: str) -> str:
     return "".join(out)
 
 
+def _carried(f: _Facts) -> pd.Series:
+    """Which groups a retrain carried over from an earlier run (their models and times are that
+    run's), as a boolean Series; all False for a run that fitted every group itself."""
+    g = f.groups
+    if "fitted_in" not in g:
+        return pd.Series(False, index=g.index)
+    return g["fitted_in"].notna() & (g["fitted_in"] != f.manifest["run_id"])
+
+
 def _timing(f: _Facts) -> str:
     g = f.groups
-    fitted = g[g["status"] != "skipped"]
+    carried = _carried(f)
+    fitted = g[(g["status"] != "skipped") & ~carried]
     secs = fitted["seconds"].to_numpy(dtype=float)
     secs = secs[np.isfinite(secs)]
     out = ["<h2>Fit time</h2>"]
+    if carried.any():
+        runs = ", ".join(sorted(g.loc[carried, "fitted_in"].unique()))
+        out.append(f"<p class='note'>{int(carried.sum()):,} groups carried over from run {esc(runs)} (their "
+                   "models and times are that run's) are not counted here.</p>")
     if secs.size == 0:
-        return out[0] + "<p>No group was fitted.</p>"
+        return "".join(out) + "<p>No group was fitted in this run.</p>"
     q = np.quantile(secs, [0.5, 0.9, 0.99])
     out.append(f"<p>{secs.size:,} groups fitted in {_secs(secs.sum())} of work: median {_secs(q[0])}, "
                f"p90 {_secs(q[1])}, p99 {_secs(q[2])}, max {_secs(secs.max())}.</p>")

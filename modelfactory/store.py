@@ -87,6 +87,21 @@ def leaf_index(man: dict) -> dict:
     return index
 
 
+def left_out_text(lineage: dict) -> str:
+    """How many groups of a retrain's base its input lacked, so the run has no model for them."""
+    n, base = lineage["not_in_input"], lineage["base_run"]
+    return (f"1 group of run {base} is not in this run (its input lacked it)" if n == 1 else
+            f"{n:,} groups of run {base} are not in this run (its input lacked them)")
+
+
+def _as_run_id(run: Any) -> Any:
+    """The id of ``run`` when it is the Run that train returned (``run.id``), else ``run``: a
+    Run passed as run= was refused as "No committed run <Run ...>"."""
+    if not isinstance(run, str) and isinstance(getattr(run, "id", None), str):
+        return run.id
+    return run
+
+
 def _denied_is_a_store_error(method):
     """Turn an object store's "access denied" into a StoreError that names the store."""
 
@@ -171,6 +186,7 @@ class ModelStore:
 
     @_denied_is_a_store_error
     def resolve(self, run: str | None = "latest") -> str:
+        run = _as_run_id(run)
         if run in (None, "latest"):
             rid = self.latest()
             if rid is None:
@@ -208,6 +224,7 @@ class ModelStore:
         # Read straight away (resolve() would first ask whether the manifest exists: a request
         # more per run, which `models list` pays for every run of the store); resolve() only
         # when the read finds nothing, for an error that says what is missing.
+        run = _as_run_id(run)
         rid = self.latest() if run in (None, "latest") else run
         if rid is None:
             rid = self.resolve(run)  # raises: no run has fitted a model yet

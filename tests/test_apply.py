@@ -722,3 +722,16 @@ def test_a_second_job_writing_the_same_output_folder_meanwhile_makes_the_first_r
     th.join(60)
     assert "run" not in box, "the first job committed an output folder that another job had emptied"
     assert "changed while run" in str(box["error"]) and "was not committed" in str(box["error"])
+
+
+def test_a_key_named_as_a_column_of_the_group_table_is_refused_up_front(tmp_path):
+    # apply(by=["status"]) (an HTTP status) stopped in its unit with `KeyError: Field "status"
+    # exists 2 times in schema`; map_keys of {"status": ...} keys the same
+    from modelfactory.exceptions import SchemaError
+
+    data = str(tmp_path / "d.parquet")
+    pd.DataFrame({"status": [200, 200, 500], "v": [1.0, 2.0, 3.0]}).to_parquet(data)
+    with pytest.raises(SchemaError, match="The key column 'status' has the name of a column of the group table"):
+        modelfactory.apply(data, by=["status"], func=lambda d: d, schema="status bigint, v double", cluster="inline")
+    with pytest.raises(SchemaError, match="The key column 'rows' has the name of a column of the group table"):
+        modelfactory.map_keys([{"rows": 1}, {"rows": 2}], func=lambda k: k, cluster="inline")

@@ -596,3 +596,31 @@ def test_the_reasons_groups_were_not_scored_keep_the_run_id_they_name(runs):
     words = " ".join(check_report_html(build_report(runs["store_fussy"], scores=runs["scores_fussy"])).text)
     assert f"in run {rid}" in words
     assert "NTNZ" not in words
+
+
+def test_the_report_of_a_retrain_says_which_groups_it_fitted_and_which_it_carried_over(tmp_path):
+    # the report of an --only-changed run that refitted 1 group of 6 said "6 groups fitted in ...
+    # of work", timing the 5 models carried over from the base run as its own, and said nothing of
+    # the retrain (models show does)
+    import re
+
+    from _data import metrics_table
+
+    t = metrics_table(series=6, apps=3)
+    args = dict(by=["app", "site"], time="ts", target="value", params={"season_length": 24}, cluster="inline")
+    store = str(tmp_path / "store")
+    base = modelfactory.train(write(t, tmp_path / "v1", ["app"]), store=store, **args)
+    df = t.to_pandas()
+    df.loc[df.site == "s004", "value"] += 50
+    changed = write(pa.Table.from_pandas(df, schema=t.schema, preserve_index=False), tmp_path / "v2", ["app"])
+    run = modelfactory.train(changed, store=store, retrain="changed", **args)
+    text = " ".join(html.unescape(re.sub("<[^>]+>", " ", build_report(store, run.id))).split())
+    assert f"Retrain changed groups of run {base.id}: 1 fitted in this run, 5 carried over" in text
+    assert "1 groups fitted in" in text and "5 groups carried over from run " + base.id in text
+    slowest = text[text.index("Slowest groups"):]
+    by_app = text[text.index("By dimension"):text.index("Fit time")]
+    assert "app0 2 2 0 0 144 0 µs" in by_app and "app2 2 2 0 0 144 0 µs" in by_app  # s004 is app1's
+    assert "app1 2 2 0 0 144 0 µs" not in by_app
+    assert "s004" in slowest and "s000" not in slowest
+    # a run that is no retrain says nothing of it
+    assert "Retrain" not in " ".join(build_report(store, base.id).split())

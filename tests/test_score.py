@@ -585,3 +585,47 @@ def test_a_folder_claimed_by_another_job_as_this_one_commits_is_left_uncommitted
 
 
 CUT_72 = pa.scalar(pd.Timestamp("2026-03-04T00:00:00", tz="UTC"), pa.timestamp("s", tz="UTC"))
+
+
+def test_columns_named_as_a_column_score_writes_are_refused_before_anything_is_written(tmp_path):
+    # a target named `score` (or a feature `upper`, a key `anomalies`) was scored "ok", into files
+    # with two columns of that name: the model's score beside the value, which pandas, to_pandas
+    # and the report then could not read (Can't unify schema with duplicate field names), and
+    # `plot --store` drew the model's score as the series
+    from modelfactory.exceptions import SchemaError
+    from modelfactory.plot import load_series
+    from modelfactory.store import _digest_of
+
+    clash = "has the name of a column (of the group table )?that score writes"
+    for rename, args, what in [
+            ({"value": "score"}, dict(by=["app", "site"], target="value"), "The target column 'score'"),
+            ({"x1": "upper"}, dict(by=["app", "site"], target="value", features=["x1"], model="random_forest"),
+             "The feature column 'upper'"),
+            ({"site": "anomalies"}, dict(by=["app", "site"], target="value"), "The key column 'anomalies'")]:
+        (old, new), = rename.items()
+        folder = tmp_path / new
+        folder.mkdir()
+        metrics_table(series=3).to_pandas().rename(columns=rename).to_parquet(folder / "a.parquet")
+        store, out, data = str(folder / "store"), folder / "scores", str(folder / "a.parquet")
+        named = {k: ([new if c == old else c for c in v] if isinstance(v, list) else new if v == old else v)
+                 for k, v in args.items()}
+        if new != "anomalies":  # a run that could never be scored is not made
+            with pytest.raises(SchemaError, match=f"{what} {clash}"):
+                modelfactory.train(data, time="ts", store=store, cluster="inline", **named)
+            assert not (folder / "store").exists()
+            # a run committed before train refused such names: its spec names the column
+            metrics_table(series=3).to_pandas().to_parquet(folder / "orig.parquet")
+            run = modelfactory.train(str(folder / "orig.parquet"), time="ts", store=store, cluster="inline", **args)
+            path = folder / "store" / "runs" / run.id / "manifest.json"
+            body = json.loads(path.read_text())
+            body.pop("checksum")
+            body["spec"].update({k: v for k, v in named.items() if k in ("target", "features")})
+            body["checksum"] = _digest_of(body)
+            path.write_text(json.dumps(body))
+            with pytest.raises(SchemaError, match=f"{what} of run {run.id} {clash}"):
+                load_series(store, "app=app0,site=s000", data=data)
+        else:
+            modelfactory.train(data, time="ts", store=store, cluster="inline", **named)
+        with pytest.raises(SchemaError, match=f"{what} of run .* {clash}"):
+            modelfactory.score(data, store=store, out=str(out), cluster="inline")
+        assert not out.exists()

@@ -477,3 +477,72 @@ def test_a_run_removed_by_gc_while_a_job_reads_it_is_named_as_removed_not_as_dam
     st.location.rm(second["parts"][0]["path"])
     with pytest.raises(IntegrityError, match="is missing from .* restore the file from a backup"):
         read_part(st.location, second["parts"][0])
+
+
+def test_models_show_lists_failed_groups_before_skipped_ones_as_keys_it_takes_back(tmp_path, capsys):
+    # 22 groups too short (skipped) sort before the one that failed: `show` printed the first 20
+    # not-ok groups in key order, so the failure and its error were not shown at all, nor how
+    # many were left out; and a key with a comma was printed so that --key could not take it back
+    t = metrics_table(series=24, hours=72, apps=1).to_pandas()
+    t = t[(t.site >= "s022") | (t.ts.dt.hour < 3)]
+    t["site"] = t.site.replace({"s023": "z,23"})
+    t = pd.concat([t, t[t.site == "z,23"]])  # every time twice: the group fails
+    data = str(tmp_path / "d.parquet")
+    t.to_parquet(data)
+    store = str(tmp_path / "store")
+    run = modelfactory.train(data, store=store, cluster="inline", params={"season_length": 24}, **ARGS)
+    assert run.summary["counts"] == {"ok": 1, "failed": 1, "skipped": 22}
+    assert main(["models", "show", "--store", store]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].startswith(r"  failed   app=app0,site=z\,23: 72 row(s) repeat a timestamp")
+    assert sum(line.startswith("  skipped ") for line in lines) == 19
+    assert "3 more groups not ok" in lines[-1]
+    assert main(["models", "show", "--store", store, "--key", r"app=app0,site=z\,23"]) == 2
+    assert "Group {'app': 'app0', 'site': 'z,23'} has no model: failed" in capsys.readouterr().err
+    assert main(["models", "show", "--store", store, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["not_ok"][0]["status"] == "failed" and shown["not_ok_count"] == 23
+
+
+def test_models_gc_of_a_store_that_is_not_there_is_an_error(trained, capsys):
+    # a misspelt --store (a cron clean-up job) printed "removed 0 run(s)" and exit 0, every time
+    store, run = trained
+    typo = str(store) + "e"
+    assert main(["models", "gc", "--store", typo, "--keep", "1"]) == 2
+    assert f"error: No model store at '{typo}': there is nothing at that path" in capsys.readouterr().err
+    assert main(["models", "gc", "--store", str(store), "--keep", "1"]) == 0
+    assert "removed 0 run(s)" in capsys.readouterr().out
+
+
+def test_models_show_and_the_report_of_a_retrain_say_which_base_groups_it_has_no_model_for(tmp_path, capsys):
+    # the input of an --only-changed run lacked a group of its base: only a warning at train time
+    # said so; `models show` and the report of the run (now LATEST, so `score` skips that group:
+    # "no model for this group") were silent
+    import re
+    import shutil
+
+    from modelfactory.report import build_report
+
+    t = metrics_table(series=4, hours=48, apps=1)
+    data = write(t, tmp_path / "d", ["site"])
+    store = str(tmp_path / "s")
+    first = modelfactory.train(data, store=store, cluster="inline", params={"season_length": 24}, **ARGS)
+    shutil.rmtree(tmp_path / "d" / "site=s003")
+    modelfactory.train(data, store=store, cluster="inline", params={"season_length": 24}, retrain="changed", **ARGS)
+    assert main(["models", "show", "--store", store]) == 0
+    said = f"1 group of run {first.id} is not in this run (its input lacked it): score it with --run {first.id}"
+    assert said in capsys.readouterr().out
+    text = " ".join(re.sub("<[^>]+>", " ", build_report(store)).split())
+    assert f"1 group of run {first.id} is not in this run (its input lacked it)" in text
+
+
+def test_the_run_that_train_returns_is_taken_as_run(trained, tmp_path, by_app):
+    # score(run=train(...)) and load(key, run=run) said "No committed run <Run ...>"
+    store, run = trained
+    modelfactory.train(by_app, store=str(store), cluster="inline", params={"season_length": 12}, **ARGS)
+    st = modelfactory.ModelStore(str(store))
+    assert st.latest() != run.id
+    assert st.manifest(run)["run_id"] == run.id and len(st.groups(run)) == 12
+    assert st.load({"app": "app0", "site": "s000"}, run=run).season_length == 24
+    scores = modelfactory.score(by_app, store=str(store), out=str(tmp_path / "o"), run=run, cluster="inline")
+    assert scores.summary["model_run"] == run.id

@@ -223,3 +223,15 @@ def test_a_train_run_that_fits_no_model_warns_with_the_commonest_reason(by_app, 
     assert "season_length" in reason
     (msg,) = [r.getMessage() for r in caplog.records if "fitted no model" in r.getMessage()]
     assert f"(0 failed, 12 skipped; most often, 12 skipped: {reason})" in msg
+
+
+@pytest.mark.parametrize("name", ["status", "error", "seconds", "fitted_in"])
+def test_a_key_column_named_as_a_column_of_the_group_table_is_refused_up_front(tmp_path, name):
+    # a key `status` (an HTTP status) stopped the run in its unit with `KeyError: Field "status"
+    # exists 2 times in schema`, a pending run left behind and the advice to resume it
+    data = str(tmp_path / "d.parquet")
+    metrics_table(series=3).to_pandas().rename(columns={"site": name}).to_parquet(data)
+    store = tmp_path / "store"
+    with pytest.raises(SchemaError, match=f"The key column {name!r} has the name of a column of the group table"):
+        modelfactory.train(data, by=["app", name], time="ts", target="value", store=str(store), cluster="inline")
+    assert not store.exists()
