@@ -419,7 +419,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                           "given the value it is to predict learns to copy it and expects each anomaly as it "
                           "comes (isolation_forest uses the target already: include_target). Drop "
                           f"{target!r} from features (--features).")
-    _refuse_reserved_names("train", keys=by_, fix="rename it in the data (e.g. http_status) and pass that to by=.")
+    # a key named as a column of score's group table (anomalies, max_score) too: such a run could never be scored
+    for kind in ("train", "score"):
+        _refuse_reserved_names(kind, keys=by_, fix="rename it in the data (e.g. http_status) and pass that to by=.")
     _refuse_reserved_names("train", scored=scored_columns(time, target, feats),
                            fix="rename it in the data; a run with it could never be scored.")
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)

@@ -609,23 +609,22 @@ def test_columns_named_as_a_column_score_writes_are_refused_before_anything_is_w
         store, out, data = str(folder / "store"), folder / "scores", str(folder / "a.parquet")
         named = {k: ([new if c == old else c for c in v] if isinstance(v, list) else new if v == old else v)
                  for k, v in args.items()}
-        if new != "anomalies":  # a run that could never be scored is not made
-            with pytest.raises(SchemaError, match=f"{what} {clash}"):
-                modelfactory.train(data, time="ts", store=store, cluster="inline", **named)
-            assert not (folder / "store").exists()
-            # a run committed before train refused such names: its spec names the column
-            metrics_table(series=3).to_pandas().to_parquet(folder / "orig.parquet")
-            run = modelfactory.train(str(folder / "orig.parquet"), time="ts", store=store, cluster="inline", **args)
-            path = folder / "store" / "runs" / run.id / "manifest.json"
-            body = json.loads(path.read_text())
-            body.pop("checksum")
-            body["spec"].update({k: v for k, v in named.items() if k in ("target", "features")})
-            body["checksum"] = _digest_of(body)
-            path.write_text(json.dumps(body))
+        # a run that could never be scored is not made
+        with pytest.raises(SchemaError, match=f"{what} {clash}"):
+            modelfactory.train(data, time="ts", store=store, cluster="inline", **named)
+        assert not (folder / "store").exists()
+        # a run committed before train refused such names: its spec names the column
+        metrics_table(series=3).to_pandas().to_parquet(folder / "orig.parquet")
+        run = modelfactory.train(str(folder / "orig.parquet"), time="ts", store=store, cluster="inline", **args)
+        path = folder / "store" / "runs" / run.id / "manifest.json"
+        body = json.loads(path.read_text())
+        body.pop("checksum")
+        body["spec"].update({k: v for k, v in named.items() if k in ("target", "features", "by")})
+        body["checksum"] = _digest_of(body)
+        path.write_text(json.dumps(body))
+        if new != "anomalies":
             with pytest.raises(SchemaError, match=f"{what} of run {run.id} {clash}"):
                 load_series(store, "app=app0,site=s000", data=data)
-        else:
-            modelfactory.train(data, time="ts", store=store, cluster="inline", **named)
         with pytest.raises(SchemaError, match=f"{what} of run .* {clash}"):
             modelfactory.score(data, store=store, out=str(out), cluster="inline")
         assert not out.exists()
