@@ -387,3 +387,32 @@ def test_one_stray_timestamp_skips_its_series_and_never_widens_the_batch_grid(mo
                                   "max_missing=0.2: its 336 values span 491,")
     assert "from 1970-01-01T00:00:00 to 2026-01-" in str(out[0])
     assert all(o.nobs_ == n for o in out[1:])
+
+
+@pytest.mark.parametrize("n_estimators", [1, 2, 3])
+def test_random_forest_with_few_trees_scales_by_the_rows_that_have_out_of_bag_residuals(n_estimators):
+    """scikit-learn predicts 0 out of bag for a row that every tree drew: with n_estimators=1 the
+    residual scale then flagged 49 of 50 clean rows, with 2 or 3 it was so wide a spike of 30
+    sigmas passed."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 3))
+    y = 100 + 10 * X[:, 0] + rng.normal(size=200)
+    m = get("random_forest", n_estimators=n_estimators).fit(y, X=X)
+    Xn = rng.normal(size=(50, 3))
+    yn = 100 + 10 * Xn[:, 0] + rng.normal(size=50)
+    yn[10] += 30
+    flags = m.score(yn, X=Xn)["is_anomaly"]
+    assert flags[10]
+    assert flags.sum() <= 3
+    assert abs(m.center_) < 5
+
+
+def test_random_forest_max_features_is_a_fraction_even_when_written_as_an_int():
+    """``-p max_features=1`` arrives as the int 1, which scikit-learn reads as one feature per split:
+    a forest of random splits, not the default 1.0 it means."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 5))
+    y = 100 + 10 * X[:, 0] + rng.normal(size=300)
+    a, b = get("random_forest", max_features=1).fit(y, X=X), get("random_forest").fit(y, X=X)
+    Xt = rng.normal(size=(100, 5))
+    assert np.array_equal(a.predict(Xt), b.predict(Xt))
