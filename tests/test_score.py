@@ -585,3 +585,24 @@ def test_a_folder_claimed_by_another_job_as_this_one_commits_is_left_uncommitted
 
 
 CUT_72 = pa.scalar(pd.Timestamp("2026-03-04T00:00:00", tz="UTC"), pa.timestamp("s", tz="UTC"))
+
+
+@pytest.mark.parametrize("model", ["holt_winters", "autoencoder"])
+def test_a_group_scored_only_on_its_training_range_is_skipped_with_the_reason(tmp_path, model):
+    """holt_winters, ets, sarimax and autoencoder score only rows after the end of training: scoring
+    the training data itself (to find anomalies in the history) gave every group ``ok`` with 0
+    anomalies, a planted 50-sigma spike unseen and nothing saying no row had been scored."""
+    t = metrics_table(series=4, hours=24 * 7, apps=2)
+    data = write(t, tmp_path / "data", ["app"])
+    newer = t.set_column(t.schema.get_field_index("ts"), "ts",
+                         pc.add(t["ts"], pa.scalar(pd.Timedelta(days=7), pa.duration("s"))))
+    later = write(newer.filter(pc.equal(newer["site"], "s000")), tmp_path / "later", ["app"])
+    store = str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, model=model,
+                       cluster="inline")
+    g = modelfactory.score(data, store=store, out=str(tmp_path / "scores"), cluster="inline").groups
+    assert set(g.status) == {"skipped"}
+    assert g.error.str.contains("after the end of training (2026-03-08T23:00:00 UTC)", regex=False).all()
+    # rows after the end of training are scored as before
+    g = modelfactory.score(later, store=store, out=str(tmp_path / "later-scores"), cluster="inline").groups
+    assert g.status.tolist() == ["ok"]
