@@ -326,3 +326,19 @@ def test_nan_parameters_are_refused_and_numpy_scalars_are_plain_values():
     import json
 
     assert json.loads(json.dumps(m.get_params()))["season_length"] == 12
+
+
+@pytest.mark.parametrize("name", ["seasonal", "holt_winters", "ets", "sarimax", "autoencoder"])
+def test_fit_reads_a_series_in_time_order_whatever_the_order_of_its_rows(name):
+    """``fit(y, t=t)`` on rows straight from an unsorted frame inferred a wrong step (seasonal),
+    skipped the series saying it had 5 values (holt_winters, ets, sarimax) or raised a bare
+    ValueError (autoencoder), where a run, which sorts the rows, fitted it."""
+    rng = np.random.default_rng(0)
+    H = 24 * 14
+    t = np.arange(H + 24) * 3600 + 1767225600
+    y = 100 + 10 * np.sin(2 * np.pi * np.arange(H + 24) / 24) + rng.normal(size=H + 24)
+    params = {**FAST.get(name, {}), "season_length": 24} if name != "autoencoder" else FAST[name]
+    mix = rng.permutation(H)
+    a = get(name, **params).fit(y[:H], t=t[:H])
+    b = get(name, **params).fit(y[:H][mix], t=t[:H][mix])
+    np.testing.assert_allclose(b.score(y[H:], t=t[H:])["expected"], a.score(y[H:], t=t[H:])["expected"])

@@ -278,6 +278,12 @@ class Model:
         t = None if t is None else _as_seconds(t)
         X = None if X is None else _as_2d(X)
         self._check_data(y, t, X)
+        if t is not None and y.size > 1 and (np.diff(t) < 0).any():
+            # models of a series in time read it in time order (the step from consecutive
+            # spacings, the grid, the windows): rows straight from an unsorted frame got a wrong
+            # step and a skip saying "got 5 values", or a bare ValueError, where a run sorts them
+            order = np.argsort(t, kind="stable")
+            y, t, X = y[order], t[order], None if X is None else X[order]
         self._fit(y, t, X)
         return self
 
