@@ -416,3 +416,36 @@ def test_random_forest_max_features_is_a_fraction_even_when_written_as_an_int():
     a, b = get("random_forest", max_features=1).fit(y, X=X), get("random_forest").fit(y, X=X)
     Xt = rng.normal(size=(100, 5))
     assert np.array_equal(a.predict(Xt), b.predict(Xt))
+
+
+@pytest.mark.parametrize("name, params", [("ets", {"season_length": 6, "maxiter": 20}),
+                                          ("sarimax", {"season_length": 6, "maxiter": 20}),
+                                          ("autoencoder", {"window": 6, "max_iter": 50})])
+def test_one_stray_timestamp_skips_a_per_series_model_before_any_grid_is_built(name, params):
+    """ets, sarimax and autoencoder put a series on its whole grid before checking max_missing: one
+    row stamped a year early on 10-second data made a 3-million-point grid (a row stamped 1970-01-01
+    asked for 1.3 GiB, and a worker's memory), where holt_winters skips it first."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    t = 1767225600 + np.arange(600) * 10
+    t = np.concatenate(([t[0] - 365 * 86400], t))
+    y = 100 + rng.normal(size=t.size)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SkipGroup, match=r"99\.98\d% of the time steps are missing .* span 3,154,200 steps "
+                                            r"of 10 s, from 2025-01-01T00:00:00"):
+            get(name, **params).fit(y, t=t)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000
+    if name != "autoencoder":  # with max_length, only the last steps are put on a grid and fitted
+        get(name, **params, max_length=300).fit(y[1:], t=t[1:])  # statsmodels' imports, before measuring
+        tracemalloc.start()
+        try:
+            m = get(name, **params, max_length=300).fit(y, t=t)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert m.t_last_ == t[-1] and peak < 20_000_000

@@ -95,12 +95,32 @@ def _positions(batch: SeriesBatch, steps: np.ndarray):
     return sid, v, pos_from_end, t_last, glen
 
 
-def series_to_grid(y: np.ndarray, t: np.ndarray | None, step: int | None):
-    """One series on its regular grid: ``(values, t_first, step)`` (NaN where missing)."""
+def series_to_grid(y: np.ndarray, t: np.ndarray | None, step: int | None, *, max_len: int | None = None,
+                   max_missing: float | None = None, name: str = "model"):
+    """One series on its regular grid: ``(values, t_first, step)`` (NaN where missing).
+
+    Only its last ``max_len`` grid points are kept.  With ``max_missing``, a series whose finite
+    values cannot fill that share of its grid is skipped (:class:`SkipGroup`) before the grid is
+    built: one stray timestamp years away (a row stamped 1970-01-01) made a grid of millions of
+    points, 1.3 GiB for 10-second data, to find out it was too sparse.
+    """
+    from .base import SkipGroup
+
     b = SeriesBatch(np.asarray(y, dtype=np.float64), np.array([0, len(y)]),
                     None if t is None else np.asarray(t, dtype=np.int64))
     steps = infer_steps(b, step)
-    Y, t_last, glen = batch_to_grid(b, steps)
+    if max_missing is not None and b.times is not None and len(y):
+        span, finite, last = grid_spans(b, steps)
+        window = int(span[0]) if max_len is None else min(int(span[0]), max_len)
+        if finite[0] < (1.0 - max_missing) * window:
+            gone = 1 - finite[0] / window
+            first = int(b.times.min())
+            raise SkipGroup(
+                (f"{name}: {gone:.0%}" if gone < 0.995 else f"{name}: {gone:.3%}")
+                + f" of the time steps are missing (NaN or absent), more than max_missing={max_missing}: "
+                f"its {int(finite[0])} values span {int(span[0]):,} steps of {int(steps[0])} s, from "
+                f"{np.datetime64(first, 's')} to {np.datetime64(int(last[0]), 's')}")
+    Y, t_last, glen = batch_to_grid(b, steps, max_len=max_len)
     L = int(glen[0])
     vals = Y[0, Y.shape[1] - L:]
     return vals, int(t_last[0]) - (L - 1) * int(steps[0]), int(steps[0])

@@ -161,7 +161,7 @@ class Autoencoder(Model):
 
     # -- windows ----------------------------------------------------------
     def _fit_window(self, y, t) -> None:
-        vals, t0, self.step_ = series_to_grid(y, t, self.step)
+        vals, t0, self.step_ = series_to_grid(y, t, self.step, max_missing=self.max_missing, name=self.name)
         vals = np.where(np.isfinite(vals), vals, np.nan)  # +-inf is missing too
         missing = float(np.mean(~np.isfinite(vals)))
         if missing > self.max_missing:

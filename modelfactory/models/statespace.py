@@ -51,7 +51,8 @@ class _StateSpaceModel(Model):
         raise NotImplementedError
 
     def _grid(self, y, t):
-        vals, t0, step = series_to_grid(y, t, self.step)
+        vals, t0, step = series_to_grid(y, t, self.step, max_len=self.max_length, max_missing=self.max_missing,
+                                        name=self.name)
         vals = np.where(np.isfinite(vals), vals, np.nan)  # +-inf is missing too: statsmodels cannot use it
         if self.max_length is not None and vals.size > self.max_length:
             t0 += (vals.size - self.max_length) * step
