@@ -12,14 +12,15 @@ import numpy as np
 
 from .base import SeriesBatch
 
-__all__ = ["infer_steps", "batch_to_grid", "grid_spans", "series_to_grid", "seasonal_fill"]
+__all__ = ["infer_steps", "refine_step", "batch_to_grid", "grid_spans", "series_to_grid", "seasonal_fill"]
 
 
 def infer_steps(batch: SeriesBatch, step: int | None) -> np.ndarray:
     """The time step of every series of ``batch`` in seconds (>= 1).
 
     ``step`` if given, else the (lower) median positive spacing of each series' times
-    (1 when there are no times or fewer than two distinct ones).
+    (1 when there are no times or fewer than two distinct ones), refined by
+    :func:`refine_step`.
     """
     n = len(batch)
     if step is not None:
@@ -33,8 +34,32 @@ def infer_steps(batch: SeriesBatch, step: int | None) -> np.ndarray:
         d = np.diff(t[s:e])
         d = d[d > 0]
         if d.size:  # the lower median: robust to a few gaps, never between two spacings
-            out[i] = max(1, int(np.partition(d, (d.size - 1) // 2)[(d.size - 1) // 2]))
+            med = max(1, int(np.partition(d, (d.size - 1) // 2)[(d.size - 1) // 2]))
+            out[i] = refine_step(t[s:e], med)
     return out
+
+
+def refine_step(t: np.ndarray, median: int) -> int:
+    """The step of a series whose times ``t`` (sorted) jitter about a regular grid: the slope of
+    the times against their grid index (each spacing rounded to whole ``median`` steps), to the
+    second.
+
+    The median spacing of jittered times is off by its sampling error: hourly times jittered by up
+    to 5 minutes gave 3,583 s, the grid drifted three steps over four weeks, and holt_winters'
+    band came out 250 times too wide (never alerting, yet ``ok``).  Exactly regular times keep
+    their step.
+
+    >>> t = np.arange(672) * 3600 + np.tile([0, 290, -280, 10], 168)
+    >>> refine_step(t, 3583)
+    3600
+    """
+    t = np.asarray(t, dtype=np.int64)
+    k = np.concatenate(([0.0], np.cumsum(np.rint(np.diff(t) / median))))
+    if t.size < 2 or k[-1] < 1:
+        return int(median)
+    x = (t - t[0]).astype(np.float64)
+    kc = k - k.mean()
+    return max(1, int(round(float(kc @ (x - x.mean())) / float(kc @ kc))))
 
 
 def batch_to_grid(batch: SeriesBatch, steps: np.ndarray, *, max_len: int | None = None,

@@ -100,6 +100,29 @@ def segment_median(values: np.ndarray, seg: np.ndarray, nseg: int, *,
     return med, count
 
 
+def _refined(t, sid, lengths, step, same, d) -> np.ndarray:
+    """:func:`~modelfactory.models._timegrid.refine_step` for every series at once: the slope of
+    each series' times against their grid index (spacings rounded to whole median steps)."""
+    n = len(lengths)
+    inc = np.where(same, np.rint(d / step[sid[1:]]), 0.0)
+    k = np.concatenate(([0.0], np.cumsum(inc)))
+    first = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.intp)
+    has = lengths > 0
+    k0, t0 = np.zeros(n), np.zeros(n, dtype=np.int64)
+    k0[has], t0[has] = k[first[has]], t[first[has]]
+    k = k - k0[sid]
+    x = (t - t0[sid]).astype(np.float64)
+    cnt = np.maximum(lengths, 1)
+    kc = k - (np.bincount(sid, weights=k, minlength=n) / cnt)[sid]
+    xc = x - (np.bincount(sid, weights=x, minlength=n) / cnt)[sid]
+    sxx = np.bincount(sid, weights=kc * kc, minlength=n)
+    sxy = np.bincount(sid, weights=kc * xc, minlength=n)
+    ok = sxx > 0
+    out = step.copy()
+    out[ok] = np.maximum(1, np.rint(sxy[ok] / sxx[ok])).astype(np.int64)
+    return out
+
+
 class SeasonalProfile(Model):
     """Median and MAD per season slot; the default for very large runs.
 
@@ -168,7 +191,8 @@ class SeasonalProfile(Model):
             d = np.diff(t).astype(np.float64)
             same = (sid[1:] == sid[:-1]) & (d > 0)
             med, cnt = segment_median(d[same], sid[1:][same], n, lower=True)
-            step = np.where(cnt > 0, med, 1).astype(np.int64)
+            step = np.maximum(np.where(cnt > 0, med, 1), 1).astype(np.int64)
+            step = _refined(t, sid, lengths, step, same, d)
         step = np.maximum(step, 1)
         ok = np.isfinite(v)
         sid_f, v_f = sid[ok], v[ok]
