@@ -150,6 +150,13 @@ def test_unknown_parameter_names_the_closest_valid_one():
     ("isolation_forest", {"n_estimators": 0}, r"'n_estimators' parameter of IsolationForest must be an int in"),
     ("random_forest", {"max_features": 1.5}, r"'max_features' parameter of RandomForest must be a finite float in"),
     ("autoencoder", {"window": True}, r"'window' parameter of Autoencoder must be an int in \[2, 10000\]\. Got True"),
+    # a window shorter than the model needs skipped or failed every group of a run that had read all
+    # its data (holt_winters checked it only in fit_batch)
+    ("holt_winters", {"max_length": 10},
+     r"The 'max_length' parameter of HoltWinters \(10\) must be at least min_seasons x season_length = 48\."),
+    ("ets", {"max_length": 10}, r"The 'max_length' parameter of ETS \(10\) must be at least two seasons, "
+                                r"2 x season_length = 48\."),
+    ("sarimax", {"max_length": 20}, r"The 'max_length' parameter of SARIMAX \(20\) must be at least two seasons"),
 ])
 def test_out_of_range_parameters_say_what_is_allowed(name, params, message):
     model = get(name, **params)

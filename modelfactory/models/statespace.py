@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..exceptions import ModelError
+from ..exceptions import ModelError, ParameterError
 from ._timegrid import seasonal_fill, series_to_grid
 from ._util import fit_quietly as _fit_quietly
 from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
@@ -49,6 +49,14 @@ class _StateSpaceModel(Model):
 
     def _seasonal(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def validate_params(self) -> None:
+        super().validate_params()
+        # a window shorter than two seasons skips every group: say so before a run reads any data
+        if self.max_length is not None and self._seasonal() and self.max_length < 2 * self.season_length:
+            raise ParameterError(
+                f"The 'max_length' parameter of {type(self).__name__} ({self.max_length}) must be at least "
+                f"two seasons, 2 x season_length = {2 * self.season_length}.")
 
     def _grid(self, y, t):
         vals, t0, step = series_to_grid(y, t, self.step, max_len=self.max_length, max_missing=self.max_missing,
