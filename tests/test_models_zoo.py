@@ -489,3 +489,22 @@ def test_seasonal_slots_hold_times_stamped_a_few_seconds_early():
     old = dumps("seasonal", m.get_params(), {"step_": 3600, "median_": np.arange(24.0), "scale_": np.ones(24)})
     back = registry["seasonal"].from_bytes(old)
     assert back.score([10.0], t=[t[0] + 10 * 3600 + 3599])["expected"].tolist() == [10.0]
+
+
+def test_autoencoder_scores_a_window_after_a_gap_from_real_values():
+    """A window scored days after training was reconstructed from a straight line drawn across the
+    gap: scoring two days at a time over two weeks flagged 8 clean points (one day at a time, 36 of
+    336), where scoring them in one call flagged none."""
+    rng = np.random.default_rng(0)
+    H, N = 24 * 28, 24 * 42
+    h = np.arange(N)
+    t = 1767225600 + h * 3600
+    y = 100 + 20 * np.sin(2 * np.pi * h / 24) + rng.normal(size=N)
+    m = get("autoencoder").fit(y[:H], t=t[:H])
+    assert not m.score(y[H:], t=t[H:])["is_anomaly"].any()
+    flags = [m.score(y[s:s + 48], t=t[s:s + 48])["is_anomaly"].sum() for s in range(H, N, 48)]
+    assert sum(flags) == 0
+    daily = [m.score(y[s:s + 24], t=t[s:s + 24])["is_anomaly"].sum() for s in range(H, N, 24)]
+    assert sum(daily) <= 10
+    y[H + 24 * 9 + 5] += 15  # and a spike a week after training is still caught
+    assert m.score(y[H + 24 * 9:H + 24 * 11], t=t[H + 24 * 9:H + 24 * 11])["is_anomaly"][5]
