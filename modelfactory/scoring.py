@@ -313,7 +313,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
             status[i], errors[i] = "failed", "the stored model bytes decode to no model (None)"
         for i in [i for i, st in enumerate(status) if st == "ok"]:
             s, e = int(groups.starts[i]), int(groups.ends[i])
-            if e > s and _nothing_scored(cols, s, e):
+            if e > s and getattr(fitted[i], "expects_what_it_scores", False) and _nothing_scored(cols, s, e):
                 status[i], errors[i] = "skipped", _unscored_reason(fitted[i], None if t is None else t[s:e], e - s)
         scored = np.repeat(np.array([st == "ok" for st in status], dtype=bool), groups.ends - groups.starts)
         flags = cols["is_anomaly"] & scored

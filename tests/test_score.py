@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -606,3 +607,31 @@ def test_a_group_scored_only_on_its_training_range_is_skipped_with_the_reason(tm
     # rows after the end of training are scored as before
     g = modelfactory.score(later, store=store, out=str(tmp_path / "later-scores"), cluster="inline").groups
     assert g.status.tolist() == ["ok"]
+
+
+class _Detector(modelfactory.models.Model):
+    """A user detector that expects nothing: NaN ``expected``, score 1 on values above a limit."""
+
+    name = "limit_detector"
+    params = {"limit": modelfactory.models.Param(1000.0, float), **modelfactory.models.base.SCORING_PARAMS}
+    state_attrs = ("seen_",)
+
+    def _fit(self, y, t, X):
+        self.seen_ = int(len(y))
+
+    def _score(self, y, t, X):
+        hit = y > self.limit
+        nan = np.full(y.shape, np.nan)
+        return {"expected": nan, "lower": nan, "upper": nan, "score": hit.astype(float), "is_anomaly": hit}
+
+
+def test_a_detector_that_expects_nothing_keeps_its_groups_ok(tmp_path):
+    """Only models that say so (the built-ins) have a group with no expected value reported skipped:
+    a user detector that scored every row 0 is ok, with its rows written."""
+    t = metrics_table(series=2, hours=48, apps=1)
+    data = write(t, tmp_path / "data", ["app"])
+    store = str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, model=_Detector,
+                       cluster="inline")
+    run = modelfactory.score(data, store=store, out=str(tmp_path / "scores"), cluster="inline", trust=True)
+    assert run.groups.status.tolist() == ["ok", "ok"] and len(run.to_pandas()) == 96

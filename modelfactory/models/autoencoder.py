@@ -109,6 +109,7 @@ class Autoencoder(Model):
     (``expected`` NaN, score 0).
     """
 
+    expects_what_it_scores = True
     name = "autoencoder"
     params: ClassVar = {
         "input": Param("window", choices=("window", "features"), doc="what to reconstruct"),

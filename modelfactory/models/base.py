@@ -218,6 +218,10 @@ class Model:
     skips_huge_values: ClassVar[bool] = True
     #: Attribute names (ending in ``_``) that make up the fitted state.
     state_attrs: ClassVar[tuple[str, ...]] = ()
+    #: Whether a row this model has no ``expected`` value for was not scored (True for the
+    #: built-ins): ``score`` then reports a group none of whose rows has one as ``skipped``, with
+    #: the reason, not ``ok`` with 0 anomalies.  False for a detector that expects nothing.
+    expects_what_it_scores: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = set(kwargs) - set(self.params)

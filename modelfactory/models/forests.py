@@ -41,6 +41,7 @@ def average_path_length(n) -> np.ndarray:
 
 
 class _Forest(Model):
+    expects_what_it_scores = True
     needs_features = True
 
     def required_rows(self) -> int:

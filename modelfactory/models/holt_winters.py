@@ -245,6 +245,7 @@ class HoltWinters(Model):
     True
     """
 
+    expects_what_it_scores = True
     name = "holt_winters"
     needs_time = True
     params: ClassVar = {

@@ -167,6 +167,7 @@ class SeasonalProfile(Model):
     [False, True]
     """
 
+    expects_what_it_scores = True
     name = "seasonal"
     needs_time = True
     skips_huge_values = False  # medians and MADs: no squares to overflow, as fit_batch (a run) fits them

@@ -39,6 +39,7 @@ _MAX_HORIZON = 100_000
 class _StateSpaceModel(Model):
     """Shared plumbing: regular grid, skip rules, tail storage, scoring by horizon."""
 
+    expects_what_it_scores = True
     needs_time = True
     state_attrs: ClassVar = ("step_", "t_last_", "params_", "tail_", "notes_", "yloc_", "yscale_")
     _centre: ClassVar[bool] = False  # subtract the median too (only where a level absorbs it)
