@@ -154,8 +154,8 @@ def test_unknown_parameter_names_the_closest_valid_one():
     # its data (holt_winters checked it only in fit_batch)
     ("holt_winters", {"max_length": 10},
      r"The 'max_length' parameter of HoltWinters \(10\) must be at least min_seasons x season_length = 48\."),
-    ("ets", {"max_length": 10}, r"The 'max_length' parameter of ETS \(10\) must be at least two seasons, "
-                                r"2 x season_length = 48\."),
+    ("ets", {"max_length": 10},
+     r"The 'max_length' parameter of ETS \(10\) must be at least two seasons, 2 x season_length = 48\."),
     ("sarimax", {"max_length": 20}, r"The 'max_length' parameter of SARIMAX \(20\) must be at least two seasons"),
 ])
 def test_out_of_range_parameters_say_what_is_allowed(name, params, message):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -613,11 +614,11 @@ class _Detector(modelfactory.models.Model):
     """A user detector that expects nothing: NaN ``expected``, score 1 on values above a limit."""
 
     name = "limit_detector"
-    params = {"limit": modelfactory.models.Param(1000.0, float), **modelfactory.models.base.SCORING_PARAMS}
+    params: ClassVar = {"limit": modelfactory.models.Param(1000.0, float), **modelfactory.models.base.SCORING_PARAMS}
     state_attrs = ("seen_",)
 
     def _fit(self, y, t, X):
-        self.seen_ = int(len(y))
+        self.seen_ = len(y)
 
     def _score(self, y, t, X):
         hit = y > self.limit

@@ -59,7 +59,7 @@ def refine_step(t: np.ndarray, median: int) -> int:
         return int(median)
     x = (t - t[0]).astype(np.float64)
     kc = k - k.mean()
-    return max(1, int(round(float(kc @ (x - x.mean())) / float(kc @ kc))))
+    return max(1, round(float(kc @ (x - x.mean())) / float(kc @ kc)))
 
 
 def batch_to_grid(batch: SeriesBatch, steps: np.ndarray, *, max_len: int | None = None,

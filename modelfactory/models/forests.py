@@ -16,9 +16,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..exceptions import ModelError
 from ._trees import apply_trees, pack_trees
 from ._util import center_scale, fit_quietly, max_abs, scale_floor
-from ..exceptions import ModelError
 from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
 
 __all__ = ["IsolationForest", "RandomForest", "average_path_length"]
