@@ -264,6 +264,12 @@ def _unscored_reason(model, t: np.ndarray | None, n: int) -> str:
         return (f"none of its {n} rows is after the end of training ({end} UTC): {name} scores only "
                 f"rows after it, not its own training range; score newer rows (or train 'seasonal', "
                 f"which scores any time)")
+    if getattr(model, "input", None) == "window" and last is not None:  # the autoencoder
+        end = np.datetime64(int(last), "s").astype(str)
+        return (f"none of its {n} rows could be scored: {name} reconstructs a point from windows of "
+                f"{model.window} steps of mostly real values, and these rows come after a gap since the end "
+                f"of training ({end} UTC) with too few steps around them: score at least {model.window} "
+                f"consecutive steps at a time")
     return (f"none of its {n} rows could be scored: {name} expected no value for any of them "
             f"(for a forest, rows whose features are all missing; for a forecasting model, rows at or "
             f"before the end of training or too far after it)")

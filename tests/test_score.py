@@ -636,3 +636,16 @@ def test_a_detector_that_expects_nothing_keeps_its_groups_ok(tmp_path):
                        cluster="inline")
     run = modelfactory.score(data, store=store, out=str(tmp_path / "scores"), cluster="inline", trust=True)
     assert run.groups.status.tolist() == ["ok", "ok"] and len(run.to_pandas()) == 96
+
+
+def test_a_few_autoencoder_rows_after_a_gap_are_skipped_saying_how_many_to_score(tmp_path):
+    t = metrics_table(series=1, hours=24 * 7, apps=1)
+    store = str(tmp_path / "store")
+    modelfactory.train(write(t, tmp_path / "data", ["app"]), by=["app", "site"], time="ts", target="value",
+                       store=store, model="autoencoder", cluster="inline")
+    later = t.slice(0, 6).set_column(t.schema.get_field_index("ts"), "ts",
+                                     pc.add(t.slice(0, 6)["ts"], pa.scalar(pd.Timedelta(days=10), pa.duration("s"))))
+    g = modelfactory.score(write(later, tmp_path / "later", ["app"]), store=store, out=str(tmp_path / "scores"),
+                           cluster="inline").groups
+    assert g.status.tolist() == ["skipped"]
+    assert "score at least 24 consecutive steps at a time" in g.error[0]

@@ -200,15 +200,18 @@ class Autoencoder(Model):
             if not known.any():  # no new finite value: forecast-free, reconstruct the context
                 ctx = np.concatenate([self.tail_, np.full(H, self.tail_[-1])])
             R = self.reconstruct(_windows(ctx, self.window))
-            recon = _average_reconstruction(R, ctx.size)
             # Windows that hold interpolated steps (a gap between training and these points, or
             # within them) are not the series: a day scored a week after training was reconstructed
             # from a straight line across that week, and its first hours were flagged (36 of 336
-            # clean points over two weeks of daily scoring). Where windows of real values cover a
-            # point, only they reconstruct it.
+            # clean points over two weeks of daily scoring; six hours at a time, 211 of 336). A
+            # point is reconstructed from the windows of real values that cover it, else from those
+            # no more interpolated than training allowed (max_missing); a point no such window
+            # covers is not scored (expected NaN).
             real = np.concatenate([np.ones(len(self.tail_), dtype=bool), known])
-            clean = _average_reconstruction(R, ctx.size, use=_windows(real, self.window).all(axis=1))
-            recon = np.where(np.isfinite(clean), clean, recon)
+            share = 1.0 - _windows(real, self.window).mean(axis=1)
+            recon = _average_reconstruction(R, ctx.size, use=share == 0)
+            loose = _average_reconstruction(R, ctx.size, use=share <= self.max_missing)
+            recon = np.where(np.isfinite(recon), recon, loose)
             expected[ok] = self.loc_ + self.scale_ * (recon[len(self.tail_):][h[ok] - 1] + self.center_)
         return expected
 
