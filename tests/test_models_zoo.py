@@ -528,3 +528,13 @@ def test_autoencoder_does_not_score_a_few_points_after_a_gap_from_a_line_across_
     day[12], day[5] = np.nan, day[5] + 15
     s = m.score(day, t=t[H + 72:H + 96])
     assert np.isfinite(s["expected"]).all() and s["is_anomaly"].tolist() == [i == 5 for i in range(24)]
+
+
+@pytest.mark.parametrize("name", ["holt_winters", "seasonal"])
+def test_daily_times_at_local_midnight_keep_a_day_as_their_step(name):
+    """Most spacings exactly a day, a few 23 or 25 hours (local midnight across clock changes): the
+    step stays 86,400 s, not the slope of the times (86,3xx s, slots drifting over the years)."""
+    days = pd.date_range("2026-01-01", periods=100, freq="D", tz="Europe/Berlin")
+    t = days.tz_convert("UTC").as_unit("s").asi8
+    y = 10 + np.tile([0, 1, 2, 3, 4, 8, 9], 15)[:100] + np.random.default_rng(0).normal(0, 0.3, 100)
+    assert get(name, season_length=7).fit(y, t=t).step_ == 86400

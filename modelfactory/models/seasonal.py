@@ -117,7 +117,8 @@ def _refined(t, sid, lengths, step, same, d) -> np.ndarray:
     xc = x - (np.bincount(sid, weights=x, minlength=n) / cnt)[sid]
     sxx = np.bincount(sid, weights=kc * kc, minlength=n)
     sxy = np.bincount(sid, weights=kc * xc, minlength=n)
-    ok = sxx > 0
+    exact = np.bincount(sid[1:], weights=same & (d == step[sid[1:]]), minlength=n)
+    ok = (sxx > 0) & (2 * exact < np.bincount(sid[1:], weights=same, minlength=n))  # as refine_step
     out = step.copy()
     out[ok] = np.maximum(1, np.rint(sxy[ok] / sxx[ok])).astype(np.int64)
     return out
