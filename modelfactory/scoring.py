@@ -248,6 +248,33 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
                 seconds[i] = _time.perf_counter() - t1
 
 
+def _nothing_scored(cols: dict, s: int, e: int) -> bool:
+    """Whether the model scored none of the rows ``s:e``: no expected value, no score, no flag.
+    (holt_winters, ets, sarimax and autoencoder do not score the training range: a group scored on
+    its own training rows was ``ok`` with 0 anomalies, a 50-sigma spike in it unseen.)"""
+    return (not np.isfinite(cols["expected"][s:e]).any() and not (cols["score"][s:e] > 0).any()
+            and not cols["is_anomaly"][s:e].any())
+
+
+def _unscored_reason(model, t: np.ndarray | None, n: int) -> str:
+    name = getattr(model, "name", type(model).__name__)
+    last, step = getattr(model, "t_last_", None), getattr(model, "step_", 0)
+    if t is not None and last is not None and step and len(t) and int(np.max(t)) < int(last) + int(step) / 2:
+        end = np.datetime64(int(last), "s").astype(str)
+        return (f"none of its {n} rows is after the end of training ({end} UTC): {name} scores only "
+                f"rows after it, not its own training range; score newer rows (or train 'seasonal', "
+                f"which scores any time)")
+    if getattr(model, "input", None) == "window" and last is not None:  # the autoencoder
+        end = np.datetime64(int(last), "s").astype(str)
+        return (f"none of its {n} rows could be scored: {name} reconstructs a point from windows of "
+                f"{model.window} steps of mostly real values, and these rows come after a gap since the end "
+                f"of training ({end} UTC) with too few steps around them: score at least {model.window} "
+                f"consecutive steps at a time")
+    return (f"none of its {n} rows could be scored: {name} expected no value for any of them "
+            f"(for a forest, rows whose features are all missing; for a forecasting model, rows at or "
+            f"before the end of training or too far after it)")
+
+
 def score_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
     t0 = _time.perf_counter()
     table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter, encode=spec.by)
@@ -290,6 +317,10 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         _score_all(fitted, batch, cols, status, errors, seconds)
         for i in [i for i, st in enumerate(status) if st is None]:  # stored bytes that hold no model
             status[i], errors[i] = "failed", "the stored model bytes decode to no model (None)"
+        for i in [i for i, st in enumerate(status) if st == "ok"]:
+            s, e = int(groups.starts[i]), int(groups.ends[i])
+            if e > s and getattr(fitted[i], "expects_what_it_scores", False) and _nothing_scored(cols, s, e):
+                status[i], errors[i] = "skipped", _unscored_reason(fitted[i], None if t is None else t[s:e], e - s)
         scored = np.repeat(np.array([st == "ok" for st in status], dtype=bool), groups.ends - groups.starts)
         flags = cols["is_anomaly"] & scored
         anomalies = np.add.reduceat(flags, groups.starts).astype(np.int64) if n else np.zeros(0, np.int64)

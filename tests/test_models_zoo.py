@@ -387,3 +387,154 @@ def test_one_stray_timestamp_skips_its_series_and_never_widens_the_batch_grid(mo
                                   "max_missing=0.2: its 336 values span 491,")
     assert "from 1970-01-01T00:00:00 to 2026-01-" in str(out[0])
     assert all(o.nobs_ == n for o in out[1:])
+
+
+@pytest.mark.parametrize("n_estimators", [1, 2, 3])
+def test_random_forest_with_few_trees_scales_by_the_rows_that_have_out_of_bag_residuals(n_estimators):
+    """scikit-learn predicts 0 out of bag for a row that every tree drew: with n_estimators=1 the
+    residual scale then flagged 49 of 50 clean rows, with 2 or 3 it was so wide a spike of 30
+    sigmas passed."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 3))
+    y = 100 + 10 * X[:, 0] + rng.normal(size=200)
+    m = get("random_forest", n_estimators=n_estimators).fit(y, X=X)
+    Xn = rng.normal(size=(50, 3))
+    yn = 100 + 10 * Xn[:, 0] + rng.normal(size=50)
+    yn[10] += 30
+    flags = m.score(yn, X=Xn)["is_anomaly"]
+    assert flags[10]
+    assert flags.sum() <= 3
+    assert abs(m.center_) < 5
+
+
+def test_random_forest_max_features_is_a_fraction_even_when_written_as_an_int():
+    """``-p max_features=1`` arrives as the int 1, which scikit-learn reads as one feature per split:
+    a forest of random splits, not the default 1.0 it means."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 5))
+    y = 100 + 10 * X[:, 0] + rng.normal(size=300)
+    a, b = get("random_forest", max_features=1).fit(y, X=X), get("random_forest").fit(y, X=X)
+    Xt = rng.normal(size=(100, 5))
+    assert np.array_equal(a.predict(Xt), b.predict(Xt))
+
+
+@pytest.mark.parametrize("name, params", [("ets", {"season_length": 6, "maxiter": 20}),
+                                          ("sarimax", {"season_length": 6, "maxiter": 20}),
+                                          ("autoencoder", {"window": 6, "max_iter": 50})])
+def test_one_stray_timestamp_skips_a_per_series_model_before_any_grid_is_built(name, params):
+    """ets, sarimax and autoencoder put a series on its whole grid before checking max_missing: one
+    row stamped a year early on 10-second data made a 3-million-point grid (a row stamped 1970-01-01
+    asked for 1.3 GiB, and a worker's memory), where holt_winters skips it first."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    t = 1767225600 + np.arange(600) * 10
+    t = np.concatenate(([t[0] - 365 * 86400], t))
+    y = 100 + rng.normal(size=t.size)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SkipGroup, match=r"99\.98\d% of the time steps are missing .* span 3,154,200 steps "
+                                            r"of 10 s, from 2025-01-01T00:00:00"):
+            get(name, **params).fit(y, t=t)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000
+    if name != "autoencoder":  # with max_length, only the last steps are put on a grid and fitted
+        get(name, **params, max_length=300).fit(y[1:], t=t[1:])  # statsmodels' imports, before measuring
+        tracemalloc.start()
+        try:
+            m = get(name, **params, max_length=300).fit(y, t=t)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert m.t_last_ == t[-1] and peak < 20_000_000
+
+
+@pytest.mark.parametrize("name", ["holt_winters", "seasonal", "autoencoder"])
+def test_jittered_timestamps_keep_their_regular_step(name):
+    """Hourly times jittered by up to 5 minutes (a job that reports late, a cron's delay) had a
+    median spacing of 3,583 s: the grid drifted three steps over four weeks and holt_winters' band
+    came out 250 times too wide, a 10-sigma spike unseen and the group ``ok``."""
+    rng = np.random.default_rng(0)
+    H, N = 24 * 28, 24 * 35
+    h = np.arange(N)
+    y = 100 + 20 * np.sin(2 * np.pi * h / 24) + rng.normal(size=N)
+    t = 1767225600 + h * 3600 + rng.integers(-300, 301, N)
+    m = get(name).fit(y[:H], t=t[:H])
+    assert m.step_ == 3600
+    y[H + 30] += 12
+    s = m.score(y[H:], t=t[H:])
+    assert s["is_anomaly"][30] and s["is_anomaly"].sum() <= 2
+
+
+def test_seasonal_slots_hold_times_stamped_a_few_seconds_early():
+    """Slots began exactly at the hour: a time stamped 10:59:58 for 11:00 fell into 10:00's slot,
+    every slot mixed two hours and the band came out twice as wide (a spike of 8 sigmas passed)."""
+    rng = np.random.default_rng(0)
+    H, N = 24 * 28, 24 * 35
+    h = np.arange(N)
+    y = 100 + 20 * np.sin(2 * np.pi * h / 24) + rng.normal(size=N)
+    t = 1767225600 + h * 3600
+    jittered = t + rng.integers(-5, 6, N)
+    exact = get("seasonal").fit(y[:H], t=t[:H]).score(y[H:], t=t[H:])
+    m = get("seasonal").fit(y[:H], t=jittered[:H])
+    y[H + 30] += 8
+    s = m.score(y[H:], t=jittered[H:])
+    np.testing.assert_allclose(s["upper"] - s["lower"], exact["upper"] - exact["lower"])
+    assert s["is_anomaly"][30] and s["is_anomaly"].sum() == 1
+    # a model stored before the slots were centred keeps its slots
+    from modelfactory.models.base import dumps
+
+    old = dumps("seasonal", m.get_params(), {"step_": 3600, "median_": np.arange(24.0), "scale_": np.ones(24)})
+    back = registry["seasonal"].from_bytes(old)
+    assert back.score([10.0], t=[t[0] + 10 * 3600 + 3599])["expected"].tolist() == [10.0]
+
+
+def test_autoencoder_scores_a_window_after_a_gap_from_real_values():
+    """A window scored days after training was reconstructed from a straight line drawn across the
+    gap: scoring two days at a time over two weeks flagged 8 clean points (one day at a time, 36 of
+    336), where scoring them in one call flagged none."""
+    rng = np.random.default_rng(0)
+    H, N = 24 * 28, 24 * 42
+    h = np.arange(N)
+    t = 1767225600 + h * 3600
+    y = 100 + 20 * np.sin(2 * np.pi * h / 24) + rng.normal(size=N)
+    m = get("autoencoder").fit(y[:H], t=t[:H])
+    assert not m.score(y[H:], t=t[H:])["is_anomaly"].any()
+    flags = [m.score(y[s:s + 48], t=t[s:s + 48])["is_anomaly"].sum() for s in range(H, N, 48)]
+    assert sum(flags) == 0
+    daily = [m.score(y[s:s + 24], t=t[s:s + 24])["is_anomaly"].sum() for s in range(H, N, 24)]
+    assert sum(daily) <= 10
+    y[H + 24 * 9 + 5] += 15  # and a spike a week after training is still caught
+    assert m.score(y[H + 24 * 9:H + 24 * 11], t=t[H + 24 * 9:H + 24 * 11])["is_anomaly"][5]
+
+
+def test_autoencoder_does_not_score_a_few_points_after_a_gap_from_a_line_across_it():
+    """Six hours scored at a time, days after training, were reconstructed almost wholly from the
+    straight line drawn across the gap: 211 of 336 clean points flagged. Points that no window of
+    (mostly) real values covers are not scored; a day with one missing value still is."""
+    rng = np.random.default_rng(0)
+    H, N = 24 * 28, 24 * 42
+    h = np.arange(N)
+    t = 1767225600 + h * 3600
+    y = 100 + 20 * np.sin(2 * np.pi * h / 24) + rng.normal(size=N)
+    m = get("autoencoder").fit(y[:H], t=t[:H])
+    six = [m.score(y[s:s + 6], t=t[s:s + 6]) for s in range(H, N, 6)]
+    assert not any(r["is_anomaly"].any() for r in six)
+    assert np.isfinite(six[0]["expected"]).all()  # right after training: the training tail is context
+    assert all(np.isnan(r["expected"]).all() for r in six[1:])
+    day = y[H + 72:H + 96].copy()
+    day[12], day[5] = np.nan, day[5] + 15
+    s = m.score(day, t=t[H + 72:H + 96])
+    assert np.isfinite(s["expected"]).all() and s["is_anomaly"].tolist() == [i == 5 for i in range(24)]
+
+
+@pytest.mark.parametrize("name", ["holt_winters", "seasonal"])
+def test_daily_times_at_local_midnight_keep_a_day_as_their_step(name):
+    """Most spacings exactly a day, a few 23 or 25 hours (local midnight across clock changes): the
+    step stays 86,400 s, not the slope of the times (86,3xx s, slots drifting over the years)."""
+    days = pd.date_range("2026-01-01", periods=100, freq="D", tz="Europe/Berlin")
+    t = days.tz_convert("UTC").as_unit("s").asi8
+    y = 10 + np.tile([0, 1, 2, 3, 4, 8, 9], 15)[:100] + np.random.default_rng(0).normal(0, 0.3, 100)
+    assert get(name, season_length=7).fit(y, t=t).step_ == 86400

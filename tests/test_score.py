@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -628,3 +630,65 @@ def test_columns_named_as_a_column_score_writes_are_refused_before_anything_is_w
         with pytest.raises(SchemaError, match=f"{what} of run .* {clash}"):
             modelfactory.score(data, store=store, out=str(out), cluster="inline")
         assert not out.exists()
+
+
+@pytest.mark.parametrize("model", ["holt_winters", "autoencoder"])
+def test_a_group_scored_only_on_its_training_range_is_skipped_with_the_reason(tmp_path, model):
+    """holt_winters, ets, sarimax and autoencoder score only rows after the end of training: scoring
+    the training data itself (to find anomalies in the history) gave every group ``ok`` with 0
+    anomalies, a planted 50-sigma spike unseen and nothing saying no row had been scored."""
+    t = metrics_table(series=4, hours=24 * 7, apps=2)
+    data = write(t, tmp_path / "data", ["app"])
+    newer = t.set_column(t.schema.get_field_index("ts"), "ts",
+                         pc.add(t["ts"], pa.scalar(pd.Timedelta(days=7), pa.duration("s"))))
+    later = write(newer.filter(pc.equal(newer["site"], "s000")), tmp_path / "later", ["app"])
+    store = str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, model=model,
+                       cluster="inline")
+    g = modelfactory.score(data, store=store, out=str(tmp_path / "scores"), cluster="inline").groups
+    assert set(g.status) == {"skipped"}
+    assert g.error.str.contains("after the end of training (2026-03-08T23:00:00 UTC)", regex=False).all()
+    # rows after the end of training are scored as before
+    g = modelfactory.score(later, store=store, out=str(tmp_path / "later-scores"), cluster="inline").groups
+    assert g.status.tolist() == ["ok"]
+
+
+class _Detector(modelfactory.models.Model):
+    """A user detector that expects nothing: NaN ``expected``, score 1 on values above a limit."""
+
+    name = "limit_detector"
+    params: ClassVar = {"limit": modelfactory.models.Param(1000.0, float), **modelfactory.models.base.SCORING_PARAMS}
+    state_attrs = ("seen_",)
+
+    def _fit(self, y, t, X):
+        self.seen_ = len(y)
+
+    def _score(self, y, t, X):
+        hit = y > self.limit
+        nan = np.full(y.shape, np.nan)
+        return {"expected": nan, "lower": nan, "upper": nan, "score": hit.astype(float), "is_anomaly": hit}
+
+
+def test_a_detector_that_expects_nothing_keeps_its_groups_ok(tmp_path):
+    """Only models that say so (the built-ins) have a group with no expected value reported skipped:
+    a user detector that scored every row 0 is ok, with its rows written."""
+    t = metrics_table(series=2, hours=48, apps=1)
+    data = write(t, tmp_path / "data", ["app"])
+    store = str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, model=_Detector,
+                       cluster="inline")
+    run = modelfactory.score(data, store=store, out=str(tmp_path / "scores"), cluster="inline", trust=True)
+    assert run.groups.status.tolist() == ["ok", "ok"] and len(run.to_pandas()) == 96
+
+
+def test_a_few_autoencoder_rows_after_a_gap_are_skipped_saying_how_many_to_score(tmp_path):
+    t = metrics_table(series=1, hours=24 * 7, apps=1)
+    store = str(tmp_path / "store")
+    modelfactory.train(write(t, tmp_path / "data", ["app"]), by=["app", "site"], time="ts", target="value",
+                       store=store, model="autoencoder", cluster="inline")
+    later = t.slice(0, 6).set_column(t.schema.get_field_index("ts"), "ts",
+                                     pc.add(t.slice(0, 6)["ts"], pa.scalar(pd.Timedelta(days=10), pa.duration("s"))))
+    g = modelfactory.score(write(later, tmp_path / "later", ["app"]), store=store, out=str(tmp_path / "scores"),
+                           cluster="inline").groups
+    assert g.status.tolist() == ["skipped"]
+    assert "score at least 24 consecutive steps at a time" in g.error[0]

@@ -218,6 +218,10 @@ class Model:
     skips_huge_values: ClassVar[bool] = True
     #: Attribute names (ending in ``_``) that make up the fitted state.
     state_attrs: ClassVar[tuple[str, ...]] = ()
+    #: Whether a row this model has no ``expected`` value for was not scored (True for the
+    #: built-ins): ``score`` then reports a group none of whose rows has one as ``skipped``, with
+    #: the reason, not ``ok`` with 0 anomalies.  False for a detector that expects nothing.
+    expects_what_it_scores: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = set(kwargs) - set(self.params)
@@ -278,6 +282,12 @@ class Model:
         t = None if t is None else _as_seconds(t)
         X = None if X is None else _as_2d(X)
         self._check_data(y, t, X)
+        if t is not None and y.size > 1 and (np.diff(t) < 0).any():
+            # models of a series in time read it in time order (the step from consecutive
+            # spacings, the grid, the windows): rows straight from an unsorted frame got a wrong
+            # step and a skip saying "got 5 values", or a bare ValueError, where a run sorts them
+            order = np.argsort(t, kind="stable")
+            y, t, X = y[order], t[order], None if X is None else X[order]
         self._fit(y, t, X)
         return self
 

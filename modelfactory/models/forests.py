@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..exceptions import ModelError
 from ._trees import apply_trees, pack_trees
 from ._util import center_scale, fit_quietly, max_abs, scale_floor
 from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
@@ -40,6 +41,7 @@ def average_path_length(n) -> np.ndarray:
 
 
 class _Forest(Model):
+    expects_what_it_scores = True
     needs_features = True
 
     def required_rows(self) -> int:
@@ -61,7 +63,6 @@ class _Forest(Model):
                 raise SkipGroup(f"{self.name}: feature column {bad} has no finite value in this group")
             self.medians_ = np.nanmedian(np.where(np.isfinite(M), M, np.nan), axis=0)
         elif M.shape[1] != len(self.medians_):
-            from ..exceptions import ModelError
 
             raise ModelError(f"{self.name} was fitted on {len(self.medians_) - self._uses_target()} "
                              f"feature columns; got {np.shape(X)[1]}.")
@@ -178,7 +179,6 @@ class IsolationForest(_Forest):
         M = np.asarray(X, dtype=np.float64)
         if not prepared:
             if y is None and M.shape[1] != len(self.medians_):
-                from ..exceptions import ModelError
 
                 raise ModelError(f"isolation_forest was fitted on {len(self.medians_)} columns "
                                  f"(features{' and target' if self.include_target else ''}); got {M.shape[1]}.")
@@ -251,14 +251,27 @@ class RandomForest(_Forest):
 
         ok = np.isfinite(y)
         M = self._matrix(y[ok], X[ok], fitting=True)
+        # a fraction, always: scikit-learn reads an int as a count of features (1: one per split)
         est = RandomForestRegressor(n_estimators=self.n_estimators, max_depth=self.max_depth,
-                                    min_samples_leaf=self.min_samples_leaf, max_features=self.max_features,
+                                    min_samples_leaf=self.min_samples_leaf, max_features=float(self.max_features),
                                     bootstrap=True, oob_score=True, random_state=self.random_state, n_jobs=1)
         est, self.notes_ = fit_quietly(lambda: est.fit(M, y[ok]))
         self._store_trees(pack_trees([e.tree_ for e in est.estimators_], lambda tr: tr.value[:, 0, 0]))
         oob = np.asarray(est.oob_prediction_, dtype=np.float64).reshape(-1)
+        # scikit-learn predicts 0 for a row that no tree left out of its bootstrap sample (with few
+        # trees, many rows): its "residual" is the value itself, and with n_estimators=1 the scale
+        # then flagged almost every clean row, with 2 or 3 it was ten times too wide to see a spike
+        left_out = np.zeros(len(M), dtype=bool)
+        for drawn in est.estimators_samples_:
+            in_bag = np.zeros(len(M), dtype=bool)
+            in_bag[drawn] = True
+            left_out |= ~in_bag
+        if not left_out.any():
+            raise ModelError(f"random_forest: no row was left out of every tree's bootstrap sample, so there "
+                             f"are no out-of-bag residuals to scale anomalies by; raise n_estimators "
+                             f"(got {self.n_estimators})")
         floor = scale_floor(np.max(np.abs(y[ok])))
-        self.center_, self.scale_ = center_scale(y[ok] - oob, floor=floor)
+        self.center_, self.scale_ = center_scale((y[ok] - oob)[left_out], floor=floor)
 
     def predict(self, X) -> np.ndarray:
         """scikit-learn's ``RandomForestRegressor.predict``, in numpy."""

@@ -245,6 +245,7 @@ class HoltWinters(Model):
     True
     """
 
+    expects_what_it_scores = True
     name = "holt_winters"
     needs_time = True
     params: ClassVar = {
@@ -263,6 +264,14 @@ class HoltWinters(Model):
     def required_rows(self) -> int:
         return self.season_length * self.min_seasons
 
+    def validate_params(self) -> None:
+        super().validate_params()
+        # checked with the others, before a run reads any data (from fit_batch, it failed every group)
+        if self.max_length is not None and self.max_length < self.required_rows():
+            raise ParameterError(
+                f"The 'max_length' parameter of HoltWinters ({self.max_length}) must be at least "
+                f"min_seasons x season_length = {self.required_rows()}.")
+
     @classmethod
     def fit_batch(cls, params: dict, batch: SeriesBatch) -> list:
         proto = cls(**params)
@@ -270,10 +279,6 @@ class HoltWinters(Model):
         m, n = proto.season_length, len(batch)
         if n == 0:
             return []
-        if proto.max_length is not None and proto.max_length < proto.required_rows():
-            raise ParameterError(
-                f"The 'max_length' parameter of HoltWinters ({proto.max_length}) must be at least "
-                f"min_seasons x season_length = {proto.required_rows()}.")
         steps = infer_steps(batch, proto.step)
         # Series too sparse for any window of them to pass (one stray timestamp years back) stay off
         # the batch's grid: its width is the widest series', for every series of the batch.

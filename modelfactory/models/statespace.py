@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..exceptions import ModelError
+from ..exceptions import ModelError, ParameterError
 from ._timegrid import seasonal_fill, series_to_grid
 from ._util import fit_quietly as _fit_quietly
 from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
@@ -39,6 +39,7 @@ _MAX_HORIZON = 100_000
 class _StateSpaceModel(Model):
     """Shared plumbing: regular grid, skip rules, tail storage, scoring by horizon."""
 
+    expects_what_it_scores = True
     needs_time = True
     state_attrs: ClassVar = ("step_", "t_last_", "params_", "tail_", "notes_", "yloc_", "yscale_")
     _centre: ClassVar[bool] = False  # subtract the median too (only where a level absorbs it)
@@ -50,8 +51,17 @@ class _StateSpaceModel(Model):
     def _seasonal(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def validate_params(self) -> None:
+        super().validate_params()
+        # a window shorter than two seasons skips every group: say so before a run reads any data
+        if self.max_length is not None and self._seasonal() and self.max_length < 2 * self.season_length:
+            raise ParameterError(
+                f"The 'max_length' parameter of {type(self).__name__} ({self.max_length}) must be at least "
+                f"two seasons, 2 x season_length = {2 * self.season_length}.")
+
     def _grid(self, y, t):
-        vals, t0, step = series_to_grid(y, t, self.step)
+        vals, t0, step = series_to_grid(y, t, self.step, max_len=self.max_length, max_missing=self.max_missing,
+                                        name=self.name)
         vals = np.where(np.isfinite(vals), vals, np.nan)  # +-inf is missing too: statsmodels cannot use it
         if self.max_length is not None and vals.size > self.max_length:
             t0 += (vals.size - self.max_length) * step
