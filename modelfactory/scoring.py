@@ -248,12 +248,18 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
                 seconds[i] = _time.perf_counter() - t1
 
 
-def _nothing_scored(cols: dict, s: int, e: int) -> bool:
-    """Whether the model scored none of the rows ``s:e``: no expected value, no score, no flag.
-    (holt_winters, ets, sarimax and autoencoder do not score the training range: a group scored on
-    its own training rows was ``ok`` with 0 anomalies, a 50-sigma spike in it unseen.)"""
-    return (not np.isfinite(cols["expected"][s:e]).any() and not (cols["score"][s:e] > 0).any()
-            and not cols["is_anomaly"][s:e].any())
+def _nothing_scored(cols: dict, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per group (rows ``starts[i]:ends[i]``), whether the model scored none of its rows: no
+    expected value, no score, no flag; False for a group of no rows.  (holt_winters, ets,
+    sarimax and autoencoder do not score the training range: a group scored on its own training
+    rows was ``ok`` with 0 anomalies, a 50-sigma spike in it unseen.)  In bulk: a million groups
+    are a unit's work, and one check each would cost seconds."""
+    some = np.isfinite(cols["expected"]) | (cols["score"] > 0) | cols["is_anomaly"]
+    out = np.zeros(len(starts), dtype=bool)
+    rows = ends > starts
+    if rows.any():
+        out[rows] = ~np.logical_or.reduceat(some, starts[rows])
+    return out
 
 
 def _unscored_reason(model, t: np.ndarray | None, n: int) -> str:
@@ -317,9 +323,9 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         _score_all(fitted, batch, cols, status, errors, seconds)
         for i in [i for i, st in enumerate(status) if st is None]:  # stored bytes that hold no model
             status[i], errors[i] = "failed", "the stored model bytes decode to no model (None)"
-        for i in [i for i, st in enumerate(status) if st == "ok"]:
-            s, e = int(groups.starts[i]), int(groups.ends[i])
-            if e > s and getattr(fitted[i], "expects_what_it_scores", False) and _nothing_scored(cols, s, e):
+        for i in np.flatnonzero(_nothing_scored(cols, groups.starts, groups.ends)).tolist():
+            if status[i] == "ok" and getattr(fitted[i], "expects_what_it_scores", False):
+                s, e = int(groups.starts[i]), int(groups.ends[i])
                 status[i], errors[i] = "skipped", _unscored_reason(fitted[i], None if t is None else t[s:e], e - s)
         scored = np.repeat(np.array([st == "ok" for st in status], dtype=bool), groups.ends - groups.starts)
         flags = cols["is_anomaly"] & scored

@@ -63,7 +63,6 @@ class _Forest(Model):
                 raise SkipGroup(f"{self.name}: feature column {bad} has no finite value in this group")
             self.medians_ = np.nanmedian(np.where(np.isfinite(M), M, np.nan), axis=0)
         elif M.shape[1] != len(self.medians_):
-
             raise ModelError(f"{self.name} was fitted on {len(self.medians_) - self._uses_target()} "
                              f"feature columns; got {np.shape(X)[1]}.")
         return np.where(np.isfinite(M), M, self.medians_)
@@ -179,7 +178,6 @@ class IsolationForest(_Forest):
         M = np.asarray(X, dtype=np.float64)
         if not prepared:
             if y is None and M.shape[1] != len(self.medians_):
-
                 raise ModelError(f"isolation_forest was fitted on {len(self.medians_)} columns "
                                  f"(features{' and target' if self.include_target else ''}); got {M.shape[1]}.")
             M = np.where(np.isfinite(M), M, self.medians_) if y is None else self._matrix(y, M, False)

@@ -102,25 +102,41 @@ def segment_median(values: np.ndarray, seg: np.ndarray, nseg: int, *,
 
 def _refined(t, sid, lengths, step, same, d) -> np.ndarray:
     """:func:`~modelfactory.models._timegrid.refine_step` for every series at once: the slope of
-    each series' times against their grid index (spacings rounded to whole median steps)."""
+    each series' times against their grid index (spacings rounded to whole median steps), for the
+    series fewer than half of whose spacings are exactly the median (the others keep it, and are
+    not computed: most data is stamped on its grid)."""
     n = len(lengths)
-    inc = np.where(same, np.rint(d / step[sid[1:]]), 0.0)
+    sid1 = sid[1:]
+    exact = np.bincount(sid1[same & (d == step[sid1])], minlength=n)
+    need = 2 * exact < np.bincount(sid1[same], minlength=n)  # as refine_step
+    if not need.any():
+        return step
+    if not need.all():  # the same on the rows of those series alone
+        rows = need[sid]
+        t, lengths = t[rows], lengths[need]
+        sid = np.repeat(np.arange(len(lengths)), lengths)
+        d = np.diff(t).astype(np.float64)
+        same = (sid[1:] == sid[:-1]) & (d > 0)
+        sid1 = sid[1:]
+    sub = step[need]
+    m = len(lengths)
+    inc = np.where(same, np.rint(d / sub[sid1]), 0.0)
     k = np.concatenate(([0.0], np.cumsum(inc)))
     first = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.intp)
     has = lengths > 0
-    k0, t0 = np.zeros(n), np.zeros(n, dtype=np.int64)
+    k0, t0 = np.zeros(m), np.zeros(m, dtype=np.int64)
     k0[has], t0[has] = k[first[has]], t[first[has]]
     k = k - k0[sid]
     x = (t - t0[sid]).astype(np.float64)
     cnt = np.maximum(lengths, 1)
-    kc = k - (np.bincount(sid, weights=k, minlength=n) / cnt)[sid]
-    xc = x - (np.bincount(sid, weights=x, minlength=n) / cnt)[sid]
-    sxx = np.bincount(sid, weights=kc * kc, minlength=n)
-    sxy = np.bincount(sid, weights=kc * xc, minlength=n)
-    exact = np.bincount(sid[1:], weights=same & (d == step[sid[1:]]), minlength=n)
-    ok = (sxx > 0) & (2 * exact < np.bincount(sid[1:], weights=same, minlength=n))  # as refine_step
+    kc = k - (np.bincount(sid, weights=k, minlength=m) / cnt)[sid]
+    xc = x - (np.bincount(sid, weights=x, minlength=m) / cnt)[sid]
+    sxx = np.bincount(sid, weights=kc * kc, minlength=m)
+    sxy = np.bincount(sid, weights=kc * xc, minlength=m)
+    ok = sxx > 0
+    sub[ok] = np.maximum(1, np.rint(sxy[ok] / sxx[ok])).astype(np.int64)
     out = step.copy()
-    out[ok] = np.maximum(1, np.rint(sxy[ok] / sxx[ok])).astype(np.int64)
+    out[need] = sub
     return out
 
 
@@ -130,14 +146,22 @@ def _shifts(wall: np.ndarray, sid: np.ndarray, step: np.ndarray, n: int) -> np.n
 
     Without it, a slot began exactly at the hour: times stamped a few seconds early (10:59:58 for
     11:00) fell into the slot before, mixing two hours in every slot; the band came out twice too
-    wide.  Times on the hour (or on the half hour) get the slots they always had.
+    wide.  Times on the hour (or on the half hour) get the slots they always had.  Series whose
+    times all sit on their step (most data) are not computed: their shift is half a step.
     """
+    shift = step // 2
     if not len(wall):
         return np.zeros(n, dtype=np.int64)
-    ang = 2 * np.pi * (wall % step[sid]) / step[sid]
-    phase = np.arctan2(np.bincount(sid, np.sin(ang), minlength=n), np.bincount(sid, np.cos(ang), minlength=n))
-    phase = np.rint(np.mod(phase, 2 * np.pi) / (2 * np.pi) * step).astype(np.int64)
-    return (step // 2 - phase) % step
+    off = wall % step[sid]
+    uneven = np.bincount(sid[off != 0], minlength=n) > 0
+    if uneven.any():
+        rows = uneven[sid]
+        s, st = sid[rows], step[sid[rows]]
+        ang = 2 * np.pi * off[rows] / st
+        phase = np.arctan2(np.bincount(s, np.sin(ang), minlength=n), np.bincount(s, np.cos(ang), minlength=n))
+        phase = np.rint(np.mod(phase, 2 * np.pi) / (2 * np.pi) * step).astype(np.int64)
+        shift = np.where(uneven, (step // 2 - phase) % step, shift)
+    return shift % step
 
 
 class SeasonalProfile(Model):
