@@ -359,7 +359,9 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
         table, decode = _decoded(table, decode), ()
         cuts = _boundaries(table, by)
         if not _grouped_already(table, by, time, cuts):
-            sort_keys = [(k, "ascending", "at_end") for k in by] + ([(time, "ascending", "at_end")] if time else [])
+            # (name, order) pairs, nulls last (the default): per-key (name, order, null_placement)
+            # triples are pyarrow >= 25 only, and pyproject.toml admits pyarrow 22
+            sort_keys = [(k, "ascending") for k in by] + ([(time, "ascending")] if time else [])
             table = table.take(pc.sort_indices(table, sort_keys=sort_keys)).combine_chunks()
             cuts = _boundaries(table, by)
     else:
