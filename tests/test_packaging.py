@@ -48,3 +48,16 @@ def test_declared_lower_bound_admits_no_release_without_the_apis_used(name):
     assert declared >= needed, (f"pyproject.toml allows {name} {'.'.join(map(str, declared))}, but the "
                                 f"code needs {'.'.join(map(str, needed))}: {why}")
 
+
+
+def test_dask_is_required_with_the_dataframe_extra():
+    # The shuffle imports dask.dataframe. With dask 2024.12 (admitted by the bound) and only the
+    # distributed extra, dask-expr was missing: every shuffle-mode run printed "FutureWarning: Dask
+    # dataframe query planning is disabled because dask-expr is not installed ... This will raise in a
+    # future version" and ran on the legacy implementation.
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    dask = [d for d in deps if re.match(r"^dask\b(?!-)", d)]
+    assert len(dask) == 1, deps
+    m = re.match(r"^dask\[([^]]*)\]", dask[0])
+    extras = {e.strip() for e in m.group(1).split(",")} if m else set()
+    assert {"dataframe", "distributed"} <= extras, dask[0]
