@@ -236,6 +236,30 @@ class OneValueScore(Model):
                 "is_anomaly": np.zeros(len(y), dtype=bool)}
 
 
+class TupleScore(OneValueScore):
+    """A user model whose _score returns (expected, lower, upper), not a dict."""
+
+    name = "tuple_score"
+
+    def _score(self, y, t, X):
+        e = np.full(len(y), self.mean_)
+        return e, e - 1, e + 1
+
+
+def test_a_score_that_returns_a_tuple_fails_its_groups_saying_it_must_be_a_dict(tmp_path):
+    # it failed them with "ValueError: The truth value of an array with more than one element is
+    # ambiguous. Use a.any() or a.all() (at base.py:364 in score)", about modelfactory's own line
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    assert modelfactory.train(data, model=TupleScore, store=store, cluster="inline",
+                              **ARGS).summary["counts"]["ok"] == 3
+    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+    assert scored.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
+    assert scored.groups.error.str.startswith(
+        "ModelError: TupleScore._score returned tuple, not a dict; it must return a dict of expected, lower, "
+        "upper, score, is_anomaly, one value per row.").all(), scored.groups.error.tolist()
+
+
 def test_a_fit_that_returns_none_fails_its_groups_with_the_reason(tmp_path):
     data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
     run = modelfactory.train(data, model=ForgetsReturnSelf, store=str(tmp_path / "s"), cluster="inline", **ARGS)

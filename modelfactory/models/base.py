@@ -360,6 +360,11 @@ class Model:
         if self.needs_features and X is None:
             raise ModelError(f"{self.name} needs the features of each point to score it: pass X=.")
         out = self._score(y, t, X)
+        if not hasattr(out, "keys") or not hasattr(out, "__getitem__"):
+            # a tuple of arrays (expected, lower, upper) was "ValueError: The truth value of an array
+            # with more than one element is ambiguous" at the `in` test below
+            raise ModelError(f"{type(self).__name__}._score returned {type(out).__name__}, not a dict; it must "
+                             f"return a dict of {', '.join(SCORE_KEYS)}, one value per row.")
         for key in SCORE_KEYS:  # numpy would broadcast a single value over every row without a word
             if key not in out:
                 raise ModelError(f"{type(self).__name__}._score returned no {key!r}; it must return "
