@@ -260,6 +260,35 @@ def test_a_score_that_returns_a_tuple_fails_its_groups_saying_it_must_be_a_dict(
         "upper, score, is_anomaly, one value per row.").all(), scored.groups.error.tolist()
 
 
+class SetsOtherState(OneValueScore):
+    """A user model whose _fit sets avg_ while state_attrs says mean_."""
+
+    name = "sets_other_state"
+
+    def _fit(self, y, t, X):
+        self.avg_ = float(np.nanmean(y))
+
+
+class NoStateAttrs(OneValueScore):
+    name = "no_state_attrs"
+    state_attrs = ()
+
+
+@pytest.mark.parametrize("cls, error", [
+    (SetsOtherState, "SetsOtherState.fit left mean_ unset (state_attrs = ('mean_',)): set every attribute of "
+                     "state_attrs in _fit, or list in state_attrs the ones it sets"),
+    (NoStateAttrs, "NoStateAttrs declares no state_attrs, so it can never be scored or loaded as fitted: list "
+                   "the attributes its fit sets (e.g. state_attrs = ('mean_',))"),
+])
+def test_a_fit_that_leaves_the_model_unfitted_fails_its_groups_instead_of_ok(tmp_path, cls, error):
+    # Such a run was `ok 3`, and every score of it failed "NotFittedError: This SetsOtherState is
+    # not fitted yet: call fit() first": a model marked ok that no one could use.
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    run = modelfactory.train(data, model=cls, store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    assert run.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
+    assert set(run.groups.error) == {error}
+
+
 def test_a_fit_that_returns_none_fails_its_groups_with_the_reason(tmp_path):
     data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
     run = modelfactory.train(data, model=ForgetsReturnSelf, store=str(tmp_path / "s"), cluster="inline", **ARGS)
