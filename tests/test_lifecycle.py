@@ -289,6 +289,23 @@ def test_a_fit_that_leaves_the_model_unfitted_fails_its_groups_instead_of_ok(tmp
     assert set(run.groups.error) == {error}
 
 
+class NoScore(OneValueScore):
+    name = "no_score"
+    _score = Model._score
+
+
+def test_a_model_without_score_fails_its_groups_saying_what_to_write(tmp_path):
+    # it was "NotImplementedError:  (at base.py:387 in _score)", with no message at all
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    assert modelfactory.train(data, model=NoScore, store=store, cluster="inline", **ARGS).summary["counts"]["ok"] == 3
+    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+    assert scored.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
+    assert scored.groups.error.str.startswith(
+        "NotImplementedError: NoScore does not implement _score(self, y, t, X), so it cannot score: return a dict "
+        "of expected, lower, upper, score, is_anomaly, one value per row (see examples/custom_model.py)").all()
+
+
 def test_a_fit_that_returns_none_fails_its_groups_with_the_reason(tmp_path):
     data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
     run = modelfactory.train(data, model=ForgetsReturnSelf, store=str(tmp_path / "s"), cluster="inline", **ARGS)

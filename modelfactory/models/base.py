@@ -383,8 +383,10 @@ class Model:
         out["is_anomaly"] = _debounce(flags, mode, k)
         return out
 
-    def _score(self, y, t, X) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _score(self, y, t, X) -> dict[str, np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement _score(self, y, t, X), so it cannot "
+                                  f"score: return a dict of {', '.join(SCORE_KEYS)}, one value per row "
+                                  "(see examples/custom_model.py)")
 
     @classmethod
     def score_batch(cls, models: list, batch: SeriesBatch, **kwargs: Any) -> dict[str, np.ndarray]:
