@@ -485,3 +485,24 @@ def test_resuming_a_retrain_by_id_uses_the_base_it_started_from_after_another_ru
     assert run.id == pending["run_id"] and st.pending() == []
     assert run.summary["counts"] == {"ok": 24, "failed": 0, "skipped": 0}
     assert st.manifest(run.id)["lineage"]["base_run"] == first.id
+
+
+class PlainDictParams(OneValueScore):
+    """A user model that declares its parameters as plain values, not Param."""
+
+    name = "plain_dict_params"
+    params = {"k": 3.0}
+
+
+def test_parameters_declared_without_param_are_refused_up_front_by_name(tmp_path, capsys):
+    # train raised "AttributeError: 'float' object has no attribute 'default'" (the CLI: an
+    # internal error) from Model.__init__
+    from modelfactory.exceptions import ModelError
+
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    want = ("PlainDictParams.params['k'] is 3.0, a float: declare each parameter as a Param with its default, "
+            "e.g. params = {'k': Param(3.0)} (from modelfactory.models import Param; Param(3.0, float, low=0) "
+            "also checks the value).")
+    with pytest.raises(ModelError) as err:
+        modelfactory.train(data, model=PlainDictParams, store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    assert str(err.value) == want and not (tmp_path / "s").exists()

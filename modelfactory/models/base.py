@@ -232,6 +232,11 @@ class Model:
                 f"Parameters: {', '.join(self.params) or '(none)'}."
             )
         for k, p in self.params.items():
+            if not isinstance(p, Param):  # `params = {"k": 3.0}` was "AttributeError: 'float' object has no attribute 'default'"
+                raise ModelError(
+                    f"{type(self).__name__}.params[{k!r}] is {p!r}, a {type(p).__name__}: declare each parameter as a "
+                    f"Param with its default, e.g. params = {{{k!r}: Param({p!r})}} "
+                    "(from modelfactory.models import Param; Param(3.0, float, low=0) also checks the value).")
             v = kwargs.get(k, p.default)
             # numpy scalars as Python values: checked alike, and stored in JSON manifests
             setattr(self, k, v.item() if isinstance(v, np.generic) else v)
