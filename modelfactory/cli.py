@@ -305,9 +305,35 @@ def _parsers(parser: argparse.ArgumentParser):
                 yield from _parsers(sub)
 
 
+def _version() -> str:
+    """``modelfactory 0.1.0 (Python 3.11.7; dask ..., pandas ..., pyarrow ..., ...)``: what a bug report needs."""
+    import platform
+    from importlib import metadata
+
+    from . import __version__
+
+    libs = []
+    for name in ("dask", "distributed", "pandas", "numpy", "pyarrow", "scikit-learn", "statsmodels", "fsspec"):
+        try:
+            libs.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            libs.append(f"{name} not installed")
+    return f"modelfactory {__version__} (Python {platform.python_version()}; {', '.join(libs)})"
+
+
+class _Version(argparse.Action):
+    """``--version``: one line, not wrapped to the terminal as argparse's own version action wraps it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m modelfactory", description="One model per group, for millions of groups, on Dask.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="print the versions of modelfactory, Python and the libraries it runs on, and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser("train", help="fit one model per group and commit them to a store",

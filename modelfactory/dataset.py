@@ -282,9 +282,11 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
                 # file.  (A local empty file may be one being written: that is refused.)
                 log.debug("Skipping the empty object %r (a folder marker)", frag.path)
                 return None
+            fix = ("modelfactory reads Parquet only: write the data as Parquet first (a CSV file: "
+                   "pd.read_csv(...).to_parquet('data.parquet'))." if is_file else
+                   "Move files that are not Parquet out of the folder (or start their names with '_' or '.').")
             raise DatasetError(f"Cannot open the Parquet dataset at {url!r}: cannot read the Parquet footer "
-                               f"of {frag.path!r} ({err}). Move files that are not Parquet out of the "
-                               "folder (or start their names with '_' or '.').") from err
+                               f"of {frag.path!r} ({err}). {fix}") from err
         nulls = dict.fromkeys(check, 0)
         unknown: dict[str, list[int]] = {}  # key column -> row groups without a null count
         if check:

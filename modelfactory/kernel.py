@@ -359,7 +359,9 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
         table, decode = _decoded(table, decode), ()
         cuts = _boundaries(table, by)
         if not _grouped_already(table, by, time, cuts):
-            sort_keys = [(k, "ascending", "at_end") for k in by] + ([(time, "ascending", "at_end")] if time else [])
+            # (name, order) pairs, nulls last (the default): per-key (name, order, null_placement)
+            # triples are pyarrow >= 25 only, and pyproject.toml admits pyarrow 22
+            sort_keys = [(k, "ascending") for k in by] + ([(time, "ascending")] if time else [])
             table = table.take(pc.sort_indices(table, sort_keys=sort_keys)).combine_chunks()
             cuts = _boundaries(table, by)
     else:
@@ -754,6 +756,8 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
         elif not isinstance(f, Model):
             status[i], errors[i] = "failed", (f"{m.cls.__name__}.fit returned {type(f).__name__}, not the fitted "
                                               "model: end fit() with `return self`")
+        elif not f.is_fitted:  # it would be `ok` here and "not fitted yet" in every score
+            status[i], errors[i] = "failed", _unfitted(f)
         else:
             try:
                 blobs[i], status[i] = _serialize(f, m.serializer), "ok"
@@ -763,6 +767,17 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
             "extra_columns": {"model": pa.array(blobs, pa.binary()),
                               "fingerprint": pa.array(prints, pa.binary(8)),
                               "fitted_in": pa.array(fitted_in, pa.string())}}
+
+
+def _unfitted(model: Model) -> str:
+    """Why a model fit returned is not fitted: the state_attrs it left unset, or none declared."""
+    name = type(model).__name__
+    if not model.state_attrs:
+        return (f"{name} declares no state_attrs, so it can never be scored or loaded as fitted: list the "
+                "attributes its fit sets (e.g. state_attrs = ('mean_',))")
+    missing = [a for a in model.state_attrs if not hasattr(model, a)]
+    return (f"{name}.fit left {', '.join(missing)} unset (state_attrs = {tuple(model.state_attrs)!r}): set every "
+            "attribute of state_attrs in _fit, or list in state_attrs the ones it sets")
 
 
 def merge_results(unit_id: str, results: list[UnitResult]) -> UnitResult:

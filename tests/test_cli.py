@@ -194,6 +194,21 @@ def test_every_command_has_help(capsys):
         assert "usage: python -m modelfactory " + name in capsys.readouterr().out
 
 
+def test_version_prints_the_versions_a_bug_report_needs(capsys):
+    # `modelfactory --version` was "error: the following arguments are required: COMMAND", exit 2
+    import pandas
+    import pyarrow
+
+    import modelfactory
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"modelfactory {modelfactory.__version__} (Python {sys.version.split()[0]}; dask ")
+    assert f"pandas {pandas.__version__}" in out and f"pyarrow {pyarrow.__version__}" in out
+
+
 def test_demo_runs_end_to_end_on_a_local_cluster(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "modelfactory", "demo", "--out", str(tmp_path), "--series", "200",
                            "--days", "3", "--workers", "2"], capture_output=True, text=True, timeout=300)

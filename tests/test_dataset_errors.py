@@ -362,3 +362,22 @@ def test_a_pandas_index_stored_in_the_files_stays_a_column_on_the_shuffle_path(t
         got[run.summary["mode"]] = run.to_pandas().sort_values("app").reset_index(drop=True)
     assert set(got) == {"files", "shuffle"}
     pd.testing.assert_frame_equal(got["files"], got["shuffle"])
+
+
+def test_a_csv_file_is_told_to_become_parquet_not_to_leave_its_folder(tmp_path, capsys):
+    """A first-time user's commonest mistake, `train metrics.csv ...`, was told to "Move files that
+    are not Parquet out of the folder (or start their names with '_' or '.')": there is no folder."""
+    t = _site("eu-1")
+    t.to_pandas().to_csv(tmp_path / "metrics.csv", index=False)
+    assert main(["train", str(tmp_path / "metrics.csv"), "--by", "app,site", "--time", "ts", "--target", "value",
+                 "--store", str(tmp_path / "store"), "--scheduler", "inline", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: Cannot open the Parquet dataset at '{tmp_path / 'metrics.csv'}'")
+    assert "modelfactory reads Parquet only: write the data as Parquet first (a CSV file: " in err[0]
+    assert "out of the folder" not in err[0] and not (tmp_path / "store").exists()
+    # a stray CSV file in a folder of Parquet files is still told to move out of the folder
+    (tmp_path / "data").mkdir()
+    pq.write_table(t, tmp_path / "data" / "part-0.parquet")
+    (tmp_path / "data" / "notes.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DatasetError, match=r"Move files that are not Parquet out of the folder"):
+        discover(str(tmp_path / "data"))

@@ -236,6 +236,76 @@ class OneValueScore(Model):
                 "is_anomaly": np.zeros(len(y), dtype=bool)}
 
 
+class TupleScore(OneValueScore):
+    """A user model whose _score returns (expected, lower, upper), not a dict."""
+
+    name = "tuple_score"
+
+    def _score(self, y, t, X):
+        e = np.full(len(y), self.mean_)
+        return e, e - 1, e + 1
+
+
+def test_a_score_that_returns_a_tuple_fails_its_groups_saying_it_must_be_a_dict(tmp_path):
+    # it failed them with "ValueError: The truth value of an array with more than one element is
+    # ambiguous. Use a.any() or a.all() (at base.py:364 in score)", about modelfactory's own line
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    assert modelfactory.train(data, model=TupleScore, store=store, cluster="inline",
+                              **ARGS).summary["counts"]["ok"] == 3
+    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+    assert scored.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
+    assert scored.groups.error.str.startswith(
+        "ModelError: TupleScore._score returned tuple, not a dict; it must return a dict of expected, lower, "
+        "upper, score, is_anomaly, one value per row.").all(), scored.groups.error.tolist()
+
+
+class SetsOtherState(OneValueScore):
+    """A user model whose _fit sets avg_ while state_attrs says mean_."""
+
+    name = "sets_other_state"
+
+    def _fit(self, y, t, X):
+        self.avg_ = float(np.nanmean(y))
+
+
+class NoStateAttrs(OneValueScore):
+    name = "no_state_attrs"
+    state_attrs = ()
+
+
+@pytest.mark.parametrize("cls, error", [
+    (SetsOtherState, "SetsOtherState.fit left mean_ unset (state_attrs = ('mean_',)): set every attribute of "
+                     "state_attrs in _fit, or list in state_attrs the ones it sets"),
+    (NoStateAttrs, "NoStateAttrs declares no state_attrs, so it can never be scored or loaded as fitted: list "
+                   "the attributes its fit sets (e.g. state_attrs = ('mean_',))"),
+])
+def test_a_fit_that_leaves_the_model_unfitted_fails_its_groups_instead_of_ok(tmp_path, cls, error):
+    # Such a run was `ok 3`, and every score of it failed "NotFittedError: This SetsOtherState is
+    # not fitted yet: call fit() first": a model marked ok that no one could use.
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    run = modelfactory.train(data, model=cls, store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    assert run.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
+    assert set(run.groups.error) == {error}
+
+
+class NoScore(OneValueScore):
+    name = "no_score"
+    _score = Model._score
+
+
+def test_a_model_without_score_fails_its_groups_saying_what_to_write(tmp_path):
+    # it was "NotImplementedError:  (at base.py:387 in _score)", with no message at all
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    assert modelfactory.train(data, model=NoScore, store=store, cluster="inline", **ARGS).summary["counts"]["ok"] == 3
+    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+    assert scored.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
+    assert scored.groups.error.str.startswith(
+        "NotImplementedError: NoScore does not implement _score(self, y, t, X), so it cannot score: return a dict "
+        "of expected, lower, upper, score, is_anomaly, one value per row (see examples/custom_model.py)").all()
+
+
 def test_a_fit_that_returns_none_fails_its_groups_with_the_reason(tmp_path):
     data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
     run = modelfactory.train(data, model=ForgetsReturnSelf, store=str(tmp_path / "s"), cluster="inline", **ARGS)
@@ -415,3 +485,24 @@ def test_resuming_a_retrain_by_id_uses_the_base_it_started_from_after_another_ru
     assert run.id == pending["run_id"] and st.pending() == []
     assert run.summary["counts"] == {"ok": 24, "failed": 0, "skipped": 0}
     assert st.manifest(run.id)["lineage"]["base_run"] == first.id
+
+
+class PlainDictParams(OneValueScore):
+    """A user model that declares its parameters as plain values, not Param."""
+
+    name = "plain_dict_params"
+    params = {"k": 3.0}
+
+
+def test_parameters_declared_without_param_are_refused_up_front_by_name(tmp_path, capsys):
+    # train raised "AttributeError: 'float' object has no attribute 'default'" (the CLI: an
+    # internal error) from Model.__init__
+    from modelfactory.exceptions import ModelError
+
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    want = ("PlainDictParams.params['k'] is 3.0, a float: declare each parameter as a Param with its default, "
+            "e.g. params = {'k': Param(3.0)} (from modelfactory.models import Param; Param(3.0, float, low=0) "
+            "also checks the value).")
+    with pytest.raises(ModelError) as err:
+        modelfactory.train(data, model=PlainDictParams, store=str(tmp_path / "s"), cluster="inline", **ARGS)
+    assert str(err.value) == want and not (tmp_path / "s").exists()

@@ -236,6 +236,11 @@ class Model:
                 f"Parameters: {', '.join(self.params) or '(none)'}."
             )
         for k, p in self.params.items():
+            if not isinstance(p, Param):  # `params = {"k": 3.0}` was "AttributeError: 'float' object has no attribute 'default'"
+                raise ModelError(
+                    f"{type(self).__name__}.params[{k!r}] is {p!r}, a {type(p).__name__}: declare each parameter as a "
+                    f"Param with its default, e.g. params = {{{k!r}: Param({p!r})}} "
+                    "(from modelfactory.models import Param; Param(3.0, float, low=0) also checks the value).")
             v = kwargs.get(k, p.default)
             # numpy scalars as Python values: checked alike, and stored in JSON manifests
             setattr(self, k, v.item() if isinstance(v, np.generic) else v)
@@ -370,6 +375,11 @@ class Model:
         if self.needs_features and X is None:
             raise ModelError(f"{self.name} needs the features of each point to score it: pass X=.")
         out = self._score(y, t, X)
+        if not hasattr(out, "keys") or not hasattr(out, "__getitem__"):
+            # a tuple of arrays (expected, lower, upper) was "ValueError: The truth value of an array
+            # with more than one element is ambiguous" at the `in` test below
+            raise ModelError(f"{type(self).__name__}._score returned {type(out).__name__}, not a dict; it must "
+                             f"return a dict of {', '.join(SCORE_KEYS)}, one value per row.")
         for key in SCORE_KEYS:  # numpy would broadcast a single value over every row without a word
             if key not in out:
                 raise ModelError(f"{type(self).__name__}._score returned no {key!r}; it must return "
@@ -388,8 +398,10 @@ class Model:
         out["is_anomaly"] = _debounce(flags, mode, k)
         return out
 
-    def _score(self, y, t, X) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _score(self, y, t, X) -> dict[str, np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement _score(self, y, t, X), so it cannot "
+                                  f"score: return a dict of {', '.join(SCORE_KEYS)}, one value per row "
+                                  "(see examples/custom_model.py)")
 
     @classmethod
     def score_batch(cls, models: list, batch: SeriesBatch, **kwargs: Any) -> dict[str, np.ndarray]:
