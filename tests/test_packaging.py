@@ -49,7 +49,6 @@ def test_declared_lower_bound_admits_no_release_without_the_apis_used(name):
                                 f"code needs {'.'.join(map(str, needed))}: {why}")
 
 
-
 def test_dask_is_required_with_the_dataframe_extra():
     # The shuffle imports dask.dataframe. With dask 2024.12 (admitted by the bound) and only the
     # distributed extra, dask-expr was missing: every shuffle-mode run printed "FutureWarning: Dask
