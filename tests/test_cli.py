@@ -244,6 +244,20 @@ def test_demo_refuses_a_bad_model_before_writing_and_a_run_with_no_model_is_exit
                  "--quiet"]) == 0
 
 
+def test_a_training_that_fits_no_model_is_told_once(tmp_path):
+    """`train` printed a WARNING line and then an `error:` line saying the same (no model fitted,
+    the commonest reason, LATEST not moved)."""
+    from modelfactory.demo import write_dataset
+
+    data = write_dataset(str(tmp_path / "data"), series=4, days=1)
+    proc = subprocess.run([sys.executable, "-m", "modelfactory", "train", data, "--by", "app,site", "--time", "ts",
+                           "--target", "value", "--store", str(tmp_path / "store"), "--scheduler", "inline"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    told = [line for line in proc.stderr.splitlines() if "fitted no model" in line]
+    assert len(told) == 1 and told[0].startswith("error: run "), proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Cluster trouble is one error line too; Dask's own log lines only with -v
 # ---------------------------------------------------------------------------------------------
