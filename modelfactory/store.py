@@ -87,6 +87,20 @@ def leaf_index(man: dict) -> dict:
     return index
 
 
+def bucket_index(man: dict) -> dict | None:
+    """How a run trained without key folders spread its groups over its parts: ``n`` (the
+    shuffle's partitions) and per part the partition it holds (None: any group), or None when
+    the manifest has none (runs of earlier versions, runs with key folders or of one unit) or it
+    does not line up with the run's parts: then every part may hold any group."""
+    b = man.get("buckets")
+    if not isinstance(b, dict) or not isinstance(b.get("n"), int) or b["n"] < 2 or list(b.get("keys") or ()) != list(
+            man["spec"]["by"]) or len(b.get("parts") or ()) != len(man["parts"]):
+        return None
+    if any(p is not None and not (isinstance(p, int) and 0 <= p < b["n"]) for p in b["parts"]):
+        return None
+    return b
+
+
 def left_out_text(lineage: dict) -> str:
     """How many groups of a retrain's base its input lacked, so the run has no model for them."""
     n, base = lineage["not_in_input"], lineage["base_run"]
