@@ -326,6 +326,8 @@ class ModelStore:
         if index["keys"]:
             leaf = [str(want[by.index(k)]) for k in index["keys"]]
             parts = [p for p, leaves in zip(parts, index["parts"]) if leaf in [[str(v) for v in lf] for lf in leaves]]
+        elif bucket_index(man):
+            parts = self._its_partition_first(man, want)
         hit = None
         for part in parts:
             tbl = read_part(self.location, part, columns=list(by) + ["status", "error", "model"])
@@ -352,6 +354,28 @@ class ModelStore:
         if serializer != "native":
             return unpickle_model(hit["model"], man["run_id"])
         return stored_class(man["spec"]["model"]).from_bytes(hit["model"])
+
+    def _its_partition_first(self, man: dict, want: tuple) -> list[dict]:
+        """The parts of a run trained without key folders, those of the shuffle partition that
+        ``want`` hashes to first: a key found there costs one read, not half the run's; one that
+        is not (the hash not computed alike here) is still looked for in the others."""
+        from .run import shuffle_buckets
+
+        parts, buckets, by = man["parts"], bucket_index(man), man["spec"]["by"]
+        try:
+            with self.location.fs.open(self.location.path(parts[0]["path"]), "rb") as f:
+                schema = pq.read_schema(f)
+            types = [schema.field(k).type for k in by]
+            types = [t.value_type if pa.types.is_dictionary(t) else t for t in types]
+            key = pa.table({k: pa.array([typed_key_value(k, v, t, "").as_py()], t)
+                            for k, v, t in zip(by, want, types)})
+        except (OSError, KeyError, TypeError, ValueError, StoreError, pa.ArrowException):
+            return parts  # the loop below reads the parts and says what is wrong
+        mine = shuffle_buckets(key, buckets["n"])
+        if mine is None:
+            return parts
+        first = [i for i, b in enumerate(buckets["parts"]) if b is None or b == int(mine[0])]
+        return [parts[i] for i in first] + [p for i, p in enumerate(parts) if i not in set(first)]
 
     # -- writing (the client commits) ------------------------------------
     @_denied_is_a_store_error

@@ -785,3 +785,24 @@ def test_a_run_whose_parts_do_not_hold_their_partitions_is_read_whole_and_old_ma
     assert len(load_model_rows(model_source(st, old, info, trust=False), unit, ("app", "site"))) == 50
     assert len(reads) == 6
 
+
+def test_loading_one_model_of_a_run_without_key_folders_reads_the_part_of_its_partition(tmp_path, monkeypatch):
+    """ModelStore.load read the parts of such a run in turn until one held the key: a key of the
+    last part cost a read of every part.  Now its partition's part is read first."""
+    import modelfactory.store
+
+    data, store = _flat_history(tmp_path), str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
+                       store=store, cluster="inline", unit_rows=10_000)
+    st = modelfactory.ModelStore(store)
+    man = st.manifest()
+    last = modelfactory.store.read_part(st.location, man["parts"][-1], columns=["app", "site"]).slice(0, 3)
+    reads = _counting_part_reads(monkeypatch)
+    for key in last.to_pylist():
+        reads.clear()
+        assert st.load(key).is_fitted
+        assert reads == [man["parts"][-1]["path"]]
+    reads.clear()
+    with pytest.raises(StoreError, match="No group"):  # a key of no group is still looked for everywhere
+        st.load({"app": "app0", "site": "nope"})
+    assert sorted(reads[:6]) == sorted(p["path"] for p in man["parts"])
