@@ -785,11 +785,19 @@ def shuffle_buckets(keys: pa.Table, n: int) -> np.ndarray | None:
     partitioning of the same pandas frame, so a scoring unit can tell which training parts can
     hold its groups.  None when this Dask has no such function (the reader then reads every
     part); a reader still checks each part it reads against it (:func:`scoring.load_model_rows`)."""
-    try:
-        from dask.dataframe.dask_expr._shuffle import AssignPartitioningIndex
+    import importlib
+    import inspect
 
+    try:
+        try:
+            module = importlib.import_module("dask.dataframe.dask_expr._shuffle")
+        except ImportError:  # dask before 2025.1: the dask-expr package
+            module = importlib.import_module("dask_expr._shuffle")
+        operation = module.AssignPartitioningIndex.operation
         df = _exact_pandas(keys)
-        out = AssignPartitioningIndex.operation(df, list(keys.column_names), "_partitions", int(n), df.iloc[:0], False)
+        # (df, index, name, npartitions) in early versions, then (..., meta, index_shuffle)
+        args = [df, list(keys.column_names), "_partitions", int(n), df.iloc[:0], False]
+        out = operation(*args[:len(inspect.signature(operation).parameters)])
         return np.asarray(out["_partitions"], dtype=np.int64)
     except (ImportError, AttributeError, TypeError, ValueError, KeyError):
         return None
