@@ -6,6 +6,7 @@ units, run the kernel on the workers, commit.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -31,7 +32,7 @@ from .models.base import Model
 from .plan import Plan, plan
 from .result import Run, table_run
 from .run import Progress, check_code, execute, isolate, open_client, run_shuffled, run_units, worker_count
-from .store import ModelStore, leaf_index, new_run_id, read_part
+from .store import ModelStore, bucket_index, leaf_index, new_run_id, read_part
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
 
@@ -119,8 +120,21 @@ def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
             for leaf in leaves:  # as text: Hive folder values, whatever type the data's keys have
                 lookup.setdefault(tuple(str(v) for v in leaf), []).append(i)
     sp = man["spec"]
-    return ModelSource(st.location, man["run_id"], sp["model"], sp.get("serializer", "native"),
-                       tuple(man["parts"]), lookup, leaf_keys, trust)
+    src = ModelSource(st.location, man["run_id"], sp["model"], sp.get("serializer", "native"),
+                      tuple(man["parts"]), lookup, leaf_keys, trust)
+    buckets = bucket_index(man)
+    if not lookup and buckets:
+        from .scoring import stored_key_types
+
+        types = stored_key_types(src, tuple(sp["by"]))  # one footer, read here rather than by every unit
+        if len(types) == len(sp["by"]):
+            src = dataclasses.replace(src, buckets=tuple(buckets["parts"]), n_buckets=buckets["n"],
+                                      key_types=tuple(_plain_type(types[k]) for k in sp["by"]))
+    return src
+
+
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
 
 
 #: The columns a job's group table holds beside the keys (train's parts, score's ``_groups/``).
@@ -519,6 +533,13 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         # unit's leaves).
         "index": {"keys": list(leaf_keys), "parts": [[list(k) for k in r.leaves] for r in results for _ in r.parts]},
     }
+    if plan_.mode == "shuffle":
+        # Without key folders the groups were spread over the units by Dask's hash of their keys:
+        # which partition each part holds (None: groups run one by one after their worker died),
+        # so a scoring unit reads only the parts its keys hash to (store.bucket_index).
+        partition = {u.id: u.partition for u in plan_.units}
+        manifest["buckets"] = {"keys": list(by_), "n": len(plan_.units),
+                               "parts": [partition.get(r.unit_id) for r in results for _ in r.parts]}
     fitted_any = summary["counts"]["ok"] > 0
     st.commit(run_id, manifest, [p for r in results for p in r.parts], latest=fitted_any)
     run = Run(run_id, "train", summary, store=st, errors=[e for r in results for e in r.errors])
@@ -878,7 +899,9 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         check_code(client, spec)
-        plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
+        # without key folders, shuffled into as many partitions as the run's (or a divisor or multiple):
+        # each unit then needs only the parts of the partitions its groups hashed to in training
+        plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows, align=src.n_buckets)
         _empty_output(sink, run_id, overwrite)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
         try:

@@ -35,7 +35,7 @@ from itertools import accumulate, groupby
 from .dataset import DatasetInfo
 from .exceptions import PlanError
 
-__all__ = ["WorkUnit", "Plan", "Leaf", "plan", "pack", "auto_target_rows", "unit_count"]
+__all__ = ["WorkUnit", "Plan", "Leaf", "plan", "pack", "auto_target_rows", "unit_count", "aligned_count"]
 
 MIN_UNIT_ROWS = 50_000
 MAX_UNIT_ROWS = 2_000_000
@@ -190,13 +190,33 @@ def leaves_of(info: DatasetInfo, by: tuple[str, ...]) -> list[Leaf]:
     ]
 
 
+def aligned_count(n: int, align: int) -> int:
+    """The unit count nearest above ``n`` that divides ``align`` or is a multiple of it.
+
+    Scoring against a run whose groups were shuffled into ``align`` partitions: when both
+    shuffles hash the keys alike, a scoring partition then holds the groups of
+    ``align / count`` training partitions (or of one), so its unit reads only their parts,
+    and the job reads each part about once instead of once per unit.
+
+    >>> aligned_count(5, 8), aligned_count(3, 12), aligned_count(9, 4), aligned_count(7, 7)
+    (8, 3, 12, 7)
+    """
+    if align < 2 or n < 1:
+        return n
+    if n >= align:
+        return math.ceil(n / align) * align
+    return next(d for d in range(n, align + 1) if align % d == 0)
+
+
 def plan(info: DatasetInfo, by: tuple[str, ...], *, workers: int,
-         target_rows: int | None = None, limit: int | None = None, multiple: int | None = None) -> Plan:
+         target_rows: int | None = None, limit: int | None = None, multiple: int | None = None,
+         align: int = 0) -> Plan:
     """Plan the work units for grouping ``info`` by ``by`` on ``workers`` workers.
 
     ``limit`` and ``multiple`` default from ``target_rows`` and ``workers``; a resumed
     run passes the values it was first planned with, so it gets the same units (and
-    reuses their parts) on any number of workers.
+    reuses their parts) on any number of workers.  ``align``: a shuffle's unit count is
+    made to divide this number or be a multiple of it (:func:`aligned_count`).
     """
     total = info.rows
     auto = target_rows is None
@@ -218,6 +238,8 @@ def plan(info: DatasetInfo, by: tuple[str, ...], *, workers: int,
         unit = WorkUnit(f"u00000-{_digest(all_paths)}", all_paths, total, 1)
         return Plan("files", (unit,), target, total, limit, multiple)
     n = unit_count(total, target, multiple)
+    if align > 1:
+        n = aligned_count(n, align)
     base = _digest(all_paths, by, n)
     units = tuple(WorkUnit(f"s{i:05d}-{base}", (), math.ceil(total / n), 0, i) for i in range(n))
     return Plan("shuffle", units, target, total, limit, multiple)

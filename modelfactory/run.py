@@ -779,6 +779,30 @@ _NULLABLE = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32():
              pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(), pa.bool_(): pd.BooleanDtype()}
 
 
+def shuffle_buckets(keys: pa.Table, n: int) -> np.ndarray | None:
+    """The partition (``0 .. n-1``) that :func:`run_shuffled`'s shuffle into ``n`` partitions
+    puts each row of ``keys`` (the key columns, as the dataset's types) in: Dask's own
+    partitioning of the same pandas frame, so a scoring unit can tell which training parts can
+    hold its groups.  None when this Dask has no such function (the reader then reads every
+    part); a reader still checks each part it reads against it (:func:`scoring.load_model_rows`)."""
+    import importlib
+    import inspect
+
+    try:
+        try:
+            module = importlib.import_module("dask.dataframe.dask_expr._shuffle")
+        except ImportError:  # dask before 2025.1: the dask-expr package
+            module = importlib.import_module("dask_expr._shuffle")
+        operation = module.AssignPartitioningIndex.operation
+        df = _exact_pandas(keys)
+        # (df, index, name, npartitions) in early versions, then (..., meta, index_shuffle)
+        args = [df, list(keys.column_names), "_partitions", int(n), df.iloc[:0], False]
+        out = operation(*args[:len(inspect.signature(operation).parameters)])
+        return np.asarray(out["_partitions"], dtype=np.int64)
+    except (ImportError, AttributeError, TypeError, ValueError, KeyError):
+        return None
+
+
 def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.run_table) -> UnitResult:
     schema = pa.schema([spec.source.schema.field(c) for c in spec.columns])
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)

@@ -8,6 +8,7 @@ model are reported as ``skipped`` with the reason, never dropped.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import time as _time
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ class ModelSource:
     index: dict  # leaf key (tuple) -> indices into parts; empty: every part may hold any group
     leaf_keys: tuple[str, ...]  # the key columns that the index is keyed by
     trust: bool = False
+    # A run trained without key folders (its groups spread over the units by Dask's shuffle):
+    # per part the shuffle partition it holds (None: any group), out of ``n_buckets``, and the
+    # stored key types that the partition was computed from.  Empty: read every part.
+    buckets: tuple = ()
+    n_buckets: int = 0
+    key_types: tuple = ()
 
 
 def load_model_rows(src: ModelSource, groups: Groups, by: tuple[str, ...],
@@ -62,13 +69,25 @@ def load_model_rows(src: ModelSource, groups: Groups, by: tuple[str, ...],
         leaves = {tuple(str(k[i]) for i in pos) for k in mine}  # the index is keyed by text
         wanted = sorted({i for leaf in leaves for i in src.index.get(leaf, ())})
     else:
-        wanted = list(range(len(src.parts)))
+        wanted = _bucket_parts(src, groups, by)
     names = ["status", "error", "model", *extra]
     out: dict[tuple, dict] = {}
     as_stored: dict[tuple, tuple] = {}  # stored key types -> (value set per key, stored tuple -> unit's tuple)
-    for i in wanted:
+    todo, done = list(wanted), set()
+    while todo:
+        i = todo.pop(0)
+        done.add(i)
         t = read_part(src.store, src.parts[i])
         t = _plain(t.select([*by, *[c for c in names if c in t.column_names]]), by)
+        if len(done) < len(src.parts) and not _holds_its_bucket(src, i, t, by):
+            # the shuffle's partitions cannot be computed again here (another Dask or pandas than
+            # training had, other key types): any part may hold any of the unit's groups
+            import logging
+
+            logging.getLogger("modelfactory").warning(
+                "part %s of run %s holds groups of other shuffle partitions than the manifest says: "
+                "reading every part of the run", src.parts[i].get("path"), src.run_id)
+            todo = [j for j in range(len(src.parts)) if j not in done]
         types = tuple(t.schema.field(k).type for k in by)
         if types not in as_stored:
             as_stored[types] = stored_keys(groups.keys, mine, by, types, src.run_id)
@@ -84,6 +103,38 @@ def load_model_rows(src: ModelSource, groups: Groups, by: tuple[str, ...],
             if key in unit_key:
                 out[unit_key[key]] = {c: values[c][j] for c in names}
     return out
+
+
+def _bucket_parts(src: ModelSource, groups: Groups, by: tuple[str, ...]) -> list[int]:
+    """The parts that can hold the unit's groups, for a run without a leaf index: with the
+    shuffle partitions of the run (:attr:`ModelSource.buckets`), the parts of the partitions its
+    keys (as the stored key types) hash to, and those that hold any group; else every part."""
+    every = list(range(len(src.parts)))
+    if not (src.n_buckets and src.key_types and len(src.buckets) == len(src.parts)):
+        return every
+    from .run import shuffle_buckets
+
+    cast, _ = keys_as_stored(groups.keys, by, src.key_types, src.run_id)
+    keys = pa.table(dict(zip(by, cast)))
+    some_null = functools.reduce(pc.or_, [pc.is_null(c) for c in cast])
+    keys = keys.filter(pc.invert(some_null))  # a value with no stored equivalent matches no model
+    mine = shuffle_buckets(keys, src.n_buckets) if keys.num_rows else np.zeros(0, np.int64)
+    if mine is None:
+        return every
+    hit = set(np.unique(mine).tolist())
+    return [i for i, b in enumerate(src.buckets) if b is None or b in hit]
+
+
+def _holds_its_bucket(src: ModelSource, i: int, part: pa.Table, by: tuple[str, ...]) -> bool:
+    """Whether every group of part ``i`` (its key columns as read) hashes to the partition that
+    the manifest names for it; True for a run without partitions, or a part of any group."""
+    b = src.buckets[i] if src.n_buckets and i < len(src.buckets) else None
+    if b is None or not part.num_rows:
+        return True
+    from .run import shuffle_buckets
+
+    got = shuffle_buckets(part.select(list(by)), src.n_buckets)
+    return got is not None and bool((got == b).all())
 
 
 def _plain(table: pa.Table, by) -> pa.Table:

@@ -87,6 +87,20 @@ def leaf_index(man: dict) -> dict:
     return index
 
 
+def bucket_index(man: dict) -> dict | None:
+    """How a run trained without key folders spread its groups over its parts: ``n`` (the
+    shuffle's partitions) and per part the partition it holds (None: any group), or None when
+    the manifest has none (runs of earlier versions, runs with key folders or of one unit) or it
+    does not line up with the run's parts: then every part may hold any group."""
+    b = man.get("buckets")
+    if not isinstance(b, dict) or not isinstance(b.get("n"), int) or b["n"] < 2 or list(b.get("keys") or ()) != list(
+            man["spec"]["by"]) or len(b.get("parts") or ()) != len(man["parts"]):
+        return None
+    if any(p is not None and not (isinstance(p, int) and 0 <= p < b["n"]) for p in b["parts"]):
+        return None
+    return b
+
+
 def left_out_text(lineage: dict) -> str:
     """How many groups of a retrain's base its input lacked, so the run has no model for them."""
     n, base = lineage["not_in_input"], lineage["base_run"]
@@ -312,6 +326,8 @@ class ModelStore:
         if index["keys"]:
             leaf = [str(want[by.index(k)]) for k in index["keys"]]
             parts = [p for p, leaves in zip(parts, index["parts"]) if leaf in [[str(v) for v in lf] for lf in leaves]]
+        elif bucket_index(man):
+            parts = self._its_partition_first(man, want)
         hit = None
         for part in parts:
             tbl = read_part(self.location, part, columns=list(by) + ["status", "error", "model"])
@@ -338,6 +354,28 @@ class ModelStore:
         if serializer != "native":
             return unpickle_model(hit["model"], man["run_id"])
         return stored_class(man["spec"]["model"]).from_bytes(hit["model"])
+
+    def _its_partition_first(self, man: dict, want: tuple) -> list[dict]:
+        """The parts of a run trained without key folders, those of the shuffle partition that
+        ``want`` hashes to first: a key found there costs one read, not half the run's; one that
+        is not (the hash not computed alike here) is still looked for in the others."""
+        from .run import shuffle_buckets
+
+        parts, buckets, by = man["parts"], bucket_index(man), man["spec"]["by"]
+        try:
+            with self.location.fs.open(self.location.path(parts[0]["path"]), "rb") as f:
+                schema = pq.read_schema(f)
+            types = [schema.field(k).type for k in by]
+            types = [t.value_type if pa.types.is_dictionary(t) else t for t in types]
+            key = pa.table({k: pa.array([typed_key_value(k, v, t, "").as_py()], t)
+                            for k, v, t in zip(by, want, types)})
+        except (OSError, KeyError, TypeError, ValueError, StoreError, pa.ArrowException):
+            return parts  # the loop below reads the parts and says what is wrong
+        mine = shuffle_buckets(key, buckets["n"])
+        if mine is None:
+            return parts
+        first = [i for i, b in enumerate(buckets["parts"]) if b is None or b == int(mine[0])]
+        return [parts[i] for i in first] + [p for i, p in enumerate(parts) if i not in set(first)]
 
     # -- writing (the client commits) ------------------------------------
     @_denied_is_a_store_error

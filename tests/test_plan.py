@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from modelfactory.dataset import discover
 from modelfactory.exceptions import PlanError
-from modelfactory.plan import (MAX_UNIT_ROWS, MIN_UNIT_ROWS, Leaf, auto_target_rows, pack, plan,
-                               unit_count)
+from modelfactory.plan import (MAX_UNIT_ROWS, MIN_UNIT_ROWS, Leaf, aligned_count, auto_target_rows, pack,
+                               plan, unit_count)
 
 from _data import metrics_table, write
 
@@ -126,6 +126,26 @@ def test_groups_spread_over_files_plan_a_shuffle(tmp_path):
     assert p.mode == "shuffle"
     assert len(p.units) == 8  # ceil(648 / 100) = 7 units, rounded up to a multiple of the 2 workers
     assert p == plan(info, ("app", "site"), workers=2, target_rows=100)  # deterministic
+
+
+@given(st.integers(1, 500), st.integers(0, 200))
+def test_an_aligned_unit_count_divides_or_is_a_multiple_of_the_partitions_and_is_never_fewer(n, align):
+    c = aligned_count(n, align)
+    assert c >= n
+    if align >= 2:
+        assert align % c == 0 or c % align == 0
+        assert c < n + align  # the nearest one above
+    else:
+        assert c == n
+
+
+def test_a_shuffle_aligned_with_a_runs_partitions(tmp_path):
+    """Scoring against a run shuffled into 12 partitions: 7 units (rounded to 8 for 2 workers)
+    become 12, so each scoring unit holds the groups of one training partition."""
+    info = discover(write(metrics_table(series=9, hours=72), tmp_path / "d", ["day"]))
+    assert len(plan(info, ("app", "site"), workers=2, target_rows=100, align=12).units) == 12
+    assert len(plan(info, ("app", "site"), workers=2, target_rows=100, align=3).units) == 9
+    assert len(plan(info, ("app", "site"), workers=2, target_rows=1000, align=3).units) == 1  # no shuffle
 
 
 def test_small_spread_dataset_needs_no_shuffle(tmp_path):

@@ -692,3 +692,117 @@ def test_a_few_autoencoder_rows_after_a_gap_are_skipped_saying_how_many_to_score
                            cluster="inline").groups
     assert g.status.tolist() == ["skipped"]
     assert "score at least 24 consecutive steps at a time" in g.error[0]
+
+
+def _flat_history(tmp_path, series=1200):
+    """Hourly series in one flat folder: the keys are ordinary columns (no key folders)."""
+    return write(metrics_table(series=series, hours=48, apps=10), tmp_path / "flat", [])
+
+
+def _counting_part_reads(monkeypatch) -> list[str]:
+    """The paths of the store parts read in this process (the real reader, counted)."""
+    import modelfactory.store
+
+    reads: list[str] = []
+    real = modelfactory.store.read_part
+
+    def read_part(location, part, columns=None):
+        reads.append(part["path"])
+        return real(location, part, columns)
+
+    monkeypatch.setattr(modelfactory.store, "read_part", read_part)
+    return reads
+
+
+def test_scoring_without_key_folders_reads_each_part_once_not_once_per_unit(tmp_path, client, monkeypatch):
+    """A run trained on data without key folders spread its groups over its parts by Dask's hash
+    of their keys: every scoring unit read (and checksummed) every part, parts x units reads (36
+    for 6 units of 6 parts).  Now a unit reads the parts of the partitions its keys hash to."""
+    data, store = _flat_history(tmp_path), str(tmp_path / "store")
+    # trained with the p2p shuffle of a real cluster; scored in this process, where reads are counted
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
+                       store=store, cluster=client, unit_rows=10_000)
+    man = modelfactory.ModelStore(store).manifest()
+    assert man["summary"]["mode"] == "shuffle" and len(man["parts"]) == 6
+    reads = _counting_part_reads(monkeypatch)
+    for unit_rows in (10_000, 15_000):  # 6 units; 4 units made 6 (the run's partitions), not 4 x 6 reads
+        reads.clear()
+        run = modelfactory.score(data, store=store, out=str(tmp_path / f"o{unit_rows}"), cluster="inline",
+                                 unit_rows=unit_rows)
+        assert run.summary["mode"] == "shuffle" and run.summary["units"] == 6
+        assert run.summary["counts"] == {"ok": 1200, "failed": 0, "skipped": 0}
+        assert sorted(reads) == sorted(p["path"] for p in man["parts"])  # each part once
+    assert sorted(man["buckets"]["parts"]) == list(range(6)) and man["buckets"]["n"] == 6
+
+
+def test_groups_without_a_model_cost_no_extra_reads_and_are_skipped(tmp_path, monkeypatch):
+    data, store = _flat_history(tmp_path), str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
+                       store=store, cluster="inline", unit_rows=10_000)
+    more = write(metrics_table(series=1300, hours=48, apps=10), tmp_path / "more", [])  # 100 new series
+    reads = _counting_part_reads(monkeypatch)
+    run = modelfactory.score(more, store=store, out=str(tmp_path / "o"), cluster="inline", unit_rows=10_000)
+    assert run.summary["counts"] == {"ok": 1200, "failed": 0, "skipped": 100}
+    assert run.summary["units"] == 12 and len(reads) == 12  # one part per unit
+
+
+def test_a_run_whose_parts_do_not_hold_their_partitions_is_read_whole_and_old_manifests_as_before(tmp_path,
+                                                                                                monkeypatch):
+    """The partitions are Dask's hash of the keys: should another Dask (or pandas) hash them
+    otherwise, the parts a unit reads do not hold the keys the manifest says, and the unit reads
+    every part rather than call groups that have a model `skipped`.  A manifest without partitions
+    (earlier versions) is read whole, as before."""
+    import dataclasses
+
+    import modelfactory.store
+    from modelfactory.api import model_source
+    from modelfactory.dataset import discover, read_files
+    from modelfactory.kernel import split_groups
+    from modelfactory.scoring import load_model_rows
+
+    data, store = _flat_history(tmp_path), str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
+                       store=store, cluster="inline", unit_rows=10_000)
+    st = modelfactory.ModelStore(store)
+    man = st.manifest()
+    info = discover(data)
+    src = model_source(st, man, info, trust=False)
+    assert src.n_buckets == 6
+    first = man["parts"][src.buckets.index(0)]
+    sites = modelfactory.store.read_part(st.location, first, columns=["site"])["site"].to_pylist()[:50]
+    unit = split_groups(read_files(info.source, [f.path for f in info.files], ["app", "site", "ts"],
+                                   pc.field("site").isin(sites)), ("app", "site"), "ts")  # 50 groups of partition 0
+    reads = _counting_part_reads(monkeypatch)
+    assert len(load_model_rows(src, unit, ("app", "site"))) == 50
+    assert reads == [first["path"]]
+    shifted = dataclasses.replace(src, buckets=tuple((b + 1) % 6 for b in src.buckets))
+    reads.clear()
+    rows = load_model_rows(shifted, unit, ("app", "site"))
+    assert len(rows) == 50 and all(r["status"] == "ok" for r in rows.values()) and len(reads) == 6
+    old = dict(man)
+    del old["buckets"]
+    reads.clear()
+    assert len(load_model_rows(model_source(st, old, info, trust=False), unit, ("app", "site"))) == 50
+    assert len(reads) == 6
+
+
+def test_loading_one_model_of_a_run_without_key_folders_reads_the_part_of_its_partition(tmp_path, monkeypatch):
+    """ModelStore.load read the parts of such a run in turn until one held the key: a key of the
+    last part cost a read of every part.  Now its partition's part is read first."""
+    import modelfactory.store
+
+    data, store = _flat_history(tmp_path), str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
+                       store=store, cluster="inline", unit_rows=10_000)
+    st = modelfactory.ModelStore(store)
+    man = st.manifest()
+    last = modelfactory.store.read_part(st.location, man["parts"][-1], columns=["app", "site"]).slice(0, 3)
+    reads = _counting_part_reads(monkeypatch)
+    for key in last.to_pylist():
+        reads.clear()
+        assert st.load(key).is_fitted
+        assert reads == [man["parts"][-1]["path"]]
+    reads.clear()
+    with pytest.raises(StoreError, match="No group"):  # a key of no group is still looked for everywhere
+        st.load({"app": "app0", "site": "nope"})
+    assert sorted(reads[:6]) == sorted(p["path"] for p in man["parts"])
