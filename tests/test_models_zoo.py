@@ -581,3 +581,17 @@ def test_seasonal_small_sample_factors_are_what_their_script_prints():
         got = mod.factors(c, 600_000, rng)
         want = (seasonal._POOLED_MAD[c - 1], seasonal._PREDICTION[c - 1])
         np.testing.assert_allclose(got, want, rtol=0.02, err_msg=f"c={c}")
+
+
+def test_seasonal_skips_a_series_no_slot_of_which_holds_two_values():
+    """One season of data with min_seasons=1 (a value a slot) has no spread to learn: its scale was
+    the tiny floor of a constant series, every point scored later was flagged, and the group ok."""
+    t = 1767225600 + np.arange(24) * 3600
+    y = 10 + 5 * np.sin(2 * np.pi * np.arange(24) / 24) + np.random.default_rng(0).normal(size=24)
+    with pytest.raises(SkipGroup, match="none of the 24 slots of its season holds two of its 24 values"):
+        get("seasonal", min_seasons=1).fit(y, t=t)
+    (out,) = registry["seasonal"].fit_batch({"min_seasons": 1}, SeriesBatch(y, np.array([0, 24]), t))
+    assert isinstance(out, SkipGroup)
+    # a constant series still gets its tiny scale (any change from the constant is anomalous)
+    m = get("seasonal").fit(np.full(48, 3.0), t=1767225600 + np.arange(48) * 3600)
+    assert m.score([3.0, 3.1], t=[1767225600, 1767229200])["is_anomaly"].tolist() == [False, True]

@@ -12,7 +12,8 @@ make (traffic in local time) stays in its slots across daylight-saving changes.
 
 Data it needs: a time column; at least ``min_seasons * season_length`` finite
 values.  NaNs are ignored; a slot with no values falls back to the series'
-overall median.  A constant series gets a tiny floor scale, so any change
+overall median.  A series no slot of which holds two values (one season) is
+skipped: it shows no spread.  A constant series gets a tiny floor scale, so any change
 from the constant is anomalous.  Cost: two sorts over the batch, O(N log N).
 """
 from __future__ import annotations
@@ -307,11 +308,20 @@ class SeasonalProfile(Model):
         floor = np.maximum(series_mad, scale_floor(biggest))
         scale = _MAD_TO_SIGMA * pred * np.maximum(mad, floor[:, None])
         need = proto.required_rows()
+        # a series no slot of which holds two values (one season with min_seasons=1) has no
+        # spread to learn: its scale was the tiny floor of a constant series, and every point
+        # scored later was flagged, the group ok
+        spread = (count >= 2).any(axis=1)
         out: list = []
         for i in range(n):
             if finite[i] < need:
                 out.append(SkipGroup(f"seasonal needs at least {need} non-missing values "
                                      f"({proto.min_seasons} x season_length {S}); got {finite[i]}"))
+                continue
+            if not spread[i]:
+                out.append(SkipGroup(f"seasonal cannot tell how far a value may stray from its slot: none of the "
+                                     f"{S} slots of its season holds two of its {finite[i]} values (one season of "
+                                     f"data); train on two seasons or more (min_seasons=2 asks for them)"))
                 continue
             m = cls(**params)
             m.step_, m.median_, m.scale_, m.shift_ = int(step[i]), med[i], scale[i], int(shift[i])
