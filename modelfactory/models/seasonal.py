@@ -284,19 +284,20 @@ class SeasonalProfile(Model):
         resid = np.abs(v_f - med.reshape(-1)[seg])
         mad, _ = segment_median(resid, seg, n * S)
         # Residuals about a slot median of a few points are biased low (for odd counts one of
-        # them is exactly 0): the non-zero ones pooled per series, corrected for the typical
-        # count of a slot, are the floor of every slot.  A slot's own MAD (not corrected: of a
+        # them is exactly 0): the non-zero ones, each corrected for the count of its own slot and
+        # pooled per series, are the floor of every slot (corrected all alike, for finite / S,
+        # slots of 0 to 5 values in a gappy series made the floor a third too low).  A slot's own MAD (not corrected: of a
         # few values it is too noisy, and corrected it widened half the slots' bands) takes over
         # where that slot is clearly noisier.  Both are widened by the spread of a new value
         # about an estimated median.
         nz = resid > 0
-        series_mad, _ = segment_median(resid[nz], sid_f[nz], n)
+        each_f, _ = _factors(count[seg[nz]])  # each residual corrected for the count of its own slot
+        series_mad, _ = segment_median(resid[nz] * each_f, sid_f[nz], n)
         series_mad = np.nan_to_num(series_mad, nan=0.0)
         count = count.reshape(n, S)
         typical = np.maximum(np.rint(finite / S), 1)
         _, pred = _factors(count)
-        pooled_f, typical_pred = _factors(typical)
-        series_mad = series_mad * pooled_f
+        _, typical_pred = _factors(typical)
         mad = mad.reshape(n, S)
         # An empty slot expects the series' median, which its values need not be near (with half the
         # values missing, a 24th of hourly slots had none, and a fifth of the clean points that fell in
