@@ -514,6 +514,19 @@ def test_models_gc_of_a_store_that_is_not_there_is_an_error(trained, capsys):
     assert "removed 0 run(s)" in capsys.readouterr().out
 
 
+def test_models_show_of_a_store_that_is_not_there_says_so(trained, capsys):
+    # a misspelt --store said "has no committed run yet. Train first", as for a store yet to train
+    store, run = trained
+    typo = str(store) + "e"
+    for extra in ([], ["--key", "app=app0,site=s000"]):
+        assert main(["models", "show", "--store", typo, *extra]) == 2
+        assert f"error: No model store at '{typo}': there is nothing at that path" in capsys.readouterr().err
+    empty = store.parent / "empty"
+    empty.mkdir()
+    assert main(["models", "show", "--store", str(empty)]) == 2
+    assert "has no committed run yet" in capsys.readouterr().err
+
+
 def test_models_show_and_the_report_of_a_retrain_say_which_base_groups_it_has_no_model_for(tmp_path, capsys):
     # the input of an --only-changed run lacked a group of its base: only a warning at train time
     # said so; `models show` and the report of the run (now LATEST, so `score` skips that group:
