@@ -559,3 +559,13 @@ def test_the_run_that_train_returns_is_taken_as_run(trained, tmp_path, by_app):
     assert st.load({"app": "app0", "site": "s000"}, run=run).season_length == 24
     scores = modelfactory.score(by_app, store=str(store), out=str(tmp_path / "o"), run=run, cluster="inline")
     assert scores.summary["model_run"] == run.id
+
+
+def test_a_score_run_passed_as_run_is_named_as_one(trained, tmp_path, by_app):
+    # score(run=<the Run score returned>) said "No committed run '<its id>' in '<store>'", as for a typo
+    store, run = trained
+    scores = modelfactory.score(by_app, store=str(store), out=str(tmp_path / "o"), run=run, cluster="inline")
+    with pytest.raises(StoreError, match=rf"run= takes a train run .*; {scores.id} is a score run: its models "
+                                         rf"are run {run.id}'s, pass that"):
+        modelfactory.score(by_app, store=str(store), out=str(tmp_path / "o2"), run=scores, cluster="inline")
+    assert not (tmp_path / "o2").exists()
