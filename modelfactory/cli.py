@@ -585,9 +585,8 @@ def _refuse_no_store(st) -> None:
 
 
 def _cmd_models_show(args) -> int:
-    from .store import ModelStore, parse_key
-
     from .exceptions import StoreError
+    from .store import ModelStore, parse_key
 
     st = ModelStore(args.store, storage_options=_storage_options(args))
     with _store_errors(args.store):

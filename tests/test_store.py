@@ -516,7 +516,7 @@ def test_models_gc_of_a_store_that_is_not_there_is_an_error(trained, capsys):
 
 def test_models_show_of_a_store_that_is_not_there_says_so(trained, capsys):
     # a misspelt --store said "has no committed run yet. Train first", as for a store yet to train
-    store, run = trained
+    store, _ = trained
     typo = str(store) + "e"
     for extra in ([], ["--key", "app=app0,site=s000"]):
         assert main(["models", "show", "--store", typo, *extra]) == 2
