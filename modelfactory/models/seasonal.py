@@ -12,9 +12,10 @@ make (traffic in local time) stays in its slots across daylight-saving changes.
 
 Data it needs: a time column; at least ``min_seasons * season_length`` finite
 values.  NaNs are ignored; a slot with no values falls back to the series'
-overall median, with the spread of all its values about it as the scale.  A series
-no slot of which holds two values (one season) is skipped: it shows no spread.  A constant series gets a tiny floor scale, so any change
-from the constant is anomalous.  Cost: two sorts over the batch, O(N log N).
+overall median, with the spread of all its values about it as the scale.  A
+series no slot of which holds two values (one season) is skipped: it shows no
+spread.  A constant series gets a tiny floor scale, so any change from the
+constant is anomalous.  Cost: two sorts over the batch, O(N log N).
 """
 from __future__ import annotations
 
@@ -292,9 +293,9 @@ class SeasonalProfile(Model):
         # Residuals about a slot median of a few points are biased low (for odd counts one of
         # them is exactly 0): the non-zero ones, each corrected for the count of its own slot and
         # pooled per series, are the floor of every slot (corrected all alike, for finite / S,
-        # slots of 0 to 5 values in a gappy series made the floor a third too low).  A slot's own MAD (not corrected: of a
-        # few values it is too noisy, and corrected it widened half the slots' bands) takes over
-        # where that slot is clearly noisier.  Both are widened by the spread of a new value
+        # slots of 0 to 5 values in a gappy series made the floor a third too low).  A slot's own
+        # MAD (not corrected: of a few values it is too noisy, and corrected it widened half the
+        # slots' bands) takes over where that slot is clearly noisier.  Both are widened by the spread of a new value
         # about an estimated median.
         nz = resid > 0
         each_f, _ = _factors(count[seg[nz]])  # each residual corrected for the count of its own slot
@@ -328,14 +329,14 @@ class SeasonalProfile(Model):
         # a series no slot of which holds two values (one season with min_seasons=1) has no
         # spread to learn: its scale was the tiny floor of a constant series, and every point
         # scored later was flagged, the group ok
-        spread = (count >= 2).any(axis=1)
+        paired = (count >= 2).any(axis=1)
         out: list = []
         for i in range(n):
             if finite[i] < need:
                 out.append(SkipGroup(f"seasonal needs at least {need} non-missing values "
                                      f"({proto.min_seasons} x season_length {S}); got {finite[i]}"))
                 continue
-            if not spread[i]:
+            if not paired[i]:
                 out.append(SkipGroup(f"seasonal cannot tell how far a value may stray from its slot: none of the "
                                      f"{S} slots of its season holds two of its {finite[i]} values (one season of "
                                      f"data); train on two seasons or more (min_seasons=2 asks for them)"))
