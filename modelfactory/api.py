@@ -155,6 +155,12 @@ def _refuse_reserved_names(kind: str, *, keys: tuple[str, ...] = (), scored: Map
         if k in _GROUP_TABLE[kind]:
             raise SchemaError(f"The key column {k!r}{of} has the name of a column of the group table that {kind} "
                               f"writes beside the keys ({', '.join(_GROUP_TABLE[kind])}): {fix}")
+        if kind == "score" and k in SCORE_COLUMNS:
+            # the scored rows hold the keys too: a key `expected` made files of two columns 'expected'
+            # that no reader opens ("Can't unify schema with duplicate field names"), committed ok
+            raise SchemaError(f"The key column {k!r}{of} has the name of a column that score writes beside it "
+                              f"({', '.join(SCORE_COLUMNS)}), so the scored rows would hold two columns {k!r}: "
+                              f"{fix}")
     for col, role in (scored or {}).items():
         if col in SCORE_COLUMNS:
             raise SchemaError(f"The {role} column {col!r}{of} has the name of a column that score writes beside "

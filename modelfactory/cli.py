@@ -605,11 +605,17 @@ def _refuse_no_store(st) -> None:
 
 
 def _cmd_models_show(args) -> int:
+    from .exceptions import StoreError
     from .store import ModelStore, parse_key
 
     st = ModelStore(args.store, storage_options=_storage_options(args))
     with _store_errors(args.store):
-        return _show(st, args, parse_key)
+        try:
+            return _show(st, args, parse_key)
+        except StoreError:
+            # a misspelt --store said "has no committed run yet. Train first", as for a new store
+            _refuse_no_store(st)
+            raise
 
 
 def _show(st, args, parse_key) -> int:

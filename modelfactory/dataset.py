@@ -282,9 +282,16 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
                 # file.  (A local empty file may be one being written: that is refused.)
                 log.debug("Skipping the empty object %r (a folder marker)", frag.path)
                 return None
-            fix = ("modelfactory reads Parquet only: write the data as Parquet first (a CSV file: "
-                   "pd.read_csv(...).to_parquet('data.parquet'))." if is_file else
-                   "Move files that are not Parquet out of the folder (or start their names with '_' or '.').")
+            if _starts_as_parquet(frag):
+                # a truncated upload, or a file still being written: "write the data as Parquet first"
+                # (or "move files that are not Parquet out") sent the user after a CSV there was not
+                fix = ("It begins as a Parquet file but its end (the footer) is missing: it was cut short "
+                       "(an upload or copy that stopped) or is still being written. Write it again, or wait "
+                       "for its writer to finish.")
+            else:
+                fix = ("modelfactory reads Parquet only: write the data as Parquet first (a CSV file: "
+                       "pd.read_csv(...).to_parquet('data.parquet'))." if is_file else
+                       "Move files that are not Parquet out of the folder (or start their names with '_' or '.').")
             raise DatasetError(f"Cannot open the Parquet dataset at {url!r}: cannot read the Parquet footer "
                                f"of {frag.path!r} ({err}). {fix}") from err
         nulls = dict.fromkeys(check, 0)
@@ -408,6 +415,16 @@ def _none_kept(found: list, url: str, filter, allow_empty: bool) -> list:
     if not allow_empty:
         raise DatasetError(f"No files under {url!r} match filter {filter}.")
     return found[:1]
+
+
+def _starts_as_parquet(frag) -> bool:
+    """Whether the file of ``frag`` begins with Parquet's magic bytes (a footer that cannot be read
+    is then a file cut short, not a file of another format)."""
+    try:
+        with frag.filesystem.open_input_file(frag.path) as f:
+            return f.read(4) == b"PAR1"
+    except (OSError, ValueError, pa.ArrowException):
+        return False
 
 
 def _empty_object(fs, path: str) -> bool:

@@ -112,6 +112,12 @@ def _as_run_id(run: Any) -> Any:
     """The id of ``run`` when it is the Run that train returned (``run.id``), else ``run``: a
     Run passed as run= was refused as "No committed run <Run ...>"."""
     if not isinstance(run, str) and isinstance(getattr(run, "id", None), str):
+        kind = getattr(run, "kind", "train")
+        if kind != "train":  # was "No committed run '<its id>' in '<store>'", as for a typo
+            from_run = (getattr(run, "summary", None) or {}).get("model_run")
+            hint = f": its models are run {from_run}'s, pass that" if kind == "score" and from_run else ""
+            raise StoreError(f"run= takes a train run (the Run that train returned, or its id); {run.id} is a "
+                             f"{kind} run{hint}.")
         return run.id
     return run
 

@@ -547,6 +547,9 @@ def test_errors_the_cli_shows_name_its_options(by_app, tmp_path, capsys):
     assert main(["train", by_app, "--by", "app,site", "--target", "value", "--store", store,
                  "--scheduler", "inline", "-q"]) == 2
     assert "(--time)" in capsys.readouterr().err
+    assert main(["models", "show", "--store", store]) == 2  # nothing at that path
+    assert "Pass the --store of python -m modelfactory train." in capsys.readouterr().err
+    (tmp_path / "s").mkdir()  # a store yet to train
     assert main(["models", "show", "--store", store]) == 2
     assert "python -m modelfactory train ... --store" in capsys.readouterr().err
     assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,

@@ -381,3 +381,22 @@ def test_a_csv_file_is_told_to_become_parquet_not_to_leave_its_folder(tmp_path, 
     (tmp_path / "data" / "notes.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DatasetError, match=r"Move files that are not Parquet out of the folder"):
         discover(str(tmp_path / "data"))
+
+
+def test_a_parquet_file_cut_short_is_named_as_one_not_as_a_file_of_another_format(tmp_path, capsys):
+    """A data.parquet whose upload stopped halfway was told "modelfactory reads Parquet only: write
+    the data as Parquet first (a CSV file: ...)", and in a folder to move it out as not Parquet."""
+    t = _site("eu-1")
+    pq.write_table(t, tmp_path / "whole.parquet")
+    cut = (tmp_path / "whole.parquet").read_bytes()
+    (tmp_path / "data.parquet").write_bytes(cut[: len(cut) // 2])
+    assert main(["train", str(tmp_path / "data.parquet"), "--by", "app,site", "--time", "ts", "--target", "value",
+                 "--store", str(tmp_path / "store"), "--scheduler", "inline", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "begins as a Parquet file but its end (the footer) is missing" in err[0]
+    assert "write the data as Parquet first" not in err[0] and not (tmp_path / "store").exists()
+    (tmp_path / "folder").mkdir()
+    pq.write_table(t, tmp_path / "folder" / "part-0.parquet")
+    (tmp_path / "folder" / "part-1.parquet").write_bytes(cut[: len(cut) // 2])
+    with pytest.raises(DatasetError, match=r"part-1.parquet.*begins as a Parquet file but its end"):
+        discover(str(tmp_path / "folder"))

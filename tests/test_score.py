@@ -632,6 +632,35 @@ def test_columns_named_as_a_column_score_writes_are_refused_before_anything_is_w
         assert not out.exists()
 
 
+def test_a_key_named_as_a_score_column_is_refused_by_train_and_score(tmp_path):
+    # a key named `expected` (or `score`, `lower`...) was trained and scored "ok", into files with two
+    # columns 'expected' (the key, and the model's expected value) that no reader could open
+    # ("Can't unify schema with duplicate field names"); the scored rows hold the keys too
+    from modelfactory.exceptions import SchemaError
+    from modelfactory.store import _digest_of
+
+    t = metrics_table(series=3).to_pandas().rename(columns={"site": "expected"})
+    t.to_parquet(tmp_path / "a.parquet")
+    data, store, out = str(tmp_path / "a.parquet"), str(tmp_path / "store"), tmp_path / "scores"
+    clash = "The key column 'expected' (of run .* )?has the name of a column that score writes beside it"
+    with pytest.raises(SchemaError, match=clash):
+        modelfactory.train(data, by=["app", "expected"], time="ts", target="value", store=store, cluster="inline")
+    assert not (tmp_path / "store").exists()
+    # a run committed before train refused such a key
+    metrics_table(series=3).to_pandas().to_parquet(tmp_path / "orig.parquet")
+    run = modelfactory.train(str(tmp_path / "orig.parquet"), by=["app", "site"], time="ts", target="value",
+                             store=store, cluster="inline")
+    path = tmp_path / "store" / "runs" / run.id / "manifest.json"
+    body = json.loads(path.read_text())
+    body.pop("checksum")
+    body["spec"]["by"] = ["app", "expected"]
+    body["checksum"] = _digest_of(body)
+    path.write_text(json.dumps(body))
+    with pytest.raises(SchemaError, match=clash):
+        modelfactory.score(data, store=store, out=str(out), cluster="inline")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("model", ["holt_winters", "autoencoder"])
 def test_a_group_scored_only_on_its_training_range_is_skipped_with_the_reason(tmp_path, model):
     """holt_winters, ets, sarimax and autoencoder score only rows after the end of training: scoring

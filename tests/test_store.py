@@ -514,6 +514,19 @@ def test_models_gc_of_a_store_that_is_not_there_is_an_error(trained, capsys):
     assert "removed 0 run(s)" in capsys.readouterr().out
 
 
+def test_models_show_of_a_store_that_is_not_there_says_so(trained, capsys):
+    # a misspelt --store said "has no committed run yet. Train first", as for a store yet to train
+    store, _ = trained
+    typo = str(store) + "e"
+    for extra in ([], ["--key", "app=app0,site=s000"]):
+        assert main(["models", "show", "--store", typo, *extra]) == 2
+        assert f"error: No model store at '{typo}': there is nothing at that path" in capsys.readouterr().err
+    empty = store.parent / "empty"
+    empty.mkdir()
+    assert main(["models", "show", "--store", str(empty)]) == 2
+    assert "has no committed run yet" in capsys.readouterr().err
+
+
 def test_models_show_and_the_report_of_a_retrain_say_which_base_groups_it_has_no_model_for(tmp_path, capsys):
     # the input of an --only-changed run lacked a group of its base: only a warning at train time
     # said so; `models show` and the report of the run (now LATEST, so `score` skips that group:
@@ -546,3 +559,13 @@ def test_the_run_that_train_returns_is_taken_as_run(trained, tmp_path, by_app):
     assert st.load({"app": "app0", "site": "s000"}, run=run).season_length == 24
     scores = modelfactory.score(by_app, store=str(store), out=str(tmp_path / "o"), run=run, cluster="inline")
     assert scores.summary["model_run"] == run.id
+
+
+def test_a_score_run_passed_as_run_is_named_as_one(trained, tmp_path, by_app):
+    # score(run=<the Run score returned>) said "No committed run '<its id>' in '<store>'", as for a typo
+    store, run = trained
+    scores = modelfactory.score(by_app, store=str(store), out=str(tmp_path / "o"), run=run, cluster="inline")
+    with pytest.raises(StoreError, match=rf"run= takes a train run .*; {scores.id} is a score run: its models "
+                                         rf"are run {run.id}'s, pass that"):
+        modelfactory.score(by_app, store=str(store), out=str(tmp_path / "o2"), run=scores, cluster="inline")
+    assert not (tmp_path / "o2").exists()

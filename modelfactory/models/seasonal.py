@@ -12,8 +12,10 @@ make (traffic in local time) stays in its slots across daylight-saving changes.
 
 Data it needs: a time column; at least ``min_seasons * season_length`` finite
 values.  NaNs are ignored; a slot with no values falls back to the series'
-overall median.  A constant series gets a tiny floor scale, so any change
-from the constant is anomalous.  Cost: two sorts over the batch, O(N log N).
+overall median, with the spread of all its values about it as the scale.  A
+series no slot of which holds two values (one season) is skipped: it shows no
+spread.  A constant series gets a tiny floor scale, so any change from the
+constant is anomalous.  Cost: two sorts over the batch, O(N log N).
 """
 from __future__ import annotations
 
@@ -179,8 +181,9 @@ def _shifts(wall: np.ndarray, sid: np.ndarray, step: np.ndarray, n: int) -> np.n
 
     Without it, a slot began exactly at the hour: times stamped a few seconds early (10:59:58 for
     11:00) fell into the slot before, mixing two hours in every slot; the band came out twice too
-    wide.  Times on the hour (or on the half hour) get the slots they always had.  Series whose
-    times all sit on their step (most data) are not computed: their shift is half a step.
+    wide.  Times on the hour (or on the half hour) get the slots they always had, as do times spread
+    over the whole step (their shift is 0).  Series whose times all sit on their step (most data)
+    are not computed: their shift is half a step.
     """
     shift = step // 2
     if not len(wall):
@@ -191,9 +194,14 @@ def _shifts(wall: np.ndarray, sid: np.ndarray, step: np.ndarray, n: int) -> np.n
         rows = uneven[sid]
         s, st = sid[rows], step[sid[rows]]
         ang = 2 * np.pi * off[rows] / st
-        phase = np.arctan2(np.bincount(s, np.sin(ang), minlength=n), np.bincount(s, np.cos(ang), minlength=n))
-        phase = np.rint(np.mod(phase, 2 * np.pi) / (2 * np.pi) * step).astype(np.int64)
-        shift = np.where(uneven, (step // 2 - phase) % step, shift)
+        sin, cos = np.bincount(s, np.sin(ang), minlength=n), np.bincount(s, np.cos(ang), minlength=n)
+        phase = np.rint(np.mod(np.arctan2(sin, cos), 2 * np.pi) / (2 * np.pi) * step).astype(np.int64)
+        # Times spread over the whole step (5-minute data with step=3600 for an hour-of-day profile,
+        # event times) sit nowhere in particular: their circular mean is noise, and centring on it
+        # put the slots' boundaries at some minute past the hour (a change at 09:00 then fell inside
+        # a slot, and 2 % of clean points were flagged).  Their slots begin at the step, as before.
+        settled = np.hypot(sin, cos) >= 0.5 * np.maximum(np.bincount(s, minlength=n), 1)
+        shift = np.where(uneven, np.where(settled, (step // 2 - phase) % step, 0), shift)
     return shift % step
 
 
@@ -283,21 +291,32 @@ class SeasonalProfile(Model):
         resid = np.abs(v_f - med.reshape(-1)[seg])
         mad, _ = segment_median(resid, seg, n * S)
         # Residuals about a slot median of a few points are biased low (for odd counts one of
-        # them is exactly 0): the non-zero ones pooled per series, corrected for the typical
-        # count of a slot, are the floor of every slot.  A slot's own MAD (not corrected: of a
-        # few values it is too noisy, and corrected it widened half the slots' bands) takes over
-        # where that slot is clearly noisier.  Both are widened by the spread of a new value
+        # them is exactly 0): the non-zero ones, each corrected for the count of its own slot and
+        # pooled per series, are the floor of every slot (corrected all alike, for finite / S,
+        # slots of 0 to 5 values in a gappy series made the floor a third too low).  A slot's own
+        # MAD (not corrected: of a few values it is too noisy, and corrected it widened half the
+        # slots' bands) takes over where that slot is clearly noisier.  Both are widened by the spread of a new value
         # about an estimated median.
         nz = resid > 0
-        series_mad, _ = segment_median(resid[nz], sid_f[nz], n)
+        each_f, _ = _factors(count[seg[nz]])  # each residual corrected for the count of its own slot
+        series_mad, _ = segment_median(resid[nz] * each_f, sid_f[nz], n)
         series_mad = np.nan_to_num(series_mad, nan=0.0)
         count = count.reshape(n, S)
         typical = np.maximum(np.rint(finite / S), 1)
         _, pred = _factors(count)
-        pooled_f, typical_pred = _factors(typical)
-        series_mad = series_mad * pooled_f
+        _, typical_pred = _factors(typical)
         mad = mad.reshape(n, S)
-        mad = np.where(np.isnan(mad), series_mad[:, None], mad)
+        # An empty slot expects the series' median, which its values need not be near (with half the
+        # values missing, a 24th of hourly slots had none, and a fifth of the clean points that fell in
+        # them were flagged): its scale is the spread of all the series' values about that median.
+        empty = count == 0
+        spread = series_mad.copy()
+        gappy = empty.any(axis=1)
+        if gappy.any():
+            rows = gappy[sid_f]
+            whole, _ = segment_median(np.abs(v_f[rows] - series_med[sid_f[rows]]), sid_f[rows], n)
+            spread = np.where(gappy, np.fmax(spread, whole), spread)
+        mad = np.where(empty, spread[:, None], np.where(np.isnan(mad), series_mad[:, None], mad))
         pred = np.where(count > 0, pred, typical_pred[:, None])  # an empty slot expects the series' median
         # A tiny floor (relative to the values) so a constant series does not divide by zero.
         # the largest |value| per series: rows are grouped by series, so one reduceat (np.maximum.at
@@ -307,11 +326,20 @@ class SeasonalProfile(Model):
         floor = np.maximum(series_mad, scale_floor(biggest))
         scale = _MAD_TO_SIGMA * pred * np.maximum(mad, floor[:, None])
         need = proto.required_rows()
+        # a series no slot of which holds two values (one season with min_seasons=1) has no
+        # spread to learn: its scale was the tiny floor of a constant series, and every point
+        # scored later was flagged, the group ok
+        paired = (count >= 2).any(axis=1)
         out: list = []
         for i in range(n):
             if finite[i] < need:
                 out.append(SkipGroup(f"seasonal needs at least {need} non-missing values "
                                      f"({proto.min_seasons} x season_length {S}); got {finite[i]}"))
+                continue
+            if not paired[i]:
+                out.append(SkipGroup(f"seasonal cannot tell how far a value may stray from its slot: none of the "
+                                     f"{S} slots of its season holds two of its {finite[i]} values (one season of "
+                                     f"data); train on two seasons or more (min_seasons=2 asks for them)"))
                 continue
             m = cls(**params)
             m.step_, m.median_, m.scale_, m.shift_ = int(step[i]), med[i], scale[i], int(shift[i])
