@@ -298,8 +298,13 @@ class SeasonalProfile(Model):
         # slots' bands) takes over where that slot is clearly noisier.  Both are widened by the spread of a new value
         # about an estimated median.
         nz = resid > 0
-        each_f, _ = _factors(count[seg[nz]])  # each residual corrected for the count of its own slot
-        series_mad, _ = segment_median(resid[nz] * each_f, sid_f[nz], n)
+        per_slot, _ = _factors(count)  # each residual corrected for the count of its own slot
+        grid = count.reshape(n, S)
+        if (grid == grid[:, :1]).all():  # every slot of a series holds as many (most data): after the median
+            series_mad, _ = segment_median(resid[nz], sid_f[nz], n)
+            series_mad = series_mad * per_slot.reshape(n, S)[:, 0]
+        else:
+            series_mad, _ = segment_median(resid[nz] * per_slot[seg[nz]], sid_f[nz], n)
         series_mad = np.nan_to_num(series_mad, nan=0.0)
         count = count.reshape(n, S)
         typical = np.maximum(np.rint(finite / S), 1)
