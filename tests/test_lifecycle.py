@@ -236,6 +236,14 @@ class OneValueScore(Model):
                 "is_anomaly": np.zeros(len(y), dtype=bool)}
 
 
+def _trained_then_scored(model, tmp_path):
+    """Three series trained with the user model ``model`` (all ok), then scored: the score Run."""
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    assert modelfactory.train(data, model=model, store=store, cluster="inline", **ARGS).summary["counts"]["ok"] == 3
+    return modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+
+
 class TupleScore(OneValueScore):
     """A user model whose _score returns (expected, lower, upper), not a dict."""
 
@@ -249,11 +257,7 @@ class TupleScore(OneValueScore):
 def test_a_score_that_returns_a_tuple_fails_its_groups_saying_it_must_be_a_dict(tmp_path):
     # it failed them with "ValueError: The truth value of an array with more than one element is
     # ambiguous. Use a.any() or a.all() (at base.py:364 in score)", about modelfactory's own line
-    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
-    store = str(tmp_path / "s")
-    assert modelfactory.train(data, model=TupleScore, store=store, cluster="inline",
-                              **ARGS).summary["counts"]["ok"] == 3
-    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+    scored = _trained_then_scored(TupleScore, tmp_path)
     assert scored.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
     assert scored.groups.error.str.startswith(
         "ModelError: TupleScore._score returned tuple, not a dict; it must return a dict of expected, lower, "
@@ -296,10 +300,7 @@ class NoScore(OneValueScore):
 
 def test_a_model_without_score_fails_its_groups_saying_what_to_write(tmp_path):
     # it was "NotImplementedError:  (at base.py:387 in _score)", with no message at all
-    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
-    store = str(tmp_path / "s")
-    assert modelfactory.train(data, model=NoScore, store=store, cluster="inline", **ARGS).summary["counts"]["ok"] == 3
-    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+    scored = _trained_then_scored(NoScore, tmp_path)
     assert scored.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
     assert scored.groups.error.str.startswith(
         "NotImplementedError: NoScore does not implement _score(self, y, t, X), so it cannot score: return a dict "
@@ -315,11 +316,7 @@ def test_a_fit_that_returns_none_fails_its_groups_with_the_reason(tmp_path):
 
 
 def test_scores_of_the_wrong_length_fail_their_groups_instead_of_being_broadcast(tmp_path):
-    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
-    store = str(tmp_path / "s")
-    assert modelfactory.train(data, model=OneValueScore, store=store, cluster="inline",
-                              **ARGS).summary["counts"]["ok"] == 3
-    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+    scored = _trained_then_scored(OneValueScore, tmp_path)
     assert scored.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
     assert scored.groups.error.str.contains("OneValueScore._score returned 'expected' of shape (1,) for 48 rows; "
                                             "it must return one value per row", regex=False).all()

@@ -491,16 +491,22 @@ def test_seasonal_slots_hold_times_stamped_a_few_seconds_early():
     assert back.score([10.0], t=[t[0] + 10 * 3600 + 3599])["expected"].tolist() == [10.0]
 
 
-def test_autoencoder_scores_a_window_after_a_gap_from_real_values():
-    """A window scored days after training was reconstructed from a straight line drawn across the
-    gap: scoring two days at a time over two weeks flagged 8 clean points (one day at a time, 36 of
-    336), where scoring them in one call flagged none."""
+def _autoencoder_on_four_weeks():
+    """Six weeks of a clean daily cycle, an autoencoder fitted on the first four: (y, t, model,
+    where training ends, where the data ends)."""
     rng = np.random.default_rng(0)
     H, N = 24 * 28, 24 * 42
     h = np.arange(N)
     t = 1767225600 + h * 3600
     y = 100 + 20 * np.sin(2 * np.pi * h / 24) + rng.normal(size=N)
-    m = get("autoencoder").fit(y[:H], t=t[:H])
+    return y, t, get("autoencoder").fit(y[:H], t=t[:H]), H, N
+
+
+def test_autoencoder_scores_a_window_after_a_gap_from_real_values():
+    """A window scored days after training was reconstructed from a straight line drawn across the
+    gap: scoring two days at a time over two weeks flagged 8 clean points (one day at a time, 36 of
+    336), where scoring them in one call flagged none."""
+    y, t, m, H, N = _autoencoder_on_four_weeks()
     assert not m.score(y[H:], t=t[H:])["is_anomaly"].any()
     flags = [m.score(y[s:s + 48], t=t[s:s + 48])["is_anomaly"].sum() for s in range(H, N, 48)]
     assert sum(flags) == 0
@@ -514,12 +520,7 @@ def test_autoencoder_does_not_score_a_few_points_after_a_gap_from_a_line_across_
     """Six hours scored at a time, days after training, were reconstructed almost wholly from the
     straight line drawn across the gap: 211 of 336 clean points flagged. Points that no window of
     (mostly) real values covers are not scored; a day with one missing value still is."""
-    rng = np.random.default_rng(0)
-    H, N = 24 * 28, 24 * 42
-    h = np.arange(N)
-    t = 1767225600 + h * 3600
-    y = 100 + 20 * np.sin(2 * np.pi * h / 24) + rng.normal(size=N)
-    m = get("autoencoder").fit(y[:H], t=t[:H])
+    y, t, m, H, N = _autoencoder_on_four_weeks()
     six = [m.score(y[s:s + 6], t=t[s:s + 6]) for s in range(H, N, 6)]
     assert not any(r["is_anomaly"].any() for r in six)
     assert np.isfinite(six[0]["expected"]).all()  # right after training: the training tail is context
