@@ -23,7 +23,7 @@ from . import kernel
 from ._io import Location
 from ._schema import parse_schema
 from .config import job_settings
-from .dataset import DatasetInfo, check_columns, check_time_zone, discover
+from .dataset import DatasetInfo, check_columns, check_time_zone, check_value_types, discover, value_types
 from .exceptions import DatasetError, ModelError, ModelFactoryError, PlanError, SchemaError, StoreError
 from .kernel import JobSpec, ModelSpec, UnitResult
 from .models import get as get_model
@@ -481,6 +481,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         # the models carried over were fitted on the base run's times: a run of them recorded with
         # times of the other kind (naive vs zoned) would let scoring take such data as theirs
         check_time_zone(info, time, base_man)
+        check_value_types(info, base_man)
     digest = _digest(info.fingerprint(), job, retrain, base_id, mspec.cls.__module__, mspec.cls.__qualname__)
     run_id, planning = _begin_run(st, digest, resume, unit_rows)
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
@@ -530,7 +531,8 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         "lineage": lineage,
         "input": {"url": info.source.url, "fingerprint": info.fingerprint(), "rows": info.rows,
                   "files": len(info.files), "partition_keys": list(info.source.partition_keys),
-                  **({"time_type": str(info.schema.field(time).type)} if time else {})},
+                  **({"time_type": str(info.schema.field(time).type)} if time else {}),
+                  "value_types": value_types(info, [target, *feats])},
         "summary": summary,
         "units": [{"id": r.unit_id, "groups": r.groups, "seconds": round(r.seconds, 4)} for r in results],
         # Which part holds which leaf (values of the partition keys that are group keys), so a
@@ -894,6 +896,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     _refuse_reserved_names("score", scored={k: "partition" for k in info.source.partition_keys if k not in by_},
                            of=f" of {data!r}", fix="rename those folders (or score a folder below them).")
     check_time_zone(info, sp["time"], man)
+    check_value_types(info, man)
     src = model_source(st, man, info, trust)
     check_key_types(src, by_, info.schema)
     sink = _output(out, storage_options, overwrite, the_input_data=data, the_model_store=store)

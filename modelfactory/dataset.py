@@ -768,6 +768,39 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
             )
 
 
+def value_types(info: DatasetInfo, columns) -> dict[str, str]:
+    """The Arrow types of a run's target and features, as its manifest records them (for
+    :func:`check_value_types` when the run scores)."""
+    return {c: str(info.schema.field(c).type) for c in columns if c and c in info.schema.names}
+
+
+def _kind(type_text: str) -> str | None:
+    """"boolean", "number" (integers, floats, decimals), or None (other types: not compared here)."""
+    if type_text == "bool":
+        return "boolean"
+    return "number" if type_text.startswith(("int", "uint", "float", "double", "halffloat", "decimal")) else None
+
+
+def check_value_types(info: DatasetInfo, man: dict) -> None:
+    """Refuse to score a target or feature that is boolean now and was a number in training, or the
+    reverse: the values would be read as 0 and 1 against a model of other values (a feature of
+    floats in training, booleans today), and every row scored ``ok``.  Integers and floats mix
+    freely.  Runs stored before the types were recorded are not checked."""
+    stored = (man.get("input") or {}).get("value_types") or {}
+    for col, was in stored.items():
+        if col not in info.schema.names:
+            continue
+        now = info.schema.field(col).type
+        now = now.value_type if pa.types.is_dictionary(now) else now
+        if None not in (_kind(was), _kind(str(now))) and _kind(was) != _kind(str(now)):
+            how = ("its booleans would be read as 0 and 1 against a model fitted on numbers" if pa.types.is_boolean(now)
+                   else "its numbers would be scored against a model fitted on booleans (0 and 1)")
+            raise SchemaError(
+                f"The column {col!r} of {info.source.url!r} is {now}, but run {man['run_id']!r} was trained on it "
+                f"as {was}: {how}. Write the column as {was} as it was in training, or train again on data like "
+                "this.")
+
+
 def check_time_zone(info: DatasetInfo, time: str | None, man: dict) -> None:
     """Refuse to score times without a time zone with models trained on times with one, or
     the reverse: the same reading would be taken for another instant (naive local times read as

@@ -835,3 +835,41 @@ def test_loading_one_model_of_a_run_without_key_folders_reads_the_part_of_its_pa
     with pytest.raises(StoreError, match="No group"):  # a key of no group is still looked for everywhere
         st.load({"app": "app0", "site": "nope"})
     assert sorted(reads[:6]) == sorted(p["path"] for p in man["parts"])
+
+
+def test_a_feature_that_was_a_number_in_training_and_is_boolean_now_is_refused(tmp_path):
+    """A feature of floats in training read as booleans at scoring was taken as 0 and 1 against the
+    forest fitted on the floats: every row scored `ok`, its expected value wrong. Integers where
+    floats were stay accepted, and runs stored before the types were recorded are not checked."""
+    from modelfactory.exceptions import SchemaError
+
+    df = metrics_table(series=3, hours=72).to_pandas()
+    df["x1"] = df["x1"].astype(float) * 10.0
+    pq_train = tmp_path / "train.parquet"
+    df.to_parquet(pq_train)
+    store = str(tmp_path / "store")
+    run = modelfactory.train(str(pq_train), by=["app", "site"], time="ts", target="value", features=["x1"],
+                             model="random_forest", store=store, cluster="inline")
+    assert modelfactory.ModelStore(store).manifest(run.id)["input"]["value_types"] == {"value": "double",
+                                                                                       "x1": "double"}
+    as_bool = tmp_path / "bool.parquet"
+    df.assign(x1=df["x1"] > 5).to_parquet(as_bool)
+    with pytest.raises(SchemaError, match=(r"The column 'x1' of .* is bool, but run '.*' was trained on it as double: "
+                                           r"its booleans would be read as 0 and 1 against a model fitted on numbers")):
+        modelfactory.score(str(as_bool), store=store, out=str(tmp_path / "o1"), cluster="inline")
+    assert not (tmp_path / "o1").exists()
+    as_int = tmp_path / "int.parquet"
+    df.assign(x1=df["x1"].round().astype("int64")).to_parquet(as_int)
+    scored = modelfactory.score(str(as_int), store=store, out=str(tmp_path / "o2"), cluster="inline")
+    assert scored.summary["counts"]["ok"] == 3
+    # a run committed before the types were recorded is scored as before
+    path = tmp_path / "store" / "runs" / run.id / "manifest.json"
+    from modelfactory.store import _digest_of
+
+    body = json.loads(path.read_text())
+    body.pop("checksum")
+    body["input"].pop("value_types")
+    body["checksum"] = _digest_of(body)
+    path.write_text(json.dumps(body))
+    assert modelfactory.score(str(as_bool), store=store, out=str(tmp_path / "o3"),
+                              cluster="inline").summary["counts"]["ok"] == 3
