@@ -858,6 +858,9 @@ def test_a_feature_that_was_a_number_in_training_and_is_boolean_now_is_refused(t
                                            r"its booleans would be read as 0 and 1 against a model fitted on numbers")):
         modelfactory.score(str(as_bool), store=store, out=str(tmp_path / "o1"), cluster="inline")
     assert not (tmp_path / "o1").exists()
+    with pytest.raises(SchemaError, match="The column 'x1' of .* is bool, but run '.*' was trained on it as double"):
+        modelfactory.train(str(as_bool), by=["app", "site"], time="ts", target="value", features=["x1"],
+                           model="random_forest", store=store, cluster="inline", retrain="changed")
     as_int = tmp_path / "int.parquet"
     df.assign(x1=df["x1"].round().astype("int64")).to_parquet(as_int)
     scored = modelfactory.score(str(as_int), store=store, out=str(tmp_path / "o2"), cluster="inline")
