@@ -279,10 +279,10 @@ class NoStateAttrs(OneValueScore):
 
 
 @pytest.mark.parametrize("cls, error", [
-    (SetsOtherState, "SetsOtherState.fit left mean_ unset (state_attrs = ('mean_',)): set every attribute of "
-                     "state_attrs in _fit, or list in state_attrs the ones it sets"),
-    (NoStateAttrs, "NoStateAttrs declares no state_attrs, so it can never be scored or loaded as fitted: list "
-                   "the attributes its fit sets (e.g. state_attrs = ('mean_',))"),
+    (SetsOtherState, ("SetsOtherState.fit left mean_ unset (state_attrs = ('mean_',)): set every attribute of "
+                      "state_attrs in _fit, or list in state_attrs the ones it sets")),
+    (NoStateAttrs, ("NoStateAttrs declares no state_attrs, so it can never be scored or loaded as fitted: list "
+                    "the attributes its fit sets (e.g. state_attrs = ('mean_',))")),
 ])
 def test_a_fit_that_leaves_the_model_unfitted_fails_its_groups_instead_of_ok(tmp_path, cls, error):
     # Such a run was `ok 3`, and every score of it failed "NotFittedError: This SetsOtherState is
