@@ -774,7 +774,7 @@ def value_types(info: DatasetInfo, columns) -> dict[str, str]:
     return {c: str(info.schema.field(c).type) for c in columns if c and c in info.schema.names}
 
 
-def _kind(type_text: str) -> str | None:
+def _value_kind(type_text: str) -> str | None:
     """"boolean", "number" (integers, floats, decimals), or None (other types: not compared here)."""
     if type_text == "bool":
         return "boolean"
@@ -792,7 +792,7 @@ def check_value_types(info: DatasetInfo, man: dict) -> None:
             continue
         now = info.schema.field(col).type
         now = now.value_type if pa.types.is_dictionary(now) else now
-        if None not in (_kind(was), _kind(str(now))) and _kind(was) != _kind(str(now)):
+        if None not in (_value_kind(was), _value_kind(str(now))) and _value_kind(was) != _value_kind(str(now)):
             how = ("its booleans would be read as 0 and 1 against a model fitted on numbers" if pa.types.is_boolean(now)
                    else "its numbers would be scored against a model fitted on booleans (0 and 1)")
             raise SchemaError(

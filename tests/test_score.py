@@ -764,6 +764,32 @@ def test_scoring_without_key_folders_reads_each_part_once_not_once_per_unit(tmp_
     assert sorted(man["buckets"]["parts"]) == list(range(6)) and man["buckets"]["n"] == 6
 
 
+def test_files_whose_key_and_target_types_widen_train_and_score_without_key_folders(tmp_path):
+    """Files written by two writers (a key of int32 in one and int64 in the other, the target of
+    float32 and float64) are one dataset of the wider types.  The check of the target's type at
+    scoring had shadowed the function that widens them: train and score stopped with
+    AttributeError ("'DataType' object has no attribute 'startswith'")."""
+    import pyarrow.parquet as pq
+
+    t = metrics_table(series=300, hours=48, apps=10)
+    sid = pc.cast(pc.utf8_slice_codeunits(t["site"], 1), pa.int64())
+    t = t.set_column(t.schema.get_field_index("site"), "site", pc.subtract(sid, 150))  # negative keys too
+    first = pc.less(t["ts"], pa.scalar(pd.Timestamp("2026-03-03", tz="UTC"), t["ts"].type))
+    older, newer = t.filter(first), t.filter(pc.invert(first))
+    older = older.set_column(older.schema.get_field_index("site"), "site", older["site"].cast(pa.int32()))
+    older = older.set_column(older.schema.get_field_index("value"), "value", older["value"].cast(pa.float32()))
+    (tmp_path / "d").mkdir()
+    pq.write_table(older, tmp_path / "d" / "older.parquet")
+    pq.write_table(newer, tmp_path / "d" / "newer.parquet")
+    data, store = str(tmp_path / "d"), str(tmp_path / "store")
+    run = modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
+                             store=store, cluster="inline", unit_rows=3_000)
+    assert run.summary["counts"] == {"ok": 300, "failed": 0, "skipped": 0}
+    assert run.summary["mode"] == "shuffle" and (run.groups["rows"] == 48).all()  # no group split over units
+    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", unit_rows=2_000)
+    assert scored.summary["counts"] == {"ok": 300, "failed": 0, "skipped": 0}
+
+
 def test_groups_without_a_model_cost_no_extra_reads_and_are_skipped(tmp_path, monkeypatch):
     data, store = _flat_history(tmp_path), str(tmp_path / "store")
     modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
