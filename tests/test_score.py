@@ -841,6 +841,36 @@ def test_a_run_whose_parts_do_not_hold_their_partitions_is_read_whole_and_old_ma
     assert len(reads) == 6
 
 
+def test_parts_of_one_group_or_none_do_not_vouch_for_the_partitions(tmp_path):
+    """Four large groups shuffled into ten partitions: six parts hold no group, four hold one.
+    Should this Dask hash the keys otherwise than training's (the manifest's partitions shifted
+    here), a unit read the one part its group hashed to: an empty part agrees with any hash, a
+    part of one group with another hash once in ten, and the group, which has a model, came out
+    `skipped` (no model).  Fewer than two groups placed as the manifest says: the unit reads on."""
+    import dataclasses
+
+    from modelfactory.api import model_source
+    from modelfactory.dataset import discover, read_files
+    from modelfactory.kernel import split_groups
+    from modelfactory.scoring import load_model_rows
+
+    data, store = write(metrics_table(series=4, hours=48, apps=2), tmp_path / "flat", []), str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
+                       store=store, cluster="inline", unit_rows=20)
+    st = modelfactory.ModelStore(store)
+    man = st.manifest()
+    info = discover(data)
+    src = model_source(st, man, info, trust=False)
+    assert src.n_buckets == 10 and sorted(p["rows"] for p in man["parts"]).count(0) == 6
+    table = read_files(info.source, [f.path for f in info.files], ["app", "site", "ts"])
+    for site in ["s000", "s001", "s002", "s003"]:
+        unit = split_groups(table.filter(pc.equal(table["site"], site)), ("app", "site"), "ts")
+        for shift in range(10):  # as another hash would place them
+            moved = dataclasses.replace(src, buckets=tuple((b + shift) % 10 for b in src.buckets))
+            rows = load_model_rows(moved, unit, ("app", "site"))
+            assert [r["status"] for r in rows.values()] == ["ok"], (site, shift)
+
+
 def test_loading_one_model_of_a_run_without_key_folders_reads_the_part_of_its_partition(tmp_path, monkeypatch):
     """ModelStore.load read the parts of such a run in turn until one held the key: a key of the
     last part cost a read of every part.  Now its partition's part is read first."""
