@@ -282,7 +282,12 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
                 # file.  (A local empty file may be one being written: that is refused.)
                 log.debug("Skipping the empty object %r (a folder marker)", frag.path)
                 return None
-            if _starts_as_parquet(frag):
+            if _is_empty_file(frag):
+                # the state of a file its writer has just created: "not Parquet" sent the user after
+                # a file of another format
+                fix = ("It is empty (0 bytes): a file still being written, or one whose writer stopped. Wait "
+                       "for its writer to finish, or remove the file.")
+            elif _starts_as_parquet(frag):
                 # a truncated upload, or a file still being written: "write the data as Parquet first"
                 # (or "move files that are not Parquet out") sent the user after a CSV there was not
                 fix = ("It begins as a Parquet file but its end (the footer) is missing: it was cut short "
@@ -415,6 +420,14 @@ def _none_kept(found: list, url: str, filter, allow_empty: bool) -> list:
     if not allow_empty:
         raise DatasetError(f"No files under {url!r} match filter {filter}.")
     return found[:1]
+
+
+def _is_empty_file(frag) -> bool:
+    """Whether the file of ``frag`` holds no byte at all."""
+    try:
+        return frag.filesystem.get_file_info(frag.path).size == 0
+    except (OSError, ValueError, pa.ArrowException):
+        return False
 
 
 def _starts_as_parquet(frag) -> bool:
