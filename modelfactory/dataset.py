@@ -282,7 +282,12 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
                 # file.  (A local empty file may be one being written: that is refused.)
                 log.debug("Skipping the empty object %r (a folder marker)", frag.path)
                 return None
-            if _starts_as_parquet(frag):
+            if _is_empty_file(frag):
+                # the state of a file its writer has just created: "not Parquet" sent the user after
+                # a file of another format
+                fix = ("It is empty (0 bytes): a file still being written, or one whose writer stopped. Wait "
+                       "for its writer to finish, or remove the file.")
+            elif _starts_as_parquet(frag):
                 # a truncated upload, or a file still being written: "write the data as Parquet first"
                 # (or "move files that are not Parquet out") sent the user after a CSV there was not
                 fix = ("It begins as a Parquet file but its end (the footer) is missing: it was cut short "
@@ -415,6 +420,14 @@ def _none_kept(found: list, url: str, filter, allow_empty: bool) -> list:
     if not allow_empty:
         raise DatasetError(f"No files under {url!r} match filter {filter}.")
     return found[:1]
+
+
+def _is_empty_file(frag) -> bool:
+    """Whether the file of ``frag`` holds no byte at all."""
+    try:
+        return frag.filesystem.get_file_info(frag.path).size == 0
+    except (OSError, ValueError, pa.ArrowException):
+        return False
 
 
 def _starts_as_parquet(frag) -> bool:
@@ -774,7 +787,7 @@ def value_types(info: DatasetInfo, columns) -> dict[str, str]:
     return {c: str(info.schema.field(c).type) for c in columns if c and c in info.schema.names}
 
 
-def _kind(type_text: str) -> str | None:
+def _value_kind(type_text: str) -> str | None:
     """"boolean", "number" (integers, floats, decimals), or None (other types: not compared here)."""
     if type_text == "bool":
         return "boolean"
@@ -792,7 +805,7 @@ def check_value_types(info: DatasetInfo, man: dict) -> None:
             continue
         now = info.schema.field(col).type
         now = now.value_type if pa.types.is_dictionary(now) else now
-        if None not in (_kind(was), _kind(str(now))) and _kind(was) != _kind(str(now)):
+        if None not in (_value_kind(was), _value_kind(str(now))) and _value_kind(was) != _value_kind(str(now)):
             how = ("its booleans would be read as 0 and 1 against a model fitted on numbers" if pa.types.is_boolean(now)
                    else "its numbers would be scored against a model fitted on booleans (0 and 1)")
             raise SchemaError(

@@ -24,6 +24,7 @@ import platform
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -637,9 +638,11 @@ def key_values(key: Any, by: list[str], where: str) -> tuple:
 def typed_key_value(name: str, value: Any, type_: pa.DataType, where: str) -> pa.Scalar:
     """``value`` as a scalar of its key column's type: ``"7"`` for an int64 key, ``7`` for a
     string key (a Hive folder), ``"2026-01-01 00:00:00+00:00"`` for a timestamp key."""
+    if isinstance(value, np.datetime64) and np.datetime_data(value.dtype)[0] not in ("s", "ms", "us", "ns"):
+        value = value.astype("datetime64[s]")  # minutes, hours, days...: exact in seconds, which Arrow takes
     try:
         return pa.scalar(value, type_)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError, OverflowError):
         pass
     try:
         return pa.scalar(value).cast(type_)

@@ -383,6 +383,23 @@ def test_a_csv_file_is_told_to_become_parquet_not_to_leave_its_folder(tmp_path, 
         discover(str(tmp_path / "data"))
 
 
+def test_an_empty_parquet_file_is_named_as_empty_not_as_a_file_of_another_format(tmp_path, capsys):
+    """A part-1.parquet of 0 bytes (just created by its writer) was told "Move files that are not
+    Parquet out of the folder", and alone "write the data as Parquet first (a CSV file: ...)"."""
+    (tmp_path / "folder").mkdir()
+    pq.write_table(_site("eu-1"), tmp_path / "folder" / "part-0.parquet")
+    (tmp_path / "folder" / "part-1.parquet").write_bytes(b"")
+    (tmp_path / "alone.parquet").write_bytes(b"")
+    for data in ("folder", "alone.parquet"):
+        assert main(["train", str(tmp_path / data), "--by", "app,site", "--time", "ts", "--target", "value",
+                     "--store", str(tmp_path / "store"), "--scheduler", "inline", "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "It is empty (0 bytes): a file still being written" in err[0], err
+        assert "part-1.parquet" in err[0] or data == "alone.parquet"
+        assert "not Parquet" not in err[0] and "as Parquet first" not in err[0]
+    assert not (tmp_path / "store").exists()
+
+
 def test_a_parquet_file_cut_short_is_named_as_one_not_as_a_file_of_another_format(tmp_path, capsys):
     """A data.parquet whose upload stopped halfway was told "modelfactory reads Parquet only: write
     the data as Parquet first (a CSV file: ...)", and in a folder to move it out as not Parquet."""

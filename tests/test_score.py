@@ -764,6 +764,32 @@ def test_scoring_without_key_folders_reads_each_part_once_not_once_per_unit(tmp_
     assert sorted(man["buckets"]["parts"]) == list(range(6)) and man["buckets"]["n"] == 6
 
 
+def test_files_whose_key_and_target_types_widen_train_and_score_without_key_folders(tmp_path):
+    """Files written by two writers (a key of int32 in one and int64 in the other, the target of
+    float32 and float64) are one dataset of the wider types.  The check of the target's type at
+    scoring had shadowed the function that widens them: train and score stopped with
+    AttributeError ("'DataType' object has no attribute 'startswith'")."""
+    import pyarrow.parquet as pq
+
+    t = metrics_table(series=300, hours=48, apps=10)
+    sid = pc.cast(pc.utf8_slice_codeunits(t["site"], 1), pa.int64())
+    t = t.set_column(t.schema.get_field_index("site"), "site", pc.subtract(sid, 150))  # negative keys too
+    first = pc.less(t["ts"], pa.scalar(pd.Timestamp("2026-03-03", tz="UTC"), t["ts"].type))
+    older, newer = t.filter(first), t.filter(pc.invert(first))
+    older = older.set_column(older.schema.get_field_index("site"), "site", older["site"].cast(pa.int32()))
+    older = older.set_column(older.schema.get_field_index("value"), "value", older["value"].cast(pa.float32()))
+    (tmp_path / "d").mkdir()
+    pq.write_table(older, tmp_path / "d" / "older.parquet")
+    pq.write_table(newer, tmp_path / "d" / "newer.parquet")
+    data, store = str(tmp_path / "d"), str(tmp_path / "store")
+    run = modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
+                             store=store, cluster="inline", unit_rows=3_000)
+    assert run.summary["counts"] == {"ok": 300, "failed": 0, "skipped": 0}
+    assert run.summary["mode"] == "shuffle" and (run.groups["rows"] == 48).all()  # no group split over units
+    scored = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", unit_rows=2_000)
+    assert scored.summary["counts"] == {"ok": 300, "failed": 0, "skipped": 0}
+
+
 def test_groups_without_a_model_cost_no_extra_reads_and_are_skipped(tmp_path, monkeypatch):
     data, store = _flat_history(tmp_path), str(tmp_path / "store")
     modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
@@ -813,6 +839,36 @@ def test_a_run_whose_parts_do_not_hold_their_partitions_is_read_whole_and_old_ma
     reads.clear()
     assert len(load_model_rows(model_source(st, old, info, trust=False), unit, ("app", "site"))) == 50
     assert len(reads) == 6
+
+
+def test_parts_of_one_group_or_none_do_not_vouch_for_the_partitions(tmp_path):
+    """Four large groups shuffled into ten partitions: six parts hold no group, four hold one.
+    Should this Dask hash the keys otherwise than training's (the manifest's partitions shifted
+    here), a unit read the one part its group hashed to: an empty part agrees with any hash, a
+    part of one group with another hash once in ten, and the group, which has a model, came out
+    `skipped` (no model).  Fewer than two groups placed as the manifest says: the unit reads on."""
+    import dataclasses
+
+    from modelfactory.api import model_source
+    from modelfactory.dataset import discover, read_files
+    from modelfactory.kernel import split_groups
+    from modelfactory.scoring import load_model_rows
+
+    data, store = write(metrics_table(series=4, hours=48, apps=2), tmp_path / "flat", []), str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
+                       store=store, cluster="inline", unit_rows=20)
+    st = modelfactory.ModelStore(store)
+    man = st.manifest()
+    info = discover(data)
+    src = model_source(st, man, info, trust=False)
+    assert src.n_buckets == 10 and sorted(p["rows"] for p in man["parts"]).count(0) == 6
+    table = read_files(info.source, [f.path for f in info.files], ["app", "site", "ts"])
+    for site in ["s000", "s001", "s002", "s003"]:
+        unit = split_groups(table.filter(pc.equal(table["site"], site)), ("app", "site"), "ts")
+        for shift in range(10):  # as another hash would place them
+            moved = dataclasses.replace(src, buckets=tuple((b + shift) % 10 for b in src.buckets))
+            rows = load_model_rows(moved, unit, ("app", "site"))
+            assert [r["status"] for r in rows.values()] == ["ok"], (site, shift)
 
 
 def test_loading_one_model_of_a_run_without_key_folders_reads_the_part_of_its_partition(tmp_path, monkeypatch):

@@ -136,6 +136,25 @@ def test_an_index_that_does_not_line_up_with_the_parts_is_not_used():
     assert leaf_index({"parts": parts})["keys"] == []
 
 
+def test_load_takes_a_numpy_datetime64_key_of_any_unit(tmp_path):
+    """A timestamp key given as numpy's datetime64 in minutes (or days) stopped load with
+    ArrowNotImplementedError: Unsupported datetime64 time unit; it is the same instant in seconds."""
+    import numpy as np
+
+    t = metrics_table(series=4, hours=48, apps=2)
+    t = t.append_column("start", pa.array(np.repeat(np.datetime64("2026-03-01T00:00", "s") +
+                                                    np.arange(4).astype("timedelta64[h]"), 48)))
+    data = write(t, tmp_path / "d", [])
+    store = str(tmp_path / "store")
+    modelfactory.train(data, by=["start"], time="ts", target="value", params={"season_length": 24}, store=store,
+                       cluster="inline")
+    st = modelfactory.ModelStore(store)
+    want = st.load({"start": "2026-03-01 02:00:00"}).to_bytes()
+    assert st.load({"start": np.datetime64("2026-03-01T02:00", "m")}).to_bytes() == want
+    assert st.load({"start": np.datetime64("2026-03-01T02", "h")}).to_bytes() == want
+    assert st.load({"start": np.datetime64("2026-03-01", "D")}).to_bytes() != want  # 00:00, another group
+
+
 def test_load_refuses_a_key_without_one_value_for_each_by_column(trained):
     store, _ = trained
     st = modelfactory.ModelStore(str(store))
