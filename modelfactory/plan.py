@@ -198,14 +198,22 @@ def aligned_count(n: int, align: int) -> int:
     ``align / count`` training partitions (or of one), so its unit reads only their parts,
     and the job reads each part about once instead of once per unit.
 
+    Not more than twice ``n``, though: a run of a prime number of partitions (101) would turn a
+    2-unit job into 101 tasks writing 101 small files; then ``n`` stays, and each unit reads the
+    parts of every partition its groups hashed to (all of them, at worst: once per unit).
+
     >>> aligned_count(5, 8), aligned_count(3, 12), aligned_count(9, 4), aligned_count(7, 7)
     (8, 3, 12, 7)
+    >>> aligned_count(2, 101), aligned_count(60, 101)
+    (2, 101)
     """
     if align < 2 or n < 1:
         return n
     if n >= align:
-        return math.ceil(n / align) * align
-    return next(d for d in range(n, align + 1) if align % d == 0)
+        c = math.ceil(n / align) * align
+    else:
+        c = next(d for d in range(n, align + 1) if align % d == 0)
+    return c if c <= 2 * n else n
 
 
 def plan(info: DatasetInfo, by: tuple[str, ...], *, workers: int,

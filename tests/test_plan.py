@@ -131,12 +131,16 @@ def test_groups_spread_over_files_plan_a_shuffle(tmp_path):
 @given(st.integers(1, 500), st.integers(0, 200))
 def test_an_aligned_unit_count_divides_or_is_a_multiple_of_the_partitions_and_is_never_fewer(n, align):
     c = aligned_count(n, align)
-    assert c >= n
-    if align >= 2:
+    assert n <= c <= 2 * n  # never more than twice the tasks planned (a prime count of 101: not 2 -> 101)
+    if align < 2:
+        assert c == n
+    elif c != n:
         assert align % c == 0 or c % align == 0
         assert c < n + align  # the nearest one above
+        assert all(not (align % d == 0 or d % align == 0) for d in range(n, c))
     else:
-        assert c == n
+        nearest = next(d for d in range(n, n + align + 1) if align % d == 0 or d % align == 0)
+        assert nearest == n or nearest > 2 * n
 
 
 def test_a_shuffle_aligned_with_a_runs_partitions(tmp_path):
