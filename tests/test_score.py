@@ -811,17 +811,12 @@ def test_a_run_whose_parts_do_not_hold_their_partitions_is_read_whole_and_old_ma
 
     import modelfactory.store
     from modelfactory.api import model_source
-    from modelfactory.dataset import discover, read_files
+    from modelfactory.dataset import read_files
     from modelfactory.kernel import split_groups
     from modelfactory.scoring import load_model_rows
 
-    data, store = _flat_history(tmp_path), str(tmp_path / "store")
-    modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
-                       store=store, cluster="inline", unit_rows=10_000)
-    st = modelfactory.ModelStore(store)
-    man = st.manifest()
-    info = discover(data)
-    src = model_source(st, man, info, trust=False)
+    data = _flat_history(tmp_path)
+    st, man, info, src = _trained_flat(data, str(tmp_path / "store"), unit_rows=10_000)
     assert src.n_buckets == 6
     first = man["parts"][src.buckets.index(0)]
     sites = modelfactory.store.read_part(st.location, first, columns=["site"])["site"].to_pylist()[:50]
@@ -841,6 +836,20 @@ def test_a_run_whose_parts_do_not_hold_their_partitions_is_read_whole_and_old_ma
     assert len(reads) == 6
 
 
+def _trained_flat(data: str, store: str, *, unit_rows: int):
+    """A seasonal run of ``data`` (no key folders: shuffled) in ``store``: the store, the run's
+    manifest, the data's DatasetInfo and the ModelSource a scoring unit gets."""
+    from modelfactory.api import model_source
+    from modelfactory.dataset import discover
+
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
+                       store=store, cluster="inline", unit_rows=unit_rows)
+    st = modelfactory.ModelStore(store)
+    man = st.manifest()
+    info = discover(data)
+    return st, man, info, model_source(st, man, info, trust=False)
+
+
 def test_parts_of_one_group_or_none_do_not_vouch_for_the_partitions(tmp_path):
     """Four large groups shuffled into ten partitions: six parts hold no group, four hold one.
     Should this Dask hash the keys otherwise than training's (the manifest's partitions shifted
@@ -849,18 +858,12 @@ def test_parts_of_one_group_or_none_do_not_vouch_for_the_partitions(tmp_path):
     `skipped` (no model).  Fewer than two groups placed as the manifest says: the unit reads on."""
     import dataclasses
 
-    from modelfactory.api import model_source
-    from modelfactory.dataset import discover, read_files
+    from modelfactory.dataset import read_files
     from modelfactory.kernel import split_groups
     from modelfactory.scoring import load_model_rows
 
-    data, store = write(metrics_table(series=4, hours=48, apps=2), tmp_path / "flat", []), str(tmp_path / "store")
-    modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
-                       store=store, cluster="inline", unit_rows=20)
-    st = modelfactory.ModelStore(store)
-    man = st.manifest()
-    info = discover(data)
-    src = model_source(st, man, info, trust=False)
+    data = write(metrics_table(series=4, hours=48, apps=2), tmp_path / "flat", [])
+    _, man, info, src = _trained_flat(data, str(tmp_path / "store"), unit_rows=20)
     assert src.n_buckets == 10 and sorted(p["rows"] for p in man["parts"]).count(0) == 6
     table = read_files(info.source, [f.path for f in info.files], ["app", "site", "ts"])
     for site in ["s000", "s001", "s002", "s003"]:
