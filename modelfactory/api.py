@@ -133,6 +133,23 @@ def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
     return src
 
 
+def _part_bucket(st: ModelStore, part, by: tuple[str, ...], n: int) -> int | None:
+    """The shuffle partition of a part written outside its partition's unit (a group run by itself
+    after its partition's worker died: one part a group), from the keys it holds, as a scoring unit
+    computes them; None (any scoring unit reads it) when they do not all hash to one."""
+    from .run import shuffle_buckets
+
+    try:
+        keys = read_part(st.location, dataclasses.asdict(part) if dataclasses.is_dataclass(part) else part,
+                         columns=list(by))
+    except (OSError, ModelFactoryError, pa.ArrowException):
+        return None
+    keys = pa.table({k: (pa.compute.cast(c, c.type.value_type) if pa.types.is_dictionary(c.type) else c)
+                     for k, c in zip(keys.column_names, keys.columns)})
+    got = shuffle_buckets(keys, n) if keys.num_rows else None
+    return int(got[0]) if got is not None and len(got) and (got == got[0]).all() else None
+
+
 def _plain_type(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 
@@ -546,8 +563,10 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         # which partition each part holds (None: groups run one by one after their worker died),
         # so a scoring unit reads only the parts its keys hash to (store.bucket_index).
         partition = {u.id: u.partition for u in plan_.units}
-        manifest["buckets"] = {"keys": list(by_), "n": len(plan_.units),
-                               "parts": [partition.get(r.unit_id) for r in results for _ in r.parts]}
+        n = len(plan_.units)
+        manifest["buckets"] = {"keys": list(by_), "n": n,
+                               "parts": [partition[r.unit_id] if r.unit_id in partition else
+                                         _part_bucket(st, p, by_, n) for r in results for p in r.parts]}
     fitted_any = summary["counts"]["ok"] > 0
     st.commit(run_id, manifest, [p for r in results for p in r.parts], latest=fitted_any)
     run = Run(run_id, "train", summary, store=st, errors=[e for r in results for e in r.errors])
