@@ -560,8 +560,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     }
     if plan_.mode == "shuffle":
         # Without key folders the groups were spread over the units by Dask's hash of their keys:
-        # which partition each part holds (None: groups run one by one after their worker died),
-        # so a scoring unit reads only the parts its keys hash to (store.bucket_index).
+        # which partition each part holds, so a scoring unit reads only the parts its keys hash
+        # to (store.bucket_index).  The part of a group run by itself after its partition's worker
+        # died gets the partition its keys hash to (None, read by every unit, if they hash to several).
         partition = {u.id: u.partition for u in plan_.units}
         n = len(plan_.units)
         manifest["buckets"] = {"keys": list(by_), "n": n,
