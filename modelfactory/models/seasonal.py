@@ -295,20 +295,18 @@ class SeasonalProfile(Model):
         # pooled per series, are the floor of every slot (corrected all alike, for finite / S,
         # slots of 0 to 5 values in a gappy series made the floor a third too low).  A slot's own
         # MAD (not corrected: of a few values it is too noisy, and corrected it widened half the
-        # slots' bands) takes over where that slot is clearly noisier.  Both are widened by the spread of a new value
-        # about an estimated median.
+        # slots' bands) takes over where that slot is clearly noisier.  Both are widened by the
+        # spread of a new value about an estimated median.
         nz = resid > 0
-        per_slot, _ = _factors(count)  # each residual corrected for the count of its own slot
-        grid = count.reshape(n, S)
-        if (grid == grid[:, :1]).all():  # every slot of a series holds as many (most data): after the median
+        per_slot, pred = _factors(count)  # each residual corrected for the count of its own slot
+        count, per_slot, pred = count.reshape(n, S), per_slot.reshape(n, S), pred.reshape(n, S)
+        if (count == count[:, :1]).all():  # every slot of a series holds as many (most data): after the median
             series_mad, _ = segment_median(resid[nz], sid_f[nz], n)
-            series_mad = series_mad * per_slot.reshape(n, S)[:, 0]
+            series_mad = series_mad * per_slot[:, 0]
         else:
-            series_mad, _ = segment_median(resid[nz] * per_slot[seg[nz]], sid_f[nz], n)
+            series_mad, _ = segment_median(resid[nz] * per_slot.reshape(-1)[seg[nz]], sid_f[nz], n)
         series_mad = np.nan_to_num(series_mad, nan=0.0)
-        count = count.reshape(n, S)
         typical = np.maximum(np.rint(finite / S), 1)
-        _, pred = _factors(count)
         _, typical_pred = _factors(typical)
         mad = mad.reshape(n, S)
         # An empty slot expects the series' median, which its values need not be near (with half the
@@ -321,7 +319,7 @@ class SeasonalProfile(Model):
             rows = gappy[sid_f]
             whole, _ = segment_median(np.abs(v_f[rows] - series_med[sid_f[rows]]), sid_f[rows], n)
             spread = np.where(gappy, np.fmax(spread, whole), spread)
-        mad = np.where(empty, spread[:, None], np.where(np.isnan(mad), series_mad[:, None], mad))
+        mad = np.where(empty, spread[:, None], mad)  # a slot's MAD is NaN only where it had no value
         pred = np.where(count > 0, pred, typical_pred[:, None])  # an empty slot expects the series' median
         # A tiny floor (relative to the values) so a constant series does not divide by zero.
         # the largest |value| per series: rows are grouped by series, so one reduceat (np.maximum.at
