@@ -210,8 +210,9 @@ class Autoencoder(Model):
             real = np.concatenate([np.ones(len(self.tail_), dtype=bool), known])
             share = 1.0 - _windows(real, self.window).mean(axis=1)
             recon = _average_reconstruction(R, ctx.size, use=share == 0)
-            loose = _average_reconstruction(R, ctx.size, use=share <= self.max_missing)
-            recon = np.where(np.isfinite(recon), recon, loose)
+            if not np.isfinite(recon).all():  # some point is covered by no window of real values only
+                loose = _average_reconstruction(R, ctx.size, use=share <= self.max_missing)
+                recon = np.where(np.isfinite(recon), recon, loose)
             expected[ok] = self.loc_ + self.scale_ * (recon[len(self.tail_):][h[ok] - 1] + self.center_)
         return expected
 
