@@ -138,14 +138,14 @@ def _part_bucket(st: ModelStore, part, by: tuple[str, ...], n: int) -> int | Non
     after its partition's worker died: one part a group), from the keys it holds, as a scoring unit
     computes them; None (any scoring unit reads it) when they do not all hash to one."""
     from .run import shuffle_buckets
+    from .scoring import _plain
 
     try:
         keys = read_part(st.location, dataclasses.asdict(part) if dataclasses.is_dataclass(part) else part,
                          columns=list(by))
     except (OSError, ModelFactoryError, pa.ArrowException):
         return None
-    keys = pa.table({k: (pa.compute.cast(c, c.type.value_type) if pa.types.is_dictionary(c.type) else c)
-                     for k, c in zip(keys.column_names, keys.columns)})
+    keys = _plain(keys, by)  # as a scoring unit hashes them
     got = shuffle_buckets(keys, n) if keys.num_rows else None
     return int(got[0]) if got is not None and len(got) and (got == got[0]).all() else None
 

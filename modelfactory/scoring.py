@@ -243,16 +243,9 @@ def _exactly(col: pa.Array, to: pa.DataType) -> pa.Array:
 
 def stored_key_types(src: ModelSource, by: tuple[str, ...]) -> dict[str, pa.DataType]:
     """The key types of a committed run, from the footer of its first part (nothing else is read)."""
-    import pyarrow.parquet as pq
+    from .store import part_key_types
 
-    if not src.parts:
-        return {}
-    try:
-        with src.store.fs.open(src.store.path(src.parts[0]["path"]), "rb") as f:
-            schema = pq.read_schema(f)
-    except (OSError, pa.ArrowInvalid):  # missing or damaged: the units' checked reads will say so
-        return {}
-    return {k: schema.field(k).type for k in by if k in schema.names}
+    return part_key_types(src.store, src.parts[0], by) if src.parts else {}
 
 
 def check_key_types(src: ModelSource, by: tuple[str, ...], schema: pa.Schema) -> None:

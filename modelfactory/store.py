@@ -78,6 +78,17 @@ def read_part(loc: Location, part: dict, columns: list[str] | None = None) -> pa
     return pq.read_table(pa.BufferReader(data), columns=columns)
 
 
+def part_key_types(loc: Location, part: dict, by) -> dict[str, pa.DataType]:
+    """The types of the key columns ``by`` in a part's footer (nothing else is read); {} when the
+    part is missing or damaged (its checked reads say so)."""
+    try:
+        with loc.fs.open(loc.path(part["path"]), "rb") as f:
+            schema = pq.read_schema(f)
+    except (OSError, pa.ArrowInvalid):
+        return {}
+    return {k: schema.field(k).type for k in by if k in schema.names}
+
+
 def leaf_index(man: dict) -> dict:
     """A committed run's leaf index (``keys``, and per part the leaves it holds), or an empty
     one (read every part) when it does not line up with the run's parts: earlier versions
@@ -369,20 +380,19 @@ class ModelStore:
         from .run import shuffle_buckets
 
         parts, buckets, by = man["parts"], bucket_index(man), man["spec"]["by"]
+        found = part_key_types(self.location, parts[0], by)
         try:
-            with self.location.fs.open(self.location.path(parts[0]["path"]), "rb") as f:
-                schema = pq.read_schema(f)
-            types = [schema.field(k).type for k in by]
+            types = [found[k] for k in by]
             types = [t.value_type if pa.types.is_dictionary(t) else t for t in types]
             key = pa.table({k: pa.array([typed_key_value(k, v, t, "").as_py()], t)
                             for k, v, t in zip(by, want, types)})
-        except (OSError, KeyError, TypeError, ValueError, StoreError, pa.ArrowException):
+        except (KeyError, TypeError, ValueError, StoreError, pa.ArrowException):
             return parts  # the loop below reads the parts and says what is wrong
         mine = shuffle_buckets(key, buckets["n"])
         if mine is None:
             return parts
-        first = [i for i, b in enumerate(buckets["parts"]) if b is None or b == int(mine[0])]
-        return [parts[i] for i in first] + [p for i, p in enumerate(parts) if i not in set(first)]
+        first = {i for i, b in enumerate(buckets["parts"]) if b is None or b == int(mine[0])}
+        return [p for i, p in enumerate(parts) if i in first] + [p for i, p in enumerate(parts) if i not in first]
 
     # -- writing (the client commits) ------------------------------------
     @_denied_is_a_store_error
