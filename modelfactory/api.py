@@ -172,17 +172,19 @@ def _refuse_reserved_names(kind: str, *, keys: tuple[str, ...] = (), scored: Map
         if k in _GROUP_TABLE[kind]:
             raise SchemaError(f"The key column {k!r}{of} has the name of a column of the group table that {kind} "
                               f"writes beside the keys ({', '.join(_GROUP_TABLE[kind])}): {fix}")
-        if kind == "score" and k in SCORE_COLUMNS:
-            # the scored rows hold the keys too: a key `expected` made files of two columns 'expected'
-            # that no reader opens ("Can't unify schema with duplicate field names"), committed ok
-            raise SchemaError(f"The key column {k!r}{of} has the name of a column that score writes beside it "
-                              f"({', '.join(SCORE_COLUMNS)}), so the scored rows would hold two columns {k!r}: "
-                              f"{fix}")
+    if kind == "score":
+        # the scored rows hold the keys too: a key `expected` made files of two columns 'expected'
+        # that no reader opens ("Can't unify schema with duplicate field names"), committed ok
+        scored = {**{k: "key" for k in keys}, **(scored or {})}
     for col, role in (scored or {}).items():
         if col in SCORE_COLUMNS:
             raise SchemaError(f"The {role} column {col!r}{of} has the name of a column that score writes beside "
                               f"it ({', '.join(SCORE_COLUMNS)}), so the scored rows would hold two columns {col!r}: "
                               f"{fix}")
+
+
+#: What to do about a committed run whose column names clash with the columns score writes.
+TRAIN_AGAIN = "rename it in the data and train again (a run scores the columns it was trained on)."
 
 
 def scored_columns(time: str | None, target: str | None, features: Sequence[str]) -> dict[str, str]:
@@ -910,8 +912,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                     allow_empty=True)
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
     # the run's names: a clash is fixed by training again on renamed columns
-    again = "rename it in the data and train again (a run scores the columns it was trained on)."
-    _refuse_reserved_names("score", keys=by_, of=f" of run {man['run_id']}", fix=again,
+    _refuse_reserved_names("score", keys=by_, of=f" of run {man['run_id']}", fix=TRAIN_AGAIN,
                            scored=scored_columns(sp["time"], sp["target"], feats))
     _refuse_reserved_names("score", scored={k: "partition" for k in info.source.partition_keys if k not in by_},
                            of=f" of {data!r}", fix="rename those folders (or score a folder below them).")

@@ -391,11 +391,11 @@ def _from_store(store, run: str, want: dict[str, str], data: str | None, trust: 
         raise DatasetError(f"Cannot read the training data of {where} ({err}) Pass the data to score "
                            "instead: data=... (CLI: --data DATA).") from err
     feats = tuple(sp.get("features") or ())
-    from .api import _refuse_reserved_names, scored_columns
+    from .api import TRAIN_AGAIN, _refuse_reserved_names, scored_columns
 
     # a target named `score` (a run committed before train refused it) was drawn as the model's score
     _refuse_reserved_names("score", scored=scored_columns(sp["time"], sp["target"], feats),
-                           of=f" of run {man['run_id']}", fix="rename it in the data and train again (a run scores the columns it was trained on).")
+                           of=f" of run {man['run_id']}", fix=TRAIN_AGAIN)
     check_columns(info, by=tuple(by), time=sp["time"], target=sp["target"], features=feats)
     check_time_zone(info, sp["time"], man)
     expr = None
