@@ -404,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Hive-partitioned by app) and train a seasonal model per series.")
     d.add_argument("--out", default="modelfactory-demo", help="folder for data/ and store/ (default: %(default)s)")
     d.add_argument("--series", type=int, default=10_000, help="number of series (default: %(default)s)")
-    d.add_argument("--days", type=int, default=14, help="days of hourly points (default: %(default)s)")
+    # default: demo.DAYS, not imported here (it imports pyarrow, and the CLI starts without it)
+    d.add_argument("--days", type=int, default=28, help="days of hourly points (default: %(default)s; with 28 "
+                   "or more, seasonal learns the data's weekly cycle)")
     d.add_argument("--model", default="seasonal", help="built-in model name (default: seasonal)")
     _common_run(d)
     d.set_defaults(func=_cmd_demo)
@@ -704,7 +706,7 @@ def _cmd_demo(args) -> int:
     import os
 
     from .api import resolve_model, train
-    from .demo import write_dataset
+    from .demo import demo_params, write_dataset
     from .models import registry
 
     data, store = os.path.join(args.out, "data"), os.path.join(args.out, "store")
@@ -727,7 +729,8 @@ def _cmd_demo(args) -> int:
     with _store_errors(data, "the demo dataset folder"):
         write_dataset(data, args.series, days=args.days, storage_options=_storage_options(args))
     with _no_model_said_once():
-        run = train(data, by=["app", "site"], time="ts", target="value", model=args.model, store=store,
+        run = train(data, by=["app", "site"], time="ts", target="value", model=args.model,
+                    params=demo_params(args.model, args.days), store=store,
                     cluster=args.cluster, workers=args.workers, unit_rows=args.unit_rows, config=args.config,
                     progress=not (args.quiet or args.json))
     _print_summary(run, args, store)

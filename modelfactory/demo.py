@@ -12,12 +12,16 @@ import pyarrow.dataset as ds
 
 from ._io import Location
 
-__all__ = ["make_table", "write_dataset"]
+__all__ = ["make_table", "write_dataset", "demo_params", "DAYS"]
+
+#: Days of data the demo writes by default: four weeks, so that ``seasonal`` can learn the weekly
+#: cycle with four values in each hour of the week.
+DAYS = 28
 
 _START = np.datetime64("2026-01-05T00:00:00", "s")  # a Monday
 
 
-def make_table(series: int = 10_000, *, days: int = 14, apps: int | None = None, seed: int = 0,
+def make_table(series: int = 10_000, *, days: int = DAYS, apps: int | None = None, seed: int = 0,
                start: np.datetime64 = _START, spikes: int = 2) -> pa.Table:
     """The demo data as one Arrow table: ``app``, ``site``, ``ts``, ``value``.
 
@@ -51,7 +55,7 @@ def make_table(series: int = 10_000, *, days: int = 14, apps: int | None = None,
     })
 
 
-def write_dataset(path: str, series: int = 10_000, *, days: int = 14, apps: int | None = None,
+def write_dataset(path: str, series: int = 10_000, *, days: int = DAYS, apps: int | None = None,
                   seed: int = 0, storage_options: dict | None = None, **kwargs) -> str:
     """Write the demo dataset at ``path``, Hive-partitioned by ``app``; return the path.
 
@@ -70,3 +74,18 @@ def write_dataset(path: str, series: int = 10_000, *, days: int = 14, apps: int 
                      min_rows_per_group=128 * 1024, max_rows_per_group=1024 * 1024,
                      file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"))
     return path
+
+
+def demo_params(model: str, days: int) -> dict:
+    """Parameters the demo trains ``model`` with on ``days`` of its data.
+
+    The data has a weekly cycle (weekends 20 % lower), and ``seasonal``'s default season is a
+    day: with it, the weekends of the training data itself stood out, 3.7 % of all points
+    flagged when the demo data was scored.  With four weeks or more, ``seasonal`` gets a weekly
+    season (168 hours: four values a slot, enough for its spread); with fewer, its daily default.
+    Other models keep their defaults.
+
+    >>> demo_params("seasonal", 28), demo_params("seasonal", 14), demo_params("holt_winters", 28)
+    ({'season_length': 168}, {}, {})
+    """
+    return {"season_length": 7 * 24} if model == "seasonal" and days >= 28 else {}
