@@ -135,15 +135,69 @@ def segment_median(values: np.ndarray, seg: np.ndarray, nseg: int, *,
     return med, count
 
 
-def _refined(t, sid, lengths, step, same, d) -> np.ndarray:
+def _off_median(step: np.ndarray, sid1: np.ndarray, same: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Series fewer than half of whose spacings are exactly their median ``step``, as
+    :func:`~modelfactory.models._timegrid.refine_step` tells them: the others (most data, stamped on
+    its grid) keep their median."""
+    n = len(step)
+    sid1 = sid1[same]
+    exact = np.bincount(sid1[d[same] == step[sid1]], minlength=n)
+    return 2 * exact < np.bincount(sid1, minlength=n)
+
+
+def _fundamental(step: np.ndarray, sid1: np.ndarray, same: np.ndarray, d: np.ndarray,
+                 todo: np.ndarray) -> np.ndarray:
+    """The step of every series of which most points are missing: its smallest spacing, sharpened
+    on the spacings of one or two of it (for jittered times), where nine in ten of its spacings lie
+    within a quarter of that of a multiple of it; else its median spacing (``step``).
+
+    The median spacing is the step while most spacings are one step; with 70 % of hourly points
+    missing, the lower median was two hours (a third of the spacings are one hour, a fifth two), the
+    slots mixed hours, and the band came out three times too wide (6-sigma spikes were caught 8 %
+    of the time).  Only the series ``todo`` are tried (:func:`_off_median`), and only where the
+    smallest spacing is at least a 64th of the median (a stray spacing of a second does not make a
+    step of a second); a series the candidate does not fit (irregular event times) keeps its
+    median.  :func:`_refined` then fits the step to all its times.
+
+    >>> t = np.array([0, 3, 5, 6, 9, 11, 12, 15, 16, 18]) * 3600
+    >>> d = np.diff(t).astype(np.float64)
+    >>> step, sid1 = np.array([7200]), np.zeros(9, np.int64)
+    >>> _fundamental(step, sid1, d > 0, d, _off_median(step, sid1, d > 0, d)).tolist()
+    [3600]
+    """
+    n = len(step)
+    sid1, d = sid1[same], d[same]
+    total = np.bincount(sid1, minlength=n)
+    has = total > 0
+    smallest = np.full(n, np.inf)  # rows are grouped by series: one reduceat
+    smallest[has] = np.minimum.reduceat(d, np.searchsorted(sid1, np.flatnonzero(has)))
+    todo = todo & (64 * smallest >= step)
+    if not todo.any():
+        return step
+    rows = todo[sid1]
+    sid1, d = sid1[rows], d[rows]
+    # the smallest spacing, sharpened on the spacings of one or two of it (their jitter averages
+    # out, where a step a few % off miscounts a gap of ten)
+    c = smallest
+    k = np.rint(d / c[sid1])
+    small = (k >= 1) & (k <= 2)
+    num = np.bincount(sid1[small], weights=d[small], minlength=n)
+    den = np.bincount(sid1[small], weights=k[small], minlength=n)
+    c = np.where(den > 0, num / np.maximum(den, 1), c)
+    r = d / c[sid1]
+    k = np.rint(r)
+    near = np.bincount(sid1[(k >= 1) & (np.abs(r - k) <= 0.25)], minlength=n)
+    fits = todo & (10 * near >= 9 * total)
+    out = step.copy()
+    out[fits] = np.maximum(np.rint(c[fits]), 1)
+    return out
+
+
+def _refined(t, sid, lengths, step, same, d, need) -> np.ndarray:
     """:func:`~modelfactory.models._timegrid.refine_step` for every series at once: the slope of
-    each series' times against their grid index (spacings rounded to whole median steps), for the
-    series fewer than half of whose spacings are exactly the median (the others keep it, and are
-    not computed: most data is stamped on its grid)."""
-    n = len(lengths)
+    each series' times against their grid index (spacings rounded to whole steps), for the series
+    ``need`` (:func:`_off_median`; the others keep their step, and are not computed)."""
     sid1 = sid[1:]
-    exact = np.bincount(sid1[same & (d == step[sid1])], minlength=n)
-    need = 2 * exact < np.bincount(sid1[same], minlength=n)  # as refine_step
     if not need.any():
         return step
     if not need.all():  # the same on the rows of those series alone
@@ -275,7 +329,9 @@ class SeasonalProfile(Model):
             same = (sid[1:] == sid[:-1]) & (d > 0)
             med, cnt = segment_median(d[same], sid[1:][same], n, lower=True)
             step = np.maximum(np.where(cnt > 0, med, 1), 1).astype(np.int64)
-            step = _refined(t, sid, lengths, step, same, d)
+            need = _off_median(step, sid[1:], same, d)
+            step = _fundamental(step, sid[1:], same, d, need)
+            step = _refined(t, sid, lengths, step, same, d, need)
         step = np.maximum(step, 1)
         ok = np.isfinite(v)
         sid_f, v_f = sid[ok], v[ok]
