@@ -959,11 +959,59 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     check_output(sink, run_id, results)  # before reading _groups/: it holds this job's files only
     with output_errors(sink, run_id):
         groups = pds.dataset(sink.path("_groups"), filesystem=sink.fs, format="parquet").to_table()
+        mismatch = _loose_keys(st, man, sink, results, groups, by_)
+    if mismatch:
+        summary["key_mismatch"] = mismatch
+        log.warning("%s", mismatch["warning"], extra={"key_mismatch": True})  # the CLI says it its own way
     top = groups.filter(pa.compute.greater(groups["anomalies"], 0)).sort_by(
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)
     with output_errors(sink, run_id, "_anomalies.json"):
         sink.write_bytes("_anomalies.json", json.dumps(top.to_pylist(), indent=1, default=str).encode())
     return table_run(run_id, "score", summary, results, sink, None)
+
+
+def _loose_keys(st: ModelStore, man: dict, sink: Location, results: list[UnitResult], groups: pa.Table,
+                by: tuple[str, ...]) -> dict | None:
+    """When groups found no model in run ``man`` because their keys are written in another
+    type or format than the run's (``7`` for ``"07"``), say so in their skip reason (their
+    ``_groups/`` files are written again) and return ``{"groups": n, "reason": ..., "warning": ...}``; None
+    when there is no such group.  Keys are never matched loosely: the user decides."""
+    from .scoring import loose_key_matches, loose_key_reason, no_model_reason
+
+    error = groups["error"]
+    if pa.types.is_dictionary(error.type):
+        error = error.cast(error.type.value_type)
+    lost = pa.compute.fill_null(pa.compute.equal(error, no_model_reason(man["run_id"])), False)
+    if not pa.compute.any(lost).as_py():
+        return None
+    keys = groups.select(list(by))
+    matched, example = loose_key_matches(st.location, man["parts"], by, keys.filter(lost),
+                                         keys.filter(pa.compute.invert(lost)))
+    if not matched:
+        return None
+    missing = keys.filter(lost)
+    types = {k: (t.value_type if pa.types.is_dictionary(t) else t) for k, t in zip(by, missing.schema.types)}
+    reason, warning = loose_key_reason(man["run_id"], by, example, types, len(matched))
+    wrong = set(zip(*[missing.take(pa.array(matched))[k].to_pylist() for k in by]))
+    for r in results:
+        r.parts = [_with_reason(sink, p, by, wrong, reason) if p.path.startswith("_groups/") else p
+                   for p in r.parts]
+    return {"groups": len(matched), "reason": reason, "warning": warning}
+
+
+def _with_reason(sink: Location, part, by: tuple[str, ...], wrong: set, reason: str):
+    """The group table ``part`` written again with ``reason`` as the error of the groups of ``wrong``."""
+    import pyarrow.parquet as pq
+
+    from ._io import write_parquet
+
+    t = pq.read_table(pa.BufferReader(sink.read_bytes(part.path)))
+    hit = [key in wrong for key in zip(*[t[k].to_pylist() for k in by])]
+    if not any(hit):
+        return part
+    i = t.schema.get_field_index("error")
+    t = t.set_column(i, t.schema.field(i), pa.compute.if_else(pa.array(hit), pa.scalar(reason), t["error"]))
+    return write_parquet(sink, part.path, t)
 
 
 def _run_keys(spec: JobSpec, item) -> UnitResult:

@@ -8,6 +8,7 @@ import sys
 import pytest
 from _servers import NotAScheduler
 
+import modelfactory
 from modelfactory.cli import build_parser, main
 
 
@@ -584,6 +585,36 @@ def test_score_that_scores_no_group_fails_like_train_that_fits_none(by_app, tmp_
     assert line.startswith("error: run ") and "scored no group: every group failed or was skipped (most often, " in line
     # some groups scored: a success, the others skipped with their reason
     assert main(["score", by_app, "--store", store, "--out", str(tmp_path / "o2"), *base]) == 0
+
+
+def test_score_says_once_that_keys_are_written_otherwise_than_in_training(tmp_path, capsys):
+    """Sites trained as '07' and scored as 7 were all skipped as 'no model for this group', without
+    a word about why.  The CLI says it once: in the error line when nothing scored, else in one
+    warning line."""
+    from modelfactory.demo import make_table
+
+    t = make_table(3, days=3, apps=1, spikes=0).to_pandas()
+    t["site"] = t["site"].map({"site-00000": "07", "site-00001": "08", "site-00002": "09"})
+    t.to_parquet(tmp_path / "old.parquet")
+    t.assign(site=t["site"].astype("int64")).to_parquet(tmp_path / "all.parquet")
+    t.assign(site=t["site"].replace({"07": "7"})).to_parquet(tmp_path / "some.parquet")
+    store, base = str(tmp_path / "s"), ["--scheduler", "inline", "--quiet"]
+    assert main(["train", str(tmp_path / "old.parquet"), "--by", "site", "--time", "ts", "--target", "value",
+                 "--store", store, *base]) == 0
+    capsys.readouterr()
+    assert main(["score", str(tmp_path / "all.parquet"), "--store", store, "--out", str(tmp_path / "o1"), *base]) == 2
+    err = capsys.readouterr().err
+    assert err.count("written in another type or format") == 1, err
+    (line,) = err.splitlines()
+    assert line.startswith("error: run ") and "(most often, 3 skipped: no model for this group in run " in line
+    assert "'site' is 7 (int64) in the data but '07' (large_string) in the run" in line
+    assert main(["score", str(tmp_path / "some.parquet"), "--store", store, "--out", str(tmp_path / "o2"), *base]) == 0
+    err = capsys.readouterr().err
+    (line,) = err.splitlines()
+    assert line == (f"warning: 1 group found no model in run {modelfactory.ModelStore(store).latest()}, but its key "
+                    "matches keys of the run written in another type or format (e.g. 'site' is '7' (large_string) in "
+                    "the data but '07' (large_string) in the run: scoring matches keys exactly, so write 'site' in the "
+                    "data as training had it (cast or reformat it), or train again on data like this)")
 
 
 def test_the_summary_names_failed_groups_as_key_takes_them(tmp_path, capsys):
