@@ -32,7 +32,7 @@ from .models.base import Model
 from .plan import Plan, plan
 from .result import Run, table_run
 from .run import Progress, check_code, execute, isolate, open_client, run_shuffled, run_units, worker_count
-from .store import ModelStore, bucket_index, leaf_index, new_run_id, read_part
+from .store import ModelStore, bucket_index, filter_record, leaf_index, new_run_id, read_part
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
 
@@ -551,7 +551,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         "input": {"url": info.source.url, "fingerprint": info.fingerprint(), "rows": info.rows,
                   "files": len(info.files), "partition_keys": list(info.source.partition_keys),
                   **({"time_type": str(info.schema.field(time).type)} if time else {}),
-                  "value_types": value_types(info, [target, *feats])},
+                  "value_types": value_types(info, [target, *feats]),
+                  # the rows of the input the run was fitted on: `plot --store` draws only those
+                  "filter": filter_record(filter)},
         "summary": summary,
         "units": [{"id": r.unit_id, "groups": r.groups, "seconds": round(r.seconds, 4)} for r in results],
         # Which part holds which leaf (values of the partition keys that are group keys), so a

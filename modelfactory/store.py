@@ -113,6 +113,39 @@ def bucket_index(man: dict) -> dict | None:
     return b
 
 
+def filter_record(expr: Any) -> dict | None:
+    """A job's ``filter`` as a manifest records it: ``text`` to read, ``arrow`` (base64 of
+    Arrow's own serialization of the expression, what pickle uses, without pickle) to apply it
+    again (:func:`stored_filter`); None without a filter."""
+    if expr is None:
+        return None
+    import base64
+
+    record = {"text": str(expr), "arrow": None}
+    try:
+        buf = expr.__reduce__()[1][0]  # (Expression._deserialize, (buffer,))
+        record["arrow"] = base64.b64encode(bytes(buf)).decode("ascii")
+    except (AttributeError, IndexError, TypeError, pa.ArrowException):  # not an Arrow expression: text only
+        pass
+    return record
+
+
+def stored_filter(record: Any) -> Any:
+    """The expression :func:`filter_record` recorded, or None when there is none or this
+    pyarrow cannot read it back (the caller says what that means)."""
+    if not isinstance(record, dict) or not isinstance(record.get("arrow"), str):
+        return None
+    import base64
+    import binascii
+
+    import pyarrow.compute as pc
+
+    try:
+        return pc.Expression._deserialize(pa.py_buffer(base64.b64decode(record["arrow"])))
+    except (AttributeError, TypeError, ValueError, binascii.Error, pa.ArrowException):
+        return None
+
+
 def left_out_text(lineage: dict) -> str:
     """How many groups of a retrain's base its input lacked, so the run has no model for them."""
     n, base = lineage["not_in_input"], lineage["base_run"]
