@@ -354,6 +354,13 @@ def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], par
         return None
 
 
+def _input_record(info: DatasetInfo, filter: Any) -> dict:
+    """What a job read, for its manifest: the data (url, fingerprint, rows and files as discovered,
+    partition keys) and the filter (``--where``) its rows were read with."""
+    return {"url": info.source.url, "fingerprint": info.fingerprint(), "rows": info.rows, "files": len(info.files),
+            "partition_keys": list(info.source.partition_keys), "filter": filter_record(filter)}
+
+
 def _raise_unit_failure(run_id: str, err: BaseException, *, resumable: bool = False) -> None:
     again = (f"run again with resume={run_id!r} (--resume {run_id}): the units already done are kept"
              if resumable else "run again")
@@ -662,7 +669,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         finally:
             bar.close()
     summary = _summarise("apply", results, plan_, _time.perf_counter() - t0)
-    return table_run(run_id, "apply", summary, results, sink, out_schema)
+    return table_run(run_id, "apply", summary, results, sink, out_schema, input=_input_record(info, filter))
 
 
 # ---------------------------------------------------------------------------
@@ -969,7 +976,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)
     with output_errors(sink, run_id, "_anomalies.json"):
         sink.write_bytes("_anomalies.json", json.dumps(top.to_pylist(), indent=1, default=str).encode())
-    return table_run(run_id, "score", summary, results, sink, None)
+    return table_run(run_id, "score", summary, results, sink, None, input=_input_record(info, filter))
 
 
 def _loose_keys(st: ModelStore, man: dict, sink: Location, results: list[UnitResult], groups: pa.Table,

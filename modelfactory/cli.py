@@ -462,8 +462,12 @@ def _store_errors(url: str, what: str = "the store") -> contextlib.AbstractConte
 
 
 def _print_summary(run, args, where: str) -> None:
+    """The summary of a job that wrote to ``where`` (train's store, score's --out)."""
     if args.json:
-        print(json.dumps({"run": run.id, **run.summary, "where": where}, default=str))
+        # "store" (train, demo) or "out" (score) as the options name them; "where" (the same path,
+        # a misnomer beside --where) is kept for this release only, as docs/guide.md says
+        named = {"store": where} if run.kind == "train" else {"store": args.store, "out": where}
+        print(json.dumps({"run": run.id, **run.summary, **named, "where": where}, default=str))
         return
     s, c = run.summary, run.summary["counts"]
     print(f"run {run.id} ({s['kind']}): {s['groups']:,} groups, ok {c['ok']:,}, "

@@ -140,6 +140,28 @@ def test_where_reads_only_the_rows_it_names_for_train_and_score(by_app, tmp_path
     assert set(zip(scored["app"].to_pylist(), scored["site"].to_pylist())) == {p for p in want if p[0] == "app0"}
 
 
+def test_the_scores_manifest_records_the_input_and_the_where_and_json_names_the_folders(by_app, tmp_path, capsys):
+    """A score's _manifest.json held no word of the data it read nor of its --where, and --json's
+    "where" held the output folder (a misnomer beside --where): it is "out" (and "store") now,
+    "where" kept this release only."""
+    store, out, base = str(tmp_path / "s"), str(tmp_path / "o"), ["--scheduler", "inline", "--json"]
+    assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "-p", "season_length=12", *base]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["store"] == summary["where"] == store and "out" not in summary
+    assert main(["score", by_app, "--store", store, "--out", out, "--where", "app = app0", *base]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["out"] == summary["where"] == out and summary["store"] == store
+    man = json.loads((tmp_path / "o" / "_manifest.json").read_text())
+    assert man["input"]["url"] == by_app and man["input"]["filter"]["text"] == '(app == "app0")'
+    assert man["input"]["fingerprint"] and man["input"]["rows"] == 4 * 72 and man["input"]["partition_keys"] == ["app"]
+    from modelfactory.store import stored_filter
+
+    assert stored_filter(man["input"]["filter"]).equals(__import__("pyarrow.compute").compute.field("app") == "app0")
+    assert main(["score", by_app, "--store", store, "--out", out, "--overwrite", *base]) == 0
+    assert json.loads((tmp_path / "o" / "_manifest.json").read_text())["input"]["filter"] is None
+
+
 @pytest.mark.parametrize("where, why", [
     ("app", "cannot read the condition 'app'"),
     ("app = null", "compare with null as 'COLUMN is null'"),
