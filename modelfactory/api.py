@@ -1024,5 +1024,38 @@ def _with_reason(sink: Location, part, by: tuple[str, ...], wrong: set, reason: 
 
 
 def _run_keys(spec: JobSpec, item) -> UnitResult:
+    """One unit of map_keys.  With a schema, each key's ``rows`` in the group table is the number
+    of rows its call returned (the kernel has no input rows to count, and wrote 0 for every key)."""
     uid, keys = item
-    return kernel.run_keys(spec, uid, keys)
+    if spec.out_schema is None:
+        return kernel.run_keys(spec, uid, keys)
+    from .grouped_map import to_table
+
+    counts: list[int] = []  # one per call, in the order of the keys (the kernel calls each once)
+
+    def counted(key):
+        n = 0
+        try:
+            out = spec.func(key)
+            table = to_table(out, spec.out_schema)
+            if isinstance(table, Exception):  # the kernel fails the key with the same error
+                return out
+            n = table.num_rows
+            return table
+        finally:
+            counts.append(n)
+
+    res = kernel.run_keys(dataclasses.replace(spec, func=counted, sink=None), uid, keys)
+    gt = res.group_table
+    ok = [s == "ok" for s in gt["status"].to_pylist()]
+    rows = pa.array([n if good else 0 for n, good in zip(counts, ok)], pa.int64())
+    res.group_table = gt.set_column(gt.schema.get_field_index("rows"), "rows", rows)
+    res.rows = int(pa.compute.sum(rows).as_py() or 0)
+    if spec.sink is not None:  # written here, as kernel._finish writes them, now that the rows are counted
+        from ._io import write_parquet
+
+        kernel.check_claim(spec, uid)
+        res.parts = [write_parquet(spec.sink, kernel.part_path(spec, uid), res.group_table),
+                     write_parquet(spec.sink, f"{spec.data_prefix}{uid}.parquet", res.table)]
+        res.group_table = res.table = None
+    return res
