@@ -39,8 +39,14 @@ _META_COLUMNS = ("status", "error", "rows", "seconds", "model")
 
 
 def new_run_id(spec_digest: str) -> str:
+    """A new run's id, ``20260119T060000123Z-1a2b3c-9f8e7d``: the time (to the millisecond, so ids
+    sort by time), the job's digest, and 24 random bits.  Without them two identical jobs started
+    in the same millisecond (two schedulers, a retried cron job) had one id: one run folder, one
+    claim on an out= folder.  Resuming finds a run by its recorded digest, never by its id."""
+    import secrets
+
     now = _dt.datetime.now(_dt.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-{spec_digest[:6]}"
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-{spec_digest[:6]}-{secrets.token_hex(3)}"
 
 
 def versions() -> dict[str, str]:
