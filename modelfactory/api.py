@@ -223,6 +223,25 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dic
                          "multiple": p.get("unit_multiple")}
 
 
+def _finish_interrupted_commit(st: ModelStore, digest: str, resume) -> Run | None:
+    """The run that ``resume`` names (or, for True, the newest one of this job) when its train
+    stopped between committing its manifest and moving LATEST: its commit finished (LATEST moved
+    if it fitted a model), and nothing trained again.  None when there is no such run."""
+    if resume is False or resume is None:
+        return None
+    cut = st.interrupted_commits()
+    mine = [r for r in cut if (resume is True and st._pending(r).get("digest") == digest) or r == resume]
+    if not mine:
+        return None
+    rid = mine[-1]
+    if st._pending(rid).get("digest") != digest:
+        raise StoreError(f"Run {rid!r} was started for another job or input (its data, columns, base run, model or "
+                         "parameters differ); it cannot be resumed with these arguments.")
+    man = st.finish_commit(rid)
+    log.info("run %s was committed but its train stopped before moving LATEST: its commit is finished", rid)
+    return Run(rid, "train", man["summary"], store=st)
+
+
 def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: str) -> Location:
     """The folder a job writes its rows to: new or empty, or (with ``overwrite``) to be emptied
     by :func:`_empty_output` once the job's cluster is up; never one that holds, or lies inside,
@@ -509,6 +528,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         check_time_zone(info, time, base_man)
         check_value_types(info, base_man)
     digest = _digest(info.fingerprint(), job, retrain, base_id, mspec.cls.__module__, mspec.cls.__qualname__)
+    finished = _finish_interrupted_commit(st, digest, resume)
+    if finished is not None:
+        return finished
     run_id, planning = _begin_run(st, digest, resume, unit_rows)
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
     spec = JobSpec("train", by_, info.source, columns, time, target, feats, filter, mspec,

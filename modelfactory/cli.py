@@ -603,6 +603,9 @@ def _cmd_models_list(args) -> int:
                          **man["summary"]["counts"], "groups": man["summary"]["groups"],
                          "committed": man["committed"]})
         pending = [p["run_id"] for p in st.pending()]
+        cut = set(st.interrupted_commits()) if rows else set()
+        for r in rows:
+            r["commit_interrupted"] = r["run"] in cut
         if not rows and not pending:
             # a misspelt --store printed "no runs in stroe" and exit 0, as for a store yet to train
             _refuse_no_store(st)
@@ -618,6 +621,8 @@ def _cmd_models_list(args) -> int:
                 continue
             print(f"{mark} {r['run']}  {r['model']:<14} {r['groups']:>10,} groups  ok {r['ok']:,}  "
                   f"failed {r['failed']:,}  skipped {r['skipped']:,}")
+            if r["commit_interrupted"]:
+                print(f"    (its train stopped before moving LATEST: train --resume {r['run']} finishes the commit)")
         for rid in pending:
             print(f"  {rid}  (interrupted: resume with train --resume {rid})")
     if unreadable:

@@ -237,6 +237,29 @@ class ModelStore:
         done = set(held["manifest.json"])
         return [self._pending(rid) for rid in held["pending.json"] if rid not in done]
 
+    def interrupted_commits(self) -> list[str]:
+        """Committed runs whose train stopped between writing the manifest and moving ``LATEST``
+        (its ``pending.json``, removed last, is still there), oldest first.  ``LATEST`` stays
+        the commit point of "the latest run": readers never take such a run for it by
+        themselves (a run that fitted no model is committed and never LATEST, and an older run
+        resumed becomes LATEST when it commits, so the newest manifest is not the latest run).
+        ``train --resume RUN`` finishes the commit (:meth:`finish_commit`)."""
+        held = self._runs_holding("manifest.json", "pending.json")
+        return sorted(set(held["manifest.json"]) & set(held["pending.json"]))
+
+    def finish_commit(self, run_id: str) -> dict:
+        """Finish the commit of ``run_id`` (one of :meth:`interrupted_commits`): point ``LATEST``
+        at it if it fitted a model, as the commit would have, then remove its pending.json.
+        Returns its manifest."""
+        man = self.manifest(run_id)
+        if man["summary"]["counts"].get("ok", 0) > 0:
+            before = self.latest()
+            self.write("LATEST", run_id.encode(),
+                       f"LATEST still names {before or 'no run'}: use run {run_id} by its id (--run {run_id}).")
+        if self.location.exists(f"runs/{run_id}/pending.json"):
+            self.location.rm(f"runs/{run_id}/pending.json")
+        return man
+
     def _pending(self, rid: str) -> dict:
         """A run's pending.json; one that cannot be read (damaged outside modelfactory: its
         writes are atomic) is still listed, by its folder's name, so that `models list` shows
