@@ -1016,14 +1016,19 @@ def _loose_keys(st: ModelStore, man: dict, sink: Location, results: list[UnitRes
     if not pa.compute.any(lost).as_py():
         return None
     keys = groups.select(list(by))
-    matched, example = loose_key_matches(st.location, man["parts"], by, keys.filter(lost),
-                                         keys.filter(pa.compute.invert(lost)))
-    if not matched:
-        return None
     missing = keys.filter(lost)
-    types = {k: (t.value_type if pa.types.is_dictionary(t) else t) for k, t in zip(by, missing.schema.types)}
-    reason, warning = loose_key_reason(man["run_id"], by, example, types, len(matched))
-    wrong = set(zip(*[missing.take(pa.array(matched))[k].to_pylist() for k in by]))
+    try:
+        matched, example = loose_key_matches(st.location, man["parts"], by, missing,
+                                             keys.filter(pa.compute.invert(lost)))
+        if not matched:
+            return None
+        types = {k: (t.value_type if pa.types.is_dictionary(t) else t) for k, t in zip(by, missing.schema.types)}
+        reason, warning = loose_key_reason(man["run_id"], by, example, types, len(matched))
+        wrong = set(zip(*[missing.take(pa.array(matched))[k].to_pylist() for k in by]))
+    except (pa.ArrowException, ValueError, TypeError, KeyError) as err:  # a hint: never worth a failed job
+        log.warning("could not compare the keys without a model with those of run %s: %s", man["run_id"],
+                    kernel.describe_error(err))
+        return None
     for r in results:
         r.parts = [_with_reason(sink, p, by, wrong, reason) if p.path.startswith("_groups/") else p
                    for p in r.parts]

@@ -397,6 +397,26 @@ def test_a_respelt_key_beside_the_trained_spelling_is_a_group_of_its_own(tmp_pat
     assert "key_mismatch" not in s.summary
 
 
+def test_a_respelt_key_column_is_named_among_several(tmp_path):
+    """With keys app and site, the reason names the one column written otherwise (site), not app."""
+    t = make_table(4, days=3, apps=2, spikes=0).to_pandas()
+    t["site"] = t["site"].str[-2:]  # "00", "01", ...: zero-padded text
+    t.to_parquet(tmp_path / "old.parquet")
+    t.assign(site=t["site"].astype("int64")).to_parquet(tmp_path / "new.parquet")
+    store = str(tmp_path / "store")
+    r = modelfactory.train(str(tmp_path / "old.parquet"), by=["app", "site"], time="ts", target="value",
+                           store=store, cluster="inline")
+    s = modelfactory.score(str(tmp_path / "new.parquet"), store=store, out=str(tmp_path / "o"), cluster="inline")
+    g = s.groups
+    assert s.summary["counts"]["skipped"] == 4 and s.summary["key_mismatch"]["groups"] == 4
+    assert g["error"].nunique() == 1  # one cause, one text
+    why = g["error"][0]
+    assert why.startswith(f"no model for this group in run {r.id}, but its key matches")
+    import re
+
+    assert re.search(r"; e\.g\. 'site' is (\d) \(int64\) in the data but '0\1' \((large_)?string\) in the run: ", why), why
+
+
 def test_a_categorical_key_scores_and_retrains(tmp_path):
     t = _two_shards()
     t["cat"] = t["site"].astype("category")  # a Parquet dictionary column
