@@ -344,7 +344,7 @@ class ScoresFolder:
                target: str | None = None, filter: Any = None) -> Series:
         import pyarrow.compute as pc
 
-        from .dataset import discover, read_files
+        from .dataset import discover
 
         where = f"the scores at {self.url!r}"
         row = _match_key(self.groups, self.by, parse_key(key), where)
@@ -369,7 +369,7 @@ class ScoresFolder:
             expr = e if expr is None else expr & e
         files = [f.path for f in info.files
                  if all(p is None or k not in key or str(key[k]) == p for k, p in zip(pkeys, f.partition))]
-        table = read_files(info.source, tuple(files), schema.names, expr if filter is None else expr & filter)
+        table = _read(info.source, tuple(files), schema.names, expr, filter, f"the scores at {self.url!r}")
         if table.num_rows == 0:
             if filter is not None:
                 raise DatasetError(f"No scored rows of group {format_key(key)} in {self.url!r} where {filter}.")
@@ -384,7 +384,7 @@ def _from_store(store, run: str, want: dict[str, str], data: str | None, trust: 
                 storage_options: dict | None, filter: Any = None) -> Series:
     import pyarrow.compute as pc
 
-    from .dataset import check_columns, check_time_zone, discover, read_files
+    from .dataset import check_columns, check_time_zone, discover
 
     man = store.manifest(run)
     sp = man["spec"]
@@ -426,8 +426,7 @@ def _from_store(store, run: str, want: dict[str, str], data: str | None, trust: 
         e = pc.field(k) == s
         expr = e if expr is None else expr & e
     cols = [c for c in dict.fromkeys([*by, sp["time"], sp["target"], *feats]) if c]
-    table = read_files(info.source, tuple(f.path for f in info.files), cols,
-                       expr if rows_filter is None else expr & rows_filter)
+    table = _read(info.source, tuple(f.path for f in info.files), cols, expr, rows_filter, repr(url))
     if table.num_rows == 0:
         raise DatasetError(f"No rows for group {format_key(key)} in {url!r}"
                            + (f" where {rows_filter}." if rows_filter is not None else "."))
@@ -455,6 +454,22 @@ def _from_store(store, run: str, want: dict[str, str], data: str | None, trust: 
     if note:
         s.notes.append(note)
     return s
+
+
+def _read(source, files: tuple, columns: list[str], key_expr: Any, filter: Any, where: str) -> pa.Table:
+    """The rows of one group (``key_expr``) of ``files`` where ``filter`` holds; a filter that
+    does not fit the columns (one it names is not there, a value of another type) is a
+    SchemaError naming it, not an internal error."""
+    from .dataset import read_files
+
+    expr = key_expr if filter is None else filter if key_expr is None else key_expr & filter
+    try:
+        return read_files(source, files, columns, expr)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+        if filter is None:
+            raise
+        raise SchemaError(f"The filter {filter} does not fit the rows of {where}: {str(err).splitlines()[0]}. "
+                          "Name columns it has, with values of their types.") from err
 
 
 def _rows_to_draw(man: dict, data: str | None, filter: Any) -> tuple[Any, str]:

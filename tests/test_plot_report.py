@@ -269,6 +269,10 @@ def test_plot_where_on_a_scores_folder(two_envs, tmp_path, capsys, monkeypatch):
     assert _main(["plot", "--scores", out, "--key", "site=site-00001", "--out", str(tmp_path / "p.png"),
                   "--where", "ts < '2020-01-02'"], monkeypatch) == 2
     assert "No scored rows of group site=site-00001 in " in capsys.readouterr().err
+    assert _main(["plot", "--scores", out, "--key", "site=site-00001", "--out", str(tmp_path / "p.png"),
+                  "--where", "nope = 1"], monkeypatch) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: The filter (nope == 1) does not fit the rows of the scores at ")
 
 
 def test_a_filtered_run_whose_filter_cannot_be_read_back_is_not_drawn_whole(two_envs):
