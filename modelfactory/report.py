@@ -357,6 +357,11 @@ def _scores(f: _Facts) -> str:
     out = [f"<h2>Scores</h2><p>From <code>{esc(sc.url)}</code>: {len(g):,} groups, "
            f"{int(g['rows'].sum()):,} rows, {int(g['anomalies'].sum()):,} anomalies in "
            f"{int((g['anomalies'] > 0).sum()):,} groups.</p>"]
+    inp = f.scores_manifest.get("input") or {}  # scores of earlier versions do not record it
+    if inp.get("url"):
+        where = (inp.get("filter") or {}).get("text")
+        out.append(f"<p>Scored data: <code>{esc(inp['url'])}</code>"
+                   + (f", the rows where <code>{esc(where)}</code>" if where else "") + ".</p>")
     model_run = (f.scores_manifest.get("summary") or {}).get("model_run")
     if model_run and model_run != f.manifest["run_id"]:
         out.append(f"<p class='note'>These scores were made with the models of run {esc(model_run)}, "

@@ -266,6 +266,9 @@ def test_plot_where_on_a_scores_folder(two_envs, tmp_path, capsys, monkeypatch):
     assert _main(["plot", "--scores", out, "--key", "site=site-00001", "--out", str(tmp_path / "p.png"),
                   "--where", "ts < '2026-01-06'"], monkeypatch) == 0
     assert "site=site-00001, 24 points" in capsys.readouterr().out
+    # the report says which data was scored, and with which --where
+    html = build_report(store, scores=out)
+    assert f"Scored data: <code>{data}</code>, the rows where <code>(env == &quot;prod&quot;)</code>." in html
     assert _main(["plot", "--scores", out, "--key", "site=site-00001", "--out", str(tmp_path / "p.png"),
                   "--where", "ts < '2020-01-02'"], monkeypatch) == 2
     assert "No scored rows of group site=site-00001 in " in capsys.readouterr().err
