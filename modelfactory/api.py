@@ -32,7 +32,7 @@ from .models.base import Model
 from .plan import Plan, plan
 from .result import Run, table_run
 from .run import Progress, check_code, execute, isolate, open_client, run_shuffled, run_units, worker_count
-from .store import ModelStore, bucket_index, leaf_index, new_run_id, read_part
+from .store import ModelStore, bucket_index, filter_record, leaf_index, new_run_id, read_part
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
 
@@ -223,6 +223,25 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dic
                          "multiple": p.get("unit_multiple")}
 
 
+def _finish_interrupted_commit(st: ModelStore, digest: str, resume) -> Run | None:
+    """The run that ``resume`` names (or, for True, the newest one of this job) when its train
+    stopped between committing its manifest and moving LATEST: its commit finished (LATEST moved
+    if it fitted a model), and nothing trained again.  None when there is no such run."""
+    if resume is False or resume is None:
+        return None
+    cut = st.interrupted_commits()
+    mine = [r for r in cut if (resume is True and st._pending(r).get("digest") == digest) or r == resume]
+    if not mine:
+        return None
+    rid = mine[-1]
+    if st._pending(rid).get("digest") != digest:
+        raise StoreError(f"Run {rid!r} was started for another job or input (its data, columns, base run, model or "
+                         "parameters differ); it cannot be resumed with these arguments.")
+    man = st.finish_commit(rid)
+    log.info("run %s was committed but its train stopped before moving LATEST: its commit is finished", rid)
+    return Run(rid, "train", man["summary"], store=st)
+
+
 def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: str) -> Location:
     """The folder a job writes its rows to: new or empty, or (with ``overwrite``) to be emptied
     by :func:`_empty_output` once the job's cluster is up; never one that holds, or lies inside,
@@ -352,6 +371,13 @@ def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], par
         log.warning("could not count the groups of run %s missing from this input: %s", base_id,
                     kernel.describe_error(err))
         return None
+
+
+def _input_record(info: DatasetInfo, filter: Any) -> dict:
+    """What a job read, for its manifest: the data (url, fingerprint, rows and files as discovered,
+    partition keys) and the filter (``--where``) its rows were read with."""
+    return {"url": info.source.url, "fingerprint": info.fingerprint(), "rows": info.rows, "files": len(info.files),
+            "partition_keys": list(info.source.partition_keys), "filter": filter_record(filter)}
 
 
 def _raise_unit_failure(run_id: str, err: BaseException, *, resumable: bool = False) -> None:
@@ -502,6 +528,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         check_time_zone(info, time, base_man)
         check_value_types(info, base_man)
     digest = _digest(info.fingerprint(), job, retrain, base_id, mspec.cls.__module__, mspec.cls.__qualname__)
+    finished = _finish_interrupted_commit(st, digest, resume)
+    if finished is not None:
+        return finished
     run_id, planning = _begin_run(st, digest, resume, unit_rows)
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
     spec = JobSpec("train", by_, info.source, columns, time, target, feats, filter, mspec,
@@ -551,7 +580,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         "input": {"url": info.source.url, "fingerprint": info.fingerprint(), "rows": info.rows,
                   "files": len(info.files), "partition_keys": list(info.source.partition_keys),
                   **({"time_type": str(info.schema.field(time).type)} if time else {}),
-                  "value_types": value_types(info, [target, *feats])},
+                  "value_types": value_types(info, [target, *feats]),
+                  # the rows of the input the run was fitted on: `plot --store` draws only those
+                  "filter": filter_record(filter)},
         "summary": summary,
         "units": [{"id": r.unit_id, "groups": r.groups, "seconds": round(r.seconds, 4)} for r in results],
         # Which part holds which leaf (values of the partition keys that are group keys), so a
@@ -660,7 +691,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         finally:
             bar.close()
     summary = _summarise("apply", results, plan_, _time.perf_counter() - t0)
-    return table_run(run_id, "apply", summary, results, sink, out_schema)
+    return table_run(run_id, "apply", summary, results, sink, out_schema, input=_input_record(info, filter))
 
 
 # ---------------------------------------------------------------------------
@@ -959,13 +990,99 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     check_output(sink, run_id, results)  # before reading _groups/: it holds this job's files only
     with output_errors(sink, run_id):
         groups = pds.dataset(sink.path("_groups"), filesystem=sink.fs, format="parquet").to_table()
+        mismatch = _loose_keys(st, man, sink, results, groups, by_)
+    if mismatch:
+        summary["key_mismatch"] = mismatch
+        log.warning("%s", mismatch["warning"], extra={"key_mismatch": True})  # the CLI says it its own way
     top = groups.filter(pa.compute.greater(groups["anomalies"], 0)).sort_by(
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)
     with output_errors(sink, run_id, "_anomalies.json"):
         sink.write_bytes("_anomalies.json", json.dumps(top.to_pylist(), indent=1, default=str).encode())
-    return table_run(run_id, "score", summary, results, sink, None)
+    return table_run(run_id, "score", summary, results, sink, None, input=_input_record(info, filter))
+
+
+def _loose_keys(st: ModelStore, man: dict, sink: Location, results: list[UnitResult], groups: pa.Table,
+                by: tuple[str, ...]) -> dict | None:
+    """When groups found no model in run ``man`` because their keys are written in another
+    type or format than the run's (``7`` for ``"07"``), say so in their skip reason (their
+    ``_groups/`` files are written again) and return ``{"groups": n, "reason": ..., "warning": ...}``; None
+    when there is no such group.  Keys are never matched loosely: the user decides."""
+    from .scoring import loose_key_matches, loose_key_reason, no_model_reason
+
+    error = groups["error"]
+    if pa.types.is_dictionary(error.type):
+        error = error.cast(error.type.value_type)
+    lost = pa.compute.fill_null(pa.compute.equal(error, no_model_reason(man["run_id"])), False)
+    if not pa.compute.any(lost).as_py():
+        return None
+    keys = groups.select(list(by))
+    missing = keys.filter(lost)
+    try:
+        matched, example = loose_key_matches(st.location, man["parts"], by, missing,
+                                             keys.filter(pa.compute.invert(lost)))
+        if not matched:
+            return None
+        types = {k: (t.value_type if pa.types.is_dictionary(t) else t) for k, t in zip(by, missing.schema.types)}
+        reason, warning = loose_key_reason(man["run_id"], by, example, types, len(matched))
+        wrong = set(zip(*[missing.take(pa.array(matched))[k].to_pylist() for k in by]))
+    except (pa.ArrowException, ValueError, TypeError, KeyError) as err:  # a hint: never worth a failed job
+        log.warning("could not compare the keys without a model with those of run %s: %s", man["run_id"],
+                    kernel.describe_error(err))
+        return None
+    for r in results:
+        r.parts = [_with_reason(sink, p, by, wrong, reason) if p.path.startswith("_groups/") else p
+                   for p in r.parts]
+    return {"groups": len(matched), "reason": reason, "warning": warning}
+
+
+def _with_reason(sink: Location, part, by: tuple[str, ...], wrong: set, reason: str):
+    """The group table ``part`` written again with ``reason`` as the error of the groups of ``wrong``."""
+    import pyarrow.parquet as pq
+
+    from ._io import write_parquet
+
+    t = pq.read_table(pa.BufferReader(sink.read_bytes(part.path)))
+    hit = [key in wrong for key in zip(*[t[k].to_pylist() for k in by])]
+    if not any(hit):
+        return part
+    i = t.schema.get_field_index("error")
+    t = t.set_column(i, t.schema.field(i), pa.compute.if_else(pa.array(hit), pa.scalar(reason), t["error"]))
+    return write_parquet(sink, part.path, t)
 
 
 def _run_keys(spec: JobSpec, item) -> UnitResult:
+    """One unit of map_keys.  With a schema, each key's ``rows`` in the group table is the number
+    of rows its call returned (the kernel has no input rows to count, and wrote 0 for every key)."""
     uid, keys = item
-    return kernel.run_keys(spec, uid, keys)
+    if spec.out_schema is None:
+        return kernel.run_keys(spec, uid, keys)
+    from .grouped_map import to_table
+
+    counts: list[int] = []  # one per call, in the order of the keys (the kernel calls each once)
+
+    def counted(key):
+        n = 0
+        try:
+            out = spec.func(key)
+            table = to_table(out, spec.out_schema)
+            if isinstance(table, Exception):  # the kernel fails the key with the same error
+                return out
+            n = table.num_rows
+            return table
+        finally:
+            counts.append(n)
+
+    res = kernel.run_keys(dataclasses.replace(spec, func=counted, sink=None), uid, keys)
+    gt = res.group_table
+    ok = [s == "ok" for s in gt["status"].to_pylist()]
+    rows = pa.array([n if good else 0 for n, good in zip(counts, ok)], pa.int64())
+    res.group_table = gt.set_column(gt.schema.get_field_index("rows"), "rows", rows)
+    res.rows = int(pa.compute.sum(rows).as_py() or 0)
+    if spec.sink is not None:  # written here, as kernel._finish writes them, now that the rows are counted
+        from ._io import write_parquet
+
+        kernel.check_claim(spec, uid)
+        res.parts = [write_parquet(spec.sink, kernel.part_path(spec, uid), res.group_table),
+                     write_parquet(spec.sink, f"{spec.data_prefix}{uid}.parquet", res.table)]
+        res.group_table = res.table = None
+    return res

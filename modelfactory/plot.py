@@ -147,7 +147,7 @@ class Series:
 
 def load_series(scores: Any, key: Mapping[str, Any] | str, *, run: str = "latest", data: str | None = None,
                 time: str | None = None, target: str | None = None, start: Any = None, end: Any = None,
-                trust: bool = False, storage_options: dict | None = None) -> Series:
+                trust: bool = False, storage_options: dict | None = None, filter: Any = None) -> Series:
     """The scored rows of one group (see :func:`plot_series` for the arguments).
 
     Examples
@@ -167,11 +167,11 @@ def load_series(scores: Any, key: Mapping[str, Any] | str, *, run: str = "latest
     want = parse_key(key)
     kind, src = _resolve(scores, run, storage_options)
     if kind == "frame":
-        series = _from_frame(src, want, time, target)
+        series = _from_frame(src, want, time, target, filter)
     elif kind == "scores":
-        series = ScoresFolder(src, storage_options).series(want, time=time, target=target)
+        series = ScoresFolder(src, storage_options).series(want, time=time, target=target, filter=filter)
     else:
-        series = _from_store(src, run, want, data, trust, storage_options)
+        series = _from_store(src, run, want, data, trust, storage_options, filter)
     return _window(series, start, end)
 
 
@@ -211,7 +211,8 @@ def _resolve(scores: Any, run: str, storage_options: dict | None) -> tuple[str, 
                        "modelfactory.score, or a model store.")
 
 
-def _from_frame(df: pd.DataFrame, want: dict[str, str], time: str | None, target: str | None) -> Series:
+def _from_frame(df: pd.DataFrame, want: dict[str, str], time: str | None, target: str | None,
+                filter: Any = None) -> Series:
     missing = [c for c in SCORE_COLUMNS if c not in df.columns]
     if missing:
         raise SchemaError(f"The DataFrame is not scored rows: it lacks {', '.join(missing)}. "
@@ -224,6 +225,10 @@ def _from_frame(df: pd.DataFrame, want: dict[str, str], time: str | None, target
     for k, v in want.items():
         mask &= df[k].astype(str).to_numpy() == v
     rows = df[mask]
+    if filter is not None and not rows.empty:
+        rows = _filtered_frame(rows, filter)
+        if rows.empty:
+            raise DatasetError(f"No rows for {format_key(want)} in the DataFrame where {filter}.")
     if rows.empty:
         by = list(want)
         shown = "; ".join(format_key(dict(zip(by, map(str, k if isinstance(k, tuple) else (k,)))))
@@ -234,6 +239,19 @@ def _from_frame(df: pd.DataFrame, want: dict[str, str], time: str | None, target
         raise SchemaError(f"The key {format_key(want)} matches more than one series in the DataFrame (some "
                           "times repeat). Name every key column.")
     return _series(want, rows, time, target, "a DataFrame")
+
+
+def _filtered_frame(rows: pd.DataFrame, filter: Any) -> pd.DataFrame:
+    """The rows of ``rows`` where ``filter`` (a pyarrow expression) holds."""
+    import pyarrow.dataset as ds
+
+    try:
+        mask = ds.dataset(pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
+                          .append_column("__row", pa.array(np.arange(len(rows))))).to_table(
+            columns=["__row"], filter=filter)["__row"].to_numpy()
+    except (pa.ArrowException, TypeError) as err:
+        raise SchemaError(f"The filter {filter} cannot be applied to the DataFrame ({err}).") from err
+    return rows.iloc[np.sort(mask)]
 
 
 def _guess_columns(names: list[str], types: dict, skip: set[str], time: str | None, target: str | None,
@@ -323,10 +341,10 @@ class ScoresFolder:
             return {}
 
     def series(self, key: Mapping[str, Any] | str, *, time: str | None = None,
-               target: str | None = None) -> Series:
+               target: str | None = None, filter: Any = None) -> Series:
         import pyarrow.compute as pc
 
-        from .dataset import discover, read_files
+        from .dataset import discover
 
         where = f"the scores at {self.url!r}"
         row = _match_key(self.groups, self.by, parse_key(key), where)
@@ -351,8 +369,10 @@ class ScoresFolder:
             expr = e if expr is None else expr & e
         files = [f.path for f in info.files
                  if all(p is None or k not in key or str(key[k]) == p for k, p in zip(pkeys, f.partition))]
-        table = read_files(info.source, tuple(files), schema.names, expr)
+        table = _read(info.source, tuple(files), schema.names, expr, filter, f"the scores at {self.url!r}")
         if table.num_rows == 0:
+            if filter is not None:
+                raise DatasetError(f"No scored rows of group {format_key(key)} in {self.url!r} where {filter}.")
             raise DatasetError(f"The scores at {self.url!r} list group {format_key(key)} but hold no rows for it.")
         types = {n: schema.field(n).type for n in schema.names}
         names = [n for n in schema.names if n not in pkeys]  # file columns, in the order score wrote them
@@ -361,10 +381,10 @@ class ScoresFolder:
 
 
 def _from_store(store, run: str, want: dict[str, str], data: str | None, trust: bool,
-                storage_options: dict | None) -> Series:
+                storage_options: dict | None, filter: Any = None) -> Series:
     import pyarrow.compute as pc
 
-    from .dataset import check_columns, check_time_zone, discover, read_files
+    from .dataset import check_columns, check_time_zone, discover
 
     man = store.manifest(run)
     sp = man["spec"]
@@ -375,6 +395,7 @@ def _from_store(store, run: str, want: dict[str, str], data: str | None, trust: 
     if row["status"] != "ok":
         raise StoreError(f"Group {format_key(key)} has no model in {where}: {row['status']} ({row['error']}).")
     model = store.load(key, man["run_id"], trust=trust)
+    rows_filter, note = _rows_to_draw(man, data, filter)
     url = data or man["input"]["url"]
     opts = storage_options if storage_options is not None else dict(store.location.storage_options)
     pkeys = set(man["input"].get("partition_keys", ())) if data is None else None
@@ -405,9 +426,10 @@ def _from_store(store, run: str, want: dict[str, str], data: str | None, trust: 
         e = pc.field(k) == s
         expr = e if expr is None else expr & e
     cols = [c for c in dict.fromkeys([*by, sp["time"], sp["target"], *feats]) if c]
-    table = read_files(info.source, tuple(f.path for f in info.files), cols, expr)
+    table = _read(info.source, tuple(f.path for f in info.files), cols, expr, rows_filter, repr(url))
     if table.num_rows == 0:
-        raise DatasetError(f"No rows for group {format_key(key)} in {url!r}.")
+        raise DatasetError(f"No rows for group {format_key(key)} in {url!r}"
+                           + (f" where {rows_filter}." if rows_filter is not None else "."))
     df = table.to_pandas()
     if sp["time"]:
         df = df.sort_values(sp["time"], kind="stable").reset_index(drop=True)
@@ -429,7 +451,49 @@ def _from_store(store, run: str, want: dict[str, str], data: str | None, trust: 
         df[c] = out[c]
     s = _series(key, df, sp["time"], sp["target"], f"model run {man['run_id']} on {url}")
     s.notes.append("scored in this process with the stored model")
+    if note:
+        s.notes.append(note)
     return s
+
+
+def _read(source, files: tuple, columns: list[str], key_expr: Any, filter: Any, where: str) -> pa.Table:
+    """The rows of one group (``key_expr``) of ``files`` where ``filter`` holds; a filter that
+    does not fit the columns (one it names is not there, a value of another type) is a
+    SchemaError naming it, not an internal error."""
+    from .dataset import read_files
+
+    expr = key_expr if filter is None else filter if key_expr is None else key_expr & filter
+    try:
+        return read_files(source, files, columns, expr)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+        if filter is None:
+            raise
+        raise SchemaError(f"The filter {filter} does not fit the rows of {where}: {str(err).splitlines()[0]}. "
+                          "Name columns it has, with values of their types.") from err
+
+
+def _rows_to_draw(man: dict, data: str | None, filter: Any) -> tuple[Any, str]:
+    """The filter of the rows a store's model scores for a plot, and a note on it.
+
+    On the run's own training data, the rows the run was fitted on: those its ``filter``
+    (``--where``) kept, and of those the ones ``filter`` keeps.  (They were all drawn: groups
+    of other environments, days the run left out.)  On other ``data``, what ``filter`` keeps."""
+    from .store import stored_filter
+
+    trained = (man.get("spec") or {}).get("filter")
+    if data is not None or not trained:
+        return filter, ""
+    expr = stored_filter((man.get("input") or {}).get("filter"))
+    if expr is None:  # a run of an earlier version (its filter as text only), or another pyarrow's
+        if filter is None:
+            raise DatasetError(
+                f"Run {man['run_id']} was trained on the rows of its input where {trained}, and its manifest does "
+                "not hold that filter in a form this version can apply (the run is older, or its pyarrow another): "
+                "drawing its input would draw rows the model never saw. Give the rows to draw: filter=... (CLI: "
+                "--where, as the run's --where was) or data=... (--data).")
+        return filter, f"the run's own filter ({trained}) could not be read back: drawn where {filter}"
+    return (expr if filter is None else expr & filter), f"the rows where {trained}, as the run was trained"
+
 
 
 def _window(series: Series, start: Any, end: Any) -> Series:
@@ -545,7 +609,7 @@ def plot_series(scores: Any, key: Mapping[str, Any] | str, ax=None, out: str | o
                 run: str = "latest", data: str | None = None, time: str | None = None,
                 target: str | None = None, start: Any = None, end: Any = None, title: str | None = None,
                 figsize: tuple[float, float] = (10.0, 3.6), dpi: int = 100, trust: bool = False,
-                storage_options: dict | None = None):
+                storage_options: dict | None = None, filter: Any = None):
     """Draw one group's series, its expected value and band, and its anomalies.
 
     Parameters
@@ -574,6 +638,11 @@ def plot_series(scores: Any, key: Mapping[str, Any] | str, ax=None, out: str | o
     trust : bool
         With a store of pickled user models: allow loading them (it runs code
         from the store; only if you trust who wrote it).
+    filter : pyarrow.dataset.Expression, optional
+        Only draw the rows where it holds (as ``filter=`` of train and score).
+        A store's model scoring its own training data draws only the rows the
+        run was trained on (those the run's ``filter`` kept), and of those the
+        ones ``filter`` keeps.
 
     Returns
     -------
@@ -594,7 +663,7 @@ def plot_series(scores: Any, key: Mapping[str, Any] | str, ax=None, out: str | o
     <Axes: title={'left': 'app=app-01,site=site-00001: 0 anomalies'}, ...>
     """
     series = load_series(scores, key, run=run, data=data, time=time, target=target, start=start, end=end,
-                         trust=trust, storage_options=storage_options)
+                         trust=trust, storage_options=storage_options, filter=filter)
     return _plot(series, ax, out, title=title, figsize=figsize, dpi=dpi)
 
 
@@ -663,6 +732,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--trust", action="store_true", help="with --store: allow loading pickled user models")
     p.add_argument("--time", help="time column (default: found from the scored rows)")
     p.add_argument("--target", help="target column (default: found from the scored rows)")
+    p.add_argument("--where", action="append", default=[], metavar="CONDITION",
+                   help="draw only the rows where CONDITION holds, as train's and score's --where (repeatable); "
+                        "with --store on its training data, only the rows the run's own --where kept are drawn")
     p.set_defaults(func=run_command)
     return p
 
@@ -676,7 +748,23 @@ def load_command(args: argparse.Namespace, storage_options: dict | None = None) 
     """The series ``plot``'s ``args`` name (all the reading a ``plot`` does)."""
     source = args.scores if args.scores is not None else args.store
     return load_series(source, args.key, run=args.run, data=args.data, time=args.time, target=args.target,
-                       start=args.start, end=args.end, trust=args.trust, storage_options=storage_options)
+                       start=args.start, end=args.end, trust=args.trust, storage_options=storage_options,
+                       filter=_where_filter(args, storage_options))
+
+
+def _where_filter(args: argparse.Namespace, storage_options: dict | None):
+    """``plot``'s ``--where`` as a filter, its time literals typed as the columns of the rows it reads."""
+    where = getattr(args, "where", None)
+    if not where:
+        return None
+    from .cli import _where
+    from .dataset import column_types
+    from .store import ModelStore
+
+    url = args.scores or args.data
+    if url is None:
+        url = ModelStore(args.store, storage_options=storage_options).manifest(args.run)["input"]["url"]
+    return _where(where, column_types(url, storage_options))
 
 
 def draw_command(args: argparse.Namespace, series: "Series") -> int:

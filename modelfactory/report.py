@@ -117,13 +117,13 @@ def _pattern(message: Any) -> str:
     """An error message with its numbers blanked, so one cause counts once."""
     s = "" if message is None or (isinstance(message, float) and np.isnan(message)) else str(message)
     s = re.sub(r" \(at [^()]*\)$", "", s)  # the file:line describe_error appends
-    # run ids ("no model for this group in run 20260119T060000123Z-1a2b3c") are kept whole: blanked,
+    # run ids ("no model for this group in run 20260119T060000123Z-1a2b3c-9f8e7d") are kept whole: blanked,
     # they named no run ("NTNZ-aNbNcN"); every group a run skips names the same one
     pieces = _RUN_ID.split(s)
     return "".join(p if i % 2 else re.sub(r"\d+(\.\d+)?", "N", p) for i, p in enumerate(pieces))[:400]
 
 
-_RUN_ID = re.compile(r"(\b\d{8}T\d{9}Z-[0-9a-f]{6}\b)")
+_RUN_ID = re.compile(r"(\b\d{8}T\d{9}Z-[0-9a-f]{6}(?:-[0-9a-f]{6})?\b)")  # earlier ids: no random part
 
 
 # ---------------------------------------------------------------------------
@@ -357,6 +357,11 @@ def _scores(f: _Facts) -> str:
     out = [f"<h2>Scores</h2><p>From <code>{esc(sc.url)}</code>: {len(g):,} groups, "
            f"{int(g['rows'].sum()):,} rows, {int(g['anomalies'].sum()):,} anomalies in "
            f"{int((g['anomalies'] > 0).sum()):,} groups.</p>"]
+    inp = f.scores_manifest.get("input") or {}  # scores of earlier versions do not record it
+    if inp.get("url"):
+        where = (inp.get("filter") or {}).get("text")
+        out.append(f"<p>Scored data: <code>{esc(inp['url'])}</code>"
+                   + (f", the rows where <code>{esc(where)}</code>" if where else "") + ".</p>")
     model_run = (f.scores_manifest.get("summary") or {}).get("model_run")
     if model_run and model_run != f.manifest["run_id"]:
         out.append(f"<p class='note'>These scores were made with the models of run {esc(model_run)}, "

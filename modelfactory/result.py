@@ -140,8 +140,9 @@ class Run:
 
 
 def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], sink: Location | None,
-              out_schema: pa.Schema | None) -> Run:
-    """The :class:`Run` of an apply, map_keys or score job: its manifest written when it has a sink."""
+              out_schema: pa.Schema | None, input: dict | None = None) -> Run:
+    """The :class:`Run` of an apply, map_keys or score job: its manifest written when it has a sink
+    (with ``input``, what the job read: the data's url and fingerprint, and its filter)."""
     errors = [e for r in results for e in r.errors]
     if sink is not None:
         check_output(sink, run_id, results)
@@ -149,7 +150,7 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
         with output_errors(sink, run_id, "_manifest.json"):
             sink.write_bytes("_manifest.json", json.dumps(
                 {"run_id": run_id, "kind": kind, "summary": summary, "schema": None if out_schema is None else str(out_schema),
-                 "parts": parts}, indent=1, default=str).encode())
+                 **({"input": input} if input is not None else {}), "parts": parts}, indent=1, default=str).encode())
             # a job that emptied the folder between the check and this write: the manifest would
             # stand over that job's files; it goes again (_release_a_contested_folder)
             check_output_claim(sink, run_id)

@@ -25,9 +25,14 @@ from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _times, descr
 from .models.base import SeriesBatch
 from .plan import WorkUnit
 
-__all__ = ["ModelSource", "score_unit", "score_table", "SCORE_COLUMNS"]
+__all__ = ["ModelSource", "score_unit", "score_table", "SCORE_COLUMNS", "loose_key_matches"]
 
 SCORE_COLUMNS = ("expected", "lower", "upper", "score", "is_anomaly")
+
+
+def no_model_reason(run_id: str) -> str:
+    """The reason of a group skipped because run ``run_id`` holds no model under its key."""
+    return f"no model for this group in run {run_id}"
 
 
 @dataclass(frozen=True)
@@ -362,7 +367,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         for i, key in enumerate(groups.key_tuples()):
             row = models.get(key)
             if row is None:
-                status[i], errors[i] = "skipped", f"no model for this group in run {src.run_id}"
+                status[i], errors[i] = "skipped", no_model_reason(src.run_id)
             elif row["status"] != "ok":
                 status[i] = "skipped"
                 errors[i] = f"no model: training {row['status']} in run {src.run_id} ({row['error']})"
@@ -439,3 +444,121 @@ def _by_partition(table: pa.Table, keys: list[str]):
     for i, key in enumerate(g.key_tuples()):
         s, e = int(g.starts[i]), int(g.ends[i])
         yield key, table.take(rows.slice(s, e - s))
+
+
+# ---------------------------------------------------------------------------
+# keys that match a stored key only loosely
+# ---------------------------------------------------------------------------
+def loose_key_matches(store: Location, parts, by: tuple[str, ...], missing: pa.Table,
+                      found: pa.Table) -> tuple[list[int], tuple[dict, dict, dict] | None]:
+    """Which groups that found no model (``missing``: their keys, as the data has them) have
+    a key that a stored group of ``parts`` has in another type or format (:func:`_loose`):
+    ``"07"`` and ``7``, ``"7"`` and ``"07"``, ``"Checkout"`` and ``"checkout "``, an epoch time
+    in milliseconds and the same in seconds.  A stored key that loosely matches a group that
+    did find a model (``found``) is left out: the data holds both spellings, and the one
+    without a model is a group of its own.
+
+    Returns the rows of ``missing`` that match, and one example: (the data's key, the stored
+    key, the stored key types).  Only the key columns of the parts are read (no checksum: this
+    is a hint, the models are not used).  Scoring itself never matches keys loosely: two
+    spellings of a key may be two series, and only the user can tell.
+    """
+    import pyarrow.parquet as pq
+
+    if not missing.num_rows or not parts:
+        return [], None
+
+    def keys_of(part: dict) -> pa.Table | None:
+        try:
+            with store.fs.open(store.path(part["path"]), "rb") as f:
+                return _plain(pq.read_table(f, columns=list(by)), by)
+        except (OSError, KeyError, pa.ArrowException):  # a part gone or damaged: its checked read says so
+            return None
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    # a few requests a part: on an object store, one after the other, seconds for a run of a few hundred parts
+    with ThreadPoolExecutor(max_workers=min(16, len(parts))) as pool:
+        tables = [t for t in pool.map(keys_of, parts) if t is not None]
+    if not tables:
+        return [], None
+    stored = pa.concat_tables(tables, promote_options="permissive")
+    names = [f"k{i}" for i in range(len(by))]
+    loose_missing = _loose_table(missing, by, names).append_column("_m", pa.array(np.arange(missing.num_rows)))
+    loose_stored = _loose_table(stored, by, names).append_column("_s", pa.array(np.arange(stored.num_rows)))
+    if found.num_rows:
+        taken = _loose_table(found, by, names).group_by(names).aggregate([])
+        loose_stored = loose_stored.join(taken, names, join_type="left anti")
+    hits = loose_missing.join(loose_stored, names, join_type="inner")
+    if not hits.num_rows:
+        return [], None
+    hits = hits.sort_by([("_m", "ascending"), ("_s", "ascending")])
+    m, s_ = hits["_m"][0].as_py(), hits["_s"][0].as_py()
+    example = (missing.slice(m, 1).to_pylist()[0], stored.slice(s_, 1).to_pylist()[0],
+               {k: stored.schema.field(k).type for k in by})
+    return sorted(set(hits["_m"].to_pylist())), example
+
+
+def loose_key_reason(run_id: str, by: tuple[str, ...], example: tuple[dict, dict, dict], data_types: dict,
+                     n: int) -> tuple[str, str]:
+    """What to say about the ``n`` groups :func:`loose_key_matches` found: their skip reason (one
+    text for all of them, so a report or the CLI counts them as one cause) and the job's one
+    warning.  Both name the key columns that differ, one value of each side with its type, and
+    what to do."""
+    data, stored, stored_types = example
+    diffs = [k for k in by if data[k] != stored[k] or str(data_types[k]) != str(stored_types[k])] or list(by)
+    shown = "; ".join(f"{k!r} is {data[k]!r} ({data_types[k]}) in the data but {stored[k]!r} ({stored_types[k]}) in "
+                      f"the run" for k in diffs)
+    cols = ", ".join(repr(k) for k in diffs)
+    tail = (f"e.g. {shown}: scoring matches keys exactly, so write {cols} in the data as training had it (cast or "
+            "reformat it), or train again on data like this")
+    reason = (f"{no_model_reason(run_id)}, but its key matches one of the run's written in another type or format "
+              f"({_others(n - 1)}{tail})")
+    warning = (f"{n:,} group{'s' if n > 1 else ''} found no model in run {run_id}, but {'their keys match' if n > 1 else 'its key matches'} keys of "
+               f"the run written in another type or format ({tail})")
+    return reason, warning
+
+
+def _others(n: int) -> str:
+    return "" if n < 1 else "as does 1 other group; " if n == 1 else f"as do {n:,} other groups; "
+
+
+def _loose_table(t: pa.Table, by: tuple[str, ...], names: list[str]) -> pa.Table:
+    return pa.table({n: _loose(t[k].combine_chunks()) for n, k in zip(names, by)})
+
+
+def _loose(col: pa.Array) -> pa.Array:
+    """A key column as text in a loose form where common respellings of one value meet: whole
+    numbers (and text of digits) without a ``+`` or leading zeros, epoch integers in
+    milliseconds, microseconds or nanoseconds as seconds (times in any unit, too), text in
+    lower case without surrounding spaces, dates as ISO text."""
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    t = col.type
+    if pa.types.is_integer(t):
+        return _int_text(col)
+    if pa.types.is_timestamp(t):
+        return _int_text(pc.cast(pc.cast(col, pa.timestamp("ns", t.tz), safe=False), pa.int64()))
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        text = pc.utf8_lower(pc.utf8_trim_whitespace(col.cast(pa.string())))
+        digits = pc.fill_null(pc.match_substring_regex(text, r"^[+-]?\d{1,18}$"), False)
+        as_int = _int_text(pc.cast(pc.if_else(digits, text, "0"), pa.int64()))
+        return pc.if_else(digits, as_int, text)
+    try:
+        return pc.cast(col, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.array([None if v is None else str(v) for v in col.to_pylist()], pa.string())
+
+
+def _int_text(col: pa.Array) -> pa.Array:
+    """Whole numbers as text, those large enough to be epoch times finer than seconds (from
+    1e11, the year 5138 in seconds) as the whole seconds they are, when they are."""
+    try:
+        a = np.asarray(pc.fill_null(pc.cast(col, pa.int64()), 0))
+    except pa.ArrowInvalid:  # a uint64 beyond int64: no epoch time
+        return pc.cast(col, pa.string())
+    out, size = a.copy(), np.abs(a)
+    for low, high, unit in ((10**11, 10**14, 10**3), (10**14, 10**17, 10**6), (10**17, None, 10**9)):
+        m = (size >= low) & ((size < high) if high else True) & (a % unit == 0)
+        out[m] = a[m] // unit
+    return pc.if_else(pc.is_null(col), pa.scalar(None, pa.string()), pa.array(out).cast(pa.string()))

@@ -39,8 +39,14 @@ _META_COLUMNS = ("status", "error", "rows", "seconds", "model")
 
 
 def new_run_id(spec_digest: str) -> str:
+    """A new run's id, ``20260119T060000123Z-1a2b3c-9f8e7d``: the time (to the millisecond, so ids
+    sort by time), the job's digest, and 24 random bits.  Without them two identical jobs started
+    in the same millisecond (two schedulers, a retried cron job) had one id: one run folder, one
+    claim on an out= folder.  Resuming finds a run by its recorded digest, never by its id."""
+    import secrets
+
     now = _dt.datetime.now(_dt.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-{spec_digest[:6]}"
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-{spec_digest[:6]}-{secrets.token_hex(3)}"
 
 
 def versions() -> dict[str, str]:
@@ -111,6 +117,39 @@ def bucket_index(man: dict) -> dict | None:
     if any(p is not None and not (isinstance(p, int) and 0 <= p < b["n"]) for p in b["parts"]):
         return None
     return b
+
+
+def filter_record(expr: Any) -> dict | None:
+    """A job's ``filter`` as a manifest records it: ``text`` to read, ``arrow`` (base64 of
+    Arrow's own serialization of the expression, what pickle uses, without pickle) to apply it
+    again (:func:`stored_filter`); None without a filter."""
+    if expr is None:
+        return None
+    import base64
+
+    record = {"text": str(expr), "arrow": None}
+    try:
+        buf = expr.__reduce__()[1][0]  # (Expression._deserialize, (buffer,))
+        record["arrow"] = base64.b64encode(bytes(buf)).decode("ascii")
+    except (AttributeError, IndexError, TypeError, pa.ArrowException):  # not an Arrow expression: text only
+        pass
+    return record
+
+
+def stored_filter(record: Any) -> Any:
+    """The expression :func:`filter_record` recorded, or None when there is none or this
+    pyarrow cannot read it back (the caller says what that means)."""
+    if not isinstance(record, dict) or not isinstance(record.get("arrow"), str):
+        return None
+    import base64
+    import binascii
+
+    import pyarrow.compute as pc
+
+    try:
+        return pc.Expression._deserialize(pa.py_buffer(base64.b64decode(record["arrow"])))
+    except (AttributeError, TypeError, ValueError, binascii.Error, pa.ArrowException):
+        return None
 
 
 def left_out_text(lineage: dict) -> str:
@@ -197,6 +236,29 @@ class ModelStore:
         held = self._runs_holding("manifest.json", "pending.json")
         done = set(held["manifest.json"])
         return [self._pending(rid) for rid in held["pending.json"] if rid not in done]
+
+    def interrupted_commits(self) -> list[str]:
+        """Committed runs whose train stopped between writing the manifest and moving ``LATEST``
+        (its ``pending.json``, removed last, is still there), oldest first.  ``LATEST`` stays
+        the commit point of "the latest run": readers never take such a run for it by
+        themselves (a run that fitted no model is committed and never LATEST, and an older run
+        resumed becomes LATEST when it commits, so the newest manifest is not the latest run).
+        ``train --resume RUN`` finishes the commit (:meth:`finish_commit`)."""
+        held = self._runs_holding("manifest.json", "pending.json")
+        return sorted(set(held["manifest.json"]) & set(held["pending.json"]))
+
+    def finish_commit(self, run_id: str) -> dict:
+        """Finish the commit of ``run_id`` (one of :meth:`interrupted_commits`): point ``LATEST``
+        at it if it fitted a model, as the commit would have, then remove its pending.json.
+        Returns its manifest."""
+        man = self.manifest(run_id)
+        if man["summary"]["counts"].get("ok", 0) > 0:
+            before = self.latest()
+            self.write("LATEST", run_id.encode(),
+                       f"LATEST still names {before or 'no run'}: use run {run_id} by its id (--run {run_id}).")
+        if self.location.exists(f"runs/{run_id}/pending.json"):
+            self.location.rm(f"runs/{run_id}/pending.json")
+        return man
 
     def _pending(self, rid: str) -> dict:
         """A run's pending.json; one that cannot be read (damaged outside modelfactory: its

@@ -8,6 +8,7 @@ import sys
 import pytest
 from _servers import NotAScheduler
 
+import modelfactory
 from modelfactory.cli import build_parser, main
 
 
@@ -137,6 +138,28 @@ def test_where_reads_only_the_rows_it_names_for_train_and_score(by_app, tmp_path
     scored = ds.dataset(str(tmp_path / "o"), format="parquet", partitioning="hive",
                         exclude_invalid_files=True).to_table(columns=["app", "site"])
     assert set(zip(scored["app"].to_pylist(), scored["site"].to_pylist())) == {p for p in want if p[0] == "app0"}
+
+
+def test_the_scores_manifest_records_the_input_and_the_where_and_json_names_the_folders(by_app, tmp_path, capsys):
+    """A score's _manifest.json held no word of the data it read nor of its --where, and --json's
+    "where" held the output folder (a misnomer beside --where): it is "out" (and "store") now,
+    "where" kept this release only."""
+    store, out, base = str(tmp_path / "s"), str(tmp_path / "o"), ["--scheduler", "inline", "--json"]
+    assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "-p", "season_length=12", *base]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["store"] == summary["where"] == store and "out" not in summary
+    assert main(["score", by_app, "--store", store, "--out", out, "--where", "app = app0", *base]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["out"] == summary["where"] == out and summary["store"] == store
+    man = json.loads((tmp_path / "o" / "_manifest.json").read_text())
+    assert man["input"]["url"] == by_app and man["input"]["filter"]["text"] == '(app == "app0")'
+    assert man["input"]["fingerprint"] and man["input"]["rows"] == 4 * 72 and man["input"]["partition_keys"] == ["app"]
+    from modelfactory.store import stored_filter
+
+    assert stored_filter(man["input"]["filter"]).equals(__import__("pyarrow.compute").compute.field("app") == "app0")
+    assert main(["score", by_app, "--store", store, "--out", out, "--overwrite", *base]) == 0
+    assert json.loads((tmp_path / "o" / "_manifest.json").read_text())["input"]["filter"] is None
 
 
 @pytest.mark.parametrize("where, why", [
@@ -584,6 +607,36 @@ def test_score_that_scores_no_group_fails_like_train_that_fits_none(by_app, tmp_
     assert line.startswith("error: run ") and "scored no group: every group failed or was skipped (most often, " in line
     # some groups scored: a success, the others skipped with their reason
     assert main(["score", by_app, "--store", store, "--out", str(tmp_path / "o2"), *base]) == 0
+
+
+def test_score_says_once_that_keys_are_written_otherwise_than_in_training(tmp_path, capsys):
+    """Sites trained as '07' and scored as 7 were all skipped as 'no model for this group', without
+    a word about why.  The CLI says it once: in the error line when nothing scored, else in one
+    warning line."""
+    from modelfactory.demo import make_table
+
+    t = make_table(3, days=3, apps=1, spikes=0).to_pandas()
+    t["site"] = t["site"].map({"site-00000": "07", "site-00001": "08", "site-00002": "09"})
+    t.to_parquet(tmp_path / "old.parquet")
+    t.assign(site=t["site"].astype("int64")).to_parquet(tmp_path / "all.parquet")
+    t.assign(site=t["site"].replace({"07": "7"})).to_parquet(tmp_path / "some.parquet")
+    store, base = str(tmp_path / "s"), ["--scheduler", "inline", "--quiet"]
+    assert main(["train", str(tmp_path / "old.parquet"), "--by", "site", "--time", "ts", "--target", "value",
+                 "--store", store, *base]) == 0
+    capsys.readouterr()
+    assert main(["score", str(tmp_path / "all.parquet"), "--store", store, "--out", str(tmp_path / "o1"), *base]) == 2
+    err = capsys.readouterr().err
+    assert err.count("written in another type or format") == 1, err
+    (line,) = err.splitlines()
+    assert line.startswith("error: run ") and "(most often, 3 skipped: no model for this group in run " in line
+    assert "'site' is 7 (int64) in the data but '07' (large_string) in the run" in line
+    assert main(["score", str(tmp_path / "some.parquet"), "--store", store, "--out", str(tmp_path / "o2"), *base]) == 0
+    err = capsys.readouterr().err
+    (line,) = err.splitlines()
+    assert line == (f"warning: 1 group found no model in run {modelfactory.ModelStore(store).latest()}, but its key "
+                    "matches keys of the run written in another type or format (e.g. 'site' is '7' (large_string) in "
+                    "the data but '07' (large_string) in the run: scoring matches keys exactly, so write 'site' in the "
+                    "data as training had it (cast or reformat it), or train again on data like this)")
 
 
 def test_the_summary_names_failed_groups_as_key_takes_them(tmp_path, capsys):

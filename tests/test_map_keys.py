@@ -180,3 +180,25 @@ def test_keys_that_are_one_key_once_stored_and_ints_too_big_are_refused():
     with pytest.raises(ModelFactoryError, match=r"key #1 1180591620717411303424: its value .* does not fit in a "
                                                 r"64-bit integer, the type of a key column; pass it as text"):
         modelfactory.map_keys([1, 2**70], func=lambda k: 1, cluster="inline")
+
+
+# --- 5. the group table's rows --------------------------------------------------------------------
+def _n_rows(key):
+    if key == "bad":
+        raise ValueError("no data for bad")
+    if key == "wrong":
+        return pd.DataFrame({"k": [key], "other": [1]})  # not the schema: fails its key
+    return pd.DataFrame({"k": [key] * len(key), "i": range(len(key))})
+
+
+@pytest.mark.parametrize("where", ["inline", "out", "cluster"])
+def test_the_group_table_counts_the_rows_each_key_returned(tmp_path, where, request):
+    """Every key had rows 0 in the group table (run.groups, out/_groups/), whatever it returned."""
+    cluster = request.getfixturevalue("client") if where == "cluster" else "inline"
+    out = str(tmp_path / "o") if where == "out" else None
+    run = modelfactory.map_keys(["a", "bbb", "cc", "bad", "wrong"], func=_n_rows, schema="k string, i bigint",
+                                out=out, cluster=cluster, keys_per_unit=2)
+    g = run.groups.set_index("key")
+    assert g["rows"].to_dict() == {"a": 1, "bbb": 3, "cc": 2, "bad": 0, "wrong": 0}
+    assert g.loc[["bad", "wrong"], "status"].tolist() == ["failed", "failed"]
+    assert run.summary["rows"] == len(run.to_pandas()) == 6

@@ -221,6 +221,85 @@ def test_a_store_whose_training_data_cannot_be_found(runs, tmp_path, monkeypatch
     assert len(load_series(tmp_path / "rel", "site=site-00002", data=runs["new"]).frame) == 24
 
 
+@pytest.fixture
+def two_envs(tmp_path):
+    """One series per site in each of two environments, at the same times: prod and a staging
+    copy 50 higher; a store trained by site on prod alone (train --where "env = prod")."""
+    t = make_table(2, days=4, apps=1, spikes=0).to_pandas()
+    both = pd.concat([t.assign(env="prod"), t.assign(env="staging", value=t["value"] + 50)])
+    data = write(pa.Table.from_pandas(both, preserve_index=False), tmp_path / "d", ["env"])
+    store = str(tmp_path / "s")
+    assert cli.main(["train", data, "--by", "site", "--time", "ts", "--target", "value", "--store", store,
+                     "--where", "env = prod", "--scheduler", "inline", "--quiet"]) == 0
+    return t, data, store
+
+
+def test_a_store_draws_the_rows_its_run_was_trained_on_not_those_its_where_left_out(two_envs, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """plot --store scored every row of the group in the training data, staging's too (which
+    train --where left out): two series interleaved at the same times, drawn as one."""
+    t, data, store = two_envs
+    prod = t[t.site == "site-00000"].sort_values("ts")
+    s = load_series(store, "site=site-00000")
+    assert len(s.frame) == len(prod) == 96
+    np.testing.assert_allclose(s.frame["value"], prod["value"])
+    assert "the rows where (env == \"prod\"), as the run was trained" in s.notes
+    capsys.readouterr()
+    assert _main(["plot", "--store", store, "--key", "site=site-00000", "--out", str(tmp_path / "p.png")],
+                 monkeypatch) == 0
+    assert "site=site-00000, 96 points" in capsys.readouterr().out
+    # --where narrows what is drawn (here the last day), within the rows the run was trained on
+    assert _main(["plot", "--store", store, "--key", "site=site-00000", "--out", str(tmp_path / "p.png"),
+                  "--where", "ts >= '2026-01-08'"], monkeypatch) == 0
+    assert "site=site-00000, 24 points" in capsys.readouterr().out
+    # other data (--data) is drawn as given, but for --where: the run's filter was about its input
+    s = load_series(store, "site=site-00000", data=data, filter=pa.compute.field("env") == "staging")
+    np.testing.assert_allclose(s.frame["value"], prod["value"] + 50)
+
+
+def test_plot_where_on_a_scores_folder(two_envs, tmp_path, capsys, monkeypatch):
+    t, data, store = two_envs
+    out = str(tmp_path / "scores")
+    assert cli.main(["score", data, "--store", store, "--out", out, "--where", "env = prod", "--scheduler",
+                     "inline", "--quiet"]) == 0
+    capsys.readouterr()
+    assert _main(["plot", "--scores", out, "--key", "site=site-00001", "--out", str(tmp_path / "p.png"),
+                  "--where", "ts < '2026-01-06'"], monkeypatch) == 0
+    assert "site=site-00001, 24 points" in capsys.readouterr().out
+    # the report says which data was scored, and with which --where
+    html = build_report(store, scores=out)
+    assert f"Scored data: <code>{data}</code>, the rows where <code>(env == &quot;prod&quot;)</code>." in html
+    assert _main(["plot", "--scores", out, "--key", "site=site-00001", "--out", str(tmp_path / "p.png"),
+                  "--where", "ts < '2020-01-02'"], monkeypatch) == 2
+    assert "No scored rows of group site=site-00001 in " in capsys.readouterr().err
+    assert _main(["plot", "--scores", out, "--key", "site=site-00001", "--out", str(tmp_path / "p.png"),
+                  "--where", "nope = 1"], monkeypatch) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: The filter (nope == 1) does not fit the rows of the scores at ")
+
+
+def test_a_filtered_run_whose_filter_cannot_be_read_back_is_not_drawn_whole(two_envs):
+    """A run of an earlier version recorded its filter as text only: drawing all of its input
+    would draw rows the model never saw, so plot asks for the rows to draw."""
+    import json
+
+    t, data, store = two_envs
+    st = modelfactory.ModelStore(store)
+    man = st.manifest()
+    path = st.location.path(f"runs/{man['run_id']}/manifest.json")
+    del man["input"]["filter"]
+    from modelfactory.store import _digest_of
+
+    man["checksum"] = _digest_of(man)
+    with open(path, "w") as f:
+        json.dump(man, f)
+    with pytest.raises(DatasetError, match=r"trained on the rows of its input where \(env == \"prod\"\).*filter=\.\.\. "
+                                           r"\(CLI: --where"):
+        load_series(store, "site=site-00000")
+    s = load_series(store, "site=site-00000", filter=pa.compute.field("env") == "prod")
+    assert len(s.frame) == 96 and any("could not be read back" in n for n in s.notes)
+
+
 def _main(argv, monkeypatch):
     """cli.main with plot and report wired in the way the lead wires them (if they are not yet)."""
     build = cli.build_parser

@@ -332,6 +332,91 @@ def test_a_string_key_that_is_not_an_exact_int_matches_no_model(tmp_path):
     assert g.loc["01", "error"].startswith("no model for this group")
 
 
+def _sites(t: pd.DataFrame, names: dict) -> pd.DataFrame:
+    return t.assign(site=t["site"].map(names))
+
+
+# (site as trained, site as scored, how written): a key that only a respelling tells apart
+_RESPELT = {
+    "int for zero-padded text": ({"site-00000": "07", "site-00001": "08"}, {"site-00000": 7, "site-00001": 8}, None),
+    "text without the padding": ({"site-00000": "07", "site-00001": "08"}, {"site-00000": "7", "site-00001": "8"}, None),
+    "another case": ({"site-00000": "checkout", "site-00001": "search"},
+                     {"site-00000": "Checkout", "site-00001": "Search"}, None),
+    "epoch ms for s": ({"site-00000": 1767225600, "site-00001": 1767312000},
+                       {"site-00000": 1767225600000, "site-00001": 1767312000000}, None),
+    "hive folders": ({"site-00000": "07", "site-00001": "08"}, {"site-00000": "7", "site-00001": "8"}, "site"),
+}
+
+
+@pytest.mark.parametrize("case", list(_RESPELT))
+def test_groups_whose_keys_are_respelt_since_training_are_skipped_saying_so(tmp_path, case):
+    """A key written in another type or format than in training (7 for "07") matches no model;
+    the skip reason says which key, one value of each side, and what to do (nothing is matched).
+    A group new since training is skipped as before."""
+    trained, scored, folders = _RESPELT[case]
+    t = make_table(3, days=3, apps=1, spikes=0).to_pandas()
+    new_key = 99 if isinstance(scored["site-00000"], int) else "x99"
+    old = _sites(t[t.site != "site-00002"], trained)
+    new = _sites(t, {**scored, "site-00002": new_key})
+    suffix = "" if folders else ".parquet"
+    for name, frame in (("old", old), ("new", new)):
+        frame.to_parquet(tmp_path / f"{name}{suffix}", partition_cols=[folders] if folders else None)
+    store = str(tmp_path / "store")
+    r = modelfactory.train(str(tmp_path / f"old{suffix}"), by=["site"], time="ts", target="value", store=store,
+                           cluster="inline")
+    s = modelfactory.score(str(tmp_path / f"new{suffix}"), store=store, out=str(tmp_path / "o"), cluster="inline")
+    g = s.groups
+    g.index = g.site.astype(str)
+    assert s.summary["counts"] == {"ok": 0, "failed": 0, "skipped": 3}
+    assert s.summary["key_mismatch"]["groups"] == 2
+    pairs = [(f"'site' is {scored[k]!r} (", f"in the data but {trained[k]!r} (") for k in scored]
+    for site in scored.values():
+        why = g.loc[str(site), "error"]
+        assert why.startswith(f"no model for this group in run {r.id}, but its key matches one of the run's written "
+                              "in another type or format (as does 1 other group; e.g. ")
+        assert any(a in why and b in why for a, b in pairs)  # one value of each side
+        assert "write 'site' in the data as training had it" in why
+    assert g.loc[str(new_key), "error"] == f"no model for this group in run {r.id}"
+    assert s.summary["key_mismatch"]["warning"].startswith(f"2 groups found no model in run {r.id}, but their keys")
+
+
+def test_a_respelt_key_beside_the_trained_spelling_is_a_group_of_its_own(tmp_path):
+    """Data that holds both "07" (with its model) and 7: 7 is another group, not a respelling."""
+    t = make_table(2, days=3, apps=1, spikes=0).to_pandas()
+    t["site"] = t["site"].map({"site-00000": "07", "site-00001": "08"})
+    t.to_parquet(tmp_path / "old.parquet")
+    both = pd.concat([t[t.site == "07"], t[t.site == "08"].assign(site="7")])
+    both.to_parquet(tmp_path / "new.parquet")
+    store = str(tmp_path / "store")
+    r = modelfactory.train(str(tmp_path / "old.parquet"), by=["site"], time="ts", target="value", store=store,
+                           cluster="inline")
+    s = modelfactory.score(str(tmp_path / "new.parquet"), store=store, out=str(tmp_path / "o"), cluster="inline")
+    g = s.groups.set_index("site")
+    assert g.loc["07", "status"] == "ok"
+    assert g.loc["7", "error"] == f"no model for this group in run {r.id}"
+    assert "key_mismatch" not in s.summary
+
+
+def test_a_respelt_key_column_is_named_among_several(tmp_path):
+    """With keys app and site, the reason names the one column written otherwise (site), not app."""
+    t = make_table(4, days=3, apps=2, spikes=0).to_pandas()
+    t["site"] = t["site"].str[-2:]  # "00", "01", ...: zero-padded text
+    t.to_parquet(tmp_path / "old.parquet")
+    t.assign(site=t["site"].astype("int64")).to_parquet(tmp_path / "new.parquet")
+    store = str(tmp_path / "store")
+    r = modelfactory.train(str(tmp_path / "old.parquet"), by=["app", "site"], time="ts", target="value",
+                           store=store, cluster="inline")
+    s = modelfactory.score(str(tmp_path / "new.parquet"), store=store, out=str(tmp_path / "o"), cluster="inline")
+    g = s.groups
+    assert s.summary["counts"]["skipped"] == 4 and s.summary["key_mismatch"]["groups"] == 4
+    assert g["error"].nunique() == 1  # one cause, one text
+    why = g["error"][0]
+    assert why.startswith(f"no model for this group in run {r.id}, but its key matches")
+    import re
+
+    assert re.search(r"; e\.g\. 'site' is (\d) \(int64\) in the data but '0\1' \((large_)?string\) in the run: ", why), why
+
+
 def test_a_categorical_key_scores_and_retrains(tmp_path):
     t = _two_shards()
     t["cat"] = t["site"].astype("category")  # a Parquet dictionary column

@@ -588,3 +588,30 @@ def test_a_score_run_passed_as_run_is_named_as_one(trained, tmp_path, by_app):
                                          rf"are run {run.id}'s, pass that"):
         modelfactory.score(by_app, store=str(store), out=str(tmp_path / "o2"), run=scores, cluster="inline")
     assert not (tmp_path / "o2").exists()
+
+
+def test_two_identical_jobs_started_in_the_same_millisecond_get_runs_of_their_own(tmp_path, monkeypatch, by_app):
+    """A run id was the time to the millisecond and the job's digest: two identical jobs started
+    in the same millisecond had one id, one run folder and one claim on an out= folder."""
+    import datetime as dt
+
+    import modelfactory.store as store_mod
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2026, 1, 19, 6, 0, 0, 123456, tzinfo=dt.timezone.utc)
+
+    monkeypatch.setattr(store_mod._dt, "datetime", Frozen)
+    runs = [modelfactory.map_keys(["a", "b"], func=str.upper, cluster="inline") for _ in range(2)]
+    assert runs[0].id != runs[1].id and all(r.id.startswith("20260119T060000123Z-") for r in runs)
+    store = str(tmp_path / "s")
+    trained = [modelfactory.train(by_app, by="app,site", time="ts", target="value", store=store, cluster="inline")
+               for _ in range(2)]
+    assert trained[0].id != trained[1].id
+    assert modelfactory.ModelStore(store).runs() == sorted(r.id for r in trained)
+    # the report keeps such an id whole in the reasons it groups
+    from modelfactory.report import _pattern
+
+    assert _pattern(f"no model for this group in run {trained[0].id} (12 rows)") == \
+        f"no model for this group in run {trained[0].id} (N rows)"
