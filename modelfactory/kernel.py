@@ -533,7 +533,9 @@ def run_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | None 
             rows, extra = apply_groups(spec, groups)
         else:
             raise ValueError(f"unknown job kind {spec.kind!r}")
-    return _finish(spec, unit_id, groups.keys, rows, extra, groups.ends - groups.starts, t0)
+    read = groups.ends - groups.starts
+    # a retrain's carried-over models keep the rows they were fitted on; the unit read `read`
+    return _finish(spec, unit_id, groups.keys, rows, extra, rows.pop("nrows", read), t0, int(read.sum()))
 
 
 def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
@@ -570,7 +572,9 @@ def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
     return _finish(spec, unit_id, key_table, rows, extra, np.zeros(len(keys), np.int64), t0)
 
 
-def _finish(spec, unit_id, key_table, rows, extra, nrows, t0) -> UnitResult:
+def _finish(spec, unit_id, key_table, rows, extra, nrows, t0, read: int | None = None) -> UnitResult:
+    """The unit's group table (``nrows``: each group's rows) and result; ``read``, when given, is
+    the rows the unit read (its summary's count), where the group table records other counts."""
     # the input's schema metadata (Spark's row schema, pandas' columns) describes the input, not
     # this table: Spark reads its columns from that metadata when present
     gt = key_table.replace_schema_metadata(None)
@@ -581,6 +585,8 @@ def _finish(spec, unit_id, key_table, rows, extra, nrows, t0) -> UnitResult:
     for name, values in rows.get("extra_columns", {}).items():
         gt = gt.append_column(name, values)
     res = summarize(spec, unit_id, gt)
+    if read is not None:
+        res.rows = read
     if spec.sink is not None:
         check_claim(spec, unit_id)
         res.parts.append(write_parquet(spec.sink, part_path(spec, unit_id), gt))
@@ -720,6 +726,7 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
     blobs: list = [None] * n
     fitted_in = [spec.run_id] * n
     seconds = np.zeros(n)
+    nrows = (groups.ends - groups.starts).astype(np.int64)  # a carried-over model's: those it was fitted on
     todo = np.arange(n)
     if spec.retrain and spec.models is not None:
         from .scoring import load_model_rows
@@ -736,6 +743,8 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
             seconds[i], fitted_in[i] = row["seconds"], row["fitted_in"] or spec.models.run_id
             if row["fingerprint"] is not None:  # the data the carried model was fitted on, not today's
                 prints[i] = row["fingerprint"]
+            if row["rows"] is not None:
+                nrows[i] = row["rows"]
         todo = np.asarray(keep, dtype=np.int64)
     fitting = set(todo.tolist())
     unusable = {i: why for i, why in unusable.items() if i in fitting}  # not the ones carried over
@@ -763,7 +772,7 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
                 blobs[i], status[i] = _serialize(f, m.serializer), "ok"
             except Exception as err:  # noqa: BLE001
                 status[i], errors[i] = "failed", "cannot serialise: " + describe_error(err)
-    return {"status": status, "error": errors, "seconds": seconds,
+    return {"status": status, "error": errors, "seconds": seconds, "nrows": nrows,
             "extra_columns": {"model": pa.array(blobs, pa.binary()),
                               "fingerprint": pa.array(prints, pa.binary(8)),
                               "fitted_in": pa.array(fitted_in, pa.string())}}

@@ -337,9 +337,6 @@ def test_only_failed_on_new_data_keeps_the_carried_models_fingerprints_so_only_c
     assert second.id != third.id
 
 
-@pytest.mark.xfail(strict=True, reason="kernel._train carries a model's status, error, seconds and fingerprint "
-                   "over from the base run but not its rows, which _finish takes from today's groups; the fix is "
-                   "in kernel.py, not on the store branch (see its report)")
 def test_a_carried_over_model_keeps_the_rows_it_was_fitted_on(tmp_path):
     """A retrain that carries a model over recorded today's row count beside yesterday's model
     (and yesterday's seconds and fingerprint)."""
@@ -352,6 +349,7 @@ def test_a_carried_over_model_keeps_the_rows_it_was_fitted_on(tmp_path):
                                 retrain="failed", **ARGS)  # nothing failed: all three carried over, unrefitted
     assert set(modelfactory.ModelStore(store).table(second.id)["fitted_in"].to_pylist()) == {first.id}
     assert set(second.groups["rows"]) == {48}
+    assert second.summary["rows"] == first.summary["rows"] * 72 // 48  # the rows the retrain read
 
 
 class ExitsOnBigValues(Model):
