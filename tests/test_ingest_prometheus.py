@@ -6,8 +6,10 @@ import argparse
 import base64
 import importlib
 import logging
+import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -35,12 +37,17 @@ H = 3600
 
 
 @pytest.fixture(scope="module")
-def prom(tmp_path_factory):
+def prom_server(tmp_path_factory):
     if not ps.have_prometheus():
         pytest.skip("prometheus/promtool binaries not installed (apt-get install prometheus)")
     server = ps.start_prometheus(tmp_path_factory.mktemp("prometheus"))
-    yield server.url
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def prom(prom_server):
+    return prom_server.url
 
 
 @pytest.fixture
@@ -636,3 +643,57 @@ def test_a_query_prometheus_timed_out_is_not_retried(tmp_path, fast_retries):
         assert ps.query_range_requests(server.url) == 1
     finally:
         server.stop()
+
+
+def test_a_read_timeout_is_not_retried(tmp_path, fast_retries):
+    """A server that takes the request and does not answer in time was asked again, `retries`
+    times: a query too heavy to answer within the timeout runs out of time again, so the run took
+    (retries + 1) x timeout, loaded Prometheus as often, and then said to narrow the query."""
+    release = threading.Event()
+
+    def never(req):  # takes the request and answers only once the test is over
+        release.wait(30)
+        return ps.echo_matrix(req)
+
+    try:
+        with ps.FakeServer(never) as srv:
+            with pytest.raises(IngestError, match=r"did not answer within 0\.5 s \(1 attempt\)\. Narrow the query, "
+                                                  r"lower max_points.*raise timeout / --timeout; a timeout is not "
+                                                  r"retried") as err:
+                prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path), timeout=0.5, retries=3)
+            release.set()
+        assert len(srv.requests) == 1
+    finally:
+        release.set()
+    assert "Could not reach" not in str(err.value) and files(tmp_path) == set()
+
+
+def test_a_stopped_prometheus_times_out_once(prom_server, tmp_path, fast_retries):
+    """The real server, stopped (SIGSTOP): the kernel still accepts the connection and takes the
+    request, and no answer comes, as from a Prometheus busy with a huge query."""
+    os.kill(prom_server.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(IngestError, match=r"Prometheus at http://127\.0\.0\.1:\d+ did not answer within 1 s "
+                                              r"\(1 attempt\)\. Narrow the query"):
+            ingest(prom_server.url, tmp_path, T0, T0 + H, 60, timeout=1, retries=2, concurrency=1)
+    finally:
+        os.kill(prom_server.proc.pid, signal.SIGCONT)
+    assert files(tmp_path) == set()
+
+
+def test_a_gateway_timeout_is_not_retried(tmp_path, fast_retries):
+    """HTTP 504 is a proxy (nginx, a load balancer) that gave up waiting for Prometheus: the same
+    query keeps Prometheus as long again, like a read timeout."""
+    with ps.FakeServer(lambda req: (504, {}, b"<html>504 Gateway Time-out</html>")) as srv:
+        with pytest.raises(IngestError, match=r"answered HTTP 504 \(Gateway Timeout, 1 attempt\): a proxy in front "
+                                              r"of Prometheus gave up.*Narrow the query.*raise the proxy's timeout"):
+            prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path), retries=3)
+    assert len(srv.requests) == 1
+
+
+def test_a_dropped_connection_is_still_retried(tmp_path, fast_retries):
+    """A connection closed before any answer (a proxy or Prometheus restarting) is transient."""
+    answers = iter([None, None])
+    with ps.FakeServer(lambda req: next(answers, ps.echo_matrix(req))) as srv:
+        s = prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path), retries=2)
+    assert s.rows == 11 and len(srv.requests) == 3

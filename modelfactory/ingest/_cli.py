@@ -70,7 +70,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="points per series per request, at most 11000 (default 11000)")
     t.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     t.add_argument("--retries", type=int, default=3,
-                   help="retries of connection errors and HTTP 429/5xx (default 3)")
+                   help="retries of connection errors and HTTP 429/5xx, not of timeouts (default 3)")
     p.set_defaults(func=run)
     return ingest
 

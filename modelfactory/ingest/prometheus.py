@@ -56,7 +56,7 @@ CHUNK_POINTS = 11_000
 TOKEN_ENV = "MODELFACTORY_PROM_TOKEN"
 PASSWORD_ENV = "MODELFACTORY_PROM_PASSWORD"
 _BACKOFF_S = 0.5  # first retry delay, doubled per attempt
-_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_RETRY_STATUS = frozenset({429, 500, 502, 503})  # not 504: a proxy's timeout, see _timed_out
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
 _UNIT_MS = (365 * 86_400_000, 7 * 86_400_000, 86_400_000, 3_600_000, 60_000, 1_000, 1)
@@ -170,7 +170,8 @@ def prometheus(
     max_points : int
         Points per series per request, at most 11,000 (Prometheus' cap).
     timeout, retries : float, int
-        Seconds per request; retries of connection errors and HTTP 429/5xx.
+        Seconds per request; retries of connection errors and HTTP 429/5xx.  A request that
+        times out once connected is not retried (it would time out again): narrow the query.
     storage_options : dict, optional
         Passed to ``fsspec.core.url_to_fs`` for ``out``.
 
@@ -406,22 +407,30 @@ def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> lis
                     f"TLS error talking to {spec.display_url}: {reason}. Pass ca_file / --ca-file "
                     "with your CA bundle, or verify_tls=False / --no-verify-tls on a trusted network."
                 ))) from err
-            if not last:
+            if isinstance(err, TimeoutError):  # connected and asked, then no (whole) answer in time
+                raise _timed_out(spec, err, attempt) from err
+            if not last:  # refused, reset, dropped: the server or the network may be back soon
                 _sleep(attempt)
                 continue
-            if isinstance(err, TimeoutError):  # connected, then no (whole) answer in time; a
-                # connect timeout arrives wrapped in a URLError and is reported as unreachable below
-                what = "send its whole answer" if "in full" in str(err) else "answer"
-                raise IngestError(_redact(spec, (
-                    f"Prometheus at {spec.display_url} did not {what} within {spec.timeout_s:g} s "
-                    f"({_retried(attempt)}). Narrow the query, lower max_points / --max-points, or raise "
-                    "timeout / --timeout."))) from err
             raise IngestError(_redact(spec, (
                 f"Could not reach Prometheus at {spec.display_url} ({_retried(attempt)}): {reason}. "
                 "Check the URL and port, that the server is running, and network access.")
             )) from err
         return _parse(spec, raw, status, ctype)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _timed_out(spec: PrometheusSpec, err: TimeoutError, attempt: int) -> IngestError:
+    """The error for a request that reached the server and got no (whole) answer in time: a read
+    timeout, or a body still trickling in at the deadline.  It is not retried: the same query over
+    the same range would run out of time again, after loading the server once more (a connect
+    timeout is another matter: it arrives wrapped in a URLError and is retried as unreachable)."""
+    what = "send its whole answer" if "in full" in str(err) else "answer"
+    return IngestError(_redact(spec, (
+        f"Prometheus at {spec.display_url} did not {what} within {spec.timeout_s:g} s "
+        f"({_retried(attempt)}). Narrow the query, lower max_points / --max-points (a shorter range "
+        "per request), or raise timeout / --timeout; a timeout is not retried, since the same "
+        "request would run out of time again.")))
 
 
 def _read_by(resp: Any, deadline: float) -> bytes:
@@ -482,6 +491,11 @@ def _http_error(spec: PrometheusSpec, status: int, raw: bytes, location: str,
                     "(by (...), on (...), ignoring (...)), or aggregate them, e.g. sum by (...) (...).")
         msg = (f"Prometheus rejected the query {spec.query!r} (HTTP {status}, {kind}): "
                f"{said}. {hint}")
+    elif status == 504:
+        msg = (f"{spec.display_url} answered HTTP 504 (Gateway Timeout, {_retried(attempt)}): a proxy in "
+               "front of Prometheus gave up waiting for the answer. Narrow the query, lower max_points / "
+               "--max-points (a shorter range per request), or raise the proxy's timeout; a timeout is "
+               "not retried, since the same request would run out of time again.")
     elif 300 <= status < 400:
         msg = (f"{spec.display_url} answered HTTP {status}, a redirect to {location!r}. Pass the "
                "final URL as url / --url (redirects are not followed, to keep credentials safe).")
