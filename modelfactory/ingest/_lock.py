@@ -9,10 +9,11 @@ refreshes its modification time every :data:`HEARTBEAT_S` seconds.
 
 Stale locks.  A crashed ingest leaves its lock behind; it is taken over, with a warning,
 when its process is gone (same host) or it has had no heartbeat for :data:`STALE_S`
-seconds (any host: a pid means nothing elsewhere).  The taking over is itself exclusive
-on a local disk (the lock is renamed away, then checked to be the stale one); on an object
-store the stale lock is read again just before it is deleted, which leaves a window of one
-request.  The holder checks that the lock is still its own before it commits.
+seconds (any host: a pid means nothing elsewhere).  Taking over is itself exclusive: the
+ingest that creates ``_ingest.lock.break`` (the same way) reads the lock again and deletes
+it only if it is still the stale one, so of several ingests that found it stale, one
+deletes it and none deletes the fresh lock another made since.  The holder checks that
+the lock is still its own before it commits.
 
 The name starts with ``_``: Parquet readers (Spark's rule, pyarrow, modelfactory) skip it.
 """
@@ -40,6 +41,8 @@ LOCK_NAME = "_ingest.lock"
 HEARTBEAT_S = 30.0
 #: A lock whose modification time is older than this is stale, whoever holds it.
 STALE_S = 300.0
+_ATTEMPTS = 50   # looks at a lock that vanishes or is being taken over before giving up
+_PAUSE_S = 0.05  # between two looks while another ingest takes a stale lock over
 
 
 class FolderLock:
@@ -73,7 +76,7 @@ class FolderLock:
         if self.local:  # the folder must exist to hold the lock; it is removed again if left empty
             self._made_root = not os.path.isdir(self.root)
             os.makedirs(self.root, exist_ok=True)
-        for _ in range(3):  # a lock that vanished or went stale between two looks: look again
+        for _ in range(_ATTEMPTS):  # a lock that vanished, or is being taken over: look again
             try:
                 self._create()
                 break
@@ -130,35 +133,37 @@ class FolderLock:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
                            "started": _iso(time.time())}).encode()
 
-    def _create(self) -> None:
-        """Create the lock file if it does not exist, or raise FileExistsError."""
-        data = self._content()
+    def _create(self, path: str | None = None) -> None:
+        """Create the lock file (or ``path``) holding this ingest's token if it does not exist,
+        or raise FileExistsError."""
+        path, data = path or self.path, self._content()
         if self.local:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             return
         try:
-            self.fs.pipe_file(self.path, data, mode="create")  # S3: If-None-Match: *
+            self.fs.pipe_file(path, data, mode="create")  # S3: If-None-Match: *
         except TypeError:  # a filesystem with no exclusive create: look, then write
-            self.fs.invalidate_cache(self.path)
-            if self.fs.exists(self.path):
-                raise FileExistsError(self.path) from None
-            self.fs.pipe_file(self.path, data)
-        held = self._read()  # a store that ignored the condition: the last writer holds it
-        if held is None or held["info"].get("token") != self.token:
-            raise FileExistsError(self.path)
+            self.fs.invalidate_cache(path)
+            if self.fs.exists(path):
+                raise FileExistsError(path) from None
+            self.fs.pipe_file(path, data)
+        self.fs.invalidate_cache(path)  # a store that ignored the condition: the last writer holds it
+        if json.loads(self.fs.cat_file(path)).get("token") != self.token:
+            raise FileExistsError(path)
 
-    def _read(self) -> dict | None:
-        """``{"info": the lock's JSON (empty if unreadable), "raw": bytes, "mtime": unix seconds}``,
-        or None if there is no lock."""
+    def _read(self, path: str | None = None) -> dict | None:
+        """``{"info": the lock's JSON (empty if unreadable), "raw": bytes, "mtime": unix seconds}``
+        of the lock (or ``path``), or None if there is none."""
+        path = path or self.path
         try:
             if self.local:
-                with open(self.path, "rb") as f:
+                with open(path, "rb") as f:
                     raw, mtime = f.read(), os.fstat(f.fileno()).st_mtime
             else:
-                self.fs.invalidate_cache(self.path)
-                raw, mtime = self.fs.cat_file(self.path), self.fs.modified(self.path).timestamp()
+                self.fs.invalidate_cache(path)
+                raw, mtime = self.fs.cat_file(path), self.fs.modified(path).timestamp()
         except FileNotFoundError:
             return None
         try:
@@ -186,29 +191,29 @@ class FolderLock:
         return None
 
     def _break(self, held: dict) -> None:
-        """Remove the stale lock ``held``, and only it: not a fresh lock another ingest made
-        after taking it over in turn."""
-        if not self.local:
+        """Remove the stale lock ``held``, and only it: not a fresh lock that another ingest,
+        which found it stale too, made after removing it."""
+        mutex = f"{self.path}.break"
+        try:
+            self._create(mutex)  # one ingest at a time takes a lock over
+        except FileExistsError:
+            other = self._read(mutex)  # left by an ingest that died taking over (a window of microseconds)
+            if other is not None and time.time() - other["mtime"] > STALE_S:
+                self._remove_quietly(mutex)
+            time.sleep(_PAUSE_S)
+            return
+        try:
             again = self._read()
             if again is not None and (again["raw"], again["mtime"]) == (held["raw"], held["mtime"]):
-                try:
-                    self._remove(self.path)
-                except FileNotFoundError:
-                    pass
-            return
-        aside = f"{self.path}.{uuid.uuid4().hex}.stale"
+                self._remove_quietly(self.path)
+        finally:
+            self._remove_quietly(mutex)
+
+    def _remove_quietly(self, path: str) -> None:
         try:
-            os.rename(self.path, aside)  # atomic: of two ingests taking over, one moves it
+            self._remove(path)
         except FileNotFoundError:
-            return
-        with open(aside, "rb") as f:
-            raw, mtime = f.read(), os.fstat(f.fileno()).st_mtime
-        if (raw, mtime) != (held["raw"], held["mtime"]):  # a fresh lock: put it back
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-        os.remove(aside)
+            pass
 
     def _beat(self) -> None:
         """Refresh the lock's modification time while it is this ingest's."""
