@@ -455,6 +455,7 @@ def _remove_ingested(fs: Any, root: str) -> None:
     """Delete the files of earlier ingests (for ``overwrite``), and their emptied folders on a disk."""
     base = root.rstrip("/")
     rels = _ingested(fs, root)
+    log.info("overwrite: deleting the %d files of earlier ingests under %s", len(rels), base)
     for rel in rels:
         fs.rm_file(f"{base}/{rel}")  # one at a time: rm reads its paths as glob patterns on object stores
     if _is_local(fs):
