@@ -130,9 +130,10 @@ class Recorded:
 
 @dataclass
 class FakeServer:
-    """A ThreadingHTTPServer on 127.0.0.1 recording every request; ``respond`` answers."""
+    """A ThreadingHTTPServer on 127.0.0.1 recording every request; ``respond`` answers (``None``:
+    the connection is closed without an answer)."""
 
-    respond: Callable[[Recorded], tuple[int, dict, bytes]] = echo_matrix
+    respond: Callable[[Recorded], tuple[int, dict, bytes] | None] = echo_matrix
     certfile: Path | None = None
     requests: list[Recorded] = field(default_factory=list)
 
@@ -145,7 +146,11 @@ class FakeServer:
                 form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
                 rec = Recorded("POST", self.path, self.headers, form)  # case-insensitive
                 fake.requests.append(rec)
-                status, headers, body = fake.respond(rec)
+                answer = fake.respond(rec)
+                if answer is None:  # hang up without a word, as a restarting proxy does
+                    self.close_connection = True
+                    return
+                status, headers, body = answer
                 self.send_response(status)
                 for k, v in {"Content-Length": str(len(body)), **headers}.items():
                     self.send_header(k, v)

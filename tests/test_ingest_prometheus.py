@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import base64
 import importlib
+import json
 import logging
+import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -32,15 +37,21 @@ from _servers import moto_with_bucket
 promod = sys.modules["modelfactory.ingest.prometheus"]
 T0, LAST = ps.T0, ps.LAST
 H = 3600
+DEFINITION = "_ingest.json"   # the query, step and by of the dataset in a folder
 
 
 @pytest.fixture(scope="module")
-def prom(tmp_path_factory):
+def prom_server(tmp_path_factory):
     if not ps.have_prometheus():
         pytest.skip("prometheus/promtool binaries not installed (apt-get install prometheus)")
     server = ps.start_prometheus(tmp_path_factory.mktemp("prometheus"))
-    yield server.url
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def prom(prom_server):
+    return prom_server.url
 
 
 @pytest.fixture
@@ -60,7 +71,12 @@ def rows(out) -> list[tuple]:
 
 
 def files(out) -> set[str]:
-    return {str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()}
+    """Every file under ``out`` but the dataset's definition (_ingest.json): data, and anything left behind."""
+    return {str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()} - {DEFINITION}
+
+
+def definition(out) -> dict:
+    return json.loads((Path(out) / DEFINITION).read_text())
 
 
 def ingest(url, out, first, last, step, **kw):
@@ -76,6 +92,8 @@ def test_roundtrip_matches_history_exactly(prom, tmp_path):
     assert (s.series, s.rows, s.chunks, s.files) == (4, 4 * ps.SAMPLES, chunks, 3 * chunks)
     assert f"Ingested 4 series, 11520 rows into {3 * chunks} files under {tmp_path}" in str(s)
     assert rows(tmp_path) == sorted(ps.expected(T0, LAST, 60))
+    assert definition(tmp_path) == {"source": "prometheus", "query": "mf_load", "step_ms": 60_000,
+                                    "by": ["app", "site"]}
     assert {p.split("/")[0] + "/" + p.split("/")[1] for p in files(tmp_path)} == {
         "app=shop/site=eu", "app=shop/site=us", "app=search/site=eu%2Fwest 1"}
     schema = ds.dataset(str(tmp_path / "app=shop" / "site=eu"), format="parquet").schema
@@ -388,6 +406,8 @@ def test_writes_to_s3_through_fsspec(prom, tmp_path, moto):
         s = ingest(prom, "s3://prom-bucket/data", T0, T0 + 6 * H, "1m", storage_options=moto)
     fs.invalidate_cache()
     keys = fs.find("prom-bucket/data")
+    assert "prom-bucket/data/_ingest.json" in keys and "prom-bucket/data/_ingest.lock" not in keys
+    keys.remove("prom-bucket/data/_ingest.json")
     assert len(keys) == s.files and all(k.endswith(".parquet") for k in keys)
     part = ds.partitioning(pa.schema([("app", pa.string()), ("site", pa.string())]), flavor="hive")
     t = ds.dataset("prom-bucket/data", filesystem=fs, format="parquet", partitioning=part).to_table()
@@ -439,7 +459,7 @@ def test_s3_outputs_with_glob_characters_are_readable_and_a_missing_bucket_is_no
             s = prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=f"s3://prom-glob-bucket/{name}",
                            storage_options=moto)
             fs.invalidate_cache()
-            keys = fs.find(f"prom-glob-bucket/{name}")
+            keys = [k for k in fs.find(f"prom-glob-bucket/{name}") if not k.endswith("/_ingest.json")]
             assert all(k.endswith(".parquet") and "/." not in k for k in keys) and len(keys) == s.files, keys
             t = ds.dataset([k for k in keys], filesystem=fs, format="parquet", partitioning=part).to_table()
             assert t.num_rows == s.rows == 11
@@ -595,6 +615,8 @@ def test_another_by_into_the_same_dataset_is_refused(prom, tmp_path, before, aft
         prometheus(prom, "mf_load", T0, T0 + 2 * H, 60, by=after, out=str(tmp_path))
     assert files(tmp_path) == names
     prometheus(prom, "mf_load", T0, T0 + 2 * H, 60, by=before, out=str(tmp_path))  # the same by still appends
+    s = prometheus(prom, "mf_load", T0, T0 + H, 60, by=after, out=str(tmp_path), overwrite=True)  # starts over
+    assert read(tmp_path, by=after).num_rows == s.rows == len(ps.expected(T0, T0 + H, 60))
 
 
 def test_another_by_into_an_s3_dataset_is_refused(prom, tmp_path, moto):
@@ -636,3 +658,282 @@ def test_a_query_prometheus_timed_out_is_not_retried(tmp_path, fast_retries):
         assert ps.query_range_requests(server.url) == 1
     finally:
         server.stop()
+
+
+def test_a_read_timeout_is_not_retried(tmp_path, fast_retries):
+    """A server that takes the request and does not answer in time was asked again, `retries`
+    times: a query too heavy to answer within the timeout runs out of time again, so the run took
+    (retries + 1) x timeout, loaded Prometheus as often, and then said to narrow the query."""
+    release = threading.Event()
+
+    def never(req):  # takes the request and answers only once the test is over
+        release.wait(30)
+        return ps.echo_matrix(req)
+
+    try:
+        with ps.FakeServer(never) as srv:
+            with pytest.raises(IngestError, match=r"did not answer within 0\.5 s \(1 attempt\)\. Narrow the query, "
+                                                  r"lower max_points.*raise timeout / --timeout; a timeout is not "
+                                                  r"retried") as err:
+                prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path), timeout=0.5, retries=3)
+            release.set()
+        assert len(srv.requests) == 1
+    finally:
+        release.set()
+    assert "Could not reach" not in str(err.value) and files(tmp_path) == set()
+
+
+def test_a_stopped_prometheus_times_out_once(prom_server, tmp_path, fast_retries):
+    """The real server, stopped (SIGSTOP): the kernel still accepts the connection and takes the
+    request, and no answer comes, as from a Prometheus busy with a huge query."""
+    os.kill(prom_server.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(IngestError, match=r"Prometheus at http://127\.0\.0\.1:\d+ did not answer within 1 s "
+                                              r"\(1 attempt\)\. Narrow the query"):
+            ingest(prom_server.url, tmp_path, T0, T0 + H, 60, timeout=1, retries=2, concurrency=1)
+    finally:
+        os.kill(prom_server.proc.pid, signal.SIGCONT)
+    assert files(tmp_path) == set()
+
+
+def test_a_gateway_timeout_is_not_retried(tmp_path, fast_retries):
+    """HTTP 504 is a proxy (nginx, a load balancer) that gave up waiting for Prometheus: the same
+    query keeps Prometheus as long again, like a read timeout."""
+    with ps.FakeServer(lambda req: (504, {}, b"<html>504 Gateway Time-out</html>")) as srv:
+        with pytest.raises(IngestError, match=r"answered HTTP 504 \(Gateway Timeout, 1 attempt\): a proxy in front "
+                                              r"of Prometheus gave up.*Narrow the query.*raise the proxy's timeout"):
+            prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path), retries=3)
+    assert len(srv.requests) == 1
+
+
+def test_a_dropped_connection_is_still_retried(tmp_path, fast_retries):
+    """A connection closed before any answer (a proxy or Prometheus restarting) is transient."""
+    answers = iter([None, None])
+    with ps.FakeServer(lambda req: next(answers, ps.echo_matrix(req))) as srv:
+        s = prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path), retries=2)
+    assert s.rows == 11 and len(srv.requests) == 3
+
+
+# -- one folder, one dataset: a changed query or step is refused ------------------------------
+
+
+def offset_rows(first, last):
+    """rows() of `mf_load offset 1m` at step 1m: each point holds the sample of a minute before."""
+    return sorted((*r[:4], r[4] + 60_000, r[5]) for r in ps.expected(first - 60, last - 60, 60))
+
+
+def test_another_query_or_step_into_the_same_folder_is_refused(prom, tmp_path):
+    """A nightly ingest rerun with an edited query (or step) wrote a second set of files beside
+    the first ones (their names hash the query and the step): the dataset then held both
+    definitions, read as one, every time twice.  It is refused before any query, naming the
+    folder and both definitions; overwrite starts the dataset over."""
+    ingest(prom, tmp_path, T0 + H, T0 + 2 * H, "1m")
+    names, asked = files(tmp_path), ps.query_range_requests(prom)
+    with pytest.raises(IngestError, match=rf"out='{re.escape(str(tmp_path))}' holds the dataset of another query: its "
+                                          r"_ingest\.json records the query 'mf_load' at step 60s, and this ingest "
+                                          r"asks for the query 'mf_load offset 1m' at step 60s\..*Ingest into "
+                                          r"another out / --out, or pass overwrite=True / --overwrite"):
+        prometheus(prom, "mf_load offset 1m", T0 + H, T0 + 2 * H, "1m", by=["app", "site"], out=str(tmp_path))
+    with pytest.raises(IngestError, match=r"holds the dataset of another step: .*the query 'mf_load' at step 60s, "
+                                          r"and this ingest asks for the query 'mf_load' at step 300s"):
+        ingest(prom, tmp_path, T0, T0 + H, "5m")
+    assert files(tmp_path) == names and ps.query_range_requests(prom) == asked
+    s = prometheus(prom, "mf_load offset 1m", T0 + H, T0 + 2 * H, "1m", by=["app", "site"], out=str(tmp_path),
+                   overwrite=True)
+    assert s.rows == len(offset_rows(T0 + H, T0 + 2 * H)) and not files(tmp_path) & names
+    assert rows(tmp_path) == offset_rows(T0 + H, T0 + 2 * H)   # the earlier query's rows are gone
+    assert definition(tmp_path)["query"] == "mf_load offset 1m"
+    ingest_again = prometheus(prom, "mf_load offset 1m", T0 + 60, T0 + H, "1m", by=["app", "site"], out=str(tmp_path))
+    assert ingest_again.rows and rows(tmp_path) == offset_rows(T0 + 60, T0 + 2 * H)
+
+
+def test_the_cli_refuses_another_query_in_one_line_and_overwrite_starts_over(prom, tmp_path):
+    def cli(query, *extra):
+        return subprocess.run([sys.executable, "-m", "modelfactory", "ingest", "prometheus", "--url", prom,
+                               "--query", query, "--start", str(T0 + 60), "--end", str(T0 + H), "--step", "1m",
+                               "--by", "app,site", "--out", str(tmp_path), *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    assert cli("mf_load").returncode == 0
+    refused = cli("mf_load offset 1m")
+    assert refused.returncode == 2 and refused.stdout == ""
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("error: out=") and "the query 'mf_load'" in line and "--overwrite" in line
+    done = cli("mf_load offset 1m", "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert rows(tmp_path) == offset_rows(T0 + 60, T0 + H)
+
+
+def test_a_dataset_written_before_the_definition_was_recorded_is_judged_by_its_file_names(prom, tmp_path):
+    """Datasets ingested by an earlier modelfactory have no _ingest.json; their file names (a hash
+    of query, step and chunk start) tell whether the same query and step wrote them."""
+    ingest(prom, tmp_path, T0, T0 + H, 5)   # 5 s: chunks of 55,000 s, not whole days
+    (tmp_path / DEFINITION).unlink(missing_ok=True)   # (an earlier modelfactory wrote none)
+    names = files(tmp_path)
+    for query, step in (("mf_load offset 1m", 5), ("mf_load", 10)):
+        with pytest.raises(IngestError, match=r"holds the dataset of another query or step: the name of its file "
+                                              r"app=.+?\.parquet is not one this query and step give"):
+            prometheus(prom, query, T0, T0 + H, step, by=["app", "site"], out=str(tmp_path))
+    assert files(tmp_path) == names and not (tmp_path / DEFINITION).exists()
+    ingest(prom, tmp_path, T0 + H, T0 + 2 * H, 5)   # the same query and step: appended, and now recorded
+    assert rows(tmp_path) == sorted(ps.expected(T0, T0 + 2 * H, 5))
+    assert definition(tmp_path)["step_ms"] == 5000
+
+
+def test_another_query_into_an_s3_dataset_is_refused_and_overwrite_replaces_it(prom, moto):
+    out, fs = "s3://prom-bucket/redefined", fsspec.filesystem("s3", **moto)
+    ingest(prom, out, T0, T0 + H, "1m", storage_options=moto)
+    with pytest.raises(IngestError, match=r"out='s3://prom-bucket/redefined' holds the dataset of another query"):
+        prometheus(prom, "mf_load offset 1m", T0, T0 + H, "1m", by=["app", "site"], out=out, storage_options=moto)
+    s = prometheus(prom, "mf_load offset 1m", T0 + 60, T0 + H, "1m", by=["app", "site"], out=out,
+                   storage_options=moto, overwrite=True)
+    fs.invalidate_cache()
+    keys = fs.find("prom-bucket/redefined")
+    assert len(keys) == s.files + 1 and "prom-bucket/redefined/_ingest.json" in keys
+    part = ds.partitioning(pa.schema([("app", pa.string()), ("site", pa.string())]), flavor="hive")
+    t = ds.dataset("prom-bucket/redefined", filesystem=fs, format="parquet", partitioning=part).to_table()
+    assert t.num_rows == s.rows == len(offset_rows(T0 + 60, T0 + H))
+
+
+# -- one ingest at a time per folder ---------------------------------------------------------
+
+
+class Gate:
+    """A FakeServer answer that holds the first request until ``open`` is set: an ingest caught
+    in the middle of its run.  Later requests are answered at once."""
+
+    def __init__(self) -> None:
+        self.asked, self.open, self._lock, self.count = threading.Event(), threading.Event(), threading.Lock(), 0
+
+    def __call__(self, req):
+        with self._lock:
+            self.count += 1
+            first = self.count == 1
+        if first:
+            self.asked.set()
+            self.open.wait(120)
+        return ps.echo_matrix(req)
+
+
+def cli_ingest(url, out):
+    return [sys.executable, "-m", "modelfactory", "ingest", "prometheus", "--url", url, "--query", "up",
+            "--start", str(T0), "--end", str(T0 + 600), "--step", "60", "--by", "app", "--out", str(out)]
+
+
+def test_a_second_ingest_into_a_folder_in_use_is_refused(tmp_path):
+    """Two ingests into one folder both read a chunk's file, each merged its own rows into it, and
+    the second rename dropped the first one's rows.  The second (a real process) now refuses, in
+    one line naming the folder and the first one's pid and host, before asking Prometheus."""
+    gate = Gate()
+    with ps.FakeServer(gate) as srv:
+        first = subprocess.Popen(cli_ingest(srv.url, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            assert gate.asked.wait(120), first.communicate()
+            second = subprocess.run(cli_ingest(srv.url, tmp_path), capture_output=True, text=True, timeout=300)
+        finally:
+            gate.open.set()
+            out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert second.returncode == 2 and second.stdout == ""
+    (line,) = second.stderr.strip().splitlines()
+    assert re.match(rf"error: Another ingest is writing to '{re.escape(str(tmp_path))}': \S+/_ingest\.lock is held "
+                    rf"by pid {first.pid} on host '{re.escape(socket.gethostname())}' \(started \S+Z\).*Wait for it "
+                    r"to finish and run again", line), line
+    assert gate.count == 1   # the second asked nothing
+    assert "Ingested 1 series, 11 rows" in out and not (tmp_path / "_ingest.lock").exists()
+
+
+def test_a_crashed_ingest_does_not_block_the_next_one(tmp_path, caplog):
+    """An ingest killed in the middle (SIGKILL: no cleanup) leaves its lock; its process is gone,
+    so the next ingest on this host takes the lock over, with a warning."""
+    gate = Gate()
+    with ps.FakeServer(gate) as srv:
+        first = subprocess.Popen(cli_ingest(srv.url, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert gate.asked.wait(120)
+            first.kill()
+            first.wait(60)
+        finally:
+            gate.open.set()
+        assert (tmp_path / "_ingest.lock").exists()
+        s = prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path))
+    assert s.rows == 11 and not (tmp_path / "_ingest.lock").exists()
+    assert f"its process {first.pid} is not running on this host any more" in caplog.text
+
+
+def test_a_lock_from_another_host_is_taken_over_only_once_stale(tmp_path, caplog):
+    """A pid means nothing on another host: its lock goes stale when its heartbeat stops."""
+    lock = tmp_path / "_ingest.lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": "t", "started": "2026-01-01T00:00:00Z"}))
+    with ps.FakeServer() as srv:
+        with pytest.raises(IngestError, match=r"_ingest\.lock is held by pid 1 on host 'elsewhere'"):
+            prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path))
+        assert srv.requests == [] and lock.exists()
+        old = time.time() - sys.modules["modelfactory.ingest._lock"].STALE_S - 60
+        os.utime(lock, (old, old))
+        assert prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path)).rows == 11
+    assert "has had no heartbeat for" in caplog.text and not lock.exists()
+
+
+def test_an_ingest_whose_lock_was_taken_over_commits_nothing(tmp_path):
+    """If another ingest took the lock over meanwhile (this one looked dead: a suspended machine),
+    both would merge into the same files: the one that lost its lock commits nothing."""
+    lock = tmp_path / "_ingest.lock"
+
+    def respond(req):
+        lock.write_text(json.dumps({"pid": 4242, "host": "elsewhere", "token": "other", "started": "now"}))
+        return ps.echo_matrix(req)
+
+    with ps.FakeServer(respond) as srv:
+        with pytest.raises(IngestError, match=r"The lock \S+_ingest\.lock of this ingest is now held by pid 4242 on "
+                                              r"host 'elsewhere'.*Nothing was committed"):
+            prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path))
+    assert files(tmp_path) == {"_ingest.lock"} and "other" in lock.read_text()   # not ours to remove
+
+
+def test_the_holder_keeps_its_lock_fresh(tmp_path, monkeypatch):
+    """A long ingest refreshes its lock, so other hosts never take it for a crashed one."""
+    lockmod = sys.modules["modelfactory.ingest._lock"]
+    monkeypatch.setattr(lockmod, "HEARTBEAT_S", 0.05)
+    lock, seen = tmp_path / "_ingest.lock", {}
+
+    def respond(req):  # age the lock, then wait for the heartbeat to make it fresh again
+        old = time.time() - lockmod.STALE_S - 60
+        os.utime(lock, (old, old))
+        deadline = time.monotonic() + 60
+        while lock.stat().st_mtime == old and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["age"] = time.time() - lock.stat().st_mtime
+        return ps.echo_matrix(req)
+
+    with ps.FakeServer(respond) as srv:
+        prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path))
+    assert seen["age"] < lockmod.STALE_S
+
+
+def test_two_ingests_into_one_s3_folder_at_once(tmp_path, moto):
+    """The lock on an object store is a conditional put (If-None-Match: *)."""
+    script = ("import json, sys\nfrom modelfactory.ingest import prometheus\n"
+              "print(prometheus(**json.loads(sys.argv[1])))")
+    gate = Gate()
+    with ps.FakeServer(gate) as srv:
+        kw = {"url": srv.url, "query": "up", "start": T0, "end": T0 + 600, "step": 60, "by": ["app"],
+              "out": "s3://prom-bucket/two", "storage_options": moto}
+        first = subprocess.Popen([sys.executable, "-c", script, json.dumps(kw)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            assert gate.asked.wait(120), first.communicate()
+            second = subprocess.run([sys.executable, "-c", script, json.dumps(kw)], capture_output=True, text=True,
+                                    timeout=300)
+        finally:
+            gate.open.set()
+            out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert second.returncode == 1 and re.search(
+        rf"IngestError: Another ingest is writing to 's3://prom-bucket/two': s3://prom-bucket/two/_ingest\.lock "
+        rf"is held by pid {first.pid} on host", second.stderr), second.stderr
+    assert gate.count == 1 and "Ingested 1 series, 11 rows" in out
+    fs = fsspec.filesystem("s3", **moto)
+    fs.invalidate_cache()
+    assert not fs.exists("prom-bucket/two/_ingest.lock")

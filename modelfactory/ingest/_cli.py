@@ -25,7 +25,9 @@ examples:
       --url https://mimir.example/prometheus --header 'X-Scope-OrgID: team-a' ...
 
 Rerunning a range, or extending it later, never duplicates points, and keeps points
-Prometheus no longer holds (past its retention).
+Prometheus no longer holds (past its retention).  Keep --query, --step and --by: another
+one is refused (the dataset would mix two definitions) unless --overwrite starts it over.
+One ingest at a time per --out: a second one is refused while the first holds its lock.
 """
 
 
@@ -52,6 +54,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--by", required=True,
                    help="comma-separated labels to partition by, e.g. app,site ('' for none)")
     q.add_argument("--out", required=True, help="dataset root: a path or an fsspec URL (s3://...)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="start the dataset in --out over: delete the files of earlier ingests (needed to "
+                        "change --query, --step or --by)")
     a = p.add_argument_group("authentication and TLS")
     a.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="extra HTTP header, repeatable, e.g. 'X-Scope-OrgID: tenant-1'")
@@ -70,7 +75,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="points per series per request, at most 11000 (default 11000)")
     t.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     t.add_argument("--retries", type=int, default=3,
-                   help="retries of connection errors and HTTP 429/5xx (default 3)")
+                   help="retries of connection errors and HTTP 429/5xx, not of timeouts (default 3)")
     p.set_defaults(func=run)
     return ingest
 
@@ -92,6 +97,6 @@ def run(args: argparse.Namespace) -> int:
         bearer_token_file=args.bearer_token_file, basic_auth_user=args.basic_auth_user,
         basic_auth_password_file=args.basic_auth_password_file,
         verify_tls=not args.no_verify_tls, ca_file=args.ca_file, concurrency=args.concurrency,
-        max_points=args.max_points, timeout=args.timeout, retries=args.retries)
+        max_points=args.max_points, timeout=args.timeout, retries=args.retries, overwrite=args.overwrite)
     print(summary)
     return 0

@@ -14,6 +14,12 @@ that file with the fresh rows plus the old rows at times they do not cover:
 never a duplicate, and never a loss of rows the server no longer holds.  Files
 are staged under a hidden temporary name and renamed only after every chunk
 succeeded, so a failed run leaves nothing behind.
+
+One folder, one dataset.  The first commit records the query, step and partition labels
+in ``_ingest.json``; a later ingest with another query or step is refused before any
+query (its files would sit beside the first ones, read as one dataset), unless it is told
+to start over (``overwrite``).  An ingest holds the folder's lock (:mod:`._lock`) from its
+checks to its commit, so two never merge into the same files at once.
 """
 from __future__ import annotations
 
@@ -29,8 +35,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.client import HTTPException
@@ -43,6 +50,7 @@ import pyarrow.parquet as pq
 
 from .._io import Location, _is_local, hive_folder
 from ..exceptions import IngestError, describe_error
+from ._lock import FolderLock
 
 __all__ = ["prometheus", "fetch_chunk", "plan_chunks", "PrometheusSpec", "Chunk",
            "ChunkResult", "IngestSummary", "MAX_POINTS", "CHUNK_POINTS"]
@@ -53,10 +61,14 @@ log = logging.getLogger(__name__)
 MAX_POINTS = 11_000
 #: Evaluation steps per chunk (and per file): this fixes the chunk grid, never change it.
 CHUNK_POINTS = 11_000
+#: The dataset's definition (query, step, by), written at its first commit.
+DEFINITION_NAME = "_ingest.json"
+#: The name of a file an ingest writes: chunk start, then a hash of (query, step, chunk start).
+_INGEST_FILE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{16})\.parquet$")
 TOKEN_ENV = "MODELFACTORY_PROM_TOKEN"
 PASSWORD_ENV = "MODELFACTORY_PROM_PASSWORD"
 _BACKOFF_S = 0.5  # first retry delay, doubled per attempt
-_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_RETRY_STATUS = frozenset({429, 500, 502, 503})  # not 504: a proxy's timeout, see _timed_out
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
 _UNIT_MS = (365 * 86_400_000, 7 * 86_400_000, 86_400_000, 3_600_000, 60_000, 1_000, 1)
@@ -85,6 +97,7 @@ class PrometheusSpec:
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     secrets: tuple[str, ...] = field(default=(), repr=False)
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    overwrite: bool = False  #: start the dataset over: no merging with, and no keeping of, earlier files
 
 
 @dataclass(frozen=True)
@@ -135,7 +148,7 @@ def prometheus(
     verify_tls: bool = True, ca_file: str | None = None,
     concurrency: int = 4, max_points: int = MAX_POINTS,
     timeout: float = 120.0, retries: int = 3,
-    storage_options: dict | None = None,
+    storage_options: dict | None = None, overwrite: bool = False,
 ) -> IngestSummary:
     """Run a PromQL range query and write the result as Hive-partitioned Parquet.
 
@@ -170,9 +183,14 @@ def prometheus(
     max_points : int
         Points per series per request, at most 11,000 (Prometheus' cap).
     timeout, retries : float, int
-        Seconds per request; retries of connection errors and HTTP 429/5xx.
+        Seconds per request; retries of connection errors and HTTP 429/5xx.  A request that
+        times out once connected is not retried (it would time out again): narrow the query.
     storage_options : dict, optional
         Passed to ``fsspec.core.url_to_fs`` for ``out``.
+    overwrite : bool
+        Start the dataset in ``out`` over: delete the files of earlier ingests (once every
+        chunk of this one has been fetched) and record this query and step.  Without it, an
+        ingest with another query, step or ``by`` than the one that wrote ``out`` is refused.
 
     Returns
     -------
@@ -182,7 +200,8 @@ def prometheus(
     ------
     IngestError
         Bad arguments, unreachable server, HTTP or PromQL errors, no series,
-        missing ``by`` labels, non-matrix results.  No file is committed then.
+        missing ``by`` labels, non-matrix results, ``out`` holding another query's
+        dataset, another ingest writing to ``out``.  No file is committed then.
 
     Examples
     --------
@@ -194,7 +213,7 @@ def prometheus(
     started = time.monotonic()
     spec = _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_file,
                       basic_auth_user, basic_auth_password, basic_auth_password_file,
-                      verify_tls, ca_file, max_points, timeout, retries, storage_options)
+                      verify_tls, ca_file, max_points, timeout, retries, storage_options, overwrite)
     if not isinstance(concurrency, int) or concurrency < 1:
         raise IngestError(f"concurrency must be an int >= 1. Got {concurrency!r} instead.")
     try:
@@ -204,19 +223,26 @@ def prometheus(
     except Exception as err:  # noqa: BLE001 - an unknown protocol, a missing package, no endpoint
         raise IngestError(f"Cannot write to out={spec.out!r}: {describe_error(err)}. Check the path, the "
                           "endpoint and the credentials (storage_options).") from err
-    _check_layout(spec)
     now = datetime.now(timezone.utc)
     chunks = plan_chunks(_parse_time(start, "start", now), _parse_time(end, "end", now), spec.step_ms)
-    log.info("ingesting %s from %s in %d chunks", spec.query, spec.display_url, len(chunks))
-    results = _run_chunks(spec, chunks, concurrency)
-    series = frozenset().union(*(r.series for r in results))
-    if not series:
-        raise IngestError(
-            f"The query {spec.query!r} returned no series between {_iso(chunks[0].first_ms)} and "
-            f"{_iso(chunks[-1].last_ms)} from {spec.display_url}. Check the metric name and label "
-            "matchers (try it in the Prometheus UI) and that the range holds data.")
-    staged = [s for r in results for s in r.staged]
-    _commit(spec, staged)
+    fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+    with _locked(spec, fs, root) as lock:
+        earlier = _check_dataset(spec, fs, root)
+        log.info("ingesting %s from %s in %d chunks", spec.query, spec.display_url, len(chunks))
+        results = _run_chunks(spec, chunks, concurrency)
+        series = frozenset().union(*(r.series for r in results))
+        if not series:
+            raise IngestError(
+                f"The query {spec.query!r} returned no series between {_iso(chunks[0].first_ms)} and "
+                f"{_iso(chunks[-1].last_ms)} from {spec.display_url}. Check the metric name and label "
+                "matchers (try it in the Prometheus UI) and that the range holds data.")
+        staged = [s for r in results for s in r.staged]
+        try:
+            lock.check()  # taken over meanwhile: the other ingest's files may be merged into these
+        except IngestError:
+            _discard(fs, staged)
+            raise
+        _commit(spec, staged, earlier)
     return IngestSummary(series=len(series), rows=sum(r.rows for r in results), files=len(staged),
                          chunks=len(chunks), requests=sum(r.requests for r in results),
                          seconds=time.monotonic() - started, out=spec.out)
@@ -331,9 +357,134 @@ def _check_layout(spec: PrometheusSpec) -> None:
             "out / --out.")
 
 
-def _commit(spec: PrometheusSpec, staged: list[tuple[str, str]]) -> None:
-    fs, _ = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+@contextmanager
+def _locked(spec: PrometheusSpec, fs: Any, root: str) -> Iterator[FolderLock]:
+    """Hold the folder's lock: another ingest into ``out`` is refused until it is released."""
+    lock = FolderLock(fs, root, spec.out)
+    try:
+        lock.acquire()
+    except IngestError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+        raise IngestError(f"Could not create the lock {lock.shown}: {describe_error(err)}. Check that out / "
+                          "--out is writable (and storage_options for remote stores).") from err
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _definition(spec: PrometheusSpec) -> dict:
+    """What makes the rows of a dataset comparable: the same query at the same step, by the same labels."""
+    return {"source": "prometheus", "query": spec.query, "step_ms": spec.step_ms, "by": list(spec.by)}
+
+
+def _check_dataset(spec: PrometheusSpec, fs: Any, root: str) -> dict | None:
+    """Refuse an ingest whose rows would not be of the dataset already in ``out`` (another
+    ``by``, query or step), unless it starts over; return the dataset's recorded definition."""
+    if spec.overwrite:
+        return None
+    _check_layout(spec)
+    path = f"{root.rstrip('/')}/{DEFINITION_NAME}"
+    try:
+        fs.invalidate_cache(path)  # another ingest may have written it since this process listed out
+        with fs.open(path, "rb") as f:
+            earlier = json.loads(f.read())
+        if not isinstance(earlier, dict):
+            raise ValueError(f"a JSON object was expected, not {type(earlier).__name__}")
+    except FileNotFoundError:
+        earlier = None
+    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+        raise IngestError(f"Could not read {spec.out.rstrip('/')}/{DEFINITION_NAME}, the definition of the "
+                          f"dataset in out={spec.out!r}: {describe_error(err)}. Pass overwrite=True / --overwrite "
+                          "to start the dataset over, or use another out / --out.") from err
+    if earlier is None:
+        _check_file_names(spec, fs, root)  # written before the definition was recorded
+        return None
+    changed = [k for k in ("query", "step_ms") if earlier.get(k) != _definition(spec)[k]]
+    if changed:
+        raise IngestError(_another_definition(spec, " and ".join(
+            "step" if k == "step_ms" else k for k in changed), (
+            f"its {DEFINITION_NAME} records the query {earlier.get('query')!r} at step "
+            f"{_step_text(earlier.get('step_ms'))}")))
+    return earlier
+
+
+def _check_file_names(spec: PrometheusSpec, fs: Any, root: str) -> None:
+    """Refuse a dataset with no recorded definition whose file names (a hash of query, step and
+    chunk start) show that another query or step wrote them."""
+    span = CHUNK_POINTS * spec.step_ms
+    for rel in _ingested(fs, root):
+        m = _INGEST_FILE.match(rel.rsplit("/", 1)[-1])
+        stamp = datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        second = round(stamp.timestamp() * 1000)   # the chunk start, to the second
+        start = -(-second // span) * span           # the chunk of this step that starts within it
+        if start >= second + 1000 or _file_name(spec, Chunk(start, start, start)) != m.group(0):
+            raise IngestError(_another_definition(spec, "query or step", (
+                f"the name of its file {rel} is not one this query and step give (an earlier modelfactory "
+                f"wrote it, and did not record its query and step in {DEFINITION_NAME})")))
+
+
+def _another_definition(spec: PrometheusSpec, what: str, earlier: str) -> str:
+    return (f"out={spec.out!r} holds the dataset of another {what}: {earlier}, and this ingest asks for "
+            f"the query {spec.query!r} at step {_step_text(spec.step_ms)}. Its files would sit beside the "
+            "earlier ones, and readers would take both for one dataset. Ingest into another out / --out, or "
+            "pass overwrite=True / --overwrite to start this dataset over (the files of earlier ingests are "
+            "deleted once this one has fetched every chunk).")
+
+
+def _step_text(step_ms: Any) -> str:
+    return f"{_seconds(step_ms)}s" if isinstance(step_ms, int) and step_ms > 0 else repr(step_ms)
+
+
+def _ingested(fs: Any, root: str) -> list[str]:
+    """The files of earlier ingests under ``root`` (relative paths): named like :func:`_file_name`,
+    in partition folders (``k=v``), not hidden; other files are not the ingest's to judge or delete."""
+    base = root.rstrip("/")
+    fs.invalidate_cache(base)
+    try:
+        found = fs.find(base) if fs.isdir(base) else []
+    except FileNotFoundError:
+        return []
+    rels = [p[len(base) + 1:] for p in found if p.startswith(base + "/")]
+    return sorted(r for r in rels if _INGEST_FILE.match(r.rsplit("/", 1)[-1])
+                  and all("=" in d and d[0] != "." for d in r.split("/")[:-1]))
+
+
+def _remove_ingested(fs: Any, root: str) -> None:
+    """Delete the files of earlier ingests (for ``overwrite``), and their emptied folders on a disk."""
+    base = root.rstrip("/")
+    rels = _ingested(fs, root)
+    log.info("overwrite: deleting the %d files of earlier ingests under %s", len(rels), base)
+    for rel in rels:
+        fs.rm_file(f"{base}/{rel}")  # one at a time: rm reads its paths as glob patterns on object stores
+    if _is_local(fs):
+        for folder in sorted({rel.rsplit("/", i)[0] for rel in rels for i in range(1, rel.count("/") + 1)},
+                             key=lambda f: -f.count("/")):
+            try:
+                os.rmdir(f"{base}/{folder}")  # only if empty
+            except OSError:
+                pass
+
+
+def _commit(spec: PrometheusSpec, staged: list[tuple[str, str]], earlier: dict | None) -> None:
+    """Rename the staged files to their final names; first, with ``overwrite``, delete the files
+    of earlier ingests, and record the dataset's definition if ``earlier`` is not it.  In that
+    order, a failure at any point leaves files of one definition only, the recorded one."""
+    fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
     local = _is_local(fs)
+    try:
+        if spec.overwrite:
+            _remove_ingested(fs, root)
+        if earlier != _definition(spec):
+            with fs.open(f"{root.rstrip('/')}/{DEFINITION_NAME}", "wb") as f:
+                f.write(json.dumps(_definition(spec), indent=1).encode())
+    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+        _discard(fs, staged)
+        again = " with overwrite / --overwrite" if spec.overwrite else ""
+        raise IngestError(f"Could not {'replace the dataset in' if spec.overwrite else 'write to'} "
+                          f"out={spec.out!r}: {describe_error(err)}. Nothing new was committed; check that "
+                          f"out / --out is writable and rerun{again}.") from err
     for i, (tmp, final) in enumerate(staged):
         try:
             if local:
@@ -406,22 +557,30 @@ def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> lis
                     f"TLS error talking to {spec.display_url}: {reason}. Pass ca_file / --ca-file "
                     "with your CA bundle, or verify_tls=False / --no-verify-tls on a trusted network."
                 ))) from err
-            if not last:
+            if isinstance(err, TimeoutError):  # connected and asked, then no (whole) answer in time
+                raise _timed_out(spec, err, attempt) from err
+            if not last:  # refused, reset, dropped: the server or the network may be back soon
                 _sleep(attempt)
                 continue
-            if isinstance(err, TimeoutError):  # connected, then no (whole) answer in time; a
-                # connect timeout arrives wrapped in a URLError and is reported as unreachable below
-                what = "send its whole answer" if "in full" in str(err) else "answer"
-                raise IngestError(_redact(spec, (
-                    f"Prometheus at {spec.display_url} did not {what} within {spec.timeout_s:g} s "
-                    f"({_retried(attempt)}). Narrow the query, lower max_points / --max-points, or raise "
-                    "timeout / --timeout."))) from err
             raise IngestError(_redact(spec, (
                 f"Could not reach Prometheus at {spec.display_url} ({_retried(attempt)}): {reason}. "
                 "Check the URL and port, that the server is running, and network access.")
             )) from err
         return _parse(spec, raw, status, ctype)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _timed_out(spec: PrometheusSpec, err: TimeoutError, attempt: int) -> IngestError:
+    """The error for a request that reached the server and got no (whole) answer in time: a read
+    timeout, or a body still trickling in at the deadline.  It is not retried: the same query over
+    the same range would run out of time again, after loading the server once more (a connect
+    timeout is another matter: it arrives wrapped in a URLError and is retried as unreachable)."""
+    what = "send its whole answer" if "in full" in str(err) else "answer"
+    return IngestError(_redact(spec, (
+        f"Prometheus at {spec.display_url} did not {what} within {spec.timeout_s:g} s "
+        f"({_retried(attempt)}). Narrow the query, lower max_points / --max-points (a shorter range "
+        "per request), or raise timeout / --timeout; a timeout is not retried, since the same "
+        "request would run out of time again.")))
 
 
 def _read_by(resp: Any, deadline: float) -> bytes:
@@ -482,6 +641,11 @@ def _http_error(spec: PrometheusSpec, status: int, raw: bytes, location: str,
                     "(by (...), on (...), ignoring (...)), or aggregate them, e.g. sum by (...) (...).")
         msg = (f"Prometheus rejected the query {spec.query!r} (HTTP {status}, {kind}): "
                f"{said}. {hint}")
+    elif status == 504:
+        msg = (f"{spec.display_url} answered HTTP 504 (Gateway Timeout, {_retried(attempt)}): a proxy in "
+               "front of Prometheus gave up waiting for the answer. Narrow the query, lower max_points / "
+               "--max-points (a shorter range per request), or raise the proxy's timeout; a timeout is "
+               "not retried, since the same request would run out of time again.")
     elif 300 <= status < 400:
         msg = (f"{spec.display_url} answered HTTP {status}, a redirect to {location!r}. Pass the "
                "final URL as url / --url (redirects are not followed, to keep credentials safe).")
@@ -628,7 +792,8 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
     directory = f"{root.rstrip('/')}/{hive_folder(spec.by, values)}"  # escaped as Spark escapes it
     name = _file_name(spec, chunk)
     try:
-        directory = _earlier_folder(fs, root, spec.by, values) or directory
+        if not spec.overwrite:  # starting over: today's folder names, the earlier files all go
+            directory = _earlier_folder(fs, root, spec.by, values) or directory
     except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
         raise IngestError(f"Could not read {directory}: {describe_error(err)}. Check that out / --out is "
                           "readable (and storage_options for remote stores).") from err
@@ -636,7 +801,7 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
     try:
         if _is_local(fs):  # object stores have no folders (and makedirs would create a bucket)
             fs.makedirs(directory, exist_ok=True)
-        if fs.exists(final):
+        if not spec.overwrite and fs.exists(final):
             with fs.open(final, "rb") as f:
                 old = pq.read_table(f)
             fresh = pc.unique(table["ts"].cast(pa.int64()))
@@ -661,7 +826,8 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
 
 def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_file,
                basic_auth_user, basic_auth_password, basic_auth_password_file,
-               verify_tls, ca_file, max_points, timeout, retries, storage_options) -> PrometheusSpec:
+               verify_tls, ca_file, max_points, timeout, retries, storage_options,
+               overwrite=False) -> PrometheusSpec:
     if not isinstance(query, str) or not query.strip():
         raise IngestError(f"query must be a non-empty PromQL string. Got {query!r} instead.")
     if not isinstance(out, str) or not out:
@@ -718,7 +884,8 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
         api_url=api_url, display_url=display, query=query, step_ms=_parse_step(step),
         by=tuple(_col(c) for c in cols), out=out, max_points=max_points, timeout_s=float(timeout),
         retries=retries, verify_tls=bool(verify_tls), ca_file=ca_file, headers=tuple(hdrs.items()),
-        secrets=tuple(s for s in secrets if s), storage_options=dict(storage_options or {}))
+        secrets=tuple(s for s in secrets if s), storage_options=dict(storage_options or {}),
+        overwrite=bool(overwrite))
 
 
 def _split_url(url: str) -> tuple[str, str, str | None, str | None]:
