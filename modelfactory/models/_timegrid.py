@@ -3,8 +3,8 @@
 A series arrives as values with int64 epoch-second times, possibly with gaps
 (missing timestamps), NaNs and duplicates.  The models that need regular steps
 place it on the grid ``t_last - k * step``: the step is the given one or the
-median spacing of the series; a missing step becomes NaN; of two values on
-the same grid point the later row wins.
+one :func:`infer_steps` finds in the times; a missing step becomes NaN; of two
+values on the same grid point the later row wins.
 """
 from __future__ import annotations
 
@@ -12,59 +12,181 @@ import numpy as np
 
 from .base import SeriesBatch
 
-__all__ = ["infer_steps", "refine_step", "batch_to_grid", "grid_spans", "series_to_grid", "seasonal_fill"]
+__all__ = ["infer_steps", "segment_median", "batch_to_grid", "grid_spans", "series_to_grid", "seasonal_fill"]
 
 
-def infer_steps(batch: SeriesBatch, step: int | None) -> np.ndarray:
-    """The time step of every series of ``batch`` in seconds (>= 1).
+def infer_steps(batch: SeriesBatch, step: int | None, *, sid: np.ndarray | None = None) -> np.ndarray:
+    """The time step of every series of ``batch`` in seconds (>= 1), for all of them at once.
 
-    ``step`` if given, else the (lower) median positive spacing of each series' times
-    (1 when there are no times or fewer than two distinct ones), refined by
-    :func:`refine_step`.
+    ``step`` if given, else the (lower) median positive spacing of each series' times (a spacing
+    that occurs: with as many 2 h as 1 h gaps, 1 h, never 1.5 h; 1 when there are no times or
+    fewer than two distinct ones), made the smallest spacing where most points are missing
+    (:func:`_fundamental`) and refined to the slope of jittered times (:func:`_refined`).  The
+    times of each series are sorted.  ``sid``: the series of each row, when the caller has it.
+
+    >>> t = np.array([0, 3, 5, 6, 9, 11, 12, 15, 16, 18]) * 3600  # most hours missing
+    >>> infer_steps(SeriesBatch(np.zeros(10), np.array([0, 10]), t), None).tolist()
+    [3600]
     """
     n = len(batch)
     if step is not None:
         return np.full(n, int(step), dtype=np.int64)
     if batch.times is None:
         return np.ones(n, dtype=np.int64)
-    out = np.ones(n, dtype=np.int64)
+    lengths = np.diff(batch.offsets)
+    if sid is None:
+        sid = np.repeat(np.arange(n), lengths)
     t = batch.times
-    for i in range(n):
-        s, e = int(batch.offsets[i]), int(batch.offsets[i + 1])
-        d = np.diff(t[s:e])
-        d = d[d > 0]
-        if d.size:  # the lower median: robust to a few gaps, never between two spacings
-            med = max(1, int(np.partition(d, (d.size - 1) // 2)[(d.size - 1) // 2]))
-            out[i] = refine_step(t[s:e], med)
+    d = np.diff(t).astype(np.float64)
+    same = (sid[1:] == sid[:-1]) & (d > 0)
+    med, cnt = segment_median(d[same], sid[1:][same], n, lower=True)
+    steps = np.maximum(np.where(cnt > 0, med, 1), 1).astype(np.int64)
+    need = _off_median(steps, sid[1:], same, d)
+    steps = _fundamental(steps, sid[1:], same, d, need)
+    steps = _refined(t, sid, lengths, steps, same, d, need)
+    return np.maximum(steps, 1)
+
+
+def segment_median(values: np.ndarray, seg: np.ndarray, nseg: int, *,
+                   lower: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Median of ``values`` within each segment id in ``[0, nseg)``, vectorised.
+
+    ``lower=True`` takes the lower of the two middle values of an even count (a value
+    that occurs, never one between two).
+
+    Returns ``(median, count)``; the median of an empty segment is NaN.  Segments are
+    gathered with a stable integer sort (radix, O(N)), laid out as the rows of a dense
+    NaN-padded matrix and sorted row-wise, which is several times faster than a
+    two-key lexsort when segments are small and of similar size (the usual case: a
+    few points per season slot).  Very uneven segments fall back to the lexsort.
+    """
+    count = np.bincount(seg, minlength=nseg)
+    med = np.full(nseg, np.nan)
+    if len(values) == 0:
+        return med, count
+    start = np.concatenate(([0], np.cumsum(count)[:-1]))
+    has = count > 0
+    width = int(count.max())
+    if nseg * width <= 4 * len(values) + 1024:
+        order = np.argsort(seg, kind="stable")
+        sseg = seg[order]
+        dense = np.full((nseg, width), np.inf)
+        dense[sseg, np.arange(len(values)) - start[sseg]] = values[order]
+        dense.sort(axis=1)
+        c = count[has]
+        rows = dense[has]
+        idx = np.arange(len(c))
+        med[has] = rows[idx, (c - 1) // 2] if lower else (rows[idx, (c - 1) // 2] + rows[idx, c // 2]) / 2.0
+        return med, count
+    order = np.lexsort((values, seg))
+    vs = values[order]
+    lo = start[has] + (count[has] - 1) // 2
+    hi = start[has] + count[has] // 2
+    med[has] = vs[lo] if lower else (vs[lo] + vs[hi]) / 2.0
+    return med, count
+
+
+def _off_median(step: np.ndarray, sid1: np.ndarray, same: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Series fewer than half of whose spacings are exactly their median ``step``: the others (most
+    data, stamped on its grid, with a few odd steps: daily times at local midnight move by an hour
+    at a clock change) keep their median, and are not computed further."""
+    n = len(step)
+    sid1 = sid1[same]
+    exact = np.bincount(sid1[d[same] == step[sid1]], minlength=n)
+    return 2 * exact < np.bincount(sid1, minlength=n)
+
+
+def _fundamental(step: np.ndarray, sid1: np.ndarray, same: np.ndarray, d: np.ndarray,
+                 todo: np.ndarray) -> np.ndarray:
+    """The step of every series of which most points are missing: its smallest spacing, sharpened
+    on the spacings of one or two of it (for jittered times), where nine in ten of its spacings lie
+    within a quarter of that of a multiple of it; else its median spacing (``step``).
+
+    The median spacing is the step while most spacings are one step; with 70 % of hourly points
+    missing, the lower median was two hours (a third of the spacings are one hour, a fifth two), the
+    slots mixed hours, and the band came out three times too wide (6-sigma spikes were caught 8 %
+    of the time).  Only the series ``todo`` are tried (:func:`_off_median`), and only where the
+    smallest spacing is at least a 64th of the median (a stray spacing of a second does not make a
+    step of a second); a series the candidate does not fit (irregular event times) keeps its
+    median.  :func:`_refined` then fits the step to all its times.
+
+    >>> t = np.array([0, 3, 5, 6, 9, 11, 12, 15, 16, 18]) * 3600
+    >>> d = np.diff(t).astype(np.float64)
+    >>> step, sid1 = np.array([7200]), np.zeros(9, np.int64)
+    >>> _fundamental(step, sid1, d > 0, d, _off_median(step, sid1, d > 0, d)).tolist()
+    [3600]
+    """
+    n = len(step)
+    sid1, d = sid1[same], d[same]
+    total = np.bincount(sid1, minlength=n)
+    has = total > 0
+    smallest = np.full(n, np.inf)  # rows are grouped by series: one reduceat
+    smallest[has] = np.minimum.reduceat(d, np.searchsorted(sid1, np.flatnonzero(has)))
+    todo = todo & (64 * smallest >= step)
+    if not todo.any():
+        return step
+    rows = todo[sid1]
+    sid1, d = sid1[rows], d[rows]
+    # the smallest spacing, sharpened on the spacings of one or two of it (their jitter averages
+    # out, where a step a few % off miscounts a gap of ten)
+    c = smallest
+    k = np.rint(d / c[sid1])
+    small = (k >= 1) & (k <= 2)
+    num = np.bincount(sid1[small], weights=d[small], minlength=n)
+    den = np.bincount(sid1[small], weights=k[small], minlength=n)
+    c = np.where(den > 0, num / np.maximum(den, 1), c)
+    r = d / c[sid1]
+    k = np.rint(r)
+    near = np.bincount(sid1[(k >= 1) & (np.abs(r - k) <= 0.25)], minlength=n)
+    fits = todo & (10 * near >= 9 * total)
+    out = step.copy()
+    out[fits] = np.maximum(np.rint(c[fits]), 1)
     return out
 
 
-def refine_step(t: np.ndarray, median: int) -> int:
-    """The step of a series whose times ``t`` (sorted) jitter about a regular grid: the slope of
-    the times against their grid index (each spacing rounded to whole ``median`` steps), to the
-    second.
+def _refined(t, sid, lengths, step, same, d, need) -> np.ndarray:
+    """The step of the series ``need`` (:func:`_off_median`) whose times jitter about a regular
+    grid: the slope of each one's times against their grid index (each spacing rounded to whole
+    steps), to the second; the others keep ``step``.
 
     The median spacing of jittered times is off by its sampling error: hourly times jittered by up
     to 5 minutes gave 3,583 s, the grid drifted three steps over four weeks, and holt_winters'
-    band came out 250 times too wide (never alerting, yet ``ok``).  Times most of whose spacings
-    are exactly the median keep it.
+    band came out 250 times too wide (never alerting, yet ``ok``).
 
-    >>> t = np.arange(672) * 3600 + np.tile([0, 290, -280, 10], 168)
-    >>> refine_step(t, 3583)
-    3600
+    >>> t = np.arange(672) * 3600 + np.tile([0, 290, -280, 10, 150, -60, 240], 96)  # median spacing 3,740 s
+    >>> infer_steps(SeriesBatch(np.zeros(672), np.array([0, 672]), t), None).tolist()
+    [3600]
     """
-    t = np.asarray(t, dtype=np.int64)
-    d = np.diff(t)
-    if t.size < 2 or 2 * np.count_nonzero(d == median) >= np.count_nonzero(d > 0):
-        # most spacings are exactly the median: a regular series with a few odd steps (daily
-        # times at local midnight move by an hour at a clock change), whose step that is
-        return int(median)
-    k = np.concatenate(([0.0], np.cumsum(np.rint(d / median))))
-    if k[-1] < 1:
-        return int(median)
-    x = (t - t[0]).astype(np.float64)
-    kc = k - k.mean()
-    return max(1, round(float(kc @ (x - x.mean())) / float(kc @ kc)))
+    sid1 = sid[1:]
+    if not need.any():
+        return step
+    if not need.all():  # the same on the rows of those series alone
+        rows = need[sid]
+        t, lengths = t[rows], lengths[need]
+        sid = np.repeat(np.arange(len(lengths)), lengths)
+        d = np.diff(t).astype(np.float64)
+        same = (sid[1:] == sid[:-1]) & (d > 0)
+        sid1 = sid[1:]
+    sub = step[need]
+    m = len(lengths)
+    inc = np.where(same, np.rint(d / sub[sid1]), 0.0)
+    k = np.concatenate(([0.0], np.cumsum(inc)))
+    first = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.intp)
+    has = lengths > 0
+    k0, t0 = np.zeros(m), np.zeros(m, dtype=np.int64)
+    k0[has], t0[has] = k[first[has]], t[first[has]]
+    k = k - k0[sid]
+    x = (t - t0[sid]).astype(np.float64)
+    cnt = np.maximum(lengths, 1)
+    kc = k - (np.bincount(sid, weights=k, minlength=m) / cnt)[sid]
+    xc = x - (np.bincount(sid, weights=x, minlength=m) / cnt)[sid]
+    sxx = np.bincount(sid, weights=kc * kc, minlength=m)
+    sxy = np.bincount(sid, weights=kc * xc, minlength=m)
+    ok = sxx > 0
+    sub[ok] = np.maximum(1, np.rint(sxy[ok] / sxx[ok])).astype(np.int64)
+    out = step.copy()
+    out[need] = sub
+    return out
 
 
 def batch_to_grid(batch: SeriesBatch, steps: np.ndarray, *, max_len: int | None = None,

@@ -24,6 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..exceptions import ModelError, ParameterError
+from ._timegrid import infer_steps, segment_median
 from ._util import scale_floor
 from .base import SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score
 
@@ -94,139 +95,6 @@ def wall_clock(t: np.ndarray, tz: str | None) -> np.ndarray:
     utc = pd.DatetimeIndex(np.asarray(t, dtype=np.int64).astype("datetime64[s]"), tz="UTC")
     local = utc.tz_convert(_zone(tz)).tz_localize(None)
     return local.asi8 // {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[local.unit]
-
-
-def segment_median(values: np.ndarray, seg: np.ndarray, nseg: int, *,
-                   lower: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Median of ``values`` within each segment id in ``[0, nseg)``, vectorised.
-
-    ``lower=True`` takes the lower of the two middle values of an even count (a value
-    that occurs, never one between two).
-
-    Returns ``(median, count)``; the median of an empty segment is NaN.  Segments are
-    gathered with a stable integer sort (radix, O(N)), laid out as the rows of a dense
-    NaN-padded matrix and sorted row-wise, which is several times faster than a
-    two-key lexsort when segments are small and of similar size (the usual case: a
-    few points per season slot).  Very uneven segments fall back to the lexsort.
-    """
-    count = np.bincount(seg, minlength=nseg)
-    med = np.full(nseg, np.nan)
-    if len(values) == 0:
-        return med, count
-    start = np.concatenate(([0], np.cumsum(count)[:-1]))
-    has = count > 0
-    width = int(count.max())
-    if nseg * width <= 4 * len(values) + 1024:
-        order = np.argsort(seg, kind="stable")
-        sseg = seg[order]
-        dense = np.full((nseg, width), np.inf)
-        dense[sseg, np.arange(len(values)) - start[sseg]] = values[order]
-        dense.sort(axis=1)
-        c = count[has]
-        rows = dense[has]
-        idx = np.arange(len(c))
-        med[has] = rows[idx, (c - 1) // 2] if lower else (rows[idx, (c - 1) // 2] + rows[idx, c // 2]) / 2.0
-        return med, count
-    order = np.lexsort((values, seg))
-    vs = values[order]
-    lo = start[has] + (count[has] - 1) // 2
-    hi = start[has] + count[has] // 2
-    med[has] = vs[lo] if lower else (vs[lo] + vs[hi]) / 2.0
-    return med, count
-
-
-def _off_median(step: np.ndarray, sid1: np.ndarray, same: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Series fewer than half of whose spacings are exactly their median ``step``, as
-    :func:`~modelfactory.models._timegrid.refine_step` tells them: the others (most data, stamped on
-    its grid) keep their median."""
-    n = len(step)
-    sid1 = sid1[same]
-    exact = np.bincount(sid1[d[same] == step[sid1]], minlength=n)
-    return 2 * exact < np.bincount(sid1, minlength=n)
-
-
-def _fundamental(step: np.ndarray, sid1: np.ndarray, same: np.ndarray, d: np.ndarray,
-                 todo: np.ndarray) -> np.ndarray:
-    """The step of every series of which most points are missing: its smallest spacing, sharpened
-    on the spacings of one or two of it (for jittered times), where nine in ten of its spacings lie
-    within a quarter of that of a multiple of it; else its median spacing (``step``).
-
-    The median spacing is the step while most spacings are one step; with 70 % of hourly points
-    missing, the lower median was two hours (a third of the spacings are one hour, a fifth two), the
-    slots mixed hours, and the band came out three times too wide (6-sigma spikes were caught 8 %
-    of the time).  Only the series ``todo`` are tried (:func:`_off_median`), and only where the
-    smallest spacing is at least a 64th of the median (a stray spacing of a second does not make a
-    step of a second); a series the candidate does not fit (irregular event times) keeps its
-    median.  :func:`_refined` then fits the step to all its times.
-
-    >>> t = np.array([0, 3, 5, 6, 9, 11, 12, 15, 16, 18]) * 3600
-    >>> d = np.diff(t).astype(np.float64)
-    >>> step, sid1 = np.array([7200]), np.zeros(9, np.int64)
-    >>> _fundamental(step, sid1, d > 0, d, _off_median(step, sid1, d > 0, d)).tolist()
-    [3600]
-    """
-    n = len(step)
-    sid1, d = sid1[same], d[same]
-    total = np.bincount(sid1, minlength=n)
-    has = total > 0
-    smallest = np.full(n, np.inf)  # rows are grouped by series: one reduceat
-    smallest[has] = np.minimum.reduceat(d, np.searchsorted(sid1, np.flatnonzero(has)))
-    todo = todo & (64 * smallest >= step)
-    if not todo.any():
-        return step
-    rows = todo[sid1]
-    sid1, d = sid1[rows], d[rows]
-    # the smallest spacing, sharpened on the spacings of one or two of it (their jitter averages
-    # out, where a step a few % off miscounts a gap of ten)
-    c = smallest
-    k = np.rint(d / c[sid1])
-    small = (k >= 1) & (k <= 2)
-    num = np.bincount(sid1[small], weights=d[small], minlength=n)
-    den = np.bincount(sid1[small], weights=k[small], minlength=n)
-    c = np.where(den > 0, num / np.maximum(den, 1), c)
-    r = d / c[sid1]
-    k = np.rint(r)
-    near = np.bincount(sid1[(k >= 1) & (np.abs(r - k) <= 0.25)], minlength=n)
-    fits = todo & (10 * near >= 9 * total)
-    out = step.copy()
-    out[fits] = np.maximum(np.rint(c[fits]), 1)
-    return out
-
-
-def _refined(t, sid, lengths, step, same, d, need) -> np.ndarray:
-    """:func:`~modelfactory.models._timegrid.refine_step` for every series at once: the slope of
-    each series' times against their grid index (spacings rounded to whole steps), for the series
-    ``need`` (:func:`_off_median`; the others keep their step, and are not computed)."""
-    sid1 = sid[1:]
-    if not need.any():
-        return step
-    if not need.all():  # the same on the rows of those series alone
-        rows = need[sid]
-        t, lengths = t[rows], lengths[need]
-        sid = np.repeat(np.arange(len(lengths)), lengths)
-        d = np.diff(t).astype(np.float64)
-        same = (sid[1:] == sid[:-1]) & (d > 0)
-        sid1 = sid[1:]
-    sub = step[need]
-    m = len(lengths)
-    inc = np.where(same, np.rint(d / sub[sid1]), 0.0)
-    k = np.concatenate(([0.0], np.cumsum(inc)))
-    first = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.intp)
-    has = lengths > 0
-    k0, t0 = np.zeros(m), np.zeros(m, dtype=np.int64)
-    k0[has], t0[has] = k[first[has]], t[first[has]]
-    k = k - k0[sid]
-    x = (t - t0[sid]).astype(np.float64)
-    cnt = np.maximum(lengths, 1)
-    kc = k - (np.bincount(sid, weights=k, minlength=m) / cnt)[sid]
-    xc = x - (np.bincount(sid, weights=x, minlength=m) / cnt)[sid]
-    sxx = np.bincount(sid, weights=kc * kc, minlength=m)
-    sxy = np.bincount(sid, weights=kc * xc, minlength=m)
-    ok = sxx > 0
-    sub[ok] = np.maximum(1, np.rint(sxy[ok] / sxx[ok])).astype(np.int64)
-    out = step.copy()
-    out[need] = sub
-    return out
 
 
 def _shifts(wall: np.ndarray, sid: np.ndarray, step: np.ndarray, n: int) -> np.ndarray:
@@ -320,19 +188,8 @@ class SeasonalProfile(Model):
         lengths = np.diff(batch.offsets)
         sid = np.repeat(np.arange(n), lengths)
         t, v = batch.times, batch.values
-        # Step per series: the (lower) median positive spacing, as the other time-series models
-        # infer it (a spacing that occurs: with as many 2 h as 1 h gaps, 1 h, never 1.5 h).
-        if proto.step is not None:
-            step = np.full(n, proto.step, dtype=np.int64)
-        else:
-            d = np.diff(t).astype(np.float64)
-            same = (sid[1:] == sid[:-1]) & (d > 0)
-            med, cnt = segment_median(d[same], sid[1:][same], n, lower=True)
-            step = np.maximum(np.where(cnt > 0, med, 1), 1).astype(np.int64)
-            need = _off_median(step, sid[1:], same, d)
-            step = _fundamental(step, sid[1:], same, d, need)
-            step = _refined(t, sid, lengths, step, same, d, need)
-        step = np.maximum(step, 1)
+        # Step per series, as the other time-series models infer it (infer_steps)
+        step = infer_steps(batch, proto.step, sid=sid)
         ok = np.isfinite(v)
         sid_f, v_f = sid[ok], v[ok]
         finite = np.bincount(sid_f, minlength=n)
