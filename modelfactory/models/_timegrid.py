@@ -116,6 +116,8 @@ def _fundamental(step: np.ndarray, sid1: np.ndarray, same: np.ndarray, d: np.nda
     >>> _fundamental(step, sid1, d > 0, d, _off_median(step, sid1, d > 0, d)).tolist()
     [3600]
     """
+    if not todo.any():  # most data: nothing to compute
+        return step
     n = len(step)
     sid1, d = sid1[same], d[same]
     total = np.bincount(sid1, minlength=n)
