@@ -18,7 +18,7 @@ import numpy as np
 
 from ..exceptions import ModelError
 from ._trees import apply_trees, pack_trees
-from ._util import center_scale, fit_quietly, max_abs, scale_floor
+from ._util import center_scale, fit_quietly, grid_step, max_abs, scale_floor
 from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
 
 __all__ = ["IsolationForest", "RandomForest", "average_path_length"]
@@ -269,7 +269,8 @@ class RandomForest(_Forest):
                              f"are no out-of-bag residuals to scale anomalies by; raise n_estimators "
                              f"(got {self.n_estimators})")
         floor = scale_floor(np.max(np.abs(y[ok])))
-        self.center_, self.scale_ = center_scale((y[ok] - oob)[left_out], floor=floor)
+        # counts and integer gauges: most residuals are tied, and their MAD collapses (see tie_floor)
+        self.center_, self.scale_ = center_scale((y[ok] - oob)[left_out], floor=floor, step=grid_step(y[ok]))
 
     def predict(self, X) -> np.ndarray:
         """scikit-learn's ``RandomForestRegressor.predict``, in numpy."""
