@@ -142,3 +142,11 @@ def test_random_forest_stored_before_the_quantiles_fills_missing_features_with_m
     Xn[:, 0] = np.nan
     filled = np.where(np.isfinite(Xn), Xn, m.medians_)
     assert np.array_equal(old.score(y[:20], X=Xn)["expected"], m.predict(filled))
+
+
+def test_ets_refuses_a_damped_trend_without_a_trend():
+    from modelfactory.exceptions import ParameterError
+
+    with pytest.raises(ParameterError, match=r"'damped_trend' parameter of ETS .* Got damped_trend=True with trend=None"):
+        get("ets", trend=None, damped_trend=True).validate_params()
+    get("ets", trend="add", damped_trend=True).validate_params()  # with a trend: fine

@@ -23,7 +23,15 @@ import numpy as np
 
 from ..exceptions import ModelError
 from ._timegrid import series_to_grid
-from ._util import MAD_TO_SIGMA, center_scale, fit_quietly, grid_step, max_abs, scale_floor, tie_floor
+from ._util import (
+    MAD_TO_SIGMA,
+    center_scale,
+    fit_quietly,
+    grid_step,
+    max_abs,
+    scale_floor,
+    tie_floor,
+)
 from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
 
 __all__ = ["Autoencoder", "mlp_forward"]

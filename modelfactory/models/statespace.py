@@ -165,6 +165,7 @@ class ETS(_StateSpaceModel):
     ----------
     trend : {"add", None}, default "add"
     damped_trend : bool, default False
+        Damp the trend; needs ``trend="add"`` (refused without a trend).
     seasonal : {"add", None}, default "add"
     season_length : int, default 24
         Steps per season.
@@ -202,6 +203,14 @@ class ETS(_StateSpaceModel):
 
     def _seasonal(self) -> bool:
         return self.seasonal is not None and self.season_length > 1
+
+    def validate_params(self) -> None:
+        super().validate_params()
+        # statsmodels has no damped trend without a trend: it was dropped without a word
+        if self.damped_trend and self.trend is None:
+            raise ParameterError(
+                "The 'damped_trend' parameter of ETS must be False without a trend (trend=None); pass "
+                f"trend='add' to damp it. Got damped_trend={self.damped_trend!r} with trend=None instead.")
 
     def _model(self, endog, **init):
         from statsmodels.tsa.exponential_smoothing.ets import ETSModel
