@@ -38,6 +38,7 @@ import numpy as np
 
 from ..exceptions import ModelError, ParameterError
 from ._timegrid import batch_to_grid, grid_spans, infer_steps, seasonal_fill
+from ._util import grid_step, tie_floor
 from .base import MAX_ABS_VALUE, SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score, too_large
 
 __all__ = ["HoltWinters", "hw_recursion"]
@@ -179,9 +180,11 @@ def _refine(sse: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, n
     return best, frac
 
 
-def _robust_sigma(resid: np.ndarray, m: int, rel_loc: np.ndarray) -> np.ndarray:
+def _robust_sigma(resid: np.ndarray, m: int, rel_loc: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """Per row: 1.4826 x MAD of the residuals after the first season, at least a quarter of
-    their RMS, and a tiny floor (so a constant series gets a finite, very small scale)."""
+    their RMS, at least the robust sigma of those that are not ties for values on a grid of step
+    ``grid`` (counts: see :func:`._util.tie_floor`), and a tiny floor (so a constant series gets
+    a finite, very small scale)."""
     r = resid.copy()
     cnt = np.cumsum(np.isfinite(r), axis=1)
     r[(cnt <= m) & (cnt[:, -1:] > 2 * m)] = np.nan  # the first season is fitted by the initial state
@@ -189,7 +192,7 @@ def _robust_sigma(resid: np.ndarray, m: int, rel_loc: np.ndarray) -> np.ndarray:
         med = np.nanmedian(r, axis=1)
         mad = _MAD_TO_SIGMA * np.nanmedian(np.abs(r - med[:, None]), axis=1)
         rms = np.sqrt(np.nanmean(r * r, axis=1))
-    return np.nanmax(np.column_stack([np.nan_to_num(mad), 0.25 * np.nan_to_num(rms),
+    return np.nanmax(np.column_stack([np.nan_to_num(mad), 0.25 * np.nan_to_num(rms), tie_floor(r, grid),
                                       1e-9 * (1.0 + np.abs(rel_loc))]), axis=1)
 
 
@@ -328,6 +331,7 @@ class HoltWinters(Model):
         scale = np.nanstd(Y, axis=1)
         scale = np.where(scale > 0, scale, 1.0)
         Z = (Y - loc[:, None]) / scale[:, None]
+        grid = grid_step(Y) / scale  # counts and integer gauges: the step of their values, standardised
         Zf = seasonal_fill(Z, m)
         A, Bg, Gg = np.meshgrid(_ALPHA, _BETA, _GAMMA, indexing="ij")
         ga, gb, gg = A.ravel(), (A * Bg).ravel(), (Gg * (1 - A)).ravel()
@@ -376,7 +380,7 @@ class HoltWinters(Model):
             # degrees of freedom: the m + 1 initial states and 3 smoothing parameters were fitted
             nfit = np.isfinite(resid).sum(axis=1)
             dof = np.sqrt(nfit / np.maximum(nfit - (m + 4), 1))
-            sigma = dof * _robust_sigma(resid, m, loc[r] / scale[r])
+            sigma = dof * _robust_sigma(resid, m, loc[r] / scale[r], grid[r])
             for row in range(season.shape[0]):
                 i = c + row
                 if not sse_c[row] <= _DIVERGED * max(1, nfit[row]):  # NaN too

@@ -29,6 +29,7 @@ import numpy as np
 from ..exceptions import ModelError, ParameterError
 from ._timegrid import seasonal_fill, series_to_grid
 from ._util import fit_quietly as _fit_quietly
+from ._util import grid_step, tie_floor
 from .base import SCORING_PARAMS, Model, Param, SkipGroup, robust_score
 
 __all__ = ["ETS", "SARIMAX"]
@@ -41,7 +42,7 @@ class _StateSpaceModel(Model):
 
     expects_what_it_scores = True
     needs_time = True
-    state_attrs: ClassVar = ("step_", "t_last_", "params_", "tail_", "notes_", "yloc_", "yscale_")
+    state_attrs: ClassVar = ("step_", "t_last_", "params_", "tail_", "notes_", "yloc_", "yscale_", "widen_")
     _centre: ClassVar[bool] = False  # subtract the median too (only where a level absorbs it)
 
     def required_rows(self) -> int:
@@ -88,6 +89,23 @@ class _StateSpaceModel(Model):
         self.yscale_ = sd  # > 0 and finite: not constant, and at most MAX_ABS_VALUE
         return (vals - self.yloc_) / self.yscale_, t0 + (vals.size - 1) * step, step
 
+    def _tie_widen(self, vals: np.ndarray, resid: np.ndarray) -> float:
+        """How much wider than the model's own forecast deviation the band must be for values on a
+        grid (counts mostly 0, a gauge mostly at 3): at least the robust sigma of the one-step
+        residuals that are not ties (:func:`._util.tie_floor`), as ``holt_winters`` floors its
+        scale.  The likelihood's variance of such a series is about its mean (0.3 for counts of mean
+        0.3), and a band of 3.5 of its deviations flagged most 2s.  1 for measurements (no grid).
+        ``vals`` are the standardised values (NaN where missing), ``resid`` the one-step residuals."""
+        grid = grid_step(vals)
+        if not grid > 0:
+            return 1.0
+        m = self.season_length if self._seasonal() else 1
+        r = np.where(np.isfinite(vals), np.asarray(resid, dtype=np.float64), np.nan)
+        r[:min(m, r.size // 2)] = np.nan  # the first season is mostly the initial state's
+        sd1 = float(np.sqrt(max(self._forecast(1)[1][0], 0.0)))
+        floor = tie_floor(r, grid)
+        return float(max(1.0, floor / sd1)) if sd1 > 0 else 1.0
+
     def _tail_len(self, n: int) -> int:
         m = self.season_length if self._seasonal() else 1
         return int(max(2, min(max(m, 8), n - m - 1)))
@@ -104,7 +122,7 @@ class _StateSpaceModel(Model):
         if ok.any():  # the model works in standardised units (see the module docstring)
             mean, var = self._forecast(int(h[ok].max()))
             expected[ok] = self.yloc_ + self.yscale_ * mean[h[ok] - 1]
-            sd[ok] = self.yscale_ * np.sqrt(np.maximum(var[h[ok] - 1], 0.0))
+            sd[ok] = self.yscale_ * self.widen_ * np.sqrt(np.maximum(var[h[ok] - 1], 0.0))
         z = (y - expected) / sd
         finite = np.isfinite(z)
         zz = np.where(finite, z, 0.0)
@@ -121,7 +139,7 @@ class _StateSpaceModel(Model):
 
     def set_state(self, state):
         # models stored before the standardisation worked in the data's units
-        state = {"yloc_": 0.0, "yscale_": 1.0, **state}
+        state = {"yloc_": 0.0, "yscale_": 1.0, "widen_": 1.0, **state}  # and before the tie floor
         super().set_state(state)
         self.notes_ = list(state["notes_"])
         self._rebuilt = None
@@ -147,6 +165,7 @@ class ETS(_StateSpaceModel):
     ----------
     trend : {"add", None}, default "add"
     damped_trend : bool, default False
+        Damp the trend; needs ``trend="add"`` (refused without a trend).
     seasonal : {"add", None}, default "add"
     season_length : int, default 24
         Steps per season.
@@ -185,6 +204,14 @@ class ETS(_StateSpaceModel):
     def _seasonal(self) -> bool:
         return self.seasonal is not None and self.season_length > 1
 
+    def validate_params(self) -> None:
+        super().validate_params()
+        # statsmodels has no damped trend without a trend: it was dropped without a word
+        if self.damped_trend and self.trend is None:
+            raise ParameterError(
+                "The 'damped_trend' parameter of ETS must be False without a trend (trend=None); pass "
+                f"trend='add' to damp it. Got damped_trend={self.damped_trend!r} with trend=None instead.")
+
     def _model(self, endog, **init):
         from statsmodels.tsa.exponential_smoothing.ets import ETSModel
 
@@ -197,9 +224,10 @@ class ETS(_StateSpaceModel):
 
         vals, self.t_last_, self.step_ = self._grid(y, t)
         m = self.season_length if self._seasonal() else 1
+        raw = vals
         vals = seasonal_fill(vals[None, :], m)[0]
         first = int(np.argmax(np.isfinite(vals)))
-        vals = vals[first:]
+        vals, raw = vals[first:], raw[first:]
         res, self.notes_ = _fit_quietly(lambda: self._model(pd.Series(vals)).fit(disp=False, maxiter=self.maxiter))
         names = list(res.model.param_names)
         p = dict(zip(names, np.asarray(res.params, dtype=np.float64)))
@@ -218,6 +246,8 @@ class ETS(_StateSpaceModel):
         if not (np.all(np.isfinite(self.params_)) and np.all(np.isfinite(self.start_))
                 and np.isfinite(self.mse_)):
             raise ModelError("ets: the fit produced non-finite parameters or states")
+        self._rebuilt, self.widen_ = None, 1.0
+        self.widen_ = self._tie_widen(raw, res.resid)
 
     def _rebuild(self):
         import pandas as pd
@@ -304,6 +334,8 @@ class SARIMAX(_StateSpaceModel):
         if not (np.all(np.isfinite(self.params_)) and np.all(np.isfinite(self.state_))
                 and np.all(np.isfinite(self.state_cov_))):
             raise ModelError("sarimax: the fit produced non-finite parameters or states")
+        self._rebuilt, self.widen_ = None, 1.0
+        self.widen_ = self._tie_widen(vals, res.resid)
 
     def _rebuild(self):
         if getattr(self, "_rebuilt", None) is None:
