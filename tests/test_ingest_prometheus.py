@@ -937,3 +937,40 @@ def test_two_ingests_into_one_s3_folder_at_once(tmp_path, moto):
     fs = fsspec.filesystem("s3", **moto)
     fs.invalidate_cache()
     assert not fs.exists("prom-bucket/two/_ingest.lock")
+
+
+class _Clock:
+    """This host's clock, ``skew`` seconds off (the lock module's ``time``; sleeps are real)."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:
+        return time.time() + self.skew
+
+    def sleep(self, s: float) -> None:
+        time.sleep(s)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_host_whose_clock_runs_ahead_does_not_take_a_live_lock_over(tmp_path, monkeypatch, request, where):
+    """A lock's age is its modification time as the store stamped it (S3's clock, an NFS server's)
+    against the store's clock, never this host's: a host ten minutes ahead took every fresh lock
+    for a stale one, and two ingests merged into the same files."""
+    lockmod = sys.modules["modelfactory.ingest._lock"]
+    if where == "s3":
+        opts = request.getfixturevalue("moto")
+        fs, root = fsspec.filesystem("s3", **opts), f"prom-bucket/skew-{os.getpid()}"
+        out = f"s3://{root}"
+    else:
+        opts, fs, root, out = {}, fsspec.filesystem("file"), str(tmp_path), str(tmp_path)
+    fs.pipe_file(f"{root}/{lockmod.LOCK_NAME}", json.dumps(   # a live ingest on another host, fresh
+        {"pid": 1, "host": "elsewhere", "token": "theirs", "started": "2026-01-01T00:00:00Z"}).encode())
+    monkeypatch.setattr(lockmod, "time", _Clock(lockmod.STALE_S + 300))
+    with ps.FakeServer() as srv:
+        with pytest.raises(IngestError, match=r"_ingest\.lock is held by pid 1 on host 'elsewhere' \(started \S+\), "
+                                              r"last heartbeat \d s ago"):
+            prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=out, storage_options=opts or None)
+        assert srv.requests == []
+    fs.invalidate_cache()
+    assert b"theirs" in fs.cat_file(f"{root}/{lockmod.LOCK_NAME}")
