@@ -974,3 +974,16 @@ def test_a_host_whose_clock_runs_ahead_does_not_take_a_live_lock_over(tmp_path, 
         assert srv.requests == []
     fs.invalidate_cache()
     assert b"theirs" in fs.cat_file(f"{root}/{lockmod.LOCK_NAME}")
+
+
+def test_an_ingest_killed_while_taking_a_lock_over_does_not_block_the_next_one(tmp_path, caplog):
+    """Killed (SIGKILL) between creating _ingest.lock.break and removing it, an ingest left both
+    files of a dead process: the next one on this host takes them over at once, as it does a lock."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(60)
+    info = {"pid": dead.pid, "host": socket.gethostname(), "token": "dead", "started": "2026-01-01T00:00:00Z"}
+    (tmp_path / "_ingest.lock").write_text(json.dumps(info))
+    (tmp_path / "_ingest.lock.break").write_text(json.dumps(info))
+    with ps.FakeServer() as srv:
+        assert prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path)).rows == 11
+    assert not (tmp_path / "_ingest.lock").exists() and not (tmp_path / "_ingest.lock.break").exists()

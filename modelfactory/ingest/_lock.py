@@ -219,9 +219,14 @@ class FolderLock:
         try:
             self._create(mutex)  # one ingest at a time takes a lock over
         except FileExistsError:
-            other = self._read(mutex)  # left by an ingest that died taking over (a window of microseconds)
-            if other is not None and self._now() - other["mtime"] > STALE_S:
-                self._remove_quietly(mutex)
+            # left by an ingest that died taking over (a window of a few requests): stale as a lock
+            # is (its process gone from this host, or no heartbeat, which it never has, for STALE_S)
+            other = self._read(mutex)
+            if other is not None and self._stale(other, self._now()) is not None:
+                again = self._read(mutex)  # not one another ingest made since (narrows, does not close)
+                if again is not None and (again["raw"], again["mtime"]) == (other["raw"], other["mtime"]):
+                    self._remove_quietly(mutex)
+                return
             time.sleep(_PAUSE_S)
             return
         try:
