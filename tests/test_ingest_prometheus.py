@@ -987,3 +987,19 @@ def test_an_ingest_killed_while_taking_a_lock_over_does_not_block_the_next_one(t
     with ps.FakeServer() as srv:
         assert prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path)).rows == 11
     assert not (tmp_path / "_ingest.lock").exists() and not (tmp_path / "_ingest.lock.break").exists()
+
+
+def test_a_definition_cut_short_is_judged_by_the_file_names_and_written_again(prom, tmp_path, caplog):
+    """An _ingest.json cut short (a crash while it was written) said 'pass --overwrite to start the
+    dataset over': deleting the history (maybe past Prometheus' retention) to fix a file that the
+    file names stand in for.  It is judged as a missing one, and written again."""
+    ingest(prom, tmp_path, T0, T0 + H, 5)
+    (tmp_path / DEFINITION).write_text('{"source": "prometheus", "query": "mf_lo')
+    names = files(tmp_path)
+    with pytest.raises(IngestError, match=r"holds the dataset of another query or step: the name of its file"):
+        prometheus(prom, "mf_load", T0, T0 + H, 10, by=["app", "site"], out=str(tmp_path))
+    assert files(tmp_path) == names
+    ingest(prom, tmp_path, T0 + H, T0 + 2 * H, 5)   # the same query and step: appended, the definition recorded
+    assert rows(tmp_path) == sorted(ps.expected(T0, T0 + 2 * H, 5))
+    assert definition(tmp_path)["step_ms"] == 5000
+    assert f"{DEFINITION} cannot be read" in caplog.text
