@@ -363,13 +363,15 @@ def test_failed_chunk_leaves_nothing_behind(tmp_path, fast_retries):
 
 
 def test_chunks_run_in_parallel_within_the_concurrency_bound(tmp_path):
-    lock, state = threading.Lock(), {"now": 0, "max": 0}
+    lock, state, two = threading.Lock(), {"now": 0, "max": 0}, threading.Event()
 
     def slow(req):
         with lock:
             state["now"] += 1
             state["max"] = max(state["max"], state["now"])
-        time.sleep(0.05)
+            if state["now"] == 2:
+                two.set()
+        two.wait(30)  # not a fixed sleep: under load a second request could start after the first ended
         with lock:
             state["now"] -= 1
         return ps.echo_matrix(req)
