@@ -468,10 +468,16 @@ def loose_key_matches(store: Location, parts, by: tuple[str, ...], missing: pa.T
     if not missing.num_rows or not parts:
         return [], None
 
+    # Only the footer and the key columns' bytes: opened with fsspec's defaults, an object
+    # store's file reads ahead in blocks of 50 MB, so every part was downloaded whole (its
+    # models too: 2.4 MB a part of 1,500 groups, 1.6 GB for a run of a million series).
+    # Unbuffered, pyarrow asks for the footer, then the key columns in one coalesced range.
+    opts = {} if store.is_local else {"cache_type": "none"}
+
     def keys_of(part: dict) -> pa.Table | None:
         try:
-            with store.fs.open(store.path(part["path"]), "rb") as f:
-                return _plain(pq.read_table(f, columns=list(by)), by)
+            with store.fs.open(store.path(part["path"]), "rb", **opts) as f:
+                return _plain(pq.read_table(f, columns=list(by), pre_buffer=True), by)
         except (OSError, KeyError, pa.ArrowException):  # a part gone or damaged: its checked read says so
             return None
 

@@ -363,13 +363,15 @@ def test_failed_chunk_leaves_nothing_behind(tmp_path, fast_retries):
 
 
 def test_chunks_run_in_parallel_within_the_concurrency_bound(tmp_path):
-    lock, state = threading.Lock(), {"now": 0, "max": 0}
+    lock, state, two = threading.Lock(), {"now": 0, "max": 0}, threading.Event()
 
     def slow(req):
         with lock:
             state["now"] += 1
             state["max"] = max(state["max"], state["now"])
-        time.sleep(0.05)
+            if state["now"] == 2:
+                two.set()
+        two.wait(30)  # not a fixed sleep: under load a second request could start after the first ended
         with lock:
             state["now"] -= 1
         return ps.echo_matrix(req)
@@ -937,3 +939,69 @@ def test_two_ingests_into_one_s3_folder_at_once(tmp_path, moto):
     fs = fsspec.filesystem("s3", **moto)
     fs.invalidate_cache()
     assert not fs.exists("prom-bucket/two/_ingest.lock")
+
+
+class _Clock:
+    """This host's clock, ``skew`` seconds off (the lock module's ``time``; sleeps are real)."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:
+        return time.time() + self.skew
+
+    def sleep(self, s: float) -> None:
+        time.sleep(s)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_host_whose_clock_runs_ahead_does_not_take_a_live_lock_over(tmp_path, monkeypatch, request, where):
+    """A lock's age is its modification time as the store stamped it (S3's clock, an NFS server's)
+    against the store's clock, never this host's: a host ten minutes ahead took every fresh lock
+    for a stale one, and two ingests merged into the same files."""
+    lockmod = sys.modules["modelfactory.ingest._lock"]
+    if where == "s3":
+        opts = request.getfixturevalue("moto")
+        fs, root = fsspec.filesystem("s3", **opts), f"prom-bucket/skew-{os.getpid()}"
+        out = f"s3://{root}"
+    else:
+        opts, fs, root, out = {}, fsspec.filesystem("file"), str(tmp_path), str(tmp_path)
+    fs.pipe_file(f"{root}/{lockmod.LOCK_NAME}", json.dumps(   # a live ingest on another host, fresh
+        {"pid": 1, "host": "elsewhere", "token": "theirs", "started": "2026-01-01T00:00:00Z"}).encode())
+    monkeypatch.setattr(lockmod, "time", _Clock(lockmod.STALE_S + 300))
+    with ps.FakeServer() as srv:
+        with pytest.raises(IngestError, match=r"_ingest\.lock is held by pid 1 on host 'elsewhere' \(started \S+\), "
+                                              r"last heartbeat \d s ago"):
+            prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=out, storage_options=opts or None)
+        assert srv.requests == []
+    fs.invalidate_cache()
+    assert b"theirs" in fs.cat_file(f"{root}/{lockmod.LOCK_NAME}")
+
+
+def test_an_ingest_killed_while_taking_a_lock_over_does_not_block_the_next_one(tmp_path, caplog):
+    """Killed (SIGKILL) between creating _ingest.lock.break and removing it, an ingest left both
+    files of a dead process: the next one on this host takes them over at once, as it does a lock."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(60)
+    info = {"pid": dead.pid, "host": socket.gethostname(), "token": "dead", "started": "2026-01-01T00:00:00Z"}
+    (tmp_path / "_ingest.lock").write_text(json.dumps(info))
+    (tmp_path / "_ingest.lock.break").write_text(json.dumps(info))
+    with ps.FakeServer() as srv:
+        assert prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path)).rows == 11
+    assert not (tmp_path / "_ingest.lock").exists() and not (tmp_path / "_ingest.lock.break").exists()
+
+
+def test_a_definition_cut_short_is_judged_by_the_file_names_and_written_again(prom, tmp_path, caplog):
+    """An _ingest.json cut short (a crash while it was written) said 'pass --overwrite to start the
+    dataset over': deleting the history (maybe past Prometheus' retention) to fix a file that the
+    file names stand in for.  It is judged as a missing one, and written again."""
+    ingest(prom, tmp_path, T0, T0 + H, 5)
+    (tmp_path / DEFINITION).write_text('{"source": "prometheus", "query": "mf_lo')
+    names = files(tmp_path)
+    with pytest.raises(IngestError, match=r"holds the dataset of another query or step: the name of its file"):
+        prometheus(prom, "mf_load", T0, T0 + H, 10, by=["app", "site"], out=str(tmp_path))
+    assert files(tmp_path) == names
+    ingest(prom, tmp_path, T0 + H, T0 + 2 * H, 5)   # the same query and step: appended, the definition recorded
+    assert rows(tmp_path) == sorted(ps.expected(T0, T0 + 2 * H, 5))
+    assert definition(tmp_path)["step_ms"] == 5000
+    assert f"{DEFINITION} cannot be read" in caplog.text

@@ -9,7 +9,10 @@ refreshes its modification time every :data:`HEARTBEAT_S` seconds.
 
 Stale locks.  A crashed ingest leaves its lock behind; it is taken over, with a warning,
 when its process is gone (same host) or it has had no heartbeat for :data:`STALE_S`
-seconds (any host: a pid means nothing elsewhere).  Taking over is itself exclusive: the
+seconds (any host: a pid means nothing elsewhere).  That age is measured on the store's
+clock, never this host's: the lock's modification time is stamped by the store (S3's
+clock, an NFS server's), so it is compared with that of a probe written beside it; a host
+whose clock ran minutes ahead took every live lock for a stale one.  Taking over is itself exclusive: the
 ingest that creates ``_ingest.lock.break`` (the same way) reads the lock again and deletes
 it only if it is still the stale one, so of several ingests that found it stale, one
 deletes it and none deletes the fresh lock another made since.  The holder checks that
@@ -85,15 +88,16 @@ class FolderLock:
             held = self._read()
             if held is None:
                 continue
-            why = self._stale(held)
+            now = self._now()
+            why = self._stale(held, now)
             if why is None:
-                raise IngestError(self._held_message(held))
+                raise IngestError(self._held_message(held, now))
             log.warning("taking over the lock %s of pid %s on host %r: %s", self.shown,
                         held["info"].get("pid", "?"), held["info"].get("host", "?"), why)
             self._break(held)
         else:
             held = self._read()
-            raise IngestError(self._held_message(held) if held else
+            raise IngestError(self._held_message(held, self._now()) if held else
                               f"Could not lock {self.out!r}: other ingests keep taking {self.shown}. "
                               "Run one ingest at a time into a folder.")
         self._thread = threading.Thread(target=self._beat, name="ingest-lock-heartbeat", daemon=True)
@@ -172,6 +176,24 @@ class FolderLock:
             info = None
         return {"info": info if isinstance(info, dict) else {}, "raw": raw, "mtime": mtime}
 
+    def _now(self) -> float:
+        """The store's time now (unix seconds): the modification time it stamps on a probe
+        written beside the lock, and removed at once."""
+        probe = f"{self.path}.now-{self.token}"
+        if self.local:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                return os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+                self._remove_quietly(probe)
+        self.fs.pipe_file(probe, b"")
+        try:
+            self.fs.invalidate_cache(probe)
+            return self.fs.modified(probe).timestamp()
+        finally:
+            self._remove_quietly(probe)
+
     def _remove(self, path: str) -> None:
         if self.local:
             os.remove(path)
@@ -180,9 +202,9 @@ class FolderLock:
 
     # -- stale locks ------------------------------------------------------------------------
 
-    def _stale(self, held: dict) -> str | None:
-        """Why the lock ``held`` is stale, or None if its holder may be running."""
-        info, age = held["info"], time.time() - held["mtime"]
+    def _stale(self, held: dict, now: float) -> str | None:
+        """Why the lock ``held`` is stale at the store's time ``now``, or None if its holder may be running."""
+        info, age = held["info"], now - held["mtime"]
         pid = info.get("pid")
         if info.get("host") == socket.gethostname() and isinstance(pid, int) and not _running(pid):
             return f"its process {pid} is not running on this host any more"
@@ -197,9 +219,14 @@ class FolderLock:
         try:
             self._create(mutex)  # one ingest at a time takes a lock over
         except FileExistsError:
-            other = self._read(mutex)  # left by an ingest that died taking over (a window of microseconds)
-            if other is not None and time.time() - other["mtime"] > STALE_S:
-                self._remove_quietly(mutex)
+            # left by an ingest that died taking over (a window of a few requests): stale as a lock
+            # is (its process gone from this host, or no heartbeat, which it never has, for STALE_S)
+            other = self._read(mutex)
+            if other is not None and self._stale(other, self._now()) is not None:
+                again = self._read(mutex)  # not one another ingest made since (narrows, does not close)
+                if again is not None and (again["raw"], again["mtime"]) == (other["raw"], other["mtime"]):
+                    self._remove_quietly(mutex)
+                return
             time.sleep(_PAUSE_S)
             return
         try:
@@ -237,8 +264,8 @@ class FolderLock:
         return (f"pid {info.get('pid', '?')} on host {info.get('host', '?')!r} (started "
                 f"{info.get('started', '?')})")
 
-    def _held_message(self, held: dict) -> str:
-        age = max(0.0, time.time() - held["mtime"])
+    def _held_message(self, held: dict, now: float) -> str:
+        age = max(0.0, now - held["mtime"])
         return (f"Another ingest is writing to {self.out!r}: {self.shown} is held by {self._who(held['info'])}, "
                 f"last heartbeat {age:.0f} s ago. Two ingests into one folder at once lose rows (each rewrites "
                 "the files the other merges into), so this one did not start. Wait for it to finish and run "

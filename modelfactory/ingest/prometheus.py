@@ -394,6 +394,12 @@ def _check_dataset(spec: PrometheusSpec, fs: Any, root: str) -> dict | None:
             raise ValueError(f"a JSON object was expected, not {type(earlier).__name__}")
     except FileNotFoundError:
         earlier = None
+    except ValueError as err:  # cut short by a crash as it was written, or edited by hand
+        # the file names stand in for it, as for a dataset of an earlier version; starting the
+        # dataset over (the advice below) would delete history Prometheus may no longer hold
+        log.warning("%s/%s cannot be read (%s): the files in out are checked by their names instead, and "
+                    "it is written again at the commit", spec.out.rstrip("/"), DEFINITION_NAME, describe_error(err))
+        earlier = None
     except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
         raise IngestError(f"Could not read {spec.out.rstrip('/')}/{DEFINITION_NAME}, the definition of the "
                           f"dataset in out={spec.out!r}: {describe_error(err)}. Pass overwrite=True / --overwrite "
@@ -467,6 +473,23 @@ def _remove_ingested(fs: Any, root: str) -> None:
                 pass
 
 
+def _write_definition(fs: Any, root: str, spec: PrometheusSpec) -> None:
+    """Write ``_ingest.json`` whole or not at all: on a disk through a hidden file renamed over it
+    (a put on an object store is atomic already)."""
+    path, data = f"{root.rstrip('/')}/{DEFINITION_NAME}", json.dumps(_definition(spec), indent=1).encode()
+    if not _is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{root.rstrip('/')}/.{DEFINITION_NAME}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _commit(spec: PrometheusSpec, staged: list[tuple[str, str]], earlier: dict | None) -> None:
     """Rename the staged files to their final names; first, with ``overwrite``, delete the files
     of earlier ingests, and record the dataset's definition if ``earlier`` is not it.  In that
@@ -477,8 +500,7 @@ def _commit(spec: PrometheusSpec, staged: list[tuple[str, str]], earlier: dict |
         if spec.overwrite:
             _remove_ingested(fs, root)
         if earlier != _definition(spec):
-            with fs.open(f"{root.rstrip('/')}/{DEFINITION_NAME}", "wb") as f:
-                f.write(json.dumps(_definition(spec), indent=1).encode())
+            _write_definition(fs, root, spec)
     except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
         _discard(fs, staged)
         again = " with overwrite / --overwrite" if spec.overwrite else ""
