@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -92,7 +93,7 @@ def evaluate(name: str, case: str, series: int, seed: int) -> dict:
                 m = models.get(name, **kw).fit(y[:k], t=t[:k], X=None if X is None else X[:k])
                 flags = m.score(y[k:], t=t[k:], X=None if X is None else X[k:])["is_anomaly"]
         except SkipGroup as err:
-            why = str(err).split(":")[0][:40]
+            why = re.sub(r"\d+(\.\d+)?", "N", str(err).split(": ", 1)[-1])[:48]  # one cause counts once
             reasons[why] = reasons.get(why, 0) + 1
             continue
         fitted += 1
