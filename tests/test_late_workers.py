@@ -13,6 +13,7 @@ and the "good" worker, and not on that of the late "bad" one.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import pytest
@@ -138,3 +139,37 @@ def test_a_run_whose_only_workers_lack_the_users_module_fails_every_group_saying
         assert bad.poll() is None, "the worker without the module was shut down"
     finally:
         procs.stop()
+
+
+def test_a_spec_whose_code_a_process_cannot_import_loads_and_its_entry_points_say_why(tmp_path, late_module):
+    """The paths run.execute does not guard (a shuffle partition, an isolated group) get the spec
+    too: it must load in a process without the module (Dask unpickles it before any task code
+    runs) and the unit must then fail naming the module and the fix, not fail every group."""
+    import pickle
+    import subprocess
+
+    from modelfactory.kernel import JobSpec
+
+    _, mod = late_module
+    spec = JobSpec("apply", ("app", "site"), func=mod.gated_mean)
+    blob = tmp_path / "spec.pickle"
+    blob.write_bytes(pickle.dumps(spec))
+    script = ("import pickle, sys, pyarrow as pa\n"
+              "from modelfactory import kernel\n"
+              f"spec = pickle.loads(open({str(blob)!r}, 'rb').read())\n"
+              "print(type(spec.func).__name__)\n"
+              "try:\n"
+              "    kernel.run_table(spec, 'u1', pa.table({'app': ['a'], 'site': ['s']}))\n"
+              "except Exception as err:\n"
+              "    print(type(err).__name__, err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout only
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd="/", capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()[:2]
+    assert first == "CodeUnavailable"
+    assert second.startswith("ClusterError ")
+    assert f"No module named '{mod.__name__}'" in second and "register_pickle_by_value" in second
+    # and in this process, which has the module, the spec comes back whole
+    assert pickle.loads(pickle.dumps(spec)) == spec
