@@ -11,7 +11,7 @@ group that raises is ``failed``; it never fails the unit.
 from __future__ import annotations
 
 import time as _time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -28,7 +28,8 @@ from .plan import WorkUnit
 
 __all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
            "run_keys", "unit_keys", "run_group", "keys_condition", "failed_rows", "merge_results",
-           "describe_error", "STATUS", "one_thread", "check_claim", "claimed_by", "OUTPUT_CLAIM"]
+           "describe_error", "STATUS", "one_thread", "check_claim", "claimed_by", "OUTPUT_CLAIM",
+           "CodeUnavailable", "code_error", "require_code", "refused_rows"]
 
 STATUS = ("ok", "failed", "skipped")
 _UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
@@ -97,6 +98,107 @@ class JobSpec:
     retrain: str | None = None  # with models: refit only "failed" or "changed" groups
     run_id: str = ""
     claim: str = ""  # an out= folder's run: the id its claim file must name when a unit writes
+
+    def __reduce__(self):
+        # The job's code (its function, its model class) travels as bytes of its own, loaded
+        # by _job_spec in a try/except: a worker that joined after run.check_code and cannot
+        # import the user's module gets a spec whose code is a CodeUnavailable, and the unit
+        # says so (run.execute sends it to another worker).  Left to Dask's deserialisation,
+        # the ImportError broke the worker's connection to the scheduler, and Dask shut the
+        # worker down (nanny too): every such worker in turn, the job waiting for ever.
+        # The bytes are made once per spec object (the scheduler sends each unit's spec again).
+        code = self.__dict__.get("_code")
+        if code is None:
+            import cloudpickle
+
+            code = cloudpickle.dumps((self.func, self.model))
+            object.__setattr__(self, "_code", code)
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("func", "model")}
+        return _job_spec, (code, state)
+
+
+class CodeUnavailable:
+    """Stands for a job's function and model class in a process that cannot load them;
+    ``error`` says why (the ImportError)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"CodeUnavailable({self.error!r})"
+
+    def message(self, where: str | None = None) -> str:
+        """What the unit's groups (or the run's error) say: the worker, the error, the fix."""
+        return (f"this job's code (its function or model class) cannot be loaded on the Dask worker "
+                f"{where or _worker_name()}, which joined after the job's code check: {self.error}. A function or "
+                "model class goes to the workers by the name of its module: install that module (and what it "
+                "imports) in every worker's image or on its PYTHONPATH, or send it by value with "
+                "cloudpickle.register_pickle_by_value(module)")
+
+
+def _job_spec(code: bytes, state: dict) -> JobSpec:
+    import pickle
+
+    spec = object.__new__(JobSpec)
+    for name, value in state.items():
+        object.__setattr__(spec, name, value)
+    try:
+        func, model = pickle.loads(code)
+    except Exception as err:  # noqa: BLE001 - any failure to load user code is this worker's to report
+        func = model = CodeUnavailable(_load_error(err))
+    object.__setattr__(spec, "func", func)
+    object.__setattr__(spec, "model", model)
+    object.__setattr__(spec, "_code", code)
+    return spec
+
+
+def _load_error(err: BaseException) -> str:
+    """``Type: message`` of the innermost cause (ModelSpec wraps the ImportError in a ModelError)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}"
+
+
+def _worker_name() -> str:
+    import socket
+
+    try:
+        from distributed import get_worker
+
+        return f"at {get_worker().address} (host {socket.gethostname()})"
+    except (ImportError, ValueError):  # not in a task (the scheduler, a client)
+        return f"on host {socket.gethostname()}"
+
+
+def code_error(spec: JobSpec) -> CodeUnavailable | None:
+    """Why this process cannot run ``spec``'s code, or None when it can."""
+    for code in (spec.func, spec.model):
+        if isinstance(code, CodeUnavailable):
+            return code
+    return None
+
+
+def require_code(spec: JobSpec) -> None:
+    """Raise :class:`ClusterError` when this worker could not load ``spec``'s code: the entry
+    points that :func:`run.execute` does not guard (a shuffle partition, an isolated group)
+    then fail clearly instead of failing every group with an odd error."""
+    if (missing := code_error(spec)) is not None:
+        from .exceptions import ClusterError
+
+        message = missing.message()
+        raise ClusterError(message[0].upper() + message[1:] + ".")
+
+
+def refused_rows(spec: JobSpec, item, error: str) -> UnitResult:
+    """Every group of a unit no worker could load the code for, ``failed`` with ``error``.
+    ``item`` is a :class:`WorkUnit` (its files are read for their keys, which needs no user
+    code) or map_keys' ``(unit id, key tuples)``."""
+    if isinstance(item, WorkUnit):
+        return failed_rows(spec, item.id, unit_keys(spec, item.paths), error)
+    uid, keys = item
+    key_table = pa.table({k: pa.array([key[i] for key in keys], type=spec.key_types[i])
+                          for i, k in enumerate(spec.by)})
+    return failed_rows(spec, uid, key_table, error)
 
 
 #: The file in an ``out=`` folder naming the run that emptied it last and writes to it:
@@ -456,6 +558,7 @@ def _floats(col) -> np.ndarray:
 def run_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
     """Read the unit's files on this worker and run it."""
     t0 = _time.perf_counter()
+    require_code(spec)
     if (done := recover(spec, unit.id)) is not None:
         return done
     table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter, encode=spec.by)
@@ -473,6 +576,7 @@ def run_group(spec: JobSpec, unit: WorkUnit, key: pa.Table, sub_id: str, runner=
     ``key`` is its one-row key table, ``runner`` what runs a unit's rows (default
     :func:`run_table`; scoring passes its own)."""
     t0 = _time.perf_counter()
+    require_code(spec)
     if (done := recover(spec, sub_id)) is not None:
         return done
     table = read_files(spec.source, unit.paths, list(spec.columns), keys_condition(key, spec.filter),
@@ -523,6 +627,7 @@ def failed_rows(spec: JobSpec, unit_id: str, keys: pa.Table, error: str) -> Unit
 def run_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | None = None) -> UnitResult:
     """Run a unit whose rows are already in memory (a shuffle partition, or a test)."""
     t0 = _time.perf_counter() if t0 is None else t0
+    require_code(spec)
     if (done := recover(spec, unit_id)) is not None:
         return done
     with one_thread():
@@ -541,6 +646,7 @@ def run_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | None 
 def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
     """Run ``spec.func`` once per key; the function loads its own data."""
     t0 = _time.perf_counter()
+    require_code(spec)
     status, errors, secs, outs = [], [], [], []
     with one_thread():
         for key in keys:

@@ -567,6 +567,12 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
     kernel records them.  A unit that kept killing its worker process
     (:class:`distributed.KilledWorker`) is handed to ``on_killed(client, item)``,
     which isolates the group responsible, when given.
+
+    A unit refused by a worker that cannot load the job's code (one that joined after
+    :func:`check_code`, from an image without the user's module: see :func:`_guarded`) goes
+    to the workers that have not refused it; when every connected worker has, its groups are
+    ``failed`` with the reason (:func:`kernel.refused_rows`): one bad worker does not fail a
+    run that others can finish, and a cluster of bad ones does not make it wait for ever.
     """
     results: list = [None] * len(items)
     if client is None:
@@ -576,12 +582,16 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
         return results
     from distributed import KilledWorker, as_completed
 
-    futures = client.map(fn, items, key=list(keys), retries=retries, pure=False)
+    guarded = functools.partial(_guarded, fn)
+    futures = client.map(guarded, items, key=list(keys), retries=retries, pure=False)
     index = {f.key: i for i, f in enumerate(futures)}
+    refused: dict[str, str] = {}  # worker address -> why it cannot load the code
+    tries = [0] * len(items)
+    pending = as_completed(futures)
     try:
         with watch_workers(client):
-            for fut in as_completed(futures):
-                i = index[fut.key]
+            for fut in pending:
+                i = index.pop(fut.key)
                 if (fut.status == "error" and on_killed is not None
                         and isinstance(fut.exception(), KilledWorker)):
                     log.warning("unit %s keeps killing its worker; running its groups one by one", keys[i])
@@ -589,12 +599,62 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
                 else:
                     res = fut.result()
                 fut.release()  # taken: a worker lost from now on must not recompute it
+                if isinstance(res, _Refused):
+                    res = _reroute(client, res, refused, guarded, fn, items[i], keys[i], tries, i, retries)
+                    if not isinstance(res, UnitResult):  # a new future: wait for it too
+                        index[res.key] = i
+                        futures.append(res)
+                        pending.add(res)
+                        continue
                 results[i] = res
                 progress.update(res)
     finally:
         for f in futures:
             f.release()
     return results
+
+
+class _Refused:
+    """What a unit returns on a worker that could not load the job's code."""
+
+    def __init__(self, worker: str, message: str) -> None:
+        self.worker, self.message = worker, message
+
+
+def _guarded(fn: Callable, item) -> UnitResult | _Refused:
+    """``fn(item)``, or :class:`_Refused` when this worker could not load the code of the job
+    spec that ``fn`` (a partial) carries: the spec arrived with a :class:`kernel.CodeUnavailable`
+    in place of it (:meth:`JobSpec.__reduce__`).  One look at the partial's arguments per unit."""
+    args = fn.args if isinstance(fn, functools.partial) else ()
+    for spec in args:
+        if isinstance(spec, JobSpec) and (missing := kernel.code_error(spec)) is not None:
+            from distributed import get_worker
+
+            address = get_worker().address
+            return _Refused(address, missing.message(f"at {address}"))
+    return fn(item)
+
+
+def _reroute(client, refusal: _Refused, refused: dict, guarded: Callable, fn: Callable, item, key: str,
+             tries: list, i: int, retries: int):
+    """A future running ``item`` on the workers that have not refused the job's code, or,
+    when every connected worker has, the unit's groups ``failed`` with the reason.
+
+    The restriction is loose (``allow_other_workers``): if those workers leave, the unit
+    runs on whichever joins next, and is refused again if that one cannot load it either."""
+    if refusal.worker not in refused:
+        log.warning("the Dask worker at %s cannot load this job's code; its units go to the other workers (%s)",
+                    refusal.worker, refusal.message)
+    refused[refusal.worker] = refusal.message
+    workers = set(client.scheduler_info(n_workers=-1).get("workers", {}))
+    good = sorted(workers - set(refused))
+    tries[i] += 1
+    if good:
+        return client.submit(guarded, item, key=f"{key}-r{tries[i]}", workers=good, allow_other_workers=True,
+                             retries=retries, pure=False)
+    spec = next(a for a in fn.args if isinstance(a, JobSpec))
+    reason = refusal.message[0].upper() + refusal.message[1:] + "; no worker of the cluster could load it"
+    return client.submit(kernel.refused_rows, spec, item, reason, key=f"{key}-failed", pure=False).result()
 
 
 def execute_delayed(client, tasks: list, *, progress: Progress,
@@ -804,6 +864,7 @@ def shuffle_buckets(keys: pa.Table, n: int) -> np.ndarray | None:
 
 
 def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.run_table) -> UnitResult:
+    kernel.require_code(spec)  # a clear error on a worker that cannot load the job's code (scoring's runner too)
     schema = pa.schema([spec.source.schema.field(c) for c in spec.columns])
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     # the metadata a unit read from the files has (not that of the shuffle's pandas frames), so a
@@ -866,6 +927,7 @@ def _group_keys(groups: kernel.Groups) -> pa.Table:
 
 def _run_group_slice(spec: JobSpec, sub_id: str, groups: kernel.Groups, i: int, runner) -> UnitResult:
     """Run group ``i`` of ``groups`` on its own."""
+    kernel.require_code(spec)
     s, e = int(groups.starts[i]), int(groups.ends[i])
     return runner(spec, sub_id, groups.table.slice(s, e - s))
 

@@ -1,0 +1,175 @@
+"""Workers that join a running job (an adaptive cluster's) from an image without the user's module.
+
+``run.check_code`` refuses a job whose code the scheduler or a connected worker cannot load;
+a worker that joins later (dask-kubernetes scaling up from zero or few) was not checked.  Dask
+unpickled the unit on such a worker in its connection to the scheduler, broke it on the
+ImportError and shut the worker (and its nanny) down: the run lost the worker, then every one
+that joined after it, and with no other worker it waited for ever.
+
+Real processes over TCP: `dask scheduler` and `dask worker` (tests/_servers.DaskProcesses); the
+user's module is a file in a temporary folder on the PYTHONPATH of this process, the scheduler
+and the "good" worker, and not on that of the late "bad" one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pytest
+from _data import write
+from _servers import DaskProcesses, wait_for
+from test_distributed import in_background
+
+import modelfactory
+from modelfactory.demo import make_table
+
+KEYS = ["app", "site"]
+SERIES = 12
+HOURS = 48
+
+#: One row per group; the group of site-00000 waits for the file ``gate`` names to exist (60 s
+#: at most), holding its worker's only thread, after writing ``<gate>.started``.
+USER_MODULE = '''
+import os
+import time
+
+import pandas as pd
+
+
+def gated_mean(gate, df):
+    if df.site.iloc[0] == "site-00000":
+        open(gate + ".started", "w").close()
+        end = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < end:
+            time.sleep(0.05)
+    return pd.DataFrame({"app": [df.app.iloc[0]], "site": [df.site.iloc[0]], "m": [float(df.value.mean())]})
+'''
+
+
+@pytest.fixture
+def late_module(tmp_path, monkeypatch):
+    """(module folder, module): importable here, on the PYTHONPATH given to chosen Dask processes."""
+    import importlib
+
+    folder = tmp_path / "code"
+    folder.mkdir()
+    name = f"mf_late_{tmp_path.name.replace('-', '_')}"
+    (folder / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(folder))
+    mod = importlib.import_module(name)
+    yield str(folder), mod
+    sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def leaves(tmp_path) -> str:
+    """One Hive folder per group: one unit per group (unit_rows=HOURS), no shuffle."""
+    return write(make_table(SERIES, days=HOURS // 24, apps=3, spikes=0), tmp_path / "data", KEYS)
+
+
+def _cluster(tmp_path, code: str, good_workers: int) -> DaskProcesses:
+    # the scheduler unpickles the task graph, so it needs the module (check_code says so otherwise)
+    return DaskProcesses(tmp_path / "dask", workers=good_workers, env={"PYTHONPATH": code},
+                         scheduler_env={"PYTHONPATH": code}).start()
+
+
+def _add_bad_worker(procs: DaskProcesses, name: str):
+    procs.env = {"PYTHONPATH": "/nonexistent"}  # the module's folder is not on its path
+    return procs.add_worker(name)
+
+
+def _apply(procs, leaves, func):
+    return modelfactory.apply(leaves, by=KEYS, func=func, schema="app string, site string, m double",
+                              cluster=procs.address, unit_rows=HOURS, progress=False)
+
+
+@pytest.mark.timeout(150)
+def test_a_worker_joining_without_the_users_module_leaves_its_units_to_the_others_and_stays(
+        tmp_path, leaves, late_module, caplog):
+    """The good worker is held by one unit while the bad one joins and is offered the others:
+    before the fix Dask shut the bad worker down (the run still ended, on the good one)."""
+    import functools
+
+    code, mod = late_module
+    gate = str(tmp_path / "gate")
+    procs = _cluster(tmp_path, code, good_workers=1)
+    try:
+        caplog.set_level(logging.WARNING, logger="modelfactory.run")
+        job = in_background(lambda: _apply(procs, leaves, functools.partial(mod.gated_mean, gate)))
+        wait_for(lambda: (tmp_path / "gate.started").exists(), 60, "the gated unit to start")
+        bad = _add_bad_worker(procs, "bad")
+        with procs.client() as c:
+            c.wait_for_workers(2, timeout=60)
+            # the bad worker, idle, is given queued units: wait until one was refused there
+            wait_for(lambda: "cannot load this job's code" in caplog.text or bad.poll() is not None, 60,
+                     "a unit refused by the worker without the module")
+            assert bad.poll() is None, f"the worker without the module was shut down: {procs.logs()[-2000:]}"
+            (tmp_path / "gate").touch()
+            run = job.result(timeout=90)
+            assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+            assert bad.poll() is None, "the worker without the module was shut down"
+            assert len(c.scheduler_info()["workers"]) == 2
+        assert f"No module named '{mod.__name__}'" in caplog.text
+    finally:
+        (tmp_path / "gate").touch()
+        procs.stop()
+
+
+@pytest.mark.timeout(150)
+def test_a_run_whose_only_workers_lack_the_users_module_fails_every_group_saying_why(tmp_path, leaves, late_module):
+    """No worker at the check (an adaptive cluster starting from zero), then only workers without
+    the module: before the fix each was shut down in turn and the run waited for ever."""
+    import functools
+
+    code, mod = late_module
+    gate = str(tmp_path / "gate")
+    (tmp_path / "gate").touch()  # no waiting in this one
+    procs = _cluster(tmp_path, code, good_workers=0)
+    try:
+        job = in_background(lambda: _apply(procs, leaves, functools.partial(mod.gated_mean, gate)))
+        bad = _add_bad_worker(procs, "bad")
+        run = job.result(timeout=120)
+        assert run.summary["counts"] == {"ok": 0, "failed": SERIES, "skipped": 0}
+        groups = run.groups
+        assert len(groups) == SERIES and set(groups.site) == {f"site-{i:05d}" for i in range(SERIES)}
+        for error in groups.error:
+            assert f"No module named '{mod.__name__}'" in error
+            assert "register_pickle_by_value" in error and "no worker of the cluster could load it" in error
+        assert bad.poll() is None, "the worker without the module was shut down"
+    finally:
+        procs.stop()
+
+
+def test_a_spec_whose_code_a_process_cannot_import_loads_and_its_entry_points_say_why(tmp_path, late_module):
+    """The paths run.execute does not guard (a shuffle partition, an isolated group) get the spec
+    too: it must load in a process without the module (Dask unpickles it before any task code
+    runs) and the unit must then fail naming the module and the fix, not fail every group."""
+    import pickle
+    import subprocess
+
+    from modelfactory.kernel import JobSpec
+
+    _, mod = late_module
+    spec = JobSpec("apply", ("app", "site"), func=mod.gated_mean)
+    blob = tmp_path / "spec.pickle"
+    blob.write_bytes(pickle.dumps(spec))
+    script = ("import pickle, sys, pyarrow as pa\n"
+              "from modelfactory import kernel\n"
+              f"spec = pickle.loads(open({str(blob)!r}, 'rb').read())\n"
+              "print(type(spec.func).__name__)\n"
+              "try:\n"
+              "    kernel.run_table(spec, 'u1', pa.table({'app': ['a'], 'site': ['s']}))\n"
+              "except Exception as err:\n"
+              "    print(type(err).__name__, err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout only
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd="/", capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()[:2]
+    assert first == "CodeUnavailable"
+    assert second.startswith("ClusterError ")
+    assert f"No module named '{mod.__name__}'" in second and "register_pickle_by_value" in second
+    # and in this process, which has the module, the spec comes back whole
+    assert pickle.loads(pickle.dumps(spec)) == spec
