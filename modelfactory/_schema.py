@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from .exceptions import SchemaError
 
-__all__ = ["parse_schema", "parse_type"]
+__all__ = ["parse_schema", "parse_type", "plain_type"]
 
 _SIMPLE = {
     "string": pa.string(), "str": pa.string(), "varchar": pa.string(), "char": pa.string(),
@@ -272,3 +272,12 @@ def parse_schema(schema: pa.Schema | Mapping | str) -> pa.Schema:
     if dup := _duplicates(out.names):
         raise SchemaError(f"The output schema names {dup} more than once.")
     return out
+
+
+def plain_type(t: pa.DataType) -> pa.DataType:
+    """``t`` as its values read decoded: a dictionary type's value type, any other type itself.
+
+    >>> plain_type(pa.dictionary(pa.int32(), pa.string())), plain_type(pa.int64())
+    (DataType(string), DataType(int64))
+    """
+    return t.value_type if pa.types.is_dictionary(t) else t

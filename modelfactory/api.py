@@ -21,7 +21,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from . import kernel
 from ._io import Location
-from ._schema import parse_schema
+from ._schema import parse_schema, plain_type
 from .config import job_settings
 from .dataset import DatasetInfo, check_columns, check_time_zone, check_value_types, discover, value_types
 from .exceptions import DatasetError, ModelError, ModelFactoryError, PlanError, SchemaError, StoreError
@@ -129,7 +129,7 @@ def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
         types = stored_key_types(src, tuple(sp["by"]))  # one footer, read here rather than by every unit
         if len(types) == len(sp["by"]):
             src = dataclasses.replace(src, buckets=tuple(buckets["parts"]), n_buckets=buckets["n"],
-                                      key_types=tuple(_plain_type(types[k]) for k in sp["by"]))
+                                      key_types=tuple(plain_type(types[k]) for k in sp["by"]))
     return src
 
 
@@ -148,10 +148,6 @@ def _part_bucket(st: ModelStore, part, by: tuple[str, ...], n: int) -> int | Non
     keys = _plain(keys, by)  # as a scoring unit hashes them
     got = shuffle_buckets(keys, n) if keys.num_rows else None
     return int(got[0]) if got is not None and len(got) and (got == got[0]).all() else None
-
-
-def _plain_type(t: pa.DataType) -> pa.DataType:
-    return t.value_type if pa.types.is_dictionary(t) else t
 
 
 #: The columns a job's group table holds beside the keys (train's parts, score's ``_groups/``).
@@ -362,7 +358,7 @@ def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], par
         new = [read_part(st.location, asdict(p), cols) for p in parts]
         if not new:
             return base.num_rows
-        stored = [t.value_type if pa.types.is_dictionary(t) else t for t in base.schema.types]
+        stored = [plain_type(t) for t in base.schema.types]
         arrays, _ = keys_as_stored(pa.concat_tables(new, promote_options="permissive"), by, stored, base_id)
         base = base.select(cols).cast(pa.schema([(c, arrays[i].type) for i, c in enumerate(cols)]))
         new_keys = pa.table(arrays, names=cols).group_by(cols).aggregate([])
@@ -1022,7 +1018,7 @@ def _loose_keys(st: ModelStore, man: dict, sink: Location, results: list[UnitRes
                                              keys.filter(pa.compute.invert(lost)))
         if not matched:
             return None
-        types = {k: (t.value_type if pa.types.is_dictionary(t) else t) for k, t in zip(by, missing.schema.types)}
+        types = {k: plain_type(t) for k, t in zip(by, missing.schema.types)}
         reason, warning = loose_key_reason(man["run_id"], by, example, types, len(matched))
         wrong = set(zip(*[missing.take(pa.array(matched))[k].to_pylist() for k in by]))
     except (pa.ArrowException, ValueError, TypeError, KeyError) as err:  # a hint: never worth a failed job

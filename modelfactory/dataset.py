@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from ._schema import plain_type
 from .exceptions import DatasetError, SchemaError
 
 __all__ = ["Source", "FileInfo", "DatasetInfo", "discover", "read_files", "filesystem"]
@@ -582,8 +583,7 @@ def _widen(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     if pa.types.is_null(a) or pa.types.is_null(b):
         return b if pa.types.is_null(a) else a
     if pa.types.is_dictionary(a) or pa.types.is_dictionary(b):  # read decoded
-        return _widen(a.value_type if pa.types.is_dictionary(a) else a,
-                      b.value_type if pa.types.is_dictionary(b) else b)
+        return _widen(plain_type(a), plain_type(b))
     if _kind(a) != _kind(b):
         return None
     if pa.types.is_integer(a) and pa.types.is_integer(b):
@@ -803,8 +803,7 @@ def check_value_types(info: DatasetInfo, man: dict) -> None:
     for col, was in stored.items():
         if col not in info.schema.names:
             continue
-        now = info.schema.field(col).type
-        now = now.value_type if pa.types.is_dictionary(now) else now
+        now = plain_type(info.schema.field(col).type)
         if None not in (_value_kind(was), _value_kind(str(now))) and _value_kind(was) != _value_kind(str(now)):
             how = ("its booleans would be read as 0 and 1 against a model fitted on numbers" if pa.types.is_boolean(now)
                    else "its numbers would be scored against a model fitted on booleans (0 and 1)")

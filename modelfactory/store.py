@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._io import Location, PartInfo
+from ._schema import plain_type
 from .exceptions import IntegrityError, StoreError
 
 __all__ = ["ModelStore", "new_run_id"]
@@ -444,8 +445,7 @@ class ModelStore:
         parts, buckets, by = man["parts"], bucket_index(man), man["spec"]["by"]
         found = part_key_types(self.location, parts[0], by)
         try:
-            types = [found[k] for k in by]
-            types = [t.value_type if pa.types.is_dictionary(t) else t for t in types]
+            types = [plain_type(found[k]) for k in by]
             key = pa.table({k: pa.array([typed_key_value(k, v, t, "").as_py()], t)
                             for k, v, t in zip(by, want, types)})
         except (KeyError, TypeError, ValueError, StoreError, pa.ArrowException):
