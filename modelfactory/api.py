@@ -603,7 +603,8 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     if not fitted_any and summary["groups"]:  # kept for inspection; scoring with it would score nothing
         log.warning("run %s fitted no model (%d failed, %d skipped; %s): it is committed for inspection, but "
                     "LATEST still names %s", run_id, summary["counts"]["failed"], summary["counts"]["skipped"],
-                    run.commonest_problem(), st.latest() or "no run")
+                    run.commonest_problem(), st.latest() or "no run",
+                    extra={"no_model": True})  # the CLI says it in its error: line
     return run
 
 

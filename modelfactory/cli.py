@@ -485,7 +485,7 @@ def _print_summary(run, args, where: str) -> None:
 def _cmd_train(args) -> int:
     from .api import train
 
-    with _no_model_said_once():
+    with _api_warning_dropped("no_model"):  # told once, by _fitted_some's error: line
         run = train(args.data, by=args.by, time=args.time, target=args.target, features=args.features,
                     model=args.model, params=dict(args.param), store=args.store, cluster=args.cluster,
                     workers=args.workers, unit_rows=args.unit_rows, resume=args.resume,
@@ -493,25 +493,6 @@ def _cmd_train(args) -> int:
                     progress=not (args.quiet or args.json))
     _print_summary(run, args, args.store)
     return _fitted_some(run, args.store)
-
-
-class _NoModelWarning(logging.Filter):
-    """Drops train's warning that a run fitted no model: the CLI says it in its ``error:`` line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (isinstance(record.msg, str) and record.msg.startswith("run %s fitted no model"))
-
-
-@contextlib.contextmanager
-def _no_model_said_once() -> Iterator[None]:
-    """While the CLI trains: a run that fitted no model is told once, by :func:`_fitted_some`'s
-    ``error:`` line, not also by a WARNING line with the same content before it."""
-    logger, drop = logging.getLogger("modelfactory.api"), _NoModelWarning()
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
 
 
 def _fitted_some(run, store: str) -> int:
@@ -765,7 +746,7 @@ def _cmd_demo(args) -> int:
         print(f"writing {args.series:,} hourly series x {args.days} days to {data}")
     with _store_errors(data, "the demo dataset folder"):
         write_dataset(data, args.series, days=args.days, storage_options=_storage_options(args))
-    with _no_model_said_once():
+    with _api_warning_dropped("no_model"):  # told once, by _fitted_some's error: line
         run = train(data, by=["app", "site"], time="ts", target="value", model=args.model,
                     params=demo_params(args.model, args.days), store=store,
                     cluster=args.cluster, workers=args.workers, unit_rows=args.unit_rows, config=args.config,
