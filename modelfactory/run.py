@@ -625,14 +625,19 @@ def _guarded(fn: Callable, item) -> UnitResult | _Refused:
     """``fn(item)``, or :class:`_Refused` when this worker could not load the code of the job
     spec that ``fn`` (a partial) carries: the spec arrived with a :class:`kernel.CodeUnavailable`
     in place of it (:meth:`JobSpec.__reduce__`).  One look at the partial's arguments per unit."""
-    args = fn.args if isinstance(fn, functools.partial) else ()
-    for spec in args:
-        if isinstance(spec, JobSpec) and (missing := kernel.code_error(spec)) is not None:
-            from distributed import get_worker
+    spec = _spec_of(fn)
+    if spec is not None and (missing := kernel.code_error(spec)) is not None:
+        from distributed import get_worker
 
-            address = get_worker().address
-            return _Refused(address, missing.message(f"at {address}"))
+        address = get_worker().address
+        return _Refused(address, missing.message(f"at {address}"))
     return fn(item)
+
+
+def _spec_of(fn: Callable) -> JobSpec | None:
+    """The job spec among the arguments of ``fn`` (a partial of a unit's entry point), if any."""
+    args = fn.args if isinstance(fn, functools.partial) else ()
+    return next((a for a in args if isinstance(a, JobSpec)), None)
 
 
 def _reroute(client, refusal: _Refused, refused: dict, guarded: Callable, fn: Callable, item, key: str,
@@ -652,7 +657,7 @@ def _reroute(client, refusal: _Refused, refused: dict, guarded: Callable, fn: Ca
     if good:
         return client.submit(guarded, item, key=f"{key}-r{tries[i]}", workers=good, allow_other_workers=True,
                              retries=retries, pure=False)
-    spec = next(a for a in fn.args if isinstance(a, JobSpec))
+    spec = _spec_of(fn)
     reason = refusal.message[0].upper() + refusal.message[1:] + "; no worker of the cluster could load it"
     return client.submit(kernel.refused_rows, spec, item, reason, key=f"{key}-failed", pure=False).result()
 
