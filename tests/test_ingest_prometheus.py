@@ -1005,3 +1005,74 @@ def test_a_definition_cut_short_is_judged_by_the_file_names_and_written_again(pr
     assert rows(tmp_path) == sorted(ps.expected(T0, T0 + 2 * H, 5))
     assert definition(tmp_path)["step_ms"] == 5000
     assert f"{DEFINITION} cannot be read" in caplog.text
+
+
+# -- what a killed ingest leaves behind ------------------------------------------------------
+
+_STAGED = re.compile(r"(^|/)\.\d{8}T\d{6}Z-[0-9a-f]{16}\.parquet\.[0-9a-f]{32}\.tmp$")
+
+
+def _listing(fs, root) -> list[str]:
+    fs.invalidate_cache()
+    return sorted(p[len(root) + 1:] for p in fs.find(root))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_temporary_files_of_a_killed_ingest_are_removed_by_the_next_one(tmp_path, request, where):
+    """An ingest killed (SIGKILL) after staging some chunks left their hidden .tmp files in the
+    dataset folder for ever: every later ingest took its lock over and went on, never looking at
+    them.  The next lock holder removes them (only a lock holder writes there)."""
+    if where == "s3":
+        opts = request.getfixturevalue("moto")
+        fs, root = fsspec.filesystem("s3", **opts), f"prom-bucket/killed-{os.getpid()}"
+        out = f"s3://{root}"
+    else:
+        opts, fs, root, out = None, fsspec.filesystem("file"), str(tmp_path / "data"), str(tmp_path / "data")
+    script = ("import json, sys\nfrom modelfactory.ingest import prometheus\n"
+              "prometheus(**json.loads(sys.argv[1]))")
+    chunks = len(promod.plan_chunks(T0 * 1000, (T0 + 30) * 1000, 1))   # of 11 s: one held, the others staged
+    kw = {"query": "up", "start": T0, "end": T0 + 30, "step": "1ms", "by": ["app"], "out": out,
+          "storage_options": opts, "concurrency": chunks}
+    gate = Gate()
+    with ps.FakeServer(gate) as srv:
+        killed = subprocess.Popen([sys.executable, "-c", script, json.dumps({"url": srv.url, **kw})],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            assert gate.asked.wait(120), killed.communicate()
+            deadline = time.monotonic() + 120   # the other chunks stage their files meanwhile
+            while time.monotonic() < deadline and sum(map(bool, map(_STAGED.search, _listing(fs, root)))) < chunks - 1:
+                time.sleep(0.05)
+            killed.kill()
+            killed.wait(60)
+        finally:
+            gate.open.set()
+        left = _listing(fs, root)
+        assert "_ingest.lock" in left and [bool(_STAGED.search(r)) for r in left].count(True) == chunks - 1, left
+        if where == "local":   # as a kill while _ingest.json was being written leaves it
+            Path(root, f"._ingest.json.{'0' * 32}.tmp").write_text('{"source": "prom')
+        s = prometheus(srv.url, "up", T0, T0 + 30, "1ms", by=["app"], out=out, storage_options=opts)
+    after = _listing(fs, root)
+    assert s.rows == 30_001 and s.files == chunks
+    assert after[0] == "_ingest.json" and len(after) == 1 + chunks, after   # no .tmp, no lock: the data
+    assert all(re.fullmatch(r"app=x/\d{8}T\d{6}Z-[0-9a-f]{16}\.parquet", r) for r in after[1:]), after
+
+
+def test_overwrite_refuses_parquet_files_no_ingest_wrote_and_names_them(prom, tmp_path):
+    """--overwrite deleted the files ingests wrote and left any other .parquet file in the folder,
+    to be read beside the new dataset's rows as one dataset.  It now refuses before any query,
+    naming them; once they are moved away, it starts the dataset over."""
+    ingest(prom, tmp_path, T0 + H, T0 + 2 * H, "1m")
+    ours = sorted(files(tmp_path))
+    stray = tmp_path / "app=shop" / "site=eu" / "part-0.parquet"
+    shutil.copy(tmp_path / ours[0], stray)
+    asked = ps.query_range_requests(prom)
+    with pytest.raises(IngestError, match=rf"out='{re.escape(str(tmp_path))}' holds 1 Parquet file\(s\) that no "
+                                          rf"ingest wrote: {re.escape(str(stray))}\. Overwrite deletes only"):
+        prometheus(prom, "mf_load offset 1m", T0 + H, T0 + 2 * H, "1m", by=["app", "site"], out=str(tmp_path),
+                   overwrite=True)
+    assert sorted(files(tmp_path)) == sorted(ours + [str(stray.relative_to(tmp_path))])
+    assert ps.query_range_requests(prom) == asked and definition(tmp_path)["query"] == "mf_load"
+    stray.unlink()
+    prometheus(prom, "mf_load offset 1m", T0 + H, T0 + 2 * H, "1m", by=["app", "site"], out=str(tmp_path),
+               overwrite=True)
+    assert rows(tmp_path) == offset_rows(T0 + H, T0 + 2 * H)

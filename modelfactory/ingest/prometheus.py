@@ -13,7 +13,8 @@ Each (chunk, partition) becomes one file whose name derives from
 that file with the fresh rows plus the old rows at times they do not cover:
 never a duplicate, and never a loss of rows the server no longer holds.  Files
 are staged under a hidden temporary name and renamed only after every chunk
-succeeded, so a failed run leaves nothing behind.
+succeeded, so a failed run leaves nothing behind; those of a killed run are
+removed by the next ingest into the folder, once it holds the lock.
 
 One folder, one dataset.  The first commit records the query, step and partition labels
 in ``_ingest.json``; a later ingest with another query or step is refused before any
@@ -65,6 +66,10 @@ CHUNK_POINTS = 11_000
 DEFINITION_NAME = "_ingest.json"
 #: The name of a file an ingest writes: chunk start, then a hash of (query, step, chunk start).
 _INGEST_FILE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{16})\.parquet$")
+#: The hidden name a file is staged under (:func:`_stage`) until the commit renames it.
+_STAGED_FILE = re.compile(r"^\.\d{8}T\d{6}Z-[0-9a-f]{16}\.parquet\.[0-9a-f]{32}\.tmp$")
+#: The hidden name ``_ingest.json`` is written under before it is renamed (:func:`_write_definition`).
+_DEFINITION_TMP = re.compile(r"^\._ingest\.json\.[0-9a-f]{32}\.tmp$")
 TOKEN_ENV = "MODELFACTORY_PROM_TOKEN"
 PASSWORD_ENV = "MODELFACTORY_PROM_PASSWORD"
 _BACKOFF_S = 0.5  # first retry delay, doubled per attempt
@@ -227,6 +232,7 @@ def prometheus(
     chunks = plan_chunks(_parse_time(start, "start", now), _parse_time(end, "end", now), spec.step_ms)
     fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
     with _locked(spec, fs, root) as lock:
+        _remove_leftovers(spec, fs, root)
         earlier = _check_dataset(spec, fs, root)
         log.info("ingesting %s from %s in %d chunks", spec.query, spec.display_url, len(chunks))
         results = _run_chunks(spec, chunks, concurrency)
@@ -383,6 +389,7 @@ def _check_dataset(spec: PrometheusSpec, fs: Any, root: str) -> dict | None:
     """Refuse an ingest whose rows would not be of the dataset already in ``out`` (another
     ``by``, query or step), unless it starts over; return the dataset's recorded definition."""
     if spec.overwrite:
+        _check_foreign(spec, fs, root)
         return None
     _check_layout(spec)
     path = f"{root.rstrip('/')}/{DEFINITION_NAME}"
@@ -443,18 +450,79 @@ def _step_text(step_ms: Any) -> str:
     return f"{_seconds(step_ms)}s" if isinstance(step_ms, int) and step_ms > 0 else repr(step_ms)
 
 
-def _ingested(fs: Any, root: str) -> list[str]:
-    """The files of earlier ingests under ``root`` (relative paths): named like :func:`_file_name`,
-    in partition folders (``k=v``), not hidden; other files are not the ingest's to judge or delete."""
+def _files(fs: Any, root: str) -> list[str]:
+    """Every file under ``root``, hidden ones too, as paths relative to it."""
     base = root.rstrip("/")
     fs.invalidate_cache(base)
     try:
         found = fs.find(base) if fs.isdir(base) else []
     except FileNotFoundError:
         return []
-    rels = [p[len(base) + 1:] for p in found if p.startswith(base + "/")]
-    return sorted(r for r in rels if _INGEST_FILE.match(r.rsplit("/", 1)[-1])
-                  and all("=" in d and d[0] != "." for d in r.split("/")[:-1]))
+    return [p[len(base) + 1:] for p in found if p.startswith(base + "/")]
+
+
+def _in_partitions(rel: str) -> bool:
+    """Whether the file ``rel`` lies in partition folders (``k=v``, not hidden), or at the root."""
+    return all("=" in d and d[0] != "." for d in rel.split("/")[:-1])
+
+
+def _ingested(fs: Any, root: str) -> list[str]:
+    """The files of earlier ingests under ``root`` (relative paths): named like :func:`_file_name`,
+    in partition folders (``k=v``), not hidden; other files are not the ingest's to judge or delete."""
+    return sorted(r for r in _files(fs, root) if _ours(r))
+
+
+def _ours(rel: str) -> bool:
+    """Whether ``rel`` is named like a file an ingest commits (:func:`_file_name`), where it puts it."""
+    return bool(_INGEST_FILE.match(rel.rsplit("/", 1)[-1])) and _in_partitions(rel)
+
+
+def _remove_leftovers(spec: PrometheusSpec, fs: Any, root: str) -> None:
+    """Delete the hidden temporary files that an ingest killed before its commit left in ``root``
+    (staged chunk files, a half-written ``_ingest.json``).  Only the holder of the folder's lock
+    writes them, and this ingest holds it, so none belongs to a running ingest; Parquet readers
+    skip them, but they would pile up, one set per killed run (on S3, bytes billed for ever)."""
+    try:
+        rels = _files(fs, root)
+    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+        raise IngestError(f"Could not list out={spec.out!r}: {describe_error(err)}. Check that out / --out "
+                          "is readable (and storage_options for remote stores).") from err
+    left = [r for r in rels if _in_partitions(r) and (_STAGED_FILE.match(r.rsplit("/", 1)[-1])
+                                                      or ("/" not in r and _DEFINITION_TMP.match(r)))]
+    if not left:
+        return
+    base = root.rstrip("/")
+    log.warning("removing %d temporary file(s) left in %s by an ingest that did not finish (killed?), e.g. %s",
+                len(left), spec.out, left[0])
+    for rel in left:
+        try:
+            fs.rm_file(f"{base}/{rel}")  # one at a time: rm reads its paths as glob patterns on object stores
+        except FileNotFoundError:
+            pass
+        except Exception as err:  # noqa: BLE001 - they are hidden: the ingest itself can go on
+            log.warning("could not remove the temporary file %s/%s: %s", base, rel, describe_error(err))
+
+
+def _check_foreign(spec: PrometheusSpec, fs: Any, root: str) -> None:
+    """Refuse to start a dataset over while ``out`` holds Parquet files no ingest wrote: overwrite
+    deletes only the ingest's own files, so these would be read beside the new rows as one dataset,
+    and deleting them could destroy data that exists nowhere else."""
+    try:
+        rels = _files(fs, root)
+    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+        raise IngestError(f"Could not list out={spec.out!r}: {describe_error(err)}. Check that out / --out "
+                          "is readable (and storage_options for remote stores).") from err
+    foreign = sorted(r for r in rels if r.endswith(".parquet") and not _ours(r)
+                     and not any(part[0] in "._" for part in r.split("/")))
+    if foreign:
+        base = spec.out.rstrip("/")
+        shown = ", ".join(f"{base}/{r}" for r in foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                                                    if len(foreign) > 3 else "")
+        raise IngestError(
+            f"out={spec.out!r} holds {len(foreign)} Parquet file(s) that no ingest wrote: {shown}. Overwrite "
+            "deletes only the files ingests wrote (<chunk start>-<hash>.parquet in partition folders), so these "
+            "would be read beside the new rows as one dataset. Move or delete them (or ingest into another "
+            "out / --out), then rerun with overwrite=True / --overwrite.")
 
 
 def _remove_ingested(fs: Any, root: str) -> None:
