@@ -19,6 +19,11 @@ deletes it and none deletes the fresh lock another made since.  The holder check
 the lock is still its own before it commits.
 
 The name starts with ``_``: Parquet readers (Spark's rule, pyarrow, modelfactory) skip it.
+
+Where it lives.  The lock needs five things of the folder's storage: an exclusive create, a read
+with the modification time, a removal, the storage's clock, and a refresh of the modification
+time.  A local (or network) disk and an fsspec store do each differently; :class:`_Disk` and
+:class:`_Fsspec` hold those differences, so :class:`FolderLock` is written once for both.
 """
 from __future__ import annotations
 
@@ -55,8 +60,8 @@ class FolderLock:
     """
 
     def __init__(self, fs: Any, root: str, out: str) -> None:
-        self.fs, self.out = fs, out
-        self.local = _is_local(fs)
+        self.out = out
+        self.store: _Disk | _Fsspec = _Disk() if _is_local(fs) else _Fsspec(fs)
         self.root = root.rstrip("/")
         self.path = f"{self.root}/{LOCK_NAME}"
         self.shown = f"{out.rstrip('/')}/{LOCK_NAME}"
@@ -76,9 +81,7 @@ class FolderLock:
 
     def acquire(self) -> None:
         """Create the lock, taking over a stale one; raise :class:`IngestError` if it is held."""
-        if self.local:  # the folder must exist to hold the lock; it is removed again if left empty
-            self._made_root = not os.path.isdir(self.root)
-            os.makedirs(self.root, exist_ok=True)
+        self._made_root = self.store.make_folder(self.root)  # removed again if left empty
         for _ in range(_ATTEMPTS):  # a lock that vanished, or is being taken over: look again
             try:
                 self._create()
@@ -115,10 +118,7 @@ class FolderLock:
         except Exception as err:  # noqa: BLE001 - best effort: the ingest's own outcome is what matters
             log.warning("could not remove the lock %s: %s; delete it by hand", self.shown, describe_error(err))
         if self._made_root:
-            try:
-                os.rmdir(self.root)  # only if empty: a failed first ingest leaves no folder
-            except OSError:
-                pass
+            self.store.remove_empty_folder(self.root)  # a failed first ingest leaves no folder
 
     def check(self) -> None:
         """Raise :class:`IngestError` unless the lock is still this ingest's (call before committing)."""
@@ -140,34 +140,13 @@ class FolderLock:
     def _create(self, path: str | None = None) -> None:
         """Create the lock file (or ``path``) holding this ingest's token if it does not exist,
         or raise FileExistsError."""
-        path, data = path or self.path, self._content()
-        if self.local:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return
-        try:
-            self.fs.pipe_file(path, data, mode="create")  # S3: If-None-Match: *
-        except TypeError:  # a filesystem with no exclusive create: look, then write
-            self.fs.invalidate_cache(path)
-            if self.fs.exists(path):
-                raise FileExistsError(path) from None
-            self.fs.pipe_file(path, data)
-        self.fs.invalidate_cache(path)  # a store that ignored the condition: the last writer holds it
-        if json.loads(self.fs.cat_file(path)).get("token") != self.token:
-            raise FileExistsError(path)
+        self.store.create(path or self.path, self._content())
 
     def _read(self, path: str | None = None) -> dict | None:
         """``{"info": the lock's JSON (empty if unreadable), "raw": bytes, "mtime": unix seconds}``
         of the lock (or ``path``), or None if there is none."""
-        path = path or self.path
         try:
-            if self.local:
-                with open(path, "rb") as f:
-                    raw, mtime = f.read(), os.fstat(f.fileno()).st_mtime
-            else:
-                self.fs.invalidate_cache(path)
-                raw, mtime = self.fs.cat_file(path), self.fs.modified(path).timestamp()
+            raw, mtime = self.store.read(path or self.path)
         except FileNotFoundError:
             return None
         try:
@@ -177,28 +156,11 @@ class FolderLock:
         return {"info": info if isinstance(info, dict) else {}, "raw": raw, "mtime": mtime}
 
     def _now(self) -> float:
-        """The store's time now (unix seconds): the modification time it stamps on a probe
-        written beside the lock, and removed at once."""
-        probe = f"{self.path}.now-{self.token}"
-        if self.local:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                return os.fstat(fd).st_mtime
-            finally:
-                os.close(fd)
-                self._remove_quietly(probe)
-        self.fs.pipe_file(probe, b"")
-        try:
-            self.fs.invalidate_cache(probe)
-            return self.fs.modified(probe).timestamp()
-        finally:
-            self._remove_quietly(probe)
+        """The store's time now (unix seconds), from a probe written beside the lock."""
+        return self.store.now(f"{self.path}.now-{self.token}")
 
     def _remove(self, path: str) -> None:
-        if self.local:
-            os.remove(path)
-        else:
-            self.fs.rm_file(path)
+        self.store.remove(path)
 
     # -- stale locks ------------------------------------------------------------------------
 
@@ -249,10 +211,7 @@ class FolderLock:
                 held = self._read()
                 if held is None or held["info"].get("token") != self.token:
                     return  # taken over: check() says so before any commit
-                if self.local:
-                    os.utime(self.path)
-                else:
-                    self.fs.pipe_file(self.path, held["raw"])  # a new LastModified
+                self.store.touch(self.path, held["raw"])
             except Exception as err:  # noqa: BLE001 - a store hiccup: try again at the next beat
                 log.warning("could not refresh the lock %s: %s", self.shown, describe_error(err))
 
@@ -272,6 +231,101 @@ class FolderLock:
                 f"again. A crashed ingest's lock is taken over once its process is gone (same host) or it has "
                 f"had no heartbeat for {STALE_S:g} s; delete {self.shown} by hand only if you are sure that "
                 "ingest is not running.")
+
+
+class _Disk:
+    """The lock's file operations on a local or network disk (``O_EXCL``, ``fstat``, ``utime``)."""
+
+    def make_folder(self, root: str) -> bool:
+        """Make ``root`` (the lock needs a folder to sit in); whether it was made now."""
+        made = not os.path.isdir(root)
+        os.makedirs(root, exist_ok=True)
+        return made
+
+    def remove_empty_folder(self, root: str) -> None:
+        try:
+            os.rmdir(root)  # only if empty
+        except OSError:
+            pass
+
+    def create(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` if there is no such file, or raise FileExistsError."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    def read(self, path: str) -> tuple[bytes, float]:
+        """The bytes of ``path`` and its modification time, or FileNotFoundError."""
+        with open(path, "rb") as f:
+            return f.read(), os.fstat(f.fileno()).st_mtime
+
+    def now(self, probe: str) -> float:
+        """The disk's time now: the modification time its server stamps on ``probe``, removed at once."""
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            _quietly(self.remove, probe)
+
+    def touch(self, path: str, raw: bytes) -> None:
+        """Give ``path`` (which holds ``raw``) a new modification time."""
+        os.utime(path)
+
+    def remove(self, path: str) -> None:
+        os.remove(path)
+
+
+class _Fsspec:
+    """The lock's file operations on an fsspec store (S3: a conditional put, ``LastModified``)."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def make_folder(self, root: str) -> bool:
+        return False  # object stores have no folders (and makedirs would create a bucket)
+
+    def remove_empty_folder(self, root: str) -> None:
+        pass
+
+    def create(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` if there is no such object, or raise FileExistsError."""
+        try:
+            self.fs.pipe_file(path, data, mode="create")  # S3: If-None-Match: *
+        except TypeError:  # a filesystem with no exclusive create: look, then write
+            self.fs.invalidate_cache(path)
+            if self.fs.exists(path):
+                raise FileExistsError(path) from None
+            self.fs.pipe_file(path, data)
+        self.fs.invalidate_cache(path)  # a store that ignored the condition: the last writer holds it
+        if self.fs.cat_file(path) != data:
+            raise FileExistsError(path)
+
+    def read(self, path: str) -> tuple[bytes, float]:
+        self.fs.invalidate_cache(path)
+        return self.fs.cat_file(path), self.fs.modified(path).timestamp()
+
+    def now(self, probe: str) -> float:
+        """The store's time now: the ``LastModified`` it stamps on ``probe``, removed at once."""
+        self.fs.pipe_file(probe, b"")
+        try:
+            self.fs.invalidate_cache(probe)
+            return self.fs.modified(probe).timestamp()
+        finally:
+            _quietly(self.remove, probe)
+
+    def touch(self, path: str, raw: bytes) -> None:
+        self.fs.pipe_file(path, raw)  # a new LastModified
+
+    def remove(self, path: str) -> None:
+        self.fs.rm_file(path)
+
+
+def _quietly(remove: Any, path: str) -> None:
+    try:
+        remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _running(pid: int) -> bool:
