@@ -1076,3 +1076,39 @@ def test_overwrite_refuses_parquet_files_no_ingest_wrote_and_names_them(prom, tm
     prometheus(prom, "mf_load offset 1m", T0 + H, T0 + 2 * H, "1m", by=["app", "site"], out=str(tmp_path),
                overwrite=True)
     assert rows(tmp_path) == offset_rows(T0 + H, T0 + 2 * H)
+
+
+def test_a_query_reformatted_outside_its_strings_is_the_same_dataset_and_names_the_same_files(prom, tmp_path):
+    """A nightly query reformatted (line breaks, spaces) was refused as another query and needed
+    --overwrite, which deletes history Prometheus may no longer hold.  Whitespace outside string
+    literals does not change a query: it is accepted and writes the files the recorded text named
+    (their names hash the query), so no row is stored twice.  Inside a quoted label value a space
+    is a real change, and is refused."""
+    recorded = 'sum by (app, site, instance, __name__) (mf_load{app=~"shop|search", site!="eu/west 1"})'
+    prometheus(prom, recorded, T0, T0 + H, "1m", by=["app", "site"], out=str(tmp_path))
+    names = files(tmp_path)
+    again = 'sum by(app,site,instance,__name__)(\n    mf_load{ app =~ "shop|search" , site != "eu/west 1" }\n)'
+    s = prometheus(prom, again, T0 + 60, T0 + 2 * H, "1m", by=["app", "site"], out=str(tmp_path))
+    assert s.rows and files(tmp_path) == names and definition(tmp_path)["query"] == recorded   # one chunk: its files
+    want = sorted(r for r in ps.expected(T0, T0 + 2 * H, 60) if r[1] != "eu/west 1")
+    assert rows(tmp_path) == want   # each point once
+    changed = recorded.replace("eu/west 1", "eu/west  1")   # the same but for a space inside a quoted value
+    asked = ps.query_range_requests(prom)
+    with pytest.raises(IngestError, match=r"holds the dataset of another query: its _ingest\.json records the query "
+                                          r"'sum by \(app, site, instance, __name__\) \(mf_load\{.*site!=\"eu/west 1\"\}\)'"):
+        prometheus(prom, changed, T0, T0 + H, "1m", by=["app", "site"], out=str(tmp_path))
+    assert ps.query_range_requests(prom) == asked and rows(tmp_path) == want
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("sum by (app) (rate(x[5m]))", "sum  by(app)(\n\trate( x [ 5m ] ) )", True),
+    ("x[1h : 5m] offset 1d", "x[1h:5m] offset 1d", True),
+    ("x offset 1d", "x offset1d", False),                        # a space between words separates them
+    ('x{a="b c"}', 'x{a="b  c"}', False),                        # inside a string: a real change
+    ("x{a='it\\'s  b'}", "x{a='it\\'s b'}", False),             # an escaped quote does not end it
+    ("x{a=`raw  \\`}", "x{a=`raw \\`}", False),                  # nor does a backslash in a raw string
+    ('x # a comment with a "quote\n + 1', 'x  # a comment with a "quote\n+ 1', True),
+    ("x # + 1\n", "x + 1", False),                               # a comment is not code
+])
+def test_promql_whitespace_outside_strings_is_not_a_change(a, b, same):
+    assert (promod._promql_form(a) == promod._promql_form(b)) is same

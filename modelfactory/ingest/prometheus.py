@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from http.client import HTTPException
 from typing import Any, Union
@@ -234,6 +234,7 @@ def prometheus(
     with _locked(spec, fs, root) as lock:
         _remove_leftovers(spec, fs, root)
         earlier = _check_dataset(spec, fs, root)
+        spec = _as_recorded(spec, earlier)
         log.info("ingesting %s from %s in %d chunks", spec.query, spec.display_url, len(chunks))
         results = _run_chunks(spec, chunks, concurrency)
         series = frozenset().union(*(r.series for r in results))
@@ -414,13 +415,57 @@ def _check_dataset(spec: PrometheusSpec, fs: Any, root: str) -> dict | None:
     if earlier is None:
         _check_file_names(spec, fs, root)  # written before the definition was recorded
         return None
-    changed = [k for k in ("query", "step_ms") if earlier.get(k) != _definition(spec)[k]]
+    changed = ["step_ms"] if earlier.get("step_ms") != spec.step_ms else []
+    if not isinstance(earlier.get("query"), str) or _promql_form(earlier["query"]) != _promql_form(spec.query):
+        changed.insert(0, "query")
     if changed:
         raise IngestError(_another_definition(spec, " and ".join(
             "step" if k == "step_ms" else k for k in changed), (
             f"its {DEFINITION_NAME} records the query {earlier.get('query')!r} at step "
             f"{_step_text(earlier.get('step_ms'))}")))
     return earlier
+
+
+def _as_recorded(spec: PrometheusSpec, earlier: dict | None) -> PrometheusSpec:
+    """``spec`` with the query text recorded in ``earlier`` when its own differs only in whitespace
+    (:func:`_promql_form`): file names hash the query text, so a reformatted query must name the
+    files as the recorded one did, or every rerun would write its rows a second time beside them."""
+    if earlier is None or earlier.get("query") == spec.query:
+        return spec
+    log.info("the query %r differs from the one recorded in %s/%s only in whitespace: the files are named "
+             "from the recorded text %r", spec.query, spec.out.rstrip("/"), DEFINITION_NAME, earlier["query"])
+    return replace(spec, query=earlier["query"])
+
+
+#: A PromQL string literal ("...", '...' with backslash escapes, `...` raw), a comment, a run of
+#: whitespace, a run of other characters, or one stray character (an unterminated quote).
+_PROMQL_PART = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`|#[^\n]*|\s+|[^"'`#\s]+|.""", re.S)
+_WORD_CHAR = re.compile(r"[A-Za-z0-9_.]")
+
+
+def _promql_form(query: str) -> str:
+    """``query`` with its whitespace outside string literals normalised, to tell a reformatted
+    query from a changed one: whitespace between two word characters (``sum by``, ``x offset
+    5m``) becomes one space, any other goes (``by (app)`` is ``by(app)``).  String literals stay
+    as they are (a space inside a quoted label value is a real change), and so do comments.
+
+    >>> _promql_form('sum by (app, site) (\\n  rate(x{a="b c"}[5m] ) )')
+    'sum by(app,site)(rate(x{a="b c"}[5m]))'
+    >>> _promql_form('x{a="b c"}') == _promql_form('x{a="b  c"}')
+    False
+    """
+    out: list[str] = []
+    space = False
+    for m in _PROMQL_PART.finditer(query):
+        part = m.group()
+        if part.isspace():
+            space = True
+            continue
+        if space and out and _WORD_CHAR.match(out[-1][-1]) and _WORD_CHAR.match(part[0]):
+            out.append(" ")
+        out.append(part.rstrip() + "\n" if part[0] == "#" else part)  # a comment runs to the line's end
+        space = False
+    return "".join(out).rstrip("\n")
 
 
 def _check_file_names(spec: PrometheusSpec, fs: Any, root: str) -> None:
