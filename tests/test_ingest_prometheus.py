@@ -1112,3 +1112,16 @@ def test_a_query_reformatted_outside_its_strings_is_the_same_dataset_and_names_t
 ])
 def test_promql_whitespace_outside_strings_is_not_a_change(a, b, same):
     assert (promod._promql_form(a) == promod._promql_form(b)) is same
+
+
+def test_the_chunk_fetcher_is_not_public():
+    """fetch_chunk was exported and documented as mappable on a cluster, but called on its own it
+    skipped the folder's lock and the definition check (and a lock holder now deletes the files it
+    stages): it is private, and the old name says what to call instead."""
+    with pytest.raises(AttributeError, match=r"fetch_chunk is no longer public: called on its own it skipped the "
+                                             r"folder's lock .*Call prometheus\(\.\.\.\)"):
+        promod.fetch_chunk
+    with pytest.raises(ImportError):
+        exec("from modelfactory.ingest.prometheus import fetch_chunk", {})
+    assert "fetch_chunk" not in promod.__all__ and "fetch_chunk" not in Path(promod.__file__).with_name(
+        "__init__.py").read_text()

@@ -2,9 +2,10 @@
 
 Data flow: :func:`prometheus` validates its arguments into one frozen
 :class:`PrometheusSpec`, cuts the time range into :class:`Chunk` objects on a
-fixed grid, maps :func:`fetch_chunk` over them with a bounded thread pool, then
-commits the staged files.  :func:`fetch_chunk` is a plain top-level function of
-picklable arguments, so it can be mapped on any executor.
+fixed grid, maps :func:`_fetch_chunk` over them with a bounded thread pool, then
+commits the staged files.  :func:`_fetch_chunk` is private: called alone it would
+stage files into a folder whose lock it does not hold, for a dataset whose
+definition it has not checked, and leave the commit to its caller.
 
 Chunk grid.  Evaluation timestamps are multiples of ``step`` since the epoch,
 and chunk ``k`` holds the evaluation steps ``[k * CHUNK_POINTS, (k + 1) * CHUNK_POINTS)``.
@@ -53,7 +54,7 @@ from .._io import Location, _is_local, hive_folder
 from ..exceptions import IngestError, describe_error
 from ._lock import FolderLock
 
-__all__ = ["prometheus", "fetch_chunk", "plan_chunks", "PrometheusSpec", "Chunk",
+__all__ = ["prometheus", "plan_chunks", "PrometheusSpec", "Chunk",
            "ChunkResult", "IngestSummary", "MAX_POINTS", "CHUNK_POINTS"]
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ StepLike = Union[str, int, float, timedelta]
 
 @dataclass(frozen=True)
 class PrometheusSpec:
-    """Everything :func:`fetch_chunk` needs: validated, picklable, secrets kept out of ``repr``."""
+    """Everything :func:`_fetch_chunk` needs: validated, picklable, secrets kept out of ``repr``."""
 
     api_url: str            #: ``.../api/v1/query_range``, without user info
     display_url: str        #: the server as shown in messages (no user info, no query string)
@@ -116,7 +117,7 @@ class Chunk:
 
 @dataclass(frozen=True)
 class ChunkResult:
-    """What :func:`fetch_chunk` did; ``staged`` holds (temporary, final) paths to commit."""
+    """What :func:`_fetch_chunk` did; ``staged`` holds (temporary, final) paths to commit."""
 
     series: frozenset
     rows: int
@@ -272,11 +273,13 @@ def plan_chunks(start_ms: int, end_ms: int, step_ms: int) -> list[Chunk]:
             for k in range(first // span, last // span + 1)]
 
 
-def fetch_chunk(spec: PrometheusSpec, chunk: Chunk) -> ChunkResult:
+def _fetch_chunk(spec: PrometheusSpec, chunk: Chunk) -> ChunkResult:
     """Fetch one chunk (in requests of at most ``spec.max_points`` points) and stage its files.
 
     Staged files carry hidden temporary names (ignored by Parquet readers) until
-    the caller renames each ``(tmp, final)`` pair in ``ChunkResult.staged``.
+    the caller renames each ``(tmp, final)`` pair in ``ChunkResult.staged``.  Only
+    :func:`prometheus` calls it, holding the folder's lock (the next lock holder
+    deletes staged files it finds) after checking the dataset's definition.
     """
     opener = _opener(spec)
     series: dict[tuple, tuple[list[int], list[float]]] = {}
@@ -319,9 +322,18 @@ def fetch_chunk(spec: PrometheusSpec, chunk: Chunk) -> ChunkResult:
 # -- running -------------------------------------------------------------------------------
 
 
+def __getattr__(name: str) -> Any:
+    if name == "fetch_chunk":  # public until it was found to skip the lock and the definition check
+        raise AttributeError(
+            "fetch_chunk is no longer public: called on its own it skipped the folder's lock and the check "
+            "of the dataset's definition, and left its files uncommitted. Call prometheus(...), which fetches "
+            "the chunks in parallel (concurrency=) under the lock and commits them.")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _run_chunks(spec: PrometheusSpec, chunks: list[Chunk], concurrency: int) -> list[ChunkResult]:
     with ThreadPoolExecutor(max_workers=min(concurrency, len(chunks))) as pool:
-        futures = [pool.submit(fetch_chunk, spec, c) for c in chunks]
+        futures = [pool.submit(_fetch_chunk, spec, c) for c in chunks]
         _, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for f in pending:
             f.cancel()
