@@ -640,7 +640,7 @@ def _cmd_models_show(args) -> int:
 
 def _show(st, args, parse_key) -> int:
     if args.key:
-        model = st.load(parse_key(args.key), run=args.run, trust=args.trust)
+        model = _load_for_show(st, parse_key(args.key), args)
         info = {"model": type(model).__name__, "params": model.get_params() if hasattr(model, "get_params") else {}}
         if hasattr(model, "get_state"):
             info["state"] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in model.get_state().items()}
@@ -681,6 +681,26 @@ def _show(st, args, parse_key) -> int:
         print(f"  ... {len(not_ok) - len(failed):,} more groups not ok: all are in ModelStore(...).groups() "
               f"and in `report --store {args.store}`")
     return 0
+
+
+def _load_for_show(st, key: dict, args):
+    """``st.load(key)``; when it fails and a stored key matches ``key`` in another type or format
+    (``site=7`` for a run keyed ``"07"``), the error says so, as scoring does."""
+    from .exceptions import StoreError
+    from .scoring import loose_key_hint
+
+    try:
+        return st.load(key, run=args.run, trust=args.trust)
+    except StoreError as err:
+        try:
+            man = st.manifest(args.run)
+            hint = loose_key_hint(st.location, man["parts"], tuple(man["spec"]["by"]), key)
+        except Exception as why:  # noqa: BLE001 - a hint: never worth hiding the error it adds to
+            log.debug("no loose-key hint for %s: %s", key, why)
+            hint = None
+        if hint is None:
+            raise
+        raise StoreError(f"{err} {hint}") from err
 
 
 def _cmd_plot(args) -> int:

@@ -19,13 +19,13 @@ import pyarrow.compute as pc
 
 from ._io import Location, PartInfo, hive_folder, parquet_bytes
 from .dataset import read_files
-from .exceptions import GROUP_ERRORS
+from .exceptions import GROUP_ERRORS, StoreError
 from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _times, describe_error, one_thread,
                      split_groups)
 from .models.base import SeriesBatch
 from .plan import WorkUnit
 
-__all__ = ["ModelSource", "score_unit", "score_table", "SCORE_COLUMNS", "loose_key_matches"]
+__all__ = ["ModelSource", "score_unit", "score_table", "SCORE_COLUMNS", "loose_key_matches", "loose_key_hint"]
 
 SCORE_COLUMNS = ("expected", "lower", "upper", "score", "is_anomaly")
 
@@ -463,10 +463,17 @@ def loose_key_matches(store: Location, parts, by: tuple[str, ...], missing: pa.T
     is a hint, the models are not used).  Scoring itself never matches keys loosely: two
     spellings of a key may be two series, and only the user can tell.
     """
-    import pyarrow.parquet as pq
-
     if not missing.num_rows or not parts:
         return [], None
+    stored = _stored_keys(store, parts, by)
+    if stored is None:
+        return [], None
+    return _loose_hits(missing, stored, found, by)
+
+
+def _stored_keys(store: Location, parts, by: tuple[str, ...]) -> pa.Table | None:
+    """The key columns of the run's ``parts`` (the readable ones), or None if none can be read."""
+    import pyarrow.parquet as pq
 
     # Only the footer and the key columns' bytes: opened with fsspec's defaults, an object
     # store's file reads ahead in blocks of 50 MB, so every part was downloaded whole (its
@@ -486,9 +493,12 @@ def loose_key_matches(store: Location, parts, by: tuple[str, ...], missing: pa.T
     # a few requests a part: on an object store, one after the other, seconds for a run of a few hundred parts
     with ThreadPoolExecutor(max_workers=min(16, len(parts))) as pool:
         tables = [t for t in pool.map(keys_of, parts) if t is not None]
-    if not tables:
-        return [], None
-    stored = pa.concat_tables(tables, promote_options="permissive")
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+def _loose_hits(missing: pa.Table, stored: pa.Table, found: pa.Table,
+                by: tuple[str, ...]) -> tuple[list[int], tuple[dict, dict, dict] | None]:
+    """:func:`loose_key_matches` on the key columns ``stored`` read already."""
     names = [f"k{i}" for i in range(len(by))]
     loose_missing = _loose_table(missing, by, names).append_column("_m", pa.array(np.arange(missing.num_rows)))
     loose_stored = _loose_table(stored, by, names).append_column("_s", pa.array(np.arange(stored.num_rows)))
@@ -503,6 +513,45 @@ def loose_key_matches(store: Location, parts, by: tuple[str, ...], missing: pa.T
     example = (missing.slice(m, 1).to_pylist()[0], stored.slice(s_, 1).to_pylist()[0],
                {k: stored.schema.field(k).type for k in by})
     return sorted(set(hits["_m"].to_pylist())), example
+
+
+def loose_key_hint(store: Location, parts, by: tuple[str, ...], key: dict) -> str | None:
+    """For a ``key`` (values as text, as ``--key`` gives them) that names no group of the run whose
+    ``parts`` these are: the hint :func:`loose_key_reason` gives scoring, when a stored key matches
+    it in another type or format (``site=7`` for ``"07"``), with the ``--key`` that names it; else
+    None.  None too when the key names a group exactly: whatever failed, it was not the key."""
+    from .plot import format_key
+
+    if not parts or set(key) != set(by):
+        return None
+    stored = _stored_keys(store, parts, by)
+    if stored is None or _names_exactly(stored, by, key):
+        return None
+    want = pa.table({k: pa.array([str(key[k])], pa.string()) for k in by})
+    _, example = _loose_hits(want, stored, want.slice(0, 0), by)
+    if example is None:
+        return None
+    _, theirs, types = example
+    diffs = [k for k in by if str(key[k]) != str(theirs[k])] or list(by)
+    shown = "; ".join(f"{k!r} is {str(key[k])!r} in --key but {theirs[k]!r} ({types[k]}) in the run" for k in diffs)
+    return (f"Its key matches one of the run's written in another type or format (e.g. {shown}): keys match "
+            f"exactly, so give the key as the run has it: --key {format_key(theirs)}.")
+
+
+def _names_exactly(stored: pa.Table, by: tuple[str, ...], key: dict) -> bool:
+    """Whether the stored keys hold ``key`` as :meth:`ModelStore.load` looks it up (each value
+    converted to its column's type)."""
+    from .store import typed_key_value
+
+    mask = None
+    for k in by:
+        try:
+            value = typed_key_value(k, key[k], stored.schema.field(k).type, "")
+        except StoreError:  # it does not convert to the stored type: no stored key is it
+            return False
+        m = pc.fill_null(pc.equal(stored[k], value), False)
+        mask = m if mask is None else pc.and_(mask, m)
+    return bool(pc.any(mask).as_py())
 
 
 def loose_key_reason(run_id: str, by: tuple[str, ...], example: tuple[dict, dict, dict], data_types: dict,

@@ -688,3 +688,30 @@ def test_ctrl_c_during_train_names_the_run_to_resume(tmp_path):
     assert proc.returncode == 130, err
     assert err.count("error:") == 1 and "Traceback" not in err
     assert f"--resume {pending['run_id']}" in err and "interrupted" in err
+
+
+def test_models_show_of_a_key_written_otherwise_than_in_training_gives_the_hint_score_gives(tmp_path, capsys):
+    """`models show --key site=7` against a run keyed '07' said only 'No group', where score says
+    the key matches one of the run's written in another type or format.  It says so too, with the
+    --key that names the group; a key that matches none loosely gets no hint."""
+    from modelfactory.demo import make_table
+
+    t = make_table(3, days=3, apps=1, spikes=0).to_pandas()
+    t["site"] = t["site"].map({"site-00000": "07", "site-00001": "08", "site-00002": "09"})
+    t.to_parquet(tmp_path / "d.parquet")
+    store = str(tmp_path / "s")
+    assert main(["train", str(tmp_path / "d.parquet"), "--by", "site", "--time", "ts", "--target", "value",
+                 "--store", store, "--scheduler", "inline", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["models", "show", "--store", store, "--key", "site=7"]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert captured.out == "" and line.startswith("error: No group {'site': '7'} in run ")
+    assert line.endswith("Its key matches one of the run's written in another type or format (e.g. 'site' is '7' in "
+                         "--key but '07' (large_string) in the run): keys match exactly, so give the key as the run "
+                         "has it: --key site=07."), line
+    assert main(["models", "show", "--store", store, "--key", "site=5"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: No group {'site': '5'} in run ") and "another type or format" not in line
+    assert main(["models", "show", "--store", store, "--key", "site=07", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]
