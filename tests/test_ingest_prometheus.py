@@ -1122,6 +1122,6 @@ def test_the_chunk_fetcher_is_not_public():
                                              r"folder's lock .*Call prometheus\(\.\.\.\)"):
         promod.fetch_chunk
     with pytest.raises(ImportError):
-        exec("from modelfactory.ingest.prometheus import fetch_chunk", {})
+        from modelfactory.ingest.prometheus import fetch_chunk  # noqa: F401
     assert "fetch_chunk" not in promod.__all__ and "fetch_chunk" not in Path(promod.__file__).with_name(
         "__init__.py").read_text()
