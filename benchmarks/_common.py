@@ -22,6 +22,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+# Every benchmark measures the modelfactory of this checkout, not whatever is installed (an
+# editable install may point at another clone, or none be installed): the scripts import this
+# module before modelfactory, and Dask's spawned workers inherit sys.path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
 __all__ = ["OTHER_BENCHMARKS", "GroupedDataset", "Timer", "busy_cpu_seconds", "fmt_int", "fmt_sec",
            "format_table", "git_revision", "load_average", "machine_info", "other_benchmarks",
            "parse_sizes", "wait_for_quiet", "wait_for_turn", "write_grouped_dataset"]

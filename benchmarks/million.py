@@ -27,8 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from _bench import PeakRSS  # benchmarks/_bench.py: peak RSS of the whole process tree (first: this checkout)
+
 import modelfactory
-from _bench import PeakRSS  # benchmarks/_bench.py: peak RSS of the whole process tree
 from modelfactory.demo import make_table
 
 PER_APP = 5_000

@@ -49,6 +49,8 @@ import warnings
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+import _common  # noqa: F401 - puts this checkout's modelfactory first on sys.path
+
 HOUR = 3600
 WEEK = 168
 KINDS = ("spike", "dip", "level_shift", "variance", "season_break")
