@@ -301,17 +301,17 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
 
 
 def check_code(client, spec: JobSpec) -> None:
-    """Raise :class:`ClusterError` unless the scheduler and every worker can load the code of
-    ``spec`` (its function, its model class), run this modelfactory, and hold the same version
-    of that code.
+    """Raise :class:`ClusterError` unless every worker can load the code of ``spec`` (its
+    function, its model class) and holds the same version of it, and the scheduler and every
+    worker run this modelfactory.
 
     A user function or model class travels by reference to its module (cloudpickle, as Dask
-    sends it), so that module must be importable there.  Without this check, a scheduler
-    lacking it failed the run with Dask's "Error during deserialization of the task graph"
-    (the module named only in the scheduler's log), and a worker lacking it was shut down by
-    Dask on receiving a unit (every worker in turn), the run then waiting for ever for one.
-    A job on ``memory://`` storage with workers in other processes is refused first
-    (:func:`_check_in_process_storage`).
+    sends it), so that module must be importable on the workers.  Without this check, a worker
+    lacking it was shut down by Dask on receiving a unit (every worker in turn), the run then
+    waiting for ever for one.  The scheduler needs no user code: it never loads a spec's
+    (:meth:`JobSpec.__reduce__` ships it as bytes that only a unit's task loads), so a
+    scheduler image without the user's module is fine.  A job on ``memory://`` storage with
+    workers in other processes is refused first (:func:`_check_in_process_storage`).
     """
     if client is None:
         return
@@ -320,7 +320,7 @@ def check_code(client, spec: JobSpec) -> None:
 
     from . import __version__
 
-    def probe(blob: bytes) -> tuple:
+    def probe(blob: bytes | None) -> tuple:
         # defined here, so it travels by value: it runs on a cluster whose modelfactory
         # differs from this one (or that has none), to say so
         import pickle
@@ -330,6 +330,8 @@ def check_code(client, spec: JobSpec) -> None:
             version = modelfactory.__version__
         except Exception:  # noqa: BLE001
             version = None
+        if blob is None:  # the scheduler: its modelfactory only
+            return version, None, {}
         try:
             loaded = pickle.loads(blob)
         except Exception as err:  # noqa: BLE001 - reported to the client, by name
@@ -345,7 +347,7 @@ def check_code(client, spec: JobSpec) -> None:
     # model index grow with the input (a score of a million groups)
     code_of = (spec.func, spec.model)
     blob = cloudpickle.dumps(code_of)
-    answers = {"the scheduler": client.run_on_scheduler(probe, blob)}
+    answers = {"the scheduler": client.run_on_scheduler(probe, None)}
     for address, got in sorted(client.run(probe, blob, on_error="ignore").items()):
         answers[f"the worker at {address}"] = got
 
@@ -365,9 +367,9 @@ def check_code(client, spec: JobSpec) -> None:
     if problems:
         raise ClusterError(
             f"{first(problems)} cannot load this job's code: {next(iter(problems.values()))}. A function or model "
-            "class goes to the Dask scheduler and workers by the name of its module: install that module (and "
-            "what it imports) where they run, or put it on their PYTHONPATH, and restart them after changing "
-            "it; or send it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
+            "class goes to the Dask workers by the name of its module: install that module (and what it imports) "
+            "where they run, or put it on their PYTHONPATH, and restart them after changing it; or send it by "
+            "value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
 
     try:
         mine = kernel.code_digests(*code_of)

@@ -63,6 +63,10 @@ def tagged(df):
     return pd.DataFrame({"app": [df.app.iloc[0]], "site": [df.site.iloc[0]], "tag": ["v1"]})
 
 
+def per_key(key):
+    return {"double": 2 * key}
+
+
 def crash_on(marker, df):
     if df.site.iloc[0] == marker:
         os._exit(1)
@@ -117,10 +121,11 @@ def spread(tmp_path) -> str:
     return write(pa.Table.from_pandas(t, preserve_index=False), tmp_path / "spread", ["part"])
 
 
-def _cluster(tmp_path, code: str, good_workers: int, env: dict | None = None) -> DaskProcesses:
-    # the scheduler unpickles the task graph, so it needs the module (check_code says so otherwise)
+def _cluster(tmp_path, code: str, good_workers: int, scheduler_code: bool = True, env: dict | None = None
+             ) -> DaskProcesses:
     return DaskProcesses(tmp_path / "dask", workers=good_workers, env={"PYTHONPATH": code, **(env or {})},
-                         scheduler_env={"PYTHONPATH": code, **(env or {})}).start()
+                         scheduler_env={"PYTHONPATH": code if scheduler_code else "/nonexistent",
+                                        **(env or {})}).start()
 
 
 def _add_bad_worker(procs: DaskProcesses, name: str, path: str = "/nonexistent"):
@@ -394,5 +399,34 @@ def test_a_run_whose_only_workers_have_another_version_fails_every_group_saying_
         for error in run.groups.error:
             assert "another version of this job's code" in error and f"{mod.__name__}.tagged differs" in error
             assert "Restart that worker" in error and "no worker of the cluster could run the client's version" in error
+    finally:
+        procs.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_scheduler_without_the_users_module_runs_jobs_on_workers_that_have_it(
+        tmp_path, leaves, spread, late_module):
+    """A scheduler image without the user's code: the code check refused every job ("The
+    scheduler cannot load this job's code"), though the scheduler never loads it."""
+    code, mod = late_module
+    procs = _cluster(tmp_path, code, good_workers=2, scheduler_code=False)
+    try:
+        with procs.client() as c:  # the scheduler indeed cannot import it
+            assert c.run_on_scheduler(lambda m=mod.__name__: __import__("importlib").util.find_spec(m)) is None
+        for data, mode in ((leaves, "files"), (spread, "shuffle")):
+            run = _tagged(procs, data, mod.tagged)
+            assert run.summary["mode"] == mode
+            assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+            assert set(run.to_pandas().tag) == {"v1"}
+        store = str(tmp_path / "store")
+        fitted = modelfactory.train(spread, store=store, by=KEYS, time="ts", target="value", model=mod.LateMean,
+                                    cluster=procs.address, unit_rows=HOURS * 3, progress=False)
+        assert fitted.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+        scored = modelfactory.score(leaves, store=store, out=str(tmp_path / "scores"), cluster=procs.address,
+                                    trust=True, progress=False)
+        assert scored.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+        keyed = modelfactory.map_keys(range(5), by="k", func=mod.per_key, schema="double bigint",
+                                      cluster=procs.address)
+        assert sorted(keyed.to_pandas()["double"]) == [0, 2, 4, 6, 8]
     finally:
         procs.stop()
