@@ -182,7 +182,7 @@ def _load_error(err: BaseException) -> str:
 
 #: function -> ((its code, defaults, keyword defaults), digest): :func:`code_digests` hashes a
 #: function once while these stay the same objects.
-_FUNCTION_DIGESTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FUNCTION_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def code_digests(func, model) -> dict[str, str]:
