@@ -593,7 +593,9 @@ def _spec_of(fn: Callable) -> JobSpec | None:
 #: Seconds a refused piece of work waits for a worker that has not refused the job's code to be
 #: connected, when none is, before its groups are ``failed``: a worker restarting after a crash
 #: (its nanny starts a new one, at a new address, in a few seconds) can still take it.  Waited
-#: once per run's phase: after that, refused work fails at once while no such worker is there.
+#: once per set of units (:func:`execute`), of shuffle partitions (:func:`execute_delayed`) or of
+#: isolated groups (:func:`_isolated`): after that, refused work there fails at once while no
+#: such worker is connected.
 REFUSED_WAIT_SECONDS = 10.0
 
 
