@@ -11,6 +11,7 @@ group that raises is ``failed``; it never fails the unit.
 from __future__ import annotations
 
 import time as _time
+import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
@@ -29,7 +30,7 @@ from .plan import WorkUnit
 __all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
            "run_keys", "unit_keys", "run_group", "keys_condition", "failed_rows", "merge_results",
            "describe_error", "STATUS", "one_thread", "check_claim", "claimed_by", "OUTPUT_CLAIM",
-           "CodeUnavailable", "code_error", "require_code", "refused_rows"]
+           "CodeUnavailable", "code_error", "require_code", "refused_rows", "code_digests", "stale_names"]
 
 STATUS = ("ok", "failed", "skipped")
 _UNIT_SECONDS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
@@ -106,37 +107,51 @@ class JobSpec:
         # says so (run.execute sends it to another worker).  Left to Dask's deserialisation,
         # the ImportError broke the worker's connection to the scheduler, and Dask shut the
         # worker down (nanny too): every such worker in turn, the job waiting for ever.
-        # The bytes are made once per spec object (the scheduler sends each unit's spec again).
+        # With the bytes go the digests of that code as this process has it (code_digests):
+        # a late worker that imports another version of the user's module (an older image)
+        # gets a CodeUnavailable too, instead of running its own version without a word.
+        # Both are made once per spec object (the scheduler sends each unit's spec again).
         code = self.__dict__.get("_code")
         if code is None:
             import cloudpickle
 
             code = cloudpickle.dumps((self.func, self.model))
             object.__setattr__(self, "_code", code)
+            object.__setattr__(self, "_digests", _digests_or_none(self.func, self.model))
         state = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("func", "model")}
-        return _job_spec, (code, state)
+        return _job_spec, (code, state, self.__dict__.get("_digests"))
 
 
 class CodeUnavailable:
-    """Stands for a job's function and model class in a process that cannot load them;
-    ``error`` says why (the ImportError)."""
+    """Stands for a job's function and model class in a process that cannot load them, or
+    (``stale``) that loads another version of them than the client's; ``error`` says why."""
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: str, stale: bool = False) -> None:
         self.error = error
+        self.stale = stale
 
     def __repr__(self) -> str:
-        return f"CodeUnavailable({self.error!r})"
+        return f"CodeUnavailable({self.error!r}, stale={self.stale})"
 
-    def message(self, where: str | None = None) -> str:
-        """What the unit's groups (or the run's error) say: the worker, the error, the fix."""
-        return (f"this job's code (its function or model class) cannot be loaded on the Dask worker "
-                f"{where or _worker_name()}, which joined after the job's code check: {self.error}. A function or "
-                "model class goes to the workers by the name of its module: install that module (and what it "
-                "imports) in every worker's image or on its PYTHONPATH, or send it by value with "
-                "cloudpickle.register_pickle_by_value(module)")
+    def message(self, where: str | None = None, outcome: str | None = None) -> str:
+        """The sentence a unit's groups (or the run's error) say: the worker, the error, the fix,
+        then ``outcome`` (what became of the unit) if given.  ``where`` defaults to this worker."""
+        where = where or _worker_name()
+        if self.stale:
+            text = (f"The Dask worker {where}, which joined after the job's code check, has another version of "
+                    f"this job's code (its function or model class) than the client: {self.error}. Restart that "
+                    "worker with the client's version of the module (in its image or on its PYTHONPATH) so it "
+                    "imports it afresh, or send the code by value with cloudpickle.register_pickle_by_value(module)")
+        else:
+            text = (f"This job's code (its function or model class) cannot be loaded on the Dask worker {where}, "
+                    f"which joined after the job's code check: {self.error}. A function or model class goes to "
+                    "the workers by the name of its module: install that module (and what it imports) in every "
+                    "worker's image or on its PYTHONPATH, or send it by value with "
+                    "cloudpickle.register_pickle_by_value(module)")
+        return f"{text}; {outcome}." if outcome else f"{text}."
 
 
-def _job_spec(code: bytes, state: dict) -> JobSpec:
+def _job_spec(code: bytes, state: dict, digests: dict | None = None) -> JobSpec:
     import pickle
 
     spec = object.__new__(JobSpec)
@@ -146,9 +161,15 @@ def _job_spec(code: bytes, state: dict) -> JobSpec:
         func, model = pickle.loads(code)
     except Exception as err:  # noqa: BLE001 - any failure to load user code is this worker's to report
         func = model = CodeUnavailable(_load_error(err))
+    else:
+        if digests and (stale := stale_names(digests, _digests_or_none(func, model) or {})):
+            func = model = CodeUnavailable(f"{', '.join(stale)} differs from the client's (its module was imported "
+                                           "here from another file, or in another version, or before it changed)",
+                                           stale=True)
     object.__setattr__(spec, "func", func)
     object.__setattr__(spec, "model", model)
     object.__setattr__(spec, "_code", code)
+    object.__setattr__(spec, "_digests", digests)
     return spec
 
 
@@ -157,6 +178,120 @@ def _load_error(err: BaseException) -> str:
     while err.__cause__ is not None:
         err = err.__cause__
     return f"{type(err).__name__}: {err}"
+
+
+#: function -> ((its code, defaults, keyword defaults), digest): :func:`code_digests` hashes a
+#: function once while these stay the same objects.
+_FUNCTION_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def code_digests(func, model) -> dict[str, str]:
+    """``{module.name: digest of its code}`` of the user's function (``func``, partials looked
+    into) and model class (``model``, a :class:`ModelSpec`) as loaded in this process, plus
+    ``"<python>"``: a function or class that travels by reference runs as the module a process
+    imported first, so two processes run the same code only if these agree
+    (:func:`stale_names`).  modelfactory's own code is left out (its version is checked apart),
+    and so is a function whose asserts pytest rewrote (not comparable)."""
+    import functools
+    import hashlib
+    import sys
+    import types
+
+    # bytecode differs between Python versions, and with -O (asserts) or -OO (docstrings,
+    # PYTHONOPTIMIZE in a worker's image): digests compare between processes of one only
+    found: dict = {"<python>": "%d.%d -O%d" % (*sys.version_info[:2], sys.flags.optimize)}
+
+    def const(k):
+        if isinstance(k, types.CodeType):
+            return code(k)
+        if isinstance(k, (tuple, frozenset)):  # a set's order varies with PYTHONHASHSEED
+            items = [const(x) for x in k]
+            return repr(sorted(items) if isinstance(k, frozenset) else items)
+        return repr(k)
+
+    def code(c) -> str:
+        parts = [c.co_code.hex(), repr(c.co_names)] + [const(k) for k in c.co_consts]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+    def default(v, depth: int = 0) -> str:
+        # a default argument's value when it is a constant: editing it edits the function
+        # (the workers' copy would run the old value), and its repr is the same in every
+        # process; of any other value only its type: a dict used as a cache fills in one
+        # process only, an object's repr holds its address
+        if isinstance(v, (str, bytes, int, float, complex, type(None))):  # bool is an int
+            return repr(v)
+        if isinstance(v, (tuple, frozenset)) and depth < 3:
+            items = [default(x, depth + 1) for x in v]
+            return f"{type(v).__name__}({sorted(items) if isinstance(v, frozenset) else items})"
+        return f"<{type(v).__module__}.{type(v).__qualname__}>"
+
+    def rewritten(c) -> bool:
+        # pytest rewrote its asserts (a test module, a conftest): a process not under pytest
+        # imports the same source as other bytecode
+        return "@pytest_ar" in c.co_names or any(isinstance(k, types.CodeType) and rewritten(k)
+                                                 for k in c.co_consts)
+
+    def function(f) -> str | None:
+        # each unit's spec is checked as it loads (_job_spec): a function's digest is kept while
+        # its code and defaults are the same objects (a module reloaded makes new ones)
+        what = (f.__code__, f.__defaults__, f.__kwdefaults__)
+        known = _FUNCTION_DIGESTS.get(f)
+        if known is not None and all(a is b for a, b in zip(known[0], what)):
+            return known[1]
+        if rewritten(f.__code__):
+            digest = None
+        else:
+            kw = sorted((f.__kwdefaults__ or {}).items())
+            parts = [code(f.__code__), *(default(v) for v in f.__defaults__ or ()),
+                     *(f"{k}={default(v)}" for k, v in kw)]
+            digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+        _FUNCTION_DIGESTS[f] = (what, digest)
+        return digest
+
+    def put(name: str, f) -> None:
+        digest = function(f)
+        if digest is not None:  # None: not comparable
+            found[name] = digest
+
+    def walk(o, depth: int = 0) -> None:
+        if depth > 3 or o is None:
+            return
+        if isinstance(o, functools.partial):
+            for x in (o.func, *o.args):
+                walk(x, depth + 1)
+        elif isinstance(o, types.FunctionType) and not o.__module__.startswith("modelfactory"):
+            put(f"{o.__module__}.{o.__qualname__}", o)
+        elif isinstance(o, type):
+            for cls in o.__mro__:
+                if cls.__module__.startswith(("modelfactory", "builtins", "abc")):
+                    continue
+                for name, v in sorted(vars(cls).items()):
+                    f = getattr(v, "__func__", v)
+                    if isinstance(f, types.FunctionType):
+                        put(f"{cls.__module__}.{cls.__qualname__}.{name}", f)
+
+    walk(func)
+    walk(getattr(model, "cls", None))
+    return found
+
+
+def _digests_or_none(func, model) -> dict[str, str] | None:
+    """:func:`code_digests`, or None when they cannot be taken (then nothing is compared), or
+    when there is no user code to compare (a built-in model): nothing to ship."""
+    try:
+        found = code_digests(func, model)
+    except Exception:  # noqa: BLE001 - a check, never a reason to fail
+        return None
+    return found if len(found) > 1 else None
+
+
+def stale_names(mine: dict, theirs: dict) -> list[str]:
+    """The names of the user's code whose digests differ between ``mine`` and ``theirs``
+    (:func:`code_digests` of two processes); none when their Python versions or -O levels
+    differ (their bytecode does then)."""
+    if theirs.get("<python>") != mine.get("<python>"):
+        return []
+    return [name for name in sorted(mine) if name != "<python>" and name in theirs and theirs[name] != mine[name]]
 
 
 def _worker_name() -> str:
@@ -179,14 +314,13 @@ def code_error(spec: JobSpec) -> CodeUnavailable | None:
 
 
 def require_code(spec: JobSpec) -> None:
-    """Raise :class:`ClusterError` when this worker could not load ``spec``'s code: the entry
-    points that :func:`run.execute` does not guard (a shuffle partition, an isolated group)
-    then fail clearly instead of failing every group with an odd error."""
+    """Raise :class:`ClusterError` when this worker could not load ``spec``'s code (or loads
+    another version of it): a unit's entry points say so clearly even when called outside
+    :mod:`run`'s refusal paths, instead of failing every group with an odd error."""
     if (missing := code_error(spec)) is not None:
         from .exceptions import ClusterError
 
-        message = missing.message()
-        raise ClusterError(message[0].upper() + message[1:] + ".")
+        raise ClusterError(missing.message())
 
 
 def refused_rows(spec: JobSpec, item, error: str) -> UnitResult:

@@ -301,17 +301,17 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
 
 
 def check_code(client, spec: JobSpec) -> None:
-    """Raise :class:`ClusterError` unless the scheduler and every worker can load the code of
-    ``spec`` (its function, its model class), run this modelfactory, and hold the same version
-    of that code.
+    """Raise :class:`ClusterError` unless every worker can load the code of ``spec`` (its
+    function, its model class) and holds the same version of it, and the scheduler and every
+    worker run this modelfactory.
 
     A user function or model class travels by reference to its module (cloudpickle, as Dask
-    sends it), so that module must be importable there.  Without this check, a scheduler
-    lacking it failed the run with Dask's "Error during deserialization of the task graph"
-    (the module named only in the scheduler's log), and a worker lacking it was shut down by
-    Dask on receiving a unit (every worker in turn), the run then waiting for ever for one.
-    A job on ``memory://`` storage with workers in other processes is refused first
-    (:func:`_check_in_process_storage`).
+    sends it), so that module must be importable on the workers.  Without this check, a worker
+    lacking it was shut down by Dask on receiving a unit (every worker in turn), the run then
+    waiting for ever for one.  The scheduler needs no user code: it never loads a spec's
+    (:meth:`JobSpec.__reduce__` ships it as bytes that only a unit's task loads), so a
+    scheduler image without the user's module is fine.  A job on ``memory://`` storage with
+    workers in other processes is refused first (:func:`_check_in_process_storage`).
     """
     if client is None:
         return
@@ -320,84 +320,7 @@ def check_code(client, spec: JobSpec) -> None:
 
     from . import __version__
 
-    def user_code(code_of) -> dict:
-        # {module.name: digest of its code} for the user's function or model class as loaded
-        # here: one that travels by reference runs as the module a process imported first
-        import functools
-        import hashlib
-        import sys
-        import types
-
-        # bytecode differs between Python versions, and with -O (asserts) or -OO (docstrings,
-        # PYTHONOPTIMIZE in a worker's image): digests compare between processes of one only
-        found: dict = {"<python>": "%d.%d -O%d" % (*sys.version_info[:2], sys.flags.optimize)}
-
-        def const(k):
-            if isinstance(k, types.CodeType):
-                return code(k)
-            if isinstance(k, (tuple, frozenset)):  # a set's order varies with PYTHONHASHSEED
-                items = [const(x) for x in k]
-                return repr(sorted(items) if isinstance(k, frozenset) else items)
-            return repr(k)
-
-        def code(c) -> str:
-            parts = [c.co_code.hex(), repr(c.co_names)] + [const(k) for k in c.co_consts]
-            return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-        def default(v, depth: int = 0) -> str:
-            # a default argument's value when it is a constant: editing it edits the function
-            # (the workers' copy would run the old value), and its repr is the same in every
-            # process; of any other value only its type: a dict used as a cache fills in one
-            # process only, an object's repr holds its address
-            if isinstance(v, (str, bytes, int, float, complex, type(None))):  # bool is an int
-                return repr(v)
-            if isinstance(v, (tuple, frozenset)) and depth < 3:
-                items = [default(x, depth + 1) for x in v]
-                return f"{type(v).__name__}({sorted(items) if isinstance(v, frozenset) else items})"
-            return f"<{type(v).__module__}.{type(v).__qualname__}>"
-
-        def rewritten(c) -> bool:
-            # pytest rewrote its asserts (a test module, a conftest): a process not under pytest
-            # imports the same source as other bytecode
-            return "@pytest_ar" in c.co_names or any(isinstance(k, types.CodeType) and rewritten(k)
-                                                     for k in c.co_consts)
-
-        def function(f) -> str | None:
-            if rewritten(f.__code__):
-                return None
-            kw = sorted((f.__kwdefaults__ or {}).items())
-            parts = [code(f.__code__), *(default(v) for v in f.__defaults__ or ()),
-                     *(f"{k}={default(v)}" for k, v in kw)]
-            return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-        def put(name: str, f) -> None:
-            digest = function(f)
-            if digest is not None:  # None: not comparable
-                found[name] = digest
-
-        def walk(o, depth: int = 0) -> None:
-            if depth > 3 or o is None:
-                return
-            if isinstance(o, functools.partial):
-                for x in (o.func, *o.args):
-                    walk(x, depth + 1)
-            elif isinstance(o, types.FunctionType) and not o.__module__.startswith("modelfactory"):
-                put(f"{o.__module__}.{o.__qualname__}", o)
-            elif isinstance(o, type):
-                for cls in o.__mro__:
-                    if cls.__module__.startswith(("modelfactory", "builtins", "abc")):
-                        continue
-                    for name, v in sorted(vars(cls).items()):
-                        f = getattr(v, "__func__", v)
-                        if isinstance(f, types.FunctionType):
-                            put(f"{cls.__module__}.{cls.__qualname__}.{name}", f)
-
-        func, model = code_of
-        walk(func)
-        walk(getattr(model, "cls", None))
-        return found
-
-    def probe(blob: bytes) -> tuple:
+    def probe(blob: bytes | None) -> tuple:
         # defined here, so it travels by value: it runs on a cluster whose modelfactory
         # differs from this one (or that has none), to say so
         import pickle
@@ -407,12 +330,16 @@ def check_code(client, spec: JobSpec) -> None:
             version = modelfactory.__version__
         except Exception:  # noqa: BLE001
             version = None
+        if blob is None:  # the scheduler: its modelfactory only
+            return version, None, {}
         try:
             loaded = pickle.loads(blob)
         except Exception as err:  # noqa: BLE001 - reported to the client, by name
             return version, f"{type(err).__name__}: {err}", {}
-        try:
-            return version, None, user_code(loaded)
+        try:  # by name: a worker with another modelfactory (reported above) may not have it
+            from modelfactory.kernel import code_digests
+
+            return version, None, code_digests(*loaded)
         except Exception:  # noqa: BLE001 - a check, never a reason to fail
             return version, None, {}
 
@@ -420,7 +347,7 @@ def check_code(client, spec: JobSpec) -> None:
     # model index grow with the input (a score of a million groups)
     code_of = (spec.func, spec.model)
     blob = cloudpickle.dumps(code_of)
-    answers = {"the scheduler": client.run_on_scheduler(probe, blob)}
+    answers = {"the scheduler": client.run_on_scheduler(probe, None)}
     for address, got in sorted(client.run(probe, blob, on_error="ignore").items()):
         answers[f"the worker at {address}"] = got
 
@@ -440,12 +367,12 @@ def check_code(client, spec: JobSpec) -> None:
     if problems:
         raise ClusterError(
             f"{first(problems)} cannot load this job's code: {next(iter(problems.values()))}. A function or model "
-            "class goes to the Dask scheduler and workers by the name of its module: install that module (and "
-            "what it imports) where they run, or put it on their PYTHONPATH, and restart them after changing "
-            "it; or send it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
+            "class goes to the Dask workers by the name of its module: install that module (and what it imports) "
+            "where they run, or put it on their PYTHONPATH, and restart them after changing it; or send it by "
+            "value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
 
     try:
-        mine = user_code(code_of)
+        mine = kernel.code_digests(*code_of)
     except Exception:  # noqa: BLE001
         mine = {}
     stale = _stale_code(answers, mine)
@@ -483,8 +410,7 @@ def _stale_code(answers: dict, mine: dict) -> dict:
     client's (``answers``: where -> (version, error, digests); the scheduler runs no unit).  Digests
     of bytecode compare only between processes of one Python version and -O level (``"<python>"``)."""
     return {w: name for w, (_, _, theirs) in answers.items()
-            if w != "the scheduler" and theirs.get("<python>") == mine.get("<python>")
-            for name in sorted(mine) if name != "<python>" and name in theirs and theirs[name] != mine[name]}
+            if w != "the scheduler" for name in kernel.stale_names(mine, theirs)}
 
 
 def worker_count(client) -> int:
@@ -585,27 +511,42 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
     guarded = functools.partial(_guarded, fn)
     futures = client.map(guarded, items, key=list(keys), retries=retries, pure=False)
     index = {f.key: i for i, f in enumerate(futures)}
-    refused: dict[str, str] = {}  # worker address -> why it cannot load the code
+    refused = _Refusals()
     tries = [0] * len(items)
     pending = as_completed(futures)
+
+    def again(i: int, workers: list[str]):
+        tries[i] += 1
+        return client.submit(guarded, items[i], key=f"{keys[i]}-r{tries[i]}", workers=workers,
+                             allow_other_workers=True, retries=retries, pure=False)
+
+    def fail(i: int, reason: str) -> UnitResult:
+        return client.submit(kernel.refused_rows, _spec_of(fn), items[i], reason, key=f"{keys[i]}-failed",
+                             pure=False).result()
+
     try:
         with watch_workers(client):
             for fut in pending:
                 i = index.pop(fut.key)
-                if (fut.status == "error" and on_killed is not None
-                        and isinstance(fut.exception(), KilledWorker)):
-                    log.warning("unit %s keeps killing its worker; running its groups one by one", keys[i])
-                    res = on_killed(client, items[i])
+                if fut.status == "error" and on_killed is not None and isinstance(fut.exception(), KilledWorker):
+                    res = _KILLED
                 else:
                     res = fut.result()
-                fut.release()  # taken: a worker lost from now on must not recompute it
                 if isinstance(res, _Refused):
-                    res = _reroute(client, res, refused, guarded, fn, items[i], keys[i], tries, i, retries)
-                    if not isinstance(res, UnitResult):  # a new future: wait for it too
-                        index[res.key] = i
-                        futures.append(res)
-                        pending.add(res)
-                        continue
+                    res = _reroute(client, fut.key, res, refused, i, functools.partial(again, i),
+                                   functools.partial(fail, i))
+                fut.release()  # taken: a worker lost from now on must not recompute it
+                if res is _KILLED:
+                    if on_killed is None:
+                        raise ClusterError(f"Work unit {keys[i]} killed every Dask worker process it ran on "
+                                           "(out of memory, or a crash in native code): see the workers' logs.")
+                    log.warning("unit %s keeps killing its worker; running its groups one by one", keys[i])
+                    res = on_killed(client, items[i])
+                elif not isinstance(res, UnitResult):  # a new future: wait for it too
+                    index[res.key] = i
+                    futures.append(res)
+                    pending.add(res)
+                    continue
                 results[i] = res
                 progress.update(res)
     finally:
@@ -615,23 +556,32 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
 
 
 class _Refused:
-    """What a unit returns on a worker that could not load the job's code."""
+    """What a unit (or a shuffle partition, or an isolated group) returns on a worker that
+    cannot run the job's code: the worker's address and why (a :class:`kernel.CodeUnavailable`)."""
 
-    def __init__(self, worker: str, message: str) -> None:
-        self.worker, self.message = worker, message
+    def __init__(self, worker: str, missing: kernel.CodeUnavailable) -> None:
+        self.worker, self.missing = worker, missing
+
+    def message(self, outcome: str | None = None) -> str:
+        return self.missing.message(f"at {self.worker}", outcome)
+
+
+def _refusal(spec: JobSpec | None) -> _Refused | None:
+    """A :class:`_Refused` when this worker could not load ``spec``'s code, or loads another
+    version of it: the spec arrived with a :class:`kernel.CodeUnavailable` in place of it
+    (:meth:`JobSpec.__reduce__`).  None when it can run it."""
+    if spec is None or (missing := kernel.code_error(spec)) is None:
+        return None
+    from distributed import get_worker
+
+    return _Refused(get_worker().address, missing)
 
 
 def _guarded(fn: Callable, item) -> UnitResult | _Refused:
-    """``fn(item)``, or :class:`_Refused` when this worker could not load the code of the job
-    spec that ``fn`` (a partial) carries: the spec arrived with a :class:`kernel.CodeUnavailable`
-    in place of it (:meth:`JobSpec.__reduce__`).  One look at the partial's arguments per unit."""
-    spec = _spec_of(fn)
-    if spec is not None and (missing := kernel.code_error(spec)) is not None:
-        from distributed import get_worker
-
-        address = get_worker().address
-        return _Refused(address, missing.message(f"at {address}"))
-    return fn(item)
+    """``fn(item)``, or :class:`_Refused` when this worker cannot run the code of the job spec
+    that ``fn`` (a partial) carries.  One look at the partial's arguments per unit."""
+    refused = _refusal(_spec_of(fn))
+    return fn(item) if refused is None else refused
 
 
 def _spec_of(fn: Callable) -> JobSpec | None:
@@ -640,36 +590,96 @@ def _spec_of(fn: Callable) -> JobSpec | None:
     return next((a for a in args if isinstance(a, JobSpec)), None)
 
 
-def _reroute(client, refusal: _Refused, refused: dict, guarded: Callable, fn: Callable, item, key: str,
-             tries: list, i: int, retries: int):
-    """A future running ``item`` on the workers that have not refused the job's code, or,
-    when every connected worker has, the unit's groups ``failed`` with the reason.
+#: Seconds a refused piece of work waits for a worker that has not refused the job's code to be
+#: connected, when none is, before its groups are ``failed``: a worker restarting after a crash
+#: (its nanny starts a new one, at a new address, in a few seconds) can still take it.  Waited
+#: once per set of units (:func:`execute`), of shuffle partitions (:func:`execute_delayed`) or of
+#: isolated groups (:func:`_isolated`): after that, refused work there fails at once while no
+#: such worker is connected.
+REFUSED_WAIT_SECONDS = 10.0
 
-    The restriction is loose (``allow_other_workers``): if those workers leave, the unit
-    runs on whichever joins next, and is refused again if that one cannot load it either."""
-    if refusal.worker not in refused:
-        log.warning("the Dask worker at %s cannot load this job's code; its units go to the other workers (%s)",
-                    refusal.worker, refusal.message)
-    refused[refusal.worker] = refusal.message
-    workers = set(client.scheduler_info(n_workers=-1).get("workers", {}))
-    good = sorted(workers - set(refused))
-    tries[i] += 1
+
+class _Refusals:
+    """The workers that refused a run's code (address -> message), and whether the run already
+    waited :data:`REFUSED_WAIT_SECONDS` for another worker in vain."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, str] = {}
+        self.waited = False
+        self.lost: dict = {}  # piece of work -> workers that died running it, over its reroutes
+
+    def others(self, client) -> list[str]:
+        """The connected workers that have not refused."""
+        return sorted(set(client.scheduler_info(n_workers=-1).get("workers", {})) - set(self.workers))
+
+    def wait_for_others(self, client) -> list[str]:
+        """:meth:`others`, waiting up to :data:`REFUSED_WAIT_SECONDS` (once) while there are none."""
+        import time
+
+        good = self.others(client)
+        end = time.monotonic() + (0 if self.waited else REFUSED_WAIT_SECONDS)
+        while not good and time.monotonic() < end:
+            time.sleep(0.25)
+            good = self.others(client)
+        self.waited = self.waited or not good
+        return good
+
+
+def _lost_workers(key, dask_scheduler=None) -> tuple[int, int]:
+    """(workers that died running task ``key``, the scheduler's allowed failures); run on the scheduler."""
+    ts = dask_scheduler.tasks.get(key)
+    return (ts.suspicious if ts is not None else 0), dask_scheduler.allowed_failures
+
+
+#: What :func:`_reroute` returns for work that kept killing its workers (as a ``KilledWorker``).
+_KILLED = object()
+
+
+def _reroute(client, key, refusal: _Refused, refused: _Refusals, item, again: Callable, fail: Callable):
+    """Where a piece of work refused as task ``key`` (not yet released) goes: ``again(workers)``
+    (a future running it on the workers that have not refused the job's code) or, when every
+    connected worker has (after :data:`REFUSED_WAIT_SECONDS` for another to join),
+    ``fail(reason)`` (its groups ``failed`` with the reason, a :class:`UnitResult`).  ``refused``
+    is what this run has seen refused so far; the first refusal of a worker is logged.
+
+    The restriction is loose (``allow_other_workers``): if those workers leave, the work runs on
+    whichever joins next, and is refused again if that one cannot run it either.  So a piece that
+    kills its worker is refused next by a bad worker while the good one restarts, and each new
+    task starts Dask's count of the workers it killed afresh: ``refused`` adds them up per
+    ``item`` (the scheduler's ``suspicious`` count of each task), and past the scheduler's
+    allowed failures this returns :data:`_KILLED`, which the caller treats as a ``KilledWorker``
+    (it went round for ever, killing the good worker each time)."""
+    lost, allowed = client.run_on_scheduler(_lost_workers, key)
+    refused.lost[item] = refused.lost.get(item, 0) + lost
+    if refused.lost[item] > allowed:
+        return _KILLED
+    if refusal.worker not in refused.workers:
+        log.warning("the Dask worker at %s cannot run this job's code; its work goes to the other workers (%s)",
+                    refusal.worker, refusal.message())
+    refused.workers[refusal.worker] = refusal.message()
+    good = refused.wait_for_others(client)
     if good:
-        return client.submit(guarded, item, key=f"{key}-r{tries[i]}", workers=good, allow_other_workers=True,
-                             retries=retries, pure=False)
-    spec = _spec_of(fn)
-    reason = refusal.message[0].upper() + refusal.message[1:] + "; no worker of the cluster could load it"
-    return client.submit(kernel.refused_rows, spec, item, reason, key=f"{key}-failed", pure=False).result()
+        return again(good)
+    could = "run the client's version of it" if refusal.missing.stale else "load it"
+    return fail(refusal.message(f"no worker of the cluster could {could}"))
 
 
-def execute_delayed(client, tasks: list, *, progress: Progress,
-                    on_killed: Callable | None = None) -> list[UnitResult]:
+def execute_delayed(client, tasks: list, *, progress: Progress, on_killed: Callable | None = None,
+                    inputs: list | None = None, rerun: Callable | None = None,
+                    refuse: Callable | None = None) -> list[UnitResult]:
     """Compute a list of dask Delayed objects (the shuffle path) with progress.
 
     ``on_killed(client, killed, done)``, if given, runs once all tasks have ended, with the
     indices of those that kept killing their workers (a ``KilledWorker``: the culprit, and
     any task lost with it too often) and the results of the others; it returns one result
-    for all the killed tasks' groups."""
+    for all the killed tasks' groups.
+
+    ``inputs`` (one Delayed per task: what task ``i`` runs on, a shuffle partition) are computed
+    with the tasks and kept on the cluster until task ``i``'s result is taken, so that a task
+    refused by a worker that cannot run the job's code (a :class:`_Refused`) runs again on the
+    same input elsewhere, without the shuffle again: ``rerun(i, input, workers)`` submits it on
+    ``workers``, ``refuse(i, input, reason)`` returns its groups ``failed`` when every connected
+    worker has refused (:func:`_reroute`)."""
     if client is None:
         import dask
 
@@ -679,22 +689,41 @@ def execute_delayed(client, tasks: list, *, progress: Progress,
         return list(results)
     from distributed import KilledWorker, as_completed
 
-    futures = client.compute(tasks)
+    # one graph: an input is the same key as its task's dependency, computed once
+    computed = client.compute([*tasks, *(inputs or [])])
+    futures, held = computed[:len(tasks)], dict(enumerate(computed[len(tasks):]))
     index = {f.key: i for i, f in enumerate(futures)}
     results: list = [None] * len(futures)
     killed: list[int] = []
+    refused = _Refusals()
+    pending = as_completed(futures)
     try:
         with watch_workers(client):
-            for fut in as_completed(futures):
-                i = index[fut.key]
+            for fut in pending:
+                i = index.pop(fut.key)
                 if (fut.status == "error" and on_killed is not None
                         and isinstance(fut.exception(), KilledWorker)):
                     killed.append(i)
                     continue
-                results[i] = fut.result()
+                res = fut.result()
+                if isinstance(res, _Refused):
+                    res = _reroute(client, fut.key, res, refused, i, functools.partial(rerun, i, held[i]),
+                                   functools.partial(refuse, i, held[i]))
+                fut.release()
+                if res is _KILLED:
+                    killed.append(i)
+                    continue
+                if not isinstance(res, UnitResult):  # a new future: wait for it too
+                    index[res.key] = i
+                    futures.append(res)
+                    pending.add(res)
+                    continue
+                results[i] = res
+                if i in held:
+                    held.pop(i).release()  # its task is done: the partition may go
                 progress.update(results[i])
     finally:
-        for f in futures:
+        for f in [*futures, *held.values()]:
             f.release()
     if killed:
         log.warning("%d shuffle partition(s) kept killing their workers; running their groups one by one",
@@ -733,10 +762,10 @@ def isolate(spec: JobSpec, client, unit, runner=kernel.run_table) -> UnitResult:
     drop_unit_files(spec, [unit.id])
     keys = client.submit(kernel.unit_keys, spec, unit.paths, pure=False).result()
 
-    def run_one(i, sub_id, key):
+    def run_one(i, sub_id, key, workers=None):
         # take, not slice: a slice pickles the whole table's buffers, for every group
-        return client.submit(kernel.run_group, spec, unit, keys.take([i]), sub_id, runner, key=key,
-                             pure=False)
+        return client.submit(_run_group, spec, unit, keys.take([i]), sub_id, runner, key=key, pure=False,
+                             workers=workers, allow_other_workers=workers is not None)
 
     return _isolated(spec, client, unit.id, keys, run_one)
 
@@ -757,8 +786,9 @@ def isolate_partitions(spec: JobSpec, client, unit_id: str, paths: tuple[str, ..
     try:
         keys = client.submit(_group_keys, data, pure=False).result()  # in the order of data's groups
 
-        def run_one(i, sub_id, key):
-            return client.submit(_run_group_slice, spec, sub_id, data, i, runner, key=key, pure=False)
+        def run_one(i, sub_id, key, workers=None):
+            return client.submit(_run_group_slice, spec, sub_id, data, i, runner, key=key, pure=False,
+                                 workers=workers, allow_other_workers=workers is not None)
 
         return _isolated(spec, client, unit_id, keys, run_one)
     finally:
@@ -767,11 +797,14 @@ def isolate_partitions(spec: JobSpec, client, unit_id: str, paths: tuple[str, ..
 
 
 def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Callable) -> UnitResult:
-    """Run each group of ``keys`` as its own task (``run_one(i, sub_id, task_key)`` submits
-    group ``i``'s), no more at once than the cluster has threads: a task waiting on a worker
-    that dies counts as a suspect too.  A task that kept killing its worker is run once more
-    alone: one lost only because it shared the dying worker completes then; a group that
-    kills its worker alone too is ``failed`` with the reason.
+    """Run each group of ``keys`` as its own task (``run_one(i, sub_id, task_key, workers=None)``
+    submits group ``i``'s, on ``workers`` if given), no more at once than the cluster has
+    threads: a task waiting on a worker that dies counts as a suspect too.  A task that kept
+    killing its worker is run once more alone: one lost only because it shared the dying worker
+    completes then; a group that kills its worker alone too is ``failed`` with the reason.  A
+    task refused by a worker that cannot run the job's code goes to the others
+    (:func:`_reroute`), its group ``failed`` with the reason when every connected worker has
+    refused.
 
     A group's sub-unit id is ``<prefix>-g<digest of its key>``: the same group gets the same
     id, and so finds its own part, in a resumed run, whatever else was isolated with it.
@@ -779,28 +812,46 @@ def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Calla
     from distributed import KilledWorker, as_completed
 
     subs = [f"{prefix}-g{_key_digest(k)}" for k in keys.to_pylist()]
+    refused = _Refusals()
 
     def attempt(indices, n: int, at_once: int):
         todo, running, done, dead = iter(indices), {}, [], []
         pending = as_completed()
+        tries: dict[int, int] = {}
+
+        def track(i: int, fut) -> None:
+            running[fut.key] = (i, fut)
+            pending.add(fut)
 
         def submit_next() -> None:
             i = next(todo, None)
             if i is not None:
-                fut = run_one(i, subs[i], f"mf-{subs[i]}-a{n}-{id(spec):x}")
-                running[fut.key] = (i, fut)
-                pending.add(fut)
+                track(i, run_one(i, subs[i], f"mf-{subs[i]}-a{n}-{id(spec):x}"))
+
+        def again(i: int, workers: list[str]):
+            tries[i] = tries.get(i, 0) + 1
+            return run_one(i, subs[i], f"mf-{subs[i]}-a{n}-r{tries[i]}-{id(spec):x}", workers)
+
+        def fail(i: int, reason: str) -> UnitResult:
+            return kernel.failed_rows(spec, subs[i], keys.take([i]), reason)
 
         try:
             for _ in range(at_once):
                 submit_next()
             for fut in pending:
                 i, _ = running.pop(fut.key)
-                if fut.status == "error" and isinstance(fut.exception(), KilledWorker):
-                    dead.append(i)
-                else:
-                    done.append(fut.result())
+                res = _KILLED if fut.status == "error" and isinstance(fut.exception(), KilledWorker) else fut.result()
+                if isinstance(res, _Refused):
+                    res = _reroute(client, fut.key, res, refused, i, functools.partial(again, i),
+                                   functools.partial(fail, i))
                 fut.release()
+                if res is _KILLED:
+                    dead.append(i)
+                elif isinstance(res, UnitResult):
+                    done.append(res)
+                else:  # the same group, on another worker
+                    track(i, res)
+                    continue
                 submit_next()
         finally:
             for _, fut in running.values():  # left running by an error: not ours to wait for
@@ -868,8 +919,9 @@ def shuffle_buckets(keys: pa.Table, n: int) -> np.ndarray | None:
         return None
 
 
-def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.run_table) -> UnitResult:
-    kernel.require_code(spec)  # a clear error on a worker that cannot load the job's code (scoring's runner too)
+def _run_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, runner=kernel.run_table) -> UnitResult | _Refused:
+    if (refused := _refusal(spec)) is not None:  # a worker that cannot run the job's code: elsewhere
+        return refused
     schema = pa.schema([spec.source.schema.field(c) for c in spec.columns])
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     # the metadata a unit read from the files has (not that of the shuffle's pandas frames), so a
@@ -930,9 +982,25 @@ def _group_keys(groups: kernel.Groups) -> pa.Table:
     return groups.keys
 
 
-def _run_group_slice(spec: JobSpec, sub_id: str, groups: kernel.Groups, i: int, runner) -> UnitResult:
-    """Run group ``i`` of ``groups`` on its own."""
-    kernel.require_code(spec)
+def _refused_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, reason: str) -> UnitResult:
+    """Every group of a shuffle partition that no worker could run the job's code for, ``failed``
+    with ``reason`` (its keys, as :func:`_run_partition` types them, need no user code)."""
+    schema = pa.schema([spec.source.schema.field(c) for c in spec.by])
+    keys = pa.Table.from_pandas(df[list(spec.by)], schema=schema, preserve_index=False)
+    return kernel.failed_rows(spec, unit_id, kernel.split_groups(keys, spec.by).keys, reason)
+
+
+def _run_group(spec: JobSpec, unit, key: pa.Table, sub_id: str, runner) -> UnitResult | _Refused:
+    """:func:`kernel.run_group`, or :class:`_Refused` on a worker that cannot run the job's code."""
+    if (refused := _refusal(spec)) is not None:
+        return refused
+    return kernel.run_group(spec, unit, key, sub_id, runner)
+
+
+def _run_group_slice(spec: JobSpec, sub_id: str, groups: kernel.Groups, i: int, runner) -> UnitResult | _Refused:
+    """Run group ``i`` of ``groups`` on its own (or refuse, as :func:`_run_group`)."""
+    if (refused := _refusal(spec)) is not None:
+        return refused
     s, e = int(groups.starts[i]), int(groups.ends[i])
     return runner(spec, sub_id, groups.table.slice(s, e - s))
 
@@ -968,4 +1036,12 @@ def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -
         drop_unit_files(spec, [plan_.units[i].id for i in killed])
         return isolate_partitions(spec, client, "shuffled", paths, done, runner)
 
-    return execute_delayed(client, tasks, progress=progress, on_killed=isolate_killed)
+    def rerun(i, part, workers):
+        return client.submit(_run_partition, spec, plan_.units[i].id, part, runner, pure=False,
+                             workers=workers, allow_other_workers=True)
+
+    def refuse(i, part, reason):
+        return client.submit(_refused_partition, spec, plan_.units[i].id, part, reason, pure=False).result()
+
+    return execute_delayed(client, tasks, progress=progress, on_killed=isolate_killed,
+                           inputs=parts if client is not None else None, rerun=rerun, refuse=refuse)

@@ -605,7 +605,8 @@ def test_a_function_whose_module_the_cluster_lacks_is_a_clear_error_and_the_work
                                                                                        tmp_path, monkeypatch):
     """A function from a module only the client has (a file beside the user's notebook): the
     run failed with Dask's "Error during deserialization of the task graph" and nothing named
-    the module (only the scheduler's log did)."""
+    the module (only the scheduler's log did).  The workers are named: the scheduler needs no
+    user code (test_late_workers: a scheduler without the module)."""
     (tmp_path / "only_here_fns.py").write_text(
         "import pandas as pd\n"
         "def first(df):\n"
@@ -613,8 +614,8 @@ def test_a_function_whose_module_the_cluster_lacks_is_a_clear_error_and_the_work
     monkeypatch.syspath_prepend(str(tmp_path))
     import only_here_fns
 
-    with pytest.raises(ClusterError, match=r"(?s)The scheduler.*cannot load this job's code: ModuleNotFoundError: "
-                                           r"No module named 'only_here_fns'.*PYTHONPATH.*register_pickle_by_value"):
+    with pytest.raises(ClusterError, match=r"(?s)The worker at tcp://\S+ \(and 1 more\) cannot load this job's code: "
+                                           r"ModuleNotFoundError: No module named 'only_here_fns'.*PYTHONPATH.*register_pickle_by_value"):
         modelfactory.apply(leaves, by=KEYS, func=only_here_fns.first, schema="app string, site string",
                            out=str(tmp_path / "out"), cluster=procs.address)
     assert not (tmp_path / "out").exists()

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
+import pyarrow as pa
 import pytest
 from _data import write
 from _servers import DaskProcesses, wait_for
@@ -34,7 +36,10 @@ USER_MODULE = '''
 import os
 import time
 
+import numpy as np
 import pandas as pd
+
+from modelfactory.models.base import Model
 
 
 def gated_mean(gate, df):
@@ -44,7 +49,48 @@ def gated_mean(gate, df):
         while not os.path.exists(gate) and time.monotonic() < end:
             time.sleep(0.05)
     return pd.DataFrame({"app": [df.app.iloc[0]], "site": [df.site.iloc[0]], "m": [float(df.value.mean())]})
+
+
+def hold(gate):
+    """Hold the worker's only thread until ``gate`` exists (60 s at most)."""
+    open(gate + ".held", "w").close()
+    end = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < end:
+        time.sleep(0.05)
+    return True
+
+
+def tagged(df):
+    return pd.DataFrame({"app": [df.app.iloc[0]], "site": [df.site.iloc[0]], "tag": ["v1"]})
+
+
+def per_key(key):
+    return {"double": 2 * key}
+
+
+def crash_on(marker, df):
+    if df.site.iloc[0] == marker:
+        os._exit(1)
+    return tagged(df)
+
+
+class LateMean(Model):
+    """The mean of a series; nothing is an anomaly."""
+
+    name = "late_mean"
+    state_attrs = ("mean_",)
+
+    def _fit(self, y, t, X):
+        self.mean_ = float(np.nanmean(y))
+
+    def _score(self, y, t, X):
+        n = len(y)
+        return {"expected": np.full(n, self.mean_), "lower": np.full(n, -np.inf), "upper": np.full(n, np.inf),
+                "score": np.zeros(n), "is_anomaly": np.zeros(n, bool)}
 '''
+
+#: The same module in another version: what an older worker image holds.
+OLD_MODULE = USER_MODULE.replace('"tag": ["v1"]', '"tag": ["v0"]')
 
 
 @pytest.fixture
@@ -68,15 +114,42 @@ def leaves(tmp_path) -> str:
     return write(make_table(SERIES, days=HOURS // 24, apps=3, spikes=0), tmp_path / "data", KEYS)
 
 
-def _cluster(tmp_path, code: str, good_workers: int) -> DaskProcesses:
-    # the scheduler unpickles the task graph, so it needs the module (check_code says so otherwise)
-    return DaskProcesses(tmp_path / "dask", workers=good_workers, env={"PYTHONPATH": code},
-                         scheduler_env={"PYTHONPATH": code}).start()
+@pytest.fixture
+def spread(tmp_path) -> str:
+    """Every group spread over six folders (``part=0..5``): the shuffle path."""
+    t = make_table(SERIES, days=HOURS // 24, apps=3, spikes=0).to_pandas()
+    t["part"] = (t["ts"].dt.hour % 6).astype(str)
+    return write(pa.Table.from_pandas(t, preserve_index=False), tmp_path / "spread", ["part"])
 
 
-def _add_bad_worker(procs: DaskProcesses, name: str):
-    procs.env = {"PYTHONPATH": "/nonexistent"}  # the module's folder is not on its path
+def _cluster(tmp_path, code: str, good_workers: int, scheduler_code: bool = True, env: dict | None = None
+             ) -> DaskProcesses:
+    return DaskProcesses(tmp_path / "dask", workers=good_workers, env={"PYTHONPATH": code, **(env or {})},
+                         scheduler_env={"PYTHONPATH": code if scheduler_code else "/nonexistent",
+                                        **(env or {})}).start()
+
+
+def _add_bad_worker(procs: DaskProcesses, name: str, path: str = "/nonexistent"):
+    procs.env = {**procs.env, "PYTHONPATH": path}  # the module's folder is not on its path (or another one is)
     return procs.add_worker(name)
+
+
+def _hold_the_good_worker(procs, mod, gate: str):
+    """A client whose task holds the (one) connected worker's only thread until ``gate`` exists:
+    the job's code check still reaches that worker, its work waits."""
+    from distributed import fire_and_forget
+
+    holder = procs.client()
+    # forgotten once done: a worker lost later must not run it again (on the bad worker, which
+    # cannot load it: Dask would shut that one down)
+    fire_and_forget(holder.submit(mod.hold, gate, pure=False))
+    wait_for(lambda: os.path.exists(gate + ".held"), 60, "the good worker to be held")
+    return holder
+
+
+def _job_submitted(client) -> bool:
+    """The job's graph is on the scheduler (so its code check is over): more than the holder's task."""
+    return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) > 1
 
 
 def _apply(procs, leaves, func):
@@ -102,7 +175,7 @@ def test_a_worker_joining_without_the_users_module_leaves_its_units_to_the_other
         with procs.client() as c:
             c.wait_for_workers(2, timeout=60)
             # the bad worker, idle, is given queued units: wait until one was refused there
-            wait_for(lambda: "cannot load this job's code" in caplog.text or bad.poll() is not None, 60,
+            wait_for(lambda: "cannot run this job's code" in caplog.text or bad.poll() is not None, 60,
                      "a unit refused by the worker without the module")
             assert bad.poll() is None, f"the worker without the module was shut down: {procs.logs()[-2000:]}"
             (tmp_path / "gate").touch()
@@ -173,3 +246,193 @@ def test_a_spec_whose_code_a_process_cannot_import_loads_and_its_entry_points_sa
     assert f"No module named '{mod.__name__}'" in second and "register_pickle_by_value" in second
     # and in this process, which has the module, the spec comes back whole
     assert pickle.loads(pickle.dumps(spec)) == spec
+
+
+def _tagged(procs, data, func, **kw):
+    return modelfactory.apply(data, by=KEYS, func=func, schema="app string, site string, tag string",
+                              cluster=procs.address, unit_rows=HOURS * 3, progress=False, **kw)
+
+
+@pytest.mark.timeout(180)
+def test_shuffle_partitions_refused_by_a_late_worker_run_on_the_others(tmp_path, spread, late_module, caplog):
+    """The worker without the module joins after the check, before the shuffle starts (the good
+    one is busy), and is given shuffle partitions: before the fix the first one it refused failed
+    the run (a ClusterError naming the module) though the good worker could run it."""
+    code, mod = late_module
+    gate = str(tmp_path / "gate")
+    procs = _cluster(tmp_path, code, good_workers=1)
+    holder = None
+    try:
+        caplog.set_level(logging.WARNING, logger="modelfactory.run")
+        holder = _hold_the_good_worker(procs, mod, gate)
+        job = in_background(lambda: _tagged(procs, spread, mod.tagged))
+        wait_for(lambda: _job_submitted(holder), 60, "the job's graph on the scheduler")
+        bad = _add_bad_worker(procs, "bad")
+        holder.wait_for_workers(2, timeout=60)
+        bad_address = next(a for a, w in holder.scheduler_info()["workers"].items() if w["name"] == "bad")
+        (tmp_path / "gate").touch()
+        run = job.result(timeout=120)
+        assert run.summary["mode"] == "shuffle"
+        assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+        out = run.to_pandas()
+        assert sorted(out.site) == [f"site-{i:05d}" for i in range(SERIES)] and set(out.tag) == {"v1"}
+        # the scenario happened: partitions were given to the bad worker, which refused them
+        assert f"the Dask worker at {bad_address} cannot run this job's code" in caplog.text
+        assert f"No module named '{mod.__name__}'" in caplog.text
+        assert bad.poll() is None, "the worker without the module was shut down"
+    finally:
+        (tmp_path / "gate").touch()
+        if holder is not None:
+            holder.close()
+        procs.stop()
+
+
+@pytest.mark.timeout(150)
+def test_shuffle_partitions_no_worker_can_run_fail_their_groups_not_the_run(tmp_path, spread, late_module):
+    """Only a worker without the module after the check: every group ``failed`` naming the module
+    and the fix (before the fix: the run raised on the first partition, no group accounted for)."""
+    code, mod = late_module
+    procs = _cluster(tmp_path, code, good_workers=0)
+    try:
+        job = in_background(lambda: _tagged(procs, spread, mod.tagged))
+        bad = _add_bad_worker(procs, "bad")
+        run = job.result(timeout=120)
+        assert run.summary["mode"] == "shuffle"
+        assert run.summary["counts"] == {"ok": 0, "failed": SERIES, "skipped": 0}
+        groups = run.groups
+        assert sorted(groups.site) == [f"site-{i:05d}" for i in range(SERIES)]
+        for error in groups.error:
+            assert f"No module named '{mod.__name__}'" in error
+            assert "register_pickle_by_value" in error and "no worker of the cluster could load it" in error
+        assert bad.poll() is None
+    finally:
+        procs.stop()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout", ["leaves", "spread"])
+def test_isolated_groups_refused_by_a_late_worker_run_on_the_others(tmp_path, layout, request, late_module, caplog):
+    """A unit (or shuffle partition) whose group kills its worker is run group by group
+    (``run.isolate``, ``run.isolate_partitions``), as many at once as the cluster has threads:
+    with the bad worker connected by then, before the fix the first group it refused failed the
+    run.  Now the crashing group alone fails."""
+    import functools
+
+    leaves = request.getfixturevalue(layout)
+
+    code, mod = late_module
+    gate = str(tmp_path / "gate")
+    # a second death makes a task a KilledWorker (as in test_distributed): the crash costs less time
+    procs = _cluster(tmp_path, code, good_workers=1, env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"})
+    holder = None
+    try:
+        caplog.set_level(logging.WARNING, logger="modelfactory.run")
+        holder = _hold_the_good_worker(procs, mod, gate)
+        job = in_background(lambda: _tagged(procs, leaves, functools.partial(mod.crash_on, "site-00004")))
+        wait_for(lambda: _job_submitted(holder), 60, "the job's graph on the scheduler")
+        bad = _add_bad_worker(procs, "bad")
+        holder.wait_for_workers(2, timeout=60)
+        bad_address = next(a for a, w in holder.scheduler_info()["workers"].items() if w["name"] == "bad")
+        (tmp_path / "gate").touch()
+        run = job.result(timeout=200)
+        assert run.summary["mode"] == ("files" if layout == "leaves" else "shuffle")
+        assert run.summary["counts"] == {"ok": SERIES - 1, "failed": 1, "skipped": 0}
+        g = run.groups.set_index("site")
+        assert len(g) == SERIES and "died" in g.loc["site-00004", "error"]
+        assert re.search(r"(keeps|kept) killing (its|their) workers?", caplog.text)
+        assert f"the Dask worker at {bad_address} cannot run this job's code" in caplog.text
+        assert bad.poll() is None
+    finally:
+        (tmp_path / "gate").touch()
+        if holder is not None:
+            holder.close()
+        procs.stop()
+
+
+@pytest.fixture
+def old_module(tmp_path, late_module) -> str:
+    """A folder holding another version of the user's module (``tagged`` says "v0"): an older image's."""
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / f"{late_module[1].__name__}.py").write_text(OLD_MODULE)
+    return str(folder)
+
+
+@pytest.mark.timeout(150)
+def test_a_worker_joining_with_another_version_of_the_users_module_leaves_its_units_to_the_others(
+        tmp_path, leaves, late_module, old_module, caplog):
+    """The late worker imports the module from an older image: before the fix it ran its own
+    version of ``tagged`` without a word (rows tagged "v0", every group ``ok``)."""
+    code, mod = late_module
+    gate = str(tmp_path / "gate")
+    procs = _cluster(tmp_path, code, good_workers=1)
+    holder = None
+    try:
+        caplog.set_level(logging.WARNING, logger="modelfactory.run")
+        holder = _hold_the_good_worker(procs, mod, gate)
+        job = in_background(lambda: _tagged(procs, leaves, mod.tagged))
+        wait_for(lambda: _job_submitted(holder), 60, "the job's graph on the scheduler")
+        stale = _add_bad_worker(procs, "stale", old_module)
+        holder.wait_for_workers(2, timeout=60)
+        # the stale worker, idle, is given queued units (the good one is held)
+        wait_for(lambda: "cannot run this job's code" in caplog.text or stale.poll() is not None, 60,
+                 "a unit refused by the worker with the other version")
+        (tmp_path / "gate").touch()
+        run = job.result(timeout=120)
+        assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+        out = run.to_pandas()
+        assert len(out) == SERIES and set(out.tag) == {"v1"}
+        assert f"{mod.__name__}.tagged differs from the client's" in caplog.text
+        assert stale.poll() is None
+    finally:
+        (tmp_path / "gate").touch()
+        if holder is not None:
+            holder.close()
+        procs.stop()
+
+
+@pytest.mark.timeout(150)
+def test_a_run_whose_only_workers_have_another_version_fails_every_group_saying_why(
+        tmp_path, leaves, late_module, old_module):
+    code, mod = late_module
+    procs = _cluster(tmp_path, code, good_workers=0)
+    try:
+        job = in_background(lambda: _tagged(procs, leaves, mod.tagged))
+        _add_bad_worker(procs, "stale", old_module)
+        run = job.result(timeout=120)
+        assert run.summary["counts"] == {"ok": 0, "failed": SERIES, "skipped": 0}
+        assert sorted(run.groups.site) == [f"site-{i:05d}" for i in range(SERIES)]
+        for error in run.groups.error:
+            assert "another version of this job's code" in error and f"{mod.__name__}.tagged differs" in error
+            assert "Restart that worker" in error and "no worker of the cluster could run the client's version" in error
+    finally:
+        procs.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_scheduler_without_the_users_module_runs_jobs_on_workers_that_have_it(
+        tmp_path, leaves, spread, late_module):
+    """A scheduler image without the user's code: the code check refused every job ("The
+    scheduler cannot load this job's code"), though the scheduler never loads it."""
+    code, mod = late_module
+    procs = _cluster(tmp_path, code, good_workers=2, scheduler_code=False)
+    try:
+        with procs.client() as c:  # the scheduler indeed cannot import it
+            assert c.run_on_scheduler(lambda m=mod.__name__: __import__("importlib").util.find_spec(m)) is None
+        for data, mode in ((leaves, "files"), (spread, "shuffle")):
+            run = _tagged(procs, data, mod.tagged)
+            assert run.summary["mode"] == mode
+            assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+            assert set(run.to_pandas().tag) == {"v1"}
+        store = str(tmp_path / "store")
+        fitted = modelfactory.train(spread, store=store, by=KEYS, time="ts", target="value", model=mod.LateMean,
+                                    cluster=procs.address, unit_rows=HOURS * 3, progress=False)
+        assert fitted.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+        scored = modelfactory.score(leaves, store=store, out=str(tmp_path / "scores"), cluster=procs.address,
+                                    trust=True, progress=False)
+        assert scored.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+        keyed = modelfactory.map_keys(range(5), by="k", func=mod.per_key, schema="double bigint",
+                                      cluster=procs.address)
+        assert sorted(keyed.to_pandas()["double"]) == [0, 2, 4, 6, 8]
+    finally:
+        procs.stop()
