@@ -49,6 +49,10 @@ SPARSE = {
     "counts of mean 0.05": lambda rng: rng.poisson(0.05, TIMES.size).astype(float),
     "counts of mean 0.3": lambda rng: rng.poisson(0.3, TIMES.size).astype(float),
     "a gauge at 3, 8 % of hours at 4": lambda rng: 3.0 + (rng.random(TIMES.size) < 0.08),
+    # on a grid of 1 whose smallest gap is 2: the step is the gaps' greatest common divisor
+    "counts of only 0, 2 or 5": lambda rng: rng.choice([0.0, 2.0, 5.0], TIMES.size, p=[0.85, 0.1, 0.05]),
+    "a gauge at 6, at 4 or 9 in 5 % of hours each": lambda rng: rng.choice([4.0, 6.0, 9.0], TIMES.size,
+                                                                             p=[0.05, 0.9, 0.05]),
 }
 
 
@@ -68,10 +72,13 @@ def test_sparse_counts_and_integer_gauges_are_not_flagged_at_every_value_off_the
 
 
 @pytest.mark.parametrize("name", ["holt_winters", "ets", "sarimax", "random_forest", "autoencoder"])
-def test_a_spike_in_sparse_counts_is_still_caught(name):
+@pytest.mark.parametrize("case,size", [("counts of mean 0.3", 10), ("counts of only 0, 2 or 5", 20)])
+def test_a_spike_in_sparse_counts_is_still_caught(name, case, size):
+    # a spike of four times the largest clean value of 0, 2 or 5 (one of 10 is within their scale:
+    # the tie floor is the spread of the values off the mode, about 3 there, 1.5 for Poisson 0.3)
     rng = np.random.default_rng(3)
-    y = rng.poisson(0.3, TIMES.size).astype(float)
-    y[T + 30] += 10
+    y = SPARSE[case](rng)
+    y[T + 30] += size
     _, after, _ = _flags(name, y)
     assert after[30]
 
@@ -99,6 +106,13 @@ def test_measurements_are_on_no_grid_and_keep_their_scale():
 
 def test_grid_step_of_counts_gauges_and_halves():
     assert grid_step(np.array([0.0, 0, 2, 0, 1, np.nan])) == 1.0
+    # the smallest gap a multiple of the step: 2 and 3 (step 1), 3 and 4, 10 and 15 (step 5)
+    assert grid_step(np.array([0.0, 2, 0, 0, 5, 2, 0])) == 1.0
+    assert grid_step(np.array([6.0, 6, 9, 6, 4, 6])) == 1.0
+    assert grid_step(np.array([0.0, 10, 0, 25, 0, 10])) == 5.0
+    assert grid_step(np.array([[0.0, 2, 5, np.nan], [0.0, 0.5, 1.25, 2.0]])).tolist() == [1.0, 0.25]
+    # the last 16 values only show a gap of 2: the whole row is still looked at
+    assert grid_step(np.r_[5.0, 0.0, np.tile([0.0, 2.0], 20)]) == 1.0
     assert grid_step(np.array([3.0, 4, 3, 3, 5])) == 1.0
     assert grid_step(np.array([1.5, 2.0, 2.0, 3.5])) == 0.5
     assert grid_step(np.array([0.0, 0.1, 0.2, 0.3])) == pytest.approx(0.1)

@@ -103,6 +103,57 @@ def test_holt_winters_interval_grows_with_the_horizon():
     assert sd_flat[0] == sd_flat[1] == flat.sigma_
 
 
+def test_holt_winters_fits_on_one_blas_thread_and_gives_the_caller_its_threads_back(monkeypatch):
+    """Its grid search does one QR of an n x (m + 1) matrix per grid point, too small for threads:
+    OpenBLAS's only waited on each other, and one series (``Model.fit``, ``plot_series``, a unit of
+    few series) took 1.7-3.5 s on a busy two-core machine, 0.25 s on one thread."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    seen = []
+    qr = np.linalg.qr
+
+    def spy(a, *args, **kw):  # the real QR, noting the threads it had
+        seen.append(blas_threads())
+        return qr(a, *args, **kw)
+
+    monkeypatch.setattr(np.linalg, "qr", spy)
+    y, t, _ = make_series(24 * 8, seed=3)
+    with threadpool_limits(2, user_api="blas"):  # a caller's process with threads to spare
+        model = get("holt_winters").fit(y, t=t)
+        after = blas_threads()
+    assert seen and all(s == {1} for s in seen)
+    assert after == {2}
+    assert model.sigma_ > 0
+
+
+@pytest.mark.parametrize("m,n", [(24, 200), (7, 30), (4, 3), (168, 400)])
+def test_holt_winters_impulse_responses_are_the_full_recursion_bit_for_bit(m, n):
+    """The seasonal columns are the first seasonal's response shifted (not run one channel each):
+    the same numbers as running every unit initial state through the recursion."""
+    import modelfactory.models.holt_winters as hw
+
+    A, B, G = np.meshgrid(hw._ALPHA, hw._BETA, hw._GAMMA, indexing="ij")
+    alpha, bstar, gamma = A.ravel(), (A * B).ravel(), (G * (1 - A)).ravel()
+    k = m + 2
+    lvl, tr, s = np.zeros((alpha.size, k)), np.zeros((alpha.size, k)), np.zeros((m, alpha.size, k))
+    lvl[:, 0], tr[:, 1] = 1.0, 1.0
+    for j in range(m):
+        s[j, :, 2 + j] = 1.0
+    want = np.empty((alpha.size, n, k))
+    for i in range(n):
+        sj = s[i % m]
+        e = -(lvl + tr + sj)
+        want[:, i] = e
+        lvl += tr + alpha[:, None] * e
+        tr += bstar[:, None] * e
+        sj += gamma[:, None] * e
+    got = hw._impulse(hw._impulse_channels(alpha, bstar, gamma, m, n), m)
+    assert got.shape == want.shape and np.array_equal(got, want)
+
+
 def test_holt_winters_handles_gaps_nans_and_ragged_batches():
     y, t, _ = make_series(24 * 8, seed=2)
     full = get("holt_winters").fit(y, t=t)

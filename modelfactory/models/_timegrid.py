@@ -39,10 +39,11 @@ def infer_steps(batch: SeriesBatch, step: int | None, *, sid: np.ndarray | None 
     t = batch.times
     d = np.diff(t).astype(np.float64)
     same = (sid[1:] == sid[:-1]) & (d > 0)
-    med, cnt = segment_median(d[same], sid[1:][same], n, lower=True)
+    ds, ss = d[same], sid[1:][same]  # the positive spacings within a series, and their series
+    med, cnt = segment_median(ds, ss, n, lower=True)
     steps = np.maximum(np.where(cnt > 0, med, 1), 1).astype(np.int64)
-    need = _off_median(steps, sid[1:], same, d)
-    steps = _fundamental(steps, sid[1:], same, d, need)
+    need = _off_median(steps, ss, ds, cnt)
+    steps = _fundamental(steps, ss, ds, cnt, need)
     steps = _refined(t, sid, lengths, steps, same, d, need)
     return np.maximum(steps, 1)
 
@@ -86,17 +87,18 @@ def segment_median(values: np.ndarray, seg: np.ndarray, nseg: int, *,
     return med, count
 
 
-def _off_median(step: np.ndarray, sid1: np.ndarray, same: np.ndarray, d: np.ndarray) -> np.ndarray:
+def _off_median(step: np.ndarray, sid1: np.ndarray, d: np.ndarray, count: np.ndarray) -> np.ndarray:
     """Series fewer than half of whose spacings are exactly their median ``step``: the others (most
     data, stamped on its grid, with a few odd steps: daily times at local midnight move by an hour
-    at a clock change) keep their median, and are not computed further."""
-    n = len(step)
-    sid1 = sid1[same]
-    exact = np.bincount(sid1[d[same] == step[sid1]], minlength=n)
-    return 2 * exact < np.bincount(sid1, minlength=n)
+    at a clock change) keep their median, and are not computed further.
+
+    ``d`` are the positive spacings within a series, ``sid1`` their series and ``count`` their
+    number per series, as :func:`infer_steps` has them from the median."""
+    exact = np.bincount(sid1[d == step[sid1]], minlength=len(step))
+    return 2 * exact < count
 
 
-def _fundamental(step: np.ndarray, sid1: np.ndarray, same: np.ndarray, d: np.ndarray,
+def _fundamental(step: np.ndarray, sid1: np.ndarray, d: np.ndarray, count: np.ndarray,
                  todo: np.ndarray) -> np.ndarray:
     """The step of every series of which most points are missing: its smallest spacing, sharpened
     on the spacings of one or two of it (for jittered times), where nine in ten of its spacings lie
@@ -108,20 +110,19 @@ def _fundamental(step: np.ndarray, sid1: np.ndarray, same: np.ndarray, d: np.nda
     of the time).  Only the series ``todo`` are tried (:func:`_off_median`), and only where the
     smallest spacing is at least a 64th of the median (a stray spacing of a second does not make a
     step of a second); a series the candidate does not fit (irregular event times) keeps its
-    median.  :func:`_refined` then fits the step to all its times.
+    median.  :func:`_refined` then fits the step to all its times.  ``sid1``, ``d`` and ``count``
+    as for :func:`_off_median`.
 
     >>> t = np.array([0, 3, 5, 6, 9, 11, 12, 15, 16, 18]) * 3600
     >>> d = np.diff(t).astype(np.float64)
-    >>> step, sid1 = np.array([7200]), np.zeros(9, np.int64)
-    >>> _fundamental(step, sid1, d > 0, d, _off_median(step, sid1, d > 0, d)).tolist()
+    >>> step, sid1, count = np.array([7200]), np.zeros(9, np.int64), np.array([9])
+    >>> _fundamental(step, sid1, d, count, _off_median(step, sid1, d, count)).tolist()
     [3600]
     """
     if not todo.any():  # most data: nothing to compute
         return step
     n = len(step)
-    sid1, d = sid1[same], d[same]
-    total = np.bincount(sid1, minlength=n)
-    has = total > 0
+    has = count > 0
     smallest = np.full(n, np.inf)  # rows are grouped by series: one reduceat
     smallest[has] = np.minimum.reduceat(d, np.searchsorted(sid1, np.flatnonzero(has)))
     todo = todo & (64 * smallest >= step)
@@ -140,7 +141,7 @@ def _fundamental(step: np.ndarray, sid1: np.ndarray, same: np.ndarray, d: np.nda
     r = d / c[sid1]
     k = np.rint(r)
     near = np.bincount(sid1[(k >= 1) & (np.abs(r - k) <= 0.25)], minlength=n)
-    fits = todo & (10 * near >= 9 * total)
+    fits = todo & (10 * near >= 9 * count)
     out = step.copy()
     out[fits] = np.maximum(np.rint(c[fits]), 1)
     return out

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..exceptions import ModelError, ParameterError
 from ._timegrid import batch_to_grid, grid_spans, infer_steps, seasonal_fill
-from ._util import grid_step, tie_floor
+from ._util import grid_step, one_blas_thread, tie_floor
 from .base import MAX_ABS_VALUE, SCORING_PARAMS, Model, Param, SeriesBatch, SkipGroup, robust_score, too_large
 
 __all__ = ["HoltWinters", "hw_recursion"]
@@ -72,25 +72,42 @@ def _seasonal_basis(m: int) -> np.ndarray:
     return B
 
 
-def _impulse(alpha, bstar, gamma, m: int, n: int) -> np.ndarray:
-    """One-step errors caused by each unit initial state with zero data: shape ``(G, n, m + 2)``."""
-    G, k = len(alpha), m + 2
-    lvl, tr = np.zeros((G, k)), np.zeros((G, k))
+def _impulse_channels(alpha, bstar, gamma, m: int, n: int) -> np.ndarray:
+    """One-step errors caused by a unit initial level, trend and first seasonal with zero data,
+    for every grid point: shape ``(G, n, 3)`` (see :func:`_impulse`)."""
+    G = len(alpha)
+    lvl, tr = np.zeros((G, 3)), np.zeros((G, 3))
     lvl[:, 0] = 1.0
     tr[:, 1] = 1.0
-    s = np.zeros((m, G, k))
-    for j in range(m):
-        s[j, :, 2 + j] = 1.0
-    D = np.empty((G, n, k))
+    s = np.zeros((m, G, 3))
+    s[0, :, 2] = 1.0
+    E = np.empty((G, n, 3))
     a, bb, g = alpha[:, None], bstar[:, None], gamma[:, None]
     for t in range(n):
         sj = s[t % m]
         e = -(lvl + tr + sj)
-        D[:, t] = e
+        E[:, t] = e
         lvl += tr + a * e
         tr += bb * e
         sj += g * e
-    return D
+    return E
+
+
+def _impulse(channels: np.ndarray, m: int) -> np.ndarray:
+    """One-step errors caused by each unit initial state with zero data: shape ``(G, n, m + 2)``.
+
+    From the responses to a unit level, trend and first seasonal (:func:`_impulse_channels`): a
+    unit in seasonal ``j`` is one in seasonal 0 whose response starts ``j`` steps later (nothing
+    happens before its slot comes round: the same operations on the same values), so its column
+    is that of seasonal 0 shifted by ``j``, bit for bit.  Running all ``m + 2`` channels, once
+    per block of grid points, cost 60 % of this at m = 24 and 85 % at m = 168.
+    """
+    G, n, _ = channels.shape
+    D = np.zeros((G, m + 2, n))  # steps last: each shifted copy is contiguous
+    D[:, :3] = channels.transpose(0, 2, 1)
+    for j in range(1, min(m, n)):
+        D[:, 2 + j, j:] = channels[:, :n - j, 2]
+    return D.transpose(0, 2, 1)
 
 
 def _grid_sse(Y, alpha, bstar, gamma, m: int, Q) -> np.ndarray:
@@ -315,7 +332,9 @@ class HoltWinters(Model):
         good = np.array([i for i in range(n) if i not in why], dtype=np.int64)
         out: list = [SkipGroup(why[i]) if i in why else None for i in range(n)]
         if good.size:
-            for i, model in zip(good, cls._fit_rows(proto, Y[good], glen[good], nobs[good])):
+            with one_blas_thread():  # small matrices: threads only wait (see one_blas_thread)
+                fitted = cls._fit_rows(proto, Y[good], glen[good], nobs[good])
+            for i, model in zip(good, fitted):
                 if not isinstance(model, Exception):
                     model.step_, model.t_last_ = int(steps[i]), int(t_last[i])
                 out[i] = model
@@ -342,9 +361,10 @@ class HoltWinters(Model):
         # Blocks of grid points (the impulse responses) and of series (the errors) bound memory.
         gstep = int(max(1, min(ga.size, _BLOCK // (nmax * (m + 2)))))
         sstep = int(max(1, min(_CHUNK, _BLOCK // (nmax * gstep))))
+        channels = _impulse_channels(ga, gb, gg, m, nmax)  # once: the blocks take their rows
         for g0 in range(0, ga.size, gstep):
             gs = slice(g0, g0 + gstep)
-            D = _impulse(ga[gs], gb[gs], gg[gs], m, nmax) @ basis
+            D = _impulse(channels[gs], m) @ basis
             growth = np.maximum.accumulate(np.abs(D).max(axis=2), axis=1)  # (grid points, steps)
             for L in np.unique(glen):
                 rows = np.flatnonzero(glen == L)
