@@ -702,6 +702,7 @@ def test_models_show_of_a_key_written_otherwise_than_in_training_gives_the_hint_
     t = make_table(3, days=3, apps=1, spikes=0).to_pandas()
     t["site"] = t["site"].map({"site-00000": "07", "site-00001": "08", "site-00002": "09"})
     t.to_parquet(tmp_path / "d.parquet")
+    text = pq.read_schema(tmp_path / "d.parquet").field("site").type  # string at pandas 2, large_string at 3
     store = str(tmp_path / "s")
     assert main(["train", str(tmp_path / "d.parquet"), "--by", "site", "--time", "ts", "--target", "value",
                  "--store", store, "--scheduler", "inline", "--quiet"]) == 0
@@ -711,7 +712,7 @@ def test_models_show_of_a_key_written_otherwise_than_in_training_gives_the_hint_
     (line,) = captured.err.splitlines()
     assert captured.out == "" and line.startswith("error: No group {'site': '7'} in run ")
     assert line.endswith("Its key matches one of the run's written in another type or format (e.g. 'site' is '7' in "
-                         "--key but '07' (large_string) in the run): keys match exactly, so give the key as the run "
+                         f"--key but '07' ({text}) in the run): keys match exactly, so give the key as the run "
                          "has it: --key site=07."), line
     assert main(["models", "show", "--store", store, "--key", "site=5"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
