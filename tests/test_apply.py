@@ -35,7 +35,10 @@ def reference(path: str) -> pd.DataFrame:
 
 def canon(df: pd.DataFrame) -> pd.DataFrame:
     out = df.sort_values(["app", "site"]).reset_index(drop=True)
-    out["first_ts"] = pd.to_datetime(out["first_ts"], utc=True)
+    # One unit on both sides: pandas 2.1 builds the reference's timestamps in ns (pandas 3 keeps
+    # the data's unit) and its assert_frame_equal(check_dtype=False) compares ns with us as raw
+    # integers; modelfactory's own output is timestamp[us] (the schema's) under every pandas.
+    out["first_ts"] = pd.to_datetime(out["first_ts"], utc=True).dt.as_unit("us")
     out["app"] = out["app"].astype(str)
     out["site"] = out["site"].astype(str)
     return out

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 from _servers import NotAScheduler
 
@@ -620,6 +621,8 @@ def test_score_says_once_that_keys_are_written_otherwise_than_in_training(tmp_pa
     t.to_parquet(tmp_path / "old.parquet")
     t.assign(site=t["site"].astype("int64")).to_parquet(tmp_path / "all.parquet")
     t.assign(site=t["site"].replace({"07": "7"})).to_parquet(tmp_path / "some.parquet")
+    # The Arrow type pandas writes strings in: string under pandas 2, large_string under pandas 3.
+    text = pq.read_schema(tmp_path / "old.parquet").field("site").type
     store, base = str(tmp_path / "s"), ["--scheduler", "inline", "--quiet"]
     assert main(["train", str(tmp_path / "old.parquet"), "--by", "site", "--time", "ts", "--target", "value",
                  "--store", store, *base]) == 0
@@ -629,13 +632,13 @@ def test_score_says_once_that_keys_are_written_otherwise_than_in_training(tmp_pa
     assert err.count("written in another type or format") == 1, err
     (line,) = err.splitlines()
     assert line.startswith("error: run ") and "(most often, 3 skipped: no model for this group in run " in line
-    assert "'site' is 7 (int64) in the data but '07' (large_string) in the run" in line
+    assert f"'site' is 7 (int64) in the data but '07' ({text}) in the run" in line
     assert main(["score", str(tmp_path / "some.parquet"), "--store", store, "--out", str(tmp_path / "o2"), *base]) == 0
     err = capsys.readouterr().err
     (line,) = err.splitlines()
     assert line == (f"warning: 1 group found no model in run {modelfactory.ModelStore(store).latest()}, but its key "
-                    "matches keys of the run written in another type or format (e.g. 'site' is '7' (large_string) in "
-                    "the data but '07' (large_string) in the run: scoring matches keys exactly, so write 'site' in the "
+                    f"matches keys of the run written in another type or format (e.g. 'site' is '7' ({text}) in "
+                    f"the data but '07' ({text}) in the run: scoring matches keys exactly, so write 'site' in the "
                     "data as training had it (cast or reformat it), or train again on data like this)")
 
 
@@ -699,6 +702,7 @@ def test_models_show_of_a_key_written_otherwise_than_in_training_gives_the_hint_
     t = make_table(3, days=3, apps=1, spikes=0).to_pandas()
     t["site"] = t["site"].map({"site-00000": "07", "site-00001": "08", "site-00002": "09"})
     t.to_parquet(tmp_path / "d.parquet")
+    text = pq.read_schema(tmp_path / "d.parquet").field("site").type  # string at pandas 2, large_string at 3
     store = str(tmp_path / "s")
     assert main(["train", str(tmp_path / "d.parquet"), "--by", "site", "--time", "ts", "--target", "value",
                  "--store", store, "--scheduler", "inline", "--quiet"]) == 0
@@ -708,7 +712,7 @@ def test_models_show_of_a_key_written_otherwise_than_in_training_gives_the_hint_
     (line,) = captured.err.splitlines()
     assert captured.out == "" and line.startswith("error: No group {'site': '7'} in run ")
     assert line.endswith("Its key matches one of the run's written in another type or format (e.g. 'site' is '7' in "
-                         "--key but '07' (large_string) in the run): keys match exactly, so give the key as the run "
+                         f"--key but '07' ({text}) in the run): keys match exactly, so give the key as the run "
                          "has it: --key site=07."), line
     assert main(["models", "show", "--store", store, "--key", "site=5"]) == 2
     (line,) = capsys.readouterr().err.splitlines()

@@ -108,7 +108,8 @@ def test_null_partition_keys_name_their_files_and_a_filter_leaves_them_out(tmp_p
     data = modelfactory.demo.write_dataset(str(tmp_path / "data"), series=4, days=3)
     stray = tmp_path / "data" / where / "stray.parquet"
     stray.parent.mkdir(exist_ok=True)
-    t = pq.read_table(next((tmp_path / "data").glob("app=*/*.parquet")))
+    # the file's own columns: pyarrow 22 adds app from the file's app=... folder unless told not to
+    t = pq.read_table(next((tmp_path / "data").glob("app=*/*.parquet")), partitioning=None)
     pq.write_table(t, stray)
     with pytest.raises(SchemaError, match=rf"{t.num_rows} null value\(s\) in 'app' \(1 file\(s\) {said}, "
                                           rf"e\.g\. '{stray}'\).*filter= \(e\.g\. ds\.field\('app'\)\.is_valid\(\); on the command line --where \"app is not null\"\)"):
