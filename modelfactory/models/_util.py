@@ -31,17 +31,33 @@ def one_blas_thread():
     return _controller[1].limit(limits=1, user_api="blas")
 
 
+#: Warnings that speak of the libraries' versions, not of the data: never a model's note.
+_LIBRARY_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
 def fit_quietly(fit):
     """Run ``fit()`` recording its warnings as short notes instead of raising or printing them.
 
     Returns ``(result, notes)``; ``notes`` holds at most five distinct
-    ``"Category: first line of the message"`` strings.
+    ``"Category: first line of the message"`` strings.  Warnings about the libraries rather
+    than the fit (a deprecation: scipy's about the ``iprint`` that statsmodels 0.14 passes to
+    L-BFGS-B) are left out: they say nothing of the series, and were stored in every model
+    (150 bytes of each ets model).
+
+    >>> def fit():
+    ...     warnings.warn("a solver option is deprecated", DeprecationWarning)
+    ...     warnings.warn("did not converge", RuntimeWarning)
+    ...     return 1
+    >>> fit_quietly(fit)
+    (1, ['RuntimeWarning: did not converge'])
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = fit()
     notes: list[str] = []
     for w in caught:
+        if issubclass(w.category, _LIBRARY_WARNINGS):
+            continue
         text = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
         if text not in notes:
             notes.append(text)
