@@ -57,6 +57,7 @@ _UNSTABLE = 1e3
 _DIVERGED = 100.0
 _CHUNK = 256  # at most this many series per block
 _BLOCK = 4_000_000  # floats per working array (32 MB): bounds memory for long series and seasons
+_STEPS = 16  # steps of errors :func:`_grid_sse` gathers before writing them into its (grid, series, step) array
 
 
 def _stamp(seconds: int) -> str:
@@ -116,14 +117,25 @@ def _grid_sse(Y, alpha, bstar, gamma, m: int, Q) -> np.ndarray:
     G = len(alpha)
     lvl, tr, s = np.zeros((S, G)), np.zeros((S, G)), np.zeros((m, S, G))
     E = np.empty((G, S, n))
-    for t in range(n):
-        sj = s[t % m]
-        e = Y[:, t:t + 1] - lvl - tr - sj
-        E[:, :, t] = e.T
-        lvl += tr
-        lvl += alpha * e
-        tr += bstar * e
-        sj += gamma * e
+    # No temporaries in the loop (``out=``), and the errors written into E (steps last) 16 steps
+    # at a time, not one strided column a step: the same operations in the same order (the same
+    # bits), in 62-71 ms a block of 105 series x 225 grid points instead of 135-154 ms in a Dask
+    # worker, whose MALLOC_TRIM_THRESHOLD_ makes every temporary of this size a fresh mmap (page
+    # faults on each first touch); 48-54 against 67-68 ms elsewhere.
+    buf, tmp = np.empty((min(_STEPS, n), S, G)), np.empty((S, G))
+    for t0 in range(0, n, _STEPS):
+        t1 = min(n, t0 + _STEPS)
+        for t in range(t0, t1):
+            sj = s[t % m]
+            e = buf[t - t0]
+            np.subtract(Y[:, t:t + 1], lvl, out=e)  # Y - lvl - tr - sj, in that order
+            e -= tr
+            e -= sj
+            lvl += tr
+            lvl += np.multiply(alpha, e, out=tmp)
+            tr += np.multiply(bstar, e, out=tmp)
+            sj += np.multiply(gamma, e, out=tmp)
+        E[:, :, t0:t1] = buf[:t1 - t0].transpose(2, 1, 0)
     proj = np.matmul(E, Q)
     return np.einsum("gsn,gsn->sg", E, E) - np.einsum("gsk,gsk->sg", proj, proj)
 
