@@ -2,8 +2,17 @@
 file whose values cannot be decoded."""
 from __future__ import annotations
 
+import signal
+
 import pytest
 from _data import metrics_table, write
+
+# The Ctrl-C tests send SIGINT to this process and to the CLI processes they start.  A runner that
+# starts pytest in the background of a shell without job control (`cmd &` in a script) has it
+# ignore SIGINT, and its children inherit that: those tests then failed for the runner's sake.
+# Python's own handler again (children started from here get the default, as from a terminal).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
