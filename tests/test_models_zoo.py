@@ -154,6 +154,34 @@ def test_holt_winters_impulse_responses_are_the_full_recursion_bit_for_bit(m, n)
     assert got.shape == want.shape and np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("n", [5, 16, 50])
+def test_holt_winters_grid_sse_is_the_plain_recursion_bit_for_bit(n):
+    """_grid_sse keeps its buffers and writes its errors 16 steps at a time (the temporaries of a
+    plain loop cost a fresh mmap each in a Dask worker): the same numbers as the plain loop, for
+    fewer steps than one batch, exactly one, and a part of one left at the end."""
+    import modelfactory.models.holt_winters as hw
+
+    rng = np.random.default_rng(n)
+    S, m = 7, 4
+    A, B, G = np.meshgrid(hw._ALPHA, hw._BETA, hw._GAMMA, indexing="ij")
+    alpha, bstar, gamma = A.ravel(), (A * B).ravel(), (G * (1 - A)).ravel()
+    Y = rng.normal(size=(S, n))
+    Q = np.linalg.qr(rng.normal(size=(alpha.size, n, min(n, m + 1))))[0]
+    lvl, tr, s = np.zeros((S, alpha.size)), np.zeros((S, alpha.size)), np.zeros((m, S, alpha.size))
+    E = np.empty((alpha.size, S, n))
+    for t in range(n):
+        sj = s[t % m]
+        e = Y[:, t:t + 1] - lvl - tr - sj
+        E[:, :, t] = e.T
+        lvl += tr
+        lvl += alpha * e
+        tr += bstar * e
+        sj += gamma * e
+    proj = np.matmul(E, Q)
+    want = np.einsum("gsn,gsn->sg", E, E) - np.einsum("gsk,gsk->sg", proj, proj)
+    assert np.array_equal(hw._grid_sse(Y, alpha, bstar, gamma, m, Q), want)
+
+
 def test_holt_winters_handles_gaps_nans_and_ragged_batches():
     y, t, _ = make_series(24 * 8, seed=2)
     full = get("holt_winters").fit(y, t=t)
