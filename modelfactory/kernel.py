@@ -18,9 +18,9 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from threadpoolctl import ThreadpoolController
 
 from ._io import Location, PartInfo, write_parquet
+from ._threads import thread_pools
 from .dataset import DECODE, Source, read_files
 from .exceptions import GROUP_ERRORS, ModelError, describe_error
 from .grouped_map import apply_groups, to_table
@@ -557,22 +557,9 @@ def _key_codes(table: pa.Table, by: tuple[str, ...],
     return codes
 
 
-_controller: tuple[int, ThreadpoolController] | None = None
-
-
 def one_thread():
-    """Limit BLAS/OpenMP pools to one thread for a unit: each worker process is one core.
-
-    Finding the loaded pools takes milliseconds, so the controller is kept and made
-    again only when modules have been imported since (a user function's first
-    import can load a new pool).
-    """
-    import sys
-
-    global _controller
-    if _controller is None or _controller[0] != len(sys.modules):
-        _controller = (len(sys.modules), ThreadpoolController())
-    return _controller[1].limit(limits=1)
+    """Limit BLAS/OpenMP pools to one thread for a unit: each worker process is one core."""
+    return thread_pools().limit(limits=1)
 
 
 def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) -> Groups:

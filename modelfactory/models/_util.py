@@ -1,18 +1,16 @@
 """Small helpers shared by the built-in models (private)."""
 from __future__ import annotations
 
-import sys
 import warnings
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
+
+from .._threads import thread_pools
 
 __all__ = ["fit_quietly", "center_scale", "scale_floor", "max_abs", "grid_step", "tie_floor", "one_blas_thread",
            "MAD_TO_SIGMA"]
 
 MAD_TO_SIGMA = 1.4826
-
-_controller: tuple[int, ThreadpoolController] | None = None
 
 
 def one_blas_thread():
@@ -22,13 +20,9 @@ def one_blas_thread():
     threaded BLAS only waits for its threads: 225 QRs of 672 x 25 took 3.1 s with OpenBLAS's
     default threads on a busy two-core machine and 0.1 s on one.  A run's workers already run one
     thread per unit (``kernel.one_thread``); this gives ``Model.fit`` in the caller's process the
-    same speed and the same arithmetic.  Finding the pools takes milliseconds, so the controller is
-    kept and made again only when modules have been imported since, as the kernel does.
+    same speed and the same arithmetic (the kernel's controller: :func:`.._threads.thread_pools`).
     """
-    global _controller
-    if _controller is None or _controller[0] != len(sys.modules):
-        _controller = (len(sys.modules), ThreadpoolController())
-    return _controller[1].limit(limits=1, user_api="blas")
+    return thread_pools().limit(limits=1, user_api="blas")
 
 
 #: Warnings that speak of the libraries' versions, not of the data: never a model's note.
