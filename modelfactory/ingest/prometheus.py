@@ -365,8 +365,7 @@ def _check_layout(spec: PrometheusSpec) -> None:
             path = example = folders[0]
             keys.append(path.rsplit("/", 1)[-1].split("=", 1)[0])
     except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
-        raise IngestError(f"Could not list out={spec.out!r}: {describe_error(err)}. Check that out / --out "
-                          "is readable (and storage_options for remote stores).") from err
+        raise _cannot_list(spec, err) from err
     if data_files and keys != list(spec.by):  # folders alone may be left from a failed run
         shown = f" (e.g. {example})" if example else ""
         raise IngestError(
@@ -518,6 +517,19 @@ def _files(fs: Any, root: str) -> list[str]:
     return [p[len(base) + 1:] for p in found if p.startswith(base + "/")]
 
 
+def _listed(spec: PrometheusSpec, fs: Any, root: str) -> list[str]:
+    """:func:`_files` of ``root``, a storage error there an :class:`IngestError` naming ``out``."""
+    try:
+        return _files(fs, root)
+    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+        raise _cannot_list(spec, err) from err
+
+
+def _cannot_list(spec: PrometheusSpec, err: BaseException) -> IngestError:
+    return IngestError(f"Could not list out={spec.out!r}: {describe_error(err)}. Check that out / --out "
+                       "is readable (and storage_options for remote stores).")
+
+
 def _in_partitions(rel: str) -> bool:
     """Whether the file ``rel`` lies in partition folders (``k=v``, not hidden), or at the root."""
     return all("=" in d and d[0] != "." for d in rel.split("/")[:-1])
@@ -539,11 +551,7 @@ def _remove_leftovers(spec: PrometheusSpec, fs: Any, root: str) -> None:
     (staged chunk files, a half-written ``_ingest.json``).  Only the holder of the folder's lock
     writes them, and this ingest holds it, so none belongs to a running ingest; Parquet readers
     skip them, but they would pile up, one set per killed run (on S3, bytes billed for ever)."""
-    try:
-        rels = _files(fs, root)
-    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
-        raise IngestError(f"Could not list out={spec.out!r}: {describe_error(err)}. Check that out / --out "
-                          "is readable (and storage_options for remote stores).") from err
+    rels = _listed(spec, fs, root)
     left = [r for r in rels if _in_partitions(r) and (_STAGED_FILE.match(r.rsplit("/", 1)[-1])
                                                       or ("/" not in r and _DEFINITION_TMP.match(r)))]
     if not left:
@@ -564,11 +572,7 @@ def _check_foreign(spec: PrometheusSpec, fs: Any, root: str) -> None:
     """Refuse to start a dataset over while ``out`` holds Parquet files no ingest wrote: overwrite
     deletes only the ingest's own files, so these would be read beside the new rows as one dataset,
     and deleting them could destroy data that exists nowhere else."""
-    try:
-        rels = _files(fs, root)
-    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
-        raise IngestError(f"Could not list out={spec.out!r}: {describe_error(err)}. Check that out / --out "
-                          "is readable (and storage_options for remote stores).") from err
+    rels = _listed(spec, fs, root)
     foreign = sorted(r for r in rels if r.endswith(".parquet") and not _ours(r)
                      and not any(part[0] in "._" for part in r.split("/")))
     if foreign:
