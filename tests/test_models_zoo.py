@@ -1,6 +1,9 @@
 """The built-in models against the libraries they stand for: same fits, same predictions."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -154,32 +157,126 @@ def test_holt_winters_impulse_responses_are_the_full_recursion_bit_for_bit(m, n)
     assert got.shape == want.shape and np.array_equal(got, want)
 
 
-@pytest.mark.parametrize("n", [5, 16, 50])
-def test_holt_winters_grid_sse_is_the_plain_recursion_bit_for_bit(n):
-    """_grid_sse keeps its buffers and writes its errors 16 steps at a time (the temporaries of a
-    plain loop cost a fresh mmap each in a Dask worker): the same numbers as the plain loop, for
-    fewer steps than one batch, exactly one, and a part of one left at the end."""
+def _hw_grid():
     import modelfactory.models.holt_winters as hw
 
-    rng = np.random.default_rng(n)
-    S, m = 7, 4
     A, B, G = np.meshgrid(hw._ALPHA, hw._BETA, hw._GAMMA, indexing="ij")
-    alpha, bstar, gamma = A.ravel(), (A * B).ravel(), (G * (1 - A)).ravel()
-    Y = rng.normal(size=(S, n))
-    Q = np.linalg.qr(rng.normal(size=(alpha.size, n, min(n, m + 1))))[0]
-    lvl, tr, s = np.zeros((S, alpha.size)), np.zeros((S, alpha.size)), np.zeros((m, S, alpha.size))
-    E = np.empty((alpha.size, S, n))
+    return A.ravel(), (A * B).ravel(), (G * (1 - A)).ravel()
+
+
+def _numpy_only(monkeypatch):
+    """The numpy twins of the compiled loops, as without numba."""
+    import modelfactory.models._jit as jit
+    import modelfactory.models.holt_winters as hw
+
+    for loop in (hw._sq_errors_loop, hw._channels_loop):
+        monkeypatch.setitem(jit._compiled, loop, None)
+
+
+@pytest.mark.parametrize("m,n", [(4, 5), (4, 50), (24, 200), (7, 30)])
+def test_holt_winters_compiled_loops_are_their_numpy_twins_bit_for_bit(m, n, monkeypatch):
+    """The grid's squared errors and the final fit's channels, compiled by numba and in numpy: the
+    same operations in the same order, so the same bits (and the plain recursion's numbers)."""
+    import modelfactory.models.holt_winters as hw
+    from modelfactory.models._jit import compiled
+
+    assert compiled(hw._sq_errors_loop) is not None and compiled(hw._channels_loop) is not None
+    rng = np.random.default_rng(n)
+    alpha, bstar, gamma = _hw_grid()
+    Y = rng.normal(size=(6, n))
+    want = np.zeros((6, alpha.size))
+    lvl, tr, s = np.zeros((6, alpha.size)), np.zeros((6, alpha.size)), np.zeros((m, 6, alpha.size))
     for t in range(n):
         sj = s[t % m]
         e = Y[:, t:t + 1] - lvl - tr - sj
-        E[:, :, t] = e.T
+        want += e * e
         lvl += tr
         lvl += alpha * e
         tr += bstar * e
         sj += gamma * e
-    proj = np.matmul(E, Q)
-    want = np.einsum("gsn,gsn->sg", E, E) - np.einsum("gsk,gsk->sg", proj, proj)
-    assert np.array_equal(hw._grid_sse(Y, alpha, bstar, gamma, m, Q), want)
+    jit_sq = hw._sq_errors(Y, alpha, bstar, gamma, m)
+    Yn = Y.copy()
+    Yn[rng.random(Y.shape) < 0.1] = np.nan  # missing steps make no update
+    a, b, g = rng.uniform(0.01, 0.99, 6), rng.uniform(0, 0.3, 6), rng.uniform(0, 0.5, 6)
+    jit_fit = hw.hw_recursion(Yn, a, b, g, m)
+    _numpy_only(monkeypatch)
+    assert np.array_equal(jit_sq, want)
+    assert np.array_equal(hw._sq_errors(Y, alpha, bstar, gamma, m), want)
+    np_fit = hw.hw_recursion(Yn, a, b, g, m)
+    assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip(jit_fit, np_fit))
+
+
+@pytest.mark.parametrize("m,n", [(4, 40), (24, 100)])
+def test_holt_winters_grid_sse_is_the_least_squares_sse(m, n):
+    """The grid's SSE with optimal initial states, from the summed squares and the data-free
+    projector, is what least squares on each series' errors gives; and the projector is
+    ``Q_g' L_g`` with ``L_g`` the recursion's matrix (made here from its impulse responses)."""
+    import modelfactory.models.holt_winters as hw
+
+    rng = np.random.default_rng(m)
+    alpha, bstar, gamma = _hw_grid()
+    D = hw._impulse(hw._impulse_channels(alpha, bstar, gamma, m, n), m) @ hw._seasonal_basis(m)
+    stable = np.abs(D).max(axis=(1, 2)) <= hw._UNSTABLE
+    Q = np.linalg.qr(D)[0]
+    P = hw._projector(Q, alpha, bstar, gamma, m)
+    L = np.stack([np.eye(n)] * alpha.size)  # the recursion run on unit impulses: L_g's columns
+    lvl, tr, s = np.zeros((alpha.size, n)), np.zeros((alpha.size, n)), np.zeros((m, alpha.size, n))
+    for t in range(n):
+        sj = s[t % m]
+        e = L[:, t] - lvl - tr - sj
+        L[:, t] = e
+        lvl += tr + alpha[:, None] * e
+        tr += bstar[:, None] * e
+        sj += gamma[:, None] * e
+    want_P = np.einsum("gtk,gtn->ngk", Q, L).reshape(n, -1)
+    assert np.allclose(P.reshape(n, alpha.size, -1)[:, stable], want_P.reshape(n, alpha.size, -1)[:, stable],
+                       rtol=1e-9, atol=1e-9)
+    Y = np.sin(2 * np.pi * np.arange(n) / m) + rng.normal(size=(5, n)) + 0.02 * np.arange(n)
+    got = hw._grid_sse(Y, alpha, bstar, gamma, m, P)
+    E = np.einsum("gtn,sn->sgt", L, Y)
+    for g in np.flatnonzero(stable):
+        x = np.linalg.lstsq(D[g], E[:, g].T, rcond=None)[0]
+        r = E[:, g].T - D[g] @ x
+        assert np.allclose(got[:, g], (r * r).sum(axis=0), rtol=1e-8, atol=1e-10)
+
+
+def test_holt_winters_fits_the_same_models_without_numba(monkeypatch):
+    """numba compiles holt_winters' loops where it can; without it (not installed, or
+    NUMBA_DISABLE_JIT) the numpy twins fit the same models, bit for bit."""
+    ys = [make_series(24 * 8, seed=k) for k in range(4)]
+    y3, t3, _ = ys[3]
+    y3 = y3.copy()
+    y3[[5, 60, 61]] = np.nan
+    keep = np.ones(len(t3), bool)
+    keep[100:104] = False
+    parts = [(ys[0][0], ys[0][1]), (ys[1][0][:120], ys[1][1][:120]), (ys[2][0] * 50 + 7, ys[2][1]),
+             (y3[keep], t3[keep])]
+    batch = SeriesBatch(np.concatenate([p[0] for p in parts]), np.cumsum([0] + [len(p[0]) for p in parts]),
+                        np.concatenate([p[1] for p in parts]))
+    jit_models = registry["holt_winters"].fit_batch({}, batch)
+    _numpy_only(monkeypatch)
+    np_models = registry["holt_winters"].fit_batch({}, batch)
+    for a, b in zip(jit_models, np_models):
+        for attr in a.state_attrs:
+            assert np.array_equal(getattr(a, attr), getattr(b, attr)), attr
+
+
+def test_holt_winters_compiles_without_a_writable_cache_folder(tmp_path):
+    """numba caches compiled loops on disk; where it can write nowhere (a read-only image without
+    a home) the loops are compiled in memory instead of failing every fit."""
+    numba = pytest.importorskip("numba")
+    if not hasattr(numba.config, "CACHE_LOCATOR_CLASSES"):
+        pytest.skip("this numba cannot be told to use only the folder it is given")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "UserProvidedCacheLocator",
+           "NUMBA_CACHE_DIR": str(blocker / "cache")}  # under a file: cannot be made
+    code = ("import numpy as np; from modelfactory.models import get; "
+            "t = np.arange(96) * 3600; y = 10 + np.sin(2 * np.pi * np.arange(96) / 24); "
+            "print(get('holt_winters').fit(y, t=t).alpha_ > 0)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
 
 
 def test_holt_winters_handles_gaps_nans_and_ragged_batches():
