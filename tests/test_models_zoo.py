@@ -261,6 +261,27 @@ def test_holt_winters_fits_the_same_models_without_numba(monkeypatch):
             assert np.array_equal(getattr(a, attr), getattr(b, attr)), attr
 
 
+def test_without_numba_or_with_its_jit_disabled_the_loops_are_numpys(monkeypatch):
+    """numba not importable, or NUMBA_DISABLE_JIT (which would run the loops as plain Python, far
+    slower than numpy): no compiled loop, and holt_winters fits with its numpy twins."""
+    import numba
+
+    import modelfactory.models._jit as jit
+    import modelfactory.models.holt_winters as hw
+
+    monkeypatch.setattr(jit, "_compiled", {})
+    assert jit.compiled(hw._sq_errors_loop) is not None
+    monkeypatch.setattr(jit, "_compiled", {})
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    assert jit.compiled(hw._sq_errors_loop) is None
+    monkeypatch.setattr(jit, "_compiled", {})
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", False)
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba: ImportError
+    assert jit.compiled(hw._sq_errors_loop) is None and jit.compiled(hw._channels_loop) is None
+    y, t, _ = make_series(24 * 6, seed=5)
+    assert get("holt_winters").fit(y, t=t).sigma_ > 0
+
+
 def test_holt_winters_compiles_without_a_writable_cache_folder(tmp_path):
     """numba caches compiled loops on disk; where it can write nowhere (a read-only image without
     a home) the loops are compiled in memory instead of failing every fit."""
