@@ -169,18 +169,19 @@ def _numpy_only(monkeypatch):
     import modelfactory.models._jit as jit
     import modelfactory.models.holt_winters as hw
 
-    for loop in (hw._sq_errors_loop, hw._channels_loop):
+    for loop in (hw._sq_errors_loop, hw._channels_loop, hw._projector_loop):
         monkeypatch.setitem(jit._compiled, loop, None)
 
 
 @pytest.mark.parametrize("m,n", [(4, 5), (4, 50), (24, 200), (7, 30)])
 def test_holt_winters_compiled_loops_are_their_numpy_twins_bit_for_bit(m, n, monkeypatch):
-    """The grid's squared errors and the final fit's channels, compiled by numba and in numpy: the
-    same operations in the same order, so the same bits (and the plain recursion's numbers)."""
+    """The grid's squared errors, its projector and the final fit's channels, compiled by numba and
+    in numpy: the same operations in the same order, so the same bits (and the plain recursion's
+    numbers)."""
     import modelfactory.models.holt_winters as hw
     from modelfactory.models._jit import compiled
 
-    assert compiled(hw._sq_errors_loop) is not None and compiled(hw._channels_loop) is not None
+    assert all(compiled(f) is not None for f in (hw._sq_errors_loop, hw._channels_loop, hw._projector_loop))
     rng = np.random.default_rng(n)
     alpha, bstar, gamma = _hw_grid()
     Y = rng.normal(size=(6, n))
@@ -199,7 +200,10 @@ def test_holt_winters_compiled_loops_are_their_numpy_twins_bit_for_bit(m, n, mon
     Yn[rng.random(Y.shape) < 0.1] = np.nan  # missing steps make no update
     a, b, g = rng.uniform(0.01, 0.99, 6), rng.uniform(0, 0.3, 6), rng.uniform(0, 0.5, 6)
     jit_fit = hw.hw_recursion(Yn, a, b, g, m)
+    Q = np.linalg.qr(rng.normal(size=(alpha.size, n, min(n, m + 1))))[0]
+    jit_P = hw._projector(Q, alpha, bstar, gamma, m)
     _numpy_only(monkeypatch)
+    assert np.array_equal(hw._projector(Q, alpha, bstar, gamma, m), jit_P)
     assert np.array_equal(jit_sq, want)
     assert np.array_equal(hw._sq_errors(Y, alpha, bstar, gamma, m), want)
     np_fit = hw.hw_recursion(Yn, a, b, g, m)

@@ -171,6 +171,28 @@ def _sq_errors(Y, alpha, bstar, gamma, m: int) -> np.ndarray:
     return acc
 
 
+def _projector_loop(Q, alpha, bstar, gamma, m, out):  # compiled by numba: see _projector
+    G, n, k = Q.shape
+    lvl, tr, s = np.empty(k), np.empty(k), np.empty((m, k))
+    for g in range(G):
+        a, b, c = alpha[g], bstar[g], gamma[g]
+        lvl[:] = 0.0
+        tr[:] = 0.0
+        s[:, :] = 0.0
+        for t in range(n):
+            x = Q[g, n - 1 - t]
+            sj = s[t % m]
+            e = out[n - 1 - t, g]
+            for r in range(k):  # the columns of one grid point side by side: vectorised
+                v = x[r] - lvl[r]
+                v -= tr[r]
+                v -= sj[r]
+                e[r] = v
+                lvl[r] = (lvl[r] + tr[r]) + a * v
+                tr[r] += b * v
+                sj[r] += c * v
+
+
 def _projector(Q: np.ndarray, alpha, bstar, gamma, m: int) -> np.ndarray:
     """The rows ``Q_g' L_g`` for every grid point ``g``, side by side: (n, G k).
 
@@ -180,23 +202,30 @@ def _projector(Q: np.ndarray, alpha, bstar, gamma, m: int) -> np.ndarray:
     such a matrix is persymmetric (``J L J = L'``, with ``J`` reversing the steps), so
     ``L_g' q = J L_g J q``: each column of ``Q_g``, reversed, run through the recursion from a
     zero state, and reversed back.  This depends on no data: it is made once per block of grid
-    points and series length, and :func:`_grid_sse` needs one matrix product with it.
+    points and series length (a batch of ragged series makes it once per distinct length: 10 ms
+    at 225 grid points and 168 steps in numpy, about 1 ms compiled), and :func:`_grid_sse`
+    needs one matrix product with it.
     """
     G, n, k = Q.shape
-    X = Q[:, ::-1, :]
+    out = np.empty((n, G, k))
+    loop = compiled(_projector_loop)
+    if loop is not None:
+        loop(np.ascontiguousarray(Q), alpha, bstar, gamma, m, out)
+        return out.reshape(n, G * k)
     lvl, tr, s = np.zeros((G, k)), np.zeros((G, k)), np.zeros((m, G, k))
-    out = np.empty((G, n, k))
     a, b, c = alpha[:, None], bstar[:, None], gamma[:, None]
     with np.errstate(over="ignore", invalid="ignore"):  # unstable grid points overflow: never winners
         for t in range(n):
             sj = s[t % m]
-            e = X[:, t] - lvl - tr - sj
-            out[:, n - 1 - t] = e
+            e = out[n - 1 - t]
+            np.subtract(Q[:, n - 1 - t], lvl, out=e)  # Q - lvl - tr - sj, in that order
+            e -= tr
+            e -= sj
             lvl += tr
             lvl += a * e
             tr += b * e
             sj += c * e
-    return np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(n, G * k)
+    return out.reshape(n, G * k)
 
 
 def _grid_sse(Y, alpha, bstar, gamma, m: int, P) -> np.ndarray:
