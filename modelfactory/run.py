@@ -842,7 +842,9 @@ def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Calla
                 i, _ = running.pop(fut.key)
                 res = _KILLED if fut.status == "error" and isinstance(fut.exception(), KilledWorker) else fut.result()
                 if isinstance(res, _Refused):
-                    res = _reroute(client, fut.key, res, refused, i, functools.partial(again, i),
+                    # the deaths are counted per attempt: a group that shared a dying worker in the
+                    # first is not held to them when it runs alone in the second
+                    res = _reroute(client, fut.key, res, refused, (n, i), functools.partial(again, i),
                                    functools.partial(fail, i))
                 fut.release()
                 if res is _KILLED:
