@@ -31,7 +31,8 @@ from .models import registry, unknown_model
 from .models.base import Model
 from .plan import Plan, plan
 from .result import Run, table_run
-from .run import Progress, check_code, execute, isolate, open_client, run_shuffled, run_units, worker_count
+from .run import (Progress, check_code, execute, isolate, isolate_keys, open_client, run_shuffled, run_units,
+                  worker_count)
 from .store import ModelStore, bucket_index, filter_record, leaf_index, new_run_id, read_part
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
@@ -710,7 +711,9 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     dict key with its names in another order is the same key): each key runs
     once and has one result.  An exception ``func`` raises for a key (even
     ``SystemExit``, from ``sys.exit()``) fails that key only, with its message
-    in ``run.groups``; ``SkipGroup`` skips it.
+    in ``run.groups``; ``SkipGroup`` skips it.  So does a call that keeps
+    killing its worker process (a crash in native code, out of memory): on a
+    cluster the keys of its unit run again one by one, and that key fails.
 
     With ``schema``, each call returns rows (like :func:`apply`) and
     ``run.to_pandas()`` gives them all; without, ``run.results`` maps each ok
@@ -765,7 +768,8 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
         bar = Progress(len(chunks), "map_keys", progress, client)
         try:
             results = execute(client, functools.partial(_run_keys, spec), list(zip(ids, chunks)),
-                              keys=[f"mf-{i}-{id(spec):x}" for i in ids], progress=bar)
+                              keys=[f"mf-{i}-{id(spec):x}" for i in ids], progress=bar,
+                              on_killed=functools.partial(isolate_keys, spec, run_keys=_run_keys))
         except Exception as err:  # noqa: BLE001
             _raise_unit_failure(run_id, err)
         finally:

@@ -28,7 +28,7 @@ from .models.base import Model, SeriesBatch, SkipGroup
 from .plan import WorkUnit
 
 __all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
-           "run_keys", "unit_keys", "run_group", "keys_condition", "failed_rows", "merge_results",
+           "run_keys", "key_table", "unit_keys", "run_group", "keys_condition", "failed_rows", "merge_results",
            "describe_error", "STATUS", "one_thread", "check_claim", "claimed_by", "OUTPUT_CLAIM",
            "CodeUnavailable", "code_error", "require_code", "refused_rows", "code_digests", "stale_names"]
 
@@ -330,9 +330,12 @@ def refused_rows(spec: JobSpec, item, error: str) -> UnitResult:
     if isinstance(item, WorkUnit):
         return failed_rows(spec, item.id, unit_keys(spec, item.paths), error)
     uid, keys = item
-    key_table = pa.table({k: pa.array([key[i] for key in keys], type=spec.key_types[i])
-                          for i, k in enumerate(spec.by)})
-    return failed_rows(spec, uid, key_table, error)
+    return failed_rows(spec, uid, key_table(spec, keys), error)
+
+
+def key_table(spec: JobSpec, keys: list[tuple]) -> pa.Table:
+    """map_keys' key tuples as a table of the job's key columns and types."""
+    return pa.table({k: pa.array([key[i] for key in keys], type=spec.key_types[i]) for i, k in enumerate(spec.by)})
 
 
 #: The file in an ``out=`` folder naming the run that emptied it last and writes to it:
@@ -741,7 +744,12 @@ def failed_rows(spec: JobSpec, unit_id: str, keys: pa.Table, error: str) -> Unit
     elif spec.kind == "score":  # the columns of scoring's group table (scoring.score_table)
         rows["extra_columns"] = {"anomalies": pa.array(np.zeros(n, np.int64)),
                                  "max_score": pa.nulls(n, pa.float64())}
-    extra = spec.out_schema.empty_table() if spec.kind == "apply" else None
+    if spec.kind == "apply" or (spec.kind == "map_keys" and spec.out_schema is not None):
+        extra = spec.out_schema.empty_table()
+    elif spec.kind == "map_keys":
+        extra = [None] * n  # each key's result (run_keys): none
+    else:
+        extra = None
     return _finish(spec, unit_id, keys, rows, extra, np.zeros(n, np.int64), _time.perf_counter())
 
 
@@ -782,8 +790,6 @@ def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
             except GROUP_ERRORS as err:  # noqa: BLE001 - recorded per key
                 status.append("failed"), errors.append(describe_error(err)), outs.append(None)
             secs.append(_time.perf_counter() - s)
-    key_table = pa.table({k: pa.array([key[i] for key in keys], type=spec.key_types[i])
-                          for i, k in enumerate(spec.by)})
     extra = None
     if spec.out_schema is not None:
         parts = [to_table(o, spec.out_schema) if st == "ok" and o is not None else None
@@ -796,7 +802,7 @@ def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
     else:
         extra = outs
     rows = {"status": status, "error": errors, "seconds": secs}
-    return _finish(spec, unit_id, key_table, rows, extra, np.zeros(len(keys), np.int64), t0)
+    return _finish(spec, unit_id, key_table(spec, keys), rows, extra, np.zeros(len(keys), np.int64), t0)
 
 
 def _finish(spec, unit_id, key_table, rows, extra, nrows, t0, read: int | None = None) -> UnitResult:
@@ -1037,5 +1043,7 @@ def merge_results(unit_id: str, results: list[UnitResult]) -> UnitResult:
     data = [r.table for r in results if isinstance(r.table, pa.Table)]
     if data:
         out.table = pa.concat_tables(data)
+    elif any(isinstance(r.table, list) for r in results):  # map_keys without a schema: each key's result
+        out.table = [v for r in results for v in (r.table if isinstance(r.table, list) else [None] * r.groups)]
     out.errors = out.errors[:5]
     return out

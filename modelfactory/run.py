@@ -35,7 +35,8 @@ from .kernel import JobSpec, UnitResult
 from .plan import Plan
 
 __all__ = ["open_client", "local_cluster", "check_scheduler", "check_code", "dask_log_level", "execute", "execute_delayed",
-           "worker_count", "watch_workers", "Progress", "run_units", "run_shuffled", "isolate", "isolate_partitions", "drop_unit_files"]
+           "worker_count", "watch_workers", "Progress", "run_units", "run_shuffled", "isolate", "isolate_keys", "isolate_partitions",
+           "drop_unit_files"]
 
 log = logging.getLogger(__name__)
 
@@ -768,6 +769,22 @@ def isolate(spec: JobSpec, client, unit, runner=kernel.run_table) -> UnitResult:
                              workers=workers, allow_other_workers=workers is not None)
 
     return _isolated(spec, client, unit.id, keys, run_one)
+
+
+def isolate_keys(spec: JobSpec, client, item, run_keys: Callable) -> UnitResult:
+    """A unit of ``map_keys`` kept killing its worker: :func:`isolate` for keys, each key's call
+    its own task (``run_keys(spec, (sub_id, [key]))`` runs it), so only the key(s) whose call
+    crashes the process fail, with the reason."""
+    unit_id, rows = item
+    drop_unit_files(spec, [unit_id])
+    keys = kernel.key_table(spec, rows)
+    guarded = functools.partial(_guarded, functools.partial(run_keys, spec))
+
+    def run_one(i, sub_id, key, workers=None):
+        return client.submit(guarded, (sub_id, [rows[i]]), key=key, pure=False, workers=workers,
+                             allow_other_workers=workers is not None)
+
+    return _isolated(spec, client, unit_id, keys, run_one)
 
 
 def isolate_partitions(spec: JobSpec, client, unit_id: str, paths: tuple[str, ...],

@@ -322,6 +322,18 @@ def die_on_marker(y) -> None:
         os._exit(1)
 
 
+def die_on_key(key):
+    """map_keys' function: this process ends at once (as a segfault would) on key 7."""
+    if key == 7:
+        os._exit(1)
+    return key * 10
+
+
+def die_on_key_rows(key):
+    """:func:`die_on_key` returning a row (for map_keys with a schema)."""
+    return {"v": [die_on_key(key)]}
+
+
 class CrashOnMarker(SlowMean):
     """Like SlowMean, but the worker process dies (``os._exit``) on a series holding ``MARKER``."""
 

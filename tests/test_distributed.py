@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from _data import write
 from _servers import (DUMMY_AWS_ENV, MARKER, TESTS_DIR, CrashOnMarker, CrashOnMarkerAtScore, DaskProcesses,
+                      die_on_key, die_on_key_rows,
                       MotoS3, NotAScheduler, SlowerMean, SlowMean, alive, executing_units, finished_units,
                       kill_if_mid_unit, tagged_mean, wait_for)
 
@@ -454,6 +455,27 @@ def test_a_group_that_kills_its_worker_fails_alone(procs, layout, request, tmp_p
                                 cluster=procs.address, trust=True)
     assert scored.summary["counts"] == {"ok": SERIES - 1, "failed": 0, "skipped": 1}
     assert "failed" in scored.groups.set_index("site").loc["site-00007", "error"]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("out", [False, True])
+def test_a_key_that_kills_its_worker_fails_alone_in_map_keys(procs, out, tmp_path):
+    """A key whose call kept killing its worker stopped the whole map_keys job ("a work unit
+    failed outside any group (KilledWorker ...)"); now that key alone fails, as a group does in
+    train, apply and score, and every other key's result is kept."""
+    keys = list(range(12))
+    if out:
+        run = modelfactory.map_keys(keys, func=die_on_key_rows, schema="v bigint", out=str(tmp_path / "out"),
+                                    cluster=procs.address, keys_per_unit=4)
+        assert sorted(pd.read_parquet(str(tmp_path / "out")).v) == [k * 10 for k in keys if k != 7]
+    else:
+        run = modelfactory.map_keys(keys, func=die_on_key, cluster=procs.address, keys_per_unit=4)
+        assert run.results == {k: k * 10 for k in keys if k != 7}
+    assert run.summary["counts"] == {"ok": 11, "failed": 1, "skipped": 0}
+    g = run.groups.set_index("key")
+    assert sorted(g.index) == keys and g.loc[7, "status"] == "failed"
+    assert re.search(r"(?i)worker.*died", g.loc[7, "error"])
+    assert (g.drop(index=7).status == "ok").all()
 
 
 @pytest.mark.timeout(150)
