@@ -214,6 +214,25 @@ def test_a_run_whose_only_workers_lack_the_users_module_fails_every_group_saying
         procs.stop()
 
 
+@pytest.mark.timeout(180)
+def test_map_keys_without_a_schema_on_workers_lacking_the_module_fails_every_key_saying_why(tmp_path, late_module):
+    """The refused keys of a map_keys job without a schema (its results a dict, not rows): before
+    the fix their failed rows carried no results and building ``run.results`` raised a TypeError."""
+    code, mod = late_module
+    procs = _cluster(tmp_path, code, good_workers=0)
+    try:
+        job = in_background(lambda: modelfactory.map_keys(range(3), func=mod.per_key, cluster=procs.address))
+        _add_bad_worker(procs, "bad")
+        run = job.result(timeout=120)
+        assert run.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
+        assert run.results == {}
+        assert sorted(run.groups.key) == [0, 1, 2]
+        for error in run.groups.error:
+            assert f"No module named '{mod.__name__}'" in error and "no worker of the cluster could load it" in error
+    finally:
+        procs.stop()
+
+
 def test_a_spec_whose_code_a_process_cannot_import_loads_and_its_entry_points_say_why(tmp_path, late_module):
     """The paths run.execute does not guard (a shuffle partition, an isolated group) get the spec
     too: it must load in a process without the module (Dask unpickles it before any task code
