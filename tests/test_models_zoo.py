@@ -132,14 +132,20 @@ def test_holt_winters_fits_on_one_blas_thread_and_gives_the_caller_its_threads_b
     assert model.sigma_ > 0
 
 
+def _hw_grid():
+    import modelfactory.models.holt_winters as hw
+
+    A, B, G = np.meshgrid(hw._ALPHA, hw._BETA, hw._GAMMA, indexing="ij")
+    return A.ravel(), (A * B).ravel(), (G * (1 - A)).ravel()
+
+
 @pytest.mark.parametrize("m,n", [(24, 200), (7, 30), (4, 3), (168, 400)])
 def test_holt_winters_impulse_responses_are_the_full_recursion_bit_for_bit(m, n):
     """The seasonal columns are the first seasonal's response shifted (not run one channel each):
     the same numbers as running every unit initial state through the recursion."""
     import modelfactory.models.holt_winters as hw
 
-    A, B, G = np.meshgrid(hw._ALPHA, hw._BETA, hw._GAMMA, indexing="ij")
-    alpha, bstar, gamma = A.ravel(), (A * B).ravel(), (G * (1 - A)).ravel()
+    alpha, bstar, gamma = _hw_grid()
     k = m + 2
     lvl, tr, s = np.zeros((alpha.size, k)), np.zeros((alpha.size, k)), np.zeros((m, alpha.size, k))
     lvl[:, 0], tr[:, 1] = 1.0, 1.0
@@ -155,13 +161,6 @@ def test_holt_winters_impulse_responses_are_the_full_recursion_bit_for_bit(m, n)
         sj += gamma[:, None] * e
     got = hw._impulse(hw._impulse_channels(alpha, bstar, gamma, m, n), m)
     assert got.shape == want.shape and np.array_equal(got, want)
-
-
-def _hw_grid():
-    import modelfactory.models.holt_winters as hw
-
-    A, B, G = np.meshgrid(hw._ALPHA, hw._BETA, hw._GAMMA, indexing="ij")
-    return A.ravel(), (A * B).ravel(), (G * (1 - A)).ravel()
 
 
 def _numpy_only(monkeypatch):

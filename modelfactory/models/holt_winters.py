@@ -114,6 +114,22 @@ def _impulse(channels: np.ndarray, m: int) -> np.ndarray:
     return D.transpose(0, 2, 1)
 
 
+def _step(x, lvl, tr, sj, a, b, c, e, tmp) -> None:
+    """One step of the recursion from a zero initial state in numpy, in place: the one-step errors
+    ``e = x - lvl - tr - sj`` (in that order), then the level, trend and seasonal updates.  The
+    numpy twins of :func:`_sq_errors_loop` and :func:`_projector_loop` both take their steps here,
+    and those loops do the same operations in this order (the same bits).  ``out=`` throughout:
+    in a Dask worker (``MALLOC_TRIM_THRESHOLD_``) each temporary of a batch's size was a fresh
+    mmap, page-faulted on first touch."""
+    np.subtract(x, lvl, out=e)
+    e -= tr
+    e -= sj
+    lvl += tr
+    lvl += np.multiply(a, e, out=tmp)
+    tr += np.multiply(b, e, out=tmp)
+    sj += np.multiply(c, e, out=tmp)
+
+
 def _sq_errors_loop(Y, alpha, bstar, gamma, m, acc):  # compiled by numba: see _sq_errors
     S, n = Y.shape
     G = alpha.shape[0]
@@ -155,18 +171,9 @@ def _sq_errors(Y, alpha, bstar, gamma, m: int) -> np.ndarray:
         loop(Y, alpha, bstar, gamma, m, acc)
         return acc
     lvl, tr, s = np.zeros((S, G)), np.zeros((S, G)), np.zeros((m, S, G))
-    # out= throughout: in a Dask worker (MALLOC_TRIM_THRESHOLD_) each temporary of this size was
-    # a fresh mmap, page-faulted on first touch
     acc, e, tmp = np.zeros((S, G)), np.empty((S, G)), np.empty((S, G))
     for t in range(n):
-        sj = s[t % m]
-        np.subtract(Y[:, t:t + 1], lvl, out=e)  # Y - lvl - tr - sj, in that order
-        e -= tr
-        e -= sj
-        lvl += tr
-        lvl += np.multiply(alpha, e, out=tmp)
-        tr += np.multiply(bstar, e, out=tmp)
-        sj += np.multiply(gamma, e, out=tmp)
+        _step(Y[:, t:t + 1], lvl, tr, s[t % m], alpha, bstar, gamma, e, tmp)
         acc += np.multiply(e, e, out=tmp)
     return acc
 
@@ -212,19 +219,11 @@ def _projector(Q: np.ndarray, alpha, bstar, gamma, m: int) -> np.ndarray:
     if loop is not None:
         loop(np.ascontiguousarray(Q), alpha, bstar, gamma, m, out)
         return out.reshape(n, G * k)
-    lvl, tr, s = np.zeros((G, k)), np.zeros((G, k)), np.zeros((m, G, k))
+    lvl, tr, s, tmp = np.zeros((G, k)), np.zeros((G, k)), np.zeros((m, G, k)), np.empty((G, k))
     a, b, c = alpha[:, None], bstar[:, None], gamma[:, None]
     with np.errstate(over="ignore", invalid="ignore"):  # unstable grid points overflow: never winners
         for t in range(n):
-            sj = s[t % m]
-            e = out[n - 1 - t]
-            np.subtract(Q[:, n - 1 - t], lvl, out=e)  # Q - lvl - tr - sj, in that order
-            e -= tr
-            e -= sj
-            lvl += tr
-            lvl += a * e
-            tr += b * e
-            sj += c * e
+            _step(Q[:, n - 1 - t], lvl, tr, s[t % m], a, b, c, out[n - 1 - t], tmp)
     return out.reshape(n, G * k)
 
 
