@@ -131,6 +131,8 @@ class Settings:
                                          "of a fixed-size cluster (default 2)")
     unit_rows: int | None = _opt("int>=1", "rows per work unit (default: planned from the data)")
     storage_options: dict = _opt("dict", "fsspec options for s3:// and other remote paths", factory=dict)
+    connect_timeout: int = _opt("duration>=1", "seconds to reach a scheduler given by its address and get "
+                                               "its first answer (seconds or '1m')", 20)
     kube: KubeSettings = field(default_factory=KubeSettings)
     #: where each value came from: "default", a file path, an environment variable or "argument"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

@@ -186,9 +186,10 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
         if "://" not in cluster and ":" not in cluster:
             raise ClusterError(f"cluster={cluster!r} is not 'local', 'inline' or a scheduler address "
                                "like 'tcp://10.0.0.5:8786'.")
-        check_scheduler(cluster)
+        timeout = settings.connect_timeout if settings is not None else CONNECT_TIMEOUT
+        check_scheduler(cluster, timeout)
         try:
-            client = Client(cluster, timeout=f"{CONNECT_TIMEOUT}s")
+            client = Client(cluster, timeout=f"{timeout}s")
         except (OSError, TimeoutError) as err:
             raise ClusterError(f"Cannot reach the Dask scheduler at {cluster!r}: {err}. "
                                "Check the address and that the scheduler is running.") from err
@@ -203,7 +204,8 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
                        f"object; got {type(cluster).__name__}.")
 
 
-#: Seconds to reach a scheduler given by its address (and to get its first answer).
+#: Seconds to reach a scheduler given by its address (and to get its first answer) when no
+#: ``connect_timeout`` setting says otherwise.
 CONNECT_TIMEOUT = 20
 
 _CHECK_ADDRESS = ("Check that it is the address of a Dask scheduler, such as tcp://host:8786 "

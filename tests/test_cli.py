@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -285,9 +286,9 @@ def test_a_training_that_fits_no_model_is_told_once(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Cluster trouble is one error line too; Dask's own log lines only with -v
 # ---------------------------------------------------------------------------------------------
-def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _cli(*argv: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "modelfactory", *argv], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, check=False, env=None if env is None else {**os.environ, **env})
 
 
 @pytest.mark.timeout(90)
@@ -300,10 +301,12 @@ def test_an_address_that_is_not_a_dask_schedulers_is_one_error_line(by_app, tmp_
     start = time.monotonic()
     try:
         proc = _cli("train", by_app, "--by", "app,site", "--time", "ts", "--target", "value",
-                    "--store", str(tmp_path / "s"), "--scheduler", address, "-q", timeout=60)
+                    "--store", str(tmp_path / "s"), "--scheduler", address, "-q", timeout=60,
+                    env={"MODELFACTORY_CONNECT_TIMEOUT": "3"})
     finally:
         server.close()
-    assert time.monotonic() - start < 20 + 15  # the silent server: the connect time-out (20 s), not for ever
+    # the silent server: the connect time-out (the setting's 3 s, not the default 20 s), not for ever
+    assert time.monotonic() - start < 3 + 12
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -320,6 +320,15 @@ def test_start_up_timeouts_must_be_at_least_a_second(toml, name, value):
         load_settings(config_file=toml(f"[kube]\n{name} = {value}\n"), env={})
 
 
+def test_the_connect_timeout_is_a_duration_of_at_least_a_second(toml):
+    assert load_settings(env={}).connect_timeout == 20
+    assert load_settings(env={"MODELFACTORY_CONNECT_TIMEOUT": "1m"}).connect_timeout == 60
+    assert load_settings(config_file=toml("connect_timeout = 5\n"), env={}).connect_timeout == 5
+    with pytest.raises(ClusterError, match=r"Setting 'connect_timeout' from MODELFACTORY_CONNECT_TIMEOUT must be "
+                                           r"a duration .*at least 1 s"):
+        load_settings(env={"MODELFACTORY_CONNECT_TIMEOUT": "0"})
+
+
 @pytest.mark.parametrize("text, hint", [('[kueb]\nimage = "x"', "kube"), ('[Kube]\nimage = "x"', "kube"),
                                         ('[KUBE]\nimage = "x"', "kube"), ('[kub]\nimage = "x"', "kube"),
                                         ("Workers = 3", "workers"), ('[kube]\nImage = "x"', "kube.image")])

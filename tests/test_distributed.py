@@ -539,10 +539,9 @@ def not_a_scheduler(request):
 @pytest.mark.timeout(60)
 def test_an_address_that_is_not_a_dask_schedulers_fails_clearly_in_bounded_time(not_a_scheduler, by_app, tmp_path,
                                                                               monkeypatch):
-    from modelfactory import run as run_module
     from modelfactory.exceptions import ClusterError
 
-    monkeypatch.setattr(run_module, "CONNECT_TIMEOUT", 3, raising=False)  # the silent server takes it all
+    monkeypatch.setenv("MODELFACTORY_CONNECT_TIMEOUT", "3")  # the silent server takes it all (default 20 s)
     start = time.monotonic()
     with pytest.raises(ClusterError) as info:
         modelfactory.train(by_app, by=KEYS, time="ts", target="value", store=str(tmp_path / "s"),
