@@ -109,6 +109,15 @@ def late_module(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def brief_wait(monkeypatch):
+    """Where no worker that can run the job ever joins, wait 2 s for one instead of
+    ``run.REFUSED_WAIT_SECONDS`` (10 s) before failing the refused work: the outcome is the same."""
+    from modelfactory import run as run_module
+
+    monkeypatch.setattr(run_module, "REFUSED_WAIT_SECONDS", 2.0)
+
+
+@pytest.fixture
 def leaves(tmp_path) -> str:
     """One Hive folder per group: one unit per group (unit_rows=HOURS), no shuffle."""
     return write(make_table(SERIES, days=HOURS // 24, apps=3, spikes=0), tmp_path / "data", KEYS)
@@ -190,7 +199,8 @@ def test_a_worker_joining_without_the_users_module_leaves_its_units_to_the_other
 
 
 @pytest.mark.timeout(150)
-def test_a_run_whose_only_workers_lack_the_users_module_fails_every_group_saying_why(tmp_path, leaves, late_module):
+def test_a_run_whose_only_workers_lack_the_users_module_fails_every_group_saying_why(tmp_path, leaves, late_module,
+                                                                                     brief_wait):
     """No worker at the check (an adaptive cluster starting from zero), then only workers without
     the module: before the fix each was shut down in turn and the run waited for ever."""
     import functools
@@ -215,7 +225,8 @@ def test_a_run_whose_only_workers_lack_the_users_module_fails_every_group_saying
 
 
 @pytest.mark.timeout(180)
-def test_map_keys_without_a_schema_on_workers_lacking_the_module_fails_every_key_saying_why(tmp_path, late_module):
+def test_map_keys_without_a_schema_on_workers_lacking_the_module_fails_every_key_saying_why(tmp_path, late_module,
+                                                                                          brief_wait):
     """The refused keys of a map_keys job without a schema (its results a dict, not rows): before
     the fix their failed rows carried no results and building ``run.results`` raised a TypeError."""
     code, mod = late_module
@@ -307,7 +318,8 @@ def test_shuffle_partitions_refused_by_a_late_worker_run_on_the_others(tmp_path,
 
 
 @pytest.mark.timeout(150)
-def test_shuffle_partitions_no_worker_can_run_fail_their_groups_not_the_run(tmp_path, spread, late_module):
+def test_shuffle_partitions_no_worker_can_run_fail_their_groups_not_the_run(tmp_path, spread, late_module,
+                                                                           brief_wait):
     """Only a worker without the module after the check: every group ``failed`` naming the module
     and the fix (before the fix: the run raised on the first partition, no group accounted for)."""
     code, mod = late_module
@@ -412,7 +424,7 @@ def test_a_worker_joining_with_another_version_of_the_users_module_leaves_its_un
 
 @pytest.mark.timeout(150)
 def test_a_run_whose_only_workers_have_another_version_fails_every_group_saying_why(
-        tmp_path, leaves, late_module, old_module):
+        tmp_path, leaves, late_module, old_module, brief_wait):
     code, mod = late_module
     procs = _cluster(tmp_path, code, good_workers=0)
     try:
