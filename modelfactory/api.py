@@ -236,6 +236,10 @@ def _finish_interrupted_commit(st: ModelStore, digest: str, resume) -> Run | Non
                          "parameters differ); it cannot be resumed with these arguments.")
     man = st.finish_commit(rid)
     log.info("run %s was committed but its train stopped before moving LATEST: its commit is finished", rid)
+    latest = st.latest()
+    if man["summary"]["counts"].get("ok", 0) and latest != rid:
+        log.warning("LATEST stays on run %s, committed after run %s: use run %s by its id (run=%r, --run %s)",
+                    latest, rid, rid, rid, rid)
     return Run(rid, "train", man["summary"], store=st)
 
 

@@ -250,16 +250,29 @@ class ModelStore:
 
     def finish_commit(self, run_id: str) -> dict:
         """Finish the commit of ``run_id`` (one of :meth:`interrupted_commits`): point ``LATEST``
-        at it if it fitted a model, as the commit would have, then remove its pending.json.
-        Returns its manifest."""
+        at it if it fitted a model, as the commit would have, unless ``LATEST`` names a run
+        committed after it (a later train of the same models: moving ``LATEST`` back would
+        hand scoring the older ones), then remove its pending.json.  Returns its manifest."""
         man = self.manifest(run_id)
         if man["summary"]["counts"].get("ok", 0) > 0:
             before = self.latest()
-            self.write("LATEST", run_id.encode(),
-                       f"LATEST still names {before or 'no run'}: use run {run_id} by its id (--run {run_id}).")
+            if not self._committed_after(before, man.get("committed")):
+                self.write("LATEST", run_id.encode(),
+                           f"LATEST still names {before or 'no run'}: use run {run_id} by its id (--run {run_id}).")
         if self.location.exists(f"runs/{run_id}/pending.json"):
             self.location.rm(f"runs/{run_id}/pending.json")
         return man
+
+    def _committed_after(self, rid: str | None, when: str | None) -> bool:
+        """Whether run ``rid`` has a readable manifest committed after ``when`` (an ISO time in
+        UTC, as manifests record it; None: unknown)."""
+        if rid is None or when is None:
+            return False
+        try:
+            committed = self.manifest(rid).get("committed")
+        except StoreError:  # removed, or damaged: not a run to keep LATEST on
+            return False
+        return isinstance(committed, str) and _dt.datetime.fromisoformat(committed) > _dt.datetime.fromisoformat(when)
 
     def _pending(self, rid: str) -> dict:
         """A run's pending.json; one that cannot be read (damaged outside modelfactory: its

@@ -559,3 +559,38 @@ def test_a_train_killed_between_its_manifest_and_latest_is_shown_and_resume_fini
     assert st.latest() == cut and st.interrupted_commits() == [] and st.runs() == sorted([before, cut])
     assert main([*argv, "-p", "season_length=12", "--resume", cut]) == 2  # now it is done
     assert "is already committed; there is nothing to resume" in capsys.readouterr().err
+
+
+def test_finishing_an_interrupted_commit_never_moves_latest_back_to_it(by_app, tmp_path, monkeypatch, caplog):
+    """A train killed between its manifest and LATEST, then another train of the job that committed:
+    resuming the first finished its commit by pointing LATEST at it, so scoring took its older
+    models instead of the newer run's.  Its commit is finished; LATEST stays on the later run."""
+    store = str(tmp_path / "s")
+    st = modelfactory.ModelStore(store)
+    real = modelfactory.ModelStore.write
+
+    def killed_at_latest(self, rel, data, then=""):
+        if rel == "LATEST":
+            raise _Killed
+        return real(self, rel, data, then)
+
+    monkeypatch.setattr(modelfactory.ModelStore, "write", killed_at_latest)
+    with pytest.raises(_Killed):
+        modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    monkeypatch.setattr(modelfactory.ModelStore, "write", real)
+    (cut,) = st.interrupted_commits()
+    later = modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    assert st.latest() == later.id and st.interrupted_commits() == [cut]
+    with caplog.at_level("WARNING", logger="modelfactory"):
+        resumed = modelfactory.train(by_app, store=store, cluster="inline", resume=cut, **ARGS)
+    assert resumed.id == cut and st.interrupted_commits() == []
+    assert st.latest() == later.id
+    assert f"LATEST stays on run {later.id}, committed after run {cut}" in caplog.text
+    # with no run after it, finishing the commit moves LATEST, as the commit would have
+    monkeypatch.setattr(modelfactory.ModelStore, "write", killed_at_latest)
+    with pytest.raises(_Killed):
+        modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": 12}, **ARGS)
+    monkeypatch.setattr(modelfactory.ModelStore, "write", real)
+    (cut2,) = st.interrupted_commits()
+    modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": 12}, resume=True, **ARGS)
+    assert st.latest() == cut2 and st.interrupted_commits() == []
