@@ -16,6 +16,7 @@ import itertools
 import logging
 import operator
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -330,8 +331,7 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
         return (FileInfo(frag.path, md.num_rows, size, tuple(pk.get(k) for k in keys)), nulls, physical,
                 _beyond_ns(md, physical))
 
-    with ThreadPoolExecutor(16) as pool:
-        results = [r for r in pool.map(facts, fragments) if r is not None]
+    results = [r for r in _map_footers(facts, fragments, local) if r is not None]
     if not results:
         raise DatasetError(f"No Parquet files under {url!r}, only empty objects (folder markers). Point at "
                            "a folder of .parquet files (optionally Hive-partitioned, e.g. app=…/site=…/part-0.parquet).")
@@ -449,6 +449,28 @@ def _empty_object(fs, path: str) -> bool:
         return False
 
 
+#: Seconds a local footer may take, on average, to be read in the caller's thread (see _map_footers).
+_FAST_FOOTER = 0.002
+
+
+def _map_footers(facts, fragments: list, local: bool) -> list:
+    """``facts`` of every fragment, in order: remote ones by 16 threads (each footer is a
+    request), local ones in this thread while they come fast (the page cache, a local disk),
+    where threads cost more than they save (the work is Python holding the GIL: 100 files took
+    27 ms in one thread, 42 ms in 16), and by the threads once they come slowly (a network mount)."""
+    out, rest = [], iter(fragments)
+    if local:
+        start = time.perf_counter()
+        for frag in rest:
+            out.append(facts(frag))
+            if len(out) >= 4 and time.perf_counter() - start > _FAST_FOOTER * len(out):
+                break
+    if len(out) < len(fragments):
+        with ThreadPoolExecutor(16) as pool:
+            out.extend(pool.map(facts, rest))
+    return out
+
+
 # What a nanosecond timestamp holds: 1677-09-21T00:12:43 to 2262-04-11T23:47:16 (UTC).
 _NS_RANGE = (-(2**63) + 1, 2**63 - 1)
 
@@ -466,19 +488,36 @@ def _beyond_ns(md, physical: pa.Schema) -> set[str]:
     for name, t in coarse.items():
         if name not in index:
             continue
+        raw = _raw_ns(md.schema.column(index[name]))
         for g in range(md.num_row_groups):
             st = md.row_group(g).column(index[name]).statistics
             if st is None or not st.has_min_max:
                 continue
-            try:
-                lo, hi = (pa.scalar(v, t).cast(pa.int64()).as_py() for v in (st.min, st.max))
-            except (OverflowError, ValueError):  # beyond what Python's datetime holds (year 9999)
-                out.add(name)
-                break
-            if not (_NS_RANGE[0] <= lo * per_ns[t.unit] and hi * per_ns[t.unit] <= _NS_RANGE[1]):
+            if raw is not None:  # the stored integers, in the file's unit: no datetime made (a tenth of the time)
+                lo, hi = st.min_raw * raw, st.max_raw * raw
+            else:
+                try:
+                    lo, hi = (pa.scalar(v, t).cast(pa.int64()).as_py() * per_ns[t.unit] for v in (st.min, st.max))
+                except (OverflowError, ValueError):  # beyond what Python's datetime holds (year 9999)
+                    out.add(name)
+                    break
+            if not (_NS_RANGE[0] <= lo and hi <= _NS_RANGE[1]):
                 out.add(name)
                 break
     return out
+
+
+_PARQUET_NS = {"milliseconds": 10**6, "microseconds": 10**3, "nanoseconds": 1}
+
+
+def _raw_ns(column) -> int | None:
+    """Nanoseconds per stored integer of a Parquet INT64 timestamp column (its own unit, which
+    the Arrow type read from it need not say: a stored Arrow schema may restore another), or
+    None for other columns (INT96)."""
+    if column.physical_type != "INT64":
+        return None
+    unit = re.search(r'"timeUnit":"(\w+)"', column.logical_type.to_json())
+    return _PARQUET_NS.get(unit.group(1)) if unit else None
 
 
 def _unsafe_ns(results: list, schema: pa.Schema) -> dict[str, tuple[pa.DataType, str, pa.DataType, str]]:

@@ -417,3 +417,54 @@ def test_a_parquet_file_cut_short_is_named_as_one_not_as_a_file_of_another_forma
     (tmp_path / "folder" / "part-1.parquet").write_bytes(cut[: len(cut) // 2])
     with pytest.raises(DatasetError, match=r"part-1.parquet.*begins as a Parquet file but its end"):
         discover(str(tmp_path / "folder"))
+
+
+def test_the_timestamp_range_check_reads_the_stored_integers_as_the_datetimes_said(tmp_path, monkeypatch):
+    """`_beyond_ns` reads a coarse timestamp column's footer statistics as the integers stored, in
+    the file's own unit (a stored Arrow schema may give another type); it must flag exactly the
+    files the slower reading through datetimes flagged."""
+    import datetime as dt
+
+    from modelfactory import dataset
+
+    us = [dt.datetime(y, 1, 1) for y in (1677, 1678, 2262, 2263, 2300)]
+    tables = {f"{unit}-{y.year}": pa.table({"ts": pa.array([dt.datetime(2000, 1, 1), y], pa.timestamp(unit))})
+              for unit in ("s", "ms", "us") for y in us}
+    tables["ns"] = pa.table({"ts": pa.array([1, 2], pa.timestamp("ns"))})
+    flagged = {}
+    for raw in (True, False):
+        if not raw:
+            monkeypatch.setattr(dataset, "_raw_ns", lambda column: None)
+        got = set()
+        for name, t in tables.items():
+            pq.write_table(t, tmp_path / f"{name}.parquet")
+            f = pq.ParquetFile(tmp_path / f"{name}.parquet")
+            if dataset._beyond_ns(f.metadata, f.schema_arrow):
+                got.add(name)
+        flagged[raw] = got
+    assert flagged[True] == flagged[False] == {f"{u}-{y}" for u in ("s", "ms", "us") for y in (1677, 2263, 2300)}
+
+
+def test_footers_read_slowly_are_read_by_threads_with_the_same_outcome(tmp_path, monkeypatch):
+    """Local footers are read in the caller's thread while they come fast; once they come slowly
+    (a network mount) the rest go to a pool of threads: the same files, in the same order."""
+    from modelfactory import dataset
+
+    for i in range(12):
+        (tmp_path / f"app=a{i:02d}").mkdir()
+        pq.write_table(pa.table({"ts": pa.array([i, i + 1], pa.timestamp("ms")), "value": [1.0, 2.0 + i]}),
+                       tmp_path / f"app=a{i:02d}" / "p.parquet")
+    pools = []
+
+    class Counted(dataset.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "ThreadPoolExecutor", Counted)
+    fast = dataset.discover(str(tmp_path))
+    assert pools == []
+    monkeypatch.setattr(dataset, "_FAST_FOOTER", 0.0)  # every footer is "slow": the pool takes over after 4
+    slow = dataset.discover(str(tmp_path))
+    assert len(pools) == 1
+    assert slow.files == fast.files and len(fast.files) == 12 and slow.schema == fast.schema
