@@ -493,7 +493,7 @@ def _beyond_ns(md, physical: pa.Schema) -> set[str]:
             st = md.row_group(g).column(index[name]).statistics
             if st is None or not st.has_min_max:
                 continue
-            if raw is not None:  # the stored integers, in the file's unit: no datetime made (a tenth of the time)
+            if raw is not None:  # the stored integers, in the file's unit: no datetimes made
                 lo, hi = st.min_raw * raw, st.max_raw * raw
             else:
                 try:
