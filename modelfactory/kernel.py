@@ -190,8 +190,11 @@ def code_digests(func, model) -> dict[str, str]:
     into) and model class (``model``, a :class:`ModelSpec`) as loaded in this process, plus
     ``"<python>"``: a function or class that travels by reference runs as the module a process
     imported first, so two processes run the same code only if these agree
-    (:func:`stale_names`).  modelfactory's own code is left out (its version is checked apart),
-    and so is a function whose asserts pytest rewrote (not comparable)."""
+    (:func:`stale_names`).  A function's digest covers its code, the constant defaults of its
+    arguments and, for one that travels by reference, what it reads from its module: the
+    constants bound once to a literal (:func:`_literal_names`) and the functions of that module
+    it calls.  modelfactory's own code is left out (its version is checked apart), and so is a
+    function whose asserts pytest rewrote (not comparable)."""
     import functools
     import hashlib
     import sys
@@ -231,7 +234,7 @@ def code_digests(func, model) -> dict[str, str]:
         return "@pytest_ar" in c.co_names or any(isinstance(k, types.CodeType) and rewritten(k)
                                                  for k in c.co_consts)
 
-    def function(f) -> str | None:
+    def function(f, busy: tuple = ()) -> str | None:
         # each unit's spec is checked as it loads (_job_spec): a function's digest is kept while
         # its code and defaults are the same objects (a module reloaded makes new ones)
         what = (f.__code__, f.__defaults__, f.__kwdefaults__)
@@ -245,8 +248,33 @@ def code_digests(func, model) -> dict[str, str]:
             parts = [code(f.__code__), *(default(v) for v in f.__defaults__ or ()),
                      *(f"{k}={default(v)}" for k, v in kw)]
             digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+            read = module_globals(f, (*busy, f))
+            if read is not None:  # compared only with a process that could read the module's source too
+                digest += "+" + hashlib.sha256("\0".join(read).encode()).hexdigest()
         _FUNCTION_DIGESTS[f] = (what, digest)
         return digest
+
+    def module_globals(f, busy: tuple) -> list[str] | None:
+        # what a function that travels by reference reads from its module: the constants its
+        # source assigns a literal (their values), and the functions of the same module it
+        # calls (their digests, these included). Editing either edits what the workers run.
+        # None: it travels by value, with what it reads (cloudpickle), or its module's source
+        # cannot be read here (compiled files only, a zip)
+        mod = sys.modules.get(f.__module__)
+        if mod is None or f.__module__ == "__main__" or f.__globals__ is not vars(mod) or _by_value(f.__module__):
+            return None
+        literal = _literal_globals(mod)
+        if literal is None:
+            return None
+        parts = []
+        for name in _globals_read(f.__code__):
+            v = f.__globals__.get(name, _MISSING)
+            if name in literal and v is not _MISSING:
+                parts.append(f"{name}={default(v)}")
+            elif isinstance(v, types.FunctionType) and v.__globals__ is f.__globals__:
+                helper = "(recursive)" if v in busy else function(v, busy)
+                parts.append(f"{name}()={helper}")
+        return parts
 
     def put(name: str, f) -> None:
         digest = function(f)
@@ -275,6 +303,111 @@ def code_digests(func, model) -> dict[str, str]:
     return found
 
 
+_MISSING = object()
+#: (path, mtime, size) of a module's source -> :func:`_literal_names` of it
+_LITERALS: dict[tuple, frozenset[str]] = {}
+
+
+def _by_value(module: str) -> bool:
+    """Whether cloudpickle sends the functions of ``module`` by value (registered, or a
+    submodule of a registered package)."""
+    import cloudpickle
+
+    return any(module == m or module.startswith(m + ".") for m in cloudpickle.list_registry_pickle_by_value())
+
+
+def _globals_read(c) -> list[str]:
+    """The global names the code object ``c`` (and the code nested in it) reads, sorted."""
+    import dis
+    import types
+
+    names: set[str] = set()
+
+    def scan(c) -> None:
+        names.update(i.argval for i in dis.get_instructions(c) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
+        for k in c.co_consts:
+            if isinstance(k, types.CodeType):
+                scan(k)
+
+    scan(c)
+    return sorted(names)
+
+
+def _literal_globals(module) -> frozenset[str] | None:
+    """:func:`_literal_names` of a module's source file, cached per version of the file; None
+    when it has none that can be read."""
+    import os
+
+    path = getattr(module, "__file__", None)
+    if not isinstance(path, str) or not path.endswith(".py"):
+        return None
+    try:
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size)
+        if key not in _LITERALS:
+            with open(path, "rb") as f:
+                _LITERALS[key] = _literal_names(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return _LITERALS[key]
+
+
+def _literal_names(source: bytes) -> frozenset[str]:
+    """The names a module's source binds once, at its top level, to a literal (``LIMIT = 3.5``,
+    ``MODE = "fast"``), and that no function rebinds (``global``): their values are the same in
+    every process that imported that source.  A name bound otherwise as well (in an ``if``, a
+    ``for``, an import), or a module with ``import *``, may differ between processes
+    (``DEBUG = False`` then ``if os.environ.get(...): DEBUG = True``): it is left out."""
+    import ast
+
+    tree = ast.parse(source)
+    bound: dict[str, int] = {}
+    rebound = {n for node in ast.walk(tree) if isinstance(node, ast.Global) for n in node.names}
+
+    def bind(name: str | None) -> None:
+        if name:
+            bound[name] = bound.get(name, 0) + 1
+
+    def visit(node) -> bool:  # False: a star import, whose names cannot be known
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                bind(child.name)  # their bodies bind their own names
+                continue
+            if isinstance(child, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                continue
+            if isinstance(child, ast.Name) and isinstance(child.ctx, (ast.Store, ast.Del)):
+                bind(child.id)
+            elif isinstance(child, (ast.Import, ast.ImportFrom)):
+                if any(a.name == "*" for a in child.names):
+                    return False
+                for a in child.names:
+                    bind((a.asname or a.name).split(".")[0])
+            elif isinstance(child, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)):
+                bind(child.name)
+            elif isinstance(child, ast.MatchMapping):
+                bind(child.rest)
+            if not visit(child):
+                return False
+        return True
+
+    if not visit(tree):
+        return frozenset()
+    literal = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name, value = node.targets[0].id, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name, value = node.target.id, node.value
+        else:
+            continue
+        try:
+            ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            continue
+        literal.add(name)
+    return frozenset(n for n in literal if bound.get(n) == 1 and n not in rebound)
+
+
 def _digests_or_none(func, model) -> dict[str, str] | None:
     """:func:`code_digests`, or None when they cannot be taken (then nothing is compared), or
     when there is no user code to compare (a built-in model): nothing to ship."""
@@ -291,7 +424,17 @@ def stale_names(mine: dict, theirs: dict) -> list[str]:
     differ (their bytecode does then)."""
     if theirs.get("<python>") != mine.get("<python>"):
         return []
-    return [name for name in sorted(mine) if name != "<python>" and name in theirs and theirs[name] != mine[name]]
+    return [name for name in sorted(mine) if name != "<python>" and name in theirs
+            and not _same_code(theirs[name], mine[name])]
+
+
+def _same_code(a: str, b: str) -> bool:
+    """Two digests of a function (:func:`code_digests`): its own code and defaults, then
+    ``+`` and what it reads from its module, which is compared only when both processes could
+    read the module's source (a worker image may ship compiled files only)."""
+    own_a, _, read_a = a.partition("+")
+    own_b, _, read_b = b.partition("+")
+    return own_a == own_b and (read_a == read_b or not (read_a and read_b))
 
 
 def _worker_name() -> str:

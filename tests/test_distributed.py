@@ -762,6 +762,82 @@ def test_a_default_argument_edited_since_the_workers_imported_it_is_refused_not_
         dclient.close()
 
 
+@pytest.mark.timeout(120)
+def test_a_constant_or_helper_edited_since_the_workers_imported_it_is_refused_not_run_as_it_was(
+        procs, leaves, tmp_path, monkeypatch):
+    """The user edits a module-level constant, or a helper the function calls, in the module beside
+    their notebook and reloads it: the check compared the function's own code and defaults only,
+    and the workers ran the old constant or helper, every group `ok` with the old rows.  What
+    differs between processes by nature (a value computed at import, a counter the function keeps
+    with ``global``) is no edit."""
+    import importlib
+
+    mod = tmp_path / "const_fns.py"
+    body = ("import os\n"
+            "import pandas as pd\n"
+            "LABEL = {label!r}\n"
+            "PID = os.getpid()\n"
+            "_CALLS = 0\n"
+            "def suffix():\n"
+            "    return {suffix!r}\n"
+            "def tag(df):\n"
+            "    global _CALLS\n"
+            "    _CALLS += 1\n"
+            "    label = LABEL + suffix() + ('' if PID else '?')\n"
+            "    return pd.DataFrame({{'app': [df.app.iloc[0]], 'site': [df.site.iloc[0]], 'tag': [label]}})\n")
+    mod.write_text(body.format(label="first", suffix="!"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import const_fns
+
+    job = {"by": KEYS, "schema": "app string, site string, tag string", "cluster": procs.address}
+    here = [str(tmp_path)]
+    dclient = procs.client()
+    refused = r"(?s)another version of const_fns\.tag than this client.*Restart the workers"
+    try:
+        dclient.run(lambda: sys.path.extend(p for p in here if p not in sys.path))
+        dclient.run_on_scheduler(lambda: sys.path.extend(p for p in here if p not in sys.path))
+        assert set(modelfactory.apply(leaves, func=const_fns.tag, **job).to_pandas().tag) == {"first!"}
+        assert const_fns._CALLS == 0
+        const_fns.tag(pd.DataFrame({"app": ["a"], "site": ["s"]}))  # a counter of this process's own: no edit
+        assert set(modelfactory.apply(leaves, func=const_fns.tag, **job).to_pandas().tag) == {"first!"}
+        for label, suffix in [("second", "!"), ("first", "?")]:  # the constant, then the helper
+            mod.write_text(body.format(label=label, suffix=suffix))
+            importlib.reload(const_fns)
+            with pytest.raises(ClusterError, match=refused):
+                modelfactory.apply(leaves, func=const_fns.tag, **job)
+    finally:
+        dclient.run(lambda: [sys.modules.pop("const_fns", None), sys.path.remove(here[0])])
+        dclient.run_on_scheduler(lambda: [sys.modules.pop("const_fns", None), sys.path.remove(here[0])])
+        dclient.close()
+
+
+def test_the_constants_compared_are_those_bound_once_to_a_literal():
+    from modelfactory.kernel import _literal_names
+
+    src = b"""
+import os
+from json import loads as parse
+LIMIT = 3.5
+MODE: str = "fast"
+WEIGHTS = (1, 2)
+DEBUG = False
+if os.environ.get("DEBUG"):
+    DEBUG = True
+PID = os.getpid()
+_MODEL = None
+RETRIES = 3
+RETRIES += 1
+for STEP in range(3):
+    pass
+STEP = 1
+def load():
+    global _MODEL
+    _MODEL = parse("{}")
+"""
+    assert _literal_names(src) == {"LIMIT", "MODE", "WEIGHTS"}
+    assert _literal_names(b"LIMIT = 3\nfrom os.path import *\n") == set()
+
+
 @pytest.mark.timeout(60)
 def test_memory_storage_with_workers_in_other_processes_is_a_clear_error(procs, leaves, tmp_path):
     """memory:// lives in the client's process: the workers found no input (a FileNotFoundError
@@ -847,3 +923,34 @@ def test_code_digests_compare_only_between_processes_of_one_python_version():
     assert _stale_code(answers, mine) == {}
     answers["the worker at tcp://b"] = ("0.1.0", None, {"<python>": "3.11", "m.f": "old"})
     assert _stale_code(answers, mine) == {"the worker at tcp://b": "m.f"}
+
+
+def test_what_a_function_reads_from_its_module_is_compared_only_where_both_read_its_source(tmp_path, monkeypatch):
+    """A worker image with compiled files only (no .py) cannot tell which globals are literal
+    constants: its digests lack that part, and the rest is still compared."""
+    import importlib
+    import py_compile
+
+    from modelfactory.kernel import code_digests, stale_names
+
+    source, compiled = tmp_path / "src", tmp_path / "pyc"
+    source.mkdir()
+    compiled.mkdir()
+    (source / "sourced_fns.py").write_text("LIMIT = 2\ndef f(x):\n    return x * LIMIT\n")
+    py_compile.compile(str(source / "sourced_fns.py"), cfile=str(compiled / "sourced_fns.pyc"))
+    digests = []
+    for folder in (source, compiled):
+        with monkeypatch.context() as m:
+            m.syspath_prepend(str(folder))
+            sys.modules.pop("sourced_fns", None)
+            digests.append(code_digests(importlib.import_module("sourced_fns").f, None))
+            sys.modules.pop("sourced_fns", None)
+    with_source, without = digests[0]["sourced_fns.f"], digests[1]["sourced_fns.f"]
+    assert "+" in with_source and "+" not in without and with_source.startswith(without + "+")
+    assert stale_names(digests[0], digests[1]) == []
+
+    py = "3.11 -O0"
+    client = {"<python>": py, "m.f": "aaa+111", "m.g": "bbb+222"}
+    assert stale_names(client, {"<python>": py, "m.f": "aaa", "m.g": "bbb+222"}) == []
+    assert stale_names(client, {"<python>": py, "m.f": "aaa+999", "m.g": "bbb"}) == ["m.f"]
+    assert stale_names(client, {"<python>": py, "m.f": "zzz", "m.g": "bbb+222"}) == ["m.f"]
