@@ -524,6 +524,20 @@ class _Killed(BaseException):
     """Stands for the process being killed (no except clause of the library catches it)."""
 
 
+def _train_killed_at_latest(monkeypatch, data: str, store: str, **kw) -> None:
+    """A train killed after writing its manifest, as it was about to move LATEST."""
+    real = modelfactory.ModelStore.write
+
+    def killed_at_latest(self, rel, data, then=""):
+        if rel == "LATEST":
+            raise _Killed
+        return real(self, rel, data, then)
+
+    with monkeypatch.context() as m, pytest.raises(_Killed):
+        m.setattr(modelfactory.ModelStore, "write", killed_at_latest)
+        modelfactory.train(data, store=store, cluster="inline", **ARGS, **kw)
+
+
 def test_a_train_killed_between_its_manifest_and_latest_is_shown_and_resume_finishes_its_commit(
         by_app, tmp_path, monkeypatch, capsys):
     """A train killed after writing its manifest but before moving LATEST left a committed run
@@ -538,17 +552,7 @@ def test_a_train_killed_between_its_manifest_and_latest_is_shown_and_resume_fini
     assert main(argv) == 0
     st = modelfactory.ModelStore(store)
     before = st.latest()
-    real = modelfactory.ModelStore.write
-
-    def killed_at_latest(self, rel, data, then=""):
-        if rel == "LATEST":
-            raise _Killed
-        return real(self, rel, data, then)
-
-    monkeypatch.setattr(modelfactory.ModelStore, "write", killed_at_latest)
-    with pytest.raises(_Killed):
-        modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": 12}, **ARGS)
-    monkeypatch.setattr(modelfactory.ModelStore, "write", real)
+    _train_killed_at_latest(monkeypatch, by_app, store, params={"season_length": 12})
     (cut,) = [r for r in st.runs() if r != before]
     assert st.latest() == before and st.interrupted_commits() == [cut]
     capsys.readouterr()
@@ -567,17 +571,7 @@ def test_finishing_an_interrupted_commit_never_moves_latest_back_to_it(by_app, t
     models instead of the newer run's.  Its commit is finished; LATEST stays on the later run."""
     store = str(tmp_path / "s")
     st = modelfactory.ModelStore(store)
-    real = modelfactory.ModelStore.write
-
-    def killed_at_latest(self, rel, data, then=""):
-        if rel == "LATEST":
-            raise _Killed
-        return real(self, rel, data, then)
-
-    monkeypatch.setattr(modelfactory.ModelStore, "write", killed_at_latest)
-    with pytest.raises(_Killed):
-        modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
-    monkeypatch.setattr(modelfactory.ModelStore, "write", real)
+    _train_killed_at_latest(monkeypatch, by_app, store)
     (cut,) = st.interrupted_commits()
     later = modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
     assert st.latest() == later.id and st.interrupted_commits() == [cut]
@@ -587,10 +581,7 @@ def test_finishing_an_interrupted_commit_never_moves_latest_back_to_it(by_app, t
     assert st.latest() == later.id
     assert f"LATEST stays on run {later.id}, committed after run {cut}" in caplog.text
     # with no run after it, finishing the commit moves LATEST, as the commit would have
-    monkeypatch.setattr(modelfactory.ModelStore, "write", killed_at_latest)
-    with pytest.raises(_Killed):
-        modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": 12}, **ARGS)
-    monkeypatch.setattr(modelfactory.ModelStore, "write", real)
+    _train_killed_at_latest(monkeypatch, by_app, store, params={"season_length": 12})
     (cut2,) = st.interrupted_commits()
     modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": 12}, resume=True, **ARGS)
     assert st.latest() == cut2 and st.interrupted_commits() == []
