@@ -234,7 +234,14 @@ def code_digests(func, model) -> dict[str, str]:
         return "@pytest_ar" in c.co_names or any(isinstance(k, types.CodeType) and rewritten(k)
                                                  for k in c.co_consts)
 
-    def function(f, busy: tuple = ()) -> str | None:
+    def own(f) -> str:
+        # a function's code and the constant defaults of its arguments
+        kw = sorted((f.__kwdefaults__ or {}).items())
+        parts = [code(f.__code__), *(default(v) for v in f.__defaults__ or ()),
+                 *(f"{k}={default(v)}" for k, v in kw)]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+    def function(f) -> str | None:
         # each unit's spec is checked as it loads (_job_spec): a function's digest is kept while
         # its code and defaults are the same objects (a module reloaded makes new ones)
         what = (f.__code__, f.__defaults__, f.__kwdefaults__)
@@ -244,37 +251,38 @@ def code_digests(func, model) -> dict[str, str]:
         if rewritten(f.__code__):
             digest = None
         else:
-            kw = sorted((f.__kwdefaults__ or {}).items())
-            parts = [code(f.__code__), *(default(v) for v in f.__defaults__ or ()),
-                     *(f"{k}={default(v)}" for k, v in kw)]
-            digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
-            read = module_globals(f, (*busy, f))
+            digest = own(f)
+            read = module_globals(f)
             if read is not None:  # compared only with a process that could read the module's source too
                 digest += "+" + hashlib.sha256("\0".join(read).encode()).hexdigest()
         _FUNCTION_DIGESTS[f] = (what, digest)
         return digest
 
-    def module_globals(f, busy: tuple) -> list[str] | None:
+    def module_globals(f) -> list[str] | None:
         # what a function that travels by reference reads from its module: the constants its
-        # source assigns a literal (their values), and the functions of the same module it
-        # calls (their digests, these included). Editing either edits what the workers run.
-        # None: it travels by value, with what it reads (cloudpickle), or its module's source
-        # cannot be read here (compiled files only, a zip)
+        # source binds to a literal (their values), and the functions of the same module it
+        # calls, theirs in turn (their own digests): editing any edits what the workers run.
+        # Sorted: the same whichever function of a cycle of calls is digested first.  None: it
+        # travels by value, with what it reads (cloudpickle), or its module's source cannot be
+        # read here (compiled files only, a zip)
         mod = sys.modules.get(f.__module__)
         if mod is None or f.__module__ == "__main__" or f.__globals__ is not vars(mod) or _by_value(f.__module__):
             return None
         literal = _literal_globals(mod)
         if literal is None:
             return None
-        parts = []
-        for name in _globals_read(f.__code__):
-            v = f.__globals__.get(name, _MISSING)
-            if name in literal and v is not _MISSING:
-                parts.append(f"{name}={default(v)}")
-            elif isinstance(v, types.FunctionType) and v.__globals__ is f.__globals__:
-                helper = "(recursive)" if v in busy else function(v, busy)
-                parts.append(f"{name}()={helper}")
-        return parts
+        parts, seen, todo = set(), {f}, [f]
+        while todo:
+            g = todo.pop()
+            for name in _globals_read(g.__code__):
+                v = g.__globals__.get(name, _MISSING)
+                if name in literal and v is not _MISSING:
+                    parts.add(f"{name}={default(v)}")
+                elif isinstance(v, types.FunctionType) and v.__globals__ is f.__globals__ and v not in seen:
+                    seen.add(v)
+                    todo.append(v)
+                    parts.add(f"{v.__qualname__}()={own(v)}")
+        return sorted(parts)
 
     def put(name: str, f) -> None:
         digest = function(f)
@@ -324,7 +332,8 @@ def _globals_read(c) -> list[str]:
     names: set[str] = set()
 
     def scan(c) -> None:
-        names.update(i.argval for i in dis.get_instructions(c) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
+        names.update(i.argval for i in dis.get_instructions(c)
+                     if i.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"))
         for k in c.co_consts:
             if isinstance(k, types.CodeType):
                 scan(k)

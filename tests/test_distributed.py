@@ -954,3 +954,24 @@ def test_what_a_function_reads_from_its_module_is_compared_only_where_both_read_
     assert stale_names(client, {"<python>": py, "m.f": "aaa", "m.g": "bbb+222"}) == []
     assert stale_names(client, {"<python>": py, "m.f": "aaa+999", "m.g": "bbb"}) == ["m.f"]
     assert stale_names(client, {"<python>": py, "m.f": "zzz", "m.g": "bbb+222"}) == ["m.f"]
+
+
+def test_the_digest_of_functions_calling_each_other_does_not_depend_on_which_came_first(tmp_path, monkeypatch):
+    """A worker that digested ``walk`` as the helper of an earlier job's ``tree`` kept that digest;
+    a new client digesting ``walk`` first must get the same one, or the job is refused."""
+    import importlib
+
+    from modelfactory import kernel
+
+    (tmp_path / "mutual_fns.py").write_text("DEPTH = 3\n"
+                                            "def tree(n):\n    return walk(n) if n < DEPTH else n\n"
+                                            "def walk(n):\n    return tree(n + 1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    got = []
+    for first in ("tree", "walk"):
+        sys.modules.pop("mutual_fns", None)
+        mod = importlib.import_module("mutual_fns")
+        kernel.code_digests(getattr(mod, first), None)
+        got.append(kernel.code_digests(mod.walk, None)["mutual_fns.walk"])
+    sys.modules.pop("mutual_fns", None)
+    assert got[0] == got[1] and "+" in got[0]
