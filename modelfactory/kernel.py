@@ -312,8 +312,8 @@ def code_digests(func, model) -> dict[str, str]:
 
 
 _MISSING = object()
-#: (path, mtime, size) of a module's source -> :func:`_literal_names` of it
-_LITERALS: dict[tuple, frozenset[str]] = {}
+#: path of a module's source -> ((its mtime, size), :func:`_literal_names` of it)
+_LITERALS: dict[str, tuple[tuple, frozenset[str]]] = {}
 
 
 def _by_value(module: str) -> bool:
@@ -343,7 +343,7 @@ def _globals_read(c) -> list[str]:
 
 
 def _literal_globals(module) -> frozenset[str] | None:
-    """:func:`_literal_names` of a module's source file, cached per version of the file; None
+    """:func:`_literal_names` of a module's source file, cached for its last version read; None
     when it has none that can be read."""
     import os
 
@@ -352,13 +352,14 @@ def _literal_globals(module) -> frozenset[str] | None:
         return None
     try:
         st = os.stat(path)
-        key = (path, st.st_mtime_ns, st.st_size)
-        if key not in _LITERALS:
+        version = (st.st_mtime_ns, st.st_size)
+        known = _LITERALS.get(path)
+        if known is None or known[0] != version:
             with open(path, "rb") as f:
-                _LITERALS[key] = _literal_names(f.read())
+                known = _LITERALS[path] = (version, _literal_names(f.read()))
     except (OSError, SyntaxError, ValueError):
         return None
-    return _LITERALS[key]
+    return known[1]
 
 
 def _literal_names(source: bytes) -> frozenset[str]:
