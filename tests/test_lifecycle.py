@@ -524,7 +524,7 @@ class _Killed(BaseException):
     """Stands for the process being killed (no except clause of the library catches it)."""
 
 
-def _train_killed_at_latest(monkeypatch, data: str, store: str, **kw) -> None:
+def _train_killed_at_latest(monkeypatch, source: str, store: str, **kw) -> None:
     """A train killed after writing its manifest, as it was about to move LATEST."""
     real = modelfactory.ModelStore.write
 
@@ -535,7 +535,7 @@ def _train_killed_at_latest(monkeypatch, data: str, store: str, **kw) -> None:
 
     with monkeypatch.context() as m, pytest.raises(_Killed):
         m.setattr(modelfactory.ModelStore, "write", killed_at_latest)
-        modelfactory.train(data, store=store, cluster="inline", **ARGS, **kw)
+        modelfactory.train(source, store=store, cluster="inline", **ARGS, **kw)
 
 
 def test_a_train_killed_between_its_manifest_and_latest_is_shown_and_resume_finishes_its_commit(
