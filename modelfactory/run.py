@@ -29,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 
 from . import kernel
+from .config import Settings, load_settings
 from .dataset import DatasetInfo
 from .exceptions import ClusterError
 from .kernel import JobSpec, UnitResult
@@ -152,8 +153,6 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
     (argument > ``MODELFACTORY_*`` environment > config file > defaults).
     """
     if cluster is None or isinstance(cluster, str):
-        from .config import load_settings
-
         if settings is None:
             settings = load_settings({"cluster": cluster, "workers": workers})
         cluster, workers = settings.cluster, settings.workers
@@ -186,10 +185,9 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
         if "://" not in cluster and ":" not in cluster:
             raise ClusterError(f"cluster={cluster!r} is not 'local', 'inline' or a scheduler address "
                                "like 'tcp://10.0.0.5:8786'.")
-        timeout = settings.connect_timeout if settings is not None else CONNECT_TIMEOUT
-        check_scheduler(cluster, timeout)
+        check_scheduler(cluster, settings.connect_timeout)  # an address comes from the settings (above)
         try:
-            client = Client(cluster, timeout=f"{timeout}s")
+            client = Client(cluster, timeout=f"{settings.connect_timeout}s")
         except (OSError, TimeoutError) as err:
             raise ClusterError(f"Cannot reach the Dask scheduler at {cluster!r}: {err}. "
                                "Check the address and that the scheduler is running.") from err
@@ -204,9 +202,9 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
                        f"object; got {type(cluster).__name__}.")
 
 
-#: Seconds to reach a scheduler given by its address (and to get its first answer) when no
-#: ``connect_timeout`` setting says otherwise.
-CONNECT_TIMEOUT = 20
+#: Seconds to reach a scheduler given by its address (and to get its first answer): the default
+#: of the ``connect_timeout`` setting, which jobs use.
+CONNECT_TIMEOUT = Settings.connect_timeout
 
 _CHECK_ADDRESS = ("Check that it is the address of a Dask scheduler, such as tcp://host:8786 "
                   "(the one `dask scheduler` prints), not that of its dashboard or another service.")
