@@ -7,6 +7,7 @@ their PYTHONPATH), so model bytes are the same from run to run and can be compar
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -688,6 +689,22 @@ def test_workers_without_the_clients_s3_credentials_fail_naming_the_workers_and_
         bare.stop()
 
 
+@contextlib.contextmanager
+def _importable_on_cluster(procs, folder, module: str):
+    """The module file ``module`` in ``folder`` importable by the cluster's scheduler and workers,
+    as by this process (a shared home, or the same machine), and forgotten by all of them after."""
+    here = str(folder)
+    dclient = procs.client()
+    try:
+        dclient.run(lambda: sys.path.append(here) if here not in sys.path else None)
+        dclient.run_on_scheduler(lambda: sys.path.append(here) if here not in sys.path else None)
+        yield
+    finally:
+        dclient.run(lambda: [sys.modules.pop(module, None), sys.path.remove(here)])
+        dclient.run_on_scheduler(lambda: [sys.modules.pop(module, None), sys.path.remove(here)])
+        dclient.close()
+
+
 @pytest.mark.timeout(90)
 def test_a_function_edited_since_the_workers_imported_it_is_refused_not_run_as_it_was(procs, leaves, tmp_path,
                                                                                       monkeypatch):
@@ -705,12 +722,7 @@ def test_a_function_edited_since_the_workers_imported_it_is_refused_not_run_as_i
     import edited_fns
 
     job = dict(by=KEYS, schema="app string, site string, tag string", cluster=procs.address)
-    # the workers import it from the same folder (a shared home, or the same machine)
-    procs_env_path = [str(tmp_path)]
-    dclient = procs.client()
-    try:
-        dclient.run(lambda: sys.path.extend(p for p in procs_env_path if p not in sys.path))
-        dclient.run_on_scheduler(lambda: sys.path.extend(p for p in procs_env_path if p not in sys.path))
+    with _importable_on_cluster(procs, tmp_path, "edited_fns"):
         first = modelfactory.apply(leaves, func=edited_fns.tag, **job)
         assert set(first.to_pandas().tag) == {"first"}
         mod.write_text(body.format("second"))
@@ -718,10 +730,6 @@ def test_a_function_edited_since_the_workers_imported_it_is_refused_not_run_as_i
         with pytest.raises(ClusterError, match=r"(?s)another version of edited_fns\.tag than this client.*"
                                                r"Restart the workers"):
             modelfactory.apply(leaves, func=edited_fns.tag, **job)
-    finally:
-        dclient.run(lambda: [sys.modules.pop("edited_fns", None), sys.path.remove(procs_env_path[0])])
-        dclient.run_on_scheduler(lambda: [sys.modules.pop("edited_fns", None), sys.path.remove(procs_env_path[0])])
-        dclient.close()
 
 
 @pytest.mark.timeout(90)
@@ -743,11 +751,7 @@ def test_a_default_argument_edited_since_the_workers_imported_it_is_refused_not_
     import default_fns
 
     job = {"schema": "v double", "cluster": procs.address}
-    here = [str(tmp_path)]
-    dclient = procs.client()
-    try:
-        dclient.run(lambda: sys.path.extend(p for p in here if p not in sys.path))
-        dclient.run_on_scheduler(lambda: sys.path.extend(p for p in here if p not in sys.path))
+    with _importable_on_cluster(procs, tmp_path, "default_fns"):
         assert sorted(modelfactory.map_keys([1, 2], func=default_fns.scale, **job).to_pandas().v) == [2.0, 4.0]
         default_fns.scale(7)  # the client's cache differs from the workers' now: no edit
         assert sorted(modelfactory.map_keys([1, 2], func=default_fns.scale, **job).to_pandas().v) == [2.0, 4.0]
@@ -756,10 +760,6 @@ def test_a_default_argument_edited_since_the_workers_imported_it_is_refused_not_
         with pytest.raises(ClusterError, match=r"(?s)another version of default_fns\.scale than this client.*"
                                                r"Restart the workers"):
             modelfactory.map_keys([1, 2], func=default_fns.scale, **job)
-    finally:
-        dclient.run(lambda: [sys.modules.pop("default_fns", None), sys.path.remove(here[0])])
-        dclient.run_on_scheduler(lambda: [sys.modules.pop("default_fns", None), sys.path.remove(here[0])])
-        dclient.close()
 
 
 @pytest.mark.timeout(120)
@@ -790,12 +790,8 @@ def test_a_constant_or_helper_edited_since_the_workers_imported_it_is_refused_no
     import const_fns
 
     job = {"by": KEYS, "schema": "app string, site string, tag string", "cluster": procs.address}
-    here = [str(tmp_path)]
-    dclient = procs.client()
     refused = r"(?s)another version of const_fns\.tag than this client.*Restart the workers"
-    try:
-        dclient.run(lambda: sys.path.extend(p for p in here if p not in sys.path))
-        dclient.run_on_scheduler(lambda: sys.path.extend(p for p in here if p not in sys.path))
+    with _importable_on_cluster(procs, tmp_path, "const_fns"):
         assert set(modelfactory.apply(leaves, func=const_fns.tag, **job).to_pandas().tag) == {"first!"}
         assert const_fns._CALLS == 0
         const_fns.tag(pd.DataFrame({"app": ["a"], "site": ["s"]}))  # a counter of this process's own: no edit
@@ -805,10 +801,6 @@ def test_a_constant_or_helper_edited_since_the_workers_imported_it_is_refused_no
             importlib.reload(const_fns)
             with pytest.raises(ClusterError, match=refused):
                 modelfactory.apply(leaves, func=const_fns.tag, **job)
-    finally:
-        dclient.run(lambda: [sys.modules.pop("const_fns", None), sys.path.remove(here[0])])
-        dclient.run_on_scheduler(lambda: [sys.modules.pop("const_fns", None), sys.path.remove(here[0])])
-        dclient.close()
 
 
 def test_the_constants_compared_are_those_bound_once_to_a_literal():
