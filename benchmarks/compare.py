@@ -25,6 +25,7 @@ Usage::
     python benchmarks/compare.py --quick              # 10,000 groups; 100 series
     python benchmarks/compare.py --statsforecast-python /tmp/sfvenv/bin/python
     python benchmarks/compare.py --workloads noop --columns used   # each system reads app, site, value only
+    python benchmarks/compare.py --workloads noop --repeat 5       # modelfactory's median of 5 runs
 """
 from __future__ import annotations
 
@@ -282,11 +283,19 @@ def noop_workload(args, tmp, client, spark, only) -> list[Result]:
         "dask": lambda p: run_dask("noop", client, p, mean_value, meta, "dask.dataframe groupby().apply",
                                    columns=cols),
     }
-    results = []
-    for name, fn in systems.items():
-        if name not in only or (name == "spark" and spark is None):
-            continue
-        _warm_up(fn, warm.path)
+    names = [n for n in systems if n in only and not (n == "spark" and spark is None)]
+    mine = [n for n in names if n.startswith("mf-")]
+    # --repeat N: modelfactory's systems run N times, in rounds placed around the anchors' one
+    # run each (half before, half after), and report the median: a run of one second lands
+    # wherever this host's speed is at that moment, where an anchor's minutes average over it.
+    before = (args.repeat + 1) // 2
+    order = mine * before + [n for n in names if n not in mine] + mine * (args.repeat - before)
+    runs: dict[str, list[Result]] = {}
+    for name in order:
+        fn = systems[name]
+        if name not in runs:
+            _warm_up(fn, warm.path)
+            runs[name] = []
         print(f"[noop {args.groups:,}] {name} ...", file=sys.stderr, flush=True)
         r = fn(data.path)
         try:
@@ -295,8 +304,23 @@ def noop_workload(args, tmp, client, spark, only) -> list[Result]:
             r.error = str(err)
         print(f"[noop {args.groups:,}] {name}: {r.seconds:.2f}s {r.check or r.error}", file=sys.stderr, flush=True)
         r.out = None
-        results.append(r)
-    return results
+        runs[name].append(r)
+    after = len(names) > len(mine)  # some anchor ran between the rounds
+    return [_median_run(runs[n], after) for n in names]
+
+
+def _median_run(rs: list[Result], after: bool) -> Result:
+    """One system's runs as one result: the median run (the first failure, if one failed),
+    its note saying how many runs there were and their spread."""
+    failed = [r for r in rs if r.error is not None]
+    if failed or len(rs) == 1:
+        return failed[0] if failed else rs[0]
+    secs = sorted(r.seconds for r in rs)
+    mid = min(rs, key=lambda r: abs(r.seconds - float(np.median(secs))))
+    spread = (f"median of {len(rs)} runs ({secs[0]:.3f}-{secs[-1]:.3f} s"
+              + (f"; {len(rs) // 2} of them after the anchors)" if after else ")"))
+    return Result(mid.workload, mid.system, float(np.median(secs)), mid.groups, mid.others,
+                  note=f"{spread}; {mid.note}" if mid.note else spread, check=mid.check)
 
 
 def _warm_up(fn, path) -> None:
@@ -460,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", type=int, default=1000, help="ETS series (default 1,000)")
     p.add_argument("--ets-apps", type=int, default=20, help="app folders of the ETS data (default 20)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="no-op workload: run each modelfactory system N times, half before the anchors and "
+                        "half after, and report the median (default 1)")
     p.add_argument("--columns", choices=("all", "used"), default="all",
                    help="no-op workload: every system reads every column (default, as spark.read.parquet and "
                         "modelfactory.apply do unless told), or only the three the function uses, each "
@@ -486,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.groups, args.series = 10_000, 100
+    if args.repeat < 1:
+        print("error: --repeat takes a whole number of runs, 1 or more", file=sys.stderr)
+        return 2
     TURN = turn_taker(args)
     if args.profile:
         if args.profile not in ("mf-pandas", "mf-array"):
