@@ -136,13 +136,73 @@ def local_cluster(workers: int | None = None, **kwargs):
         # Dask cluster) starts as it would have.
         saved = dict(os.environ)
         try:
-            # the caller's own keywords go on top (threads_per_worker=2 was a TypeError)
-            return LocalCluster(**{"n_workers": n, "threads_per_worker": 1, "processes": True, "env": WORKER_ENV,
-                                   "config": config, **kwargs})
+            with _ctrl_c_for_this_process_only() as started:
+                # the caller's own keywords go on top (threads_per_worker=2 was a TypeError)
+                return started(LocalCluster(**{"n_workers": n, "threads_per_worker": 1, "processes": True,
+                                               "env": WORKER_ENV, "config": config, **kwargs}))
         finally:
             for k in set(os.environ) - set(saved):
                 del os.environ[k]
             os.environ.update({k: v for k, v in saved.items() if os.environ.get(k) != v})
+
+
+@contextlib.contextmanager
+def _ctrl_c_for_this_process_only() -> Iterator[Callable]:
+    """Start a local cluster so that Ctrl-C reaches this process and not its workers.
+
+    A terminal's Ctrl-C goes to every process of its foreground group, and Dask's worker
+    processes are in it: each died with two tracebacks on the console (or, still starting,
+    with "Fatal Python error: init_import_site"), over the one ``error: interrupted`` line.
+    So SIGINT is blocked in this thread while the cluster starts: the cluster's event-loop
+    thread, made meanwhile, inherits the block, and so do the threads it starts worker
+    processes from (restarts too), and those processes (a signal mask survives fork and
+    exec).  The workers still stop when the job closes its cluster, which it does on Ctrl-C.
+
+    A Ctrl-C pressed while the cluster starts is held until it is up (a second or two), then
+    raised with the cluster closed (``started(cluster)`` returns it otherwise): raised inside
+    Dask's start-up it left a half-made cluster, which Dask's exit hook closed with a page of
+    log lines or an AssertionError.  (Blocking is not enough for that: a signal that another
+    thread takes, or one taken just before, is raised by Python in this thread all the same;
+    so Python's handler only notes it meanwhile.)
+    """
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (nor process groups)
+        yield lambda cluster: cluster
+        return
+    from multiprocessing import resource_tracker
+
+    # Started by the first worker process otherwise, in the event-loop thread, and its start
+    # unblocks SIGINT there after (the standard library's own block and unblock around it).
+    resource_tracker.ensure_running()
+    pressed: list = []
+    handler = signal.getsignal(signal.SIGINT)
+    hold = threading.current_thread() is threading.main_thread() and callable(handler)
+    if hold:
+        signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    old = None
+
+    def release():
+        nonlocal old, hold
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # one pressed meanwhile is noted now
+            old = None
+        if hold:
+            signal.signal(signal.SIGINT, handler)
+            hold = False
+
+    def started(cluster):
+        release()
+        if pressed:
+            cluster.close()
+            raise KeyboardInterrupt
+        return cluster
+
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        yield started
+    finally:
+        release()  # when the cluster did not start: its error goes on, and a Ctrl-C with it is moot
 
 
 @contextlib.contextmanager

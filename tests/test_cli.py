@@ -696,6 +696,83 @@ def test_ctrl_c_during_train_names_the_run_to_resume(tmp_path):
     assert f"--resume {pending['run_id']}" in err and "interrupted" in err
 
 
+def _ctrl_c_in_a_terminal(argv: list[str], when) -> tuple[int, str, list]:
+    """Run the CLI in a process group of its own, as a terminal runs a command, and send SIGINT
+    to the whole group once ``when(process)`` holds: what Ctrl-C in a terminal does.  Its exit
+    status, its stderr and what is left of the group two seconds after it exits."""
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "modelfactory", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not when(proc):
+            assert proc.poll() is None and time.monotonic() < deadline, "the job ended before it could be interrupted"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        time.sleep(2)
+        left = [p for p in psutil.pids() if _group_of(p) == proc.pid and _alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err, left
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("moment", ["while units run", "while the workers start"])
+def test_ctrl_c_in_a_terminal_prints_one_error_line_and_no_worker_tracebacks(tmp_path, moment):
+    """A terminal's Ctrl-C reaches every process of the command's group, the cluster's worker
+    processes too: each printed a traceback (KeyboardInterrupt in Dask's nanny code; "Fatal Python
+    error: init_import_site" while still starting, and Dask's exit hook an AssertionError for the
+    half-started cluster) over the one error line.  The workers now leave Ctrl-C to the job, which
+    closes its cluster; nothing of it is left running."""
+    import psutil
+    from _data import metrics_table, write
+
+    data = write(metrics_table(series=40, hours=168, apps=20), tmp_path / "d", ["app"])
+    store = tmp_path / "store"
+    if moment == "while units run":
+        def when(proc):
+            return len(list(store.glob("runs/*/parts/*.parquet"))) >= 1
+    else:
+        def when(proc):  # a worker process exists, the cluster is not up yet
+            try:
+                return bool(psutil.Process(proc.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                return False
+    rc, err, left = _ctrl_c_in_a_terminal(["train", data, "--by", "app,site", "--time", "ts", "--target", "value",
+                                           "--model", "ets", "--store", str(store), "--scheduler", "local",
+                                           "--workers", "2", "--unit-rows", "500", "-q"], when)
+    assert rc == 130, err
+    assert "Traceback" not in err and "Fatal Python error" not in err and "Exception ignored" not in err, err
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith("Dask dashboard")]
+    assert len(lines) == 1, err
+    (line,) = lines
+    assert line.startswith("error: interrupted"), err
+    assert left == [], left
+
+
 def test_models_show_of_a_key_written_otherwise_than_in_training_gives_the_hint_score_gives(tmp_path, capsys):
     """`models show --key site=7` against a run keyed '07' said only 'No group', where score says
     the key matches one of the run's written in another type or format.  It says so too, with the
