@@ -705,9 +705,9 @@ def _ctrl_c_in_a_terminal(argv: list[str], when) -> tuple[int, str, list]:
 
     import psutil
 
+    # SIGINT is not ignored here (conftest), so the CLI gets Python's own handler, as in a terminal
     proc = subprocess.Popen([sys.executable, "-m", "modelfactory", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not when(proc):
