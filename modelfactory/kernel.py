@@ -13,7 +13,7 @@ from __future__ import annotations
 import time as _time
 import weakref
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -180,8 +180,8 @@ def _load_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-#: function -> ((its code, defaults, keyword defaults), digest): :func:`code_digests` hashes a
-#: function once while these stay the same objects.
+#: function -> ((its code, defaults, keyword defaults), its own digest, the global names it reads):
+#: :func:`code_digests` hashes a function once while these stay the same objects.
 _FUNCTION_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -235,53 +235,80 @@ def code_digests(func, model) -> dict[str, str]:
                                                  for k in c.co_consts)
 
     def own(f) -> str:
-        # a function's code and the constant defaults of its arguments
-        kw = sorted((f.__kwdefaults__ or {}).items())
-        parts = [code(f.__code__), *(default(v) for v in f.__defaults__ or ()),
-                 *(f"{k}={default(v)}" for k, v in kw)]
-        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-    def function(f) -> str | None:
-        # each unit's spec is checked as it loads (_job_spec): a function's digest is kept while
-        # its code and defaults are the same objects (a module reloaded makes new ones)
-        what = (f.__code__, f.__defaults__, f.__kwdefaults__)
+        # a function's code, and which arguments have defaults; their values are compared with
+        # what it reads from its module (module_globals): only where the source shows a literal
         known = _FUNCTION_DIGESTS.get(f)
+        what = (f.__code__, f.__defaults__, f.__kwdefaults__)
         if known is not None and all(a is b for a, b in zip(known[0], what)):
             return known[1]
-        if rewritten(f.__code__):
-            digest = None
-        else:
-            digest = own(f)
-            read = module_globals(f)
-            if read is not None:  # compared only with a process that could read the module's source too
-                digest += "+" + hashlib.sha256("\0".join(read).encode()).hexdigest()
-        _FUNCTION_DIGESTS[f] = (what, digest)
+        parts = [code(f.__code__), str(len(f.__defaults__ or ())), *sorted(f.__kwdefaults__ or ())]
+        digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+        _FUNCTION_DIGESTS[f] = (what, digest, _globals_read(f.__code__))
         return digest
 
+    def function(f) -> str | None:
+        # each unit's spec is checked as it loads (_job_spec): a function's own digest is kept
+        # while its code and defaults are the same objects (a module reloaded makes new ones);
+        # what it reads from its module is looked at each time (a reload changes it under the
+        # same function object)
+        if rewritten(f.__code__):
+            return None
+        digest = own(f)
+        read = module_globals(f)
+        if read is not None:  # compared only with a process that could read the module's source too
+            digest += "+" + hashlib.sha256("\0".join(read).encode()).hexdigest()
+        return digest
+
+    def literal_defaults(g, facts) -> list[str]:
+        # the values of g's defaults written as literals in its source (``factor=2``), not those
+        # computed as the module loads (``root=os.environ.get(...)``, ``n=os.cpu_count()``): those
+        # differ between processes by nature; nor a mutable one (``cache={}``: filled in one)
+        flags = facts.defaults.get(g.__code__.co_firstlineno)
+        values = g.__defaults__ or ()
+        if flags is None or len(flags[0]) != len(values):
+            return []
+        kw = g.__kwdefaults__ or {}
+        return [f"{g.__qualname__}:{i}={default(v)}" for i, (v, lit) in enumerate(zip(values, flags[0])) if lit] + \
+               [f"{g.__qualname__}:{k}={default(kw[k])}" for k in sorted(kw) if flags[1].get(k)]
+
     def module_globals(f) -> list[str] | None:
-        # what a function that travels by reference reads from its module: the constants its
-        # source binds to a literal (their values), and the functions of the same module it
-        # calls, theirs in turn (their own digests): editing any edits what the workers run.
+        # what a function that travels by reference reads from its module: its literal defaults,
+        # the constants its source binds once to a literal (their values), and the functions of
+        # the same module it calls (bound once, by a def at the top level), theirs in turn (their
+        # own digests and literal defaults): editing any edits what the workers run.  A name
+        # bound otherwise (a helper built at run time, one defined in a try/except or an if, as
+        # an environment allows) may differ between processes by nature: it is not followed.
         # Sorted: the same whichever function of a cycle of calls is digested first.  None: it
         # travels by value, with what it reads (cloudpickle), or its module's source cannot be
         # read here (compiled files only, a zip)
         mod = sys.modules.get(f.__module__)
         if mod is None or f.__module__ == "__main__" or f.__globals__ is not vars(mod) or _by_value(f.__module__):
             return None
-        literal = _literal_globals(mod)
-        if literal is None:
+        facts = _module_source(mod)
+        if facts is None:
             return None
-        parts, seen, todo = set(), {f}, [f]
+        parts, seen, todo = set(literal_defaults(f, facts)), {f}, [f]
         while todo:
             g = todo.pop()
-            for name in _globals_read(g.__code__):
+            own(g)
+            for name in _FUNCTION_DIGESTS[g][2]:
                 v = g.__globals__.get(name, _MISSING)
-                if name in literal and v is not _MISSING:
+                if v is _MISSING:
+                    continue
+                if name in facts.constants:
                     parts.add(f"{name}={default(v)}")
-                elif isinstance(v, types.FunctionType) and v.__globals__ is f.__globals__ and v not in seen:
-                    seen.add(v)
-                    todo.append(v)
-                    parts.add(f"{v.__qualname__}()={own(v)}")
+                    continue
+                if name not in facts.functions:
+                    continue
+                for depth in range(4):  # a decorated helper: the wrapper, then what it wraps
+                    if isinstance(v, types.FunctionType) and v.__globals__ is f.__globals__ and v not in seen:
+                        seen.add(v)
+                        todo.append(v)
+                        parts.add(f"{name}:{depth}:{v.__qualname__}()={own(v)}")
+                        parts.update(literal_defaults(v, facts))
+                    v = getattr(v, "__wrapped__", None)
+                    if v is None:
+                        break
         return sorted(parts)
 
     def put(name: str, f) -> None:
@@ -297,6 +324,9 @@ def code_digests(func, model) -> dict[str, str]:
                 walk(x, depth + 1)
         elif isinstance(o, types.FunctionType) and not o.__module__.startswith("modelfactory"):
             put(f"{o.__module__}.{o.__qualname__}", o)
+            wrapped = getattr(o, "__wrapped__", None)  # functools.wraps: the body is in the wrapper's closure
+            if wrapped is not None:
+                walk_wrapped(f"{o.__module__}.{o.__qualname__}", wrapped, depth + 1)
         elif isinstance(o, type):
             for cls in o.__mro__:
                 if cls.__module__.startswith(("modelfactory", "builtins", "abc")):
@@ -305,6 +335,14 @@ def code_digests(func, model) -> dict[str, str]:
                     f = getattr(v, "__func__", v)
                     if isinstance(f, types.FunctionType):
                         put(f"{cls.__module__}.{cls.__qualname__}.{name}", f)
+        elif callable(o) and isinstance(getattr(o, "__wrapped__", None), types.FunctionType):  # functools.lru_cache
+            walk(o.__wrapped__, depth + 1)
+
+    def walk_wrapped(name: str, o, depth: int) -> None:
+        while isinstance(o, types.FunctionType) and depth <= 3:
+            name += ".__wrapped__"  # wraps() gives the wrapper the wrapped one's name
+            put(name, o)
+            o, depth = getattr(o, "__wrapped__", None), depth + 1
 
     walk(func)
     walk(getattr(model, "cls", None))
@@ -312,8 +350,22 @@ def code_digests(func, model) -> dict[str, str]:
 
 
 _MISSING = object()
-#: path of a module's source -> ((its mtime, size), :func:`_literal_names` of it)
-_LITERALS: dict[str, tuple[tuple, frozenset[str]]] = {}
+
+
+class _Source(NamedTuple):
+    """What :func:`code_digests` needs to know of a module's source (:func:`_source_facts`)."""
+
+    #: names bound once, at the top level, to a literal, and rebound by no ``global``
+    constants: frozenset[str]
+    #: names bound once, by a ``def`` at the top level, and rebound by no ``global``
+    functions: frozenset[str]
+    #: the first line of each function (its first decorator's) -> which of its positional
+    #: defaults, and of its keyword-only ones (by name), are written as literals
+    defaults: dict[int, tuple[tuple[bool, ...], dict[str, bool]]]
+
+
+#: path of a module's source -> ((its mtime, size), :func:`_source_facts` of it, None if unreadable)
+_SOURCES: dict[str, tuple[tuple, _Source | None]] = {}
 
 
 def _by_value(module: str) -> bool:
@@ -342,9 +394,9 @@ def _globals_read(c) -> list[str]:
     return sorted(names)
 
 
-def _literal_globals(module) -> frozenset[str] | None:
-    """:func:`_literal_names` of a module's source file, cached for its last version read; None
-    when it has none that can be read."""
+def _module_source(module) -> _Source | None:
+    """:func:`_source_facts` of a module's source file, cached for its last version read; None
+    when it has none that can be read (or parsed: a file too deeply nested for this parser)."""
     import os
 
     path = getattr(module, "__file__", None)
@@ -352,70 +404,103 @@ def _literal_globals(module) -> frozenset[str] | None:
         return None
     try:
         st = os.stat(path)
-        version = (st.st_mtime_ns, st.st_size)
-        known = _LITERALS.get(path)
-        if known is None or known[0] != version:
-            with open(path, "rb") as f:
-                known = _LITERALS[path] = (version, _literal_names(f.read()))
-    except (OSError, SyntaxError, ValueError):
+    except OSError:
         return None
+    version = (st.st_mtime_ns, st.st_size)
+    known = _SOURCES.get(path)
+    if known is None or known[0] != version:
+        try:
+            with open(path, "rb") as f:
+                facts = _source_facts(f.read())
+        except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):
+            facts = None
+        known = _SOURCES[path] = (version, facts)
     return known[1]
 
 
 def _literal_names(source: bytes) -> frozenset[str]:
-    """The names a module's source binds once, at its top level, to a literal (``LIMIT = 3.5``,
-    ``MODE = "fast"``), and that no function rebinds (``global``): their values are the same in
-    every process that imported that source.  A name bound otherwise as well (in an ``if``, a
-    ``for``, an import), or a module with ``import *``, may differ between processes
-    (``DEBUG = False`` then ``if os.environ.get(...): DEBUG = True``): it is left out."""
+    """The constants of :func:`_source_facts`."""
+    return _source_facts(source).constants
+
+
+def _source_facts(source: bytes) -> _Source:
+    """What a module's source says of its names: those it binds once, at its top level, to a
+    literal (``LIMIT = 3.5``, ``MODE = "fast"``), or by a ``def``, and that no function rebinds
+    (``global``): their values are the same in every process that imported that source.  A name
+    bound otherwise as well (in an ``if``, a ``try``, a ``for``, an import), or any in a module
+    with ``import *``, may differ between processes (``DEBUG = False`` then ``if
+    os.environ.get(...): DEBUG = True``; ``try: from fastmath import expit`` then ``except
+    ImportError: def expit(...)``): it is left out.  And which defaults of each function are
+    literals (``factor=2``, not ``root=os.environ.get(...)``)."""
     import ast
 
     tree = ast.parse(source)
     bound: dict[str, int] = {}
-    rebound = {n for node in ast.walk(tree) if isinstance(node, ast.Global) for n in node.names}
+    rebound: set[str] = set()
+    defaults: dict[int, tuple[tuple[bool, ...], dict[str, bool]] | None] = {}
 
     def bind(name: str | None) -> None:
         if name:
             bound[name] = bound.get(name, 0) + 1
 
-    def visit(node) -> bool:  # False: a star import, whose names cannot be known
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                bind(child.name)  # their bodies bind their own names
-                continue
-            if isinstance(child, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
-                continue
-            if isinstance(child, ast.Name) and isinstance(child.ctx, (ast.Store, ast.Del)):
-                bind(child.id)
-            elif isinstance(child, (ast.Import, ast.ImportFrom)):
-                if any(a.name == "*" for a in child.names):
-                    return False
-                for a in child.names:
-                    bind((a.asname or a.name).split(".")[0])
-            elif isinstance(child, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)):
-                bind(child.name)
-            elif isinstance(child, ast.MatchMapping):
-                bind(child.rest)
-            if not visit(child):
-                return False
+    def literal(node) -> bool:
+        try:
+            ast.literal_eval(node)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return False
         return True
 
-    if not visit(tree):
-        return frozenset()
-    literal = set()
+    def function(node) -> None:
+        first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", ()))])
+        flags = (tuple(literal(d) for d in node.args.defaults),
+                 {a.arg: literal(d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None})
+        defaults[first] = None if first in defaults else flags  # two on one line: which is which?
+
+    # the top level's bindings (not in the bodies of functions and classes, which bind their
+    # own names), without recursion: a long expression is no reason to give up
+    stack = list(ast.iter_child_nodes(tree))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bind(node.name)
+            continue
+        if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bind(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(a.name == "*" for a in node.names):
+                return _Source(frozenset(), frozenset(), {})
+            for a in node.names:
+                bind((a.asname or a.name).split(".")[0])
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)):
+            bind(node.name)
+        elif isinstance(node, ast.MatchMapping):
+            bind(node.rest)
+        stack.extend(ast.iter_child_nodes(node))
+    for node in ast.walk(tree):  # iterative
+        if isinstance(node, ast.Global):
+            rebound.update(node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            function(node)
+    constants, functions = set(), set()
     for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            functions.add(node.name)
+            continue
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             name, value = node.targets[0].id, node.value
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
             name, value = node.target.id, node.value
         else:
             continue
-        try:
-            ast.literal_eval(value)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            continue
-        literal.add(name)
-    return frozenset(n for n in literal if bound.get(n) == 1 and n not in rebound)
+        if literal(value):
+            constants.add(name)
+
+    def once(names: set[str]) -> frozenset[str]:
+        return frozenset(n for n in names if bound.get(n) == 1 and n not in rebound)
+
+    return _Source(once(constants), once(functions), {k: v for k, v in defaults.items() if v is not None})
 
 
 def _digests_or_none(func, model) -> dict[str, str] | None:

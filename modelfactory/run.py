@@ -444,7 +444,9 @@ def check_code(client, spec: JobSpec) -> None:
             f"{name.rsplit('.', 1)[0]!r} was imported on one side before it changed (or is installed in another "
             "version there), and Dask would run the workers' copy. Restart the workers (Client.restart(), or start "
             "`dask worker` again) so they import it afresh, reload it here (importlib.reload) if this process has "
-            "the old one, or send it by value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
+            "the old one, or send it by value with cloudpickle.register_pickle_by_value(module). A constant of the "
+            "module that this process set at run time (module.NAME = ...) counts too: the workers' copy has the "
+            "value of the source, so write it there, or pass it to the function. Nothing ran.")
 
 
 def _check_in_process_storage(client, spec: JobSpec) -> None:

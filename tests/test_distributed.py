@@ -803,8 +803,135 @@ def test_a_constant_or_helper_edited_since_the_workers_imported_it_is_refused_no
                 modelfactory.apply(leaves, func=const_fns.tag, **job)
 
 
+def _digest_of(tmp_path, monkeypatch, module: str, source: str, func: str = "fit", env=None, before=None) -> dict:
+    """The digests of ``module.func`` (and of what it wraps), ``source`` imported afresh as
+    ``module`` (as another process would import it: ``env`` set, ``before(mod)`` run first)."""
+    import importlib
+    import textwrap
+
+    from modelfactory import kernel
+
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+    with monkeypatch.context() as m:
+        m.syspath_prepend(str(tmp_path))
+        for k, v in (env or {}).items():
+            m.setenv(k, v)
+        sys.modules.pop(module, None)
+        try:
+            mod = importlib.import_module(module)
+            if before is not None:
+                before(mod)
+            found = kernel.code_digests(getattr(mod, func), None)
+            return {k: v for k, v in found.items() if k.startswith(f"{module}.{func}")}
+        finally:
+            sys.modules.pop(module, None)
+
+
+def test_what_differs_between_processes_by_nature_is_not_an_edit(tmp_path, monkeypatch):
+    """The same source in two processes: a helper built at run time (``_scorer = None``, set on
+    first use), a helper defined in a try/except as an environment allows, and defaults computed
+    as the module loads (``os.environ.get``) differ between them by nature.  Each refused every
+    job on workers whose state or environment was not the client's ("Restart the workers", which
+    changed nothing); the function run once on the client first was enough."""
+    lazy = """
+        _scorer = None
+        def _make(w):
+            def score(x):
+                return x * w
+            return score
+        def get():
+            global _scorer
+            if _scorer is None:
+                _scorer = _make(2.0)
+            return _scorer
+        def fit(x):
+            return get()(x)
+    """
+    fresh = _digest_of(tmp_path, monkeypatch, "lazy_helper_fns", lazy)
+    assert _digest_of(tmp_path, monkeypatch, "lazy_helper_fns", lazy, before=lambda m: m.fit(1.0)) == fresh
+    fallback = """
+        try:
+            from mf_fast_maths import expit
+        except ImportError:
+            def expit(x):
+                return x / 2
+        def fit(x):
+            return expit(x)
+    """
+    without = _digest_of(tmp_path, monkeypatch, "fallback_fns", fallback)
+    fast = type(sys)("mf_fast_maths")
+    fast.expit = lambda x: x / 3
+    monkeypatch.setitem(sys.modules, "mf_fast_maths", fast)
+    assert _digest_of(tmp_path, monkeypatch, "fallback_fns", fallback) == without
+    computed = """
+        import os
+        def helper(x, root=os.environ.get("MF_TEST_ROOT", "/data"), *, n=os.cpu_count(), scale=2):
+            return x * scale
+        def fit(x, base=os.environ.get("MF_TEST_ROOT")):
+            return helper(x)
+    """
+    one = _digest_of(tmp_path, monkeypatch, "computed_fns", computed, env={"MF_TEST_ROOT": "/a"})
+    assert _digest_of(tmp_path, monkeypatch, "computed_fns", computed, env={"MF_TEST_ROOT": "/b"}) == one
+    assert _digest_of(tmp_path, monkeypatch, "computed_fns", computed.replace("scale=2", "scale=3"),
+                      env={"MF_TEST_ROOT": "/a"}) != one  # a literal default is compared
+
+
+def test_an_edit_behind_a_decorator_or_a_deep_expression_is_still_seen(tmp_path, monkeypatch):
+    """A helper cached with ``functools.lru_cache`` or wrapped with ``functools.wraps``, and a job
+    function wrapped so: the wrapper was digested without the body it wraps, and an edit of it
+    ran as the workers' old copy.  A module with a long top-level expression made the check give
+    up on everything (a RecursionError in reading the source), the function's own body too."""
+    cached = """
+        import functools
+        def logged(f):
+            @functools.wraps(f)
+            def inner(*a):
+                return f(*a)
+            return inner
+        @functools.lru_cache
+        def weight(x):
+            return x * 1.5
+        @logged
+        def shift(x):
+            return x + 1
+        @logged
+        def fit(x):
+            return weight(x) + shift(x)
+    """
+    base = _digest_of(tmp_path, monkeypatch, "deco_fns", cached)
+    for old, new in (("x * 1.5", "x * 2.5"), ("x + 1", "x + 2"), ("weight(x) + shift(x)", "weight(x) - shift(x)")):
+        assert _digest_of(tmp_path, monkeypatch, "deco_fns", cached.replace(old, new)) != base, new
+    deep = "TOTAL = " + " + ".join(["1"] * 1000) + "\nLIMIT = 3\ndef fit(x):\n    return x * LIMIT + TOTAL\n"
+    first = _digest_of(tmp_path, monkeypatch, "deep_fns", deep)
+    assert "+" in first["deep_fns.fit"] and _digest_of(tmp_path, monkeypatch, "deep_fns", deep.replace("LIMIT = 3", "LIMIT = 4")) != first
+
+
+def test_a_function_kept_from_before_a_reload_has_the_digest_of_the_module_as_it_is_now(tmp_path, monkeypatch):
+    """``from tuned import fit``, a job, the constant edited, the workers restarted, the module
+    reloaded, the same ``fit`` passed again: it runs with the new constant (it reads its module's
+    globals), but its digest was kept from before, and every restarted worker refused the job."""
+    import importlib
+
+    from modelfactory import kernel
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = tmp_path / "tuned_fns.py"
+    mod.write_text("LIMIT = 3\ndef fit(x):\n    return x * LIMIT\n")
+    import tuned_fns
+
+    try:
+        fit = tuned_fns.fit
+        before = kernel.code_digests(fit, None)
+        mod.write_text("LIMIT = 44\ndef fit(x):\n    return x * LIMIT\n")
+        importlib.reload(tuned_fns)
+        assert fit(1) == 44
+        assert kernel.code_digests(fit, None) == kernel.code_digests(tuned_fns.fit, None) != before
+    finally:
+        sys.modules.pop("tuned_fns", None)
+
+
 def test_the_constants_compared_are_those_bound_once_to_a_literal():
-    from modelfactory.kernel import _literal_names
+    from modelfactory.kernel import _literal_names, _source_facts
 
     src = b"""
 import os
@@ -828,6 +955,21 @@ def load():
 """
     assert _literal_names(src) == {"LIMIT", "MODE", "WEIGHTS"}
     assert _literal_names(b"LIMIT = 3\nfrom os.path import *\n") == set()
+    facts = _source_facts(src + b"""
+def helper(x, a=1, b=os.sep, *, c=(1, 2), d=os.getcwd()):
+    return x
+if DEBUG:
+    def debug_only():
+        pass
+try:
+    from fast import expit
+except ImportError:
+    def expit(x):
+        return x
+""")
+    assert facts.functions == {"load", "helper"}  # not expit (bound twice), nor debug_only (in an if)
+    (flags,) = [v for k, v in facts.defaults.items() if v[1]]
+    assert flags == ((True, False), {"c": True, "d": False})
 
 
 @pytest.mark.timeout(60)
