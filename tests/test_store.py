@@ -546,6 +546,20 @@ def test_models_show_of_a_store_that_is_not_there_says_so(trained, capsys):
     assert "has no committed run yet" in capsys.readouterr().err
 
 
+def test_scoring_with_a_store_that_is_not_there_says_so(trained, by_app, tmp_path, capsys):
+    # a misspelt --store said "has no committed run yet. Train first": the user was sent to retrain
+    store, _ = trained
+    typo = str(store) + "e"
+    (tmp_path / "afile").write_text("x")
+    for bad, said in ((typo, f"error: No model store at '{typo}': there is nothing at that path"),
+                      (str(tmp_path / "afile"), f"error: '{tmp_path / 'afile'}' is a file, not a model store")):
+        assert main(["score", by_app, "--store", bad, "--out", str(tmp_path / "out"),
+                     "--scheduler", "inline", "-q"]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(said), line
+        assert not (tmp_path / "out").exists()
+
+
 def test_models_show_and_the_report_of_a_retrain_say_which_base_groups_it_has_no_model_for(tmp_path, capsys):
     # the input of an --only-changed run lacked a group of its base: only a warning at train time
     # said so; `models show` and the report of the run (now LATEST, so `score` skips that group:

@@ -197,8 +197,19 @@ def test_bad_model_parameter(by_app, tmp_path):
 
 
 def test_store_without_runs_says_so(tmp_path):
+    (tmp_path / "s").mkdir()
     with pytest.raises(StoreError, match="has no committed run yet"):
         modelfactory.ModelStore(str(tmp_path / "s")).groups()
+
+
+def test_a_store_path_with_nothing_there_or_a_file_is_not_a_store_yet_to_train(tmp_path):
+    # score with a misspelt store= said "has no committed run yet. Train first", as for a new store
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match=r"No model store at '.*/nostore': there is nothing at that path"):
+        modelfactory.ModelStore(str(tmp_path / "nostore")).groups()
+    with pytest.raises(StoreError, match=r"'.*/file' is a file, not a model store"):
+        modelfactory.ModelStore(str(tmp_path / "file")).groups()
+    assert not (tmp_path / "nostore").exists()
 
 
 def test_a_second_run_moves_latest_and_keeps_the_first(by_app, tmp_path):
