@@ -480,6 +480,13 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         raise ModelError("train needs a target column: pass target='...' (--target).")
     if needs_features and not feats:
         raise ModelError(f"Model {mspec.name!r} needs feature columns: pass features=[...] (--features).")
+    if time is not None and time in by_:  # each group one row: every group failed, "repeats a timestamp"
+        raise SchemaError(f"The time column {time!r} is also one of the keys by={list(by_)}: each group would be "
+                          f"one point in time. Drop {time!r} from by= (--by); the series of a group run along it.")
+    if base not in (None, "latest") and retrain is None:  # it named a run that nothing read
+        raise ModelFactoryError(f"base={base!r} (--base) names the run that retrain='failed' or 'changed' "
+                                "(--only-failed, --only-changed) starts from: pass one of them too, or leave base "
+                                "out to train every group.")
     if target in feats:  # random_forest then copies each value: its dips and peaks are "expected"
         raise SchemaError(f"The target column {target!r} is also one of the features {list(feats)}: a regressor "
                           "given the value it is to predict learns to copy it and expects each anomaly as it "

@@ -101,6 +101,32 @@ def test_a_train_run_asked_for_rows_says_where_its_models_are(tmp_path):
     assert keys.results == {"a": "A", "b": "B"}
 
 
+def test_the_time_column_among_the_keys_and_a_base_without_a_retrain_are_refused(tmp_path, capsys):
+    # by=[..., "ts"] ran and failed every group ("repeats a timestamp ... a key missing from by="),
+    # 13,440 groups of one row each; --base without --only-failed/--only-changed was ignored, and
+    # a full training ran and committed as if the named run meant nothing
+    from modelfactory.cli import main
+    from modelfactory.exceptions import ModelFactoryError
+
+    path = write(metrics_table(series=2, hours=72, apps=1), tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    with pytest.raises(SchemaError, match=r"The time column 'ts' is also one of the keys by=\['app', 'ts'\].*"
+                                          r"Drop 'ts' from by="):
+        modelfactory.train(path, store=store, **{**ARGS, "by": ["app", "ts"]}, cluster="inline")
+    with pytest.raises(ModelFactoryError, match=r"base='old' \(--base\) names the run that retrain='failed' or "
+                                                r"'changed' \(--only-failed, --only-changed\) starts from"):
+        modelfactory.train(path, store=store, base="old", cluster="inline", **ARGS)
+    assert not (tmp_path / "s").exists()
+    assert main(["train", path, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "--base", "latest", "--scheduler", "inline", "-q"]) == 0  # the default, said aloud
+    capsys.readouterr()
+    assert main(["train", path, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "--base", "bogus", "--scheduler", "inline", "-q"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: base='bogus' (--base) names the run"), line
+    assert len(modelfactory.ModelStore(store).runs()) == 1
+
+
 def test_the_target_given_as_a_feature_too_is_refused(tmp_path):
     # random_forest trained with features=["value", ...] and target="value" copied each value:
     # it "expected" a dip to the daily low at noon (and a peak at midnight), flagged neither,
