@@ -374,6 +374,27 @@ def _base_groups_left_out(st: ModelStore, base_id: str, by: tuple[str, ...], par
         return None
 
 
+def _as_filter(filter: Any, data: str, storage_options: dict | None):
+    """``filter=`` as a pyarrow expression: one already, or the ``--where`` text (one condition,
+    or a list of them that must all hold: ``"app = checkout"``, ``["ts >= '2026-01-12'",
+    "value > 0"]``), read as the CLI reads it, its times typed as the data's columns."""
+    if filter is None:
+        return None
+    texts = [filter] if isinstance(filter, str) else filter
+    if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
+        from .dataset import column_types
+        from .where import parse_where
+
+        return parse_where(list(texts), column_types(data, storage_options), name="filter=")
+    import pyarrow.compute as pc
+
+    if not isinstance(filter, pc.Expression):
+        raise ModelFactoryError(f"filter= takes a pyarrow expression (ds.field('app') == 'checkout') or the "
+                                f"--where text ('app = checkout', or a list of such conditions); got "
+                                f"{type(filter).__name__} {filter!r}.")
+    return filter
+
+
 def _input_record(info: DatasetInfo, filter: Any) -> dict:
     """What a job read, for its manifest: the data (url, fingerprint, rows and files as discovered,
     partition keys) and the filter (``--where``) its rows were read with."""
@@ -440,8 +461,11 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         Workers of the LocalCluster (default: one per core).
     unit_rows : int, optional
         Rows per work unit (default: chosen from the Parquet row counts).
-    filter : pyarrow.dataset.Expression, optional
-        Rows to keep, pushed down to the Parquet reader.
+    filter : pyarrow.dataset.Expression, str or list of str, optional
+        Rows to keep, pushed down to the Parquet reader: an expression
+        (``ds.field("app") == "checkout"``), or the CLI's ``--where`` text
+        (``"app = checkout"``, ``["ts >= '2026-01-12'", "value > 0"]``: all must hold).
+        ``apply`` and ``score`` take it the same way.
     resume : bool or str
         A run id (or True for the newest one of the same job) that was
         interrupted: units it already wrote are reused, not recomputed.
@@ -497,6 +521,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         _refuse_reserved_names(kind, keys=by_, fix="rename it in the data (e.g. http_status) and pass that to by=.")
     _refuse_reserved_names("train", scored=scored_columns(time, target, feats),
                            fix="rename it in the data; a run with it could never be scored.")
+    filter = _as_filter(filter, data, storage_options)
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     check_columns(info, by=by_, time=time, target=target, features=feats)
     st = ModelStore(store, storage_options=storage_options)
@@ -676,6 +701,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         raise ModelFactoryError(f"input must be one of {_INPUTS}; got {input!r}.")
     out_schema = parse_schema(schema)
     _refuse_reserved_names("apply", keys=by_, fix="rename it in the data (e.g. http_status) and pass that to by=.")
+    filter = _as_filter(filter, data, storage_options)
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter)
     wanted = tuple(columns) if columns is not None else tuple(info.schema.names)
     check_columns(info, by=by_, time=time, columns=wanted)
@@ -951,6 +977,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     if sp.get("serializer", "native") != "native" and not trust:
         raise StoreError(f"Run {man['run_id']!r} holds pickled user models: loading them runs code from the "
                          "store. Pass trust=True (CLI: --trust) only if you trust who wrote it.")
+    filter = _as_filter(filter, data, storage_options)
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter,
                     allow_empty=True)
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)

@@ -757,9 +757,9 @@ def _where_filter(args: argparse.Namespace, storage_options: dict | None):
     where = getattr(args, "where", None)
     if not where:
         return None
-    from .cli import _where
     from .dataset import column_types
     from .store import ModelStore
+    from .where import parse_where as _where
 
     url = args.scores or args.data
     if url is None:

@@ -431,6 +431,44 @@ def test_where_times_finer_than_the_column_numbers_of_two_kinds_and_now(tmp_path
     capsys.readouterr()
 
 
+def test_filter_given_as_text_from_python_is_read_as_the_clis_where(tmp_path, capsys):
+    """The guide calls --where "the CLI's filter=", but filter="app = app0" from Python was a
+    TypeError from inside pyarrow ("expected pyarrow._compute.Expression, got str"), a traceback.
+    And --where "ts > 5" was Arrow's "no kernel matching input types (timestamp[ms, tz=UTC], int8)"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from _data import metrics_table
+
+    from modelfactory.exceptions import ModelFactoryError
+    from modelfactory.where import parse_where
+
+    t = metrics_table(series=4, hours=72, apps=2)
+    (tmp_path / "data").mkdir()
+    pq.write_table(t, tmp_path / "data" / "p.parquet")
+    data = str(tmp_path / "data")
+    args = {"by": ["app", "site"], "time": "ts", "target": "value", "cluster": "inline",
+            "params": {"season_length": 12}}
+    one_app = str(t["app"][0])
+    run = modelfactory.train(data, store=str(tmp_path / "a"), filter=f"app = '{one_app}'", **args)
+    both = modelfactory.train(data, store=str(tmp_path / "b"), **args,
+                              filter=[f"app = '{one_app}'", "ts >= '2026-03-03'"])
+    assert main(["train", data, "--by", "app,site", "--time", "ts", "--target", "value", "--store",
+                 str(tmp_path / "c"), "--scheduler", "inline", "--quiet", "-p", "season_length=12",
+                 "--where", f"app = '{one_app}'", "--where", "ts >= '2026-03-03'"]) == 0
+    cli = modelfactory.ModelStore(str(tmp_path / "c")).manifest()
+    assert run.summary["counts"]["ok"] == both.summary["counts"]["ok"] == 2
+    assert modelfactory.ModelStore(str(tmp_path / "b")).manifest()["input"]["filter"] == cli["input"]["filter"]
+    with pytest.raises(ModelFactoryError, match=r"^filter= 'app = ': "):
+        modelfactory.train(data, store=str(tmp_path / "d"), filter="app = ", **args)
+    with pytest.raises(ModelFactoryError, match=r"filter= takes a pyarrow expression .* got int 42"):
+        modelfactory.train(data, store=str(tmp_path / "d"), filter=42, **args)
+    with pytest.raises(ModelFactoryError, match=r"the column 'ts' is a time \(timestamp\[ms, tz=UTC\]\), and 5 "
+                                                r"unquoted is a number: compare it with a quoted time"):
+        parse_where(["ts > 5"], {"ts": pa.timestamp("ms", "UTC")})
+    assert not (tmp_path / "d").exists()
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("where, why", [
     # "shard = 07" was Arrow's "no kernel matching input types (string, int8)" and the hint
     # --where "shard = '7'", which matches no shard=07 folder
@@ -484,7 +522,7 @@ def test_where_reads_only_digits_as_numbers(tmp_path, capsys):
     import pyarrow as pa
     from _data import metrics_table, write
 
-    from modelfactory.cli import _literal
+    from modelfactory.where import _literal
 
     assert [_literal(("word", v), "c") for v in ("12", "-1.5", "2e3", ".5", "007")] == [12, -1.5, 2000.0, 0.5, 7]
     assert [_literal(("word", v), "c") for v in ("1_000", "nan", "inf", "Infinity", "\u0661\u0662", "0x10")] == [
