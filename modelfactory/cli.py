@@ -58,7 +58,8 @@ def _common_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
     g.add_argument("--unit-rows", type=int, help="rows per work unit (default: automatic)")
     o = p.add_argument_group("output")
-    o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    o.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress bar (there is one only when stderr is a terminal)")
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -216,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--json", action="store_true", help="machine-readable output")
     _config_option(ms)
     ms.set_defaults(func=_cmd_models_show)
-    mg = msub.add_parser("gc", help="remove old runs", description="Remove all but the newest runs of a store.")
+    mg = msub.add_parser("gc", help="remove old runs", description="Remove all but the newest runs of a store. "
+                         "The run LATEST names stays whatever --keep says: scoring reads it.")
     mg.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
-    mg.add_argument("--keep", type=int, default=3, help="committed runs to keep (default: %(default)s)")
+    mg.add_argument("--keep", type=int, default=3, help="committed runs to keep, newest first (default: "
+                    "%(default)s); LATEST's run is kept besides")
     mg.add_argument("--pending", action="store_true", help="also remove interrupted runs; a run still training looks interrupted too: use it only when no job is training into this store")
     mg.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     _config_option(mg)
@@ -232,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     # default: demo.DAYS, not imported here (it imports pyarrow, and the CLI starts without it)
     d.add_argument("--days", type=int, default=28, help="days of hourly points (default: %(default)s; with 28 "
                    "or more, seasonal learns the data's weekly cycle)")
-    d.add_argument("--model", default="seasonal", help="built-in model name (default: seasonal)")
+    d.add_argument("--model", default="seasonal", help="built-in model name, one without feature columns (the "
+                   "demo data has none): seasonal (default), ets, holt_winters, ...")
     _common_run(d)
     d.set_defaults(func=_cmd_demo)
 
@@ -265,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML settings file (default: $MODELFACTORY_CONFIG): "
                                                     "its [storage_options] reach an s3:// store")
+
+
+def _progress(args) -> bool:
+    """Whether a job shows its progress bar (and the Dask dashboard's address): on a terminal, and
+    not with --quiet or --json.  Into a file or a pipe (cron, CI) the bar's redraws were a line of
+    carriage returns per job, and the dashboard of a cluster gone by the time anyone reads the log
+    is no use."""
+    return not (args.quiet or args.json) and sys.stderr.isatty()
 
 
 def _storage_options(args) -> dict | None:
@@ -315,7 +327,7 @@ def _cmd_train(args) -> int:
                     model=args.model, params=dict(args.param), store=args.store, cluster=args.cluster,
                     workers=args.workers, unit_rows=args.unit_rows, resume=args.resume,
                     retrain=args.retrain, base=args.base, config=args.config, filter=_filter(args),
-                    progress=not (args.quiet or args.json))
+                    progress=_progress(args))
     _print_summary(run, args, args.store)
     return _fitted_some(run, args.store)
 
@@ -353,7 +365,7 @@ def _cmd_score(args) -> int:
     with _api_warning_dropped("key_mismatch"):
         run = score(args.data, store=args.store, out=args.out, run=args.run, cluster=args.cluster,
                     workers=args.workers, unit_rows=args.unit_rows, overwrite=args.overwrite, trust=args.trust,
-                    config=args.config, filter=_filter(args), progress=not (args.quiet or args.json))
+                    config=args.config, filter=_filter(args), progress=_progress(args))
     _print_summary(run, args, args.out)
     if not args.json:
         print(f"{run.summary['anomalies']:,} anomalous points; top groups in {args.out.rstrip('/')}/_anomalies.json")
@@ -595,7 +607,7 @@ def _cmd_demo(args) -> int:
         run = train(data, by=["app", "site"], time="ts", target="value", model=args.model,
                     params=demo_params(args.model, args.days), store=store,
                     cluster=args.cluster, workers=args.workers, unit_rows=args.unit_rows, config=args.config,
-                    progress=not (args.quiet or args.json))
+                    progress=_progress(args))
     _print_summary(run, args, store)
     return _fitted_some(run, store)
 

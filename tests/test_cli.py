@@ -240,7 +240,41 @@ def test_demo_runs_end_to_end_on_a_local_cluster(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "200 groups, ok 200, failed 0, skipped 0" in proc.stdout
     assert (tmp_path / "store" / "LATEST").exists()
-    assert "Dask dashboard: http://" in proc.stderr
+    # into a pipe (cron, CI): no progress bar redrawn with carriage returns, no dashboard address
+    assert "Dask dashboard" not in proc.stderr and "\r" not in proc.stderr, proc.stderr
+
+
+def test_the_progress_bar_and_the_dashboard_address_are_shown_on_a_terminal(tmp_path):
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a size
+    proc = subprocess.Popen([sys.executable, "-m", "modelfactory", "demo", "--out", str(tmp_path), "--series", "50",
+                             "--days", "3", "--workers", "1"], stdout=subprocess.PIPE, stderr=secondary)
+    os.close(secondary)
+    shown = b""
+    try:
+        while True:
+            ready, _, _ = select.select([primary], [], [], 120)
+            assert ready, "no output for two minutes"
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # the terminal closed: the process ended
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(primary)
+        if proc.poll() is None:
+            proc.kill()
+    text = shown.decode(errors="replace")
+    assert "Dask dashboard: http://" in text and "train seasonal" in text and "unit" in text, text
 
 
 def test_demo_refuses_a_bad_model_before_writing_and_a_run_with_no_model_is_exit_2(tmp_path, capsys):
