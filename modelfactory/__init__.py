@@ -11,11 +11,11 @@ __version__ = "0.1.0"
 from . import demo, models  # noqa: E402
 from .api import Run, apply, map_keys, score, train  # noqa: E402
 from .exceptions import ModelFactoryError  # noqa: E402
-from .models import register_model  # noqa: E402
+from .models import SkipGroup, register_model  # noqa: E402
 from .store import ModelStore  # noqa: E402
 from .plot import plot_series  # noqa: E402  (loads the module modelfactory.plot first)
 
 plot = plot_series  # modelfactory.plot(...) is the function; modelfactory.plot_series too
 
 __all__ = ["train", "score", "apply", "map_keys", "Run", "ModelStore", "register_model", "models", "demo",
-           "plot", "plot_series", "ModelFactoryError", "__version__"]
+           "plot", "plot_series", "ModelFactoryError", "SkipGroup", "__version__"]

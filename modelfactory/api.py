@@ -665,7 +665,9 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         pyarrow Table).  With
         ``input="pandas"`` (default) it gets a pandas DataFrame; with
         ``"arrow"`` a pyarrow Table slice; with ``"numpy"`` a dict of
-        column name to numpy array (views, no copies).
+        column name to numpy array (views, no copies).  An exception it
+        raises fails that group only (its message in ``run.groups``);
+        ``raise modelfactory.SkipGroup("too few rows")`` marks it skipped.
     schema : pyarrow.Schema, mapping or DDL string
         The output columns, e.g. ``"app string, m double"``.
     out : str, optional
@@ -748,7 +750,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     dict key with its names in another order is the same key): each key runs
     once and has one result.  An exception ``func`` raises for a key (even
     ``SystemExit``, from ``sys.exit()``) fails that key only, with its message
-    in ``run.groups``; ``SkipGroup`` skips it.  So does a call that keeps
+    in ``run.groups``; ``modelfactory.SkipGroup(reason)`` skips it.  So does a call that keeps
     killing its worker process (a crash in native code, out of memory): on a
     cluster the keys of its unit run again one by one, and that key fails.
 
