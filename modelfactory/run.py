@@ -270,6 +270,22 @@ _CHECK_ADDRESS = ("Check that it is the address of a Dask scheduler, such as tcp
                   "(the one `dask scheduler` prints), not that of its dashboard or another service.")
 
 
+def _say_if_refused(address: str, host: str, port: int, timeout: float) -> None:
+    """Warn at once when nothing listens at the address: the check below waits ``timeout`` for a
+    scheduler that may still be starting (as the Client does), and a mistyped port said nothing
+    for those seconds."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=min(1.0, timeout)):
+            return
+    except ConnectionRefusedError:
+        log.warning("nothing listens at %s yet (connection refused): waiting up to %g s for a Dask scheduler "
+                    "there (the connect_timeout setting)", address, timeout)
+    except OSError:  # unreachable, unknown host, slow: the check says which
+        return
+
+
 def check_scheduler(address: str, timeout: float | None = None) -> None:
     """Raise :class:`ClusterError` unless a Dask scheduler answers at ``address`` within
     about ``timeout`` seconds (default :data:`CONNECT_TIMEOUT`).
@@ -302,10 +318,11 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
     if scheme not in ("tcp", "tls", "ws", "wss"):
         return  # in-process and other comms: left to the Client
     try:
-        parse_host_port(loc)
+        host, port = parse_host_port(loc)
     except ValueError as err:
         raise ClusterError(f"{address!r} is not a valid Dask scheduler address ({err}). {_CHECK_ADDRESS}") from err
     timeout = CONNECT_TIMEOUT if timeout is None else timeout
+    _say_if_refused(address, host, port, timeout)
     args = Security().get_connection_args("client")  # as the Client's own
     stage = ["connect"]
 

@@ -570,6 +570,31 @@ def test_the_scheduler_check_works_where_an_event_loop_runs_already(not_a_schedu
 
 
 @pytest.mark.timeout(60)
+def test_an_address_where_nothing_listens_is_said_at_once_then_waited_for(procs, caplog):
+    """A mistyped port said nothing for the whole connect_timeout (20 s by default) before its
+    error; a scheduler still starting is waited for as before, and a live one draws no warning."""
+    import socket
+
+    from modelfactory.exceptions import ClusterError
+    from modelfactory.run import check_scheduler
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    caplog.set_level("WARNING", logger="modelfactory.run")
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=rf"Cannot reach the Dask scheduler at 'tcp://127.0.0.1:{port}'"):
+        check_scheduler(f"tcp://127.0.0.1:{port}", timeout=2)
+    assert time.monotonic() - start >= 2  # waited for one that may be starting
+    (record,) = [r for r in caplog.records if r.name == "modelfactory.run"]
+    assert record.getMessage() == (f"nothing listens at tcp://127.0.0.1:{port} yet (connection refused): waiting "
+                                   "up to 2 s for a Dask scheduler there (the connect_timeout setting)")
+    caplog.clear()
+    check_scheduler(procs.address, timeout=3)
+    assert not [r for r in caplog.records if r.name == "modelfactory.run"]
+
+
+@pytest.mark.timeout(60)
 def test_a_workers_address_is_not_taken_for_the_schedulers(procs, dclient, by_app, tmp_path):
     from modelfactory.exceptions import ClusterError
 
