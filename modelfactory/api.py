@@ -600,6 +600,10 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         for k, v in r.carried.items():
             carried[k] = carried.get(k, 0) + v
     lineage = {"retrain": retrain, "base_run": base_id, "carried_over": carried}
+    if retrain is not None:  # what the retrain did, where its summary is read (the CLI's, --json)
+        kept = sum(carried.values())
+        summary["retrain"] = {"mode": retrain, "base_run": base_id, "refit": summary["groups"] - kept,
+                              "carried_over": kept}
     if retrain is not None:
         lineage["not_in_input"] = _base_groups_left_out(st, base_id, by_, [p for r in results for p in r.parts])
         if lineage["not_in_input"]:

@@ -313,6 +313,10 @@ def _print_summary(run, args, where: str) -> None:
           f"failed {c['failed']:,}, skipped {c['skipped']:,}")
     print(f"{s['rows']:,} rows in {s['units']} unit{'' if s['units'] == 1 else 's'} ({s['mode']}); "
           f"{s['wall_seconds']:.1f} s wall")
+    if s.get("retrain"):
+        r = s["retrain"]
+        print(f"retrain ({r['mode']}) of run {r['base_run']}: {r['refit']:,} group{'' if r['refit'] == 1 else 's'} "
+              f"refit, {r['carried_over']:,} carried over")
     by = getattr(args, "by", None) or s.get("spec", {}).get("by")  # train's --by; score's from its models
     for key, err in run.errors[:5]:
         print(f"  failed {_key_text(key, by)}: {err}")

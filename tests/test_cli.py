@@ -465,6 +465,24 @@ def test_where_times_finer_than_the_column_numbers_of_two_kinds_and_now(tmp_path
     capsys.readouterr()
 
 
+def test_a_retrain_says_how_many_groups_it_refit_and_carried_over(tmp_path, capsys):
+    # `train --only-changed` printed "4 groups, ok 4" whether it refit all or none of them
+    import pyarrow.parquet as pq
+    from _data import metrics_table
+
+    (tmp_path / "d").mkdir()
+    pq.write_table(metrics_table(series=4, hours=72, apps=1), tmp_path / "d" / "p.parquet")
+    common = ["train", str(tmp_path / "d"), "--by", "app,site", "--time", "ts", "--target", "value", "--store",
+              str(tmp_path / "s"), "--scheduler", "inline", "-q", "-p", "season_length=12"]
+    assert main(common) == 0
+    first = modelfactory.ModelStore(str(tmp_path / "s")).latest()
+    assert "retrain (" not in capsys.readouterr().out
+    assert main([*common, "--only-changed"]) == 0
+    assert f"retrain (changed) of run {first}: 0 groups refit, 4 carried over\n" in capsys.readouterr().out
+    assert main([*common, "--only-failed", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["retrain"]["carried_over"] == 4
+
+
 def test_filter_given_as_text_from_python_is_read_as_the_clis_where(tmp_path, capsys):
     """The guide calls --where "the CLI's filter=", but filter="app = app0" from Python was a
     TypeError from inside pyarrow ("expected pyarrow._compute.Expression, got str"), a traceback.

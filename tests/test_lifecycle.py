@@ -137,6 +137,9 @@ def test_only_changed_retrains_the_groups_whose_data_changed(tmp_path):
     tab = modelfactory.ModelStore(store).table().to_pandas().set_index("site")
     assert list(tab.index[tab.fitted_in == second.id]) == ["s002"]
     assert modelfactory.ModelStore(store).manifest()["lineage"]["carried_over"] == {first.id: 3}
+    # the summary says it too (the CLI printed "4 groups, ok 4" and nothing of what was refit)
+    assert second.summary["retrain"] == {"mode": "changed", "base_run": first.id, "refit": 1, "carried_over": 3}
+    assert "retrain" not in first.summary
     old = modelfactory.ModelStore(store).load({"app": "app0", "site": "s002"}, run=first.id)
     new = modelfactory.ModelStore(store).load({"app": "app0", "site": "s002"})
     np.testing.assert_allclose(new.median_, 2 * old.median_)
