@@ -321,6 +321,16 @@ def _nothing_scored(cols: dict, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     return out
 
 
+def _all_missing(y: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per group, whether every one of its values is missing (NaN: a null read as one); False for
+    a group of no rows.  An infinite value is a value (it scores 1)."""
+    out = np.zeros(len(starts), dtype=bool)
+    rows = ends > starts
+    if rows.any():
+        out[rows] = ~np.logical_or.reduceat(~np.isnan(y), starts[rows])
+    return out
+
+
 def _unscored_reason(model, t: np.ndarray | None, n: int) -> str:
     name = getattr(model, "name", type(model).__name__)
     last, step = getattr(model, "t_last_", None), getattr(model, "step_", 0)
@@ -386,6 +396,11 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
             if status[i] == "ok" and getattr(fitted[i], "expects_what_it_scores", False):
                 s, e = int(groups.starts[i]), int(groups.ends[i])
                 status[i], errors[i] = "skipped", _unscored_reason(fitted[i], None if t is None else t[s:e], e - s)
+        for i in np.flatnonzero(_all_missing(y, groups.starts, groups.ends)).tolist():
+            if status[i] == "ok":  # a series that went silent: "ok, 0 anomalies" read as a healthy one
+                status[i] = "skipped"
+                errors[i] = (f"every one of its {int(groups.ends[i] - groups.starts[i])} {spec.target!r} values is "
+                             "missing (NaN or null): nothing to score")
         scored = np.repeat(np.array([st == "ok" for st in status], dtype=bool), groups.ends - groups.starts)
         flags = cols["is_anomaly"] & scored
         anomalies = np.add.reduceat(flags, groups.starts).astype(np.int64) if n else np.zeros(0, np.int64)

@@ -57,6 +57,30 @@ def test_train_then_score_finds_the_spikes(history_and_new, tmp_path, client):
     assert ((scores.lower <= scores.expected) & (scores.expected <= scores.upper)).all()
 
 
+@pytest.mark.parametrize("model", ["seasonal", "holt_winters"])
+def test_a_group_whose_values_are_all_missing_is_skipped_not_healthy(tmp_path, model):
+    """A metric that went silent (its rows there, every value NaN or null) was scored `ok` with 0
+    anomalies, every row `score 0.0`: the same as a healthy series.  It is skipped with the
+    reason; one with some values missing is still scored."""
+    t = make_table(3, days=16, apps=1, spikes=0)
+    old = t.filter(pc.less(t["ts"], CUT))
+    new = t.filter(pc.greater_equal(t["ts"], CUT)).to_pandas()
+    new.loc[new.site == "site-00001", "value"] = np.nan
+    new.loc[new.index[new.site == "site-00002"][::2], "value"] = np.nan
+    new["value"] = new["value"].astype("float64")
+    new.loc[new.index[new.site == "site-00001"][:3], "value"] = None  # nulls count as missing too
+    store, out = str(tmp_path / "store"), tmp_path / "scores"
+    modelfactory.train(write(old, tmp_path / "old", ["app"]), by=["app", "site"], time="ts", target="value",
+                       store=store, model=model, cluster="inline", params={"season_length": 24})
+    run = modelfactory.score(write(pa.Table.from_pandas(new, preserve_index=False), tmp_path / "new", ["app"]),
+                             store=store, out=str(out), cluster="inline")
+    g = run.groups.set_index("site")
+    assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 1}, g
+    assert g.loc["site-00001", "status"] == "skipped"
+    assert g.loc["site-00001", "error"] == "every one of its 48 'value' values is missing (NaN or null): nothing to score"
+    assert set(pd.read_parquet(out).site) == {"site-00000", "site-00002"}
+
+
 def test_scoring_reads_only_the_parts_it_needs(history_and_new, tmp_path):
     old, new = history_and_new
     store = str(tmp_path / "store")
