@@ -724,7 +724,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     src.add_argument("--store", metavar="STORE", help="a model store: score the group with its stored model")
     p.add_argument("--key", required=True, metavar="NAME=VALUE,...",
                    help="the group, e.g. app=checkout,site=eu-1 (a subset is enough if it names one group)")
-    p.add_argument("--out", default="series.png", help="image file: .png, .svg or .pdf (default: %(default)s)")
+    p.add_argument("--out", default="series.png", help="image file, its format by its extension: .png, .svg, .pdf (or any other matplotlib writes, .jpg too) (default: %(default)s)")
     p.add_argument("--run", default="latest", help="with --store: the run id (default: latest)")
     p.add_argument("--data", metavar="DATA", help="with --store: the dataset to score (default: the training data)")
     p.add_argument("--start", help="draw from this time on (ISO-8601, UTC unless an offset is given)")
