@@ -335,8 +335,12 @@ def code_digests(func, model) -> dict[str, str]:
                     f = getattr(v, "__func__", v)
                     if isinstance(f, types.FunctionType):
                         put(f"{cls.__module__}.{cls.__qualname__}.{name}", f)
+        elif isinstance(o, types.MethodType):  # func=obj.method: its function
+            walk(o.__func__, depth + 1)
         elif callable(o) and isinstance(getattr(o, "__wrapped__", None), types.FunctionType):  # functools.lru_cache
             walk(o.__wrapped__, depth + 1)
+        elif callable(o) and not isinstance(o, types.BuiltinFunctionType):  # an object with __call__: its class
+            walk(type(o), depth + 1)
 
     def walk_wrapped(name: str, o, depth: int) -> None:
         while isinstance(o, types.FunctionType) and depth <= 3:

@@ -828,7 +828,8 @@ def test_a_constant_or_helper_edited_since_the_workers_imported_it_is_refused_no
                 modelfactory.apply(leaves, func=const_fns.tag, **job)
 
 
-def _digest_of(tmp_path, monkeypatch, module: str, source: str, func: str = "fit", env=None, before=None) -> dict:
+def _digest_of(tmp_path, monkeypatch, module: str, source: str, func: str = "fit", env=None, before=None,
+               keys: str | None = None) -> dict:
     """The digests of ``module.func`` (and of what it wraps), ``source`` imported afresh as
     ``module`` (as another process would import it: ``env`` set, ``before(mod)`` run first)."""
     import importlib
@@ -847,7 +848,7 @@ def _digest_of(tmp_path, monkeypatch, module: str, source: str, func: str = "fit
             if before is not None:
                 before(mod)
             found = kernel.code_digests(getattr(mod, func), None)
-            return {k: v for k, v in found.items() if k.startswith(f"{module}.{func}")}
+            return {k: v for k, v in found.items() if k.startswith(keys or f"{module}.{func}")}
         finally:
             sys.modules.pop(module, None)
 
@@ -926,6 +927,20 @@ def test_an_edit_behind_a_decorator_or_a_deep_expression_is_still_seen(tmp_path,
     base = _digest_of(tmp_path, monkeypatch, "deco_fns", cached)
     for old, new in (("x * 1.5", "x * 2.5"), ("x + 1", "x + 2"), ("weight(x) + shift(x)", "weight(x) - shift(x)")):
         assert _digest_of(tmp_path, monkeypatch, "deco_fns", cached.replace(old, new)) != base, new
+    methods = """
+        class Fitter:
+            def fit(self, x):
+                return x * 1.5
+        class Scale:
+            def __call__(self, x):
+                return x * 1.5
+        fit = Fitter().fit
+        scale = Scale()
+    """
+    for func in ("fit", "scale"):  # func=obj.method, func=an object with __call__: nothing was digested
+        one = _digest_of(tmp_path, monkeypatch, "method_fns", methods, func=func, keys="method_fns.")
+        assert one and one != _digest_of(tmp_path, monkeypatch, "method_fns", methods.replace("1.5", "2.5"),
+                                         func=func, keys="method_fns."), func
     deep = "TOTAL = " + " + ".join(["1"] * 1000) + "\nLIMIT = 3\ndef fit(x):\n    return x * LIMIT + TOTAL\n"
     first = _digest_of(tmp_path, monkeypatch, "deep_fns", deep)
     assert "+" in first["deep_fns.fit"] and _digest_of(tmp_path, monkeypatch, "deep_fns", deep.replace("LIMIT = 3", "LIMIT = 4")) != first
