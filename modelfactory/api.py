@@ -564,6 +564,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     finished = _finish_interrupted_commit(st, digest, resume)
     if finished is not None:
         return finished
+    new_store = not st.location.fs.exists(st.location.root)  # this run makes it
     run_id, planning = _begin_run(st, digest, resume, unit_rows)
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
     spec = JobSpec("train", by_, info.source, columns, time, target, feats, filter, mspec,
@@ -592,6 +593,8 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     summary = _summarise("train", results, plan_, _time.perf_counter() - t0)
     if summary["groups"] == 0:  # an empty run must not become LATEST: remove it, commit nothing
         st.location.rm(f"runs/{run_id}", recursive=True)
+        if new_store and not st.location.fs.find(st.location.root):  # nor leave an empty store behind
+            st.location.rm(recursive=True)
         what = f"The filter {filter} leaves no rows" if filter is not None else "There are no rows"
         raise DatasetError(f"{what} of {info.source.url!r}: there is no group to train, so nothing was "
                            f"committed (LATEST still names {st.latest() or 'no run'}). Check the filter.")

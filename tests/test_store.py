@@ -306,6 +306,15 @@ def test_a_train_whose_filter_leaves_no_rows_commits_nothing(by_app, tmp_path):
     s = modelfactory.score(by_app, store=store, out=str(tmp_path / "o"), cluster="inline", filter=late)
     assert s.summary["groups"] == 0 and len(s.to_pandas()) == 0
     assert st.runs() == [good.id] and st.latest() == good.id
+    # into a store it would have made: no empty store is left behind (it had runs/ and nothing else);
+    # a folder that was there stays
+    with pytest.raises(DatasetError, match="leaves no rows"):
+        modelfactory.train(by_app, store=str(tmp_path / "new"), cluster="inline", filter=late, **ARGS)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DatasetError, match="leaves no rows"):
+        modelfactory.train(by_app, store=str(tmp_path / "mine"), cluster="inline", filter=late, **ARGS)
+    assert (tmp_path / "mine").is_dir()
 
 
 # ---------------------------------------------------------------------------
