@@ -33,6 +33,18 @@ def _param(text: str) -> tuple[str, object]:
         return k.strip(), v
 
 
+def _at_least_one(text: str) -> int:
+    """argparse's type of a count: a whole number, 1 or more (the error then names the option,
+    where the settings' check said "Setting 'workers' in the arguments must be an integer >= 1")."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is less than 1")
+    return n
+
+
 def _filter(args):
     """The ``--where`` conditions of a train or score command as one pyarrow filter (or None),
     their time literals typed as the data's columns."""
@@ -55,8 +67,8 @@ def _common_run(p: argparse.ArgumentParser) -> None:
                    help="'local' (default), 'inline', 'kube' or a Dask scheduler address (tcp://host:8786)")
     g.add_argument("--config", metavar="FILE", help="TOML settings file (default: $MODELFACTORY_CONFIG); "
                                                     "see docs/kubernetes.md")
-    g.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
-    g.add_argument("--unit-rows", type=int, help="rows per work unit (default: automatic)")
+    g.add_argument("--workers", type=_at_least_one, help="workers of the local cluster (default: one per core)")
+    g.add_argument("--unit-rows", type=_at_least_one, help="rows per work unit (default: automatic)")
     o = p.add_argument_group("output")
     o.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bar (there is one only when stderr is a terminal)")
@@ -244,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Print the DaskCluster (and, when adaptive, DaskAutoscaler) manifest that "
                                     "a cluster='kube' job would create, for review or `kubectl apply -f -`.")
     cs.add_argument("--config", metavar="FILE", help="TOML settings file (default: $MODELFACTORY_CONFIG)")
-    cs.add_argument("--workers", type=int, help="worker pods of a fixed-size cluster")
+    cs.add_argument("--workers", type=_at_least_one, help="worker pods of a fixed-size cluster")
     cs.add_argument("--format", choices=("yaml", "json"), help="default: yaml (json without PyYAML)")
     cs.set_defaults(func=_cmd_cluster_spec)
 

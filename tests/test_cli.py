@@ -378,7 +378,12 @@ def test_a_usage_mistake_is_one_error_line_with_the_closest_name(capsys):
              (["trian", "d"], "(did you mean train?); see python -m modelfactory --help"),
              (["models", "sho"], "(did you mean show?); see python -m modelfactory models --help"),
              (["train", "d"], ("error: the following arguments are required: --by, --target, --store; "
-                               "see python -m modelfactory train --help"))]
+                               "see python -m modelfactory train --help")),
+             # the settings' check said "Setting 'workers' in the arguments must be an integer >= 1"
+             (["train", "d", "--by", "a", "--target", "v", "--store", "s", "--workers", "0"],
+              "error: argument --workers: 0 is less than 1; see python -m modelfactory train --help"),
+             (["score", "d", "--store", "s", "--out", "o", "--unit-rows", "1e3"],
+              "error: argument --unit-rows: '1e3' is not a whole number; see python -m modelfactory score --help")]
     for argv, want in cases:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
