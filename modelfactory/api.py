@@ -6,6 +6,7 @@ units, run the kernel on the workers, commit.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -378,7 +379,7 @@ def _as_filter(filter: Any, data: str, storage_options: dict | None):
     """``filter=`` as a pyarrow expression: one already, or the ``--where`` text (one condition,
     or a list of them that must all hold: ``"app = checkout"``, ``["ts >= '2026-01-12'",
     "value > 0"]``), read as the CLI reads it, its times typed as the data's columns."""
-    if filter is None:
+    if filter is None or (isinstance(filter, (list, tuple)) and not filter):  # no conditions: every row
         return None
     texts = [filter] if isinstance(filter, str) else filter
     if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
@@ -594,7 +595,8 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     if summary["groups"] == 0:  # an empty run must not become LATEST: remove it, commit nothing
         st.location.rm(f"runs/{run_id}", recursive=True)
         if new_store and not st.location.fs.find(st.location.root):  # nor leave an empty store behind
-            st.location.rm(recursive=True)
+            with contextlib.suppress(OSError, ValueError):  # (a tidy-up: never in the way of the error below)
+                st.location.rm(recursive=True)
         what = f"The filter {filter} leaves no rows" if filter is not None else "There are no rows"
         raise DatasetError(f"{what} of {info.source.url!r}: there is no group to train, so nothing was "
                            f"committed (LATEST still names {st.latest() or 'no run'}). Check the filter.")
@@ -603,11 +605,10 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         for k, v in r.carried.items():
             carried[k] = carried.get(k, 0) + v
     lineage = {"retrain": retrain, "base_run": base_id, "carried_over": carried}
-    if retrain is not None:  # what the retrain did, where its summary is read (the CLI's, --json)
-        kept = sum(carried.values())
+    if retrain is not None:
+        kept = sum(carried.values())  # what the retrain did, where its summary is read (the CLI's, --json)
         summary["retrain"] = {"mode": retrain, "base_run": base_id, "refit": summary["groups"] - kept,
                               "carried_over": kept}
-    if retrain is not None:
         lineage["not_in_input"] = _base_groups_left_out(st, base_id, by_, [p for r in results for p in r.parts])
         if lineage["not_in_input"]:
             log.warning("%d group(s) of run %s are not in this input, so run %s has no model for them: a retrain's "

@@ -517,6 +517,7 @@ def test_filter_given_as_text_from_python_is_read_as_the_clis_where(tmp_path, ca
     assert modelfactory.ModelStore(str(tmp_path / "b")).manifest()["input"]["filter"] == cli["input"]["filter"]
     with pytest.raises(ModelFactoryError, match=r"^filter= 'app = ': "):
         modelfactory.train(data, store=str(tmp_path / "d"), filter="app = ", **args)
+    assert modelfactory.train(data, store=str(tmp_path / "e"), filter=[], **args).summary["groups"] == 4  # no conditions
     with pytest.raises(ModelFactoryError, match=r"filter= takes a pyarrow expression .* got int 42"):
         modelfactory.train(data, store=str(tmp_path / "d"), filter=42, **args)
     with pytest.raises(ModelFactoryError, match=r"the column 'ts' is a time \(timestamp\[ms, tz=UTC\]\), and 5 "
