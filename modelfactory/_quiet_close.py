@@ -1,5 +1,5 @@
 """Worker preload of the clusters modelfactory makes (:func:`modelfactory.run.local_cluster`):
-keeps one known shutdown race of Dask off the console.
+keeps one known shutdown race of Dask off the console, and Ctrl-C for the client.
 
 A worker heartbeats the scheduler on its own connection.  When the cluster closes at the
 end of a job, a heartbeat still waiting for its answer fails as the worker closes its
@@ -30,3 +30,22 @@ class _ClosingHeartbeat(logging.Filter):
 def dask_setup(worker) -> None:
     """Dask's preload hook, called in the worker process as the worker starts."""
     logging.getLogger("distributed.worker").addFilter(_ClosingHeartbeat(worker))
+    _ignore_ctrl_c()
+
+
+def _ignore_ctrl_c() -> None:
+    """The worker started with SIGINT blocked (``run._ctrl_c_for_this_process_only``: a
+    terminal's Ctrl-C is for the client, which closes the cluster).  A block outlives exec, so a
+    process that the user's code starts here would never get SIGINT (a server or tool stopped
+    with ``send_signal(SIGINT)`` hung).  A handler that does nothing keeps the worker alive as
+    the block did, and exec resets it to the default in such a child; the threads made from here
+    on (the one that runs units among them) are unblocked."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return
+    if signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set()):
+        return  # not started blocked (a cluster made otherwise): Dask's own behaviour stays
+    signal.signal(signal.SIGINT, lambda *_: None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -263,7 +263,7 @@ def code_digests(func, model) -> dict[str, str]:
         # the values of g's defaults written as literals in its source (``factor=2``), not those
         # computed as the module loads (``root=os.environ.get(...)``, ``n=os.cpu_count()``): those
         # differ between processes by nature; nor a mutable one (``cache={}``: filled in one)
-        flags = facts.defaults.get(g.__code__.co_firstlineno)
+        flags = facts.defaults.get(g.__qualname__)
         values = g.__defaults__ or ()
         if flags is None or len(flags[0]) != len(values):
             return []
@@ -329,17 +329,18 @@ def code_digests(func, model) -> dict[str, str]:
                 walk_wrapped(f"{o.__module__}.{o.__qualname__}", wrapped, depth + 1)
         elif isinstance(o, type):
             for cls in o.__mro__:
-                if cls.__module__.startswith(("modelfactory", "builtins", "abc")):
-                    continue
+                if cls.__module__.startswith("modelfactory") or not _users_module(cls.__module__):
+                    continue  # a library's base class (sklearn's, numpy's): its version is not the user's edit
                 for name, v in sorted(vars(cls).items()):
                     f = getattr(v, "__func__", v)
                     if isinstance(f, types.FunctionType):
                         put(f"{cls.__module__}.{cls.__qualname__}.{name}", f)
         elif isinstance(o, types.MethodType):  # func=obj.method: its function
-            walk(o.__func__, depth + 1)
+            if _users_module(getattr(o.__func__, "__module__", None) or ""):
+                walk(o.__func__, depth + 1)
         elif callable(o) and isinstance(getattr(o, "__wrapped__", None), types.FunctionType):  # functools.lru_cache
             walk(o.__wrapped__, depth + 1)
-        elif callable(o) and not isinstance(o, types.BuiltinFunctionType):  # an object with __call__: its class
+        elif callable(o) and _users_module(type(o).__module__):  # an object with __call__: its class
             walk(type(o), depth + 1)
 
     def walk_wrapped(name: str, o, depth: int) -> None:
@@ -363,13 +364,31 @@ class _Source(NamedTuple):
     constants: frozenset[str]
     #: names bound once, by a ``def`` at the top level, and rebound by no ``global``
     functions: frozenset[str]
-    #: the first line of each function (its first decorator's) -> which of its positional
-    #: defaults, and of its keyword-only ones (by name), are written as literals
-    defaults: dict[int, tuple[tuple[bool, ...], dict[str, bool]]]
+    #: each function's qualified name (``fit``, ``Model.fit``, ``outer.<locals>.inner``) -> which
+    #: of its positional defaults, and of its keyword-only ones (by name), are written as literals
+    defaults: dict[str, tuple[tuple[bool, ...], dict[str, bool]]]
 
 
 #: path of a module's source -> ((its mtime, size), :func:`_source_facts` of it, None if unreadable)
 _SOURCES: dict[str, tuple[tuple, _Source | None]] = {}
+
+
+def _users_module(name: str) -> bool:
+    """Whether ``name`` is a module of the user's own code, not the standard library's or an
+    installed package's (site-packages): a library's classes differ between patch versions of
+    it, which is no edit of the job, and comparing them would refuse good workers."""
+    import os
+    import sys
+
+    if name == "__main__":
+        return True
+    if not name or name.split(".")[0] in sys.stdlib_module_names or name == "builtins":
+        return False
+    path = getattr(sys.modules.get(name), "__file__", None)
+    if not isinstance(path, str):
+        return False  # compiled in, or a namespace: nothing of the user's to compare
+    parts = set(os.path.normpath(path).split(os.sep))
+    return not parts & {"site-packages", "dist-packages"}
 
 
 def _by_value(module: str) -> bool:
@@ -441,7 +460,7 @@ def _source_facts(source: bytes) -> _Source:
     tree = ast.parse(source)
     bound: dict[str, int] = {}
     rebound: set[str] = set()
-    defaults: dict[int, tuple[tuple[bool, ...], dict[str, bool]] | None] = {}
+    defaults: dict[str, tuple[tuple[bool, ...], dict[str, bool]] | None] = {}
 
     def bind(name: str | None) -> None:
         if name:
@@ -454,11 +473,12 @@ def _source_facts(source: bytes) -> _Source:
             return False
         return True
 
-    def function(node) -> None:
-        first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", ()))])
+    def function(node, qualname: str) -> None:
+        # by qualified name, not line: a process that imported the file before a line was added
+        # above the function reads its defaults under the same name as one that imported it after
         flags = (tuple(literal(d) for d in node.args.defaults),
                  {a.arg: literal(d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None})
-        defaults[first] = None if first in defaults else flags  # two on one line: which is which?
+        defaults[qualname] = None if qualname in defaults else flags  # defined twice: which is which?
 
     # the top level's bindings (not in the bodies of functions and classes, which bind their
     # own names), without recursion: a long expression is no reason to give up
@@ -482,11 +502,19 @@ def _source_facts(source: bytes) -> _Source:
         elif isinstance(node, ast.MatchMapping):
             bind(node.rest)
         stack.extend(ast.iter_child_nodes(node))
-    for node in ast.walk(tree):  # iterative
-        if isinstance(node, ast.Global):
-            rebound.update(node.names)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            function(node)
+    rebound.update(n for node in ast.walk(tree) if isinstance(node, ast.Global) for n in node.names)  # iterative
+    scopes = [(node, "") for node in tree.body]  # (node, the qualified name of the scope it is in, dotted)
+    while scopes:
+        node, scope = scopes.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function(node, scope + node.name)
+            inner = scope + node.name + ".<locals>."
+        elif isinstance(node, ast.ClassDef):
+            inner = scope + node.name + "."
+        else:
+            inner = scope
+        # statements only: a def is one (a lambda, named "<lambda>", has no name to find it by)
+        scopes.extend((child, inner) for child in ast.iter_child_nodes(node) if not isinstance(child, ast.expr))
     constants, functions = set(), set()
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

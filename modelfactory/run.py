@@ -159,11 +159,14 @@ def _ctrl_c_for_this_process_only() -> Iterator[Callable]:
     exec).  The workers still stop when the job closes its cluster, which it does on Ctrl-C.
 
     A Ctrl-C pressed while the cluster starts is held until it is up (a second or two), then
-    raised with the cluster closed (``started(cluster)`` returns it otherwise): raised inside
-    Dask's start-up it left a half-made cluster, which Dask's exit hook closed with a page of
-    log lines or an AssertionError.  (Blocking is not enough for that: a signal that another
-    thread takes, or one taken just before, is raised by Python in this thread all the same;
-    so Python's handler only notes it meanwhile.)
+    delivered to the caller's handler; if that raises (Python's raises KeyboardInterrupt), the
+    cluster is closed first (``started(cluster)`` returns it otherwise): raised inside Dask's
+    start-up it left a half-made cluster, which Dask's exit hook closed with a page of log lines
+    or an AssertionError.  (Blocking is not enough for that: a signal that another thread takes,
+    or one taken just before, is run by Python in this thread all the same; so a handler that
+    only notes it stands in meanwhile.)  Once up, each worker takes SIGINT with a handler that
+    does nothing (``modelfactory._quiet_close``): the processes its code starts get SIGINT as
+    usual, since exec resets a handler but not a block.
     """
     import signal
 
@@ -173,8 +176,11 @@ def _ctrl_c_for_this_process_only() -> Iterator[Callable]:
     from multiprocessing import resource_tracker
 
     # Started by the first worker process otherwise, in the event-loop thread, and its start
-    # unblocks SIGINT there after (the standard library's own block and unblock around it).
+    # unblocks SIGINT there after (the standard library's own block and unblock around it);
+    # here it would unblock it in this thread, which the caller may have blocked on purpose
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     pressed: list = []
     handler = signal.getsignal(signal.SIGINT)
     hold = threading.current_thread() is threading.main_thread() and callable(handler)
@@ -193,9 +199,12 @@ def _ctrl_c_for_this_process_only() -> Iterator[Callable]:
 
     def started(cluster):
         release()
-        if pressed:
-            cluster.close()
-            raise KeyboardInterrupt
+        if pressed:  # delivered now to the caller's own handler (Python's raises KeyboardInterrupt)
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except BaseException:
+                cluster.close()
+                raise
         return cluster
 
     try:
@@ -270,22 +279,6 @@ _CHECK_ADDRESS = ("Check that it is the address of a Dask scheduler, such as tcp
                   "(the one `dask scheduler` prints), not that of its dashboard or another service.")
 
 
-def _say_if_refused(address: str, host: str, port: int, timeout: float) -> None:
-    """Warn at once when nothing listens at the address: the check below waits ``timeout`` for a
-    scheduler that may still be starting (as the Client does), and a mistyped port said nothing
-    for those seconds."""
-    import socket
-
-    try:
-        with socket.create_connection((host, port), timeout=min(1.0, timeout)):
-            return
-    except ConnectionRefusedError:
-        log.warning("nothing listens at %s yet (connection refused): waiting up to %g s for a Dask scheduler "
-                    "there (the connect_timeout setting)", address, timeout)
-    except OSError:  # unreachable, unknown host, slow: the check says which
-        return
-
-
 def check_scheduler(address: str, timeout: float | None = None) -> None:
     """Raise :class:`ClusterError` unless a Dask scheduler answers at ``address`` within
     about ``timeout`` seconds (default :data:`CONNECT_TIMEOUT`).
@@ -318,11 +311,10 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
     if scheme not in ("tcp", "tls", "ws", "wss"):
         return  # in-process and other comms: left to the Client
     try:
-        host, port = parse_host_port(loc)
+        parse_host_port(loc)
     except ValueError as err:
         raise ClusterError(f"{address!r} is not a valid Dask scheduler address ({err}). {_CHECK_ADDRESS}") from err
     timeout = CONNECT_TIMEOUT if timeout is None else timeout
-    _say_if_refused(address, host, port, timeout)
     args = Security().get_connection_args("client")  # as the Client's own
     stage = ["connect"]
 
@@ -350,6 +342,10 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
 
     thread = threading.Thread(target=target, name=f"modelfactory-check-scheduler-{address}", daemon=True)
     thread.start()
+    thread.join(min(1.0, timeout))
+    if thread.is_alive():  # a mistyped port said nothing for the whole wait (20 s by default)
+        log.warning("no answer yet from %s: waiting up to %g s for a Dask scheduler there (the connect_timeout "
+                    "setting)", address, timeout)
     thread.join(timeout + 10)
     if thread.is_alive():  # cannot happen (the loop is bounded); never hang the caller anyway
         raise ClusterError(f"No answer from {address!r} within {timeout:g} s. {_CHECK_ADDRESS}")

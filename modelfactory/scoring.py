@@ -396,12 +396,18 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
             if status[i] == "ok" and getattr(fitted[i], "expects_what_it_scores", False):
                 s, e = int(groups.starts[i]), int(groups.ends[i])
                 status[i], errors[i] = "skipped", _unscored_reason(fitted[i], None if t is None else t[s:e], e - s)
+        # A series gone silent (every value missing) was "ok, 0 anomalies": a healthy one, to read.
+        # It is skipped, and its rows are still written: the expected band of rows yet to come (a
+        # forecast's use) has no values either.
+        silent = np.zeros(ng, dtype=bool)
         for i in np.flatnonzero(_all_missing(y, groups.starts, groups.ends)).tolist():
-            if status[i] == "ok":  # a series that went silent: "ok, 0 anomalies" read as a healthy one
+            if status[i] == "ok":
+                silent[i] = True
                 status[i] = "skipped"
                 errors[i] = (f"every one of its {int(groups.ends[i] - groups.starts[i])} {spec.target!r} values is "
-                             "missing (NaN or null): nothing to score")
+                             "missing (NaN or null): nothing to score; its rows carry the expected values")
         scored = np.repeat(np.array([st == "ok" for st in status], dtype=bool), groups.ends - groups.starts)
+        written = scored | np.repeat(silent, groups.ends - groups.starts)
         flags = cols["is_anomaly"] & scored
         anomalies = np.add.reduceat(flags, groups.starts).astype(np.int64) if n else np.zeros(0, np.int64)
         top = np.maximum.reduceat(np.where(scored, cols["score"], -1.0), groups.starts) if n else np.zeros(0)
@@ -417,8 +423,8 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
     gt = gt.append_column("max_score", pa.array(max_score, pa.float64()))
     bad = [i for i, s_ in enumerate(status) if s_ == "failed"][:5]
     res.errors = [(tuple(groups.keys.slice(i, 1).to_pylist()[0].values()), errors[i]) for i in bad]
-    out = tbl.filter(pa.array(scored))
-    idx = np.flatnonzero(scored)
+    out = tbl.filter(pa.array(written))
+    idx = np.flatnonzero(written)
     for c in SCORE_COLUMNS:
         out = out.append_column(c, pa.array(cols[c][idx]))
     res.parts = _write_scores(spec, unit_id, out, gt)

@@ -361,6 +361,74 @@ def test_a_worker_paused_for_memory_by_a_large_unit_resumes_after_it():
         assert modelfactory.map_keys([1], func=_memory_burst, cluster=client).results == {1: 1}
 
 
+def _stop_a_child_with_sigint(key):
+    """What a user's function may do on a worker: start a process and stop it with SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    code = "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('clean stop')"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # the child is in its sleep
+    child.send_signal(signal.SIGINT)
+    try:
+        out, _ = child.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return "did not stop on SIGINT"
+    return out.strip()
+
+
+def test_ctrl_c_stays_the_clients_but_a_process_a_worker_starts_gets_sigint():
+    """The local cluster's workers start with SIGINT blocked, so that a terminal's Ctrl-C is the
+    client's alone; a block outlives exec, and a process that a function started on a worker never
+    got SIGINT (a server stopped with send_signal(SIGINT) hung).  The worker itself still lives
+    through a SIGINT."""
+    import signal
+
+    from distributed import Client
+
+    from modelfactory.run import local_cluster
+
+    with local_cluster(1) as lc, Client(lc) as client:
+        assert modelfactory.map_keys([1], func=_stop_a_child_with_sigint, cluster=client).results == {1: "clean stop"}
+        (pid,) = client.run(os.getpid).values()
+        os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert modelfactory.map_keys([2], func=str, cluster=client).results == {2: "2"}
+
+
+def test_a_ctrl_c_while_the_cluster_starts_goes_to_the_callers_own_handler(monkeypatch):
+    """Held while the cluster starts, then given to the program's own SIGINT handler (a service
+    that stops gracefully), not raised as a KeyboardInterrupt it never asked for; and the caller's
+    own block of SIGINT is left as it was."""
+    import signal
+
+    import distributed
+
+    from modelfactory.run import local_cluster
+
+    class Interrupted(distributed.LocalCluster):  # a Ctrl-C arrives in the middle of the start
+        def __init__(self, *a, **k):
+            os.kill(os.getpid(), signal.SIGINT)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(distributed, "LocalCluster", Interrupted)
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda *_: calls.append(time.monotonic()))
+    try:
+        with local_cluster(1) as lc:
+            assert calls and lc.status.name == "running"
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        monkeypatch.setattr(distributed, "LocalCluster", distributed.deploy.LocalCluster)
+        with local_cluster(1):
+            assert signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+    assert len(calls) == 1
+
+
 def test_a_unit_run_group_by_group_leaves_no_files_of_its_own_attempts(tmp_path):
     """What an earlier attempt of an isolated unit wrote under out= goes (its groups get other
     names), and nothing else; training parts are read through the manifest and stay."""

@@ -572,7 +572,9 @@ def test_the_scheduler_check_works_where_an_event_loop_runs_already(not_a_schedu
 @pytest.mark.timeout(60)
 def test_an_address_where_nothing_listens_is_said_at_once_then_waited_for(procs, caplog):
     """A mistyped port said nothing for the whole connect_timeout (20 s by default) before its
-    error; a scheduler still starting is waited for as before, and a live one draws no warning."""
+    error: a second without an answer says so (with no probe of its own, which a TLS scheduler
+    logged as a failed handshake on every job); a scheduler still starting is waited for as
+    before, and a live one draws no warning."""
     import socket
 
     from modelfactory.exceptions import ClusterError
@@ -587,8 +589,8 @@ def test_an_address_where_nothing_listens_is_said_at_once_then_waited_for(procs,
         check_scheduler(f"tcp://127.0.0.1:{port}", timeout=2)
     assert time.monotonic() - start >= 2  # waited for one that may be starting
     (record,) = [r for r in caplog.records if r.name == "modelfactory.run"]
-    assert record.getMessage() == (f"nothing listens at tcp://127.0.0.1:{port} yet (connection refused): waiting "
-                                   "up to 2 s for a Dask scheduler there (the connect_timeout setting)")
+    assert record.getMessage() == (f"no answer yet from tcp://127.0.0.1:{port}: waiting up to 2 s for a Dask "
+                                   "scheduler there (the connect_timeout setting)")
     caplog.clear()
     check_scheduler(procs.address, timeout=3)
     assert not [r for r in caplog.records if r.name == "modelfactory.run"]
@@ -900,6 +902,12 @@ def test_what_differs_between_processes_by_nature_is_not_an_edit(tmp_path, monke
     assert _digest_of(tmp_path, monkeypatch, "computed_fns", computed, env={"MF_TEST_ROOT": "/b"}) == one
     assert _digest_of(tmp_path, monkeypatch, "computed_fns", computed.replace("scale=2", "scale=3"),
                       env={"MF_TEST_ROOT": "/a"}) != one  # a literal default is compared
+    # a line added above the function after this process imported it: the same function, the
+    # same defaults (they were looked up by the old line number in the new file, and refused)
+    shifted = "import os\ndef fit(df, window=24, *, root=os.sep):\n    return len(df) * window\n"
+    kept = _digest_of(tmp_path, monkeypatch, "shifted_fns", shifted,
+                      before=lambda m: (tmp_path / "shifted_fns.py").write_text("# a comment\n" + shifted))
+    assert kept == _digest_of(tmp_path, monkeypatch, "shifted_fns", "# a comment\n" + shifted)
 
 
 def test_an_edit_behind_a_decorator_or_a_deep_expression_is_still_seen(tmp_path, monkeypatch):

@@ -61,7 +61,8 @@ def test_train_then_score_finds_the_spikes(history_and_new, tmp_path, client):
 def test_a_group_whose_values_are_all_missing_is_skipped_not_healthy(tmp_path, model):
     """A metric that went silent (its rows there, every value NaN or null) was scored `ok` with 0
     anomalies, every row `score 0.0`: the same as a healthy series.  It is skipped with the
-    reason; one with some values missing is still scored."""
+    reason, its rows still written with their expected values (the band of hours yet to come, a
+    forecast's use, has no values either); one with some values missing is still scored."""
     t = make_table(3, days=16, apps=1, spikes=0)
     old = t.filter(pc.less(t["ts"], CUT))
     new = t.filter(pc.greater_equal(t["ts"], CUT)).to_pandas()
@@ -77,8 +78,14 @@ def test_a_group_whose_values_are_all_missing_is_skipped_not_healthy(tmp_path, m
     g = run.groups.set_index("site")
     assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 1}, g
     assert g.loc["site-00001", "status"] == "skipped"
-    assert g.loc["site-00001", "error"] == "every one of its 48 'value' values is missing (NaN or null): nothing to score"
-    assert set(pd.read_parquet(out).site) == {"site-00000", "site-00002"}
+    assert g.loc["site-00001", "error"] == ("every one of its 48 'value' values is missing (NaN or null): nothing to "
+                                            "score; its rows carry the expected values")
+    assert g.loc["site-00001", "anomalies"] == 0 and pd.isna(g.loc["site-00001", "max_score"])
+    # its rows are written still: the expected band of rows whose values are yet to come
+    rows = pd.read_parquet(out)
+    silent = rows[rows.site == "site-00001"]
+    assert len(rows) == 3 * 48 and len(silent) == 48
+    assert silent.expected.notna().all() and (silent.score == 0).all() and not silent.is_anomaly.any()
 
 
 def test_scoring_reads_only_the_parts_it_needs(history_and_new, tmp_path):
