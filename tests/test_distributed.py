@@ -954,6 +954,31 @@ def test_an_edit_behind_a_decorator_or_a_deep_expression_is_still_seen(tmp_path,
     assert "+" in first["deep_fns.fit"] and _digest_of(tmp_path, monkeypatch, "deep_fns", deep.replace("LIMIT = 3", "LIMIT = 4")) != first
 
 
+class _UsersEstimator:  # a user's class on a library's base (below)
+    def predict(self, x):
+        return x
+
+
+def test_library_code_is_no_part_of_the_digest():
+    """A callable object or a method of a library's class (numpy's, scikit-learn's), and the
+    library bases of a user's class, were digested method by method: a patch version of the
+    library on the workers would have refused every job, though the user's code was the same."""
+    import numpy as np
+    from sklearn.base import BaseEstimator
+
+    from modelfactory.kernel import code_digests
+
+    assert set(code_digests(np.vectorize(float), None)) == {"<python>"}
+    assert set(code_digests(BaseEstimator().get_params, None)) == {"<python>"}
+    cls = type("UsersModel", (_UsersEstimator, BaseEstimator), {"__module__": __name__})
+    found = code_digests(cls(), None)  # callable? no: a class's instance without __call__ is not digested
+    assert set(found) == {"<python>"}
+    found = code_digests(cls().predict, None)
+    assert [k for k in found if k != "<python>"] == [f"{__name__}._UsersEstimator.predict"]
+    found = code_digests(None, type("Spec", (), {"cls": cls})())
+    assert not [k for k in found if "sklearn" in k] and f"{__name__}._UsersEstimator.predict" in found
+
+
 def test_a_function_kept_from_before_a_reload_has_the_digest_of_the_module_as_it_is_now(tmp_path, monkeypatch):
     """``from tuned import fit``, a job, the constant edited, the workers restarted, the module
     reloaded, the same ``fit`` passed again: it runs with the new constant (it reads its module's
