@@ -469,12 +469,9 @@ def _cmd_models_list(args) -> int:
 
 
 def _refuse_no_store(st) -> None:
-    """A StoreError when there is nothing at all at the store's path (a misspelt --store)."""
-    if not st.location.fs.exists(st.location.root):
-        from .exceptions import StoreError
-
-        raise StoreError(f"No model store at {st.location.url!r}: there is nothing at that path. Pass the "
-                         "--store of python -m modelfactory train.")
+    """A StoreError when there is no store at the store's path (a misspelt --store): nothing, or a
+    file."""
+    st.require_exists(fix="Pass the --store of python -m modelfactory train.")
 
 
 def _cmd_models_show(args) -> int:

@@ -292,17 +292,17 @@ class ModelStore:
             return None
         return self.location.read_bytes("LATEST").decode().strip()
 
-    def _refuse_nothing_there(self) -> None:
+    def require_exists(self, fix: str = "Pass the store= (--store) that the training wrote to; `python -m "
+                                        "modelfactory models list --store PATH` shows a store's runs.") -> None:
         """A StoreError when the store's path holds nothing, or a file: a misspelt store, which
-        "no committed run yet. Train first" sent the user to retrain."""
+        "no committed run yet. Train first" sent the user to retrain (and `models list` told of
+        "no runs").  ``fix`` ends the message."""
         fs, root = self.location.fs, self.location.root
         if not fs.exists(root):
-            raise StoreError(f"No model store at {self.location.url!r}: there is nothing at that path. Pass the "
-                             "store= (--store) that the training wrote to; `python -m modelfactory models list "
-                             "--store PATH` shows a store's runs.")
+            raise StoreError(f"No model store at {self.location.url!r}: there is nothing at that path. {fix}")
         if fs.isfile(root):
             raise StoreError(f"{self.location.url!r} is a file, not a model store (a folder that train writes "
-                             "runs/ and LATEST into). Pass the store= (--store) that the training wrote to.")
+                             f"runs/ and LATEST into). {fix}")
 
     @_denied_is_a_store_error
     def resolve(self, run: str | None = "latest") -> str:
@@ -317,7 +317,7 @@ class ModelStore:
                         f"({', '.join(runs[-3:])}) fitted none, so none is LATEST. Read their errors with "
                         f"run={runs[-1]!r} (--run), retrain them with base={runs[-1]!r} (--base) and "
                         "retrain='failed' (--only-failed), or train again.")
-                self._refuse_nothing_there()
+                self.require_exists()
                 raise StoreError(f"The store at {self.location.url!r} has no committed run yet. "
                                  "Train first: modelfactory.train(..., store=...) (python -m modelfactory train ... --store).")
             if not self.location.exists(f"runs/{rid}/manifest.json"):

@@ -93,6 +93,9 @@ def test_models_list_of_a_path_with_nothing_there_is_an_error_not_an_empty_store
     assert line == (f"error: No model store at '{tmp_path / 'modles'}': there is nothing at that path. Pass "
                     "the --store of python -m modelfactory train.")
     assert not (tmp_path / "modles").exists()
+    (tmp_path / "afile").write_text("x")  # a file is no store either (it listed "no runs", as score now refuses)
+    assert main(["models", "list", "--store", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: '{tmp_path / 'afile'}' is a file, not a model store")
     (tmp_path / "new").mkdir()
     assert main(["models", "list", "--store", str(tmp_path / "new")]) == 0
     assert capsys.readouterr().out == f"no runs in {tmp_path / 'new'}\n"
