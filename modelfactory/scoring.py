@@ -313,21 +313,22 @@ def _nothing_scored(cols: dict, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     sarimax and autoencoder do not score the training range: a group scored on its own training
     rows was ``ok`` with 0 anomalies, a 50-sigma spike in it unseen.)  In bulk: a million groups
     are a unit's work, and one check each would cost seconds."""
-    some = np.isfinite(cols["expected"]) | (cols["score"] > 0) | cols["is_anomaly"]
-    out = np.zeros(len(starts), dtype=bool)
-    rows = ends > starts
-    if rows.any():
-        out[rows] = ~np.logical_or.reduceat(some, starts[rows])
-    return out
+    return _none_in_group(np.isfinite(cols["expected"]) | (cols["score"] > 0) | cols["is_anomaly"], starts, ends)
 
 
 def _all_missing(y: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Per group, whether every one of its values is missing (NaN: a null read as one); False for
     a group of no rows.  An infinite value is a value (it scores 1)."""
+    return _none_in_group(~np.isnan(y), starts, ends)
+
+
+def _none_in_group(some: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per group (rows ``starts[i]:ends[i]``), whether ``some`` holds for none of its rows; False
+    for a group of no rows."""
     out = np.zeros(len(starts), dtype=bool)
     rows = ends > starts
     if rows.any():
-        out[rows] = ~np.logical_or.reduceat(~np.isnan(y), starts[rows])
+        out[rows] = ~np.logical_or.reduceat(some, starts[rows])
     return out
 
 
