@@ -190,11 +190,13 @@ def code_digests(func, model) -> dict[str, str]:
     into) and model class (``model``, a :class:`ModelSpec`) as loaded in this process, plus
     ``"<python>"``: a function or class that travels by reference runs as the module a process
     imported first, so two processes run the same code only if these agree
-    (:func:`stale_names`).  A function's digest covers its code, the constant defaults of its
-    arguments and, for one that travels by reference, what it reads from its module: the
-    constants bound once to a literal (:func:`_literal_names`) and the functions of that module
-    it calls.  modelfactory's own code is left out (its version is checked apart), and so is a
-    function whose asserts pytest rewrote (not comparable)."""
+    (:func:`stale_names`).  A function's digest covers its code (and which arguments have
+    defaults) and, for one that travels by reference, what it reads from its module as its
+    source shows it (:func:`_source_facts`): its defaults written as literals, the constants
+    bound once to a literal, and the functions of that module it calls.  modelfactory's own code
+    is left out (its version is checked apart), and so are the standard library's and installed
+    packages' classes (:func:`_users_module`) and a function whose asserts pytest rewrote (not
+    comparable)."""
     import functools
     import hashlib
     import sys
@@ -441,11 +443,6 @@ def _module_source(module) -> _Source | None:
     return known[1]
 
 
-def _literal_names(source: bytes) -> frozenset[str]:
-    """The constants of :func:`_source_facts`."""
-    return _source_facts(source).constants
-
-
 def _source_facts(source: bytes) -> _Source:
     """What a module's source says of its names: those it binds once, at its top level, to a
     literal (``LIMIT = 3.5``, ``MODE = "fast"``), or by a ``def``, and that no function rebinds
@@ -556,9 +553,9 @@ def stale_names(mine: dict, theirs: dict) -> list[str]:
 
 
 def _same_code(a: str, b: str) -> bool:
-    """Two digests of a function (:func:`code_digests`): its own code and defaults, then
-    ``+`` and what it reads from its module, which is compared only when both processes could
-    read the module's source (a worker image may ship compiled files only)."""
+    """Two digests of a function (:func:`code_digests`): its own code, then ``+`` and what it
+    reads from its module (its literal defaults among it), which is compared only when both
+    processes could read the module's source (a worker image may ship compiled files only)."""
     own_a, _, read_a = a.partition("+")
     own_b, _, read_b = b.partition("+")
     return own_a == own_b and (read_a == read_b or not (read_a and read_b))

@@ -1004,7 +1004,7 @@ def test_a_function_kept_from_before_a_reload_has_the_digest_of_the_module_as_it
 
 
 def test_the_constants_compared_are_those_bound_once_to_a_literal():
-    from modelfactory.kernel import _literal_names, _source_facts
+    from modelfactory.kernel import _source_facts
 
     src = b"""
 import os
@@ -1026,8 +1026,8 @@ def load():
     global _MODEL
     _MODEL = parse("{}")
 """
-    assert _literal_names(src) == {"LIMIT", "MODE", "WEIGHTS"}
-    assert _literal_names(b"LIMIT = 3\nfrom os.path import *\n") == set()
+    assert _source_facts(src).constants == {"LIMIT", "MODE", "WEIGHTS"}
+    assert _source_facts(b"LIMIT = 3\nfrom os.path import *\n").constants == set()
     facts = _source_facts(src + b"""
 def helper(x, a=1, b=os.sep, *, c=(1, 2), d=os.getcwd()):
     return x
