@@ -316,10 +316,11 @@ def _median_run(rs: list[Result], after: bool) -> Result:
     if failed or len(rs) == 1:
         return failed[0] if failed else rs[0]
     secs = sorted(r.seconds for r in rs)
-    mid = min(rs, key=lambda r: abs(r.seconds - float(np.median(secs))))
+    median = float(np.median(secs))
+    mid = min(rs, key=lambda r: abs(r.seconds - median))
     spread = (f"median of {len(rs)} runs ({secs[0]:.3f}-{secs[-1]:.3f} s"
               + (f"; {len(rs) // 2} of them after the anchors)" if after else ")"))
-    return Result(mid.workload, mid.system, float(np.median(secs)), mid.groups, mid.others,
+    return Result(mid.workload, mid.system, median, mid.groups, mid.others,
                   note=f"{spread}; {mid.note}" if mid.note else spread, check=mid.check)
 
 
