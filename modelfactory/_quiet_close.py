@@ -5,8 +5,10 @@ A worker heartbeats the scheduler on its own connection.  When the cluster close
 end of a job, a heartbeat still waiting for its answer fails as the worker closes its
 connections, and Dask logs it at ERROR level with two tracebacks ("Failed to communicate
 with scheduler during heartbeat.", dask/distributed's ``Worker.heartbeat``), after a job
-that went well.  This drops that one record, and only while the worker is closing; a
-heartbeat failing on a running worker is still shown.
+that went well.  This drops that one record when the worker is closing.  The scheduler can
+also go first, before the worker has begun to close (on a loaded machine, now and then): a
+record from a running worker is held for a few seconds, and shown only if the worker is still
+running then; a heartbeat failing on a worker that stays up is still shown, late.
 """
 from __future__ import annotations
 
@@ -16,15 +18,36 @@ HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat."
 
 
 class _ClosingHeartbeat(logging.Filter):
+    #: Seconds a heartbeat failure on a running worker waits for the worker's close to begin.
+    grace = 5.0
+
     def __init__(self, worker) -> None:
         super().__init__()
         self.worker = worker
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def _closing(self) -> bool:
         from distributed.core import Status
 
-        return not (record.msg == HEARTBEAT_FAILED
-                    and self.worker.status in (Status.closing, Status.closing_gracefully, Status.closed))
+        return self.worker.status in (Status.closing, Status.closing_gracefully, Status.closed, Status.failed)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        if record.msg != HEARTBEAT_FAILED or getattr(record, "_mf_held", False):
+            return True
+        if self._closing():
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not logged from the worker's event loop: nothing to wait on
+            return True
+        record._mf_held = True
+        loop.call_later(self.grace, self._show_if_running, logging.getLogger(record.name), record)
+        return False
+
+    def _show_if_running(self, logger: logging.Logger, record: logging.LogRecord) -> None:
+        if not self._closing():
+            logger.handle(record)
 
 
 def dask_setup(worker) -> None:
