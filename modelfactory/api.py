@@ -85,6 +85,25 @@ def resolve_model(model, params: Mapping | None = None) -> ModelSpec:
                      f"or instance; got {type(model).__name__}.")
 
 
+def _class_by_reference(mspec: ModelSpec) -> str | None:
+    """``module:Qual.Name`` of a user model class that its pickled models refer to by name (so
+    the processes that load them must import it: score checks they can, before it runs), or
+    None: a built-in model, or a class pickled by value (defined in ``__main__`` or a notebook,
+    or registered with ``cloudpickle.register_pickle_by_value``), which travels with each model."""
+    import pickle
+
+    import cloudpickle
+
+    cls = mspec.cls
+    if mspec.serializer == "native":
+        return None
+    try:  # cloudpickle writes a class it sends by name exactly as pickle does
+        by_name = cloudpickle.dumps(cls) == pickle.dumps(cls, protocol=cloudpickle.DEFAULT_PROTOCOL)
+    except Exception:  # noqa: BLE001 - pickle cannot name it: it goes by value
+        by_name = False
+    return f"{cls.__module__}:{cls.__qualname__}" if by_name else None
+
+
 def _serializer(cls: type) -> str:
     from .models import _BUILTIN
 
@@ -534,6 +553,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     columns = tuple(dict.fromkeys([*by_, *([time] if time else []), target, *feats]))
     job = {"by": list(by_), "time": time, "target": target, "features": list(feats),
            "model": mspec.name, "params": mspec.params, "serializer": mspec.serializer,
+           **({"class": path} if (path := _class_by_reference(mspec)) else {}),
            "filter": None if filter is None else str(filter)}
     base_src, base_id = None, None
     if retrain is not None:
@@ -1008,7 +1028,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                    sink=sink, models=src, groups_prefix="_groups/", data_prefix="part-", claim=run_id)
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
-        check_code(client, spec)
+        check_code(client, spec, models=(man["run_id"], sp["class"]) if sp.get("class") else None)
         # without key folders, shuffled into as many partitions as the run's (or a divisor or multiple):
         # each unit then needs only the parts of the partitions its groups hashed to in training
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows, align=src.n_buckets)

@@ -31,7 +31,7 @@ import pyarrow as pa
 from . import kernel
 from .config import Settings, load_settings
 from .dataset import DatasetInfo
-from .exceptions import ClusterError
+from .exceptions import ClusterError, StoreError
 from .kernel import JobSpec, UnitResult
 from .plan import Plan
 
@@ -374,10 +374,12 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
                            f"(identity: {identity!r:.80}). {_CHECK_ADDRESS}")
 
 
-def check_code(client, spec: JobSpec) -> None:
+def check_code(client, spec: JobSpec, models: tuple[str, str] | None = None) -> None:
     """Raise :class:`ClusterError` unless every worker can load the code of ``spec`` (its
     function, its model class) and holds the same version of it, and the scheduler and every
-    worker run this modelfactory.
+    worker run this modelfactory.  ``models``: (run id, ``module:Qual.Name``) for a job that
+    loads a run's pickled user models (score): every process that runs its units must import
+    their class too (this one, when there is no client).
 
     A user function or model class travels by reference to its module (cloudpickle, as Dask
     sends it), so that module must be importable on the workers.  Without this check, a worker
@@ -387,14 +389,20 @@ def check_code(client, spec: JobSpec) -> None:
     scheduler image without the user's module is fine.  A job on ``memory://`` storage with
     workers in other processes is refused first (:func:`_check_in_process_storage`).
     """
-    if client is None:
+    if client is None:  # units run in this process
+        from .store import class_import_problem
+
+        problem = class_import_problem(models[1]) if models else None
+        if problem:
+            raise StoreError(f"This process cannot load the models of run {models[0]!r}: {_unloadable(models[1], problem)}. "
+                             "Install that module (and what it imports) here, or put it on PYTHONPATH. Nothing ran.")
         return
     _check_in_process_storage(client, spec)
     import cloudpickle
 
     from . import __version__
 
-    def probe(blob: bytes | None) -> tuple:
+    def probe(blob: bytes | None, model_class: str | None = None) -> tuple:
         # defined here, so it travels by value: it runs on a cluster whose modelfactory
         # differs from this one (or that has none), to say so
         import pickle
@@ -405,24 +413,31 @@ def check_code(client, spec: JobSpec) -> None:
         except Exception:  # noqa: BLE001
             version = None
         if blob is None:  # the scheduler: its modelfactory only
-            return version, None, {}
+            return version, None, {}, None
         try:
             loaded = pickle.loads(blob)
         except Exception as err:  # noqa: BLE001 - reported to the client, by name
-            return version, f"{type(err).__name__}: {err}", {}
+            return version, f"{type(err).__name__}: {err}", {}, None
         try:  # by name: a worker with another modelfactory (reported above) may not have it
+            from modelfactory.store import class_import_problem
+
+            unloadable = class_import_problem(model_class) if model_class else None
+        except Exception:  # noqa: BLE001
+            unloadable = None
+        try:
             from modelfactory.kernel import code_digests
 
-            return version, None, code_digests(*loaded)
+            return version, None, code_digests(*loaded), unloadable
         except Exception:  # noqa: BLE001 - a check, never a reason to fail
-            return version, None, {}
+            return version, None, {}, unloadable
 
     # the job's own code only (its function, its model): not the whole spec, whose dataset and
     # model index grow with the input (a score of a million groups)
     code_of = (spec.func, spec.model)
     blob = cloudpickle.dumps(code_of)
     answers = {"the scheduler": client.run_on_scheduler(probe, None)}
-    for address, got in sorted(client.run(probe, blob, on_error="ignore").items()):
+    model_class = models[1] if models else None
+    for address, got in sorted(client.run(probe, blob, model_class, on_error="ignore").items()):
         answers[f"the worker at {address}"] = got
 
     def first(problems: dict) -> str:
@@ -430,20 +445,27 @@ def check_code(client, spec: JobSpec) -> None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         return f"{where[0].upper()}{where[1:]}{more}"
 
-    other = {w: v for w, (v, _, _) in answers.items() if v != __version__}
+    other = {w: v for w, (v, *_) in answers.items() if v != __version__}
     if other:
         version = next(iter(other.values()))
         raise ClusterError(
             f"{first(other)} runs {'modelfactory ' + version if version else 'no modelfactory'}, this client "
             f"modelfactory {__version__}: install the same version on the client, the Dask scheduler and every "
             "worker (units are written and read by both sides). Nothing ran.")
-    problems = {w: why for w, (_, why, _) in answers.items() if why}
+    problems = {w: why for w, (_, why, *_) in answers.items() if why}
     if problems:
         raise ClusterError(
             f"{first(problems)} cannot load this job's code: {next(iter(problems.values()))}. A function or model "
             "class goes to the Dask workers by the name of its module: install that module (and what it imports) "
             "where they run, or put it on their PYTHONPATH, and restart them after changing it; or send it by "
             "value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
+    unloadable = {w: a[3] for w, a in answers.items() if len(a) > 3 and a[3]}
+    if unloadable:
+        raise ClusterError(
+            f"{first(unloadable)} cannot load the models of run {models[0]!r}: "
+            f"{_unloadable(models[1], next(iter(unloadable.values())))}. Install "
+            "that module (and what it imports) where the Dask workers run, or put it on their PYTHONPATH, and "
+            "restart them. Nothing ran.")
 
     try:
         mine = kernel.code_digests(*code_of)
@@ -460,6 +482,10 @@ def check_code(client, spec: JobSpec) -> None:
             "the old one, or send it by value with cloudpickle.register_pickle_by_value(module). A constant of the "
             "module that this process set at run time (module.NAME = ...) counts too: the workers' copy has the "
             "value of the source, so write it there, or pass it to the function. Nothing ran.")
+
+
+def _unloadable(cls: str, err: str) -> str:
+    return f"their class {cls.replace(':', '.')} cannot be imported ({err})"
 
 
 def _check_in_process_storage(client, spec: JobSpec) -> None:
@@ -485,7 +511,7 @@ def _stale_code(answers: dict, mine: dict) -> dict:
     """``{worker: name}`` of the workers whose copy of the user's code ``name`` differs from this
     client's (``answers``: where -> (version, error, digests); the scheduler runs no unit).  Digests
     of bytecode compare only between processes of one Python version and -O level (``"<python>"``)."""
-    return {w: name for w, (_, _, theirs) in answers.items()
+    return {w: name for w, (_, _, theirs, *_) in answers.items()
             if w != "the scheduler" for name in kernel.stale_names(mine, theirs)}
 
 

@@ -594,6 +594,21 @@ def unpickle_model(blob: bytes, run_id: str):
                          "(install it or put it on PYTHONPATH).") from err
 
 
+def class_import_problem(path: str) -> str | None:
+    """Why this process cannot import the class ``module.Qual.Name`` (``Type: message``), or
+    None when it can: the check that the processes about to load a run's pickled models can."""
+    import importlib
+
+    module, _, qualname = path.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for name in qualname.split("."):
+            obj = getattr(obj, name)
+    except Exception as err:  # noqa: BLE001 - named to the user, who fixes the install
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def _unimportable_global(blob: bytes, err: BaseException) -> str | None:
     """``module.Name`` of the first class (or function) that the pickle ``blob`` refers to and
     this process cannot import; None when there is none (``err`` came from the model's own code)."""

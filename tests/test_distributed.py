@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -672,6 +674,46 @@ def test_a_function_whose_module_the_cluster_lacks_is_a_clear_error_and_the_work
     run = modelfactory.apply(leaves, by=KEYS, func=functools.partial(tagged_mean, "ok", None),
                              schema="app string, site string, m double, tag string", cluster=procs.address)
     assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+
+
+_ONLY_HERE_MODEL = """
+import numpy as np
+from modelfactory.models import Model
+
+class Mean(Model):
+    name = "mean"
+    params = {}
+    state_attrs = ("mean_",)
+
+    def _fit(self, y, t, X):
+        self.mean_ = float(np.nanmean(y))
+
+    def _score(self, y, t, X):
+        n = len(y)
+        return {"expected": np.full(n, self.mean_), "lower": np.full(n, self.mean_ - 1),
+                "upper": np.full(n, self.mean_ + 1), "score": np.zeros(n), "is_anomaly": np.zeros(n, bool)}
+"""
+
+
+@pytest.mark.timeout(90)
+def test_scoring_models_whose_class_the_workers_lack_is_a_clear_error_before_any_unit(procs, leaves, tmp_path,
+                                                                                      monkeypatch):
+    """Models trained here (inline) with a class from a module only this process has: every
+    group of the score failed with the ImportError, after each unit had read its data."""
+    name = f"only_here_models_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(_ONLY_HERE_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    store = str(tmp_path / "store")
+    run = modelfactory.train(leaves, store=store, model=module.Mean, cluster="inline", **TRAIN)
+    assert run.summary["counts"]["ok"] == SERIES
+    with pytest.raises(ClusterError) as err:
+        modelfactory.score(leaves, store=store, out=str(tmp_path / "scores"), trust=True, cluster=procs.address)
+    assert re.fullmatch(rf"The worker at tcp://\S+ \(and 1 more\) cannot load the models of run '{run.id}': their "
+                        rf"class {name}\.Mean cannot be imported \(ModuleNotFoundError: No module named '{name}'\)\. "
+                        r"Install that module .* where the Dask workers run, .*restart them\. Nothing ran\.",
+                        str(err.value)), err.value
+    assert not (tmp_path / "scores").exists()
 
 
 @pytest.mark.timeout(60)

@@ -1,5 +1,6 @@
 """A user model whose module the loading process cannot import: one clear error that names the
-class and says what to do, from ModelStore.load, `models show --trust` and each group of `score`."""
+class and says what to do, from ModelStore.load, `models show --trust`, and `score` before it
+reads any data (each group of it, when no model could be sampled up front)."""
 from __future__ import annotations
 
 import importlib
@@ -78,12 +79,71 @@ def test_models_show_key_is_one_error_line_exit_2(gone, capsys):
     assert code == 2 and err.startswith("error: " + _hint(run_id, cls)) and err.count("\n") == 1, err
 
 
-def test_score_fails_each_group_with_the_hint(gone, by_app, tmp_path):
+def _refusal(run_id: str, cls: str) -> str:
+    return (f"This process cannot load the models of run {run_id!r}: their class {cls} cannot be imported "
+            f"(ModuleNotFoundError: No module named '{cls.split('.')[0]}'). Install that module (and what it "
+            "imports) here, or put it on PYTHONPATH. Nothing ran.")
+
+
+def test_score_refuses_before_reading_any_data(gone, by_app, tmp_path):
+    """Each group failed, after the whole input had been read, where `models show` refused at once."""
     store, run_id, cls = gone
+    with pytest.raises(StoreError) as err:
+        modelfactory.score(by_app, store=store, out=str(tmp_path / "scores"), trust=True, cluster="inline")
+    assert str(err.value) == _refusal(run_id, cls)
+    assert not (tmp_path / "scores").exists()
+
+
+def test_score_cli_is_one_error_line_exit_2(gone, by_app, tmp_path, capsys):
+    store, run_id, cls = gone
+    code = main(["score", by_app, "--store", store, "--out", str(tmp_path / "scores"), "--trust", "--cluster", "inline"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: {_refusal(run_id, cls)}\n", err
+
+
+def test_a_run_committed_before_its_class_was_recorded_fails_each_group_with_the_hint(gone, by_app, tmp_path):
+    """A run of an earlier modelfactory names no class in its manifest: nothing to check up
+    front, and each group says why it has no score."""
+    import json
+
+    from modelfactory.store import _digest_of
+
+    store, run_id, cls = gone
+    path = tmp_path / "store" / "runs" / run_id / "manifest.json"
+    body = json.loads(path.read_text())
+    body.pop("checksum")
+    assert body["spec"].pop("class") == cls.replace(".", ":")
+    path.write_text(json.dumps({**body, "checksum": _digest_of(body)}))
     run = modelfactory.score(by_app, store=store, out=str(tmp_path / "scores"), trust=True, cluster="inline")
     groups = run.groups
     assert set(groups.status) == {"failed"} and len(groups) == 12
     assert all(_hint(run_id, cls) in e for e in groups.error), groups.error.iloc[0]
+
+
+def test_the_manifest_names_a_class_its_models_refer_to_by_name_only(tmp_path, monkeypatch):
+    """A class pickled by value (a notebook's, or registered so) travels with each model: no
+    import to check."""
+    import cloudpickle
+
+    from modelfactory.api import _class_by_reference, resolve_model
+
+    name = f"named_model_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    assert _class_by_reference(resolve_model(module.Mean)) == f"{name}:Mean"
+    assert _class_by_reference(resolve_model("seasonal")) is None
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        assert _class_by_reference(resolve_model(module.Mean)) is None
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    namespace: dict = {}
+    exec(compile(_SOURCE, "<notebook cell>", "exec"), namespace)  # noqa: S102 - a class of no importable module
+    namespace["Mean"].__module__ = "__main__"
+    assert _class_by_reference(resolve_model(namespace["Mean"])) is None
+    monkeypatch.setattr(sys.modules["__main__"], "Mean", namespace["Mean"], raising=False)  # a notebook's own
+    assert _class_by_reference(resolve_model(namespace["Mean"])) is None
 
 
 def test_a_module_without_the_class_is_named_too(gone, tmp_path, monkeypatch):
