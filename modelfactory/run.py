@@ -394,8 +394,9 @@ def check_code(client, spec: JobSpec, models: tuple[str, str] | None = None) -> 
 
         problem = class_import_problem(models[1]) if models else None
         if problem:
-            raise StoreError(f"This process cannot load the models of run {models[0]!r}: {_unloadable(models[1], problem)}. "
-                             "Install that module (and what it imports) here, or put it on PYTHONPATH. Nothing ran.")
+            raise StoreError(f"This process cannot load the models of run {models[0]!r}: "
+                             f"{_unloadable(models[1], problem)}. Install that module (and what it imports) here, "
+                             "or put it on PYTHONPATH. Nothing ran.")
         return
     _check_in_process_storage(client, spec)
     import cloudpickle
@@ -509,7 +510,7 @@ def _check_in_process_storage(client, spec: JobSpec) -> None:
 
 def _stale_code(answers: dict, mine: dict) -> dict:
     """``{worker: name}`` of the workers whose copy of the user's code ``name`` differs from this
-    client's (``answers``: where -> (version, error, digests); the scheduler runs no unit).  Digests
+    client's (``answers``: where -> (version, error, digests, ...); the scheduler runs no unit).  Digests
     of bytecode compare only between processes of one Python version and -O level (``"<python>"``)."""
     return {w: name for w, (_, _, theirs, *_) in answers.items()
             if w != "the scheduler" for name in kernel.stale_names(mine, theirs)}

@@ -595,7 +595,7 @@ def unpickle_model(blob: bytes, run_id: str):
 
 
 def class_import_problem(path: str) -> str | None:
-    """Why this process cannot import the class ``module.Qual.Name`` (``Type: message``), or
+    """Why this process cannot import the class ``module:Qual.Name`` (``Type: message``), or
     None when it can: the check that the processes about to load a run's pickled models can."""
     import importlib
 
