@@ -1,5 +1,5 @@
 """Worker preload of the clusters modelfactory makes (:func:`modelfactory.run.local_cluster`):
-keeps one known shutdown race of Dask off the console, and Ctrl-C for the client.
+keeps known shutdown races of Dask off the console, and Ctrl-C for the client.
 
 A worker heartbeats the scheduler on its own connection.  When the cluster closes at the
 end of a job, a heartbeat still waiting for its answer fails as the worker closes its
@@ -53,7 +53,18 @@ class _ClosingHeartbeat(logging.Filter):
 def dask_setup(worker) -> None:
     """Dask's preload hook, called in the worker process as the worker starts."""
     logging.getLogger("distributed.worker").addFilter(_ClosingHeartbeat(worker))
+    _keep_silenced()
     _ignore_ctrl_c()
+
+
+def _keep_silenced() -> None:
+    """Keep the level the cluster set for the worker's console log (``silence_logs``) after the
+    worker's close, which puts Dask's handler back to its own level: a worker whose scheduler
+    went first went on to print "INFO - Received 'close-stream' from …; closing." at its end."""
+    for handler in logging.getLogger("distributed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.level > logging.NOTSET:
+            level = handler.level
+            handler.addFilter(lambda record, level=level: record.levelno >= level)
 
 
 def _ignore_ctrl_c() -> None:
