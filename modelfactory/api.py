@@ -85,23 +85,28 @@ def resolve_model(model, params: Mapping | None = None) -> ModelSpec:
                      f"or instance; got {type(model).__name__}.")
 
 
-def _class_by_reference(mspec: ModelSpec) -> str | None:
-    """``module:Qual.Name`` of a user model class that its pickled models refer to by name (so
-    the processes that load them must import it: score checks they can, before it runs), or
-    None: a built-in model, or a class pickled by value (defined in ``__main__`` or a notebook,
-    or registered with ``cloudpickle.register_pickle_by_value``), which travels with each model."""
-    import pickle
+def _model_imports(mspec: ModelSpec) -> list[str]:
+    """What loading a user model class's pickled models imports by name (``module:Qual.Name``),
+    but the standard library, cloudpickle and modelfactory: the class itself when cloudpickle
+    sends it by name; when it sends it by value (defined in ``__main__``, a notebook or a
+    function, or its module registered with ``cloudpickle.register_pickle_by_value``), what its
+    pickle still names (a base class from the user's module, a library's).  Score checks, before
+    it runs, that the processes running its units import them all.  Empty for a built-in model."""
+    import sys
 
     import cloudpickle
 
-    cls = mspec.cls
+    from .store import pickle_globals
+
     if mspec.serializer == "native":
-        return None
-    try:  # cloudpickle writes a class it sends by name exactly as pickle does
-        by_name = cloudpickle.dumps(cls) == pickle.dumps(cls, protocol=cloudpickle.DEFAULT_PROTOCOL)
-    except Exception:  # noqa: BLE001 - pickle cannot name it: it goes by value
-        by_name = False
-    return f"{cls.__module__}:{cls.__qualname__}" if by_name else None
+        return []
+    try:
+        refs = pickle_globals(cloudpickle.dumps(mspec.cls))
+    except Exception:  # noqa: BLE001 - a class that does not pickle fails its groups, each saying so
+        return []
+    own = {"cloudpickle", "modelfactory", "__main__"}
+    return list(dict.fromkeys(f"{m}:{n}" for m, n in refs
+                              if m.partition(".")[0] not in own and m.partition(".")[0] not in sys.stdlib_module_names))
 
 
 def _serializer(cls: type) -> str:
@@ -553,7 +558,6 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     columns = tuple(dict.fromkeys([*by_, *([time] if time else []), target, *feats]))
     job = {"by": list(by_), "time": time, "target": target, "features": list(feats),
            "model": mspec.name, "params": mspec.params, "serializer": mspec.serializer,
-           **({"class": path} if (path := _class_by_reference(mspec)) else {}),
            "filter": None if filter is None else str(filter)}
     base_src, base_id = None, None
     if retrain is not None:
@@ -634,9 +638,15 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
             log.warning("%d group(s) of run %s are not in this input, so run %s has no model for them: a retrain's "
                         "groups are those of its input (score them with run=%r)", lineage["not_in_input"], base_id,
                         run_id, base_id)
+    # what loading the models imports by name (score checks it first); out of `job`, so out of the
+    # run's digest: how the class travels is no reason to refuse resuming a run (nor are the names
+    # an earlier modelfactory did not record).  A retrain's carried-over models need the base's too.
+    imports = _model_imports(mspec)
+    if retrain is not None and sum(carried.values()):
+        imports = list(dict.fromkeys([*imports, *base_man["spec"].get("imports", [])]))
     manifest = {
         "kind": "train",
-        "spec": job,
+        "spec": {**job, **({"imports": imports} if imports else {})},
         "lineage": lineage,
         "input": {"url": info.source.url, "fingerprint": info.fingerprint(), "rows": info.rows,
                   "files": len(info.files), "partition_keys": list(info.source.partition_keys),
@@ -1028,7 +1038,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                    sink=sink, models=src, groups_prefix="_groups/", data_prefix="part-", claim=run_id)
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
-        check_code(client, spec, models=(man["run_id"], sp["class"]) if sp.get("class") else None)
+        check_code(client, spec, models=(man["run_id"], sp["imports"]) if sp.get("imports") else None)
         # without key folders, shuffled into as many partitions as the run's (or a divisor or multiple):
         # each unit then needs only the parts of the partitions its groups hashed to in training
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows, align=src.n_buckets)

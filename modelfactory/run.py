@@ -374,12 +374,12 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
                            f"(identity: {identity!r:.80}). {_CHECK_ADDRESS}")
 
 
-def check_code(client, spec: JobSpec, models: tuple[str, str] | None = None) -> None:
+def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = None) -> None:
     """Raise :class:`ClusterError` unless every worker can load the code of ``spec`` (its
     function, its model class) and holds the same version of it, and the scheduler and every
-    worker run this modelfactory.  ``models``: (run id, ``module:Qual.Name``) for a job that
-    loads a run's pickled user models (score): every process that runs its units must import
-    their class too (this one, when there is no client).
+    worker run this modelfactory.  ``models``: (run id, what its models import by name, as
+    ``module:Qual.Name``) for a job that loads a run's pickled user models (score): every process
+    that runs its units must import those too (this one, when there is no client).
 
     A user function or model class travels by reference to its module (cloudpickle, as Dask
     sends it), so that module must be importable on the workers.  Without this check, a worker
@@ -390,20 +390,20 @@ def check_code(client, spec: JobSpec, models: tuple[str, str] | None = None) -> 
     workers in other processes is refused first (:func:`_check_in_process_storage`).
     """
     if client is None:  # units run in this process
-        from .store import class_import_problem
+        from .store import import_problem
 
-        problem = class_import_problem(models[1]) if models else None
+        problem = import_problem(models[1]) if models else None
         if problem:
             raise StoreError(f"This process cannot load the models of run {models[0]!r}: "
-                             f"{_unloadable(models[1], problem)}. Install that module (and what it imports) here, "
-                             "or put it on PYTHONPATH. Nothing ran.")
+                             f"{_unloadable(*problem, 'here')}. Install that module (and what it imports), or put "
+                             "it on PYTHONPATH. Nothing ran.")
         return
     _check_in_process_storage(client, spec)
     import cloudpickle
 
     from . import __version__
 
-    def probe(blob: bytes | None, model_class: str | None = None) -> tuple:
+    def probe(blob: bytes | None, imports: list | None = None) -> tuple:
         # defined here, so it travels by value: it runs on a cluster whose modelfactory
         # differs from this one (or that has none), to say so
         import pickle
@@ -420,9 +420,9 @@ def check_code(client, spec: JobSpec, models: tuple[str, str] | None = None) -> 
         except Exception as err:  # noqa: BLE001 - reported to the client, by name
             return version, f"{type(err).__name__}: {err}", {}, None
         try:  # by name: a worker with another modelfactory (reported above) may not have it
-            from modelfactory.store import class_import_problem
+            from modelfactory.store import import_problem
 
-            unloadable = class_import_problem(model_class) if model_class else None
+            unloadable = import_problem(imports) if imports else None
         except Exception:  # noqa: BLE001
             unloadable = None
         try:
@@ -437,8 +437,8 @@ def check_code(client, spec: JobSpec, models: tuple[str, str] | None = None) -> 
     code_of = (spec.func, spec.model)
     blob = cloudpickle.dumps(code_of)
     answers = {"the scheduler": client.run_on_scheduler(probe, None)}
-    model_class = models[1] if models else None
-    for address, got in sorted(client.run(probe, blob, model_class, on_error="ignore").items()):
+    imports = models[1] if models else None
+    for address, got in sorted(client.run(probe, blob, imports, on_error="ignore").items()):
         answers[f"the worker at {address}"] = got
 
     def first(problems: dict) -> str:
@@ -464,9 +464,8 @@ def check_code(client, spec: JobSpec, models: tuple[str, str] | None = None) -> 
     if unloadable:
         raise ClusterError(
             f"{first(unloadable)} cannot load the models of run {models[0]!r}: "
-            f"{_unloadable(models[1], next(iter(unloadable.values())))}. Install "
-            "that module (and what it imports) where the Dask workers run, or put it on their PYTHONPATH, and "
-            "restart them. Nothing ran.")
+            f"{_unloadable(*next(iter(unloadable.values())), 'there')}. Install that module (and what it imports) "
+            "where the Dask workers run, or put it on their PYTHONPATH, and restart them. Nothing ran.")
 
     try:
         mine = kernel.code_digests(*code_of)
@@ -485,8 +484,8 @@ def check_code(client, spec: JobSpec, models: tuple[str, str] | None = None) -> 
             "value of the source, so write it there, or pass it to the function. Nothing ran.")
 
 
-def _unloadable(cls: str, err: str) -> str:
-    return f"their class {cls.replace(':', '.')} cannot be imported ({err})"
+def _unloadable(path: str, err: str, where: str) -> str:
+    return f"they need {path.replace(':', '.')}, which cannot be imported {where} ({err})"
 
 
 def _check_in_process_storage(client, spec: JobSpec) -> None:

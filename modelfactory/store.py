@@ -579,8 +579,8 @@ class ModelStore:
 
 
 def unpickle_model(blob: bytes, run_id: str):
-    """A pickled user model; StoreError naming its class when this process cannot import it
-    (its module is not installed here, or has no such class)."""
+    """A pickled user model; StoreError naming the class (or function) it needs that this
+    process cannot import (its module is not installed here, or has no such name)."""
     import cloudpickle
 
     try:
@@ -589,31 +589,32 @@ def unpickle_model(blob: bytes, run_id: str):
         cls = _unimportable_global(blob, err)
         if cls is None:
             raise
-        raise StoreError(f"The models of run {run_id!r} are instances of {cls}, which this process cannot "
+        raise StoreError(f"The models of run {run_id!r} need {cls}, which this process cannot "
                          f"import ({type(err).__name__}: {err}): make that module importable here "
                          "(install it or put it on PYTHONPATH).") from err
 
 
-def class_import_problem(path: str) -> str | None:
-    """Why this process cannot import the class ``module:Qual.Name`` (``Type: message``), or
-    None when it can: the check that the processes about to load a run's pickled models can."""
+def import_problem(paths) -> tuple[str, str] | None:
+    """The first of ``paths`` (``module:Qual.Name``) that this process cannot import, with why
+    (``Type: message``); None when it imports them all: the check that the processes about to
+    load a run's pickled models can."""
     import importlib
 
-    module, _, qualname = path.partition(":")
-    try:
-        obj = importlib.import_module(module)
-        for name in qualname.split("."):
-            obj = getattr(obj, name)
-    except Exception as err:  # noqa: BLE001 - named to the user, who fixes the install
-        return f"{type(err).__name__}: {err}"
+    for path in paths:
+        module, _, qualname = path.partition(":")
+        try:
+            obj = importlib.import_module(module)
+            for name in qualname.split("."):
+                obj = getattr(obj, name)
+        except Exception as err:  # noqa: BLE001 - named to the user, who fixes the install
+            return path, f"{type(err).__name__}: {err}"
     return None
 
 
-def _unimportable_global(blob: bytes, err: BaseException) -> str | None:
-    """``module.Name`` of the first class (or function) that the pickle ``blob`` refers to and
-    this process cannot import; None when there is none (``err`` came from the model's own code)."""
+def pickle_globals(blob: bytes) -> list[tuple]:
+    """The (module, name) pairs that the pickle ``blob`` imports by name, in order (those read
+    before a part it cannot parse, if any); without loading it."""
     import contextlib
-    import importlib
     import pickletools
 
     refs: list[tuple] = []
@@ -637,10 +638,16 @@ def _unimportable_global(blob: bytes, err: BaseException) -> str | None:
                 pushed.append(None)
             else:
                 pushed.append(None)
+    return [r for r in refs if len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], str)]
+
+
+def _unimportable_global(blob: bytes, err: BaseException) -> str | None:
+    """``module.Name`` of the first class (or function) that the pickle ``blob`` refers to and
+    this process cannot import; None when there is none (``err`` came from the model's own code)."""
+    import importlib
+
     missing = err.name if isinstance(err, ModuleNotFoundError) else None
-    for module, name in refs:
-        if not (isinstance(module, str) and isinstance(name, str)):
-            continue
+    for module, name in pickle_globals(blob):
         if missing:
             if module == missing or module.startswith(missing + "."):
                 return f"{module}.{name}"

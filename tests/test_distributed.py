@@ -709,9 +709,9 @@ def test_scoring_models_whose_class_the_workers_lack_is_a_clear_error_before_any
     assert run.summary["counts"]["ok"] == SERIES
     with pytest.raises(ClusterError) as err:
         modelfactory.score(leaves, store=store, out=str(tmp_path / "scores"), trust=True, cluster=procs.address)
-    assert re.fullmatch(rf"The worker at tcp://\S+ \(and 1 more\) cannot load the models of run '{run.id}': their "
-                        rf"class {name}\.Mean cannot be imported \(ModuleNotFoundError: No module named '{name}'\)\. "
-                        r"Install that module .* where the Dask workers run, .*restart them\. Nothing ran\.",
+    assert re.fullmatch(rf"The worker at tcp://\S+ \(and 1 more\) cannot load the models of run '{run.id}': they "
+                        rf"need {name}\.Mean, which cannot be imported there \(ModuleNotFoundError: No module named "
+                        rf"'{name}'\)\. Install that module .* where the Dask workers run, .*restart them\. Nothing ran\.",
                         str(err.value)), err.value
     assert not (tmp_path / "scores").exists()
 

@@ -4,6 +4,7 @@ reads any data (each group of it, when no model could be sampled up front)."""
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import textwrap
 import uuid
@@ -58,7 +59,7 @@ def gone(by_app, tmp_path, monkeypatch):
 
 
 def _hint(run_id: str, cls: str) -> str:
-    return (f"The models of run {run_id!r} are instances of {cls}, which this process cannot import "
+    return (f"The models of run {run_id!r} need {cls}, which this process cannot import "
             f"(ModuleNotFoundError: No module named '{cls.split('.')[0]}'): make that module importable "
             "here (install it or put it on PYTHONPATH)")
 
@@ -80,9 +81,9 @@ def test_models_show_key_is_one_error_line_exit_2(gone, capsys):
 
 
 def _refusal(run_id: str, cls: str) -> str:
-    return (f"This process cannot load the models of run {run_id!r}: their class {cls} cannot be imported "
-            f"(ModuleNotFoundError: No module named '{cls.split('.')[0]}'). Install that module (and what it "
-            "imports) here, or put it on PYTHONPATH. Nothing ran.")
+    return (f"This process cannot load the models of run {run_id!r}: they need {cls}, which cannot be imported "
+            f"here (ModuleNotFoundError: No module named '{cls.split('.')[0]}'). Install that module (and what "
+            "it imports), or put it on PYTHONPATH. Nothing ran.")
 
 
 def test_score_refuses_before_reading_any_data(gone, by_app, tmp_path):
@@ -112,7 +113,7 @@ def test_a_run_committed_before_its_class_was_recorded_fails_each_group_with_the
     path = tmp_path / "store" / "runs" / run_id / "manifest.json"
     body = json.loads(path.read_text())
     body.pop("checksum")
-    assert body["spec"].pop("class") == cls.replace(".", ":")
+    assert body["spec"].pop("imports") == [cls.replace(".", ":")]
     path.write_text(json.dumps({**body, "checksum": _digest_of(body)}))
     run = modelfactory.score(by_app, store=store, out=str(tmp_path / "scores"), trust=True, cluster="inline")
     groups = run.groups
@@ -120,30 +121,108 @@ def test_a_run_committed_before_its_class_was_recorded_fails_each_group_with_the
     assert all(_hint(run_id, cls) in e for e in groups.error), groups.error.iloc[0]
 
 
-def test_the_manifest_names_a_class_its_models_refer_to_by_name_only(tmp_path, monkeypatch):
-    """A class pickled by value (a notebook's, or registered so) travels with each model: no
-    import to check."""
+_SUBCLASSES = textwrap.dedent('''
+    import {module}
+
+
+    def make():
+        class Local({module}.Mean):  # a class made in a function: it goes by value
+            pass
+        return Local
+
+
+    class Tuned({module}.Mean):
+        pass
+''')
+
+
+def test_the_manifest_names_what_loading_the_models_imports_by_name(tmp_path, monkeypatch):
+    """The class itself when it goes by name; when it goes by value (a notebook's, one made in a
+    function, a module registered so), what its pickle still names: a base class of the user's."""
     import cloudpickle
 
-    from modelfactory.api import _class_by_reference, resolve_model
+    from modelfactory.api import _model_imports, resolve_model
 
     name = f"named_model_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{name}.py").write_text(_SOURCE)
+    (tmp_path / f"{name}_sub.py").write_text(_SUBCLASSES.format(module=name))
     monkeypatch.syspath_prepend(str(tmp_path))
     module = importlib.import_module(name)
-    assert _class_by_reference(resolve_model(module.Mean)) == f"{name}:Mean"
-    assert _class_by_reference(resolve_model("seasonal")) is None
+    sub = importlib.import_module(f"{name}_sub")
+    assert _model_imports(resolve_model(module.Mean)) == [f"{name}:Mean"]
+    assert _model_imports(resolve_model(sub.Tuned)) == [f"{name}_sub:Tuned"]
+    assert _model_imports(resolve_model(sub.make())) == [f"{name}:Mean"]
+    assert _model_imports(resolve_model("seasonal")) == []
     cloudpickle.register_pickle_by_value(module)
     try:
-        assert _class_by_reference(resolve_model(module.Mean)) is None
+        assert _model_imports(resolve_model(module.Mean)) == []  # travels whole with each model
     finally:
         cloudpickle.unregister_pickle_by_value(module)
-    namespace: dict = {}
-    exec(compile(_SOURCE, "<notebook cell>", "exec"), namespace)  # noqa: S102 - a class of no importable module
-    namespace["Mean"].__module__ = "__main__"
-    assert _class_by_reference(resolve_model(namespace["Mean"])) is None
-    monkeypatch.setattr(sys.modules["__main__"], "Mean", namespace["Mean"], raising=False)  # a notebook's own
-    assert _class_by_reference(resolve_model(namespace["Mean"])) is None
+    namespace = {"base": module}
+    exec("class Cell(base.Mean):\n    pass\n", namespace)  # noqa: S102 - a notebook cell's class
+    namespace["Cell"].__module__ = "__main__"
+    monkeypatch.setattr(sys.modules["__main__"], "Cell", namespace["Cell"], raising=False)
+    assert _model_imports(resolve_model(namespace["Cell"])) == [f"{name}:Mean"]
+
+
+def test_a_subclass_made_in_a_function_is_checked_by_its_base_class(tmp_path, by_app, monkeypatch):
+    name = f"base_model_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(_SOURCE)
+    (tmp_path / f"{name}_sub.py").write_text(_SUBCLASSES.format(module=name))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module(name)
+    local = importlib.import_module(f"{name}_sub").make()
+    store = str(tmp_path / "store")
+    run = modelfactory.train(by_app, by="app,site", time="ts", target="value", model=local, store=store,
+                             cluster="inline")
+    assert ModelStore(store).manifest()["spec"]["imports"] == [f"{name}:Mean"]
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    for m in (name, f"{name}_sub"):
+        del sys.modules[m]
+    importlib.invalidate_caches()
+    with pytest.raises(StoreError, match=f"^{re.escape(_refusal(run.id, f'{name}.Mean'))}$"):
+        modelfactory.score(by_app, store=store, out=str(tmp_path / "scores"), trust=True, cluster="inline")
+
+
+def test_the_run_id_does_not_depend_on_how_the_class_travels(tmp_path, by_app, monkeypatch):
+    """Sending the class by value (what check_code advises) after an interrupted run must still
+    find that run to resume: the recorded imports are out of the run's digest."""
+    import cloudpickle
+
+    name = f"travel_model_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    kw = {"by": "app,site", "time": "ts", "target": "value", "model": module.Mean, "cluster": "inline"}
+    by_name = modelfactory.train(by_app, store=str(tmp_path / "a"), **kw)
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        by_value = modelfactory.train(by_app, store=str(tmp_path / "b"), **kw)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert ModelStore(str(tmp_path / "a")).manifest()["spec"]["imports"] == [f"{name}:Mean"]
+    assert "imports" not in ModelStore(str(tmp_path / "b")).manifest()["spec"]
+    assert by_name.id.split("-")[1] == by_value.id.split("-")[1]  # the digest part
+
+
+def test_a_retrain_that_carries_models_over_needs_the_base_runs_imports_too(tmp_path, by_app, monkeypatch):
+    """The class moved to another module between the runs: the carried-over models still need
+    the old one, the refitted ones the new one."""
+    old, new = (f"{w}_model_{uuid.uuid4().hex[:8]}" for w in ("old", "new"))
+    for m in (old, new):
+        (tmp_path / f"{m}.py").write_text(_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    store = str(tmp_path / "store")
+    kw = {"by": "app,site", "time": "ts", "target": "value", "store": store, "cluster": "inline"}
+    base = modelfactory.train(by_app, model=importlib.import_module(old).Mean, **kw)
+    run = modelfactory.train(by_app, model=importlib.import_module(new).Mean, retrain="changed", **kw)
+    assert run.summary["retrain"]["carried_over"] == 12 and base.id != run.id
+    assert ModelStore(store).manifest()["spec"]["imports"] == [f"{new}:Mean", f"{old}:Mean"]
+    (tmp_path / f"{old}.py").unlink()
+    del sys.modules[old]
+    importlib.invalidate_caches()
+    with pytest.raises(StoreError, match=f"^{re.escape(_refusal(run.id, f'{old}.Mean'))}$"):
+        modelfactory.score(by_app, store=store, out=str(tmp_path / "scores"), trust=True, cluster="inline")
 
 
 def test_a_module_without_the_class_is_named_too(gone, tmp_path, monkeypatch):
@@ -156,6 +235,6 @@ def test_a_module_without_the_class_is_named_too(gone, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(other))
     monkeypatch.delitem(sys.modules, module, raising=False)
     key = ModelStore(store).groups().iloc[0][["app", "site"]].to_dict()
-    with pytest.raises(StoreError, match=rf"^The models of run '{run_id}' are instances of {cls}, which this "
+    with pytest.raises(StoreError, match=rf"^The models of run '{run_id}' need {cls}, which this "
                                          r"process cannot import \(AttributeError: .*PYTHONPATH\)\.$"):
         ModelStore(store).load(key, trust=True)
