@@ -85,30 +85,6 @@ def resolve_model(model, params: Mapping | None = None) -> ModelSpec:
                      f"or instance; got {type(model).__name__}.")
 
 
-def _model_imports(mspec: ModelSpec) -> list[str]:
-    """What loading a user model class's pickled models imports by name (``module:Qual.Name``),
-    but the standard library, cloudpickle and modelfactory: the class itself when cloudpickle
-    sends it by name; when it sends it by value (defined in ``__main__``, a notebook or a
-    function, or its module registered with ``cloudpickle.register_pickle_by_value``), what its
-    pickle still names (a base class from the user's module, a library's).  Score checks, before
-    it runs, that the processes running its units import them all.  Empty for a built-in model."""
-    import sys
-
-    import cloudpickle
-
-    from .store import pickle_globals
-
-    if mspec.serializer == "native":
-        return []
-    try:
-        refs = pickle_globals(cloudpickle.dumps(mspec.cls))
-    except Exception:  # noqa: BLE001 - a class that does not pickle fails its groups, each saying so
-        return []
-    own = {"cloudpickle", "modelfactory", "__main__"}
-    return list(dict.fromkeys(f"{m}:{n}" for m, n in refs
-                              if m.partition(".")[0] not in own and m.partition(".")[0] not in sys.stdlib_module_names))
-
-
 def _serializer(cls: type) -> str:
     from .models import _BUILTIN
 
@@ -638,15 +614,13 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
             log.warning("%d group(s) of run %s are not in this input, so run %s has no model for them: a retrain's "
                         "groups are those of its input (score them with run=%r)", lineage["not_in_input"], base_id,
                         run_id, base_id)
-    # what loading the models imports by name (score checks it first); out of `job`, so out of the
-    # run's digest: how the class travels is no reason to refuse resuming a run (nor are the names
-    # an earlier modelfactory did not record).  A retrain's carried-over models need the base's too.
-    imports = _model_imports(mspec)
-    if retrain is not None and sum(carried.values()):
-        imports = list(dict.fromkeys([*imports, *base_man["spec"].get("imports", [])]))
+    # What loading the pickled models imports by name, read off the models the units wrote (and
+    # carried over): score checks it before it runs.  Out of `job`, so out of the run's digest: an
+    # interrupted run resumes whatever its models need (or an earlier modelfactory recorded).
+    imports = list(dict.fromkeys(name for r in results for name in r.imports))
     manifest = {
         "kind": "train",
-        "spec": {**job, **({"imports": imports} if imports else {})},
+        "spec": {**job, **({"imports": imports} if mspec.serializer != "native" else {})},
         "lineage": lineage,
         "input": {"url": info.source.url, "fingerprint": info.fingerprint(), "rows": info.rows,
                   "files": len(info.files), "partition_keys": list(info.source.partition_keys),

@@ -667,6 +667,7 @@ class UnitResult:
     leaves: list[tuple] = field(default_factory=list)  # values of JobSpec.leaf_keys in this unit
     carried: dict[str, int] = field(default_factory=dict)  # models carried over, by the run that fitted them
     anomalies: int = 0  # anomalous points (scoring)
+    imports: list[str] = field(default_factory=list)  # what loading its pickled models imports (training)
 
 
 class Groups:
@@ -1126,7 +1127,25 @@ def summarize(spec: JobSpec, unit_id: str, gt: pa.Table) -> UnitResult:
     if spec.leaf_keys:
         res.leaves = sorted(set(zip(*[gt[k].to_pylist() for k in spec.leaf_keys])),
                             key=lambda k: tuple(str(v) for v in k))
+    if spec.kind == "train" and getattr(spec.model, "serializer", "native") != "native" and "model" in gt.column_names:
+        res.imports = _pickled_imports(gt)
     return res
+
+
+def _pickled_imports(gt: pa.Table) -> list[str]:
+    """What loading a unit's pickled models imports by name (:func:`store.model_imports`), read
+    off its first ``ok`` model and off the first of each run it carried models over from (their
+    names are the same for models of one class; a model whose state holds other classes than its
+    unit's first is checked when it loads, and its group says so)."""
+    from .store import model_imports
+
+    ok = gt.filter(pc.equal(gt["status"], "ok"))
+    if not ok.num_rows:
+        return []
+    origins = ok["fitted_in"].to_pylist() if "fitted_in" in ok.column_names else [None] * ok.num_rows
+    first = {origin: i for i, origin in reversed(list(enumerate(origins)))}
+    return list(dict.fromkeys(name for i in sorted(first.values())
+                              for name in model_imports(ok["model"][i].as_py())))
 
 
 def recover(spec: JobSpec, unit_id: str) -> UnitResult | None:
@@ -1301,6 +1320,7 @@ def merge_results(unit_id: str, results: list[UnitResult]) -> UnitResult:
         for k, v in r.carried.items():
             out.carried[k] = out.carried.get(k, 0) + v
         out.anomalies += r.anomalies
+        out.imports = list(dict.fromkeys([*out.imports, *r.imports]))
         out.parts += r.parts
         out.errors += r.errors
         out.leaves = sorted(set(out.leaves) | set(r.leaves), key=lambda k: tuple(str(v) for v in k))

@@ -485,7 +485,7 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
 
 
 def _unloadable(path: str, err: str, where: str) -> str:
-    return f"they need {path.replace(':', '.')}, which cannot be imported {where} ({err})"
+    return f"they need {path.rstrip(':').replace(':', '.')}, which cannot be imported {where} ({err})"
 
 
 def _check_in_process_storage(client, spec: JobSpec) -> None:

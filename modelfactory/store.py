@@ -604,40 +604,64 @@ def import_problem(paths) -> tuple[str, str] | None:
         module, _, qualname = path.partition(":")
         try:
             obj = importlib.import_module(module)
-            for name in qualname.split("."):
+            for name in qualname.split(".") if qualname else ():
                 obj = getattr(obj, name)
         except Exception as err:  # noqa: BLE001 - named to the user, who fixes the install
             return path, f"{type(err).__name__}: {err}"
     return None
 
 
+def model_imports(blob: bytes) -> list[str]:
+    """What loading the pickled model ``blob`` imports by name, as ``module:Qual.Name`` (or
+    ``module:`` for a module cloudpickle imports whole, as a function's ``sm`` of ``import
+    statsmodels.api as sm``), without loading it; the standard library, cloudpickle,
+    modelfactory and ``__main__`` left out (the check that compares versions covers them)."""
+    import sys
+
+    own = {"cloudpickle", "modelfactory", "__main__"}
+    out = []
+    for module, name in pickle_globals(blob):
+        root = module.partition(".")[0]
+        if root not in own and root not in sys.stdlib_module_names:
+            out.append(f"{module}:{name}")
+    return list(dict.fromkeys(out))
+
+
 def pickle_globals(blob: bytes) -> list[tuple]:
     """The (module, name) pairs that the pickle ``blob`` imports by name, in order (those read
-    before a part it cannot parse, if any); without loading it."""
+    before a part it cannot parse, if any), and (module, "") for a module that cloudpickle
+    imports whole (``subimport("statsmodels.api")``); without loading it."""
     import contextlib
     import pickletools
 
     refs: list[tuple] = []
     memo: dict = {}
-    pushed: list = []  # what each op (but the memo ops) left on top of the stack, when it is a name
+    pushed: list = []  # what each op (but the memo ops) left on top of the stack: a name, a global, or None
+    subimport = False  # the last global was cloudpickle's subimport: its argument comes next
     with contextlib.suppress(Exception):  # a pickle we cannot read through: the names found so far
         for op, arg, _ in pickletools.genops(blob):
             if op.name == "MEMOIZE":
                 memo[len(memo)] = pushed[-1] if pushed else None
-            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                continue
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
                 memo[arg] = pushed[-1] if pushed else None
-            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-                pushed.append(memo.get(arg))
+                continue
+            top = None
+            if op.name in ("GET", "BINGET", "LONG_BINGET"):
+                top = memo.get(arg)
             elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
-                pushed.append(arg)
+                top = arg
             elif op.name == "STACK_GLOBAL" and len(pushed) >= 2:
                 refs.append((pushed[-2], pushed[-1]))
-                pushed.append(None)
+                top = ("global", *refs[-1])  # memoized, and fetched again by GET for a second use
             elif op.name == "GLOBAL":
                 refs.append(tuple(arg.split(" ", 1)))
-                pushed.append(None)
-            else:
-                pushed.append(None)
+                top = ("global", *refs[-1])
+            if subimport and isinstance(top, str):  # the argument of cloudpickle's subimport: a module
+                refs.append((top, ""))
+            subimport = (isinstance(top, tuple) and len(top) == 3 and top[2] == "subimport"
+                         and str(top[1]).startswith("cloudpickle"))
+            pushed.append(top)
     return [r for r in refs if len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], str)]
 
 
@@ -648,16 +672,17 @@ def _unimportable_global(blob: bytes, err: BaseException) -> str | None:
 
     missing = err.name if isinstance(err, ModuleNotFoundError) else None
     for module, name in pickle_globals(blob):
+        what = f"{module}.{name}" if name else module
         if missing:
             if module == missing or module.startswith(missing + "."):
-                return f"{module}.{name}"
+                return what
             continue
         try:
             obj = importlib.import_module(module)
-            for part in name.split("."):
+            for part in name.split(".") if name else ():
                 obj = getattr(obj, part)
         except (ImportError, AttributeError):
-            return f"{module}.{name}"
+            return what
     return None
 
 

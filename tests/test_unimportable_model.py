@@ -136,12 +136,17 @@ _SUBCLASSES = textwrap.dedent('''
 ''')
 
 
-def test_the_manifest_names_what_loading_the_models_imports_by_name(tmp_path, monkeypatch):
-    """The class itself when it goes by name; when it goes by value (a notebook's, one made in a
-    function, a module registered so), what its pickle still names: a base class of the user's."""
-    import cloudpickle
+def _imports(by_app, store, model) -> list[str]:
+    modelfactory.train(by_app, by="app,site", time="ts", target="value", model=model, store=store, cluster="inline")
+    return ModelStore(store).manifest()["spec"]["imports"]
 
-    from modelfactory.api import _model_imports, resolve_model
+
+def test_the_manifest_names_what_loading_the_models_imports_by_name(tmp_path, by_app, monkeypatch):
+    """Read off the models written: the class when it goes by name; when it goes by value (a
+    notebook's, one made in a function, a module registered so), what its pickle still names,
+    such as a base class of the user's; a library's class the model keeps as state; a module the
+    class's code uses under another name (``import statsmodels.api as sm``)."""
+    import cloudpickle
 
     name = f"named_model_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{name}.py").write_text(_SOURCE)
@@ -149,20 +154,49 @@ def test_the_manifest_names_what_loading_the_models_imports_by_name(tmp_path, mo
     monkeypatch.syspath_prepend(str(tmp_path))
     module = importlib.import_module(name)
     sub = importlib.import_module(f"{name}_sub")
-    assert _model_imports(resolve_model(module.Mean)) == [f"{name}:Mean"]
-    assert _model_imports(resolve_model(sub.Tuned)) == [f"{name}_sub:Tuned"]
-    assert _model_imports(resolve_model(sub.make())) == [f"{name}:Mean"]
-    assert _model_imports(resolve_model("seasonal")) == []
+    stores = iter(str(tmp_path / f"store{i}") for i in range(10))
+    assert _imports(by_app, next(stores), module.Mean) == [f"{name}:Mean"]
+    assert _imports(by_app, next(stores), sub.Tuned) == [f"{name}_sub:Tuned"]
+    assert _imports(by_app, next(stores), sub.make()) == [f"{name}:Mean"]
     cloudpickle.register_pickle_by_value(module)
     try:
-        assert _model_imports(resolve_model(module.Mean)) == []  # travels whole with each model
+        assert _imports(by_app, next(stores), module.Mean) == ["numpy:"]  # whole with each model, but its np
     finally:
         cloudpickle.unregister_pickle_by_value(module)
     namespace = {"base": module}
-    exec("class Cell(base.Mean):\n    pass\n", namespace)  # noqa: S102 - a notebook cell's class
-    namespace["Cell"].__module__ = "__main__"
-    monkeypatch.setattr(sys.modules["__main__"], "Cell", namespace["Cell"], raising=False)
-    assert _model_imports(resolve_model(namespace["Cell"])) == [f"{name}:Mean"]
+    exec(_NOTEBOOK_CELL, namespace)  # noqa: S102 - a notebook cell's classes
+    for cls in ("Cell", "WithLibrary"):
+        namespace[cls].__module__ = "__main__"
+        monkeypatch.setattr(sys.modules["__main__"], cls, namespace[cls], raising=False)
+    assert _imports(by_app, next(stores), namespace["Cell"]) == [f"{name}:Mean"]
+    assert _imports(by_app, next(stores), namespace["WithLibrary"]) == [
+        f"{name}:Mean", "statsmodels.api:", "sklearn.linear_model._base:LinearRegression"]
+    store = next(stores)
+    modelfactory.train(by_app, by="app,site", time="ts", target="value", store=store, cluster="inline")
+    assert "imports" not in ModelStore(store).manifest()["spec"]  # a built-in model: nothing to import
+
+
+_NOTEBOOK_CELL = """
+import statsmodels.api as sm
+
+
+class Cell(base.Mean):
+    pass
+
+
+class WithLibrary(base.Mean):
+    state_attrs = ("mean_", "line_")
+
+    def _fit(self, y, t, X):
+        from sklearn.linear_model import LinearRegression
+
+        super()._fit(y, t, X)
+        self.line_ = LinearRegression()  # a library's object in the model's state
+        return self
+
+    def design(self, x):  # code that uses a module under another name
+        return sm.add_constant(x)
+"""
 
 
 def test_a_subclass_made_in_a_function_is_checked_by_its_base_class(tmp_path, by_app, monkeypatch):
@@ -201,13 +235,13 @@ def test_the_run_id_does_not_depend_on_how_the_class_travels(tmp_path, by_app, m
     finally:
         cloudpickle.unregister_pickle_by_value(module)
     assert ModelStore(str(tmp_path / "a")).manifest()["spec"]["imports"] == [f"{name}:Mean"]
-    assert "imports" not in ModelStore(str(tmp_path / "b")).manifest()["spec"]
+    assert ModelStore(str(tmp_path / "b")).manifest()["spec"]["imports"] == ["numpy:"]  # the class's own np
     assert by_name.id.split("-")[1] == by_value.id.split("-")[1]  # the digest part
 
 
 def test_a_retrain_that_carries_models_over_needs_the_base_runs_imports_too(tmp_path, by_app, monkeypatch):
-    """The class moved to another module between the runs: the carried-over models still need
-    the old one, the refitted ones the new one."""
+    """The class moved to another module between the runs, and every model was carried over:
+    they still need the old module, and not the new one."""
     old, new = (f"{w}_model_{uuid.uuid4().hex[:8]}" for w in ("old", "new"))
     for m in (old, new):
         (tmp_path / f"{m}.py").write_text(_SOURCE)
@@ -217,7 +251,12 @@ def test_a_retrain_that_carries_models_over_needs_the_base_runs_imports_too(tmp_
     base = modelfactory.train(by_app, model=importlib.import_module(old).Mean, **kw)
     run = modelfactory.train(by_app, model=importlib.import_module(new).Mean, retrain="changed", **kw)
     assert run.summary["retrain"]["carried_over"] == 12 and base.id != run.id
-    assert ModelStore(store).manifest()["spec"]["imports"] == [f"{new}:Mean", f"{old}:Mean"]
+    assert ModelStore(store).manifest()["spec"]["imports"] == [f"{old}:Mean"]
+    (tmp_path / f"{new}.py").unlink()
+    del sys.modules[new]
+    importlib.invalidate_caches()
+    scored = modelfactory.score(by_app, store=store, out=str(tmp_path / "scores-1"), trust=True, cluster="inline")
+    assert scored.summary["counts"]["ok"] == 12
     (tmp_path / f"{old}.py").unlink()
     del sys.modules[old]
     importlib.invalidate_caches()
