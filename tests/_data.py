@@ -30,3 +30,27 @@ def write(table: pa.Table, path, partition_by=(), **kw) -> str:
     ds.write_dataset(table, str(path), format="parquet", partitioning=part,
                      existing_data_behavior="overwrite_or_ignore", **kw)
     return str(path)
+
+
+#: A user model's module (a file the tests write, then make unimportable where they need to).
+MEAN_MODEL_SOURCE = """
+from typing import ClassVar
+
+import numpy as np
+
+from modelfactory.models import Model
+
+
+class Mean(Model):
+    name = "mean"
+    params: ClassVar = {}
+    state_attrs = ("mean_",)
+
+    def _fit(self, y, t, X):
+        self.mean_ = float(np.nanmean(y))
+
+    def _score(self, y, t, X):
+        n = len(y)
+        return {"expected": np.full(n, self.mean_), "lower": np.full(n, self.mean_ - 1),
+                "upper": np.full(n, self.mean_ + 1), "score": np.zeros(n), "is_anomaly": np.zeros(n, bool)}
+"""

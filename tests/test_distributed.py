@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from _data import write
+from _data import MEAN_MODEL_SOURCE, write
 from _servers import (DUMMY_AWS_ENV, MARKER, TESTS_DIR, CrashOnMarker, CrashOnMarkerAtScore, DaskProcesses,
                       die_on_key, die_on_key_rows,
                       MotoS3, NotAScheduler, SlowerMean, SlowMean, alive, executing_units, finished_units,
@@ -676,32 +676,13 @@ def test_a_function_whose_module_the_cluster_lacks_is_a_clear_error_and_the_work
     assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
 
 
-_ONLY_HERE_MODEL = """
-import numpy as np
-from modelfactory.models import Model
-
-class Mean(Model):
-    name = "mean"
-    params = {}
-    state_attrs = ("mean_",)
-
-    def _fit(self, y, t, X):
-        self.mean_ = float(np.nanmean(y))
-
-    def _score(self, y, t, X):
-        n = len(y)
-        return {"expected": np.full(n, self.mean_), "lower": np.full(n, self.mean_ - 1),
-                "upper": np.full(n, self.mean_ + 1), "score": np.zeros(n), "is_anomaly": np.zeros(n, bool)}
-"""
-
-
 @pytest.mark.timeout(90)
 def test_scoring_models_whose_class_the_workers_lack_is_a_clear_error_before_any_unit(procs, leaves, tmp_path,
                                                                                       monkeypatch):
     """Models trained here (inline) with a class from a module only this process has: every
     group of the score failed with the ImportError, after each unit had read its data."""
     name = f"only_here_models_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(_ONLY_HERE_MODEL)
+    (tmp_path / f"{name}.py").write_text(MEAN_MODEL_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))
     module = importlib.import_module(name)
     store = str(tmp_path / "store")

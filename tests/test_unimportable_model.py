@@ -1,6 +1,6 @@
 """A user model whose module the loading process cannot import: one clear error that names the
 class and says what to do, from ModelStore.load, `models show --trust`, and `score` before it
-reads any data (each group of it, when no model could be sampled up front)."""
+reads any data (each group of it, for a run that recorded nothing to check)."""
 from __future__ import annotations
 
 import importlib
@@ -10,34 +10,12 @@ import textwrap
 import uuid
 
 import pytest
+from _data import MEAN_MODEL_SOURCE as _SOURCE
 
 import modelfactory
 from modelfactory import ModelStore
 from modelfactory.cli import main
 from modelfactory.exceptions import StoreError
-
-_SOURCE = textwrap.dedent('''
-    from typing import ClassVar
-
-    import numpy as np
-
-    from modelfactory.models import Model
-
-
-    class Mean(Model):
-        name = "mean"
-        params: ClassVar = {}
-        state_attrs = ("mean_",)
-
-        def _fit(self, y, t, X):
-            self.mean_ = float(np.nanmean(y))
-
-        def _score(self, y, t, X):
-            n = len(y)
-            return {"expected": np.full(n, self.mean_), "lower": np.full(n, self.mean_ - 1),
-                    "upper": np.full(n, self.mean_ + 1), "score": np.zeros(n), "is_anomaly": np.zeros(n, bool)}
-''')
-
 
 @pytest.fixture
 def gone(by_app, tmp_path, monkeypatch):
