@@ -17,6 +17,7 @@ from modelfactory import ModelStore
 from modelfactory.cli import main
 from modelfactory.exceptions import StoreError
 
+
 @pytest.fixture
 def gone(by_app, tmp_path, monkeypatch):
     """A store trained with a model of a module that is then made unimportable: (store, run id, class path)."""
