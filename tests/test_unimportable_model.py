@@ -79,6 +79,8 @@ def test_score_cli_is_one_error_line_exit_2(gone, by_app, tmp_path, capsys):
     code = main(["score", by_app, "--store", store, "--out", str(tmp_path / "scores"), "--trust", "--cluster", "inline"])
     err = capsys.readouterr().err
     assert code == 2 and err == f"error: {_refusal(run_id, cls)}\n", err
+    assert main(["models", "show", "--store", store]) == 0  # what the run's models need, shown
+    assert f"\nits models need {cls}\n" in capsys.readouterr().out
 
 
 def test_a_run_committed_before_its_class_was_recorded_fails_each_group_with_the_hint(gone, by_app, tmp_path):
