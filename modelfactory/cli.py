@@ -515,8 +515,10 @@ def _show(st, args, parse_key) -> int:
     print(f"input {man['input']['url']} ({man['input']['rows']:,} rows, {man['input']['files']} files)")
     print(f"{s['groups']:,} groups: ok {s['counts']['ok']:,}, failed {s['counts']['failed']:,}, "
           f"skipped {s['counts']['skipped']:,}; {s['wall_seconds']:.1f} s wall")
-    if man["spec"].get("imports"):  # pickled user models: what score checks that every worker imports
-        print("its models need " + ", ".join(p.rstrip(":").replace(":", ".") for p in man["spec"]["imports"]))
+    need = [p.rstrip(":").replace(":", ".") for p in man["spec"].get("imports", [])
+            if not p.startswith(("cloudpickle", "modelfactory"))]  # those two: not the user's to install
+    if need:  # pickled user models: what score checks that every worker imports
+        print("its models need " + ", ".join(need))
     if man.get("lineage", {}).get("retrain"):
         print(f"retrained {man['lineage']['retrain']} groups of {man['lineage']['base_run']}; "
               f"carried over {man['lineage']['carried_over']}")

@@ -1132,20 +1132,30 @@ def summarize(spec: JobSpec, unit_id: str, gt: pa.Table) -> UnitResult:
     return res
 
 
-def _pickled_imports(gt: pa.Table) -> list[str]:
+def _pickled_imports(gt: pa.Table, sample: int = 16, ops: int = 200_000) -> list[str]:
     """What loading a unit's pickled models imports by name (:func:`store.model_imports`), read
-    off its first ``ok`` model and off the first of each run it carried models over from (their
-    names are the same for models of one class; a model whose state holds other classes than its
-    unit's first is checked when it loads, and its group says so)."""
+    off the first ``ok`` model fitted in each run (this one, and those a retrain carried models
+    over from) and up to ``sample`` more spread over the unit (a model that keeps a library's
+    object for some groups only), reading at most ``ops`` pickle opcodes in all.  What these
+    miss is checked as each model loads, and its group says so."""
     from .store import model_imports
 
-    ok = gt.filter(pc.equal(gt["status"], "ok"))
-    if not ok.num_rows:
+    ok = pc.indices_nonzero(pc.equal(gt["status"], "ok")).to_numpy()  # indices only: no copy of the models
+    if not len(ok):
         return []
-    origins = ok["fitted_in"].to_pylist() if "fitted_in" in ok.column_names else [None] * ok.num_rows
+    origins = (pc.take(gt["fitted_in"], pa.array(ok)).to_pylist() if "fitted_in" in gt.column_names
+               else [None] * len(ok))
     first = {origin: i for i, origin in reversed(list(enumerate(origins)))}
-    return list(dict.fromkeys(name for i in sorted(first.values())
-                              for name in model_imports(ok["model"][i].as_py())))
+    picks = dict.fromkeys([*sorted(first.values()), *np.linspace(0, len(ok) - 1, min(sample, len(ok))).astype(int)])
+    names: list[str] = []
+    budget = ops
+    for i in picks:
+        blob = gt["model"][int(ok[i])].as_py()
+        names += model_imports(blob, budget)
+        budget -= min(budget, len(blob) // 2 + 1)  # a rough count of the opcodes just read
+        if budget <= 0:
+            break
+    return list(dict.fromkeys(names))
 
 
 def recover(spec: JobSpec, unit_id: str) -> UnitResult | None:

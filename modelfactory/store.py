@@ -611,27 +611,28 @@ def import_problem(paths) -> tuple[str, str] | None:
     return None
 
 
-def model_imports(blob: bytes) -> list[str]:
+def model_imports(blob: bytes, ops: int | None = None) -> list[str]:
     """What loading the pickled model ``blob`` imports by name, as ``module:Qual.Name`` (or
     ``module:`` for a module cloudpickle imports whole, as a function's ``sm`` of ``import
-    statsmodels.api as sm``), without loading it; the standard library, cloudpickle,
-    modelfactory and ``__main__`` left out (the check that compares versions covers them)."""
+    statsmodels.api as sm``), without loading it; the standard library and ``__main__`` left
+    out.  ``ops``: read at most that many pickle opcodes (a model of millions of objects)."""
     import sys
 
-    own = {"cloudpickle", "modelfactory", "__main__"}
     out = []
-    for module, name in pickle_globals(blob):
+    for module, name in pickle_globals(blob, ops):
         root = module.partition(".")[0]
-        if root not in own and root not in sys.stdlib_module_names:
+        if root != "__main__" and root not in sys.stdlib_module_names:
             out.append(f"{module}:{name}")
     return list(dict.fromkeys(out))
 
 
-def pickle_globals(blob: bytes) -> list[tuple]:
+def pickle_globals(blob: bytes, ops: int | None = None) -> list[tuple]:
     """The (module, name) pairs that the pickle ``blob`` imports by name, in order (those read
-    before a part it cannot parse, if any), and (module, "") for a module that cloudpickle
-    imports whole (``subimport("statsmodels.api")``); without loading it."""
+    before a part it cannot parse, if any, or before its first ``ops`` opcodes end), and
+    (module, "") for a module that cloudpickle imports whole (``subimport("statsmodels.api")``);
+    without loading it."""
     import contextlib
+    import itertools
     import pickletools
 
     refs: list[tuple] = []
@@ -639,7 +640,9 @@ def pickle_globals(blob: bytes) -> list[tuple]:
     pushed: list = []  # what each op (but the memo ops) left on top of the stack: a name, a global, or None
     subimport = False  # the last global was cloudpickle's subimport: its argument comes next
     with contextlib.suppress(Exception):  # a pickle we cannot read through: the names found so far
-        for op, arg, _ in pickletools.genops(blob):
+        for op, arg, _ in itertools.islice(pickletools.genops(blob), ops):
+            if op.name in ("FRAME", "PROTO"):  # no stack effect (a frame may fall between a global's two names)
+                continue
             if op.name == "MEMOIZE":
                 memo[len(memo)] = pushed[-1] if pushed else None
                 continue
