@@ -671,20 +671,13 @@ def pickle_globals(blob: bytes, ops: int | None = None) -> list[tuple]:
 def _unimportable_global(blob: bytes, err: BaseException) -> str | None:
     """``module.Name`` of the first class (or function) that the pickle ``blob`` refers to and
     this process cannot import; None when there is none (``err`` came from the model's own code)."""
-    import importlib
-
     missing = err.name if isinstance(err, ModuleNotFoundError) else None
     for module, name in pickle_globals(blob):
         what = f"{module}.{name}" if name else module
         if missing:
             if module == missing or module.startswith(missing + "."):
                 return what
-            continue
-        try:
-            obj = importlib.import_module(module)
-            for part in name.split(".") if name else ():
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError):
+        elif import_problem([f"{module}:{name}"]):
             return what
     return None
 
