@@ -215,6 +215,52 @@ def _ctrl_c_for_this_process_only() -> Iterator[Callable]:
 
 
 @contextlib.contextmanager
+def _ctrl_c_held_while_closing() -> Iterator[Callable[[], None]]:
+    """Yield ``hold()``, to call as the job's block ends: from then until this block ends, the
+    cluster and client closing meanwhile, a Ctrl-C is held instead of raised.
+
+    A user presses Ctrl-C again while the first one's close runs (a second or so): raised there,
+    it broke off the close, so Dask's exit hook closed the cluster later (10 s more, and INFO lines
+    on the console) and the first Ctrl-C's message (which run to resume) was lost; a KubeCluster
+    left its pods.  A Ctrl-C held while the block ended with an error (the first Ctrl-C's) is
+    dropped; one held after a job that went well is delivered to the caller's handler once the
+    close is done.  A second press during the close stops holding, and raises: a close that hangs
+    can still be broken off."""
+    import signal
+
+    pressed: list = []
+    handler = None
+
+    def held(*_):
+        pressed.append(True)
+        if len(pressed) > 1:  # pressed again: the user means it, now (and once)
+            pressed.clear()
+            signal.signal(signal.SIGINT, handler)
+            signal.raise_signal(signal.SIGINT)
+
+    def hold() -> None:
+        nonlocal handler
+        if handler is None and threading.current_thread() is threading.main_thread():
+            current = signal.getsignal(signal.SIGINT)
+            if callable(current):
+                handler = current
+                signal.signal(signal.SIGINT, held)
+
+    def release() -> None:
+        if handler is not None and signal.getsignal(signal.SIGINT) is held:
+            signal.signal(signal.SIGINT, handler)
+
+    try:
+        yield hold
+    except BaseException:
+        release()
+        raise
+    release()
+    if pressed:  # the job went well and its cluster is closed: now the caller's handler
+        signal.raise_signal(signal.SIGINT)
+
+
+@contextlib.contextmanager
 def open_client(cluster=None, *, workers: int | None = None, settings=None) -> Iterator:
     """Yield a :class:`distributed.Client` (or None for ``"inline"``) for the job.
 
@@ -238,14 +284,20 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
             raise ClusterError(f"Could not start a local Dask cluster with {n} workers: {str(err).rstrip('.')}. "
                                "If this runs from a script, put the code under `if __name__ == \"__main__\":` "
                                "(Dask starts its worker processes by re-importing the script).") from err
-        with lc, Client(lc) as client:
-            yield client
+        with _ctrl_c_held_while_closing() as hold, lc, Client(lc) as client:
+            try:
+                yield client
+            finally:
+                hold()
         return
     if cluster == "kube":
         from .kube import kube_cluster
 
-        with kube_cluster(settings) as kc, Client(kc) as client:
-            yield client
+        with _ctrl_c_held_while_closing() as hold, kube_cluster(settings) as kc, Client(kc) as client:
+            try:
+                yield client
+            finally:
+                hold()
         return
     if isinstance(cluster, Client):
         yield cluster

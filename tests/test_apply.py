@@ -510,6 +510,39 @@ def test_a_ctrl_c_while_the_cluster_starts_goes_to_the_callers_own_handler(monke
     assert len(calls) == 1
 
 
+def test_ctrl_c_while_the_cluster_closes_is_held_dropped_after_an_error_delivered_after_success():
+    """The rules of run._ctrl_c_held_while_closing, on this process's real SIGINT (the CLI test
+    presses Ctrl-C twice on a real job)."""
+    import signal
+
+    from modelfactory.run import _ctrl_c_held_while_closing
+
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda *_: calls.append("caller"))
+    try:
+        with _ctrl_c_held_while_closing() as hold:  # a job that went well, Ctrl-C during its close
+            hold()
+            signal.raise_signal(signal.SIGINT)
+            assert calls == []  # held
+        assert calls == ["caller"]  # then the caller's handler, once closed
+        with pytest.raises(RuntimeError, match="the job's own"), _ctrl_c_held_while_closing() as hold:
+            try:
+                raise RuntimeError("the job's own")  # the first Ctrl-C's KeyboardInterrupt, say
+            finally:
+                hold()
+                signal.raise_signal(signal.SIGINT)  # pressed again while it closes: dropped
+        assert calls == ["caller"]
+        with _ctrl_c_held_while_closing() as hold:  # pressed twice during the close: the user means it
+            hold()
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            assert calls == ["caller", "caller"]
+        assert calls == ["caller", "caller"]  # and not once more after
+        assert signal.getsignal(signal.SIGINT) is not None and callable(signal.getsignal(signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_unit_run_group_by_group_leaves_no_files_of_its_own_attempts(tmp_path):
     """What an earlier attempt of an isolated unit wrote under out= goes (its groups get other
     names), and nothing else; training parts are read through the manifest and stay."""

@@ -1,6 +1,7 @@
 """The CLI: thin, one error line and exit 2 on bad input, --help everywhere."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -798,10 +799,11 @@ def test_ctrl_c_during_train_names_the_run_to_resume(tmp_path):
     assert f"--resume {pending['run_id']}" in err and "interrupted" in err
 
 
-def _ctrl_c_in_a_terminal(argv: list[str], when) -> tuple[int, str, list]:
+def _ctrl_c_in_a_terminal(argv: list[str], when, again: float | None = None) -> tuple[int, str, list]:
     """Run the CLI in a process group of its own, as a terminal runs a command, and send SIGINT
-    to the whole group once ``when(process)`` holds: what Ctrl-C in a terminal does.  Its exit
-    status, its stderr and what is left of the group two seconds after it exits."""
+    to the whole group once ``when(process)`` holds: what Ctrl-C in a terminal does (and again
+    ``again`` seconds later).  Its exit status, its stderr and what is left of the group two
+    seconds after it exits."""
     import signal
     import time
 
@@ -816,6 +818,10 @@ def _ctrl_c_in_a_terminal(argv: list[str], when) -> tuple[int, str, list]:
             assert proc.poll() is None and time.monotonic() < deadline, "the job ended before it could be interrupted"
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGINT)
+        if again is not None:
+            time.sleep(again)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         time.sleep(2)
         left = [p for p in psutil.pids() if _group_of(p) == proc.pid and _alive(p)]
@@ -842,19 +848,21 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("moment", ["while units run", "while the workers start"])
+@pytest.mark.parametrize("moment", ["while units run", "while the workers start", "twice, then while it closes"])
 def test_ctrl_c_in_a_terminal_prints_one_error_line_and_no_worker_tracebacks(tmp_path, moment):
     """A terminal's Ctrl-C reaches every process of the command's group, the cluster's worker
     processes too: each printed a traceback (KeyboardInterrupt in Dask's nanny code; "Fatal Python
     error: init_import_site" while still starting, and Dask's exit hook an AssertionError for the
     half-started cluster) over the one error line.  The workers now leave Ctrl-C to the job, which
-    closes its cluster; nothing of it is left running."""
+    closes its cluster; nothing of it is left running.  Pressed again while the cluster closed,
+    Ctrl-C broke the close off: Dask's exit hook closed it ten seconds later with INFO lines, and
+    the error line had lost which run to resume; the close now holds it."""
     import psutil
     from _data import metrics_table, write
 
     data = write(metrics_table(series=40, hours=168, apps=20), tmp_path / "d", ["app"])
     store = tmp_path / "store"
-    if moment == "while units run":
+    if moment != "while the workers start":
         def when(proc):
             return len(list(store.glob("runs/*/parts/*.parquet"))) >= 1
     else:
@@ -865,13 +873,16 @@ def test_ctrl_c_in_a_terminal_prints_one_error_line_and_no_worker_tracebacks(tmp
                 return False
     rc, err, left = _ctrl_c_in_a_terminal(["train", data, "--by", "app,site", "--time", "ts", "--target", "value",
                                            "--model", "ets", "--store", str(store), "--scheduler", "local",
-                                           "--workers", "2", "--unit-rows", "500", "-q"], when)
+                                           "--workers", "2", "--unit-rows", "500", "-q"], when,
+                                          again=0.2 if moment.startswith("twice") else None)
     assert rc == 130, err
     assert "Traceback" not in err and "Fatal Python error" not in err and "Exception ignored" not in err, err
     lines = [x for x in err.splitlines() if x.strip() and not x.startswith("Dask dashboard")]
     assert len(lines) == 1, err
     (line,) = lines
     assert line.startswith("error: interrupted"), err
+    if moment != "while the workers start":
+        assert "--resume" in line, err
     assert left == [], left
 
 
