@@ -203,7 +203,9 @@ def _ctrl_c_for_this_process_only() -> Iterator[Callable]:
             try:
                 signal.raise_signal(signal.SIGINT)
             except BaseException:
-                cluster.close()
+                with _ctrl_c_held_while_closing(deliver=False) as hold:  # pressed again: the close goes on
+                    hold()
+                    cluster.close()
                 raise
         return cluster
 
@@ -215,7 +217,7 @@ def _ctrl_c_for_this_process_only() -> Iterator[Callable]:
 
 
 @contextlib.contextmanager
-def _ctrl_c_held_while_closing() -> Iterator[Callable[[], None]]:
+def _ctrl_c_held_while_closing(deliver: bool = True) -> Iterator[Callable[[], None]]:
     """Yield ``hold()``, to call as the job's block ends: from then until this block ends, the
     cluster and client closing meanwhile, a Ctrl-C is held instead of raised.
 
@@ -224,8 +226,8 @@ def _ctrl_c_held_while_closing() -> Iterator[Callable[[], None]]:
     on the console) and the first Ctrl-C's message (which run to resume) was lost; a KubeCluster
     left its pods.  A Ctrl-C held while the block ended with an error (the first Ctrl-C's) is
     dropped; one held after a job that went well is delivered to the caller's handler once the
-    close is done.  A second press during the close stops holding, and raises: a close that hangs
-    can still be broken off."""
+    close is done (``deliver``; dropped too without).  A second press during the close stops
+    holding, and raises: a close that hangs can still be broken off."""
     import signal
 
     pressed: list = []
@@ -256,7 +258,7 @@ def _ctrl_c_held_while_closing() -> Iterator[Callable[[], None]]:
         release()
         raise
     release()
-    if pressed:  # the job went well and its cluster is closed: now the caller's handler
+    if pressed and deliver:  # the job went well and its cluster is closed: now the caller's handler
         signal.raise_signal(signal.SIGINT)
 
 

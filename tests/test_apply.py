@@ -510,6 +510,39 @@ def test_a_ctrl_c_while_the_cluster_starts_goes_to_the_callers_own_handler(monke
     assert len(calls) == 1
 
 
+def test_a_ctrl_c_held_during_the_start_then_pressed_again_as_the_cluster_closes_lets_the_close_finish(monkeypatch):
+    """The held Ctrl-C is raised once the cluster is up, and the cluster closed; pressed again as
+    that close began, it broke the close off and left the cluster to Dask's exit hook."""
+    import signal
+
+    import distributed
+
+    from modelfactory.run import local_cluster
+
+    made = []
+
+    class PressedTwice(distributed.LocalCluster):
+        def __init__(self, *a, **k):
+            made.append(self)
+            os.kill(os.getpid(), signal.SIGINT)  # during the start: held
+            super().__init__(*a, **k)
+
+        def close(self, *a, **k):
+            if not getattr(self, "pressed_again", False):  # again, as the (first) close begins
+                self.pressed_again = True
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().close(*a, **k)
+
+    monkeypatch.setattr(distributed, "LocalCluster", PressedTwice)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            local_cluster(1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert made and made[0].status.name == "closed"
+
+
 def test_ctrl_c_while_the_cluster_closes_is_held_dropped_after_an_error_delivered_after_success():
     """The rules of run._ctrl_c_held_while_closing, on this process's real SIGINT (the CLI test
     presses Ctrl-C twice on a real job)."""
