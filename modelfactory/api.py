@@ -572,25 +572,30 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                    sink=st.location, groups_prefix=f"runs/{run_id}/parts/", leaf_keys=leaf_keys,
                    models=base_src, resume=resume is not False, retrain=retrain, run_id=run_id)
     t0 = _time.perf_counter()
-    with open_client(cluster, settings=conf) as client:
-        check_code(client, spec)
-        plan_ = plan(info, by_, workers=worker_count(client), **planning)
-        st.write(f"runs/{run_id}/pending.json", json.dumps(
-            {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "unit_limit": plan_.limit,
-             "unit_multiple": plan_.multiple, "spec": job, "retrain": retrain, "base_run": base_id}).encode(),
-            "Nothing was trained: make room, or pick a store you can write to.")
-        bar = Progress(len(plan_.units), f"train {mspec.name}", progress, client)
-        try:
-            results = run_units(client, spec, info, plan_, bar)
-        except ModelFactoryError:
+    resumable = False  # once its pending.json is written
+    try:
+        with open_client(cluster, settings=conf) as client:
+            check_code(client, spec)
+            plan_ = plan(info, by_, workers=worker_count(client), **planning)
+            st.write(f"runs/{run_id}/pending.json", json.dumps(
+                {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "unit_limit": plan_.limit,
+                 "unit_multiple": plan_.multiple, "spec": job, "retrain": retrain, "base_run": base_id}).encode(),
+                "Nothing was trained: make room, or pick a store you can write to.")
+            resumable = True
+            bar = Progress(len(plan_.units), f"train {mspec.name}", progress, client)
+            try:
+                results = run_units(client, spec, info, plan_, bar)
+            except ModelFactoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a unit failed: nothing is committed
+                _raise_unit_failure(run_id, err, resumable=True)
+            finally:
+                bar.close()
+    except KeyboardInterrupt:  # Ctrl-C, while units ran or their cluster closed: which run to resume
+        if not resumable:
             raise
-        except KeyboardInterrupt:  # Ctrl-C: say which run to resume (`models list` shows it too)
-            raise KeyboardInterrupt(f"run {run_id} was not committed; resume it with resume={run_id!r} "
-                                    f"(train --resume {run_id}): the units already done are kept") from None
-        except Exception as err:  # noqa: BLE001 - a unit failed: nothing is committed
-            _raise_unit_failure(run_id, err, resumable=True)
-        finally:
-            bar.close()
+        raise KeyboardInterrupt(f"run {run_id} was not committed; resume it with resume={run_id!r} "
+                                f"(train --resume {run_id}): the units already done are kept") from None
     summary = _summarise("train", results, plan_, _time.perf_counter() - t0)
     if summary["groups"] == 0:  # an empty run must not become LATEST: remove it, commit nothing
         st.location.rm(f"runs/{run_id}", recursive=True)

@@ -224,10 +224,10 @@ def _ctrl_c_held_while_closing(deliver: bool = True) -> Iterator[Callable[[], No
     A user presses Ctrl-C again while the first one's close runs (a second or so): raised there,
     it broke off the close, so Dask's exit hook closed the cluster later (10 s more, and INFO lines
     on the console) and the first Ctrl-C's message (which run to resume) was lost; a KubeCluster
-    left its pods.  A Ctrl-C held while the block ended with an error (the first Ctrl-C's) is
-    dropped; one held after a job that went well is delivered to the caller's handler once the
-    close is done (``deliver``; dropped too without).  A second press during the close stops
-    holding, and raises: a close that hangs can still be broken off."""
+    left its pods.  A Ctrl-C held while the block ends with a KeyboardInterrupt (the first
+    Ctrl-C's) is dropped; otherwise it is delivered to the caller's handler once the close is done
+    (unless ``deliver`` is false).  A third press during the close stops holding, and raises: a
+    close that hangs can still be broken off, and a double press is held wherever it lands."""
     import signal
 
     pressed: list = []
@@ -235,7 +235,7 @@ def _ctrl_c_held_while_closing(deliver: bool = True) -> Iterator[Callable[[], No
 
     def held(*_):
         pressed.append(True)
-        if len(pressed) > 1:  # pressed again: the user means it, now (and once)
+        if len(pressed) > 2:  # pressed again and again: the user means it, now (and once)
             pressed.clear()
             signal.signal(signal.SIGINT, handler)
             signal.raise_signal(signal.SIGINT)
@@ -254,8 +254,10 @@ def _ctrl_c_held_while_closing(deliver: bool = True) -> Iterator[Callable[[], No
 
     try:
         yield hold
-    except BaseException:
+    except BaseException as err:
         release()
+        if pressed and deliver and not isinstance(err, KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # the caller's handler, over a job's own error
         raise
     release()
     if pressed and deliver:  # the job went well and its cluster is closed: now the caller's handler

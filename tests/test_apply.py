@@ -543,7 +543,7 @@ def test_a_ctrl_c_held_during_the_start_then_pressed_again_as_the_cluster_closes
     assert made and made[0].status.name == "closed"
 
 
-def test_ctrl_c_while_the_cluster_closes_is_held_dropped_after_an_error_delivered_after_success():
+def test_ctrl_c_while_the_cluster_closes_is_held_then_dropped_after_ctrl_c_and_delivered_otherwise():
     """The rules of run._ctrl_c_held_while_closing, on this process's real SIGINT (the CLI test
     presses Ctrl-C twice on a real job)."""
     import signal
@@ -552,28 +552,66 @@ def test_ctrl_c_while_the_cluster_closes_is_held_dropped_after_an_error_delivere
 
     calls = []
     previous = signal.signal(signal.SIGINT, lambda *_: calls.append("caller"))
-    try:
-        with _ctrl_c_held_while_closing() as hold:  # a job that went well, Ctrl-C during its close
-            hold()
-            signal.raise_signal(signal.SIGINT)
-            assert calls == []  # held
-        assert calls == ["caller"]  # then the caller's handler, once closed
-        with pytest.raises(RuntimeError, match="the job's own"), _ctrl_c_held_while_closing() as hold:
+
+    def closing(error: BaseException | None = None, presses: int = 1) -> None:
+        with _ctrl_c_held_while_closing() as hold:
             try:
-                raise RuntimeError("the job's own")  # the first Ctrl-C's KeyboardInterrupt, say
+                if error is not None:
+                    raise error
             finally:
                 hold()
-                signal.raise_signal(signal.SIGINT)  # pressed again while it closes: dropped
+                for _ in range(presses):
+                    signal.raise_signal(signal.SIGINT)  # pressed while it closes
+                seen = list(calls)
+        calls.append(("closed", seen))
+
+    try:
+        closing()  # a job that went well: held, then the caller's handler once closed
+        assert calls == ["caller", ("closed", [])]
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):  # the first Ctrl-C's: pressed again, dropped
+            closing(KeyboardInterrupt())
+        assert calls == []
+        with pytest.raises(RuntimeError, match="the job's own"):  # another error: still delivered
+            closing(RuntimeError("the job's own"))
         assert calls == ["caller"]
-        with _ctrl_c_held_while_closing() as hold:  # pressed twice during the close: the user means it
-            hold()
-            signal.raise_signal(signal.SIGINT)
-            signal.raise_signal(signal.SIGINT)
-            assert calls == ["caller", "caller"]
-        assert calls == ["caller", "caller"]  # and not once more after
-        assert signal.getsignal(signal.SIGINT) is not None and callable(signal.getsignal(signal.SIGINT))
+        calls.clear()
+        closing(presses=2)  # a double press: held, delivered once
+        assert calls == ["caller", ("closed", [])]
+        calls.clear()
+        closing(presses=3)  # pressed again and again: the user means it, at once, and once only
+        assert calls == ["caller", ("closed", ["caller"])]
+        assert callable(signal.getsignal(signal.SIGINT)) and signal.getsignal(signal.SIGINT) is not None
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_as_the_cluster_of_a_finished_training_closes_says_which_run_to_resume(by_app, tmp_path,
+                                                                                       monkeypatch):
+    """Held until the cluster is closed, then raised: the run is not committed, and the error
+    says which run to resume (it said "nothing was committed", its run id lost)."""
+    import signal
+
+    import distributed
+
+    real = distributed.Client.close
+    pressed = []
+
+    def close(self, *a, **k):
+        if not pressed:  # Ctrl-C as the job's client and cluster close, every unit done
+            pressed.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(distributed.Client, "close", close)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=r"^run (\S+) was not committed; resume it with resume='\1'"):
+            modelfactory.train(by_app, by="app,site", time="ts", target="value", store=str(tmp_path / "store"),
+                               workers=1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert pressed and modelfactory.ModelStore(str(tmp_path / "store")).pending()
 
 
 def test_a_unit_run_group_by_group_leaves_no_files_of_its_own_attempts(tmp_path):
