@@ -557,7 +557,13 @@ def _start(cls: type, settings: Settings, what: str, **kwargs) -> Any:
                    mf_startup_timeout=k.startup_timeout, mf_holder=holder, **kwargs)
     except (KeyboardInterrupt, SystemExit):
         if holder:
-            _abort_start(holder[0])
+            from .run import _ctrl_c_held_while_closing
+
+            # pressed again while what was created is deleted: the wait goes on (a third press breaks
+            # it off), or the process could end before the delete, the pods left running
+            with _ctrl_c_held_while_closing(deliver=False) as hold:
+                hold()
+                _abort_start(holder[0])
         raise
     except Exception as err:  # noqa: BLE001 - translated
         raise _translate(err, settings, what) from err

@@ -535,6 +535,36 @@ def test_ctrl_c_while_the_cluster_starts_deletes_what_was_created(fake):
     assert fake.created(ns) and fake.deletes(ns) and not fake.exists(ns, "early")
 
 
+def test_ctrl_c_pressed_again_while_the_start_cleans_up_still_waits_for_the_delete(fake, monkeypatch):
+    """The second press broke off the wait for the clean-up: the process could end before the
+    delete, leaving the DaskCluster and its pods."""
+    import asyncio
+    import signal
+
+    from dask_kubernetes.operator import KubeCluster
+
+    cls = kube._job_cluster_class(KubeCluster)
+    real = cls._mf_delete_if_ours
+
+    async def slow_delete(self):  # an API server that takes a second to answer
+        await asyncio.sleep(1.0)
+        await real(self)
+
+    monkeypatch.setattr(cls, "_mf_delete_if_ours", slow_delete)
+    fake.operator = "absent"
+
+    def ctrl_c_twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # during the clean-up
+
+    fake.on_create = ctrl_c_twice
+    ns = new_ns()
+    with pytest.raises(KeyboardInterrupt), kube.kube_cluster(job(ns, name="twice", resource_timeout=30)):
+        pytest.fail("the cluster cannot have started")
+    assert fake.deletes(ns), "raised before the delete"  # at once: not later, in the loop's thread
+    time.sleep(0.5)  # (the second press, if it was not held, is not left to land elsewhere)
+
+
 def test_an_attached_cluster_is_used_but_never_deleted(fake):
     from distributed import Client
 
