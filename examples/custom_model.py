@@ -67,13 +67,15 @@ def make_data(series: int, days: int, seed: int = 0) -> tuple[pd.DataFrame, pd.D
 
 @contextlib.contextmanager
 def dask_cluster(address: str | None, workers: int):
-    """The ``cluster=`` to pass: the given address (or 'inline'), else one LocalCluster for both calls."""
+    """The ``cluster=`` to pass: the given address (or 'inline'), else one local_cluster() for both calls."""
     if address:
         yield address
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as lc, Client(lc) as client:
+    from modelfactory.run import local_cluster  # the one a job makes: 1 thread a worker, quiet logs
+
+    with local_cluster(workers) as lc, Client(lc) as client:
         yield client
 
 

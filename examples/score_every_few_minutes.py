@@ -44,13 +44,15 @@ def metrics(hosts: int, start: pd.Timestamp, end: pd.Timestamp, seed: int) -> pd
 
 @contextlib.contextmanager
 def dask_cluster(address: str | None, workers: int):
-    """The ``cluster=`` to pass: the given address (or 'inline'), else one LocalCluster for the loop."""
+    """The ``cluster=`` to pass: the given address (or 'inline'), else one local_cluster() for the loop."""
     if address:
         yield address
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as lc, Client(lc) as client:
+    from modelfactory.run import local_cluster  # the one a job makes: 1 thread a worker, quiet logs
+
+    with local_cluster(workers) as lc, Client(lc) as client:
         yield client
 
 
