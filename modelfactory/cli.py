@@ -499,6 +499,7 @@ def _show(st, args, parse_key) -> int:
     import pandas as pd
 
     from .plot import format_key
+    from .store import import_name
 
     man = st.manifest(args.run)
     groups = st.groups(man["run_id"])
@@ -515,7 +516,7 @@ def _show(st, args, parse_key) -> int:
     print(f"input {man['input']['url']} ({man['input']['rows']:,} rows, {man['input']['files']} files)")
     print(f"{s['groups']:,} groups: ok {s['counts']['ok']:,}, failed {s['counts']['failed']:,}, "
           f"skipped {s['counts']['skipped']:,}; {s['wall_seconds']:.1f} s wall")
-    need = [p.rstrip(":").replace(":", ".") for p in man["spec"].get("imports", [])
+    need = [import_name(p) for p in man["spec"].get("imports", [])
             if not p.startswith(("cloudpickle", "modelfactory"))]  # those two: not the user's to install
     if need:  # pickled user models: what score checks that every worker imports
         print("its models need " + ", ".join(need))

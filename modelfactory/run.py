@@ -516,7 +516,7 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
             "class goes to the Dask workers by the name of its module: install that module (and what it imports) "
             "where they run, or put it on their PYTHONPATH, and restart them after changing it; or send it by "
             "value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
-    unloadable = {w: a[3] for w, a in answers.items() if len(a) > 3 and a[3]}
+    unloadable = {w: why for w, (*_, why) in answers.items() if why}
     if unloadable:
         raise ClusterError(
             f"{first(unloadable)} cannot load the models of run {models[0]!r}: "
@@ -541,7 +541,9 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
 
 
 def _unloadable(path: str, err: str, where: str) -> str:
-    return f"they need {path.rstrip(':').replace(':', '.')}, which cannot be imported {where} ({err})"
+    from .store import import_name
+
+    return f"they need {import_name(path)}, which cannot be imported {where} ({err})"
 
 
 def _check_in_process_storage(client, spec: JobSpec) -> None:

@@ -611,6 +611,13 @@ def import_problem(paths) -> tuple[str, str] | None:
     return None
 
 
+def import_name(path: str) -> str:
+    """``module.Qual.Name`` (or ``module``) of a ``module:Qual.Name`` (``module:``) of
+    :func:`model_imports`, as a user writes it."""
+    module, _, name = path.partition(":")
+    return f"{module}.{name}" if name else module
+
+
 def model_imports(blob: bytes, ops: int | None = None) -> list[str]:
     """What loading the pickled model ``blob`` imports by name, as ``module:Qual.Name`` (or
     ``module:`` for a module cloudpickle imports whole, as a function's ``sm`` of ``import
@@ -673,7 +680,7 @@ def _unimportable_global(blob: bytes, err: BaseException) -> str | None:
     this process cannot import; None when there is none (``err`` came from the model's own code)."""
     missing = err.name if isinstance(err, ModuleNotFoundError) else None
     for module, name in pickle_globals(blob):
-        what = f"{module}.{name}" if name else module
+        what = import_name(f"{module}:{name}")
         if missing:
             if module == missing or module.startswith(missing + "."):
                 return what
