@@ -178,8 +178,8 @@ def _kind(t: pa.DataType) -> str:
 
 
 # Key types that differ between the data and a store but whose values convert exactly, so a key
-# is matched as the stored type: 7 and "7" (a Hive folder), timestamps in any unit or time zone
-# (a naive one read as UTC, as Arrow does), dates and their ISO text.
+# is matched as the stored type: 7 and "7" (a Hive folder), timestamps in any unit, or in any two
+# time zones (never a zone and none: check_key_type), dates and their ISO text.
 _CONVERTIBLE = {frozenset(p) for p in (("integer",), ("string",), ("timestamp",), ("date",),
                                         ("integer", "string"), ("date", "string"))}
 
@@ -188,11 +188,19 @@ def check_key_type(name: str, data: pa.DataType, stored: pa.DataType, run_id: st
     """Refuse a key column whose type in the data cannot be matched with its type in the store.
     A column of type null (pandas writes an empty text column so: an empty scoring window) holds
     no value to match, and null keys are refused where rows have them."""
+    from .exceptions import SchemaError
+
     if pa.types.is_null(data):
         return
+    if pa.types.is_timestamp(data) and pa.types.is_timestamp(stored) and (data.tz is None) != (stored.tz is None):
+        zoned, naive = ("the data", f"run {run_id} of the store") if data.tz else (f"run {run_id} of the store", "the data")
+        raise SchemaError(
+            f"The key column {name!r} is {data} in the data but {stored} in run {run_id} of the store: times "
+            f"with a time zone ({zoned}) and without one ({naive}) cannot be matched, since which instants the "
+            f"times without a zone mean is not known (local wall-clock times read as UTC would give every "
+            f"group another group's model). Write {name!r} as {stored} (pandas: .dt.tz_localize(...) or "
+            ".dt.tz_convert('UTC').dt.tz_localize(None)), or train again on data like this.")
     if frozenset((_kind(data), _kind(stored))) not in _CONVERTIBLE:
-        from .exceptions import SchemaError
-
         raise SchemaError(
             f"The key column {name!r} is {data} in the data but {stored} in run {run_id} of the store: "
             f"its values cannot be matched with the stored keys. Cast {name!r} to {stored} (or train "
@@ -220,30 +228,39 @@ def keys_as_stored(keys: pa.Table, by: tuple[str, ...], types, run_id: str) -> t
         col = keys[k].combine_chunks()
         if pa.types.is_dictionary(col.type):
             col = col.dictionary_decode()
-        if col.type != to:
+        if pa.types.is_null(col.type):  # an empty text column as pandas writes it: no value to match
+            col, changed = pa.nulls(len(col), to), True
+        elif col.type != to:
             check_key_type(k, col.type, to, run_id)
             col, changed = _exactly(col, to), True
         cast.append(col)
     return cast, changed
 
 
+_CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError)
+
+
 def _exactly(col: pa.Array, to: pa.DataType) -> pa.Array:
     """``col`` cast to ``to``, null where a value does not convert there and back unchanged."""
-    try:
-        out = pc.cast(col, to)
-    except pa.ArrowInvalid:  # some values do not convert: cast them one by one
-        pieces = []
-        for j in range(len(col)):
-            try:
-                pieces.append(pc.cast(col.slice(j, 1), to))
-            except pa.ArrowInvalid:
-                pieces.append(pa.nulls(1, to))
-        out = pa.concat_arrays(pieces) if pieces else pa.array([], to)
+    out = _cast_or_null(col, to)
     try:
         same = pc.fill_null(pc.equal(pc.cast(out, col.type), col), False)
-    except pa.ArrowInvalid:
+    except _CAST_ERRORS:
         return pa.nulls(len(col), to)
     return pc.if_else(same, out, pa.nulls(len(out), to))
+
+
+def _cast_or_null(col: pa.Array, to: pa.DataType) -> pa.Array:
+    """``col`` cast to ``to``, null where a value does not convert at all ("x" to an integer).
+    A failing cast is retried on each half: a few such values among a million cost a few dozen
+    casts, not one a value."""
+    try:
+        return pc.cast(col, to)
+    except _CAST_ERRORS:
+        if len(col) <= 1:
+            return pa.nulls(len(col), to)
+    half = len(col) // 2
+    return pa.concat_arrays([_cast_or_null(col.slice(0, half), to), _cast_or_null(col.slice(half), to)])
 
 
 def stored_key_types(src: ModelSource, by: tuple[str, ...]) -> dict[str, pa.DataType]:
@@ -411,7 +428,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         written = scored | np.repeat(silent, groups.ends - groups.starts)
         flags = cols["is_anomaly"] & scored
         anomalies = np.add.reduceat(flags, groups.starts).astype(np.int64) if n else np.zeros(0, np.int64)
-        top = np.maximum.reduceat(np.where(scored, cols["score"], -1.0), groups.starts) if n else np.zeros(0)
+        top = np.fmax.reduceat(np.where(scored, cols["score"], -1.0), groups.starts)  # NaN scores: not a max if n else np.zeros(0)
         max_score = [float(v) if v >= 0 else None for v in top.tolist()]
     res = UnitResult(unit_id, groups=len(groups), rows=n, anomalies=int(anomalies.sum()))
     for st in STATUS:

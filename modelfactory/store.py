@@ -373,6 +373,9 @@ class ModelStore:
             if not hmac.compare_digest(sig, _sign(key, raw)):
                 raise IntegrityError(f"The signature of the manifest of {where} does not match: it was "
                                      f"changed, or signed with another key than {SIGNING_ENV}.")
+        if body.get("run_id") != rid:  # a whole manifest (and signature) copied from another run's folder
+            raise IntegrityError(f"The manifest in the folder of {where} is that of run {body.get('run_id')!r}: "
+                                 "it was copied there. Restore this run's own manifest from a backup, or retrain.")
         return body
 
     # -- reading ----------------------------------------------------------

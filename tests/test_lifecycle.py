@@ -325,6 +325,26 @@ def test_scores_of_the_wrong_length_fail_their_groups_instead_of_being_broadcast
                                             "it must return one value per row", regex=False).all()
 
 
+class SomeNaNScores(OneValueScore):
+    """A user model whose vectorised score_batch leaves some scores NaN, and flags row 3 of each series."""
+
+    name = "some_nan_scores"
+
+    @classmethod
+    def score_batch(cls, models, batch, **kwargs):
+        n = len(batch.values)
+        out = {"expected": np.zeros(n), "lower": np.zeros(n) - 1, "upper": np.zeros(n) + 1,
+               "score": np.tile(np.r_[np.nan, 0.5, 0.25, 2.0], n // 4 + 1)[:n], "is_anomaly": np.zeros(n, bool)}
+        out["is_anomaly"][batch.offsets[:-1] + 3] = True
+        return out
+
+
+def test_nan_scores_from_a_users_score_batch_leave_each_groups_max_score_the_largest_real_one(tmp_path):
+    scored = _trained_then_scored(SomeNaNScores, tmp_path)
+    assert scored.summary["counts"] == {"ok": 3, "failed": 0, "skipped": 0}
+    assert scored.groups.max_score.tolist() == [2.0, 2.0, 2.0] and scored.groups.anomalies.tolist() == [1, 1, 1]
+
+
 def test_only_failed_on_new_data_keeps_the_carried_models_fingerprints_so_only_changed_refits_them(tmp_path):
     t = metrics_table(series=3, hours=48, apps=1)
     data = write(t, tmp_path / "d", ["site"])

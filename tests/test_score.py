@@ -336,8 +336,7 @@ def test_score_matches_key_columns_whose_type_differs_from_training(tmp_path):
     modelfactory.train(str(tmp_path / "flat.parquet"), by=["day"], time="ts", target="value", store=store,
                        cluster="inline")  # day: timestamp[us, tz=UTC]
     for name, conv in [("ns", lambda s: s.astype("datetime64[ns, UTC]")),
-                       ("ms-paris", lambda s: s.dt.tz_convert("Europe/Paris").astype("datetime64[ms, Europe/Paris]")),
-                       ("naive", lambda s: s.dt.tz_localize(None))]:
+                       ("ms-paris", lambda s: s.dt.tz_convert("Europe/Paris").astype("datetime64[ms, Europe/Paris]"))]:
         t.assign(day=conv(t["day"])).to_parquet(tmp_path / f"{name}.parquet")
         s = modelfactory.score(str(tmp_path / f"{name}.parquet"), store=store, out=str(tmp_path / f"o-{name}"),
                                cluster="inline")
@@ -353,6 +352,58 @@ def test_score_refuses_a_key_column_whose_type_cannot_be_matched(tmp_path):
                                           r"timestamp\[[nu]s, tz=UTC\] in run .* of the store.*Cast 'day' to"):
         modelfactory.score(str(tmp_path / "text.parquet"), store=store, out=str(tmp_path / "o"), cluster="inline")
     assert not (tmp_path / "o").exists()
+
+
+def test_time_keys_with_and_without_a_zone_are_not_matched(tmp_path):
+    # Local wall-clock slots trained without a zone, scored with their zone: read as UTC, every
+    # slot would meet the model of the slot an hour away, and be scored "ok" with it.
+    from modelfactory.exceptions import SchemaError
+
+    t = make_table(1, days=3, apps=1, spikes=0).to_pandas()
+    slots = pd.date_range("2026-01-05 00:00", periods=4, freq="h", unit="us")
+    t = pd.concat([t.assign(slot=s, value=t["value"] + 10 * i) for i, s in enumerate(slots)], ignore_index=True)
+    t.to_parquet(tmp_path / "naive.parquet")
+    store = str(tmp_path / "store")
+    modelfactory.train(str(tmp_path / "naive.parquet"), by=["slot"], time="ts", target="value", store=store,
+                       cluster="inline")
+    t.assign(slot=t["slot"].dt.tz_localize("Europe/Berlin")).to_parquet(tmp_path / "zoned.parquet")
+    with pytest.raises(SchemaError, match=r"The key column 'slot' is timestamp\[us, tz=Europe/Berlin\] in the data "
+                                          r"but timestamp\[us\] in run .*: times with a time zone \(the data\) and "
+                                          r"without one \(run .*\) cannot be matched.*tz_localize"):
+        modelfactory.score(str(tmp_path / "zoned.parquet"), store=store, out=str(tmp_path / "o"), cluster="inline")
+    with pytest.raises(SchemaError, match="times with a time zone .* and without one .* cannot be matched"):
+        modelfactory.train(str(tmp_path / "zoned.parquet"), by=["slot"], time="ts", target="value", store=store,
+                           retrain="failed", cluster="inline")
+    assert not (tmp_path / "o").exists() and len(modelfactory.ModelStore(store).runs()) == 1
+    # the other way round: trained with a zone (UTC days), scored without one
+    (tmp_path / "utc").mkdir()
+    t, store = _trained_on_flat(tmp_path / "utc", "day")
+    t.assign(day=t["day"].dt.tz_localize(None)).to_parquet(tmp_path / "naive-days.parquet")
+    with pytest.raises(SchemaError, match=r"timestamp\[.s\] in the data but timestamp\[.s, tz=UTC\] in run .*"
+                                          r"with a time zone \(run .*\) and without one \(the data\)"):
+        modelfactory.score(str(tmp_path / "naive-days.parquet"), store=store, out=str(tmp_path / "o"),
+                           cluster="inline")
+
+
+def test_keys_that_mostly_convert_are_cast_in_bulk_and_an_empty_window_of_type_null_scores_nothing(tmp_path):
+    from modelfactory.scoring import _exactly, keys_as_stored
+
+    col = pa.array([str(i) for i in range(100_000)])
+    bad = pa.array(["x" if i in (5, 77_777) else str(i) for i in range(100_000)])
+    assert _exactly(col, pa.int64()).to_pylist() == list(range(100_000))
+    assert _exactly(bad, pa.int64()).to_pylist() == [None if i in (5, 77_777) else i for i in range(100_000)]
+    assert _exactly(pa.array(["7", "07", "x", None, "9" * 30]), pa.int64()).to_pylist() == [7, None, None, None, None]
+    cast, changed = keys_as_stored(pa.table({"k": pa.nulls(3)}), ("k",), (pa.string(),), "r")
+    assert changed and cast[0].type == pa.string() and cast[0].null_count == 3
+    # a scheduled score of an empty window, written by pandas 2 as a column of type null
+    t, store = _trained_on_flat(tmp_path, "site")
+    empty = pa.table({"site": pa.nulls(0), "ts": pa.array([], pa.timestamp("us", tz="UTC")),
+                      "value": pa.array([], pa.float64())})
+    import pyarrow.parquet as pq
+
+    pq.write_table(empty, tmp_path / "window.parquet")
+    s = modelfactory.score(str(tmp_path / "window.parquet"), store=store, out=str(tmp_path / "o"), cluster="inline")
+    assert s.summary["counts"] == {"ok": 0, "failed": 0, "skipped": 0}
 
 
 def test_a_string_key_that_is_not_an_exact_int_matches_no_model(tmp_path):

@@ -57,6 +57,21 @@ def test_signed_stores_refuse_unsigned_and_wrongly_signed_manifests(by_app, tmp_
         modelfactory.ModelStore(store).groups(run.id)
 
 
+def test_a_signed_manifest_copied_into_another_runs_folder_is_refused(by_app, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("MODELFACTORY_SIGNING_KEY", "k1")
+    store = str(tmp_path / "s")
+    old = modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    new = modelfactory.train(by_app, store=store, cluster="inline", params={"threshold": 5.0}, **ARGS)
+    for name in ("manifest.json", "manifest.sig"):  # checksummed and signed, but another run's
+        shutil.copy(tmp_path / "s" / "runs" / old.id / name, tmp_path / "s" / "runs" / new.id / name)
+    with pytest.raises(IntegrityError, match=f"The manifest in the folder of run '{new.id}' .* is that of run "
+                                             f"'{old.id}': it was copied there"):
+        modelfactory.ModelStore(store).manifest()
+    assert modelfactory.ModelStore(store).manifest(old.id)["run_id"] == old.id
+
+
 class PickledSeasonal(SeasonalProfile):
     """A user model class (not a built-in): stored pickled."""
 
