@@ -637,9 +637,10 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         "units": [{"id": r.unit_id, "groups": r.groups, "seconds": round(r.seconds, 4)} for r in results],
         # Which part holds which leaf (values of the partition keys that are group keys), so a
         # lookup or a scoring unit reads only the parts it needs: one entry per part, in the order
-        # of the parts (a unit whose groups ran one by one wrote several parts; each gets the
-        # unit's leaves).
-        "index": {"keys": list(leaf_keys), "parts": [[list(k) for k in r.leaves] for r in results for _ in r.parts]},
+        # of the parts (a unit whose groups ran one by one wrote a part per group: each lists
+        # its own group's leaves).
+        "index": {"keys": list(leaf_keys), "parts": [[list(k) for k in leaves] for r in results
+                                                     for leaves in r.leaves_by_part()]},
     }
     if plan_.mode == "shuffle":
         # Without key folders the groups were spread over the units by Dask's hash of their keys:

@@ -665,9 +665,16 @@ class UnitResult:
     table: pa.Table | None = None  # apply results, when there is no sink
     group_table: pa.Table | None = None  # group table, when there is no sink
     leaves: list[tuple] = field(default_factory=list)  # values of JobSpec.leaf_keys in this unit
+    # per part, the leaves it holds, when the unit wrote several (its groups ran one by one:
+    # merge_results); otherwise each part holds all of ``leaves``
+    part_leaves: list[list[tuple]] | None = None
     carried: dict[str, int] = field(default_factory=dict)  # models carried over, by the run that fitted them
     anomalies: int = 0  # anomalous points (scoring)
     imports: list[str] = field(default_factory=list)  # what loading its pickled models imports (training)
+
+    def leaves_by_part(self) -> list[list[tuple]]:
+        """The leaves each of :attr:`parts` holds, in the order of the parts."""
+        return self.part_leaves if self.part_leaves is not None else [self.leaves] * len(self.parts)
 
 
 class Groups:
@@ -1320,7 +1327,9 @@ def _unfitted(model: Model) -> str:
 
 def merge_results(unit_id: str, results: list[UnitResult]) -> UnitResult:
     """One result for a unit that ran as several pieces (isolated groups)."""
-    out = UnitResult(unit_id)
+    out = UnitResult(unit_id, part_leaves=[])
+    imports: dict[str, None] = {}
+    leaves: set[tuple] = set()
     for r in results:
         out.groups += r.groups
         out.rows += r.rows
@@ -1330,10 +1339,13 @@ def merge_results(unit_id: str, results: list[UnitResult]) -> UnitResult:
         for k, v in r.carried.items():
             out.carried[k] = out.carried.get(k, 0) + v
         out.anomalies += r.anomalies
-        out.imports = list(dict.fromkeys([*out.imports, *r.imports]))
+        imports.update(dict.fromkeys(r.imports))
+        out.part_leaves += r.leaves_by_part()  # each piece's part holds that piece's leaves only
         out.parts += r.parts
         out.errors += r.errors
-        out.leaves = sorted(set(out.leaves) | set(r.leaves), key=lambda k: tuple(str(v) for v in k))
+        leaves.update(r.leaves)
+    out.imports = list(imports)
+    out.leaves = sorted(leaves, key=lambda k: tuple(str(v) for v in k))
     tables = [r.group_table for r in results if r.group_table is not None]
     if tables:
         out.group_table = pa.concat_tables(tables, promote_options="permissive")

@@ -450,6 +450,9 @@ def test_a_group_that_kills_its_worker_fails_alone(procs, layout, request, tmp_p
     st = ModelStore(str(tmp_path / "store"))
     for app, site in g.drop(index="site-00007").reset_index()[KEYS].itertuples(index=False):
         assert st.load({"app": app, "site": site}, trust=True).is_fitted
+    if layout == "by_key":  # each part of a group run by itself is indexed under its own folder only
+        index = st.manifest()["index"]
+        assert len(index["parts"]) > 4 and sum(len(leaves) for leaves in index["parts"]) == SERIES, index
     if layout == "by_day":  # the parts of groups run one by one know their shuffle partition too,
         # or every scoring unit (and every load) reads every one of them first
         buckets = st.manifest()["buckets"]
