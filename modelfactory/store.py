@@ -438,9 +438,10 @@ class ModelStore:
             parts = [p for p, leaves in zip(parts, index["parts"]) if leaf in [[str(v) for v in lf] for lf in leaves]]
         elif bucket_index(man):
             parts = self._its_partition_first(man, want)
-        hit = None
+        hit = seen = None
         for part in parts:
             tbl = read_part(self.location, part, columns=list(by) + ["status", "error", "model"])
+            seen = tbl.select(list(by)).slice(0, 5) if seen is None else seen
             mask = None
             for k, v in zip(by, want):
                 col = tbl[k]
@@ -455,8 +456,10 @@ class ModelStore:
         if hit is None:
             from .plot import format_key
 
-            some = self.groups(man["run_id"])[list(by)].head(5)
-            shown = "; ".join(format_key(dict(zip(by, row))) for row in some.itertuples(index=False))
+            if seen is None and man["parts"]:  # examples from one part, not the whole run
+                seen = read_part(self.location, man["parts"][0], columns=list(by)).slice(0, 5)
+            some = seen.to_pylist() if seen is not None else []
+            shown = "; ".join(format_key(row) for row in some)
             raise StoreError(f"No group {dict(zip(by, want))} in run {man['run_id']!r}. "
                              f"Some that exist: {shown or 'none'}.")
         if hit["status"] != "ok":

@@ -479,6 +479,23 @@ def test_an_unknown_key_names_some_that_exist(by_app, tmp_path, capsys):
         modelfactory.ModelStore(store).load({"app": "checkout", "site": "eu-1"})
 
 
+def test_an_unknown_key_reads_one_part_for_its_examples_not_the_whole_run(by_app, tmp_path, monkeypatch):
+    import modelfactory.store
+
+    store = str(tmp_path / "s")
+    modelfactory.train(by_app, store=store, cluster="inline", unit_rows=1, **ARGS)  # a unit (a part) per app
+    st = modelfactory.ModelStore(store)
+    assert len(st.manifest()["parts"]) > 2
+    reads, read_part = [], modelfactory.store.read_part
+    monkeypatch.setattr(modelfactory.store, "read_part", lambda *a, **k: reads.append(a[1]) or read_part(*a, **k))
+    for key in ({"app": "checkout", "site": "eu-1"},  # no part holds its folder: one read, for the examples
+                {"app": "app0", "site": "eu-1"}):  # the part of app0's folder, read once
+        reads.clear()
+        with pytest.raises(StoreError, match=r"No group .* Some that exist: app=app\d,site=s\d+; "):
+            st.load(key)
+        assert len(reads) == 1, reads
+
+
 def test_reading_an_interrupted_run_says_it_was_interrupted_and_how_to_finish_it(corrupt_values, tmp_path, capsys):
     # A run stopped by a unit failing outside any group (here a file whose values cannot be
     # decoded) leaves its pending.json: `models show --run` or `score --run` with its id (the id
