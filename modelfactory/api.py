@@ -112,20 +112,23 @@ def _summarise(kind: str, results: list[UnitResult], plan_: Plan | None, wall: f
 
 def model_source(st: ModelStore, man: dict, info: DatasetInfo, trust: bool):
     """Where units find the models of a committed run (through its leaf index)."""
-    from .scoring import ModelSource
+    from .scoring import INLINE_LEAVES, ModelSource, lookup_of
+    from .store import _digest_of
 
     index = leaf_index(man)
     leaf_keys = tuple(index["keys"])
     lookup: dict = {}
+    digest = ""
     if leaf_keys and all(k in info.source.partition_keys or k in info.schema.names for k in leaf_keys):
-        for i, leaves in enumerate(index["parts"]):
-            for leaf in leaves:  # as text: Hive folder values, whatever type the data's keys have
-                lookup.setdefault(tuple(str(v) for v in leaf), []).append(i)
+        if sum(len(leaves) for leaves in index["parts"]) <= INLINE_LEAVES:
+            lookup = lookup_of(index["parts"])
+        else:  # each worker reads it from the manifest, once (scoring.leaf_lookup)
+            digest = _digest_of(man)
     sp = man["spec"]
     src = ModelSource(st.location, man["run_id"], sp["model"], sp.get("serializer", "native"),
-                      tuple(man["parts"]), lookup, leaf_keys, trust)
+                      tuple(man["parts"]), lookup, leaf_keys, trust, index_digest=digest)
     buckets = bucket_index(man)
-    if not lookup and buckets:
+    if not lookup and not digest and buckets:
         from .scoring import stored_key_types
 
         types = stored_key_types(src, tuple(sp["by"]))  # one footer, read here rather than by every unit

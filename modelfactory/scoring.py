@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 import time as _time
 from dataclasses import dataclass
 
@@ -47,6 +48,11 @@ class ModelSource:
     index: dict  # leaf key (tuple) -> indices into parts; empty: every part may hold any group
     leaf_keys: tuple[str, ...]  # the key columns that the index is keyed by
     trust: bool = False
+    # An index too big to send with every unit (a folder per group: a million leaves pickle to
+    # some 20 MB, and Dask sends and unpickles a task's arguments once per task): ``index`` is
+    # empty, and each worker process reads it from the run's manifest once (:func:`leaf_lookup`),
+    # checked against this digest of the manifest the client verified.
+    index_digest: str = ""
     # A run trained without key folders (its groups spread over the units by Dask's shuffle):
     # per part the shuffle partition it holds (None: any group), out of ``n_buckets``, and the
     # stored key types that the partition was computed from.  Empty: read every part.
@@ -67,12 +73,13 @@ def load_model_rows(src: ModelSource, groups: Groups, by: tuple[str, ...],
     from .store import read_part
 
     mine = groups.key_tuples()
-    if src.index and src.leaf_keys:
+    lookup = leaf_lookup(src)
+    if lookup and src.leaf_keys:
         # The index holds the values of the training data's Hive folders, which are text:
         # a leaf of an int64 column (7) is looked up as its text ("7").
         pos = [by.index(k) for k in src.leaf_keys]
         leaves = {tuple(str(k[i]) for i in pos) for k in mine}  # the index is keyed by text
-        wanted = sorted({i for leaf in leaves for i in src.index.get(leaf, ())})
+        wanted = sorted({i for leaf in leaves for i in lookup.get(leaf, ())})
     else:
         wanted = _bucket_parts(src, groups, by)
     names = ["status", "error", "model", *extra]
@@ -110,7 +117,7 @@ def load_model_rows(src: ModelSource, groups: Groups, by: tuple[str, ...],
         for j, key in enumerate(zip(*cols)):
             if key in unit_key:
                 out[unit_key[key]] = {c: values[c][j] for c in names}
-        if not todo and placed < 2 and len(out) < len(mine) and len(done) < len(src.parts) and not src.index:
+        if not todo and placed < 2 and len(out) < len(mine) and len(done) < len(src.parts) and not lookup:
             # The parts read held fewer than two groups where the manifest says: an empty part agrees
             # with any hash, and one group with another Dask's hash once in n.  That is too little to
             # tell that this Dask hashes as training's did, and a group with a model must not be
@@ -118,6 +125,50 @@ def load_model_rows(src: ModelSource, groups: Groups, by: tuple[str, ...],
             placed = 2
             todo = [j for j in range(len(src.parts)) if j not in done]
     return out
+
+
+#: Leaves up to which a run's leaf index travels with each unit (:attr:`ModelSource.index`);
+#: past it, each worker process reads it from the manifest once (about 0.5 MB pickled here).
+INLINE_LEAVES = 20_000
+
+
+def lookup_of(parts_leaves: list) -> dict[tuple, list[int]]:
+    """{leaf as a tuple of text: the indices of the parts that hold it}, from a manifest's
+    ``index["parts"]`` (per part, its leaves)."""
+    lookup: dict = {}
+    for i, leaves in enumerate(parts_leaves):
+        for leaf in leaves:  # as text: Hive folder values, whatever type the data's keys have
+            lookup.setdefault(tuple(str(v) for v in leaf), []).append(i)
+    return lookup
+
+
+_lookups: dict[tuple, dict] = {}  # this process's leaf indexes read from manifests (the last two)
+_lookups_lock = threading.Lock()
+
+
+def leaf_lookup(src: ModelSource) -> dict[tuple, list[int]]:
+    """The leaf index of ``src``: the one it carries, or, for a big one, the one in its run's
+    manifest, read once per process (per run) and checked against :attr:`ModelSource.index_digest`."""
+    if src.index or not src.index_digest:
+        return src.index
+    import json
+
+    from .exceptions import IntegrityError
+    from .store import _digest_of, leaf_index
+
+    key = (src.store.url, src.run_id, src.index_digest)
+    with _lookups_lock:  # the unit threads of a worker read it once between them
+        if key not in _lookups:
+            rel = f"runs/{src.run_id}/manifest.json"
+            body = json.loads(src.store.read_bytes(rel))
+            body.pop("checksum", None)
+            if _digest_of(body) != src.index_digest:
+                raise IntegrityError(f"The manifest of run {src.run_id!r} in {src.store.url!r} changed after this "
+                                     "job read it: it was rewritten meanwhile. Run the job again.")
+            while len(_lookups) >= 2:
+                _lookups.pop(next(iter(_lookups)))
+            _lookups[key] = lookup_of(leaf_index(body)["parts"])
+        return _lookups[key]
 
 
 def _bucket_parts(src: ModelSource, groups: Groups, by: tuple[str, ...]) -> list[int]:

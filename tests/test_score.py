@@ -1103,3 +1103,46 @@ def test_a_feature_that_was_a_number_in_training_and_is_boolean_now_is_refused(t
     path.write_text(json.dumps(body))
     assert modelfactory.score(str(as_bool), store=store, out=str(tmp_path / "o3"),
                               cluster="inline").summary["counts"]["ok"] == 3
+
+
+def test_a_big_leaf_index_is_read_from_the_manifest_by_each_worker_not_sent_with_every_unit(
+        tmp_path, client, monkeypatch):
+    """A run with a folder per group has a leaf per group: at a million, the index pickled to
+    22 MB, sent and unpickled once per unit.  Past INLINE_LEAVES, the units carry the manifest's
+    digest instead, and each worker process reads the index from the store once."""
+    import pickle
+
+    import modelfactory.scoring
+    from modelfactory.api import model_source
+    from modelfactory.dataset import discover
+
+    data = write(metrics_table(series=12, hours=72, apps=2), tmp_path / "d", ["app", "site"])
+    store = str(tmp_path / "s")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline",
+                       unit_rows=1)
+    st = modelfactory.ModelStore(store)
+    man = st.manifest()
+    small = model_source(st, man, discover(data), trust=False)
+    monkeypatch.setattr(modelfactory.scoring, "INLINE_LEAVES", 5)
+    big = model_source(st, man, discover(data), trust=False)
+    assert len(small.index) == 12 and not big.index and big.index_digest
+    assert modelfactory.scoring.leaf_lookup(big) == small.index  # what a worker reads: the same index
+    assert len(pickle.dumps(big)) < len(pickle.dumps(small))
+    reads = _counting_part_reads(monkeypatch)
+    one = write(metrics_table(series=12, hours=72, apps=2).filter(pc.equal(
+        metrics_table(series=12, hours=72, apps=2)["site"], "s003")), tmp_path / "one", ["app", "site"])
+    s = modelfactory.score(one, store=store, out=str(tmp_path / "o1"), cluster="inline")
+    assert s.summary["counts"] == {"ok": 1, "failed": 0, "skipped": 0} and len(reads) == 1, reads
+    for cluster in ("inline", client):
+        s = modelfactory.score(data, store=store, out=str(tmp_path / f"o-{cluster!s:.6}"), cluster=cluster)
+        assert s.summary["counts"] == {"ok": 12, "failed": 0, "skipped": 0}
+    # a manifest rewritten after the job read it is not trusted for the index
+    path = tmp_path / "s" / "runs" / man["run_id"] / "manifest.json"
+    body = json.loads(path.read_text())
+    body["index"]["parts"].reverse()
+    path.write_text(json.dumps(body))
+    modelfactory.scoring._lookups.clear()
+    from modelfactory.exceptions import IntegrityError
+
+    with pytest.raises(IntegrityError, match="changed after this job read it"):
+        modelfactory.scoring.leaf_lookup(big)
