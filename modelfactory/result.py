@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from ._io import Location
+from ._io import Location, PartInfo
 from .exceptions import ModelFactoryError
 from .kernel import OUTPUT_CLAIM, UnitResult, claimed_by
 from .store import ModelStore
@@ -229,6 +229,16 @@ def check_output_claim(sink: Location, run_id: str) -> None:
                          "by the other: give each job a folder of its own, and run it again.")
 
 
+def _rehashed(sink: Location, run_id: str, part: PartInfo) -> PartInfo:
+    """``part`` with the size and sha256 of the file now under its name."""
+    import dataclasses
+    import hashlib
+
+    with output_errors(sink, run_id, part.path):
+        data = sink.read_bytes(part.path)
+    return dataclasses.replace(part, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
 def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None:
     """Refuse to commit an ``out=`` folder that does not hold exactly the files this job wrote.
 
@@ -251,9 +261,12 @@ def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None
         if remote and size == 0:  # a folder marker (``scores/`` from the S3 console): no file
             continue
         have[rel] = size
-    # names only: a unit recomputed after its result was taken (a shuffle partition whose
-    # worker died) rewrites its files under the same names, with other seconds in them
+    # names only: a unit recomputed after its result was taken (a worker presumed dead that was
+    # still running it) rewrites its files under the same names, with other seconds in them; a
+    # file whose size is not the one its result says is checksummed again for _manifest.json
     ours = {p.path for r in results for p in r.parts}
+    for r in results:
+        r.parts = [_rehashed(sink, run_id, p) if p.path in have and have[p.path] != p.bytes else p for p in r.parts]
     gone = sorted(ours - set(have))
     other = sorted(set(have) - set(ours))
     if gone or other:

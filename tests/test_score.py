@@ -1,6 +1,7 @@
 """Train -> score -> anomalies on a real LocalCluster; models and data meet on the workers."""
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import ClassVar
 
@@ -691,7 +692,6 @@ def test_two_overwrites_of_one_folder_at_once_never_commit_rows_that_are_not_all
     # one before is still writing into the same folder. Same input, so the same file names: the
     # names-only check saw every file it wrote, and the slow job committed its _manifest.json
     # (its rows, its checksums) over files that were partly the other job's rows, exit 0.
-    import hashlib
     import threading
     import time
 
@@ -752,6 +752,33 @@ def test_a_folder_claimed_by_another_job_as_this_one_commits_is_left_uncommitted
     monkeypatch.undo()
     run = modelfactory.apply(by_app, **kw)
     assert (out / "_manifest.json").exists() and run.summary["counts"]["ok"] == 12
+
+
+def test_a_file_rewritten_by_a_late_attempt_of_its_unit_is_checksummed_again_for_the_manifest(by_app, tmp_path,
+                                                                                            monkeypatch):
+    # A worker presumed dead that was still running a unit rewrites its files after the job took
+    # the unit's result: same names, other bytes (other seconds in _groups/). _manifest.json listed
+    # the sizes and checksums of the first attempt's bytes.
+    import pyarrow.parquet as pq
+
+    from modelfactory import result
+
+    out = tmp_path / "out"
+    checked = result.check_output
+
+    def after_a_late_rewrite(sink, run_id, results):
+        victim = out / results[0].parts[0].path
+        t = pq.read_table(victim)
+        pq.write_table(t.replace_schema_metadata({"late": "attempt" * 10}), victim)
+        checked(sink, run_id, results)
+
+    monkeypatch.setattr(result, "check_output", after_a_late_rewrite)
+    modelfactory.apply(by_app, by=["app", "site"], func=lambda df: df.head(1)[["app", "site", "value"]],
+                       schema="app string, site string, value double", out=str(out), cluster="inline")
+    man = json.loads((out / "_manifest.json").read_text())
+    for p in man["parts"]:
+        data = (out / p["path"]).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (p["bytes"], p["sha256"]), p["path"]
 
 
 CUT_72 = pa.scalar(pd.Timestamp("2026-03-04T00:00:00", tz="UTC"), pa.timestamp("s", tz="UTC"))
