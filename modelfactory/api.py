@@ -1022,9 +1022,12 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         check_code(client, spec, models=(man["run_id"], sp["imports"]) if sp.get("imports") else None)
-        # without key folders, shuffled into as many partitions as the run's (or a divisor or multiple):
-        # each unit then needs only the parts of the partitions its groups hashed to in training
-        plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows, align=src.n_buckets)
+        # Against a run trained without key folders, shuffled into as many partitions as the run's
+        # (or a divisor or multiple), on the keys as the run's types: each unit then needs only the
+        # parts of the partitions its groups hashed to in training.  Data in key folders too: units
+        # of folders would each hold groups of nearly every part, and read them all.
+        plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows, align=src.n_buckets,
+                     shuffle=bool(src.n_buckets))
         _empty_output(sink, run_id, overwrite)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
         try:

@@ -218,13 +218,16 @@ def aligned_count(n: int, align: int) -> int:
 
 def plan(info: DatasetInfo, by: tuple[str, ...], *, workers: int,
          target_rows: int | None = None, limit: int | None = None, multiple: int | None = None,
-         align: int = 0) -> Plan:
+         align: int = 0, shuffle: bool = False) -> Plan:
     """Plan the work units for grouping ``info`` by ``by`` on ``workers`` workers.
 
     ``limit`` and ``multiple`` default from ``target_rows`` and ``workers``; a resumed
     run passes the values it was first planned with, so it gets the same units (and
     reuses their parts) on any number of workers.  ``align``: a shuffle's unit count is
-    made to divide this number or be a multiple of it (:func:`aligned_count`).
+    made to divide this number or be a multiple of it (:func:`aligned_count`).  ``shuffle``:
+    plan a shuffle even when the groups lie in key folders (a score job against a run whose
+    models are spread over its parts by the hash of their keys: units of folders would each
+    hold groups of every part).
     """
     total = info.rows
     auto = target_rows is None
@@ -236,7 +239,7 @@ def plan(info: DatasetInfo, by: tuple[str, ...], *, workers: int,
         # An automatic size is a goal, not a bound: a unit may pass it by part of a
         # leaf to keep units even, up to twice the goal (within MAX_UNIT_ROWS).
         limit = max(target, min(2 * target, MAX_UNIT_ROWS)) if auto else target
-    leaves = leaves_of(info, by)
+    leaves = [] if shuffle else leaves_of(info, by)
     if leaves:
         units = tuple(pack(leaves, target, multiple=multiple, limit=limit))
         return Plan("files", units, target, total, limit, multiple)

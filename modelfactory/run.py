@@ -1054,10 +1054,38 @@ def _key_digest(key: dict) -> str:
     return hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]
 
 
-def _read_chunk(spec: JobSpec, paths: tuple[str, ...]) -> pd.DataFrame:
+#: The prefix of the columns a scoring shuffle hashes when the data's key types are not the run's.
+_HASHED = "__mf_stored_"
+
+
+def _stored_key_types(spec: JobSpec, info) -> tuple | None:
+    """The key types of the run a score job scores with, when it was trained without key
+    folders (its parts are the shuffle partitions of its keys, as those types) and the data's
+    key types differ (an int64 ``shard`` trained, text scored): the scoring shuffle then hashes
+    the keys cast to them, as :func:`modelfactory.scoring._bucket_parts` does, so that each
+    unit holds the groups of its partitions only and reads their parts alone, not nearly every
+    part.  None otherwise: the keys as read hash alike."""
+    from ._schema import plain_type
+
+    src = spec.models if spec.kind == "score" else None
+    if src is None or not src.n_buckets or len(src.key_types) != len(spec.by):
+        return None
+    mine = tuple(plain_type(info.schema.field(k).type) for k in spec.by)
+    return tuple(src.key_types) if mine != tuple(src.key_types) else None
+
+
+def _read_chunk(spec: JobSpec, paths: tuple[str, ...], hashed: tuple | None = None) -> pd.DataFrame:
     from .dataset import read_files
 
-    return _exact_pandas(read_files(spec.source, paths, list(spec.columns), spec.filter))
+    table = read_files(spec.source, paths, list(spec.columns), spec.filter)
+    df = _exact_pandas(table)
+    if hashed:  # the keys as the run's types (null where a value has none: no model either)
+        from .scoring import keys_as_stored
+
+        cast, _ = keys_as_stored(table.select(list(spec.by)), spec.by, hashed, spec.models.run_id)
+        extra = _exact_pandas(pa.table({f"{_HASHED}{k}": c for k, c in zip(spec.by, cast)}))
+        df = pd.concat([df, extra.set_axis(df.index)], axis=1)
+    return df
 
 
 def _exact_pandas(table: pa.Table) -> pd.DataFrame:
@@ -1200,11 +1228,17 @@ def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -
         chunks.append(tuple(cur))
     meta = _exact_pandas(info.schema.empty_table().select(list(spec.columns)))
     method = "p2p" if client is not None else "tasks"
+    hashed = _stored_key_types(spec, info)
+    on = list(spec.by)
+    if hashed:  # shuffled on the keys as the run stores them: a partition's groups are those of its buckets
+        on = [f"{_HASHED}{k}" for k in spec.by]
+        meta = pd.concat([meta, _exact_pandas(pa.table({c: pa.array([], t) for c, t in zip(on, hashed)}))], axis=1)
     # dask turns object columns into Arrow strings by default, which breaks nested (list,
     # struct) columns; the partitions go back to Arrow with the dataset's own schema anyway
     with dask.config.set({"dataframe.convert-string": False}):
-        ddf = dd.from_map(functools.partial(_read_chunk, spec), chunks, meta=meta, enforce_metadata=False)
-        shuffled = ddf.shuffle(on=list(spec.by), npartitions=len(plan_.units), shuffle_method=method)
+        ddf = dd.from_map(functools.partial(_read_chunk, spec, hashed=hashed), chunks, meta=meta,
+                          enforce_metadata=False)
+        shuffled = ddf.shuffle(on=on, npartitions=len(plan_.units), shuffle_method=method)
         parts = shuffled.to_delayed()
     run = dask.delayed(_run_partition, pure=False)
     tasks = [run(spec, u.id, p, runner) for u, p in zip(plan_.units, parts)]

@@ -959,6 +959,40 @@ def test_scoring_without_key_folders_reads_each_part_once_not_once_per_unit(tmp_
     assert sorted(man["buckets"]["parts"]) == list(range(6)) and man["buckets"]["n"] == 6
 
 
+def test_scoring_keys_of_another_type_or_in_key_folders_still_reads_each_part_once(tmp_path, client, monkeypatch):
+    """Trained without key folders on an int64 ``shard``; scored with ``shard`` as text, or in
+    ``shard=`` folders. The scoring shuffle hashed the keys as read (text), so its partitions held
+    groups of every training partition (35 reads for 6 units of 6 parts), and units of folders
+    did too (34). Now the shuffle hashes the keys as the run's types, and data in key folders
+    is shuffled too."""
+    t = metrics_table(series=600, hours=48, apps=1).to_pandas()
+    t["shard"] = t["site"].str[1:].astype("int64")
+    t = t.drop(columns=["app", "site"])
+    data, store = write(pa.Table.from_pandas(t, preserve_index=False), tmp_path / "flat", []), str(tmp_path / "s")
+    modelfactory.train(data, by=["shard"], time="ts", target="value", params={"season_length": 24},
+                       store=store, cluster="inline", unit_rows=5_000)
+    man = modelfactory.ModelStore(store).manifest()
+    assert man["summary"]["mode"] == "shuffle" and len(man["parts"]) == 6
+    text = write(pa.Table.from_pandas(t.assign(shard=t["shard"].astype(str)), preserve_index=False),
+                 tmp_path / "text", [])
+    folders = write(pa.Table.from_pandas(t, preserve_index=False), tmp_path / "folders", ["shard"])
+    reads = _counting_part_reads(monkeypatch)
+    for name, where in (("text", text), ("folders", folders)):
+        reads.clear()
+        run = modelfactory.score(where, store=store, out=str(tmp_path / f"o-{name}"), cluster="inline",
+                                 unit_rows=5_000)
+        assert run.summary["mode"] == "shuffle" and run.summary["units"] == 6, name
+        assert run.summary["counts"] == {"ok": 600, "failed": 0, "skipped": 0}, name
+        assert sorted(reads) == sorted(p["path"] for p in man["parts"]), name  # each part once
+    # on a real cluster's p2p shuffle, the scores are those of the data as trained
+    run = modelfactory.score(folders, store=store, out=str(tmp_path / "o-c"), cluster=client, unit_rows=5_000)
+    same = modelfactory.score(data, store=store, out=str(tmp_path / "o-same"), cluster="inline", unit_rows=5_000)
+    assert run.summary["counts"] == same.summary["counts"] == {"ok": 600, "failed": 0, "skipped": 0}
+    got, want = (pd.read_parquet(tmp_path / o).astype({"shard": "int64"}).sort_values(["shard", "ts"])
+                 for o in ("o-c", "o-same"))
+    np.testing.assert_allclose(got["expected"].to_numpy(), want["expected"].to_numpy())
+
+
 def test_files_whose_key_and_target_types_widen_train_and_score_without_key_folders(tmp_path):
     """Files written by two writers (a key of int32 in one and int64 in the other, the target of
     float32 and float64) are one dataset of the wider types.  The check of the target's type at
