@@ -397,7 +397,7 @@ def test_keys_that_mostly_convert_are_cast_in_bulk_and_an_empty_window_of_type_n
     cast, changed = keys_as_stored(pa.table({"k": pa.nulls(3)}), ("k",), (pa.string(),), "r")
     assert changed and cast[0].type == pa.string() and cast[0].null_count == 3
     # a scheduled score of an empty window, written by pandas 2 as a column of type null
-    t, store = _trained_on_flat(tmp_path, "site")
+    _, store = _trained_on_flat(tmp_path, "site")
     empty = pa.table({"site": pa.nulls(0), "ts": pa.array([], pa.timestamp("us", tz="UTC")),
                       "value": pa.array([], pa.float64())})
     import pyarrow.parquet as pq
