@@ -768,9 +768,19 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
             )
         if col in info.conflicts:
             ta, fa, tb, fb = info.conflicts[col]
+            head = f"The {role} column {col!r} has conflicting types in the files of {url!r}: {ta} in {fa!r} but {tb} in {fb!r}"
+            if pa.types.is_timestamp(ta) and pa.types.is_timestamp(tb) and (ta.tz is None) != (tb.tz is None):
+                raise SchemaError(
+                    f"{head}: times with a time zone and without one, and which instants those without mean is "
+                    f"not known. Write them all with their zone (pandas: {col}.dt.tz_localize('UTC'), or the "
+                    "zone they were taken in).")
+            if pa.types.is_timestamp(ta) and pa.types.is_timestamp(tb) and ta.tz and tb.tz and ta.tz != tb.tz:
+                raise SchemaError(
+                    f"{head}: two time zones. Both convert exactly, but a dataset has one zone, so that every "
+                    "group's times read alike (in the frames a function gets, and in the scores written): write "
+                    f"the times of every file in the same zone (pandas: {col}.dt.tz_convert('UTC')).")
             raise SchemaError(
-                f"The {role} column {col!r} has conflicting types in the files of {url!r}: {ta} in {fa!r} "
-                f"but {tb} in {fb!r}, and neither converts safely to the other. Rewrite the files so "
+                f"{head}, and neither converts safely to the other. Rewrite the files so "
                 f"{col!r} has one type in all of them (e.g. cast it before writing).")
         if col in info.missing:
             n, example = info.missing[col]
@@ -788,6 +798,14 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
         t = need(k, "key")
         if pa.types.is_floating(t):
             raise SchemaError(f"The key column {k!r} is {t}; floating-point keys are refused. Cast it to an integer or string.")
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+            raise SchemaError(f"The key column {k!r} is {t} (bytes): keys are shown, typed and matched as text. "
+                              "Decode it to a string before writing (pandas: df[...].str.decode('utf-8')).")
+        if pa.types.is_nested(t):
+            raise SchemaError(f"The key column {k!r} is {t}: a key must be one value per row (a string, an "
+                              "integer, a date or a time). Flatten it into columns and group by them.")
     if time is not None:
         t = need(time, "time")
         if not pa.types.is_timestamp(t):
