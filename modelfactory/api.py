@@ -508,6 +508,11 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         raise ModelError("train needs a target column: pass target='...' (--target).")
     if needs_features and not feats:
         raise ModelError(f"Model {mspec.name!r} needs feature columns: pass features=[...] (--features).")
+    if feats and not mspec.uses_features():  # stored with the run, score would need them in the new data
+        raise ModelError(f"Model {mspec.name!r} does not use feature columns (it models {target!r} over time"
+                         f"{' from its window' if mspec.name == 'autoencoder' else ''}): leave features= "
+                         f"(--features {','.join(feats)}) out. Models that use them: random_forest, "
+                         "isolation_forest, autoencoder with input='features', or your own.")
     if time is not None and time in by_:  # each group one row: every group failed, "repeats a timestamp"
         raise SchemaError(f"The time column {time!r} is also one of the keys by={list(by_)}: each group would be "
                           f"one point in time. Drop {time!r} from by= (--by); the series of a group run along it.")

@@ -490,8 +490,13 @@ def _cmd_models_show(args) -> int:
 
 def _show(st, args, parse_key) -> int:
     if args.key:
-        model = _load_for_show(st, parse_key(args.key), args)
-        info = {"model": type(model).__name__, "params": model.get_params() if hasattr(model, "get_params") else {}}
+        from .plot import format_key
+
+        key = parse_key(args.key)
+        model = _load_for_show(st, key, args)
+        # the key as looked up (spaces around names and values dropped): which group this is
+        info = {"key": format_key(key), "model": type(model).__name__,
+                "params": model.get_params() if hasattr(model, "get_params") else {}}
         if hasattr(model, "get_state"):
             info["state"] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in model.get_state().items()}
         print(json.dumps(info, default=str) if args.json else json.dumps(info, indent=1, default=str))
@@ -617,8 +622,13 @@ def _cmd_demo(args) -> int:
         raise ModelFactoryError(f"Model {args.model!r} needs feature columns, and the demo dataset has none (only "
                                 f"app, site, ts, value). Pick one of {demo_ok} for demo, or train {args.model} on "
                                 "your own data with train --features.")
+    need = resolve_model(args.model, demo_params(args.model, args.days)).cls(
+        **demo_params(args.model, args.days)).required_rows()
+    if args.days * 24 < need:  # every series skipped, after writing the dataset
+        raise ModelFactoryError(f"--days {args.days} gives each series {args.days * 24} hourly points, and {args.model} "
+                                f"needs at least {need}: pass --days {-(-need // 24)} or more.")
     if not args.quiet and not args.json:
-        print(f"writing {args.series:,} hourly series x {args.days} days to {data}")
+        print(f"writing {args.series:,} hourly series x {args.days} day{'s' if args.days != 1 else ''} to {data}")
     with _store_errors(data, "the demo dataset folder"):
         write_dataset(data, args.series, days=args.days, storage_options=_storage_options(args))
     with _api_warning_dropped("no_model"):  # told once, by _fitted_some's error: line

@@ -50,6 +50,10 @@ class ModelSpec:
         (``autoencoder`` needs a time with ``input="window"``, features with ``"features"``)."""
         return self.cls(**self.params).data_needs()
 
+    def uses_features(self) -> bool:
+        """Whether the model reads feature columns at all, with these parameters."""
+        return self.cls(**self.params).uses_features()
+
     def __reduce__(self):
         # User classes travel with cloudpickle: by value when defined in a notebook or script
         # (or registered with cloudpickle.register_pickle_by_value), by reference otherwise.
@@ -907,7 +911,8 @@ def _times(spec: JobSpec, groups: Groups) -> tuple[np.ndarray, dict[int, str]]:
         missing = _per_group(pc.is_null(col).to_numpy(zero_copy_only=False), groups)
         for i in np.flatnonzero(missing).tolist():
             unusable[i] = (f"the time column {spec.time!r} has {missing[i]} missing value(s) in this group: "
-                           "fill them, or leave those rows out (filter=)")
+                           f"fill them, or leave those rows out (filter=\"{spec.time} is not null\", CLI: --where "
+                           f"\"{spec.time} is not null\")")
         col = pc.fill_null(col, pa.scalar(0, col.type))
     raw = pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
     unit = col.type.unit

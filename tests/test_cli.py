@@ -910,5 +910,6 @@ def test_models_show_of_a_key_written_otherwise_than_in_training_gives_the_hint_
     assert main(["models", "show", "--store", store, "--key", "site=5"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: No group {'site': '5'} in run ") and "another type or format" not in line
-    assert main(["models", "show", "--store", store, "--key", "site=07", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["model"]
+    assert main(["models", "show", "--store", store, "--key", " site = 07 ", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["model"] and shown["key"] == "site=07"  # which group: spaces around names and values dropped

@@ -2,6 +2,7 @@
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
+import pytest
 
 import modelfactory
 from modelfactory import demo
@@ -37,3 +38,16 @@ def test_a_short_demo_keeps_the_daily_season():
     # two weeks: two values a slot of a weekly season are too few to learn its spread
     assert demo.demo_params("seasonal", 14) == {} and demo.demo_params("seasonal", 28) == {"season_length": 168}
     assert demo.demo_params("holt_winters", 28) == {}
+
+
+@pytest.mark.parametrize("model, days, need", [("seasonal", 1, 2), ("ets", 2, 3)])
+def test_too_few_days_for_the_model_are_refused_before_the_dataset_is_written(tmp_path, capsys, model, days, need):
+    # every series was skipped (too short) after the dataset was written: exit 2, "fitted no model"
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--series", "3", "--days", str(days), "--model", model,
+                 "--scheduler", "inline"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --days {days} gives each series {days * 24} hourly points, and {model} needs "
+                          f"at least ") and err.endswith(f": pass --days {need} or more.\n") and not out.exists()
+    assert main(["demo", "--out", str(out), "--series", "3", "--days", str(need), "--model", model,
+                 "--scheduler", "inline", "--quiet"]) == 0

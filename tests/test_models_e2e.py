@@ -137,7 +137,9 @@ def test_a_group_whose_times_cannot_be_used_fails_alone_not_with_its_batch(model
     assert run.summary["units"] == 1  # every group in one batch
     g = run.groups.set_index("site")
     assert g.loc[sites[1], "status"] == "failed"
-    assert "the time column 'ts' has 4 missing value(s) in this group" in g.loc[sites[1], "error"]
+    assert g.loc[sites[1], "error"].startswith("the time column 'ts' has 4 missing value(s) in this group: fill them, or "
+                                               "leave those rows out (filter=\"ts is not null\", CLI: --where \"ts is "
+                                               "not null\")")
     assert g.loc[sites[2], "status"] == "failed"
     assert f"row(s) repeat a timestamp of this group, and {model!r} models one value per time" \
         in g.loc[sites[2], "error"]

@@ -477,6 +477,18 @@ def test_forest_rows_without_any_feature_are_not_scored(name):
     assert np.isfinite(r["expected"][24:]).all()  # still scored from the feature it has
 
 
+@pytest.mark.parametrize("name", ["random_forest", "isolation_forest"])
+def test_a_feature_with_no_finite_value_skips_its_group_saying_which(name):
+    from modelfactory.models.base import SkipGroup
+
+    y, t, X = make_series(336, period=24, seed=0)
+    X = np.column_stack([X, X[:, 0]])
+    X[:, 1] = np.nan  # "feature column 1": counted from 0, and of which list?
+    with pytest.raises(SkipGroup, match=rf"^{name}: the 2nd feature column \(in the order of features=\) has no "
+                                        "finite value in this group$"):
+        get(name).fit(y, t=t, X=X)
+
+
 @pytest.mark.parametrize("name,unit", [("holt_winters", 1e160), ("autoencoder", 1e160),
                                        ("random_forest", 1e160), ("isolation_forest", 1e40)])
 def test_values_too_large_for_float64_skip_their_group(name, unit):

@@ -189,7 +189,18 @@ def test_missing_columns_list_the_columns_that_exist(by_app, tmp_path):
              by=["app", "host"])
     _refused(tmp_path, by_app, SchemaError, "time column 'when' is not in", time="when")
     _refused(tmp_path, by_app, SchemaError, "target column 'latency' is not in", target="latency")
-    _refused(tmp_path, by_app, SchemaError, "feature column 'x9' is not in", features=["x1", "x9"])
+    _refused(tmp_path, by_app, SchemaError, "feature column 'x9' is not in", features=["x1", "x9"],
+             model="random_forest")
+
+
+@pytest.mark.parametrize("model", ["seasonal", "holt_winters", "ets", "sarimax", "autoencoder"])
+def test_features_for_a_model_that_never_reads_them_are_refused(by_app, tmp_path, model):
+    # taken, stored with the run, and then required by score in the new data, for nothing
+    _refused(tmp_path, by_app, ModelError, rf"Model '{model}' does not use feature columns \(it models 'value' over "
+             r"time.*\): leave features= \(--features x1\) out", features=["x1"], model=model)
+    run = modelfactory.train(by_app, store=str(tmp_path / "s"), cluster="inline", **{**ARGS, "features": ["x1"]},
+                             model="autoencoder", params={"input": "features"})
+    assert run.summary["counts"]["ok"] == 12
 
 
 def test_non_numeric_target_and_non_timestamp_time(by_app, tmp_path):

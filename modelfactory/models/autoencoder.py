@@ -144,6 +144,9 @@ class Autoencoder(Model):
     def data_needs(self) -> tuple[bool, bool]:
         return self.input == "window", self.input == "features"
 
+    def uses_features(self) -> bool:
+        return self.input == "features"
+
     def _check_data(self, y, t, X) -> None:
         if self.input == "window" and t is None:
             raise ModelError("autoencoder with input='window' needs a time column: pass time=.")

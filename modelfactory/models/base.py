@@ -213,6 +213,9 @@ class Model:
     min_rows: ClassVar[int] = 1
     needs_time: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
+    #: True for a model that never reads feature columns (a model of the target over time):
+    #: ``train`` then refuses ``features=``, which ``score`` would need in the new data too.
+    ignores_features: ClassVar[bool] = False
     #: Whether values beyond :data:`MAX_ABS_VALUE` skip the group (False for a model that
     #: squares nothing, such as ``seasonal``'s medians and MADs).
     skips_huge_values: ClassVar[bool] = True
@@ -250,6 +253,11 @@ class Model:
         """Whether this model, with its parameters, needs (a time column, feature columns):
         checked before a job runs.  The class's ``needs_time`` / ``needs_features`` by default."""
         return self.needs_time, self.needs_features
+
+    def uses_features(self) -> bool:
+        """Whether this model, with its parameters, reads feature columns at all (not
+        ``ignores_features`` by default; a user's model may, so it gets them)."""
+        return not self.ignores_features
 
     def required_rows(self) -> int:
         """The fewest non-missing values a series needs (groups with fewer are skipped)."""

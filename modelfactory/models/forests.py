@@ -68,7 +68,10 @@ class _Forest(Model):
                                 "float32 trees (at most 3.4e38): rescale that column")
             if not np.isfinite(M).any(axis=0).all():
                 bad = int(np.flatnonzero(~np.isfinite(M).any(axis=0))[0])
-                raise SkipGroup(f"{self.name}: feature column {bad} has no finite value in this group")
+                k = bad + 1
+                nth = f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+                raise SkipGroup(f"{self.name}: the {nth} feature column (in the order of features=) has no "
+                                "finite value in this group")
             self.medians_ = np.nanmedian(np.where(np.isfinite(M), M, np.nan), axis=0)
         elif M.shape[1] != len(self.medians_):
             raise ModelError(f"{self.name} was fitted on {len(self.medians_) - self._uses_target()} "

@@ -407,6 +407,7 @@ class HoltWinters(Model):
     expects_what_it_scores = True
     name = "holt_winters"
     needs_time = True
+    ignores_features = True
     params: ClassVar = {
         "season_length": Param(24, int, low=2, doc="steps per season"),
         "step": Param(None, (int, type(None)), low=1, doc="seconds between points"),

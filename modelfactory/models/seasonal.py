@@ -158,6 +158,7 @@ class SeasonalProfile(Model):
     expects_what_it_scores = True
     name = "seasonal"
     needs_time = True
+    ignores_features = True
     skips_huge_values = False  # medians and MADs: no squares to overflow, as fit_batch (a run) fits them
     params: ClassVar = {
         "season_length": Param(24, int, low=1, doc="slots per season"),

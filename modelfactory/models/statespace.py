@@ -42,6 +42,7 @@ class _StateSpaceModel(Model):
 
     expects_what_it_scores = True
     needs_time = True
+    ignores_features = True
     state_attrs: ClassVar = ("step_", "t_last_", "params_", "tail_", "notes_", "yloc_", "yscale_", "widen_")
     _centre: ClassVar[bool] = False  # subtract the median too (only where a level absorbs it)
 
