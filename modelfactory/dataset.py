@@ -335,11 +335,20 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
     if not results:
         raise DatasetError(f"No Parquet files under {url!r}, only empty objects (folder markers). Point at "
                            "a folder of .parquet files (optionally Hive-partitioned, e.g. app=…/site=…/part-0.parquet).")
-    both = {}
+    both, loose = {}, {}
     for r in results:
-        for k in keys:
+        for i, k in enumerate(keys):
             if k in r[2].names:
-                both.setdefault(k, r[0].path)
+                if r[0].partition[i] is None:  # a file outside any k= folder, beside files inside them
+                    loose.setdefault(k, r[0].path)
+                else:
+                    both.setdefault(k, r[0].path)
+    if loose and not both:
+        k, p = next(iter(loose.items()))
+        raise SchemaError(
+            f"{p!r} is not inside any {k}=… folder, while other files under {url!r} are (its {k!r} is a column "
+            f"of the file): one dataset has one layout. Move it into the {k}=<value>/ folder of its rows (and "
+            f"drop its {k!r} column), or point at a folder that holds files of one layout.")
     if both:
         where = "; ".join(f"{k!r} (e.g. in {p!r})" for k, p in both.items())
         raise SchemaError(
