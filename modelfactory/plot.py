@@ -97,7 +97,7 @@ def _match_key(groups: pd.DataFrame, by: list[str], want: dict[str, str], where:
                           f"Give a key like {format_key(dict.fromkeys(by, '...'))!r}.")
     mask = np.ones(len(groups), dtype=bool)
     for k, v in want.items():
-        mask &= groups[k].astype(str).to_numpy() == v
+        mask &= _equal_to_text(groups[k], v)
     hits = groups[mask]
     if len(hits) == 1:
         return hits.iloc[0]
@@ -112,6 +112,32 @@ def _match_key(groups: pd.DataFrame, by: list[str], want: dict[str, str], where:
     raise SchemaError(f"The key {format_key(want)} matches {len(hits):,} groups in {where}: {shown}"
                       f"{'; ...' if len(hits) > _EXAMPLES_SHOWN else ''}. Name every key column "
                       f"({', '.join(by)}).")
+
+
+def _equal_to_text(col: pd.Series, v: str) -> np.ndarray:
+    """Where the key column ``col`` equals the text ``v``: as text (``str`` of each value), or
+    else as the column's type, as ``models show --key`` reads a key (``2026-01-02T00:00:00Z`` or
+    ``2026-01-02`` for a time key, UTC unless an offset is given; ``true`` for a boolean)."""
+    text = col.astype(str).to_numpy() == v
+    if text.any() or not len(col):
+        return text
+    try:
+        if pd.api.types.is_bool_dtype(col.dtype):
+            typed: Any = {"true": True, "false": False, "1": True, "0": False}[v.strip().lower()]
+        elif pd.api.types.is_datetime64_any_dtype(col.dtype):
+            typed = pd.Timestamp(v)
+            zoned = getattr(col.dtype, "tz", None) is not None
+            if zoned and typed.tz is None:
+                typed = typed.tz_localize("UTC")
+            elif not zoned and typed.tz is not None:
+                typed = typed.tz_convert("UTC").tz_localize(None)
+        elif pd.api.types.is_numeric_dtype(col.dtype):
+            typed = float(v)
+        else:
+            return text
+    except (KeyError, ValueError, TypeError):
+        return text
+    return np.asarray((col == typed).fillna(False), dtype=bool)
 
 
 def _plain(v: Any) -> Any:
@@ -223,7 +249,7 @@ def _from_frame(df: pd.DataFrame, want: dict[str, str], time: str | None, target
                           f"Columns: {', '.join(map(str, df.columns))}.")
     mask = np.ones(len(df), dtype=bool)
     for k, v in want.items():
-        mask &= df[k].astype(str).to_numpy() == v
+        mask &= _equal_to_text(df[k], v)
     rows = df[mask]
     if filter is not None and not rows.empty:
         rows = _filtered_frame(rows, filter)

@@ -117,6 +117,21 @@ def test_plot_from_a_forecasting_store_says_its_training_rows_are_not_scored(tmp
     assert np.isfinite(s.frame["expected"]).sum() == 24
 
 
+def test_time_and_boolean_keys_are_read_as_models_show_reads_them(runs):
+    # plot --key matched the text of str(value) only: "k=2026-01-02 00:00:00+00:00" and "k=True"
+    frame = pd.read_parquet(runs["scores_seasonal"])
+    two = frame["site"] == "site-00002"
+    frame = frame.assign(slot=np.where(two, pd.Timestamp("2026-01-02", tz="UTC"), pd.Timestamp("2026-01-03", tz="UTC")),
+                         flag=two).drop(columns=["app", "site"])
+    frame["slot"] = pd.to_datetime(frame["slot"], utc=True)
+    want = frame[two].sort_values("ts")["value"].to_numpy()
+    for key in ("slot=2026-01-02T00:00:00Z,flag=true", "slot=2026-01-02,flag=1", "slot=2026-01-02 01:00+01:00,flag=True",
+                "slot=2026-01-02 00:00:00+00:00,flag=True"):
+        np.testing.assert_array_equal(load_series(frame, key).frame["value"].to_numpy(), want)
+    with pytest.raises(DatasetError, match="No rows for slot=2026-01-04"):
+        load_series(frame, "slot=2026-01-04,flag=true")
+
+
 def test_every_kind_of_source_gives_the_same_rows(runs):
     key = {"site": "site-00002"}  # a subset of the keys that names one group
     from_folder = load_series(runs["scores_seasonal"], key)
