@@ -321,7 +321,7 @@ def _print_summary(run, args, where: str) -> None:
         print(json.dumps({"run": run.id, **run.summary, **named, "where": where}, default=str))
         return
     s, c = run.summary, run.summary["counts"]
-    print(f"run {run.id} ({s['kind']}): {s['groups']:,} groups, ok {c['ok']:,}, "
+    print(f"run {run.id} ({s['kind']}): {s['groups']:,} group{'' if s['groups'] == 1 else 's'}, ok {c['ok']:,}, "
           f"failed {c['failed']:,}, skipped {c['skipped']:,}")
     print(f"{s['rows']:,} rows in {s['units']} unit{'' if s['units'] == 1 else 's'} ({s['mode']}); "
           f"{s['wall_seconds']:.1f} s wall")
@@ -330,8 +330,13 @@ def _print_summary(run, args, where: str) -> None:
         print(f"retrain ({r['mode']}) of run {r['base_run']}: {r['refit']:,} group{'' if r['refit'] == 1 else 's'} "
               f"refit, {r['carried_over']:,} carried over")
     by = getattr(args, "by", None) or s.get("spec", {}).get("by")  # train's --by; score's from its models
-    for key, err in run.errors[:5]:
+    shown = run.errors[:5]
+    for key, err in shown:
         print(f"  failed {_key_text(key, by)}: {err}")
+    if c["failed"] > len(shown) and shown:
+        every = (f"models show --store {where} --run {run.id}" if run.kind == "train"
+                 else f"status 'failed' in {where.rstrip('/')}/_groups/")
+        print(f"  ... and {c['failed'] - len(shown):,} more failed: {every}")
     print(f"written to {where}")
 
 
@@ -518,8 +523,11 @@ def _show(st, args, parse_key) -> int:
         return 0
     s = man["summary"]
     print(f"run {man['run_id']}: {man['spec']['model']} {man['spec']['params']}")
-    print(f"input {man['input']['url']} ({man['input']['rows']:,} rows, {man['input']['files']} files)")
-    print(f"{s['groups']:,} groups: ok {s['counts']['ok']:,}, failed {s['counts']['failed']:,}, "
+    print(f"input {man['input']['url']} ({man['input']['rows']:,} rows, {man['input']['files']} "
+          f"file{'' if man['input']['files'] == 1 else 's'})")
+    if (man["input"].get("filter") or {}).get("text"):  # the run's --where: the rows it was fitted on
+        print(f"where {' '.join(man['input']['filter']['text'].split())}: {s['rows']:,} of those rows")
+    print(f"{s['groups']:,} group{'' if s['groups'] == 1 else 's'}: ok {s['counts']['ok']:,}, failed {s['counts']['failed']:,}, "
           f"skipped {s['counts']['skipped']:,}; {s['wall_seconds']:.1f} s wall")
     need = [import_name(p) for p in man["spec"].get("imports", [])
             if not p.startswith(("cloudpickle", "modelfactory"))]  # those two: not the user's to install
@@ -539,7 +547,7 @@ def _show(st, args, parse_key) -> int:
         print(f"  {row['status']:<8} {key}: {row['error']}")
     if len(not_ok) > len(failed):
         print(f"  ... {len(not_ok) - len(failed):,} more groups not ok: all are in ModelStore(...).groups() "
-              f"and in `report --store {args.store}`")
+              f"and in `report --store {args.store} --run {man['run_id']}`")
     return 0
 
 

@@ -24,6 +24,29 @@ def test_train_prints_a_summary(by_app, tmp_path, capsys):
     assert f"written to {tmp_path / 's'}" in out
 
 
+def test_a_summary_says_how_many_failures_it_does_not_list_and_where_they_are(tmp_path, capsys):
+    # five "failed" lines and nothing more, for 8 failed groups; and "1 groups"
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from _data import metrics_table, write
+
+    t = metrics_table(series=10, hours=48, apps=1)
+    broken = pc.is_in(t["site"], pa.array([f"s{i:03d}" for i in range(8)]))
+    t = t.set_column(t.schema.get_field_index("ts"), "ts", pc.if_else(broken, pa.scalar(None, t["ts"].type), t["ts"]))
+    data, store = write(t, tmp_path / "d", ["app"]), str(tmp_path / "s")
+    argv = ["--by", "app,site", "--time", "ts", "--target", "value", "--scheduler", "inline", "--quiet"]
+    assert main(["train", data, "--store", store, *argv, "-p", "season_length=12"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    run = modelfactory.ModelStore(store).latest()
+    assert lines[0] == f"run {run} (train): 10 groups, ok 2, failed 8, skipped 0"
+    assert [x.startswith("  failed app=a") for x in lines].count(True) == 5
+    assert f"  ... and 3 more failed: models show --store {store} --run {run}" in lines
+    one = write(t.filter(pc.equal(t["site"], "s009")), tmp_path / "one", ["app"])
+    assert main(["score", one, "--store", store, "--out", str(tmp_path / "o"), "--scheduler", "inline",
+                 "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("(score): 1 group, ok 1, failed 0, skipped 0")
+
+
 def test_json_summary(by_app, tmp_path, capsys):
     assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value",
                  "--store", str(tmp_path / "s"), "--scheduler", "inline", "--json"]) == 0
@@ -136,6 +159,13 @@ def test_where_reads_only_the_rows_it_names_for_train_and_score(by_app, tmp_path
     assert 0 < len(want) < len(pairs)
     groups = modelfactory.ModelStore(store).groups()
     assert set(zip(groups["app"], groups["site"])) == want and len(groups) == len(want)
+    capsys.readouterr()
+    assert main(["models", "show", "--store", store]) == 0  # which rows it was fitted on, not only the input's
+    shown = capsys.readouterr().out.splitlines()
+    rows = modelfactory.ModelStore(store).manifest()["summary"]["rows"]
+    text = " ".join(modelfactory.ModelStore(store).manifest()["input"]["filter"]["text"].split())
+    assert shown[2] == f"where {text}: {rows:,} of those rows"
+    assert "app0" in shown[2] and "(value > -1000000000)" in shown[2]
     assert main(["score", by_app, "--store", store, "--out", str(tmp_path / "o"), "--scheduler", "inline",
                  "--quiet", "--where", "app = app2 or_not"]) == 2
     assert "error: --where 'app = app2 or_not': cannot read the condition" in capsys.readouterr().err
@@ -301,8 +331,9 @@ def test_demo_refuses_a_bad_model_before_writing_and_a_run_with_no_model_is_exit
     out = tmp_path / "d2"
     assert main(["demo", "--out", str(out), "--series", "4", "--days", "1", "--scheduler", "inline",
                  "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "error: run " in err and "fitted no model" in err and "seasonal needs at least 48" in err
+    err = capsys.readouterr().err  # refused before the dataset is written, as the models it cannot fit
+    assert err.startswith("error: --days 1 gives each series 24 hourly points, and seasonal needs at least 48")
+    assert not out.exists()
     assert main(["demo", "--out", str(out), "--series", "4", "--days", "2", "--scheduler", "inline",
                  "--quiet"]) == 0
 
