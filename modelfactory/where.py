@@ -202,4 +202,17 @@ def _where_one(toks: list, clause: str, pc, types: dict):
         e = col.isin(pa.array([v.as_py() if isinstance(v, pa.Scalar) else v for v in values],
                               values[0].type if isinstance(values[0], pa.Scalar) else None))
         return ~e if negate else e
-    raise _WhereError(clause, f"cannot read the condition {' '.join(str(v) for _, v in toks)!r}")
+    shown = " ".join("'" + str(v).replace("'", "''") + "'" if k == "str" else str(v) for k, v in toks)
+    lowered = [v.lower() if k == "word" else None for k, v in toks]
+    hint = ""
+    if "or" in lowered:
+        hint = ("; 'or' is not supported: for values of one column write COLUMN in (A, B), and conditions "
+                "that must all hold are joined by 'and' (or given as more than one --where)")
+    elif "between" in lowered:
+        hint = "; 'between' is not supported: write COLUMN >= A and COLUMN <= B"
+    elif "like" in lowered:
+        hint = "; 'like' is not supported: list the values, COLUMN in (A, B)"
+    elif len(rest) > 2 and rest[0][0] == "op" and rest[0][1] in _WHERE_OPS and all(k == "word" for k, _ in rest[1:]):
+        hint = (f"; quote text that has spaces in it: {toks[0][1]} {rest[0][1]} "
+                f"'{' '.join(str(v) for _, v in rest[1:])}'")
+    raise _WhereError(clause, f"cannot read the condition {shown!r}{hint}")

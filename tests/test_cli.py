@@ -208,6 +208,11 @@ def test_the_scores_manifest_records_the_input_and_the_where_and_json_names_the_
     ("value = 99999999999999999999", "99999999999999999999 is beyond a 64-bit integer"),
     ("value in (1, -9223372036854775809)", "-9223372036854775809 is beyond a 64-bit integer"),
     ("value < 1e400", "1e400 is beyond a double"),
+    ("app = my app", "cannot read the condition 'app = my app'; quote text that has spaces in it: app = 'my app'"),
+    ("app = 'a' or app = b", "cannot read the condition \"app = 'a' or app = b\"; 'or' is not supported: for values "
+                             "of one column write COLUMN in (A, B)"),
+    ("value between 1 and 2", "'between' is not supported: write COLUMN >= A and COLUMN <= B"),
+    ("app like 'ap%'", "'like' is not supported"),
 ])
 def test_where_mistakes_are_one_error_line(by_app, tmp_path, capsys, where, why):
     code = main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store",
