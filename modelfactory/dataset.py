@@ -828,7 +828,11 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
             raise SchemaError(f"The target column {target!r} holds only nulls in every file of {url!r} "
                               "(Parquet type null); it must hold numbers.")
         if not _is_numeric(t):
-            raise SchemaError(f"The target column {target!r} has type {t}; it must be numeric (int, float or decimal).")
+            fix = (f" Write it as 0 and 1 (pandas: df[{target!r}].astype('int8'))" if pa.types.is_boolean(t) else
+                   f" Write it as numbers (pandas: pd.to_numeric(df[{target!r}]))" if pa.types.is_string(t)
+                   or pa.types.is_large_string(t) else "")
+            raise SchemaError(f"The target column {target!r} of {url!r} has type {t}; it must be numeric (int, float "
+                              f"or decimal).{fix}")
     for f in features:
         t = need(f, "feature")
         if not (_is_numeric(t) or pa.types.is_boolean(t)):

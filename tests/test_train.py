@@ -204,7 +204,8 @@ def test_features_for_a_model_that_never_reads_them_are_refused(by_app, tmp_path
 
 
 def test_non_numeric_target_and_non_timestamp_time(by_app, tmp_path):
-    _refused(tmp_path, by_app, SchemaError, "target column 'site' has type string; it must be numeric", target="site")
+    _refused(tmp_path, by_app, SchemaError, r"target column 'site' of '.*by_app' has type string; it must be numeric "
+             r"\(int, float or decimal\)\. Write it as numbers \(pandas: pd\.to_numeric", target="site")
     _refused(tmp_path, by_app, SchemaError, "time column 'day' has type string, not a timestamp", time="day")
 
 
