@@ -518,10 +518,19 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
             "value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
     unloadable = {w: why for w, (*_, why) in answers.items() if why}
     if unloadable:
+        from .store import import_problem
+
+        # The workers of a local cluster a job makes start from this process's environment (its
+        # PYTHONPATH, its folder): when this process cannot import it either, here is where to fix it.
+        local = type(getattr(client, "cluster", None)).__name__ == "LocalCluster"
+        fix = ("Neither can this process, whose environment a local cluster's workers start from: make "
+               "that module importable here (run from the folder that holds it, put that folder on "
+               "PYTHONPATH, or install it). Nothing ran." if local and import_problem(imports) else
+               "Install that module (and what it imports) where the Dask workers run, or put it on their "
+               "PYTHONPATH, and restart them. Nothing ran.")
         raise ClusterError(
             f"{first(unloadable)} cannot load the models of run {models[0]!r}: "
-            f"{_unloadable(*next(iter(unloadable.values())), 'there')}. Install that module (and what it imports) "
-            "where the Dask workers run, or put it on their PYTHONPATH, and restart them. Nothing ran.")
+            f"{_unloadable(*next(iter(unloadable.values())), 'there')}. {fix}")
 
     try:
         mine = kernel.code_digests(*code_of)

@@ -74,6 +74,23 @@ def test_score_refuses_before_reading_any_data(gone, by_app, tmp_path):
     assert not (tmp_path / "scores").exists()
 
 
+def test_score_on_a_local_cluster_says_to_fix_it_here_when_this_process_cannot_import_it_either(
+        gone, by_app, tmp_path, client):
+    # "... restart them": the workers of the local cluster a CLI job makes start from its own
+    # environment, so the fix is this process's PYTHONPATH, and there is nothing to restart
+    from modelfactory.exceptions import ClusterError
+
+    store, run_id, cls = gone
+    with pytest.raises(ClusterError) as err:
+        modelfactory.score(by_app, store=store, out=str(tmp_path / "scores"), trust=True, cluster=client)
+    assert re.fullmatch(rf"The worker at tcp://\S+ \(and 1 more\) cannot load the models of run '{run_id}': they "
+                        rf"need {cls}, which cannot be imported there \(.*\)\. Neither can this process, whose "
+                        r"environment a local cluster's workers start from: make that module importable here \(run "
+                        r"from the folder that holds it, put that folder on PYTHONPATH, or install it\)\. Nothing "
+                        r"ran\.", str(err.value)), err.value
+    assert not (tmp_path / "scores").exists()
+
+
 def test_score_cli_is_one_error_line_exit_2(gone, by_app, tmp_path, capsys):
     store, run_id, cls = gone
     code = main(["score", by_app, "--store", store, "--out", str(tmp_path / "scores"), "--trust", "--cluster", "inline"])
