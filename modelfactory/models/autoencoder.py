@@ -44,6 +44,8 @@ _ACT = {
 }
 _MAX_STEPS = 1_000_000
 _Z99 = 2.5758  # |z| of a Gaussian exceeded 1 % of the time
+#: Reconstructions of new points with those far outside their band replaced (see _score_window).
+_REPLACED_PASSES = 3
 
 
 def mlp_forward(X: np.ndarray, coefs: list, intercepts: list, activation: str) -> np.ndarray:
@@ -223,12 +225,32 @@ class Autoencoder(Model):
             # covers is not scored (expected NaN).
             real = np.concatenate([np.ones(len(self.tail_), dtype=bool), known])
             share = 1.0 - _windows(real, self.window).mean(axis=1)
-            recon = _average_reconstruction(R, ctx.size, use=share == 0)
-            if not np.isfinite(recon).all():  # some point is covered by no window of real values only
-                loose = _average_reconstruction(R, ctx.size, use=share <= self.max_missing)
-                recon = np.where(np.isfinite(recon), recon, loose)
-            expected[ok] = self.loc_ + self.scale_ * (recon[len(self.tail_):][h[ok] - 1] + self.center_)
+            recon = self._covering(R, ctx.size, share)
+            # A point far outside its band drags the reconstruction of every window that holds it:
+            # one dip of 40 sigmas flagged 6-11 clean neighbours.  Such points are replaced by their
+            # reconstruction and the windows reconstructed again (a few times: the first
+            # reconstruction of a dip is itself pulled down by it), so the others are expected from
+            # a context without them, and they from one without themselves.
+            n0, given = len(self.tail_), ctx
+            far = np.zeros(ctx.size, dtype=bool)
+            for _ in range(_REPLACED_PASSES):
+                far[n0:] |= known & (np.abs(given[n0:] - recon[n0:] - self.center_) > self.threshold * self.rscale_)
+                if not far.any():
+                    break
+                ctx = np.where(far, recon + self.center_, given)
+                recon = self._covering(self.reconstruct(_windows(ctx, self.window)), ctx.size, share)
+            expected[ok] = self.loc_ + self.scale_ * (recon[n0:][h[ok] - 1] + self.center_)
         return expected
+
+    def _covering(self, R: np.ndarray, n: int, share: np.ndarray) -> np.ndarray:
+        """Each point's reconstruction from the windows of real values that cover it, else from
+        those no more interpolated than training allowed (``share``: each window's interpolated
+        share); NaN for a point neither covers."""
+        recon = _average_reconstruction(R, n, use=share == 0)
+        if not np.isfinite(recon).all():  # some point is covered by no window of real values only
+            loose = _average_reconstruction(R, n, use=share <= self.max_missing)
+            recon = np.where(np.isfinite(recon), recon, loose)
+        return recon
 
     # -- features ---------------------------------------------------------
     def _fit_features(self, y, X) -> None:
