@@ -693,8 +693,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
-    with _dask_logs(args.verbose):
-        return _run(args)
+    with _dask_logs(args.verbose), _sigterm_as_interrupt() as terminated:
+        return _run(args, terminated)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list]:
+    """SIGTERM (how ``timeout``, cron and Kubernetes stop a job) taken as a Ctrl-C: the job stops
+    the same way, its local cluster closed and, for ``train``, the run to resume named in its
+    ``error:`` line; it ended with no word at all.  Yields a list that the signal appends to."""
+    import signal
+    import threading
+
+    terminated: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield terminated
+        return
+
+    def stop(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _stdout_to_devnull() -> None:
@@ -710,7 +734,7 @@ def _stdout_to_devnull() -> None:
     os.close(devnull)
 
 
-def _run(args) -> int:
+def _run(args, terminated: Sequence = ()) -> int:
     try:
         return int(args.func(args) or 0)
     except ModelFactoryError as err:
@@ -719,8 +743,9 @@ def _run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"error: interrupted; {str(err) or 'nothing was committed for the unfinished run'}", file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"error: {how}; {str(err) or 'nothing was committed for the unfinished run'}", file=sys.stderr)
+        return 143 if terminated else 130  # 128 + the signal, as a shell reports a process it ended
     except BrokenPipeError:
         # whoever read the output stopped reading (`models list | head -1`): stop quietly, as
         # `git log | head` does, instead of an "internal error" (or a store error) about stdout

@@ -803,8 +803,13 @@ def test_the_summary_names_failed_groups_as_key_takes_them(tmp_path, capsys):
     assert line.startswith("  failed app=a,site=s2: "), line
 
 
-@pytest.mark.timeout(120)
-def test_ctrl_c_during_train_names_the_run_to_resume(tmp_path):
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig, code, said, cluster", [
+    ("SIGINT", 130, "error: interrupted; ", "inline"),
+    # how timeout, cron and Kubernetes stop a job: it ended with no word, the run to resume unnamed
+    ("SIGTERM", 143, "error: terminated (SIGTERM); ", "inline"),
+    ("SIGTERM", 143, "error: terminated (SIGTERM); ", "local")])
+def test_ctrl_c_or_sigterm_during_train_names_the_run_to_resume(tmp_path, sig, code, said, cluster):
     # Ctrl-C said "error: interrupted; nothing was committed for the unfinished run": which run,
     # and that it can be resumed, took `models list`.
     import signal
@@ -817,22 +822,32 @@ def test_ctrl_c_during_train_names_the_run_to_resume(tmp_path):
     data = write(metrics_table(series=60, hours=168, apps=20), tmp_path / "d", ["app"])
     store = tmp_path / "store"
     proc = subprocess.Popen([sys.executable, "-m", "modelfactory", "train", data, "--by", "app,site", "--time", "ts",
-                             "--target", "value", "--model", "ets", "--store", str(store), "--scheduler", "inline",
-                             "--unit-rows", "500", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--target", "value", "--model", "ets", "--store", str(store), "--scheduler", cluster,
+                             "--workers", "1", "--unit-rows", "500", "-q"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while len(list(store.glob("runs/*/parts/*.parquet"))) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, sig))  # to the client alone: its local cluster's workers are its to stop
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     (pending,) = modelfactory.ModelStore(str(store)).pending()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert err.count("error:") == 1 and "Traceback" not in err
-    assert f"--resume {pending['run_id']}" in err and "interrupted" in err
+    assert err.startswith(said) and f"--resume {pending['run_id']}" in err
+    deadline = time.monotonic() + 30
+    while True:  # nothing of the job is left running: its workers went with it
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, subprocess.run(["ps", "-o", "pid,args", "-g", str(proc.pid)],
+                                                           capture_output=True, text=True).stdout
+        time.sleep(0.2)
 
 
 def _ctrl_c_in_a_terminal(argv: list[str], when, again: float | None = None) -> tuple[int, str, list]:
