@@ -431,7 +431,11 @@ def _cmd_models_list(args) -> int:
     st = ModelStore(args.store, storage_options=_storage_options(args))
     unreadable: list[tuple[str, str]] = []
     with _store_errors(args.store):
-        latest = st.latest()
+        try:
+            latest = st.latest()
+        except IntegrityError as err:  # a damaged LATEST: the runs are still listed, and it is the error
+            latest = None
+            unreadable.append(("LATEST", str(err)))
         rows = []
         for rid in st.runs():
             try:  # one damaged run must not hide the others (nor keep gc from being chosen)

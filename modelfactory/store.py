@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import platform
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -37,6 +38,10 @@ __all__ = ["ModelStore", "new_run_id"]
 
 MANIFEST_VERSION = 1
 _META_COLUMNS = ("status", "error", "rows", "seconds", "model")
+
+
+#: A run id as :func:`new_run_id` writes it (earlier versions: without the random part).
+_RUN_ID = re.compile(r"\d{8}T\d{9}Z-[0-9a-f]{6}(?:-[0-9a-f]{6})?")
 
 
 def new_run_id(spec_digest: str) -> str:
@@ -255,7 +260,10 @@ class ModelStore:
         hand scoring the older ones), then remove its pending.json.  Returns its manifest."""
         man = self.manifest(run_id)
         if man["summary"]["counts"].get("ok", 0) > 0:
-            before = self.latest()
+            try:
+                before = self.latest()
+            except IntegrityError:  # a damaged LATEST: written afresh
+                before = None
             if not self._committed_after(before, man.get("committed")):
                 self.write("LATEST", run_id.encode(),
                            f"LATEST still names {before or 'no run'}: use run {run_id} by its id (--run {run_id}).")
@@ -290,7 +298,17 @@ class ModelStore:
         fitted none never become LATEST; a resumed older run does once it commits), or None."""
         if not self.location.exists("LATEST"):
             return None
-        return self.location.read_bytes("LATEST").decode().strip()
+        raw = self.location.read_bytes("LATEST")
+        try:
+            rid = raw.decode().strip()
+        except UnicodeDecodeError:
+            rid = None
+        if rid is None or not _RUN_ID.fullmatch(rid):  # damaged (a flipped byte), or not written by modelfactory
+            raise IntegrityError(
+                f"LATEST in {self.location.url!r} does not hold a run id ({raw[:40]!r}): it was changed or damaged. "
+                "Pass a run by its id (run=..., --run; `models list` shows them), or train again: a commit "
+                "writes LATEST afresh.")
+        return rid
 
     def require_exists(self, fix: str = "Pass the store= (--store) that the training wrote to; `python -m "
                                         "modelfactory models list --store PATH` shows a store's runs.") -> None:
@@ -357,8 +375,9 @@ class ModelStore:
         where = f"run {rid!r} in {self.location.url!r}"
         try:
             body = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise IntegrityError(f"The manifest of {where} is not valid JSON ({err}): it was changed or truncated.") from err
+        except ValueError as err:  # not JSON, or not even text (UnicodeDecodeError)
+            raise IntegrityError(f"The manifest of {where} is not valid JSON ({type(err).__name__}: {err}): it was "
+                                 "changed or truncated. Restore it from a backup, or retrain.") from err
         claimed = body.pop("checksum", None)
         if claimed != _digest_of(body):
             raise IntegrityError(f"The manifest of {where} does not match its checksum: it was changed "
@@ -512,7 +531,10 @@ class ModelStore:
             self.write(f"runs/{run_id}/manifest.sig", _sign(key, data).encode(), again)
         self.write(f"runs/{run_id}/manifest.json", data, again)
         if latest:
-            before = self.latest()
+            try:
+                before = self.latest()
+            except IntegrityError:  # a damaged LATEST: this commit writes it afresh
+                before = None
             self.write("LATEST", run_id.encode(),
                        f"Run {run_id} is committed, but LATEST still names {before or 'no run'}: use the run by "
                        f"its id (run={run_id!r}, --run {run_id}) or train again once the store is writable.")

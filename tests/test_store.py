@@ -284,6 +284,37 @@ def test_an_unreadable_pending_record_is_listed_and_removed_by_gc_not_an_interna
     assert st.pending() == [] and not st.location.exists(f"runs/{bad}")
 
 
+def test_bytes_that_are_not_text_in_latest_or_a_manifest_are_damage_named_as_such(by_app, tmp_path, capsys):
+    # one flipped byte (0xff) in LATEST or a manifest: every command said "internal error:
+    # UnicodeDecodeError", `models list` hid the intact runs, and train fitted all, then crashed in
+    # its commit, leaving a manifest and pending.json
+    import shutil
+
+    store = tmp_path / "s"
+    first, second = (modelfactory.train(by_app, store=str(store), cluster="inline", **ARGS).id for _ in range(2))
+    shutil.copytree(store, tmp_path / "s2")
+    latest = bytearray((store / "LATEST").read_bytes())
+    latest[3] = 0xFF
+    (store / "LATEST").write_bytes(bytes(latest))
+    assert main(["models", "show", "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: LATEST in '{store}' does not hold a run id (") and "changed or damaged" in err
+    assert main(["models", "list", "--store", str(store)]) == 2  # the runs listed, LATEST the error
+    out, err = capsys.readouterr()
+    assert first in out and second in out and "does not hold a run id" in err and err.count("\n") == 1
+    third = modelfactory.train(by_app, store=str(store), cluster="inline", **ARGS)  # commits, LATEST afresh
+    assert modelfactory.ModelStore(str(store)).latest() == third.id
+    assert modelfactory.ModelStore(str(store)).pending() == []
+    man = tmp_path / "s2" / "runs" / second / "manifest.json"
+    raw = bytearray(man.read_bytes())
+    raw[100] = 0xFF
+    man.write_bytes(bytes(raw))
+    assert main(["models", "list", "--store", str(tmp_path / "s2")]) == 2
+    out, err = capsys.readouterr()
+    assert first in out and f"The manifest of run '{second}'" in err and "not valid JSON (UnicodeDecodeError" in err
+    assert "changed or truncated" in err and "internal error" not in err
+
+
 def test_a_latest_that_names_a_missing_run_is_a_store_error(by_app, tmp_path, capsys):
     import shutil
 
