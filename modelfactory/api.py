@@ -322,6 +322,28 @@ def _empty_output(sink: Location | None, run_id: str, overwrite: bool) -> None:
     claim_output(sink, run_id)
 
 
+def _release_unused_claim(sink: Location | None, run_id: str) -> None:
+    """Remove this job's claim on its ``out=`` folder when the job stopped before writing any
+    file there: the folder is empty again, as it was, so running the job again needs no
+    ``overwrite`` (a score stopped by a damaged part left ``_run_id`` alone in the folder, and
+    the rerun its error asked for was refused as "unfinished output").  Best effort: never in the
+    way of the error that stopped the job."""
+    from .kernel import OUTPUT_CLAIM, claimed_by
+
+    if sink is None:
+        return
+    try:
+        sink.fs.invalidate_cache()
+        if claimed_by(sink) != run_id:
+            return
+        found = [rel for rel, size in sink.sizes().items() if rel and rel != OUTPUT_CLAIM
+                 and not any(seg.startswith(".") for seg in rel.split("/")) and (size or sink.is_local)]
+        if not found:
+            sink.rm(OUTPUT_CLAIM)
+    except Exception as err:  # noqa: BLE001
+        log.debug("claim of %s on %s left: %s", run_id, sink.url, err)
+
+
 def _keep_apart(a: Location, a_name: str, b: Location, b_name: str, *, may_hold: bool = False) -> None:
     """Refuse ``a`` if it is ``b``, lies inside it, or (unless ``may_hold``) holds it
     (on the same file system)."""
@@ -747,9 +769,10 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         bar = Progress(len(plan_.units), "apply", progress, client)
         try:
             results = run_units(client, spec, info, plan_, bar)
-        except ModelFactoryError:
-            raise
-        except Exception as err:  # noqa: BLE001
+        except BaseException as err:
+            _release_unused_claim(sink, run_id)  # nothing written: the folder as it was, for a rerun
+            if isinstance(err, ModelFactoryError) or not isinstance(err, Exception):
+                raise
             _raise_unit_failure(run_id, err)
         finally:
             bar.close()
@@ -835,7 +858,10 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
             results = execute(client, functools.partial(_run_keys, spec), list(zip(ids, chunks)),
                               keys=[f"mf-{i}-{id(spec):x}" for i in ids], progress=bar,
                               on_killed=functools.partial(isolate_keys, spec, run_keys=_run_keys))
-        except Exception as err:  # noqa: BLE001
+        except BaseException as err:
+            _release_unused_claim(sink, run_id)
+            if not isinstance(err, Exception):
+                raise
             _raise_unit_failure(run_id, err)
         finally:
             bar.close()
@@ -1043,9 +1069,10 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                                   on_killed=functools.partial(isolate, spec, runner=score_table))
             else:
                 results = run_shuffled(client, spec, info, plan_, bar, runner=score_table)
-        except ModelFactoryError:
-            raise
-        except Exception as err:  # noqa: BLE001
+        except BaseException as err:
+            _release_unused_claim(sink, run_id)  # nothing written: the folder as it was, for a rerun
+            if isinstance(err, ModelFactoryError) or not isinstance(err, Exception):
+                raise
             _raise_unit_failure(run_id, err)
         finally:
             bar.close()

@@ -108,6 +108,25 @@ def test_scoring_reads_only_the_parts_it_needs(history_and_new, tmp_path):
         modelfactory.score(new, store=store, out=str(tmp_path / "s1"), cluster="inline")
 
 
+def test_a_score_stopped_before_writing_anything_leaves_its_folder_as_it_was_for_the_rerun(history_and_new,
+                                                                                        tmp_path):
+    # its claim (_run_id) stayed alone in the folder, and the rerun that the error asked for was
+    # refused as "unfinished output ... pass --overwrite"
+    old, new = history_and_new
+    store = str(tmp_path / "store")
+    modelfactory.train(old, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    (part,) = modelfactory.ModelStore(store).manifest()["parts"]
+    path = tmp_path / "store" / part["path"]
+    good = path.read_bytes()
+    path.write_bytes(good[:-10])
+    out = tmp_path / "scores"
+    with pytest.raises(IntegrityError, match="does not match its checksum"):
+        modelfactory.score(new, store=store, out=str(out), cluster="inline")
+    assert not [p for p in out.rglob("*")]
+    path.write_bytes(good)  # repaired: the same command again
+    assert modelfactory.score(new, store=store, out=str(out), cluster="inline").summary["counts"]["ok"] == 60
+
+
 def test_score_refuses_a_non_empty_output(history_and_new, tmp_path):
     old, new = history_and_new
     store = str(tmp_path / "store")
