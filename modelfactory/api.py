@@ -33,7 +33,7 @@ from .models.base import Model
 from .plan import Plan, plan
 from .result import Run, table_run
 from .run import (Progress, check_code, execute, isolate, isolate_keys, open_client, run_shuffled, run_units,
-                  worker_count)
+                  task_tag, worker_count)
 from .store import ModelStore, bucket_index, filter_record, leaf_index, new_run_id, read_part
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
@@ -854,9 +854,10 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
         ids = [f"k{i:05d}-{_digest(c)[:12]}" for i, c in enumerate(chunks)]
         _empty_output(sink, run_id, overwrite)
         bar = Progress(len(chunks), "map_keys", progress, client)
+        tag = task_tag()
         try:
             results = execute(client, functools.partial(_run_keys, spec), list(zip(ids, chunks)),
-                              keys=[f"mf-{i}-{id(spec):x}" for i in ids], progress=bar,
+                              keys=[f"mf-{i}-{tag}" for i in ids], progress=bar,
                               on_killed=functools.partial(isolate_keys, spec, run_keys=_run_keys))
         except BaseException as err:
             _release_unused_claim(sink, run_id)
@@ -1063,9 +1064,9 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
         try:
             if plan_.mode == "files":
-                units = sorted(plan_.units, key=lambda u: -u.rows)
+                units, tag = sorted(plan_.units, key=lambda u: -u.rows), task_tag()
                 results = execute(client, functools.partial(score_unit, spec), units,
-                                  keys=[f"mf-{u.id}-score-{id(spec):x}" for u in units], progress=bar,
+                                  keys=[f"mf-{u.id}-score-{tag}" for u in units], progress=bar,
                                   on_killed=functools.partial(isolate, spec, runner=score_table))
             else:
                 results = run_shuffled(client, spec, info, plan_, bar, runner=score_table)

@@ -914,12 +914,22 @@ def execute_delayed(client, tasks: list, *, progress: Progress, on_killed: Calla
 # ---------------------------------------------------------------------------
 # submitting a job's units
 # ---------------------------------------------------------------------------
+def task_tag() -> str:
+    """A tag that makes one job's Dask task keys its own.  ``id(spec)`` was used, an address that
+    this process may hand a later job's spec: a job started after one interrupted here (its units
+    still running on the cluster) could then get that job's tasks, and their results, for its own."""
+    import secrets
+
+    return secrets.token_hex(6)
+
+
 def run_units(client, spec: JobSpec, info: DatasetInfo, plan_: Plan, progress: Progress) -> list[UnitResult]:
     if plan_.mode == "files":
         # Largest units first (LPT): a huge group starts at once instead of holding the run's end.
         units = sorted(plan_.units, key=lambda u: -u.rows)
+        tag = task_tag()
         return execute(client, functools.partial(kernel.run_unit, spec), units,
-                       keys=[f"mf-{u.id}-{spec.kind}-{id(spec):x}" for u in units], progress=progress,
+                       keys=[f"mf-{u.id}-{spec.kind}-{tag}" for u in units], progress=progress,
                        on_killed=functools.partial(isolate, spec))
     return run_shuffled(client, spec, info, plan_, progress)
 
@@ -998,6 +1008,7 @@ def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Calla
 
     subs = [f"{prefix}-g{_key_digest(k)}" for k in keys.to_pylist()]
     refused = _Refusals()
+    tag = task_tag()
 
     def attempt(indices, n: int, at_once: int):
         todo, running, done, dead = iter(indices), {}, [], []
@@ -1011,11 +1022,11 @@ def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Calla
         def submit_next() -> None:
             i = next(todo, None)
             if i is not None:
-                track(i, run_one(i, subs[i], f"mf-{subs[i]}-a{n}-{id(spec):x}"))
+                track(i, run_one(i, subs[i], f"mf-{subs[i]}-a{n}-{tag}"))
 
         def again(i: int, workers: list[str]):
             tries[i] = tries.get(i, 0) + 1
-            return run_one(i, subs[i], f"mf-{subs[i]}-a{n}-r{tries[i]}-{id(spec):x}", workers)
+            return run_one(i, subs[i], f"mf-{subs[i]}-a{n}-r{tries[i]}-{tag}", workers)
 
         def fail(i: int, reason: str) -> UnitResult:
             return kernel.failed_rows(spec, subs[i], keys.take([i]), reason)
