@@ -316,12 +316,20 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
         except (OSError, TimeoutError) as err:
             raise ClusterError(f"Cannot reach the Dask scheduler at {cluster!r}: {err}. "
                                "Check the address and that the scheduler is running.") from err
-        with client:
-            yield client
+        # a Ctrl-C pressed again while the client closes is held, as for a cluster the job made
+        # (it broke the close off: two chained tracebacks)
+        with _ctrl_c_held_while_closing() as hold, client:
+            try:
+                yield client
+            finally:
+                hold()
         return
     if hasattr(cluster, "scheduler_address"):
-        with Client(cluster) as client:
-            yield client
+        with _ctrl_c_held_while_closing() as hold, Client(cluster) as client:
+            try:
+                yield client
+            finally:
+                hold()
         return
     raise ClusterError(f"cluster must be None, 'local', 'inline', an address, a Client or a cluster "
                        f"object; got {type(cluster).__name__}.")

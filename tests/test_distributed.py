@@ -1208,3 +1208,39 @@ def test_the_digest_of_functions_calling_each_other_does_not_depend_on_which_cam
         got.append(kernel.code_digests(mod.walk, None)["mutual_fns.walk"])
     sys.modules.pop("mutual_fns", None)
     assert got[0] == got[1] and "+" in got[0]
+
+
+@pytest.mark.timeout(90)
+def test_a_ctrl_c_pressed_again_while_the_client_of_a_scheduler_address_closes_is_held(procs, leaves, tmp_path,
+                                                                                     monkeypatch):
+    """A second Ctrl-C landing in Client.close broke the close off, with two chained tracebacks:
+    only the clients of clusters the job made held it."""
+    import signal
+
+    import distributed
+
+    import modelfactory.api
+
+    pressed = []
+
+    class PressedAgainAsItCloses(distributed.Client):  # the job's client (an earlier test's may be collected)
+        def close(self, *a, **k):
+            if not pressed:
+                pressed.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().close(*a, **k)
+
+    def interrupted(*a, **k):  # the first press, as the units run
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "Client", PressedAgainAsItCloses)
+    monkeypatch.setattr(modelfactory.api, "run_units", interrupted)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as err:
+            modelfactory.apply(leaves, by=KEYS, func=lambda df: df.head(1)[KEYS], schema="app string, site string",
+                               out=str(tmp_path / "out"), cluster=procs.address)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert pressed and err.value.__context__ is None, "a second KeyboardInterrupt, raised in the close"
+    assert not list((tmp_path / "out").glob("*"))  # and the claim went with the job
