@@ -305,11 +305,20 @@ def _store_errors(url: str, what: str = "the store") -> contextlib.AbstractConte
     from ._io import error_text, storage_errors
     from .exceptions import StoreError
 
-    return storage_errors(
-        StoreError, lambda err: f"Cannot access {what} {url!r}: {error_text(err)}. Check the endpoint "
-                                "([storage_options] in --config or $MODELFACTORY_CONFIG, AWS_ENDPOINT_URL), "
-                                "the credentials and the network.",
-        passthrough=(ModelFactoryError, BrokenPipeError))  # a broken pipe is stdout's (see _run), not the store's
+    import errno
+
+    def said(err) -> str:
+        # a file system's own answer: no endpoint, credentials or network in it (`models gc` on a
+        # read-only mount was sent to check them)
+        if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.ENOSPC):
+            return f"Cannot change {what} {url!r}: {error_text(err)}. Run it where {what} can be written (and has room)."
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM) and "://" not in str(url):
+            return f"Cannot access {what} {url!r}: {error_text(err)}. Check that this user may read and write it."
+        return (f"Cannot access {what} {url!r}: {error_text(err)}. Check the endpoint ([storage_options] in "
+                "--config or $MODELFACTORY_CONFIG, AWS_ENDPOINT_URL), the credentials and the network.")
+
+    return storage_errors(StoreError, said,
+                          passthrough=(ModelFactoryError, BrokenPipeError))  # a broken pipe: stdout's (see _run)
 
 
 def _print_summary(run, args, where: str) -> None:

@@ -520,7 +520,7 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
     problems = {w: why for w, (_, why, *_) in answers.items() if why}
     if problems:
         raise ClusterError(
-            f"{first(problems)} cannot load this job's code: {next(iter(problems.values()))}. A function or model "
+            f"{first(problems)} cannot load this job's code: {next(iter(problems.values())).rstrip('.')}. A function or model "
             "class goes to the Dask workers by the name of its module: install that module (and what it imports) "
             "where they run, or put it on their PYTHONPATH, and restart them after changing it; or send it by "
             "value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
@@ -686,7 +686,11 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
     from distributed import KilledWorker, as_completed
 
     guarded = functools.partial(_guarded, fn)
-    futures = client.map(guarded, items, key=list(keys), retries=retries, pure=False)
+    busy = _busy_with_cancelled(client)
+    free = sorted(set(client.scheduler_info(n_workers=-1).get("workers", {})) - set(busy)) if busy else []
+    # loose: only if those workers leave do units go to the busy ones (they queue there meanwhile)
+    futures = client.map(guarded, items, key=list(keys), retries=retries, pure=False,
+                         workers=free or None, allow_other_workers=bool(free))
     index = {f.key: i for i, f in enumerate(futures)}
     refused = _Refusals()
     tries = [0] * len(items)
@@ -730,6 +734,39 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
         for f in futures:
             f.release()
     return results
+
+
+def _cancelled_tasks(dask_worker=None) -> list[str]:
+    """The tasks a worker still runs that no client wants any more (run on each worker): an
+    interrupted job's units, which Dask cannot stop (a thread runs them to their end)."""
+    try:
+        return sorted(str(k) for k, ts in dask_worker.state.tasks.items() if ts.state == "cancelled")
+    except Exception:  # noqa: BLE001 - another Dask's worker state: nothing known
+        return []
+
+
+def _busy_with_cancelled(client) -> dict[str, list[str]]:
+    """The workers still running tasks of an interrupted job (address -> task keys), said once
+    per job.  Their threads are taken until those tasks end (an hour, for a group that hangs),
+    and the scheduler queued the next job's units behind them while other workers sat idle: the
+    job leaves them to the others, or waits and says why when every worker is busy so."""
+    try:
+        found = {w: keys for w, keys in client.run(_cancelled_tasks, on_error="ignore").items()
+                 if isinstance(keys, list) and keys}
+    except Exception as err:  # noqa: BLE001 - a check, never a reason to fail the job
+        log.debug("no check for cancelled tasks: %s", err)
+        return {}
+    if not found:
+        return found
+    every = set(found) >= set(client.scheduler_info(n_workers=-1).get("workers", {}))
+    (worker, keys), more = next(iter(found.items())), len(found) - 1
+    log.warning("%s still %s %d task(s) of an interrupted job (e.g. %s), which Dask cannot stop: %s; "
+                "restart %s to free %s (Client.restart_workers(%r), or start `dask worker` again)",
+                f"the worker at {worker}" + (f" and {more} more" if more else ""),
+                "run" if more else "runs", len(keys), keys[0],
+                "this job's units wait for them" if every else "this job's units go to the other workers",
+                "them" if more else "it", "them" if more else "it", sorted(found))
+    return found
 
 
 class _Refused:

@@ -1244,3 +1244,36 @@ def test_a_ctrl_c_pressed_again_while_the_client_of_a_scheduler_address_closes_i
         signal.signal(signal.SIGINT, previous)
     assert pressed and err.value.__context__ is None, "a second KeyboardInterrupt, raised in the close"
     assert not list((tmp_path / "out").glob("*"))  # and the claim went with the job
+
+
+@pytest.mark.timeout(150)
+def test_a_job_leaves_a_worker_still_running_an_interrupted_jobs_task_to_the_others_and_says_so(
+        procs, dclient, leaves, tmp_path, caplog):
+    """An interrupted job's unit runs on to its end (Dask cannot stop a thread): the scheduler
+    queued the next job's units behind it while the other worker sat idle, and that job waited
+    with no word (for good, behind a group that hangs)."""
+    import time
+
+    procs.wait_workers(dclient)
+    busy = sorted(dclient.scheduler_info()["workers"])[0]
+    zombie = dclient.submit(time.sleep, 90, workers=[busy], pure=False, key="an-interrupted-unit")
+    deadline = time.monotonic() + 30
+    while not dclient.processing().get(busy):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)  # started on its thread
+    zombie.release()  # what an interrupted job does with its futures
+    try:
+        with caplog.at_level("WARNING", logger="modelfactory"):
+            run = modelfactory.apply(leaves, by=KEYS, func=functools.partial(tagged_mean, "ok", None),
+                                     schema="app string, site string, m double, tag string", cluster=procs.address)
+        assert run.summary["counts"] == {"ok": SERIES, "failed": 0, "skipped": 0}
+        (said,) = [r.getMessage() for r in caplog.records if "interrupted job" in r.getMessage()]
+        assert said.startswith(f"the worker at {busy} still runs 1 task(s) of an interrupted job (e.g. "
+                               "an-interrupted-unit), which Dask cannot stop: this job's units go to the other "
+                               "workers; restart it to free it (Client.restart_workers(")
+        # done while it still runs: no unit waited behind it
+        assert dclient.run(modelfactory.run._cancelled_tasks)[busy] == ["an-interrupted-unit"]
+    finally:
+        dclient.restart_workers([busy])
+        procs.wait_workers(dclient)

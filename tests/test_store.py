@@ -125,6 +125,25 @@ def test_gc_keeps_the_newest_runs_and_latest(by_app, tmp_path, capsys):
     assert not (tmp_path / "s" / "runs" / ids[0]).exists()
 
 
+def test_gc_on_a_read_only_file_system_is_told_so_not_to_check_the_endpoint(by_app, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from modelfactory._io import Location
+
+    store = str(tmp_path / "s")
+    for n in (6, 8):
+        modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": n}, **ARGS)
+
+    def read_only(self, rel="", recursive=False):
+        raise OSError(errno.EROFS, "Read-only file system", self.path(rel))
+
+    monkeypatch.setattr(Location, "rm", read_only)
+    assert main(["models", "gc", "--store", store, "--keep", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Cannot change the store '{store}': OSError: [Errno 30] Read-only file system")
+    assert err.endswith("Run it where the store can be written (and has room).\n") and "endpoint" not in err
+
+
 def test_models_list_and_show(by_app, tmp_path, capsys):
     store = str(tmp_path / "s")
     run = modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
