@@ -524,6 +524,12 @@ class ModelStore:
         body["checksum"] = _digest_of(body)
         data = json.dumps(body, indent=1, sort_keys=True).encode()
         self._check_parts(run_id, parts)
+        if self.location.exists(f"runs/{run_id}/manifest.json"):  # no file changes under a checksum
+            raise StoreError(
+                f"Run {run_id} in {self.location.url!r} was committed meanwhile by another process: a resume "
+                "of it ran at the same time as this one (a scheduled job overlapping the one before?). Its "
+                "commit stands; this one wrote its parts again and changed nothing else. Let one job train "
+                "a store at a time.")
         key = signing_key()
         again = (f"Nothing was committed; make room (or make the store writable) and run again with "
                  f"resume={run_id!r} (--resume {run_id}): the units already done are kept.")

@@ -83,6 +83,40 @@ def test_resume_refuses_another_job(by_app, tmp_path):
         modelfactory.train(by_app, store=str(store), cluster="inline", resume=run.id, **ARGS)
 
 
+def test_two_resumes_of_one_run_at_once_commit_it_once(by_app, tmp_path, monkeypatch):
+    # a scheduled `train --resume` overlapping the one before: both trained it all, both committed
+    # the same run id, and the second commit rewrote the first's manifest
+    import modelfactory.api
+
+    store = str(tmp_path / "s")
+    real_units = modelfactory.api.run_units
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modelfactory.api, "run_units", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="was not committed"):
+        modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    monkeypatch.setattr(modelfactory.api, "run_units", real_units)
+    st = modelfactory.ModelStore(store)
+    (pending,) = st.pending()
+    real_commit, other = modelfactory.ModelStore.commit, []
+
+    def the_other_commits_first(self, run_id, *a, **k):
+        if not other:  # the overlapping resume finishes first
+            other.append(None)
+            other[0] = modelfactory.train(by_app, store=store, cluster="inline", resume=run_id, **ARGS)
+        return real_commit(self, run_id, *a, **k)
+
+    monkeypatch.setattr(modelfactory.ModelStore, "commit", the_other_commits_first)
+    with pytest.raises(StoreError, match=f"Run {pending['run_id']} .* was committed meanwhile by another process"):
+        modelfactory.train(by_app, store=store, cluster="inline", resume=pending["run_id"], **ARGS)
+    (first,) = other
+    assert first.id == pending["run_id"] and st.latest() == first.id and st.pending() == []
+    before = st.manifest(first.id)["committed"]
+    assert st.manifest()["committed"] == before and len(st.groups()) == 12
+
+
 class Moody(Model):
     """Fails on large values while ``broken`` is set; counts its fits."""
 
