@@ -334,6 +334,8 @@ def _print_summary(run, args, where: str) -> None:
           f"failed {c['failed']:,}, skipped {c['skipped']:,}")
     print(f"{s['rows']:,} rows in {s['units']} unit{'' if s['units'] == 1 else 's'} ({s['mode']}); "
           f"{s['wall_seconds']:.1f} s wall")
+    if s.get("model_run"):  # which models scored: "latest" is whichever run was LATEST then
+        print(f"scored with the models of run {s['model_run']}")
     if s.get("retrain"):
         r = s["retrain"]
         print(f"retrain ({r['mode']}) of run {r['base_run']}: {r['refit']:,} group{'' if r['refit'] == 1 else 's'} "

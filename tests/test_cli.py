@@ -44,7 +44,9 @@ def test_a_summary_says_how_many_failures_it_does_not_list_and_where_they_are(tm
     one = write(t.filter(pc.equal(t["site"], "s009")), tmp_path / "one", ["app"])
     assert main(["score", one, "--store", store, "--out", str(tmp_path / "o"), "--scheduler", "inline",
                  "--quiet"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].endswith("(score): 1 group, ok 1, failed 0, skipped 0")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("(score): 1 group, ok 1, failed 0, skipped 0")
+    assert f"scored with the models of run {run}" in lines  # which run "latest" was, in a scheduled job's log
 
 
 def test_json_summary(by_app, tmp_path, capsys):
