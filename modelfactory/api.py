@@ -202,6 +202,8 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dic
     if resume is True:
         same = [p for p in pending if p.get("digest") == digest]
         if not same:
+            # at INFO, by design: a scheduled job passes --resume every time, and most nights there
+            # is nothing to resume; the run's summary says it (summary["resumed"])
             log.info("nothing to resume for this job; starting a new run")
             return new_run_id(digest), {"target_rows": unit_rows}
         p = same[-1]
@@ -597,6 +599,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         return finished
     new_store = not st.location.fs.exists(st.location.root)  # this run makes it
     run_id, planning = _begin_run(st, digest, resume, unit_rows)
+    resumed = "limit" in planning  # planned as the interrupted run was
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
     spec = JobSpec("train", by_, info.source, columns, time, target, feats, filter, mspec,
                    sink=st.location, groups_prefix=f"runs/{run_id}/parts/", leaf_keys=leaf_keys,
@@ -640,6 +643,8 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         for k, v in r.carried.items():
             carried[k] = carried.get(k, 0) + v
     lineage = {"retrain": retrain, "base_run": base_id, "carried_over": carried}
+    if resume not in (False, None):  # whether there was a run to resume, in the summary a scheduled job logs
+        summary["resumed"] = resumed
     if retrain is not None:
         kept = sum(carried.values())  # what the retrain did, where its summary is read (the CLI's, --json)
         summary["retrain"] = {"mode": retrain, "base_run": base_id, "refit": summary["groups"] - kept,

@@ -336,6 +336,8 @@ def _print_summary(run, args, where: str) -> None:
           f"{s['wall_seconds']:.1f} s wall")
     if s.get("model_run"):  # which models scored: "latest" is whichever run was LATEST then
         print(f"scored with the models of run {s['model_run']}")
+    if "resumed" in s:  # asked for --resume: was there a run to resume?
+        print(f"resumed run {run.id}" if s["resumed"] else "nothing to resume: a new run")
     if s.get("retrain"):
         r = s["retrain"]
         print(f"retrain ({r['mode']}) of run {r['base_run']}: {r['refit']:,} group{'' if r['refit'] == 1 else 's'} "

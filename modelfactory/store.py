@@ -336,6 +336,11 @@ class ModelStore:
                         f"run={runs[-1]!r} (--run), retrain them with base={runs[-1]!r} (--base) and "
                         "retrain='failed' (--only-failed), or train again.")
                 self.require_exists()
+                pending = [p["run_id"] for p in self.pending() if "unreadable" not in p]
+                if pending:  # `models list` offers it: so does this
+                    raise StoreError(f"The store at {self.location.url!r} has no committed run yet: its run "
+                                     f"{pending[-1]} was interrupted. Finish it with train --resume {pending[-1]} "
+                                     "(resume= from Python) and the arguments it started with, or train again.")
                 raise StoreError(f"The store at {self.location.url!r} has no committed run yet. "
                                  "Train first: modelfactory.train(..., store=...) (python -m modelfactory train ... --store).")
             if not self.location.exists(f"runs/{rid}/manifest.json"):

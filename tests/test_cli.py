@@ -49,6 +49,16 @@ def test_a_summary_says_how_many_failures_it_does_not_list_and_where_they_are(tm
     assert f"scored with the models of run {run}" in lines  # which run "latest" was, in a scheduled job's log
 
 
+def test_train_resume_says_whether_there_was_a_run_to_resume(by_app, tmp_path, capsys):
+    # a scheduled job passing --resume every night could not tell a resume from a new run
+    argv = ["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store",
+            str(tmp_path / "s"), "--scheduler", "inline", "-p", "season_length=12", "--resume"]
+    assert main(argv) == 0
+    assert "nothing to resume: a new run" in capsys.readouterr().out.splitlines()
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed"] is False
+
+
 def test_json_summary(by_app, tmp_path, capsys):
     assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value",
                  "--store", str(tmp_path / "s"), "--scheduler", "inline", "--json"]) == 0

@@ -100,6 +100,10 @@ def test_two_resumes_of_one_run_at_once_commit_it_once(by_app, tmp_path, monkeyp
     monkeypatch.setattr(modelfactory.api, "run_units", real_units)
     st = modelfactory.ModelStore(store)
     (pending,) = st.pending()
+    # a store holding only that run said "Train first", where `models list` offers the resume
+    with pytest.raises(StoreError, match=rf"has no committed run yet: its run {pending['run_id']} was interrupted\. "
+                                         rf"Finish it with train --resume {pending['run_id']}"):
+        st.manifest()
     real_commit, other = modelfactory.ModelStore.commit, []
 
     def the_other_commits_first(self, run_id, *a, **k):
@@ -113,6 +117,7 @@ def test_two_resumes_of_one_run_at_once_commit_it_once(by_app, tmp_path, monkeyp
         modelfactory.train(by_app, store=store, cluster="inline", resume=pending["run_id"], **ARGS)
     (first,) = other
     assert first.id == pending["run_id"] and st.latest() == first.id and st.pending() == []
+    assert first.summary["resumed"] is True
     before = st.manifest(first.id)["committed"]
     assert st.manifest()["committed"] == before and len(st.groups()) == 12
 
