@@ -311,11 +311,16 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
             raise ClusterError(f"cluster={cluster!r} is not 'local', 'inline' or a scheduler address "
                                "like 'tcp://10.0.0.5:8786'.")
         check_scheduler(cluster, settings.connect_timeout)  # an address comes from the settings (above)
+        import warnings
+
         try:
-            client = Client(cluster, timeout=f"{settings.connect_timeout}s")
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                client = Client(cluster, timeout=f"{settings.connect_timeout}s")
         except (OSError, TimeoutError) as err:
             raise ClusterError(f"Cannot reach the Dask scheduler at {cluster!r}: {err}. "
                                "Check the address and that the scheduler is running.") from err
+        _say_mismatched_versions(cluster, said)
         # a Ctrl-C pressed again while the client closes is held, as for a cluster the job made
         # (it broke the close off: two chained tracebacks)
         with _ctrl_c_held_while_closing() as hold, client:
@@ -333,6 +338,31 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
         return
     raise ClusterError(f"cluster must be None, 'local', 'inline', an address, a Client or a cluster "
                        f"object; got {type(cluster).__name__}.")
+
+
+def _say_mismatched_versions(address: str, said: list) -> None:
+    """Dask's warning that the client, scheduler and workers run other versions of some
+    packages, as one line (its table reached the CLI's console only with -v): an existing
+    cluster with mixed packages is a common cause of odd failures."""
+    import warnings
+
+    from distributed.versions import VersionMismatchWarning
+
+    for w in said:
+        if not issubclass(w.category, VersionMismatchWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # not ours: as it was
+            continue
+        rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in str(w.message).splitlines()
+                if line.startswith("|")]
+        if len(rows) < 2:
+            log.warning("the Dask cluster at %s runs other versions of some packages than this client: %s",
+                        address, " ".join(str(w.message).split()))
+            continue
+        head, body = rows[0], rows[1:]
+        shown = "; ".join(f"{r[0]} " + ", ".join(f"{h.lower()} {v}" for h, v in zip(head[1:], r[1:]))
+                          for r in body)
+        log.warning("the Dask cluster at %s runs other versions of some packages than this client (%s): a common "
+                    "cause of odd failures; install the same versions everywhere", address, shown)
 
 
 #: Seconds to reach a scheduler given by its address (and to get its first answer): the default

@@ -1277,3 +1277,25 @@ def test_a_job_leaves_a_worker_still_running_an_interrupted_jobs_task_to_the_oth
     finally:
         dclient.restart_workers([busy])
         procs.wait_workers(dclient)
+
+
+def test_dasks_version_mismatch_warning_is_one_line(caplog):
+    # its eight-line table reached the CLI's console only with -v: a cluster of mixed packages unseen
+    import copy
+    import warnings
+
+    from distributed import versions
+
+    from modelfactory.run import _say_mismatched_versions
+
+    mine = versions.get_versions()
+    other = copy.deepcopy(mine)
+    other["packages"]["toolz"] = "0.12.1"
+    table = versions.error_message(mine, {"tcp://a": other, "tcp://b": mine}, mine)["warning"]
+    said = [warnings.WarningMessage(versions.VersionMismatchWarning(table), versions.VersionMismatchWarning, "x", 1)]
+    with caplog.at_level("WARNING", logger="modelfactory"):
+        _say_mismatched_versions("tcp://127.0.0.1:8786", said)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("the Dask cluster at tcp://127.0.0.1:8786 runs other versions of some packages than "
+                           f"this client (toolz client {mine['packages']['toolz']}, scheduler ")
+    assert "0.12.1" in line and "\n" not in line
