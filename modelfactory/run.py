@@ -660,6 +660,55 @@ class Progress:
 NO_WORKER_WARNING_SECONDS = 30.0
 
 
+#: A job none of whose units has finished for this long (and for ``STALL_FACTOR`` times its
+#: slowest finished unit) says so: a group that hangs held the job with no word (the progress bar
+#: is off where no one watches: cron, CI, Kubernetes).
+STALL_SECONDS = 300.0
+STALL_FACTOR = 10.0
+STALL_CHECK_SECONDS = 15.0
+
+
+class _Stall:
+    """When a unit last finished and the slowest one's seconds; a thread warns when units remain
+    and none has finished for long (:data:`STALL_SECONDS`), once per such stretch."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        import time
+
+        self.last, self.slowest, self.left = time.monotonic(), 0.0, dict.fromkeys(keys)
+
+    def done(self, key: str, seconds: float) -> None:
+        import time
+
+        self.last, self.slowest = time.monotonic(), max(self.slowest, seconds)
+        self.left.pop(key, None)
+
+    @contextlib.contextmanager
+    def watched(self) -> Iterator[None]:
+        import time
+
+        stop = threading.Event()
+
+        def watch() -> None:
+            said = None
+            while not stop.wait(STALL_CHECK_SECONDS):
+                quiet = time.monotonic() - self.last
+                limit = max(STALL_SECONDS, STALL_FACTOR * self.slowest)
+                if self.left and quiet > limit and said != self.last and not stop.is_set():
+                    said = self.last
+                    log.warning("no unit of this job has finished for %.0f s (the slowest so far took %.0f s); %d "
+                                "still running or queued, e.g. %s: a group in one may hang. The job waits for "
+                                "them; Ctrl-C stops it (train --resume keeps the units done)",
+                                quiet, self.slowest, len(self.left), next(iter(self.left)))
+
+        thread = threading.Thread(target=watch, name="modelfactory-watch-stall", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+
 @contextlib.contextmanager
 def watch_workers(client, every: float | None = None) -> Iterator[None]:
     """Warn every ``every`` seconds while the scheduler has no worker.
@@ -735,8 +784,9 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
         return client.submit(kernel.refused_rows, _spec_of(fn), items[i], reason, key=f"{keys[i]}-failed",
                              pure=False).result()
 
+    stall = _Stall(keys)
     try:
-        with watch_workers(client):
+        with watch_workers(client), stall.watched():
             for fut in pending:
                 i = index.pop(fut.key)
                 if fut.status == "error" and on_killed is not None and isinstance(fut.exception(), KilledWorker):
@@ -759,6 +809,7 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
                     pending.add(res)
                     continue
                 results[i] = res
+                stall.done(keys[i], res.seconds)
                 progress.update(res)
     finally:
         for f in futures:

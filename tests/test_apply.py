@@ -993,3 +993,25 @@ def test_a_key_named_as_a_column_of_the_group_table_is_refused_up_front(tmp_path
         modelfactory.apply(data, by=["status"], func=lambda d: d, schema="status bigint, v double", cluster="inline")
     with pytest.raises(SchemaError, match="The key column 'rows' has the name of a column of the group table"):
         modelfactory.map_keys([{"rows": 1}, {"rows": 2}], func=lambda k: k, cluster="inline")
+
+
+def test_a_job_whose_units_stop_finishing_says_so(by_app, tmp_path, client, monkeypatch, caplog):
+    # a group that hangs held the job with no word where no progress bar shows (cron, CI, Kubernetes)
+    import modelfactory.run
+
+    monkeypatch.setattr(modelfactory.run, "STALL_SECONDS", 1.0)
+    monkeypatch.setattr(modelfactory.run, "STALL_CHECK_SECONDS", 0.2)
+
+    def hangs_a_while(df):
+        import time
+
+        if df["app"].iloc[0] == "app2" and df["site"].iloc[0] == "s002":
+            time.sleep(4)
+        return df.head(1)[["app", "site"]]
+
+    with caplog.at_level("WARNING", logger="modelfactory"):
+        run = modelfactory.apply(by_app, by=["app", "site"], func=hangs_a_while, schema="app string, site string",
+                                 cluster=client, unit_rows=1)
+    assert run.summary["counts"]["ok"] == 12
+    said = [r.getMessage() for r in caplog.records if "no unit of this job has finished" in r.getMessage()]
+    assert said and said[0].startswith("no unit of this job has finished for ") and "a group in one may hang" in said[0]
