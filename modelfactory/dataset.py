@@ -339,7 +339,7 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
     for r in results:
         for i, k in enumerate(keys):
             if k in r[2].names:
-                if r[0].partition[i] is None:  # a file outside any k= folder, beside files inside them
+                if r[0].partition[i] is None and f"{k}=" not in r[0].path:  # outside any k= folder, beside files inside
                     loose.setdefault(k, r[0].path)
                 else:
                     both.setdefault(k, r[0].path)
