@@ -405,9 +405,20 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
     if scheme not in ("tcp", "tls", "ws", "wss"):
         return  # in-process and other comms: left to the Client
     try:
-        parse_host_port(loc)
+        host, port = parse_host_port(loc)
     except ValueError as err:
         raise ClusterError(f"{address!r} is not a valid Dask scheduler address ({err}). {_CHECK_ADDRESS}") from err
+    # known at once, where the connect retried them for the whole timeout, then said "Timed out"
+    if not 0 < int(port) < 65536:
+        raise ClusterError(f"{address!r} is not a valid Dask scheduler address: port {port} is not between 1 and "
+                           f"65535. {_CHECK_ADDRESS}")
+    import socket
+
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ClusterError(f"Cannot reach the Dask scheduler at {address!r}: the host {host!r} is not known "
+                           f"({err.strerror}). {_CHECK_ADDRESS}") from err
     timeout = CONNECT_TIMEOUT if timeout is None else timeout
     args = Security().get_connection_args("client")  # as the Client's own
     stage = ["connect"]
@@ -449,7 +460,14 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
         raise ClusterError(f"The server at {address!r} accepted the connection but {what} within {timeout + 1:g} s. "
                            f"{_CHECK_ADDRESS}") from err
     if isinstance(err, FatalCommClosedError) or (isinstance(err, OSError) and not isinstance(err, CommClosedError)):
-        raise ClusterError(f"Cannot reach the Dask scheduler at {address!r}: {err}. "
+        try:  # why, in a word: Dask's error says "Timed out trying to connect" whatever the cause
+            socket.create_connection((host, int(port)), timeout=2).close()
+            why = str(err)
+        except ConnectionRefusedError:
+            why = f"nothing listens at {host}:{port} (connection refused for {timeout:g} s)"
+        except OSError:
+            why = str(err)
+        raise ClusterError(f"Cannot reach the Dask scheduler at {address!r}: {why}. "
                            "Check the address and that the scheduler is running.") from err
     if isinstance(err, (KeyboardInterrupt, SystemExit)):
         raise err

@@ -590,9 +590,15 @@ def test_an_address_where_nothing_listens_is_said_at_once_then_waited_for(procs,
         port = s.getsockname()[1]
     caplog.set_level("WARNING", logger="modelfactory.run")
     start = time.monotonic()
-    with pytest.raises(ClusterError, match=rf"Cannot reach the Dask scheduler at 'tcp://127.0.0.1:{port}'"):
+    with pytest.raises(ClusterError, match=rf"Cannot reach the Dask scheduler at 'tcp://127.0.0.1:{port}': nothing "
+                                           rf"listens at 127.0.0.1:{port} \(connection refused for 2 s\)"):
         check_scheduler(f"tcp://127.0.0.1:{port}", timeout=2)
     assert time.monotonic() - start >= 2  # waited for one that may be starting
+    # what cannot start later is said at once: an unknown host, a port beyond 65535
+    with pytest.raises(ClusterError, match=r"the host 'nosuchhost\.invalid' is not known"):
+        check_scheduler("tcp://nosuchhost.invalid:8786", timeout=2)
+    with pytest.raises(ClusterError, match="port 99999 is not between 1 and 65535"):
+        check_scheduler("tcp://127.0.0.1:99999", timeout=2)
     (record,) = [r for r in caplog.records if r.name == "modelfactory.run"]
     assert record.getMessage() == (f"no answer yet from tcp://127.0.0.1:{port}: waiting up to 2 s for a Dask "
                                    "scheduler there (the connect_timeout setting)")
