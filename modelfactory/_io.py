@@ -84,7 +84,7 @@ class Location:
             found = self.fs.exists(bucket)
         except PermissionError as err:
             raise error(f"Access to {self.url!r} was denied ({err}): check the credentials "
-                        "(AWS_* environment, ~/.aws, or storage_options).") from err
+                        "(AWS_* environment, ~/.aws, or storage_options: [storage_options] in --config).") from err
         if found:
             return
         try:  # s3fs's exists() also says False when the endpoint cannot be reached: ask again, loudly
@@ -94,7 +94,7 @@ class Location:
             pass
         except PermissionError as err:  # exists() says False for a 403 too
             raise error(f"Access to {self.url!r} was denied ({err}): check the credentials "
-                        "(AWS_* environment, ~/.aws, or storage_options).") from err
+                        "(AWS_* environment, ~/.aws, or storage_options: [storage_options] in --config).") from err
         except Exception as err:  # noqa: BLE001 - botocore's connection errors are not OSErrors
             from .exceptions import describe_error
 

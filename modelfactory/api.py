@@ -613,7 +613,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
             st.write(f"runs/{run_id}/pending.json", json.dumps(
                 {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "unit_limit": plan_.limit,
                  "unit_multiple": plan_.multiple, "spec": job, "retrain": retrain, "base_run": base_id}).encode(),
-                "Nothing was trained: make room, or pick a store you can write to.")
+                "Nothing was trained: pick a store this user can write to (with room).")
             resumable = True
             bar = Progress(len(plan_.units), f"train {mspec.name}", progress, client)
             try:

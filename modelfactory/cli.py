@@ -460,7 +460,13 @@ def _cmd_models_list(args) -> int:
             rows.append({"run": rid, "latest": rid == latest, "model": man["spec"]["model"],
                          **man["summary"]["counts"], "groups": man["summary"]["groups"],
                          "committed": man["committed"]})
-        pending = [p["run_id"] for p in st.pending()]
+        if latest is not None and latest not in {r["run"] for r in rows}:  # listed with no `*`, and exit 0
+            unreadable.append(("LATEST", f"LATEST in {st.location.url!r} names run {latest!r}, which is not "
+                                         "among the committed runs (removed, or not copied): pass a run by its id "
+                                         "(--run), or train again, which writes LATEST afresh."))
+        records = st.pending()
+        pending = [p["run_id"] for p in records]
+        cannot = {p["run_id"] for p in records if "unreadable" in p}
         cut = set(st.interrupted_commits()) if rows else set()
         for r in rows:
             r["commit_interrupted"] = r["run"] in cut
@@ -482,7 +488,8 @@ def _cmd_models_list(args) -> int:
             if r["commit_interrupted"]:
                 print(f"    (its train stopped before moving LATEST: train --resume {r['run']} finishes the commit)")
         for rid in pending:
-            print(f"  {rid}  (interrupted: resume with train --resume {rid})")
+            print(f"  {rid}  (interrupted: its record cannot be read, so it cannot be resumed; models gc --pending "
+                  "removes it)" if rid in cannot else f"  {rid}  (interrupted: resume with train --resume {rid})")
     if unreadable:
         rid, why = unreadable[0]
         more = f" {len(unreadable) - 1} more run(s) cannot be read either." if len(unreadable) > 1 else ""
@@ -761,7 +768,7 @@ def _run(args, terminated: Sequence = ()) -> int:
         return 2
     except KeyboardInterrupt as err:
         how = "terminated (SIGTERM)" if terminated else "interrupted"
-        print(f"error: {how}; {str(err) or 'nothing was committed for the unfinished run'}", file=sys.stderr)
+        print(f"error: {how}; {str(err) or 'nothing was committed'}", file=sys.stderr)
         return 143 if terminated else 130  # 128 + the signal, as a shell reports a process it ended
     except BrokenPipeError:
         # whoever read the output stopped reading (`models list | head -1`): stop quietly, as

@@ -192,7 +192,7 @@ def discover(url: str, *, storage_options: dict | None = None,
             return _discover(url, storage_options, null_check, filter, allow_empty)
     except PermissionError as err:
         raise DatasetError(f"Access to {url!r} was denied ({err}): check the credentials "
-                           "(AWS_* environment, ~/.aws, or storage_options).") from err
+                           "(AWS_* environment, ~/.aws, or storage_options: [storage_options] in --config).") from err
 
 
 def _hidden(rel: str) -> bool:

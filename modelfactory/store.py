@@ -188,7 +188,7 @@ def _denied_is_a_store_error(method):
             return method(self, *args, **kwargs)
         except PermissionError as err:
             raise StoreError(f"Access to the store {self.location.url!r} was denied ({err}): check the "
-                             "credentials (AWS_* environment, ~/.aws, or storage_options).") from err
+                             "credentials (AWS_* environment, ~/.aws, or storage_options: [storage_options] in --config).") from err
 
     return guarded
 
@@ -547,8 +547,9 @@ class ModelStore:
             except IntegrityError:  # a damaged LATEST: this commit writes it afresh
                 before = None
             self.write("LATEST", run_id.encode(),
-                       f"Run {run_id} is committed, but LATEST still names {before or 'no run'}: use the run by "
-                       f"its id (run={run_id!r}, --run {run_id}) or train again once the store is writable.")
+                       f"Run {run_id} is committed, but LATEST still names {before or 'no run'}: once the store "
+                       f"is writable, train --resume {run_id} (resume= from Python) moves it without training "
+                       f"again; meanwhile use the run by its id (--run {run_id}).")
         if self.location.exists(f"runs/{run_id}/pending.json"):
             self.location.rm(f"runs/{run_id}/pending.json")
 

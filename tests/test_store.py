@@ -334,6 +334,24 @@ def test_bytes_that_are_not_text_in_latest_or_a_manifest_are_damage_named_as_suc
     assert "changed or truncated" in err and "internal error" not in err
 
 
+def test_models_list_says_when_latest_names_no_listed_run_and_which_interrupted_runs_cannot_resume(
+        by_app, tmp_path, capsys):
+    # listed with no `*` and exit 0; and "resume with train --resume R" for a run whose record is unreadable
+    import shutil
+
+    store = str(tmp_path / "s")
+    first, second = (modelfactory.train(by_app, store=store, cluster="inline", **ARGS).id for _ in range(2))
+    shutil.rmtree(tmp_path / "s" / "runs" / second)
+    bad = "20200101T000000000Z-abcdef"
+    modelfactory.ModelStore(store).location.write_bytes(f"runs/{bad}/pending.json", b'{"run_')
+    assert main(["models", "list", "--store", store]) == 2
+    out, err = capsys.readouterr()
+    assert f"  {first}  seasonal" in out and f"  {bad}  (interrupted: its record cannot be read" in out
+    assert err == (f"error: LATEST in '{store}' names run '{second}', which is not among the committed runs "
+                   "(removed, or not copied): pass a run by its id (--run), or train again, which writes LATEST "
+                   "afresh.\n")
+
+
 def test_a_latest_that_names_a_missing_run_is_a_store_error(by_app, tmp_path, capsys):
     import shutil
 
