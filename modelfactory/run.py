@@ -646,6 +646,21 @@ def worker_count(client) -> int:
     return max(1, planned, len(client.scheduler_info(n_workers=-1).get("workers", {})))
 
 
+def _has_dashboard(client) -> bool:
+    """Whether the scheduler's dashboard link answers (``dask scheduler --no-dashboard`` still
+    serves its health and metrics routes on that port, and the link printed answered 404)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(client.dashboard_link, timeout=1):
+            return True
+    except urllib.error.HTTPError as err:
+        return err.code != 404
+    except Exception:  # noqa: BLE001 - cannot tell (a proxy, a slow link): the link, as before
+        return True
+
+
 class Progress:
     """A progress bar over units that also counts groups (tqdm; the notebook variant in Jupyter)."""
 
@@ -657,7 +672,7 @@ class Progress:
 
             from tqdm.auto import tqdm
 
-            if client is not None:
+            if client is not None and _has_dashboard(client):
                 print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
 
             self.bar = tqdm(total=total, desc=desc, unit="unit", dynamic_ncols=True, leave=True)

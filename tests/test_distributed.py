@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -1305,3 +1306,32 @@ def test_dasks_version_mismatch_warning_is_one_line(caplog):
     assert line.startswith("the Dask cluster at tcp://127.0.0.1:8786 runs other versions of some packages than "
                            f"this client (toolz client {mine['packages']['toolz']}, scheduler ")
     assert "0.12.1" in line and "\n" not in line
+
+
+@pytest.mark.timeout(60)
+def test_the_dashboard_link_is_shown_only_where_a_dashboard_answers(tmp_path):
+    # `dask scheduler --no-dashboard` still serves health routes on the dashboard's port: the link
+    # printed answered 404
+    import socket
+
+    from distributed import Client
+
+    from modelfactory.run import _has_dashboard
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    found = {}
+    for name, extra in (("none", ["--no-dashboard"]), ("dashboard", ["--dashboard-address", f":{free_port()}"])):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                 "--port", str(port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with Client(f"tcp://127.0.0.1:{port}", timeout="30s") as c:
+                found[name] = _has_dashboard(c)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert found == {"none": False, "dashboard": True}
