@@ -833,7 +833,8 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
                 if res is _KILLED:
                     if on_killed is None:
                         raise ClusterError(f"Work unit {keys[i]} killed every Dask worker process it ran on "
-                                           "(out of memory, or a crash in native code): see the workers' logs.")
+                                           "(out of memory, or past the worker's memory limit, or a crash in "
+                                           "native code): see the workers' logs.")
                     log.warning("unit %s keeps killing its worker; running its groups one by one", keys[i])
                     res = on_killed(client, items[i])
                 elif not isinstance(res, UnitResult):  # a new future: wait for it too
@@ -1221,8 +1222,9 @@ def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Calla
         parts2, dead = attempt(dead, 2, 1)
         parts += parts2
     if dead or not parts:
-        reason = ("the worker process died while running this group (killed by the OS, out of "
-                  "memory, or a crash in native code); it was tried on several workers")
+        reason = ("the worker process died while running this group (out of memory: the OS's OOM killer, or "
+                  "the Dask nanny at the worker's memory limit; or a crash in native code); it was tried on "
+                  "several workers: see the workers' logs")
         parts.append(kernel.failed_rows(spec, f"{prefix}-killed", keys.take(pa.array(dead, pa.int64())), reason))
     return kernel.merge_results(prefix, parts)
 
