@@ -437,8 +437,9 @@ def _raise_unit_failure(run_id: str, err: BaseException, *, resumable: bool = Fa
     # the client's own connection closed under it
     if ("scheduler-connection-lost" in str(err)
             or type(err).__name__ in ("FutureCancelledError", "CommClosedError")):
+        # (Dask's own words, a task key and a line of its source, say no more to a user: -v shows them)
         raise ModelFactoryError(
-            f"Run {run_id} stopped: the connection to the Dask scheduler was lost ({kernel.describe_error(err)}). "
+            f"Run {run_id} stopped: the connection to the Dask scheduler was lost. "
             f"Nothing was committed; once the scheduler and its workers are back, {again}.") from err
     what = kernel.describe_error(err)
     # the client reached the data (discovery) with its credentials; a unit on a worker did not
