@@ -193,7 +193,24 @@ def scored_columns(time: str | None, target: str | None, features: Sequence[str]
     return {c: role for c, role in [(time, "time"), (target, "target"), *((f, "feature") for f in features)] if c}
 
 
-def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dict]:
+def _differs(p: dict, now: dict) -> str:
+    """What differs between an interrupted run's record ``p`` (its pending.json) and this job
+    (``now``: its ``spec``, ``retrain`` and ``base_run``), in a few words: the refusal to resume
+    it said only "its data, columns, base run, model or parameters differ"."""
+    was = {**(p.get("spec") or {}), "retrain": p.get("retrain"), "base_run": p.get("base_run")}
+    mine = {**now["spec"], "retrain": now["retrain"], "base_run": now["base_run"]}
+    diff = []
+    for k in dict.fromkeys([*was, *mine]):
+        a, b = was.get(k), mine.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{k}.{n} {a.get(n)!r} then, {b.get(n)!r} now" for n in dict.fromkeys([*a, *b])
+                     if a.get(n) != b.get(n)]
+        elif json.loads(json.dumps(a, default=str)) != json.loads(json.dumps(b, default=str)):
+            diff.append(f"{k} {a!r} then, {b!r} now")
+    return "; ".join(diff[:3]) if diff else "the input's files (or the model's class) changed since"
+
+
+def _begin_run(st: ModelStore, digest: str, resume, unit_rows, now: dict | None = None) -> tuple[str, dict]:
     """The run id (new, or the interrupted run to resume) and the planner's settings: a
     resumed run is planned as it first was, so its units (and their parts) are the same."""
     if resume is False or resume is None:
@@ -220,8 +237,9 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows) -> tuple[str, dic
                              f"{st.location.url!r} cannot be read ({p['unreadable']}). Start a new run, and remove "
                              "this one with `models gc --pending`.")
         if p.get("digest") != digest:
-            raise StoreError(f"Run {resume!r} was started for another job or input (its data, columns, base run, "
-                             "model or parameters differ); it cannot be resumed with these arguments.")
+            why = f" ({_differs(p, now)})" if now else ""
+            raise StoreError(f"Run {resume!r} was started for another job or input{why}; it cannot be resumed with "
+                             "these arguments: resume it with those it started with, or start a new run.")
     return p["run_id"], {"target_rows": p["unit_rows"], "limit": p.get("unit_limit"),
                          "multiple": p.get("unit_multiple")}
 
@@ -599,7 +617,8 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     if finished is not None:
         return finished
     new_store = not st.location.fs.exists(st.location.root)  # this run makes it
-    run_id, planning = _begin_run(st, digest, resume, unit_rows)
+    run_id, planning = _begin_run(st, digest, resume, unit_rows,
+                                  {"spec": job, "retrain": retrain, "base_run": base_id})
     resumed = "limit" in planning  # planned as the interrupted run was
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
     spec = JobSpec("train", by_, info.source, columns, time, target, feats, filter, mspec,

@@ -83,6 +83,34 @@ def test_resume_refuses_another_job(by_app, tmp_path):
         modelfactory.train(by_app, store=str(store), cluster="inline", resume=run.id, **ARGS)
 
 
+def test_a_resume_refused_for_other_arguments_says_which_differ(by_app, tmp_path, monkeypatch):
+    # "its data, columns, base run, model or parameters differ", and no word of which
+    import shutil
+
+    import modelfactory.api
+
+    data = str(tmp_path / "d")
+    shutil.copytree(by_app, data)
+    store = str(tmp_path / "s")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modelfactory.api, "run_units", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        modelfactory.train(data, store=store, cluster="inline", **ARGS)
+    monkeypatch.undo()
+    (pending,) = modelfactory.ModelStore(store).pending()
+    rid = pending["run_id"]
+    with pytest.raises(StoreError, match=rf"Run '{rid}' was started for another job or input \(params\.threshold "
+                                         r"3\.5 then, 5\.0 now\); it cannot be resumed with these arguments"):
+        modelfactory.train(data, store=store, cluster="inline", resume=rid, params={"threshold": 5.0}, **ARGS)
+    (tmp_path / "d" / "app=app0" / "more.parquet").write_bytes((next((tmp_path / "d" / "app=app1").glob("*.parquet")))
+                                                              .read_bytes())
+    with pytest.raises(StoreError, match=r"\(the input's files \(or the model's class\) changed since\)"):
+        modelfactory.train(data, store=store, cluster="inline", resume=rid, **ARGS)
+
+
 def test_two_resumes_of_one_run_at_once_commit_it_once(by_app, tmp_path, monkeypatch):
     # a scheduled `train --resume` overlapping the one before: both trained it all, both committed
     # the same run id, and the second commit rewrote the first's manifest
