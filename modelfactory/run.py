@@ -275,6 +275,11 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
         if settings is None:
             settings = load_settings({"cluster": cluster, "workers": workers})
         cluster, workers = settings.cluster, settings.workers
+    if (settings is not None and settings.workers is not None and settings.sources.get("workers") == "argument"
+            and not (cluster is None or cluster in ("local", "kube"))):  # it was taken without a word
+        log.warning("workers=%d (--workers) is for the cluster a job makes (local or kube), and is not used: %s",
+                    settings.workers, "cluster='inline' runs every unit in this process" if cluster == "inline"
+                    else "a cluster given by its address, client or object has workers of its own")
     if cluster == "inline":
         yield None
         return
@@ -1026,8 +1031,9 @@ def execute_delayed(client, tasks: list, *, progress: Progress, on_killed: Calla
     killed: list[int] = []
     refused = _Refusals()
     pending = as_completed(futures)
+    stall = _Stall([str(f.key) for f in futures])
     try:
-        with watch_workers(client):
+        with watch_workers(client), stall.watched():
             for fut in pending:
                 i = index.pop(fut.key)
                 if (fut.status == "error" and on_killed is not None
@@ -1048,6 +1054,7 @@ def execute_delayed(client, tasks: list, *, progress: Progress, on_killed: Calla
                     pending.add(res)
                     continue
                 results[i] = res
+                stall.done(str(futures[i].key), res.seconds)
                 if i in held:
                     held.pop(i).release()  # its task is done: the partition may go
                 progress.update(results[i])

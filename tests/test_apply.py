@@ -995,7 +995,8 @@ def test_a_key_named_as_a_column_of_the_group_table_is_refused_up_front(tmp_path
         modelfactory.map_keys([{"rows": 1}, {"rows": 2}], func=lambda k: k, cluster="inline")
 
 
-def test_a_job_whose_units_stop_finishing_says_so(by_app, tmp_path, client, monkeypatch, caplog):
+@pytest.mark.parametrize("layout", ["by_app", "by_day"])  # units of files, and a shuffle's partitions
+def test_a_job_whose_units_stop_finishing_says_so(layout, request, tmp_path, client, monkeypatch, caplog):
     # a group that hangs held the job with no word where no progress bar shows (cron, CI, Kubernetes)
     import modelfactory.run
 
@@ -1010,8 +1011,8 @@ def test_a_job_whose_units_stop_finishing_says_so(by_app, tmp_path, client, monk
         return df.head(1)[["app", "site"]]
 
     with caplog.at_level("WARNING", logger="modelfactory"):
-        run = modelfactory.apply(by_app, by=["app", "site"], func=hangs_a_while, schema="app string, site string",
-                                 cluster=client, unit_rows=1)
-    assert run.summary["counts"]["ok"] == 12
+        run = modelfactory.apply(request.getfixturevalue(layout), by=["app", "site"], func=hangs_a_while,
+                                 schema="app string, site string", cluster=client, unit_rows=200)
+    assert run.summary["counts"]["ok"] == 12 and run.summary["mode"] == ("files" if layout == "by_app" else "shuffle")
     said = [r.getMessage() for r in caplog.records if "no unit of this job has finished" in r.getMessage()]
     assert said and said[0].startswith("no unit of this job has finished for ") and "a group in one may hang" in said[0]

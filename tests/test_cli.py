@@ -59,6 +59,16 @@ def test_train_resume_says_whether_there_was_a_run_to_resume(by_app, tmp_path, c
     assert json.loads(capsys.readouterr().out)["resumed"] is False
 
 
+def test_workers_with_a_cluster_the_job_does_not_make_is_said_to_be_unused(by_app, tmp_path, caplog):
+    # taken without a word with --scheduler inline or a scheduler address
+    with caplog.at_level("WARNING", logger="modelfactory"):
+        assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store",
+                     str(tmp_path / "s"), "--scheduler", "inline", "--workers", "4", "-q"]) == 0
+    (said,) = [r.getMessage() for r in caplog.records if "workers=" in r.getMessage()]
+    assert said == ("workers=4 (--workers) is for the cluster a job makes (local or kube), and is not used: "
+                    "cluster='inline' runs every unit in this process")
+
+
 def test_json_summary(by_app, tmp_path, capsys):
     assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value",
                  "--store", str(tmp_path / "s"), "--scheduler", "inline", "--json"]) == 0
@@ -835,7 +845,8 @@ def test_ctrl_c_or_sigterm_during_train_names_the_run_to_resume(tmp_path, sig, c
     store = tmp_path / "store"
     proc = subprocess.Popen([sys.executable, "-m", "modelfactory", "train", data, "--by", "app,site", "--time", "ts",
                              "--target", "value", "--model", "ets", "--store", str(store), "--scheduler", cluster,
-                             "--workers", "1", "--unit-rows", "500", "-q"], stdout=subprocess.PIPE,
+                             *(["--workers", "1"] if cluster == "local" else []), "--unit-rows", "500", "-q"],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
