@@ -1267,13 +1267,44 @@ def _read_chunk(spec: JobSpec, paths: tuple[str, ...], hashed: tuple | None = No
 
     table = read_files(spec.source, paths, list(spec.columns), spec.filter)
     df = _exact_pandas(table)
-    if hashed:  # the keys as the run's types (null where a value has none: no model either)
-        from .scoring import keys_as_stored
-
-        cast, _ = keys_as_stored(table.select(list(spec.by)), spec.by, hashed, spec.models.run_id)
-        extra = _exact_pandas(pa.table({f"{_HASHED}{k}": c for k, c in zip(spec.by, cast)}))
+    if hashed:  # the keys as the run's types, to hash as training did
+        extra = _exact_pandas(pa.table({f"{_HASHED}{k}": _key_for_hashing(table[k], t, spec.models.run_id)
+                                        for k, t in zip(spec.by, hashed)}))
         df = pd.concat([df, extra.set_axis(df.index)], axis=1)
     return df
+
+
+def _key_for_hashing(col, to: pa.DataType, run_id: str) -> pa.Array:
+    """A key column as the stored type ``to``, each distinct value cast once.  A value with no
+    equivalent there (text "s007" for an int64 run: no model either) gets a stand-in of that type
+    drawn from its own hash, not null: nulls all hash alike, and every such row went to one
+    partition (a whole dataset of such keys to one worker)."""
+    import pyarrow.compute as pc
+
+    from .scoring import keys_as_stored
+
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if pa.types.is_null(col.type) or not len(col):
+        return pa.nulls(len(col), to)
+    enc = col.dictionary_encode()
+    values = enc.dictionary
+    (cast,), _ = keys_as_stored(pa.table({"k": values}), ("k",), (to,), run_id)
+    lost = pc.and_(pc.is_null(cast), pc.is_valid(values)).to_numpy(zero_copy_only=False)
+    if lost.any():
+        text = np.asarray(values.cast(pa.string()).to_pylist(), dtype=object)
+        h = pd.util.hash_array(text).view(np.int64)  # the same in every process
+        if pa.types.is_integer(to):
+            stand_in = pa.array(h % (2**31 if to.bit_width <= 32 else 2**62), pa.int64()).cast(to, safe=False)
+        elif pa.types.is_string(to) or pa.types.is_large_string(to):
+            stand_in = values.cast(pa.string()).cast(to)
+        elif pa.types.is_date(to):
+            stand_in = pa.array(h % 100_000, pa.int32()).cast(pa.date32()).cast(to)
+        else:  # a time
+            stand_in = pa.array(h % 2**40, pa.int64()).cast(to)
+        cast = pc.if_else(pa.array(lost), stand_in, cast)
+    return cast.take(enc.indices)
 
 
 def _exact_pandas(table: pa.Table) -> pd.DataFrame:

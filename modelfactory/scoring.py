@@ -310,6 +310,8 @@ def _cast_or_null(col: pa.Array, to: pa.DataType) -> pa.Array:
     except _CAST_ERRORS:
         if len(col) <= 1:
             return pa.nulls(len(col), to)
+    if len(col) <= 16:  # mostly failures, likely: one cast a value from here, not two
+        return pa.concat_arrays([_cast_or_null(col.slice(j, 1), to) for j in range(len(col))])
     half = len(col) // 2
     return pa.concat_arrays([_cast_or_null(col.slice(0, half), to), _cast_or_null(col.slice(half), to)])
 

@@ -1003,6 +1003,16 @@ def test_scoring_keys_of_another_type_or_in_key_folders_still_reads_each_part_on
         assert run.summary["mode"] == "shuffle" and run.summary["units"] == 6, name
         assert run.summary["counts"] == {"ok": 600, "failed": 0, "skipped": 0}, name
         assert sorted(reads) == sorted(p["path"] for p in man["parts"]), name  # each part once
+    # keys no int64 holds: no model, and spread over the units as before (all null once cast, they
+    # hashed alike: every row in one partition, a whole dataset on one worker)
+    unheld = write(pa.Table.from_pandas(t.assign(shard="s" + t["shard"].astype(str)), preserve_index=False),
+                   tmp_path / "unheld", [])
+    run = modelfactory.score(unheld, store=store, out=str(tmp_path / "o-unheld"), cluster="inline", unit_rows=5_000)
+    assert run.summary["counts"] == {"ok": 0, "failed": 0, "skipped": 600} and run.summary["units"] == 6
+    import pyarrow.parquet as pq
+
+    per_unit = [pq.read_metadata(f).num_rows for f in sorted((tmp_path / "o-unheld" / "_groups").glob("*.parquet"))]
+    assert sum(per_unit) == 600 and max(per_unit) < 300, per_unit
     # on a real cluster's p2p shuffle, the scores are those of the data as trained
     run = modelfactory.score(folders, store=store, out=str(tmp_path / "o-c"), cluster=client, unit_rows=5_000)
     same = modelfactory.score(data, store=store, out=str(tmp_path / "o-same"), cluster="inline", unit_rows=5_000)
