@@ -200,6 +200,7 @@ def _differs(p: dict, now: dict) -> str:
     was = {**(p.get("spec") or {}), "retrain": p.get("retrain"), "base_run": p.get("base_run")}
     mine = {**now["spec"], "retrain": now["retrain"], "base_run": now["base_run"]}
     diff = []
+    was, mine = (json.loads(json.dumps(d, default=str)) for d in (was, mine))  # (32, 16) is [32, 16] in JSON
     for k in dict.fromkeys([*was, *mine]):
         a, b = was.get(k), mine.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -260,7 +261,7 @@ def _finish_interrupted_commit(st: ModelStore, digest: str, resume) -> Run | Non
                          "parameters differ); it cannot be resumed with these arguments.")
     man = st.finish_commit(rid)
     log.info("run %s was committed but its train stopped before moving LATEST: its commit is finished", rid)
-    latest = st.latest()
+    latest = st.latest_named()
     if man["summary"]["counts"].get("ok", 0) and latest != rid:
         log.warning("LATEST stays on run %s, committed after run %s: use run %s by its id (run=%r, --run %s)",
                     latest, rid, rid, rid, rid)
@@ -657,7 +658,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                 st.location.rm(recursive=True)
         what = f"The filter {filter} leaves no rows" if filter is not None else "There are no rows"
         raise DatasetError(f"{what} of {info.source.url!r}: there is no group to train, so nothing was "
-                           f"committed (LATEST still names {st.latest() or 'no run'}). Check the filter.")
+                           f"committed (LATEST still names {st.latest_named()}). Check the filter.")
     carried: dict[str, int] = {}
     for r in results:
         for k, v in r.carried.items():
@@ -713,7 +714,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     if not fitted_any and summary["groups"]:  # kept for inspection; scoring with it would score nothing
         log.warning("run %s fitted no model (%d failed, %d skipped; %s): it is committed for inspection, but "
                     "LATEST still names %s", run_id, summary["counts"]["failed"], summary["counts"]["skipped"],
-                    run.commonest_problem(), st.latest() or "no run",
+                    run.commonest_problem(), st.latest_named(),
                     extra={"no_model": True})  # the CLI says it in its error: line
     return run
 

@@ -339,7 +339,8 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
     for r in results:
         for i, k in enumerate(keys):
             if k in r[2].names:
-                if r[0].partition[i] is None and f"{k}=" not in r[0].path:  # outside any k= folder, beside files inside
+                folders = r[0].path.split("/")[:-1]  # a k= folder is a whole segment ("grid=eu" is not "id=")
+                if r[0].partition[i] is None and not any(f.startswith(f"{k}=") for f in folders):
                     loose.setdefault(k, r[0].path)
                 else:
                     both.setdefault(k, r[0].path)

@@ -145,7 +145,7 @@ def _collect(store: Any, run: str, scores: Any, top: int, storage_options: dict 
 
     st = store if isinstance(store, ModelStore) else ModelStore(os.fspath(store), storage_options=storage_options)
     # LATEST first: listing every run of a large store on S3 costs a request per few runs
-    if not isinstance(store, ModelStore) and st.latest() is None and not st.runs():
+    if not isinstance(store, ModelStore) and st.latest_named() == "no run" and not st.runs():
         from .exceptions import StoreError
 
         raise StoreError(f"No model store at {st.location.url!r} (no committed run there). Pass the store= "

@@ -227,41 +227,45 @@ def _ctrl_c_held_while_closing(deliver: bool = True) -> Iterator[Callable[[], No
     left its pods.  A Ctrl-C held while the block ends with a KeyboardInterrupt (the first
     Ctrl-C's) is dropped; otherwise it is delivered to the caller's handler once the close is done
     (unless ``deliver`` is false).  A third press during the close stops holding, and raises: a
-    close that hangs can still be broken off, and a double press is held wherever it lands."""
+    close that hangs can still be broken off, and a double press is held wherever it lands.
+    A SIGTERM that the program handles in Python (the CLI takes it as a Ctrl-C) is held alike."""
     import signal
 
     pressed: list = []
-    handler = None
+    handlers: dict = {}  # signal -> the caller's handler, while held
 
-    def held(*_):
-        pressed.append(True)
+    def held(signum, frame):
+        pressed.append(signum)
         if len(pressed) > 2:  # pressed again and again: the user means it, now (and once)
             pressed.clear()
-            signal.signal(signal.SIGINT, handler)
-            signal.raise_signal(signal.SIGINT)
+            release()
+            signal.raise_signal(signum)
 
     def hold() -> None:
-        nonlocal handler
-        if handler is None and threading.current_thread() is threading.main_thread():
-            current = signal.getsignal(signal.SIGINT)
-            if callable(current):
-                handler = current
-                signal.signal(signal.SIGINT, held)
+        if handlers or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            current = signal.getsignal(sig)
+            if callable(current) and (sig == signal.SIGINT or current is not signal.default_int_handler):
+                handlers[sig] = current
+                signal.signal(sig, held)
 
     def release() -> None:
-        if handler is not None and signal.getsignal(signal.SIGINT) is held:
-            signal.signal(signal.SIGINT, handler)
+        for sig, handler in list(handlers.items()):
+            if signal.getsignal(sig) is held:
+                signal.signal(sig, handler)
+            del handlers[sig]
 
     try:
         yield hold
     except BaseException as err:
         release()
         if pressed and deliver and not isinstance(err, KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # the caller's handler, over a job's own error
+            signal.raise_signal(pressed[0])  # the caller's handler, over a job's own error
         raise
     release()
     if pressed and deliver:  # the job went well and its cluster is closed: now the caller's handler
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(pressed[0])
 
 
 @contextlib.contextmanager
@@ -325,7 +329,10 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
         except (OSError, TimeoutError) as err:
             raise ClusterError(f"Cannot reach the Dask scheduler at {cluster!r}: {err}. "
                                "Check the address and that the scheduler is running.") from err
-        _say_mismatched_versions(cluster, said)
+        try:
+            _say_mismatched_versions(cluster, said)
+        except Exception as err:  # noqa: BLE001 - a warning replayed under an "error" filter: not before the close
+            log.debug("version warnings: %s", err)
         # a Ctrl-C pressed again while the client closes is held, as for a cluster the job made
         # (it broke the close off: two chained tracebacks)
         with _ctrl_c_held_while_closing() as hold, client:
@@ -731,13 +738,15 @@ class _Stall:
             said = None
             while not stop.wait(STALL_CHECK_SECONDS):
                 quiet = time.monotonic() - self.last
-                limit = max(STALL_SECONDS, STALL_FACTOR * self.slowest)
-                if self.left and quiet > limit and said != self.last and not stop.is_set():
+                # before any unit has finished, nothing says how long one takes: six times as long
+                limit = max(STALL_SECONDS, STALL_FACTOR * self.slowest) if self.slowest else 6 * STALL_SECONDS
+                left = tuple(self.left)  # one step under the GIL: the job's thread pops from it
+                if left and quiet > limit and said != self.last and not stop.is_set():
                     said = self.last
                     log.warning("no unit of this job has finished for %.0f s (the slowest so far took %.0f s); %d "
                                 "still running or queued, e.g. %s: a group in one may hang. The job waits for "
                                 "them; Ctrl-C stops it (train --resume keeps the units done)",
-                                quiet, self.slowest, len(self.left), next(iter(self.left)))
+                                quiet, self.slowest, len(left), left[0])
 
         thread = threading.Thread(target=watch, name="modelfactory-watch-stall", daemon=True)
         thread.start()
@@ -856,6 +865,10 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
     return results
 
 
+#: Seconds the workers have to say which earlier tasks they still run (:func:`_busy_with_cancelled`).
+BUSY_CHECK_SECONDS = 5.0
+
+
 def _cancelled_tasks(dask_worker=None) -> list[str]:
     """The tasks a worker still runs that no client wants any more (run on each worker): an
     interrupted job's units, which Dask cannot stop (a thread runs them to their end)."""
@@ -870,12 +883,24 @@ def _busy_with_cancelled(client) -> dict[str, list[str]]:
     per job.  Their threads are taken until those tasks end (an hour, for a group that hangs),
     and the scheduler queued the next job's units behind them while other workers sat idle: the
     job leaves them to the others, or waits and says why when every worker is busy so."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as NoAnswer
+
+    # bounded: a worker whose leftover task holds the GIL answers only once it ends (a job stalled
+    # waiting for the check); this job's units are not held back by the check
+    pool = ThreadPoolExecutor(1, thread_name_prefix="modelfactory-busy-check")
     try:
-        found = {w: keys for w, keys in client.run(_cancelled_tasks, on_error="ignore").items()
-                 if isinstance(keys, list) and keys}
+        answers = pool.submit(client.run, _cancelled_tasks, on_error="ignore").result(timeout=BUSY_CHECK_SECONDS)
+        found = {w: keys for w, keys in answers.items() if isinstance(keys, list) and keys}
+    except NoAnswer:
+        log.warning("a Dask worker did not answer within %g s (a task of an earlier job holding it?): this job "
+                    "goes on without knowing which workers are free", BUSY_CHECK_SECONDS)
+        return {}
     except Exception as err:  # noqa: BLE001 - a check, never a reason to fail the job
         log.debug("no check for cancelled tasks: %s", err)
         return {}
+    finally:
+        pool.shutdown(wait=False)
     if not found:
         return found
     every = set(found) >= set(client.scheduler_info(n_workers=-1).get("workers", {}))

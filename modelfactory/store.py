@@ -310,6 +310,14 @@ class ModelStore:
                 "writes LATEST afresh.")
         return rid
 
+    def latest_named(self) -> str:
+        """What LATEST names, for a message: the run id, "no run", or "a damaged LATEST" (never
+        an error: a message about something else must not turn into one about LATEST)."""
+        try:
+            return self.latest() or "no run"
+        except (IntegrityError, StoreError):
+            return "a damaged LATEST"
+
     def require_exists(self, fix: str = "Pass the store= (--store) that the training wrote to; `python -m "
                                         "modelfactory models list --store PATH` shows a store's runs.") -> None:
         """A StoreError when the store's path holds nothing, or a file: a misspelt store, which
@@ -465,7 +473,7 @@ class ModelStore:
         hit = seen = None
         for part in parts:
             tbl = read_part(self.location, part, columns=list(by) + ["status", "error", "model"])
-            seen = tbl.select(list(by)).slice(0, 5) if seen is None else seen
+            seen = tbl.select(list(by)).slice(0, 5) if seen is None or not seen.num_rows else seen
             mask = None
             for k, v in zip(by, want):
                 col = tbl[k]
@@ -480,8 +488,9 @@ class ModelStore:
         if hit is None:
             from .plot import format_key
 
-            if seen is None and man["parts"]:  # examples from one part, not the whole run
-                seen = read_part(self.location, man["parts"][0], columns=list(by)).slice(0, 5)
+            if (seen is None or not seen.num_rows) and man["parts"]:  # examples from one part, not the whole run
+                some = next((p for p in man["parts"] if p.get("rows")), man["parts"][0])  # an empty one shows none
+                seen = read_part(self.location, some, columns=list(by)).slice(0, 5)
             some = seen.to_pylist() if seen is not None else []
             shown = "; ".join(format_key(row) for row in some)
             raise StoreError(f"No group {dict(zip(by, want))} in run {man['run_id']!r}. "

@@ -543,6 +543,26 @@ def test_a_ctrl_c_held_during_the_start_then_pressed_again_as_the_cluster_closes
     assert made and made[0].status.name == "closed"
 
 
+def test_a_sigterm_the_program_handles_is_held_while_the_cluster_closes_as_a_ctrl_c_is():
+    # the CLI takes SIGTERM as a Ctrl-C: one landing in the close broke it off (the process went
+    # 10 s later, Dask's exit hook closing the cluster), where a Ctrl-C was held
+    import signal
+
+    from modelfactory.run import _ctrl_c_held_while_closing
+
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: calls.append("caller"))
+    try:
+        with _ctrl_c_held_while_closing() as hold:
+            hold()
+            signal.raise_signal(signal.SIGTERM)  # while it closes
+            seen = list(calls)
+        assert seen == [] and calls == ["caller"]  # held, then delivered once the close is done
+        assert signal.getsignal(signal.SIGTERM) is not None and calls == ["caller"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_ctrl_c_while_the_cluster_closes_is_held_then_dropped_after_ctrl_c_and_delivered_otherwise():
     """The rules of run._ctrl_c_held_while_closing, on this process's real SIGINT (the CLI test
     presses Ctrl-C twice on a real job)."""
@@ -1016,3 +1036,28 @@ def test_a_job_whose_units_stop_finishing_says_so(layout, request, tmp_path, cli
     assert run.summary["counts"]["ok"] == 12 and run.summary["mode"] == ("files" if layout == "by_app" else "shuffle")
     said = [r.getMessage() for r in caplog.records if "no unit of this job has finished" in r.getMessage()]
     assert said and said[0].startswith("no unit of this job has finished for ") and "a group in one may hang" in said[0]
+
+
+def test_the_check_for_busy_workers_does_not_hold_a_job_back(client, monkeypatch, caplog):
+    # a leftover task holding a worker's GIL kept it from answering the check, and the job waited
+    # (22 s for a 25-s task) before submitting anything
+    import time
+
+    import modelfactory.run
+
+    def holds_the_gil(seconds):
+        import ctypes
+
+        ctypes.PyDLL(None).sleep(seconds)  # libc's sleep, the GIL held throughout
+        return seconds
+
+    busy = sorted(client.scheduler_info()["workers"])[0]
+    fut = client.submit(holds_the_gil, 4, workers=[busy], pure=False)
+    time.sleep(1)  # running
+    monkeypatch.setattr(modelfactory.run, "BUSY_CHECK_SECONDS", 0.5)
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="modelfactory"):
+        assert modelfactory.run._busy_with_cancelled(client) == {}
+    waited = time.monotonic() - start
+    assert fut.result() == 4
+    assert any("did not answer within 0.5 s" in r.getMessage() for r in caplog.records), waited

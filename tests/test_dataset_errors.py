@@ -211,12 +211,13 @@ def test_a_key_both_in_folders_and_files_is_refused(tmp_path, values, typ):
              r".*Drop the column from the files")
 
 
-def test_a_file_beside_the_key_folders_is_told_to_move_into_one(tmp_path):
+@pytest.mark.parametrize("root", ["d", "zapp=x/d"])  # "zapp=x" holds "app=", and is no app= folder
+def test_a_file_beside_the_key_folders_is_told_to_move_into_one(tmp_path, root):
     # the advice was to drop its 'app' column, which would leave its rows without a key
-    (tmp_path / "d" / "app=a").mkdir(parents=True)
-    pq.write_table(_site("s1").drop_columns(["app"]), tmp_path / "d" / "app=a" / "part-0.parquet")
-    pq.write_table(_site("s2"), tmp_path / "d" / "loose.parquet")  # its app is a column
-    _refused(tmp_path, str(tmp_path / "d"), SchemaError,
+    (tmp_path / root / "app=a").mkdir(parents=True)
+    pq.write_table(_site("s1").drop_columns(["app"]), tmp_path / root / "app=a" / "part-0.parquet")
+    pq.write_table(_site("s2"), tmp_path / root / "loose.parquet")  # its app is a column
+    _refused(tmp_path, str(tmp_path / root), SchemaError,
              r"'.*/d/loose\.parquet' is not inside any app=… folder, while other files under .* are \(its 'app' is a "
              r"column of the file\): one dataset has one layout\. Move it into the app=<value>/ folder of its rows")
 

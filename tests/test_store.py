@@ -321,6 +321,13 @@ def test_bytes_that_are_not_text_in_latest_or_a_manifest_are_damage_named_as_suc
     assert main(["models", "list", "--store", str(store)]) == 2  # the runs listed, LATEST the error
     out, err = capsys.readouterr()
     assert first in out and second in out and "does not hold a run id" in err and err.count("\n") == 1
+    # commands that name their run, or speak of LATEST in passing, do not stop at it
+    assert main(["report", "--store", str(store), "--run", first, "--out", str(tmp_path / "r.html")]) == 0
+    capsys.readouterr()
+    assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", str(store),
+                 "--scheduler", "inline", "-p", "season_length=500"]) == 2  # fits no model: said so
+    out, err = capsys.readouterr()
+    assert "skipped 12" in out and "fitted no model" in err and "does not hold a run id" not in err
     third = modelfactory.train(by_app, store=str(store), cluster="inline", **ARGS)  # commits, LATEST afresh
     assert modelfactory.ModelStore(str(store)).latest() == third.id
     assert modelfactory.ModelStore(str(store)).pending() == []
@@ -545,6 +552,23 @@ def test_an_unknown_key_names_some_that_exist(by_app, tmp_path, capsys):
     assert err.count("\n") == 1 and "Some that exist: app=app0,site=s" in err, err
     with pytest.raises(StoreError, match=r"Some that exist: app=app\d,site=s\d+; "):
         modelfactory.ModelStore(store).load({"app": "checkout", "site": "eu-1"})
+
+
+def test_an_unknown_key_never_says_no_group_exists_when_the_part_it_read_is_empty(tmp_path):
+    # a run trained without key folders has a part per shuffle partition, some empty: the examples
+    # came from the one part read, and said "Some that exist: none"
+    from _data import metrics_table, write
+
+    data = write(metrics_table(series=8, hours=48, apps=1), tmp_path / "flat", [])
+    store = str(tmp_path / "s")
+    modelfactory.train(data, store=store, cluster="inline", unit_rows=100, **ARGS)
+    st = modelfactory.ModelStore(store)
+    assert st.manifest()["summary"]["mode"] == "shuffle"
+    assert any(p["rows"] == 0 for p in st.manifest()["parts"]), st.manifest()["parts"]  # the case at hand
+    for i in range(30):
+        with pytest.raises(StoreError, match=r"Some that exist: app=") as err:
+            st.load({"app": "app0", "site": f"x{i}"})
+        assert "none" not in str(err.value)
 
 
 def test_an_unknown_key_reads_one_part_for_its_examples_not_the_whole_run(by_app, tmp_path, monkeypatch):
