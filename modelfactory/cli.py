@@ -302,10 +302,10 @@ def _storage_options(args) -> dict | None:
 def _store_errors(url: str, what: str = "the store") -> contextlib.AbstractContextManager[None]:
     """An error of the storage under ``url`` (fsspec's, botocore's, an OSError) as a StoreError
     that names it: one ``error:`` line and exit status 2, not an internal error."""
+    import errno
+
     from ._io import error_text, storage_errors
     from .exceptions import StoreError
-
-    import errno
 
     def said(err) -> str:
         # a file system's own answer: no endpoint, credentials or network in it (`models gc` on a
@@ -461,9 +461,9 @@ def _cmd_models_list(args) -> int:
                          **man["summary"]["counts"], "groups": man["summary"]["groups"],
                          "committed": man["committed"]})
         if latest is not None and latest not in {r["run"] for r in rows}:  # listed with no `*`, and exit 0
-            unreadable.append(("LATEST", f"LATEST in {st.location.url!r} names run {latest!r}, which is not "
-                                         "among the committed runs (removed, or not copied): pass a run by its id "
-                                         "(--run), or train again, which writes LATEST afresh."))
+            unreadable.append(("LATEST", (f"LATEST in {st.location.url!r} names run {latest!r}, which is not "
+                                          "among the committed runs (removed, or not copied): pass a run by its "
+                                          "id (--run), or train again, which writes LATEST afresh.")))
         records = st.pending()
         pending = [p["run_id"] for p in records]
         cannot = {p["run_id"] for p in records if "unreadable" in p}

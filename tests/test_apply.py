@@ -1051,7 +1051,7 @@ def test_the_check_for_busy_workers_does_not_hold_a_job_back(client, monkeypatch
         ctypes.PyDLL(None).sleep(seconds)  # libc's sleep, the GIL held throughout
         return seconds
 
-    busy = sorted(client.scheduler_info()["workers"])[0]
+    busy = min(client.scheduler_info()["workers"])
     fut = client.submit(holds_the_gil, 4, workers=[busy], pure=False)
     time.sleep(1)  # running
     monkeypatch.setattr(modelfactory.run, "BUSY_CHECK_SECONDS", 0.5)

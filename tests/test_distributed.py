@@ -28,10 +28,26 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from _data import MEAN_MODEL_SOURCE, write
-from _servers import (DUMMY_AWS_ENV, MARKER, TESTS_DIR, CrashOnMarker, CrashOnMarkerAtScore, DaskProcesses,
-                      die_on_key, die_on_key_rows,
-                      MotoS3, NotAScheduler, SlowerMean, SlowMean, alive, executing_units, finished_units,
-                      kill_if_mid_unit, tagged_mean, wait_for)
+from _servers import (
+    DUMMY_AWS_ENV,
+    MARKER,
+    TESTS_DIR,
+    CrashOnMarker,
+    CrashOnMarkerAtScore,
+    DaskProcesses,
+    MotoS3,
+    NotAScheduler,
+    SlowerMean,
+    SlowMean,
+    alive,
+    die_on_key,
+    die_on_key_rows,
+    executing_units,
+    finished_units,
+    kill_if_mid_unit,
+    tagged_mean,
+    wait_for,
+)
 
 import modelfactory
 from modelfactory import ModelStore
@@ -1263,7 +1279,7 @@ def test_a_job_leaves_a_worker_still_running_an_interrupted_jobs_task_to_the_oth
     import time
 
     procs.wait_workers(dclient)
-    busy = sorted(dclient.scheduler_info()["workers"])[0]
+    busy = min(dclient.scheduler_info()["workers"])
     zombie = dclient.submit(time.sleep, 90, workers=[busy], pure=False, key="an-interrupted-unit")
     deadline = time.monotonic() + 30
     while not dclient.processing().get(busy):
