@@ -206,7 +206,7 @@ def _differs(p: dict, now: dict) -> str:
         if isinstance(a, dict) and isinstance(b, dict):
             diff += [f"{k}.{n} {a.get(n)!r} then, {b.get(n)!r} now" for n in dict.fromkeys([*a, *b])
                      if a.get(n) != b.get(n)]
-        elif json.loads(json.dumps(a, default=str)) != json.loads(json.dumps(b, default=str)):
+        elif a != b:
             diff.append(f"{k} {a!r} then, {b!r} now")
     return "; ".join(diff[:3]) if diff else "the input's files (or the model's class) changed since"
 
@@ -350,19 +350,27 @@ def _release_unused_claim(sink: Location | None, run_id: str) -> None:
     the rerun its error asked for was refused as "unfinished output").  Best effort: never in the
     way of the error that stopped the job."""
     from .kernel import OUTPUT_CLAIM, claimed_by
+    from .result import written_files
 
     if sink is None:
         return
     try:
         sink.fs.invalidate_cache()
-        if claimed_by(sink) != run_id:
-            return
-        found = [rel for rel, size in sink.sizes().items() if rel and rel != OUTPUT_CLAIM
-                 and not any(seg.startswith(".") for seg in rel.split("/")) and (size or sink.is_local)]
-        if not found:
+        if claimed_by(sink) == run_id and not written_files(sink):
             sink.rm(OUTPUT_CLAIM)
     except Exception as err:  # noqa: BLE001
         log.debug("claim of %s on %s left: %s", run_id, sink.url, err)
+
+
+def _units_stopped(sink: Location | None, run_id: str, err: BaseException, passthrough: tuple = ()) -> None:
+    """Raise for the units of an apply, map_keys or score job stopped by ``err``: its claim on
+    its ``out=`` folder removed when nothing was written (:func:`_release_unused_claim`); ``err``
+    itself for a Ctrl-C and for the ``passthrough`` errors, :func:`_raise_unit_failure`'s for the
+    others."""
+    _release_unused_claim(sink, run_id)  # nothing written: the folder as it was, for a rerun
+    if isinstance(err, passthrough) or not isinstance(err, Exception):
+        raise err
+    _raise_unit_failure(run_id, err)
 
 
 def _keep_apart(a: Location, a_name: str, b: Location, b_name: str, *, may_hold: bool = False) -> None:
@@ -795,11 +803,8 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         bar = Progress(len(plan_.units), "apply", progress, client)
         try:
             results = run_units(client, spec, info, plan_, bar)
-        except BaseException as err:
-            _release_unused_claim(sink, run_id)  # nothing written: the folder as it was, for a rerun
-            if isinstance(err, ModelFactoryError) or not isinstance(err, Exception):
-                raise
-            _raise_unit_failure(run_id, err)
+        except BaseException as err:  # noqa: BLE001 - _units_stopped raises it, or the unit failure
+            _units_stopped(sink, run_id, err, passthrough=(ModelFactoryError,))
         finally:
             bar.close()
     summary = _summarise("apply", results, plan_, _time.perf_counter() - t0)
@@ -885,11 +890,8 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
             results = execute(client, functools.partial(_run_keys, spec), list(zip(ids, chunks)),
                               keys=[f"mf-{i}-{tag}" for i in ids], progress=bar,
                               on_killed=functools.partial(isolate_keys, spec, run_keys=_run_keys))
-        except BaseException as err:
-            _release_unused_claim(sink, run_id)
-            if not isinstance(err, Exception):
-                raise
-            _raise_unit_failure(run_id, err)
+        except BaseException as err:  # noqa: BLE001 - _units_stopped raises it, or the unit failure
+            _units_stopped(sink, run_id, err)
         finally:
             bar.close()
     summary = _summarise("map_keys", results, None, _time.perf_counter() - t0)
@@ -1096,11 +1098,8 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                                   on_killed=functools.partial(isolate, spec, runner=score_table))
             else:
                 results = run_shuffled(client, spec, info, plan_, bar, runner=score_table)
-        except BaseException as err:
-            _release_unused_claim(sink, run_id)  # nothing written: the folder as it was, for a rerun
-            if isinstance(err, ModelFactoryError) or not isinstance(err, Exception):
-                raise
-            _raise_unit_failure(run_id, err)
+        except BaseException as err:  # noqa: BLE001 - _units_stopped raises it, or the unit failure
+            _units_stopped(sink, run_id, err, passthrough=(ModelFactoryError,))
         finally:
             bar.close()
     summary = _summarise("score", results, plan_, _time.perf_counter() - t0)

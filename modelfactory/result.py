@@ -239,6 +239,16 @@ def _rehashed(sink: Location, run_id: str, part: PartInfo) -> PartInfo:
     return dataclasses.replace(part, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
+def written_files(sink: Location) -> dict[str, int]:
+    """The files of jobs' rows in an ``out=`` folder, with their sizes: not the job's own records
+    (``_manifest.json``, ``_anomalies.json``, its claim), nor hidden files (a write's temporary
+    file), nor an object store's folder markers (``scores/`` from the S3 console)."""
+    remote = not sink.is_local
+    return {rel: size for rel, size in sink.sizes().items()
+            if rel and rel not in _OUTPUT_EXTRAS and not any(seg.startswith(".") for seg in rel.split("/"))
+            and not (remote and size == 0)}
+
+
 def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None:
     """Refuse to commit an ``out=`` folder that does not hold exactly the files this job wrote.
 
@@ -252,15 +262,7 @@ def check_output(sink: Location, run_id: str, results: list[UnitResult]) -> None
 
     with output_errors(sink, run_id):
         check_output_claim(sink, run_id)
-        found = sink.sizes()
-    have = {}
-    remote = not sink.is_local
-    for rel, size in found.items():
-        if rel in _OUTPUT_EXTRAS or any(seg.startswith(".") for seg in rel.split("/")):
-            continue
-        if remote and size == 0:  # a folder marker (``scores/`` from the S3 console): no file
-            continue
-        have[rel] = size
+        have = written_files(sink)
     # names only: a unit recomputed after its result was taken (a worker presumed dead that was
     # still running it) rewrites its files under the same names, with other seconds in them; a
     # file whose size is not the one its result says is checksummed again for _manifest.json

@@ -728,36 +728,45 @@ class _Stall:
         self.last, self.slowest = time.monotonic(), max(self.slowest, seconds)
         self.left.pop(key, None)
 
-    @contextlib.contextmanager
-    def watched(self) -> Iterator[None]:
+    def watched(self) -> contextlib.AbstractContextManager[None]:
         import time
 
-        stop = threading.Event()
+        said = None
 
-        def watch() -> None:
-            said = None
-            while not stop.wait(STALL_CHECK_SECONDS):
-                quiet = time.monotonic() - self.last
-                # before any unit has finished, nothing says how long one takes: six times as long
-                limit = max(STALL_SECONDS, STALL_FACTOR * self.slowest) if self.slowest else 6 * STALL_SECONDS
-                left = tuple(self.left)  # one step under the GIL: the job's thread pops from it
-                if left and quiet > limit and said != self.last and not stop.is_set():
-                    said = self.last
-                    log.warning("no unit of this job has finished for %.0f s (the slowest so far took %.0f s); %d "
-                                "still running or queued, e.g. %s: a group in one may hang. The job waits for "
-                                "them; Ctrl-C stops it (train --resume keeps the units done)",
-                                quiet, self.slowest, len(left), left[0])
+        def check(stop: threading.Event) -> None:
+            nonlocal said
+            quiet = time.monotonic() - self.last
+            # before any unit has finished, nothing says how long one takes: six times as long
+            limit = max(STALL_SECONDS, STALL_FACTOR * self.slowest) if self.slowest else 6 * STALL_SECONDS
+            left = tuple(self.left)  # one step under the GIL: the job's thread pops from it
+            if left and quiet > limit and said != self.last and not stop.is_set():
+                said = self.last
+                log.warning("no unit of this job has finished for %.0f s (the slowest so far took %.0f s); %d "
+                            "still running or queued, e.g. %s: a group in one may hang. The job waits for "
+                            "them; Ctrl-C stops it (train --resume keeps the units done)",
+                            quiet, self.slowest, len(left), left[0])
 
-        thread = threading.Thread(target=watch, name="modelfactory-watch-stall", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
+        return _every(STALL_CHECK_SECONDS, check, "modelfactory-watch-stall")
 
 
 @contextlib.contextmanager
-def watch_workers(client, every: float | None = None) -> Iterator[None]:
+def _every(seconds: float, check: Callable[[threading.Event], bool | None], name: str) -> Iterator[None]:
+    """Inside, ``check(stop)`` runs every ``seconds`` in a thread of its own, until the block
+    ends or ``check`` returns False (``stop`` is set once the block ends)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(seconds) and check(stop) is not False:
+            pass
+
+    threading.Thread(target=loop, name=name, daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+def watch_workers(client, every: float | None = None) -> contextlib.AbstractContextManager[None]:
     """Warn every ``every`` seconds while the scheduler has no worker.
 
     A run waits for workers rather than failing (an adaptive cluster starts them once work is
@@ -765,27 +774,22 @@ def watch_workers(client, every: float | None = None) -> Iterator[None]:
     nobody started workers for would otherwise look like a hang.
     """
     every = NO_WORKER_WARNING_SECONDS if every is None else every
-    stop = threading.Event()
     address = getattr(getattr(client, "scheduler", None), "address", None) or "?"
+    waited = 0.0  # since the last time a worker was seen
 
-    def watch() -> None:
-        waited = 0.0  # since the last time a worker was seen
-        while not stop.wait(every):
-            try:
-                workers = client.scheduler_info(n_workers=1).get("workers", {})  # one is enough
-            except Exception:  # noqa: BLE001 - the run itself reports a lost scheduler
-                return
-            waited = 0.0 if workers else waited + every
-            if not workers and not stop.is_set():
-                log.warning("the scheduler at %s has had no Dask worker for %.0f s; the run is waiting for one "
-                            "(start workers with `dask worker %s`)", address, waited, address)
+    def check(stop: threading.Event) -> bool:
+        nonlocal waited
+        try:
+            workers = client.scheduler_info(n_workers=1).get("workers", {})  # one is enough
+        except Exception:  # noqa: BLE001 - the run itself reports a lost scheduler
+            return False
+        waited = 0.0 if workers else waited + every
+        if not workers and not stop.is_set():
+            log.warning("the scheduler at %s has had no Dask worker for %.0f s; the run is waiting for one "
+                        "(start workers with `dask worker %s`)", address, waited, address)
+        return True
 
-    thread = threading.Thread(target=watch, name="modelfactory-watch-workers", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
+    return _every(every, check, "modelfactory-watch-workers")
 
 
 def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progress: Progress,
