@@ -481,7 +481,8 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         written = scored | np.repeat(silent, groups.ends - groups.starts)
         flags = cols["is_anomaly"] & scored
         anomalies = np.add.reduceat(flags, groups.starts).astype(np.int64) if n else np.zeros(0, np.int64)
-        top = np.fmax.reduceat(np.where(scored, cols["score"], -1.0), groups.starts)  # NaN scores: not a max if n else np.zeros(0)
+        # fmax: a NaN score (a user's score_batch) is not a group's largest
+        top = np.fmax.reduceat(np.where(scored, cols["score"], -1.0), groups.starts) if n else np.zeros(0)
         max_score = [float(v) if v >= 0 else None for v in top.tolist()]
     res = UnitResult(unit_id, groups=len(groups), rows=n, anomalies=int(anomalies.sum()))
     for st in STATUS:
