@@ -71,18 +71,73 @@ def resolve_model(model, params: Mapping | None = None) -> ModelSpec:
         proto.validate_params()
         # a class registered by the user is pickled like any user class: a process that has
         # not registered it (a worker, a later `score`) could not rebuild it from its name
-        return ModelSpec(model, type(proto), proto.get_params(), _serializer(type(proto)))
+        return ModelSpec(model, type(proto), _recordable(model, proto.get_params()), _serializer(type(proto)))
     if isinstance(model, type) and issubclass(model, Model):
         proto = model(**params)
         proto.validate_params()
-        return ModelSpec(getattr(model, "name", model.__name__), model, proto.get_params(), _serializer(model))
+        name = getattr(model, "name", model.__name__)
+        return ModelSpec(name, model, _recordable(name, proto.get_params()), _serializer(model))
     if isinstance(model, Model):
         if params:
             raise ModelError("Pass parameters either on the model instance or as params=, not both.")
         model.validate_params()
-        return ModelSpec(model.name, type(model), model.get_params(), _serializer(type(model)))
+        return ModelSpec(model.name, type(model), _recordable(model.name, model.get_params()), _serializer(type(model)))
     raise ModelError(f"model must be a built-in name ({', '.join(registry)}), a modelfactory Model class "
                      f"or instance; got {type(model).__name__}.")
+
+
+def _recordable(model: str, params: dict) -> dict:
+    """``params``, checked to be recordable: a run records its model's parameters as JSON (in
+    its manifest, and to compare a resume or a retrain with it).  numpy values and arrays are
+    recorded as numbers and lists, dates and times as ISO text; any other value that JSON
+    cannot hold (a set, bytes, a function, an object) is refused, naming the parameter.
+    The model itself gets the values as they are."""
+    for name, value in params.items():
+        try:
+            json.dumps(value, default=_json_value)
+        except (TypeError, ValueError) as err:
+            from .exceptions import ParameterError
+
+            what = str(err).split(" is not a JSON value")[0] if "is not a JSON value" in str(err) else str(err)
+            raise ParameterError(
+                f"The {name!r} parameter of {model} holds a value of type {what}, which a run cannot record: a run "
+                "records its model's parameters as JSON, to compare a rerun or a retrain with it. Pass it as a "
+                "number, text, a bool, None, or a list or dict of those (a numpy array, a date or a time is "
+                "recorded as such), or set it inside the model class.") from None
+    return params
+
+
+def _json_value(value):
+    """``json.dumps``' ``default`` for model parameters: numpy values as Python ones, dates and
+    times as ISO text; anything else is refused (TypeError)."""
+    import datetime
+
+    import numpy as np
+
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, (datetime.date, datetime.time)):  # (datetime is a date)
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
+def _as_json(value):
+    """``value`` as its JSON record reads back (tuples as lists, numpy values as Python's)."""
+    return json.loads(json.dumps(value, default=_json_value))
+
+
+def _same_json(a, b) -> bool:
+    """Whether two values record as the same JSON: a tuple is its list, a dict's int keys are
+    text, and NaN is NaN (``nan != nan`` in Python)."""
+    def text(v):
+        return json.dumps(v, sort_keys=True, default=_json_value)
+
+    try:
+        return text(a) == text(b)
+    except (TypeError, ValueError):  # (not from parameters that were checked when recorded)
+        return a == b
 
 
 def _serializer(cls: type) -> str:
@@ -205,8 +260,8 @@ def _differs(p: dict, now: dict) -> str:
         a, b = was.get(k), mine.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             diff += [f"{k}.{n} {a.get(n)!r} then, {b.get(n)!r} now" for n in dict.fromkeys([*a, *b])
-                     if a.get(n) != b.get(n)]
-        elif a != b:
+                     if not _same_json(a.get(n), b.get(n))]
+        elif not _same_json(a, b):
             diff.append(f"{k} {a!r} then, {b!r} now")
     return "; ".join(diff[:3]) if diff else "the input's files (or the model's class) changed since"
 
@@ -593,7 +648,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         raise PlanError(f"unit_rows must be a positive number of rows; got {unit_rows}.")
     columns = tuple(dict.fromkeys([*by_, *([time] if time else []), target, *feats]))
     job = {"by": list(by_), "time": time, "target": target, "features": list(feats),
-           "model": mspec.name, "params": mspec.params, "serializer": mspec.serializer,
+           "model": mspec.name, "params": _as_json(mspec.params), "serializer": mspec.serializer,
            "filter": None if filter is None else str(filter)}
     base_src, base_id = None, None
     if retrain is not None:
@@ -608,7 +663,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         base_man = st.manifest(base)
         base_id = base_man["run_id"]
         was = dict(base_man["spec"], params=_with_defaults(mspec.cls, base_man["spec"].get("params")))
-        diff = [k for k in ("by", "time", "target", "features", "model", "params") if was.get(k) != job[k]]
+        diff = [k for k in ("by", "time", "target", "features", "model", "params") if not _same_json(was.get(k), job[k])]
         if diff:
             raise ModelFactoryError(
                 f"Cannot retrain only the {retrain} groups of run {base_id}: it differs in {diff} "

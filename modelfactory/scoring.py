@@ -23,7 +23,7 @@ from .dataset import read_files
 from .exceptions import GROUP_ERRORS, StoreError
 from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _times, describe_error, one_thread,
                      split_groups)
-from .models.base import SeriesBatch
+from .models.base import SeriesBatch, as_flags
 from .plan import WorkUnit
 
 __all__ = ["ModelSource", "score_unit", "score_table", "SCORE_COLUMNS", "loose_key_matches", "loose_key_hint"]
@@ -343,7 +343,11 @@ def _decode(src: ModelSource, blob: bytes):
 def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, errors: list,
                seconds: np.ndarray) -> None:
     """Score every group that has a model, in one batch per model class when the class can;
-    a batch that raises is scored again group by group, so only the bad groups fail."""
+    a batch that raises is scored again group by group, so only the bad groups fail (a class
+    that scores in batches only, with no ``_score`` of its own, fails all its groups with the
+    batch's error)."""
+    from .models.base import Model
+
     by_class: dict[type, list[int]] = {}
     for i, m in enumerate(fitted):
         if m is not None:
@@ -352,9 +356,8 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
         t0 = _time.perf_counter()
         mine = set(idx)
         try:
-            out = cls.score_batch([m if i in mine else None for i, m in enumerate(fitted)], batch)
-            if any(np.shape(out[c]) != batch.values.shape for c in SCORE_COLUMNS):
-                raise ValueError("score_batch returned arrays of another length")  # group by group below
+            out = _checked_batch(cls, cls.score_batch([m if i in mine else None for i, m in enumerate(fitted)], batch),
+                                 len(batch.values))
             for i in idx:
                 s, e = int(batch.offsets[i]), int(batch.offsets[i + 1])
                 for c in SCORE_COLUMNS:
@@ -362,11 +365,14 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
                 status[i] = "ok"
             lengths = np.diff(batch.offsets)[idx].astype(np.float64)
             seconds[idx] = (_time.perf_counter() - t0) * lengths / max(1.0, lengths.sum())
-        except GROUP_ERRORS:  # noqa: BLE001 - find the group(s) responsible
+        except GROUP_ERRORS as batch_err:  # noqa: BLE001 - find the group(s) responsible
+            alone = getattr(cls, "_score", None) is not Model._score  # it can score one group by itself
             for i in idx:
                 t1 = _time.perf_counter()
                 y, t, X = batch.series(i)
                 try:
+                    if not alone:
+                        raise batch_err
                     out = fitted[i].score(y, t=t, X=X)
                     s, e = int(batch.offsets[i]), int(batch.offsets[i + 1])
                     for c in SCORE_COLUMNS:
@@ -375,6 +381,31 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
                 except GROUP_ERRORS as err:  # noqa: BLE001 - recorded per group
                     status[i], errors[i] = "failed", describe_error(err)
                 seconds[i] = _time.perf_counter() - t1
+
+
+def _checked_batch(cls: type, out, n: int) -> dict:
+    """What ``cls.score_batch`` returned for ``n`` rows, held to the rules of ``Model.score``
+    (a class of the user's may score in batches its own way): every column, one value per row;
+    a NaN score is 0, a score is clipped to [0, 1]; a NaN flag is no flag."""
+    from .exceptions import ModelError
+
+    name = getattr(cls, "__name__", "the model")
+    if not hasattr(out, "keys") or not hasattr(out, "__getitem__"):
+        raise ModelError(f"{name}.score_batch returned {type(out).__name__}, not a dict of "
+                         f"{', '.join(SCORE_COLUMNS)}, one value per row of the batch.")
+    for c in SCORE_COLUMNS:
+        if c not in out:
+            raise ModelError(f"{name}.score_batch returned no {c!r}; it must return {', '.join(SCORE_COLUMNS)}, "
+                             "one value per row of the batch.")
+        if np.shape(out[c]) != (n,):
+            raise ModelError(f"{name}.score_batch returned {c!r} of shape {np.shape(out[c])} for {n} rows; it must "
+                             "return one value per row of the batch.")
+    out = dict(out)
+    score = np.asarray(out["score"], dtype=np.float64)
+    if np.isnan(score).any() or (score < 0).any() or (score > 1).any():
+        out["score"] = np.clip(np.nan_to_num(score, nan=0.0), 0.0, 1.0)
+    out["is_anomaly"] = as_flags(out["is_anomaly"])
+    return out
 
 
 def _nothing_scored(cols: dict, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

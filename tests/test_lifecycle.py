@@ -1,12 +1,14 @@
 """Resume after the client is killed, and retraining only failed or changed groups."""
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -220,6 +222,65 @@ def test_retrain_refuses_a_different_model(by_app, tmp_path):
                            params={"season_length": 12}, **ARGS)
 
 
+class Quantiles(Model):
+    """A user model with a tuple parameter (an ARIMA order, a pair of quantiles)."""
+
+    name = "quantiles"
+    params: ClassVar = {"quantiles": Param((0.05, 0.95), object), "weight": Param(float("nan"), object)}
+    state_attrs = ("mean_",)
+
+    def _fit(self, y, t, X):
+        self.mean_ = float(np.nanmean(y))
+
+    def _score(self, y, t, X):
+        n = len(y)
+        return {"expected": np.full(n, self.mean_), "lower": np.full(n, -np.inf), "upper": np.full(n, np.inf),
+                "score": np.zeros(n), "is_anomaly": np.zeros(n, bool)}
+
+
+def test_retrain_compares_parameters_as_they_are_recorded(tmp_path):
+    # the manifest holds [0.05, 0.95] and NaN: compared with the live (0.05, 0.95) and nan, every
+    # retrain was refused, "it differs in ['params'] (was [{'quantiles': [0.05, 0.95]}], now ...)"
+    data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    args = dict(by=["app", "site"], time="ts", target="value", model=Quantiles, store=store, cluster="inline")
+    first = modelfactory.train(data, **args)
+    assert modelfactory.ModelStore(store).manifest()["spec"]["params"]["quantiles"] == [0.05, 0.95]
+    for mode in ("failed", "changed"):
+        again = modelfactory.train(data, retrain=mode, **args)
+        assert again.summary["retrain"]["carried_over"] == 3
+    with pytest.raises(ModelFactoryError, match=r"it differs in \['params'\]"):
+        modelfactory.train(data, retrain="failed", params={"quantiles": (0.1, 0.9)}, **args)
+    assert first.summary["counts"]["ok"] == 3
+
+
+@pytest.mark.parametrize("value, recorded", [
+    (np.array([0.2, 0.8]), [0.2, 0.8]),
+    (np.int64(3), 3),
+    (datetime.date(2026, 1, 1), "2026-01-01"),
+])
+def test_numpy_and_date_parameters_are_recorded_as_json(tmp_path, value, recorded):
+    data = write(metrics_table(series=2, hours=48, apps=1), tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    run = modelfactory.train(data, by=["app", "site"], time="ts", target="value", model=Quantiles,
+                             params={"quantiles": value}, store=store, cluster="inline")
+    assert run.summary["counts"]["ok"] == 2
+    assert modelfactory.ModelStore(store).manifest()["spec"]["params"]["quantiles"] == recorded
+
+
+@pytest.mark.parametrize("value, kind", [({1, 2}, "set"), (b"x", "bytes"), ([0.1, print], "builtin_function_or_method")])
+def test_a_parameter_json_cannot_record_is_refused_naming_it(tmp_path, value, kind):
+    # it was "builtins.TypeError: Object of type set is not JSON serializable", from deep in train
+    from modelfactory.exceptions import ParameterError
+
+    data = write(metrics_table(series=2, hours=48, apps=1), tmp_path / "d", ["app"])
+    with pytest.raises(ParameterError, match=rf"The 'quantiles' parameter of quantiles holds a value of type {kind}, "
+                                             "which a run cannot record"):
+        modelfactory.train(data, by=["app", "site"], time="ts", target="value", model=Quantiles,
+                           params={"quantiles": value}, store=str(tmp_path / "s"), cluster="inline")
+    assert not (tmp_path / "s").exists()
+
+
 def test_retrain_accepts_a_run_stored_before_a_parameter_was_added(by_app, tmp_path):
     # A store written before seasonal had `tz` lists no tz in its manifest: the nightly
     # --only-changed must still retrain from it (tz=None is what its models load with), not
@@ -409,7 +470,78 @@ class SomeNaNScores(OneValueScore):
 def test_nan_scores_from_a_users_score_batch_leave_each_groups_max_score_the_largest_real_one(tmp_path):
     scored = _trained_then_scored(SomeNaNScores, tmp_path)
     assert scored.summary["counts"] == {"ok": 3, "failed": 0, "skipped": 0}
-    assert scored.groups.max_score.tolist() == [2.0, 2.0, 2.0] and scored.groups.anomalies.tolist() == [1, 1, 1]
+    # (2.0 is clipped to 1, as Model.score clips: a score is in [0, 1])
+    assert scored.groups.max_score.tolist() == [1.0, 1.0, 1.0] and scored.groups.anomalies.tolist() == [1, 1, 1]
+    rows = scored.to_pandas()
+    assert rows.score.between(0, 1).all() and rows.score.notna().all()
+
+
+class BatchOnlyNaNFlags(OneValueScore):
+    """A user model that scores in batches only (no _score): NaN scores and NaN flags ("no opinion")."""
+
+    name = "batch_only_nan_flags"
+    _score = Model._score
+
+    @classmethod
+    def score_batch(cls, models, batch, **kwargs):
+        n = len(batch.values)
+        return {"expected": np.zeros(n), "lower": np.zeros(n) - 1, "upper": np.zeros(n) + 1,
+                "score": np.full(n, np.nan), "is_anomaly": np.where(np.arange(n) % 48 == 5, 1.0, np.nan)}
+
+
+def test_a_users_score_batch_is_held_to_the_rules_of_score(tmp_path):
+    # NaN scores were written as NaN, and a NaN flag (no opinion) flagged every row: 144 of 144
+    scored = _trained_then_scored(BatchOnlyNaNFlags, tmp_path)
+    assert scored.summary["counts"] == {"ok": 3, "failed": 0, "skipped": 0}
+    rows = scored.to_pandas()
+    assert (rows.score == 0).all() and int(rows.is_anomaly.sum()) == 3
+    assert scored.groups.anomalies.tolist() == [1, 1, 1]
+
+
+class BatchOnlyRaises(BatchOnlyNaNFlags):
+    name = "batch_only_raises"
+
+    @classmethod
+    def score_batch(cls, models, batch, **kwargs):
+        raise ValueError("my vectorised scorer broke: column 3 is missing")
+
+
+class BatchOnlyNoFlags(BatchOnlyNaNFlags):
+    name = "batch_only_no_flags"
+
+    @classmethod
+    def score_batch(cls, models, batch, **kwargs):
+        out = super().score_batch(models, batch)
+        del out["is_anomaly"]
+        return out
+
+
+@pytest.mark.parametrize("cls, error", [
+    (BatchOnlyRaises, "ValueError: my vectorised scorer broke: column 3 is missing (at "),
+    (BatchOnlyNoFlags, "ModelError: BatchOnlyNoFlags.score_batch returned no 'is_anomaly'; it must return expected, "
+                       "lower, upper, score, is_anomaly, one value per row of the batch."),
+])
+def test_a_batch_only_scorer_that_fails_fails_every_group_with_its_own_error(tmp_path, cls, error):
+    # each group was scored again alone with the _score the class never wrote, and failed
+    # "NotImplementedError: ... does not implement _score": the real error was lost
+    scored = _trained_then_scored(cls, tmp_path)
+    assert scored.summary["counts"] == {"ok": 0, "failed": 3, "skipped": 0}
+    assert scored.groups.error.str.startswith(error).all(), scored.groups.error.tolist()
+
+
+class NaNFlags(OneValueScore):
+    name = "nan_flags"
+
+    def _score(self, y, t, X):
+        n = len(y)
+        return {"expected": np.full(n, self.mean_), "lower": np.full(n, -np.inf), "upper": np.full(n, np.inf),
+                "score": np.zeros(n), "is_anomaly": np.where(np.arange(n) == 7, 1.0, np.nan)}
+
+
+def test_a_nan_flag_from_score_is_no_flag():
+    m = NaNFlags().fit(np.arange(48.0))
+    assert np.flatnonzero(m.score(np.arange(10.0))["is_anomaly"]).tolist() == [7]
+    assert np.flatnonzero(NaNFlags._score(m, np.arange(3.0), None, None)["is_anomaly"].astype(bool)).tolist() == [0, 1, 2]
 
 
 def test_only_failed_on_new_data_keeps_the_carried_models_fingerprints_so_only_changed_refits_them(tmp_path):

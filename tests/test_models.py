@@ -77,6 +77,10 @@ def test_unknown_model_suggests_the_closest_name():
         get("holt_winter")
     with pytest.raises(ModelError, match="Known models: autoencoder, ets"):
         get("zzz")
+    # a class's path (the CLI's --model mymodels.MeanStd) is not imported: say how such a model trains
+    with pytest.raises(ModelError, match=r"Unknown model 'mymodels\.MeanStd'\. A model is named as registered, not "
+                                         r"by its module: pass a class of your own to modelfactory\.train\(model="):
+        get("mymodels.MeanStd")
 
 
 def test_register_model_and_use_it_by_name(user_models):

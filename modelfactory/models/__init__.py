@@ -90,6 +90,10 @@ registry: Mapping[str, type] = _Registry()
 def unknown_model(name: str) -> ModelError:
     close = difflib.get_close_matches(name, list(registry), n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
+    if "." in name and not close:  # a class's dotted path: a name is looked up, never imported
+        hint = (" A model is named as registered, not by its module: pass a class of your own to "
+                "modelfactory.train(model=TheClass) from Python, or register it in this process "
+                "(modelfactory.register_model); the command line trains the models known here.")
     return ModelError(f"Unknown model {name!r}.{hint} Known models: {', '.join(registry)}.")
 
 

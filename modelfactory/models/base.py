@@ -400,7 +400,7 @@ class Model:
         # is as far off as a value can be: it scored 0 and was never flagged, an outage unseen
         broken = np.isinf(y) & np.isfinite(np.asarray(out["expected"], dtype=np.float64))
         out["score"] = np.where(broken, 1.0, np.clip(score, 0.0, 1.0))
-        flags = (np.asarray(out["is_anomaly"], dtype=bool) & np.isfinite(y)) | broken
+        flags = (as_flags(out["is_anomaly"]) & np.isfinite(y)) | broken
         mode = getattr(self, "debounce", "none") if debounce is None else debounce
         k = getattr(self, "quiet", 1) if quiet is None else quiet
         out["is_anomaly"] = _debounce(flags, mode, k)
@@ -454,6 +454,20 @@ class Model:
         if name != cls.name:
             raise ModelError(f"These bytes hold a {name!r} model, not {cls.name!r}.")
         return cls(**params).set_state(state)
+
+
+def as_flags(values) -> np.ndarray:
+    """A model's ``is_anomaly`` as booleans: a missing value (NaN, None) is no flag, where
+    ``bool(nan)`` is True and would flag every row a model has no opinion on."""
+    a = np.asarray(values)
+    if a.dtype == bool:
+        return a
+    if a.dtype.kind == "f":
+        return np.nan_to_num(a, nan=0.0) != 0
+    if a.dtype.kind == "O":
+        return np.array([v is not None and not (isinstance(v, float) and v != v) and bool(v) for v in a.ravel()],
+                        dtype=bool).reshape(a.shape)
+    return a.astype(bool)
 
 
 def _as_2d(X) -> np.ndarray:
