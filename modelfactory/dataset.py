@@ -105,8 +105,11 @@ class Source:
 class FileInfo:
     path: str
     rows: int
-    size: int
+    size: int  # bytes
     partition: tuple  # values of Source.partition_keys, None for a null partition
+    #: what marks this version of the file: its modification time (local), its ETag (an object
+    #: store); "" where the filesystem gives neither
+    stamp: str = ""
 
 
 @dataclass
@@ -131,10 +134,12 @@ class DatasetInfo:
         return sum(f.rows for f in self.files)
 
     def fingerprint(self) -> str:
-        """A digest of the file list, sizes and row counts (changes when the input does)."""
+        """A digest of the file list, sizes, row counts and versions (modification times or
+        ETags): it changes when the input does, a file rewritten in place with rows of the same
+        shape too (a nightly export), so a resume never keeps what was fitted on the old rows."""
         h = hashlib.sha256()
         for f in sorted(self.files, key=lambda f: f.path):
-            h.update(f"{f.path}\0{f.size}\0{f.rows}\n".encode())
+            h.update(f"{f.path}\0{f.size}\0{f.rows}\0{f.stamp}\n".encode())
         return h.hexdigest()
 
 
@@ -193,6 +198,27 @@ def discover(url: str, *, storage_options: dict | None = None,
     except PermissionError as err:
         raise DatasetError(f"Access to {url!r} was denied ({err}): check the credentials "
                            "(AWS_* environment, ~/.aws, or storage_options: [storage_options] in --config).") from err
+
+
+def _stamps(fs, path: str, paths: list[str], is_file: bool) -> dict[str, tuple[int, str]]:
+    """Each file's size and version mark (:attr:`FileInfo.stamp`), from one listing: the local
+    filesystem's modification times, an object store's ETags (or its modification times).  A
+    file the listing does not give is left out (its footer's size then stands in)."""
+    try:
+        if isinstance(fs, pafs.FileSystem):
+            return {i.path: (i.size, str(i.mtime_ns or "")) for i in fs.get_file_info(paths)
+                    if i.type == pafs.FileType.File}
+        infos = {path: fs.info(path)} if is_file else fs.find(path, detail=True)
+    except (OSError, ValueError) as err:  # the footers were just read: the facts stand without it
+        log.debug("Cannot list the versions of the files under %r: %s", path, err)
+        return {}
+    out = {}
+    for p, i in infos.items():
+        mark = next((i[k] for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "created")
+                     if i.get(k) not in (None, "")), "")
+        out[p] = (int(i.get("size") or 0), str(mark))
+    wanted = set(paths)
+    return {p: v for p, v in out.items() if p in wanted}
 
 
 def _hidden(rel: str) -> bool:
@@ -327,9 +353,11 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
                                    f"to count its nulls: {err}") from err
             nulls[c] += column.null_count
         pk = ds.get_partition_keys(frag.partition_expression)
-        size = getattr(md, "serialized_size", 0)
-        return (FileInfo(frag.path, md.num_rows, size, tuple(pk.get(k) for k in keys)), nulls, physical,
+        size, stamp = stamps.get(frag.path, (getattr(md, "serialized_size", 0), ""))
+        return (FileInfo(frag.path, md.num_rows, size, tuple(pk.get(k) for k in keys), stamp), nulls, physical,
                 _beyond_ns(md, physical))
+
+    stamps = _stamps(fs, path, [f.path for f in fragments], is_file)
 
     results = [r for r in _map_footers(facts, fragments, local) if r is not None]
     if not results:

@@ -113,6 +113,36 @@ def test_a_resume_refused_for_other_arguments_says_which_differ(by_app, tmp_path
         modelfactory.train(data, store=store, cluster="inline", resume=rid, **ARGS)
 
 
+def test_input_rewritten_in_place_with_rows_of_the_same_shape_is_not_resumed(tmp_path, monkeypatch):
+    # A nightly export rewrites app=x/part-0.parquet: same path, rows and footer size. The input's
+    # fingerprint took the footer's size for the file's, so `train --resume` resumed yesterday's
+    # interrupted run and committed the models it had fitted on yesterday's rows beside today's.
+    import pyarrow.parquet as pq
+
+    import modelfactory.api
+    from modelfactory.dataset import discover
+
+    t = metrics_table(series=3, hours=48, apps=1)
+    data = write(t, tmp_path / "d", ["site"])
+    store = str(tmp_path / "s")
+    before = discover(data)
+    assert [f.size for f in before.files] == [os.path.getsize(f.path) for f in before.files]
+    monkeypatch.setattr(modelfactory.api, "run_units", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt, match="was not committed"):
+        modelfactory.train(data, store=store, cluster="inline", **ARGS)
+    monkeypatch.undo()
+    path = before.files[0].path
+    time.sleep(0.01)  # (a coarse clock: the rewrite gets a later modification time)
+    old = pq.read_table(path)
+    pq.write_table(old.set_column(old.schema.get_field_index("value"), "value",
+                                          pa.compute.add(old["value"], 1000.0)), path)
+    after = discover(data)
+    assert [(f.path, f.rows) for f in after.files] == [(f.path, f.rows) for f in before.files]
+    assert after.fingerprint() != before.fingerprint()
+    run = modelfactory.train(data, store=store, cluster="inline", resume=True, **ARGS)
+    assert run.summary["resumed"] is False
+
+
 def test_two_resumes_of_one_run_at_once_commit_it_once(by_app, tmp_path, monkeypatch):
     # a scheduled `train --resume` overlapping the one before: both trained it all, both committed
     # the same run id, and the second commit rewrote the first's manifest

@@ -442,3 +442,22 @@ def test_reading_a_runs_manifest_is_one_request(s3, data, prefix):
     st.location.rm(f"runs/{ids[-1]}/manifest.json")
     with pytest.raises(StoreError, match=rf"LATEST .* names run '{ids[-1]}', whose manifest .* is missing"):
         st.manifest()
+
+
+def test_an_object_rewritten_in_place_changes_the_inputs_fingerprint(s3, data):
+    # (what keeps `train --resume` from keeping models fitted on an object's earlier rows): the
+    # objects' sizes and ETags, from one listing
+    opts = s3.storage_options()
+    before = discover(data, storage_options=opts)
+    fs = s3.fs()
+    assert [f.size for f in before.files] == [fs.size(f.path) for f in before.files]
+    assert all(f.stamp for f in before.files)
+    path = before.files[0].path
+    with fs.open(path, "rb") as f:
+        old = pq.read_table(f)
+    with fs.open(path, "wb") as f:
+        pq.write_table(old.set_column(old.schema.get_field_index("value"), "value",
+                                      pa.compute.add(old["value"], 1000.0)), f)
+    after = discover(data, storage_options=opts)
+    assert [(f.path, f.rows) for f in after.files] == [(f.path, f.rows) for f in before.files]
+    assert after.files[0].stamp != before.files[0].stamp and after.fingerprint() != before.fingerprint()
