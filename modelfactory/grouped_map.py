@@ -498,6 +498,7 @@ def apply_groups(spec, groups):
     perf = _time.perf_counter
     stamps = [perf()]
     stamp = stamps.append
+    guard: _ReuseGuard | None = _ReuseGuard()  # None once the first groups show no object returned twice
     for i, arg in enumerate(_group_inputs(spec, groups)):
         try:
             out = func(arg)
@@ -516,10 +517,15 @@ def apply_groups(spec, groups):
         kind = type(out)
         if kind is dict and len(out) == width:  # with every name found below: exactly the schema's
             try:
-                outs.append(row_of(out))
+                values = row_of(out)
             except KeyError:
                 careful[i] = to_table(out, schema)
                 continue
+            if guard is not None:
+                values = guard(values, arg)
+                if guard.done:
+                    guard = None
+            outs.append(values)
             framed.append(False)
         elif kind is frame_type or (frame_type is None and _is_frame(out)):
             frame_type = kind
@@ -527,7 +533,9 @@ def apply_groups(spec, groups):
             if cols is None:
                 careful[i] = to_table(out, schema)
                 continue
-            outs.append(tuple(cols))  # a tuple of arrays: no work for the GC
+            # copies: a frame filled again and returned by the next group would change them (a
+            # few hundred ns against the tens of µs a frame costs)
+            outs.append(tuple(a.copy() if a.base is not None else a for a in cols))
             framed.append(True)
         else:
             careful[i] = to_table(out, schema)
@@ -560,6 +568,61 @@ def apply_groups(spec, groups):
             tables.append(t)
     result = pa.concat_tables(tables) if tables else schema.empty_table()
     return {"status": status, "error": errors, "seconds": np.diff(stamps)}, result
+
+
+class _ReuseGuard:
+    """What a dict's values go through on the fast path while the unit's first groups run.
+
+    Values are converted when every group of the unit has run.  A function that fills one
+    buffer again for each group and returns it (``buf[0] = m; return {"m": buf}``), or a view
+    of it, would give every group the last group's values.  So the values of the first
+    :attr:`PROBE` groups are kept as copies, and their objects (and the arrays a view looks
+    into, other than the group's own input) are watched: once one comes back, every later
+    group's values are copied too.  If none does, the rest go uncopied and unchecked (the
+    guard is done): the array path pays nothing per group for it.  A function that starts
+    to reuse a buffer only after its first groups is not caught."""
+
+    PROBE = 4
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.kept: list = []  # the originals watched: alive, so their ids stay theirs
+        self.groups = 0
+        self.copying = False
+        self.done = False
+
+    def __call__(self, values: tuple, arg) -> tuple:
+        if not self.copying:
+            inputs = {id(_owner(a)) for a in arg.values() if type(a) is np.ndarray} if type(arg) is dict else set()
+            for v in values:
+                if type(v) in _SCALARS or v is None:
+                    continue
+                marks = [id(v)]
+                if type(v) is np.ndarray and v.base is not None and id(_owner(v)) not in inputs:
+                    marks.append(id(_owner(v)))  # a view: what it looks into
+                if any(m in self.seen for m in marks):
+                    self.copying = True
+                    break
+                self.seen.update(marks)
+            self.kept.append(values)
+            self.groups += 1
+            if not self.copying and self.groups >= self.PROBE:
+                self.done, self.seen, self.kept = True, set(), []
+        return tuple(map(_copied, values))
+
+
+def _owner(a: np.ndarray):
+    """The object whose memory the array ``a`` uses (itself, if it owns it)."""
+    return a if a.base is None else a.base
+
+
+def _copied(v):
+    if type(v) is np.ndarray:
+        return v.copy()
+    if isinstance(v, list):
+        return list(v)
+    copy = getattr(v, "copy", None)
+    return copy() if callable(copy) and hasattr(v, "__array__") else v
 
 
 def _chunks(outs: list[tuple], names: list[str]) -> tuple[list[list], np.ndarray, np.ndarray]:

@@ -782,6 +782,44 @@ def test_a_container_refilled_and_returned_by_every_group_gives_each_its_own_row
     assert sorted(run.to_pandas().values.tolist()) == [["a1", 5.0], ["a2", 9.0], ["a3", 13.0]]
 
 
+def test_a_buffer_or_frame_filled_again_and_returned_by_every_group_gives_each_its_own_rows(tmp_path):
+    # Values are converted when the unit's groups have run: a frame or an array refilled in place
+    # and returned again gave every group the last group's values (the keys, copied, stayed right).
+    path = _write(tmp_path, pa.table({"k": [f"g{i:02d}" for i in range(12) for _ in range(2)],
+                                      "x": [float(i) for i in range(24)]}))
+    expected = [[f"g{i:02d}", float(4 * i + 1)] for i in range(12)]
+    row = pd.DataFrame({"k": ["?"], "s": [0.0]})
+    buf, pool = np.zeros(4), [np.zeros(1), np.zeros(1)]
+    calls = [0]
+
+    def frame(pdf):
+        row.loc[0, "k"], row.loc[0, "s"] = pdf["k"].iloc[0], pdf["x"].sum()
+        return row
+
+    def array(g):
+        buf[0] = g["x"].sum()
+        return {"k": g["k"][:1], "s": buf[:1]}  # a view of the one buffer
+
+    def two_buffers(g):  # taken in turn: the third group is the first to come back with one
+        calls[0] += 1
+        b = pool[calls[0] % 2]
+        b[0] = g["x"].sum()
+        return {"k": g["k"][:1], "s": b}
+
+    def constant(g):  # one array for every group, never changed: right either way
+        return {"k": g["k"][:1], "s": np.array([g["x"].sum()]), "one": _ONE}
+
+    for func, kind in ((frame, "pandas"), (array, "numpy"), (two_buffers, "numpy")):
+        run = modelfactory.apply(path, by="k", func=func, schema="k string, s double", input=kind, cluster="inline")
+        assert sorted(run.to_pandas().values.tolist()) == expected, func.__name__
+    run = modelfactory.apply(path, by="k", func=constant, schema="k string, s double, one double", input="numpy",
+                             cluster="inline")
+    assert sorted(run.to_pandas().values.tolist()) == [e + [1.0] for e in expected]
+
+
+_ONE = np.array([1.0])
+
+
 def test_returned_values_convert_alike_whatever_their_column_order(tmp_path):
     path = _write(tmp_path, pa.table({"app": ["a", "b"], "x": [1.0, 2.0]}))
 
