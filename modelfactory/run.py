@@ -1410,12 +1410,21 @@ def _remaining_keys(spec: JobSpec, paths: tuple[str, ...], tables: list[pa.Table
     import pyarrow.parquet as pq
 
     by = list(spec.by)
-    every = kernel.unit_keys(spec, paths)
+    every = _plain_keys(kernel.unit_keys(spec, paths))
     done = tables + [pq.read_table(pa.BufferReader(spec.sink.read_bytes(p)), columns=by) for p in parts]
     if not done:
         return every
-    done_keys = pa.concat_tables([t.select(by).cast(every.schema) for t in done])
+    done_keys = pa.concat_tables([_plain_keys(t.select(by)).cast(every.schema) for t in done])
     return every.join(done_keys, keys=by, join_type="left anti").combine_chunks()
+
+
+def _plain_keys(keys: pa.Table) -> pa.Table:
+    """``keys`` with its dictionary-encoded columns (a pandas categorical) as plain values: Arrow
+    joins no two dictionary columns whose dictionaries differ (each file has its own)."""
+    for i, f in enumerate(keys.schema):
+        if pa.types.is_dictionary(f.type):
+            keys = keys.set_column(i, f.with_type(f.type.value_type), keys[f.name].cast(f.type.value_type))
+    return keys
 
 
 def _read_groups(spec: JobSpec, paths: tuple[str, ...], keys: pa.Table) -> kernel.Groups:
@@ -1427,8 +1436,8 @@ def _read_groups(spec: JobSpec, paths: tuple[str, ...], keys: pa.Table) -> kerne
     # the keys and a row number only (a join cannot carry nested columns), rows kept in order
     cond = kernel.keys_condition(keys.select(by), spec.filter)
     table = read_files(spec.source, paths, list(spec.columns), cond)
-    probe = table.select(by).append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    rows = probe.join(keys, keys=by, join_type="left semi")["__row"].to_numpy()
+    probe = _plain_keys(table.select(by)).append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    rows = probe.join(_plain_keys(keys.select(by)), keys=by, join_type="left semi")["__row"].to_numpy()
     return kernel.split_groups(table.take(pa.array(np.sort(rows))), spec.by, spec.time)
 
 

@@ -782,6 +782,31 @@ def test_a_container_refilled_and_returned_by_every_group_gives_each_its_own_row
     assert sorted(run.to_pandas().values.tolist()) == [["a1", 5.0], ["a2", 9.0], ["a3", 13.0]]
 
 
+def test_a_killed_shuffle_partitions_groups_are_found_again_with_categorical_keys_of_other_dictionaries(tmp_path):
+    # Isolating a partition whose group killed its worker joins its files' keys with those done:
+    # with a categorical key, each file with its own categories, Arrow refused ("Unifying differing
+    # dictionaries") and the whole run failed instead of the one group.
+    from modelfactory.dataset import discover
+    from modelfactory.kernel import JobSpec
+    from modelfactory.run import _read_groups, _remaining_keys
+
+    data = tmp_path / "d"
+    for day in range(3):
+        (data / f"day={day}").mkdir(parents=True)
+        keys = [f"k{i:02d}" for i in range(day, day + 4)] * 2  # other categories in each file
+        pd.DataFrame({"k": pd.Categorical(keys), "v": np.arange(8.0)}).to_parquet(data / f"day={day}" / "p.parquet")
+    info = discover(str(data), null_check=("k",))
+    assert pa.types.is_dictionary(info.schema.field("k").type)
+    spec = JobSpec("apply", ("k",), info.source, ("k", "v"))
+    paths = tuple(f.path for f in info.files)
+    done = pa.table({"k": pa.array(["k00", "k03"]).dictionary_encode()})
+    left = _remaining_keys(spec, paths, [done], [])
+    assert sorted(left["k"].to_pylist()) == ["k01", "k02", "k04", "k05"]
+    groups = _read_groups(spec, paths, left.slice(0, 2))
+    assert [len(groups)] + groups.keys["k"].to_pylist() == [2, "k01", "k02"]
+    assert (groups.ends - groups.starts).tolist() == [4, 6]  # k01 in two files, k02 in three
+
+
 def test_a_buffer_or_frame_filled_again_and_returned_by_every_group_gives_each_its_own_rows(tmp_path):
     # Values are converted when the unit's groups have run: a frame or an array refilled in place
     # and returned again gave every group the last group's values (the keys, copied, stayed right).
