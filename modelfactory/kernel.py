@@ -953,7 +953,10 @@ def _seconds(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def _floats(col) -> np.ndarray:
-    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    """A numeric column as float64, as models take it: an integer past 2**53 (a byte counter, a
+    duration in ns) to the nearest float, as numpy converts it (Arrow's safe cast refused it,
+    and the unit failed outside any group); a decimal likewise."""
+    return pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
 
 
 # ---------------------------------------------------------------------------

@@ -81,6 +81,23 @@ def test_one_failing_group_never_fails_the_run(tmp_path):
     assert st.groups().set_index("site").loc["s001", "status"] == "failed"
 
 
+def test_an_integer_target_or_feature_past_2_to_the_53_trains_and_scores(tmp_path):
+    # a byte counter: Arrow's safe cast to float64 refused 2**53 + 1, and the unit (every group
+    # in it) failed "outside any group" with an ArrowInvalid naming no column
+    t = metrics_table(series=3, hours=72, apps=1)
+    big = pa.array(np.round(t["value"].to_numpy()).astype(np.int64) + (2**53 + 1) * (t["site"].to_numpy() == "s001"))
+    t = t.set_column(t.schema.get_field_index("value"), "value", big).append_column("bytes", big)
+    path = write(t, tmp_path / "d", ["app"])
+    store = str(tmp_path / "s")
+    run = modelfactory.train(path, store=store, cluster="inline", **ARGS)
+    assert run.summary["counts"] == {"ok": 3, "failed": 0, "skipped": 0}
+    forest = modelfactory.train(path, store=str(tmp_path / "f"), model="random_forest", features=["bytes"],
+                                by=["app", "site"], time="ts", target="value", cluster="inline")
+    assert forest.summary["counts"]["ok"] == 3
+    scored = modelfactory.score(path, store=store, out=str(tmp_path / "o"), cluster="inline")
+    assert scored.summary["counts"]["ok"] == 3
+
+
 def test_a_train_run_asked_for_rows_says_where_its_models_are(tmp_path):
     # run.to_pandas() on a train run said "This run has no tabular result (no schema was given)":
     # train takes no schema, so the hint pointed at nothing; run.results said "use to_pandas()",
