@@ -792,9 +792,18 @@ def _grouped_already(table: pa.Table, by: tuple[str, ...], time: str | None, cut
         return False
     if time is None or table.num_rows < 2:
         return True
-    t = pc.cast(table[time], pa.int64()).to_numpy(zero_copy_only=False)
+    t = _sortable_times(table[time])
     back = np.flatnonzero(np.diff(t) < 0) + 1  # rows whose time goes backwards ...
     return bool(np.isin(back, cuts).all())  # ... only where a new group starts
+
+
+def _sortable_times(col) -> np.ndarray:
+    """A time column as int64, missing times last (as Arrow sorts them): with a null in it, the
+    column came out as float64 with NaN, which hid a step back in time beside it and rounded
+    nanosecond times into ties, so a unit's groups were left out of time order."""
+    if col.null_count:
+        col = pc.fill_null(pc.cast(col, pa.int64()), np.iinfo(np.int64).max)
+    return pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
 
 
 def _key_codes(table: pa.Table, by: tuple[str, ...],
@@ -870,7 +879,7 @@ def split_groups(table: pa.Table, by: tuple[str, ...], time: str | None = None) 
             table = table.take(pc.sort_indices(table, sort_keys=sort_keys)).combine_chunks()
             cuts = _boundaries(table, by)
     else:
-        t = pc.cast(table[time], pa.int64()).to_numpy(zero_copy_only=False) if time else None
+        t = _sortable_times(table[time]) if time else None
         step = np.diff(codes)
         in_order = bool((step >= 0).all())
         if in_order and t is not None:

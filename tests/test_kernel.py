@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,6 +43,19 @@ def test_split_groups_partitions_the_rows(data, presort, encoded):
         assert set(zip(part["k"].to_pylist(), part["j"].to_pylist())) == {key}
         ts = part["t"].cast(pa.int64()).to_pylist()
         assert ts == sorted(ts)
+
+
+@pytest.mark.parametrize("key_type", [pa.string(), pa.float64()], ids=["codes", "compared"])
+def test_a_missing_time_neither_hides_a_step_back_nor_ties_nanosecond_times(key_type):
+    # With a null anywhere in the unit the times came out as float64: NaN beside a step back hid
+    # it ("in order", rows handed over unsorted), and float64 rounds ns epochs into ties
+    base = 1_772_409_600 * 10**9  # 2026-03-02
+    hour = 3600 * 10**9
+    k = ["a", "a", "a", "b", "b", "c"] if key_type == pa.string() else [1.0, 1.0, 1.0, 2.0, 2.0, 3.0]
+    t = [base + 5 * hour, None, base + 3 * hour, base + 20, base + 10, base]
+    table = pa.table({"k": pa.array(k, key_type), "t": pa.array(t, pa.timestamp("ns")), "i": range(6)})
+    g = split_groups(table, ("k",), "t")
+    assert g.column("i").to_pylist() == [2, 0, 1, 4, 3, 5]  # each group in time order, the missing time last
 
 
 def test_string_keys_stay_with_their_rows_when_so_many_keys_that_the_rows_are_sorted_by_value():
