@@ -221,6 +221,15 @@ def _stamps(fs, path: str, paths: list[str], is_file: bool) -> dict[str, tuple[i
     return {p: v for p, v in out.items() if p in wanted}
 
 
+def parquet_format(dictionary_columns: list[str] | None = None) -> ds.ParquetFileFormat:
+    """How the input is read: INT96 timestamps (Spark's default Parquet timestamps, which hold
+    microseconds) as microseconds.  Arrow reads them as nanoseconds by default, and a date past
+    2262 (Spark's 9999-12-31 "never") wrapped around to 1816 without a word; INT96 columns carry
+    no statistics, so discovery could not catch it as it catches INT64 nanoseconds."""
+    return ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=dictionary_columns,
+                                                                   coerce_int96_timestamp_unit="us"))
+
+
 def _hidden(rel: str) -> bool:
     """Whether the file at ``rel`` (relative to the dataset's folder) is not data, by Spark's rule:
     a part of its path starts with ``.`` (``.part-0.crc``, ``.spark-staging-1/``), or with ``_``
@@ -254,12 +263,12 @@ def _listing(fs, path: str, is_file: bool) -> tuple[ds.FileSystemDataset, tuple[
     that are not data (:func:`_hidden`) are left out.
     """
     if is_file:
-        return ds.dataset(path, filesystem=fs, format="parquet", schema=pa.schema([])), ()
+        return ds.dataset(path, filesystem=fs, format=parquet_format(), schema=pa.schema([])), ()
     pfs, base = arrow_fs(fs), path.rstrip("/")
     files = data_files(pfs, base)
     opts = ds.FileSystemFactoryOptions(partition_base_dir=base)
     opts.partitioning_factory = ds.HivePartitioning.discover(infer_dictionary=False)
-    factory = ds.FileSystemDatasetFactory(pfs, files, ds.ParquetFileFormat(), opts)
+    factory = ds.FileSystemDatasetFactory(pfs, files, parquet_format(), opts)
     keys = tuple(factory.inspect(fragments=0).names)
     return factory.finish(pa.schema([pa.field(k, pa.string()) for k in keys])), keys
 
@@ -726,14 +735,14 @@ def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
     keys from the folder names, so finding the groups needs no hashing of strings.
     """
     fs = source.filesystem()
-    schema, partitioning, fmt = source.schema, source.partitioning(), "parquet"
+    schema, partitioning, fmt = source.schema, source.partitioning(), parquet_format()
     encode = tuple(c for c in encode if c in columns and c in schema.names and schema.field(c).type == pa.string())
     if encode:
         for c in encode:
             schema = schema.set(schema.get_field_index(c), schema.field(c).with_type(ENCODED).with_metadata(DECODE))
         in_files = [c for c in encode if c not in source.partition_keys]
         if in_files:
-            fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=in_files))
+            fmt = parquet_format(in_files)
         in_paths = [c for c in encode if c in source.partition_keys]
         if in_paths:
             partitioning = source.partitioning(_partition_values(source, paths, in_paths))

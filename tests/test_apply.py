@@ -807,6 +807,27 @@ def test_a_killed_shuffle_partitions_groups_are_found_again_with_categorical_key
     assert (groups.ends - groups.starts).tolist() == [4, 6]  # k01 in two files, k02 in three
 
 
+def test_spark_int96_timestamps_past_2262_keep_their_date(tmp_path):
+    # Spark writes timestamps as INT96 by default; Arrow read them as nanoseconds, and a
+    # 9999-12-31 "valid until" wrapped to 1816-03-29 without a word (no statistics to catch it)
+    import datetime
+
+    from modelfactory.dataset import discover
+
+    t = pa.table({"k": ["a", "a", "b"], "v": [1.0, 2.0, 3.0],
+                  "until": pa.array([datetime.datetime(2026, 1, 1), datetime.datetime(9999, 12, 31),
+                                     datetime.datetime(2026, 1, 2)], pa.timestamp("us"))})
+    path = tmp_path / "d.parquet"
+    pq.write_table(t, path, use_deprecated_int96_timestamps=True)
+    assert pq.ParquetFile(path).metadata.schema.column(2).physical_type == "INT96"
+    assert discover(str(path)).schema.field("until").type == pa.timestamp("us")
+    run = modelfactory.apply(str(path), by="k", func=lambda df: {"k": df["k"][:1], "last": df["until"][-1:]},
+                             schema=pa.schema([("k", pa.string()), ("last", pa.timestamp("us"))]), input="numpy",
+                             time="until", cluster="inline")
+    rows = run.to_pandas().sort_values("k")
+    assert [str(x) for x in rows["last"]] == ["9999-12-31 00:00:00", "2026-01-02 00:00:00"]
+
+
 def test_a_buffer_or_frame_filled_again_and_returned_by_every_group_gives_each_its_own_rows(tmp_path):
     # Values are converted when the unit's groups have run: a frame or an array refilled in place
     # and returned again gave every group the last group's values (the keys, copied, stayed right).
