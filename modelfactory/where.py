@@ -135,11 +135,29 @@ def _typed(value, column: str, types: dict, clause: str):
         stamp = stamp.tz_localize(t.tz) if stamp.tzinfo is None else stamp.tz_convert(t.tz)
     elif stamp.tzinfo is not None:
         stamp = stamp.tz_convert("UTC").tz_localize(None)
-    exact = pa.scalar(stamp, pa.timestamp("ns", t.tz))
+    try:
+        exact = pa.scalar(stamp, pa.timestamp("ns", t.tz))
+    except (OverflowError, pa.ArrowInvalid):  # past 2262 (a "never" of 9999-12-31): in the column's own unit
+        return _beyond_ns(stamp, t, column, clause)
     try:
         return exact.cast(t)
     except pa.ArrowInvalid:  # finer than the column's unit ('...00.0005' for milliseconds): compare exactly
         return exact
+
+
+def _beyond_ns(stamp, t, column: str, clause: str):
+    """The time ``stamp``, which nanoseconds cannot hold (before 1677 or after 2262), as a scalar
+    of the column's type ``t``, whose coarser unit can."""
+    import numpy as np
+    import pyarrow as pa
+
+    utc = stamp if stamp.tzinfo is None else stamp.tz_convert("UTC").tz_localize(None)
+    value = utc.to_datetime64()
+    if t.unit == "ns" or value.astype(f"datetime64[{t.unit}]") != value:
+        raise _WhereError(clause, f"{str(stamp)!r} is past what the {t} column {column!r} can hold "
+                                  "(nanoseconds: 1677-09-21 to 2262-04-11), or finer than its unit: compare it with "
+                                  "a time in that range")
+    return pa.scalar(int(value.astype(f"datetime64[{t.unit}]").astype(np.int64)), t)
 
 
 def _check_kind(tok, column: str, types: dict, clause: str) -> None:

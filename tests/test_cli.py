@@ -535,6 +535,25 @@ def test_where_times_finer_than_the_column_numbers_of_two_kinds_and_now(tmp_path
     capsys.readouterr()
 
 
+def test_where_a_time_past_2262_on_a_coarser_column():
+    # "valid_to < '9999-12-31'" on a millisecond column: the literal was made in nanoseconds
+    # first, and a bare OverflowError came out
+    import pyarrow as pa
+
+    from modelfactory.cli import _where
+    from modelfactory.exceptions import ModelFactoryError
+
+    t = pa.table({"k": ["a", "b"], "v": [1.0, 2.0],
+                  "valid_to": pa.array([1_700_000_000_000, 253402214400000], pa.timestamp("ms"))})  # 9999-12-31
+    for clause, kept in [("valid_to < '9999-12-31'", ["a"]), ("valid_to in ('9999-12-31')", ["b"]),
+                         ("valid_to >= '9000-01-01T00:00:00Z'", ["b"])]:
+        cond = _where([clause], {"valid_to": pa.timestamp("ms")})
+        assert t.filter(cond)["k"].to_pylist() == kept, clause
+    for column in (pa.timestamp("ns"), pa.timestamp("s")):
+        with pytest.raises(ModelFactoryError, match=r"past what the timestamp\[.*\] column 'valid_to' can hold"):
+            _where(["valid_to < '9999-12-31T00:00:00.001'"], {"valid_to": column})
+
+
 def test_a_retrain_says_how_many_groups_it_refit_and_carried_over(tmp_path, capsys):
     # `train --only-changed` printed "4 groups, ok 4" whether it refit all or none of them
     import pyarrow.parquet as pq
