@@ -127,6 +127,13 @@ def pack(leaves: list[Leaf], target_rows: int, *, multiple: int = 1,
     share = total / n
     big = {i for i, lf in enumerate(ordered) if lf.rows > share}
     small = [lf.rows for i, lf in enumerate(ordered) if i not in big]
+    # Whole leaves may not fill n units evenly within the limit (20 folders of 6,720 rows, at most
+    # 20,000 a unit: two a unit, so 10 units, not 7): as many units as filling each in turn up to
+    # the limit takes (the fewest there can be), so the equal shares below are not then split,
+    # each share over the limit into a unit of two leaves and one of one (13 units for those 20).
+    fewest = len(big) + _filled_in_turn(small, limit)
+    if fewest > n:
+        n = min(unit_count(fewest, 1, multiple), len(ordered))
     n_small = min(max(1, n - len(big)), len(small))
     cum = list(accumulate(small))
     small_total = cum[-1] if cum else 0
@@ -171,6 +178,18 @@ def pack(leaves: list[Leaf], target_rows: int, *, multiple: int = 1,
         if cur:
             flush(cur)
     return units
+
+
+def _filled_in_turn(rows: list[int], limit: int) -> int:
+    """How many units the leaves of ``rows``, in order, make when each unit takes leaves until
+    the next would pass ``limit`` (a leaf over it alone): the fewest units of consecutive leaves
+    within the limit."""
+    count, cur = 0, 0
+    for r in rows:
+        if cur and cur + r > limit:
+            count, cur = count + 1, 0
+        cur += r
+    return count + (1 if cur else 0)
 
 
 def leaves_of(info: DatasetInfo, by: tuple[str, ...]) -> list[Leaf]:

@@ -66,6 +66,25 @@ def test_equal_leaves_pack_into_even_units_a_multiple_of_the_workers(count, rows
     assert max(sizes) - min(sizes) <= 1  # even to within one leaf
 
 
+@given(st.integers(min_value=1, max_value=300), st.integers(min_value=1, max_value=5_000),
+       st.integers(min_value=1, max_value=8), st.integers(min_value=1, max_value=40))
+@settings(max_examples=300, deadline=None)
+def test_equal_leaves_under_a_bound_pack_into_as_few_even_units_as_the_bound_allows(count, rows, workers, per):
+    # unit_rows=20,000 over 20 folders of 6,720 rows: 13 units, six of them one folder (equal
+    # shares of three folders, each over the bound, split into two and one); two a unit is the
+    # most the bound allows, so 10 even units
+    lvs = [Leaf((f"k{i:04d}",), (f"f{i}",), rows) for i in range(count)]
+    bound = rows * per + rows // 2  # room for `per` leaves a unit, not one more
+    units = pack(lvs, bound, multiple=workers)
+    fewest = -(-count // per)
+    expected = min(count, max(unit_count(count * rows, bound, workers), unit_count(fewest, 1, workers)))
+    assert len(units) == expected
+    sizes = [u.leaves for u in units]
+    assert max(sizes) - min(sizes) <= 1 and max(u.rows for u in units) <= bound
+    six = pack([Leaf((f"a{i:02d}",), (f"p{i}",), 6720) for i in range(20)], 20_000, multiple=2)
+    assert [u.leaves for u in six] == [2] * 10
+
+
 def test_uneven_leaves_are_cut_near_equal_shares():
     # 10 folders, three of them big, 2 workers.  Filling units up to 30 rows in turn gives
     # 30/30/30/10: one worker gets 60 rows, the other 40.  Cutting at the leaf boundaries
