@@ -927,17 +927,28 @@ def _times(spec: JobSpec, groups: Groups) -> tuple[np.ndarray, dict[int, str]]:
     unit = col.type.unit
     seconds = raw // _UNIT_SECONDS[unit] if unit != "s" else raw
     if spec.model is not None and _needs_time(spec.model) and len(raw) > 1:  # training
-        # in seconds, as the models see them: two rows 500 ms apart are one time to them
-        again = np.concatenate(([False], seconds[1:] == seconds[:-1]))
-        again[groups.starts] = False  # rows are in time order within each group
-        repeated = _per_group(again, groups)
-        exact = _per_group(again & np.concatenate(([False], raw[1:] == raw[:-1])), groups)
-        for i in np.flatnonzero(repeated).tolist():
-            unusable.setdefault(i, f"{repeated[i]} row(s) repeat a timestamp of this group"
-                                   + (" to the second (models see whole seconds)" if exact[i] < repeated[i] else "")
-                                   + f", and {spec.model.name!r} models one value per time: is a key missing "
-                                   "from by=, or do the rows need aggregating first?")
+        for i, why in repeated_times(raw, seconds, groups, spec.model.name).items():
+            unusable.setdefault(i, why)
     return seconds, unusable
+
+
+def repeated_times(raw: np.ndarray, seconds: np.ndarray, groups: Groups, name: str,
+                   only: np.ndarray | None = None) -> dict[int, str]:
+    """The groups (of those ``only`` marks, default all) in which a row repeats a time of the
+    group before it, with why that makes the group unusable to ``name``, a model of one value
+    per time.  Compared in seconds, as the models see them: two rows 500 ms apart are one time
+    to them.  The rows are in time order within each group."""
+    if len(raw) < 2:
+        return {}
+    again = np.concatenate(([False], seconds[1:] == seconds[:-1]))
+    again[groups.starts] = False
+    repeated = _per_group(again, groups)
+    exact = _per_group(again & np.concatenate(([False], raw[1:] == raw[:-1])), groups)
+    hits = repeated > 0 if only is None else (repeated > 0) & only
+    return {i: (f"{repeated[i]} row(s) repeat a timestamp of this group"
+                + (" to the second (models see whole seconds)" if exact[i] < repeated[i] else "")
+                + f", and {name!r} models one value per time: is a key missing from by=, or do the rows "
+                  "need aggregating first?") for i in np.flatnonzero(hits).tolist()}
 
 
 def _needs_time(m: ModelSpec) -> bool:

@@ -383,6 +383,30 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
                 seconds[i] = _time.perf_counter() - t1
 
 
+def _fail_repeated_times(spec: JobSpec, groups: Groups, seconds: np.ndarray, fitted: list, status: list,
+                         errors: list) -> None:
+    """Fail the groups whose model is one of a series in time and whose rows repeat a time, as
+    training fails them: most often a key missing from ``by`` (or a batch of rows appended
+    twice), whose rows were scored, each counted as an anomaly twice, without a word."""
+    from .kernel import repeated_times
+
+    timed = np.zeros(len(fitted), dtype=bool)
+    for i, m in enumerate(fitted):
+        if m is not None:
+            try:
+                timed[i] = bool(m.data_needs()[0])
+            except GROUP_ERRORS:  # noqa: BLE001 - a class that cannot say: its class attribute
+                timed[i] = bool(getattr(m, "needs_time", False))
+    if not timed.any():
+        return
+    col = groups.column(spec.time)
+    raw = pc.cast(pc.fill_null(col, pa.scalar(0, col.type)) if col.null_count else col,
+                  pa.int64()).to_numpy(zero_copy_only=False)
+    name = getattr(fitted[int(np.flatnonzero(timed)[0])], "name", "the model")
+    for i, why in repeated_times(raw, seconds, groups, name, only=timed).items():
+        fitted[i], status[i], errors[i] = None, "failed", why
+
+
 def _checked_batch(cls: type, out, n: int) -> dict:
     """What ``cls.score_batch`` returned for ``n`` rows, held to the rules of ``Model.score``
     (a class of the user's may score in batches its own way): every column, one value per row;
@@ -490,6 +514,8 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
                     fitted[i] = _decode(src, row["model"])
                 except Exception as err:  # noqa: BLE001 - recorded per group
                     status[i], errors[i] = "failed", describe_error(err)
+        if t is not None:
+            _fail_repeated_times(spec, groups, t, fitted, status, errors)
         batch = SeriesBatch(y, np.concatenate((groups.starts, [n])), t, X)
         _score_all(fitted, batch, cols, status, errors, seconds)
         for i in [i for i, st in enumerate(status) if st is None]:  # stored bytes that hold no model

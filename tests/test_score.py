@@ -89,6 +89,31 @@ def test_a_group_whose_values_are_all_missing_is_skipped_not_healthy(tmp_path, m
     assert silent.expected.notna().all() and (silent.score == 0).all() and not silent.is_anomaly.any()
 
 
+def test_rows_that_repeat_a_time_fail_their_group_in_scoring_as_in_training(tmp_path):
+    # A key left out of by= (or a batch appended twice): training failed the group, scoring
+    # scored every row and counted each anomaly twice, without a word
+    t = make_table(3, days=16, apps=1, spikes=0)
+    t = t.append_column("load", pc.multiply(t["value"], 2.0))
+    old = t.filter(pc.less(t["ts"], CUT))
+    new = t.filter(pc.greater_equal(t["ts"], CUT)).to_pandas()
+    new = pd.concat([new, new[new.site == "site-00001"].iloc[:3]], ignore_index=True)
+    store = str(tmp_path / "store")
+    for model, params in (("seasonal", {"season_length": 24}), ("isolation_forest", {})):
+        modelfactory.train(write(old, tmp_path / "old", ["app"]), by=["app", "site"], time="ts", target="value",
+                           store=store, model=model, cluster="inline", params=params,
+                           features=["load"] if model == "isolation_forest" else None)
+        run = modelfactory.score(write(pa.Table.from_pandas(new, preserve_index=False), tmp_path / "new", ["app"]),
+                                 store=store, out=str(tmp_path / model), cluster="inline")
+        g = run.groups.set_index("site")
+        if model == "seasonal":
+            assert run.summary["counts"] == {"ok": 2, "failed": 1, "skipped": 0}, g
+            assert g.loc["site-00001", "error"] == (
+                "3 row(s) repeat a timestamp of this group, and 'seasonal' models one value per time: is a key "
+                "missing from by=, or do the rows need aggregating first?")
+        else:  # a model of rows, not of a series in time: each row is scored
+            assert run.summary["counts"]["ok"] == 3, g
+
+
 def test_scoring_reads_only_the_parts_it_needs(history_and_new, tmp_path):
     old, new = history_and_new
     store = str(tmp_path / "store")
