@@ -635,7 +635,10 @@ def _cmd_models_gc(args) -> int:
 def _cmd_demo(args) -> int:
     import os
 
+    import numpy as np
+
     from .api import resolve_model, train
+    from .demo import _START as DEMO_START
     from .demo import demo_params, write_dataset
     from .models import registry
 
@@ -659,13 +662,19 @@ def _cmd_demo(args) -> int:
     if args.days * 24 < need:  # every series skipped, after writing the dataset
         raise ModelFactoryError(f"--days {args.days} gives each series {args.days * 24} hourly points, and {args.model} "
                                 f"needs at least {need}: pass --days {-(-need // 24)} or more.")
+    # Models other than seasonal score only the rows after the end of their training: a day more
+    # is written, and left out of training, so that `score OUT/data` has rows for them to score.
+    extra = 0 if args.model == "seasonal" else 1
     if not args.quiet and not args.json:
-        print(f"writing {args.series:,} hourly series x {args.days} day{'s' if args.days != 1 else ''} to {data}")
+        more = (f", plus 1 day for score (not trained on: {args.model} scores only rows after its training),"
+                if extra else "")
+        print(f"writing {args.series:,} hourly series x {args.days} day{'s' if args.days != 1 else ''}{more} to {data}")
     with _store_errors(data, "the demo dataset folder"):
-        write_dataset(data, args.series, days=args.days, storage_options=_storage_options(args))
+        write_dataset(data, args.series, days=args.days + extra, storage_options=_storage_options(args))
+    end = (DEMO_START + np.timedelta64(args.days, "D")).astype(str) + "Z"
     with _api_warning_dropped("no_model"):  # told once, by _fitted_some's error: line
         run = train(data, by=["app", "site"], time="ts", target="value", model=args.model,
-                    params=demo_params(args.model, args.days), store=store,
+                    params=demo_params(args.model, args.days), store=store, filter=f"ts < '{end}'" if extra else None,
                     cluster=args.cluster, workers=args.workers, unit_rows=args.unit_rows, config=args.config,
                     progress=_progress(args))
     _print_summary(run, args, store)

@@ -51,3 +51,18 @@ def test_too_few_days_for_the_model_are_refused_before_the_dataset_is_written(tm
                           f"at least ") and err.endswith(f": pass --days {need} or more.\n") and not out.exists()
     assert main(["demo", "--out", str(out), "--series", "3", "--days", str(need), "--model", model,
                  "--scheduler", "inline", "--quiet"]) == 0
+
+
+def test_a_demo_of_a_model_that_scores_only_after_its_training_leaves_it_a_day_to_score(tmp_path, capsys):
+    # `demo --model holt_winters` trained on every row, and the guide's next step, score OUT/data,
+    # then skipped every series: "none of its rows is after the end of training"
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--series", "4", "--days", "14", "--model", "holt_winters",
+                 "--scheduler", "inline"]) == 0
+    said = capsys.readouterr().out
+    assert "writing 4 hourly series x 14 days, plus 1 day for score (not trained on: holt_winters scores only rows " \
+           "after its training)," in said
+    assert set(modelfactory.ModelStore(str(out / "store")).groups()["rows"]) == {14 * 24}
+    scores = modelfactory.score(str(out / "data"), store=str(out / "store"), out=str(tmp_path / "scores"),
+                                cluster="inline")
+    assert scores.summary["counts"] == {"ok": 4, "failed": 0, "skipped": 0}
