@@ -341,8 +341,9 @@ class ModelStore:
                     raise StoreError(
                         f"No run of the store at {self.location.url!r} has fitted a model yet: its runs "
                         f"({', '.join(runs[-3:])}) fitted none, so none is LATEST. Read their errors with "
-                        f"run={runs[-1]!r} (--run), retrain them with base={runs[-1]!r} (--base) and "
-                        "retrain='failed' (--only-failed), or train again.")
+                        f"run={runs[-1]!r} (--run), then train again: with other parameters if those were the "
+                        f"cause (a season longer than the series), or, once the data is fixed, only the groups "
+                        f"that failed (base={runs[-1]!r} and retrain='failed': --base, --only-failed).")
                 self.require_exists()
                 pending = [p["run_id"] for p in self.pending() if "unreadable" not in p]
                 if pending:  # `models list` offers it: so does this

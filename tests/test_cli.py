@@ -102,7 +102,8 @@ def test_a_run_that_fits_no_model_is_kept_but_never_becomes_latest(by_app, tmp_p
     (only,) = modelfactory.ModelStore(lone).runs()
     with pytest.raises(modelfactory.exceptions.StoreError,
                        match=rf"No run of the store at .* has fitted a model yet: its runs \({only}\) fitted none.*"
-                             rf"retrain them with base='{only}' \(--base\) and retrain='failed'"):
+                             r"then train again: with other parameters if those were the cause .*"
+                             rf"only the groups that failed \(base='{only}' and retrain='failed'"):
         modelfactory.score(by_app, store=lone, out=str(tmp_path / "o2"), cluster="inline")
 
 
