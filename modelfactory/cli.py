@@ -402,7 +402,9 @@ def _cmd_score(args) -> int:
                     config=args.config, filter=_filter(args), progress=_progress(args))
     _print_summary(run, args, args.out)
     if not args.json:
-        print(f"{run.summary['anomalies']:,} anomalous points; top groups in {args.out.rstrip('/')}/_anomalies.json")
+        n = run.summary["anomalies"]
+        print(f"{n:,} anomalous point{'' if n == 1 else 's'}"
+              + (f"; top groups in {args.out.rstrip('/')}/_anomalies.json" if n else ""))
     none_ok = run.summary["groups"] and not run.summary["counts"]["ok"]
     why = _why_none(run) if none_ok else ""
     mismatch = run.summary.get("key_mismatch")

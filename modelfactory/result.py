@@ -132,7 +132,8 @@ class Run:
 
     def __repr__(self) -> str:
         c = self.summary["counts"]
-        return (f"<Run {self.id} {self.kind}: {self.summary['groups']:,} groups "
+        n = self.summary["groups"]
+        return (f"<Run {self.id} {self.kind}: {n:,} group{'' if n == 1 else 's'} "
                 f"(ok {c['ok']:,}, failed {c['failed']:,}, skipped {c['skipped']:,}) "
                 f"in {self.summary['wall_seconds']:.1f}s>")
 

@@ -469,7 +469,7 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
     err = outcome.get("error")
     if isinstance(err, TimeoutError):  # asyncio's too
         what = "sent no Dask handshake" if stage[0] == "connect" else "did not answer Dask's identity request"
-        raise ClusterError(f"The server at {address!r} accepted the connection but {what} within {timeout + 1:g} s. "
+        raise ClusterError(f"The server at {address!r} accepted the connection but {what} within the {timeout:g} s connect timeout. "
                            f"{_CHECK_ADDRESS}") from err
     if isinstance(err, FatalCommClosedError) or (isinstance(err, OSError) and not isinstance(err, CommClosedError)):
         try:  # why, in a word: Dask's error says "Timed out trying to connect" whatever the cause

@@ -494,10 +494,12 @@ class ModelStore:
                 seen = read_part(self.location, some, columns=list(by)).slice(0, 5)
             some = seen.to_pylist() if seen is not None else []
             shown = "; ".join(format_key(row) for row in some)
-            raise StoreError(f"No group {dict(zip(by, want))} in run {man['run_id']!r}. "
+            raise StoreError(f"No group {format_key(dict(zip(by, want)))} in run {man['run_id']!r}. "
                              f"Some that exist: {shown or 'none'}.")
         if hit["status"] != "ok":
-            raise StoreError(f"Group {dict(zip(by, want))} has no model: {hit['status']} ({hit['error']}).")
+            from .plot import format_key
+
+            raise StoreError(f"Group {format_key(dict(zip(by, want)))} has no model: {hit['status']} ({hit['error']}).")
         if serializer != "native":
             return unpickle_model(hit["model"], man["run_id"])
         return stored_class(man["spec"]["model"]).from_bytes(hit["model"])

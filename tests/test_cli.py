@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -739,10 +740,15 @@ def test_score_into_a_folder_given_with_a_slash_as_the_guide_shows(by_app, tmp_p
     monkeypatch.chdir(tmp_path)
     base = ["--scheduler", "inline", "--quiet"]
     assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", "models/",
-                 "-p", "season_length=12", *base]) == 0
+                 "-p", "season_length=12", "-p", "threshold=0.5", *base]) == 0
     assert main(["score", by_app, "--store", "models/", "--out", "scores/", *base]) == 0
     out = capsys.readouterr().out
-    assert "top groups in scores/_anomalies.json" in out, out
+    assert re.search(r"^[\d,]+ anomalous points; top groups in scores/_anomalies\.json$", out, re.M), out
+    # none: no file of top groups to point at (it holds [])
+    assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", "calm/",
+                 "-p", "season_length=12", "-p", "threshold=50", *base]) == 0
+    assert main(["score", by_app, "--store", "calm/", "--out", "calm-scores/", *base]) == 0
+    assert capsys.readouterr().out.endswith("\n0 anomalous points\n")
     assert main(["score", by_app, "--store", "models/", "--out", "scores/", *base]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: The output folder 'scores/' is not empty") and "--overwrite" in err, err
@@ -997,13 +1003,13 @@ def test_models_show_of_a_key_written_otherwise_than_in_training_gives_the_hint_
     assert main(["models", "show", "--store", store, "--key", "site=7"]) == 2
     captured = capsys.readouterr()
     (line,) = captured.err.splitlines()
-    assert captured.out == "" and line.startswith("error: No group {'site': '7'} in run ")
+    assert captured.out == "" and line.startswith("error: No group site=7 in run ")
     assert line.endswith("Its key matches one of the run's written in another type or format (e.g. 'site' is '7' in "
                          f"--key but '07' ({text}) in the run): keys match exactly, so give the key as the run "
                          "has it: --key site=07."), line
     assert main(["models", "show", "--store", store, "--key", "site=5"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("error: No group {'site': '5'} in run ") and "another type or format" not in line
+    assert line.startswith("error: No group site=5 in run ") and "another type or format" not in line
     assert main(["models", "show", "--store", store, "--key", " site = 07 ", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["model"] and shown["key"] == "site=07"  # which group: spaces around names and values dropped
