@@ -2,8 +2,9 @@
 
 A model subclasses :class:`modelfactory.models.Model` and declares:
 
-- ``params``: its hyperparameters, as ``Param(default, type, low=..., high=...)``; they are checked
-  when ``fit`` runs ("The 'k' parameter of TukeyFences must be a float >= 0.5. Got 0.1 instead.");
+- ``params``: its hyperparameters, as ``Param(default, type, low=..., high=...)``; ``train`` checks
+  them before anything runs, and ``fit`` does on a model used by itself ("The 'k' parameter of
+  TukeyFences must be a finite float >= 0.5. Got 0.1 instead.");
 - ``state_attrs``: the fitted attributes (ending in ``_``), which the store saves;
 - ``_fit(y, t, X)``: fit one series (values, int64 seconds or None, features or None);
 - ``_score(y, t, X)``: return ``expected``, ``lower``, ``upper``, ``score`` (0..1) and ``is_anomaly``.

@@ -15,10 +15,12 @@ same DDL string, and no JVM is involved.  A group whose function raises is recor
 
     python examples/random_forest_per_group.py                      # 60 groups, a local Dask cluster
     python examples/random_forest_per_group.py --groups 2000 --out forests/   # write results as Parquet
+    python examples/random_forest_per_group.py --out forests/ --overwrite     # replace what is in forests/
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -77,13 +79,19 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default: %(default)s)")
     p.add_argument("--out", help="write the per-group results as Parquet into this new or empty folder instead of "
                                           "returning them")
+    p.add_argument("--overwrite", action="store_true", help="replace what is in --out")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="mf-forest-") as tmp:
         data = Path(tmp) / "sales"
         make_sales(args.groups, args.days).to_parquet(data, partition_cols=["store"])
-        run = modelfactory.apply(data, by=["store", "item"], func=train_model, schema=SCHEMA, time="day",
-                                 out=args.out, cluster=args.cluster, workers=args.workers)
+        try:
+            run = modelfactory.apply(data, by=["store", "item"], func=train_model, schema=SCHEMA, time="day",
+                                     out=args.out, overwrite=args.overwrite, cluster=args.cluster,
+                                     workers=args.workers)
+        except modelfactory.ModelFactoryError as e:  # bad input, say a non-empty --out: one line, as the CLI
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(run)
         result = run.to_pandas()
     print(f"fitted {len(result)} random forests: median R2 {result.r2.median():.3f}, "

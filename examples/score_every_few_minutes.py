@@ -7,14 +7,17 @@ whatever run is the store's latest, and alerts on the anomalies.
 Here each iteration simulates the arrival: it writes the next ``--minutes`` of 5-minute metrics for
 every (app, host) as a new batch folder, scores that batch into its own output folder, and prints the
 anomalies.  Iteration 2 carries an injected incident.  One Dask cluster is kept for the whole loop.
+A rerun in ``--workdir`` keeps its store (training only when it has no run) and writes each batch
+afresh.
 
-    python examples/score_every_few_minutes.py                              # every 60 s, forever-ish
+    python examples/score_every_few_minutes.py                              # 10 batches, 60 s apart
     python examples/score_every_few_minutes.py --iterations 3 --interval 0  # as the tests run it
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +78,7 @@ def main(argv=None) -> int:
         now = START + pd.Timedelta(days=3)
         if modelfactory.ModelStore(store).latest() is None:
             # The nightly job: three days of history, one seasonal model per (app, host), a day = 288 slots.
+            shutil.rmtree(work / "history", ignore_errors=True)  # what a run stopped before training left
             metrics(args.hosts, START, now, seed=0).to_parquet(work / "history", partition_cols=["app"])
             run = modelfactory.train(work / "history", by=["app", "host"], time="ts", target="rps",
                                      params={"season_length": 288, "threshold": 5.0}, store=store,
@@ -87,6 +91,7 @@ def main(argv=None) -> int:
             if i == 2:  # an incident: one host's traffic collapses
                 batch.loc[batch.host == "host-003", "rps"] *= 0.2
             name = f"{now:%Y%m%dT%H%M}"
+            shutil.rmtree(work / "incoming" / name, ignore_errors=True)  # a rerun in --workdir replaces the batch
             batch.to_parquet(work / "incoming" / name, partition_cols=["app"])
             scores = modelfactory.score(work / "incoming" / name, store=store, out=work / "scores" / name,
                                         cluster=cluster, overwrite=True)
