@@ -49,6 +49,12 @@ def to_table(out, schema: pa.Schema, from_pandas: bool = False):
         import pandas as pd
 
         if isinstance(out, pd.DataFrame):
+            # as Spark's applyInPandas takes a frame: no columns and no rows is no rows; columns
+            # labelled by no text (0, 1, ...: a RangeIndex) are the schema's, by position
+            if len(out.columns) == 0 and len(out) == 0:
+                return schema.empty_table()
+            if len(out.columns) == len(schema) and not any(isinstance(c, str) for c in out.columns):
+                out = out.set_axis(schema.names, axis=1)
             got = [str(c) for c in out.columns]
             if sorted(got) != sorted(schema.names):
                 raise _columns_error(got, schema)

@@ -866,6 +866,29 @@ def test_a_buffer_or_frame_filled_again_and_returned_by_every_group_gives_each_i
 _ONE = np.array([1.0])
 
 
+def test_frames_spark_takes_as_no_rows_or_by_position_are_taken_alike(tmp_path):
+    # Spark's applyInPandas takes `return pd.DataFrame()` as no rows, and columns labelled 0, 1, ...
+    # as the schema's by position; both failed their group ("returned columns [] do not match")
+    path = _write(tmp_path, pa.table({"k": ["a", "a", "b", "c"], "x": [1.0, 2.0, 3.0, 4.0]}))
+
+    def spark_style(pdf):
+        k = pdf["k"].iloc[0]
+        if k == "b":
+            return pd.DataFrame()
+        return pd.DataFrame([[k, pdf["x"].sum()]])
+
+    run = modelfactory.apply(path, by="k", func=spark_style, schema="k string, s double", cluster="inline")
+    assert run.summary["counts"] == {"ok": 3, "failed": 0, "skipped": 0}
+    assert sorted(run.to_pandas().values.tolist()) == [["a", 3.0], ["c", 4.0]]
+
+    def three_columns(pdf):  # by position only when the counts agree
+        return pd.DataFrame([[pdf["k"].iloc[0], 1.0, 2.0]])
+
+    run = modelfactory.apply(path, by="k", func=three_columns, schema="k string, s double", cluster="inline")
+    assert set(run.groups["status"]) == {"failed"}
+    assert run.groups["error"].str.contains("returned columns ['0', '1', '2'] do not match", regex=False).all()
+
+
 def test_returned_values_convert_alike_whatever_their_column_order(tmp_path):
     path = _write(tmp_path, pa.table({"app": ["a", "b"], "x": [1.0, 2.0]}))
 
