@@ -1176,7 +1176,14 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)
     with output_errors(sink, run_id, "_anomalies.json"):
         sink.write_bytes("_anomalies.json", json.dumps(top.to_pylist(), indent=1, default=str).encode())
-    return table_run(run_id, "score", summary, results, sink, None, input=_input_record(info, filter))
+    folders = [k for k in info.source.partition_keys if k in columns]  # read back from folder names, as text
+    from .scoring import SCORE_COLUMNS
+
+    written = pa.schema([info.schema.field(c) for c in columns if c not in folders]
+                        + [pa.field(c, pa.bool_() if c == "is_anomaly" else pa.float64()) for c in SCORE_COLUMNS]
+                        + [pa.field(k, pa.string()) for k in folders])
+    return table_run(run_id, "score", summary, results, sink, None, input=_input_record(info, filter),
+                     written=written)
 
 
 def _loose_keys(st: ModelStore, man: dict, sink: Location, results: list[UnitResult], groups: pa.Table,

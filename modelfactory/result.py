@@ -33,6 +33,8 @@ class Run:
     _result: Any = None
     _out: Location | None = None
     errors: list = field(default_factory=list)
+    #: the columns of the rows an ``out=`` job writes, for :meth:`to_arrow` when it wrote none
+    _empty: pa.Schema | None = None
 
     @property
     def groups(self) -> pd.DataFrame:
@@ -79,6 +81,8 @@ class Run:
                 files = [i.path for i in data_files(pfs, base) if i.size]
             except FileNotFoundError:
                 files = []
+            if not files and self._empty is not None:  # no group scored: no rows, with their columns
+                return self._empty.empty_table()
             # the folder keys' names from the paths, then read as text: inferred, "site=007" was the
             # integer 7 and came back as "7", a key the group table (and the model) call "007"
             opts = ds.FileSystemFactoryOptions(partition_base_dir=base)
@@ -141,9 +145,10 @@ class Run:
 
 
 def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], sink: Location | None,
-              out_schema: pa.Schema | None, input: dict | None = None) -> Run:
+              out_schema: pa.Schema | None, input: dict | None = None, written: pa.Schema | None = None) -> Run:
     """The :class:`Run` of an apply, map_keys or score job: its manifest written when it has a sink
-    (with ``input``, what the job read: the data's url and fingerprint, and its filter)."""
+    (with ``input``, what the job read: the data's url and fingerprint, and its filter).  ``written``:
+    the columns of the rows a job writes (a score's), when they are not ``out_schema``."""
     errors = [e for r in results for e in r.errors]
     if sink is not None:
         check_output(sink, run_id, results)
@@ -155,7 +160,7 @@ def table_run(run_id: str, kind: str, summary: dict, results: list[UnitResult], 
             # a job that emptied the folder between the check and this write: the manifest would
             # stand over that job's files; it goes again (_release_a_contested_folder)
             check_output_claim(sink, run_id)
-        return Run(run_id, kind, summary, _out=sink, errors=errors)
+        return Run(run_id, kind, summary, _out=sink, errors=errors, _empty=written or out_schema)
     groups = pa.concat_tables([r.group_table for r in results]) if results else None
     if out_schema is not None:
         result = pa.concat_tables([r.table for r in results]) if results else out_schema.empty_table()

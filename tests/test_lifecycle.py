@@ -468,6 +468,15 @@ def test_a_model_without_score_fails_its_groups_saying_what_to_write(tmp_path):
         "of expected, lower, upper, score, is_anomaly, one value per row (see examples/custom_model.py)").all()
 
 
+def test_a_score_in_which_no_group_scored_gives_no_rows_with_the_columns_of_scores(tmp_path):
+    # to_pandas() was a frame of no columns: scores.to_pandas().query("is_anomaly") raised
+    none = _trained_then_scored(NoScore, tmp_path / "none").to_pandas()
+    some = _trained_then_scored(SomeNaNScores, tmp_path / "some").to_arrow()
+    assert none.empty and list(none.columns) == some.column_names
+    assert [str(t) for t in none.dtypes] == [str(t) for t in some.schema.empty_table().to_pandas().dtypes]
+    assert none.query("is_anomaly").empty
+
+
 def test_a_fit_that_returns_none_fails_its_groups_with_the_reason(tmp_path):
     data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
     run = modelfactory.train(data, model=ForgetsReturnSelf, store=str(tmp_path / "s"), cluster="inline", **ARGS)
