@@ -1006,6 +1006,7 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
     columns = []
     for i, name in enumerate(by):
         values = [r[i] for r in rows]
+        _refuse_mixed_zones(keys, values, name if len(by) > 1 or isinstance(keys[0], (dict, tuple)) else None)
         try:
             columns.append(pa.array(values))
             continue
@@ -1033,6 +1034,33 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
             f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value {_short(v)} ({type(v).__name__}) does not go "
             f"with the earlier keys' ({before or 'values'}); give each part of the keys values of one type.")
     return columns
+
+
+def _refuse_mixed_zones(keys: list, values: list, name: str | None) -> None:
+    """Refuse times with a zone beside times without one in one part of the keys: Arrow takes a
+    naive time as UTC, a guess (it may be local), as the time columns of data are not taken."""
+    import datetime
+
+    import numpy as np
+
+    aware = naive = None
+    for j, v in enumerate(values):
+        if isinstance(v, datetime.datetime):
+            zoned = v.tzinfo is not None and v.utcoffset() is not None
+        elif isinstance(v, np.datetime64):
+            zoned = False
+        else:
+            continue
+        if zoned and aware is None:
+            aware = j
+        elif not zoned and naive is None:
+            naive = j
+        if aware is not None and naive is not None:
+            part = f"{name!r} " if name else ""
+            raise ModelFactoryError(
+                f"map_keys: key #{aware} {_short(keys[aware])} has a {part}time with a time zone and key #{naive} "
+                f"{_short(keys[naive])} one without: a time without a zone could be UTC or local, so the mix is "
+                "refused rather than guessed. Give every time a zone (or none).")
 
 
 def _refuse_duplicates(keys: list, rows: list[tuple]) -> None:
