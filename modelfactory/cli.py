@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--run", default="latest", help="run id (default: latest)")
     ms.add_argument("--key", help="one group, e.g. app=a,site=b: show its model")
     ms.add_argument("--trust", action="store_true", help="allow loading pickled user models")
+    ms.add_argument("--full", action="store_true", help=f"with --key: every value of the model's state (arrays "
+                    f"of more than {SHOWN_VALUES} values are summed up otherwise)")
     ms.add_argument("--json", action="store_true", help="machine-readable output")
     _config_option(ms)
     ms.set_defaults(func=_cmd_models_show)
@@ -519,6 +521,32 @@ def _cmd_models_show(args) -> int:
             raise
 
 
+#: Values of a model's state array that ``models show --key`` prints (without ``--full``).
+SHOWN_VALUES = 1000
+
+
+def _shown_value(v, full: bool):
+    """A state value as ``models show --key`` prints it: an array of more than
+    :data:`SHOWN_VALUES` values as its type, shape, first values and range (a model that keeps a
+    window of ten million values printed 230 MB), unless ``full``."""
+    import numpy as np
+
+    if not hasattr(v, "tolist"):
+        return v
+    a = np.asarray(v)
+    if full or a.size <= SHOWN_VALUES:
+        return v.tolist()
+    out = {"array": f"{a.dtype} {list(a.shape)}", "first": a.reshape(-1)[:5].tolist()}
+    if a.dtype.kind in "iuf":
+        finite = a[np.isfinite(a)] if a.dtype.kind == "f" else a
+        if finite.size:
+            out.update(min=finite.min().item(), max=finite.max().item(), mean=float(finite.mean()))
+        if finite.size < a.size:
+            out["not finite"] = int(a.size - finite.size)
+    out["all of it"] = "--full"
+    return out
+
+
 def _show(st, args, parse_key) -> int:
     if args.key:
         from .plot import format_key
@@ -529,7 +557,7 @@ def _show(st, args, parse_key) -> int:
         info = {"key": format_key(key), "model": type(model).__name__,
                 "params": model.get_params() if hasattr(model, "get_params") else {}}
         if hasattr(model, "get_state"):
-            info["state"] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in model.get_state().items()}
+            info["state"] = {k: _shown_value(v, args.full) for k, v in model.get_state().items()}
         print(json.dumps(info, default=str) if args.json else json.dumps(info, indent=1, default=str))
         return 0
     import pandas as pd

@@ -556,6 +556,22 @@ def test_where_a_time_past_2262_on_a_coarser_column():
             _where(["valid_to < '9999-12-31T00:00:00.001'"], {"valid_to": column})
 
 
+def test_models_show_sums_up_a_large_state_array_unless_full():
+    # a user model keeping a window of ten million values printed 230 MB (2 GB of memory, 13 s)
+    import numpy as np
+
+    from modelfactory.cli import SHOWN_VALUES, _shown_value
+
+    window = np.arange(SHOWN_VALUES * 2, dtype=np.float64)
+    window[10] = np.nan
+    assert _shown_value(window, False) == {"array": f"float64 [{SHOWN_VALUES * 2}]", "first": [0.0, 1.0, 2.0, 3.0, 4.0],
+                                           "min": 0.0, "max": SHOWN_VALUES * 2 - 1.0,
+                                           "mean": float(np.nanmean(window)), "not finite": 1, "all of it": "--full"}
+    assert _shown_value(window, True)[:3] == [0.0, 1.0, 2.0] and len(_shown_value(window, True)) == SHOWN_VALUES * 2
+    assert _shown_value(np.arange(3), False) == [0, 1, 2] and _shown_value(2.5, False) == 2.5
+    assert build_parser().parse_args(["models", "show", "--store", "s", "--key", "a=b", "--full"]).full
+
+
 def test_a_retrain_says_how_many_groups_it_refit_and_carried_over(tmp_path, capsys):
     # `train --only-changed` printed "4 groups, ok 4" whether it refit all or none of them
     import pyarrow.parquet as pq
