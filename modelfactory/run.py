@@ -519,8 +519,8 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
         problem = import_problem(models[1]) if models else None
         if problem:
             raise StoreError(f"This process cannot load the models of run {models[0]!r}: "
-                             f"{_unloadable(*problem, 'here')}. Install that module (and what it imports), or put "
-                             "it on PYTHONPATH. Nothing ran.")
+                             f"{_unloadable(*problem, 'here')}. " + (_renamed_fix(*problem) or
+                             "Install that module (and what it imports), or put it on PYTHONPATH. Nothing ran."))
         return
     _check_in_process_storage(client, spec)
     import cloudpickle
@@ -596,9 +596,10 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
                "PYTHONPATH, or install it). Nothing ran." if local and import_problem(imports) else
                "Install that module (and what it imports) where the Dask workers run, or put it on their "
                "PYTHONPATH, and restart them. Nothing ran.")
+        problem = next(iter(unloadable.values()))
         raise ClusterError(
             f"{first(unloadable)} cannot load the models of run {models[0]!r}: "
-            f"{_unloadable(*next(iter(unloadable.values())), 'there')}. {fix}")
+            f"{_unloadable(*problem, 'there')}. {_renamed_fix(*problem) or fix}")
 
     try:
         mine = kernel.code_digests(*code_of)
@@ -615,6 +616,23 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
             "the old one, or send it by value with cloudpickle.register_pickle_by_value(module). A constant of the "
             "module that this process set at run time (module.NAME = ...) counts too: the workers' copy has the "
             "value of the source, so write it there, or pass it to the function. Nothing ran.")
+
+
+def _renamed_fix(path: str, err: str) -> str:
+    """The fix when the module of a stored model's class imports but holds no such class (it was
+    renamed or moved since the run was trained), or "" (installing the module would not help)."""
+    import importlib
+
+    module, _, qualname = path.partition(":")
+    if not err.startswith("AttributeError:") or not qualname:
+        return ""
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - the module itself is the problem
+        return ""
+    return (f"The module {module!r} imports, but holds no {qualname}: the class was renamed or moved since the run "
+            f"was trained. Give it its name there again (or an alias: {qualname.rsplit('.', 1)[-1]} = TheNewName), "
+            "or train again with the class as it is now. Nothing ran.")
 
 
 def _unloadable(path: str, err: str, where: str) -> str:

@@ -207,6 +207,26 @@ def test_scoring_before_fitting_raises_not_fitted():
         get("holt_winters").score([1.0], t=[0])
 
 
+def test_a_stored_model_whose_class_renamed_its_state_says_the_class_changed():
+    # it said "not fitted yet: call fit() first" of a model that was fitted, by the class as it was
+    class Band(Model):
+        name = "band"
+        state_attrs = ("m_", "s_")
+
+        def _fit(self, y, t, X):
+            self.m_, self.s_ = float(np.mean(y)), float(np.std(y))
+
+    class BandRenamed(Band):
+        state_attrs = ("mean_", "std_")
+
+    m = Band().fit(np.arange(10.0))
+    m.__class__ = BandRenamed  # what unpickling a stored Band gives once the class is changed
+    with pytest.raises(NotFittedError, match=r"This BandRenamed holds a fitted state under other names \(m_, s_\) "
+                                             r"than its class now lists in state_attrs \(it lacks mean_, std_\): the "
+                                             r"class changed since the model was fitted"):
+        m.score(np.arange(3.0))
+
+
 # -- per-group data problems -------------------------------------------------
 @pytest.mark.parametrize("name, params, y, reason", [
     ("holt_winters", {}, np.full(100, np.nan), "needs at least 48 non-missing values"),

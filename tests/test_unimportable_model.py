@@ -351,3 +351,23 @@ def test_a_module_without_the_class_is_named_too(gone, tmp_path, monkeypatch):
     with pytest.raises(StoreError, match=rf"^The models of run '{run_id}' need {cls}, which this "
                                          r"process cannot import \(AttributeError: .*PYTHONPATH\)\.$"):
         ModelStore(store).load(key, trust=True)
+
+
+def test_a_class_renamed_since_training_is_told_to_take_its_name_back(by_app, tmp_path, monkeypatch):
+    # "Install that module (and what it imports), or put it on PYTHONPATH": the module imported
+    # fine; the class had been renamed
+    name = f"renamed_model_{uuid.uuid4().hex[:8]}"
+    folder = tmp_path / "mods"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(_SOURCE)
+    monkeypatch.syspath_prepend(str(folder))
+    cls = importlib.import_module(name).Mean
+    store = str(tmp_path / "store")
+    modelfactory.train(by_app, by="app,site", time="ts", target="value", model=cls, store=store, cluster="inline")
+    (folder / f"{name}.py").write_text(_SOURCE.replace("class Mean(", "class MeanV2("))
+    del sys.modules[name]
+    importlib.invalidate_caches()
+    with pytest.raises(StoreError, match=rf"The module '{name}' imports, but holds no Mean: the class was renamed "
+                                         r"or moved since the run was trained\. Give it its name there again \(or an "
+                                         r"alias: Mean = TheNewName\)"):
+        modelfactory.score(by_app, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)

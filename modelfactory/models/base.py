@@ -286,7 +286,15 @@ class Model:
 
     def check_fitted(self) -> None:
         if not self.is_fitted:
-            raise NotFittedError(f"This {type(self).__name__} is not fitted yet: call fit() first.")
+            name = type(self).__name__
+            missing = [a for a in self.state_attrs if not hasattr(self, a)]
+            held = sorted(a for a in vars(self) if a.endswith("_") and not a.startswith("_") and a not in self.state_attrs)
+            if held:  # a stored model of this class as it was: it has state, under other names
+                raise NotFittedError(
+                    f"This {name} holds a fitted state under other names ({', '.join(held)}) than its class now "
+                    f"lists in state_attrs (it lacks {', '.join(missing)}): the class changed since the model was "
+                    "fitted. Train again with this class, or restore the class as it was to use the stored models.")
+            raise NotFittedError(f"This {name} is not fitted yet: call fit() first.")
 
     def fit(self, y, *, t=None, X=None) -> "Model":
         """Fit one series (``y`` values, ``t`` int64 seconds, ``X`` features)."""
