@@ -1231,6 +1231,25 @@ def _serialize(model, serializer: str) -> bytes:
     return cloudpickle.dumps(model)
 
 
+def _unserialisable(model, serializer: str, err: Exception) -> str:
+    """Why a fitted model could not be stored, naming the attribute that holds what cannot be
+    (each attribute tried alone): "cannot pickle '_thread.lock' object (at cloudpickle.py:1327 in
+    dump)" named neither it nor the fix."""
+    what = f"{type(err).__name__}: " + "; ".join(p.strip() for p in str(err).splitlines() if p.strip())
+    culprits = []
+    for name, value in vars(model).items():
+        try:
+            _serialize(value, "pickle") if serializer != "native" else None
+        except Exception:  # noqa: BLE001 - this one
+            culprits.append(f"{name} ({type(value).__name__})")
+    if not culprits:
+        return f"cannot serialise the fitted {type(model).__name__}: {what}"
+    return (f"cannot serialise the fitted {type(model).__name__}: its attribute {', '.join(culprits[:3])} cannot be "
+            f"pickled ({what}); keep only data in the fitted state (arrays, numbers, fitted estimators), and make "
+            "what cannot be pickled (locks, open files, clients, generators) when it is needed, or drop it at the "
+            "end of _fit")
+
+
 def fingerprints(batch: SeriesBatch) -> list[bytes]:
     """An 8-byte digest of each series' values, times and features (to find changed groups)."""
     import hashlib
@@ -1335,7 +1354,7 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
             try:
                 blobs[i], status[i] = _serialize(f, m.serializer), "ok"
             except Exception as err:  # noqa: BLE001
-                status[i], errors[i] = "failed", "cannot serialise: " + describe_error(err)
+                status[i], errors[i] = "failed", _unserialisable(f, m.serializer, err)
     return {"status": status, "error": errors, "seconds": seconds, "nrows": nrows,
             "extra_columns": {"model": pa.array(blobs, pa.binary()),
                               "fingerprint": pa.array(prints, pa.binary(8)),

@@ -98,6 +98,31 @@ def test_an_integer_target_or_feature_past_2_to_the_53_trains_and_scores(tmp_pat
     assert scored.summary["counts"]["ok"] == 3
 
 
+class KeepsALock(Model):
+    """A user model whose fitted state holds a lock (a cache guarded by it)."""
+
+    name = "keeps_a_lock"
+    state_attrs = ("mean_", "cache_")
+
+    def _fit(self, y, t, X):
+        import threading
+
+        self.mean_ = float(np.nanmean(y))
+        self.cache_ = {"lock": threading.Lock(), "n": len(y)}
+
+
+def test_a_fitted_state_that_cannot_be_pickled_fails_its_groups_naming_the_attribute(tmp_path):
+    # "cannot serialise: TypeError: cannot pickle '_thread.lock' object (at cloudpickle.py:1327 in dump)"
+    path = write(metrics_table(series=2, hours=48, apps=1), tmp_path / "d", ["app"])
+    run = modelfactory.train(path, store=str(tmp_path / "s"), model=KeepsALock, cluster="inline", **ARGS)
+    assert run.summary["counts"] == {"ok": 0, "failed": 2, "skipped": 0}
+    assert set(run.groups.error) == {
+        "cannot serialise the fitted KeepsALock: its attribute cache_ (dict) cannot be pickled (TypeError: cannot "
+        "pickle '_thread.lock' object); keep only data in the fitted state (arrays, numbers, fitted estimators), and "
+        "make what cannot be pickled (locks, open files, clients, generators) when it is needed, or drop it at the "
+        "end of _fit"}
+
+
 def test_a_train_run_asked_for_rows_says_where_its_models_are(tmp_path):
     # run.to_pandas() on a train run said "This run has no tabular result (no schema was given)":
     # train takes no schema, so the hint pointed at nothing; run.results said "use to_pandas()",
