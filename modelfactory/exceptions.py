@@ -85,5 +85,8 @@ def describe_error(err: BaseException) -> str:
     tb = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
     if tb:
         fr = tb[-1]
-        text += f" (at {fr.filename.rsplit('/', 1)[-1]}:{fr.lineno} in {fr.name})"
+        if fr.filename == "<dynamic-code>":  # code cloudpickle sent by value (a notebook's, a script's): no file
+            text += f" (at line {fr.lineno} of {fr.name}, in code sent by value from the client)"
+        else:
+            text += f" (at {fr.filename.rsplit('/', 1)[-1]}:{fr.lineno} in {fr.name})"
     return text

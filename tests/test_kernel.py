@@ -837,3 +837,24 @@ def test_numbers_into_a_decimal_column_are_exact_or_fail_their_group():
     assert rows["status"] == ["ok", "ok", "ok", "failed"], rows["error"]
     assert "data loss" in rows["error"][3]
     assert out["m"] == [decimal.Decimal("1.50"), decimal.Decimal("2.00"), decimal.Decimal("0.10")]
+
+
+def test_an_error_in_code_sent_by_value_is_placed_by_line_and_function():
+    # cloudpickle leaves such code no file: "(at <dynamic-code>:10 in _score)" pointed nowhere
+    import pickle
+
+    import cloudpickle
+
+    from modelfactory.exceptions import describe_error
+
+    def broken(x):
+        raise ValueError(f"scoring is broken for {x}")
+
+    sent = pickle.loads(cloudpickle.dumps(broken))
+    assert sent.__code__.co_filename == "<dynamic-code>"
+    try:
+        sent(3)
+    except ValueError as err:
+        line = broken.__code__.co_firstlineno + 1
+        assert describe_error(err) == (f"ValueError: scoring is broken for 3 (at line {line} of broken, in code sent "
+                                       "by value from the client)")
