@@ -75,14 +75,16 @@ class IngestError(ModelFactoryError):
 GROUP_ERRORS = (Exception, SystemExit)
 
 
-def describe_error(err: BaseException) -> str:
+def describe_error(err: BaseException, *, located: bool = True) -> str:
     """One line for an error raised by user code.
 
-    ``TypeName: message (at file:line in function)``, for the innermost frame.
+    ``TypeName: message (at file:line in function)``, for the innermost frame; without the
+    place when ``located`` is False (an error in converting what the user's function returned:
+    the place would be modelfactory's or Arrow's, not the user's).
     """
     message = "; ".join(part.strip() for part in str(err).splitlines() if part.strip())  # one line
     text = f"{type(err).__name__}: {message}"
-    tb = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
+    tb = traceback.extract_tb(err.__traceback__) if err.__traceback__ and located else []
     if tb:
         fr = tb[-1]
         if fr.filename == "<dynamic-code>":  # code cloudpickle sent by value (a notebook's, a script's): no file

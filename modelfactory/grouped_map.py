@@ -569,7 +569,7 @@ def apply_groups(spec, groups):
     for i in sorted(careful):
         t = careful[i]
         if isinstance(t, Exception):
-            status[i], errors[i] = "failed", describe_error(t)
+            status[i], errors[i] = "failed", describe_error(t, located=False)
         else:
             tables.append(t)
     result = pa.concat_tables(tables) if tables else schema.empty_table()

@@ -1099,7 +1099,7 @@ def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
                  for o, st in zip(outs, status)]
         for i, p in enumerate(parts):
             if isinstance(p, Exception):
-                status[i], errors[i], parts[i] = "failed", describe_error(p), None
+                status[i], errors[i], parts[i] = "failed", describe_error(p, located=False), None
         good = [p for p in parts if p is not None]
         extra = pa.concat_tables(good) if good else spec.out_schema.empty_table()
     else:
