@@ -300,7 +300,7 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows, now: dict | None 
                          "multiple": p.get("unit_multiple")}
 
 
-def _finish_interrupted_commit(st: ModelStore, digest: str, resume) -> Run | None:
+def _finish_interrupted_commit(st: ModelStore, digest: str, resume, now: dict | None = None) -> Run | None:
     """The run that ``resume`` names (or, for True, the newest one of this job) when its train
     stopped between committing its manifest and moving LATEST: its commit finished (LATEST moved
     if it fitted a model), and nothing trained again.  None when there is no such run."""
@@ -312,8 +312,9 @@ def _finish_interrupted_commit(st: ModelStore, digest: str, resume) -> Run | Non
         return None
     rid = mine[-1]
     if st._pending(rid).get("digest") != digest:
-        raise StoreError(f"Run {rid!r} was started for another job or input (its data, columns, base run, model or "
-                         "parameters differ); it cannot be resumed with these arguments.")
+        why = _differs(st._pending(rid), now) if now else "its data, columns, base run, model or parameters differ"
+        raise StoreError(f"Run {rid!r} was started for another job or input ({why}); it cannot be resumed with "
+                         "these arguments.")
     man = st.finish_commit(rid)
     log.info("run %s was committed but its train stopped before moving LATEST: its commit is finished", rid)
     latest = st.latest_named()
@@ -677,7 +678,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         check_time_zone(info, time, base_man)
         check_value_types(info, base_man)
     digest = _digest(info.fingerprint(), job, retrain, base_id, mspec.cls.__module__, mspec.cls.__qualname__)
-    finished = _finish_interrupted_commit(st, digest, resume)
+    finished = _finish_interrupted_commit(st, digest, resume, {"spec": job, "retrain": retrain, "base_run": base_id})
     if finished is not None:
         return finished
     new_store = not st.location.fs.exists(st.location.root)  # this run makes it

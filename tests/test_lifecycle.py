@@ -819,6 +819,9 @@ def test_a_train_killed_between_its_manifest_and_latest_is_shown_and_resume_fini
     capsys.readouterr()
     assert main(["models", "list", "--store", store]) == 0
     assert f"(its train stopped before moving LATEST: train --resume {cut} finishes the commit)" in capsys.readouterr().out
+    # with other arguments: which ones differ (it said only "its data, columns, base run, model or parameters")
+    assert main([*argv, "-p", "season_length=10", "--resume", cut]) == 2
+    assert "(params.season_length 12 then, 10 now)" in capsys.readouterr().err
     assert main([*argv, "-p", "season_length=12", "--resume", cut]) == 0
     assert f"run {cut} (train): 12 groups, ok 12" in capsys.readouterr().out
     assert st.latest() == cut and st.interrupted_commits() == [] and st.runs() == sorted([before, cut])
