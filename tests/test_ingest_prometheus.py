@@ -628,6 +628,63 @@ def test_another_by_into_an_s3_dataset_is_refused(prom, tmp_path, moto):
         prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app"], out=out, storage_options=moto)
 
 
+def test_another_by_is_refused_when_a_failed_run_left_an_empty_folder_first_in_line(prom, tmp_path):
+    # the layout walk followed the first folder by name: an empty app=0/ that a failed run made
+    # for a value it saw showed no data, another --by was taken, and every point was stored twice
+    prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app"], out=str(tmp_path))
+    (tmp_path / "app=0").mkdir()
+    names = files(tmp_path)
+    with pytest.raises(IngestError, match=r"already holds a dataset partitioned by \['app'\]"):
+        prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app", "site"], out=str(tmp_path))
+    assert files(tmp_path) == names
+    # with no data file left to show the layout, the recorded definition says it
+    for p in tmp_path.glob("app=*/*.parquet"):
+        p.unlink()
+    with pytest.raises(IngestError, match=r"partitioned by \['app'\] \(its _ingest.json records it\), but this "
+                                          r"ingest partitions by \['app', 'site'\]"):
+        prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app", "site"], out=str(tmp_path))
+
+
+def test_an_ingest_with_no_by_into_s3_writes_at_the_root_and_another_by_is_refused(prom, moto):
+    # "prefix//file": a key with an empty folder name, which the layout walk did not see (another
+    # --by was taken: every point twice) and --overwrite failed on (IndexError)
+    out = "s3://prom-bucket/noby"
+    first = prometheus(prom, "mf_load", T0, T0 + H, 60, by=[], out=out, storage_options=moto)
+    fs = fsspec.filesystem("s3", **moto)
+    keys = fs.find("prom-bucket/noby")
+    assert keys and not [k for k in keys if "//" in k] and any(k.endswith(".parquet") for k in keys)
+    with pytest.raises(IngestError, match=r"partitioned by \[\].* but this ingest partitions by \['app'\]"):
+        prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app"], out=out, storage_options=moto)
+    again = prometheus(prom, "mf_load", T0, T0 + H, 60, by=[], out=out, storage_options=moto, overwrite=True)
+    assert again.rows == first.rows and sorted(fs.find("prom-bucket/noby")) == sorted(keys)
+
+
+def test_an_ingest_interrupted_stops_fetching_and_leaves_nothing_staged(tmp_path):
+    # Ctrl-C (or SIGTERM) left the pool to fetch every chunk still queued, 21 of 21 here, for as
+    # long as they took, holding the folder's lock, and left their staged files behind
+    served = []
+
+    def slow(req):
+        served.append(time.monotonic())
+        time.sleep(0.3)
+        return ps.echo_matrix(req)
+
+    with ps.FakeServer(slow) as srv:
+        proc = subprocess.Popen([sys.executable, "-m", "modelfactory", "ingest", "prometheus", "--url", srv.url,
+                                 "--query", "up", "--start", "0", "--end", "220000", "--step", "1", "--by", "app",
+                                 "--out", str(tmp_path / "out"), "--concurrency", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(served) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        asked = len(served)
+    assert proc.returncode == 130 and err.strip() == "error: interrupted; nothing was committed", err
+    assert asked <= 3  # the request under way, and none after it
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # no staged file, no lock
+
+
 def test_empty_folders_left_by_a_failed_run_do_not_fix_the_layout(prom, tmp_path):
     (tmp_path / "app=shop" / "site=eu").mkdir(parents=True)
     s = prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app"], out=str(tmp_path))

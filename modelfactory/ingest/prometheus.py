@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -273,18 +274,25 @@ def plan_chunks(start_ms: int, end_ms: int, step_ms: int) -> list[Chunk]:
             for k in range(first // span, last // span + 1)]
 
 
-def _fetch_chunk(spec: PrometheusSpec, chunk: Chunk) -> ChunkResult:
+class _Stopped(Exception):
+    """A chunk not fetched (or not staged): the ingest was interrupted."""
+
+
+def _fetch_chunk(spec: PrometheusSpec, chunk: Chunk, stop: threading.Event | None = None) -> ChunkResult:
     """Fetch one chunk (in requests of at most ``spec.max_points`` points) and stage its files.
 
     Staged files carry hidden temporary names (ignored by Parquet readers) until
     the caller renames each ``(tmp, final)`` pair in ``ChunkResult.staged``.  Only
     :func:`prometheus` calls it, holding the folder's lock (the next lock holder
-    deletes staged files it finds) after checking the dataset's definition.
+    deletes staged files it finds) after checking the dataset's definition.  Once
+    ``stop`` is set (Ctrl-C), it sends no more requests and stages nothing.
     """
     opener = _opener(spec)
     series: dict[tuple, tuple[list[int], list[float]]] = {}
     requests, a = 0, chunk.first_ms
     while a <= chunk.last_ms:
+        if stop is not None and stop.is_set():
+            raise _Stopped
         b = min(chunk.last_ms, a + (spec.max_points - 1) * spec.step_ms)
         for item in _query_range(spec, opener, a, b):
             key = tuple(sorted((item.get("metric") or {}).items()))
@@ -311,6 +319,8 @@ def _fetch_chunk(spec: PrometheusSpec, chunk: Chunk) -> ChunkResult:
     staged: list[tuple[str, str]] = []
     try:
         for values, keys in sorted(groups.items()):
+            if stop is not None and stop.is_set():
+                raise _Stopped
             staged.append(_stage(spec, fs, root, chunk, values, _table(spec, sorted(keys), series)))
     except BaseException:
         _discard(fs, staged)
@@ -332,19 +342,34 @@ def __getattr__(name: str) -> Any:
 
 
 def _run_chunks(spec: PrometheusSpec, chunks: list[Chunk], concurrency: int) -> list[ChunkResult]:
-    with ThreadPoolExecutor(max_workers=min(concurrency, len(chunks))) as pool:
-        futures = [pool.submit(_fetch_chunk, spec, c) for c in chunks]
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=min(concurrency, len(chunks)))
+    futures = [pool.submit(_fetch_chunk, spec, c, stop) for c in chunks]
+    try:
         _, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for f in pending:
             f.cancel()
         wait(futures)
+    except BaseException:
+        # Ctrl-C (or SIGTERM, which the CLI turns into it): the pool went on to fetch every chunk
+        # still queued, for as long as they took, and left their staged files behind
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)  # the requests under way end (or time out)
+        _discard_staged(spec, futures)
+        raise
+    pool.shutdown(wait=True)
     errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
     if errors:
-        done = [f.result() for f in futures if not f.cancelled() and not f.exception()]
-        fs, _ = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
-        _discard(fs, [s for r in done for s in r.staged])
+        _discard_staged(spec, futures)
         raise errors[0]
     return [f.result() for f in futures]
+
+
+def _discard_staged(spec: PrometheusSpec, futures: list) -> None:
+    """Remove the staged files of the chunks that were fetched, when the ingest will not commit."""
+    done = [f.result() for f in futures if f.done() and not f.cancelled() and not f.exception()]
+    fs, _ = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+    _discard(fs, [s for r in done for s in r.staged])
 
 
 def _check_layout(spec: PrometheusSpec) -> None:
@@ -358,6 +383,9 @@ def _check_layout(spec: PrometheusSpec) -> None:
             names = [(e["name"].rstrip("/"), e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"]) for e in entries]
             folders = sorted(n for n, base, kind in names
                              if kind == "directory" and "=" in base and base[0] not in "._")
+            # one that holds something: a failed run leaves the empty folder of a value it saw, and
+            # following it (the first by name) found no data, and no layout to compare
+            folders = [f for f in folders if fs.ls(f)] or folders
             if not folders:
                 data_files = any(kind == "file" and base.endswith(".parquet") and base[0] not in "._"
                                  for _, base, kind in names)
@@ -434,6 +462,13 @@ def _check_dataset(spec: PrometheusSpec, fs: Any, root: str) -> dict | None:
             "step" if k == "step_ms" else k for k in changed), (
             f"its {DEFINITION_NAME} records the query {earlier.get('query')!r} at step "
             f"{_step_text(earlier.get('step_ms'))}")))
+    if "by" in earlier and list(earlier["by"] or []) != list(spec.by):
+        # (the folders say it too, but not when the first of them is empty, or when there are none)
+        raise IngestError(
+            f"out={spec.out!r} holds a dataset partitioned by {list(earlier['by'] or [])!r} (its {DEFINITION_NAME} "
+            f"records it), but this ingest partitions by {list(spec.by)!r}: every point would be stored a second "
+            "time in another folder layout, and readers refuse mixed layouts. Use the same by / --by as before, or "
+            "another out / --out (or pass overwrite=True / --overwrite to start this dataset over).")
     return earlier
 
 
@@ -532,7 +567,8 @@ def _cannot_list(spec: PrometheusSpec, err: BaseException) -> IngestError:
 
 def _in_partitions(rel: str) -> bool:
     """Whether the file ``rel`` lies in partition folders (``k=v``, not hidden), or at the root."""
-    return all("=" in d and d[0] != "." for d in rel.split("/")[:-1])
+    # (an empty folder name: "root//x.parquet", where an ingest with no by wrote on an object store)
+    return all("=" in d and d[0] != "." for d in rel.split("/")[:-1] if d)
 
 
 def _ingested(fs: Any, root: str) -> list[str]:
@@ -574,7 +610,7 @@ def _check_foreign(spec: PrometheusSpec, fs: Any, root: str) -> None:
     and deleting them could destroy data that exists nowhere else."""
     rels = _listed(spec, fs, root)
     foreign = sorted(r for r in rels if r.endswith(".parquet") and not _ours(r)
-                     and not any(part[0] in "._" for part in r.split("/")))
+                     and not any(part[:1] in (".", "_") for part in r.split("/")))
     if foreign:
         base = spec.out.rstrip("/")
         shown = ", ".join(f"{base}/{r}" for r in foreign[:3]) + (f" and {len(foreign) - 3} more"
@@ -940,7 +976,9 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
     its labels (a series that gained or lost a label, say Thanos' external labels, is not kept
     twice); earlier rows at times the server no longer returns (retention moved on, data
     deleted) are kept, as an archive must."""
-    directory = f"{root.rstrip('/')}/{hive_folder(spec.by, values)}"  # escaped as Spark escapes it
+    # escaped as Spark escapes it; with no by, the root itself: "root/" + "" put the files of an
+    # object store under "root//" (a key with an empty folder name), which no listing of root shows
+    directory = f"{root.rstrip('/')}/{hive_folder(spec.by, values)}" if spec.by else root.rstrip("/")
     name = _file_name(spec, chunk)
     try:
         if not spec.overwrite:  # starting over: today's folder names, the earlier files all go
