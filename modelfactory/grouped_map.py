@@ -579,14 +579,16 @@ def apply_groups(spec, groups):
 class _ReuseGuard:
     """What a dict's values go through on the fast path while the unit's first groups run.
 
-    Values are converted when every group of the unit has run.  A function that fills one
-    buffer again for each group and returns it (``buf[0] = m; return {"m": buf}``), or a view
-    of it, would give every group the last group's values.  So the values of the first
-    :attr:`PROBE` groups are kept as copies, and their objects (and the arrays a view looks
-    into, other than the group's own input) are watched: once one comes back, every later
-    group's values are copied too.  If none does, the rest go uncopied and unchecked (the
-    guard is done): the array path pays nothing per group for it.  A function that starts
-    to reuse a buffer only after its first groups is not caught."""
+    Values are converted when every group of the unit has run, as Python's own ``[f(g) for g
+    in groups]`` keeps what ``f`` returns.  A function that fills one buffer again for each
+    group and returns it (``buf[0] = m; return {"m": buf}``), a view of it or a Series over
+    it, would give every group the last group's values.  So the values of the first
+    :attr:`PROBE` groups are kept as copies, and the memory they use is watched (the arrays,
+    and what a view, a Series or a list's items look into, other than the group's own input):
+    once a later group returns some of it again, every group after it is copied too.  If none
+    does, the rest go uncopied and unchecked (the guard is done): the array path pays nothing
+    per group for it.  A function that begins to reuse a buffer only after its first groups is
+    not caught: what a function returns must stay as it returned it (the guide says so)."""
 
     PROBE = 4
 
@@ -600,21 +602,38 @@ class _ReuseGuard:
     def __call__(self, values: tuple, arg) -> tuple:
         if not self.copying:
             inputs = {id(_owner(a)) for a in arg.values() if type(a) is np.ndarray} if type(arg) is dict else set()
+            mine: set[int] = set()  # this group's: two columns cut from one array share it, and that is fine
             for v in values:
-                if type(v) in _SCALARS or v is None:
-                    continue
-                marks = [id(v)]
-                if type(v) is np.ndarray and v.base is not None and id(_owner(v)) not in inputs:
-                    marks.append(id(_owner(v)))  # a view: what it looks into
-                if any(m in self.seen for m in marks):
-                    self.copying = True
-                    break
-                self.seen.update(marks)
+                for item in ([v, *v[:16]] if isinstance(v, list) else [v]):
+                    mine.update(_memory(item, inputs))
+            if mine & self.seen:
+                self.copying = True
+            self.seen |= mine
             self.kept.append(values)
             self.groups += 1
             if not self.copying and self.groups >= self.PROBE:
                 self.done, self.seen, self.kept = True, set(), []
         return tuple(map(_copied, values))
+
+
+def _memory(v, inputs: set[int]) -> list[int]:
+    """Ids of what a returned value holds that can change after it is returned: an array and
+    the array it looks into (not the group's input), a Series' (or any array-like's) array, a
+    list; nothing for a value that cannot change (a number, a string, None, pd.NA)."""
+    if type(v) in _SCALARS or v is None or isinstance(v, (str, bytes, tuple, np.generic)):
+        return []
+    a = v if type(v) is np.ndarray else None
+    if a is None and not isinstance(v, list) and hasattr(v, "__array__"):
+        try:
+            a = np.asarray(v)
+        except Exception:  # noqa: BLE001 - not an array after all
+            a = None
+    marks = [id(v)] if isinstance(v, (list, np.ndarray)) or a is not None else []
+    if a is not None:
+        owner = id(_owner(a))
+        if owner not in inputs:
+            marks.append(owner)
+    return marks
 
 
 def _owner(a: np.ndarray):
@@ -625,10 +644,10 @@ def _owner(a: np.ndarray):
 def _copied(v):
     if type(v) is np.ndarray:
         return v.copy()
-    if isinstance(v, list):
-        return list(v)
+    if isinstance(v, list):  # a list column's rows: copied too
+        return [x.copy() if type(x) is np.ndarray else list(x) if isinstance(x, list) else x for x in v]
     copy = getattr(v, "copy", None)
-    return copy() if callable(copy) and hasattr(v, "__array__") else v
+    return copy() if callable(copy) and hasattr(v, "__array__") and not isinstance(v, np.generic) else v
 
 
 def _chunks(outs: list[tuple], names: list[str]) -> tuple[list[list], np.ndarray, np.ndarray]:

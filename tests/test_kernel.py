@@ -858,3 +858,22 @@ def test_an_error_in_code_sent_by_value_is_placed_by_line_and_function():
         line = broken.__code__.co_firstlineno + 1
         assert describe_error(err) == (f"ValueError: scoring is broken for 3 (at line {line} of broken, in code sent "
                                        "by value from the client)")
+
+
+def test_the_reuse_guard_is_done_after_its_probe_when_nothing_comes_back():
+    # two columns cut from one fresh array, a pd.NA, a view of the group's input: nothing a later
+    # group returns again, so the guard stops (it copied every later group: +1.6 µs a group)
+    import pandas as pd
+
+    from modelfactory.grouped_map import _ReuseGuard
+
+    guard, data = _ReuseGuard(), np.arange(100.0)
+    for i in range(_ReuseGuard.PROBE):
+        arg = {"v": data[i * 10:(i + 1) * 10]}
+        both = np.array([arg["v"].mean(), arg["v"].std()])
+        guard((both[:1], both[1:], pd.NA, arg["v"][:1], "text", 3), arg)
+    assert guard.done and not guard.copying
+    again, buf = _ReuseGuard(), np.zeros(1)
+    for i in range(2):
+        again((buf,), {"v": data})
+    assert again.copying and not again.done
