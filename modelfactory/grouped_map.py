@@ -63,7 +63,10 @@ def to_table(out, schema: pa.Schema, from_pandas: bool = False):
                     _no_text_rows(out[f.name].to_numpy(), f)
                 except ValueError as err:
                     raise ValueError(f"column {f.name!r} ({f.type}): {err}") from None
-            return _checked(pa.Table.from_pandas(out[schema.names], schema=schema, preserve_index=False), schema)
+            # a copy: Arrow takes numeric columns without copying, and a frame the function fills again
+            # for the next group (or key) would change rows already taken
+            return _checked(pa.Table.from_pandas(out[schema.names].copy(deep=True), schema=schema,
+                                                 preserve_index=False), schema)
         raise TypeError(f"the function returned {type(out).__name__}; return a pandas DataFrame, "
                         "a dict of columns or a pyarrow Table")
     except Exception as err:  # noqa: BLE001
@@ -92,6 +95,8 @@ def _dict_column(value, field: pa.Field, from_pandas: bool) -> pa.Array:
             _no_text_rows(rows, field)
             return pa.array(rows, type=field.type, from_pandas=from_pandas)
         a = _no_fixed_text(_as_1d(value))
+        if a.dtype.kind in "biufcmM":  # Arrow would take its memory as it is: a buffer refilled later, rows changed
+            a = a.copy()
         if pa.types.is_decimal(field.type) and a.dtype.kind in "iuf":  # numpy's numbers have no decimal path
             import decimal
 

@@ -1085,7 +1085,11 @@ def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
             s = _time.perf_counter()
             try:
                 arg = key[0] if len(key) == 1 else key
-                outs.append(spec.func(arg))
+                out = spec.func(arg)
+                # rows converted as the call returns: a frame or buffer the function fills again for
+                # the next key would otherwise give every key the last key's values
+                outs.append(to_table(out, spec.out_schema) if spec.out_schema is not None and out is not None
+                            else out)
                 status.append("ok")
                 errors.append(None)
             except SkipGroup as err:
@@ -1095,8 +1099,7 @@ def run_keys(spec: JobSpec, unit_id: str, keys: list[tuple]) -> UnitResult:
             secs.append(_time.perf_counter() - s)
     extra = None
     if spec.out_schema is not None:
-        parts = [to_table(o, spec.out_schema) if st == "ok" and o is not None else None
-                 for o, st in zip(outs, status)]
+        parts = [o if st == "ok" and o is not None else None for o, st in zip(outs, status)]
         for i, p in enumerate(parts):
             if isinstance(p, Exception):
                 status[i], errors[i], parts[i] = "failed", describe_error(p, located=False), None

@@ -855,13 +855,23 @@ def test_a_buffer_or_frame_filled_again_and_returned_by_every_group_gives_each_i
     def constant(g):  # one array for every group, never changed: right either way
         return {"k": g["k"][:1], "s": np.array([g["x"].sum()]), "one": _ONE}
 
+    class Framed(pd.DataFrame):  # not exactly a DataFrame: converted group by group (the careful path)
+        pass
+
+    framed = Framed({"s": [0.0], "k": ["?"]})
+
+    def careful(pdf):
+        framed.loc[0, "k"], framed.loc[0, "s"] = pdf["k"].iloc[0], pdf["x"].sum()
+        return framed
+
     series_buf = np.zeros(1)
 
     def series(g):  # a Series over the one buffer (pandas 2 does not copy it)
         series_buf[0] = g["x"].sum()
         return {"k": g["k"][:1], "s": pd.Series(series_buf, copy=False)}
 
-    for func, kind in ((frame, "pandas"), (array, "numpy"), (two_buffers, "numpy"), (series, "numpy")):
+    for func, kind in ((frame, "pandas"), (array, "numpy"), (two_buffers, "numpy"), (series, "numpy"),
+                       (careful, "pandas")):
         run = modelfactory.apply(path, by="k", func=func, schema="k string, s double", input=kind, cluster="inline")
         assert sorted(run.to_pandas().values.tolist()) == expected, func.__name__
     run = modelfactory.apply(path, by="k", func=constant, schema="k string, s double, one double", input="numpy",

@@ -210,3 +210,21 @@ def test_the_group_table_counts_the_rows_each_key_returned(tmp_path, where, requ
     assert g["rows"].to_dict() == {"a": 1, "bbb": 3, "cc": 2, "bad": 0, "wrong": 0}
     assert g.loc[["bad", "wrong"], "status"].tolist() == ["failed", "failed"]
     assert run.summary["rows"] == len(run.to_pandas()) == 6
+
+
+def test_a_frame_or_buffer_filled_again_for_every_key_gives_each_key_its_own_rows():
+    # the rows were converted after every key of the unit had run: each key got the last key's
+    row, buf = pd.DataFrame({"k": ["?"], "m": [0.0]}), np.zeros(1)
+
+    def frame(key):
+        row.loc[0, "k"], row.loc[0, "m"] = key, float(len(key))
+        return row
+
+    def array(key):
+        buf[0] = float(len(key))
+        return {"k": [key], "m": buf}
+
+    for func in (frame, array):
+        run = modelfactory.map_keys(["a", "bb", "ccc"], func=func, by="key", schema="k string, m double",
+                                    cluster="inline")
+        assert sorted(run.to_pandas().values.tolist()) == [["a", 1.0], ["bb", 2.0], ["ccc", 3.0]], func.__name__
