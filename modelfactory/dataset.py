@@ -203,15 +203,17 @@ def discover(url: str, *, storage_options: dict | None = None,
 def _stamps(fs, path: str, paths: list[str], is_file: bool) -> dict[str, tuple[int, str]]:
     """Each file's size and version mark (:attr:`FileInfo.stamp`), from one listing: the local
     filesystem's modification times, an object store's ETags (or its modification times).  A
-    file the listing does not give is left out (its footer's size then stands in)."""
+    file the listing does not give is left out (its footer's size then stands in); a listing
+    that fails is a :class:`DatasetError`."""
     try:
         if isinstance(fs, pafs.FileSystem):
             return {i.path: (i.size, str(i.mtime_ns or "")) for i in fs.get_file_info(paths)
                     if i.type == pafs.FileType.File}
         infos = {path: fs.info(path)} if is_file else fs.find(path, detail=True)
-    except (OSError, ValueError) as err:  # the footers were just read: the facts stand without it
-        log.debug("Cannot list the versions of the files under %r: %s", path, err)
-        return {}
+    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+        # not left out: the input's fingerprint would change with it, and a resume miss its run
+        raise DatasetError(f"Cannot list the files under {path!r} for their sizes and versions: "
+                           f"{type(err).__name__}: {err}. Try again once the storage answers.") from err
     out = {}
     for p, i in infos.items():
         mark = next((i[k] for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "created")

@@ -491,3 +491,23 @@ def test_footers_read_slowly_are_read_by_threads_with_the_same_outcome(tmp_path,
     slow = dataset.discover(str(tmp_path))
     assert len(pools) == 1
     assert slow.files == fast.files and len(fast.files) == 12 and slow.schema == fast.schema
+
+
+def test_a_listing_that_fails_for_the_files_versions_is_an_error_not_another_fingerprint(tmp_path):
+    # swallowed, the footers' sizes stood in for the files' (and no versions): the fingerprint of
+    # unchanged input changed, and a resume started over or was refused
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from modelfactory.dataset import _stamps, discover
+
+    pq.write_table(pa.table({"k": ["a"], "v": [1.0]}), tmp_path / "x.parquet")
+    assert discover(str(tmp_path)).fingerprint() == discover(str(tmp_path)).fingerprint()  # unchanged: the same
+
+    class Hangs:  # an fsspec filesystem whose listing fails (botocore's errors are not OSErrors)
+        def find(self, path, detail=False):
+            raise RuntimeError("the storage hung up")
+
+    with pytest.raises(DatasetError, match=r"Cannot list the files under 'bucket/data' for their sizes and versions: "
+                                           r"RuntimeError: the storage hung up\. Try again once the storage answers\."):
+        _stamps(Hangs(), "bucket/data", ["bucket/data/x.parquet"], False)
