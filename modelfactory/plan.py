@@ -145,6 +145,11 @@ def pack(leaves: list[Leaf], target_rows: int, *, multiple: int = 1,
         end = min(max(end, prev + 1), len(small) - (n_small - k))  # no empty unit, before or after
         ends.add(end)
         prev = end
+    bounds = [0, *sorted(ends), len(small)]
+    if any(cum_at(cum, b) - cum_at(cum, a) > limit for a, b in zip(bounds, bounds[1:])):
+        # an equal share over the limit was split into two units after: cut where the largest
+        # unit is smallest instead, which fits the limit in n_small units (n_small >= the fewest)
+        ends = _cuts_within(cum, n_small, limit)
     chunks: list[list[Leaf]] = []
     run: list[Leaf] = []
     seen = 0
@@ -178,6 +183,37 @@ def pack(leaves: list[Leaf], target_rows: int, *, multiple: int = 1,
         if cur:
             flush(cur)
     return units
+
+
+def cum_at(cum: list[int], k: int) -> int:
+    """The rows of the first ``k`` leaves (``cum``: their running sums)."""
+    return cum[k - 1] if k else 0
+
+
+def _cuts_within(cum: list[int], n: int, limit: int) -> set[int]:
+    """Where to cut leaves (``cum``: running sums of their rows) into at most ``n`` runs, each of
+    as few rows as can be (no more than ``limit``): the smallest largest run, found by halving
+    between the largest leaf and ``limit``, each try filling runs in turn (a search per run)."""
+    import numpy as np
+
+    sums = np.asarray(cum, dtype=np.int64)
+    first = np.diff(np.concatenate(([0], sums)))
+
+    def cuts(cap: int) -> list[int]:
+        out, k = [], 0
+        while k < len(sums):
+            k = int(np.searchsorted(sums, cum_at(cum, k) + cap, side="right"))
+            out.append(k)
+        return out
+
+    lo, hi = int(first.max()), max(int(first.max()), limit)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(cuts(mid)) <= n:
+            hi = mid
+        else:
+            lo = mid + 1
+    return set(cuts(lo)[:-1])
 
 
 def _filled_in_turn(rows: list[int], limit: int) -> int:

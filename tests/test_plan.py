@@ -85,6 +85,24 @@ def test_equal_leaves_under_a_bound_pack_into_as_few_even_units_as_the_bound_all
     assert [u.leaves for u in six] == [2] * 10
 
 
+@given(st.lists(st.integers(min_value=50, max_value=150), min_size=2, max_size=30),
+       st.integers(min_value=100, max_value=600), st.integers(min_value=1, max_value=4))
+@settings(max_examples=300, deadline=None)
+def test_units_are_no_more_than_the_larger_of_the_two_counts(rows, target, workers):
+    # an equal share over the bound was split in two after the cut: four folders that fit in
+    # three units made four
+    from modelfactory.plan import _filled_in_turn
+
+    lvs = [Leaf((f"k{i:03d}",), (f"f{i}",), r) for i, r in enumerate(rows)]
+    units = pack(lvs, target, multiple=workers)
+    assert sorted(p for u in units for p in u.paths) == sorted(lf.paths[0] for lf in lvs)
+    assert all(u.rows <= target or u.leaves == 1 for u in units)
+    assert len(units) <= max(unit_count(sum(rows), target, workers), unit_count(_filled_in_turn(rows, target), 1,
+                                                                               workers))
+    assert len(pack([Leaf((f"k{i}",), (f"/p/{i}",), r) for i, r in enumerate([8106, 9617, 10104, 6728])],
+                    17624)) == 3
+
+
 def test_uneven_leaves_are_cut_near_equal_shares():
     # 10 folders, three of them big, 2 workers.  Filling units up to 30 rows in turn gives
     # 30/30/30/10: one worker gets 60 rows, the other 40.  Cutting at the leaf boundaries
