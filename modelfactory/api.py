@@ -98,12 +98,14 @@ def _recordable(model: str, params: dict) -> dict:
         except (TypeError, ValueError) as err:
             from .exceptions import ParameterError
 
-            what = str(err).split(" is not a JSON value")[0] if "is not a JSON value" in str(err) else str(err)
+            text = str(err)
+            what = (f"holds a value of type {text.split(' is not a JSON value')[0]}" if "is not a JSON value" in text
+                    else f"cannot be written as JSON ({type(err).__name__}: {text})")
             raise ParameterError(
-                f"The {name!r} parameter of {model} holds a value of type {what}, which a run cannot record: a run "
-                "records its model's parameters as JSON, to compare a rerun or a retrain with it. Pass it as a "
-                "number, text, a bool, None, or a list or dict of those (a numpy array, a date or a time is "
-                "recorded as such), or set it inside the model class.") from None
+                f"The {name!r} parameter of {model} {what}, which a run cannot record: a run records its model's "
+                "parameters as JSON, to compare a rerun or a retrain with it. Pass it as a number, text, a bool, "
+                "None, or a list or dict (with text keys) of those (a numpy array, a date or a time is recorded as "
+                "such), or set it inside the model class.") from None
     return params
 
 
@@ -263,7 +265,9 @@ def _differs(p: dict, now: dict) -> str:
                      if not _same_json(a.get(n), b.get(n))]
         elif not _same_json(a, b):
             diff.append(f"{k} {a!r} then, {b!r} now")
-    return "; ".join(diff[:3]) if diff else "the input's files (or the model's class) changed since"
+    return ("; ".join(diff[:3]) if diff else
+            "the input's files (or the model's class) changed since, or the run was begun by an earlier version "
+            "of modelfactory, which marked its input otherwise")
 
 
 def _begin_run(st: ModelStore, digest: str, resume, unit_rows, now: dict | None = None) -> tuple[str, dict]:

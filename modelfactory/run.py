@@ -627,8 +627,14 @@ def _renamed_fix(path: str, err: str) -> str:
     if not err.startswith("AttributeError:") or not qualname:
         return ""
     try:
-        importlib.import_module(module)
+        obj = importlib.import_module(module)
+        for name in qualname.split("."):
+            obj = getattr(obj, name)
+    except AttributeError:  # here too: renamed or moved
+        pass
     except Exception:  # noqa: BLE001 - the module itself is the problem
+        return ""
+    else:  # this process has it: the workers hold an older copy of the module (restart them)
         return ""
     return (f"The module {module!r} imports, but holds no {qualname}: the class was renamed or moved since the run "
             f"was trained. Give it its name there again (or an alias: {qualname.rsplit('.', 1)[-1]} = TheNewName), "

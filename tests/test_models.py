@@ -221,9 +221,9 @@ def test_a_stored_model_whose_class_renamed_its_state_says_the_class_changed():
 
     m = Band().fit(np.arange(10.0))
     m.__class__ = BandRenamed  # what unpickling a stored Band gives once the class is changed
-    with pytest.raises(NotFittedError, match=r"This BandRenamed holds a fitted state under other names \(m_, s_\) "
-                                             r"than its class now lists in state_attrs \(it lacks mean_, std_\): the "
-                                             r"class changed since the model was fitted"):
+    with pytest.raises(NotFittedError, match=r"This BandRenamed lacks mean_, std_ of its state_attrs but holds m_, s_: "
+                                             r"if it was stored by an earlier version of its class, the class changed "
+                                             r"since \(train again"):
         m.score(np.arange(3.0))
 
 
@@ -373,3 +373,16 @@ def test_fit_reads_a_series_in_time_order_whatever_the_order_of_its_rows(name):
     a = get(name, **params).fit(y[:H], t=t[:H])
     b = get(name, **params).fit(y[:H][mix], t=t[:H][mix])
     np.testing.assert_allclose(b.score(y[H:], t=t[H:])["expected"], a.score(y[H:], t=t[H:])["expected"])
+
+
+def test_is_anomaly_values_read_as_flags():
+    # NaN (any float type), None and pandas' NA are no flag; bool(nan) is True, and NA raised
+    import pandas as pd
+
+    from modelfactory.models.base import as_flags
+
+    assert as_flags(np.array([1.0, np.nan, 0.0, 2.0])).tolist() == [True, False, False, True]
+    assert as_flags(np.array([True, None, np.float32("nan"), pd.NA, 0, "x"], dtype=object)).tolist() == [
+        True, False, False, False, False, True]
+    assert as_flags(pd.array([True, None, False], dtype="boolean")).tolist() == [True, False, False]
+    assert as_flags([True, False]).tolist() == [True, False]

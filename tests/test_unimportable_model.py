@@ -371,3 +371,14 @@ def test_a_class_renamed_since_training_is_told_to_take_its_name_back(by_app, tm
                                          r"or moved since the run was trained\. Give it its name there again \(or an "
                                          r"alias: Mean = TheNewName\)"):
         modelfactory.score(by_app, store=store, out=str(tmp_path / "o"), cluster="inline", trust=True)
+
+
+def test_a_class_this_process_has_is_not_called_renamed():
+    # the workers' copy of the module is older (a worker started before the class was added):
+    # "renamed or moved" sent the user to rename a class that is there; the generic fix stands
+    from modelfactory.run import _renamed_fix
+
+    assert _renamed_fix("modelfactory.models.base:Model", "AttributeError: module has no attribute 'Model'") == ""
+    assert "holds no NoSuchModel: the class was renamed or moved" in _renamed_fix(
+        "modelfactory.models.base:NoSuchModel", "AttributeError: module has no attribute 'NoSuchModel'")
+    assert _renamed_fix("no_such_module_x:Model", "AttributeError: ...") == ""

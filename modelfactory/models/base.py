@@ -289,11 +289,11 @@ class Model:
             name = type(self).__name__
             missing = [a for a in self.state_attrs if not hasattr(self, a)]
             held = sorted(a for a in vars(self) if a.endswith("_") and not a.startswith("_") and a not in self.state_attrs)
-            if held:  # a stored model of this class as it was: it has state, under other names
+            if held and missing:  # a stored model of this class as it was: state, under other names
                 raise NotFittedError(
-                    f"This {name} holds a fitted state under other names ({', '.join(held)}) than its class now "
-                    f"lists in state_attrs (it lacks {', '.join(missing)}): the class changed since the model was "
-                    "fitted. Train again with this class, or restore the class as it was to use the stored models.")
+                    f"This {name} lacks {', '.join(missing)} of its state_attrs but holds {', '.join(held)}: if it "
+                    "was stored by an earlier version of its class, the class changed since (train again with this "
+                    "class, or restore the class as it was to use the stored models); if not, call fit() first.")
             raise NotFittedError(f"This {name} is not fitted yet: call fit() first.")
 
     def fit(self, y, *, t=None, X=None) -> "Model":
@@ -472,10 +472,21 @@ def as_flags(values) -> np.ndarray:
         return a
     if a.dtype.kind == "f":
         return np.nan_to_num(a, nan=0.0) != 0
-    if a.dtype.kind == "O":
-        return np.array([v is not None and not (isinstance(v, float) and v != v) and bool(v) for v in a.ravel()],
-                        dtype=bool).reshape(a.shape)
+    if a.dtype.kind == "O" or not isinstance(values, np.ndarray) and hasattr(values, "dtype"):
+        return np.array([_flag(v) for v in np.asarray(values, dtype=object).ravel()], dtype=bool).reshape(a.shape)
     return a.astype(bool)
+
+
+def _flag(v) -> bool:
+    """One ``is_anomaly`` value as a flag: None, NaN (of any float type) and pandas' NA are none."""
+    if v is None:
+        return False
+    try:
+        if v != v:  # NaN
+            return False
+        return bool(v)
+    except (TypeError, ValueError):  # pd.NA: "boolean value of NA is ambiguous"
+        return False
 
 
 def _as_2d(X) -> np.ndarray:
