@@ -548,7 +548,7 @@ def _shown_value(v, full: bool):
 
 
 def _show(st, args, parse_key) -> int:
-    if args.key:
+    if args.key is not None:  # (--key "" is a key, refused as empty, not the whole run)
         from .plot import format_key
 
         key = parse_key(args.key)
@@ -817,6 +817,25 @@ def _run(args, terminated: Sequence = ()) -> int:
     except Exception as err:  # noqa: BLE001 - one line, not a traceback
         if args.verbose:
             log.exception("details")
+        if _raised_by_storage(err):  # a storage setting it refused (an unknown key, a value of another type)
+            print(f"error: the storage library refused its settings: {type(err).__name__}: {err}. Check the "
+                  "[storage_options] of the --config file (or $MODELFACTORY_CONFIG) against its options "
+                  "(s3fs's for s3://).", file=sys.stderr)
+            return 2
         print(f"error: internal error: {type(err).__name__}: {err} (run with -v for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def _raised_by_storage(err: BaseException) -> bool:
+    """Whether ``err`` (a TypeError, say: "unexpected keyword argument 'auto_mkdir'") was raised
+    inside a storage library (s3fs, aiobotocore, fsspec...), not in modelfactory's own code."""
+    import traceback
+
+    from ._io import STORAGE_LIBRARIES
+
+    frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
+    if not frames:
+        return False
+    name = frames[-1].filename.replace("\\", "/")
+    return any(f"/{lib}/" in name for lib in STORAGE_LIBRARIES if lib not in ("urllib3", "requests"))

@@ -557,6 +557,8 @@ def _matplotlib():
 
     try:
         importlib.import_module("matplotlib")
+        # its drawing backend too: matplotlib may import while its compiled parts (agg, ft2font) do not
+        importlib.import_module("matplotlib.backends.backend_agg")
     except ImportError as err:
         raise ModelFactoryError(f"Plotting needs matplotlib, which cannot be imported ({err}): {PLOT_HINT}") from err
 
@@ -716,6 +718,8 @@ def _plot(series: Series, ax, out, *, title: str | None = None, figsize=(10.0, 3
             ax.figure.savefig(path)
         except ValueError as err:  # the extension is known: something in the picture could not be drawn
             raise ModelFactoryError(f"Cannot draw {format_key(series.key)} into {path!r}: {err}") from err
+        except OSError as err:  # a folder by that name, a read-only or full disk, no permission
+            raise ModelFactoryError(f"Cannot write {path!r}: {err.strerror or err}.") from err
     return ax
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime as _dt
 import html
 import os
@@ -475,6 +476,8 @@ def write_report(out: str | os.PathLike, store: Any, run: str = "latest", *, sco
             fh.write(text)
         os.replace(tmp, path)
     except OSError as err:  # the report's own file, not the store: say so
+        with contextlib.suppress(OSError):  # the part written, not left beside it
+            os.remove(tmp)
         raise ModelFactoryError(f"Cannot write {path!r}: {err.strerror or err}.") from err
     return path
 

@@ -809,6 +809,8 @@ def parse_key(key: Any, *, error: type[Exception] = StoreError) -> dict[str, str
             if not sep or not name.strip():
                 raise error(f"A key looks like 'app=checkout,site=eu-1' (NAME=VALUE pairs joined by "
                             f"commas; a comma inside a value is written \\,); got {key!r}.")
+            if name.strip() in out:  # the last one was taken: most likely a typo for another name
+                raise error(f"The key {key!r} names {name.strip()!r} twice; name each column once.")
             out[name.strip()] = _unescape(value)
     else:
         raise error(f"key must be a dict or a string like 'app=a,site=b'; got {type(key).__name__}.")

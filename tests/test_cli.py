@@ -1029,3 +1029,16 @@ def test_models_show_of_a_key_written_otherwise_than_in_training_gives_the_hint_
     assert main(["models", "show", "--store", store, "--key", " site = 07 ", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["model"] and shown["key"] == "site=07"  # which group: spaces around names and values dropped
+
+
+@pytest.mark.parametrize("options", ['{auto_mkdir = "yes"}', "{client_kwargs = 5}"])
+def test_storage_options_the_storage_library_refuses_are_one_error_line(tmp_path, capsys, monkeypatch, options):
+    # "error: internal error: TypeError: AioSession.__init__() got an unexpected keyword argument
+    # 'auto_mkdir'", exit status 1, from train, models, report and plot (score said it well)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    (tmp_path / "job.toml").write_text(f"storage_options = {options}\n")
+    assert main(["models", "list", "--store", "s3://mf-nowhere/x", "--config", str(tmp_path / "job.toml")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: the storage library refused its settings: ") and "[storage_options]" in line, line

@@ -196,6 +196,9 @@ def test_http_404_and_unreachable(prom, tmp_path):
     ({"end": str((T0 + H) * 1000)}, r"end='1709254800000' is in the year 56134: it looks like milliseconds"),
     ({"start": "now+9000y"}, r"start='now\+9000y' is in the year 110\d\d: times must lie between 1970 and 9999"),
     ({"start": -60}, r"start=-60 is in the year 1969: times must lie between 1970 and 9999"),
+    # NaN and inf passed "> 0": internal errors from the socket (ValueError, OverflowError)
+    ({"timeout": float("nan")}, r"timeout must be a number of seconds > 0\. Got nan instead\."),
+    ({"timeout": float("inf")}, r"timeout must be a number of seconds > 0\. Got inf instead\."),
 ])
 def test_argument_errors(tmp_path, kw, match):
     args = {"url": "http://127.0.0.1:1", "query": "up", "start": T0, "end": T0 + H, "step": 60,

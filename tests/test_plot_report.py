@@ -372,6 +372,34 @@ def test_plot_and_report_write_to_a_home_relative_out(runs, tmp_path, capsys, mo
     assert (tmp_path / "r.html").exists() and _is_png((tmp_path / "p.png").read_bytes())
 
 
+def test_an_out_that_cannot_be_written_and_a_broken_drawing_backend_are_one_error_line(runs, tmp_path, capsys,
+                                                                                      monkeypatch):
+    # a folder named like the picture: "error: internal error: IsADirectoryError", exit 1; the
+    # report said it well, but left its temporary file beside it; a matplotlib whose compiled
+    # backend does not import was an internal error too
+    import sys
+
+    (tmp_path / "taken.png").mkdir()
+    (tmp_path / "taken.html").mkdir()
+    key = ["--key", "app=app-00,site=site-00002"]
+    assert _main(["plot", "--scores", runs["scores_fussy"], *key, "--out", str(tmp_path / "taken.png")],
+                 monkeypatch) == 2
+    assert capsys.readouterr().err == f"error: Cannot write '{tmp_path / 'taken.png'}': Is a directory.\n"
+    assert _main(["report", "--store", runs["store_seasonal"], "--out", str(tmp_path / "taken.html")], monkeypatch) == 2
+    assert capsys.readouterr().err.startswith(f"error: Cannot write '{tmp_path / 'taken.html'}'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.html", "taken.png"]  # no .tmp-<pid> left
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    assert _main(["plot", "--scores", runs["scores_fussy"], *key, "--out", str(tmp_path / "x.png")], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Plotting needs matplotlib, which cannot be imported") and err.count("\n") == 1
+    monkeypatch.undo()
+    # a key naming a column twice (the last one was taken), and --key "" (the whole run was shown)
+    assert _main(["plot", "--scores", runs["scores_fussy"], "--key", "app=app-00,app=app-01"], monkeypatch) == 2
+    assert "names 'app' twice" in capsys.readouterr().err
+    assert cli.main(["models", "show", "--store", runs["store_seasonal"], "--key", ""]) == 2
+    assert capsys.readouterr().err.startswith("error: The key is empty")
+
+
 def test_plot_and_report_have_help(capsys, monkeypatch):
     for name in ("plot", "report"):
         with pytest.raises(SystemExit) as exit_:

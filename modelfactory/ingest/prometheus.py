@@ -29,6 +29,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import ssl
@@ -1025,7 +1026,7 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
         raise IngestError(f"max_points must be an int between 1 and {MAX_POINTS}. Got {max_points!r} instead.")
     if not isinstance(retries, int) or retries < 0:
         raise IngestError(f"retries must be an int >= 0. Got {retries!r} instead.")
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
         raise IngestError(f"timeout must be a number of seconds > 0. Got {timeout!r} instead.")
     api_url, display, user, password = _split_url(url)
     if verify_tls and ca_file is not None:
