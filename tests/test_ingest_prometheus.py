@@ -223,6 +223,22 @@ def test_cli(prom, tmp_path, capsys):
     assert "--bearer-token-file" in capsys.readouterr().out
 
 
+def test_the_cli_reaches_an_s3_out_through_the_configs_storage_options(prom, tmp_path, moto, capsys):
+    # ingest had no --config: an s3:// --out on another endpoint than AWS's could not be reached
+    opts = moto
+    (tmp_path / "job.toml").write_text(
+        f'[storage_options]\nkey = "{opts["key"]}"\nsecret = "{opts["secret"]}"\n'
+        f'client_kwargs = {{endpoint_url = "{opts["client_kwargs"]["endpoint_url"]}"}}\n')
+    parser = argparse.ArgumentParser(prog="modelfactory")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["ingest", "prometheus", "--url", prom, "--query", "mf_load", "--start", str(T0),
+                              "--end", str(T0 + H), "--step", "5m", "--by", "app", "--out", "s3://prom-bucket/cfg",
+                              "--config", str(tmp_path / "job.toml")])
+    assert args.func(args) == 0
+    assert "rows into" in capsys.readouterr().out
+    assert fsspec.filesystem("s3", **opts).find("prom-bucket/cfg")
+
+
 def test_train_on_the_result(prom, tmp_path):
     try:
         train = getattr(importlib.import_module("modelfactory"), "train", None)

@@ -57,6 +57,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true",
                    help="start the dataset in --out over: delete the files of earlier ingests (needed to "
                         "change --query, --step or --by)")
+    q.add_argument("--config", metavar="FILE", help="TOML settings file (default: $MODELFACTORY_CONFIG): its "
+                                                    "[storage_options] reach an s3:// --out, as for train")
     a = p.add_argument_group("authentication and TLS")
     a.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="extra HTTP header, repeatable, e.g. 'X-Scope-OrgID: tenant-1'")
@@ -97,6 +99,14 @@ def run(args: argparse.Namespace) -> int:
         bearer_token_file=args.bearer_token_file, basic_auth_user=args.basic_auth_user,
         basic_auth_password_file=args.basic_auth_password_file,
         verify_tls=not args.no_verify_tls, ca_file=args.ca_file, concurrency=args.concurrency,
-        max_points=args.max_points, timeout=args.timeout, retries=args.retries, overwrite=args.overwrite)
+        max_points=args.max_points, timeout=args.timeout, retries=args.retries, overwrite=args.overwrite,
+        storage_options=_storage_options(args.config))
     print(summary)
     return 0
+
+
+def _storage_options(config: str | None) -> dict | None:
+    """The ``[storage_options]`` of ``--config`` (or ``$MODELFACTORY_CONFIG``), as train reads them."""
+    from ..config import job_settings
+
+    return job_settings(config=config).storage_options or None
