@@ -485,7 +485,7 @@ def write_report(out: str | os.PathLike, store: Any, run: str = "latest", *, sco
 _EPILOG = """\
 examples:
   python -m modelfactory report --store models/ --out report.html
-  python -m modelfactory report --store models/ --run 20260119T060000000Z-1a2b3c \\
+  python -m modelfactory report --store models/ --run 20260119T060000123Z-1a2b3c-9f8e7d \\
       --scores scores/ --top 10 --out report.html
 """
 
