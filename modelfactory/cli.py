@@ -817,7 +817,7 @@ def _run(args, terminated: Sequence = ()) -> int:
     except Exception as err:  # noqa: BLE001 - one line, not a traceback
         if args.verbose:
             log.exception("details")
-        if _raised_by_storage(err):  # a storage setting it refused (an unknown key, a value of another type)
+        if _raised_by_storage(err) and _has_storage_options(args):  # a setting it refused (a key, a type)
             print(f"error: the storage library refused its settings: {type(err).__name__}: {err}. Check the "
                   "[storage_options] of the --config file (or $MODELFACTORY_CONFIG) against its options "
                   "(s3fs's for s3://).", file=sys.stderr)
@@ -827,13 +827,24 @@ def _run(args, terminated: Sequence = ()) -> int:
         return 1
 
 
+def _has_storage_options(args) -> bool:
+    """Whether the job has storage options set (``--config``, ``$MODELFACTORY_CONFIG``, the environment)."""
+    try:
+        return bool(_storage_options(args))
+    except Exception:  # noqa: BLE001 - settings that cannot be read: not this case
+        return False
+
+
 def _raised_by_storage(err: BaseException) -> bool:
-    """Whether ``err`` (a TypeError, say: "unexpected keyword argument 'auto_mkdir'") was raised
-    inside a storage library (s3fs, aiobotocore, fsspec...), not in modelfactory's own code."""
+    """Whether ``err``, a TypeError, AttributeError or ValueError (say: "unexpected keyword
+    argument 'auto_mkdir'"), was raised inside a storage library (s3fs, aiobotocore, fsspec...),
+    not in modelfactory's own code: with storage options set, most likely one of them refused."""
     import traceback
 
     from ._io import STORAGE_LIBRARIES
 
+    if not isinstance(err, (TypeError, AttributeError, ValueError)):
+        return False
     frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
     if not frames:
         return False

@@ -606,7 +606,7 @@ class _ReuseGuard:
 
     def __call__(self, values: tuple, arg) -> tuple:
         if not self.copying:
-            inputs = {id(_owner(a)) for a in arg.values() if type(a) is np.ndarray} if type(arg) is dict else set()
+            inputs = _input_memory(arg)
             mine: set[int] = set()  # this group's: two columns cut from one array share it, and that is fine
             for v in values:
                 for item in ([v, *v[:16]] if isinstance(v, list) else [v]):
@@ -619,6 +619,24 @@ class _ReuseGuard:
             if not self.copying and self.groups >= self.PROBE:
                 self.done, self.seen, self.kept = True, set(), []
         return tuple(map(_copied, values))
+
+
+def _input_memory(arg) -> set[int]:
+    """Ids of the arrays whose memory the group's input ``arg`` uses (the unit's columns): a
+    value that looks into them (``g["k"][:1]``, a pandas group's own column) is no buffer of
+    the function's, whatever the groups after it return."""
+    if type(arg) is dict:  # numpy input
+        return {id(_owner(a)) for a in arg.values() if type(a) is np.ndarray}
+    columns = getattr(arg, "columns", None)
+    if columns is None or not hasattr(arg, "iloc"):  # an Arrow table: its memory is Arrow's
+        return set()
+    out = set()
+    for j in range(len(columns)):  # (a pandas frame: a few µs a column, for the probe's groups only)
+        try:
+            out.add(id(_owner(np.asarray(arg.iloc[:, j]))))
+        except Exception:  # noqa: BLE001 - a column numpy cannot view: nothing to exempt
+            pass
+    return out
 
 
 def _memory(v, inputs: set[int]) -> list[int]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from modelfactory.exceptions import IngestError
@@ -656,6 +657,10 @@ def test_another_by_is_refused_when_a_failed_run_left_an_empty_folder_first_in_l
     with pytest.raises(IngestError, match=r"already holds a dataset partitioned by \['app'\]"):
         prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app", "site"], out=str(tmp_path))
     assert files(tmp_path) == names
+    # an empty folder deeper down (app=0/site=s1/) too
+    (tmp_path / "app=0" / "site=s1").mkdir()
+    with pytest.raises(IngestError, match=r"already holds a dataset partitioned by \['app'\]"):
+        prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app", "site"], out=str(tmp_path))
     # with no data file left to show the layout, the recorded definition says it
     for p in tmp_path.glob("app=*/*.parquet"):
         p.unlink()
@@ -676,6 +681,14 @@ def test_an_ingest_with_no_by_into_s3_writes_at_the_root_and_another_by_is_refus
         prometheus(prom, "mf_load", T0, T0 + H, 60, by=["app"], out=out, storage_options=moto)
     again = prometheus(prom, "mf_load", T0, T0 + H, 60, by=[], out=out, storage_options=moto, overwrite=True)
     assert again.rows == first.rows and sorted(fs.find("prom-bucket/noby")) == sorted(keys)
+    # a dataset an earlier version wrote under "noby//": a rerun merges into its files there (it wrote
+    # a second copy of each beside them at the root, every point then twice)
+    for k in [k for k in keys if k.endswith(".parquet")]:
+        fs.mv(k, k.replace("noby/", "noby//"))
+    legacy = sorted(fs.find("prom-bucket/noby"))
+    prometheus(prom, "mf_load", T0, T0 + H, 60, by=[], out=out, storage_options=moto)
+    assert sorted(fs.find("prom-bucket/noby")) == legacy
+    assert sum(pq.read_table(fs.open(k, "rb")).num_rows for k in legacy if k.endswith(".parquet")) == first.rows
 
 
 def test_an_ingest_interrupted_stops_fetching_and_leaves_nothing_staged(tmp_path):
@@ -702,6 +715,28 @@ def test_an_ingest_interrupted_stops_fetching_and_leaves_nothing_staged(tmp_path
     assert proc.returncode == 130 and err.strip() == "error: interrupted; nothing was committed", err
     assert asked <= 3  # the request under way, and none after it
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # no staged file, no lock
+
+
+def test_a_failing_chunk_stops_the_others_between_their_requests(tmp_path, monkeypatch):
+    # the chunks still running went on with every request and retry they had, for as long as
+    # those took, before the first one's error was reported
+    monkeypatch.setattr(promod, "_BACKOFF_S", 1.0)
+    first = f"{T0:.3f}"
+
+    def respond(req):
+        if req.form["start"] == first:
+            return 400, {}, b'{"status":"error","errorType":"bad_data","error":"boom"}'
+        time.sleep(0.2)
+        return 503, {}, b"busy"  # the others: retried, with a back-off of 1 s, 2 s, 4 s
+
+    started = time.monotonic()
+    with ps.FakeServer(respond) as srv:
+        with pytest.raises(IngestError, match="bad_data"):
+            prometheus(srv.url, "up", T0, T0 + 3000, 0.06, by=["app"], out=str(tmp_path), retries=3,
+                       concurrency=3, max_points=11_000)
+        asked = len(srv.requests)
+    assert time.monotonic() - started < 5 and asked <= 4, (asked, time.monotonic() - started)
+    assert files(tmp_path) == set()
 
 
 def test_empty_folders_left_by_a_failed_run_do_not_fix_the_layout(prom, tmp_path):

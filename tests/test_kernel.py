@@ -877,3 +877,18 @@ def test_the_reuse_guard_is_done_after_its_probe_when_nothing_comes_back():
     for i in range(2):
         again((buf,), {"v": data})
     assert again.copying and not again.done
+
+
+def test_the_reuse_guard_takes_a_pandas_groups_own_columns_as_its_input():
+    # a pandas group's columns (g["v"], a view of the unit's frame) turned copying on for every
+    # group: a Series copy each, +31 µs a group
+    import pandas as pd
+
+    from modelfactory.grouped_map import _ReuseGuard, frame_slicer
+
+    unit = pd.DataFrame({"g": np.repeat(np.arange(6), 5), "v": np.arange(30.0)})
+    cut, guard = frame_slicer(unit), _ReuseGuard()
+    for i in range(_ReuseGuard.PROBE):
+        g = cut(i * 5, (i + 1) * 5)
+        guard((g["g"], g["v"] * 2), g)
+    assert guard.done and not guard.copying

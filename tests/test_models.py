@@ -386,3 +386,17 @@ def test_is_anomaly_values_read_as_flags():
         True, False, False, False, False, True]
     assert as_flags(pd.array([True, None, False], dtype="boolean")).tolist() == [True, False, False]
     assert as_flags([True, False]).tolist() == [True, False]
+
+
+def test_a_class_without_state_attrs_is_told_so_not_to_fit_first():
+    # "not fitted yet: call fit() first", right after fit()
+    class Bare(Model):
+        name = "bare"
+
+        def _fit(self, y, t, X):
+            self.mean_ = float(np.mean(y))
+
+    m = Bare().fit(np.arange(5.0))
+    with pytest.raises(NotFittedError, match=r"Bare declares no state_attrs, so it can never be scored or loaded as "
+                                             r"fitted: list the attributes its fit sets"):
+        m.score(np.arange(3.0))

@@ -295,7 +295,7 @@ def _fetch_chunk(spec: PrometheusSpec, chunk: Chunk, stop: threading.Event | Non
         if stop is not None and stop.is_set():
             raise _Stopped
         b = min(chunk.last_ms, a + (spec.max_points - 1) * spec.step_ms)
-        for item in _query_range(spec, opener, a, b):
+        for item in _query_range(spec, opener, a, b, stop):
             key = tuple(sorted((item.get("metric") or {}).items()))
             if "values" not in item:
                 raise IngestError(f"Series {_fmt(key)} has no float samples (native histograms are "
@@ -348,6 +348,8 @@ def _run_chunks(spec: PrometheusSpec, chunks: list[Chunk], concurrency: int) -> 
     futures = [pool.submit(_fetch_chunk, spec, c, stop) for c in chunks]
     try:
         _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        if pending:  # a chunk failed: the others send no more requests
+            stop.set()
         for f in pending:
             f.cancel()
         wait(futures)
@@ -362,7 +364,7 @@ def _run_chunks(spec: PrometheusSpec, chunks: list[Chunk], concurrency: int) -> 
     errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
     if errors:
         _discard_staged(spec, futures)
-        raise errors[0]
+        raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])  # the cause, not a chunk stopped
     return [f.result() for f in futures]
 
 
@@ -378,15 +380,18 @@ def _check_layout(spec: PrometheusSpec) -> None:
     would be stored twice, in two folder layouts that no reader accepts together."""
     try:
         fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+        local = _is_local(fs)
         keys, path, example, data_files = [], root.rstrip("/"), None, False
         while fs.isdir(path):
             entries = fs.ls(path, detail=True)
             names = [(e["name"].rstrip("/"), e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"]) for e in entries]
             folders = sorted(n for n, base, kind in names
                              if kind == "directory" and "=" in base and base[0] not in "._")
-            # one that holds something: a failed run leaves the empty folder of a value it saw, and
-            # following it (the first by name) found no data, and no layout to compare
-            folders = [f for f in folders if fs.ls(f)] or folders
+            if local and len(folders) > 1:
+                # one that holds a file: a failed run leaves the empty folders of a value it saw
+                # (app=0/, app=0/site=s1/), and following one found no data, and no layout to
+                # compare (an object store has no empty folders: no listing of each one there)
+                folders = [next((f for f in folders if fs.find(f)), folders[0])]
             if not folders:
                 data_files = any(kind == "file" and base.endswith(".parquet") and base[0] not in "._"
                                  for _, base, kind in names)
@@ -718,12 +723,15 @@ def _opener(spec: PrometheusSpec) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), _NoRedirect())
 
 
-def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> list:
+def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int,
+                 stop: threading.Event | None = None) -> list:
     body = urllib.parse.urlencode({"query": spec.query, "start": f"{a_ms / 1000:.3f}",
                                    "end": f"{b_ms / 1000:.3f}", "step": _seconds(spec.step_ms)})
     headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json",
                "User-Agent": "modelfactory-ingest", **dict(spec.headers)}
     for attempt in range(spec.retries + 1):
+        if stop is not None and stop.is_set():  # interrupted, or another chunk failed: no more requests
+            raise _Stopped
         last = attempt == spec.retries
         request = urllib.request.Request(spec.api_url, data=body.encode(), headers=headers)
         try:
@@ -735,7 +743,7 @@ def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> lis
             location = err.headers.get("Location", "")
             err.close()
             if status in _RETRY_STATUS and not last and not _query_timed_out(raw):
-                _sleep(attempt)
+                _sleep(attempt, stop)
                 continue
             raise _http_error(spec, status, raw, location, attempt) from err
         except (OSError, HTTPException) as err:
@@ -748,7 +756,7 @@ def _query_range(spec: PrometheusSpec, opener: Any, a_ms: int, b_ms: int) -> lis
             if isinstance(err, TimeoutError):  # connected and asked, then no (whole) answer in time
                 raise _timed_out(spec, err, attempt) from err
             if not last:  # refused, reset, dropped: the server or the network may be back soon
-                _sleep(attempt)
+                _sleep(attempt, stop)
                 continue
             raise IngestError(_redact(spec, (
                 f"Could not reach Prometheus at {spec.display_url} ({_retried(attempt)}): {reason}. "
@@ -794,8 +802,12 @@ def _query_timed_out(raw: bytes) -> bool:
     return isinstance(payload, dict) and payload.get("errorType") == "timeout"
 
 
-def _sleep(attempt: int) -> None:
-    time.sleep(_BACKOFF_S * 2 ** attempt)
+def _sleep(attempt: int, stop: threading.Event | None = None) -> None:
+    """The back-off before retry ``attempt + 1``, cut short once ``stop`` is set."""
+    if stop is None:
+        time.sleep(_BACKOFF_S * 2 ** attempt)
+    else:
+        stop.wait(_BACKOFF_S * 2 ** attempt)
 
 
 def _retried(attempt: int) -> str:
@@ -984,6 +996,10 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
     try:
         if not spec.overwrite:  # starting over: today's folder names, the earlier files all go
             directory = _earlier_folder(fs, root, spec.by, values) or directory
+            if not spec.by and not _is_local(fs) and fs.exists(f"{root.rstrip('/')}//{name}"):
+                # this chunk's file as an earlier version wrote it with no by ("root//NAME"): merged
+                # there, not written a second time beside it
+                directory = f"{root.rstrip('/')}/"
     except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
         raise IngestError(f"Could not read {directory}: {describe_error(err)}. Check that out / --out is "
                           "readable (and storage_options for remote stores).") from err

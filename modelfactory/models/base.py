@@ -294,6 +294,9 @@ class Model:
                     f"This {name} lacks {', '.join(missing)} of its state_attrs but holds {', '.join(held)}: if it "
                     "was stored by an earlier version of its class, the class changed since (train again with this "
                     "class, or restore the class as it was to use the stored models); if not, call fit() first.")
+            if not self.state_attrs:  # fit() cannot help: nothing says what a fitted one holds
+                raise NotFittedError(f"{name} declares no state_attrs, so it can never be scored or loaded as "
+                                     "fitted: list the attributes its fit sets (e.g. state_attrs = ('mean_',)).")
             raise NotFittedError(f"This {name} is not fitted yet: call fit() first.")
 
     def fit(self, y, *, t=None, X=None) -> "Model":
@@ -472,8 +475,8 @@ def as_flags(values) -> np.ndarray:
         return a
     if a.dtype.kind == "f":
         return np.nan_to_num(a, nan=0.0) != 0
-    if a.dtype.kind == "O" or not isinstance(values, np.ndarray) and hasattr(values, "dtype"):
-        return np.array([_flag(v) for v in np.asarray(values, dtype=object).ravel()], dtype=bool).reshape(a.shape)
+    if a.dtype.kind == "O":  # (pandas' nullable booleans and NA come as objects)
+        return np.array([_flag(v) for v in a.ravel()], dtype=bool).reshape(a.shape)
     return a.astype(bool)
 
 
