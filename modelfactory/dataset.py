@@ -210,7 +210,7 @@ def _stamps(fs, path: str, paths: list[str], is_file: bool) -> dict[str, tuple[i
             return {i.path: (i.size, str(i.mtime_ns or "")) for i in fs.get_file_info(paths)
                     if i.type == pafs.FileType.File}
         infos = {path: fs.info(path)} if is_file else fs.find(path, detail=True)
-    except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+    except Exception as err:  # any storage error (botocore's are not OSErrors)
         # not left out: the input's fingerprint would change with it, and a resume miss its run
         raise DatasetError(f"Cannot list the files under {path!r} for their sizes and versions: "
                            f"{type(err).__name__}: {err}. Try again once the storage answers.") from err

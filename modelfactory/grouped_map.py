@@ -630,12 +630,12 @@ def _input_memory(arg) -> set[int]:
     columns = getattr(arg, "columns", None)
     if columns is None or not hasattr(arg, "iloc"):  # an Arrow table: its memory is Arrow's
         return set()
+    import contextlib
+
     out = set()
     for j in range(len(columns)):  # (a pandas frame: a few µs a column, for the probe's groups only)
-        try:
+        with contextlib.suppress(Exception):  # a column numpy cannot view: nothing to exempt
             out.add(id(_owner(np.asarray(arg.iloc[:, j]))))
-        except Exception:  # noqa: BLE001 - a column numpy cannot view: nothing to exempt
-            pass
     return out
 
 

@@ -30,7 +30,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from bisect import bisect_left
-from itertools import accumulate, groupby
+from itertools import accumulate, groupby, pairwise
 
 from .dataset import DatasetInfo
 from .exceptions import PlanError
@@ -146,7 +146,7 @@ def pack(leaves: list[Leaf], target_rows: int, *, multiple: int = 1,
         ends.add(end)
         prev = end
     bounds = [0, *sorted(ends), len(small)]
-    if any(cum_at(cum, b) - cum_at(cum, a) > limit for a, b in zip(bounds, bounds[1:])):
+    if any(cum_at(cum, b) - cum_at(cum, a) > limit for a, b in pairwise(bounds)):
         # an equal share over the limit was split into two units after: cut where the largest
         # unit is smallest instead, which fits the limit in n_small units (n_small >= the fewest)
         ends = _cuts_within(cum, n_small, limit)

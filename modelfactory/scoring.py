@@ -368,11 +368,12 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
         except GROUP_ERRORS as batch_err:  # noqa: BLE001 - find the group(s) responsible
             alone = getattr(cls, "_score", None) is not Model._score  # it can score one group by itself
             for i in idx:
+                if not alone:  # every group of the batch fails with the batch's own error
+                    status[i], errors[i] = "failed", describe_error(batch_err)
+                    continue
                 t1 = _time.perf_counter()
                 y, t, X = batch.series(i)
                 try:
-                    if not alone:
-                        raise batch_err
                     out = fitted[i].score(y, t=t, X=X)
                     s, e = int(batch.offsets[i]), int(batch.offsets[i + 1])
                     for c in SCORE_COLUMNS:
@@ -395,7 +396,7 @@ def _fail_repeated_times(spec: JobSpec, groups: Groups, seconds: np.ndarray, fit
         if m is not None:
             try:
                 timed[i] = bool(m.data_needs()[0])
-            except GROUP_ERRORS:  # noqa: BLE001 - a class that cannot say: its class attribute
+            except GROUP_ERRORS:  # a class that cannot say: its class attribute
                 timed[i] = bool(getattr(m, "needs_time", False))
     if not timed.any():
         return

@@ -759,7 +759,7 @@ def test_score_into_a_folder_given_with_a_slash_as_the_guide_shows(by_app, tmp_p
                  "-p", "season_length=12", "-p", "threshold=0.5", *base]) == 0
     assert main(["score", by_app, "--store", "models/", "--out", "scores/", *base]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^[\d,]+ anomalous points; top groups in scores/_anomalies\.json$", out, re.M), out
+    assert re.search(r"^[\d,]+ anomalous points; top groups in scores/_anomalies\.json$", out, re.MULTILINE), out
     # none: no file of top groups to point at (it holds [])
     assert main(["train", by_app, "--by", "app,site", "--time", "ts", "--target", "value", "--store", "calm/",
                  "-p", "season_length=12", "-p", "threshold=50", *base]) == 0

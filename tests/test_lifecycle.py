@@ -274,7 +274,8 @@ def test_retrain_compares_parameters_as_they_are_recorded(tmp_path):
     # retrain was refused, "it differs in ['params'] (was [{'quantiles': [0.05, 0.95]}], now ...)"
     data = write(metrics_table(series=3, hours=48, apps=1), tmp_path / "d", ["app"])
     store = str(tmp_path / "s")
-    args = dict(by=["app", "site"], time="ts", target="value", model=Quantiles, store=store, cluster="inline")
+    args = {"by": ["app", "site"], "time": "ts", "target": "value", "model": Quantiles, "store": store,
+            "cluster": "inline"}
     first = modelfactory.train(data, **args)
     assert modelfactory.ModelStore(store).manifest()["spec"]["params"]["quantiles"] == [0.05, 0.95]
     for mode in ("failed", "changed"):
@@ -560,8 +561,8 @@ class BatchOnlyNoFlags(BatchOnlyNaNFlags):
 
 @pytest.mark.parametrize("cls, error", [
     (BatchOnlyRaises, "ValueError: my vectorised scorer broke: column 3 is missing (at "),
-    (BatchOnlyNoFlags, "ModelError: BatchOnlyNoFlags.score_batch returned no 'is_anomaly'; it must return expected, "
-                       "lower, upper, score, is_anomaly, one value per row of the batch."),
+    (BatchOnlyNoFlags, ("ModelError: BatchOnlyNoFlags.score_batch returned no 'is_anomaly'; it must return "
+                        "expected, lower, upper, score, is_anomaly, one value per row of the batch.")),
 ])
 def test_a_batch_only_scorer_that_fails_fails_every_group_with_its_own_error(tmp_path, cls, error):
     # each group was scored again alone with the _score the class never wrote, and failed

@@ -72,8 +72,8 @@ def test_one_part_tuple_keys_reach_func_as_tuples():
     ([[1, 2]], r"key #0 \[1, 2\] is a list; keys are scalars, tuples or dicts \(pass a tuple\)"),
     # a naive time beside zoned ones was taken as UTC without a word
     ([datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc), datetime.datetime(2026, 1, 1, 5)],
-     r"key #0 datetime.datetime\(2026, 1, 1, 0, 0, tzinfo=datetime.timezone.utc\) has a time with a time zone and "
-     r"key #1 datetime.datetime\(2026, 1, 1, 5, 0\) one without: a time without a zone could be UTC or local"),
+     (r"key #0 datetime.datetime\(2026, 1, 1, 0, 0, tzinfo=datetime.timezone.utc\) has a time with a time zone "
+      r"and key #1 datetime.datetime\(2026, 1, 1, 5, 0\) one without: a time without a zone could be UTC or local")),
     ([("a", np.datetime64("2026-01-01T05")), ("b", pd.Timestamp("2026-01-01", tz="Europe/Paris"))],
      r"key #1 .* has a 'key1' time with a time zone and key #0 .* one without"),
 ])

@@ -116,11 +116,11 @@ def test_a_fitted_state_that_cannot_be_pickled_fails_its_groups_naming_the_attri
     path = write(metrics_table(series=2, hours=48, apps=1), tmp_path / "d", ["app"])
     run = modelfactory.train(path, store=str(tmp_path / "s"), model=KeepsALock, cluster="inline", **ARGS)
     assert run.summary["counts"] == {"ok": 0, "failed": 2, "skipped": 0}
-    assert set(run.groups.error) == {
+    assert set(run.groups.error) == {(
         "cannot serialise the fitted KeepsALock: its attribute cache_ (dict) cannot be pickled (TypeError: cannot "
         "pickle '_thread.lock' object); keep only data in the fitted state (arrays, numbers, fitted estimators), and "
         "make what cannot be pickled (locks, open files, clients, generators) when it is needed, or drop it at the "
-        "end of _fit"}
+        "end of _fit")}
 
 
 def test_a_train_run_asked_for_rows_says_where_its_models_are(tmp_path):

@@ -19,6 +19,7 @@ for every model, so an on-call team gets one alert per anomalous episode.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -484,9 +485,10 @@ def _flag(v) -> bool:
     """One ``is_anomaly`` value as a flag: None, NaN (of any float type) and pandas' NA are none."""
     if v is None:
         return False
-    try:
-        if v != v:  # NaN
+    with contextlib.suppress(TypeError, ValueError):  # (not a number: text, pd.NA)
+        if np.isnan(v):
             return False
+    try:
         return bool(v)
     except (TypeError, ValueError):  # pd.NA: "boolean value of NA is ambiguous"
         return False
