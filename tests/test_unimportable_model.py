@@ -21,7 +21,18 @@ from modelfactory.exceptions import StoreError
 @pytest.fixture
 def gone(by_app, tmp_path, monkeypatch):
     """A store trained with a model of a module that is then made unimportable: (store, run id, class path)."""
-    name = f"gone_model_{uuid.uuid4().hex[:8]}"
+    name, folder, store, run = _trained_with_a_module_model(by_app, tmp_path, monkeypatch, "gone_model")
+    assert run.summary["counts"]["ok"] == 12
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(folder)])
+    del sys.modules[name]
+    importlib.invalidate_caches()
+    return store, run.id, f"{name}.Mean"
+
+
+def _trained_with_a_module_model(by_app, tmp_path, monkeypatch, prefix: str):
+    """A store trained with the model ``Mean`` of a module of its own in ``tmp_path/mods``:
+    (module name, its folder, the store, the run)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     folder = tmp_path / "mods"
     folder.mkdir()
     (folder / f"{name}.py").write_text(_SOURCE)
@@ -30,11 +41,7 @@ def gone(by_app, tmp_path, monkeypatch):
     store = str(tmp_path / "store")
     run = modelfactory.train(by_app, by="app,site", time="ts", target="value", model=cls, store=store,
                              cluster="inline")
-    assert run.summary["counts"]["ok"] == 12
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(folder)])
-    del sys.modules[name]
-    importlib.invalidate_caches()
-    return store, run.id, f"{name}.Mean"
+    return name, folder, store, run
 
 
 def _hint(run_id: str, cls: str) -> str:
@@ -356,14 +363,7 @@ def test_a_module_without_the_class_is_named_too(gone, tmp_path, monkeypatch):
 def test_a_class_renamed_since_training_is_told_to_take_its_name_back(by_app, tmp_path, monkeypatch):
     # "Install that module (and what it imports), or put it on PYTHONPATH": the module imported
     # fine; the class had been renamed
-    name = f"renamed_model_{uuid.uuid4().hex[:8]}"
-    folder = tmp_path / "mods"
-    folder.mkdir()
-    (folder / f"{name}.py").write_text(_SOURCE)
-    monkeypatch.syspath_prepend(str(folder))
-    cls = importlib.import_module(name).Mean
-    store = str(tmp_path / "store")
-    modelfactory.train(by_app, by="app,site", time="ts", target="value", model=cls, store=store, cluster="inline")
+    name, folder, store, _ = _trained_with_a_module_model(by_app, tmp_path, monkeypatch, "renamed_model")
     (folder / f"{name}.py").write_text(_SOURCE.replace("class Mean(", "class MeanV2("))
     del sys.modules[name]
     importlib.invalidate_caches()
