@@ -328,7 +328,7 @@ def _finish_interrupted_commit(st: ModelStore, digest: str, resume, now: dict | 
     return Run(rid, "train", man["summary"], store=st)
 
 
-def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: str) -> Location:
+def _output(out: str, storage_options: dict | None, overwrite: bool, *, cli: bool = False, **apart: str) -> Location:
     """The folder a job writes its rows to: new or empty, or (with ``overwrite``) to be emptied
     by :func:`_empty_output` once the job's cluster is up; never one that holds, or lies inside,
     a folder of ``apart`` (what -> path: the input data, the model store), which emptying it
@@ -348,7 +348,7 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
         raise StoreError(f"The output folder {out!r} is a file; pick a folder (new or empty).")
     if _holds_files(sink):
         if not overwrite:
-            raise StoreError(_not_empty(sink, out))
+            raise StoreError(_not_empty(sink, out, cli))
         if sink.is_bucket():
             raise StoreError(f"The output {out!r} is a whole bucket, and it is not empty: overwrite would delete "
                              "everything in it. Write to a folder inside it, such as "
@@ -356,17 +356,23 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, **apart: st
     return sink
 
 
-def _not_empty(sink: Location, out: str) -> str:
+def _not_empty(sink: Location, out: str, cli: bool = False) -> str:
     """Why a job without ``overwrite`` refuses ``out``: an interrupted job's folder (its claim
-    and no manifest) is named as one, since running the same command again is what one tries."""
+    and no manifest) is named as one, since running the same command again is what one tries.
+    ``cli``: the job has a command (``score``), whose flag is named too."""
     from .kernel import claimed_by
 
     owner = None if sink.exists("_manifest.json") else claimed_by(sink)
     if owner:
         return (f"The output folder {out!r} holds the unfinished output of run {owner} (it has no _manifest.json: "
-                "that job stopped before it committed, or is still running). Pass overwrite=True (--overwrite) "
+                f"that job stopped before it committed, or is still running). Pass {_overwrite(cli)} "
                 "to replace it, or pick a new folder.")
-    return f"The output folder {out!r} is not empty; pick a new folder or pass overwrite=True (--overwrite)."
+    return f"The output folder {out!r} is not empty; pick a new folder or pass {_overwrite(cli)}."
+
+
+def _overwrite(cli: bool) -> str:
+    """How to ask for ``overwrite``: the flag too for a job that has a command (apply and map_keys have none)."""
+    return "overwrite=True (--overwrite)" if cli else "overwrite=True"
 
 
 def _holds_files(sink: Location) -> bool:
@@ -375,7 +381,7 @@ def _holds_files(sink: Location) -> bool:
                                      if not (not sink.is_local and p.rstrip("/") == root)])
 
 
-def _empty_output(sink: Location | None, run_id: str, overwrite: bool) -> None:
+def _empty_output(sink: Location | None, run_id: str, overwrite: bool, cli: bool = False) -> None:
     """Empty the ``out=`` folder that :func:`_output` accepted (with ``overwrite``), right
     before the job's units run, and mark it as this run's (:func:`result.claim_output`).
     Without ``overwrite`` nothing is removed: files that appeared since :func:`_output` found
@@ -390,7 +396,7 @@ def _empty_output(sink: Location | None, run_id: str, overwrite: bool) -> None:
         if not overwrite:
             raise StoreError(f"The output folder {sink.url!r} is not empty any more: it was empty when this job "
                              "started, and another job wrote to it while this one's cluster started. Nothing was "
-                             "removed nor run: pick a new folder, or pass overwrite=True (--overwrite) to replace "
+                             f"removed nor run: pick a new folder, or pass {_overwrite(cli)} to replace "
                              "what it holds.")
         if sink.is_bucket():
             raise StoreError(f"The output {sink.url!r} is a whole bucket, and it is not empty any more: overwrite "
@@ -1161,7 +1167,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     check_value_types(info, man)
     src = model_source(st, man, info, trust)
     check_key_types(src, by_, info.schema)
-    sink = _output(out, storage_options, overwrite, the_input_data=data, the_model_store=store)
+    sink = _output(out, storage_options, overwrite, cli=True, the_input_data=data, the_model_store=store)
     extra = [k for k in info.source.partition_keys if k not in by_]
     columns = tuple(c for c in dict.fromkeys([*by_, *extra, sp["time"], sp["target"], *feats]) if c)
     run_id = new_run_id(_digest(info.fingerprint(), man["run_id"]))
@@ -1176,7 +1182,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         # of folders would each hold groups of nearly every part, and read them all.
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows, align=src.n_buckets,
                      shuffle=bool(src.n_buckets))
-        _empty_output(sink, run_id, overwrite)
+        _empty_output(sink, run_id, overwrite, cli=True)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
         try:
             if plan_.mode == "files":
