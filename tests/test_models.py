@@ -400,3 +400,11 @@ def test_a_class_without_state_attrs_is_told_so_not_to_fit_first():
     with pytest.raises(NotFittedError, match=r"Bare declares no state_attrs, so it can never be scored or loaded as "
                                              r"fitted: list the attributes its fit sets"):
         m.score(np.arange(3.0))
+
+
+def test_too_few_values_under_max_length_says_which_steps_were_counted():
+    # "got 12" of a series of 200 values named neither the step found nor the window kept
+    t = np.concatenate([np.arange(0, 100 * 60, 60), 100 * 60 + np.arange(0, 500 * 60, 300)]).astype(np.int64)
+    with pytest.raises(SkipGroup, match=r"needs at least 48 non-missing values \(min_seasons 2 x season_length 24\); "
+                                        r"got 12 in the last max_length=60 steps of 60 s it keeps \(of 596 steps\)"):
+        get("holt_winters", season_length=24, max_length=60).fit(np.sin(t / 3600.0) + 5, t=t)

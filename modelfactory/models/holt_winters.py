@@ -464,8 +464,13 @@ class HoltWinters(Model):
             if huge[i] and (big := too_large(proto.name, Y[i])) is not None:
                 why[i] = big
             elif nobs[i] < need:
+                # with max_length, say which steps were counted: "got 404" of a group of 8,640 rows
+                # named neither the step found nor the window kept
+                kept = "" if proto.max_length is None or glen[i] >= span[i] else (
+                    f" in the last max_length={proto.max_length} steps of {int(steps[i])} s it keeps (of "
+                    f"{int(span[i]):,} steps)")
                 why[i] = (f"holt_winters needs at least {need} non-missing values (min_seasons "
-                          f"{proto.min_seasons} x season_length {m}); got {int(nobs[i])}")
+                          f"{proto.min_seasons} x season_length {m}); got {int(nobs[i])}{kept}")
             elif miss[i] > proto.max_missing:
                 why[i] = (f"holt_winters: {miss[i]:.0%} of the time steps are missing (NaN or absent), "
                           f"more than max_missing={proto.max_missing}")
