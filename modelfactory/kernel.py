@@ -910,10 +910,11 @@ def _ranges(cuts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.concatenate((starts[1:], [n])).astype(np.int64)
 
 
-def _times(spec: JobSpec, groups: Groups) -> tuple[np.ndarray, dict[int, str]]:
-    """The time column as int64 seconds, and the groups whose times cannot be used, with why:
+def _times(spec: JobSpec, groups: Groups) -> tuple[np.ndarray, dict[int, str], np.ndarray]:
+    """The time column as int64 seconds, the groups whose times cannot be used, with why:
     missing times (any model), or, in training, a timestamp repeated within the group (models
-    of one series in time, ``needs_time``: most often a key missing from ``by``)."""
+    of one series in time, ``needs_time``: most often a key missing from ``by``); and the column
+    in its own unit (missing times as 0), which tells repeats to the second from exact ones."""
     col = groups.column(spec.time)
     unusable: dict[int, str] = {}
     if col.null_count:
@@ -929,7 +930,7 @@ def _times(spec: JobSpec, groups: Groups) -> tuple[np.ndarray, dict[int, str]]:
     if spec.model is not None and _needs_time(spec.model) and len(raw) > 1:  # training
         for i, why in repeated_times(raw, seconds, groups, spec.model.name).items():
             unusable.setdefault(i, why)
-    return seconds, unusable
+    return seconds, unusable, raw
 
 
 def repeated_times(raw: np.ndarray, seconds: np.ndarray, groups: Groups, name: str,
@@ -951,13 +952,13 @@ def repeated_times(raw: np.ndarray, seconds: np.ndarray, groups: Groups, name: s
                   "need aggregating first?") for i in np.flatnonzero(hits).tolist()}
 
 
-def _needs_time(m: ModelSpec) -> bool:
-    """Whether the model, with its parameters, models one series in time (``autoencoder``
-    does with ``input="window"``, not with ``"features"``)."""
+def _needs_time(m) -> bool:
+    """Whether the model (a :class:`ModelSpec`, or a fitted model), with its parameters, models
+    one series in time (``autoencoder`` does with ``input="window"``, not with ``"features"``)."""
     try:
         return bool(m.data_needs()[0])
     except GROUP_ERRORS:  # noqa: BLE001 - a class that cannot say: its class attribute
-        return bool(getattr(m.cls, "needs_time", False))
+        return bool(getattr(getattr(m, "cls", m), "needs_time", False))
 
 
 def _per_group(rows: np.ndarray, groups: Groups) -> np.ndarray:
@@ -1240,9 +1241,9 @@ def _unserialisable(model, serializer: str, err: Exception) -> str:
     dump)" named neither it nor the fix."""
     what = f"{type(err).__name__}: " + "; ".join(p.strip() for p in str(err).splitlines() if p.strip())
     culprits = []
-    for name, value in vars(model).items():
+    for name, value in vars(model).items() if serializer != "native" else ():  # (native: no pickle to try)
         try:
-            _serialize(value, "pickle") if serializer != "native" else None
+            _serialize(value, "pickle")
         except Exception:  # noqa: BLE001 - this one
             culprits.append(f"{name} ({type(value).__name__})")
     if not culprits:
@@ -1302,7 +1303,7 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
     m = spec.model
     n, rows = len(groups), groups.num_rows
     y = _floats(groups.column(spec.target)) if spec.target else np.zeros(rows)
-    t, unusable = _times(spec, groups) if spec.time else (None, {})
+    t, unusable, _ = _times(spec, groups) if spec.time else (None, {}, None)
     X = (np.column_stack([_floats(groups.column(f)) for f in spec.features])
          if spec.features else None)
     batch = SeriesBatch(y, np.concatenate((groups.starts, [rows])), t, X)

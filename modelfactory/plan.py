@@ -131,11 +131,11 @@ def pack(leaves: list[Leaf], target_rows: int, *, multiple: int = 1,
     # 20,000 a unit: two a unit, so 10 units, not 7): as many units as filling each in turn up to
     # the limit takes (the fewest there can be), so the equal shares below are not then split,
     # each share over the limit into a unit of two leaves and one of one (13 units for those 20).
-    fewest = len(big) + _filled_in_turn(small, limit)
+    cum = list(accumulate(small))
+    fewest = len(big) + len(_runs_filled(cum, limit))
     if fewest > n:
         n = min(unit_count(fewest, 1, multiple), len(ordered))
     n_small = min(max(1, n - len(big)), len(small))
-    cum = list(accumulate(small))
     small_total = cum[-1] if cum else 0
     ends, prev = set(), 0  # cut after this many small leaves
     for k in range(1, n_small):
@@ -190,42 +190,39 @@ def cum_at(cum: list[int], k: int) -> int:
     return cum[k - 1] if k else 0
 
 
-def _cuts_within(cum: list[int], n: int, limit: int) -> set[int]:
-    """Where to cut leaves (``cum``: running sums of their rows) into at most ``n`` runs, each of
-    as few rows as can be (no more than ``limit``): the smallest largest run, found by halving
-    between the largest leaf and ``limit``, each try filling runs in turn (a search per run)."""
+def _runs_filled(cum: list[int], cap: int) -> list[int]:
+    """Where runs of leaves end (``cum``: running sums of their rows) when each run takes leaves
+    until the next would pass ``cap`` (a leaf over it alone): the fewest runs within ``cap``."""
     import numpy as np
 
     sums = np.asarray(cum, dtype=np.int64)
-    first = np.diff(np.concatenate(([0], sums)))
+    out, k = [], 0
+    while k < len(sums):
+        k = max(int(np.searchsorted(sums, cum_at(cum, k) + cap, side="right")), k + 1)  # (a search per run)
+        out.append(k)
+    return out
 
-    def cuts(cap: int) -> list[int]:
-        out, k = [], 0
-        while k < len(sums):
-            k = int(np.searchsorted(sums, cum_at(cum, k) + cap, side="right"))
-            out.append(k)
-        return out
 
-    lo, hi = int(first.max()), max(int(first.max()), limit)
+def _cuts_within(cum: list[int], n: int, limit: int) -> set[int]:
+    """Where to cut leaves (``cum``: running sums of their rows) into at most ``n`` runs, each of
+    as few rows as can be (no more than ``limit``): the smallest largest run, found by halving
+    between the largest leaf and ``limit``, each try filling runs in turn."""
+    largest = max(b - a for a, b in pairwise([0, *cum]))
+    lo, hi = largest, max(largest, limit)
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(cuts(mid)) <= n:
+        if len(_runs_filled(cum, mid)) <= n:
             hi = mid
         else:
             lo = mid + 1
-    return set(cuts(lo)[:-1])
+    return set(_runs_filled(cum, lo)[:-1])
 
 
 def _filled_in_turn(rows: list[int], limit: int) -> int:
     """How many units the leaves of ``rows``, in order, make when each unit takes leaves until
     the next would pass ``limit`` (a leaf over it alone): the fewest units of consecutive leaves
     within the limit."""
-    count, cur = 0, 0
-    for r in rows:
-        if cur and cur + r > limit:
-            count, cur = count + 1, 0
-        cur += r
-    return count + (1 if cur else 0)
+    return len(_runs_filled(list(accumulate(rows)), limit))
 
 
 def leaves_of(info: DatasetInfo, by: tuple[str, ...]) -> list[Leaf]:

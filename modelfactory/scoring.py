@@ -23,7 +23,7 @@ from .dataset import read_files
 from .exceptions import GROUP_ERRORS, StoreError
 from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _times, describe_error, one_thread,
                      split_groups)
-from .models.base import SeriesBatch, as_flags
+from .models.base import SeriesBatch, checked_scores
 from .plan import WorkUnit
 
 __all__ = ["ModelSource", "score_unit", "score_table", "SCORE_COLUMNS", "loose_key_matches", "loose_key_hint"]
@@ -356,8 +356,10 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
         t0 = _time.perf_counter()
         mine = set(idx)
         try:
-            out = _checked_batch(cls, cls.score_batch([m if i in mine else None for i, m in enumerate(fitted)], batch),
-                                 len(batch.values))
+            # held to the rules of Model.score: a class of the user's may score in batches its own way
+            out = checked_scores(cls.score_batch([m if i in mine else None for i, m in enumerate(fitted)], batch),
+                                 len(batch.values), f"{getattr(cls, '__name__', 'the model')}.score_batch",
+                                 "one value per row of the batch")
             for i in idx:
                 s, e = int(batch.offsets[i]), int(batch.offsets[i + 1])
                 for c in SCORE_COLUMNS:
@@ -384,53 +386,20 @@ def _score_all(fitted: list, batch: SeriesBatch, cols: dict, status: list, error
                 seconds[i] = _time.perf_counter() - t1
 
 
-def _fail_repeated_times(spec: JobSpec, groups: Groups, seconds: np.ndarray, fitted: list, status: list,
+def _fail_repeated_times(groups: Groups, raw: np.ndarray, seconds: np.ndarray, fitted: list, status: list,
                          errors: list) -> None:
     """Fail the groups whose model is one of a series in time and whose rows repeat a time, as
     training fails them: most often a key missing from ``by`` (or a batch of rows appended
-    twice), whose rows were scored, each counted as an anomaly twice, without a word."""
-    from .kernel import repeated_times
+    twice), whose rows were scored, each counted as an anomaly twice, without a word.  ``raw``
+    and ``seconds``: the time column as :func:`kernel._times` gives them."""
+    from .kernel import _needs_time, repeated_times
 
-    timed = np.zeros(len(fitted), dtype=bool)
-    for i, m in enumerate(fitted):
-        if m is not None:
-            try:
-                timed[i] = bool(m.data_needs()[0])
-            except GROUP_ERRORS:  # a class that cannot say: its class attribute
-                timed[i] = bool(getattr(m, "needs_time", False))
+    timed = np.array([m is not None and _needs_time(m) for m in fitted], dtype=bool)
     if not timed.any():
         return
-    col = groups.column(spec.time)
-    raw = pc.cast(pc.fill_null(col, pa.scalar(0, col.type)) if col.null_count else col,
-                  pa.int64()).to_numpy(zero_copy_only=False)
     name = getattr(fitted[int(np.flatnonzero(timed)[0])], "name", "the model")
     for i, why in repeated_times(raw, seconds, groups, name, only=timed).items():
         fitted[i], status[i], errors[i] = None, "failed", why
-
-
-def _checked_batch(cls: type, out, n: int) -> dict:
-    """What ``cls.score_batch`` returned for ``n`` rows, held to the rules of ``Model.score``
-    (a class of the user's may score in batches its own way): every column, one value per row;
-    a NaN score is 0, a score is clipped to [0, 1]; a NaN flag is no flag."""
-    from .exceptions import ModelError
-
-    name = getattr(cls, "__name__", "the model")
-    if not hasattr(out, "keys") or not hasattr(out, "__getitem__"):
-        raise ModelError(f"{name}.score_batch returned {type(out).__name__}, not a dict of "
-                         f"{', '.join(SCORE_COLUMNS)}, one value per row of the batch.")
-    for c in SCORE_COLUMNS:
-        if c not in out:
-            raise ModelError(f"{name}.score_batch returned no {c!r}; it must return {', '.join(SCORE_COLUMNS)}, "
-                             "one value per row of the batch.")
-        if np.shape(out[c]) != (n,):
-            raise ModelError(f"{name}.score_batch returned {c!r} of shape {np.shape(out[c])} for {n} rows; it must "
-                             "return one value per row of the batch.")
-    out = dict(out)
-    score = np.asarray(out["score"], dtype=np.float64)
-    if np.isnan(score).any() or (score < 0).any() or (score > 1).any():
-        out["score"] = np.clip(np.nan_to_num(score, nan=0.0), 0.0, 1.0)
-    out["is_anomaly"] = as_flags(out["is_anomaly"])
-    return out
 
 
 def _nothing_scored(cols: dict, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -491,7 +460,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         models = load_model_rows(src, groups, spec.by)
         tbl = groups.table
         y = _floats(tbl[spec.target])
-        t, unusable = _times(spec, groups) if spec.time else (None, {})
+        t, unusable, raw = _times(spec, groups) if spec.time else (None, {}, None)
         X = np.column_stack([_floats(tbl[f]) for f in spec.features]) if spec.features else None
         n = tbl.num_rows
         cols = {c: np.full(n, np.nan) for c in SCORE_COLUMNS[:4]}
@@ -516,7 +485,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
                 except Exception as err:  # noqa: BLE001 - recorded per group
                     status[i], errors[i] = "failed", describe_error(err)
         if t is not None:
-            _fail_repeated_times(spec, groups, t, fitted, status, errors)
+            _fail_repeated_times(groups, raw, t, fitted, status, errors)
         batch = SeriesBatch(y, np.concatenate((groups.starts, [n])), t, X)
         _score_all(fitted, batch, cols, status, errors, seconds)
         for i in [i for i, st in enumerate(status) if st is None]:  # stored bytes that hold no model

@@ -84,6 +84,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ingest prometheus`` from parsed ``args``, print the summary, return 0."""
+    # --config's [storage_options], as every command reads them
+    from ..cli import _storage_options
     from .prometheus import prometheus
 
     headers = {}
@@ -100,13 +102,6 @@ def run(args: argparse.Namespace) -> int:
         basic_auth_password_file=args.basic_auth_password_file,
         verify_tls=not args.no_verify_tls, ca_file=args.ca_file, concurrency=args.concurrency,
         max_points=args.max_points, timeout=args.timeout, retries=args.retries, overwrite=args.overwrite,
-        storage_options=_storage_options(args.config))
+        storage_options=_storage_options(args))
     print(summary)
     return 0
-
-
-def _storage_options(config: str | None) -> dict | None:
-    """The ``[storage_options]`` of ``--config`` (or ``$MODELFACTORY_CONFIG``), as train reads them."""
-    from ..config import job_settings
-
-    return job_settings(config=config).storage_options or None

@@ -394,25 +394,12 @@ class Model:
             raise ModelError(f"{self.name} needs the time of each point to score it: pass t=.")
         if self.needs_features and X is None:
             raise ModelError(f"{self.name} needs the features of each point to score it: pass X=.")
-        out = self._score(y, t, X)
-        if not hasattr(out, "keys") or not hasattr(out, "__getitem__"):
-            # a tuple of arrays (expected, lower, upper) was "ValueError: The truth value of an array
-            # with more than one element is ambiguous" at the `in` test below
-            raise ModelError(f"{type(self).__name__}._score returned {type(out).__name__}, not a dict; it must "
-                             f"return a dict of {', '.join(SCORE_KEYS)}, one value per row.")
-        for key in SCORE_KEYS:  # numpy would broadcast a single value over every row without a word
-            if key not in out:
-                raise ModelError(f"{type(self).__name__}._score returned no {key!r}; it must return "
-                                 f"{', '.join(SCORE_KEYS)}, one value per row.")
-            if np.shape(out[key]) != y.shape:
-                raise ModelError(f"{type(self).__name__}._score returned {key!r} of shape {np.shape(out[key])} "
-                                 f"for {len(y)} rows; it must return one value per row.")
-        score = np.nan_to_num(np.asarray(out["score"], dtype=np.float64), nan=0.0)
+        out = checked_scores(self._score(y, t, X), len(y), f"{type(self).__name__}._score")
         # +-inf where the model expects a finite value (a broken rate, a division by zero upstream)
         # is as far off as a value can be: it scored 0 and was never flagged, an outage unseen
         broken = np.isinf(y) & np.isfinite(np.asarray(out["expected"], dtype=np.float64))
-        out["score"] = np.where(broken, 1.0, np.clip(score, 0.0, 1.0))
-        flags = (as_flags(out["is_anomaly"]) & np.isfinite(y)) | broken
+        out["score"] = np.where(broken, 1.0, out["score"])
+        flags = (out["is_anomaly"] & np.isfinite(y)) | broken
         mode = getattr(self, "debounce", "none") if debounce is None else debounce
         k = getattr(self, "quiet", 1) if quiet is None else quiet
         out["is_anomaly"] = _debounce(flags, mode, k)
@@ -466,6 +453,31 @@ class Model:
         if name != cls.name:
             raise ModelError(f"These bytes hold a {name!r} model, not {cls.name!r}.")
         return cls(**params).set_state(state)
+
+
+def checked_scores(out, n: int, who: str, rows: str = "one value per row") -> dict:
+    """What a model's ``who`` (``X._score``, ``X.score_batch``) returned for ``n`` rows, held to the
+    scoring contract, as a new dict: every :data:`SCORE_KEYS` key, ``n`` values each (a
+    :class:`ModelError` naming ``who`` otherwise: numpy would broadcast a single value over every
+    row without a word); a NaN score is 0 and scores are clipped to [0, 1]; ``is_anomaly`` as
+    flags (:func:`as_flags`).  ``rows``: how the message says "``n`` values"."""
+    keys = ", ".join(SCORE_KEYS)
+    if not hasattr(out, "keys") or not hasattr(out, "__getitem__"):
+        # a tuple of arrays (expected, lower, upper) was "ValueError: The truth value of an array
+        # with more than one element is ambiguous" at the `in` test below
+        raise ModelError(f"{who} returned {type(out).__name__}, not a dict; it must return a dict of {keys}, {rows}.")
+    for key in SCORE_KEYS:
+        if key not in out:
+            raise ModelError(f"{who} returned no {key!r}; it must return {keys}, {rows}.")
+        if np.shape(out[key]) != (n,):
+            raise ModelError(f"{who} returned {key!r} of shape {np.shape(out[key])} for {n} rows; it must return "
+                             f"{rows}.")
+    out = dict(out)
+    score = np.asarray(out["score"], dtype=np.float64)
+    if np.isnan(score).any() or (score < 0).any() or (score > 1).any():  # (a copy only where one is needed)
+        score = np.clip(np.nan_to_num(score, nan=0.0), 0.0, 1.0)
+    out["score"], out["is_anomaly"] = score, as_flags(out["is_anomaly"])
+    return out
 
 
 def as_flags(values) -> np.ndarray:
