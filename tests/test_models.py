@@ -131,6 +131,24 @@ def test_check_model_names_the_broken_check():
     assert issubclass(ConformanceError, AssertionError)
 
 
+def test_check_model_takes_a_detector_that_expects_nothing_when_it_says_so():
+    """A detector whose expected is NaN by design (expects_what_it_scores = False, as the runner
+    documents) failed check_model as "a silent NaN model"; a class that does not say so still does."""
+    class Detector(Mean):
+        expects_what_it_scores = False
+
+        def _score(self, y, t, X):
+            return {**super()._score(y, t, X), **{k: np.full(len(y), np.nan) for k in ("expected", "lower", "upper")}}
+
+    assert check_model(Detector())["checks"][-1] == "debounce"
+
+    class Silent(Detector):
+        expects_what_it_scores = True
+
+    with pytest.raises(ConformanceError, match=r"silent NaN model\); if it is a detector .*expects_what_it_scores = False"):
+        check_model(Silent())
+
+
 # -- parameters --------------------------------------------------------------
 def test_unknown_parameter_names_the_closest_valid_one():
     with pytest.raises(ParameterError, match=r"HoltWinters has no parameter 'season_lenght'\. "

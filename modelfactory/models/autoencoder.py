@@ -73,6 +73,30 @@ def _fill(z: np.ndarray) -> np.ndarray:
     return out
 
 
+def _cover_grid(w: int) -> np.ndarray:
+    """The window counts under ``w`` whose band training measures: 1, 2, 3, 4, 6, 8, 12, 16, ...
+    (a count between two of them takes the smaller one's band, the wider)."""
+    ks = {1, 2, 3}
+    k = 4
+    while k < w:
+        ks.update((k, k * 3 // 2))
+        k *= 2
+    return np.array(sorted(k for k in ks if k < w), dtype=np.int64)
+
+
+def _coverage(use: np.ndarray, n: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per point of ``n``: how many of the windows that ``use`` marks cover it, and the first
+    and last position it has in them (window ``i`` holds point ``i + j`` at position ``j``)."""
+    nw = use.size
+    count = np.zeros(n, dtype=np.int64)
+    first, last = np.full(n, w, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+    for j in range(w):
+        count[j:j + nw] += use
+        first[j:j + nw] = np.where(use, np.minimum(first[j:j + nw], j), first[j:j + nw])
+        last[j:j + nw] = np.where(use, j, last[j:j + nw])
+    return count, first, last
+
+
 def _average_reconstruction(R: np.ndarray, n: int, use: np.ndarray | None = None) -> np.ndarray:
     """Mean over the windows covering each of ``n`` points (window ``i`` covers ``i..i+w-1``);
     with ``use``, over the windows where it is set only (NaN for a point none of them covers)."""
@@ -137,7 +161,7 @@ class Autoencoder(Model):
         **SCORING_PARAMS,
     }
     state_attrs: ClassVar = ("loc_", "scale_", "coef0_", "coef1_", "bias0_", "bias1_", "center_",
-                             "rscale_", "tail_", "step_", "t_last_", "notes_")
+                             "rscale_", "cover_k_", "cover_scale_", "tail_", "step_", "t_last_", "notes_")
 
     # Which data it needs depends on ``input``: checked per instance (see _check_data).
     needs_time = False
@@ -198,14 +222,68 @@ class Autoencoder(Model):
         if sig == 0 and sd == 0:  # a constant series: reconstruct it exactly
             self.coef1_[:] = 0.0
             self.bias1_[:] = 0.0
-        recon = _average_reconstruction(self.reconstruct(_windows(z, self.window)), z.size)
+        W = _windows(z, self.window)
+        R = self.reconstruct(W)
+        recon = _average_reconstruction(R, z.size)
         r = np.where(np.isfinite(vals), z - recon, np.nan)
         self.center_, self.rscale_ = center_scale(r, floor=1e-6, step=grid / self.scale_)
+        self.cover_k_, self.cover_scale_ = self._cover_scales(W - R, np.isfinite(vals), grid / self.scale_)
         self.tail_ = z[z.size - (self.window - 1):].copy()
+
+    def _cover_scales(self, E: np.ndarray, real: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+        """The residual scale of a point reconstructed from fewer windows than ``window``.
+
+        Scored after a gap, or at the end of what is scored, a point is covered by fewer windows
+        of real values than in training, and the network reconstructs each position of a window
+        with an error of its own: a day of 24 hourly points scored a week after training, each from
+        the one window they make, missed by up to several training scales, and 13-15 of the 24
+        clean points were flagged.  From the training windows' residuals ``E`` (window by
+        position), measured for each count ``k`` of :func:`_cover_grid`: the scale of the mean
+        residual over ``k`` consecutive positions, at the start of the windows (a point just
+        after a gap), between start and end (up to eight places, pooled), and at their end (the
+        last points scored).  Rows: start, middle, end; never narrower than ``rscale_``, nor for
+        fewer windows than for more."""
+        nw, w = E.shape
+        n = nw + w - 1
+        P = np.zeros((n, w + 1))  # P[p, j + 1]: point p's residual in the window holding it at position j
+        for j in range(w):
+            P[j:j + nw, j + 1] = E[:, j]
+        C = np.cumsum(P, axis=1)
+        ks = _cover_grid(w)
+        scales = np.full((3, ks.size), self.rscale_)
+        for c, k in enumerate(ks.tolist()):
+            inner = np.unique(np.linspace(1, w - k - 1, 8).round().astype(np.int64)) if w - k > 1 else [0]
+            for row, starts in enumerate(([0], inner, [w - k])):
+                r = []
+                for a in starts:
+                    p = np.arange(a + k - 1, nw + a)  # the points that windows at positions a..a+k-1 all cover
+                    p = p[real[p]]
+                    r.append((C[p, a + k] - C[p, a]) / k)
+                r = np.concatenate(r)
+                if r.size:
+                    scales[row, c] = center_scale(r, floor=1e-6, step=step)[1]
+        scales = np.maximum(scales, self.rscale_)
+        return ks, np.maximum.accumulate(scales[:, ::-1], axis=1)[:, ::-1]
+
+    def set_state(self, state):
+        # models stored before the band widened for points covered by few windows: it did not
+        return super().set_state({"cover_k_": np.zeros(0, dtype=np.int64), "cover_scale_": np.zeros((3, 0)), **state})
+
+    def _point_scales(self, count: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+        """``rscale_`` for each point, widened for one covered by fewer windows than ``window``
+        (see :meth:`_cover_scales`)."""
+        out = np.full(count.shape, self.rscale_)
+        few = (count > 0) & (count < self.window)
+        if not np.size(self.cover_scale_) or not few.any():
+            return out
+        col = np.searchsorted(self.cover_k_, count[few], side="right") - 1
+        row = np.where(first[few] == 0, 0, np.where(last[few] == self.window - 1, 2, 1))
+        out[few] = np.asarray(self.cover_scale_)[row, col]
+        return out
 
     def _score_window(self, y, t):
         h = np.rint((t - self.t_last_) / self.step_).astype(np.int64)
-        expected = np.full(y.shape, np.nan)
+        expected, rscale = np.full(y.shape, np.nan), np.full(y.shape, self.rscale_)
         ok = (h >= 1) & (h <= _MAX_STEPS)
         if ok.any():
             H = int(h[ok].max())
@@ -225,7 +303,7 @@ class Autoencoder(Model):
             # covers is not scored (expected NaN).
             real = np.concatenate([np.ones(len(self.tail_), dtype=bool), known])
             share = 1.0 - _windows(real, self.window).mean(axis=1)
-            recon = self._covering(R, ctx.size, share)
+            recon, rs = self._covering(R, ctx.size, share)
             # A point far outside its band drags the reconstruction of every window that holds it:
             # one dip of 40 sigmas flagged 6-11 clean neighbours.  Such points are replaced by their
             # reconstruction and the windows reconstructed again (a few times: the first
@@ -234,31 +312,37 @@ class Autoencoder(Model):
             n0, given = len(self.tail_), ctx
             far = np.zeros(ctx.size, dtype=bool)
             for _ in range(_REPLACED_PASSES):
-                far[n0:] |= known & (np.abs(given[n0:] - recon[n0:] - self.center_) > self.threshold * self.rscale_)
+                far[n0:] |= known & (np.abs(given[n0:] - recon[n0:] - self.center_) > self.threshold * rs[n0:])
                 if not far.any():
                     break
                 ctx = np.where(far, recon + self.center_, given)
-                recon = self._covering(self.reconstruct(_windows(ctx, self.window)), ctx.size, share)
+                recon = self._covering(self.reconstruct(_windows(ctx, self.window)), ctx.size, share)[0]
             expected[ok] = self.loc_ + self.scale_ * (recon[n0:][h[ok] - 1] + self.center_)
-        return expected
+            rscale[ok] = rs[n0:][h[ok] - 1]
+        return expected, rscale
 
-    def _covering(self, R: np.ndarray, n: int, share: np.ndarray) -> np.ndarray:
+    def _covering(self, R: np.ndarray, n: int, share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each point's reconstruction from the windows of real values that cover it, else from
         those no more interpolated than training allowed (``share``: each window's interpolated
-        share); NaN for a point neither covers."""
+        share); NaN for a point neither covers.  And each point's residual scale, for the windows
+        it was reconstructed from."""
+        w = self.window
         recon = _average_reconstruction(R, n, use=share == 0)
+        cover = _coverage(share == 0, n, w)
         if not np.isfinite(recon).all():  # some point is covered by no window of real values only
-            loose = _average_reconstruction(R, n, use=share <= self.max_missing)
-            recon = np.where(np.isfinite(recon), recon, loose)
-        return recon
+            loose = share <= self.max_missing
+            real = np.isfinite(recon)
+            recon = np.where(real, recon, _average_reconstruction(R, n, use=loose))
+            cover = tuple(np.where(real, a, b) for a, b in zip(cover, _coverage(loose, n, w)))
+        return recon, self._point_scales(*cover)
 
     # -- features ---------------------------------------------------------
     def _fit_features(self, y, X) -> None:
         ok = np.isfinite(y)
         A = np.column_stack([X[ok], y[ok]])
-        A = np.where(np.isfinite(A), A, np.nanmedian(np.where(np.isfinite(A), A, np.nan), axis=0))
-        if not np.isfinite(A).all():
+        if not np.isfinite(A).any(axis=0).all():  # (before nanmedian, which warns of an all-NaN slice)
             raise SkipGroup("autoencoder: a feature column has no finite value in this group")
+        A = np.where(np.isfinite(A), A, np.nanmedian(np.where(np.isfinite(A), A, np.nan), axis=0))
         self.loc_ = np.median(A, axis=0)
         dev = MAD_TO_SIGMA * np.median(np.abs(A - self.loc_), axis=0)
         self.scale_ = np.maximum(np.maximum(dev, 0.25 * A.std(axis=0)), scale_floor(np.abs(A).max(axis=0)))
@@ -275,6 +359,7 @@ class Autoencoder(Model):
         tail = float(np.quantile(np.abs(r - self.center_), 0.99)) / _Z99
         self.rscale_ = max(self.rscale_, tail)
         self.tail_, self.step_, self.t_last_ = np.zeros(0), 0, 0
+        self.cover_k_, self.cover_scale_ = np.zeros(0, dtype=np.int64), np.zeros((3, 0))
 
     def _score_features(self, y, X):
         if X.shape[1] != len(self.loc_) - 1:
@@ -285,8 +370,11 @@ class Autoencoder(Model):
         return self.loc_[-1] + self.scale_[-1] * (rec + self.center_)
 
     def _score(self, y, t, X) -> dict[str, np.ndarray]:
-        expected = self._score_window(y, t) if self.input == "window" else self._score_features(y, X)
-        unit = self.rscale_ * (self.scale_ if np.ndim(self.scale_) == 0 else self.scale_[-1])
+        if self.input == "window":
+            expected, rscale = self._score_window(y, t)
+        else:
+            expected, rscale = self._score_features(y, X), self.rscale_
+        unit = rscale * (self.scale_ if np.ndim(self.scale_) == 0 else self.scale_[-1])
         z = (y - expected) / unit
         finite = np.isfinite(z)
         zz = np.where(finite, z, 0.0)

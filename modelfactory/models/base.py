@@ -260,6 +260,13 @@ class Model:
         ``ignores_features`` by default; a user's model may, so it gets them)."""
         return not self.ignores_features
 
+    def judges_target(self) -> bool:
+        """Whether a row's score judges its target value (True by default): then a row whose value
+        is missing scores 0 and is never flagged, and one of +-inf is as far off as can be.  False
+        for a detector of whole rows that does not read the target (``isolation_forest`` with
+        ``include_target=False``): its rows are scored on their features, whatever the target."""
+        return True
+
     def required_rows(self) -> int:
         """The fewest non-missing values a series needs (groups with fewer are skipped)."""
         return self.min_rows
@@ -329,9 +336,12 @@ class Model:
             raise ModelError(f"{self.name} got {len(y)} values but {len(X)} feature rows.")
         if self.skips_huge_values and (why := too_large(self.name, y)) is not None:
             raise SkipGroup(why)
-        n = int(np.count_nonzero(np.isfinite(y)))
-        if n < self.required_rows():
-            raise SkipGroup(f"{self.name} needs at least {self.required_rows()} non-missing values; got {n}")
+        if self.judges_target():
+            n = int(np.count_nonzero(np.isfinite(y)))
+            if n < self.required_rows():
+                raise SkipGroup(f"{self.name} needs at least {self.required_rows()} non-missing values; got {n}")
+        elif len(y) < self.required_rows():  # the target plays no part: rows count
+            raise SkipGroup(f"{self.name} needs at least {self.required_rows()} rows; got {len(y)}")
 
     def _fit(self, y, t, X) -> None:
         """Fit one series; a batch model does it as a batch of one."""
@@ -395,11 +405,14 @@ class Model:
         if self.needs_features and X is None:
             raise ModelError(f"{self.name} needs the features of each point to score it: pass X=.")
         out = checked_scores(self._score(y, t, X), len(y), f"{type(self).__name__}._score")
-        # +-inf where the model expects a finite value (a broken rate, a division by zero upstream)
-        # is as far off as a value can be: it scored 0 and was never flagged, an outage unseen
-        broken = np.isinf(y) & np.isfinite(np.asarray(out["expected"], dtype=np.float64))
-        out["score"] = np.where(broken, 1.0, out["score"])
-        flags = (out["is_anomaly"] & np.isfinite(y)) | broken
+        flags = out["is_anomaly"]
+        if self.judges_target():
+            # +-inf where the model expects a finite value (a broken rate, a division by zero upstream)
+            # is as far off as a value can be: it scored 0 and was never flagged, an outage unseen
+            broken = np.isinf(y) & np.isfinite(np.asarray(out["expected"], dtype=np.float64))
+            missing = np.isnan(y)  # not judged: no flag, and no score that says otherwise
+            out["score"] = np.where(broken, 1.0, np.where(missing, 0.0, out["score"]))
+            flags = (flags & ~missing) | broken
         mode = getattr(self, "debounce", "none") if debounce is None else debounce
         k = getattr(self, "quiet", 1) if quiet is None else quiet
         out["is_anomaly"] = _debounce(flags, mode, k)

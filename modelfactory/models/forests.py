@@ -162,6 +162,9 @@ class IsolationForest(_Forest):
     def _uses_target(self) -> bool:
         return bool(self.include_target)
 
+    def judges_target(self) -> bool:
+        return bool(self.include_target)
+
     def _fit(self, y, t, X) -> None:
         from sklearn.ensemble import IsolationForest as _IF
 
