@@ -681,7 +681,7 @@ def loose_key_reason(run_id: str, by: tuple[str, ...], example: tuple[dict, dict
     warning.  Both name the key columns that differ, one value of each side with its type, and
     what to do."""
     data, stored, stored_types = example
-    diffs = [k for k in by if data[k] != stored[k] or str(data_types[k]) != str(stored_types[k])] or list(by)
+    diffs = [k for k in by if data[k] != stored[k] or _kind(data_types[k]) != _kind(stored_types[k])] or list(by)
     shown = "; ".join(f"{k!r} is {data[k]!r} ({data_types[k]}) in the data but {stored[k]!r} ({stored_types[k]}) in "
                       f"the run" for k in diffs)
     cols = ", ".join(repr(k) for k in diffs)

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _servers import NotAScheduler
@@ -846,6 +847,26 @@ def test_score_says_once_that_keys_are_written_otherwise_than_in_training(tmp_pa
                     f"matches keys of the run written in another type or format (e.g. 'site' is '7' ({text}) in "
                     f"the data but '07' ({text}) in the run: scoring matches keys exactly, so write 'site' in the "
                     "data as training had it (cast or reformat it), or train again on data like this)")
+
+
+def test_the_key_mismatch_names_only_the_keys_that_differ():
+    """With by=(user, service), users trained as '000' and scored as 0, the message also named
+    'service' ('web' (large_string) in the data but 'web' (string) in the run), which matched:
+    string, large_string and dictionary strings are one kind to exact matching, as are int widths."""
+    from modelfactory.scoring import loose_key_reason
+
+    example = ({"user": 0, "service": "web"}, {"user": "000", "service": "web"},
+               {"user": pa.string(), "service": pa.string()})
+    reason, warning = loose_key_reason("r1", ("user", "service"), example,
+                                       {"user": pa.int64(), "service": pa.large_string()}, 1)
+    assert "'user' is 0 (int64) in the data but '000' (string) in the run: scoring" in warning
+    assert "'service'" not in warning and "'service'" not in reason
+    example = ({"user": 7, "service": "web"}, {"user": 7, "service": "web"},
+               {"user": pa.int32(), "service": pa.dictionary(pa.int32(), pa.string())})
+    assert "'user'" in loose_key_reason("r1", ("user", "service"), example,
+                                        {"user": pa.string(), "service": pa.string()}, 1)[1]
+    assert "'service' is" not in loose_key_reason("r1", ("user", "service"), example,
+                                                  {"user": pa.string(), "service": pa.string()}, 1)[1]
 
 
 def test_the_summary_names_failed_groups_as_key_takes_them(tmp_path, capsys):
