@@ -1019,10 +1019,19 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
         values = [r[i] for r in rows]
         _refuse_mixed_zones(keys, values, name if len(by) > 1 or isinstance(keys[0], (dict, tuple)) else None)
         try:
-            columns.append(pa.array(values))
-            continue
+            column = pa.array(values)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
-            pass
+            column = None
+        if column is not None:
+            missing = pa.compute.is_null(column, nan_is_null=True)  # None, or NaN among floats
+            if pa.compute.any(missing).as_py():
+                bad = missing.to_pylist().index(True)
+                part = "" if len(by) == 1 and not isinstance(keys[0], (dict, tuple)) else f"{name!r} "
+                raise ModelFactoryError(f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value is missing; keys "
+                                        "must not be null (None, or NaN), as group keys anywhere: leave it out, or "
+                                        "give it a value (e.g. 'unknown').")
+            columns.append(column)
+            continue
         lo, hi = 1, len(values)  # the shortest failing prefix: values[:hi] fails, values[:lo] converts
         while hi - lo > 1:
             mid = (lo + hi) // 2

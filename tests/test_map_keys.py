@@ -76,6 +76,11 @@ def test_one_part_tuple_keys_reach_func_as_tuples():
       r"and key #1 datetime.datetime\(2026, 1, 1, 5, 0\) one without: a time without a zone could be UTC or local")),
     ([("a", np.datetime64("2026-01-01T05")), ("b", pd.Timestamp("2026-01-01", tz="Europe/Paris"))],
      r"key #1 .* has a 'key1' time with a time zone and key #0 .* one without"),
+    # a null key ran, and the group table showed a NaN key
+    (["a", None, "b"], r"key #1 None: its value is missing; keys must not be null \(None, or NaN\)"),
+    ([{"user": "a"}, {"user": None}], r"key #1 \{'user': None\}: its 'user' value is missing"),
+    ([1.5, float("nan")], r"key #1 nan: its value is missing"),
+    ([None, None], r"key #0 None: its value is missing"),
 ])
 def test_bad_keys_are_refused_up_front_naming_the_key(keys, match):
     called = []
