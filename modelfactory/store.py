@@ -271,6 +271,28 @@ class ModelStore:
             self.location.rm(f"runs/{run_id}/pending.json")
         return man
 
+    @_denied_is_a_store_error
+    def set_latest(self, run: str) -> str | None:
+        """Point ``LATEST`` at the committed run ``run`` (roll back to an earlier run after a bad
+        one, or forward again): what scoring, ``models show`` and the next ``retrain`` read as
+        the latest run, until a train commits.  Refused for a run whose manifest does not verify,
+        one that fitted no model, or one whose train stopped before moving ``LATEST`` (resume it).
+        Returns the run ``LATEST`` named before."""
+        man = self.manifest(run)
+        rid = man["run_id"]
+        if self.location.exists(f"runs/{rid}/pending.json"):
+            raise StoreError(f"Run {rid}'s train stopped before moving LATEST: train --resume {rid} (resume= "
+                             "from Python) finishes its commit, and moves LATEST.")
+        if not man["summary"]["counts"].get("ok", 0):
+            raise StoreError(f"Run {rid} fitted no model: scoring with it would skip every group. Name a run that "
+                             "fitted models (models list).")
+        try:
+            before = self.latest()
+        except IntegrityError:  # a damaged LATEST: written afresh
+            before = None
+        self.write("LATEST", rid.encode(), f"LATEST still names {before or 'no run'}.")
+        return before
+
     def _committed_after(self, rid: str | None, when: str | None) -> bool:
         """Whether run ``rid`` has a readable manifest committed after ``when`` (an ISO time in
         UTC, as manifests record it; None: unknown)."""
@@ -542,11 +564,12 @@ class ModelStore:
         data = json.dumps(body, indent=1, sort_keys=True).encode()
         self._check_parts(run_id, parts)
         if self.location.exists(f"runs/{run_id}/manifest.json"):  # no file changes under a checksum
+            self._drop_unlisted(run_id, parts)
             raise StoreError(
                 f"Run {run_id} in {self.location.url!r} was committed meanwhile by another process: a resume "
                 "of it ran at the same time as this one (a scheduled job overlapping the one before?). Its "
-                "commit stands; this one wrote its parts again and changed nothing else. Let one job train "
-                "a store at a time.")
+                "commit stands; this one wrote its parts again, removed those the commit does not list, and "
+                "changed nothing else. Let one job train a store at a time.")
         key = signing_key()
         again = (f"Nothing was committed; make room (or make the store writable) and run again with "
                  f"resume={run_id!r} (--resume {run_id}): the units already done are kept.")
@@ -564,6 +587,18 @@ class ModelStore:
                        f"again; meanwhile use the run by its id (--run {run_id}).")
         if self.location.exists(f"runs/{run_id}/pending.json"):
             self.location.rm(f"runs/{run_id}/pending.json")
+
+    def _drop_unlisted(self, run_id: str, parts: list[PartInfo]) -> None:
+        """Remove the files of ``parts`` that the committed manifest of ``run_id`` does not list:
+        a resume that overlapped the one that committed wrote them (under its own attempt's names),
+        and nothing would ever read or remove them.  Best effort: the refusal is what matters."""
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            listed = {p["path"] for p in self.manifest(run_id)["parts"]}
+            for p in parts:
+                if p.path not in listed and self.location.exists(p.path):
+                    self.location.rm(p.path)
 
     def _check_parts(self, run_id: str, parts: list[PartInfo]) -> None:
         """Refuse to commit ``run_id`` unless every part it lists is in the store, whole: ``gc``
@@ -604,7 +639,8 @@ class ModelStore:
 
     @_denied_is_a_store_error
     def gc(self, *, keep: int = 3, pending: bool = False, dry_run: bool = False) -> list[str]:
-        """Remove all but the newest ``keep`` committed runs (never ``LATEST``).
+        """Remove all but the newest ``keep`` committed runs (never ``LATEST``, nor the base run of
+        an interrupted retrain that is kept).
 
         With ``pending=True`` also remove interrupted runs (only when no job is
         still writing them!), and run folders that are neither committed nor
@@ -614,7 +650,9 @@ class ModelStore:
         if keep < 1:
             raise StoreError(f"keep must be at least 1; got {keep}.")
         runs, latest = self.runs(), self.latest()
-        drop = [r for r in runs[:-keep] if r != latest]
+        # nor the run an interrupted retrain started from, while it is kept: its resume reads it
+        bases = set() if pending else {p.get("base_run") for p in self.pending()}
+        drop = [r for r in runs[:-keep] if r != latest and r not in bases]
         if pending:
             drop += [p["run_id"] for p in self.pending()]
             # and folders that are neither committed nor pending: a gc stopped between a run's

@@ -1,6 +1,7 @@
 """Resume after the client is killed, and retraining only failed or changed groups."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import signal
@@ -179,6 +180,18 @@ def test_two_resumes_of_one_run_at_once_commit_it_once(by_app, tmp_path, monkeyp
     (first,) = other
     assert first.id == pending["run_id"] and st.latest() == first.id and st.pending() == []
     assert first.summary["resumed"] is True
+    # Two resumes computing one unit at once write it under two names (<unit>.<random>.parquet);
+    # the refused one's stayed in the committed run for good, listed by nothing, removed by no gc.
+    from modelfactory._io import PartInfo
+
+    man = st.manifest(first.id)
+    listed = [PartInfo(**p) for p in man["parts"]]
+    extra = listed[0].path.replace(".parquet", ".0ther.parquet")
+    st.location.write_bytes(extra, st.location.read_bytes(listed[0].path))
+    with pytest.raises(StoreError, match="removed those the commit does not list"):
+        real_commit(st, first.id, {"summary": man["summary"]}, [*listed[1:], dataclasses.replace(listed[0], path=extra)])
+    assert sorted(st.location.sizes(f"runs/{first.id}/parts")) == sorted(p.path for p in listed)
+    assert st.manifest(first.id) == man
     before = st.manifest(first.id)["committed"]
     assert st.manifest()["committed"] == before and len(st.groups()) == 12
 
@@ -245,12 +258,42 @@ def test_only_changed_retrains_the_groups_whose_data_changed(tmp_path):
     np.testing.assert_allclose(new.median_, 2 * old.median_)
 
 
+def test_gc_keeps_the_base_of_an_interrupted_retrain_until_it_is_resumed(by_app, tmp_path, monkeypatch):
+    """gc removed the run an interrupted --only-changed retrain started from, when a later run was
+    LATEST: `models list` still offered the resume, which then failed on a run the user never named."""
+    import modelfactory.api
+
+    store = str(tmp_path / "s")
+    base = modelfactory.train(by_app, store=store, cluster="inline", **ARGS).id
+    monkeypatch.setattr(modelfactory.api, "run_units", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt, match="was not committed"):
+        modelfactory.train(by_app, store=store, cluster="inline", retrain="changed", **ARGS)
+    monkeypatch.undo()
+    later = modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": 12}, **ARGS).id
+    st = modelfactory.ModelStore(store)
+    (cut,) = st.pending()
+    assert cut["base_run"] == base and st.gc(keep=1) == [] and st.runs() == [base, later]
+    run = modelfactory.train(by_app, store=store, cluster="inline", retrain="changed", resume=cut["run_id"], **ARGS)
+    assert run.summary["resumed"] is True and run.summary["retrain"]["base_run"] == base
+    # resumed (an older id than `later`, now LATEST): the base is an old run like any other
+    assert st.latest() == cut["run_id"] and st.gc(keep=1) == [base]
+    assert st.gc(keep=1, pending=True) == []
+
+
 def test_retrain_refuses_a_different_model(by_app, tmp_path):
     store = str(tmp_path / "s")
     modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
     with pytest.raises(ModelFactoryError, match=r"it differs in \['params'\]"):
         modelfactory.train(by_app, store=store, cluster="inline", retrain="failed",
                            params={"season_length": 12}, **ARGS)
+    # another model: the base's parameters as the run has them (they were shown filled with the
+    # new model's defaults, which the base never had)
+    with pytest.raises(ModelFactoryError) as err:
+        modelfactory.train(by_app, store=store, cluster="inline", retrain="failed",
+                           **dict(ARGS, model="holt_winters"))
+    was = str(err.value).split("(was ", 1)[1].split(", now ")[0]
+    assert "it differs in ['model', 'params']" in str(err.value) and "'seasonal'" in was
+    assert "'interval'" not in was and "'max_missing'" not in was, was
 
 
 class Quantiles(Model):
@@ -827,7 +870,8 @@ def test_a_train_killed_between_its_manifest_and_latest_is_shown_and_resume_fini
     assert main([*argv, "-p", "season_length=10", "--resume", cut]) == 2
     assert "(params.season_length 12 then, 10 now)" in capsys.readouterr().err
     assert main([*argv, "-p", "season_length=12", "--resume", cut]) == 0
-    assert f"run {cut} (train): 12 groups, ok 12" in capsys.readouterr().out
+    out = capsys.readouterr().out  # it resumed, as the guide promises a scheduled job's log says
+    assert f"run {cut} (train): 12 groups, ok 12" in out and f"resumed run {cut}" in out
     assert st.latest() == cut and st.interrupted_commits() == [] and st.runs() == sorted([before, cut])
     assert main([*argv, "-p", "season_length=12", "--resume", cut]) == 2  # now it is done
     assert "is already committed; there is nothing to resume" in capsys.readouterr().err
