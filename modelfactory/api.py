@@ -325,7 +325,7 @@ def _finish_interrupted_commit(st: ModelStore, digest: str, resume, now: dict | 
     if man["summary"]["counts"].get("ok", 0) and latest != rid:
         log.warning("LATEST stays on run %s, committed after run %s: use run %s by its id (run=%r, --run %s)",
                     latest, rid, rid, rid, rid)
-    return Run(rid, "train", man["summary"], store=st)
+    return Run(rid, "train", dict(man["summary"], resumed=True), store=st)
 
 
 def _output(out: str, storage_options: dict | None, overwrite: bool, *, cli: bool = False, **apart: str) -> Location:
@@ -673,7 +673,9 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
                 base = started[0]["base_run"]
         base_man = st.manifest(base)
         base_id = base_man["run_id"]
-        was = dict(base_man["spec"], params=_with_defaults(mspec.cls, base_man["spec"].get("params")))
+        was = dict(base_man["spec"])
+        if was.get("model") == mspec.name:  # (another model's parameters are shown as the run has them)
+            was["params"] = _with_defaults(mspec.cls, was.get("params"))
         diff = [k for k in ("by", "time", "target", "features", "model", "params") if not _same_json(was.get(k), job[k])]
         if diff:
             raise ModelFactoryError(
