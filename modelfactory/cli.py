@@ -231,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--json", action="store_true", help="machine-readable output")
     _config_option(ms)
     ms.set_defaults(func=_cmd_models_show)
+    mu = msub.add_parser("set-latest", help="point LATEST at another run (roll back)",
+                         description="Point LATEST at a committed run: roll back to an earlier run after a "
+                         "bad one (or forward again). Scoring, models show and the next --only-changed or "
+                         "--only-failed read LATEST; the next train that commits moves it on.")
+    mu.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
+    mu.add_argument("--run", required=True, help="the run id LATEST is to name (models list shows them)")
+    _config_option(mu)
+    mu.set_defaults(func=_cmd_models_set_latest)
     mg = msub.add_parser("gc", help="remove old runs", description="Remove all but the newest runs of a store. "
                          "The run LATEST names stays whatever --keep says: scoring reads it.")
     mg.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
@@ -646,6 +654,17 @@ def _cmd_cluster_spec(args) -> int:
     from .kube import cluster_spec
 
     sys.stdout.write(cluster_spec(args.config, workers=args.workers, fmt=args.format))
+    return 0
+
+
+def _cmd_models_set_latest(args) -> int:
+    from .store import ModelStore
+
+    st = ModelStore(args.store, storage_options=_storage_options(args))
+    with _store_errors(args.store):
+        before = st.set_latest(args.run)
+    now = st.latest()
+    print(f"LATEST: {now} (was {before or 'no run'})" if before != now else f"LATEST: {now} (unchanged)")
     return 0
 
 

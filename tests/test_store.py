@@ -125,6 +125,30 @@ def test_gc_keeps_the_newest_runs_and_latest(by_app, tmp_path, capsys):
     assert not (tmp_path / "s" / "runs" / ids[0]).exists()
 
 
+def test_models_set_latest_rolls_back_to_an_earlier_run(by_app, tmp_path, capsys):
+    """After a bad nightly run, on call needs the run before it back as LATEST: the docs promised
+    runs to roll back, and only writing LATEST by hand did it."""
+    store = str(tmp_path / "s")
+    good, bad = (modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": n}, **ARGS).id
+                 for n in (12, 6))
+    st = modelfactory.ModelStore(store)
+    key = {"app": "app0", "site": "s000"}
+    assert st.latest() == bad and st.load(key).season_length == 6
+    assert main(["models", "set-latest", "--store", store, "--run", good]) == 0
+    assert capsys.readouterr().out == f"LATEST: {good} (was {bad})\n"
+    assert st.latest() == good and st.load(key).season_length == 12 and st.gc(keep=1) == []
+    assert main(["models", "set-latest", "--store", store, "--run", good]) == 0
+    assert capsys.readouterr().out == f"LATEST: {good} (unchanged)\n"
+    none = modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": 500}, **ARGS).id
+    assert main(["models", "set-latest", "--store", store, "--run", none]) == 2
+    assert capsys.readouterr().err == (f"error: Run {none} fitted no model: scoring with it would skip every group. "
+                                       "Name a run that fitted models (models list).\n")
+    assert main(["models", "set-latest", "--store", store, "--run", "20990101T000000000Z-000000-000000"]) == 2
+    assert "error: No committed run '20990101T000000000Z-000000-000000'" in capsys.readouterr().err
+    assert st.latest() == good
+    assert modelfactory.train(by_app, store=store, cluster="inline", **ARGS).id == st.latest()  # a commit moves it on
+
+
 def test_gc_on_a_read_only_file_system_is_told_so_not_to_check_the_endpoint(by_app, tmp_path, capsys, monkeypatch):
     import errno
 
