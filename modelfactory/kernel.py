@@ -10,6 +10,7 @@ group that raises is ``failed``; it never fails the unit.
 """
 from __future__ import annotations
 
+import re
 import time as _time
 import weakref
 from dataclasses import dataclass, field, fields
@@ -1299,6 +1300,19 @@ def _fit(m: ModelSpec, batch: SeriesBatch) -> tuple[list, np.ndarray]:
     return fitted, seconds
 
 
+_NTH_FEATURE = re.compile(r"the (\d+)(?:st|nd|rd|th) feature column \(in the order of features=\)")
+
+
+def _feature_named(reason: str, features) -> str:
+    """A built-in model's skip reason with the feature column it counts ("the 5th feature column
+    (in the order of features=)": the model sees an array) named as the job has it."""
+    def named(m: re.Match) -> str:
+        k = int(m.group(1))
+        return f"the feature column {features[k - 1]!r}" if 1 <= k <= len(features) else m.group(0)
+
+    return _NTH_FEATURE.sub(named, reason) if features else reason
+
+
 def _train(spec: JobSpec, groups: Groups) -> dict:
     m = spec.model
     n, rows = len(groups), groups.num_rows
@@ -1346,7 +1360,7 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
     seconds[todo] = secs
     for i, f in zip(todo.tolist(), fitted):
         if isinstance(f, SkipGroup):
-            status[i], errors[i] = "skipped", str(f)
+            status[i], errors[i] = "skipped", _feature_named(str(f), spec.features)
         elif isinstance(f, BaseException):
             status[i], errors[i] = "failed", describe_error(f)
         elif not isinstance(f, Model):

@@ -326,3 +326,19 @@ def test_a_key_column_named_as_a_column_of_the_group_table_is_refused_up_front(t
     with pytest.raises(SchemaError, match=f"The key column {name!r} has the name of a column of the group table"):
         modelfactory.train(data, by=["app", name], time="ts", target="value", store=str(store), cluster="inline")
     assert not store.exists()
+
+
+def test_a_skip_for_a_feature_without_values_names_the_column(tmp_path):
+    """The forests' skip reason counted the feature ("the 2nd feature column (in the order of
+    features=)"): the model sees an array. The run names it as the job does."""
+    rng = np.random.default_rng(0)
+    n = 60
+    t = pd.DataFrame({"user": np.repeat(["a", "b"], n), "hour": np.tile(np.arange(n) % 24, 2).astype(float),
+                      "latency": rng.gamma(4, 20, 2 * n), "bytes": rng.lognormal(8, 0.3, 2 * n)})
+    t.loc[t.user == "b", "latency"] = np.nan
+    t.to_parquet(tmp_path / "r.parquet")
+    run = modelfactory.train(str(tmp_path / "r.parquet"), by="user", target="bytes", features=["hour", "latency"],
+                             model="random_forest", store=str(tmp_path / "s"), cluster="inline")
+    g = run.groups.set_index("user")
+    assert g.loc["a", "status"] == "ok" and g.loc["b", "status"] == "skipped"
+    assert g.loc["b", "error"] == "random_forest: the feature column 'latency' has no finite value in this group"
