@@ -1129,12 +1129,13 @@ def _call_with_dict(func: Callable, names: tuple[str, ...], key):
 def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any = None,
           workers: int | None = None, unit_rows: int | None = None, filter: Any = None,
           storage_options: dict | None = None, overwrite: bool = False, trust: bool = False,
-          config: str | None = None, progress: bool = False) -> Run:
+          config: str | None = None, progress: bool = False, keep: Sequence[str] | str | None = None) -> Run:
     """Score new rows of ``data`` with the models of one committed run of ``store``.
 
     Data and models meet on the workers: each unit reads its slice of the data
     and only the store parts that hold its groups.  Scored rows (keys, time,
-    target, ``expected``, ``lower``, ``upper``, ``score``, ``is_anomaly``) are
+    target, features, the columns of ``keep`` -- a request id, say -- then
+    ``expected``, ``lower``, ``upper``, ``score``, ``is_anomaly``) are
     written under ``out`` as Parquet partitioned like the input; the group
     table (with ``anomalies`` and ``max_score`` per group) under
     ``out/_groups/``; ``out/_manifest.json`` last.  Groups without a model are
@@ -1168,10 +1169,13 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     filter = _as_filter(filter, data, storage_options)
     info = discover(data, storage_options=storage_options, null_check=by_, filter=filter,
                     allow_empty=True)
-    check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats)
+    kept = _as_tuple(keep, "keep")
+    check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats, columns=kept)
     # the run's names: a clash is fixed by training again on renamed columns
     _refuse_reserved_names("score", keys=by_, of=f" of run {man['run_id']}", fix=TRAIN_AGAIN,
                            scored=scored_columns(sp["time"], sp["target"], feats))
+    _refuse_reserved_names("score", scored={c: "kept" for c in kept}, of=f" of {data!r}",
+                           fix="rename it in the data to keep it (or leave it out of keep=, --keep).")
     _refuse_reserved_names("score", scored={k: "partition" for k in info.source.partition_keys if k not in by_},
                            of=f" of {data!r}", fix="rename those folders (or score a folder below them).")
     check_time_zone(info, sp["time"], man)
@@ -1180,8 +1184,8 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     check_key_types(src, by_, info.schema)
     sink = _output(out, storage_options, overwrite, cli=True, the_input_data=data, the_model_store=store)
     extra = [k for k in info.source.partition_keys if k not in by_]
-    columns = tuple(c for c in dict.fromkeys([*by_, *extra, sp["time"], sp["target"], *feats]) if c)
-    run_id = new_run_id(_digest(info.fingerprint(), man["run_id"]))
+    columns = tuple(c for c in dict.fromkeys([*by_, *extra, sp["time"], sp["target"], *feats, *kept]) if c)
+    run_id = new_run_id(_digest(info.fingerprint(), man["run_id"], *kept))
     spec = JobSpec("score", by_, info.source, columns, sp["time"], sp["target"], feats, filter,
                    sink=sink, models=src, groups_prefix="_groups/", data_prefix="part-", claim=run_id)
     t0 = _time.perf_counter()
@@ -1211,6 +1215,8 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     summary["model_run"] = man["run_id"]
     summary["anomalies"] = sum(r.anomalies for r in results)
     summary["spec"] = {k: sp[k] for k in ("by", "time", "target", "features", "model")}
+    if kept:
+        summary["spec"]["keep"] = list(kept)
     import pyarrow.dataset as pds
 
     from .result import check_output, output_errors

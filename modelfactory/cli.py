@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--run", default="latest", help="run id to score with (default: latest)")
     sc.add_argument("--overwrite", action="store_true", help="replace what is in --out")
     sc.add_argument("--trust", action="store_true", help="allow loading pickled user models")
+    sc.add_argument("--keep", default=None, metavar="COL,COL",
+                    help="more columns of the data to carry into the scored rows (a request id, say)")
     _common_run(sc)
     _where_option(sc)
     sc.set_defaults(func=_cmd_score)
@@ -409,7 +411,7 @@ def _cmd_score(args) -> int:
     with _api_warning_dropped("key_mismatch"):
         run = score(args.data, store=args.store, out=args.out, run=args.run, cluster=args.cluster,
                     workers=args.workers, unit_rows=args.unit_rows, overwrite=args.overwrite, trust=args.trust,
-                    config=args.config, filter=_filter(args), progress=_progress(args))
+                    config=args.config, filter=_filter(args), progress=_progress(args), keep=args.keep)
     _print_summary(run, args, args.out)
     if not args.json:
         n = run.summary["anomalies"]

@@ -1261,3 +1261,40 @@ def test_a_big_leaf_index_is_read_from_the_manifest_by_each_worker_not_sent_with
 
     with pytest.raises(IntegrityError, match="changed after this job read it"):
         modelfactory.scoring.leaf_lookup(big)
+
+
+@pytest.mark.parametrize("layout", ["app folders", "flat, shuffled"])
+def test_score_keeps_columns_of_the_data_such_as_a_request_id(tmp_path, client, layout):
+    """Scored rows held the keys, time, target and features only: a flagged request could not be
+    told by its id (and key and time are not unique in request logs).  keep= (--keep) carries more
+    columns of the data into them, row for row, in files mode and through the scoring shuffle."""
+    t = metrics_table(series=40, hours=48, apps=4)
+    t = t.append_column("req", pa.array([f"r{i:06d}" for i in range(t.num_rows)]))
+    data = write(t, tmp_path / "d", ["app"] if layout == "app folders" else [])
+    store = str(tmp_path / "store")
+    modelfactory.train(data, by=["app", "site"], time="ts", target="value", params={"season_length": 24},
+                       store=store, cluster=client if layout.endswith("shuffled") else "inline", unit_rows=600)
+    run = modelfactory.score(data, store=store, out=str(tmp_path / "o"), cluster="inline", unit_rows=600,
+                             keep="req")
+    assert run.summary["mode"] == ("files" if layout == "app folders" else "shuffle")
+    assert run.summary["spec"]["keep"] == ["req"] and run.summary["counts"]["ok"] == 40
+    got = run.to_pandas()
+    assert sorted(got["req"]) == sorted(t["req"].to_pylist())
+    want = t.to_pandas().set_index("req")
+    got = got.set_index("req").loc[want.index]
+    assert (got["value"].to_numpy() == want["value"].to_numpy()).all()
+    assert (got["site"].astype(str).to_numpy() == want["site"].to_numpy()).all()
+
+
+def test_score_refuses_a_kept_column_it_cannot_keep(tmp_path, capsys):
+    from modelfactory.cli import main
+
+    t, store = _trained_on_flat(tmp_path, "shard")
+    t.assign(score=1.0).to_parquet(tmp_path / "new.parquet")
+    base = ["score", str(tmp_path / "new.parquet"), "--store", store, "--scheduler", "inline", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "o1"), "--keep", "req_id"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'req_id'" in err and err.count("\n") == 1
+    assert main([*base, "--out", str(tmp_path / "o2"), "--keep", "score"]) == 2
+    assert "The kept column 'score' of" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
