@@ -625,7 +625,8 @@ def claimed_by(sink) -> str | None:
 
 
 def check_claim(spec: JobSpec, unit_id: str) -> None:
-    """Refuse to write a unit's files into an ``out=`` folder that is no longer its run's.
+    """Refuse to write a unit's files into an ``out=`` folder that is no longer its run's, or
+    that its run has committed meanwhile.
 
     Ctrl-C (or a lost client) releases a job's tasks, but Dask cannot stop one that is running:
     it ends on its worker later and writes its files.  If a job was started again meanwhile
@@ -654,6 +655,15 @@ def check_claim(spec: JobSpec, unit_id: str) -> None:
                          f"{unit_id} outlived it on a Dask worker. The unit wrote nothing there; run {spec.claim} "
                          "was not committed (no _manifest.json): give each job a folder of its own, and run it "
                          "again.")
+    if spec.sink.exists("_manifest.json"):
+        # A worker taken for lost (a long pause, a network split) runs on: its unit ran again
+        # elsewhere and the run committed.  Its files have the names the committed ones have
+        # (the output's are not named per attempt: readers take the folder as it is), and would
+        # replace them under the manifest's checksums.  (A window of a few milliseconds between
+        # this look and the write stays open.)
+        raise StoreError(f"Run {spec.claim} was committed while its unit {unit_id} still ran here (this worker "
+                         "was taken for lost, and the unit ran again on another): this late attempt wrote "
+                         f"nothing, and the files in {spec.sink.url!r} stay as the run's manifest lists them.")
 
 
 @dataclass

@@ -1298,3 +1298,28 @@ def test_score_refuses_a_kept_column_it_cannot_keep(tmp_path, capsys):
     assert main([*base, "--out", str(tmp_path / "o2"), "--keep", "score"]) == 2
     assert "The kept column 'score' of" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_unit_that_outlives_its_committed_run_writes_nothing(tmp_path, monkeypatch):
+    """A worker taken for lost (paused past the scheduler's worker TTL) ran on after its unit ran
+    again elsewhere and the run committed, and rewrote that unit's files, of the same names, under
+    the manifest's checksums (the review's repro: a SIGSTOP, then SIGCONT). A unit's attempt that
+    finds its run committed writes nothing."""
+    import modelfactory.scoring as scoring
+
+    seen = []
+    real = scoring.score_unit
+
+    def recording(spec, unit):
+        seen.append((spec, unit))
+        return real(spec, unit)
+
+    monkeypatch.setattr(scoring, "score_unit", recording)
+    _, store = _trained_on_flat(tmp_path, "shard")
+    out = tmp_path / "o"
+    modelfactory.score(str(tmp_path / "flat.parquet"), store=store, out=str(out), cluster="inline")
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    spec, unit = seen[0]
+    with pytest.raises(StoreError, match=r"was committed while its unit .* still ran here .* wrote nothing"):
+        real(spec, unit)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
