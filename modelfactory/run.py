@@ -527,9 +527,12 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
 
     from . import __version__
 
-    def probe(blob: bytes | None, imports: list | None = None) -> tuple:
+    def probe(blob: bytes | None, imports: list | None = None, package: str | None = None) -> tuple:
         # defined here, so it travels by value: it runs on a cluster whose modelfactory
-        # differs from this one (or that has none), to say so
+        # differs from this one (or that has none), to say so.  Answers (version, why the
+        # code does not load, its digests, why a run's models do not load, why the model's
+        # optional package does not import).
+        import importlib
         import pickle
 
         try:
@@ -538,23 +541,29 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
         except Exception:  # noqa: BLE001
             version = None
         if blob is None:  # the scheduler: its modelfactory only
-            return version, None, {}, None
+            return version, None, {}, None, None
         try:
             loaded = pickle.loads(blob)
         except Exception as err:  # noqa: BLE001 - reported to the client, by name
-            return version, f"{type(err).__name__}: {err}", {}, None
+            return version, f"{type(err).__name__}: {err}", {}, None, None
         try:  # by name: a worker with another modelfactory (reported above) may not have it
             from modelfactory.store import import_problem
 
             unloadable = import_problem(imports) if imports else None
         except Exception:  # noqa: BLE001
             unloadable = None
+        missing = None
+        if package:  # a built-in model imports it only when it fits: every group would fail on it
+            try:
+                importlib.import_module(package)
+            except Exception as err:  # noqa: BLE001
+                missing = f"{type(err).__name__}: {err}"
         try:
             from modelfactory.kernel import code_digests
 
-            return version, None, code_digests(*loaded), unloadable
+            return version, None, code_digests(*loaded), unloadable, missing
         except Exception:  # noqa: BLE001 - a check, never a reason to fail
-            return version, None, {}, unloadable
+            return version, None, {}, unloadable, missing
 
     # the job's own code only (its function, its model): not the whole spec, whose dataset and
     # model index grow with the input (a score of a million groups)
@@ -562,7 +571,10 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
     blob = cloudpickle.dumps(code_of)
     answers = {"the scheduler": client.run_on_scheduler(probe, None)}
     imports = models[1] if models else None
-    for address, got in sorted(client.run(probe, blob, imports, on_error="ignore").items()):
+    from .models import optional_package
+
+    needs = optional_package(spec.model.name) if spec.model is not None and spec.model.serializer == "native" else None
+    for address, got in sorted(client.run(probe, blob, imports, needs and needs[0], on_error="ignore").items()):
         answers[f"the worker at {address}"] = got
 
     def first(problems: dict) -> str:
@@ -584,7 +596,13 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
             "class goes to the Dask workers by the name of its module: install that module (and what it imports) "
             "where they run, or put it on their PYTHONPATH, and restart them after changing it; or send it by "
             "value with cloudpickle.register_pickle_by_value(module). Nothing ran.")
-    unloadable = {w: why for w, (*_, why) in answers.items() if why}
+    missing = {w: a[4] for w, a in answers.items() if len(a) > 4 and a[4]}
+    if missing:
+        raise ClusterError(
+            f"{first(missing)} cannot import {needs[0]}, which the model {spec.model.name!r} needs to fit "
+            f"({next(iter(missing.values()))}): every group would fail on it. {needs[1]} where the Dask workers "
+            "run, and restart them. Nothing ran.")
+    unloadable = {w: a[3] for w, a in answers.items() if a[3]}
     if unloadable:
         from .store import import_problem
 

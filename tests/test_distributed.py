@@ -184,6 +184,33 @@ def test_a_scheduler_without_workers_makes_the_run_say_so_and_wait_for_one(tmp_p
         bare.stop()
 
 
+@pytest.mark.timeout(90)
+def test_workers_without_a_built_in_models_package_are_refused_before_anything_runs(tmp_path, leaves, aws_env):
+    """A worker on which statsmodels does not import trained `ets` as far as fitting, where every
+    group failed one by one (a run of 75 % failed groups became LATEST, exit status 0): the class
+    imports statsmodels lazily, so the code check passed. The check imports it on the workers."""
+    from modelfactory.exceptions import ClusterError
+
+    stub = tmp_path / "stub" / "statsmodels"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'statsmodels'\", name='statsmodels')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(stub.parent), TESTS_DIR]), **DUMMY_AWS_ENV}
+    lacking = DaskProcesses(tmp_path / "dask", workers=1, env=env).start()
+    try:
+        with pytest.raises(ClusterError, match=r"The worker at tcp://\S+ cannot import statsmodels, which the model "
+                                               r"'ets' needs to fit \(ModuleNotFoundError: No module named "
+                                               r"'statsmodels'\): every group would fail on it\. It needs statsmodels: "
+                                               r"pip install statsmodels where the Dask workers run.*Nothing ran\."):
+            modelfactory.train(leaves, store=str(tmp_path / "store"), cluster=lacking.address, model="ets",
+                               params={"season_length": 24}, **TRAIN)
+        assert not (tmp_path / "store").exists()
+        run = modelfactory.train(leaves, store=str(tmp_path / "store"), cluster=lacking.address,
+                                 params={"season_length": 24}, **TRAIN)  # seasonal needs none of it
+        assert run.summary["counts"]["ok"] == SERIES
+    finally:
+        lacking.stop()
+
+
 @pytest.mark.timeout(120)
 def test_losing_the_scheduler_mid_run_says_so_and_how_to_resume(tmp_path, leaves, aws_env):
     from _servers import _signal_group

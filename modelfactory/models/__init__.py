@@ -55,6 +55,13 @@ _BUILTIN: dict[str, tuple[str, str]] = {
 _USER: dict[str, type] = {}
 
 
+def optional_package(name: str) -> tuple[str, str] | None:
+    """The optional package a built-in model ``name`` imports when it fits (lazily: the class
+    itself imports without it), and the hint to install it; None for the others."""
+    hint = _BUILTIN.get(name, ("", ""))[1] if name not in _USER else ""
+    return ({_SM: "statsmodels", _SK: "sklearn"}[hint], hint) if hint else None
+
+
 def _load(name: str) -> type:
     if name in _USER:
         return _USER[name]
