@@ -809,7 +809,7 @@ def _every(seconds: float, check: Callable[[threading.Event], bool | None], name
 
 
 def watch_workers(client, every: float | None = None) -> contextlib.AbstractContextManager[None]:
-    """Warn every ``every`` seconds while the scheduler has no worker.
+    """Warn every ``every`` seconds while the scheduler has no worker, or only paused ones.
 
     A run waits for workers rather than failing (an adaptive cluster starts them once work is
     queued, and a worker may join late), as Spark waits for executors; but a scheduler that
@@ -818,17 +818,30 @@ def watch_workers(client, every: float | None = None) -> contextlib.AbstractCont
     every = NO_WORKER_WARNING_SECONDS if every is None else every
     address = getattr(getattr(client, "scheduler", None), "address", None) or "?"
     waited = 0.0  # since the last time a worker was seen
+    paused = 0.0  # since the last time a worker was seen running
 
     def check(stop: threading.Event) -> bool:
-        nonlocal waited
+        nonlocal waited, paused
         try:
-            workers = client.scheduler_info(n_workers=1).get("workers", {})  # one is enough
+            workers = client.scheduler_info(n_workers=-1).get("workers", {})
         except Exception:  # noqa: BLE001 - the run itself reports a lost scheduler
             return False
         waited = 0.0 if workers else waited + every
         if not workers and not stop.is_set():
             log.warning("the scheduler at %s has had no Dask worker for %.0f s; the run is waiting for one "
                         "(start workers with `dask worker %s`)", address, waited, address)
+        # Dask pauses a worker whose process memory passes its pause threshold (80 % of its
+        # limit by default) until it falls back: with every worker paused, nothing runs, silently
+        held = [w for w in workers.values() if w.get("status") == "paused"]
+        paused = paused + every if workers and len(held) == len(workers) else 0.0
+        if paused and not stop.is_set():
+            w = held[0]
+            used, limit = w.get("metrics", {}).get("memory"), w.get("memory_limit")
+            at = f" ({used / 2**20:,.0f} MiB of its {limit / 2**20:,.0f} MiB limit)" if used and limit else ""
+            log.warning("every Dask worker of the scheduler at %s (%d) has been paused by its memory limit for "
+                        "%.0f s%s: nothing runs until memory is freed. Give the workers more memory (`dask worker "
+                        "--memory-limit`), or make the units smaller (unit_rows=, --unit-rows)",
+                        address, len(workers), paused, at)
         return True
 
     return _every(every, check, "modelfactory-watch-workers")

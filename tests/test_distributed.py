@@ -185,6 +185,29 @@ def test_a_scheduler_without_workers_makes_the_run_say_so_and_wait_for_one(tmp_p
 
 
 @pytest.mark.timeout(90)
+def test_a_run_on_workers_all_paused_by_their_memory_limit_says_so(tmp_path, leaves, aws_env, caplog, monkeypatch):
+    """Workers paused by Dask's memory limit (past the pause fraction of it) run nothing, and the
+    job waited without a word (the review waited 75 s, then pressed Ctrl-C)."""
+    import modelfactory.run
+
+    monkeypatch.setattr(modelfactory.run, "NO_WORKER_WARNING_SECONDS", 0.5)
+    env = {"PYTHONPATH": TESTS_DIR, **DUMMY_AWS_ENV, "DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE": "0.01"}
+    held = DaskProcesses(tmp_path / "dask", workers=1, env=env).start()
+    try:
+        caplog.set_level("WARNING", logger="modelfactory")
+        job = in_background(lambda: modelfactory.train(leaves, store=str(tmp_path / "store"), cluster=held.address,
+                                                       params={"season_length": 24}, **TRAIN))
+        said = "every Dask worker of the scheduler at"
+        wait_for(lambda: said in caplog.text, 30, "the paused warning")
+        assert re.search(r"\(1\) has been paused by its memory limit for \d+ s \([\d,]+ MiB of its [\d,]+ MiB "
+                         r"limit\): nothing runs until memory is freed", caplog.text), caplog.text
+    finally:
+        held.stop()
+    with pytest.raises(Exception):  # noqa: B017 - the scheduler is gone: whatever the run says of it
+        job.result(timeout=60)
+
+
+@pytest.mark.timeout(90)
 def test_workers_without_a_built_in_models_package_are_refused_before_anything_runs(tmp_path, leaves, aws_env):
     """A worker on which statsmodels does not import trained `ets` as far as fitting, where every
     group failed one by one (a run of 75 % failed groups became LATEST, exit status 0): the class
