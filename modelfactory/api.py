@@ -353,7 +353,28 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, *, cli: boo
             raise StoreError(f"The output {out!r} is a whole bucket, and it is not empty: overwrite would delete "
                              "everything in it. Write to a folder inside it, such as "
                              f"{out.rstrip('/') + '/scores'!r}.")
+        store = _model_store_at(sink)
+        if store is not None:  # another store than the job's (its own is kept apart above)
+            raise StoreError(f"The output folder {out!r} {'is' if store == sink.root else 'lies inside'} a model "
+                             f"store ({store!r} holds LATEST and runs/): overwrite would delete its runs. Nothing "
+                             "was removed; pick another output folder.")
     return sink
+
+
+def _model_store_at(sink: Location) -> str | None:
+    """The model store that ``sink`` is, or whose ``runs/`` it is or lies in (its path), or None."""
+    fs, path = sink.fs, sink.root.rstrip("/")
+    for _ in range(3):  # the folder, runs/, runs/<run id>/
+        try:
+            if fs.isfile(f"{path}/LATEST"):
+                return path
+        except Exception:  # noqa: BLE001 - a look, not a reason to fail
+            return None
+        parent = path.rsplit("/", 1)[0]
+        if not parent or parent == path:
+            return None
+        path = parent
+    return None
 
 
 def _not_empty(sink: Location, out: str, cli: bool = False) -> str:

@@ -1323,3 +1323,20 @@ def test_a_unit_that_outlives_its_committed_run_writes_nothing(tmp_path, monkeyp
     with pytest.raises(StoreError, match=r"was committed while its unit .* still ran here .* wrote nothing"):
         real(spec, unit)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_overwrite_refuses_an_output_folder_in_another_model_store(tmp_path):
+    """--out other-store/runs --overwrite (a slip of the path) emptied another model store's runs;
+    the job's own store was kept apart, other stores were not."""
+    _, store = _trained_on_flat(tmp_path, "shard")
+    other = str(tmp_path / "other")
+    modelfactory.train(str(tmp_path / "flat.parquet"), by=["shard"], time="ts", target="value", store=other,
+                       cluster="inline")
+    runs = sorted(p.name for p in (tmp_path / "other" / "runs").iterdir())
+    for out in (other, f"{other}/runs", f"{other}/runs/{runs[0]}"):
+        with pytest.raises(StoreError, match=r"(is|lies inside) a model store .*holds LATEST and runs/\): overwrite "
+                                             r"would delete its runs\. Nothing was removed"):
+            modelfactory.score(str(tmp_path / "flat.parquet"), store=store, out=out, overwrite=True,
+                               cluster="inline")
+    assert sorted(p.name for p in (tmp_path / "other" / "runs").iterdir()) == runs
+    assert modelfactory.ModelStore(other).latest() == runs[0]
