@@ -402,25 +402,18 @@ def _holds_files(sink: Location) -> bool:
                                      if not (not sink.is_local and p.rstrip("/") == root)])
 
 
-def _empty_output(sink: Location | None, run_id: str, overwrite: bool, cli: bool = False,
-                  client=None) -> None:
+def _empty_output(sink: Location | None, run_id: str, overwrite: bool, cli: bool = False) -> None:
     """Empty the ``out=`` folder that :func:`_output` accepted (with ``overwrite``), right
     before the job's units run, and mark it as this run's (:func:`result.claim_output`).
     Without ``overwrite`` nothing is removed: files that appeared since :func:`_output` found
-    the folder empty (another job's, committed while this one's cluster started) are refused.
-    With a ``client``, the folder is emptied once a worker has joined: a scheduler with none
-    runs nothing, and a job stopped while it waits leaves the output it would have replaced."""
+    the folder empty (another job's, committed while this one's cluster started) are refused."""
     from .exceptions import StoreError
     from .result import claim_output
-    from .run import watch_workers
 
     if sink is None:
         return
     sink.fs.invalidate_cache()
     if _holds_files(sink):
-        if overwrite and client is not None:
-            with watch_workers(client):
-                client.wait_for_workers(1)
         if not overwrite:
             raise StoreError(f"The output folder {sink.url!r} is not empty any more: it was empty when this job "
                              "started, and another job wrote to it while this one's cluster started. Nothing was "
@@ -895,7 +888,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     with open_client(cluster, settings=conf) as client:
         check_code(client, spec)
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
-        _empty_output(sink, run_id, overwrite, client=client)
+        _empty_output(sink, run_id, overwrite)
         bar = Progress(len(plan_.units), "apply", progress, client)
         try:
             results = run_units(client, spec, info, plan_, bar)
@@ -979,7 +972,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
         per = keys_per_unit or max(1, min(1000, math.ceil(len(rows) / (n_workers * 8))))
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
         ids = [f"k{i:05d}-{_digest(c)[:12]}" for i, c in enumerate(chunks)]
-        _empty_output(sink, run_id, overwrite, client=client)
+        _empty_output(sink, run_id, overwrite)
         bar = Progress(len(chunks), "map_keys", progress, client)
         tag = task_tag()
         try:
@@ -1225,7 +1218,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         # of folders would each hold groups of nearly every part, and read them all.
         plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows, align=src.n_buckets,
                      shuffle=bool(src.n_buckets))
-        _empty_output(sink, run_id, overwrite, cli=True, client=client)
+        _empty_output(sink, run_id, overwrite, cli=True)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)
         try:
             if plan_.mode == "files":

@@ -234,31 +234,6 @@ def test_workers_without_a_built_in_models_package_are_refused_before_anything_r
         lacking.stop()
 
 
-@pytest.mark.timeout(90)
-def test_overwrite_waits_for_a_worker_before_it_empties_the_output(tmp_path, leaves, aws_env, caplog, monkeypatch):
-    """score --overwrite on a scheduler with no worker emptied the old output at once, and a
-    Ctrl-C while it waited for a worker left the folder empty: nothing had run."""
-    import modelfactory.run
-
-    monkeypatch.setattr(modelfactory.run, "NO_WORKER_WARNING_SECONDS", 0.5)
-    store, out = str(tmp_path / "store"), tmp_path / "scores"
-    modelfactory.train(leaves, store=store, cluster="inline", params={"season_length": 24}, **TRAIN)
-    out.mkdir()
-    (out / "old.parquet").write_bytes(b"yesterday's")
-    bare = DaskProcesses(tmp_path / "dask", workers=0, env={"PYTHONPATH": TESTS_DIR, **DUMMY_AWS_ENV}).start()
-    try:
-        caplog.set_level("WARNING", logger="modelfactory")
-        job = in_background(lambda: modelfactory.score(leaves, store=store, out=str(out), overwrite=True,
-                                                       cluster=bare.address))
-        wait_for(lambda: "has had no Dask worker for" in caplog.text, 30, "the no-worker warning")
-        assert (out / "old.parquet").read_bytes() == b"yesterday's"
-        bare.add_worker("late")
-        run = job.result(timeout=60)
-    finally:
-        bare.stop()
-    assert run.summary["counts"]["ok"] == SERIES and not (out / "old.parquet").exists()
-
-
 @pytest.mark.timeout(120)
 def test_losing_the_scheduler_mid_run_says_so_and_how_to_resume(tmp_path, leaves, aws_env):
     from _servers import _signal_group
