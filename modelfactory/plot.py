@@ -402,7 +402,13 @@ class ScoresFolder:
             raise DatasetError(f"The scores at {self.url!r} list group {format_key(key)} but hold no rows for it.")
         types = {n: schema.field(n).type for n in schema.names}
         names = [n for n in schema.names if n not in pkeys]  # file columns, in the order score wrote them
-        time, target = _guess_columns(names, types, set(self.by), time, target, where)
+        # the job's own columns, as its summary records them: the features and the columns kept
+        # (keep=: a request id, a timestamp of its own) are neither its time nor its target
+        spec = self.manifest().get("summary", {}).get("spec", {})
+        if time is None and target is None and spec.get("target") in names:
+            time, target = (spec.get("time") if spec.get("time") in names else None), spec["target"]
+        skip = {*self.by, *spec.get("features", ()), *spec.get("keep", ())} - {time, target}
+        time, target = _guess_columns(names, types, skip, time, target, where)
         return _series(key, table.to_pandas(), time, target, f"scores {self.url}")
 
 

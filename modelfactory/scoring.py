@@ -427,6 +427,11 @@ def _none_in_group(some: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np
     return out
 
 
+def _judges_target(model) -> bool:
+    judges = getattr(model, "judges_target", None)
+    return bool(judges()) if callable(judges) else True
+
+
 def _unscored_reason(model, t: np.ndarray | None, n: int) -> str:
     name = getattr(model, "name", type(model).__name__)
     last, step = getattr(model, "t_last_", None), getattr(model, "step_", 0)
@@ -491,7 +496,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         for i in [i for i, st in enumerate(status) if st is None]:  # stored bytes that hold no model
             status[i], errors[i] = "failed", "the stored model bytes decode to no model (None)"
         for i in np.flatnonzero(_nothing_scored(cols, groups.starts, groups.ends)).tolist():
-            if status[i] == "ok" and getattr(fitted[i], "expects_what_it_scores", False):
+            if status[i] == "ok" and getattr(fitted[i], "expects_what_it_scores", False) and _judges_target(fitted[i]):
                 s, e = int(groups.starts[i]), int(groups.ends[i])
                 status[i], errors[i] = "skipped", _unscored_reason(fitted[i], None if t is None else t[s:e], e - s)
         # A series gone silent (every value missing) was "ok, 0 anomalies": a healthy one, to read.
@@ -499,7 +504,8 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         # forecast's use) has no values either.
         silent = np.zeros(ng, dtype=bool)
         for i in np.flatnonzero(_all_missing(y, groups.starts, groups.ends)).tolist():
-            if status[i] == "ok":
+            # (a detector that does not read the target scores its rows on their features)
+            if status[i] == "ok" and _judges_target(fitted[i]):
                 silent[i] = True
                 status[i] = "skipped"
                 errors[i] = (f"every one of its {int(groups.ends[i] - groups.starts[i])} {spec.target!r} values is "

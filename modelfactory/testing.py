@@ -21,8 +21,10 @@ need) and checks the protocol the runner relies on.  A failed check raises
 ``constant``       a constant series is skipped (``SkipGroup``) or fits a sane model
 ``short``          a 3-point series is skipped or fits a sane model
 ``gaps``           a series with NaNs and missing timestamps is skipped or fits a sane model,
-                   and a NaN value scores 0 and is never an anomaly
-``all_nan``        an all-NaN series is skipped
+                   and a NaN value scores 0 and is never an anomaly (for a model that judges the
+                   target: ``judges_target()``)
+``all_nan``        an all-NaN series is skipped (a model that does not judge the target: it is
+                   skipped, or fits a model that scores by the contract)
 ``batch``          ``fit_batch`` returns one entry per series and matches ``fit``
 ``debounce``       ``debounce="first"`` keeps a subset of the flags
 """
@@ -157,6 +159,7 @@ def check_model(model: Model, *, seed: int = 0) -> dict[str, Any]:
     if not isinstance(model, Model):
         raise ConformanceError(f"check_model[type] needs a modelfactory Model instance; got {type(model).__name__}")
     passed: list[str] = []
+    judges = bool(getattr(model, "judges_target", lambda: True)())
     m = _period(model)
     need = max(int(model.required_rows()), 4)
     n = max(2 * need, 4 * m, 96)
@@ -263,19 +266,25 @@ def check_model(model: Model, *, seed: int = 0) -> dict[str, Any]:
         probe = ynew.copy()
         probe[1] = np.nan
         r = _sane(model, got, "gaps", probe, tnew, Xnew)
-        if r["score"][1] != 0 or r["is_anomaly"][1]:
+        if judges and (r["score"][1] != 0 or r["is_anomaly"][1]):
             _fail("gaps", model, "a NaN value must score 0 and never be an anomaly")
     passed.append("gaps")
 
-    # all NaN
-    try:
-        model.clone().fit(np.full(n, np.nan), t=t, X=X)
-    except SkipGroup:
-        passed.append("all_nan")
-    except Exception as err:  # noqa: BLE001
-        _fail("all_nan", model, "an all-NaN series must raise SkipGroup", err)
+    # all NaN (a model that does not judge the target fits on the features alone)
+    if judges:
+        try:
+            model.clone().fit(np.full(n, np.nan), t=t, X=X)
+        except SkipGroup:
+            passed.append("all_nan")
+        except Exception as err:  # noqa: BLE001
+            _fail("all_nan", model, "an all-NaN series must raise SkipGroup", err)
+        else:
+            _fail("all_nan", model, "an all-NaN series must raise SkipGroup, not fit")
     else:
-        _fail("all_nan", model, "an all-NaN series must raise SkipGroup, not fit")
+        got = _try_fit(model, "all_nan", np.full(n, np.nan), t, X)
+        if got is not None:
+            _check_result(model, got.score(ynew, t=tnew, X=Xnew), len(ynew), "all_nan")
+        passed.append("all_nan")
 
     # batch
     cls = type(model)

@@ -343,6 +343,14 @@ def test_feature_autoencoder_passes_check_model():
     check_model(get("autoencoder", input="features", max_iter=100))
 
 
+def test_a_detector_that_does_not_judge_the_target_passes_check_model():
+    """isolation_forest with include_target=False fits on its features whatever the target, and
+    flags rows whose target is missing: check_model required it to skip an all-NaN target and
+    never flag a NaN one, the contract of models that judge the target."""
+    assert check_model(get("isolation_forest", include_target=False))["checks"][-3:] == ["all_nan", "batch",
+                                                                                        "debounce"]
+
+
 def test_bytes_per_model_are_small():
     y, t, X = make_series(24 * 14)
     limits = {"seasonal": 1_000, "holt_winters": 1_000, "ets": 1_000, "autoencoder": 5_000,

@@ -1340,3 +1340,47 @@ def test_overwrite_refuses_an_output_folder_in_another_model_store(tmp_path):
                                cluster="inline")
     assert sorted(p.name for p in (tmp_path / "other" / "runs").iterdir()) == runs
     assert modelfactory.ModelStore(other).latest() == runs[0]
+
+
+def test_a_detector_without_the_target_scores_groups_whose_target_is_missing(tmp_path):
+    """isolation_forest with include_target=False: a group whose new target values were all
+    missing was 'skipped, nothing to score' with 0 anomalies, while its written rows were flagged;
+    a group trained without target values showed a band about 0 that described nothing."""
+    rng = np.random.default_rng(0)
+    n = 300
+    df = pd.DataFrame({"user": np.repeat(["a", "b"], n), "f1": rng.normal(size=2 * n), "f2": rng.normal(size=2 * n),
+                       "value": rng.normal(size=2 * n)})
+    df.loc[df.user == "b", "value"] = np.nan  # b: trained without a target value
+    df.to_parquet(tmp_path / "train.parquet")
+    store = str(tmp_path / "s")
+    modelfactory.train(str(tmp_path / "train.parquet"), by="user", target="value", features=["f1", "f2"],
+                       model="isolation_forest", params={"include_target": False}, store=store, cluster="inline")
+    new = df.groupby("user").head(5).copy()
+    new["value"] = np.nan
+    new.loc[new.index[[0, 5]], "f1"] = 60.0
+    new.to_parquet(tmp_path / "new.parquet")
+    run = modelfactory.score(str(tmp_path / "new.parquet"), store=store, out=str(tmp_path / "o"), cluster="inline")
+    g = run.groups.set_index("user")
+    assert g["status"].tolist() == ["ok", "ok"] and (g["anomalies"] >= 1).all()
+    rows = run.to_pandas()
+    assert rows["is_anomaly"].sum() == g["anomalies"].sum() == run.summary["anomalies"]
+    assert rows.loc[rows.f1 == 60.0, "is_anomaly"].all()
+    assert rows.loc[rows.user == "b", "expected"].isna().all() and rows.loc[rows.user == "a", "expected"].notna().all()
+
+
+def test_plot_reads_the_time_and_target_of_scores_that_keep_more_columns(tmp_path):
+    """Scores kept a timestamp and a number after the features (keep=): plot and report guessed
+    the time and target from the columns' order, and took the kept ones."""
+    from modelfactory.plot import load_series
+
+    rng = np.random.default_rng(0)
+    n = 200
+    pd.DataFrame({"user": "a", "bytes": rng.lognormal(8, .3, n), "latency": rng.gamma(4, 20, n),
+                  "at": pd.date_range("2026-01-01", periods=n, freq="min"),
+                  "status": rng.integers(200, 205, n)}).to_parquet(tmp_path / "r.parquet")
+    store, out = str(tmp_path / "s"), str(tmp_path / "o")
+    modelfactory.train(str(tmp_path / "r.parquet"), by="user", target="bytes", features=["latency"],
+                       model="isolation_forest", store=store, cluster="inline")
+    modelfactory.score(str(tmp_path / "r.parquet"), store=store, out=out, cluster="inline", keep="at,status")
+    s = load_series(out, "user=a")
+    assert (s.time, s.target) == (None, "bytes")
