@@ -1041,20 +1041,18 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
     for i, name in enumerate(by):
         values = [r[i] for r in rows]
         _refuse_mixed_zones(keys, values, name if len(by) > 1 or isinstance(keys[0], (dict, tuple)) else None)
+        # before the conversion: a NaN among strings (what a column's unique() gives) does not convert
+        bad = next((j for j, v in enumerate(values) if _missing_value(v)), None)
+        if bad is not None:
+            part = "" if len(by) == 1 and not isinstance(keys[0], (dict, tuple)) else f"{name!r} "
+            raise ModelFactoryError(f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value is missing; keys "
+                                    "must not be null (None, NaN, NA or NaT), as group keys anywhere: leave it out, "
+                                    "or give it a value (e.g. 'unknown').")
         try:
-            column = pa.array(values)
-        except (pa.ArrowException, TypeError, ValueError, OverflowError):
-            column = None
-        if column is not None:
-            missing = pa.compute.is_null(column, nan_is_null=True)  # None, or NaN among floats
-            if pa.compute.any(missing).as_py():
-                bad = missing.to_pylist().index(True)
-                part = "" if len(by) == 1 and not isinstance(keys[0], (dict, tuple)) else f"{name!r} "
-                raise ModelFactoryError(f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value is missing; keys "
-                                        "must not be null (None, or NaN), as group keys anywhere: leave it out, or "
-                                        "give it a value (e.g. 'unknown').")
-            columns.append(column)
+            columns.append(pa.array(values))
             continue
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            pass
         lo, hi = 1, len(values)  # the shortest failing prefix: values[:hi] fails, values[:lo] converts
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -1077,6 +1075,18 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
             f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value {_short(v)} ({type(v).__name__}) does not go "
             f"with the earlier keys' ({before or 'values'}); give each part of the keys values of one type.")
     return columns
+
+
+def _missing_value(v) -> bool:
+    """None, a float NaN, pandas' NA or NaT, numpy's NaT: a missing value as a key."""
+    if v is None or type(v).__name__ in ("NAType", "NaTType"):
+        return True
+    if isinstance(v, float) or type(v).__module__ == "numpy":
+        try:
+            return bool(v != v)  # noqa: PLR0124 - NaN and NaT are the values not equal to themselves
+        except (TypeError, ValueError):
+            return False
+    return False
 
 
 def _refuse_mixed_zones(keys: list, values: list, name: str | None) -> None:
@@ -1211,7 +1221,8 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                    sink=sink, models=src, groups_prefix="_groups/", data_prefix="part-", claim=run_id)
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
-        check_code(client, spec, models=(man["run_id"], sp["imports"]) if sp.get("imports") else None)
+        check_code(client, spec, models=(man["run_id"], sp["imports"]) if sp.get("imports") else None,
+                   scored_model=sp["model"] if sp.get("serializer", "native") == "native" else None)
         # Against a run trained without key folders, shuffled into as many partitions as the run's
         # (or a divisor or multiple), on the keys as the run's types: each unit then needs only the
         # parts of the partitions its groups hashed to in training.  Data in key folders too: units

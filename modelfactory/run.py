@@ -498,7 +498,8 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
                            f"(identity: {identity!r:.80}). {_CHECK_ADDRESS}")
 
 
-def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = None) -> None:
+def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = None,
+               scored_model: str | None = None) -> None:
     """Raise :class:`ClusterError` unless every worker can load the code of ``spec`` (its
     function, its model class) and holds the same version of it, and the scheduler and every
     worker run this modelfactory.  ``models``: (run id, what its models import by name, as
@@ -573,7 +574,9 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
     imports = models[1] if models else None
     from .models import optional_package
 
-    needs = optional_package(spec.model.name) if spec.model is not None and spec.model.serializer == "native" else None
+    # (scored_model: the built-in model a score job's run holds, whose package scoring may need too)
+    needs = (optional_package(spec.model.name) if spec.model is not None and spec.model.serializer == "native"
+             else optional_package(scored_model, scoring=True) if scored_model else None)
     for address, got in sorted(client.run(probe, blob, imports, needs and needs[0], on_error="ignore").items()):
         answers[f"the worker at {address}"] = got
 
@@ -599,7 +602,9 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
     missing = {w: a[4] for w, a in answers.items() if len(a) > 4 and a[4]}
     if missing:
         raise ClusterError(
-            f"{first(missing)} cannot import {needs[0]}, which the model {spec.model.name!r} needs to fit "
+            f"{first(missing)} cannot import {needs[0]}, which the model "
+            f"{spec.model.name if spec.model is not None else scored_model!r} needs to "
+            f"{'fit' if spec.model is not None else 'score'} "
             f"({next(iter(missing.values()))}): every group would fail on it. {needs[1]} where the Dask workers "
             "run, and restart them. Nothing ran.")
     unloadable = {w: a[3] for w, a in answers.items() if a[3]}

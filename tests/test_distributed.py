@@ -230,6 +230,11 @@ def test_workers_without_a_built_in_models_package_are_refused_before_anything_r
         run = modelfactory.train(leaves, store=str(tmp_path / "store"), cluster=lacking.address,
                                  params={"season_length": 24}, **TRAIN)  # seasonal needs none of it
         assert run.summary["counts"]["ok"] == SERIES
+        # scoring ets rebuilds its models with statsmodels: refused too (review P)
+        modelfactory.train(leaves, store=str(tmp_path / "ets"), cluster="inline", model="ets",
+                           params={"season_length": 12, "maxiter": 20}, **TRAIN)
+        with pytest.raises(ClusterError, match=r"cannot import statsmodels, which the model 'ets' needs to score"):
+            modelfactory.score(leaves, store=str(tmp_path / "ets"), out=str(tmp_path / "o"), cluster=lacking.address)
     finally:
         lacking.stop()
 

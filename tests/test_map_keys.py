@@ -77,7 +77,10 @@ def test_one_part_tuple_keys_reach_func_as_tuples():
     ([("a", np.datetime64("2026-01-01T05")), ("b", pd.Timestamp("2026-01-01", tz="Europe/Paris"))],
      r"key #1 .* has a 'key1' time with a time zone and key #0 .* one without"),
     # a null key ran, and the group table showed a NaN key
-    (["a", None, "b"], r"key #1 None: its value is missing; keys must not be null \(None, or NaN\)"),
+    (["a", None, "b"], r"key #1 None: its value is missing; keys must not be null \(None, NaN, NA or NaT\)"),
+    (["a", float("nan")], r"key #1 nan: its value is missing"),  # what a column's unique() gives
+    (["a", pd.NA], r"key #1 <NA>: its value is missing"),
+    ([pd.Timestamp("2026-01-01"), pd.NaT], r"key #1 NaT: its value is missing"),
     ([{"user": "a"}, {"user": None}], r"key #1 \{'user': None\}: its 'user' value is missing"),
     ([1.5, float("nan")], r"key #1 nan: its value is missing"),
     ([None, None], r"key #0 None: its value is missing"),

@@ -55,11 +55,15 @@ _BUILTIN: dict[str, tuple[str, str]] = {
 _USER: dict[str, type] = {}
 
 
-def optional_package(name: str) -> tuple[str, str] | None:
+def optional_package(name: str, *, scoring: bool = False) -> tuple[str, str] | None:
     """The optional package a built-in model ``name`` imports when it fits (lazily: the class
-    itself imports without it), and the hint to install it; None for the others."""
+    itself imports without it), and the hint to install it; None for the others.  ``scoring``:
+    only if scoring needs it too (statsmodels rebuilds ets's and sarimax's fitted models; the
+    scikit-learn models score in numpy)."""
     hint = _BUILTIN.get(name, ("", ""))[1] if name not in _USER else ""
-    return ({_SM: "statsmodels", _SK: "sklearn"}[hint], hint) if hint else None
+    if not hint or (scoring and hint != _SM):
+        return None
+    return {_SM: "statsmodels", _SK: "sklearn"}[hint], hint
 
 
 def _load(name: str) -> type:
