@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(mu)
     mu.set_defaults(func=_cmd_models_set_latest)
     mg = msub.add_parser("gc", help="remove old runs", description="Remove all but the newest runs of a store. "
-                         "The run LATEST names stays whatever --keep says: scoring reads it.")
+                         "The run LATEST names stays whatever --keep says: scoring reads it; so does the run "
+                         "an interrupted retrain started from, while that run is kept to be resumed.")
     mg.add_argument("--store", required=True, help="model store folder (or s3:// prefix)")
     mg.add_argument("--keep", type=int, default=3, help="committed runs to keep, newest first (default: "
                     "%(default)s); LATEST's run is kept besides")

@@ -7,7 +7,8 @@ Layout under the store's root (a folder or any fsspec URL)::
                                             error, rows, seconds, model bytes
     runs/<run_id>/manifest.json             written last: the commit point
     LATEST                                  the id of the run committed last among
-                                            those that fitted a model
+                                            those that fitted a model (or the run
+                                            set_latest named since)
 
 Workers write the part files; the client writes the manifest only after every
 unit has succeeded, then moves ``LATEST`` (unless the run fitted no model).  A run without a manifest is
@@ -317,7 +318,8 @@ class ModelStore:
     @_denied_is_a_store_error
     def latest(self) -> str | None:
         """The id of the run that committed last among those that fitted a model (runs that
-        fitted none never become LATEST; a resumed older run does once it commits), or None."""
+        fitted none never become LATEST; a resumed older run does once it commits), or the run
+        :meth:`set_latest` named since; None before any."""
         if not self.location.exists("LATEST"):
             return None
         raw = self.location.read_bytes("LATEST")

@@ -227,7 +227,9 @@ class Autoencoder(Model):
         recon = _average_reconstruction(R, z.size)
         r = np.where(np.isfinite(vals), z - recon, np.nan)
         self.center_, self.rscale_ = center_scale(r, floor=1e-6, step=grid / self.scale_)
-        self.cover_k_, self.cover_scale_ = self._cover_scales(W - R, np.isfinite(vals), grid / self.scale_)
+        # (R is not needed after: the residuals go in its place, for the memory of long windows)
+        self.cover_k_, self.cover_scale_ = self._cover_scales(np.subtract(W, R, out=R), np.isfinite(vals),
+                                                              grid / self.scale_)
         self.tail_ = z[z.size - (self.window - 1):].copy()
 
     def _cover_scales(self, E: np.ndarray, real: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +250,7 @@ class Autoencoder(Model):
         P = np.zeros((n, w + 1))  # P[p, j + 1]: point p's residual in the window holding it at position j
         for j in range(w):
             P[j:j + nw, j + 1] = E[:, j]
-        C = np.cumsum(P, axis=1)
+        C = np.cumsum(P, axis=1, out=P)
         ks = _cover_grid(w)
         scales = np.full((3, ks.size), self.rscale_)
         for c, k in enumerate(ks.tolist()):
