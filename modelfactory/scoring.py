@@ -496,7 +496,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         for i in [i for i, st in enumerate(status) if st is None]:  # stored bytes that hold no model
             status[i], errors[i] = "failed", "the stored model bytes decode to no model (None)"
         for i in np.flatnonzero(_nothing_scored(cols, groups.starts, groups.ends)).tolist():
-            if status[i] == "ok" and getattr(fitted[i], "expects_what_it_scores", False) and _judges_target(fitted[i]):
+            if status[i] == "ok" and getattr(fitted[i], "expects_what_it_scores", False):
                 s, e = int(groups.starts[i]), int(groups.ends[i])
                 status[i], errors[i] = "skipped", _unscored_reason(fitted[i], None if t is None else t[s:e], e - s)
         # A series gone silent (every value missing) was "ok, 0 anomalies": a healthy one, to read.

@@ -182,8 +182,6 @@ class IsolationForest(_Forest):
         s = -self.score_samples(M, prepared=True)
         self.center_, self.scale_ = center_scale(s, floor=1e-3)
         self.y_center_, self.y_scale_ = center_scale(y, floor=scale_floor(max_abs(y)))
-        if not np.isfinite(y).any():  # (include_target=False) no target to describe: no band either
-            self.y_center_ = self.y_scale_ = float("nan")
 
     def score_samples(self, X, *, prepared: bool = False, y=None) -> np.ndarray:
         """scikit-learn's ``IsolationForest.score_samples`` (the opposite of the anomaly score), in numpy.
