@@ -355,26 +355,35 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, *, cli: boo
                              f"{out.rstrip('/') + '/scores'!r}.")
         store = _model_store_at(sink)
         if store is not None:  # another store than the job's (its own is kept apart above)
-            raise StoreError(f"The output folder {out!r} {'is' if store == sink.root else 'lies inside'} a model "
-                             f"store ({store!r} holds LATEST and runs/): overwrite would delete its runs. Nothing "
-                             "was removed; pick another output folder.")
+            raise StoreError(f"The output folder {out!r} {'is' if store == sink.root.rstrip('/') else 'lies inside'} "
+                             f"a model store ({store!r}, the runs of {store!r}): overwrite would delete its runs. "
+                             "Nothing was removed; pick another output folder.")
     return sink
 
 
 def _model_store_at(sink: Location) -> str | None:
-    """The model store that ``sink`` is, or whose ``runs/`` it is or lies in (its path), or None."""
+    """The model store that ``sink`` is, or in whose ``runs/`` it lies (at any depth): its path;
+    None for any other folder (one beside ``runs/`` in a store's folder too: emptying it removes
+    no run)."""
     fs, path = sink.fs, sink.root.rstrip("/")
-    for _ in range(3):  # the folder, runs/, runs/<run id>/
-        try:
-            if fs.isfile(f"{path}/LATEST"):
-                return path
-        except Exception:  # noqa: BLE001 - a look, not a reason to fail
-            return None
-        parent = path.rsplit("/", 1)[0]
-        if not parent or parent == path:
-            return None
-        path = parent
+    parts = path.split("/")
+    try:
+        for i in range(len(parts), 0, -1):
+            here = "/".join(parts[:i])
+            if here and (i == len(parts) or parts[i] == "runs") and _is_model_store(fs, here):
+                return here
+    except Exception:  # noqa: BLE001 - a look, not a reason to fail
+        return None
     return None
+
+
+def _is_model_store(fs, path: str) -> bool:
+    """A folder with LATEST, or with runs/ holding a committed or interrupted run (a store whose
+    runs fitted nothing has no LATEST)."""
+    if fs.isfile(f"{path}/LATEST"):
+        return True
+    return fs.isdir(f"{path}/runs") and bool(fs.glob(f"{path}/runs/*/manifest.json")
+                                             or fs.glob(f"{path}/runs/*/pending.json"))
 
 
 def _not_empty(sink: Location, out: str, cli: bool = False) -> str:
@@ -1040,19 +1049,22 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
     columns = []
     for i, name in enumerate(by):
         values = [r[i] for r in rows]
-        _refuse_mixed_zones(keys, values, name if len(by) > 1 or isinstance(keys[0], (dict, tuple)) else None)
-        # before the conversion: a NaN among strings (what a column's unique() gives) does not convert
-        bad = next((j for j, v in enumerate(values) if _missing_value(v)), None)
-        if bad is not None:
-            part = "" if len(by) == 1 and not isinstance(keys[0], (dict, tuple)) else f"{name!r} "
-            raise ModelFactoryError(f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value is missing; keys "
-                                    "must not be null (None, NaN, NA or NaT), as group keys anywhere: leave it out, "
-                                    "or give it a value (e.g. 'unknown').")
+        part = "" if len(by) == 1 and not isinstance(keys[0], (dict, tuple)) else f"{name!r} "
         try:
-            columns.append(pa.array(values))
-            continue
+            column = pa.array(values)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
-            pass
+            column = None  # (a NaN among strings, what a column's unique() gives, does not convert)
+        if column is None or column.null_count or (pa.types.is_floating(column.type)
+                                                   and pa.compute.any(pa.compute.is_nan(column)).as_py()):
+            bad = next((j for j, v in enumerate(values) if _missing_value(v)), None)  # (one by one: 0.4 µs a key)
+            if bad is not None:
+                raise ModelFactoryError(f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value is missing; keys "
+                                        "must not be null (None, NaN, NA or NaT), as group keys anywhere: leave it "
+                                        "out, or give it a value (e.g. 'unknown').")
+        _refuse_mixed_zones(keys, values, name if len(by) > 1 or isinstance(keys[0], (dict, tuple)) else None)
+        if column is not None:
+            columns.append(column)
+            continue
         lo, hi = 1, len(values)  # the shortest failing prefix: values[:hi] fails, values[:lo] converts
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -1070,7 +1082,6 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
             before = str(pa.array(values[:bad]).type) if bad else None
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
             before = None
-        part = "" if len(by) == 1 and not isinstance(keys[0], (dict, tuple)) else f"{name!r} "
         raise ModelFactoryError(
             f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value {_short(v)} ({type(v).__name__}) does not go "
             f"with the earlier keys' ({before or 'values'}); give each part of the keys values of one type.")
@@ -1081,7 +1092,7 @@ def _missing_value(v) -> bool:
     """None, a float NaN, pandas' NA or NaT, numpy's NaT: a missing value as a key."""
     if v is None or type(v).__name__ in ("NAType", "NaTType"):
         return True
-    if isinstance(v, float) or type(v).__module__ == "numpy":
+    if isinstance(v, float) or type(v).__module__ in ("numpy", "decimal"):
         try:
             return bool(v != v)  # noqa: PLR0124 - NaN and NaT are the values not equal to themselves
         except (TypeError, ValueError):

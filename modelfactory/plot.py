@@ -405,8 +405,9 @@ class ScoresFolder:
         # the job's own columns, as its summary records them: the features and the columns kept
         # (keep=: a request id, a timestamp of its own) are neither its time nor its target
         spec = self.manifest().get("summary", {}).get("spec", {})
-        if time is None and target is None and spec.get("target") in names:
-            time, target = (spec.get("time") if spec.get("time") in names else None), spec["target"]
+        if spec.get("target") in names:  # what the caller did not name
+            target = target if target is not None else spec["target"]
+            time = time if time is not None else spec.get("time") if spec.get("time") in names else None
         skip = {*self.by, *spec.get("features", ()), *spec.get("keep", ())} - {time, target}
         time, target = _guess_columns(names, types, skip, time, target, where)
         return _series(key, table.to_pandas(), time, target, f"scores {self.url}")

@@ -605,8 +605,8 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
             f"{first(missing)} cannot import {needs[0]}, which the model "
             f"{spec.model.name if spec.model is not None else scored_model!r} needs to "
             f"{'fit' if spec.model is not None else 'score'} "
-            f"({next(iter(missing.values()))}): every group would fail on it. {needs[1]} where the Dask workers "
-            "run, and restart them. Nothing ran.")
+            f"({next(iter(missing.values()))}): every group would fail on it. Install it where the Dask workers "
+            f"run ({needs[1].split(': ', 1)[-1]}), and restart them. Nothing ran.")
     unloadable = {w: a[3] for w, a in answers.items() if a[3]}
     if unloadable:
         from .store import import_problem

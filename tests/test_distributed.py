@@ -222,8 +222,9 @@ def test_workers_without_a_built_in_models_package_are_refused_before_anything_r
     try:
         with pytest.raises(ClusterError, match=r"The worker at tcp://\S+ cannot import statsmodels, which the model "
                                                r"'ets' needs to fit \(ModuleNotFoundError: No module named "
-                                               r"'statsmodels'\): every group would fail on it\. It needs statsmodels: "
-                                               r"pip install statsmodels where the Dask workers run.*Nothing ran\."):
+                                               r"'statsmodels'\): every group would fail on it\. Install it where the Dask "
+                                               r"workers run \(pip install statsmodels\), and restart them\. Nothing "
+                                               r"ran\."):
             modelfactory.train(leaves, store=str(tmp_path / "store"), cluster=lacking.address, model="ets",
                                params={"season_length": 24}, **TRAIN)
         assert not (tmp_path / "store").exists()

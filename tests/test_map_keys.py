@@ -81,6 +81,8 @@ def test_one_part_tuple_keys_reach_func_as_tuples():
     (["a", float("nan")], r"key #1 nan: its value is missing"),  # what a column's unique() gives
     (["a", pd.NA], r"key #1 <NA>: its value is missing"),
     ([pd.Timestamp("2026-01-01"), pd.NaT], r"key #1 NaT: its value is missing"),
+    # a zoned column's unique(): NaT was called a time without a zone
+    ([pd.Timestamp("2026-01-01", tz="UTC"), pd.NaT], r"key #1 NaT: its value is missing"),
     ([{"user": "a"}, {"user": None}], r"key #1 \{'user': None\}: its 'user' value is missing"),
     ([1.5, float("nan")], r"key #1 nan: its value is missing"),
     ([None, None], r"key #0 None: its value is missing"),

@@ -1333,19 +1333,27 @@ def test_overwrite_refuses_an_output_folder_in_another_model_store(tmp_path):
     modelfactory.train(str(tmp_path / "flat.parquet"), by=["shard"], time="ts", target="value", store=other,
                        cluster="inline")
     runs = sorted(p.name for p in (tmp_path / "other" / "runs").iterdir())
-    for out in (other, f"{other}/runs", f"{other}/runs/{runs[0]}"):
-        with pytest.raises(StoreError, match=r"(is|lies inside) a model store .*holds LATEST and runs/\): overwrite "
-                                             r"would delete its runs\. Nothing was removed"):
+    for out in (other, f"{other}/runs", f"{other}/runs/{runs[0]}", f"{other}/runs/{runs[0]}/parts"):
+        with pytest.raises(StoreError, match=r"(is|lies inside) a model store .*: overwrite would delete its runs\. "
+                                             r"Nothing was removed"):
             modelfactory.score(str(tmp_path / "flat.parquet"), store=store, out=out, overwrite=True,
                                cluster="inline")
     assert sorted(p.name for p in (tmp_path / "other" / "runs").iterdir()) == runs
     assert modelfactory.ModelStore(other).latest() == runs[0]
+    (tmp_path / "other" / "LATEST").unlink()  # a store whose runs fitted nothing has no LATEST
+    with pytest.raises(StoreError, match=r"lies inside a model store"):
+        modelfactory.score(str(tmp_path / "flat.parquet"), store=store, out=f"{other}/runs", overwrite=True,
+                           cluster="inline")
+    (tmp_path / "other" / "notes").mkdir()  # beside runs/: emptying it removes no run
+    (tmp_path / "other" / "notes" / "a.txt").write_text("x")
+    modelfactory.score(str(tmp_path / "flat.parquet"), store=store, out=f"{other}/notes", overwrite=True,
+                       cluster="inline")
 
 
 def test_a_detector_without_the_target_scores_groups_whose_target_is_missing(tmp_path):
     """isolation_forest with include_target=False: a group whose new target values were all
-    missing was 'skipped, nothing to score' with 0 anomalies, while its written rows were flagged;
-    a group trained without target values showed a band about 0 that described nothing."""
+    missing was 'skipped, nothing to score' with 0 anomalies, while its written rows were flagged.
+    A group none of whose rows could be scored (their features all missing) is still skipped."""
     rng = np.random.default_rng(0)
     n = 300
     df = pd.DataFrame({"user": np.repeat(["a", "b"], n), "f1": rng.normal(size=2 * n), "f2": rng.normal(size=2 * n),
@@ -1365,7 +1373,12 @@ def test_a_detector_without_the_target_scores_groups_whose_target_is_missing(tmp
     rows = run.to_pandas()
     assert rows["is_anomaly"].sum() == g["anomalies"].sum() == run.summary["anomalies"]
     assert rows.loc[rows.f1 == 60.0, "is_anomaly"].all()
-    assert rows.loc[rows.user == "b", "expected"].isna().all() and rows.loc[rows.user == "a", "expected"].notna().all()
+    new.loc[new.user == "a", ["f1", "f2"]] = np.nan  # nothing to isolate a's rows on (review Q)
+    new.to_parquet(tmp_path / "blind.parquet")
+    run = modelfactory.score(str(tmp_path / "blind.parquet"), store=store, out=str(tmp_path / "o2"), cluster="inline")
+    g = run.groups.set_index("user")
+    assert g.loc["a", "status"] == "skipped" and "none of its 5 rows could be scored" in g.loc["a", "error"]
+    assert g.loc["b", "status"] == "ok"
 
 
 def test_plot_reads_the_time_and_target_of_scores_that_keep_more_columns(tmp_path):
@@ -1384,3 +1397,5 @@ def test_plot_reads_the_time_and_target_of_scores_that_keep_more_columns(tmp_pat
     modelfactory.score(str(tmp_path / "r.parquet"), store=store, out=out, cluster="inline", keep="at,status")
     s = load_series(out, "user=a")
     assert (s.time, s.target) == (None, "bytes")
+    # one of the two named: the summary gives the other (the target was left to a guess, which failed)
+    assert load_series(out, "user=a", time="at").target == "bytes"
