@@ -800,8 +800,10 @@ def _is_numeric(t: pa.DataType) -> bool:
 
 def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = None,
                   target: str | None = None, features: tuple[str, ...] = (),
-                  columns: tuple[str, ...] = (), allow_null_keys: bool = False) -> None:
-    """Check up front that the named columns exist with usable types.
+                  columns: tuple[str, ...] = (), allow_null_keys: bool = False,
+                  columns_role: str = "requested") -> None:
+    """Check up front that the named columns exist with usable types (``columns_role``: what
+    ``columns`` are, for the message: "requested", or "kept (keep=, --keep)").
 
     Raises :class:`SchemaError` naming the column, its type, the columns that
     do exist, and what to do.
@@ -878,7 +880,7 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
         if not (_is_numeric(t) or pa.types.is_boolean(t)):
             raise SchemaError(f"The feature column {f!r} has type {t}; features must be numeric or boolean.")
     for c in columns:
-        need(c, "requested")
+        need(c, columns_role)
     if not allow_null_keys:
         bad = {k: n for k, n in info.null_counts.items() if k in by and n}
         if bad:

@@ -1294,7 +1294,8 @@ def test_score_refuses_a_kept_column_it_cannot_keep(tmp_path, capsys):
     base = ["score", str(tmp_path / "new.parquet"), "--store", store, "--scheduler", "inline", "--quiet"]
     assert main([*base, "--out", str(tmp_path / "o1"), "--keep", "req_id"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "'req_id'" in err and err.count("\n") == 1
+    assert err.startswith("error: The kept (keep=, --keep) column 'req_id' is not in the dataset at ") and \
+        err.count("\n") == 1
     assert main([*base, "--out", str(tmp_path / "o2"), "--keep", "score"]) == 2
     assert "The kept column 'score' of" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
