@@ -305,7 +305,7 @@ class Autoencoder(Model):
             # covers is not scored (expected NaN).
             real = np.concatenate([np.ones(len(self.tail_), dtype=bool), known])
             share = 1.0 - _windows(real, self.window).mean(axis=1)
-            recon, rs = self._covering(R, ctx.size, share)
+            recon, rs = self._covering(R, ctx.size, share), self._covered_scales(ctx.size, share)
             # A point far outside its band drags the reconstruction of every window that holds it:
             # one dip of 40 sigmas flagged 6-11 clean neighbours.  Such points are replaced by their
             # reconstruction and the windows reconstructed again (a few times: the first
@@ -318,25 +318,30 @@ class Autoencoder(Model):
                 if not far.any():
                     break
                 ctx = np.where(far, recon + self.center_, given)
-                recon = self._covering(self.reconstruct(_windows(ctx, self.window)), ctx.size, share)[0]
+                recon = self._covering(self.reconstruct(_windows(ctx, self.window)), ctx.size, share)
             expected[ok] = self.loc_ + self.scale_ * (recon[n0:][h[ok] - 1] + self.center_)
             rscale[ok] = rs[n0:][h[ok] - 1]
         return expected, rscale
 
-    def _covering(self, R: np.ndarray, n: int, share: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _covering(self, R: np.ndarray, n: int, share: np.ndarray) -> np.ndarray:
         """Each point's reconstruction from the windows of real values that cover it, else from
         those no more interpolated than training allowed (``share``: each window's interpolated
-        share); NaN for a point neither covers.  And each point's residual scale, for the windows
-        it was reconstructed from."""
-        w = self.window
+        share); NaN for a point neither covers."""
         recon = _average_reconstruction(R, n, use=share == 0)
-        cover = _coverage(share == 0, n, w)
         if not np.isfinite(recon).all():  # some point is covered by no window of real values only
-            loose = share <= self.max_missing
-            real = np.isfinite(recon)
-            recon = np.where(real, recon, _average_reconstruction(R, n, use=loose))
-            cover = tuple(np.where(real, a, b) for a, b in zip(cover, _coverage(loose, n, w)))
-        return recon, self._point_scales(*cover)
+            loose = _average_reconstruction(R, n, use=share <= self.max_missing)
+            recon = np.where(np.isfinite(recon), recon, loose)
+        return recon
+
+    def _covered_scales(self, n: int, share: np.ndarray) -> np.ndarray:
+        """Each point's residual scale, for the windows :meth:`_covering` reconstructs it from
+        (those windows depend on ``share`` alone: once per score, not per reconstruction)."""
+        w = self.window
+        cover = _coverage(share == 0, n, w)
+        real = cover[0] > 0
+        if not real.all():  # as _covering: the looser windows where no window of real values covers
+            cover = tuple(np.where(real, a, b) for a, b in zip(cover, _coverage(share <= self.max_missing, n, w)))
+        return self._point_scales(*cover)
 
     # -- features ---------------------------------------------------------
     def _fit_features(self, y, X) -> None:
