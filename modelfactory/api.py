@@ -355,35 +355,28 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, *, cli: boo
                              f"{out.rstrip('/') + '/scores'!r}.")
         store = _model_store_at(sink)
         if store is not None:  # another store than the job's (its own is kept apart above)
-            raise StoreError(f"The output folder {out!r} {'is' if store == sink.root.rstrip('/') else 'lies inside'} "
+            raise StoreError(f"The output folder {out!r} {'is' if store == sink.url else 'lies inside'} "
                              f"a model store ({store!r}, the runs of {store!r}): overwrite would delete its runs. "
                              "Nothing was removed; pick another output folder.")
     return sink
 
 
 def _model_store_at(sink: Location) -> str | None:
-    """The model store that ``sink`` is, or in whose ``runs/`` it lies (at any depth): its path;
+    """The model store that ``sink`` is, or in whose ``runs/`` it lies (at any depth): its URL;
     None for any other folder (one beside ``runs/`` in a store's folder too: emptying it removes
     no run)."""
-    fs, path = sink.fs, sink.root.rstrip("/")
+    scheme, sep, path = sink.url.rpartition("://")
     parts = path.split("/")
     try:
         for i in range(len(parts), 0, -1):
             here = "/".join(parts[:i])
-            if here and (i == len(parts) or parts[i] == "runs") and _is_model_store(fs, here):
-                return here
+            if here and (i == len(parts) or parts[i] == "runs"):
+                url = f"{scheme}{sep}{here}"
+                if ModelStore(url, storage_options=dict(sink.storage_options)).holds_runs():
+                    return url
     except Exception:  # noqa: BLE001 - a look, not a reason to fail
         return None
     return None
-
-
-def _is_model_store(fs, path: str) -> bool:
-    """A folder with LATEST, or with runs/ holding a committed or interrupted run (a store whose
-    runs fitted nothing has no LATEST)."""
-    if fs.isfile(f"{path}/LATEST"):
-        return True
-    return fs.isdir(f"{path}/runs") and bool(fs.glob(f"{path}/runs/*/manifest.json")
-                                             or fs.glob(f"{path}/runs/*/pending.json"))
 
 
 def _not_empty(sink: Location, out: str, cli: bool = False) -> str:

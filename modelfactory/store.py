@@ -214,6 +214,11 @@ class ModelStore:
         """Ids of the committed runs, oldest first."""
         return self._runs_holding("manifest.json")["manifest.json"]
 
+    def holds_runs(self) -> bool:
+        """Whether this is a model store: LATEST, or a committed or interrupted run under runs/
+        (a store whose runs fitted nothing has no LATEST)."""
+        return self.location.exists("LATEST") or any(self._runs_holding("manifest.json", "pending.json").values())
+
     def _runs_holding(self, *names: str) -> dict[str, list[str]]:
         """For each file name in ``names``, the ids of the runs whose folder holds it, sorted.
 

@@ -53,3 +53,25 @@ def test_the_key_hint_reads_only_the_key_columns_of_the_parts(s3, monkeypatch):
                                          pa.table({"app": ["app-01"], "site": ["site-00001"]}))
     assert matched == [0] and example[1] == {"app": "app-01", "site": "site-00007"}  # it did read the keys
     assert 0 < sum(fetched) < size / 10, (sum(fetched), size)
+
+
+def test_an_output_folder_in_another_model_store_is_told_on_s3_too(s3):
+    """overwrite refuses an out= folder that is a model store or lies in its runs/ (it emptied
+    them): on an object store the store is told from one listing of runs/, as the store lists it."""
+    from modelfactory.api import _model_store_at
+
+    root = f"{BUCKET}/{uuid.uuid4().hex[:8]}"
+    fs = s3.fs()
+    fs.pipe_file(f"{root}/store/runs/r1/manifest.json", b"{}")  # no LATEST: its runs fitted nothing
+    fs.pipe_file(f"{root}/store/runs/r1/parts/u0.parquet", b"x")
+    fs.pipe_file(f"{root}/store/notes/a.txt", b"x")
+    fs.pipe_file(f"{root}/other/a.txt", b"x")
+
+    def at(rel: str):
+        return _model_store_at(Location.of(f"s3://{root}/{rel}", s3.storage_options()))
+
+    store = f"s3://{root}/store"
+    assert at("store") == store and at("store/runs") == store and at("store/runs/r1/parts") == store
+    assert at("store/notes") is None and at("other") is None
+    fs.pipe_file(f"{root}/other/LATEST", b"r0")
+    assert at("other") == f"s3://{root}/other"
