@@ -218,13 +218,6 @@ def _cuts_within(cum: list[int], n: int, limit: int) -> set[int]:
     return set(_runs_filled(cum, lo)[:-1])
 
 
-def _filled_in_turn(rows: list[int], limit: int) -> int:
-    """How many units the leaves of ``rows``, in order, make when each unit takes leaves until
-    the next would pass ``limit`` (a leaf over it alone): the fewest units of consecutive leaves
-    within the limit."""
-    return len(_runs_filled(list(accumulate(rows)), limit))
-
-
 def leaves_of(info: DatasetInfo, by: tuple[str, ...]) -> list[Leaf]:
     """Group the dataset's files by the values of the partition keys that are also group keys."""
     keys = info.source.partition_keys

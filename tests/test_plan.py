@@ -91,13 +91,19 @@ def test_equal_leaves_under_a_bound_pack_into_as_few_even_units_as_the_bound_all
 def test_units_are_no_more_than_the_larger_of_the_two_counts(rows, target, workers):
     # an equal share over the bound was split in two after the cut: four folders that fit in
     # three units made four
-    from modelfactory.plan import _filled_in_turn
+    def filled_in_turn(rows: list[int], limit: int) -> int:  # each unit takes leaves until the next would pass
+        units, held = 1, 0
+        for r in rows:
+            if held and held + r > limit:
+                units, held = units + 1, 0
+            held += r
+        return units
 
     lvs = [Leaf((f"k{i:03d}",), (f"f{i}",), r) for i, r in enumerate(rows)]
     units = pack(lvs, target, multiple=workers)
     assert sorted(p for u in units for p in u.paths) == sorted(lf.paths[0] for lf in lvs)
     assert all(u.rows <= target or u.leaves == 1 for u in units)
-    assert len(units) <= max(unit_count(sum(rows), target, workers), unit_count(_filled_in_turn(rows, target), 1,
+    assert len(units) <= max(unit_count(sum(rows), target, workers), unit_count(filled_in_turn(rows, target), 1,
                                                                                workers))
     assert len(pack([Leaf((f"k{i}",), (f"/p/{i}",), r) for i, r in enumerate([8106, 9617, 10104, 6728])],
                     17624)) == 3
