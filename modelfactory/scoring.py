@@ -427,11 +427,6 @@ def _none_in_group(some: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np
     return out
 
 
-def _judges_target(model) -> bool:
-    judges = getattr(model, "judges_target", None)
-    return bool(judges()) if callable(judges) else True
-
-
 def _unscored_reason(model, t: np.ndarray | None, n: int) -> str:
     name = getattr(model, "name", type(model).__name__)
     last, step = getattr(model, "t_last_", None), getattr(model, "step_", 0)
@@ -505,7 +500,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
         silent = np.zeros(ng, dtype=bool)
         for i in np.flatnonzero(_all_missing(y, groups.starts, groups.ends)).tolist():
             # (a detector that does not read the target scores its rows on their features)
-            if status[i] == "ok" and _judges_target(fitted[i]):
+            if status[i] == "ok" and fitted[i].judges_target():
                 silent[i] = True
                 status[i] = "skipped"
                 errors[i] = (f"every one of its {int(groups.ends[i] - groups.starts[i])} {spec.target!r} values is "

@@ -159,7 +159,7 @@ def check_model(model: Model, *, seed: int = 0) -> dict[str, Any]:
     if not isinstance(model, Model):
         raise ConformanceError(f"check_model[type] needs a modelfactory Model instance; got {type(model).__name__}")
     passed: list[str] = []
-    judges = bool(getattr(model, "judges_target", lambda: True)())
+    judges = bool(model.judges_target())
     m = _period(model)
     need = max(int(model.required_rows()), 4)
     n = max(2 * need, 4 * m, 96)
