@@ -266,10 +266,7 @@ class ModelStore:
         hand scoring the older ones), then remove its pending.json.  Returns its manifest."""
         man = self.manifest(run_id)
         if man["summary"]["counts"].get("ok", 0) > 0:
-            try:
-                before = self.latest()
-            except IntegrityError:  # a damaged LATEST: written afresh
-                before = None
+            before = self._latest_unless_damaged()
             if not self._committed_after(before, man.get("committed")):
                 self.write("LATEST", run_id.encode(),
                            f"LATEST still names {before or 'no run'}: use run {run_id} by its id (--run {run_id}).")
@@ -292,12 +289,17 @@ class ModelStore:
         if not man["summary"]["counts"].get("ok", 0):
             raise StoreError(f"Run {rid} fitted no model: scoring with it would skip every group. Name a run that "
                              "fitted models (models list).")
-        try:
-            before = self.latest()
-        except IntegrityError:  # a damaged LATEST: written afresh
-            before = None
+        before = self._latest_unless_damaged()
         self.write("LATEST", rid.encode(), f"LATEST still names {before or 'no run'}.")
         return before
+
+    def _latest_unless_damaged(self) -> str | None:
+        """What LATEST names before a write moves it: None for no run, or for a damaged LATEST
+        (the write makes it afresh)."""
+        try:
+            return self.latest()
+        except IntegrityError:
+            return None
 
     def _committed_after(self, rid: str | None, when: str | None) -> bool:
         """Whether run ``rid`` has a readable manifest committed after ``when`` (an ISO time in
@@ -584,10 +586,7 @@ class ModelStore:
             self.write(f"runs/{run_id}/manifest.sig", _sign(key, data).encode(), again)
         self.write(f"runs/{run_id}/manifest.json", data, again)
         if latest:
-            try:
-                before = self.latest()
-            except IntegrityError:  # a damaged LATEST: this commit writes it afresh
-                before = None
+            before = self._latest_unless_damaged()
             self.write("LATEST", run_id.encode(),
                        f"Run {run_id} is committed, but LATEST still names {before or 'no run'}: once the store "
                        f"is writable, train --resume {run_id} (resume= from Python) moves it without training "
