@@ -603,7 +603,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     cluster : None, "local", "inline", address, Client or cluster
         Where to run (see :mod:`modelfactory.run`).  Default: a LocalCluster.
     workers : int, optional
-        Workers of the LocalCluster (default: one per core).
+        Workers of the LocalCluster (default: one per CPU this process may use).
     unit_rows : int, optional
         Rows per work unit (default: chosen from the Parquet row counts).
     filter : pyarrow.dataset.Expression, str or list of str, optional

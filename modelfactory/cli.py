@@ -67,7 +67,7 @@ def _common_run(p: argparse.ArgumentParser) -> None:
                    help="'local' (default), 'inline', 'kube' or a Dask scheduler address (tcp://host:8786)")
     g.add_argument("--config", metavar="FILE", help="TOML settings file (default: $MODELFACTORY_CONFIG); "
                                                     "see docs/kubernetes.md")
-    g.add_argument("--workers", type=_at_least_one, help="workers of the local cluster (default: one per core)")
+    g.add_argument("--workers", type=_at_least_one, help="workers of the local cluster (default: one per CPU this process may use)")
     g.add_argument("--unit-rows", type=_at_least_one, help="rows per work unit (default: automatic)")
     o = p.add_argument_group("output")
     o.add_argument("--quiet", "-q", action="store_true",

@@ -127,7 +127,7 @@ class Settings:
 
     cluster: str = _opt("cluster", "'local', 'inline', 'kube' or a scheduler address (tcp://host:8786)",
                         "local")
-    workers: int | None = _opt("int>=1", "workers: local processes (default one per core) or kube pods "
+    workers: int | None = _opt("int>=1", "workers: local processes (default one per CPU the job may use) or kube pods "
                                          "of a fixed-size cluster (default 2)")
     unit_rows: int | None = _opt("int>=1", "rows per work unit (default: planned from the data)")
     storage_options: dict = _opt("dict", "fsspec options for s3:// and other remote paths", factory=dict)

@@ -3,7 +3,7 @@
 ``cluster`` may be:
 
 - ``None`` or ``"local"``: a LocalCluster made for the job (one single-threaded
-  worker process per core) and closed after it;
+  worker process per CPU it may use) and closed after it;
 - ``"inline"``: no Dask at all, units run one after another in this process
   (tests, debugging with pdb);
 - ``"kube"``: an (adaptive) dask-kubernetes KubeCluster made for the job from the
@@ -111,9 +111,19 @@ def _with_quiet_close() -> dict:
             "distributed.worker.preload-argv": [*argv, []]}
 
 
+def default_workers() -> int:
+    """Worker processes of a LocalCluster made without ``workers=``: one per CPU this process may
+    use (Dask's count, which honours CPU affinity and a container's CPU quota, as ``os.cpu_count()``
+    does not: a pod limited to 2 CPUs on a 64-core node would start 64 workers, each with a 64th of
+    the memory)."""
+    from dask.system import CPU_COUNT
+
+    return max(1, CPU_COUNT)
+
+
 def local_cluster(workers: int | None = None, **kwargs):
     """The LocalCluster a job makes when it is given none: ``workers`` single-threaded
-    worker processes (default one per core), one BLAS/OpenMP thread each, Dask's worker
+    worker processes (default: :func:`default_workers`), one BLAS/OpenMP thread each, Dask's worker
     profiler off and its event loop quieter (:data:`WORKER_DASK_CONFIG`), dashboard on a
     free port, quiet logs (ERROR and up: :func:`dask_log_level`)."""
     import copy
@@ -121,7 +131,7 @@ def local_cluster(workers: int | None = None, **kwargs):
     import dask
     from distributed import LocalCluster
 
-    n = workers or os.cpu_count() or 1
+    n = workers or default_workers()
     kwargs = {"dashboard_address": ":0", "silence_logs": _dask_log_level, **kwargs}
     with dask.config.set(WORKER_DASK_CONFIG), dask.config.set(kwargs.pop("config", None) or {}), \
             dask.config.set(_with_quiet_close()):
@@ -293,7 +303,7 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
         try:
             lc = local_cluster(workers)
         except Exception as err:  # noqa: BLE001 - surfaced with context
-            n = workers or os.cpu_count() or 1
+            n = workers or default_workers()
             raise ClusterError(f"Could not start a local Dask cluster with {n} workers: {str(err).rstrip('.')}. "
                                "If this runs from a script, put the code under `if __name__ == \"__main__\":` "
                                "(Dask starts its worker processes by re-importing the script).") from err

@@ -244,6 +244,29 @@ def test_a_restarted_worker_of_the_cluster_a_job_makes_keeps_its_settings(monkey
         assert client.submit(worker_setup, "c", pure=False).result() == {**want, "tick": 2000, "threads": 2}
 
 
+_ONE_CPU = """
+import os
+from modelfactory.run import local_cluster
+
+if __name__ == "__main__":
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    with local_cluster() as lc:
+        print(len(lc.workers))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_the_default_local_cluster_has_one_worker_per_cpu_the_process_may_use(tmp_path):
+    """A process pinned to one CPU (taskset, a container's cpuset) gets one worker, not one per core
+    of the machine: each worker gets a share of the memory, and a pod limited to 2 CPUs on a
+    64-core node started 64 workers."""
+    script = tmp_path / "one_cpu.py"
+    script.write_text(_ONE_CPU)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "1\n", (proc.stdout, os.cpu_count())
+
+
 _SLOW_HEARTBEATS = """
 import asyncio, time
 from distributed import Client
