@@ -444,6 +444,16 @@ def _bad_kubeconfig(err: BaseException) -> bool:
                and "kr8s" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(err.__traceback__))
 
 
+def _not_found(response) -> dict:
+    """What a 404 from the API server says is missing: its Status' ``details`` (``{"kind": "namespaces",
+    "name": ...}`` for a namespace that does not exist; nothing when the resource type is unknown)."""
+    try:
+        details = response.json().get("details")
+    except Exception:  # noqa: BLE001 - no JSON body: nothing more to say
+        return {}
+    return details if isinstance(details, dict) else {}
+
+
 def _translate(err: BaseException, settings: Settings, name: str | None) -> ClusterError:
     k = settings.kube
     ns = k.namespace or "the current namespace"
@@ -465,6 +475,12 @@ def _translate(err: BaseException, settings: Settings, name: str | None) -> Clus
     response = getattr(err, "response", None)
     crd_missing = (response is not None and getattr(response, "status_code", None) == 404
                    and getattr(getattr(response, "request", None), "method", None) == "POST")
+    missing = _not_found(response) if crd_missing else {}
+    if missing.get("kind") == "namespaces":  # the API server's 404 names what is missing
+        where = (f"kube.namespace, from {settings.sources.get('kube.namespace', '?')}" if k.namespace
+                 else "the kubeconfig's current context; set kube.namespace")
+        return ClusterError(f"The namespace {missing.get('name') or k.namespace!r} does not exist on this Kubernetes "
+                            f"cluster ({where}): create it or choose another; `kubectl get namespaces` lists them.")
     if crd_missing or (isinstance(err, RuntimeError) and "Custom Resource Definitions" in text):
         return ClusterError("This Kubernetes cluster does not know the DaskCluster resource: install the "
                             "dask-kubernetes operator first (helm install dask-kubernetes-operator ...; see "

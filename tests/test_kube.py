@@ -622,6 +622,19 @@ def test_missing_crd_is_explained(fake):
             pass
 
 
+def test_a_namespace_that_does_not_exist_is_named_not_taken_for_a_missing_operator(fake):
+    """The API server answers a create in a missing namespace with 404 too, as for an unknown
+    resource type, and the job said to install the operator."""
+    ns = new_ns()
+    status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+              "message": f'namespaces "{ns}" not found', "details": {"name": ns, "kind": "namespaces"}}
+    fake.react(f"post /apis/{DASK}/namespaces/{ns}/daskclusters", fake.kmock.Response(status=404, payload=status))
+    with pytest.raises(ClusterError, match=rf"^The namespace '{ns}' does not exist on this Kubernetes cluster "
+                                           r"\(kube.namespace, from .*\): create it or choose another"):
+        with kube.kube_cluster(job(ns, name="nons")):
+            pass
+
+
 def test_no_credentials_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
     monkeypatch.setenv("HOME", str(tmp_path))
