@@ -443,6 +443,11 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
                            f"({err.strerror}). {_CHECK_ADDRESS}") from err
     timeout = CONNECT_TIMEOUT if timeout is None else timeout
     args = Security().get_connection_args("client")  # as the Client's own
+    if scheme == "tls" and args.get("ssl_context") is None:  # Dask's own error: "TLS expects a `ssl_context`"
+        raise ClusterError(f"{address!r} is a TLS address, and Dask's TLS settings are not set: set "
+                           "distributed.comm.tls.ca-file, distributed.comm.tls.client.cert and .client.key in "
+                           "Dask's config (DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ..._TLS__CLIENT__CERT, "
+                           "..._TLS__CLIENT__KEY), or pass cluster=Client(address, security=Security(...)).")
     stage = ["connect"]
 
     async def probe() -> dict:

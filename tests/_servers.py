@@ -145,7 +145,8 @@ class DaskProcesses:
     """
 
     def __init__(self, folder: Path, workers: int = 2, env: dict | None = None,
-                 scheduler_env: dict | None = None) -> None:
+                 scheduler_env: dict | None = None, scheduler_args: tuple[str, ...] = ()) -> None:
+        self.scheduler_args = list(scheduler_args)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.n = workers
@@ -171,7 +172,7 @@ class DaskProcesses:
         sched_file = self.folder / "scheduler.json"
         try:
             self._spawn("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                      "--scheduler-file", str(sched_file)], self.scheduler_env)
+                                      "--scheduler-file", str(sched_file), *self.scheduler_args], self.scheduler_env)
             wait_for(lambda: sched_file.exists() and sched_file.stat().st_size > 0, timeout, "the scheduler")
             self.address = json.loads(sched_file.read_text())["address"]
             for i in range(self.n):

@@ -681,6 +681,57 @@ def test_an_address_where_nothing_listens_is_said_at_once_then_waited_for(procs,
     assert not [r for r in caplog.records if r.name == "modelfactory.run"]
 
 
+def _self_signed(folder: Path) -> tuple[str, str]:
+    """A certificate and its key (PEM files), valid for a day: Dask's TLS does not check host names."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dask")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(folder / "cert.pem"), str(folder / "key.pem")
+
+
+@pytest.mark.timeout(120)
+def test_a_tls_scheduler_needs_dasks_tls_settings_and_runs_with_them(tmp_path, by_app):
+    """A tls:// address without Dask's TLS settings was called "not a Dask handshake (an HTTP server,
+    such as the dashboard, answers so)"; Dask's own error is a TypeError about an ssl_context."""
+    import dask
+    import distributed  # noqa: F401 - its defaults are in Dask's config before the sets below, which would drop them
+
+    cert, key = _self_signed(tmp_path)
+    tls = {f"distributed.comm.tls.{k}": v for k, v in {
+        "ca-file": cert, "scheduler.cert": cert, "scheduler.key": key, "worker.cert": cert, "worker.key": key,
+        "client.cert": cert, "client.key": key}.items()}
+    env = {"DASK_" + k.upper().replace(".", "__").replace("-", "_"): v for k, v in tls.items()}
+    with dask.config.set(tls):
+        procs = DaskProcesses(tmp_path / "dask", workers=1, env=env, scheduler_env=env,
+                              scheduler_args=("--protocol", "tls")).start()
+    try:
+        assert procs.address.startswith("tls://")
+        with pytest.raises(ClusterError, match=rf"^'{re.escape(procs.address)}' is a TLS address, and Dask's TLS "
+                                               r"settings are not set: set distributed.comm.tls.ca-file"):
+            modelfactory.train(by_app, by=KEYS, time="ts", target="value", store=str(tmp_path / "s"),
+                               cluster=procs.address)
+        with dask.config.set(tls):
+            run = modelfactory.train(by_app, by=KEYS, time="ts", target="value", store=str(tmp_path / "s"),
+                                     cluster=procs.address)
+        assert run.summary["counts"]["failed"] == 0 and run.summary["counts"]["ok"] > 0
+    finally:
+        procs.stop()
+
+
 @pytest.mark.timeout(60)
 def test_a_workers_address_is_not_taken_for_the_schedulers(procs, dclient, by_app, tmp_path):
     from modelfactory.exceptions import ClusterError
