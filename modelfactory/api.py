@@ -33,7 +33,7 @@ from .models.base import Model
 from .plan import Plan, plan
 from .result import Run, table_run
 from .run import (Progress, check_code, execute, isolate, isolate_keys, open_client, run_shuffled, run_units,
-                  task_tag, worker_count)
+                  task_slots, task_tag)
 from .store import ModelStore, bucket_index, filter_record, leaf_index, new_run_id, read_part
 
 __all__ = ["train", "apply", "map_keys", "score", "Run"]
@@ -729,7 +729,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     try:
         with open_client(cluster, settings=conf) as client:
             check_code(client, spec)
-            plan_ = plan(info, by_, workers=worker_count(client), **planning)
+            plan_ = plan(info, by_, workers=task_slots(client), **planning)
             st.write(f"runs/{run_id}/pending.json", json.dumps(
                 {"run_id": run_id, "digest": digest, "unit_rows": plan_.target_rows, "unit_limit": plan_.limit,
                  "unit_multiple": plan_.multiple, "spec": job, "retrain": retrain, "base_run": base_id}).encode(),
@@ -889,7 +889,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         check_code(client, spec)
-        plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows)
+        plan_ = plan(info, by_, workers=task_slots(client), target_rows=unit_rows)
         _empty_output(sink, run_id, overwrite)
         bar = Progress(len(plan_.units), "apply", progress, client)
         try:
@@ -970,8 +970,8 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     t0 = _time.perf_counter()
     with open_client(cluster, settings=conf) as client:
         check_code(client, spec)
-        n_workers = worker_count(client)
-        per = keys_per_unit or max(1, min(1000, math.ceil(len(rows) / (n_workers * 8))))
+        slots = task_slots(client)
+        per = keys_per_unit or max(1, min(1000, math.ceil(len(rows) / (slots * 8))))
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
         ids = [f"k{i:05d}-{_digest(c)[:12]}" for i, c in enumerate(chunks)]
         _empty_output(sink, run_id, overwrite)
@@ -1232,7 +1232,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         # (or a divisor or multiple), on the keys as the run's types: each unit then needs only the
         # parts of the partitions its groups hashed to in training.  Data in key folders too: units
         # of folders would each hold groups of nearly every part, and read them all.
-        plan_ = plan(info, by_, workers=worker_count(client), target_rows=unit_rows, align=src.n_buckets,
+        plan_ = plan(info, by_, workers=task_slots(client), target_rows=unit_rows, align=src.n_buckets,
                      shuffle=bool(src.n_buckets))
         _empty_output(sink, run_id, overwrite, cli=True)
         bar = Progress(len(plan_.units), f"score {sp['model']}", progress, client)

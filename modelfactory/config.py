@@ -153,16 +153,18 @@ class Settings:
         return self.kube.minimum if self.adaptive else 2
 
     @property
-    def plan_workers(self) -> int | None:
-        """Workers the planner should size units for, before they exist.
+    def plan_slots(self) -> int | None:
+        """Worker threads (units running at once) the planner should size units for, before
+        the workers exist: pods times ``kube.threads``.
 
         An adaptive cluster is planned for its maximum (so there is enough pending
         work to scale up); a fixed Kubernetes cluster for its size (pods start
-        slowly, counting live workers would undersize).  None: count live workers.
+        slowly, counting live workers would undersize).  None: count the live workers'
+        threads (an attached cluster: see :func:`modelfactory.kube.kube_cluster`).
         """
         if self.cluster != "kube" or self.kube.attach is not None:
             return None
-        return self.kube.maximum if self.adaptive else self.kube_workers
+        return (self.kube.maximum if self.adaptive else self.kube_workers) * self.kube.threads
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:

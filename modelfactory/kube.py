@@ -362,7 +362,7 @@ def _job_cluster_class(base: type) -> type:
     class JobKubeCluster(base):  # type: ignore[misc, valid-type]
         def __init__(self, *, mf_token: str | None, mf_startup_timeout: float, mf_holder: list, **kwargs):
             #: Workers the planner should size work units for (set by kube_cluster; None: count live ones).
-            self.plan_workers: int | None = None
+            self.plan_slots: int | None = None
             self._mf_token = mf_token
             self._mf_startup_timeout = mf_startup_timeout
             self._mf_task: asyncio.Task | None = None
@@ -521,8 +521,10 @@ def kube_cluster(settings: Settings) -> Iterator[Any]:
     maximum=)`` when ``kube.maximum`` is set), or attaches to ``kube.attach``.
     What was created is deleted when the block exits, normally, by an error
     or by Ctrl-C; an attached cluster is only disconnected from.  The cluster's
-    ``plan_workers`` attribute says how many workers to plan work units for
-    (``Settings.plan_workers``: the maximum of an adaptive cluster).
+    ``plan_slots`` attribute says how many worker threads to plan work units for
+    (``Settings.plan_slots``: the maximum of an adaptive cluster; for an attached
+    cluster, the maximum of its DaskAutoscaler when it has one: it may have no
+    workers yet, and a plan for the live ones would keep it from growing).
 
     Raises
     ------
@@ -538,6 +540,7 @@ def kube_cluster(settings: Settings) -> Iterator[Any]:
         cluster = _start(cls, settings, k.attach, name=k.attach, create_mode=_create_mode("CONNECT_ONLY"),
                          shutdown_on_close=False, mf_token=None)
         try:
+            cluster.plan_slots = _autoscaler_maximum(cluster)
             yield cluster
         finally:
             _close(cluster, f"the connection to DaskCluster {k.attach}")  # shutdown_on_close=False: kept
@@ -552,7 +555,7 @@ def kube_cluster(settings: Settings) -> Iterator[Any]:
              else f"{settings.kube_workers} workers")
     cluster = _start(cls, settings, name, custom_cluster_spec=spec, create_mode=_create_mode("CREATE_ONLY"),
                      shutdown_on_close=True, mf_token=token)
-    cluster.plan_workers = settings.plan_workers
+    cluster.plan_slots = settings.plan_slots
     try:
         if settings.adaptive:
             try:
@@ -562,6 +565,28 @@ def kube_cluster(settings: Settings) -> Iterator[Any]:
         yield cluster
     finally:
         _close(cluster, f"DaskCluster {name}")
+
+
+def _autoscaler_maximum(cluster) -> int | None:
+    """``spec.maximum`` of the DaskAutoscaler of an attached cluster (named as the cluster, as
+    ``KubeCluster.adapt`` names it); None when it has none or it cannot be read."""
+    from kr8s import NotFoundError
+    from kr8s.asyncio.objects import new_class
+
+    autoscaler = new_class("DaskAutoscaler", "kubernetes.dask.org/v1", namespaced=True)
+
+    async def read() -> Any:
+        return (await autoscaler.get(cluster.name, namespace=cluster.namespace)).spec.get("maximum")
+
+    try:
+        maximum = cluster.sync(read)
+    except NotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001 - a plan for the live workers, as before; said
+        log.warning("could not read the DaskAutoscaler of %s (%s: %s): work units are planned for its live "
+                    "workers", cluster.name, type(err).__name__, err)
+        return None
+    return maximum if isinstance(maximum, int) and maximum > 0 else None
 
 
 def _start(cls: type, settings: Settings, what: str, **kwargs) -> Any:

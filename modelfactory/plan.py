@@ -19,7 +19,7 @@ Two ways to plan:
     ``n_units`` partitions; each partition is a unit.
 
 Either way the number of units is rounded up to a multiple of the number of
-workers, so no worker idles through a last wave of a single unit.
+workers (worker threads), so no worker idles through a last wave of a single unit.
 
 Unit ids are a digest of what the unit reads, so the same input plans to the
 same ids and a rerun can resume.
@@ -264,7 +264,8 @@ def aligned_count(n: int, align: int) -> int:
 def plan(info: DatasetInfo, by: tuple[str, ...], *, workers: int,
          target_rows: int | None = None, limit: int | None = None, multiple: int | None = None,
          align: int = 0, shuffle: bool = False) -> Plan:
-    """Plan the work units for grouping ``info`` by ``by`` on ``workers`` workers.
+    """Plan the work units for grouping ``info`` by ``by`` on ``workers`` workers (worker threads:
+    :func:`modelfactory.run.task_slots`, each runs one unit at a time).
 
     ``limit`` and ``multiple`` default from ``target_rows`` and ``workers``; a resumed
     run passes the values it was first planned with, so it gets the same units (and

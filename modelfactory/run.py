@@ -36,7 +36,7 @@ from .kernel import JobSpec, UnitResult
 from .plan import Plan
 
 __all__ = ["open_client", "local_cluster", "check_scheduler", "check_code", "dask_log_level", "execute", "execute_delayed",
-           "worker_count", "watch_workers", "Progress", "run_units", "run_shuffled", "isolate", "isolate_keys", "isolate_partitions",
+           "task_slots", "watch_workers", "Progress", "run_units", "run_shuffled", "isolate", "isolate_keys", "isolate_partitions",
            "drop_unit_files"]
 
 log = logging.getLogger(__name__)
@@ -712,12 +712,15 @@ def _stale_code(answers: dict, mine: dict) -> dict:
             if w != "the scheduler" for name in kernel.stale_names(mine, theirs)}
 
 
-def worker_count(client) -> int:
-    """Workers to plan for: the live workers (at least one)."""
+def task_slots(client) -> int:
+    """Units that run at once, to plan for: the threads of the live workers (a worker runs a unit
+    on each), or what the cluster that modelfactory made or attached to says it will have
+    (``plan_slots``: the maximum of an adaptive cluster, which has no workers yet), at least one."""
     if client is None:
         return 1
-    planned = getattr(getattr(client, "cluster", None), "plan_workers", None) or 0
-    return max(1, planned, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+    planned = getattr(getattr(client, "cluster", None), "plan_slots", None) or 0
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return max(1, planned, sum(w.get("nthreads", 1) for w in workers.values()))
 
 
 def _has_dashboard(client) -> bool:

@@ -267,6 +267,18 @@ def test_the_default_local_cluster_has_one_worker_per_cpu_the_process_may_use(tm
     assert proc.stdout == "1\n", (proc.stdout, os.cpu_count())
 
 
+def test_units_are_planned_for_the_workers_threads():
+    """A worker runs a unit on each of its threads: a worker of 3 threads was planned as one slot
+    (units sized for one, their count a multiple of one), and 2 of its 3 threads could sit idle."""
+    from distributed import Client, LocalCluster
+
+    from modelfactory.run import task_slots
+
+    with LocalCluster(n_workers=2, threads_per_worker=3, processes=False, dashboard_address=":0") as lc, \
+            Client(lc) as client:
+        assert task_slots(client) == 6
+
+
 _SLOW_HEARTBEATS = """
 import asyncio, time
 from distributed import Client

@@ -28,7 +28,7 @@ def test_defaults_without_any_layer():
     assert s.kube.image is None and s.kube.name == "modelfactory-{uuid}" and s.kube.idle_timeout == 900
     assert s.kube.resources == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
     assert set(s.sources.values()) == {"default"}
-    assert not s.adaptive and s.plan_workers is None
+    assert not s.adaptive and s.plan_slots is None
 
 
 def test_each_layer_overrides_the_one_below(toml):
@@ -90,7 +90,7 @@ def test_environment_values_are_parsed():
     assert s.kube.labels == {"team": "ml", "tier": "2"}
     assert s.kube.resources == {"requests": {"cpu": "0.5", "memory": "1Gi"}}
     assert s.storage_options == {"anon": True} and s.workers is None
-    assert s.adaptive and s.plan_workers == 20 and s.kube_workers == 1
+    assert s.adaptive and s.plan_slots == 20 and s.kube_workers == 1
 
 
 def test_env_var_names_follow_the_setting_names():
@@ -227,15 +227,17 @@ def test_adaptive_bounds_are_checked():
         load_settings({"kube": {"minimum": 5}}, env={"MODELFACTORY_KUBE_MAXIMUM": "2"})
 
 
-def test_planning_workers():
+def test_planning_slots():
     fixed = load_settings({"cluster": "kube", "workers": 6}, env={})
-    assert (fixed.adaptive, fixed.kube_workers, fixed.plan_workers) == (False, 6, 6)
-    assert load_settings({"cluster": "kube"}, env={}).plan_workers == 2
+    assert (fixed.adaptive, fixed.kube_workers, fixed.plan_slots) == (False, 6, 6)
+    assert load_settings({"cluster": "kube"}, env={}).plan_slots == 2
     adaptive = load_settings({"cluster": "kube", "kube": {"maximum": 30}}, env={})
-    assert (adaptive.adaptive, adaptive.kube_workers, adaptive.plan_workers) == (True, 0, 30)
+    assert (adaptive.adaptive, adaptive.kube_workers, adaptive.plan_slots) == (True, 0, 30)
+    threaded = load_settings({"cluster": "kube", "workers": 6, "kube": {"threads": 4}}, env={})
+    assert threaded.plan_slots == 24  # a unit on each thread of each pod
     attached = load_settings({"cluster": "kube", "kube": {"attach": "shared"}}, env={})
-    assert attached.plan_workers is None  # count the live workers of someone else's cluster
-    assert load_settings({"cluster": "local", "workers": 3}, env={}).plan_workers is None
+    assert attached.plan_slots is None  # someone else's cluster: its autoscaler's maximum, or its live threads
+    assert load_settings({"cluster": "local", "workers": 3}, env={}).plan_slots is None
 
 
 def test_settings_are_frozen():
@@ -386,11 +388,11 @@ def test_namespaces_must_be_dns_labels(ns):
 def test_attach_implies_kube_and_overrides_maximum(toml):
     s = load_settings(env={"MODELFACTORY_KUBE_ATTACH": "shared"})
     assert s.cluster == "kube" and s.sources["cluster"] == "MODELFACTORY_KUBE_ATTACH"
-    assert s.kube.attach == "shared" and s.plan_workers is None
+    assert s.kube.attach == "shared" and s.plan_slots is None
     # the example config (adaptive, maximum = 50) with an attach from the environment: attached, not adaptive
     example = os.path.join(ROOT, "examples", "job.toml")
     s = load_settings(config_file=example, env={"MODELFACTORY_KUBE_ATTACH": "shared"})
-    assert s.cluster == "kube" and s.kube.maximum == 50 and not s.adaptive and s.plan_workers is None
+    assert s.cluster == "kube" and s.kube.maximum == 50 and not s.adaptive and s.plan_slots is None
     s = load_settings({"cluster": "kube", "kube": {"attach": "shared", "maximum": 3}}, env={})
     assert not s.adaptive and s.kube.attach == "shared"
     # an explicitly chosen cluster still wins

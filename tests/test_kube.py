@@ -391,6 +391,19 @@ class FakeKube:
         self.loop.call_soon_threadsafe(add)
         assert done.wait(5)
 
+    def add_autoscaler(self, ns: str, name: str, maximum: int) -> None:
+        """The DaskAutoscaler that ``KubeCluster.adapt`` makes for the DaskCluster ``name``."""
+        done = threading.Event()
+
+        def add():
+            self.k.objects[f"{DASK}/daskautoscalers", ns, name] = {
+                "apiVersion": DASK, "kind": "DaskAutoscaler", "metadata": {"name": name, "namespace": ns},
+                "spec": {"cluster": name, "minimum": 0, "maximum": maximum}}
+            done.set()
+
+        self.loop.call_soon_threadsafe(add)
+        assert done.wait(5)
+
     def react(self, criteria: str, payload) -> None:
         self.loop.call_soon_threadsafe(lambda: self.k[criteria] << payload)
         time.sleep(0.05)
@@ -481,7 +494,7 @@ def test_job_cluster_is_created_validated_adapted_used_and_deleted(fake):
     ns = new_ns()
     with kube.kube_cluster(job(ns, name="life", minimum=1, maximum=3)) as cluster:
         assert fake.exists(ns, "life")
-        assert cluster.plan_workers == 3  # plan work units for the maximum
+        assert cluster.plan_slots == 3  # plan work units for the maximum
         [posted] = fake.created(ns)
         kube.validate_spec(posted)  # what reached the API server passes the strict CRD check
         assert posted["metadata"]["annotations"][kube.OWNER_ANNOTATION]
@@ -571,7 +584,7 @@ def test_an_attached_cluster_is_used_but_never_deleted(fake):
     ns = new_ns()
     fake.add_cluster(ns, "shared")
     with kube.kube_cluster(job(ns, attach="shared")) as cluster:
-        assert cluster.plan_workers is None  # someone else's cluster: count its live workers
+        assert cluster.plan_slots is None  # someone else's cluster: count its live workers
         with Client(cluster) as client:
             assert client.submit(sum, [1, 2]).result() == 3
     with pytest.raises(RuntimeError):
@@ -579,6 +592,22 @@ def test_an_attached_cluster_is_used_but_never_deleted(fake):
             raise RuntimeError("the job failed")
     assert fake.created(ns) == [] and fake.deletes(ns) == []
     assert fake.exists(ns, "shared")
+
+
+def test_an_attached_adaptive_cluster_is_planned_for_its_maximum(fake):
+    """Planned for its live workers, an adaptive cluster idling at none got work units for one, and
+    the scheduler, which asks for at most a worker per pending task, could never grow it past them."""
+    ns = new_ns()
+    fake.add_cluster(ns, "elastic")
+    fake.add_autoscaler(ns, "elastic", maximum=50)
+    with kube.kube_cluster(job(ns, attach="elastic")) as cluster:
+        assert cluster.plan_slots == 50
+        from distributed import Client
+
+        from modelfactory.run import task_slots
+
+        with Client(cluster) as client:
+            assert task_slots(client) == 50
 
 
 def test_attaching_to_a_missing_cluster_is_explained(fake):
