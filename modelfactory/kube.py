@@ -511,6 +511,12 @@ def _close(cluster, what: str) -> None:
         cluster.close(timeout=_CLOSE_TIMEOUT)
     except Exception as err:  # noqa: BLE001 - never mask the job's own error
         log.warning("could not close %s: %s: %s", what, type(err).__name__, err)
+    # KubeCluster.close leaves running the event loop thread it started (LocalCluster stops its
+    # own): each job in a notebook or a service left a thread behind.
+    runner = getattr(cluster, "_loop_runner", None)
+    if runner is not None:
+        with contextlib.suppress(Exception):
+            runner.stop()
 
 
 @contextlib.contextmanager

@@ -508,6 +508,18 @@ def test_job_cluster_is_created_validated_adapted_used_and_deleted(fake):
     assert fake.deletes(ns) == [f"/apis/{DASK}/namespaces/{ns}/daskclusters/life"]
 
 
+def test_jobs_leave_no_threads_behind(fake):
+    """KubeCluster.close left running the event loop thread it started: a thread or two more
+    in the process after each job."""
+    with kube.kube_cluster(job(new_ns(), name="warm")):  # what stays for the process (kr8s' own, Dask's offload)
+        pass
+    before = threading.active_count()
+    for i in range(2):  # a namespace each: kmock ignores label selectors
+        with kube.kube_cluster(job(new_ns(), name=f"job{i}")):
+            pass
+    assert threading.active_count() <= before, [t.name for t in threading.enumerate()]
+
+
 def test_a_train_job_runs_through_the_kube_cluster(fake, tmp_path):
     import modelfactory
 
