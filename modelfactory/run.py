@@ -831,6 +831,18 @@ def _every(seconds: float, check: Callable[[threading.Event], bool | None], name
         stop.set()
 
 
+def no_worker_hint(cluster, address: str) -> str:
+    """What to look at when a cluster has no worker: on Kubernetes, its worker pods (the scheduler's
+    address there is a port-forward or a service, where nobody starts workers by hand)."""
+    if any(c.__module__.startswith("dask_kubernetes") for c in type(cluster).__mro__):
+        name, ns = getattr(cluster, "name", "?"), getattr(cluster, "namespace", None) or "<namespace>"
+        return (f"its worker pods have not joined: `kubectl get pods -n {ns} -l dask.org/cluster-name={name},"
+                "dask.org/component=worker`, then `kubectl describe pod` one: Pending means no node has the "
+                "requested cpu/memory or a quota is reached, ImagePullBackOff a wrong image or pull secret; "
+                "an adaptive cluster starts them once work is queued")
+    return f"start workers with `dask worker {address}`"
+
+
 def watch_workers(client, every: float | None = None) -> contextlib.AbstractContextManager[None]:
     """Warn every ``every`` seconds while the scheduler has no worker, or only paused ones.
 
@@ -852,7 +864,7 @@ def watch_workers(client, every: float | None = None) -> contextlib.AbstractCont
         waited = 0.0 if workers else waited + every
         if not workers and not stop.is_set():
             log.warning("the scheduler at %s has had no Dask worker for %.0f s; the run is waiting for one "
-                        "(start workers with `dask worker %s`)", address, waited, address)
+                        "(%s)", address, waited, no_worker_hint(getattr(client, "cluster", None), address))
         # Dask pauses a worker whose process memory passes its pause threshold (80 % of its
         # limit by default) until it falls back: with every worker paused, nothing runs, silently
         held = [w for w in workers.values() if w.get("status") == "paused"]

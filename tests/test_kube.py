@@ -508,6 +508,19 @@ def test_job_cluster_is_created_validated_adapted_used_and_deleted(fake):
     assert fake.deletes(ns) == [f"/apis/{DASK}/namespaces/{ns}/daskclusters/life"]
 
 
+def test_a_cluster_without_workers_points_at_its_worker_pods(fake):
+    """The wait for a worker said to start one with `dask worker <address>`, an address that on
+    Kubernetes is a port-forward or a service: the pods are what to look at."""
+    from modelfactory.run import no_worker_hint
+
+    ns = new_ns()
+    with kube.kube_cluster(job(ns, name="podless")) as cluster:
+        hint = no_worker_hint(cluster, cluster.scheduler_address)
+    assert hint.startswith(f"its worker pods have not joined: `kubectl get pods -n {ns} -l "
+                           "dask.org/cluster-name=podless,dask.org/component=worker`")
+    assert no_worker_hint(None, "tcp://h:1") == "start workers with `dask worker tcp://h:1`"
+
+
 def test_jobs_leave_no_threads_behind(fake):
     """KubeCluster.close left running the event loop thread it started: a thread or two more
     in the process after each job."""
