@@ -130,7 +130,8 @@ def make_spec(settings: Settings) -> dict:
 
 def make_autoscaler_spec(name: str, minimum: int, maximum: int, labels: Mapping[str, str] | None = None,
                          namespace: str | None = None) -> dict:
-    """The ``DaskAutoscaler`` that ``KubeCluster.adapt(minimum=, maximum=)`` creates."""
+    """A ``DaskAutoscaler`` with the name and ``spec`` of the one ``KubeCluster.adapt(minimum=,
+    maximum=)`` creates, with labels (dask-kubernetes' own puts them under ``metadata`` itself)."""
     metadata: dict = {"name": name, **({"namespace": namespace} if namespace else {}),
                       "labels": {**PART_OF, **(labels or {})}}
     return {"apiVersion": API_VERSION, "kind": "DaskAutoscaler", "metadata": metadata,
