@@ -309,17 +309,22 @@ class SARIMAX(_StateSpaceModel):
         "trend": Param("n", choices=("n", "c", "t", "ct"), doc="deterministic trend terms"),
         **_COMMON,
     }
-    state_attrs: ClassVar = _StateSpaceModel.state_attrs + ("state_", "state_cov_")
+    state_attrs: ClassVar = _StateSpaceModel.state_attrs + ("state_", "state_cov_", "trend_offset_")
 
     def _seasonal(self) -> bool:
         return self.season_length > 1 and (self.seasonal_p + self.seasonal_d + self.seasonal_q) > 0
 
-    def _model(self, endog):
+    def _model(self, endog, trend_offset: int = 1):
         from statsmodels.tsa.statespace.sarimax import SARIMAX as _SARIMAX
 
         seasonal = ((self.seasonal_p, self.seasonal_d, self.seasonal_q, self.season_length)
                     if self._seasonal() else (0, 0, 0, 0))
-        return _SARIMAX(endog, order=(self.p, self.d, self.q), seasonal_order=seasonal, trend=self.trend)
+        return _SARIMAX(endog, order=(self.p, self.d, self.q), seasonal_order=seasonal, trend=self.trend,
+                        trend_offset=trend_offset)
+
+    def set_state(self, state):
+        # models stored before the tail kept its place in time: their time trend restarted at the tail
+        return super().set_state({"trend_offset_": 1, **state})
 
     def _fit(self, y, t, X) -> None:
         vals, self.t_last_, self.step_ = self._grid(y, t)
@@ -332,6 +337,9 @@ class SARIMAX(_StateSpaceModel):
         self.state_ = np.asarray(fr.predicted_state[:, n - L], dtype=np.float64)
         self.state_cov_ = np.asarray(fr.predicted_state_cov[:, :, n - L], dtype=np.float64)
         self.tail_ = vals[n - L:].copy()
+        # the time trend ("t", "ct") of the rebuilt tail goes on from where the tail stood in the
+        # fitted series; restarted at 1, every forecast lost the drift of the first n - L steps
+        self.trend_offset_ = n - L + 1
         if not (np.all(np.isfinite(self.params_)) and np.all(np.isfinite(self.state_))
                 and np.all(np.isfinite(self.state_cov_))):
             raise ModelError("sarimax: the fit produced non-finite parameters or states")
@@ -340,7 +348,7 @@ class SARIMAX(_StateSpaceModel):
 
     def _rebuild(self):
         if getattr(self, "_rebuilt", None) is None:
-            mod = self._model(np.asarray(self.tail_, dtype=np.float64))
+            mod = self._model(np.asarray(self.tail_, dtype=np.float64), int(self.trend_offset_))
             mod.ssm.initialize_known(np.asarray(self.state_, dtype=np.float64),
                                      np.asarray(self.state_cov_, dtype=np.float64))
             with warnings.catch_warnings():
