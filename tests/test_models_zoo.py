@@ -362,15 +362,38 @@ def test_random_forest_numpy_predictions_equal_sklearn():
     X = rng.normal(size=(300, 4))
     y = 3 * X[:, 0] + np.sin(X[:, 1]) + rng.normal(0, 0.2, 300)
     m = get("random_forest", n_estimators=25, max_features=0.5).fit(y, X=X)
+    # the trees grow on the target centred on its median and scaled by a power of two near its spread
+    center = np.median(y)
+    power = -int(np.round(np.log2(np.std(y - center))))
     ref = RandomForestRegressor(n_estimators=25, min_samples_leaf=3, max_features=0.5, oob_score=True,
-                                random_state=0, n_jobs=1).fit(X, y)
+                                random_state=0, n_jobs=1).fit(X, np.ldexp(y - center, power))
     Xt = rng.normal(size=(200, 4)) * 2
-    assert np.array_equal(m.predict(Xt), ref.predict(Xt))
+    want = np.ldexp(ref.predict(Xt), -power) + center
+    assert np.allclose(m.predict(Xt), want, rtol=1e-13, atol=0)
     back = registry["random_forest"].from_bytes(m.to_bytes())
-    assert np.array_equal(back.predict(Xt), ref.predict(Xt))
+    assert np.array_equal(back.predict(Xt), m.predict(Xt))
     # the anomaly scale comes from the out-of-bag residuals
-    oob = y - ref.oob_prediction_
+    oob = y - (np.ldexp(ref.oob_prediction_, -power) + center)
     assert m.center_ == pytest.approx(np.median(oob))
+
+
+@pytest.mark.parametrize("scale, offset", [(1e-9, 0.0), (1.0, 2e8)])
+def test_random_forest_learns_a_target_of_tiny_spread(scale, offset):
+    """scikit-learn takes a node whose variance is at most 2.2e-16 for pure: a target with a spread
+    of 1e-9 grew trees of one leaf, learnt nothing and missed an 8-sigma spike; on a large offset
+    its variance is a small difference of numbers near 4e16, and the splits were noise (2e8 here, where
+    the scale floor, a billionth of the largest value, is still below the noise)."""
+    rng = np.random.default_rng(3)
+    hour = np.tile(np.arange(24), 20).astype(float)
+    y = offset + scale * (10 + 5 * np.sin(2 * np.pi * hour / 24) + rng.normal(0, 0.5, hour.size))
+    m = get("random_forest", n_estimators=20).fit(y, X=hour[:, None])
+    assert m.scale_ < 1.5 * 0.5 * scale  # about the noise, not the daily cycle's spread
+    test_hours = np.arange(24.0)
+    clean = offset + scale * (10 + 5 * np.sin(2 * np.pi * test_hours / 24))
+    spiky = clean.copy()
+    spiky[6] += 8 * 0.5 * scale
+    r = m.score(spiky, X=test_hours[:, None])
+    assert r["is_anomaly"][6] and r["is_anomaly"].sum() == 1
 
 
 def test_autoencoder_numpy_reconstruction_equals_sklearn():

@@ -271,9 +271,17 @@ class RandomForest(_Forest):
         est = RandomForestRegressor(n_estimators=self.n_estimators, max_depth=self.max_depth,
                                     min_samples_leaf=self.min_samples_leaf, max_features=float(self.max_features),
                                     bootstrap=True, oob_score=True, random_state=self.random_state, n_jobs=1)
-        est, self.notes_ = fit_quietly(lambda: est.fit(M, y[ok]))
-        self._store_trees(pack_trees([e.tree_ for e in est.estimators_], lambda tr: tr.value[:, 0, 0]))
-        oob = np.asarray(est.oob_prediction_, dtype=np.float64).reshape(-1)
+        # The trees grow on the target centred and scaled by a power of two: scikit-learn takes a node
+        # whose variance is at most float64's epsilon (2.2e-16) for pure and never splits it, so a target
+        # with a spread below about 1e-8 (or on a large offset, whose variance it computes as a small
+        # difference of large numbers) grew trees of one leaf.  A power of two scales exactly.
+        center = float(np.median(y[ok]))
+        spread = float(np.std(y[ok] - center))
+        power = -int(np.round(np.log2(spread))) if spread > 0 and np.isfinite(spread) else 0
+        est, self.notes_ = fit_quietly(lambda: est.fit(M, np.ldexp(y[ok] - center, power)))
+        self._store_trees(pack_trees([e.tree_ for e in est.estimators_],
+                                     lambda tr: np.ldexp(tr.value[:, 0, 0], -power) + center))
+        oob = np.ldexp(np.asarray(est.oob_prediction_, dtype=np.float64).reshape(-1), -power) + center
         # scikit-learn predicts 0 for a row that no tree left out of its bootstrap sample (with few
         # trees, many rows): its "residual" is the value itself, and with n_estimators=1 the scale
         # then flagged almost every clean row, with 2 or 3 it was ten times too wide to see a spike
