@@ -44,7 +44,11 @@ class _StateSpaceModel(Model):
     needs_time = True
     ignores_features = True
     state_attrs: ClassVar = ("step_", "t_last_", "params_", "tail_", "notes_", "yloc_", "yscale_", "widen_")
-    _centre: ClassVar[bool] = False  # subtract the median too (only where a level absorbs it)
+    def _centres(self) -> bool:
+        """Whether the series is centred on its median too (only where the model cannot tell: a level
+        absorbs the median, differencing removes it)."""
+        return False
+
 
     def required_rows(self) -> int:
         m = self.season_length if self._seasonal() else 1
@@ -86,7 +90,7 @@ class _StateSpaceModel(Model):
         if self._seasonal() and vals.size < 2 * m:
             raise SkipGroup(f"{self.name}: season_length {m} needs at least two seasons "
                             f"({2 * m} steps); the series spans {vals.size}")
-        self.yloc_ = float(np.median(fin)) if self._centre else 0.0
+        self.yloc_ = float(np.median(fin)) if self._centres() else 0.0
         self.yscale_ = sd  # > 0 and finite: not constant, and at most MAX_ABS_VALUE
         return (vals - self.yloc_) / self.yscale_, t0 + (vals.size - 1) * step, step
 
@@ -193,7 +197,6 @@ class ETS(_StateSpaceModel):
     """
 
     name = "ets"
-    _centre = True
     params: ClassVar = {
         "trend": Param("add", choices=("add", None), doc="trend component"),
         "damped_trend": Param(False, bool, doc="damp the trend"),
@@ -204,6 +207,9 @@ class ETS(_StateSpaceModel):
 
     def _seasonal(self) -> bool:
         return self.seasonal is not None and self.season_length > 1
+
+    def _centres(self) -> bool:  # the level absorbs the median
+        return True
 
     def validate_params(self) -> None:
         super().validate_params()
@@ -313,6 +319,12 @@ class SARIMAX(_StateSpaceModel):
 
     def _seasonal(self) -> bool:
         return self.season_length > 1 and (self.seasonal_p + self.seasonal_d + self.seasonal_q) > 0
+
+    def _centres(self) -> bool:
+        # a differenced series does not see its level; uncentred, a series on a large offset (1e12 with
+        # a noise of 1) was standardised by a deviation the offset's rounding swamped, and flagged 46 of
+        # 48 clean points
+        return self.d > 0 or (self._seasonal() and self.seasonal_d > 0)
 
     def _model(self, endog, trend_offset: int = 1):
         from statsmodels.tsa.statespace.sarimax import SARIMAX as _SARIMAX
