@@ -262,7 +262,7 @@ def test_the_default_local_cluster_has_one_worker_per_cpu_the_process_may_use(tm
     64-core node started 64 workers."""
     script = tmp_path / "one_cpu.py"
     script.write_text(_ONE_CPU)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == "1\n", (proc.stdout, os.cpu_count())
 

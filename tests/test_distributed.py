@@ -681,7 +681,7 @@ def test_an_address_where_nothing_listens_is_said_at_once_then_waited_for(procs,
     assert not [r for r in caplog.records if r.name == "modelfactory.run"]
 
 
-def _self_signed(folder: Path) -> tuple[str, str]:
+def _self_signed(folder) -> tuple[str, str]:
     """A certificate and its key (PEM files), valid for a day: Dask's TLS does not check host names."""
     import datetime
 

@@ -684,9 +684,9 @@ def test_a_namespace_that_does_not_exist_is_named_not_taken_for_a_missing_operat
               "message": f'namespaces "{ns}" not found', "details": {"name": ns, "kind": "namespaces"}}
     fake.react(f"post /apis/{DASK}/namespaces/{ns}/daskclusters", fake.kmock.Response(status=404, payload=status))
     with pytest.raises(ClusterError, match=rf"^The namespace '{ns}' does not exist on this Kubernetes cluster "
-                                           r"\(kube.namespace, from .*\): create it or choose another"):
-        with kube.kube_cluster(job(ns, name="nons")):
-            pass
+                                           r"\(kube.namespace, from .*\): create it or choose another"), \
+            kube.kube_cluster(job(ns, name="nons")):
+        pass
 
 
 def test_no_credentials_is_a_clear_error(monkeypatch, tmp_path):

@@ -488,8 +488,8 @@ def test_sarimax_with_a_time_trend_forecasts_like_statsmodels(trend):
     i = np.arange(24 * 10 + 24)
     t = 1_700_002_800 + 3600 * i
     y = 100 + 0.2 * i + 5 * np.sin(2 * np.pi * i / 24) + rng.normal(0, 1, i.size)
-    kw = dict(p=1, d=0, q=0, seasonal_p=1, seasonal_d=0, seasonal_q=0, trend=trend, maxiter=100)
-    m = get("sarimax", season_length=24, **kw).fit(y[:240], t=t[:240])
+    m = get("sarimax", season_length=24, p=1, d=0, q=0, seasonal_p=1, seasonal_d=0, seasonal_q=0, trend=trend,
+            maxiter=100).fit(y[:240], t=t[:240])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = SARIMAX(y[:240] / m.yscale_, order=(1, 0, 0), seasonal_order=(1, 0, 0, 24),
