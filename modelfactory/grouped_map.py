@@ -7,6 +7,7 @@ path that pins a bad return value on the group that produced it.
 """
 from __future__ import annotations
 
+import json
 import time as _time
 import weakref
 from operator import attrgetter, itemgetter
@@ -153,7 +154,7 @@ def _group_inputs(spec, groups):
         return
     risky, codes, patterns = _nulls_by_group(groups)
     if spec.input == "pandas":
-        tbl = groups.table
+        tbl = _index_as_column(groups.table)
         if not risky:
             cut = frame_slicer(tbl.to_pandas())
             for s, e in zip(starts, ends):
@@ -223,6 +224,23 @@ def _filled(tbl: pa.Table, risky: list[str], pattern: np.ndarray) -> pa.Table:
 def _writable(a: np.ndarray) -> np.ndarray:
     """A numpy input a function may change in place (a zero-copy view of Arrow memory is read-only)."""
     return a if a.flags.writeable else a.copy()
+
+
+def _index_as_column(tbl: pa.Table) -> pa.Table:
+    """``tbl`` with a column that pandas wrote as the frame's index (``df.set_index("rid")
+    .to_parquet()``: named in the file's pandas metadata) handed over as a column, as the numpy and
+    arrow inputs and Spark hand it.  ``to_pandas`` made it the index, which the group frame replaces:
+    the column was gone, even when it was the key or named in ``columns=``.  The rest of the
+    metadata (the dtypes pandas wrote, ``Int64``...) is kept."""
+    meta = tbl.schema.metadata or {}
+    raw = meta.get(b"pandas")
+    if raw is None or b'"index_columns": []' in raw:
+        return tbl
+    pandas_meta = json.loads(raw)
+    if not any(isinstance(c, str) for c in pandas_meta.get("index_columns", ())):
+        return tbl  # a RangeIndex is not a column of the file
+    pandas_meta["index_columns"] = []
+    return tbl.replace_schema_metadata({**meta, b"pandas": json.dumps(pandas_meta).encode()})
 
 
 def frame_slicer(df) -> Callable[[int, int], Any]:

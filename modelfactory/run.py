@@ -882,6 +882,22 @@ def watch_workers(client, every: float | None = None) -> contextlib.AbstractCont
     return _every(every, check, "modelfactory-watch-workers")
 
 
+def _outcome(fut, killed_too: bool = True):
+    """The result of a finished task, or ``_KILLED`` for one that kept killing its worker (when
+    ``killed_too``; else the KilledWorker is raised, as any other error).  Caught from the result
+    itself, not looked up in the future's status first: a future that as_completed gave back as
+    failed could be pending again by then (the scheduler retries it), and the KilledWorker of its
+    next attempt stopped the job, uncaught, with no group isolated."""
+    from distributed import KilledWorker
+
+    try:
+        return fut.result()
+    except KilledWorker:
+        if not killed_too:
+            raise
+        return _KILLED
+
+
 def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progress: Progress,
             retries: int = 2, on_killed: Callable | None = None) -> list[UnitResult]:
     """Run ``fn(item)`` for every item on the cluster (or inline); results in item order.
@@ -903,7 +919,7 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
             results[i] = fn(item)
             progress.update(results[i])
         return results
-    from distributed import KilledWorker, as_completed
+    from distributed import as_completed
 
     guarded = functools.partial(_guarded, fn)
     busy = _busy_with_cancelled(client)
@@ -930,10 +946,7 @@ def execute(client, fn: Callable, items: Sequence, *, keys: Sequence[str], progr
         with watch_workers(client), stall.watched():
             for fut in pending:
                 i = index.pop(fut.key)
-                if fut.status == "error" and on_killed is not None and isinstance(fut.exception(), KilledWorker):
-                    res = _KILLED
-                else:
-                    res = fut.result()
+                res = _outcome(fut, killed_too=on_killed is not None)
                 if isinstance(res, _Refused):
                     res = _reroute(client, fut.key, res, refused, i, functools.partial(again, i),
                                    functools.partial(fail, i))
@@ -1140,7 +1153,7 @@ def execute_delayed(client, tasks: list, *, progress: Progress, on_killed: Calla
         for r in results:
             progress.update(r)
         return list(results)
-    from distributed import KilledWorker, as_completed
+    from distributed import as_completed
 
     # one graph: an input is the same key as its task's dependency, computed once
     computed = client.compute([*tasks, *(inputs or [])])
@@ -1155,11 +1168,10 @@ def execute_delayed(client, tasks: list, *, progress: Progress, on_killed: Calla
         with watch_workers(client), stall.watched():
             for fut in pending:
                 i = index.pop(fut.key)
-                if (fut.status == "error" and on_killed is not None
-                        and isinstance(fut.exception(), KilledWorker)):
+                res = _outcome(fut, killed_too=on_killed is not None)
+                if res is _KILLED:
                     killed.append(i)
                     continue
-                res = fut.result()
                 if isinstance(res, _Refused):
                     res = _reroute(client, fut.key, res, refused, i, functools.partial(rerun, i, held[i]),
                                    functools.partial(refuse, i, held[i]))
@@ -1290,7 +1302,7 @@ def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Calla
     A group's sub-unit id is ``<prefix>-g<digest of its key>``: the same group gets the same
     id, and so finds its own part, in a resumed run, whatever else was isolated with it.
     """
-    from distributed import KilledWorker, as_completed
+    from distributed import as_completed
 
     subs = [f"{prefix}-g{_key_digest(k)}" for k in keys.to_pylist()]
     refused = _Refusals()
@@ -1322,7 +1334,7 @@ def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Calla
                 submit_next()
             for fut in pending:
                 i, _ = running.pop(fut.key)
-                res = _KILLED if fut.status == "error" and isinstance(fut.exception(), KilledWorker) else fut.result()
+                res = _outcome(fut)
                 if isinstance(res, _Refused):
                     # the deaths are counted per attempt: a group that shared a dying worker in the
                     # first is not held to them when it runs alone in the second

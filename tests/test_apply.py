@@ -279,6 +279,51 @@ def test_units_are_planned_for_the_workers_threads():
         assert task_slots(client) == 6
 
 
+def test_a_column_pandas_wrote_as_the_index_reaches_the_function(tmp_path, client):
+    """A file written with df.set_index("rid").to_parquet() names rid as pandas' index in its
+    metadata: to_pandas made it the index, which the group frame replaces, so the pandas function
+    never saw rid, even grouped by it; the numpy and arrow inputs (and Spark) had it."""
+    df = pd.DataFrame({"u": ["a", "a", "b", "b"], "v": pd.array([1, None, 3, 4], dtype="Int64"),
+                       "rid": [10, 17, 12, 30]})
+    (tmp_path / "data").mkdir()
+    df.set_index("rid").to_parquet(tmp_path / "data" / "part.parquet")
+
+    def seen(g):
+        return pd.DataFrame({"u": [g["u"].iloc[0]], "cols": [",".join(g.columns)], "rids": [int(g["rid"].sum())],
+                             "v": [str(g["v"].dtype)]})
+
+    for by in ("u", "rid"):
+        out = modelfactory.apply(str(tmp_path / "data"), by=by, func=seen, cluster=client,
+                                 schema="u string, cols string, rids int64, v string").to_pandas()
+        assert set(out["cols"]) == {"rid,u,v" if by == "rid" else "u,v,rid"}, out
+        assert out["rids"].sum() == 69 and set(out["v"]) == {"Int64"}  # pandas' own dtypes kept
+
+
+def _exit_now():
+    os._exit(1)
+
+
+def test_a_task_that_killed_its_worker_and_is_pending_again_is_taken_as_killed():
+    """A unit that as_completed gave back as failed (KilledWorker) could be pending again when the
+    job looked at its status (retried), and the KilledWorker of its next attempt stopped the run
+    uncaught ("a work unit failed outside any group"), with no group isolated."""
+    import dask
+    from distributed import Client, KilledWorker
+
+    from modelfactory.run import _KILLED, _outcome, local_cluster
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), local_cluster(1) as lc, \
+            Client(lc) as client:
+        fut = client.submit(_exit_now, pure=False)
+        with pytest.raises(KilledWorker):
+            fut.result()
+        client.retry([fut])  # as the scheduler's retries do: pending again, and killed again
+        assert fut.status == "pending"
+        assert _outcome(fut) is _KILLED
+        with pytest.raises(KilledWorker):
+            _outcome(fut, killed_too=False)
+
+
 _SLOW_HEARTBEATS = """
 import asyncio, time
 from distributed import Client
