@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from ._schema import plain_type
 from .exceptions import DatasetError, SchemaError
@@ -728,13 +729,22 @@ ENCODED = pa.dictionary(pa.int32(), pa.string())
 DECODE = {b"modelfactory": b"decode"}
 
 
+def row_group_rows(source: Source, path: str) -> list[int]:
+    """The row count of each row group of the Parquet file ``path`` (one footer read)."""
+    with source.filesystem().open_input_file(path) as f:
+        md = pq.ParquetFile(f).metadata
+    return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+
 def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
-               filter: ds.Expression | None = None, *, encode: tuple[str, ...] = ()) -> pa.Table:
+               filter: ds.Expression | None = None, *, encode: tuple[str, ...] = (),
+               row_groups: tuple[int, ...] | None = None) -> pa.Table:
     """Read ``columns`` of the given files (a work unit), with ``filter`` pushed down.
 
     The string columns named in ``encode`` (group keys) come dictionary-encoded,
     marked with :data:`DECODE`: from the Parquet dictionary pages, and for partition
     keys from the folder names, so finding the groups needs no hashing of strings.
+    ``row_groups``: only these row groups of the one file in ``paths`` (a share of a large file).
     """
     fs = source.filesystem()
     schema, partitioning, fmt = source.schema, source.partitioning(), parquet_format()
@@ -751,6 +761,10 @@ def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
     try:
         dataset = ds.dataset(list(paths), schema=schema, format=fmt, filesystem=fs,
                              partitioning=partitioning, partition_base_dir=source.base)
+        if row_groups is not None:
+            [whole] = dataset.get_fragments()
+            dataset = ds.FileSystemDataset([whole.subset(row_group_ids=list(row_groups))], dataset.schema,
+                                           dataset.format, dataset.filesystem)
         if filter is None or not source.views:
             table = dataset.to_table(columns=columns, filter=filter)
         else:

@@ -1393,10 +1393,46 @@ def _stored_key_types(spec: JobSpec, info) -> tuple | None:
     return tuple(src.key_types) if mine != tuple(src.key_types) else None
 
 
-def _read_chunk(spec: JobSpec, paths: tuple[str, ...], hashed: tuple | None = None) -> pd.DataFrame:
+def _read_chunks(spec: JobSpec, files: list, target_rows: int) -> list[tuple]:
+    """What each task of a shuffle reads: files of about ``target_rows`` rows together, and a file of
+    more than that in shares of its row groups, ``(path, (row group ids))``.  A large file read
+    whole put all its rows in one worker's memory (12 million rows: 4.4 GiB, where the same rows in
+    24 files took 1.2 GiB a worker).  A file of one row group cannot be split."""
+    from .dataset import row_group_rows
+
+    chunks, cur, rows = [], [], 0
+    for f in files:
+        if f.rows > target_rows:
+            counts = row_group_rows(spec.source, f.path)
+            if len(counts) > 1:
+                share, n = [], 0
+                for i, c in enumerate(counts):
+                    share.append(i)
+                    n += c
+                    if n >= target_rows:
+                        chunks.append(((f.path, tuple(share)),))
+                        share, n = [], 0
+                if share:
+                    chunks.append(((f.path, tuple(share)),))
+                continue
+        cur.append(f.path)
+        rows += f.rows
+        if rows >= target_rows:
+            chunks.append(tuple(cur))
+            cur, rows = [], 0
+    if cur:
+        chunks.append(tuple(cur))
+    return chunks
+
+
+def _read_chunk(spec: JobSpec, paths: tuple, hashed: tuple | None = None) -> pd.DataFrame:
     from .dataset import read_files
 
-    table = read_files(spec.source, paths, list(spec.columns), spec.filter)
+    if len(paths) == 1 and isinstance(paths[0], tuple):  # a share of a large file: (path, row groups)
+        (path, row_groups), = paths
+        table = read_files(spec.source, (path,), list(spec.columns), spec.filter, row_groups=row_groups)
+    else:
+        table = read_files(spec.source, paths, list(spec.columns), spec.filter)
     df = _exact_pandas(table)
     if hashed:  # the keys as the run's types, to hash as training did
         extra = _exact_pandas(pa.table({f"{_HASHED}{k}": _key_for_hashing(table[k], t, spec.models.run_id)
@@ -1576,15 +1612,7 @@ def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -
     import dask.dataframe as dd
 
     files = sorted(info.files, key=lambda f: f.path)
-    chunks, cur, rows = [], [], 0
-    for f in files:
-        cur.append(f.path)
-        rows += f.rows
-        if rows >= plan_.target_rows:
-            chunks.append(tuple(cur))
-            cur, rows = [], 0
-    if cur:
-        chunks.append(tuple(cur))
+    chunks = _read_chunks(spec, files, plan_.target_rows)
     meta = _exact_pandas(info.schema.empty_table().select(list(spec.columns)))
     method = "p2p" if client is not None else "tasks"
     hashed = _stored_key_types(spec, info)
