@@ -680,7 +680,8 @@ def _cmd_models_gc(args) -> int:
         if not removed:  # a misspelt --store (a clean-up job from cron) removed nothing, every time
             _refuse_no_store(st)
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(removed)} run(s)" + (": " + ", ".join(removed) if removed else ""))
+    # one run a line: 198 runs on one line of 7,000 characters could be neither read nor grepped
+    print(f"{verb} {len(removed)} run(s)" + "".join(f"\n  {rid}" for rid in removed))
     return 0
 
 
