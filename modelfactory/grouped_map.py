@@ -131,9 +131,11 @@ def _no_text_rows(rows, field: pa.Field) -> None:
 def _columns_error(got, schema) -> ValueError:
     missing = [c for c in schema.names if c not in got]
     extra = [c for c in got if c not in schema.names]
+    twice = sorted({c for c in got if list(got).count(c) > 1}, key=list(got).index)
     return ValueError(f"returned columns {got} do not match the schema {schema.names}"
                       + (f"; missing {missing}" if missing else "")
-                      + (f"; unexpected {extra}" if extra else ""))
+                      + (f"; unexpected {extra}" if extra else "")
+                      + (f"; more than one column named {', '.join(map(repr, twice))}" if twice else ""))
 
 
 def _group_inputs(spec, groups):

@@ -86,6 +86,19 @@ def _apply(func, input="pandas", schema="k string, n bigint, m double"):
     return rows, result.to_pydict()
 
 
+def test_a_returned_frame_with_a_column_twice_is_told_so():
+    """A frame with two columns "m" for a schema with one was "returned columns ['k', 'n', 'm', 'm']
+    do not match the schema ['k', 'n', 'm']", without the word that says what is wrong."""
+    import pandas as pd
+
+    def func(df):
+        return pd.DataFrame([[df["k"].iloc[0], len(df), 1.0, 2.0]], columns=["k", "n", "m", "m"])
+
+    rows, out = _apply(func)
+    assert set(rows["status"]) == {"failed"} and out["k"] == []
+    assert rows["error"][0].endswith("more than one column named 'm'"), rows["error"][0]
+
+
 def test_apply_groups_collects_frames_and_dicts_and_pins_bad_returns():
     import pandas as pd
 
