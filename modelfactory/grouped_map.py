@@ -525,53 +525,55 @@ def apply_groups(spec, groups):
     slow: dict[int, Any] = {}  # group index -> collected values that the careful path converts
     frame_type = None  # the pandas DataFrame class, once a group has returned one
     # One clock reading per group: a group's seconds run from the end of the group
-    # before it, so they include building its input (a slice: about a microsecond).
+    # before it, so they include building its input (a slice: about a microsecond) and
+    # collecting what it returned (converting a large frame, when it is not left to the end).
     perf = _time.perf_counter
     stamps = [perf()]
     stamp = stamps.append
     guard: _ReuseGuard | None = _ReuseGuard()  # None once the first groups show no object returned twice
     for i, arg in enumerate(_group_inputs(spec, groups)):
-        try:
-            out = func(arg)
-        except SkipGroup as err:
-            status[i], errors[i] = "skipped", str(err)
-            continue
-        except GROUP_ERRORS as err:  # noqa: BLE001 - recorded per group
-            status[i], errors[i] = "failed", describe_error(err)
-            continue
+        try:  # the group's seconds end once its rows are collected (a large frame's conversion too)
+            try:
+                out = func(arg)
+            except SkipGroup as err:
+                status[i], errors[i] = "skipped", str(err)
+                continue
+            except GROUP_ERRORS as err:  # noqa: BLE001 - recorded per group
+                status[i], errors[i] = "failed", describe_error(err)
+                continue
+            # Fast path: a dict or DataFrame with exactly the schema's columns is collected as
+            # a tuple of its values (a dict's are checked all at once at the end; the tuple,
+            # not the dict, so that a function may fill and return the same dict every time)
+            # and converted once.
+            kind = type(out)
+            if kind is dict and len(out) == width:  # with every name found below: exactly the schema's
+                try:
+                    values = row_of(out)
+                except KeyError:
+                    careful[i] = to_table(out, schema)
+                    continue
+                if guard is not None:
+                    values = guard(values, arg)
+                    if guard.done:
+                        guard = None
+                outs.append(values)
+                framed.append(False)
+            elif kind is frame_type or (frame_type is None and _is_frame(out)):
+                frame_type = kind
+                cols = _frame_columns(out, names, text) if same_labels(out.columns) else None
+                if cols is None:
+                    careful[i] = to_table(out, schema)
+                    continue
+                # copies: a frame filled again and returned by the next group would change them (a
+                # few hundred ns against the tens of µs a frame costs)
+                outs.append(tuple(a.copy() if a.base is not None else a for a in cols))
+                framed.append(True)
+            else:
+                careful[i] = to_table(out, schema)
+                continue
+            owners.append(i)
         finally:
             stamp(perf())
-        # Fast path: a dict or DataFrame with exactly the schema's columns is collected as
-        # a tuple of its values (a dict's are checked all at once at the end; the tuple,
-        # not the dict, so that a function may fill and return the same dict every time)
-        # and converted once.
-        kind = type(out)
-        if kind is dict and len(out) == width:  # with every name found below: exactly the schema's
-            try:
-                values = row_of(out)
-            except KeyError:
-                careful[i] = to_table(out, schema)
-                continue
-            if guard is not None:
-                values = guard(values, arg)
-                if guard.done:
-                    guard = None
-            outs.append(values)
-            framed.append(False)
-        elif kind is frame_type or (frame_type is None and _is_frame(out)):
-            frame_type = kind
-            cols = _frame_columns(out, names, text) if same_labels(out.columns) else None
-            if cols is None:
-                careful[i] = to_table(out, schema)
-                continue
-            # copies: a frame filled again and returned by the next group would change them (a
-            # few hundred ns against the tens of µs a frame costs)
-            outs.append(tuple(a.copy() if a.base is not None else a for a in cols))
-            framed.append(True)
-        else:
-            careful[i] = to_table(out, schema)
-            continue
-        owners.append(i)
     tables, from_frame = [], set()  # from_frame: groups whose columns, now in a dict, came from a frame
     if owners:
         collected, bad, empty = _chunks(outs, names)

@@ -86,6 +86,33 @@ def _apply(func, input="pandas", schema="k string, n bigint, m double"):
     return rows, result.to_pydict()
 
 
+def test_a_groups_seconds_include_converting_what_it_returned(monkeypatch):
+    """The clock was read as the function returned, and converting its rows (a million text values:
+    seconds) was charged to the group after it: the slow group looked fast, the next one slow."""
+    import time
+
+    import pandas as pd
+
+    from modelfactory import grouped_map
+
+    real = grouped_map.to_table
+
+    def slow_conversion(*args, **kwargs):
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grouped_map, "to_table", slow_conversion)
+
+    def func(df):
+        k = df["k"].iloc[0]
+        frame = pd.DataFrame({"k": [k], "n": [len(df)], "m": [df["v"].mean()]})
+        return frame[["m", "n", "k"]] if k == "b" else frame  # b's columns in another order: converted at once
+
+    rows, out = _apply(func)
+    assert rows["status"] == ["ok"] * 4 and sorted(out["k"]) == ["a", "b", "c", "d"]
+    assert rows["seconds"][1] >= 0.2, rows["seconds"]  # b's own conversion, not c's
+
+
 def test_a_returned_frame_with_a_column_twice_is_told_so():
     """A frame with two columns "m" for a schema with one was "returned columns ['k', 'n', 'm', 'm']
     do not match the schema ['k', 'n', 'm']", without the word that says what is wrong."""
