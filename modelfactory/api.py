@@ -154,6 +154,11 @@ def _digest(*parts) -> str:
 
 def _summarise(kind: str, results: list[UnitResult], plan_: Plan | None, wall: float) -> dict:
     counts = {s: sum(r.counts[s] for r in results) for s in kernel.STATUS}
+    problems: dict[tuple[str, str], int] = {}
+    for r in results:
+        for k, v in r.problems.items():
+            problems[k] = problems.get(k, 0) + v
+    top = sorted(problems.items(), key=lambda kv: (-kv[1], kv[0][0], kv[0][1] or ""))[:5]
     return {
         "kind": kind,
         "groups": sum(r.groups for r in results),
@@ -164,6 +169,9 @@ def _summarise(kind: str, results: list[UnitResult], plan_: Plan | None, wall: f
         "unit_rows": plan_.target_rows if plan_ else None,
         "wall_seconds": round(wall, 3),
         "unit_seconds": round(sum(r.seconds for r in results), 3),
+        # the commonest reasons groups failed or were skipped, counted by the units (each reports its
+        # own commonest kinds: the client never reads the group table for them)
+        "problems": [{"status": st, "error": err, "groups": n} for (st, err), n in top],
     }
 
 
@@ -1264,6 +1272,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         mismatch = _loose_keys(st, man, sink, results, groups, by_)
     if mismatch:
         summary["key_mismatch"] = mismatch
+        summary["problems"] = _reason_moved(summary["problems"], man["run_id"], mismatch)
         log.warning("%s", mismatch["warning"], extra={"key_mismatch": True})  # the CLI says it its own way
     top = groups.filter(pa.compute.greater(groups["anomalies"], 0)).sort_by(
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)
@@ -1277,6 +1286,18 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                         + [pa.field(k, pa.string()) for k in folders])
     return table_run(run_id, "score", summary, results, sink, None, input=_input_record(info, filter),
                      written=written)
+
+
+def _reason_moved(problems: list[dict], run_id: str, mismatch: dict) -> list[dict]:
+    """The summary's ``problems`` once :func:`_loose_keys` gave ``mismatch["groups"]`` of the groups
+    without a model its own reason: counted from them, the commonest was the plain "no model"."""
+    from .scoring import no_model_reason
+
+    plain = no_model_reason(run_id)
+    out = [dict(p, groups=p["groups"] - mismatch["groups"]) if p["error"] == plain else p for p in problems]
+    out = [p for p in out if p["groups"] > 0] + [{"status": "skipped", "error": mismatch["reason"],
+                                                  "groups": mismatch["groups"]}]
+    return sorted(out, key=lambda p: (-p["groups"], p["status"], p["error"] or ""))[:5]
 
 
 def _loose_keys(st: ModelStore, man: dict, sink: Location, results: list[UnitResult], groups: pa.Table,

@@ -677,6 +677,8 @@ class UnitResult:
     seconds: float = 0.0
     parts: list[PartInfo] = field(default_factory=list)
     errors: list[tuple[tuple, str]] = field(default_factory=list)  # a few failed groups
+    #: (status, error) -> groups, of the groups that are not ok: the unit's PROBLEM_KINDS commonest
+    problems: dict[tuple[str, str], int] = field(default_factory=dict)
     table: pa.Table | None = None  # apply results, when there is no sink
     group_table: pa.Table | None = None  # group table, when there is no sink
     leaves: list[tuple] = field(default_factory=list)  # values of JobSpec.leaf_keys in this unit
@@ -1162,6 +1164,20 @@ def part_path(spec: JobSpec, unit_id: str) -> str:
     return f"{spec.groups_prefix}{unit_id}.parquet"
 
 
+#: How many kinds of problem (status and error) a unit reports, the commonest first.
+PROBLEM_KINDS = 20
+
+
+def _problems(gt: pa.Table) -> dict[tuple[str, str], int]:
+    """The commonest (status, error) pairs of the groups that are not ok, with their counts."""
+    bad = gt.select(["status", "error"]).filter(pc.not_equal(gt["status"], "ok"))
+    if not bad.num_rows:
+        return {}
+    counted = bad.group_by(["status", "error"], use_threads=False).aggregate([([], "count_all")]).to_pylist()
+    counted.sort(key=lambda r: (-r["count_all"], r["status"], r["error"] or ""))
+    return {(r["status"], r["error"]): r["count_all"] for r in counted[:PROBLEM_KINDS]}
+
+
 def summarize(spec: JobSpec, unit_id: str, gt: pa.Table) -> UnitResult:
     """The :class:`UnitResult` of a unit from its group table (counts, a few errors, leaves)."""
     res = UnitResult(unit_id, groups=gt.num_rows, rows=int(pc.sum(gt["rows"]).as_py() or 0))
@@ -1170,6 +1186,7 @@ def summarize(spec: JobSpec, unit_id: str, gt: pa.Table) -> UnitResult:
     failed = gt.filter(pc.equal(gt["status"], "failed")).slice(0, 5)
     names = list(spec.by)
     res.errors = [(tuple(r[k] for k in names), r["error"]) for r in failed.select([*names, "error"]).to_pylist()]
+    res.problems = _problems(gt)
     if "fitted_in" in gt.column_names:
         for item in pc.value_counts(gt["fitted_in"]).to_pylist():
             if item["values"] not in (None, spec.run_id):
@@ -1413,6 +1430,8 @@ def merge_results(unit_id: str, results: list[UnitResult]) -> UnitResult:
             out.counts[k] = out.counts.get(k, 0) + v
         for k, v in r.carried.items():
             out.carried[k] = out.carried.get(k, 0) + v
+        for k, v in r.problems.items():
+            out.problems[k] = out.problems.get(k, 0) + v
         out.anomalies += r.anomalies
         imports.update(dict.fromkeys(r.imports))
         out.part_leaves += r.leaves_by_part()  # each piece's part holds that piece's leaves only

@@ -128,7 +128,12 @@ class Run:
 
     def commonest_problem(self) -> str:
         """The commonest status and error of the groups that are not ok, as
-        ``"most often, 12 skipped: <reason>"`` (empty when every group is ok)."""
+        ``"most often, 12 skipped: <reason>"`` (empty when every group is ok).  From the summary's
+        ``problems`` (counted by the units), else from the group table (a run committed before
+        summaries had them: the whole table, read into this process)."""
+        if "problems" in self.summary:
+            top = self.summary["problems"]
+            return f"most often, {top[0]['groups']:,} {top[0]['status']}: {top[0]['error']}" if top else ""
         g = self.groups
         top = g.loc[g["status"] != "ok"].groupby(["status", "error"], dropna=False).size().sort_values(
             ascending=False, kind="stable")

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from ._io import Location, PartInfo, hive_folder, parquet_bytes
 from .dataset import read_files
 from .exceptions import GROUP_ERRORS, StoreError
-from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _times, describe_error, one_thread,
+from .kernel import (STATUS, Groups, JobSpec, UnitResult, _floats, _problems, _times, describe_error, one_thread,
                      split_groups)
 from .models.base import SeriesBatch, checked_scores
 from .plan import WorkUnit
@@ -523,6 +523,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
     gt = gt.append_column("max_score", pa.array(max_score, pa.float64()))
     bad = [i for i, s_ in enumerate(status) if s_ == "failed"][:5]
     res.errors = [(tuple(groups.keys.slice(i, 1).to_pylist()[0].values()), errors[i]) for i in bad]
+    res.problems = _problems(gt)
     out = tbl.filter(pa.array(written))
     idx = np.flatnonzero(written)
     for c in SCORE_COLUMNS:

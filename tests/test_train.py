@@ -316,6 +316,41 @@ def test_a_train_run_that_fits_no_model_warns_with_the_commonest_reason(by_app, 
     assert f"(0 failed, 12 skipped; most often, 12 skipped: {reason})" in msg
 
 
+def test_the_summary_counts_the_commonest_problems_so_the_client_reads_no_group_table(tmp_path):
+    """The commonest reason groups failed or were skipped came from the whole group table, read into
+    the client (a million skipped groups: 450 MiB) to print one line.  The units count them."""
+    from modelfactory.models.base import Model
+
+    class Picky(Model):
+        name = "picky"
+        state_attrs = ("m_",)
+
+        def _fit(self, y, t, X):
+            from modelfactory.models.base import SkipGroup
+
+            if len(y) % 3 == 0:
+                raise SkipGroup("a multiple of three")
+            if len(y) % 6 == 1:
+                raise ValueError("one too many")
+            self.m_ = 0.0
+
+        def _score(self, y, t, X):
+            return {"score": np.zeros(len(y)), "is_anomaly": np.zeros(len(y), dtype=bool)}
+
+    rows = [n for n in range(4, 34)]
+    t = pd.DataFrame({"g": np.repeat([f"g{n:02d}" for n in rows], rows), "value": 1.0})
+    t.to_parquet(tmp_path / "d.parquet")
+    run = modelfactory.train(str(tmp_path / "d.parquet"), by="g", target="value", model=Picky(),
+                             store=str(tmp_path / "s"), cluster="inline", unit_rows=100)
+    assert run.summary["units"] > 1
+    g = run.groups[lambda d: d["status"] != "ok"]
+    want = g.groupby(["status", "error"]).size().sort_values(ascending=False, kind="stable")
+    got = {(p["status"], p["error"]): p["groups"] for p in run.summary["problems"]}
+    assert got == want.to_dict() and list(want) == [10, 5]
+    run.store = None  # no group table to read: the summary says it
+    assert run.commonest_problem() == "most often, 10 skipped: a multiple of three"
+
+
 @pytest.mark.parametrize("name", ["status", "error", "seconds", "fitted_in"])
 def test_a_key_column_named_as_a_column_of_the_group_table_is_refused_up_front(tmp_path, name):
     # a key `status` (an HTTP status) stopped the run in its unit with `KeyError: Field "status"
