@@ -111,6 +111,39 @@ def _with_quiet_close() -> dict:
             "distributed.worker.preload-argv": [*argv, []]}
 
 
+#: Seconds between two looks for worker processes a local cluster lost for good (:func:`_workers_kept`).
+LOST_WORKER_CHECK_SECONDS = 2.0
+
+
+def _workers_kept(lc) -> contextlib.AbstractContextManager[None]:
+    """While inside, start again the workers of the LocalCluster ``lc`` that it closed for good.
+
+    A LocalCluster closes the nanny of a worker that has been gone from the scheduler for
+    ``distributed.deploy.lost-worker-timeout`` (15 s), and starts no other in its place.  A group
+    that kills its worker again and again (as the isolation of a unit that kills its workers runs
+    it) keeps the nanny restarting its worker, and on a loaded machine a restart could take that
+    long: one nanny after the other was closed, and the job waited for ever for a worker (4 runs
+    in 6 in a trial).  The cluster still lists them among the workers it should have
+    (``worker_spec``); scaling it to that number starts them again."""
+
+    def restore() -> None:  # in the cluster's event loop, where its worker tables change
+        lost = set(lc.worker_spec) - set(lc.workers)
+        if lost and lc.status.name == "running":
+            log.warning("the local Dask cluster closed %d worker process(es) it had lost (a group that kills "
+                        "its worker, again and again?): starting them again", len(lost))
+            lc.scale(len(lc.worker_spec))
+
+    def check(stop: threading.Event) -> bool:
+        if not stop.is_set():
+            try:
+                lc.loop.add_callback(restore)
+            except RuntimeError:  # its loop has closed
+                return False
+        return True
+
+    return _every(LOST_WORKER_CHECK_SECONDS, check, "modelfactory-keep-workers")
+
+
 def default_workers() -> int:
     """Worker processes of a LocalCluster made without ``workers=``: one per CPU this process may
     use (Dask's count, which honours CPU affinity and a container's CPU quota, as ``os.cpu_count()``
@@ -307,7 +340,7 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
             raise ClusterError(f"Could not start a local Dask cluster with {n} workers: {str(err).rstrip('.')}. "
                                "If this runs from a script, put the code under `if __name__ == \"__main__\":` "
                                "(Dask starts its worker processes by re-importing the script).") from err
-        with _ctrl_c_held_while_closing() as hold, lc, Client(lc) as client:
+        with _ctrl_c_held_while_closing() as hold, lc, Client(lc) as client, _workers_kept(lc):
             try:
                 yield client
             finally:

@@ -299,6 +299,29 @@ def test_a_column_pandas_wrote_as_the_index_reaches_the_function(tmp_path, clien
         assert out["rids"].sum() == 69 and set(out["v"]) == {"Int64"}  # pandas' own dtypes kept
 
 
+def _kill_at_s007(df):
+    if df["site"].iloc[0] == "s007":
+        os.kill(os.getpid(), 9)
+    return df[["app", "site"]].head(1)
+
+
+@pytest.mark.timeout(180)
+def test_a_local_cluster_that_closed_its_lost_workers_gets_them_again(by_app):
+    """A LocalCluster closes the nanny of a worker gone for lost-worker-timeout (15 s) and starts
+    none in its place: a group killing its worker again and again, as the isolation runs it, on a
+    loaded machine, closed both nannies, and the job waited for ever (4 runs in 6 in a trial).
+    Here the timeout is 0 s, so each death closes the only worker's nanny at once."""
+    import dask
+
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "0s",
+                          "distributed.scheduler.allowed-failures": 0}):
+        run = modelfactory.apply(by_app, by=["app", "site"], func=_kill_at_s007, schema="app string, site string",
+                                 workers=1, progress=False)
+    assert run.summary["counts"] == {"ok": 11, "failed": 1, "skipped": 0}
+    g = run.groups.set_index("site")
+    assert "worker process died" in g.loc["s007", "error"]
+
+
 def _exit_now():
     os._exit(1)
 
