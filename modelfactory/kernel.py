@@ -29,7 +29,7 @@ from .models.base import Model, SeriesBatch, SkipGroup
 from .plan import WorkUnit
 
 __all__ = ["JobSpec", "ModelSpec", "UnitResult", "Groups", "split_groups", "run_unit", "run_table",
-           "run_keys", "key_table", "unit_keys", "run_group", "keys_condition", "failed_rows", "merge_results",
+           "run_keys", "key_table", "unit_keys", "unit_groups", "run_group", "keys_condition", "failed_rows", "merge_results",
            "describe_error", "STATUS", "one_thread", "check_claim", "claimed_by", "OUTPUT_CLAIM",
            "CodeUnavailable", "code_error", "require_code", "refused_rows", "code_digests", "stale_names"]
 
@@ -1008,8 +1008,14 @@ def run_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
 
 def unit_keys(spec: JobSpec, paths: tuple[str, ...]) -> pa.Table:
     """The distinct group keys in the files ``paths`` (a unit's; reads the key columns only)."""
+    return unit_groups(spec, paths)[0]
+
+
+def unit_groups(spec: JobSpec, paths: tuple[str, ...]) -> tuple[pa.Table, np.ndarray]:
+    """:func:`unit_keys`, and the rows of each of those groups."""
     table = read_files(spec.source, paths, list(spec.by), spec.filter, encode=spec.by)
-    return split_groups(table, spec.by).keys
+    groups = split_groups(table, spec.by)
+    return groups.keys, (groups.ends - groups.starts).astype(np.int64)
 
 
 def run_group(spec: JobSpec, unit: WorkUnit, key: pa.Table, sub_id: str, runner=None) -> UnitResult:
@@ -1051,8 +1057,10 @@ def keys_condition(keys: pa.Table, also=None, *, stored: bool = True):
     return functools.reduce(lambda a, b: a & b, conds) if conds else None
 
 
-def failed_rows(spec: JobSpec, unit_id: str, keys: pa.Table, error: str) -> UnitResult:
-    """A unit result (and part) for groups that could not run at all: all ``failed`` with ``error``."""
+def failed_rows(spec: JobSpec, unit_id: str, keys: pa.Table, error: str,
+                sizes: np.ndarray | None = None) -> UnitResult:
+    """A unit result (and part) for groups that could not run at all: all ``failed`` with ``error``;
+    ``sizes``, when known, are their rows (a group that killed its worker got its rows)."""
     n = keys.num_rows
     rows = {"status": ["failed"] * n, "error": [error] * n, "seconds": np.zeros(n)}
     if spec.kind == "train":
@@ -1067,7 +1075,8 @@ def failed_rows(spec: JobSpec, unit_id: str, keys: pa.Table, error: str) -> Unit
         extra = [None] * n  # each key's result (run_keys): none
     else:
         extra = None
-    return _finish(spec, unit_id, keys, rows, extra, np.zeros(n, np.int64), _time.perf_counter())
+    sizes = np.zeros(n, np.int64) if sizes is None else np.asarray(sizes, dtype=np.int64)
+    return _finish(spec, unit_id, keys, rows, extra, sizes, _time.perf_counter())
 
 
 def run_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | None = None) -> UnitResult:

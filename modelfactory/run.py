@@ -1270,14 +1270,14 @@ def isolate(spec: JobSpec, client, unit, runner=kernel.run_table) -> UnitResult:
     group(s) that crash the process fail (with the reason) and the others complete.
     ``runner`` runs a unit's rows (scoring passes ``scoring.score_table``)."""
     drop_unit_files(spec, [unit.id])
-    keys = client.submit(kernel.unit_keys, spec, unit.paths, pure=False).result()
+    keys, sizes = client.submit(kernel.unit_groups, spec, unit.paths, pure=False).result()
 
     def run_one(i, sub_id, key, workers=None):
         # take, not slice: a slice pickles the whole table's buffers, for every group
         return client.submit(_run_group, spec, unit, keys.take([i]), sub_id, runner, key=key, pure=False,
                              workers=workers, allow_other_workers=workers is not None)
 
-    return _isolated(spec, client, unit.id, keys, run_one)
+    return _isolated(spec, client, unit.id, keys, run_one, sizes)
 
 
 def isolate_keys(spec: JobSpec, client, item, run_keys: Callable) -> UnitResult:
@@ -1310,19 +1310,20 @@ def isolate_partitions(spec: JobSpec, client, unit_id: str, paths: tuple[str, ..
     remaining = client.submit(_remaining_keys, spec, paths, tables, parts, pure=False)
     data = client.submit(_read_groups, spec, paths, remaining, pure=False)
     try:
-        keys = client.submit(_group_keys, data, pure=False).result()  # in the order of data's groups
+        keys, sizes = client.submit(_group_keys, data, pure=False).result()  # in the order of data's groups
 
         def run_one(i, sub_id, key, workers=None):
             return client.submit(_run_group_slice, spec, sub_id, data, i, runner, key=key, pure=False,
                                  workers=workers, allow_other_workers=workers is not None)
 
-        return _isolated(spec, client, unit_id, keys, run_one)
+        return _isolated(spec, client, unit_id, keys, run_one, sizes)
     finally:
         data.release()
         remaining.release()
 
 
-def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Callable) -> UnitResult:
+def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Callable,
+              sizes: np.ndarray | None = None) -> UnitResult:
     """Run each group of ``keys`` as its own task (``run_one(i, sub_id, task_key, workers=None)``
     submits group ``i``'s, on ``workers`` if given), no more at once than the cluster has
     threads: a task waiting on a worker that dies counts as a suspect too.  A task that kept
@@ -1360,7 +1361,7 @@ def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Calla
             return run_one(i, subs[i], f"mf-{subs[i]}-a{n}-r{tries[i]}-{tag}", workers)
 
         def fail(i: int, reason: str) -> UnitResult:
-            return kernel.failed_rows(spec, subs[i], keys.take([i]), reason)
+            return kernel.failed_rows(spec, subs[i], keys.take([i]), reason, None if sizes is None else sizes[[i]])
 
         try:
             for _ in range(at_once):
@@ -1396,7 +1397,8 @@ def _isolated(spec: JobSpec, client, prefix: str, keys: pa.Table, run_one: Calla
         reason = ("the worker process died while running this group (out of memory: the OS's OOM killer, or "
                   "the Dask nanny at the worker's memory limit; or a crash in native code); it was tried on "
                   "several workers: see the workers' logs")
-        parts.append(kernel.failed_rows(spec, f"{prefix}-killed", keys.take(pa.array(dead, pa.int64())), reason))
+        parts.append(kernel.failed_rows(spec, f"{prefix}-killed", keys.take(pa.array(dead, pa.int64())), reason,
+                                        None if sizes is None else sizes[dead]))
     return kernel.merge_results(prefix, parts)
 
 
@@ -1612,8 +1614,9 @@ def _read_groups(spec: JobSpec, paths: tuple[str, ...], keys: pa.Table) -> kerne
     return kernel.split_groups(table.take(pa.array(np.sort(rows))), spec.by, spec.time)
 
 
-def _group_keys(groups: kernel.Groups) -> pa.Table:
-    return groups.keys
+def _group_keys(groups: kernel.Groups) -> tuple[pa.Table, np.ndarray]:
+    """The groups' keys and their rows."""
+    return groups.keys, (groups.ends - groups.starts).astype(np.int64)
 
 
 def _refused_partition(spec: JobSpec, unit_id: str, df: pd.DataFrame, reason: str) -> UnitResult:

@@ -312,6 +312,7 @@ def test_a_local_cluster_that_closed_its_lost_workers_gets_them_again(by_app):
     loaded machine, closed both nannies, and the job waited for ever (4 runs in 6 in a trial).
     Here the timeout is 0 s, so each death closes the only worker's nanny at once."""
     import dask
+    import distributed  # noqa: F401 - its defaults are in Dask's config before the set below, which would drop them
 
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "0s",
                           "distributed.scheduler.allowed-failures": 0}):
@@ -320,6 +321,9 @@ def test_a_local_cluster_that_closed_its_lost_workers_gets_them_again(by_app):
     assert run.summary["counts"] == {"ok": 11, "failed": 1, "skipped": 0}
     g = run.groups.set_index("site")
     assert "worker process died" in g.loc["s007", "error"]
+    # the group that killed its worker got its rows, and counts them (it was 0, and the run short of them)
+    sizes = pd.read_parquet(by_app).groupby("site").size()
+    assert g.loc["s007", "rows"] == sizes["s007"] and run.summary["rows"] == sizes.sum()
 
 
 def _exit_now():
