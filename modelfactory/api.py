@@ -907,7 +907,8 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         finally:
             bar.close()
     summary = _summarise("apply", results, plan_, _time.perf_counter() - t0)
-    return table_run(run_id, "apply", summary, results, sink, out_schema, input=_input_record(info, filter))
+    return _said_if_none_ok(table_run(run_id, "apply", summary, results, sink, out_schema,
+                                      input=_input_record(info, filter)))
 
 
 # ---------------------------------------------------------------------------
@@ -994,7 +995,7 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
         finally:
             bar.close()
     summary = _summarise("map_keys", results, None, _time.perf_counter() - t0)
-    return table_run(run_id, "map_keys", summary, results, sink, out_schema)
+    return _said_if_none_ok(table_run(run_id, "map_keys", summary, results, sink, out_schema))
 
 
 def _key_rows(keys: list) -> tuple[list[tuple], tuple[str, ...] | None]:
@@ -1284,8 +1285,18 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     written = pa.schema([info.schema.field(c) for c in columns if c not in folders]
                         + [pa.field(c, pa.bool_() if c == "is_anomaly" else pa.float64()) for c in SCORE_COLUMNS]
                         + [pa.field(k, pa.string()) for k in folders])
-    return table_run(run_id, "score", summary, results, sink, None, input=_input_record(info, filter),
-                     written=written)
+    return _said_if_none_ok(table_run(run_id, "score", summary, results, sink, None,
+                                      input=_input_record(info, filter), written=written))
+
+
+def _said_if_none_ok(run: Run) -> Run:
+    """``run``, with a warning when every one of its groups failed or was skipped: such a run
+    returned without a word (train warns so too; the CLI says it in its error: line)."""
+    s = run.summary
+    if s["groups"] and not s["counts"]["ok"]:
+        log.warning("run %s (%s): every one of its %d group(s) failed or was skipped (%s); run.groups has each "
+                    "one's reason", run.id, run.kind, s["groups"], run.commonest_problem(), extra={"no_model": True})
+    return run
 
 
 def _reason_moved(problems: list[dict], run_id: str, mismatch: dict) -> list[dict]:

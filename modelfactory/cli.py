@@ -409,7 +409,7 @@ def _why_none(run) -> str:
 def _cmd_score(args) -> int:
     from .api import score
 
-    with _api_warning_dropped("key_mismatch"):
+    with _api_warning_dropped("key_mismatch", "no_model"):
         run = score(args.data, store=args.store, out=args.out, run=args.run, cluster=args.cluster,
                     workers=args.workers, unit_rows=args.unit_rows, overwrite=args.overwrite, trust=args.trust,
                     config=args.config, filter=_filter(args), progress=_progress(args), keep=args.keep)
@@ -442,14 +442,17 @@ class _DropFlagged(logging.Filter):
 
 
 @contextlib.contextmanager
-def _api_warning_dropped(flag: str) -> Iterator[None]:
-    """While the CLI runs a job: the API's warnings marked ``flag`` are left to the CLI's own lines."""
-    logger, drop = logging.getLogger("modelfactory.api"), _DropFlagged(flag)
-    logger.addFilter(drop)
+def _api_warning_dropped(*flags: str) -> Iterator[None]:
+    """While the CLI runs a job: the API's warnings marked with one of ``flags`` are left to the CLI's
+    own lines."""
+    logger, drops = logging.getLogger("modelfactory.api"), [_DropFlagged(flag) for flag in flags]
+    for drop in drops:
+        logger.addFilter(drop)
     try:
         yield
     finally:
-        logger.removeFilter(drop)
+        for drop in drops:
+            logger.removeFilter(drop)
 
 
 def _cmd_models_list(args) -> int:

@@ -299,6 +299,21 @@ def test_a_column_pandas_wrote_as_the_index_reaches_the_function(tmp_path, clien
         assert out["rids"].sum() == 69 and set(out["v"]) == {"Int64"}  # pandas' own dtypes kept
 
 
+def test_an_apply_whose_every_group_failed_says_so(by_app, caplog):
+    """A run in which every group failed returned without a word, in Python (train warns)."""
+    import logging
+
+    def broken(df):
+        raise KeyError("valeu")
+
+    with caplog.at_level(logging.WARNING, logger="modelfactory"):
+        run = modelfactory.apply(by_app, by=["app", "site"], func=broken, schema="m double", cluster="inline")
+    assert run.summary["counts"]["failed"] == 12
+    (msg,) = [r.getMessage() for r in caplog.records if "every one of its" in r.getMessage()]
+    assert msg == (f"run {run.id} (apply): every one of its 12 group(s) failed or was skipped (most often, 12 "
+                   f"failed: {run.groups['error'].iloc[0]}); run.groups has each one's reason")
+
+
 def _kill_at_s007(df):
     if df["site"].iloc[0] == "s007":
         os.kill(os.getpid(), 9)
