@@ -239,9 +239,15 @@ def _index_as_column(tbl: pa.Table) -> pa.Table:
     if raw is None or b'"index_columns": []' in raw:
         return tbl
     pandas_meta = json.loads(raw)
-    if not any(isinstance(c, str) for c in pandas_meta.get("index_columns", ())):
-        return tbl  # a RangeIndex is not a column of the file
-    pandas_meta["index_columns"] = []
+    index = pandas_meta.get("index_columns", ())
+    names = {c.get("field_name"): c.get("name") for c in pandas_meta.get("columns", ()) if isinstance(c, dict)}
+    # a RangeIndex is not a column of the file; an unnamed index (``__index_level_0__``: what a filtered
+    # frame keeps) is no column of the data either, and stays the index the group frame replaces
+    named = [c for c in index if isinstance(c, str) and names.get(c) is not None
+             and not c.startswith("__index_level_")]
+    if not named:
+        return tbl
+    pandas_meta["index_columns"] = [c for c in index if c not in named]
     return tbl.replace_schema_metadata({**meta, b"pandas": json.dumps(pandas_meta).encode()})
 
 

@@ -297,6 +297,13 @@ def test_a_column_pandas_wrote_as_the_index_reaches_the_function(tmp_path, clien
                                  schema="u string, cols string, rids int64, v string").to_pandas()
         assert set(out["cols"]) == {"rid,u,v" if by == "rid" else "u,v,rid"}, out
         assert out["rids"].sum() == 69 and set(out["v"]) == {"Int64"}  # pandas' own dtypes kept
+    # an unnamed index (a filtered frame's, stored as __index_level_0__) is not data: no column for it
+    (tmp_path / "data" / "part.parquet").unlink()
+    df[df["rid"] != 17].drop(columns="rid").to_parquet(tmp_path / "data" / "part.parquet")
+    assert "__index_level_0__" in pq.read_schema(tmp_path / "data" / "part.parquet").names
+    run = modelfactory.apply(str(tmp_path / "data"), by="u", func=lambda g: g, schema="u string, v bigint",
+                             cluster=client)
+    assert run.summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
 
 
 def test_an_apply_whose_every_group_failed_says_so(by_app, caplog):
