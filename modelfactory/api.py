@@ -170,8 +170,11 @@ def _summarise(kind: str, results: list[UnitResult], plan_: Plan | None, wall: f
         "wall_seconds": round(wall, 3),
         "unit_seconds": round(sum(r.seconds for r in results), 3),
         # the commonest reasons groups failed or were skipped, counted by the units (each reports its
-        # own commonest kinds: the client never reads the group table for them)
+        # own commonest kinds: the client reads no group table for them).  Not complete when a unit
+        # had more kinds than it reports (errors naming each group's values): the counts are then
+        # lower bounds, and the commonest in the run may be missing
         "problems": [{"status": st, "error": err, "groups": n} for (st, err), n in top],
+        "problems_complete": not any(r.problems_cut for r in results),
     }
 
 
@@ -1273,7 +1276,8 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         mismatch = _loose_keys(st, man, sink, results, groups, by_)
     if mismatch:
         summary["key_mismatch"] = mismatch
-        summary["problems"] = _reason_moved(summary["problems"], man["run_id"], mismatch)
+        if summary["problems_complete"]:
+            summary["problems"] = _reason_moved(summary["problems"], man["run_id"], mismatch)
         log.warning("%s", mismatch["warning"], extra={"key_mismatch": True})  # the CLI says it its own way
     top = groups.filter(pa.compute.greater(groups["anomalies"], 0)).sort_by(
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)

@@ -679,6 +679,7 @@ class UnitResult:
     errors: list[tuple[tuple, str]] = field(default_factory=list)  # a few failed groups
     #: (status, error) -> groups, of the groups that are not ok: the unit's PROBLEM_KINDS commonest
     problems: dict[tuple[str, str], int] = field(default_factory=dict)
+    problems_cut: int = 0  # groups not ok whose kind of problem is not among ``problems``
     table: pa.Table | None = None  # apply results, when there is no sink
     group_table: pa.Table | None = None  # group table, when there is no sink
     leaves: list[tuple] = field(default_factory=list)  # values of JobSpec.leaf_keys in this unit
@@ -1177,14 +1178,16 @@ def part_path(spec: JobSpec, unit_id: str) -> str:
 PROBLEM_KINDS = 20
 
 
-def _problems(gt: pa.Table) -> dict[tuple[str, str], int]:
-    """The commonest (status, error) pairs of the groups that are not ok, with their counts."""
+def _problems(gt: pa.Table) -> tuple[dict[tuple[str, str], int], int]:
+    """The commonest (status, error) pairs of the groups that are not ok, with their counts, and the
+    number of such groups left out (their pairs were not among the commonest)."""
     bad = gt.select(["status", "error"]).filter(pc.not_equal(gt["status"], "ok"))
     if not bad.num_rows:
-        return {}
+        return {}, 0
     counted = bad.group_by(["status", "error"], use_threads=False).aggregate([([], "count_all")]).to_pylist()
     counted.sort(key=lambda r: (-r["count_all"], r["status"], r["error"] or ""))
-    return {(r["status"], r["error"]): r["count_all"] for r in counted[:PROBLEM_KINDS]}
+    kept = {(r["status"], r["error"]): r["count_all"] for r in counted[:PROBLEM_KINDS]}
+    return kept, bad.num_rows - sum(kept.values())
 
 
 def summarize(spec: JobSpec, unit_id: str, gt: pa.Table) -> UnitResult:
@@ -1195,7 +1198,7 @@ def summarize(spec: JobSpec, unit_id: str, gt: pa.Table) -> UnitResult:
     failed = gt.filter(pc.equal(gt["status"], "failed")).slice(0, 5)
     names = list(spec.by)
     res.errors = [(tuple(r[k] for k in names), r["error"]) for r in failed.select([*names, "error"]).to_pylist()]
-    res.problems = _problems(gt)
+    res.problems, res.problems_cut = _problems(gt)
     if "fitted_in" in gt.column_names:
         for item in pc.value_counts(gt["fitted_in"]).to_pylist():
             if item["values"] not in (None, spec.run_id):
@@ -1441,6 +1444,7 @@ def merge_results(unit_id: str, results: list[UnitResult]) -> UnitResult:
             out.carried[k] = out.carried.get(k, 0) + v
         for k, v in r.problems.items():
             out.problems[k] = out.problems.get(k, 0) + v
+        out.problems_cut += r.problems_cut
         out.anomalies += r.anomalies
         imports.update(dict.fromkeys(r.imports))
         out.part_leaves += r.leaves_by_part()  # each piece's part holds that piece's leaves only

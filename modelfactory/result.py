@@ -129,15 +129,27 @@ class Run:
     def commonest_problem(self) -> str:
         """The commonest status and error of the groups that are not ok, as
         ``"most often, 12 skipped: <reason>"`` (empty when every group is ok).  From the summary's
-        ``problems`` (counted by the units), else from the group table (a run committed before
-        summaries had them: the whole table, read into this process)."""
-        if "problems" in self.summary:
-            top = self.summary["problems"]
-            return f"most often, {top[0]['groups']:,} {top[0]['status']}: {top[0]['error']}" if top else ""
-        g = self.groups
-        top = g.loc[g["status"] != "ok"].groupby(["status", "error"], dropna=False).size().sort_values(
-            ascending=False, kind="stable")
-        return f"most often, {top.iloc[0]:,} {top.index[0][0]}: {top.index[0][1]}" if len(top) else ""
+        ``problems`` (counted by the units) when they are complete, else from the group table (a
+        run whose units had too many kinds of problem to report, or committed before summaries had
+        them: the table's status and error, read into this process)."""
+        if self.summary.get("problems_complete"):
+            top = [(p["status"], p["error"], p["groups"]) for p in self.summary["problems"]]
+        else:
+            from .kernel import _problems
+
+            top = [(st, err, n) for (st, err), n in _problems(self._status_and_error())[0].items()]
+        return f"most often, {top[0][2]:,} {top[0][0]}: {top[0][1]}" if top else ""
+
+    def _status_and_error(self) -> pa.Table:
+        """The status and error columns of the group table (Arrow: no pandas frame of it all)."""
+        cols = ["status", "error"]
+        if self._groups is not None:
+            return self._groups.select(cols)
+        if self.store is not None:
+            return self.store.table(self.id, columns=cols)
+        import pyarrow.dataset as ds
+
+        return ds.dataset(self._out.path("_groups"), filesystem=self._out.fs, format="parquet").to_table(columns=cols)
 
     def __repr__(self) -> str:
         c = self.summary["counts"]

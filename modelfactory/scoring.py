@@ -523,7 +523,7 @@ def score_table(spec: JobSpec, unit_id: str, table: pa.Table, *, t0: float | Non
     gt = gt.append_column("max_score", pa.array(max_score, pa.float64()))
     bad = [i for i, s_ in enumerate(status) if s_ == "failed"][:5]
     res.errors = [(tuple(groups.keys.slice(i, 1).to_pylist()[0].values()), errors[i]) for i in bad]
-    res.problems = _problems(gt)
+    res.problems, res.problems_cut = _problems(gt)
     out = tbl.filter(pa.array(written))
     idx = np.flatnonzero(written)
     for c in SCORE_COLUMNS:

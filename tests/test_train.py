@@ -346,9 +346,33 @@ def test_the_summary_counts_the_commonest_problems_so_the_client_reads_no_group_
     g = run.groups[lambda d: d["status"] != "ok"]
     want = g.groupby(["status", "error"]).size().sort_values(ascending=False, kind="stable")
     got = {(p["status"], p["error"]): p["groups"] for p in run.summary["problems"]}
-    assert got == want.to_dict() and list(want) == [10, 5]
+    assert got == want.to_dict() and list(want) == [10, 5] and run.summary["problems_complete"]
+    store = run.store
     run.store = None  # no group table to read: the summary says it
     assert run.commonest_problem() == "most often, 10 skipped: a multiple of three"
+    # a unit with more kinds than it reports (an error naming each group's own values) leaves the
+    # summary incomplete: the commonest in the run may be in no unit's list, and the group table says it
+    run.store, run.summary = store, dict(run.summary, problems_complete=False, problems=[])
+    assert run.commonest_problem() == "most often, 10 skipped: a multiple of three"
+
+
+def test_the_commonest_problem_of_a_run_is_found_when_units_report_only_part_of_theirs(tmp_path, monkeypatch):
+    """Each unit reports its 20 commonest kinds of problem: one common in the run but rare in each
+    unit (errors naming each group's value beside it) was left out, and the summary named a
+    one-group reason as the commonest."""
+    from modelfactory import kernel
+
+    monkeypatch.setattr(kernel, "PROBLEM_KINDS", 2)
+
+    def f(key):
+        if key % 10 == 0:  # once in each unit of ten keys, four times in the run
+            raise ValueError("the common reason")
+        raise ValueError(f"a reason of keys {key // 2 * 2} and {key // 2 * 2 + 1}")  # twice in a unit
+
+    run = modelfactory.map_keys(range(40), func=f, cluster="inline", keys_per_unit=10)
+    assert run.summary["units"] == 4 and not run.summary["problems_complete"]
+    assert all(p["groups"] == 2 for p in run.summary["problems"])  # what the units' lists hold
+    assert run.commonest_problem().startswith("most often, 4 failed: ValueError: the common reason")
 
 
 @pytest.mark.parametrize("name", ["status", "error", "seconds", "fitted_in"])
