@@ -372,8 +372,8 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
             nulls[c] += column.null_count
         pk = ds.get_partition_keys(frag.partition_expression)
         size, stamp = stamps.get(frag.path, (getattr(md, "serialized_size", 0), ""))
-        # (schemas compare without their metadata: keyed with it, so no file takes another's)
-        physical = schemas.setdefault((physical, tuple(sorted((physical.metadata or {}).items()))), physical)
+        # (keyed by its bytes: schemas compare without their metadata, their fields' too)
+        physical = schemas.setdefault(physical.serialize().to_pybytes(), physical)
         return (FileInfo(frag.path, md.num_rows, size, tuple(pk.get(k) for k in keys), stamp), nulls, physical,
                 _beyond_ns(md, physical))
 

@@ -547,7 +547,8 @@ def kube_cluster(settings: Settings) -> Iterator[Any]:
         cluster = _start(cls, settings, k.attach, name=k.attach, create_mode=_create_mode("CONNECT_ONLY"),
                          shutdown_on_close=False, mf_token=None)
         try:
-            cluster.plan_slots = _autoscaler_maximum(cluster)
+            maximum = _autoscaler_maximum(cluster)  # pods: times their threads, as kube.threads says them
+            cluster.plan_slots = maximum * k.threads if maximum else None
             yield cluster
         finally:
             _close(cluster, f"the connection to DaskCluster {k.attach}")  # shutdown_on_close=False: kept

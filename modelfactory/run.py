@@ -126,12 +126,19 @@ def _workers_kept(lc) -> contextlib.AbstractContextManager[None]:
     in 6 in a trial).  The cluster still lists them among the workers it should have
     (``worker_spec``); scaling it to that number starts them again."""
 
+    said: set = set()
+
     def restore() -> None:  # in the cluster's event loop, where its worker tables change
         lost = set(lc.worker_spec) - set(lc.workers)
-        if lost and lc.status.name == "running":
+        if not lost or lc.status.name != "running":
+            said.clear()
+            return
+        if lost - said:  # said once a loss: the next looks may come while the worker starts
             log.warning("the local Dask cluster closed %d worker process(es) it had lost (a group that kills "
-                        "its worker, again and again?): starting them again", len(lost))
-            lc.scale(len(lc.worker_spec))
+                        "its worker, again and again?): starting them again", len(lost - said))
+        said.clear()
+        said.update(lost)
+        lc.scale(len(lc.worker_spec))
 
     def check(stop: threading.Event) -> bool:
         if not stop.is_set():
@@ -1433,12 +1440,17 @@ def _read_chunks(spec: JobSpec, files: list, target_rows: int) -> list[tuple]:
     more than that in shares of its row groups, ``(path, (row group ids))``.  A large file read
     whole put all its rows in one worker's memory (12 million rows: 4.4 GiB, where the same rows in
     24 files took 1.2 GiB a worker).  A file of one row group cannot be split."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .dataset import row_group_rows
 
+    large = [f.path for f in files if f.rows > target_rows]
+    with ThreadPoolExecutor(min(16, max(1, len(large)))) as pool:  # a request each on an object store
+        shares = dict(zip(large, pool.map(functools.partial(row_group_rows, spec.source), large)))
     chunks, cur, rows = [], [], 0
     for f in files:
-        if f.rows > target_rows:
-            counts = row_group_rows(spec.source, f.path)
+        if f.path in shares:
+            counts = shares[f.path]
             if len(counts) > 1:
                 share, n = [], 0
                 for i, c in enumerate(counts):

@@ -625,14 +625,14 @@ def test_an_attached_adaptive_cluster_is_planned_for_its_maximum(fake):
     ns = new_ns()
     fake.add_cluster(ns, "elastic")
     fake.add_autoscaler(ns, "elastic", maximum=50)
-    with kube.kube_cluster(job(ns, attach="elastic")) as cluster:
-        assert cluster.plan_slots == 50
+    with kube.kube_cluster(job(ns, attach="elastic", threads=2)) as cluster:
+        assert cluster.plan_slots == 100  # its pods' maximum, times their threads (kube.threads)
         from distributed import Client
 
         from modelfactory.run import task_slots
 
         with Client(cluster) as client:
-            assert task_slots(client) == 50
+            assert task_slots(client) == 100
 
 
 def test_attaching_to_a_missing_cluster_is_explained(fake):
