@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import fmt_s, markdown_table, print_machine  # noqa: E402
+from _bench import fmt_s, markdown_table, print_machine
 
 PACKAGES = ("modelfactory", "dask", "distributed", "pandas", "pyarrow", "psutil")
 
