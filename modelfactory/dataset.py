@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from ._schema import plain_type
 from .exceptions import DatasetError, SchemaError
@@ -111,6 +110,9 @@ class FileInfo:
     #: what marks this version of the file: its modification time (local), its ETag (an object
     #: store); "" where the filesystem gives neither
     stamp: str = ""
+    #: the rows of each row group, when the file has more than one (a shuffle reads a large file in
+    #: shares of them); empty otherwise
+    row_groups: tuple[int, ...] = ()
 
 
 @dataclass
@@ -374,8 +376,9 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
         size, stamp = stamps.get(frag.path, (getattr(md, "serialized_size", 0), ""))
         # (keyed by its bytes: schemas compare without their metadata, their fields' too)
         physical = schemas.setdefault(physical.serialize().to_pybytes(), physical)
-        return (FileInfo(frag.path, md.num_rows, size, tuple(pk.get(k) for k in keys), stamp), nulls, physical,
-                _beyond_ns(md, physical))
+        shares = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups)) if md.num_row_groups > 1 else ()
+        return (FileInfo(frag.path, md.num_rows, size, tuple(pk.get(k) for k in keys), stamp, shares), nulls,
+                physical, _beyond_ns(md, physical))
 
     stamps = _stamps(fs, path, [f.path for f in fragments], is_file)
 
@@ -735,13 +738,6 @@ def _is_utc(tz: str | None) -> bool:
 # kernel turns it back into strings before anyone else sees it.
 ENCODED = pa.dictionary(pa.int32(), pa.string())
 DECODE = {b"modelfactory": b"decode"}
-
-
-def row_group_rows(source: Source, path: str) -> list[int]:
-    """The row count of each row group of the Parquet file ``path`` (one footer read)."""
-    with source.filesystem().open_input_file(path) as f:
-        md = pq.ParquetFile(f).metadata
-    return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
 
 
 def read_files(source: Source, paths: tuple[str, ...], columns: list[str],

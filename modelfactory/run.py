@@ -1435,33 +1435,25 @@ def _stored_key_types(spec: JobSpec, info) -> tuple | None:
     return tuple(src.key_types) if mine != tuple(src.key_types) else None
 
 
-def _read_chunks(spec: JobSpec, files: list, target_rows: int) -> list[tuple]:
+def _read_chunks(files: list, target_rows: int) -> list[tuple]:
     """What each task of a shuffle reads: files of about ``target_rows`` rows together, and a file of
     more than that in shares of its row groups, ``(path, (row group ids))``.  A large file read
     whole put all its rows in one worker's memory (12 million rows: 4.4 GiB, where the same rows in
-    24 files took 1.2 GiB a worker).  A file of one row group cannot be split."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .dataset import row_group_rows
-
-    large = [f.path for f in files if f.rows > target_rows]
-    with ThreadPoolExecutor(min(16, max(1, len(large)))) as pool:  # a request each on an object store
-        shares = dict(zip(large, pool.map(functools.partial(row_group_rows, spec.source), large)))
+    24 files took 1.2 GiB a worker).  A file of one row group cannot be split.  The row groups' rows
+    come from discovery, which read the footers (:attr:`FileInfo.row_groups`)."""
     chunks, cur, rows = [], [], 0
     for f in files:
-        if f.path in shares:
-            counts = shares[f.path]
-            if len(counts) > 1:
-                share, n = [], 0
-                for i, c in enumerate(counts):
-                    share.append(i)
-                    n += c
-                    if n >= target_rows:
-                        chunks.append(((f.path, tuple(share)),))
-                        share, n = [], 0
-                if share:
+        if f.rows > target_rows and f.row_groups:
+            share, n = [], 0
+            for i, c in enumerate(f.row_groups):
+                share.append(i)
+                n += c
+                if n >= target_rows:
                     chunks.append(((f.path, tuple(share)),))
-                continue
+                    share, n = [], 0
+            if share:
+                chunks.append(((f.path, tuple(share)),))
+            continue
         cur.append(f.path)
         rows += f.rows
         if rows >= target_rows:
@@ -1660,7 +1652,7 @@ def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -
     import dask.dataframe as dd
 
     files = sorted(info.files, key=lambda f: f.path)
-    chunks = _read_chunks(spec, files, plan_.target_rows)
+    chunks = _read_chunks(files, plan_.target_rows)
     meta = _exact_pandas(info.schema.empty_table().select(list(spec.columns)))
     method = "p2p" if client is not None else "tasks"
     hashed = _stored_key_types(spec, info)

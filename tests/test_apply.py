@@ -945,7 +945,6 @@ def test_a_shuffle_reads_a_large_file_in_shares_of_its_row_groups(tmp_path, clie
     import pyarrow.parquet as pq
 
     from modelfactory.dataset import discover
-    from modelfactory.kernel import JobSpec
     from modelfactory.run import _read_chunks
 
     rng = np.random.default_rng(4)
@@ -956,8 +955,7 @@ def test_a_shuffle_reads_a_large_file_in_shares_of_its_row_groups(tmp_path, clie
     small = pd.DataFrame({"k": rng.integers(0, 300, 500).astype(str), "v": rng.normal(size=500)})
     small.to_parquet(tmp_path / "d" / "day=1" / "small.parquet", index=False)
     info = discover(str(tmp_path / "d"), null_check=("k",))
-    spec = JobSpec("apply", ("k",), info.source, ("k", "v"))
-    chunks = _read_chunks(spec, sorted(info.files, key=lambda f: f.path), 3_000)
+    chunks = _read_chunks(sorted(info.files, key=lambda f: f.path), 3_000)
     assert [c[0][1] for c in chunks[:4]] == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]
     assert chunks[4] == (str(tmp_path / "d" / "day=1" / "small.parquet"),)
     run = modelfactory.apply(str(tmp_path / "d"), by="k", unit_rows=3_000, cluster=client,
