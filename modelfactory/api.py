@@ -158,7 +158,7 @@ def _summarise(kind: str, results: list[UnitResult], plan_: Plan | None, wall: f
     for r in results:
         for k, v in r.problems.items():
             problems[k] = problems.get(k, 0) + v
-    top = sorted(problems.items(), key=lambda kv: (-kv[1], kv[0][0], kv[0][1] or ""))[:5]
+    top = kernel.commonest(problems, 5)
     return {
         "kind": kind,
         "groups": sum(r.groups for r in results),
@@ -1309,10 +1309,11 @@ def _reason_moved(problems: list[dict], run_id: str, mismatch: dict) -> list[dic
     from .scoring import no_model_reason
 
     plain = no_model_reason(run_id)
-    out = [dict(p, groups=p["groups"] - mismatch["groups"]) if p["error"] == plain else p for p in problems]
-    out = [p for p in out if p["groups"] > 0] + [{"status": "skipped", "error": mismatch["reason"],
-                                                  "groups": mismatch["groups"]}]
-    return sorted(out, key=lambda p: (-p["groups"], p["status"], p["error"] or ""))[:5]
+    counts = {(p["status"], p["error"]): p["groups"] - (mismatch["groups"] if p["error"] == plain else 0)
+              for p in problems}
+    counts = {k: n for k, n in counts.items() if n > 0}
+    counts[("skipped", mismatch["reason"])] = mismatch["groups"]
+    return [{"status": st, "error": err, "groups": n} for (st, err), n in kernel.commonest(counts, 5)]
 
 
 def _loose_keys(st: ModelStore, man: dict, sink: Location, results: list[UnitResult], groups: pa.Table,

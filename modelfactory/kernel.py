@@ -1185,9 +1185,14 @@ def _problems(gt: pa.Table) -> tuple[dict[tuple[str, str], int], int]:
     if not bad.num_rows:
         return {}, 0
     counted = bad.group_by(["status", "error"], use_threads=False).aggregate([([], "count_all")]).to_pylist()
-    counted.sort(key=lambda r: (-r["count_all"], r["status"], r["error"] or ""))
-    kept = {(r["status"], r["error"]): r["count_all"] for r in counted[:PROBLEM_KINDS]}
+    kept = dict(commonest({(r["status"], r["error"]): r["count_all"] for r in counted}, PROBLEM_KINDS))
     return kept, bad.num_rows - sum(kept.values())
+
+
+def commonest(problems: dict[tuple[str, str], int], k: int) -> list[tuple[tuple[str, str], int]]:
+    """The ``k`` commonest ``(status, error) -> groups`` of ``problems``, the commonest first (ties by
+    status, then error)."""
+    return sorted(problems.items(), key=lambda kv: (-kv[1], kv[0][0], kv[0][1] or ""))[:k]
 
 
 def summarize(spec: JobSpec, unit_id: str, gt: pa.Table) -> UnitResult:
