@@ -17,6 +17,7 @@ import logging
 import operator
 import re
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -244,9 +245,36 @@ def _hidden(rel: str) -> bool:
         p.startswith(".") or (p.startswith("_") and "=" not in p) for p in rel.split("/"))
 
 
-def arrow_fs(fs) -> pafs.FileSystem:
-    """``fs`` as a pyarrow filesystem (an fsspec one wrapped)."""
-    return fs if isinstance(fs, pafs.FileSystem) else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+def arrow_fs(fs, known: dict[str, tuple[int, str]] | None = None) -> pafs.FileSystem:
+    """``fs`` as a pyarrow filesystem (an fsspec one wrapped).  ``known``: path -> (size, ETag)
+    from a listing, with which an object store's files open with no request (:class:`_KnownFiles`)."""
+    if isinstance(fs, pafs.FileSystem):
+        return fs
+    if known and any(c.__module__.split(".")[0] == "s3fs" for c in type(fs).__mro__):
+        return pafs.PyFileSystem(_KnownFiles(fs, known))
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+class _KnownFiles(pafs.FSSpecHandler):
+    """pyarrow's handler for s3fs, opening the files a listing gave a size and an ETag for with no
+    request of their own.  pyarrow's handler asks the store whether the path is a file (a HEAD),
+    then s3fs asks for its size and ETag (another HEAD), before the one ranged read a small Parquet
+    file needs: three requests a file, where one does.  The reads still name the ETag (as s3fs's
+    own do, from its HEAD): a file rewritten since the listing raises s3fs's ``FileExpired``, where
+    a size from the listing would otherwise be the wrong one (:func:`read_files` says so)."""
+
+    def __init__(self, fs, known: dict[str, tuple[int, str]]) -> None:
+        super().__init__(fs)
+        self.known = known
+
+    def open_input_file(self, path: str):
+        size, etag = self.known.get(path, (0, ""))
+        if not size or not etag.startswith('"'):  # S3's ETags are quoted; anything else: not known
+            return super().open_input_file(path)
+        f = self.fs.open(path, mode="rb", size=size)
+        f.details = {"name": path, "size": size, "type": "file", "ETag": etag}
+        f.read_kw = {**f.read_kw, "IfMatch": etag}  # what s3fs's own open sets from its HEAD
+        return pa.PythonFile(f, mode="r")
 
 
 def data_files(pfs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
@@ -318,7 +346,7 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
     def facts(listed):
         # the footer is read into a fragment of this call's own, which goes when it returns: the
         # listing's fragments keep what they read (about 8 KB a file; 100,000 files held 1.4 GB)
-        frag = listed.format.make_fragment(listed.path, filesystem=listed.filesystem,
+        frag = listed.format.make_fragment(listed.path, filesystem=known,
                                            partition_expression=listed.partition_expression)
         try:
             md = frag.metadata
@@ -381,6 +409,7 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
                 physical, _beyond_ns(md, physical))
 
     stamps = _stamps(fs, path, [f.path for f in fragments], is_file)
+    known = arrow_fs(fs, stamps) if not isinstance(fs, pafs.FileSystem) else fs  # one request a footer
 
     results = [r for r in _map_footers(facts, fragments, local) if r is not None]
     if not results:
@@ -742,15 +771,19 @@ DECODE = {b"modelfactory": b"decode"}
 
 def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
                filter: ds.Expression | None = None, *, encode: tuple[str, ...] = (),
-               row_groups: tuple[int, ...] | None = None) -> pa.Table:
+               row_groups: tuple[int, ...] | None = None,
+               known: Sequence[tuple[int, str]] = ()) -> pa.Table:
     """Read ``columns`` of the given files (a work unit), with ``filter`` pushed down.
 
     The string columns named in ``encode`` (group keys) come dictionary-encoded,
     marked with :data:`DECODE`: from the Parquet dictionary pages, and for partition
     keys from the folder names, so finding the groups needs no hashing of strings.
     ``row_groups``: only these row groups of the one file in ``paths`` (a share of a large file).
+    ``known``: each path's (size, version mark) from discovery (:attr:`WorkUnit.known`), with
+    which an object store's files open with no request of their own (:class:`_KnownFiles`).
     """
-    fs = source.filesystem()
+    raw = source.filesystem()
+    fs = arrow_fs(raw, dict(zip(paths, known))) if known else raw
     schema, partitioning, fmt = source.schema, source.partitioning(), parquet_format()
     encode = tuple(c for c in encode if c in columns and c in schema.names and schema.field(c).type == pa.string())
     if encode:
@@ -791,13 +824,19 @@ def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
         # pyarrow's fsspec wrapper reports any failure (an unreachable endpoint, a denied
         # request) as a missing file: ask the filesystem itself for the real cause.
         cause: BaseException = err
-        if not isinstance(fs, pafs.FileSystem):
+        if not isinstance(raw, pafs.FileSystem):
             try:
-                fs.info(paths[0])
+                raw.info(paths[0])
             except Exception as real:  # noqa: BLE001 - reported with its own type and message
                 cause = real
         raise DatasetError(f"Cannot read {paths[0]!r} of {source.url!r}: {type(cause).__name__}: {cause}. "
                            "If the storage is unreachable, fix that and resume the run.") from cause
+    except OSError as err:
+        if type(err).__name__ != "FileExpired":  # s3fs's: an ETag the read named (_KnownFiles) is gone
+            raise
+        raise DatasetError(f"{getattr(err, 'filename', None) or paths[0]!r} of {source.url!r} was rewritten after "
+                           "the run listed it (its ETag changed): the version the run planned for is gone. Run the job "
+                           "again once the writer is done.") from err
 
 
 def _partition_values(source: Source, paths: tuple[str, ...], keys: list[str]) -> dict[str, pa.Array]:

@@ -1003,7 +1003,7 @@ def run_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
     require_code(spec)
     if (done := recover(spec, unit.id)) is not None:
         return done
-    table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter, encode=spec.by)
+    table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter, encode=spec.by, known=unit.known)
     return run_table(spec, unit.id, table, t0=t0)
 
 
@@ -1028,7 +1028,7 @@ def run_group(spec: JobSpec, unit: WorkUnit, key: pa.Table, sub_id: str, runner=
     if (done := recover(spec, sub_id)) is not None:
         return done
     table = read_files(spec.source, unit.paths, list(spec.columns), keys_condition(key, spec.filter),
-                       encode=spec.by)
+                       encode=spec.by, known=unit.known)
     return (runner or run_table)(spec, sub_id, table.filter(keys_condition(key, stored=False)), t0=t0)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from bisect import bisect_left
 from itertools import accumulate, groupby, pairwise
 
@@ -51,6 +51,9 @@ class WorkUnit:
     rows: int
     leaves: int = 0
     partition: int | None = None  # shuffle partition number, for the ``shuffle`` mode
+    #: (size, version mark) of each of ``paths``, from discovery's listing: an object store's
+    #: files then open with no request of their own (:func:`modelfactory.dataset.read_files`)
+    known: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -288,15 +291,21 @@ def plan(info: DatasetInfo, by: tuple[str, ...], *, workers: int,
     leaves = [] if shuffle else leaves_of(info, by)
     if leaves:
         units = tuple(pack(leaves, target, multiple=multiple, limit=limit))
-        return Plan("files", units, target, total, limit, multiple)
+        return Plan("files", _known(units, info), target, total, limit, multiple)
     all_paths = tuple(sorted(f.path for f in info.files))
     if total <= target:
         # Everything fits in one unit: one task reads it all, no shuffle needed.
         unit = WorkUnit(f"u00000-{_digest(all_paths)}", all_paths, total, 1)
-        return Plan("files", (unit,), target, total, limit, multiple)
+        return Plan("files", _known((unit,), info), target, total, limit, multiple)
     n = unit_count(total, target, multiple)
     if align > 1:
         n = aligned_count(n, align)
     base = _digest(all_paths, by, n)
     units = tuple(WorkUnit(f"s{i:05d}-{base}", (), math.ceil(total / n), 0, i) for i in range(n))
     return Plan("shuffle", units, target, total, limit, multiple)
+
+
+def _known(units: tuple[WorkUnit, ...], info: DatasetInfo) -> tuple[WorkUnit, ...]:
+    """``units`` with the size and version mark of each of their files (:attr:`WorkUnit.known`)."""
+    marks = {f.path: (f.size, f.stamp) for f in info.files}
+    return tuple(replace(u, known=tuple(marks[p] for p in u.paths)) for u in units)

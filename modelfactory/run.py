@@ -1464,14 +1464,16 @@ def _read_chunks(files: list, target_rows: int) -> list[tuple]:
     return chunks
 
 
-def _read_chunk(spec: JobSpec, paths: tuple, hashed: tuple | None = None) -> pd.DataFrame:
+def _read_chunk(spec: JobSpec, paths: tuple, known: tuple = (), hashed: tuple | None = None) -> pd.DataFrame:
+    """The rows of one of :func:`_read_chunks`, with ``known``: the (size, version mark) of each of
+    its files (:attr:`WorkUnit.known`)."""
     from .dataset import read_files
 
     if len(paths) == 1 and isinstance(paths[0], tuple):  # a share of a large file: (path, row groups)
         (path, row_groups), = paths
-        table = read_files(spec.source, (path,), list(spec.columns), spec.filter, row_groups=row_groups)
+        table = read_files(spec.source, (path,), list(spec.columns), spec.filter, row_groups=row_groups, known=known)
     else:
-        table = read_files(spec.source, paths, list(spec.columns), spec.filter)
+        table = read_files(spec.source, paths, list(spec.columns), spec.filter, known=known)
     df = _exact_pandas(table)
     if hashed:  # the keys as the run's types, to hash as training did
         extra = _exact_pandas(pa.table({f"{_HASHED}{k}": _key_for_hashing(table[k], t, spec.models.run_id)
@@ -1663,7 +1665,9 @@ def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -
     # dask turns object columns into Arrow strings by default, which breaks nested (list,
     # struct) columns; the partitions go back to Arrow with the dataset's own schema anyway
     with dask.config.set({"dataframe.convert-string": False}):
-        ddf = dd.from_map(functools.partial(_read_chunk, spec, hashed=hashed), chunks, meta=meta,
+        marks = {f.path: (f.size, f.stamp) for f in files}
+        known = [tuple(marks[p if isinstance(p, str) else p[0]] for p in c) for c in chunks]
+        ddf = dd.from_map(functools.partial(_read_chunk, spec, hashed=hashed), chunks, known, meta=meta,
                           enforce_metadata=False)
         shuffled = ddf.shuffle(on=on, npartitions=len(plan_.units), shuffle_method=method)
         parts = shuffled.to_delayed()

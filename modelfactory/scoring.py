@@ -448,7 +448,7 @@ def _unscored_reason(model, t: np.ndarray | None, n: int) -> str:
 
 def score_unit(spec: JobSpec, unit: WorkUnit) -> UnitResult:
     t0 = _time.perf_counter()
-    table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter, encode=spec.by)
+    table = read_files(spec.source, unit.paths, list(spec.columns), spec.filter, encode=spec.by, known=unit.known)
     return score_table(spec, unit.id, table, t0=t0)
 
 

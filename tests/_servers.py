@@ -8,10 +8,12 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -118,6 +120,28 @@ class MotoS3:
         import s3fs
 
         return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options())
+
+    @contextlib.contextmanager
+    def requests(self) -> Iterator[list[tuple[str, str]]]:
+        """(method, path with no query) of every request the server answers meanwhile, from any
+        process, as its own request log (werkzeug's) gives them: ``("GET", "/bucket/key")``."""
+        seen: list[tuple[str, str]] = []
+
+        class Log(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                m = re.search(r'"([A-Z]+) (\S+) HTTP/', re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()))
+                if m:
+                    seen.append((m[1], urllib.parse.unquote(m[2].split("?")[0])))
+
+        log, handler = logging.getLogger("werkzeug"), Log()
+        level, others = log.level, log.handlers[:]  # (werkzeug's own prints every request to stderr)
+        log.setLevel(logging.INFO)
+        log.handlers[:] = [handler]
+        try:
+            yield seen
+        finally:
+            log.handlers[:] = others
+            log.setLevel(level)
 
     def make_bucket(self, name: str) -> str:
         self.fs().mkdir(name)

@@ -461,3 +461,49 @@ def test_an_object_rewritten_in_place_changes_the_inputs_fingerprint(s3, data):
     after = discover(data, storage_options=opts)
     assert [(f.path, f.rows) for f in after.files] == [(f.path, f.rows) for f in before.files]
     assert after.files[0].stamp != before.files[0].stamp and after.fingerprint() != before.fingerprint()
+
+
+@pytest.mark.parametrize("layout", ["folders", "flat"])
+def test_each_input_object_costs_one_request_to_discover_and_one_to_read(s3, data, prefix, layout, client):
+    # pyarrow's fsspec handler asked whether each object was a file (a HEAD), s3fs asked its size
+    # (another HEAD), then one ranged GET read a small file's footer, or all of it: three requests
+    # an object to discover the dataset and three again to read it, where the listing already
+    # gave every size and ETag (10,000 one-group objects: 60,000 requests).  The workers are
+    # processes of their own: the server's log counts their requests too.
+    so, url, unit_rows = s3.storage_options(), data, None
+    if layout == "flat":  # no key folders: the groups are shuffled, the objects read in chunks
+        url, table, fs = f"{prefix}/flat", modelfactory.demo.make_table(SERIES, days=DAYS), s3.fs()
+        third = -(-table.num_rows // 3)
+        for i in range(3):
+            with fs.open(f"{url.removeprefix('s3://')}/part-{i}.parquet", "wb") as f:
+                pq.write_table(table.slice(i * third, third), f)
+        unit_rows = third
+    objects = {"/" + p for p in s3.fs().find(url.removeprefix("s3://"))}
+    with s3.requests() as calls:
+        run = modelfactory.apply(url, by=["app", "site"], func=lambda df: pd.DataFrame({"n": [len(df)]}),
+                                 schema={"n": "int64"}, cluster=client, storage_options=so, unit_rows=unit_rows)
+    assert len(run.to_pandas()) == SERIES and run.summary["counts"]["ok"] == SERIES
+    assert run.summary["mode"] == ("files" if layout == "folders" else "shuffle")
+    per_object = {k: sorted(method for method, path in calls if path == k) for k in objects}
+    assert per_object == {k: ["GET", "GET"] for k in objects}, per_object
+
+
+def test_an_object_rewritten_after_discovery_is_refused_not_read(s3, data):
+    # an object's size from the listing is what the read trusts: the read names the listed ETag
+    # too, so a rewritten object is a clear error, not its new rows (nor a footer sought at the
+    # old size)
+    from modelfactory.plan import plan
+
+    so = s3.storage_options()
+    info = discover(data, storage_options=so)
+    [unit, *_] = plan(info, ("app", "site"), workers=1, target_rows=1).units
+    assert [k[0] for k in unit.known] == [f.size for f in info.files if f.path in unit.paths]
+    before = read_files(info.source, unit.paths, ["site", "value"], known=unit.known)
+    fs = s3.fs()
+    with fs.open(unit.paths[0], "rb") as f:
+        old = pq.read_table(f)
+    with fs.open(unit.paths[0], "wb") as f:
+        pq.write_table(pa.concat_tables([old, old]), f)
+    with pytest.raises(DatasetError, match=rf"{unit.paths[0]}' of '{data}' was rewritten after the run listed it"):
+        read_files(info.source, unit.paths, ["site", "value"], known=unit.known)
+    assert read_files(info.source, unit.paths, ["site", "value"]).num_rows == before.num_rows + old.num_rows
