@@ -1279,6 +1279,10 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         if summary["problems_complete"]:
             summary["problems"] = _reason_moved(summary["problems"], man["run_id"], mismatch)
         log.warning("%s", mismatch["warning"], extra={"key_mismatch": True})  # the CLI says it its own way
+    silent = _models_without_rows(st, man, groups, by_, filter, info.schema, mismatch)
+    if silent:
+        summary["models_without_rows"] = silent
+        log.warning("%s", silent["warning"], extra={"models_without_rows": True})
     top = groups.filter(pa.compute.greater(groups["anomalies"], 0)).sort_by(
         [("anomalies", "descending"), ("max_score", "descending")]).slice(0, 20)
     with output_errors(sink, run_id, "_anomalies.json"):
@@ -1301,6 +1305,66 @@ def _said_if_none_ok(run: Run) -> Run:
         log.warning("run %s (%s): every one of its %d group(s) failed or was skipped (%s); run.groups has each "
                     "one's reason", run.id, run.kind, s["groups"], run.commonest_problem(), extra={"no_model": True})
     return run
+
+
+def _models_without_rows(st: ModelStore, man: dict, groups: pa.Table, by: tuple[str, ...], filter,
+                         schema: pa.Schema, mismatch: dict | None = None, shown: int = 5) -> dict | None:
+    """The fitted models of run ``man`` whose groups have no row in the data a score job read
+    (``groups``: its group table), as ``{"models": n, "examples": [key, ...], "warning": text}``;
+    None when there is none, or when the keys cannot be compared (types that do not cast).
+
+    A series that went silent (a pod deleted, an exporter down) sends no row at all: its group is
+    not in the input, so not in the output either, and the job said nothing of a model it had
+    and could not use.  Models that ``filter`` leaves out by their keys alone (``app ==
+    'checkout'``) are not counted; a condition on other columns (a time window) leaves every
+    model in.  Nor are models whose keys the data writes in another type or format (``mismatch``,
+    from :func:`_loose_keys`, says so already).  Only the key and status columns of the run's
+    parts are read (:func:`scoring._stored_keys`: no model bytes).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    from .scoring import _loose_hits, _stored_keys
+
+    cols = list(by)
+    stored = _stored_keys(st.location, man["parts"], by, also=("status",))
+    if stored is None:
+        return None
+    try:
+        models = stored.filter(pc.equal(stored["status"].cast(pa.string()), "ok")).select(cols)
+        scored = groups.select(cols)
+        scored = pa.table([scored[k].cast(models.schema.field(k).type) for k in cols], names=cols)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError) as err:
+        log.debug("could not compare the run's model keys with the scored groups: %s", err)
+        return None
+    missing = models.join(scored, keys=cols, join_type="left anti")
+    if mismatch and missing.num_rows:
+        explained, _ = _loose_hits(missing, groups.select(cols), missing.slice(0, 0), by)
+        unexplained = [True] * missing.num_rows
+        for i in explained:
+            unexplained[i] = False
+        missing = missing.filter(pa.array(unexplained))
+    if filter is not None and missing.num_rows:
+        # the filter on the keys as the data types them, every other column unknown (null): a row
+        # it rules out for certain (False) is a model the user left out on purpose
+        try:
+            probe = pa.table([missing[f.name].cast(f.type) if f.name in cols else pa.nulls(missing.num_rows, f.type)
+                              for f in schema], schema=schema)
+            kept = pds.dataset(probe).to_table(columns={"kept": filter})["kept"]
+            missing = missing.filter(pc.fill_null(kept, True))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError) as err:
+            log.debug("could not apply the filter to the run's model keys: %s", err)
+    if not missing.num_rows:
+        return None
+    from .plot import format_key
+
+    examples = [format_key(k) for k in missing.slice(0, shown).to_pylist()]
+    n = missing.num_rows
+    more = f" and {n - shown:,} more" if n > shown else ""
+    return {"models": n, "examples": examples,
+            "warning": f"{n:,} of the {models.num_rows:,} models of run {man['run_id']} had no row in the data scored "
+                       f"({', '.join(examples)}{more}): a series that went silent, or one the data leaves out. They "
+                       "are not in the output; ModelStore.groups() lists every model"}
 
 
 def _reason_moved(problems: list[dict], run_id: str, mismatch: dict) -> list[dict]:

@@ -409,7 +409,7 @@ def _why_none(run) -> str:
 def _cmd_score(args) -> int:
     from .api import score
 
-    with _api_warning_dropped("key_mismatch", "no_model"):
+    with _api_warning_dropped("key_mismatch", "no_model", "models_without_rows"):
         run = score(args.data, store=args.store, out=args.out, run=args.run, cluster=args.cluster,
                     workers=args.workers, unit_rows=args.unit_rows, overwrite=args.overwrite, trust=args.trust,
                     config=args.config, filter=_filter(args), progress=_progress(args), keep=args.keep)
@@ -423,6 +423,8 @@ def _cmd_score(args) -> int:
     mismatch = run.summary.get("key_mismatch")
     if mismatch and mismatch["reason"] not in why:  # keys written otherwise than in training: said once
         print(f"warning: {mismatch['warning']}", file=sys.stderr)
+    if run.summary.get("models_without_rows"):  # models whose series sent no row: gone silent?
+        print(f"warning: {run.summary['models_without_rows']['warning']}", file=sys.stderr)
     if none_ok:  # a scheduled job must not pass silently
         print(f"error: run {run.id} scored no group: every group failed or was skipped{why}", file=sys.stderr)
         return 2

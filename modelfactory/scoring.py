@@ -593,8 +593,9 @@ def loose_key_matches(store: Location, parts, by: tuple[str, ...], missing: pa.T
     return _loose_hits(missing, stored, found, by)
 
 
-def _stored_keys(store: Location, parts, by: tuple[str, ...]) -> pa.Table | None:
-    """The key columns of the run's ``parts`` (the readable ones), or None if none can be read."""
+def _stored_keys(store: Location, parts, by: tuple[str, ...], also: tuple[str, ...] = ()) -> pa.Table | None:
+    """The key columns of the run's ``parts`` (the readable ones), and the columns ``also``
+    (``status``), or None if none can be read."""
     import pyarrow.parquet as pq
 
     # Only the footer and the key columns' bytes: opened with fsspec's defaults, an object
@@ -606,7 +607,7 @@ def _stored_keys(store: Location, parts, by: tuple[str, ...]) -> pa.Table | None
     def keys_of(part: dict) -> pa.Table | None:
         try:
             with store.fs.open(store.path(part["path"]), "rb", **opts) as f:
-                return _plain(pq.read_table(f, columns=list(by), pre_buffer=True), by)
+                return _plain(pq.read_table(f, columns=[*by, *also], pre_buffer=True), by)
         except (OSError, KeyError, pa.ArrowException):  # a part gone or damaged: its checked read says so
             return None
 

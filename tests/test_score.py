@@ -162,6 +162,43 @@ def test_score_refuses_a_non_empty_output(history_and_new, tmp_path):
         modelfactory.score(new, store=store, out=str(tmp_path / "busy"), cluster="inline")
 
 
+def test_a_model_whose_series_sent_no_row_is_reported_not_dropped(history_and_new, tmp_path, capsys, caplog):
+    # A series that goes silent (a pod deleted, an exporter down) sends no row at all: its group
+    # was in neither the input nor the output, and score said "ok" for the rest without a word of
+    # the model it had and could not use.  A filter that leaves a model out by its keys is the
+    # user's choice, not silence.
+    from modelfactory.cli import main
+
+    old, new = history_and_new
+    store = str(tmp_path / "store")
+    modelfactory.train(old, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    data = pd.read_parquet(new)
+    app = data.loc[data.site == "site-00003", "app"].iloc[0]
+    gone = str(tmp_path / "gone")
+    write(pa.Table.from_pandas(data[data.site != "site-00003"].astype({"app": str}), preserve_index=False),
+          tmp_path / "gone", ["app"])
+    with caplog.at_level("WARNING", logger="modelfactory.api"):
+        run = modelfactory.score(gone, store=store, out=str(tmp_path / "s1"), cluster="inline")
+    assert run.summary["counts"] == {"ok": 59, "failed": 0, "skipped": 1}  # site-99999: no model
+    silent = run.summary["models_without_rows"]
+    assert silent["models"] == 1 and silent["examples"] == [f"app={app},site=site-00003"]
+    assert [r.getMessage() for r in caplog.records if "had no row" in r.getMessage()] == [silent["warning"]]
+    assert silent["warning"].startswith(f"1 of the 60 models of run {run.summary['model_run']} had no row")
+    assert json.loads((tmp_path / "s1" / "_manifest.json").read_text())["summary"]["models_without_rows"]["models"] == 1
+    # the CLI: one warning line of its own, and the job still succeeds
+    assert main(["score", gone, "--store", store, "--out", str(tmp_path / "s2"), "--scheduler", "inline"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("had no row") == 1 and f"warning: {silent['warning'].split(' of run ')[0]}" in err
+    # left out by a filter on its keys (with a time window beside it): not counted
+    others = (pc.field("app") != app) & (pc.field("ts") >= CUT)
+    run = modelfactory.score(gone, store=store, out=str(tmp_path / "s3"), cluster="inline", filter=others)
+    assert "models_without_rows" not in run.summary and run.summary["counts"]["ok"] == 45
+    # a time window alone leaves every model in
+    run = modelfactory.score(gone, store=store, out=str(tmp_path / "s4"), cluster="inline",
+                             filter=pc.field("ts") >= CUT)
+    assert run.summary["models_without_rows"]["models"] == 1
+
+
 def test_scoring_an_empty_window_scores_nothing_and_succeeds(history_and_new, tmp_path):
     # Scheduled scoring: the window written since the last run may hold no rows (Spark writes an
     # empty part file). It was "has 1 Parquet file(s) but no rows", exit 2, paging whoever is on
