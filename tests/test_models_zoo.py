@@ -676,6 +676,24 @@ def test_inf_in_the_target_is_taken_as_missing(name):
     assert np.isfinite(r["expected"]).all() and np.isfinite(r["upper"]).all()
 
 
+@pytest.mark.parametrize("name", ["holt_winters", "seasonal"])
+def test_inf_in_the_target_is_missing_without_a_word_of_numpy(name):
+    """holt_winters fitted a series with +inf as one with NaN there, but numpy's "invalid value
+    encountered in subtract" and "... in matmul" reached the CLI's stderr on the way."""
+    import warnings
+
+    y, t, _ = make_series(336, period=24, seed=0)
+    gaps = y.copy()
+    y[::17], y[5::23] = np.inf, -np.inf
+    gaps[::17] = gaps[5::23] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        m = get(name, season_length=24).fit(y, t=t)
+    future = t[-1] + 3600 * np.arange(1, 25)
+    assert m.score(np.full(24, 10.0), t=future)["expected"].tolist() == \
+        get(name, season_length=24).fit(gaps, t=t).score(np.full(24, 10.0), t=future)["expected"].tolist()
+
+
 def test_one_stray_timestamp_skips_its_series_and_never_widens_the_batch_grid(monkeypatch):
     """A row at 1970-01-01 (a null filled with 0) made the series span 491,000 hourly steps, and
     the whole batch was put on a grid that wide: ~4 MB per series of the batch."""

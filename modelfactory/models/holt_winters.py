@@ -454,6 +454,7 @@ class HoltWinters(Model):
                 f"its {finite[i]} values span {int(span[i]):,} steps of {int(steps[i])} s, from {_stamp(first)} "
                 f"to {_stamp(int(last[i]))}")
         Y, t_last, glen = batch_to_grid(batch, steps, max_len=proto.max_length, skip=sparse)
+        Y[np.isinf(Y)] = np.nan  # missing, as NaN: the grid search's arithmetic warned of inf - inf first
         nobs = np.isfinite(Y).sum(axis=1)
         need = proto.required_rows()
         miss = 1.0 - nobs / np.maximum(glen, 1)
