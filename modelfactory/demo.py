@@ -6,17 +6,22 @@ spikes, Hive-partitioned by ``app``: ``app=app-03/part-0.parquet`` with columns
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
 from ._io import Location
+from .exceptions import StoreError
 
 __all__ = ["make_table", "write_dataset", "demo_params", "DAYS"]
 
 #: Days of data the demo writes by default: four weeks, so that ``seasonal`` can learn the weekly
 #: cycle with four values in each hour of the week.
 DAYS = 28
+#: The file :func:`write_dataset` leaves beside the data, by which it knows a folder it may replace.
+MARKER = "_demo.json"
 
 _START = np.datetime64("2026-01-05T00:00:00", "s")  # a Monday
 
@@ -59,20 +64,37 @@ def write_dataset(path: str, series: int = 10_000, *, days: int = DAYS, apps: in
                   seed: int = 0, storage_options: dict | None = None, **kwargs) -> str:
     """Write the demo dataset at ``path``, Hive-partitioned by ``app``; return the path.
 
+    The folder then holds this dataset and nothing else: a demo dataset written there before (it
+    leaves a ``_demo.json``) is replaced whole.  A folder that holds anything else is refused:
+    Arrow's writer replaced only the ``app=`` folders it wrote, so a smaller demo written over a
+    larger one was trained on the rows of both.
+
     >>> import tempfile, pyarrow.dataset as ds
     >>> path = write_dataset(tempfile.mkdtemp() + "/data", series=30, days=2, apps=3)
     >>> ds.dataset(path, partitioning="hive").count_rows()
     1440
+    >>> _ = write_dataset(path, series=10, days=1, apps=2)
+    >>> ds.dataset(path, partitioning="hive").count_rows()
+    240
     """
     table = make_table(series, days=days, apps=apps, seed=seed, **kwargs)
     loc = Location.of(path, storage_options)
     fs = loc.fs
+    held = loc.sizes()
+    if held and MARKER not in held:
+        shown = ", ".join(sorted(held)[:3]) + (", ..." if len(held) > 3 else "")
+        raise StoreError(f"{loc.url!r} holds files that are not a demo dataset ({shown}): the demo writes its "
+                         "data into a folder of its own. Pick another folder, or empty this one.")
+    if held:
+        loc.rm(recursive=True)  # an earlier demo dataset, whole
     fs.makedirs(loc.root, exist_ok=True)
     part = ds.partitioning(pa.schema([("app", pa.string())]), flavor="hive")
     ds.write_dataset(table, loc.root, filesystem=fs, format="parquet", partitioning=part,
                      existing_data_behavior="delete_matching",
                      min_rows_per_group=128 * 1024, max_rows_per_group=1024 * 1024,
                      file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"))
+    # ("_" and no "=": not data, by Spark's rule, to every reader)
+    loc.write_bytes(MARKER, json.dumps({"series": series, "days": days, "seed": seed}).encode())
     return path
 
 

@@ -66,3 +66,22 @@ def test_a_demo_of_a_model_that_scores_only_after_its_training_leaves_it_a_day_t
     scores = modelfactory.score(str(out / "data"), store=str(out / "store"), out=str(tmp_path / "scores"),
                                 cluster="inline")
     assert scores.summary["counts"] == {"ok": 4, "failed": 0, "skipped": 0}
+
+
+def test_a_demo_into_an_earlier_demo_replaces_its_data_and_refuses_other_files(tmp_path, capsys):
+    """A 40-series demo written over a 300-series one trained 280 groups: Arrow's writer replaced
+    only the app= folders it wrote, and the old series of the others were trained beside the new."""
+    out, base = tmp_path / "d", ["--scheduler", "inline", "--quiet", "--json"]
+    assert main(["demo", "--out", str(out), "--series", "300", "--days", "2", *base]) == 0
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--series", "40", "--days", "2", *base]) == 0
+    assert '"groups": 40' in capsys.readouterr().out
+    assert ds.dataset(str(out / "data"), partitioning="hive").count_rows() == 40 * 48
+    # a folder of other files: refused, and they are left as they were
+    other = tmp_path / "other" / "data"
+    other.mkdir(parents=True)
+    (other / "metrics.csv").write_text("ts,value\n")
+    assert main(["demo", "--out", str(other.parent), "--series", "4", "--days", "2", *base]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "holds files that are not a demo dataset (metrics.csv)" in err
+    assert [p.name for p in other.iterdir()] == ["metrics.csv"]
