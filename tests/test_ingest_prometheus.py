@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 
 import fsspec
@@ -206,6 +207,32 @@ def test_argument_errors(tmp_path, kw, match):
             "by": ["app", "site"], "out": str(tmp_path), **kw}
     with pytest.raises(IngestError, match=match):
         prometheus(**args)
+
+
+class _Py310Datetime(datetime):
+    """``datetime`` with ``fromisoformat`` as Python 3.10 (which pyproject allows) has it: no ``Z``
+    for UTC, and a fraction of a second of 3 or 6 digits only."""
+
+    @classmethod
+    def fromisoformat(cls, text):
+        fraction = re.search(r":\d\d[.,](\d+)", text)
+        if text.endswith(("Z", "z")) or (fraction and len(fraction.group(1)) not in (3, 6)):
+            raise ValueError(f"Invalid isoformat string: {text!r}")
+        return super().fromisoformat(text)
+
+
+@pytest.mark.parametrize("python", ["this one", "3.10"])
+@pytest.mark.parametrize("text, ms", [
+    ("2024-03-01T00:00:00Z", T0 * 1000), ("2024-03-01T00:00Z", T0 * 1000),
+    ("2024-03-01T00:00:00.25Z", T0 * 1000 + 250), ("2024-03-01 00:00:00.123456789z", T0 * 1000 + 123),
+    ("2024-03-01T01:00:00,5+01:00", T0 * 1000 + 500), ("2024-03-01", T0 * 1000),
+])
+def test_iso_times_with_z_and_any_fraction_parse_on_every_python(monkeypatch, python, text, ms):
+    """'2024-03-01T00:00:00Z', the form the error message and --help recommend, was refused on
+    Python 3.10, whose fromisoformat takes no 'Z' (nor a fraction but of 3 or 6 digits)."""
+    if python == "3.10":
+        monkeypatch.setattr(promod, "datetime", _Py310Datetime)
+    assert promod._parse_time(text, "start", datetime.now(timezone.utc)) == ms
 
 
 def test_cli(prom, tmp_path, capsys):

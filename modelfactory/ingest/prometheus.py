@@ -1158,7 +1158,7 @@ def _parse_time(value: TimeLike, name: str, now: datetime) -> int:
                 ms = round(now.timestamp() * 1000) + (-delta if m.group(1) == "-" else delta)
         else:
             try:
-                return _parse_time(datetime.fromisoformat(text), name, now)
+                return _parse_time(_fromisoformat(text), name, now)
             except ValueError:
                 pass
     if ms is None:
@@ -1172,6 +1172,22 @@ def _parse_time(value: TimeLike, name: str, now: datetime) -> int:
                               f"Grafana URLs); pass unix seconds ({round(ms / 1_000_000)}).")
         raise IngestError(f"{name}={value!r} is in the year {year}: times must lie between 1970 and 9999.")
     return ms
+
+
+#: The seconds of an ISO-8601 time and its fraction (``00:00:00.5``), as Python 3.10 cannot read them.
+_ISO_FRACTION = re.compile(r"(?<=[T ]\d\d:\d\d:\d\d)[.,](\d+)")
+
+
+def _fromisoformat(text: str) -> datetime:
+    """``datetime.fromisoformat`` as Python 3.11 reads ISO-8601, on Python 3.10 too: there it
+    refused the ``Z`` of UTC (``2024-03-01T00:00:00Z``, the form our own messages and ``--help``
+    recommend, and what Grafana and ``date -u +%FT%TZ`` print) and any fraction of a second but
+    3 or 6 digits (``.5``, Go's nanoseconds ``.123456789``).  So ``Z`` becomes ``+00:00`` and the
+    fraction 6 digits (cut to microseconds: finer than the millisecond a point is stored at)."""
+    text = _ISO_FRACTION.sub(lambda m: "." + (m.group(1) + "00000")[:6], text)
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    return datetime.fromisoformat(text)
 
 
 def _number(text: str) -> float | None:
