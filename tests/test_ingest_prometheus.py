@@ -334,6 +334,44 @@ def test_cli_reads_secrets_from_env_and_files(tmp_path, monkeypatch, capsys):
     assert "secret-value" not in str(err.value)
 
 
+@pytest.mark.parametrize("kw, match", [
+    ({"headers": {"X-Scope-OrgID": "团队"}}, (r"The value of the HTTP header 'X-Scope-OrgID' \(headers / --header\) "
+                                            r"holds a character outside Latin-1 \(character 1\)")),
+    ({"headers": {"X-Bad\nName": "v"}}, r"The HTTP header name 'X-Bad\\nName' \(headers / --header\) is not a valid"),
+    ({"headers": {"X-Api-Key": "key-SECRET\nmore"}}, r"'X-Api-Key' \(headers / --header\) holds a line break"),
+    ({"bearer_token": "团队-token"}, r"The bearer token \(bearer_token\) holds a character outside Latin-1"),
+    ({"url": "http://[::1:19391"}, (r"url must look like http\(s\)://host:port\[/prefix\] \(Invalid IPv6 URL\)\. "
+                                    r"Got 'http://\[::1:19391' instead")),
+    ({"url": "http://ann:pw-SECRET@127.0.0.1:99999"}, r"\(Port out of range 0-65535\)\. Got 'http://\*\*\*@127"),
+])
+def test_headers_and_urls_http_cannot_carry_are_named_before_any_request(tmp_path, kw, match):
+    """A header value outside Latin-1, a line break in a header name, an unclosed IPv6 bracket in
+    the URL raised ValueError or UnicodeEncodeError from http.client or urlsplit: 'internal error'."""
+    with ps.FakeServer() as srv:
+        args = {"url": srv.url, "query": "up", "start": T0, "end": T0 + 60, "step": 60, "by": ["app"],
+                "out": str(tmp_path / "out"), **kw}
+        with pytest.raises(IngestError, match=match) as err:
+            prometheus(**args)
+    assert not srv.requests and not (tmp_path / "out").exists()
+    assert not re.search("团|SECRET", str(err.value))   # a value may be a secret: never shown
+
+
+def test_the_cli_names_a_header_or_token_http_cannot_carry_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "token").write_text("团队-token\n")
+    common = ["--query", "up", "--start", str(T0), "--end", str(T0 + 60), "--step", "60", "--by", "app",
+              "--out", str(tmp_path / "out")]
+    with ps.FakeServer() as srv:
+        for extra, said in ((["--header", "X-Scope-OrgID: 团队"], "header 'X-Scope-OrgID'"),
+                            (["--bearer-token-file", str(tmp_path / "token")], "--bearer-token-file"),
+                            (["--header", "X-Bad\nName: v"], "header name 'X-Bad\\nName'")):
+            done = subprocess.run([sys.executable, "-m", "modelfactory", "ingest", "prometheus", "--url", srv.url,
+                                   *common, *extra], capture_output=True, text=True, timeout=300, check=False)
+            (line,) = done.stderr.strip().splitlines()
+            assert done.returncode == 2 and line.startswith("error: ") and said in line, done.stderr
+            assert "internal error" not in line and "团" not in line
+    assert not srv.requests
+
+
 def test_secrets_never_in_errors_logs_or_files(tmp_path, caplog, fast_retries):
     secrets = ["tok-SECRET", "pw-SECRET", base64.b64encode(b"ann:pw-SECRET").decode(), "key-SECRET"]
 

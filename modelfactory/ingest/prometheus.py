@@ -82,6 +82,10 @@ _DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)
 _UNIT_MS = (365 * 86_400_000, 7 * 86_400_000, 86_400_000, 3_600_000, 60_000, 1_000, 1)
 _YEAR_10000_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
 _SECRET_HEADER = re.compile(r"auth|token|key|secret|passw|cookie", re.I)
+#: An HTTP header name: a token of RFC 9110 (letters, digits and !#$%&'*+-.^_`|~).
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+#: What an HTTP header value cannot hold: control characters but the tab (line breaks above all).
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 TimeLike = Union[datetime, str, int, float]
 StepLike = Union[str, int, float, timedelta]
@@ -1063,8 +1067,14 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
             f"reader, which skips names starting with '_' or '.'. Rename it in the query, e.g. "
             f"label_replace(<query>, {c.lstrip('_')!r}, \"$1\", {c!r}, \"(.*)\"), and pass that name.")
     hdrs = {str(k).strip(): str(v).strip() for k, v in (headers or {}).items()}
+    for k, v in hdrs.items():
+        _check_header(k, v)
     secrets = [v for k, v in hdrs.items() if _SECRET_HEADER.search(k)]
     token = bearer_token or _read_secret(bearer_token_file, "bearer_token_file")
+    if token:
+        _check_header("Authorization", token, "The bearer token (" + (
+            "bearer_token" if bearer_token else f"in the file {bearer_token_file!r}, bearer_token_file / "
+            "--bearer-token-file") + ")", "Check that it holds the token alone, as it was issued.")
     if basic_auth_user is None and user is not None:
         basic_auth_user, basic_auth_password = user, password
     if basic_auth_user is not None:
@@ -1078,7 +1088,10 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
         creds = base64.b64encode(f"{basic_auth_user}:{password}".encode()).decode()
         auth, secrets = f"Basic {creds}", [*secrets, password, creds]
     else:
-        token = token or os.environ.get(TOKEN_ENV)
+        if not token and os.environ.get(TOKEN_ENV):
+            token = os.environ[TOKEN_ENV]
+            _check_header("Authorization", token, f"The bearer token (${TOKEN_ENV})",
+                          "Check that it holds the token alone, as it was issued.")
         auth = f"Bearer {token}" if token else None
         secrets = [*secrets, token] if token else secrets
     if auth:
@@ -1094,8 +1107,33 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
         overwrite=bool(overwrite))
 
 
+def _check_header(name: str, value: str, what: str | None = None, fix: str | None = None) -> None:
+    """Refuse a header that http.client cannot send, naming it: its ValueError (a line break in
+    a name) or UnicodeEncodeError (a value outside Latin-1, say a tenant '团队') came from deep in
+    the first request, an "internal error" to the CLI.  A value is never shown: it may be a secret."""
+    if not _HEADER_NAME.match(name):
+        raise IngestError(f"The HTTP header name {name!r} (headers / --header) is not a valid name: it may hold "
+                          "only letters, digits and !#$%&'*+-.^_`|~ (no spaces, colons or line breaks). Fix "
+                          "the name.")
+    try:
+        value.encode("latin-1")
+        problem = "a line break or another control character" if _HEADER_CONTROL.search(value) else None
+    except UnicodeEncodeError as err:
+        problem = f"a character outside Latin-1 (character {err.start + 1})"
+    if problem:
+        what = what or f"The value of the HTTP header {name!r} (headers / --header)"
+        raise IngestError(f"{what} holds {problem}, which an HTTP header cannot carry (its text is not shown: "
+                          f"it may hold a secret). {fix or 'Pass the value in the ASCII form the server expects.'}")
+
+
 def _split_url(url: str) -> tuple[str, str, str | None, str | None]:
-    parts = urllib.parse.urlsplit(url if isinstance(url, str) else "")
+    try:
+        parts = urllib.parse.urlsplit(url if isinstance(url, str) else "")
+        _ = parts.port  # a ValueError for a port that is not a number from 0 to 65535
+    except ValueError as err:  # 'http://[::1:9090' (an unclosed IPv6 bracket), 'http://host:99999'
+        shown = re.sub(r"//[^/@]*@", "//***@", url)
+        raise IngestError(f"url must look like http(s)://host:port[/prefix] ({err}). Got {shown!r} "
+                          "instead.") from err
     host = parts.netloc.rpartition("@")[2]
     path = parts.path.rstrip("/")
     for suffix in ("/api/v1/query_range", "/api/v1"):
