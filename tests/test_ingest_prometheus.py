@@ -235,6 +235,34 @@ def test_iso_times_with_z_and_any_fraction_parse_on_every_python(monkeypatch, py
     assert promod._parse_time(text, "start", datetime.now(timezone.utc)) == ms
 
 
+def test_numpy_numbers_paths_and_header_pairs_are_taken_for_what_they_are(tmp_path):
+    """np.int64 start and step were refused as not unix seconds / not a step, a pathlib.Path out
+    as not a path (train takes one), headers as (name, value) pairs raised AttributeError."""
+    np = pytest.importorskip("numpy")
+    with ps.FakeServer() as srv:
+        s = prometheus(srv.url, "up", np.int64(T0), np.float64(T0 + 600), np.int64(300), by=["app"],
+                       out=tmp_path / "out", headers=[("X-Scope-OrgID", "t1")], max_points=np.int64(2),
+                       concurrency=np.int32(2), retries=np.int64(0), timeout=np.float32(30))
+    assert (s.rows, s.requests, s.out) == (3, 2, str(tmp_path / "out"))
+    assert srv.requests[0].headers["X-Scope-OrgID"] == "t1"
+    assert definition(tmp_path / "out")["step_ms"] == 300_000   # written as JSON: a plain int
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"by": None}, (r"by must list the labels to partition by, e.g\. \['app', 'site'\] \(--by app,site\), or be "
+                    r"empty \(\[\], --by ''\) for no partition folders\. Got None instead\.")),
+    ({"headers": ["X-Api-Key=key-SECRET"]}, (r"headers must be a mapping of header names to values.*or a list of "
+                                             r"\(name, value\) pairs\. Got a list \(not shown")),
+    ({"headers": "X-Api-Key: key-SECRET"}, r"headers must be a mapping .*Got a str \(not shown"),
+])
+def test_arguments_of_the_wrong_type_are_named(tmp_path, kw, match):
+    args = {"url": "http://127.0.0.1:1", "query": "up", "start": T0, "end": T0 + H, "step": 60,
+            "by": ["app"], "out": str(tmp_path), **kw}
+    with pytest.raises(IngestError, match=match) as err:
+        prometheus(**args)
+    assert "SECRET" not in str(err.value)
+
+
 def test_cli(prom, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="modelfactory")
     add_parser(parser.add_subparsers(dest="command"))

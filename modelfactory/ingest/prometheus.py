@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import ssl
@@ -39,7 +40,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -152,12 +153,12 @@ class IngestSummary:
 
 def prometheus(
     url: str, query: str, start: TimeLike, end: TimeLike, step: StepLike, *,
-    by: Sequence[str] | str, out: str,
-    headers: Mapping[str, str] | None = None,
-    bearer_token: str | None = None, bearer_token_file: str | None = None,
+    by: Sequence[str] | str, out: str | os.PathLike,
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    bearer_token: str | None = None, bearer_token_file: str | os.PathLike | None = None,
     basic_auth_user: str | None = None, basic_auth_password: str | None = None,
-    basic_auth_password_file: str | None = None,
-    verify_tls: bool = True, ca_file: str | None = None,
+    basic_auth_password_file: str | os.PathLike | None = None,
+    verify_tls: bool = True, ca_file: str | os.PathLike | None = None,
     concurrency: int = 4, max_points: int = MAX_POINTS,
     timeout: float = 120.0, retries: int = 3,
     storage_options: dict | None = None, overwrite: bool = False,
@@ -173,16 +174,17 @@ def prometheus(
         PromQL expression evaluated with ``/api/v1/query_range``.
     start, end : datetime, str, int or float
         Inclusive range: a datetime (naive means UTC), ISO-8601 text, unix
-        seconds, or ``"now"`` / ``"now-3d"``.  Evaluation timestamps are the
-        multiples of ``step`` since the epoch inside the range.
+        seconds (numpy numbers too), or ``"now"`` / ``"now-3d"``.  Evaluation
+        timestamps are the multiples of ``step`` since the epoch inside the range.
     step : str, int, float or timedelta
-        Resolution: seconds or a Prometheus duration (``"30s"``, ``"5m"``, ``"1h"``).
+        Resolution: seconds (numpy numbers too) or a Prometheus duration (``"30s"``,
+        ``"5m"``, ``"1h"``).
     by : sequence of str
         Labels that become partition directories (``app=.../site=.../``);
         every series must carry them.  ``__name__`` is spelled ``metric``.
-    out : str
+    out : str or path-like
         Dataset root, local path or any fsspec URL (``s3://bucket/prom``).
-    headers : mapping, optional
+    headers : mapping or list of (name, value) pairs, optional
         Extra HTTP headers, e.g. ``{"X-Scope-OrgID": "tenant-1"}``.
     bearer_token, bearer_token_file : str, optional
         Bearer token, or a file holding it.  Default: ``$MODELFACTORY_PROM_TOKEN``.
@@ -223,6 +225,14 @@ def prometheus(
                    by=["app", "site"], out="data/up")
     """
     started = time.monotonic()
+    # numpy's numbers (a start from a DataFrame, np.int64(300)) are no int or float, and a
+    # pathlib.Path no str: each was refused as not what it is ("must be unix seconds"), while
+    # train took them; taken here as the plain values they stand for, every check below holds
+    start, end, step, max_points, timeout, retries, concurrency = map(
+        _plain, (start, end, step, max_points, timeout, retries, concurrency))
+    out, bearer_token_file, basic_auth_password_file, ca_file = (
+        os.fspath(p) if isinstance(p, os.PathLike) else p
+        for p in (out, bearer_token_file, basic_auth_password_file, ca_file))
     spec = _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_file,
                       basic_auth_user, basic_auth_password, basic_auth_password_file,
                       verify_tls, ca_file, max_points, timeout, retries, storage_options, overwrite)
@@ -260,6 +270,14 @@ def prometheus(
     return IngestSummary(series=len(series), rows=sum(r.rows for r in results), files=len(staged),
                          chunks=len(chunks), requests=sum(r.requests for r in results),
                          seconds=time.monotonic() - started, out=spec.out)
+
+
+def _plain(value: Any) -> Any:
+    """A number of another type than int or float (numpy's, a Fraction) as the int or float it is;
+    anything else as it is (bool too: True is no number of seconds)."""
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def plan_chunks(start_ms: int, end_ms: int, step_ms: int) -> list[Chunk]:
@@ -1054,7 +1072,11 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
             ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as err:
             raise IngestError(f"Could not load ca_file {ca_file!r}: {err}. Pass a PEM CA bundle.") from err
-    cols = [c.strip() for c in by.split(",") if c.strip()] if isinstance(by, str) else list(by)
+    try:
+        cols = [c.strip() for c in by.split(",") if c.strip()] if isinstance(by, str) else list(by)
+    except TypeError:  # by=None: "'NoneType' object is not iterable", from deep in here
+        raise IngestError(f"by must list the labels to partition by, e.g. ['app', 'site'] (--by app,site), or be "
+                          f"empty ([], --by '') for no partition folders. Got {by!r} instead.") from None
     bad = [c for c in cols if not isinstance(c, str) or not _LABEL.match(c)]
     if bad or len(set(map(_col, cols))) != len(cols):
         raise IngestError(f"by must list distinct Prometheus label names, e.g. ['app', 'site']. "
@@ -1066,7 +1088,7 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
             f"The by label {c!r} starts with '_': its folders ({c}=...) would be hidden from every Parquet "
             f"reader, which skips names starting with '_' or '.'. Rename it in the query, e.g. "
             f"label_replace(<query>, {c.lstrip('_')!r}, \"$1\", {c!r}, \"(.*)\"), and pass that name.")
-    hdrs = {str(k).strip(): str(v).strip() for k, v in (headers or {}).items()}
+    hdrs = {str(k).strip(): str(v).strip() for k, v in _header_pairs(headers)}
     for k, v in hdrs.items():
         _check_header(k, v)
     secrets = [v for k, v in hdrs.items() if _SECRET_HEADER.search(k)]
@@ -1105,6 +1127,24 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
         retries=retries, verify_tls=bool(verify_tls), ca_file=ca_file, headers=tuple(hdrs.items()),
         secrets=tuple(s for s in secrets if s), storage_options=dict(storage_options or {}),
         overwrite=bool(overwrite))
+
+
+def _header_pairs(headers: Any) -> list[tuple[Any, Any]]:
+    """The (name, value) pairs of ``headers``: a mapping, or a list of pairs (as ``requests`` and
+    ``http.client`` take them; it raised AttributeError: 'list' object has no attribute 'items')."""
+    if headers is None:
+        return []
+    if isinstance(headers, Mapping):
+        return list(headers.items())
+    try:
+        if isinstance(headers, (str, bytes)):
+            raise TypeError
+        return [(k, v) for k, v in headers]
+    except (TypeError, ValueError):  # not iterable, or an item that is no pair
+        raise IngestError(  # not shown: a value may be a secret
+            "headers must be a mapping of header names to values, e.g. {'X-Scope-OrgID': 'tenant-1'}, or a "
+            f"list of (name, value) pairs. Got a {type(headers).__name__} (not shown: it may hold a secret) "
+            "instead.") from None
 
 
 def _check_header(name: str, value: str, what: str | None = None, fix: str | None = None) -> None:
