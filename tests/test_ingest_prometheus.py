@@ -1282,6 +1282,40 @@ def test_overwrite_refuses_parquet_files_no_ingest_wrote_and_names_them(prom, tm
     assert rows(tmp_path) == offset_rows(T0 + H, T0 + 2 * H)
 
 
+def test_a_plain_ingest_refuses_parquet_files_no_ingest_wrote_and_changes_nothing(tmp_path):
+    """Only --overwrite looked for Parquet files that no ingest wrote: a plain ingest took the folder
+    over (recorded its definition there) and wrote its rows beside them, and train then failed every
+    group found in both, its times repeated."""
+    stray = tmp_path / "app=x" / "part-0.parquet"
+    stray.parent.mkdir()
+    pq.write_table(pa.table({"ts": pa.array([T0 * 1000], pa.timestamp("ms", tz="UTC")), "value": [1.0]}), stray)
+    refused = pytest.raises(IngestError, match=rf"out='{re.escape(str(tmp_path))}' holds 1 Parquet file\(s\) that no "
+                                               rf"ingest wrote: {re.escape(str(stray))}\. An ingest adds its own files "
+                                               r".*Nothing was written; ingest into another out / --out")
+    with ps.FakeServer() as srv, refused:
+        prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=str(tmp_path))
+    assert not srv.requests and files(tmp_path) == {"app=x/part-0.parquet"}
+    assert not (tmp_path / DEFINITION).exists()
+
+
+def test_an_ingest_into_a_model_store_is_refused_and_writes_nothing(tmp_path):
+    """ingest --out pointed at a model store (by a slip: --out models for --store models) wrote its
+    lock, partition folders and _ingest.json among the store's runs."""
+    store = tmp_path / "models"
+    (store / "runs" / "r1" / "parts").mkdir(parents=True)
+    (store / "runs" / "r1" / "manifest.json").write_text("{}")
+    (store / "runs" / "r1" / "parts" / "u0.parquet").write_bytes(b"PAR1")
+    (store / "LATEST").write_text("r1")
+    before = files(store)
+    with ps.FakeServer() as srv:
+        for out, how in ((store, "is"), (store / "runs" / "r1", "lies inside")):
+            with pytest.raises(IngestError, match=rf"out='{re.escape(str(out))}' {how} the model store "
+                                                  rf"'{re.escape(str(store))}'.*Nothing was written; ingest into a "
+                                                  r"folder of its own"):
+                prometheus(srv.url, "up", T0, T0 + 600, 60, by=["app"], out=out)
+    assert not srv.requests and files(store) == before and not (store / DEFINITION).exists()
+
+
 def test_a_query_reformatted_outside_its_strings_is_the_same_dataset_and_names_the_same_files(prom, tmp_path):
     """A nightly query reformatted (line breaks, spaces) was refused as another query and needed
     --overwrite, which deletes history Prometheus may no longer hold.  Whitespace outside string

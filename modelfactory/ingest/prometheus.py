@@ -240,6 +240,7 @@ def prometheus(
         raise IngestError(f"concurrency must be an int >= 1. Got {concurrency!r} instead.")
     try:
         Location.of(spec.out, spec.storage_options).check_bucket(IngestError)  # a typo must not make a bucket
+        _check_not_a_store(spec)
     except IngestError:
         raise
     except Exception as err:  # noqa: BLE001 - an unknown protocol, a missing package, no endpoint
@@ -453,11 +454,29 @@ def _definition(spec: PrometheusSpec) -> dict:
     return {"source": "prometheus", "query": spec.query, "step_ms": spec.step_ms, "by": list(spec.by)}
 
 
+def _check_not_a_store(spec: PrometheusSpec) -> None:
+    """Refuse an ``out`` that is a model store, or lies in one's ``runs/``: the ingest wrote its
+    lock, partition folders and ``_ingest.json`` among the store's runs, and the dataset was then
+    read with the runs' Parquet files in it (a store is recognised as ``models`` and ``train``
+    recognise it: ``LATEST``, or a run under ``runs/``; a folder beside ``runs/`` is no part of it)."""
+    from ..api import _model_store_at  # (imported with modelfactory already)
+
+    out = Location.of(spec.out, spec.storage_options)
+    store = _model_store_at(out)
+    if store is not None:
+        raise IngestError(
+            f"out={spec.out!r} {'is' if store == out.url else 'lies inside'} the model store {store!r} (it holds LATEST or runs/): the ingest would "
+            "write its partition folders and files among the store's runs, and readers would take the runs' "
+            "Parquet files for rows of the dataset. Nothing was written; ingest into a folder of its own, "
+            "outside the store, e.g. out / --out data/requests, and pass that folder to train.")
+
+
 def _check_dataset(spec: PrometheusSpec, fs: Any, root: str) -> dict | None:
     """Refuse an ingest whose rows would not be of the dataset already in ``out`` (another
-    ``by``, query or step), unless it starts over; return the dataset's recorded definition."""
+    ``by``, query or step, or Parquet files no ingest wrote), unless it starts over; return the
+    dataset's recorded definition."""
+    _check_foreign(spec, fs, root)  # with or without overwrite: the ingest adds its files beside them
     if spec.overwrite:
-        _check_foreign(spec, fs, root)
         return None
     _check_layout(spec)
     path = f"{root.rstrip('/')}/{DEFINITION_NAME}"
@@ -633,9 +652,11 @@ def _remove_leftovers(spec: PrometheusSpec, fs: Any, root: str) -> None:
 
 
 def _check_foreign(spec: PrometheusSpec, fs: Any, root: str) -> None:
-    """Refuse to start a dataset over while ``out`` holds Parquet files no ingest wrote: overwrite
-    deletes only the ingest's own files, so these would be read beside the new rows as one dataset,
-    and deleting them could destroy data that exists nowhere else."""
+    """Refuse to ingest into ``out`` while it holds Parquet files no ingest wrote: they would be read
+    beside the ingest's rows as one dataset.  Overwrite deletes only the ingest's own files, since
+    deleting these could destroy data that exists nowhere else; and a plain ingest, which checked
+    nothing, took the folder over (recorded its definition there) and added its rows beside them,
+    so a series in both had every time twice and train failed its group."""
     rels = _listed(spec, fs, root)
     foreign = sorted(r for r in rels if r.endswith(".parquet") and not _ours(r)
                      and not any(part[:1] in (".", "_") for part in r.split("/")))
@@ -643,11 +664,16 @@ def _check_foreign(spec: PrometheusSpec, fs: Any, root: str) -> None:
         base = spec.out.rstrip("/")
         shown = ", ".join(f"{base}/{r}" for r in foreign[:3]) + (f" and {len(foreign) - 3} more"
                                                                     if len(foreign) > 3 else "")
-        raise IngestError(
-            f"out={spec.out!r} holds {len(foreign)} Parquet file(s) that no ingest wrote: {shown}. Overwrite "
-            "deletes only the files ingests wrote (<chunk start>-<hash>.parquet in partition folders), so these "
-            "would be read beside the new rows as one dataset. Move or delete them (or ingest into another "
-            "out / --out), then rerun with overwrite=True / --overwrite.")
+        if spec.overwrite:
+            why = ("Overwrite deletes only the files ingests wrote (<chunk start>-<hash>.parquet in partition "
+                   "folders), so these would be read beside the new rows as one dataset. Move or delete them (or "
+                   "ingest into another out / --out), then rerun with overwrite=True / --overwrite.")
+        else:
+            why = ("An ingest adds its own files (<chunk start>-<hash>.parquet in partition folders) beside them, "
+                   "and readers would take both for one dataset (a series in both would have each of its times "
+                   "twice, and train fails such groups). Nothing was written; ingest into another out / --out (a "
+                   "new folder), or move or delete these files first.")
+        raise IngestError(f"out={spec.out!r} holds {len(foreign)} Parquet file(s) that no ingest wrote: {shown}. {why}")
 
 
 def _remove_ingested(fs: Any, root: str) -> None:
