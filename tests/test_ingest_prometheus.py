@@ -475,6 +475,23 @@ def test_failed_chunk_leaves_nothing_behind(tmp_path, fast_retries):
     assert files(tmp_path) == set()
 
 
+def test_a_failed_ingest_removes_the_folders_it_made_and_only_those(tmp_path, fast_retries):
+    """A failed first ingest left app=x/ (empty once its staged files were discarded), and train
+    then said "No Parquet files under ..." of a dataset the failed run was to leave as it was."""
+    bad_start = f"{(T0 // 660 + 2) * 660:.3f}"   # the third chunk at step 60 ms: two staged before it
+
+    def respond(req):
+        return (500, {}, b"disk full") if req.form["start"] == bad_start else ps.echo_matrix(req)
+
+    (tmp_path / "kept" / "app=y").mkdir(parents=True)   # an empty folder made before: not the ingest's
+    with ps.FakeServer(respond) as srv:
+        for out in (tmp_path / "new" / "data", tmp_path / "kept"):
+            with pytest.raises(IngestError, match="answered HTTP 500"):
+                prometheus(srv.url, "up", T0, T0 + 3000, 0.06, by=["app", "site"], out=str(out), retries=0,
+                           concurrency=1, max_points=11_000)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["app=y", "kept"]   # not new/ either
+
+
 def test_chunks_run_in_parallel_within_the_concurrency_bound(tmp_path):
     lock, state, two = threading.Lock(), {"now": 0, "max": 0}, threading.Event()
 
@@ -784,9 +801,12 @@ def test_an_ingest_with_no_by_into_s3_writes_at_the_root_and_another_by_is_refus
     assert sum(pq.read_table(fs.open(k, "rb")).num_rows for k in legacy if k.endswith(".parquet")) == first.rows
 
 
-def test_an_ingest_interrupted_stops_fetching_and_leaves_nothing_staged(tmp_path):
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_an_ingest_interrupted_stops_fetching_and_leaves_nothing_staged(tmp_path, sig, code, said):
     # Ctrl-C (or SIGTERM) left the pool to fetch every chunk still queued, 21 of 21 here, for as
-    # long as they took, holding the folder's lock, and left their staged files behind
+    # long as they took, holding the folder's lock, and left their staged files behind; and the
+    # partition folders (app=x/) a first ingest made stayed, empty, so train said "No Parquet files"
     served = []
 
     def slow(req):
@@ -802,12 +822,12 @@ def test_an_ingest_interrupted_stops_fetching_and_leaves_nothing_staged(tmp_path
         deadline = time.monotonic() + 60
         while len(served) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         asked = len(served)
-    assert proc.returncode == 130 and err.strip() == "error: interrupted; nothing was committed", err
+    assert proc.returncode == code and err.strip() == f"error: {said}; nothing was committed", err
     assert asked <= 3  # the request under way, and none after it
-    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # no staged file, no lock
+    assert not (tmp_path / "out").exists()  # no staged file, no lock, no folder: as it was before
 
 
 def test_a_failing_chunk_stops_the_others_between_their_requests(tmp_path, monkeypatch):

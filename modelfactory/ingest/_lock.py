@@ -68,7 +68,7 @@ class FolderLock:
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._made_root = False
+        self._made: list[str] = []  # the folders acquire made for the lock, the deepest last
 
     # -- acquiring and releasing ----------------------------------------------------------
 
@@ -81,7 +81,7 @@ class FolderLock:
 
     def acquire(self) -> None:
         """Create the lock, taking over a stale one; raise :class:`IngestError` if it is held."""
-        self._made_root = self.store.make_folder(self.root)  # removed again if left empty
+        self._made = self.store.make_folder(self.root)  # removed again if left empty
         for _ in range(_ATTEMPTS):  # a lock that vanished, or is being taken over: look again
             try:
                 self._create()
@@ -117,8 +117,8 @@ class FolderLock:
                 self._remove(self.path)
         except Exception as err:  # noqa: BLE001 - best effort: the ingest's own outcome is what matters
             log.warning("could not remove the lock %s: %s; delete it by hand", self.shown, describe_error(err))
-        if self._made_root:
-            self.store.remove_empty_folder(self.root)  # a failed first ingest leaves no folder
+        for folder in reversed(self._made):  # a failed first ingest leaves no folder (out=new/data: nor new/)
+            self.store.remove_empty_folder(folder)
 
     def check(self) -> None:
         """Raise :class:`IngestError` unless the lock is still this ingest's (call before committing)."""
@@ -236,9 +236,13 @@ class FolderLock:
 class _Disk:
     """The lock's file operations on a local or network disk (``O_EXCL``, ``fstat``, ``utime``)."""
 
-    def make_folder(self, root: str) -> bool:
-        """Make ``root`` (the lock needs a folder to sit in); whether it was made now."""
-        made = not os.path.isdir(root)
+    def make_folder(self, root: str) -> list[str]:
+        """Make ``root`` (the lock needs a folder to sit in); the folders made now (``root`` and
+        its parents that were missing), the deepest last."""
+        made, path = [], root
+        while not os.path.isdir(path) and os.path.dirname(path) != path:
+            made.insert(0, path)
+            path = os.path.dirname(path)
         os.makedirs(root, exist_ok=True)
         return made
 
@@ -282,8 +286,8 @@ class _Fsspec:
     def __init__(self, fs: Any) -> None:
         self.fs = fs
 
-    def make_folder(self, root: str) -> bool:
-        return False  # object stores have no folders (and makedirs would create a bucket)
+    def make_folder(self, root: str) -> list[str]:
+        return []  # object stores have no folders (and makedirs would create a bucket)
 
     def remove_empty_folder(self, root: str) -> None:
         pass

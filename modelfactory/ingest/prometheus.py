@@ -249,12 +249,13 @@ def prometheus(
     now = datetime.now(timezone.utc)
     chunks = plan_chunks(_parse_time(start, "start", now), _parse_time(end, "end", now), spec.step_ms)
     fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
-    with _locked(spec, fs, root) as lock:
+    made: set[str] = set()  # the partition folders this ingest makes (a local disk), until it commits
+    with _locked(spec, fs, root) as lock, _removed_if_empty_on_failure(made):
         _remove_leftovers(spec, fs, root)
         earlier = _check_dataset(spec, fs, root)
         spec = _as_recorded(spec, earlier)
         log.info("ingesting %s from %s in %d chunks", spec.query, spec.display_url, len(chunks))
-        results = _run_chunks(spec, chunks, concurrency)
+        results = _run_chunks(spec, chunks, concurrency, made)
         series = frozenset().union(*(r.series for r in results))
         if not series:
             raise IngestError(
@@ -302,14 +303,16 @@ class _Stopped(Exception):
     """A chunk not fetched (or not staged): the ingest was interrupted."""
 
 
-def _fetch_chunk(spec: PrometheusSpec, chunk: Chunk, stop: threading.Event | None = None) -> ChunkResult:
+def _fetch_chunk(spec: PrometheusSpec, chunk: Chunk, stop: threading.Event | None = None,
+                 made: set[str] | None = None) -> ChunkResult:
     """Fetch one chunk (in requests of at most ``spec.max_points`` points) and stage its files.
 
     Staged files carry hidden temporary names (ignored by Parquet readers) until
     the caller renames each ``(tmp, final)`` pair in ``ChunkResult.staged``.  Only
     :func:`prometheus` calls it, holding the folder's lock (the next lock holder
     deletes staged files it finds) after checking the dataset's definition.  Once
-    ``stop`` is set (Ctrl-C), it sends no more requests and stages nothing.
+    ``stop`` is set (Ctrl-C), it sends no more requests and stages nothing.  The folders it
+    makes are added to ``made``.
     """
     opener = _opener(spec)
     series: dict[tuple, tuple[list[int], list[float]]] = {}
@@ -345,7 +348,7 @@ def _fetch_chunk(spec: PrometheusSpec, chunk: Chunk, stop: threading.Event | Non
         for values, keys in sorted(groups.items()):
             if stop is not None and stop.is_set():
                 raise _Stopped
-            staged.append(_stage(spec, fs, root, chunk, values, _table(spec, sorted(keys), series)))
+            staged.append(_stage(spec, fs, root, chunk, values, _table(spec, sorted(keys), series), made))
     except BaseException:
         _discard(fs, staged)
         raise
@@ -365,10 +368,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _run_chunks(spec: PrometheusSpec, chunks: list[Chunk], concurrency: int) -> list[ChunkResult]:
+def _run_chunks(spec: PrometheusSpec, chunks: list[Chunk], concurrency: int,
+                made: set[str] | None = None) -> list[ChunkResult]:
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=min(concurrency, len(chunks)))
-    futures = [pool.submit(_fetch_chunk, spec, c, stop) for c in chunks]
+    futures = [pool.submit(_fetch_chunk, spec, c, stop, made) for c in chunks]
     try:
         _, pending = wait(futures, return_when=FIRST_EXCEPTION)
         if pending:  # a chunk failed: the others send no more requests
@@ -1031,7 +1035,7 @@ def _earlier_folder(fs: Any, root: str, by: Sequence[str], values: tuple[str, ..
 
 
 def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple[str, ...],
-           table: pa.Table) -> tuple[str, str]:
+           table: pa.Table, made: set[str] | None = None) -> tuple[str, str]:
     """Write ``table`` merged with the rows of the existing file it does not replace: the fresh
     rows replace every earlier row of this file (one partition) at the times they cover, whatever
     its labels (a series that gained or lost a label, say Thanos' external labels, is not kept
@@ -1054,7 +1058,7 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
     final, tmp = f"{directory}/{name}", f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
     try:
         if _is_local(fs):  # object stores have no folders (and makedirs would create a bucket)
-            fs.makedirs(directory, exist_ok=True)
+            _make_folders(directory, made)
         if not spec.overwrite and fs.exists(final):
             with fs.open(final, "rb") as f:
                 old = pq.read_table(f)
@@ -1073,6 +1077,40 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
         raise IngestError(f"Could not write {final}: {describe_error(err)}. Check that out / --out is "
                           "writable (and storage_options for remote stores).") from err
     return tmp, final
+
+
+def _make_folders(directory: str, made: set[str] | None) -> None:
+    """Make ``directory`` and its missing parents on a local disk, adding each one made to ``made``."""
+    missing, path = [], directory
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # made meanwhile by another chunk's thread, which counts it
+            continue
+        if made is not None:
+            made.add(path)
+
+
+@contextmanager
+def _removed_if_empty_on_failure(made: set[str]) -> Iterator[None]:
+    """Remove the folders in ``made`` that are empty if the ingest fails (an error, Ctrl-C, or the
+    SIGTERM the CLI turns into one).  A first ingest that failed left ``app=x/site=y/`` folders with
+    no file in them (its staged files are discarded, not its folders): the next train of ``out``
+    said "No Parquet files under ...", where a failed run is to leave the dataset as it was.  Only
+    folders this ingest made go, and only empty ones: a commit that failed half-way keeps its files.
+    A SIGKILL leaves them (nothing runs then); they hold no data, and the layout check skips them."""
+    try:
+        yield
+    except BaseException:
+        for path in sorted(made, key=lambda p: -p.count(os.sep)):  # the deepest first
+            try:
+                os.rmdir(path)  # only if empty
+            except OSError:
+                pass
+        raise
 
 
 # -- arguments -----------------------------------------------------------------------------
