@@ -739,11 +739,15 @@ def test_a_by_value_too_long_for_a_folder_name_is_named(prom, tmp_path, caplog):
 def test_another_by_into_the_same_dataset_is_refused(prom, tmp_path, before, after):
     """An ingest with another --by into the same --out wrote every point a second time in a
     second folder layout (app=x/ next to app=x/site=y/), reported success, and the dataset could
-    no longer be read by train."""
+    no longer be read by train.  The message shows both definitions and offers --overwrite, as
+    for another query or step (it offered neither)."""
     prometheus(prom, "mf_load", T0, T0 + H, 60, by=before, out=str(tmp_path))
     names = files(tmp_path)
-    with pytest.raises(IngestError, match=rf"already holds a dataset partitioned by {re.escape(repr(before))}.*"
-                                          rf"this ingest partitions by {re.escape(repr(after))}.*same by / --by"):
+    b, a = re.escape(repr(before)), re.escape(repr(after))
+    with pytest.raises(IngestError, match=rf"already holds a dataset partitioned by {b}.*this ingest partitions by "
+                                          rf"{a}: .* Its _ingest\.json records the query 'mf_load' at step 60s by {b}; "
+                                          rf"this ingest asks for the query 'mf_load' at step 60s by {a}\. Use the "
+                                          r"same by / --by as before, .*or pass overwrite=True / --overwrite"):
         prometheus(prom, "mf_load", T0, T0 + 2 * H, 60, by=after, out=str(tmp_path))
     assert files(tmp_path) == names
     prometheus(prom, "mf_load", T0, T0 + 2 * H, 60, by=before, out=str(tmp_path))  # the same by still appends

@@ -402,9 +402,10 @@ def _discard_staged(spec: PrometheusSpec, futures: list) -> None:
     _discard(fs, [s for r in done for s in r.staged])
 
 
-def _check_layout(spec: PrometheusSpec) -> None:
+def _check_layout(spec: PrometheusSpec, earlier: dict | None = None) -> None:
     """Refuse to write into a dataset partitioned by other labels than ``spec.by``: its points
-    would be stored twice, in two folder layouts that no reader accepts together."""
+    would be stored twice, in two folder layouts that no reader accepts together.  ``earlier``,
+    the definition recorded in out if any, is shown beside this ingest's."""
     try:
         fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
         local = _is_local(fs)
@@ -429,11 +430,23 @@ def _check_layout(spec: PrometheusSpec) -> None:
         raise _cannot_list(spec, err) from err
     if data_files and keys != list(spec.by):  # folders alone may be left from a failed run
         shown = f" (e.g. {example})" if example else ""
-        raise IngestError(
-            f"out={spec.out!r} already holds a dataset partitioned by {keys!r}{shown}, but this ingest "
-            f"partitions by {list(spec.by)!r}: every point would be stored a second time in another folder "
-            "layout, and readers refuse mixed layouts. Use the same by / --by as before, or another "
-            "out / --out.")
+        raise IngestError(_another_by(spec, f"already holds a dataset partitioned by {keys!r}{shown}", earlier))
+
+
+def _another_by(spec: PrometheusSpec, held: str, earlier: dict | None) -> str:
+    """The message for an ingest whose ``by`` is not the dataset's (which ``out`` ``held``): as
+    for another query or step, both definitions when the dataset's is recorded, and overwrite (the
+    folder layout answered first, with neither: 'use the same --by' or another --out, while the
+    same mistake with a step was offered --overwrite and shown both definitions)."""
+    recorded = "" if earlier is None else (
+        f" Its {DEFINITION_NAME} records the query {earlier.get('query')!r} at step "
+        f"{_step_text(earlier.get('step_ms'))}" + (f" by {list(earlier['by'] or [])!r}" if "by" in earlier else "")
+        + f"; this ingest asks for the query {spec.query!r} at step {_step_text(spec.step_ms)} by {list(spec.by)!r}.")
+    return (f"out={spec.out!r} {held}, but this ingest partitions by {list(spec.by)!r}: every point would be "
+            f"stored a second time in another folder layout, and readers refuse mixed layouts.{recorded} Use the "
+            "same by / --by as before, or ingest into another out / --out, or pass overwrite=True / --overwrite "
+            "to start this dataset over (the files of earlier ingests are deleted once this one has fetched "
+            "every chunk).")
 
 
 @contextmanager
@@ -482,7 +495,6 @@ def _check_dataset(spec: PrometheusSpec, fs: Any, root: str) -> dict | None:
     _check_foreign(spec, fs, root)  # with or without overwrite: the ingest adds its files beside them
     if spec.overwrite:
         return None
-    _check_layout(spec)
     path = f"{root.rstrip('/')}/{DEFINITION_NAME}"
     try:
         fs.invalidate_cache(path)  # another ingest may have written it since this process listed out
@@ -502,6 +514,7 @@ def _check_dataset(spec: PrometheusSpec, fs: Any, root: str) -> dict | None:
         raise IngestError(f"Could not read {spec.out.rstrip('/')}/{DEFINITION_NAME}, the definition of the "
                           f"dataset in out={spec.out!r}: {describe_error(err)}. Pass overwrite=True / --overwrite "
                           "to start the dataset over, or use another out / --out.") from err
+    _check_layout(spec, earlier)  # first: its message names the labels a dataset's folders show
     if earlier is None:
         _check_file_names(spec, fs, root)  # written before the definition was recorded
         return None
@@ -515,11 +528,8 @@ def _check_dataset(spec: PrometheusSpec, fs: Any, root: str) -> dict | None:
             f"{_step_text(earlier.get('step_ms'))}")))
     if "by" in earlier and list(earlier["by"] or []) != list(spec.by):
         # (the folders say it too, but not when the first of them is empty, or when there are none)
-        raise IngestError(
-            f"out={spec.out!r} holds a dataset partitioned by {list(earlier['by'] or [])!r} (its {DEFINITION_NAME} "
-            f"records it), but this ingest partitions by {list(spec.by)!r}: every point would be stored a second "
-            "time in another folder layout, and readers refuse mixed layouts. Use the same by / --by as before, or "
-            "another out / --out (or pass overwrite=True / --overwrite to start this dataset over).")
+        raise IngestError(_another_by(spec, f"holds a dataset partitioned by {list(earlier['by'] or [])!r} (its "
+                                            f"{DEFINITION_NAME} records it)", earlier))
     return earlier
 
 
