@@ -186,8 +186,12 @@ def test_http_404_and_unreachable(prom, tmp_path):
     ({"start": "yesterday"}, r"start must be .*Got 'yesterday' instead"),
     ({"end": T0 - 60}, r"No evaluation step between start=2024-03-01T00:00:00Z and end="),
     ({"step": "5 minutes"}, r"step must be .*Got '5 minutes' instead"),
-    ({"max_points": 20_000}, r"max_points must be an int between 1 and 11000\. Got 20000"),
-    ({"by": ["app", "site-name"]}, r"by must list distinct Prometheus label names"),
+    ({"max_points": 20_000}, r"max_points / --max-points must be an int between 1 and 11000\. Got 20000"),
+    # errors name the argument and the CLI's flag: the CLI's messages spoke Python
+    ({"by": ["app", "site-name"]}, r"by / --by must list distinct Prometheus label names"),
+    ({"by": "a b"}, r"by / --by must list distinct Prometheus label names .*--by app,site\. Got \['a b'\] instead"),
+    ({"bearer_token_file": "/no/such/token"}, (r"Could not read bearer_token_file / --bearer-token-file "
+                                               r"'/no/such/token': No such file or directory\.$")),
     ({"by": ["_shard"]}, r"The by label '_shard' starts with '_': its folders \(_shard=\.\.\.\) would be hidden "
                          r"from every Parquet reader.*label_replace\(<query>, 'shard', \"\$1\", '_shard', \"\(\.\*\)\"\)"),
     ({"url": "prometheus:9090"}, r"url must look like http\(s\)://host:port"),
@@ -249,8 +253,8 @@ def test_numpy_numbers_paths_and_header_pairs_are_taken_for_what_they_are(tmp_pa
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"by": None}, (r"by must list the labels to partition by, e.g\. \['app', 'site'\] \(--by app,site\), or be "
-                    r"empty \(\[\], --by ''\) for no partition folders\. Got None instead\.")),
+    ({"by": None}, (r"by / --by must list the labels to partition by, e.g\. \['app', 'site'\] / --by app,site, or "
+                    r"be empty \(\[\] / --by ''\) for no partition folders\. Got None instead\.")),
     ({"headers": ["X-Api-Key=key-SECRET"]}, (r"headers must be a mapping of header names to values.*or a list of "
                                              r"\(name, value\) pairs\. Got a list \(not shown")),
     ({"headers": "X-Api-Key: key-SECRET"}, r"headers must be a mapping .*Got a str \(not shown"),
@@ -261,6 +265,37 @@ def test_arguments_of_the_wrong_type_are_named(tmp_path, kw, match):
     with pytest.raises(IngestError, match=match) as err:
         prometheus(**args)
     assert "SECRET" not in str(err.value)
+
+
+def test_an_out_that_is_a_file_is_named_as_one(tmp_path):
+    """--out afile said 'Could not create the lock afile/_ingest.lock: FileExistsError ... (at <frozen
+    os>:225 in makedirs). Check that out / --out is writable', which it was."""
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "binary-token").write_bytes(b"\xff\xfe\x00")
+    with ps.FakeServer() as srv:
+        for out, match in ((tmp_path / "afile", r"out='[^']+/afile' is a file, not a folder\. Pass a folder"),
+                           (tmp_path / "afile" / "sub", (r"out='[^']+/afile/sub' lies under '[^']+/afile', which is "
+                                                         r"a file, not a folder"))):
+            with pytest.raises(IngestError, match=match):
+                prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(out))
+        # a token file that is not text: UnicodeDecodeError, an 'internal error' to the CLI
+        with pytest.raises(IngestError, match=r"bearer_token_file / --bearer-token-file '[^']+' is not UTF-8 text"):
+            prometheus(srv.url, "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path / "o"),
+                       bearer_token_file=str(tmp_path / "binary-token"))
+    assert not srv.requests and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_storage_errors_are_quoted_without_a_code_location(tmp_path, monkeypatch):
+    """Errors of the disk or of a JSON file ended in '(at <frozen os>:225 in makedirs)' or '(at
+    decoder.py:353 in raw_decode)': describe_error's place in user code, which this is not."""
+    def denied(self):
+        raise PermissionError(13, "Permission denied", self.root)
+
+    monkeypatch.setattr(promod.FolderLock, "acquire", denied)
+    with pytest.raises(IngestError, match=r"Could not create the lock \S+_ingest\.lock: PermissionError: \[Errno 13\] "
+                                          r"Permission denied: '[^']+'\. Check that out / --out is writable") as err:
+        prometheus("http://127.0.0.1:1", "up", T0, T0 + 60, 60, by=["app"], out=str(tmp_path))
+    assert "(at " not in str(err.value)
 
 
 def test_cli(prom, tmp_path, capsys):
@@ -1226,8 +1261,13 @@ def test_a_definition_cut_short_is_judged_by_the_file_names_and_written_again(pr
     ingest(prom, tmp_path, T0, T0 + H, 5)
     (tmp_path / DEFINITION).write_text('{"source": "prometheus", "query": "mf_lo')
     names = files(tmp_path)
-    with pytest.raises(IngestError, match=r"holds the dataset of another query or step: the name of its file"):
+    # (it said that an earlier modelfactory wrote the files and recorded no definition)
+    with pytest.raises(IngestError, match=r"holds the dataset of another query or step: the name of its file .+? is "
+                                          r"not one this query and step give, and its _ingest\.json, which records "
+                                          r"them, is corrupt \(JSONDecodeError: .*; cut short by a crash, or edited\)"
+                                          r", so the file names stand in for it, and this ingest asks") as err:
         prometheus(prom, "mf_load", T0, T0 + H, 10, by=["app", "site"], out=str(tmp_path))
+    assert "earlier modelfactory" not in str(err.value) and "(at " not in str(err.value) + caplog.text
     assert files(tmp_path) == names
     ingest(prom, tmp_path, T0 + H, T0 + 2 * H, 5)   # the same query and step: appended, the definition recorded
     assert rows(tmp_path) == sorted(ps.expected(T0, T0 + 2 * H, 5))

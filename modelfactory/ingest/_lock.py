@@ -37,8 +37,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from .._io import _is_local
-from ..exceptions import IngestError, describe_error
+from .._io import _is_local, error_text
+from ..exceptions import IngestError
 
 __all__ = ["FolderLock", "LOCK_NAME", "HEARTBEAT_S", "STALE_S"]
 
@@ -116,7 +116,7 @@ class FolderLock:
             if held is not None and held["info"].get("token") == self.token:
                 self._remove(self.path)
         except Exception as err:  # noqa: BLE001 - best effort: the ingest's own outcome is what matters
-            log.warning("could not remove the lock %s: %s; delete it by hand", self.shown, describe_error(err))
+            log.warning("could not remove the lock %s: %s; delete it by hand", self.shown, error_text(err))
         for folder in reversed(self._made):  # a failed first ingest leaves no folder (out=new/data: nor new/)
             self.store.remove_empty_folder(folder)
 
@@ -213,7 +213,7 @@ class FolderLock:
                     return  # taken over: check() says so before any commit
                 self.store.touch(self.path, held["raw"])
             except Exception as err:  # noqa: BLE001 - a store hiccup: try again at the next beat
-                log.warning("could not refresh the lock %s: %s", self.shown, describe_error(err))
+                log.warning("could not refresh the lock %s: %s", self.shown, error_text(err))
 
     # -- messages ---------------------------------------------------------------------------
 

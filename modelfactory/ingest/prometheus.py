@@ -53,8 +53,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .._io import Location, _is_local, hive_folder
-from ..exceptions import IngestError, describe_error
+from .._io import Location, _is_local, error_text, hive_folder
+from ..exceptions import IngestError
 from ._lock import FolderLock
 
 __all__ = ["prometheus", "plan_chunks", "PrometheusSpec", "Chunk",
@@ -241,10 +241,11 @@ def prometheus(
     try:
         Location.of(spec.out, spec.storage_options).check_bucket(IngestError)  # a typo must not make a bucket
         _check_not_a_store(spec)
+        _check_not_a_file(spec)
     except IngestError:
         raise
     except Exception as err:  # noqa: BLE001 - an unknown protocol, a missing package, no endpoint
-        raise IngestError(f"Cannot write to out={spec.out!r}: {describe_error(err)}. Check the path, the "
+        raise IngestError(f"Cannot write to out={spec.out!r}: {error_text(err)}. Check the path, the "
                           "endpoint and the credentials (storage_options).") from err
     now = datetime.now(timezone.utc)
     chunks = plan_chunks(_parse_time(start, "start", now), _parse_time(end, "end", now), spec.step_ms)
@@ -458,7 +459,7 @@ def _locked(spec: PrometheusSpec, fs: Any, root: str) -> Iterator[FolderLock]:
     except IngestError:
         raise
     except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
-        raise IngestError(f"Could not create the lock {lock.shown}: {describe_error(err)}. Check that out / "
+        raise IngestError(f"Could not create the lock {lock.shown}: {error_text(err)}. Check that out / "
                           "--out is writable (and storage_options for remote stores).") from err
     try:
         yield lock
@@ -488,6 +489,24 @@ def _check_not_a_store(spec: PrometheusSpec) -> None:
             "outside the store, e.g. out / --out data/requests, and pass that folder to train.")
 
 
+def _check_not_a_file(spec: PrometheusSpec) -> None:
+    """Refuse an ``out`` that is a file, or lies under one on a disk: the lock could not be made
+    there, and the message said to check that out is writable, which it may well be."""
+    fs, root = fsspec.core.url_to_fs(spec.out, **spec.storage_options)
+    root = root.rstrip("/")
+    # an empty object named like the folder, on an object store, is a folder marker (the S3
+    # console's "Create folder"), as api._output takes it
+    if fs.isfile(root) and (_is_local(fs) or fs.size(root) != 0):
+        raise IngestError(f"out={spec.out!r} is a file, not a folder. Pass a folder for the dataset (new, or "
+                          "one an earlier ingest of this query wrote); the ingest makes it if it does not exist.")
+    path = root
+    while _is_local(fs) and not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+        if os.path.isfile(path):
+            raise IngestError(f"out={spec.out!r} lies under {path!r}, which is a file, not a folder: no folder "
+                              "can be made there. Pass a folder for the dataset elsewhere.")
+
+
 def _check_dataset(spec: PrometheusSpec, fs: Any, root: str) -> dict | None:
     """Refuse an ingest whose rows would not be of the dataset already in ``out`` (another
     ``by``, query or step, or Parquet files no ingest wrote), unless it starts over; return the
@@ -503,20 +522,20 @@ def _check_dataset(spec: PrometheusSpec, fs: Any, root: str) -> dict | None:
         if not isinstance(earlier, dict):
             raise ValueError(f"a JSON object was expected, not {type(earlier).__name__}")
     except FileNotFoundError:
-        earlier = None
+        earlier, unreadable = None, None
     except ValueError as err:  # cut short by a crash as it was written, or edited by hand
         # the file names stand in for it, as for a dataset of an earlier version; starting the
         # dataset over (the advice below) would delete history Prometheus may no longer hold
         log.warning("%s/%s cannot be read (%s): the files in out are checked by their names instead, and "
-                    "it is written again at the commit", spec.out.rstrip("/"), DEFINITION_NAME, describe_error(err))
-        earlier = None
+                    "it is written again at the commit", spec.out.rstrip("/"), DEFINITION_NAME, error_text(err))
+        earlier, unreadable = None, error_text(err)
     except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
         raise IngestError(f"Could not read {spec.out.rstrip('/')}/{DEFINITION_NAME}, the definition of the "
-                          f"dataset in out={spec.out!r}: {describe_error(err)}. Pass overwrite=True / --overwrite "
+                          f"dataset in out={spec.out!r}: {error_text(err)}. Pass overwrite=True / --overwrite "
                           "to start the dataset over, or use another out / --out.") from err
     _check_layout(spec, earlier)  # first: its message names the labels a dataset's folders show
     if earlier is None:
-        _check_file_names(spec, fs, root)  # written before the definition was recorded
+        _check_file_names(spec, fs, root, unreadable)  # written before the definition was recorded
         return None
     changed = ["step_ms"] if earlier.get("step_ms") != spec.step_ms else []
     if not isinstance(earlier.get("query"), str) or _promql_form(earlier["query"]) != _promql_form(spec.query):
@@ -575,9 +594,10 @@ def _promql_form(query: str) -> str:
     return "".join(out).rstrip("\n")
 
 
-def _check_file_names(spec: PrometheusSpec, fs: Any, root: str) -> None:
+def _check_file_names(spec: PrometheusSpec, fs: Any, root: str, unreadable: str | None = None) -> None:
     """Refuse a dataset with no recorded definition whose file names (a hash of query, step and
-    chunk start) show that another query or step wrote them."""
+    chunk start) show that another query or step wrote them.  ``unreadable``: why the dataset's
+    ``_ingest.json`` could not be read, when there is one (else an earlier version wrote none)."""
     span = CHUNK_POINTS * spec.step_ms
     for rel in _ingested(fs, root):
         m = _INGEST_FILE.match(rel.rsplit("/", 1)[-1])
@@ -585,9 +605,12 @@ def _check_file_names(spec: PrometheusSpec, fs: Any, root: str) -> None:
         second = round(stamp.timestamp() * 1000)   # the chunk start, to the second
         start = -(-second // span) * span           # the chunk of this step that starts within it
         if start >= second + 1000 or _file_name(spec, Chunk(start, start, start)) != m.group(0):
+            # (a corrupt _ingest.json was said to be one an earlier modelfactory never wrote)
+            why = (f", and its {DEFINITION_NAME}, which records them, is corrupt ({unreadable}; cut short by a "
+                   "crash, or edited), so the file names stand in for it" if unreadable else
+                   f" (an earlier modelfactory wrote it, and did not record its query and step in {DEFINITION_NAME})")
             raise IngestError(_another_definition(spec, "query or step", (
-                f"the name of its file {rel} is not one this query and step give (an earlier modelfactory "
-                f"wrote it, and did not record its query and step in {DEFINITION_NAME})")))
+                f"the name of its file {rel} is not one this query and step give{why}")))
 
 
 def _another_definition(spec: PrometheusSpec, what: str, earlier: str) -> str:
@@ -622,7 +645,7 @@ def _listed(spec: PrometheusSpec, fs: Any, root: str) -> list[str]:
 
 
 def _cannot_list(spec: PrometheusSpec, err: BaseException) -> IngestError:
-    return IngestError(f"Could not list out={spec.out!r}: {describe_error(err)}. Check that out / --out "
+    return IngestError(f"Could not list out={spec.out!r}: {error_text(err)}. Check that out / --out "
                        "is readable (and storage_options for remote stores).")
 
 
@@ -662,7 +685,7 @@ def _remove_leftovers(spec: PrometheusSpec, fs: Any, root: str) -> None:
         except FileNotFoundError:
             pass
         except Exception as err:  # noqa: BLE001 - they are hidden: the ingest itself can go on
-            log.warning("could not remove the temporary file %s/%s: %s", base, rel, describe_error(err))
+            log.warning("could not remove the temporary file %s/%s: %s", base, rel, error_text(err))
 
 
 def _check_foreign(spec: PrometheusSpec, fs: Any, root: str) -> None:
@@ -738,7 +761,7 @@ def _commit(spec: PrometheusSpec, staged: list[tuple[str, str]], earlier: dict |
         _discard(fs, staged)
         again = " with overwrite / --overwrite" if spec.overwrite else ""
         raise IngestError(f"Could not {'replace the dataset in' if spec.overwrite else 'write to'} "
-                          f"out={spec.out!r}: {describe_error(err)}. Nothing new was committed; check that "
+                          f"out={spec.out!r}: {error_text(err)}. Nothing new was committed; check that "
                           f"out / --out is writable and rerun{again}.") from err
     for i, (tmp, final) in enumerate(staged):
         try:
@@ -749,7 +772,7 @@ def _commit(spec: PrometheusSpec, staged: list[tuple[str, str]], earlier: dict |
                 fs.rm_file(tmp)
         except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
             _discard(fs, staged[i:])
-            raise IngestError(f"Could not rename {tmp} to {final}: {describe_error(err)}. {i} of "
+            raise IngestError(f"Could not rename {tmp} to {final}: {error_text(err)}. {i} of "
                               f"{len(staged)} files were committed, each complete; rerun the same range "
                               "to finish.") from err
 
@@ -762,7 +785,7 @@ def _discard(fs: Any, staged: Sequence[tuple[str, str]]) -> None:
         except FileNotFoundError:
             pass
         except Exception as err:  # noqa: BLE001
-            log.warning("could not remove the staged file %s: %s", tmp, describe_error(err))
+            log.warning("could not remove the staged file %s: %s", tmp, error_text(err))
 
 
 # -- HTTP ----------------------------------------------------------------------------------
@@ -1063,7 +1086,7 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
                 # there, not written a second time beside it
                 directory = f"{root.rstrip('/')}/"
     except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
-        raise IngestError(f"Could not read {directory}: {describe_error(err)}. Check that out / --out is "
+        raise IngestError(f"Could not read {directory}: {error_text(err)}. Check that out / --out is "
                           "readable (and storage_options for remote stores).") from err
     final, tmp = f"{directory}/{name}", f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
     try:
@@ -1084,7 +1107,7 @@ def _stage(spec: PrometheusSpec, fs: Any, root: str, chunk: Chunk, values: tuple
             pq.write_table(table, f)
     except Exception as err:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
         _discard(fs, [(tmp, final)])
-        raise IngestError(f"Could not write {final}: {describe_error(err)}. Check that out / --out is "
+        raise IngestError(f"Could not write {final}: {error_text(err)}. Check that out / --out is "
                           "writable (and storage_options for remote stores).") from err
     return tmp, final
 
@@ -1135,7 +1158,8 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
     if not isinstance(out, str) or not out:
         raise IngestError(f"out must be a path or URL string. Got {out!r} instead.")
     if not isinstance(max_points, int) or not 1 <= max_points <= MAX_POINTS:
-        raise IngestError(f"max_points must be an int between 1 and {MAX_POINTS}. Got {max_points!r} instead.")
+        raise IngestError(f"max_points / --max-points must be an int between 1 and {MAX_POINTS}. Got {max_points!r} "
+                          "instead.")
     if not isinstance(retries, int) or retries < 0:
         raise IngestError(f"retries must be an int >= 0. Got {retries!r} instead.")
     if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
@@ -1145,16 +1169,16 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
         try:
             ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as err:
-            raise IngestError(f"Could not load ca_file {ca_file!r}: {err}. Pass a PEM CA bundle.") from err
+            raise IngestError(f"Could not load ca_file / --ca-file {ca_file!r}: {err}. Pass a PEM CA bundle.") from err
     try:
         cols = [c.strip() for c in by.split(",") if c.strip()] if isinstance(by, str) else list(by)
     except TypeError:  # by=None: "'NoneType' object is not iterable", from deep in here
-        raise IngestError(f"by must list the labels to partition by, e.g. ['app', 'site'] (--by app,site), or be "
-                          f"empty ([], --by '') for no partition folders. Got {by!r} instead.") from None
+        raise IngestError(f"by / --by must list the labels to partition by, e.g. ['app', 'site'] / --by app,site, "
+                          f"or be empty ([] / --by '') for no partition folders. Got {by!r} instead.") from None
     bad = [c for c in cols if not isinstance(c, str) or not _LABEL.match(c)]
     if bad or len(set(map(_col, cols))) != len(cols):
-        raise IngestError(f"by must list distinct Prometheus label names, e.g. ['app', 'site']. "
-                          f"Got {cols!r} instead.")
+        raise IngestError(f"by / --by must list distinct Prometheus label names (letters, digits and _), "
+                          f"e.g. ['app', 'site'] / --by app,site. Got {cols!r} instead.")
     hidden = [c for c in cols if c.startswith("_") and c != "__name__"]
     if hidden:
         c = hidden[0]
@@ -1166,7 +1190,7 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
     for k, v in hdrs.items():
         _check_header(k, v)
     secrets = [v for k, v in hdrs.items() if _SECRET_HEADER.search(k)]
-    token = bearer_token or _read_secret(bearer_token_file, "bearer_token_file")
+    token = bearer_token or _read_secret(bearer_token_file, "bearer_token_file / --bearer-token-file")
     if token:
         _check_header("Authorization", token, "The bearer token (" + (
             "bearer_token" if bearer_token else f"in the file {bearer_token_file!r}, bearer_token_file / "
@@ -1174,10 +1198,11 @@ def _make_spec(url, query, step, by, out, headers, bearer_token, bearer_token_fi
     if basic_auth_user is None and user is not None:
         basic_auth_user, basic_auth_password = user, password
     if basic_auth_user is not None:
-        password = (basic_auth_password or _read_secret(basic_auth_password_file, "basic_auth_password_file")
+        password = (basic_auth_password
+                    or _read_secret(basic_auth_password_file, "basic_auth_password_file / --basic-auth-password-file")
                     or os.environ.get(PASSWORD_ENV))
         if not password:
-            raise IngestError(f"basic_auth_user={basic_auth_user!r} needs a password: set ${PASSWORD_ENV} "
+            raise IngestError(f"basic_auth_user / --basic-auth-user {basic_auth_user!r} needs a password: set ${PASSWORD_ENV} "
                               "or pass basic_auth_password_file / --basic-auth-password-file.")
         if token:
             raise IngestError("Both a bearer token and basic auth were given: use one of them.")
@@ -1269,7 +1294,9 @@ def _read_secret(path: str | None, what: str) -> str | None:
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
     except OSError as err:
-        raise IngestError(f"Could not read {what} {path!r}: {err.strerror}.") from err
+        raise IngestError(f"Could not read {what} {path!r}: {err.strerror or error_text(err)}.") from err
+    except UnicodeDecodeError:  # (its bytes are not shown: they may be the secret)
+        raise IngestError(f"{what} {path!r} is not UTF-8 text: it must hold the secret alone, as text.") from None
 
 
 def _redact(spec: PrometheusSpec, text: str) -> str:
