@@ -3,8 +3,9 @@
 :func:`add_parser` adds the command to the top-level parser; each source's
 subparser sets ``func=run``.  Errors are not caught here: the top-level CLI
 turns :class:`~modelfactory.exceptions.IngestError` into one ``error: ...`` line.
-Secrets are read from files or environment variables, never from flags, so
-they do not show up in ``ps`` or shell history.
+Secrets have their own files and environment variables, which do not show up in
+``ps`` or shell history; ``--url`` with ``user:password@`` (basic auth, as the library
+takes it) and ``--header`` do show there, and the docs say so.
 """
 from __future__ import annotations
 
