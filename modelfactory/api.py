@@ -462,12 +462,20 @@ def _release_unused_claim(sink: Location | None, run_id: str) -> None:
         log.debug("claim of %s on %s left: %s", run_id, sink.url, err)
 
 
-def _units_stopped(sink: Location | None, run_id: str, err: BaseException, passthrough: tuple = ()) -> None:
+def _units_stopped(sink: Location | None, run_id: str, err: BaseException, passthrough: tuple = (),
+                   cli: bool = False) -> None:
     """Raise for the units of an apply, map_keys or score job stopped by ``err``: its claim on
     its ``out=`` folder removed when nothing was written (:func:`_release_unused_claim`); ``err``
-    itself for a Ctrl-C and for the ``passthrough`` errors, :func:`_raise_unit_failure`'s for the
-    others."""
+    itself for the ``passthrough`` errors and other exceptions that are not Exceptions, a Ctrl-C
+    saying what the ``out=`` folder holds now, :func:`_raise_unit_failure`'s for the others."""
     _release_unused_claim(sink, run_id)  # nothing written: the folder as it was, for a rerun
+    if isinstance(err, KeyboardInterrupt) and sink is not None and _holds_files(sink):
+        # "nothing was committed" alone: the folder held the earlier output (gone, when overwrite
+        # emptied it) and now part of this run's, which plain Parquet readers take for all of it,
+        # and the rerun was refused for "unfinished output" without a word of overwrite
+        raise KeyboardInterrupt(f"nothing was committed: {sink.url} holds the unfinished output of run {run_id} "
+                                f"(and no _manifest.json, which marks a finished one; an earlier output there, if any, "
+                                f"was removed when the job began). Run the job again with {_overwrite(cli)}") from None
     if isinstance(err, passthrough) or not isinstance(err, Exception):
         raise err
     _raise_unit_failure(run_id, err)
@@ -1257,7 +1265,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
             else:
                 results = run_shuffled(client, spec, info, plan_, bar, runner=score_table)
         except BaseException as err:  # noqa: BLE001 - _units_stopped raises it, or the unit failure
-            _units_stopped(sink, run_id, err, passthrough=(ModelFactoryError,))
+            _units_stopped(sink, run_id, err, passthrough=(ModelFactoryError,), cli=True)
         finally:
             bar.close()
     summary = _summarise("score", results, plan_, _time.perf_counter() - t0)

@@ -67,7 +67,8 @@ def _common_run(p: argparse.ArgumentParser) -> None:
                    help="'local' (default), 'inline', 'kube' or a Dask scheduler address (tcp://host:8786)")
     g.add_argument("--config", metavar="FILE", help="TOML settings file (default: $MODELFACTORY_CONFIG); "
                                                     "see docs/kubernetes.md")
-    g.add_argument("--workers", type=_at_least_one, help="workers of the local cluster (default: one per CPU this process may use)")
+    g.add_argument("--workers", type=_at_least_one, help="workers of the cluster the job makes: local worker processes (default: one per CPU this "
+                        "process may use), or Kubernetes worker pods with --scheduler kube (docs/kubernetes.md)")
     g.add_argument("--unit-rows", type=_at_least_one, help="rows per work unit (default: automatic)")
     o = p.add_argument_group("output")
     o.add_argument("--quiet", "-q", action="store_true",
@@ -104,6 +105,8 @@ class _Parser(argparse.ArgumentParser):
                 hints.append(f"{name} goes before the command: {root.prog} {name} {command} ...")
             elif self is not root and name in elsewhere:
                 hints.append(f"{name} is not an option of `{command}`")
+            elif name in _CLUSTER_SIZES:  # ("did you mean --where?" for --threads)
+                hints.append(_CLUSTER_SIZES[name])
             elif close := difflib.get_close_matches(name, own, n=1):
                 hints.append(f"did you mean {close[0]}?")
         hint = "".join(f" ({h})" for h in hints)
@@ -122,6 +125,15 @@ class _Parser(argparse.ArgumentParser):
     def _fail(self, message: str):
         sys.stderr.write(f"error: {message}; see {self.prog} --help\n")
         raise SystemExit(2)
+
+
+_SIZES_HINT = ("the workers of the local cluster a job makes have one thread each and Dask's memory limit (the "
+               "machine's memory shared out): for others, start one with `dask scheduler` and `dask worker ADDRESS "
+               "--nthreads N --memory-limit 8GiB` and pass --scheduler ADDRESS; on Kubernetes, kube.threads and "
+               "kube.resources (docs/kubernetes.md)")
+#: Options a user reaches for to size the workers, which the job's own local cluster does not take.
+_CLUSTER_SIZES = dict.fromkeys(("--threads", "--nthreads", "--threads-per-worker", "--memory", "--memory-limit",
+                                "--mem"), _SIZES_HINT)
 
 
 def _chosen(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
@@ -730,11 +742,20 @@ def _cmd_demo(args) -> int:
     with _store_errors(data, "the demo dataset folder"):
         write_dataset(data, args.series, days=args.days + extra, storage_options=_storage_options(args))
     end = (DEMO_START + np.timedelta64(args.days, "D")).astype(str) + "Z"
-    with _api_warning_dropped("no_model"):  # told once, by _fitted_some's error: line
-        run = train(data, by=["app", "site"], time="ts", target="value", model=args.model,
-                    params=demo_params(args.model, args.days), store=store, filter=f"ts < '{end}'" if extra else None,
-                    cluster=args.cluster, workers=args.workers, unit_rows=args.unit_rows, config=args.config,
-                    progress=_progress(args))
+    try:
+        with _api_warning_dropped("no_model"):  # told once, by _fitted_some's error: line
+            run = train(data, by=["app", "site"], time="ts", target="value", model=args.model,
+                        params=demo_params(args.model, args.days), store=store,
+                        filter=f"ts < '{end}'" if extra else None, cluster=args.cluster, workers=args.workers,
+                        unit_rows=args.unit_rows, config=args.config, progress=_progress(args))
+    except KeyboardInterrupt as err:
+        # train's own words name `train --resume RUN`, which demo has not (and a train of its own
+        # would not match the demo's hidden filter and parameters): demo again starts over
+        said = str(err)
+        rid = said.split()[1] if said.startswith("run ") else None
+        raise KeyboardInterrupt(f"the demo's run {rid} was not committed; run the demo again to start over "
+                                f"(`models gc --store {store} --pending` removes the unfinished run)" if rid
+                                else said) from None
     _print_summary(run, args, store)
     return _fitted_some(run, store)
 
@@ -784,6 +805,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # a warning reads as the CLI's own "warning:" lines do; -v names the logger
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_WarningFormatter("%(levelname)s %(name)s: %(message)s"))
     with _dask_logs(args.verbose), _sigterm_as_interrupt() as terminated:
         return _run(args, terminated)
 
@@ -810,6 +834,16 @@ def _sigterm_as_interrupt() -> Iterator[list]:
         yield terminated
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+class _WarningFormatter(logging.Formatter):
+    """``warning: …`` for a WARNING record (as the CLI's own warning lines), the given format for
+    the others (an ERROR one is not the CLI's one ``error:`` line, and reads otherwise)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.WARNING:
+            return f"warning: {record.getMessage()}"
+        return super().format(record)
 
 
 def _stdout_to_devnull() -> None:

@@ -96,9 +96,10 @@ class Run:
     def _no_rows(self) -> str:
         """Why this run has no rows to return, and where what it made is."""
         if self.kind == "train":
+            # (run= named: the store's load() reads its LATEST, another run's once the store has a newer one)
             return (f"A train run has no rows to return: it made models, committed to its store. The group "
-                    f"table is run.groups; one model is run.store.load(key) (ModelStore(store).load(key, "
-                    f"run={self.id!r})); all of them, run.store.table({self.id!r}).")
+                    f"table is run.groups; one model is run.store.load(key, run={self.id!r}); all of them, "
+                    f"run.store.table({self.id!r}).")
         if isinstance(self._result, dict):
             return (f"This {self.kind} run has no rows (no schema was given): run.results maps each ok key "
                     "to what the function returned; pass schema= for rows.")

@@ -115,11 +115,16 @@ def test_a_job_stopped_before_its_commit_is_named_when_its_folder_is_used_again(
         return {"app": g["app"][:1], "mean": np.array([g["value"].mean()])}
 
     kw = dict(by=["app"], schema="app string, mean double", input="numpy", cluster="inline", unit_rows=24)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         modelfactory.apply(data, func=stop_at_app5, out=str(out), **kw)
     parts = sorted(out.glob("*.parquet"))
     assert 0 < len(parts) < 12 and not (out / "_manifest.json").exists()
     run_id = (out / "_run_id").read_text()
+    # the Ctrl-C itself says so (the CLI prints it after "interrupted; "): "nothing was committed"
+    # alone left a folder that plain Parquet readers take for the whole output
+    assert str(stopped.value) == (f"nothing was committed: {out} holds the unfinished output of run {run_id} (and no "
+                                  "_manifest.json, which marks a finished one; an earlier output there, if any, was "
+                                  "removed when the job began). Run the job again with overwrite=True")
     with pytest.raises(StoreError) as err:
         modelfactory.apply(data, func=stop_at_app5, out=str(out), **kw)
     assert f"holds the unfinished output of run {run_id} (it has no _manifest.json" in str(err.value)

@@ -409,7 +409,7 @@ def test_an_address_that_is_not_a_dask_schedulers_is_one_error_line(by_app, tmp_
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     if kind == "silent":  # a second without an answer is said while it waits (not an error line)
-        assert lines[0].startswith(f"WARNING modelfactory.run: no answer yet from {address}: waiting up to 3 s"), lines
+        assert lines[0].startswith(f"warning: no answer yet from {address}: waiting up to 3 s"), lines
         lines = lines[1:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert repr(address) in lines[0] and "tcp://host:8786" in lines[0]
@@ -473,6 +473,12 @@ def test_a_usage_mistake_is_one_error_line_with_the_closest_name(capsys):
       "see python -m modelfactory models show --help")),
     (["models", "list", "--store", "s", "--quite"],
      "error: unrecognized arguments: --quite; see python -m modelfactory models list --help"),
+    # sizing the workers: not "did you mean --where?", but how it is done
+    (["train", "d", "--by", "a", "--target", "v", "--store", "s", "--threads", "4"],
+     ("error: unrecognized arguments: --threads 4 (the workers of the local cluster a job makes have one thread "
+      "each and Dask's memory limit (the machine's memory shared out): for others, start one with `dask scheduler` "
+      "and `dask worker ADDRESS --nthreads N --memory-limit 8GiB` and pass --scheduler ADDRESS; on Kubernetes, "
+      "kube.threads and kube.resources (docs/kubernetes.md)); see python -m modelfactory train --help")),
 ])
 def test_a_usage_hint_names_only_the_failing_commands_own_options(capsys, argv, want):
     with pytest.raises(SystemExit) as exit_:

@@ -85,3 +85,18 @@ def test_a_demo_into_an_earlier_demo_replaces_its_data_and_refuses_other_files(t
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "holds files that are not a demo dataset (metrics.csv)" in err
     assert [p.name for p in other.iterdir()] == ["metrics.csv"]
+
+
+def test_a_demo_stopped_by_ctrl_c_says_to_run_the_demo_again(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C during the demo's training said "train --resume RUN": a command the user never ran,
+    which demo has no flag for and which a train of one's own refuses (the demo's hidden filter)."""
+    out = tmp_path / "d"
+    monkeypatch.setattr(modelfactory.api, "run_units", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["demo", "--out", str(out), "--series", "4", "--days", "2", "--scheduler", "inline", "--quiet"]) == 130
+    [line] = capsys.readouterr().err.splitlines()
+    pending = modelfactory.ModelStore(str(out / "store")).pending()[0]["run_id"]
+    assert line == (f"error: interrupted; the demo's run {pending} was not committed; run the demo again to start "
+                    f"over (`models gc --store {out / 'store'} --pending` removes the unfinished run)")
+    monkeypatch.undo()
+    assert main(["models", "gc", "--store", str(out / "store"), "--pending"]) == 0
+    assert modelfactory.ModelStore(str(out / "store")).pending() == []

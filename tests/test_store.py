@@ -787,3 +787,18 @@ def test_two_identical_jobs_started_in_the_same_millisecond_get_runs_of_their_ow
 
     assert _pattern(f"no model for this group in run {trained[0].id} (12 rows)") == \
         f"no model for this group in run {trained[0].id} (N rows)"
+
+
+def test_a_train_runs_way_to_its_own_models_names_the_run(by_app, tmp_path):
+    """A train run's to_pandas() error said "one model is run.store.load(key)": the store's load
+    reads LATEST, so after another train the first run's advice loaded the second run's model."""
+    store = str(tmp_path / "store")
+    kw = {"by": ["app", "site"], "time": "ts", "target": "value", "store": store, "cluster": "inline"}
+    first = modelfactory.train(by_app, params={"season_length": 24}, **kw)
+    modelfactory.train(by_app, params={"season_length": 12}, **kw)
+    with pytest.raises(modelfactory.exceptions.ModelFactoryError) as err:
+        first.to_pandas()
+    assert f"one model is run.store.load(key, run={first.id!r})" in str(err.value)
+    key = first.groups.iloc[0][["app", "site"]].to_dict()
+    assert first.store.load(key, run=first.id).season_length == 24
+    assert first.store.load(key).season_length == 12  # what the old advice gave
