@@ -37,6 +37,12 @@ class Run:
     _empty: pa.Schema | None = None
 
     @property
+    def out(self) -> str | None:
+        """The folder (or URL) a score, apply or map_keys job wrote its rows to (``out=``); None for a
+        train run (its models are in :attr:`store`) and for a job that returned its rows."""
+        return self._out.url if self._out is not None else None
+
+    @property
     def groups(self) -> pd.DataFrame:
         """One row per group: keys, status, error, rows, seconds."""
         if self._groups is not None:

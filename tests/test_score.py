@@ -43,6 +43,7 @@ def test_train_then_score_finds_the_spikes(history_and_new, tmp_path, client):
                        params={"season_length": 24})
     run = modelfactory.score(new, store=store, out=str(out), cluster=client)
     assert run.summary["counts"] == {"ok": 60, "failed": 0, "skipped": 1}
+    assert run.out == str(out) and run.store is None  # where its rows are, by name
     g = run.groups.set_index("site")
     assert g.loc["site-99999", "status"] == "skipped"
     assert g.loc["site-99999", "error"].startswith("no model for this group in run ")
