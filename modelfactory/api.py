@@ -25,7 +25,8 @@ from ._io import Location
 from ._schema import parse_schema, plain_type
 from .config import job_settings
 from .dataset import DatasetInfo, check_columns, check_time_zone, check_value_types, discover, value_types
-from .exceptions import DatasetError, ModelError, ModelFactoryError, PlanError, SchemaError, StoreError
+from .exceptions import (ClusterError, DatasetError, ModelError, ModelFactoryError, PlanError, SchemaError,
+                         StoreError)
 from .kernel import JobSpec, ModelSpec, UnitResult
 from .models import get as get_model
 from .models import registry, unknown_model
@@ -961,6 +962,15 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     """
     conf = job_settings(cluster, workers=workers, storage_options=storage_options, config=config)
     storage_options = conf.storage_options or None
+    # Checked as unit_rows is (config's "an integer >= 1", the same error class): a negative
+    # count made `rows[i:i + per]` empty, so -1 ran no key at all and said "0 groups", 0 fell
+    # back to the default unseen, and 1.5 or "2" reached range() as a bare TypeError.  A bool is
+    # an int to Python but no count; numpy integers are refused as unit_rows refuses them.
+    if keys_per_unit is not None and (isinstance(keys_per_unit, bool) or not isinstance(keys_per_unit, int)
+                                      or keys_per_unit < 1):
+        raise ClusterError(f"keys_per_unit must be an integer >= 1 (keys per work unit; leave it None to choose "
+                           f"it from the number of keys and workers); got {keys_per_unit!r} "
+                           f"({type(keys_per_unit).__name__}).")
     if not callable(func):
         raise ModelFactoryError(f"func must be callable; got {type(func).__name__}.")
     keys = list(keys)

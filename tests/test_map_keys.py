@@ -238,3 +238,21 @@ def test_a_frame_or_buffer_filled_again_for_every_key_gives_each_key_its_own_row
         run = modelfactory.map_keys(["a", "bb", "ccc"], func=func, by="key", schema="k string, m double",
                                     cluster="inline")
         assert sorted(run.to_pandas().values.tolist()) == [["a", 1.0], ["bb", 2.0], ["ccc", 3.0]], func.__name__
+
+
+# --- keys_per_unit ------------------------------------------------------------------------------
+@pytest.mark.parametrize("per", [-1, -2, 0, 1.5, "2", True])
+def test_keys_per_unit_must_be_a_whole_number_of_at_least_one(per):
+    # -1 and -2 ran no key at all (an empty slice of the keys: "0 groups", results {}), 0 fell back to
+    # the default unseen, 1.5 and "2" were a bare TypeError from range()
+    from modelfactory.exceptions import ClusterError
+
+    called = []
+    with pytest.raises(ClusterError, match=rf"keys_per_unit must be an integer >= 1 .*; got {per!r} "):
+        modelfactory.map_keys(["a", "b", "c"], func=called.append, cluster="inline", keys_per_unit=per)
+    assert called == []
+
+
+def test_keys_per_unit_sets_the_keys_of_each_unit():
+    run = modelfactory.map_keys(["a", "b", "c"], func=str.upper, cluster="inline", keys_per_unit=2)
+    assert run.results == {"a": "A", "b": "B", "c": "C"} and run.summary["units"] == 2
