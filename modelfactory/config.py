@@ -42,7 +42,7 @@ from typing import Any
 from .exceptions import ClusterError
 
 __all__ = ["Settings", "KubeSettings", "load_settings", "job_settings", "env_var", "setting_names",
-           "OTHER_ENV_VARS", "CONFIG_ENV"]
+           "parse_int", "OTHER_ENV_VARS", "CONFIG_ENV"]
 
 #: The variable that names a config file when ``config_file`` is not given.
 CONFIG_ENV = "MODELFACTORY_CONFIG"
@@ -242,7 +242,7 @@ def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) 
         low = int(kind[5:])
         if from_env and isinstance(value, str):
             try:
-                value = int(value.strip())
+                value = parse_int(value)
             except ValueError:
                 raise _type_error(name, where, f"an integer >= {low}", value) from None
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -265,6 +265,30 @@ def _coerce(name: str, kind: str, value: Any, where: str, base_dir: str | None) 
     if kind == "resources":
         return _resources(name, value, where)
     return dict(value)
+
+
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")  # ASCII digits: re's \d would take any script's
+
+
+def parse_int(text: str) -> int:
+    """An integer written in ASCII digits, with an optional sign and spaces around it.
+
+    Python's ``int()`` also takes ``"2_0"`` (20: an underscore is a digit separator in code) and
+    the digits of every script (``"٣"``, Arabic-Indic three, is 3): one typo in
+    ``MODELFACTORY_WORKERS=2_0`` started 20 workers on a 2-core machine.  Text from the
+    environment (or a command line) is read strictly; anything else is a ValueError.
+
+    >>> parse_int(" 20 "), parse_int("+3")
+    (20, 3)
+    >>> parse_int("2_0")
+    Traceback (most recent call last):
+    ...
+    ValueError: '2_0' is not a whole number written in the digits 0-9
+    """
+    stripped = text.strip()
+    if not _INT_TEXT.fullmatch(stripped):
+        raise ValueError(f"{text!r} is not a whole number written in the digits 0-9")
+    return int(stripped)
 
 
 def _check_cluster(value: str, name: str, where: str) -> None:
@@ -327,6 +351,10 @@ def _duration(name: str, value: Any, where: str, low: int = 0) -> int:
     if isinstance(value, str):
         from dask.utils import parse_timedelta
 
+        # parse_timedelta reads its number with float(), which takes "2_0" as 20 and any script's
+        # digits ("٣" is 3), as int() does (see parse_int)
+        if not value.isascii() or "_" in value:
+            raise _type_error(name, where, expected, value)
         try:
             value = parse_timedelta(value.strip(), default="seconds")
         except (ValueError, KeyError, TypeError):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -413,3 +414,22 @@ def test_a_trailing_newline_is_not_a_valid_kubernetes_name_or_quantity():
 def test_attach_ignores_maximum_for_the_minimum_check_too():
     s = load_settings({"cluster": "kube", "kube.attach": "dc", "kube.maximum": 2, "kube.minimum": 3}, env={})
     assert s.kube.attach == "dc"
+
+
+@pytest.mark.parametrize("text", ["2_0", "1_0", "٣", "２", "3.0", "0x10", "1e3", "+", "2 0"])
+@pytest.mark.parametrize("var", ["MODELFACTORY_WORKERS", "MODELFACTORY_UNIT_ROWS", "MODELFACTORY_KUBE_MAXIMUM"])
+def test_integers_from_the_environment_are_ascii_digits_only(var, text):
+    # int() takes "2_0" as 20 and any script's digits ("٣" is 3): one typo started 20 workers on a 2-core box
+    with pytest.raises(ClusterError, match=rf"from {var} must be an integer >= 1; got {re.escape(repr(text))} \(str\)"):
+        load_settings(env={var: text})
+
+
+@pytest.mark.parametrize("text, n", [("20", 20), (" 7 ", 7), ("+3", 3), ("007", 7)])
+def test_integers_from_the_environment_may_have_a_sign_and_spaces(text, n):
+    assert load_settings(env={"MODELFACTORY_WORKERS": text}).workers == n
+
+
+@pytest.mark.parametrize("text", ["2_0", "٣", "1_0m"])
+def test_durations_from_the_environment_are_ascii_without_separators(text):
+    with pytest.raises(ClusterError, match=r"from MODELFACTORY_CONNECT_TIMEOUT must be a duration"):
+        load_settings(env={"MODELFACTORY_CONNECT_TIMEOUT": text})
