@@ -15,8 +15,14 @@ A setting is replaced whole by the layer that sets it: a ``[kube.env]`` table
 in the file replaces the default (empty) table, and ``MODELFACTORY_KUBE_ENV``
 replaces the file's.  An unknown key, an unknown ``MODELFACTORY_KUBE_*``
 variable or a ``MODELFACTORY_*`` variable that looks like a misspelt setting
-is an error naming where it was found, with a "did you mean" hint; so is a
-value of the wrong type.
+or a misspelt variable of another part (``OTHER_ENV_VARS``: the config file,
+the signing key, the ingest credentials) is an error naming where it was found,
+with a "did you mean" hint; so is a value of the wrong type.  Any other
+``MODELFACTORY_*`` variable is ignored with a warning naming it (it may be a
+newer version's).  ``MODELFACTORY_SCHEDULER`` is another name of
+``MODELFACTORY_CLUSTER``, as the CLI's ``--scheduler`` is ``--cluster``.
+There is no setting for a local cluster's threads or memory: pass your own
+``modelfactory.run.local_cluster(threads_per_worker=..., memory_limit=...)``.
 
 >>> s = load_settings({"workers": 4}, env={"MODELFACTORY_CLUSTER": "kube",
 ...                                        "MODELFACTORY_KUBE_IMAGE": "example/mf:1"})
@@ -32,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import os
 import re
@@ -41,15 +48,39 @@ from typing import Any
 
 from .exceptions import ClusterError
 
+log = logging.getLogger(__name__)
+
 __all__ = ["Settings", "KubeSettings", "load_settings", "job_settings", "env_var", "setting_names",
            "parse_int", "OTHER_ENV_VARS", "CONFIG_ENV"]
 
 #: The variable that names a config file when ``config_file`` is not given.
 CONFIG_ENV = "MODELFACTORY_CONFIG"
-#: ``MODELFACTORY_*`` variables read by other parts of modelfactory, not settings.
+#: ``MODELFACTORY_*`` variables read by other parts of modelfactory, not settings: the config
+#: file (here), the ingest module's Prometheus credentials (``ingest.prometheus``) and the key
+#: that signs manifests (``store.signing_key``).
 OTHER_ENV_VARS = frozenset({CONFIG_ENV, "MODELFACTORY_PROM_TOKEN", "MODELFACTORY_PROM_PASSWORD",
                             "MODELFACTORY_SIGNING_KEY"})
 _PREFIX = "MODELFACTORY_"
+#: Other names of a setting's variable.  The CLI's ``--scheduler`` is ``--cluster`` (one option,
+#: two spellings, both the ``cluster`` setting), so ``MODELFACTORY_SCHEDULER=tcp://...`` is what
+#: the flag makes one write; it was ignored, and the job ran on a LocalCluster instead.
+ENV_ALIASES = {"MODELFACTORY_SCHEDULER": "cluster"}
+
+# What a local cluster's threads and memory are set with: no setting does it (kube.threads and
+# kube.resources are the Kubernetes pods'), and the hints for `threads = 2` or
+# MODELFACTORY_THREADS pointed at kube.threads, which changes nothing on a local cluster.
+LOCAL_CLUSTER_HINT = (
+    "kube.threads and kube.resources (MODELFACTORY_KUBE_THREADS, MODELFACTORY_KUBE_RESOURCES) are for "
+    "Kubernetes worker pods only (cluster = \"kube\"); no setting sets the threads or memory of a local "
+    "cluster's workers (one thread each). From Python, make the local cluster yourself and pass it: "
+    "`with modelfactory.run.local_cluster(workers=2, threads_per_worker=4, memory_limit=\"4GiB\") as c: "
+    "modelfactory.train(..., cluster=c)`; from the command line, start `dask scheduler` and "
+    "`dask worker ADDRESS --nthreads 4 --memory-limit 4GiB` and pass --scheduler ADDRESS")
+# Names (of a setting or a variable, without MODELFACTORY_) that people reach for and that no
+# setting is, with what to do instead.
+_NOT_SETTINGS = {**dict.fromkeys(("threads", "threads_per_worker", "nthreads", "memory", "memory_limit"),
+                                 LOCAL_CLUSTER_HINT),
+                 "store": "the model store is an argument (store=, --store), not a setting"}
 
 CLUSTER_WORDS = ("local", "inline", "kube")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
@@ -387,6 +418,8 @@ def _flatten(data: Mapping, where: str) -> dict[str, Any]:
         if key not in known:
             # "kube" is a section, not a setting, but [kueb] or [Kube] should point to it.
             hint = _hint(str(key), [*known, "kube"]) or f". Known settings: {', '.join(known)}."
+            if str(key).lower() in _NOT_SETTINGS:  # `threads = 2` was "did you mean 'kube.threads'?"
+                hint = f": {_NOT_SETTINGS[str(key).lower()]}."
             raise ClusterError(f"Unknown setting {key!r} {where}{hint}")
         if value is not None:
             out[key] = value
@@ -401,36 +434,79 @@ def _where(origin: str) -> str:
     return f"in {origin}"
 
 
-def _env_guess(var: str) -> str | None:
-    """The setting variable ``var`` is probably a misspelling of, if any."""
+def _env_guess(var: str, cutoff: float = 0.75) -> str | None:
+    """The known variable (a setting's, an alias or one of ``OTHER_ENV_VARS``) that ``var`` is
+    probably a misspelling of, if any."""
     suffix = var[len(_PREFIX):]
     # Compare without the common prefix (it would make every name look close), and let
     # MODELFACTORY_IMAGE find MODELFACTORY_KUBE_IMAGE.
-    candidates = {v[len(_PREFIX):]: v for v in _ENV_TO_NAME}
+    known = [*_ENV_TO_NAME, *ENV_ALIASES, *sorted(OTHER_ENV_VARS)]
+    candidates = {v[len(_PREFIX):]: v for v in known}
     candidates.update({v[len(_PREFIX) + 5:]: v for v in _ENV_TO_NAME if v.startswith(_PREFIX + "KUBE_")})
-    close = difflib.get_close_matches(suffix, list(candidates), n=1, cutoff=0.75)
-    return candidates[close[0]] if close else None
+    close = difflib.get_close_matches(suffix, list(candidates), n=1, cutoff=cutoff)
+    if close:
+        return candidates[close[0]]
+    # MODELFACTORY_CONFIG_FILE, MODELFACTORY_SIGNING_KEY_FILE: a known name and more
+    longer = [v for k, v in candidates.items() if cutoff < 0.75 and suffix.startswith(k + "_")]
+    return max(longer, key=len) if longer else None
+
+
+#: The unknown variables warned about already: once a process, not once a job (a notebook runs
+#: many, and the CLI reads the settings more than once).
+_WARNED: set[str] = set()
+
+
+def _unknown_env(var: str) -> None:
+    """Refuse or warn about a ``MODELFACTORY_*`` variable that nothing reads.
+
+    Refused: a near-miss of a variable modelfactory reads (``MODELFACTORY_WROKERS``, and as much
+    ``MODELFACTORY_SIGNING_KY``: the key it was meant to be is then unused, and a run committed
+    unsigned says nothing of it), an unknown ``MODELFACTORY_KUBE_*``, and a name for a local
+    cluster's threads or memory (it would run with other ones than asked).  Those are typos, or
+    settings that do not exist; either way the job would not run as asked.  Any other name is a
+    warning, not an error: it may be a variable of a newer modelfactory (one environment serving
+    two versions: a pod spec, a CI image) or of a script of the user's, which an error would
+    break for nothing.  The warning names it, and the closest known name if any.
+    """
+    suffix = var[len(_PREFIX):]
+    advice = _NOT_SETTINGS.get(suffix.lower())
+    guess = _env_guess(var)
+    if advice == LOCAL_CLUSTER_HINT:
+        raise ClusterError(f"Unknown environment variable {var}: {advice}. Unset it.")
+    if guess is not None or suffix.startswith("KUBE_"):
+        hint = f"; did you mean {guess}?" if guess else ""
+        raise ClusterError(f"Unknown environment variable {var}{hint} (setting variables are "
+                           f"{_PREFIX}<NAME> and {_PREFIX}KUBE_<NAME>, see docs/kubernetes.md; "
+                           "unset it or fix the name).")
+    if var in _WARNED:
+        return
+    _WARNED.add(var)
+    near = _env_guess(var, cutoff=0.6)
+    hint = f"; {advice}" if advice else f"; did you mean {near}?" if near else ""
+    log.warning("%s is ignored: no part of modelfactory reads it%s (setting variables are %s<NAME> and "
+                "%sKUBE_<NAME>, see docs/kubernetes.md; the others are %s)", var, hint, _PREFIX, _PREFIX,
+                ", ".join(sorted(OTHER_ENV_VARS)))
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
-    """Settings from ``MODELFACTORY_*`` variables.  Unknown ``MODELFACTORY_KUBE_*`` variables and
-    near-misses of a setting's variable raise; other ``MODELFACTORY_*`` variables belong to other
-    parts of modelfactory (``OTHER_ENV_VARS``, store signing, ...) and are left alone."""
+    """Settings from ``MODELFACTORY_*`` variables.  ``OTHER_ENV_VARS`` belong to other parts of
+    modelfactory and are left alone; any other variable that is no setting's is refused or
+    warned about (:func:`_unknown_env`)."""
     out: dict[str, tuple[Any, str]] = {}
     for var, value in env.items():
         if not var.startswith(_PREFIX) or var in OTHER_ENV_VARS:
             continue
-        if var not in _ENV_TO_NAME:
-            guess = _env_guess(var)
-            if guess is None and not var.startswith(_PREFIX + "KUBE_"):
-                continue
-            hint = f"; did you mean {guess}?" if guess else ""
-            raise ClusterError(f"Unknown environment variable {var}{hint} (setting variables are "
-                               f"{_PREFIX}<NAME> and {_PREFIX}KUBE_<NAME>, see docs/kubernetes.md; "
-                               "unset it or fix the name).")
+        name = _ENV_TO_NAME.get(var) or ENV_ALIASES.get(var)
+        if name is None:
+            _unknown_env(var)
+            continue
         if value.strip() == "":
             continue  # an empty variable counts as unset
-        out[_ENV_TO_NAME[var]] = (value, var)
+        if name in out and out[name][0].strip() != value.strip():  # MODELFACTORY_CLUSTER and _SCHEDULER
+            raise ClusterError(f"{out[name][1]}={out[name][0]!r} and {var}={value!r} both set {name!r}, "
+                               f"to different values: unset one (they are the same setting).")
+        if name not in out or var == env_var(name):  # the setting's own name, in sources and errors
+            out[name] = (value, var)
     return out
 
 

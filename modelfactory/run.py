@@ -165,7 +165,18 @@ def local_cluster(workers: int | None = None, **kwargs):
     """The LocalCluster a job makes when it is given none: ``workers`` single-threaded
     worker processes (default: :func:`default_workers`), one BLAS/OpenMP thread each, Dask's worker
     profiler off and its event loop quieter (:data:`WORKER_DASK_CONFIG`), dashboard on a
-    free port, quiet logs (ERROR and up: :func:`dask_log_level`)."""
+    free port, quiet logs (ERROR and up: :func:`dask_log_level`).
+
+    Other keyword arguments go to :class:`distributed.LocalCluster`, over those defaults
+    (``n_workers=workers``, ``threads_per_worker=1``, ``processes=True``): this is how a local
+    cluster gets more threads or a memory limit per worker, which no setting gives (the
+    ``kube.threads`` and ``kube.resources`` settings are for Kubernetes pods only).  ``config=``
+    is a dict of Dask config set while the cluster starts, for its workers.  Pass the cluster as
+    ``cluster=``; a job does not close a cluster it did not make:
+
+    >>> with local_cluster(2, threads_per_worker=4, memory_limit="4GiB") as c:  # doctest: +SKIP
+    ...     modelfactory.train(..., cluster=c)
+    """
     import copy
 
     import dask

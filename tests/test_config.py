@@ -433,3 +433,77 @@ def test_integers_from_the_environment_may_have_a_sign_and_spaces(text, n):
 def test_durations_from_the_environment_are_ascii_without_separators(text):
     with pytest.raises(ClusterError, match=r"from MODELFACTORY_CONNECT_TIMEOUT must be a duration"):
         load_settings(env={"MODELFACTORY_CONNECT_TIMEOUT": text})
+
+
+# --- MODELFACTORY_* variables that no part of modelfactory reads ---------------------------------------
+@pytest.mark.parametrize("var, meant", [("MODELFACTORY_SIGNING_KY", "MODELFACTORY_SIGNING_KEY"),
+                                        ("MODELFACTORY_SIGNINGKEY", "MODELFACTORY_SIGNING_KEY"),
+                                        ("MODELFACTORY_PROM_TOKN", "MODELFACTORY_PROM_TOKEN"),
+                                        ("MODELFACTORY_CONFG", "MODELFACTORY_CONFIG")])
+def test_a_misspelt_variable_of_another_part_is_an_error_with_a_hint(var, meant):
+    # MODELFACTORY_SIGNING_KY=secret committed an unsigned run without a word
+    with pytest.raises(ClusterError, match=rf"Unknown environment variable {var}; did you mean {meant}\?"):
+        load_settings(env={var: "secret"})
+
+
+@pytest.fixture
+def warned(monkeypatch, caplog):
+    from modelfactory import config
+
+    monkeypatch.setattr(config, "_WARNED", set(), raising=False)  # each variable is warned about once a process
+    caplog.set_level("WARNING", logger="modelfactory.config")
+    return caplog
+
+
+@pytest.mark.parametrize("var, hint", [
+    ("MODELFACTORY_SOMETHING_NEW", r" \(setting variables are"),
+    ("MODELFACTORY_CONFIG_FILE", r"; did you mean MODELFACTORY_CONFIG\? \("),
+    ("MODELFACTORY_STORE", r"; the model store is an argument \(store=, --store\), not a setting \("),
+])
+def test_other_unknown_variables_are_a_warning_naming_them(warned, var, hint):
+    # not an error: it may be a newer modelfactory's variable, or a script's of the user's
+    assert load_settings(env={var: "x"}) == Settings()
+    assert load_settings(env={var: "x"}) == Settings()
+    messages = [r.getMessage() for r in warned.records]
+    assert len(messages) == 1, messages  # once, not once a job
+    assert re.match(rf"{var} is ignored: no part of modelfactory reads it{hint}", messages[0]), messages[0]
+    assert "MODELFACTORY_SIGNING_KEY" in messages[0]  # the variables there are
+
+
+def test_known_variables_are_not_warned_about(warned):
+    load_settings(env={"MODELFACTORY_SIGNING_KEY": "k", "MODELFACTORY_PROM_TOKEN": "t", "MODELFACTORY_WORKERS": "2",
+                       "MODELFACTORY_PROM_PASSWORD": "p", "MODELFACTORY_KUBE_IMAGE": "i", "OTHER_THING": "x"})
+    assert warned.records == []
+
+
+def test_the_scheduler_variable_is_the_cluster_setting_as_the_flag_is():
+    # --scheduler and --cluster are one option (the cluster setting); MODELFACTORY_SCHEDULER=tcp://...
+    # was ignored, and the job ran on a LocalCluster
+    s = load_settings(env={"MODELFACTORY_SCHEDULER": "tcp://10.0.0.5:8786"})
+    assert s.cluster == "tcp://10.0.0.5:8786" and s.sources["cluster"] == "MODELFACTORY_SCHEDULER"
+    assert load_settings({"cluster": "inline"}, env={"MODELFACTORY_SCHEDULER": "tcp://h:1"}).cluster == "inline"
+    s = load_settings(env={"MODELFACTORY_SCHEDULER": "kube ", "MODELFACTORY_CLUSTER": "kube"})
+    assert s.cluster == "kube" and s.sources["cluster"] == "MODELFACTORY_CLUSTER"
+    with pytest.raises(ClusterError, match=r"MODELFACTORY_\w+='tcp://h:1' and MODELFACTORY_\w+='local' both set "
+                                           r"'cluster', to different values"):
+        load_settings(env={"MODELFACTORY_SCHEDULER": "tcp://h:1", "MODELFACTORY_CLUSTER": "local"})
+    with pytest.raises(ClusterError, match=r"Setting 'cluster' from MODELFACTORY_SCHEDULER must be 'local'"):
+        load_settings(env={"MODELFACTORY_SCHEDULER": "bogus"})
+
+
+LOCAL = r"kube.threads and kube.resources .* are for Kubernetes worker pods only .*local_cluster\(workers=2, " \
+        r"threads_per_worker=4, memory_limit=\"4GiB\"\).*--nthreads 4 --memory-limit 4GiB"
+
+
+@pytest.mark.parametrize("var", ["MODELFACTORY_THREADS", "MODELFACTORY_THREADS_PER_WORKER", "MODELFACTORY_MEMORY",
+                                 "MODELFACTORY_MEMORY_LIMIT"])
+def test_threads_or_memory_from_the_environment_say_how_a_local_cluster_gets_them(var):
+    # was "did you mean MODELFACTORY_KUBE_THREADS?" (or nothing), which does nothing on a local cluster
+    with pytest.raises(ClusterError, match=rf"Unknown environment variable {var}: {LOCAL}"):
+        load_settings(env={var: "4"})
+
+
+@pytest.mark.parametrize("text", ["threads = 2", "threads_per_worker = 2", 'memory_limit = "4GiB"'])
+def test_threads_or_memory_in_the_file_say_how_a_local_cluster_gets_them(toml, text):
+    with pytest.raises(ClusterError, match=rf"Unknown setting '\w+' in .*: {LOCAL}"):
+        load_settings(config_file=toml(text + "\n"), env={})
