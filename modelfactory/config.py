@@ -21,6 +21,10 @@ with a "did you mean" hint; so is a value of the wrong type.  Any other
 ``MODELFACTORY_*`` variable is ignored with a warning naming it (it may be a
 newer version's).  ``MODELFACTORY_SCHEDULER`` is another name of
 ``MODELFACTORY_CLUSTER``, as the CLI's ``--scheduler`` is ``--cluster``.
+In the file, a setting written after a ``[table]`` header belongs to that table
+(TOML's rule): under ``[storage_options]``, ``[kube]`` or the resources' tables,
+where nothing could take it, it is an error; under ``[kube.env]`` or
+``[kube.labels]``, where it is a legal if unlikely key, a warning.
 There is no setting for a local cluster's threads or memory: pass your own
 ``modelfactory.run.local_cluster(threads_per_worker=..., memory_limit=...)``.
 
@@ -539,6 +543,58 @@ def _read_toml(path: str) -> dict:
         raise ClusterError(f"Config file {path!r} cannot be read: {err.strerror or err}.") from None
 
 
+_TOML_RULE = ("TOML puts every key written after a [table] header into that table, up to the next header: "
+              "move top-level settings above the first [table] of the file, and kube settings into [kube] "
+              "above its sub-tables")
+
+
+def _swallowed(data: Mapping, path: str) -> None:
+    """Refuse (or warn about) a setting that TOML put into a table of the file that takes keys of
+    its own.
+
+    ``[storage_options]`` then ``workers = 1`` is, by TOML's rule, ``storage_options = {workers =
+    1}``: the worker count was handed to fsspec, and ``workers`` stayed unset, without a word;
+    ``workers = 8`` appended to ``examples/job.toml`` became a Kubernetes label.  A key of such a
+    table that is the name of a setting (top-level, or of ``[kube]`` in its sub-tables) cannot be
+    meant there when nothing could take it: no fsspec file system has a ``workers`` or
+    ``unit_rows`` option (nested tables such as ``config_kwargs`` are not looked at), and no
+    container resource is called ``workers`` or ``threads`` (an API server refuses the cluster):
+    those are errors.  An environment variable or a label called ``workers``, ``name`` or
+    ``image`` is legal and may be meant, if unlikely: those are a warning.  Only the file is
+    checked: the environment's JSON tables have no headers to fall under.
+    """
+    top = [n for n in _TOP if n != "storage_options"]
+    kube = data.get("kube") if isinstance(data.get("kube"), Mapping) else {}
+    settings_of_kube = [*_TOP, *_KUBE]
+    tables: list[tuple[str, Any, list[str], str]] = [
+        ("storage_options", data.get("storage_options"), top, "which no fsspec file system takes"),
+        ("kube", kube, list(_TOP), "a top-level setting, which [kube] does not take")]
+    for res in ("resources", "scheduler_resources"):
+        table = kube.get(res)
+        tables.append((f"kube.{res}", table, settings_of_kube, "which resources do not take (requests, limits)"))
+        for part in ("requests", "limits"):
+            sub = table.get(part) if isinstance(table, Mapping) else None
+            tables.append((f"kube.{res}.{part}", sub, settings_of_kube, "which is no container resource"))
+    for name, value, names, why in tables:
+        for key in value if isinstance(value, Mapping) else ():
+            if key in names:
+                meant = key if key in _TOP else f"kube.{key}"
+                raise ClusterError(f"In {path}, {key!r} is a key of the [{name}] table, but it is the name of the "
+                                   f"setting {meant!r}, {why}. {_TOML_RULE}.")
+    for name in ("env", "labels"):
+        value = kube.get(name)
+        for key in value if isinstance(value, Mapping) else ():
+            mark = f"{path}:kube.{name}.{key}"
+            if key in settings_of_kube and mark not in _WARNED:
+                _WARNED.add(mark)
+                meant = key if key in _TOP else f"kube.{key}"
+                what = "an environment variable" if name == "env" else "a label"
+                log.warning("In %s, %r is a key of the [kube.%s] table, so it is %s of the cluster, but it is also the "
+                            "name of the setting %r: if the setting was meant, it is not set. %s. (If %s called %r is "
+                            "meant, this warning can be ignored.)", path, key, name, what, meant, _TOML_RULE, what,
+                            key)
+
+
 def load_settings(args: Mapping[str, Any] | None = None, *, config_file: str | os.PathLike | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
     """Resolve the settings: ``args`` > environment > config file > defaults.
@@ -565,6 +621,7 @@ def load_settings(args: Mapping[str, Any] | None = None, *, config_file: str | o
     if path:
         path = os.path.expanduser(path)  # "--config=~/mf.toml", or a systemd or Docker ENV: no shell expands it
         data = _read_toml(path)
+        _swallowed(data, path)
         values = _flatten(data, f"in {path}")
         layers.append((values, {k: path for k in values}, os.path.dirname(os.path.abspath(path))))
     from_env = _from_env(env)

@@ -507,3 +507,52 @@ def test_threads_or_memory_from_the_environment_say_how_a_local_cluster_gets_the
 def test_threads_or_memory_in_the_file_say_how_a_local_cluster_gets_them(toml, text):
     with pytest.raises(ClusterError, match=rf"Unknown setting '\w+' in .*: {LOCAL}"):
         load_settings(config_file=toml(text + "\n"), env={})
+
+
+# --- settings TOML puts into the table above them ----------------------------------------------------
+@pytest.mark.parametrize("text, key, table, meant", [
+    ('[storage_options]\n# endpoint_url = "http://minio:9000"\n\nworkers = 1\nunit_rows = 20000\n', "workers",
+     "storage_options", "workers"),
+    ('[storage_options]\nanon = true\ncluster = "inline"\n', "cluster", "storage_options", "cluster"),
+    ('[kube]\nimage = "x"\nworkers = 2\n', "workers", "kube", "workers"),
+    ('[kube.resources]\nunit_rows = 5\n', "unit_rows", "kube.resources", "unit_rows"),
+    ('[kube.resources.limits]\nmemory = "1Gi"\nthreads = 2\n', "threads", "kube.resources.limits", "kube.threads"),
+    ('[kube.scheduler_resources.requests]\ncpu = "1"\nworkers = 8\n', "workers",
+     "kube.scheduler_resources.requests", "workers"),
+])
+def test_a_setting_written_under_a_table_that_cannot_take_it_is_refused(toml, text, key, table, meant):
+    # it went to fsspec (or a resource) and the setting stayed unset, without a word
+    path = toml(text)
+    with pytest.raises(ClusterError, match=rf"In {re.escape(path)}, '{key}' is a key of the \[{re.escape(table)}\] "
+                                           rf"table, but it is the name of the setting '{meant}', .*TOML puts every key "
+                                           r"written after a \[table\] header into that table.*move top-level settings "
+                                           r"above the first \[table\]"):
+        load_settings(config_file=path, env={})
+
+
+def test_options_of_a_file_system_are_not_mistaken_for_settings(toml):
+    path = toml('workers = 2\n[storage_options]\nanon = true\nendpoint_url = "http://minio:9000"\n'
+                'config_kwargs = {connect_timeout = 5, read_timeout = 20}\n')
+    s = load_settings(config_file=path, env={})
+    assert s.workers == 2 and set(s.storage_options) == {"anon", "endpoint_url", "config_kwargs"}
+
+
+@pytest.mark.parametrize("added, table, key, meant", [("workers = 8", "labels", "workers", "workers"),
+                                                      ("maximum = 20", "labels", "maximum", "kube.maximum"),
+                                                      ('[kube.env]\nimage = "x"', "env", "image", "kube.image")])
+def test_a_setting_written_under_labels_or_env_is_a_warning(toml, warned, added, table, key, meant):
+    # a label (or variable) called `workers` is legal, if unlikely: warned about, not refused
+    with open(os.path.join(ROOT, "examples", "job.toml"), encoding="utf-8") as f:
+        path = toml(_without_env(f.read()) + "\n" + added + "\n")
+    s = load_settings(config_file=path, env={})
+    assert getattr(s.kube, table)[key] in ("8", "20", "x") and s.workers is None and s.kube.maximum == 50
+    messages = [r.getMessage() for r in warned.records]
+    assert len(messages) == 1 and re.match(rf"In {re.escape(path)}, '{key}' is a key of the \[kube.{table}\] table, "
+                                           rf".* also the name of the setting '{meant}': if the setting was meant, it "
+                                           r"is not set\. TOML puts every key", messages[0]), messages
+
+
+def _without_env(text: str) -> str:
+    """examples/job.toml without its [kube.env] table (a test adds its own)."""
+    head, _, tail = text.partition("[kube.env]")
+    return head + tail[tail.index("[kube.labels]"):]
