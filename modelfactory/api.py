@@ -316,6 +316,22 @@ def _begin_run(st: ModelStore, digest: str, resume, unit_rows, now: dict | None 
                          "multiple": p.get("unit_multiple")}
 
 
+def _resume_argument(resume) -> bool | str:
+    """``resume=`` as train takes it: True/False (1 and 0 too), or a run id (text).
+
+    ``resume=1`` (a flag read from a config or a command line as a number) was taken as the run
+    id 1: "No interrupted run 1".  Any other value (2, a float, a list...) is no flag and no run
+    id, and is refused here, naming it, where it reached the store as an id nothing could match.
+    """
+    if resume is None or isinstance(resume, str):
+        return False if resume is None else resume
+    if isinstance(resume, int) and resume in (0, 1):  # (bool is an int: True, False, 1, 0)
+        return bool(resume)
+    raise ModelFactoryError(f"resume must be True or False (1 or 0), or the id of an interrupted run as text; "
+                            f"got {resume!r} ({type(resume).__name__}). The store's interrupted runs are listed "
+                            "by `python -m modelfactory models list --store STORE`.")
+
+
 def _finish_interrupted_commit(st: ModelStore, digest: str, resume, now: dict | None = None) -> Run | None:
     """The run that ``resume`` names (or, for True, the newest one of this job) when its train
     stopped between committing its manifest and moving LATEST: its commit finished (LATEST moved
@@ -659,6 +675,7 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     conf = job_settings(cluster, workers=workers, unit_rows=unit_rows, storage_options=storage_options,
                         config=config)
     storage_options, unit_rows = conf.storage_options or None, conf.unit_rows
+    resume = _resume_argument(resume)
     by_ = _as_tuple(by, "by")
     feats = _as_tuple(features, "features")
     mspec = resolve_model(model, params)
@@ -740,6 +757,14 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     run_id, planning = _begin_run(st, digest, resume, unit_rows,
                                   {"spec": job, "retrain": retrain, "base_run": base_id})
     resumed = "limit" in planning  # planned as the interrupted run was
+    if resumed and unit_rows is not None and unit_rows != planning["target_rows"]:
+        # By design (its units, and so its parts, must be those it began with), but the new value
+        # went unused without a word: a user resuming with a smaller unit_rows to get past a
+        # worker's memory limit saw the same units run out of memory again.
+        where = {"argument": "unit_rows=, --unit-rows"}.get(conf.sources["unit_rows"], conf.sources["unit_rows"])
+        log.warning("unit_rows=%d (%s) is ignored: run %s resumes with the units it was planned with "
+                    "(unit_rows=%s), so the units it already finished are kept; start a new run (without resume) "
+                    "to plan with another unit_rows", unit_rows, where, run_id, planning["target_rows"])
     leaf_keys = tuple(k for k in info.source.partition_keys if k in by_)
     spec = JobSpec("train", by_, info.source, columns, time, target, feats, filter, mspec,
                    sink=st.location, groups_prefix=f"runs/{run_id}/parts/", leaf_keys=leaf_keys,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -897,3 +898,61 @@ def test_finishing_an_interrupted_commit_never_moves_latest_back_to_it(by_app, t
     (cut2,) = st.interrupted_commits()
     modelfactory.train(by_app, store=store, cluster="inline", params={"season_length": 12}, resume=True, **ARGS)
     assert st.latest() == cut2 and st.interrupted_commits() == []
+
+
+# --- resume=, as train takes it ------------------------------------------------------------------
+def _interrupted(monkeypatch, data, store, **kw):
+    """A train of ``data`` into ``store`` stopped by Ctrl-C once its pending.json is written; its run id."""
+    import modelfactory.api
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(modelfactory.api, "run_units", interrupted)
+        with pytest.raises(KeyboardInterrupt, match="was not committed"):
+            modelfactory.train(data, store=store, cluster="inline", **ARGS, **kw)
+    (pending,) = modelfactory.ModelStore(store).pending()
+    return pending
+
+
+@pytest.mark.parametrize("flag, resumed", [(1, True), (0, None), (True, True), (False, None)])
+def test_resume_takes_1_and_0_as_true_and_false(by_app, tmp_path, monkeypatch, flag, resumed):
+    # resume=1 was the run id 1: "No interrupted run 1"
+    store = str(tmp_path / "s")
+    pending = _interrupted(monkeypatch, by_app, store)
+    run = modelfactory.train(by_app, store=store, cluster="inline", resume=flag, **ARGS)
+    assert run.summary.get("resumed") is resumed
+    assert (run.id == pending["run_id"]) is bool(flag)
+
+
+@pytest.mark.parametrize("value", [2, -1, 1.0, 0.0, ["r1"], b"r1"])
+def test_resume_that_is_neither_a_flag_nor_a_run_id_is_refused(by_app, tmp_path, value):
+    with pytest.raises(ModelFactoryError, match=rf"resume must be True or False \(1 or 0\), or the id of an "
+                                                rf"interrupted run as text; got {re.escape(repr(value))} "
+                                                rf"\({type(value).__name__}\)"):
+        modelfactory.train(by_app, store=str(tmp_path / "s"), cluster="inline", resume=value, **ARGS)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_resumed_run_says_it_ignores_a_new_unit_rows(by_app, tmp_path, monkeypatch, caplog):
+    # a resumed run keeps the units it was planned with (by design), and the new value went unused unseen
+    store = str(tmp_path / "s")
+    pending = _interrupted(monkeypatch, by_app, store, unit_rows=50)
+    caplog.set_level("WARNING", logger="modelfactory.api")
+    run = modelfactory.train(by_app, store=store, cluster="inline", resume=True, unit_rows=7, **ARGS)
+    assert run.id == pending["run_id"] and run.summary["unit_rows"] == 50
+    warnings = [r.getMessage() for r in caplog.records if "unit_rows" in r.getMessage()]
+    assert warnings == [f"unit_rows=7 (unit_rows=, --unit-rows) is ignored: run {run.id} resumes with the units it "
+                        "was planned with (unit_rows=50), so the units it already finished are kept; start a new run "
+                        "(without resume) to plan with another unit_rows"]
+
+
+def test_a_resumed_run_given_its_own_unit_rows_or_none_says_nothing(by_app, tmp_path, monkeypatch, caplog):
+    store = str(tmp_path / "s")
+    _interrupted(monkeypatch, by_app, store, unit_rows=50)
+    caplog.set_level("WARNING", logger="modelfactory.api")
+    modelfactory.train(by_app, store=store, cluster="inline", resume=True, unit_rows=50, **ARGS)
+    _interrupted(monkeypatch, by_app, str(tmp_path / "s2"), unit_rows=50)
+    modelfactory.train(by_app, store=str(tmp_path / "s2"), cluster="inline", resume=True, **ARGS)
+    assert [r.getMessage() for r in caplog.records if "unit_rows" in r.getMessage()] == []
