@@ -943,9 +943,10 @@ def test_a_resumed_run_says_it_ignores_a_new_unit_rows(by_app, tmp_path, monkeyp
     run = modelfactory.train(by_app, store=store, cluster="inline", resume=True, unit_rows=7, **ARGS)
     assert run.id == pending["run_id"] and run.summary["unit_rows"] == 50
     warnings = [r.getMessage() for r in caplog.records if "unit_rows" in r.getMessage()]
-    assert warnings == [f"unit_rows=7 (unit_rows=, --unit-rows) is ignored: run {run.id} resumes with the units it "
-                        "was planned with (unit_rows=50), so the units it already finished are kept; start a new run "
-                        "(without resume) to plan with another unit_rows"]
+    expected = (f"unit_rows=7 (unit_rows=, --unit-rows) is ignored: run {run.id} resumes with the units it was "
+                "planned with (unit_rows=50), so the units it already finished are kept; start a new run (without "
+                "resume) to plan with another unit_rows")
+    assert warnings == [expected]
 
 
 def test_a_resumed_run_given_its_own_unit_rows_or_none_says_nothing(by_app, tmp_path, monkeypatch, caplog):
