@@ -514,7 +514,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     return out
 
 
-def _read_toml(path: str) -> dict:
+def _read_toml(path: str, given: str) -> dict:
+    """The TOML file at ``path``; ``given``: how it was named, for the not-found error."""
     try:
         import tomllib
     except ImportError:  # pragma: no cover - Python 3.10
@@ -527,8 +528,7 @@ def _read_toml(path: str) -> dict:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ClusterError(f"Config file {path!r} not found (from --config, config_file= or "
-                           f"${CONFIG_ENV}).") from None
+        raise ClusterError(f"Config file {path!r} not found (from {given}).") from None
     except IsADirectoryError:
         raise ClusterError(f"Config file {path!r} is a folder; give the path of a .toml file.") from None
     except tomllib.TOMLDecodeError as err:
@@ -620,7 +620,9 @@ def load_settings(args: Mapping[str, Any] | None = None, *, config_file: str | o
     path = os.fspath(config_file) if config_file is not None else (env.get(CONFIG_ENV) or None)
     if path:
         path = os.path.expanduser(path)  # "--config=~/mf.toml", or a systemd or Docker ENV: no shell expands it
-        data = _read_toml(path)
+        # train(config=...) and the other jobs' config=, the CLI's --config, load_settings'
+        # config_file=: the message named config_file= and $MODELFACTORY_CONFIG, not config=
+        data = _read_toml(path, "--config, config= or config_file=" if config_file is not None else f"${CONFIG_ENV}")
         _swallowed(data, path)
         values = _flatten(data, f"in {path}")
         layers.append((values, {k: path for k in values}, os.path.dirname(os.path.abspath(path))))

@@ -556,3 +556,15 @@ def _without_env(text: str) -> str:
     """examples/job.toml without its [kube.env] table (a test adds its own)."""
     head, _, tail = text.partition("[kube.env]")
     return head + tail[tail.index("[kube.labels]"):]
+
+
+def test_a_missing_config_file_is_named_with_the_argument_that_gave_it(tmp_path):
+    # train(config="nope.toml") said "(from --config, config_file= or $MODELFACTORY_CONFIG)": no config=
+    import modelfactory
+
+    with pytest.raises(ClusterError, match=r"Config file 'nope.toml' not found \(from --config, config= or "
+                                           r"config_file=\)\.$"):
+        modelfactory.train(str(tmp_path), by="app", target="value", store=str(tmp_path / "s"), cluster="inline",
+                           config="nope.toml")
+    with pytest.raises(ClusterError, match=r"Config file 'nope.toml' not found \(from \$MODELFACTORY_CONFIG\)\.$"):
+        load_settings(env={"MODELFACTORY_CONFIG": "nope.toml"})
