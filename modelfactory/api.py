@@ -626,41 +626,71 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
     ----------
     data : str
         A Parquet file or folder (Hive-partitioned or not), local or ``s3://``.
-    by : list of str
-        The group keys: partition keys, ordinary columns, or both.
+    by : list of str, or str
+        The group keys: partition keys, ordinary columns, or both (a string is split at commas:
+        ``"app,site"``).
     store : str
-        The model store folder or URL.
+        The model store folder or URL (made by the first run).
     model : str, Model class or instance
-        A built-in model name (see ``modelfactory.models.registry``) or your own.
-    time, target, features
-        The time column (a timestamp), the numeric target, and feature columns.
+        A built-in model name (see ``modelfactory.models.registry``; default ``"seasonal"``), a name
+        given to :func:`register_model`, or your own :class:`~modelfactory.models.base.Model`.
+    time : str, optional
+        The time column (a timestamp); needed by models of a series over time (most).
+    target : str
+        The numeric column the models fit and score (required; None is refused).
+    features : list of str, or str
+        Feature columns, for models that use them (``random_forest``, ``isolation_forest``...).
     params : dict, optional
-        Model parameters, when ``model`` is a name or a class.
-    cluster : None, "local", "inline", address, Client or cluster
-        Where to run (see :mod:`modelfactory.run`).  Default: a LocalCluster.
+        Model parameters, when ``model`` is a name or a class (not with an instance).
+    cluster : None, "local", "inline", "kube", address, Client or cluster
+        Where to run: a LocalCluster made for the call and closed after it (``"local"``, the
+        default), this process without Dask (``"inline"``), a DaskCluster on Kubernetes made for
+        the job (``"kube"``, see docs/kubernetes.md), an existing scheduler (``"tcp://host:8786"``),
+        or a ``distributed.Client`` or cluster object, used as it is and never closed (see
+        :mod:`modelfactory.run`).
     workers : int, optional
-        Workers of the LocalCluster (default: one per CPU this process may use).
+        Workers of the cluster the call makes: local processes (default: one per CPU this process
+        may use) or the pods of a fixed-size ``"kube"`` cluster (default 2).  Not used with
+        ``"inline"``, an address, a Client or a cluster object (a warning says so).
     unit_rows : int, optional
-        Rows per work unit (default: chosen from the Parquet row counts).
+        Rows per work unit (default: chosen from the Parquet row counts and the workers).  A
+        resumed run keeps the units it was planned with, and says so when this differs.
     filter : pyarrow.dataset.Expression, str or list of str, optional
         Rows to keep, pushed down to the Parquet reader: an expression
         (``ds.field("app") == "checkout"``), or the CLI's ``--where`` text
         (``"app = checkout"``, ``["ts >= '2026-01-12'", "value > 0"]``: all must hold).
         ``apply`` and ``score`` take it the same way.
+    storage_options : dict, optional
+        fsspec options (credentials, endpoint...) for ``s3://`` and other remote paths of the data
+        and the store, used on the client and on the workers.
     resume : bool or str
-        A run id (or True for the newest one of the same job) that was
-        interrupted: units it already wrote are reused, not recomputed.
+        A run id (or True, or 1, for the newest one of the same job) that was interrupted: units
+        it already wrote are reused, not recomputed.  True with nothing of this job to resume
+        starts a new run (``summary["resumed"]`` says which).  False (0, the default): a new run.
     retrain : "failed" or "changed", optional
         Refit only the groups that failed or were skipped in ``base``, or whose
         input changed since it; the other models are carried over.
     base : str
         The run that ``retrain`` starts from (default: the latest; when resuming a
-        retrain by its run id, the run it started from).
+        retrain by its run id, the run it started from).  Only with ``retrain``.
+    config : str or path, optional
+        A TOML settings file (default: ``$MODELFACTORY_CONFIG``, if set); see
+        :mod:`modelfactory.config` and docs/kubernetes.md.
+    progress : bool
+        Show a progress bar (tqdm) and the Dask dashboard's address on stderr (default False).
 
     Returns
     -------
     Run
         ``.summary`` and ``.groups``; the models are in ``ModelStore(store)``.
+
+    Notes
+    -----
+    ``cluster``, ``workers``, ``unit_rows`` and ``storage_options`` left as None come from the
+    settings: the ``MODELFACTORY_CLUSTER``, ``MODELFACTORY_WORKERS``, ``MODELFACTORY_UNIT_ROWS``
+    and ``MODELFACTORY_STORAGE_OPTIONS`` environment variables, then the config file, then the
+    defaults (:mod:`modelfactory.config`).  The same holds for :func:`score`,
+    :func:`apply` and :func:`map_keys`.
 
     Examples
     --------
@@ -877,25 +907,51 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
 
     Parameters
     ----------
+    data : str
+        A Parquet file or folder (Hive-partitioned or not), local or ``s3://``.
+    by : list of str, or str
+        The group keys: partition keys, ordinary columns, or both (``"app,site"`` too).
     func : callable
         Gets one group and returns rows matching ``schema`` (a pandas
         DataFrame, a dict of columns or of scalars for one row, or a
-        pyarrow Table).  With
-        ``input="pandas"`` (default) it gets a pandas DataFrame; with
-        ``"arrow"`` a pyarrow Table slice; with ``"numpy"`` a dict of
-        column name to numpy array (views, no copies).  An exception it
+        pyarrow Table).  An exception it
         raises fails that group only (its message in ``run.groups``);
         ``raise modelfactory.SkipGroup("too few rows")`` marks it skipped.
     schema : pyarrow.Schema, mapping or DDL string
         The output columns, e.g. ``"app string, m double"``.
+    input : "pandas", "arrow" or "numpy"
+        What ``func`` gets: a pandas DataFrame (the default), a pyarrow Table
+        slice, or a dict of column name to numpy array (views, no copies).
     out : str, optional
         Write results as Parquet to this folder (``part-*.parquet``, the
-        group table under ``_groups/``, ``_manifest.json`` last).  Without
-        it, results come back to the client: keep them small.
+        group table under ``_groups/``, ``_manifest.json`` last); it must be new or empty,
+        unless ``overwrite``.  Without it, results come back to the client: keep them small.
     time : str, optional
         Sort each group by this column.
     columns : list of str, optional
-        Columns to read (default: all).
+        Columns to read (default: all); the keys and ``time`` are read in any case.
+    cluster : None, "local", "inline", "kube", address, Client or cluster
+        Where to run, as for :func:`train` (default: a LocalCluster made for the call).
+    workers : int, optional
+        Workers of the cluster the call makes, as for :func:`train`.
+    unit_rows : int, optional
+        Rows per work unit (default: chosen from the Parquet row counts and the workers).
+    filter : pyarrow.dataset.Expression, str or list of str, optional
+        Rows to keep, as for :func:`train`.
+    storage_options : dict, optional
+        fsspec options for ``s3://`` and other remote paths of ``data`` and ``out``.
+    overwrite : bool
+        Empty a non-empty ``out`` folder (right before the units run) instead of refusing it
+        (default False).  A folder that is a model store, or holds the input, is refused even so.
+    config : str or path, optional
+        A TOML settings file (default: ``$MODELFACTORY_CONFIG``, if set).
+    progress : bool
+        Show a progress bar on stderr (default False).
+
+    Notes
+    -----
+    ``cluster``, ``workers``, ``unit_rows`` and ``storage_options`` left as None come from the
+    ``MODELFACTORY_*`` environment variables or the config file (see :func:`train`).
 
     Examples
     --------
@@ -978,6 +1034,42 @@ def map_keys(keys: Iterable, *, func: Callable, by: Sequence[str] | str | None =
     ``out`` (with ``schema``) writes the rows as Parquet under that folder
     instead, with the group table under ``out/_groups/``; like :func:`apply`,
     the folder must be new or empty, or ``overwrite=True`` empties it first.
+
+    Parameters
+    ----------
+    keys : iterable
+        The keys: scalars, tuples of one length, or dicts with the same names (at least one).
+    func : callable
+        Called once per key, with the key as it was given.
+    by : list of str, or str, optional
+        Names of the key's parts, the group table's key columns (default: the dict keys'
+        names, else ``key``, or ``key0``, ``key1``... for tuples).
+    schema : pyarrow.Schema, mapping or DDL string, optional
+        The columns of the rows ``func`` returns (as for :func:`apply`); without it,
+        ``run.results`` holds what ``func`` returned.
+    out : str, optional
+        With ``schema``: write the rows as Parquet to this folder, new or empty unless
+        ``overwrite``.
+    cluster : None, "local", "inline", "kube", address, Client or cluster
+        Where to run, as for :func:`train` (default: a LocalCluster made for the call).
+    workers : int, optional
+        Workers of the cluster the call makes, as for :func:`train`.
+    keys_per_unit : int, optional
+        Keys per work unit (task), at least 1 (default: the keys spread over about eight units
+        per worker thread, at most 1000 keys each).
+    storage_options : dict, optional
+        fsspec options for an ``s3://`` (or other remote) ``out``.
+    overwrite : bool
+        Empty a non-empty ``out`` folder instead of refusing it (default False).
+    config : str or path, optional
+        A TOML settings file (default: ``$MODELFACTORY_CONFIG``, if set).
+    progress : bool
+        Show a progress bar on stderr (default False).
+
+    Notes
+    -----
+    ``cluster``, ``workers`` and ``storage_options`` left as None come from the
+    ``MODELFACTORY_*`` environment variables or the config file (see :func:`train`).
 
     Examples
     --------
@@ -1230,6 +1322,51 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
     table (with ``anomalies`` and ``max_score`` per group) under
     ``out/_groups/``; ``out/_manifest.json`` last.  Groups without a model are
     ``skipped`` with the reason.
+
+    Parameters
+    ----------
+    data : str
+        A Parquet file or folder with the run's key, time, target and feature columns, local or
+        ``s3://``.
+    store : str
+        The model store folder or URL.
+    out : str
+        The folder to write the scores to: new or empty, unless ``overwrite``.
+    run : str
+        The run whose models score: ``"latest"`` (the default, the run LATEST names) or a run id.
+    cluster : None, "local", "inline", "kube", address, Client or cluster
+        Where to run, as for :func:`train` (default: a LocalCluster made for the call).
+    workers : int, optional
+        Workers of the cluster the call makes, as for :func:`train`.
+    unit_rows : int, optional
+        Rows per work unit (default: chosen from the Parquet row counts and the workers).
+    filter : pyarrow.dataset.Expression, str or list of str, optional
+        Rows to score, as for :func:`train` (``"ts >= '2026-01-12'"``: a scheduled score's window).
+    storage_options : dict, optional
+        fsspec options for ``s3://`` and other remote paths of the data, the store and ``out``.
+    overwrite : bool
+        Empty a non-empty ``out`` folder (right before the units run) instead of refusing it
+        (default False).  A folder that is a model store, or holds the input, is refused even so.
+    trust : bool
+        Allow loading a run of pickled user models (not built-in ones), which runs code from the
+        store: only for a store you trust (default False: such a run is refused).
+    config : str or path, optional
+        A TOML settings file (default: ``$MODELFACTORY_CONFIG``, if set).
+    progress : bool
+        Show a progress bar on stderr (default False).
+    keep : list of str, or str, optional
+        Other columns of ``data`` to copy into the scored rows (a request id, say).
+
+    Returns
+    -------
+    Run
+        ``.summary`` (counts, ``anomalies``, ``model_run``...) and ``.groups``; the scored rows
+        are under ``out`` (``run.to_pandas()`` reads them).
+
+    Notes
+    -----
+    ``cluster``, ``workers``, ``unit_rows`` and ``storage_options`` left as None come from the
+    ``MODELFACTORY_*`` environment variables or the config file (see :func:`train`).
 
     Examples
     --------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -401,3 +402,34 @@ def test_a_skip_for_a_feature_without_values_names_the_column(tmp_path):
     g = run.groups.set_index("user")
     assert g.loc["a", "status"] == "ok" and g.loc["b", "status"] == "skipped"
     assert g.loc["b", "error"] == "random_forest: the feature column 'latency' has no finite value in this group"
+
+
+# --- help() documents every argument ---------------------------------------------------------------
+FUNCTIONS = ("train", "score", "apply", "map_keys")
+
+
+def _documented(doc: str) -> list[str]:
+    """The names the numpydoc Parameters section of ``doc`` documents (``a, b, c : type`` lines too)."""
+    lines = doc.split("Parameters\n----------\n", 1)[1].splitlines()
+    names = []
+    for line in lines:
+        if re.fullmatch(r"[A-Z][a-z]+", line.strip()) or line.startswith("-"):  # the next section
+            break
+        if line and not line.startswith(" "):
+            names += [n.strip() for n in line.split(" : ")[0].split(",")]
+    return names
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_every_parameter_of_the_public_functions_is_documented(name):
+    # help(score) had no Parameters section at all; train lacked storage_options, config and progress
+    import inspect
+
+    func = getattr(modelfactory, name)
+    doc = inspect.getdoc(func)
+    assert "Parameters\n----------\n" in doc, f"{name} has no Parameters section"
+    documented = _documented(doc)
+    params = list(inspect.signature(func).parameters)
+    assert [p for p in params if p not in documented] == [], f"{name}: not documented"
+    assert [p for p in documented if p not in params] == [], f"{name}: documented, but no such parameter"
+    assert documented == params, f"{name}: documented in another order than the signature's"
