@@ -196,3 +196,22 @@ def test_every_modelfactory_name_the_docs_give_exists():
                 missing.append(f"{doc}: {name}")
             break
     assert not missing, missing
+
+
+def test_the_readmes_python_snippet_runs_twice(tmp_path):
+    """The README's "From Python" snippet, run as a script twice in the folder the Quick start wrote
+    to (a small demo here, every job inline through MODELFACTORY_CLUSTER): the second run stopped at
+    score, whose out="scores/" the first had filled ("not empty; ... pass overwrite=True")."""
+    import os
+
+    import modelfactory
+
+    snippet = re.search(r"## From Python\n.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "snippet.py").write_text(snippet)
+    modelfactory.demo.write_dataset(str(tmp_path / "modelfactory-demo" / "data"), series=8, days=15, apps=4)
+    env = dict(os.environ, MODELFACTORY_CLUSTER="inline")
+    for attempt in (1, 2):
+        proc = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert proc.returncode == 0, f"run {attempt} of the README snippet failed:\n{proc.stderr[-3000:]}"
+    assert (tmp_path / "scores" / "_manifest.json").exists()
