@@ -1,4 +1,4 @@
-"""The public functions: :func:`train`, :func:`apply` and :func:`map_keys`.
+"""The public functions: :func:`train`, :func:`score`, :func:`apply` and :func:`map_keys`.
 
 Each composes the pieces in one direction: discover the dataset and check the
 columns (on the client, before anything is written), open the cluster, plan
