@@ -36,10 +36,12 @@ def _param(text: str) -> tuple[str, object]:
 def _at_least_one(text: str) -> int:
     """argparse's type of a count: a whole number, 1 or more (the error then names the option,
     where the settings' check said "Setting 'workers' in the arguments must be an integer >= 1")."""
+    from .config import parse_int  # (int() took "1_0" as 10 and "٣" as 3)
+
     try:
-        n = int(text)
+        n = parse_int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (the digits 0-9)") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"{n} is less than 1")
     return n

@@ -451,7 +451,14 @@ def test_a_usage_mistake_is_one_error_line_with_the_closest_name(capsys):
              (["train", "d", "--by", "a", "--target", "v", "--store", "s", "--workers", "0"],
               "error: argument --workers: 0 is less than 1; see python -m modelfactory train --help"),
              (["score", "d", "--store", "s", "--out", "o", "--unit-rows", "1e3"],
-              "error: argument --unit-rows: '1e3' is not a whole number; see python -m modelfactory score --help")]
+              ("error: argument --unit-rows: '1e3' is not a whole number (the digits 0-9); "
+               "see python -m modelfactory score --help")),
+             # int() took "1_0" as 10 (and "٣" as 3): one typo started 10 workers
+             (["train", "d", "--by", "a", "--target", "v", "--store", "s", "--workers", "1_0"],
+              ("error: argument --workers: '1_0' is not a whole number (the digits 0-9); "
+               "see python -m modelfactory train --help")),
+             (["train", "d", "--by", "a", "--target", "v", "--store", "s", "--workers", "٣"],
+              "is not a whole number (the digits 0-9)")]
     for argv, want in cases:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
