@@ -133,7 +133,7 @@ def test_a_train_run_asked_for_rows_says_where_its_models_are(tmp_path):
     path = write(metrics_table(series=2, hours=72, apps=1), tmp_path / "d", ["app"])
     run = modelfactory.train(path, store=str(tmp_path / "s"), cluster="inline", **ARGS)
     for get in (run.to_pandas, run.to_arrow, lambda: run.results):
-        with pytest.raises(ModelFactoryError, match=r"train run has no rows.*run\.groups.*run\.store\.load\(key\)") as err:
+        with pytest.raises(ModelFactoryError, match=r"train run has no rows.*run\.groups.*run\.store\.load\(key, run=") as err:
             get()
         assert "no schema was given" not in str(err.value) and "use to_pandas" not in str(err.value)
     key = run.groups.iloc[0][["app", "site"]].to_dict()
