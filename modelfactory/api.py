@@ -486,7 +486,7 @@ def _units_stopped(sink: Location | None, run_id: str, err: BaseException, passt
     itself for the ``passthrough`` errors and other exceptions that are not Exceptions, a Ctrl-C
     saying what the ``out=`` folder holds now, :func:`_raise_unit_failure`'s for the others."""
     _release_unused_claim(sink, run_id)  # nothing written: the folder as it was, for a rerun
-    if isinstance(err, KeyboardInterrupt) and sink is not None and _holds_files(sink):
+    if isinstance(err, KeyboardInterrupt) and sink is not None and _holds_files_or_none(sink):
         # "nothing was committed" alone: the folder held the earlier output (gone, when overwrite
         # emptied it) and now part of this run's, which plain Parquet readers take for all of it,
         # and the rerun was refused for "unfinished output" without a word of overwrite
@@ -496,6 +496,15 @@ def _units_stopped(sink: Location | None, run_id: str, err: BaseException, passt
     if isinstance(err, passthrough) or not isinstance(err, Exception):
         raise err
     _raise_unit_failure(run_id, err)
+
+
+def _holds_files_or_none(sink: Location) -> bool | None:
+    """:func:`_holds_files`, or None when the storage cannot say (a Ctrl-C pressed because the
+    object store stalled must still end as a Ctrl-C, not as the store's error)."""
+    try:
+        return _holds_files(sink)
+    except Exception:  # noqa: BLE001 - any storage error (botocore's are not OSErrors)
+        return None
 
 
 def _keep_apart(a: Location, a_name: str, b: Location, b_name: str, *, may_hold: bool = False) -> None:

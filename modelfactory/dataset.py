@@ -273,7 +273,8 @@ class _KnownFiles(pafs.FSSpecHandler):
             return super().open_input_file(path)
         f = self.fs.open(path, mode="rb", size=size)
         f.details = {"name": path, "size": size, "type": "file", "ETag": etag}
-        f.read_kw = {**f.read_kw, "IfMatch": etag}  # what s3fs's own open sets from its HEAD
+        if not getattr(self.fs, "local_expiry_check", False):  # (then s3fs compares the ETag itself)
+            f.read_kw = {**f.read_kw, "IfMatch": etag}  # what s3fs's own open sets from its HEAD
         return pa.PythonFile(f, mode="r")
 
 
@@ -352,6 +353,9 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
             md = frag.metadata
             physical = frag.physical_schema  # from the footer just read: no more I/O
         except (pa.ArrowInvalid, OSError) as err:
+            if type(err).__name__ == "FileExpired":  # s3fs's: rewritten since the listing (_KnownFiles)
+                raise DatasetError(f"{frag.path!r} of {url!r} was rewritten while the dataset was being listed "
+                                   "(its ETag changed). Run the job again once the writer is done.") from err
             if not local and _empty_object(fs, frag.path):
                 # An empty object on an object store holds no rows: a folder marker (``sub/``
                 # from the S3 console or Hadoop's S3A, ``x_$folder$`` from EMR), listed as a
@@ -824,19 +828,45 @@ def read_files(source: Source, paths: tuple[str, ...], columns: list[str],
         # pyarrow's fsspec wrapper reports any failure (an unreachable endpoint, a denied
         # request) as a missing file: ask the filesystem itself for the real cause.
         cause: BaseException = err
-        if not isinstance(raw, pafs.FileSystem):
+        remote = not isinstance(raw, pafs.FileSystem)
+        path = _changed(raw, paths, known)[0] if known and remote else paths[0]  # (s3fs names no key)
+        if remote:
             try:
-                raw.info(paths[0])
+                raw.info(path)
             except Exception as real:  # noqa: BLE001 - reported with its own type and message
                 cause = real
-        raise DatasetError(f"Cannot read {paths[0]!r} of {source.url!r}: {type(cause).__name__}: {cause}. "
+        raise DatasetError(f"Cannot read {path!r} of {source.url!r}: {type(cause).__name__}: {cause}. "
                            "If the storage is unreachable, fix that and resume the run.") from cause
-    except OSError as err:
-        if type(err).__name__ != "FileExpired":  # s3fs's: an ETag the read named (_KnownFiles) is gone
+    except pa.ArrowException:
+        raise
+    except Exception as err:
+        if isinstance(raw, pafs.FileSystem):
             raise
-        raise DatasetError(f"{getattr(err, 'filename', None) or paths[0]!r} of {source.url!r} was rewritten after "
-                           "the run listed it (its ETag changed): the version the run planned for is gone. Run the job "
-                           "again once the writer is done.") from err
+        if type(err).__name__ == "FileExpired":  # s3fs's: an ETag the read named (_KnownFiles) is gone
+            path, how = _changed(raw, paths, known)
+            raise DatasetError(f"{path!r} of {source.url!r} was {how} after the run listed it: the version the "
+                               "run planned for is gone. Run the job again once the writer is done.") from err
+        # with the sizes known, no HEAD comes first to turn an unreachable endpoint or a denied
+        # read into the FileNotFoundError above: botocore's own error arrives instead
+        raise DatasetError(f"Cannot read the files of {source.url!r} ({len(paths)}, e.g. {paths[0]!r}): "
+                           f"{type(err).__name__}: {err}. If the storage is unreachable, fix that and resume "
+                           "the run.") from err
+
+
+def _changed(raw, paths: Sequence[str], known: Sequence[tuple[int, str]]) -> tuple[str, str]:
+    """Which of ``paths`` no longer is the version ``known`` (size, ETag) describes, and how
+    ("rewritten" or "deleted"): s3fs's errors name no key, or the first file of a read.  Asked
+    of the store file by file: an error's path only.  The first path if none differs (now)."""
+    for path, (_, etag) in zip(paths, known):
+        try:
+            info = raw.info(path)
+        except FileNotFoundError:
+            return path, "deleted"
+        except Exception:  # noqa: BLE001 - the store itself is in trouble: the caller says so
+            break
+        if etag and info.get("ETag", etag) != etag:
+            return path, "rewritten"
+    return paths[0], "rewritten"
 
 
 def _partition_values(source: Source, paths: tuple[str, ...], keys: list[str]) -> dict[str, pa.Array]:

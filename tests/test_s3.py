@@ -269,6 +269,11 @@ def test_a_read_from_an_unreachable_endpoint_names_the_endpoint(s3, data):
     paths = tuple(f.path for f in info.files[:1])
     with pytest.raises(DatasetError, match="Could not connect to the endpoint"):
         read_files(info.source, paths, ["site", "value"])
+    # as a worker reads its unit, with the sizes and ETags from discovery: no HEAD came first to turn
+    # it into a missing file, and botocore's own error left the run as "a work unit failed"
+    known = tuple((f.size, f.stamp) for f in info.files[:1])
+    with pytest.raises(DatasetError, match=r"Cannot read the files of .*Could not connect to the endpoint.*resume the run"):
+        read_files(info.source, paths, ["site", "value"], known=known)
 
 
 @pytest.mark.timeout(30)
@@ -478,7 +483,7 @@ def test_each_input_object_costs_one_request_to_discover_and_one_to_read(s3, dat
             with fs.open(f"{url.removeprefix('s3://')}/part-{i}.parquet", "wb") as f:
                 pq.write_table(table.slice(i * third, third), f)
         unit_rows = third
-    objects = {"/" + p for p in s3.fs().find(url.removeprefix("s3://"))}
+    objects = {"/" + p for p in s3.fs().find(url.removeprefix("s3://")) if p.endswith(".parquet")}
     with s3.requests() as calls:
         run = modelfactory.apply(url, by=["app", "site"], func=lambda df: pd.DataFrame({"n": [len(df)]}),
                                  schema={"n": "int64"}, cluster=client, storage_options=so, unit_rows=unit_rows)
@@ -488,22 +493,73 @@ def test_each_input_object_costs_one_request_to_discover_and_one_to_read(s3, dat
     assert per_object == {k: ["GET", "GET"] for k in objects}, per_object
 
 
-def test_an_object_rewritten_after_discovery_is_refused_not_read(s3, data):
+def test_an_object_rewritten_after_discovery_is_refused_not_read(s3, prefix):
     # an object's size from the listing is what the read trusts: the read names the listed ETag
-    # too, so a rewritten object is a clear error, not its new rows (nor a footer sought at the
-    # old size)
+    # too, so a rewritten object is a clear error naming it, not its new rows (nor a footer sought
+    # at the old size); s3fs's errors name no key (or the unit's first file), so the store is asked
     from modelfactory.plan import plan
 
-    so = s3.storage_options()
-    info = discover(data, storage_options=so)
-    [unit, *_] = plan(info, ("app", "site"), workers=1, target_rows=1).units
-    assert [k[0] for k in unit.known] == [f.size for f in info.files if f.path in unit.paths]
+    so, fs = s3.storage_options(), s3.fs()
+    url = f"{prefix}/three"
+    for i in range(3):
+        with fs.open(f"{url.removeprefix('s3://')}/part-{i}.parquet", "wb") as f:
+            pq.write_table(modelfactory.demo.make_table(2, days=2, seed=i), f)
+    info = discover(url, storage_options=so)
+    [unit] = plan(info, ("app", "site"), workers=1).units
+    assert len(unit.paths) == 3 and [k[0] for k in unit.known] == [f.size for f in info.files]
     before = read_files(info.source, unit.paths, ["site", "value"], known=unit.known)
-    fs = s3.fs()
-    with fs.open(unit.paths[0], "rb") as f:
+    second = unit.paths[1]
+    with fs.open(second, "rb") as f:
         old = pq.read_table(f)
-    with fs.open(unit.paths[0], "wb") as f:
+    with fs.open(second, "wb") as f:
         pq.write_table(pa.concat_tables([old, old]), f)
-    with pytest.raises(DatasetError, match=rf"{unit.paths[0]}' of '{data}' was rewritten after the run listed it"):
+    with pytest.raises(DatasetError, match=rf"^'{second}' of '{url}' was rewritten after the run listed it"):
         read_files(info.source, unit.paths, ["site", "value"], known=unit.known)
     assert read_files(info.source, unit.paths, ["site", "value"]).num_rows == before.num_rows + old.num_rows
+    fs.rm(unit.paths[2])
+    with pytest.raises(DatasetError, match=rf"^Cannot read '{unit.paths[2]}' of '{url}': FileNotFoundError"):
+        read_files(info.source, unit.paths[2:], ["site", "value"], known=unit.known[2:])
+
+
+def test_an_object_rewritten_while_the_dataset_is_listed_is_named_as_such(s3, prefix, monkeypatch):
+    # discovery reads each footer with the listing's size and ETag: a writer that replaced an object
+    # in between got "cannot read the Parquet footer ... Move files that are not Parquet out"
+    import modelfactory.dataset as dataset
+
+    fs, url = s3.fs(), f"{prefix}/racing"
+    path = f"{url.removeprefix('s3://')}/part-0.parquet"
+    with fs.open(path, "wb") as f:
+        pq.write_table(modelfactory.demo.make_table(2, days=2), f)
+    listed = dataset._stamps
+
+    def listed_then_rewritten(*a, **k):
+        out = listed(*a, **k)
+        with fs.open(path, "wb") as f:  # the writer, between the listing and the footer's read
+            pq.write_table(modelfactory.demo.make_table(3, days=2), f)
+        return out
+
+    monkeypatch.setattr(dataset, "_stamps", listed_then_rewritten)
+    with pytest.raises(DatasetError, match=rf"^'{path}' of '{url}' was rewritten while the dataset was being listed"):
+        discover(url, storage_options=s3.storage_options())
+    monkeypatch.undo()
+    assert discover(url, storage_options=s3.storage_options()).rows == 3 * 48
+
+
+def test_a_ctrl_c_while_the_object_store_is_away_stays_a_ctrl_c(s3, data, prefix):
+    # a Ctrl-C after a job wrote part of its out= folder says what the folder holds, which it asks
+    # the store: with the store gone (the reason one presses Ctrl-C), botocore's error replaced the
+    # Ctrl-C, and the CLI said "internal error", exit 1, not 130
+    other = MotoS3().start()  # a second endpoint on the same moto state, stopped mid-job
+    so = {**s3.storage_options(), "client_kwargs": {"endpoint_url": other.endpoint},
+          "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+
+    def stalled(g):
+        other.stop()
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            modelfactory.apply(data, by=["app", "site"], func=stalled, schema="app string, n double", input="numpy",
+                               out=f"{prefix}/out", cluster="inline", storage_options=so)
+    finally:
+        other.stop()
