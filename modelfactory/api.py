@@ -1504,10 +1504,12 @@ def _models_without_rows(st: ModelStore, man: dict, groups: pa.Table, by: tuple[
 
     A series that went silent (a pod deleted, an exporter down) sends no row at all: its group is
     not in the input, so not in the output either, and the job said nothing of a model it had
-    and could not use.  Models that ``filter`` leaves out by their keys alone (``app ==
-    'checkout'``) are not counted; a condition on other columns (a time window) leaves every
-    model in.  Nor are models whose keys the data writes in another type or format (``mismatch``,
-    from :func:`_loose_keys`, says so already).  Only the key and status columns of the run's
+    and could not use.  Models that ``filter`` leaves out by their keys (``app == 'checkout'``,
+    beside a time window or ``value IS NOT NULL`` or not) are not counted; a condition on other
+    columns alone leaves every model in.  The filter is judged on each model's keys with the other
+    columns unknown (null, then zero): where neither tells the keys' part apart (a scored group
+    would fail it), every model is counted.  Nor are models whose keys the data writes in another
+    type or format (``mismatch``, from :func:`_loose_keys`, says so already).  Only the key and status columns of the run's
     parts are read (:func:`scoring._stored_keys`: no model bytes).
     """
     import pyarrow.compute as pc
@@ -1534,13 +1536,25 @@ def _models_without_rows(st: ModelStore, man: dict, groups: pa.Table, by: tuple[
             unexplained[i] = False
         missing = missing.filter(pa.array(unexplained))
     if filter is not None and missing.num_rows:
-        # the filter on the keys as the data types them, every other column unknown (null): a row
-        # it rules out for certain (False) is a model the user left out on purpose
-        try:
-            probe = pa.table([missing[f.name].cast(f.type) if f.name in cols else pa.nulls(missing.num_rows, f.type)
+        # The filter on the keys as the data types them, every other column unknown (null): a row
+        # it rules out for certain (False) is a model the user left out on purpose.  Trusted only
+        # if it rules out none of the groups that were scored (they passed it, with their rows):
+        # a term that is False on a null whatever the keys (`value IS NOT NULL`) would otherwise
+        # rule out every model, the silent ones too.
+        # A term such as `value IS NOT NULL` is False on nulls and True on a zero: the other
+        # columns are tried as nulls, then as zeros ("", False, the epoch), the first that no
+        # scored group fails being the one the keys are judged by.
+        def ruled_out(keys: pa.Table, zero: bool) -> pa.Array:
+            probe = pa.table([keys[f.name].cast(f.type) if f.name in cols else _filler(keys.num_rows, f.type, zero)
                               for f in schema], schema=schema)
             kept = pds.dataset(probe).to_table(columns={"kept": filter})["kept"]
-            missing = missing.filter(pc.fill_null(kept, True))
+            return pc.invert(pc.fill_null(kept, True))
+
+        try:
+            for zero in (False, True):
+                if not pc.any(ruled_out(groups.select(cols), zero)).as_py():
+                    missing = missing.filter(pc.invert(ruled_out(missing, zero)))
+                    break
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError) as err:
             log.debug("could not apply the filter to the run's model keys: %s", err)
     if not missing.num_rows:
@@ -1554,6 +1568,18 @@ def _models_without_rows(st: ModelStore, man: dict, groups: pa.Table, by: tuple[
             "warning": f"{n:,} of the {models.num_rows:,} models of run {man['run_id']} had no row in the data scored "
                        f"({', '.join(examples)}{more}): a series that went silent, or one the data leaves out. They "
                        "are not in the output; ModelStore.groups() lists every model"}
+
+
+def _filler(n: int, t: pa.DataType, zero: bool) -> pa.Array:
+    """``n`` nulls of type ``t``, or (``zero``) ``n`` of its zero: 0, "", False, the epoch
+    (nulls for a type with none, such as a list)."""
+    if zero:
+        for v in (0, "", False, b""):
+            try:
+                return pa.array([v] * n, pa.scalar(v).type).cast(t)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError):
+                continue
+    return pa.nulls(n, t)
 
 
 def _reason_moved(problems: list[dict], run_id: str, mismatch: dict) -> list[dict]:

@@ -194,10 +194,16 @@ def test_a_model_whose_series_sent_no_row_is_reported_not_dropped(history_and_ne
     others = (pc.field("app") != app) & (pc.field("ts") >= CUT)
     run = modelfactory.score(gone, store=store, out=str(tmp_path / "s3"), cluster="inline", filter=others)
     assert "models_without_rows" not in run.summary and run.summary["counts"]["ok"] == 45
-    # a time window alone leaves every model in
-    run = modelfactory.score(gone, store=store, out=str(tmp_path / "s4"), cluster="inline",
-                             filter=pc.field("ts") >= CUT)
-    assert run.summary["models_without_rows"]["models"] == 1
+    # a time window alone leaves every model in, as does a term that is False on a null whatever the
+    # keys (it hid the silent model, as if the user had left it out)
+    for i, window in enumerate([pc.field("ts") >= CUT, ~pc.field("value").is_null(),
+                                (pc.field("app") == app) & pc.field("value").is_valid()]):
+        run = modelfactory.score(gone, store=store, out=str(tmp_path / f"w{i}"), cluster="inline", filter=window)
+        assert run.summary["models_without_rows"]["models"] == 1, window
+    # a key condition OR'ed with another leaves out no model for certain: every one without rows is named
+    run = modelfactory.score(gone, store=store, out=str(tmp_path / "or"), cluster="inline",
+                             filter=(pc.field("app") == app) | (pc.field("value") > 1e9))
+    assert run.summary["models_without_rows"]["models"] == 46
 
 
 def test_scoring_an_empty_window_scores_nothing_and_succeeds(history_and_new, tmp_path):
