@@ -455,6 +455,12 @@ def _env_guess(var: str, cutoff: float = 0.75) -> str | None:
     return max(longer, key=len) if longer else None
 
 
+#: What Kubernetes sets in every pod for each Service of its namespace (``<NAME>_SERVICE_HOST``,
+#: ``<NAME>_PORT_8786_TCP_ADDR``...; Docker's links did the same): a Service called
+#: ``modelfactory-scheduler`` (as ``kube.attach`` names one) or ``modelfactory-kube-<id>`` gave
+#: every pod of the namespace variables that stopped its jobs as unknown settings.  Not ours.
+_SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$")
+
 #: The unknown variables warned about already: once a process, not once a job (a notebook runs
 #: many, and the CLI reads the settings more than once).
 _WARNED: set[str] = set()
@@ -502,7 +508,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
             continue
         name = _ENV_TO_NAME.get(var) or ENV_ALIASES.get(var)
         if name is None:
-            _unknown_env(var)
+            if not _SERVICE_LINK.search(var):
+                _unknown_env(var)
             continue
         if value.strip() == "":
             continue  # an empty variable counts as unset

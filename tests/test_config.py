@@ -476,6 +476,22 @@ def test_known_variables_are_not_warned_about(warned):
     assert warned.records == []
 
 
+def test_kubernetes_service_variables_are_neither_errors_nor_warnings(warned):
+    """Kubernetes gives every pod <SERVICE>_SERVICE_HOST, _PORT, _PORT_<n>_TCP... for each Service of
+    its namespace: a Service called modelfactory-scheduler (or modelfactory-kube-<id>, or
+    modelfactory) stopped every job in the namespace as an unknown setting, or warned 8 times."""
+    env = {}
+    for service in ("MODELFACTORY_SCHEDULER", "MODELFACTORY_KUBE_AB12CD", "MODELFACTORY"):
+        env.update({f"{service}_SERVICE_HOST": "10.0.0.1", f"{service}_SERVICE_PORT": "8786",
+                    f"{service}_SERVICE_PORT_TCP_COMM": "8786", f"{service}_PORT": "tcp://10.0.0.1:8786",
+                    f"{service}_PORT_8786_TCP": "tcp://10.0.0.1:8786", f"{service}_PORT_8786_TCP_PROTO": "tcp",
+                    f"{service}_PORT_8786_TCP_PORT": "8786", f"{service}_PORT_8786_TCP_ADDR": "10.0.0.1"})
+    assert load_settings(env=env) == Settings()
+    assert warned.records == []
+    with pytest.raises(ClusterError, match="did you mean MODELFACTORY_WORKERS"):  # still: a misspelt setting
+        load_settings(env={**env, "MODELFACTORY_WROKERS": "2"})
+
+
 def test_the_scheduler_variable_is_the_cluster_setting_as_the_flag_is():
     # --scheduler and --cluster are one option (the cluster setting); MODELFACTORY_SCHEDULER=tcp://...
     # was ignored, and the job ran on a LocalCluster
