@@ -7,6 +7,8 @@ spikes, Hive-partitioned by ``app``: ``app=app-03/part-0.parquet`` with columns
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +22,11 @@ __all__ = ["make_table", "write_dataset", "demo_params", "DAYS"]
 #: Days of data the demo writes by default: four weeks, so that ``seasonal`` can learn the weekly
 #: cycle with four values in each hour of the week.
 DAYS = 28
-#: The file :func:`write_dataset` leaves beside the data, by which it knows a folder it may replace.
+#: The file :func:`write_dataset` leaves beside the data, by which it knows a folder it may replace
+#: ("_" and no "=": not data, by Spark's rule, to every reader).
 MARKER = "_demo.json"
+#: The data files :func:`write_dataset` writes (Arrow's names): the only files it removes.
+_DEMO_FILE = re.compile(r"app=[^/]+/part-\d+\.parquet")
 
 _START = np.datetime64("2026-01-05T00:00:00", "s")  # a Monday
 
@@ -65,9 +70,9 @@ def write_dataset(path: str, series: int = 10_000, *, days: int = DAYS, apps: in
     """Write the demo dataset at ``path``, Hive-partitioned by ``app``; return the path.
 
     The folder then holds this dataset and nothing else: a demo dataset written there before (it
-    leaves a ``_demo.json``) is replaced whole.  A folder that holds anything else is refused:
-    Arrow's writer replaced only the ``app=`` folders it wrote, so a smaller demo written over a
-    larger one was trained on the rows of both.
+    leaves a ``_demo.json``, written first) is replaced, file by file.  A folder that holds anything
+    else is refused, and nothing in it is removed: Arrow's writer replaced only the ``app=``
+    folders it wrote, so a smaller demo written over a larger one was trained on the rows of both.
 
     >>> import tempfile, pyarrow.dataset as ds
     >>> path = write_dataset(tempfile.mkdtemp() + "/data", series=30, days=2, apps=3)
@@ -81,20 +86,31 @@ def write_dataset(path: str, series: int = 10_000, *, days: int = DAYS, apps: in
     loc = Location.of(path, storage_options)
     fs = loc.fs
     held = loc.sizes()
-    if held and MARKER not in held:
-        shown = ", ".join(sorted(held)[:3]) + (", ..." if len(held) > 3 else "")
-        raise StoreError(f"{loc.url!r} holds files that are not a demo dataset ({shown}): the demo writes its "
-                         "data into a folder of its own. Pick another folder, or empty this one.")
-    if held:
-        loc.rm(recursive=True)  # an earlier demo dataset, whole
+    others = sorted(p for p in held if p != MARKER and not _DEMO_FILE.fullmatch(p))
+    if held and (MARKER not in held or others):
+        shown = others or sorted(held)
+        listed = ", ".join(shown[:3]) + (", ..." if len(shown) > 3 else "")
+        why = ("Pick another folder, or remove them" if MARKER in held else
+               "Pick another folder, or empty this one (if it is an earlier demo's data: a version before the "
+               f"{MARKER} marker, or a write that stopped before it, remove the folder)")
+        raise StoreError(f"{loc.url!r} holds files that are not the demo's ({listed}): the demo writes its data "
+                         f"into a folder of its own, and removes only what it wrote there. {why}.")
+    if held:  # an earlier demo's files, and only they
+        fs.rm([loc.path(p) for p in held])
+        if loc.is_local:  # its app= folders, empty now
+            for folder in sorted({loc.path(p.split("/", 1)[0]) for p in held if "/" in p}):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
     fs.makedirs(loc.root, exist_ok=True)
+    # first: a write that stops half-way leaves a folder the next demo knows for its own
+    loc.write_bytes(MARKER, json.dumps({"series": series, "days": days, "seed": seed}).encode())
     part = ds.partitioning(pa.schema([("app", pa.string())]), flavor="hive")
     ds.write_dataset(table, loc.root, filesystem=fs, format="parquet", partitioning=part,
                      existing_data_behavior="delete_matching",
                      min_rows_per_group=128 * 1024, max_rows_per_group=1024 * 1024,
                      file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"))
-    # ("_" and no "=": not data, by Spark's rule, to every reader)
-    loc.write_bytes(MARKER, json.dumps({"series": series, "days": days, "seed": seed}).encode())
     return path
 
 

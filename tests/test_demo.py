@@ -83,8 +83,23 @@ def test_a_demo_into_an_earlier_demo_replaces_its_data_and_refuses_other_files(t
     (other / "metrics.csv").write_text("ts,value\n")
     assert main(["demo", "--out", str(other.parent), "--series", "4", "--days", "2", *base]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "holds files that are not a demo dataset (metrics.csv)" in err
+    assert err.startswith("error: ") and "holds files that are not the demo's (metrics.csv)" in err
     assert [p.name for p in other.iterdir()] == ["metrics.csv"]
+    # a file of the user's put beside an earlier demo's: refused, not removed with the demo's
+    notes = out / "data" / "notes" / "important.txt"
+    notes.parent.mkdir()
+    notes.write_text("keep me")
+    with pytest.raises(modelfactory.exceptions.StoreError, match=r"not the demo's \(notes/important.txt\)"):
+        demo.write_dataset(str(out / "data"), series=4, days=2)
+    assert notes.read_text() == "keep me" and ds.dataset(str(out / "data" / "app=app-00")).count_rows() > 0
+    # a write that stopped half-way (the marker goes first): the next demo replaces it
+    notes.unlink()
+    notes.parent.rmdir()
+    for f in (out / "data").glob("app=*/*.parquet"):
+        f.unlink()
+    assert [p.name for p in (out / "data").iterdir() if p.is_file()] == ["_demo.json"]
+    demo.write_dataset(str(out / "data"), series=4, days=2)
+    assert ds.dataset(str(out / "data"), partitioning="hive").count_rows() == 4 * 48
 
 
 def test_a_demo_stopped_by_ctrl_c_says_to_run_the_demo_again(tmp_path, capsys, monkeypatch):
