@@ -805,11 +805,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status (0 ok, 2 bad input or library error, 1 internal error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    before = list(logging.getLogger().handlers)  # a caller's own (main() run in a notebook): left alone
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # a warning reads as the CLI's own "warning:" lines do; -v names the logger
         for handler in logging.getLogger().handlers:
-            handler.setFormatter(_WarningFormatter("%(levelname)s %(name)s: %(message)s"))
+            if handler not in before:
+                handler.setFormatter(_WarningFormatter("%(levelname)s %(name)s: %(message)s"))
     with _dask_logs(args.verbose), _sigterm_as_interrupt() as terminated:
         return _run(args, terminated)
 
@@ -844,7 +846,10 @@ class _WarningFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if record.levelno == logging.WARNING:
-            return f"warning: {record.getMessage()}"
+            text = f"warning: {record.getMessage()}"
+            if record.exc_info:  # (as logging's own formatter adds it)
+                text = f"{text}\n{self.formatException(record.exc_info)}"
+            return text
         return super().format(record)
 
 

@@ -1076,3 +1076,23 @@ def test_storage_options_the_storage_library_refuses_are_one_error_line(tmp_path
     assert main(["models", "list", "--store", "s3://mf-nowhere/x", "--config", str(tmp_path / "job.toml")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: the storage library refused its settings: ") and "[storage_options]" in line, line
+
+
+def test_main_in_a_process_with_its_own_logging_leaves_that_logging_as_it_was(tmp_path, capsys):
+    """main() run in-process (a notebook, a scheduler's task) gave the caller's own log handlers its
+    'warning: ...' format, for good."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("APP %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        assert main(["models", "list", "--store", str(tmp_path / "none")]) == 2
+        logging.getLogger("someapp").warning("after")
+    finally:
+        root.removeHandler(handler)
+    assert stream.getvalue().splitlines()[-1] == "APP WARNING someapp after"
+    assert handler.formatter._fmt == "APP %(levelname)s %(name)s %(message)s"
