@@ -386,7 +386,25 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, *, cli: boo
             raise StoreError(f"The output folder {out!r} {'is' if store == sink.url else 'lies inside'} "
                              f"a model store ({store!r}, the runs of {store!r}): overwrite would delete its runs. "
                              "Nothing was removed; pick another output folder.")
+        inner = _stores_within(sink)
+        if inner:  # another job's store in a subfolder (--out jobs/errors for jobs/errors/scores)
+            raise StoreError(f"The output folder {out!r} holds the model store {inner[0]!r} (its LATEST or runs/): "
+                             "overwrite would delete its runs. Nothing was removed; pick another output folder.")
     return sink
+
+
+def _stores_within(sink: Location) -> list[str]:
+    """The model stores in the folders under ``sink`` (a ``LATEST``, or a run's ``manifest.json`` or
+    ``pending.json`` under ``runs/``), as URLs; one listing of ``sink``."""
+    import re
+
+    try:
+        rels = [p[len(sink.root.rstrip("/")) + 1:] for p in sink.fs.find(sink.root)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    roots = {r.rsplit("/", 1)[0] for r in rels if r.endswith("/LATEST")}
+    roots |= {m[1] for r in rels if (m := re.match(r"(.+?)/runs/[^/]+/(?:manifest|pending)\.json$", r))}
+    return sorted(f"{sink.url.rstrip('/')}/{r}" for r in roots)
 
 
 def _model_store_at(sink: Location) -> str | None:

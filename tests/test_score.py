@@ -1393,6 +1393,18 @@ def test_overwrite_refuses_an_output_folder_in_another_model_store(tmp_path):
     (tmp_path / "other" / "notes" / "a.txt").write_text("x")
     modelfactory.score(str(tmp_path / "flat.parquet"), store=store, out=f"{other}/notes", overwrite=True,
                        cluster="inline")
+    # a folder that holds another job's store (--out jobs/errors for jobs/errors/scores): emptied,
+    # with the store in it, and the job said "ok"
+    nested = str(tmp_path / "jobs" / "errors" / "store")
+    modelfactory.train(str(tmp_path / "flat.parquet"), by=["shard"], time="ts", target="value", store=nested,
+                       cluster="inline")
+    (tmp_path / "jobs" / "errors" / "notes.txt").write_text("x")
+    for out in (tmp_path / "jobs" / "errors", tmp_path / "jobs"):
+        with pytest.raises(StoreError, match=rf"holds the model store '{nested}' \(its LATEST or runs/\): overwrite "
+                                             r"would delete its runs\. Nothing was removed"):
+            modelfactory.score(str(tmp_path / "flat.parquet"), store=store, out=str(out), overwrite=True,
+                               cluster="inline")
+    assert modelfactory.ModelStore(nested).latest() and (tmp_path / "jobs" / "errors" / "notes.txt").exists()
 
 
 def test_a_detector_without_the_target_scores_groups_whose_target_is_missing(tmp_path):
