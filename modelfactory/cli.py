@@ -618,8 +618,11 @@ def _show(st, args, parse_key) -> int:
     if need:  # pickled user models: what score checks that every worker imports
         print("its models need " + ", ".join(need))
     if man.get("lineage", {}).get("retrain"):
+        carried = man["lineage"].get("carried_over") or {}  # run -> groups whose models were copied from it
+        said = (", ".join(f"{n:,} from {r}" for r, n in carried.items()) if isinstance(carried, dict)
+                else str(carried)) or "none"
         print(f"retrained {man['lineage']['retrain']} groups of {man['lineage']['base_run']}; "
-              f"carried over {man['lineage']['carried_over']}")
+              f"carried over {said}")
         if man["lineage"].get("not_in_input"):  # scoring with this run skips them: "no model for this group"
             from .store import left_out_text
 

@@ -602,6 +602,9 @@ def test_a_retrain_says_how_many_groups_it_refit_and_carried_over(tmp_path, caps
     assert f"retrain (changed) of run {first}: 0 groups refit, 4 carried over\n" in capsys.readouterr().out
     assert main([*common, "--only-failed", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["retrain"]["carried_over"] == 4
+    # models show said "carried over {'<run>': 4}" (a Python dict), or "carried over {}"
+    assert main(["models", "show", "--store", str(tmp_path / "s")]) == 0
+    assert re.search(rf"\nretrained failed groups of \S+; carried over 4 from {first}\n", capsys.readouterr().out)
 
 
 def test_filter_given_as_text_from_python_is_read_as_the_clis_where(tmp_path, capsys):
