@@ -369,6 +369,10 @@ def _scores(f: _Facts) -> str:
                    f"not of run {esc(f.manifest['run_id'])} shown above.</p>")
     counts = {s: int((g["status"] == s).sum()) for s in _STATUS}
     out.append(f"<p>Scored: ok {counts['ok']:,}, failed {counts['failed']:,}, skipped {counts['skipped']:,}.</p>")
+    summary = f.scores_manifest.get("summary") or {}
+    for said in ("models_without_rows", "key_mismatch"):  # what the job warned of, on the page too
+        if isinstance(summary.get(said), dict) and summary[said].get("warning"):
+            out.append(f"<p class='note'>{esc(summary[said]['warning'])}.</p>")
     bad = g[g["status"] != "ok"]
     if not bad.empty:
         kinds = bad.assign(_p=bad["error"].map(_pattern)).groupby(["status", "_p"], sort=False)

@@ -746,3 +746,18 @@ def test_the_report_of_a_retrain_says_which_groups_it_fitted_and_which_it_carrie
     assert "s004" in slowest and "s000" not in slowest
     # a run that is no retrain says nothing of it
     assert "Retrain" not in " ".join(build_report(store, base.id).split())
+
+
+def test_the_report_says_which_models_had_no_row_in_the_scored_data(runs, tmp_path):
+    """score warned that two models' series sent no row (two pods deleted), and the report of those
+    scores, the page an on-call engineer reads, said nothing of them."""
+    new = pd.read_parquet(runs["new"])
+    gone = new[~new.site.isin(["site-00001", "site-00002"])].astype({"app": str})
+    data = write(pa.Table.from_pandas(gone, preserve_index=False), tmp_path / "gone", ["app"])
+    run = modelfactory.score(data, store=runs["store_seasonal"], out=str(tmp_path / "scores"), cluster="inline")
+    said = run.summary["models_without_rows"]
+    assert said["models"] == 2
+    html = build_report(runs["store_seasonal"], scores=str(tmp_path / "scores"))
+    from modelfactory.report import esc
+
+    assert esc(said["warning"]) in html and "site-00001" in html
