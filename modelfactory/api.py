@@ -1425,7 +1425,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
                     allow_empty=True)
     kept = _as_tuple(keep, "keep")
     check_columns(info, by=by_, time=sp["time"], target=sp["target"], features=feats, columns=kept,
-                  columns_role="kept (keep=, --keep)")
+                  null_target=True, columns_role="kept (keep=, --keep)")
     # the run's names: a clash is fixed by training again on renamed columns
     _refuse_reserved_names("score", keys=by_, of=f" of run {man['run_id']}", fix=TRAIN_AGAIN,
                            scored=scored_columns(sp["time"], sp["target"], feats))

@@ -888,9 +888,11 @@ def _is_numeric(t: pa.DataType) -> bool:
 def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = None,
                   target: str | None = None, features: tuple[str, ...] = (),
                   columns: tuple[str, ...] = (), allow_null_keys: bool = False,
-                  columns_role: str = "requested") -> None:
+                  columns_role: str = "requested", null_target: bool = False) -> None:
     """Check up front that the named columns exist with usable types (``columns_role``: what
-    ``columns`` are, for the message: "requested", or "kept (keep=, --keep)").
+    ``columns`` are, for the message: "requested", or "kept (keep=, --keep)").  ``null_target``:
+    a target of Parquet type null (every value missing: pandas writes a column of None so) is
+    taken, as a scoring job takes missing values (its groups are skipped, saying so).
 
     Raises :class:`SchemaError` naming the column, its type, the columns that
     do exist, and what to do.
@@ -953,10 +955,10 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
             )
     if target is not None:
         t = need(target, "target")
-        if pa.types.is_null(t):
-            raise SchemaError(f"The target column {target!r} holds only nulls in every file of {url!r} "
-                              "(Parquet type null); it must hold numbers.")
-        if not _is_numeric(t):
+        if pa.types.is_null(t) and not null_target:
+            raise SchemaError(f"The target column {target!r} holds only nulls in every file of {url!r} the job "
+                              "reads (Parquet type null: pandas writes a column of None so); it must hold numbers.")
+        if not _is_numeric(t) and not pa.types.is_null(t):
             fix = (f" Write it as 0 and 1 (pandas: df[{target!r}].astype('int8'))" if pa.types.is_boolean(t) else
                    f" Write it as numbers (pandas: pd.to_numeric(df[{target!r}]))" if pa.types.is_string(t)
                    or pa.types.is_large_string(t) else "")

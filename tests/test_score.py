@@ -1456,3 +1456,25 @@ def test_plot_reads_the_time_and_target_of_scores_that_keep_more_columns(tmp_pat
     assert (s.time, s.target) == (None, "bytes")
     # one of the two named: the summary gives the other (the target was left to a guess, which failed)
     assert load_series(out, "user=a", time="at").target == "bytes"
+
+
+def test_a_window_whose_target_is_all_null_typed_skips_its_groups_as_missing(history_and_new, tmp_path):
+    """pandas writes a column of None as Parquet type null: a window of such files stopped the whole
+    score with "the target holds only nulls in every file of <the dataset>" (not true of the dataset,
+    and not what the same window of NaN does: its groups are skipped, saying why)."""
+    from modelfactory.exceptions import SchemaError
+
+    old, new = history_and_new
+    store = str(tmp_path / "store")
+    modelfactory.train(old, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    window = pd.read_parquet(new).astype({"app": str})
+    window = window[window.app == window.app.iloc[0]].assign(value=None)
+    path = write(pa.Table.from_pandas(window, preserve_index=False), tmp_path / "window", ["app"])
+    assert pa.types.is_null(modelfactory.dataset.discover(path).schema.field("value").type)
+    run = modelfactory.score(path, store=store, out=str(tmp_path / "s"), cluster="inline")
+    assert run.summary["counts"]["ok"] == 0 and run.summary["counts"]["skipped"] == window.site.nunique()
+    assert set(run.groups["error"]) >= {"every one of its 48 'value' values is missing (NaN or null): nothing to "
+                                        "score; its rows carry the expected values"}
+    with pytest.raises(SchemaError, match="holds only nulls in every file of .* the job reads"):
+        modelfactory.train(path, by=["app", "site"], time="ts", target="value", store=str(tmp_path / "s2"),
+                           cluster="inline")
