@@ -902,9 +902,14 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
 
     def need(col: str, role: str) -> pa.DataType:
         if col not in names:
+            inside = re.search(rf"(?:^|/){re.escape(col)}=([^/]+)", url.rstrip("/"))
+            # pointed at one key folder (data/app=app-00): its value is in the path, not a column
+            hint = (f" The path is inside the partition folder {col}={inside[1]}: point at the dataset's own folder "
+                    f"(above the {col}= folders) and select with --where \"{col} = '{inside[1]}'\" "
+                    f"(filter=ds.field({col!r}) == {inside[1]!r}).") if inside else ""
             raise SchemaError(
                 f"The {role} column {col!r} is not in the dataset at {url!r}. "
-                f"Columns: {', '.join(names)}."
+                f"Columns: {', '.join(names)}.{hint}"
             )
         if col in info.conflicts:
             ta, fa, tb, fb = info.conflicts[col]

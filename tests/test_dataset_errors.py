@@ -511,3 +511,16 @@ def test_a_listing_that_fails_for_the_files_versions_is_an_error_not_another_fin
     with pytest.raises(DatasetError, match=r"Cannot list the files under 'bucket/data' for their sizes and versions: "
                                            r"RuntimeError: the storage hung up\. Try again once the storage answers\."):
         _stamps(Hangs(), "bucket/data", ["bucket/data/x.parquet"], False)
+
+
+def test_a_path_inside_a_key_folder_says_to_point_above_it_and_filter(tmp_path):
+    """score data/app=app-00 said only that 'app' is not a column: its value is in the path."""
+    from modelfactory.exceptions import SchemaError
+
+    data = modelfactory.demo.write_dataset(str(tmp_path / "data"), series=4, days=2, apps=2)
+    with pytest.raises(SchemaError, match=r"The key column 'app' is not in the dataset at .*app=app-00'\. Columns: "
+                                          r"site, ts, value\. The path is inside the partition folder app=app-00: point "
+                                          r"at the dataset's own folder \(above the app= folders\) and select with "
+                                          r"--where \"app = 'app-00'\""):
+        modelfactory.train(f"{data}/app=app-00", by=["app", "site"], time="ts", target="value",
+                           store=str(tmp_path / "s"), cluster="inline")
