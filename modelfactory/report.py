@@ -149,6 +149,8 @@ def _collect(store: Any, run: str, scores: Any, top: int, storage_options: dict 
     if not isinstance(store, ModelStore) and st.latest_named() == "no run" and not st.runs():
         from .exceptions import StoreError
 
+        if st.location.exists("runs"):  # a store whose one run was interrupted: its manifest() says so
+            st.manifest(run)
         raise StoreError(f"No model store at {st.location.url!r} (no committed run there). Pass the store= "
                          "folder of modelfactory.train (python -m modelfactory train ... --store STORE).")
     man = st.manifest(run)

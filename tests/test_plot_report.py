@@ -761,3 +761,18 @@ def test_the_report_says_which_models_had_no_row_in_the_scored_data(runs, tmp_pa
     from modelfactory.report import esc
 
     assert esc(said["warning"]) in html and "site-00001" in html
+
+
+def test_the_report_of_a_store_whose_one_run_was_interrupted_says_so(tmp_path, monkeypatch):
+    """'No model store at ... (no committed run there)', where score and models show say the run was
+    interrupted and how to finish it."""
+    data = modelfactory.demo.write_dataset(str(tmp_path / "data"), series=4, days=3)
+    store = str(tmp_path / "store")
+    monkeypatch.setattr(modelfactory.api, "run_units", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        modelfactory.train(data, by=["app", "site"], time="ts", target="value", store=store, cluster="inline")
+    monkeypatch.undo()
+    [pending] = modelfactory.ModelStore(store).pending()
+    with pytest.raises(StoreError, match=rf"has no committed run yet: its run {pending['run_id']} was interrupted\. "
+                                         rf"Finish it with train --resume {pending['run_id']}"):
+        build_report(store)
