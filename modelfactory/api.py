@@ -869,8 +869,14 @@ def train(data: str, *, by: Sequence[str] | str, store: str, model: Any = "seaso
         summary["resumed"] = resumed
     if retrain is not None:
         kept = sum(carried.values())  # what the retrain did, where its summary is read (the CLI's, --json)
+        lost = sum(r.lost for r in results)
         summary["retrain"] = {"mode": retrain, "base_run": base_id, "refit": summary["groups"] - kept,
-                              "carried_over": kept}
+                              "carried_over": kept, "lost": lost}
+        if lost:  # a nightly retrain that could not refit a group took its working model away, exit 0
+            log.warning("%d group(s) had a model in run %s whose refit in run %s failed or was skipped: this run has "
+                        "no model for them (each one's error says why). Score them with run=%r (--run) until they "
+                        "refit, or fix their data and retrain them (retrain='failed', --only-failed)", lost, base_id,
+                        run_id, base_id)
         lineage["not_in_input"] = _base_groups_left_out(st, base_id, by_, [p for r in results for p in r.parts])
         if lineage["not_in_input"]:
             log.warning("%d group(s) of run %s are not in this input, so run %s has no model for them: a retrain's "

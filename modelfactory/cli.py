@@ -367,8 +367,9 @@ def _print_summary(run, args, where: str) -> None:
         print(f"resumed run {run.id}" if s["resumed"] else "nothing to resume: a new run")
     if s.get("retrain"):
         r = s["retrain"]
+        lost = r.get("lost") or 0  # had a model in the base run, and none in this one
         print(f"retrain ({r['mode']}) of run {r['base_run']}: {r['refit']:,} group{'' if r['refit'] == 1 else 's'} "
-              f"refit, {r['carried_over']:,} carried over")
+              f"refit, {r['carried_over']:,} carried over" + (f", {lost:,} left without a model" if lost else ""))
     by = getattr(args, "by", None) or s.get("spec", {}).get("by")  # train's --by; score's from its models
     shown = run.errors[:5]
     for key, err in shown:

@@ -666,6 +666,10 @@ def check_claim(spec: JobSpec, unit_id: str) -> None:
                          f"nothing, and the files in {spec.sink.url!r} stay as the run's manifest lists them.")
 
 
+#: What the error of a retrain's group says when its refit failed where the base run had a model.
+LOST_MODEL = "has a model for this group, which this run does not carry over"
+
+
 @dataclass
 class UnitResult:
     """The small summary a unit sends back to the client."""
@@ -687,6 +691,7 @@ class UnitResult:
     # merge_results); otherwise each part holds all of ``leaves``
     part_leaves: list[list[tuple]] | None = None
     carried: dict[str, int] = field(default_factory=dict)  # models carried over, by the run that fitted them
+    lost: int = 0  # a retrain's groups whose refit failed or was skipped, that had a model in the base run
     anomalies: int = 0  # anomalous points (scoring)
     imports: list[str] = field(default_factory=list)  # what loading its pickled models imports (training)
 
@@ -1208,6 +1213,8 @@ def summarize(spec: JobSpec, unit_id: str, gt: pa.Table) -> UnitResult:
         for item in pc.value_counts(gt["fitted_in"]).to_pylist():
             if item["values"] not in (None, spec.run_id):
                 res.carried[item["values"]] = item["counts"]
+    if spec.retrain and res.counts.get("ok", 0) < res.groups:
+        res.lost = int(pc.sum(pc.match_substring(gt["error"].cast(pa.string()), LOST_MODEL)).as_py() or 0)
     if spec.leaf_keys:
         res.leaves = sorted(set(zip(*[gt[k].to_pylist() for k in spec.leaf_keys])),
                             key=lambda k: tuple(str(v) for v in k))
@@ -1378,11 +1385,14 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
 
         base = load_model_rows(spec.models, groups, spec.by, extra=("rows", "seconds", "fingerprint", "fitted_in"))
         keep = []
+        had = {}  # group -> the run whose model it had (a refit that fails takes it away: LOST_MODEL)
         for i, key in enumerate(groups.key_tuples()):
             row = base.get(key)
             if row is None or (row["status"] != "ok" if spec.retrain == "failed"
                                else row["fingerprint"] != prints[i]):
                 keep.append(i)
+                if row is not None and row["status"] == "ok":
+                    had[i] = row["fitted_in"] or spec.models.run_id
                 continue
             status[i], errors[i], blobs[i] = row["status"], row["error"], row["model"]
             seconds[i], fitted_in[i] = row["seconds"], row["fitted_in"] or spec.models.run_id
@@ -1391,6 +1401,8 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
             if row["rows"] is not None:
                 nrows[i] = row["rows"]
         todo = np.asarray(keep, dtype=np.int64)
+    else:
+        had = {}
     fitting = set(todo.tolist())
     unusable = {i: why for i, why in unusable.items() if i in fitting}  # not the ones carried over
     if unusable:  # groups whose times no series model can use fail alone, not with their batch
@@ -1417,6 +1429,9 @@ def _train(spec: JobSpec, groups: Groups) -> dict:
                 blobs[i], status[i] = _serialize(f, m.serializer), "ok"
             except Exception as err:  # noqa: BLE001
                 status[i], errors[i] = "failed", _unserialisable(f, m.serializer, err)
+    for i, run in had.items():  # a nightly retrain that could not refit a group took its working model away
+        if status[i] != "ok":
+            errors[i] = f"{errors[i]} (run {run} {LOST_MODEL}: score the group with run={run!r} (--run {run}) until it refits)"
     return {"status": status, "error": errors, "seconds": seconds, "nrows": nrows,
             "extra_columns": {"model": pa.array(blobs, pa.binary()),
                               "fingerprint": pa.array(prints, pa.binary(8)),
@@ -1447,6 +1462,7 @@ def merge_results(unit_id: str, results: list[UnitResult]) -> UnitResult:
             out.counts[k] = out.counts.get(k, 0) + v
         for k, v in r.carried.items():
             out.carried[k] = out.carried.get(k, 0) + v
+        out.lost += r.lost
         for k, v in r.problems.items():
             out.problems[k] = out.problems.get(k, 0) + v
         out.problems_cut += r.problems_cut

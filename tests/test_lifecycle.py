@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from _data import metrics_table, write
 from _slow_model import SlowSeasonal
@@ -241,6 +242,33 @@ def _rewrite_site(table: pa.Table, root: Path, site: str, change) -> None:
     rows.to_parquet(part, index=False)
 
 
+def test_a_retrain_that_cannot_refit_a_group_says_it_left_the_group_without_its_model(tmp_path, caplog, capsys):
+    """A nightly --only-changed retrain whose refit of a group failed (a file delivered twice: repeated
+    timestamps) committed 'ok 3, failed 1', exit 0, and the next score skipped the group with 'no
+    model', though the base run had a working one: nothing said a model had been lost."""
+    from modelfactory.cli import main
+
+    t = metrics_table(series=4, hours=72, apps=1)
+    data = write(t, tmp_path / "d", ["site"])
+    store = str(tmp_path / "s")
+    first = modelfactory.train(data, store=store, cluster="inline", **ARGS)
+    (part,) = list((tmp_path / "d" / "site=s002").glob("*.parquet"))
+    pq.write_table(pq.read_table(part), part.with_name("again.parquet"))  # delivered twice
+    with caplog.at_level("WARNING", logger="modelfactory.api"):
+        second = modelfactory.train(data, store=store, cluster="inline", retrain="changed", **ARGS)
+    assert second.summary["counts"] == {"ok": 3, "failed": 1, "skipped": 0}
+    assert second.summary["retrain"] == {"mode": "changed", "base_run": first.id, "refit": 1, "carried_over": 3,
+                                         "lost": 1}
+    error = second.groups.set_index("site").loc["s002", "error"]
+    assert error.endswith(f"(run {first.id} has a model for this group, which this run does not carry over: score "
+                          f"the group with run={first.id!r} (--run {first.id}) until it refits)"), error
+    [said] = [r.getMessage() for r in caplog.records if "whose refit" in r.getMessage()]
+    assert said.startswith(f"1 group(s) had a model in run {first.id} whose refit in run {second.id} failed")
+    assert main(["train", data, "--by", "app,site", "--time", "ts", "--target", "value", "--store", store,
+                 "--scheduler", "inline", "--only-changed", "--base", first.id]) == 0
+    assert ", 3 carried over, 1 left without a model\n" in capsys.readouterr().out
+
+
 def test_only_changed_retrains_the_groups_whose_data_changed(tmp_path):
     t = metrics_table(series=4, hours=72, apps=1)
     data = write(t, tmp_path / "d", ["site"])
@@ -252,7 +280,8 @@ def test_only_changed_retrains_the_groups_whose_data_changed(tmp_path):
     assert list(tab.index[tab.fitted_in == second.id]) == ["s002"]
     assert modelfactory.ModelStore(store).manifest()["lineage"]["carried_over"] == {first.id: 3}
     # the summary says it too (the CLI printed "4 groups, ok 4" and nothing of what was refit)
-    assert second.summary["retrain"] == {"mode": "changed", "base_run": first.id, "refit": 1, "carried_over": 3}
+    assert second.summary["retrain"] == {"mode": "changed", "base_run": first.id, "refit": 1, "carried_over": 3,
+                                         "lost": 0}
     assert "retrain" not in first.summary
     old = modelfactory.ModelStore(store).load({"app": "app0", "site": "s002"}, run=first.id)
     new = modelfactory.ModelStore(store).load({"app": "app0", "site": "s002"})
