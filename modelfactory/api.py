@@ -975,7 +975,7 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         fsspec options for ``s3://`` and other remote paths of ``data`` and ``out``.
     overwrite : bool
         Empty a non-empty ``out`` folder (right before the units run) instead of refusing it
-        (default False).  A folder that is a model store, or holds the input, is refused even so.
+        (default False).  A folder that is, or holds, a model store or the input is refused even so.
     config : str or path, optional
         A TOML settings file (default: ``$MODELFACTORY_CONFIG``, if set).
     progress : bool
@@ -1379,7 +1379,7 @@ def score(data: str, *, store: str, out: str, run: str = "latest", cluster: Any 
         fsspec options for ``s3://`` and other remote paths of the data, the store and ``out``.
     overwrite : bool
         Empty a non-empty ``out`` folder (right before the units run) instead of refusing it
-        (default False).  A folder that is a model store, or holds the input, is refused even so.
+        (default False).  A folder that is, or holds, a model store or the input is refused even so.
     trust : bool
         Allow loading a run of pickled user models (not built-in ones), which runs code from the
         store: only for a store you trust (default False: such a run is refused).
