@@ -523,8 +523,17 @@ def _cmd_models_list(args) -> int:
             if r["commit_interrupted"]:
                 print(f"    (its train stopped before moving LATEST: train --resume {r['run']} finishes the commit)")
         for rid in pending:
-            print(f"  {rid}  (interrupted: its record cannot be read, so it cannot be resumed; models gc --pending "
-                  "removes it)" if rid in cannot else f"  {rid}  (interrupted: resume with train --resume {rid})")
+            if rid in cannot:
+                print(f"  {rid}  (interrupted: its record cannot be read, so it cannot be resumed; models gc --pending "
+                      "removes it)")
+            elif latest is not None and rid < latest:  # (run ids begin with their start time)
+                # a nightly run killed, then the next night's committed: the resume listed here was
+                # refused ("started for another job or input") once the input had changed
+                print(f"  {rid}  (interrupted, before run {latest} was committed: train --resume {rid} resumes it "
+                      "only on the input and with the arguments it started with; models gc --pending removes it, "
+                      "once no train runs into this store)")
+            else:
+                print(f"  {rid}  (interrupted: resume with train --resume {rid} and the arguments it started with)")
     if unreadable:
         rid, why = unreadable[0]
         more = f" {len(unreadable) - 1} more run(s) cannot be read either." if len(unreadable) > 1 else ""

@@ -802,3 +802,22 @@ def test_a_train_runs_way_to_its_own_models_names_the_run(by_app, tmp_path):
     key = first.groups.iloc[0][["app", "site"]].to_dict()
     assert first.store.load(key, run=first.id).season_length == 24
     assert first.store.load(key).season_length == 12  # what the old advice gave
+
+
+def test_models_list_says_an_interrupted_run_older_than_latest_may_be_stale(by_app, tmp_path, capsys, monkeypatch):
+    """A nightly run killed, then the next night's committed: `models list` kept advising
+    `train --resume OLD`, which the changed input then refused, for good."""
+    store = str(tmp_path / "s")
+    monkeypatch.setattr(modelfactory.api, "run_units", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        modelfactory.train(by_app, store=store, cluster="inline", **ARGS)
+    monkeypatch.undo()
+    [old] = [p["run_id"] for p in modelfactory.ModelStore(store).pending()]
+    assert main(["models", "list", "--store", store]) == 0
+    assert f"  {old}  (interrupted: resume with train --resume {old} and the arguments it started with)\n" in \
+        capsys.readouterr().out
+    new = modelfactory.train(by_app, store=store, cluster="inline", **ARGS).id
+    assert main(["models", "list", "--store", store]) == 0
+    assert (f"  {old}  (interrupted, before run {new} was committed: train --resume {old} resumes it only on the "
+            "input and with the arguments it started with; models gc --pending removes it, once no train runs "
+            "into this store)\n") in capsys.readouterr().out
