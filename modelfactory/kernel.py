@@ -157,13 +157,24 @@ class CodeUnavailable:
 
 
 def _job_spec(code: bytes, state: dict, digests: dict | None = None) -> JobSpec:
-    import pickle
-
+    """A :class:`JobSpec` rebuilt from its pickle, its code (function, model class) still bytes:
+    they are loaded on first use (:class:`_Code`), by the unit that runs them."""
     spec = object.__new__(JobSpec)
     for name, value in state.items():
         object.__setattr__(spec, name, value)
+    spec.__dict__["_code"] = code
+    spec.__dict__["_digests"] = digests
+    return spec
+
+
+def _load_code(spec: JobSpec) -> None:
+    """Load the function and model class of a spec rebuilt from its pickle (:func:`_job_spec`),
+    or a :class:`CodeUnavailable` saying why they cannot be (see :meth:`JobSpec.__reduce__`)."""
+    import pickle
+
+    code, digests = spec.__dict__.get("_code"), spec.__dict__.get("_digests")
     try:
-        func, model = pickle.loads(code)
+        func, model = pickle.loads(code) if code is not None else (None, None)
     except Exception as err:  # noqa: BLE001 - any failure to load user code is this worker's to report
         func = model = CodeUnavailable(_load_error(err))
     else:
@@ -171,11 +182,41 @@ def _job_spec(code: bytes, state: dict, digests: dict | None = None) -> JobSpec:
             func = model = CodeUnavailable(f"{', '.join(stale)} differs from the client's (its module was imported "
                                            "here from another file, or in another version, or before it changed)",
                                            stale=True)
-    object.__setattr__(spec, "func", func)
-    object.__setattr__(spec, "model", model)
-    object.__setattr__(spec, "_code", code)
-    object.__setattr__(spec, "_digests", digests)
-    return spec
+    spec.__dict__.setdefault("func", func)
+    spec.__dict__.setdefault("model", model)
+
+
+class _Code:
+    """:attr:`JobSpec.func` and :attr:`JobSpec.model`: as given to a spec made here; loaded from
+    the pickled code on first use in a spec rebuilt from its pickle (:func:`_load_code`).
+
+    Loaded when the spec was rebuilt, the code was loaded wherever that happened, and a
+    LocalCluster's scheduler runs in the client's process (a notebook's kernel), where it
+    rebuilds each task's spec from the graph: unpickling a class sent by value there, cloudpickle
+    found the user's live class by its tracking id and set the pickled methods on it, whose
+    globals are a copy: a later cell's ``K = 5`` or redefined helper no longer reached the class,
+    in local fits and later trains alike, without a word.  Only a unit's task uses the code now,
+    in the worker that runs it.
+    """
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None  # (the dataclass default)
+        if self.name not in obj.__dict__:
+            _load_code(obj)
+        return obj.__dict__[self.name]
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.name] = value
+
+
+for _name in ("func", "model"):
+    _field = _Code()
+    _field.__set_name__(JobSpec, _name)
+    setattr(JobSpec, _name, _field)
 
 
 def _load_error(err: BaseException) -> str:

@@ -433,3 +433,41 @@ def test_every_parameter_of_the_public_functions_is_documented(name):
     assert [p for p in params if p not in documented] == [], f"{name}: not documented"
     assert [p for p in documented if p not in params] == [], f"{name}: documented, but no such parameter"
     assert documented == params, f"{name}: documented in another order than the signature's"
+
+
+LEVEL = 1.0  # read by the class below at fit time, as a notebook's constant would be
+
+
+def test_training_a_class_sent_by_value_leaves_the_users_class_reading_its_globals(by_app, tmp_path, client):
+    """A model class defined where cloudpickle sends it by value (a notebook's cell; here a
+    function's body), trained on a LocalCluster, whose scheduler runs in this process and rebuilt
+    each task's spec there: cloudpickle found the live class by its tracking id and set the
+    pickled methods on it, whose globals are a copy. A later `LEVEL = 5` no longer reached the
+    class, in local fits and later trains alike."""
+    global LEVEL
+
+    class Level(Model):
+        name = "level"
+        needs_time = False
+        params = {}
+        state_attrs = ("level_",)
+
+        def _fit(self, y, t, X):
+            self.level_ = LEVEL
+
+        def _score(self, y, t, X):
+            e = np.full(len(y), self.level_)
+            return {"expected": e, "lower": e, "upper": e, "score": np.zeros(len(y)), "is_anomaly": e > e}
+
+    store = str(tmp_path / "s")
+    try:
+        LEVEL = 1.0
+        modelfactory.train(by_app, model=Level, store=store, cluster=client, **ARGS)
+        assert Level._fit.__globals__ is globals()
+        LEVEL = 5.0
+        assert Level().fit(np.arange(10.0)).level_ == 5.0
+        modelfactory.train(by_app, model=Level, store=store, cluster=client, **ARGS)
+        key = modelfactory.ModelStore(store).groups().iloc[0][["app", "site"]].to_dict()
+        assert modelfactory.ModelStore(store).load(key, trust=True).level_ == 5.0
+    finally:
+        LEVEL = 1.0
