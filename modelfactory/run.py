@@ -374,6 +374,9 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
                 hold()
         return
     if isinstance(cluster, Client):
+        if cluster.status in ("closing", "closed"):  # (a notebook's cell run again after its close cell)
+            raise ClusterError("The Client passed as cluster= is closed: make a new one "
+                               "(distributed.Client(...)), or leave cluster= out for a LocalCluster of the job's own.")
         yield cluster
         return
     if isinstance(cluster, str):
@@ -403,6 +406,9 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
                 hold()
         return
     if hasattr(cluster, "scheduler_address"):
+        if str(getattr(cluster, "status", "")).split(".")[-1].lower() in ("closing", "closed"):
+            raise ClusterError(f"The {type(cluster).__name__} passed as cluster= is closed: make a new one, or leave "
+                               "cluster= out for a LocalCluster of the job's own.")
         with _ctrl_c_held_while_closing() as hold, Client(cluster) as client:
             try:
                 yield client

@@ -471,3 +471,21 @@ def test_training_a_class_sent_by_value_leaves_the_users_class_reading_its_globa
         assert modelfactory.ModelStore(store).load(key, trust=True).level_ == 5.0
     finally:
         LEVEL = 1.0
+
+
+def test_a_closed_client_or_cluster_passed_as_cluster_is_named_as_such(by_app, tmp_path):
+    """A notebook's train cell run again after its `client.close(); cluster.close()` cell:
+    "AttributeError: 'NoneType' object has no attribute 'run_function'" through 77 lines of Dask."""
+    from distributed import Client
+
+    from modelfactory.exceptions import ClusterError
+    from modelfactory.run import local_cluster
+
+    with local_cluster(1) as lc:
+        client = Client(lc)
+        client.close()
+        with pytest.raises(ClusterError, match=r"^The Client passed as cluster= is closed: make a new one"):
+            modelfactory.train(by_app, store=str(tmp_path / "s"), cluster=client, **ARGS)
+    with pytest.raises(ClusterError, match=r"^The LocalCluster passed as cluster= is closed: make a new one"):
+        modelfactory.train(by_app, store=str(tmp_path / "s"), cluster=lc, **ARGS)
+    assert not (tmp_path / "s").exists()
