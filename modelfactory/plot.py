@@ -810,3 +810,17 @@ def draw_command(args: argparse.Namespace, series: "Series") -> int:
     print(f"wrote {args.out}: {format_key(series.key)}, {len(series.frame):,} points, "
           f"{_count(series.anomalies, 'anomaly', 'anomalies')}")
     return 0
+
+
+class _CallableModule(type(os)):
+    """This module, callable as :func:`plot_series` (``modelfactory.plot(...)``): bound to the
+    function, ``modelfactory.plot`` hid the module, so ``import modelfactory.plot as p`` gave the
+    function and ``modelfactory.plot.load_series`` an AttributeError."""
+
+    def __call__(self, *args, **kwargs):
+        return plot_series(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -776,3 +776,13 @@ def test_the_report_of_a_store_whose_one_run_was_interrupted_says_so(tmp_path, m
     with pytest.raises(StoreError, match=rf"has no committed run yet: its run {pending['run_id']} was interrupted\. "
                                          rf"Finish it with train --resume {pending['run_id']}"):
         build_report(store)
+
+
+def test_modelfactory_plot_draws_and_is_the_module_too(runs, tmp_path):
+    """modelfactory.plot was bound to plot_series, hiding the module: `import modelfactory.plot as p`
+    gave the function, and modelfactory.plot.load_series an AttributeError."""
+    import modelfactory.plot as p
+
+    assert p is modelfactory.plot and p.load_series is load_series and p.plot_series is plot_series
+    ax = modelfactory.plot(runs["scores_fussy"], "app=app-00,site=site-00002", out=tmp_path / "s.png")
+    assert ax.get_title(loc="left") == "app=app-00,site=site-00002: 3 anomalies"
