@@ -14,7 +14,7 @@ from .exceptions import ModelFactoryError  # noqa: E402
 from .models import SkipGroup, register_model  # noqa: E402
 from .store import ModelStore  # noqa: E402
 from .plot import plot_series  # noqa: E402  (loads the module modelfactory.plot, callable as plot_series)
-from . import plot  # noqa: E402  modelfactory.plot(...) draws; modelfactory.plot.load_series and the rest too
+from . import plot  # modelfactory.plot(...) draws; modelfactory.plot.load_series and the rest too
 
 __all__ = ["train", "score", "apply", "map_keys", "Run", "ModelStore", "register_model", "models", "demo",
            "plot", "plot_series", "ModelFactoryError", "SkipGroup", "__version__"]

@@ -821,6 +821,6 @@ class _CallableModule(type(os)):
         return plot_series(*args, **kwargs)
 
 
-import sys as _sys  # noqa: E402
+import sys as _sys
 
 _sys.modules[__name__].__class__ = _CallableModule
