@@ -362,6 +362,9 @@ def _output(out: str, storage_options: dict | None, overwrite: bool, *, cli: boo
     a folder of ``apart`` (what -> path: the input data, the model store), which emptying it
     would delete or writing to it would mix into.  Nothing is removed here: a job that stops
     before it runs (its scheduler cannot be reached) leaves the scores it would replace."""
+    import os
+
+    out = os.fspath(out)  # (a pathlib.Path showed as PosixPath('...') in every message below)
     sink = Location.of(out, storage_options)
     for what, path in apart.items():
         _keep_apart(sink, "output folder", Location.of(path, storage_options), what.replace("_", " "))

@@ -136,6 +136,8 @@ def test_a_job_stopped_before_its_commit_is_named_when_its_folder_is_used_again(
     assert run.summary["counts"]["ok"] == 12 and len(pd.read_parquet(out)) == 12
     with pytest.raises(StoreError, match="is not empty; pick a new folder"):  # committed: no run to name
         modelfactory.apply(data, func=stop_at_app5, out=str(out), **kw)
+    with pytest.raises(StoreError, match=rf"^The output folder '{out}' is not empty"):  # a Path: not PosixPath('...')
+        modelfactory.apply(data, func=stop_at_app5, out=out, **kw)
 
 
 def test_apply_refuses_a_bad_schema(by_app):
