@@ -897,6 +897,9 @@ def no_worker_hint(cluster, address: str) -> str:
                 "dask.org/component=worker`, then `kubectl describe pod` one: Pending means no node has the "
                 "requested cpu/memory or a quota is reached, ImagePullBackOff a wrong image or pull secret; "
                 "an adaptive cluster starts them once work is queued")
+    if any(c.__name__ == "LocalCluster" for c in type(cluster).__mro__):  # the job's own, or one passed in
+        return ("its local workers died (out of memory, or a crash in native code) and their nannies have not "
+                "started new ones yet")
     return f"start workers with `dask worker {address}`"
 
 
@@ -907,19 +910,30 @@ def watch_workers(client, every: float | None = None) -> contextlib.AbstractCont
     queued, and a worker may join late), as Spark waits for executors; but a scheduler that
     nobody started workers for would otherwise look like a hang.
     """
+    import time
+
     every = NO_WORKER_WARNING_SECONDS if every is None else every
     address = getattr(getattr(client, "scheduler", None), "address", None) or "?"
-    waited = 0.0  # since the last time a worker was seen
+    # when the scheduler was first seen without a worker (the watch's start until one is seen): one
+    # sample without a worker counted as `every` seconds without one, and workers that were restarting
+    # after a crash read "no Dask worker for 30 s ... start workers with `dask worker`"
+    since: float | None = time.monotonic()
+    waited = 0.0
     paused = 0.0  # since the last time a worker was seen running
 
     def check(stop: threading.Event) -> bool:
-        nonlocal waited, paused
+        nonlocal since, waited, paused
         try:
             workers = client.scheduler_info(n_workers=-1).get("workers", {})
         except Exception:  # noqa: BLE001 - the run itself reports a lost scheduler
             return False
-        waited = 0.0 if workers else waited + every
-        if not workers and not stop.is_set():
+        now = time.monotonic()
+        if workers:
+            since = None
+        elif since is None:
+            since = now
+        waited = 0.0 if since is None else now - since
+        if not workers and waited >= every * 0.9 and not stop.is_set():
             log.warning("the scheduler at %s has had no Dask worker for %.0f s; the run is waiting for one "
                         "(%s)", address, waited, no_worker_hint(getattr(client, "cluster", None), address))
         # Dask pauses a worker whose process memory passes its pause threshold (80 % of its

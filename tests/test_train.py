@@ -489,3 +489,13 @@ def test_a_closed_client_or_cluster_passed_as_cluster_is_named_as_such(by_app, t
     with pytest.raises(ClusterError, match=r"^The LocalCluster passed as cluster= is closed: make a new one"):
         modelfactory.train(by_app, store=str(tmp_path / "s"), cluster=lc, **ARGS)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_local_cluster_without_workers_is_not_told_to_start_dask_workers(client):
+    """Workers of the job's own LocalCluster that died (and were restarting) were met with "start
+    workers with `dask worker tcp://...`", advice for a scheduler nobody gave workers."""
+    from modelfactory.run import no_worker_hint
+
+    hint = no_worker_hint(client.cluster, client.scheduler.address)
+    assert hint.startswith("its local workers died (out of memory, or a crash in native code)")
+    assert "dask worker" not in hint
