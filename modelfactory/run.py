@@ -802,9 +802,15 @@ class Progress:
         self.groups = self.failed = 0
         self.bar = None
         if enabled:
+            import importlib.util
             import sys
 
-            from tqdm.auto import tqdm
+            # tqdm.auto's notebook bar needs ipywidgets (no dependency of ours): without it, it warned
+            # "IProgress not found. Please update jupyter and ipywidgets" before the text bar it fell back to
+            if importlib.util.find_spec("ipywidgets") is not None:
+                from tqdm.auto import tqdm
+            else:
+                from tqdm.std import tqdm
 
             if client is not None and _has_dashboard(client):
                 print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)

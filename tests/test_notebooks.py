@@ -61,3 +61,17 @@ def test_notebook_runs(path, tmp_path):
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert pictures, "every notebook shows at least one plot of a series"
     assert took < BUDGET_SECONDS
+
+
+@pytest.mark.timeout(BUDGET_SECONDS)
+def test_the_progress_bar_in_a_notebook_says_no_tqdm_warning(tmp_path):
+    """progress=True in Jupyter, without ipywidgets (no dependency of ours): tqdm.auto's notebook bar
+    warned "IProgress not found. Please update jupyter and ipywidgets" before falling back."""
+    source = ("import modelfactory.run\n"
+              "bar = modelfactory.run.Progress(3, 'train seasonal')\n"
+              "bar.close()\n")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    nbclient.NotebookClient(nb, timeout=BUDGET_SECONDS, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    stderr = "".join(o.text for o in nb.cells[0].outputs if o.output_type == "stream" and o.name == "stderr")
+    assert "train seasonal" in stderr and "Warning" not in stderr, stderr
