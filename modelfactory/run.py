@@ -419,6 +419,18 @@ def open_client(cluster=None, *, workers: int | None = None, settings=None) -> I
                        f"object; got {type(cluster).__name__}.")
 
 
+def _module_of(name: str) -> str:
+    """The module of a digest's name (``mymod.M._score``: ``mymod``, not ``mymod.M``): its longest
+    prefix that this process has imported as a module."""
+    import sys
+
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in sys.modules:
+            return ".".join(parts[:i])
+    return name.rsplit(".", 1)[0]
+
+
 def _say_mismatched_versions(address: str, said: list) -> None:
     """Dask's warning that the client, scheduler and workers run other versions of some
     packages, as one line (its table reached the CLI's console only with -v): an existing
@@ -705,7 +717,7 @@ def check_code(client, spec: JobSpec, models: tuple[str, list[str]] | None = Non
         name = next(iter(stale.values()))
         raise ClusterError(
             f"{first(stale)} has another version of {name} than this client: its module "
-            f"{name.rsplit('.', 1)[0]!r} was imported on one side before it changed (or is installed in another "
+            f"{_module_of(name)!r} was imported on one side before it changed (or is installed in another "
             "version there), and Dask would run the workers' copy. Restart the workers (Client.restart(), or start "
             "`dask worker` again) so they import it afresh, reload it here (importlib.reload) if this process has "
             "the old one, or send it by value with cloudpickle.register_pickle_by_value(module). A constant of the "

@@ -499,3 +499,11 @@ def test_a_local_cluster_without_workers_is_not_told_to_start_dask_workers(clien
     hint = no_worker_hint(client.cluster, client.scheduler.address)
     assert hint.startswith("its local workers died (out of memory, or a crash in native code)")
     assert "dask worker" not in hint
+
+
+def test_the_stale_code_message_names_a_methods_module_not_its_class():
+    # "its module 'mymod.M' was imported on one side before it changed", for mymod.M._score
+    from modelfactory.run import _module_of
+
+    assert _module_of("modelfactory.models.seasonal.SeasonalProfile._fit") == "modelfactory.models.seasonal"
+    assert _module_of("modelfactory.demo.make_table") == "modelfactory.demo"
