@@ -503,6 +503,7 @@ def test_a_local_cluster_without_workers_is_not_told_to_start_dask_workers(clien
 
 def test_the_stale_code_message_names_a_methods_module_not_its_class():
     # "its module 'mymod.M' was imported on one side before it changed", for mymod.M._score
+    import modelfactory.models.seasonal  # noqa: F401 - (the user's module: imported, as its class is here)
     from modelfactory.run import _module_of
 
     assert _module_of("modelfactory.models.seasonal.SeasonalProfile._fit") == "modelfactory.models.seasonal"
