@@ -449,7 +449,7 @@ def test_training_a_class_sent_by_value_leaves_the_users_class_reading_its_globa
     class Level(Model):
         name = "level"
         needs_time = False
-        params = {}
+        params = Model.params
         state_attrs = ("level_",)
 
         def _fit(self, y, t, X):
@@ -457,7 +457,8 @@ def test_training_a_class_sent_by_value_leaves_the_users_class_reading_its_globa
 
         def _score(self, y, t, X):
             e = np.full(len(y), self.level_)
-            return {"expected": e, "lower": e, "upper": e, "score": np.zeros(len(y)), "is_anomaly": e > e}
+            return {"expected": e, "lower": e, "upper": e, "score": np.zeros(len(y)),
+                    "is_anomaly": np.zeros(len(y), dtype=bool)}
 
     store = str(tmp_path / "s")
     try:
