@@ -554,7 +554,7 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
     if isinstance(err, TimeoutError):  # asyncio's too
         what = "sent no Dask handshake" if stage[0] == "connect" else "did not answer Dask's identity request"
         raise ClusterError(f"The server at {address!r} accepted the connection but {what} within the {timeout:g} s connect timeout. "
-                           f"{_CHECK_ADDRESS}") from err
+                           f"{_CHECK_ADDRESS}") from None  # (Dask's chain of 100+ lines above it, in a notebook)
     if isinstance(err, FatalCommClosedError) or (isinstance(err, OSError) and not isinstance(err, CommClosedError)):
         try:  # why, in a word: Dask's error says "Timed out trying to connect" whatever the cause
             socket.create_connection((host, int(port)), timeout=2).close()
@@ -564,7 +564,7 @@ def check_scheduler(address: str, timeout: float | None = None) -> None:
         except OSError:
             why = str(err)
         raise ClusterError(f"Cannot reach the Dask scheduler at {address!r}: {why}. "
-                           "Check the address and that the scheduler is running.") from err
+                           "Check the address and that the scheduler is running.") from None  # (the reason is in it)
     if isinstance(err, (KeyboardInterrupt, SystemExit)):
         raise err
     if err is not None:  # closed on us, or bytes that are not Dask's protocol (an HTTP reply...)
