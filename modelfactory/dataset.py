@@ -137,6 +137,11 @@ class DatasetInfo:
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
 
+    def known(self) -> dict[str, tuple[int, str]]:
+        """Each file's (size, version mark), by path: what a unit carries to open an object store's
+        files with no request of their own (:attr:`modelfactory.plan.WorkUnit.known`)."""
+        return {f.path: (f.size, f.stamp) for f in self.files}
+
     def fingerprint(self) -> str:
         """A digest of the file list, sizes, row counts and versions (modification times or
         ETags): it changes when the input does, a file rewritten in place with rows of the same

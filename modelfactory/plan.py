@@ -307,5 +307,5 @@ def plan(info: DatasetInfo, by: tuple[str, ...], *, workers: int,
 
 def _known(units: tuple[WorkUnit, ...], info: DatasetInfo) -> tuple[WorkUnit, ...]:
     """``units`` with the size and version mark of each of their files (:attr:`WorkUnit.known`)."""
-    marks = {f.path: (f.size, f.stamp) for f in info.files}
+    marks = info.known()
     return tuple(replace(u, known=tuple(marks[p] for p in u.paths)) for u in units)

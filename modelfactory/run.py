@@ -1714,7 +1714,7 @@ def run_shuffled(client, spec, info, plan_, progress, runner=kernel.run_table) -
     # dask turns object columns into Arrow strings by default, which breaks nested (list,
     # struct) columns; the partitions go back to Arrow with the dataset's own schema anyway
     with dask.config.set({"dataframe.convert-string": False}):
-        marks = {f.path: (f.size, f.stamp) for f in files}
+        marks = info.known()
         known = [tuple(marks[p if isinstance(p, str) else p[0]] for p in c) for c in chunks]
         ddf = dd.from_map(functools.partial(_read_chunk, spec, hashed=hashed), chunks, known, meta=meta,
                           enforce_metadata=False)
