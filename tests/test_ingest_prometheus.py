@@ -482,6 +482,10 @@ def test_secrets_never_in_errors_logs_or_files(tmp_path, caplog, fast_retries):
      r"HTTP 404 for http://127\.0\.0\.1:\d+/api/v1/query_range: url must be the root.*: not found"),
     ((422, {}, b'{"status":"error","errorType":"execution","error":"query processing would load too many samples"}'),
      r"HTTP 422, execution\): query processing would load too many samples\. Narrow the query"),
+    # the deadline passing inside the engine is a 422 'execution', not the 503 'timeout': same hint
+    ((422, {}, b'{"status":"error","errorType":"execution","error":"expanding series: context deadline exceeded"}'),
+     r"HTTP 422, execution\): expanding series: context deadline exceeded\. The query ran past the server's "
+     r"query timeout \(Prometheus' --query\.timeout\)"),
 ])
 def test_bad_answers(tmp_path, answer, match):
     with ps.FakeServer(lambda req: answer) as srv:
@@ -911,13 +915,17 @@ def test_series_that_collide_get_a_hint_about_labels_not_about_size(prom, tmp_pa
 def test_a_query_prometheus_timed_out_is_not_retried(tmp_path, fast_retries):
     """Prometheus answers HTTP 503 with errorType 'timeout' when a query runs past its
     --query.timeout (2 minutes by default). Sending the same query again only repeated the wait
-    and the load: 4 attempts, 8 minutes, before the error that says to narrow the query."""
+    and the load: 4 attempts, 8 minutes, before the error that says to narrow the query.
+    Whether the deadline passes in the query queue (503 'timeout') or inside the engine
+    (422 'execution', "context deadline exceeded") depends on timing: both get the same hint."""
     if not ps.have_prometheus():
         pytest.skip("prometheus/promtool binaries not installed (apt-get install prometheus)")
     (tmp_path / "server").mkdir()
     server = ps.start_prometheus(tmp_path / "server", "--query.timeout=1ms")
     try:
-        with pytest.raises(IngestError, match=r"\(HTTP 503, timeout\): query timed out.*Narrow the query"):
+        with pytest.raises(IngestError, match=r"\(HTTP (503, timeout\): query timed out|422, execution\): .*context "
+                                              r"deadline exceeded).*ran past the server's query timeout.*"
+                                              r"narrow the query"):
             prometheus(server.url, "quantile_over_time(0.5, mf_load[1d])", T0, T0 + 24 * H, 60, by=["app"],
                        out=str(tmp_path / "out"), retries=3, concurrency=1)
         assert ps.query_range_requests(server.url) == 1

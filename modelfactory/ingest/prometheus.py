@@ -921,6 +921,11 @@ def _http_error(spec: PrometheusSpec, status: int, raw: bytes, location: str,
                 "execution": "Narrow the query, or lower max_points / --max-points.",
                 "timeout": "Narrow the query, or lower max_points / --max-points."}.get(
             kind, "Check the query and the server logs.")
+        if kind == "timeout" or "context deadline exceeded" in said:
+            # the 503 'timeout', or the 422 'execution' Prometheus answers when the deadline
+            # passes inside the engine rather than in the query queue: both say the same
+            hint = ("The query ran past the server's query timeout (Prometheus' --query.timeout): "
+                    "narrow the query, or lower max_points / --max-points.")
         if re.search(r"same labelset|many-to-many|duplicate series", said):
             hint = ("Two or more series end up with the same labels: keep a label that tells them apart "
                     "(by (...), on (...), ignoring (...)), or aggregate them, e.g. sum by (...) (...).")
