@@ -484,8 +484,8 @@ def test_secrets_never_in_errors_logs_or_files(tmp_path, caplog, fast_retries):
      r"HTTP 422, execution\): query processing would load too many samples\. Narrow the query"),
     # the deadline passing inside the engine is a 422 'execution', not the 503 'timeout': same hint
     ((422, {}, b'{"status":"error","errorType":"execution","error":"expanding series: context deadline exceeded"}'),
-     r"HTTP 422, execution\): expanding series: context deadline exceeded\. The query ran past the server's "
-     r"query timeout \(Prometheus' --query\.timeout\)"),
+     (r"HTTP 422, execution\): expanding series: context deadline exceeded\. The query ran past the server's "
+      r"query timeout \(Prometheus' --query\.timeout\)")),
 ])
 def test_bad_answers(tmp_path, answer, match):
     with ps.FakeServer(lambda req: answer) as srv:
