@@ -1229,7 +1229,8 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
         try:
             column = pa.array(values)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
-            column = None  # (a NaN among strings, what a column's unique() gives, does not convert)
+            column = _uint64_column(values)  # ids of 2**63 and more (a uint64 key column of data)
+            # (a NaN among strings, what a column's unique() gives, does not convert: None)
         if column is None or column.null_count or (pa.types.is_floating(column.type)
                                                    and pa.compute.any(pa.compute.is_nan(column)).as_py()):
             bad = next((j for j, v in enumerate(values) if _missing_value(v)), None)  # (one by one: 0.4 µs a key)
@@ -1241,7 +1242,9 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
         if column is not None:
             columns.append(column)
             continue
-        lo, hi = 1, len(values)  # the shortest failing prefix: values[:hi] fails, values[:lo] converts
+        # the shortest failing prefix: values[:hi] fails, values[:lo] converts (none do, when the first
+        # value alone fails: with lo = 1 the key after it was named, a 5 that "does not fit")
+        lo, hi = 0, len(values)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             try:
@@ -1262,6 +1265,14 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
             f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value {_short(v)} ({type(v).__name__}) does not go "
             f"with the earlier keys' ({before or 'values'}); give each part of the keys values of one type.")
     return columns
+
+
+def _uint64_column(values: list) -> pa.Array | None:
+    """``values`` as a uint64 column when they are whole numbers from 0 to 2**64 - 1 (Arrow infers
+    int64, which stops at 2**63 - 1), else None."""
+    if all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64 for v in values):
+        return pa.array(values, pa.uint64())
+    return None
 
 
 def _missing_value(v) -> bool:

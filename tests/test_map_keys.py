@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import modelfactory
@@ -199,6 +201,21 @@ def test_keys_that_are_one_key_once_stored_and_ints_too_big_are_refused():
                                                 r"64-bit integer, the type of a key column; pass it as text"):
         modelfactory.map_keys([1, 2**70], func=lambda k: 1, cluster="inline")
 
+
+
+def test_keys_of_2_to_the_63_and_more_are_a_uint64_column(client, tmp_path):
+    # Arrow infers int64: such ids (a uint64 key column of data) were refused as too big "for a 64-bit
+    # integer", and [2**63, 5] named the key 5 as the one that did not fit
+    keys = [2**63, 5, 2**64 - 1]
+    run = modelfactory.map_keys(keys, func=lambda k: k + 1 if k < 2**64 - 1 else 0, cluster=client)
+    assert run.groups["key"].dtype == np.uint64 and sorted(run.groups["key"]) == sorted(keys)
+    assert run.results == {2**63: 2**63 + 1, 5: 6, 2**64 - 1: 0}
+    modelfactory.map_keys(keys, func=lambda k: pd.DataFrame({"k": [str(k)]}), schema="k string",
+                          out=str(tmp_path / "o"), cluster="inline")
+    groups = pq.read_table(tmp_path / "o" / "_groups")
+    assert groups.schema.field("key").type == pa.uint64() and sorted(groups["key"].to_pylist()) == sorted(keys)
+    with pytest.raises(ModelFactoryError, match=r"key #0 18446744073709551616: its value .* does not fit"):
+        modelfactory.map_keys([2**64, 5], func=lambda k: 1, cluster="inline")
 
 # --- 5. the group table's rows --------------------------------------------------------------------
 def _n_rows(key):
