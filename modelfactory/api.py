@@ -957,7 +957,8 @@ def apply(data: str, *, by: Sequence[str] | str, func: Callable, schema: Any,
         The output columns, e.g. ``"app string, m double"``.
     input : "pandas", "arrow" or "numpy"
         What ``func`` gets: a pandas DataFrame (the default), a pyarrow Table
-        slice, or a dict of column name to numpy array (views, no copies).
+        slice, or a dict of column name to numpy array (views, no copies; a time with a
+        zone as ``datetime64`` in UTC: numpy has no zones).
     out : str, optional
         Write results as Parquet to this folder (``part-*.parquet``, the
         group table under ``_groups/``, ``_manifest.json`` last); it must be new or empty,
