@@ -1240,6 +1240,16 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
                                         "must not be null (None, NaN, NA or NaT), as group keys anywhere: leave it "
                                         "out, or give it a value (e.g. 'unknown').")
         _refuse_mixed_zones(keys, values, name if len(by) > 1 or isinstance(keys[0], (dict, tuple)) else None)
+        if column is not None and pa.types.is_date(column.type):  # Arrow cut a datetime beside dates to its day
+            import datetime
+
+            kinds = [isinstance(v, datetime.datetime) for v in values]
+            if any(kinds) and not all(kinds):
+                bad = kinds.index(not kinds[0])
+                raise ModelFactoryError(
+                    f"map_keys: key #{bad} {_short(keys[bad])}: its {part}value {_short(values[bad])} "
+                    f"({type(values[bad]).__name__}) does not go with the earlier keys' "
+                    f"({type(values[0]).__name__}); give each part of the keys values of one type.")
         if column is not None:
             columns.append(column)
             continue

@@ -88,6 +88,11 @@ def test_one_part_tuple_keys_reach_func_as_tuples():
     ([{"user": "a"}, {"user": None}], r"key #1 \{'user': None\}: its 'user' value is missing"),
     ([1.5, float("nan")], r"key #1 nan: its value is missing"),
     ([None, None], r"key #0 None: its value is missing"),
+    # a datetime after a date was cut to its day (the key and run.results lost 05:00)
+    ([datetime.date(2026, 1, 1), datetime.datetime(2026, 1, 2, 5)],
+     r"key #1 datetime.datetime\(2026, 1, 2, 5, 0\): its value .* \(datetime\) does not go with the earlier keys' \(date\)"),
+    ([("a", datetime.datetime(2026, 1, 2, 5)), ("b", datetime.date(2026, 1, 1))],
+     r"key #1 \('b', datetime.date\(2026, 1, 1\)\): its 'key1' value .* \(date\) does not go with"),
 ])
 def test_bad_keys_are_refused_up_front_naming_the_key(keys, match):
     called = []
