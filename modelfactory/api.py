@@ -1264,8 +1264,15 @@ def _key_columns(keys: list, rows: list[tuple], by: tuple[str, ...]) -> list[pa.
             except (pa.ArrowException, TypeError, ValueError, OverflowError):
                 hi = mid
         bad, v = hi - 1, values[hi - 1]
-        if isinstance(v, int) and not isinstance(v, bool) and all(
-                isinstance(x, int) and not isinstance(x, bool) for x in values[:bad]):
+        whole = [isinstance(x, int) and not isinstance(x, bool) for x in values]
+        if all(whole) and min(values) < 0 and max(values) >= 2**63 and max(values) < 2**64:
+            # each fits a 64-bit integer type (int64 or uint64), but no one type holds both
+            big, neg = values.index(max(values)), values.index(min(values))
+            raise ModelFactoryError(
+                f"map_keys: key #{big} {_short(keys[big])} has a {part}value of 2**63 or more, which only an "
+                f"unsigned 64-bit key column holds, and key #{neg} {_short(keys[neg])} a negative one, which "
+                "it cannot; pass these keys as text.")
+        if isinstance(v, int) and not isinstance(v, bool) and all(whole[:bad]):
             raise ModelFactoryError(f"map_keys: key #{bad} {_short(keys[bad])}: its value {_short(v)} does not fit "
                                     "in a 64-bit integer, the type of a key column; pass it as text.")
         try:

@@ -221,6 +221,10 @@ def test_keys_of_2_to_the_63_and_more_are_a_uint64_column(client, tmp_path):
     assert groups.schema.field("key").type == pa.uint64() and sorted(groups["key"].to_pylist()) == sorted(keys)
     with pytest.raises(ModelFactoryError, match=r"key #0 18446744073709551616: its value .* does not fit"):
         modelfactory.map_keys([2**64, 5], func=lambda k: 1, cluster="inline")
+    # each fits one 64-bit type, but no type holds both: the message says so, naming both keys
+    with pytest.raises(ModelFactoryError, match=r"key #1 9223372036854775808 has a value of 2\*\*63 or more, "
+                                                r"which only an unsigned .* key #2 -1 a negative one"):
+        modelfactory.map_keys([3, 2**63, -1], func=lambda k: 1, cluster="inline")
 
 # --- 5. the group table's rows --------------------------------------------------------------------
 def _n_rows(key):
