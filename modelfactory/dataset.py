@@ -128,6 +128,8 @@ class DatasetInfo:
     conflicts: dict[str, tuple[pa.DataType, str, pa.DataType, str]] = field(default_factory=dict)
     #: columns missing from some of the files (they read as null there): name -> (files without it, one of them)
     missing: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: columns whose types differ between files and were widened: name -> {each type: its first file}
+    widened: dict[str, dict[pa.DataType, str]] = field(default_factory=dict)
 
     @property
     def schema(self) -> pa.Schema:
@@ -445,7 +447,7 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
             f"Columns {list(both)} appear both as partition folders and inside the files under {url!r}: "
             f"{where}. Drop the column from the files (the folder names already hold it) or rename it, "
             "so each value comes from one place.")
-    schema, conflicts, missing = _unify([(r[0].path, r[2]) for r in results], part_fields)
+    schema, conflicts, missing, widened = _unify([(r[0].path, r[2]) for r in results], part_fields)
     if deferred:
         try:
             kept = {f.path for f in listing.replace_schema(schema).get_fragments(filter=filter)}
@@ -456,7 +458,7 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
                 f"Columns: {', '.join(schema.names)}{hint}.") from err
         results = [r for r in results if r[0].path in kept] or _none_kept(results, url, filter, allow_empty)
         full = schema  # the filter was bound to it: keep its columns, null where no kept file has them
-        schema, conflicts, missing = _unify([(r[0].path, r[2]) for r in results], part_fields)
+        schema, conflicts, missing, widened = _unify([(r[0].path, r[2]) for r in results], part_fields)
         extra = [f.with_nullable(True) for f in full if f.name not in schema.names]
         if extra:
             missing.update({f.name: (len(results), results[0][0].path) for f in extra})
@@ -489,7 +491,7 @@ def _discover(url, storage_options, null_check, filter, allow_empty=False) -> Da
             pass  # keep the footers' counts: the refusal names them
         else:
             null_counts.update({c: kept.column(c).null_count for c in recount})
-    info = DatasetInfo(source, files, null_counts, conflicts, missing)
+    info = DatasetInfo(source, files, null_counts, conflicts, missing, widened)
     if info.rows == 0 and not allow_empty:
         raise DatasetError(f"The dataset at {url!r} has {len(files)} Parquet file(s) but no rows.")
     return info
@@ -638,10 +640,10 @@ def _unsafe_ns(results: list, schema: pa.Schema) -> dict[str, tuple[pa.DataType,
 def _unify(schemas: list[tuple[str, pa.Schema]], part_fields: list[pa.Field]):
     """One schema for files whose schemas differ, from their footers.
 
-    Returns ``(schema, conflicts, missing)``: each column with the widest type of its
+    Returns ``(schema, conflicts, missing, widened)``: each column with the widest type of its
     files (see :func:`_widen`), in order of first appearance, then the partition
     keys; the columns whose types conflict (kept with the first file's type); the
-    columns some files lack.
+    columns some files lack; the columns widened, with each of their types' first file.
     """
     first: dict[str, pa.Field] = {}
     seen: dict[str, dict[pa.DataType, str]] = {}  # column -> type -> first file of that type
@@ -652,7 +654,7 @@ def _unify(schemas: list[tuple[str, pa.Schema]], part_fields: list[pa.Field]):
             first.setdefault(f.name, f)
             seen.setdefault(f.name, {}).setdefault(f.type, path)
             count[f.name] = count.get(f.name, 0) + 1
-    fields, conflicts, missing = [], {}, {}
+    fields, conflicts, missing, widened = [], {}, {}, {}
     named = [(path, set(sch.names)) for path, sch in schemas] if any(
         c < len(schemas) for c in count.values()) else []
     for name, types in seen.items():
@@ -666,11 +668,13 @@ def _unify(schemas: list[tuple[str, pa.Schema]], part_fields: list[pa.Field]):
                 break
             t = w
         f = first[name] if name in conflicts else first[name].with_type(t)
+        if name not in conflicts and len(items) > 1:
+            widened[name] = dict(items)
         if count[name] < len(schemas):
             missing[name] = (len(schemas) - count[name], next(p for p, names in named if name not in names))
             f = f.with_nullable(True)
         fields.append(f)
-    return pa.schema(fields + part_fields, metadata=schemas[0][1].metadata), conflicts, missing
+    return pa.schema(fields + part_fields, metadata=schemas[0][1].metadata), conflicts, missing, widened
 
 
 def _plain(t: pa.DataType) -> pa.DataType:
@@ -947,6 +951,13 @@ def check_columns(info: DatasetInfo, *, by: tuple[str, ...], time: str | None = 
     for k in by:
         t = need(k, "key")
         if pa.types.is_floating(t):
+            kinds = info.widened.get(k, {})
+            if any(not pa.types.is_floating(x) for x in kinds):  # int64 in some files, double in others
+                each = ", ".join(f"{x} in {p!r}" for x, p in kinds.items())
+                raise SchemaError(
+                    f"The key column {k!r} has different types in the files of {url!r} ({each}, e.g.), which read "
+                    f"together as {t}, and floating-point keys are refused. Rewrite the files whose {k!r} is "
+                    "floating point with it as an integer (or every file's as a string).")
             raise SchemaError(f"The key column {k!r} is {t}; floating-point keys are refused. Cast it to an integer or string.")
         if pa.types.is_dictionary(t):
             t = t.value_type

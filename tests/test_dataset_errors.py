@@ -95,6 +95,18 @@ def test_key_types_that_conflict_are_refused_naming_both_types_and_files(tmp_pat
              rf"\.parquet' but {second} in '.*part-{max(ia, ib)}\.parquet'.*Rewrite the files")
 
 
+def test_a_key_int_in_one_file_and_float_in_another_names_both_files(tmp_path):
+    # int64 and double widen safely to double, which a key must not be: saying just "the key column
+    # 'site' is double" sent the user looking for a float in files that mostly hold integers
+    a, b = _with(_site("s1"), "site", pa.array([1] * 72)), _with(_site("s2"), "site", pa.array([2.0] * 72))
+    path = _files(tmp_path / "d", a, b)
+    _refused(tmp_path, path, SchemaError,
+             r"key column 'site' has different types in the files of '.*' \(int64 in '.*part-0\.parquet', double "
+             r"in '.*part-1\.parquet', e\.g\.\), which read together as double, and floating-point keys are refused")
+    path = _files(tmp_path / "all-float", _with(_site("s1"), "site", pa.array([1.0] * 72)), b)
+    _refused(tmp_path, path, SchemaError, r"The key column 'site' is double; floating-point keys are refused")
+
+
 def test_a_target_int_in_one_file_and_string_in_another_is_refused(tmp_path):
     a = _with(_site("s1"), "value", pa.array(["x"] * 72))
     path = _files(tmp_path / "d", _site("s2"), a)
