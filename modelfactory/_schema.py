@@ -30,6 +30,9 @@ _SIMPLE = {
     "int": pa.int32(), "integer": pa.int32(), "int32": pa.int32(),
     "smallint": pa.int16(), "short": pa.int16(), "int16": pa.int16(),
     "tinyint": pa.int8(), "byte": pa.int8(), "int8": pa.int8(),
+    # pyarrow's (numpy's) names for the types Spark lacks
+    "uint64": pa.uint64(), "uint32": pa.uint32(), "uint16": pa.uint16(), "uint8": pa.uint8(),
+    "float16": pa.float16(),
     "boolean": pa.bool_(), "bool": pa.bool_(),
     "timestamp": pa.timestamp("us", tz="UTC"), "timestamp_ltz": pa.timestamp("us", tz="UTC"),
     "timestamp_ntz": pa.timestamp("us"),

@@ -28,6 +28,7 @@ CASES = [
     ("m Array< Double >", [F("m", pa.list_(pa.float64()))]),
     ("m array<array<double>>", [F("m", pa.list_(pa.list_(pa.float64())))]),
     ("m list<int64>, x float64", [F("m", pa.list_(pa.int64())), F("x", pa.float64())]),  # pyarrow spellings
+    ("n uint64, u uint8, h float16", [F("n", pa.uint64()), F("u", pa.uint8()), F("h", pa.float16())]),
     ("m varchar, c char", [F("m", pa.string()), F("c", pa.string())]),
     # name: type, as Spark also reads it
     ("app: string, m: double", [F("app", pa.string()), F("m", pa.float64())]),
